@@ -1,0 +1,20 @@
+// Bundles the CLI/server and the VS Code extension with esbuild.
+// Native modules (onnxruntime-node, koffi) and `vscode` stay external: they are
+// loaded from node_modules / the editor at run time.
+import { build } from 'esbuild';
+import { existsSync } from 'node:fs';
+
+const external = ['onnxruntime-node', 'koffi', 'vscode'];
+const common = { bundle: true, platform: 'node', target: 'node20', sourcemap: true, external, logLevel: 'warning' };
+
+await build({
+  ...common,
+  entryPoints: ['src/server/cli.ts'],
+  outfile: 'dist/cli.mjs',
+  format: 'esm',
+  // Bundled CJS dependencies call require(); give the ESM bundle one.
+  banner: { js: "import { createRequire as __cr } from 'node:module'; const require = __cr(import.meta.url);" },
+});
+if (existsSync('src/extension/extension.ts')) {
+  await build({ ...common, entryPoints: ['src/extension/extension.ts'], outfile: 'dist/extension.cjs', format: 'cjs' });
+}

@@ -1,0 +1,55 @@
+// Opening ONNX Runtime sessions on the device the user asked for.
+// CPU always works; WebGPU / CUDA are opt-in, and when unavailable we say so plainly
+// instead of silently falling back (the user asked for a GPU for a reason).
+import * as ort from 'onnxruntime-node';
+
+export type Device = 'cpu' | 'webgpu' | 'cuda';
+export const DEVICES: readonly Device[] = ['cpu', 'webgpu', 'cuda'];
+
+export interface SessionOptions {
+  device?: Device;
+  /** Intra-op threads; default: ORT's choice (all cores). */
+  threads?: number;
+}
+
+export class DeviceError extends Error {}
+
+function providerFor(device: Device): string {
+  const backends = ort.listSupportedBackends?.() ?? [];
+  const b = backends.find((x) => x.name === device);
+  if (device === 'cpu') return 'cpu';
+  if (!b) throw new DeviceError(`device "${device}" is not known to this onnxruntime-node build (has: ${backends.map((x) => x.name).join(', ')})`);
+  if (device === 'cuda' && !b.bundled)
+    throw new DeviceError(
+      'device "cuda" needs ONNX Runtime\'s CUDA provider libraries, which onnxruntime-node downloads at install time ' +
+        '(reinstall with ONNXRUNTIME_NODE_INSTALL_CUDA=v12 on a machine with CUDA 12 + cuDNN 9), or use device "webgpu" or "cpu".',
+    );
+  return device;
+}
+
+export async function createSession(model: Uint8Array | string, opts: SessionOptions = {}): Promise<ort.InferenceSession> {
+  const device = opts.device ?? 'cpu';
+  const so: ort.InferenceSession.SessionOptions = {
+    executionProviders: [providerFor(device)],
+    graphOptimizationLevel: 'all',
+    // Weight prepacking would copy every weight matrix; our weights are external
+    // (mapped from the safetensors file), so keep them shared.
+    extra: { session: { disable_prepacking: '1' } },
+  };
+  if (opts.threads) {
+    so.intraOpNumThreads = opts.threads;
+    so.interOpNumThreads = 1;
+  }
+  try {
+    return typeof model === 'string'
+      ? await ort.InferenceSession.create(model, so)
+      : await ort.InferenceSession.create(model, so);
+  } catch (e) {
+    const msg = (e as Error).message;
+    if (device !== 'cpu')
+      throw new DeviceError(`could not open the model on device "${device}": ${msg}. Use device "cpu" or check the GPU driver.`);
+    throw e;
+  }
+}
+
+export { ort };
