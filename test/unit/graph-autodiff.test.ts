@@ -46,9 +46,11 @@ async function check(c: Case): Promise<void> {
   const Arr = dtype === DataType.DOUBLE ? Float64Array : Float32Array;
   const ortType = dtype === DataType.DOUBLE ? 'float64' : 'float32';
   const rx = rng(11);
-  const vals = c.shapes.map((s) =>
-    Arr.from({ length: s.reduce((a, b) => a * b, 1) }, () => (c.positive ? 0.5 + Math.abs(rx()) : rx() * 2)),
-  );
+  const vals = c.shapes.map((s) => {
+    const v = new Arr(s.reduce((a, b) => a * b, 1));
+    for (let j = 0; j < v.length; j++) v[j] = c.positive ? 0.5 + Math.abs(rx()) : rx() * 2;
+    return v;
+  });
   const run = async (vs: Float64Array[] | Float32Array[]) => {
     const feeds: Record<string, ort.Tensor> = {};
     vs.forEach((v, i) => {

@@ -26,10 +26,13 @@ export interface Tensor {
 
 type Grad = Tensor | null;
 
+/** `need[i]` says whether input i's gradient is wanted, so rules can skip dead work. */
+type Backward = (gys: Grad[], need: boolean[]) => Grad[];
+
 interface TapeEntry {
   inputs: Tensor[];
   outputs: Tensor[];
-  backward: (gys: Grad[]) => Grad[];
+  backward: Backward;
 }
 
 export const OPSET = 21;
@@ -180,7 +183,7 @@ export class Graph {
     return this.node(opType, inputs, [{ dtype, shape }], attributes, domain)[0];
   }
 
-  private record(inputs: Tensor[], outputs: Tensor[], backward: (gys: Grad[]) => Grad[]): void {
+  private record(inputs: Tensor[], outputs: Tensor[], backward: Backward): void {
     if (this.recording) this.tape.push({ inputs, outputs, backward });
   }
 
@@ -282,30 +285,36 @@ export class Graph {
 
   add(a: Tensor, b: Tensor): Tensor {
     const y = this.binary('Add', a, b);
-    this.record([a, b], [y], ([gy]) => [this.unbroadcast(gy!, a), this.unbroadcast(gy!, b)]);
+    this.record([a, b], [y], ([gy], [na, nb]) => [
+      na ? this.unbroadcast(gy!, a) : null,
+      nb ? this.unbroadcast(gy!, b) : null,
+    ]);
     return y;
   }
 
   sub(a: Tensor, b: Tensor): Tensor {
     const y = this.binary('Sub', a, b);
-    this.record([a, b], [y], ([gy]) => [this.unbroadcast(gy!, a), this.unbroadcast(this.neg(gy!), b)]);
+    this.record([a, b], [y], ([gy], [na, nb]) => [
+      na ? this.unbroadcast(gy!, a) : null,
+      nb ? this.unbroadcast(this.neg(gy!), b) : null,
+    ]);
     return y;
   }
 
   mul(a: Tensor, b: Tensor): Tensor {
     const y = this.binary('Mul', a, b);
-    this.record([a, b], [y], ([gy]) => [
-      this.unbroadcast(this.mul(gy!, b), a),
-      this.unbroadcast(this.mul(gy!, a), b),
+    this.record([a, b], [y], ([gy], [na, nb]) => [
+      na ? this.unbroadcast(this.mul(gy!, b), a) : null,
+      nb ? this.unbroadcast(this.mul(gy!, a), b) : null,
     ]);
     return y;
   }
 
   div(a: Tensor, b: Tensor): Tensor {
     const y = this.binary('Div', a, b);
-    this.record([a, b], [y], ([gy]) => {
+    this.record([a, b], [y], ([gy], [na, nb]) => {
       const ga = this.div(gy!, b);
-      return [this.unbroadcast(ga, a), this.unbroadcast(this.neg(this.mul(ga, y)), b)];
+      return [na ? this.unbroadcast(ga, a) : null, nb ? this.unbroadcast(this.neg(this.mul(ga, y)), b) : null];
     });
     return y;
   }
@@ -361,9 +370,9 @@ export class Graph {
     const batch = broadcastShapes(a.shape.slice(0, -2), b.shape.slice(0, -2));
     const shape = [...batch, a.shape[a.shape.length - 2], b.shape[b.shape.length - 1]];
     const y = this.node1('MatMul', [a, b], a.dtype, shape);
-    this.record([a, b], [y], ([gy]) => [
-      this.unbroadcast(this.matmul(gy!, this.swapLast(b)), a),
-      this.unbroadcast(this.matmul(this.swapLast(a), gy!), b),
+    this.record([a, b], [y], ([gy], [na, nb]) => [
+      na ? this.unbroadcast(this.matmul(gy!, this.swapLast(b)), a) : null,
+      nb ? this.unbroadcast(this.matmul(this.swapLast(a), gy!), b) : null,
     ]);
     return y;
   }
@@ -382,14 +391,16 @@ export class Graph {
   gemm(a: Tensor, b: Tensor, c: Tensor | null, transB: boolean): Tensor {
     const n = transB ? b.shape[0] : b.shape[1];
     const y = this.node1('Gemm', c ? [a, b, c] : [a, b], a.dtype, [a.shape[0], n], { transB: transB ? 1 : 0 });
-    this.record(c ? [a, b, c] : [a, b], [y], ([gy]) => {
+    this.record(c ? [a, b, c] : [a, b], [y], ([gy], [na, nb, nc]) => {
       const g = gy!;
       // dA = gy · op(b)ᵀ ; dB = aᵀ gy (or its transpose when b is stored transposed)
-      const ga = this.node1('Gemm', [g, b], a.dtype, a.shape, { transB: transB ? 0 : 1 });
-      const gb = transB
-        ? this.node1('Gemm', [g, a], b.dtype, b.shape, { transA: 1 })
-        : this.node1('Gemm', [a, g], b.dtype, b.shape, { transA: 1 });
-      const gc = c ? this.node1('ReduceSum', [g, this.ints([0])], c.dtype, c.shape, { keepdims: 0 }) : null;
+      const ga = na ? this.node1('Gemm', [g, b], a.dtype, a.shape, { transB: transB ? 0 : 1 }) : null;
+      const gb = !nb
+        ? null
+        : transB
+          ? this.node1('Gemm', [g, a], b.dtype, b.shape, { transA: 1 })
+          : this.node1('Gemm', [a, g], b.dtype, b.shape, { transA: 1 });
+      const gc = c && nc ? this.node1('ReduceSum', [g, this.ints([0])], c.dtype, c.shape, { keepdims: 0 }) : null;
       return c ? [ga, gb, gc] : [ga, gb];
     });
     return y;
@@ -520,7 +531,8 @@ export class Graph {
   /** Embedding lookup: table [V, d] rows picked by int64 ids. */
   gatherRows(table: Tensor, ids: Tensor): Tensor {
     const y = this.node1('Gather', [table, ids], table.dtype, [...ids.shape, ...table.shape.slice(1)], { axis: 0 });
-    this.record([table, ids], [y], ([gy]) => {
+    this.record([table, ids], [y], ([gy], [nt]) => {
+      if (!nt) return [null, null];
       const idx = this.node1('Unsqueeze', [ids, this.ints([-1])], DataType.INT64, [...ids.shape, 1]);
       const gt = this.node1('ScatterND', [this.zerosLike(table), idx, gy!], table.dtype, table.shape, {
         reduction: 'add',
@@ -549,7 +561,7 @@ export class Graph {
    * Register a composite op: `outputs` were computed from `inputs` by ops emitted under
    * noGrad(), and `backward` gives the input gradients directly (e.g. cross-entropy).
    */
-  custom(inputs: Tensor[], outputs: Tensor[], backward: (gys: Grad[]) => Grad[]): void {
+  custom(inputs: Tensor[], outputs: Tensor[], backward: Backward): void {
     this.record(inputs, outputs, backward);
   }
 
@@ -593,7 +605,10 @@ export class Graph {
         if (!e.inputs.some((i) => live.has(i.name))) continue;
         const gys = e.outputs.map(gradOf);
         if (gys.every((g) => g === null)) continue;
-        const gxs = e.backward(gys);
+        const gxs = e.backward(
+          gys,
+          e.inputs.map((i) => live.has(i.name)),
+        );
         e.inputs.forEach((x, i) => {
           const g = gxs[i];
           if (g && live.has(x.name)) addPart(x, g);

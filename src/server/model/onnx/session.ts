@@ -10,6 +10,8 @@ export interface SessionOptions {
   device?: Device;
   /** Intra-op threads; default: ORT's choice (all cores). */
   threads?: number;
+  /** Weight files handed over as buffers (when the model cannot reference them on disk). */
+  externalData?: Array<{ path: string; data: Uint8Array }>;
 }
 
 export class DeviceError extends Error {}
@@ -36,6 +38,7 @@ export async function createSession(model: Uint8Array | string, opts: SessionOpt
     // (mapped from the safetensors file), so keep them shared.
     extra: { session: { disable_prepacking: '1' } },
   };
+  if (opts.externalData) so.externalData = opts.externalData;
   if (opts.threads) {
     so.intraOpNumThreads = opts.threads;
     so.interOpNumThreads = 1;

@@ -1,0 +1,49 @@
+#!/usr/bin/env node
+// influence-lens: the command line. One subcommand per job; each lives in cli/<name>.ts.
+import { runBench } from './cli/bench';
+import { runGradients } from './cli/gradients';
+import { runInspect } from './cli/inspect';
+import { CliError } from './cli/util';
+
+const COMMANDS: Record<string, { run: (argv: string[]) => Promise<void>; help: string }> = {
+  inspect: { run: runInspect, help: 'inspect <model-dir>            architecture, parameters, tracked modules' },
+  gradients: {
+    run: runGradients,
+    help: 'gradients --model <dir> (--text T | --prompt P --completion C) --out <file.safetensors>\n' +
+      '                                 per-token module inputs a and output gradients g',
+  },
+  bench: { run: runBench, help: 'bench engine [--quick]         speed and memory of the model engine' },
+};
+
+function usage(): string {
+  return `usage: influence-lens <command> [options]\n\ncommands:\n${Object.values(COMMANDS)
+    .map((c) => `  ${c.help}`)
+    .join('\n')}\n`;
+}
+
+async function main(argv: string[]): Promise<number> {
+  const [cmd, ...rest] = argv;
+  if (!cmd || cmd === '--help' || cmd === '-h' || cmd === 'help') {
+    process.stdout.write(usage());
+    return cmd ? 0 : 2;
+  }
+  const c = COMMANDS[cmd];
+  if (!c) {
+    process.stderr.write(`influence-lens: unknown command "${cmd}"\n\n${usage()}`);
+    return 2;
+  }
+  try {
+    await c.run(rest);
+    return 0;
+  } catch (e) {
+    // Known, user-facing errors print one clear line; anything else keeps its stack.
+    const err = e as Error;
+    const known = err instanceof CliError || err.constructor !== Error || /^[^\n]+$/.test(err.message ?? '');
+    process.stderr.write(`influence-lens ${cmd}: ${known ? err.message : err.stack}\n`);
+    return 1;
+  }
+}
+
+main(process.argv.slice(2)).then((code) => {
+  process.exitCode = code;
+});

@@ -1,0 +1,195 @@
+// influence-lens bench <suite>: commands that print numbers and write a report.
+// Speed goals live here, never in tests.
+//
+// bench engine: forward + backward with per-module outputs on a GPT-2-small-shaped random
+// model (124M parameters), against ONNX Runtime's own fp32 GEMM rate measured in the same run.
+import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
+import { cpus, hostname } from 'node:os';
+import { join } from 'node:path';
+import { defaultCacheDir, makeBatch, Model } from '../model/engine';
+import { DataType, Graph } from '../model/onnx/graph';
+import { createSession, ort } from '../model/onnx/session';
+import { writeSafetensors, type TensorToWrite } from '../model/safetensors';
+import { Rng } from '../util/random';
+import { CliError, int, parse } from './util';
+
+export async function runBench(argv: string[]): Promise<void> {
+  const [suite, ...rest] = argv;
+  if (suite === 'engine') return benchEngine(rest);
+  throw new CliError(`usage: influence-lens bench engine [--quick] [--threads N] (unknown suite "${suite ?? ''}")`);
+}
+
+interface Gpt2Shape {
+  nLayer: number;
+  d: number;
+  nHead: number;
+  vocab: number;
+  positions: number;
+}
+
+/** Write a random-weight GPT-2 checkpoint (cached; deterministic from the seed). */
+export function randomGpt2(dir: string, s: Gpt2Shape, seed = 1): string {
+  if (existsSync(join(dir, 'model.safetensors'))) return dir;
+  mkdirSync(dir, { recursive: true });
+  const rng = new Rng(seed);
+  const tensors: Record<string, TensorToWrite> = {};
+  const add = (name: string, shape: number[], std: number, mean = 0) => {
+    const n = shape.reduce((a, b) => a * b, 1);
+    const data = new Float32Array(n);
+    // uniform with the given std: cheap and good enough for timing
+    const a = std * Math.sqrt(3);
+    for (let i = 0; i < n; i++) data[i] = mean + (2 * rng.next() - 1) * a;
+    tensors[name] = { dtype: 'F32', shape, data };
+  };
+  add('transformer.wte.weight', [s.vocab, s.d], 0.02);
+  add('transformer.wpe.weight', [s.positions, s.d], 0.01);
+  for (let i = 0; i < s.nLayer; i++) {
+    const p = `transformer.h.${i}`;
+    add(`${p}.ln_1.weight`, [s.d], 0.01, 1);
+    add(`${p}.ln_1.bias`, [s.d], 0.01);
+    add(`${p}.attn.c_attn.weight`, [s.d, 3 * s.d], 0.02);
+    add(`${p}.attn.c_attn.bias`, [3 * s.d], 0.01);
+    add(`${p}.attn.c_proj.weight`, [s.d, s.d], 0.02);
+    add(`${p}.attn.c_proj.bias`, [s.d], 0.01);
+    add(`${p}.ln_2.weight`, [s.d], 0.01, 1);
+    add(`${p}.ln_2.bias`, [s.d], 0.01);
+    add(`${p}.mlp.c_fc.weight`, [s.d, 4 * s.d], 0.02);
+    add(`${p}.mlp.c_fc.bias`, [4 * s.d], 0.01);
+    add(`${p}.mlp.c_proj.weight`, [4 * s.d, s.d], 0.02);
+    add(`${p}.mlp.c_proj.bias`, [s.d], 0.01);
+  }
+  add('transformer.ln_f.weight', [s.d], 0.01, 1);
+  add('transformer.ln_f.bias', [s.d], 0.01);
+  writeSafetensors(join(dir, 'model.safetensors'), tensors, { format: 'pt' });
+  const config = {
+    model_type: 'gpt2',
+    architectures: ['GPT2LMHeadModel'],
+    n_layer: s.nLayer,
+    n_embd: s.d,
+    n_head: s.nHead,
+    vocab_size: s.vocab,
+    n_positions: s.positions,
+    activation_function: 'gelu_new',
+    layer_norm_epsilon: 1e-5,
+  };
+  writeFileSync(join(dir, 'config.json'), JSON.stringify(config, null, 2));
+  return dir;
+}
+
+/** ORT's fp32 GEMM rate on this machine for an [m,k]×[k,n] product (GFLOP/s, best of runs). */
+async function gemmRate(m: number, k: number, n: number, threads: number | undefined, reps: number): Promise<number> {
+  const g = new Graph();
+  const a = g.input('a', DataType.FLOAT, [m, k]);
+  const b = g.input('b', DataType.FLOAT, [k, n]);
+  g.output(g.gemm(a, b, null, false), 'y');
+  const sess = await createSession(g.encode(), { threads });
+  const rng = new Rng(3);
+  const feeds = {
+    a: new ort.Tensor('float32', rng.uniforms(m * k), [m, k]),
+    b: new ort.Tensor('float32', rng.uniforms(k * n), [k, n]),
+  };
+  await sess.run(feeds);
+  let best = Number.POSITIVE_INFINITY;
+  for (let i = 0; i < reps; i++) {
+    const t0 = performance.now();
+    await sess.run(feeds);
+    best = Math.min(best, performance.now() - t0);
+  }
+  await sess.release();
+  return (2 * m * k * n) / (best / 1000) / 1e9;
+}
+
+async function benchEngine(argv: string[]): Promise<void> {
+  const { values: v } = parse(argv, {
+    quick: { type: 'boolean' },
+    threads: { type: 'string' },
+    batch: { type: 'string' },
+    seq: { type: 'string' },
+    out: { type: 'string' },
+  });
+  const quick = !!v.quick;
+  const threads = v.threads ? int(v.threads, '--threads', 0) : undefined;
+  const shape: Gpt2Shape = quick
+    ? { nLayer: 2, d: 256, nHead: 4, vocab: 8192, positions: 512 }
+    : { nLayer: 12, d: 768, nHead: 12, vocab: 50257, positions: 1024 };
+  const B = int(v.batch, '--batch', quick ? 2 : 4);
+  const T = int(v.seq, '--seq', quick ? 256 : 512);
+  const reps = quick ? 2 : 3;
+  const log = (s: string) => process.stderr.write(`${s}\n`);
+
+  const dir = join(defaultCacheDir(), 'bench', `gpt2-random-${shape.nLayer}x${shape.d}-v${shape.vocab}`);
+  log(`model: random GPT-2 ${shape.nLayer}×${shape.d}, vocab ${shape.vocab} (${dir})`);
+  randomGpt2(dir, shape);
+  const model = Model.open(dir, { threads });
+  const params = model.parameters().reduce((s, p) => s + p.shape.reduce((a, b) => a * b, 1), 0);
+
+  // FLOPs of one forward + backward-to-module-outputs pass (matrix products only).
+  const N = B * T;
+  const d = shape.d;
+  const linear = shape.nLayer * (3 * d * d + d * d + 8 * d * d); // Σ d_in·d_out over tracked modules
+  const attn = shape.nLayer * 2 * B * T * T * d; // QKᵀ and PV multiply-adds
+  const head = d * shape.vocab;
+  // forward: 2·(N·linear + N·head + attn); backward to the inputs: the same again, plus
+  // the first layer's c_attn input gradient is not needed (small, ignored).
+  const flops = 2 * (2 * N * (linear + head) + 2 * attn);
+
+  const rss0 = process.memoryUsage().rss;
+  let t0 = performance.now();
+  const graph = await model.compile({ perToken: true, tokenLoss: true, modules: 'all' });
+  const compileMs = performance.now() - t0;
+  const rng = new Rng(5);
+  const batch = makeBatch(
+    Array.from({ length: B }, () => ({ ids: Array.from({ length: T }, () => rng.int(shape.vocab)) })),
+    0,
+  );
+  t0 = performance.now();
+  await graph.run(batch);
+  const firstMs = performance.now() - t0;
+  const times: number[] = [];
+  let peakRss = process.memoryUsage().rss;
+  for (let i = 0; i < reps; i++) {
+    t0 = performance.now();
+    const out = await graph.run(batch);
+    times.push(performance.now() - t0);
+    peakRss = Math.max(peakRss, process.memoryUsage().rss);
+    void out;
+  }
+  times.sort((a, b) => a - b);
+  const med = times[Math.floor(times.length / 2)];
+  const achieved = flops / (med / 1000) / 1e9;
+  log('measuring ORT GEMM rate...');
+  const gemm = Math.max(
+    await gemmRate(N, d, 4 * d, threads, reps),
+    await gemmRate(N, 4 * d, d, threads, reps),
+  );
+  const report = {
+    suite: 'engine',
+    date: new Date().toISOString(),
+    machine: { host: hostname(), cpus: cpus().length, cpu: cpus()[0]?.model, threads: threads ?? 'all' },
+    model: { ...shape, params },
+    batch: { B, T, tokens: N },
+    compileMs: Math.round(compileMs),
+    firstRunMs: Math.round(firstMs),
+    medianRunMs: Math.round(med),
+    tokensPerSecond: Math.round(N / (med / 1000)),
+    gflopCounted: flops / 1e9,
+    achievedGflops: achieved,
+    ortGemmGflops: gemm,
+    fractionOfGemm: achieved / gemm,
+    peakRssMiB: Math.round(peakRss / 2 ** 20),
+    rssBeforeMiB: Math.round(rss0 / 2 ** 20),
+  };
+  const out = v.out ?? join('bench', 'out', `engine-${report.date.slice(0, 10)}-${hostname()}.json`);
+  mkdirSync(join(out, '..'), { recursive: true });
+  writeFileSync(out, `${JSON.stringify(report, null, 2)}\n`);
+  process.stdout.write(
+    [
+      `engine bench (${quick ? 'quick' : 'GPT-2 small'}; ${(params / 1e6).toFixed(1)}M params; batch ${B}×${T} = ${N} tokens; threads ${threads ?? 'all'})`,
+      `  forward+backward with per-module a/g: ${med.toFixed(0)} ms median → ${report.tokensPerSecond} tokens/s`,
+      `  counted matmul work ${report.gflopCounted.toFixed(1)} GFLOP → ${achieved.toFixed(1)} GFLOP/s`,
+      `  ORT fp32 GEMM on this machine: ${gemm.toFixed(1)} GFLOP/s → engine at ${(100 * report.fractionOfGemm).toFixed(0)}% of GEMM`,
+      `  peak RSS ${report.peakRssMiB} MiB; compile ${report.compileMs} ms; first run ${report.firstRunMs} ms`,
+      `  report: ${out}`,
+    ].join('\n') + '\n',
+  );
+}

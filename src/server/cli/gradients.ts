@@ -1,0 +1,69 @@
+// influence-lens gradients: per-token module inputs (a) and output gradients (g) of one
+// text or prompt/completion, written as safetensors. Tensor names (documented in README):
+//   <module>.a [T, d_in], <module>.g [T, d_out], token_nll [T], input_ids [T],
+//   target_ids [T], target_weights [T]   (position t predicts token t+1)
+import { targetWeightsFromOffsets } from '../data/format';
+import { makeBatch, Model } from '../model/engine';
+import { writeSafetensors, type TensorToWrite } from '../model/safetensors';
+import { Rng } from '../util/random';
+import { CliError, int, oneOf, parse } from './util';
+
+export async function runGradients(argv: string[]): Promise<void> {
+  const { values: v } = parse(argv, {
+    model: { type: 'string' },
+    text: { type: 'string' },
+    prompt: { type: 'string' },
+    completion: { type: 'string' },
+    modules: { type: 'string' },
+    labels: { type: 'string' },
+    seed: { type: 'string' },
+    out: { type: 'string' },
+  });
+  if (!v.model) throw new CliError('--model <dir> is required');
+  if (!v.out) throw new CliError('--out <file.safetensors> is required');
+  const hasText = v.text !== undefined;
+  const hasPair = v.prompt !== undefined || v.completion !== undefined;
+  if (hasText === hasPair) throw new CliError('give either --text, or --prompt and --completion');
+  if (hasPair && (v.prompt === undefined || v.completion === undefined))
+    throw new CliError('--prompt and --completion go together');
+  const modules = oneOf(v.modules, ['mlp', 'all'] as const, '--modules', 'all');
+  const labels = oneOf(v.labels, ['data', 'sampled'] as const, '--labels', 'data');
+  const seed = int(v.seed, '--seed', 0);
+
+  const model = Model.open(v.model);
+  const text = hasText ? v.text! : v.prompt! + v.completion!;
+  const enc = model.tokenizer.encode(text);
+  if (enc.ids.length < 2) throw new CliError('the text must be at least two tokens long');
+  const spans: Array<[number, number]> = hasText ? [[0, text.length]] : [[v.prompt!.length, text.length]];
+  const weights = targetWeightsFromOffsets(enc.offsets, spans);
+  if (!weights.some((w) => w > 0)) throw new CliError('no token to score: the completion is empty after tokenization');
+  const batch = makeBatch([{ ids: enc.ids, weights }], model.tokenizer.padTokenId ?? 0);
+  const graph = await model.compile({ labels, modules, perToken: true, tokenLoss: true, sampledIds: labels === 'sampled' });
+  const out = await graph.run(batch, { uniforms: labels === 'sampled' ? new Rng(seed).uniforms(batch.T) : undefined });
+
+  const T = batch.T;
+  const tensors: Record<string, TensorToWrite> = {
+    input_ids: { dtype: 'I64', shape: [T], data: batch.inputIds },
+    target_ids: {
+      dtype: 'I64',
+      shape: [T],
+      data: labels === 'sampled' ? (out.sampled_ids.data as BigInt64Array) : batch.targetIds,
+    },
+    target_weights: { dtype: 'F32', shape: [T], data: batch.targetWeights },
+    token_nll: { dtype: 'F32', shape: [T], data: out.token_nll.data as Float32Array },
+  };
+  for (const m of graph.moduleInfo) {
+    tensors[`${m.name}.a`] = { dtype: 'F32', shape: [T, m.dIn], data: out[`a.${m.name}`].data as Float32Array };
+    tensors[`${m.name}.g`] = { dtype: 'F32', shape: [T, m.dOut], data: out[`g.${m.name}`].data as Float32Array };
+  }
+  writeSafetensors(v.out, tensors, {
+    model: v.model,
+    labels,
+    seed: String(seed),
+    loss: String((out.loss.data as Float32Array)[0]),
+    offsets: JSON.stringify(enc.offsets),
+  });
+  process.stdout.write(
+    `wrote ${v.out}: ${graph.moduleInfo.length} modules × ${T} tokens, loss ${(out.loss.data as Float32Array)[0].toFixed(4)}\n`,
+  );
+}

@@ -1,0 +1,29 @@
+// influence-lens inspect <model-dir>: what the engine sees in a checkpoint.
+import { Model } from '../model/engine';
+import { CliError, parse } from './util';
+
+export async function runInspect(argv: string[]): Promise<void> {
+  const { values, positionals } = parse(argv, { json: { type: 'boolean' } }, true);
+  const dir = positionals[0];
+  if (!dir) throw new CliError('usage: influence-lens inspect <model-dir> [--json]');
+  const model = Model.open(dir);
+  const params = model.parameters();
+  const count = params.reduce((s, p) => s + p.shape.reduce((a, b) => a * b, 1), 0);
+  const modules = model.modules('all');
+  if (values.json) {
+    process.stdout.write(
+      `${JSON.stringify({ dir, modelType: model.checkpoint.modelType, architecture: model.describe(), parameters: count, modules }, null, 2)}\n`,
+    );
+    return;
+  }
+  const lines = [
+    `model:        ${dir}`,
+    `architecture: ${model.describe()}`,
+    `parameters:   ${count.toLocaleString('en-US')} in ${params.length} tensors (${(model.checkpoint.totalBytes / 2 ** 20).toFixed(1)} MiB on disk)`,
+    `tracked modules (${modules.length}; "mlp" selects ${modules.filter((m) => m.kind === 'mlp').length}):`,
+    ...modules.map(
+      (m) => `  ${m.name.padEnd(48)} ${m.kind.padEnd(9)} ${`${m.dOut} × ${m.dIn}`.padEnd(12)}${m.hasBias ? ' +bias' : ''}`,
+    ),
+  ];
+  process.stdout.write(`${lines.join('\n')}\n`);
+}

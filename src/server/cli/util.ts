@@ -1,0 +1,56 @@
+// Small helpers shared by CLI subcommands: argument parsing with clear errors, and a
+// progress bar on stderr that stays quiet when stderr is not a terminal.
+import { parseArgs, type ParseArgsConfig } from 'node:util';
+
+export class CliError extends Error {}
+
+export function parse<T extends NonNullable<ParseArgsConfig['options']>>(argv: string[], options: T, positionals = false) {
+  try {
+    return parseArgs({ args: argv, options, allowPositionals: positionals, strict: true });
+  } catch (e) {
+    throw new CliError((e as Error).message);
+  }
+}
+
+export function oneOf<T extends string>(value: string | undefined, allowed: readonly T[], flag: string, fallback: T): T {
+  if (value === undefined) return fallback;
+  if (!(allowed as readonly string[]).includes(value))
+    throw new CliError(`${flag} must be one of ${allowed.join(', ')} (got "${value}")`);
+  return value as T;
+}
+
+export function int(value: string | undefined, flag: string, fallback: number): number {
+  if (value === undefined) return fallback;
+  const n = Number(value);
+  if (!Number.isInteger(n)) throw new CliError(`${flag} must be an integer (got "${value}")`);
+  return n;
+}
+
+export class Progress {
+  private last = 0;
+  private readonly start = Date.now();
+  constructor(
+    private readonly label: string,
+    private readonly total: number,
+    private readonly stream: NodeJS.WriteStream = process.stderr,
+  ) {}
+
+  tick(done: number, note = ''): void {
+    if (!this.stream.isTTY) return;
+    const now = Date.now();
+    if (now - this.last < 100 && done < this.total) return;
+    this.last = now;
+    const frac = this.total ? Math.min(1, done / this.total) : 0;
+    const width = 24;
+    const bar = '█'.repeat(Math.round(frac * width)).padEnd(width, '░');
+    const secs = ((now - this.start) / 1000).toFixed(1);
+    this.stream.write(`\r${this.label} ${bar} ${done}/${this.total} ${secs}s ${note}`.padEnd(90));
+  }
+
+  done(note = ''): void {
+    if (this.stream.isTTY) {
+      this.tick(this.total, note);
+      this.stream.write('\n');
+    }
+  }
+}

@@ -1,0 +1,262 @@
+// Building blocks shared by every architecture: linear layers that record themselves as
+// tracked modules, norms, rotary embeddings, causal attention with grouped KV heads, and
+// config parsing helpers. Activations live as 2-D [N = B·T, d] tensors between blocks
+// so every linear layer is one Gemm (no weight transposes, cheap backward).
+import { DataType, type Graph, type Tensor } from '../onnx/graph';
+
+export type ModuleKind = 'mlp' | 'attention';
+
+/** A linear layer whose input activations and output gradients we can observe. */
+export interface TrackedModule {
+  /** Hugging Face module name, e.g. `model.layers.0.mlp.up_proj` */
+  name: string;
+  kind: ModuleKind;
+  /** [N, dIn] module input */
+  input: Tensor;
+  /** [N, dOut] module output (its gradient is g_t) */
+  output: Tensor;
+  dIn: number;
+  dOut: number;
+  hasBias: boolean;
+  weightName: string;
+  biasName?: string;
+  /** 'out_in' = torch Linear [dOut, dIn]; 'in_out' = GPT-2 Conv1D [dIn, dOut] */
+  layout: 'out_in' | 'in_out';
+}
+
+/** Gives the float tensor for a parameter, by its Hugging Face name. */
+export interface WeightSource {
+  get(name: string): Tensor;
+  has(name: string): boolean;
+  shape(name: string): number[];
+}
+
+export interface BuildContext {
+  g: Graph;
+  w: WeightSource;
+  /** [B, T] int64 token ids and attention mask (1 = real token, right padding) */
+  inputIds: Tensor;
+  attentionMask: Tensor;
+  /** Shape(input_ids) = [B, T] as int64 */
+  bt: Tensor;
+  modules: TrackedModule[];
+}
+
+/** What an architecture's forward pass produces. */
+export interface ForwardResult {
+  /** [B·T, V] next-token logits (flattened batch × time) */
+  logits: Tensor;
+  /** [N, d] final hidden state after the final norm */
+  hidden: Tensor;
+}
+
+export interface Architecture {
+  /** config.json `model_type` values this builder accepts */
+  modelTypes: string[];
+  describe(config: Config): string;
+  forward(ctx: BuildContext, config: Config): ForwardResult;
+}
+
+export type Config = Record<string, unknown>;
+
+export class ConfigError extends Error {}
+
+export function num(config: Config, keys: string[], fallback?: number): number {
+  for (const k of keys) {
+    const v = config[k];
+    if (typeof v === 'number' && Number.isFinite(v)) return v;
+  }
+  if (fallback !== undefined) return fallback;
+  throw new ConfigError(`config.json is missing ${keys.join(' / ')} (a number)`);
+}
+
+/** Linear layer y = x Wᵀ + b (or x W + b for Conv1D), recorded as a tracked module. */
+export function linear(
+  ctx: BuildContext,
+  name: string,
+  x: Tensor,
+  kind: ModuleKind,
+  layout: 'out_in' | 'in_out' = 'out_in',
+): Tensor {
+  const weightName = `${name}.weight`;
+  const biasName = ctx.w.has(`${name}.bias`) ? `${name}.bias` : undefined;
+  const [r, c] = ctx.w.shape(weightName);
+  const [dOut, dIn] = layout === 'out_in' ? [r, c] : [c, r];
+  if (x.shape[1] !== dIn)
+    throw new ConfigError(`weight ${weightName} has input size ${dIn} but the layer receives ${x.shape[1]}`);
+  const y = ctx.g.gemm(x, ctx.w.get(weightName), biasName ? ctx.w.get(biasName) : null, layout === 'out_in');
+  ctx.modules.push({ name, kind, input: x, output: y, dIn, dOut, hasBias: !!biasName, weightName, biasName, layout });
+  return y;
+}
+
+export function layerNorm(ctx: BuildContext, x: Tensor, prefix: string, eps: number): Tensor {
+  const { g, w } = ctx;
+  const mean = g.reduceMean(x, [-1], true);
+  const xc = g.sub(x, mean);
+  const variance = g.reduceMean(g.mul(xc, xc), [-1], true);
+  const xn = g.div(xc, g.sqrt(g.add(variance, g.scalar(eps))));
+  const scaled = g.mul(xn, w.get(`${prefix}.weight`));
+  return w.has(`${prefix}.bias`) ? g.add(scaled, w.get(`${prefix}.bias`)) : scaled;
+}
+
+export function rmsNorm(ctx: BuildContext, x: Tensor, prefix: string, eps: number): Tensor {
+  const { g, w } = ctx;
+  const ms = g.reduceMean(g.mul(x, x), [-1], true);
+  return g.mul(g.div(x, g.sqrt(g.add(ms, g.scalar(eps)))), w.get(`${prefix}.weight`));
+}
+
+export function gelu(g: Graph, x: Tensor, kind: string): Tensor {
+  if (kind === 'gelu' || kind === 'gelu_python') {
+    // exact: 0.5·x·(1 + erf(x/√2))
+    return g.mul(g.mul(x, g.scalar(0.5)), g.add(g.scalar(1), g.erf(g.mul(x, g.scalar(Math.SQRT1_2)))));
+  }
+  if (kind === 'gelu_new' || kind === 'gelu_pytorch_tanh' || kind === 'gelu_fast') {
+    // tanh approximation: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))
+    const inner = g.mul(g.add(x, g.mul(g.pow(x, 3), g.scalar(0.044715))), g.scalar(Math.sqrt(2 / Math.PI)));
+    return g.mul(g.mul(x, g.scalar(0.5)), g.add(g.scalar(1), g.tanh(inner)));
+  }
+  throw new ConfigError(`unsupported activation "${kind}" (supported: gelu, gelu_new, gelu_pytorch_tanh, silu)`);
+}
+
+export function silu(g: Graph, x: Tensor): Tensor {
+  return g.mul(x, g.sigmoid(x));
+}
+
+export function activation(g: Graph, x: Tensor, kind: string): Tensor {
+  return kind === 'silu' || kind === 'swish' ? silu(g, x) : gelu(g, x, kind);
+}
+
+export interface Rope {
+  /** [T, rotDim] cos and sin tables (no gradient) */
+  cos: Tensor;
+  sin: Tensor;
+  rotDim: number;
+}
+
+/** Rotary tables for positions 0..T-1 (non-interleaved halves, as in Llama / GPT-NeoX). */
+export function ropeTables(ctx: BuildContext, rotDim: number, theta: number, scaling?: Config | null): Rope {
+  const { g } = ctx;
+  const half = rotDim / 2;
+  let invFreq = Array.from({ length: half }, (_, i) => 1 / theta ** ((2 * i) / rotDim));
+  const type = scaling ? String(scaling.rope_type ?? scaling.type ?? 'default') : 'default';
+  if (type === 'linear') {
+    const factor = Number(scaling?.factor);
+    invFreq = invFreq.map((f) => f / factor);
+  } else if (type === 'llama3') {
+    const factor = Number(scaling?.factor);
+    const lowFreqFactor = Number(scaling?.low_freq_factor);
+    const highFreqFactor = Number(scaling?.high_freq_factor);
+    const oldCtx = Number(scaling?.original_max_position_embeddings);
+    const lowWavelen = oldCtx / lowFreqFactor;
+    const highWavelen = oldCtx / highFreqFactor;
+    invFreq = invFreq.map((f) => {
+      const wavelen = (2 * Math.PI) / f;
+      if (wavelen < highWavelen) return f;
+      if (wavelen > lowWavelen) return f / factor;
+      const smooth = (oldCtx / wavelen - lowFreqFactor) / (highFreqFactor - lowFreqFactor);
+      return (1 - smooth) * (f / factor) + smooth * f;
+    });
+  } else if (type !== 'default') {
+    throw new ConfigError(`unsupported rope scaling "${type}" (supported: default, linear, llama3)`);
+  }
+  return g.noGrad(() => {
+    const pos = positions(ctx);
+    const posF = g.cast(g.node('Unsqueeze', [pos, g.ints([1])], [{ dtype: DataType.INT64, shape: ['T', 1] }])[0], g.float);
+    // Compute the angles in float64 precision on the JS side is impossible for dynamic T, so
+    // match PyTorch: fp32 positions × fp32 inverse frequencies.
+    const freqs = g.node('Mul', [posF, g.floats(invFreq, [1, half])], [{ dtype: g.float, shape: ['T', half] }])[0];
+    const emb = g.node('Concat', [freqs, freqs], [{ dtype: g.float, shape: ['T', rotDim] }], { axis: 1 })[0];
+    const cos = g.node('Cos', [emb], [{ dtype: g.float, shape: ['T', rotDim] }])[0];
+    const sin = g.node('Sin', [emb], [{ dtype: g.float, shape: ['T', rotDim] }])[0];
+    return { cos, sin, rotDim };
+  });
+}
+
+/** int64 [T] positions 0..T-1 */
+export function positions(ctx: BuildContext): Tensor {
+  const { g } = ctx;
+  return g.noGrad(() => {
+    const t = g.node('Squeeze', [g.shapeOf(ctx.inputIds, 1, 2), g.ints([0])], [{ dtype: DataType.INT64, shape: [] }])[0];
+    return g.node('Range', [g.scalar(0, DataType.INT64), t, g.scalar(1, DataType.INT64)], [
+      { dtype: DataType.INT64, shape: ['T'] },
+    ])[0];
+  });
+}
+
+/** Apply rotary embedding to x [..., T, headDim] on its first rotDim features. */
+function applyRope(g: Graph, x: Tensor, rope: Rope): Tensor {
+  const hd = x.shape[x.shape.length - 1] as number;
+  const [rot, pass] = rope.rotDim < hd ? g.split(x, [rope.rotDim, hd - rope.rotDim], -1) : [x, null];
+  const [x1, x2] = g.split(rot, [rope.rotDim / 2, rope.rotDim / 2], -1);
+  const rotated = g.concat([g.neg(x2), x1], -1);
+  const out = g.add(g.mul(rot, rope.cos), g.mul(rotated, rope.sin));
+  return pass ? g.concat([out, pass], -1) : out;
+}
+
+/**
+ * Additive attention bias [B, 1, 1, T, T]: 0 where query i may attend key j (j <= i,
+ * key is a real token, and within the sliding window if any), a large negative otherwise.
+ */
+export function attentionBias(ctx: BuildContext, slidingWindow?: number): Tensor {
+  const { g } = ctx;
+  return g.noGrad(() => {
+    const pos = positions(ctx);
+    const B = DataType.BOOL;
+    const qi = g.node('Unsqueeze', [pos, g.ints([1])], [{ dtype: DataType.INT64, shape: ['T', 1] }])[0];
+    const kj = g.node('Unsqueeze', [pos, g.ints([0])], [{ dtype: DataType.INT64, shape: [1, 'T'] }])[0];
+    let allowed = g.node('LessOrEqual', [kj, qi], [{ dtype: B, shape: ['T', 'T'] }])[0];
+    if (slidingWindow) {
+      const dist = g.node('Sub', [qi, kj], [{ dtype: DataType.INT64, shape: ['T', 'T'] }])[0];
+      const near = g.node('Less', [dist, g.scalar(slidingWindow, DataType.INT64)], [{ dtype: B, shape: ['T', 'T'] }])[0];
+      allowed = g.node('And', [allowed, near], [{ dtype: B, shape: ['T', 'T'] }])[0];
+    }
+    const keyReal = g.node('Cast', [ctx.attentionMask], [{ dtype: B, shape: ['B', 'T'] }], { to: B })[0];
+    const key5 = g.node('Unsqueeze', [keyReal, g.ints([1, 2, 3])], [{ dtype: B, shape: ['B', 1, 1, 1, 'T'] }])[0];
+    const both = g.node('And', [allowed, key5], [{ dtype: B, shape: ['B', 1, 1, 'T', 'T'] }])[0];
+    return g.node('Where', [both, g.scalar(0), g.scalar(-1e9)], [{ dtype: g.float, shape: ['B', 1, 1, 'T', 'T'] }])[0];
+  });
+}
+
+export interface AttentionSpec {
+  nHeads: number;
+  nKv: number;
+  headDim: number;
+  rope?: Rope;
+  bias: Tensor;
+  scale?: number;
+}
+
+/**
+ * Scaled dot-product attention on projected q [N, h·hd], k, v [N, kv·hd]; returns [N, h·hd].
+ * Grouped-query attention without copying K/V: queries are laid out [B, kv, rep, T, hd] and
+ * keys [B, kv, 1, T, hd], so one broadcast MatMul serves MHA (rep = 1) and GQA alike.
+ * Head i uses KV head floor(i / rep), as transformers' repeat_kv does.
+ */
+export function attention(ctx: BuildContext, q: Tensor, k: Tensor, v: Tensor, s: AttentionSpec): Tensor {
+  const { g, bt } = ctx;
+  const rep = s.nHeads / s.nKv;
+  if (!Number.isInteger(rep)) throw new ConfigError(`num_attention_heads ${s.nHeads} is not a multiple of kv heads ${s.nKv}`);
+  const hd = s.headDim;
+  const qShape = g.noGrad(() => g.concatInts([bt, g.ints([s.nKv, rep, hd])]));
+  const kShape = g.noGrad(() => g.concatInts([bt, g.ints([s.nKv, 1, hd])]));
+  // [N, h·hd] → [B, T, kv, rep, hd] → [B, kv, rep, T, hd]
+  let qh = g.transpose(g.reshape(q, qShape, ['B', 'T', s.nKv, rep, hd]), [0, 2, 3, 1, 4]);
+  let kh = g.transpose(g.reshape(k, kShape, ['B', 'T', s.nKv, 1, hd]), [0, 2, 3, 1, 4]);
+  const vh = g.transpose(g.reshape(v, kShape, ['B', 'T', s.nKv, 1, hd]), [0, 2, 3, 1, 4]);
+  if (s.rope) {
+    qh = applyRope(g, qh, s.rope);
+    kh = applyRope(g, kh, s.rope);
+  }
+  const scale = s.scale ?? 1 / Math.sqrt(hd);
+  const scores = g.add(g.mul(g.matmul(qh, g.transpose(kh, [0, 1, 2, 4, 3])), g.scalar(scale)), s.bias);
+  const probs = g.softmax(scores, -1);
+  const out = g.matmul(probs, vh); // [B, kv, rep, T, hd]
+  return g.reshape(g.transpose(out, [0, 3, 1, 2, 4]), [-1, s.nHeads * hd]);
+}
+
+/** Token embedding lookup for the flattened [N] ids. */
+export function embed(ctx: BuildContext, table: string): Tensor {
+  const { g } = ctx;
+  const ids = g.noGrad(() => g.node('Reshape', [ctx.inputIds, g.ints([-1])], [{ dtype: DataType.INT64, shape: ['B*T'] }])[0]);
+  return g.gatherRows(ctx.w.get(table), ids);
+}

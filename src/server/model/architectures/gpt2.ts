@@ -1,0 +1,59 @@
+// GPT-2: learned positions, pre-LayerNorm, Conv1D weights stored [d_in, d_out], fused
+// c_attn producing q|k|v, tanh-GELU MLP, unembedding tied to the token embedding.
+import {
+  type Architecture,
+  attention,
+  attentionBias,
+  type BuildContext,
+  type Config,
+  ConfigError,
+  activation,
+  embed,
+  layerNorm,
+  linear,
+  num,
+  positions,
+} from './common';
+
+export const gpt2: Architecture = {
+  modelTypes: ['gpt2'],
+  describe: (c) => `GPT-2 (${num(c, ['n_layer'])} layers, d=${num(c, ['n_embd'])}, ${num(c, ['n_head'])} heads)`,
+  forward(ctx: BuildContext, c: Config) {
+    const { g, w } = ctx;
+    const d = num(c, ['n_embd']);
+    const nHead = num(c, ['n_head']);
+    const nLayer = num(c, ['n_layer']);
+    const eps = num(c, ['layer_norm_epsilon'], 1e-5);
+    const act = String(c.activation_function ?? 'gelu_new');
+    if (c.scale_attn_by_inverse_layer_idx || c.reorder_and_upcast_attn)
+      throw new ConfigError('GPT-2 options scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn are not supported');
+    const scaleAttn = c.scale_attn_weights !== false;
+    const bias = attentionBias(ctx);
+    const pos = g.gatherRows(w.get('transformer.wpe.weight'), positions(ctx)); // [T, d]
+    const tok = embed(ctx, 'transformer.wte.weight'); // [B·T, d]
+    const posShape = g.noGrad(() => g.concatInts([ctx.bt, g.ints([d])]));
+    // add positions by viewing tokens as [B, T, d]
+    let x = g.reshape(g.add(g.reshape(tok, posShape, ['B', 'T', d]), pos), [-1, d]);
+    for (let i = 0; i < nLayer; i++) {
+      const p = `transformer.h.${i}`;
+      const h = layerNorm(ctx, x, `${p}.ln_1`, eps);
+      const qkv = linear(ctx, `${p}.attn.c_attn`, h, 'attention', 'in_out');
+      const [q, k, v] = g.split(qkv, [d, d, d], 1);
+      const a = attention(ctx, q, k, v, {
+        nHeads: nHead,
+        nKv: nHead,
+        headDim: d / nHead,
+        bias,
+        scale: scaleAttn ? undefined : 1,
+      });
+      x = g.add(x, linear(ctx, `${p}.attn.c_proj`, a, 'attention', 'in_out'));
+      const h2 = layerNorm(ctx, x, `${p}.ln_2`, eps);
+      const up = activation(g, linear(ctx, `${p}.mlp.c_fc`, h2, 'mlp', 'in_out'), act);
+      x = g.add(x, linear(ctx, `${p}.mlp.c_proj`, up, 'mlp', 'in_out'));
+    }
+    const hidden = layerNorm(ctx, x, 'transformer.ln_f', eps);
+    const head = w.has('lm_head.weight') ? 'lm_head.weight' : 'transformer.wte.weight';
+    const logits = g.gemm(hidden, w.get(head), null, true);
+    return { logits, hidden };
+  },
+};

@@ -1,0 +1,474 @@
+// The model engine: a Hugging Face checkpoint directory → ONNX graphs (forward + explicit
+// backward, built by our graph builder) → ONNX Runtime sessions that return exactly the
+// per-token and reduced quantities influence functions need.
+//
+// Conventions (shared with test/fixtures/golden/README.md):
+// - inputs `input_ids`, `attention_mask` [B, T] int64, right padding; position t predicts
+//   token t+1: `target_ids` [B, T] int64 and `target_weights` [B, T] float (0 = no loss).
+// - loss of a sequence L = Σ_t w_t · (−log p(target_t | tokens ≤ t)); gradients are of Σ_b L_b.
+// - per-module `a` = module input, `g` = ∂(Σ_b L_b)/∂(module output), both [B·T, d].
+import { createHash } from 'node:crypto';
+import { existsSync, linkSync, mkdirSync, readFileSync, renameSync, statSync, writeFileSync } from 'node:fs';
+import { homedir } from 'node:os';
+import { basename, join } from 'node:path';
+import { architectureFor } from './architectures';
+import type { Architecture, BuildContext, TrackedModule, WeightSource } from './architectures/common';
+import { type Checkpoint, openCheckpoint } from './checkpoint';
+import { DataType, Graph, type Tensor } from './onnx/graph';
+import { createSession, type Device, ort } from './onnx/session';
+import type { DType } from './safetensors';
+import { loadTokenizer, type TokenizerHandle } from './tokenizer';
+
+export type ModuleSelection = 'mlp' | 'all';
+
+/** What a compiled graph computes. Every field is optional; ask only for what you need. */
+export interface GraphRequest {
+  /** labels from `target_ids` ('data') or sampled from the model's own distribution ('sampled') */
+  labels?: 'data' | 'sampled';
+  /** `token_nll` [B, T] and `loss` [B] */
+  tokenLoss?: boolean;
+  /** `hidden_mean` [B, d]: final hidden state averaged over real tokens (RepSim) */
+  hidden?: boolean;
+  /** `logits` [B·T, V] */
+  logits?: boolean;
+  /** which linear modules are tracked for the per-module outputs */
+  modules?: ModuleSelection;
+  /** `a.<module>` [B·T, dIn] and `g.<module>` [B·T, dOut] */
+  perToken?: boolean;
+  /** `G.<module>` [B, dOut, dIn(+1 for the bias)] = Σ_t g_t a_tᵀ per sequence */
+  exampleGrads?: boolean;
+  /** `A.<module>` = Σ a aᵀ and `S.<module>` = Σ g gᵀ over real tokens (a with the bias 1 appended), `token_count` */
+  covariance?: boolean;
+  /** `grad.<param>` for every parameter */
+  paramGrads?: boolean;
+  /** `sampled_ids` [B, T]: the labels drawn when labels = 'sampled' */
+  sampledIds?: boolean;
+}
+
+export interface ModuleInfo {
+  name: string;
+  kind: 'mlp' | 'attention';
+  dIn: number;
+  dOut: number;
+  hasBias: boolean;
+}
+
+export interface EngineOptions {
+  device?: Device;
+  threads?: number;
+  /** 'mapped': weights are ONNX external data pointing into the safetensors files (no copy).
+   *  'inputs': weights are graph inputs fed on every run (training). */
+  weights?: 'mapped' | 'inputs';
+  cacheDir?: string;
+}
+
+export interface Sequence {
+  ids: number[];
+  /** per-position loss weights (length = ids.length; position t predicts token t+1). Default: all 1 but the last. */
+  weights?: number[];
+}
+
+export interface Batch {
+  B: number;
+  T: number;
+  inputIds: BigInt64Array;
+  attentionMask: BigInt64Array;
+  targetIds: BigInt64Array;
+  targetWeights: Float32Array;
+  lengths: number[];
+}
+
+export class EngineError extends Error {}
+
+/** Right-pad sequences into a batch; target of position t is token t+1. */
+export function makeBatch(seqs: Sequence[], padId = 0): Batch {
+  if (!seqs.length) throw new EngineError('empty batch');
+  const B = seqs.length;
+  const T = Math.max(...seqs.map((s) => s.ids.length));
+  if (T === 0) throw new EngineError('all sequences are empty');
+  const inputIds = new BigInt64Array(B * T).fill(BigInt(padId));
+  const attentionMask = new BigInt64Array(B * T);
+  const targetIds = new BigInt64Array(B * T);
+  const targetWeights = new Float32Array(B * T);
+  seqs.forEach((s, b) => {
+    if (s.weights && s.weights.length !== s.ids.length)
+      throw new EngineError(`sequence ${b}: ${s.weights.length} weights for ${s.ids.length} tokens`);
+    for (let t = 0; t < s.ids.length; t++) {
+      inputIds[b * T + t] = BigInt(s.ids[t]);
+      attentionMask[b * T + t] = 1n;
+      if (t + 1 < s.ids.length) {
+        targetIds[b * T + t] = BigInt(s.ids[t + 1]);
+        targetWeights[b * T + t] = s.weights ? s.weights[t] : 1;
+      }
+    }
+  });
+  return { B, T, inputIds, attentionMask, targetIds, targetWeights, lengths: seqs.map((s) => s.ids.length) };
+}
+
+export function defaultCacheDir(): string {
+  return process.env.INFLUENCE_LENS_CACHE ?? join(homedir(), '.cache', 'influence-lens');
+}
+
+const STORAGE_TYPES: Partial<Record<DType, DataType>> = {
+  F32: DataType.FLOAT,
+  F16: DataType.FLOAT16,
+  BF16: DataType.BFLOAT16,
+};
+
+export class Model {
+  readonly arch: Architecture;
+  private tok?: TokenizerHandle;
+  private sessions = new Map<string, Promise<CompiledGraph>>();
+  private linkDir?: { dir: string; names: Map<string, string>; inMemory: boolean };
+
+  private constructor(
+    readonly checkpoint: Checkpoint,
+    readonly options: EngineOptions,
+  ) {
+    this.arch = architectureFor(checkpoint.modelType, join(checkpoint.dir, 'config.json'));
+  }
+
+  /** Loaded on first use: inspecting or benchmarking a model does not need one. */
+  get tokenizer(): TokenizerHandle {
+    this.tok ??= loadTokenizer(this.checkpoint.dir);
+    return this.tok;
+  }
+
+  static open(dir: string, options: EngineOptions = {}): Model {
+    return new Model(openCheckpoint(dir), options);
+  }
+
+  get config(): Record<string, unknown> {
+    return this.checkpoint.config;
+  }
+
+  describe(): string {
+    return this.arch.describe(this.config);
+  }
+
+  /** Parameter names in checkpoint order, with shapes. */
+  parameters(): Array<{ name: string; shape: number[] }> {
+    return [...this.checkpoint.weights.values()].map((w) => ({ name: w.name, shape: w.shape }));
+  }
+
+  /** Tracked linear modules (built from a throwaway graph, so always in sync with the builders). */
+  modules(selection: ModuleSelection = 'all'): ModuleInfo[] {
+    const { modules } = this.buildForward(new Graph(), 'inputs');
+    return select(modules, selection).map(({ name, kind, dIn, dOut, hasBias }) => ({ name, kind, dIn, dOut, hasBias }));
+  }
+
+  private buildForward(g: Graph, mode: 'mapped' | 'inputs') {
+    const weights = mode === 'mapped' ? this.mappedWeights(g) : inputWeights(g, this.checkpoint);
+    const inputIds = g.input('input_ids', DataType.INT64, ['B', 'T']);
+    const attentionMask = g.input('attention_mask', DataType.INT64, ['B', 'T']);
+    const bt = g.noGrad(() => g.shapeOf(inputIds));
+    const ctx: BuildContext = { g, w: weights.source, inputIds, attentionMask, bt, modules: [] };
+    const out = this.arch.forward(ctx, this.config);
+    return { ctx, out, weights, modules: ctx.modules };
+  }
+
+  /** Compile (and cache) a graph computing what `req` asks for. */
+  compile(req: GraphRequest): Promise<CompiledGraph> {
+    const mode = this.options.weights ?? 'mapped';
+    const key = JSON.stringify([mode, req]);
+    let s = this.sessions.get(key);
+    if (!s) {
+      s = this.compileNow(req, mode, key);
+      this.sessions.set(key, s);
+      s.catch(() => this.sessions.delete(key));
+    }
+    return s;
+  }
+
+  private async compileNow(req: GraphRequest, mode: 'mapped' | 'inputs', key: string): Promise<CompiledGraph> {
+    const g = new Graph();
+    const { ctx, out, weights, modules: all } = this.buildForward(g, mode);
+    const modules = select(all, req.modules ?? 'all');
+    const outputs = buildOutputs(g, ctx, out, modules, weights, req);
+    const bytes = g.encode();
+    const session = await this.createSessionFor(bytes, key);
+    const paramInputs =
+      mode === 'inputs' ? weights.inputNames.map((n) => ({ name: n, shape: this.checkpoint.weights.get(n)!.shape })) : null;
+    return new CompiledGraph(session, outputs, modules, paramInputs);
+  }
+
+  private async createSessionFor(bytes: Uint8Array, key: string): Promise<ort.InferenceSession> {
+    const opts = { device: this.options.device, threads: this.options.threads };
+    if ((this.options.weights ?? 'mapped') === 'inputs') return createSession(bytes, opts);
+    const links = this.links();
+    if (links.inMemory) {
+      // Could not hard-link (other filesystem): hand ORT the weight files as buffers.
+      const externalData = [...links.names.entries()].map(([file, name]) => ({ path: name, data: readFileSync(file) }));
+      return createSession(bytes, { ...opts, externalData });
+    }
+    const file = join(links.dir, `${hash(key)}.onnx`);
+    if (!existsSync(file)) {
+      const tmp = `${file}.${process.pid}.tmp`;
+      writeFileSync(tmp, bytes);
+      renameSync(tmp, file);
+    }
+    return createSession(file, opts);
+  }
+
+  /**
+   * ORT only reads external data from inside the model's directory (no absolute paths, no
+   * symlinks out). Hard links give it the checkpoint's safetensors files without a copy.
+   */
+  private links() {
+    if (this.linkDir) return this.linkDir;
+    const ck = this.checkpoint;
+    const id = hash(JSON.stringify(ck.files.map((f) => [f, statSync(f).size, statSync(f).mtimeMs])));
+    const dir = join(this.options.cacheDir ?? defaultCacheDir(), 'graphs', id);
+    mkdirSync(dir, { recursive: true });
+    const names = new Map<string, string>();
+    let inMemory = false;
+    ck.files.forEach((f, i) => {
+      const name = `w${i}-${basename(f)}`;
+      names.set(f, name);
+      const target = join(dir, name);
+      if (existsSync(target)) return;
+      try {
+        linkSync(f, target);
+      } catch {
+        inMemory = true;
+      }
+    });
+    this.linkDir = { dir, names, inMemory };
+    return this.linkDir;
+  }
+
+  private mappedWeights(g: Graph): Weights {
+    const names = this.checkpoint.files.length ? this.links().names : new Map<string, string>();
+    const tensors = new Map<string, Tensor>();
+    const source: WeightSource = {
+      has: (n) => this.checkpoint.weights.has(n),
+      shape: (n) => weightRef(this.checkpoint, n).shape,
+      get: (n) => {
+        let t = tensors.get(n);
+        if (t) return t;
+        const ref = weightRef(this.checkpoint, n);
+        const dt = STORAGE_TYPES[ref.dtype];
+        if (dt === undefined) throw new EngineError(`${ref.file}: tensor ${n} has unsupported dtype ${ref.dtype}`);
+        const location = names.get(ref.file)!;
+        t = g.initializer(`p:${n}`, dt, ref.shape, { location, offset: ref.byteOffset, length: ref.byteLength });
+        if (dt !== DataType.FLOAT) t = g.cast(t, DataType.FLOAT);
+        tensors.set(n, t);
+        return t;
+      },
+    };
+    return { source, tensors, inputNames: [] };
+  }
+}
+
+interface Weights {
+  source: WeightSource;
+  /** parameter name → the float tensor the graph uses (gradients are taken against it) */
+  tensors: Map<string, Tensor>;
+  /** graph input names, in 'inputs' mode */
+  inputNames: string[];
+}
+
+function weightRef(ck: Checkpoint, name: string) {
+  const ref = ck.weights.get(name);
+  if (!ref) throw new EngineError(`${ck.dir}: the checkpoint has no tensor "${name}", which ${ck.modelType} needs`);
+  return ref;
+}
+
+function inputWeights(g: Graph, ck: Checkpoint): Weights {
+  const tensors = new Map<string, Tensor>();
+  const inputNames: string[] = [];
+  return {
+    tensors,
+    inputNames,
+    source: {
+      has: (n) => ck.weights.has(n),
+      shape: (n) => weightRef(ck, n).shape,
+      get: (n) => {
+        let t = tensors.get(n);
+        if (!t) {
+          t = g.input(`p:${n}`, DataType.FLOAT, weightRef(ck, n).shape);
+          tensors.set(n, t);
+          inputNames.push(n);
+        }
+        return t;
+      },
+    },
+  };
+}
+
+function select(modules: TrackedModule[], selection: ModuleSelection): TrackedModule[] {
+  return selection === 'all' ? modules : modules.filter((m) => m.kind === 'mlp');
+}
+
+function hash(s: string): string {
+  return createHash('sha256').update(s).digest('hex').slice(0, 16);
+}
+
+/** Emit the loss and the requested outputs; returns the output names. */
+function buildOutputs(
+  g: Graph,
+  ctx: BuildContext,
+  out: { logits: Tensor; hidden: Tensor },
+  modules: TrackedModule[],
+  weights: Weights,
+  req: GraphRequest,
+): string[] {
+  const names: string[] = [];
+  const emit = (t: Tensor, name: string) => {
+    g.output(t, name);
+    names.push(name);
+  };
+  const V = out.logits.shape[1] as number;
+  const btShape = ctx.bt;
+  const weightsIn = g.input('target_weights', DataType.FLOAT, ['B', 'T']);
+  const wFlat = g.noGrad(() => g.reshape(weightsIn, [-1]));
+  const logp = g.noGrad(() => g.node('LogSoftmax', [out.logits], [{ dtype: DataType.FLOAT, shape: out.logits.shape }], { axis: 1 })[0]);
+
+  // Labels: from the data, or drawn from the model's own predictive distribution
+  // (inverse-CDF sampling with uniforms fed from JS, so the seed lives in one place).
+  let targets: Tensor;
+  if (req.labels === 'sampled') {
+    const u = g.input('sample_uniform', DataType.FLOAT, ['B', 'T']);
+    targets = g.noGrad(() => {
+      const probs = g.node('Exp', [logp], [{ dtype: DataType.FLOAT, shape: logp.shape }])[0];
+      const cdf = g.node('CumSum', [probs, g.scalar(1, DataType.INT64)], [{ dtype: DataType.FLOAT, shape: logp.shape }])[0];
+      const uCol = g.node('Reshape', [u, g.ints([-1, 1])], [{ dtype: DataType.FLOAT, shape: ['B*T', 1] }])[0];
+      const below = g.cast(g.node('Less', [cdf, uCol], [{ dtype: DataType.BOOL, shape: logp.shape }])[0], DataType.INT64);
+      const count = g.node('ReduceSum', [below, g.ints([1])], [{ dtype: DataType.INT64, shape: ['B*T'] }], { keepdims: 0 })[0];
+      return g.node('Min', [count, g.scalar(V - 1, DataType.INT64)], [{ dtype: DataType.INT64, shape: ['B*T'] }])[0];
+    });
+    if (req.sampledIds) emit(g.noGrad(() => g.reshape(targets, btShape, ['B', 'T'])), 'sampled_ids');
+  } else {
+    const t = g.input('target_ids', DataType.INT64, ['B', 'T']);
+    targets = g.noGrad(() => g.reshape(t, [-1]));
+  }
+
+  // Cross-entropy as one custom op: backward is (softmax − onehot) · upstream.
+  const nll = g.noGrad(() => {
+    const col = g.node('Unsqueeze', [targets, g.ints([1])], [{ dtype: DataType.INT64, shape: ['B*T', 1] }])[0];
+    const picked = g.node('GatherElements', [logp, col], [{ dtype: DataType.FLOAT, shape: ['B*T', 1] }], { axis: 1 })[0];
+    return g.node('Neg', [g.reshape(picked, [-1])], [{ dtype: DataType.FLOAT, shape: ['B*T'] }])[0];
+  });
+  g.custom([out.logits], [nll], ([gy]) => {
+    const probs = g.exp(logp);
+    const onehot = g.node('OneHot', [targets, g.scalar(V, DataType.INT64), g.floats([0, 1], [2])], [
+      { dtype: DataType.FLOAT, shape: out.logits.shape },
+    ])[0];
+    return [g.mul(g.sub(probs, onehot), g.unsqueeze(gy!, [1]))];
+  });
+  const weighted = g.mul(nll, wFlat);
+  const total = g.reduceSum(weighted, [0], false);
+
+  if (req.tokenLoss) {
+    emit(g.noGrad(() => g.reshape(nll, btShape, ['B', 'T'])), 'token_nll');
+    emit(g.noGrad(() => g.reduceSum(g.reshape(weighted, btShape, ['B', 'T']), [1], false)), 'loss');
+  }
+  const maskF = g.noGrad(() => g.cast(g.reshape(ctx.attentionMask, [-1]), DataType.FLOAT));
+  if (req.hidden) {
+    const d = out.hidden.shape[1] as number;
+    emit(
+      g.noGrad(() => {
+        const hm = g.mul(out.hidden, g.unsqueeze(maskF, [1]));
+        const h3 = g.reshape(hm, g.concatInts([btShape, g.ints([d])]), ['B', 'T', d]);
+        const sum = g.reduceSum(h3, [1], false);
+        const cnt = g.reduceSum(g.cast(ctx.attentionMask, DataType.FLOAT), [1], true);
+        return g.div(sum, cnt);
+      }),
+      'hidden_mean',
+    );
+  }
+  if (req.logits) emit(out.logits, 'logits');
+
+  const needModuleGrads = req.perToken || req.exampleGrads || req.covariance;
+  const wrt: Tensor[] = [];
+  if (needModuleGrads) wrt.push(...modules.map((m) => m.output));
+  if (req.paramGrads) wrt.push(...weights.tensors.values());
+  if (!wrt.length) return names;
+  const grads = g.grad(total, wrt);
+
+  if (needModuleGrads) {
+    for (const m of modules) {
+      const gy = grads.get(m.output.name) ?? g.noGrad(() => g.zerosLike(m.output));
+      g.noGrad(() => {
+        if (req.perToken) {
+          emit(m.input, `a.${m.name}`);
+          emit(gy, `g.${m.name}`);
+        }
+        if (!req.exampleGrads && !req.covariance) return;
+        // The bias is absorbed as an extra input feature fixed at 1.
+        const a = m.hasBias ? g.concat([m.input, onesColumn(g, m.input)], 1) : m.input;
+        const dIn = m.dIn + (m.hasBias ? 1 : 0);
+        if (req.exampleGrads) {
+          const a3 = g.reshape(a, g.concatInts([btShape, g.ints([dIn])]), ['B', 'T', dIn]);
+          const g3 = g.reshape(gy, g.concatInts([btShape, g.ints([m.dOut])]), ['B', 'T', m.dOut]);
+          emit(g.matmul(g.transpose(g3, [0, 2, 1]), a3), `G.${m.name}`);
+        }
+        if (req.covariance) {
+          const am = g.mul(a, g.unsqueeze(maskF, [1]));
+          emit(g.node('Gemm', [am, a], [{ dtype: DataType.FLOAT, shape: [dIn, dIn] }], { transA: 1 })[0], `A.${m.name}`);
+          emit(g.node('Gemm', [gy, gy], [{ dtype: DataType.FLOAT, shape: [m.dOut, m.dOut] }], { transA: 1 })[0], `S.${m.name}`);
+        }
+      });
+    }
+    if (req.covariance) emit(g.noGrad(() => g.reduceSum(maskF, [0], false)), 'token_count');
+  }
+  if (req.paramGrads)
+    for (const [name, t] of weights.tensors) {
+      const gp = grads.get(t.name);
+      emit(gp ?? g.noGrad(() => g.zerosLike(t)), `grad.${name}`);
+    }
+  return names;
+}
+
+/** [N, 1] ones, N taken from x's first dimension at run time. */
+function onesColumn(g: Graph, x: Tensor): Tensor {
+  const shape = g.concatInts([g.shapeOf(x, 0, 1), g.ints([1])]);
+  const one = new Uint8Array(new Float32Array([1]).buffer);
+  return g.node('ConstantOfShape', [shape], [{ dtype: DataType.FLOAT, shape: [x.shape[0], 1] }], {
+    value: { name: 'value', dataType: DataType.FLOAT, dims: [1], raw: one },
+  })[0];
+}
+
+export type RunResult = Record<string, ort.Tensor>;
+
+/** A compiled graph bound to an ORT session. */
+export class CompiledGraph {
+  constructor(
+    readonly session: ort.InferenceSession,
+    readonly outputNames: string[],
+    readonly modules: TrackedModule[],
+    /** parameter names to feed, when weights are graph inputs */
+    readonly paramInputs: Array<{ name: string; shape: number[] }> | null,
+  ) {}
+
+  get moduleInfo(): ModuleInfo[] {
+    return this.modules.map(({ name, kind, dIn, dOut, hasBias }) => ({ name, kind, dIn, dOut, hasBias }));
+  }
+
+  async run(
+    batch: Batch,
+    extra: { uniforms?: Float32Array; params?: Map<string, Float32Array>; outputs?: string[] } = {},
+  ): Promise<RunResult> {
+    const dims = [batch.B, batch.T];
+    const feeds: Record<string, ort.Tensor> = {
+      input_ids: new ort.Tensor('int64', batch.inputIds, dims),
+      attention_mask: new ort.Tensor('int64', batch.attentionMask, dims),
+      target_weights: new ort.Tensor('float32', batch.targetWeights, dims),
+    };
+    const inputs = new Set(this.session.inputNames);
+    if (inputs.has('target_ids')) feeds.target_ids = new ort.Tensor('int64', batch.targetIds, dims);
+    if (inputs.has('sample_uniform')) {
+      if (!extra.uniforms) throw new EngineError('this graph samples labels: pass `uniforms` (B·T numbers in [0,1))');
+      feeds.sample_uniform = new ort.Tensor('float32', extra.uniforms, dims);
+    }
+    if (this.paramInputs) {
+      if (!extra.params) throw new EngineError('this graph takes the weights as inputs: pass `params`');
+      for (const { name, shape } of this.paramInputs) {
+        const v = extra.params.get(name);
+        if (!v) throw new EngineError(`missing parameter ${name}`);
+        if (inputs.has(`p:${name}`)) feeds[`p:${name}`] = new ort.Tensor('float32', v, shape);
+      }
+    }
+    return this.session.run(feeds, extra.outputs ?? this.outputNames);
+  }
+}

@@ -1,0 +1,81 @@
+// The engine's graphs against PyTorch autograd (goldens from test/oracle/make_fixtures.py,
+// computed in float64): per-token loss, pooled hidden state, every module's a_t and g_t,
+// and the gradient of every parameter, on tiny random models of each architecture.
+import assert from 'node:assert/strict';
+import { existsSync } from 'node:fs';
+import { test } from 'node:test';
+import { type Batch, Model } from '../../src/server/model/engine';
+import { readSafetensorsHeader, readTensor, readTensorF32 } from '../../src/server/model/safetensors';
+import { useTempHome } from './helpers/env';
+
+const ARCHS = ['gpt2', 'gpt_neox', 'gpt_neox_seq', 'llama', 'qwen2', 'mistral'];
+const FIX = 'test/fixtures';
+const TOL = 1e-4;
+
+useTempHome();
+
+export function loadGolden(name: string) {
+  const h = readSafetensorsHeader(`${FIX}/golden/${name}.safetensors`);
+  const ids = readTensor(h, 'input_ids');
+  const [B, T] = ids.shape;
+  const batch: Batch = {
+    B,
+    T,
+    inputIds: ids.data as BigInt64Array,
+    attentionMask: readTensor(h, 'attention_mask').data as BigInt64Array,
+    targetIds: readTensor(h, 'target_ids').data as BigInt64Array,
+    targetWeights: readTensorF32(h, 'target_weights'),
+    lengths: [],
+  };
+  return { h, batch, get: (n: string) => readTensorF32(h, n), names: [...h.tensors.keys()] };
+}
+
+/** max |x − y| relative to max |y| (so tiny entries of a large tensor do not dominate) */
+export function relErr(x: ArrayLike<number>, y: ArrayLike<number>): number {
+  assert.equal(x.length, y.length, 'length mismatch');
+  let num = 0;
+  let den = 0;
+  for (let i = 0; i < y.length; i++) {
+    num = Math.max(num, Math.abs(x[i] - y[i]));
+    den = Math.max(den, Math.abs(y[i]));
+  }
+  return num / Math.max(den, 1e-12);
+}
+
+for (const arch of ARCHS) {
+  test(`golden: ${arch} matches PyTorch`, { skip: !existsSync(`${FIX}/golden/${arch}.safetensors`) }, async () => {
+    const model = Model.open(`${FIX}/models/${arch}`, { threads: 1, cacheDir: process.env.INFLUENCE_LENS_CACHE });
+    const gold = loadGolden(arch);
+    const graph = await model.compile({
+      tokenLoss: true,
+      hidden: true,
+      perToken: true,
+      paramGrads: true,
+      modules: 'all',
+    });
+    const out = await graph.run(gold.batch);
+    const check = (ours: string, theirs: string) => {
+      const e = relErr(out[ours].data as Float32Array, gold.get(theirs));
+      assert.ok(e <= TOL, `${arch} ${theirs}: relative error ${e.toExponential(2)} > ${TOL}`);
+    };
+    check('token_nll', 'token_nll');
+    check('loss', 'loss');
+    check('hidden_mean', 'hidden_mean');
+    let nMod = 0;
+    let nGrad = 0;
+    for (const name of gold.names) {
+      if (name.startsWith('a.') || name.startsWith('g.')) {
+        assert.ok(out[name], `${arch}: engine does not track module ${name.slice(2)}`);
+        check(name, name);
+        nMod++;
+      } else if (name.startsWith('grad.')) {
+        assert.ok(out[name], `${arch}: engine has no gradient for ${name.slice(5)}`);
+        check(name, name);
+        nGrad++;
+      }
+    }
+    // every module and every parameter of the checkpoint is covered by the goldens
+    assert.equal(nMod / 2, graph.modules.length, 'tracked modules vs golden modules');
+    assert.equal(nGrad, model.parameters().length, 'parameters vs golden gradients');
+  });
+}
