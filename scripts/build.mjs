@@ -1,8 +1,9 @@
 // Bundles the CLI/server and the VS Code extension with esbuild.
 // Native modules (onnxruntime-node, koffi) and `vscode` stay external: they are
 // loaded from node_modules / the editor at run time.
-import { build } from 'esbuild';
+
 import { existsSync } from 'node:fs';
+import { build } from 'esbuild';
 
 const external = ['onnxruntime-node', 'koffi', 'vscode'];
 const common = { bundle: true, platform: 'node', target: 'node20', sourcemap: true, external, logLevel: 'warning' };

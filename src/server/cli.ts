@@ -9,7 +9,8 @@ const COMMANDS: Record<string, { run: (argv: string[]) => Promise<void>; help: s
   inspect: { run: runInspect, help: 'inspect <model-dir>            architecture, parameters, tracked modules' },
   gradients: {
     run: runGradients,
-    help: 'gradients --model <dir> (--text T | --prompt P --completion C) --out <file.safetensors>\n' +
+    help:
+      'gradients --model <dir> (--text T | --prompt P --completion C) --out <file.safetensors>\n' +
       '                                 per-token module inputs a and output gradients g',
   },
   bench: { run: runBench, help: 'bench engine [--quick]         speed and memory of the model engine' },

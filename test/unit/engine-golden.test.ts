@@ -4,43 +4,15 @@
 import assert from 'node:assert/strict';
 import { existsSync } from 'node:fs';
 import { test } from 'node:test';
-import { type Batch, Model } from '../../src/server/model/engine';
-import { readSafetensorsHeader, readTensor, readTensorF32 } from '../../src/server/model/safetensors';
+import { Model } from '../../src/server/model/engine';
 import { useTempHome } from './helpers/env';
+import { loadGolden, relErr } from './helpers/golden';
 
 const ARCHS = ['gpt2', 'gpt_neox', 'gpt_neox_seq', 'llama', 'qwen2', 'mistral'];
 const FIX = 'test/fixtures';
 const TOL = 1e-4;
 
 useTempHome();
-
-export function loadGolden(name: string) {
-  const h = readSafetensorsHeader(`${FIX}/golden/${name}.safetensors`);
-  const ids = readTensor(h, 'input_ids');
-  const [B, T] = ids.shape;
-  const batch: Batch = {
-    B,
-    T,
-    inputIds: ids.data as BigInt64Array,
-    attentionMask: readTensor(h, 'attention_mask').data as BigInt64Array,
-    targetIds: readTensor(h, 'target_ids').data as BigInt64Array,
-    targetWeights: readTensorF32(h, 'target_weights'),
-    lengths: [],
-  };
-  return { h, batch, get: (n: string) => readTensorF32(h, n), names: [...h.tensors.keys()] };
-}
-
-/** max |x − y| relative to max |y| (so tiny entries of a large tensor do not dominate) */
-export function relErr(x: ArrayLike<number>, y: ArrayLike<number>): number {
-  assert.equal(x.length, y.length, 'length mismatch');
-  let num = 0;
-  let den = 0;
-  for (let i = 0; i < y.length; i++) {
-    num = Math.max(num, Math.abs(x[i] - y[i]));
-    den = Math.max(den, Math.abs(y[i]));
-  }
-  return num / Math.max(den, 1e-12);
-}
 
 for (const arch of ARCHS) {
   test(`golden: ${arch} matches PyTorch`, { skip: !existsSync(`${FIX}/golden/${arch}.safetensors`) }, async () => {

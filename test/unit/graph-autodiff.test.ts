@@ -79,17 +79,52 @@ async function check(c: Case): Promise<void> {
 
 const cases: Case[] = [
   { name: 'add broadcast', shapes: [[2, 3], [3]], fn: (g, [a, b]) => g.add(a, b) },
-  { name: 'sub broadcast', shapes: [[2, 1, 3], [4, 1]], fn: (g, [a, b]) => g.sub(a, b) },
-  { name: 'mul broadcast', shapes: [[2, 3], [2, 1]], fn: (g, [a, b]) => g.mul(a, b) },
+  {
+    name: 'sub broadcast',
+    shapes: [
+      [2, 1, 3],
+      [4, 1],
+    ],
+    fn: (g, [a, b]) => g.sub(a, b),
+  },
+  {
+    name: 'mul broadcast',
+    shapes: [
+      [2, 3],
+      [2, 1],
+    ],
+    fn: (g, [a, b]) => g.mul(a, b),
+  },
   { name: 'div', shapes: [[2, 3], [3]], fn: (g, [a, b]) => g.div(a, b), positive: true },
   { name: 'exp/log/sqrt', shapes: [[5]], fn: (g, [a]) => g.add(g.exp(a), g.mul(g.log(a), g.sqrt(a))), positive: true },
   { name: 'tanh/sigmoid', shapes: [[6]], fn: (g, [a]) => g.mul(g.tanh(a), g.sigmoid(a)) },
   { name: 'pow', shapes: [[4]], fn: (g, [a]) => g.pow(a, 3) },
   { name: 'erf (fp32)', shapes: [[6]], fn: (g, [a]) => g.erf(a), dtype: DataType.FLOAT },
-  { name: 'matmul batched', shapes: [[2, 3, 4], [2, 4, 2]], fn: (g, [a, b]) => g.matmul(a, b) },
-  { name: 'matmul broadcast', shapes: [[2, 3, 4], [4, 2]], fn: (g, [a, b]) => g.matmul(a, b) },
+  {
+    name: 'matmul batched',
+    shapes: [
+      [2, 3, 4],
+      [2, 4, 2],
+    ],
+    fn: (g, [a, b]) => g.matmul(a, b),
+  },
+  {
+    name: 'matmul broadcast',
+    shapes: [
+      [2, 3, 4],
+      [4, 2],
+    ],
+    fn: (g, [a, b]) => g.matmul(a, b),
+  },
   { name: 'gemm transB + bias', shapes: [[3, 4], [5, 4], [5]], fn: (g, [a, b, c]) => g.gemm(a, b, c, true) },
-  { name: 'gemm', shapes: [[3, 4], [4, 5]], fn: (g, [a, b]) => g.gemm(a, b, null, false) },
+  {
+    name: 'gemm',
+    shapes: [
+      [3, 4],
+      [4, 5],
+    ],
+    fn: (g, [a, b]) => g.gemm(a, b, null, false),
+  },
   { name: 'reshape/transpose', shapes: [[2, 6]], fn: (g, [a]) => g.transpose(g.reshape(a, [0, 2, 3]), [2, 0, 1]) },
   { name: 'softmax', shapes: [[2, 5]], fn: (g, [a]) => g.softmax(a, -1) },
   { name: 'logSoftmax', shapes: [[2, 5]], fn: (g, [a]) => g.logSoftmax(a, -1) },

@@ -6,10 +6,10 @@
 import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
 import { cpus, hostname } from 'node:os';
 import { join } from 'node:path';
-import { defaultCacheDir, makeBatch, Model } from '../model/engine';
+import { defaultCacheDir, Model, makeBatch } from '../model/engine';
 import { DataType, Graph } from '../model/onnx/graph';
 import { createSession, ort } from '../model/onnx/session';
-import { writeSafetensors, type TensorToWrite } from '../model/safetensors';
+import { type TensorToWrite, writeSafetensors } from '../model/safetensors';
 import { Rng } from '../util/random';
 import { CliError, int, parse } from './util';
 
@@ -158,10 +158,7 @@ async function benchEngine(argv: string[]): Promise<void> {
   const med = times[Math.floor(times.length / 2)];
   const achieved = flops / (med / 1000) / 1e9;
   log('measuring ORT GEMM rate...');
-  const gemm = Math.max(
-    await gemmRate(N, d, 4 * d, threads, reps),
-    await gemmRate(N, 4 * d, d, threads, reps),
-  );
+  const gemm = Math.max(await gemmRate(N, d, 4 * d, threads, reps), await gemmRate(N, 4 * d, d, threads, reps));
   const report = {
     suite: 'engine',
     date: new Date().toISOString(),

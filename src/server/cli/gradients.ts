@@ -3,8 +3,8 @@
 //   <module>.a [T, d_in], <module>.g [T, d_out], token_nll [T], input_ids [T],
 //   target_ids [T], target_weights [T]   (position t predicts token t+1)
 import { targetWeightsFromOffsets } from '../data/format';
-import { makeBatch, Model } from '../model/engine';
-import { writeSafetensors, type TensorToWrite } from '../model/safetensors';
+import { Model, makeBatch } from '../model/engine';
+import { type TensorToWrite, writeSafetensors } from '../model/safetensors';
 import { Rng } from '../util/random';
 import { CliError, int, oneOf, parse } from './util';
 
@@ -38,7 +38,13 @@ export async function runGradients(argv: string[]): Promise<void> {
   const weights = targetWeightsFromOffsets(enc.offsets, spans);
   if (!weights.some((w) => w > 0)) throw new CliError('no token to score: the completion is empty after tokenization');
   const batch = makeBatch([{ ids: enc.ids, weights }], model.tokenizer.padTokenId ?? 0);
-  const graph = await model.compile({ labels, modules, perToken: true, tokenLoss: true, sampledIds: labels === 'sampled' });
+  const graph = await model.compile({
+    labels,
+    modules,
+    perToken: true,
+    tokenLoss: true,
+    sampledIds: labels === 'sampled',
+  });
   const out = await graph.run(batch, { uniforms: labels === 'sampled' ? new Rng(seed).uniforms(batch.T) : undefined });
 
   const T = batch.T;

@@ -22,7 +22,8 @@ export async function runInspect(argv: string[]): Promise<void> {
     `parameters:   ${count.toLocaleString('en-US')} in ${params.length} tensors (${(model.checkpoint.totalBytes / 2 ** 20).toFixed(1)} MiB on disk)`,
     `tracked modules (${modules.length}; "mlp" selects ${modules.filter((m) => m.kind === 'mlp').length}):`,
     ...modules.map(
-      (m) => `  ${m.name.padEnd(48)} ${m.kind.padEnd(9)} ${`${m.dOut} × ${m.dIn}`.padEnd(12)}${m.hasBias ? ' +bias' : ''}`,
+      (m) =>
+        `  ${m.name.padEnd(48)} ${m.kind.padEnd(9)} ${`${m.dOut} × ${m.dIn}`.padEnd(12)}${m.hasBias ? ' +bias' : ''}`,
     ),
   ];
   process.stdout.write(`${lines.join('\n')}\n`);

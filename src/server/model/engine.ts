@@ -39,6 +39,12 @@ export interface GraphRequest {
   exampleGrads?: boolean;
   /** `A.<module>` = Σ a aᵀ and `S.<module>` = Σ g gᵀ over real tokens (a with the bias 1 appended), `token_count` */
   covariance?: boolean;
+  /** `L.<module>` [dOut, dIn'] = Σ_b (Q_Sᵀ G_b Q_A)², with inputs `QA.<module>`, `QS.<module>` (EK-FAC Λ) */
+  lambda?: boolean;
+  /** with inputs `M.<module>` [Q, dOut, dIn'] (preconditioned query gradients): `score.<module>` [B, Q] = ⟨M_q, G_b⟩ and `scores` (summed) */
+  scores?: boolean;
+  /** with the same inputs: `token_scores` [Q, B, T], c_t = Σ_modules g_tᵀ M_q a_t (sums to `scores` over t) */
+  tokenScores?: boolean;
   /** `grad.<param>` for every parameter */
   paramGrads?: boolean;
   /** `sampled_ids` [B, T]: the labels drawn when labels = 'sampled' */
@@ -60,6 +66,8 @@ export interface EngineOptions {
    *  'inputs': weights are graph inputs fed on every run (training). */
   weights?: 'mapped' | 'inputs';
   cacheDir?: string;
+  /** 'fp64' builds every graph in double precision (finite-difference checks, ground truths). */
+  precision?: 'fp32' | 'fp64';
 }
 
 export interface Sequence {
@@ -181,15 +189,17 @@ export class Model {
   }
 
   private async compileNow(req: GraphRequest, mode: 'mapped' | 'inputs', key: string): Promise<CompiledGraph> {
-    const g = new Graph();
+    const g = new Graph(this.options.precision === 'fp64' ? DataType.DOUBLE : DataType.FLOAT);
     const { ctx, out, weights, modules: all } = this.buildForward(g, mode);
     const modules = select(all, req.modules ?? 'all');
     const outputs = buildOutputs(g, ctx, out, modules, weights, req);
     const bytes = g.encode();
     const session = await this.createSessionFor(bytes, key);
     const paramInputs =
-      mode === 'inputs' ? weights.inputNames.map((n) => ({ name: n, shape: this.checkpoint.weights.get(n)!.shape })) : null;
-    return new CompiledGraph(session, outputs, modules, paramInputs);
+      mode === 'inputs'
+        ? weights.inputNames.map((n) => ({ name: n, shape: this.checkpoint.weights.get(n)!.shape }))
+        : null;
+    return new CompiledGraph(session, outputs, modules, paramInputs, g.float === DataType.DOUBLE);
   }
 
   private async createSessionFor(bytes: Uint8Array, key: string): Promise<ort.InferenceSession> {
@@ -251,7 +261,7 @@ export class Model {
         if (dt === undefined) throw new EngineError(`${ref.file}: tensor ${n} has unsupported dtype ${ref.dtype}`);
         const location = names.get(ref.file)!;
         t = g.initializer(`p:${n}`, dt, ref.shape, { location, offset: ref.byteOffset, length: ref.byteLength });
-        if (dt !== DataType.FLOAT) t = g.cast(t, DataType.FLOAT);
+        if (dt !== g.float) t = g.cast(t, g.float);
         tensors.set(n, t);
         return t;
       },
@@ -286,7 +296,7 @@ function inputWeights(g: Graph, ck: Checkpoint): Weights {
       get: (n) => {
         let t = tensors.get(n);
         if (!t) {
-          t = g.input(`p:${n}`, DataType.FLOAT, weightRef(ck, n).shape);
+          t = g.input(`p:${n}`, g.float, weightRef(ck, n).shape);
           tensors.set(n, t);
           inputNames.push(n);
         }
@@ -320,24 +330,35 @@ function buildOutputs(
   };
   const V = out.logits.shape[1] as number;
   const btShape = ctx.bt;
-  const weightsIn = g.input('target_weights', DataType.FLOAT, ['B', 'T']);
+  const weightsIn = g.input('target_weights', g.float, ['B', 'T']);
   const wFlat = g.noGrad(() => g.reshape(weightsIn, [-1]));
-  const logp = g.noGrad(() => g.node('LogSoftmax', [out.logits], [{ dtype: DataType.FLOAT, shape: out.logits.shape }], { axis: 1 })[0]);
+  const logp = g.noGrad(
+    () => g.node('LogSoftmax', [out.logits], [{ dtype: g.float, shape: out.logits.shape }], { axis: 1 })[0],
+  );
 
   // Labels: from the data, or drawn from the model's own predictive distribution
   // (inverse-CDF sampling with uniforms fed from JS, so the seed lives in one place).
   let targets: Tensor;
   if (req.labels === 'sampled') {
-    const u = g.input('sample_uniform', DataType.FLOAT, ['B', 'T']);
+    const u = g.input('sample_uniform', g.float, ['B', 'T']);
     targets = g.noGrad(() => {
-      const probs = g.node('Exp', [logp], [{ dtype: DataType.FLOAT, shape: logp.shape }])[0];
-      const cdf = g.node('CumSum', [probs, g.scalar(1, DataType.INT64)], [{ dtype: DataType.FLOAT, shape: logp.shape }])[0];
-      const uCol = g.node('Reshape', [u, g.ints([-1, 1])], [{ dtype: DataType.FLOAT, shape: ['B*T', 1] }])[0];
-      const below = g.cast(g.node('Less', [cdf, uCol], [{ dtype: DataType.BOOL, shape: logp.shape }])[0], DataType.INT64);
-      const count = g.node('ReduceSum', [below, g.ints([1])], [{ dtype: DataType.INT64, shape: ['B*T'] }], { keepdims: 0 })[0];
+      const probs = g.node('Exp', [logp], [{ dtype: g.float, shape: logp.shape }])[0];
+      const cdf = g.node('CumSum', [probs, g.scalar(1, DataType.INT64)], [{ dtype: g.float, shape: logp.shape }])[0];
+      const uCol = g.node('Reshape', [u, g.ints([-1, 1])], [{ dtype: g.float, shape: ['B*T', 1] }])[0];
+      const below = g.cast(
+        g.node('Less', [cdf, uCol], [{ dtype: DataType.BOOL, shape: logp.shape }])[0],
+        DataType.INT64,
+      );
+      const count = g.node('ReduceSum', [below, g.ints([1])], [{ dtype: DataType.INT64, shape: ['B*T'] }], {
+        keepdims: 0,
+      })[0];
       return g.node('Min', [count, g.scalar(V - 1, DataType.INT64)], [{ dtype: DataType.INT64, shape: ['B*T'] }])[0];
     });
-    if (req.sampledIds) emit(g.noGrad(() => g.reshape(targets, btShape, ['B', 'T'])), 'sampled_ids');
+    if (req.sampledIds)
+      emit(
+        g.noGrad(() => g.reshape(targets, btShape, ['B', 'T'])),
+        'sampled_ids',
+      );
   } else {
     const t = g.input('target_ids', DataType.INT64, ['B', 'T']);
     targets = g.noGrad(() => g.reshape(t, [-1]));
@@ -346,24 +367,32 @@ function buildOutputs(
   // Cross-entropy as one custom op: backward is (softmax − onehot) · upstream.
   const nll = g.noGrad(() => {
     const col = g.node('Unsqueeze', [targets, g.ints([1])], [{ dtype: DataType.INT64, shape: ['B*T', 1] }])[0];
-    const picked = g.node('GatherElements', [logp, col], [{ dtype: DataType.FLOAT, shape: ['B*T', 1] }], { axis: 1 })[0];
-    return g.node('Neg', [g.reshape(picked, [-1])], [{ dtype: DataType.FLOAT, shape: ['B*T'] }])[0];
+    const picked = g.node('GatherElements', [logp, col], [{ dtype: g.float, shape: ['B*T', 1] }], { axis: 1 })[0];
+    return g.node('Neg', [g.reshape(picked, [-1])], [{ dtype: g.float, shape: ['B*T'] }])[0];
   });
   g.custom([out.logits], [nll], ([gy]) => {
     const probs = g.exp(logp);
-    const onehot = g.node('OneHot', [targets, g.scalar(V, DataType.INT64), g.floats([0, 1], [2])], [
-      { dtype: DataType.FLOAT, shape: out.logits.shape },
-    ])[0];
+    const onehot = g.node(
+      'OneHot',
+      [targets, g.scalar(V, DataType.INT64), g.floats([0, 1], [2])],
+      [{ dtype: g.float, shape: out.logits.shape }],
+    )[0];
     return [g.mul(g.sub(probs, onehot), g.unsqueeze(gy!, [1]))];
   });
   const weighted = g.mul(nll, wFlat);
   const total = g.reduceSum(weighted, [0], false);
 
   if (req.tokenLoss) {
-    emit(g.noGrad(() => g.reshape(nll, btShape, ['B', 'T'])), 'token_nll');
-    emit(g.noGrad(() => g.reduceSum(g.reshape(weighted, btShape, ['B', 'T']), [1], false)), 'loss');
+    emit(
+      g.noGrad(() => g.reshape(nll, btShape, ['B', 'T'])),
+      'token_nll',
+    );
+    emit(
+      g.noGrad(() => g.reduceSum(g.reshape(weighted, btShape, ['B', 'T']), [1], false)),
+      'loss',
+    );
   }
-  const maskF = g.noGrad(() => g.cast(g.reshape(ctx.attentionMask, [-1]), DataType.FLOAT));
+  const maskF = g.noGrad(() => g.cast(g.reshape(ctx.attentionMask, [-1]), g.float));
   if (req.hidden) {
     const d = out.hidden.shape[1] as number;
     emit(
@@ -371,7 +400,7 @@ function buildOutputs(
         const hm = g.mul(out.hidden, g.unsqueeze(maskF, [1]));
         const h3 = g.reshape(hm, g.concatInts([btShape, g.ints([d])]), ['B', 'T', d]);
         const sum = g.reduceSum(h3, [1], false);
-        const cnt = g.reduceSum(g.cast(ctx.attentionMask, DataType.FLOAT), [1], true);
+        const cnt = g.reduceSum(g.cast(ctx.attentionMask, g.float), [1], true);
         return g.div(sum, cnt);
       }),
       'hidden_mean',
@@ -379,7 +408,8 @@ function buildOutputs(
   }
   if (req.logits) emit(out.logits, 'logits');
 
-  const needModuleGrads = req.perToken || req.exampleGrads || req.covariance;
+  const needG = req.exampleGrads || req.lambda || req.scores;
+  const needModuleGrads = req.perToken || req.covariance || req.tokenScores || needG;
   const wrt: Tensor[] = [];
   if (needModuleGrads) wrt.push(...modules.map((m) => m.output));
   if (req.paramGrads) wrt.push(...weights.tensors.values());
@@ -387,6 +417,8 @@ function buildOutputs(
   const grads = g.grad(total, wrt);
 
   if (needModuleGrads) {
+    let scoreSum: Tensor | null = null;
+    let tokenSum: Tensor | null = null;
     for (const m of modules) {
       const gy = grads.get(m.output.name) ?? g.noGrad(() => g.zerosLike(m.output));
       g.noGrad(() => {
@@ -394,23 +426,50 @@ function buildOutputs(
           emit(m.input, `a.${m.name}`);
           emit(gy, `g.${m.name}`);
         }
-        if (!req.exampleGrads && !req.covariance) return;
         // The bias is absorbed as an extra input feature fixed at 1.
         const a = m.hasBias ? g.concat([m.input, onesColumn(g, m.input)], 1) : m.input;
         const dIn = m.dIn + (m.hasBias ? 1 : 0);
-        if (req.exampleGrads) {
-          const a3 = g.reshape(a, g.concatInts([btShape, g.ints([dIn])]), ['B', 'T', dIn]);
-          const g3 = g.reshape(gy, g.concatInts([btShape, g.ints([m.dOut])]), ['B', 'T', m.dOut]);
-          emit(g.matmul(g.transpose(g3, [0, 2, 1]), a3), `G.${m.name}`);
-        }
         if (req.covariance) {
           const am = g.mul(a, g.unsqueeze(maskF, [1]));
-          emit(g.node('Gemm', [am, a], [{ dtype: DataType.FLOAT, shape: [dIn, dIn] }], { transA: 1 })[0], `A.${m.name}`);
-          emit(g.node('Gemm', [gy, gy], [{ dtype: DataType.FLOAT, shape: [m.dOut, m.dOut] }], { transA: 1 })[0], `S.${m.name}`);
+          emit(g.node('Gemm', [am, a], [{ dtype: g.float, shape: [dIn, dIn] }], { transA: 1 })[0], `A.${m.name}`);
+          const S = g.node('Gemm', [gy, gy], [{ dtype: g.float, shape: [m.dOut, m.dOut] }], { transA: 1 })[0];
+          emit(S, `S.${m.name}`);
+        }
+        const M = req.scores || req.tokenScores ? g.input(`M.${m.name}`, g.float, ['Q', m.dOut, dIn]) : null;
+        if (M && req.tokenScores) {
+          // c[q, t] = g_tᵀ M_q a_t : the training-side token heatmap, summed over modules
+          const gM = g.matmul(g.unsqueeze(gy, [0]), M); // [Q, N, dIn]
+          const c = g.reduceSum(g.mul(gM, a), [2], false); // [Q, N]
+          tokenSum = tokenSum ? g.add(tokenSum, c) : c;
+        }
+        if (!needG) return;
+        const a3 = g.reshape(a, g.concatInts([btShape, g.ints([dIn])]), ['B', 'T', dIn]);
+        const g3 = g.reshape(gy, g.concatInts([btShape, g.ints([m.dOut])]), ['B', 'T', m.dOut]);
+        const G = g.matmul(g.transpose(g3, [0, 2, 1]), a3); // [B, dOut, dIn] = Σ_t g_t a_tᵀ
+        if (req.exampleGrads) emit(G, `G.${m.name}`);
+        if (req.lambda) {
+          // EK-FAC eigenvalue correction: Σ_b (Q_Sᵀ G_b Q_A)² without G leaving the graph
+          const QA = g.input(`QA.${m.name}`, g.float, [dIn, dIn]);
+          const QS = g.input(`QS.${m.name}`, g.float, [m.dOut, m.dOut]);
+          const rot = g.matmul(g.matmul(g.transpose(QS, [1, 0]), G), QA);
+          emit(g.reduceSum(g.mul(rot, rot), [0], false), `L.${m.name}`);
+        }
+        if (M && req.scores) {
+          // ⟨M_q, G_b⟩ for every candidate b and query q
+          const G2 = g.reshape(G, [-1, m.dOut * dIn]);
+          const M2 = g.reshape(M, [-1, m.dOut * dIn]);
+          const sc = g.node('Gemm', [G2, M2], [{ dtype: g.float, shape: ['B', 'Q'] }], { transB: 1 })[0];
+          emit(sc, `score.${m.name}`);
+          scoreSum = scoreSum ? g.add(scoreSum, sc) : sc;
         }
       });
     }
     if (req.covariance) emit(g.noGrad(() => g.reduceSum(maskF, [0], false)), 'token_count');
+    if (scoreSum) emit(scoreSum, 'scores');
+    if (tokenSum) {
+      const ts = tokenSum as Tensor;
+      emit(g.noGrad(() => g.reshape(ts, g.concatInts([g.ints([-1]), btShape]), ['Q', 'B', 'T'])), 'token_scores');
+    }
   }
   if (req.paramGrads)
     for (const [name, t] of weights.tensors) {
@@ -423,9 +482,9 @@ function buildOutputs(
 /** [N, 1] ones, N taken from x's first dimension at run time. */
 function onesColumn(g: Graph, x: Tensor): Tensor {
   const shape = g.concatInts([g.shapeOf(x, 0, 1), g.ints([1])]);
-  const one = new Uint8Array(new Float32Array([1]).buffer);
-  return g.node('ConstantOfShape', [shape], [{ dtype: DataType.FLOAT, shape: [x.shape[0], 1] }], {
-    value: { name: 'value', dataType: DataType.FLOAT, dims: [1], raw: one },
+  const one = new Uint8Array((g.float === DataType.DOUBLE ? new Float64Array([1]) : new Float32Array([1])).buffer);
+  return g.node('ConstantOfShape', [shape], [{ dtype: g.float, shape: [x.shape[0], 1] }], {
+    value: { name: 'value', dataType: g.float, dims: [1], raw: one },
   })[0];
 }
 
@@ -439,6 +498,7 @@ export class CompiledGraph {
     readonly modules: TrackedModule[],
     /** parameter names to feed, when weights are graph inputs */
     readonly paramInputs: Array<{ name: string; shape: number[] }> | null,
+    readonly fp64 = false,
   ) {}
 
   get moduleInfo(): ModuleInfo[] {
@@ -447,28 +507,45 @@ export class CompiledGraph {
 
   async run(
     batch: Batch,
-    extra: { uniforms?: Float32Array; params?: Map<string, Float32Array>; outputs?: string[] } = {},
+    extra: {
+      uniforms?: Float32Array;
+      params?: Map<string, Float32Array | Float64Array>;
+      /** extra graph inputs by name: `M.<module>`, `QA.<module>`, `QS.<module>` */
+      feeds?: Record<string, ort.Tensor>;
+      outputs?: string[];
+    } = {},
   ): Promise<RunResult> {
     const dims = [batch.B, batch.T];
+    const fp64 = this.fp64;
+    // Feed floats in the graph's precision, converting only when the caller's array differs.
+    const float = (v: Float32Array | Float64Array, shape: number[]) =>
+      fp64
+        ? new ort.Tensor('float64', v instanceof Float64Array ? v : Float64Array.from(v), shape)
+        : new ort.Tensor('float32', v instanceof Float32Array ? v : Float32Array.from(v), shape);
     const feeds: Record<string, ort.Tensor> = {
       input_ids: new ort.Tensor('int64', batch.inputIds, dims),
       attention_mask: new ort.Tensor('int64', batch.attentionMask, dims),
-      target_weights: new ort.Tensor('float32', batch.targetWeights, dims),
+      target_weights: float(batch.targetWeights, dims),
     };
     const inputs = new Set(this.session.inputNames);
     if (inputs.has('target_ids')) feeds.target_ids = new ort.Tensor('int64', batch.targetIds, dims);
     if (inputs.has('sample_uniform')) {
       if (!extra.uniforms) throw new EngineError('this graph samples labels: pass `uniforms` (B·T numbers in [0,1))');
-      feeds.sample_uniform = new ort.Tensor('float32', extra.uniforms, dims);
+      feeds.sample_uniform = float(extra.uniforms, dims);
     }
     if (this.paramInputs) {
       if (!extra.params) throw new EngineError('this graph takes the weights as inputs: pass `params`');
       for (const { name, shape } of this.paramInputs) {
         const v = extra.params.get(name);
         if (!v) throw new EngineError(`missing parameter ${name}`);
-        if (inputs.has(`p:${name}`)) feeds[`p:${name}`] = new ort.Tensor('float32', v, shape);
+        if (inputs.has(`p:${name}`)) feeds[`p:${name}`] = float(v, shape);
       }
     }
+    for (const [k, t] of Object.entries(extra.feeds ?? {})) {
+      if (!inputs.has(k)) throw new EngineError(`this graph has no input "${k}"`);
+      feeds[k] = t;
+    }
+    for (const k of inputs) if (!(k in feeds)) throw new EngineError(`missing graph input "${k}"`);
     return this.session.run(feeds, extra.outputs ?? this.outputNames);
   }
 }

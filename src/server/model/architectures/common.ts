@@ -161,7 +161,10 @@ export function ropeTables(ctx: BuildContext, rotDim: number, theta: number, sca
   }
   return g.noGrad(() => {
     const pos = positions(ctx);
-    const posF = g.cast(g.node('Unsqueeze', [pos, g.ints([1])], [{ dtype: DataType.INT64, shape: ['T', 1] }])[0], g.float);
+    const posF = g.cast(
+      g.node('Unsqueeze', [pos, g.ints([1])], [{ dtype: DataType.INT64, shape: ['T', 1] }])[0],
+      g.float,
+    );
     // Compute the angles in float64 precision on the JS side is impossible for dynamic T, so
     // match PyTorch: fp32 positions × fp32 inverse frequencies.
     const freqs = g.node('Mul', [posF, g.floats(invFreq, [1, half])], [{ dtype: g.float, shape: ['T', half] }])[0];
@@ -176,10 +179,16 @@ export function ropeTables(ctx: BuildContext, rotDim: number, theta: number, sca
 export function positions(ctx: BuildContext): Tensor {
   const { g } = ctx;
   return g.noGrad(() => {
-    const t = g.node('Squeeze', [g.shapeOf(ctx.inputIds, 1, 2), g.ints([0])], [{ dtype: DataType.INT64, shape: [] }])[0];
-    return g.node('Range', [g.scalar(0, DataType.INT64), t, g.scalar(1, DataType.INT64)], [
-      { dtype: DataType.INT64, shape: ['T'] },
-    ])[0];
+    const t = g.node(
+      'Squeeze',
+      [g.shapeOf(ctx.inputIds, 1, 2), g.ints([0])],
+      [{ dtype: DataType.INT64, shape: [] }],
+    )[0];
+    return g.node(
+      'Range',
+      [g.scalar(0, DataType.INT64), t, g.scalar(1, DataType.INT64)],
+      [{ dtype: DataType.INT64, shape: ['T'] }],
+    )[0];
   });
 }
 
@@ -207,7 +216,11 @@ export function attentionBias(ctx: BuildContext, slidingWindow?: number): Tensor
     let allowed = g.node('LessOrEqual', [kj, qi], [{ dtype: B, shape: ['T', 'T'] }])[0];
     if (slidingWindow) {
       const dist = g.node('Sub', [qi, kj], [{ dtype: DataType.INT64, shape: ['T', 'T'] }])[0];
-      const near = g.node('Less', [dist, g.scalar(slidingWindow, DataType.INT64)], [{ dtype: B, shape: ['T', 'T'] }])[0];
+      const near = g.node(
+        'Less',
+        [dist, g.scalar(slidingWindow, DataType.INT64)],
+        [{ dtype: B, shape: ['T', 'T'] }],
+      )[0];
       allowed = g.node('And', [allowed, near], [{ dtype: B, shape: ['T', 'T'] }])[0];
     }
     const keyReal = g.node('Cast', [ctx.attentionMask], [{ dtype: B, shape: ['B', 'T'] }], { to: B })[0];
@@ -235,7 +248,8 @@ export interface AttentionSpec {
 export function attention(ctx: BuildContext, q: Tensor, k: Tensor, v: Tensor, s: AttentionSpec): Tensor {
   const { g, bt } = ctx;
   const rep = s.nHeads / s.nKv;
-  if (!Number.isInteger(rep)) throw new ConfigError(`num_attention_heads ${s.nHeads} is not a multiple of kv heads ${s.nKv}`);
+  if (!Number.isInteger(rep))
+    throw new ConfigError(`num_attention_heads ${s.nHeads} is not a multiple of kv heads ${s.nKv}`);
   const hd = s.headDim;
   const qShape = g.noGrad(() => g.concatInts([bt, g.ints([s.nKv, rep, hd])]));
   const kShape = g.noGrad(() => g.concatInts([bt, g.ints([s.nKv, 1, hd])]));
@@ -257,6 +271,8 @@ export function attention(ctx: BuildContext, q: Tensor, k: Tensor, v: Tensor, s:
 /** Token embedding lookup for the flattened [N] ids. */
 export function embed(ctx: BuildContext, table: string): Tensor {
   const { g } = ctx;
-  const ids = g.noGrad(() => g.node('Reshape', [ctx.inputIds, g.ints([-1])], [{ dtype: DataType.INT64, shape: ['B*T'] }])[0]);
+  const ids = g.noGrad(
+    () => g.node('Reshape', [ctx.inputIds, g.ints([-1])], [{ dtype: DataType.INT64, shape: ['B*T'] }])[0],
+  );
   return g.gatherRows(ctx.w.get(table), ids);
 }

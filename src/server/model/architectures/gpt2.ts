@@ -2,12 +2,12 @@
 // c_attn producing q|k|v, tanh-GELU MLP, unembedding tied to the token embedding.
 import {
   type Architecture,
+  activation,
   attention,
   attentionBias,
   type BuildContext,
   type Config,
   ConfigError,
-  activation,
   embed,
   layerNorm,
   linear,
@@ -26,7 +26,9 @@ export const gpt2: Architecture = {
     const eps = num(c, ['layer_norm_epsilon'], 1e-5);
     const act = String(c.activation_function ?? 'gelu_new');
     if (c.scale_attn_by_inverse_layer_idx || c.reorder_and_upcast_attn)
-      throw new ConfigError('GPT-2 options scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn are not supported');
+      throw new ConfigError(
+        'GPT-2 options scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn are not supported',
+      );
     const scaleAttn = c.scale_attn_weights !== false;
     const bias = attentionBias(ctx);
     const pos = g.gatherRows(w.get('transformer.wpe.weight'), positions(ctx)); // [T, d]

@@ -1,8 +1,8 @@
 // model_type → graph builder. Add an architecture by writing a builder from the shared
 // blocks in common.ts and listing it here.
 import { type Architecture, ConfigError } from './common';
-import { gpt2 } from './gpt2';
 import { gptNeox } from './gpt-neox';
+import { gpt2 } from './gpt2';
 import { llama } from './llama';
 
 export const ARCHITECTURES: readonly Architecture[] = [gpt2, gptNeox, llama];

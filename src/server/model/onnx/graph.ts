@@ -353,9 +353,13 @@ export class Graph {
 
   erf(x: Tensor): Tensor {
     // d/dx erf(x) = 2/sqrt(pi) * exp(-x^2)
-    return this.unary('Erf', x, (gy) =>
-      this.mul(gy, this.mul(this.scalar(2 / Math.sqrt(Math.PI)), this.exp(this.neg(this.mul(x, x))))),
-    );
+    const backward = (gy: Tensor) =>
+      this.mul(gy, this.mul(this.scalar(2 / Math.sqrt(Math.PI)), this.exp(this.neg(this.mul(x, x)))));
+    if (x.dtype !== DataType.DOUBLE) return this.unary('Erf', x, backward);
+    // ORT has no fp64 Erf kernel: evaluate in fp32 (only fp64 checks build such graphs).
+    const y = this.cast(this.node1('Erf', [this.cast(x, DataType.FLOAT)], DataType.FLOAT, x.shape), DataType.DOUBLE);
+    this.record([x], [y], ([gy]) => [backward(gy!)]);
+    return y;
   }
 
   /** x^p for a constant exponent p. */

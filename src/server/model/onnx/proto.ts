@@ -3,7 +3,7 @@
 // (IR version 10). We only ever write; ONNX Runtime does the reading. A test decodes our
 // output with protobufjs and the official schema to keep us honest.
 
-export const enum DataType {
+export enum DataType {
   FLOAT = 1,
   UINT8 = 2,
   INT8 = 3,

@@ -20,7 +20,10 @@ function providerFor(device: Device): string {
   const backends = ort.listSupportedBackends?.() ?? [];
   const b = backends.find((x) => x.name === device);
   if (device === 'cpu') return 'cpu';
-  if (!b) throw new DeviceError(`device "${device}" is not known to this onnxruntime-node build (has: ${backends.map((x) => x.name).join(', ')})`);
+  if (!b)
+    throw new DeviceError(
+      `device "${device}" is not known to this onnxruntime-node build (has: ${backends.map((x) => x.name).join(', ')})`,
+    );
   if (device === 'cuda' && !b.bundled)
     throw new DeviceError(
       'device "cuda" needs ONNX Runtime\'s CUDA provider libraries, which onnxruntime-node downloads at install time ' +
@@ -29,7 +32,10 @@ function providerFor(device: Device): string {
   return device;
 }
 
-export async function createSession(model: Uint8Array | string, opts: SessionOptions = {}): Promise<ort.InferenceSession> {
+export async function createSession(
+  model: Uint8Array | string,
+  opts: SessionOptions = {},
+): Promise<ort.InferenceSession> {
   const device = opts.device ?? 'cpu';
   const so: ort.InferenceSession.SessionOptions = {
     executionProviders: [providerFor(device)],
@@ -50,7 +56,9 @@ export async function createSession(model: Uint8Array | string, opts: SessionOpt
   } catch (e) {
     const msg = (e as Error).message;
     if (device !== 'cpu')
-      throw new DeviceError(`could not open the model on device "${device}": ${msg}. Use device "cpu" or check the GPU driver.`);
+      throw new DeviceError(
+        `could not open the model on device "${device}": ${msg}. Use device "cpu" or check the GPU driver.`,
+      );
     throw e;
   }
 }
