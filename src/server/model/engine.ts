@@ -45,6 +45,10 @@ export interface GraphRequest {
   scores?: boolean;
   /** with the same inputs: `token_scores` [Q, B, T], c_t = Σ_modules g_tᵀ M_q a_t (sums to `scores` over t) */
   tokenScores?: boolean;
+  /** with inputs `QA`, `QS` and `IL.<module>` = 1/(Λ+λ): `self_influence` [B] = Σ_modules ⟨P(G_b), G_b⟩ */
+  selfInfluence?: boolean;
+  /** `grad_sqnorm` [B] = Σ_modules ‖G_b‖² (for gradient cosine) */
+  gradNorms?: boolean;
   /** `grad.<param>` for every parameter */
   paramGrads?: boolean;
   /** `sampled_ids` [B, T]: the labels drawn when labels = 'sampled' */
@@ -408,7 +412,7 @@ function buildOutputs(
   }
   if (req.logits) emit(out.logits, 'logits');
 
-  const needG = req.exampleGrads || req.lambda || req.scores;
+  const needG = req.exampleGrads || req.lambda || req.scores || req.selfInfluence || req.gradNorms;
   const needModuleGrads = req.perToken || req.covariance || req.tokenScores || needG;
   const wrt: Tensor[] = [];
   if (needModuleGrads) wrt.push(...modules.map((m) => m.output));
@@ -419,6 +423,9 @@ function buildOutputs(
   if (needModuleGrads) {
     let scoreSum: Tensor | null = null;
     let tokenSum: Tensor | null = null;
+    let selfSum: Tensor | null = null;
+    let normSum: Tensor | null = null;
+    const accumulate = (acc: Tensor | null, t: Tensor) => (acc ? g.add(acc, t) : t);
     for (const m of modules) {
       const gy = grads.get(m.output.name) ?? g.noGrad(() => g.zerosLike(m.output));
       g.noGrad(() => {
@@ -440,35 +447,52 @@ function buildOutputs(
           // c[q, t] = g_tᵀ M_q a_t : the training-side token heatmap, summed over modules
           const gM = g.matmul(g.unsqueeze(gy, [0]), M); // [Q, N, dIn]
           const c = g.reduceSum(g.mul(gM, a), [2], false); // [Q, N]
-          tokenSum = tokenSum ? g.add(tokenSum, c) : c;
+          tokenSum = accumulate(tokenSum, c);
         }
         if (!needG) return;
         const a3 = g.reshape(a, g.concatInts([btShape, g.ints([dIn])]), ['B', 'T', dIn]);
         const g3 = g.reshape(gy, g.concatInts([btShape, g.ints([m.dOut])]), ['B', 'T', m.dOut]);
         const G = g.matmul(g.transpose(g3, [0, 2, 1]), a3); // [B, dOut, dIn] = Σ_t g_t a_tᵀ
         if (req.exampleGrads) emit(G, `G.${m.name}`);
-        if (req.lambda) {
-          // EK-FAC eigenvalue correction: Σ_b (Q_Sᵀ G_b Q_A)² without G leaving the graph
+        if (req.lambda || req.selfInfluence) {
+          // Rotate into the EK-FAC eigenbasis without G leaving the graph: Q_Sᵀ G_b Q_A
           const QA = g.input(`QA.${m.name}`, g.float, [dIn, dIn]);
           const QS = g.input(`QS.${m.name}`, g.float, [m.dOut, m.dOut]);
           const rot = g.matmul(g.matmul(g.transpose(QS, [1, 0]), G), QA);
-          emit(g.reduceSum(g.mul(rot, rot), [0], false), `L.${m.name}`);
+          const sq = g.mul(rot, rot);
+          // eigenvalue correction Λ: Σ_b (Q_Sᵀ G_b Q_A)²
+          if (req.lambda) emit(g.reduceSum(sq, [0], false), `L.${m.name}`);
+          if (req.selfInfluence) {
+            // ⟨P(G_b), G_b⟩ = Σ (Q_Sᵀ G_b Q_A)² ⊘ (Λ + λ), with input `IL.<module>` = 1/(Λ + λ)
+            const inv = g.input(`IL.${m.name}`, g.float, [m.dOut, dIn]);
+            selfSum = accumulate(selfSum, g.reduceSum(g.mul(sq, inv), [1, 2], false));
+          }
         }
+        if (req.gradNorms) normSum = accumulate(normSum, g.reduceSum(g.mul(G, G), [1, 2], false));
         if (M && req.scores) {
           // ⟨M_q, G_b⟩ for every candidate b and query q
           const G2 = g.reshape(G, [-1, m.dOut * dIn]);
           const M2 = g.reshape(M, [-1, m.dOut * dIn]);
           const sc = g.node('Gemm', [G2, M2], [{ dtype: g.float, shape: ['B', 'Q'] }], { transB: 1 })[0];
           emit(sc, `score.${m.name}`);
-          scoreSum = scoreSum ? g.add(scoreSum, sc) : sc;
+          scoreSum = accumulate(scoreSum, sc);
         }
       });
     }
-    if (req.covariance) emit(g.noGrad(() => g.reduceSum(maskF, [0], false)), 'token_count');
+    if (req.covariance)
+      emit(
+        g.noGrad(() => g.reduceSum(maskF, [0], false)),
+        'token_count',
+      );
     if (scoreSum) emit(scoreSum, 'scores');
+    if (selfSum) emit(selfSum, 'self_influence');
+    if (normSum) emit(normSum, 'grad_sqnorm');
     if (tokenSum) {
       const ts = tokenSum as Tensor;
-      emit(g.noGrad(() => g.reshape(ts, g.concatInts([g.ints([-1]), btShape]), ['Q', 'B', 'T'])), 'token_scores');
+      emit(
+        g.noGrad(() => g.reshape(ts, g.concatInts([g.ints([-1]), btShape]), ['Q', 'B', 'T'])),
+        'token_scores',
+      );
     }
   }
   if (req.paramGrads)

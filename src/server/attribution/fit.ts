@@ -1,0 +1,152 @@
+// Fitting EK-FAC factors over a training-data sample (Grosse et al. 2023 §2.2):
+//   pass 1: covariance sums Σ ã ãᵀ and Σ g gᵀ per tracked module (computed inside the graph);
+//   eigendecompositions of A and S in fp64;
+//   pass 2: eigenvalue correction Λ = mean_z (Q_Sᵀ G(z) Q_A)² (rotated inside the graph).
+// Labels are sampled from the model (true Fisher) unless `labels: 'empirical'`. Every pass
+// can run on one partition of the data; partial sums add up (covariance.ts, lambda.ts).
+import { type Batch, type Model, type ModuleInfo, type ModuleSelection, makeBatch } from '../model/engine';
+import { ort } from '../model/onnx/session';
+import { Rng } from '../util/random';
+import { CovarianceAccumulator } from './ekfac/covariance';
+import { computeEigenbasis, type Eigenbasis } from './ekfac/eigenbasis';
+import type { ModuleShape } from './ekfac/gradient';
+import { LambdaAccumulator } from './ekfac/lambda';
+
+export interface TokenizedExample {
+  ids: number[];
+  /** per-position loss weights (position t predicts token t+1) */
+  weights: number[];
+}
+
+export interface FitOptions {
+  modules: ModuleSelection;
+  labels: 'sampled' | 'empirical';
+  seed: number;
+  /** sequences per batch */
+  batchSize?: number;
+  /** only this slice of the examples: { index: i, count: n } → examples k with k % n === i */
+  partition?: { index: number; count: number };
+  onProgress?: (stage: 'covariance' | 'eigendecomposition' | 'lambda', done: number, total: number) => void;
+}
+
+export interface FittedFactors {
+  modules: ModuleInfo[];
+  covariances: Map<string, CovarianceAccumulator>;
+  bases: Map<string, Eigenbasis>;
+  lambdas: Map<string, LambdaAccumulator>;
+}
+
+export function moduleShape(m: ModuleInfo): ModuleShape {
+  return { name: m.name, dIn: m.dIn, dOut: m.dOut, appendOne: m.hasBias };
+}
+
+/** Batches in a stable order; sorted by length so padding stays small. */
+export function batches(examples: TokenizedExample[], batchSize: number, pad: number): Batch[] {
+  const order = [...examples.keys()].sort((a, b) => examples[a].ids.length - examples[b].ids.length || a - b);
+  const out: Batch[] = [];
+  for (let i = 0; i < order.length; i += batchSize)
+    out.push(
+      makeBatch(
+        order.slice(i, i + batchSize).map((k) => examples[k]),
+        pad,
+      ),
+    );
+  return out;
+}
+
+function select(examples: TokenizedExample[], p?: { index: number; count: number }): TokenizedExample[] {
+  if (!p) return examples;
+  if (!(p.count >= 1 && p.index >= 0 && p.index < p.count)) throw new Error(`bad partition ${p.index}/${p.count}`);
+  return examples.filter((_, k) => k % p.count === p.index);
+}
+
+const f64 = (t: ort.Tensor) => Float64Array.from(t.data as Float32Array);
+
+/** Pass 1: covariance sums. */
+export async function fitCovariances(
+  model: Model,
+  examples: TokenizedExample[],
+  opts: FitOptions,
+): Promise<{ modules: ModuleInfo[]; covariances: Map<string, CovarianceAccumulator> }> {
+  const graph = await model.compile({ labels: labelsOf(opts), covariance: true, modules: opts.modules });
+  const modules = graph.moduleInfo;
+  const covariances = new Map(modules.map((m) => [m.name, new CovarianceAccumulator(moduleShape(m))]));
+  const rng = new Rng(opts.seed);
+  const bs = batches(select(examples, opts.partition), opts.batchSize ?? 16, model.tokenizer.padTokenId ?? 0);
+  for (const [i, batch] of bs.entries()) {
+    const out = await graph.run(batch, { uniforms: uniformsFor(opts, rng, batch) });
+    const count = Number((out.token_count.data as Float32Array)[0]);
+    for (const m of modules) {
+      const part = CovarianceAccumulator.fromSums(
+        moduleShape(m),
+        f64(out[`A.${m.name}`]),
+        count,
+        f64(out[`S.${m.name}`]),
+        count,
+      );
+      covariances.get(m.name)!.merge(part);
+    }
+    opts.onProgress?.('covariance', i + 1, bs.length);
+  }
+  return { modules, covariances };
+}
+
+/** Eigendecompose each module's A and S (fp64, LAPACK when available). */
+export function fitEigenbases(
+  covariances: Map<string, CovarianceAccumulator>,
+  opts?: FitOptions,
+): Map<string, Eigenbasis> {
+  const bases = new Map<string, Eigenbasis>();
+  let i = 0;
+  for (const [name, acc] of covariances) {
+    bases.set(name, computeEigenbasis(name, acc.finalize()));
+    opts?.onProgress?.('eigendecomposition', ++i, covariances.size);
+  }
+  return bases;
+}
+
+/** Pass 2: eigenvalue correction sums. */
+export async function fitLambdas(
+  model: Model,
+  examples: TokenizedExample[],
+  bases: Map<string, Eigenbasis>,
+  opts: FitOptions,
+): Promise<Map<string, LambdaAccumulator>> {
+  const graph = await model.compile({ labels: labelsOf(opts), lambda: true, modules: opts.modules });
+  const feeds: Record<string, ort.Tensor> = {};
+  const lambdas = new Map<string, LambdaAccumulator>();
+  for (const m of graph.moduleInfo) {
+    const b = bases.get(m.name);
+    if (!b) throw new Error(`no eigenbasis for module ${m.name}: fit covariances with the same --modules`);
+    feeds[`QA.${m.name}`] = new ort.Tensor('float32', Float32Array.from(b.qA), [b.dA, b.dA]);
+    feeds[`QS.${m.name}`] = new ort.Tensor('float32', Float32Array.from(b.qS), [b.dOut, b.dOut]);
+    lambdas.set(m.name, new LambdaAccumulator(b));
+  }
+  // A different stream from pass 1, as kronfluence draws fresh labels for the correction.
+  const rng = new Rng(opts.seed + 1);
+  const bs = batches(select(examples, opts.partition), opts.batchSize ?? 16, model.tokenizer.padTokenId ?? 0);
+  for (const [i, batch] of bs.entries()) {
+    const out = await graph.run(batch, { uniforms: uniformsFor(opts, rng, batch), feeds });
+    for (const m of graph.moduleInfo) {
+      const acc = lambdas.get(m.name)!;
+      acc.merge(LambdaAccumulator.fromSum(acc.basis, f64(out[`L.${m.name}`]), batch.B));
+    }
+    opts.onProgress?.('lambda', i + 1, bs.length);
+  }
+  return lambdas;
+}
+
+export async function fitFactors(model: Model, examples: TokenizedExample[], opts: FitOptions): Promise<FittedFactors> {
+  const { modules, covariances } = await fitCovariances(model, examples, opts);
+  const bases = fitEigenbases(covariances, opts);
+  const lambdas = await fitLambdas(model, examples, bases, opts);
+  return { modules, covariances, bases, lambdas };
+}
+
+function labelsOf(opts: FitOptions): 'sampled' | 'data' {
+  return opts.labels === 'sampled' ? 'sampled' : 'data';
+}
+
+function uniformsFor(opts: FitOptions, rng: Rng, batch: Batch): Float32Array | undefined {
+  return opts.labels === 'sampled' ? rng.uniforms(batch.B * batch.T) : undefined;
+}

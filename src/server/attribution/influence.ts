@@ -1,0 +1,182 @@
+// Influence of training candidates on a query (DESIGN "The math"):
+//   score(q, z) = Σ_l ⟨ P_l(G_l(q)), G_l(z) ⟩,   > 0 = supporting, < 0 = opposing.
+// One mechanism serves every method: a "query matrix" M_l per module is computed in JS
+// (fp64), fed to the candidate graph, and the graph returns ⟨M_l, G_l(z)⟩ per module and
+// per training token without any candidate gradient leaving ONNX Runtime.
+//   EK-FAC:        M = P(G_q)
+//   multi-stage:   M = P_pt(P_ft(G_q on the fine-tuned model)), scored on the pre-trained model
+//   gradient dot:  M = G_q           (identity Hessian)
+// Extra query rows give the completion-side heatmap: row k carries only completion token k's loss.
+import { type Batch, type Model, type ModuleSelection, makeBatch } from '../model/engine';
+import { ort } from '../model/onnx/session';
+import { type Preconditioner, precondition } from './ekfac/precondition';
+import type { TokenizedExample } from './fit';
+
+export interface QueryGradients {
+  /** per module: Q rows of d_out × d_A (row 0 = the whole completion, row k = completion token k) */
+  G: Map<string, Float64Array[]>;
+  /** positions whose loss each extra row isolates (row k ↔ targetPositions[k-1]) */
+  targetPositions: number[];
+  /** query loss −log p(completion | prompt) */
+  loss: number;
+  hidden?: Float32Array;
+}
+
+/** Gradients of the query's completion loss (and, optionally, of each completion token alone). */
+export async function queryGradients(
+  model: Model,
+  query: TokenizedExample,
+  opts: { modules: ModuleSelection; perCompletionToken?: boolean; hidden?: boolean },
+): Promise<QueryGradients> {
+  const targetPositions = query.weights.flatMap((w, t) => (w > 0 ? [t] : []));
+  if (!targetPositions.length) throw new Error('the query has no completion token to explain');
+  const rows = [query];
+  if (opts.perCompletionToken)
+    for (const t of targetPositions)
+      rows.push({ ids: query.ids, weights: query.weights.map((_, u) => (u === t ? 1 : 0)) });
+  const graph = await model.compile({
+    labels: 'data',
+    exampleGrads: true,
+    tokenLoss: true,
+    hidden: opts.hidden,
+    modules: opts.modules,
+  });
+  const out = await graph.run(makeBatch(rows, model.tokenizer.padTokenId ?? 0));
+  const G = new Map<string, Float64Array[]>();
+  for (const m of graph.moduleInfo) {
+    const all = out[`G.${m.name}`].data as Float32Array;
+    const size = all.length / rows.length;
+    G.set(
+      m.name,
+      rows.map((_, r) => Float64Array.from(all.subarray(r * size, (r + 1) * size))),
+    );
+  }
+  return {
+    G,
+    targetPositions,
+    loss: (out.loss.data as Float32Array)[0],
+    hidden: opts.hidden
+      ? (out.hidden_mean.data as Float32Array).slice(0, (out.hidden_mean.dims[1] as number) ?? 0)
+      : undefined,
+  };
+}
+
+/** Apply one or more preconditioners in order (multi-stage applies fine-tune then pre-train). */
+export function queryMatrices(
+  G: Map<string, Float64Array[]>,
+  preconditioners: Array<Map<string, Preconditioner>>,
+): Map<string, Float64Array[]> {
+  const out = new Map<string, Float64Array[]>();
+  for (const [name, rows] of G) {
+    out.set(
+      name,
+      rows.map((row) => {
+        let v = row;
+        for (const p of preconditioners) {
+          const pm = p.get(name);
+          if (!pm) throw new Error(`the factors have no module ${name}: fit them with the same --modules`);
+          v = precondition(pm, v);
+        }
+        return v;
+      }),
+    );
+  }
+  return out;
+}
+
+export interface CandidateScores {
+  /** [candidate][query row] total score */
+  scores: Float64Array[];
+  /** module → [candidate][query row] */
+  perModule: Map<string, Float64Array[]>;
+  /** [candidate] → per-token scores of query row 0 (position t = token t's contribution), when asked */
+  tokenScores?: Float32Array[];
+  /** [candidate] Σ_modules ‖G(z)‖², when asked (for cosine) */
+  gradSqNorm?: Float64Array;
+  /** [candidate] mean-pooled last hidden state, when asked (for RepSim) */
+  hidden?: Float32Array[];
+}
+
+/** Score candidates against query matrices M (per module, Q rows each). */
+export async function scoreCandidates(
+  model: Model,
+  M: Map<string, Float64Array[]>,
+  candidates: TokenizedExample[],
+  opts: {
+    modules: ModuleSelection;
+    tokenScores?: boolean;
+    gradNorms?: boolean;
+    hidden?: boolean;
+    batchSize?: number;
+    onProgress?: (done: number, total: number) => void;
+    signal?: AbortSignal;
+  },
+): Promise<CandidateScores> {
+  const graph = await model.compile({
+    labels: 'data',
+    scores: true,
+    tokenScores: opts.tokenScores,
+    gradNorms: opts.gradNorms,
+    hidden: opts.hidden,
+    modules: opts.modules,
+  });
+  const feeds: Record<string, ort.Tensor> = {};
+  let Q = 0;
+  for (const m of graph.moduleInfo) {
+    const rows = M.get(m.name);
+    if (!rows) throw new Error(`no query matrix for module ${m.name}`);
+    Q = rows.length;
+    const dA = m.dIn + (m.hasBias ? 1 : 0);
+    const flat = new Float32Array(Q * m.dOut * dA);
+    rows.forEach((r, q) => flat.set(r, q * m.dOut * dA));
+    feeds[`M.${m.name}`] = new ort.Tensor('float32', flat, [Q, m.dOut, dA]);
+  }
+  const n = candidates.length;
+  const scores = Array.from({ length: n }, () => new Float64Array(Q));
+  const perModule = new Map(
+    graph.moduleInfo.map((m) => [m.name, Array.from({ length: n }, () => new Float64Array(Q))]),
+  );
+  const tokenScores: Float32Array[] = new Array(n);
+  const gradSqNorm = new Float64Array(n);
+  const hidden: Float32Array[] = new Array(n);
+  // keep candidate order: batch by length, remember where each candidate sits
+  const order = [...candidates.keys()].sort((a, b) => candidates[a].ids.length - candidates[b].ids.length || a - b);
+  const bs = opts.batchSize ?? 16;
+  let done = 0;
+  for (let i = 0; i < order.length; i += bs) {
+    if (opts.signal?.aborted) throw new Error('cancelled');
+    const idx = order.slice(i, i + bs);
+    const batch: Batch = makeBatch(
+      idx.map((k) => candidates[k]),
+      model.tokenizer.padTokenId ?? 0,
+    );
+    const out = await graph.run(batch, { feeds });
+    const s = out.scores.data as Float32Array;
+    idx.forEach((k, b) => {
+      for (let q = 0; q < Q; q++) scores[k][q] = s[b * Q + q];
+      for (const m of graph.moduleInfo) {
+        const sm = out[`score.${m.name}`].data as Float32Array;
+        for (let q = 0; q < Q; q++) perModule.get(m.name)![k][q] = sm[b * Q + q];
+      }
+      if (opts.tokenScores) {
+        // token_scores [Q, B, T]: query row 0, candidate b
+        const ts = out.token_scores.data as Float32Array;
+        tokenScores[k] = ts.slice(b * batch.T, b * batch.T + candidates[k].ids.length);
+      }
+      if (opts.gradNorms) gradSqNorm[k] = (out.grad_sqnorm.data as Float32Array)[b];
+      if (opts.hidden) {
+        const d = out.hidden_mean.dims[1] as number;
+        hidden[k] = (out.hidden_mean.data as Float32Array).slice(b * d, (b + 1) * d);
+      }
+    });
+    done += idx.length;
+    opts.onProgress?.(done, n);
+  }
+  return {
+    scores,
+    perModule,
+    tokenScores: opts.tokenScores ? tokenScores : undefined,
+    gradSqNorm: opts.gradNorms ? gradSqNorm : undefined,
+    hidden: opts.hidden ? hidden : undefined,
+  };
+}
