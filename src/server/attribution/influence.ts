@@ -128,7 +128,7 @@ export async function scoreCandidates(
     Q = rows.length;
     const dA = m.dIn + (m.hasBias ? 1 : 0);
     const flat = new Float32Array(Q * m.dOut * dA);
-    rows.forEach((r, q) => flat.set(r, q * m.dOut * dA));
+    for (const [q, r] of rows.entries()) flat.set(r, q * m.dOut * dA);
     feeds[`M.${m.name}`] = new ort.Tensor('float32', flat, [Q, m.dOut, dA]);
   }
   const n = candidates.length;
