@@ -186,3 +186,25 @@ test('autodiff: gradient of an intermediate tensor', async () => {
   const out = await sess.run({ x: new ort.Tensor('float64', Float64Array.from([1, -2, 3]), [3]) });
   assert.deepEqual(Array.from(out.gh.data as Float64Array), [1, -2, 3]);
 });
+
+test('fp64 erf (series, no ORT kernel) reaches double precision', async () => {
+  const g = new Graph(DataType.DOUBLE);
+  const x = g.input('x', DataType.DOUBLE, [7]);
+  g.output(g.erf(x), 'y');
+  const sess = await createSession(g.encode());
+  const xs = [0, 0.5, 1, 2, -3, 5.5, 9];
+  // reference values from Python math.erf / math.erfc
+  const ref = [
+    0,
+    0.5204998778130465,
+    0.8427007929497149,
+    0.9953222650189527,
+    -0.9999779095030014,
+    1 - 7.357847917974398e-15,
+    1,
+  ];
+  const out = await sess.run({ x: new ort.Tensor('float64', Float64Array.from(xs), [7]) });
+  const y = out.y.data as Float64Array;
+  for (let i = 0; i < xs.length; i++)
+    assert.ok(Math.abs(y[i] - ref[i]) < 1e-15, `erf(${xs[i]}) = ${y[i]}, expected ${ref[i]}`);
+});

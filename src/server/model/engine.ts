@@ -207,7 +207,11 @@ export class Model {
   }
 
   private async createSessionFor(bytes: Uint8Array, key: string): Promise<ort.InferenceSession> {
-    const opts = { device: this.options.device, threads: this.options.threads };
+    const opts = {
+      device: this.options.device,
+      threads: this.options.threads,
+      optimization: this.options.precision === 'fp64' ? ('basic' as const) : ('all' as const),
+    };
     if ((this.options.weights ?? 'mapped') === 'inputs') return createSession(bytes, opts);
     const links = this.links();
     if (links.inMemory) {
@@ -376,11 +380,15 @@ function buildOutputs(
   });
   g.custom([out.logits], [nll], ([gy]) => {
     const probs = g.exp(logp);
-    const onehot = g.node(
-      'OneHot',
-      [targets, g.scalar(V, DataType.INT64), g.floats([0, 1], [2])],
-      [{ dtype: g.float, shape: out.logits.shape }],
+    // one-hot as (vocabulary index == target): ORT's OneHot has no float64 kernel
+    const col = g.node('Unsqueeze', [targets, g.ints([1])], [{ dtype: DataType.INT64, shape: ['B*T', 1] }])[0];
+    const vocab = g.node(
+      'Range',
+      [g.scalar(0, DataType.INT64), g.scalar(V, DataType.INT64), g.scalar(1, DataType.INT64)],
+      [{ dtype: DataType.INT64, shape: [V] }],
     )[0];
+    const hit = g.node('Equal', [col, vocab], [{ dtype: DataType.BOOL, shape: out.logits.shape }])[0];
+    const onehot = g.cast(hit, g.float);
     return [g.mul(g.sub(probs, onehot), g.unsqueeze(gy!, [1]))];
   });
   const weighted = g.mul(nll, wFlat);

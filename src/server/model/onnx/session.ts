@@ -12,6 +12,8 @@ export interface SessionOptions {
   threads?: number;
   /** Weight files handed over as buffers (when the model cannot reference them on disk). */
   externalData?: Array<{ path: string; data: Uint8Array }>;
+  /** 'basic' skips ORT's operator fusions, some of which (QuickGelu, …) exist only in float32 */
+  optimization?: 'all' | 'basic';
 }
 
 export class DeviceError extends Error {}
@@ -39,7 +41,7 @@ export async function createSession(
   const device = opts.device ?? 'cpu';
   const so: ort.InferenceSession.SessionOptions = {
     executionProviders: [providerFor(device)],
-    graphOptimizationLevel: 'all',
+    graphOptimizationLevel: opts.optimization ?? 'all',
     // Weight prepacking would copy every weight matrix; our weights are external
     // (mapped from the safetensors file), so keep them shared.
     extra: { session: { disable_prepacking: '1' } },

@@ -1,0 +1,93 @@
+// Eigenbases of the K-FAC factors (Grosse et al. 2023, eq. 20): A = Q_A diag(λ_A) Q_Aᵀ and
+// S = Q_S diag(λ_S) Q_Sᵀ, in fp64. EK-FAC keeps Q_A, Q_S and replaces λ_S λ_Aᵀ by the
+// fitted Λ (lambda.ts); the eigenvalues are kept for K-FAC and for diagnostics.
+import { type EighBackend, eigh } from '../../linalg/eigh';
+import { type Floats, gemm, toF64 } from '../../linalg/matrix';
+import type { Covariances } from './covariance';
+
+export interface Eigenbasis {
+  module: string;
+  dA: number;
+  dOut: number;
+  /** d_A × d_A row-major; column j is the eigenvector of eigA[j] (kronfluence's orientation) */
+  qA: Float64Array;
+  /** ascending, tiny negatives clamped to 0 */
+  eigA: Float64Array;
+  /** d_out × d_out, column j = eigenvector of eigS[j] */
+  qS: Float64Array;
+  eigS: Float64Array;
+}
+
+export interface EigenbasisOptions {
+  backend?: EighBackend;
+  /**
+   * A covariance is positive semidefinite, so negative eigenvalues are rounding error
+   * (kronfluence accumulates in fp32): they are clamped to 0 when |λ| <= tolerance·max λ,
+   * and larger ones are reported as an error. Default 1e-3.
+   */
+  negativeTolerance?: number;
+}
+
+export function computeEigenbasis(module: string, cov: Covariances, options: EigenbasisOptions = {}): Eigenbasis {
+  const tol = options.negativeTolerance ?? 1e-3;
+  const a = eigh(cov.A, cov.dA, { label: `activation covariance of module ${module}`, backend: options.backend });
+  const s = eigh(cov.S, cov.dOut, { label: `gradient covariance of module ${module}`, backend: options.backend });
+  checkVectors(a.vectors, `activation eigenvectors of module ${module}`);
+  checkVectors(s.vectors, `gradient eigenvectors of module ${module}`);
+  return {
+    module,
+    dA: cov.dA,
+    dOut: cov.dOut,
+    qA: a.vectors,
+    eigA: clampNegatives(a.values, tol, `activation covariance of module ${module}`),
+    qS: s.vectors,
+    eigS: clampNegatives(s.values, tol, `gradient covariance of module ${module}`),
+  };
+}
+
+/** Sets eigenvalues in [-tol·max, 0) to 0 (in place); throws for more negative ones. */
+export function clampNegatives(values: Float64Array, tol: number, what: string): Float64Array {
+  let max = 0;
+  for (const v of values) max = Math.max(max, Math.abs(v));
+  for (let i = 0; i < values.length; i++) {
+    const v = values[i];
+    if (Number.isNaN(v)) throw new Error(`NaN in eigenvalues of ${what} (eigendecomposition step)`);
+    if (v >= 0) continue;
+    if (-v > tol * max) {
+      throw new Error(
+        `${what} is not positive semidefinite: eigenvalue ${v.toExponential(3)} vs largest ${max.toExponential(3)} ` +
+          '(corrupt or non-finite inputs?)',
+      );
+    }
+    values[i] = 0;
+  }
+  return values;
+}
+
+function checkVectors(q: Float64Array, what: string) {
+  for (let i = 0; i < q.length; i++) {
+    if (!Number.isFinite(q[i])) throw new Error(`${q[i]} in ${what} (eigendecomposition step)`);
+  }
+}
+
+export type Basis = Pick<Eigenbasis, 'qA' | 'qS' | 'dA' | 'dOut'>;
+
+/** Rotates a d_out × d_A matrix into the eigenbasis: Q_Sᵀ V Q_A. */
+export function toEigenbasis(b: Basis, V: Floats): Float64Array {
+  checkShape(b, V, 'toEigenbasis');
+  const T = gemm(b.qS, toF64(V), b.dOut, b.dOut, b.dA, { transA: true });
+  return gemm(T, b.qA, b.dOut, b.dA, b.dA);
+}
+
+/** Rotates back from the eigenbasis: Q_S Vt Q_Aᵀ. */
+export function fromEigenbasis(b: Basis, Vt: Floats): Float64Array {
+  checkShape(b, Vt, 'fromEigenbasis');
+  const T = gemm(b.qS, toF64(Vt), b.dOut, b.dOut, b.dA);
+  return gemm(T, b.qA, b.dOut, b.dA, b.dA, { transB: true });
+}
+
+function checkShape(b: Basis, V: Floats, what: string) {
+  if (V.length !== b.dOut * b.dA) {
+    throw new Error(`${what}: expected a ${b.dOut}×${b.dA} matrix (${b.dOut * b.dA} values), got ${V.length}`);
+  }
+}

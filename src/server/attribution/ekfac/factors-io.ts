@@ -1,0 +1,338 @@
+// Factors on disk in kronfluence's layout, so either tool can read the other's factors:
+//   factors_<name>/activation_covariance.safetensors         Σ_t ã_t ã_tᵀ   [d_A, d_A]  (a SUM)
+//                  gradient_covariance.safetensors           Σ_t g_t g_tᵀ   [d_out, d_out]
+//                  num_activation_covariance_processed        tokens (I64 [1])
+//                  num_gradient_covariance_processed          tokens (I64 [1])
+//                  activation_eigenvectors / gradient_eigenvectors   Q [d, d], column j = eigenvector j
+//                  activation_eigenvalues / gradient_eigenvalues     ascending, of the MEAN covariance
+//                  lambda_matrix.safetensors                 Σ_z (Q_Sᵀ G Q_A)²  [d_out, d_A]  (a SUM)
+//                  num_lambda_processed                       examples (I64 [1])
+//                  factor_arguments.json                      kronfluence's FactorArguments
+//                  influence_lens_arguments.json              ours: labels, damping, modules, ... fingerprint
+// Each safetensors file holds one tensor per module name; d_A = d_in + 1 for modules with a bias
+// (kronfluence appends the 1 as the last column). kronfluence builds FactorArguments(**json) from
+// factor_arguments.json, so our own fields live in a separate file.
+import { existsSync, mkdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { readSafetensorsHeader, readTensorF64, writeSafetensors } from '../../model/safetensors';
+import { CovarianceAccumulator } from './covariance';
+import type { Eigenbasis } from './eigenbasis';
+import type { ModuleShape } from './gradient';
+import { LambdaAccumulator } from './lambda';
+import { type Damping, DEFAULT_DAMPING, makePreconditioner, type Preconditioner } from './precondition';
+
+export const ACTIVATION_COVARIANCE = 'activation_covariance';
+export const GRADIENT_COVARIANCE = 'gradient_covariance';
+export const NUM_ACTIVATION_COVARIANCE_PROCESSED = 'num_activation_covariance_processed';
+export const NUM_GRADIENT_COVARIANCE_PROCESSED = 'num_gradient_covariance_processed';
+export const ACTIVATION_EIGENVECTORS = 'activation_eigenvectors';
+export const ACTIVATION_EIGENVALUES = 'activation_eigenvalues';
+export const GRADIENT_EIGENVECTORS = 'gradient_eigenvectors';
+export const GRADIENT_EIGENVALUES = 'gradient_eigenvalues';
+export const LAMBDA_MATRIX = 'lambda_matrix';
+export const NUM_LAMBDA_PROCESSED = 'num_lambda_processed';
+export const FACTOR_ARGUMENTS_FILE = 'factor_arguments.json';
+export const OUR_ARGUMENTS_FILE = 'influence_lens_arguments.json';
+
+const COVARIANCE_FILES = [
+  ACTIVATION_COVARIANCE,
+  GRADIENT_COVARIANCE,
+  NUM_ACTIVATION_COVARIANCE_PROCESSED,
+  NUM_GRADIENT_COVARIANCE_PROCESSED,
+];
+const EIGEN_FILES = [ACTIVATION_EIGENVECTORS, ACTIVATION_EIGENVALUES, GRADIENT_EIGENVECTORS, GRADIENT_EIGENVALUES];
+const LAMBDA_FILES = [LAMBDA_MATRIX, NUM_LAMBDA_PROCESSED];
+
+export interface FactorArguments {
+  strategy: 'ekfac';
+  /** labels for the Fisher: sampled from the model (true Fisher) or the data's own */
+  labels: 'sampled' | 'empirical';
+  /** damping to use with these factors unless a query overrides it */
+  damping: Damping;
+  modules: string[];
+  /** examples used to fit (null: all) */
+  maxExamples: number | null;
+  /** seed of label sampling and example selection (null when unknown, e.g. kronfluence's factors) */
+  seed: number | null;
+}
+
+/** One module's stored factors; each stage is optional (they are fitted one after another). */
+export interface ModuleFactors {
+  name: string;
+  dA: number;
+  dOut: number;
+  covariance?: {
+    activationSum: Float64Array;
+    activationCount: number;
+    gradientSum: Float64Array;
+    gradientCount: number;
+  };
+  eigen?: { qA: Float64Array; eigA: Float64Array; qS: Float64Array; eigS: Float64Array };
+  lambda?: { sum: Float64Array; count: number };
+}
+
+export interface Factors {
+  args: FactorArguments;
+  /** identifies the model weights and data the factors were fitted on (null for foreign factors) */
+  fingerprint: string | null;
+  modules: Record<string, ModuleFactors>;
+}
+
+export interface SaveOptions {
+  /** on-disk float type; kronfluence's default is F32. Counts are always I64. Default F64. */
+  dtype?: 'F32' | 'F64';
+}
+
+export function factorsDir(root: string, name: string): string {
+  return join(root, `factors_${name}`);
+}
+
+/** Collects what the fitting stages produced for one module. */
+export function moduleFactors(
+  cov: CovarianceAccumulator,
+  basis?: Eigenbasis,
+  lambda?: LambdaAccumulator,
+): ModuleFactors {
+  const mf: ModuleFactors = {
+    name: cov.shape.name,
+    dA: cov.dA,
+    dOut: cov.shape.dOut,
+    covariance: {
+      activationSum: cov.activationSum,
+      activationCount: cov.activationCount,
+      gradientSum: cov.gradientSum,
+      gradientCount: cov.gradientCount,
+    },
+  };
+  if (basis) mf.eigen = { qA: basis.qA, eigA: basis.eigA, qS: basis.qS, eigS: basis.eigS };
+  if (lambda) mf.lambda = { sum: lambda.sum, count: lambda.count };
+  return mf;
+}
+
+/** Writes every stage that all modules have. Files are written atomically, arguments last. */
+export function saveFactors(dir: string, factors: Factors, options: SaveOptions = {}): void {
+  const dtype = options.dtype ?? 'F64';
+  const mods = Object.values(factors.modules);
+  if (mods.length === 0) throw new Error(`saveFactors(${dir}): no modules`);
+  mkdirSync(dir, { recursive: true });
+  const kron = kronfluenceArguments(factors.args, dtype);
+  const metadata: Record<string, string> = {};
+  for (const [k, v] of Object.entries(kron)) metadata[k] = v === null ? 'None' : pyStr(v);
+  if (factors.fingerprint) metadata.influence_lens_fingerprint = factors.fingerprint;
+
+  const stage = (present: (m: ModuleFactors) => boolean, what: string) => {
+    const n = mods.filter(present).length;
+    if (n !== 0 && n !== mods.length)
+      throw new Error(`saveFactors(${dir}): only ${n} of ${mods.length} modules have ${what}`);
+    return n > 0;
+  };
+  const float = (data: Float64Array, shape: number[]) =>
+    dtype === 'F64' ? { dtype, shape, data } : { dtype, shape, data: Float32Array.from(data) };
+  // kronfluence counts are int64; weighted (non-integer) counts are kept exact as F64, which
+  // kronfluence also divides by.
+  const count = (c: number) =>
+    Number.isSafeInteger(c)
+      ? { dtype: 'I64' as const, shape: [1], data: BigInt64Array.of(BigInt(c)) }
+      : { dtype: 'F64' as const, shape: [1], data: Float64Array.of(c) };
+  const write = (file: string, pick: (m: ModuleFactors) => ReturnType<typeof float> | ReturnType<typeof count>) => {
+    const tensors: Parameters<typeof writeSafetensors>[1] = {};
+    for (const m of mods) tensors[m.name] = pick(m);
+    writeSafetensors(join(dir, `${file}.safetensors`), tensors, metadata);
+  };
+
+  if (stage((m) => !!m.covariance, 'covariances')) {
+    write(ACTIVATION_COVARIANCE, (m) => float(m.covariance!.activationSum, [m.dA, m.dA]));
+    write(GRADIENT_COVARIANCE, (m) => float(m.covariance!.gradientSum, [m.dOut, m.dOut]));
+    write(NUM_ACTIVATION_COVARIANCE_PROCESSED, (m) => count(m.covariance!.activationCount));
+    write(NUM_GRADIENT_COVARIANCE_PROCESSED, (m) => count(m.covariance!.gradientCount));
+  }
+  if (stage((m) => !!m.eigen, 'eigendecompositions')) {
+    write(ACTIVATION_EIGENVECTORS, (m) => float(m.eigen!.qA, [m.dA, m.dA]));
+    write(ACTIVATION_EIGENVALUES, (m) => float(m.eigen!.eigA, [m.dA]));
+    write(GRADIENT_EIGENVECTORS, (m) => float(m.eigen!.qS, [m.dOut, m.dOut]));
+    write(GRADIENT_EIGENVALUES, (m) => float(m.eigen!.eigS, [m.dOut]));
+  }
+  if (stage((m) => !!m.lambda, 'eigenvalue corrections')) {
+    write(LAMBDA_MATRIX, (m) => float(m.lambda!.sum, [m.dOut, m.dA]));
+    write(NUM_LAMBDA_PROCESSED, (m) => count(m.lambda!.count));
+  }
+  writeJsonAtomic(join(dir, FACTOR_ARGUMENTS_FILE), kron);
+  writeJsonAtomic(join(dir, OUR_ARGUMENTS_FILE), {
+    ...factors.args,
+    modules: factors.args.modules.length ? factors.args.modules : mods.map((m) => m.name),
+    fingerprint: factors.fingerprint,
+    format: 1,
+  });
+}
+
+/** Reads a factors directory written by us or by kronfluence (any float dtype). */
+export function loadFactors(dir: string): Factors {
+  if (!existsSync(dir)) throw new Error(`no factors directory at ${dir}`);
+  const has = (files: string[]) => files.every((f) => existsSync(join(dir, `${f}.safetensors`)));
+  const stages = { covariance: has(COVARIANCE_FILES), eigen: has(EIGEN_FILES), lambda: has(LAMBDA_FILES) };
+  if (!stages.covariance && !stages.eigen && !stages.lambda) {
+    throw new Error(`${dir} holds no complete set of factor files (expected e.g. ${LAMBDA_MATRIX}.safetensors)`);
+  }
+  const files = new Map<string, Record<string, Float64Array & { shape?: number[] }>>();
+  const open = (file: string) => {
+    let f = files.get(file);
+    if (!f) {
+      f = readAll(join(dir, `${file}.safetensors`));
+      files.set(file, f);
+    }
+    return f;
+  };
+  // Module names and sizes come from whichever stage is present.
+  const shapes = new Map<string, { dA: number; dOut: number }>();
+  const sizeFrom = (file: string, pick: (shape: number[]) => { dA?: number; dOut?: number }) => {
+    for (const [name, t] of Object.entries(open(file))) {
+      const s = { ...(shapes.get(name) ?? { dA: 0, dOut: 0 }) };
+      const p = pick(t.shape ?? []);
+      if (p.dA) s.dA = p.dA;
+      if (p.dOut) s.dOut = p.dOut;
+      shapes.set(name, s);
+    }
+  };
+  if (stages.lambda) sizeFrom(LAMBDA_MATRIX, (s) => ({ dOut: s[0], dA: s[1] }));
+  if (stages.eigen) {
+    sizeFrom(ACTIVATION_EIGENVALUES, (s) => ({ dA: s[0] }));
+    sizeFrom(GRADIENT_EIGENVALUES, (s) => ({ dOut: s[0] }));
+  }
+  if (stages.covariance) {
+    sizeFrom(ACTIVATION_COVARIANCE, (s) => ({ dA: s[0] }));
+    sizeFrom(GRADIENT_COVARIANCE, (s) => ({ dOut: s[0] }));
+  }
+
+  const modules: Record<string, ModuleFactors> = {};
+  for (const [name, { dA, dOut }] of shapes) {
+    const get = (file: string, shape: number[]) => {
+      const t = open(file)[name];
+      if (!t) throw new Error(`${join(dir, file)}.safetensors has no tensor for module ${name}`);
+      const want = shape.reduce((x, y) => x * y, 1);
+      if (t.length !== want) {
+        throw new Error(`${file}[${name}] has ${t.length} values; expected shape [${shape.join(', ')}]`);
+      }
+      return t;
+    };
+    const mf: ModuleFactors = { name, dA, dOut };
+    if (stages.covariance) {
+      mf.covariance = {
+        activationSum: get(ACTIVATION_COVARIANCE, [dA, dA]),
+        activationCount: get(NUM_ACTIVATION_COVARIANCE_PROCESSED, [1])[0],
+        gradientSum: get(GRADIENT_COVARIANCE, [dOut, dOut]),
+        gradientCount: get(NUM_GRADIENT_COVARIANCE_PROCESSED, [1])[0],
+      };
+    }
+    if (stages.eigen) {
+      mf.eigen = {
+        qA: get(ACTIVATION_EIGENVECTORS, [dA, dA]),
+        eigA: get(ACTIVATION_EIGENVALUES, [dA]),
+        qS: get(GRADIENT_EIGENVECTORS, [dOut, dOut]),
+        eigS: get(GRADIENT_EIGENVALUES, [dOut]),
+      };
+    }
+    if (stages.lambda) {
+      mf.lambda = { sum: get(LAMBDA_MATRIX, [dOut, dA]), count: get(NUM_LAMBDA_PROCESSED, [1])[0] };
+    }
+    modules[name] = mf;
+  }
+
+  const ours = readJson(join(dir, OUR_ARGUMENTS_FILE));
+  const kron = readJson(join(dir, FACTOR_ARGUMENTS_FILE));
+  if (kron && kron.strategy !== undefined && kron.strategy !== 'ekfac') {
+    throw new Error(`${dir}: factors use kronfluence strategy "${kron.strategy}"; only "ekfac" is supported`);
+  }
+  const args: FactorArguments = ours
+    ? {
+        strategy: 'ekfac',
+        labels: ours.labels === 'empirical' ? 'empirical' : 'sampled',
+        damping: (ours.damping as Damping | undefined) ?? DEFAULT_DAMPING,
+        modules: Array.isArray(ours.modules) ? (ours.modules as string[]) : [...shapes.keys()],
+        maxExamples: typeof ours.maxExamples === 'number' ? ours.maxExamples : null,
+        seed: typeof ours.seed === 'number' ? ours.seed : null,
+      }
+    : {
+        // kronfluence: damping is a score argument, and its `damping_factor=None` heuristic is ours
+        strategy: 'ekfac',
+        labels: kron?.use_empirical_fisher === true ? 'empirical' : 'sampled',
+        damping: DEFAULT_DAMPING,
+        modules: [...shapes.keys()],
+        maxExamples: typeof kron?.covariance_max_examples === 'number' ? kron.covariance_max_examples : null,
+        seed: null,
+      };
+  const fingerprint = typeof ours?.fingerprint === 'string' ? ours.fingerprint : null;
+  return { args, fingerprint, modules };
+}
+
+/** The EK-FAC preconditioner of one loaded module (needs the eigen and lambda stages). */
+export function preconditionerFor(mf: ModuleFactors, damping: Damping = DEFAULT_DAMPING): Preconditioner {
+  if (!mf.eigen || !mf.lambda) {
+    throw new Error(`factors of module ${mf.name} lack ${mf.eigen ? 'the eigenvalue correction' : 'eigenvectors'}`);
+  }
+  const basis: Eigenbasis = { module: mf.name, dA: mf.dA, dOut: mf.dOut, ...mf.eigen };
+  const lam = LambdaAccumulator.fromSum(basis, mf.lambda.sum, mf.lambda.count);
+  return makePreconditioner(basis, lam.mean(), damping);
+}
+
+/** Restores the covariance accumulator of a loaded module (e.g. to merge more data into it). */
+export function covarianceFor(mf: ModuleFactors, shape: ModuleShape): CovarianceAccumulator {
+  if (!mf.covariance) throw new Error(`factors of module ${mf.name} have no covariances`);
+  const c = mf.covariance;
+  return CovarianceAccumulator.fromSums(shape, c.activationSum, c.activationCount, c.gradientSum, c.gradientCount);
+}
+
+/** kronfluence's FactorArguments.to_dict() for our arguments (so kronfluence can load our factors). */
+function kronfluenceArguments(a: FactorArguments, dtype: 'F32' | 'F64') {
+  const t = dtype === 'F64' ? 'torch.float64' : 'torch.float32';
+  return {
+    strategy: 'ekfac',
+    use_empirical_fisher: a.labels === 'empirical',
+    amp_dtype: null,
+    amp_scale: 65536.0,
+    has_shared_parameters: false,
+    covariance_max_examples: a.maxExamples,
+    covariance_data_partitions: 1,
+    covariance_module_partitions: 1,
+    activation_covariance_dtype: t,
+    gradient_covariance_dtype: t,
+    eigendecomposition_dtype: 'torch.float64',
+    lambda_max_examples: a.maxExamples,
+    lambda_data_partitions: 1,
+    lambda_module_partitions: 1,
+    use_iterative_lambda_aggregation: false,
+    offload_activations_to_cpu: false,
+    per_sample_gradient_dtype: t,
+    lambda_dtype: t,
+  };
+}
+
+/** Python's str() of a JSON scalar, as kronfluence writes safetensors metadata. */
+function pyStr(v: unknown): string {
+  return typeof v === 'boolean' ? (v ? 'True' : 'False') : String(v);
+}
+
+function readAll(path: string): Record<string, Float64Array & { shape?: number[] }> {
+  const h = readSafetensorsHeader(path);
+  const out: Record<string, Float64Array & { shape?: number[] }> = {};
+  for (const [name, info] of h.tensors) {
+    const t = readTensorF64(h, name) as Float64Array & { shape?: number[] };
+    t.shape = info.shape;
+    out[name] = t;
+  }
+  return out;
+}
+
+function readJson(path: string): Record<string, unknown> | null {
+  if (!existsSync(path)) return null;
+  try {
+    return JSON.parse(readFileSync(path, 'utf8'));
+  } catch (e) {
+    throw new Error(`cannot parse ${path}: ${(e as Error).message}`);
+  }
+}
+
+function writeJsonAtomic(path: string, value: unknown) {
+  const tmp = `${path}.tmp-${process.pid}`;
+  writeFileSync(tmp, `${JSON.stringify(value, null, 4)}\n`);
+  renameSync(tmp, path);
+}

@@ -1,0 +1,98 @@
+// EK-FAC eigenvalue correction (George et al. 2018; Grosse et al. 2023, eq. 20):
+// Λ = E_z[(Q_Sᵀ G(z) Q_A)²] elementwise, over per-example (per-sequence) gradients G(z),
+// fitted with sampled labels. Stored like kronfluence's `lambda_matrix`: the SUM over
+// examples, shape d_out × d_A, with `num_lambda_processed` the number of examples.
+import { type Floats, firstNonFinite, gemm, toF64 } from '../../linalg/matrix';
+import { type Basis, type Eigenbasis, toEigenbasis } from './eigenbasis';
+import { activationRows, gradientRows, type RowWeights } from './gradient';
+
+export class LambdaAccumulator {
+  readonly dA: number;
+  readonly dOut: number;
+  /** Σ_z (Q_Sᵀ G(z) Q_A)², d_out × d_A row-major */
+  readonly sum: Float64Array;
+  /** examples added */
+  count = 0;
+
+  constructor(readonly basis: Eigenbasis) {
+    this.dA = basis.dA;
+    this.dOut = basis.dOut;
+    this.sum = new Float64Array(this.dA * this.dOut);
+  }
+
+  /** Adds one example's gradient G (d_out × d_A row-major, bias column last when folded in). */
+  addGradient(G: Floats): this {
+    const what = `gradient of example ${this.count + 1} for module ${this.basis.module} (eigenvalue correction)`;
+    if (G.length !== this.sum.length)
+      throw new Error(`${what}: expected ${this.dOut}×${this.dA}, got ${G.length} values`);
+    const bad = firstNonFinite(G);
+    if (bad >= 0) throw new Error(`${G[bad]} in ${what}`);
+    return this.addRotated(toEigenbasis(this.basis, toF64(G)));
+  }
+
+  /**
+   * Adds one example given its tokens: `a` rows × d_in, `g` rows × d_out. Uses
+   * Q_Sᵀ (Σ_t g_t ã_tᵀ) Q_A = (g Q_S)ᵀ (ã Q_A), cheaper than forming G when rows < d.
+   */
+  addTokens(a: Floats, g: Floats, rows: number, appendOne: boolean, weights?: RowWeights): this {
+    const { dA, dOut } = this;
+    const dIn = dA - (appendOne ? 1 : 0);
+    const what = `example ${this.count + 1} for module ${this.basis.module} (eigenvalue correction)`;
+    const X = activationRows(a, rows, dIn, appendOne, `activations of ${what}`, weights);
+    const Y = gradientRows(g, rows, dOut, `output gradients of ${what}`);
+    const direct = dOut * dA * rows + dOut * dOut * dA + dOut * dA * dA;
+    const viaTokens = rows * (dOut * dOut + dA * dA + dOut * dA);
+    if (viaTokens < direct) {
+      const YQ = gemm(Y, this.basis.qS, rows, dOut, dOut);
+      const XQ = gemm(X, this.basis.qA, rows, dA, dA);
+      return this.addRotated(gemm(YQ, XQ, dOut, rows, dA, { transA: true }));
+    }
+    return this.addRotated(toEigenbasis(this.basis, gemm(Y, X, dOut, rows, dA, { transA: true })));
+  }
+
+  /** Adds one example already rotated into the eigenbasis (Q_Sᵀ G Q_A). */
+  addRotated(Gt: Float64Array): this {
+    const s = this.sum;
+    for (let i = 0; i < s.length; i++) s[i] += Gt[i] * Gt[i];
+    this.count++;
+    return this;
+  }
+
+  merge(other: LambdaAccumulator): this {
+    if (other.basis.module !== this.basis.module || other.sum.length !== this.sum.length) {
+      throw new Error(`cannot merge eigenvalue corrections of ${other.basis.module} into ${this.basis.module}`);
+    }
+    for (let i = 0; i < this.sum.length; i++) this.sum[i] += other.sum[i];
+    this.count += other.count;
+    return this;
+  }
+
+  /** Restores from stored sums (e.g. kronfluence's `lambda_matrix` and `num_lambda_processed`). */
+  static fromSum(basis: Eigenbasis, sum: Float64Array, count: number): LambdaAccumulator {
+    const acc = new LambdaAccumulator(basis);
+    if (sum.length !== acc.sum.length) {
+      throw new Error(`lambda matrix of module ${basis.module}: expected ${basis.dOut}×${basis.dA}, got ${sum.length}`);
+    }
+    acc.sum.set(sum);
+    acc.count = count;
+    return acc;
+  }
+
+  /** Λ = sum / count; throws on no examples or NaN/Inf. */
+  mean(): Float64Array {
+    const what = `eigenvalue correction (lambda) of module ${this.basis.module} after ${this.count} examples`;
+    if (!(this.count > 0)) throw new Error(`no examples were added to the ${what}`);
+    const bad = firstNonFinite(this.sum);
+    if (bad >= 0) throw new Error(`${Number.isNaN(this.sum[bad]) ? 'NaN' : 'Inf'} in ${what}`);
+    const out = new Float64Array(this.sum.length);
+    for (let i = 0; i < out.length; i++) out[i] = this.sum[i] / this.count;
+    return out;
+  }
+}
+
+/** K-FAC's eigenvalues in the same layout: Λ_ij = λ_S[i] · λ_A[j] (no correction). */
+export function kfacLambda(b: Pick<Eigenbasis, 'eigA' | 'eigS' | 'dA' | 'dOut'> & Basis): Float64Array {
+  const L = new Float64Array(b.dOut * b.dA);
+  for (let i = 0; i < b.dOut; i++) for (let j = 0; j < b.dA; j++) L[i * b.dA + j] = b.eigS[i] * b.eigA[j];
+  return L;
+}

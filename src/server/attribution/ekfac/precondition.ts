@@ -1,0 +1,195 @@
+// Damped EK-FAC inverse (Grosse et al. 2023, eq. 21):
+//   P(V) = Q_S [ (Q_Sᵀ V Q_A) ⊘ (Λ + λ) ] Q_Aᵀ,
+// with λ = 0.1 · mean(Λ) per module by default, as kronfluence's `damping_factor=None`
+// heuristic (HEURISTIC_DAMPING_SCALE = 0.1 times the mean of the averaged lambda matrix).
+// Also the low-rank query of Grosse et al. §3.2: P(G_q) ≈ U diag(σ) Vᵀ.
+import { type EighBackend, eigh, JS_MAX_N } from '../../linalg/eigh';
+import { type Floats, firstNonFinite, gemm, toF64, transpose } from '../../linalg/matrix';
+import { nativeLapack } from '../../linalg/native';
+import { Rng } from '../../util/random';
+import { type Eigenbasis, fromEigenbasis, toEigenbasis } from './eigenbasis';
+
+/** λ added to every corrected eigenvalue: `{relative: f}` means f · mean(Λ); `{absolute: x}` means x. */
+export type Damping = { relative: number } | { absolute: number };
+
+export const DEFAULT_DAMPING: Damping = { relative: 0.1 };
+
+export interface Preconditioner extends Eigenbasis {
+  /** mean Λ (d_out × d_A) */
+  lambda: Float64Array;
+  /** the resolved λ */
+  damping: number;
+  /** 1 / (Λ + λ), elementwise */
+  inverse: Float64Array;
+}
+
+export function resolveDamping(lambda: Float64Array, damping: Damping = DEFAULT_DAMPING): number {
+  if ('absolute' in damping) {
+    if (!(damping.absolute >= 0)) throw new Error(`damping must be >= 0, got ${damping.absolute}`);
+    return damping.absolute;
+  }
+  if (!(damping.relative >= 0)) throw new Error(`relative damping must be >= 0, got ${damping.relative}`);
+  let s = 0;
+  for (let i = 0; i < lambda.length; i++) s += lambda[i];
+  return damping.relative * (s / lambda.length);
+}
+
+/** Builds P for one module from its eigenbasis and mean Λ. */
+export function makePreconditioner(
+  basis: Eigenbasis,
+  lambdaMean: Float64Array,
+  damping: Damping = DEFAULT_DAMPING,
+): Preconditioner {
+  const what = `module ${basis.module} (preconditioner)`;
+  if (lambdaMean.length !== basis.dOut * basis.dA) {
+    throw new Error(`lambda of ${what}: expected ${basis.dOut}×${basis.dA}, got ${lambdaMean.length} values`);
+  }
+  const bad = firstNonFinite(lambdaMean);
+  if (bad >= 0) throw new Error(`${lambdaMean[bad]} in lambda of ${what}`);
+  const lam = resolveDamping(lambdaMean, damping);
+  const inverse = new Float64Array(lambdaMean.length);
+  for (let i = 0; i < inverse.length; i++) {
+    const den = lambdaMean[i] + lam;
+    // Λ >= 0 by construction, so den == 0 only with zero damping on a direction with no curvature
+    if (!(den > 0)) {
+      throw new Error(`${what}: Λ + λ = ${den} at entry ${i}; use a positive damping (λ = ${lam})`);
+    }
+    inverse[i] = 1 / den;
+  }
+  return { ...basis, lambda: lambdaMean, damping: lam, inverse };
+}
+
+/** (Q_Sᵀ V Q_A) ⊘ (Λ + λ): the preconditioned gradient in the eigenbasis. */
+export function preconditionRotated(p: Preconditioner, Vt: Float64Array, inPlace = false): Float64Array {
+  const out = inPlace ? Vt : new Float64Array(Vt.length);
+  for (let i = 0; i < out.length; i++) out[i] = Vt[i] * p.inverse[i];
+  return out;
+}
+
+/** P(V) for a d_out × d_A matrix V. */
+export function precondition(p: Preconditioner, V: Floats): Float64Array {
+  const Vt = toEigenbasis(p, V);
+  return fromEigenbasis(p, preconditionRotated(p, Vt, true));
+}
+
+/** M ≈ Σ_i σ_i u_i v_iᵀ with σ descending. */
+export interface LowRank {
+  rank: number;
+  dOut: number;
+  dA: number;
+  /** d_out × rank row-major; column i = u_i */
+  u: Float64Array;
+  sigma: Float64Array;
+  /** d_A × rank row-major; column i = v_i */
+  v: Float64Array;
+}
+
+export interface LowRankOptions {
+  /** 'gram': eigh of MᵀM or MMᵀ (exact); 'randomized': subspace iteration (Halko et al. 2011,
+   * as torch.svd_lowrank in kronfluence). 'auto': gram when min(d_out, d_A) <= 256 or rank
+   * is most of it, else randomized. */
+  method?: 'auto' | 'gram' | 'randomized';
+  /** randomized: power iterations (default 2) and oversampling (default 10) */
+  powerIterations?: number;
+  oversample?: number;
+  seed?: number;
+  backend?: EighBackend;
+}
+
+/** Rank-r SVD of M (d_out × d_A). A rank >= min(d_out, d_A) reproduces M exactly. */
+export function lowRank(M: Floats, dOut: number, dA: number, rank: number, o: LowRankOptions = {}): LowRank {
+  if (M.length !== dOut * dA) throw new Error(`lowRank: expected ${dOut}×${dA}, got ${M.length} values`);
+  if (!(rank >= 1)) throw new Error(`lowRank: rank must be >= 1, got ${rank}`);
+  const m = toF64(M);
+  const small = Math.min(dOut, dA);
+  const r = Math.min(rank, small);
+  let method = o.method ?? 'auto';
+  if (method === 'auto') method = small <= 256 || 2 * r >= small ? 'gram' : 'randomized';
+  if (method === 'gram' && small > JS_MAX_N && !nativeLapack()) method = 'randomized';
+  return method === 'gram' ? gramSvd(m, dOut, dA, r, o.backend) : randomizedSvd(m, dOut, dA, r, o);
+}
+
+/** Dense U diag(σ) Vᵀ. */
+export function lowRankToDense(f: LowRank): Float64Array {
+  const US = Float64Array.from(f.u);
+  for (let i = 0; i < f.dOut; i++) for (let k = 0; k < f.rank; k++) US[i * f.rank + k] *= f.sigma[k];
+  return gemm(US, f.v, f.dOut, f.rank, f.dA, { transB: true });
+}
+
+function gramSvd(M: Float64Array, dOut: number, dA: number, r: number, backend?: EighBackend): LowRank {
+  // Work with the smaller Gram matrix; its top eigenvectors are the right (or left) singular vectors.
+  const right = dA <= dOut;
+  const n = right ? dA : dOut;
+  const G = right ? gemm(M, M, dA, dOut, dA, { transA: true }) : gemm(M, M, dOut, dA, dOut, { transB: true });
+  const { values, vectors } = eigh(G, n, { label: 'Gram matrix of the preconditioned query (low-rank SVD)', backend });
+  // top-r columns, descending
+  const W = new Float64Array(n * r);
+  const sigma = new Float64Array(r);
+  for (let k = 0; k < r; k++) {
+    const j = n - 1 - k;
+    sigma[k] = Math.sqrt(Math.max(values[j], 0));
+    for (let i = 0; i < n; i++) W[i * r + k] = vectors[i * n + j];
+  }
+  // The other side is M v / σ (or Mᵀ u / σ); σ u = M v holds even for tiny σ, so a full-rank
+  // result reproduces M. Exactly zero σ leaves a zero column.
+  const other = right ? gemm(M, W, dOut, dA, r) : gemm(M, W, dA, dOut, r, { transA: true });
+  const m = right ? dOut : dA;
+  for (let k = 0; k < r; k++) {
+    const inv = sigma[k] > 0 ? 1 / sigma[k] : 0;
+    for (let i = 0; i < m; i++) other[i * r + k] *= inv;
+  }
+  return right ? { rank: r, dOut, dA, u: other, sigma, v: W } : { rank: r, dOut, dA, u: W, sigma, v: other };
+}
+
+function randomizedSvd(M: Float64Array, dOut: number, dA: number, r: number, o: LowRankOptions): LowRank {
+  const k = Math.min(r + (o.oversample ?? 10), Math.min(dOut, dA));
+  const rng = new Rng(o.seed ?? 0x5eed);
+  const Omega = new Float64Array(k * dA);
+  for (let i = 0; i < Omega.length; i++) Omega[i] = rng.normal();
+  // rows of Qt span the range of M (as row vectors of length d_out)
+  let Qt = orthonormalRows(gemm(Omega, M, k, dA, dOut, { transB: true }), k, dOut);
+  for (let it = 0; it < (o.powerIterations ?? 2); it++) {
+    const Z = orthonormalRows(gemm(Qt, M, k, dOut, dA), k, dA);
+    Qt = orthonormalRows(gemm(Z, M, k, dA, dOut, { transB: true }), k, dOut);
+  }
+  // B = Qᵀ M (k × d_A); SVD of the small B via eigh of B Bᵀ (k × k)
+  const B = gemm(Qt, M, k, dOut, dA);
+  const { values, vectors } = eigh(gemm(B, B, k, dA, k, { transB: true }), k, {
+    label: 'projected preconditioned query (randomized low-rank SVD)',
+    backend: o.backend,
+  });
+  const Wt = new Float64Array(r * k); // row i = i-th top eigenvector of B Bᵀ
+  const sigma = new Float64Array(r);
+  for (let i = 0; i < r; i++) {
+    const j = k - 1 - i;
+    sigma[i] = Math.sqrt(Math.max(values[j], 0));
+    for (let c = 0; c < k; c++) Wt[i * k + c] = vectors[c * k + j];
+  }
+  const Ut = gemm(Wt, Qt, r, k, dOut); // u_i = Q w_i
+  const Vt = gemm(Wt, B, r, k, dA); // σ_i v_i = Bᵀ w_i
+  for (let i = 0; i < r; i++) {
+    const inv = sigma[i] > 0 ? 1 / sigma[i] : 0;
+    for (let c = 0; c < dA; c++) Vt[i * dA + c] *= inv;
+  }
+  return { rank: r, dOut, dA, u: transpose(Ut, r, dOut), sigma, v: transpose(Vt, r, dA) };
+}
+
+/** Modified Gram-Schmidt, run twice for stability; near-zero rows become 0. */
+function orthonormalRows(Y: Float64Array, k: number, n: number): Float64Array {
+  for (let pass = 0; pass < 2; pass++) {
+    for (let i = 0; i < k; i++) {
+      const ri = i * n;
+      for (let j = 0; j < i; j++) {
+        const rj = j * n;
+        let d = 0;
+        for (let c = 0; c < n; c++) d += Y[ri + c] * Y[rj + c];
+        for (let c = 0; c < n; c++) Y[ri + c] -= d * Y[rj + c];
+      }
+      let s = 0;
+      for (let c = 0; c < n; c++) s += Y[ri + c] * Y[ri + c];
+      const inv = s > 1e-300 ? 1 / Math.sqrt(s) : 0;
+      for (let c = 0; c < n; c++) Y[ri + c] *= inv;
+    }
+  }
+  return Y;
+}

@@ -1,0 +1,76 @@
+// A training-data file loaded, validated and rendered: what the indexer iterates over.
+import { DataError } from './errors';
+import { formatRecord, type RecordKind, type Span } from './format';
+import { contentHash } from './ids';
+import { readJsonl, SKIP_HINT, type SkippedLine } from './jsonl';
+
+export interface Example {
+  /** 0-based position among the loaded examples (not the line number). */
+  index: number;
+  /** 1-based line in the file. */
+  line: number;
+  /** Content hash of the record (see ids.ts): stable across reordering of the file. */
+  hash: string;
+  kind: RecordKind;
+  text: string;
+  spans: Span[];
+  /** The parsed JSON record as it appeared, extra fields included. */
+  record: unknown;
+}
+
+export interface Dataset {
+  path: string;
+  examples: Example[];
+  /** Lines skipped under skipMalformed: bad JSON and records of an unaccepted shape. */
+  skipped: SkippedLine[];
+  /** How many examples repeat the hash of an earlier one. Duplicates are kept: they were trained on twice. */
+  duplicates: number;
+}
+
+export interface LoadDatasetOptions {
+  skipMalformed?: boolean;
+  /** Keep only the first N valid examples. */
+  maxExamples?: number;
+}
+
+export function loadDataset(path: string, options: LoadDatasetOptions = {}): Dataset {
+  const { skipMalformed = false, maxExamples } = options;
+  if (maxExamples !== undefined && !(Number.isInteger(maxExamples) && maxExamples > 0)) {
+    throw new DataError(`maxExamples must be a positive integer, got ${maxExamples}`);
+  }
+  // JSON errors are collected rather than thrown so that, without skipping, the error we report
+  // is the first one in the file whether it is bad JSON or a bad shape. Each row yields one
+  // example or an error, so reading can stop after maxExamples rows; when skipping, a row may be
+  // dropped for its shape, so we must read on.
+  const limit = skipMalformed ? undefined : maxExamples;
+  const { rows, skipped } = readJsonl(path, { skipMalformed: true, limit });
+  const examples: Example[] = [];
+  const seen = new Set<string>();
+  let duplicates = 0;
+  for (const { line, value } of rows) {
+    if (maxExamples !== undefined && examples.length >= maxExamples) break;
+    let formatted: ReturnType<typeof formatRecord>;
+    try {
+      formatted = formatRecord(value, `${path}:${line}`);
+    } catch (e) {
+      if (!(e instanceof DataError)) throw e;
+      skipped.push({ line, message: e.message.slice(`${path}:${line}: `.length) });
+      continue;
+    }
+    const hash = contentHash(value);
+    if (seen.has(hash)) duplicates++;
+    else seen.add(hash);
+    examples.push({ index: examples.length, line, hash, ...formatted, record: value });
+  }
+  // Report in file order, leaving out lines past the last kept example when maxExamples cut the file.
+  const last = examples.length === maxExamples ? examples[examples.length - 1].line : Number.POSITIVE_INFINITY;
+  const reported = skipped.filter((s) => s.line < last).sort((a, b) => a.line - b.line);
+  if (!skipMalformed && reported.length > 0) {
+    throw new DataError(`${path}:${reported[0].line}: ${reported[0].message} ${SKIP_HINT}`);
+  }
+  if (examples.length === 0) {
+    const why = reported.length > 0 ? ` (${reported.length} malformed line(s) skipped)` : '';
+    throw new DataError(`${path}: no training examples${why}`);
+  }
+  return { path, examples, skipped: reported, duplicates };
+}

@@ -1,0 +1,86 @@
+// Reading JSONL training data. We scan the raw bytes for '\n' rather than decoding the whole
+// file into one string: V8 caps strings at ~512 MiB, and byte scanning keeps line numbers exact.
+import { readFileSync } from 'node:fs';
+import { DataError } from './errors';
+
+export { DataError } from './errors';
+
+export interface JsonlRow {
+  /** 1-based line number in the file. */
+  line: number;
+  value: unknown;
+}
+
+export interface SkippedLine {
+  line: number;
+  message: string;
+}
+
+export interface JsonlResult {
+  rows: JsonlRow[];
+  skipped: SkippedLine[];
+}
+
+export interface ReadJsonlOptions {
+  /** Record malformed lines in `skipped` instead of throwing. */
+  skipMalformed?: boolean;
+  /** Stop after this many rows (lets `--max-examples` avoid parsing a huge file to the end). */
+  limit?: number;
+}
+
+export const SKIP_HINT = '(pass --skip-malformed to skip such lines)';
+
+// fatal: invalid UTF-8 is a malformed line, not silently replaced with U+FFFD.
+const decoder = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true });
+
+export function readJsonl(path: string, options: ReadJsonlOptions = {}): JsonlResult {
+  const buf = readBytes(path);
+  const rows: JsonlRow[] = [];
+  const skipped: SkippedLine[] = [];
+  const limit = options.limit ?? Number.POSITIVE_INFINITY;
+  // UTF-8 BOM, as written by some Windows editors.
+  let start = buf.length >= 3 && buf[0] === 0xef && buf[1] === 0xbb && buf[2] === 0xbf ? 3 : 0;
+  let line = 0;
+  while (start < buf.length && rows.length < limit) {
+    line++;
+    let end = buf.indexOf(0x0a, start);
+    if (end < 0) end = buf.length; // no trailing newline
+    const next = end + 1;
+    if (end > start && buf[end - 1] === 0x0d) end--; // CRLF
+    const problem = parseLine(buf, start, end, line, rows);
+    if (problem !== undefined) {
+      if (!options.skipMalformed) throw new DataError(`${path}:${line}: ${problem} ${SKIP_HINT}`);
+      skipped.push({ line, message: problem });
+    }
+    start = next;
+  }
+  return { rows, skipped };
+}
+
+/** Parses one line into `rows`; returns what is wrong with it, or undefined. Blank lines are fine. */
+function parseLine(buf: Buffer, start: number, end: number, line: number, rows: JsonlRow[]): string | undefined {
+  let text: string;
+  try {
+    text = decoder.decode(buf.subarray(start, end));
+  } catch {
+    return 'invalid UTF-8';
+  }
+  if (text.trim() === '') return undefined;
+  try {
+    rows.push({ line, value: JSON.parse(text) });
+    return undefined;
+  } catch (e) {
+    return `invalid JSON: ${(e as Error).message}`;
+  }
+}
+
+function readBytes(path: string): Buffer {
+  try {
+    return readFileSync(path);
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    if (code === 'ENOENT') throw new DataError(`${path}: no such file`);
+    if (code === 'EISDIR') throw new DataError(`${path}: is a directory, expected a .jsonl file`);
+    throw new DataError(`${path}: cannot read: ${(e as Error).message}`);
+  }
+}

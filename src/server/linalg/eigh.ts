@@ -1,0 +1,285 @@
+// Symmetric eigendecomposition in fp64, for the EK-FAC bases Q_A, Q_S (Grosse et al. 2023,
+// eq. 20). LAPACK dsyevd (divide and conquer) through koffi when a system library is
+// present; otherwise Householder tridiagonalisation + implicit QL in JS, capped at
+// JS_MAX_N because it is O(n³) in JS (~10 s at n = 1024).
+import { firstNonFinite, symmetrize, transpose } from './matrix';
+import { lapackAllowed, nativeLapack, nativeLoadErrors } from './native';
+
+export interface Eigh {
+  /** ascending */
+  values: Float64Array;
+  /** row-major n×n; column j is the unit eigenvector of values[j] */
+  vectors: Float64Array;
+}
+
+export type EighBackend = 'auto' | 'lapack' | 'js';
+
+export interface EighOptions {
+  /** names the matrix in error messages, e.g. "activation covariance of model.layers.0.mlp.up_proj" */
+  label?: string;
+  /** 'auto' (default): LAPACK when loaded, else JS up to JS_MAX_N. 'js' has no size cap. */
+  backend?: EighBackend;
+}
+
+/** Largest n the automatic JS fallback accepts. */
+export const JS_MAX_N = 512;
+
+export const INSTALL_HINT =
+  'install OpenBLAS/LAPACK (Debian/Ubuntu: apt-get install libopenblas0-pthread; ' +
+  'Fedora: dnf install openblas; macOS uses Accelerate)';
+
+/** Which backend `eigh` uses now: 'lapack (<library>)' or 'js'. */
+export function eighBackend(): { kind: 'lapack' | 'js'; library?: string; reason?: string } {
+  const lib = nativeLapack();
+  if (lib) return { kind: 'lapack', library: lib.library };
+  if (!lapackAllowed()) return { kind: 'js', reason: 'INFLUENCE_LENS_LAPACK=off' };
+  return { kind: 'js', reason: `no LAPACK library found (${nativeLoadErrors().join('; ')})` };
+}
+
+/**
+ * Eigendecomposition of a symmetric n×n matrix (row-major; only its symmetric part is used).
+ * The input is not modified. Throws on NaN/Inf, naming `label`.
+ */
+export function eigh(matrix: Float64Array, n: number, options: EighOptions = {}): Eigh {
+  const label = options.label ?? 'matrix';
+  if (!Number.isInteger(n) || n < 0) throw new Error(`eigh(${label}): bad size ${n}`);
+  if (matrix.length !== n * n)
+    throw new Error(`eigh(${label}): expected ${n}×${n} = ${n * n} values, got ${matrix.length}`);
+  const bad = firstNonFinite(matrix);
+  if (bad >= 0) {
+    const i = Math.floor(bad / n);
+    throw new Error(`eigh: ${matrix[bad]} in ${label} at [${i}, ${bad - i * n}] (n=${n})`);
+  }
+  if (n === 0) return { values: new Float64Array(0), vectors: new Float64Array(0) };
+  const a = symmetrize(Float64Array.from(matrix), n);
+  const backend = options.backend ?? 'auto';
+  const lib = backend === 'js' ? null : nativeLapack();
+  if (lib) return eighLapack(a, n, label, lib.dsyevd);
+  if (backend === 'lapack') {
+    throw new Error(
+      `eigh(${label}): LAPACK backend requested but not available: ${eighBackend().reason}; ${INSTALL_HINT}`,
+    );
+  }
+  if (backend === 'auto' && n > JS_MAX_N) {
+    throw new Error(
+      `eigh(${label}): n=${n} is too large for the pure-JS eigensolver (limit ${JS_MAX_N}; ` +
+        `${eighBackend().reason}). To fit factors for this model, ${INSTALL_HINT}`,
+    );
+  }
+  return eighJs(a, n, label);
+}
+
+type Dsyevd = NonNullable<ReturnType<typeof nativeLapack>>['dsyevd'];
+
+function eighLapack(a: Float64Array, n: number, label: string, dsyevd: Dsyevd): Eigh {
+  const N = new Int32Array([n]);
+  const w = new Float64Array(n);
+  const info = new Int32Array(1);
+  const wq = new Float64Array(1);
+  const iq = new Int32Array(1);
+  // Workspace query (lwork = liwork = -1): LAPACK writes the optimal sizes into work[0], iwork[0].
+  dsyevd('V', 'L', N, a, N, w, wq, new Int32Array([-1]), iq, new Int32Array([-1]), info, 1, 1);
+  if (info[0] !== 0) throw new Error(`eigh(${label}): dsyevd workspace query failed (info=${info[0]})`);
+  // Reference LAPACK minimums for jobz='V', as a floor in case a library under-reports.
+  const lwork = Math.max(Math.ceil(wq[0]), 1 + 6 * n + 2 * n * n);
+  const liwork = Math.max(iq[0], 3 + 5 * n);
+  const work = new Float64Array(lwork);
+  const iwork = new Int32Array(liwork);
+  dsyevd('V', 'L', N, a, N, w, work, new Int32Array([lwork]), iwork, new Int32Array([liwork]), info, 1, 1);
+  if (info[0] < 0) throw new Error(`eigh(${label}): dsyevd argument ${-info[0]} was illegal`);
+  if (info[0] > 0) throw new Error(`eigh(${label}): dsyevd failed to converge (info=${info[0]}, n=${n})`);
+  // LAPACK returns eigenvectors column-major (a[j*n + i] = V[i][j]); we return row-major V.
+  return { values: w, vectors: transpose(a, n, n) };
+}
+
+/**
+ * Householder reduction to tridiagonal form, then the implicit QL algorithm with shifts
+ * (the classic EISPACK tred2/tql2 pair). W holds Vᵀ so every hot loop walks contiguous rows:
+ * W[j*n + k] = V[k][j].
+ */
+export function eighJs(a: Float64Array, n: number, label = 'matrix'): Eigh {
+  const W = a; // symmetric, so the input is its own transpose
+  const d = new Float64Array(n);
+  const e = new Float64Array(n);
+  tred2(W, d, e, n);
+  tql2(W, d, e, n, label);
+  return { values: d, vectors: transpose(W, n, n) };
+}
+
+function tred2(W: Float64Array, d: Float64Array, e: Float64Array, n: number) {
+  for (let j = 0; j < n; j++) d[j] = W[j * n + n - 1];
+  for (let i = n - 1; i > 0; i--) {
+    let scale = 0;
+    let h = 0;
+    for (let k = 0; k < i; k++) scale += Math.abs(d[k]);
+    if (scale === 0) {
+      e[i] = d[i - 1];
+      for (let j = 0; j < i; j++) {
+        d[j] = W[j * n + i - 1];
+        W[j * n + i] = 0;
+        W[i * n + j] = 0;
+      }
+    } else {
+      // Householder vector for row i, scaled to avoid under/overflow
+      for (let k = 0; k < i; k++) {
+        d[k] /= scale;
+        h += d[k] * d[k];
+      }
+      let f = d[i - 1];
+      let g = Math.sqrt(h);
+      if (f > 0) g = -g;
+      e[i] = scale * g;
+      h -= f * g;
+      d[i - 1] = f - g;
+      for (let j = 0; j < i; j++) e[j] = 0;
+      // e = A·u on the leading i×i block (lower triangle stored in W rows)
+      for (let j = 0; j < i; j++) {
+        const rj = j * n;
+        f = d[j];
+        W[i * n + j] = f;
+        g = e[j] + W[rj + j] * f;
+        for (let k = j + 1; k < i; k++) {
+          g += W[rj + k] * d[k];
+          e[k] += W[rj + k] * f;
+        }
+        e[j] = g;
+      }
+      f = 0;
+      for (let j = 0; j < i; j++) {
+        e[j] /= h;
+        f += e[j] * d[j];
+      }
+      const hh = f / (h + h);
+      for (let j = 0; j < i; j++) e[j] -= hh * d[j];
+      // rank-2 update of the leading block
+      for (let j = 0; j < i; j++) {
+        const rj = j * n;
+        f = d[j];
+        g = e[j];
+        for (let k = j; k < i; k++) W[rj + k] -= f * e[k] + g * d[k];
+        d[j] = W[rj + i - 1];
+        W[rj + i] = 0;
+      }
+    }
+    d[i] = h;
+  }
+  // accumulate the transformations
+  for (let i = 0; i < n - 1; i++) {
+    const ri = i * n;
+    const ri1 = (i + 1) * n;
+    W[ri + n - 1] = W[ri + i];
+    W[ri + i] = 1;
+    const h = d[i + 1];
+    if (h !== 0) {
+      for (let k = 0; k <= i; k++) d[k] = W[ri1 + k] / h;
+      for (let j = 0; j <= i; j++) {
+        const rj = j * n;
+        let g = 0;
+        for (let k = 0; k <= i; k++) g += W[ri1 + k] * W[rj + k];
+        for (let k = 0; k <= i; k++) W[rj + k] -= g * d[k];
+      }
+    }
+    for (let k = 0; k <= i; k++) W[ri1 + k] = 0;
+  }
+  for (let j = 0; j < n; j++) {
+    d[j] = W[j * n + n - 1];
+    W[j * n + n - 1] = 0;
+  }
+  W[n * n - 1] = 1;
+  e[0] = 0;
+}
+
+function hypot(a: number, b: number): number {
+  const x = Math.abs(a);
+  const y = Math.abs(b);
+  if (x > y) {
+    const r = y / x;
+    return x * Math.sqrt(1 + r * r);
+  }
+  if (y === 0) return 0;
+  const r = x / y;
+  return y * Math.sqrt(1 + r * r);
+}
+
+function tql2(W: Float64Array, d: Float64Array, e: Float64Array, n: number, label: string) {
+  for (let i = 1; i < n; i++) e[i - 1] = e[i];
+  e[n - 1] = 0;
+  let f = 0;
+  let tst1 = 0;
+  const eps = 2 ** -52;
+  for (let l = 0; l < n; l++) {
+    tst1 = Math.max(tst1, Math.abs(d[l]) + Math.abs(e[l]));
+    let m = l;
+    while (m < n - 1 && Math.abs(e[m]) > eps * tst1) m++;
+    if (m > l) {
+      let iter = 0;
+      do {
+        if (++iter > 60) throw new Error(`eigh(${label}): QL iteration did not converge (n=${n})`);
+        // Wilkinson-style shift from the leading 2×2 block
+        let g = d[l];
+        let p = (d[l + 1] - g) / (2 * e[l]);
+        let r = hypot(p, 1);
+        if (p < 0) r = -r;
+        d[l] = e[l] / (p + r);
+        d[l + 1] = e[l] * (p + r);
+        const dl1 = d[l + 1];
+        let h = g - d[l];
+        for (let i = l + 2; i < n; i++) d[i] -= h;
+        f += h;
+        // implicit QL sweep from m back to l, applying each Givens rotation to rows of W
+        p = d[m];
+        let c = 1;
+        let c2 = c;
+        let c3 = c;
+        const el1 = e[l + 1];
+        let s = 0;
+        let s2 = 0;
+        for (let i = m - 1; i >= l; i--) {
+          c3 = c2;
+          c2 = c;
+          s2 = s;
+          g = c * e[i];
+          h = c * p;
+          r = hypot(p, e[i]);
+          e[i + 1] = s * r;
+          s = e[i] / r;
+          c = p / r;
+          p = c * d[i] - s * g;
+          d[i + 1] = h + s * (c * g + s * d[i]);
+          const ri = i * n;
+          const ri1 = ri + n;
+          for (let k = 0; k < n; k++) {
+            const hk = W[ri1 + k];
+            const vk = W[ri + k];
+            W[ri1 + k] = s * vk + c * hk;
+            W[ri + k] = c * vk - s * hk;
+          }
+        }
+        p = (-s * s2 * c3 * el1 * e[l]) / dl1;
+        e[l] = s * p;
+        d[l] = c * p;
+      } while (Math.abs(e[l]) > eps * tst1);
+    }
+    d[l] += f;
+    e[l] = 0;
+  }
+  // ascending order, moving eigenvector rows along
+  const tmp = new Float64Array(n);
+  for (let i = 0; i < n - 1; i++) {
+    let k = i;
+    let p = d[i];
+    for (let j = i + 1; j < n; j++) {
+      if (d[j] < p) {
+        k = j;
+        p = d[j];
+      }
+    }
+    if (k !== i) {
+      d[k] = d[i];
+      d[i] = p;
+      tmp.set(W.subarray(i * n, i * n + n));
+      W.copyWithin(i * n, k * n, k * n + n);
+      W.set(tmp, k * n);
+    }
+  }
+}

@@ -1,0 +1,175 @@
+// Small fp64 dense helpers, row-major throughout. GEMM uses the system BLAS (dgemm_) for
+// large products when native LAPACK is loaded, and a blocked JS loop otherwise.
+import { nativeLapack } from './native';
+
+export type Floats = Float32Array | Float64Array;
+
+export interface GemmOptions {
+  /** use Aᵀ: A is stored k×m */
+  transA?: boolean;
+  /** use Bᵀ: B is stored n×k */
+  transB?: boolean;
+  /** C = alpha·op(A)·op(B) + beta·C (beta needs `out`) */
+  alpha?: number;
+  beta?: number;
+  out?: Float64Array;
+  /** force the JS kernel (tests compare both) */
+  js?: boolean;
+}
+
+// Below this many multiply-adds the FFI call and argument boxing cost more than they save.
+const BLAS_MIN_FLOPS = 32 * 32 * 32;
+
+/** C (m×n) = alpha·op(A)·op(B) + beta·C, where op(A) is m×k and op(B) is k×n. */
+export function gemm(A: Float64Array, B: Float64Array, m: number, k: number, n: number, o: GemmOptions = {}) {
+  const { transA = false, transB = false, alpha = 1, beta = 0 } = o;
+  if (A.length < m * k) throw new Error(`gemm: A has ${A.length} values, needs ${m}×${k}`);
+  if (B.length < k * n) throw new Error(`gemm: B has ${B.length} values, needs ${k}×${n}`);
+  const C = o.out ?? new Float64Array(m * n);
+  if (C.length < m * n) throw new Error(`gemm: out has ${C.length} values, needs ${m}×${n}`);
+  if (m === 0 || n === 0) return C;
+  const lib = o.js ? null : nativeLapack();
+  if (lib?.dgemm && m * n * k >= BLAS_MIN_FLOPS) {
+    // Row-major C is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ, so swap the operands.
+    lib.dgemm(
+      transB ? 'T' : 'N',
+      transA ? 'T' : 'N',
+      i32(n),
+      i32(m),
+      i32(k),
+      new Float64Array([alpha]),
+      B,
+      i32(transB ? k : n),
+      A,
+      i32(transA ? m : k),
+      new Float64Array([beta]),
+      C,
+      i32(n),
+      1,
+      1,
+    );
+    return C;
+  }
+  if (beta === 0) C.fill(0, 0, m * n);
+  else if (beta !== 1) for (let i = 0; i < m * n; i++) C[i] *= beta;
+  if (k === 0) return C;
+  // The JS kernel wants B row-major k×n so that its inner loop runs over contiguous memory.
+  const Bn = transB ? transpose(B, n, k) : B;
+  gemmJs(A, Bn, C, m, k, n, transA, alpha);
+  return C;
+}
+
+function i32(x: number): Int32Array {
+  return new Int32Array([x]);
+}
+
+/** C += alpha·op(A)·B, B row-major k×n; blocked over k and n, inner loop unrolled over k. */
+function gemmJs(
+  A: Float64Array,
+  B: Float64Array,
+  C: Float64Array,
+  m: number,
+  k: number,
+  n: number,
+  transA: boolean,
+  alpha: number,
+) {
+  const NB = 512;
+  const KB = 128;
+  // op(A)[i, p] is A[i*k + p] (no transpose) or A[p*m + i] (transpose)
+  const si = transA ? 1 : k;
+  const sp = transA ? m : 1;
+  for (let j0 = 0; j0 < n; j0 += NB) {
+    const j1 = Math.min(n, j0 + NB);
+    for (let p0 = 0; p0 < k; p0 += KB) {
+      const p1 = Math.min(k, p0 + KB);
+      for (let i = 0; i < m; i++) {
+        const ci = i * n;
+        let p = p0;
+        for (; p + 3 < p1; p += 4) {
+          const a0 = alpha * A[i * si + p * sp];
+          const a1 = alpha * A[i * si + (p + 1) * sp];
+          const a2 = alpha * A[i * si + (p + 2) * sp];
+          const a3 = alpha * A[i * si + (p + 3) * sp];
+          if (a0 === 0 && a1 === 0 && a2 === 0 && a3 === 0) continue;
+          const b0 = p * n;
+          const b1 = b0 + n;
+          const b2 = b1 + n;
+          const b3 = b2 + n;
+          for (let j = j0; j < j1; j++) {
+            C[ci + j] += a0 * B[b0 + j] + a1 * B[b1 + j] + a2 * B[b2 + j] + a3 * B[b3 + j];
+          }
+        }
+        for (; p < p1; p++) {
+          const a = alpha * A[i * si + p * sp];
+          if (a === 0) continue;
+          const b = p * n;
+          for (let j = j0; j < j1; j++) C[ci + j] += a * B[b + j];
+        }
+      }
+    }
+  }
+}
+
+/** Row-major transpose: A is rows×cols, the result cols×rows. */
+export function transpose(A: Floats, rows: number, cols: number): Float64Array {
+  const T = new Float64Array(rows * cols);
+  const BS = 32;
+  for (let i0 = 0; i0 < rows; i0 += BS) {
+    const i1 = Math.min(rows, i0 + BS);
+    for (let j0 = 0; j0 < cols; j0 += BS) {
+      const j1 = Math.min(cols, j0 + BS);
+      for (let i = i0; i < i1; i++) for (let j = j0; j < j1; j++) T[j * rows + i] = A[i * cols + j];
+    }
+  }
+  return T;
+}
+
+/** fp64 copy (or the same array when it already is fp64 and `copy` is false). */
+export function toF64(x: Floats | ArrayLike<number>, copy = false): Float64Array {
+  if (x instanceof Float64Array && !copy) return x;
+  return Float64Array.from(x as ArrayLike<number>);
+}
+
+/** Index of the first NaN/±Inf, or -1. */
+export function firstNonFinite(x: ArrayLike<number>): number {
+  for (let i = 0; i < x.length; i++) {
+    const v = x[i];
+    // v - v is NaN exactly for NaN and ±Inf, and cheaper than Number.isFinite
+    if (v - v !== 0) return i;
+  }
+  return -1;
+}
+
+/** Frobenius inner product Σ x_i y_i (fp64 accumulation). */
+export function dot(x: ArrayLike<number>, y: ArrayLike<number>): number {
+  if (x.length !== y.length) throw new Error(`dot: lengths ${x.length} and ${y.length} differ`);
+  let s0 = 0;
+  let s1 = 0;
+  let i = 0;
+  for (; i + 1 < x.length; i += 2) {
+    s0 += x[i] * y[i];
+    s1 += x[i + 1] * y[i + 1];
+  }
+  if (i < x.length) s0 += x[i] * y[i];
+  return s0 + s1;
+}
+
+/** A ← (A + Aᵀ)/2 in place for a square n×n matrix. */
+export function symmetrize(A: Float64Array, n: number): Float64Array {
+  for (let i = 0; i < n; i++) {
+    for (let j = i + 1; j < n; j++) {
+      const v = 0.5 * (A[i * n + j] + A[j * n + i]);
+      A[i * n + j] = v;
+      A[j * n + i] = v;
+    }
+  }
+  return A;
+}
+
+/** Identity n×n. */
+export function eye(n: number): Float64Array {
+  const I = new Float64Array(n * n);
+  for (let i = 0; i < n; i++) I[i * n + i] = 1;
+  return I;
+}

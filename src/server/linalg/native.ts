@@ -1,0 +1,130 @@
+// System LAPACK/BLAS through koffi (FFI), loaded lazily on first use. Nothing here is
+// required: when no library is found, or INFLUENCE_LENS_LAPACK=off, callers use pure JS.
+//
+// Fortran calling convention: every argument by pointer, column-major matrices, and
+// (gfortran) one hidden size_t length per character argument appended at the end.
+// Passing those lengths is harmless for libraries that do not expect them.
+import { createRequire } from 'node:module';
+
+type DsyevdFn = (
+  jobz: string,
+  uplo: string,
+  n: Int32Array,
+  a: Float64Array,
+  lda: Int32Array,
+  w: Float64Array,
+  work: Float64Array,
+  lwork: Int32Array,
+  iwork: Int32Array,
+  liwork: Int32Array,
+  info: Int32Array,
+  jobzLen: number,
+  uploLen: number,
+) => void;
+
+type DgemmFn = (
+  transa: string,
+  transb: string,
+  m: Int32Array,
+  n: Int32Array,
+  k: Int32Array,
+  alpha: Float64Array,
+  a: Float64Array,
+  lda: Int32Array,
+  b: Float64Array,
+  ldb: Int32Array,
+  beta: Float64Array,
+  c: Float64Array,
+  ldc: Int32Array,
+  transaLen: number,
+  transbLen: number,
+) => void;
+
+export interface NativeLapack {
+  /** the library file that was opened */
+  library: string;
+  dsyevd: DsyevdFn;
+  /** absent when the library exports LAPACK but not BLAS level 3 */
+  dgemm?: DgemmFn;
+}
+
+const CANDIDATES: Record<string, string[]> = {
+  linux: ['libopenblas.so.0', 'libopenblasp.so.0', 'libopenblas.so', 'liblapack.so.3', 'liblapack.so'],
+  darwin: [
+    '/System/Library/Frameworks/Accelerate.framework/Accelerate',
+    '/opt/homebrew/opt/openblas/lib/libopenblas.dylib',
+    '/usr/local/opt/openblas/lib/libopenblas.dylib',
+  ],
+  win32: ['libopenblas.dll', 'openblas.dll', 'liblapack.dll'],
+};
+
+let cached: NativeLapack | null | undefined;
+let loadErrors: string[] = [];
+
+/** True unless the user turned native LAPACK off (INFLUENCE_LENS_LAPACK=off|0|false). */
+export function lapackAllowed(): boolean {
+  const v = (process.env.INFLUENCE_LENS_LAPACK ?? '').trim().toLowerCase();
+  return !(v === 'off' || v === '0' || v === 'false' || v === 'no');
+}
+
+/** The loaded library, or null (LAPACK off, koffi missing, or no library found). */
+export function nativeLapack(): NativeLapack | null {
+  if (!lapackAllowed()) return null;
+  if (cached !== undefined) return cached;
+  cached = load();
+  return cached;
+}
+
+/** Why no native library could be loaded (for error messages). */
+export function nativeLoadErrors(): string[] {
+  return loadErrors.slice();
+}
+
+function load(): NativeLapack | null {
+  loadErrors = [];
+  // koffi is an optional native dependency: require it lazily so a missing prebuilt
+  // binary only disables the fast path.
+  let koffi: typeof import('koffi');
+  try {
+    koffi = createRequire(import.meta.url)('koffi');
+  } catch (e) {
+    loadErrors.push(`koffi: ${(e as Error).message}`);
+    return null;
+  }
+  const extra = process.env.INFLUENCE_LENS_LAPACK_LIBRARY;
+  const names = [...(extra ? [extra] : []), ...(CANDIDATES[process.platform] ?? CANDIDATES.linux)];
+  for (const name of names) {
+    let lib: ReturnType<typeof koffi.load>;
+    try {
+      lib = koffi.load(name);
+    } catch (e) {
+      loadErrors.push(`${name}: ${(e as Error).message.split('\n')[0]}`);
+      continue;
+    }
+    try {
+      const dsyevd = lib.func(
+        'void dsyevd_(const char *jobz, const char *uplo, const int *n, double *a, const int *lda, double *w, ' +
+          'double *work, const int *lwork, int *iwork, const int *liwork, int *info, size_t l1, size_t l2)',
+      ) as DsyevdFn;
+      let dgemm: DgemmFn | undefined;
+      try {
+        dgemm = lib.func(
+          'void dgemm_(const char *ta, const char *tb, const int *m, const int *n, const int *k, ' +
+            'const double *alpha, const double *a, const int *lda, const double *b, const int *ldb, ' +
+            'const double *beta, double *c, const int *ldc, size_t l1, size_t l2)',
+        ) as DgemmFn;
+      } catch {
+        dgemm = undefined;
+      }
+      return { library: name, dsyevd, dgemm };
+    } catch (e) {
+      loadErrors.push(`${name}: no dsyevd_ (${(e as Error).message.split('\n')[0]})`);
+    }
+  }
+  return null;
+}
+
+/** Test hook: forget the loaded library so the next call loads again. */
+export function resetNativeLapackForTests(): void {
+  cached = undefined;
+}

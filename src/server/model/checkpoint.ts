@@ -1,0 +1,128 @@
+// A Hugging Face checkpoint directory: config.json plus model.safetensors, or shards
+// listed in model.safetensors.index.json. Opening one reads only the headers; weight
+// bytes stay on disk (the engine hands them to ONNX Runtime as external data).
+import { existsSync, readdirSync, readFileSync, statSync } from 'node:fs';
+import { join, resolve } from 'node:path';
+import { type DType, readSafetensorsHeader, readTensorF32, type SafetensorsHeader } from './safetensors';
+
+/** dtypes a checkpoint's weights may have (the graphs cast them to the compute precision) */
+export const WEIGHT_DTYPES: readonly DType[] = ['F32', 'F16', 'BF16'];
+
+export class CheckpointError extends Error {}
+
+export interface WeightRef {
+  name: string;
+  /** absolute path of the safetensors file that holds it */
+  file: string;
+  dtype: DType;
+  shape: number[];
+  /** absolute byte offset in `file` */
+  byteOffset: number;
+  byteLength: number;
+}
+
+export interface Checkpoint {
+  dir: string;
+  config: Record<string, unknown>;
+  modelType: string;
+  /** tensor name → where its bytes are, in file order */
+  weights: Map<string, WeightRef>;
+  /** the safetensors files, absolute paths */
+  files: string[];
+  totalBytes: number;
+  has(name: string): boolean;
+  /** read one weight as float32 (a copy; used by the trainer, never by inference) */
+  readF32(name: string): Float32Array;
+}
+
+export function readConfig(dir: string): Record<string, unknown> {
+  const path = join(dir, 'config.json');
+  if (!existsSync(path))
+    throw new CheckpointError(
+      `${dir}: no config.json (expected a Hugging Face model directory: config.json, model.safetensors, tokenizer.json)`,
+    );
+  let config: unknown;
+  try {
+    config = JSON.parse(readFileSync(path, 'utf8'));
+  } catch (e) {
+    throw new CheckpointError(`${path}: not valid JSON (${(e as Error).message})`);
+  }
+  if (!config || typeof config !== 'object' || Array.isArray(config))
+    throw new CheckpointError(`${path}: expected a JSON object`);
+  return config as Record<string, unknown>;
+}
+
+/** The safetensors files of a checkpoint: the index's shards, or model.safetensors. */
+function weightFiles(dir: string): { files: string[]; map?: Record<string, string> } {
+  const index = join(dir, 'model.safetensors.index.json');
+  if (existsSync(index)) {
+    let parsed: { weight_map?: Record<string, string> };
+    try {
+      parsed = JSON.parse(readFileSync(index, 'utf8'));
+    } catch (e) {
+      throw new CheckpointError(`${index}: not valid JSON (${(e as Error).message})`);
+    }
+    if (!parsed.weight_map || typeof parsed.weight_map !== 'object')
+      throw new CheckpointError(`${index}: no "weight_map" object`);
+    const files = [...new Set(Object.values(parsed.weight_map))].map((f) => join(dir, f));
+    for (const f of files)
+      if (!existsSync(f)) throw new CheckpointError(`${index} lists shard ${f}, which does not exist`);
+    return { files, map: parsed.weight_map };
+  }
+  const single = join(dir, 'model.safetensors');
+  if (existsSync(single)) return { files: [single] };
+  const present = existsSync(dir) ? readdirSync(dir) : [];
+  const hint = present.some((f) => f.endsWith('.bin') || f.endsWith('.pt'))
+    ? ' It has PyTorch pickle weights (.bin/.pt), which are not read for safety: save the model with save_pretrained(dir, safe_serialization=True).'
+    : '';
+  throw new CheckpointError(`${dir}: no model.safetensors or model.safetensors.index.json.${hint}`);
+}
+
+export function openCheckpoint(dirIn: string): Checkpoint {
+  const dir = resolve(dirIn);
+  if (!existsSync(dir) || !statSync(dir).isDirectory())
+    throw new CheckpointError(`${dirIn}: not a directory (expected a Hugging Face model directory)`);
+  const config = readConfig(dir);
+  const modelType = config.model_type;
+  if (typeof modelType !== 'string')
+    throw new CheckpointError(`${join(dir, 'config.json')}: no "model_type" (e.g. "llama", "gpt2", "gpt_neox")`);
+
+  const { files, map } = weightFiles(dir);
+  const headers = new Map<string, SafetensorsHeader>();
+  const weights = new Map<string, WeightRef>();
+  let totalBytes = 0;
+  for (const file of files) {
+    const h = readSafetensorsHeader(file);
+    headers.set(file, h);
+    for (const t of h.tensors.values()) {
+      if (map && map[t.name] !== undefined && join(dir, map[t.name]) !== file) continue; // the index decides
+      if (weights.has(t.name)) throw new CheckpointError(`${file}: tensor "${t.name}" also appears in another shard`);
+      if (!WEIGHT_DTYPES.includes(t.dtype))
+        throw new CheckpointError(
+          `${file}: tensor "${t.name}" is ${t.dtype}; supported weight dtypes: ${WEIGHT_DTYPES.join(', ')}`,
+        );
+      weights.set(t.name, { ...t, file });
+      totalBytes += t.byteLength;
+    }
+  }
+  if (map)
+    for (const [name, f] of Object.entries(map))
+      if (!weights.has(name))
+        throw new CheckpointError(`${join(dir, f)}: has no tensor "${name}", which the index lists there`);
+  if (!weights.size) throw new CheckpointError(`${dir}: the safetensors files hold no tensors`);
+
+  return {
+    dir,
+    config,
+    modelType,
+    weights,
+    files,
+    totalBytes,
+    has: (name) => weights.has(name),
+    readF32: (name) => {
+      const w = weights.get(name);
+      if (!w) throw new CheckpointError(`${dir}: no tensor "${name}"`);
+      return readTensorF32(headers.get(w.file)!, name);
+    },
+  };
+}

@@ -1,0 +1,316 @@
+// The safetensors format: an 8-byte little-endian header length, a JSON header
+// {name: {dtype, shape, data_offsets: [begin, end]}, __metadata__: {…}}, then raw
+// little-endian tensor bytes. We read headers and single tensors with positioned reads
+// (never the whole file), and write atomically (temporary file + rename) so a crash never
+// leaves a half-written file where a good one was.
+import { closeSync, fstatSync, openSync, readSync, renameSync, unlinkSync, writeSync } from 'node:fs';
+
+export type DType = 'F64' | 'F32' | 'F16' | 'BF16' | 'I64' | 'I32' | 'I16' | 'I8' | 'U8' | 'BOOL';
+
+const SIZES: Record<DType, number> = { F64: 8, F32: 4, F16: 2, BF16: 2, I64: 8, I32: 4, I16: 2, I8: 1, U8: 1, BOOL: 1 };
+export const SUPPORTED_DTYPES = Object.keys(SIZES) as DType[];
+
+export class SafetensorsError extends Error {}
+
+export interface TensorInfo {
+  name: string;
+  dtype: DType;
+  shape: number[];
+  /** absolute byte offset of the tensor's data in the file */
+  byteOffset: number;
+  byteLength: number;
+}
+
+export interface SafetensorsHeader {
+  path: string;
+  fileSize: number;
+  /** where tensor data begins (8 + header length) */
+  dataStart: number;
+  tensors: Map<string, TensorInfo>;
+  metadata: Record<string, string>;
+}
+
+export type TypedArray =
+  | Float64Array
+  | Float32Array
+  | Uint16Array
+  | BigInt64Array
+  | Int32Array
+  | Int16Array
+  | Int8Array
+  | Uint8Array;
+
+export interface TensorToWrite {
+  dtype: DType;
+  shape: number[];
+  /** the values; converted to `dtype` when they are not already stored that way */
+  data: TypedArray | ArrayLike<number>;
+}
+
+export function dtypeSize(dtype: DType): number {
+  return SIZES[dtype];
+}
+
+/** Parse and validate the header of a safetensors file. */
+export function readSafetensorsHeader(path: string): SafetensorsHeader {
+  let fd: number;
+  try {
+    fd = openSync(path, 'r');
+  } catch (e) {
+    throw new SafetensorsError(`${path}: cannot open (${(e as NodeJS.ErrnoException).code ?? e})`);
+  }
+  try {
+    const fileSize = fstatSync(fd).size;
+    if (fileSize < 8) throw new SafetensorsError(`${path}: not a safetensors file (only ${fileSize} bytes)`);
+    const lenBuf = Buffer.alloc(8);
+    readSync(fd, lenBuf, 0, 8, 0);
+    const headerLen = Number(lenBuf.readBigUInt64LE(0));
+    if (headerLen > 100 * 2 ** 20 || 8 + headerLen > fileSize)
+      throw new SafetensorsError(
+        `${path}: not a safetensors file (header length ${headerLen} does not fit in ${fileSize} bytes)`,
+      );
+    const hbuf = Buffer.alloc(headerLen);
+    readSync(fd, hbuf, 0, headerLen, 8);
+    let json: Record<string, unknown>;
+    try {
+      json = JSON.parse(hbuf.toString('utf8'));
+    } catch (e) {
+      throw new SafetensorsError(`${path}: the header is not valid JSON (${(e as Error).message})`);
+    }
+    if (!json || typeof json !== 'object' || Array.isArray(json))
+      throw new SafetensorsError(`${path}: the header is not a JSON object`);
+    const dataStart = 8 + headerLen;
+    const tensors = new Map<string, TensorInfo>();
+    let metadata: Record<string, string> = {};
+    for (const [name, raw] of Object.entries(json)) {
+      if (name === '__metadata__') {
+        metadata = (raw ?? {}) as Record<string, string>;
+        continue;
+      }
+      const r = raw as { dtype?: string; shape?: number[]; data_offsets?: [number, number] };
+      const where = `${path}: tensor "${name}"`;
+      if (!r || typeof r.dtype !== 'string' || !Array.isArray(r.shape) || !Array.isArray(r.data_offsets))
+        throw new SafetensorsError(`${where} has no dtype / shape / data_offsets`);
+      if (!(r.dtype in SIZES))
+        throw new SafetensorsError(`${where} has dtype ${r.dtype}; supported: ${SUPPORTED_DTYPES.join(', ')}`);
+      const dtype = r.dtype as DType;
+      const [b, e] = r.data_offsets;
+      const count = r.shape.reduce((a, x) => a * x, 1);
+      if (!(Number.isInteger(b) && Number.isInteger(e) && b >= 0 && e >= b && dataStart + e <= fileSize))
+        throw new SafetensorsError(`${where}: data_offsets [${b}, ${e}] lie outside the file (truncated download?)`);
+      if (e - b !== count * SIZES[dtype])
+        throw new SafetensorsError(
+          `${where}: ${e - b} bytes for shape [${r.shape}] of ${dtype} (expected ${count * SIZES[dtype]})`,
+        );
+      tensors.set(name, { name, dtype, shape: r.shape, byteOffset: dataStart + b, byteLength: e - b });
+    }
+    return { path, fileSize, dataStart, tensors, metadata };
+  } finally {
+    closeSync(fd);
+  }
+}
+
+function info(h: SafetensorsHeader, name: string): TensorInfo {
+  const t = h.tensors.get(name);
+  if (!t) throw new SafetensorsError(`${h.path}: no tensor named "${name}"`);
+  return t;
+}
+
+/** Raw bytes of one tensor (a positioned read; the file is never loaded whole). */
+export function readTensorBytes(h: SafetensorsHeader, name: string): Buffer {
+  const t = info(h, name);
+  const buf = Buffer.allocUnsafe(t.byteLength);
+  const fd = openSync(h.path, 'r');
+  try {
+    let done = 0;
+    while (done < t.byteLength) {
+      const n = readSync(fd, buf, done, t.byteLength - done, t.byteOffset + done);
+      if (n === 0) throw new SafetensorsError(`${h.path}: unexpected end of file reading "${name}"`);
+      done += n;
+    }
+  } finally {
+    closeSync(fd);
+  }
+  return buf;
+}
+
+/** One tensor in its stored type (F16/BF16 come back as raw Uint16Array bits). */
+export function readTensor(h: SafetensorsHeader, name: string): { dtype: DType; shape: number[]; data: TypedArray } {
+  const t = info(h, name);
+  const buf = readTensorBytes(h, name);
+  const ab = buf.buffer.slice(buf.byteOffset, buf.byteOffset + buf.byteLength);
+  const data: TypedArray = {
+    F64: () => new Float64Array(ab),
+    F32: () => new Float32Array(ab),
+    F16: () => new Uint16Array(ab),
+    BF16: () => new Uint16Array(ab),
+    I64: () => new BigInt64Array(ab),
+    I32: () => new Int32Array(ab),
+    I16: () => new Int16Array(ab),
+    I8: () => new Int8Array(ab),
+    U8: () => new Uint8Array(ab),
+    BOOL: () => new Uint8Array(ab),
+  }[t.dtype]();
+  return { dtype: t.dtype, shape: t.shape, data };
+}
+
+/** One tensor converted to float32 (any stored type). */
+export function readTensorF32(h: SafetensorsHeader, name: string): Float32Array {
+  const { dtype, data } = readTensor(h, name);
+  return toFloat(dtype, data, Float32Array);
+}
+
+/** One tensor converted to float64 (any stored type). */
+export function readTensorF64(h: SafetensorsHeader, name: string): Float64Array {
+  const { dtype, data } = readTensor(h, name);
+  return toFloat(dtype, data, Float64Array);
+}
+
+function toFloat<T extends Float32Array | Float64Array>(
+  dtype: DType,
+  data: TypedArray,
+  Ctor: { new (n: number): T; from(x: ArrayLike<number>): T },
+): T {
+  if (dtype === 'F16' || dtype === 'BF16') {
+    const bits = data as Uint16Array;
+    const out = new Ctor(bits.length);
+    const conv = dtype === 'F16' ? halfToFloat : bf16ToFloat;
+    for (let i = 0; i < bits.length; i++) out[i] = conv(bits[i]);
+    return out;
+  }
+  if (data instanceof BigInt64Array) {
+    const out = new Ctor(data.length);
+    for (let i = 0; i < data.length; i++) out[i] = Number(data[i]);
+    return out;
+  }
+  if (data instanceof Ctor) return data as T;
+  return Ctor.from(data as ArrayLike<number>);
+}
+
+const f32 = new Float32Array(1);
+const u32 = new Uint32Array(f32.buffer);
+
+export function bf16ToFloat(bits: number): number {
+  u32[0] = bits << 16;
+  return f32[0];
+}
+
+/** Round-to-nearest-even float → bfloat16 bits. */
+export function floatToBf16(x: number): number {
+  f32[0] = x;
+  const u = u32[0];
+  if (Number.isNaN(x)) return 0x7fc0;
+  return ((u + 0x7fff + ((u >>> 16) & 1)) >>> 16) & 0xffff;
+}
+
+export function halfToFloat(h: number): number {
+  const s = h & 0x8000 ? -1 : 1;
+  const e = (h >> 10) & 0x1f;
+  const m = h & 0x3ff;
+  if (e === 0) return s * m * 2 ** -24;
+  if (e === 31) return m ? Number.NaN : s * Number.POSITIVE_INFINITY;
+  return s * (1 + m / 1024) * 2 ** (e - 15);
+}
+
+/** float → IEEE half bits, rounded to nearest. */
+export function floatToHalf(x: number): number {
+  if (Number.isNaN(x)) return 0x7e00;
+  const s = x < 0 || Object.is(x, -0) ? 0x8000 : 0;
+  const a = Math.abs(x);
+  if (a >= 65520) return s | 0x7c00;
+  if (a < 2 ** -24 / 2) return s;
+  if (a < 2 ** -14) return s | Math.round(a / 2 ** -24); // subnormal
+  let e = Math.floor(Math.log2(a));
+  let m = a / 2 ** e - 1;
+  let mi = Math.round(m * 1024);
+  if (mi === 1024) {
+    mi = 0;
+    e += 1;
+  }
+  m = mi;
+  return s | ((e + 15) << 10) | m;
+}
+
+function encodeTensor(name: string, t: TensorToWrite): Uint8Array {
+  const count = t.shape.reduce((a, x) => a * x, 1);
+  if (t.data.length !== count)
+    throw new SafetensorsError(`tensor "${name}": ${t.data.length} values for shape [${t.shape}] (${count})`);
+  const d = t.data;
+  const view = (a: TypedArray) => new Uint8Array(a.buffer, a.byteOffset, a.byteLength);
+  switch (t.dtype) {
+    case 'F64':
+      return view(d instanceof Float64Array ? d : Float64Array.from(d as ArrayLike<number>));
+    case 'F32':
+      return view(d instanceof Float32Array ? d : Float32Array.from(d as ArrayLike<number>));
+    case 'F16':
+    case 'BF16': {
+      if (d instanceof Uint16Array) return view(d);
+      const conv = t.dtype === 'F16' ? floatToHalf : floatToBf16;
+      const out = new Uint16Array(count);
+      for (let i = 0; i < count; i++) out[i] = conv((d as ArrayLike<number>)[i]);
+      return view(out);
+    }
+    case 'I64': {
+      if (d instanceof BigInt64Array) return view(d);
+      const out = new BigInt64Array(count);
+      for (let i = 0; i < count; i++) out[i] = BigInt(Math.trunc((d as ArrayLike<number>)[i]));
+      return view(out);
+    }
+    case 'I32':
+      return view(d instanceof Int32Array ? d : Int32Array.from(d as ArrayLike<number>));
+    case 'I16':
+      return view(d instanceof Int16Array ? d : Int16Array.from(d as ArrayLike<number>));
+    case 'I8':
+      return view(d instanceof Int8Array ? d : Int8Array.from(d as ArrayLike<number>));
+    case 'U8':
+    case 'BOOL':
+      return view(d instanceof Uint8Array ? d : Uint8Array.from(d as ArrayLike<number>));
+    default:
+      throw new SafetensorsError(`tensor "${name}": unsupported dtype ${t.dtype}`);
+  }
+}
+
+/**
+ * Write tensors (in the given key order) and string metadata. Atomic: the file appears
+ * complete or not at all.
+ */
+export function writeSafetensors(
+  path: string,
+  tensors: Record<string, TensorToWrite>,
+  metadata: Record<string, string> = {},
+): void {
+  const header: Record<string, unknown> = {};
+  if (Object.keys(metadata).length) header.__metadata__ = metadata;
+  const parts: Uint8Array[] = [];
+  let offset = 0;
+  for (const [name, t] of Object.entries(tensors)) {
+    const bytes = encodeTensor(name, t);
+    header[name] = { dtype: t.dtype, shape: t.shape, data_offsets: [offset, offset + bytes.byteLength] };
+    parts.push(bytes);
+    offset += bytes.byteLength;
+  }
+  let json = JSON.stringify(header);
+  // pad the header with spaces so tensor data starts 8-byte aligned (as the reference writer does)
+  json += ' '.repeat((8 - ((8 + Buffer.byteLength(json)) % 8)) % 8);
+  const hbytes = Buffer.from(json, 'utf8');
+  const len = Buffer.alloc(8);
+  len.writeBigUInt64LE(BigInt(hbytes.byteLength));
+  const tmp = `${path}.tmp-${process.pid}`;
+  const fd = openSync(tmp, 'w');
+  try {
+    writeAll(fd, len);
+    writeAll(fd, hbytes);
+    for (const p of parts) writeAll(fd, p);
+  } catch (e) {
+    closeSync(fd);
+    unlinkSync(tmp);
+    throw e;
+  }
+  closeSync(fd);
+  renameSync(tmp, path);
+}
+
+function writeAll(fd: number, bytes: Uint8Array) {
+  let done = 0;
+  while (done < bytes.byteLength) done += writeSync(fd, bytes, done, bytes.byteLength - done);
+}

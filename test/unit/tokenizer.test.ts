@@ -1,0 +1,219 @@
+// Tokenizer loading and character offsets. Two tokenizer.json files are built here by hand
+// (byte-level BPE as GPT-2/Llama 3/Qwen use, and SentencePiece-style BPE with byte
+// fallback as Llama 2/Mistral use), and the fixture tokenizer is checked against the
+// ids and offsets Python's `tokenizers` gives (golden from test/oracle/make_fixtures.py).
+import assert from 'node:assert/strict';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { test } from 'node:test';
+import { loadTokenizer, TokenizerError } from '../../src/server/model/tokenizer';
+
+function byteChars(): string[] {
+  const bs: number[] = [];
+  for (let b = 33; b <= 126; b++) bs.push(b);
+  for (let b = 161; b <= 172; b++) bs.push(b);
+  for (let b = 174; b <= 255; b++) bs.push(b);
+  const cs = [...bs];
+  let n = 0;
+  for (let b = 0; b < 256; b++)
+    if (!bs.includes(b)) {
+      bs.push(b);
+      cs.push(256 + n++);
+    }
+  const out: string[] = new Array(256);
+  bs.forEach((b, i) => {
+    out[b] = String.fromCodePoint(cs[i]);
+  });
+  return out;
+}
+
+function bpeModel(vocab: Record<string, number>, merges: string[], extra: Record<string, unknown> = {}) {
+  return {
+    type: 'BPE',
+    dropout: null,
+    unk_token: null,
+    continuing_subword_prefix: null,
+    end_of_word_suffix: null,
+    fuse_unk: false,
+    byte_fallback: false,
+    vocab,
+    merges,
+    ...extra,
+  };
+}
+
+function writeTokenizer(json: unknown, config: unknown): string {
+  const dir = mkdtempSync(join(tmpdir(), 'il-tok-'));
+  writeFileSync(join(dir, 'tokenizer.json'), JSON.stringify(json));
+  writeFileSync(join(dir, 'tokenizer_config.json'), JSON.stringify(config));
+  return dir;
+}
+
+function byteLevelTokenizer(): string {
+  const chars = byteChars();
+  const vocab: Record<string, number> = { '<|endoftext|>': 0 };
+  chars.forEach((c, i) => {
+    vocab[c] = i + 1;
+  });
+  const merges = ['Ġ t', 'h e', 'Ġt he', 'c a', 'ca f', 'Ã ©'];
+  for (const m of merges) vocab[m.replace(' ', '')] = Object.keys(vocab).length;
+  const bl = { type: 'ByteLevel', add_prefix_space: false, trim_offsets: true, use_regex: true };
+  return writeTokenizer(
+    {
+      version: '1.0',
+      truncation: null,
+      padding: null,
+      added_tokens: [
+        {
+          id: 0,
+          content: '<|endoftext|>',
+          single_word: false,
+          lstrip: false,
+          rstrip: false,
+          normalized: false,
+          special: true,
+        },
+      ],
+      normalizer: null,
+      pre_tokenizer: bl,
+      post_processor: bl,
+      decoder: bl,
+      model: bpeModel(vocab, merges),
+    },
+    { bos_token: '<|endoftext|>', eos_token: '<|endoftext|>', model_max_length: 1024 },
+  );
+}
+
+function sentencePieceTokenizer(): string {
+  const vocab: Record<string, number> = { '<unk>': 0, '<s>': 1, '</s>': 2 };
+  for (let b = 0; b < 256; b++) vocab[`<0x${b.toString(16).toUpperCase().padStart(2, '0')}>`] = 3 + b;
+  for (const c of ['▁', ...'abcdefghijklmnopqrstuvwxyz']) vocab[c] = Object.keys(vocab).length;
+  const merges = ['▁ t', 'h e', '▁t he', 'c a', 'ca f'];
+  for (const m of merges) vocab[m.replace(' ', '')] = Object.keys(vocab).length;
+  const special = (id: number, content: string) => ({
+    id,
+    content,
+    single_word: false,
+    lstrip: false,
+    rstrip: false,
+    normalized: false,
+    special: true,
+  });
+  return writeTokenizer(
+    {
+      version: '1.0',
+      truncation: null,
+      padding: null,
+      added_tokens: [special(0, '<unk>'), special(1, '<s>'), special(2, '</s>')],
+      normalizer: {
+        type: 'Sequence',
+        normalizers: [
+          { type: 'Prepend', prepend: '▁' },
+          { type: 'Replace', pattern: { String: ' ' }, content: '▁' },
+        ],
+      },
+      pre_tokenizer: null,
+      post_processor: {
+        type: 'TemplateProcessing',
+        single: [{ SpecialToken: { id: '<s>', type_id: 0 } }, { Sequence: { id: 'A', type_id: 0 } }],
+        pair: [
+          { SpecialToken: { id: '<s>', type_id: 0 } },
+          { Sequence: { id: 'A', type_id: 0 } },
+          { Sequence: { id: 'B', type_id: 1 } },
+        ],
+        special_tokens: { '<s>': { id: '<s>', ids: [1], tokens: ['<s>'] } },
+      },
+      decoder: {
+        type: 'Sequence',
+        decoders: [
+          { type: 'Replace', pattern: { String: '▁' }, content: ' ' },
+          { type: 'ByteFallback' },
+          { type: 'Fuse' },
+          { type: 'Strip', content: ' ', start: 1, stop: 0 },
+        ],
+      },
+      model: bpeModel(vocab, merges, { unk_token: '<unk>', fuse_unk: true, byte_fallback: true }),
+    },
+    { bos_token: '<s>', eos_token: '</s>', add_bos_token: true },
+  );
+}
+
+/** every token's offsets slice the text into pieces that concatenate back to it */
+function assertCovers(text: string, offsets: Array<[number, number]>) {
+  let pos = 0;
+  for (const [s, e] of offsets) {
+    assert.ok(s <= e, `bad range [${s}, ${e})`);
+    assert.ok(s >= pos - 2 && s <= pos, `token starts at ${s}, previous ended at ${pos}`);
+    pos = Math.max(pos, e);
+  }
+  assert.equal(pos, text.length, 'offsets do not reach the end of the text');
+}
+
+test('byte-level BPE: ids decode back, offsets in UTF-16 units, split characters cover the whole character', () => {
+  const tok = loadTokenizer(byteLevelTokenizer());
+  assert.equal(tok.bosTokenId, 0);
+  assert.equal(tok.padTokenId, 0); // no pad token: falls back to EOS
+  const text = 'the café 👍 the';
+  const enc = tok.encode(text);
+  assert.equal(tok.decode(enc.ids), text);
+  assertCovers(text, enc.offsets);
+  const pieces = enc.offsets.map(([s, e]) => text.slice(s, e));
+  assert.deepEqual(pieces.slice(0, 2), ['t', 'he']); // 'the' has no merge of its own
+  assert.deepEqual(pieces.slice(2, 5), [' ', 'caf', 'é'], pieces.join('|'));
+  assert.ok(pieces.includes('é'), 'é is one merged token'); // Ã© merge
+  // the emoji is 4 UTF-8 bytes → 4 byte tokens, each covering the 2 UTF-16 units of 👍
+  const thumb = text.indexOf('👍');
+  const emojiTokens = enc.offsets.filter(([s, e]) => s === thumb && e === thumb + 2);
+  assert.equal(emojiTokens.length, 4);
+  assert.equal(pieces.at(-1), ' the');
+});
+
+test('SentencePiece-style BPE with byte fallback: BOS gets an empty range, the prepended ▁ is not text', () => {
+  const tok = loadTokenizer(sentencePieceTokenizer());
+  const text = 'the cafe é';
+  const enc = tok.encode(text);
+  assert.equal(enc.ids[0], 1, 'BOS first');
+  assert.deepEqual(enc.offsets[0], [0, 0]);
+  assert.equal(tok.decode(enc.ids, { skipSpecialTokens: true }), text);
+  const body = enc.offsets.slice(1);
+  assertCovers(text, body);
+  assert.equal(text.slice(...body[0]), 'the');
+  // é = <0xC3><0xA9>: two byte-fallback tokens, both covering the one character
+  const e = text.indexOf('é');
+  assert.equal(body.filter(([s, t]) => s === e && t === e + 1).length, 2);
+  const plain = tok.encode(text, { addSpecialTokens: false });
+  assert.equal(plain.ids.length, enc.ids.length - 1);
+});
+
+test('tokenizer: missing or broken files give clear errors', () => {
+  const dir = mkdtempSync(join(tmpdir(), 'il-tok-'));
+  assert.throws(
+    () => loadTokenizer(dir),
+    (e: Error) => e instanceof TokenizerError && /no tokenizer\.json/.test(e.message),
+  );
+  mkdirSync(join(dir, 'b'));
+  writeFileSync(join(dir, 'b', 'tokenizer.json'), '{');
+  assert.throws(() => loadTokenizer(join(dir, 'b')), /not valid JSON/);
+});
+
+const GOLD = 'test/fixtures/golden/tokenizer-encodings.json';
+const FIXTURE_MODEL = 'test/fixtures/models/gpt2';
+
+test('fixture tokenizer: ids and offsets equal those of Python tokenizers', () => {
+  assert.ok(existsSync(GOLD), `${GOLD} is missing: run test/oracle/make_fixtures.py`);
+  const tok = loadTokenizer(FIXTURE_MODEL);
+  const gold = JSON.parse(readFileSync(GOLD, 'utf8')) as {
+    cases: Array<{ text: string; ids: number[]; offsets: Array<[number, number]> }>;
+  };
+  assert.ok(gold.cases.length >= 5);
+  for (const g of gold.cases) {
+    const enc = tok.encode(g.text, { addSpecialTokens: false });
+    assert.deepEqual(enc.ids, g.ids, `ids of ${JSON.stringify(g.text)}`);
+    // Python offsets count code points; ours count UTF-16 units
+    const cps = [...g.text];
+    const toUtf16 = (cp: number) => cps.slice(0, cp).join('').length;
+    const expected = g.offsets.map(([s, e]) => [toUtf16(s), toUtf16(e)]);
+    assert.deepEqual(enc.offsets, expected, `offsets of ${JSON.stringify(g.text)}`);
+  }
+});
