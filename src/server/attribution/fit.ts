@@ -5,7 +5,7 @@
 // Labels are sampled from the model (true Fisher) unless `labels: 'empirical'`. Every pass
 // can run on one partition of the data; partial sums add up (covariance.ts, lambda.ts).
 import { type Batch, type Model, type ModuleInfo, type ModuleSelection, makeBatch } from '../model/engine';
-import { ort } from '../model/onnx/session';
+import type { ort } from '../model/onnx/session';
 import { Rng } from '../util/random';
 import { CovarianceAccumulator } from './ekfac/covariance';
 import { computeEigenbasis, type Eigenbasis } from './ekfac/eigenbasis';
@@ -60,7 +60,7 @@ function select(examples: TokenizedExample[], p?: { index: number; count: number
   return examples.filter((_, k) => k % p.count === p.index);
 }
 
-const f64 = (t: ort.Tensor) => Float64Array.from(t.data as Float32Array);
+const f64 = (t: ort.Tensor) => Float64Array.from(t.data as Float32Array | Float64Array);
 
 /** Pass 1: covariance sums. */
 export async function fitCovariances(
@@ -118,8 +118,8 @@ export async function fitLambdas(
   for (const m of graph.moduleInfo) {
     const b = bases.get(m.name);
     if (!b) throw new Error(`no eigenbasis for module ${m.name}: fit covariances with the same --modules`);
-    feeds[`QA.${m.name}`] = new ort.Tensor('float32', Float32Array.from(b.qA), [b.dA, b.dA]);
-    feeds[`QS.${m.name}`] = new ort.Tensor('float32', Float32Array.from(b.qS), [b.dOut, b.dOut]);
+    feeds[`QA.${m.name}`] = graph.tensor(b.qA, [b.dA, b.dA]);
+    feeds[`QS.${m.name}`] = graph.tensor(b.qS, [b.dOut, b.dOut]);
     lambdas.set(m.name, new LambdaAccumulator(b));
   }
   // A different stream from pass 1, as kronfluence draws fresh labels for the correction.

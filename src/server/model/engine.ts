@@ -537,6 +537,13 @@ export class CompiledGraph {
     return this.modules.map(({ name, kind, dIn, dOut, hasBias }) => ({ name, kind, dIn, dOut, hasBias }));
   }
 
+  /** A float tensor in this graph's precision (converting only when the array's type differs). */
+  tensor(v: Float32Array | Float64Array, shape: number[]): ort.Tensor {
+    return this.fp64
+      ? new ort.Tensor('float64', v instanceof Float64Array ? v : Float64Array.from(v), shape)
+      : new ort.Tensor('float32', v instanceof Float32Array ? v : Float32Array.from(v), shape);
+  }
+
   async run(
     batch: Batch,
     extra: {
@@ -548,12 +555,7 @@ export class CompiledGraph {
     } = {},
   ): Promise<RunResult> {
     const dims = [batch.B, batch.T];
-    const fp64 = this.fp64;
-    // Feed floats in the graph's precision, converting only when the caller's array differs.
-    const float = (v: Float32Array | Float64Array, shape: number[]) =>
-      fp64
-        ? new ort.Tensor('float64', v instanceof Float64Array ? v : Float64Array.from(v), shape)
-        : new ort.Tensor('float32', v instanceof Float32Array ? v : Float32Array.from(v), shape);
+    const float = (v: Float32Array | Float64Array, shape: number[]) => this.tensor(v, shape);
     const feeds: Record<string, ort.Tensor> = {
       input_ids: new ort.Tensor('int64', batch.inputIds, dims),
       attention_mask: new ort.Tensor('int64', batch.attentionMask, dims),

@@ -54,6 +54,9 @@ export interface FactorArguments {
   maxExamples: number | null;
   /** seed of label sampling and example selection (null when unknown, e.g. kronfluence's factors) */
   seed: number | null;
+  /** fingerprints of the model weights and the data the factors were fitted on (null when unknown) */
+  modelFingerprint?: string | null;
+  dataFingerprint?: string | null;
 }
 
 /** One module's stored factors; each stage is optional (they are fitted one after another). */
@@ -250,6 +253,8 @@ export function loadFactors(dir: string): Factors {
         modules: Array.isArray(ours.modules) ? (ours.modules as string[]) : [...shapes.keys()],
         maxExamples: typeof ours.maxExamples === 'number' ? ours.maxExamples : null,
         seed: typeof ours.seed === 'number' ? ours.seed : null,
+        modelFingerprint: typeof ours.modelFingerprint === 'string' ? ours.modelFingerprint : null,
+        dataFingerprint: typeof ours.dataFingerprint === 'string' ? ours.dataFingerprint : null,
       }
     : {
         // kronfluence: damping is a score argument, and its `damping_factor=None` heuristic is ours
