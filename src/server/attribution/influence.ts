@@ -8,7 +8,7 @@
 //   gradient dot:  M = G_q           (identity Hessian)
 // Extra query rows give the completion-side heatmap: row k carries only completion token k's loss.
 import { type Batch, type Model, type ModuleSelection, makeBatch } from '../model/engine';
-import { ort } from '../model/onnx/session';
+import type { ort } from '../model/onnx/session';
 import { type Preconditioner, precondition } from './ekfac/precondition';
 import type { TokenizedExample } from './fit';
 
@@ -127,9 +127,9 @@ export async function scoreCandidates(
     if (!rows) throw new Error(`no query matrix for module ${m.name}`);
     Q = rows.length;
     const dA = m.dIn + (m.hasBias ? 1 : 0);
-    const flat = new Float32Array(Q * m.dOut * dA);
+    const flat = new Float64Array(Q * m.dOut * dA);
     for (const [q, r] of rows.entries()) flat.set(r, q * m.dOut * dA);
-    feeds[`M.${m.name}`] = new ort.Tensor('float32', flat, [Q, m.dOut, dA]);
+    feeds[`M.${m.name}`] = graph.tensor(flat, [Q, m.dOut, dA]);
   }
   const n = candidates.length;
   const scores = Array.from({ length: n }, () => new Float64Array(Q));
@@ -179,4 +179,89 @@ export async function scoreCandidates(
     gradSqNorm: opts.gradNorms ? gradSqNorm : undefined,
     hidden: opts.hidden ? hidden : undefined,
   };
+}
+
+/** Self-influence ⟨P(G_z), G_z⟩ of each candidate (ranks unusual training examples without a query). */
+export async function selfInfluenceScores(
+  model: Model,
+  pre: Map<string, Preconditioner>,
+  candidates: TokenizedExample[],
+  opts: { modules: ModuleSelection; batchSize?: number; onProgress?: (done: number, total: number) => void },
+): Promise<Float64Array> {
+  const graph = await model.compile({ labels: 'data', selfInfluence: true, modules: opts.modules });
+  const feeds: Record<string, ort.Tensor> = {};
+  for (const m of graph.moduleInfo) {
+    const p = pre.get(m.name);
+    if (!p) throw new Error(`the factors have no module ${m.name}: fit them with the same --modules`);
+    feeds[`QA.${m.name}`] = graph.tensor(p.qA, [p.dA, p.dA]);
+    feeds[`QS.${m.name}`] = graph.tensor(p.qS, [p.dOut, p.dOut]);
+    feeds[`IL.${m.name}`] = graph.tensor(p.inverse, [p.dOut, p.dA]);
+  }
+  const out = new Float64Array(candidates.length);
+  await forEachBatch(
+    model,
+    candidates,
+    opts.batchSize ?? 16,
+    async (batch, idx) => {
+      const r = await graph.run(batch, { feeds });
+      const s = r.self_influence.data as Float32Array | Float64Array;
+      idx.forEach((k, b) => {
+        out[k] = s[b];
+      });
+    },
+    opts.onProgress,
+  );
+  return out;
+}
+
+/** Mean-pooled last hidden state of each candidate (RepSim). */
+export async function candidateHidden(
+  model: Model,
+  candidates: TokenizedExample[],
+  opts: { batchSize?: number; onProgress?: (done: number, total: number) => void; signal?: AbortSignal } = {},
+): Promise<Float32Array[]> {
+  const graph = await model.compile({ hidden: true });
+  const out: Float32Array[] = new Array(candidates.length);
+  await forEachBatch(
+    model,
+    candidates,
+    opts.batchSize ?? 16,
+    async (batch, idx) => {
+      const r = await graph.run(batch);
+      const d = r.hidden_mean.dims[1] as number;
+      const h = r.hidden_mean.data as Float32Array | Float64Array;
+      idx.forEach((k, b) => {
+        out[k] = Float32Array.from(h.subarray(b * d, (b + 1) * d));
+      });
+    },
+    opts.onProgress,
+    opts.signal,
+  );
+  return out;
+}
+
+/** Runs `fn` over length-sorted batches; `idx` maps batch rows back to candidate indices. */
+async function forEachBatch(
+  model: Model,
+  candidates: TokenizedExample[],
+  batchSize: number,
+  fn: (batch: Batch, idx: number[]) => Promise<void>,
+  onProgress?: (done: number, total: number) => void,
+  signal?: AbortSignal,
+): Promise<void> {
+  const order = [...candidates.keys()].sort((a, b) => candidates[a].ids.length - candidates[b].ids.length || a - b);
+  let done = 0;
+  for (let i = 0; i < order.length; i += batchSize) {
+    if (signal?.aborted) throw new Error('cancelled');
+    const idx = order.slice(i, i + batchSize);
+    await fn(
+      makeBatch(
+        idx.map((k) => candidates[k]),
+        model.tokenizer.padTokenId ?? 0,
+      ),
+      idx,
+    );
+    done += idx.length;
+    onProgress?.(done, candidates.length);
+  }
 }
