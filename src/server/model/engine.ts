@@ -185,20 +185,20 @@ export class Model {
     const key = JSON.stringify([mode, req]);
     let s = this.sessions.get(key);
     if (!s) {
-      s = this.compileNow(req, mode, key);
+      s = this.compileNow(req, mode);
       this.sessions.set(key, s);
       s.catch(() => this.sessions.delete(key));
     }
     return s;
   }
 
-  private async compileNow(req: GraphRequest, mode: 'mapped' | 'inputs', key: string): Promise<CompiledGraph> {
+  private async compileNow(req: GraphRequest, mode: 'mapped' | 'inputs'): Promise<CompiledGraph> {
     const g = new Graph(this.options.precision === 'fp64' ? DataType.DOUBLE : DataType.FLOAT);
     const { ctx, out, weights, modules: all } = this.buildForward(g, mode);
     const modules = select(all, req.modules ?? 'all');
     const outputs = buildOutputs(g, ctx, out, modules, weights, req);
     const bytes = g.encode();
-    const session = await this.createSessionFor(bytes, key);
+    const session = await this.createSessionFor(bytes);
     const paramInputs =
       mode === 'inputs'
         ? weights.inputNames.map((n) => ({ name: n, shape: this.checkpoint.weights.get(n)!.shape }))
@@ -206,7 +206,7 @@ export class Model {
     return new CompiledGraph(session, outputs, modules, paramInputs, g.float === DataType.DOUBLE);
   }
 
-  private async createSessionFor(bytes: Uint8Array, key: string): Promise<ort.InferenceSession> {
+  private async createSessionFor(bytes: Uint8Array): Promise<ort.InferenceSession> {
     const opts = {
       device: this.options.device,
       threads: this.options.threads,
@@ -219,7 +219,8 @@ export class Model {
       const externalData = [...links.names.entries()].map(([file, name]) => ({ path: name, data: readFileSync(file) }));
       return createSession(bytes, { ...opts, externalData });
     }
-    const file = join(links.dir, `${hash(key)}.onnx`);
+    // Named by content: a graph built in another precision or by another version never collides.
+    const file = join(links.dir, `${createHash('sha256').update(bytes).digest('hex').slice(0, 16)}.onnx`);
     if (!existsSync(file)) {
       const tmp = `${file}.${process.pid}.tmp`;
       writeFileSync(tmp, bytes);
