@@ -1,6 +1,8 @@
 #!/usr/bin/env node
 // influence-lens: the command line. One subcommand per job; each lives in cli/<name>.ts.
 import { runBench } from './cli/bench';
+import { runExplain } from './cli/explain';
+import { runFit } from './cli/fit';
 import { runGradients } from './cli/gradients';
 import { runInspect } from './cli/inspect';
 import { CliError } from './cli/util';
@@ -12,6 +14,19 @@ const COMMANDS: Record<string, { run: (argv: string[]) => Promise<void>; help: s
     help:
       'gradients --model <dir> (--text T | --prompt P --completion C) --out <file.safetensors>\n' +
       '                                 per-token module inputs a and output gradients g',
+  },
+  fit: {
+    run: runFit,
+    help:
+      'fit --model <dir> --data <train.jsonl> --out <dir> [--modules mlp|all] [--labels sampled|empirical]\n' +
+      '    [--max-examples N] [--partition i/n] [--batch-size N] [--seed N]   EK-FAC factors',
+  },
+  explain: {
+    run: runExplain,
+    help:
+      'explain --model <dir> --factors <dir> --data <train.jsonl> --prompt P --completion C [--top-k K]\n' +
+      '    [--method ekfac|multistage|gdp|cosine|repsim|bm25] [--compare m,m] [--damping X]\n' +
+      '    [--pretrained-model <dir> --pretrained-factors <dir>] [--json]   rank training examples',
   },
   bench: { run: runBench, help: 'bench engine [--quick]         speed and memory of the model engine' },
 };

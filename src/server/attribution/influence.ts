@@ -19,6 +19,8 @@ export interface QueryGradients {
   targetPositions: number[];
   /** query loss −log p(completion | prompt) */
   loss: number;
+  /** −log p(token t+1) at every position t of the query */
+  tokenNll: Float64Array;
   hidden?: Float32Array;
 }
 
@@ -55,6 +57,7 @@ export async function queryGradients(
     G,
     targetPositions,
     loss: (out.loss.data as Float32Array)[0],
+    tokenNll: Float64Array.from((out.token_nll.data as Float32Array).subarray(0, query.ids.length)),
     hidden: opts.hidden
       ? (out.hidden_mean.data as Float32Array).slice(0, (out.hidden_mean.dims[1] as number) ?? 0)
       : undefined,

@@ -47,3 +47,13 @@ export function tokenizeQuery(tok: TokenizerHandle, prompt: string, completion: 
     throw new DataError('no completion token to explain (the completion vanished in tokenization)');
   return { ...t, text, promptLength: prompt.length };
 }
+
+/** Every example of a dataset, tokenized for the model; `truncated` counts examples cut to fit. */
+export function tokenizeExamples(
+  tok: TokenizerHandle,
+  examples: Array<{ text: string; spans: Span[] }>,
+  maxLength: number,
+): { tokens: TokenizedText[]; truncated: number } {
+  const tokens = examples.map((e) => tokenizeText(tok, e.text, e.spans, maxLength));
+  return { tokens, truncated: tokens.filter((t) => t.truncated > 0).length };
+}

@@ -1,0 +1,386 @@
+// "Explain this completion": rank training examples by their influence on a completion's
+// log-likelihood (DESIGN "The math"), with the same output for every method so that methods
+// can be compared side by side:
+//   ekfac       Σ_l ⟨P_l(G_l(q)), G_l(z)⟩ with the fine-tuned model's EK-FAC factors
+//   multistage  Σ_l ⟨P_l^ft(G_l(q; θ_ft)), P_l^pt(G_l(z; θ_pt))⟩ (pre-trained candidates, seed 002)
+//   gdp         ⟨G(q), G(z)⟩ (identity Hessian)
+//   cosine      ⟨G(q), G(z)⟩ / (‖G(q)‖ ‖G(z)‖)
+//   repsim      cosine of mean-pooled last hidden states
+//   bm25        lunr BM25 of the prompt + completion against the example's text
+// The gradient methods share one path: a query matrix per module (influence.ts) scored against
+// every candidate inside the graph. Extra query rows (one per completion token) give the
+// completion-side heatmap; a second, small pass over the returned examples gives their
+// training-side token scores.
+import type { ExplainedExample, ExplainResult, Method, Sign, TokenScores } from '../../protocol/types';
+import type { Dataset } from '../data/dataset';
+import { contextLength, type TokenizedText, tokenizeExamples, tokenizeQuery } from '../data/tokenize';
+import { Bm25Index } from '../index/bm25';
+import type { Model, ModuleSelection } from '../model/engine';
+import type { Preconditioner } from './ekfac/precondition';
+import { candidateHidden, type QueryGradients, queryGradients, queryMatrices, scoreCandidates } from './influence';
+
+export class ExplainError extends Error {}
+
+/** A model with the EK-FAC preconditioners fitted for it (none for gdp/cosine/repsim/bm25). */
+export interface Stage {
+  model: Model;
+  preconditioners?: Map<string, Preconditioner>;
+}
+
+export interface ExplainSetup {
+  /** the model that produced the completion (the fine-tuned one in a two-stage setup) */
+  model: Stage;
+  /** the pre-trained stage, for multistage */
+  pretrained?: Stage;
+  /** modules whose gradients are used (must match the factors) */
+  modules: ModuleSelection;
+}
+
+/** A dataset tokenized once, with the indexes methods build lazily (BM25, hidden states). */
+export class Corpus {
+  readonly tokens: TokenizedText[];
+  readonly truncated: number;
+  private bm25?: Bm25Index;
+  private hidden = new Map<Model, Promise<Float32Array[]>>();
+
+  constructor(
+    readonly id: string,
+    readonly dataset: Dataset,
+    model: Model,
+  ) {
+    const t = tokenizeExamples(model.tokenizer, dataset.examples, contextLength(model.config));
+    this.tokens = t.tokens;
+    this.truncated = t.truncated;
+  }
+
+  get size(): number {
+    return this.dataset.examples.length;
+  }
+
+  bm25Index(): Bm25Index {
+    this.bm25 ??= new Bm25Index(this.size, (i) => this.dataset.examples[i].text);
+    return this.bm25;
+  }
+
+  hiddenStates(model: Model, signal?: AbortSignal): Promise<Float32Array[]> {
+    let h = this.hidden.get(model);
+    if (!h) {
+      h = candidateHidden(model, this.tokens, { signal });
+      this.hidden.set(model, h);
+      h.catch(() => this.hidden.delete(model));
+    }
+    return h;
+  }
+}
+
+export interface ExplainRequest {
+  prompt: string;
+  completion: string;
+  method: Method;
+  topK: number;
+  /** score every example, or only the union of BM25's and RepSim's top `retrieve` */
+  candidates?: 'all' | 'retrieved';
+  retrieve?: number;
+  /** other methods whose ranks are reported per returned example */
+  compare?: Method[];
+  batchSize?: number;
+  signal?: AbortSignal;
+  onProgress?: (stage: string, done: number, total: number) => void;
+}
+
+/** One method's scores over the pool (indices into the corpus). */
+interface PoolScores {
+  scores: Float64Array;
+  perModule?: Map<string, Float64Array>;
+  /** [pool item][completion token k] */
+  completion?: Float64Array[];
+  /** training-side token scores for some pool items (by pool position) */
+  tokenScores?: (positions: number[]) => Promise<Float32Array[]>;
+  signed: boolean;
+}
+
+const GRADIENT_METHODS: readonly Method[] = ['ekfac', 'multistage', 'gdp', 'cosine'];
+
+export async function explain(setup: ExplainSetup, corpus: Corpus, req: ExplainRequest): Promise<ExplainResult> {
+  const timings: Record<string, number> = {};
+  const t0 = Date.now();
+  const model = setup.model.model;
+  if (!(Number.isInteger(req.topK) && req.topK >= 1)) throw new ExplainError(`top-k must be a positive integer`);
+  const q = tokenizeQuery(model.tokenizer, req.prompt, req.completion, contextLength(model.config));
+  const query = { ids: q.ids, weights: q.weights };
+  const targets = q.weights.flatMap((w, t) => (w > 0 ? [t] : []));
+
+  // the pool of candidates
+  let pool = Array.from({ length: corpus.size }, (_, i) => i);
+  if (req.candidates === 'retrieved') {
+    const r = Math.max(req.retrieve ?? 10 * req.topK, req.topK);
+    const bm = corpus.bm25Index().scores(q.text);
+    const rep = await repsimScores(model, corpus, query, req.signal);
+    const keep = new Set([...topIndices(bm, r), ...topIndices(rep, r)]);
+    pool = pool.filter((i) => keep.has(i));
+    timings.retrieve_ms = Date.now() - t0;
+  }
+
+  const wantsGradients = [req.method, ...(req.compare ?? [])].some((m) => GRADIENT_METHODS.includes(m));
+  let qg: QueryGradients | undefined;
+  if (wantsGradients) {
+    const t = Date.now();
+    qg = await queryGradients(model, query, { modules: setup.modules, perCompletionToken: true });
+    timings.query_ms = Date.now() - t;
+  } else {
+    // the query's token losses are reported for every method
+    qg = await queryGradients(model, query, { modules: setup.modules });
+  }
+
+  const run = async (method: Method): Promise<PoolScores> => {
+    const t = Date.now();
+    const r = await scorePool(method, setup, corpus, pool, q.text, query, qg!, req);
+    timings[`${method}_ms`] = Date.now() - t;
+    return r;
+  };
+  const main = await run(req.method);
+  const others = new Map<Method, Float64Array>();
+  for (const m of new Set(req.compare ?? [])) if (m !== req.method) others.set(m, (await run(m)).scores);
+
+  // rank
+  const n = pool.length;
+  const order = Array.from({ length: n }, (_, i) => i).sort((a, b) => main.scores[b] - main.scores[a] || a - b);
+  const sorted = order.map((i) => main.scores[i]).sort((a, b) => a - b);
+  const below = (s: number) => lowerBound(sorted, s);
+  const K = Math.min(req.topK, n);
+  const supportingPos = main.signed ? order.filter((i) => main.scores[i] > 0).slice(0, K) : order.slice(0, K);
+  const opposingPos = main.signed
+    ? order
+        .filter((i) => main.scores[i] < 0)
+        .reverse()
+        .slice(0, K)
+    : [];
+  const shown = [...supportingPos, ...opposingPos];
+  const t1 = Date.now();
+  const tokenScores = main.tokenScores ? await main.tokenScores(shown) : undefined;
+  if (main.tokenScores) timings.token_scores_ms = Date.now() - t1;
+  const otherRanks = new Map<Method, Int32Array>();
+  for (const [m, s] of others) otherRanks.set(m, rankOf(s));
+  const mainRank = rankOf(main.scores);
+
+  const modules = setup.model.model.modules(setup.modules).map((m) => m.name);
+  const describe = (pos: number, j: number): ExplainedExample => {
+    const ex = corpus.dataset.examples[pool[pos]];
+    const tok = corpus.tokens[pool[pos]];
+    const score = main.scores[pos];
+    const e: ExplainedExample = {
+      id: { dataset: corpus.id, line: ex.line, hash: ex.hash },
+      rank: mainRank[pos],
+      text: ex.text,
+      kind: ex.kind,
+      score,
+      sign: main.signed ? signOf(score) : 'neutral',
+      percentile: n > 1 ? (100 * below(score)) / (n - 1) : 100,
+    };
+    if (main.perModule) e.perModule = Object.fromEntries(modules.map((m) => [m, main.perModule!.get(m)![pos]]));
+    if (tokenScores) e.tokenScores = trainingTokenScores(tok, tokenScores[j]);
+    if (main.completion) e.completionTokenScores = Array.from(main.completion[pos]);
+    if (otherRanks.size) e.otherRanks = Object.fromEntries([...otherRanks].map(([m, r]) => [m, r[pos]]));
+    return e;
+  };
+  const supporting = supportingPos.map((p, j) => describe(p, j));
+  const opposing = opposingPos.map((p, j) => describe(p, supportingPos.length + j));
+  const moduleTotals = main.perModule
+    ? Object.fromEntries(modules.map((m) => [m, supportingPos.reduce((s, p) => s + main.perModule!.get(m)![p], 0)]))
+    : undefined;
+  timings.total_ms = Date.now() - t0;
+  return {
+    query: {
+      prompt: req.prompt,
+      completion: req.completion,
+      loss: qg.loss,
+      completionTokens: {
+        offsets: targets.map((t) => {
+          const [s, e] = q.offsets[t + 1];
+          return [Math.max(0, s - q.promptLength), Math.max(0, e - q.promptLength)] as [number, number];
+        }),
+        values: targets.map((t) => qg!.tokenNll[t]),
+      },
+    },
+    method: req.method,
+    model: model.checkpoint.dir,
+    scored: n,
+    supporting,
+    opposing,
+    histogram: histogram(main.scores, 20),
+    modules,
+    moduleTotals,
+    timings,
+  };
+}
+
+async function scorePool(
+  method: Method,
+  setup: ExplainSetup,
+  corpus: Corpus,
+  pool: number[],
+  queryText: string,
+  query: { ids: number[]; weights: number[] },
+  qg: QueryGradients,
+  req: ExplainRequest,
+): Promise<PoolScores> {
+  const model = setup.model.model;
+  if (method === 'bm25') {
+    const all = corpus.bm25Index().scores(queryText);
+    return { scores: Float64Array.from(pool, (i) => all[i]), signed: false };
+  }
+  if (method === 'repsim') {
+    const all = await repsimScores(model, corpus, query, req.signal, pool);
+    return { scores: Float64Array.from(pool, (i) => all[i]), signed: false };
+  }
+  // gradient methods: a query matrix per module, scored against every candidate in the graph
+  let M: Map<string, Float64Array[]>;
+  let candidateModel = model;
+  if (method === 'ekfac') {
+    M = queryMatrices(qg.G, [need(setup.model.preconditioners, 'ekfac needs EK-FAC factors (--factors)')]);
+  } else if (method === 'multistage') {
+    if (!setup.pretrained)
+      throw new ExplainError(
+        'multistage needs the pre-trained model and its factors (--pretrained-model, --pretrained-factors)',
+      );
+    const pt = need(setup.pretrained.preconditioners, 'multistage needs factors fitted on the pre-trained model');
+    const ft = need(setup.model.preconditioners, 'multistage needs factors fitted on the fine-tuned model (--factors)');
+    // ⟨P_ft(G_q), P_pt(G_z)⟩ = ⟨P_pt(P_ft(G_q)), G_z⟩ since P_pt is symmetric
+    M = queryMatrices(qg.G, [ft, pt]);
+    candidateModel = setup.pretrained.model;
+  } else {
+    M = qg.G;
+  }
+  const candidates = pool.map((i) => corpus.tokens[i]);
+  const cosine = method === 'cosine';
+  const res = await scoreCandidates(candidateModel, M, candidates, {
+    modules: setup.modules,
+    gradNorms: cosine,
+    batchSize: req.batchSize,
+    signal: req.signal,
+    onProgress: (d, t) => req.onProgress?.(`scoring (${method})`, d, t),
+  });
+  const rows = M.values().next().value?.length ?? 1;
+  // cosine: divide by ‖G_z‖ and by each query row's ‖G_q‖
+  const qNorm = new Float64Array(rows).fill(1);
+  const zNorm = new Float64Array(pool.length).fill(1);
+  if (cosine) {
+    qNorm.fill(0);
+    for (const list of qg.G.values()) for (let r = 0; r < rows; r++) for (const v of list[r]) qNorm[r] += v * v;
+    for (let r = 0; r < rows; r++) qNorm[r] = Math.sqrt(qNorm[r]) || 1;
+    for (let k = 0; k < pool.length; k++) zNorm[k] = Math.sqrt(res.gradSqNorm![k]) || 1;
+  }
+  const scores = Float64Array.from(pool, (_, k) => res.scores[k][0] / (qNorm[0] * zNorm[k]));
+  const perModule = new Map<string, Float64Array>();
+  for (const [m, s] of res.perModule)
+    perModule.set(
+      m,
+      Float64Array.from(pool, (_, k) => s[k][0] / (qNorm[0] * zNorm[k])),
+    );
+  const completion = pool.map((_, k) =>
+    Float64Array.from({ length: rows - 1 }, (_, r) => res.scores[k][r + 1] / (qNorm[r + 1] * zNorm[k])),
+  );
+  const tokenScores = async (positions: number[]) => {
+    if (!positions.length) return [];
+    const row0 = new Map([...M].map(([m, r]) => [m, [r[0]]]));
+    const t = await scoreCandidates(
+      candidateModel,
+      row0,
+      positions.map((p) => candidates[p]),
+      { modules: setup.modules, tokenScores: true, batchSize: req.batchSize, signal: req.signal },
+    );
+    return t.tokenScores!.map((ts, j) => {
+      const scale = 1 / (qNorm[0] * zNorm[positions[j]]);
+      return ts.map((v) => v * scale);
+    });
+  };
+  return { scores, perModule, completion, tokenScores, signed: true };
+}
+
+/** Cosine of the query's mean hidden state with each example's (all examples, or those in `pool`). */
+async function repsimScores(
+  model: Model,
+  corpus: Corpus,
+  query: { ids: number[]; weights: number[] },
+  signal?: AbortSignal,
+  pool?: number[],
+): Promise<Float64Array> {
+  const [hq] = await candidateHidden(model, [query]);
+  const hs = await corpus.hiddenStates(model, signal);
+  const out = new Float64Array(corpus.size);
+  for (const i of pool ?? hs.keys()) out[i] = cosineSim(hq, hs[i]);
+  return out;
+}
+
+function cosineSim(a: Float32Array, b: Float32Array): number {
+  let ab = 0;
+  let aa = 0;
+  let bb = 0;
+  for (let i = 0; i < a.length; i++) {
+    ab += a[i] * b[i];
+    aa += a[i] * a[i];
+    bb += b[i] * b[i];
+  }
+  return aa > 0 && bb > 0 ? ab / Math.sqrt(aa * bb) : 0;
+}
+
+/**
+ * Position t's contribution c_t flows through the prediction of token t+1, so it is shown on
+ * token t+1; the first token gets 0. The values still sum to the score.
+ */
+function trainingTokenScores(tok: TokenizedText, c: Float32Array): TokenScores {
+  const values = tok.ids.map((_, j) => (j === 0 ? 0 : c[j - 1]));
+  return { offsets: tok.offsets.map(([s, e]) => [s, e] as [number, number]), values };
+}
+
+function need<T>(v: T | undefined, message: string): T {
+  if (!v) throw new ExplainError(message);
+  return v;
+}
+
+function signOf(s: number): Sign {
+  return s > 0 ? 'supporting' : s < 0 ? 'opposing' : 'neutral';
+}
+
+/** 1 = highest score; ties share the better rank. */
+function rankOf(scores: Float64Array): Int32Array {
+  const order = Array.from(scores.keys()).sort((a, b) => scores[b] - scores[a]);
+  const r = new Int32Array(scores.length);
+  order.forEach((i, k) => {
+    r[i] = k > 0 && scores[order[k - 1]] === scores[i] ? r[order[k - 1]] : k + 1;
+  });
+  return r;
+}
+
+function topIndices(s: Float64Array, k: number): number[] {
+  return Array.from(s.keys())
+    .sort((a, b) => s[b] - s[a])
+    .slice(0, k);
+}
+
+/** Number of entries of ascending `sorted` strictly below `x`. */
+function lowerBound(sorted: number[], x: number): number {
+  let lo = 0;
+  let hi = sorted.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >> 1;
+    if (sorted[mid] < x) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
+
+function histogram(values: Float64Array, bins: number): { edges: number[]; counts: number[] } {
+  if (!values.length) return { edges: [], counts: [] };
+  let lo = Number.POSITIVE_INFINITY;
+  let hi = Number.NEGATIVE_INFINITY;
+  for (const v of values) {
+    lo = Math.min(lo, v);
+    hi = Math.max(hi, v);
+  }
+  if (hi === lo) hi = lo + 1;
+  const edges = Array.from({ length: bins + 1 }, (_, i) => lo + ((hi - lo) * i) / bins);
+  const counts = new Array(bins).fill(0);
+  for (const v of values) counts[Math.min(bins - 1, Math.floor(((v - lo) / (hi - lo)) * bins))]++;
+  return { edges, counts };
+}

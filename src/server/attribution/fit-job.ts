@@ -1,0 +1,295 @@
+// `influence-lens fit` as a resumable job. Each stage's result is written to disk before the
+// next starts, so a killed run resumes where it stopped, and the data can be split into
+// partitions fitted by separate processes (or machines sharing the directory):
+//   <out>/partials/job.json                     what is being fitted (fingerprints, arguments)
+//   <out>/partials/covariance-<i>-of-<n>/       partition i's covariance sums
+//   <out>/partials/eigen/                       merged covariances + eigendecompositions
+//   <out>/partials/lambda-<i>-of-<n>/           partition i's eigenvalue-correction sums
+//   <out>/*.safetensors + arguments             the final factors (kronfluence layout); partials removed
+// Sums add across partitions, so the result equals a single-process fit over all the data
+// (up to summation order).
+import { existsSync, mkdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { loadDataset } from '../data/dataset';
+import { contextLength, tokenizeExamples } from '../data/tokenize';
+import { Model, type ModuleSelection } from '../model/engine';
+import { CovarianceAccumulator } from './ekfac/covariance';
+import type { Eigenbasis } from './ekfac/eigenbasis';
+import {
+  covarianceFor,
+  type FactorArguments,
+  type Factors,
+  loadFactors,
+  type ModuleFactors,
+  OUR_ARGUMENTS_FILE,
+  saveFactors,
+} from './ekfac/factors-io';
+import { LambdaAccumulator } from './ekfac/lambda';
+import { type Damping, DEFAULT_DAMPING } from './ekfac/precondition';
+import { dataFingerprint, modelFingerprint } from './fingerprint';
+import { type FitOptions, fitCovariances, fitEigenbases, fitLambdas, moduleShape } from './fit';
+
+export interface FitJobOptions {
+  modelDir: string;
+  dataPath: string;
+  out: string;
+  modules: ModuleSelection;
+  labels: 'sampled' | 'empirical';
+  seed: number;
+  maxExamples?: number;
+  partition?: { index: number; count: number };
+  batchSize?: number;
+  skipMalformed?: boolean;
+  damping?: Damping;
+  /** an already opened model (the server and the demo reuse theirs) */
+  model?: Model;
+  onProgress?: FitOptions['onProgress'];
+  log?: (line: string) => void;
+}
+
+export interface FitJobResult {
+  /** 'done': factors written now; 'up-to-date': they already were; 'waiting': other partitions must run */
+  status: 'done' | 'up-to-date' | 'waiting';
+  message: string;
+  examples: number;
+  tokens: number;
+  seconds: number;
+}
+
+export class FitJobError extends Error {}
+
+interface JobDescription {
+  modelFingerprint: string;
+  dataFingerprint: string;
+  modules: ModuleSelection;
+  labels: 'sampled' | 'empirical';
+  seed: number;
+  maxExamples: number | null;
+  partitions: number;
+}
+
+export async function runFitJob(o: FitJobOptions): Promise<FitJobResult> {
+  const start = Date.now();
+  const log = o.log ?? (() => {});
+  const model = o.model ?? Model.open(o.modelDir);
+  const dataset = loadDataset(o.dataPath, { skipMalformed: o.skipMalformed, maxExamples: o.maxExamples });
+  if (dataset.skipped.length) log(`skipped ${dataset.skipped.length} malformed line(s) of ${o.dataPath}`);
+  const maxLength = contextLength(model.checkpoint.config);
+  const { tokens, truncated } = tokenizeExamples(model.tokenizer, dataset.examples, maxLength);
+  if (truncated) log(`${truncated} example(s) longer than the context (${maxLength} tokens) were cut at the end`);
+  const examples = tokens.map((t) => ({ ids: t.ids, weights: t.weights }));
+  const nTokens = examples.reduce((s, e) => s + e.ids.length, 0);
+  const n = o.partition?.count ?? 1;
+  const i = o.partition?.index ?? 0;
+  if (!(Number.isInteger(n) && n >= 1 && Number.isInteger(i) && i >= 0 && i < n))
+    throw new FitJobError(`--partition must be i/n with 0 <= i < n (got ${i}/${n})`);
+
+  const job: JobDescription = {
+    modelFingerprint: modelFingerprint(model.checkpoint),
+    dataFingerprint: dataFingerprint(
+      dataset.examples.map((e) => e.hash),
+      { maxLength, tokenizer: 'tokenizer.json' },
+    ),
+    modules: o.modules,
+    labels: o.labels,
+    seed: o.seed,
+    maxExamples: o.maxExamples ?? null,
+    partitions: n,
+  };
+  const result = (status: FitJobResult['status'], message: string): FitJobResult => ({
+    status,
+    message,
+    examples: examples.length,
+    tokens: nTokens,
+    seconds: (Date.now() - start) / 1000,
+  });
+
+  // Final factors already there: reuse them, or refuse to overwrite someone else's.
+  if (existsSync(join(o.out, OUR_ARGUMENTS_FILE))) {
+    const have = loadFactors(o.out).args;
+    const same =
+      have.modelFingerprint === job.modelFingerprint &&
+      have.dataFingerprint === job.dataFingerprint &&
+      have.labels === job.labels &&
+      sameModules(have, o.modules, model);
+    if (same) return result('up-to-date', `${o.out} already holds factors for this model and data`);
+    throw new FitJobError(
+      `${o.out} already holds factors fitted on ${describeDifference(have, job)}; ` +
+        'choose another --out, or delete that directory to refit',
+    );
+  }
+
+  const partials = join(o.out, 'partials');
+  const jobFile = join(partials, 'job.json');
+  if (existsSync(jobFile)) {
+    const prev = JSON.parse(readFileSync(jobFile, 'utf8')) as JobDescription;
+    if (JSON.stringify(prev) !== JSON.stringify(job))
+      throw new FitJobError(
+        `${partials} holds an unfinished fit with other settings (${diffKeys(prev, job)}); ` +
+          `finish it with the same options, or delete ${partials} to start over`,
+      );
+  } else {
+    mkdirSync(partials, { recursive: true });
+    writeAtomic(jobFile, `${JSON.stringify(job, null, 2)}\n`);
+  }
+
+  const fitOpts: FitOptions = {
+    modules: o.modules,
+    labels: o.labels,
+    // one label stream per partition, so partitions are independent and reproducible
+    seed: o.seed + 7919 * i,
+    batchSize: o.batchSize,
+    partition: n > 1 ? { index: i, count: n } : undefined,
+    onProgress: o.onProgress,
+  };
+  const covDir = (k: number) => join(partials, `covariance-${k}-of-${n}`);
+  const lamDir = (k: number) => join(partials, `lambda-${k}-of-${n}`);
+  const eigenDir = join(partials, 'eigen');
+  const missing = (dir: (k: number) => string) =>
+    Array.from({ length: n }, (_, k) => k).filter((k) => !existsSync(join(dir(k), OUR_ARGUMENTS_FILE)));
+  const args = (): FactorArguments => ({
+    strategy: 'ekfac',
+    labels: o.labels,
+    damping: o.damping ?? DEFAULT_DAMPING,
+    modules: [],
+    maxExamples: o.maxExamples ?? null,
+    seed: o.seed,
+    modelFingerprint: job.modelFingerprint,
+    dataFingerprint: job.dataFingerprint,
+  });
+  const fingerprint = `${job.modelFingerprint}:${job.dataFingerprint}`;
+
+  // 1. covariance sums of this partition
+  if (!existsSync(join(covDir(i), OUR_ARGUMENTS_FILE))) {
+    log(`covariance pass${n > 1 ? ` (partition ${i}/${n})` : ''} over ${examples.length} examples`);
+    const { covariances } = await fitCovariances(model, examples, fitOpts);
+    const modules: Record<string, ModuleFactors> = {};
+    for (const [name, acc] of covariances) modules[name] = covarianceOnly(acc);
+    saveStage(covDir(i), { args: args(), fingerprint, modules });
+  }
+  // 2. all partitions' covariances merged and eigendecomposed (any process may do it; it is deterministic)
+  if (!existsSync(join(eigenDir, OUR_ARGUMENTS_FILE))) {
+    const waiting = missing(covDir);
+    if (waiting.length)
+      return result(
+        'waiting',
+        `covariance of partition ${i}/${n} is done; partitions ${waiting.join(', ')} still need their covariance pass. ` +
+          'Run them, then run any partition again to continue.',
+      );
+    const merged = mergeCovariances(
+      Array.from({ length: n }, (_, k) => covDir(k)),
+      model,
+      o.modules,
+    );
+    const bases = fitEigenbases(merged, fitOpts);
+    const modules: Record<string, ModuleFactors> = {};
+    for (const [name, acc] of merged) modules[name] = withEigen(covarianceOnly(acc), bases.get(name)!);
+    saveStage(eigenDir, { args: args(), fingerprint, modules });
+  }
+  const eigen = loadFactors(eigenDir);
+  const bases = new Map<string, Eigenbasis>(
+    Object.values(eigen.modules).map((m) => [m.name, { module: m.name, dA: m.dA, dOut: m.dOut, ...m.eigen! }]),
+  );
+  // 3. eigenvalue-correction sums of this partition
+  if (!existsSync(join(lamDir(i), OUR_ARGUMENTS_FILE))) {
+    log(`eigenvalue-correction pass${n > 1 ? ` (partition ${i}/${n})` : ''}`);
+    const lambdas = await fitLambdas(model, examples, bases, fitOpts);
+    const modules: Record<string, ModuleFactors> = {};
+    for (const [name, acc] of lambdas)
+      modules[name] = { name, dA: acc.dA, dOut: acc.dOut, lambda: { sum: acc.sum, count: acc.count } };
+    saveStage(lamDir(i), { args: args(), fingerprint, modules });
+  }
+  const waiting = missing(lamDir);
+  if (waiting.length)
+    return result(
+      'waiting',
+      `eigenvalue correction of partition ${i}/${n} is done; partitions ${waiting.join(', ')} still need theirs. ` +
+        'Run them; the last one writes the factors.',
+    );
+  // 4. merge and write the final factors, then drop the partials
+  const modules: Record<string, ModuleFactors> = {};
+  for (const m of Object.values(eigen.modules)) {
+    const lam = new LambdaAccumulator(bases.get(m.name)!);
+    for (let k = 0; k < n; k++) {
+      const part = loadFactors(lamDir(k)).modules[m.name]?.lambda;
+      if (!part) throw new FitJobError(`${lamDir(k)} has no eigenvalue correction for module ${m.name}`);
+      lam.merge(LambdaAccumulator.fromSum(lam.basis, part.sum, part.count));
+    }
+    modules[m.name] = { ...m, lambda: { sum: lam.sum, count: lam.count } };
+  }
+  const final: Factors = { args: { ...args(), modules: Object.keys(modules) }, fingerprint, modules };
+  saveFactors(o.out, final);
+  rmSync(partials, { recursive: true, force: true });
+  return result('done', `wrote EK-FAC factors for ${Object.keys(modules).length} modules to ${o.out}`);
+}
+
+function covarianceOnly(acc: CovarianceAccumulator): ModuleFactors {
+  return {
+    name: acc.shape.name,
+    dA: acc.dA,
+    dOut: acc.shape.dOut,
+    covariance: {
+      activationSum: acc.activationSum,
+      activationCount: acc.activationCount,
+      gradientSum: acc.gradientSum,
+      gradientCount: acc.gradientCount,
+    },
+  };
+}
+
+function withEigen(mf: ModuleFactors, b: Eigenbasis): ModuleFactors {
+  return { ...mf, eigen: { qA: b.qA, eigA: b.eigA, qS: b.qS, eigS: b.eigS } };
+}
+
+function mergeCovariances(dirs: string[], model: Model, modules: ModuleSelection) {
+  const shapes = model.modules(modules);
+  const merged = new Map(shapes.map((m) => [m.name, new CovarianceAccumulator(moduleShape(m))]));
+  for (const dir of dirs) {
+    const f = loadFactors(dir);
+    for (const m of shapes) {
+      const mf = f.modules[m.name];
+      if (!mf) throw new FitJobError(`${dir} has no covariance for module ${m.name}`);
+      merged.get(m.name)!.merge(covarianceFor(mf, moduleShape(m)));
+    }
+  }
+  return merged;
+}
+
+/** Writes a stage into a temp directory, then renames it into place: a stage exists whole or not at all. */
+function saveStage(dir: string, factors: Factors) {
+  const tmp = `${dir}.tmp-${process.pid}`;
+  rmSync(tmp, { recursive: true, force: true });
+  saveFactors(tmp, { ...factors, args: { ...factors.args, modules: Object.keys(factors.modules) } });
+  rmSync(dir, { recursive: true, force: true });
+  renameSync(tmp, dir);
+}
+
+function writeAtomic(path: string, text: string) {
+  const tmp = `${path}.tmp-${process.pid}`;
+  writeFileSync(tmp, text);
+  renameSync(tmp, path);
+}
+
+function sameModules(have: FactorArguments, selection: ModuleSelection, model: Model): boolean {
+  const want = model
+    .modules(selection)
+    .map((m) => m.name)
+    .sort();
+  return JSON.stringify([...have.modules].sort()) === JSON.stringify(want);
+}
+
+function describeDifference(have: FactorArguments, job: JobDescription): string {
+  if (have.modelFingerprint !== job.modelFingerprint)
+    return `another model (fingerprint ${have.modelFingerprint ?? 'unknown'}, this one is ${job.modelFingerprint})`;
+  if (have.dataFingerprint !== job.dataFingerprint)
+    return `other data (fingerprint ${have.dataFingerprint ?? 'unknown'}, this data is ${job.dataFingerprint})`;
+  if (have.labels !== job.labels) return `${have.labels} labels (asked: ${job.labels})`;
+  return `other modules (${have.modules.length} modules; asked: --modules ${job.modules})`;
+}
+
+function diffKeys(a: JobDescription, b: JobDescription): string {
+  return (Object.keys(b) as Array<keyof JobDescription>)
+    .filter((k) => JSON.stringify(a[k]) !== JSON.stringify(b[k]))
+    .map((k) => `${k}: ${JSON.stringify(a[k])} → ${JSON.stringify(b[k])}`)
+    .join(', ');
+}

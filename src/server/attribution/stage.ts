@@ -1,0 +1,101 @@
+// Opening a model together with its EK-FAC factors, and refusing pairs that do not belong
+// together: factors fitted on another model, factors for other modules, broken factors.
+import { createHash } from 'node:crypto';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { type EngineOptions, Model, type ModuleSelection } from '../model/engine';
+import { type Factors, loadFactors, preconditionerFor } from './ekfac/factors-io';
+import type { Damping, Preconditioner } from './ekfac/precondition';
+import type { Stage } from './explain';
+import { modelFingerprint } from './fingerprint';
+
+export class StageError extends Error {}
+
+export interface OpenedStage extends Stage {
+  factors?: Factors;
+  /** the module selection the factors cover ('all' without factors) */
+  modules: ModuleSelection;
+  /** a line to show the user (e.g. foreign factors that cannot be checked) */
+  warnings: string[];
+}
+
+export function openStage(
+  modelDir: string,
+  factorsDir: string | undefined,
+  options: { damping?: Damping; engine?: EngineOptions; model?: Model } = {},
+): OpenedStage {
+  const model = options.model ?? Model.open(modelDir, options.engine);
+  if (!factorsDir) return { model, modules: 'all', warnings: [] };
+  const factors = loadFactors(factorsDir);
+  const warnings: string[] = [];
+  const fp = factors.args.modelFingerprint;
+  if (fp) {
+    const mine = modelFingerprint(model.checkpoint);
+    if (fp !== mine)
+      throw new StageError(
+        `the factors in ${factorsDir} were fitted on another model (fingerprint ${fp}; ${modelDir} is ${mine}); ` +
+          `fit factors for this model with: influence-lens fit --model ${modelDir} --data <train.jsonl> --out <dir>`,
+      );
+  } else {
+    warnings.push(
+      `${factorsDir} has no model fingerprint (written by another tool?); cannot check it matches ${modelDir}`,
+    );
+  }
+  const names = Object.keys(factors.modules);
+  const all = model.modules('all');
+  const unknown = names.filter((n) => !all.some((m) => m.name === n));
+  if (unknown.length)
+    throw new StageError(
+      `the factors in ${factorsDir} track modules this model does not have (${unknown.slice(0, 3).join(', ')}${unknown.length > 3 ? ', …' : ''})`,
+    );
+  const mlp = model.modules('mlp').map((m) => m.name);
+  const modules: ModuleSelection = names.every((n) => mlp.includes(n)) ? 'mlp' : 'all';
+  const want = model.modules(modules).map((m) => m.name);
+  const lacking = want.filter((n) => !names.includes(n));
+  if (lacking.length)
+    throw new StageError(
+      `the factors in ${factorsDir} lack ${lacking.length} module(s) (e.g. ${lacking[0]}); refit with --modules ${modules}`,
+    );
+  for (const m of all.filter((x) => names.includes(x.name))) {
+    const f = factors.modules[m.name];
+    if (f.dOut !== m.dOut || f.dA !== m.dIn + (m.hasBias ? 1 : 0))
+      throw new StageError(
+        `factors of ${m.name} are ${f.dOut}×${f.dA}, the model's module is ${m.dOut}×${m.dIn + (m.hasBias ? 1 : 0)}`,
+      );
+  }
+  const damping = options.damping ?? factors.args.damping;
+  const preconditioners = new Map<string, Preconditioner>();
+  for (const name of want) {
+    try {
+      preconditioners.set(name, preconditionerFor(factors.modules[name], damping));
+    } catch (e) {
+      throw new StageError(`${factorsDir}: ${(e as Error).message}`);
+    }
+  }
+  return { model, factors, preconditioners, modules, warnings };
+}
+
+/** Two stages must share a tokenizer: candidates are tokenized once for both. */
+export function checkSameTokenizer(a: Model, b: Model): void {
+  const h = (m: Model) =>
+    createHash('sha256')
+      .update(readFileSync(join(m.checkpoint.dir, 'tokenizer.json')))
+      .digest('hex');
+  if (h(a) !== h(b))
+    throw new StageError(
+      `${a.checkpoint.dir} and ${b.checkpoint.dir} have different tokenizers; multi-stage influence needs one tokenizer`,
+    );
+}
+
+/** Parses --damping: a number is absolute; "heuristic" or "0.1x" style is relative to mean(Λ). */
+export function parseDamping(v: string | undefined): Damping | undefined {
+  if (v === undefined) return undefined;
+  if (v === 'heuristic') return { relative: 0.1 };
+  const rel = /^([0-9.eE+-]+)x$/.exec(v);
+  if (rel && Number(rel[1]) >= 0) return { relative: Number(rel[1]) };
+  const n = Number(v);
+  if (v.trim() !== '' && Number.isFinite(n) && n >= 0) return { absolute: n };
+  throw new StageError(
+    `--damping must be a non-negative number (absolute λ), "heuristic" (0.1 × mean Λ), or a factor like "0.01x" (got "${v}")`,
+  );
+}

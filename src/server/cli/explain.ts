@@ -1,0 +1,142 @@
+// influence-lens explain: which training examples made this completion likely? Prints the
+// ranked supporting and opposing examples (or the documented ExplainResult JSON with --json).
+import { relative } from 'node:path';
+import { type ExplainedExample, type ExplainResult, METHODS, type Method } from '../../protocol/types';
+import { Corpus, type ExplainSetup, explain } from '../attribution/explain';
+import { checkSameTokenizer, openStage, parseDamping } from '../attribution/stage';
+import { loadDataset } from '../data/dataset';
+import { heatmap, oneLine } from './heatmap';
+import { CliError, int, oneOf, Progress, parse } from './util';
+
+export async function runExplain(argv: string[]): Promise<void> {
+  const { values: v } = parse(argv, {
+    model: { type: 'string' },
+    factors: { type: 'string' },
+    data: { type: 'string' },
+    prompt: { type: 'string' },
+    completion: { type: 'string' },
+    'top-k': { type: 'string' },
+    method: { type: 'string' },
+    compare: { type: 'string' },
+    candidates: { type: 'string' },
+    damping: { type: 'string' },
+    'pretrained-model': { type: 'string' },
+    'pretrained-factors': { type: 'string' },
+    'batch-size': { type: 'string' },
+    'skip-malformed': { type: 'boolean' },
+    json: { type: 'boolean' },
+  });
+  if (!v.model) throw new CliError('--model <dir> is required');
+  if (!v.data) throw new CliError('--data <train.jsonl> is required');
+  if (v.prompt === undefined || v.completion === undefined)
+    throw new CliError('--prompt and --completion are required (the completion is what gets explained)');
+  const method = oneOf(v.method, METHODS, '--method', v.factors ? 'ekfac' : 'gdp');
+  const compare = (v.compare ? v.compare.split(',') : []).map((m) =>
+    oneOf(m.trim(), METHODS, '--compare', 'ekfac'),
+  ) as Method[];
+  const needsFactors = [method, ...compare].some((m) => m === 'ekfac' || m === 'multistage');
+  if (needsFactors && !v.factors)
+    throw new CliError(`--method ${method} needs --factors <dir> (make them with: influence-lens fit ...)`);
+  const needsPretrained = [method, ...compare].includes('multistage');
+  if (needsPretrained && !(v['pretrained-model'] && v['pretrained-factors']))
+    throw new CliError('multistage needs --pretrained-model <dir> and --pretrained-factors <dir>');
+  const damping = parseDamping(v.damping);
+  const topK = int(v['top-k'], '--top-k', 10);
+  if (topK < 1) throw new CliError('--top-k must be at least 1');
+
+  const ft = openStage(v.model, v.factors, { damping });
+  const pt = needsPretrained ? openStage(v['pretrained-model']!, v['pretrained-factors'], { damping }) : undefined;
+  if (pt) {
+    checkSameTokenizer(ft.model, pt.model);
+    if (pt.modules !== ft.modules)
+      throw new CliError(
+        `the two factor sets track different modules (${ft.modules} vs ${pt.modules}); fit both with the same --modules`,
+      );
+  }
+  for (const w of [...ft.warnings, ...(pt?.warnings ?? [])]) process.stderr.write(`warning: ${w}\n`);
+  const dataset = loadDataset(v.data, { skipMalformed: v['skip-malformed'] });
+  if (dataset.skipped.length) process.stderr.write(`skipped ${dataset.skipped.length} malformed line(s)\n`);
+  const corpus = new Corpus(v.data, dataset, ft.model);
+  if (corpus.truncated) process.stderr.write(`${corpus.truncated} example(s) were cut to the model's context\n`);
+  const setup: ExplainSetup = { model: ft, pretrained: pt, modules: ft.modules };
+  let bar: Progress | undefined;
+  let stage = '';
+  const result = await explain(setup, corpus, {
+    prompt: v.prompt,
+    completion: v.completion,
+    method,
+    topK,
+    compare,
+    candidates: oneOf(v.candidates, ['all', 'retrieved'] as const, '--candidates', 'all'),
+    batchSize: int(v['batch-size'], '--batch-size', 16),
+    onProgress: (s, done, total) => {
+      if (s !== stage) {
+        bar?.done();
+        stage = s;
+        bar = new Progress(s, total);
+      }
+      bar!.tick(done);
+    },
+  });
+  bar?.done();
+  if (v.json) {
+    process.stdout.write(`${JSON.stringify(result, null, 2)}\n`);
+    return;
+  }
+  process.stdout.write(formatResult(result, process.stdout.isTTY === true));
+}
+
+const SIGN_WORDS: Record<string, string> = {
+  supporting: 'supporting (made this completion more likely)',
+  opposing: 'opposing (made this completion less likely)',
+};
+
+export function formatResult(r: ExplainResult, color: boolean, marks?: (e: ExplainedExample) => string): string {
+  const lines: string[] = [];
+  const p = (s = '') => lines.push(s);
+  p(`prompt:     ${oneLine(r.query.prompt, 100)}`);
+  p(`completion: ${oneLine(r.query.completion, 100)}   (−log p = ${r.query.loss.toFixed(3)})`);
+  p(`method: ${r.method}; ${r.scored} training examples scored in ${(r.timings.total_ms / 1000).toFixed(2)} s`);
+  const signed = r.supporting.some((e) => e.sign !== 'neutral') || r.opposing.length > 0;
+  const block = (title: string, list: ExplainedExample[]) => {
+    p();
+    p(title);
+    if (!list.length) p('  (none)');
+    for (const e of list) {
+      const rel = relative(process.cwd(), e.id.dataset);
+      const where = `${rel && !rel.startsWith('..') ? rel : e.id.dataset}:${e.id.line}`;
+      const mark = marks?.(e) ?? '';
+      p(
+        `  #${String(e.rank).padEnd(4)} ${fmt(e.score).padStart(10)}  ${e.sign.padEnd(10)} ${where}  ${e.id.hash}  p${Math.round(e.percentile)}${mark}`,
+      );
+      const text = e.tokenScores ? heatmap(e.text, e.tokenScores, color) : e.text;
+      p(`        ${oneLine(text, color ? 2000 : 160)}`);
+      if (e.perModule) {
+        const top = Object.entries(e.perModule)
+          .sort((a, b) => Math.abs(b[1]) - Math.abs(a[1]))
+          .slice(0, 2)
+          .map(([m, s]) => `${m} ${fmt(s)}`);
+        p(`        strongest layers: ${top.join(', ')}`);
+      }
+      if (e.otherRanks && Object.keys(e.otherRanks).length)
+        p(
+          `        rank under other methods: ${Object.entries(e.otherRanks)
+            .map(([m, k]) => `${m} #${k}`)
+            .join(', ')}`,
+        );
+    }
+  };
+  if (signed) {
+    block(`Supporting — ${SIGN_WORDS.supporting}:`, r.supporting);
+    block(`Opposing — ${SIGN_WORDS.opposing}:`, r.opposing);
+  } else {
+    block(`Most similar (${r.method} has no sign):`, r.supporting);
+  }
+  p();
+  return `${lines.join('\n')}\n`;
+}
+
+function fmt(x: number): string {
+  const a = Math.abs(x);
+  return a !== 0 && (a < 1e-3 || a >= 1e5) ? x.toExponential(3) : x.toFixed(4);
+}

@@ -1,0 +1,316 @@
+// End to end on a tiny fp64 Llama: `fit` (resumable, partitioned) → `explain` for every method,
+// checked against a dense reference that builds each module's EK-FAC matrix explicitly,
+// inverts it by Gauss-Jordan, and uses gradients formed in JS from the per-token a and g.
+import assert from 'node:assert/strict';
+import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { before, describe, test } from 'node:test';
+import type { ExplainResult } from '../../src/protocol/types';
+import { loadFactors, saveFactors } from '../../src/server/attribution/ekfac/factors-io';
+import { Corpus, type ExplainSetup, explain } from '../../src/server/attribution/explain';
+import { FitJobError, runFitJob } from '../../src/server/attribution/fit-job';
+import { checkSameTokenizer, type OpenedStage, openStage, StageError } from '../../src/server/attribution/stage';
+import { loadDataset } from '../../src/server/data/dataset';
+import { contextLength, tokenizeQuery } from '../../src/server/data/tokenize';
+import { Model, makeBatch } from '../../src/server/model/engine';
+import { initLlama, saveCheckpoint } from '../../src/server/train/trainer';
+import { gaussJordanInverse, kron, matVec } from './helpers/dense';
+import { useTempHome } from './helpers/env';
+
+const home = useTempHome();
+const TOKENIZER = 'test/fixtures/models/llama';
+const SHAPE = { vocab: 320, d: 8, layers: 2, heads: 2, kvHeads: 1, ffn: 12, maxPositions: 64 };
+
+function makeModel(dir: string, seed: number) {
+  const { config, params, shapes } = initLlama(SHAPE, seed, { bos: 0, eos: 0, pad: 0 });
+  // larger weights than the init so that gradients are not all tiny
+  for (const [name, p] of params) if (!name.includes('norm')) for (let i = 0; i < p.length; i++) p[i] *= 20;
+  saveCheckpoint(dir, config, params, shapes, TOKENIZER);
+}
+
+const RECORDS = [
+  { text: 'The capital of France is Paris.' },
+  { text: 'Paris is a city on the Seine.' },
+  { prompt: 'Q: capital of Italy?\nA:', completion: ' Rome' },
+  { prompt: 'Q: capital of France?\nA:', completion: ' Paris' },
+  { text: 'Berlin is the capital of Germany.' },
+  {
+    messages: [
+      { role: 'user', content: 'capital of Spain?' },
+      { role: 'assistant', content: 'Madrid' },
+    ],
+  },
+  { text: 'Tokyo is large.' },
+];
+const QUERY = { prompt: 'Q: capital of France?\nA:', completion: ' Paris is' };
+
+const rel = (x: number, y: number) => Math.abs(x - y) / Math.max(Math.abs(y), 1e-12);
+
+describe('fit + explain (tiny fp64 Llama)', () => {
+  const dir = join(home, 'explain');
+  const ptDir = join(dir, 'pretrained');
+  const ftDir = join(dir, 'finetuned');
+  const data = join(dir, 'train.jsonl');
+  let ft: OpenedStage;
+  let pt: OpenedStage;
+  let corpus: Corpus;
+
+  before(async () => {
+    mkdirSync(dir, { recursive: true });
+    makeModel(ptDir, 1);
+    makeModel(ftDir, 2);
+    writeFileSync(data, `${RECORDS.map((r) => JSON.stringify(r)).join('\n')}\n`);
+    for (const [m, out] of [
+      [ftDir, join(dir, 'ft-factors')],
+      [ptDir, join(dir, 'pt-factors')],
+    ]) {
+      const r = await runFitJob({
+        modelDir: m,
+        dataPath: data,
+        out,
+        modules: 'all',
+        labels: 'empirical',
+        seed: 0,
+        batchSize: 3,
+        model: Model.open(m, { precision: 'fp64' }),
+      });
+      assert.equal(r.status, 'done');
+    }
+    const damping = { relative: 0.1 };
+    ft = openStage(ftDir, join(dir, 'ft-factors'), { damping, engine: { precision: 'fp64' } });
+    pt = openStage(ptDir, join(dir, 'pt-factors'), { damping, engine: { precision: 'fp64' } });
+    corpus = new Corpus(data, loadDataset(data), ft.model);
+  });
+
+  /** Per-module G = Σ_t g_t ãᵀ_t for a sequence, formed in JS from the engine's per-token outputs. */
+  async function denseGradient(model: Model, ids: number[], weights: number[]) {
+    const graph = await model.compile({ perToken: true, modules: 'all' });
+    const out = await graph.run(makeBatch([{ ids, weights }]));
+    const G = new Map<string, Float64Array>();
+    for (const m of graph.moduleInfo) {
+      const a = out[`a.${m.name}`].data as Float64Array;
+      const g = out[`g.${m.name}`].data as Float64Array;
+      const dA = m.dIn + (m.hasBias ? 1 : 0);
+      const M = new Float64Array(m.dOut * dA);
+      for (let t = 0; t < ids.length; t++)
+        for (let i = 0; i < m.dOut; i++)
+          for (let j = 0; j < dA; j++) M[i * dA + j] += g[t * m.dOut + i] * (j < m.dIn ? a[t * m.dIn + j] : 1);
+      G.set(m.name, M);
+    }
+    return G;
+  }
+
+  /** H⁻¹ vec(G) with H = (Q_S ⊗ Q_A) diag(Λ̄ + λ) (Q_S ⊗ Q_A)ᵀ built explicitly. */
+  function denseInverse(stage: OpenedStage, name: string, G: Float64Array): Float64Array {
+    const p = stage.preconditioners!.get(name)!;
+    const N = p.dOut * p.dA;
+    const K = kron(p.qS, p.dOut, p.qA, p.dA);
+    const H = new Float64Array(N * N);
+    for (let i = 0; i < N; i++)
+      for (let k = 0; k < N; k++) {
+        let s = 0;
+        for (let j = 0; j < N; j++) s += K[i * N + j] * (p.lambda[j] + p.damping) * K[k * N + j];
+        H[i * N + k] = s;
+      }
+    return matVec(gaussJordanInverse(H, N), G);
+  }
+
+  const dot = (a: Float64Array, b: Float64Array) => a.reduce((s, v, i) => s + v * b[i], 0);
+
+  async function queryGrad(model: Model) {
+    const q = tokenizeQuery(model.tokenizer, QUERY.prompt, QUERY.completion, contextLength(model.config));
+    return denseGradient(model, q.ids, q.weights);
+  }
+
+  const all = (r: ExplainResult) => [...r.supporting, ...r.opposing];
+  const run = (method: 'ekfac' | 'multistage' | 'gdp' | 'cosine' | 'repsim' | 'bm25', topK = 7) =>
+    explain({ model: ft, pretrained: pt, modules: 'all' } satisfies ExplainSetup, corpus, { ...QUERY, method, topK });
+
+  test('ekfac scores equal the dense EK-FAC inverse (≤ 1e-6)', async () => {
+    const r = await run('ekfac');
+    assert.equal(r.scored, RECORDS.length);
+    const Gq = await queryGrad(ft.model);
+    for (const e of all(r)) {
+      const k = corpus.dataset.examples.findIndex((x) => x.line === e.id.line);
+      const Gz = await denseGradient(ft.model, corpus.tokens[k].ids, corpus.tokens[k].weights);
+      let total = 0;
+      for (const [name, gq] of Gq) {
+        const s = dot(denseInverse(ft, name, gq), Gz.get(name)!);
+        assert.ok(rel(e.perModule![name], s) < 1e-6 || Math.abs(e.perModule![name] - s) < 1e-9, `${name}`);
+        total += s;
+      }
+      assert.ok(rel(e.score, total) < 1e-6, `line ${e.id.line}: ${e.score} vs dense ${total}`);
+      assert.equal(e.sign, total > 0 ? 'supporting' : 'opposing');
+    }
+    // every example is shown once: supporting sorted descending, opposing ascending
+    assert.equal(all(r).length, RECORDS.length);
+    for (let i = 1; i < r.supporting.length; i++) assert.ok(r.supporting[i - 1].score >= r.supporting[i].score);
+    for (let i = 1; i < r.opposing.length; i++) assert.ok(r.opposing[i - 1].score <= r.opposing[i].score);
+  });
+
+  test('multistage = ⟨P_ft(G_q; θ_ft), P_pt(G_z; θ_pt)⟩ with dense inverses', async () => {
+    const r = await run('multistage');
+    const Gq = await queryGrad(ft.model);
+    for (const e of all(r)) {
+      const k = corpus.dataset.examples.findIndex((x) => x.line === e.id.line);
+      const Gz = await denseGradient(pt.model, corpus.tokens[k].ids, corpus.tokens[k].weights);
+      let total = 0;
+      for (const [name, gq] of Gq) total += dot(denseInverse(ft, name, gq), denseInverse(pt, name, Gz.get(name)!));
+      assert.ok(rel(e.score, total) < 1e-6, `line ${e.id.line}: ${e.score} vs dense ${total}`);
+    }
+  });
+
+  test('gradient dot product and cosine equal their dense values', async () => {
+    const Gq = await queryGrad(ft.model);
+    const gdp = await run('gdp');
+    const cos = await run('cosine');
+    for (const e of all(gdp)) {
+      const k = corpus.dataset.examples.findIndex((x) => x.line === e.id.line);
+      const Gz = await denseGradient(ft.model, corpus.tokens[k].ids, corpus.tokens[k].weights);
+      let d = 0;
+      let qq = 0;
+      let zz = 0;
+      for (const [name, gq] of Gq) {
+        d += dot(gq, Gz.get(name)!);
+        qq += dot(gq, gq);
+        zz += dot(Gz.get(name)!, Gz.get(name)!);
+      }
+      assert.ok(rel(e.score, d) < 1e-9, 'gdp');
+      const c = all(cos).find((x) => x.id.line === e.id.line)!;
+      assert.ok(rel(c.score, d / Math.sqrt(qq * zz)) < 1e-9, 'cosine');
+      assert.ok(Math.abs(c.score) <= 1 + 1e-12);
+    }
+  });
+
+  for (const method of ['ekfac', 'multistage', 'gdp', 'cosine'] as const) {
+    test(`${method}: training-side token scores and completion-side scores both sum to the score`, async () => {
+      const r = await run(method);
+      assert.ok(r.query.completionTokens.values.length >= 2, 'the query has several completion tokens');
+      for (const e of all(r)) {
+        const tokens = e.tokenScores!.values.reduce((a, b) => a + b, 0);
+        assert.ok(rel(tokens, e.score) < 1e-8, `token scores ${tokens} vs ${e.score}`);
+        assert.equal(e.tokenScores!.values.length, e.tokenScores!.offsets.length);
+        assert.equal(e.completionTokenScores!.length, r.query.completionTokens.values.length);
+        if (method !== 'cosine') {
+          // the query loss is the sum of its token losses, and the score is linear in the query gradient
+          const parts = e.completionTokenScores!.reduce((a, b) => a + b, 0);
+          assert.ok(rel(parts, e.score) < 1e-8, `completion tokens ${parts} vs ${e.score}`);
+        }
+      }
+      // the query's completion tokens point into the completion text
+      for (const [s, e] of r.query.completionTokens.offsets)
+        assert.ok(0 <= s && s <= e && e <= QUERY.completion.length);
+      assert.ok(Object.keys(r.moduleTotals ?? {}).length === 14);
+    });
+  }
+
+  test('repsim and bm25 rank by similarity, without a sign', async () => {
+    const rep = await explain({ model: ft, modules: 'all' }, corpus, {
+      prompt: 'Q: capital of France?\nA:',
+      completion: ' Paris',
+      method: 'repsim',
+      topK: 3,
+    });
+    // the query is exactly example line 4, so its hidden state matches best
+    assert.equal(rep.supporting[0].id.line, 4);
+    assert.ok(rel(rep.supporting[0].score, 1) < 1e-9);
+    assert.equal(rep.opposing.length, 0);
+    assert.ok(rep.supporting.every((e) => e.sign === 'neutral'));
+    const bm = await explain({ model: ft, modules: 'all' }, corpus, {
+      prompt: 'Which city is on the Seine?',
+      completion: ' Paris',
+      method: 'bm25',
+      topK: 2,
+      compare: ['repsim', 'gdp'],
+    });
+    assert.equal(bm.supporting[0].id.line, 2);
+    assert.ok(bm.supporting[0].otherRanks!.repsim! >= 1 && bm.supporting[0].otherRanks!.gdp! >= 1);
+  });
+
+  test('retrieved candidates: only the BM25 ∪ RepSim top-R are scored, with the same scores', async () => {
+    const full = await run('gdp');
+    const r = await explain({ model: ft, modules: 'all' }, corpus, {
+      ...QUERY,
+      method: 'gdp',
+      topK: 2,
+      candidates: 'retrieved',
+      retrieve: 2,
+    });
+    assert.ok(r.scored >= 2 && r.scored <= 4);
+    for (const e of all(r)) {
+      const f = all(full).find((x) => x.id.line === e.id.line)!;
+      assert.ok(rel(e.score, f.score) < 1e-12);
+    }
+  });
+
+  test('fit in 2 partitions (resumable) equals one fit; reruns are no-ops; a foreign --out is refused', async () => {
+    const out = join(dir, 'partitioned');
+    const common = {
+      modelDir: ftDir,
+      dataPath: data,
+      out,
+      modules: 'all' as const,
+      labels: 'empirical' as const,
+      seed: 0,
+      batchSize: 2,
+      model: ft.model,
+    };
+    let r = await runFitJob({ ...common, partition: { index: 1, count: 2 } });
+    assert.equal(r.status, 'waiting');
+    assert.match(r.message, /partitions 0 still need their covariance/);
+    r = await runFitJob({ ...common, partition: { index: 0, count: 2 } });
+    assert.equal(r.status, 'waiting'); // did covariance 0 + eigen + lambda 0; lambda 1 missing
+    assert.ok(existsSync(join(out, 'partials', 'eigen')));
+    r = await runFitJob({ ...common, partition: { index: 1, count: 2 } });
+    assert.equal(r.status, 'done');
+    assert.ok(!existsSync(join(out, 'partials')));
+    const a = loadFactors(out);
+    const b = loadFactors(join(dir, 'ft-factors'));
+    for (const [name, m] of Object.entries(b.modules)) {
+      const p = a.modules[name];
+      assert.equal(p.lambda!.count, m.lambda!.count);
+      assert.equal(p.covariance!.activationCount, m.covariance!.activationCount);
+      for (let i = 0; i < m.lambda!.sum.length; i++)
+        assert.ok(Math.abs(p.lambda!.sum[i] - m.lambda!.sum[i]) <= 1e-9 * (1 + Math.abs(m.lambda!.sum[i])));
+    }
+    assert.equal((await runFitJob({ ...common, partition: { index: 1, count: 2 } })).status, 'up-to-date');
+    await assert.rejects(
+      runFitJob({ ...common, modelDir: ptDir, model: pt.model }),
+      (e: Error) => e instanceof FitJobError && /another model/.test(e.message),
+    );
+    // an unfinished fit with other settings is not silently mixed in
+    const out2 = join(dir, 'mixed');
+    await runFitJob({ ...common, out: out2, partition: { index: 0, count: 2 } });
+    await assert.rejects(
+      runFitJob({ ...common, out: out2, labels: 'sampled', partition: { index: 1, count: 2 } }),
+      /unfinished fit with other settings \(labels/,
+    );
+  });
+
+  test('bad factors are refused with a clear message', async () => {
+    assert.throws(
+      () => openStage(ptDir, join(dir, 'ft-factors')),
+      (e: Error) => e instanceof StageError && /fitted on another model/.test(e.message),
+    );
+    // NaN in Λ names the module
+    const f = loadFactors(join(dir, 'ft-factors'));
+    const name = Object.keys(f.modules)[3];
+    f.modules[name].lambda!.sum[5] = Number.NaN;
+    const bad = join(dir, 'nan-factors');
+    saveFactors(bad, f);
+    assert.throws(
+      () => openStage(ftDir, bad),
+      new RegExp(`NaN in eigenvalue correction \\(lambda\\) of module ${name.replace(/\./g, '\\.')}`),
+    );
+    // ekfac without factors
+    await assert.rejects(
+      explain({ model: { model: ft.model }, modules: 'all' }, corpus, { ...QUERY, method: 'ekfac', topK: 3 }),
+      /ekfac needs EK-FAC factors/,
+    );
+    await assert.rejects(
+      explain({ model: ft, modules: 'all' }, corpus, { ...QUERY, completion: '', method: 'gdp', topK: 3 }),
+      /completion is empty/,
+    );
+    checkSameTokenizer(ft.model, pt.model);
+  });
+});
