@@ -25,7 +25,7 @@ const COMMANDS: Record<string, { run: (argv: string[]) => Promise<void>; help: s
     run: runExplain,
     help:
       'explain --model <dir> --factors <dir> --data <train.jsonl> --prompt P --completion C [--top-k K]\n' +
-      '    [--method ekfac|multistage|gdp|cosine|repsim|bm25] [--compare m,m] [--damping X]\n' +
+      '    [--method ekfac|multistage|gdp|cosine|repsim|bm25] [--compare m,m] [--damping X] [--rank R]\n' +
       '    [--pretrained-model <dir> --pretrained-factors <dir>] [--json]   rank training examples',
   },
   bench: { run: runBench, help: 'bench engine [--quick]         speed and memory of the model engine' },

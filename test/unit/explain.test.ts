@@ -9,6 +9,7 @@ import type { ExplainResult } from '../../src/protocol/types';
 import { loadFactors, saveFactors } from '../../src/server/attribution/ekfac/factors-io';
 import { Corpus, type ExplainSetup, explain } from '../../src/server/attribution/explain';
 import { FitJobError, runFitJob } from '../../src/server/attribution/fit-job';
+import { queryGradients, queryMatrices, scoreCandidates } from '../../src/server/attribution/influence';
 import { checkSameTokenizer, type OpenedStage, openStage, StageError } from '../../src/server/attribution/stage';
 import { loadDataset } from '../../src/server/data/dataset';
 import { contextLength, tokenizeQuery } from '../../src/server/data/tokenize';
@@ -203,6 +204,44 @@ describe('fit + explain (tiny fp64 Llama)', () => {
       assert.ok(Object.keys(r.moduleTotals ?? {}).length === 14);
     });
   }
+
+  test('low-rank query: full rank reproduces the exact scores in-graph; rank 1 is recomputed exactly at the top', async () => {
+    const q = tokenizeQuery(ft.model.tokenizer, QUERY.prompt, QUERY.completion, contextLength(ft.model.config));
+    const { G } = await queryGradients(
+      ft.model,
+      { ids: q.ids, weights: q.weights },
+      { modules: 'all', perCompletionToken: true },
+    );
+    const M = queryMatrices(G, [ft.preconditioners!]);
+    const exact = await scoreCandidates(ft.model, M, corpus.tokens, { modules: 'all', tokenScores: true });
+    const full = await scoreCandidates(ft.model, M, corpus.tokens, { modules: 'all', tokenScores: true, rank: 1000 });
+    const one = await scoreCandidates(ft.model, M, corpus.tokens, { modules: 'all', rank: 1 });
+    let differs = 0;
+    for (let k = 0; k < corpus.size; k++) {
+      for (let r = 0; r < exact.scores[k].length; r++) {
+        assert.ok(rel(full.scores[k][r], exact.scores[k][r]) < 1e-8, `full rank, example ${k} row ${r}`);
+        if (rel(one.scores[k][r], exact.scores[k][r]) > 1e-3) differs++;
+      }
+      for (let t = 0; t < exact.tokenScores![k].length; t++)
+        assert.ok(
+          Math.abs(full.tokenScores![k][t] - exact.tokenScores![k][t]) <=
+            1e-8 * (1 + Math.abs(exact.tokenScores![k][t])),
+        );
+    }
+    assert.ok(differs > 0, 'rank 1 is an approximation on this model');
+    // in explain, every shown example is recomputed exactly
+    const ranked = await explain({ model: ft, modules: 'all' }, corpus, {
+      ...QUERY,
+      method: 'ekfac',
+      topK: 3,
+      rank: 1,
+    });
+    const ref = await run('ekfac');
+    for (const e of all(ranked)) {
+      const x = all(ref).find((y) => y.id.line === e.id.line)!;
+      assert.ok(rel(e.score, x.score) < 1e-12);
+    }
+  });
 
   test('repsim and bm25 rank by similarity, without a sign', async () => {
     const rep = await explain({ model: ft, modules: 'all' }, corpus, {

@@ -84,6 +84,8 @@ export interface ExplainRequest {
   /** other methods whose ranks are reported per returned example */
   compare?: Method[];
   batchSize?: number;
+  /** score the pool with a rank-r query (Grosse et al. §3.2), then recompute the top and bottom exactly */
+  rank?: number;
   signal?: AbortSignal;
   onProgress?: (stage: string, done: number, total: number) => void;
 }
@@ -256,10 +258,30 @@ async function scorePool(
   const res = await scoreCandidates(candidateModel, M, candidates, {
     modules: setup.modules,
     gradNorms: cosine,
+    rank: req.rank,
     batchSize: req.batchSize,
     signal: req.signal,
     onProgress: (d, t) => req.onProgress?.(`scoring (${method})`, d, t),
   });
+  if (req.rank) {
+    // exact recompute of the candidates that can reach the top-k or bottom-k lists
+    const t = Date.now();
+    const byScore = Array.from(pool.keys()).sort((a, b) => res.scores[b][0] - res.scores[a][0]);
+    const margin = Math.max(3 * req.topK, 20);
+    const redo = [...new Set([...byScore.slice(0, margin), ...byScore.slice(-margin)])];
+    const exact = await scoreCandidates(
+      candidateModel,
+      M,
+      redo.map((p) => candidates[p]),
+      { modules: setup.modules, gradNorms: cosine, batchSize: req.batchSize, signal: req.signal },
+    );
+    redo.forEach((p, j) => {
+      res.scores[p] = exact.scores[j];
+      for (const [m, s] of exact.perModule) res.perModule.get(m)![p] = s[j];
+      if (cosine) res.gradSqNorm![p] = exact.gradSqNorm![j];
+    });
+    req.onProgress?.(`exact recompute of ${redo.length} (${Date.now() - t} ms)`, redo.length, redo.length);
+  }
   const rows = M.values().next().value?.length ?? 1;
   // cosine: divide by ‖G_z‖ and by each query row's ‖G_q‖
   const qNorm = new Float64Array(rows).fill(1);

@@ -9,7 +9,7 @@
 // Extra query rows give the completion-side heatmap: row k carries only completion token k's loss.
 import { type Batch, type Model, type ModuleSelection, makeBatch } from '../model/engine';
 import type { ort } from '../model/onnx/session';
-import { type Preconditioner, precondition } from './ekfac/precondition';
+import { lowRank, type Preconditioner, precondition } from './ekfac/precondition';
 import type { TokenizedExample } from './fit';
 
 export interface QueryGradients {
@@ -113,12 +113,15 @@ export async function scoreCandidates(
     batchSize?: number;
     onProgress?: (done: number, total: number) => void;
     signal?: AbortSignal;
+    /** score with a rank-r approximation of each query matrix (faster for wide modules) */
+    rank?: number;
   },
 ): Promise<CandidateScores> {
   const graph = await model.compile({
     labels: 'data',
     scores: true,
     tokenScores: opts.tokenScores,
+    lowRank: opts.rank !== undefined,
     gradNorms: opts.gradNorms,
     hidden: opts.hidden,
     modules: opts.modules,
@@ -130,6 +133,21 @@ export async function scoreCandidates(
     if (!rows) throw new Error(`no query matrix for module ${m.name}`);
     Q = rows.length;
     const dA = m.dIn + (m.hasBias ? 1 : 0);
+    if (opts.rank) {
+      // rank-r SVD of each query row: U = u·diag(σ) [dOut, R], V = v [dA, R]
+      const lr = rows.map((r) => lowRank(r, m.dOut, dA, opts.rank!));
+      const R = lr[0].rank;
+      const U = new Float64Array(Q * m.dOut * R);
+      const V = new Float64Array(Q * dA * R);
+      lr.forEach((f, q) => {
+        for (let i = 0; i < m.dOut; i++)
+          for (let k = 0; k < R; k++) U[q * m.dOut * R + i * R + k] = f.u[i * R + k] * f.sigma[k];
+        V.set(f.v, q * dA * R);
+      });
+      feeds[`U.${m.name}`] = graph.tensor(U, [Q, m.dOut, R]);
+      feeds[`V.${m.name}`] = graph.tensor(V, [Q, dA, R]);
+      continue;
+    }
     const flat = new Float64Array(Q * m.dOut * dA);
     for (const [q, r] of rows.entries()) flat.set(r, q * m.dOut * dA);
     feeds[`M.${m.name}`] = graph.tensor(flat, [Q, m.dOut, dA]);

@@ -23,6 +23,7 @@ export async function runExplain(argv: string[]): Promise<void> {
     'pretrained-model': { type: 'string' },
     'pretrained-factors': { type: 'string' },
     'batch-size': { type: 'string' },
+    rank: { type: 'string' },
     'skip-malformed': { type: 'boolean' },
     json: { type: 'boolean' },
   });
@@ -69,6 +70,7 @@ export async function runExplain(argv: string[]): Promise<void> {
     compare,
     candidates: oneOf(v.candidates, ['all', 'retrieved'] as const, '--candidates', 'all'),
     batchSize: int(v['batch-size'], '--batch-size', 16),
+    rank: v.rank === undefined ? undefined : positive(int(v.rank, '--rank', 0), '--rank'),
     onProgress: (s, done, total) => {
       if (s !== stage) {
         bar?.done();
@@ -134,6 +136,11 @@ export function formatResult(r: ExplainResult, color: boolean, marks?: (e: Expla
   }
   p();
   return `${lines.join('\n')}\n`;
+}
+
+function positive(n: number, flag: string): number {
+  if (n < 1) throw new CliError(`${flag} must be at least 1`);
+  return n;
 }
 
 function fmt(x: number): string {

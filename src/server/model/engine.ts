@@ -45,6 +45,12 @@ export interface GraphRequest {
   scores?: boolean;
   /** with the same inputs: `token_scores` [Q, B, T], c_t = Σ_modules g_tᵀ M_q a_t (sums to `scores` over t) */
   tokenScores?: boolean;
+  /**
+   * scores / token scores from a low-rank query (Grosse et al. §3.2): inputs `U.<module>` [Q, dOut, R]
+   * (σ folded in) and `V.<module>` [Q, dIn', R] instead of `M`; c_t = Σ_r (Uᵀ g_t)_r (Vᵀ a_t)_r, so the
+   * per-example gradient G is never formed (T·R·(dOut+dIn) work instead of T·dOut·dIn).
+   */
+  lowRank?: boolean;
   /** with inputs `QA`, `QS` and `IL.<module>` = 1/(Λ+λ): `self_influence` [B] = Σ_modules ⟨P(G_b), G_b⟩ */
   selfInfluence?: boolean;
   /** `grad_sqnorm` [B] = Σ_modules ‖G_b‖² (for gradient cosine) */
@@ -421,8 +427,8 @@ function buildOutputs(
   }
   if (req.logits) emit(out.logits, 'logits');
 
-  const needG = req.exampleGrads || req.lambda || req.scores || req.selfInfluence || req.gradNorms;
-  const needModuleGrads = req.perToken || req.covariance || req.tokenScores || needG;
+  const needG = req.exampleGrads || req.lambda || (req.scores && !req.lowRank) || req.selfInfluence || req.gradNorms;
+  const needModuleGrads = req.perToken || req.covariance || req.scores || req.tokenScores || needG;
   const wrt: Tensor[] = [];
   if (needModuleGrads) wrt.push(...modules.map((m) => m.output));
   if (req.paramGrads) wrt.push(...weights.tensors.values());
@@ -451,7 +457,22 @@ function buildOutputs(
           const S = g.node('Gemm', [gy, gy], [{ dtype: g.float, shape: [m.dOut, m.dOut] }], { transA: 1 })[0];
           emit(S, `S.${m.name}`);
         }
-        const M = req.scores || req.tokenScores ? g.input(`M.${m.name}`, g.float, ['Q', m.dOut, dIn]) : null;
+        if (req.lowRank && (req.scores || req.tokenScores)) {
+          const U = g.input(`U.${m.name}`, g.float, ['Q', m.dOut, `R_${m.name}`]);
+          const V = g.input(`V.${m.name}`, g.float, ['Q', dIn, `R_${m.name}`]);
+          const gU = g.matmul(g.unsqueeze(gy, [0]), U); // [Q, N, R]
+          const aV = g.matmul(g.unsqueeze(a, [0]), V); // [Q, N, R]
+          const c = g.reduceSum(g.mul(gU, aV), [2], false); // [Q, N]
+          if (req.tokenScores) tokenSum = accumulate(tokenSum, c);
+          if (req.scores) {
+            const c3 = g.reshape(c, g.concatInts([g.ints([-1]), btShape]), ['Q', 'B', 'T']);
+            const sc = g.transpose(g.reduceSum(c3, [2], false), [1, 0]); // [B, Q]
+            emit(sc, `score.${m.name}`);
+            scoreSum = accumulate(scoreSum, sc);
+          }
+        }
+        const M =
+          !req.lowRank && (req.scores || req.tokenScores) ? g.input(`M.${m.name}`, g.float, ['Q', m.dOut, dIn]) : null;
         if (M && req.tokenScores) {
           // c[q, t] = g_tᵀ M_q a_t : the training-side token heatmap, summed over modules
           const gM = g.matmul(g.unsqueeze(gy, [0]), M); // [Q, N, dIn]
