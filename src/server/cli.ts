@@ -5,6 +5,7 @@ import { runExplain } from './cli/explain';
 import { runFit } from './cli/fit';
 import { runGradients } from './cli/gradients';
 import { runInspect } from './cli/inspect';
+import { runScan } from './cli/scan';
 import { CliError } from './cli/util';
 
 const COMMANDS: Record<string, { run: (argv: string[]) => Promise<void>; help: string }> = {
@@ -27,6 +28,10 @@ const COMMANDS: Record<string, { run: (argv: string[]) => Promise<void>; help: s
       'explain --model <dir> --factors <dir> --data <train.jsonl> --prompt P --completion C [--top-k K]\n' +
       '    [--method ekfac|multistage|gdp|cosine|repsim|bm25] [--compare m,m] [--damping X] [--rank R]\n' +
       '    [--pretrained-model <dir> --pretrained-factors <dir>] [--json]   rank training examples',
+  },
+  scan: {
+    run: runScan,
+    help: 'scan --model <dir> --factors <dir> --data <train.jsonl> [--top-k K] [--json]   self-influence ranking',
   },
   bench: { run: runBench, help: 'bench engine [--quick]         speed and memory of the model engine' },
 };

@@ -1,0 +1,138 @@
+// The influence commands as a user runs them: fit → explain (text and --json) → scan, and the
+// one-line errors for the mistakes users make.
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { describe, test } from 'node:test';
+import type { ExplainResult } from '../../src/protocol/types';
+import { useTempHome } from './helpers/env';
+
+const home = useTempHome();
+const MODEL = 'test/fixtures/models/llama';
+const OTHER = 'test/fixtures/models/mistral';
+
+function cli(...args: string[]) {
+  const r = spawnSync(process.execPath, ['--import', 'tsx', 'src/server/cli.ts', ...args], {
+    encoding: 'utf8',
+    env: { ...process.env, HOME: home },
+  });
+  return { code: r.status, out: r.stdout, err: r.stderr };
+}
+
+describe('influence-lens fit / explain / scan', () => {
+  const data = join(home, 'train.jsonl');
+  const factors = join(home, 'factors');
+  writeFileSync(
+    data,
+    [
+      { text: 'The capital of France is Paris.' },
+      { prompt: 'Q: capital of France?\nA:', completion: ' Paris' },
+      { prompt: 'Q: capital of Italy?\nA:', completion: ' Rome' },
+      {
+        messages: [
+          { role: 'user', content: 'hi' },
+          { role: 'assistant', content: 'hello' },
+        ],
+      },
+    ]
+      .map((r) => JSON.stringify(r))
+      .join('\n'),
+  );
+
+  test('fit writes factors; a second run is a no-op', () => {
+    let r = cli('fit', '--model', MODEL, '--data', data, '--out', factors, '--modules', 'mlp');
+    assert.equal(r.code, 0, r.err);
+    assert.match(r.out, /wrote EK-FAC factors for 6 modules/);
+    r = cli('fit', '--model', MODEL, '--data', data, '--out', factors, '--modules', 'mlp');
+    assert.equal(r.code, 0, r.err);
+    assert.match(r.out, /already holds factors for this model and data/);
+  });
+
+  test('explain prints both lists with signs in words, and --json is the documented ExplainResult', () => {
+    const args = ['explain', '--model', MODEL, '--factors', factors, '--data', data];
+    const q = ['--prompt', 'Q: capital of France?\nA:', '--completion', ' Paris'];
+    let r = cli(...args, ...q, '--top-k', '2');
+    assert.equal(r.code, 0, r.err);
+    assert.match(r.out, /Supporting — supporting \(made this completion more likely\)/);
+    assert.match(r.out, /Opposing — opposing \(made this completion less likely\)/);
+    assert.match(r.out, /train\.jsonl:\d+ {2}[0-9a-f]{16}/);
+    r = cli(...args, ...q, '--json', '--compare', 'bm25');
+    assert.equal(r.code, 0, r.err);
+    const res = JSON.parse(r.out) as ExplainResult;
+    assert.equal(res.method, 'ekfac');
+    assert.equal(res.scored, 4);
+    assert.equal(res.supporting.length + res.opposing.length, 4);
+    const e = res.supporting[0];
+    assert.ok(e.tokenScores && e.perModule && e.completionTokenScores && e.otherRanks?.bm25);
+    assert.equal(Object.keys(e.perModule).length, 6);
+  });
+
+  test('scan ranks by self-influence', () => {
+    const r = cli('scan', '--model', MODEL, '--factors', factors, '--data', data, '--json');
+    assert.equal(r.code, 0, r.err);
+    const s = JSON.parse(r.out);
+    assert.equal(s.examples.length, 4);
+    assert.ok(s.examples[0].selfInfluence >= s.examples[3].selfInfluence);
+  });
+
+  test('mistakes get one clear line and exit code 1', () => {
+    const cases: Array<[string[], RegExp]> = [
+      [
+        ['explain', '--model', OTHER, '--factors', factors, '--data', data, '--prompt', 'a', '--completion', 'b'],
+        /fitted on another model/,
+      ],
+      [
+        ['explain', '--model', MODEL, '--data', data, '--prompt', 'a', '--completion', 'b', '--method', 'ekfac'],
+        /needs --factors/,
+      ],
+      [
+        ['explain', '--model', MODEL, '--data', data, '--prompt', 'a', '--completion', 'b', '--method', 'magic'],
+        /--method must be one of/,
+      ],
+      [
+        ['explain', '--model', MODEL, '--factors', factors, '--data', data, '--prompt', 'a', '--completion', ''],
+        /completion is empty/,
+      ],
+      [['fit', '--model', OTHER, '--data', data, '--out', factors], /already holds factors fitted on another model/],
+      [
+        ['fit', '--model', MODEL, '--data', data, '--out', join(home, 'f2'), '--partition', '3'],
+        /--partition must look like i\/n/,
+      ],
+      [['fit', '--model', MODEL, '--data', join(home, 'missing.jsonl'), '--out', join(home, 'f3')], /missing\.jsonl/],
+      [
+        [
+          'explain',
+          '--model',
+          MODEL,
+          '--factors',
+          factors,
+          '--data',
+          data,
+          '--prompt',
+          'a',
+          '--completion',
+          'b',
+          '--damping',
+          'lots',
+        ],
+        /--damping must be/,
+      ],
+    ];
+    for (const [args, want] of cases) {
+      const r = cli(...args);
+      assert.equal(r.code, 1, `${args.join(' ')}\n${r.err}`);
+      assert.match(r.err, want);
+      assert.equal(r.err.trim().split('\n').length, 1, `one line: ${r.err}`);
+    }
+    // a malformed line is named, and skipped only on request
+    const bad = join(home, 'bad.jsonl');
+    writeFileSync(bad, '{"text": "ok line"}\n{not json\n');
+    let r = cli('fit', '--model', MODEL, '--data', bad, '--out', join(home, 'f4'));
+    assert.equal(r.code, 1);
+    assert.match(r.err, /bad\.jsonl:2/);
+    r = cli('fit', '--model', MODEL, '--data', bad, '--out', join(home, 'f4'), '--skip-malformed');
+    assert.equal(r.code, 0, r.err);
+    assert.match(r.err, /skipped 1 malformed line/);
+  });
+});
