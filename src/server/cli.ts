@@ -33,7 +33,10 @@ const COMMANDS: Record<string, { run: (argv: string[]) => Promise<void>; help: s
     run: runScan,
     help: 'scan --model <dir> --factors <dir> --data <train.jsonl> [--top-k K] [--json]   self-influence ranking',
   },
-  bench: { run: runBench, help: 'bench engine [--quick]         speed and memory of the model engine' },
+  bench: {
+    run: runBench,
+    help: 'bench engine|ekfac [--quick]   speed and memory (ekfac: against kronfluence in the same run)',
+  },
 };
 
 function usage(): string {

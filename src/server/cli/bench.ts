@@ -11,12 +11,16 @@ import { DataType, Graph } from '../model/onnx/graph';
 import { createSession, ort } from '../model/onnx/session';
 import { type TensorToWrite, writeSafetensors } from '../model/safetensors';
 import { Rng } from '../util/random';
+import { benchEkfac } from './bench-ekfac';
 import { CliError, int, parse } from './util';
 
 export async function runBench(argv: string[]): Promise<void> {
   const [suite, ...rest] = argv;
   if (suite === 'engine') return benchEngine(rest);
-  throw new CliError(`usage: influence-lens bench engine [--quick] [--threads N] (unknown suite "${suite ?? ''}")`);
+  if (suite === 'ekfac') return benchEkfac(rest);
+  throw new CliError(
+    `usage: influence-lens bench engine|ekfac [--quick] [--threads N] (unknown suite "${suite ?? ''}")`,
+  );
 }
 
 interface Gpt2Shape {

@@ -1,0 +1,180 @@
+// bench ekfac: EK-FAC factor fitting time and exact pairwise-scoring throughput on a fixed
+// random Llama and fixed random data, next to kronfluence doing the same work on the same
+// machine in the same run (test/oracle/bench_kronfluence.py, when its Python venv exists).
+// Both sides use empirical labels, SUM losses, the same modules and damping 1e-3, so their
+// scores must agree (Spearman per query) — a speed number without agreement means nothing.
+import { spawnSync } from 'node:child_process';
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { cpus, hostname } from 'node:os';
+import { join, resolve } from 'node:path';
+import { preconditionerFor } from '../attribution/ekfac/factors-io';
+import { type FittedFactors, fitFactors, type TokenizedExample } from '../attribution/fit';
+import { queryGradients, queryMatrices, scoreCandidates } from '../attribution/influence';
+import { defaultCacheDir, Model } from '../model/engine';
+import { initLlama, saveCheckpoint } from '../train/trainer';
+import { Rng } from '../util/random';
+import { spearman } from '../util/stats';
+import { int, parse } from './util';
+
+const SHAPES = {
+  full: { d: 128, layers: 4, heads: 4, ffn: 512, train: 256, length: 64, queries: 8 },
+  quick: { d: 64, layers: 2, heads: 4, ffn: 256, train: 64, length: 32, queries: 4 },
+};
+const VOCAB_FROM = 'test/fixtures/models/llama'; // its tokenizer (vocab 320) is only used for the pad id
+
+export async function benchEkfac(argv: string[]): Promise<void> {
+  const { values: v } = parse(argv, {
+    quick: { type: 'boolean' },
+    threads: { type: 'string' },
+    python: { type: 'string' },
+    'no-kronfluence': { type: 'boolean' },
+  });
+  const size = v.quick ? 'quick' : 'full';
+  const s = SHAPES[size];
+  const threads = int(v.threads, '--threads', cpus().length);
+  const root = join(defaultCacheDir(), 'bench', `ekfac-${size}`);
+  const modelDir = join(root, 'model');
+  mkdirSync(root, { recursive: true });
+  if (!existsSync(join(modelDir, 'model.safetensors'))) {
+    const { config, params, shapes } = initLlama(
+      { vocab: 320, d: s.d, layers: s.layers, heads: s.heads, kvHeads: s.heads, ffn: s.ffn, maxPositions: 128 },
+      7,
+      { bos: 0, eos: 0, pad: 0 },
+    );
+    // a few times the init scale, so the random model's gradients are not all tiny
+    for (const [name, p] of params) if (!name.includes('norm')) for (let i = 0; i < p.length; i++) p[i] *= 4;
+    saveCheckpoint(modelDir, config, params, shapes, VOCAB_FROM);
+  }
+  const rng = new Rng(11);
+  const seq = (n: number) => Array.from({ length: n }, () => 1 + rng.int(319));
+  const train = Array.from({ length: s.train }, () => seq(s.length / 2 + rng.int(s.length / 2 + 1)));
+  const queries = Array.from({ length: s.queries }, () => ({ ids: seq(12), prompt_length: 8 }));
+  const dataFile = join(root, 'data.json');
+  writeFileSync(dataFile, JSON.stringify({ train, queries }));
+  const trainEx: TokenizedExample[] = train.map((ids) => ({
+    ids,
+    weights: ids.map((_, t) => (t < ids.length - 1 ? 1 : 0)),
+  }));
+  const queryEx: TokenizedExample[] = queries.map((q) => ({
+    ids: q.ids,
+    weights: q.ids.map((_, t) => (t + 1 >= q.prompt_length && t < q.ids.length - 1 ? 1 : 0)),
+  }));
+  const tokens = train.reduce((a, x) => a + x.length, 0);
+  const say = (line: string) => process.stdout.write(`${line}\n`);
+  say(
+    `bench ekfac (${size}): random Llama d=${s.d} × ${s.layers} layers, ffn ${s.ffn}; ${s.train} train sequences (${tokens} tokens), ${s.queries} queries; all linear modules; ${threads} threads`,
+  );
+
+  // ours
+  const model = Model.open(modelDir, { threads });
+  const opts = { modules: 'all' as const, labels: 'empirical' as const, seed: 0, batchSize: 8 };
+  await fitFactors(model, trainEx.slice(0, 8), opts); // compile the graphs outside the timing
+  let t = performance.now();
+  const factors: FittedFactors = await fitFactors(model, trainEx, opts);
+  const fitSeconds = (performance.now() - t) / 1000;
+  const pre = new Map(
+    [...factors.bases].map(([m, b]) => {
+      const lam = factors.lambdas.get(m)!;
+      return [m, preconditionerFor({ name: m, dA: b.dA, dOut: b.dOut, eigen: b, lambda: lam }, { absolute: 1e-3 })];
+    }),
+  );
+  const scoreAll = async () => {
+    // all queries as rows of one query matrix: one pass over the candidates scores every pair
+    const rows = new Map<string, Float64Array[]>();
+    for (const q of queryEx) {
+      const { G } = await queryGradients(model, q, { modules: 'all' });
+      for (const [m, r] of queryMatrices(G, [pre])) rows.set(m, [...(rows.get(m) ?? []), r[0]]);
+    }
+    return scoreCandidates(model, rows, trainEx, { modules: 'all', batchSize: 8 });
+  };
+  await scoreAll(); // warm-up (graph compile)
+  t = performance.now();
+  const scored = await scoreAll();
+  const scoreSeconds = (performance.now() - t) / 1000;
+  const ours = {
+    fit_seconds: fitSeconds,
+    fit_tokens_per_second: tokens / fitSeconds,
+    score_seconds: scoreSeconds,
+    candidates_per_second: s.train / scoreSeconds,
+  };
+  say(
+    `  influence-lens: fit ${fitSeconds.toFixed(2)} s (${Math.round(ours.fit_tokens_per_second)} tokens/s); score ${s.queries}×${s.train} in ${scoreSeconds.toFixed(2)} s → ${Math.round(ours.candidates_per_second)} candidates/s`,
+  );
+
+  // kronfluence, same model and data, same machine, same run
+  let kron: Record<string, unknown> | null = null;
+  let agreement: number[] | null = null;
+  const python = v.python ?? resolve('test/oracle/.venv/bin/python');
+  const script = resolve('test/oracle/bench_kronfluence.py');
+  if (v['no-kronfluence']) say('  kronfluence: skipped (--no-kronfluence)');
+  else if (!existsSync(python) || !existsSync(script))
+    say(
+      `  kronfluence: not run (no ${existsSync(python) ? script : python}; see test/oracle/README.md to create the venv)`,
+    );
+  else {
+    const out = join(root, 'kronfluence');
+    const r = spawnSync(
+      python,
+      [
+        script,
+        '--model',
+        modelDir,
+        '--data',
+        dataFile,
+        '--out',
+        out,
+        '--threads',
+        String(threads),
+        '--labels',
+        'empirical',
+        '--modules',
+        'all',
+        '--damping',
+        '1e-3',
+        '--batch-size',
+        '8',
+      ],
+      { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] },
+    );
+    if (r.status !== 0)
+      say(
+        `  kronfluence: failed (exit ${r.status}): ${(r.stderr || r.stdout).trim().split('\n').slice(-3).join(' | ')}`,
+      );
+    else {
+      kron = JSON.parse(readFileSync(join(out, 'kronfluence_bench.json'), 'utf8'));
+      const theirs = JSON.parse(readFileSync(join(out, 'kronfluence_scores.json'), 'utf8')) as number[][];
+      agreement = theirs.map((row, q) =>
+        spearman(
+          row,
+          scored.scores.map((c) => c[q]),
+        ),
+      );
+      const k = kron as { fit_seconds: number; score_seconds: number; candidates_per_second: number };
+      say(
+        `  kronfluence:    fit ${k.fit_seconds.toFixed(2)} s; score in ${k.score_seconds.toFixed(2)} s → ${Math.round(k.candidates_per_second)} candidates/s`,
+      );
+      say(
+        `  ratios: fitting time ours/kronfluence = ${(fitSeconds / k.fit_seconds).toFixed(2)} (goal ≤ 0.5); scoring throughput ours/kronfluence = ${(ours.candidates_per_second / k.candidates_per_second).toFixed(2)} (goal ≥ 2)`,
+      );
+      say(`  agreement: Spearman per query ${agreement.map((x) => x.toFixed(4)).join(', ')} (goal ≥ 0.99)`);
+    }
+  }
+  const report = {
+    suite: 'ekfac',
+    size,
+    date: new Date().toISOString(),
+    host: hostname(),
+    cpus: cpus().length,
+    threads,
+    node: process.version,
+    shape: s,
+    tokens,
+    ours,
+    kronfluence: kron,
+    spearman_per_query: agreement,
+  };
+  mkdirSync('bench/out', { recursive: true });
+  const file = join('bench/out', `ekfac-${size}-${report.date.slice(0, 10)}-${hostname()}.json`);
+  writeFileSync(file, `${JSON.stringify(report, null, 2)}\n`);
+  say(`  report: ${file}`);
+}
