@@ -13,6 +13,7 @@ import { queryGradients, queryMatrices, scoreCandidates } from '../../src/server
 import { checkSameTokenizer, type OpenedStage, openStage, StageError } from '../../src/server/attribution/stage';
 import { loadDataset } from '../../src/server/data/dataset';
 import { contextLength, tokenizeQuery } from '../../src/server/data/tokenize';
+import { GradientStore } from '../../src/server/index/gradient-store';
 import { Model, makeBatch } from '../../src/server/model/engine';
 import { initLlama, saveCheckpoint } from '../../src/server/train/trainer';
 import { gaussJordanInverse, kron, matVec } from './helpers/dense';
@@ -45,6 +46,7 @@ const RECORDS = [
 ];
 const QUERY = { prompt: 'Q: capital of France?\nA:', completion: ' Paris is' };
 
+const row0 = (M: Map<string, Float64Array[]>) => new Map([...M].map(([m, r]) => [m, r[0]]));
 const rel = (x: number, y: number) => Math.abs(x - y) / Math.max(Math.abs(y), 1e-12);
 
 describe('fit + explain (tiny fp64 Llama)', () => {
@@ -240,6 +242,39 @@ describe('fit + explain (tiny fp64 Llama)', () => {
     for (const e of all(ranked)) {
       const x = all(ref).find((y) => y.id.line === e.id.line)!;
       assert.ok(rel(e.score, x.score) < 1e-12);
+    }
+  });
+
+  test('gradient store: exact when k covers every dimension, approximate but reranked exactly otherwise', async () => {
+    const q = tokenizeQuery(ft.model.tokenizer, QUERY.prompt, QUERY.completion, contextLength(ft.model.config));
+    const { G } = await queryGradients(ft.model, { ids: q.ids, weights: q.weights }, { modules: 'all' });
+    const M = queryMatrices(G, [ft.preconditioners!]);
+    const exact = await scoreCandidates(ft.model, M, corpus.tokens, { modules: 'all' });
+    const identity = { modelFingerprint: 'm', dataFingerprint: 'd', k: 64, seed: 3, modules: 'all' as const };
+    const full = await GradientStore.build(ft.model, corpus.tokens, identity, { batchSize: 3 });
+    const s = full.scores(row0(M));
+    for (let k = 0; k < corpus.size; k++) assert.ok(rel(s[k], exact.scores[k][0]) < 1e-6, `example ${k}`);
+    // save / load; a store for other data or settings is not reused
+    const sdir = join(dir, 'store');
+    full.save(sdir);
+    const back = GradientStore.load(sdir, identity)!;
+    assert.deepEqual(Array.from(back.scores(row0(M))), Array.from(s));
+    assert.equal(GradientStore.load(sdir, { ...identity, dataFingerprint: 'other' }), null);
+    // k = 2: an approximation; explain reranks the shown examples exactly
+    const small = await GradientStore.build(ft.model, corpus.tokens, { ...identity, k: 2 });
+    const approx = small.scores(row0(M));
+    assert.ok(approx.some((x, k) => rel(x, exact.scores[k][0]) > 1e-3));
+    const r = await explain({ model: ft, modules: 'all' }, corpus, {
+      ...QUERY,
+      method: 'ekfac',
+      topK: 2,
+      store: { model: ft.model, store: small },
+      rerank: 2,
+    });
+    const ref = await run('ekfac');
+    for (const e of all(r)) {
+      const x = all(ref).find((y) => y.id.line === e.id.line)!;
+      assert.ok(rel(e.score, x.score) < 1e-12, 'shown examples carry exact scores');
     }
   });
 

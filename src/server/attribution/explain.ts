@@ -15,9 +15,17 @@ import type { ExplainedExample, ExplainResult, Method, Sign, TokenScores } from 
 import type { Dataset } from '../data/dataset';
 import { contextLength, type TokenizedText, tokenizeExamples, tokenizeQuery } from '../data/tokenize';
 import { Bm25Index } from '../index/bm25';
+import type { GradientStore } from '../index/gradient-store';
 import type { Model, ModuleSelection } from '../model/engine';
 import type { Preconditioner } from './ekfac/precondition';
-import { candidateHidden, type QueryGradients, queryGradients, queryMatrices, scoreCandidates } from './influence';
+import {
+  type CandidateScores,
+  candidateHidden,
+  type QueryGradients,
+  queryGradients,
+  queryMatrices,
+  scoreCandidates,
+} from './influence';
 
 export class ExplainError extends Error {}
 
@@ -86,6 +94,9 @@ export interface ExplainRequest {
   batchSize?: number;
   /** score the pool with a rank-r query (Grosse et al. §3.2), then recompute the top and bottom exactly */
   rank?: number;
+  /** score the pool from a gradient store built on `model`, then rerank the top and bottom `rerank` exactly */
+  store?: { model: Model; store: GradientStore };
+  rerank?: number;
   signal?: AbortSignal;
   onProgress?: (stage: string, done: number, total: number) => void;
 }
@@ -99,6 +110,8 @@ interface PoolScores {
   /** training-side token scores for some pool items (by pool position) */
   tokenScores?: (positions: number[]) => Promise<Float32Array[]>;
   signed: boolean;
+  /** when the pool was scored approximately (store, low rank): the positions recomputed exactly, the only ones shown */
+  exact?: Set<number>;
 }
 
 const GRADIENT_METHODS: readonly Method[] = ['ekfac', 'multistage', 'gdp', 'cosine'];
@@ -150,9 +163,10 @@ export async function explain(setup: ExplainSetup, corpus: Corpus, req: ExplainR
   const sorted = order.map((i) => main.scores[i]).sort((a, b) => a - b);
   const below = (s: number) => lowerBound(sorted, s);
   const K = Math.min(req.topK, n);
-  const supportingPos = main.signed ? order.filter((i) => main.scores[i] > 0).slice(0, K) : order.slice(0, K);
+  const showable = main.exact ? order.filter((i) => main.exact!.has(i)) : order;
+  const supportingPos = main.signed ? showable.filter((i) => main.scores[i] > 0).slice(0, K) : showable.slice(0, K);
   const opposingPos = main.signed
-    ? order
+    ? showable
         .filter((i) => main.scores[i] < 0)
         .reverse()
         .slice(0, K)
@@ -255,20 +269,25 @@ async function scorePool(
   }
   const candidates = pool.map((i) => corpus.tokens[i]);
   const cosine = method === 'cosine';
-  const res = await scoreCandidates(candidateModel, M, candidates, {
-    modules: setup.modules,
-    gradNorms: cosine,
-    rank: req.rank,
-    batchSize: req.batchSize,
-    signal: req.signal,
-    onProgress: (d, t) => req.onProgress?.(`scoring (${method})`, d, t),
-  });
-  if (req.rank) {
+  const useStore = req.store && req.store.model === candidateModel && !cosine;
+  const res = useStore
+    ? storeScores(req.store!.store, M, pool)
+    : await scoreCandidates(candidateModel, M, candidates, {
+        modules: setup.modules,
+        gradNorms: cosine,
+        rank: req.rank,
+        batchSize: req.batchSize,
+        signal: req.signal,
+        onProgress: (d, t) => req.onProgress?.(`scoring (${method})`, d, t),
+      });
+  let exactSet: Set<number> | undefined;
+  if (req.rank || useStore) {
     // exact recompute of the candidates that can reach the top-k or bottom-k lists
     const t = Date.now();
     const byScore = Array.from(pool.keys()).sort((a, b) => res.scores[b][0] - res.scores[a][0]);
-    const margin = Math.max(3 * req.topK, 20);
+    const margin = useStore ? Math.max(req.rerank ?? 5 * req.topK, req.topK) : Math.max(3 * req.topK, 20);
     const redo = [...new Set([...byScore.slice(0, margin), ...byScore.slice(-margin)])];
+    exactSet = new Set(redo);
     const exact = await scoreCandidates(
       candidateModel,
       M,
@@ -316,7 +335,20 @@ async function scorePool(
       return ts.map((v) => v * scale);
     });
   };
-  return { scores, perModule, completion, tokenScores, signed: true };
+  return { scores, perModule, completion, tokenScores, signed: true, exact: exactSet };
+}
+
+/** The store's approximate scores in the shape scoreCandidates returns (row 0 only; no per-module terms). */
+function storeScores(store: GradientStore, M: Map<string, Float64Array[]>, pool: number[]): CandidateScores {
+  const all = store.scores(new Map([...M].map(([m, rows]) => [m, rows[0]])));
+  const rows = M.values().next().value?.length ?? 1;
+  const scores = pool.map((i) => {
+    const r = new Float64Array(rows);
+    r[0] = all[i];
+    return r;
+  });
+  const perModule = new Map([...M.keys()].map((m) => [m, pool.map(() => new Float64Array(rows))]));
+  return { scores, perModule };
 }
 
 /** Cosine of the query's mean hidden state with each example's (all examples, or those in `pool`). */

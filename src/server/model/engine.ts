@@ -51,6 +51,12 @@ export interface GraphRequest {
    * per-example gradient G is never formed (T·R·(dOut+dIn) work instead of T·dOut·dIn).
    */
   lowRank?: boolean;
+  /**
+   * `P.<module>` [B, kS, kA] = Σ_t (PSᵀ g_t)(PAᵀ ã_t)ᵀ with inputs `PA.<module>` [dIn', kA] and
+   * `PS.<module>` [dOut, kS]: per-example gradients under random projections (LoGra-style
+   * gradient store), formed without the full d_out × d_in gradient.
+   */
+  projected?: boolean;
   /** with inputs `QA`, `QS` and `IL.<module>` = 1/(Λ+λ): `self_influence` [B] = Σ_modules ⟨P(G_b), G_b⟩ */
   selfInfluence?: boolean;
   /** `grad_sqnorm` [B] = Σ_modules ‖G_b‖² (for gradient cosine) */
@@ -428,7 +434,8 @@ function buildOutputs(
   if (req.logits) emit(out.logits, 'logits');
 
   const needG = req.exampleGrads || req.lambda || (req.scores && !req.lowRank) || req.selfInfluence || req.gradNorms;
-  const needModuleGrads = req.perToken || req.covariance || req.scores || req.tokenScores || needG;
+  const needModuleGrads =
+    req.perToken || req.covariance || req.scores || req.tokenScores || req.projected || needG;
   const wrt: Tensor[] = [];
   if (needModuleGrads) wrt.push(...modules.map((m) => m.output));
   if (req.paramGrads) wrt.push(...weights.tensors.values());
@@ -456,6 +463,17 @@ function buildOutputs(
           emit(g.node('Gemm', [am, a], [{ dtype: g.float, shape: [dIn, dIn] }], { transA: 1 })[0], `A.${m.name}`);
           const S = g.node('Gemm', [gy, gy], [{ dtype: g.float, shape: [m.dOut, m.dOut] }], { transA: 1 })[0];
           emit(S, `S.${m.name}`);
+        }
+        if (req.projected) {
+          const PA = g.input(`PA.${m.name}`, g.float, [dIn, `kA_${m.name}`]);
+          const PS = g.input(`PS.${m.name}`, g.float, [m.dOut, `kS_${m.name}`]);
+          const ap = g.matmul(a, PA); // [N, kA]
+          const gp = g.matmul(gy, PS); // [N, kS]
+          const kA = g.shapeOf(PA, 1, 2);
+          const kS = g.shapeOf(PS, 1, 2);
+          const ap3 = g.reshape(ap, g.concatInts([btShape, kA]), ['B', 'T', `kA_${m.name}`]);
+          const gp3 = g.reshape(gp, g.concatInts([btShape, kS]), ['B', 'T', `kS_${m.name}`]);
+          emit(g.matmul(g.transpose(gp3, [0, 2, 1]), ap3), `P.${m.name}`);
         }
         if (req.lowRank && (req.scores || req.tokenScores)) {
           const U = g.input(`U.${m.name}`, g.float, ['Q', m.dOut, `R_${m.name}`]);
