@@ -156,13 +156,13 @@ export class GradientStore {
     const meta = h.metadata ?? {};
     if (meta.identity !== JSON.stringify(expect)) return null;
     const size = Number(meta.size);
-    const modules: StoreModule[] = (
-      JSON.parse(meta.modules ?? '[]') as Array<Omit<StoreModule, 'PA' | 'PS'>>
-    ).map((m) => ({
-      ...m,
-      PA: readTensorF64(h, `PA.${m.name}`),
-      PS: readTensorF64(h, `PS.${m.name}`),
-    }));
+    const modules: StoreModule[] = (JSON.parse(meta.modules ?? '[]') as Array<Omit<StoreModule, 'PA' | 'PS'>>).map(
+      (m) => ({
+        ...m,
+        PA: readTensorF64(h, `PA.${m.name}`),
+        PS: readTensorF64(h, `PS.${m.name}`),
+      }),
+    );
     const rows = new Map(modules.map((m) => [m.name, Float32Array.from(readTensorF64(h, `rows.${m.name}`))]));
     return new GradientStore(expect, modules, rows, size);
   }

@@ -434,8 +434,7 @@ function buildOutputs(
   if (req.logits) emit(out.logits, 'logits');
 
   const needG = req.exampleGrads || req.lambda || (req.scores && !req.lowRank) || req.selfInfluence || req.gradNorms;
-  const needModuleGrads =
-    req.perToken || req.covariance || req.scores || req.tokenScores || req.projected || needG;
+  const needModuleGrads = req.perToken || req.covariance || req.scores || req.tokenScores || req.projected || needG;
   const wrt: Tensor[] = [];
   if (needModuleGrads) wrt.push(...modules.map((m) => m.output));
   if (req.paramGrads) wrt.push(...weights.tensors.values());
