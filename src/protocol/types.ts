@@ -87,3 +87,12 @@ export interface ExplainResult {
   moduleTotals?: Record<string, number>;
   timings: Record<string, number>;
 }
+
+/** Streamed while `explain` runs: the best examples among those scored so far (no heatmaps yet). */
+export interface ExplainPartial {
+  method: Method;
+  scored: number;
+  total: number;
+  supporting: Array<Pick<ExplainedExample, 'id' | 'score' | 'sign' | 'text'>>;
+  opposing: Array<Pick<ExplainedExample, 'id' | 'score' | 'sign' | 'text'>>;
+}

@@ -278,6 +278,25 @@ describe('fit + explain (tiny fp64 Llama)', () => {
     }
   });
 
+  test('partial results stream while candidates are scored, and end at the final ranking', async () => {
+    const seen: number[] = [];
+    let lastTop: string | undefined;
+    const r = await explain({ model: ft, modules: 'all' }, corpus, {
+      ...QUERY,
+      method: 'ekfac',
+      topK: 2,
+      batchSize: 2,
+      partialEveryMs: 0,
+      onPartial: (p) => {
+        seen.push(p.scored);
+        lastTop = p.supporting[0]?.id.hash;
+        assert.equal(p.total, RECORDS.length);
+      },
+    });
+    assert.deepEqual(seen, [2, 4, 6, 7]);
+    assert.equal(lastTop, r.supporting[0]?.id.hash);
+  });
+
   test('repsim and bm25 rank by similarity, without a sign', async () => {
     const rep = await explain({ model: ft, modules: 'all' }, corpus, {
       prompt: 'Q: capital of France?\nA:',

@@ -11,7 +11,7 @@
 // every candidate inside the graph. Extra query rows (one per completion token) give the
 // completion-side heatmap; a second, small pass over the returned examples gives their
 // training-side token scores.
-import type { ExplainedExample, ExplainResult, Method, Sign, TokenScores } from '../../protocol/types';
+import type { ExplainedExample, ExplainPartial, ExplainResult, Method, Sign, TokenScores } from '../../protocol/types';
 import type { Dataset } from '../data/dataset';
 import { contextLength, type TokenizedText, tokenizeExamples, tokenizeQuery } from '../data/tokenize';
 import { Bm25Index } from '../index/bm25';
@@ -99,6 +99,9 @@ export interface ExplainRequest {
   rerank?: number;
   signal?: AbortSignal;
   onProgress?: (stage: string, done: number, total: number) => void;
+  /** the best examples among those scored so far, at most every `partialEveryMs` (default 250) */
+  onPartial?: (p: ExplainPartial) => void;
+  partialEveryMs?: number;
 }
 
 /** One method's scores over the pool (indices into the corpus). */
@@ -279,6 +282,7 @@ async function scorePool(
         batchSize: req.batchSize,
         signal: req.signal,
         onProgress: (d, t) => req.onProgress?.(`scoring (${method})`, d, t),
+        onBatch: req.onPartial ? partials(method, corpus, pool, req) : undefined,
       });
   let exactSet: Set<number> | undefined;
   if (req.rank || useStore) {
@@ -336,6 +340,38 @@ async function scorePool(
     });
   };
   return { scores, perModule, completion, tokenScores, signed: true, exact: exactSet };
+}
+
+/** Streams the running top-k while candidates are scored (raw scores; cosine's normalization comes at the end). */
+function partials(method: Method, corpus: Corpus, pool: number[], req: ExplainRequest) {
+  const done: number[] = [];
+  let last = 0;
+  return (idx: number[], scores: Float64Array[]) => {
+    done.push(...idx);
+    const now = Date.now();
+    if (now - last < (req.partialEveryMs ?? 250) && done.length < pool.length) return;
+    last = now;
+    const sorted = [...done].sort((a, b) => scores[b][0] - scores[a][0]);
+    const brief = (p: number) => {
+      const ex = corpus.dataset.examples[pool[p]];
+      const score = scores[p][0];
+      return { id: { dataset: corpus.id, line: ex.line, hash: ex.hash }, score, sign: signOf(score), text: ex.text };
+    };
+    req.onPartial!({
+      method,
+      scored: done.length,
+      total: pool.length,
+      supporting: sorted
+        .filter((p) => scores[p][0] > 0)
+        .slice(0, req.topK)
+        .map(brief),
+      opposing: sorted
+        .filter((p) => scores[p][0] < 0)
+        .reverse()
+        .slice(0, req.topK)
+        .map(brief),
+    });
+  };
 }
 
 /** The store's approximate scores in the shape scoreCandidates returns (row 0 only; no per-module terms). */

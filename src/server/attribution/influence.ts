@@ -112,6 +112,8 @@ export async function scoreCandidates(
     hidden?: boolean;
     batchSize?: number;
     onProgress?: (done: number, total: number) => void;
+    /** after each batch: the candidate indices just scored (their rows of `scores` are final) */
+    onBatch?: (idx: number[], scores: Float64Array[]) => void;
     signal?: AbortSignal;
     /** score with a rank-r approximation of each query matrix (faster for wide modules) */
     rank?: number;
@@ -191,6 +193,7 @@ export async function scoreCandidates(
       }
     });
     done += idx.length;
+    opts.onBatch?.(idx, scores);
     opts.onProgress?.(done, n);
   }
   return {
