@@ -1,0 +1,100 @@
+// The server's methods, called directly (the JSON-RPC layer only adds transport and security).
+import assert from 'node:assert/strict';
+import { appendFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { describe, test } from 'node:test';
+import { InfluenceService, ServiceError } from '../../src/server/service/influence-service';
+import { useTempHome } from './helpers/env';
+
+const home = useTempHome();
+
+describe('InfluenceService', () => {
+  const data = join(home, 'train.jsonl');
+  writeFileSync(
+    data,
+    `${[
+      { text: 'The capital of France is Paris.' },
+      { prompt: 'Q: capital of France?\nA:', completion: ' Paris' },
+      { prompt: 'Q: capital of Italy?\nA:', completion: ' Rome' },
+      { text: 'Berlin is in Germany.' },
+    ]
+      .map((r) => JSON.stringify(r))
+      .join('\n')}\n`,
+  );
+  const service = new InfluenceService({
+    finetuned: { model: 'test/fixtures/models/llama', factors: join(home, 'factors') },
+    datasets: { train: data },
+    modules: 'mlp',
+    cacheDir: join(home, 'cache'),
+    store: { k: 4, minExamples: 0, rerank: 2 },
+  });
+  service.open();
+  const q = { prompt: 'Q: capital of France?\nA:', completion: ' Paris', dataset: 'train', topK: 2 };
+
+  test('before fitting, ekfac is unavailable with the reason; baselines work', async () => {
+    const info = service.info();
+    assert.ok(!info.methods.includes('ekfac'));
+    assert.match(info.unavailable.ekfac ?? '', /run "fit"/);
+    await assert.rejects(service.explain({ ...q, method: 'ekfac' }), /ekfac is unavailable/);
+    const r = await service.explain({ ...q, method: 'bm25' });
+    assert.equal(r.supporting[0].id.line, 2);
+  });
+
+  test('fit makes ekfac available; explain with the gradient store reranks exactly', async () => {
+    const steps: string[] = [];
+    await service.fit('finetuned', { progress: (m) => steps.push(m) });
+    assert.ok(steps.includes('covariance') && steps.includes('lambda'));
+    assert.ok(service.info().methods.includes('ekfac'));
+    const viaStore = await service.explain({ ...q, method: 'ekfac' });
+    const exact = await service.explain({ ...q, method: 'ekfac', candidates: 'retrieved' });
+    assert.ok(viaStore.scored === 4);
+    for (const e of viaStore.supporting) {
+      const x = [...exact.supporting, ...exact.opposing].find((y) => y.id.hash === e.id.hash);
+      if (x) assert.ok(Math.abs(x.score - e.score) <= 1e-5 * Math.abs(x.score));
+    }
+  });
+
+  test('bad requests get actionable errors', async () => {
+    await assert.rejects(service.explain({ ...q, dataset: '../../etc/passwd', method: 'gdp' }), /unknown dataset/);
+    await assert.rejects(service.explain({ ...q, method: 'magic' as 'gdp' }), /unknown method/);
+    await assert.rejects(service.explain({ ...q, topK: 0, method: 'gdp' }), /topK must be an integer/);
+    await assert.rejects(service.explain({ ...q, completion: 'x'.repeat(30000), method: 'gdp' }), /longer than/);
+    await assert.rejects(service.explain({ ...q, method: 'multistage' }), /no pre-trained model/);
+    assert.throws(() => service.getExample('train', 99), /no example at line 99/);
+  });
+
+  test('a dataset edited on disk is reloaded; one edited mid-request is reported', async () => {
+    appendFileSync(data, `${JSON.stringify({ text: 'Rome is the capital of Italy.' })}\n`);
+    const r = await service.explain({ ...q, method: 'gdp' });
+    assert.equal(r.scored, 5);
+    let edited = false;
+    await assert.rejects(
+      service.explain(
+        { ...q, method: 'gdp', topK: 1 },
+        {
+          progress: () => {
+            if (!edited) appendFileSync(data, `${JSON.stringify({ text: 'Madrid is in Spain.' })}\n`);
+            edited = true;
+          },
+        },
+      ),
+      (e: Error) => e instanceof ServiceError && e.code === 'data_changed',
+    );
+    assert.equal((await service.explain({ ...q, method: 'gdp' })).scored, 6);
+  });
+
+  test('getExample and scanDataset', async () => {
+    const ex = service.getExample('train', 2);
+    assert.equal(ex.kind, 'prompt_completion');
+    assert.equal(ex.tokens.ids.length, ex.tokens.offsets.length);
+    const scan = await service.scanDataset('train', 3);
+    assert.equal(scan.examples.length, 3);
+    assert.ok(scan.examples[0].selfInfluence >= scan.examples[2].selfInfluence);
+  });
+
+  test('cancellation stops the work', async () => {
+    const ac = new AbortController();
+    ac.abort();
+    await assert.rejects(service.explain({ ...q, method: 'gdp' }, { signal: ac.signal }), /cancelled/);
+  });
+});
