@@ -1,0 +1,216 @@
+// The server's configuration file, influence-lens.json. Its shape is defined once, by
+// influence-lens.schema.json at the repository root (editors use it for completion); the
+// loader validates with that very schema (./schema), then checks what a schema cannot say
+// (ids that must refer to each other, files that must exist, the device). Every problem names
+// the field, e.g. `influence-lens.json: models.finetuned.model: is required`.
+//
+//   {
+//     "$schema": "./influence-lens.schema.json",
+//     "models": { "pretrained": { "model": "base" }, "finetuned": { "model": "ft", "factors": "ft-factors" } },
+//     "datasets": { "train": "data/train.jsonl" },
+//     "modules": "mlp", "damping": "heuristic", "device": "cpu",
+//     "port": 0, "maxConcurrent": 2
+//   }
+import { readFileSync, statSync } from 'node:fs';
+import { basename, dirname, isAbsolute, resolve } from 'node:path';
+import schemaJson from '../../../influence-lens.schema.json' with { type: 'json' };
+import { parseDamping } from '../attribution/stage';
+import { defaultCacheDir } from '../model/engine';
+import type { Device } from '../model/onnx/session';
+import type { ServiceConfig, StageConfig } from '../service/influence-service';
+import { checkDevice } from './device';
+import { defaultDiscoveryFile } from './discovery';
+import { formatIssue, type JsonSchema, validateSchema } from './schema';
+import { DEFAULT_LIMITS } from './server';
+
+export const CONFIG_SCHEMA: JsonSchema = schemaJson as JsonSchema;
+export const CONFIG_FILE_NAME = 'influence-lens.json';
+
+export class ConfigError extends Error {}
+
+/** How the server listens and how much it takes on. */
+export interface ServerSettings {
+  host: string;
+  port: number;
+  maxConcurrent: number;
+  maxQueued: number;
+  maxFrameBytes: number;
+  discoveryFile: string;
+}
+
+export interface Config {
+  /** the configuration file (absolute path), when there was one */
+  file?: string;
+  service: ServiceConfig;
+  server: ServerSettings;
+}
+
+export function defaultServerSettings(): ServerSettings {
+  return { host: '127.0.0.1', port: 0, ...DEFAULT_LIMITS, discoveryFile: defaultDiscoveryFile() };
+}
+
+/** The file as written (after schema validation). */
+interface RawStage {
+  model: string;
+  factors?: string;
+  fitDataset?: string;
+}
+interface RawConfig {
+  models: RawStage | { finetuned: RawStage; pretrained?: RawStage };
+  datasets: Record<string, string>;
+  datasetStage?: Record<string, 'finetuned' | 'pretrained'>;
+  modules?: 'mlp' | 'all';
+  damping?: number | string;
+  device?: Device;
+  threads?: number;
+  cacheDir?: string;
+  host?: string;
+  port?: number;
+  maxConcurrent?: number;
+  maxQueued?: number;
+  maxFrameBytes?: number;
+  discoveryFile?: string;
+  store?: { k?: number; minExamples?: number; rerank?: number };
+  limits?: { maxTopK?: number; maxTextChars?: number };
+}
+
+/**
+ * Validates a parsed configuration and resolves its paths against `baseDir`. Pure: touches no
+ * files (see `checkConfigFiles`). `source` prefixes every message (the file name).
+ */
+export function parseConfig(value: unknown, opts: { baseDir: string; source?: string }): Config {
+  const source = opts.source ?? CONFIG_FILE_NAME;
+  const fail = (lines: string[]): never => {
+    throw new ConfigError(lines.map((l) => `${source}: ${l}`).join('\n'));
+  };
+  const issues = validateSchema(value, CONFIG_SCHEMA);
+  if (issues.length) fail(issues.slice(0, 10).map((i) => formatIssue(i, '(the whole file)')));
+  const raw = value as RawConfig;
+  const path = (p: string) => (isAbsolute(p) ? p : resolve(opts.baseDir, p));
+
+  const pair = 'finetuned' in raw.models ? raw.models : undefined;
+  const single = pair ? undefined : (raw.models as RawStage);
+  const datasets = Object.fromEntries(Object.entries(raw.datasets).map(([id, p]) => [id, path(p)]));
+  const ids = Object.keys(datasets);
+  const problems: string[] = [];
+  const stage = (s: RawStage, field: string): StageConfig => {
+    if (s.fitDataset !== undefined && !ids.includes(s.fitDataset))
+      problems.push(`${field}.fitDataset: "${s.fitDataset}" is not a dataset id in "datasets" (${ids.join(', ')})`);
+    return {
+      model: path(s.model),
+      ...(s.factors !== undefined ? { factors: path(s.factors) } : {}),
+      ...(s.fitDataset !== undefined ? { fitDataset: s.fitDataset } : {}),
+    };
+  };
+  const finetuned = stage(pair ? pair.finetuned : single!, pair ? 'models.finetuned' : 'models');
+  const pretrained = pair?.pretrained ? stage(pair.pretrained, 'models.pretrained') : undefined;
+  for (const [id, which] of Object.entries(raw.datasetStage ?? {})) {
+    if (!ids.includes(id))
+      problems.push(`datasetStage.${id}: "${id}" is not a dataset id in "datasets" (${ids.join(', ')})`);
+    else if (which === 'pretrained' && !pretrained)
+      problems.push(`datasetStage.${id}: "pretrained" needs a pre-trained model in models.pretrained`);
+  }
+  if (problems.length) fail(problems);
+
+  const service: ServiceConfig = {
+    finetuned,
+    ...(pretrained ? { pretrained } : {}),
+    datasets,
+    ...(raw.datasetStage ? { datasetStage: raw.datasetStage } : {}),
+    modules: raw.modules ?? 'mlp',
+    damping: parseDamping(raw.damping === undefined ? 'heuristic' : String(raw.damping)),
+    device: raw.device ?? 'cpu',
+    ...(raw.threads !== undefined ? { threads: raw.threads } : {}),
+    cacheDir: raw.cacheDir !== undefined ? path(raw.cacheDir) : defaultCacheDir(),
+    ...(raw.store ? { store: { k: 16, minExamples: 0, rerank: 50, ...raw.store } } : {}),
+    ...(raw.limits ? { limits: raw.limits } : {}),
+  };
+  const d = defaultServerSettings();
+  const server: ServerSettings = {
+    host: raw.host ?? d.host,
+    port: raw.port ?? d.port,
+    maxConcurrent: raw.maxConcurrent ?? d.maxConcurrent,
+    maxQueued: raw.maxQueued ?? d.maxQueued,
+    maxFrameBytes: raw.maxFrameBytes ?? d.maxFrameBytes,
+    discoveryFile: raw.discoveryFile !== undefined ? path(raw.discoveryFile) : d.discoveryFile,
+  };
+  return { service, server };
+}
+
+/** Checks that the models and datasets named in the configuration exist. */
+export function checkConfigFiles(cfg: Config, source = cfg.file ? basename(cfg.file) : CONFIG_FILE_NAME): void {
+  const problems: string[] = [];
+  const stages: Array<[string, StageConfig | undefined]> = [
+    [cfg.service.pretrained ? 'models.finetuned' : 'models', cfg.service.finetuned],
+    ['models.pretrained', cfg.service.pretrained],
+  ];
+  for (const [field, s] of stages) {
+    if (!s) continue;
+    const kind = kindOf(s.model);
+    if (kind !== 'dir')
+      problems.push(`${field}.model: ${s.model} ${kind === 'none' ? 'does not exist' : 'is not a directory'}`);
+    else if (kindOf(resolve(s.model, 'config.json')) !== 'file')
+      problems.push(`${field}.model: ${s.model} has no config.json (expected a Hugging Face checkpoint directory)`);
+    if (s.factors && kindOf(s.factors) === 'file')
+      problems.push(
+        `${field}.factors: ${s.factors} is a file; it must be a directory (it is created by "fit" when absent)`,
+      );
+  }
+  for (const [id, p] of Object.entries(cfg.service.datasets)) {
+    const kind = kindOf(p);
+    if (kind !== 'file') problems.push(`datasets.${id}: ${p} ${kind === 'none' ? 'does not exist' : 'is not a file'}`);
+  }
+  if (problems.length) throw new ConfigError(problems.map((l) => `${source}: ${l}`).join('\n'));
+}
+
+function kindOf(p: string): 'file' | 'dir' | 'other' | 'none' {
+  try {
+    const s = statSync(p);
+    return s.isFile() ? 'file' : s.isDirectory() ? 'dir' : 'other';
+  } catch {
+    return 'none';
+  }
+}
+
+/** Reads, validates and resolves a configuration file, and checks its files (not the device). */
+export function readConfigFile(file: string): Config {
+  const abs = resolve(file);
+  const source = basename(abs);
+  let text: string;
+  try {
+    text = readFileSync(abs, 'utf8');
+  } catch (e) {
+    throw new ConfigError(
+      `cannot read the configuration ${abs}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`,
+    );
+  }
+  let value: unknown;
+  try {
+    value = JSON.parse(text);
+  } catch (e) {
+    throw new ConfigError(`${source}: not valid JSON: ${describeJsonError(text, e as Error)}`);
+  }
+  const cfg = { ...parseConfig(value, { baseDir: dirname(abs), source }), file: abs };
+  checkConfigFiles(cfg, source);
+  return cfg;
+}
+
+/** `readConfigFile`, then makes sure the configured device works (no silent CPU fallback). */
+export async function loadConfig(file: string): Promise<Config> {
+  const cfg = readConfigFile(file);
+  try {
+    await checkDevice(cfg.service.device ?? 'cpu');
+  } catch (e) {
+    throw new ConfigError(`${basename(cfg.file!)}: ${(e as Error).message}`);
+  }
+  return cfg;
+}
+
+/** JSON.parse's message with the line and column of its position. */
+function describeJsonError(text: string, e: Error): string {
+  const m = /position (\d+)/.exec(e.message);
+  if (!m) return e.message;
+  const pos = Number(m[1]);
+  const before = text.slice(0, pos).split('\n');
+  return `${e.message.replace(/ in JSON at position \d+.*$/, '')} at line ${before.length}, column ${before[before.length - 1].length + 1}`;
+}
