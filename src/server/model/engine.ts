@@ -497,15 +497,21 @@ function buildOutputs(
           tokenSum = accumulate(tokenSum, c);
         }
         if (!needG) return;
-        const a3 = g.reshape(a, g.concatInts([btShape, g.ints([dIn])]), ['B', 'T', dIn]);
-        const g3 = g.reshape(gy, g.concatInts([btShape, g.ints([m.dOut])]), ['B', 'T', m.dOut]);
-        const G = g.matmul(g.transpose(g3, [0, 2, 1]), a3); // [B, dOut, dIn] = Σ_t g_t a_tᵀ
-        if (req.exampleGrads) emit(G, `G.${m.name}`);
+        const perExample = (x: Tensor, d: number) => g.reshape(x, g.concatInts([btShape, g.ints([d])]), ['B', 'T', d]);
+        // G_b = Σ_t g_t a_tᵀ, formed only for the outputs that need it
+        const needFullG = req.exampleGrads || req.gradNorms || (M && req.scores);
+        const G = needFullG
+          ? g.matmul(g.transpose(perExample(gy, m.dOut), [0, 2, 1]), perExample(a, dIn)) // [B, dOut, dIn]
+          : null;
+        if (G && req.exampleGrads) emit(G, `G.${m.name}`);
         if (req.lambda || req.selfInfluence) {
-          // Rotate into the EK-FAC eigenbasis without G leaving the graph: Q_Sᵀ G_b Q_A
+          // Q_Sᵀ G_b Q_A = Σ_t (Q_Sᵀ g_t)(Q_Aᵀ a_t)ᵀ: rotating the tokens first costs
+          // T·(dOut² + dIn²) instead of dOut·dIn·(dOut + dIn) per sequence, less whenever T < d.
           const QA = g.input(`QA.${m.name}`, g.float, [dIn, dIn]);
           const QS = g.input(`QS.${m.name}`, g.float, [m.dOut, m.dOut]);
-          const rot = g.matmul(g.matmul(g.transpose(QS, [1, 0]), G), QA);
+          const gr = perExample(g.matmul(gy, QS), m.dOut);
+          const ar = perExample(g.matmul(a, QA), dIn);
+          const rot = g.matmul(g.transpose(gr, [0, 2, 1]), ar); // [B, dOut, dIn]
           const sq = g.mul(rot, rot);
           // eigenvalue correction Λ: Σ_b (Q_Sᵀ G_b Q_A)²
           if (req.lambda) emit(g.reduceSum(sq, [0], false), `L.${m.name}`);
@@ -515,8 +521,8 @@ function buildOutputs(
             selfSum = accumulate(selfSum, g.reduceSum(g.mul(sq, inv), [1, 2], false));
           }
         }
-        if (req.gradNorms) normSum = accumulate(normSum, g.reduceSum(g.mul(G, G), [1, 2], false));
-        if (M && req.scores) {
+        if (G && req.gradNorms) normSum = accumulate(normSum, g.reduceSum(g.mul(G, G), [1, 2], false));
+        if (G && M && req.scores) {
           // ⟨M_q, G_b⟩ for every candidate b and query q
           const G2 = g.reshape(G, [-1, m.dOut * dIn]);
           const M2 = g.reshape(M, [-1, m.dOut * dIn]);
