@@ -447,6 +447,7 @@ function buildOutputs(
     let selfSum: Tensor | null = null;
     let normSum: Tensor | null = null;
     const accumulate = (acc: Tensor | null, t: Tensor) => (acc ? g.add(acc, t) : t);
+    const sharedA = new Map<string, Tensor>();
     for (const m of modules) {
       const gy = grads.get(m.output.name) ?? g.noGrad(() => g.zerosLike(m.output));
       g.noGrad(() => {
@@ -458,8 +459,16 @@ function buildOutputs(
         const a = m.hasBias ? g.concat([m.input, onesColumn(g, m.input)], 1) : m.input;
         const dIn = m.dIn + (m.hasBias ? 1 : 0);
         if (req.covariance) {
-          const am = g.mul(a, g.unsqueeze(maskF, [1]));
-          emit(g.node('Gemm', [am, a], [{ dtype: g.float, shape: [dIn, dIn] }], { transA: 1 })[0], `A.${m.name}`);
+          // q/k/v (and gate/up) read the same input: compute its Σ a aᵀ once and emit it for each
+          const key = `${m.input.name}:${m.hasBias}`;
+          const seen = sharedA.get(key);
+          if (seen) emit(g.node('Identity', [seen], [{ dtype: g.float, shape: [dIn, dIn] }])[0], `A.${m.name}`);
+          else {
+            const am = g.mul(a, g.unsqueeze(maskF, [1]));
+            const A = g.node('Gemm', [am, a], [{ dtype: g.float, shape: [dIn, dIn] }], { transA: 1 })[0];
+            sharedA.set(key, A);
+            emit(A, `A.${m.name}`);
+          }
           const S = g.node('Gemm', [gy, gy], [{ dtype: g.float, shape: [m.dOut, m.dOut] }], { transA: 1 })[0];
           emit(S, `S.${m.name}`);
         }
