@@ -12,6 +12,8 @@ export interface SchemaIssue {
   /** path segments from the root: property names and array indexes */
   path: Array<string | number>;
   message: string;
+  /** the keyword that failed */
+  keyword?: string;
 }
 
 /** Keywords that constrain values. */
@@ -176,7 +178,11 @@ function checkKeywords(
   if (s.type !== undefined) {
     const types = Array.isArray(s.type) ? (s.type as string[]) : [s.type as string];
     if (!types.some((t) => hasType(value, t))) {
-      out.push({ path, message: `must be ${types.map(article).join(' or ')} (got ${typeOf(value)} ${show(value)})` });
+      out.push({
+        path,
+        message: `must be ${types.map(article).join(' or ')} (got ${typeOf(value)} ${show(value)})`,
+        keyword: 'type',
+      });
       return; // the other keywords would only add noise
     }
   }
@@ -269,7 +275,25 @@ function checkKeywords(
     const passing = results.filter((r) => r.length === 0).length;
     if (kw === 'anyOf' ? passing >= 1 : passing === 1) continue;
     if (passing > 1) out.push({ path, message: 'matches more than one of the allowed forms' });
-    else out.push(...results.reduce((a, b) => (b.length < a.length ? b : a)));
+    else {
+      const wrongType = (r: SchemaIssue[]) => r.some((i) => i.keyword === 'type' && i.path.length === path.length);
+      if (results.every(wrongType)) {
+        // no branch has the right type: name them all
+        const types = branches.flatMap((b) => {
+          const t = typeof b === 'object' ? (b.$ref ? resolveRef(root, b.$ref as string) : b) : b;
+          return typeof t === 'object' && t.type !== undefined ? [t.type].flat() : [];
+        }) as string[];
+        out.push({
+          path,
+          message: `must be ${[...new Set(types)].map(article).join(' or ')} (got ${typeOf(value)} ${show(value)})`,
+          keyword: 'type',
+        });
+      } else {
+        // report the branch that came closest: one of the right type, with the fewest issues
+        const cost = (r: SchemaIssue[]) => r.length + (wrongType(r) ? 1000 : 0);
+        out.push(...results.reduce((a, b) => (cost(b) < cost(a) ? b : a)));
+      }
+    }
   }
 
   if (s.if !== undefined) {
@@ -293,6 +317,7 @@ function deepEqual(a: unknown, b: unknown): boolean {
 
 /** The known name within edit distance 2 of `k`, if exactly one is closest. */
 function closest(k: string, known: string[]): string | undefined {
+  if (k.length < 3) return undefined;
   let best: string | undefined;
   let bestD = 3;
   for (const c of known) {

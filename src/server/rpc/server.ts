@@ -359,7 +359,7 @@ export async function startServer(opts: ServerOptions): Promise<RunningServer> {
           RpcErrorCode.InvalidParams,
           `invalid params for "${method}": ${issues
             .slice(0, 5)
-            .map((i) => formatIssue(i, 'params'))
+            .map((i) => formatIssue({ ...i, path: ['params', ...i.path] }))
             .join('; ')}`,
         );
     }

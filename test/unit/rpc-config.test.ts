@@ -1,0 +1,290 @@
+// influence-lens.json: the loader validates with influence-lens.schema.json itself, so the two
+// cannot drift; these tests pin the messages (each names its field), the defaults the schema
+// documents, path resolution, file checks, and the device probe (no silent CPU fallback).
+import assert from 'node:assert/strict';
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, describe, test } from 'node:test';
+import { DEVICES, ort } from '../../src/server/model/onnx/session';
+import { CONFIG_SCHEMA, ConfigError, loadConfig, parseConfig, readConfigFile } from '../../src/server/rpc/config';
+import { checkDevice, DeviceUnavailableError } from '../../src/server/rpc/device';
+import { assertSupportedSchema, formatPath, type JsonSchema, validateSchema } from '../../src/server/rpc/schema';
+import { DEFAULT_LIMITS } from '../../src/server/rpc/server';
+
+const tmp = mkdtempSync(join(tmpdir(), 'il-config-'));
+after(() => rmSync(tmp, { recursive: true, force: true }));
+
+const schema = CONFIG_SCHEMA as {
+  properties: Record<string, { default?: unknown; enum?: unknown[]; description?: string }>;
+  definitions: Record<string, { properties: Record<string, { description?: string }> }>;
+};
+const minimal = { models: { model: 'm' }, datasets: { train: 'train.jsonl' } };
+const parse = (v: unknown) => parseConfig(v, { baseDir: '/base' });
+
+describe('config schema', () => {
+  test('uses only keywords the validator implements, and documents every field', () => {
+    assertSupportedSchema(CONFIG_SCHEMA);
+    for (const [k, p] of Object.entries(schema.properties))
+      if (k !== '$schema') assert.ok(p.description, `${k} has no description`);
+    for (const [d, def] of Object.entries(schema.definitions))
+      for (const [k, p] of Object.entries(def.properties)) assert.ok(p.description || d === 'stagePair', `${d}.${k}`);
+  });
+
+  test('its defaults and enums are what the loader and the engine use', () => {
+    const c = parse(minimal);
+    const p = schema.properties;
+    assert.equal(c.service.modules, p.modules.default);
+    assert.equal(c.service.device, p.device.default);
+    assert.deepEqual(c.service.damping, parse({ ...minimal, damping: p.damping.default }).service.damping);
+    assert.equal(c.server.host, p.host.default);
+    assert.equal(c.server.port, p.port.default);
+    assert.equal(c.server.maxConcurrent, p.maxConcurrent.default);
+    assert.equal(c.server.maxQueued, p.maxQueued.default);
+    assert.equal(c.server.maxFrameBytes, p.maxFrameBytes.default);
+    assert.deepEqual(DEFAULT_LIMITS, {
+      maxConcurrent: p.maxConcurrent.default,
+      maxQueued: p.maxQueued.default,
+      maxFrameBytes: p.maxFrameBytes.default,
+    });
+    assert.deepEqual(p.device.enum, [...DEVICES]);
+    assert.deepEqual(p.modules.enum, ['mlp', 'all']);
+    const store = parse({ ...minimal, store: {} }).service.store!;
+    const sp = (CONFIG_SCHEMA as { properties: { store: { properties: Record<string, { default: number }> } } })
+      .properties.store.properties;
+    assert.deepEqual(store, { k: sp.k.default, minExamples: sp.minExamples.default, rerank: sp.rerank.default });
+  });
+});
+
+describe('config loader', () => {
+  test('one model: paths resolve against the file, defaults fill in', () => {
+    const c = parse({ ...minimal, cacheDir: 'cache', discoveryFile: '/abs/server.json' });
+    assert.deepEqual(c.service.finetuned, { model: '/base/m' });
+    assert.equal(c.service.pretrained, undefined);
+    assert.deepEqual(c.service.datasets, { train: '/base/train.jsonl' });
+    assert.equal(c.service.cacheDir, '/base/cache');
+    assert.equal(c.server.discoveryFile, '/abs/server.json');
+    assert.deepEqual(c.service.damping, { relative: 0.1 });
+  });
+
+  test('a pre-trained + fine-tuned pair, and every field', () => {
+    const c = parse({
+      $schema: './influence-lens.schema.json',
+      models: {
+        pretrained: { model: 'base', factors: 'f/base', fitDataset: 'web' },
+        finetuned: { model: 'ft', factors: 'f/ft' },
+      },
+      datasets: { web: 'web.jsonl', 'sft.v2': '/data/sft.jsonl' },
+      datasetStage: { web: 'pretrained' },
+      modules: 'all',
+      damping: 0.001,
+      device: 'cpu',
+      threads: 4,
+      host: '::1',
+      port: 7450,
+      maxConcurrent: 4,
+      maxQueued: 0,
+      maxFrameBytes: 1024,
+      store: { k: 32 },
+      limits: { maxTopK: 50 },
+    });
+    assert.deepEqual(c.service.pretrained, { model: '/base/base', factors: '/base/f/base', fitDataset: 'web' });
+    assert.deepEqual(c.service.finetuned, { model: '/base/ft', factors: '/base/f/ft' });
+    assert.deepEqual(c.service.datasets, { web: '/base/web.jsonl', 'sft.v2': '/data/sft.jsonl' });
+    assert.deepEqual(c.service.datasetStage, { web: 'pretrained' });
+    assert.equal(c.service.modules, 'all');
+    assert.deepEqual(c.service.damping, { absolute: 0.001 });
+    assert.equal(c.service.threads, 4);
+    assert.deepEqual(c.service.store, { k: 32, minExamples: 0, rerank: 50 });
+    assert.deepEqual(c.service.limits, { maxTopK: 50 });
+    assert.deepEqual(
+      { ...c.server, discoveryFile: undefined },
+      { host: '::1', port: 7450, maxConcurrent: 4, maxQueued: 0, maxFrameBytes: 1024, discoveryFile: undefined },
+    );
+    assert.deepEqual(parse({ ...minimal, damping: '0.05x' }).service.damping, { relative: 0.05 });
+    assert.deepEqual(parse({ ...minimal, damping: 0 }).service.damping, { absolute: 0 });
+  });
+
+  const bad: Array<[string, unknown, RegExp]> = [
+    ['not an object', [], /^influence-lens\.json: \(the whole file\): must be an object \(got array/],
+    ['no models', { datasets: { a: 'a' } }, /models: is required/],
+    ['no datasets', { models: { model: 'm' } }, /datasets: is required/],
+    ['empty datasets', { ...minimal, datasets: {} }, /datasets: must have at least one entry/],
+    [
+      'a dataset path that is not a string',
+      { ...minimal, datasets: { a: 3 } },
+      /datasets\.a: must be a string \(got integer 3\)/,
+    ],
+    [
+      'a bad dataset id',
+      { ...minimal, datasets: { '../x': 'a' } },
+      /datasets\["\.\.\/x"\]: \(the name\) a dataset id is 1-64/,
+    ],
+    ['a model without a path', { ...minimal, models: { factors: 'f' } }, /models\.model: is required/],
+    ['an empty model path', { ...minimal, models: { model: '' } }, /models\.model: must not be empty/],
+    [
+      'a pair without finetuned',
+      { ...minimal, models: { pretrained: { model: 'p' } } },
+      /models\.finetuned: is required/,
+    ],
+    [
+      'a typo in a stage',
+      { ...minimal, models: { finetuned: { model: 'm', factor: 'f' } } },
+      /models\.finetuned\.factor: is not a known field; did you mean "factors"\?/,
+    ],
+    [
+      'a typo at the top',
+      { ...minimal, maxConcurent: 2 },
+      /maxConcurent: is not a known field; did you mean "maxConcurrent"\?/,
+    ],
+    ['modules', { ...minimal, modules: 'attention' }, /modules: must be one of "mlp", "all" \(got "attention"\)/],
+    ['device', { ...minimal, device: 'gpu' }, /device: must be one of "cpu", "webgpu", "cuda" \(got "gpu"\)/],
+    ['negative damping', { ...minimal, damping: -1 }, /damping: must be a number ≥ 0 \(absolute λ\), "heuristic"/],
+    ['damping words', { ...minimal, damping: 'big' }, /damping: must be a number ≥ 0/],
+    ['port range', { ...minimal, port: 70000 }, /port: must be ≤ 65535 \(got 70000\)/],
+    ['port type', { ...minimal, port: '8080' }, /port: must be an integer \(got string "8080"\)/],
+    ['maxConcurrent', { ...minimal, maxConcurrent: 0 }, /maxConcurrent: must be ≥ 1 \(got 0\)/],
+    ['maxFrameBytes', { ...minimal, maxFrameBytes: 1.5 }, /maxFrameBytes: must be an integer \(got number 1.5\)/],
+    ['store', { ...minimal, store: { k: 0 } }, /store\.k: must be ≥ 1/],
+    [
+      'fitDataset not a dataset',
+      { ...minimal, models: { model: 'm', fitDataset: 'nope' } },
+      /models\.fitDataset: "nope" is not a dataset id in "datasets" \(train\)/,
+    ],
+    [
+      'datasetStage of an unknown dataset',
+      { ...minimal, datasetStage: { other: 'finetuned' } },
+      /datasetStage\.other: "other" is not a dataset id/,
+    ],
+    [
+      'datasetStage pretrained without a pre-trained model',
+      { ...minimal, datasetStage: { train: 'pretrained' } },
+      /datasetStage\.train: "pretrained" needs a pre-trained model in models\.pretrained/,
+    ],
+  ];
+  for (const [what, value, message] of bad)
+    test(`refuses ${what}`, () => {
+      assert.throws(
+        () => parse(value),
+        (e: unknown) => e instanceof ConfigError && message.test(e.message),
+      );
+    });
+
+  test('several problems are all reported, one per line', () => {
+    assert.throws(
+      () => parse({ ...minimal, port: -1, modules: 'x', host: '' }),
+      (e: Error) =>
+        e.message.split('\n').length === 3 && e.message.split('\n').every((l) => l.startsWith('influence-lens.json: ')),
+    );
+  });
+});
+
+describe('config files', () => {
+  const dir = join(tmp, 'project');
+  mkdirSync(join(dir, 'models', 'ft'), { recursive: true });
+  writeFileSync(join(dir, 'models', 'ft', 'config.json'), '{}');
+  mkdirSync(join(dir, 'models', 'empty'), { recursive: true });
+  writeFileSync(join(dir, 'train.jsonl'), '{"text":"a"}\n');
+  const write = (name: string, v: unknown) => {
+    const f = join(dir, name);
+    writeFileSync(f, typeof v === 'string' ? v : JSON.stringify(v, null, 2));
+    return f;
+  };
+
+  test('a good file loads, relative to its own directory', async () => {
+    const f = write('influence-lens.json', {
+      models: { model: 'models/ft', factors: 'factors' },
+      datasets: { train: 'train.jsonl' },
+    });
+    const c = await loadConfig(f);
+    assert.equal(c.file, f);
+    assert.equal(c.service.finetuned.model, join(dir, 'models', 'ft'));
+    assert.equal(c.service.finetuned.factors, join(dir, 'factors'));
+    assert.equal(c.service.datasets.train, join(dir, 'train.jsonl'));
+  });
+
+  test('missing files, a directory that is no checkpoint, bad JSON: each named', () => {
+    const f = write('a.json', {
+      models: { pretrained: { model: 'models/none' }, finetuned: { model: 'models/empty', factors: 'train.jsonl' } },
+      datasets: { train: 'train.jsonl', gone: 'gone.jsonl', dir: 'models' },
+    });
+    assert.throws(
+      () => readConfigFile(f),
+      (e: Error) =>
+        /a\.json: models\.finetuned\.model: .*models\/empty has no config\.json/.test(e.message) &&
+        /models\.finetuned\.factors: .*train\.jsonl is a file/.test(e.message) &&
+        /models\.pretrained\.model: .*models\/none does not exist/.test(e.message) &&
+        /datasets\.gone: .*gone\.jsonl does not exist/.test(e.message) &&
+        /datasets\.dir: .*models is not a file/.test(e.message),
+    );
+    const g = write('b.json', '{\n  "models": {"model": "m"},\n  "datasets": {"a": "b"},,\n}');
+    assert.throws(() => readConfigFile(g), /b\.json: not valid JSON: .* at line 3, column 2[0-9]/);
+    assert.throws(
+      () => readConfigFile(join(dir, 'missing.json')),
+      /cannot read the configuration .*missing\.json: ENOENT/,
+    );
+  });
+
+  test('a GPU device that is not available is an error, never a silent CPU fallback', async () => {
+    const cudaBundled = ort.listSupportedBackends().some((b) => b.name === 'cuda' && b.bundled);
+    const f = write('cuda.json', {
+      models: { model: 'models/ft' },
+      datasets: { train: 'train.jsonl' },
+      device: 'cuda',
+    });
+    if (!cudaBundled)
+      await assert.rejects(
+        loadConfig(f),
+        /cuda\.json: device: "cuda" is not available here: .*CUDA provider libraries/,
+      );
+    await checkDevice('cpu');
+    // webgpu works only with a real GPU's Vulkan driver; either it runs the probe or says why not
+    try {
+      await checkDevice('webgpu');
+    } catch (e) {
+      assert.ok(e instanceof DeviceUnavailableError);
+      assert.match(e.message, /^device: "webgpu" is not available here: .+ "cpu"/);
+    }
+  });
+});
+
+describe('schema validator', () => {
+  const s: JsonSchema = {
+    definitions: { pos: { type: 'integer', minimum: 1 } },
+    type: 'object',
+    properties: {
+      a: { $ref: '#/definitions/pos' },
+      b: { anyOf: [{ type: 'string' }, { type: 'array', items: { $ref: '#/definitions/pos' }, minItems: 1 }] },
+      c: { oneOf: [{ type: 'integer' }, { type: 'number' }] },
+      d: { type: 'string', pattern: '^x', patternErrorMessage: 'must start with x' },
+      // biome-ignore lint/suspicious/noThenProperty: JSON Schema's if/then/else
+      e: { if: { type: 'string' }, then: { minLength: 2 }, else: { type: 'integer' } },
+      f: { const: 3, errorMessage: 'must be three' },
+    },
+  };
+  const msgs = (v: unknown) => validateSchema(v, s).map((i) => `${formatPath(i.path)}: ${i.message}`);
+  test('keywords', () => {
+    assert.deepEqual(msgs({ a: 1, b: 'x', c: 1.5, d: 'xy', e: 'ab', f: 3 }), []);
+    assert.deepEqual(msgs({ a: 0 }), ['a: must be ≥ 1 (got 0)']);
+    assert.deepEqual(msgs({ b: [1, 0] }), ['b[1]: must be ≥ 1 (got 0)']);
+    assert.deepEqual(msgs({ b: [] }), ['b: must have at least 1 item']);
+    assert.deepEqual(msgs({ b: 5 }), ['b: must be a string or an array (got integer 5)']);
+    assert.deepEqual(msgs({ c: 2 }), ['c: matches more than one of the allowed forms']);
+    assert.deepEqual(msgs({ d: 'y' }), ['d: must start with x (got "y")']);
+    assert.deepEqual(msgs({ e: 'a' }), ['e: must be at least 2 characters long']);
+    assert.deepEqual(msgs({ e: true }), ['e: must be an integer (got boolean true)']);
+    assert.deepEqual(msgs({ f: 4 }), ['f: must be three']);
+    assert.deepEqual(msgs(null), ['(root): must be an object (got null null)']);
+  });
+  test('unsupported keywords and refs are refused up front', () => {
+    assert.throws(
+      () => assertSupportedSchema({ type: 'string', format: 'email' }),
+      /unsupported schema keyword "format"/,
+    );
+    assert.throws(() => assertSupportedSchema({ $ref: 'http://x/y' }), /cannot resolve \$ref/);
+    assert.throws(
+      () => assertSupportedSchema({ properties: { a: { allOf: [] } } }),
+      /#\/properties\/a: unsupported schema keyword "allOf"/,
+    );
+  });
+});
