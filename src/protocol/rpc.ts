@@ -12,7 +12,7 @@ export { PROTOCOL_VERSION } from './types';
 
 /** The request every connection sends first; anything else before it gets `ServerNotInitialized`. */
 export const INITIALIZE = 'initialize';
-/** Server health and load; allowed before `initialize`. */
+/** Server health and load (requests in flight, heavy slots, the service's current info). */
 export const STATUS = 'status';
 /** LSP notification names (client → server cancel, server → client progress). */
 export const CANCEL_REQUEST = '$/cancelRequest';

@@ -1,6 +1,7 @@
 // The JSON-RPC server over a real WebSocket on loopback, with fake handlers: handshake,
 // errors, cancellation, the heavy-request limit, progress / partial results, discovery, close.
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -11,6 +12,10 @@ import { RpcClient } from '../../src/server/rpc/client';
 import { defaultDiscoveryFile, readDiscoveryFile, resolveToken, TOKEN_ENV } from '../../src/server/rpc/discovery';
 import { RpcError } from '../../src/server/rpc/errors';
 import { type MethodTable, type RunningServer, type ServerOptions, startServer } from '../../src/server/rpc/server';
+import type { InfluenceService } from '../../src/server/service/influence-service';
+
+// compile-time: the service's info() is what initialize/status carry (`info: () => service.info()`)
+export const serviceInfoFits = (s: InfluenceService): ServiceInfo => s.info();
 
 const tmp = mkdtempSync(join(tmpdir(), 'il-rpc-'));
 after(() => rmSync(tmp, { recursive: true, force: true }));
@@ -539,6 +544,38 @@ describe('rpc server: discovery and shutdown', () => {
       if (saved === undefined) delete process.env[TOKEN_ENV];
       else process.env[TOKEN_ENV] = saved;
     }
+  });
+
+  test('SIGTERM closes cleanly: the discovery file is removed (closeOnSignals, in a child process)', async () => {
+    const file = join(tmp, 'sig', 'server.json');
+    const script = join(tmp, 'serve.mts');
+    writeFileSync(
+      script,
+      `import { closeOnSignals, startServer } from ${JSON.stringify(join(process.cwd(), 'src/server/rpc/server.ts'))};
+const s = await startServer({ handlers: {}, discoveryFile: ${JSON.stringify(file)} });
+closeOnSignals(s);
+console.log('ready');
+setInterval(() => {}, 1000);
+`,
+    );
+    const child = spawn(process.execPath, ['--import', 'tsx', script], {
+      stdio: ['ignore', 'pipe', 'inherit'],
+      env: { ...process.env, [TOKEN_ENV]: 'child-token-0123456789abcdef' },
+    });
+    const exited = new Promise<number | null>((r) => child.on('exit', (code) => r(code)));
+    await new Promise<void>((resolve, reject) => {
+      child.stdout.on('data', (d) => String(d).includes('ready') && resolve());
+      child.on('exit', () => reject(new Error('the child exited early')));
+    });
+    const d = readDiscoveryFile(file)!;
+    assert.equal(d.pid, child.pid);
+    assert.equal(d.token, 'child-token-0123456789abcdef');
+    const c = await RpcClient.connect({ url: d.url, token: d.token });
+    assert.equal(c.server?.server.pid, child.pid);
+    child.kill('SIGTERM');
+    assert.equal(await exited, 143);
+    assert.ok(!existsSync(file));
+    assert.ok(c.closed || (await new Promise((r) => c.onClose(r))));
   });
 
   test('close aborts running work and is idempotent; plain HTTP gets 426', async () => {

@@ -672,3 +672,22 @@ function rpcLogger(log: NonNullable<ServerOptions['log']>, id: number): Logger {
 function clip(s: string, n: number): string {
   return s.length > n ? `${s.slice(0, n - 1)}…` : s;
 }
+
+/**
+ * Closes the server cleanly (aborting work, removing the discovery file) on SIGINT / SIGTERM,
+ * then exits. For `influence-lens serve`; returns a function that removes the handlers.
+ */
+export function closeOnSignals(
+  server: Pick<RunningServer, 'close'>,
+  signals: NodeJS.Signals[] = ['SIGINT', 'SIGTERM'],
+): () => void {
+  const onSignal = (sig: NodeJS.Signals) => {
+    remove();
+    server.close().finally(() => process.exit(sig === 'SIGINT' ? 130 : 143));
+  };
+  const remove = () => {
+    for (const s of signals) process.off(s, onSignal);
+  };
+  for (const s of signals) process.on(s, onSignal);
+  return remove;
+}
