@@ -6,6 +6,7 @@ import { after, before, describe, test } from 'node:test';
 import WebSocket from 'ws';
 import { PROTOCOL_VERSION, RpcErrorCode } from '../../src/protocol/rpc';
 import { RpcClient } from '../../src/server/rpc/client';
+import type { RpcError } from '../../src/server/rpc/errors';
 import { type RunningServer, startServer } from '../../src/server/rpc/server';
 
 const MAX_FRAME = 64 * 1024;
@@ -212,7 +213,8 @@ async function response(c: Conn, id: unknown, ms = 5000): Promise<Record<string,
 
 describe('rpc fuzz', () => {
   test('an oversize frame closes that connection with 1009 and a reason; the server keeps serving', async () => {
-    const c = await RpcClient.connect({ url: server.url, token: server.token });
+    // (a client that knows the limit from initialize refuses such a request itself; this one does not)
+    const c = await RpcClient.connect({ url: server.url, token: server.token, initialize: false });
     const closed = new Promise<{ code: number; reason: string }>((r) => c.onClose(r));
     await assert.rejects(
       c.request('echo', { big: 'x'.repeat(MAX_FRAME + 10) }),
@@ -226,6 +228,13 @@ describe('rpc fuzz', () => {
     assert.equal(d.server?.capabilities.limits.maxFrameBytes, MAX_FRAME);
     const justUnder = 'y'.repeat(MAX_FRAME - 100);
     assert.deepEqual(await d.request('echo', { s: justUnder }), { s: justUnder });
+    await assert.rejects(
+      d.request('echo', { big: 'x'.repeat(MAX_FRAME) }),
+      (e: RpcError) =>
+        e.code === RpcErrorCode.InvalidParams &&
+        /more than the server accepts \(maxFrameBytes = 65536\)/.test(e.message),
+    );
+    assert.equal(d.closed, false);
     await d.close();
   });
 

@@ -107,6 +107,7 @@ export class RpcClient {
       perMessageDeflate: false,
       handshakeTimeout: timeoutMs,
     });
+    socket.on('error', () => {}); // failures are reported below and through 'close'
     await new Promise<void>((resolve, reject) => {
       socket.once('open', () => resolve());
       socket.once('unexpected-response', (_req, res) => {
@@ -130,11 +131,25 @@ export class RpcClient {
     });
     const client = new RpcClient(socket);
     if (opts.initialize !== false) {
+      let timer: ReturnType<typeof setTimeout> | undefined;
       try {
-        await client.initialize({ protocolVersion: opts.protocolVersion ?? PROTOCOL_VERSION, client: opts.client });
+        await Promise.race([
+          client.initialize({ protocolVersion: opts.protocolVersion ?? PROTOCOL_VERSION, client: opts.client }),
+          new Promise((_, reject) => {
+            timer = setTimeout(
+              () =>
+                reject(
+                  new Error(`the influence server at ${opts.url} did not answer "initialize" within ${timeoutMs} ms`),
+                ),
+              timeoutMs,
+            );
+          }),
+        ]);
       } catch (e) {
         client.close();
         throw e;
+      } finally {
+        clearTimeout(timer);
       }
     }
     return client;
@@ -156,7 +171,7 @@ export class RpcClient {
         RpcErrorCode.InternalError,
         `the connection to the influence server is closed (${this.closeInfo.code})`,
       );
-    opts.signal?.throwIfAborted();
+    if (opts.signal?.aborted) throw new RpcError(RpcErrorCode.RequestCancelled, 'cancelled');
     const tokens: ProgressToken[] = [];
     const sent: Record<string, unknown> = { ...(params ?? {}) };
     if (opts.onProgress) {
@@ -171,6 +186,16 @@ export class RpcClient {
       this.progress.set(t, opts.onPartial);
       sent.partialResultToken = t;
       tokens.push(t);
+    }
+    // a frame the server would refuse (closing the connection) is refused here instead
+    const limit = this.server?.capabilities.limits.maxFrameBytes;
+    if (limit && params !== undefined) {
+      const chars = JSON.stringify(sent).length + method.length + 64;
+      if (chars > limit)
+        throw new RpcError(
+          RpcErrorCode.InvalidParams,
+          `the ${method} request is about ${chars} bytes, more than the server accepts (maxFrameBytes = ${limit})`,
+        );
     }
     const cts = opts.signal ? new CancellationTokenSource() : undefined;
     let reject!: (e: Error) => void;
