@@ -592,6 +592,22 @@ setInterval(() => {}, 1000);
     assert.equal(c.closed, true);
   });
 
+  test('connections beyond maxConnections are refused with 503', async () => {
+    const { server } = await start({ limits: { maxConnections: 1 } });
+    try {
+      const a = await connect(server);
+      await assert.rejects(
+        connect(server),
+        /refused the connection \(503 Service Unavailable\): too many connections \(1\)/,
+      );
+      await a.close();
+      await until(() => server.stats().connections === 0, 'the close');
+      await (await connect(server)).close();
+    } finally {
+      await server.close();
+    }
+  });
+
   test('a bad method table is refused at start', async () => {
     await assert.rejects(startServer({ handlers: { status: async () => 1 }, discoveryFile: false }), /reserved/);
     await assert.rejects(

@@ -194,9 +194,10 @@ export async function startServer(opts: ServerOptions): Promise<RunningServer> {
     socket.on('error', () => {});
     const denial = closing
       ? { status: 503, message: 'the server is shutting down' }
-      : connections.size >= maxConnections
-        ? { status: 503, message: `too many connections (${maxConnections}); close some and retry` }
-        : checkUpgrade(req, { token, host, port });
+      : (checkUpgrade(req, { token, host, port }) ??
+        (connections.size >= maxConnections
+          ? { status: 503, message: `too many connections (${maxConnections}); close some and retry` }
+          : null));
     if (denial) {
       log('warn', `refused a connection from ${req.socket.remoteAddress}: ${denial.status} ${denial.message}`);
       refuse(socket, denial.status, denial.message);
