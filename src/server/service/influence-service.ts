@@ -109,6 +109,11 @@ export class InfluenceService {
     return s;
   }
 
+  /** the model whose completions are explained (and that `generate` runs) */
+  get model(): Model {
+    return this.stage('finetuned').model;
+  }
+
   info() {
     const ft = this.stage('finetuned');
     const pt = this.stages.get('pretrained');
