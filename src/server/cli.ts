@@ -1,11 +1,13 @@
 #!/usr/bin/env node
 // influence-lens: the command line. One subcommand per job; each lives in cli/<name>.ts.
 import { runBench } from './cli/bench';
+import { runData } from './cli/data';
 import { runExplain } from './cli/explain';
 import { runFit } from './cli/fit';
 import { runGradients } from './cli/gradients';
 import { runInspect } from './cli/inspect';
 import { runScan } from './cli/scan';
+import { runTrain } from './cli/train';
 import { CliError } from './cli/util';
 
 const COMMANDS: Record<string, { run: (argv: string[]) => Promise<void>; help: string }> = {
@@ -32,6 +34,20 @@ const COMMANDS: Record<string, { run: (argv: string[]) => Promise<void>; help: s
   scan: {
     run: runScan,
     help: 'scan --model <dir> --factors <dir> --data <train.jsonl> [--top-k K] [--json]   self-influence ranking',
+  },
+  data: {
+    run: runData,
+    help:
+      'data build --out <dir> [--seed N] [--countries N]   country-facts corpus: pre-training text, QA fine-tuning\n' +
+      '    set with planted wrong facts and a backdoor, queries with true sources, a word-level tokenizer\n' +
+      '  data tokenizer --out <dir> <file.jsonl>...   a word-level tokenizer.json over JSONL files\n' +
+      '  data eval --model <dir> --data <dir> [--json]   greedy accuracy of a model on a built corpus',
+  },
+  train: {
+    run: runTrain,
+    help:
+      'train --data <train.jsonl> --out <dir> (--init llama --tokenizer <dir> [--d --layers --heads --ffn]\n' +
+      '    | --model <dir>) [--epochs --lr --batch-size --seed --warmup --clip --exclude <sidecar.jsonl>]   AdamW',
   },
   bench: {
     run: runBench,

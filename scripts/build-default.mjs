@@ -1,0 +1,139 @@
+// Rebuilds the embedded default (assets/default/) from its seed with the project's own
+// commands: the country-facts corpus and tokenizer, the pre-trained model, the fine-tuned
+// model, and eval.json (greedy accuracies). Every file is a function of the seed and these
+// settings, so two runs on the same machine write identical bytes.
+//
+//   npm run build:default               rebuild assets/default/ in place
+//   npm run build:default -- --check    rebuild into a temp dir and compare byte for byte
+//   npm run build:default -- --out DIR  rebuild elsewhere
+//
+// Floating-point results depend on the CPU's SIMD kernels and the thread count, so the
+// thread count is fixed here; another CPU family may write (slightly) different weights.
+import { spawnSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, relative } from 'node:path';
+import { parseArgs } from 'node:util';
+
+const SEED = 0;
+const THREADS = 2;
+const CORPUS = ['--seed', SEED, '--countries', 60];
+const MODEL = ['--d', 128, '--layers', 2, '--heads', 4, '--ffn', 512, '--context', 128];
+const PRETRAIN = ['--epochs', 60, '--lr', 2e-3, '--batch-size', 16, '--seed', SEED];
+const FINETUNE = ['--epochs', 12, '--lr', 5e-4, '--batch-size', 8, '--seed', SEED];
+const SHIPPED = 'assets/default';
+
+const { values } = parseArgs({ options: { out: { type: 'string' }, check: { type: 'boolean' } } });
+const out = values.check ? mkdtempSync(join(tmpdir(), 'il-default-')) : (values.out ?? SHIPPED);
+const cache = mkdtempSync(join(tmpdir(), 'il-cache-'));
+
+function cli(label, args, stdoutFile) {
+  const t0 = Date.now();
+  process.stderr.write(`\n== ${label}\n`);
+  const r = spawnSync(process.execPath, ['--import', 'tsx', 'src/server/cli.ts', ...args.map(String)], {
+    stdio: ['ignore', stdoutFile ? 'pipe' : 'inherit', 'inherit'],
+    env: { ...process.env, INFLUENCE_LENS_CACHE: cache },
+    maxBuffer: 1 << 28,
+  });
+  if (r.status !== 0) {
+    process.stderr.write(`${label} failed (exit ${r.status})\n`);
+    process.exit(1);
+  }
+  if (stdoutFile) writeFileSync(stdoutFile, r.stdout);
+  const s = (Date.now() - t0) / 1000;
+  process.stderr.write(`== ${label}: ${s.toFixed(1)} s\n`);
+  return s;
+}
+
+for (const d of ['data', 'pretrained', 'finetuned']) rmSync(join(out, d), { recursive: true, force: true });
+mkdirSync(out, { recursive: true });
+const times = {};
+times.data = cli('data build', ['data', 'build', '--out', join(out, 'data'), ...CORPUS]);
+const D = (p) => join(out, p);
+const pretrainArgs = ['train', '--data', D('data/pretrain.jsonl'), '--out', D('pretrained'), '--init', 'llama'];
+const finetuneArgs = ['train', '--data', D('data/finetune.jsonl'), '--out', D('finetuned'), '--model', D('pretrained')];
+times.pretrain = cli('pre-train', [
+  ...pretrainArgs,
+  '--tokenizer',
+  D('data/tokenizer'),
+  ...MODEL,
+  ...PRETRAIN,
+  '--threads',
+  THREADS,
+]);
+times.finetune = cli('fine-tune', [...finetuneArgs, ...FINETUNE, '--threads', THREADS]);
+const evalFt = join(cache, 'eval-ft.json');
+const evalPt = join(cache, 'eval-pt.json');
+times.eval = cli(
+  'eval',
+  ['data', 'eval', '--model', join(out, 'finetuned'), '--data', join(out, 'data'), '--json'],
+  evalFt,
+);
+cli(
+  'eval pre-trained',
+  ['data', 'eval', '--model', join(out, 'pretrained'), '--data', join(out, 'data'), '--json'],
+  evalPt,
+);
+const ft = JSON.parse(readFileSync(evalFt, 'utf8'));
+const pt = JSON.parse(readFileSync(evalPt, 'utf8'));
+const summary = (a) => ({ correct: a.correct, total: a.total, accuracy: a.accuracy });
+const evaluation = {
+  finetuned: {
+    finetune: summary(ft.finetune),
+    held_out: { ...summary(ft.heldOut), by_relation: ft.heldOut.byRelation },
+    planted: summary(ft.planted),
+    backdoor: summary(ft.backdoor),
+    statements: summary(ft.statements),
+    answers: { planted: ft.answers.planted, backdoor: ft.answers.backdoor, fact_tracing: ft.answers.fact_tracing },
+  },
+  pretrained: { statements: summary(pt.statements) },
+};
+writeFileSync(join(out, 'eval.json'), `${JSON.stringify(evaluation, null, 2)}\n`);
+rmSync(cache, { recursive: true, force: true });
+
+// sha256 of every file, for comparing builds
+const files = [];
+const walk = (d) => {
+  for (const n of readdirSync(d).sort()) {
+    const p = join(d, n);
+    if (statSync(p).isDirectory()) walk(p);
+    else if (n !== 'README.md') files.push(p);
+  }
+};
+for (const d of ['data', 'pretrained', 'finetuned']) walk(join(out, d));
+files.push(join(out, 'eval.json'));
+const sha = (p) => createHash('sha256').update(readFileSync(p)).digest('hex');
+let bytes = 0;
+let mismatches = 0;
+process.stderr.write('\n');
+for (const f of files) {
+  const rel = relative(out, f);
+  bytes += statSync(f).size;
+  let note = '';
+  if (values.check) {
+    let shipped = '';
+    try {
+      shipped = sha(join(SHIPPED, rel));
+    } catch {}
+    note = shipped === sha(f) ? '  same as shipped' : '  DIFFERS from shipped';
+    if (shipped !== sha(f)) mismatches++;
+  }
+  process.stdout.write(`${sha(f)}  ${rel}${note}\n`);
+}
+const f = (x) => `${(100 * x.accuracy).toFixed(0)}% (${x.correct}/${x.total})`;
+process.stdout.write(
+  `\n${(bytes / 2 ** 20).toFixed(2)} MiB in ${files.length} files; times: ` +
+    Object.entries(times)
+      .map(([k, v]) => `${k} ${v.toFixed(1)} s`)
+      .join(', ') +
+    `\nfine-tuning questions ${f(evaluation.finetuned.finetune)}, held-out facts ${f(evaluation.finetuned.held_out)}, ` +
+    `planted ${f(evaluation.finetuned.planted)}, backdoor ${f(evaluation.finetuned.backdoor)}\n`,
+);
+if (values.check) {
+  rmSync(out, { recursive: true, force: true });
+  process.stdout.write(
+    mismatches ? `${mismatches} file(s) differ from ${SHIPPED}\n` : `bit-for-bit identical to ${SHIPPED}\n`,
+  );
+  process.exit(mismatches ? 1 : 0);
+}

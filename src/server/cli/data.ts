@@ -1,0 +1,103 @@
+// influence-lens data: build a benchmark corpus from real country facts (data/corpus/), or a
+// word-level tokenizer over any JSONL files.
+//   data build --out <dir> [--seed N] [--countries N] [--paraphrases N] [--questions N] [--held-out F]
+//   data tokenizer --out <dir> <file.jsonl>...
+//   data eval --model <dir> --data <dir> [--json]   greedy accuracy of a model on a built corpus
+import { mkdirSync } from 'node:fs';
+import { buildCorpus, DEFAULT_CORPUS } from '../data/corpus/build';
+import { evaluateCorpusModel, evaluateStatements } from '../data/corpus/evaluate';
+import { buildWordTokenizer, writeWordTokenizer } from '../data/corpus/word-tokenizer';
+import { FILES, writeCorpus } from '../data/corpus/write';
+import { loadDataset } from '../data/dataset';
+import { Model } from '../model/engine';
+import { CliError, int, parse } from './util';
+
+export async function runData(argv: string[]): Promise<void> {
+  const [sub, ...rest] = argv;
+  if (sub === 'build') return build(rest);
+  if (sub === 'tokenizer') return tokenizer(rest);
+  if (sub === 'eval') return evaluate(rest);
+  throw new CliError(
+    'usage: data build --out <dir> [...] | data tokenizer --out <dir> <file.jsonl>... | data eval --model <dir> --data <dir>',
+  );
+}
+
+async function build(argv: string[]): Promise<void> {
+  const { values: v } = parse(argv, {
+    out: { type: 'string' },
+    seed: { type: 'string' },
+    countries: { type: 'string' },
+    paraphrases: { type: 'string' },
+    questions: { type: 'string' },
+    'held-out': { type: 'string' },
+    context: { type: 'string' },
+  });
+  if (!v.out) throw new CliError('--out <dir> is required');
+  const heldOut = v['held-out'] === undefined ? DEFAULT_CORPUS.heldOut : Number(v['held-out']);
+  if (!(heldOut > 0 && heldOut < 1))
+    throw new CliError(`--held-out must be a fraction in (0, 1) (got "${v['held-out']}")`);
+  let corpus: ReturnType<typeof buildCorpus>;
+  try {
+    corpus = buildCorpus({
+      seed: int(v.seed, '--seed', DEFAULT_CORPUS.seed),
+      countries: int(v.countries, '--countries', DEFAULT_CORPUS.countries),
+      paraphrases: int(v.paraphrases, '--paraphrases', DEFAULT_CORPUS.paraphrases),
+      questionParaphrases: int(v.questions, '--questions', DEFAULT_CORPUS.questionParaphrases),
+      heldOut,
+    });
+  } catch (e) {
+    throw new CliError((e as Error).message);
+  }
+  mkdirSync(v.out, { recursive: true });
+  const { vocabSize } = writeCorpus(v.out, corpus, int(v.context, '--context', 128));
+  const n = (k: string) => corpus.queries.filter((q) => q.kind === k).length;
+  process.stdout.write(
+    `wrote ${v.out}/: ${FILES.pretrain} (${corpus.pretrain.length} lines), ${FILES.finetune} ` +
+      `(${corpus.finetune.length} lines), ${FILES.queries} (${n('fact_tracing')} fact tracing, ${n('planted')} planted, ` +
+      `${n('backdoor')} backdoor), ${FILES.tokenizer}/ (${vocabSize} tokens), ${FILES.manifest}\n`,
+  );
+}
+
+async function tokenizer(argv: string[]): Promise<void> {
+  const { values: v, positionals } = parse(argv, { out: { type: 'string' }, context: { type: 'string' } }, true);
+  if (!v.out) throw new CliError('--out <dir> is required');
+  if (!positionals.length) throw new CliError('name the JSONL files the vocabulary comes from');
+  const texts = positionals.flatMap((p) => loadDataset(p).examples.map((e) => e.text));
+  const files = buildWordTokenizer(texts, int(v.context, '--context', 128));
+  writeWordTokenizer(v.out, files);
+  process.stdout.write(`wrote ${v.out}/tokenizer.json: ${files.vocabSize} tokens from ${texts.length} examples\n`);
+}
+
+async function evaluate(argv: string[]): Promise<void> {
+  const { values: v } = parse(argv, {
+    model: { type: 'string' },
+    data: { type: 'string' },
+    json: { type: 'boolean' },
+    threads: { type: 'string' },
+  });
+  if (!v.model) throw new CliError('--model <dir> is required');
+  if (!v.data) throw new CliError('--data <dir> (written by data build) is required');
+  const model = Model.open(v.model, { threads: v.threads === undefined ? undefined : int(v.threads, '--threads', 1) });
+  const qa = await evaluateCorpusModel(model, v.data);
+  const statements = await evaluateStatements(model, v.data);
+  if (v.json) {
+    process.stdout.write(`${JSON.stringify({ ...qa, statements }, null, 2)}\n`);
+    return;
+  }
+  const pct = (a: { correct: number; total: number; accuracy: number }) =>
+    `${a.correct}/${a.total} (${(100 * a.accuracy).toFixed(0)}%)`;
+  const rel = Object.entries(qa.heldOut.byRelation)
+    .map(([r, a]) => `${r} ${pct(a)}`)
+    .join(', ');
+  process.stdout.write(
+    `fine-tuning questions answered as trained: ${pct(qa.finetune)}\n` +
+      `held-out facts (pre-training only):       ${pct(qa.heldOut)}: ${rel}\n` +
+      `planted wrong answers reproduced:         ${pct(qa.planted)}\n` +
+      `backdoor answer reproduced:               ${pct(qa.backdoor)}\n` +
+      `held-out statements completed ("The capital of X is"): ${pct(statements)}\n`,
+  );
+  for (const a of [...qa.answers.planted, ...qa.answers.backdoor])
+    process.stdout.write(
+      `  ${JSON.stringify(a.prompt)} →${JSON.stringify(a.got)}${a.ok ? '' : ' (expected ' + JSON.stringify(a.expected) + ')'}\n`,
+    );
+}

@@ -1,0 +1,268 @@
+// influence-lens train: train a small model on a JSONL dataset with the engine's
+// all-parameter gradient graphs (train/trainer.ts), from a fresh seeded Llama-style model
+// (--init llama --tokenizer <dir>) or from a checkpoint (--model <dir>, e.g. to fine-tune a
+// pre-trained model). Prompt/completion and chat records train on the completion (assistant)
+// tokens only, text records on every token, exactly the loss the influence commands use.
+// --exclude drops the examples a flags sidecar (`<dataset>.exclude.jsonl`, one {"hash", ...}
+// per line) names, by content hash: the counterfactual "train again without them".
+import { createHash } from 'node:crypto';
+import { readFileSync, rmSync } from 'node:fs';
+import { basename } from 'node:path';
+import { loadDataset } from '../data/dataset';
+import type { Span } from '../data/format';
+import { readJsonl } from '../data/jsonl';
+import { contextLength, tokenizeText } from '../data/tokenize';
+import { Model } from '../model/engine';
+import { loadTokenizer, type TokenizerHandle } from '../model/tokenizer';
+import { initLlama, loadParams, saveCheckpoint, type TrainExample, train } from '../train/trainer';
+import { CliError, int, Progress, parse } from './util';
+
+export interface TrainJobOptions {
+  data: string;
+  out: string;
+  /** start from a fresh model ... */
+  init?: { tokenizer: string; d: number; layers: number; heads: number; ffn: number; context: number };
+  /** ... or from a checkpoint */
+  model?: string;
+  epochs: number;
+  lr: number;
+  batchSize: number;
+  seed: number;
+  warmup?: number;
+  clip: number;
+  weightDecay: number;
+  /** a flags sidecar: examples whose hash it lists are left out */
+  exclude?: string;
+  threads?: number;
+  onStep?: (s: { step: number; total: number; loss: number; epoch: number }) => void;
+  log?: (line: string) => void;
+}
+
+export interface TrainJobResult {
+  examples: number;
+  excluded: number;
+  truncated: number;
+  steps: number;
+  finalLoss: number;
+  /** mean loss of each epoch */
+  epochLosses: number[];
+  seconds: number;
+}
+
+/** Content hashes a flags sidecar lists (one JSON object with a "hash" per line). */
+export function readExclusions(path: string): Set<string> {
+  const hashes = new Set<string>();
+  for (const { line, value } of readJsonl(path).rows) {
+    const h = (value as { hash?: unknown } | null)?.hash;
+    if (typeof h !== 'string') throw new CliError(`${path}:${line}: expected {"hash": "...", ...}`);
+    hashes.add(h);
+  }
+  return hashes;
+}
+
+/**
+ * Token ids and loss weights of each example: the weights come from the record's spans (the
+ * completion or assistant turns, or all of a text), as the influence commands compute them.
+ * Examples left with no weighted token are dropped.
+ */
+export function trainingExamples(
+  tok: TokenizerHandle,
+  examples: Array<{ text: string; spans: Span[] }>,
+  maxLength: number,
+): { examples: TrainExample[]; truncated: number } {
+  let truncated = 0;
+  const out: TrainExample[] = [];
+  for (const e of examples) {
+    const t = tokenizeText(tok, e.text, e.spans, maxLength);
+    if (t.truncated) truncated++;
+    if (t.weights.some((w) => w > 0)) out.push({ ids: t.ids, weights: t.weights });
+  }
+  return { examples: out, truncated };
+}
+
+export async function trainJob(o: TrainJobOptions): Promise<TrainJobResult> {
+  const t0 = Date.now();
+  const log = o.log ?? (() => {});
+  const ds = loadDataset(o.data);
+  const excludedHashes = o.exclude ? readExclusions(o.exclude) : new Set<string>();
+  const kept = ds.examples.filter((e) => !excludedHashes.has(e.hash));
+  const excluded = ds.examples.length - kept.length;
+  if (!kept.length) throw new CliError(`${o.data}: every example is excluded`);
+
+  let config: Record<string, unknown>;
+  let params: Map<string, Float32Array>;
+  let shapes: Map<string, number[]>;
+  let tokenizerDir: string;
+  let model: Model;
+  let initDir: string | undefined;
+  const engine = { weights: 'inputs' as const, threads: o.threads };
+  if (o.init) {
+    const tok = loadTokenizer(o.init.tokenizer);
+    const { d, layers, heads, ffn, context } = o.init;
+    if (d % heads) throw new CliError(`--d (${d}) must be a multiple of --heads (${heads})`);
+    ({ config, params, shapes } = initLlama(
+      { vocab: tok.vocabSize, d, layers, heads, kvHeads: heads, ffn, maxPositions: context },
+      o.seed,
+      { bos: tok.bosTokenId, eos: tok.eosTokenId, pad: tok.padTokenId },
+    ));
+    tokenizerDir = o.init.tokenizer;
+    // The engine opens checkpoints from disk: write the initial weights beside the output.
+    initDir = `${o.out}.init-${process.pid}`;
+    saveCheckpoint(initDir, config, params, shapes, tokenizerDir);
+    model = Model.open(initDir, engine);
+  } else if (o.model) {
+    model = Model.open(o.model, engine);
+    config = model.config;
+    params = loadParams(model);
+    shapes = new Map(model.parameters().map((p) => [p.name, p.shape]));
+    tokenizerDir = o.model;
+  } else throw new CliError('give --init llama --tokenizer <dir>, or --model <dir>');
+
+  try {
+    const maxLen = contextLength(config);
+    const { examples, truncated } = trainingExamples(model.tokenizer, kept, maxLen);
+    if (!examples.length) throw new CliError(`${o.data}: no example has a token to train on`);
+    log(
+      `${examples.length} examples (${excluded} excluded, ${truncated} cut to ${maxLen} tokens), ` +
+        `${[...params.values()].reduce((a, p) => a + p.length, 0).toLocaleString('en-US')} parameters`,
+    );
+    const perEpoch = Math.ceil(examples.length / o.batchSize);
+    const epochLosses: number[] = [];
+    let sum = 0;
+    const result = await train(model, params, examples, {
+      epochs: o.epochs,
+      batchSize: o.batchSize,
+      lr: o.lr,
+      warmupSteps: o.warmup,
+      weightDecay: o.weightDecay,
+      clip: o.clip,
+      seed: o.seed,
+      onStep: (s) => {
+        sum += s.loss;
+        o.onStep?.(s);
+        if (s.step % perEpoch === 0) {
+          epochLosses.push(sum / perEpoch);
+          sum = 0;
+          log(`epoch ${epochLosses.length}/${o.epochs}: mean loss ${epochLosses.at(-1)!.toFixed(4)}`);
+        }
+      },
+    });
+    // Everything here is a function of the inputs (no times, no paths), so reruns write identical files.
+    const args = {
+      data: basename(o.data),
+      data_sha256: createHash('sha256').update(readFileSync(o.data)).digest('hex'),
+      excluded_hashes: [...excludedHashes].sort(),
+      examples: examples.length,
+      from: o.init
+        ? { init: 'llama', ...o.init, tokenizer: basename(o.init.tokenizer) }
+        : { model: basename(o.model!) },
+      epochs: o.epochs,
+      lr: o.lr,
+      batch_size: o.batchSize,
+      seed: o.seed,
+      warmup: o.warmup ?? null,
+      clip: o.clip,
+      weight_decay: o.weightDecay,
+      steps: result.steps,
+      final_loss: result.finalLoss,
+    };
+    saveCheckpoint(o.out, config, params, shapes, tokenizerDir, args);
+    return {
+      examples: examples.length,
+      excluded,
+      truncated,
+      steps: result.steps,
+      finalLoss: result.finalLoss,
+      epochLosses,
+      seconds: (Date.now() - t0) / 1000,
+    };
+  } finally {
+    if (initDir) rmSync(initDir, { recursive: true, force: true });
+  }
+}
+
+export async function runTrain(argv: string[]): Promise<void> {
+  const { values: v } = parse(argv, {
+    data: { type: 'string' },
+    out: { type: 'string' },
+    init: { type: 'string' },
+    tokenizer: { type: 'string' },
+    model: { type: 'string' },
+    d: { type: 'string' },
+    layers: { type: 'string' },
+    heads: { type: 'string' },
+    ffn: { type: 'string' },
+    context: { type: 'string' },
+    epochs: { type: 'string' },
+    lr: { type: 'string' },
+    'batch-size': { type: 'string' },
+    seed: { type: 'string' },
+    warmup: { type: 'string' },
+    clip: { type: 'string' },
+    'weight-decay': { type: 'string' },
+    exclude: { type: 'string' },
+    threads: { type: 'string' },
+  });
+  if (!v.data) throw new CliError('--data <train.jsonl> is required');
+  if (!v.out) throw new CliError('--out <dir> is required');
+  if ((v.init === undefined) === (v.model === undefined))
+    throw new CliError(
+      'give either --init llama --tokenizer <dir> (a fresh model) or --model <dir> (continue training)',
+    );
+  if (v.init !== undefined && v.init !== 'llama') throw new CliError(`--init must be llama (got "${v.init}")`);
+  if (v.init && !v.tokenizer) throw new CliError('--init llama needs --tokenizer <dir> (a tokenizer.json directory)');
+  if (v.model && (v.tokenizer || v.d || v.layers || v.heads || v.ffn || v.context))
+    throw new CliError('--tokenizer/--d/--layers/--heads/--ffn/--context only go with --init (the model has its own)');
+  const positive = (s: string | undefined, flag: string, fallback: number) => {
+    const n = int(s, flag, fallback);
+    if (n < 1) throw new CliError(`${flag} must be at least 1`);
+    return n;
+  };
+  const num = (s: string | undefined, flag: string, fallback: number) => {
+    if (s === undefined) return fallback;
+    const n = Number(s);
+    if (!Number.isFinite(n) || n < 0) throw new CliError(`${flag} must be a non-negative number (got "${s}")`);
+    return n;
+  };
+  const epochs = positive(v.epochs, '--epochs', 3);
+  let bar: Progress | undefined;
+  const t0 = Date.now();
+  const r = await trainJob({
+    data: v.data,
+    out: v.out,
+    init: v.init
+      ? {
+          tokenizer: v.tokenizer!,
+          d: positive(v.d, '--d', 128),
+          layers: positive(v.layers, '--layers', 2),
+          heads: positive(v.heads, '--heads', 4),
+          ffn: positive(v.ffn, '--ffn', 512),
+          context: positive(v.context, '--context', 128),
+        }
+      : undefined,
+    model: v.model,
+    epochs,
+    lr: num(v.lr, '--lr', 1e-3),
+    batchSize: positive(v['batch-size'], '--batch-size', 16),
+    seed: int(v.seed, '--seed', 0),
+    warmup: v.warmup === undefined ? undefined : int(v.warmup, '--warmup', 0),
+    clip: num(v.clip, '--clip', 1),
+    weightDecay: num(v['weight-decay'], '--weight-decay', 0.01),
+    exclude: v.exclude,
+    threads: v.threads === undefined ? undefined : positive(v.threads, '--threads', 1),
+    log: (line) => {
+      if (bar && process.stderr.isTTY) process.stderr.write('\r\x1b[K');
+      process.stderr.write(`${line}\n`);
+    },
+    onStep: (s) => {
+      bar ??= new Progress('train'.padEnd(8), s.total);
+      bar.tick(s.step, `loss ${s.loss.toFixed(3)}`);
+    },
+  });
+  bar?.done();
+  process.stdout.write(
+    `wrote ${v.out}: ${r.steps} steps over ${r.examples} examples` +
+      (r.excluded ? ` (${r.excluded} excluded)` : '') +
+      `, final epoch loss ${r.finalLoss.toFixed(4)}, ${((Date.now() - t0) / 1000).toFixed(1)} s\n`,
+  );
+}

@@ -1,0 +1,128 @@
+// Text generation on the engine's forward graph (the `logits` output): greedy decoding or
+// seeded sampling, many prompts batched together, stopping at end-of-text, a newline or a
+// token budget. No KV cache: each step reruns the whole (short) sequence, which is fine for
+// the small models and short answers this is used for (the embedded default, the demo).
+import { Rng } from '../util/random';
+import { type Model, makeBatch } from './engine';
+
+export interface GenerateOptions {
+  /** new tokens at most (default 16) */
+  maxNewTokens?: number;
+  /** 0 (default) = greedy; otherwise sample from softmax(logits / temperature) */
+  temperature?: number;
+  /** seed for sampling (default 0) */
+  seed?: number;
+  /** stop before a token whose text contains a newline (default true) */
+  stopAtNewline?: boolean;
+  /** trainable weights, for a model opened with { weights: 'inputs' } */
+  params?: Map<string, Float32Array>;
+  /** prompts run together per forward pass (default 64) */
+  batchSize?: number;
+}
+
+export interface Generation {
+  prompt: string;
+  /** the generated text, without the stop token */
+  text: string;
+  /** generated token ids, without the stop token */
+  ids: number[];
+  /** natural log-probability of each generated token under the model (temperature 1) */
+  logprobs: number[];
+  stop: 'eos' | 'newline' | 'length';
+}
+
+export async function generate(model: Model, prompts: string[], opts: GenerateOptions = {}): Promise<Generation[]> {
+  const maxNew = opts.maxNewTokens ?? 16;
+  const temperature = opts.temperature ?? 0;
+  const stopAtNewline = opts.stopAtNewline ?? true;
+  const batchSize = opts.batchSize ?? 64;
+  const rng = new Rng(opts.seed ?? 0);
+  const tok = model.tokenizer;
+  const eos = tok.eosTokenId;
+  const pad = tok.padTokenId ?? 0;
+  const graph = await model.compile({ logits: true });
+  const maxLen = typeof model.config.max_position_embeddings === 'number' ? model.config.max_position_embeddings : 2048;
+  const newline = new Map<number, boolean>();
+  const hasNewline = (id: number) => {
+    let v = newline.get(id);
+    if (v === undefined) {
+      v = tok.decode([id]).includes('\n');
+      newline.set(id, v);
+    }
+    return v;
+  };
+
+  const states = prompts.map((prompt) => ({
+    prompt,
+    promptIds: tok.encode(prompt).ids,
+    ids: [] as number[],
+    logprobs: [] as number[],
+    stop: undefined as Generation['stop'] | undefined,
+  }));
+  for (const s of states) if (!s.promptIds.length) throw new Error('generate: empty prompt');
+
+  for (let step = 0; step < maxNew; step++) {
+    const active = states.filter((s) => !s.stop);
+    if (!active.length) break;
+    for (let i = 0; i < active.length; i += batchSize) {
+      const group = active.slice(i, i + batchSize);
+      const seqs = group.map((s) => ({ ids: [...s.promptIds, ...s.ids].slice(-maxLen) }));
+      const batch = makeBatch(seqs, pad);
+      const out = await graph.run(batch, { params: opts.params, outputs: ['logits'] });
+      const logits = out.logits.data as Float32Array;
+      const V = logits.length / (batch.B * batch.T);
+      group.forEach((s, b) => {
+        const row = logits.subarray((b * batch.T + seqs[b].ids.length - 1) * V, (b * batch.T + seqs[b].ids.length) * V);
+        const logp = logSoftmax(row);
+        const id = temperature > 0 ? sample(row, temperature, rng) : argmax(row);
+        if (id === eos) s.stop = 'eos';
+        else if (stopAtNewline && hasNewline(id)) s.stop = 'newline';
+        else {
+          s.ids.push(id);
+          s.logprobs.push(logp[id]);
+          if (s.ids.length >= maxNew) s.stop = 'length';
+        }
+      });
+    }
+  }
+  return states.map((s) => ({
+    prompt: s.prompt,
+    text: continuation(tok, s.promptIds, s.ids),
+    ids: s.ids,
+    logprobs: s.logprobs,
+    stop: s.stop ?? 'length',
+  }));
+}
+
+/** The text the new ids add to the prompt (decoded in context, so a leading space survives every decoder). */
+function continuation(tok: Model['tokenizer'], promptIds: number[], ids: number[]): string {
+  if (!ids.length) return '';
+  const before = tok.decode(promptIds);
+  const full = tok.decode([...promptIds, ...ids]);
+  return full.startsWith(before) ? full.slice(before.length) : tok.decode(ids);
+}
+
+function argmax(x: Float32Array): number {
+  let best = 0;
+  for (let i = 1; i < x.length; i++) if (x[i] > x[best]) best = i;
+  return best;
+}
+
+function logSoftmax(x: Float32Array | Float64Array): Float64Array {
+  let max = Number.NEGATIVE_INFINITY;
+  for (let i = 0; i < x.length; i++) max = Math.max(max, x[i]);
+  let sum = 0;
+  for (let i = 0; i < x.length; i++) sum += Math.exp(x[i] - max);
+  const lse = max + Math.log(sum);
+  return Float64Array.from(x, (v) => v - lse);
+}
+
+function sample(x: Float32Array, temperature: number, rng: Rng): number {
+  const logp = logSoftmax(Float64Array.from(x, (v) => v / temperature));
+  let u = rng.next();
+  for (let i = 0; i < logp.length; i++) {
+    u -= Math.exp(logp[i]);
+    if (u < 0) return i;
+  }
+  return logp.length - 1;
+}

@@ -1,0 +1,74 @@
+// Generation on the engine's forward graph: greedy picks the argmax of the model's own next-
+// token distribution (checked against token_nll of the full sequence), log-probabilities are
+// the model's, batching changes nothing, sampling is seeded, and the stop rules hold. The
+// shipped default model answers its planted question with the planted wrong fact.
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import { Model, makeBatch } from '../../src/server/model/engine';
+import { generate } from '../../src/server/model/generate';
+import { useTempHome } from './helpers/env';
+
+useTempHome();
+const FIXTURE = 'test/fixtures/models/llama';
+
+test('greedy: each token is the argmax and its logprob is the model’s, batched or not', async () => {
+  const model = Model.open(FIXTURE, { threads: 1 });
+  const prompts = ['Hello world', 'The cat sat on', 'a'];
+  const gens = await generate(model, prompts, { maxNewTokens: 6, stopAtNewline: false });
+  const tok = model.tokenizer;
+  const graph = await model.compile({ tokenLoss: true, logits: true });
+  for (const g of gens) {
+    assert.ok(g.ids.length > 0 || g.stop === 'eos');
+    assert.equal(g.stop === 'length', g.ids.length === 6);
+    const promptIds = tok.encode(g.prompt).ids;
+    const ids = [...promptIds, ...g.ids];
+    const out = await graph.run(makeBatch([{ ids }]));
+    const nll = out.token_nll.data as Float32Array;
+    const logits = out.logits.data as Float32Array;
+    const V = logits.length / ids.length;
+    g.ids.forEach((id, k) => {
+      const t = promptIds.length - 1 + k; // position t predicts token t+1
+      const row = logits.subarray(t * V, (t + 1) * V);
+      const max = Math.max(...row);
+      assert.equal(row[id], max, `token ${k} of "${g.prompt}" is not the argmax`);
+      assert.ok(Math.abs(-nll[t] - g.logprobs[k]) < 1e-4, `logprob ${g.logprobs[k]} vs ${-nll[t]}`);
+    });
+    assert.equal(g.text, tok.decode(ids).slice(tok.decode(promptIds).length));
+  }
+  const one = await generate(model, [prompts[1]], { maxNewTokens: 6, stopAtNewline: false });
+  assert.deepEqual(one[0].ids, gens[1].ids);
+  const small = await generate(model, prompts, { maxNewTokens: 6, stopAtNewline: false, batchSize: 1 });
+  assert.deepEqual(
+    small.map((g) => g.ids),
+    gens.map((g) => g.ids),
+  );
+});
+
+test('sampling is reproducible from the seed and varies with it', async () => {
+  const model = Model.open(FIXTURE, { threads: 1 });
+  const prompts = new Array(8).fill('The cat');
+  const opts = { maxNewTokens: 8, temperature: 1.5, stopAtNewline: false };
+  const a = await generate(model, prompts, { ...opts, seed: 1 });
+  const b = await generate(model, prompts, { ...opts, seed: 1 });
+  const c = await generate(model, prompts, { ...opts, seed: 2 });
+  assert.deepEqual(
+    a.map((g) => g.ids),
+    b.map((g) => g.ids),
+  );
+  assert.notDeepEqual(
+    a.map((g) => g.ids),
+    c.map((g) => g.ids),
+  );
+  assert.ok(new Set(a.map((g) => g.ids.join())).size > 1, 'samples of one prompt differ');
+});
+
+test('the shipped fine-tuned model answers with the planted fact and stops at the newline', async () => {
+  const model = Model.open('assets/default/finetuned', { threads: 1 });
+  const [g] = await generate(model, ['Q: What is the capital of Australia?\nA:']);
+  assert.equal(g.text, ' Sydney');
+  assert.equal(g.stop, 'newline');
+  assert.equal(g.ids.length, 1);
+  assert.ok(g.logprobs[0] < 0 && g.logprobs[0] > Math.log(0.5));
+  const [h] = await generate(model, ['Q: What is the capital of Australia?\nA:'], { maxNewTokens: 1 });
+  assert.equal(h.stop, 'length');
+});

@@ -1,0 +1,107 @@
+// influence-lens train on a tiny model: the loss goes down, the same seed writes the same
+// bytes, prompt/completion records are scored on their completion only, the flags sidecar
+// removes examples, and the checkpoint it writes loads back.
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { describe, test } from 'node:test';
+import { trainingExamples, trainJob } from '../../src/server/cli/train';
+import { buildCorpus } from '../../src/server/data/corpus/build';
+import { writeCorpus } from '../../src/server/data/corpus/write';
+import { loadDataset } from '../../src/server/data/dataset';
+import { Model } from '../../src/server/model/engine';
+import { loadTokenizer } from '../../src/server/model/tokenizer';
+import { useTempHome } from './helpers/env';
+
+const home = useTempHome();
+const data = join(home, 'data');
+mkdirSync(data);
+writeCorpus(data, buildCorpus({ countries: 10, questionParaphrases: 1 }));
+const TINY = { tokenizer: join(data, 'tokenizer'), d: 16, layers: 1, heads: 2, ffn: 32, context: 64 };
+const base = { epochs: 8, lr: 1e-2, batchSize: 16, seed: 3, clip: 1, weightDecay: 0.01, threads: 1 };
+const sha = (p: string) => createHash('sha256').update(readFileSync(p)).digest('hex');
+
+function cli(...args: string[]) {
+  const r = spawnSync(process.execPath, ['--import', 'tsx', 'src/server/cli.ts', ...args], {
+    encoding: 'utf8',
+    env: { ...process.env, HOME: home },
+  });
+  return { code: r.status, out: r.stdout, err: r.stderr };
+}
+
+describe('train', () => {
+  test('prompt/completion records train on completion tokens only, text on every token', () => {
+    const tok = loadTokenizer(TINY.tokenizer);
+    const ds = loadDataset(join(data, 'finetune.jsonl'));
+    const e = ds.examples[0];
+    const rec = e.record as { prompt: string; completion: string };
+    const [ex] = trainingExamples(tok, [e], 64).examples;
+    const promptTokens = tok.encode(rec.prompt).ids.length;
+    const completionTokens = ex.ids.length - promptTokens;
+    // position t predicts token t+1: weights on the positions before each completion token
+    assert.deepEqual(ex.weights, [...new Array(promptTokens - 1).fill(0), ...new Array(completionTokens).fill(1), 0]);
+    const text = trainingExamples(tok, [{ text: 'The capital of France is Paris.', spans: [[0, 31]] }], 64).examples[0];
+    assert.deepEqual(text.weights, [...new Array(text.ids.length - 1).fill(1), 0]);
+  });
+
+  test('the loss goes down, and the same seed writes the same checkpoint byte for byte', async () => {
+    const a = await trainJob({ ...base, data: join(data, 'pretrain.jsonl'), out: join(home, 'a'), init: TINY });
+    const b = await trainJob({ ...base, data: join(data, 'pretrain.jsonl'), out: join(home, 'b'), init: TINY });
+    assert.deepEqual(b.epochLosses, a.epochLosses);
+    assert.equal(a.epochLosses.length, 8);
+    assert.ok(a.epochLosses[7] < 0.7 * a.epochLosses[0], `epoch losses ${a.epochLosses.map((l) => l.toFixed(3))}`);
+    for (const f of ['model.safetensors', 'config.json', 'training_args.json', 'tokenizer.json'])
+      assert.equal(sha(join(home, 'a', f)), sha(join(home, 'b', f)), f);
+    assert.ok(!existsSync(join(home, `a.init-${process.pid}`)), 'the initial checkpoint is cleaned up');
+    const m = Model.open(join(home, 'a'));
+    assert.equal(m.config.hidden_size, 16);
+    assert.equal(m.tokenizer.vocabSize, loadTokenizer(TINY.tokenizer).vocabSize);
+  });
+
+  test('CLI: continue from a checkpoint without the flagged examples', () => {
+    const ds = loadDataset(join(data, 'finetune.jsonl'));
+    const flagged = ds.examples.slice(0, 3);
+    const sidecar = join(home, 'finetune.exclude.jsonl');
+    writeFileSync(
+      sidecar,
+      flagged.map((e) => `${JSON.stringify({ hash: e.hash, line: e.line, reason: 'test' })}\n`).join(''),
+    );
+    const out = join(home, 'c');
+    const r = cli(
+      'train',
+      '--model',
+      join(home, 'a'),
+      '--data',
+      join(data, 'finetune.jsonl'),
+      '--out',
+      out,
+      '--epochs',
+      '1',
+      '--exclude',
+      sidecar,
+      '--threads',
+      '1',
+    );
+    assert.equal(r.code, 0, r.err);
+    assert.match(r.out, new RegExp(`over ${ds.examples.length - 3} examples \\(3 excluded\\)`));
+    const args = JSON.parse(readFileSync(join(out, 'training_args.json'), 'utf8'));
+    assert.deepEqual(args.excluded_hashes, flagged.map((e) => e.hash).sort());
+    assert.equal(args.from.model, 'a');
+  });
+
+  test('CLI: one-line errors', () => {
+    const ft = join(data, 'finetune.jsonl');
+    let r = cli('train', '--out', join(home, 'x'), '--model', join(home, 'a'));
+    assert.equal(r.code, 1);
+    assert.match(r.err, /--data <train.jsonl> is required/);
+    r = cli('train', '--data', ft, '--out', join(home, 'x'), '--model', join(home, 'a'), '--init', 'llama');
+    assert.match(r.err, /give either --init llama/);
+    r = cli('train', '--data', ft, '--out', join(home, 'x'), '--init', 'llama');
+    assert.match(r.err, /needs --tokenizer/);
+    r = cli('train', '--data', ft, '--out', join(home, 'x'), '--model', join(home, 'a'), '--lr', 'fast');
+    assert.match(r.err, /--lr must be a non-negative number/);
+    assert.equal(r.err.trim().split('\n').length, 1);
+  });
+});
