@@ -163,6 +163,8 @@ export async function trainJob(o: TrainJobOptions): Promise<TrainJobResult> {
       warmup: o.warmup ?? null,
       clip: o.clip,
       weight_decay: o.weightDecay,
+      // ONNX Runtime's thread count changes float rounding: pass it again to reproduce these weights exactly
+      threads: o.threads ?? null,
       steps: result.steps,
       final_loss: result.finalLoss,
     };
