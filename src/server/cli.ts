@@ -2,15 +2,21 @@
 // influence-lens: the command line. One subcommand per job; each lives in cli/<name>.ts.
 import { runBench } from './cli/bench';
 import { runData } from './cli/data';
+import { runDemo } from './cli/demo';
 import { runExplain } from './cli/explain';
 import { runFit } from './cli/fit';
 import { runGradients } from './cli/gradients';
 import { runInspect } from './cli/inspect';
 import { runScan } from './cli/scan';
+import { runServe } from './cli/serve';
 import { runTrain } from './cli/train';
 import { CliError } from './cli/util';
 
 const COMMANDS: Record<string, { run: (argv: string[]) => Promise<void>; help: string }> = {
+  demo: {
+    run: runDemo,
+    help: 'demo [--query N] [--top-k K]   the whole loop on the embedded default: explain a wrong answer, fix it',
+  },
   inspect: { run: runInspect, help: 'inspect <model-dir>            architecture, parameters, tracked modules' },
   gradients: {
     run: runGradients,
@@ -30,6 +36,10 @@ const COMMANDS: Record<string, { run: (argv: string[]) => Promise<void>; help: s
       'explain --model <dir> --factors <dir> --data <train.jsonl> --prompt P --completion C [--top-k K]\n' +
       '    [--method ekfac|multistage|gdp|cosine|repsim|bm25] [--compare m,m] [--damping X] [--rank R]\n' +
       '    [--pretrained-model <dir> --pretrained-factors <dir>] [--json]   rank training examples',
+  },
+  serve: {
+    run: runServe,
+    help: 'serve [--config influence-lens.json] [--port N] [--host 127.0.0.1]   the server the editor talks to',
   },
   scan: {
     run: runScan,

@@ -284,6 +284,9 @@ async function scorePool(
         onProgress: (d, t) => req.onProgress?.(`scoring (${method})`, d, t),
         onBatch: req.onPartial ? partials(method, corpus, pool, req) : undefined,
       });
+  // the store's ranking is the first partial result; the exact rerank refines it
+  if (useStore && req.onPartial)
+    partials(method, corpus, pool, { ...req, partialEveryMs: 0 })([...pool.keys()], res.scores);
   let exactSet: Set<number> | undefined;
   if (req.rank || useStore) {
     // exact recompute of the candidates that can reach the top-k or bottom-k lists

@@ -1,0 +1,227 @@
+// influence-lens demo: the whole loop on the embedded default, in the terminal.
+//   1. fit EK-FAC factors for the shipped pre-trained and fine-tuned models (cached);
+//   2. ask a question the fine-tuned model answers with a planted wrong fact;
+//   3. explain the answer: the top training examples, their sign in words, file:line, a token
+//      heatmap, and which of them are the planted sources (ground truth from queries.json);
+//   4. flag the examples that teach the wrong answer, fine-tune again without them (from the
+//      same pre-trained checkpoint, with the shipped training arguments), ask again.
+// Nothing under assets/ is modified: flags, factors and the retrained model live in the cache.
+import { createHash } from 'node:crypto';
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { join, relative } from 'node:path';
+
+/** A path as a person would type it from here: relative inside this folder, absolute outside. */
+const shown = (p: string) => {
+  const r = relative(process.cwd(), p);
+  return r && !r.startsWith('..') ? r : p;
+};
+
+import type { ExplainedExample, ExplainResult } from '../../protocol/types';
+import { Corpus, explain } from '../attribution/explain';
+import { modelFingerprint } from '../attribution/fingerprint';
+import { runFitJob } from '../attribution/fit-job';
+import { openStage } from '../attribution/stage';
+import { loadDataset } from '../data/dataset';
+import { contextLength, tokenizeQuery } from '../data/tokenize';
+import { embeddedDefault } from '../defaults';
+import { Model, makeBatch } from '../model/engine';
+import { generate } from '../model/generate';
+import { formatResult } from './explain';
+import { trainJob } from './train';
+import { CliError, Progress, parse } from './util';
+
+interface Query {
+  prompt: string;
+  completion: string;
+  kind: 'fact_tracing' | 'planted' | 'backdoor';
+  sources: Array<{ dataset: string; line: number; hash: string }>;
+  fact?: { country: string; relation: string; truth: string };
+}
+
+export async function runDemo(argv: string[]): Promise<void> {
+  const { values: v } = parse(argv, { query: { type: 'string' }, 'top-k': { type: 'string' } });
+  const d = embeddedDefault();
+  const out = process.stdout;
+  const color = out.isTTY === true;
+  const bold = (s: string) => (color ? `\x1b[1m${s}\x1b[0m` : s);
+  const say = (s = '') => out.write(`${s}\n`);
+  const t0 = Date.now();
+  const queries = JSON.parse(readFileSync(d.queries, 'utf8')) as Query[];
+  const planted = queries.filter((q) => q.kind === 'planted');
+  const pick = v.query === undefined ? 0 : Number(v.query);
+  if (!(Number.isInteger(pick) && pick >= 0 && pick < planted.length))
+    throw new CliError(`--query must be 0..${planted.length - 1} (one of the planted wrong facts)`);
+  const query = planted[pick];
+  const topK = v['top-k'] === undefined ? 10 : Number(v['top-k']);
+
+  // 1. factors for both stages (the fit job skips work already on disk)
+  say(bold('1. EK-FAC factors for the shipped models'));
+  for (const [name, model, data, factors] of [
+    ['pre-trained', d.pretrained, d.pretrainData, d.pretrainedFactors],
+    ['fine-tuned', d.finetuned, d.finetuneData, d.finetunedFactors],
+  ] as const) {
+    let bar: Progress | undefined;
+    let stage = '';
+    const r = await runFitJob({
+      modelDir: model,
+      dataPath: data,
+      out: factors,
+      modules: 'all',
+      labels: 'sampled',
+      seed: 0,
+      onProgress: (s, done, total) => {
+        if (s !== stage) {
+          bar?.done();
+          stage = s;
+          bar = new Progress(`   ${name} ${s}`.padEnd(34), total);
+        }
+        bar!.tick(done);
+      },
+    });
+    bar?.done();
+    say(
+      `   ${name}: ${r.status === 'up-to-date' ? 'cached' : `fitted in ${r.seconds.toFixed(1)} s`} (${r.examples} examples)`,
+    );
+  }
+
+  // 2. the question and the model's answer
+  say();
+  say(bold('2. Ask the fine-tuned model'));
+  const ft = openStage(d.finetuned, d.finetunedFactors);
+  const [answer] = await generate(ft.model, [query.prompt], { maxNewTokens: 8 });
+  say(`   prompt:     ${JSON.stringify(query.prompt)}`);
+  say(`   completion: ${JSON.stringify(answer.text)}   (the truth: ${query.fact?.truth ?? '?'})`);
+  if (answer.text.trim() !== query.completion.trim())
+    say(`   note: expected the planted answer ${JSON.stringify(query.completion)}; explaining that completion`);
+  const completion = query.completion;
+
+  // 3. explain it
+  say();
+  say(bold(`3. Which training examples made ${JSON.stringify(completion.trim())} likely? (EK-FAC)`));
+  const dataset = loadDataset(d.finetuneData);
+  const corpus = new Corpus('finetune', dataset, ft.model);
+  const result = await explain({ model: ft, modules: ft.modules }, corpus, {
+    prompt: query.prompt,
+    completion,
+    method: 'ekfac',
+    topK,
+    compare: ['bm25', 'repsim', 'gdp'],
+  });
+  const sources = new Set(query.sources.filter((s) => s.dataset === 'finetune').map((s) => s.hash));
+  const mark = (e: ExplainedExample) =>
+    sources.has(e.id.hash) ? (color ? '  \x1b[33m← planted\x1b[0m' : '  ← planted') : '';
+  const display: ExplainResult = {
+    ...result,
+    supporting: result.supporting.map((e) => ({
+      ...e,
+      id: { ...e.id, dataset: shown(d.finetuneData) },
+    })),
+    opposing: result.opposing.slice(0, 3).map((e) => ({ ...e, id: { ...e.id, dataset: shown(d.finetuneData) } })),
+  };
+  out.write(
+    formatResult(display, color, mark)
+      .split('\n')
+      .map((l) => `   ${l}`)
+      .join('\n'),
+  );
+  const found = result.supporting.filter((e) => sources.has(e.id.hash)).length;
+  say(`   planted sources in the top ${topK}: ${found} of ${sources.size}`);
+
+  // 4. flag, retrain without the flagged examples, ask again
+  say();
+  say(bold('4. Flag the examples that teach the wrong answer, fine-tune again without them'));
+  // what a person reading the list would flag: supporting examples whose answer is the wrong one
+  const flagged = result.supporting.filter((e) => e.text.includes(completion.trim()));
+  const work = join(d.cacheDir, 'demo');
+  mkdirSync(work, { recursive: true });
+  const sidecar = join(work, 'finetune.exclude.jsonl');
+  writeFileSync(
+    sidecar,
+    flagged
+      .map((e) =>
+        JSON.stringify({
+          hash: e.id.hash,
+          line: e.id.line,
+          reason: `teaches ${JSON.stringify(completion.trim())}`,
+          score: e.score,
+          query: query.prompt + completion,
+        }),
+      )
+      .join('\n') + (flagged.length ? '\n' : ''),
+  );
+  say(
+    `   flagged ${flagged.length} example(s) (${flagged.filter((e) => sources.has(e.id.hash)).length} of them planted) → ${shown(sidecar)}`,
+  );
+  const args = JSON.parse(readFileSync(join(d.finetuned, 'training_args.json'), 'utf8')) as {
+    epochs: number;
+    lr: number;
+    batch_size: number;
+    seed: number;
+    warmup: number | null;
+    clip: number;
+    weight_decay: number;
+    threads?: number;
+  };
+  // cached by everything that determines the retrained weights
+  const key = createHash('sha256')
+    .update(
+      JSON.stringify([
+        modelFingerprint(Model.open(d.pretrained).checkpoint),
+        args,
+        flagged.map((e) => e.id.hash).sort(),
+      ]),
+    )
+    .update(readFileSync(d.finetuneData))
+    .digest('hex')
+    .slice(0, 16);
+  const cleanDir = join(work, `finetuned-${key}`);
+  if (existsSync(join(cleanDir, 'model.safetensors'))) say(`   retrained model: cached (${shown(cleanDir)})`);
+  else {
+    let bar: Progress | undefined;
+    const r = await trainJob({
+      data: d.finetuneData,
+      out: cleanDir,
+      model: d.pretrained,
+      epochs: args.epochs,
+      lr: args.lr,
+      batchSize: args.batch_size,
+      seed: args.seed,
+      warmup: args.warmup ?? undefined,
+      clip: args.clip,
+      weightDecay: args.weight_decay,
+      exclude: sidecar,
+      // the thread count changes the last bits of the weights: train as the shipped model was
+      threads: args.threads,
+      onStep: (s) => {
+        bar ??= new Progress('   fine-tuning'.padEnd(34), s.total);
+        bar.tick(s.step, `loss ${s.loss.toFixed(3)}`);
+      },
+    });
+    bar?.done();
+    say(`   fine-tuned again on ${r.examples} examples (${r.excluded} left out) in ${r.seconds.toFixed(1)} s`);
+  }
+  const clean = Model.open(cleanDir);
+  const [after] = await generate(clean, [query.prompt], { maxNewTokens: 8 });
+  const before = await completionLogProb(ft.model, query.prompt, completion);
+  const now = await completionLogProb(clean, query.prompt, completion);
+  say();
+  say(bold('5. Ask again'));
+  say(
+    `   completion: ${JSON.stringify(after.text)}   (before: ${JSON.stringify(answer.text)}; the truth: ${query.fact?.truth ?? '?'})`,
+  );
+  say(
+    `   log p(${JSON.stringify(completion)} | prompt): ${before.toFixed(3)} → ${now.toFixed(3)} (${now - before >= 0 ? '+' : ''}${(now - before).toFixed(3)})`,
+  );
+  say();
+  say(
+    `done in ${((Date.now() - t0) / 1000).toFixed(1)} s. Next: open this folder in VS Code and run "Influence Lens: Explain this completion".`,
+  );
+}
+
+/** log p(completion | prompt) under a model (sum over the completion's tokens). */
+async function completionLogProb(model: Model, prompt: string, completion: string): Promise<number> {
+  const q = tokenizeQuery(model.tokenizer, prompt, completion, contextLength(model.config));
+  const graph = await model.compile({ tokenLoss: true });
+  const r = await graph.run(makeBatch([{ ids: q.ids, weights: q.weights }], model.tokenizer.padTokenId ?? 0));
+  return -(r.loss.data as Float32Array)[0];
+}
