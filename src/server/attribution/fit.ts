@@ -60,7 +60,7 @@ function select(examples: TokenizedExample[], p?: { index: number; count: number
   return examples.filter((_, k) => k % p.count === p.index);
 }
 
-const f64 = (t: ort.Tensor) => Float64Array.from(t.data as Float32Array | Float64Array);
+const data = (t: ort.Tensor) => t.data as Float32Array | Float64Array;
 
 /** Pass 1: covariance sums. */
 export async function fitCovariances(
@@ -76,16 +76,8 @@ export async function fitCovariances(
   for (const [i, batch] of bs.entries()) {
     const out = await graph.run(batch, { uniforms: uniformsFor(opts, rng, batch) });
     const count = Number((out.token_count.data as Float32Array)[0]);
-    for (const m of modules) {
-      const part = CovarianceAccumulator.fromSums(
-        moduleShape(m),
-        f64(out[`A.${m.name}`]),
-        count,
-        f64(out[`S.${m.name}`]),
-        count,
-      );
-      covariances.get(m.name)!.merge(part);
-    }
+    for (const m of modules)
+      covariances.get(m.name)!.addSums(data(out[`A.${m.name}`]), count, data(out[`S.${m.name}`]), count);
     opts.onProgress?.('covariance', i + 1, bs.length);
   }
   return { modules, covariances };
@@ -128,8 +120,7 @@ export async function fitLambdas(
   for (const [i, batch] of bs.entries()) {
     const out = await graph.run(batch, { uniforms: uniformsFor(opts, rng, batch), feeds });
     for (const m of graph.moduleInfo) {
-      const acc = lambdas.get(m.name)!;
-      acc.merge(LambdaAccumulator.fromSum(acc.basis, f64(out[`L.${m.name}`]), batch.B));
+      lambdas.get(m.name)!.addSum(data(out[`L.${m.name}`]), batch.B);
     }
     opts.onProgress?.('lambda', i + 1, bs.length);
   }

@@ -12,14 +12,16 @@ import { createSession, ort } from '../model/onnx/session';
 import { type TensorToWrite, writeSafetensors } from '../model/safetensors';
 import { Rng } from '../util/random';
 import { benchEkfac } from './bench-ekfac';
+import { benchServer } from './bench-server';
 import { CliError, int, parse } from './util';
 
 export async function runBench(argv: string[]): Promise<void> {
   const [suite, ...rest] = argv;
   if (suite === 'engine') return benchEngine(rest);
   if (suite === 'ekfac') return benchEkfac(rest);
+  if (suite === 'server') return benchServer(rest);
   throw new CliError(
-    `usage: influence-lens bench engine|ekfac [--quick] [--threads N] (unknown suite "${suite ?? ''}")`,
+    `usage: influence-lens bench engine|ekfac|server [--quick] [--threads N] (unknown suite "${suite ?? ''}")`,
   );
 }
 

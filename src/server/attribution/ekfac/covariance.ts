@@ -84,6 +84,37 @@ export class CovarianceAccumulator {
     return this;
   }
 
+  /**
+   * Adds one batch's sums reduced in the graph (fp32 or fp64), in place: no copies. A NaN or
+   * Inf stops here, naming the module and the batch, before it can spread into the factors.
+   */
+  addSums(activationSum: Floats, activationCount: number, gradientSum: Floats, gradientCount: number): this {
+    const { name } = this.shape;
+    const step = `batch ${this.batches + 1}`;
+    if (activationSum.length !== this.activationSum.length || gradientSum.length !== this.gradientSum.length)
+      throw new Error(
+        `covariance sums of module ${name} (${step}) have ${activationSum.length} and ${gradientSum.length} values`,
+      );
+    const add = (dst: Float64Array, src: Floats, what: string) => {
+      let check = 0;
+      for (let i = 0; i < src.length; i++) {
+        const v = src[i];
+        dst[i] += v;
+        check += v * 0; // NaN/Inf propagate into check; finite values add 0
+      }
+      if (check !== 0) {
+        const bad = firstNonFinite(src);
+        throw new Error(`${Number.isNaN(src[bad]) ? 'NaN' : 'Inf'} in the ${what} of module ${name} in ${step}`);
+      }
+    };
+    add(this.activationSum, activationSum, 'activation covariance (the activations overflowed or were NaN)');
+    add(this.gradientSum, gradientSum, 'gradient covariance (the output gradients overflowed or were NaN)');
+    this.activationCount += activationCount;
+    this.gradientCount += gradientCount;
+    this.batches++;
+    return this;
+  }
+
   /** Adds another partition's sums (same module and shape). */
   merge(other: CovarianceAccumulator): this {
     const s = this.shape;

@@ -58,6 +58,25 @@ export class LambdaAccumulator {
     return this;
   }
 
+  /** Adds one batch's Σ_b (Q_Sᵀ G_b Q_A)² reduced in the graph, in place; NaN/Inf stop here. */
+  addSum(sum: Floats, examples: number): this {
+    if (sum.length !== this.sum.length)
+      throw new Error(`lambda sum of module ${this.basis.module}: expected ${this.dOut}×${this.dA}, got ${sum.length}`);
+    let check = 0;
+    for (let i = 0; i < sum.length; i++) {
+      this.sum[i] += sum[i];
+      check += sum[i] * 0;
+    }
+    if (check !== 0) {
+      const bad = firstNonFinite(sum);
+      throw new Error(
+        `${Number.isNaN(sum[bad]) ? 'NaN' : 'Inf'} in the eigenvalue correction (lambda) of module ${this.basis.module} after ${this.count} examples`,
+      );
+    }
+    this.count += examples;
+    return this;
+  }
+
   merge(other: LambdaAccumulator): this {
     if (other.basis.module !== this.basis.module || other.sum.length !== this.sum.length) {
       throw new Error(`cannot merge eigenvalue corrections of ${other.basis.module} into ${this.basis.module}`);

@@ -1,0 +1,88 @@
+// bench server: explain latency (p50 / p95) through the real server — WebSocket, JSON-RPC,
+// authentication, the service — over the whole embedded training set, and candidates/s.
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { cpus, hostname } from 'node:os';
+import { join } from 'node:path';
+import type { ExplainResult, Method } from '../../protocol/types';
+import { defaultServiceConfig, embeddedDefault } from '../defaults';
+import { RpcClient } from '../rpc/client';
+import { startServer } from '../rpc/server';
+import { InfluenceService } from '../service/influence-service';
+import { serviceHandlers } from './serve';
+import { parse } from './util';
+
+export async function benchServer(argv: string[]): Promise<void> {
+  const { values: v } = parse(argv, { quick: { type: 'boolean' } });
+  const say = (s: string) => process.stdout.write(`${s}\n`);
+  const d = embeddedDefault();
+  const service = new InfluenceService(defaultServiceConfig());
+  service.open();
+  for (const stage of ['finetuned', 'pretrained'] as const)
+    if (!service.info().stages.find((s) => s.name === stage)?.factors) {
+      say(`fitting ${stage} factors (once)...`);
+      await service.fit(stage);
+    }
+  const server = await startServer({
+    handlers: serviceHandlers(service),
+    info: () => service.info(),
+    discoveryFile: false,
+  });
+  const client = await RpcClient.connect({ url: server.url, token: server.token });
+  const queries = (JSON.parse(readFileSync(d.queries, 'utf8')) as Array<{ prompt: string; completion: string }>).slice(
+    0,
+    v.quick ? 6 : 30,
+  );
+  const runs: Array<{ method: Method; dataset: string }> = [
+    { method: 'ekfac', dataset: 'finetune' },
+    { method: 'multistage', dataset: 'pretrain' },
+    { method: 'bm25', dataset: 'finetune' },
+  ];
+  const report: Record<string, unknown> = {
+    suite: 'server',
+    date: new Date().toISOString(),
+    host: hostname(),
+    cpus: cpus().length,
+    node: process.version,
+    queries: queries.length,
+    results: [] as unknown[],
+  };
+  say(
+    `bench server: ${queries.length} explains per row over the embedded default, through ws://127.0.0.1 (${cpus().length} CPUs)`,
+  );
+  for (const r of runs) {
+    // first request warms graphs and caches; not timed
+    await client.request('explain', { ...queries[0], dataset: r.dataset, method: r.method, topK: 10 });
+    const ms: number[] = [];
+    let scored = 0;
+    for (const q of queries) {
+      const t = performance.now();
+      const res = await client.request<ExplainResult>('explain', {
+        ...q,
+        dataset: r.dataset,
+        method: r.method,
+        topK: 10,
+      });
+      ms.push(performance.now() - t);
+      scored = res.scored;
+    }
+    ms.sort((a, b) => a - b);
+    const p = (f: number) => ms[Math.min(ms.length - 1, Math.floor(f * ms.length))];
+    const row = {
+      ...r,
+      candidates: scored,
+      p50_ms: p(0.5),
+      p95_ms: p(0.95),
+      candidates_per_second: scored / (p(0.5) / 1000),
+    };
+    (report.results as unknown[]).push(row);
+    say(
+      `  ${r.method.padEnd(10)} on ${r.dataset.padEnd(8)} (${scored} examples): p50 ${row.p50_ms.toFixed(0)} ms, p95 ${row.p95_ms.toFixed(0)} ms → ${Math.round(row.candidates_per_second)} candidates/s`,
+    );
+  }
+  await client.close();
+  await server.close();
+  mkdirSync('bench/out', { recursive: true });
+  const file = join('bench/out', `server-${(report.date as string).slice(0, 10)}-${hostname()}.json`);
+  writeFileSync(file, `${JSON.stringify(report, null, 2)}\n`);
+  say(`  goal: ekfac p50 ≤ 1000 ms on 2 CPU cores; report: ${file}`);
+}
