@@ -400,3 +400,30 @@ describe('EK-FAC building blocks', () => {
     assert.equal(fullT.rank, dA);
   });
 });
+
+test('in-graph batch sums: NaN/Inf are caught at the batch, naming the module', () => {
+  const shape = { name: 'model.layers.0.mlp.up_proj', dIn: 2, dOut: 2, appendOne: false };
+  const acc = new CovarianceAccumulator(shape);
+  acc.addSums(new Float32Array([1, 0, 0, 1]), 1, new Float32Array([2, 0, 0, 2]), 1);
+  assert.throws(
+    () => acc.addSums(new Float32Array([1, Number.NaN, 0, 1]), 1, new Float32Array(4), 1),
+    /NaN in the activation covariance .* of module model\.layers\.0\.mlp\.up_proj in batch 2/,
+  );
+  assert.throws(
+    () => acc.addSums(new Float32Array(4), 1, new Float32Array([Number.POSITIVE_INFINITY, 0, 0, 0]), 1),
+    /Inf in the gradient covariance/,
+  );
+  const basis = computeEigenbasis(
+    shape.name,
+    new CovarianceAccumulator(shape)
+      .addSums(new Float32Array([2, 0, 0, 1]), 1, new Float32Array([1, 0, 0, 3]), 1)
+      .finalize(),
+  );
+  const lam = new LambdaAccumulator(basis);
+  lam.addSum(new Float32Array([1, 2, 3, 4]), 2);
+  assert.equal(lam.count, 2);
+  assert.throws(
+    () => lam.addSum(new Float32Array([1, Number.NaN, 3, 4]), 2),
+    /NaN in the eigenvalue correction \(lambda\) of module model\.layers\.0\.mlp\.up_proj/,
+  );
+});
