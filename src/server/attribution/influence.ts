@@ -64,6 +64,26 @@ export async function queryGradients(
   };
 }
 
+/** Gradients of several queries' completion losses in one batched run: one row per query. */
+export async function queryBatchGradients(
+  model: Model,
+  queries: TokenizedExample[],
+  opts: { modules: ModuleSelection },
+): Promise<Map<string, Float64Array[]>> {
+  const graph = await model.compile({ labels: 'data', exampleGrads: true, modules: opts.modules });
+  const out = await graph.run(makeBatch(queries, model.tokenizer.padTokenId ?? 0));
+  const G = new Map<string, Float64Array[]>();
+  for (const m of graph.moduleInfo) {
+    const all = out[`G.${m.name}`].data as Float32Array | Float64Array;
+    const size = all.length / queries.length;
+    G.set(
+      m.name,
+      queries.map((_, r) => Float64Array.from(all.subarray(r * size, (r + 1) * size))),
+    );
+  }
+  return G;
+}
+
 /** Apply one or more preconditioners in order (multi-stage applies fine-tune then pre-train). */
 export function queryMatrices(
   G: Map<string, Float64Array[]>,
