@@ -61,7 +61,7 @@ const COMMANDS: Record<string, { run: (argv: string[]) => Promise<void>; help: s
   },
   bench: {
     run: runBench,
-    help: 'bench engine|ekfac|server [--quick]   speed and memory (ekfac: against kronfluence in the same run)',
+    help: 'bench engine|ekfac|server|eval [--quick]   speed (ekfac: against kronfluence in the same run), accuracy (eval)',
   },
 };
 

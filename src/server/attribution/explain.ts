@@ -233,6 +233,28 @@ export async function explain(setup: ExplainSetup, corpus: Corpus, req: ExplainR
   };
 }
 
+/**
+ * One method's score for every example of the corpus (no lists, no heatmaps): what the
+ * evaluation benchmarks correlate with ground truth. With `store`, the store's approximation.
+ */
+export async function scoreCorpus(
+  setup: ExplainSetup,
+  corpus: Corpus,
+  req: Pick<ExplainRequest, 'prompt' | 'completion' | 'method' | 'batchSize' | 'store'>,
+): Promise<Float64Array> {
+  const model = setup.model.model;
+  const q = tokenizeQuery(model.tokenizer, req.prompt, req.completion, contextLength(model.config));
+  const query = { ids: q.ids, weights: q.weights };
+  const pool = Array.from({ length: corpus.size }, (_, i) => i);
+  const qg = await queryGradients(model, query, { modules: setup.modules });
+  const r = await scorePool(req.method, setup, corpus, pool, q.text, query, qg, {
+    ...req,
+    topK: 1,
+    rerank: req.store ? 0 : undefined,
+  });
+  return r.scores;
+}
+
 async function scorePool(
   method: Method,
   setup: ExplainSetup,
@@ -288,7 +310,7 @@ async function scorePool(
   if (useStore && req.onPartial)
     partials(method, corpus, pool, { ...req, partialEveryMs: 0 })([...pool.keys()], res.scores);
   let exactSet: Set<number> | undefined;
-  if (req.rank || useStore) {
+  if (req.rank || (useStore && req.rerank !== 0)) {
     // exact recompute of the candidates that can reach the top-k or bottom-k lists
     const t = Date.now();
     const byScore = Array.from(pool.keys()).sort((a, b) => res.scores[b][0] - res.scores[a][0]);

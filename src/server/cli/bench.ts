@@ -12,6 +12,7 @@ import { createSession, ort } from '../model/onnx/session';
 import { type TensorToWrite, writeSafetensors } from '../model/safetensors';
 import { Rng } from '../util/random';
 import { benchEkfac } from './bench-ekfac';
+import { benchEval } from './bench-eval';
 import { benchServer } from './bench-server';
 import { CliError, int, parse } from './util';
 
@@ -20,8 +21,9 @@ export async function runBench(argv: string[]): Promise<void> {
   if (suite === 'engine') return benchEngine(rest);
   if (suite === 'ekfac') return benchEkfac(rest);
   if (suite === 'server') return benchServer(rest);
+  if (suite === 'eval') return benchEval(rest);
   throw new CliError(
-    `usage: influence-lens bench engine|ekfac|server [--quick] [--threads N] (unknown suite "${suite ?? ''}")`,
+    `usage: influence-lens bench engine|ekfac|server|eval [--quick] [--threads N] (unknown suite "${suite ?? ''}")`,
   );
 }
 

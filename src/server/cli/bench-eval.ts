@@ -1,0 +1,339 @@
+// bench eval: does each method find the training data that caused a completion? On the
+// embedded default (whose ground truth is known by construction) it measures
+//   - retrieval of the planted wrong facts' and the backdoor's sources (Recall@10, MRR);
+//   - fact tracing: held-out questions whose facts appear only in pre-training (seed 002),
+//     multi-stage vs single-stage vs baselines, across damping values;
+//   - correlation with the exact damped Gauss-Newton influence (CG, from test/oracle, when
+//     its golden file exists) — seed 002's Table 1;
+//   - the linear datamodeling score (LDS): retrain on random halves of the fine-tuning set with
+//     our trainer, correlate each method's predicted group effect with the measured losses;
+// and writes bench/results/<date>-<machine>.{json,md}.
+import { createHash } from 'node:crypto';
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { cpus, hostname } from 'node:os';
+import { join } from 'node:path';
+import type { Method } from '../../protocol/types';
+import type { Damping } from '../attribution/ekfac/precondition';
+import { Corpus, type ExplainSetup, scoreCorpus } from '../attribution/explain';
+import { modelFingerprint } from '../attribution/fingerprint';
+import { runFitJob } from '../attribution/fit-job';
+import { type OpenedStage, openStage } from '../attribution/stage';
+import { loadDataset } from '../data/dataset';
+import { contextLength, tokenizeQuery } from '../data/tokenize';
+import { embeddedDefault } from '../defaults';
+import { lds, mean, rankingOf, recallAtK, reciprocalRank } from '../eval/metrics';
+import { GradientStore } from '../index/gradient-store';
+import { Model, makeBatch } from '../model/engine';
+import { Rng } from '../util/random';
+import { pearson, spearman } from '../util/stats';
+import { trainJob } from './train';
+import { Progress, parse } from './util';
+
+interface Query {
+  prompt: string;
+  completion: string;
+  kind: 'fact_tracing' | 'planted' | 'backdoor';
+  sources: Array<{ dataset: string; line: number; hash: string }>;
+}
+
+type Row = Record<string, string | number>;
+
+export async function benchEval(argv: string[]): Promise<void> {
+  const { values: v } = parse(argv, { quick: { type: 'boolean' }, 'lds-subsets': { type: 'string' } });
+  const quick = v.quick === true;
+  const t0 = Date.now();
+  const say = (s = '') => process.stdout.write(`${s}\n`);
+  const d = embeddedDefault();
+  const queries = JSON.parse(readFileSync(d.queries, 'utf8')) as Query[];
+  const eval0 = join(d.cacheDir, 'eval');
+  mkdirSync(eval0, { recursive: true });
+
+  // factors: both stages (all modules), and the fine-tuned model with MLP modules only
+  const fits = [
+    { model: d.finetuned, data: d.finetuneData, out: d.finetunedFactors, modules: 'all' as const },
+    { model: d.pretrained, data: d.pretrainData, out: d.pretrainedFactors, modules: 'all' as const },
+    { model: d.finetuned, data: d.finetuneData, out: join(eval0, 'factors-finetuned-mlp'), modules: 'mlp' as const },
+  ];
+  for (const f of fits)
+    await runFitJob({
+      modelDir: f.model,
+      dataPath: f.data,
+      out: f.out,
+      modules: f.modules,
+      labels: 'sampled',
+      seed: 0,
+    });
+  const ft = Model.open(d.finetuned);
+  const pt = Model.open(d.pretrained);
+  const stage = (model: Model, dir: string, damping?: Damping) =>
+    openStage(model.checkpoint.dir, dir, { model, damping });
+  const ftAll = stage(ft, d.finetunedFactors);
+  const ftMlp = stage(ft, join(eval0, 'factors-finetuned-mlp'));
+  const ptAll = stage(pt, d.pretrainedFactors);
+  const finetune = new Corpus('finetune', loadDataset(d.finetuneData), ft);
+  const pretrain = new Corpus('pretrain', loadDataset(d.pretrainData), ft);
+  const store = await GradientStore.build(ft, finetune.tokens, {
+    modelFingerprint: modelFingerprint(ft.checkpoint),
+    dataFingerprint: 'finetune',
+    k: 16,
+    seed: 0,
+    modules: 'all',
+  });
+
+  type Variant = { name: string; method: Method; setup: ExplainSetup; store?: boolean };
+  const single = (s: OpenedStage): ExplainSetup => ({ model: s, modules: s.modules });
+  const variants: Variant[] = [
+    { name: 'EK-FAC', method: 'ekfac', setup: single(ftAll) },
+    { name: 'EK-FAC (MLP only)', method: 'ekfac', setup: single(ftMlp) },
+    { name: 'gradient store (k=16) + no rerank', method: 'ekfac', setup: single(ftAll), store: true },
+    { name: 'gradient dot product', method: 'gdp', setup: single(ftAll) },
+    { name: 'gradient cosine', method: 'cosine', setup: single(ftAll) },
+    { name: 'RepSim', method: 'repsim', setup: single(ftAll) },
+    { name: 'BM25', method: 'bm25', setup: single(ftAll) },
+  ];
+  const scores = (vr: Variant, corpus: Corpus, q: Query) =>
+    scoreCorpus(vr.setup, corpus, {
+      prompt: q.prompt,
+      completion: q.completion,
+      method: vr.method,
+      store: vr.store ? { model: ft, store } : undefined,
+    });
+  const indexOf = (corpus: Corpus) => new Map(corpus.dataset.examples.map((e, i) => [e.hash, i]));
+
+  // 1. planted wrong facts and the backdoor: their sources among the fine-tuning examples
+  say('1. retrieval of planted wrong facts and the backdoor (fine-tuning set, 313 examples)');
+  const ftIndex = indexOf(finetune);
+  const retrieval: Row[] = [];
+  for (const kind of ['planted', 'backdoor'] as const) {
+    const qs = queries.filter((q) => q.kind === kind);
+    for (const vr of variants) {
+      const rec: number[] = [];
+      const mrr: number[] = [];
+      for (const q of qs) {
+        const s = await scores(vr, finetune, q);
+        const rel = new Set(q.sources.filter((x) => x.dataset === 'finetune').map((x) => ftIndex.get(x.hash)!));
+        const r = rankingOf(s);
+        rec.push(recallAtK(r, rel, 10));
+        mrr.push(reciprocalRank(r, rel));
+      }
+      retrieval.push({ task: kind, method: vr.name, queries: qs.length, 'Recall@10': mean(rec), MRR: mean(mrr) });
+    }
+  }
+  table(say, retrieval, ['task', 'method', 'queries', 'Recall@10', 'MRR']);
+
+  // 2. fact tracing into pre-training data, across damping
+  const nTrace = quick ? 12 : 80;
+  say();
+  say(`2. fact tracing: ${nTrace} held-out questions, sources in the pre-training corpus (582 examples)`);
+  const ptIndex = indexOf(pretrain);
+  const tracing: Row[] = [];
+  const traceQs = queries.filter((q) => q.kind === 'fact_tracing').slice(0, nTrace);
+  const dampings: Array<[string, Damping]> = quick
+    ? [['0.1×mean Λ', { relative: 0.1 }]]
+    : [
+        ['0.01×mean Λ', { relative: 0.01 }],
+        ['0.1×mean Λ', { relative: 0.1 }],
+        ['1×mean Λ', { relative: 1 }],
+      ];
+  const traceVariants: Array<Variant & { damping?: string }> = [];
+  for (const [label, damping] of dampings) {
+    const f = stage(ft, d.finetunedFactors, damping);
+    const p = stage(pt, d.pretrainedFactors, damping);
+    traceVariants.push({
+      name: 'multi-stage EK-FAC',
+      damping: label,
+      method: 'multistage',
+      setup: { model: f, pretrained: p, modules: 'all' },
+    });
+    traceVariants.push({ name: 'single-stage EK-FAC', damping: label, method: 'ekfac', setup: single(f) });
+  }
+  traceVariants.push({ name: 'gradient dot product (fine-tuned)', method: 'gdp', setup: single(ftAll) });
+  traceVariants.push({ name: 'gradient dot product (pre-trained)', method: 'gdp', setup: single(ptAll) });
+  traceVariants.push({ name: 'RepSim', method: 'repsim', setup: single(ftAll) });
+  traceVariants.push({ name: 'BM25', method: 'bm25', setup: single(ftAll) });
+  for (const vr of traceVariants) {
+    const rec: number[] = [];
+    const mrr: number[] = [];
+    for (const q of traceQs) {
+      const s = await scores(vr, pretrain, q);
+      const rel = new Set(q.sources.filter((x) => x.dataset === 'pretrain').map((x) => ptIndex.get(x.hash)!));
+      const r = rankingOf(s);
+      rec.push(recallAtK(r, rel, 10));
+      mrr.push(reciprocalRank(r, rel));
+    }
+    tracing.push({ method: vr.name, damping: vr.damping ?? '—', 'Recall@10': mean(rec), MRR: mean(mrr) });
+  }
+  table(say, tracing, ['method', 'damping', 'Recall@10', 'MRR']);
+
+  // 3. ground truth: exact damped Gauss-Newton influence (CG), computed by test/oracle
+  say();
+  const truthFile = join(process.cwd(), 'test/fixtures/ground-truth/default-ggn.json');
+  const truth: Row[] = [];
+  let truthNote = '';
+  if (!existsSync(truthFile)) {
+    truthNote = `no ${truthFile} (make it with test/oracle/make_ggn_truth.py)`;
+    say(`3. correlation with the exact Gauss-Newton influence: skipped, ${truthNote}`);
+  } else {
+    const gt = JSON.parse(readFileSync(truthFile, 'utf8')) as {
+      queries: Array<{ prompt: string; completion: string }>;
+      train: { lines: number[] };
+      scores: Record<string, number[][]>;
+      damping?: unknown;
+    };
+    const label = Object.keys(gt.scores)[0];
+    const lineToIndex = new Map(finetune.dataset.examples.map((e, i) => [e.line, i]));
+    const order = gt.train.lines.map((l) => lineToIndex.get(l)!);
+    say(
+      `3. correlation with the exact damped Gauss-Newton influence (CG; ${gt.queries.length} queries × ${order.length} examples; ${label})`,
+    );
+    for (const vr of variants) {
+      const sp: number[] = [];
+      const pe: number[] = [];
+      for (const [qi, q] of gt.queries.entries()) {
+        const s = await scores(vr, finetune, { ...q, kind: 'planted', sources: [] });
+        const ours = order.map((i) => s[i]);
+        sp.push(spearman(ours, gt.scores[label][qi]));
+        pe.push(pearson(ours, gt.scores[label][qi]));
+      }
+      truth.push({ method: vr.name, Spearman: mean(sp), Pearson: mean(pe) });
+    }
+    table(say, truth, ['method', 'Spearman', 'Pearson']);
+  }
+
+  // 4. LDS: retrain on random halves of the fine-tuning set
+  const M = Number(v['lds-subsets'] ?? (quick ? 4 : 30));
+  say();
+  say(`4. linear datamodeling score: ${M} random halves of the fine-tuning set, fine-tuned from the pre-trained model`);
+  const ldsQs = queries
+    .filter((q) => q.kind !== 'fact_tracing')
+    .concat(queries.filter((q) => q.kind === 'fact_tracing').slice(0, 6));
+  const args = JSON.parse(readFileSync(join(d.finetuned, 'training_args.json'), 'utf8'));
+  const epochs = quick ? 3 : args.epochs;
+  const rng = new Rng(1234);
+  const n = finetune.size;
+  const subsets: number[][] = [];
+  const losses: number[][] = []; // [subset][query]
+  const bar = new Progress('   retraining', M);
+  for (let j = 0; j < M; j++) {
+    const keep = rng
+      .shuffle([...Array(n).keys()])
+      .slice(0, Math.floor(n / 2))
+      .sort((a, b) => a - b);
+    subsets.push(keep);
+    const kept = new Set(keep);
+    const dropped = finetune.dataset.examples.filter((_, i) => !kept.has(i)).map((e) => e.hash);
+    const key = createHash('sha256')
+      .update(JSON.stringify([args, epochs, dropped]))
+      .digest('hex')
+      .slice(0, 16);
+    const dir = join(eval0, 'lds', key);
+    if (!existsSync(join(dir, 'model.safetensors'))) {
+      const sidecar = `${dir}.exclude.jsonl`;
+      mkdirSync(join(eval0, 'lds'), { recursive: true });
+      writeFileSync(sidecar, dropped.map((h) => JSON.stringify({ hash: h })).join('\n') + '\n');
+      await trainJob({
+        data: d.finetuneData,
+        out: dir,
+        model: d.pretrained,
+        epochs,
+        lr: args.lr,
+        batchSize: args.batch_size,
+        seed: args.seed,
+        clip: args.clip,
+        weightDecay: args.weight_decay,
+        threads: args.threads,
+        exclude: sidecar,
+      });
+    }
+    losses.push(await queryLosses(Model.open(dir), ldsQs));
+    bar.tick(j + 1);
+  }
+  bar.done();
+  const ldsRows: Row[] = [];
+  for (const vr of variants) {
+    const per: number[] = [];
+    for (const [qi, q] of ldsQs.entries()) {
+      const s = await scores(vr, finetune, q);
+      per.push(
+        lds(
+          s,
+          subsets,
+          losses.map((l) => l[qi]),
+        ),
+      );
+    }
+    ldsRows.push({ method: vr.name, LDS: mean(per) });
+  }
+  table(say, ldsRows, ['method', 'LDS']);
+
+  const report = {
+    suite: 'eval',
+    quick,
+    date: new Date().toISOString(),
+    host: hostname(),
+    cpus: cpus().length,
+    node: process.version,
+    seconds: (Date.now() - t0) / 1000,
+    retrieval,
+    fact_tracing: tracing,
+    ground_truth: truth.length ? truth : truthNote,
+    lds: { subsets: M, epochs, queries: ldsQs.length, rows: ldsRows },
+  };
+  mkdirSync('bench/results', { recursive: true });
+  const base = join('bench/results', `${report.date.slice(0, 10)}-${hostname()}${quick ? '-quick' : ''}`);
+  writeFileSync(`${base}.json`, `${JSON.stringify(report, null, 2)}\n`);
+  writeFileSync(`${base}.md`, markdown(report, { retrieval, tracing, truth, ldsRows }));
+  say();
+  say(`done in ${report.seconds.toFixed(0)} s; report: ${base}.json, ${base}.md`);
+}
+
+async function queryLosses(model: Model, qs: Query[]): Promise<number[]> {
+  const graph = await model.compile({ tokenLoss: true });
+  const seqs = qs.map((q) => {
+    const t = tokenizeQuery(model.tokenizer, q.prompt, q.completion, contextLength(model.config));
+    return { ids: t.ids, weights: t.weights };
+  });
+  const r = await graph.run(makeBatch(seqs, model.tokenizer.padTokenId ?? 0));
+  return Array.from(r.loss.data as Float32Array);
+}
+
+function fmt(x: string | number): string {
+  return typeof x === 'number' ? (Number.isInteger(x) ? String(x) : x.toFixed(3)) : x;
+}
+
+function table(say: (s: string) => void, rows: Row[], cols: string[]) {
+  const w = cols.map((c) => Math.max(c.length, ...rows.map((r) => fmt(r[c]).length)));
+  say(`   ${cols.map((c, i) => c.padEnd(w[i])).join('  ')}`);
+  for (const r of rows) say(`   ${cols.map((c, i) => fmt(r[c]).padEnd(w[i])).join('  ')}`);
+}
+
+function mdTable(rows: Row[], cols: string[]): string {
+  return [
+    `| ${cols.join(' | ')} |`,
+    `|${cols.map(() => '---').join('|')}|`,
+    ...rows.map((r) => `| ${cols.map((c) => fmt(r[c])).join(' | ')} |`),
+  ].join('\n');
+}
+
+function markdown(
+  r: { date: string; host: string; cpus: number; node: string; seconds: number; quick: boolean },
+  t: { retrieval: Row[]; tracing: Row[]; truth: Row[]; ldsRows: Row[] },
+): string {
+  return `# Influence Lens evaluation (${r.quick ? 'quick' : 'full'})
+
+${r.date} on ${r.host} (${r.cpus} CPUs, Node ${r.node}); ${r.seconds.toFixed(0)} s.
+Command: \`npx influence-lens bench eval${r.quick ? ' --quick' : ''}\`. Model and data: the embedded default (assets/default).
+
+## Planted wrong facts and backdoor: their sources in the fine-tuning set
+${mdTable(t.retrieval, ['task', 'method', 'queries', 'Recall@10', 'MRR'])}
+
+## Fact tracing into pre-training data
+${mdTable(t.tracing, ['method', 'damping', 'Recall@10', 'MRR'])}
+
+## Correlation with the exact damped Gauss-Newton influence (CG)
+${t.truth.length ? mdTable(t.truth, ['method', 'Spearman', 'Pearson']) : 'skipped: no ground-truth file (test/oracle/make_ggn_truth.py)'}
+
+## Linear datamodeling score
+${mdTable(t.ldsRows, ['method', 'LDS'])}
+`;
+}
