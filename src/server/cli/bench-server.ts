@@ -4,10 +4,12 @@ import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { cpus, hostname } from 'node:os';
 import { join } from 'node:path';
 import type { ExplainResult, Method } from '../../protocol/types';
+import { scoreCorpus } from '../attribution/explain';
 import { defaultServiceConfig, embeddedDefault } from '../defaults';
 import { RpcClient } from '../rpc/client';
 import { startServer } from '../rpc/server';
 import { InfluenceService } from '../service/influence-service';
+import { spearman } from '../util/stats';
 import { serviceHandlers } from './serve';
 import { parse } from './util';
 
@@ -79,6 +81,28 @@ export async function benchServer(argv: string[]): Promise<void> {
       `  ${r.method.padEnd(10)} on ${r.dataset.padEnd(8)} (${scored} examples): p50 ${row.p50_ms.toFixed(0)} ms, p95 ${row.p95_ms.toFixed(0)} ms → ${Math.round(row.candidates_per_second)} candidates/s`,
     );
   }
+  // the gradient store's ranking against exact EK-FAC over the whole fine-tuning set
+  const ft = service.openedStages().finetuned;
+  const corpus = service.dataset('finetune').corpus;
+  const store = await service.index('finetune');
+  const rhos: number[] = [];
+  for (const q of queries) {
+    const setup = { model: ft, modules: ft.modules };
+    const exact = await scoreCorpus(setup, corpus, { ...q, method: 'ekfac' });
+    const approx = await scoreCorpus(setup, corpus, { ...q, method: 'ekfac', store: { model: ft.model, store } });
+    rhos.push(spearman(exact, approx));
+  }
+  rhos.sort((a, b) => a - b);
+  const storeRow = {
+    k: store.modules[0]?.kA,
+    bytes_per_example: store.bytes / store.size,
+    spearman_median: rhos[rhos.length >> 1],
+    spearman_min: rhos[0],
+  };
+  report.store = storeRow;
+  say(
+    `  gradient store (k=${storeRow.k}, ${Math.round(storeRow.bytes_per_example)} bytes/example) vs exact EK-FAC over ${corpus.size} examples: Spearman median ${storeRow.spearman_median.toFixed(3)}, min ${storeRow.spearman_min.toFixed(3)}`,
+  );
   await client.close();
   await server.close();
   mkdirSync('bench/out', { recursive: true });

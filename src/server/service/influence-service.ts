@@ -109,6 +109,11 @@ export class InfluenceService {
     return s;
   }
 
+  /** the opened stages (benchmarks and tests) */
+  openedStages(): Record<'finetuned' | 'pretrained', OpenedStage> {
+    return Object.fromEntries(this.stages) as Record<'finetuned' | 'pretrained', OpenedStage>;
+  }
+
   /** the model whose completions are explained (and that `generate` runs) */
   get model(): Model {
     return this.stage('finetuned').model;
