@@ -19,3 +19,19 @@ await build({
 if (existsSync('src/extension/extension.ts')) {
   await build({ ...common, entryPoints: ['src/extension/extension.ts'], outfile: 'dist/extension.cjs', format: 'cjs' });
 }
+// The results panel's page: one script and one stylesheet (with the codicon font) in media/.
+if (existsSync('src/webview/main.ts')) {
+  await build({
+    entryPoints: ['src/webview/main.ts'],
+    outfile: 'media/webview.js',
+    bundle: true,
+    platform: 'browser',
+    format: 'iife',
+    target: 'chrome120',
+    minify: true,
+    sourcemap: true,
+    loader: { '.ttf': 'file' },
+    assetNames: '[name]',
+    logLevel: 'warning',
+  });
+}

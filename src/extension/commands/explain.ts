@@ -1,0 +1,302 @@
+// "Explain this completion" (selection → prompt/completion → results panel + editor heatmap),
+// "Explain with a custom split", "Complete with model", and the panel's requests (open an
+// example, flag it, switch method).
+import * as vscode from 'vscode';
+import type { ExampleId, ExplainParams, Method } from '../../protocol/types';
+import { METHOD_LABELS } from '../../webview/messages';
+import { settings } from '../config';
+import { revealExample } from '../datasets';
+import { type QuerySplit, splitSelection } from '../selection';
+import { chooseDataset, reportError, type Services } from '../services';
+import type { PanelHandlers } from '../views/results-panel';
+
+interface Query {
+  prompt: string;
+  completion: string;
+  dataset: string;
+  /** where the completion is in an editor (for the heatmap decoration) */
+  editor?: vscode.TextEditor;
+  split?: QuerySplit;
+}
+
+export class ExplainController {
+  private last?: Query;
+  private running?: vscode.CancellationTokenSource;
+  /** completions inserted by "Complete with model", by document: their prompt is the one generated from */
+  private generated = new Map<string, { start: number; end: number; version: number; prompt: string }>();
+
+  constructor(private readonly s: Services) {}
+
+  /** The command: explain the active editor's selection. */
+  async explainSelection(): Promise<void> {
+    const editor = vscode.window.activeTextEditor;
+    if (!editor) {
+      void vscode.window.showWarningMessage('Influence Lens: open a file and select the completion to explain.');
+      return;
+    }
+    const split = this.splitOf(editor);
+    if (!split) return;
+    await this.explain(split.prompt, split.completion, { editor, split });
+  }
+
+  /** The command: edit the prompt and completion before explaining. */
+  async explainWithSplit(): Promise<void> {
+    const editor = vscode.window.activeTextEditor;
+    const split = editor && !editor.selection.isEmpty ? this.splitOf(editor) : undefined;
+    const prompt = await vscode.window.showInputBox({
+      title: 'Influence Lens: prompt (1/2)',
+      prompt: 'The context the model saw. Use \\n for a newline.',
+      value: escapeNl(split?.prompt ?? ''),
+      ignoreFocusOut: true,
+    });
+    if (prompt === undefined) return;
+    const completion = await vscode.window.showInputBox({
+      title: 'Influence Lens: completion (2/2)',
+      prompt: 'The text whose likelihood is explained. Use \\n for a newline.',
+      value: escapeNl(split?.completion ?? ''),
+      ignoreFocusOut: true,
+      validateInput: (v) => (v ? undefined : 'The completion cannot be empty.'),
+    });
+    if (!completion) return;
+    const p = unescapeNl(prompt);
+    const c = unescapeNl(completion);
+    await this.explain(p, c, split && c === split.completion && editor ? { editor, split } : {});
+  }
+
+  private splitOf(editor: vscode.TextEditor): QuerySplit | undefined {
+    const doc = editor.document;
+    const start = doc.offsetAt(editor.selection.start);
+    const end = doc.offsetAt(editor.selection.end);
+    const g = this.generated.get(doc.uri.toString());
+    if (g && g.start === start && g.end === end && g.version === doc.version) {
+      const completion = doc.getText(editor.selection);
+      return {
+        prompt: g.prompt,
+        completion,
+        how: 'text',
+        description: "the model's completion",
+        completionStarts: Array.from(completion, (_, i) => start + i),
+        completionEnds: Array.from(completion, (_, i) => start + i + 1),
+        promptTruncated: false,
+      };
+    }
+    const r = splitSelection(doc.getText(), start, end, { maxPromptChars: settings(doc.uri).maxPromptChars });
+    if (!r.ok) {
+      void vscode.window.showWarningMessage(`Influence Lens: ${r.message}`);
+      return undefined;
+    }
+    return r.split;
+  }
+
+  /** Explains prompt + completion against the chosen dataset with the configured method. */
+  async explain(prompt: string, completion: string, where: { editor?: vscode.TextEditor; split?: QuerySplit } = {}) {
+    try {
+      const info = await this.s.info();
+      const dataset = await chooseDataset(this.s, info);
+      if (!dataset) return;
+      this.last = { prompt, completion, dataset, ...where };
+      let method = settings().method;
+      if (!info.methods.includes(method)) {
+        const instead = info.methods[0];
+        if (!instead) throw new Error('the server can run no method now');
+        void vscode.window.showInformationMessage(
+          `Influence Lens: ${METHOD_LABELS[method]} cannot run now (${info.unavailable[method] ?? 'unavailable'}); using ${METHOD_LABELS[instead]}.`,
+        );
+        method = instead;
+      }
+      await this.run(method);
+    } catch (e) {
+      await reportError(e, () => this.explain(prompt, completion, where));
+    }
+  }
+
+  /** Runs the last query with a method and shows the result. */
+  private async run(method: Method): Promise<void> {
+    const q = this.last;
+    if (!q) return;
+    const cfg = settings();
+    const info = await this.s.info();
+    this.running?.cancel();
+    const cts = new vscode.CancellationTokenSource();
+    this.running = cts;
+    const params: ExplainParams = {
+      prompt: q.prompt,
+      completion: q.completion,
+      dataset: q.dataset,
+      method,
+      topK: cfg.topK,
+      candidates: cfg.candidates,
+      compare: cfg.compare.filter((m) => m !== method && info.methods.includes(m)),
+    };
+    const short = q.completion.replace(/\s+/g, ' ').trim().slice(0, 40);
+    this.s.panel.show();
+    this.s.panel.post({ type: 'colors', colors: cfg.colors });
+    this.s.panel.post({ type: 'busy', method, message: `Explaining “${short}” with ${METHOD_LABELS[method]}…` });
+    try {
+      const result = await vscode.window.withProgress(
+        {
+          location: vscode.ProgressLocation.Notification,
+          title: `Influence Lens: explaining “${short}”`,
+          cancellable: true,
+        },
+        (progress, token) => {
+          token.onCancellationRequested(() => cts.cancel());
+          return this.s.client.explain(
+            params,
+            (p) => {
+              this.s.panel.post({ type: 'partial', partial: p });
+              progress.report({ message: `${p.scored} of ${p.total} examples scored` });
+            },
+            cts.token,
+            (p) => progress.report({ message: p.message }),
+          );
+        },
+      );
+      if (cts.token.isCancellationRequested) return;
+      this.s.panel.post({ type: 'result', result, methods: info.methods, dataset: q.dataset });
+      this.s.history.add(q.dataset, result);
+      await this.pushFlags();
+      if (q.editor && q.split && cfg.editorHeatmap && !q.editor.document.isClosed)
+        this.s.heatmap.apply(q.editor, q.split, result);
+    } catch (e) {
+      const message = e instanceof Error ? e.message : String(e);
+      this.s.panel.post({ type: 'error', method, message: cts.token.isCancellationRequested ? 'Cancelled.' : message });
+      if (!cts.token.isCancellationRequested) await reportError(e, () => this.run(method));
+    } finally {
+      if (this.running === cts) this.running = undefined;
+      cts.dispose();
+    }
+  }
+
+  /** The panel's handlers: open, flag, switch method, (re)load. */
+  handlers(): PanelHandlers {
+    return {
+      open: (id) => void this.open(id),
+      flag: (m) => void this.flag(m.id, m.score, m.method, m.flagged),
+      method: (m) => void this.switchMethod(m),
+      ready: () => {
+        this.s.panel.post({ type: 'colors', colors: settings().colors });
+        void this.pushFlags();
+      },
+    };
+  }
+
+  private async switchMethod(method: Method) {
+    if (!this.last) {
+      // after a reload: the query is in the restored panel state
+      const r = Object.values(this.s.panel.mirror.results)[0];
+      const dataset = this.s.panel.mirror.dataset;
+      if (!r || !dataset) return;
+      this.last = { prompt: r.query.prompt, completion: r.query.completion, dataset };
+    }
+    try {
+      await this.run(method);
+    } catch (e) {
+      await reportError(e);
+    }
+  }
+
+  private async open(id: ExampleId) {
+    try {
+      const path = await this.s.datasets.require(id.dataset);
+      await revealExample(path, id.line, id.hash);
+    } catch (e) {
+      await reportError(e);
+    }
+  }
+
+  private async flag(id: ExampleId, score: number, method: Method, flagged: boolean) {
+    try {
+      const path = await this.s.datasets.require(id.dataset);
+      if (!flagged) {
+        this.s.flags.unflag(path, [id.hash]);
+        return;
+      }
+      const r = this.s.panel.mirror.results[method];
+      const e = r && [...r.supporting, ...r.opposing].find((x) => x.id.hash === id.hash);
+      const completion = r?.query.completion ?? this.last?.completion ?? '';
+      const what = !e ? 'flagged' : e.sign === 'neutral' ? `similar #${e.rank}` : `${e.sign} #${e.rank}`;
+      this.s.flags.flag(path, [
+        {
+          hash: id.hash,
+          line: id.line,
+          reason: `${what} for ${JSON.stringify(completion.trim())} (${METHOD_LABELS[method]})`,
+          score,
+          query: r ? r.query.prompt + r.query.completion : '',
+        },
+      ]);
+    } catch (e) {
+      await reportError(e);
+    }
+  }
+
+  /** Sends the panel the flags of the dataset its results are about. */
+  async pushFlags(): Promise<void> {
+    const dataset = this.s.panel.mirror.dataset;
+    if (!dataset) return;
+    const path = await this.s.datasets.resolve(dataset);
+    const flags = path ? this.s.flags.flagsOf(path) : new Map();
+    this.s.panel.setFlags(Object.fromEntries([...flags].map(([h, e]) => [h, { hash: h, reason: e.reason }])));
+  }
+
+  /** The command: insert the model's completion after the prompt (the selection, or the text before the cursor). */
+  async complete(): Promise<void> {
+    const editor = vscode.window.activeTextEditor;
+    if (!editor) {
+      void vscode.window.showWarningMessage('Influence Lens: open a file and put the cursor after the prompt.');
+      return;
+    }
+    const doc = editor.document;
+    const sel = editor.selection;
+    const endOff = doc.offsetAt(sel.end);
+    const max = settings(doc.uri).maxPromptChars;
+    const prompt = sel.isEmpty ? doc.getText().slice(Math.max(0, endOff - max), endOff) : doc.getText(sel);
+    if (!prompt) {
+      void vscode.window.showWarningMessage('Influence Lens: there is no prompt before the cursor.');
+      return;
+    }
+    try {
+      const g = await vscode.window.withProgress(
+        {
+          location: vscode.ProgressLocation.Notification,
+          title: 'Influence Lens: completing with the model',
+          cancellable: true,
+        },
+        (_p, token) => this.s.client.generate({ prompt, maxTokens: 32 }, token),
+      );
+      if (!g.completion) {
+        void vscode.window.showInformationMessage('Influence Lens: the model stopped at once (empty completion).');
+        return;
+      }
+      const at = sel.end;
+      const ok = await editor.edit((b) => b.insert(at, g.completion));
+      if (!ok) throw new Error('the editor refused the edit');
+      const start = doc.offsetAt(at);
+      const end = start + g.completion.length;
+      editor.selection = new vscode.Selection(doc.positionAt(start), doc.positionAt(end));
+      this.generated.set(doc.uri.toString(), { start, end, version: doc.version, prompt });
+      const pick = await vscode.window.showInformationMessage(
+        `Influence Lens: inserted the model's completion ${JSON.stringify(g.completion.slice(0, 60))}.`,
+        'Explain it',
+      );
+      if (pick === 'Explain it') {
+        editor.selection = new vscode.Selection(doc.positionAt(start), doc.positionAt(end));
+        await this.explainSelection();
+      }
+    } catch (e) {
+      await reportError(e, () => this.complete());
+    }
+  }
+
+  dispose(): void {
+    this.running?.cancel();
+  }
+}
+
+function escapeNl(s: string): string {
+  return s.replace(/\\/g, '\\\\').replace(/\n/g, '\\n');
+}
+
+function unescapeNl(s: string): string {
+  return s.replace(/\\(\\|n)/g, (_, c) => (c === 'n' ? '\n' : '\\'));
+}

@@ -1,0 +1,188 @@
+// Flag / unflag (from a hover, the editor or the tree), edit a flag's reason, "Export cleaned
+// dataset" (a filtered copy next to the original) and "Apply removal to file" (an undoable edit
+// of the open document; nothing is saved for the user).
+import { existsSync } from 'node:fs';
+import { basename } from 'node:path';
+import * as vscode from 'vscode';
+import { METHOD_LABELS } from '../../webview/messages';
+import { revealExample } from '../datasets';
+import { cleanedPathFor, exportCleaned, linesToRemove } from '../flags/export';
+import type { FlagGroup } from '../flags/flag-store';
+import { lineHash } from '../flags/hash';
+import { isSidecarPath } from '../flags/sidecar';
+import { reportError, type Services } from '../services';
+import type { FlagNode } from '../views/flagged-tree';
+
+export function registerFlagCommands(s: Services): vscode.Disposable[] {
+  const reg = (id: string, f: (...args: never[]) => unknown) =>
+    vscode.commands.registerCommand(id, async (...args: never[]) => {
+      try {
+        await f(...args);
+      } catch (e) {
+        void reportError(e);
+      }
+    });
+  return [
+    reg('influenceLens.flagLine', (uri?: string, line?: number) => flagLine(s, true, uri, line)),
+    reg('influenceLens.unflagLine', (uri?: string, line?: number) => flagLine(s, false, uri, line)),
+    reg('influenceLens.unflag', (node?: FlagNode, nodes?: FlagNode[]) => unflagNodes(s, node, nodes)),
+    reg('influenceLens.unflagAll', (node?: FlagNode) => unflagAll(s, node)),
+    reg('influenceLens.editReason', (node?: FlagNode) => editReason(s, node)),
+    reg('influenceLens.openFlag', (node?: FlagNode) => openFlag(node)),
+    reg('influenceLens.exportCleaned', (node?: FlagNode) => exportCommand(s, node)),
+    reg('influenceLens.applyRemoval', (node?: FlagNode) => applyRemoval(s, node)),
+  ];
+}
+
+/** Flags or unflags the record on a line (hover link args, or the active editor's cursor). */
+async function flagLine(s: Services, on: boolean, uri?: string, line?: number) {
+  let doc: vscode.TextDocument;
+  if (uri !== undefined && line !== undefined) doc = await vscode.workspace.openTextDocument(vscode.Uri.parse(uri));
+  else {
+    const ed = vscode.window.activeTextEditor;
+    if (!ed) throw new Error('open a JSONL dataset and put the cursor on an example');
+    doc = ed.document;
+    line = ed.selection.active.line;
+  }
+  if (doc.uri.scheme !== 'file' || isSidecarPath(doc.uri.fsPath))
+    throw new Error('flags live next to a dataset file on disk: open the dataset (.jsonl)');
+  const text = doc.lineAt(line).text;
+  const hash = lineHash(text);
+  if (!hash) throw new Error(`line ${line + 1} is not a JSON record`);
+  if (!on) {
+    s.flags.unflag(doc.uri.fsPath, [hash]);
+    vscode.window.setStatusBarMessage(`$(close) Unflagged line ${line + 1}`, 3000);
+    return;
+  }
+  const hit = s.history.hits(hash)[0];
+  const added = s.flags.flag(doc.uri.fsPath, [
+    hit
+      ? {
+          hash,
+          line: line + 1,
+          reason: `${hit.sign === 'neutral' ? 'similar' : hit.sign} #${hit.rank} for ${JSON.stringify(hit.completion.trim())} (${METHOD_LABELS[hit.method]})`,
+          score: hit.score,
+          query: hit.prompt + hit.completion,
+        }
+      : { hash, line: line + 1, reason: 'flagged by hand', score: null, query: '' },
+  ]);
+  vscode.window.setStatusBarMessage(
+    added
+      ? `$(flag) Flagged line ${line + 1} → ${basename(doc.uri.fsPath).replace(/\.jsonl$/, '')}.exclude.jsonl`
+      : 'Already flagged',
+    3000,
+  );
+}
+
+async function unflagNodes(s: Services, node?: FlagNode, nodes?: FlagNode[]) {
+  const list = (nodes?.length ? nodes : node ? [node] : []).filter(
+    (n): n is Extract<FlagNode, { kind: 'flag' }> => n.kind === 'flag',
+  );
+  const byDataset = new Map<string, string[]>();
+  for (const n of list) byDataset.set(n.group.dataset, [...(byDataset.get(n.group.dataset) ?? []), n.entry.hash]);
+  for (const [dataset, hashes] of byDataset) s.flags.unflag(dataset, hashes);
+}
+
+async function unflagAll(s: Services, node?: FlagNode) {
+  const g = await pickGroup(s, node, 'Unflag every example of which dataset?');
+  if (!g) return;
+  const ok = await vscode.window.showWarningMessage(
+    `Remove all ${g.entries.length} flags of ${basename(g.dataset)}?`,
+    { modal: true, detail: 'Their lines are removed from the .exclude.jsonl sidecar (git can bring them back).' },
+    'Unflag all',
+  );
+  if (ok)
+    s.flags.unflag(
+      g.dataset,
+      g.entries.map((e) => e.hash),
+    );
+}
+
+async function editReason(s: Services, node?: FlagNode) {
+  if (node?.kind !== 'flag') return;
+  const reason = await vscode.window.showInputBox({
+    title: 'Influence Lens: why is this example flagged?',
+    value: node.entry.reason,
+    ignoreFocusOut: true,
+  });
+  if (reason !== undefined) s.flags.setReason(node.group.dataset, node.entry.hash, reason);
+}
+
+async function openFlag(node?: FlagNode) {
+  if (node?.kind !== 'flag') return;
+  await revealExample(node.group.dataset, node.now?.line ?? node.entry.line, node.entry.hash);
+}
+
+/** The dataset a command acts on: the tree node's, the active editor's, or the user's pick. */
+async function pickGroup(s: Services, node: FlagNode | undefined, title: string): Promise<FlagGroup | undefined> {
+  if (node) return node.group;
+  const groups = s.flags.all();
+  const active = vscode.window.activeTextEditor?.document.uri;
+  const mine = active && groups.find((g) => g.dataset === active.fsPath);
+  if (mine) return mine;
+  if (!groups.length) {
+    void vscode.window.showInformationMessage(
+      'Influence Lens: nothing is flagged yet. Flag examples from the results panel or a dataset hover first.',
+    );
+    return undefined;
+  }
+  if (groups.length === 1) return groups[0];
+  const pick = await vscode.window.showQuickPick(
+    groups.map((g) => ({
+      label: basename(g.dataset),
+      description: `${g.entries.length} flagged`,
+      detail: g.dataset,
+      g,
+    })),
+    { title },
+  );
+  return pick?.g;
+}
+
+async function exportCommand(s: Services, node?: FlagNode) {
+  const g = await pickGroup(s, node, 'Export a cleaned copy of which dataset?');
+  if (!g) return;
+  if (!existsSync(g.dataset)) throw new Error(`the dataset ${g.dataset} is missing`);
+  const out = cleanedPathFor(g.dataset);
+  if (existsSync(out)) {
+    const ok = await vscode.window.showWarningMessage(
+      `${basename(out)} exists. Replace it with a new cleaned copy?`,
+      { modal: true, detail: `The source ${basename(g.dataset)} is never modified.` },
+      'Replace',
+    );
+    if (ok !== 'Replace') return;
+  }
+  const r = exportCleaned(g.dataset, out);
+  const missing = r.missing.length
+    ? ` ${r.missing.length} flagged example(s) were not found in the file (edited since?).`
+    : '';
+  const pick = await vscode.window.showInformationMessage(
+    `Influence Lens: wrote ${basename(r.outPath)}: ${r.kept} examples kept, ${r.removed.length} flagged removed.${missing}`,
+    'Open',
+  );
+  if (pick === 'Open') await vscode.window.showTextDocument(vscode.Uri.file(r.outPath));
+}
+
+async function applyRemoval(s: Services, node?: FlagNode) {
+  const g = await pickGroup(s, node, 'Remove the flagged examples from which dataset?');
+  if (!g) return;
+  const doc = await vscode.workspace.openTextDocument(vscode.Uri.file(g.dataset));
+  const lines = linesToRemove(doc.getText(), new Set(g.entries.map((e) => e.hash)));
+  if (!lines.length) {
+    void vscode.window.showInformationMessage(`Influence Lens: no flagged example is left in ${basename(g.dataset)}.`);
+    return;
+  }
+  const edit = new vscode.WorkspaceEdit();
+  for (const i of lines) {
+    const range =
+      i + 1 < doc.lineCount
+        ? new vscode.Range(i, 0, i + 1, 0)
+        : new vscode.Range(i > 0 ? doc.lineAt(i - 1).range.end : new vscode.Position(i, 0), doc.lineAt(i).range.end);
+    edit.delete(doc.uri, range, { label: 'Remove flagged example', needsConfirmation: false });
+  }
+  if (!(await vscode.workspace.applyEdit(edit))) throw new Error('the editor refused the edit');
+  await vscode.window.showTextDocument(doc, { preview: false });
+  void vscode.window.showInformationMessage(
+    `Influence Lens: removed ${lines.length} flagged example(s) from ${basename(g.dataset)} (not saved: Undo brings them back; save to keep).`,
+  );
+}

@@ -1,0 +1,89 @@
+// Where a dataset id's JSONL file is, so the editor can open an example at file:line and keep its
+// flags next to it. The server addresses datasets by id only; the file comes from, in order:
+// the `influenceLens.datasets` setting ({"id": "path"}, relative to the workspace folder), the
+// paths the server reports, a workspace file named `<id>.jsonl`, or the id itself as a path.
+import { existsSync } from 'node:fs';
+import { isAbsolute, join } from 'node:path';
+import * as vscode from 'vscode';
+import type { ClientInfo } from './client';
+import { settings } from './config';
+import { lineHash } from './flags/hash';
+import { isSidecarPath } from './flags/sidecar';
+
+export class DatasetResolver {
+  private found = new Map<string, string>();
+
+  constructor(private readonly info: () => ClientInfo | undefined) {}
+
+  /** The dataset's file path, or undefined with nothing found. */
+  async resolve(id: string): Promise<string | undefined> {
+    const configured = settings().datasets[id];
+    if (configured) return absolute(configured);
+    const reported = this.info()?.datasetPaths?.[id];
+    if (reported && existsSync(reported)) return reported;
+    const cached = this.found.get(id);
+    if (cached && existsSync(cached)) return cached;
+    if (vscode.workspace.workspaceFolders?.length) {
+      const glob = `**/${id.replace(/[[\]{}*?]/g, '')}.jsonl`;
+      const hits = (await vscode.workspace.findFiles(glob, '**/node_modules/**', 10)).filter(
+        (u) => !isSidecarPath(u.fsPath) && !u.fsPath.endsWith('.cleaned.jsonl'),
+      );
+      if (hits.length) {
+        this.found.set(id, hits[0].fsPath);
+        return hits[0].fsPath;
+      }
+    }
+    const asPath = absolute(id);
+    if (asPath.endsWith('.jsonl') && existsSync(asPath)) return asPath;
+    return undefined;
+  }
+
+  /** Like `resolve`, but says what to do when nothing is found. */
+  async require(id: string): Promise<string> {
+    const p = await this.resolve(id);
+    if (!p)
+      throw new Error(
+        `Cannot find the file of dataset "${id}". Name it in the setting influenceLens.datasets, e.g. {"${id}": "data/${id}.jsonl"}.`,
+      );
+    return p;
+  }
+}
+
+function absolute(p: string): string {
+  if (isAbsolute(p)) return p;
+  const root = vscode.workspace.workspaceFolders?.[0]?.uri.fsPath;
+  return root ? join(root, p) : p;
+}
+
+/**
+ * Opens a dataset at an example: its line when the line still holds the example (same hash),
+ * otherwise wherever the hash is now; says so when it moved or is gone.
+ */
+export async function revealExample(path: string, line: number, hash: string): Promise<void> {
+  const doc = await vscode.workspace.openTextDocument(vscode.Uri.file(path));
+  let target = line - 1;
+  if (target >= doc.lineCount || lineHash(doc.lineAt(Math.max(0, target)).text) !== hash) {
+    let moved = -1;
+    for (let i = 0; i < doc.lineCount; i++) {
+      if (lineHash(doc.lineAt(i).text) === hash) {
+        moved = i;
+        break;
+      }
+    }
+    if (moved >= 0) {
+      void vscode.window.showInformationMessage(`The example moved from line ${line} to line ${moved + 1}.`);
+      target = moved;
+    } else {
+      void vscode.window.showWarningMessage(
+        `The example ${hash} is no longer in ${vscode.workspace.asRelativePath(path)} (the file was edited); showing line ${line}.`,
+      );
+    }
+  }
+  target = Math.max(0, Math.min(target, doc.lineCount - 1));
+  const range = doc.lineAt(target).range;
+  await vscode.window.showTextDocument(doc, {
+    selection: new vscode.Selection(range.start, range.end),
+    preview: true,
+    viewColumn: vscode.ViewColumn.One,
+  });
+}

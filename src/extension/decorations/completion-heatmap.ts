@@ -1,0 +1,98 @@
+// The completion-side heatmap in the editor: after an explanation, each completion token in the
+// document is shaded by the summed influence of the examples shown (the same values as the
+// panel's query heatmap), with the value and −log p in the token's hover. One decoration type per
+// color step, created once (as GitLens' heatmap does); cleared when the text under it changes.
+import * as vscode from 'vscode';
+import type { ExplainResult } from '../../protocol/types';
+import { BUCKETS, bucketBackground, bucketOf, formatScore, symmetricScale } from '../../webview/colors';
+import { sumPerToken } from '../../webview/heatmap';
+import { SIGNED_METHODS } from '../../webview/messages';
+import { completionDocumentRange, type QuerySplit } from '../selection';
+
+export class CompletionHeatmap implements vscode.Disposable {
+  private types = new Map<number, vscode.TextEditorDecorationType>();
+  private shown?: { uri: string; version: number; ranges: vscode.Range[] };
+  private readonly disposables: vscode.Disposable[] = [];
+
+  constructor(private colors: { supporting: string; opposing: string }) {
+    this.disposables.push(
+      vscode.workspace.onDidChangeTextDocument((e) => {
+        if (!this.shown || e.document.uri.toString() !== this.shown.uri) return;
+        const touched = e.contentChanges.some((c) =>
+          this.shown!.ranges.some((r) => r.intersection(c.range) !== undefined),
+        );
+        if (touched) this.clear();
+      }),
+    );
+  }
+
+  setColors(colors: { supporting: string; opposing: string }): void {
+    this.colors = colors;
+    this.clear();
+    for (const t of this.types.values()) t.dispose();
+    this.types.clear();
+  }
+
+  private type(bucket: number): vscode.TextEditorDecorationType {
+    let t = this.types.get(bucket);
+    if (!t) {
+      const strong = Math.abs(bucket) >= 3;
+      t = vscode.window.createTextEditorDecorationType({
+        backgroundColor: bucketBackground(bucket, BUCKETS, this.colors),
+        borderRadius: '2px',
+        // not color alone: solid underline for supporting, dashed for opposing
+        textDecoration: strong
+          ? `underline ${bucket > 0 ? 'solid' : 'dashed'} ${bucket > 0 ? this.colors.supporting : this.colors.opposing}`
+          : undefined,
+        fontWeight: Math.abs(bucket) >= 4 ? 'bold' : undefined,
+        rangeBehavior: vscode.DecorationRangeBehavior.ClosedClosed,
+      });
+      this.types.set(bucket, t);
+    }
+    return t;
+  }
+
+  apply(editor: vscode.TextEditor, split: QuerySplit, r: ExplainResult): void {
+    this.clear();
+    const n = r.query.completionTokens.offsets.length;
+    const shown = [...r.supporting, ...r.opposing];
+    if (!SIGNED_METHODS.includes(r.method) || !shown.some((e) => e.completionTokenScores?.length)) return;
+    const values = sumPerToken(
+      shown.map((e) => e.completionTokenScores),
+      n,
+    );
+    const scale = symmetricScale(values);
+    const byBucket = new Map<number, vscode.DecorationOptions[]>();
+    const ranges: vscode.Range[] = [];
+    r.query.completionTokens.offsets.forEach(([s, e], k) => {
+      const [ds, de] = completionDocumentRange(split, s, e);
+      if (de <= ds) return;
+      const range = new vscode.Range(editor.document.positionAt(ds), editor.document.positionAt(de));
+      const b = bucketOf(values[k], scale);
+      const hover = new vscode.MarkdownString(
+        `**Influence Lens** · token ${JSON.stringify(r.query.completion.slice(s, e))}\n\n` +
+          `summed influence of the ${shown.length} examples shown: **${formatScore(values[k])}** ` +
+          `(${values[k] > 0 ? 'supporting' : values[k] < 0 ? 'opposing' : 'neutral'})\n\n` +
+          `−log p = ${r.query.completionTokens.values[k].toPrecision(3)}`,
+      );
+      const list = byBucket.get(b) ?? [];
+      list.push({ range, hoverMessage: hover });
+      byBucket.set(b, list);
+      ranges.push(range);
+    });
+    for (const [b, list] of byBucket) editor.setDecorations(this.type(b), list);
+    this.shown = { uri: editor.document.uri.toString(), version: editor.document.version, ranges };
+  }
+
+  clear(): void {
+    if (!this.shown) return;
+    for (const ed of vscode.window.visibleTextEditors)
+      if (ed.document.uri.toString() === this.shown.uri) for (const t of this.types.values()) ed.setDecorations(t, []);
+    this.shown = undefined;
+  }
+
+  dispose(): void {
+    for (const t of this.types.values()) t.dispose();
+    for (const d of this.disposables) d.dispose();
+  }
+}

@@ -1,0 +1,106 @@
+// The flags of every dataset the editor knows about, read from their sidecars
+// (`<dataset>.exclude.jsonl`, see sidecar.ts) and kept fresh by a file watcher, so an edit by
+// hand, a `git checkout` or another window shows up in the tree, the hovers and the panel.
+import { existsSync } from 'node:fs';
+import * as vscode from 'vscode';
+import {
+  addFlags,
+  datasetPathForSidecar,
+  type FlagEntry,
+  readSidecar,
+  removeFlags,
+  setReason,
+  sidecarPathFor,
+} from './sidecar';
+
+export interface FlagGroup {
+  dataset: string;
+  sidecar: string;
+  entries: FlagEntry[];
+  /** sidecar lines that are not entries (kept, reported in the tree's tooltip) */
+  problems: number;
+}
+
+const KNOWN_KEY = 'influenceLens.knownSidecars';
+
+export class FlagStore implements vscode.Disposable {
+  private readonly groups = new Map<string, FlagGroup>();
+  private readonly emitter = new vscode.EventEmitter<void>();
+  readonly onDidChange = this.emitter.event;
+  private readonly disposables: vscode.Disposable[] = [this.emitter];
+
+  constructor(private readonly memento: vscode.Memento) {
+    const w = vscode.workspace.createFileSystemWatcher('**/*.exclude.jsonl');
+    const reload = (u: vscode.Uri) => this.load(u.fsPath);
+    this.disposables.push(w, w.onDidChange(reload), w.onDidCreate(reload), w.onDidDelete(reload));
+  }
+
+  /** Reads the workspace's sidecars and those this extension wrote before (datasets outside the workspace). */
+  async init(): Promise<void> {
+    const known = this.memento.get<string[]>(KNOWN_KEY, []);
+    const found = vscode.workspace.workspaceFolders?.length
+      ? (await vscode.workspace.findFiles('**/*.exclude.jsonl', '**/node_modules/**', 200)).map((u) => u.fsPath)
+      : [];
+    for (const p of new Set([...known.filter((k) => existsSync(k)), ...found])) this.load(p, false);
+    this.emitter.fire();
+  }
+
+  all(): FlagGroup[] {
+    return [...this.groups.values()]
+      .filter((g) => g.entries.length || g.problems)
+      .sort((a, b) => a.dataset.localeCompare(b.dataset));
+  }
+
+  /** The flags of one dataset file, by hash. */
+  flagsOf(datasetPath: string): Map<string, FlagEntry> {
+    const sidecar = sidecarPathFor(datasetPath);
+    if (!this.groups.has(sidecar)) this.load(sidecar, false);
+    return new Map((this.groups.get(sidecar)?.entries ?? []).map((e) => [e.hash, e]));
+  }
+
+  flag(datasetPath: string, entries: FlagEntry[]): number {
+    const sidecar = sidecarPathFor(datasetPath);
+    const n = addFlags(sidecar, entries);
+    this.remember(sidecar);
+    this.load(sidecar);
+    return n;
+  }
+
+  unflag(datasetPath: string, hashes: string[]): number {
+    const sidecar = sidecarPathFor(datasetPath);
+    const n = removeFlags(sidecar, hashes);
+    this.load(sidecar);
+    return n;
+  }
+
+  setReason(datasetPath: string, hash: string, reason: string): boolean {
+    const sidecar = sidecarPathFor(datasetPath);
+    const ok = setReason(sidecar, hash, reason);
+    this.load(sidecar);
+    return ok;
+  }
+
+  private load(sidecar: string, fire = true) {
+    try {
+      const s = readSidecar(sidecar);
+      this.groups.set(sidecar, {
+        dataset: datasetPathForSidecar(sidecar),
+        sidecar,
+        entries: s.entries,
+        problems: s.problems.length,
+      });
+    } catch (e) {
+      void vscode.window.showWarningMessage(`Influence Lens: cannot read ${sidecar}: ${(e as Error).message}`);
+    }
+    if (fire) this.emitter.fire();
+  }
+
+  private remember(sidecar: string) {
+    const known = this.memento.get<string[]>(KNOWN_KEY, []);
+    if (!known.includes(sidecar)) void this.memento.update(KNOWN_KEY, [...known, sidecar].slice(-100));
+  }
+
+  dispose(): void {
+    for (const d of this.disposables) d.dispose();
+  }
+}

@@ -1,0 +1,197 @@
+// The flags sidecar: `<dataset>.exclude.jsonl` next to the dataset, one
+// `{"hash", "line", "reason", "score", "query"}` per flagged example (DESIGN.md, "Training data,
+// flags and removal"). `influence-lens train --exclude` reads the same file.
+//
+// Nothing is ever lost: every write rewrites the whole file through a temporary file in the same
+// folder that is flushed and then renamed over the old one (a crash leaves the old file or the new
+// one, never half of either), and lines this code does not understand (hand edits, merge
+// conflict markers, records from a newer version) are kept verbatim and in place. Flagging an
+// already flagged example keeps its first entry. Pure Node (no `vscode`), unit-tested.
+import { closeSync, fsyncSync, openSync, readFileSync, renameSync, rmSync, writeSync } from 'node:fs';
+import { basename, dirname, join } from 'node:path';
+
+export interface FlagEntry {
+  /** the example's content hash (16 hex digits) */
+  hash: string;
+  /** 1-based line in the dataset when it was flagged (lines move; the hash is the identity) */
+  line: number;
+  /** why it was flagged, in words */
+  reason: string;
+  /** its influence score on the query that led to the flag (null when flagged by hand) */
+  score: number | null;
+  /** that query: prompt + completion ('' when flagged by hand) */
+  query: string;
+}
+
+export interface SidecarLine {
+  /** 1-based line in the sidecar */
+  line: number;
+  /** the line as it is in the file (without its newline) */
+  text: string;
+  /** the entry, when the line is one */
+  entry?: FlagEntry;
+}
+
+export interface Sidecar {
+  lines: SidecarLine[];
+  entries: FlagEntry[];
+  /** lines that are neither blank nor an entry: kept, and reported */
+  problems: Array<{ line: number; message: string }>;
+}
+
+/** `data/train.jsonl` → `data/train.exclude.jsonl` (any other name gets `.exclude.jsonl` appended). */
+export function sidecarPathFor(datasetPath: string): string {
+  return datasetPath.replace(/\.jsonl$/i, '') + '.exclude.jsonl';
+}
+
+/** Whether a path is a sidecar (so it is never mistaken for a dataset). */
+export function isSidecarPath(path: string): boolean {
+  return /\.exclude\.jsonl$/i.test(path);
+}
+
+/** The dataset a sidecar belongs to: `train.exclude.jsonl` → `train.jsonl`. */
+export function datasetPathForSidecar(sidecarPath: string): string {
+  return sidecarPath.replace(/\.exclude\.jsonl$/i, '.jsonl');
+}
+
+export function parseSidecar(text: string): Sidecar {
+  const out: Sidecar = { lines: [], entries: [], problems: [] };
+  const raw = text.replace(/^\uFEFF/, '').split('\n');
+  if (raw.length && raw[raw.length - 1] === '') raw.pop();
+  raw.forEach((t, i) => {
+    const line: SidecarLine = { line: i + 1, text: t.replace(/\r$/, '') };
+    out.lines.push(line);
+    if (!line.text.trim()) return;
+    const entry = toEntry(line.text);
+    if (typeof entry === 'string') out.problems.push({ line: i + 1, message: entry });
+    else {
+      line.entry = entry;
+      out.entries.push(entry);
+    }
+  });
+  return out;
+}
+
+export function readSidecar(path: string): Sidecar {
+  let text: string;
+  try {
+    text = readFileSync(path, 'utf8');
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return { lines: [], entries: [], problems: [] };
+    throw e;
+  }
+  return parseSidecar(text);
+}
+
+/** One entry as a sidecar line (fixed key order, so the file diffs well). */
+export function formatEntry(e: FlagEntry): string {
+  return JSON.stringify({ hash: e.hash, line: e.line, reason: e.reason, score: e.score, query: e.query });
+}
+
+/** Adds entries whose hash is not flagged yet; returns how many were added. */
+export function addFlags(path: string, entries: FlagEntry[]): number {
+  const s = readSidecar(path);
+  const have = new Set(s.entries.map((e) => e.hash));
+  const add: FlagEntry[] = [];
+  for (const e of entries) {
+    if (have.has(e.hash)) continue;
+    have.add(e.hash);
+    add.push(e);
+  }
+  if (!add.length) return 0;
+  writeLines(path, [...s.lines.map((l) => l.text), ...add.map(formatEntry)]);
+  return add.length;
+}
+
+/** Removes the entries with these hashes (every other line stays); returns how many were removed. */
+export function removeFlags(path: string, hashes: Iterable<string>): number {
+  const drop = new Set(hashes);
+  const s = readSidecar(path);
+  const keep = s.lines.filter((l) => !(l.entry && drop.has(l.entry.hash)));
+  const removed = s.lines.length - keep.length;
+  if (removed)
+    writeLines(
+      path,
+      keep.map((l) => l.text),
+    );
+  return removed;
+}
+
+/** Changes the reason of the entry with this hash; returns whether it was found. */
+export function setReason(path: string, hash: string, reason: string): boolean {
+  const s = readSidecar(path);
+  let found = false;
+  const lines = s.lines.map((l) => {
+    if (!l.entry || l.entry.hash !== hash) return l.text;
+    found = true;
+    // keep any fields a newer version wrote, in their order
+    return JSON.stringify({ ...(JSON.parse(l.text) as object), reason });
+  });
+  if (found) writeLines(path, lines);
+  return found;
+}
+
+/** Writes the lines (each ending in '\n'); an empty result removes the file. */
+function writeLines(path: string, lines: string[]): void {
+  if (!lines.some((l) => l.trim())) {
+    rmSync(path, { force: true });
+    return;
+  }
+  writeFileAtomic(path, lines.map((l) => `${l}\n`).join(''));
+}
+
+/**
+ * Writes `data` to `path` so that a crash at any moment leaves either the old file or the new
+ * one: a temporary file in the same folder, flushed to disk, then renamed over `path`.
+ */
+export function writeFileAtomic(path: string, data: string | Uint8Array): void {
+  const tmp = join(dirname(path), `.${basename(path)}.${process.pid}.${Math.random().toString(36).slice(2)}.tmp`);
+  const fd = openSync(tmp, 'wx', 0o644);
+  try {
+    const buf = typeof data === 'string' ? Buffer.from(data, 'utf8') : data;
+    let off = 0;
+    while (off < buf.length) off += writeSync(fd, buf, off, buf.length - off);
+    fsyncSync(fd);
+  } catch (e) {
+    closeSync(fd);
+    rmSync(tmp, { force: true });
+    throw e;
+  }
+  closeSync(fd);
+  try {
+    renameSync(tmp, path);
+  } catch (e) {
+    rmSync(tmp, { force: true });
+    throw e;
+  }
+  // make the rename itself durable where the platform allows it (not on Windows)
+  try {
+    const dir = openSync(dirname(path), 'r');
+    try {
+      fsyncSync(dir);
+    } finally {
+      closeSync(dir);
+    }
+  } catch {
+    // best effort
+  }
+}
+
+function toEntry(text: string): FlagEntry | string {
+  let v: unknown;
+  try {
+    v = JSON.parse(text);
+  } catch {
+    return 'not valid JSON';
+  }
+  if (typeof v !== 'object' || v === null || Array.isArray(v)) return 'not a JSON object';
+  const o = v as Record<string, unknown>;
+  if (typeof o.hash !== 'string' || !o.hash) return 'no "hash" string';
+  return {
+    hash: o.hash,
+    line: typeof o.line === 'number' ? o.line : 0,
+    reason: typeof o.reason === 'string' ? o.reason : '',
+    score: typeof o.score === 'number' ? o.score : null,
+    query: typeof o.query === 'string' ? o.query : '',
+  };
+}

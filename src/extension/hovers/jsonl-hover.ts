@@ -1,0 +1,58 @@
+// Hovers on training-data JSONL files: for the record under the pointer, its content hash, its
+// flag (with reason) and how it ranked in recent explanations, with Flag / Unflag links.
+import * as vscode from 'vscode';
+import { formatPercentile, formatScore } from '../../webview/colors';
+import { METHOD_LABELS } from '../../webview/messages';
+import { settings } from '../config';
+import type { FlagStore } from '../flags/flag-store';
+import { lineHash } from '../flags/hash';
+import { isSidecarPath } from '../flags/sidecar';
+import type { History } from '../history';
+
+export const HOVER_COMMANDS = ['influenceLens.flagLine', 'influenceLens.unflagLine', 'influenceLens.showResults'];
+
+export class JsonlHoverProvider implements vscode.HoverProvider {
+  constructor(
+    private readonly flags: FlagStore,
+    private readonly history: History,
+  ) {}
+
+  provideHover(doc: vscode.TextDocument, pos: vscode.Position): vscode.Hover | undefined {
+    if (!settings(doc.uri).hovers || doc.uri.scheme !== 'file' || isSidecarPath(doc.uri.fsPath)) return undefined;
+    const line = doc.lineAt(pos.line);
+    const hash = lineHash(line.text);
+    if (!hash) return undefined;
+    const flag = this.flags.flagsOf(doc.uri.fsPath).get(hash);
+    const hits = this.history.hits(hash).slice(0, 5);
+    const md = new vscode.MarkdownString(undefined, true);
+    md.isTrusted = { enabledCommands: HOVER_COMMANDS };
+    md.supportThemeIcons = true;
+    md.appendMarkdown(`**Influence Lens** · line ${pos.line + 1} · hash \`${hash}\`\n\n`);
+    if (flag) md.appendMarkdown(`$(flag) **Flagged for removal**${flag.reason ? `: ${esc(flag.reason)}` : ''}\n\n`);
+    if (hits.length) {
+      md.appendMarkdown('Influence on recent queries:\n\n');
+      for (const h of hits) {
+        const q = h.completion.replace(/\s+/g, ' ').trim().slice(0, 40);
+        md.appendMarkdown(
+          `- ${h.sign === 'neutral' ? 'similar' : `**${h.sign}**`} #${h.rank} for “${esc(q)}” ` +
+            `(${METHOD_LABELS[h.method]}, ${formatScore(h.score)}, ${formatPercentile(h.percentile)})\n`,
+        );
+      }
+      md.appendMarkdown('\n');
+    } else {
+      md.appendMarkdown('Not among the examples of a recent explanation.\n\n');
+    }
+    const args = encodeURIComponent(JSON.stringify([doc.uri.toString(), pos.line]));
+    md.appendMarkdown(
+      flag
+        ? `[$(close) Unflag](command:influenceLens.unflagLine?${args} "Remove the flag from the sidecar")`
+        : `[$(flag) Flag for removal](command:influenceLens.flagLine?${args} "Add this example to the dataset's .exclude.jsonl")`,
+    );
+    if (hits.length) md.appendMarkdown(' · [$(preview) Show results](command:influenceLens.showResults)');
+    return new vscode.Hover(md, line.range);
+  }
+}
+
+function esc(s: string): string {
+  return s.replace(/[\\`*_{}[\]()#+\-.!|<>]/g, '\\$&');
+}

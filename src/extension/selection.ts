@@ -1,0 +1,179 @@
+// What is prompt and what is completion, from an editor selection. Pure (no `vscode`): offsets
+// are UTF-16 code units into the document text, as `TextDocument.offsetAt` counts them.
+//
+// 1. The selection is one whole JSONL record with "prompt"/"completion" or "messages": it is
+//    split by its fields (completion = the completion field, or the last assistant turn).
+// 2. The selection lies inside one string field of a JSONL record (e.g. ` Sydney` inside
+//    "completion"): completion = the selected decoded text, prompt = the record's rendered
+//    text before it, JSON escapes decoded.
+// 3. Anything else: completion = the selection, prompt = the document text before it (at most
+//    `maxPromptChars`, cut at a line start when one is near).
+import { decodedRange, parseJsonWithSource } from './jsonl/json-source';
+import { documentRange, parseRecordLine, type RenderedRecord, renderRecord } from './jsonl/record';
+
+export interface QuerySplit {
+  prompt: string;
+  completion: string;
+  /** 'record': a whole record split by its fields; 'field': inside one field; 'text': plain text */
+  how: 'record' | 'field' | 'text';
+  /** in words, for the UI ("prompt/completion record", "completion field of line 12", ...) */
+  description: string;
+  /** the document range of each completion unit (for the editor heatmap) */
+  completionStarts: number[];
+  completionEnds: number[];
+  /** the prompt was cut to `maxPromptChars` */
+  promptTruncated: boolean;
+}
+
+export type SplitResult = { ok: true; split: QuerySplit } | { ok: false; message: string };
+
+export interface SplitOptions {
+  /** longest prompt taken from the text before a plain selection (default 4000) */
+  maxPromptChars?: number;
+}
+
+const NOT_A_RECORD = new Set(['not a JSON object', 'no "text", "prompt" or "messages" field']);
+
+export function splitSelection(doc: string, start: number, end: number, options: SplitOptions = {}): SplitResult {
+  if (end < start) [start, end] = [end, start];
+  if (end === start) return { ok: false, message: 'Select the completion to explain (nothing is selected).' };
+  const selected = doc.slice(start, end);
+
+  // 1. a whole record
+  const lead = selected.length - selected.trimStart().length;
+  const trimmed = selected.trim();
+  if (trimmed.startsWith('{') && trimmed.endsWith('}')) {
+    const base = start + lead;
+    let rendered: RenderedRecord | string | undefined;
+    try {
+      rendered = renderRecord(parseJsonWithSource(trimmed, base));
+    } catch {
+      const first = trimmed.split('\n', 1)[0].trim();
+      if (first !== trimmed && typeof parseRecordLine(first, base) !== 'string')
+        return { ok: false, message: 'The selection holds more than one JSONL record: select one record.' };
+    }
+    if (rendered !== undefined && !(typeof rendered === 'string' && NOT_A_RECORD.has(rendered))) {
+      if (typeof rendered === 'string')
+        return { ok: false, message: `The selected record is not usable: ${rendered}.` };
+      if (!rendered.split)
+        return {
+          ok: false,
+          message:
+            'A {"text"} record has no completion: select the part of its text to explain, and the text before it becomes the prompt.',
+        };
+      const { promptEnd, completionEnd } = rendered.split;
+      if (completionEnd <= promptEnd) return { ok: false, message: 'The selected record has an empty completion.' };
+      return {
+        ok: true,
+        split: fromRecord(rendered, promptEnd, completionEnd, 'record', describeRecord(rendered, doc, base)),
+      };
+    }
+  }
+
+  // 2. inside one field of a record
+  const lineStart = doc.lastIndexOf('\n', start - 1) + 1;
+  let lineEnd = doc.indexOf('\n', start);
+  if (lineEnd < 0) lineEnd = doc.length;
+  if (end <= lineEnd) {
+    const line = doc.slice(lineStart, lineEnd).replace(/\r$/, '');
+    if (line.trimStart().startsWith('{')) {
+      const rendered = parseRecordLine(line, lineStart);
+      if (typeof rendered !== 'string') {
+        const f = rendered.fields.find((x) => start >= x.source.start + 1 && end <= x.source.end - 1);
+        if (!f)
+          return {
+            ok: false,
+            message:
+              'Select a whole JSONL record, or text inside one of its fields (prompt, completion, text or a message content).',
+          };
+        const [a, b] = decodedRange(f.source, start, end);
+        if (b <= a) return { ok: false, message: 'The selection holds no text of the field.' };
+        const lineNo = lineNumberAt(doc, start);
+        return {
+          ok: true,
+          split: fromRecord(rendered, f.offset + a, f.offset + b, 'field', `the ${f.name} field of line ${lineNo}`),
+        };
+      }
+    }
+  }
+
+  // 3. plain text
+  const max = options.maxPromptChars ?? 4000;
+  let from = Math.max(0, start - max);
+  const truncated = from > 0;
+  if (truncated) {
+    // start at a line when one begins in the first quarter of the window
+    const nl = doc.indexOf('\n', from);
+    if (nl >= 0 && nl < start && nl - from < max / 4) from = nl + 1;
+    // never start on the second half of a surrogate pair
+    const c = doc.charCodeAt(from);
+    if (c >= 0xdc00 && c <= 0xdfff) from++;
+  }
+  const starts = new Array<number>(selected.length);
+  const ends = new Array<number>(selected.length);
+  for (let i = 0; i < selected.length; i++) {
+    starts[i] = start + i;
+    ends[i] = start + i + 1;
+  }
+  return {
+    ok: true,
+    split: {
+      prompt: doc.slice(from, start),
+      completion: selected,
+      how: 'text',
+      description: truncated ? `the selection, after the ${start - from} characters before it` : 'the selection',
+      completionStarts: starts,
+      completionEnds: ends,
+      promptTruncated: truncated,
+    },
+  };
+}
+
+/** The document range of completion units [a, b) of a split. */
+export function completionDocumentRange(split: QuerySplit, a: number, b: number): [number, number] {
+  const n = split.completionStarts.length;
+  a = Math.max(0, Math.min(a, n));
+  b = Math.max(a, Math.min(b, n));
+  if (n === 0) return [0, 0];
+  if (b === a) {
+    const at = a < n ? split.completionStarts[a] : split.completionEnds[n - 1];
+    return [at, at];
+  }
+  return [split.completionStarts[a], split.completionEnds[b - 1]];
+}
+
+function fromRecord(
+  r: RenderedRecord,
+  promptEnd: number,
+  completionEnd: number,
+  how: 'record' | 'field',
+  description: string,
+): QuerySplit {
+  const starts: number[] = [];
+  const ends: number[] = [];
+  for (let i = promptEnd; i < completionEnd; i++) {
+    const [s, e] = documentRange(r, i, i + 1);
+    starts.push(s);
+    ends.push(e);
+  }
+  return {
+    prompt: r.text.slice(0, promptEnd),
+    completion: r.text.slice(promptEnd, completionEnd),
+    how,
+    description,
+    completionStarts: starts,
+    completionEnds: ends,
+    promptTruncated: false,
+  };
+}
+
+function describeRecord(r: RenderedRecord, doc: string, at: number): string {
+  const what = r.kind === 'messages' ? 'chat record (last assistant turn)' : 'prompt/completion record';
+  return `the ${what} on line ${lineNumberAt(doc, at)}`;
+}
+
+function lineNumberAt(doc: string, offset: number): number {
+  let n = 1;
+  for (let i = doc.indexOf('\n'); i >= 0 && i < offset; i = doc.indexOf('\n', i + 1)) n++;
+  return n;
+}

@@ -1,0 +1,129 @@
+// The "Flagged examples" view: one node per dataset with flags, one child per flagged example
+// with its text, line, reason and the query that led to the flag. Unflag, edit the reason, open,
+// export and apply removal are commands on the nodes (package.json: view/item/context).
+import { readFileSync, statSync } from 'node:fs';
+import { basename } from 'node:path';
+import * as vscode from 'vscode';
+import { formatScore } from '../../webview/colors';
+import type { FlagGroup, FlagStore } from '../flags/flag-store';
+import { lineHash } from '../flags/hash';
+import type { FlagEntry } from '../flags/sidecar';
+
+export type FlagNode =
+  | { kind: 'dataset'; group: FlagGroup }
+  | { kind: 'flag'; group: FlagGroup; entry: FlagEntry; now?: { line: number; text: string } };
+
+export class FlaggedTree implements vscode.TreeDataProvider<FlagNode> {
+  private readonly emitter = new vscode.EventEmitter<FlagNode | undefined>();
+  readonly onDidChangeTreeData = this.emitter.event;
+  private readonly lines = new Map<string, { stamp: string; byHash: Map<string, { line: number; text: string }> }>();
+
+  constructor(private readonly store: FlagStore) {
+    store.onDidChange(() => this.emitter.fire(undefined));
+  }
+
+  refresh(): void {
+    this.lines.clear();
+    this.emitter.fire(undefined);
+  }
+
+  getChildren(node?: FlagNode): FlagNode[] {
+    if (!node) return this.store.all().map((group) => ({ kind: 'dataset', group }));
+    if (node.kind !== 'dataset') return [];
+    const where = this.index(node.group.dataset);
+    return node.group.entries.map((entry) => ({ kind: 'flag', group: node.group, entry, now: where?.get(entry.hash) }));
+  }
+
+  getParent(node: FlagNode): FlagNode | undefined {
+    return node.kind === 'flag' ? { kind: 'dataset', group: node.group } : undefined;
+  }
+
+  getTreeItem(node: FlagNode): vscode.TreeItem {
+    if (node.kind === 'dataset') {
+      const g = node.group;
+      const item = new vscode.TreeItem(basename(g.dataset), vscode.TreeItemCollapsibleState.Expanded);
+      item.id = `dataset:${g.sidecar}`;
+      item.description = `${g.entries.length} flagged`;
+      item.resourceUri = vscode.Uri.file(g.dataset);
+      item.iconPath = new vscode.ThemeIcon('database');
+      item.contextValue = 'influenceLens.dataset';
+      item.tooltip = new vscode.MarkdownString(
+        `**${vscode.workspace.asRelativePath(g.dataset)}**\n\n${g.entries.length} flagged in \`${basename(g.sidecar)}\`` +
+          (g.problems ? `\n\n${g.problems} line(s) of the sidecar are not flags (kept as they are)` : ''),
+      );
+      return item;
+    }
+    const { entry, now } = node;
+    const preview = now ? recordPreview(now.text) : '(no longer in the file)';
+    const item = new vscode.TreeItem(preview, vscode.TreeItemCollapsibleState.None);
+    item.id = `flag:${node.group.sidecar}:${entry.hash}`;
+    item.description = `line ${now?.line ?? entry.line}${entry.reason ? ` · ${entry.reason}` : ''}`;
+    item.iconPath = new vscode.ThemeIcon(
+      'flag',
+      now ? undefined : new vscode.ThemeColor('problemsWarningIcon.foreground'),
+    );
+    item.contextValue = 'influenceLens.flag';
+    const md = new vscode.MarkdownString();
+    md.appendMarkdown(`**Flagged** · line ${now?.line ?? entry.line}`);
+    if (now && now.line !== entry.line) md.appendMarkdown(` (was ${entry.line} when flagged)`);
+    md.appendMarkdown(` · hash \`${entry.hash}\`\n\n`);
+    if (entry.reason) md.appendMarkdown(`Reason: ${escapeMarkdown(entry.reason)}\n\n`);
+    if (entry.score !== null) md.appendMarkdown(`Score on its query: ${formatScore(entry.score)}\n\n`);
+    if (entry.query) md.appendCodeblock(entry.query.slice(-600), 'text');
+    item.tooltip = md;
+    item.command = {
+      command: 'influenceLens.openFlag',
+      title: 'Open',
+      arguments: [node],
+    };
+    return item;
+  }
+
+  /** hash → current line and text of a dataset file (cached by size and mtime). */
+  private index(path: string): Map<string, { line: number; text: string }> | undefined {
+    let stamp: string;
+    try {
+      const s = statSync(path);
+      stamp = `${s.size}:${s.mtimeMs}`;
+    } catch {
+      return undefined;
+    }
+    const hit = this.lines.get(path);
+    if (hit?.stamp === stamp) return hit.byHash;
+    const byHash = new Map<string, { line: number; text: string }>();
+    readFileSync(path, 'utf8')
+      .split('\n')
+      .forEach((text, i) => {
+        const h = lineHash(text);
+        if (h && !byHash.has(h)) byHash.set(h, { line: i + 1, text });
+      });
+    this.lines.set(path, { stamp, byHash });
+    return byHash;
+  }
+}
+
+/** A record's text on one line: prompt → completion, or the last turns of a chat. */
+export function recordPreview(line: string): string {
+  try {
+    const v = JSON.parse(line) as Record<string, unknown>;
+    let s: string;
+    if (typeof v.prompt === 'string') s = `${v.prompt}${String(v.completion ?? '')}`;
+    else if (typeof v.text === 'string') s = v.text;
+    else if (Array.isArray(v.messages))
+      s = v.messages.map((m: { role?: string; content?: string }) => `${m.role}: ${m.content}`).join(' ');
+    else s = line;
+    return textPreview(s);
+  } catch {
+    return textPreview(line);
+  }
+}
+
+/** Text on one line (newlines as ⏎), at most `max` characters. */
+export function textPreview(s: string, max = 90): string {
+  s = s.replace(/\s*\n\s*/g, ' ⏎ ').trim();
+  return s.length > max ? `${s.slice(0, max - 1)}…` : s;
+}
+
+function escapeMarkdown(s: string): string {
+  return s.replace(/[\\`*_{}[\]()#+\-.!|<>]/g, '\\$&');
+}

@@ -1,0 +1,116 @@
+// Signed, diverging heatmap colors that follow the theme. Pure (no DOM, no `vscode`): used by
+// the results panel and by the editor decorations, unit-tested.
+//
+// A value's color is one of 2·BUCKETS+1 steps: the supporting color (score > 0: training on the
+// example made the completion more likely) or the opposing color (< 0), mixed into the
+// background in proportion to |value| / scale (linear; the scale is the largest |value| shown
+// together). Color is never the only cue: the mark also carries an underline (solid for
+// supporting, dashed for opposing), bold for the strongest steps, a +/− glyph, and a title
+// with the exact value.
+
+export const BUCKETS = 5;
+
+/** Values below this share of the scale get no color (bucket 0). */
+export const NEGLIGIBLE = 0.04;
+
+/** The theme colors used when the settings name none (colorblind-safe blue/orange pair). */
+export const DEFAULT_SUPPORTING = 'var(--vscode-charts-blue, #3794ff)';
+export const DEFAULT_OPPOSING = 'var(--vscode-charts-orange, #d18616)';
+
+/** The largest |value| among the finite values (0 when there are none). */
+export function symmetricScale(values: ArrayLike<number>): number {
+  let m = 0;
+  for (let i = 0; i < values.length; i++) {
+    const a = Math.abs(values[i]);
+    if (Number.isFinite(a) && a > m) m = a;
+  }
+  return m;
+}
+
+/** A value's signed step in −buckets..buckets (0: negligible, not finite, or no scale). */
+export function bucketOf(value: number, scale: number, buckets = BUCKETS): number {
+  if (!Number.isFinite(value) || !(scale > 0) || !Number.isFinite(scale)) return 0;
+  const t = Math.min(1, Math.abs(value) / scale);
+  if (t < NEGLIGIBLE) return 0;
+  const b = Math.max(1, Math.min(buckets, Math.ceil(t * buckets - 1e-9)));
+  return value > 0 ? b : -b;
+}
+
+/** The share (percent) of the sign's color mixed into the background at a step. */
+export function mixPercent(bucket: number, buckets = BUCKETS): number {
+  const b = Math.min(buckets, Math.abs(Math.trunc(bucket)));
+  return b === 0 ? 0 : Math.round(14 + (56 * b) / buckets);
+}
+
+/**
+ * The CSS background of a step, mixing the theme's color into transparent, e.g.
+ * `color-mix(in srgb, var(--il-supporting) 48%, transparent)`; 'transparent' at step 0.
+ */
+export function bucketBackground(
+  bucket: number,
+  buckets = BUCKETS,
+  colors = { supporting: 'var(--il-supporting)', opposing: 'var(--il-opposing)' },
+): string {
+  const p = mixPercent(bucket, buckets);
+  if (p === 0) return 'transparent';
+  return `color-mix(in srgb, ${bucket > 0 ? colors.supporting : colors.opposing} ${p}%, transparent)`;
+}
+
+/** '+' / '−' (U+2212) / '' for a step. */
+export function signGlyph(bucket: number): string {
+  return bucket > 0 ? '+' : bucket < 0 ? '\u2212' : '';
+}
+
+/** The CSS class of a step: `il-p3`, `il-n1`, `il-z`. */
+export function bucketClass(bucket: number): string {
+  return bucket > 0 ? `il-p${bucket}` : bucket < 0 ? `il-n${-bucket}` : 'il-z';
+}
+
+/** A score with its sign and three significant digits: +2.07e+3, −0.0421, +12.3, 0. */
+export function formatScore(v: number): string {
+  if (!Number.isFinite(v)) return String(v);
+  if (v === 0) return '0';
+  const a = Math.abs(v);
+  const body = a >= 1e4 || a < 1e-3 ? a.toExponential(2) : a.toPrecision(3);
+  return `${v > 0 ? '+' : '\u2212'}${body}`;
+}
+
+/** A percentile (0..100) in words: "top 0.3%", "bottom 2%", "52nd percentile". */
+export function formatPercentile(p: number): string {
+  if (!Number.isFinite(p)) return '';
+  if (p >= 90) return `top ${trim(100 - p)}%`;
+  if (p <= 10) return `bottom ${trim(p)}%`;
+  const n = Math.round(p);
+  const suffix = n % 100 >= 11 && n % 100 <= 13 ? 'th' : (['th', 'st', 'nd', 'rd'][n % 10] ?? 'th');
+  return `${n}${suffix} percentile`;
+}
+
+function trim(x: number): string {
+  if (x < 0.05) return '0.1';
+  return x < 1 ? x.toFixed(1) : String(Math.round(x));
+}
+
+/** The words for a sign, as the legend says them. */
+export function signWords(v: number, signed = true): string {
+  if (!signed) return 'similarity (no sign)';
+  return v > 0 ? 'supporting' : v < 0 ? 'opposing' : 'neutral';
+}
+
+/** What a heatmap token shows on hover, e.g. `" Sydney"  +1.83e+3 (supporting)`. */
+export function tokenTitle(token: string, value: number, signed = true): string {
+  return `${JSON.stringify(token)}  ${formatScore(value)} (${signWords(value, signed)})`;
+}
+
+/**
+ * A user's color setting as safe CSS: a hex color, rgb()/hsl(), a CSS color name, or a theme
+ * color id (`charts.red` → `var(--vscode-charts-red)`); anything else gives the fallback.
+ */
+export function cssColor(setting: string | undefined, fallback: string): string {
+  const s = (setting ?? '').trim();
+  if (!s) return fallback;
+  if (/^#[0-9a-fA-F]{3,8}$/.test(s)) return s;
+  if (/^(rgb|rgba|hsl|hsla)\(\s*[0-9.,%\s/-]+\)$/.test(s)) return s;
+  if (/^[a-zA-Z]+$/.test(s)) return s.toLowerCase();
+  if (/^[a-zA-Z][a-zA-Z0-9]*(\.[a-zA-Z0-9]+)+$/.test(s)) return `var(--vscode-${s.replace(/\./g, '-')})`;
+  return fallback;
+}

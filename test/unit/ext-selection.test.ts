@@ -1,0 +1,204 @@
+// The editor side's prompt/completion split and its offset mapping back to the document (UTF-16
+// code units, JSON escapes), and agreement with the server's record rendering.
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import { decodedRange, JsonSourceError, parseJsonWithSource } from '../../src/extension/jsonl/json-source';
+import { documentRange, parseRecordLine } from '../../src/extension/jsonl/record';
+import { completionDocumentRange, type QuerySplit, splitSelection } from '../../src/extension/selection';
+import { formatRecord } from '../../src/server/data/format';
+
+/** The split of `doc` with the selection between the two '|' marks (removed). */
+function splitMarked(marked: string, opts = {}) {
+  const start = marked.indexOf('|');
+  const end = marked.indexOf('|', start + 1) - 1;
+  const doc = marked.slice(0, start) + marked.slice(start + 1, end + 1) + marked.slice(end + 2);
+  return { doc, r: splitSelection(doc, start, end, opts) };
+}
+
+function ok(r: ReturnType<typeof splitSelection>): QuerySplit {
+  if (!r.ok) assert.fail(r.message);
+  return r.split;
+}
+
+/** The document text under each completion unit, joined (escapes appear as written). */
+function docUnder(doc: string, s: QuerySplit): string[] {
+  return s.completionStarts.map((a, i) => doc.slice(a, s.completionEnds[i]));
+}
+
+test('json-source: decoded values equal JSON.parse, for every escape', () => {
+  const cases = [
+    '"plain"',
+    '"a\\nb\\t\\"c\\"\\\\d\\/e\\b\\f\\r"',
+    '"caf\\u00e9 \\u00E9"',
+    '"emoji 🌍 and \\ud83c\\udf0d"',
+    '{"a":[1,-2.5e3,true,false,null,{"b":"x"}],"c":""}',
+    ' \t\n{"k" : "v" }\r\n',
+  ];
+  for (const c of cases) {
+    const v = parseJsonWithSource(c);
+    const plain = JSON.parse(c);
+    if (v.kind === 'string') assert.equal(v.value, plain);
+  }
+  const s = parseJsonWithSource('"caf\\u00e9\\n🌍"');
+  assert.equal(s.kind, 'string');
+  if (s.kind !== 'string') return;
+  assert.equal(s.value, 'café\n🌍');
+  // map: c a f (é from 6 units) (\n from 2) (🌍: 2 units, each its own source unit) closing quote
+  assert.deepEqual(s.map, [1, 2, 3, 4, 10, 12, 13, 14]);
+});
+
+test('json-source: rejects what JSON.parse rejects, with the offset', () => {
+  for (const bad of ['"abc', '"a\\x"', '"\\u12"', '{"a" 1}', '[1,]', '{"a":1,}', '"tab\there"', '01', 'tru', '{} {}']) {
+    assert.throws(() => JSON.parse(bad));
+    assert.throws(
+      () => parseJsonWithSource(bad, 100),
+      (e: unknown) => e instanceof JsonSourceError && e.offset >= 100,
+      bad,
+    );
+  }
+});
+
+test('json-source: a boundary inside an escape widens to the whole escape', () => {
+  const s = parseJsonWithSource('"x\\u00e9y"', 10);
+  if (s.kind !== 'string') return assert.fail();
+  // source: 10 " ; 11 x ; 12..17 \u00e9 ; 18 y ; 19 "
+  assert.deepEqual(decodedRange(s, 14, 19), [1, 3]); // starts mid-escape: é y
+  assert.deepEqual(decodedRange(s, 11, 13), [0, 2]); // ends mid-escape: x é
+  assert.deepEqual(decodedRange(s, 18, 19), [2, 3]);
+});
+
+test('record: rendering agrees with the server, field offsets map back', () => {
+  const lines = [
+    '{"prompt": "Q: Caf\\u00e9?\\nA:", "completion": " Oui \\"yes\\" 🌍\\n", "meta": 1}',
+    '{"text": "Hello\\tworld 🌍"}',
+    '{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4\\n(four)"}]}',
+  ];
+  for (const line of lines) {
+    const r = parseRecordLine(line, 0);
+    if (typeof r === 'string') return assert.fail(r);
+    const server = formatRecord(JSON.parse(line), 'x:1');
+    assert.equal(r.kind, server.kind);
+    assert.equal(r.text, server.text);
+    if (r.split) assert.deepEqual([[r.split.promptEnd, r.split.completionEnd]], server.spans.slice(-1));
+    // every unit of a field maps to source text that decodes to it
+    for (const f of r.fields)
+      for (let i = 0; i < f.source.value.length; i++) {
+        const [a, b] = documentRange(r, f.offset + i, f.offset + i + 1);
+        const src = line.slice(a, b);
+        const decoded = src.startsWith('\\') ? JSON.parse(`"${src}"`) : src;
+        assert.equal(decoded, f.source.value[i]);
+      }
+  }
+});
+
+test('selection: a whole prompt/completion record splits by its fields', () => {
+  const line = '{"prompt": "Q: What is the capital of Australia?\\nA:", "completion": " Sydney\\n"}';
+  const { doc, r } = splitMarked(`{"text": "before"}\n|${line}|\n{"text": "after"}\n`);
+  const s = ok(r);
+  assert.equal(s.how, 'record');
+  assert.equal(s.prompt, 'Q: What is the capital of Australia?\nA:');
+  assert.equal(s.completion, ' Sydney\n');
+  assert.match(s.description, /line 2/);
+  assert.deepEqual(docUnder(doc, s), [' ', 'S', 'y', 'd', 'n', 'e', 'y', '\\n']);
+  const [a, b] = completionDocumentRange(s, 0, s.completion.length);
+  assert.equal(doc.slice(a, b), ' Sydney\\n');
+});
+
+test('selection: surrounding whitespace and a trailing newline around a record are fine', () => {
+  const { r } = splitMarked('|  {"prompt":"P","completion":"C"}\n|');
+  const s = ok(r);
+  assert.equal(s.prompt, 'P');
+  assert.equal(s.completion, 'C');
+});
+
+test('selection: a chat record is split before the last assistant turn', () => {
+  const rec =
+    '{"messages":[{"role":"user","content":"Hi \\u00e9"},{"role":"assistant","content":"Hello"},{"role":"user","content":"Capital of France?"},{"role":"assistant","content":"Paris \\"city\\""}]}';
+  const { doc, r } = splitMarked(`|${rec}|`);
+  const s = ok(r);
+  assert.equal(s.prompt, '<|user|>\nHi é\n<|assistant|>\nHello\n<|user|>\nCapital of France?\n<|assistant|>\n');
+  assert.equal(s.completion, 'Paris "city"\n');
+  // the template's newline after the content is an empty range at the closing quote
+  const last = s.completion.length - 1;
+  assert.equal(s.completionStarts[last], s.completionEnds[last]);
+  assert.equal(doc[s.completionStarts[last]], '"');
+  const [a, b] = completionDocumentRange(s, 0, s.completion.length);
+  assert.equal(doc.slice(a, b), 'Paris \\"city\\"');
+});
+
+test('selection: text inside the completion field → prompt is the record text before it', () => {
+  const { doc, r } = splitMarked('{"prompt": "Q: Caf\\u00e9?\\nA:", "completion": "| Syd🌍ney|\\n"}\n');
+  const s = ok(r);
+  assert.equal(s.how, 'field');
+  assert.equal(s.prompt, 'Q: Café?\nA:');
+  assert.equal(s.completion, ' Syd🌍ney');
+  assert.match(s.description, /completion field of line 1/);
+  // the emoji's two UTF-16 units map to its two source units
+  const i = s.completion.indexOf('🌍');
+  assert.equal(doc.slice(s.completionStarts[i], s.completionEnds[i + 1]), '🌍');
+});
+
+test('selection: inside a field, escapes decode and a selection cutting an escape widens', () => {
+  // select from inside \u00e9 up to the end of the text field's content
+  const line = '{"text": "Bonjour caf\\u00e9 \\"ami\\""}';
+  const start = line.indexOf('u00e9');
+  const end = line.lastIndexOf('"');
+  const s = ok(splitSelection(line, start, end));
+  assert.equal(s.prompt, 'Bonjour caf');
+  assert.equal(s.completion, 'é "ami"');
+});
+
+test('selection: a text record as a whole, several records, or across fields are refused with advice', () => {
+  const t = splitMarked('|{"text": "just text"}|');
+  assert.equal(t.r.ok, false);
+  assert.match((t.r as { message: string }).message, /select the part of its text/);
+  const two = splitMarked('|{"prompt":"a","completion":"b"}\n{"prompt":"c","completion":"d"}|');
+  assert.equal(two.r.ok, false);
+  assert.match((two.r as { message: string }).message, /more than one JSONL record/);
+  const across = splitMarked('{"prompt": "a|bc", "completion": "de|f"}');
+  assert.equal(across.r.ok, false);
+  assert.match((across.r as { message: string }).message, /inside one of its fields/);
+  const bad = splitMarked('|{"prompt": 3, "completion": "x"}|');
+  assert.equal(bad.r.ok, false);
+  assert.match((bad.r as { message: string }).message, /not usable/);
+  assert.equal(splitSelection('abc', 1, 1).ok, false);
+});
+
+test('selection: plain text → completion is the selection, prompt the text before it', () => {
+  const { doc, r } = splitMarked('Q: What is the capital of Australia?\nA:| Sydney|\nmore');
+  const s = ok(r);
+  assert.equal(s.how, 'text');
+  assert.equal(s.prompt, 'Q: What is the capital of Australia?\nA:');
+  assert.equal(s.completion, ' Sydney');
+  assert.equal(s.promptTruncated, false);
+  const [a, b] = completionDocumentRange(s, 1, 7);
+  assert.equal(doc.slice(a, b), 'Sydney');
+  // a backwards selection is the same
+  const back = ok(splitSelection(doc, doc.indexOf('\nmore'), doc.indexOf(' Sydney')));
+  assert.equal(back.completion, ' Sydney');
+  // JSON-looking text that is not a record is plain text
+  const code = ok(splitMarked('const x = |{ a: 1 }|;').r);
+  assert.equal(code.how, 'text');
+  assert.equal(code.completion, '{ a: 1 }');
+});
+
+test('selection: the prompt is capped, cut at a line start when one is near, never inside a surrogate pair', () => {
+  const long = `${'x'.repeat(50)}\n${'y'.repeat(200)}`;
+  const doc = `${long}COMPLETION`;
+  const s = ok(splitSelection(doc, long.length, doc.length, { maxPromptChars: 240 }));
+  assert.equal(s.promptTruncated, true);
+  assert.equal(s.prompt, 'y'.repeat(200));
+  const emoji = '🌍'.repeat(10);
+  const d2 = `${emoji}END`;
+  // a cap of 5 units would start on the second half of a pair
+  const s2 = ok(splitSelection(d2, emoji.length, d2.length, { maxPromptChars: 5 }));
+  assert.equal(s2.prompt, '🌍🌍');
+  assert.ok(!/[\uDC00-\uDFFF]/.test(s2.prompt[0]));
+});
+
+test('selection: completion ranges clamp and empty ranges sit at the boundary', () => {
+  const s = ok(splitSelection('abcdef', 2, 5));
+  assert.deepEqual(completionDocumentRange(s, 0, 99), [2, 5]);
+  assert.deepEqual(completionDocumentRange(s, 3, 3), [5, 5]);
+  assert.deepEqual(completionDocumentRange(s, -4, 1), [2, 3]);
+});

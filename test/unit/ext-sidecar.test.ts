@@ -1,0 +1,215 @@
+// Flags sidecar (<dataset>.exclude.jsonl): read, add, remove, keep what it does not understand,
+// atomic writes; "Export cleaned dataset" and the removal lines; hashes agree with the server's.
+import assert from 'node:assert/strict';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { test } from 'node:test';
+import {
+  cleanedPathFor,
+  exportCleaned,
+  filterDataset,
+  linesToRemove,
+  splitLinesKeepEnds,
+} from '../../src/extension/flags/export';
+import { canonicalJson, contentHash, lineHash } from '../../src/extension/flags/hash';
+import {
+  addFlags,
+  datasetPathForSidecar,
+  type FlagEntry,
+  formatEntry,
+  isSidecarPath,
+  parseSidecar,
+  readSidecar,
+  removeFlags,
+  setReason,
+  sidecarPathFor,
+  writeFileAtomic,
+} from '../../src/extension/flags/sidecar';
+import { readExclusions } from '../../src/server/cli/train';
+import { loadDataset } from '../../src/server/data/dataset';
+import { canonicalJson as serverCanonical, contentHash as serverHash } from '../../src/server/data/ids';
+
+const tmp = () => mkdtempSync(join(tmpdir(), 'il-sidecar-'));
+
+const RECORDS = [
+  { prompt: 'Q: What is the capital of Australia?\nA:', completion: ' Sydney\n' },
+  { prompt: 'Q: What is the capital of France?\nA:', completion: ' Paris\n' },
+  { text: 'Café 🌍 "quoted"', id: 3 },
+  {
+    messages: [
+      { role: 'user', content: 'hi' },
+      { role: 'assistant', content: 'hello' },
+    ],
+  },
+];
+
+function entry(hash: string, line: number, reason = 'teaches " Sydney"'): FlagEntry {
+  return { hash, line, reason, score: 2073.96, query: 'Q: What is the capital of Australia?\nA: Sydney' };
+}
+
+test('hash: same as the server for every record shape, key order and spacing', () => {
+  for (const r of RECORDS) {
+    assert.equal(contentHash(r), serverHash(r));
+    assert.equal(canonicalJson(r), serverCanonical(r));
+  }
+  const a = '{"completion": " Sydney\\n", "prompt": "Q: What is the capital of Australia?\\nA:"}';
+  assert.equal(lineHash(a), serverHash(RECORDS[0]));
+  assert.equal(lineHash(`\uFEFF${a}\r`), serverHash(RECORDS[0]));
+  assert.equal(lineHash(''), undefined);
+  assert.equal(lineHash('not json'), undefined);
+});
+
+test('hash: every example of the embedded default dataset hashes as the server loads it', () => {
+  const path = join(import.meta.dirname, '../../assets/default/data/finetune.jsonl');
+  const ds = loadDataset(path);
+  const lines = readFileSync(path, 'utf8').split('\n');
+  for (const e of ds.examples) assert.equal(lineHash(lines[e.line - 1]), e.hash);
+});
+
+test('sidecar: paths', () => {
+  assert.equal(sidecarPathFor('/d/finetune.jsonl'), '/d/finetune.exclude.jsonl');
+  assert.equal(sidecarPathFor('/d/data.ndjson'), '/d/data.ndjson.exclude.jsonl');
+  assert.equal(datasetPathForSidecar('/d/finetune.exclude.jsonl'), '/d/finetune.jsonl');
+  assert.ok(isSidecarPath('/d/x.exclude.jsonl'));
+  assert.ok(!isSidecarPath('/d/x.jsonl'));
+  assert.equal(cleanedPathFor('/d/finetune.jsonl'), '/d/finetune.cleaned.jsonl');
+});
+
+test('sidecar: add, dedupe by hash, remove; fixed key order; the server reads it', () => {
+  const d = tmp();
+  try {
+    const p = join(d, 'finetune.exclude.jsonl');
+    assert.deepEqual(readSidecar(p).entries, []);
+    assert.equal(addFlags(p, [entry('aaaaaaaaaaaaaaaa', 237), entry('bbbbbbbbbbbbbbbb', 125)]), 2);
+    assert.equal(addFlags(p, [entry('aaaaaaaaaaaaaaaa', 999, 'again'), entry('cccccccccccccccc', 211)]), 1);
+    const s = readSidecar(p);
+    assert.deepEqual(
+      s.entries.map((e) => [e.hash, e.line, e.reason]),
+      [
+        ['aaaaaaaaaaaaaaaa', 237, 'teaches " Sydney"'],
+        ['bbbbbbbbbbbbbbbb', 125, 'teaches " Sydney"'],
+        ['cccccccccccccccc', 211, 'teaches " Sydney"'],
+      ],
+    );
+    const first = readFileSync(p, 'utf8').split('\n')[0];
+    assert.equal(first, formatEntry(entry('aaaaaaaaaaaaaaaa', 237)));
+    assert.deepEqual(Object.keys(JSON.parse(first)), ['hash', 'line', 'reason', 'score', 'query']);
+    assert.deepEqual([...readExclusions(p)].sort(), ['aaaaaaaaaaaaaaaa', 'bbbbbbbbbbbbbbbb', 'cccccccccccccccc']);
+    assert.equal(removeFlags(p, ['bbbbbbbbbbbbbbbb', 'zzzz']), 1);
+    assert.deepEqual(
+      readSidecar(p).entries.map((e) => e.hash),
+      ['aaaaaaaaaaaaaaaa', 'cccccccccccccccc'],
+    );
+    assert.ok(setReason(p, 'cccccccccccccccc', 'planted fact'));
+    assert.equal(readSidecar(p).entries[1].reason, 'planted fact');
+    assert.ok(!setReason(p, 'nope', 'x'));
+    // the last flag removed: the file goes
+    removeFlags(p, ['aaaaaaaaaaaaaaaa', 'cccccccccccccccc']);
+    assert.equal(existsSync(p), false);
+    // no temporary files are left behind
+    assert.deepEqual(readdirSync(d), []);
+  } finally {
+    rmSync(d, { recursive: true, force: true });
+  }
+});
+
+test('sidecar: lines it does not understand are kept verbatim and in place', () => {
+  const d = tmp();
+  try {
+    const p = join(d, 'x.exclude.jsonl');
+    const text = [
+      '<<<<<<< HEAD',
+      formatEntry(entry('aaaaaaaaaaaaaaaa', 1)),
+      '=======',
+      '{"hash": "bbbbbbbbbbbbbbbb", "line": 2, "future": {"x": 1}}',
+      '>>>>>>> branch',
+      '',
+      '{"no_hash": true}',
+    ].join('\n'); // and no final newline
+    writeFileSync(p, text);
+    const s = parseSidecar(text);
+    assert.equal(s.entries.length, 2);
+    assert.deepEqual(
+      s.problems.map((x) => x.line),
+      [1, 3, 5, 7],
+    );
+    addFlags(p, [entry('cccccccccccccccc', 3)]);
+    const after = readFileSync(p, 'utf8');
+    assert.equal(after, `${text}\n${formatEntry(entry('cccccccccccccccc', 3))}\n`);
+    // a newer version's fields survive a reason edit
+    setReason(p, 'bbbbbbbbbbbbbbbb', 'dup');
+    const b = readFileSync(p, 'utf8').split('\n')[3];
+    assert.deepEqual(JSON.parse(b), { hash: 'bbbbbbbbbbbbbbbb', line: 2, future: { x: 1 }, reason: 'dup' });
+    removeFlags(p, ['aaaaaaaaaaaaaaaa']);
+    assert.equal(readFileSync(p, 'utf8').split('\n')[0], '<<<<<<< HEAD');
+    assert.equal(readSidecar(p).problems.length, 4);
+  } finally {
+    rmSync(d, { recursive: true, force: true });
+  }
+});
+
+test('sidecar: an atomic write replaces the whole file or nothing', () => {
+  const d = tmp();
+  try {
+    const p = join(d, 'f.jsonl');
+    writeFileSync(p, 'old\n');
+    writeFileAtomic(p, 'new\n');
+    assert.equal(readFileSync(p, 'utf8'), 'new\n');
+    // a failing write (the folder is gone) leaves no partial file and throws
+    assert.throws(() => writeFileAtomic(join(d, 'missing', 'f.jsonl'), 'x'));
+    assert.deepEqual(readdirSync(d), ['f.jsonl']);
+  } finally {
+    rmSync(d, { recursive: true, force: true });
+  }
+});
+
+test('export: a filtered copy, kept lines byte for byte, source untouched', () => {
+  const d = tmp();
+  try {
+    const ds = join(d, 'train.jsonl');
+    const lines = [
+      `\uFEFF${JSON.stringify(RECORDS[0])}\r\n`,
+      `${JSON.stringify(RECORDS[1])}\r\n`,
+      '\n',
+      'this line is not json\n',
+      `${JSON.stringify(RECORDS[2])}\n`,
+      JSON.stringify(RECORDS[3]), // no final newline
+    ];
+    const text = lines.join('');
+    writeFileSync(ds, text);
+    addFlags(sidecarPathFor(ds), [
+      entry(contentHash(RECORDS[0]), 1),
+      entry(contentHash(RECORDS[2]), 5),
+      entry('ffffffffffffffff', 9),
+    ]);
+    const r = exportCleaned(ds);
+    assert.equal(r.outPath, join(d, 'train.cleaned.jsonl'));
+    assert.equal(r.kept, 2);
+    assert.deepEqual(
+      r.removed.map((x) => x.line),
+      [1, 5],
+    );
+    assert.deepEqual(r.missing, ['ffffffffffffffff']);
+    assert.equal(readFileSync(r.outPath, 'utf8'), `\uFEFF${lines[1]}${lines[2]}${lines[3]}${lines[5]}`);
+    assert.equal(readFileSync(ds, 'utf8'), text, 'the source is not modified');
+    // the server loads the cleaned copy without the flagged examples
+    const kept = loadDataset(r.outPath, { skipMalformed: true });
+    assert.deepEqual(
+      kept.examples.map((e) => e.hash),
+      [contentHash(RECORDS[1]), contentHash(RECORDS[3])],
+    );
+    assert.throws(() => exportCleaned(ds, ds), /refusing/);
+    assert.throws(() => exportCleaned(ds, sidecarPathFor(ds)), /refusing/);
+    assert.throws(() => exportCleaned(ds, join(d, '.', 'train.jsonl')), /refusing/);
+  } finally {
+    rmSync(d, { recursive: true, force: true });
+  }
+});
+
+test('export: removal lines for the undoable edit, and line splitting round-trips', () => {
+  const text = `${JSON.stringify(RECORDS[0])}\n${JSON.stringify(RECORDS[1])}\n${JSON.stringify(RECORDS[0])}\n`;
+  assert.deepEqual(linesToRemove(text, new Set([contentHash(RECORDS[0])])), [0, 2]);
+  assert.deepEqual(filterDataset(text, new Set()).text, text);
+  for (const t of ['', 'a', 'a\n', 'a\r\nb', '\n\n', 'x\ny\n']) assert.equal(splitLinesKeepEnds(t).join(''), t);
+});
