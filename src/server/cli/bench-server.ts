@@ -30,10 +30,9 @@ export async function benchServer(argv: string[]): Promise<void> {
     discoveryFile: false,
   });
   const client = await RpcClient.connect({ url: server.url, token: server.token });
-  const queries = (JSON.parse(readFileSync(d.queries, 'utf8')) as Array<{ prompt: string; completion: string }>).slice(
-    0,
-    v.quick ? 6 : 30,
-  );
+  const queries = (JSON.parse(readFileSync(d.queries, 'utf8')) as Array<{ prompt: string; completion: string }>)
+    .slice(0, v.quick ? 6 : 30)
+    .map(({ prompt, completion }) => ({ prompt, completion }));
   const runs: Array<{ method: Method; dataset: string }> = [
     { method: 'ekfac', dataset: 'finetune' },
     { method: 'multistage', dataset: 'pretrain' },
