@@ -1,5 +1,6 @@
 // Influence Lens in VS Code: activated by its commands, its view, its panel (restored after a
 // reload) or a JSONL file (hovers); never on start-up ("*").
+import { join } from 'node:path';
 import * as vscode from 'vscode';
 import { type ClientInfo, createClient } from './client';
 import { ExplainController } from './commands/explain';
@@ -11,6 +12,7 @@ import { CompletionHeatmap } from './decorations/completion-heatmap';
 import { FlagStore } from './flags/flag-store';
 import { History } from './history';
 import { JsonlHoverProvider } from './hovers/jsonl-hover';
+import { log } from './log';
 import type { Services } from './services';
 import { StatusBar } from './status/status-bar';
 import { FlaggedTree, type FlagNode } from './views/flagged-tree';
@@ -18,6 +20,7 @@ import { ResultsPanel, registerSerializer } from './views/results-panel';
 
 export function activate(context: vscode.ExtensionContext) {
   const client = createClient();
+  log.info(`activated; client: ${client.label}`);
   const status = new StatusBar();
   const flags = new FlagStore(context.workspaceState);
   let info: ClientInfo | undefined;
@@ -53,7 +56,12 @@ export function activate(context: vscode.ExtensionContext) {
     },
   };
   const controller = new ExplainController(s);
-  s.panel = new ResultsPanel(context.extensionUri, controller.handlers());
+  const storage = context.storageUri ?? context.globalStorageUri;
+  s.panel = new ResultsPanel(
+    context.extensionUri,
+    controller.handlers(),
+    storage.scheme === 'file' ? join(storage.fsPath, 'panel-state.json') : undefined,
+  );
   const tree = new FlaggedTree(flags);
   const view = vscode.window.createTreeView<FlagNode>('influenceLens.flagged', {
     treeDataProvider: tree,
@@ -72,6 +80,7 @@ export function activate(context: vscode.ExtensionContext) {
 
   const cmd = (id: string, f: (...a: never[]) => unknown) => vscode.commands.registerCommand(id, f);
   context.subscriptions.push(
+    log,
     status,
     flags,
     s.heatmap,

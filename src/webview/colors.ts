@@ -75,9 +75,19 @@ export function formatScore(v: number): string {
   return `${v > 0 ? '+' : '\u2212'}${body}`;
 }
 
-/** A percentile (0..100) in words: "top 0.3%", "bottom 2%", "52nd percentile". */
+/** A similarity (no sign) with three significant digits: 5.40, 1.23e+4. */
+export function formatValue(v: number): string {
+  if (!Number.isFinite(v)) return String(v);
+  if (v === 0) return '0';
+  const a = Math.abs(v);
+  return (v < 0 ? '\u2212' : '') + (a >= 1e4 || a < 1e-3 ? a.toExponential(2) : a.toPrecision(3));
+}
+
+/** A percentile (0..100) in words: "highest", "top 0.3%", "bottom 2%", "52nd percentile", "lowest". */
 export function formatPercentile(p: number): string {
   if (!Number.isFinite(p)) return '';
+  if (p >= 99.95) return 'highest';
+  if (p <= 0.05) return 'lowest';
   if (p >= 90) return `top ${trim(100 - p)}%`;
   if (p <= 10) return `bottom ${trim(p)}%`;
   const n = Math.round(p);

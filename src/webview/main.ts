@@ -12,6 +12,7 @@ import {
   bucketOf,
   formatPercentile,
   formatScore,
+  formatValue,
   signGlyph,
   symmetricScale,
   tokenTitle,
@@ -115,7 +116,12 @@ function visible(text: string, inToken: boolean): Node {
 // ---- rendering ----
 
 function current(): ExplainResult | undefined {
-  return state.method ? state.results[state.method] : undefined;
+  const r = state.method ? state.results[state.method] : undefined;
+  if (r || busy) return r;
+  // the chosen method's result is not here (e.g. a page state saved while it ran): show another
+  const other = Object.values(state.results).find((x) => !!x);
+  if (other) state.method = other.method;
+  return other;
 }
 
 function render() {
@@ -243,8 +249,9 @@ function chooseMethod(m: Method) {
   if (m === state.method && state.results[m]) return;
   state.method = m;
   state.focus = undefined;
+  if (!state.results[m]) busy = { method: m, message: `Running ${METHOD_LABELS[m]}…` };
   save();
-  if (!state.results[m]) post({ type: 'method', method: m });
+  post({ type: 'method', method: m });
   render();
   (app.querySelector(`button[data-method="${m}"]`) as HTMLElement | null)?.focus();
 }
@@ -373,23 +380,9 @@ function exampleRow(r: ExplainResult, e: ExplainedExample, signed: boolean): HTM
   const score = h(
     'span',
     { class: `score tok ${bucketClass(bucket)}`, title: `score ${e.score} (${signed ? e.sign : 'similarity'})` },
-    formatScore(e.score),
+    signed ? formatScore(e.score) : formatValue(e.score),
   );
   score.style.backgroundColor = bucketBackground(bucket);
-  const badges = h('span', { class: 'badges' });
-  for (const [m, rank] of Object.entries(e.otherRanks ?? {}) as Array<[Method, number]>) {
-    const agree = rank <= Math.max(10, r.supporting.length);
-    badges.append(
-      h(
-        'span',
-        {
-          class: `badge${agree ? ' agree' : ''}`,
-          title: `${METHOD_LABELS[m]} ranks this example #${rank} of ${r.scored}${agree ? ' (agrees)' : ''}`,
-        },
-        `${METHOD_LABELS[m]} #${rank}`,
-      ),
-    );
-  }
   const head = h(
     'div',
     { class: 'row-head' },
@@ -401,10 +394,24 @@ function exampleRow(r: ExplainResult, e: ExplainedExample, signed: boolean): HTM
       formatPercentile(e.percentile),
     ),
     open,
-    badges,
     h('span', { class: 'spacer' }),
     flag,
   );
+  const others = Object.entries(e.otherRanks ?? {}) as Array<[Method, number]>;
+  const badges = others.length ? h('div', { class: 'badges', 'aria-label': 'ranks under the other methods' }) : null;
+  for (const [m, rank] of others) {
+    const agree = rank <= Math.max(10, r.supporting.length);
+    badges!.append(
+      h(
+        'span',
+        {
+          class: `badge${agree ? ' agree' : ''}`,
+          title: `${METHOD_LABELS[m]} ranks this example #${rank} of ${r.scored}${agree ? ' (agrees: in its top 10)' : ''}`,
+        },
+        `${METHOD_LABELS[m]} #${rank}`,
+      ),
+    );
+  }
   const text = heatText(
     e.text,
     segments(e.text, e.tokenScores),
@@ -412,7 +419,9 @@ function exampleRow(r: ExplainResult, e: ExplainedExample, signed: boolean): HTM
     `training example ${e.id.dataset} line ${e.id.line}`,
   );
   text.classList.add('example-text');
-  li.append(head, text);
+  li.append(head);
+  if (badges) li.append(badges);
+  li.append(text);
   const bars = layerBars(r.modules, e.perModule);
   if (bars.length) {
     const d = h('details', { class: 'layers' }, h('summary', {}, 'Influence by layer'));
@@ -458,20 +467,22 @@ function toggleFlag(e: ExplainedExample, method: Method) {
 }
 
 function barChart(bars: ReturnType<typeof layerBars>): HTMLElement {
-  const el = h('div', { class: 'bars', role: 'list' });
+  // one grid for all rows, so every bar starts at the same axis; a negative half only when needed
+  const twoSided = bars.some((b) => b.value < 0);
+  const el = h('div', { class: `bars${twoSided ? ' two-sided' : ''}`, role: 'list' });
   for (const b of bars) {
-    const neg = h('div', { class: 'half neg' });
-    const pos = h('div', { class: 'half pos' });
     const bar = h('div', { class: `bar ${b.value >= 0 ? 'il-p5' : 'il-n5'}` });
     bar.style.width = `${b.percent.toFixed(1)}%`;
     bar.style.backgroundColor = bucketBackground(b.value >= 0 ? 4 : -4);
+    const neg = h('div', { class: 'half neg' });
+    const pos = h('div', { class: 'half pos' });
     (b.value >= 0 ? pos : neg).append(bar);
     el.append(
       h(
         'div',
         { class: 'bar-row', role: 'listitem', title: `${b.title}: ${formatScore(b.value)}` },
         h('span', { class: 'bar-label' }, b.label),
-        neg,
+        twoSided ? neg : null,
         pos,
         h('span', { class: 'bar-value' }, formatScore(b.value)),
       ),
@@ -502,7 +513,7 @@ function histogram(r: ExplainResult): HTMLElement {
   const bins = histogramBins(r.histogram);
   if (!bins.length) return fig;
   const W = 300;
-  const H = 80;
+  const H = 60;
   const s = svg('svg', {
     viewBox: `0 0 ${W} ${H + 16}`,
     class: 'hist',
@@ -649,4 +660,4 @@ function applyColors() {
 
 applyColors();
 render();
-post({ type: 'ready' });
+post({ type: 'ready', state: vscode.getState() });

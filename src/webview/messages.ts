@@ -36,7 +36,8 @@ export type ToWebview =
   | { type: 'colors'; colors: { supporting: string; opposing: string } };
 
 export type FromWebview =
-  | { type: 'ready' }
+  /** the page loaded; `state` is what it restored by itself (getState), if anything */
+  | { type: 'ready'; state?: PanelState }
   | { type: 'open'; id: ExampleId }
   | { type: 'flag'; id: ExampleId; score: number; method: Method; flagged: boolean }
   | { type: 'method'; method: Method };

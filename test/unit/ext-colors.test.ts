@@ -9,6 +9,7 @@ import {
   cssColor,
   formatPercentile,
   formatScore,
+  formatValue,
   mixPercent,
   signGlyph,
   symmetricScale,
@@ -72,10 +73,15 @@ test('colors: scores and percentiles in words', () => {
   assert.equal(formatScore(0.00001234), '+1.23e-5');
   assert.equal(formatScore(0), '0');
   assert.equal(formatScore(Number.NaN), 'NaN');
-  assert.equal(formatPercentile(100), 'top 0.1%');
+  assert.equal(formatPercentile(100), 'highest');
+  assert.equal(formatPercentile(99.97), 'highest');
+  assert.equal(formatPercentile(99.9), 'top 0.1%');
   assert.equal(formatPercentile(99.68), 'top 0.3%');
   assert.equal(formatPercentile(95), 'top 5%');
-  assert.equal(formatPercentile(0), 'bottom 0.1%');
+  assert.equal(formatPercentile(0), 'lowest');
+  assert.equal(formatPercentile(0.3), 'bottom 0.3%');
+  assert.equal(formatValue(5.4), '5.40');
+  assert.equal(formatValue(-0.5), '\u22120.500');
   assert.equal(formatPercentile(3), 'bottom 3%');
   assert.equal(formatPercentile(52), '52nd percentile');
   assert.equal(formatPercentile(11), '11th percentile');

@@ -55,9 +55,9 @@ export class FlaggedTree implements vscode.TreeDataProvider<FlagNode> {
     }
     const { entry, now } = node;
     const preview = now ? recordPreview(now.text) : '(no longer in the file)';
-    const item = new vscode.TreeItem(preview, vscode.TreeItemCollapsibleState.None);
+    const item = new vscode.TreeItem(`${now?.line ?? entry.line}: ${preview}`, vscode.TreeItemCollapsibleState.None);
     item.id = `flag:${node.group.sidecar}:${entry.hash}`;
-    item.description = `line ${now?.line ?? entry.line}${entry.reason ? ` · ${entry.reason}` : ''}`;
+    item.description = entry.reason;
     item.iconPath = new vscode.ThemeIcon(
       'flag',
       now ? undefined : new vscode.ThemeColor('problemsWarningIcon.foreground'),

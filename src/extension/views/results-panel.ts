@@ -2,9 +2,13 @@
 // shows (`mirror`), so a panel that was hidden (its page is discarded: no
 // retainContextWhenHidden) or restored after a reload (WebviewPanelSerializer) is repainted
 // whole when its page says 'ready'; the page also paints its own `getState()` at once.
+import { mkdirSync, readFileSync } from 'node:fs';
+import { dirname } from 'node:path';
 import * as vscode from 'vscode';
 import type { ExampleId, ExplainPartial, Method } from '../../protocol/types';
 import type { FlagState, FromWebview, PanelState, ToWebview } from '../../webview/messages';
+import { writeFileAtomic } from '../flags/sidecar';
+import { log } from '../log';
 import { panelHtml } from './panel-html';
 
 export interface PanelHandlers {
@@ -27,6 +31,9 @@ export class ResultsPanel implements vscode.Disposable {
   constructor(
     private readonly extensionUri: vscode.Uri,
     private readonly handlers: PanelHandlers,
+    /** a file (in the extension's storage) that keeps the last results too: a window reload can
+     * restore the panel before the editor saved its page state */
+    private readonly statePath?: string,
   ) {}
 
   get visible(): boolean {
@@ -50,10 +57,19 @@ export class ResultsPanel implements vscode.Disposable {
 
   /** Takes over a panel (new, or restored by the serializer with the page's last state). */
   adopt(panel: vscode.WebviewPanel, state?: PanelState): void {
+    log.info(
+      `panel: ${state ? `restoring (page state: ${Object.keys(state.results ?? {}).join(',') || 'no results'})` : 'new'}`,
+    );
     this.panel?.dispose();
     this.panel = panel;
     this.ready = false;
-    if (state?.version === 1) this.mirror = state;
+    const saved = this.loadSaved();
+    // the saved file is written on every result; the page state the editor kept may be older
+    if (saved?.version === 1 && Object.keys(saved.results).length) this.mirror = saved;
+    else if (state?.version === 1 && Object.keys(state.results).length) this.mirror = state;
+    log.info(
+      `panel: saved state ${this.statePath ?? '(no storage)'}: ${Object.keys(saved?.results ?? {}).join(',') || 'none'}`,
+    );
     panel.webview.options = this.options();
     panel.iconPath = vscode.Uri.joinPath(this.extensionUri, 'media', 'icon.svg');
     const media = vscode.Uri.joinPath(this.extensionUri, 'media');
@@ -86,8 +102,16 @@ export class ResultsPanel implements vscode.Disposable {
   private receive(m: FromWebview) {
     switch (m.type) {
       case 'ready':
+        log.info(
+          `panel: page ready (page state: ${Object.keys(m.state?.results ?? {}).join(',') || 'none'}; extension: ${Object.keys(this.mirror.results).join(',') || 'none'})`,
+        );
         this.ready = true;
-        this.send({ type: 'state', state: this.mirror });
+        if (Object.keys(this.mirror.results).length) this.send({ type: 'state', state: this.mirror });
+        else if (m.state?.version === 1 && Object.keys(m.state.results).length) {
+          // the page restored more than the extension knows (an empty mirror would wipe it)
+          this.mirror = { ...m.state, focus: undefined };
+          this.save();
+        }
         if (this.busy) this.send({ type: 'busy', ...this.busy });
         if (this.partial) this.send({ type: 'partial', partial: this.partial });
         if (this.error) this.send({ type: 'error', ...this.error });
@@ -101,7 +125,8 @@ export class ResultsPanel implements vscode.Disposable {
         break;
       case 'method':
         this.mirror.method = m.method;
-        this.handlers.method(m.method);
+        this.save();
+        if (!this.mirror.results[m.method]) this.handlers.method(m.method);
         break;
     }
   }
@@ -146,6 +171,26 @@ export class ResultsPanel implements vscode.Disposable {
         break;
     }
     this.send(m);
+    if (m.type === 'result' || m.type === 'state') this.save();
+  }
+
+  private save() {
+    if (!this.statePath) return;
+    try {
+      mkdirSync(dirname(this.statePath), { recursive: true });
+      writeFileAtomic(this.statePath, JSON.stringify({ ...this.mirror, focus: undefined }));
+    } catch {
+      // the page's own state still restores it in most cases
+    }
+  }
+
+  private loadSaved(): PanelState | undefined {
+    if (!this.statePath) return undefined;
+    try {
+      return JSON.parse(readFileSync(this.statePath, 'utf8')) as PanelState;
+    } catch {
+      return undefined;
+    }
   }
 
   setFlags(flags: Record<string, FlagState>): void {
