@@ -2,7 +2,7 @@
 // Native modules (onnxruntime-node, koffi) and `vscode` stay external: they are
 // loaded from node_modules / the editor at run time.
 
-import { existsSync } from 'node:fs';
+import { copyFileSync, existsSync } from 'node:fs';
 import { build } from 'esbuild';
 
 const external = ['onnxruntime-node', 'koffi', 'vscode'];
@@ -19,6 +19,8 @@ await build({
 if (existsSync('src/extension/extension.ts')) {
   await build({ ...common, entryPoints: ['src/extension/extension.ts'], outfile: 'dist/extension.cjs', format: 'cjs' });
 }
+// influence-lens.json validation in the editor (contributes.jsonValidation)
+copyFileSync('influence-lens.schema.json', 'media/influence-lens.schema.json');
 // The results panel's page: one script and one stylesheet (with the codicon font) in media/.
 if (existsSync('src/webview/main.ts')) {
   await build({

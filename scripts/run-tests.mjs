@@ -10,7 +10,8 @@ function find(dir) {
     const p = join(dir, name);
     if (name === 'oracle' || name === 'fixtures' || name === 'node_modules') continue;
     if (statSync(p).isDirectory()) out.push(...find(p));
-    else if (name.endsWith('.test.ts')) out.push(p);
+    // *.e2e.ts: the editor end to end (skips without its tools; see test/e2e/install.sh)
+    else if (name.endsWith('.test.ts') || name.endsWith('.e2e.ts')) out.push(p);
   }
   return out.sort();
 }

@@ -7,6 +7,10 @@ export const SECTION = 'influenceLens';
 
 export interface Settings {
   serverUrl: string;
+  /** the influence-lens CLI that starts the local server; empty: found automatically */
+  serverCommand: string;
+  /** the local server's influence-lens.json; empty: the workspace's, else the embedded default */
+  serverConfig: string;
   dataset: string;
   datasets: Record<string, string>;
   topK: number;
@@ -25,6 +29,8 @@ export function settings(scope?: vscode.ConfigurationScope): Settings {
   const topK = c.get<number>('topK', 10);
   return {
     serverUrl: c.get<string>('server.url', '').trim(),
+    serverCommand: c.get<string>('server.command', '').trim(),
+    serverConfig: c.get<string>('server.config', '').trim(),
     dataset: c.get<string>('dataset', '').trim(),
     datasets: c.get<Record<string, string>>('datasets', {}) ?? {},
     topK: Number.isInteger(topK) && topK >= 1 ? Math.min(topK, 1000) : 10,

@@ -2,7 +2,7 @@
 // reload) or a JSONL file (hovers); never on start-up ("*").
 import { join } from 'node:path';
 import * as vscode from 'vscode';
-import { type ClientInfo, createClient } from './client';
+import { type ClientInfo, createClient, setServerToken } from './client';
 import { ExplainController } from './commands/explain';
 import { registerFlagCommands } from './commands/flags';
 import { scanDataset } from './commands/scan';
@@ -13,21 +13,31 @@ import { FlagStore } from './flags/flag-store';
 import { History } from './history';
 import { JsonlHoverProvider } from './hovers/jsonl-hover';
 import { log } from './log';
-import type { Services } from './services';
+import { reportError, type Services } from './services';
 import { StatusBar } from './status/status-bar';
 import { FlaggedTree, type FlagNode } from './views/flagged-tree';
 import { ResultsPanel, registerSerializer } from './views/results-panel';
 
 export function activate(context: vscode.ExtensionContext) {
-  const client = createClient();
-  log.info(`activated; client: ${client.label}`);
+  let client = createClient(context);
+  log.info(`activated; server: ${client.label}`);
   const status = new StatusBar();
   const flags = new FlagStore(context.workspaceState);
   let info: ClientInfo | undefined;
   let pending: Promise<ClientInfo> | undefined;
+  /** a new connection (and a new local server), e.g. after the server settings changed */
+  const reconnect = () => {
+    client.dispose();
+    client = createClient(context);
+    info = undefined;
+    log.info(`server: ${client.label}`);
+    return s.info(true);
+  };
   const s: Services = {
     context,
-    client,
+    get client() {
+      return client;
+    },
     flags,
     status,
     history: new History(context.workspaceState),
@@ -38,21 +48,26 @@ export function activate(context: vscode.ExtensionContext) {
     info(force = false) {
       if (info && !force) return Promise.resolve(info);
       if (pending && !force) return pending;
-      status.connecting();
-      pending = client.info().then(
+      status.connecting(client.label);
+      const asked = client;
+      const p = client.info().then(
         (i) => {
+          if (pending === p) pending = undefined;
+          if (asked !== client) return s.info(force);
           info = i;
-          pending = undefined;
           status.connected(client.label, i);
+          for (const w of i.warnings) log.warn(`server: ${w}`);
           return i;
         },
         (e: Error) => {
-          pending = undefined;
-          status.failed(e.message);
+          if (pending === p) pending = undefined;
+          if (asked === client) status.failed(e.message);
+          log.error(`server: ${e.message}`);
           throw e;
         },
       );
-      return pending;
+      pending = p;
+      return p;
     },
   };
   const controller = new ExplainController(s);
@@ -88,6 +103,9 @@ export function activate(context: vscode.ExtensionContext) {
     view,
     { dispose: () => controller.dispose() },
     { dispose: () => client.dispose() },
+    cmd('influenceLens.setServerToken', async () => {
+      if (await setServerToken(context)) await reconnect().catch((e) => reportError(e));
+    }),
     registerSerializer(s.panel),
     cmd('influenceLens.explain', () => controller.explainSelection()),
     cmd('influenceLens.explainWithSplit', () => controller.explainWithSplit()),
@@ -100,7 +118,7 @@ export function activate(context: vscode.ExtensionContext) {
     }),
     cmd('influenceLens.reconnect', async () => {
       try {
-        const i = await s.info(true);
+        const i = await reconnect();
         void vscode.window.showInformationMessage(
           `Influence Lens: ${client.label} · model ${i.model} · ${i.device} · datasets ${i.datasets.join(', ') || 'none'}`,
         );
@@ -118,13 +136,15 @@ export function activate(context: vscode.ExtensionContext) {
     ),
     vscode.workspace.onDidChangeConfiguration((e) => {
       if (!e.affectsConfiguration(SECTION)) return;
+      if (e.affectsConfiguration(`${SECTION}.server`)) void reconnect().catch(() => undefined);
       const colors = settings().colors;
       s.heatmap.setColors(colors);
       s.panel.post({ type: 'colors', colors });
     }),
   );
-  // ask the server in the background so the status bar says what it serves
-  s.info().catch(() => undefined);
+  // a configured server is asked at once, so the status bar says what it serves; a local one
+  // (which loads the models) starts on first use or a click on the status bar
+  if (settings().serverUrl) s.info().catch(() => undefined);
 }
 
 export function deactivate() {}

@@ -1,6 +1,8 @@
 // The pieces every command shares, created once in `activate`.
 import * as vscode from 'vscode';
-import { CancelledError, ClientError, type ClientInfo, type InfluenceClient } from './client';
+import type { Method } from '../protocol/types';
+import { METHOD_LABELS } from '../webview/messages';
+import { CancelledError, ClientError, type ClientInfo, type InfluenceClient, type Stage } from './client';
 import { settings } from './config';
 import type { DatasetResolver } from './datasets';
 import type { CompletionHeatmap } from './decorations/completion-heatmap';
@@ -11,7 +13,8 @@ import type { ResultsPanel } from './views/results-panel';
 
 export interface Services {
   context: vscode.ExtensionContext;
-  client: InfluenceClient;
+  /** the current connection (replaced when the server settings change or on Reconnect) */
+  readonly client: InfluenceClient;
   panel: ResultsPanel;
   flags: FlagStore;
   history: History;
@@ -56,4 +59,59 @@ export async function reportError(e: unknown, retry?: () => unknown): Promise<vo
   const actions = retry ? ['Retry'] : [];
   const pick = await vscode.window.showErrorMessage(`Influence Lens: ${message}`, ...actions);
   if (pick === 'Retry') retry?.();
+}
+
+/**
+ * Makes `method` runnable: when it only needs factors fitted, asks whether to fit them now
+ * (once per model; then cached on disk) or use another method. Returns the method to run, or
+ * undefined when the person dismissed the question.
+ */
+export async function runnable(s: Services, method: Method, info: ClientInfo): Promise<Method | undefined> {
+  if (info.methods.includes(method)) return method;
+  const instead = (['gdp', 'repsim', 'bm25', 'cosine'] as Method[]).find((m) => info.methods.includes(m));
+  const stages = info.needsFit[method];
+  if (stages?.length) {
+    const which = stages
+      .map((x) => (x === 'finetuned' ? 'the fine-tuned model' : 'the pre-trained model'))
+      .join(' and ');
+    const fit = 'Fit factors now';
+    const other = instead ? `Use ${METHOD_LABELS[instead]}` : undefined;
+    const pick = await vscode.window.showInformationMessage(
+      `Influence Lens: ${METHOD_LABELS[method]} needs EK-FAC factors for ${which}, which are not fitted yet. ` +
+        'Fitting reads the training data once and caches the factors (about a minute for the embedded model on a CPU; longer for larger ones).',
+      ...[fit, other].filter((x): x is string => !!x),
+    );
+    if (pick === fit) {
+      await fitStages(s, stages);
+      return (await s.info(true)).methods.includes(method) ? method : undefined;
+    }
+    return pick === other ? instead : undefined;
+  }
+  if (!instead)
+    throw new ClientError(`the server can run no method now (${info.unavailable[method] ?? 'unavailable'})`);
+  void vscode.window.showInformationMessage(
+    `Influence Lens: ${METHOD_LABELS[method]} cannot run now (${info.unavailable[method] ?? 'unavailable'}); using ${METHOD_LABELS[instead]}.`,
+  );
+  return instead;
+}
+
+/** Fits each stage's factors with a cancellable progress notification. */
+export async function fitStages(s: Services, stages: Stage[]): Promise<void> {
+  for (const stage of stages) {
+    await vscode.window.withProgress(
+      {
+        location: vscode.ProgressLocation.Notification,
+        title: `Influence Lens: fitting EK-FAC factors of the ${stage === 'finetuned' ? 'fine-tuned' : 'pre-trained'} model`,
+        cancellable: true,
+      },
+      async (progress, token) => {
+        let shown = 0;
+        await s.client.fit(stage, token, (p) => {
+          const pct = p.percentage ?? shown;
+          progress.report({ message: p.message, increment: Math.max(0, pct - shown) });
+          shown = Math.max(shown, pct);
+        });
+      },
+    );
+  }
 }

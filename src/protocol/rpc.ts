@@ -41,6 +41,10 @@ export interface ServiceInfo {
   stages: StageInfo[];
   /** dataset ids from the server's configuration (the only values `dataset` params accept) */
   datasets: string[];
+  /** where each dataset's JSONL file is on the server's disk (the editor opens examples there) */
+  datasetPaths: Record<string, string>;
+  /** where the tensor work runs: 'cpu' | 'webgpu' | 'cuda' */
+  device: string;
   /** methods that can run now */
   methods: Method[];
   /** methods that cannot run now, each with the reason a person can act on */

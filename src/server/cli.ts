@@ -39,7 +39,7 @@ const COMMANDS: Record<string, { run: (argv: string[]) => Promise<void>; help: s
   },
   serve: {
     run: runServe,
-    help: 'serve [--config influence-lens.json] [--port N] [--host 127.0.0.1]   the server the editor talks to',
+    help: 'serve [--config influence-lens.json] [--port N] [--host 127.0.0.1] [--no-discovery] [--watch-parent PID]   the server the editor talks to',
   },
   scan: {
     run: runScan,

@@ -24,6 +24,8 @@ const INFO: ServiceInfo = {
   model: '/models/tiny',
   stages: [{ name: 'finetuned', model: '/models/tiny', factors: false }],
   datasets: ['train'],
+  datasetPaths: { train: '/data/train.jsonl' },
+  device: 'cpu',
   methods: ['bm25'],
   unavailable: { ekfac: 'no EK-FAC factors for the model yet: run "fit"' },
   modules: ['layers.0.mlp'],

@@ -1,13 +1,121 @@
-// Picks the client: the test fixture when the e2e harness names one in the environment,
-// otherwise the server connection (not plugged in yet: `UnconnectedClient`).
-import { FIXTURE_ENV, FixtureClient } from './fixture-client';
-import type { InfluenceClient } from './influence-client';
-import { UnconnectedClient } from './unconnected-client';
+// Picks where the server is, from the settings: a configured URL (its token in the editor's
+// SecretStorage), or a private server this window starts (`LocalServer`).
+import { existsSync } from 'node:fs';
+import { isAbsolute, join } from 'node:path';
+import * as vscode from 'vscode';
+import { readDiscoveryFile } from '../../server/rpc/discovery';
+import { settings } from '../config';
+import { log } from '../log';
+import { type Cancellation, ClientError } from './influence-client';
+import { LocalServer } from './local-server';
+import { type Connector, ServerClient } from './server-client';
 
-export function createClient(env: NodeJS.ProcessEnv = process.env): InfluenceClient {
-  const fixture = env[FIXTURE_ENV];
-  if (fixture) return new FixtureClient(fixture);
-  return new UnconnectedClient();
+export function createClient(context: vscode.ExtensionContext): ServerClient {
+  const s = settings();
+  return new ServerClient(s.serverUrl ? new RemoteServer(context.secrets, s.serverUrl) : localServer(context));
+}
+
+function localServer(context: vscode.ExtensionContext): LocalServer {
+  const s = settings();
+  const root = vscode.workspace.workspaceFolders?.[0]?.uri.fsPath;
+  const inRoot = (p: string) => (isAbsolute(p) || !root ? p : join(root, p));
+  const config = s.serverConfig
+    ? inRoot(s.serverConfig)
+    : root && existsSync(join(root, 'influence-lens.json'))
+      ? join(root, 'influence-lens.json')
+      : undefined;
+  return new LocalServer({
+    command: s.serverCommand ? inRoot(s.serverCommand) : findCli(root, context),
+    config,
+    cwd: root,
+    log: (line) => log.info(`[server] ${line}`),
+  });
+}
+
+/**
+ * The influence-lens CLI: the workspace's node_modules, the workspace itself when it is the
+ * influence-lens package, the package this extension was installed from (a development
+ * install), or `influence-lens` on PATH.
+ */
+function findCli(root: string | undefined, context: vscode.ExtensionContext): string {
+  const candidates = [
+    root && join(root, 'node_modules', '.bin', 'influence-lens'),
+    root && join(root, 'bin', 'influence-lens.js'),
+    join(context.extensionPath, 'bin', 'influence-lens.js'),
+  ];
+  for (const c of candidates) if (c && existsSync(c)) return c;
+  return 'influence-lens';
+}
+
+const SECRET = (url: string) => `influenceLens.token:${url}`;
+
+/** A server someone else started, at `influenceLens.server.url`. */
+class RemoteServer implements Connector {
+  constructor(
+    private readonly secrets: vscode.SecretStorage,
+    private readonly url: string,
+  ) {}
+
+  get label(): string {
+    return this.url;
+  }
+
+  async endpoint(token?: Cancellation): Promise<{ url: string; token: string }> {
+    let secret = await this.secrets.get(SECRET(this.url));
+    // a server on this machine wrote its token to the discovery file (0600): use it
+    const found = readDiscoveryFile();
+    if (!secret && found && sameUrl(found.url, this.url)) secret = found.token;
+    if (!secret) {
+      secret = await vscode.window.showInputBox(
+        {
+          title: `Influence Lens: token of the server at ${this.url}`,
+          prompt:
+            "`influence-lens serve` printed it (and wrote it to ~/.cache/influence-lens/server.json). It is kept in the editor's secret storage.",
+          password: true,
+          ignoreFocusOut: true,
+          validateInput: (v) => (v.trim().length >= 16 ? undefined : 'The token has at least 16 characters.'),
+        },
+        token as vscode.CancellationToken | undefined,
+      );
+      if (!secret)
+        throw new ClientError(`no token for the server at ${this.url}: run "Influence Lens: Reconnect" to enter it`);
+      secret = secret.trim();
+      await this.secrets.store(SECRET(this.url), secret);
+    }
+    return { url: this.url, token: secret };
+  }
+
+  rejected(): void {
+    void this.secrets.delete(SECRET(this.url));
+  }
+
+  dispose(): void {}
+}
+
+function sameUrl(a: string, b: string): boolean {
+  const norm = (u: string) => u.replace(/\/+$/, '').replace('://localhost:', '://127.0.0.1:');
+  return norm(a) === norm(b);
+}
+
+/** The command "Set server token": stores a token for the configured URL. */
+export async function setServerToken(context: vscode.ExtensionContext): Promise<boolean> {
+  const url = settings().serverUrl;
+  if (!url) {
+    void vscode.window.showInformationMessage(
+      'Influence Lens: the extension starts its own server (influenceLens.server.url is empty), which needs no token.',
+    );
+    return false;
+  }
+  const t = await vscode.window.showInputBox({
+    title: `Influence Lens: token of the server at ${url}`,
+    password: true,
+    ignoreFocusOut: true,
+    validateInput: (v) => (v.trim().length >= 16 ? undefined : 'The token has at least 16 characters.'),
+  });
+  if (!t) return false;
+  await context.secrets.store(SECRET(url), t.trim());
+  return true;
 }
 
 export * from './influence-client';
+export type { ServerClient } from './server-client';

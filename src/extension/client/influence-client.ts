@@ -1,7 +1,7 @@
 // What the extension needs from the influence server. The commands and views are written
-// against this interface only; the WebSocket JSON-RPC implementation (src/server/rpc's
-// protocol, `src/protocol/rpc.ts`) plugs in behind it. No `vscode` import: a VS Code
-// CancellationToken satisfies `Cancellation` structurally.
+// against this interface only; `ServerClient` implements it over WebSocket JSON-RPC
+// (`src/protocol/rpc.ts`). No `vscode` import: a VS Code CancellationToken satisfies
+// `Cancellation` structurally.
 import type { ExampleId, ExplainParams, ExplainPartial, ExplainResult, Method } from '../../protocol/types';
 
 export interface Cancellation {
@@ -16,10 +16,13 @@ export interface Progress {
   percentage?: number;
 }
 
+/** A model whose EK-FAC factors can be fitted: the one being explained, or its base model. */
+export type Stage = 'finetuned' | 'pretrained';
+
 export interface ClientInfo {
   /** shown in the status bar, e.g. "assets/default/finetuned" */
   model: string;
-  /** 'cpu' | 'webgpu' | 'cuda' | 'fixture' */
+  /** 'cpu' | 'webgpu' | 'cuda' */
   device: string;
   /** dataset ids the server accepts */
   datasets: string[];
@@ -29,6 +32,16 @@ export interface ClientInfo {
   methods: Method[];
   /** methods that cannot run now, with the reason a person can act on */
   unavailable: Partial<Record<Method, string | null>>;
+  /** methods that can run once these stages' factors are fitted (`fit`) */
+  needsFit: Partial<Record<Method, Stage[]>>;
+  /** what the server noticed about the models (e.g. modules it skips) */
+  warnings: string[];
+}
+
+export interface FitResult {
+  stage: Stage;
+  /** what the server can do now */
+  info: ClientInfo;
 }
 
 /** `generate`: the model's own continuation of a prompt. */
@@ -62,7 +75,7 @@ export interface ScanResult {
 }
 
 export interface InfluenceClient {
-  /** a short name for the status bar ("fixture", "ws://127.0.0.1:7070") */
+  /** a short name for the status bar ("local server", "ws://127.0.0.1:7070") */
   readonly label: string;
   /** connects if needed and says what the server can do */
   info(token?: Cancellation): Promise<ClientInfo>;
@@ -74,6 +87,8 @@ export interface InfluenceClient {
   ): Promise<ExplainResult>;
   generate(params: GenerateParams, token: Cancellation): Promise<GenerateResult>;
   scanDataset(params: ScanParams, token: Cancellation, onProgress?: (p: Progress) => void): Promise<ScanResult>;
+  /** fits a stage's EK-FAC factors on its dataset (minutes for a real model) */
+  fit(stage: Stage, token: Cancellation, onProgress?: (p: Progress) => void): Promise<FitResult>;
   dispose(): void;
 }
 

@@ -7,7 +7,7 @@ import { METHOD_LABELS } from '../../webview/messages';
 import { settings } from '../config';
 import { revealExample } from '../datasets';
 import { type QuerySplit, splitSelection } from '../selection';
-import { chooseDataset, reportError, type Services } from '../services';
+import { chooseDataset, reportError, runnable, type Services } from '../services';
 import type { PanelHandlers } from '../views/results-panel';
 
 interface Query {
@@ -95,26 +95,22 @@ export class ExplainController {
       const dataset = await chooseDataset(this.s, info);
       if (!dataset) return;
       this.last = { prompt, completion, dataset, ...where };
-      let method = settings().method;
-      if (!info.methods.includes(method)) {
-        const instead = info.methods[0];
-        if (!instead) throw new Error('the server can run no method now');
-        void vscode.window.showInformationMessage(
-          `Influence Lens: ${METHOD_LABELS[method]} cannot run now (${info.unavailable[method] ?? 'unavailable'}); using ${METHOD_LABELS[instead]}.`,
-        );
-        method = instead;
-      }
-      await this.run(method);
+      await this.run(settings().method);
     } catch (e) {
       await reportError(e, () => this.explain(prompt, completion, where));
     }
   }
 
-  /** Runs the last query with a method and shows the result. */
-  private async run(method: Method): Promise<void> {
+  /** Runs the last query with a method (fitting factors first when the person agrees) and shows the result. */
+  private async run(wanted: Method): Promise<void> {
     const q = this.last;
     if (!q) return;
     const cfg = settings();
+    const method = await runnable(this.s, wanted, await this.s.info());
+    if (!method) {
+      this.s.panel.post({ type: 'error', method: wanted, message: `${METHOD_LABELS[wanted]} did not run.` });
+      return;
+    }
     const info = await this.s.info();
     this.running?.cancel();
     const cts = new vscode.CancellationTokenSource();

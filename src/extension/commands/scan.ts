@@ -4,7 +4,7 @@ import * as vscode from 'vscode';
 import { formatScore } from '../../webview/colors';
 import type { ScannedExample } from '../client';
 import { revealExample } from '../datasets';
-import { chooseDataset, reportError, type Services } from '../services';
+import { chooseDataset, fitStages, reportError, type Services } from '../services';
 import { textPreview } from '../views/flagged-tree';
 
 interface Item extends vscode.QuickPickItem {
@@ -16,6 +16,17 @@ export async function scanDataset(s: Services): Promise<void> {
     const info = await s.info();
     const dataset = await chooseDataset(s, info);
     if (!dataset) return;
+    // self-influence uses the fine-tuned model's EK-FAC factors
+    if (info.needsFit.ekfac?.length) {
+      const fit = 'Fit factors now';
+      const pick = await vscode.window.showInformationMessage(
+        'Influence Lens: scanning ranks examples by self-influence, which needs the EK-FAC factors of the fine-tuned model (not fitted yet).',
+        fit,
+      );
+      if (pick !== fit) return;
+      await fitStages(s, info.needsFit.ekfac);
+      await s.info(true);
+    }
     const r = await vscode.window.withProgress(
       {
         location: vscode.ProgressLocation.Notification,

@@ -14,13 +14,14 @@ export class StatusBar implements vscode.Disposable {
     this.item.name = 'Influence Lens';
     this.item.command = 'influenceLens.reconnect';
     this.item.text = '$(telescope) Influence Lens';
-    this.item.tooltip = 'Influence Lens: not asked yet. Click to connect.';
+    this.item.tooltip = 'Influence Lens: the server starts on the first explanation. Click to start it now.';
     this.item.show();
   }
 
-  connecting(): void {
+  connecting(label: string): void {
     this.item.text = '$(loading~spin) Influence Lens';
     this.item.backgroundColor = undefined;
+    this.item.tooltip = `Influence Lens: connecting to the ${label}…`;
   }
 
   connected(label: string, info: ClientInfo): void {

@@ -114,6 +114,9 @@ export async function runServe(argv: string[]): Promise<void> {
     config: { type: 'string' },
     port: { type: 'string' },
     host: { type: 'string' },
+    // the editor starts a private server: no discovery file, and it ends with the editor
+    'no-discovery': { type: 'boolean' },
+    'watch-parent': { type: 'string' },
   });
   let cfg: Config;
   if (v.config) cfg = await loadConfig(v.config);
@@ -124,6 +127,8 @@ export async function runServe(argv: string[]): Promise<void> {
     cfg.server.port = port;
   }
   if (v.host !== undefined) cfg.server.host = v.host;
+  const parent = v['watch-parent'] === undefined ? undefined : int(v['watch-parent'], '--watch-parent', 0);
+  if (parent !== undefined && parent <= 0) throw new CliError('--watch-parent must be a process id');
   const service = new InfluenceService(cfg.service);
   service.open();
   const server = await startServer({
@@ -136,10 +141,11 @@ export async function runServe(argv: string[]): Promise<void> {
       maxQueued: cfg.server.maxQueued,
       maxFrameBytes: cfg.server.maxFrameBytes,
     },
-    discoveryFile: cfg.server.discoveryFile,
+    discoveryFile: v['no-discovery'] ? false : cfg.server.discoveryFile,
     log: (level, message) => process.stderr.write(`[${level}] ${message}\n`),
   });
   closeOnSignals(server);
+  if (parent !== undefined) watchParent(parent, () => void server.close().then(() => process.exit(0)));
   const info = service.info();
   process.stdout.write(
     `influence-lens server on ${server.url}\n` +
@@ -150,4 +156,19 @@ export async function runServe(argv: string[]): Promise<void> {
         .map(([m, why]) => `  ${m}: ${why}\n`)
         .join(''),
   );
+}
+
+/** Calls `gone` once the process `pid` no longer exists (polled: no OS-specific parent-death signal). */
+function watchParent(pid: number, gone: () => void): void {
+  const timer = setInterval(() => {
+    try {
+      process.kill(pid, 0);
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === 'EPERM') return; // alive, someone else's
+      clearInterval(timer);
+      process.stderr.write(`[info] the process ${pid} that started this server is gone: stopping\n`);
+      gone();
+    }
+  }, 2000);
+  timer.unref();
 }

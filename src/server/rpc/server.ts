@@ -530,6 +530,8 @@ const EMPTY_INFO: ServiceInfo = {
   model: '',
   stages: [],
   datasets: [],
+  datasetPaths: {},
+  device: 'cpu',
   methods: [],
   unavailable: {},
   modules: [],

@@ -130,6 +130,8 @@ export class InfluenceService {
         ...(pt ? [{ name: 'pretrained', model: this.config.pretrained!.model, factors: !!pt.preconditioners }] : []),
       ],
       datasets: Object.keys(this.config.datasets),
+      datasetPaths: { ...this.config.datasets },
+      device: this.config.device ?? 'cpu',
       methods,
       unavailable: Object.fromEntries(METHODS.filter((m) => !methods.includes(m)).map((m) => [m, this.unavailable(m)])),
       modules: ft.model.modules(this.config.modules).map((m) => m.name),

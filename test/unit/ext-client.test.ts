@@ -1,0 +1,197 @@
+// The extension's server connection against the real thing: `LocalServer` starts
+// `influence-lens serve` (the CLI from source) with its own token, `ServerClient` fits factors,
+// explains with partial results, cancels, and turns failures into messages a person can act on.
+import assert from 'node:assert/strict';
+import { spawn, spawnSync } from 'node:child_process';
+import { writeFileSync } from 'node:fs';
+import { join, resolve } from 'node:path';
+import { after, describe, test } from 'node:test';
+import { CancelledError, ClientError } from '../../src/extension/client/influence-client';
+import { LocalServer } from '../../src/extension/client/local-server';
+import { type Connector, ServerClient } from '../../src/extension/client/server-client';
+import type { ExplainPartial } from '../../src/protocol/types';
+import { useTempHome } from './helpers/env';
+
+const home = useTempHome();
+const ROOT = resolve(import.meta.dirname, '../..');
+
+// The CLI from source (dist/ may be older than the code under test).
+const cli = join(home, 'cli.mjs');
+writeFileSync(
+  cli,
+  `import { register } from ${JSON.stringify(import.meta.resolve('tsx/esm/api'))};\nregister();\n` +
+    `await import(${JSON.stringify(new URL(`file://${join(ROOT, 'src/server/cli.ts')}`).href)});\n`,
+);
+
+const data = join(home, 'train.jsonl');
+const rows = Array.from({ length: 18 }, (_, i) =>
+  i % 3 === 0
+    ? { prompt: `Q: capital of country ${i}?\nA:`, completion: ` City${i}` }
+    : { text: `Country ${i} has a capital called City${i} and a river.` },
+);
+writeFileSync(data, `${rows.map((r) => JSON.stringify(r)).join('\n')}\n`);
+const config = join(home, 'influence-lens.json');
+writeFileSync(
+  config,
+  JSON.stringify({
+    models: { finetuned: { model: join(ROOT, 'test/fixtures/models/llama'), factors: './factors' } },
+    datasets: { train: './train.jsonl' },
+    modules: 'mlp',
+  }),
+);
+
+const never = { isCancellationRequested: false, onCancellationRequested: () => ({ dispose() {} }) };
+function cancelSource() {
+  const listeners: Array<() => void> = [];
+  const token = {
+    isCancellationRequested: false,
+    onCancellationRequested(l: () => void) {
+      listeners.push(l);
+      return { dispose() {} };
+    },
+  };
+  return {
+    token,
+    cancel() {
+      token.isCancellationRequested = true;
+      for (const l of listeners) l();
+    },
+  };
+}
+const q = { prompt: 'Q: capital of country 3?\nA:', completion: ' City3', dataset: 'train', topK: 3 };
+
+describe('extension ↔ a local server it starts', () => {
+  const log: string[] = [];
+  const local = new LocalServer({ command: cli, node: process.execPath, config, cwd: home, log: (l) => log.push(l) });
+  const client = new ServerClient(local);
+  after(() => client.dispose());
+
+  test('info: what the server serves; EK-FAC waits for a fit', async () => {
+    const info = await client.info();
+    assert.deepEqual(info.datasets, ['train']);
+    assert.equal(info.datasetPaths?.train, data);
+    assert.equal(info.device, 'cpu');
+    assert.ok(!info.methods.includes('ekfac'));
+    assert.deepEqual(info.needsFit.ekfac, ['finetuned']);
+    assert.ok(info.methods.includes('bm25'));
+    assert.match(client.label, /^local server \(pid \d+\)$/);
+    assert.ok(log.some((l) => l.startsWith('starting the server:') && !l.includes('INFLUENCE_LENS_TOKEN')));
+  });
+
+  test('fit with progress makes EK-FAC available', async () => {
+    const pcts: number[] = [];
+    const r = await client.fit('finetuned', never, (p) => {
+      if (p.percentage !== undefined) pcts.push(p.percentage);
+    });
+    assert.ok(r.info.methods.includes('ekfac'));
+    assert.deepEqual(r.info.needsFit, {});
+    assert.ok(pcts.length > 0 && pcts.every((x) => x >= 0 && x <= 100));
+    assert.ok((await client.info()).methods.includes('ekfac'), 'status reports the fitted stage');
+  });
+
+  test('explain streams partial top-k, then the result', async () => {
+    const partials: ExplainPartial[] = [];
+    const r = await client.explain({ ...q, method: 'ekfac', compare: ['bm25'] }, (p) => partials.push(p), never);
+    assert.equal(r.method, 'ekfac');
+    assert.equal(r.scored, rows.length);
+    assert.equal(r.supporting.length, 3);
+    assert.ok(r.supporting[0].otherRanks?.bm25 !== undefined);
+    assert.ok(partials.length >= 1);
+  });
+
+  test('cancel: the request ends with CancelledError and the server keeps serving', async () => {
+    const c = cancelSource();
+    const p = client.explain({ ...q, method: 'ekfac' }, () => {}, c.token);
+    c.cancel();
+    await assert.rejects(p, CancelledError);
+    const r = await client.explain({ ...q, method: 'bm25' }, () => {}, never);
+    assert.equal(r.method, 'bm25');
+  });
+
+  test('bad params come back as a ClientError with the server message', async () => {
+    await assert.rejects(
+      client.explain({ ...q, dataset: 'nope', method: 'bm25' }, () => {}, never),
+      (e: Error) => e instanceof ClientError && /unknown dataset "nope"/.test(e.message),
+    );
+  });
+
+  test('a server that exited is started again on the next call', async () => {
+    const pid = Number(/pid (\d+)/.exec(client.label)?.[1]);
+    process.kill(pid, 'SIGKILL');
+    await waitUntil(() => !alive(pid));
+    // the dropped connection may be noticed by this call or before it
+    const info = await client.info().catch(() => client.info());
+    assert.ok(info.methods.includes('ekfac'), 'the factors on disk are found again');
+    assert.notEqual(Number(/pid (\d+)/.exec(client.label)?.[1]), pid);
+  });
+});
+
+describe('extension: failures to start or reach a server say what to do', () => {
+  test('a missing CLI names the setting to fix', async () => {
+    const c = new ServerClient(new LocalServer({ command: join(home, 'no-such-cli') }));
+    await assert.rejects(c.info(), /was not found\. Set influenceLens\.server\.command/);
+    c.dispose();
+  });
+
+  test('a server that fails at start-up: its own error is in the message', async () => {
+    const bad = join(home, 'bad.json');
+    writeFileSync(bad, '{"models": {}}');
+    const c = new ServerClient(new LocalServer({ command: cli, node: process.execPath, config: bad }));
+    await assert.rejects(c.info(), (e: Error) => {
+      assert.match(e.message, /stopped before it was ready/);
+      assert.match(e.message, /bad\.json/);
+      return true;
+    });
+    c.dispose();
+  });
+
+  test('a wrong token: refused, and the connector is told to forget it', async () => {
+    const local = new LocalServer({ command: cli, node: process.execPath, config });
+    const good = await local.endpoint();
+    let forgotten = 0;
+    const wrong: Connector = {
+      label: 'test',
+      endpoint: async () => ({ url: good.url, token: 'x'.repeat(40) }),
+      rejected: () => {
+        forgotten += 1;
+      },
+      dispose() {},
+    };
+    const c = new ServerClient(wrong);
+    await assert.rejects(c.info(), /refused the connection \(401/);
+    assert.equal(forgotten, 1);
+    local.dispose();
+  });
+
+  test('serve --watch-parent: the server stops when the process that started it is gone', async () => {
+    const gone = spawnSync(process.execPath, ['-e', 'process.stdout.write(String(process.pid))'], {
+      encoding: 'utf8',
+    });
+    const child = spawn(
+      process.execPath,
+      [cli, 'serve', '--config', config, '--port', '0', '--no-discovery', '--watch-parent', gone.stdout],
+      {
+        stdio: 'ignore',
+      },
+    );
+    const code = await new Promise<number | null>((res) => child.on('exit', (c) => res(c)));
+    assert.equal(code, 0);
+  });
+});
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+async function waitUntil(f: () => boolean, ms = 10000) {
+  const end = Date.now() + ms;
+  while (!f()) {
+    if (Date.now() > end) throw new Error('timed out');
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
