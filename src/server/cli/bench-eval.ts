@@ -80,12 +80,18 @@ export async function benchEval(argv: string[]): Promise<void> {
     modules: 'all',
   });
 
-  type Variant = { name: string; method: Method; setup: ExplainSetup; store?: boolean };
+  type Variant = { name: string; method: Method; setup: ExplainSetup; store?: boolean; factors?: string };
   const single = (s: OpenedStage): ExplainSetup => ({ model: s, modules: s.modules });
   const variants: Variant[] = [
-    { name: 'EK-FAC', method: 'ekfac', setup: single(ftAll) },
-    { name: 'EK-FAC (MLP only)', method: 'ekfac', setup: single(ftMlp) },
-    { name: 'gradient store (k=16) + no rerank', method: 'ekfac', setup: single(ftAll), store: true },
+    { name: 'EK-FAC', method: 'ekfac', setup: single(ftAll), factors: d.finetunedFactors },
+    { name: 'EK-FAC (MLP only)', method: 'ekfac', setup: single(ftMlp), factors: join(eval0, 'factors-finetuned-mlp') },
+    {
+      name: 'gradient store (k=16) + no rerank',
+      method: 'ekfac',
+      setup: single(ftAll),
+      store: true,
+      factors: d.finetunedFactors,
+    },
     { name: 'gradient dot product', method: 'gdp', setup: single(ftAll) },
     { name: 'gradient cosine', method: 'cosine', setup: single(ftAll) },
     { name: 'RepSim', method: 'repsim', setup: single(ftAll) },
@@ -178,26 +184,44 @@ export async function benchEval(argv: string[]): Promise<void> {
       queries: Array<{ prompt: string; completion: string }>;
       train: { lines: number[] };
       scores: Record<string, number[][]>;
-      damping?: unknown;
+      cg?: { residuals?: Record<string, number[]> };
     };
-    const label = Object.keys(gt.scores)[0];
     const lineToIndex = new Map(finetune.dataset.examples.map((e, i) => [e.line, i]));
-    const order = gt.train.lines.map((l) => lineToIndex.get(l)!);
+    const order = gt.train.lines.map((l) => {
+      const i = lineToIndex.get(l);
+      if (i === undefined) throw new Error(`${truthFile} names line ${l}, which the fine-tuning data does not have`);
+      return i;
+    });
     say(
-      `3. correlation with the exact damped Gauss-Newton influence (CG; ${gt.queries.length} queries × ${order.length} examples; ${label})`,
+      `3. correlation with the exact damped Gauss-Newton influence (CG; ${gt.queries.length} queries × ${order.length} examples)`,
     );
-    for (const vr of variants) {
-      const sp: number[] = [];
-      const pe: number[] = [];
-      for (const [qi, q] of gt.queries.entries()) {
-        const s = await scores(vr, finetune, { ...q, kind: 'planted', sources: [] });
-        const ours = order.map((i) => s[i]);
-        sp.push(spearman(ours, gt.scores[label][qi]));
-        pe.push(pearson(ours, gt.scores[label][qi]));
+    // each ground truth solves (G/N + m·λ₀) x = ∇L_q with λ₀ = 0.1·tr(G/N)/P, the GGN analogue of
+    // EK-FAC's heuristic 0.1·mean Λ: EK-FAC is compared at the same multiple, 0.1·m·mean Λ
+    for (const [label, rows] of Object.entries(gt.scores)) {
+      const m = label === 'lambda' ? 1 : Number(/^lambda_x([\d.e+-]+)$/.exec(label)?.[1]);
+      if (!Number.isFinite(m)) throw new Error(`${truthFile}: unknown damping label "${label}"`);
+      const damping: Damping = { relative: 0.1 * m };
+      const res = gt.cg?.residuals?.[label];
+      for (const vr of variants) {
+        const v2 = vr.factors ? { ...vr, setup: single(stage(ft, vr.factors, damping)) } : vr;
+        const sp: number[] = [];
+        const pe: number[] = [];
+        for (const [qi, q] of gt.queries.entries()) {
+          const s = await scores(v2, finetune, { ...q, kind: 'planted', sources: [] });
+          const ours = order.map((i) => s[i]);
+          sp.push(spearman(ours, rows[qi]));
+          pe.push(pearson(ours, rows[qi]));
+        }
+        truth.push({
+          method: vr.name,
+          'GGN damping': `${m}×λ₀`,
+          'CG residual (max)': res ? Math.max(...res) : '—',
+          Spearman: mean(sp),
+          Pearson: mean(pe),
+        });
       }
-      truth.push({ method: vr.name, Spearman: mean(sp), Pearson: mean(pe) });
     }
-    table(say, truth, ['method', 'Spearman', 'Pearson']);
+    table(say, truth, ['method', 'GGN damping', 'CG residual (max)', 'Spearman', 'Pearson']);
   }
 
   // 4. LDS: retrain on random halves of the fine-tuning set
@@ -331,7 +355,7 @@ ${mdTable(t.retrieval, ['task', 'method', 'queries', 'Recall@10', 'MRR'])}
 ${mdTable(t.tracing, ['method', 'damping', 'Recall@10', 'MRR'])}
 
 ## Correlation with the exact damped Gauss-Newton influence (CG)
-${t.truth.length ? mdTable(t.truth, ['method', 'Spearman', 'Pearson']) : 'skipped: no ground-truth file (test/oracle/make_ggn_truth.py)'}
+${t.truth.length ? mdTable(t.truth, ['method', 'GGN damping', 'CG residual (max)', 'Spearman', 'Pearson']) : 'skipped: no ground-truth file (test/oracle/make_ggn_truth.py)'}
 
 ## Linear datamodeling score
 ${mdTable(t.ldsRows, ['method', 'LDS'])}
