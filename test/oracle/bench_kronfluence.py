@@ -53,6 +53,7 @@ import json  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
+import resource  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -457,6 +458,8 @@ def main(argv=None):
         "candidates_per_second": n_train / score_seconds,
         "pairs_per_second": n_train * n_query / score_seconds,
         "fit_tokens_per_second": tokens_train / fit_seconds,
+        # this Python process's peak resident memory (torch, the model, the fits and the scoring)
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         # kronfluence's release_memory() (mostly gc.collect over the whole Python heap) is a fixed
         # cost per phase that dominates on tiny models; these are the same runs with it subtracted
         "without_release_memory": {

@@ -6,10 +6,11 @@
 import { spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { cpus, hostname } from 'node:os';
-import { join, resolve } from 'node:path';
+import { dirname, join } from 'node:path';
 import { preconditionerFor } from '../attribution/ekfac/factors-io';
 import { type FittedFactors, fitFactors, type TokenizedExample } from '../attribution/fit';
 import { queryBatchGradients, queryMatrices, scoreCandidates } from '../attribution/influence';
+import { packageRoot } from '../defaults';
 import { defaultCacheDir, Model } from '../model/engine';
 import { initLlama, saveCheckpoint } from '../train/trainer';
 import { Rng } from '../util/random';
@@ -20,7 +21,8 @@ const SHAPES = {
   full: { d: 128, layers: 4, heads: 4, ffn: 512, train: 256, length: 64, queries: 8 },
   quick: { d: 64, layers: 2, heads: 4, ffn: 256, train: 64, length: 32, queries: 4 },
 };
-const VOCAB_FROM = 'test/fixtures/models/llama'; // its tokenizer (vocab 320) is only used for the pad id
+// its tokenizer (vocab 320) is only used for the pad id
+const VOCAB_FROM = () => join(packageRoot(), 'test/fixtures/models/llama');
 
 export async function benchEkfac(argv: string[]): Promise<void> {
   const { values: v } = parse(argv, {
@@ -28,6 +30,7 @@ export async function benchEkfac(argv: string[]): Promise<void> {
     threads: { type: 'string' },
     python: { type: 'string' },
     'no-kronfluence': { type: 'boolean' },
+    report: { type: 'string' },
   });
   const size = v.quick ? 'quick' : 'full';
   const s = SHAPES[size];
@@ -43,7 +46,7 @@ export async function benchEkfac(argv: string[]): Promise<void> {
     );
     // a few times the init scale, so the random model's gradients are not all tiny
     for (const [name, p] of params) if (!name.includes('norm')) for (let i = 0; i < p.length; i++) p[i] *= 4;
-    saveCheckpoint(modelDir, config, params, shapes, VOCAB_FROM);
+    saveCheckpoint(modelDir, config, params, shapes, VOCAB_FROM());
   }
   const rng = new Rng(11);
   const seq = (n: number) => Array.from({ length: n }, () => 1 + rng.int(319));
@@ -116,8 +119,8 @@ export async function benchEkfac(argv: string[]): Promise<void> {
   // kronfluence, same model and data, same machine, same run
   let kron: Record<string, unknown> | null = null;
   let agreement: number[] | null = null;
-  const python = v.python ?? resolve('test/oracle/.venv/bin/python');
-  const script = resolve('test/oracle/bench_kronfluence.py');
+  const python = v.python ?? join(packageRoot(), 'test/oracle/.venv/bin/python');
+  const script = join(packageRoot(), 'test/oracle/bench_kronfluence.py');
   if (v['no-kronfluence']) say('  kronfluence: skipped (--no-kronfluence)');
   else if (!existsSync(python) || !existsSync(script))
     say(
@@ -173,8 +176,14 @@ export async function benchEkfac(argv: string[]): Promise<void> {
       say(`  agreement: Spearman per query ${agreement.map((x) => x.toFixed(4)).join(', ')} (goal ≥ 0.99)`);
     }
   }
+  // this process's peak resident memory: the model, the fit and the scoring (run alone by `bench`)
+  const peakRssMb = process.resourceUsage().maxRSS / 1024;
+  say(
+    `  peak memory (RSS): influence-lens ${Math.round(peakRssMb)} MB${kron && typeof kron.peak_rss_mb === 'number' ? `, kronfluence ${Math.round(kron.peak_rss_mb)} MB (its Python process, torch included)` : ''}`,
+  );
   const report = {
     suite: 'ekfac',
+    peak_rss_mb: peakRssMb,
     size,
     date: new Date().toISOString(),
     host: hostname(),
@@ -187,8 +196,8 @@ export async function benchEkfac(argv: string[]): Promise<void> {
     kronfluence: kron,
     spearman_per_query: agreement,
   };
-  mkdirSync('bench/out', { recursive: true });
-  const file = join('bench/out', `ekfac-${size}-${report.date.slice(0, 10)}-${hostname()}.json`);
+  const file = v.report ?? join('bench/out', `ekfac-${size}-${report.date.slice(0, 10)}-${hostname()}.json`);
+  mkdirSync(dirname(file), { recursive: true });
   writeFileSync(file, `${JSON.stringify(report, null, 2)}\n`);
   say(`  report: ${file}`);
 }

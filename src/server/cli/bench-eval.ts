@@ -11,7 +11,7 @@
 import { createHash } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { cpus, hostname } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import type { Method } from '../../protocol/types';
 import type { Damping } from '../attribution/ekfac/precondition';
 import { Corpus, type ExplainSetup, scoreCorpus } from '../attribution/explain';
@@ -20,7 +20,7 @@ import { runFitJob } from '../attribution/fit-job';
 import { type OpenedStage, openStage } from '../attribution/stage';
 import { loadDataset } from '../data/dataset';
 import { contextLength, tokenizeQuery } from '../data/tokenize';
-import { embeddedDefault } from '../defaults';
+import { embeddedDefault, packageRoot } from '../defaults';
 import { lds, mean, rankingOf, recallAtK, reciprocalRank } from '../eval/metrics';
 import { GradientStore } from '../index/gradient-store';
 import { Model, makeBatch } from '../model/engine';
@@ -36,10 +36,14 @@ interface Query {
   sources: Array<{ dataset: string; line: number; hash: string }>;
 }
 
-type Row = Record<string, string | number>;
+export type Row = Record<string, string | number>;
 
 export async function benchEval(argv: string[]): Promise<void> {
-  const { values: v } = parse(argv, { quick: { type: 'boolean' }, 'lds-subsets': { type: 'string' } });
+  const { values: v } = parse(argv, {
+    quick: { type: 'boolean' },
+    'lds-subsets': { type: 'string' },
+    report: { type: 'string' },
+  });
   const quick = v.quick === true;
   const t0 = Date.now();
   const say = (s = '') => process.stdout.write(`${s}\n`);
@@ -173,7 +177,7 @@ export async function benchEval(argv: string[]): Promise<void> {
 
   // 3. ground truth: exact damped Gauss-Newton influence (CG), computed by test/oracle
   say();
-  const truthFile = join(process.cwd(), 'test/fixtures/ground-truth/default-ggn.json');
+  const truthFile = join(packageRoot(), 'test/fixtures/ground-truth/default-ggn.json');
   const truth: Row[] = [];
   let truthNote = '';
   if (!existsSync(truthFile)) {
@@ -193,7 +197,7 @@ export async function benchEval(argv: string[]): Promise<void> {
       return i;
     });
     say(
-      `3. correlation with the exact damped Gauss-Newton influence (CG; ${gt.queries.length} queries × ${order.length} examples)`,
+      `3. correlation with the exact damped Gauss-Newton influence (CG; ${quick ? Math.min(4, gt.queries.length) : gt.queries.length} queries × ${order.length} examples)`,
     );
     // each ground truth solves (G/N + m·λ₀) x = ∇L_q with λ₀ = 0.1·tr(G/N)/P, the GGN analogue of
     // EK-FAC's heuristic 0.1·mean Λ: EK-FAC is compared at the same multiple, 0.1·m·mean Λ
@@ -206,7 +210,7 @@ export async function benchEval(argv: string[]): Promise<void> {
         const v2 = vr.factors ? { ...vr, setup: single(stage(ft, vr.factors, damping)) } : vr;
         const sp: number[] = [];
         const pe: number[] = [];
-        for (const [qi, q] of gt.queries.entries()) {
+        for (const [qi, q] of gt.queries.slice(0, quick ? 4 : undefined).entries()) {
           const s = await scores(v2, finetune, { ...q, kind: 'planted', sources: [] });
           const ours = order.map((i) => s[i]);
           sp.push(spearman(ours, rows[qi]));
@@ -303,10 +307,12 @@ export async function benchEval(argv: string[]): Promise<void> {
     ground_truth: truth.length ? truth : truthNote,
     lds: { subsets: M, epochs, queries: ldsQs.length, rows: ldsRows },
   };
-  mkdirSync('bench/results', { recursive: true });
-  const base = join('bench/results', `${report.date.slice(0, 10)}-${hostname()}${quick ? '-quick' : ''}`);
+  const base = v.report
+    ? v.report.replace(/\.json$/, '')
+    : join('bench/results', `${report.date.slice(0, 10)}-${hostname()}-eval${quick ? '-quick' : ''}`);
+  mkdirSync(dirname(base), { recursive: true });
   writeFileSync(`${base}.json`, `${JSON.stringify(report, null, 2)}\n`);
-  writeFileSync(`${base}.md`, markdown(report, { retrieval, tracing, truth, ldsRows }));
+  writeFileSync(`${base}.md`, evalMarkdown(report));
   say();
   say(`done in ${report.seconds.toFixed(0)} s; report: ${base}.json, ${base}.md`);
 }
@@ -321,7 +327,7 @@ async function queryLosses(model: Model, qs: Query[]): Promise<number[]> {
   return Array.from(r.loss.data as Float32Array);
 }
 
-function fmt(x: string | number): string {
+export function fmt(x: string | number): string {
   return typeof x === 'number' ? (Number.isInteger(x) ? String(x) : x.toFixed(3)) : x;
 }
 
@@ -331,7 +337,7 @@ function table(say: (s: string) => void, rows: Row[], cols: string[]) {
   for (const r of rows) say(`   ${cols.map((c, i) => fmt(r[c]).padEnd(w[i])).join('  ')}`);
 }
 
-function mdTable(rows: Row[], cols: string[]): string {
+export function mdTable(rows: Row[], cols: string[]): string {
   return [
     `| ${cols.join(' | ')} |`,
     `|${cols.map(() => '---').join('|')}|`,
@@ -339,25 +345,34 @@ function mdTable(rows: Row[], cols: string[]): string {
   ].join('\n');
 }
 
-function markdown(
-  r: { date: string; host: string; cpus: number; node: string; seconds: number; quick: boolean },
-  t: { retrieval: Row[]; tracing: Row[]; truth: Row[]; ldsRows: Row[] },
-): string {
-  return `# Influence Lens evaluation (${r.quick ? 'quick' : 'full'})
+/** The evaluation's sections in markdown (also used by `bench`'s combined report). */
+export function evalMarkdown(r: {
+  date: string;
+  host: string;
+  cpus: number;
+  node: string;
+  seconds: number;
+  quick: boolean;
+  retrieval: Row[];
+  fact_tracing: Row[];
+  ground_truth: Row[] | string;
+  lds: { subsets: number; epochs: number; queries: number; rows: Row[] };
+}): string {
+  const truth = r.ground_truth;
+  return `## Accuracy (\`bench eval${r.quick ? ' --quick' : ''}\`, ${r.seconds.toFixed(0)} s)
 
-${r.date} on ${r.host} (${r.cpus} CPUs, Node ${r.node}); ${r.seconds.toFixed(0)} s.
-Command: \`npx influence-lens bench eval${r.quick ? ' --quick' : ''}\`. Model and data: the embedded default (assets/default).
+Model and data: the embedded default (assets/default); the true sources are known by construction.
 
-## Planted wrong facts and backdoor: their sources in the fine-tuning set
-${mdTable(t.retrieval, ['task', 'method', 'queries', 'Recall@10', 'MRR'])}
+### Planted wrong facts and backdoor: their sources in the fine-tuning set
+${mdTable(r.retrieval, ['task', 'method', 'queries', 'Recall@10', 'MRR'])}
 
-## Fact tracing into pre-training data
-${mdTable(t.tracing, ['method', 'damping', 'Recall@10', 'MRR'])}
+### Fact tracing into pre-training data
+${mdTable(r.fact_tracing, ['method', 'damping', 'Recall@10', 'MRR'])}
 
-## Correlation with the exact damped Gauss-Newton influence (CG)
-${t.truth.length ? mdTable(t.truth, ['method', 'GGN damping', 'CG residual (max)', 'Spearman', 'Pearson']) : 'skipped: no ground-truth file (test/oracle/make_ggn_truth.py)'}
+### Correlation with the exact damped Gauss-Newton influence (CG, test/oracle/make_ggn_truth.py)
+${typeof truth === 'string' ? `skipped: ${truth}` : mdTable(truth, ['method', 'GGN damping', 'CG residual (max)', 'Spearman', 'Pearson'])}
 
-## Linear datamodeling score
-${mdTable(t.ldsRows, ['method', 'LDS'])}
+### Linear datamodeling score (${r.lds.subsets} random halves, ${r.lds.epochs} epochs, ${r.lds.queries} queries)
+${mdTable(r.lds.rows, ['method', 'LDS'])}
 `;
 }

@@ -2,7 +2,7 @@
 // authentication, the service — over the whole embedded training set, and candidates/s.
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { cpus, hostname } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import type { ExplainResult, Method } from '../../protocol/types';
 import { scoreCorpus } from '../attribution/explain';
 import { defaultServiceConfig, embeddedDefault } from '../defaults';
@@ -14,7 +14,7 @@ import { serviceHandlers } from './serve';
 import { parse } from './util';
 
 export async function benchServer(argv: string[]): Promise<void> {
-  const { values: v } = parse(argv, { quick: { type: 'boolean' } });
+  const { values: v } = parse(argv, { quick: { type: 'boolean' }, report: { type: 'string' } });
   const say = (s: string) => process.stdout.write(`${s}\n`);
   const d = embeddedDefault();
   const service = new InfluenceService(defaultServiceConfig());
@@ -104,8 +104,9 @@ export async function benchServer(argv: string[]): Promise<void> {
   );
   await client.close();
   await server.close();
-  mkdirSync('bench/out', { recursive: true });
-  const file = join('bench/out', `server-${(report.date as string).slice(0, 10)}-${hostname()}.json`);
+  report.peak_rss_mb = process.resourceUsage().maxRSS / 1024;
+  const file = v.report ?? join('bench/out', `server-${(report.date as string).slice(0, 10)}-${hostname()}.json`);
+  mkdirSync(dirname(file), { recursive: true });
   writeFileSync(file, `${JSON.stringify(report, null, 2)}\n`);
   say(`  goal: ekfac p50 ≤ 1000 ms on 2 CPU cores; report: ${file}`);
 }

@@ -11,6 +11,7 @@ import { DataType, Graph } from '../model/onnx/graph';
 import { createSession, ort } from '../model/onnx/session';
 import { type TensorToWrite, writeSafetensors } from '../model/safetensors';
 import { Rng } from '../util/random';
+import { benchAll } from './bench-all';
 import { benchEkfac } from './bench-ekfac';
 import { benchEval } from './bench-eval';
 import { benchServer } from './bench-server';
@@ -18,12 +19,13 @@ import { CliError, int, parse } from './util';
 
 export async function runBench(argv: string[]): Promise<void> {
   const [suite, ...rest] = argv;
+  if (suite === undefined || suite.startsWith('--')) return benchAll(argv);
   if (suite === 'engine') return benchEngine(rest);
   if (suite === 'ekfac') return benchEkfac(rest);
   if (suite === 'server') return benchServer(rest);
   if (suite === 'eval') return benchEval(rest);
   throw new CliError(
-    `usage: influence-lens bench engine|ekfac|server|eval [--quick] [--threads N] (unknown suite "${suite ?? ''}")`,
+    `usage: influence-lens bench [--quick] (all suites, one report) | bench engine|ekfac|server|eval [--quick] (unknown suite "${suite}")`,
   );
 }
 
