@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 TOOLS="${E2E_TOOLS:-$PWD/.cache/e2e-tools}"
-if command -v apt-get >/dev/null && ! command -v chromium >/dev/null; then
+if command -v apt-get >/dev/null && ! { command -v chromium && command -v rg && command -v make && command -v pkg-config; } >/dev/null; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
   # chromium drives the editor; the rest builds code-server's native modules (node-pty, argon2, kerberos).
