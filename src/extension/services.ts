@@ -78,7 +78,7 @@ export async function runnable(s: Services, method: Method, info: ClientInfo): P
     const other = instead ? `Use ${METHOD_LABELS[instead]}` : undefined;
     const pick = await vscode.window.showInformationMessage(
       `Influence Lens: ${METHOD_LABELS[method]} needs EK-FAC factors for ${which}, which are not fitted yet. ` +
-        'Fitting reads the training data once and caches the factors (about a minute for the embedded model on a CPU; longer for larger ones).',
+        'Fitting reads the training data once and caches the factors on disk (about 10 s for the embedded model on 2 CPU cores; minutes or more for larger models and data).',
       ...[fit, other].filter((x): x is string => !!x),
     );
     if (pick === fit) {

@@ -61,7 +61,7 @@ const COMMANDS: Record<string, { run: (argv: string[]) => Promise<void>; help: s
   },
   bench: {
     run: runBench,
-    help: 'bench engine|ekfac|server|eval [--quick]   speed (ekfac: against kronfluence in the same run), accuracy (eval)',
+    help: 'bench [--quick] | bench engine|ekfac|server|eval [--quick]   every claim in one report: speed against kronfluence in the same run, latency, accuracy',
   },
 };
 
