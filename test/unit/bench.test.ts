@@ -14,7 +14,7 @@ const ROOT = resolve(import.meta.dirname, '../..');
 test('bench --quick: ekfac, server and eval in one report', { timeout: 900_000 }, () => {
   const r = spawnSync(
     process.execPath,
-    ['--import', 'tsx', join(ROOT, 'src/server/cli.ts'), 'bench', '--quick', '--no-kronfluence'],
+    ['--import', import.meta.resolve('tsx'), join(ROOT, 'src/server/cli.ts'), 'bench', '--quick', '--no-kronfluence'],
     { cwd: home, encoding: 'utf8', env: { ...process.env, HOME: home, INFLUENCE_LENS_CACHE: join(home, 'cache') } },
   );
   assert.equal(r.status, 0, `${r.stdout.slice(-2000)}\n${r.stderr.slice(-2000)}`);

@@ -137,13 +137,13 @@ function headline(s: Record<string, Json | string>): Row[] {
         const b = best(
           gt.filter((r) => r['GGN damping'] === damping),
           baselines,
-          'Spearman',
+          'top-10 overlap',
         );
         if (e && b)
           rows.push({
-            measure: `Spearman with exact Gauss-Newton influence (${damping})`,
-            'influence-lens': `${fmt(e.Spearman)} (EK-FAC)`,
-            reference: `${fmt(b.Spearman)} (${b.method})`,
+            measure: `exact Gauss-Newton influence (${damping}): top-10 overlap / Spearman`,
+            'influence-lens': `${fmt(e['top-10 overlap'])} / ${fmt(e.Spearman)} (EK-FAC)`,
+            reference: `${fmt(b['top-10 overlap'])} / ${fmt(b.Spearman)} (${b.method})`,
             ratio: '—',
           });
       }

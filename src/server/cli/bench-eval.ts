@@ -210,22 +210,31 @@ export async function benchEval(argv: string[]): Promise<void> {
         const v2 = vr.factors ? { ...vr, setup: single(stage(ft, vr.factors, damping)) } : vr;
         const sp: number[] = [];
         const pe: number[] = [];
+        const top: number[] = [];
         for (const [qi, q] of gt.queries.slice(0, quick ? 4 : undefined).entries()) {
           const s = await scores(v2, finetune, { ...q, kind: 'planted', sources: [] });
           const ours = order.map((i) => s[i]);
           sp.push(spearman(ours, rows[qi]));
           pe.push(pearson(ours, rows[qi]));
+          // what a person looks at: the 10 most supporting examples
+          const truthTop = new Set(rankingOf(rows[qi]).slice(0, 10));
+          top.push(
+            rankingOf(ours)
+              .slice(0, 10)
+              .filter((i) => truthTop.has(i)).length / 10,
+          );
         }
         truth.push({
           method: vr.name,
           'GGN damping': `${m}×λ₀`,
-          'CG residual (max)': res ? Math.max(...res) : '—',
+          'CG residual (max)': res ? Math.max(...res).toExponential(1) : '—',
           Spearman: mean(sp),
           Pearson: mean(pe),
+          'top-10 overlap': mean(top),
         });
       }
     }
-    table(say, truth, ['method', 'GGN damping', 'CG residual (max)', 'Spearman', 'Pearson']);
+    table(say, truth, ['method', 'GGN damping', 'CG residual (max)', 'Spearman', 'Pearson', 'top-10 overlap']);
   }
 
   // 4. LDS: retrain on random halves of the fine-tuning set
@@ -370,7 +379,7 @@ ${mdTable(r.retrieval, ['task', 'method', 'queries', 'Recall@10', 'MRR'])}
 ${mdTable(r.fact_tracing, ['method', 'damping', 'Recall@10', 'MRR'])}
 
 ### Correlation with the exact damped Gauss-Newton influence (CG, test/oracle/make_ggn_truth.py)
-${typeof truth === 'string' ? `skipped: ${truth}` : mdTable(truth, ['method', 'GGN damping', 'CG residual (max)', 'Spearman', 'Pearson'])}
+${typeof truth === 'string' ? `skipped: ${truth}` : mdTable(truth, ['method', 'GGN damping', 'CG residual (max)', 'Spearman', 'Pearson', 'top-10 overlap'])}
 
 ### Linear datamodeling score (${r.lds.subsets} random halves, ${r.lds.epochs} epochs, ${r.lds.queries} queries)
 ${mdTable(r.lds.rows, ['method', 'LDS'])}
