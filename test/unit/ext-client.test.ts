@@ -6,10 +6,12 @@ import { spawn, spawnSync } from 'node:child_process';
 import { writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { after, describe, test } from 'node:test';
+import { CancellationTokenSource } from 'vscode-jsonrpc';
 import { CancelledError, ClientError } from '../../src/extension/client/influence-client';
 import { LocalServer } from '../../src/extension/client/local-server';
 import { type Connector, ServerClient } from '../../src/extension/client/server-client';
 import type { ExplainPartial } from '../../src/protocol/types';
+import { writeTinyCorpus } from './helpers/corpus';
 import { useTempHome } from './helpers/env';
 
 const home = useTempHome();
@@ -24,12 +26,7 @@ writeFileSync(
 );
 
 const data = join(home, 'train.jsonl');
-const rows = Array.from({ length: 18 }, (_, i) =>
-  i % 3 === 0
-    ? { prompt: `Q: capital of country ${i}?\nA:`, completion: ` City${i}` }
-    : { text: `Country ${i} has a capital called City${i} and a river.` },
-);
-writeFileSync(data, `${rows.map((r) => JSON.stringify(r)).join('\n')}\n`);
+const rows = writeTinyCorpus(data, 18);
 const config = join(home, 'influence-lens.json');
 writeFileSync(
   config,
@@ -41,23 +38,6 @@ writeFileSync(
 );
 
 const never = { isCancellationRequested: false, onCancellationRequested: () => ({ dispose() {} }) };
-function cancelSource() {
-  const listeners: Array<() => void> = [];
-  const token = {
-    isCancellationRequested: false,
-    onCancellationRequested(l: () => void) {
-      listeners.push(l);
-      return { dispose() {} };
-    },
-  };
-  return {
-    token,
-    cancel() {
-      token.isCancellationRequested = true;
-      for (const l of listeners) l();
-    },
-  };
-}
 const q = { prompt: 'Q: capital of country 3?\nA:', completion: ' City3', dataset: 'train', topK: 3 };
 
 describe('extension ↔ a local server it starts', () => {
@@ -100,7 +80,7 @@ describe('extension ↔ a local server it starts', () => {
   });
 
   test('cancel: the request ends with CancelledError and the server keeps serving', async () => {
-    const c = cancelSource();
+    const c = new CancellationTokenSource();
     const p = client.explain({ ...q, method: 'ekfac' }, () => {}, c.token);
     c.cancel();
     await assert.rejects(p, CancelledError);

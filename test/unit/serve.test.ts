@@ -2,7 +2,7 @@
 // real client — explain with progress and partial results, concurrency, cancellation that
 // frees the work, bad params, and a restart that reuses the on-disk caches.
 import assert from 'node:assert/strict';
-import { statSync, writeFileSync } from 'node:fs';
+import { statSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import type { ExplainPartial, ExplainResult } from '../../src/protocol/types';
@@ -10,18 +10,14 @@ import { serviceHandlers } from '../../src/server/cli/serve';
 import { RpcClient } from '../../src/server/rpc/client';
 import { type RunningServer, startServer } from '../../src/server/rpc/server';
 import { InfluenceService, type ServiceConfig } from '../../src/server/service/influence-service';
+import { writeTinyCorpus } from './helpers/corpus';
 import { useTempHome } from './helpers/env';
 
 const home = useTempHome();
 
 describe('influence server over WebSocket', () => {
   const data = join(home, 'train.jsonl');
-  const rows = Array.from({ length: 24 }, (_, i) =>
-    i % 3 === 0
-      ? { prompt: `Q: capital of country ${i}?\nA:`, completion: ` City${i}` }
-      : { text: `Country ${i} has a capital called City${i} and a river.` },
-  );
-  writeFileSync(data, `${rows.map((r) => JSON.stringify(r)).join('\n')}\n`);
+  const rows = writeTinyCorpus(data, 24);
   const config: ServiceConfig = {
     finetuned: { model: 'test/fixtures/models/llama', factors: join(home, 'factors') },
     datasets: { train: data },

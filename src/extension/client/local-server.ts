@@ -3,7 +3,7 @@
 // no discovery file, and `--watch-parent` so it ends with the editor even after a crash. It is
 // started on first use and again after it exits. No `vscode` import (tested with a real server).
 import { type ChildProcess, spawn } from 'node:child_process';
-import { randomBytes } from 'node:crypto';
+import { newToken } from '../../server/rpc/discovery';
 import { type Cancellation, CancelledError, ClientError } from './influence-client';
 import type { Connector } from './server-client';
 
@@ -60,7 +60,7 @@ export class LocalServer implements Connector {
 
   private start(cancel?: Cancellation): Promise<{ url: string; token: string }> {
     const log = this.opts.log ?? (() => {});
-    const secret = randomBytes(32).toString('base64url');
+    const secret = newToken();
     const [exe, ...args] = [...this.argv()];
     log(`starting the server: ${this.commandLine}`);
     const child = spawn(exe, args, {

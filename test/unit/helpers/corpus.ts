@@ -1,0 +1,12 @@
+// A tiny mixed training set (QA records and plain text) for tests that run the real service.
+import { writeFileSync } from 'node:fs';
+
+export function writeTinyCorpus(path: string, n: number): object[] {
+  const rows = Array.from({ length: n }, (_, i) =>
+    i % 3 === 0
+      ? { prompt: `Q: capital of country ${i}?\nA:`, completion: ` City${i}` }
+      : { text: `Country ${i} has a capital called City${i} and a river.` },
+  );
+  writeFileSync(path, `${rows.map((r) => JSON.stringify(r)).join('\n')}\n`);
+  return rows;
+}
