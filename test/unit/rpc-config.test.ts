@@ -7,10 +7,10 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, describe, test } from 'node:test';
 import { DEVICES, ort } from '../../src/server/model/onnx/session';
-import { CONFIG_SCHEMA, ConfigError, loadConfig, parseConfig, readConfigFile } from '../../src/server/rpc/config';
-import { checkDevice, DeviceUnavailableError } from '../../src/server/rpc/device';
+import { CONFIG_SCHEMA, ConfigError, loadConfig, parseConfig, readConfigFile } from '../../src/server/service/config';
+import { checkDevice, DeviceUnavailableError } from '../../src/server/service/device';
 import { assertSupportedSchema, formatPath, type JsonSchema, validateSchema } from '../../src/server/rpc/schema';
-import { DEFAULT_LIMITS } from '../../src/server/rpc/server';
+import { DEFAULT_LIMITS } from '../../src/transport/server';
 
 const tmp = mkdtempSync(join(tmpdir(), 'il-config-'));
 after(() => rmSync(tmp, { recursive: true, force: true }));

@@ -5,9 +5,9 @@ import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import WebSocket from 'ws';
 import { PROTOCOL_VERSION, RpcErrorCode } from '../../src/protocol/rpc';
-import { RpcClient } from '../../src/server/rpc/client';
-import type { RpcError } from '../../src/server/rpc/errors';
-import { type RunningServer, startServer } from '../../src/server/rpc/server';
+import { RpcClient } from '../../src/transport/client';
+import type { RpcError } from '../../src/transport/errors';
+import { type RunningServer, startServer } from '../../src/transport/server';
 
 const MAX_FRAME = 64 * 1024;
 let server: RunningServer;

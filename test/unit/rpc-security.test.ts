@@ -4,9 +4,9 @@ import assert from 'node:assert/strict';
 import { request } from 'node:http';
 import { after, before, describe, test } from 'node:test';
 import WebSocket from 'ws';
-import { RpcClient } from '../../src/server/rpc/client';
-import { hostAllowed, parseHostHeader, tokensEqual } from '../../src/server/rpc/security';
-import { type RunningServer, startServer } from '../../src/server/rpc/server';
+import { RpcClient } from '../../src/transport/client';
+import { hostAllowed, parseHostHeader, tokensEqual } from '../../src/transport/security';
+import { type RunningServer, startServer } from '../../src/transport/server';
 
 let server: RunningServer;
 let opened = 0;

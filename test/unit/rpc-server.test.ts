@@ -8,10 +8,10 @@ import { join } from 'node:path';
 import { after, describe, test } from 'node:test';
 import WebSocket from 'ws';
 import { PROTOCOL_VERSION, RpcErrorCode, type ServiceInfo, type WorkDoneProgress } from '../../src/protocol/rpc';
-import { RpcClient } from '../../src/server/rpc/client';
-import { defaultDiscoveryFile, readDiscoveryFile, resolveToken, TOKEN_ENV } from '../../src/server/rpc/discovery';
-import { RpcError } from '../../src/server/rpc/errors';
-import { type MethodTable, type RunningServer, type ServerOptions, startServer } from '../../src/server/rpc/server';
+import { RpcClient } from '../../src/transport/client';
+import { defaultDiscoveryFile, readDiscoveryFile, resolveToken, TOKEN_ENV } from '../../src/transport/discovery';
+import { RpcError } from '../../src/transport/errors';
+import { type MethodTable, type RunningServer, type ServerOptions, startServer } from '../../src/transport/server';
 import type { InfluenceService } from '../../src/server/service/influence-service';
 
 // compile-time: the service's info() is what initialize/status carry (`info: () => service.info()`)
@@ -553,7 +553,7 @@ describe('rpc server: discovery and shutdown', () => {
     const script = join(tmp, 'serve.mts');
     writeFileSync(
       script,
-      `import { closeOnSignals, startServer } from ${JSON.stringify(join(process.cwd(), 'src/server/rpc/server.ts'))};
+      `import { closeOnSignals, startServer } from ${JSON.stringify(join(process.cwd(), 'src/transport/server.ts'))};
 const s = await startServer({ handlers: {}, discoveryFile: ${JSON.stringify(file)} });
 closeOnSignals(s);
 console.log('ready');

@@ -3,7 +3,7 @@
 import { existsSync } from 'node:fs';
 import { isAbsolute, join } from 'node:path';
 import * as vscode from 'vscode';
-import { readDiscoveryFile } from '../../server/rpc/discovery';
+import { readDiscoveryFile } from '../../transport/discovery';
 import { settings } from '../config';
 import { log } from '../log';
 import { type Cancellation, ClientError } from './influence-client';

@@ -3,7 +3,7 @@
 // no discovery file, and `--watch-parent` so it ends with the editor even after a crash. It is
 // started on first use and again after it exits. No `vscode` import (tested with a real server).
 import { type ChildProcess, spawn } from 'node:child_process';
-import { newToken } from '../../server/rpc/discovery';
+import { newToken } from '../../transport/discovery';
 import { type Cancellation, CancelledError, ClientError } from './influence-client';
 import type { Connector } from './server-client';
 

@@ -5,8 +5,8 @@
 // No `vscode` import, so the tests drive it against a real server.
 import { RpcErrorCode, type ServiceInfo, type WorkDoneProgress } from '../../protocol/rpc';
 import type { ExplainParams, ExplainPartial, ExplainResult, Method } from '../../protocol/types';
-import { RpcClient } from '../../server/rpc/client';
-import { RpcError } from '../../server/rpc/errors';
+import { RpcClient } from '../../transport/client';
+import { RpcError } from '../../transport/errors';
 import {
   type Cancellation,
   CancelledError,

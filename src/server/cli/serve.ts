@@ -3,8 +3,8 @@
 import { METHODS } from '../../protocol/types';
 import { defaultServiceConfig } from '../defaults';
 import { generate } from '../model/generate';
-import { type Config, defaultServerSettings, loadConfig } from '../rpc/config';
-import { closeOnSignals, type MethodTable, startServer } from '../rpc/server';
+import { type Config, defaultServerSettings, loadConfig } from '../service/config';
+import { closeOnSignals, type MethodTable, startServer } from '../../transport/server';
 import { InfluenceService, type Work } from '../service/influence-service';
 import { CliError, int, parse } from './util';
 

@@ -11,7 +11,7 @@ import {
   type MessageWriter,
 } from 'vscode-jsonrpc';
 import type WebSocket from 'ws';
-import { RpcErrorCode } from '../../protocol/rpc';
+import { RpcErrorCode } from '../protocol/rpc';
 
 /** Turns a frame into a message to dispatch, or undefined to drop it (having answered it, say). */
 export type FrameParser = (data: WebSocket.RawData, isBinary: boolean) => Message | undefined;

@@ -5,7 +5,7 @@ import { randomBytes } from 'node:crypto';
 import { chmodSync, mkdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { homedir } from 'node:os';
 import { dirname, join } from 'node:path';
-import { PROTOCOL_VERSION } from '../../protocol/rpc';
+import { PROTOCOL_VERSION } from '../protocol/rpc';
 
 export interface DiscoveryInfo {
   /** ws://host:port/ */

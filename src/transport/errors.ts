@@ -3,7 +3,7 @@
 // (vscode-jsonrpc's ResponseError resets its prototype in its constructor, so it cannot be
 // subclassed; we convert at the edges instead.) No Node APIs here: the client imports it.
 import { ResponseError } from 'vscode-jsonrpc';
-import { RpcErrorCode } from '../../protocol/rpc';
+import { RpcErrorCode } from '../protocol/rpc';
 
 export class RpcError<D = unknown> extends Error {
   constructor(

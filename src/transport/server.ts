@@ -43,13 +43,13 @@ import {
   STATUS,
   type StatusResult,
   type WorkDoneProgress,
-} from '../../protocol/rpc';
+} from '../protocol/rpc';
 import { checkToken, defaultDiscoveryFile, removeDiscoveryFile, resolveToken, writeDiscoveryFile } from './discovery';
 import { RpcError, toRpcError } from './errors';
-import { assertSupportedSchema, formatIssue, type JsonSchema, validateSchema } from './schema';
+import { assertSupportedSchema, formatIssue, type JsonSchema, validateSchema } from '../server/rpc/schema';
 import { checkUpgrade, isLoopback, urlHost } from './security';
 import { QueueFullError, Semaphore } from './semaphore';
-import { frameText, WebSocketMessageReader, WebSocketMessageWriter } from './transport';
+import { frameText, WebSocketMessageReader, WebSocketMessageWriter } from './websocket';
 
 /** What a handler gets besides its params. */
 export interface MethodContext {

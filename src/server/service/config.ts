@@ -17,11 +17,11 @@ import schemaJson from '../../../influence-lens.schema.json' with { type: 'json'
 import { parseDamping } from '../attribution/stage';
 import { defaultCacheDir } from '../model/engine';
 import type { Device } from '../model/onnx/session';
-import type { ServiceConfig, StageConfig } from '../service/influence-service';
+import type { ServiceConfig, StageConfig } from './influence-service';
 import { checkDevice } from './device';
-import { defaultDiscoveryFile } from './discovery';
-import { formatIssue, type JsonSchema, validateSchema } from './schema';
-import { DEFAULT_LIMITS } from './server';
+import { defaultDiscoveryFile } from '../../transport/discovery';
+import { formatIssue, type JsonSchema, validateSchema } from '../rpc/schema';
+import { DEFAULT_LIMITS } from '../../transport/server';
 
 export const CONFIG_SCHEMA: JsonSchema = schemaJson as JsonSchema;
 export const CONFIG_FILE_NAME = 'influence-lens.json';

@@ -30,9 +30,9 @@ import {
   STATUS,
   type StatusResult,
   type WorkDoneProgress,
-} from '../../protocol/rpc';
+} from '../protocol/rpc';
 import { RpcError } from './errors';
-import { WebSocketMessageReader, WebSocketMessageWriter } from './transport';
+import { WebSocketMessageReader, WebSocketMessageWriter } from './websocket';
 
 export interface ConnectOptions {
   /** ws://127.0.0.1:PORT/ (from the discovery file or the server's output) */
