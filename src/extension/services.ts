@@ -2,7 +2,7 @@
 import * as vscode from 'vscode';
 import type { Method } from '../protocol/types';
 import { METHOD_LABELS } from '../webview/messages';
-import { CancelledError, ClientError, type ClientInfo, type InfluenceClient, type Stage } from './client';
+import { CancelledError, ClientError, type ClientInfo, type InfluenceClient, type StageName } from './client';
 import { settings } from './config';
 import type { DatasetResolver } from './datasets';
 import type { CompletionHeatmap } from './decorations/completion-heatmap';
@@ -96,7 +96,7 @@ export async function runnable(s: Services, method: Method, info: ClientInfo): P
 }
 
 /** Fits each stage's factors with a cancellable progress notification. */
-export async function fitStages(s: Services, stages: Stage[]): Promise<void> {
+export async function fitStages(s: Services, stages: StageName[]): Promise<void> {
   for (const stage of stages) {
     await vscode.window.withProgress(
       {

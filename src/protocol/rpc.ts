@@ -10,13 +10,8 @@ import type { Method } from './types';
 
 export { PROTOCOL_VERSION } from './types';
 
-/** The request every connection sends first; anything else before it gets `ServerNotInitialized`. */
-export const INITIALIZE = 'initialize';
-/** Server health and load (requests in flight, heavy slots, the service's current info). */
-export const STATUS = 'status';
-/** LSP notification names (client → server cancel, server → client progress). */
-export const CANCEL_REQUEST = '$/cancelRequest';
-export const PROGRESS = '$/progress';
+// The requests and notifications themselves (`initialize`, `status`, `$/progress`,
+// `$/cancelRequest`, and the service's) are declared once in ./requests.
 
 export interface InitializeParams {
   /** the client's `PROTOCOL_VERSION`; must equal the server's */

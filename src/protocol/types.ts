@@ -1,6 +1,8 @@
 // The contract shared by the server, the extension, the webview and `influence-lens explain
-// --json`: JSON-RPC method names, params, results and notifications. Plain data only (no
-// classes, no Node or VS Code imports), so every side can import it.
+// --json`: the params and results of every request (declared once, as `RequestType`s, in
+// ./requests). Plain data only (no classes, no Node or VS Code imports), so every side,
+// the webview included, can import it.
+import type { ServiceInfo } from './rpc';
 
 /** Bumped whenever a message below changes incompatibly; checked in `initialize`. */
 export const PROTOCOL_VERSION = 1;
@@ -95,4 +97,91 @@ export interface ExplainPartial {
   total: number;
   supporting: Array<Pick<ExplainedExample, 'id' | 'score' | 'sign' | 'text'>>;
   opposing: Array<Pick<ExplainedExample, 'id' | 'score' | 'sign' | 'text'>>;
+}
+
+/** `generate`: the model's own continuation of a prompt (greedy at temperature 0). */
+export interface GenerateParams {
+  prompt: string;
+  maxTokens?: number;
+  temperature?: number;
+  seed?: number;
+}
+export interface GenerateResult {
+  prompt: string;
+  completion: string;
+  /** each generated token's log-probability */
+  logprobs: number[];
+}
+
+/** `getExample`: one training example, found by line (or by hash when the file was edited). */
+export interface GetExampleParams {
+  dataset: string;
+  line: number;
+  hash?: string;
+}
+export interface ExampleDetail {
+  id: ExampleId;
+  /** 'text' | 'prompt_completion' | 'messages' */
+  kind: string;
+  /** the record rendered as the model sees it */
+  text: string;
+  /** the JSONL record as written */
+  record: unknown;
+  /** the rendered text's tokens: offsets into `text` and token ids */
+  tokens: { offsets: Array<[number, number]>; ids: number[] };
+}
+
+/** `scanDataset`: training examples ranked by self-influence (unusual or memorized first). */
+export interface ScanParams {
+  dataset: string;
+  topK?: number;
+}
+export interface ScannedExample extends ExampleDetail {
+  rank: number;
+  selfInfluence: number;
+}
+export interface ScanResult {
+  dataset: string;
+  scored: number;
+  examples: ScannedExample[];
+}
+
+/** The two models of a (possibly two-stage) setup: the one explained, and its base model. */
+export type StageName = 'finetuned' | 'pretrained';
+
+/** `fit`: fits a stage's EK-FAC factors on its dataset. */
+export interface FitParams {
+  /** default 'finetuned' */
+  stage?: StageName;
+}
+export interface FitResult {
+  /** 'done': factors written now; 'up-to-date': they already were; 'waiting': other partitions must run */
+  status: 'done' | 'up-to-date' | 'waiting';
+  message: string;
+  examples: number;
+  tokens: number;
+  seconds: number;
+  /** what the server can do now (ekfac appears once its factors are fitted) */
+  info: ServiceInfo;
+}
+
+/** `index`: builds (or loads) a dataset's gradient store. */
+export interface IndexParams {
+  dataset: string;
+}
+export interface IndexResult {
+  dataset: string;
+  examples: number;
+  bytes: number;
+}
+
+/** `reload`: forgets a dataset's cached copy and reads its file again. */
+export interface ReloadParams {
+  dataset: string;
+}
+export interface ReloadResult {
+  dataset: string;
+  examples: number;
+  /** malformed lines skipped */
+  skipped: number;
 }

@@ -2,7 +2,7 @@
 // the tests, the CLI and the VS Code extension (no Node APIs beyond `ws`).
 //
 //   const client = await RpcClient.connect({ url, token });           // sends initialize
-//   const r = await client.request<ExplainResult>('explain', params, {
+//   const r = await client.request(Explain, params, {      // typed by src/protocol/requests
 //     signal,                                  // abort → $/cancelRequest, rejects at once
 //     onProgress: (p) => ...,                  // WorkDoneProgress (begin / report / end)
 //     onPartial: (v) => ...,                   // e.g. ExplainPartial
@@ -15,19 +15,19 @@ import {
   CancellationTokenSource,
   createMessageConnection,
   type MessageConnection,
+  type RequestType,
+  type RequestType0,
   ResponseError,
 } from 'vscode-jsonrpc';
 import WebSocket from 'ws';
+import { Initialize, Progress, Status } from '../protocol/requests';
 import {
-  INITIALIZE,
   type InitializeParams,
   type InitializeResult,
-  PROGRESS,
   PROTOCOL_VERSION,
   type ProgressParams,
   type ProgressToken,
   RpcErrorCode,
-  STATUS,
   type StatusResult,
   type WorkDoneProgress,
 } from '../protocol/rpc';
@@ -79,7 +79,7 @@ export class RpcClient {
 
   private constructor(private readonly socket: WebSocket) {
     this.rpc = createMessageConnection(new WebSocketMessageReader(socket), new WebSocketMessageWriter(socket));
-    this.rpc.onNotification(PROGRESS, (p: ProgressParams) => {
+    this.rpc.onNotification(Progress, (p: ProgressParams) => {
       if (p && (typeof p.token === 'string' || typeof p.token === 'number')) this.progress.get(p.token)?.(p.value);
     });
     this.rpc.listen();
@@ -156,16 +156,24 @@ export class RpcClient {
   }
 
   async initialize(params: InitializeParams = { protocolVersion: PROTOCOL_VERSION }): Promise<InitializeResult> {
-    this.server = await this.request<InitializeResult>(INITIALIZE, params);
+    this.server = await this.request(Initialize, params);
     return this.server;
   }
 
   status(): Promise<StatusResult> {
-    return this.request<StatusResult>(STATUS);
+    return this.request(Status);
   }
 
-  /** Sends a request; rejects with RpcError on an error response, a cancel, or a closed connection. */
-  async request<R = unknown>(method: string, params?: object, opts: RequestOptions = {}): Promise<R> {
+  /**
+   * Sends a request; rejects with RpcError on an error response, a cancel, or a closed connection.
+   * Pass a declaration from src/protocol/requests (`client.request(Explain, params)`) to have the
+   * params and result typed; a bare method name is for tests that send what no declaration allows.
+   */
+  request<P, R>(type: RequestType<P, R, unknown>, params: P, opts?: RequestOptions): Promise<R>;
+  request<R>(type: RequestType0<R, unknown>, params?: undefined, opts?: RequestOptions): Promise<R>;
+  request<R = unknown>(method: string, params?: object, opts?: RequestOptions): Promise<R>;
+  async request<R>(typeOrMethod: string | { method: string }, params?: unknown, opts: RequestOptions = {}): Promise<R> {
+    const method = typeof typeOrMethod === 'string' ? typeOrMethod : typeOrMethod.method;
     if (this.closeInfo)
       throw new RpcError(
         RpcErrorCode.InternalError,
@@ -173,7 +181,7 @@ export class RpcClient {
       );
     if (opts.signal?.aborted) throw new RpcError(RpcErrorCode.RequestCancelled, 'cancelled');
     const tokens: ProgressToken[] = [];
-    const sent: Record<string, unknown> = { ...(params ?? {}) };
+    const sent: Record<string, unknown> = { ...((params as object | undefined) ?? {}) };
     if (opts.onProgress) {
       const t = progressToken('work');
       const cb = opts.onProgress;

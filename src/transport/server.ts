@@ -26,27 +26,26 @@ import {
   type Logger,
   type Message,
   type MessageConnection,
+  type RequestType,
 } from 'vscode-jsonrpc';
 import WebSocket, { WebSocketServer } from 'ws';
+import { CancelRequest, Initialize, Progress, Status } from '../protocol/requests';
 import {
   type Capabilities,
   CloseCode,
-  INITIALIZE,
   type InitializeResult,
-  PROGRESS,
   PROTOCOL_VERSION,
   type ProgressParams,
   type ProgressToken,
   RpcErrorCode,
   type ServerLimits,
   type ServiceInfo,
-  STATUS,
   type StatusResult,
   type WorkDoneProgress,
 } from '../protocol/rpc';
+import { assertSupportedSchema, formatIssue, type JsonSchema, validateSchema } from '../server/rpc/schema';
 import { checkToken, defaultDiscoveryFile, removeDiscoveryFile, resolveToken, writeDiscoveryFile } from './discovery';
 import { RpcError, toRpcError } from './errors';
-import { assertSupportedSchema, formatIssue, type JsonSchema, validateSchema } from '../server/rpc/schema';
 import { checkUpgrade, isLoopback, urlHost } from './security';
 import { QueueFullError, Semaphore } from './semaphore';
 import { frameText, WebSocketMessageReader, WebSocketMessageWriter } from './websocket';
@@ -88,6 +87,16 @@ export interface MethodSpec<P = any, R = unknown> {
 /** method name → handler (light) or spec. Params reach handlers as an object (never undefined),
  * without `workDoneToken` / `partialResultToken`. */
 export type MethodTable = Record<string, Handler | MethodSpec>;
+
+/**
+ * One entry of a method table, typed from the request's declaration (src/protocol/requests):
+ * the handler must take that request's params and return its result.
+ *
+ *   Object.fromEntries([on(Explain, { heavy: true, params: PARAMS_SCHEMA.explain, handler: (p, ctx) => … })])
+ */
+export function on<P, R>(type: RequestType<P, R, unknown>, spec: MethodSpec<P, R>): [string, MethodSpec] {
+  return [type.method, spec];
+}
 
 export interface ServerOptions {
   handlers: MethodTable;
@@ -295,7 +304,7 @@ export async function startServer(opts: ServerOptions): Promise<RunningServer> {
     }
     if (m.id === undefined) {
       // notifications: only $/cancelRequest means anything to us
-      if (m.method !== '$/cancelRequest') return undefined;
+      if (m.method !== CancelRequest.method) return undefined;
       const cid = (m.params as { id?: unknown } | undefined)?.id;
       if (typeof cid !== 'string' && typeof cid !== 'number') return undefined;
       return v as Message;
@@ -331,18 +340,18 @@ export async function startServer(opts: ServerOptions): Promise<RunningServer> {
     rawParams: unknown,
     cancel: CancellationToken,
   ): Promise<unknown> {
-    if (method === INITIALIZE) return initialize(conn, rawParams);
+    if (method === Initialize.method) return initialize(conn, rawParams);
     if (!conn.initialized)
       throw new RpcError(
         RpcErrorCode.ServerNotInitialized,
         `send "initialize" with {"protocolVersion": ${PROTOCOL_VERSION}} before "${clip(method, 60)}"`,
       );
-    if (method === STATUS) return status();
+    if (method === Status.method) return status();
     const spec = Object.hasOwn(methods, method) ? methods[method] : undefined;
     if (!spec)
       throw new RpcError(
         RpcErrorCode.MethodNotFound,
-        `unknown method "${clip(method, 60)}"; this server answers: ${[INITIALIZE, STATUS, ...Object.keys(methods)].join(', ')}`,
+        `unknown method "${clip(method, 60)}"; this server answers: ${[Initialize.method, Status.method, ...Object.keys(methods)].join(', ')}`,
       );
     if (Array.isArray(rawParams))
       throw new RpcError(RpcErrorCode.InvalidParams, `params of "${method}" must be an object, not an array`);
@@ -455,7 +464,7 @@ export async function startServer(opts: ServerOptions): Promise<RunningServer> {
     const info = opts.info ? await opts.info() : EMPTY_INFO;
     conn.initialized = true;
     const capabilities: Capabilities = {
-      methods: [STATUS, ...Object.keys(methods)],
+      methods: [Status.method, ...Object.keys(methods)],
       workDoneProgress: true,
       partialResults: true,
       cancellation: true,
@@ -549,7 +558,7 @@ function closeReasons(limits: ServerLimits): Record<number, string> {
 function normalizeTable(table: MethodTable): Record<string, MethodSpec> {
   const out: Record<string, MethodSpec> = Object.create(null);
   for (const [name, h] of Object.entries(table)) {
-    if (name === INITIALIZE || name === STATUS || name.startsWith('$/') || name.startsWith('rpc.'))
+    if (name === Initialize.method || name === Status.method || name.startsWith('$/') || name.startsWith('rpc.'))
       throw new Error(`the method name "${name}" is reserved`);
     const spec = typeof h === 'function' ? { handler: h } : h;
     if (typeof spec?.handler !== 'function') throw new Error(`method "${name}" has no handler function`);
@@ -657,7 +666,7 @@ class ProgressSender {
 /** Sends `$/progress`; a closed connection just drops it (sendNotification throws then). */
 function notify(rpc: MessageConnection, params: ProgressParams) {
   try {
-    rpc.sendNotification(PROGRESS, params).catch(() => {});
+    rpc.sendNotification(Progress, params).catch(() => {});
   } catch {
     // the connection is gone
   }

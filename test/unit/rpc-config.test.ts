@@ -7,9 +7,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, describe, test } from 'node:test';
 import { DEVICES, ort } from '../../src/server/model/onnx/session';
+import { assertSupportedSchema, formatPath, type JsonSchema, validateSchema } from '../../src/server/rpc/schema';
 import { CONFIG_SCHEMA, ConfigError, loadConfig, parseConfig, readConfigFile } from '../../src/server/service/config';
 import { checkDevice, DeviceUnavailableError } from '../../src/server/service/device';
-import { assertSupportedSchema, formatPath, type JsonSchema, validateSchema } from '../../src/server/rpc/schema';
 import { DEFAULT_LIMITS } from '../../src/transport/server';
 
 const tmp = mkdtempSync(join(tmpdir(), 'il-config-'));

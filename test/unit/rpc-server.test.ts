@@ -8,11 +8,11 @@ import { join } from 'node:path';
 import { after, describe, test } from 'node:test';
 import WebSocket from 'ws';
 import { PROTOCOL_VERSION, RpcErrorCode, type ServiceInfo, type WorkDoneProgress } from '../../src/protocol/rpc';
+import type { InfluenceService } from '../../src/server/service/influence-service';
 import { RpcClient } from '../../src/transport/client';
 import { defaultDiscoveryFile, readDiscoveryFile, resolveToken, TOKEN_ENV } from '../../src/transport/discovery';
 import { RpcError } from '../../src/transport/errors';
 import { type MethodTable, type RunningServer, type ServerOptions, startServer } from '../../src/transport/server';
-import type { InfluenceService } from '../../src/server/service/influence-service';
 
 // compile-time: the service's info() is what initialize/status carry (`info: () => service.info()`)
 export const serviceInfoFits = (s: InfluenceService): ServiceInfo => s.info();

@@ -5,11 +5,13 @@ import assert from 'node:assert/strict';
 import { statSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import { LIMITS } from '../../src/protocol/limits';
+import { Explain, GetExample } from '../../src/protocol/requests';
 import type { ExplainPartial, ExplainResult } from '../../src/protocol/types';
-import { serviceHandlers } from '../../src/server/cli/serve';
+import { serviceHandlers } from '../../src/server/service/handlers';
+import { InfluenceService, type ServiceConfig } from '../../src/server/service/influence-service';
 import { RpcClient } from '../../src/transport/client';
 import { type RunningServer, startServer } from '../../src/transport/server';
-import { InfluenceService, type ServiceConfig } from '../../src/server/service/influence-service';
 import { writeTinyCorpus } from './helpers/corpus';
 import { useTempHome } from './helpers/env';
 
@@ -95,8 +97,17 @@ describe('influence server over WebSocket', () => {
     await assert.rejects(client.request('explain', { ...q, method: 'gdp', dataset: '/etc/passwd' }), /unknown dataset/);
     await assert.rejects(client.request('explain', { ...q, method: 'gdp', path: '/etc/passwd' }), /path/);
     await assert.rejects(client.request('getExample', { dataset: 'train', line: 999 }), /no example at line 999/);
-    const ex = await client.request<{ text: string }>('getExample', { dataset: 'train', line: 2 });
+    const ex = await client.request(GetExample, { dataset: 'train', line: 2 });
     assert.match(ex.text, /Country 1/);
+  });
+
+  test('topK up to the limit the setting and the schema allow is served (was refused above 200)', async () => {
+    const r = await client.request(Explain, { ...q, method: 'bm25', topK: 300 });
+    assert.equal(r.supporting.length + r.opposing.length, rows.length);
+    await assert.rejects(
+      client.request(Explain, { ...q, method: 'bm25', topK: LIMITS.topK.max + 1 }),
+      new RegExp(`topK.*${LIMITS.topK.max}`),
+    );
   });
 
   test('cancelling an explain frees the slot for the next request', async () => {

@@ -1,23 +1,40 @@
 // What the extension needs from the influence server. The commands and views are written
 // against this interface only; `ServerClient` implements it over WebSocket JSON-RPC
-// (`src/protocol/rpc.ts`). No `vscode` import: a VS Code CancellationToken satisfies
+// (requests declared in `src/protocol/requests.ts`). No `vscode` import: a VS Code CancellationToken satisfies
 // `Cancellation` structurally.
-import type { ExampleId, ExplainParams, ExplainPartial, ExplainResult, Method } from '../../protocol/types';
+import type {
+  ExplainParams,
+  ExplainPartial,
+  ExplainResult,
+  GenerateParams,
+  GenerateResult,
+  Method,
+  ScanParams,
+  ScanResult,
+  StageName,
+} from '../../protocol/types';
+
+// the wire types the commands use, re-exported so they import from one place
+export type {
+  GenerateParams,
+  GenerateResult,
+  ScannedExample,
+  ScanParams,
+  ScanResult,
+  StageName,
+} from '../../protocol/types';
 
 export interface Cancellation {
   readonly isCancellationRequested: boolean;
   onCancellationRequested(listener: () => void): { dispose(): void };
 }
 
-/** LSP-style work-done progress, as the server reports it. */
-export interface Progress {
+/** Work-done progress as the editor shows it (from the server's LSP-style `WorkDoneProgress`). */
+export interface ProgressUpdate {
   message?: string;
   /** 0..100 */
   percentage?: number;
 }
-
-/** A model whose EK-FAC factors can be fitted: the one being explained, or its base model. */
-export type Stage = 'finetuned' | 'pretrained';
 
 export interface ClientInfo {
   /** shown in the status bar, e.g. "assets/default/finetuned" */
@@ -33,45 +50,16 @@ export interface ClientInfo {
   /** methods that cannot run now, with the reason a person can act on */
   unavailable: Partial<Record<Method, string | null>>;
   /** methods that can run once these stages' factors are fitted (`fit`) */
-  needsFit: Partial<Record<Method, Stage[]>>;
+  needsFit: Partial<Record<Method, StageName[]>>;
   /** what the server noticed about the models (e.g. modules it skips) */
   warnings: string[];
 }
 
-export interface FitResult {
-  stage: Stage;
+/** What `fit` leaves the editor with: the stage fitted and the server's new view. */
+export interface Fitted {
+  stage: StageName;
   /** what the server can do now */
   info: ClientInfo;
-}
-
-/** `generate`: the model's own continuation of a prompt. */
-export interface GenerateParams {
-  prompt: string;
-  maxTokens?: number;
-  temperature?: number;
-  seed?: number;
-}
-export interface GenerateResult {
-  prompt: string;
-  completion: string;
-}
-
-/** `scanDataset`: training examples ranked by self-influence (unusual or memorized first). */
-export interface ScanParams {
-  dataset: string;
-  topK?: number;
-}
-export interface ScannedExample {
-  id: ExampleId;
-  rank: number;
-  kind: string;
-  text: string;
-  selfInfluence: number;
-}
-export interface ScanResult {
-  dataset: string;
-  scored: number;
-  examples: ScannedExample[];
 }
 
 export interface InfluenceClient {
@@ -83,12 +71,12 @@ export interface InfluenceClient {
     params: ExplainParams,
     onPartial: (p: ExplainPartial) => void,
     token: Cancellation,
-    onProgress?: (p: Progress) => void,
+    onProgress?: (p: ProgressUpdate) => void,
   ): Promise<ExplainResult>;
   generate(params: GenerateParams, token: Cancellation): Promise<GenerateResult>;
-  scanDataset(params: ScanParams, token: Cancellation, onProgress?: (p: Progress) => void): Promise<ScanResult>;
+  scanDataset(params: ScanParams, token: Cancellation, onProgress?: (p: ProgressUpdate) => void): Promise<ScanResult>;
   /** fits a stage's EK-FAC factors on its dataset (minutes for a real model) */
-  fit(stage: Stage, token: Cancellation, onProgress?: (p: Progress) => void): Promise<FitResult>;
+  fit(stage: StageName, token: Cancellation, onProgress?: (p: ProgressUpdate) => void): Promise<Fitted>;
   dispose(): void;
 }
 

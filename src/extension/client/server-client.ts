@@ -3,6 +3,7 @@
 // on. Where the server is (a private one the extension started, or a configured URL with its
 // token) is a `Connector`'s business; a dropped connection is reopened on the next call.
 // No `vscode` import, so the tests drive it against a real server.
+import { Explain, Fit, Generate, ScanDataset } from '../../protocol/requests';
 import { RpcErrorCode, type ServiceInfo, type WorkDoneProgress } from '../../protocol/rpc';
 import type { ExplainParams, ExplainPartial, ExplainResult, Method } from '../../protocol/types';
 import { RpcClient } from '../../transport/client';
@@ -12,14 +13,14 @@ import {
   CancelledError,
   ClientError,
   type ClientInfo,
-  type FitResult,
+  type Fitted,
   type GenerateParams,
   type GenerateResult,
   type InfluenceClient,
-  type Progress,
+  type ProgressUpdate,
   type ScanParams,
   type ScanResult,
-  type Stage,
+  type StageName,
 } from './influence-client';
 
 /** Where the server is: asked again after a connection drops. */
@@ -79,11 +80,11 @@ export class ServerClient implements InfluenceClient {
     params: ExplainParams,
     onPartial: (p: ExplainPartial) => void,
     token: Cancellation,
-    onProgress?: (p: Progress) => void,
+    onProgress?: (p: ProgressUpdate) => void,
   ): Promise<ExplainResult> {
     const c = await this.connect(token);
     return call(() =>
-      c.request<ExplainResult>('explain', params, {
+      c.request(Explain, params, {
         signal: signalOf(token),
         onPartial: (v) => onPartial(v as ExplainPartial),
         onProgress: onProgress && ((p) => onProgress({ message: p.message, percentage: pct(p) })),
@@ -93,24 +94,28 @@ export class ServerClient implements InfluenceClient {
 
   async generate(params: GenerateParams, token: Cancellation): Promise<GenerateResult> {
     const c = await this.connect(token);
-    return call(() => c.request<GenerateResult>('generate', params, { signal: signalOf(token) }));
+    return call(() => c.request(Generate, params, { signal: signalOf(token) }));
   }
 
-  async scanDataset(params: ScanParams, token: Cancellation, onProgress?: (p: Progress) => void): Promise<ScanResult> {
+  async scanDataset(
+    params: ScanParams,
+    token: Cancellation,
+    onProgress?: (p: ProgressUpdate) => void,
+  ): Promise<ScanResult> {
     const c = await this.connect(token);
     return call(() =>
-      c.request<ScanResult>('scanDataset', params, {
+      c.request(ScanDataset, params, {
         signal: signalOf(token),
         onProgress: onProgress && ((p) => onProgress({ message: p.message, percentage: pct(p) })),
       }),
     );
   }
 
-  async fit(stage: Stage, token: Cancellation, onProgress?: (p: Progress) => void): Promise<FitResult> {
+  async fit(stage: StageName, token: Cancellation, onProgress?: (p: ProgressUpdate) => void): Promise<Fitted> {
     const c = await this.connect(token);
     const r = await call(() =>
-      c.request<{ info: ServiceInfo }>(
-        'fit',
+      c.request(
+        Fit,
         { stage },
         {
           signal: signalOf(token),
@@ -131,8 +136,8 @@ export class ServerClient implements InfluenceClient {
 
 /** The server's view in the editor's terms: which stages a method still needs fitted. */
 export function toClientInfo(s: ServiceInfo): ClientInfo {
-  const unfitted = s.stages.filter((x) => !x.factors).map((x) => x.name as Stage);
-  const needsFit: Partial<Record<Method, Stage[]>> = {};
+  const unfitted = s.stages.filter((x) => !x.factors).map((x) => x.name as StageName);
+  const needsFit: Partial<Record<Method, StageName[]>> = {};
   if (!s.methods.includes('ekfac') && unfitted.includes('finetuned')) needsFit.ekfac = ['finetuned'];
   if (!s.methods.includes('multistage') && s.stages.length > 1 && unfitted.length) needsFit.multistage = unfitted;
   return {

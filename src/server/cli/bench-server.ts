@@ -4,13 +4,13 @@ import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { cpus, hostname } from 'node:os';
 import { dirname, join } from 'node:path';
 import type { ExplainResult, Method } from '../../protocol/types';
-import { scoreCorpus } from '../attribution/explain';
-import { defaultServiceConfig, embeddedDefault } from '../defaults';
 import { RpcClient } from '../../transport/client';
 import { startServer } from '../../transport/server';
+import { scoreCorpus } from '../attribution/explain';
+import { defaultServiceConfig, embeddedDefault } from '../defaults';
+import { serviceHandlers } from '../service/handlers';
 import { InfluenceService } from '../service/influence-service';
 import { spearman } from '../util/stats';
-import { serviceHandlers } from './serve';
 import { parse } from './util';
 
 export async function benchServer(argv: string[]): Promise<void> {

@@ -1,113 +1,11 @@
 // influence-lens serve: the local influence server the editor talks to (JSON-RPC over a
 // WebSocket on 127.0.0.1, token-authenticated). With no --config it serves the embedded default.
-import { METHODS } from '../../protocol/types';
+import { closeOnSignals, startServer } from '../../transport/server';
 import { defaultServiceConfig } from '../defaults';
-import { generate } from '../model/generate';
 import { type Config, defaultServerSettings, loadConfig } from '../service/config';
-import { closeOnSignals, type MethodTable, startServer } from '../../transport/server';
-import { InfluenceService, type Work } from '../service/influence-service';
+import { serviceHandlers } from '../service/handlers';
+import { InfluenceService } from '../service/influence-service';
 import { CliError, int, parse } from './util';
-
-const id = { type: 'string', minLength: 1, maxLength: 200 } as const;
-
-/** The influence methods, with the schemas their params must satisfy. */
-export function serviceHandlers(service: InfluenceService): MethodTable {
-  const work = (ctx: { signal: AbortSignal; progress: Work['progress']; partial: (v: unknown) => void }): Work => ({
-    signal: ctx.signal,
-    progress: ctx.progress,
-    partial: ctx.partial,
-  });
-  return {
-    explain: {
-      heavy: true,
-      title: 'Explaining the completion',
-      params: {
-        type: 'object',
-        required: ['prompt', 'completion', 'dataset', 'method', 'topK'],
-        additionalProperties: false,
-        properties: {
-          prompt: { type: 'string' },
-          completion: { type: 'string', minLength: 1 },
-          dataset: id,
-          method: { enum: [...METHODS] },
-          topK: { type: 'integer', minimum: 1, maximum: 1000 },
-          candidates: { enum: ['all', 'retrieved'] },
-          compare: { type: 'array', items: { enum: [...METHODS] }, maxItems: 6 },
-        },
-      },
-      handler: (p, ctx) => service.explain(p, work(ctx)),
-    },
-    generate: {
-      heavy: true,
-      title: 'Completing with the model',
-      params: {
-        type: 'object',
-        required: ['prompt'],
-        additionalProperties: false,
-        properties: {
-          prompt: { type: 'string', maxLength: 20000 },
-          maxTokens: { type: 'integer', minimum: 1, maximum: 256 },
-          temperature: { type: 'number', minimum: 0, maximum: 5 },
-          seed: { type: 'integer' },
-        },
-      },
-      handler: async (p: { prompt: string; maxTokens?: number; temperature?: number; seed?: number }) => {
-        const [g] = await generate(service.model, [p.prompt], {
-          maxNewTokens: p.maxTokens ?? 16,
-          temperature: p.temperature ?? 0,
-          seed: p.seed ?? 0,
-        });
-        return { prompt: p.prompt, completion: g.text, logprobs: g.logprobs };
-      },
-    },
-    getExample: {
-      params: {
-        type: 'object',
-        required: ['dataset', 'line'],
-        additionalProperties: false,
-        properties: { dataset: id, line: { type: 'integer', minimum: 1 }, hash: { type: 'string', maxLength: 64 } },
-      },
-      handler: (p: { dataset: string; line: number; hash?: string }) => service.getExample(p.dataset, p.line, p.hash),
-    },
-    scanDataset: {
-      heavy: true,
-      title: 'Scanning the dataset',
-      params: {
-        type: 'object',
-        required: ['dataset'],
-        additionalProperties: false,
-        properties: { dataset: id, topK: { type: 'integer', minimum: 1, maximum: 10000 } },
-      },
-      handler: (p: { dataset: string; topK?: number }, ctx) => service.scanDataset(p.dataset, p.topK ?? 50, work(ctx)),
-    },
-    fit: {
-      heavy: true,
-      title: 'Fitting EK-FAC factors',
-      params: {
-        type: 'object',
-        additionalProperties: false,
-        properties: { stage: { enum: ['finetuned', 'pretrained'] } },
-      },
-      handler: async (p: { stage?: 'finetuned' | 'pretrained' }, ctx) => {
-        const r = await service.fit(p.stage ?? 'finetuned', work(ctx));
-        return { ...r, info: service.info() };
-      },
-    },
-    index: {
-      heavy: true,
-      title: 'Indexing training gradients',
-      params: { type: 'object', required: ['dataset'], additionalProperties: false, properties: { dataset: id } },
-      handler: async (p: { dataset: string }, ctx) => {
-        const s = await service.index(p.dataset, work(ctx));
-        return { dataset: p.dataset, examples: s.size, bytes: s.bytes };
-      },
-    },
-    reload: {
-      params: { type: 'object', required: ['dataset'], additionalProperties: false, properties: { dataset: id } },
-      handler: (p: { dataset: string }) => service.reload(p.dataset),
-    },
-  };
-}
 
 export async function runServe(argv: string[]): Promise<void> {
   const { values: v } = parse(argv, {

@@ -14,14 +14,14 @@
 import { readFileSync, statSync } from 'node:fs';
 import { basename, dirname, isAbsolute, resolve } from 'node:path';
 import schemaJson from '../../../influence-lens.schema.json' with { type: 'json' };
+import { defaultDiscoveryFile } from '../../transport/discovery';
+import { DEFAULT_LIMITS } from '../../transport/server';
 import { parseDamping } from '../attribution/stage';
 import { defaultCacheDir } from '../model/engine';
 import type { Device } from '../model/onnx/session';
-import type { ServiceConfig, StageConfig } from './influence-service';
-import { checkDevice } from './device';
-import { defaultDiscoveryFile } from '../../transport/discovery';
 import { formatIssue, type JsonSchema, validateSchema } from '../rpc/schema';
-import { DEFAULT_LIMITS } from '../../transport/server';
+import { checkDevice } from './device';
+import type { ServiceConfig, StageConfig } from './influence-service';
 
 export const CONFIG_SCHEMA: JsonSchema = schemaJson as JsonSchema;
 export const CONFIG_FILE_NAME = 'influence-lens.json';

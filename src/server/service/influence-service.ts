@@ -1,10 +1,11 @@
 // What the server does, independent of how requests arrive: it holds the models, their factors,
 // the datasets (by id, from the configuration only) and the gradient stores, and answers
 // explain / getExample / scanDataset / fit / index / reload / generate. The JSON-RPC layer
-// (src/server/rpc) validates frames and calls these methods with a cancellation signal and
+// (src/transport, with the method table in ./handlers) validates frames and calls these methods with a cancellation signal and
 // progress callbacks; the CLI and tests can call them directly.
 import { statSync } from 'node:fs';
 import { join } from 'node:path';
+import { LIMITS } from '../../protocol/limits';
 import type { ExplainParams, ExplainPartial, ExplainResult, Method } from '../../protocol/types';
 import { METHODS } from '../../protocol/types';
 import type { Damping } from '../attribution/ekfac/precondition';
@@ -186,7 +187,7 @@ export class InfluenceService {
   }
 
   async explain(p: ExplainParams, work: Work = {}): Promise<ExplainResult> {
-    const limits = { maxTopK: 200, maxTextChars: 20000, ...this.config.limits };
+    const limits = { maxTopK: LIMITS.topK.max, maxTextChars: LIMITS.explainTextMaxChars, ...this.config.limits };
     if (typeof p.prompt !== 'string' || typeof p.completion !== 'string')
       throw new ServiceError('prompt and completion must be strings');
     if (p.prompt.length + p.completion.length > limits.maxTextChars)
