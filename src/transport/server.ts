@@ -29,6 +29,7 @@ import {
   type RequestType,
 } from 'vscode-jsonrpc';
 import WebSocket, { WebSocketServer } from 'ws';
+import { assertSupportedSchema, formatIssue, type JsonSchema, validateSchema } from '../common/json-schema';
 import { CancelRequest, Initialize, Progress, Status } from '../protocol/requests';
 import {
   type Capabilities,
@@ -43,7 +44,6 @@ import {
   type StatusResult,
   type WorkDoneProgress,
 } from '../protocol/rpc';
-import { assertSupportedSchema, formatIssue, type JsonSchema, validateSchema } from '../server/rpc/schema';
 import { checkToken, defaultDiscoveryFile, removeDiscoveryFile, resolveToken, writeDiscoveryFile } from './discovery';
 import { RpcError, toRpcError } from './errors';
 import { checkUpgrade, isLoopback, urlHost } from './security';
@@ -78,7 +78,7 @@ export interface MethodSpec<P = any, R = unknown> {
   handler: Handler<P, R>;
   /** heavy requests share the `maxConcurrent` slots (and queue for them) */
   heavy?: boolean;
-  /** JSON schema (./schema subset) the params must satisfy; failures are InvalidParams naming the field */
+  /** JSON schema (draft-07, checked by Ajv) the params must satisfy; failures are InvalidParams naming the field */
   params?: JsonSchema;
   /** title of the work-done progress (default: the method name) */
   title?: string;
@@ -300,6 +300,16 @@ export async function startServer(opts: ServerOptions): Promise<RunningServer> {
     if (typeof id === 'string' && id.length > 200) return bad('"id" is too long');
     if (m.params !== undefined && (typeof m.params !== 'object' || m.params === null)) {
       if (m.id !== undefined) reply(id, RpcErrorCode.InvalidParams, 'params must be an object (or absent)');
+      return undefined;
+    }
+    // every later step (validation, the handler, encoding the answer) may recurse over params
+    if (m.params !== undefined && nestedDeeperThan(m.params, MAX_PARAMS_DEPTH)) {
+      if (m.id !== undefined)
+        reply(
+          id,
+          RpcErrorCode.InvalidParams,
+          `params are nested more than ${MAX_PARAMS_DEPTH} levels deep; no request of this server needs that`,
+        );
       return undefined;
     }
     if (m.id === undefined) {
@@ -547,6 +557,21 @@ const EMPTY_INFO: ServiceInfo = {
   warnings: [],
 };
 
+/** How deep request params may nest (objects and arrays); the protocol's params need 4. */
+export const MAX_PARAMS_DEPTH = 64;
+
+/** Whether `v` nests objects/arrays more than `max` levels deep (iterative: no stack to overflow). */
+export function nestedDeeperThan(v: unknown, max: number): boolean {
+  const stack: Array<[unknown, number]> = [[v, 1]];
+  while (stack.length) {
+    const [x, depth] = stack.pop()!;
+    if (x === null || typeof x !== 'object') continue;
+    if (depth > max) return true;
+    for (const child of Array.isArray(x) ? x : Object.values(x)) stack.push([child, depth + 1]);
+  }
+  return false;
+}
+
 function closeReasons(limits: ServerLimits): Record<number, string> {
   return {
     [CloseCode.MessageTooBig]: `message too big: this server reads frames up to ${limits.maxFrameBytes} bytes (maxFrameBytes)`,
@@ -562,7 +587,12 @@ function normalizeTable(table: MethodTable): Record<string, MethodSpec> {
       throw new Error(`the method name "${name}" is reserved`);
     const spec = typeof h === 'function' ? { handler: h } : h;
     if (typeof spec?.handler !== 'function') throw new Error(`method "${name}" has no handler function`);
-    if (spec.params !== undefined) assertSupportedSchema(spec.params);
+    if (spec.params !== undefined)
+      try {
+        assertSupportedSchema(spec.params);
+      } catch (e) {
+        throw new Error(`method "${name}": its params schema is not supported: ${(e as Error).message}`);
+      }
     out[name] = spec;
   }
   return out;

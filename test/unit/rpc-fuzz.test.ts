@@ -212,6 +212,46 @@ async function response(c: Conn, id: unknown, ms = 5000): Promise<Record<string,
 }
 
 describe('rpc fuzz', () => {
+  test('params nested 100k deep are InvalidParams (not an internal error); the server keeps serving', async () => {
+    const big = await startServer({
+      handlers: {
+        echo: async (p) => p,
+        typed: { params: { type: 'object', properties: { n: { type: 'integer' } } }, handler: async () => 'ok' },
+      },
+      discoveryFile: false,
+      token: 'deep-token-0123456789abcdef',
+    });
+    try {
+      const c = await RpcClient.connect({ url: big.url, token: big.token });
+      const deep = (n: number) => `${'['.repeat(n)}${']'.repeat(n)}`;
+      const ws = new WebSocket(big.url, { headers: { Authorization: `Bearer ${big.token}` } });
+      const answers = new Map<number, { error?: { code: number; message: string } }>();
+      ws.on('message', (d) => {
+        const m = JSON.parse(d.toString());
+        answers.set(m.id, m);
+      });
+      await new Promise((res, rej) => ws.once('open', res).once('error', rej));
+      ws.send(
+        JSON.stringify({ jsonrpc: '2.0', id: 0, method: 'initialize', params: { protocolVersion: PROTOCOL_VERSION } }),
+      );
+      ws.send(`{"jsonrpc":"2.0","id":1,"method":"echo","params":{"x":${deep(100_000)}}}`);
+      ws.send(`{"jsonrpc":"2.0","id":2,"method":"typed","params":{"n":${deep(100_000)}}}`);
+      ws.send(`{"jsonrpc":"2.0","id":3,"method":"echo","params":{"x":${deep(30)}}}`);
+      const end = Date.now() + 10_000;
+      while (answers.size < 4 && Date.now() < end) await new Promise((r) => setTimeout(r, 20));
+      for (const id of [1, 2]) {
+        assert.equal(answers.get(id)?.error?.code, RpcErrorCode.InvalidParams, JSON.stringify(answers.get(id)));
+        assert.match(answers.get(id)!.error!.message, /nested more than \d+ levels deep/);
+      }
+      assert.equal(answers.get(3)?.error, undefined, 'modest nesting is fine');
+      assert.deepEqual(await c.request('echo', { still: 'here' }), { still: 'here' });
+      ws.close();
+      await c.close();
+    } finally {
+      await big.close();
+    }
+  });
+
   test('an oversize frame closes that connection with 1009 and a reason; the server keeps serving', async () => {
     // (a client that knows the limit from initialize refuses such a request itself; this one does not)
     const c = await RpcClient.connect({ url: server.url, token: server.token, initialize: false });

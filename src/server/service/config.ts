@@ -19,7 +19,7 @@ import { DEFAULT_LIMITS } from '../../transport/server';
 import { parseDamping } from '../attribution/stage';
 import { defaultCacheDir } from '../model/engine';
 import type { Device } from '../model/onnx/session';
-import { formatIssue, type JsonSchema, validateSchema } from '../rpc/schema';
+import { formatIssue, type JsonSchema, validateSchema } from '../../common/json-schema';
 import { checkDevice } from './device';
 import type { ServiceConfig, StageConfig } from './influence-service';
 
