@@ -157,6 +157,8 @@ export type RpcErrorCode = (typeof RpcErrorCode)[keyof typeof RpcErrorCode];
 export const CloseCode = {
   Normal: 1000,
   GoingAway: 1001,
+  /** the client left more than the server's buffer limit unread (it stopped reading) */
+  PolicyViolation: 1008,
   /** a frame larger than `maxFrameBytes` */
   MessageTooBig: 1009,
 } as const;

@@ -76,17 +76,36 @@ export class WebSocketMessageReader extends AbstractMessageReader implements Mes
   }
 }
 
+export interface WriterOptions {
+  /** sees every message just before it is sent */
+  onSend?: (m: Message) => void;
+  /**
+   * The most bytes the socket may hold unsent (the peer not reading); past it `onOverflow` is
+   * called once and later messages are dropped. Default: no limit (the client's side).
+   */
+  maxBufferedBytes?: number;
+  onOverflow?: (bufferedBytes: number) => void;
+}
+
 export class WebSocketMessageWriter extends AbstractMessageWriter implements MessageWriter {
+  /** messages not sent because the socket was closed or over its buffer limit */
+  dropped = 0;
+  private overflowed = false;
+
   constructor(
     private readonly socket: WebSocket,
-    /** sees every message just before it is sent */
-    private readonly onSend?: (m: Message) => void,
+    private readonly opts: WriterOptions = {},
   ) {
     super();
   }
 
   write(msg: Message): Promise<void> {
-    if (this.socket.readyState !== 1 /* OPEN */) return Promise.reject(new Error('the connection is closed'));
+    if (this.socket.readyState !== 1 /* OPEN */ || this.overflowed) {
+      // the peer is gone (or being dropped): nobody will read this; counting it is enough, and
+      // resolving keeps vscode-jsonrpc from logging one line per lost message
+      this.dropped++;
+      return Promise.resolve();
+    }
     let text: string;
     try {
       text = JSON.stringify(msg);
@@ -104,14 +123,14 @@ export class WebSocketMessageWriter extends AbstractMessageWriter implements Mes
       } as Message;
       text = JSON.stringify(msg);
     }
-    this.onSend?.(msg);
-    return new Promise((resolve, reject) =>
-      this.socket.send(text, (err) => {
-        if (err) {
-          reject(err);
-        } else resolve();
-      }),
-    );
+    this.opts.onSend?.(msg);
+    this.socket.send(text, () => {});
+    const cap = this.opts.maxBufferedBytes;
+    if (cap !== undefined && this.socket.bufferedAmount > cap) {
+      this.overflowed = true;
+      this.opts.onOverflow?.(this.socket.bufferedAmount);
+    }
+    return Promise.resolve();
   }
 
   end(): void {}
