@@ -42,9 +42,15 @@ export function checkToken(t: string, what = 'the token'): void {
   if (!/^[\x21-\x7e]+$/.test(t)) throw new Error(`${what} may only contain visible ASCII characters (no spaces)`);
 }
 
-/** Writes the file atomically with mode 0600 (its directory 0700 when created). */
+/**
+ * Writes the file atomically with mode 0600, in a directory made 0700 when created. The default
+ * directory (~/.cache/influence-lens, ours alone) is made 0700 even when it already existed with
+ * looser bits; a directory the user chose is theirs, and left as it is.
+ */
 export function writeDiscoveryFile(file: string, info: DiscoveryInfo): void {
-  mkdirSync(dirname(file), { recursive: true, mode: 0o700 });
+  const dir = dirname(file);
+  mkdirSync(dir, { recursive: true, mode: 0o700 });
+  if (dir === dirname(defaultDiscoveryFile()) && process.platform !== 'win32') chmodSync(dir, 0o700);
   const tmp = `${file}.${process.pid}.tmp`;
   writeFileSync(tmp, `${JSON.stringify(info, null, 2)}\n`, { mode: 0o600 });
   chmodSync(tmp, 0o600); // in case the file already existed with other bits

@@ -2,7 +2,7 @@
 // errors, cancellation, the heavy-request limit, progress / partial results, discovery, close.
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, describe, test } from 'node:test';
@@ -527,6 +527,27 @@ describe('rpc server: discovery and shutdown', () => {
     writeFileSync(f, JSON.stringify({ url: 'ws://127.0.0.1:1/', token: 'x'.repeat(20), pid: 1 }), { mode: 0o644 });
     assert.throws(() => readDiscoveryFile(f), /readable by other users/);
     assert.equal(readDiscoveryFile(join(tmp, 'missing.json')), undefined);
+  });
+
+  test('the default discovery directory is made 0700 even when it existed before with 0755', async () => {
+    if (process.platform === 'win32') return;
+    const home = process.env.HOME;
+    process.env.HOME = join(tmp, 'home0755');
+    try {
+      const dir = join(tmp, 'home0755', '.cache', 'influence-lens');
+      mkdirSync(dir, { recursive: true, mode: 0o755 });
+      chmodSync(dir, 0o755);
+      const { server } = await start({ discoveryFile: undefined });
+      try {
+        assert.equal(server.discoveryFile, join(dir, 'server.json'));
+        assert.equal(statSync(dir).mode & 0o777, 0o700);
+        assert.equal(statSync(server.discoveryFile!).mode & 0o777, 0o600);
+      } finally {
+        await server.close();
+      }
+    } finally {
+      process.env.HOME = home;
+    }
   });
 
   test('the token comes from INFLUENCE_LENS_TOKEN when set, and must be long enough', async () => {
