@@ -97,6 +97,12 @@ describe('influence server over WebSocket', () => {
     await assert.rejects(client.request('explain', { ...q, method: 'gdp', dataset: '/etc/passwd' }), /unknown dataset/);
     await assert.rejects(client.request('explain', { ...q, method: 'gdp', path: '/etc/passwd' }), /path/);
     await assert.rejects(client.request('getExample', { dataset: 'train', line: 999 }), /no example at line 999/);
+    // ids that name Object.prototype's members are unknown ids like any other
+    for (const dataset of ['__proto__', 'constructor', 'toString', 'hasOwnProperty'])
+      await assert.rejects(
+        client.request(Explain, { ...q, method: 'bm25', dataset }),
+        new RegExp(`unknown dataset "${dataset}"; configured: train`),
+      );
     const ex = await client.request(GetExample, { dataset: 'train', line: 2 });
     assert.match(ex.text, /Country 1/);
   });

@@ -5,6 +5,7 @@
 // progress callbacks; the CLI and tests can call them directly.
 import { statSync } from 'node:fs';
 import { join } from 'node:path';
+import { own } from '../../common/own';
 import { LIMITS } from '../../protocol/limits';
 import type { ExplainParams, ExplainPartial, ExplainResult, Method } from '../../protocol/types';
 import { METHODS } from '../../protocol/types';
@@ -154,7 +155,7 @@ export class InfluenceService {
 
   /** A dataset by id, reloaded when its file changed on disk. */
   dataset(id: string): LoadedDataset {
-    const path = this.config.datasets[id];
+    const path = own(this.config.datasets, id);
     if (!path)
       throw new ServiceError(`unknown dataset "${id}"; configured: ${Object.keys(this.config.datasets).join(', ')}`);
     const stamp = fileStamp(path);
@@ -177,7 +178,7 @@ export class InfluenceService {
   }
 
   private modelFor(datasetId: string): Model {
-    return this.stage(this.config.datasetStage?.[datasetId] ?? 'finetuned').model;
+    return this.stage(own(this.config.datasetStage, datasetId) ?? 'finetuned').model;
   }
 
   reload(id: string): { dataset: string; examples: number; skipped: number } {
@@ -329,7 +330,7 @@ export class InfluenceService {
     if (!c) throw new ServiceError(`no ${which} model is configured`);
     if (!c.factors) throw new ServiceError(`the configuration names no factors directory for the ${which} model`);
     const datasetId = c.fitDataset ?? Object.keys(this.config.datasets)[0];
-    const path = this.config.datasets[datasetId];
+    const path = own(this.config.datasets, datasetId);
     if (!path) throw new ServiceError(`fitDataset "${datasetId}" is not a configured dataset`);
     const r = await runFitJob({
       modelDir: c.model,
