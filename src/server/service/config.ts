@@ -14,12 +14,12 @@
 import { readFileSync, statSync } from 'node:fs';
 import { basename, dirname, isAbsolute, resolve } from 'node:path';
 import schemaJson from '../../../influence-lens.schema.json' with { type: 'json' };
+import { formatIssue, type JsonSchema, validateSchema } from '../../common/json-schema';
 import { defaultDiscoveryFile } from '../../transport/discovery';
 import { DEFAULT_LIMITS } from '../../transport/server';
 import { parseDamping } from '../attribution/stage';
 import { defaultCacheDir } from '../model/engine';
 import type { Device } from '../model/onnx/session';
-import { formatIssue, type JsonSchema, validateSchema } from '../../common/json-schema';
 import { checkDevice } from './device';
 import type { ServiceConfig, StageConfig } from './influence-service';
 
