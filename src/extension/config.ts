@@ -1,7 +1,7 @@
 // The extension's settings (`influenceLens.*` in package.json's contributes.configuration).
 import * as vscode from 'vscode';
+import { cssColor, DEFAULT_OPPOSING, DEFAULT_SUPPORTING } from '../common/display';
 import { METHODS, type Method } from '../protocol/types';
-import { cssColor, DEFAULT_OPPOSING, DEFAULT_SUPPORTING } from '../webview/colors';
 
 export const SECTION = 'influenceLens';
 

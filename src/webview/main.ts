@@ -5,7 +5,6 @@
 // attributes (the panel's CSP allows only this nonce'd bundle), styles set through the CSSOM.
 import '@vscode/codicons/dist/codicon.css';
 import './styles.css';
-import type { ExampleId, ExplainedExample, ExplainPartial, ExplainResult, Method } from '../protocol/types';
 import {
   bucketBackground,
   bucketClass,
@@ -16,8 +15,9 @@ import {
   signGlyph,
   symmetricScale,
   tokenTitle,
-} from './colors';
-import { axisPosition, histogramBins, layerBars, type Segment, segments, sumPerToken } from './heatmap';
+} from '../common/display';
+import { axisPosition, histogramBins, layerBars, type Segment, segments, sumPerToken } from '../common/heatmap';
+import type { ExampleId, ExplainedExample, ExplainPartial, ExplainResult, Method } from '../protocol/types';
 import { type FromWebview, METHOD_LABELS, type PanelState, SIGNED_METHODS, type ToWebview } from './messages';
 
 interface VsCodeApi {

@@ -14,8 +14,8 @@ import {
   signGlyph,
   symmetricScale,
   tokenTitle,
-} from '../../src/webview/colors';
-import { axisPosition, histogramBins, layerBars, segments, shortModule, sumPerToken } from '../../src/webview/heatmap';
+} from '../../src/common/display';
+import { axisPosition, histogramBins, layerBars, segments, shortModule, sumPerToken } from '../../src/common/heatmap';
 
 test('colors: buckets are signed, symmetric, monotone and clamped', () => {
   assert.equal(bucketOf(10, 10), BUCKETS);

@@ -1,7 +1,7 @@
 // "Scan dataset": the training examples with the highest self-influence (unusual or memorized
 // examples first), in a quick pick: Enter opens one, the flag button flags or unflags it.
 import * as vscode from 'vscode';
-import { formatScore } from '../../webview/colors';
+import { formatScore } from '../../common/display';
 import type { ScannedExample } from '../client';
 import { revealExample } from '../datasets';
 import { chooseDataset, fitStages, reportError, type Services } from '../services';

@@ -3,9 +3,9 @@
 // panel's query heatmap), with the value and −log p in the token's hover. One decoration type per
 // color step, created once (as GitLens' heatmap does); cleared when the text under it changes.
 import * as vscode from 'vscode';
+import { BUCKETS, bucketBackground, bucketOf, formatScore, symmetricScale } from '../../common/display';
+import { sumPerToken } from '../../common/heatmap';
 import type { ExplainResult } from '../../protocol/types';
-import { BUCKETS, bucketBackground, bucketOf, formatScore, symmetricScale } from '../../webview/colors';
-import { sumPerToken } from '../../webview/heatmap';
 import { SIGNED_METHODS } from '../../webview/messages';
 import { completionDocumentRange, type QuerySplit } from '../selection';
 

@@ -1,7 +1,7 @@
 // Hovers on training-data JSONL files: for the record under the pointer, its content hash, its
 // flag (with reason) and how it ranked in recent explanations, with Flag / Unflag links.
 import * as vscode from 'vscode';
-import { formatPercentile, formatScore } from '../../webview/colors';
+import { formatPercentile, formatScore } from '../../common/display';
 import { METHOD_LABELS } from '../../webview/messages';
 import { settings } from '../config';
 import type { FlagStore } from '../flags/flag-store';

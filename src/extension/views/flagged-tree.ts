@@ -4,7 +4,7 @@
 import { readFileSync, statSync } from 'node:fs';
 import { basename } from 'node:path';
 import * as vscode from 'vscode';
-import { formatScore } from '../../webview/colors';
+import { formatScore } from '../../common/display';
 import type { FlagGroup, FlagStore } from '../flags/flag-store';
 import { lineHash } from '../flags/hash';
 import type { FlagEntry } from '../flags/sidecar';
