@@ -1,7 +1,7 @@
 // The pieces every command shares, created once in `activate`.
 import * as vscode from 'vscode';
+import { FALLBACK_ORDER, METHOD_LABELS } from '../protocol/methods';
 import type { Method } from '../protocol/types';
-import { METHOD_LABELS } from '../webview/messages';
 import { CancelledError, ClientError, type ClientInfo, type InfluenceClient, type StageName } from './client';
 import { settings } from './config';
 import type { DatasetResolver } from './datasets';
@@ -68,7 +68,7 @@ export async function reportError(e: unknown, retry?: () => unknown): Promise<vo
  */
 export async function runnable(s: Services, method: Method, info: ClientInfo): Promise<Method | undefined> {
   if (info.methods.includes(method)) return method;
-  const instead = (['gdp', 'repsim', 'bm25', 'cosine'] as Method[]).find((m) => info.methods.includes(m));
+  const instead = FALLBACK_ORDER.find((m) => info.methods.includes(m));
   const stages = info.needsFit[method];
   if (stages?.length) {
     const which = stages

@@ -7,8 +7,10 @@ import type { ServiceInfo } from './rpc';
 /** Bumped whenever a message below changes incompatibly; checked in `initialize`. */
 export const PROTOCOL_VERSION = 1;
 
-export type Method = 'ekfac' | 'multistage' | 'gdp' | 'cosine' | 'repsim' | 'bm25';
-export const METHODS: readonly Method[] = ['ekfac', 'multistage', 'gdp', 'cosine', 'repsim', 'bm25'];
+import type { Method } from './methods';
+
+// the methods are declared in ./methods (one registry); re-exported for the types below' users
+export { METHODS, type Method } from './methods';
 
 /** Words for a score's sign; score > 0 means up-weighting the example raises p(completion). */
 export type Sign = 'supporting' | 'opposing' | 'neutral';

@@ -17,8 +17,9 @@ import {
   tokenTitle,
 } from '../common/display';
 import { axisPosition, histogramBins, layerBars, type Segment, segments, sumPerToken } from '../common/heatmap';
+import { METHOD_LABELS, METHODS, SIGNED_METHODS } from '../protocol/methods';
 import type { ExampleId, ExplainedExample, ExplainPartial, ExplainResult, Method } from '../protocol/types';
-import { type FromWebview, METHOD_LABELS, type PanelState, SIGNED_METHODS, type ToWebview } from './messages';
+import type { FromWebview, PanelState, ToWebview } from './messages';
 
 interface VsCodeApi {
   postMessage(m: FromWebview): void;
@@ -28,7 +29,6 @@ interface VsCodeApi {
 declare function acquireVsCodeApi(): VsCodeApi;
 
 const vscode = acquireVsCodeApi();
-const ALL_METHODS: Method[] = ['ekfac', 'multistage', 'gdp', 'cosine', 'repsim', 'bm25'];
 
 let state: PanelState = vscode.getState() ?? { version: 1, results: {}, methods: [], flags: {} };
 let busy: { method: Method; message: string } | undefined;
@@ -211,7 +211,7 @@ function tail(s: string, n: number): string {
 
 function methodSwitcher(): HTMLElement {
   const group = h('div', { class: 'methods', role: 'radiogroup', 'aria-label': 'Attribution method' });
-  const methods = ALL_METHODS.filter((m) => state.methods.includes(m) || state.results[m]);
+  const methods = METHODS.filter((m) => state.methods.includes(m) || state.results[m]);
   for (const m of methods) {
     const checked = m === state.method;
     const b = h(

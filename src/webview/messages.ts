@@ -41,15 +41,3 @@ export type FromWebview =
   | { type: 'open'; id: ExampleId }
   | { type: 'flag'; id: ExampleId; score: number; method: Method; flagged: boolean }
   | { type: 'method'; method: Method };
-
-export const METHOD_LABELS: Record<Method, string> = {
-  ekfac: 'EK-FAC',
-  multistage: 'Multi-stage',
-  gdp: 'Gradient dot',
-  cosine: 'Gradient cosine',
-  repsim: 'RepSim',
-  bm25: 'BM25',
-};
-
-/** Methods whose scores have a sign (supporting / opposing); the others only rank similarity. */
-export const SIGNED_METHODS: readonly Method[] = ['ekfac', 'multistage', 'gdp', 'cosine'];

@@ -5,6 +5,14 @@ import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { test } from 'node:test';
 import { LIMITS } from '../../src/protocol/limits';
+import {
+  FALLBACK_ORDER,
+  METHOD_LABELS,
+  METHOD_REGISTRY,
+  METHODS,
+  methodInfo,
+  SIGNED_METHODS,
+} from '../../src/protocol/methods';
 import { PARAMS_SCHEMA } from '../../src/protocol/params-schema';
 import { SERVICE_REQUESTS } from '../../src/protocol/requests';
 import { serviceHandlers } from '../../src/server/service/handlers';
@@ -35,4 +43,25 @@ test('topK: the setting, the RPC schema and the configuration schema agree with 
   assert.equal(maxTopK.maximum, LIMITS.topK.max);
   assert.equal(maxTopK.default, LIMITS.topK.max);
   assert.equal(configSchema.properties.limits.properties.maxTextChars.default, LIMITS.explainTextMaxChars);
+});
+
+test("package.json's method settings list exactly the registry's methods, with its descriptions", () => {
+  assert.deepEqual(setting('method').enum, [...METHODS]);
+  assert.deepEqual(
+    setting('method').enumDescriptions,
+    METHOD_REGISTRY.map((m) => m.description),
+  );
+  assert.deepEqual(setting('compare').items.enum, [...METHODS]);
+  for (const m of setting('compare').default) assert.ok(METHODS.includes(m), m);
+  assert.ok(METHODS.includes(setting('method').default));
+});
+
+test('the registry derives every list: labels, signs, fallbacks, the RPC enum', () => {
+  assert.deepEqual(Object.keys(METHOD_LABELS), [...METHODS]);
+  assert.deepEqual([...PARAMS_SCHEMA.explain.properties.method.enum], [...METHODS]);
+  assert.equal(PARAMS_SCHEMA.explain.properties.compare.maxItems, METHODS.length);
+  // a fallback needs nothing fitted, or it could not stand in for a method that needs factors
+  for (const m of FALLBACK_ORDER) assert.equal(methodInfo(m)?.needsFactors, false, m);
+  for (const m of SIGNED_METHODS) assert.equal(methodInfo(m)?.signed, true);
+  assert.equal(new Set(METHODS).size, METHODS.length, 'ids are unique');
 });

@@ -2,8 +2,8 @@
 // "Explain with a custom split", "Complete with model", and the panel's requests (open an
 // example, flag it, switch method).
 import * as vscode from 'vscode';
+import { METHOD_LABELS } from '../../protocol/methods';
 import type { ExampleId, ExplainParams, Method } from '../../protocol/types';
-import { METHOD_LABELS } from '../../webview/messages';
 import { settings } from '../config';
 import { revealExample } from '../datasets';
 import { type QuerySplit, splitSelection } from '../selection';

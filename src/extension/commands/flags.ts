@@ -4,7 +4,7 @@
 import { existsSync } from 'node:fs';
 import { basename } from 'node:path';
 import * as vscode from 'vscode';
-import { METHOD_LABELS } from '../../webview/messages';
+import { METHOD_LABELS } from '../../protocol/methods';
 import { revealExample } from '../datasets';
 import { cleanedPathFor, exportCleaned, linesToRemove } from '../flags/export';
 import type { FlagGroup } from '../flags/flag-store';

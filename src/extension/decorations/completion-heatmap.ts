@@ -5,8 +5,8 @@
 import * as vscode from 'vscode';
 import { BUCKETS, bucketBackground, bucketOf, formatScore, symmetricScale } from '../../common/display';
 import { sumPerToken } from '../../common/heatmap';
+import { SIGNED_METHODS } from '../../protocol/methods';
 import type { ExplainResult } from '../../protocol/types';
-import { SIGNED_METHODS } from '../../webview/messages';
 import { completionDocumentRange, type QuerySplit } from '../selection';
 
 export class CompletionHeatmap implements vscode.Disposable {

@@ -2,7 +2,7 @@
 // flag (with reason) and how it ranked in recent explanations, with Flag / Unflag links.
 import * as vscode from 'vscode';
 import { formatPercentile, formatScore } from '../../common/display';
-import { METHOD_LABELS } from '../../webview/messages';
+import { METHOD_LABELS } from '../../protocol/methods';
 import { settings } from '../config';
 import type { FlagStore } from '../flags/flag-store';
 import { lineHash } from '../flags/hash';

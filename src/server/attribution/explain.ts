@@ -11,6 +11,7 @@
 // every candidate inside the graph. Extra query rows (one per completion token) give the
 // completion-side heatmap; a second, small pass over the returned examples gives their
 // training-side token scores.
+import { GRADIENT_METHODS } from '../../protocol/methods';
 import type { ExplainedExample, ExplainPartial, ExplainResult, Method, Sign, TokenScores } from '../../protocol/types';
 import type { Dataset } from '../data/dataset';
 import { contextLength, type TokenizedText, tokenizeExamples, tokenizeQuery } from '../data/tokenize';
@@ -116,8 +117,6 @@ interface PoolScores {
   /** when the pool was scored approximately (store, low rank): the positions recomputed exactly, the only ones shown */
   exact?: Set<number>;
 }
-
-const GRADIENT_METHODS: readonly Method[] = ['ekfac', 'multistage', 'gdp', 'cosine'];
 
 export async function explain(setup: ExplainSetup, corpus: Corpus, req: ExplainRequest): Promise<ExplainResult> {
   const timings: Record<string, number> = {};

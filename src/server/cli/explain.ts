@@ -1,6 +1,7 @@
 // influence-lens explain: which training examples made this completion likely? Prints the
 // ranked supporting and opposing examples (or the documented ExplainResult JSON with --json).
 import { relative } from 'node:path';
+import { methodInfo } from '../../protocol/methods';
 import { type ExplainedExample, type ExplainResult, METHODS, type Method } from '../../protocol/types';
 import { Corpus, type ExplainSetup, explain } from '../attribution/explain';
 import { checkSameTokenizer, openStage, parseDamping } from '../attribution/stage';
@@ -35,7 +36,7 @@ export async function runExplain(argv: string[]): Promise<void> {
   const compare = (v.compare ? v.compare.split(',') : []).map((m) =>
     oneOf(m.trim(), METHODS, '--compare', 'ekfac'),
   ) as Method[];
-  const needsFactors = [method, ...compare].some((m) => m === 'ekfac' || m === 'multistage');
+  const needsFactors = [method, ...compare].some((m) => methodInfo(m)?.needsFactors);
   if (needsFactors && !v.factors)
     throw new CliError(`--method ${method} needs --factors <dir> (make them with: influence-lens fit ...)`);
   const needsPretrained = [method, ...compare].includes('multistage');

@@ -7,6 +7,7 @@ import { statSync } from 'node:fs';
 import { join } from 'node:path';
 import { own } from '../../common/own';
 import { LIMITS } from '../../protocol/limits';
+import { methodInfo } from '../../protocol/methods';
 import type { ExplainParams, ExplainPartial, ExplainResult, Method } from '../../protocol/types';
 import { METHODS } from '../../protocol/types';
 import type { Damping } from '../attribution/ekfac/precondition';
@@ -145,11 +146,12 @@ export class InfluenceService {
   private unavailable(m: Method): string | null {
     const ft = this.stages.get('finetuned');
     const pt = this.stages.get('pretrained');
-    if (m === 'ekfac' && !ft?.preconditioners) return 'no EK-FAC factors for the model yet: run "fit"';
-    if (m === 'multistage') {
+    const needs = methodInfo(m);
+    if (needs?.needsPretrained) {
       if (!pt) return 'no pre-trained model is configured';
-      if (!ft?.preconditioners || !pt.preconditioners) return 'both stages need EK-FAC factors: run "fit" for each';
-    }
+      if (needs.needsFactors && (!ft?.preconditioners || !pt.preconditioners))
+        return 'both stages need EK-FAC factors: run "fit" for each';
+    } else if (needs?.needsFactors && !ft?.preconditioners) return 'no EK-FAC factors for the model yet: run "fit"';
     return null;
   }
 
