@@ -149,7 +149,7 @@ export class Model {
     readonly checkpoint: Checkpoint,
     readonly options: EngineOptions,
   ) {
-    this.arch = architectureFor(checkpoint.modelType, join(checkpoint.dir, 'config.json'));
+    this.arch = architectureFor(checkpoint.config, join(checkpoint.dir, 'config.json'));
   }
 
   /** Loaded on first use: inspecting or benchmarking a model does not need one. */
