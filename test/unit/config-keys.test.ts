@@ -114,17 +114,39 @@ for (const [fixture, key, value] of REFUSED) {
 
 test('a config that contradicts the weights is refused: biases, tied head, sliding layers without a window', () => {
   const cases: Array<[string, (c: Record<string, unknown>) => void, RegExp]> = [
-    ['llama', (c) => void (c.mlp_bias = true), /no model\.layers\.0\.mlp\.gate_proj\.bias.*"mlp_bias" is true/],
+    [
+      'llama',
+      (c) => {
+        c.mlp_bias = true;
+      },
+      /no model\.layers\.0\.mlp\.gate_proj\.bias.*"mlp_bias" is true/,
+    ],
     [
       'llama_variant',
-      (c) => void (c.attention_bias = false),
+      (c) => {
+        c.attention_bias = false;
+      },
       /has model\.layers\.0\.self_attn\.q_proj\.bias.*"attention_bias" is false/,
     ],
-    ['llama_variant', (c) => void (c.tie_word_embeddings = true), /"tie_word_embeddings": true.*lm_head\.weight/],
-    ['llama', (c) => void (c.tie_word_embeddings = false), /"tie_word_embeddings" is false.*no lm_head\.weight/],
+    [
+      'llama_variant',
+      (c) => {
+        c.tie_word_embeddings = true;
+      },
+      /"tie_word_embeddings": true.*lm_head\.weight/,
+    ],
+    [
+      'llama',
+      (c) => {
+        c.tie_word_embeddings = false;
+      },
+      /"tie_word_embeddings" is false.*no lm_head\.weight/,
+    ],
     [
       'qwen2_swa',
-      (c) => void (c.use_sliding_window = false),
+      (c) => {
+        c.use_sliding_window = false;
+      },
       /"layer_types" has "sliding_attention".*"use_sliding_window"/,
     ],
   ];
