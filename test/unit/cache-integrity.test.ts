@@ -19,7 +19,9 @@ import { join } from 'node:path';
 import { test } from 'node:test';
 import { type FactorArguments, loadFactors, saveFactors } from '../../src/server/attribution/ekfac/factors-io';
 import { DEFAULT_DAMPING } from '../../src/server/attribution/ekfac/precondition';
+import { modelFingerprint } from '../../src/server/attribution/fingerprint';
 import { GradientStore } from '../../src/server/index/gradient-store';
+import { openCheckpoint } from '../../src/server/model/checkpoint';
 import { contentDigest, sha256File } from '../../src/server/model/content-digest';
 import { Model } from '../../src/server/model/engine';
 import { readSafetensorsHeader, writeSafetensors } from '../../src/server/model/safetensors';
@@ -67,6 +69,23 @@ test('graph cache: weights replaced by a file of the same size and mtime are not
   const reference = await totalLoss(dir, fresh('clean-cache'));
   assert.notEqual(after, before, 'the old weights were used');
   assert.equal(after, reference);
+});
+
+test('model fingerprint (keys factors and gradient stores): any changed weight byte changes it', () => {
+  const dir = fresh('model');
+  cpSync(FIXTURE, dir, { recursive: true });
+  const file = join(dir, 'model.safetensors');
+  const before = modelFingerprint(openCheckpoint(dir));
+  // one value a quarter into the embedding (neither its first nor its middle bytes), mtime kept
+  const t = readSafetensorsHeader(file).tensors.get('model.embed_tokens.weight')!;
+  const bytes = readFileSync(file);
+  const at = t.byteOffset + Math.floor(t.byteLength / 16) * 4;
+  bytes.writeFloatLE(bytes.readFloatLE(at) + 1, at);
+  const edited = join(dir, 'edited');
+  writeFileSync(edited, bytes);
+  execFileSync('touch', ['-r', file, edited]);
+  renameSync(edited, file);
+  assert.notEqual(modelFingerprint(openCheckpoint(dir)), before);
 });
 
 test('content digest: remembered per file identity, recomputed when the bytes change', () => {
