@@ -105,6 +105,8 @@ const HARMLESS_KEYS = [
   'id2label',
   'label2id',
   'num_labels',
+  '_num_labels',
+  'output_past',
   'problem_type',
   'finetuning_task',
   'task_specific_params',

@@ -71,6 +71,10 @@ const LLAMA_KEYS: ConfigKeys = {
   pretraining_tp: anything,
   // LlamaModel has no sliding window: transformers ignores this key, and so do we
   sliding_window: anything,
+  // written by nanotron exports (SmolLM); transformers ignores them and rotates halves,
+  // which is what an interleaved=false model was trained with
+  is_llama_config: anything,
+  rope_interleaved: oneOf(false),
 };
 
 const mistralVariant: Variant = {
