@@ -70,6 +70,24 @@ test('llama: old-style rope_theta + rope_scaling give the same numbers as rope_p
   );
 });
 
+test('gpt_neox: old rotary_pct / rotary_emb_base, and their default of a quarter of each head', async () => {
+  // the fixture rotates 0.25 of each head with theta 10000 (rope_parameters)
+  await assertMatchesGolden(
+    variant('gpt_neox', (c) => {
+      delete c.rope_parameters;
+      c.rotary_pct = 0.25;
+      c.rotary_emb_base = 10000;
+    }),
+    'gpt_neox',
+  );
+  await assertMatchesGolden(
+    variant('gpt_neox', (c) => {
+      delete c.rope_parameters;
+    }),
+    'gpt_neox',
+  );
+});
+
 test('llama ignores sliding_window, as transformers LlamaModel does', async () => {
   await assertMatchesGolden(
     variant('llama', (c) => {
