@@ -11,7 +11,13 @@ import { join } from 'node:path';
 import type { TokenizedExample } from '../attribution/fit';
 import { type Batch, type Model, type ModuleSelection, makeBatch } from '../model/engine';
 import type { ort } from '../model/onnx/session';
-import { readSafetensorsHeader, readTensorF64, type TensorToWrite, writeSafetensors } from '../model/safetensors';
+import {
+  checkDataChecksum,
+  readSafetensorsHeader,
+  readTensorF64,
+  type TensorToWrite,
+  writeSafetensors,
+} from '../model/safetensors';
 import { Rng } from '../util/random';
 
 export interface StoreModule {
@@ -101,6 +107,13 @@ export class GradientStore {
       }
       opts.onProgress?.(Math.min(n, i + bs), n);
     }
+    for (const m of modules) {
+      const bad = rows.get(m.name)!.findIndex((v) => !Number.isFinite(v));
+      if (bad >= 0)
+        throw new GradientStoreError(
+          `the model gave a non-finite projected gradient for module ${m.name} (example ${Math.floor(bad / (m.kS * m.kA))})`,
+        );
+    }
     return new GradientStore(identity, modules, rows, n);
   }
 
@@ -134,16 +147,30 @@ export class GradientStore {
     }
     const path = join(dir, FILE);
     const tmp = `${path}.tmp-${process.pid}`;
-    writeSafetensors(tmp, tensors, {
-      identity: JSON.stringify(this.identity),
-      modules: JSON.stringify(this.modules.map(({ name, dA, dOut, kA, kS }) => ({ name, dA, dOut, kA, kS }))),
-      size: String(this.size),
-    });
+    writeSafetensors(
+      tmp,
+      tensors,
+      {
+        identity: JSON.stringify(this.identity),
+        modules: JSON.stringify(this.modules.map(({ name, dA, dOut, kA, kS }) => ({ name, dA, dOut, kA, kS }))),
+        size: String(this.size),
+      },
+      { checksum: true },
+    );
     renameSync(tmp, path);
   }
 
-  /** Loads a store if it exists and was built for exactly `expect`; null when stale or absent. */
-  static load(dir: string, expect: StoreIdentity): GradientStore | null {
+  /**
+   * Loads a store if it exists, was built for exactly `expect`, and its bytes are those
+   * written (sha256 in its metadata); null when stale, absent or damaged (the caller
+   * rebuilds it; damage is reported through `notice`). A store that holds NaN or ±Inf is
+   * an error naming the file: it was built from a model that produced them.
+   */
+  static load(
+    dir: string,
+    expect: StoreIdentity,
+    notice: (line: string) => void = (l) => process.stderr.write(`influence-lens: ${l}\n`),
+  ): GradientStore | null {
     const path = join(dir, FILE);
     if (!existsSync(path)) return null;
     let h: ReturnType<typeof readSafetensorsHeader>;
@@ -155,6 +182,13 @@ export class GradientStore {
     }
     const meta = h.metadata ?? {};
     if (meta.identity !== JSON.stringify(expect)) return null;
+    const check = checkDataChecksum(h);
+    if (check !== 'ok') {
+      // 'absent': written before stores carried a checksum
+      if (check === 'mismatch') notice(`gradient store ${path} does not match its checksum (damaged); rebuilding it`);
+      rmSync(path, { force: true });
+      return null;
+    }
     const size = Number(meta.size);
     const modules: StoreModule[] = (JSON.parse(meta.modules ?? '[]') as Array<Omit<StoreModule, 'PA' | 'PS'>>).map(
       (m) => ({
@@ -164,6 +198,18 @@ export class GradientStore {
       }),
     );
     const rows = new Map(modules.map((m) => [m.name, Float32Array.from(readTensorF64(h, `rows.${m.name}`))]));
+    for (const m of modules)
+      for (const [what, values] of [
+        [`rows.${m.name}`, rows.get(m.name)!],
+        [`PA.${m.name}`, m.PA],
+        [`PS.${m.name}`, m.PS],
+      ] as const) {
+        const bad = values.findIndex((v) => !Number.isFinite(v));
+        if (bad >= 0)
+          throw new GradientStoreError(
+            `${path}: tensor "${what}" holds ${values[bad]} at index ${bad}; the model gave non-finite gradients (delete the file after fixing the cause)`,
+          );
+      }
     return new GradientStore(expect, modules, rows, size);
   }
 }

@@ -8,12 +8,23 @@
 // - loss of a sequence L = Σ_t w_t · (−log p(target_t | tokens ≤ t)); gradients are of Σ_b L_b.
 // - per-module `a` = module input, `g` = ∂(Σ_b L_b)/∂(module output), both [B·T, d].
 import { createHash } from 'node:crypto';
-import { existsSync, linkSync, mkdirSync, readFileSync, renameSync, statSync, writeFileSync } from 'node:fs';
+import {
+  existsSync,
+  linkSync,
+  mkdirSync,
+  readFileSync,
+  realpathSync,
+  renameSync,
+  rmSync,
+  statSync,
+  writeFileSync,
+} from 'node:fs';
 import { homedir } from 'node:os';
 import { basename, join } from 'node:path';
 import { architectureFor } from './architectures';
 import type { Architecture, BuildContext, TrackedModule, WeightSource } from './architectures/common';
 import { type Checkpoint, openCheckpoint } from './checkpoint';
+import { contentDigest } from './content-digest';
 import { DataType, Graph, type Tensor } from './onnx/graph';
 import { createSession, type Device, ort } from './onnx/session';
 import type { DType } from './safetensors';
@@ -84,6 +95,8 @@ export interface EngineOptions {
   cacheDir?: string;
   /** 'fp64' builds every graph in double precision (finite-difference checks, ground truths). */
   precision?: 'fp32' | 'fp64';
+  /** one-line notices (a corrupt cached graph was rebuilt); default: stderr */
+  notice?: (line: string) => void;
 }
 
 export interface Sequence {
@@ -149,7 +162,7 @@ export class Model {
     readonly checkpoint: Checkpoint,
     readonly options: EngineOptions,
   ) {
-    this.arch = architectureFor(checkpoint.modelType, join(checkpoint.dir, 'config.json'));
+    this.arch = architectureFor(checkpoint.config, join(checkpoint.dir, 'config.json'));
   }
 
   /** Loaded on first use: inspecting or benchmarking a model does not need one. */
@@ -233,7 +246,12 @@ export class Model {
     }
     // Named by content: a graph built in another precision or by another version never collides.
     const file = join(links.dir, `${createHash('sha256').update(bytes).digest('hex').slice(0, 16)}.onnx`);
-    if (!existsSync(file)) {
+    // The graph is rebuilt in memory anyway: the file on disk is used only if it holds exactly
+    // these bytes, so a truncated or damaged one is replaced instead of failing forever.
+    const onDisk = existsSync(file) ? readFileSync(file) : null;
+    if (!onDisk?.equals(bytes)) {
+      if (onDisk)
+        this.notify(`cached graph ${file} was damaged (${onDisk.length} of ${bytes.length} bytes); rebuilt it`);
       const tmp = `${file}.${process.pid}.tmp`;
       writeFileSync(tmp, bytes);
       renameSync(tmp, file);
@@ -241,15 +259,24 @@ export class Model {
     return createSession(file, opts);
   }
 
+  private notify(line: string) {
+    (this.options.notice ?? ((l: string) => process.stderr.write(`influence-lens: ${l}\n`)))(line);
+  }
+
   /**
    * ORT only reads external data from inside the model's directory (no absolute paths, no
    * symlinks out). Hard links give it the checkpoint's safetensors files without a copy.
+   * The directory is named by the weights' content digest, never by path, size or mtime.
    */
   private links() {
     if (this.linkDir) return this.linkDir;
     const ck = this.checkpoint;
-    const id = hash(JSON.stringify(ck.files.map((f) => [f, statSync(f).size, statSync(f).mtimeMs])));
-    const dir = join(this.options.cacheDir ?? defaultCacheDir(), 'graphs', id);
+    const root = this.options.cacheDir ?? defaultCacheDir();
+    // Resolved first: in a Hugging Face hub cache, snapshots/<rev>/model.safetensors is a
+    // relative symlink into ../../blobs, and a hard link to the symlink would dangle here.
+    const real = ck.files.map((f) => realpathSync(f));
+    const id = hash(JSON.stringify(real.map((f) => contentDigest(f, root))));
+    const dir = join(root, 'graphs', id);
     mkdirSync(dir, { recursive: true });
     const names = new Map<string, string>();
     let inMemory = false;
@@ -257,11 +284,15 @@ export class Model {
       const name = `w${i}-${basename(f)}`;
       names.set(f, name);
       const target = join(dir, name);
-      if (existsSync(target)) return;
+      // An existing link must be to the very file we digested: a link to another inode may
+      // hold other bytes by now (that file could have been rewritten in place).
+      if (existsSync(target) && sameFile(target, real[i])) return;
+      rmSync(target, { force: true });
       try {
-        linkSync(f, target);
-      } catch {
-        inMemory = true;
+        linkSync(real[i], target);
+      } catch (e) {
+        // another process linked it meanwhile, or another filesystem (then: weights in memory)
+        if (!((e as NodeJS.ErrnoException).code === 'EEXIST' && sameFile(target, real[i]))) inMemory = true;
       }
     });
     this.linkDir = { dir, names, inMemory };
@@ -329,6 +360,12 @@ function inputWeights(g: Graph, ck: Checkpoint): Weights {
 
 function select(modules: TrackedModule[], selection: ModuleSelection): TrackedModule[] {
   return selection === 'all' ? modules : modules.filter((m) => m.kind === 'mlp');
+}
+
+function sameFile(a: string, b: string): boolean {
+  const x = statSync(a, { bigint: true });
+  const y = statSync(b, { bigint: true });
+  return x.dev === y.dev && x.ino === y.ino;
 }
 
 function hash(s: string): string {

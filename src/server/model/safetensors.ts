@@ -3,6 +3,7 @@
 // little-endian tensor bytes. We read headers and single tensors with positioned reads
 // (never the whole file), and write atomically (temporary file + rename) so a crash never
 // leaves a half-written file where a good one was.
+import { createHash } from 'node:crypto';
 import { closeSync, fstatSync, openSync, readSync, renameSync, unlinkSync, writeSync } from 'node:fs';
 
 export type DType = 'F64' | 'F32' | 'F16' | 'BF16' | 'I64' | 'I32' | 'I16' | 'I8' | 'U8' | 'BOOL';
@@ -270,26 +271,34 @@ function encodeTensor(name: string, t: TensorToWrite): Uint8Array {
   }
 }
 
+/** Metadata key holding the sha256 of a file's tensor data, for caches we verify on load. */
+export const DATA_SHA256 = 'data_sha256';
+
 /**
  * Write tensors (in the given key order) and string metadata. Atomic: the file appears
- * complete or not at all.
+ * complete or not at all. With `checksum`, the sha256 of the tensor data is stored in the
+ * metadata (`data_sha256`) so a reader can tell damaged bytes from good ones
+ * (`checkDataChecksum`).
  */
 export function writeSafetensors(
   path: string,
   tensors: Record<string, TensorToWrite>,
   metadata: Record<string, string> = {},
+  options: { checksum?: boolean } = {},
 ): void {
   const header: Record<string, unknown> = {};
-  if (Object.keys(metadata).length) header.__metadata__ = metadata;
   const parts: Uint8Array[] = [];
   let offset = 0;
+  const digest = options.checksum ? createHash('sha256') : null;
   for (const [name, t] of Object.entries(tensors)) {
     const bytes = encodeTensor(name, t);
     header[name] = { dtype: t.dtype, shape: t.shape, data_offsets: [offset, offset + bytes.byteLength] };
     parts.push(bytes);
+    digest?.update(bytes);
     offset += bytes.byteLength;
   }
-  let json = JSON.stringify(header);
+  const meta = digest ? { ...metadata, [DATA_SHA256]: digest.digest('hex') } : metadata;
+  let json = JSON.stringify(Object.keys(meta).length ? { __metadata__: meta, ...header } : header);
   // pad the header with spaces so tensor data starts 8-byte aligned (as the reference writer does)
   json += ' '.repeat((8 - ((8 + Buffer.byteLength(json)) % 8)) % 8);
   const hbytes = Buffer.from(json, 'utf8');
@@ -308,6 +317,29 @@ export function writeSafetensors(
   }
   closeSync(fd);
   renameSync(tmp, path);
+}
+
+/**
+ * Whether a file's tensor data still has the sha256 written with it: 'ok', 'mismatch'
+ * (bytes changed since), or 'absent' (written without a checksum).
+ */
+export function checkDataChecksum(h: SafetensorsHeader): 'ok' | 'mismatch' | 'absent' {
+  const want = h.metadata[DATA_SHA256];
+  if (!want) return 'absent';
+  const digest = createHash('sha256');
+  const buf = Buffer.allocUnsafe(8 << 20);
+  const fd = openSync(h.path, 'r');
+  try {
+    for (let at = h.dataStart; ; ) {
+      const n = readSync(fd, buf, 0, buf.length, at);
+      if (n === 0) break;
+      digest.update(buf.subarray(0, n));
+      at += n;
+    }
+  } finally {
+    closeSync(fd);
+  }
+  return digest.digest('hex') === want ? 'ok' : 'mismatch';
 }
 
 function writeAll(fd: number, bytes: Uint8Array) {

@@ -14,7 +14,7 @@
 // factor_arguments.json, so our own fields live in a separate file.
 import { existsSync, mkdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { readSafetensorsHeader, readTensorF64, writeSafetensors } from '../../model/safetensors';
+import { checkDataChecksum, readSafetensorsHeader, readTensorF64, writeSafetensors } from '../../model/safetensors';
 import { CovarianceAccumulator } from './covariance';
 import type { Eigenbasis } from './eigenbasis';
 import type { ModuleShape } from './gradient';
@@ -140,7 +140,7 @@ export function saveFactors(dir: string, factors: Factors, options: SaveOptions 
   const write = (file: string, pick: (m: ModuleFactors) => ReturnType<typeof float> | ReturnType<typeof count>) => {
     const tensors: Parameters<typeof writeSafetensors>[1] = {};
     for (const m of mods) tensors[m.name] = pick(m);
-    writeSafetensors(join(dir, `${file}.safetensors`), tensors, metadata);
+    writeSafetensors(join(dir, `${file}.safetensors`), tensors, metadata, { checksum: true });
   };
 
   if (stage((m) => !!m.covariance, 'covariances')) {
@@ -316,11 +316,19 @@ function pyStr(v: unknown): string {
   return typeof v === 'boolean' ? (v ? 'True' : 'False') : String(v);
 }
 
+/**
+ * Every tensor of a factor file, refused when its bytes no longer match the checksum we
+ * wrote with it (kronfluence's files carry none) or when it holds NaN or ±Inf.
+ */
 function readAll(path: string): Record<string, Float64Array & { shape?: number[] }> {
   const h = readSafetensorsHeader(path);
+  if (checkDataChecksum(h) === 'mismatch')
+    throw new Error(`${path}: the file does not match its checksum (damaged); refit the factors`);
   const out: Record<string, Float64Array & { shape?: number[] }> = {};
   for (const [name, info] of h.tensors) {
     const t = readTensorF64(h, name) as Float64Array & { shape?: number[] };
+    const bad = t.findIndex((v) => !Number.isFinite(v));
+    if (bad >= 0) throw new Error(`${path}: tensor "${name}" holds ${t[bad]} at index ${bad}; refit the factors`);
     t.shape = info.shape;
     out[name] = t;
   }

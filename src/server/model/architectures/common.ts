@@ -53,6 +53,8 @@ export interface ForwardResult {
 export interface Architecture {
   /** config.json `model_type` values this builder accepts */
   modelTypes: string[];
+  /** the config.json keys this builder implements and the values it accepts (see config-keys.ts) */
+  configKeys: Readonly<Record<string, { accepts: string; ok(value: unknown, config: Config): boolean }>>;
   describe(config: Config): string;
   forward(ctx: BuildContext, config: Config): ForwardResult;
 }
@@ -77,9 +79,17 @@ export function linear(
   x: Tensor,
   kind: ModuleKind,
   layout: 'out_in' | 'in_out' = 'out_in',
+  /** what config.json says about this layer's bias (transformers creates it, or not, from the config alone) */
+  bias?: { expected: boolean; because: string },
 ): Tensor {
   const weightName = `${name}.weight`;
   const biasName = ctx.w.has(`${name}.bias`) ? `${name}.bias` : undefined;
+  if (bias && bias.expected !== !!biasName)
+    throw new ConfigError(
+      bias.expected
+        ? `the checkpoint has no ${name}.bias, but ${bias.because} (transformers would fill it with random numbers)`
+        : `the checkpoint has ${name}.bias, but ${bias.because} (transformers would ignore it)`,
+    );
   const [r, c] = ctx.w.shape(weightName);
   const [dOut, dIn] = layout === 'out_in' ? [r, c] : [c, r];
   if (x.shape[1] !== dIn)
@@ -133,20 +143,51 @@ export interface Rope {
   rotDim: number;
 }
 
+/**
+ * A config's rotary embedding settings, resolved as transformers 5 does
+ * (`RotaryEmbeddingConfigMixin.convert_rope_params_to_dict`): an old-style `rope_scaling`
+ * dict replaces `rope_parameters`; `rope_theta` comes from that dict, else the top-level
+ * key, else 10000; the type from `rope_type` (or the older `type`), else "default"; llama3
+ * scaling falls back to `max_position_embeddings` for its original context length.
+ */
+export interface RopeSpec {
+  type: string;
+  theta: number;
+  params: Config;
+}
+
+export function resolveRope(config: Config): RopeSpec {
+  const raw = (config.rope_scaling ?? config.rope_parameters ?? {}) as Config;
+  const params: Config = { ...raw };
+  params.rope_theta ??= config.rope_theta ?? 10000;
+  if (params.rope_type === undefined) params.rope_type = params.type ?? 'default';
+  if (params.rope_type === 'llama3') params.original_max_position_embeddings ??= config.max_position_embeddings;
+  return { type: String(params.rope_type), theta: Number(params.rope_theta), params };
+}
+
+/** The `rope_parameters` / `rope_scaling` sub-keys each RoPE type reads (others are refused). */
+export const ROPE_TYPE_KEYS: Readonly<Record<string, readonly string[]>> = {
+  default: [],
+  linear: ['factor'],
+  llama3: ['factor', 'low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings'],
+};
+
 /** Rotary tables for positions 0..T-1 (non-interleaved halves, as in Llama / GPT-NeoX). */
-export function ropeTables(ctx: BuildContext, rotDim: number, theta: number, scaling?: Config | null): Rope {
+export function ropeTables(ctx: BuildContext, rotDim: number, rope: RopeSpec): Rope {
   const { g } = ctx;
   const half = rotDim / 2;
+  const theta = rope.theta;
+  const scaling = rope.params;
   let invFreq = Array.from({ length: half }, (_, i) => 1 / theta ** ((2 * i) / rotDim));
-  const type = scaling ? String(scaling.rope_type ?? scaling.type ?? 'default') : 'default';
+  const type = rope.type;
   if (type === 'linear') {
-    const factor = Number(scaling?.factor);
+    const factor = Number(scaling.factor);
     invFreq = invFreq.map((f) => f / factor);
   } else if (type === 'llama3') {
-    const factor = Number(scaling?.factor);
-    const lowFreqFactor = Number(scaling?.low_freq_factor);
-    const highFreqFactor = Number(scaling?.high_freq_factor);
-    const oldCtx = Number(scaling?.original_max_position_embeddings);
+    const factor = Number(scaling.factor);
+    const lowFreqFactor = Number(scaling.low_freq_factor);
+    const highFreqFactor = Number(scaling.high_freq_factor);
+    const oldCtx = Number(scaling.original_max_position_embeddings);
     const lowWavelen = oldCtx / lowFreqFactor;
     const highWavelen = oldCtx / highFreqFactor;
     invFreq = invFreq.map((f) => {
@@ -157,7 +198,7 @@ export function ropeTables(ctx: BuildContext, rotDim: number, theta: number, sca
       return (1 - smooth) * (f / factor) + smooth * f;
     });
   } else if (type !== 'default') {
-    throw new ConfigError(`unsupported rope scaling "${type}" (supported: default, linear, llama3)`);
+    throw new ConfigError(`unsupported rope type "${type}" (supported: ${Object.keys(ROPE_TYPE_KEYS).join(', ')})`);
   }
   return g.noGrad(() => {
     const pos = positions(ctx);
@@ -266,6 +307,24 @@ export function attention(ctx: BuildContext, q: Tensor, k: Tensor, v: Tensor, s:
   const probs = g.softmax(scores, -1);
   const out = g.matmul(probs, vh); // [B, kv, rep, T, hd]
   return g.reshape(g.transpose(out, [0, 3, 1, 2, 4]), [-1, s.nHeads * hd]);
+}
+
+/**
+ * The unembedding matrix as transformers picks it: the token embedding when
+ * `tie_word_embeddings` is true, the separate head otherwise. A checkpoint that
+ * contradicts its config is refused rather than guessed at.
+ */
+export function outputHead(ctx: BuildContext, config: Config, embedding: string, head: string, tieDefault: boolean) {
+  const tie = typeof config.tie_word_embeddings === 'boolean' ? config.tie_word_embeddings : tieDefault;
+  if (tie && ctx.w.has(head))
+    throw new ConfigError(
+      `config.json: "tie_word_embeddings": true, but the checkpoint also has ${head}, which transformers would replace by ${embedding}`,
+    );
+  if (!tie && !ctx.w.has(head))
+    throw new ConfigError(
+      `config.json: "tie_word_embeddings" is false${'tie_word_embeddings' in config ? '' : ' (the default)'}, but the checkpoint has no ${head} (transformers would fill it with random numbers)`,
+    );
+  return ctx.w.get(tie ? embedding : head);
 }
 
 /** Token embedding lookup for the flattened [N] ids. */

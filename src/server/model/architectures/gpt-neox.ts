@@ -11,39 +11,77 @@ import {
   layerNorm,
   linear,
   num,
+  outputHead,
+  resolveRope,
   ropeTables,
 } from './common';
+import { boolean, type ConfigKeys, finiteNumber, oneOf, positiveInt, ropeRule } from './config-keys';
+
+/** The config keys GPTNeoXConfig defines that this builder reproduces. */
+const GPT_NEOX_KEYS: ConfigKeys = {
+  vocab_size: positiveInt,
+  hidden_size: positiveInt,
+  num_hidden_layers: positiveInt,
+  num_attention_heads: positiveInt,
+  intermediate_size: positiveInt,
+  hidden_act: oneOf('gelu', 'gelu_python', 'gelu_new', 'gelu_pytorch_tanh', 'gelu_fast'),
+  layer_norm_eps: finiteNumber,
+  use_parallel_residual: boolean,
+  attention_bias: boolean,
+  tie_word_embeddings: boolean,
+  rope_scaling: ropeRule(true),
+  rope_parameters: ropeRule(true),
+  // the older names GPTNeoXConfig still reads (a top-level rope_theta it ignores: refused)
+  rotary_pct: finiteNumber,
+  rotary_emb_base: finiteNumber,
+};
 
 export const gptNeox: Architecture = {
   modelTypes: ['gpt_neox'],
+  configKeys: GPT_NEOX_KEYS,
   describe: (c) =>
     `GPT-NeoX (${num(c, ['num_hidden_layers'])} layers, d=${num(c, ['hidden_size'])}, ${num(c, ['num_attention_heads'])} heads, ` +
     `${c.use_parallel_residual === false ? 'sequential' : 'parallel'} residual)`,
   forward(ctx: BuildContext, c: Config) {
-    const { g, w } = ctx;
+    const { g } = ctx;
     const d = num(c, ['hidden_size']);
     const nHead = num(c, ['num_attention_heads']);
     const nLayer = num(c, ['num_hidden_layers']);
     const eps = num(c, ['layer_norm_eps'], 1e-5);
     const hd = d / nHead;
-    const rp = c.rope_parameters as Config | undefined;
-    const pct = num(c, ['rotary_pct', 'partial_rotary_factor'], (rp?.partial_rotary_factor as number) ?? 1);
-    const theta = num(c, ['rotary_emb_base', 'rope_theta'], (rp?.rope_theta as number) ?? 10000);
-    const rotDim = Math.floor(hd * pct);
+    // GPTNeoXConfig.convert_rope_params_to_dict: the dict's values first, then the old
+    // top-level names, then 10000 and a quarter of each head
+    const spec = resolveRope({
+      ...c,
+      rope_theta: c.rotary_emb_base ?? 10000,
+      rope_scaling: {
+        partial_rotary_factor: c.rotary_pct ?? 0.25,
+        ...((c.rope_scaling ?? c.rope_parameters) as Config),
+      },
+    });
+    const rotDim = Math.floor(hd * Number(spec.params.partial_rotary_factor));
     const parallel = c.use_parallel_residual !== false;
     const act = String(c.hidden_act ?? 'gelu');
-    const rope = ropeTables(ctx, rotDim, theta, (c.rope_scaling as Config) ?? null);
+    const rope = ropeTables(ctx, rotDim, spec);
+    const attnBias = c.attention_bias !== false;
+    const because = `config.json "attention_bias" is ${attnBias}`;
     const bias = attentionBias(ctx);
     let x = embed(ctx, 'gpt_neox.embed_in.weight');
     for (let i = 0; i < nLayer; i++) {
       const p = `gpt_neox.layers.${i}`;
       const h = layerNorm(ctx, x, `${p}.input_layernorm`, eps);
-      const qkv = linear(ctx, `${p}.attention.query_key_value`, h, 'attention');
+      const qkv = linear(ctx, `${p}.attention.query_key_value`, h, 'attention', 'out_in', {
+        expected: attnBias,
+        because,
+      });
       // per head [q | k | v]: view [N, h, 3, hd] and take each third
       const per = g.reshape(qkv, [-1, nHead, 3, hd]);
       const [q, k, v] = g.split(per, [1, 1, 1], 2).map((t) => g.reshape(t, [-1, d]));
       const a = attention(ctx, q, k, v, { nHeads: nHead, nKv: nHead, headDim: hd, rope, bias });
-      const attnOut = linear(ctx, `${p}.attention.dense`, a, 'attention');
+      const attnOut = linear(ctx, `${p}.attention.dense`, a, 'attention', 'out_in', {
+        expected: attnBias,
+        because,
+      });
       const mlpIn = parallel ? layerNorm(ctx, x, `${p}.post_attention_layernorm`, eps) : null;
       if (parallel) {
         const up = activation(g, linear(ctx, `${p}.mlp.dense_h_to_4h`, mlpIn!, 'mlp'), act);
@@ -56,7 +94,12 @@ export const gptNeox: Architecture = {
       }
     }
     const hidden = layerNorm(ctx, x, 'gpt_neox.final_layer_norm', eps);
-    const logits = g.gemm(hidden, w.get('embed_out.weight'), null, true);
+    const logits = g.gemm(
+      hidden,
+      outputHead(ctx, c, 'gpt_neox.embed_in.weight', 'embed_out.weight', false),
+      null,
+      true,
+    );
     return { logits, hidden };
   },
 };

@@ -12,11 +12,37 @@ import {
   layerNorm,
   linear,
   num,
+  outputHead,
   positions,
 } from './common';
+import { anything, boolean, type ConfigKeys, finiteNumber, nullOr, oneOf, positiveInt } from './config-keys';
+
+/** The config keys GPT2Config defines that this builder reproduces. */
+const GPT2_KEYS: ConfigKeys = {
+  vocab_size: positiveInt,
+  n_positions: positiveInt,
+  n_ctx: positiveInt,
+  n_embd: positiveInt,
+  n_layer: positiveInt,
+  n_head: positiveInt,
+  n_inner: nullOr(positiveInt),
+  activation_function: oneOf('gelu_new', 'gelu', 'gelu_python', 'gelu_pytorch_tanh', 'gelu_fast'),
+  layer_norm_epsilon: finiteNumber,
+  scale_attn_weights: boolean,
+  scale_attn_by_inverse_layer_idx: oneOf(false),
+  reorder_and_upcast_attn: oneOf(false),
+  tie_word_embeddings: boolean,
+  // the sequence-summary head of GPT2DoubleHeadsModel, not part of the causal LM
+  summary_type: anything,
+  summary_use_proj: anything,
+  summary_activation: anything,
+  summary_proj_to_labels: anything,
+  summary_first_dropout: anything,
+};
 
 export const gpt2: Architecture = {
   modelTypes: ['gpt2'],
+  configKeys: GPT2_KEYS,
   describe: (c) => `GPT-2 (${num(c, ['n_layer'])} layers, d=${num(c, ['n_embd'])}, ${num(c, ['n_head'])} heads)`,
   forward(ctx: BuildContext, c: Config) {
     const { g, w } = ctx;
@@ -54,8 +80,7 @@ export const gpt2: Architecture = {
       x = g.add(x, linear(ctx, `${p}.mlp.c_proj`, up, 'mlp', 'in_out'));
     }
     const hidden = layerNorm(ctx, x, 'transformer.ln_f', eps);
-    const head = w.has('lm_head.weight') ? 'lm_head.weight' : 'transformer.wte.weight';
-    const logits = g.gemm(hidden, w.get(head), null, true);
+    const logits = g.gemm(hidden, outputHead(ctx, c, 'transformer.wte.weight', 'lm_head.weight', true), null, true);
     return { logits, hidden };
   },
 };

@@ -1,5 +1,7 @@
 // Llama family (Llama, Mistral, Qwen2): RMSNorm, rotary embedding, SwiGLU MLP,
-// grouped-query attention, optional q/k/v biases (Qwen2), optional sliding window.
+// grouped-query attention. They differ in which linear layers have biases and in which
+// layers attend through a sliding window; each model_type declares the config keys it
+// honours, decided as transformers 5's LlamaModel / MistralModel / Qwen2Model do.
 import {
   type Architecture,
   activation,
@@ -7,53 +9,194 @@ import {
   attentionBias,
   type BuildContext,
   type Config,
+  ConfigError,
   embed,
   linear,
   num,
+  outputHead,
+  resolveRope,
   rmsNorm,
   ropeTables,
 } from './common';
+import { anything, boolean, type ConfigKeys, finiteNumber, nullOr, oneOf, positiveInt, ropeRule } from './config-keys';
 
-export const llama: Architecture = {
-  modelTypes: ['llama', 'mistral', 'qwen2'],
-  describe: (c) =>
-    `${String(c.model_type)} (${num(c, ['num_hidden_layers'])} layers, d=${num(c, ['hidden_size'])}, ` +
-    `${num(c, ['num_attention_heads'])} heads, ${num(c, ['num_key_value_heads'], num(c, ['num_attention_heads']))} KV heads)`,
-  forward(ctx: BuildContext, c: Config) {
-    const { g, w } = ctx;
-    const d = num(c, ['hidden_size']);
-    const nHead = num(c, ['num_attention_heads']);
-    const nKv = num(c, ['num_key_value_heads'], nHead);
-    const nLayer = num(c, ['num_hidden_layers']);
-    const hd = num(c, ['head_dim'], d / nHead);
-    const eps = num(c, ['rms_norm_eps'], 1e-6);
-    const rp = c.rope_parameters as Config | undefined;
-    const theta = num(c, ['rope_theta'], (rp?.rope_theta as number) ?? 10000);
-    const act = String(c.hidden_act ?? 'silu');
-    const window =
-      typeof c.sliding_window === 'number' && (c.model_type !== 'qwen2' || c.use_sliding_window)
-        ? c.sliding_window
-        : undefined;
-    const scaling = (c.rope_scaling as Config) ?? (rp && rp.rope_type !== 'default' ? rp : null);
-    const rope = ropeTables(ctx, hd, theta, scaling);
-    const bias = attentionBias(ctx, window);
-    let x = embed(ctx, 'model.embed_tokens.weight');
-    for (let i = 0; i < nLayer; i++) {
-      const p = `model.layers.${i}`;
-      const h = rmsNorm(ctx, x, `${p}.input_layernorm`, eps);
-      const q = linear(ctx, `${p}.self_attn.q_proj`, h, 'attention');
-      const k = linear(ctx, `${p}.self_attn.k_proj`, h, 'attention');
-      const v = linear(ctx, `${p}.self_attn.v_proj`, h, 'attention');
-      const a = attention(ctx, q, k, v, { nHeads: nHead, nKv, headDim: hd, rope, bias });
-      x = g.add(x, linear(ctx, `${p}.self_attn.o_proj`, a, 'attention'));
-      const h2 = rmsNorm(ctx, x, `${p}.post_attention_layernorm`, eps);
-      const gate = activation(g, linear(ctx, `${p}.mlp.gate_proj`, h2, 'mlp'), act);
-      const up = linear(ctx, `${p}.mlp.up_proj`, h2, 'mlp');
-      x = g.add(x, linear(ctx, `${p}.mlp.down_proj`, g.mul(gate, up), 'mlp'));
-    }
-    const hidden = rmsNorm(ctx, x, 'model.norm', eps);
-    const head = w.has('lm_head.weight') ? 'lm_head.weight' : 'model.embed_tokens.weight';
-    const logits = g.gemm(hidden, w.get(head), null, true);
-    return { logits, hidden };
+/** What differs between the three model types. */
+interface Variant {
+  /** sliding window of each layer (undefined = full causal attention) */
+  windows(c: Config, nLayer: number): Array<number | undefined>;
+  /** whether q/k/v, o and the MLP projections have biases, and the config key that says so */
+  biases(c: Config): { qkv: boolean; o: boolean; mlp: boolean; because: (part: string) => string };
+}
+
+/** Keys every Llama-family config may have (LlamaConfig / MistralConfig / Qwen2Config). */
+const COMMON_KEYS: ConfigKeys = {
+  vocab_size: positiveInt,
+  hidden_size: positiveInt,
+  intermediate_size: positiveInt,
+  num_hidden_layers: positiveInt,
+  num_attention_heads: positiveInt,
+  num_key_value_heads: nullOr(positiveInt),
+  head_dim: nullOr(positiveInt),
+  hidden_act: oneOf('silu', 'swish'),
+  rms_norm_eps: finiteNumber,
+  rope_theta: finiteNumber,
+  rope_scaling: ropeRule(false),
+  rope_parameters: ropeRule(false),
+  tie_word_embeddings: boolean,
+};
+
+const LAYER_TYPES = ['full_attention', 'sliding_attention'];
+
+/** transformers' MistralConfig / Qwen2Config default when the key is absent */
+const DEFAULT_WINDOW = 4096;
+
+const llamaVariant: Variant = {
+  windows: (_c, n) => Array(n).fill(undefined),
+  biases: (c) => ({
+    qkv: c.attention_bias === true,
+    o: c.attention_bias === true,
+    mlp: c.mlp_bias === true,
+    because: (part) =>
+      part === 'mlp'
+        ? `config.json "mlp_bias" is ${c.mlp_bias === true}`
+        : `config.json "attention_bias" is ${c.attention_bias === true}`,
+  }),
+};
+
+const LLAMA_KEYS: ConfigKeys = {
+  ...COMMON_KEYS,
+  attention_bias: boolean,
+  mlp_bias: boolean,
+  // read by no LlamaModel code path in transformers 5
+  pretraining_tp: anything,
+  // LlamaModel has no sliding window: transformers ignores this key, and so do we
+  sliding_window: anything,
+  // written by nanotron exports (SmolLM); transformers ignores them and rotates halves,
+  // which is what an interleaved=false model was trained with
+  is_llama_config: anything,
+  rope_interleaved: oneOf(false),
+};
+
+const mistralVariant: Variant = {
+  // MistralModel slides the window on every layer (it ignores layer_types)
+  windows: (c, n) => Array(n).fill(window(c)),
+  biases: () => ({ qkv: false, o: false, mlp: false, because: () => 'Mistral has no biases' }),
+};
+
+const MISTRAL_KEYS: ConfigKeys = {
+  ...COMMON_KEYS,
+  sliding_window: nullOr(positiveInt),
+  // MistralModel warns and ignores layer_types: accept it only where it says what Mistral does
+  layer_types: {
+    accepts:
+      'absent, or every layer "sliding_attention" when sliding_window is set, "full_attention" when not (MistralModel ignores layer_types; for alternating layers the model type is "ministral")',
+    ok: (v, c) =>
+      Array.isArray(v) && v.every((t) => t === (window(c) === undefined ? 'full_attention' : 'sliding_attention')),
   },
 };
+
+const qwen2Variant: Variant = {
+  windows(c, n) {
+    // Qwen2Config.__post_init__: the window exists only with use_sliding_window; layer_types,
+    // when absent, slides it on the layers from max_window_layers on.
+    const w = c.use_sliding_window === true ? window(c) : undefined;
+    const first = typeof c.max_window_layers === 'number' ? c.max_window_layers : 28;
+    const types = Array.isArray(c.layer_types)
+      ? (c.layer_types as string[])
+      : Array.from({ length: n }, (_, i) => (w !== undefined && i >= first ? 'sliding_attention' : 'full_attention'));
+    return types.map((t) => {
+      if (t !== 'sliding_attention') return undefined;
+      if (w === undefined)
+        throw new ConfigError(
+          `config.json: "layer_types" has "sliding_attention" layers but ${c.use_sliding_window === true ? '"sliding_window" is null' : '"use_sliding_window" is not true'} (transformers refuses this config too)`,
+        );
+      return w;
+    });
+  },
+  biases: () => ({
+    qkv: true,
+    o: false,
+    mlp: false,
+    because: (part) =>
+      part === 'qkv' ? 'Qwen2 has q/k/v biases' : 'Qwen2 has biases only on q_proj, k_proj and v_proj',
+  }),
+};
+
+const QWEN2_KEYS: ConfigKeys = {
+  ...COMMON_KEYS,
+  use_sliding_window: boolean,
+  sliding_window: nullOr(positiveInt),
+  max_window_layers: { accepts: 'a non-negative integer', ok: (v) => Number.isInteger(v) && (v as number) >= 0 },
+  layer_types: {
+    accepts: `a list of num_hidden_layers entries, each ${LAYER_TYPES.map((t) => `"${t}"`).join(' or ')}`,
+    ok: (v, c) =>
+      Array.isArray(v) && v.length === c.num_hidden_layers && v.every((t) => LAYER_TYPES.includes(t as string)),
+  },
+};
+
+/** sliding_window with transformers' default for an absent key */
+function window(c: Config): number | undefined {
+  if (!('sliding_window' in c)) return DEFAULT_WINDOW;
+  return typeof c.sliding_window === 'number' ? c.sliding_window : undefined;
+}
+
+function llamaFamily(modelType: string, configKeys: ConfigKeys, variant: Variant): Architecture {
+  return {
+    modelTypes: [modelType],
+    configKeys,
+    describe: (c) =>
+      `${String(c.model_type)} (${num(c, ['num_hidden_layers'])} layers, d=${num(c, ['hidden_size'])}, ` +
+      `${num(c, ['num_attention_heads'])} heads, ${num(c, ['num_key_value_heads'], num(c, ['num_attention_heads']))} KV heads)`,
+    forward(ctx: BuildContext, c: Config) {
+      const { g } = ctx;
+      const d = num(c, ['hidden_size']);
+      const nHead = num(c, ['num_attention_heads']);
+      const nKv = num(c, ['num_key_value_heads'], nHead);
+      const nLayer = num(c, ['num_hidden_layers']);
+      const hd = num(c, ['head_dim'], Math.floor(d / nHead));
+      const eps = num(c, ['rms_norm_eps'], 1e-6);
+      const act = String(c.hidden_act ?? 'silu');
+      const rope = ropeTables(ctx, hd, resolveRope(c));
+      const windows = variant.windows(c, nLayer);
+      // one additive mask per distinct window, shared by the layers that use it
+      const masks = new Map<number | undefined, ReturnType<typeof attentionBias>>();
+      const maskFor = (w: number | undefined) => {
+        let m = masks.get(w);
+        if (!m) {
+          m = attentionBias(ctx, w);
+          masks.set(w, m);
+        }
+        return m;
+      };
+      const b = variant.biases(c);
+      const qkvBias = { expected: b.qkv, because: b.because('qkv') };
+      const mlpBias = { expected: b.mlp, because: b.because('mlp') };
+      let x = embed(ctx, 'model.embed_tokens.weight');
+      for (let i = 0; i < nLayer; i++) {
+        const p = `model.layers.${i}`;
+        const h = rmsNorm(ctx, x, `${p}.input_layernorm`, eps);
+        const q = linear(ctx, `${p}.self_attn.q_proj`, h, 'attention', 'out_in', qkvBias);
+        const k = linear(ctx, `${p}.self_attn.k_proj`, h, 'attention', 'out_in', qkvBias);
+        const v = linear(ctx, `${p}.self_attn.v_proj`, h, 'attention', 'out_in', qkvBias);
+        const a = attention(ctx, q, k, v, { nHeads: nHead, nKv, headDim: hd, rope, bias: maskFor(windows[i]) });
+        const o = linear(ctx, `${p}.self_attn.o_proj`, a, 'attention', 'out_in', {
+          expected: b.o,
+          because: b.because('o'),
+        });
+        x = g.add(x, o);
+        const h2 = rmsNorm(ctx, x, `${p}.post_attention_layernorm`, eps);
+        const gate = activation(g, linear(ctx, `${p}.mlp.gate_proj`, h2, 'mlp', 'out_in', mlpBias), act);
+        const up = linear(ctx, `${p}.mlp.up_proj`, h2, 'mlp', 'out_in', mlpBias);
+        x = g.add(x, linear(ctx, `${p}.mlp.down_proj`, g.mul(gate, up), 'mlp', 'out_in', mlpBias));
+      }
+      const hidden = rmsNorm(ctx, x, 'model.norm', eps);
+      const head = outputHead(ctx, c, 'model.embed_tokens.weight', 'lm_head.weight', false);
+      const logits = g.gemm(hidden, head, null, true);
+      return { logits, hidden };
+    },
+  };
+}
+
+export const llama = llamaFamily('llama', LLAMA_KEYS, llamaVariant);
+export const mistral = llamaFamily('mistral', MISTRAL_KEYS, mistralVariant);
+export const qwen2 = llamaFamily('qwen2', QWEN2_KEYS, qwen2Variant);

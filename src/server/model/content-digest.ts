@@ -1,0 +1,72 @@
+// Content digests of (large) files, so caches are keyed by what a file holds rather than by
+// its path, size or mtime, which survive a replacement (`mv` + `touch -r`, `cp -p`,
+// `rsync -t`, `tar`, a re-download). Hashing a multi-GB checkpoint takes seconds, so each
+// digest is remembered under the file's identity (device, inode, size, mtime, ctime): any
+// write or rename changes the ctime, which no user tool can set back, so a remembered
+// digest is never served for changed bytes.
+import { createHash } from 'node:crypto';
+import {
+  closeSync,
+  existsSync,
+  mkdirSync,
+  openSync,
+  readFileSync,
+  readSync,
+  realpathSync,
+  renameSync,
+  statSync,
+  writeFileSync,
+} from 'node:fs';
+import { join } from 'node:path';
+
+const CHUNK = 8 << 20;
+
+/** sha256 (hex) of a file's bytes, read in chunks. */
+export function sha256File(path: string): string {
+  const h = createHash('sha256');
+  const buf = Buffer.allocUnsafe(CHUNK);
+  const fd = openSync(path, 'r');
+  try {
+    for (;;) {
+      const n = readSync(fd, buf, 0, CHUNK, null);
+      if (n === 0) break;
+      h.update(buf.subarray(0, n));
+    }
+  } finally {
+    closeSync(fd);
+  }
+  return h.digest('hex');
+}
+
+/** What identifies a file's current bytes without reading them (symlinks followed). */
+function identity(path: string): string {
+  const s = statSync(path, { bigint: true });
+  return [s.dev, s.ino, s.size, s.mtimeNs, s.ctimeNs].join(':');
+}
+
+/**
+ * sha256 of `path`'s content, remembered under `<cacheDir>/digests/` per file identity so a
+ * file is read in full once. Symlinks are followed (the digest is of the bytes they reach).
+ */
+export function contentDigest(path: string, cacheDir: string): string {
+  const real = realpathSync(path);
+  const before = identity(real);
+  const memo = join(
+    cacheDir,
+    'digests',
+    `${createHash('sha256').update(`${real}\0${before}`).digest('hex').slice(0, 32)}`,
+  );
+  if (existsSync(memo)) {
+    const remembered = readFileSync(memo, 'utf8').trim();
+    if (/^[0-9a-f]{64}$/.test(remembered)) return remembered;
+  }
+  const digest = sha256File(real);
+  // remember it only if the file did not change while we read it
+  if (identity(real) === before) {
+    mkdirSync(join(cacheDir, 'digests'), { recursive: true });
+    const tmp = `${memo}.${process.pid}.tmp`;
+    writeFileSync(tmp, `${digest}\n`);
+    renameSync(tmp, memo);
+  }
+  return digest;
+}

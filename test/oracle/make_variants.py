@@ -1,0 +1,121 @@
+#!/usr/bin/env python3
+"""Developer-run oracle: config variants of the Llama family that change the forward
+pass (per-layer sliding window, biases, head_dim != hidden/heads, linear RoPE scaling),
+as tiny random checkpoints with float64 forward/backward goldens. Reuses the tokenizer,
+batch and golden code of make_fixtures.py, so the files have the same layout.
+
+Never run by CI or by the product. See test/oracle/README.md.
+
+Usage (from the repo root, after make_fixtures.py has made test/fixtures/models/llama):
+    test/oracle/.venv/bin/python test/oracle/make_variants.py
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import make_fixtures as mf  # noqa: E402
+
+VARIANTS = ["qwen2_swa", "llama_variant"]
+SEEDS = {"qwen2_swa": 2000, "llama_variant": 2001}
+
+
+def make_config(name, vocab):
+    from transformers import LlamaConfig, Qwen2Config
+
+    common = dict(vocab_size=vocab, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    if name == "qwen2_swa":
+        # Qwen2 keeps the first max_window_layers layers on full attention and slides the
+        # window on the rest; transformers 5 writes the result as layer_types.
+        cfg = Qwen2Config(
+            hidden_size=mf.HIDDEN, num_hidden_layers=2, num_attention_heads=mf.HEADS,
+            num_key_value_heads=2, intermediate_size=mf.INTER, max_position_embeddings=mf.MAXPOS,
+            hidden_act="silu", rms_norm_eps=1e-6, initializer_range=0.2, tie_word_embeddings=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+            use_sliding_window=True, sliding_window=4, max_window_layers=1,
+            **common,
+        )
+        assert cfg.layer_types == ["full_attention", "sliding_attention"], cfg.layer_types
+        return cfg
+    if name == "llama_variant":
+        # every optional Llama feature at once: q/k/v/o biases, MLP biases, a head_dim
+        # larger than hidden/heads, linear RoPE scaling, untied head.
+        return LlamaConfig(
+            hidden_size=mf.HIDDEN, num_hidden_layers=2, num_attention_heads=mf.HEADS,
+            num_key_value_heads=2, head_dim=12, intermediate_size=mf.INTER,
+            max_position_embeddings=mf.MAXPOS, hidden_act="silu", rms_norm_eps=1e-5,
+            initializer_range=0.2, tie_word_embeddings=False,
+            rope_parameters={"rope_type": "linear", "rope_theta": 500.0, "factor": 2.0},
+            attention_bias=True, mlp_bias=True,
+            **common,
+        )
+    raise ValueError(name)
+
+
+def build(name, vocab, hf_tok):
+    from transformers import AutoModelForCausalLM
+
+    cfg = make_config(name, vocab)
+    torch.manual_seed(SEEDS[name])
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=torch.float32)
+    mf.randomize_(model, SEEDS[name])
+    model.eval()
+    d = mf.MODELS / name
+    if d.exists():
+        import shutil
+
+        shutil.rmtree(d)
+    d.mkdir(parents=True)
+    model.save_pretrained(d, safe_serialization=True)
+    hf_tok.save_pretrained(d)
+    return d
+
+
+def check_per_layer_window(model_dir):
+    """Layer 0 must see the whole prefix and layer 1 only the window: changing token 0
+    changes the logits at the last position (through layer 0, then layer 1's window
+    over positions that saw token 0); with the window on every layer it could not."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager").double().eval()
+    ids = torch.arange(1, 13).unsqueeze(0)
+    ids2 = ids.clone()
+    ids2[0, 0] = 50
+    with torch.no_grad():
+        diff = (model(input_ids=ids).logits - model(input_ids=ids2).logits).abs().amax(-1)[0]
+    print(f"[qwen2_swa] per-layer window check: max |dlogits| = {[f'{x:.1e}' for x in diff.tolist()]}")
+    assert diff[11] > 0, "layer 0 should attend over the full prefix"
+
+
+def main():
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer
+
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(1)
+    hf_tok = mf.wrap_tokenizer(mf.build_tokenizer())
+    vocab = hf_tok.backend_tokenizer.get_vocab_size()
+    for name in VARIANTS:
+        build(name, vocab, hf_tok)
+    tok = Tokenizer.from_file(str(mf.MODELS / "llama" / "tokenizer.json"))
+    for name in VARIANTS:
+        assert (mf.MODELS / name / "tokenizer.json").read_bytes() == (mf.MODELS / "llama" / "tokenizer.json").read_bytes()
+    batch = mf.make_batch(tok)
+    mf.install_float64_patches()
+    for name in VARIANTS:
+        mf.compute_goldens(name, mf.MODELS / name, batch)
+        # the engine tests do not read the logits: drop them to keep the fixture small
+        path = mf.GOLDEN / f"{name}.safetensors"
+        with safe_open(str(path), "pt") as f:
+            kept = {k: f.get_tensor(k) for k in f.keys() if k != "logits"}
+        save_file(kept, str(path), metadata={"model": name})
+    check_per_layer_window(mf.MODELS / "qwen2_swa")
+
+
+if __name__ == "__main__":
+    main()

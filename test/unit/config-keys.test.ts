@@ -1,0 +1,173 @@
+// config.json → per-layer attention and the declared config keys of each builder:
+// variants transformers reads differently from the same weights must give transformers'
+// numbers (the goldens of test/oracle/make_variants.py), and keys whose maths a builder
+// does not implement must be refused with one line naming config.json, the key and value.
+import assert from 'node:assert/strict';
+import { cpSync, readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { test } from 'node:test';
+import { Model } from '../../src/server/model/engine';
+import { useTempHome } from './helpers/env';
+import { loadGolden, relErr } from './helpers/golden';
+
+const home = useTempHome();
+let n = 0;
+
+/** A copy of a fixture model whose config.json is edited by `edit`. */
+function variant(fixture: string, edit: (c: Record<string, unknown>) => void): string {
+  const dir = join(home, `m${n++}-${fixture}`);
+  cpSync(`test/fixtures/models/${fixture}`, dir, { recursive: true });
+  const c = JSON.parse(readFileSync(join(dir, 'config.json'), 'utf8'));
+  edit(c);
+  writeFileSync(join(dir, 'config.json'), JSON.stringify(c, null, 2));
+  return dir;
+}
+
+async function assertMatchesGolden(dir: string, golden: string) {
+  const model = Model.open(dir, { threads: 1 });
+  const gold = loadGolden(golden);
+  const out = await (await model.compile({ tokenLoss: true })).run(gold.batch);
+  const e = relErr(out.token_nll.data as Float32Array, gold.get('token_nll'));
+  assert.ok(e <= 1e-4, `${golden}: token_nll relative error ${e.toExponential(2)}`);
+}
+
+test('qwen2: a config without layer_types slides the window from max_window_layers on', async () => {
+  // the same model as written by transformers < 5: no layer_types
+  await assertMatchesGolden(
+    variant('qwen2_swa', (c) => {
+      delete c.layer_types;
+    }),
+    'qwen2_swa',
+  );
+});
+
+test('qwen2: layer_types decides over max_window_layers, as in transformers 5', async () => {
+  await assertMatchesGolden(
+    variant('qwen2_swa', (c) => {
+      c.max_window_layers = 0;
+    }),
+    'qwen2_swa',
+  );
+});
+
+test('llama: old-style rope_theta + rope_scaling give the same numbers as rope_parameters', async () => {
+  await assertMatchesGolden(
+    variant('llama_variant', (c) => {
+      delete c.rope_parameters;
+      c.rope_theta = 500;
+      c.rope_scaling = { type: 'linear', factor: 2 };
+    }),
+    'llama_variant',
+  );
+  // llama3 scaling without original_max_position_embeddings falls back to max_position_embeddings
+  await assertMatchesGolden(
+    variant('llama', (c) => {
+      const rp = c.rope_parameters as Record<string, unknown>;
+      delete rp.original_max_position_embeddings;
+      c.max_position_embeddings = 32;
+    }),
+    'llama',
+  );
+});
+
+test('gpt_neox: old rotary_pct / rotary_emb_base, and their default of a quarter of each head', async () => {
+  // the fixture rotates 0.25 of each head with theta 10000 (rope_parameters)
+  await assertMatchesGolden(
+    variant('gpt_neox', (c) => {
+      delete c.rope_parameters;
+      c.rotary_pct = 0.25;
+      c.rotary_emb_base = 10000;
+    }),
+    'gpt_neox',
+  );
+  await assertMatchesGolden(
+    variant('gpt_neox', (c) => {
+      delete c.rope_parameters;
+    }),
+    'gpt_neox',
+  );
+});
+
+test('llama ignores sliding_window, as transformers LlamaModel does', async () => {
+  await assertMatchesGolden(
+    variant('llama', (c) => {
+      c.sliding_window = 2;
+    }),
+    'llama',
+  );
+});
+
+const REFUSED: Array<[fixture: string, key: string, value: unknown]> = [
+  ['llama', 'attn_logit_softcapping', 50],
+  ['llama', 'final_logit_softcapping', 30],
+  ['llama', 'rope_parameters', { rope_type: 'yarn', rope_theta: 100, factor: 4 }],
+  ['llama', 'rope_parameters', { rope_type: 'linear', rope_theta: 100, factor: 2, partial_rotary_factor: 0.5 }],
+  ['llama', 'rope_parameters', { rope_type: 'llama3', rope_theta: 100, factor: 8, attention_factor: 2 }],
+  ['qwen2', 'rope_scaling', { type: 'dynamic', factor: 2 }],
+  ['llama', 'partial_rotary_factor', 0.5],
+  ['llama', 'hidden_act', 'gelu'],
+  ['llama', 'qk_layernorm', true],
+  ['llama', 'quantization_config', { quant_method: 'gptq', bits: 4 }],
+  ['mistral', 'layer_types', ['full_attention', 'sliding_attention']],
+  ['qwen2', 'layer_types', ['full_attention']],
+  ['gpt2', 'scale_attn_by_inverse_layer_idx', true],
+  ['gpt_neox', 'rope_theta', 500],
+];
+
+for (const [fixture, key, value] of REFUSED) {
+  test(`${fixture}: config.json "${key}": ${JSON.stringify(value)} is refused`, () => {
+    const dir = variant(fixture, (c) => {
+      c[key] = value;
+    });
+    assert.throws(
+      () => Model.open(dir).modules(),
+      (e: Error) =>
+        e.message.includes(join(dir, 'config.json')) &&
+        e.message.includes(`"${key}"`) &&
+        e.message.includes(JSON.stringify(value).slice(0, 40)) &&
+        !e.message.includes('\n'),
+    );
+  });
+}
+
+test('a config that contradicts the weights is refused: biases, tied head, sliding layers without a window', () => {
+  const cases: Array<[string, (c: Record<string, unknown>) => void, RegExp]> = [
+    [
+      'llama',
+      (c) => {
+        c.mlp_bias = true;
+      },
+      /no model\.layers\.0\.mlp\.gate_proj\.bias.*"mlp_bias" is true/,
+    ],
+    [
+      'llama_variant',
+      (c) => {
+        c.attention_bias = false;
+      },
+      /has model\.layers\.0\.self_attn\.q_proj\.bias.*"attention_bias" is false/,
+    ],
+    [
+      'llama_variant',
+      (c) => {
+        c.tie_word_embeddings = true;
+      },
+      /"tie_word_embeddings": true.*lm_head\.weight/,
+    ],
+    [
+      'llama',
+      (c) => {
+        c.tie_word_embeddings = false;
+      },
+      /"tie_word_embeddings" is false.*no lm_head\.weight/,
+    ],
+    [
+      'qwen2_swa',
+      (c) => {
+        c.use_sliding_window = false;
+      },
+      /"layer_types" has "sliding_attention".*"use_sliding_window"/,
+    ],
+  ];
+  for (const [fixture, edit, message] of cases)
+    assert.throws(() => Model.open(variant(fixture, edit)).modules(), message, fixture);
+});
