@@ -1,17 +1,17 @@
 // influence-lens serve: the local influence server the editor talks to (JSON-RPC over a
 // WebSocket on 127.0.0.1, token-authenticated). With no --config it serves the embedded default.
-import { METHODS } from '../../protocol/types';
+import { METHODS, type Method } from '../../protocol/types';
 import { defaultServiceConfig } from '../defaults';
-import { generate } from '../model/generate';
 import { type Config, defaultServerSettings, loadConfig } from '../rpc/config';
 import { closeOnSignals, type MethodTable, startServer } from '../rpc/server';
-import { InfluenceService, type Work } from '../service/influence-service';
+import { type GenerateParams, isLightExplain, type ServiceApi, type Work } from '../service/influence-service';
+import { WorkerService } from '../service/worker-service';
 import { CliError, int, parse } from './util';
 
 const id = { type: 'string', minLength: 1, maxLength: 200 } as const;
 
 /** The influence methods, with the schemas their params must satisfy. */
-export function serviceHandlers(service: InfluenceService): MethodTable {
+export function serviceHandlers(service: ServiceApi): MethodTable {
   const work = (ctx: { signal: AbortSignal; progress: Work['progress']; partial: (v: unknown) => void }): Work => ({
     signal: ctx.signal,
     progress: ctx.progress,
@@ -19,7 +19,8 @@ export function serviceHandlers(service: InfluenceService): MethodTable {
   });
   return {
     explain: {
-      heavy: true,
+      // BM25-only explains need no gradients: they run beside gradient work, not behind it
+      heavy: (p: { method: Method; compare?: Method[]; candidates?: 'all' | 'retrieved' }) => !isLightExplain(p),
       title: 'Explaining the completion',
       params: {
         type: 'object',
@@ -51,14 +52,7 @@ export function serviceHandlers(service: InfluenceService): MethodTable {
           seed: { type: 'integer' },
         },
       },
-      handler: async (p: { prompt: string; maxTokens?: number; temperature?: number; seed?: number }) => {
-        const [g] = await generate(service.model, [p.prompt], {
-          maxNewTokens: p.maxTokens ?? 16,
-          temperature: p.temperature ?? 0,
-          seed: p.seed ?? 0,
-        });
-        return { prompt: p.prompt, completion: g.text, logprobs: g.logprobs };
-      },
+      handler: (p: GenerateParams, ctx) => service.generate(p, work(ctx)),
     },
     getExample: {
       params: {
@@ -103,6 +97,8 @@ export function serviceHandlers(service: InfluenceService): MethodTable {
       },
     },
     reload: {
+      // re-reading a dataset can take long (large files): it counts against the heavy limit
+      heavy: true,
       params: { type: 'object', required: ['dataset'], additionalProperties: false, properties: { dataset: id } },
       handler: (p: { dataset: string }) => service.reload(p.dataset),
     },
@@ -129,8 +125,8 @@ export async function runServe(argv: string[]): Promise<void> {
   if (v.host !== undefined) cfg.server.host = v.host;
   const parent = v['watch-parent'] === undefined ? undefined : int(v['watch-parent'], '--watch-parent', 0);
   if (parent !== undefined && parent <= 0) throw new CliError('--watch-parent must be a process id');
-  const service = new InfluenceService(cfg.service);
-  service.open();
+  // the models, datasets and tensor work live in worker threads; this thread only answers the protocol
+  const service = await WorkerService.start(cfg.service);
   const server = await startServer({
     handlers: serviceHandlers(service),
     info: () => service.info(),

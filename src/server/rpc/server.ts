@@ -77,8 +77,8 @@ export type Handler<P = any, R = unknown> = (params: P, ctx: MethodContext) => P
 // biome-ignore lint/suspicious/noExplicitAny: as for Handler
 export interface MethodSpec<P = any, R = unknown> {
   handler: Handler<P, R>;
-  /** heavy requests share the `maxConcurrent` slots (and queue for them) */
-  heavy?: boolean;
+  /** heavy requests share the `maxConcurrent` slots (and queue for them); a function decides per request */
+  heavy?: boolean | ((params: P) => boolean);
   /** JSON schema (./schema subset) the params must satisfy; failures are InvalidParams naming the field */
   params?: JsonSchema;
   /** title of the work-done progress (default: the method name) */
@@ -373,14 +373,16 @@ export async function startServer(opts: ServerOptions): Promise<RunningServer> {
     serverAbort.signal.addEventListener('abort', onServerAbort, { once: true });
     conn.aborts.add(abort);
 
+    const heavy = typeof spec.heavy === 'function' ? spec.heavy(params) : !!spec.heavy;
     const progress = new ProgressSender(conn.rpc, workDoneToken as ProgressToken | undefined, progressInterval);
-    const item: Tracked = { method, state: spec.heavy ? 'queued' : 'running', since: Date.now() };
+    const item: Tracked = { method, state: heavy ? 'queued' : 'running', since: Date.now() };
     tracked.add(item);
     let release: (() => void) | undefined;
     let answered = false;
+    let work: Promise<unknown> | undefined;
     try {
       progress.begin(spec.title ?? method);
-      if (spec.heavy) {
+      if (heavy) {
         if (semaphore.saturated)
           progress.report(`waiting for a free slot (${semaphore.running} running, ${semaphore.queued} queued)`);
         try {
@@ -408,7 +410,7 @@ export async function startServer(opts: ServerOptions): Promise<RunningServer> {
             notify(conn.rpc, { token: partialResultToken as ProgressToken, value });
         },
       };
-      const work = Promise.resolve().then(() => spec.handler(params, ctx));
+      work = Promise.resolve().then(() => spec.handler(params, ctx));
       // a heavy slot is held until the handler really returns, even when the reply went out on abort
       if (release) work.then(release, release);
       const result = await raceAbort(work, abort.signal);
@@ -424,7 +426,10 @@ export async function startServer(opts: ServerOptions): Promise<RunningServer> {
       throw e;
     } finally {
       answered = true;
-      tracked.delete(item);
+      // a cancelled request is answered at once but stays in `status` until its handler returns
+      const untrack = () => tracked.delete(item);
+      if (work) work.then(untrack, untrack);
+      else untrack();
       conn.aborts.delete(abort);
       serverAbort.signal.removeEventListener('abort', onServerAbort);
     }
