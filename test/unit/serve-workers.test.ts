@@ -6,11 +6,13 @@ import assert from 'node:assert/strict';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import { RpcErrorCode } from '../../src/protocol/rpc';
 import type { ExplainResult } from '../../src/protocol/types';
 import { OUR_ARGUMENTS_FILE } from '../../src/server/attribution/ekfac/factors-io';
 import { serviceHandlers } from '../../src/server/cli/serve';
 import { defaultServiceConfig } from '../../src/server/defaults';
 import { RpcClient } from '../../src/server/rpc/client';
+import type { RpcError } from '../../src/server/rpc/errors';
 import { type RunningServer, startServer } from '../../src/server/rpc/server';
 import { WorkerService } from '../../src/server/service/worker-service';
 import { useTempHome } from './helpers/env';
@@ -118,7 +120,11 @@ describe('server with the service in worker threads (embedded default)', () => {
   test('bm25 explains and getExample do not take a heavy slot; results match the heavy lane', async () => {
     const q = { prompt: 'Q: What is the capital of France?\nA:', completion: ' Paris', dataset: 'finetune', topK: 3 };
     const heavy = client.request<ExplainResult>('explain', { ...q, method: 'ekfac' });
+    let heavyDone = false;
+    heavy.then(() => (heavyDone = true));
+    // the only heavy slot is taken: a bm25 explain that needed it would wait for the ekfac one
     const light = await client.request<ExplainResult>('explain', { ...q, method: 'bm25' });
+    assert.equal(heavyDone, false, 'bm25 answered while the gradient explain still held the heavy slot');
     const ex = await client.request<{ id: { line: number } }>('getExample', {
       dataset: 'finetune',
       line: light.supporting[0].id.line,
@@ -129,8 +135,60 @@ describe('server with the service in worker threads (embedded default)', () => {
     assert.equal(light.scored, both.scored);
   });
 
+  test("the workers' errors keep their codes and messages", async () => {
+    await assert.rejects(client.request('getExample', { dataset: 'finetune', line: 99999 }), (e: RpcError) => {
+      assert.equal(e.code, RpcErrorCode.InvalidParams);
+      assert.match(e.message, /no example at line 99999/);
+      return true;
+    });
+    const q = { prompt: 'Q: x?\nA:', completion: ' y', topK: 3 };
+    for (const method of ['bm25', 'gdp'])
+      await assert.rejects(client.request('explain', { ...q, method, dataset: 'nope' }), (e: RpcError) => {
+        assert.equal(e.code, RpcErrorCode.InvalidParams);
+        assert.match(e.message, /unknown dataset "nope"/);
+        return true;
+      });
+  });
+
   test('reload counts against the heavy limit and answers with the dataset size', async () => {
     const r = await client.request<{ examples: number }>('reload', { dataset: 'finetune' });
     assert.ok(r.examples > 100);
+  });
+});
+
+describe('a cancelled request in status', () => {
+  test('stays listed (and holds its slot) until its handler returns, not only until the reply', async () => {
+    let finish!: () => void;
+    const handlerDone = new Promise<void>((r) => {
+      finish = r;
+    });
+    const server = await startServer({
+      // a handler that only stops when told to (like work between two checks of its signal)
+      handlers: { slow: { heavy: true, handler: () => handlerDone } },
+      discoveryFile: false,
+      limits: { maxConcurrent: 1, maxQueued: 4 },
+    });
+    const client = await RpcClient.connect({ url: server.url, token: server.token });
+    try {
+      const ac = new AbortController();
+      const pending = client.request('slow', {}, { signal: ac.signal });
+      while ((await client.status()).heavy.running === 0) await new Promise((r) => setTimeout(r, 5));
+      ac.abort();
+      await assert.rejects(pending, /cancel/i);
+      const s = await client.status();
+      assert.deepEqual(
+        s.requests.map((r) => r.method),
+        ['slow'],
+      );
+      assert.equal(s.heavy.running, 1);
+      finish();
+      await new Promise((r) => setTimeout(r, 50));
+      const after = await client.status();
+      assert.deepEqual(after.requests, []);
+      assert.equal(after.heavy.running, 0);
+    } finally {
+      await client.close();
+      await server.close();
+    }
   });
 });

@@ -8,7 +8,7 @@
 // so a cancel stops the work even while this thread never returns to its event loop. A `cancel`
 // message does the same when the thread is idle between awaits.
 import { parentPort, workerData } from 'node:worker_threads';
-import { InfluenceService, type ServiceConfig, type Work } from './influence-service';
+import { InfluenceService, type ServiceConfig, ServiceError, type Work } from './influence-service';
 import type { FromWorker, ToWorker } from './worker-messages';
 
 const port = parentPort;
@@ -103,6 +103,6 @@ function serializeError(e: unknown) {
     message: typeof err?.message === 'string' ? err.message : String(e),
     code: typeof err?.code === 'string' ? err.code : undefined,
     stack: typeof err?.stack === 'string' ? err.stack : undefined,
-    serviceError: e instanceof Error && e.constructor.name === 'ServiceError',
+    serviceError: e instanceof ServiceError,
   };
 }

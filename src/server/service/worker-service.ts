@@ -17,6 +17,7 @@ import {
   type ServiceApi,
   type ServiceConfig,
   ServiceError,
+  type StageConfig,
   type Work,
 } from './influence-service';
 import type { FromWorker, SerializedError, ServiceInfoSnapshot, ToWorker } from './worker-messages';
@@ -94,7 +95,10 @@ export class WorkerService implements ServiceApi {
     let l = this.lanes.get(name);
     // a lane whose thread died (a native crash, out of memory) is started again on the next call
     if (!l || l.stopped) {
-      l = new Lane(name, this.config, name === 'heavy' ? (info) => (this.snapshot = info) : () => {});
+      l =
+        name === 'heavy'
+          ? new Lane(name, this.config, (info) => (this.snapshot = info))
+          : new Lane(name, lightConfig(this.config), () => {});
       this.lanes.set(name, l);
     }
     return l;
@@ -103,6 +107,20 @@ export class WorkerService implements ServiceApi {
   private call(lane: LaneName, method: string, args: unknown[], work: Work = {}): Promise<unknown> {
     return this.lane(lane).call(method, args, work);
   }
+}
+
+/**
+ * The light lane never uses EK-FAC factors (BM25 and getExample need none), so it does not load
+ * them, and one ORT thread is enough for a query's forward/backward: the cores stay with the heavy lane.
+ */
+function lightConfig(c: ServiceConfig): ServiceConfig {
+  const noFactors = (s: StageConfig): StageConfig => ({ ...s, factors: undefined });
+  return {
+    ...c,
+    finetuned: noFactors(c.finetuned),
+    pretrained: c.pretrained && noFactors(c.pretrained),
+    threads: 1,
+  };
 }
 
 interface Pending {
