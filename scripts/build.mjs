@@ -16,6 +16,14 @@ await build({
   // Bundled CJS dependencies call require(); give the ESM bundle one.
   banner: { js: "import { createRequire as __cr } from 'node:module'; const require = __cr(import.meta.url);" },
 });
+// The service's worker threads (src/server/service/worker-service.ts looks for it beside cli.mjs).
+await build({
+  ...common,
+  entryPoints: ['src/server/service/service-worker.ts'],
+  outfile: 'dist/service-worker.mjs',
+  format: 'esm',
+  banner: { js: "import { createRequire as __cr } from 'node:module'; const require = __cr(import.meta.url);" },
+});
 if (existsSync('src/extension/extension.ts')) {
   await build({ ...common, entryPoints: ['src/extension/extension.ts'], outfile: 'dist/extension.cjs', format: 'cjs' });
 }

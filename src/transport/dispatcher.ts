@@ -130,12 +130,14 @@ export class Dispatcher {
     conn.aborts.add(abort);
 
     const progress = new ProgressSender(conn.rpc, workDoneToken, this.o.progressIntervalMs);
-    const item: Tracked = { method, state: spec.heavy ? 'queued' : 'running', since: Date.now() };
+    const heavy = typeof spec.heavy === 'function' ? spec.heavy(params) : !!spec.heavy;
+    const item: Tracked = { method, state: heavy ? 'queued' : 'running', since: Date.now() };
     this.tracked.add(item);
     let answered = false;
+    let work: Promise<unknown> | undefined;
     try {
       progress.begin(spec.title ?? method);
-      const release = spec.heavy ? await this.acquireSlot(abort.signal, progress, item) : undefined;
+      const release = heavy ? await this.acquireSlot(abort.signal, progress, item) : undefined;
       const ctx: MethodContext = {
         method,
         signal: abort.signal,
@@ -147,7 +149,7 @@ export class Dispatcher {
           if (!answered && partialResultToken !== undefined) notify(conn.rpc, { token: partialResultToken, value });
         },
       };
-      const work = Promise.resolve().then(() => spec.handler(params, ctx));
+      work = Promise.resolve().then(() => spec.handler(params, ctx));
       // a heavy slot is held until the handler really returns, even when the reply went out on abort
       if (release) work.then(release, release);
       const result = await raceAbort(work, abort.signal);
@@ -163,7 +165,10 @@ export class Dispatcher {
       throw e;
     } finally {
       answered = true;
-      this.tracked.delete(item);
+      // a cancelled request is answered at once but stays in `status` until its handler returns
+      const untrack = () => this.tracked.delete(item);
+      if (work) work.then(untrack, untrack);
+      else untrack();
       conn.aborts.delete(abort);
       this.shutdown.signal.removeEventListener('abort', onShutdown);
     }

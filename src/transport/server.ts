@@ -63,8 +63,8 @@ export type Handler<P = any, R = unknown> = (params: P, ctx: MethodContext) => P
 // biome-ignore lint/suspicious/noExplicitAny: as for Handler
 export interface MethodSpec<P = any, R = unknown> {
   handler: Handler<P, R>;
-  /** heavy requests share the `maxConcurrent` slots (and queue for them) */
-  heavy?: boolean;
+  /** heavy requests share the `maxConcurrent` slots (and queue for them); a function decides per request */
+  heavy?: boolean | ((params: P) => boolean);
   /** JSON schema (draft-07, checked by Ajv) the params must satisfy; failures are InvalidParams naming the field */
   params?: JsonSchema;
   /** title of the work-done progress (default: the method name) */

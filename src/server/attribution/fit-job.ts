@@ -44,6 +44,11 @@ export interface FitJobOptions {
   /** an already opened model (the server and the demo reuse theirs) */
   model?: Model;
   onProgress?: FitOptions['onProgress'];
+  /**
+   * Stops the fit between batches (throwing the signal's reason). Stages already finished stay in
+   * <out>/partials, so a later run resumes; the final factors are written only by a run that was not aborted.
+   */
+  signal?: AbortSignal;
   log?: (line: string) => void;
 }
 
@@ -141,6 +146,7 @@ export async function runFitJob(o: FitJobOptions): Promise<FitJobResult> {
     batchSize: o.batchSize,
     partition: n > 1 ? { index: i, count: n } : undefined,
     onProgress: o.onProgress,
+    signal: o.signal,
   };
   const covDir = (k: number) => join(partials, `covariance-${k}-of-${n}`);
   const lamDir = (k: number) => join(partials, `lambda-${k}-of-${n}`);
@@ -165,6 +171,7 @@ export async function runFitJob(o: FitJobOptions): Promise<FitJobResult> {
     const { covariances } = await fitCovariances(model, examples, fitOpts);
     const modules: Record<string, ModuleFactors> = {};
     for (const [name, acc] of covariances) modules[name] = covarianceOnly(acc);
+    o.signal?.throwIfAborted();
     saveStage(covDir(i), { args: args(), fingerprint, modules });
   }
   // 2. all partitions' covariances merged and eigendecomposed (any process may do it; it is deterministic)
@@ -184,6 +191,7 @@ export async function runFitJob(o: FitJobOptions): Promise<FitJobResult> {
     const bases = fitEigenbases(merged, fitOpts);
     const modules: Record<string, ModuleFactors> = {};
     for (const [name, acc] of merged) modules[name] = withEigen(covarianceOnly(acc), bases.get(name)!);
+    o.signal?.throwIfAborted();
     saveStage(eigenDir, { args: args(), fingerprint, modules });
   }
   const eigen = loadFactors(eigenDir);
@@ -197,6 +205,7 @@ export async function runFitJob(o: FitJobOptions): Promise<FitJobResult> {
     const modules: Record<string, ModuleFactors> = {};
     for (const [name, acc] of lambdas)
       modules[name] = { name, dA: acc.dA, dOut: acc.dOut, lambda: { sum: acc.sum, count: acc.count } };
+    o.signal?.throwIfAborted();
     saveStage(lamDir(i), { args: args(), fingerprint, modules });
   }
   const waiting = missing(lamDir);
@@ -218,6 +227,7 @@ export async function runFitJob(o: FitJobOptions): Promise<FitJobResult> {
     modules[m.name] = { ...m, lambda: { sum: lam.sum, count: lam.count } };
   }
   const final: Factors = { args: { ...args(), modules: Object.keys(modules) }, fingerprint, modules };
+  o.signal?.throwIfAborted();
   saveFactors(o.out, final);
   rmSync(partials, { recursive: true, force: true });
   return result('done', `wrote EK-FAC factors for ${Object.keys(modules).length} modules to ${o.out}`);

@@ -27,6 +27,8 @@ export interface FitOptions {
   /** only this slice of the examples: { index: i, count: n } → examples k with k % n === i */
   partition?: { index: number; count: number };
   onProgress?: (stage: 'covariance' | 'eigendecomposition' | 'lambda', done: number, total: number) => void;
+  /** checked before every batch: an aborted fit stops there and throws the signal's reason */
+  signal?: AbortSignal;
 }
 
 export interface FittedFactors {
@@ -74,6 +76,7 @@ export async function fitCovariances(
   const rng = new Rng(opts.seed);
   const bs = batches(select(examples, opts.partition), opts.batchSize ?? 16, model.tokenizer.padTokenId ?? 0);
   for (const [i, batch] of bs.entries()) {
+    opts.signal?.throwIfAborted();
     const out = await graph.run(batch, { uniforms: uniformsFor(opts, rng, batch) });
     const count = Number((out.token_count.data as Float32Array)[0]);
     for (const m of modules)
@@ -91,6 +94,7 @@ export function fitEigenbases(
   const bases = new Map<string, Eigenbasis>();
   let i = 0;
   for (const [name, acc] of covariances) {
+    opts?.signal?.throwIfAborted();
     bases.set(name, computeEigenbasis(name, acc.finalize()));
     opts?.onProgress?.('eigendecomposition', ++i, covariances.size);
   }
@@ -118,6 +122,7 @@ export async function fitLambdas(
   const rng = new Rng(opts.seed + 1);
   const bs = batches(select(examples, opts.partition), opts.batchSize ?? 16, model.tokenizer.padTokenId ?? 0);
   for (const [i, batch] of bs.entries()) {
+    opts.signal?.throwIfAborted();
     const out = await graph.run(batch, { uniforms: uniformsFor(opts, rng, batch), feeds });
     for (const m of graph.moduleInfo) {
       lambdas.get(m.name)!.addSum(data(out[`L.${m.name}`]), batch.B);

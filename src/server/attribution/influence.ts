@@ -230,7 +230,12 @@ export async function selfInfluenceScores(
   model: Model,
   pre: Map<string, Preconditioner>,
   candidates: TokenizedExample[],
-  opts: { modules: ModuleSelection; batchSize?: number; onProgress?: (done: number, total: number) => void },
+  opts: {
+    modules: ModuleSelection;
+    batchSize?: number;
+    onProgress?: (done: number, total: number) => void;
+    signal?: AbortSignal;
+  },
 ): Promise<Float64Array> {
   const graph = await model.compile({ labels: 'data', selfInfluence: true, modules: opts.modules });
   const feeds: Record<string, ort.Tensor> = {};
@@ -254,6 +259,7 @@ export async function selfInfluenceScores(
       });
     },
     opts.onProgress,
+    opts.signal,
   );
   return out;
 }

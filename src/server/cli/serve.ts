@@ -4,7 +4,7 @@ import { closeOnSignals, startServer } from '../../transport/server';
 import { defaultServiceConfig } from '../defaults';
 import { type Config, defaultServerSettings, loadConfig } from '../service/config';
 import { serviceHandlers } from '../service/handlers';
-import { InfluenceService } from '../service/influence-service';
+import { WorkerService } from '../service/worker-service';
 import { CliError, int, parse } from './util';
 
 export async function runServe(argv: string[]): Promise<void> {
@@ -27,8 +27,8 @@ export async function runServe(argv: string[]): Promise<void> {
   if (v.host !== undefined) cfg.server.host = v.host;
   const parent = v['watch-parent'] === undefined ? undefined : int(v['watch-parent'], '--watch-parent', 0);
   if (parent !== undefined && parent <= 0) throw new CliError('--watch-parent must be a process id');
-  const service = new InfluenceService(cfg.service);
-  service.open();
+  // the models, datasets and tensor work live in worker threads; this thread only answers the protocol
+  const service = await WorkerService.start(cfg.service);
   const server = await startServer({
     handlers: serviceHandlers(service),
     info: () => service.info(),

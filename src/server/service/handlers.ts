@@ -6,18 +6,18 @@ import { PARAMS_SCHEMA } from '../../protocol/params-schema';
 import { Explain, Fit, Generate, GetExample, Index, Reload, ScanDataset } from '../../protocol/requests';
 import type { MethodContext, MethodTable } from '../../transport/server';
 import { on } from '../../transport/server';
-import { generate } from '../model/generate';
-import type { InfluenceService, Work } from './influence-service';
+import { isLightExplain, type ServiceApi, type Work } from './influence-service';
 
 /** The service's view of a request's context: cancellation, progress, partial results. */
 function work(ctx: MethodContext): Work {
   return { signal: ctx.signal, progress: ctx.progress, partial: ctx.partial };
 }
 
-export function serviceHandlers(service: InfluenceService): MethodTable {
+export function serviceHandlers(service: ServiceApi): MethodTable {
   return Object.fromEntries([
     on(Explain, {
-      heavy: true,
+      // BM25-only explains need no gradients: they run beside gradient work, not behind it
+      heavy: (p) => !isLightExplain(p),
       title: 'Explaining the completion',
       params: PARAMS_SCHEMA.explain,
       handler: (p, ctx) => service.explain(p, work(ctx)),
@@ -26,15 +26,7 @@ export function serviceHandlers(service: InfluenceService): MethodTable {
       heavy: true,
       title: 'Completing with the model',
       params: PARAMS_SCHEMA.generate,
-      handler: async (p) => {
-        const g = LIMITS.generate;
-        const [out] = await generate(service.model, [p.prompt], {
-          maxNewTokens: p.maxTokens ?? g.maxTokens.default,
-          temperature: p.temperature ?? g.temperature.default,
-          seed: p.seed ?? g.seedDefault,
-        });
-        return { prompt: p.prompt, completion: out.text, logprobs: out.logprobs };
-      },
+      handler: (p, ctx) => service.generate(p, work(ctx)),
     }),
     on(GetExample, {
       params: PARAMS_SCHEMA.getExample,
@@ -65,6 +57,8 @@ export function serviceHandlers(service: InfluenceService): MethodTable {
       },
     }),
     on(Reload, {
+      // re-reading a dataset can take long (large files): it counts against the heavy limit
+      heavy: true,
       params: PARAMS_SCHEMA.reload,
       handler: (p) => service.reload(p.dataset),
     }),

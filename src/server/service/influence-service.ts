@@ -20,6 +20,7 @@ import { loadDataset } from '../data/dataset';
 import { contextLength } from '../data/tokenize';
 import { GradientStore } from '../index/gradient-store';
 import { Model, type ModuleSelection } from '../model/engine';
+import { generate } from '../model/generate';
 import type { Device } from '../model/onnx/session';
 
 export interface StageConfig {
@@ -63,6 +64,40 @@ export interface Work {
   partial?: (p: ExplainPartial) => void;
 }
 
+export interface GenerateParams {
+  prompt: string;
+  maxTokens?: number;
+  temperature?: number;
+  seed?: number;
+}
+
+/**
+ * What the RPC methods need from a service. `InfluenceService` implements it in this thread;
+ * `WorkerService` (./worker-service) implements it with the work done in worker threads.
+ */
+export interface ServiceApi {
+  info(): ReturnType<InfluenceService['info']>;
+  explain(p: ExplainParams, work?: Work): Promise<ExplainResult>;
+  getExample(datasetId: string, line: number, hash?: string): Example | Promise<Example>;
+  scanDataset(datasetId: string, topK: number, work?: Work): Promise<ScanResult>;
+  fit(which: 'finetuned' | 'pretrained', work?: Work): Promise<Awaited<ReturnType<typeof runFitJob>>>;
+  index(datasetId: string, work?: Work): Promise<{ size: number; bytes: number }>;
+  reload(datasetId: string): ReloadResult | Promise<ReloadResult>;
+  generate(p: GenerateParams, work?: Work): Promise<{ prompt: string; completion: string; logprobs: number[] }>;
+}
+
+export type Example = ReturnType<InfluenceService['getExample']>;
+export type ScanResult = Awaited<ReturnType<InfluenceService['scanDataset']>>;
+export type ReloadResult = ReturnType<InfluenceService['reload']>;
+
+/**
+ * Explains that need neither gradients nor hidden states (BM25 only): cheap enough to be
+ * answered beside gradient work instead of queueing behind it.
+ */
+export function isLightExplain(p: Pick<ExplainParams, 'method' | 'compare' | 'candidates'>): boolean {
+  return p.method === 'bm25' && (p.compare ?? []).every((m) => m === 'bm25') && p.candidates !== 'retrieved';
+}
+
 interface LoadedDataset {
   corpus: Corpus;
   path: string;
@@ -70,7 +105,7 @@ interface LoadedDataset {
   fingerprint: string;
 }
 
-export class InfluenceService {
+export class InfluenceService implements ServiceApi {
   private stages = new Map<'finetuned' | 'pretrained', OpenedStage>();
   private data = new Map<string, LoadedDataset>();
   private stores = new Map<string, GradientStore>();
@@ -267,10 +302,12 @@ export class InfluenceService {
     );
     let store = GradientStore.load(dir, identity);
     if (!store) {
-      store = await GradientStore.build(model, d.corpus.tokens, identity, {
-        signal: work.signal,
-        onProgress: (done, total) => work.progress?.('indexing gradients', done, total),
-      });
+      store = await cancellable(work, () =>
+        GradientStore.build(model, d.corpus.tokens, identity, {
+          signal: work.signal,
+          onProgress: (done, total) => work.progress?.('indexing gradients', done, total),
+        }),
+      );
       store.save(dir);
     }
     this.stores.set(key, store);
@@ -312,10 +349,13 @@ export class InfluenceService {
     const ft = this.stage('finetuned');
     if (!ft.preconditioners) throw new ServiceError('scanning needs EK-FAC factors: run "fit" first', 'not_ready');
     const d = this.dataset(datasetId);
-    const s = await selfInfluenceScores(ft.model, ft.preconditioners, d.corpus.tokens, {
-      modules: ft.modules,
-      onProgress: (done, total) => work.progress?.('self-influence', done, total),
-    });
+    const s = await cancellable(work, () =>
+      selfInfluenceScores(ft.model, ft.preconditioners!, d.corpus.tokens, {
+        modules: ft.modules,
+        signal: work.signal,
+        onProgress: (done, total) => work.progress?.('self-influence', done, total),
+      }),
+    );
     const order = Array.from(s.keys()).sort((a, b) => s[b] - s[a]);
     return {
       dataset: datasetId,
@@ -330,23 +370,50 @@ export class InfluenceService {
   async fit(which: 'finetuned' | 'pretrained', work: Work = {}) {
     const c = which === 'finetuned' ? this.config.finetuned : this.config.pretrained;
     if (!c) throw new ServiceError(`no ${which} model is configured`);
-    if (!c.factors) throw new ServiceError(`the configuration names no factors directory for the ${which} model`);
+    const out = c.factors;
+    if (!out) throw new ServiceError(`the configuration names no factors directory for the ${which} model`);
     const datasetId = c.fitDataset ?? Object.keys(this.config.datasets)[0];
     const path = own(this.config.datasets, datasetId);
     if (!path) throw new ServiceError(`fitDataset "${datasetId}" is not a configured dataset`);
-    const r = await runFitJob({
-      modelDir: c.model,
-      dataPath: path,
-      out: c.factors,
-      modules: this.config.modules,
-      labels: 'sampled',
-      seed: 0,
-      skipMalformed: true,
-      model: this.stage(which).model,
-      onProgress: (stage, done, total) => work.progress?.(stage, done, total),
-    });
+    const r = await cancellable(work, () =>
+      runFitJob({
+        modelDir: c.model,
+        dataPath: path,
+        out,
+        modules: this.config.modules,
+        labels: 'sampled',
+        seed: 0,
+        skipMalformed: true,
+        model: this.stage(which).model,
+        signal: work.signal,
+        onProgress: (stage, done, total) => work.progress?.(stage, done, total),
+      }),
+    );
     this.stages.set(which, this.openStage(c));
     return r;
+  }
+
+  /** Completes a prompt with the fine-tuned model. */
+  async generate(p: GenerateParams, work: Work = {}) {
+    const [g] = await cancellable(work, () =>
+      generate(this.model, [p.prompt], {
+        maxNewTokens: p.maxTokens ?? LIMITS.generate.maxTokens.default,
+        temperature: p.temperature ?? LIMITS.generate.temperature.default,
+        seed: p.seed ?? LIMITS.generate.seedDefault,
+      }),
+    );
+    return { prompt: p.prompt, completion: g.text, logprobs: g.logprobs };
+  }
+}
+
+/** Runs `f`; when the work was cancelled, whatever it threw becomes ServiceError 'cancelled'. */
+async function cancellable<T>(work: Work, f: () => Promise<T>): Promise<T> {
+  if (work.signal?.aborted) throw new ServiceError('cancelled', 'cancelled');
+  try {
+    return await f();
+  } catch (e) {
+    if (work.signal?.aborted) throw new ServiceError('cancelled', 'cancelled');
+    throw e;
   }
 }
 
