@@ -8,11 +8,12 @@
 //   <out>/*.safetensors + arguments             the final factors (kronfluence layout); partials removed
 // Sums add across partitions, so the result equals a single-process fit over all the data
 // (up to summation order).
-import { existsSync, mkdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { loadDataset } from '../data/dataset';
 import { contextLength, tokenizeExamples } from '../data/tokenize';
 import { Model, type ModuleSelection } from '../model/engine';
+import { replaceDirAtomic, writeFileAtomic } from '../util/atomic-write';
 import { CovarianceAccumulator } from './ekfac/covariance';
 import type { Eigenbasis } from './ekfac/eigenbasis';
 import {
@@ -130,7 +131,7 @@ export async function runFitJob(o: FitJobOptions): Promise<FitJobResult> {
       );
   } else {
     mkdirSync(partials, { recursive: true });
-    writeAtomic(jobFile, `${JSON.stringify(job, null, 2)}\n`);
+    writeFileAtomic(jobFile, `${JSON.stringify(job, null, 2)}\n`);
   }
 
   const fitOpts: FitOptions = {
@@ -257,17 +258,9 @@ function mergeCovariances(dirs: string[], model: Model, modules: ModuleSelection
 
 /** Writes a stage into a temp directory, then renames it into place: a stage exists whole or not at all. */
 function saveStage(dir: string, factors: Factors) {
-  const tmp = `${dir}.tmp-${process.pid}`;
-  rmSync(tmp, { recursive: true, force: true });
-  saveFactors(tmp, { ...factors, args: { ...factors.args, modules: Object.keys(factors.modules) } });
-  rmSync(dir, { recursive: true, force: true });
-  renameSync(tmp, dir);
-}
-
-function writeAtomic(path: string, text: string) {
-  const tmp = `${path}.tmp-${process.pid}`;
-  writeFileSync(tmp, text);
-  renameSync(tmp, path);
+  replaceDirAtomic(dir, (tmp) =>
+    saveFactors(tmp, { ...factors, args: { ...factors.args, modules: Object.keys(factors.modules) } }),
+  );
 }
 
 function sameModules(have: FactorArguments, selection: ModuleSelection, model: Model): boolean {

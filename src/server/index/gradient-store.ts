@@ -6,7 +6,7 @@
 // (EK-FAC-preconditioned or not): one query scores the whole corpus with one matrix-vector
 // product per module; the top candidates are then reranked exactly.
 // Modules no wider than k on a side keep that side exact (identity instead of a projection).
-import { existsSync, mkdirSync, renameSync, rmSync } from 'node:fs';
+import { existsSync, mkdirSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import type { TokenizedExample } from '../attribution/fit';
 import { type Batch, type Model, type ModuleSelection, makeBatch } from '../model/engine';
@@ -132,14 +132,12 @@ export class GradientStore {
       tensors[`PA.${m.name}`] = { dtype: 'F64', shape: [m.dA, m.kA], data: m.PA };
       tensors[`PS.${m.name}`] = { dtype: 'F64', shape: [m.dOut, m.kS], data: m.PS };
     }
-    const path = join(dir, FILE);
-    const tmp = `${path}.tmp-${process.pid}`;
-    writeSafetensors(tmp, tensors, {
+    // writeSafetensors writes atomically (src/server/util/atomic-write.ts)
+    writeSafetensors(join(dir, FILE), tensors, {
       identity: JSON.stringify(this.identity),
       modules: JSON.stringify(this.modules.map(({ name, dA, dOut, kA, kS }) => ({ name, dA, dOut, kA, kS }))),
       size: String(this.size),
     });
-    renameSync(tmp, path);
   }
 
   /** Loads a store if it exists and was built for exactly `expect`; null when stale or absent. */

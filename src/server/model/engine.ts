@@ -8,9 +8,10 @@
 // - loss of a sequence L = Σ_t w_t · (−log p(target_t | tokens ≤ t)); gradients are of Σ_b L_b.
 // - per-module `a` = module input, `g` = ∂(Σ_b L_b)/∂(module output), both [B·T, d].
 import { createHash } from 'node:crypto';
-import { existsSync, linkSync, mkdirSync, readFileSync, renameSync, statSync, writeFileSync } from 'node:fs';
+import { existsSync, linkSync, mkdirSync, readFileSync, statSync } from 'node:fs';
 import { homedir } from 'node:os';
 import { basename, join } from 'node:path';
+import { writeFileAtomic } from '../util/atomic-write';
 import { architectureFor } from './architectures';
 import type { Architecture, BuildContext, TrackedModule, WeightSource } from './architectures/common';
 import { type Checkpoint, openCheckpoint } from './checkpoint';
@@ -233,11 +234,7 @@ export class Model {
     }
     // Named by content: a graph built in another precision or by another version never collides.
     const file = join(links.dir, `${createHash('sha256').update(bytes).digest('hex').slice(0, 16)}.onnx`);
-    if (!existsSync(file)) {
-      const tmp = `${file}.${process.pid}.tmp`;
-      writeFileSync(tmp, bytes);
-      renameSync(tmp, file);
-    }
+    if (!existsSync(file)) writeFileAtomic(file, bytes);
     return createSession(file, opts);
   }
 
