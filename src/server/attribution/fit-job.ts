@@ -13,7 +13,7 @@ import { join } from 'node:path';
 import { loadDataset } from '../data/dataset';
 import { contextLength, tokenizeExamples } from '../data/tokenize';
 import { Model, type ModuleSelection } from '../model/engine';
-import { replaceDirAtomic, writeFileAtomic } from '../util/atomic-write';
+import { cleanStaleTemps, replaceDirAtomic, writeFileAtomic } from '../util/atomic-write';
 import { CovarianceAccumulator } from './ekfac/covariance';
 import type { Eigenbasis } from './ekfac/eigenbasis';
 import {
@@ -72,6 +72,7 @@ interface JobDescription {
 export async function runFitJob(o: FitJobOptions): Promise<FitJobResult> {
   const start = Date.now();
   const log = o.log ?? (() => {});
+  cleanStaleTemps(o.out); // what a fit killed in the middle of a write left
   const model = o.model ?? Model.open(o.modelDir);
   const dataset = loadDataset(o.dataPath, { skipMalformed: o.skipMalformed, maxExamples: o.maxExamples });
   if (dataset.skipped.length) log(`skipped ${dataset.skipped.length} malformed line(s) of ${o.dataPath}`);

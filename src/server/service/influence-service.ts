@@ -18,6 +18,7 @@ import { contextLength } from '../data/tokenize';
 import { GradientStore } from '../index/gradient-store';
 import { Model, type ModuleSelection } from '../model/engine';
 import type { Device } from '../model/onnx/session';
+import { cleanStaleTemps } from '../util/atomic-write';
 
 export interface StageConfig {
   model: string;
@@ -78,6 +79,9 @@ export class InfluenceService {
 
   /** Opens the models (and factors where they exist). Factors that are missing are not an error here. */
   open(): void {
+    // leftovers of a server or fit killed in the middle of a write (see util/atomic-write.ts)
+    for (const dir of [this.config.finetuned.factors, this.config.pretrained?.factors, this.config.cacheDir])
+      if (dir) cleanStaleTemps(dir);
     this.stages.set('finetuned', this.openStage(this.config.finetuned));
     if (this.config.pretrained) {
       const pt = this.openStage(this.config.pretrained);
