@@ -50,14 +50,18 @@ export function loadDataset(path: string, options: LoadDatasetOptions = {}): Dat
   for (const { line, value } of rows) {
     if (maxExamples !== undefined && examples.length >= maxExamples) break;
     let formatted: ReturnType<typeof formatRecord>;
+    let hash: string;
     try {
       formatted = formatRecord(value, `${path}:${line}`);
+      hash = contentHash(value);
     } catch (e) {
-      if (!(e instanceof DataError)) throw e;
-      skipped.push({ line, message: e.message.slice(`${path}:${line}: `.length) });
+      // a record too big or odd to render or hash (RangeError) is a bad line like any other
+      if (!(e instanceof DataError) && !(e instanceof RangeError)) throw e;
+      const message =
+        e instanceof DataError ? e.message.slice(`${path}:${line}: `.length) : `cannot read: ${(e as Error).message}`;
+      skipped.push({ line, message });
       continue;
     }
-    const hash = contentHash(value);
     if (seen.has(hash)) duplicates++;
     else seen.add(hash);
     examples.push({ index: examples.length, line, hash, ...formatted, record: value });

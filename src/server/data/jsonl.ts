@@ -2,6 +2,7 @@
 // file into one string: V8 caps strings at ~512 MiB, and byte scanning keeps line numbers exact.
 import { readFileSync } from 'node:fs';
 import { DataError } from './errors';
+import { nestingDepth } from './ids';
 
 export { DataError } from './errors';
 
@@ -29,6 +30,14 @@ export interface ReadJsonlOptions {
 }
 
 export const SKIP_HINT = '(pass --skip-malformed to skip such lines)';
+
+/**
+ * How deeply a record may nest arrays and objects. Real training records nest a few levels
+ * (messages → message → content); a line nested thousands of levels deep would overflow the
+ * call stack of every recursive JSON walker downstream (JSON.stringify in a response included),
+ * so it is a malformed line.
+ */
+export const MAX_JSON_DEPTH = 100;
 
 // fatal: invalid UTF-8 is a malformed line, not silently replaced with U+FFFD.
 const decoder = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true });
@@ -66,12 +75,16 @@ function parseLine(buf: Buffer, start: number, end: number, line: number, rows: 
     return 'invalid UTF-8';
   }
   if (text.trim() === '') return undefined;
+  let value: unknown;
   try {
-    rows.push({ line, value: JSON.parse(text) });
-    return undefined;
+    value = JSON.parse(text);
   } catch (e) {
     return `invalid JSON: ${(e as Error).message}`;
   }
+  if (nestingDepth(value, MAX_JSON_DEPTH) > MAX_JSON_DEPTH)
+    return `the value nests arrays/objects more than ${MAX_JSON_DEPTH} levels deep`;
+  rows.push({ line, value });
+  return undefined;
 }
 
 function readBytes(path: string): Buffer {
