@@ -1,6 +1,6 @@
 // A training-data file loaded, validated and rendered: what the indexer iterates over.
 import { DataError } from './errors';
-import { formatRecord, type RecordKind, type Span } from './format';
+import { ACCEPTED_SHAPES, formatRecord, type RecordKind, type Span } from './format';
 import { contentHash } from './ids';
 import { readJsonl, SKIP_HINT, type SkippedLine } from './jsonl';
 
@@ -74,7 +74,7 @@ export function loadDataset(path: string, options: LoadDatasetOptions = {}): Dat
   }
   if (examples.length === 0) {
     const why = reported.length > 0 ? ` (${reported.length} malformed line(s) skipped)` : '';
-    throw new DataError(`${path}: no training examples${why}`);
+    throw new DataError(`${path}: no training examples${why}; ${ACCEPTED_SHAPES}`);
   }
   return { path, examples, skipped: reported, duplicates };
 }

@@ -7,13 +7,15 @@ import { statSync } from 'node:fs';
 import { join } from 'node:path';
 import type { ExplainParams, ExplainPartial, ExplainResult, Method } from '../../protocol/types';
 import { METHODS } from '../../protocol/types';
+import { OUR_ARGUMENTS_FILE } from '../attribution/ekfac/factors-io';
 import type { Damping } from '../attribution/ekfac/precondition';
 import { Corpus, ExplainError, explain } from '../attribution/explain';
 import { dataFingerprint, modelFingerprint } from '../attribution/fingerprint';
-import { runFitJob } from '../attribution/fit-job';
+import { FitJobError, runFitJob } from '../attribution/fit-job';
 import { selfInfluenceScores } from '../attribution/influence';
 import { checkSameTokenizer, type OpenedStage, openStage } from '../attribution/stage';
 import { loadDataset } from '../data/dataset';
+import { DataError } from '../data/errors';
 import { contextLength } from '../data/tokenize';
 import { GradientStore } from '../index/gradient-store';
 import { Model, type ModuleSelection } from '../model/engine';
@@ -49,7 +51,13 @@ export interface ServiceConfig {
 export class ServiceError extends Error {
   constructor(
     message: string,
-    readonly code: 'invalid_params' | 'not_ready' | 'data_changed' | 'cancelled' = 'invalid_params',
+    readonly code:
+      | 'invalid_params'
+      | 'not_ready'
+      | 'data_changed'
+      | 'cancelled'
+      | 'data_invalid'
+      | 'factors_broken' = 'invalid_params',
   ) {
     super(message);
   }
@@ -72,6 +80,8 @@ export class InfluenceService {
   private stages = new Map<'finetuned' | 'pretrained', OpenedStage>();
   private data = new Map<string, LoadedDataset>();
   private stores = new Map<string, GradientStore>();
+  /** factors directory → why its factors cannot be used (they exist but are broken) */
+  private brokenFactors = new Map<string, string>();
 
   constructor(readonly config: ServiceConfig) {
     if (!Object.keys(config.datasets).length) throw new ServiceError('the configuration names no dataset');
@@ -93,6 +103,10 @@ export class InfluenceService {
   private openStage(c: StageConfig): OpenedStage {
     const engine = { device: this.config.device, threads: this.config.threads };
     const model = Model.open(c.model, engine);
+    // read the tokenizer now: a broken tokenizer.json refuses the start, naming the file,
+    // instead of failing every request later
+    void model.tokenizer;
+    if (c.factors) this.brokenFactors.delete(c.factors);
     try {
       const st = openStage(c.model, c.factors && exists(c.factors) ? c.factors : undefined, {
         damping: this.config.damping,
@@ -102,6 +116,7 @@ export class InfluenceService {
       return st;
     } catch (e) {
       // broken or foreign factors: keep serving the baselines and say why ekfac is unavailable
+      if (c.factors) this.brokenFactors.set(c.factors, (e as Error).message);
       const stage: OpenedStage = { model, modules: this.config.modules, warnings: [(e as Error).message] };
       return stage;
     }
@@ -147,12 +162,21 @@ export class InfluenceService {
   private unavailable(m: Method): string | null {
     const ft = this.stages.get('finetuned');
     const pt = this.stages.get('pretrained');
-    if (m === 'ekfac' && !ft?.preconditioners) return 'no EK-FAC factors for the model yet: run "fit"';
+    if (m === 'ekfac' && !ft?.preconditioners) return this.noFactors('finetuned');
     if (m === 'multistage') {
       if (!pt) return 'no pre-trained model is configured';
       if (!ft?.preconditioners || !pt.preconditioners) return 'both stages need EK-FAC factors: run "fit" for each';
     }
     return null;
+  }
+
+  /** Why a stage has no factors, and what to do. */
+  private noFactors(which: 'finetuned' | 'pretrained'): string {
+    const dir = this.config[which]?.factors;
+    const broken = dir && this.brokenFactors.get(dir);
+    return broken
+      ? `the EK-FAC factors cannot be used (${broken}): run "fit" to fit them again`
+      : 'no EK-FAC factors for the model yet: run "fit"';
   }
 
   /** A dataset by id, reloaded when its file changed on disk. */
@@ -310,7 +334,8 @@ export class InfluenceService {
   /** Training examples ranked by self-influence (needs factors). */
   async scanDataset(datasetId: string, topK: number, work: Work = {}) {
     const ft = this.stage('finetuned');
-    if (!ft.preconditioners) throw new ServiceError('scanning needs EK-FAC factors: run "fit" first', 'not_ready');
+    if (!ft.preconditioners)
+      throw new ServiceError(`scanning needs EK-FAC factors: ${this.noFactors('finetuned')}`, 'not_ready');
     const d = this.dataset(datasetId);
     const s = await selfInfluenceScores(ft.model, ft.preconditioners, d.corpus.tokens, {
       modules: ft.modules,
@@ -334,6 +359,14 @@ export class InfluenceService {
     const datasetId = c.fitDataset ?? Object.keys(this.config.datasets)[0];
     const path = this.config.datasets[datasetId];
     if (!path) throw new ServiceError(`fitDataset "${datasetId}" is not a configured dataset`);
+    const broken = this.brokenFactors.get(c.factors);
+    // final factors that exist but cannot be used would be "up to date" for the job: say so
+    // instead of reporting success (deleting a folder the user named is their call)
+    if (broken && exists(join(c.factors, OUR_ARGUMENTS_FILE)))
+      throw new ServiceError(
+        `${c.factors} holds EK-FAC factors that cannot be used (${broken}); delete that folder and run "fit" again`,
+        'factors_broken',
+      );
     const r = await runFitJob({
       modelDir: c.model,
       dataPath: path,
@@ -344,6 +377,15 @@ export class InfluenceService {
       skipMalformed: true,
       model: this.stage(which).model,
       onProgress: (stage, done, total) => work.progress?.(stage, done, total),
+    }).catch((e) => {
+      // factors of another model or data, or partial ones that cannot be read to be resumed
+      if (e instanceof FitJobError) throw new ServiceError(e.message, 'factors_broken');
+      if (broken && !(e instanceof ServiceError) && !(e instanceof DataError) && !work.signal?.aborted)
+        throw new ServiceError(
+          `${c.factors} holds EK-FAC factors that cannot be read (${(e as Error).message}); delete that folder and run "fit" again`,
+          'factors_broken',
+        );
+      throw e;
     });
     this.stages.set(which, this.openStage(c));
     return r;
@@ -364,7 +406,10 @@ function fileStamp(path: string): string {
     const s = statSync(path);
     return `${s.size}:${s.mtimeMs}`;
   } catch {
-    throw new ServiceError(`the dataset file ${path} is missing`, 'data_changed');
+    throw new ServiceError(
+      `the dataset file ${path} does not exist: restore it, or fix its path in the configuration`,
+      'data_invalid',
+    );
   }
 }
 
