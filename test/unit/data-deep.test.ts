@@ -87,12 +87,15 @@ test('loadDataset: deep lines (3000, 100 000 levels, 10 MB) are malformed lines 
   const tenMB = deepRecord(5_000_000);
   assert.ok(tenMB.length > 10e6);
   const ok = `{"text": "${'a'.repeat(20)}", "meta": ${deep(MAX_JSON_DEPTH - 1)}}`;
-  writeFileSync(path, [ok, deepRecord(3000), deepRecord(100_000), tenMB, '{"text": "fine"}'].join('\n'));
+  // long lines are checked from their bytes first: brackets inside strings do not count
+  const longText = JSON.stringify({ text: `${'[{'.repeat(40_000)} \\" [[[ \\ "{${'x'.repeat(70_000)}` });
+  writeFileSync(path, [ok, deepRecord(3000), deepRecord(100_000), tenMB, '{"text": "fine"}', longText].join('\n'));
   const ds = loadDataset(path, { skipMalformed: true });
   assert.deepEqual(
     ds.examples.map((e) => e.line),
-    [1, 5],
+    [1, 5, 6],
   );
+  assert.equal(ds.examples[2].text, JSON.parse(longText).text);
   assert.deepEqual(
     ds.skipped.map((s) => s.line),
     [2, 3, 4],

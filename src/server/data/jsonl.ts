@@ -75,16 +75,39 @@ function parseLine(buf: Buffer, start: number, end: number, line: number, rows: 
     return 'invalid UTF-8';
   }
   if (text.trim() === '') return undefined;
+  const tooDeep = `the value nests arrays/objects more than ${MAX_JSON_DEPTH} levels deep`;
+  // V8 takes seconds to build a 10 MB line of nested brackets: refuse a long line that nests too
+  // deep from its bytes first (short lines skip this scan; the check after parsing covers them)
+  if (end - start > LONG_LINE_BYTES && bytesNestDeeper(buf, start, end, MAX_JSON_DEPTH)) return tooDeep;
   let value: unknown;
   try {
     value = JSON.parse(text);
   } catch (e) {
     return `invalid JSON: ${(e as Error).message}`;
   }
-  if (nestingDepth(value, MAX_JSON_DEPTH) > MAX_JSON_DEPTH)
-    return `the value nests arrays/objects more than ${MAX_JSON_DEPTH} levels deep`;
+  if (nestingDepth(value, MAX_JSON_DEPTH) > MAX_JSON_DEPTH) return tooDeep;
   rows.push({ line, value });
   return undefined;
+}
+
+const LONG_LINE_BYTES = 64 * 1024;
+
+/** Whether the JSON text in buf[start, end) opens more than `limit` brackets at once (strings skipped). */
+function bytesNestDeeper(buf: Buffer, start: number, end: number, limit: number): boolean {
+  let depth = 0;
+  let inString = false;
+  for (let i = start; i < end; i++) {
+    const c = buf[i];
+    if (inString) {
+      if (c === 0x5c)
+        i++; // backslash: skip the escaped byte
+      else if (c === 0x22) inString = false;
+    } else if (c === 0x22) inString = true;
+    else if (c === 0x5b || c === 0x7b) {
+      if (++depth > limit) return true;
+    } else if (c === 0x5d || c === 0x7d) depth--;
+  }
+  return false;
 }
 
 function readBytes(path: string): Buffer {
