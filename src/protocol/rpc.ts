@@ -150,6 +150,10 @@ export const RpcErrorCode = {
   ProtocolVersionMismatch: -32011,
   /** the method cannot run yet (e.g. ekfac before `fit`); the message says what to do */
   NotReady: -32012,
+  /** a training-data file cannot be used (missing, empty, every line malformed); the message names it and the fix */
+  InvalidData: -32013,
+  /** EK-FAC factors on disk are unreadable or corrupt; the message names the folder and the fix */
+  BrokenFactors: -32014,
 } as const;
 export type RpcErrorCode = (typeof RpcErrorCode)[keyof typeof RpcErrorCode];
 

@@ -2,9 +2,10 @@
 // to a file only its user can read (0600, in a 0700 directory), and removes it on a clean
 // shutdown. The extension may instead spawn the server with INFLUENCE_LENS_TOKEN set.
 import { randomBytes } from 'node:crypto';
-import { chmodSync, mkdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { chmodSync, mkdirSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { homedir } from 'node:os';
 import { dirname, join } from 'node:path';
+import { writeFileAtomic } from '../common/atomic-write';
 import { PROTOCOL_VERSION } from '../protocol/rpc';
 
 export interface DiscoveryInfo {
@@ -51,10 +52,8 @@ export function writeDiscoveryFile(file: string, info: DiscoveryInfo): void {
   const dir = dirname(file);
   mkdirSync(dir, { recursive: true, mode: 0o700 });
   if (dir === dirname(defaultDiscoveryFile()) && process.platform !== 'win32') chmodSync(dir, 0o700);
-  const tmp = `${file}.${process.pid}.tmp`;
-  writeFileSync(tmp, `${JSON.stringify(info, null, 2)}\n`, { mode: 0o600 });
-  chmodSync(tmp, 0o600); // in case the file already existed with other bits
-  renameSync(tmp, file);
+  writeFileAtomic(file, `${JSON.stringify(info, null, 2)}\n`, { mode: 0o600 });
+  chmodSync(file, 0o600); // in case the umask took bits away
 }
 
 /**

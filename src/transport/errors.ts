@@ -34,13 +34,16 @@ const SERVICE_CODES: Record<string, number> = {
   not_ready: RpcErrorCode.NotReady,
   data_changed: RpcErrorCode.ContentModified,
   cancelled: RpcErrorCode.RequestCancelled,
+  data_invalid: RpcErrorCode.InvalidData,
+  factors_broken: RpcErrorCode.BrokenFactors,
 };
 
 /**
  * Maps whatever a handler threw to a JSON-RPC error:
  * - `RpcError` as it is;
  * - an error with a string `code` the service uses (`invalid_params`, `not_ready`,
- *   `data_changed`, `cancelled`) to the matching code, keeping its message (meant for people);
+ *   `data_changed`, `cancelled`, `data_invalid` (DataError), `factors_broken`) to the matching
+ *   code, keeping its message (meant for people);
  * - anything else to InternalError "<method> failed: <message>" (the stack is for the log only).
  */
 export function toRpcError(e: unknown, method: string): RpcError {

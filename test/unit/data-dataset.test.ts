@@ -4,9 +4,9 @@ import { mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
+import { canonicalJson, contentHash } from '../../src/common/ids';
 import { loadDataset } from '../../src/server/data/dataset';
 import { DataError } from '../../src/server/data/errors';
-import { canonicalJson, contentHash } from '../../src/server/data/ids';
 
 const write = (lines: string[]) => {
   const p = join(mkdtempSync(join(tmpdir(), 'il-')), 'train.jsonl');

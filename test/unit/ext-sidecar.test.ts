@@ -5,6 +5,7 @@ import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSy
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
+import { canonicalJson as serverCanonical, contentHash as serverHash } from '../../src/common/ids';
 import {
   cleanedPathFor,
   exportCleaned,
@@ -28,7 +29,6 @@ import {
 } from '../../src/extension/flags/sidecar';
 import { readExclusions } from '../../src/server/cli/train';
 import { loadDataset } from '../../src/server/data/dataset';
-import { canonicalJson as serverCanonical, contentHash as serverHash } from '../../src/server/data/ids';
 
 const tmp = () => mkdtempSync(join(tmpdir(), 'il-sidecar-'));
 

@@ -1,7 +1,10 @@
 // The flags of every dataset the editor knows about, read from their sidecars
 // (`<dataset>.exclude.jsonl`, see sidecar.ts) and kept fresh by a file watcher, so an edit by
 // hand, a `git checkout` or another window shows up in the tree, the hovers and the panel.
-import { existsSync } from 'node:fs';
+// Every change is made on the file under its lock (sidecar.ts), never from this in-memory copy,
+// and the copy is re-read whenever the file's size or time changed (a watcher event can lag), so
+// one window never writes back a stale view over another window's flags.
+import { existsSync, statSync } from 'node:fs';
 import * as vscode from 'vscode';
 import {
   addFlags,
@@ -19,6 +22,8 @@ export interface FlagGroup {
   entries: FlagEntry[];
   /** sidecar lines that are not entries (kept, reported in the tree's tooltip) */
   problems: number;
+  /** the file's size and modification time when read ('' when absent) */
+  stamp: string;
 }
 
 const KNOWN_KEY = 'influenceLens.knownSidecars';
@@ -54,7 +59,9 @@ export class FlagStore implements vscode.Disposable {
   /** The flags of one dataset file, by hash. */
   flagsOf(datasetPath: string): Map<string, FlagEntry> {
     const sidecar = sidecarPathFor(datasetPath);
-    if (!this.groups.has(sidecar)) this.load(sidecar, false);
+    const have = this.groups.get(sidecar);
+    if (!have) this.load(sidecar, false);
+    else if (have.stamp !== stampOf(sidecar)) this.load(sidecar); // changed by another window
     return new Map((this.groups.get(sidecar)?.entries ?? []).map((e) => [e.hash, e]));
   }
 
@@ -82,12 +89,14 @@ export class FlagStore implements vscode.Disposable {
 
   private load(sidecar: string, fire = true) {
     try {
+      const stamp = stampOf(sidecar);
       const s = readSidecar(sidecar);
       this.groups.set(sidecar, {
         dataset: datasetPathForSidecar(sidecar),
         sidecar,
         entries: s.entries,
         problems: s.problems.length,
+        stamp,
       });
     } catch (e) {
       void vscode.window.showWarningMessage(`Influence Lens: cannot read ${sidecar}: ${(e as Error).message}`);
@@ -102,5 +111,14 @@ export class FlagStore implements vscode.Disposable {
 
   dispose(): void {
     for (const d of this.disposables) d.dispose();
+  }
+}
+
+function stampOf(path: string): string {
+  try {
+    const st = statSync(path);
+    return `${st.size}:${st.mtimeMs}:${st.ino}`;
+  } catch {
+    return '';
   }
 }

@@ -2,13 +2,19 @@
 // `{"hash", "line", "reason", "score", "query"}` per flagged example (DESIGN.md, "Training data,
 // flags and removal"). `influence-lens train --exclude` reads the same file.
 //
-// Nothing is ever lost: every write rewrites the whole file through a temporary file in the same
-// folder that is flushed and then renamed over the old one (a crash leaves the old file or the new
-// one, never half of either), and lines this code does not understand (hand edits, merge
-// conflict markers, records from a newer version) are kept verbatim and in place. Flagging an
-// already flagged example keeps its first entry. Pure Node (no `vscode`), unit-tested.
-import { closeSync, fsyncSync, openSync, readFileSync, renameSync, rmSync, writeSync } from 'node:fs';
-import { basename, dirname, join } from 'node:path';
+// Nothing is ever lost: every change is a read-modify-write of the whole file done while holding
+// a lock on it (proper-lockfile: a `<sidecar>.lock` folder, so two editor windows, or the editor
+// and a script, never overwrite each other's flags; the lock of a process that died is taken over
+// once it is stale). The new content goes through a temporary file that is flushed and renamed
+// over the old one (a crash leaves the old file or the new one, never half of either), and lines
+// this code does not understand (hand edits, merge conflict markers, records from a newer version)
+// are kept verbatim and in place. Flagging an already flagged example keeps its first entry.
+// Pure Node (no `vscode`), unit-tested.
+import { readFileSync, rmSync } from 'node:fs';
+import { lockSync } from 'proper-lockfile';
+import { writeFileAtomic } from '../../common/atomic-write';
+
+export { writeFileAtomic };
 
 export interface FlagEntry {
   /** the example's content hash (16 hex digits) */
@@ -90,6 +96,10 @@ export function formatEntry(e: FlagEntry): string {
 
 /** Adds entries whose hash is not flagged yet; returns how many were added. */
 export function addFlags(path: string, entries: FlagEntry[]): number {
+  return withLock(path, () => addFlagsUnlocked(path, entries));
+}
+
+function addFlagsUnlocked(path: string, entries: FlagEntry[]): number {
   const s = readSidecar(path);
   const have = new Set(s.entries.map((e) => e.hash));
   const add: FlagEntry[] = [];
@@ -106,6 +116,10 @@ export function addFlags(path: string, entries: FlagEntry[]): number {
 /** Removes the entries with these hashes (every other line stays); returns how many were removed. */
 export function removeFlags(path: string, hashes: Iterable<string>): number {
   const drop = new Set(hashes);
+  return withLock(path, () => removeFlagsUnlocked(path, drop));
+}
+
+function removeFlagsUnlocked(path: string, drop: Set<string>): number {
   const s = readSidecar(path);
   const keep = s.lines.filter((l) => !(l.entry && drop.has(l.entry.hash)));
   const removed = s.lines.length - keep.length;
@@ -119,6 +133,10 @@ export function removeFlags(path: string, hashes: Iterable<string>): number {
 
 /** Changes the reason of the entry with this hash; returns whether it was found. */
 export function setReason(path: string, hash: string, reason: string): boolean {
+  return withLock(path, () => setReasonUnlocked(path, hash, reason));
+}
+
+function setReasonUnlocked(path: string, hash: string, reason: string): boolean {
   const s = readSidecar(path);
   let found = false;
   const lines = s.lines.map((l) => {
@@ -131,6 +149,40 @@ export function setReason(path: string, hash: string, reason: string): boolean {
   return found;
 }
 
+/** How long a lock may go without its owner refreshing it before another process takes it over. */
+export const LOCK_STALE_MS = 5000;
+/** How long to wait for another process's lock (a healthy holder keeps it for milliseconds). */
+const LOCK_WAIT_MS = 3 * LOCK_STALE_MS;
+
+/**
+ * Runs `fn` holding the sidecar's lock. The extension's API is synchronous, and proper-lockfile's
+ * synchronous lock does not retry, so we retry here, sleeping between tries. A lock left by a
+ * killed process is stale after LOCK_STALE_MS and proper-lockfile then removes it.
+ */
+export function withLock<T>(path: string, fn: () => T): T {
+  const deadline = Date.now() + LOCK_WAIT_MS;
+  let release: (() => void) | undefined;
+  for (let wait = 5; !release; wait = Math.min(wait * 2, 100)) {
+    try {
+      release = lockSync(path, { realpath: false, stale: LOCK_STALE_MS, onCompromised: () => {} });
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'ELOCKED') throw e;
+      if (Date.now() > deadline)
+        throw new Error(
+          `${path} is locked by another process (its lock folder ${path}.lock); try again, or delete that folder if no editor or script is using the flags`,
+        );
+      Atomics.wait(SLEEPER, 0, 0, wait);
+    }
+  }
+  try {
+    return fn();
+  } finally {
+    release();
+  }
+}
+
+const SLEEPER = new Int32Array(new SharedArrayBuffer(4));
+
 /** Writes the lines (each ending in '\n'); an empty result removes the file. */
 function writeLines(path: string, lines: string[]): void {
   if (!lines.some((l) => l.trim())) {
@@ -138,43 +190,6 @@ function writeLines(path: string, lines: string[]): void {
     return;
   }
   writeFileAtomic(path, lines.map((l) => `${l}\n`).join(''));
-}
-
-/**
- * Writes `data` to `path` so that a crash at any moment leaves either the old file or the new
- * one: a temporary file in the same folder, flushed to disk, then renamed over `path`.
- */
-export function writeFileAtomic(path: string, data: string | Uint8Array): void {
-  const tmp = join(dirname(path), `.${basename(path)}.${process.pid}.${Math.random().toString(36).slice(2)}.tmp`);
-  const fd = openSync(tmp, 'wx', 0o644);
-  try {
-    const buf = typeof data === 'string' ? Buffer.from(data, 'utf8') : data;
-    let off = 0;
-    while (off < buf.length) off += writeSync(fd, buf, off, buf.length - off);
-    fsyncSync(fd);
-  } catch (e) {
-    closeSync(fd);
-    rmSync(tmp, { force: true });
-    throw e;
-  }
-  closeSync(fd);
-  try {
-    renameSync(tmp, path);
-  } catch (e) {
-    rmSync(tmp, { force: true });
-    throw e;
-  }
-  // make the rename itself durable where the platform allows it (not on Windows)
-  try {
-    const dir = openSync(dirname(path), 'r');
-    try {
-      fsyncSync(dir);
-    } finally {
-      closeSync(dir);
-    }
-  } catch {
-    // best effort
-  }
 }
 
 function toEntry(text: string): FlagEntry | string {

@@ -8,8 +8,9 @@
 //   <out>/*.safetensors + arguments             the final factors (kronfluence layout); partials removed
 // Sums add across partitions, so the result equals a single-process fit over all the data
 // (up to summation order).
-import { existsSync, mkdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
+import { cleanStaleTemps, replaceDirAtomic, writeFileAtomic } from '../../common/atomic-write';
 import { loadDataset } from '../data/dataset';
 import { contextLength, tokenizeExamples } from '../data/tokenize';
 import { Model, type ModuleSelection } from '../model/engine';
@@ -76,6 +77,7 @@ interface JobDescription {
 export async function runFitJob(o: FitJobOptions): Promise<FitJobResult> {
   const start = Date.now();
   const log = o.log ?? (() => {});
+  cleanStaleTemps(o.out); // what a fit killed in the middle of a write left
   const model = o.model ?? Model.open(o.modelDir);
   const dataset = loadDataset(o.dataPath, { skipMalformed: o.skipMalformed, maxExamples: o.maxExamples });
   if (dataset.skipped.length) log(`skipped ${dataset.skipped.length} malformed line(s) of ${o.dataPath}`);
@@ -135,7 +137,7 @@ export async function runFitJob(o: FitJobOptions): Promise<FitJobResult> {
       );
   } else {
     mkdirSync(partials, { recursive: true });
-    writeAtomic(jobFile, `${JSON.stringify(job, null, 2)}\n`);
+    writeFileAtomic(jobFile, `${JSON.stringify(job, null, 2)}\n`);
   }
 
   const fitOpts: FitOptions = {
@@ -267,17 +269,9 @@ function mergeCovariances(dirs: string[], model: Model, modules: ModuleSelection
 
 /** Writes a stage into a temp directory, then renames it into place: a stage exists whole or not at all. */
 function saveStage(dir: string, factors: Factors) {
-  const tmp = `${dir}.tmp-${process.pid}`;
-  rmSync(tmp, { recursive: true, force: true });
-  saveFactors(tmp, { ...factors, args: { ...factors.args, modules: Object.keys(factors.modules) } });
-  rmSync(dir, { recursive: true, force: true });
-  renameSync(tmp, dir);
-}
-
-function writeAtomic(path: string, text: string) {
-  const tmp = `${path}.tmp-${process.pid}`;
-  writeFileSync(tmp, text);
-  renameSync(tmp, path);
+  replaceDirAtomic(dir, (tmp) =>
+    saveFactors(tmp, { ...factors, args: { ...factors.args, modules: Object.keys(factors.modules) } }),
+  );
 }
 
 function sameModules(have: FactorArguments, selection: ModuleSelection, model: Model): boolean {

@@ -1,7 +1,8 @@
 // A training-data file loaded, validated and rendered: what the indexer iterates over.
+
+import { contentHash } from '../../common/ids';
 import { DataError } from './errors';
-import { formatRecord, type RecordKind, type Span } from './format';
-import { contentHash } from './ids';
+import { ACCEPTED_SHAPES, formatRecord, type RecordKind, type Span } from './format';
 import { readJsonl, SKIP_HINT, type SkippedLine } from './jsonl';
 
 export interface Example {
@@ -50,14 +51,18 @@ export function loadDataset(path: string, options: LoadDatasetOptions = {}): Dat
   for (const { line, value } of rows) {
     if (maxExamples !== undefined && examples.length >= maxExamples) break;
     let formatted: ReturnType<typeof formatRecord>;
+    let hash: string;
     try {
       formatted = formatRecord(value, `${path}:${line}`);
+      hash = contentHash(value);
     } catch (e) {
-      if (!(e instanceof DataError)) throw e;
-      skipped.push({ line, message: e.message.slice(`${path}:${line}: `.length) });
+      // a record too big or odd to render or hash (RangeError) is a bad line like any other
+      if (!(e instanceof DataError) && !(e instanceof RangeError)) throw e;
+      const message =
+        e instanceof DataError ? e.message.slice(`${path}:${line}: `.length) : `cannot read: ${(e as Error).message}`;
+      skipped.push({ line, message });
       continue;
     }
-    const hash = contentHash(value);
     if (seen.has(hash)) duplicates++;
     else seen.add(hash);
     examples.push({ index: examples.length, line, hash, ...formatted, record: value });
@@ -70,7 +75,7 @@ export function loadDataset(path: string, options: LoadDatasetOptions = {}): Dat
   }
   if (examples.length === 0) {
     const why = reported.length > 0 ? ` (${reported.length} malformed line(s) skipped)` : '';
-    throw new DataError(`${path}: no training examples${why}`);
+    throw new DataError(`${path}: no training examples${why}; ${ACCEPTED_SHAPES}`);
   }
   return { path, examples, skipped: reported, duplicates };
 }

@@ -1,6 +1,7 @@
 // Reading JSONL training data. We scan the raw bytes for '\n' rather than decoding the whole
 // file into one string: V8 caps strings at ~512 MiB, and byte scanning keeps line numbers exact.
 import { readFileSync } from 'node:fs';
+import { nestingDepth } from '../../common/ids';
 import { DataError } from './errors';
 
 export { DataError } from './errors';
@@ -29,6 +30,14 @@ export interface ReadJsonlOptions {
 }
 
 export const SKIP_HINT = '(pass --skip-malformed to skip such lines)';
+
+/**
+ * How deeply a record may nest arrays and objects. Real training records nest a few levels
+ * (messages → message → content); a line nested thousands of levels deep would overflow the
+ * call stack of every recursive JSON walker downstream (JSON.stringify in a response included),
+ * so it is a malformed line.
+ */
+export const MAX_JSON_DEPTH = 100;
 
 // fatal: invalid UTF-8 is a malformed line, not silently replaced with U+FFFD.
 const decoder = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true });
@@ -66,12 +75,39 @@ function parseLine(buf: Buffer, start: number, end: number, line: number, rows: 
     return 'invalid UTF-8';
   }
   if (text.trim() === '') return undefined;
+  const tooDeep = `the value nests arrays/objects more than ${MAX_JSON_DEPTH} levels deep`;
+  // V8 takes seconds to build a 10 MB line of nested brackets: refuse a long line that nests too
+  // deep from its bytes first (short lines skip this scan; the check after parsing covers them)
+  if (end - start > LONG_LINE_BYTES && bytesNestDeeper(buf, start, end, MAX_JSON_DEPTH)) return tooDeep;
+  let value: unknown;
   try {
-    rows.push({ line, value: JSON.parse(text) });
-    return undefined;
+    value = JSON.parse(text);
   } catch (e) {
     return `invalid JSON: ${(e as Error).message}`;
   }
+  if (nestingDepth(value, MAX_JSON_DEPTH) > MAX_JSON_DEPTH) return tooDeep;
+  rows.push({ line, value });
+  return undefined;
+}
+
+const LONG_LINE_BYTES = 64 * 1024;
+
+/** Whether the JSON text in buf[start, end) opens more than `limit` brackets at once (strings skipped). */
+function bytesNestDeeper(buf: Buffer, start: number, end: number, limit: number): boolean {
+  let depth = 0;
+  let inString = false;
+  for (let i = start; i < end; i++) {
+    const c = buf[i];
+    if (inString) {
+      if (c === 0x5c)
+        i++; // backslash: skip the escaped byte
+      else if (c === 0x22) inString = false;
+    } else if (c === 0x22) inString = true;
+    else if (c === 0x5b || c === 0x7b) {
+      if (++depth > limit) return true;
+    } else if (c === 0x5d || c === 0x7d) depth--;
+  }
+  return false;
 }
 
 function readBytes(path: string): Buffer {

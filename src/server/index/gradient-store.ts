@@ -6,7 +6,7 @@
 // (EK-FAC-preconditioned or not): one query scores the whole corpus with one matrix-vector
 // product per module; the top candidates are then reranked exactly.
 // Modules no wider than k on a side keep that side exact (identity instead of a projection).
-import { existsSync, mkdirSync, renameSync, rmSync } from 'node:fs';
+import { existsSync, mkdirSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import type { TokenizedExample } from '../attribution/fit';
 import { type Batch, type Model, type ModuleSelection, makeBatch } from '../model/engine';
@@ -145,10 +145,9 @@ export class GradientStore {
       tensors[`PA.${m.name}`] = { dtype: 'F64', shape: [m.dA, m.kA], data: m.PA };
       tensors[`PS.${m.name}`] = { dtype: 'F64', shape: [m.dOut, m.kS], data: m.PS };
     }
-    const path = join(dir, FILE);
-    const tmp = `${path}.tmp-${process.pid}`;
+    // writeSafetensors writes atomically (src/common/atomic-write.ts), with a data checksum
     writeSafetensors(
-      tmp,
+      join(dir, FILE),
       tensors,
       {
         identity: JSON.stringify(this.identity),
@@ -157,7 +156,6 @@ export class GradientStore {
       },
       { checksum: true },
     );
-    renameSync(tmp, path);
   }
 
   /**

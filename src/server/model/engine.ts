@@ -8,19 +8,10 @@
 // - loss of a sequence L = Σ_t w_t · (−log p(target_t | tokens ≤ t)); gradients are of Σ_b L_b.
 // - per-module `a` = module input, `g` = ∂(Σ_b L_b)/∂(module output), both [B·T, d].
 import { createHash } from 'node:crypto';
-import {
-  existsSync,
-  linkSync,
-  mkdirSync,
-  readFileSync,
-  realpathSync,
-  renameSync,
-  rmSync,
-  statSync,
-  writeFileSync,
-} from 'node:fs';
+import { existsSync, linkSync, mkdirSync, readFileSync, realpathSync, rmSync, statSync } from 'node:fs';
 import { homedir } from 'node:os';
 import { basename, join } from 'node:path';
+import { writeFileAtomic } from '../../common/atomic-write';
 import { architectureFor } from './architectures';
 import type { Architecture, BuildContext, TrackedModule, WeightSource } from './architectures/common';
 import { type Checkpoint, openCheckpoint } from './checkpoint';
@@ -252,9 +243,7 @@ export class Model {
     if (!onDisk?.equals(bytes)) {
       if (onDisk)
         this.notify(`cached graph ${file} was damaged (${onDisk.length} of ${bytes.length} bytes); rebuilt it`);
-      const tmp = `${file}.${process.pid}.tmp`;
-      writeFileSync(tmp, bytes);
-      renameSync(tmp, file);
+      writeFileAtomic(file, bytes);
     }
     return createSession(file, opts);
   }

@@ -4,7 +4,8 @@
 // (never the whole file), and write atomically (temporary file + rename) so a crash never
 // leaves a half-written file where a good one was.
 import { createHash } from 'node:crypto';
-import { closeSync, fstatSync, openSync, readSync, renameSync, unlinkSync, writeSync } from 'node:fs';
+import { closeSync, fstatSync, openSync, readSync, writeSync } from 'node:fs';
+import { writeAtomicWith } from '../../common/atomic-write';
 
 export type DType = 'F64' | 'F32' | 'F16' | 'BF16' | 'I64' | 'I32' | 'I16' | 'I8' | 'U8' | 'BOOL';
 
@@ -304,19 +305,16 @@ export function writeSafetensors(
   const hbytes = Buffer.from(json, 'utf8');
   const len = Buffer.alloc(8);
   len.writeBigUInt64LE(BigInt(hbytes.byteLength));
-  const tmp = `${path}.tmp-${process.pid}`;
-  const fd = openSync(tmp, 'w');
-  try {
-    writeAll(fd, len);
-    writeAll(fd, hbytes);
-    for (const p of parts) writeAll(fd, p);
-  } catch (e) {
-    closeSync(fd);
-    unlinkSync(tmp);
-    throw e;
-  }
-  closeSync(fd);
-  renameSync(tmp, path);
+  writeAtomicWith(path, (tmp) => {
+    const fd = openSync(tmp, 'wx');
+    try {
+      writeAll(fd, len);
+      writeAll(fd, hbytes);
+      for (const p of parts) writeAll(fd, p);
+    } finally {
+      closeSync(fd);
+    }
+  });
 }
 
 /**

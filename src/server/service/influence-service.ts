@@ -5,18 +5,21 @@
 // progress callbacks; the CLI and tests can call them directly.
 import { statSync } from 'node:fs';
 import { join } from 'node:path';
+import { cleanStaleTemps } from '../../common/atomic-write';
 import { own } from '../../common/own';
 import { LIMITS } from '../../protocol/limits';
 import { methodInfo } from '../../protocol/methods';
 import type { ExplainParams, ExplainPartial, ExplainResult, Method } from '../../protocol/types';
 import { METHODS } from '../../protocol/types';
+import { OUR_ARGUMENTS_FILE } from '../attribution/ekfac/factors-io';
 import type { Damping } from '../attribution/ekfac/precondition';
 import { Corpus, ExplainError, explain } from '../attribution/explain';
 import { dataFingerprint, modelFingerprint } from '../attribution/fingerprint';
-import { runFitJob } from '../attribution/fit-job';
+import { FitJobError, runFitJob } from '../attribution/fit-job';
 import { selfInfluenceScores } from '../attribution/influence';
 import { checkSameTokenizer, type OpenedStage, openStage } from '../attribution/stage';
 import { loadDataset } from '../data/dataset';
+import { DataError } from '../data/errors';
 import { contextLength } from '../data/tokenize';
 import { GradientStore } from '../index/gradient-store';
 import { Model, type ModuleSelection } from '../model/engine';
@@ -52,7 +55,13 @@ export interface ServiceConfig {
 export class ServiceError extends Error {
   constructor(
     message: string,
-    readonly code: 'invalid_params' | 'not_ready' | 'data_changed' | 'cancelled' = 'invalid_params',
+    readonly code:
+      | 'invalid_params'
+      | 'not_ready'
+      | 'data_changed'
+      | 'cancelled'
+      | 'data_invalid'
+      | 'factors_broken' = 'invalid_params',
   ) {
     super(message);
   }
@@ -109,6 +118,8 @@ export class InfluenceService implements ServiceApi {
   private stages = new Map<'finetuned' | 'pretrained', OpenedStage>();
   private data = new Map<string, LoadedDataset>();
   private stores = new Map<string, GradientStore>();
+  /** factors directory → why its factors cannot be used (they exist but are broken) */
+  private brokenFactors = new Map<string, string>();
 
   constructor(readonly config: ServiceConfig) {
     if (!Object.keys(config.datasets).length) throw new ServiceError('the configuration names no dataset');
@@ -116,6 +127,9 @@ export class InfluenceService implements ServiceApi {
 
   /** Opens the models (and factors where they exist). Factors that are missing are not an error here. */
   open(): void {
+    // leftovers of a server or fit killed in the middle of a write (see common/atomic-write.ts)
+    for (const dir of [this.config.finetuned.factors, this.config.pretrained?.factors, this.config.cacheDir])
+      if (dir) cleanStaleTemps(dir);
     this.stages.set('finetuned', this.openStage(this.config.finetuned));
     if (this.config.pretrained) {
       const pt = this.openStage(this.config.pretrained);
@@ -127,6 +141,10 @@ export class InfluenceService implements ServiceApi {
   private openStage(c: StageConfig): OpenedStage {
     const engine = { device: this.config.device, threads: this.config.threads };
     const model = Model.open(c.model, engine);
+    // read the tokenizer now: a broken tokenizer.json refuses the start, naming the file,
+    // instead of failing every request later
+    void model.tokenizer;
+    if (c.factors) this.brokenFactors.delete(c.factors);
     try {
       const st = openStage(c.model, c.factors && exists(c.factors) ? c.factors : undefined, {
         damping: this.config.damping,
@@ -136,6 +154,7 @@ export class InfluenceService implements ServiceApi {
       return st;
     } catch (e) {
       // broken or foreign factors: keep serving the baselines and say why ekfac is unavailable
+      if (c.factors) this.brokenFactors.set(c.factors, (e as Error).message);
       const stage: OpenedStage = { model, modules: this.config.modules, warnings: [(e as Error).message] };
       return stage;
     }
@@ -186,8 +205,17 @@ export class InfluenceService implements ServiceApi {
       if (!pt) return 'no pre-trained model is configured';
       if (needs.needsFactors && (!ft?.preconditioners || !pt.preconditioners))
         return 'both stages need EK-FAC factors: run "fit" for each';
-    } else if (needs?.needsFactors && !ft?.preconditioners) return 'no EK-FAC factors for the model yet: run "fit"';
+    } else if (needs?.needsFactors && !ft?.preconditioners) return this.noFactors('finetuned');
     return null;
+  }
+
+  /** Why a stage has no factors, and what to do. */
+  private noFactors(which: 'finetuned' | 'pretrained'): string {
+    const dir = this.config[which]?.factors;
+    const broken = dir && this.brokenFactors.get(dir);
+    return broken
+      ? `the EK-FAC factors cannot be used (${broken}): run "fit" to fit them again`
+      : 'no EK-FAC factors for the model yet: run "fit"';
   }
 
   /** A dataset by id, reloaded when its file changed on disk. */
@@ -347,7 +375,8 @@ export class InfluenceService implements ServiceApi {
   /** Training examples ranked by self-influence (needs factors). */
   async scanDataset(datasetId: string, topK: number, work: Work = {}) {
     const ft = this.stage('finetuned');
-    if (!ft.preconditioners) throw new ServiceError('scanning needs EK-FAC factors: run "fit" first', 'not_ready');
+    if (!ft.preconditioners)
+      throw new ServiceError(`scanning needs EK-FAC factors: ${this.noFactors('finetuned')}`, 'not_ready');
     const d = this.dataset(datasetId);
     const s = await cancellable(work, () =>
       selfInfluenceScores(ft.model, ft.preconditioners!, d.corpus.tokens, {
@@ -375,6 +404,14 @@ export class InfluenceService implements ServiceApi {
     const datasetId = c.fitDataset ?? Object.keys(this.config.datasets)[0];
     const path = own(this.config.datasets, datasetId);
     if (!path) throw new ServiceError(`fitDataset "${datasetId}" is not a configured dataset`);
+    const broken = this.brokenFactors.get(out);
+    // final factors that exist but cannot be used would be "up to date" for the job: say so
+    // instead of reporting success (deleting a folder the user named is their call)
+    if (broken && exists(join(out, OUR_ARGUMENTS_FILE)))
+      throw new ServiceError(
+        `${out} holds EK-FAC factors that cannot be used (${broken}); delete that folder and run "fit" again`,
+        'factors_broken',
+      );
     const r = await cancellable(work, () =>
       runFitJob({
         modelDir: c.model,
@@ -387,6 +424,15 @@ export class InfluenceService implements ServiceApi {
         model: this.stage(which).model,
         signal: work.signal,
         onProgress: (stage, done, total) => work.progress?.(stage, done, total),
+      }).catch((e) => {
+        // factors of another model or data, or partial ones that cannot be read to be resumed
+        if (e instanceof FitJobError) throw new ServiceError(e.message, 'factors_broken');
+        if (broken && !(e instanceof ServiceError) && !(e instanceof DataError) && !work.signal?.aborted)
+          throw new ServiceError(
+            `${out} holds EK-FAC factors that cannot be read (${(e as Error).message}); delete that folder and run "fit" again`,
+            'factors_broken',
+          );
+        throw e;
       }),
     );
     this.stages.set(which, this.openStage(c));
@@ -431,7 +477,10 @@ function fileStamp(path: string): string {
     const s = statSync(path);
     return `${s.size}:${s.mtimeMs}`;
   } catch {
-    throw new ServiceError(`the dataset file ${path} is missing`, 'data_changed');
+    throw new ServiceError(
+      `the dataset file ${path} does not exist: restore it, or fix its path in the configuration`,
+      'data_invalid',
+    );
   }
 }
 

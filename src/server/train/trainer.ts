@@ -2,8 +2,9 @@
 // AdamW, warmup + cosine schedule, global-norm clipping, progress, checkpoints in Hugging
 // Face format. It trains the embedded default and serves the counterfactual loop
 // (fine-tune again without the flagged examples).
-import { copyFileSync, existsSync, mkdirSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { copyFileSync, existsSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { replaceDirAtomic } from '../../common/atomic-write';
 import { type Batch, type Model, makeBatch, type Sequence } from '../model/engine';
 import { type TensorToWrite, writeSafetensors } from '../model/safetensors';
 import { Rng } from '../util/random';
@@ -97,19 +98,16 @@ export function saveCheckpoint(
   tokenizerDir: string,
   extra: Record<string, unknown> = {},
 ): void {
-  const tmp = `${dir}.tmp-${process.pid}`;
-  rmSync(tmp, { recursive: true, force: true });
-  mkdirSync(tmp, { recursive: true });
-  const tensors: Record<string, TensorToWrite> = {};
-  for (const [name, data] of params) tensors[name] = { dtype: 'F32', shape: shapes.get(name)!, data };
-  writeSafetensors(join(tmp, 'model.safetensors'), tensors, { format: 'pt' });
-  writeFileSync(join(tmp, 'config.json'), `${JSON.stringify(config, null, 2)}\n`);
-  for (const f of ['tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json'])
-    if (existsSync(join(tokenizerDir, f))) copyFileSync(join(tokenizerDir, f), join(tmp, f));
-  if (Object.keys(extra).length) writeFileSync(join(tmp, 'training_args.json'), `${JSON.stringify(extra, null, 2)}\n`);
-  rmSync(dir, { recursive: true, force: true });
-  mkdirSync(join(dir, '..'), { recursive: true });
-  renameSync(tmp, dir);
+  replaceDirAtomic(dir, (tmp) => {
+    const tensors: Record<string, TensorToWrite> = {};
+    for (const [name, data] of params) tensors[name] = { dtype: 'F32', shape: shapes.get(name)!, data };
+    writeSafetensors(join(tmp, 'model.safetensors'), tensors, { format: 'pt' });
+    writeFileSync(join(tmp, 'config.json'), `${JSON.stringify(config, null, 2)}\n`);
+    for (const f of ['tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json'])
+      if (existsSync(join(tokenizerDir, f))) copyFileSync(join(tokenizerDir, f), join(tmp, f));
+    if (Object.keys(extra).length)
+      writeFileSync(join(tmp, 'training_args.json'), `${JSON.stringify(extra, null, 2)}\n`);
+  });
 }
 
 /** A Llama-style config and seeded random initial weights (normal, std 0.02; norms at 1). */

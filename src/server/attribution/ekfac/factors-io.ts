@@ -12,8 +12,9 @@
 // Each safetensors file holds one tensor per module name; d_A = d_in + 1 for modules with a bias
 // (kronfluence appends the 1 as the last column). kronfluence builds FactorArguments(**json) from
 // factor_arguments.json, so our own fields live in a separate file.
-import { existsSync, mkdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { writeFileAtomic } from '../../../common/atomic-write';
 import { checkDataChecksum, readSafetensorsHeader, readTensorF64, writeSafetensors } from '../../model/safetensors';
 import { CovarianceAccumulator } from './covariance';
 import type { Eigenbasis } from './eigenbasis';
@@ -345,7 +346,5 @@ function readJson(path: string): Record<string, unknown> | null {
 }
 
 function writeJsonAtomic(path: string, value: unknown) {
-  const tmp = `${path}.tmp-${process.pid}`;
-  writeFileSync(tmp, `${JSON.stringify(value, null, 4)}\n`);
-  renameSync(tmp, path);
+  writeFileAtomic(path, `${JSON.stringify(value, null, 4)}\n`);
 }

@@ -1,0 +1,136 @@
+// The one atomic-write helper: a process killed at any moment of a write leaves the old file (or
+// folder) or the new one, never a torn one; its temporaries are removed once it is gone, and only
+// ours (name pattern + a pid that no longer runs).
+import assert from 'node:assert/strict';
+import { spawn, spawnSync } from 'node:child_process';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, test } from 'node:test';
+import { cleanStaleTemps, processAlive, replaceDirAtomic, writeFileAtomic } from '../../src/common/atomic-write';
+import { InfluenceService } from '../../src/server/service/influence-service';
+import { useTempHome } from './helpers/env';
+
+useTempHome();
+
+const root = mkdtempSync(join(tmpdir(), 'il-atomic-'));
+after(() => rmSync(root, { recursive: true, force: true }));
+const WRITER = join(import.meta.dirname, 'helpers', 'atomic-writer.ts');
+
+/** the id of a process that has exited */
+function deadPid(): number {
+  const r = spawnSync(process.execPath, ['-e', 'process.stdout.write(String(process.pid))']);
+  const pid = Number(r.stdout.toString());
+  assert.ok(!processAlive(pid));
+  return pid;
+}
+
+function assertWhole(file: string, bytes: number) {
+  const b = readFileSync(file);
+  assert.equal(b.length, bytes, `${file} is torn`);
+  assert.ok(
+    b.every((x) => x === b[0]),
+    `${file} mixes two versions`,
+  );
+}
+
+test('writeFileAtomic: replaces the file; a failing write keeps the old one and leaves nothing', () => {
+  const d = join(root, 'basic');
+  mkdirSync(d);
+  const p = join(d, 'f.json');
+  writeFileSync(p, 'old');
+  writeFileAtomic(p, 'new');
+  assert.equal(readFileSync(p, 'utf8'), 'new');
+  assert.throws(() => writeFileAtomic(join(d, 'missing', 'f.json'), 'x'), /ENOENT/);
+  assert.throws(() =>
+    replaceDirAtomic(join(d, 'dir'), () => {
+      throw new Error('disk full');
+    }),
+  );
+  assert.deepEqual(readdirSync(d), ['f.json']);
+});
+
+for (const kind of ['file', 'dir'] as const) {
+  test(`kill -9 in the middle of writing a ${kind}: the old or the new one, then the leftovers are cleaned`, async () => {
+    const d = join(root, `kill-${kind}`);
+    mkdirSync(d);
+    const target = join(d, kind === 'file' ? 'factors.safetensors' : 'stage');
+    const bytes = 8 << 20;
+    let leftovers = 0;
+    // at least 3 rounds, and until one kill landed mid-write (so the cleanup is exercised)
+    for (let round = 0; round < 3 || (leftovers === 0 && round < 12); round++) {
+      const child = spawn(process.execPath, ['--import', 'tsx', WRITER, kind, target, String(bytes)], {
+        stdio: ['ignore', 'pipe', 'inherit'],
+      });
+      const exited = new Promise((resolve) => child.on('exit', resolve));
+      // let it finish a couple of writes, then kill it at a moment that varies per round
+      await new Promise<void>((resolve) =>
+        child.stdout.on('data', (b: Buffer) => {
+          if (/wrote 2\n/.test(b.toString())) resolve();
+        }),
+      );
+      await new Promise((r) => setTimeout(r, 7 * round));
+      child.kill('SIGKILL');
+      await exited;
+      if (kind === 'file') assertWhole(target, bytes);
+      else for (const f of ['a.bin', 'b.bin']) assertWhole(join(target, f), bytes);
+      if (kind === 'dir') {
+        const a = readFileSync(join(target, 'a.bin'))[0];
+        assert.equal(readFileSync(join(target, 'b.bin'))[0], a, 'both files are of one version');
+      }
+      // the next start removes what the killed process left, and only that
+      leftovers += cleanStaleTemps(d).length;
+      assert.deepEqual(readdirSync(d), [kind === 'file' ? 'factors.safetensors' : 'stage']);
+    }
+    assert.ok(leftovers > 0, 'some kill landed in the middle of a write');
+  });
+}
+
+test('cleanStaleTemps: only our names, only dead pids, nested folders, never through links', () => {
+  const d = join(root, 'clean');
+  const dead = deadPid();
+  mkdirSync(join(d, 'partials', `cov-0.tmp-${dead}`), { recursive: true });
+  writeFileSync(join(d, 'partials', `cov-0.tmp-${dead}`, 'x.safetensors'), 'x');
+  writeFileSync(join(d, `lambda.safetensors.tmp-${dead}`), 'x');
+  writeFileSync(join(d, `eigen.safetensors.tmp-${dead}-0x3`), 'x');
+  writeFileSync(join(d, `mine.tmp-${process.pid}-0x1`), 'x'); // a live process's write in progress
+  writeFileSync(join(d, 'notes.tmp'), 'x'); // not ours
+  writeFileSync(join(d, 'data.tmp-abc'), 'x'); // not ours
+  const removed = cleanStaleTemps(d)
+    .map((p) => p.slice(d.length + 1))
+    .sort();
+  assert.deepEqual(removed, [
+    `eigen.safetensors.tmp-${dead}-0x3`,
+    `lambda.safetensors.tmp-${dead}`,
+    join('partials', `cov-0.tmp-${dead}`),
+  ]);
+  assert.ok(existsSync(join(d, `mine.tmp-${process.pid}-0x1`)));
+  assert.ok(existsSync(join(d, 'notes.tmp')) && existsSync(join(d, 'data.tmp-abc')));
+  assert.deepEqual(cleanStaleTemps(join(d, 'absent')), []);
+});
+
+test('the server cleans what a killed fit or server left in its factors and cache folders when it starts', () => {
+  const factors = join(root, 'factors');
+  const cacheDir = join(root, 'cache');
+  const dead = deadPid();
+  const left = [
+    join(factors, `lambda.safetensors.tmp-${dead}`),
+    join(factors, 'partials', `cov-0.tmp-${dead}-0x1`, 'x.safetensors'),
+    join(cacheDir, 'stores', 'train-abc', `store.safetensors.tmp-${dead}-0x2`),
+  ];
+  for (const f of left) {
+    mkdirSync(join(f, '..'), { recursive: true });
+    writeFileSync(f, 'partial');
+  }
+  const data = join(root, 'train.jsonl');
+  writeFileSync(data, '{"text": "Paris is in France."}\n');
+  new InfluenceService({
+    finetuned: { model: 'test/fixtures/models/llama', factors },
+    datasets: { train: data },
+    modules: 'mlp',
+    cacheDir,
+  }).open();
+  assert.deepEqual(readdirSync(factors).sort(), ['partials']);
+  assert.deepEqual(readdirSync(join(factors, 'partials')), []);
+  assert.deepEqual(readdirSync(join(cacheDir, 'stores', 'train-abc')), []);
+});
