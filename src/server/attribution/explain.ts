@@ -56,7 +56,7 @@ export class Corpus {
     readonly dataset: Dataset,
     model: Model,
   ) {
-    const t = tokenizeExamples(model.tokenizer, dataset.examples, contextLength(model.config));
+    const t = tokenizeExamples(model.tokenizer, dataset.examples, contextLength(model.config), dataset.path);
     this.tokens = t.tokens;
     this.truncated = t.truncated;
   }
@@ -66,7 +66,7 @@ export class Corpus {
   }
 
   bm25Index(): Bm25Index {
-    this.bm25 ??= new Bm25Index(this.size, (i) => this.dataset.examples[i].text);
+    this.bm25 ??= new Bm25Index(this.size, (i) => this.tokens[i].text);
     return this.bm25;
   }
 
@@ -190,7 +190,8 @@ export async function explain(setup: ExplainSetup, corpus: Corpus, req: ExplainR
     const e: ExplainedExample = {
       id: { dataset: corpus.id, line: ex.line, hash: ex.hash },
       rank: mainRank[pos],
-      text: ex.text,
+      // the rendering that was tokenized (the chat template's), which tokenScores index into
+      text: tok.text,
       kind: ex.kind,
       score,
       sign: main.signed ? signOf(score) : 'neutral',
@@ -380,7 +381,8 @@ function partials(method: Method, corpus: Corpus, pool: number[], req: ExplainRe
     const brief = (p: number) => {
       const ex = corpus.dataset.examples[pool[p]];
       const score = scores[p][0];
-      return { id: { dataset: corpus.id, line: ex.line, hash: ex.hash }, score, sign: signOf(score), text: ex.text };
+      const text = corpus.tokens[pool[p]].text;
+      return { id: { dataset: corpus.id, line: ex.line, hash: ex.hash }, score, sign: signOf(score), text };
     };
     req.onPartial!({
       method,

@@ -14,7 +14,7 @@ import { runFitJob } from '../attribution/fit-job';
 import { selfInfluenceScores } from '../attribution/influence';
 import { checkSameTokenizer, type OpenedStage, openStage } from '../attribution/stage';
 import { loadDataset } from '../data/dataset';
-import { contextLength } from '../data/tokenize';
+import { contextLength, tokenizationKey } from '../data/tokenize';
 import { GradientStore } from '../index/gradient-store';
 import { Model, type ModuleSelection } from '../model/engine';
 import type { Device } from '../model/onnx/session';
@@ -168,7 +168,7 @@ export class InfluenceService {
       stamp,
       fingerprint: dataFingerprint(
         ds.examples.map((e) => e.hash),
-        { maxLength: contextLength(model.config) },
+        { maxLength: contextLength(model.config), ...tokenizationKey(model.tokenizer) },
       ),
     };
     this.data.set(id, loaded);
