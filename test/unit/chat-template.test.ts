@@ -10,6 +10,7 @@ import { join } from 'node:path';
 import { test } from 'node:test';
 import { renderRecord, toField } from '../../src/common/records/render';
 import { recordValue } from '../../src/common/records/shape';
+import { splitSelection } from '../../src/extension/selection';
 import { tokenizeQuery, tokenizeRecord } from '../../src/server/data/tokenize';
 import { loadTokenizer } from '../../src/server/model/tokenizer';
 
@@ -97,4 +98,27 @@ test('a model without a chat template keeps the stand-in and says so', () => {
   );
   assert.equal(t.rendering, 'stand-in');
   assert.equal(t.text, '<|user|>\nhi\n<|assistant|>\nyo\n');
+});
+
+test('the editor selection parser renders a chat record exactly as the server does', () => {
+  const tok = loadTokenizer(familyDir('llama3'));
+  const messages = [
+    { role: 'user', content: 'Capital?' },
+    { role: 'assistant', content: '  Paris\n' },
+  ];
+  const line = JSON.stringify({ messages });
+  const r = splitSelection(line, 0, line.length, { chatTemplate: tok.chatTemplate() });
+  if (!r.ok) return assert.fail(r.message);
+  const server = renderRecord(recordValue({ messages }), tok.chatTemplate());
+  assert.equal(r.split.prompt + r.split.completion, server.text.slice(0, server.last.span[1]));
+  assert.equal(r.split.completion, 'Paris<|eot_id|>');
+  // completion units of the content map onto the JSON string's characters; template units are empty
+  const under = r.split.completionStarts.map((s, i) => line.slice(s, r.split.completionEnds[i])).join('');
+  assert.equal(under, 'Paris');
+  // a selection inside the content: the prompt is the template rendering before it
+  const at = line.indexOf('Paris');
+  const f = splitSelection(line, at + 2, at + 5, { chatTemplate: tok.chatTemplate() });
+  if (!f.ok) return assert.fail(f.message);
+  assert.equal(f.split.completion, 'ris');
+  assert.ok(f.split.prompt.endsWith('<|start_header_id|>assistant<|end_header_id|>\n\nPa'));
 });
