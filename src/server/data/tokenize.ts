@@ -6,7 +6,7 @@
 //   3. weights: position t is 1 iff token t+1 overlaps a scored span (format.ts).
 // Sequences longer than the model's context are cut at the end (the count is reported, never
 // silent); the loss weights follow the cut.
-import type { Rendering } from '../../common/records/render';
+import type { RenderedRecord, Rendering } from '../../common/records/render';
 import type { TokenizerHandle } from '../model/tokenizer';
 import { DataError } from './errors';
 import { renderForModel, type Span, targetWeightsFromOffsets } from './format';
@@ -86,8 +86,10 @@ export function tokenizeQuery(
   let spans: Span[];
   let rendering: Rendering = 'plain';
   let promptLength: number;
+  let rendered: RenderedRecord | undefined;
   if (messages !== undefined) {
     const r = renderForModel({ messages }, 'the query', tok.chatTemplate());
+    rendered = r;
     [promptLength] = r.last.span;
     text = r.text.slice(0, r.last.span[1]);
     spans = [r.last.span];
@@ -103,7 +105,7 @@ export function tokenizeQuery(
     throw new DataError(`prompt + completion is ${t.ids.length + t.truncated} tokens; the model takes ${maxLength}`);
   if (!t.weights.some((w) => w > 0))
     throw new DataError('no completion token to explain (the completion vanished in tokenization)');
-  return { ...t, promptLength };
+  return { ...t, promptLength, rendered };
 }
 
 /** Every example of a dataset, tokenized for the model; `truncated` counts examples cut to fit. */

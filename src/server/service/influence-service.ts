@@ -189,7 +189,9 @@ export class InfluenceService {
     const limits = { maxTopK: 200, maxTextChars: 20000, ...this.config.limits };
     if (typeof p.prompt !== 'string' || typeof p.completion !== 'string')
       throw new ServiceError('prompt and completion must be strings');
-    if (p.prompt.length + p.completion.length > limits.maxTextChars)
+    if (p.messages !== undefined && !Array.isArray(p.messages)) throw new ServiceError('messages must be an array');
+    const chatChars = (p.messages ?? []).reduce((n, m) => n + String(m?.content ?? '').length, 0);
+    if (p.prompt.length + p.completion.length + chatChars > limits.maxTextChars)
       throw new ServiceError(`prompt + completion is longer than ${limits.maxTextChars} characters`);
     if (!METHODS.includes(p.method))
       throw new ServiceError(`unknown method "${p.method}"; use one of ${METHODS.join(', ')}`);
@@ -208,6 +210,7 @@ export class InfluenceService {
       const result = await explain({ model: ft, pretrained: pt, modules: ft.modules }, d.corpus, {
         prompt: p.prompt,
         completion: p.completion,
+        messages: p.messages,
         method: p.method,
         topK: p.topK,
         compare: p.compare,
