@@ -24,6 +24,9 @@ export interface QuerySplit {
   completionEnds: number[];
   /** the prompt was cut to `maxPromptChars` */
   promptTruncated: boolean;
+  /** a whole chat record: the conversation, which the server renders with the model's chat
+   * template (prompt/completion above are then this side's rendering, for display) */
+  messages?: Array<{ role: string; content: string }>;
 }
 
 export type SplitResult = { ok: true; split: QuerySplit } | { ok: false; message: string };
@@ -167,6 +170,7 @@ function fromRecord(
     completionStarts: starts,
     completionEnds: ends,
     promptTruncated: false,
+    messages: how === 'record' && r.value.kind === 'messages' ? r.value.messages : undefined,
   };
 }
 

@@ -112,6 +112,7 @@ test('the editor selection parser renders a chat record exactly as the server do
   const server = renderRecord(recordValue({ messages }), tok.chatTemplate());
   assert.equal(r.split.prompt + r.split.completion, server.text.slice(0, server.last.span[1]));
   assert.equal(r.split.completion, 'Paris<|eot_id|>');
+  assert.deepEqual(r.split.messages, messages, 'a whole chat record is sent as messages for the server to render');
   // completion units of the content map onto the JSON string's characters; template units are empty
   const under = r.split.completionStarts.map((s, i) => line.slice(s, r.split.completionEnds[i])).join('');
   assert.equal(under, 'Paris');

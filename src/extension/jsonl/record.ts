@@ -3,7 +3,7 @@
 // file only adds where each field's characters sit in the document. Pure: no `vscode` import.
 import type { ChatTemplate } from '../../common/records/chat-template';
 import { type Rendering, renderRecord as renderShared } from '../../common/records/render';
-import { type RecordKind, RecordShapeError, recordValue } from '../../common/records/shape';
+import { type RecordKind, RecordShapeError, type RecordValue, recordValue } from '../../common/records/shape';
 import { parseJsonWithSource, type SourceString, type SourceValue } from './json-source';
 
 export type { RecordKind };
@@ -18,6 +18,8 @@ export interface RecordField {
 
 export interface RenderedRecord {
   kind: RecordKind;
+  /** the validated record */
+  value: RecordValue;
   text: string;
   rendering: Rendering;
   /** per rendered unit: the document range it came from; template text (role markers, end-of-turn
@@ -56,8 +58,10 @@ export function renderRecord(v: SourceValue, template?: ChatTemplate): RenderedR
   if (v.kind !== 'object') return 'not a JSON object';
   const strings = new Map<string, SourceString>();
   let r: ReturnType<typeof renderShared>;
+  let value: RecordValue;
   try {
-    r = renderShared(recordValue(plain(v, '', strings)), template);
+    value = recordValue(plain(v, '', strings));
+    r = renderShared(value, template);
   } catch (e) {
     if (e instanceof RecordShapeError) return e.message;
     return (e as Error).message;
@@ -87,7 +91,7 @@ export function renderRecord(v: SourceValue, template?: ChatTemplate): RenderedR
     else starts[i] = ends[i] = prev;
   }
   const split = r.kind === 'text' ? undefined : { promptEnd: r.last.span[0], completionEnd: r.last.span[1] };
-  return { kind: r.kind, text: r.text, rendering: r.rendering, starts, ends, fields, split };
+  return { kind: r.kind, value, text: r.text, rendering: r.rendering, starts, ends, fields, split };
 }
 
 /** Parses and renders one JSONL line that starts at document offset `base`. */
