@@ -47,6 +47,7 @@ TEXTS = [
     "\ttab and\nnewline",
     "   ",
     "x<s>y <|endoftext|> z",
+    "<s>",
 ]
 
 # (prompt, completion): boundaries inside a word, on whitespace, inside an emoji sequence,

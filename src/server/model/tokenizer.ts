@@ -258,6 +258,7 @@ export function loadTokenizer(dir: string): TokenizerHandle {
   const idOfToken = (t: string) =>
     lib.added_tokens_map.get(t)?.id ?? lib.model.tokens_to_ids.get(t) ?? lib.model.unk_token_id;
 
+  let contentLead = 0; // how many tokens the post-processor puts before the content (set below)
   const encode = (text: string, options: { addSpecialTokens?: boolean } = {}): Encoded => {
     const content = encodeContent(text);
     const ids = content.tokens.map(idOfToken);
@@ -272,9 +273,10 @@ export function loadTokenizer(dir: string): TokenizerHandle {
     // The post-processor adds tokens (a BOS, …) around the content; they cover no text: [0, 0] as in Python.
     const full = tok.encode(text, { add_special_tokens: true });
     const n = ids.length;
-    let start = -1;
-    for (let s = 0; s + n <= full.ids.length && start < 0; s++)
-      if (ids.every((id, i) => full.ids[s + i] === id)) start = s;
+    // the content sits after the post-processor's leading specials (a text may itself hold a "<s>")
+    const at = (s: number) => s + n <= full.ids.length && ids.every((id, i) => full.ids[s + i] === id);
+    let start = at(contentLead) ? contentLead : -1;
+    for (let s = 0; s + n <= full.ids.length && start < 0; s++) if (at(s)) start = s;
     if (start < 0)
       throw new TokenizerError(
         `${where}: the post_processor changed the tokens of ${JSON.stringify(text.slice(0, 80))}`,
@@ -302,6 +304,7 @@ export function loadTokenizer(dir: string): TokenizerHandle {
   // two files disagree the model may have been trained either way, so we refuse.
   const withSpecials = tok.encode('a', { add_special_tokens: true }).ids;
   const withoutSpecials = tok.encode('a', { add_special_tokens: false }).ids;
+  contentLead = Math.max(0, withSpecials.indexOf(withoutSpecials[0]));
   const addsFirst = withSpecials.length > withoutSpecials.length && withSpecials[0] !== withoutSpecials[0];
   const addsLast =
     withSpecials.length > withoutSpecials.length &&
