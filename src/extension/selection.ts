@@ -8,6 +8,7 @@
 //    text before it, JSON escapes decoded.
 // 3. Anything else: completion = the selection, prompt = the document text before it (at most
 //    `maxPromptChars`, cut at a line start when one is near).
+import type { ChatTemplate } from '../common/records/chat-template';
 import { decodedRange, parseJsonWithSource } from './jsonl/json-source';
 import { documentRange, parseRecordLine, type RenderedRecord, renderRecord } from './jsonl/record';
 
@@ -23,6 +24,9 @@ export interface QuerySplit {
   completionEnds: number[];
   /** the prompt was cut to `maxPromptChars` */
   promptTruncated: boolean;
+  /** a whole chat record: the conversation, which the server renders with the model's chat
+   * template (prompt/completion above are then this side's rendering, for display) */
+  messages?: Array<{ role: string; content: string }>;
 }
 
 export type SplitResult = { ok: true; split: QuerySplit } | { ok: false; message: string };
@@ -30,6 +34,8 @@ export type SplitResult = { ok: true; split: QuerySplit } | { ok: false; message
 export interface SplitOptions {
   /** longest prompt taken from the text before a plain selection (default 4000) */
   maxPromptChars?: number;
+  /** the model's chat template, so chat records split as the server renders them (else the stand-in) */
+  chatTemplate?: ChatTemplate;
 }
 
 const NOT_A_RECORD = new Set(['not a JSON object', 'no "text", "prompt" or "messages" field']);
@@ -46,10 +52,10 @@ export function splitSelection(doc: string, start: number, end: number, options:
     const base = start + lead;
     let rendered: RenderedRecord | string | undefined;
     try {
-      rendered = renderRecord(parseJsonWithSource(trimmed, base));
+      rendered = renderRecord(parseJsonWithSource(trimmed, base), options.chatTemplate);
     } catch {
       const first = trimmed.split('\n', 1)[0].trim();
-      if (first !== trimmed && typeof parseRecordLine(first, base) !== 'string')
+      if (first !== trimmed && typeof parseRecordLine(first, base, options.chatTemplate) !== 'string')
         return { ok: false, message: 'The selection holds more than one JSONL record: select one record.' };
     }
     if (rendered !== undefined && !(typeof rendered === 'string' && NOT_A_RECORD.has(rendered))) {
@@ -77,7 +83,7 @@ export function splitSelection(doc: string, start: number, end: number, options:
   if (end <= lineEnd) {
     const line = doc.slice(lineStart, lineEnd).replace(/\r$/, '');
     if (line.trimStart().startsWith('{')) {
-      const rendered = parseRecordLine(line, lineStart);
+      const rendered = parseRecordLine(line, lineStart, options.chatTemplate);
       if (typeof rendered !== 'string') {
         const f = rendered.fields.find((x) => start >= x.source.start + 1 && end <= x.source.end - 1);
         if (!f)
@@ -164,6 +170,7 @@ function fromRecord(
     completionStarts: starts,
     completionEnds: ends,
     promptTruncated: false,
+    messages: how === 'record' && r.value.kind === 'messages' ? r.value.messages : undefined,
   };
 }
 

@@ -12,6 +12,8 @@ export const LIMITS = {
   topK: { min: 1, max: 1000 },
   /** `explain`: prompt + completion, in UTF-16 code units */
   explainTextMaxChars: 20_000,
+  /** `explain` of a whole chat record: at most this many messages (their text counts in explainTextMaxChars) */
+  chatMaxMessages: 512,
   /** `scanDataset`: how many examples, and how many when the client does not say */
   scanTopK: { min: 1, max: 10_000, default: 50 },
   /** `generate` */

@@ -21,6 +21,17 @@ export const PARAMS_SCHEMA = {
       topK: { type: 'integer', minimum: LIMITS.topK.min, maximum: LIMITS.topK.max },
       candidates: { enum: ['all', 'retrieved'] },
       compare: { type: 'array', items: { enum: [...METHODS] }, maxItems: METHODS.length },
+      // a whole chat record: the server renders it with the model's chat template
+      messages: {
+        type: 'array',
+        minItems: 1,
+        maxItems: LIMITS.chatMaxMessages,
+        items: {
+          type: 'object',
+          required: ['role', 'content'],
+          properties: { role: { type: 'string', maxLength: LIMITS.idMaxChars }, content: { type: 'string' } },
+        },
+      },
     },
   },
   generate: {

@@ -56,6 +56,10 @@ export interface ExplainedExample {
 export interface ExplainParams {
   prompt: string;
   completion: string;
+  /** a chat record whose last assistant turn is the completion: the server renders it as it
+   * renders training data (the model's chat template; the stand-in without one) and ignores
+   * `prompt`/`completion` for scoring */
+  messages?: Array<{ role: string; content: string }>;
   /** dataset id (server) — never a path */
   dataset: string;
   method: Method;
@@ -72,8 +76,13 @@ export interface ExplainResult {
     completion: string;
     /** −log p(completion | prompt) under the (fine-tuned) model */
     loss: number;
-    /** completion tokens: offsets into `completion`, and each token's −log p */
+    /** completion tokens: offsets into `completion`, and each token's −log p. For a `messages`
+     * query `completion` is the last assistant message's content (as in the JSONL line) and tokens
+     * of template text (an end-of-turn token) get an empty range at its end */
     completionTokens: TokenScores;
+    /** how the query was rendered: 'stand-in' means the model has no chat template and the chat
+     * was rendered as `<|role|>\n` + content, which no real chat model was trained on */
+    rendering?: 'plain' | 'chat_template' | 'stand-in';
   };
   method: Method;
   model: string;

@@ -9,6 +9,7 @@ import { runGradients } from './cli/gradients';
 import { runInspect } from './cli/inspect';
 import { runScan } from './cli/scan';
 import { runServe } from './cli/serve';
+import { runTokenize } from './cli/tokenize';
 import { runTrain } from './cli/train';
 import { CliError } from './cli/util';
 
@@ -23,6 +24,10 @@ const COMMANDS: Record<string, { run: (argv: string[]) => Promise<void>; help: s
     help:
       'gradients --model <dir> (--text T | --prompt P --completion C) --out <file.safetensors>\n' +
       '                                 per-token module inputs a and output gradients g',
+  },
+  tokenize: {
+    run: runTokenize,
+    help: 'tokenize --model <dir> --data <file.jsonl> [--out <file.jsonl>]   per record: rendered text, ids, loss weights, offsets',
   },
   fit: {
     run: runFit,

@@ -157,14 +157,16 @@ test('byte-level BPE: ids decode back, offsets in UTF-16 units, split characters
   const text = 'the café 👍 the';
   const enc = tok.encode(text);
   assert.equal(tok.decode(enc.ids), text);
-  assertCovers(text, enc.offsets);
-  const pieces = enc.offsets.map(([s, e]) => text.slice(s, e));
+  // this post-processor trims offsets (trim_offsets, as GPT-NeoX's): `sources` keep the spaces
+  assertCovers(text, enc.sources);
+  const pieces = enc.sources.map(([s, e]) => text.slice(s, e));
+  assert.deepEqual(enc.offsets[2], [4, 4], 'a lone-space token is trimmed to an empty range, as in Python');
   assert.deepEqual(pieces.slice(0, 2), ['t', 'he']); // 'the' has no merge of its own
   assert.deepEqual(pieces.slice(2, 5), [' ', 'caf', 'é'], pieces.join('|'));
   assert.ok(pieces.includes('é'), 'é is one merged token'); // Ã© merge
   // the emoji is 4 UTF-8 bytes → 4 byte tokens, each covering the 2 UTF-16 units of 👍
   const thumb = text.indexOf('👍');
-  const emojiTokens = enc.offsets.filter(([s, e]) => s === thumb && e === thumb + 2);
+  const emojiTokens = enc.sources.filter(([s, e]) => s === thumb && e === thumb + 2);
   assert.equal(emojiTokens.length, 4);
   assert.equal(pieces.at(-1), ' the');
 });

@@ -42,7 +42,8 @@ describe('train', () => {
     const completionTokens = ex.ids.length - promptTokens;
     // position t predicts token t+1: weights on the positions before each completion token
     assert.deepEqual(ex.weights, [...new Array(promptTokens - 1).fill(0), ...new Array(completionTokens).fill(1), 0]);
-    const text = trainingExamples(tok, [{ text: 'The capital of France is Paris.', spans: [[0, 31]] }], 64).examples[0];
+    const text = trainingExamples(tok, [{ record: { text: 'The capital of France is Paris.' }, line: 1 }], 64)
+      .examples[0];
     assert.deepEqual(text.weights, [...new Array(text.ids.length - 1).fill(1), 0]);
   });
 

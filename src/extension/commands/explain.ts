@@ -118,6 +118,8 @@ export class ExplainController {
     const params: ExplainParams = {
       prompt: q.prompt,
       completion: q.completion,
+      // a whole chat record goes as messages: the server renders it with the model's chat template
+      messages: q.split?.messages,
       dataset: q.dataset,
       method,
       topK: cfg.topK,

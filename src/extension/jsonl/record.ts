@@ -1,85 +1,108 @@
 // A JSONL training record rendered as the model sees it, with every rendered UTF-16 unit mapped
-// back to the document. The rendering must match the server's (`src/server/data/format.ts`):
-// `{"text"}` as is, `{"prompt","completion"}` concatenated with no separator, and
-// `{"messages"}` as `<|role|>\n` + content + `\n` per message. Pure: no `vscode` import.
-import { parseJsonWithSource, property, type SourceString, type SourceValue } from './json-source';
+// back to the document. The rendering is the server's own (src/common/records/render.ts): this
+// file only adds where each field's characters sit in the document. Pure: no `vscode` import.
+import type { ChatTemplate } from '../../common/records/chat-template';
+import { type Rendering, renderRecord as renderShared } from '../../common/records/render';
+import { type RecordKind, RecordShapeError, type RecordValue, recordValue } from '../../common/records/shape';
+import { parseJsonWithSource, type SourceString, type SourceValue } from './json-source';
 
-export type RecordKind = 'text' | 'prompt_completion' | 'messages';
+export type { RecordKind };
 
 export interface RecordField {
   /** 'text' | 'prompt' | 'completion' | 'messages[3].content' */
   name: string;
   source: SourceString;
-  /** where the field's content starts in the rendered text */
+  /** where the field's content starts in the rendered text (field unit i is rendered unit offset + i) */
   offset: number;
 }
 
 export interface RenderedRecord {
   kind: RecordKind;
+  /** the validated record */
+  value: RecordValue;
   text: string;
-  /** per rendered unit: the document range it came from; template text (role markers, the
-   * newline after a message) is an empty range at the nearest content boundary */
+  rendering: Rendering;
+  /** per rendered unit: the document range it came from; template text (role markers, end-of-turn
+   * tokens) is an empty range at the start of the next field, or the end of the last one */
   starts: number[];
   ends: number[];
+  /** the fields that appear verbatim in the rendered text */
   fields: RecordField[];
   /** how a whole selected record splits into prompt = text[0, promptEnd) and
-   * completion = text[promptEnd, completionEnd); absent for `{"text"}` records */
+   * completion = text[promptEnd, completionEnd) (the last scored span); absent for `{"text"}` records */
   split?: { promptEnd: number; completionEnd: number };
 }
 
-const ROLE = /^[A-Za-z0-9_.-]+$/;
+/** The plain JSON value of a parsed source value, remembering each string field's source. */
+function plain(v: SourceValue, path: string, strings: Map<string, SourceString>): unknown {
+  switch (v.kind) {
+    case 'string':
+      strings.set(path, v);
+      return v.value;
+    case 'object':
+      return Object.fromEntries(
+        v.entries.map((e) => [e.key.value, plain(e.value, path ? `${path}.${e.key.value}` : e.key.value, strings)]),
+      );
+    case 'array':
+      return v.items.map((x, i) => plain(x, `${path}[${i}]`, strings));
+    default:
+      return v.kind === 'null' ? null : v.kind === 'boolean' ? true : 0; // only strings are rendered
+  }
+}
 
-/** Renders a parsed record; returns a sentence saying what is wrong with it otherwise. */
-export function renderRecord(v: SourceValue): RenderedRecord | string {
+/**
+ * Renders a parsed record (with the model's chat template when given one, else the stand-in);
+ * returns a sentence saying what is wrong with it otherwise.
+ */
+export function renderRecord(v: SourceValue, template?: ChatTemplate): RenderedRecord | string {
   if (v.kind !== 'object') return 'not a JSON object';
-  const text = property(v, 'text');
-  const prompt = property(v, 'prompt');
-  const completion = property(v, 'completion');
-  const messages = property(v, 'messages');
-  const present = [text, prompt, messages].filter((x) => x !== undefined).length;
-  if (present === 0) return 'no "text", "prompt" or "messages" field';
-  if (present > 1) return 'a record with more than one of "text", "prompt" and "messages"';
-  const out = new Builder();
-  if (text) {
-    if (text.kind !== 'string') return '"text" is not a string';
-    out.field('text', text);
-    return out.done('text');
+  const strings = new Map<string, SourceString>();
+  let r: ReturnType<typeof renderShared>;
+  let value: RecordValue;
+  try {
+    value = recordValue(plain(v, '', strings));
+    r = renderShared(value, template);
+  } catch (e) {
+    if (e instanceof RecordShapeError) return e.message;
+    return (e as Error).message;
   }
-  if (prompt) {
-    if (prompt.kind !== 'string') return '"prompt" is not a string';
-    if (completion?.kind !== 'string') return '"prompt" without a string "completion"';
-    out.field('prompt', prompt);
-    const promptEnd = out.length;
-    out.field('completion', completion);
-    return out.done('prompt_completion', { promptEnd, completionEnd: out.length });
+  const n = r.text.length;
+  const starts = new Array<number>(n).fill(-1);
+  const ends = new Array<number>(n).fill(-1);
+  const fields: RecordField[] = [];
+  for (const p of r.pieces) {
+    const source = strings.get(p.field);
+    if (!source) continue;
+    fields.push({ name: p.field, source, offset: p.start - p.fieldStart });
+    for (let j = 0; j < p.end - p.start; j++) {
+      starts[p.start + j] = source.map[p.fieldStart + j];
+      ends[p.start + j] = source.map[p.fieldStart + j + 1];
+    }
   }
-  if (messages!.kind !== 'array') return '"messages" is not an array';
-  let split: RenderedRecord['split'];
-  for (const [i, m] of messages!.items.entries()) {
-    if (m.kind !== 'object') return `messages[${i}] is not an object`;
-    const role = property(m, 'role');
-    const content = property(m, 'content');
-    if (role?.kind !== 'string' || !ROLE.test(role.value)) return `messages[${i}].role is not a role name`;
-    if (content?.kind !== 'string') return `messages[${i}].content is not a string`;
-    out.template(`<|${role.value}|>\n`, content.start + 1);
-    const start = out.length;
-    out.field(`messages[${i}].content`, content);
-    out.template('\n', content.end - 1);
-    if (role.value === 'assistant') split = { promptEnd: start, completionEnd: out.length };
+  // template units: an empty range at the next field's start, else at the previous field's end
+  let next = -1;
+  for (let i = n - 1; i >= 0; i--) {
+    if (starts[i] >= 0 && ends[i] > starts[i]) next = starts[i];
+    else if (next >= 0) starts[i] = ends[i] = next;
   }
-  if (!split) return '"messages" has no "assistant" turn';
-  return out.done('messages', split);
+  let prev = v.start;
+  for (let i = 0; i < n; i++) {
+    if (starts[i] >= 0) prev = ends[i];
+    else starts[i] = ends[i] = prev;
+  }
+  const split = r.kind === 'text' ? undefined : { promptEnd: r.last.span[0], completionEnd: r.last.span[1] };
+  return { kind: r.kind, value, text: r.text, rendering: r.rendering, starts, ends, fields, split };
 }
 
 /** Parses and renders one JSONL line that starts at document offset `base`. */
-export function parseRecordLine(line: string, base: number): RenderedRecord | string {
+export function parseRecordLine(line: string, base: number, template?: ChatTemplate): RenderedRecord | string {
   let v: SourceValue;
   try {
     v = parseJsonWithSource(line, base);
   } catch (e) {
     return `not valid JSON (${(e as Error).message})`;
   }
-  return renderRecord(v);
+  return renderRecord(v, template);
 }
 
 /** The document range of rendered units [a, b) (an empty range at `a` when a === b). */
@@ -89,32 +112,4 @@ export function documentRange(r: RenderedRecord, a: number, b: number): [number,
     return [at, at];
   }
   return [r.starts[a], r.ends[b - 1]];
-}
-
-class Builder {
-  text = '';
-  starts: number[] = [];
-  ends: number[] = [];
-  fields: RecordField[] = [];
-  get length() {
-    return this.text.length;
-  }
-  field(name: string, s: SourceString) {
-    this.fields.push({ name, source: s, offset: this.text.length });
-    this.text += s.value;
-    for (let j = 0; j < s.value.length; j++) {
-      this.starts.push(s.map[j]);
-      this.ends.push(s.map[j + 1]);
-    }
-  }
-  template(t: string, anchor: number) {
-    this.text += t;
-    for (let j = 0; j < t.length; j++) {
-      this.starts.push(anchor);
-      this.ends.push(anchor);
-    }
-  }
-  done(kind: RecordKind, split?: RenderedRecord['split']): RenderedRecord {
-    return { kind, text: this.text, starts: this.starts, ends: this.ends, fields: this.fields, split };
-  }
 }

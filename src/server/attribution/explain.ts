@@ -11,6 +11,7 @@
 // every candidate inside the graph. Extra query rows (one per completion token) give the
 // completion-side heatmap; a second, small pass over the returned examples gives their
 // training-side token scores.
+import { toField } from '../../common/records/render';
 import { GRADIENT_METHODS } from '../../protocol/methods';
 import type { ExplainedExample, ExplainPartial, ExplainResult, Method, Sign, TokenScores } from '../../protocol/types';
 import type { Dataset } from '../data/dataset';
@@ -57,7 +58,7 @@ export class Corpus {
     readonly dataset: Dataset,
     model: Model,
   ) {
-    const t = tokenizeExamples(model.tokenizer, dataset.examples, contextLength(model.config));
+    const t = tokenizeExamples(model.tokenizer, dataset.examples, contextLength(model.config), dataset.path);
     this.tokens = t.tokens;
     this.truncated = t.truncated;
   }
@@ -67,7 +68,7 @@ export class Corpus {
   }
 
   bm25Index(): Bm25Index {
-    this.bm25 ??= new Bm25Index(this.size, (i) => this.dataset.examples[i].text);
+    this.bm25 ??= new Bm25Index(this.size, (i) => this.tokens[i].text);
     return this.bm25;
   }
 
@@ -85,6 +86,8 @@ export class Corpus {
 export interface ExplainRequest {
   prompt: string;
   completion: string;
+  /** a chat record: its last assistant turn is explained, rendered like the training data */
+  messages?: unknown;
   method: Method;
   topK: number;
   /** score every example, or only the union of BM25's and RepSim's top `retrieve` */
@@ -118,12 +121,33 @@ interface PoolScores {
   exact?: Set<number>;
 }
 
+type Query = ReturnType<typeof tokenizeQuery>;
+
+/** prompt/completion as the result reports them: for a chat query, the completion is the last assistant content */
+function queryTexts(req: ExplainRequest, q: Query): { prompt: string; completion: string } {
+  if (!q.rendered) return { prompt: req.prompt, completion: req.completion };
+  const field = q.rendered.last.field;
+  const i = Number(/^messages\[(\d+)\]/.exec(field)?.[1]);
+  const content = (req.messages as Array<{ content: string }>)[i].content;
+  return { prompt: q.text.slice(0, q.promptLength), completion: content };
+}
+
+/** a query token's range in the reported completion (for chats: in the assistant content, template text → its end) */
+function completionOffset(q: Query, [s, e]: [number, number]): [number, number] {
+  if (!q.rendered) return [Math.max(0, s - q.promptLength), Math.max(0, e - q.promptLength)];
+  const f = toField(q.rendered, s, e);
+  if (f && f.field === q.rendered.last.field) return [f.start, f.end];
+  const end = q.rendered.pieces.find((p) => p.field === q.rendered!.last.field);
+  const at = end ? end.fieldStart + end.end - end.start : 0;
+  return [at, at];
+}
+
 export async function explain(setup: ExplainSetup, corpus: Corpus, req: ExplainRequest): Promise<ExplainResult> {
   const timings: Record<string, number> = {};
   const t0 = Date.now();
   const model = setup.model.model;
   if (!(Number.isInteger(req.topK) && req.topK >= 1)) throw new ExplainError(`top-k must be a positive integer`);
-  const q = tokenizeQuery(model.tokenizer, req.prompt, req.completion, contextLength(model.config));
+  const q = tokenizeQuery(model.tokenizer, req.prompt, req.completion, contextLength(model.config), req.messages);
   const query = { ids: q.ids, weights: q.weights };
   const targets = q.weights.flatMap((w, t) => (w > 0 ? [t] : []));
 
@@ -189,7 +213,8 @@ export async function explain(setup: ExplainSetup, corpus: Corpus, req: ExplainR
     const e: ExplainedExample = {
       id: { dataset: corpus.id, line: ex.line, hash: ex.hash },
       rank: mainRank[pos],
-      text: ex.text,
+      // the rendering that was tokenized (the chat template's), which tokenScores index into
+      text: tok.text,
       kind: ex.kind,
       score,
       sign: main.signed ? signOf(score) : 'neutral',
@@ -209,14 +234,11 @@ export async function explain(setup: ExplainSetup, corpus: Corpus, req: ExplainR
   timings.total_ms = Date.now() - t0;
   return {
     query: {
-      prompt: req.prompt,
-      completion: req.completion,
+      ...queryTexts(req, q),
       loss: qg.loss,
+      rendering: q.rendering,
       completionTokens: {
-        offsets: targets.map((t) => {
-          const [s, e] = q.offsets[t + 1];
-          return [Math.max(0, s - q.promptLength), Math.max(0, e - q.promptLength)] as [number, number];
-        }),
+        offsets: targets.map((t) => completionOffset(q, q.offsets[t + 1])),
         values: targets.map((t) => qg!.tokenNll[t]),
       },
     },
@@ -239,10 +261,10 @@ export async function explain(setup: ExplainSetup, corpus: Corpus, req: ExplainR
 export async function scoreCorpus(
   setup: ExplainSetup,
   corpus: Corpus,
-  req: Pick<ExplainRequest, 'prompt' | 'completion' | 'method' | 'batchSize' | 'store'>,
+  req: Pick<ExplainRequest, 'prompt' | 'completion' | 'messages' | 'method' | 'batchSize' | 'store'>,
 ): Promise<Float64Array> {
   const model = setup.model.model;
-  const q = tokenizeQuery(model.tokenizer, req.prompt, req.completion, contextLength(model.config));
+  const q = tokenizeQuery(model.tokenizer, req.prompt, req.completion, contextLength(model.config), req.messages);
   const query = { ids: q.ids, weights: q.weights };
   const pool = Array.from({ length: corpus.size }, (_, i) => i);
   const qg = await queryGradients(model, query, { modules: setup.modules });
@@ -379,7 +401,8 @@ function partials(method: Method, corpus: Corpus, pool: number[], req: ExplainRe
     const brief = (p: number) => {
       const ex = corpus.dataset.examples[pool[p]];
       const score = scores[p][0];
-      return { id: { dataset: corpus.id, line: ex.line, hash: ex.hash }, score, sign: signOf(score), text: ex.text };
+      const text = corpus.tokens[pool[p]].text;
+      return { id: { dataset: corpus.id, line: ex.line, hash: ex.hash }, score, sign: signOf(score), text };
     };
     req.onPartial!({
       method,

@@ -12,7 +12,7 @@ import { existsSync, mkdirSync, readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { cleanStaleTemps, replaceDirAtomic, writeFileAtomic } from '../../common/atomic-write';
 import { loadDataset } from '../data/dataset';
-import { contextLength, tokenizeExamples } from '../data/tokenize';
+import { contextLength, tokenizationKey, tokenizeExamples } from '../data/tokenize';
 import { Model, type ModuleSelection } from '../model/engine';
 import { CovarianceAccumulator } from './ekfac/covariance';
 import type { Eigenbasis } from './ekfac/eigenbasis';
@@ -82,8 +82,13 @@ export async function runFitJob(o: FitJobOptions): Promise<FitJobResult> {
   const dataset = loadDataset(o.dataPath, { skipMalformed: o.skipMalformed, maxExamples: o.maxExamples });
   if (dataset.skipped.length) log(`skipped ${dataset.skipped.length} malformed line(s) of ${o.dataPath}`);
   const maxLength = contextLength(model.checkpoint.config);
-  const { tokens, truncated } = tokenizeExamples(model.tokenizer, dataset.examples, maxLength);
+  const { tokens, truncated } = tokenizeExamples(model.tokenizer, dataset.examples, maxLength, o.dataPath);
   if (truncated) log(`${truncated} example(s) longer than the context (${maxLength} tokens) were cut at the end`);
+  const standIn = tokens.filter((t) => t.rendering === 'stand-in').length;
+  if (standIn)
+    log(
+      `warning: the model has no chat_template; ${standIn} "messages" record(s) rendered with the stand-in "<|role|>\\n" + content`,
+    );
   const examples = tokens.map((t) => ({ ids: t.ids, weights: t.weights }));
   const nTokens = examples.reduce((s, e) => s + e.ids.length, 0);
   const n = o.partition?.count ?? 1;
@@ -95,7 +100,7 @@ export async function runFitJob(o: FitJobOptions): Promise<FitJobResult> {
     modelFingerprint: modelFingerprint(model.checkpoint),
     dataFingerprint: dataFingerprint(
       dataset.examples.map((e) => e.hash),
-      { maxLength, tokenizer: 'tokenizer.json' },
+      { maxLength, tokenizer: 'tokenizer.json', ...tokenizationKey(model.tokenizer) },
     ),
     modules: o.modules,
     labels: o.labels,

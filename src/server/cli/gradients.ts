@@ -2,7 +2,8 @@
 // text or prompt/completion, written as safetensors. Tensor names (documented in README):
 //   <module>.a [T, d_in], <module>.g [T, d_out], token_nll [T], input_ids [T],
 //   target_ids [T], target_weights [T]   (position t predicts token t+1)
-import { targetWeightsFromOffsets } from '../data/format';
+import { renderForModel } from '../data/format';
+import { tokenizeText } from '../data/tokenize';
 import { Model, makeBatch } from '../model/engine';
 import { type TensorToWrite, writeSafetensors } from '../model/safetensors';
 import { Rng } from '../util/random';
@@ -31,11 +32,12 @@ export async function runGradients(argv: string[]): Promise<void> {
   const seed = int(v.seed, '--seed', 0);
 
   const model = Model.open(v.model);
-  const text = hasText ? v.text! : v.prompt! + v.completion!;
-  const enc = model.tokenizer.encode(text);
+  // the same rendering and masking as fit/explain/tokenize (a --text or a prompt/completion record)
+  const record = hasText ? { text: v.text } : { prompt: v.prompt, completion: v.completion };
+  const r = renderForModel(record, 'the command line', undefined);
+  const enc = tokenizeText(model.tokenizer, r.text, r.spans, Number.POSITIVE_INFINITY);
   if (enc.ids.length < 2) throw new CliError('the text must be at least two tokens long');
-  const spans: Array<[number, number]> = hasText ? [[0, text.length]] : [[v.prompt!.length, text.length]];
-  const weights = targetWeightsFromOffsets(enc.offsets, spans);
+  const weights = enc.weights;
   if (!weights.some((w) => w > 0)) throw new CliError('no token to score: the completion is empty after tokenization');
   const batch = makeBatch([{ ids: enc.ids, weights }], model.tokenizer.padTokenId ?? 0);
   const graph = await model.compile({

@@ -9,9 +9,8 @@ import { createHash } from 'node:crypto';
 import { readFileSync, rmSync } from 'node:fs';
 import { basename } from 'node:path';
 import { loadDataset } from '../data/dataset';
-import type { Span } from '../data/format';
 import { readJsonl } from '../data/jsonl';
-import { contextLength, tokenizeText } from '../data/tokenize';
+import { contextLength, tokenizeRecord } from '../data/tokenize';
 import { Model } from '../model/engine';
 import { loadTokenizer, type TokenizerHandle } from '../model/tokenizer';
 import { initLlama, loadParams, saveCheckpoint, type TrainExample, train } from '../train/trainer';
@@ -67,13 +66,14 @@ export function readExclusions(path: string): Set<string> {
  */
 export function trainingExamples(
   tok: TokenizerHandle,
-  examples: Array<{ text: string; spans: Span[] }>,
+  examples: ReadonlyArray<{ record: unknown; line: number }>,
   maxLength: number,
+  where = 'line',
 ): { examples: TrainExample[]; truncated: number } {
   let truncated = 0;
   const out: TrainExample[] = [];
   for (const e of examples) {
-    const t = tokenizeText(tok, e.text, e.spans, maxLength);
+    const t = tokenizeRecord(tok, e.record, `${where}:${e.line}`, maxLength);
     if (t.truncated) truncated++;
     if (t.weights.some((w) => w > 0)) out.push({ ids: t.ids, weights: t.weights });
   }
@@ -120,7 +120,7 @@ export async function trainJob(o: TrainJobOptions): Promise<TrainJobResult> {
 
   try {
     const maxLen = contextLength(config);
-    const { examples, truncated } = trainingExamples(model.tokenizer, kept, maxLen);
+    const { examples, truncated } = trainingExamples(model.tokenizer, kept, maxLen, o.data);
     if (!examples.length) throw new CliError(`${o.data}: no example has a token to train on`);
     log(
       `${examples.length} examples (${excluded} excluded, ${truncated} cut to ${maxLen} tokens), ` +

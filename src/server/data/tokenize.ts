@@ -1,30 +1,64 @@
-// Rendered records → token ids and per-position loss weights, the unit every graph consumes.
+// Records → rendered text → token ids and per-position loss weights, the unit every graph
+// consumes. One path for `fit`, `explain`, `gradients`, `train` and `tokenize`:
+//   1. render (src/common/records): messages through the model's chat template when it has one;
+//   2. encode: plain texts with the tokenizer's own special tokens (BOS per its post_processor),
+//      chat renderings without (the template writes them, as apply_chat_template(tokenize=True));
+//   3. weights: position t is 1 iff token t+1 overlaps a scored span (format.ts).
 // Sequences longer than the model's context are cut at the end (the count is reported, never
 // silent); the loss weights follow the cut.
+import type { RenderedRecord, Rendering } from '../../common/records/render';
 import type { TokenizerHandle } from '../model/tokenizer';
 import { DataError } from './errors';
-import { type Span, targetWeightsFromOffsets } from './format';
+import { renderForModel, type Span, targetWeightsFromOffsets } from './format';
 
 export interface TokenizedText {
   ids: number[];
   /** per position t: 1 if the loss scores token t+1 */
   weights: number[];
-  /** character range of each token in the text (UTF-16 units) */
+  /** character range of each token in `text` (UTF-16 units), as Python `tokenizers` reports it */
   offsets: Array<[number, number]>;
   /** tokens dropped at the end to fit the context */
   truncated: number;
+  /** the rendered text the ids encode */
+  text: string;
+  rendering: Rendering;
 }
 
-export function tokenizeText(tok: TokenizerHandle, text: string, spans: Span[], maxLength: number): TokenizedText {
-  const enc = tok.encode(text);
-  let { ids, offsets } = enc;
+/**
+ * Bumped whenever rendering or masking changes what a record's ids/weights are, so caches keyed
+ * by it (fitted factors, gradient stores) are rebuilt. 2: offsets identical to Python
+ * `tokenizers`; messages through the model's chat template.
+ */
+export const TOKENIZATION_VERSION = 2;
+
+/** What, besides the examples, decides their tokens: for cache keys and provenance. */
+export function tokenizationKey(tok: TokenizerHandle): Record<string, unknown> {
+  return { tokenization: TOKENIZATION_VERSION, chatTemplate: tok.chatTemplateSource?.sha256 ?? null };
+}
+
+export function tokenizeText(
+  tok: TokenizerHandle,
+  text: string,
+  spans: Span[],
+  maxLength: number,
+  rendering: Rendering = 'plain',
+): TokenizedText {
+  const enc = tok.encode(text, { addSpecialTokens: rendering !== 'chat_template' });
+  let { ids, offsets, sources } = enc;
   let truncated = 0;
   if (ids.length > maxLength) {
     truncated = ids.length - maxLength;
     ids = ids.slice(0, maxLength);
     offsets = offsets.slice(0, maxLength);
+    sources = sources.slice(0, maxLength);
   }
-  return { ids, offsets, weights: targetWeightsFromOffsets(offsets, spans), truncated };
+  return { ids, offsets, weights: targetWeightsFromOffsets(sources, spans), truncated, text, rendering };
+}
+
+/** One JSONL record (the parsed value), rendered for this model and tokenized. */
+export function tokenizeRecord(tok: TokenizerHandle, record: unknown, where: string, maxLength: number): TokenizedText {
+  const r = renderForModel(record, where, tok.chatTemplate());
+  return tokenizeText(tok, r.text, r.spans, maxLength, r.rendering);
 }
 
 /** The context length a checkpoint supports (config keys differ by architecture). */
@@ -36,24 +70,51 @@ export function contextLength(config: Record<string, unknown>): number {
   return 2048;
 }
 
-/** A query: the prompt is context, only the completion's tokens are explained. */
-export function tokenizeQuery(tok: TokenizerHandle, prompt: string, completion: string, maxLength: number) {
-  if (!completion) throw new DataError('the completion is empty: there is nothing to explain');
-  const text = prompt + completion;
-  const t = tokenizeText(tok, text, [[prompt.length, text.length]], maxLength);
+/**
+ * A query: the prompt is context, only the completion's tokens are explained. With `messages`
+ * (a chat record), the conversation is rendered like training data and its last assistant turn
+ * is the completion; `prompt`/`completion` are then ignored.
+ */
+export function tokenizeQuery(
+  tok: TokenizerHandle,
+  prompt: string,
+  completion: string,
+  maxLength: number,
+  messages?: unknown,
+) {
+  let text: string;
+  let spans: Span[];
+  let rendering: Rendering = 'plain';
+  let promptLength: number;
+  let rendered: RenderedRecord | undefined;
+  if (messages !== undefined) {
+    const r = renderForModel({ messages }, 'the query', tok.chatTemplate());
+    rendered = r;
+    [promptLength] = r.last.span;
+    text = r.text.slice(0, r.last.span[1]);
+    spans = [r.last.span];
+    rendering = r.rendering;
+  } else {
+    if (!completion) throw new DataError('the completion is empty: there is nothing to explain');
+    text = prompt + completion;
+    spans = [[prompt.length, text.length]];
+    promptLength = prompt.length;
+  }
+  const t = tokenizeText(tok, text, spans, maxLength, rendering);
   if (t.truncated)
     throw new DataError(`prompt + completion is ${t.ids.length + t.truncated} tokens; the model takes ${maxLength}`);
   if (!t.weights.some((w) => w > 0))
     throw new DataError('no completion token to explain (the completion vanished in tokenization)');
-  return { ...t, text, promptLength: prompt.length };
+  return { ...t, promptLength, rendered };
 }
 
 /** Every example of a dataset, tokenized for the model; `truncated` counts examples cut to fit. */
 export function tokenizeExamples(
   tok: TokenizerHandle,
-  examples: Array<{ text: string; spans: Span[] }>,
+  examples: ReadonlyArray<{ record: unknown; line: number }>,
   maxLength: number,
+  where = 'line',
 ): { tokens: TokenizedText[]; truncated: number } {
-  const tokens = examples.map((e) => tokenizeText(tok, e.text, e.spans, maxLength));
+  const tokens = examples.map((e) => tokenizeRecord(tok, e.record, `${where}:${e.line}`, maxLength));
   return { tokens, truncated: tokens.filter((t) => t.truncated > 0).length };
 }

@@ -1,23 +1,29 @@
 // tokenizer.json through @huggingface/tokenizers, plus what that library does not give:
 // character offsets of every token, in UTF-16 code units (VS Code positions), which the
-// token heatmaps and completion-only loss masks need.
-//
-// Offsets come from each token's bytes: byte-level BPE tokens (GPT-2, Pythia, Llama 3,
-// Qwen) spell bytes through the GPT-2 byte↔unicode table; SentencePiece-style tokens
-// (Llama 2, Mistral) use ▁ for a space and <0xNN> for byte fallback. We walk the token
-// bytes along the text's UTF-8 bytes; a token that splits a character covers the whole
-// character, as Hugging Face's offsets do.
+// token heatmaps and completion-only loss masks need. Offsets are those Python `tokenizers`
+// reports for the same tokenizer.json (converted from code points to UTF-16 units):
+// the text is split on added tokens, normalized with alignment (alignment.ts), given the
+// pre-tokenizer's character changes (Metaspace ▁, a ByteLevel prefix space), and each token's
+// bytes are walked along the result. Special tokens the post-processor adds (a BOS) get [0, 0].
+// Components whose offsets we do not reproduce are refused at load time.
+import { createHash } from 'node:crypto';
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Tokenizer } from '@huggingface/tokenizers';
+import { ChatTemplate, ChatTemplateError } from '../../common/records/chat-template';
+import { AlignedString, applyNormalizer, applyPreTokenizer, TokenizerError } from './alignment';
 
-export class TokenizerError extends Error {}
+export { TokenizerError };
 
 export interface Encoded {
   ids: number[];
   tokens: string[];
-  /** [start, end) of each token in `text`, UTF-16 code units; [p, p] for added special tokens */
+  /** [start, end) of each token in `text`, UTF-16 code units, as Python `tokenizers` reports them;
+   * [0, 0] for special tokens the post-processor adds */
   offsets: Array<[number, number]>;
+  /** the characters each token's bytes come from: `offsets` before a ByteLevel post-processor's
+   * trim_offsets (which shrinks a lone-space token to an empty range). Loss masks use these. */
+  sources: Array<[number, number]>;
   text: string;
 }
 
@@ -31,6 +37,11 @@ export interface TokenizerHandle {
   padTokenId?: number;
   idToToken(id: number): string | undefined;
   tokenToId(token: string): number | undefined;
+  /** the model's chat template (chat_template.jinja or tokenizer_config.json), compiled on first
+   * use; undefined when the tokenizer has none. Throws TokenizerError when it does not parse. */
+  chatTemplate(): ChatTemplate | undefined;
+  /** where the chat template came from and a digest of its source, for provenance and cache keys */
+  chatTemplateSource?: { file: string; sha256: string };
 }
 
 type Json = Record<string, unknown>;
@@ -95,15 +106,26 @@ export function loadTokenizer(dir: string): TokenizerHandle {
   let vocabSize = 0;
   for (const id of vocab.values()) vocabSize = Math.max(vocabSize, id + 1);
 
-  const added = new Map<string, boolean>(); // content → special
-  for (const a of (tj.added_tokens as Json[] | undefined) ?? []) added.set(a.content as string, !!a.special);
+  for (const key of ['remove_space', 'do_lowercase_and_remove_accent'])
+    if (tc[key] === true) throw new TokenizerError(`${cfgPath}: "${key}": true is not supported`);
+  const where = path;
+  // the library's parts, called one section at a time so that every token's section is known
+  const lib = tok as unknown as LibInternals;
+  const model = (tj.model ?? {}) as Json;
   const byteLevel = usesType(tj.decoder, 'ByteLevel') || usesType(tj.pre_tokenizer, 'ByteLevel');
   const b2 = byteLevel ? byteLevelDecoder() : undefined;
   const utf8 = new TextEncoder();
+  const unk = typeof model.unk_token === 'string' ? model.unk_token : undefined;
+  const prefix = typeof model.continuing_subword_prefix === 'string' ? model.continuing_subword_prefix : '';
+  const suffix = typeof model.end_of_word_suffix === 'string' ? model.end_of_word_suffix : '';
+  const trim = byteLevelTrim(tj.post_processor);
+  // refuse now what alignment cannot follow, rather than at the first record
+  const probe = AlignedString.of('a b');
+  applyNormalizer(probe, tj.normalizer, where);
+  applyPreTokenizer(probe, tj.pre_tokenizer, true, where);
 
-  /** the bytes a token stands for in the (pre-normalization) text */
+  /** the bytes a (non-added) token stands for in the normalized, pre-tokenized text */
   const tokenBytes = (t: string): number[] => {
-    if (added.has(t)) return [...utf8.encode(t)];
     if (b2) {
       const out: number[] = [];
       for (const ch of t) {
@@ -113,9 +135,155 @@ export function loadTokenizer(dir: string): TokenizerHandle {
       }
       return out;
     }
-    const m = /^<0x([0-9A-Fa-f]{2})>$/.exec(t);
+    const m = model.byte_fallback === true ? /^<0x([0-9A-Fa-f]{2})>$/.exec(t) : null;
     if (m) return [Number.parseInt(m[1], 16)];
-    return [...utf8.encode(t.replaceAll('▁', ' ').replace(/^##/, ''))];
+    let u = t;
+    if (prefix && u.startsWith(prefix)) u = u.slice(prefix.length);
+    if (suffix && u.endsWith(suffix)) u = u.slice(0, u.length - suffix.length);
+    return [...utf8.encode(u)];
+  };
+
+  /** tokens of one normalized piece between added tokens, with offsets into the original text */
+  const encodePiece = (piece: AlignedString, sectionIndex: number, out: Content) => {
+    const text = piece.text;
+    const pieces = lib.pre_tokenizer ? lib.pre_tokenizer(text, { section_index: sectionIndex }) : [text];
+    const tokens = lib.model(pieces);
+    applyPreTokenizer(piece, tj.pre_tokenizer, sectionIndex === 0, where);
+    // per byte of the pre-tokenized piece: the original range of its character
+    const bytes: number[] = [];
+    const starts: number[] = [];
+    const ends: number[] = [];
+    for (const c of piece.chars)
+      for (const b of utf8.encode(c.ch)) {
+        bytes.push(b);
+        starts.push(c.start);
+        ends.push(c.end);
+      }
+    const matchesAt = (tb: number[], at: number) => {
+      if (at + tb.length > bytes.length) return false;
+      for (let k = 0; k < tb.length; k++) if (bytes[at + k] !== tb[k]) return false;
+      return true;
+    };
+    let cursor = 0;
+    let pending: number[] = []; // unknown tokens: they cover what lies before the next known one
+    const settle = (upTo: number) => {
+      const r: [number, number] =
+        upTo > cursor ? [starts[cursor], ends[upTo - 1]] : [starts[cursor] ?? 0, starts[cursor] ?? 0];
+      for (const i of pending) out.offsets[i] = r;
+      pending = [];
+    };
+    for (const t of tokens) {
+      const tb = tokenBytes(t);
+      let at = -1;
+      for (let s = cursor; s + tb.length <= bytes.length && at < 0 && tb.length > 0; s++) if (matchesAt(tb, s)) at = s;
+      out.tokens.push(t);
+      out.offsets.push([0, 0]);
+      if (at < 0) {
+        if (t === unk) {
+          pending.push(out.offsets.length - 1);
+          continue;
+        }
+        throw new TokenizerError(
+          `${where}: cannot place token ${JSON.stringify(t)} in ${JSON.stringify(text.slice(0, 80))}; offsets would be wrong`,
+        );
+      }
+      if (pending.length) settle(at);
+      out.offsets[out.offsets.length - 1] = [starts[at], ends[at + tb.length - 1]];
+      cursor = at + tb.length;
+    }
+    if (pending.length) settle(bytes.length);
+  };
+
+  /** the content tokens of `text` (no post-processor specials), with Python-identical offsets */
+  const encodeContent = (text: string): Content => {
+    const out: Content = { tokens: [], offsets: [] };
+    const sections = lib.splitter_unnormalized.split(text);
+    const begin: number[] = [];
+    const bounds = sections.map((sec) => {
+      begin.push(begin.length ? begin[begin.length - 1] + sections[begin.length - 1].length : 0);
+      const s = begin[begin.length - 1];
+      return [s, s + sec.length];
+    });
+    // added tokens with lstrip/rstrip swallow the whitespace next to them
+    sections.forEach((sec, i) => {
+      const a = lib.added_tokens_map.get(sec);
+      if (!a) return;
+      if (a.lstrip && i > 0) {
+        const prev = sections[i - 1];
+        const n = prev.length - prev.trimEnd().length;
+        bounds[i - 1][1] -= n;
+        bounds[i][0] -= n;
+      }
+      if (a.rstrip && i + 1 < sections.length) {
+        const next = sections[i + 1];
+        const n = next.length - next.trimStart().length;
+        bounds[i + 1][0] += n;
+        bounds[i][1] += n;
+      }
+    });
+    sections.forEach((sec, i) => {
+      const [s, e] = bounds[i];
+      if (lib.added_tokens_map.has(sec)) {
+        out.tokens.push(sec);
+        out.offsets.push([s, e]);
+        return;
+      }
+      if (e <= s) return;
+      const raw = text.slice(s, e);
+      const norm = AlignedString.of(raw, s);
+      applyNormalizer(norm, tj.normalizer, where);
+      const expected = lib.normalizer ? lib.normalizer(raw) : raw;
+      if (norm.text !== expected)
+        throw new TokenizerError(
+          `${where}: normalizing ${JSON.stringify(raw.slice(0, 80))} gives a different text than the tokenizer library; offsets would be wrong`,
+        );
+      // added tokens that match the normalized text
+      let from = 0;
+      for (const sub of lib.splitter_normalized.split(norm.text)) {
+        const n = Array.from(sub).length;
+        const piece = new AlignedString(norm.chars.slice(from, from + n));
+        from += n;
+        if (sub.length === 0) continue;
+        if (lib.added_tokens_map.has(sub)) {
+          out.tokens.push(sub);
+          out.offsets.push([piece.chars[0].start, piece.chars[piece.chars.length - 1].end]);
+        } else encodePiece(piece, i, out);
+      }
+    });
+    out.sources = out.offsets.map(([a, b]) => [a, b]);
+    if (trim) trimOffsets(out, trim.addPrefixSpace);
+    return out;
+  };
+
+  const idOfToken = (t: string) =>
+    lib.added_tokens_map.get(t)?.id ?? lib.model.tokens_to_ids.get(t) ?? lib.model.unk_token_id;
+
+  let contentLead = 0; // how many tokens the post-processor puts before the content (set below)
+  const encode = (text: string, options: { addSpecialTokens?: boolean } = {}): Encoded => {
+    const content = encodeContent(text);
+    const ids = content.tokens.map(idOfToken);
+    const plain = tok.encode(text, { add_special_tokens: false });
+    if (plain.ids.length !== ids.length || plain.ids.some((id, i) => id !== ids[i]))
+      throw new TokenizerError(
+        `${where}: internal error: the sectioned encoding of ${JSON.stringify(text.slice(0, 80))} differs from the library's`,
+      );
+    const sources = content.sources!;
+    if (options.addSpecialTokens === false)
+      return { ids, tokens: content.tokens, offsets: content.offsets, sources, text };
+    // The post-processor adds tokens (a BOS, …) around the content; they cover no text: [0, 0] as in Python.
+    const full = tok.encode(text, { add_special_tokens: true });
+    const n = ids.length;
+    // the content sits after the post-processor's leading specials (a text may itself hold a "<s>")
+    const at = (s: number) => s + n <= full.ids.length && ids.every((id, i) => full.ids[s + i] === id);
+    let start = at(contentLead) ? contentLead : -1;
+    for (let s = 0; s + n <= full.ids.length && start < 0; s++) if (at(s)) start = s;
+    if (start < 0)
+      throw new TokenizerError(
+        `${where}: the post_processor changed the tokens of ${JSON.stringify(text.slice(0, 80))}`,
+      );
+    const place = (per: Array<[number, number]>) =>
+      full.ids.map((_, i): [number, number] => (i >= start && i < start + n ? per[i - start] : [0, 0]));
+    return { ids: full.ids, tokens: full.tokens, offsets: place(content.offsets), sources: place(sources), text };
   };
 
   const idOf = (name: unknown, configKey: string): number | undefined => {
@@ -131,26 +299,64 @@ export function loadTokenizer(dir: string): TokenizerHandle {
   const eosTokenId = idOf(tc.eos_token, 'eos_token_id');
   const padTokenId = idOf(tc.pad_token, 'pad_token_id') ?? eosTokenId;
 
-  const encode = (text: string, options: { addSpecialTokens?: boolean } = {}): Encoded => {
-    const plain = tok.encode(text, { add_special_tokens: false });
-    const offsets = alignOffsets(text, plain.tokens.map(tokenBytes));
-    if (options.addSpecialTokens === false) return { ids: plain.ids, tokens: plain.tokens, offsets, text };
-    // The post-processor adds tokens (a BOS, …) around the content; they cover no text.
-    const full = tok.encode(text, { add_special_tokens: true });
-    const n = plain.ids.length;
-    let start = -1;
-    for (let s = 0; s + n <= full.ids.length && start < 0; s++)
-      if (plain.ids.every((id, i) => full.ids[s + i] === id)) start = s;
-    if (start < 0) return { ids: plain.ids, tokens: plain.tokens, offsets, text };
-    const full_offsets: Array<[number, number]> = full.ids.map((_, i): [number, number] => {
-      if (i < start) return [0, 0];
-      if (i >= start + n) return [text.length, text.length];
-      return offsets[i - start];
-    });
-    return { ids: full.ids, tokens: full.tokens, offsets: full_offsets, text };
+  // BOS/EOS come from tokenizer.json's post_processor, as transformers 5 applies them. Older
+  // transformers rebuilt the post-processor from add_bos_token/add_eos_token instead; when the
+  // two files disagree the model may have been trained either way, so we refuse.
+  const withSpecials = tok.encode('a', { add_special_tokens: true }).ids;
+  const withoutSpecials = tok.encode('a', { add_special_tokens: false }).ids;
+  contentLead = Math.max(0, withSpecials.indexOf(withoutSpecials[0]));
+  const addsFirst = withSpecials.length > withoutSpecials.length && withSpecials[0] !== withoutSpecials[0];
+  const addsLast =
+    withSpecials.length > withoutSpecials.length &&
+    withSpecials[withSpecials.length - 1] !== withoutSpecials[withoutSpecials.length - 1];
+  const checks: Array<[string, boolean, number | undefined]> = [
+    ['add_bos_token', addsFirst && withSpecials[0] === bosTokenId, bosTokenId],
+    ['add_eos_token', addsLast && withSpecials[withSpecials.length - 1] === eosTokenId, eosTokenId],
+  ];
+  for (const [key, adds, id] of checks) {
+    const v = tc[key];
+    if (typeof v === 'boolean' && v !== adds && !(v && id === undefined))
+      throw new TokenizerError(
+        `${cfgPath}: "${key}": ${v}, but tokenizer.json's post_processor ${adds ? 'adds' : 'does not add'} that token; ` +
+          'transformers versions disagree on which file wins, so make them agree',
+      );
+  }
+
+  // The chat template: transformers reads chat_template.jinja first, then tokenizer_config.json.
+  const jinjaPath = join(dir, 'chat_template.jinja');
+  let templateSource: { file: string; text: string } | undefined;
+  if (existsSync(jinjaPath)) templateSource = { file: jinjaPath, text: readFileSync(jinjaPath, 'utf8') };
+  else if (typeof tc.chat_template === 'string') templateSource = { file: cfgPath, text: tc.chat_template };
+  else if (Array.isArray(tc.chat_template)) {
+    const named = (tc.chat_template as Json[]).find((t) => t.name === 'default');
+    if (!named || typeof named.template !== 'string')
+      throw new TokenizerError(`${cfgPath}: "chat_template" is a list without a "default" entry`);
+    templateSource = { file: cfgPath, text: named.template };
+  }
+  let compiled: ChatTemplate | undefined;
+  const chatTemplate = (): ChatTemplate | undefined => {
+    if (!templateSource || compiled) return compiled;
+    const tokens: Record<string, string | undefined> = {};
+    for (const k of ['bos_token', 'eos_token', 'unk_token', 'pad_token', 'sep_token', 'cls_token', 'mask_token'])
+      tokens[k] = tokenName(tc[k]);
+    const specials = ((tj.added_tokens as Json[] | undefined) ?? [])
+      .filter((a) => a.special)
+      .map((a) => String(a.content));
+    try {
+      compiled = new ChatTemplate({ source: templateSource.text, where: templateSource.file, tokens, specials });
+    } catch (e) {
+      if (e instanceof ChatTemplateError) throw new TokenizerError(e.message);
+      throw e;
+    }
+    return compiled;
   };
 
   return {
+    chatTemplate,
+    chatTemplateSource: templateSource && {
+      file: templateSource.file,
+      sha256: createHash('sha256').update(templateSource.text).digest('hex'),
+    },
     encode,
     decode: (ids, o = {}) => tok.decode(ids, { skip_special_tokens: o.skipSpecialTokens ?? false }),
     vocabSize,
@@ -162,55 +368,49 @@ export function loadTokenizer(dir: string): TokenizerHandle {
   };
 }
 
-/**
- * Map token byte strings onto the text. Where the tokens' bytes follow the text's UTF-8
- * bytes we get exact offsets; a leading space that a SentencePiece normalizer prepended
- * is skipped; where a normalizer changed the text (lowercasing, NFKC) we resynchronise at
- * the next matching token and give the unmatched tokens an empty range at the cursor.
- */
-export function alignOffsets(text: string, tokens: number[][]): Array<[number, number]> {
-  const bytes = new TextEncoder().encode(text);
-  // byte index → UTF-16 index of the character that contains it, and that character's end
-  const charStart = new Int32Array(bytes.length + 1);
-  const charEnd = new Int32Array(bytes.length + 1);
-  let bi = 0;
-  for (let ci = 0; ci < text.length; ) {
-    const cp = text.codePointAt(ci)!;
-    const units = cp > 0xffff ? 2 : 1;
-    const nb = cp < 0x80 ? 1 : cp < 0x800 ? 2 : cp < 0x10000 ? 3 : 4;
-    for (let k = 0; k < nb; k++) {
-      charStart[bi + k] = ci;
-      charEnd[bi + k] = ci + units;
-    }
-    bi += nb;
-    ci += units;
-  }
-  charStart[bytes.length] = text.length;
-  charEnd[bytes.length] = text.length;
+interface Content {
+  tokens: string[];
+  offsets: Array<[number, number]>;
+  sources?: Array<[number, number]>;
+}
 
-  const matchesAt = (tb: number[], at: number) => {
-    if (at + tb.length > bytes.length) return false;
-    for (let k = 0; k < tb.length; k++) if (bytes[at + k] !== tb[k]) return false;
-    return true;
-  };
-  const out: Array<[number, number]> = [];
-  let cursor = 0;
-  for (const tb0 of tokens) {
-    let tb = tb0;
-    if (tb.length && tb[0] === 0x20 && !matchesAt(tb, cursor) && matchesAt(tb.slice(1), cursor)) tb = tb.slice(1);
-    if (tb.length === 0) {
-      out.push([charStart[cursor], charStart[cursor]]);
-      continue;
+interface LibInternals {
+  splitter_unnormalized: { split(text: string): string[] };
+  splitter_normalized: { split(text: string): string[] };
+  added_tokens_map: Map<string, { id: number; lstrip: boolean; rstrip: boolean }>;
+  normalizer: ((text: string) => string) | null;
+  pre_tokenizer: ((text: string, options: { section_index: number }) => string[]) | null;
+  model: ((pieces: string[]) => string[]) & { tokens_to_ids: Map<string, number>; unk_token_id: number };
+}
+
+/** tokenizer.json's ByteLevel post-processor with trim_offsets (GPT-NeoX), directly or in a Sequence */
+function byteLevelTrim(node: unknown): { addPrefixSpace: boolean } | undefined {
+  if (!node || typeof node !== 'object') return undefined;
+  const n = node as Json;
+  if (n.type === 'ByteLevel')
+    return n.trim_offsets === true ? { addPrefixSpace: n.add_prefix_space === true } : undefined;
+  if (n.type === 'Sequence')
+    for (const c of (n.processors as unknown[]) ?? []) {
+      const t = byteLevelTrim(c);
+      if (t) return t;
     }
-    let at = matchesAt(tb, cursor) ? cursor : -1;
-    if (at < 0)
-      for (let s = cursor + 1; s < Math.min(bytes.length, cursor + 64) && at < 0; s++) if (matchesAt(tb, s)) at = s;
-    if (at < 0) {
-      out.push([charStart[cursor], charStart[cursor]]);
-      continue;
+  return undefined;
+}
+
+/** `tokenizers`' ByteLevel process_offsets: offsets leave out a token's leading/trailing spaces */
+function trimOffsets(c: Content, addPrefixSpace: boolean): void {
+  const space = (ch: string) => ch === 'Ġ' || /\s/u.test(ch);
+  c.tokens.forEach((t, i) => {
+    const chars = Array.from(t);
+    let lead = 0;
+    while (lead < chars.length && space(chars[lead])) lead++;
+    let trail = 0;
+    while (trail < chars.length && space(chars[chars.length - 1 - trail])) trail++;
+    const o = c.offsets[i];
+    if (lead > 0) {
+      if ((i === 0 || o[0] === 0) && addPrefixSpace && lead === 1) lead = 0;
+      o[0] = Math.min(o[0] + lead, o[1]);
     }
-    out.push([charStart[at], charEnd[at + tb.length - 1]]);
-    cursor = at + tb.length;
-  }
-  return out;
+    if (trail > 0 && o[1] >= trail) o[1] = Math.max(o[1] - trail, o[0]);
+  });
 }

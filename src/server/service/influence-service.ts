@@ -20,7 +20,7 @@ import { selfInfluenceScores } from '../attribution/influence';
 import { checkSameTokenizer, type OpenedStage, openStage } from '../attribution/stage';
 import { loadDataset } from '../data/dataset';
 import { DataError } from '../data/errors';
-import { contextLength } from '../data/tokenize';
+import { contextLength, tokenizationKey } from '../data/tokenize';
 import { GradientStore } from '../index/gradient-store';
 import { Model, type ModuleSelection } from '../model/engine';
 import { generate } from '../model/generate';
@@ -235,7 +235,7 @@ export class InfluenceService implements ServiceApi {
       stamp,
       fingerprint: dataFingerprint(
         ds.examples.map((e) => e.hash),
-        { maxLength: contextLength(model.config) },
+        { maxLength: contextLength(model.config), ...tokenizationKey(model.tokenizer) },
       ),
     };
     this.data.set(id, loaded);
@@ -256,7 +256,9 @@ export class InfluenceService implements ServiceApi {
     const limits = { maxTopK: LIMITS.topK.max, maxTextChars: LIMITS.explainTextMaxChars, ...this.config.limits };
     if (typeof p.prompt !== 'string' || typeof p.completion !== 'string')
       throw new ServiceError('prompt and completion must be strings');
-    if (p.prompt.length + p.completion.length > limits.maxTextChars)
+    if (p.messages !== undefined && !Array.isArray(p.messages)) throw new ServiceError('messages must be an array');
+    const chatChars = (p.messages ?? []).reduce((n, m) => n + String(m?.content ?? '').length, 0);
+    if (p.prompt.length + p.completion.length + chatChars > limits.maxTextChars)
       throw new ServiceError(`prompt + completion is longer than ${limits.maxTextChars} characters`);
     if (!METHODS.includes(p.method))
       throw new ServiceError(`unknown method "${p.method}"; use one of ${METHODS.join(', ')}`);
@@ -275,6 +277,7 @@ export class InfluenceService implements ServiceApi {
       const result = await explain({ model: ft, pretrained: pt, modules: ft.modules }, d.corpus, {
         prompt: p.prompt,
         completion: p.completion,
+        messages: p.messages,
         method: p.method,
         topK: p.topK,
         compare: p.compare,

@@ -1,0 +1,235 @@
+// A model's own chat template (tokenizer_config.json's `chat_template`), rendered with
+// @huggingface/jinja as transformers.js does, plus which characters are the assistant's: the
+// part the training loss scored under assistant-only loss (TRL's `assistant_only_loss`).
+//
+// Which characters are the assistant's:
+//  - a template with `{% generation %}…{% endgeneration %}` blocks: exactly those blocks, as
+//    transformers' `return_assistant_tokens_mask` reads them;
+//  - otherwise, for assistant message i: from the end of the conversation before it rendered
+//    with the generation prompt (what the model was given) to the end of its content, plus the
+//    special token right after it (the end-of-turn token the model learnt to emit). A template
+//    that does not render conversations prefix by prefix is refused.
+// Pure: no Node or VS Code imports, so the editor and the server share it.
+import { Environment, Template } from '@huggingface/jinja';
+import type { ChatMessage } from './shape';
+
+export type Span = [number, number];
+
+export class ChatTemplateError extends Error {}
+
+export interface ChatTemplateOptions {
+  /** the Jinja source */
+  source: string;
+  /** where it came from, for messages ("<dir>/tokenizer_config.json") */
+  where: string;
+  /** bos_token, eos_token, … as the template sees them (strings) */
+  tokens: Record<string, string | undefined>;
+  /** contents of the tokenizer's special added tokens (end-of-turn markers and the like) */
+  specials: readonly string[];
+}
+
+/** Where one message's content appears verbatim in the rendered text. */
+export interface ContentPlacement {
+  message: number;
+  /** [start, end) in the rendered text */
+  start: number;
+  end: number;
+  /** index in the message's content of the character at `start` (after a template's `| trim`) */
+  contentStart: number;
+}
+
+export interface RenderedChat {
+  text: string;
+  /** the assistant turns' characters, one span per assistant message, in order */
+  spans: Span[];
+  /** assistant message index of each span */
+  spanMessages: number[];
+  placements: ContentPlacement[];
+}
+
+/**
+ * @huggingface/jinja 0.5 ignores the argument of str.strip/lstrip/rstrip (`content.lstrip('\n')`
+ * strips every whitespace), so Qwen's templates render differently from transformers' jinja2.
+ * Give the three methods Python's meaning: strip the characters in `chars`, whitespace without it.
+ */
+let stripPatched = false;
+function patchStripChars(): void {
+  if (stripPatched) return;
+  stripPatched = true;
+  type Value = { value: unknown; builtins: Map<string, unknown> };
+  const probe = new Environment().set('s', 'x') as unknown as Value;
+  const StringValue = probe.constructor as new (v: string) => Value;
+  const FunctionValue = (probe.builtins.get('strip') as object).constructor as new (
+    f: (args: Value[]) => Value,
+  ) => unknown;
+  const proto = StringValue.prototype;
+  const original = Object.getOwnPropertyDescriptor(proto, 'builtins')?.get;
+  if (!original) throw new Error('@huggingface/jinja: unexpected StringValue layout (cannot fix str.strip)');
+  const patched = new WeakSet<Map<string, unknown>>();
+  Object.defineProperty(proto, 'builtins', {
+    get(this: Value) {
+      const m = original.call(this) as Map<string, unknown>;
+      if (patched.has(m)) return m;
+      patched.add(m);
+      const s = String(this.value);
+      for (const [name, left, right] of [
+        ['strip', true, true],
+        ['lstrip', true, false],
+        ['rstrip', false, true],
+      ] as const)
+        m.set(
+          name,
+          new FunctionValue((args) => {
+            const chars = args[0]?.value;
+            return new StringValue(
+              typeof chars === 'string' ? stripChars(s, chars, left, right) : whitespace(s, left, right),
+            );
+          }),
+        );
+      return m;
+    },
+  });
+}
+
+function whitespace(s: string, left: boolean, right: boolean): string {
+  return left && right ? s.trim() : left ? s.trimStart() : s.trimEnd();
+}
+
+function stripChars(s: string, chars: string, left: boolean, right: boolean): string {
+  const set = new Set(Array.from(chars));
+  const cs = Array.from(s);
+  let a = 0;
+  let b = cs.length;
+  if (left) while (a < b && set.has(cs[a])) a++;
+  if (right) while (b > a && set.has(cs[b - 1])) b--;
+  return cs.slice(a, b).join('');
+}
+
+const GEN_OPEN = '\uE000';
+const GEN_CLOSE = '\uE001';
+const GENERATION = /\{%(-?)\s*(end)?generation\s*(-?)%\}/g;
+
+export class ChatTemplate {
+  readonly hasGenerationBlocks: boolean;
+  private readonly template: Template;
+  private readonly specials: string[];
+
+  constructor(private readonly options: ChatTemplateOptions) {
+    patchStripChars();
+    this.hasGenerationBlocks = GENERATION.test(options.source);
+    GENERATION.lastIndex = 0;
+    // The generation tag is a transformers extension to Jinja: turn it into marker characters.
+    const source = options.source.replace(
+      GENERATION,
+      (_, l: string, end: string | undefined, r: string) => `{{${l} '${end ? GEN_CLOSE : GEN_OPEN}' ${r}}}`,
+    );
+    try {
+      this.template = new Template(source);
+    } catch (e) {
+      throw new ChatTemplateError(`${options.where}: chat_template does not parse (${(e as Error).message})`);
+    }
+    this.specials = [...options.specials].filter((s) => s.length > 0).sort((a, b) => b.length - a.length);
+  }
+
+  private renderRaw(messages: readonly ChatMessage[], addGenerationPrompt: boolean): string {
+    try {
+      return this.template.render({
+        ...this.options.tokens,
+        messages: messages.map((m) => ({ role: m.role, content: m.content })),
+        add_generation_prompt: addGenerationPrompt,
+      });
+    } catch (e) {
+      throw new ChatTemplateError(
+        `${this.options.where}: chat_template failed on this record (${(e as Error).message})`,
+      );
+    }
+  }
+
+  render(messages: readonly ChatMessage[]): RenderedChat {
+    for (const [i, m] of messages.entries())
+      if (m.content.includes(GEN_OPEN) || m.content.includes(GEN_CLOSE))
+        throw new ChatTemplateError(`messages[${i}].content holds U+E000/U+E001, which mark generation blocks`);
+    const raw = this.renderRaw(messages, false);
+    return this.hasGenerationBlocks ? this.fromGenerationBlocks(messages, raw) : this.fromPrefixes(messages, raw);
+  }
+
+  private fromGenerationBlocks(messages: readonly ChatMessage[], raw: string): RenderedChat {
+    let text = '';
+    const blocks: Span[] = [];
+    let open = -1;
+    for (const ch of raw) {
+      if (ch === GEN_OPEN) open = text.length;
+      else if (ch === GEN_CLOSE) {
+        if (open < 0) throw new ChatTemplateError(`${this.options.where}: unbalanced {% endgeneration %}`);
+        blocks.push([open, text.length]);
+        open = -1;
+      } else text += ch;
+    }
+    const assistants = messages.flatMap((m, i) => (m.role === 'assistant' ? [i] : []));
+    const placements: ContentPlacement[] = [];
+    const spanMessages: number[] = [];
+    // pair blocks with assistant messages in order, placing each content inside its block
+    blocks.forEach(([s, e], k) => {
+      const mi = assistants[k];
+      if (mi === undefined) return;
+      spanMessages.push(mi);
+      const p = place(text, messages[mi].content, s, e);
+      if (p) placements.push({ message: mi, ...p });
+    });
+    return { text, spans: blocks, spanMessages, placements };
+  }
+
+  private fromPrefixes(messages: readonly ChatMessage[], text: string): RenderedChat {
+    const spans: Span[] = [];
+    const spanMessages: number[] = [];
+    const placements: ContentPlacement[] = [];
+    const assistants = messages.flatMap((m, i) => (m.role === 'assistant' ? [i] : []));
+    // what the model was given before each assistant turn: the conversation so far + the generation prompt
+    const prefixes = assistants.map((i) => this.renderRaw(messages.slice(0, i), true));
+    for (const [k, i] of assistants.entries()) {
+      const prefix = prefixes[k];
+      if (!text.startsWith(prefix))
+        throw new ChatTemplateError(
+          `${this.options.where}: chat_template does not render messages[0..${i}) with the generation prompt as a prefix of the whole conversation, so the assistant turn cannot be located; add {% generation %} blocks to the template`,
+        );
+      // a turn's content lies before the next assistant turn's generation prompt ends
+      const next = k + 1 < assistants.length ? prefixes[k + 1].length : text.length;
+      const p = place(text, messages[i].content, prefix.length, next);
+      if (!p)
+        throw new ChatTemplateError(
+          `${this.options.where}: the content of messages[${i}] does not appear in the rendered conversation (the template rewrites it), so its tokens cannot be located`,
+        );
+      placements.push({ message: i, ...p });
+      let end = p.end;
+      const special = this.specials.find((s) => text.startsWith(s, end));
+      if (special) end += special.length;
+      spans.push([prefix.length, end]);
+      spanMessages.push(i);
+    }
+    return { text, spans, spanMessages, placements };
+  }
+}
+
+/**
+ * Finds a message's content in text[from, to): verbatim, or as a template's `| trim` leaves
+ * it. The earliest occurrence wins (a turn's own header comes before its content).
+ */
+function place(text: string, content: string, from: number, to: number): Omit<ContentPlacement, 'message'> | undefined {
+  const lead = content.length - content.trimStart().length;
+  const candidates: Array<[string, number]> = [
+    [content, 0],
+    [content.trim(), lead],
+    [content.trimStart(), lead],
+    [content.trimEnd(), 0],
+  ];
+  let best: Omit<ContentPlacement, 'message'> | undefined;
+  for (const [c, contentStart] of candidates) {
+    if (c.length === 0) continue;
+    const at = text.indexOf(c, from);
+    if (at < 0 || at + c.length > to) continue;
+    if (!best || at < best.start || (at === best.start && at + c.length > best.end))
+      best = { start: at, end: at + c.length, contentStart };
+  }
+  if (!best && content.trim() === '') return { start: from, end: from, contentStart: 0 };
+  return best;
+}

@@ -1,0 +1,126 @@
+// A record rendered as the model sees it, which characters the training loss scores, and
+// where each field's characters landed (so token offsets map back into the JSONL line).
+// The one rendering used by the server (fit, explain, gradients, tokenize) and the editor
+// (selection parser, hovers).
+//
+// - {"text"}: the text; every character is scored.
+// - {"prompt","completion"}: concatenated with no separator (the user controls spacing, as
+//   most fine-tuning scripts do); the completion's characters are scored.
+// - {"messages"}: with the model's chat template when it has one (chat-template.ts): the
+//   assistant turns are scored. Without one, the stand-in `<|role|>\n` + content + `\n` per
+//   message, the assistant contents and their `\n` scored, and `rendering` says so.
+import type { ChatTemplate } from './chat-template';
+import type { RecordKind, RecordValue } from './shape';
+
+/** A character range [start, end) in UTF-16 code units (JS string indices). */
+export type Span = [number, number];
+
+/** A field's characters [fieldStart, fieldStart + (end - start)) appear verbatim at text[start, end). */
+export interface FieldPiece {
+  /** 'text' | 'prompt' | 'completion' | 'messages[3].content' */
+  field: string;
+  start: number;
+  end: number;
+  fieldStart: number;
+}
+
+export type Rendering = 'plain' | 'chat_template' | 'stand-in';
+
+export interface RenderedRecord {
+  kind: RecordKind;
+  text: string;
+  /** character ranges whose tokens the training loss scores */
+  spans: Span[];
+  pieces: FieldPiece[];
+  /** how messages were rendered: the model's chat template, or the stand-in (no template) */
+  rendering: Rendering;
+  /** the last scored span and the field it belongs to: what a whole selected record explains */
+  last: { span: Span; field: string };
+}
+
+/** The stand-in chat rendering, used when the model has no chat template. */
+export function renderStandIn(messages: RecordValue & { kind: 'messages' }): RenderedRecord {
+  let text = '';
+  const spans: Span[] = [];
+  const pieces: FieldPiece[] = [];
+  let last: RenderedRecord['last'] | undefined;
+  for (const [i, m] of messages.messages.entries()) {
+    text += `<|${m.role}|>\n`;
+    const start = text.length;
+    text += m.content;
+    pieces.push({ field: `messages[${i}].content`, start, end: text.length, fieldStart: 0 });
+    text += '\n';
+    if (m.role === 'assistant') {
+      spans.push([start, text.length]);
+      last = { span: [start, text.length], field: `messages[${i}].content` };
+    }
+  }
+  return { kind: 'messages', text, spans, pieces, rendering: 'stand-in', last: last! };
+}
+
+export function renderRecord(value: RecordValue, template?: ChatTemplate): RenderedRecord {
+  if (value.kind === 'text') {
+    const n = value.text.length;
+    return {
+      kind: 'text',
+      text: value.text,
+      spans: [[0, n]],
+      pieces: [{ field: 'text', start: 0, end: n, fieldStart: 0 }],
+      rendering: 'plain',
+      last: { span: [0, n], field: 'text' },
+    };
+  }
+  if (value.kind === 'prompt_completion') {
+    const p = value.prompt.length;
+    const text = value.prompt + value.completion;
+    return {
+      kind: 'prompt_completion',
+      text,
+      spans: [[p, text.length]],
+      pieces: [
+        { field: 'prompt', start: 0, end: p, fieldStart: 0 },
+        { field: 'completion', start: p, end: text.length, fieldStart: 0 },
+      ],
+      rendering: 'plain',
+      last: { span: [p, text.length], field: 'completion' },
+    };
+  }
+  if (!template) return renderStandIn(value);
+  const chat = template.render(value.messages);
+  const pieces = chat.placements.map(
+    (p): FieldPiece => ({
+      field: `messages[${p.message}].content`,
+      start: p.start,
+      end: p.end,
+      fieldStart: p.contentStart,
+    }),
+  );
+  const k = chat.spans.length - 1;
+  return {
+    kind: 'messages',
+    text: chat.text,
+    spans: chat.spans,
+    pieces,
+    rendering: 'chat_template',
+    last: { span: chat.spans[k], field: `messages[${chat.spanMessages[k]}].content` },
+  };
+}
+
+/**
+ * Maps a range of the rendered text into one field: [field, start, end) in the field's string,
+ * or undefined when the range lies in template text (role headers, end-of-turn tokens). A range
+ * that runs past a field's edge is cut to the field.
+ */
+export function toField(
+  r: RenderedRecord,
+  start: number,
+  end: number,
+): { field: string; start: number; end: number } | undefined {
+  for (const p of r.pieces) {
+    const a = Math.max(start, p.start);
+    const b = Math.min(end, p.end);
+    if (a < b || (start === end && start >= p.start && start <= p.end))
+      return { field: p.field, start: p.fieldStart + a - p.start, end: p.fieldStart + Math.max(a, b) - p.start };
+  }
+  return undefined;
+}

@@ -1,0 +1,74 @@
+// influence-lens tokenize --model <dir> --data <file.jsonl> [--out <file.jsonl>]: exactly which
+// tokens of each record the loss scores. One JSON object per record:
+//   {"line", "text", "rendering", "input_ids", "target_weights", "offsets"[, "truncated"]}
+// `text` is the rendered record (chat template applied), `offsets` are UTF-16 [start, end) per
+// token into `text`, `target_weights[t]` is 1 iff position t's prediction of token t+1 is in the
+// loss (as `gradients` writes it). Same loading, rendering and masking code as `fit` and `explain`.
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { join, resolve } from 'node:path';
+import { loadDataset } from '../data/dataset';
+import { contextLength, type TokenizedText, tokenizeExamples } from '../data/tokenize';
+import { loadTokenizer } from '../model/tokenizer';
+import { CliError, parse } from './util';
+
+export interface TokenizedLine {
+  line: number;
+  text: string;
+  rendering: TokenizedText['rendering'];
+  input_ids: number[];
+  target_weights: number[];
+  offsets: Array<[number, number]>;
+  truncated?: number;
+}
+
+/** The records of `data` as the model at `modelDir` is trained and scored on them. */
+export function tokenizeFile(modelDir: string, data: string): { lines: TokenizedLine[]; warnings: string[] } {
+  const tok = loadTokenizer(modelDir);
+  const cfgPath = join(modelDir, 'config.json');
+  let config: Record<string, unknown> = {};
+  if (existsSync(cfgPath)) {
+    try {
+      config = JSON.parse(readFileSync(cfgPath, 'utf8'));
+    } catch (e) {
+      throw new CliError(`${cfgPath}: not valid JSON (${(e as Error).message})`);
+    }
+  }
+  const ds = loadDataset(data);
+  const maxLength = contextLength(config);
+  const { tokens, truncated } = tokenizeExamples(tok, ds.examples, maxLength, data);
+  const warnings: string[] = [];
+  const standIn = tokens.filter((t) => t.rendering === 'stand-in').length;
+  if (standIn)
+    warnings.push(
+      `${modelDir} has no chat_template: ${standIn} "messages" record(s) rendered with the stand-in "<|role|>\\n" + content + "\\n", which no real chat model was trained on`,
+    );
+  if (truncated)
+    warnings.push(`${truncated} record(s) longer than the context (${maxLength} tokens) were cut at the end`);
+  const lines = tokens.map((t, i): TokenizedLine => {
+    const out: TokenizedLine = {
+      line: ds.examples[i].line,
+      text: t.text,
+      rendering: t.rendering,
+      input_ids: t.ids,
+      target_weights: t.weights,
+      offsets: t.offsets,
+    };
+    if (t.truncated) out.truncated = t.truncated;
+    return out;
+  });
+  return { lines, warnings };
+}
+
+export async function runTokenize(argv: string[]): Promise<void> {
+  const { values: v } = parse(argv, { model: { type: 'string' }, data: { type: 'string' }, out: { type: 'string' } });
+  if (!v.model) throw new CliError('--model <dir> is required (a directory with tokenizer.json)');
+  if (!v.data) throw new CliError('--data <file.jsonl> is required');
+  if (v.out && resolve(v.out) === resolve(v.data)) throw new CliError('--out must not be the --data file');
+  const { lines, warnings } = tokenizeFile(v.model, v.data);
+  for (const w of warnings) process.stderr.write(`warning: ${w}\n`);
+  const body = lines.map((l) => JSON.stringify(l)).join('\n') + (lines.length ? '\n' : '');
+  if (v.out) {
+    writeFileSync(v.out, body);
+    process.stderr.write(`wrote ${v.out}: ${lines.length} record(s)\n`);
+  } else process.stdout.write(body);
+}

