@@ -1,6 +1,5 @@
 #!/usr/bin/env node
 // influence-lens: the command line. One subcommand per job; each lives in cli/<name>.ts.
-import { runBench } from './cli/bench';
 import { runData } from './cli/data';
 import { runDemo } from './cli/demo';
 import { runExplain } from './cli/explain';
@@ -58,10 +57,6 @@ const COMMANDS: Record<string, { run: (argv: string[]) => Promise<void>; help: s
     help:
       'train --data <train.jsonl> --out <dir> (--init llama --tokenizer <dir> [--d --layers --heads --ffn]\n' +
       '    | --model <dir>) [--epochs --lr --batch-size --seed --warmup --clip --exclude <sidecar.jsonl>]   AdamW',
-  },
-  bench: {
-    run: runBench,
-    help: 'bench [--quick] | bench engine|ekfac|server|eval [--quick]   every claim in one report: speed against kronfluence in the same run, latency, accuracy',
   },
 };
 
