@@ -1,10 +1,10 @@
 // bench eval: does each method find the training data that caused a completion? On the
 // embedded default (whose ground truth is known by construction) it measures
 //   - retrieval of the planted wrong facts' and the backdoor's sources (Recall@10, MRR);
-//   - fact tracing: held-out questions whose facts appear only in pre-training (seed 002),
+//   - fact tracing: held-out questions whose facts appear only in pre-training (multi-stage, docs/ARCHITECTURE.md),
 //     multi-stage vs single-stage vs baselines, across damping values;
 //   - correlation with the exact damped Gauss-Newton influence (CG, from test/oracle, when
-//     its golden file exists) — seed 002's Table 1;
+//     its golden file exists) — the multi-stage comparison;
 //   - the linear datamodeling score (LDS): retrain on random halves of the fine-tuning set with
 //     our trainer, correlate each method's predicted group effect with the measured losses;
 // and writes bench/results/<date>-<machine>.{json,md}.

@@ -1,6 +1,6 @@
 // The flags sidecar: `<dataset>.exclude.jsonl` next to the dataset, one
-// `{"hash", "line", "reason", "score", "query"}` per flagged example (DESIGN.md, "Training data,
-// flags and removal"). `influence-lens train --exclude` reads the same file.
+// `{"hash", "line", "reason", "score", "query"}` per flagged example (the
+// README's "In VS Code" section). `influence-lens train --exclude` reads the same file.
 //
 // Nothing is ever lost: every write rewrites the whole file through a temporary file in the same
 // folder that is flushed and then renamed over the old one (a crash leaves the old file or the new
