@@ -9,7 +9,8 @@ import { runInspect } from './cli/inspect';
 import { runScan } from './cli/scan';
 import { runServe } from './cli/serve';
 import { runTrain } from './cli/train';
-import { CliError } from './cli/util';
+import { HelpRequested } from './cli/util';
+import { isUserError } from './user-errors';
 
 const COMMANDS: Record<string, { run: (argv: string[]) => Promise<void>; help: string }> = {
   demo: {
@@ -81,10 +82,14 @@ async function main(argv: string[]): Promise<number> {
     await c.run(rest);
     return 0;
   } catch (e) {
-    // Known, user-facing errors print one clear line; anything else keeps its stack.
+    if (e instanceof HelpRequested) {
+      process.stdout.write(`usage: influence-lens ${c.help}\n\noptions:\n${e.options}\n  -h, --help\n`);
+      return 0;
+    }
+    // user-facing errors (bad input a person can fix) print one clear line; anything else is a
+    // bug and keeps its stack
     const err = e as Error;
-    const known = err instanceof CliError || err.constructor !== Error || /^[^\n]+$/.test(err.message ?? '');
-    process.stderr.write(`influence-lens ${cmd}: ${known ? err.message : err.stack}\n`);
+    process.stderr.write(`influence-lens ${cmd}: ${isUserError(err) ? err.message : (err?.stack ?? String(err))}\n`);
     return 1;
   }
 }
