@@ -52,6 +52,6 @@ export const Reload = new RequestType<ReloadParams, ReloadResult, void>('reload'
 export const SERVICE_REQUESTS = [Explain, Generate, GetExample, ScanDataset, Fit, Index, Reload] as const;
 
 /** client → server: abort the request with this id (LSP). */
-export const CancelRequest = new NotificationType<{ id: number | string }>('$/cancelRequest');
+export const CancelRequestNotification = new NotificationType<{ id: number | string }>('$/cancelRequest');
 /** server → client: work-done progress or a partial result for a token the request carried (LSP). */
-export const Progress = new NotificationType<ProgressParams>('$/progress');
+export const ProgressNotification = new NotificationType<ProgressParams>('$/progress');

@@ -1,6 +1,5 @@
 #!/usr/bin/env node
 // influence-lens: the command line. One subcommand per job; each lives in cli/<name>.ts.
-import { runBench } from './cli/bench';
 import { runData } from './cli/data';
 import { runDemo } from './cli/demo';
 import { runExplain } from './cli/explain';
@@ -11,7 +10,8 @@ import { runScan } from './cli/scan';
 import { runServe } from './cli/serve';
 import { runTokenize } from './cli/tokenize';
 import { runTrain } from './cli/train';
-import { CliError } from './cli/util';
+import { HelpRequested } from './cli/util';
+import { isUserError } from './user-errors';
 
 const COMMANDS: Record<string, { run: (argv: string[]) => Promise<void>; help: string }> = {
   demo: {
@@ -64,10 +64,6 @@ const COMMANDS: Record<string, { run: (argv: string[]) => Promise<void>; help: s
       'train --data <train.jsonl> --out <dir> (--init llama --tokenizer <dir> [--d --layers --heads --ffn]\n' +
       '    | --model <dir>) [--epochs --lr --batch-size --seed --warmup --clip --exclude <sidecar.jsonl>]   AdamW',
   },
-  bench: {
-    run: runBench,
-    help: 'bench [--quick] | bench engine|ekfac|server|eval [--quick]   every claim in one report: speed against kronfluence in the same run, latency, accuracy',
-  },
 };
 
 function usage(): string {
@@ -91,10 +87,14 @@ async function main(argv: string[]): Promise<number> {
     await c.run(rest);
     return 0;
   } catch (e) {
-    // Known, user-facing errors print one clear line; anything else keeps its stack.
+    if (e instanceof HelpRequested) {
+      process.stdout.write(`usage: influence-lens ${c.help}\n\noptions:\n${e.options}\n  -h, --help\n`);
+      return 0;
+    }
+    // user-facing errors (bad input a person can fix) print one clear line; anything else is a
+    // bug and keeps its stack
     const err = e as Error;
-    const known = err instanceof CliError || err.constructor !== Error || /^[^\n]+$/.test(err.message ?? '');
-    process.stderr.write(`influence-lens ${cmd}: ${known ? err.message : err.stack}\n`);
+    process.stderr.write(`influence-lens ${cmd}: ${isUserError(err) ? err.message : (err?.stack ?? String(err))}\n`);
     return 1;
   }
 }

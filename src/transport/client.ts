@@ -20,7 +20,7 @@ import {
   ResponseError,
 } from 'vscode-jsonrpc';
 import WebSocket from 'ws';
-import { Initialize, Progress, Status } from '../protocol/requests';
+import { Initialize, ProgressNotification, Status } from '../protocol/requests';
 import {
   type InitializeParams,
   type InitializeResult,
@@ -79,7 +79,7 @@ export class RpcClient {
 
   private constructor(private readonly socket: WebSocket) {
     this.rpc = createMessageConnection(new WebSocketMessageReader(socket), new WebSocketMessageWriter(socket));
-    this.rpc.onNotification(Progress, (p: ProgressParams) => {
+    this.rpc.onNotification(ProgressNotification, (p: ProgressParams) => {
       if (p && (typeof p.token === 'string' || typeof p.token === 'number')) this.progress.get(p.token)?.(p.value);
     });
     this.rpc.listen();

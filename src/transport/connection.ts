@@ -4,7 +4,7 @@
 // reading is dropped with close code 1008 instead of growing the server's memory.
 import { createMessageConnection, type Logger, type Message, type MessageConnection } from 'vscode-jsonrpc';
 import WebSocket from 'ws';
-import { CancelRequest } from '../protocol/requests';
+import { CancelRequestNotification } from '../protocol/requests';
 import { CloseCode, RpcErrorCode, type ServerLimits } from '../protocol/rpc';
 import type { LogLimiter } from './log-limiter';
 import { frameText, WebSocketMessageReader, WebSocketMessageWriter } from './websocket';
@@ -144,7 +144,7 @@ export class ServerConnection {
     }
     if (m.id === undefined) {
       // notifications: only $/cancelRequest means anything to us
-      if (m.method !== CancelRequest.method) return undefined;
+      if (m.method !== CancelRequestNotification.method) return undefined;
       const cid = (m.params as { id?: unknown } | undefined)?.id;
       if (typeof cid !== 'string' && typeof cid !== 'number') return undefined;
       return v as Message;

@@ -1,7 +1,7 @@
 // LSP `$/progress` for one request: work-done progress (begin, throttled reports where the
 // latest wins, end) and partial results, both sent to the token the request carried.
 import type { MessageConnection } from 'vscode-jsonrpc';
-import { Progress } from '../protocol/requests';
+import { ProgressNotification } from '../protocol/requests';
 import type { ProgressParams, ProgressToken, WorkDoneProgress } from '../protocol/rpc';
 
 /** LSP work-done progress for one request: begin, throttled reports (latest wins), end. */
@@ -63,7 +63,7 @@ export class ProgressSender {
 /** Sends `$/progress`; a closed connection just drops it (sendNotification throws then). */
 export function notify(rpc: MessageConnection, params: ProgressParams) {
   try {
-    rpc.sendNotification(Progress, params).catch(() => {});
+    rpc.sendNotification(ProgressNotification, params).catch(() => {});
   } catch {
     // the connection is gone
   }

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Developer-run benchmark: the kronfluence (1.0.1) side of `influence-lens bench ekfac`.
+"""Developer-run benchmark: the kronfluence (1.0.1) side of `npm run bench -- ekfac`.
 
 It fits EK-FAC factors with kronfluence and scores every query against every training
 example (`compute_pairwise_scores`). It uses the same conventions as our engine and as

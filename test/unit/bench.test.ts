@@ -1,4 +1,4 @@
-// `influence-lens bench --quick`: CI smoke coverage of the one-command benchmark. It checks that
+// `npm run bench -- --quick` (tools/bench, outside the shipped package): CI smoke coverage of the one-command benchmark. It checks that
 // every suite runs and the combined report holds what the README's table is made from — never
 // a speed (speed goals live in the benchmark's own output, not in tests).
 import assert from 'node:assert/strict';
@@ -11,10 +11,10 @@ import { useTempHome } from './helpers/env';
 const home = useTempHome();
 const ROOT = resolve(import.meta.dirname, '../..');
 
-test('bench --quick: ekfac, server and eval in one report', { timeout: 900_000 }, () => {
+test('npm run bench -- --quick: ekfac, server and eval in one report', { timeout: 900_000 }, () => {
   const r = spawnSync(
     process.execPath,
-    ['--import', import.meta.resolve('tsx'), join(ROOT, 'src/server/cli.ts'), 'bench', '--quick', '--no-kronfluence'],
+    ['--import', import.meta.resolve('tsx'), join(ROOT, 'tools/bench/bench.ts'), '--quick', '--no-kronfluence'],
     { cwd: home, encoding: 'utf8', env: { ...process.env, HOME: home, INFLUENCE_LENS_CACHE: join(home, 'cache') } },
   );
   assert.equal(r.status, 0, `${r.stdout.slice(-2000)}\n${r.stderr.slice(-2000)}`);

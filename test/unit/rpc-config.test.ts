@@ -8,7 +8,13 @@ import { join } from 'node:path';
 import { after, describe, test } from 'node:test';
 import { assertSupportedSchema, formatPath, type JsonSchema, validateSchema } from '../../src/common/json-schema';
 import { DEVICES, ort } from '../../src/server/model/onnx/session';
-import { CONFIG_SCHEMA, ConfigError, loadConfig, parseConfig, readConfigFile } from '../../src/server/service/config';
+import {
+  CONFIG_SCHEMA,
+  ConfigFileError,
+  loadConfig,
+  parseConfig,
+  readConfigFile,
+} from '../../src/server/service/config';
 import { checkDevice, DeviceUnavailableError } from '../../src/server/service/device';
 import { DEFAULT_LIMITS } from '../../src/transport/server';
 
@@ -166,7 +172,7 @@ describe('config loader', () => {
     test(`refuses ${what}`, () => {
       assert.throws(
         () => parse(value),
-        (e: unknown) => e instanceof ConfigError && message.test(e.message),
+        (e: unknown) => e instanceof ConfigFileError && message.test(e.message),
       );
     });
 

@@ -1,6 +1,6 @@
 // The flags sidecar: `<dataset>.exclude.jsonl` next to the dataset, one
-// `{"hash", "line", "reason", "score", "query"}` per flagged example (DESIGN.md, "Training data,
-// flags and removal"). `influence-lens train --exclude` reads the same file.
+// `{"hash", "line", "reason", "score", "query"}` per flagged example (the
+// README's "In VS Code" section). `influence-lens train --exclude` reads the same file.
 //
 // Nothing is ever lost: every change is a read-modify-write of the whole file done while holding
 // a lock on it (proper-lockfile: a `<sidecar>.lock` folder, so two editor windows, or the editor

@@ -1,8 +1,8 @@
 // "Explain this completion": rank training examples by their influence on a completion's
-// log-likelihood (DESIGN "The math"), with the same output for every method so that methods
+// log-likelihood (docs/ARCHITECTURE.md, "The maths contract"), with the same output for every method so that methods
 // can be compared side by side:
 //   ekfac       Σ_l ⟨P_l(G_l(q)), G_l(z)⟩ with the fine-tuned model's EK-FAC factors
-//   multistage  Σ_l ⟨P_l^ft(G_l(q; θ_ft)), P_l^pt(G_l(z; θ_pt))⟩ (pre-trained candidates, seed 002)
+//   multistage  Σ_l ⟨P_l^ft(G_l(q; θ_ft)), P_l^pt(G_l(z; θ_pt))⟩ (pre-trained candidates; docs/ARCHITECTURE.md)
 //   gdp         ⟨G(q), G(z)⟩ (identity Hessian)
 //   cosine      ⟨G(q), G(z)⟩ / (‖G(q)‖ ‖G(z)‖)
 //   repsim      cosine of mean-pooled last hidden states

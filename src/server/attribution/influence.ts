@@ -1,4 +1,4 @@
-// Influence of training candidates on a query (DESIGN "The math"):
+// Influence of training candidates on a query (docs/ARCHITECTURE.md, "The maths contract"):
 //   score(q, z) = Σ_l ⟨ P_l(G_l(q)), G_l(z) ⟩,   > 0 = supporting, < 0 = opposing.
 // One mechanism serves every method: a "query matrix" M_l per module is computed in JS
 // (fp64), fed to the candidate graph, and the graph returns ⟨M_l, G_l(z)⟩ per module and

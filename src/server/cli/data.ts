@@ -10,13 +10,15 @@ import { buildWordTokenizer, writeWordTokenizer } from '../data/corpus/word-toke
 import { FILES, writeCorpus } from '../data/corpus/write';
 import { loadDataset } from '../data/dataset';
 import { Model } from '../model/engine';
-import { CliError, int, parse } from './util';
+import { CliError, HelpRequested, int, parse } from './util';
 
 export async function runData(argv: string[]): Promise<void> {
   const [sub, ...rest] = argv;
   if (sub === 'build') return build(rest);
   if (sub === 'tokenizer') return tokenizer(rest);
   if (sub === 'eval') return evaluate(rest);
+  if (sub === '--help' || sub === '-h')
+    throw new HelpRequested('  build | tokenizer | eval   (each takes --help for its own options)');
   throw new CliError(
     'usage: data build --out <dir> [...] | data tokenizer --out <dir> <file.jsonl>... | data eval --model <dir> --data <dir>',
   );

@@ -2,13 +2,37 @@
 // progress bar on stderr that stays quiet when stderr is not a terminal.
 import { type ParseArgsConfig, parseArgs } from 'node:util';
 
-export class CliError extends Error {}
+export class CliError extends Error {
+  override name = 'CliError';
+}
+
+/** Thrown by `parse` for `--help` / `-h`: the command's options, listed from the table that parses them. */
+export class HelpRequested extends Error {
+  override name = 'HelpRequested';
+  constructor(readonly options: string) {
+    super('help requested');
+  }
+}
+
+/** One line per option of a parseArgs table: `--name <value>`, `-s, --flag`, repeatable ones marked. */
+export function describeOptions(options: NonNullable<ParseArgsConfig['options']>): string {
+  return Object.entries(options)
+    .map(([name, o]) => {
+      const flag = `${o.short ? `-${o.short}, ` : ''}--${name}${o.type === 'string' ? ' <value>' : ''}`;
+      const notes = [o.multiple ? 'repeatable' : '', o.default !== undefined ? `default ${String(o.default)}` : '']
+        .filter(Boolean)
+        .join('; ');
+      return `  ${flag}${notes ? `   (${notes})` : ''}`;
+    })
+    .join('\n');
+}
 
 export function parse<T extends NonNullable<ParseArgsConfig['options']>>(
   argv: string[],
   options: T,
   positionals = false,
 ) {
+  if (argv.includes('--help') || argv.includes('-h')) throw new HelpRequested(describeOptions(options));
   try {
     return parseArgs({ args: argv, options, allowPositionals: positionals, strict: true });
   } catch (e) {

@@ -1,4 +1,4 @@
-// The gradient store (DESIGN "Candidates at scale"): every training example's per-module
+// The gradient store, for candidates at scale: every training example's per-module
 // gradient, compressed once at indexing time with random projections of the Kronecker factors
 // (LoGra, Choe et al. 2024): G̃ = PSᵀ G PA = Σ_t (PSᵀ g_t)(PAᵀ ã_t)ᵀ, kS × kA per module, formed
 // inside the graph without the full gradient. With Gaussian PA, PS of variance 1/k,

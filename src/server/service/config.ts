@@ -26,7 +26,10 @@ import type { ServiceConfig, StageConfig } from './influence-service';
 export const CONFIG_SCHEMA: JsonSchema = schemaJson as JsonSchema;
 export const CONFIG_FILE_NAME = 'influence-lens.json';
 
-export class ConfigError extends Error {}
+/** A problem in influence-lens.json (the server's configuration file), naming the field. */
+export class ConfigFileError extends Error {
+  override name = 'ConfigFileError';
+}
 
 /** How the server listens and how much it takes on. */
 export interface ServerSettings {
@@ -81,7 +84,7 @@ interface RawConfig {
 export function parseConfig(value: unknown, opts: { baseDir: string; source?: string }): Config {
   const source = opts.source ?? CONFIG_FILE_NAME;
   const fail = (lines: string[]): never => {
-    throw new ConfigError(lines.map((l) => `${source}: ${l}`).join('\n'));
+    throw new ConfigFileError(lines.map((l) => `${source}: ${l}`).join('\n'));
   };
   const issues = validateSchema(value, CONFIG_SCHEMA);
   if (issues.length) fail(issues.slice(0, 10).map((i) => formatIssue(i, '(the whole file)')));
@@ -160,7 +163,7 @@ export function checkConfigFiles(cfg: Config, source = cfg.file ? basename(cfg.f
     const kind = kindOf(p);
     if (kind !== 'file') problems.push(`datasets.${id}: ${p} ${kind === 'none' ? 'does not exist' : 'is not a file'}`);
   }
-  if (problems.length) throw new ConfigError(problems.map((l) => `${source}: ${l}`).join('\n'));
+  if (problems.length) throw new ConfigFileError(problems.map((l) => `${source}: ${l}`).join('\n'));
 }
 
 function kindOf(p: string): 'file' | 'dir' | 'other' | 'none' {
@@ -180,7 +183,7 @@ export function readConfigFile(file: string): Config {
   try {
     text = readFileSync(abs, 'utf8');
   } catch (e) {
-    throw new ConfigError(
+    throw new ConfigFileError(
       `cannot read the configuration ${abs}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`,
     );
   }
@@ -188,7 +191,7 @@ export function readConfigFile(file: string): Config {
   try {
     value = JSON.parse(text);
   } catch (e) {
-    throw new ConfigError(`${source}: not valid JSON: ${describeJsonError(text, e as Error)}`);
+    throw new ConfigFileError(`${source}: not valid JSON: ${describeJsonError(text, e as Error)}`);
   }
   const cfg = { ...parseConfig(value, { baseDir: dirname(abs), source }), file: abs };
   checkConfigFiles(cfg, source);
@@ -201,7 +204,7 @@ export async function loadConfig(file: string): Promise<Config> {
   try {
     await checkDevice(cfg.service.device ?? 'cpu');
   } catch (e) {
-    throw new ConfigError(`${basename(cfg.file!)}: ${(e as Error).message}`);
+    throw new ConfigFileError(`${basename(cfg.file!)}: ${(e as Error).message}`);
   }
   return cfg;
 }

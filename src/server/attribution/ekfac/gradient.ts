@@ -1,6 +1,6 @@
 // Per-module shapes and per-example gradients from per-token activations and output gradients.
 // For a linear module y = W a (+ b), the loss gradient is G = Σ_t g_t ã_tᵀ (d_out × d_A), where
-// ã_t = [a_t, 1] when the bias is folded into W (DESIGN "The math"; kronfluence appends the 1
+// ã_t = [a_t, 1] when the bias is folded into W (docs/ARCHITECTURE.md, "The maths contract"; kronfluence appends the 1
 // as the last column, so G[:, d_in] is the bias gradient).
 import { type Floats, firstNonFinite, gemm } from '../../linalg/matrix';
 

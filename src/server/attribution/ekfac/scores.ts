@@ -1,6 +1,6 @@
 // Influence scores (Grosse et al. 2023, eq. 24 with the EK-FAC inverse of eq. 21):
 //   score(q, z) = Σ_l ⟨ P_l(G_l(q)), G_l(z) ⟩,
-// with G the gradients of the losses −Σ log p, so score > 0 means "supporting" (DESIGN).
+// with G the gradients of the losses −Σ log p, so score > 0 means "supporting" (docs/ARCHITECTURE.md).
 // Per-module scores are the terms of the sum; per-token scores split the candidate side,
 // c_t = g_tᵀ M ã_t with M = P(G(q)), so Σ_t c_t equals the score.
 import { dot, type Floats, gemm, toF64 } from '../../linalg/matrix';

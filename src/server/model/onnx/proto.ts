@@ -1,7 +1,7 @@
 // A minimal protobuf encoder for the parts of onnx.proto we emit (ModelProto, GraphProto,
 // NodeProto, TensorProto, ValueInfoProto, AttributeProto). Field numbers follow onnx.proto
-// (IR version 10). We only ever write; ONNX Runtime does the reading. A test decodes our
-// output with protobufjs and the official schema to keep us honest.
+// (IR version 10). We only ever write; ONNX Runtime does the reading, so every test that runs
+// a graph also checks the encoding.
 
 export enum DataType {
   FLOAT = 1,

@@ -1,10 +1,10 @@
 // bench eval: does each method find the training data that caused a completion? On the
 // embedded default (whose ground truth is known by construction) it measures
 //   - retrieval of the planted wrong facts' and the backdoor's sources (Recall@10, MRR);
-//   - fact tracing: held-out questions whose facts appear only in pre-training (seed 002),
+//   - fact tracing: held-out questions whose facts appear only in pre-training (multi-stage, docs/ARCHITECTURE.md),
 //     multi-stage vs single-stage vs baselines, across damping values;
 //   - correlation with the exact damped Gauss-Newton influence (CG, from test/oracle, when
-//     its golden file exists) — seed 002's Table 1;
+//     its golden file exists) — the multi-stage comparison;
 //   - the linear datamodeling score (LDS): retrain on random halves of the fine-tuning set with
 //     our trainer, correlate each method's predicted group effect with the measured losses;
 // and writes bench/results/<date>-<machine>.{json,md}.
@@ -12,22 +12,22 @@ import { createHash } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { cpus, hostname } from 'node:os';
 import { dirname, join } from 'node:path';
-import type { Method } from '../../protocol/types';
-import type { Damping } from '../attribution/ekfac/precondition';
-import { Corpus, type ExplainSetup, scoreCorpus } from '../attribution/explain';
-import { modelFingerprint } from '../attribution/fingerprint';
-import { runFitJob } from '../attribution/fit-job';
-import { type OpenedStage, openStage } from '../attribution/stage';
-import { loadDataset } from '../data/dataset';
-import { contextLength, tokenizeQuery } from '../data/tokenize';
-import { embeddedDefault, packageRoot } from '../defaults';
-import { lds, mean, rankingOf, recallAtK, reciprocalRank } from '../eval/metrics';
-import { GradientStore } from '../index/gradient-store';
-import { Model, makeBatch } from '../model/engine';
-import { Rng } from '../util/random';
-import { pearson, spearman } from '../util/stats';
-import { trainJob } from './train';
-import { Progress, parse } from './util';
+import type { Method } from '../../src/protocol/types';
+import type { Damping } from '../../src/server/attribution/ekfac/precondition';
+import { Corpus, type ExplainSetup, scoreCorpus } from '../../src/server/attribution/explain';
+import { modelFingerprint } from '../../src/server/attribution/fingerprint';
+import { runFitJob } from '../../src/server/attribution/fit-job';
+import { type OpenedStage, openStage } from '../../src/server/attribution/stage';
+import { trainJob } from '../../src/server/cli/train';
+import { Progress, parse } from '../../src/server/cli/util';
+import { loadDataset } from '../../src/server/data/dataset';
+import { contextLength, tokenizeQuery } from '../../src/server/data/tokenize';
+import { embeddedDefault, packageRoot } from '../../src/server/defaults';
+import { lds, mean, rankingOf, recallAtK, reciprocalRank } from '../../src/server/eval/metrics';
+import { GradientStore } from '../../src/server/index/gradient-store';
+import { Model, makeBatch } from '../../src/server/model/engine';
+import { Rng } from '../../src/server/util/random';
+import { pearson, spearman } from '../../src/server/util/stats';
 
 interface Query {
   prompt: string;

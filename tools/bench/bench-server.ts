@@ -3,15 +3,15 @@
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { cpus, hostname } from 'node:os';
 import { dirname, join } from 'node:path';
-import type { ExplainResult, Method } from '../../protocol/types';
-import { RpcClient } from '../../transport/client';
-import { startServer } from '../../transport/server';
-import { scoreCorpus } from '../attribution/explain';
-import { defaultServiceConfig, embeddedDefault } from '../defaults';
-import { serviceHandlers } from '../service/handlers';
-import { InfluenceService } from '../service/influence-service';
-import { spearman } from '../util/stats';
-import { parse } from './util';
+import type { ExplainResult, Method } from '../../src/protocol/types';
+import { scoreCorpus } from '../../src/server/attribution/explain';
+import { parse } from '../../src/server/cli/util';
+import { defaultServiceConfig, embeddedDefault } from '../../src/server/defaults';
+import { serviceHandlers } from '../../src/server/service/handlers';
+import { InfluenceService } from '../../src/server/service/influence-service';
+import { spearman } from '../../src/server/util/stats';
+import { RpcClient } from '../../src/transport/client';
+import { startServer } from '../../src/transport/server';
 
 export async function benchServer(argv: string[]): Promise<void> {
   const { values: v } = parse(argv, { quick: { type: 'boolean' }, report: { type: 'string' } });

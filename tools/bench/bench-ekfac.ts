@@ -7,15 +7,15 @@ import { spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { cpus, hostname } from 'node:os';
 import { dirname, join } from 'node:path';
-import { preconditionerFor } from '../attribution/ekfac/factors-io';
-import { type FittedFactors, fitFactors, type TokenizedExample } from '../attribution/fit';
-import { queryBatchGradients, queryMatrices, scoreCandidates } from '../attribution/influence';
-import { packageRoot } from '../defaults';
-import { defaultCacheDir, Model } from '../model/engine';
-import { initLlama, saveCheckpoint } from '../train/trainer';
-import { Rng } from '../util/random';
-import { spearman } from '../util/stats';
-import { int, parse } from './util';
+import { preconditionerFor } from '../../src/server/attribution/ekfac/factors-io';
+import { type FittedFactors, fitFactors, type TokenizedExample } from '../../src/server/attribution/fit';
+import { queryBatchGradients, queryMatrices, scoreCandidates } from '../../src/server/attribution/influence';
+import { int, parse } from '../../src/server/cli/util';
+import { packageRoot } from '../../src/server/defaults';
+import { defaultCacheDir, Model } from '../../src/server/model/engine';
+import { initLlama, saveCheckpoint } from '../../src/server/train/trainer';
+import { Rng } from '../../src/server/util/random';
+import { spearman } from '../../src/server/util/stats';
 
 const SHAPES = {
   full: { d: 128, layers: 4, heads: 4, ffn: 512, train: 256, length: 64, queries: 8 },

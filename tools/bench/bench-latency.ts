@@ -8,14 +8,14 @@
 //   3. reload: a dataset with one long line (--reload-mb, default 10; 0 skips) reloaded while
 //      `status` is sent every 50 ms → the slowest `status` during the reload.
 // It starts the server as a child process with the repository's own CLI, so the same script
-// measures any checkout:   node --import tsx scripts/bench-latency.ts [--quick] [--report FILE]
+// measures any checkout:   node --import tsx tools/bench/bench-latency.ts [--quick] [--report FILE]
 import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
 import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { cpus, hostname, tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
-import { OUR_ARGUMENTS_FILE } from '../src/server/attribution/ekfac/factors-io';
-import { RpcClient } from '../src/transport/client';
+import { OUR_ARGUMENTS_FILE } from '../../src/server/attribution/ekfac/factors-io';
+import { RpcClient } from '../../src/transport/client';
 
 const { values: v } = parseArgs({
   options: {
@@ -24,7 +24,7 @@ const { values: v } = parseArgs({
     'reload-mb': { type: 'string', default: '10' },
   },
 });
-const root = resolve(dirname(new URL(import.meta.url).pathname), '..');
+const root = resolve(dirname(new URL(import.meta.url).pathname), '..', '..');
 const say = (s: string) => process.stdout.write(`${s}\n`);
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const samples = v.quick ? 15 : 40;

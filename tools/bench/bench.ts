@@ -1,4 +1,4 @@
-// influence-lens bench <suite>: commands that print numbers and write a report.
+// npm run bench -- <suite> (node --import tsx tools/bench/bench.ts <suite>): commands that print numbers and write a report.
 // Speed goals live here, never in tests.
 //
 // bench engine: forward + backward with per-module outputs on a GPT-2-small-shaped random
@@ -6,16 +6,17 @@
 import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
 import { cpus, hostname } from 'node:os';
 import { join } from 'node:path';
-import { defaultCacheDir, Model, makeBatch } from '../model/engine';
-import { DataType, Graph } from '../model/onnx/graph';
-import { createSession, ort } from '../model/onnx/session';
-import { type TensorToWrite, writeSafetensors } from '../model/safetensors';
-import { Rng } from '../util/random';
+import { pathToFileURL } from 'node:url';
+import { CliError, int, parse } from '../../src/server/cli/util';
+import { defaultCacheDir, Model, makeBatch } from '../../src/server/model/engine';
+import { DataType, Graph } from '../../src/server/model/onnx/graph';
+import { createSession, ort } from '../../src/server/model/onnx/session';
+import { type TensorToWrite, writeSafetensors } from '../../src/server/model/safetensors';
+import { Rng } from '../../src/server/util/random';
 import { benchAll } from './bench-all';
 import { benchEkfac } from './bench-ekfac';
 import { benchEval } from './bench-eval';
 import { benchServer } from './bench-server';
-import { CliError, int, parse } from './util';
 
 export async function runBench(argv: string[]): Promise<void> {
   const [suite, ...rest] = argv;
@@ -25,7 +26,7 @@ export async function runBench(argv: string[]): Promise<void> {
   if (suite === 'server') return benchServer(rest);
   if (suite === 'eval') return benchEval(rest);
   throw new CliError(
-    `usage: influence-lens bench [--quick] (all suites, one report) | bench engine|ekfac|server|eval [--quick] (unknown suite "${suite}")`,
+    `usage: npm run bench -- [--quick] (all suites, one report) | npm run bench -- engine|ekfac|server|eval [--quick] (unknown suite "${suite}")`,
   );
 }
 
@@ -200,3 +201,10 @@ async function benchEngine(argv: string[]): Promise<void> {
     ].join('\n') + '\n',
   );
 }
+
+// run as a script: `node --import tsx tools/bench/bench.ts [suite] [--quick]`
+if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href)
+  runBench(process.argv.slice(2)).catch((e: Error) => {
+    process.stderr.write(`bench: ${e instanceof CliError ? e.message : e.stack}\n`);
+    process.exitCode = 1;
+  });

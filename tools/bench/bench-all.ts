@@ -1,4 +1,4 @@
-// influence-lens bench [--quick]: every claim in one command. Runs the suites one after the
+// npm run bench [-- --quick]: every claim in one command. Runs the suites one after the
 // other, each in its own process (so each peak-memory number is that suite's alone):
 //   ekfac  — factor fitting and exact scoring next to kronfluence (same model, data, machine, run)
 //   server — explain latency through the real server
@@ -8,8 +8,8 @@ import { spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { cpus, hostname, tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { parse } from '../../src/server/cli/util';
 import { evalMarkdown, fmt, mdTable, type Row } from './bench-eval';
-import { parse } from './util';
 
 // report JSON read back from the suites (their shapes are their own files' business)
 // biome-ignore lint/suspicious/noExplicitAny: see above
@@ -30,8 +30,8 @@ export async function benchAll(argv: string[]): Promise<void> {
   try {
     for (const [suite, extra] of suites) {
       const file = join(tmp, `${suite}.json`);
-      const args = ['bench', suite, ...(quick ? ['--quick'] : []), ...extra, '--report', file];
-      say(`\n== influence-lens ${args.slice(0, -2).join(' ')}`);
+      const args = [suite, ...(quick ? ['--quick'] : []), ...extra, '--report', file];
+      say(`\n== npm run bench -- ${args.slice(0, -2).join(' ')}`);
       // the same entry point (and loader flags, e.g. tsx's) as this process
       const r = spawnSync(process.execPath, [...process.execArgv, process.argv[1], ...args], { stdio: 'inherit' });
       out[suite] =
@@ -44,7 +44,7 @@ export async function benchAll(argv: string[]): Promise<void> {
   }
   const date = new Date().toISOString();
   const report = {
-    command: `npx influence-lens bench${quick ? ' --quick' : ''}`,
+    command: `npm run bench${quick ? ' -- --quick' : ''}`,
     date,
     host: hostname(),
     cpus: cpus().length,

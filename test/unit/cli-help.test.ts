@@ -1,0 +1,45 @@
+// `influence-lens <command> --help` works for every command and lists the options that command
+// really parses (generated from the same parseArgs table); user-facing errors are one line,
+// anything else (a bug) keeps its stack.
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { join, resolve } from 'node:path';
+import { test } from 'node:test';
+import { CliError } from '../../src/server/cli/util';
+import { ConfigFileError } from '../../src/server/service/config';
+import { ServiceError } from '../../src/server/service/influence-service';
+import { isUserError } from '../../src/server/user-errors';
+
+const ROOT = resolve(import.meta.dirname, '../..');
+const cli = (...args: string[]) =>
+  spawnSync(process.execPath, ['--import', import.meta.resolve('tsx'), join(ROOT, 'src/server/cli.ts'), ...args], {
+    encoding: 'utf8',
+  });
+
+test('every command answers --help with its parsed options', () => {
+  const expect: Record<string, string[]> = {
+    explain: ['--model <value>', '--compare <value>', '--pretrained-factors <value>', '--json'],
+    serve: ['--config <value>', '--no-discovery', '--watch-parent <value>'],
+    fit: ['--model <value>', '--partition <value>'],
+    scan: ['--top-k <value>'],
+    train: ['--exclude <value>'],
+    demo: ['--query <value>'],
+    inspect: ['--json'],
+    gradients: ['--out <value>'],
+    data: ['build | tokenizer | eval'],
+  };
+  for (const [command, flags] of Object.entries(expect)) {
+    const r = cli(command, '--help');
+    assert.equal(r.status, 0, `${command} --help: ${r.stderr}`);
+    assert.match(r.stdout, new RegExp(`^usage: influence-lens ${command}`));
+    for (const f of flags) assert.ok(r.stdout.includes(f), `${command} --help lacks ${f}:\n${r.stdout}`);
+  }
+});
+
+test('user-facing errors are recognised; anything else is a bug (its stack is printed)', () => {
+  assert.equal(isUserError(new CliError('--port must be 0..65535')), true);
+  assert.equal(isUserError(new ConfigFileError('influence-lens.json: port: must be ≤ 65535')), true);
+  assert.equal(isUserError(new ServiceError('unknown dataset')), true);
+  assert.equal(isUserError(new TypeError("Cannot read properties of undefined (reading 'x')")), false);
+  assert.equal(isUserError(new Error('one line, but not a known kind')), false);
+});
