@@ -5,6 +5,7 @@ import { runData } from './cli/data';
 import { runDemo } from './cli/demo';
 import { runExplain } from './cli/explain';
 import { runFit } from './cli/fit';
+import { runGenerate } from './cli/generate';
 import { runGradients } from './cli/gradients';
 import { runInspect } from './cli/inspect';
 import { runScan } from './cli/scan';
@@ -36,6 +37,12 @@ const COMMANDS: Record<string, { run: (argv: string[]) => Promise<void>; help: s
       'explain --model <dir> --factors <dir> --data <train.jsonl> --prompt P --completion C [--top-k K]\n' +
       '    [--method ekfac|multistage|gdp|cosine|repsim|bm25] [--compare m,m] [--damping X] [--rank R]\n' +
       '    [--pretrained-model <dir> --pretrained-factors <dir>] [--json]   rank training examples',
+  },
+  generate: {
+    run: runGenerate,
+    help:
+      'generate --model <dir> (--prompt P | --prompts <file.jsonl>) [--max-tokens N] [--temperature T] [--seed N]\n' +
+      "    [--stop S]... [--multiline] [--json]   the model's own completions, greedy or sampled",
   },
   serve: {
     run: runServe,
