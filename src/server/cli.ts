@@ -4,10 +4,12 @@ import { runBench } from './cli/bench';
 import { runData } from './cli/data';
 import { runDemo } from './cli/demo';
 import { runExplain } from './cli/explain';
+import { runExport } from './cli/export';
 import { runFit } from './cli/fit';
 import { runGenerate } from './cli/generate';
 import { runGradients } from './cli/gradients';
 import { runInspect } from './cli/inspect';
+import { runRetrain } from './cli/retrain';
 import { runScan } from './cli/scan';
 import { runServe } from './cli/serve';
 import { runTrain } from './cli/train';
@@ -58,6 +60,8 @@ const COMMANDS: Record<string, { run: (argv: string[]) => Promise<void>; help: s
       'data build --out <dir> [--seed N] [--countries N]   country-facts corpus: pre-training text, QA fine-tuning\n' +
       '    set with planted wrong facts and a backdoor, queries with true sources, a word-level tokenizer\n' +
       '  data tokenizer --out <dir> <file.jsonl>...   a word-level tokenizer.json over JSONL files\n' +
+      '  data eval --model <dir> --queries <file> [--data <train.jsonl>] [--factors <dir>] [--methods m,m] [--top-k K]\n' +
+      '    [--json]   accuracy on {prompt, expected, sources?} questions; per method Recall@k / MRR of the sources\n' +
       '  data eval --model <dir> --data <dir> [--json]   greedy accuracy of a model on a built corpus',
   },
   train: {
@@ -65,6 +69,16 @@ const COMMANDS: Record<string, { run: (argv: string[]) => Promise<void>; help: s
     help:
       'train --data <train.jsonl> --out <dir> (--init llama --tokenizer <dir> [--d --layers --heads --ffn]\n' +
       '    | --model <dir>) [--epochs --lr --batch-size --seed --warmup --clip --exclude <sidecar.jsonl>]   AdamW',
+  },
+  retrain: {
+    run: runRetrain,
+    help:
+      'retrain --model <dir> --exclude <data.exclude.jsonl> --out <dir> [--data <train.jsonl>] [--from <dir>] [--queries <file>]\n' +
+      "    train again without the flagged examples, with the model's training_args.json; answers before/after",
+  },
+  export: {
+    run: runExport,
+    help: 'export --data <train.jsonl> [--out <file>]   a copy without the examples its .exclude.jsonl sidecar flags',
   },
   bench: {
     run: runBench,
