@@ -77,7 +77,7 @@ export function packageVsix(out: string, vsce = defaultVsce(), target?: Target):
  * time; a koffi prebuild for another platform is fetched here, at packaging time, with `npm pack`.
  * The extension finds it as <extension>/server/cli.mjs (src/extension/client/index.ts).
  */
-function stageServer(stage: string, target: Target): void {
+export function stageServer(stage: string, target: Target): void {
   const [platform, arch] = TARGETS[target];
   if (!existsSync(join(ROOT, 'dist/cli.mjs'))) throw new Error('dist/cli.mjs is missing: run `npm run build` first');
   // under server/: vsce leaves out a top-level node_modules, and the bundle resolves its natives from server/node_modules
