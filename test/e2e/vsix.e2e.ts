@@ -139,16 +139,6 @@ async function palette(title: string) {
 }
 
 /** Opens a workspace file with Quick Open. */
-async function openFile(name: string) {
-  await page.keyboard.press('Control+P');
-  const input = page.locator('.quick-input-widget input');
-  await input.waitFor({ state: 'visible', timeout: 10000 });
-  await input.fill(name);
-  await page.locator('.quick-input-list .monaco-list-row', { hasText: name }).first().waitFor({ timeout: 10000 });
-  await page.keyboard.press('Enter');
-  await page.locator('.tabs-container .tab.active', { hasText: name }).waitFor({ timeout: 10000 });
-}
-
 function results(): FrameLocator {
   return page.frameLocator('iframe.webview.ready').frameLocator('#active-frame');
 }
@@ -272,7 +262,9 @@ after(async () => {
 
 test('VSIX alone: explain the planted wrong record of a lone JSONL file', { skip, timeout: 600000 }, async () => {
   await step('explain', async () => {
-    await openFile('finetune.jsonl');
+    // from the Explorer (Quick Open's file search may still be indexing in a fresh profile)
+    await page.locator('.explorer-folders-view .monaco-list-row', { hasText: 'finetune.jsonl' }).first().click();
+    await page.locator('.tabs-container .tab.active', { hasText: 'finetune.jsonl' }).waitFor({ timeout: 20000 });
     await page.locator('.editor-instance .monaco-editor .view-lines').click();
     // the whole record on line 237: split into prompt and completion by its fields
     await page.keyboard.press('Control+G');
@@ -281,6 +273,11 @@ test('VSIX alone: explain the planted wrong record of a lone JSONL file', { skip
     await page.keyboard.press('Home');
     await page.keyboard.press('Shift+End');
     await palette('Influence Lens: Explain this completion');
+    // the embedded default has two datasets: the fine-tuning one is this file
+    const pick = page.locator('.quick-input-list .monaco-list-row', { hasText: /^finetune/ }).first();
+    await pick.waitFor({ timeout: 120000 });
+    await shot('00-which-data');
+    await pick.click();
     const ask = page.locator('.notification-toast', { hasText: 'needs EK-FAC factors' });
     await ask.waitFor({ timeout: 180000 });
     mark('server started from the VSIX, fit offered');
