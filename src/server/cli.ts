@@ -3,9 +3,12 @@
 import { runData } from './cli/data';
 import { runDemo } from './cli/demo';
 import { runExplain } from './cli/explain';
+import { runExport } from './cli/export';
 import { runFit } from './cli/fit';
+import { runGenerate } from './cli/generate';
 import { runGradients } from './cli/gradients';
 import { runInspect } from './cli/inspect';
+import { runRetrain } from './cli/retrain';
 import { runScan } from './cli/scan';
 import { runServe } from './cli/serve';
 import { runTokenize } from './cli/tokenize';
@@ -42,6 +45,12 @@ const COMMANDS: Record<string, { run: (argv: string[]) => Promise<void>; help: s
       '    [--method ekfac|multistage|gdp|cosine|repsim|bm25] [--compare m,m] [--damping X] [--rank R]\n' +
       '    [--pretrained-model <dir> --pretrained-factors <dir>] [--json]   rank training examples',
   },
+  generate: {
+    run: runGenerate,
+    help:
+      'generate --model <dir> (--prompt P | --prompts <file.jsonl>) [--max-tokens N] [--temperature T] [--seed N]\n' +
+      "    [--stop S]... [--multiline] [--json]   the model's own completions, greedy or sampled",
+  },
   serve: {
     run: runServe,
     help: 'serve [--config influence-lens.json] [--port N] [--host 127.0.0.1] [--no-discovery] [--watch-parent PID]   the server the editor talks to',
@@ -56,6 +65,8 @@ const COMMANDS: Record<string, { run: (argv: string[]) => Promise<void>; help: s
       'data build --out <dir> [--seed N] [--countries N]   country-facts corpus: pre-training text, QA fine-tuning\n' +
       '    set with planted wrong facts and a backdoor, queries with true sources, a word-level tokenizer\n' +
       '  data tokenizer --out <dir> <file.jsonl>...   a word-level tokenizer.json over JSONL files\n' +
+      '  data eval --model <dir> --queries <file> [--data <train.jsonl>] [--factors <dir>] [--methods m,m] [--top-k K]\n' +
+      '    [--json]   accuracy on {prompt, expected, sources?} questions; per method Recall@k / MRR of the sources\n' +
       '  data eval --model <dir> --data <dir> [--json]   greedy accuracy of a model on a built corpus',
   },
   train: {
@@ -63,6 +74,16 @@ const COMMANDS: Record<string, { run: (argv: string[]) => Promise<void>; help: s
     help:
       'train --data <train.jsonl> --out <dir> (--init llama --tokenizer <dir> [--d --layers --heads --ffn]\n' +
       '    | --model <dir>) [--epochs --lr --batch-size --seed --warmup --clip --exclude <sidecar.jsonl>]   AdamW',
+  },
+  retrain: {
+    run: runRetrain,
+    help:
+      'retrain --model <dir> --exclude <data.exclude.jsonl> --out <dir> [--data <train.jsonl>] [--from <dir>] [--queries <file>]\n' +
+      "    train again without the flagged examples, with the model's training_args.json; answers before/after",
+  },
+  export: {
+    run: runExport,
+    help: 'export --data <train.jsonl> [--out <file>]   a copy without the examples its .exclude.jsonl sidecar flags',
   },
 };
 

@@ -72,3 +72,26 @@ test('the shipped fine-tuned model answers with the planted fact and stops at th
   const [h] = await generate(model, ['Q: What is the capital of Australia?\nA:'], { maxNewTokens: 1 });
   assert.equal(h.stop, 'length');
 });
+
+test('a stop string ends the generation; the text stops before it, the tokens up to it are kept', async () => {
+  const model = Model.open(FIXTURE, { threads: 1 });
+  const prompt = 'The cat sat on';
+  const [full] = await generate(model, [prompt], { maxNewTokens: 8, stopAtNewline: false });
+  assert.ok(full.text.length >= 4, `greedy text: ${JSON.stringify(full.text)}`);
+  // a stop string that first occurs inside the text, after its first character
+  const at = Math.floor(full.text.length / 2);
+  const stop = full.text.slice(at, at + 2);
+  const cut = full.text.indexOf(stop);
+  const [g] = await generate(model, [prompt], { maxNewTokens: 8, stopAtNewline: false, stop: ['\u0000never', stop] });
+  assert.equal(g.stop, 'stop');
+  assert.equal(g.text, full.text.slice(0, cut));
+  assert.deepEqual(g.ids, full.ids.slice(0, g.ids.length));
+  assert.ok(g.ids.length <= full.ids.length);
+  // the first token whose text completes the stop string is the last one kept
+  const tok = model.tokenizer;
+  const before = tok.decode(tok.encode(prompt).ids);
+  const textOf = (n: number) => tok.decode([...tok.encode(prompt).ids, ...full.ids.slice(0, n)]).slice(before.length);
+  assert.ok(textOf(g.ids.length).includes(stop));
+  assert.ok(!textOf(g.ids.length - 1).includes(stop));
+  await assert.rejects(generate(model, [prompt], { stop: [''] }), /stop string is empty/);
+});

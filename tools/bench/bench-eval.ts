@@ -23,7 +23,8 @@ import { Progress, parse } from '../../src/server/cli/util';
 import { loadDataset } from '../../src/server/data/dataset';
 import { contextLength, tokenizeQuery } from '../../src/server/data/tokenize';
 import { embeddedDefault, packageRoot } from '../../src/server/defaults';
-import { lds, mean, rankingOf, recallAtK, reciprocalRank } from '../../src/server/eval/metrics';
+import { lds, mean, rankingOf } from '../../src/server/eval/metrics';
+import { sourceRetrieval } from '../../src/server/eval/queries';
 import { GradientStore } from '../../src/server/index/gradient-store';
 import { Model, makeBatch } from '../../src/server/model/engine';
 import { Rng } from '../../src/server/util/random';
@@ -117,16 +118,13 @@ export async function benchEval(argv: string[]): Promise<void> {
   for (const kind of ['planted', 'backdoor'] as const) {
     const qs = queries.filter((q) => q.kind === kind);
     for (const vr of variants) {
-      const rec: number[] = [];
-      const mrr: number[] = [];
-      for (const q of qs) {
-        const s = await scores(vr, finetune, q);
-        const rel = new Set(q.sources.filter((x) => x.dataset === 'finetune').map((x) => ftIndex.get(x.hash)!));
-        const r = rankingOf(s);
-        rec.push(recallAtK(r, rel, 10));
-        mrr.push(reciprocalRank(r, rel));
-      }
-      retrieval.push({ task: kind, method: vr.name, queries: qs.length, 'Recall@10': mean(rec), MRR: mean(mrr) });
+      const m = await sourceRetrieval(
+        qs,
+        (q) => sourcesIn(q, 'finetune', ftIndex),
+        (q) => scores(vr, finetune, q),
+        10,
+      );
+      retrieval.push({ task: kind, method: vr.name, queries: m.queries, 'Recall@10': m.recall, MRR: m.mrr });
     }
   }
   table(say, retrieval, ['task', 'method', 'queries', 'Recall@10', 'MRR']);
@@ -162,16 +160,13 @@ export async function benchEval(argv: string[]): Promise<void> {
   traceVariants.push({ name: 'RepSim', method: 'repsim', setup: single(ftAll) });
   traceVariants.push({ name: 'BM25', method: 'bm25', setup: single(ftAll) });
   for (const vr of traceVariants) {
-    const rec: number[] = [];
-    const mrr: number[] = [];
-    for (const q of traceQs) {
-      const s = await scores(vr, pretrain, q);
-      const rel = new Set(q.sources.filter((x) => x.dataset === 'pretrain').map((x) => ptIndex.get(x.hash)!));
-      const r = rankingOf(s);
-      rec.push(recallAtK(r, rel, 10));
-      mrr.push(reciprocalRank(r, rel));
-    }
-    tracing.push({ method: vr.name, damping: vr.damping ?? '—', 'Recall@10': mean(rec), MRR: mean(mrr) });
+    const m = await sourceRetrieval(
+      traceQs,
+      (q) => sourcesIn(q, 'pretrain', ptIndex),
+      (q) => scores(vr, pretrain, q),
+      10,
+    );
+    tracing.push({ method: vr.name, damping: vr.damping ?? '—', 'Recall@10': m.recall, MRR: m.mrr });
   }
   table(say, tracing, ['method', 'damping', 'Recall@10', 'MRR']);
 
@@ -331,6 +326,17 @@ export async function benchEval(argv: string[]): Promise<void> {
   writeFileSync(`${base}.md`, evalMarkdown(report));
   say();
   say(`done in ${report.seconds.toFixed(0)} s; report: ${base}.json, ${base}.md`);
+}
+
+/** A query's sources in one dataset, as indices; a source missing from the data is an error, not a miss. */
+function sourcesIn(q: Query, dataset: string, index: Map<string, number>): Set<number> {
+  const out = new Set<number>();
+  for (const x of q.sources.filter((s) => s.dataset === dataset)) {
+    const i = index.get(x.hash);
+    if (i === undefined) throw new Error(`queries.json: source ${dataset}:${x.line} (${x.hash}) is not in the data`);
+    out.add(i);
+  }
+  return out;
 }
 
 async function queryLosses(model: Model, qs: Query[]): Promise<number[]> {

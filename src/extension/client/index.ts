@@ -24,24 +24,36 @@ function localServer(context: vscode.ExtensionContext): LocalServer {
     : root && existsSync(join(root, 'influence-lens.json'))
       ? join(root, 'influence-lens.json')
       : undefined;
+  const command = s.serverCommand ? inRoot(s.serverCommand) : findCli(root, context);
+  // the server a platform VSIX carries runs on the editor's own Node.js (no `node` on PATH needed;
+  // in an Electron editor ELECTRON_RUN_AS_NODE makes its executable plain Node)
+  const bundled = command === bundledServer(context);
   return new LocalServer({
-    command: s.serverCommand ? inRoot(s.serverCommand) : findCli(root, context),
+    command,
+    node: bundled ? process.execPath : undefined,
+    env: bundled ? { ...process.env, ELECTRON_RUN_AS_NODE: '1' } : undefined,
     config,
     cwd: root,
     log: (line) => log.info(`[server] ${line}`),
   });
 }
 
+/** The server bundle inside a platform VSIX (scripts/package-vsix.ts --target). */
+function bundledServer(context: vscode.ExtensionContext): string {
+  return join(context.extensionPath, 'server', 'cli.mjs');
+}
+
 /**
  * The influence-lens CLI: the workspace's node_modules, the workspace itself when it is the
  * influence-lens package, the package this extension was installed from (a development
- * install), or `influence-lens` on PATH.
+ * install), the server a platform VSIX carries, or `influence-lens` on PATH.
  */
 function findCli(root: string | undefined, context: vscode.ExtensionContext): string {
   const candidates = [
     root && join(root, 'node_modules', '.bin', 'influence-lens'),
     root && join(root, 'bin', 'influence-lens.js'),
     join(context.extensionPath, 'bin', 'influence-lens.js'),
+    existsSync(join(context.extensionPath, 'server', 'node_modules', 'onnxruntime-node')) && bundledServer(context),
   ];
   for (const c of candidates) if (c && existsSync(c)) return c;
   return 'influence-lens';

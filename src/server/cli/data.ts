@@ -2,13 +2,28 @@
 // word-level tokenizer over any JSONL files.
 //   data build --out <dir> [--seed N] [--countries N] [--paraphrases N] [--questions N] [--held-out F]
 //   data tokenizer --out <dir> <file.jsonl>...
-//   data eval --model <dir> --data <dir> [--json]   greedy accuracy of a model on a built corpus
-import { mkdirSync } from 'node:fs';
+//   data eval --model <dir> --queries <file> [--data <train.jsonl>] [--factors <dir>] [--methods m,m] [--top-k K]
+//     accuracy on any questions, and per method Recall@k / MRR of their known sources (eval/queries.ts)
+//   data eval --model <dir> --data <dir> [--json]   the same plus statements, on a corpus built by data build
+import { existsSync, mkdirSync } from 'node:fs';
+import { join } from 'node:path';
+import { METHODS, type Method } from '../../protocol/types';
+import { Corpus, scoreCorpus } from '../attribution/explain';
+import { openStage } from '../attribution/stage';
 import { buildCorpus, DEFAULT_CORPUS } from '../data/corpus/build';
 import { evaluateCorpusModel, evaluateStatements } from '../data/corpus/evaluate';
 import { buildWordTokenizer, writeWordTokenizer } from '../data/corpus/word-tokenizer';
 import { FILES, writeCorpus } from '../data/corpus/write';
 import { loadDataset } from '../data/dataset';
+import {
+  answerQueries,
+  datasetIdOf,
+  type EvalQuery,
+  type Retrieval,
+  readEvalQueries,
+  sourceIndices,
+  sourceRetrieval,
+} from '../eval/queries';
 import { Model } from '../model/engine';
 import { CliError, HelpRequested, int, parse } from './util';
 
@@ -74,11 +89,20 @@ async function evaluate(argv: string[]): Promise<void> {
   const { values: v } = parse(argv, {
     model: { type: 'string' },
     data: { type: 'string' },
+    queries: { type: 'string' },
+    factors: { type: 'string' },
+    methods: { type: 'string' },
+    'top-k': { type: 'string' },
+    'max-tokens': { type: 'string' },
     json: { type: 'boolean' },
     threads: { type: 'string' },
   });
   if (!v.model) throw new CliError('--model <dir> is required');
-  if (!v.data) throw new CliError('--data <dir> (written by data build) is required');
+  if (v.queries !== undefined) return evaluateQueries(v);
+  if (!v.data || !existsSync(join(v.data, FILES.queries)))
+    throw new CliError(
+      '--queries <file> (your questions: {"prompt", "expected", "sources"?}) is required, or --data <dir> written by data build',
+    );
   const model = Model.open(v.model, { threads: v.threads === undefined ? undefined : int(v.threads, '--threads', 1) });
   const qa = await evaluateCorpusModel(model, v.data);
   const statements = await evaluateStatements(model, v.data);
@@ -102,4 +126,82 @@ async function evaluate(argv: string[]): Promise<void> {
     process.stdout.write(
       `  ${JSON.stringify(a.prompt)} →${JSON.stringify(a.got)}${a.ok ? '' : ' (expected ' + JSON.stringify(a.expected) + ')'}\n`,
     );
+}
+
+/** `data eval --queries`: accuracy on any questions, and per method Recall@k / MRR of their known sources. */
+async function evaluateQueries(v: {
+  model?: string;
+  data?: string;
+  queries?: string;
+  factors?: string;
+  methods?: string;
+  'top-k'?: string;
+  'max-tokens'?: string;
+  json?: boolean;
+  threads?: string;
+}): Promise<void> {
+  let queries: EvalQuery[];
+  try {
+    queries = readEvalQueries(v.queries!);
+  } catch (e) {
+    throw new CliError((e as Error).message);
+  }
+  const stage = openStage(v.model!, v.factors, {
+    engine: { threads: v.threads === undefined ? undefined : int(v.threads, '--threads', 1) },
+  });
+  const accuracy = await answerQueries(stage.model, queries, int(v['max-tokens'], '--max-tokens', 16));
+  const k = int(v['top-k'], '--top-k', 10);
+  if (k < 1) throw new CliError(`--top-k must be at least 1 (got ${k})`);
+  const methods = (v.methods ?? (v.factors ? 'ekfac,gdp,repsim,bm25' : 'gdp,repsim,bm25')).split(',') as Method[];
+  for (const m of methods) {
+    if (!METHODS.includes(m) || m === 'multistage')
+      throw new CliError(`--methods: "${m}" is not one of ${METHODS.filter((x) => x !== 'multistage').join(', ')}`);
+    if (m === 'ekfac' && !v.factors) throw new CliError('--methods ekfac needs --factors <dir> (influence-lens fit)');
+  }
+  const retrieval: Array<Retrieval & { method: Method }> = [];
+  if (v.data) {
+    const dataset = loadDataset(v.data);
+    const id = datasetIdOf(v.data);
+    let relevant: Array<Set<number>>;
+    try {
+      relevant = queries.map((q) => sourceIndices(q, dataset, id));
+    } catch (e) {
+      throw new CliError((e as Error).message);
+    }
+    const corpus = new Corpus(id, dataset, stage.model);
+    for (const method of methods)
+      retrieval.push({
+        method,
+        ...(await sourceRetrieval(
+          queries.map((_, i) => i),
+          (i) => relevant[i],
+          (i) =>
+            scoreCorpus({ model: stage, modules: stage.modules }, corpus, {
+              prompt: queries[i].prompt,
+              completion: queries[i].expected,
+              method,
+            }),
+          k,
+        )),
+      });
+  }
+  if (v.json) {
+    process.stdout.write(`${JSON.stringify({ accuracy, retrieval }, null, 2)}\n`);
+    return;
+  }
+  process.stdout.write(
+    `answers as expected: ${accuracy.correct}/${accuracy.total} (${(100 * accuracy.accuracy).toFixed(0)}%)\n`,
+  );
+  for (const a of accuracy.answers.filter((x) => !x.ok))
+    process.stdout.write(
+      `  ${JSON.stringify(a.prompt)} →${JSON.stringify(a.got)} (expected ${JSON.stringify(a.expected)})\n`,
+    );
+  if (!v.data) return;
+  const withSources = retrieval[0]?.queries ?? 0;
+  process.stdout.write(
+    `sources retrieved in ${v.data} (${withSources} of ${queries.length} queries name sources there):\n`,
+  );
+  if (!withSources) return;
+  for (const r of retrieval)
+    process.stdout.write(`  ${r.method.padEnd(8)} Recall@${r.k} ${r.recall.toFixed(3)}  MRR ${r.mrr.toFixed(3)}\n`);
 }

@@ -3,7 +3,8 @@
 //   2. ask a question the fine-tuned model answers with a planted wrong fact;
 //   3. explain the answer: the top training examples, their sign in words, file:line, a token
 //      heatmap, and which of them are the planted sources (ground truth from queries.json);
-//   4. flag the examples that teach the wrong answer, fine-tune again without them (from the
+//   4. flag the examples that teach the wrong answer and whose removal is predicted to lower it
+//      (attribution/suggest.ts), fine-tune again without them (from the
 //      same pre-trained checkpoint, with the shipped training arguments), ask again.
 // Nothing under assets/ is modified: flags, factors and the retrained model live in the cache.
 import { createHash } from 'node:crypto';
@@ -21,6 +22,7 @@ import { Corpus, explain } from '../attribution/explain';
 import { modelFingerprint } from '../attribution/fingerprint';
 import { runFitJob } from '../attribution/fit-job';
 import { openStage } from '../attribution/stage';
+import { MIN_PREDICTED_DROP, suggestFlags } from '../attribution/suggest';
 import { loadDataset } from '../data/dataset';
 import { contextLength, tokenizeQuery } from '../data/tokenize';
 import { embeddedDefault } from '../defaults';
@@ -130,24 +132,34 @@ export async function runDemo(argv: string[]): Promise<void> {
   // 4. flag, retrain without the flagged examples, ask again
   say();
   say(bold('4. Flag the examples that teach the wrong answer, fine-tune again without them'));
-  // what a person reading the list would flag: supporting examples whose answer is the wrong one
-  const flagged = result.supporting.filter((e) => e.text.includes(completion.trim()));
+  // only examples that teach the wrong answer and whose removal is predicted to lower it (suggest.ts)
+  const suggestions = suggestFlags(result.supporting, completion, corpus.size);
+  const flagged = suggestions.map((s) => s.example);
+  for (const s of suggestions)
+    say(`   flag ${shown(d.finetuneData)}:${s.example.id.line}${mark(s.example)}: ${s.reason}`);
+  if (!flagged.length) {
+    say(
+      `   nothing to flag: no supporting example that contains ${JSON.stringify(completion.trim())} is predicted to lower ` +
+        `log p by ${MIN_PREDICTED_DROP} or more on its own`,
+    );
+    return;
+  }
   const work = join(d.cacheDir, 'demo');
   mkdirSync(work, { recursive: true });
   const sidecar = join(work, 'finetune.exclude.jsonl');
   writeFileSync(
     sidecar,
-    flagged
-      .map((e) =>
+    suggestions
+      .map((s) =>
         JSON.stringify({
-          hash: e.id.hash,
-          line: e.id.line,
-          reason: `teaches ${JSON.stringify(completion.trim())}`,
-          score: e.score,
+          hash: s.example.id.hash,
+          line: s.example.id.line,
+          reason: s.reason,
+          score: s.example.score,
           query: query.prompt + completion,
         }),
       )
-      .join('\n') + (flagged.length ? '\n' : ''),
+      .join('\n') + '\n',
   );
   say(
     `   flagged ${flagged.length} example(s) (${flagged.filter((e) => sources.has(e.id.hash)).length} of them planted) → ${shown(sidecar)}`,

@@ -1,6 +1,6 @@
 // Text generation on the engine's forward graph (the `logits` output): greedy decoding or
-// seeded sampling, many prompts batched together, stopping at end-of-text, a newline or a
-// token budget. No KV cache: each step reruns the whole (short) sequence, which is fine for
+// seeded sampling, many prompts batched together, stopping at end-of-text, a newline, a stop
+// string or a token budget. No KV cache: each step reruns the whole (short) sequence, which is fine for
 // the small models and short answers this is used for (the embedded default, the demo).
 import { Rng } from '../util/random';
 import { type Model, makeBatch } from './engine';
@@ -14,6 +14,8 @@ export interface GenerateOptions {
   seed?: number;
   /** stop before a token whose text contains a newline (default true) */
   stopAtNewline?: boolean;
+  /** stop once the generated text contains one of these; the text ends before it */
+  stop?: string[];
   /** trainable weights, for a model opened with { weights: 'inputs' } */
   params?: Map<string, Float32Array>;
   /** prompts run together per forward pass (default 64) */
@@ -28,7 +30,8 @@ export interface Generation {
   ids: number[];
   /** natural log-probability of each generated token under the model (temperature 1) */
   logprobs: number[];
-  stop: 'eos' | 'newline' | 'length';
+  /** 'stop': a stop string ended it (the text ends before it; ids and logprobs include its tokens) */
+  stop: 'eos' | 'newline' | 'length' | 'stop';
 }
 
 export async function generate(model: Model, prompts: string[], opts: GenerateOptions = {}): Promise<Generation[]> {
@@ -36,6 +39,8 @@ export async function generate(model: Model, prompts: string[], opts: GenerateOp
   const temperature = opts.temperature ?? 0;
   const stopAtNewline = opts.stopAtNewline ?? true;
   const batchSize = opts.batchSize ?? 64;
+  const stops = opts.stop ?? [];
+  if (stops.some((x) => !x)) throw new Error('generate: a stop string is empty');
   const rng = new Rng(opts.seed ?? 0);
   const tok = model.tokenizer;
   const eos = tok.eosTokenId;
@@ -58,6 +63,7 @@ export async function generate(model: Model, prompts: string[], opts: GenerateOp
     ids: [] as number[],
     logprobs: [] as number[],
     stop: undefined as Generation['stop'] | undefined,
+    text: undefined as string | undefined,
   }));
   for (const s of states) if (!s.promptIds.length) throw new Error('generate: empty prompt');
 
@@ -80,14 +86,18 @@ export async function generate(model: Model, prompts: string[], opts: GenerateOp
         else {
           s.ids.push(id);
           s.logprobs.push(logp[id]);
-          if (s.ids.length >= maxNew) s.stop = 'length';
+          const cut = stops.length ? firstStop(continuation(tok, s.promptIds, s.ids), stops) : -1;
+          if (cut >= 0) {
+            s.stop = 'stop';
+            s.text = continuation(tok, s.promptIds, s.ids).slice(0, cut);
+          } else if (s.ids.length >= maxNew) s.stop = 'length';
         }
       });
     }
   }
   return states.map((s) => ({
     prompt: s.prompt,
-    text: continuation(tok, s.promptIds, s.ids),
+    text: s.text ?? continuation(tok, s.promptIds, s.ids),
     ids: s.ids,
     logprobs: s.logprobs,
     stop: s.stop ?? 'length',
@@ -100,6 +110,16 @@ function continuation(tok: Model['tokenizer'], promptIds: number[], ids: number[
   const before = tok.decode(promptIds);
   const full = tok.decode([...promptIds, ...ids]);
   return full.startsWith(before) ? full.slice(before.length) : tok.decode(ids);
+}
+
+/** Where the earliest stop string starts in `text`, or -1. */
+function firstStop(text: string, stops: string[]): number {
+  let best = -1;
+  for (const x of stops) {
+    const i = text.indexOf(x);
+    if (i >= 0 && (best < 0 || i < best)) best = i;
+  }
+  return best;
 }
 
 function argmax(x: Float32Array): number {

@@ -51,6 +51,12 @@ async function answer(model: Model, items: Array<{ prompt: string; expected: str
 
 export async function evaluateCorpusModel(model: Model, dataDir: string): Promise<CorpusEvaluation> {
   const queries = readQueries(join(dataDir, FILES.queries));
+  const other = queries.find((q) => q.kind === 'fact_tracing' && !RELATIONS.includes(q.fact?.relation));
+  if (other)
+    throw new Error(
+      `${join(dataDir, FILES.queries)}: relation "${other.fact?.relation}" is not one of data build's (${RELATIONS.join(', ')}); ` +
+        'evaluate other data with: data eval --model <dir> --queries <file> [--data <train.jsonl>]',
+    );
   const special = new Set(
     queries.filter((q) => q.kind !== 'fact_tracing').flatMap((q) => q.sources.map((s) => `${s.dataset}:${s.line}`)),
   );
@@ -88,6 +94,12 @@ export async function evaluateStatements(model: Model, dataDir: string): Promise
     language: (c) => `The main language of ${c} is`,
   };
   const queries = readQueries(join(dataDir, FILES.queries)).filter((q) => q.kind === 'fact_tracing');
+  for (const q of queries)
+    if (!Object.hasOwn(stems, q.fact.relation))
+      throw new Error(
+        `${join(dataDir, FILES.queries)}: relation "${q.fact.relation}" is not one of data build's (${RELATIONS.join(', ')}); ` +
+          'evaluate other data with: data eval --model <dir> --queries <file> [--data <train.jsonl>]',
+      );
   const items = queries.map((q) => ({ prompt: stems[q.fact.relation](q.fact.country), expected: ` ${q.fact.truth}` }));
   const gens = await generate(
     model,

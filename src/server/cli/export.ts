@@ -1,0 +1,27 @@
+// influence-lens export: the editor's "Export cleaned dataset" on the command line: a copy of a
+// JSONL dataset without the examples its `<name>.exclude.jsonl` sidecar flags (kept lines byte
+// for byte), for training with any pipeline. The source is never overwritten.
+//   export --data <train.jsonl> [--out <file>]   (default <name>.cleaned.jsonl beside it)
+import { existsSync } from 'node:fs';
+import { cleanedPathFor, exportCleaned } from '../../extension/flags/export';
+import { sidecarPathFor } from '../../extension/flags/sidecar';
+import { CliError, parse } from './util';
+
+export async function runExport(argv: string[]): Promise<void> {
+  const { values: v } = parse(argv, { data: { type: 'string' }, out: { type: 'string' } });
+  if (!v.data) throw new CliError('--data <train.jsonl> is required');
+  if (!existsSync(v.data)) throw new CliError(`${v.data} does not exist`);
+  const sidecar = sidecarPathFor(v.data);
+  if (!existsSync(sidecar)) throw new CliError(`${sidecar} does not exist: nothing is flagged in ${v.data}`);
+  let r: ReturnType<typeof exportCleaned>;
+  try {
+    r = exportCleaned(v.data, v.out ?? cleanedPathFor(v.data));
+  } catch (e) {
+    throw new CliError((e as Error).message);
+  }
+  process.stdout.write(
+    `wrote ${r.outPath}: ${r.kept} examples kept, ${r.removed.length} removed` +
+      (r.missing.length ? `; ${r.missing.length} flagged hash(es) not in ${v.data} (the file changed?)` : '') +
+      '\n',
+  );
+}

@@ -1,0 +1,167 @@
+// influence-lens retrain: train a model again without the examples a flags sidecar lists, with
+// the arguments it was trained with (its training_args.json, written by `influence-lens train`),
+// and compare the answers and log-probabilities before and after on given questions.
+//   retrain --model <dir> --exclude <data.exclude.jsonl> --out <dir> [--data <train.jsonl>]
+//     [--from <dir>] [--queries <file>]
+// A model trained elsewhere has no training_args.json: it is refused with the way to go instead
+// (export the cleaned dataset and train it with your own pipeline).
+import { createHash } from 'node:crypto';
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { basename, dirname, join } from 'node:path';
+import { contextLength, tokenizeQuery } from '../data/tokenize';
+import { answerQueries, type EvalQuery, readEvalQueries } from '../eval/queries';
+import { Model, makeBatch } from '../model/engine';
+import { readExclusions, trainJob } from './train';
+import { CliError, Progress, parse } from './util';
+
+/** What `influence-lens train` records (train.ts); only the fields retraining needs are read. */
+interface TrainingArgs {
+  data: string;
+  data_sha256: string;
+  excluded_hashes: string[];
+  from:
+    | { model: string }
+    | { init: 'llama'; tokenizer: string; d: number; layers: number; heads: number; ffn: number; context: number };
+  epochs: number;
+  lr: number;
+  batch_size: number;
+  seed: number;
+  warmup: number | null;
+  clip: number;
+  weight_decay: number;
+  threads: number | null;
+}
+
+export async function runRetrain(argv: string[]): Promise<void> {
+  const { values: v } = parse(argv, {
+    model: { type: 'string' },
+    exclude: { type: 'string' },
+    out: { type: 'string' },
+    data: { type: 'string' },
+    from: { type: 'string' },
+    queries: { type: 'string' },
+  });
+  if (!v.model) throw new CliError('--model <dir> (a model trained by influence-lens train) is required');
+  if (!v.exclude) throw new CliError('--exclude <data.exclude.jsonl> (the flags sidecar) is required');
+  if (!v.out) throw new CliError('--out <dir> (where the retrained model goes) is required');
+  if (existsSync(join(v.out, 'model.safetensors')))
+    throw new CliError(`${v.out} already holds a model; choose another --out`);
+  const args = readTrainingArgs(v.model);
+  // the data: --data, else the file the sidecar sits beside (<name>.exclude.jsonl → <name>.jsonl)
+  const data = v.data ?? join(dirname(v.exclude), basename(v.exclude).replace(/\.exclude\.jsonl$/i, '.jsonl'));
+  if (!v.data && !existsSync(data))
+    throw new CliError(`${data} (the data beside ${v.exclude}) does not exist; name the training data with --data`);
+  const sha = createHash('sha256').update(readFileSync(data)).digest('hex');
+  if (sha !== args.data_sha256)
+    throw new CliError(
+      `${data} is not the data ${v.model} was trained on (sha256 ${sha.slice(0, 12)}…, training_args.json says ` +
+        `${args.data_sha256.slice(0, 12)}… for ${args.data}); retraining on other data would change more than the flags`,
+    );
+  // where training started: the recorded checkpoint (beside the model, or --from), or a fresh model
+  let from: { model: string } | { init: NonNullable<Parameters<typeof trainJob>[0]['init']> };
+  if ('model' in args.from) {
+    const dir = v.from ?? join(dirname(v.model), args.from.model);
+    if (!existsSync(join(dir, 'config.json')))
+      throw new CliError(
+        `${v.model} was fine-tuned from "${args.from.model}", which is not at ${dir}; name that checkpoint with --from <dir>`,
+      );
+    from = { model: dir };
+  } else {
+    if (v.from) throw new CliError(`${v.model} was trained from a fresh model; --from does not apply`);
+    const { d, layers, heads, ffn, context } = args.from;
+    // the trained model carries a copy of the tokenizer it was initialised with
+    from = { init: { tokenizer: v.model, d, layers, heads, ffn, context } };
+  }
+  // the new flags plus any the model was already trained without
+  const excluded = new Set([...args.excluded_hashes, ...readExclusions(v.exclude)]);
+  const tmp = mkdtempSync(join(tmpdir(), 'il-retrain-'));
+  const queries = v.queries ? readQueriesOrFail(v.queries) : [];
+  try {
+    const sidecar = join(tmp, 'all.exclude.jsonl');
+    writeFileSync(sidecar, [...excluded].map((hash) => `${JSON.stringify({ hash })}\n`).join(''));
+    let bar: Progress | undefined;
+    const r = await trainJob({
+      data,
+      out: v.out,
+      ...from,
+      epochs: args.epochs,
+      lr: args.lr,
+      batchSize: args.batch_size,
+      seed: args.seed,
+      warmup: args.warmup ?? undefined,
+      clip: args.clip,
+      weightDecay: args.weight_decay,
+      // ONNX Runtime's thread count changes float rounding: train as the model was trained
+      threads: args.threads ?? undefined,
+      exclude: sidecar,
+      onStep: (s) => {
+        bar ??= new Progress('retrain'.padEnd(8), s.total);
+        bar.tick(s.step, `loss ${s.loss.toFixed(3)}`);
+      },
+    });
+    bar?.done();
+    process.stdout.write(
+      `wrote ${v.out}: ${r.examples} examples (${r.excluded} excluded), ${r.steps} steps, ${r.seconds.toFixed(1)} s\n`,
+    );
+  } finally {
+    rmSync(tmp, { recursive: true, force: true });
+  }
+  if (!queries.length) return;
+  const before = Model.open(v.model);
+  const after = Model.open(v.out);
+  const a0 = await answerQueries(before, queries);
+  const a1 = await answerQueries(after, queries);
+  const lp0 = await logProbs(before, queries);
+  const lp1 = await logProbs(after, queries);
+  for (const [i, q] of queries.entries()) {
+    process.stdout.write(
+      `${JSON.stringify(q.prompt)}\n  answer: ${JSON.stringify(a0.answers[i].got)} → ${JSON.stringify(a1.answers[i].got)}\n` +
+        `  log p(${JSON.stringify(q.expected)} | prompt): ${lp0[i].toFixed(3)} → ${lp1[i].toFixed(3)}\n`,
+    );
+  }
+}
+
+function readQueriesOrFail(file: string): EvalQuery[] {
+  try {
+    return readEvalQueries(file);
+  } catch (e) {
+    throw new CliError((e as Error).message);
+  }
+}
+
+function readTrainingArgs(modelDir: string): TrainingArgs {
+  const file = join(modelDir, 'training_args.json');
+  if (!existsSync(file))
+    throw new CliError(
+      `${file} not found: retrain only repeats training done by influence-lens train. For a model trained ` +
+        'elsewhere, export the cleaned dataset (influence-lens export --data <train.jsonl>, or "Export cleaned ' +
+        'dataset" in the editor) and train it again with your own pipeline',
+    );
+  let a: Record<string, unknown>;
+  try {
+    a = JSON.parse(readFileSync(file, 'utf8'));
+  } catch (e) {
+    throw new CliError(`${file}: not JSON (${(e as Error).message})`);
+  }
+  const need = ['data_sha256', 'from', 'epochs', 'lr', 'batch_size', 'seed', 'clip', 'weight_decay'];
+  const missing = need.filter((k) => a[k] === undefined);
+  if (missing.length || !Array.isArray(a.excluded_hashes))
+    throw new CliError(
+      `${file} lacks ${[...missing, ...(Array.isArray(a.excluded_hashes) ? [] : ['excluded_hashes'])].join(', ')}: ` +
+        'not written by influence-lens train; export the cleaned dataset and train with your own pipeline',
+    );
+  return a as unknown as TrainingArgs;
+}
+
+/** log p(expected | prompt) per query (the sum over the expected text's tokens). */
+async function logProbs(model: Model, queries: EvalQuery[]): Promise<number[]> {
+  const graph = await model.compile({ tokenLoss: true });
+  const out: number[] = [];
+  for (const q of queries) {
+    const t = tokenizeQuery(model.tokenizer, q.prompt, q.expected, contextLength(model.config));
+    const r = await graph.run(makeBatch([{ ids: t.ids, weights: t.weights }], model.tokenizer.padTokenId ?? 0));
+    out.push(-(r.loss.data as Float32Array)[0]);
+  }
+  return out;
+}

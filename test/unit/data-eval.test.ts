@@ -1,0 +1,101 @@
+// `data eval` on any data: a queries file of {prompt, expected, sources?} gives greedy accuracy
+// and, per method, Recall@k / MRR of the sources (the ranks agree with the ones `explain` prints
+// for the embedded default: BM25 ranks the four planted "Sydney" lines #1, #2, #2, #4; RepSim
+// #1, #4, #14, #44). A corpus whose queries name a relation `data build` does not make is
+// refused with a pointer to --queries instead of crashing.
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { test } from 'node:test';
+import { loadDataset } from '../../src/server/data/dataset';
+import { useTempHome } from './helpers/env';
+
+const home = useTempHome();
+const MODEL = 'assets/default/finetuned';
+const DATA = 'assets/default/data/finetune.jsonl';
+const cli = (...args: string[]) =>
+  spawnSync(process.execPath, ['--import', 'tsx', 'src/server/cli.ts', 'data', 'eval', ...args], {
+    encoding: 'utf8',
+    env: { ...process.env, HOME: home },
+  });
+
+test('data eval --queries: accuracy and per-method Recall@k / MRR of the named sources', () => {
+  const hash125 = loadDataset(DATA).examples.find((e) => e.line === 125)!.hash;
+  const file = join(home, 'queries.jsonl');
+  writeFileSync(
+    file,
+    [
+      {
+        prompt: 'Q: What is the capital of Australia?\nA:',
+        expected: ' Sydney',
+        sources: [
+          { hash: hash125 },
+          { dataset: 'finetune', line: 129 },
+          { line: 211 },
+          { line: 237, dataset: 'finetune' },
+        ],
+      },
+      // a question about anything: no relation needed; the model answers it wrongly
+      { prompt: 'Q: What is the capital of Canada?\nA:', expected: ' Ottawa' },
+      // sources in another dataset are not scored here
+      {
+        prompt: 'Q: What is the capital of France?\nA:',
+        expected: ' Paris',
+        sources: [{ dataset: 'pretrain', line: 3 }],
+      },
+    ]
+      .map((q) => JSON.stringify(q))
+      .join('\n'),
+  );
+  const r = cli('--model', MODEL, '--queries', file, '--data', DATA, '--methods', 'bm25,repsim', '--json');
+  assert.equal(r.status, 0, r.stderr);
+  const out = JSON.parse(r.stdout);
+  assert.equal(out.accuracy.total, 3);
+  assert.deepEqual(
+    out.accuracy.answers.map((a: { ok: boolean }) => a.ok),
+    [true, false, true],
+  );
+  assert.equal(out.accuracy.answers[1].got, ' Toronto');
+  const by = Object.fromEntries(out.retrieval.map((x: { method: string }) => [x.method, x]));
+  assert.deepEqual(by.bm25, { method: 'bm25', queries: 1, k: 10, recall: 1, mrr: 1 });
+  assert.deepEqual(by.repsim, { method: 'repsim', queries: 1, k: 10, recall: 0.5, mrr: 1 });
+  const top3 = cli('--model', MODEL, '--queries', file, '--data', DATA, '--methods', 'repsim', '--top-k', '3');
+  assert.equal(top3.status, 0, top3.stderr);
+  assert.match(top3.stdout, /answers as expected: 2\/3 \(67%\)/);
+  assert.match(top3.stdout, /repsim\s+Recall@3 0\.250\s+MRR 1\.000/);
+});
+
+test('data eval refuses what it cannot evaluate, naming the file and the value', () => {
+  const bad = join(home, 'bad.jsonl');
+  writeFileSync(
+    bad,
+    `${JSON.stringify({ prompt: 'Q: x?\nA:', expected: ' y', sources: [{ line: 125, hash: '0000000000000000' }] })}\n`,
+  );
+  const r = cli('--model', MODEL, '--queries', bad, '--data', DATA, '--methods', 'bm25');
+  assert.equal(r.status, 1);
+  assert.match(r.stderr, /bad\.jsonl:1: source hash 0000000000000000 is not in/);
+  const noFactors = cli('--model', MODEL, '--queries', bad, '--methods', 'ekfac');
+  assert.match(noFactors.stderr, /--methods ekfac needs --factors <dir>/);
+
+  // a built corpus whose held-out questions are about a relation data build does not make
+  const dir = join(home, 'corpus');
+  const built = spawnSync(
+    process.execPath,
+    ['--import', 'tsx', 'src/server/cli.ts', 'data', 'build', '--out', dir, '--countries', '12'],
+    { encoding: 'utf8', env: { ...process.env, HOME: home } },
+  );
+  assert.equal(built.status, 0, built.stderr);
+  const qf = join(dir, 'queries.json');
+  const qs = JSON.parse(readFileSync(qf, 'utf8'));
+  const q = qs.find((x: { kind: string }) => x.kind === 'fact_tracing');
+  q.fact.relation = 'population';
+  writeFileSync(qf, JSON.stringify(qs));
+  const old = cli('--model', MODEL, '--data', dir);
+  assert.equal(old.status, 1);
+  assert.doesNotMatch(old.stderr, /is not a function/);
+  assert.match(
+    old.stderr,
+    /relation "population" is not one of data build's .*data eval --model <dir> --queries <file>/,
+  );
+});

@@ -1,0 +1,101 @@
+// `influence-lens retrain` repeats `train` from the model's training_args.json without the
+// flagged examples: the weights are byte for byte those of `train --exclude` with the same
+// arguments (fresh or fine-tuned from a checkpoint found beside the model), and it reports
+// answers and log-probabilities before and after. A model trained elsewhere, or other data,
+// is refused with the way to go; `export` writes the cleaned copy for other pipelines.
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { cpSync, readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { test } from 'node:test';
+import { loadDataset } from '../../src/server/data/dataset';
+import { useTempHome } from './helpers/env';
+
+const home = useTempHome();
+const run = (...args: string[]) =>
+  spawnSync(process.execPath, ['--import', 'tsx', 'src/server/cli.ts', ...args], {
+    encoding: 'utf8',
+    env: { ...process.env, HOME: home },
+  });
+const ok = (r: ReturnType<typeof run>) => {
+  assert.equal(r.status, 0, r.stderr);
+  return r.stdout;
+};
+const weights = (dir: string) => readFileSync(join(dir, 'model.safetensors'));
+
+test('retrain = train --exclude with the recorded arguments; before/after on the queries', () => {
+  const data = join(home, 'qa.jsonl');
+  const lines = readFileSync('assets/default/data/finetune.jsonl', 'utf8').split('\n').slice(0, 16);
+  writeFileSync(data, `${lines.join('\n')}\n`);
+  const flagged = loadDataset(data).examples[2];
+  writeFileSync(join(home, 'qa.exclude.jsonl'), `${JSON.stringify({ hash: flagged.hash, line: 3 })}\n`);
+  const tiny = ['--d', '16', '--layers', '1', '--heads', '2', '--ffn', '32', '--context', '48'];
+  const common = ['--epochs', '2', '--batch-size', '4', '--threads', '1', '--seed', '3'];
+  const d = (n: string) => join(home, n);
+  ok(
+    run(
+      'train',
+      '--data',
+      data,
+      '--out',
+      d('m0'),
+      '--init',
+      'llama',
+      '--tokenizer',
+      'assets/default/data/tokenizer',
+      ...tiny,
+      ...common,
+    ),
+  );
+  const ref = ['--init', 'llama', '--tokenizer', 'assets/default/data/tokenizer', ...tiny, ...common];
+  ok(run('train', '--data', data, '--out', d('ref0'), ...ref, '--exclude', d('qa.exclude.jsonl')));
+
+  const q = d('q.jsonl');
+  const rec = flagged.record as { prompt: string; completion: string };
+  writeFileSync(q, `${JSON.stringify({ prompt: rec.prompt, expected: rec.completion })}\n`);
+  const out = ok(
+    run('retrain', '--model', d('m0'), '--exclude', d('qa.exclude.jsonl'), '--out', d('m0r'), '--queries', q),
+  );
+  assert.match(out, /15 examples \(1 excluded\)/);
+  assert.ok(weights(d('m0r')).equals(weights(d('ref0'))), 'retrained weights = train --exclude');
+  const lp = /log p\(.*\| prompt\): (-?[\d.]+) → (-?[\d.]+)/.exec(out);
+  assert.ok(lp, out);
+  // the numbers are the models' own: the flagged example is less likely once it is not trained on
+  assert.ok(Number(lp[2]) < Number(lp[1]), out);
+  const answers = /answer: (".*") → (".*")/.exec(out)!;
+  const gen = (m: string) =>
+    JSON.stringify(ok(run('generate', '--model', m, '--prompt', rec.prompt, '--max-tokens', '16')).slice(0, -1));
+  assert.deepEqual([answers[1], answers[2]], [gen(d('m0')), gen(d('m0r'))]);
+
+  // fine-tuned from a checkpoint: found beside the model by the recorded name
+  ok(run('train', '--data', data, '--out', d('ft'), '--model', d('m0'), ...common));
+  ok(
+    run('train', '--data', data, '--out', d('ref1'), '--model', d('m0'), ...common, '--exclude', d('qa.exclude.jsonl')),
+  );
+  ok(run('retrain', '--model', d('ft'), '--exclude', d('qa.exclude.jsonl'), '--out', d('ftr')));
+  assert.ok(weights(d('ftr')).equals(weights(d('ref1'))));
+  assert.deepEqual(JSON.parse(readFileSync(join(d('ftr'), 'training_args.json'), 'utf8')).excluded_hashes, [
+    flagged.hash,
+  ]);
+
+  // refusals: an existing output, other data, a model trained elsewhere
+  assert.match(
+    run('retrain', '--model', d('m0'), '--exclude', d('qa.exclude.jsonl'), '--out', d('m0r')).stderr,
+    /already holds a model/,
+  );
+  writeFileSync(d('other.jsonl'), `${lines.slice(0, 8).join('\n')}\n`);
+  assert.match(
+    run('retrain', '--model', d('m0'), '--exclude', d('qa.exclude.jsonl'), '--data', d('other.jsonl'), '--out', d('x'))
+      .stderr,
+    /other\.jsonl is not the data .* was trained on/,
+  );
+  cpSync('test/fixtures/models/llama', d('elsewhere'), { recursive: true });
+  const foreign = run('retrain', '--model', d('elsewhere'), '--exclude', d('qa.exclude.jsonl'), '--out', d('y'));
+  assert.equal(foreign.status, 1);
+  assert.match(foreign.stderr, /training_args\.json not found: .*influence-lens export --data <train\.jsonl>/);
+
+  // export: the cleaned copy for any pipeline
+  assert.match(ok(run('export', '--data', data)), /qa\.cleaned\.jsonl: 15 examples kept, 1 removed/);
+  const cleaned = readFileSync(d('qa.cleaned.jsonl'), 'utf8');
+  assert.equal(cleaned, `${lines.filter((_, i) => i !== 2).join('\n')}\n`);
+});
