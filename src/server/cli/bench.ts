@@ -15,6 +15,7 @@ import { benchAll } from './bench-all';
 import { benchEkfac } from './bench-ekfac';
 import { benchEval } from './bench-eval';
 import { benchServer } from './bench-server';
+import { benchStore } from './bench-store';
 import { CliError, int, parse } from './util';
 
 export async function runBench(argv: string[]): Promise<void> {
@@ -24,8 +25,9 @@ export async function runBench(argv: string[]): Promise<void> {
   if (suite === 'ekfac') return benchEkfac(rest);
   if (suite === 'server') return benchServer(rest);
   if (suite === 'eval') return benchEval(rest);
+  if (suite === 'store') return benchStore(rest);
   throw new CliError(
-    `usage: influence-lens bench [--quick] (all suites, one report) | bench engine|ekfac|server|eval [--quick] (unknown suite "${suite}")`,
+    `usage: influence-lens bench [--quick] (all suites, one report) | bench engine|ekfac|server|eval|store [--quick] (unknown suite "${suite}")`,
   );
 }
 

@@ -15,7 +15,8 @@ import { selfInfluenceScores } from '../attribution/influence';
 import { checkSameTokenizer, type OpenedStage, openStage } from '../attribution/stage';
 import { loadDataset } from '../data/dataset';
 import { contextLength } from '../data/tokenize';
-import { GradientStore } from '../index/gradient-store';
+import { GradientStore, type StoreIdentity } from '../index/gradient-store';
+import { preconditionerFingerprint } from '../index/store-projection';
 import { Model, type ModuleSelection } from '../model/engine';
 import type { Device } from '../model/onnx/session';
 
@@ -246,12 +247,16 @@ export class InfluenceService {
     const cfg = this.config.store ?? { k: 16, minExamples: 0, rerank: 50 };
     const d = this.dataset(datasetId);
     const model = this.modelFor(datasetId);
-    const identity = {
+    // with the fine-tuned model's factors, the projections follow their eigenbases (store-projection.ts)
+    const ft = this.stage('finetuned');
+    const eigen = model === ft.model ? ft.preconditioners : undefined;
+    const identity: StoreIdentity = {
       modelFingerprint: modelFingerprint(model.checkpoint),
       dataFingerprint: d.fingerprint,
       k: cfg.k,
       seed: 0,
       modules: this.config.modules,
+      ...(eigen ? { projection: 'eigen' as const, factorsFingerprint: preconditionerFingerprint(eigen) } : {}),
     };
     const key = JSON.stringify(identity);
     const cached = this.stores.get(key);
@@ -259,11 +264,12 @@ export class InfluenceService {
     const dir = join(
       this.config.cacheDir,
       'stores',
-      `${safe(datasetId)}-${identity.modelFingerprint}-${identity.dataFingerprint}-k${cfg.k}`,
+      `${safe(datasetId)}-${identity.modelFingerprint}-${identity.dataFingerprint}-k${cfg.k}${eigen ? `-${identity.factorsFingerprint}` : ''}`,
     );
     let store = GradientStore.load(dir, identity);
     if (!store) {
       store = await GradientStore.build(model, d.corpus.tokens, identity, {
+        preconditioners: eigen,
         signal: work.signal,
         onProgress: (done, total) => work.progress?.('indexing gradients', done, total),
       });
