@@ -73,7 +73,7 @@ const COMMANDS: Record<string, { run: (argv: string[]) => Promise<void>; help: s
     run: runTrain,
     help:
       'train --data <train.jsonl> --out <dir> (--init llama --tokenizer <dir> [--d --layers --heads --ffn]\n' +
-      '    | --model <dir>) [--epochs --lr --batch-size --seed --warmup --clip --exclude <sidecar.jsonl>]   AdamW',
+      '    | --model <dir>) [--epochs --lr --batch-size --seed --warmup --clip --exclude <sidecar.jsonl> --save-steps N]   AdamW',
   },
   retrain: {
     run: runRetrain,

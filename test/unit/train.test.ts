@@ -4,7 +4,7 @@
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
 import { trainingExamples, trainJob } from '../../src/server/cli/train';
@@ -59,6 +59,23 @@ describe('train', () => {
     const m = Model.open(join(home, 'a'));
     assert.equal(m.config.hidden_size, 16);
     assert.equal(m.tokenizer.vocabSize, loadTokenizer(TINY.tokenizer).vocabSize);
+  });
+
+  test('--save-steps writes checkpoint-<step> folders inside the output, as transformers does', async () => {
+    const out = join(home, 'ck');
+    const r = await trainJob({ ...base, epochs: 2, data: join(data, 'finetune.jsonl'), out, init: TINY, saveSteps: 2 });
+    const steps = Array.from({ length: Math.floor((r.steps - 1) / 2) }, (_, i) => 2 * (i + 1));
+    assert.ok(steps.length >= 1);
+    const names = readdirSync(out).filter((n) => n.startsWith('checkpoint-'));
+    assert.deepEqual(names.sort(), steps.map((s) => `checkpoint-${s}`).sort());
+    const first = JSON.parse(readFileSync(join(out, 'checkpoint-2', 'training_args.json'), 'utf8'));
+    assert.equal(first.global_step, 2);
+    assert.ok(first.learning_rate > 0);
+    // a checkpoint is a model of its own, and differs from the final one
+    const m = Model.open(join(out, 'checkpoint-2'));
+    assert.equal(m.config.hidden_size, 16);
+    assert.notEqual(sha(join(out, 'checkpoint-2', 'model.safetensors')), sha(join(out, 'model.safetensors')));
+    assert.ok(!existsSync(`${out}.checkpoints-${process.pid}`), 'the staging folder is cleaned up');
   });
 
   test('CLI: continue from a checkpoint without the flagged examples', () => {

@@ -17,6 +17,7 @@ import { benchAll } from './bench-all';
 import { benchEkfac } from './bench-ekfac';
 import { benchEval } from './bench-eval';
 import { benchServer } from './bench-server';
+import { benchStore } from './bench-store';
 
 export async function runBench(argv: string[]): Promise<void> {
   const [suite, ...rest] = argv;
@@ -25,8 +26,9 @@ export async function runBench(argv: string[]): Promise<void> {
   if (suite === 'ekfac') return benchEkfac(rest);
   if (suite === 'server') return benchServer(rest);
   if (suite === 'eval') return benchEval(rest);
+  if (suite === 'store') return benchStore(rest);
   throw new CliError(
-    `usage: npm run bench -- [--quick] (all suites, one report) | npm run bench -- engine|ekfac|server|eval [--quick] (unknown suite "${suite}")`,
+    `usage: npm run bench -- [--quick] (all suites, one report) | npm run bench -- engine|ekfac|server|eval|store [--quick] (unknown suite "${suite}")`,
   );
 }
 

@@ -316,8 +316,9 @@ async function scorePool(
   const candidates = pool.map((i) => corpus.tokens[i]);
   const cosine = method === 'cosine';
   const useStore = req.store && req.store.model === candidateModel && !cosine;
-  const res = useStore
-    ? storeScores(req.store!.store, M, pool)
+  const fromStore = useStore ? storeScores(req.store!.store, M, pool) : undefined;
+  const res = fromStore
+    ? fromStore.res
     : await scoreCandidates(candidateModel, M, candidates, {
         modules: setup.modules,
         gradNorms: cosine,
@@ -336,7 +337,9 @@ async function scorePool(
     const t = Date.now();
     const byScore = Array.from(pool.keys()).sort((a, b) => res.scores[b][0] - res.scores[a][0]);
     const margin = useStore ? Math.max(req.rerank ?? 5 * req.topK, req.topK) : Math.max(3 * req.topK, 20);
-    const redo = [...new Set([...byScore.slice(0, margin), ...byScore.slice(-margin)])];
+    // and every example the store cannot rule out of the top or bottom k (its 2-σ interval reaches there)
+    const unsure = fromStore ? plausible(res.scores, fromStore.sd, req.topK, 2) : [];
+    const redo = [...new Set([...byScore.slice(0, margin), ...byScore.slice(-margin), ...unsure])];
     exactSet = new Set(redo);
     const exact = await scoreCandidates(
       candidateModel,
@@ -421,17 +424,36 @@ function partials(method: Method, corpus: Corpus, pool: number[], req: ExplainRe
   };
 }
 
-/** The store's approximate scores in the shape scoreCandidates returns (row 0 only; no per-module terms). */
-function storeScores(store: GradientStore, M: Map<string, Float64Array[]>, pool: number[]): CandidateScores {
-  const all = store.scores(new Map([...M].map(([m, rows]) => [m, rows[0]])));
+/** The store's approximate scores in the shape scoreCandidates returns (row 0 only; no per-module terms), and their standard errors. */
+function storeScores(
+  store: GradientStore,
+  M: Map<string, Float64Array[]>,
+  pool: number[],
+): { res: CandidateScores; sd: Float64Array } {
+  const all = store.estimate(new Map([...M].map(([m, rows]) => [m, rows[0]])));
   const rows = M.values().next().value?.length ?? 1;
   const scores = pool.map((i) => {
     const r = new Float64Array(rows);
-    r[0] = all[i];
+    r[0] = all.scores[i];
     return r;
   });
   const perModule = new Map([...M.keys()].map((m) => [m, pool.map(() => new Float64Array(rows))]));
-  return { scores, perModule };
+  return { res: { scores, perModule }, sd: Float64Array.from(pool, (i) => all.sd[i]) };
+}
+
+/**
+ * Pool positions whose interval score ± c·sd can reach the top k or the bottom k: those
+ * above the k-th largest lower bound, or below the k-th smallest upper bound. Exact
+ * rescoring of these never hides an example the exact ranking would show (up to c σ).
+ */
+export function plausible(scores: Float64Array[], sd: Float64Array, k: number, c: number): number[] {
+  const n = scores.length;
+  if (n <= k) return [...scores.keys()];
+  const lo = Float64Array.from(scores, (s, i) => s[0] - c * sd[i]).sort();
+  const hi = Float64Array.from(scores, (s, i) => s[0] + c * sd[i]).sort();
+  const topBar = lo[n - k];
+  const bottomBar = hi[k - 1];
+  return [...scores.keys()].filter((i) => scores[i][0] + c * sd[i] >= topBar || scores[i][0] - c * sd[i] <= bottomBar);
 }
 
 /** Cosine of the query's mean hidden state with each example's (all examples, or those in `pool`). */

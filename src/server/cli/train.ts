@@ -6,8 +6,8 @@
 // --exclude drops the examples a flags sidecar (`<dataset>.exclude.jsonl`, one {"hash", ...}
 // per line) names, by content hash: the counterfactual "train again without them".
 import { createHash } from 'node:crypto';
-import { readFileSync, rmSync } from 'node:fs';
-import { basename } from 'node:path';
+import { readFileSync, renameSync, rmSync } from 'node:fs';
+import { basename, join } from 'node:path';
 import { loadDataset } from '../data/dataset';
 import { readJsonl } from '../data/jsonl';
 import { contextLength, tokenizeRecord } from '../data/tokenize';
@@ -32,6 +32,8 @@ export interface TrainJobOptions {
   weightDecay: number;
   /** a flags sidecar: examples whose hash it lists are left out */
   exclude?: string;
+  /** also write `<out>/checkpoint-<step>` every this many steps (as transformers' Trainer), for influence over training */
+  saveSteps?: number;
   threads?: number;
   onStep?: (s: { step: number; total: number; loss: number; epoch: number }) => void;
   log?: (line: string) => void;
@@ -128,6 +130,9 @@ export async function trainJob(o: TrainJobOptions): Promise<TrainJobResult> {
     );
     const perEpoch = Math.ceil(examples.length / o.batchSize);
     const epochLosses: number[] = [];
+    // written beside the output while training, moved into it once the final model is saved
+    const pending = `${o.out}.checkpoints-${process.pid}`;
+    const saved: string[] = [];
     let sum = 0;
     const result = await train(model, params, examples, {
       epochs: o.epochs,
@@ -140,6 +145,14 @@ export async function trainJob(o: TrainJobOptions): Promise<TrainJobResult> {
       onStep: (s) => {
         sum += s.loss;
         o.onStep?.(s);
+        if (o.saveSteps && s.step % o.saveSteps === 0 && s.step < s.total) {
+          const name = `checkpoint-${s.step}`;
+          saveCheckpoint(join(pending, name), config, params, shapes, tokenizerDir, {
+            global_step: s.step,
+            learning_rate: s.lr,
+          });
+          saved.push(name);
+        }
         if (s.step % perEpoch === 0) {
           epochLosses.push(sum / perEpoch);
           sum = 0;
@@ -169,6 +182,8 @@ export async function trainJob(o: TrainJobOptions): Promise<TrainJobResult> {
       final_loss: result.finalLoss,
     };
     saveCheckpoint(o.out, config, params, shapes, tokenizerDir, args);
+    for (const name of saved) renameSync(join(pending, name), join(o.out, name));
+    rmSync(pending, { recursive: true, force: true });
     return {
       examples: examples.length,
       excluded,
@@ -203,6 +218,7 @@ export async function runTrain(argv: string[]): Promise<void> {
     clip: { type: 'string' },
     'weight-decay': { type: 'string' },
     exclude: { type: 'string' },
+    'save-steps': { type: 'string' },
     threads: { type: 'string' },
   });
   if (!v.data) throw new CliError('--data <train.jsonl> is required');
@@ -251,6 +267,7 @@ export async function runTrain(argv: string[]): Promise<void> {
     clip: num(v.clip, '--clip', 1),
     weightDecay: num(v['weight-decay'], '--weight-decay', 0.01),
     exclude: v.exclude,
+    saveSteps: v['save-steps'] === undefined ? undefined : positive(v['save-steps'], '--save-steps', 1),
     threads: v.threads === undefined ? undefined : positive(v.threads, '--threads', 1),
     log: (line) => {
       if (bar && process.stderr.isTTY) process.stderr.write('\r\x1b[K');

@@ -6,8 +6,12 @@
 // (EK-FAC-preconditioned or not): one query scores the whole corpus with one matrix-vector
 // product per module; the top candidates are then reranked exactly.
 // Modules no wider than k on a side keep that side exact (identity instead of a projection).
+// With the EK-FAC factors the projections follow their eigenbases and whiten (store-projection.ts),
+// and every score comes with a standard error so that explain rescores every example the
+// store cannot rule out of the shown lists.
 import { existsSync, mkdirSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
+import type { Preconditioner } from '../attribution/ekfac/precondition';
 import type { TokenizedExample } from '../attribution/fit';
 import { type Batch, type Model, type ModuleSelection, makeBatch } from '../model/engine';
 import type { ort } from '../model/onnx/session';
@@ -19,6 +23,7 @@ import {
   writeSafetensors,
 } from '../model/safetensors';
 import { Rng } from '../util/random';
+import { eigenProjection, preconditionerFingerprint, randomProjection, type StoreProjection } from './store-projection';
 
 export interface StoreModule {
   name: string;
@@ -26,10 +31,13 @@ export interface StoreModule {
   dOut: number;
   kA: number;
   kS: number;
-  /** dA × kA row-major */
+  /** dA × kA row-major: the example side's projection (a gradient G is stored as PSᵀ G PA) */
   PA: Float64Array;
   /** dOut × kS row-major */
   PS: Float64Array;
+  /** the query side's projections (the query matrix M is reduced to QSᵀ M QA); PA, PS when absent */
+  QA?: Float64Array;
+  QS?: Float64Array;
 }
 
 export interface StoreIdentity {
@@ -38,6 +46,10 @@ export interface StoreIdentity {
   k: number;
   seed: number;
   modules: ModuleSelection;
+  /** 'random' when absent (stores written before the eigen projection) */
+  projection?: StoreProjection;
+  /** for 'eigen': the fingerprint of the factors and damping whose eigenbases it uses */
+  factorsFingerprint?: string;
 }
 
 export class GradientStoreError extends Error {}
@@ -63,23 +75,42 @@ export class GradientStore {
     model: Model,
     examples: TokenizedExample[],
     identity: StoreIdentity,
+    opts: {
+      batchSize?: number;
+      onProgress?: (done: number, total: number) => void;
+      signal?: AbortSignal;
+      /** the EK-FAC preconditioners (required for projection 'eigen') */
+      preconditioners?: Map<string, Preconditioner>;
+    } = {},
+  ): Promise<GradientStore> {
+    const rng = new Rng(identity.seed);
+    const projection = identity.projection ?? 'random';
+    if (projection === 'eigen') {
+      const fp = opts.preconditioners && preconditionerFingerprint(opts.preconditioners);
+      if (fp !== identity.factorsFingerprint)
+        throw new GradientStoreError(
+          `the store is declared for factors ${identity.factorsFingerprint}, but was given ${fp ?? 'none'}`,
+        );
+    }
+    const modules: StoreModule[] = model.modules(identity.modules).map((m) => {
+      const dA = m.dIn + (m.hasBias ? 1 : 0);
+      if (projection === 'random') return randomProjection(m.name, dA, m.dOut, identity.k, rng);
+      const p = opts.preconditioners?.get(m.name);
+      if (!p) throw new GradientStoreError(`an eigen-projected store needs the EK-FAC factors of module ${m.name}`);
+      return eigenProjection(m.name, p, identity.k, rng);
+    });
+    return GradientStore.buildWith(model, examples, identity, modules, opts);
+  }
+
+  /** A store with the given projections (build chooses them from the identity). */
+  static async buildWith(
+    model: Model,
+    examples: TokenizedExample[],
+    identity: StoreIdentity,
+    modules: StoreModule[],
     opts: { batchSize?: number; onProgress?: (done: number, total: number) => void; signal?: AbortSignal } = {},
   ): Promise<GradientStore> {
     const graph = await model.compile({ labels: 'data', projected: true, modules: identity.modules });
-    const rng = new Rng(identity.seed);
-    const modules: StoreModule[] = graph.moduleInfo.map((m) => {
-      const dA = m.dIn + (m.hasBias ? 1 : 0);
-      const side = (d: number) => {
-        const k = Math.min(identity.k, d);
-        const P = new Float64Array(d * k);
-        if (k === d) for (let i = 0; i < d; i++) P[i * d + i] = 1;
-        else for (let i = 0; i < P.length; i++) P[i] = rng.normal() / Math.sqrt(k);
-        return { k, P };
-      };
-      const a = side(dA);
-      const s = side(m.dOut);
-      return { name: m.name, dA, dOut: m.dOut, kA: a.k, kS: s.k, PA: a.P, PS: s.P };
-    });
     const feeds: Record<string, ort.Tensor> = {};
     for (const m of modules) {
       feeds[`PA.${m.name}`] = graph.tensor(m.PA, [m.dA, m.kA]);
@@ -119,21 +150,43 @@ export class GradientStore {
 
   /** Approximate ⟨M_l, G_l(z)⟩ summed over modules, for every stored example. */
   scores(M: Map<string, Float64Array>): Float64Array {
+    return this.estimate(M).scores;
+  }
+
+  /**
+   * The scores and each one's standard error: a projection to k_S × k_A coordinates estimates
+   * ⟨X, Y⟩ with variance ≈ ‖X‖²‖Y‖² / (k_S k_A) (Johnson–Lindenstrauss; Achlioptas 2003),
+   * and both norms are estimated from the projections themselves. With the eigen projection
+   * X, Y are the whitened query and example, so an example whose gradient the projection
+   * cannot resolve (memorised examples: tiny gradients in low-curvature directions,
+   * amplified by 1/(Λ+λ)) gets a wide interval instead of a confident wrong rank.
+   */
+  estimate(M: Map<string, Float64Array>): { scores: Float64Array; sd: Float64Array } {
     const out = new Float64Array(this.size);
+    const variance = new Float64Array(this.size);
     for (const m of this.modules) {
       const full = M.get(m.name);
       if (!full) throw new GradientStoreError(`no query matrix for module ${m.name}`);
       const mp = project(full, m); // kS × kA
+      let qq = 0;
+      for (const v of mp) qq += v * v;
       const r = this.rows.get(m.name)!;
       const size = m.kS * m.kA;
+      const exact = m.kA === m.dA && m.kS === m.dOut;
       for (let k = 0; k < this.size; k++) {
         let s = 0;
+        let zz = 0;
         const off = k * size;
-        for (let j = 0; j < size; j++) s += r[off + j] * mp[j];
+        for (let j = 0; j < size; j++) {
+          const z = r[off + j];
+          s += z * mp[j];
+          zz += z * z;
+        }
         out[k] += s;
+        if (!exact) variance[k] += (qq * zz) / size;
       }
     }
-    return out;
+    return { scores: out, sd: variance.map(Math.sqrt) };
   }
 
   /** Written to a temp file and renamed: a killed process never leaves a torn store. */
@@ -144,6 +197,8 @@ export class GradientStore {
       tensors[`rows.${m.name}`] = { dtype: 'F32', shape: [this.size, m.kS * m.kA], data: this.rows.get(m.name)! };
       tensors[`PA.${m.name}`] = { dtype: 'F64', shape: [m.dA, m.kA], data: m.PA };
       tensors[`PS.${m.name}`] = { dtype: 'F64', shape: [m.dOut, m.kS], data: m.PS };
+      if (m.QA) tensors[`QA.${m.name}`] = { dtype: 'F64', shape: [m.dA, m.kA], data: m.QA };
+      if (m.QS) tensors[`QS.${m.name}`] = { dtype: 'F64', shape: [m.dOut, m.kS], data: m.QS };
     }
     // writeSafetensors writes atomically (src/common/atomic-write.ts), with a data checksum
     writeSafetensors(
@@ -193,6 +248,9 @@ export class GradientStore {
         ...m,
         PA: readTensorF64(h, `PA.${m.name}`),
         PS: readTensorF64(h, `PS.${m.name}`),
+        ...(expect.projection === 'eigen'
+          ? { QA: readTensorF64(h, `QA.${m.name}`), QS: readTensorF64(h, `QS.${m.name}`) }
+          : {}),
       }),
     );
     const rows = new Map(modules.map((m) => [m.name, Float32Array.from(readTensorF64(h, `rows.${m.name}`))]));
@@ -212,9 +270,11 @@ export class GradientStore {
   }
 }
 
-/** PSᵀ M PA for a dOut × dA matrix M. */
+/** QSᵀ M QA (the query side's projections) for a dOut × dA matrix M. */
 function project(M: Float64Array, m: StoreModule): Float64Array {
-  const { dA, dOut, kA, kS, PA, PS } = m;
+  const { dA, dOut, kA, kS } = m;
+  const PA = m.QA ?? m.PA;
+  const PS = m.QS ?? m.PS;
   // MP = M PA  (dOut × kA)
   const MP = new Float64Array(dOut * kA);
   for (let i = 0; i < dOut; i++)

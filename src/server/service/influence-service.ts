@@ -21,7 +21,8 @@ import { checkSameTokenizer, type OpenedStage, openStage } from '../attribution/
 import { loadDataset } from '../data/dataset';
 import { DataError } from '../data/errors';
 import { contextLength, tokenizationKey } from '../data/tokenize';
-import { GradientStore } from '../index/gradient-store';
+import { GradientStore, type StoreIdentity } from '../index/gradient-store';
+import { preconditionerFingerprint } from '../index/store-projection';
 import { Model, type ModuleSelection } from '../model/engine';
 import { generate } from '../model/generate';
 import type { Device } from '../model/onnx/session';
@@ -316,12 +317,16 @@ export class InfluenceService implements ServiceApi {
     const cfg = this.config.store ?? { k: 16, minExamples: 0, rerank: 50 };
     const d = this.dataset(datasetId);
     const model = this.modelFor(datasetId);
-    const identity = {
+    // with the fine-tuned model's factors, the projections follow their eigenbases (store-projection.ts)
+    const ft = this.stage('finetuned');
+    const eigen = model === ft.model ? ft.preconditioners : undefined;
+    const identity: StoreIdentity = {
       modelFingerprint: modelFingerprint(model.checkpoint),
       dataFingerprint: d.fingerprint,
       k: cfg.k,
       seed: 0,
       modules: this.config.modules,
+      ...(eigen ? { projection: 'eigen' as const, factorsFingerprint: preconditionerFingerprint(eigen) } : {}),
     };
     const key = JSON.stringify(identity);
     const cached = this.stores.get(key);
@@ -329,12 +334,13 @@ export class InfluenceService implements ServiceApi {
     const dir = join(
       this.config.cacheDir,
       'stores',
-      `${safe(datasetId)}-${identity.modelFingerprint}-${identity.dataFingerprint}-k${cfg.k}`,
+      `${safe(datasetId)}-${identity.modelFingerprint}-${identity.dataFingerprint}-k${cfg.k}${eigen ? `-${identity.factorsFingerprint}` : ''}`,
     );
     let store = GradientStore.load(dir, identity);
     if (!store) {
       store = await cancellable(work, () =>
         GradientStore.build(model, d.corpus.tokens, identity, {
+          preconditioners: eigen,
           signal: work.signal,
           onProgress: (done, total) => work.progress?.('indexing gradients', done, total),
         }),
