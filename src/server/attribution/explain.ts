@@ -309,13 +309,35 @@ async function scorePool(
   // the store's ranking is the first partial result; the exact rerank refines it
   if (useStore && req.onPartial)
     partials(method, corpus, pool, { ...req, partialEveryMs: 0 })([...pool.keys()], res.scores);
+  const rows = M.values().next().value?.length ?? 1;
+  // cosine: divide by ‖G_z‖ and by each query row's ‖G_q‖
+  const qNorm = new Float64Array(rows).fill(1);
+  const zNorm = new Float64Array(pool.length).fill(1);
+  if (cosine) {
+    qNorm.fill(0);
+    for (const list of qg.G.values()) for (let r = 0; r < rows; r++) for (const v of list[r]) qNorm[r] += v * v;
+    for (let r = 0; r < rows; r++) qNorm[r] = Math.sqrt(qNorm[r]) || 1;
+    for (let k = 0; k < pool.length; k++) zNorm[k] = Math.sqrt(res.gradSqNorm![k]) || 1;
+  }
   let exactSet: Set<number> | undefined;
   if (req.rank || (useStore && req.rerank !== 0)) {
-    // exact recompute of the candidates that can reach the top-k or bottom-k lists
     const t = Date.now();
-    const byScore = Array.from(pool.keys()).sort((a, b) => res.scores[b][0] - res.scores[a][0]);
-    const margin = useStore ? Math.max(req.rerank ?? 5 * req.topK, req.topK) : Math.max(3 * req.topK, 20);
-    const redo = [...new Set([...byScore.slice(0, margin), ...byScore.slice(-margin)])];
+    let redo: number[];
+    if (useStore) {
+      // the store pre-ranks; its top and bottom `rerank` are recomputed exactly
+      const byScore = Array.from(pool.keys()).sort((a, b) => res.scores[b][0] - res.scores[a][0]);
+      const margin = Math.max(req.rerank ?? 5 * req.topK, req.topK);
+      redo = [...new Set([...byScore.slice(0, margin), ...byScore.slice(-margin)])];
+    } else {
+      // low-rank query: |⟨M, G_z⟩ − ⟨M_r, G_z⟩| ≤ ‖M − M_r‖_F ‖G_z‖_F (Cauchy–Schwarz over all
+      // modules), plus an allowance for the graph's rounding; every candidate whose interval can
+      // reach the top-k or bottom-k lists is recomputed exactly.
+      const rounding = candidateModel.options.precision === 'fp64' ? 1e-12 : 1e-4;
+      const slack = res.lowRankResidual! + rounding * res.queryNorm!;
+      const approx = Float64Array.from(pool, (_, k) => res.scores[k][0] / (qNorm[0] * zNorm[k]));
+      const radius = Float64Array.from(pool, (_, k) => (slack * Math.sqrt(res.gradSqNorm![k])) / (qNorm[0] * zNorm[k]));
+      redo = reachable(approx, radius, Math.min(req.topK, pool.length));
+    }
     exactSet = new Set(redo);
     const exact = await scoreCandidates(
       candidateModel,
@@ -326,19 +348,12 @@ async function scorePool(
     redo.forEach((p, j) => {
       res.scores[p] = exact.scores[j];
       for (const [m, s] of exact.perModule) res.perModule.get(m)![p] = s[j];
-      if (cosine) res.gradSqNorm![p] = exact.gradSqNorm![j];
+      if (cosine) {
+        res.gradSqNorm![p] = exact.gradSqNorm![j];
+        zNorm[p] = Math.sqrt(exact.gradSqNorm![j]) || 1;
+      }
     });
     req.onProgress?.(`exact recompute of ${redo.length} (${Date.now() - t} ms)`, redo.length, redo.length);
-  }
-  const rows = M.values().next().value?.length ?? 1;
-  // cosine: divide by ‖G_z‖ and by each query row's ‖G_q‖
-  const qNorm = new Float64Array(rows).fill(1);
-  const zNorm = new Float64Array(pool.length).fill(1);
-  if (cosine) {
-    qNorm.fill(0);
-    for (const list of qg.G.values()) for (let r = 0; r < rows; r++) for (const v of list[r]) qNorm[r] += v * v;
-    for (let r = 0; r < rows; r++) qNorm[r] = Math.sqrt(qNorm[r]) || 1;
-    for (let k = 0; k < pool.length; k++) zNorm[k] = Math.sqrt(res.gradSqNorm![k]) || 1;
   }
   const scores = Float64Array.from(pool, (_, k) => res.scores[k][0] / (qNorm[0] * zNorm[k]));
   const perModule = new Map<string, Float64Array>();
@@ -365,6 +380,27 @@ async function scorePool(
     });
   };
   return { scores, perModule, completion, tokenScores, signed: true, exact: exactSet };
+}
+
+/**
+ * The candidates that can be among the k highest (positive) or k lowest (negative) scores, when
+ * each true score lies in [approx − radius, approx + radius]. At least k candidates score at least
+ * the k-th largest lower bound, so one whose upper bound is below it cannot be in the top k.
+ */
+export function reachable(approx: Float64Array, radius: Float64Array, k: number): number[] {
+  const n = approx.length;
+  if (k <= 0 || n === 0) return [];
+  const lo = Float64Array.from(approx, (s, i) => s - radius[i]).sort();
+  const hi = Float64Array.from(approx, (s, i) => s + radius[i]).sort();
+  const kthLower = lo[Math.max(0, n - k)];
+  const kthUpper = hi[Math.min(n - 1, k - 1)];
+  const out: number[] = [];
+  for (let i = 0; i < n; i++) {
+    const ub = approx[i] + radius[i];
+    const lb = approx[i] - radius[i];
+    if ((ub >= kthLower && ub > 0) || (lb <= kthUpper && lb < 0)) out.push(i);
+  }
+  return out;
 }
 
 /** Streams the running top-k while candidates are scored (raw scores; cosine's normalization comes at the end). */

@@ -9,7 +9,7 @@
 // Extra query rows give the completion-side heatmap: row k carries only completion token k's loss.
 import { type Batch, type Model, type ModuleSelection, makeBatch } from '../model/engine';
 import type { ort } from '../model/onnx/session';
-import { lowRank, type Preconditioner, precondition } from './ekfac/precondition';
+import { lowRank, lowRankToDense, type Preconditioner, precondition } from './ekfac/precondition';
 import type { TokenizedExample } from './fit';
 
 export interface QueryGradients {
@@ -118,6 +118,13 @@ export interface CandidateScores {
   gradSqNorm?: Float64Array;
   /** [candidate] mean-pooled last hidden state, when asked (for RepSim) */
   hidden?: Float32Array[];
+  /**
+   * With `rank`: ‖M − M_r‖_F and ‖M‖_F of query row 0 over all modules (Frobenius norms of the
+   * concatenated per-module matrices). By Cauchy–Schwarz, |exact − low-rank score| of a candidate
+   * is at most lowRankResidual · ‖G(z)‖ (its `gradSqNorm`, always returned with `rank`).
+   */
+  lowRankResidual?: number;
+  queryNorm?: number;
 }
 
 /** Score candidates against query matrices M (per module, Q rows each). */
@@ -144,12 +151,15 @@ export async function scoreCandidates(
     scores: true,
     tokenScores: opts.tokenScores,
     lowRank: opts.rank !== undefined,
-    gradNorms: opts.gradNorms,
+    // the low-rank error bound needs every candidate's gradient norm
+    gradNorms: opts.gradNorms || opts.rank !== undefined,
     hidden: opts.hidden,
     modules: opts.modules,
   });
   const feeds: Record<string, ort.Tensor> = {};
   let Q = 0;
+  let residualSq = 0;
+  let querySq = 0;
   for (const m of graph.moduleInfo) {
     const rows = M.get(m.name);
     if (!rows) throw new Error(`no query matrix for module ${m.name}`);
@@ -159,6 +169,12 @@ export async function scoreCandidates(
       // rank-r SVD of each query row: U = u·diag(σ) [dOut, R], V = v [dA, R]
       const lr = rows.map((r) => lowRank(r, m.dOut, dA, opts.rank!));
       const R = lr[0].rank;
+      // row 0's truncation error, formed densely (the factors need not be exactly orthogonal)
+      const dense = lowRankToDense(lr[0]);
+      for (let i = 0; i < dense.length; i++) {
+        residualSq += (rows[0][i] - dense[i]) ** 2;
+        querySq += rows[0][i] ** 2;
+      }
       const U = new Float64Array(Q * m.dOut * R);
       const V = new Float64Array(Q * dA * R);
       lr.forEach((f, q) => {
@@ -206,7 +222,7 @@ export async function scoreCandidates(
         const ts = out.token_scores.data as Float32Array;
         tokenScores[k] = ts.slice(b * batch.T, b * batch.T + candidates[k].ids.length);
       }
-      if (opts.gradNorms) gradSqNorm[k] = (out.grad_sqnorm.data as Float32Array)[b];
+      if (opts.gradNorms || opts.rank !== undefined) gradSqNorm[k] = (out.grad_sqnorm.data as Float32Array)[b];
       if (opts.hidden) {
         const d = out.hidden_mean.dims[1] as number;
         hidden[k] = (out.hidden_mean.data as Float32Array).slice(b * d, (b + 1) * d);
@@ -220,8 +236,10 @@ export async function scoreCandidates(
     scores,
     perModule,
     tokenScores: opts.tokenScores ? tokenScores : undefined,
-    gradSqNorm: opts.gradNorms ? gradSqNorm : undefined,
+    gradSqNorm: opts.gradNorms || opts.rank !== undefined ? gradSqNorm : undefined,
     hidden: opts.hidden ? hidden : undefined,
+    lowRankResidual: opts.rank !== undefined ? Math.sqrt(residualSq) : undefined,
+    queryNorm: opts.rank !== undefined ? Math.sqrt(querySq) : undefined,
   };
 }
 
