@@ -62,6 +62,16 @@ export interface ExplainParams {
   compare?: Method[];
 }
 
+/** `explain` with several queries: all are scored in one pass over the dataset; the response is an ExplainManyResult. */
+export type ExplainManyParams = Omit<ExplainParams, 'prompt' | 'completion'> & {
+  queries: Array<{ prompt: string; completion: string }>;
+};
+
+/** One ExplainResult per query, in the order of `queries`. */
+export interface ExplainManyResult {
+  results: ExplainResult[];
+}
+
 export interface ExplainResult {
   query: {
     prompt: string;

@@ -120,6 +120,46 @@ interface PoolScores {
 const GRADIENT_METHODS: readonly Method[] = ['ekfac', 'multistage', 'gdp', 'cosine'];
 
 export async function explain(setup: ExplainSetup, corpus: Corpus, req: ExplainRequest): Promise<ExplainResult> {
+  return (await explainMany(setup, corpus, [req]))[0];
+}
+
+/** One query, tokenized, with its pool and gradients. */
+interface Prepared {
+  req: ExplainRequest;
+  q: ReturnType<typeof tokenizeQuery>;
+  query: { ids: number[]; weights: number[] };
+  targets: number[];
+  pool: number[];
+  qg: QueryGradients;
+  timings: Record<string, number>;
+  t0: number;
+}
+
+/**
+ * Several queries against one corpus. When every query asks for the same gradient method over
+ * the whole corpus (no low-rank query, no store), all queries' matrices go into one scoring pass:
+ * each candidate's gradient is formed once and scored against every query's rows. Each result
+ * equals what `explain` returns for that query alone.
+ */
+export async function explainMany(
+  setup: ExplainSetup,
+  corpus: Corpus,
+  reqs: ExplainRequest[],
+): Promise<ExplainResult[]> {
+  const prepared: Prepared[] = [];
+  for (const req of reqs) prepared.push(await prepare(setup, corpus, req));
+  const method = reqs[0]?.method;
+  const batched =
+    reqs.length > 1 &&
+    GRADIENT_METHODS.includes(method) &&
+    reqs.every((r) => r.method === method && r.candidates !== 'retrieved' && !r.rank && !r.store);
+  const mains = batched ? await scorePoolBatched(method, setup, corpus, prepared) : undefined;
+  const out: ExplainResult[] = [];
+  for (const [i, p] of prepared.entries()) out.push(await finish(setup, corpus, p, mains?.[i]));
+  return out;
+}
+
+async function prepare(setup: ExplainSetup, corpus: Corpus, req: ExplainRequest): Promise<Prepared> {
   const timings: Record<string, number> = {};
   const t0 = Date.now();
   const model = setup.model.model;
@@ -140,7 +180,7 @@ export async function explain(setup: ExplainSetup, corpus: Corpus, req: ExplainR
   }
 
   const wantsGradients = [req.method, ...(req.compare ?? [])].some((m) => GRADIENT_METHODS.includes(m));
-  let qg: QueryGradients | undefined;
+  let qg: QueryGradients;
   if (wantsGradients) {
     const t = Date.now();
     qg = await queryGradients(model, query, { modules: setup.modules, perCompletionToken: true });
@@ -149,14 +189,24 @@ export async function explain(setup: ExplainSetup, corpus: Corpus, req: ExplainR
     // the query's token losses are reported for every method
     qg = await queryGradients(model, query, { modules: setup.modules });
   }
+  return { req, q, query, targets, pool, qg, timings, t0 };
+}
 
+async function finish(
+  setup: ExplainSetup,
+  corpus: Corpus,
+  p: Prepared,
+  precomputed?: PoolScores,
+): Promise<ExplainResult> {
+  const { req, q, query, targets, pool, qg, timings, t0 } = p;
+  const model = setup.model.model;
   const run = async (method: Method): Promise<PoolScores> => {
     const t = Date.now();
-    const r = await scorePool(method, setup, corpus, pool, q.text, query, qg!, req);
+    const r = await scorePool(method, setup, corpus, pool, q.text, query, qg, req);
     timings[`${method}_ms`] = Date.now() - t;
     return r;
   };
-  const main = await run(req.method);
+  const main = precomputed ?? (await run(req.method));
   const others = new Map<Method, Float64Array>();
   for (const m of new Set(req.compare ?? [])) if (m !== req.method) others.set(m, (await run(m)).scores);
 
@@ -218,7 +268,7 @@ export async function explain(setup: ExplainSetup, corpus: Corpus, req: ExplainR
           const [s, e] = q.offsets[t + 1];
           return [Math.max(0, s - q.promptLength), Math.max(0, e - q.promptLength)] as [number, number];
         }),
-        values: targets.map((t) => qg!.tokenNll[t]),
+        values: targets.map((t) => qg.tokenNll[t]),
       },
     },
     method: req.method,
@@ -275,26 +325,10 @@ async function scorePool(
     return { scores: Float64Array.from(pool, (i) => all[i]), signed: false };
   }
   // gradient methods: a query matrix per module, scored against every candidate in the graph
-  let M: Map<string, Float64Array[]>;
-  let candidateModel = model;
-  if (method === 'ekfac') {
-    M = queryMatrices(qg.G, [need(setup.model.preconditioners, 'ekfac needs EK-FAC factors (--factors)')]);
-  } else if (method === 'multistage') {
-    if (!setup.pretrained)
-      throw new ExplainError(
-        'multistage needs the pre-trained model and its factors (--pretrained-model, --pretrained-factors)',
-      );
-    const pt = need(setup.pretrained.preconditioners, 'multistage needs factors fitted on the pre-trained model');
-    const ft = need(setup.model.preconditioners, 'multistage needs factors fitted on the fine-tuned model (--factors)');
-    // ⟨P_ft(G_q), P_pt(G_z)⟩ = ⟨P_pt(P_ft(G_q)), G_z⟩ since P_pt is symmetric
-    M = queryMatrices(qg.G, [ft, pt]);
-    candidateModel = setup.pretrained.model;
-  } else {
-    M = qg.G;
-  }
+  const { M, candidateModel } = gradientQuery(method, setup, qg);
   const candidates = pool.map((i) => corpus.tokens[i]);
   const cosine = method === 'cosine';
-  const useStore = req.store && req.store.model === candidateModel && !cosine;
+  const useStore = !!req.store && req.store.model === candidateModel && !cosine;
   const res = useStore
     ? storeScores(req.store!.store, M, pool)
     : await scoreCandidates(candidateModel, M, candidates, {
@@ -306,6 +340,98 @@ async function scorePool(
         onProgress: (d, t) => req.onProgress?.(`scoring (${method})`, d, t),
         onBatch: req.onPartial ? partials(method, corpus, pool, req) : undefined,
       });
+  return finishGradientPool(method, setup, corpus, pool, qg, M, candidateModel, res, useStore, req);
+}
+
+/** The query matrices of a gradient method, and the model whose candidate gradients they meet. */
+function gradientQuery(
+  method: Method,
+  setup: ExplainSetup,
+  qg: QueryGradients,
+): { M: Map<string, Float64Array[]>; candidateModel: Model } {
+  const model = setup.model.model;
+  if (method === 'ekfac')
+    return {
+      M: queryMatrices(qg.G, [need(setup.model.preconditioners, 'ekfac needs EK-FAC factors (--factors)')]),
+      candidateModel: model,
+    };
+  if (method === 'multistage') {
+    if (!setup.pretrained)
+      throw new ExplainError(
+        'multistage needs the pre-trained model and its factors (--pretrained-model, --pretrained-factors)',
+      );
+    const pt = need(setup.pretrained.preconditioners, 'multistage needs factors fitted on the pre-trained model');
+    const ft = need(setup.model.preconditioners, 'multistage needs factors fitted on the fine-tuned model (--factors)');
+    // ⟨P_ft(G_q), P_pt(G_z)⟩ = ⟨P_pt(P_ft(G_q)), G_z⟩ since P_pt is symmetric
+    return { M: queryMatrices(qg.G, [ft, pt]), candidateModel: setup.pretrained.model };
+  }
+  return { M: qg.G, candidateModel: model };
+}
+
+/** All queries' rows in one scoring pass over the whole corpus, split back per query. */
+async function scorePoolBatched(
+  method: Method,
+  setup: ExplainSetup,
+  corpus: Corpus,
+  prepared: Prepared[],
+): Promise<PoolScores[]> {
+  const t = Date.now();
+  const queries = prepared.map((p) => gradientQuery(method, setup, p.qg));
+  const candidateModel = queries[0].candidateModel;
+  const all = new Map<string, Float64Array[]>();
+  for (const name of queries[0].M.keys())
+    all.set(
+      name,
+      queries.flatMap((x) => x.M.get(name)!),
+    );
+  const pool = prepared[0].pool;
+  const req = prepared[0].req;
+  const res = await scoreCandidates(
+    candidateModel,
+    all,
+    pool.map((i) => corpus.tokens[i]),
+    {
+      modules: setup.modules,
+      gradNorms: method === 'cosine',
+      batchSize: req.batchSize,
+      signal: req.signal,
+      onProgress: (d, n) => req.onProgress?.(`scoring (${method}, ${prepared.length} queries)`, d, n),
+    },
+  );
+  const out: PoolScores[] = [];
+  let offset = 0;
+  for (const [i, p] of prepared.entries()) {
+    const rows = queries[i].M.values().next().value?.length ?? 1;
+    const slice = (x: Float64Array) => x.slice(offset, offset + rows);
+    const mine: CandidateScores = {
+      scores: res.scores.map(slice),
+      perModule: new Map([...res.perModule].map(([m, s]) => [m, s.map(slice)])),
+      gradSqNorm: res.gradSqNorm,
+    };
+    offset += rows;
+    out.push(
+      await finishGradientPool(method, setup, corpus, pool, p.qg, queries[i].M, candidateModel, mine, false, p.req),
+    );
+    p.timings[`${method}_ms`] = Date.now() - t;
+  }
+  return out;
+}
+
+/** Exact rerank (store, low rank), cosine normalization and the lazy token scores of a scored pool. */
+async function finishGradientPool(
+  method: Method,
+  setup: ExplainSetup,
+  corpus: Corpus,
+  pool: number[],
+  qg: QueryGradients,
+  M: Map<string, Float64Array[]>,
+  candidateModel: Model,
+  res: CandidateScores,
+  useStore: boolean,
+  req: ExplainRequest,
+): Promise<PoolScores> {
+  const candidates = pool.map((i) => corpus.tokens[i]);
+  const cosine = method === 'cosine';
   // the store's ranking is the first partial result; the exact rerank refines it
   if (useStore && req.onPartial)
     partials(method, corpus, pool, { ...req, partialEveryMs: 0 })([...pool.keys()], res.scores);

@@ -7,8 +7,9 @@
 //   multi-stage:   M = P_pt(P_ft(G_q on the fine-tuned model)), scored on the pre-trained model
 //   gradient dot:  M = G_q           (identity Hessian)
 // Extra query rows give the completion-side heatmap: row k carries only completion token k's loss.
-import { type Batch, type Model, type ModuleSelection, makeBatch } from '../model/engine';
+import type { Batch, Model, ModuleSelection } from '../model/engine';
 import type { ort } from '../model/onnx/session';
+import { memoryBoundedBatches, type RunShape, runShape } from './chunking';
 import { lowRank, lowRankToDense, type Preconditioner, precondition } from './ekfac/precondition';
 import type { TokenizedExample } from './fit';
 
@@ -43,25 +44,33 @@ export async function queryGradients(
     hidden: opts.hidden,
     modules: opts.modules,
   });
-  const out = await graph.run(makeBatch(rows, model.tokenizer.padTokenId ?? 0));
-  const G = new Map<string, Float64Array[]>();
-  for (const m of graph.moduleInfo) {
-    const all = out[`G.${m.name}`].data as Float32Array;
-    const size = all.length / rows.length;
-    G.set(
-      m.name,
-      rows.map((_, r) => Float64Array.from(all.subarray(r * size, (r + 1) * size))),
-    );
+  // one row per completion token, each a whole per-example gradient: run them a few at a time
+  const G = new Map<string, Float64Array[]>(graph.moduleInfo.map((m) => [m.name, new Array(rows.length)]));
+  let loss = 0;
+  let tokenNll = new Float64Array(0);
+  let hidden: Float32Array | undefined;
+  const shape = runShape(graph.moduleInfo, model.config, true, graph.fp64);
+  for (const { batch, idx } of memoryBoundedBatches(rows, rows.length, model.tokenizer.padTokenId ?? 0, shape)) {
+    const r = await graph.run(batch);
+    for (const m of graph.moduleInfo) {
+      const all = r[`G.${m.name}`].data as Float32Array;
+      const size = all.length / idx.length;
+      idx.forEach((k, b) => {
+        G.get(m.name)![k] = Float64Array.from(all.subarray(b * size, (b + 1) * size));
+      });
+    }
+    // the loss outputs come from row 0 (the whole completion)
+    const b0 = idx.indexOf(0);
+    if (b0 < 0) continue;
+    loss = (r.loss.data as Float32Array)[b0];
+    const T = batch.T;
+    tokenNll = Float64Array.from((r.token_nll.data as Float32Array).subarray(b0 * T, b0 * T + query.ids.length));
+    if (opts.hidden) {
+      const d = r.hidden_mean.dims[1] as number;
+      hidden = (r.hidden_mean.data as Float32Array).slice(b0 * d, (b0 + 1) * d);
+    }
   }
-  return {
-    G,
-    targetPositions,
-    loss: (out.loss.data as Float32Array)[0],
-    tokenNll: Float64Array.from((out.token_nll.data as Float32Array).subarray(0, query.ids.length)),
-    hidden: opts.hidden
-      ? (out.hidden_mean.data as Float32Array).slice(0, (out.hidden_mean.dims[1] as number) ?? 0)
-      : undefined,
-  };
+  return { G, targetPositions, loss, tokenNll, hidden };
 }
 
 /** Gradients of several queries' completion losses in one batched run: one row per query. */
@@ -71,15 +80,17 @@ export async function queryBatchGradients(
   opts: { modules: ModuleSelection },
 ): Promise<Map<string, Float64Array[]>> {
   const graph = await model.compile({ labels: 'data', exampleGrads: true, modules: opts.modules });
-  const out = await graph.run(makeBatch(queries, model.tokenizer.padTokenId ?? 0));
-  const G = new Map<string, Float64Array[]>();
-  for (const m of graph.moduleInfo) {
-    const all = out[`G.${m.name}`].data as Float32Array | Float64Array;
-    const size = all.length / queries.length;
-    G.set(
-      m.name,
-      queries.map((_, r) => Float64Array.from(all.subarray(r * size, (r + 1) * size))),
-    );
+  const G = new Map<string, Float64Array[]>(graph.moduleInfo.map((m) => [m.name, new Array(queries.length)]));
+  const shape = runShape(graph.moduleInfo, model.config, true, graph.fp64);
+  for (const { batch, idx } of memoryBoundedBatches(queries, queries.length, model.tokenizer.padTokenId ?? 0, shape)) {
+    const out = await graph.run(batch);
+    for (const m of graph.moduleInfo) {
+      const all = out[`G.${m.name}`].data as Float32Array | Float64Array;
+      const size = all.length / idx.length;
+      idx.forEach((k, b) => {
+        G.get(m.name)![k] = Float64Array.from(all.subarray(b * size, (b + 1) * size));
+      });
+    }
   }
   return G;
 }
@@ -199,16 +210,15 @@ export async function scoreCandidates(
   const gradSqNorm = new Float64Array(n);
   const hidden: Float32Array[] = new Array(n);
   // keep candidate order: batch by length, remember where each candidate sits
-  const order = [...candidates.keys()].sort((a, b) => candidates[a].ids.length - candidates[b].ids.length || a - b);
-  const bs = opts.batchSize ?? 16;
+  const shape = runShape(graph.moduleInfo, model.config, !opts.rank || !!opts.gradNorms, graph.fp64);
   let done = 0;
-  for (let i = 0; i < order.length; i += bs) {
+  for (const { batch, idx } of memoryBoundedBatches(
+    candidates,
+    opts.batchSize ?? 16,
+    model.tokenizer.padTokenId ?? 0,
+    shape,
+  )) {
     if (opts.signal?.aborted) throw new Error('cancelled');
-    const idx = order.slice(i, i + bs);
-    const batch: Batch = makeBatch(
-      idx.map((k) => candidates[k]),
-      model.tokenizer.padTokenId ?? 0,
-    );
     const out = await graph.run(batch, { feeds });
     const s = out.scores.data as Float32Array;
     idx.forEach((k, b) => {
@@ -272,6 +282,8 @@ export async function selfInfluenceScores(
       });
     },
     opts.onProgress,
+    undefined,
+    runShape(graph.moduleInfo, model.config, true, graph.fp64),
   );
   return out;
 }
@@ -302,7 +314,7 @@ export async function candidateHidden(
   return out;
 }
 
-/** Runs `fn` over length-sorted batches; `idx` maps batch rows back to candidate indices. */
+/** Runs `fn` over length-sorted, memory-bounded batches; `idx` maps batch rows back to candidate indices. */
 async function forEachBatch(
   model: Model,
   candidates: TokenizedExample[],
@@ -310,19 +322,12 @@ async function forEachBatch(
   fn: (batch: Batch, idx: number[]) => Promise<void>,
   onProgress?: (done: number, total: number) => void,
   signal?: AbortSignal,
+  shape: RunShape = runShape([], model.config, false, model.options.precision === 'fp64'),
 ): Promise<void> {
-  const order = [...candidates.keys()].sort((a, b) => candidates[a].ids.length - candidates[b].ids.length || a - b);
   let done = 0;
-  for (let i = 0; i < order.length; i += batchSize) {
+  for (const { batch, idx } of memoryBoundedBatches(candidates, batchSize, model.tokenizer.padTokenId ?? 0, shape)) {
     if (signal?.aborted) throw new Error('cancelled');
-    const idx = order.slice(i, i + batchSize);
-    await fn(
-      makeBatch(
-        idx.map((k) => candidates[k]),
-        model.tokenizer.padTokenId ?? 0,
-      ),
-      idx,
-    );
+    await fn(batch, idx);
     done += idx.length;
     onProgress?.(done, candidates.length);
   }

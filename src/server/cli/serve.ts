@@ -23,11 +23,24 @@ export function serviceHandlers(service: InfluenceService): MethodTable {
       title: 'Explaining the completion',
       params: {
         type: 'object',
-        required: ['prompt', 'completion', 'dataset', 'method', 'topK'],
+        required: ['dataset', 'method', 'topK'],
+        // one query (prompt + completion), or several in one pass (queries)
+        oneOf: [{ required: ['prompt', 'completion'] }, { required: ['queries'] }],
         additionalProperties: false,
         properties: {
           prompt: { type: 'string' },
           completion: { type: 'string', minLength: 1 },
+          queries: {
+            type: 'array',
+            minItems: 1,
+            maxItems: 64,
+            items: {
+              type: 'object',
+              required: ['prompt', 'completion'],
+              additionalProperties: false,
+              properties: { prompt: { type: 'string' }, completion: { type: 'string', minLength: 1 } },
+            },
+          },
           dataset: id,
           method: { enum: [...METHODS] },
           topK: { type: 'integer', minimum: 1, maximum: 1000 },
@@ -35,7 +48,7 @@ export function serviceHandlers(service: InfluenceService): MethodTable {
           compare: { type: 'array', items: { enum: [...METHODS] }, maxItems: 6 },
         },
       },
-      handler: (p, ctx) => service.explain(p, work(ctx)),
+      handler: (p, ctx) => ('queries' in p ? service.explainMany(p, work(ctx)) : service.explain(p, work(ctx))),
     },
     generate: {
       heavy: true,
