@@ -5,7 +5,7 @@ import assert from 'node:assert/strict';
 import { statSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import type { ExplainPartial, ExplainResult } from '../../src/protocol/types';
+import type { ExplainManyResult, ExplainPartial, ExplainResult } from '../../src/protocol/types';
 import { serviceHandlers } from '../../src/server/cli/serve';
 import { RpcClient } from '../../src/server/rpc/client';
 import { type RunningServer, startServer } from '../../src/server/rpc/server';
@@ -76,6 +76,28 @@ describe('influence server over WebSocket', () => {
     assert.equal(e.method, 'ekfac');
     assert.ok(e.supporting[0].otherRanks?.bm25);
     assert.ok(partials.length >= 1 || r.timings.total_ms < 250, 'partials while scoring');
+  });
+
+  test('explain with several queries returns one result per query, equal to single explains', async () => {
+    const { prompt, completion, ...rest } = q;
+    const queries = [
+      { prompt, completion },
+      { prompt: `${prompt} `, completion },
+    ];
+    const many = await client.request<ExplainManyResult>('explain', { ...rest, method: 'ekfac', queries });
+    assert.equal(many.results.length, 2);
+    for (const [i, one] of queries.entries()) {
+      const r = await client.request<ExplainResult>('explain', { ...rest, ...one, method: 'ekfac' });
+      assert.deepEqual(
+        many.results[i].supporting.map((e) => [e.id.line, e.score]),
+        r.supporting.map((e) => [e.id.line, e.score]),
+      );
+    }
+    // one form or the other
+    await assert.rejects(
+      client.request('explain', { ...q, method: 'ekfac', queries }),
+      /more than one of the allowed forms/,
+    );
   });
 
   test('8 concurrent explains all succeed under the concurrency limit', async () => {
