@@ -78,8 +78,19 @@ describe('explain --rank: the shown lists equal exact scoring', () => {
     const q = tokenizeQuery(model.tokenizer, QUERY.prompt, QUERY.completion, contextLength(model.config));
     const { G } = await queryGradients(model, { ids: q.ids, weights: q.weights }, { modules: 'all' });
     const M = queryMatrices(G, [stage.preconditioners!]);
-    const exact = (await scoreCandidates(model, M, all.tokens, { modules: 'all' })).scores.map((s) => s[0]);
-    const low = (await scoreCandidates(model, M, all.tokens, { modules: 'all', rank: 1 })).scores.map((s) => s[0]);
+    const full = await scoreCandidates(model, M, all.tokens, { modules: 'all', gradNorms: true });
+    const lowRes = await scoreCandidates(model, M, all.tokens, { modules: 'all', rank: 1 });
+    // the low-rank graph's ‖G(z)‖² (from token Gram matrices) equals the one from the formed G
+    lowRes.gradSqNorm!.forEach((x, k) => {
+      assert.ok(Math.abs(x - full.gradSqNorm![k]) <= 1e-10 * full.gradSqNorm![k], `‖G‖² of example ${k}`);
+    });
+    const exact = full.scores.map((s) => s[0]);
+    const low = lowRes.scores.map((s) => s[0]);
+    // the bound holds for every candidate
+    low.forEach((x, k) => {
+      const bound = lowRes.lowRankResidual! * Math.sqrt(lowRes.gradSqNorm![k]);
+      assert.ok(Math.abs(x - exact[k]) <= bound * (1 + 1e-9), `|exact − low-rank| ≤ ‖R‖‖G‖ for example ${k}`);
+    });
     // a positive example with ≥ 21 lower-scoring examples above it and ≥ 21 below it in the rank-1 order
     const pick = exact
       .map((_, e) => {
