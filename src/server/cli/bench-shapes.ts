@@ -147,7 +147,7 @@ export async function benchShape(argv: string[]): Promise<void> {
     peak_rss_mb: process.resourceUsage().maxRSS / 1024,
   };
   say(
-    `  influence-lens: fit ${fitSeconds.toFixed(1)} s (${Math.round(ours.fit_tokens_per_second)} tokens/s; covariance ${covarianceSeconds.toFixed(1)} s, eigendecomposition ${eigenSeconds.toFixed(1)} s, Λ ${lambdaSeconds.toFixed(1)} s)`,
+    `  influence-lens: fit ${fitSeconds.toFixed(1)} s (${ours.fit_tokens_per_second.toFixed(1)} tokens/s; covariance ${covarianceSeconds.toFixed(1)} s, eigendecomposition ${eigenSeconds.toFixed(1)} s, Λ ${lambdaSeconds.toFixed(1)} s)`,
   );
   say(
     `                  score ${nQueries}×${nTrain} in ${scoreSeconds.toFixed(1)} s (query gradients ${queryGradSeconds.toFixed(1)} s, preconditioning ${preconditionSeconds.toFixed(1)} s) → ${ours.candidates_per_second.toFixed(2)} candidates/s; peak RSS ${Math.round(ours.peak_rss_mb)} MB`,
