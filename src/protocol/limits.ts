@@ -14,6 +14,8 @@ export const LIMITS = {
   explainTextMaxChars: 20_000,
   /** `explain` of a whole chat record: at most this many messages (their text counts in explainTextMaxChars) */
   chatMaxMessages: 512,
+  /** `explainMany`: queries in one pass */
+  explainManyMaxQueries: 64,
   /** `scanDataset`: how many examples, and how many when the client does not say */
   scanTopK: { min: 1, max: 10_000, default: 50 },
   /** `generate` */

@@ -8,6 +8,17 @@ import { METHODS } from './types';
 const id = { type: 'string', minLength: 1, maxLength: LIMITS.idMaxChars } as const;
 const stage = { enum: ['finetuned', 'pretrained'] } as const;
 
+const messages = {
+  type: 'array',
+  minItems: 1,
+  maxItems: LIMITS.chatMaxMessages,
+  items: {
+    type: 'object',
+    required: ['role', 'content'],
+    properties: { role: { type: 'string', maxLength: LIMITS.idMaxChars }, content: { type: 'string' } },
+  },
+} as const;
+
 export const PARAMS_SCHEMA = {
   explain: {
     type: 'object',
@@ -22,16 +33,34 @@ export const PARAMS_SCHEMA = {
       candidates: { enum: ['all', 'retrieved'] },
       compare: { type: 'array', items: { enum: [...METHODS] }, maxItems: METHODS.length },
       // a whole chat record: the server renders it with the model's chat template
-      messages: {
+      messages,
+    },
+  },
+  explainMany: {
+    type: 'object',
+    required: ['queries', 'dataset', 'method', 'topK'],
+    additionalProperties: false,
+    properties: {
+      queries: {
         type: 'array',
         minItems: 1,
-        maxItems: LIMITS.chatMaxMessages,
+        maxItems: LIMITS.explainManyMaxQueries,
         items: {
           type: 'object',
-          required: ['role', 'content'],
-          properties: { role: { type: 'string', maxLength: LIMITS.idMaxChars }, content: { type: 'string' } },
+          required: ['prompt', 'completion'],
+          additionalProperties: false,
+          properties: {
+            prompt: { type: 'string', maxLength: LIMITS.explainTextMaxChars },
+            completion: { type: 'string', minLength: 1, maxLength: LIMITS.explainTextMaxChars },
+            messages,
+          },
         },
       },
+      dataset: id,
+      method: { enum: [...METHODS] },
+      topK: { type: 'integer', minimum: LIMITS.topK.min, maximum: LIMITS.topK.max },
+      candidates: { enum: ['all', 'retrieved'] },
+      compare: { type: 'array', items: { enum: [...METHODS] }, maxItems: METHODS.length },
     },
   },
   generate: {

@@ -15,6 +15,8 @@ import type {
 } from './rpc';
 import type {
   ExampleDetail,
+  ExplainManyParams,
+  ExplainManyResult,
   ExplainParams,
   ExplainResult,
   FitParams,
@@ -41,6 +43,10 @@ export const Explain = new RequestType<
   ExplainResult,
   void
 >('explain');
+/** Several queries scored in one pass over the dataset: each query's gradient is preconditioned once. */
+export const ExplainMany = new RequestType<ExplainManyParams & WorkDoneProgressParams, ExplainManyResult, void>(
+  'explainMany',
+);
 export const Generate = new RequestType<GenerateParams & WorkDoneProgressParams, GenerateResult, void>('generate');
 export const GetExample = new RequestType<GetExampleParams, ExampleDetail, void>('getExample');
 export const ScanDataset = new RequestType<ScanParams & WorkDoneProgressParams, ScanResult, void>('scanDataset');
@@ -49,7 +55,7 @@ export const Index = new RequestType<IndexParams & WorkDoneProgressParams, Index
 export const Reload = new RequestType<ReloadParams, ReloadResult, void>('reload');
 
 /** The requests the influence service answers (besides `initialize` and `status`, which the transport answers). */
-export const SERVICE_REQUESTS = [Explain, Generate, GetExample, ScanDataset, Fit, Index, Reload] as const;
+export const SERVICE_REQUESTS = [Explain, ExplainMany, Generate, GetExample, ScanDataset, Fit, Index, Reload] as const;
 
 /** client → server: abort the request with this id (LSP). */
 export const CancelRequestNotification = new NotificationType<{ id: number | string }>('$/cancelRequest');

@@ -70,6 +70,16 @@ export interface ExplainParams {
   compare?: Method[];
 }
 
+/** `explainMany`: several queries, all scored in one pass over the dataset (one ExplainResult each). */
+export type ExplainManyParams = Omit<ExplainParams, 'prompt' | 'completion' | 'messages'> & {
+  queries: Array<Pick<ExplainParams, 'prompt' | 'completion' | 'messages'>>;
+};
+
+/** One ExplainResult per query, in the order of `queries`. */
+export interface ExplainManyResult {
+  results: ExplainResult[];
+}
+
 export interface ExplainResult {
   query: {
     prompt: string;

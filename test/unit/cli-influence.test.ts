@@ -68,6 +68,49 @@ describe('influence-lens fit / explain / scan', () => {
     assert.equal(Object.keys(e.perModule).length, 6);
   });
 
+  test('explain --queries: one ExplainResult per line, equal to single-query calls; messages queries', () => {
+    const args = ['explain', '--model', MODEL, '--factors', factors, '--data', data, '--json'];
+    const qfile = join(home, 'queries.jsonl');
+    const queries = [
+      { prompt: 'Q: capital of France?\nA:', completion: ' Paris' },
+      {
+        messages: [
+          { role: 'user', content: 'hi' },
+          { role: 'assistant', content: 'hello' },
+        ],
+      },
+    ];
+    writeFileSync(qfile, queries.map((q) => JSON.stringify(q)).join('\n'));
+    const r = cli(...args, '--queries', qfile);
+    assert.equal(r.code, 0, r.err);
+    const lines = r.out
+      .trim()
+      .split('\n')
+      .map((l) => JSON.parse(l) as ExplainResult);
+    assert.equal(lines.length, 2);
+    // the messages query is rendered with the training data's chat template
+    assert.equal(lines[1].query.prompt, '<|user|>\nhi\n<|assistant|>\n');
+    assert.equal(lines[1].query.completion, 'hello\n');
+    for (const [i, res] of lines.entries()) {
+      const one = JSON.parse(
+        cli(...args, '--prompt', res.query.prompt, '--completion', res.query.completion).out,
+      ) as ExplainResult;
+      assert.deepEqual({ ...res, timings: {} }, { ...one, timings: {} }, `query ${i}`);
+    }
+    writeFileSync(
+      qfile,
+      JSON.stringify({
+        messages: [
+          { role: 'assistant', content: 'x' },
+          { role: 'user', content: 'y' },
+        ],
+      }),
+    );
+    const bad = cli(...args, '--queries', qfile);
+    assert.equal(bad.code, 1);
+    assert.match(bad.err, /queries\.jsonl:1: the last message must be the assistant's/);
+  });
+
   test('scan ranks by self-influence', () => {
     const r = cli('scan', '--model', MODEL, '--factors', factors, '--data', data, '--json');
     assert.equal(r.code, 0, r.err);

@@ -7,7 +7,7 @@ import { join } from 'node:path';
 import { before, describe, test } from 'node:test';
 import type { ExplainResult } from '../../src/protocol/types';
 import { loadFactors, saveFactors } from '../../src/server/attribution/ekfac/factors-io';
-import { Corpus, type ExplainSetup, explain } from '../../src/server/attribution/explain';
+import { Corpus, type ExplainSetup, explain, explainMany } from '../../src/server/attribution/explain';
 import { FitJobError, runFitJob } from '../../src/server/attribution/fit-job';
 import { queryGradients, queryMatrices, scoreCandidates } from '../../src/server/attribution/influence';
 import { checkSameTokenizer, type OpenedStage, openStage, StageError } from '../../src/server/attribution/stage';
@@ -295,6 +295,28 @@ describe('fit + explain (tiny fp64 Llama)', () => {
     });
     assert.deepEqual(seen, [2, 4, 6, 7]);
     assert.equal(lastTop, r.supporting[0]?.id.hash);
+  });
+
+  test('several queries in one scoring pass give each query the single-query result exactly', async () => {
+    const queries = [
+      QUERY,
+      { prompt: 'Q: capital of Italy?\nA:', completion: ' Rome' },
+      { prompt: 'Tokyo', completion: ' is large.' },
+    ];
+    for (const method of ['ekfac', 'multistage', 'cosine'] as const) {
+      const setup = { model: ft, pretrained: pt, modules: 'all' } satisfies ExplainSetup;
+      const many = await explainMany(
+        setup,
+        corpus,
+        queries.map((q) => ({ ...q, method, topK: 7 })),
+      );
+      assert.equal(many.length, queries.length);
+      for (const [i, q] of queries.entries()) {
+        const one = await explain(setup, corpus, { ...q, method, topK: 7 });
+        const strip = (r: ExplainResult) => ({ ...r, timings: {} });
+        assert.deepEqual(strip(many[i]), strip(one), `${method}, query ${i}`);
+      }
+    }
   });
 
   test('repsim and bm25 rank by similarity, without a sign', async () => {

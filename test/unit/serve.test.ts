@@ -6,7 +6,7 @@ import { statSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { LIMITS } from '../../src/protocol/limits';
-import { Explain, GetExample } from '../../src/protocol/requests';
+import { Explain, ExplainMany, GetExample } from '../../src/protocol/requests';
 import type { ExplainPartial, ExplainResult } from '../../src/protocol/types';
 import { serviceHandlers } from '../../src/server/service/handlers';
 import { InfluenceService, type ServiceConfig } from '../../src/server/service/influence-service';
@@ -63,6 +63,25 @@ describe('influence server over WebSocket', () => {
     assert.ok(r.info.methods.includes('ekfac'));
     assert.equal(progress[0], 'begin');
     assert.equal(progress.at(-1), 'end');
+  });
+
+  test('explain with several queries returns one result per query, equal to single explains', async () => {
+    const { prompt, completion, ...rest } = q;
+    const queries = [
+      { prompt, completion },
+      { prompt: `${prompt} `, completion },
+    ];
+    const many = await client.request(ExplainMany, { ...rest, method: 'ekfac', queries });
+    assert.equal(many.results.length, 2);
+    for (const [i, one] of queries.entries()) {
+      const r = await client.request(Explain, { ...rest, ...one, method: 'ekfac' });
+      assert.deepEqual(
+        many.results[i].supporting.map((e) => [e.id.line, e.score]),
+        r.supporting.map((e) => [e.id.line, e.score]),
+      );
+    }
+    // queries replace prompt/completion: a request with both is refused, naming the field
+    await assert.rejects(client.request('explainMany', { ...q, method: 'ekfac', queries }), /prompt/);
   });
 
   test('explain streams partial results, then the full result (via the gradient store)', async () => {

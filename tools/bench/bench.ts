@@ -17,12 +17,14 @@ import { benchAll } from './bench-all';
 import { benchEkfac } from './bench-ekfac';
 import { benchEval } from './bench-eval';
 import { benchServer } from './bench-server';
+import { benchShape } from './bench-shapes';
 import { benchStore } from './bench-store';
 
 export async function runBench(argv: string[]): Promise<void> {
   const [suite, ...rest] = argv;
   if (suite === undefined || suite.startsWith('--')) return benchAll(argv);
   if (suite === 'engine') return benchEngine(rest);
+  if (suite === 'ekfac' && rest.some((a) => a === '--shape' || a.startsWith('--shape='))) return benchShape(rest);
   if (suite === 'ekfac') return benchEkfac(rest);
   if (suite === 'server') return benchServer(rest);
   if (suite === 'eval') return benchEval(rest);

@@ -143,6 +143,46 @@ function completionOffset(q: Query, [s, e]: [number, number]): [number, number] 
 }
 
 export async function explain(setup: ExplainSetup, corpus: Corpus, req: ExplainRequest): Promise<ExplainResult> {
+  return (await explainMany(setup, corpus, [req]))[0];
+}
+
+/** One query, tokenized, with its pool and gradients. */
+interface Prepared {
+  req: ExplainRequest;
+  q: ReturnType<typeof tokenizeQuery>;
+  query: { ids: number[]; weights: number[] };
+  targets: number[];
+  pool: number[];
+  qg: QueryGradients;
+  timings: Record<string, number>;
+  t0: number;
+}
+
+/**
+ * Several queries against one corpus. When every query asks for the same gradient method over
+ * the whole corpus (no low-rank query, no store), all queries' matrices go into one scoring pass:
+ * each candidate's gradient is formed once and scored against every query's rows. Each result
+ * equals what `explain` returns for that query alone.
+ */
+export async function explainMany(
+  setup: ExplainSetup,
+  corpus: Corpus,
+  reqs: ExplainRequest[],
+): Promise<ExplainResult[]> {
+  const prepared: Prepared[] = [];
+  for (const req of reqs) prepared.push(await prepare(setup, corpus, req));
+  const method = reqs[0]?.method;
+  const batched =
+    reqs.length > 1 &&
+    GRADIENT_METHODS.includes(method) &&
+    reqs.every((r) => r.method === method && r.candidates !== 'retrieved' && !r.rank && !r.store);
+  const mains = batched ? await scorePoolBatched(method, setup, corpus, prepared) : undefined;
+  const out: ExplainResult[] = [];
+  for (const [i, p] of prepared.entries()) out.push(await finish(setup, corpus, p, mains?.[i]));
+  return out;
+}
+
+async function prepare(setup: ExplainSetup, corpus: Corpus, req: ExplainRequest): Promise<Prepared> {
   const timings: Record<string, number> = {};
   const t0 = Date.now();
   const model = setup.model.model;
@@ -163,7 +203,7 @@ export async function explain(setup: ExplainSetup, corpus: Corpus, req: ExplainR
   }
 
   const wantsGradients = [req.method, ...(req.compare ?? [])].some((m) => GRADIENT_METHODS.includes(m));
-  let qg: QueryGradients | undefined;
+  let qg: QueryGradients;
   if (wantsGradients) {
     const t = Date.now();
     qg = await queryGradients(model, query, { modules: setup.modules, perCompletionToken: true });
@@ -172,14 +212,24 @@ export async function explain(setup: ExplainSetup, corpus: Corpus, req: ExplainR
     // the query's token losses are reported for every method
     qg = await queryGradients(model, query, { modules: setup.modules });
   }
+  return { req, q, query, targets, pool, qg, timings, t0 };
+}
 
+async function finish(
+  setup: ExplainSetup,
+  corpus: Corpus,
+  p: Prepared,
+  precomputed?: PoolScores,
+): Promise<ExplainResult> {
+  const { req, q, query, targets, pool, qg, timings, t0 } = p;
+  const model = setup.model.model;
   const run = async (method: Method): Promise<PoolScores> => {
     const t = Date.now();
-    const r = await scorePool(method, setup, corpus, pool, q.text, query, qg!, req);
+    const r = await scorePool(method, setup, corpus, pool, q.text, query, qg, req);
     timings[`${method}_ms`] = Date.now() - t;
     return r;
   };
-  const main = await run(req.method);
+  const main = precomputed ?? (await run(req.method));
   const others = new Map<Method, Float64Array>();
   for (const m of new Set(req.compare ?? [])) if (m !== req.method) others.set(m, (await run(m)).scores);
 
@@ -239,7 +289,7 @@ export async function explain(setup: ExplainSetup, corpus: Corpus, req: ExplainR
       rendering: q.rendering,
       completionTokens: {
         offsets: targets.map((t) => completionOffset(q, q.offsets[t + 1])),
-        values: targets.map((t) => qg!.tokenNll[t]),
+        values: targets.map((t) => qg.tokenNll[t]),
       },
     },
     method: req.method,
@@ -296,26 +346,10 @@ async function scorePool(
     return { scores: Float64Array.from(pool, (i) => all[i]), signed: false };
   }
   // gradient methods: a query matrix per module, scored against every candidate in the graph
-  let M: Map<string, Float64Array[]>;
-  let candidateModel = model;
-  if (method === 'ekfac') {
-    M = queryMatrices(qg.G, [need(setup.model.preconditioners, 'ekfac needs EK-FAC factors (--factors)')]);
-  } else if (method === 'multistage') {
-    if (!setup.pretrained)
-      throw new ExplainError(
-        'multistage needs the pre-trained model and its factors (--pretrained-model, --pretrained-factors)',
-      );
-    const pt = need(setup.pretrained.preconditioners, 'multistage needs factors fitted on the pre-trained model');
-    const ft = need(setup.model.preconditioners, 'multistage needs factors fitted on the fine-tuned model (--factors)');
-    // ⟨P_ft(G_q), P_pt(G_z)⟩ = ⟨P_pt(P_ft(G_q)), G_z⟩ since P_pt is symmetric
-    M = queryMatrices(qg.G, [ft, pt]);
-    candidateModel = setup.pretrained.model;
-  } else {
-    M = qg.G;
-  }
+  const { M, candidateModel } = gradientQuery(method, setup, qg);
   const candidates = pool.map((i) => corpus.tokens[i]);
   const cosine = method === 'cosine';
-  const useStore = req.store && req.store.model === candidateModel && !cosine;
+  const useStore = !!req.store && req.store.model === candidateModel && !cosine;
   const fromStore = useStore ? storeScores(req.store!.store, M, pool) : undefined;
   const res = fromStore
     ? fromStore.res
@@ -328,18 +362,134 @@ async function scorePool(
         onProgress: (d, t) => req.onProgress?.(`scoring (${method})`, d, t),
         onBatch: req.onPartial ? partials(method, corpus, pool, req) : undefined,
       });
+  return finishGradientPool(method, setup, corpus, pool, qg, M, candidateModel, res, useStore, req, fromStore?.sd);
+}
+
+/** The query matrices of a gradient method, and the model whose candidate gradients they meet. */
+function gradientQuery(
+  method: Method,
+  setup: ExplainSetup,
+  qg: QueryGradients,
+): { M: Map<string, Float64Array[]>; candidateModel: Model } {
+  const model = setup.model.model;
+  if (method === 'ekfac')
+    return {
+      M: queryMatrices(qg.G, [need(setup.model.preconditioners, 'ekfac needs EK-FAC factors (--factors)')]),
+      candidateModel: model,
+    };
+  if (method === 'multistage') {
+    if (!setup.pretrained)
+      throw new ExplainError(
+        'multistage needs the pre-trained model and its factors (--pretrained-model, --pretrained-factors)',
+      );
+    const pt = need(setup.pretrained.preconditioners, 'multistage needs factors fitted on the pre-trained model');
+    const ft = need(setup.model.preconditioners, 'multistage needs factors fitted on the fine-tuned model (--factors)');
+    // ⟨P_ft(G_q), P_pt(G_z)⟩ = ⟨P_pt(P_ft(G_q)), G_z⟩ since P_pt is symmetric
+    return { M: queryMatrices(qg.G, [ft, pt]), candidateModel: setup.pretrained.model };
+  }
+  return { M: qg.G, candidateModel: model };
+}
+
+/** All queries' rows in one scoring pass over the whole corpus, split back per query. */
+async function scorePoolBatched(
+  method: Method,
+  setup: ExplainSetup,
+  corpus: Corpus,
+  prepared: Prepared[],
+): Promise<PoolScores[]> {
+  const t = Date.now();
+  const queries = prepared.map((p) => gradientQuery(method, setup, p.qg));
+  const candidateModel = queries[0].candidateModel;
+  const all = new Map<string, Float64Array[]>();
+  for (const name of queries[0].M.keys())
+    all.set(
+      name,
+      queries.flatMap((x) => x.M.get(name)!),
+    );
+  const pool = prepared[0].pool;
+  const req = prepared[0].req;
+  const res = await scoreCandidates(
+    candidateModel,
+    all,
+    pool.map((i) => corpus.tokens[i]),
+    {
+      modules: setup.modules,
+      gradNorms: method === 'cosine',
+      batchSize: req.batchSize,
+      signal: req.signal,
+      onProgress: (d, n) => req.onProgress?.(`scoring (${method}, ${prepared.length} queries)`, d, n),
+    },
+  );
+  const out: PoolScores[] = [];
+  let offset = 0;
+  for (const [i, p] of prepared.entries()) {
+    const rows = queries[i].M.values().next().value?.length ?? 1;
+    const slice = (x: Float64Array) => x.slice(offset, offset + rows);
+    const mine: CandidateScores = {
+      scores: res.scores.map(slice),
+      perModule: new Map([...res.perModule].map(([m, s]) => [m, s.map(slice)])),
+      gradSqNorm: res.gradSqNorm,
+    };
+    offset += rows;
+    out.push(
+      await finishGradientPool(method, setup, corpus, pool, p.qg, queries[i].M, candidateModel, mine, false, p.req),
+    );
+    p.timings[`${method}_ms`] = Date.now() - t;
+  }
+  return out;
+}
+
+/** Exact rerank (store, low rank), cosine normalization and the lazy token scores of a scored pool. */
+async function finishGradientPool(
+  method: Method,
+  setup: ExplainSetup,
+  corpus: Corpus,
+  pool: number[],
+  qg: QueryGradients,
+  M: Map<string, Float64Array[]>,
+  candidateModel: Model,
+  res: CandidateScores,
+  useStore: boolean,
+  req: ExplainRequest,
+  /** the store's standard error per candidate, when `res` came from the store */
+  storeSd?: Float64Array,
+): Promise<PoolScores> {
+  const candidates = pool.map((i) => corpus.tokens[i]);
+  const cosine = method === 'cosine';
   // the store's ranking is the first partial result; the exact rerank refines it
   if (useStore && req.onPartial)
     partials(method, corpus, pool, { ...req, partialEveryMs: 0 })([...pool.keys()], res.scores);
+  const rows = M.values().next().value?.length ?? 1;
+  // cosine: divide by ‖G_z‖ and by each query row's ‖G_q‖
+  const qNorm = new Float64Array(rows).fill(1);
+  const zNorm = new Float64Array(pool.length).fill(1);
+  if (cosine) {
+    qNorm.fill(0);
+    for (const list of qg.G.values()) for (let r = 0; r < rows; r++) for (const v of list[r]) qNorm[r] += v * v;
+    for (let r = 0; r < rows; r++) qNorm[r] = Math.sqrt(qNorm[r]) || 1;
+    for (let k = 0; k < pool.length; k++) zNorm[k] = Math.sqrt(res.gradSqNorm![k]) || 1;
+  }
   let exactSet: Set<number> | undefined;
   if (req.rank || (useStore && req.rerank !== 0)) {
-    // exact recompute of the candidates that can reach the top-k or bottom-k lists
     const t = Date.now();
-    const byScore = Array.from(pool.keys()).sort((a, b) => res.scores[b][0] - res.scores[a][0]);
-    const margin = useStore ? Math.max(req.rerank ?? 5 * req.topK, req.topK) : Math.max(3 * req.topK, 20);
-    // and every example the store cannot rule out of the top or bottom k (its 2-σ interval reaches there)
-    const unsure = fromStore ? plausible(res.scores, fromStore.sd, req.topK, 2) : [];
-    const redo = [...new Set([...byScore.slice(0, margin), ...byScore.slice(-margin), ...unsure])];
+    let redo: number[];
+    if (useStore) {
+      // the store pre-ranks: its top and bottom `rerank` are recomputed exactly, and so is every
+      // example it cannot rule out of the top or bottom k (its 2-σ interval reaches there)
+      const byScore = Array.from(pool.keys()).sort((a, b) => res.scores[b][0] - res.scores[a][0]);
+      const margin = Math.max(req.rerank ?? 5 * req.topK, req.topK);
+      const unsure = storeSd ? plausible(res.scores, storeSd, req.topK, 2) : [];
+      redo = [...new Set([...byScore.slice(0, margin), ...byScore.slice(-margin), ...unsure])];
+    } else {
+      // low-rank query: |⟨M, G_z⟩ − ⟨M_r, G_z⟩| ≤ ‖M − M_r‖_F ‖G_z‖_F (Cauchy–Schwarz over all
+      // modules), plus an allowance for the graph's rounding; every candidate whose interval can
+      // reach the top-k or bottom-k lists is recomputed exactly.
+      const rounding = candidateModel.options.precision === 'fp64' ? 1e-12 : 1e-4;
+      const slack = res.lowRankResidual! + rounding * res.queryNorm!;
+      const approx = Float64Array.from(pool, (_, k) => res.scores[k][0] / (qNorm[0] * zNorm[k]));
+      const radius = Float64Array.from(pool, (_, k) => (slack * Math.sqrt(res.gradSqNorm![k])) / (qNorm[0] * zNorm[k]));
+      redo = reachable(approx, radius, Math.min(req.topK, pool.length));
+    }
     exactSet = new Set(redo);
     const exact = await scoreCandidates(
       candidateModel,
@@ -350,19 +500,12 @@ async function scorePool(
     redo.forEach((p, j) => {
       res.scores[p] = exact.scores[j];
       for (const [m, s] of exact.perModule) res.perModule.get(m)![p] = s[j];
-      if (cosine) res.gradSqNorm![p] = exact.gradSqNorm![j];
+      if (cosine) {
+        res.gradSqNorm![p] = exact.gradSqNorm![j];
+        zNorm[p] = Math.sqrt(exact.gradSqNorm![j]) || 1;
+      }
     });
     req.onProgress?.(`exact recompute of ${redo.length} (${Date.now() - t} ms)`, redo.length, redo.length);
-  }
-  const rows = M.values().next().value?.length ?? 1;
-  // cosine: divide by ‖G_z‖ and by each query row's ‖G_q‖
-  const qNorm = new Float64Array(rows).fill(1);
-  const zNorm = new Float64Array(pool.length).fill(1);
-  if (cosine) {
-    qNorm.fill(0);
-    for (const list of qg.G.values()) for (let r = 0; r < rows; r++) for (const v of list[r]) qNorm[r] += v * v;
-    for (let r = 0; r < rows; r++) qNorm[r] = Math.sqrt(qNorm[r]) || 1;
-    for (let k = 0; k < pool.length; k++) zNorm[k] = Math.sqrt(res.gradSqNorm![k]) || 1;
   }
   const scores = Float64Array.from(pool, (_, k) => res.scores[k][0] / (qNorm[0] * zNorm[k]));
   const perModule = new Map<string, Float64Array>();
@@ -389,6 +532,27 @@ async function scorePool(
     });
   };
   return { scores, perModule, completion, tokenScores, signed: true, exact: exactSet };
+}
+
+/**
+ * The candidates that can be among the k highest (positive) or k lowest (negative) scores, when
+ * each true score lies in [approx − radius, approx + radius]. At least k candidates score at least
+ * the k-th largest lower bound, so one whose upper bound is below it cannot be in the top k.
+ */
+export function reachable(approx: Float64Array, radius: Float64Array, k: number): number[] {
+  const n = approx.length;
+  if (k <= 0 || n === 0) return [];
+  const lo = Float64Array.from(approx, (s, i) => s - radius[i]).sort();
+  const hi = Float64Array.from(approx, (s, i) => s + radius[i]).sort();
+  const kthLower = lo[Math.max(0, n - k)];
+  const kthUpper = hi[Math.min(n - 1, k - 1)];
+  const out: number[] = [];
+  for (let i = 0; i < n; i++) {
+    const ub = approx[i] + radius[i];
+    const lb = approx[i] - radius[i];
+    if ((ub >= kthLower && ub > 0) || (lb <= kthUpper && lb < 0)) out.push(i);
+  }
+  return out;
 }
 
 /** Streams the running top-k while candidates are scored (raw scores; cosine's normalization comes at the end). */

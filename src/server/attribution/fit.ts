@@ -4,9 +4,10 @@
 //   pass 2: eigenvalue correction Λ = mean_z (Q_Sᵀ G(z) Q_A)² (rotated inside the graph).
 // Labels are sampled from the model (true Fisher) unless `labels: 'empirical'`. Every pass
 // can run on one partition of the data; partial sums add up (covariance.ts, lambda.ts).
-import { type Batch, type Model, type ModuleInfo, type ModuleSelection, makeBatch } from '../model/engine';
+import type { Batch, Model, ModuleInfo, ModuleSelection } from '../model/engine';
 import type { ort } from '../model/onnx/session';
 import { Rng } from '../util/random';
+import { memoryBoundedBatches, runShape } from './chunking';
 import { CovarianceAccumulator } from './ekfac/covariance';
 import { computeEigenbasis, type Eigenbasis } from './ekfac/eigenbasis';
 import type { ModuleShape } from './ekfac/gradient';
@@ -42,20 +43,6 @@ export function moduleShape(m: ModuleInfo): ModuleShape {
   return { name: m.name, dIn: m.dIn, dOut: m.dOut, appendOne: m.hasBias };
 }
 
-/** Batches in a stable order; sorted by length so padding stays small. */
-export function batches(examples: TokenizedExample[], batchSize: number, pad: number): Batch[] {
-  const order = [...examples.keys()].sort((a, b) => examples[a].ids.length - examples[b].ids.length || a - b);
-  const out: Batch[] = [];
-  for (let i = 0; i < order.length; i += batchSize)
-    out.push(
-      makeBatch(
-        order.slice(i, i + batchSize).map((k) => examples[k]),
-        pad,
-      ),
-    );
-  return out;
-}
-
 function select(examples: TokenizedExample[], p?: { index: number; count: number }): TokenizedExample[] {
   if (!p) return examples;
   if (!(p.count >= 1 && p.index >= 0 && p.index < p.count)) throw new Error(`bad partition ${p.index}/${p.count}`);
@@ -74,9 +61,13 @@ export async function fitCovariances(
   const modules = graph.moduleInfo;
   const covariances = new Map(modules.map((m) => [m.name, new CovarianceAccumulator(moduleShape(m))]));
   const rng = new Rng(opts.seed);
-  const bs = batches(select(examples, opts.partition), opts.batchSize ?? 16, model.tokenizer.padTokenId ?? 0);
-  for (const [i, batch] of bs.entries()) {
-    opts.signal?.throwIfAborted();
+  const bs = memoryBoundedBatches(
+    select(examples, opts.partition),
+    opts.batchSize ?? 16,
+    model.tokenizer.padTokenId ?? 0,
+    runShape(modules, model.config, false, graph.fp64),
+  );
+  for (const [i, { batch }] of bs.entries()) {
     const out = await graph.run(batch, { uniforms: uniformsFor(opts, rng, batch) });
     const count = Number((out.token_count.data as Float32Array)[0]);
     for (const m of modules)
@@ -120,9 +111,13 @@ export async function fitLambdas(
   }
   // A different stream from pass 1, as kronfluence draws fresh labels for the correction.
   const rng = new Rng(opts.seed + 1);
-  const bs = batches(select(examples, opts.partition), opts.batchSize ?? 16, model.tokenizer.padTokenId ?? 0);
-  for (const [i, batch] of bs.entries()) {
-    opts.signal?.throwIfAborted();
+  const bs = memoryBoundedBatches(
+    select(examples, opts.partition),
+    opts.batchSize ?? 16,
+    model.tokenizer.padTokenId ?? 0,
+    runShape(graph.moduleInfo, model.config, true, graph.fp64),
+  );
+  for (const [i, { batch }] of bs.entries()) {
     const out = await graph.run(batch, { uniforms: uniformsFor(opts, rng, batch), feeds });
     for (const m of graph.moduleInfo) {
       lambdas.get(m.name)!.addSum(data(out[`L.${m.name}`]), batch.B);

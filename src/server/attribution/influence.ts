@@ -7,9 +7,10 @@
 //   multi-stage:   M = P_pt(P_ft(G_q on the fine-tuned model)), scored on the pre-trained model
 //   gradient dot:  M = G_q           (identity Hessian)
 // Extra query rows give the completion-side heatmap: row k carries only completion token k's loss.
-import { type Batch, type Model, type ModuleSelection, makeBatch } from '../model/engine';
+import type { Batch, Model, ModuleSelection } from '../model/engine';
 import type { ort } from '../model/onnx/session';
-import { lowRank, type Preconditioner, precondition } from './ekfac/precondition';
+import { memoryBoundedBatches, type RunShape, runShape } from './chunking';
+import { lowRank, lowRankToDense, type Preconditioner, precondition } from './ekfac/precondition';
 import type { TokenizedExample } from './fit';
 
 export interface QueryGradients {
@@ -43,25 +44,33 @@ export async function queryGradients(
     hidden: opts.hidden,
     modules: opts.modules,
   });
-  const out = await graph.run(makeBatch(rows, model.tokenizer.padTokenId ?? 0));
-  const G = new Map<string, Float64Array[]>();
-  for (const m of graph.moduleInfo) {
-    const all = out[`G.${m.name}`].data as Float32Array;
-    const size = all.length / rows.length;
-    G.set(
-      m.name,
-      rows.map((_, r) => Float64Array.from(all.subarray(r * size, (r + 1) * size))),
-    );
+  // one row per completion token, each a whole per-example gradient: run them a few at a time
+  const G = new Map<string, Float64Array[]>(graph.moduleInfo.map((m) => [m.name, new Array(rows.length)]));
+  let loss = 0;
+  let tokenNll = new Float64Array(0);
+  let hidden: Float32Array | undefined;
+  const shape = runShape(graph.moduleInfo, model.config, true, graph.fp64);
+  for (const { batch, idx } of memoryBoundedBatches(rows, rows.length, model.tokenizer.padTokenId ?? 0, shape)) {
+    const r = await graph.run(batch);
+    for (const m of graph.moduleInfo) {
+      const all = r[`G.${m.name}`].data as Float32Array;
+      const size = all.length / idx.length;
+      idx.forEach((k, b) => {
+        G.get(m.name)![k] = Float64Array.from(all.subarray(b * size, (b + 1) * size));
+      });
+    }
+    // the loss outputs come from row 0 (the whole completion)
+    const b0 = idx.indexOf(0);
+    if (b0 < 0) continue;
+    loss = (r.loss.data as Float32Array)[b0];
+    const T = batch.T;
+    tokenNll = Float64Array.from((r.token_nll.data as Float32Array).subarray(b0 * T, b0 * T + query.ids.length));
+    if (opts.hidden) {
+      const d = r.hidden_mean.dims[1] as number;
+      hidden = (r.hidden_mean.data as Float32Array).slice(b0 * d, (b0 + 1) * d);
+    }
   }
-  return {
-    G,
-    targetPositions,
-    loss: (out.loss.data as Float32Array)[0],
-    tokenNll: Float64Array.from((out.token_nll.data as Float32Array).subarray(0, query.ids.length)),
-    hidden: opts.hidden
-      ? (out.hidden_mean.data as Float32Array).slice(0, (out.hidden_mean.dims[1] as number) ?? 0)
-      : undefined,
-  };
+  return { G, targetPositions, loss, tokenNll, hidden };
 }
 
 /** Gradients of several queries' completion losses in one batched run: one row per query. */
@@ -71,15 +80,17 @@ export async function queryBatchGradients(
   opts: { modules: ModuleSelection },
 ): Promise<Map<string, Float64Array[]>> {
   const graph = await model.compile({ labels: 'data', exampleGrads: true, modules: opts.modules });
-  const out = await graph.run(makeBatch(queries, model.tokenizer.padTokenId ?? 0));
-  const G = new Map<string, Float64Array[]>();
-  for (const m of graph.moduleInfo) {
-    const all = out[`G.${m.name}`].data as Float32Array | Float64Array;
-    const size = all.length / queries.length;
-    G.set(
-      m.name,
-      queries.map((_, r) => Float64Array.from(all.subarray(r * size, (r + 1) * size))),
-    );
+  const G = new Map<string, Float64Array[]>(graph.moduleInfo.map((m) => [m.name, new Array(queries.length)]));
+  const shape = runShape(graph.moduleInfo, model.config, true, graph.fp64);
+  for (const { batch, idx } of memoryBoundedBatches(queries, queries.length, model.tokenizer.padTokenId ?? 0, shape)) {
+    const out = await graph.run(batch);
+    for (const m of graph.moduleInfo) {
+      const all = out[`G.${m.name}`].data as Float32Array | Float64Array;
+      const size = all.length / idx.length;
+      idx.forEach((k, b) => {
+        G.get(m.name)![k] = Float64Array.from(all.subarray(b * size, (b + 1) * size));
+      });
+    }
   }
   return G;
 }
@@ -118,6 +129,13 @@ export interface CandidateScores {
   gradSqNorm?: Float64Array;
   /** [candidate] mean-pooled last hidden state, when asked (for RepSim) */
   hidden?: Float32Array[];
+  /**
+   * With `rank`: ‖M − M_r‖_F and ‖M‖_F of query row 0 over all modules (Frobenius norms of the
+   * concatenated per-module matrices). By Cauchy–Schwarz, |exact − low-rank score| of a candidate
+   * is at most lowRankResidual · ‖G(z)‖ (its `gradSqNorm`, always returned with `rank`).
+   */
+  lowRankResidual?: number;
+  queryNorm?: number;
 }
 
 /** Score candidates against query matrices M (per module, Q rows each). */
@@ -144,12 +162,15 @@ export async function scoreCandidates(
     scores: true,
     tokenScores: opts.tokenScores,
     lowRank: opts.rank !== undefined,
-    gradNorms: opts.gradNorms,
+    // the low-rank error bound needs every candidate's gradient norm
+    gradNorms: opts.gradNorms || opts.rank !== undefined,
     hidden: opts.hidden,
     modules: opts.modules,
   });
   const feeds: Record<string, ort.Tensor> = {};
   let Q = 0;
+  let residualSq = 0;
+  let querySq = 0;
   for (const m of graph.moduleInfo) {
     const rows = M.get(m.name);
     if (!rows) throw new Error(`no query matrix for module ${m.name}`);
@@ -159,6 +180,12 @@ export async function scoreCandidates(
       // rank-r SVD of each query row: U = u·diag(σ) [dOut, R], V = v [dA, R]
       const lr = rows.map((r) => lowRank(r, m.dOut, dA, opts.rank!));
       const R = lr[0].rank;
+      // row 0's truncation error, formed densely (the factors need not be exactly orthogonal)
+      const dense = lowRankToDense(lr[0]);
+      for (let i = 0; i < dense.length; i++) {
+        residualSq += (rows[0][i] - dense[i]) ** 2;
+        querySq += rows[0][i] ** 2;
+      }
       const U = new Float64Array(Q * m.dOut * R);
       const V = new Float64Array(Q * dA * R);
       lr.forEach((f, q) => {
@@ -183,16 +210,15 @@ export async function scoreCandidates(
   const gradSqNorm = new Float64Array(n);
   const hidden: Float32Array[] = new Array(n);
   // keep candidate order: batch by length, remember where each candidate sits
-  const order = [...candidates.keys()].sort((a, b) => candidates[a].ids.length - candidates[b].ids.length || a - b);
-  const bs = opts.batchSize ?? 16;
+  const shape = runShape(graph.moduleInfo, model.config, !opts.rank || !!opts.gradNorms, graph.fp64);
   let done = 0;
-  for (let i = 0; i < order.length; i += bs) {
+  for (const { batch, idx } of memoryBoundedBatches(
+    candidates,
+    opts.batchSize ?? 16,
+    model.tokenizer.padTokenId ?? 0,
+    shape,
+  )) {
     if (opts.signal?.aborted) throw new Error('cancelled');
-    const idx = order.slice(i, i + bs);
-    const batch: Batch = makeBatch(
-      idx.map((k) => candidates[k]),
-      model.tokenizer.padTokenId ?? 0,
-    );
     const out = await graph.run(batch, { feeds });
     const s = out.scores.data as Float32Array;
     idx.forEach((k, b) => {
@@ -206,7 +232,7 @@ export async function scoreCandidates(
         const ts = out.token_scores.data as Float32Array;
         tokenScores[k] = ts.slice(b * batch.T, b * batch.T + candidates[k].ids.length);
       }
-      if (opts.gradNorms) gradSqNorm[k] = (out.grad_sqnorm.data as Float32Array)[b];
+      if (opts.gradNorms || opts.rank !== undefined) gradSqNorm[k] = (out.grad_sqnorm.data as Float32Array)[b];
       if (opts.hidden) {
         const d = out.hidden_mean.dims[1] as number;
         hidden[k] = (out.hidden_mean.data as Float32Array).slice(b * d, (b + 1) * d);
@@ -220,8 +246,10 @@ export async function scoreCandidates(
     scores,
     perModule,
     tokenScores: opts.tokenScores ? tokenScores : undefined,
-    gradSqNorm: opts.gradNorms ? gradSqNorm : undefined,
+    gradSqNorm: opts.gradNorms || opts.rank !== undefined ? gradSqNorm : undefined,
     hidden: opts.hidden ? hidden : undefined,
+    lowRankResidual: opts.rank !== undefined ? Math.sqrt(residualSq) : undefined,
+    queryNorm: opts.rank !== undefined ? Math.sqrt(querySq) : undefined,
   };
 }
 
@@ -260,6 +288,7 @@ export async function selfInfluenceScores(
     },
     opts.onProgress,
     opts.signal,
+    runShape(graph.moduleInfo, model.config, true, graph.fp64),
   );
   return out;
 }
@@ -290,7 +319,7 @@ export async function candidateHidden(
   return out;
 }
 
-/** Runs `fn` over length-sorted batches; `idx` maps batch rows back to candidate indices. */
+/** Runs `fn` over length-sorted, memory-bounded batches; `idx` maps batch rows back to candidate indices. */
 async function forEachBatch(
   model: Model,
   candidates: TokenizedExample[],
@@ -298,19 +327,12 @@ async function forEachBatch(
   fn: (batch: Batch, idx: number[]) => Promise<void>,
   onProgress?: (done: number, total: number) => void,
   signal?: AbortSignal,
+  shape: RunShape = runShape([], model.config, false, model.options.precision === 'fp64'),
 ): Promise<void> {
-  const order = [...candidates.keys()].sort((a, b) => candidates[a].ids.length - candidates[b].ids.length || a - b);
   let done = 0;
-  for (let i = 0; i < order.length; i += batchSize) {
+  for (const { batch, idx } of memoryBoundedBatches(candidates, batchSize, model.tokenizer.padTokenId ?? 0, shape)) {
     if (signal?.aborted) throw new Error('cancelled');
-    const idx = order.slice(i, i + batchSize);
-    await fn(
-      makeBatch(
-        idx.map((k) => candidates[k]),
-        model.tokenizer.padTokenId ?? 0,
-      ),
-      idx,
-    );
+    await fn(batch, idx);
     done += idx.length;
     onProgress?.(done, candidates.length);
   }

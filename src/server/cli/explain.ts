@@ -3,9 +3,11 @@
 import { relative } from 'node:path';
 import { methodInfo } from '../../protocol/methods';
 import { type ExplainedExample, type ExplainResult, METHODS, type Method } from '../../protocol/types';
-import { Corpus, type ExplainSetup, explain } from '../attribution/explain';
+import { Corpus, type ExplainSetup, explain, explainMany } from '../attribution/explain';
 import { checkSameTokenizer, openStage, parseDamping } from '../attribution/stage';
 import { loadDataset } from '../data/dataset';
+import { formatRecord } from '../data/format';
+import { readJsonl } from '../data/jsonl';
 import { heatmap, oneLine } from './heatmap';
 import { CliError, int, oneOf, Progress, parse } from './util';
 
@@ -16,6 +18,7 @@ export async function runExplain(argv: string[]): Promise<void> {
     data: { type: 'string' },
     prompt: { type: 'string' },
     completion: { type: 'string' },
+    queries: { type: 'string' },
     'top-k': { type: 'string' },
     method: { type: 'string' },
     compare: { type: 'string' },
@@ -30,8 +33,13 @@ export async function runExplain(argv: string[]): Promise<void> {
   });
   if (!v.model) throw new CliError('--model <dir> is required');
   if (!v.data) throw new CliError('--data <train.jsonl> is required');
-  if (v.prompt === undefined || v.completion === undefined)
-    throw new CliError('--prompt and --completion are required (the completion is what gets explained)');
+  if (v.queries !== undefined && (v.prompt !== undefined || v.completion !== undefined))
+    throw new CliError('give either --queries <file.jsonl> or --prompt and --completion, not both');
+  if (v.queries === undefined && (v.prompt === undefined || v.completion === undefined))
+    throw new CliError(
+      '--prompt and --completion are required (the completion is what gets explained), or --queries <file.jsonl>',
+    );
+  const queries = v.queries === undefined ? undefined : readQueries(v.queries);
   const method = oneOf(v.method, METHODS, '--method', v.factors ? 'ekfac' : 'gdp');
   const compare = (v.compare ? v.compare.split(',') : []).map((m) =>
     oneOf(m.trim(), METHODS, '--compare', 'ekfac'),
@@ -63,16 +71,14 @@ export async function runExplain(argv: string[]): Promise<void> {
   const setup: ExplainSetup = { model: ft, pretrained: pt, modules: ft.modules };
   let bar: Progress | undefined;
   let stage = '';
-  const result = await explain(setup, corpus, {
-    prompt: v.prompt,
-    completion: v.completion,
+  const common = {
     method,
     topK,
     compare,
     candidates: oneOf(v.candidates, ['all', 'retrieved'] as const, '--candidates', 'all'),
     batchSize: int(v['batch-size'], '--batch-size', 16),
     rank: v.rank === undefined ? undefined : positive(int(v.rank, '--rank', 0), '--rank'),
-    onProgress: (s, done, total) => {
+    onProgress: (s: string, done: number, total: number) => {
       if (s !== stage) {
         bar?.done();
         stage = s;
@@ -80,7 +86,20 @@ export async function runExplain(argv: string[]): Promise<void> {
       }
       bar!.tick(done);
     },
-  });
+  };
+  if (queries) {
+    // one scoring pass for all queries; one ExplainResult per line, in the file's order
+    const results = await explainMany(
+      setup,
+      corpus,
+      queries.map((q) => ({ ...q, ...common })),
+    );
+    bar?.done();
+    for (const r of results)
+      process.stdout.write(v.json ? `${JSON.stringify(r)}\n` : `${formatResult(r, process.stdout.isTTY === true)}\n`);
+    return;
+  }
+  const result = await explain(setup, corpus, { prompt: v.prompt!, completion: v.completion!, ...common });
   bar?.done();
   if (v.json) {
     process.stdout.write(`${JSON.stringify(result, null, 2)}\n`);
@@ -147,4 +166,23 @@ function positive(n: number, flag: string): number {
 function fmt(x: number): string {
   const a = Math.abs(x);
   return a !== 0 && (a < 1e-3 || a >= 1e5) ? x.toExponential(3) : x.toFixed(4);
+}
+
+/**
+ * Queries, one JSON object a line: {"prompt", "completion"}, or {"messages": [...]} whose last
+ * message is the assistant's reply to explain (rendered with the training data's chat template).
+ */
+export function readQueries(path: string): Array<{ prompt: string; completion: string }> {
+  const { rows } = readJsonl(path);
+  if (!rows.length) throw new CliError(`${path}: no queries`);
+  return rows.map(({ line, value }) => {
+    const where = `${path}:${line}`;
+    const r = formatRecord(value, where);
+    if (r.kind === 'text') throw new CliError(`${where}: a query needs a completion to explain ("text" has none)`);
+    const last = r.spans[r.spans.length - 1];
+    // the completion is the last assistant turn, and nothing may follow it
+    if (last[1] !== r.text.length)
+      throw new CliError(`${where}: the last message must be the assistant's (the completion to explain)`);
+    return { prompt: r.text.slice(0, last[0]), completion: r.text.slice(last[0], last[1]) };
+  });
 }

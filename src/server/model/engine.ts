@@ -459,7 +459,13 @@ function buildOutputs(
   }
   if (req.logits) emit(out.logits, 'logits');
 
-  const needG = req.exampleGrads || req.lambda || (req.scores && !req.lowRank) || req.selfInfluence || req.gradNorms;
+  // With a low-rank query, ‖G_b‖² comes from token Gram matrices instead (see below): no G at all.
+  const needG =
+    req.exampleGrads ||
+    req.lambda ||
+    (req.scores && !req.lowRank) ||
+    req.selfInfluence ||
+    (req.gradNorms && !req.lowRank);
   const needModuleGrads = req.perToken || req.covariance || req.scores || req.tokenScores || req.projected || needG;
   const wrt: Tensor[] = [];
   if (needModuleGrads) wrt.push(...modules.map((m) => m.output));
@@ -531,6 +537,14 @@ function buildOutputs(
           const c = g.reduceSum(g.mul(gM, a), [2], false); // [Q, N]
           tokenSum = accumulate(tokenSum, c);
         }
+        if (req.gradNorms && req.lowRank) {
+          // ‖Σ_t g_t a_tᵀ‖² = Σ_{t,s} (g_t·g_s)(a_t·a_s): T²·(dOut + dIn) work, the per-example G never formed
+          const g3 = g.reshape(gy, g.concatInts([btShape, g.ints([m.dOut])]), ['B', 'T', m.dOut]);
+          const a3 = g.reshape(a, g.concatInts([btShape, g.ints([dIn])]), ['B', 'T', dIn]);
+          const gg = g.matmul(g3, g.transpose(g3, [0, 2, 1])); // [B, T, T]
+          const aa = g.matmul(a3, g.transpose(a3, [0, 2, 1])); // [B, T, T]
+          normSum = accumulate(normSum, g.reduceSum(g.mul(gg, aa), [1, 2], false));
+        }
         if (!needG) return;
         const perExample = (x: Tensor, d: number) => g.reshape(x, g.concatInts([btShape, g.ints([d])]), ['B', 'T', d]);
         // G_b = Σ_t g_t a_tᵀ, formed only for the outputs that need it
@@ -556,7 +570,7 @@ function buildOutputs(
             selfSum = accumulate(selfSum, g.reduceSum(g.mul(sq, inv), [1, 2], false));
           }
         }
-        if (G && req.gradNorms) normSum = accumulate(normSum, g.reduceSum(g.mul(G, G), [1, 2], false));
+        if (G && req.gradNorms && !req.lowRank) normSum = accumulate(normSum, g.reduceSum(g.mul(G, G), [1, 2], false));
         if (G && M && req.scores) {
           // ⟨M_q, G_b⟩ for every candidate b and query q
           const G2 = g.reshape(G, [-1, m.dOut * dIn]);

@@ -3,7 +3,7 @@
 // that answers it. The transport (src/transport/server) knows nothing of what these do.
 import { LIMITS } from '../../protocol/limits';
 import { PARAMS_SCHEMA } from '../../protocol/params-schema';
-import { Explain, Fit, Generate, GetExample, Index, Reload, ScanDataset } from '../../protocol/requests';
+import { Explain, ExplainMany, Fit, Generate, GetExample, Index, Reload, ScanDataset } from '../../protocol/requests';
 import type { MethodContext, MethodTable } from '../../transport/server';
 import { on } from '../../transport/server';
 import { isLightExplain, type ServiceApi, type Work } from './influence-service';
@@ -21,6 +21,12 @@ export function serviceHandlers(service: ServiceApi): MethodTable {
       title: 'Explaining the completion',
       params: PARAMS_SCHEMA.explain,
       handler: (p, ctx) => service.explain(p, work(ctx)),
+    }),
+    on(ExplainMany, {
+      heavy: true,
+      title: 'Explaining several completions',
+      params: PARAMS_SCHEMA.explainMany,
+      handler: (p, ctx) => service.explainMany(p, work(ctx)),
     }),
     on(Generate, {
       heavy: true,

@@ -9,11 +9,18 @@ import { cleanStaleTemps } from '../../common/atomic-write';
 import { own } from '../../common/own';
 import { LIMITS } from '../../protocol/limits';
 import { methodInfo } from '../../protocol/methods';
-import type { ExplainParams, ExplainPartial, ExplainResult, Method } from '../../protocol/types';
+import type {
+  ExplainManyParams,
+  ExplainManyResult,
+  ExplainParams,
+  ExplainPartial,
+  ExplainResult,
+  Method,
+} from '../../protocol/types';
 import { METHODS } from '../../protocol/types';
 import { OUR_ARGUMENTS_FILE } from '../attribution/ekfac/factors-io';
 import type { Damping } from '../attribution/ekfac/precondition';
-import { Corpus, ExplainError, explain } from '../attribution/explain';
+import { Corpus, ExplainError, explain, explainMany } from '../attribution/explain';
 import { dataFingerprint, modelFingerprint } from '../attribution/fingerprint';
 import { FitJobError, runFitJob } from '../attribution/fit-job';
 import { selfInfluenceScores } from '../attribution/influence';
@@ -88,6 +95,7 @@ export interface GenerateParams {
 export interface ServiceApi {
   info(): ReturnType<InfluenceService['info']>;
   explain(p: ExplainParams, work?: Work): Promise<ExplainResult>;
+  explainMany(p: ExplainManyParams, work?: Work): Promise<ExplainManyResult>;
   getExample(datasetId: string, line: number, hash?: string): Example | Promise<Example>;
   scanDataset(datasetId: string, topK: number, work?: Work): Promise<ScanResult>;
   fit(which: 'finetuned' | 'pretrained', work?: Work): Promise<Awaited<ReturnType<typeof runFitJob>>>;
@@ -253,7 +261,8 @@ export class InfluenceService implements ServiceApi {
     return { dataset: id, examples: d.corpus.size, skipped: d.corpus.dataset.skipped.length };
   }
 
-  async explain(p: ExplainParams, work: Work = {}): Promise<ExplainResult> {
+  /** The checks every query passes before any work starts. */
+  private checkExplain(p: ExplainParams): void {
     const limits = { maxTopK: LIMITS.topK.max, maxTextChars: LIMITS.explainTextMaxChars, ...this.config.limits };
     if (typeof p.prompt !== 'string' || typeof p.completion !== 'string')
       throw new ServiceError('prompt and completion must be strings');
@@ -270,6 +279,10 @@ export class InfluenceService implements ServiceApi {
       const why = this.unavailable(m);
       if (why) throw new ServiceError(`${m} is unavailable: ${why}`, 'not_ready');
     }
+  }
+
+  async explain(p: ExplainParams, work: Work = {}): Promise<ExplainResult> {
+    this.checkExplain(p);
     const d = this.dataset(p.dataset);
     const ft = this.stage('finetuned');
     const pt = this.stages.get('pretrained');
@@ -295,6 +308,45 @@ export class InfluenceService implements ServiceApi {
           'data_changed',
         );
       return result;
+    } catch (e) {
+      if (work.signal?.aborted) throw new ServiceError('cancelled', 'cancelled');
+      if (e instanceof ExplainError) throw new ServiceError(e.message);
+      throw e;
+    }
+  }
+
+  /** Several queries against one dataset, scored in one pass (each result as `explain` alone would give). */
+  async explainMany(p: ExplainManyParams, work: Work = {}): Promise<ExplainManyResult> {
+    if (!Array.isArray(p.queries) || !p.queries.length) throw new ServiceError('queries must be a non-empty array');
+    // every query passes the single-query checks (text length, methods, availability, top-k)
+    for (const q of p.queries) this.checkExplain({ ...p, ...q });
+    const d = this.dataset(p.dataset);
+    const ft = this.stage('finetuned');
+    const pt = this.stages.get('pretrained');
+    const store = await this.storeFor({ ...p, ...p.queries[0] }, d, work);
+    try {
+      const results = await explainMany(
+        { model: ft, pretrained: pt, modules: ft.modules },
+        d.corpus,
+        p.queries.map((q) => ({
+          prompt: q.prompt,
+          completion: q.completion,
+          method: p.method,
+          topK: p.topK,
+          compare: p.compare,
+          candidates: p.candidates === 'retrieved' ? ('retrieved' as const) : ('all' as const),
+          store,
+          rerank: this.config.store?.rerank,
+          signal: work.signal,
+          onProgress: work.progress,
+        })),
+      );
+      if (fileStamp(d.path) !== d.stamp)
+        throw new ServiceError(
+          `${p.dataset} changed on disk while it was being explained; explain again to use the new file`,
+          'data_changed',
+        );
+      return { results };
     } catch (e) {
       if (work.signal?.aborted) throw new ServiceError('cancelled', 'cancelled');
       if (e instanceof ExplainError) throw new ServiceError(e.message);

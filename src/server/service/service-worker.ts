@@ -69,6 +69,8 @@ function run(method: string, a: any[], work: Work): Promise<unknown> | unknown {
   switch (method) {
     case 'explain':
       return service.explain(a[0], work);
+    case 'explainMany':
+      return service.explainMany(a[0], work);
     case 'getExample':
       return service.getExample(a[0], a[1], a[2]);
     case 'scanDataset':

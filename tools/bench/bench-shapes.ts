@@ -1,0 +1,221 @@
+// bench ekfac --shape <name>: EK-FAC at a real model's shape (random weights, the real config,
+// a real tokenizer, real English text), next to kronfluence doing the same work in the same run.
+// The toy shape of plain `bench ekfac` hid where time and memory go at real widths.
+//   fit: covariance pass, eigendecomposition and Λ pass timed separately (tokens/s of the passes)
+//   scoring: every query's preconditioned gradient once, then one pass over the candidates with
+//   all queries' rows (the path `explain --queries` uses): candidates/s
+//   agreement: Spearman per query between our scores and kronfluence's.
+// The checkpoint is written once by test/oracle/make_shape.py (the oracle venv, which the
+// kronfluence side needs anyway) and cached.
+import { spawnSync } from 'node:child_process';
+import { existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { cpus, hostname } from 'node:os';
+import { dirname, join } from 'node:path';
+import { preconditionerFor } from '../../src/server/attribution/ekfac/factors-io';
+import { fitCovariances, fitEigenbases, fitLambdas, type TokenizedExample } from '../../src/server/attribution/fit';
+import { queryBatchGradients, queryMatrices, scoreCandidates } from '../../src/server/attribution/influence';
+import { CliError, int, parse } from '../../src/server/cli/util';
+import { packageRoot } from '../../src/server/defaults';
+import { defaultCacheDir, Model } from '../../src/server/model/engine';
+import { spearman } from '../../src/server/util/stats';
+
+export const BENCH_SHAPES = ['pythia-70m', 'pythia-160m', 'smollm-135m', 'qwen2.5-0.5b'] as const;
+
+/** Real English text: the project's own Markdown documents, paragraphs joined. */
+function englishText(): string {
+  const root = packageRoot();
+  const files = [
+    join(root, 'README.md'),
+    ...['test/oracle', 'docs']
+      .map((d) => join(root, d))
+      .filter(existsSync)
+      .flatMap((d) =>
+        readdirSync(d)
+          .filter((f) => f.endsWith('.md'))
+          .map((f) => join(d, f)),
+      ),
+  ];
+  return files
+    .map((f) => readFileSync(f, 'utf8'))
+    .join('\n\n')
+    .split(/\n\s*\n/)
+    .filter((p) => !/^\s*(\||```|#|<)/.test(p))
+    .map((p) => p.replace(/\s+/g, ' ').trim())
+    .filter((p) => p.length > 40)
+    .join('\n\n');
+}
+
+export async function benchShape(argv: string[]): Promise<void> {
+  const { values: v } = parse(argv, {
+    shape: { type: 'string' },
+    examples: { type: 'string' },
+    queries: { type: 'string' },
+    length: { type: 'string' },
+    threads: { type: 'string' },
+    python: { type: 'string' },
+    'no-kronfluence': { type: 'boolean' },
+    report: { type: 'string' },
+  });
+  const shape = v.shape as (typeof BENCH_SHAPES)[number];
+  if (!BENCH_SHAPES.includes(shape)) throw new CliError(`--shape must be one of ${BENCH_SHAPES.join(', ')}`);
+  const nTrain = int(v.examples, '--examples', 16);
+  const nQueries = int(v.queries, '--queries', 8);
+  const length = int(v.length, '--length', 128);
+  const threads = int(v.threads, '--threads', cpus().length);
+  const python = v.python ?? join(packageRoot(), 'test/oracle/.venv/bin/python');
+  const root = join(defaultCacheDir(), 'bench', `shape-${shape}`);
+  const modelDir = join(root, 'model');
+  const say = (line: string) => process.stdout.write(`${line}\n`);
+  if (!existsSync(join(modelDir, 'config.json'))) {
+    if (!existsSync(python))
+      throw new CliError(
+        `no ${python}: the ${shape} checkpoint is written by test/oracle/make_shape.py (see test/oracle/README.md for the venv)`,
+      );
+    const r = spawnSync(python, [join(packageRoot(), 'test/oracle/make_shape.py'), shape, modelDir], {
+      encoding: 'utf8',
+    });
+    if (r.status !== 0) throw new CliError(`make_shape.py ${shape} failed: ${(r.stderr || r.stdout).trim()}`);
+  }
+  const model = Model.open(modelDir, { threads });
+
+  // sequences of `length` tokens cut from the text, in order; queries come after the training text
+  const ids = model.tokenizer.encode(englishText(), { addSpecialTokens: false }).ids;
+  const need = (nTrain + nQueries) * length;
+  if (ids.length < need)
+    throw new CliError(
+      `the text has ${ids.length} tokens, fewer than --examples × --length + queries (${need}); lower them`,
+    );
+  const train = Array.from({ length: nTrain }, (_, i) => ids.slice(i * length, (i + 1) * length));
+  const qLen = Math.min(length, 32);
+  const queries = Array.from({ length: nQueries }, (_, i) => ({
+    ids: ids.slice((nTrain + i) * length, (nTrain + i) * length + qLen),
+    prompt_length: qLen / 2,
+  }));
+  const dataFile = join(root, `data-${nTrain}x${length}.json`);
+  writeFileSync(dataFile, JSON.stringify({ train, queries }));
+  const trainEx: TokenizedExample[] = train.map((x) => ({
+    ids: x,
+    weights: x.map((_, t) => (t < x.length - 1 ? 1 : 0)),
+  }));
+  const queryEx: TokenizedExample[] = queries.map((q) => ({
+    ids: q.ids,
+    weights: q.ids.map((_, t) => (t + 1 >= q.prompt_length && t < q.ids.length - 1 ? 1 : 0)),
+  }));
+  const tokens = nTrain * length;
+  say(
+    `bench ekfac --shape ${shape}: ${model.describe()}; ${nTrain} sequences × ${length} tokens of English text, ${nQueries} queries; all linear modules; ${threads} threads`,
+  );
+
+  // ours: one run each (a real shape takes minutes; the machine's load is the noise to mention)
+  const opts = { modules: 'all' as const, labels: 'empirical' as const, seed: 0, batchSize: 8 };
+  const sec = (t: number) => (performance.now() - t) / 1000;
+  let t = performance.now();
+  const { covariances } = await fitCovariances(model, trainEx, opts);
+  const covarianceSeconds = sec(t);
+  t = performance.now();
+  const bases = fitEigenbases(covariances);
+  const eigenSeconds = sec(t);
+  t = performance.now();
+  const lambdas = await fitLambdas(model, trainEx, bases, opts);
+  const lambdaSeconds = sec(t);
+  const fitSeconds = covarianceSeconds + eigenSeconds + lambdaSeconds;
+  const pre = new Map(
+    [...bases].map(([m, b]) => [
+      m,
+      preconditionerFor({ name: m, dA: b.dA, dOut: b.dOut, eigen: b, lambda: lambdas.get(m)! }, { absolute: 1e-3 }),
+    ]),
+  );
+  t = performance.now();
+  const G = await queryBatchGradients(model, queryEx, { modules: 'all' });
+  const queryGradSeconds = sec(t);
+  t = performance.now();
+  const M = queryMatrices(G, [pre]);
+  const preconditionSeconds = sec(t);
+  t = performance.now();
+  const scored = await scoreCandidates(model, M, trainEx, { modules: 'all', batchSize: 8 });
+  const scoreSeconds = queryGradSeconds + preconditionSeconds + sec(t);
+  const ours = {
+    fit_seconds: fitSeconds,
+    covariance_seconds: covarianceSeconds,
+    eigendecomposition_seconds: eigenSeconds,
+    lambda_seconds: lambdaSeconds,
+    fit_tokens_per_second: tokens / fitSeconds,
+    query_gradient_seconds: queryGradSeconds,
+    precondition_seconds: preconditionSeconds,
+    score_seconds: scoreSeconds,
+    candidates_per_second: nTrain / scoreSeconds,
+    peak_rss_mb: process.resourceUsage().maxRSS / 1024,
+  };
+  say(
+    `  influence-lens: fit ${fitSeconds.toFixed(1)} s (${ours.fit_tokens_per_second.toFixed(1)} tokens/s; covariance ${covarianceSeconds.toFixed(1)} s, eigendecomposition ${eigenSeconds.toFixed(1)} s, Λ ${lambdaSeconds.toFixed(1)} s)`,
+  );
+  say(
+    `                  score ${nQueries}×${nTrain} in ${scoreSeconds.toFixed(1)} s (query gradients ${queryGradSeconds.toFixed(1)} s, preconditioning ${preconditionSeconds.toFixed(1)} s) → ${ours.candidates_per_second.toFixed(2)} candidates/s; peak RSS ${Math.round(ours.peak_rss_mb)} MB`,
+  );
+
+  let kron: Record<string, unknown> | null = null;
+  let agreement: number[] | null = null;
+  const script = join(packageRoot(), 'test/oracle/bench_kronfluence.py');
+  if (v['no-kronfluence']) say('  kronfluence: skipped (--no-kronfluence)');
+  else if (!existsSync(python)) say(`  kronfluence: not run (no ${python}; see test/oracle/README.md)`);
+  else {
+    const out = join(root, 'kronfluence');
+    const r = spawnSync(
+      python,
+      [
+        script,
+        ...['--model', modelDir, '--data', dataFile, '--out', out, '--threads', String(threads)],
+        ...['--labels', 'empirical', '--modules', 'all', '--damping', '1e-3', '--batch-size', '8', '--repeats', '1'],
+      ],
+      { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] },
+    );
+    if (r.status !== 0)
+      say(
+        `  kronfluence: failed (exit ${r.status}): ${(r.stderr || r.stdout).trim().split('\n').slice(-3).join(' | ')}`,
+      );
+    else {
+      kron = JSON.parse(readFileSync(join(out, 'kronfluence_bench.json'), 'utf8'));
+      const theirs = JSON.parse(readFileSync(join(out, 'kronfluence_scores.json'), 'utf8')) as number[][];
+      agreement = theirs.map((row, q) =>
+        spearman(
+          row,
+          scored.scores.map((c) => c[q]),
+        ),
+      );
+      const k = kron as {
+        fit_seconds: number;
+        fit_phases: Record<string, number>;
+        score_seconds: number;
+        candidates_per_second: number;
+        peak_rss_mb: number;
+      };
+      say(
+        `  kronfluence:    fit ${k.fit_seconds.toFixed(1)} s (covariance ${k.fit_phases.covariance_seconds?.toFixed(1)} s, eigendecomposition ${k.fit_phases.eigendecomposition_seconds?.toFixed(1)} s, Λ ${k.fit_phases.lambda_seconds?.toFixed(1)} s); score ${k.score_seconds.toFixed(1)} s → ${k.candidates_per_second.toFixed(2)} candidates/s; peak RSS ${Math.round(k.peak_rss_mb)} MB`,
+      );
+      say(
+        `  ratios ours/kronfluence: fit time ${(fitSeconds / k.fit_seconds).toFixed(2)} (goal ≤ 0.5), scoring throughput ${(ours.candidates_per_second / k.candidates_per_second).toFixed(2)} (goal ≥ 2), peak RSS ${(ours.peak_rss_mb / k.peak_rss_mb).toFixed(2)} (goal ≤ 1)`,
+      );
+      say(`  agreement: Spearman per query ${agreement.map((x) => x.toFixed(4)).join(', ')}`);
+    }
+  }
+  const report = {
+    suite: 'ekfac-shape',
+    shape,
+    date: new Date().toISOString(),
+    host: hostname(),
+    cpus: cpus().length,
+    threads,
+    node: process.version,
+    train: nTrain,
+    length,
+    queries: nQueries,
+    tokens,
+    ours,
+    kronfluence: kron,
+    spearman_per_query: agreement,
+  };
+  const file = v.report ?? join('bench/out', `ekfac-${shape}-${report.date.slice(0, 10)}-${hostname()}.json`);
+  mkdirSync(dirname(file), { recursive: true });
+  writeFileSync(file, `${JSON.stringify(report, null, 2)}\n`);
+  say(`  report: ${file}`);
+}
