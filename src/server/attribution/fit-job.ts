@@ -84,11 +84,6 @@ export async function runFitJob(o: FitJobOptions): Promise<FitJobResult> {
   const maxLength = contextLength(model.checkpoint.config);
   const { tokens, truncated } = tokenizeExamples(model.tokenizer, dataset.examples, maxLength, o.dataPath);
   if (truncated) log(`${truncated} example(s) longer than the context (${maxLength} tokens) were cut at the end`);
-  const standIn = tokens.filter((t) => t.rendering === 'stand-in').length;
-  if (standIn)
-    log(
-      `warning: the model has no chat_template; ${standIn} "messages" record(s) rendered with the stand-in "<|role|>\\n" + content`,
-    );
   const examples = tokens.map((t) => ({ ids: t.ids, weights: t.weights }));
   const nTokens = examples.reduce((s, e) => s + e.ids.length, 0);
   const n = o.partition?.count ?? 1;
@@ -130,6 +125,13 @@ export async function runFitJob(o: FitJobOptions): Promise<FitJobResult> {
         'choose another --out, or delete that directory to refit',
     );
   }
+
+  // said only when factors are really fitted from these renderings (not before a refusal)
+  const standIn = tokens.filter((t) => t.rendering === 'stand-in').length;
+  if (standIn)
+    log(
+      `warning: the model has no chat_template; ${standIn} "messages" record(s) rendered with the stand-in "<|role|>\\n" + content`,
+    );
 
   const partials = join(o.out, 'partials');
   const jobFile = join(partials, 'job.json');
