@@ -9,6 +9,7 @@
 // Extra query rows give the completion-side heatmap: row k carries only completion token k's loss.
 import type { Batch, Model, ModuleSelection } from '../model/engine';
 import type { ort } from '../model/onnx/session';
+import { DEFAULTS } from '../settings';
 import { memoryBoundedBatches, type RunShape, runShape } from './chunking';
 import { lowRank, lowRankToDense, type Preconditioner, precondition } from './ekfac/precondition';
 import type { TokenizedExample } from './fit';
@@ -214,7 +215,7 @@ export async function scoreCandidates(
   let done = 0;
   for (const { batch, idx } of memoryBoundedBatches(
     candidates,
-    opts.batchSize ?? 16,
+    opts.batchSize ?? DEFAULTS.batchSize,
     model.tokenizer.padTokenId ?? 0,
     shape,
   )) {
@@ -278,7 +279,7 @@ export async function selfInfluenceScores(
   await forEachBatch(
     model,
     candidates,
-    opts.batchSize ?? 16,
+    opts.batchSize ?? DEFAULTS.batchSize,
     async (batch, idx) => {
       const r = await graph.run(batch, { feeds });
       const s = r.self_influence.data as Float32Array | Float64Array;
@@ -304,7 +305,7 @@ export async function candidateHidden(
   await forEachBatch(
     model,
     candidates,
-    opts.batchSize ?? 16,
+    opts.batchSize ?? DEFAULTS.batchSize,
     async (batch, idx) => {
       const r = await graph.run(batch);
       const d = r.hidden_mean.dims[1] as number;
