@@ -105,7 +105,7 @@ export async function fitLambdas(
   const lambdas = new Map<string, LambdaAccumulator>();
   for (const m of graph.moduleInfo) {
     const b = bases.get(m.name);
-    if (!b) throw new Error(`no eigenbasis for module ${m.name}: fit covariances with the same --modules`);
+    if (!b) throw new Error(`no eigenbasis for module ${m.name}: fit covariances over the same modules`);
     feeds[`QA.${m.name}`] = graph.tensor(b.qA, [b.dA, b.dA]);
     feeds[`QS.${m.name}`] = graph.tensor(b.qS, [b.dOut, b.dOut]);
     lambdas.set(m.name, new LambdaAccumulator(b));

@@ -109,7 +109,7 @@ export function queryMatrices(
         let v = row;
         for (const p of preconditioners) {
           const pm = p.get(name);
-          if (!pm) throw new Error(`the factors have no module ${name}: fit them with the same --modules`);
+          if (!pm) throw new Error(`the factors have no module ${name}: fit them over the same modules`);
           v = precondition(pm, v);
         }
         return v;
@@ -270,7 +270,7 @@ export async function selfInfluenceScores(
   const feeds: Record<string, ort.Tensor> = {};
   for (const m of graph.moduleInfo) {
     const p = pre.get(m.name);
-    if (!p) throw new Error(`the factors have no module ${m.name}: fit them with the same --modules`);
+    if (!p) throw new Error(`the factors have no module ${m.name}: fit them over the same modules`);
     feeds[`QA.${m.name}`] = graph.tensor(p.qA, [p.dA, p.dA]);
     feeds[`QS.${m.name}`] = graph.tensor(p.qS, [p.dOut, p.dOut]);
     feeds[`IL.${m.name}`] = graph.tensor(p.inverse, [p.dOut, p.dA]);

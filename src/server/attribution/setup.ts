@@ -4,7 +4,26 @@
 import type { Model, ModuleSelection } from '../model/engine';
 import type { Preconditioner } from './ekfac/precondition';
 
-export class ExplainError extends Error {}
+/**
+ * A setting the person chose (or must supply) that an engine error is about. The engine names
+ * the thing, never how to set it: the editor user has no flags, the CLI user no config keys.
+ * Each front end adds its own hint (the CLI: the flag, src/server/cli/util.ts `withFlagHint`).
+ */
+export type Setting = 'damping' | 'factors' | 'pretrained' | 'modules' | 'partition' | 'out';
+
+/** An error a person fixes by changing `setting` (when known). */
+export class SettingError extends Error {
+  constructor(
+    message: string,
+    readonly setting?: Setting,
+  ) {
+    super(message);
+  }
+}
+
+export class ExplainError extends SettingError {
+  override name = 'ExplainError';
+}
 
 /** A model with the EK-FAC preconditioners fitted for it (none for gdp/cosine/repsim/bm25). */
 export interface Stage {
@@ -22,7 +41,7 @@ export interface ExplainSetup {
 }
 
 /** `v`, or an ExplainError saying what is missing. */
-export function need<T>(v: T | undefined, message: string): T {
-  if (!v) throw new ExplainError(message);
+export function need<T>(v: T | undefined, message: string, setting?: Setting): T {
+  if (!v) throw new ExplainError(message, setting);
   return v;
 }

@@ -7,7 +7,9 @@ import type { GradientScorer } from './scorer';
 export const ekfac: GradientScorer = {
   kind: 'gradient',
   query: (setup, qg) => ({
-    M: queryMatrices(qg.G, [need(setup.model.preconditioners, 'ekfac needs EK-FAC factors (--factors)')]),
+    M: queryMatrices(qg.G, [
+      need(setup.model.preconditioners, 'ekfac needs EK-FAC factors for the fine-tuned model', 'factors'),
+    ]),
     candidateModel: setup.model.model,
   }),
 };

@@ -9,11 +9,17 @@ export const multistage: GradientScorer = {
   kind: 'gradient',
   query: (setup, qg) => {
     if (!setup.pretrained)
-      throw new ExplainError(
-        'multistage needs the pre-trained model and its factors (--pretrained-model, --pretrained-factors)',
-      );
-    const pt = need(setup.pretrained.preconditioners, 'multistage needs factors fitted on the pre-trained model');
-    const ft = need(setup.model.preconditioners, 'multistage needs factors fitted on the fine-tuned model (--factors)');
+      throw new ExplainError('multistage needs the pre-trained model and its EK-FAC factors', 'pretrained');
+    const pt = need(
+      setup.pretrained.preconditioners,
+      'multistage needs EK-FAC factors fitted on the pre-trained model',
+      'pretrained',
+    );
+    const ft = need(
+      setup.model.preconditioners,
+      'multistage needs EK-FAC factors fitted on the fine-tuned model',
+      'factors',
+    );
     // ⟨P_ft(G_q), P_pt(G_z)⟩ = ⟨P_pt(P_ft(G_q)), G_z⟩ since P_pt is symmetric
     return { M: queryMatrices(qg.G, [ft, pt]), candidateModel: setup.pretrained.model };
   },
