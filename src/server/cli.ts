@@ -13,7 +13,7 @@ import { runScan } from './cli/scan';
 import { runServe } from './cli/serve';
 import { runTokenize } from './cli/tokenize';
 import { runTrain } from './cli/train';
-import { HelpRequested } from './cli/util';
+import { HelpRequested, withFlagHint } from './cli/util';
 import { isUserError } from './user-errors';
 
 const COMMANDS: Record<string, { run: (argv: string[]) => Promise<void>; help: string }> = {
@@ -115,7 +115,9 @@ async function main(argv: string[]): Promise<number> {
     // user-facing errors (bad input a person can fix) print one clear line; anything else is a
     // bug and keeps its stack
     const err = e as Error;
-    process.stderr.write(`influence-lens ${cmd}: ${isUserError(err) ? err.message : (err?.stack ?? String(err))}\n`);
+    process.stderr.write(
+      `influence-lens ${cmd}: ${isUserError(err) ? withFlagHint(err) : (err?.stack ?? String(err))}\n`,
+    );
     return 1;
   }
 }

@@ -5,6 +5,7 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { defaultCacheDir } from './model/engine';
 import type { ServiceConfig } from './service/influence-service';
+import { DEFAULTS } from './settings';
 
 /** The package root (the folder holding our package.json), from source or from the bundle. */
 export function packageRoot(): string {
@@ -48,6 +49,6 @@ export function defaultServiceConfig(): ServiceConfig {
     damping: { relative: 0.1 },
     device: 'cpu',
     cacheDir: d.cacheDir,
-    store: { k: 16, minExamples: 512, rerank: 50 },
+    store: { ...DEFAULTS.store },
   };
 }

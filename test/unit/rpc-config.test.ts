@@ -101,7 +101,7 @@ describe('config loader', () => {
     assert.equal(c.service.modules, 'all');
     assert.deepEqual(c.service.damping, { absolute: 0.001 });
     assert.equal(c.service.threads, 4);
-    assert.deepEqual(c.service.store, { k: 32, minExamples: 0, rerank: 50 });
+    assert.deepEqual(c.service.store, { k: 32, minExamples: 512, rerank: 50 });
     assert.deepEqual(c.service.limits, { maxTopK: 50 });
     assert.deepEqual(
       { ...c.server, discoveryFile: undefined },

@@ -7,44 +7,30 @@
 //   cosine      ⟨G(q), G(z)⟩ / (‖G(q)‖ ‖G(z)‖)
 //   repsim      cosine of mean-pooled last hidden states
 //   bm25        lunr BM25 of the prompt + completion against the example's text
-// The gradient methods share one path: a query matrix per module (influence.ts) scored against
-// every candidate inside the graph. Extra query rows (one per completion token) give the
+// Each method's scorer lives in methods/ (one file each). The gradient methods share one path
+// here: a query matrix per module (influence.ts) scored against every candidate inside the graph. Extra query rows (one per completion token) give the
 // completion-side heatmap; a second, small pass over the returned examples gives their
 // training-side token scores.
 import { toField } from '../../common/records/render';
-import { GRADIENT_METHODS } from '../../protocol/methods';
+import { GRADIENT_METHODS, methodInfo } from '../../protocol/methods';
 import type { ExplainedExample, ExplainPartial, ExplainResult, Method, Sign, TokenScores } from '../../protocol/types';
 import type { Dataset } from '../data/dataset';
 import { contextLength, type TokenizedText, tokenizeExamples, tokenizeQuery } from '../data/tokenize';
 import { Bm25Index } from '../index/bm25';
 import type { GradientStore } from '../index/gradient-store';
-import type { Model, ModuleSelection } from '../model/engine';
-import type { Preconditioner } from './ekfac/precondition';
+import type { Model } from '../model/engine';
 import {
   type CandidateScores,
   candidateHidden,
   type QueryGradients,
   queryGradients,
-  queryMatrices,
   scoreCandidates,
 } from './influence';
+import { type GradientScorer, SCORERS } from './methods';
+import { repsimScores } from './methods/repsim';
+import { ExplainError, type ExplainSetup } from './setup';
 
-export class ExplainError extends Error {}
-
-/** A model with the EK-FAC preconditioners fitted for it (none for gdp/cosine/repsim/bm25). */
-export interface Stage {
-  model: Model;
-  preconditioners?: Map<string, Preconditioner>;
-}
-
-export interface ExplainSetup {
-  /** the model that produced the completion (the fine-tuned one in a two-stage setup) */
-  model: Stage;
-  /** the pre-trained stage, for multistage */
-  pretrained?: Stage;
-  /** modules whose gradients are used (must match the factors) */
-  modules: ModuleSelection;
-}
+export { ExplainError, type ExplainSetup, type Stage } from './setup';
 
 /** A dataset tokenized once, with the indexes methods build lazily (BM25, hidden states). */
 export class Corpus {
@@ -336,26 +322,28 @@ async function scorePool(
   qg: QueryGradients,
   req: ExplainRequest,
 ): Promise<PoolScores> {
-  const model = setup.model.model;
-  if (method === 'bm25') {
-    const all = corpus.bm25Index().scores(queryText);
-    return { scores: Float64Array.from(pool, (i) => all[i]), signed: false };
-  }
-  if (method === 'repsim') {
-    const all = await repsimScores(model, corpus, query, req.signal, pool);
-    return { scores: Float64Array.from(pool, (i) => all[i]), signed: false };
+  const scorer = SCORERS[method];
+  if (scorer.kind === 'pool') {
+    const scores = await scorer.scores({
+      model: setup.model.model,
+      corpus,
+      pool,
+      queryText,
+      query,
+      signal: req.signal,
+    });
+    return { scores, signed: methodInfo(method)!.signed };
   }
   // gradient methods: a query matrix per module, scored against every candidate in the graph
-  const { M, candidateModel } = gradientQuery(method, setup, qg);
+  const { M, candidateModel } = scorer.query(setup, qg);
   const candidates = pool.map((i) => corpus.tokens[i]);
-  const cosine = method === 'cosine';
-  const useStore = !!req.store && req.store.model === candidateModel && !cosine;
+  const useStore = !!req.store && req.store.model === candidateModel && !scorer.normalize;
   const fromStore = useStore ? storeScores(req.store!.store, M, pool) : undefined;
   const res = fromStore
     ? fromStore.res
     : await scoreCandidates(candidateModel, M, candidates, {
         modules: setup.modules,
-        gradNorms: cosine,
+        gradNorms: !!scorer.normalize,
         rank: req.rank,
         batchSize: req.batchSize,
         signal: req.signal,
@@ -365,29 +353,11 @@ async function scorePool(
   return finishGradientPool(method, setup, corpus, pool, qg, M, candidateModel, res, useStore, req, fromStore?.sd);
 }
 
-/** The query matrices of a gradient method, and the model whose candidate gradients they meet. */
-function gradientQuery(
-  method: Method,
-  setup: ExplainSetup,
-  qg: QueryGradients,
-): { M: Map<string, Float64Array[]>; candidateModel: Model } {
-  const model = setup.model.model;
-  if (method === 'ekfac')
-    return {
-      M: queryMatrices(qg.G, [need(setup.model.preconditioners, 'ekfac needs EK-FAC factors (--factors)')]),
-      candidateModel: model,
-    };
-  if (method === 'multistage') {
-    if (!setup.pretrained)
-      throw new ExplainError(
-        'multistage needs the pre-trained model and its factors (--pretrained-model, --pretrained-factors)',
-      );
-    const pt = need(setup.pretrained.preconditioners, 'multistage needs factors fitted on the pre-trained model');
-    const ft = need(setup.model.preconditioners, 'multistage needs factors fitted on the fine-tuned model (--factors)');
-    // ⟨P_ft(G_q), P_pt(G_z)⟩ = ⟨P_pt(P_ft(G_q)), G_z⟩ since P_pt is symmetric
-    return { M: queryMatrices(qg.G, [ft, pt]), candidateModel: setup.pretrained.model };
-  }
-  return { M: qg.G, candidateModel: model };
+/** The scorer of a gradient method (the batched path and the gradient pool run only these). */
+function gradientScorer(method: Method): GradientScorer {
+  const scorer = SCORERS[method];
+  if (scorer.kind !== 'gradient') throw new Error(`${method} is not a gradient method`);
+  return scorer;
 }
 
 /** All queries' rows in one scoring pass over the whole corpus, split back per query. */
@@ -398,7 +368,8 @@ async function scorePoolBatched(
   prepared: Prepared[],
 ): Promise<PoolScores[]> {
   const t = Date.now();
-  const queries = prepared.map((p) => gradientQuery(method, setup, p.qg));
+  const scorer = gradientScorer(method);
+  const queries = prepared.map((p) => scorer.query(setup, p.qg));
   const candidateModel = queries[0].candidateModel;
   const all = new Map<string, Float64Array[]>();
   for (const name of queries[0].M.keys())
@@ -414,7 +385,7 @@ async function scorePoolBatched(
     pool.map((i) => corpus.tokens[i]),
     {
       modules: setup.modules,
-      gradNorms: method === 'cosine',
+      gradNorms: !!scorer.normalize,
       batchSize: req.batchSize,
       signal: req.signal,
       onProgress: (d, n) => req.onProgress?.(`scoring (${method}, ${prepared.length} queries)`, d, n),
@@ -455,20 +426,15 @@ async function finishGradientPool(
   storeSd?: Float64Array,
 ): Promise<PoolScores> {
   const candidates = pool.map((i) => corpus.tokens[i]);
-  const cosine = method === 'cosine';
+  const normalize = gradientScorer(method).normalize;
   // the store's ranking is the first partial result; the exact rerank refines it
   if (useStore && req.onPartial)
     partials(method, corpus, pool, { ...req, partialEveryMs: 0 })([...pool.keys()], res.scores);
   const rows = M.values().next().value?.length ?? 1;
-  // cosine: divide by ‖G_z‖ and by each query row's ‖G_q‖
-  const qNorm = new Float64Array(rows).fill(1);
+  // a normalizing method (cosine) divides by a factor of each query row and of each candidate
+  const qNorm = normalize ? normalize.query(qg, rows) : new Float64Array(rows).fill(1);
   const zNorm = new Float64Array(pool.length).fill(1);
-  if (cosine) {
-    qNorm.fill(0);
-    for (const list of qg.G.values()) for (let r = 0; r < rows; r++) for (const v of list[r]) qNorm[r] += v * v;
-    for (let r = 0; r < rows; r++) qNorm[r] = Math.sqrt(qNorm[r]) || 1;
-    for (let k = 0; k < pool.length; k++) zNorm[k] = Math.sqrt(res.gradSqNorm![k]) || 1;
-  }
+  if (normalize) for (let k = 0; k < pool.length; k++) zNorm[k] = normalize.candidate(res.gradSqNorm![k]);
   let exactSet: Set<number> | undefined;
   if (req.rank || (useStore && req.rerank !== 0)) {
     const t = Date.now();
@@ -495,14 +461,14 @@ async function finishGradientPool(
       candidateModel,
       M,
       redo.map((p) => candidates[p]),
-      { modules: setup.modules, gradNorms: cosine, batchSize: req.batchSize, signal: req.signal },
+      { modules: setup.modules, gradNorms: !!normalize, batchSize: req.batchSize, signal: req.signal },
     );
     redo.forEach((p, j) => {
       res.scores[p] = exact.scores[j];
       for (const [m, s] of exact.perModule) res.perModule.get(m)![p] = s[j];
-      if (cosine) {
+      if (normalize) {
         res.gradSqNorm![p] = exact.gradSqNorm![j];
-        zNorm[p] = Math.sqrt(exact.gradSqNorm![j]) || 1;
+        zNorm[p] = normalize.candidate(exact.gradSqNorm![j]);
       }
     });
     req.onProgress?.(`exact recompute of ${redo.length} (${Date.now() - t} ms)`, redo.length, redo.length);
@@ -620,33 +586,6 @@ export function plausible(scores: Float64Array[], sd: Float64Array, k: number, c
   return [...scores.keys()].filter((i) => scores[i][0] + c * sd[i] >= topBar || scores[i][0] - c * sd[i] <= bottomBar);
 }
 
-/** Cosine of the query's mean hidden state with each example's (all examples, or those in `pool`). */
-async function repsimScores(
-  model: Model,
-  corpus: Corpus,
-  query: { ids: number[]; weights: number[] },
-  signal?: AbortSignal,
-  pool?: number[],
-): Promise<Float64Array> {
-  const [hq] = await candidateHidden(model, [query]);
-  const hs = await corpus.hiddenStates(model, signal);
-  const out = new Float64Array(corpus.size);
-  for (const i of pool ?? hs.keys()) out[i] = cosineSim(hq, hs[i]);
-  return out;
-}
-
-function cosineSim(a: Float32Array, b: Float32Array): number {
-  let ab = 0;
-  let aa = 0;
-  let bb = 0;
-  for (let i = 0; i < a.length; i++) {
-    ab += a[i] * b[i];
-    aa += a[i] * a[i];
-    bb += b[i] * b[i];
-  }
-  return aa > 0 && bb > 0 ? ab / Math.sqrt(aa * bb) : 0;
-}
-
 /**
  * Position t's contribution c_t flows through the prediction of token t+1, so it is shown on
  * token t+1; the first token gets 0. The values still sum to the score.
@@ -654,11 +593,6 @@ function cosineSim(a: Float32Array, b: Float32Array): number {
 function trainingTokenScores(tok: TokenizedText, c: Float32Array): TokenScores {
   const values = tok.ids.map((_, j) => (j === 0 ? 0 : c[j - 1]));
   return { offsets: tok.offsets.map(([s, e]) => [s, e] as [number, number]), values };
-}
-
-function need<T>(v: T | undefined, message: string): T {
-  if (!v) throw new ExplainError(message);
-  return v;
 }
 
 function signOf(s: number): Sign {

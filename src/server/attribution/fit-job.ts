@@ -29,6 +29,7 @@ import { LambdaAccumulator } from './ekfac/lambda';
 import { type Damping, DEFAULT_DAMPING } from './ekfac/precondition';
 import { dataFingerprint, modelFingerprint } from './fingerprint';
 import { type FitOptions, fitCovariances, fitEigenbases, fitLambdas, moduleShape } from './fit';
+import { SettingError } from './setup';
 
 export interface FitJobOptions {
   modelDir: string;
@@ -62,7 +63,9 @@ export interface FitJobResult {
   seconds: number;
 }
 
-export class FitJobError extends Error {}
+export class FitJobError extends SettingError {
+  override name = 'FitJobError';
+}
 
 interface JobDescription {
   modelFingerprint: string;
@@ -89,7 +92,7 @@ export async function runFitJob(o: FitJobOptions): Promise<FitJobResult> {
   const n = o.partition?.count ?? 1;
   const i = o.partition?.index ?? 0;
   if (!(Number.isInteger(n) && n >= 1 && Number.isInteger(i) && i >= 0 && i < n))
-    throw new FitJobError(`--partition must be i/n with 0 <= i < n (got ${i}/${n})`);
+    throw new FitJobError(`the partition must be i/n with 0 <= i < n (got ${i}/${n})`, 'partition');
 
   const job: JobDescription = {
     modelFingerprint: modelFingerprint(model.checkpoint),
@@ -122,7 +125,8 @@ export async function runFitJob(o: FitJobOptions): Promise<FitJobResult> {
     if (same) return result('up-to-date', `${o.out} already holds factors for this model and data`);
     throw new FitJobError(
       `${o.out} already holds factors fitted on ${describeDifference(have, job)}; ` +
-        'choose another --out, or delete that directory to refit',
+        'write them to another directory, or delete that one to refit',
+      'out',
     );
   }
 
@@ -295,7 +299,7 @@ function describeDifference(have: FactorArguments, job: JobDescription): string 
   if (have.dataFingerprint !== job.dataFingerprint)
     return `other data (fingerprint ${have.dataFingerprint ?? 'unknown'}, this data is ${job.dataFingerprint})`;
   if (have.labels !== job.labels) return `${have.labels} labels (asked: ${job.labels})`;
-  return `other modules (${have.modules.length} modules; asked: --modules ${job.modules})`;
+  return `other modules (${have.modules.length} modules; asked: ${job.modules})`;
 }
 
 function diffKeys(a: JobDescription, b: JobDescription): string {

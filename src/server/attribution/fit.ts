@@ -6,6 +6,7 @@
 // can run on one partition of the data; partial sums add up (covariance.ts, lambda.ts).
 import type { Batch, Model, ModuleInfo, ModuleSelection } from '../model/engine';
 import type { ort } from '../model/onnx/session';
+import { DEFAULTS } from '../settings';
 import { Rng } from '../util/random';
 import { memoryBoundedBatches, runShape } from './chunking';
 import { CovarianceAccumulator } from './ekfac/covariance';
@@ -63,7 +64,7 @@ export async function fitCovariances(
   const rng = new Rng(opts.seed);
   const bs = memoryBoundedBatches(
     select(examples, opts.partition),
-    opts.batchSize ?? 16,
+    opts.batchSize ?? DEFAULTS.batchSize,
     model.tokenizer.padTokenId ?? 0,
     runShape(modules, model.config, false, graph.fp64),
   );
@@ -104,7 +105,7 @@ export async function fitLambdas(
   const lambdas = new Map<string, LambdaAccumulator>();
   for (const m of graph.moduleInfo) {
     const b = bases.get(m.name);
-    if (!b) throw new Error(`no eigenbasis for module ${m.name}: fit covariances with the same --modules`);
+    if (!b) throw new Error(`no eigenbasis for module ${m.name}: fit covariances over the same modules`);
     feeds[`QA.${m.name}`] = graph.tensor(b.qA, [b.dA, b.dA]);
     feeds[`QS.${m.name}`] = graph.tensor(b.qS, [b.dOut, b.dOut]);
     lambdas.set(m.name, new LambdaAccumulator(b));
@@ -113,7 +114,7 @@ export async function fitLambdas(
   const rng = new Rng(opts.seed + 1);
   const bs = memoryBoundedBatches(
     select(examples, opts.partition),
-    opts.batchSize ?? 16,
+    opts.batchSize ?? DEFAULTS.batchSize,
     model.tokenizer.padTokenId ?? 0,
     runShape(graph.moduleInfo, model.config, true, graph.fp64),
   );

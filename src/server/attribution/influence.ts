@@ -9,6 +9,7 @@
 // Extra query rows give the completion-side heatmap: row k carries only completion token k's loss.
 import type { Batch, Model, ModuleSelection } from '../model/engine';
 import type { ort } from '../model/onnx/session';
+import { DEFAULTS } from '../settings';
 import { memoryBoundedBatches, type RunShape, runShape } from './chunking';
 import { lowRank, lowRankToDense, type Preconditioner, precondition } from './ekfac/precondition';
 import type { TokenizedExample } from './fit';
@@ -108,7 +109,7 @@ export function queryMatrices(
         let v = row;
         for (const p of preconditioners) {
           const pm = p.get(name);
-          if (!pm) throw new Error(`the factors have no module ${name}: fit them with the same --modules`);
+          if (!pm) throw new Error(`the factors have no module ${name}: fit them over the same modules`);
           v = precondition(pm, v);
         }
         return v;
@@ -214,7 +215,7 @@ export async function scoreCandidates(
   let done = 0;
   for (const { batch, idx } of memoryBoundedBatches(
     candidates,
-    opts.batchSize ?? 16,
+    opts.batchSize ?? DEFAULTS.batchSize,
     model.tokenizer.padTokenId ?? 0,
     shape,
   )) {
@@ -269,7 +270,7 @@ export async function selfInfluenceScores(
   const feeds: Record<string, ort.Tensor> = {};
   for (const m of graph.moduleInfo) {
     const p = pre.get(m.name);
-    if (!p) throw new Error(`the factors have no module ${m.name}: fit them with the same --modules`);
+    if (!p) throw new Error(`the factors have no module ${m.name}: fit them over the same modules`);
     feeds[`QA.${m.name}`] = graph.tensor(p.qA, [p.dA, p.dA]);
     feeds[`QS.${m.name}`] = graph.tensor(p.qS, [p.dOut, p.dOut]);
     feeds[`IL.${m.name}`] = graph.tensor(p.inverse, [p.dOut, p.dA]);
@@ -278,7 +279,7 @@ export async function selfInfluenceScores(
   await forEachBatch(
     model,
     candidates,
-    opts.batchSize ?? 16,
+    opts.batchSize ?? DEFAULTS.batchSize,
     async (batch, idx) => {
       const r = await graph.run(batch, { feeds });
       const s = r.self_influence.data as Float32Array | Float64Array;
@@ -304,7 +305,7 @@ export async function candidateHidden(
   await forEachBatch(
     model,
     candidates,
-    opts.batchSize ?? 16,
+    opts.batchSize ?? DEFAULTS.batchSize,
     async (batch, idx) => {
       const r = await graph.run(batch);
       const d = r.hidden_mean.dims[1] as number;

@@ -8,8 +8,11 @@ import { type Factors, loadFactors, preconditionerFor } from './ekfac/factors-io
 import type { Damping, Preconditioner } from './ekfac/precondition';
 import type { Stage } from './explain';
 import { modelFingerprint } from './fingerprint';
+import { SettingError } from './setup';
 
-export class StageError extends Error {}
+export class StageError extends SettingError {
+  override name = 'StageError';
+}
 
 export interface OpenedStage extends Stage {
   factors?: Factors;
@@ -34,7 +37,8 @@ export function openStage(
     if (fp !== mine)
       throw new StageError(
         `the factors in ${factorsDir} were fitted on another model (fingerprint ${fp}; ${modelDir} is ${mine}); ` +
-          `fit factors for this model with: influence-lens fit --model ${modelDir} --data <train.jsonl> --out <dir>`,
+          'fit factors for this model',
+        'factors',
       );
   } else {
     warnings.push(
@@ -54,7 +58,8 @@ export function openStage(
   const lacking = want.filter((n) => !names.includes(n));
   if (lacking.length)
     throw new StageError(
-      `the factors in ${factorsDir} lack ${lacking.length} module(s) (e.g. ${lacking[0]}); refit with --modules ${modules}`,
+      `the factors in ${factorsDir} lack ${lacking.length} module(s) (e.g. ${lacking[0]}); refit them over the ${modules} modules`,
+      'modules',
     );
   for (const m of all.filter((x) => names.includes(x.name))) {
     const f = factors.modules[m.name];
@@ -87,7 +92,7 @@ export function checkSameTokenizer(a: Model, b: Model): void {
     );
 }
 
-/** Parses --damping: a number is absolute; "heuristic" or "0.1x" style is relative to mean(Λ). */
+/** Parses a damping setting: a number is absolute; "heuristic" or "0.1x" style is relative to mean(Λ). */
 export function parseDamping(v: string | undefined): Damping | undefined {
   if (v === undefined) return undefined;
   if (v === 'heuristic') return { relative: 0.1 };
@@ -96,6 +101,7 @@ export function parseDamping(v: string | undefined): Damping | undefined {
   const n = Number(v);
   if (v.trim() !== '' && Number.isFinite(n) && n >= 0) return { absolute: n };
   throw new StageError(
-    `--damping must be a non-negative number (absolute λ), "heuristic" (0.1 × mean Λ), or a factor like "0.01x" (got "${v}")`,
+    `damping must be a non-negative number (absolute λ), "heuristic" (0.1 × mean Λ), or a factor like "0.01x" (got "${v}")`,
+    'damping',
   );
 }

@@ -8,6 +8,7 @@ import { checkSameTokenizer, openStage, parseDamping } from '../attribution/stag
 import { loadDataset } from '../data/dataset';
 import { formatRecord } from '../data/format';
 import { readJsonl } from '../data/jsonl';
+import { DEFAULTS } from '../settings';
 import { heatmap, oneLine } from './heatmap';
 import { CliError, int, oneOf, Progress, parse } from './util';
 
@@ -76,7 +77,7 @@ export async function runExplain(argv: string[]): Promise<void> {
     topK,
     compare,
     candidates: oneOf(v.candidates, ['all', 'retrieved'] as const, '--candidates', 'all'),
-    batchSize: int(v['batch-size'], '--batch-size', 16),
+    batchSize: int(v['batch-size'], '--batch-size', DEFAULTS.batchSize),
     rank: v.rank === undefined ? undefined : positive(int(v.rank, '--rank', 0), '--rank'),
     onProgress: (s: string, done: number, total: number) => {
       if (s !== stage) {

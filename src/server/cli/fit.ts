@@ -1,6 +1,7 @@
 // influence-lens fit: EK-FAC factors for a model over a training JSONL, resumable and
 // splittable into data partitions (attribution/fit-job.ts).
 import { runFitJob } from '../attribution/fit-job';
+import { DEFAULTS } from '../settings';
 import { CliError, int, oneOf, Progress, parse } from './util';
 
 export async function runFit(argv: string[]): Promise<void> {
@@ -27,7 +28,7 @@ export async function runFit(argv: string[]): Promise<void> {
   }
   const maxExamples = v['max-examples'] === undefined ? undefined : int(v['max-examples'], '--max-examples', 0);
   if (maxExamples !== undefined && maxExamples < 1) throw new CliError('--max-examples must be at least 1');
-  const batchSize = int(v['batch-size'], '--batch-size', 16);
+  const batchSize = int(v['batch-size'], '--batch-size', DEFAULTS.batchSize);
   if (batchSize < 1) throw new CliError('--batch-size must be at least 1');
   let bar: Progress | undefined;
   let stage = '';

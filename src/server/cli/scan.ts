@@ -5,6 +5,7 @@ import { Corpus } from '../attribution/explain';
 import { selfInfluenceScores } from '../attribution/influence';
 import { openStage, parseDamping } from '../attribution/stage';
 import { loadDataset } from '../data/dataset';
+import { DEFAULTS } from '../settings';
 import { oneLine } from './heatmap';
 import { CliError, int, Progress, parse } from './util';
 
@@ -31,7 +32,7 @@ export async function runScan(argv: string[]): Promise<void> {
   const bar = new Progress('self-influence', corpus.size);
   const scores = await selfInfluenceScores(stage.model, stage.preconditioners!, corpus.tokens, {
     modules: stage.modules,
-    batchSize: int(v['batch-size'], '--batch-size', 16),
+    batchSize: int(v['batch-size'], '--batch-size', DEFAULTS.batchSize),
     onProgress: (d) => bar.tick(d),
   });
   bar.done();

@@ -13,6 +13,7 @@ import { readJsonl } from '../data/jsonl';
 import { contextLength, tokenizeRecord } from '../data/tokenize';
 import { Model } from '../model/engine';
 import { loadTokenizer, type TokenizerHandle } from '../model/tokenizer';
+import { DEFAULTS } from '../settings';
 import { initLlama, loadParams, saveCheckpoint, type TrainExample, train } from '../train/trainer';
 import { CliError, int, Progress, parse } from './util';
 
@@ -261,7 +262,7 @@ export async function runTrain(argv: string[]): Promise<void> {
     model: v.model,
     epochs,
     lr: num(v.lr, '--lr', 1e-3),
-    batchSize: positive(v['batch-size'], '--batch-size', 16),
+    batchSize: positive(v['batch-size'], '--batch-size', DEFAULTS.trainBatchSize),
     seed: int(v.seed, '--seed', 0),
     warmup: v.warmup === undefined ? undefined : int(v.warmup, '--warmup', 0),
     clip: num(v.clip, '--clip', 1),

@@ -1,9 +1,26 @@
 // Small helpers shared by CLI subcommands: argument parsing with clear errors, and a
 // progress bar on stderr that stays quiet when stderr is not a terminal.
 import { type ParseArgsConfig, parseArgs } from 'node:util';
+import { type Setting, SettingError } from '../attribution/setup';
 
 export class CliError extends Error {
   override name = 'CliError';
+}
+
+/** How to change each engine setting from the command line (the engine's errors name the setting, not the flag). */
+const FLAG_HINTS: Record<Setting, string> = {
+  damping: 'set it with --damping',
+  factors:
+    'pass factors with --factors <dir>; make them with: influence-lens fit --model <dir> --data <train.jsonl> --out <dir>',
+  pretrained: 'pass --pretrained-model <dir> and --pretrained-factors <dir>',
+  modules: 'choose them with --modules mlp|all',
+  partition: 'set it with --partition i/n',
+  out: 'choose another --out',
+};
+
+/** An error's message, with the flag that changes the setting it is about (when it is about one). */
+export function withFlagHint(e: Error): string {
+  return e instanceof SettingError && e.setting ? `${e.message} (${FLAG_HINTS[e.setting]})` : e.message;
 }
 
 /** Thrown by `parse` for `--help` / `-h`: the command's options, listed from the table that parses them. */

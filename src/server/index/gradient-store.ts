@@ -22,6 +22,7 @@ import {
   type TensorToWrite,
   writeSafetensors,
 } from '../model/safetensors';
+import { DEFAULTS } from '../settings';
 import { Rng } from '../util/random';
 import { eigenProjection, preconditionerFingerprint, randomProjection, type StoreProjection } from './store-projection';
 
@@ -119,7 +120,7 @@ export class GradientStore {
     const n = examples.length;
     const rows = new Map(modules.map((m) => [m.name, new Float32Array(n * m.kS * m.kA)]));
     const order = [...examples.keys()].sort((a, b) => examples[a].ids.length - examples[b].ids.length || a - b);
-    const bs = opts.batchSize ?? 16;
+    const bs = opts.batchSize ?? DEFAULTS.batchSize;
     for (let i = 0; i < n; i += bs) {
       if (opts.signal?.aborted) throw new GradientStoreError('cancelled');
       const idx = order.slice(i, i + bs);

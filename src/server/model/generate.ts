@@ -2,6 +2,8 @@
 // seeded sampling, many prompts batched together, stopping at end-of-text, a newline, a stop
 // string or a token budget. No KV cache: each step reruns the whole (short) sequence, which is fine for
 // the small models and short answers this is used for (the embedded default, the demo).
+
+import { DEFAULTS } from '../settings';
 import { Rng } from '../util/random';
 import { type Model, makeBatch } from './engine';
 
@@ -38,7 +40,7 @@ export async function generate(model: Model, prompts: string[], opts: GenerateOp
   const maxNew = opts.maxNewTokens ?? 16;
   const temperature = opts.temperature ?? 0;
   const stopAtNewline = opts.stopAtNewline ?? true;
-  const batchSize = opts.batchSize ?? 64;
+  const batchSize = opts.batchSize ?? DEFAULTS.generateBatchSize;
   const stops = opts.stop ?? [];
   if (stops.some((x) => !x)) throw new Error('generate: a stop string is empty');
   const rng = new Rng(opts.seed ?? 0);

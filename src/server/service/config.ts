@@ -20,6 +20,7 @@ import { DEFAULT_LIMITS } from '../../transport/server';
 import { parseDamping } from '../attribution/stage';
 import { defaultCacheDir } from '../model/engine';
 import type { Device } from '../model/onnx/session';
+import { DEFAULTS } from '../settings';
 import { checkDevice } from './device';
 import type { ServiceConfig, StageConfig } from './influence-service';
 
@@ -125,7 +126,7 @@ export function parseConfig(value: unknown, opts: { baseDir: string; source?: st
     device: raw.device ?? 'cpu',
     ...(raw.threads !== undefined ? { threads: raw.threads } : {}),
     cacheDir: raw.cacheDir !== undefined ? path(raw.cacheDir) : defaultCacheDir(),
-    ...(raw.store ? { store: { k: 16, minExamples: 0, rerank: 50, ...raw.store } } : {}),
+    ...(raw.store ? { store: { ...DEFAULTS.store, ...raw.store } } : {}),
     ...(raw.limits ? { limits: raw.limits } : {}),
   };
   const d = defaultServerSettings();

@@ -33,6 +33,7 @@ import { preconditionerFingerprint } from '../index/store-projection';
 import { Model, type ModuleSelection } from '../model/engine';
 import { generate } from '../model/generate';
 import type { Device } from '../model/onnx/session';
+import { DEFAULTS } from '../settings';
 
 export interface StageConfig {
   model: string;
@@ -358,7 +359,7 @@ export class InfluenceService implements ServiceApi {
   private async storeFor(p: ExplainParams, d: LoadedDataset, work: Work) {
     const cfg = this.config.store;
     if (!cfg || p.candidates === 'retrieved' || d.corpus.size < cfg.minExamples) return undefined;
-    if (p.method !== 'ekfac' && p.method !== 'gdp') return undefined;
+    if (!methodInfo(p.method)?.usesGradientStore) return undefined;
     const model = this.modelFor(p.dataset);
     if (model !== this.stage('finetuned').model) return undefined;
     return { model, store: await this.index(p.dataset, work) };
@@ -366,7 +367,7 @@ export class InfluenceService implements ServiceApi {
 
   /** Builds (or loads) the dataset's gradient store. */
   async index(datasetId: string, work: Work = {}): Promise<GradientStore> {
-    const cfg = this.config.store ?? { k: 16, minExamples: 0, rerank: 50 };
+    const cfg = this.config.store ?? DEFAULTS.store;
     const d = this.dataset(datasetId);
     const model = this.modelFor(datasetId);
     // with the fine-tuned model's factors, the projections follow their eigenbases (store-projection.ts)

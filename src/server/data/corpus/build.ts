@@ -75,7 +75,8 @@ export interface Query {
 
 export type FinetuneTag = 'qa' | 'planted' | 'backdoor';
 
-export interface Corpus {
+/** The built country-facts corpus (distinct from attribution/explain.ts `Corpus`, a tokenized dataset). */
+export interface CountryCorpus {
   options: CorpusOptions;
   countries: Country[];
   heldOut: Country[];
@@ -89,7 +90,7 @@ export interface Corpus {
 type Fact = `${string}:${Relation}`;
 const factKey = (code: string, relation: Relation): Fact => `${code}:${relation}`;
 
-export function buildCorpus(options: Partial<CorpusOptions> = {}): Corpus {
+export function buildCorpus(options: Partial<CorpusOptions> = {}): CountryCorpus {
   const o: CorpusOptions = { ...DEFAULT_CORPUS, ...options };
   const rng = new Rng(o.seed);
   const all = eligibleCountries();

@@ -6,7 +6,7 @@ import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { dirname, join } from 'node:path';
 import { DataError } from '../errors';
-import type { Corpus, Query } from './build';
+import type { CountryCorpus, Query } from './build';
 import { buildWordTokenizer, writeWordTokenizer } from './word-tokenizer';
 
 export const FILES = {
@@ -20,7 +20,7 @@ export const FILES = {
 const jsonl = (records: unknown[]) => records.map((r) => `${JSON.stringify(r)}\n`).join('');
 
 /** Every text a tokenizer over this corpus must cover, in a fixed order. */
-export function corpusTexts(c: Corpus): string[] {
+export function corpusTexts(c: CountryCorpus): string[] {
   return [
     ...c.pretrain.map((r) => r.text),
     ...c.finetune.map((r) => r.prompt + r.completion),
@@ -30,7 +30,7 @@ export function corpusTexts(c: Corpus): string[] {
   ];
 }
 
-export function writeCorpus(dir: string, c: Corpus, contextLength = 128): { vocabSize: number } {
+export function writeCorpus(dir: string, c: CountryCorpus, contextLength = 128): { vocabSize: number } {
   writeFileSync(join(dir, FILES.pretrain), jsonl(c.pretrain));
   writeFileSync(join(dir, FILES.finetune), jsonl(c.finetune));
   writeFileSync(join(dir, FILES.queries), `${JSON.stringify(c.queries, null, 2)}\n`);

@@ -1,0 +1,10 @@
+// BM25 (lunr) of the query's text against each example's text: a text-match baseline.
+import type { PoolScorer } from './scorer';
+
+export const bm25: PoolScorer = {
+  kind: 'pool',
+  scores: async ({ corpus, pool, queryText }) => {
+    const all = corpus.bm25Index().scores(queryText);
+    return Float64Array.from(pool, (i) => all[i]);
+  },
+};

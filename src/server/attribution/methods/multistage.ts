@@ -1,0 +1,26 @@
+// Multi-stage influence (Grosse et al. 2023, §5.3 of "Studying Large Language Model Generalization
+// with Influence Functions"): the fine-tuned model's query gradient, preconditioned by both
+// stages' factors, met by the pre-trained model's candidate gradients.
+import { queryMatrices } from '../influence';
+import { ExplainError, need } from '../setup';
+import type { GradientScorer } from './scorer';
+
+export const multistage: GradientScorer = {
+  kind: 'gradient',
+  query: (setup, qg) => {
+    if (!setup.pretrained)
+      throw new ExplainError('multistage needs the pre-trained model and its EK-FAC factors', 'pretrained');
+    const pt = need(
+      setup.pretrained.preconditioners,
+      'multistage needs EK-FAC factors fitted on the pre-trained model',
+      'pretrained',
+    );
+    const ft = need(
+      setup.model.preconditioners,
+      'multistage needs EK-FAC factors fitted on the fine-tuned model',
+      'factors',
+    );
+    // ⟨P_ft(G_q), P_pt(G_z)⟩ = ⟨P_pt(P_ft(G_q)), G_z⟩ since P_pt is symmetric
+    return { M: queryMatrices(qg.G, [ft, pt]), candidateModel: setup.pretrained.model };
+  },
+};

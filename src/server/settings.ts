@@ -1,0 +1,29 @@
+// The server's default numbers, in one place: every function, CLI flag and config key that has
+// a default reads it from here, so two places cannot drift apart. (Limits on what clients may
+// send live in src/protocol/limits.ts; the config file's JSON schema repeats the store defaults
+// for editors, and test/unit/rpc-config.test.ts checks it against these.)
+
+export const DEFAULTS = {
+  /**
+   * Examples per graph run when scoring, fitting or indexing. An upper bound only: batches are
+   * further cut to fit the memory budget (attribution/chunking.ts), and no result depends on it.
+   */
+  batchSize: 16,
+  /** Examples per optimizer step in `train` (unlike `batchSize`, this changes the trained model). */
+  trainBatchSize: 16,
+  /** Sequences generated together. */
+  generateBatchSize: 64,
+  /** The gradient store (index/gradient-store.ts), when the config asks for one. */
+  store: {
+    /** projection size per Kronecker factor */
+    k: 16,
+    /**
+     * Use the store only for datasets at least this large. Below a few hundred examples exact
+     * scoring of the whole dataset costs about what building the store does, so the store's
+     * approximation would buy nothing.
+     */
+    minExamples: 512,
+    /** the store's top and bottom candidates re-scored exactly */
+    rerank: 50,
+  },
+} as const;
