@@ -16,8 +16,10 @@ const hex16 = (h: ReturnType<typeof createHash>) => h.digest('hex').slice(0, 16)
  */
 export function modelFingerprint(ck: Checkpoint, cacheDir = defaultCacheDir()): string {
   const h = createHash('sha256');
-  // config.json, then adapter_config.json for a LoRA adapter (a plain model hashes as before)
-  for (const f of ck.configFiles) h.update(readFileSync(f));
+  h.update(readFileSync(ck.configFiles[0]));
+  // a LoRA adapter: its settings, but not where its base was found (the base's config.json
+  // and weights are already hashed by content), so moving the folders keeps the factors
+  if (ck.adapter) h.update(JSON.stringify({ ...ck.adapter.config, base_model_name_or_path: null }));
   for (const f of ck.files) h.update(`${basename(f)}:${contentDigest(f, cacheDir)}\n`);
   return hex16(h);
 }

@@ -42,6 +42,8 @@ export interface FitJobOptions {
   batchSize?: number;
   skipMalformed?: boolean;
   damping?: Damping;
+  /** the base checkpoint when modelDir is a LoRA adapter (default: its base_model_name_or_path) */
+  base?: string;
   /** an already opened model (the server and the demo reuse theirs) */
   model?: Model;
   onProgress?: FitOptions['onProgress'];
@@ -78,7 +80,7 @@ export async function runFitJob(o: FitJobOptions): Promise<FitJobResult> {
   const start = Date.now();
   const log = o.log ?? (() => {});
   cleanStaleTemps(o.out); // what a fit killed in the middle of a write left
-  const model = o.model ?? Model.open(o.modelDir);
+  const model = o.model ?? Model.open(o.modelDir, { base: o.base });
   const dataset = loadDataset(o.dataPath, { skipMalformed: o.skipMalformed, maxExamples: o.maxExamples });
   if (dataset.skipped.length) log(`skipped ${dataset.skipped.length} malformed line(s) of ${o.dataPath}`);
   const maxLength = contextLength(model.checkpoint.config);

@@ -6,6 +6,7 @@ import { CliError, int, oneOf, Progress, parse } from './util';
 export async function runFit(argv: string[]): Promise<void> {
   const { values: v } = parse(argv, {
     model: { type: 'string' },
+    base: { type: 'string' },
     data: { type: 'string' },
     out: { type: 'string' },
     modules: { type: 'string' },
@@ -33,6 +34,7 @@ export async function runFit(argv: string[]): Promise<void> {
   let stage = '';
   const result = await runFitJob({
     modelDir: v.model,
+    base: v.base,
     dataPath: v.data,
     out: v.out,
     modules: oneOf(v.modules, ['mlp', 'all'] as const, '--modules', 'all'),

@@ -11,6 +11,7 @@ import { CliError, int, oneOf, parse } from './util';
 export async function runGradients(argv: string[]): Promise<void> {
   const { values: v } = parse(argv, {
     model: { type: 'string' },
+    base: { type: 'string' },
     text: { type: 'string' },
     prompt: { type: 'string' },
     completion: { type: 'string' },
@@ -30,7 +31,7 @@ export async function runGradients(argv: string[]): Promise<void> {
   const labels = oneOf(v.labels, ['data', 'sampled'] as const, '--labels', 'data');
   const seed = int(v.seed, '--seed', 0);
 
-  const model = Model.open(v.model);
+  const model = Model.open(v.model, { base: v.base });
   const text = hasText ? v.text! : v.prompt! + v.completion!;
   const enc = model.tokenizer.encode(text);
   if (enc.ids.length < 2) throw new CliError('the text must be at least two tokens long');

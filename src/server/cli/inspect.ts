@@ -3,10 +3,10 @@ import { Model } from '../model/engine';
 import { CliError, parse } from './util';
 
 export async function runInspect(argv: string[]): Promise<void> {
-  const { values, positionals } = parse(argv, { json: { type: 'boolean' } }, true);
+  const { values, positionals } = parse(argv, { json: { type: 'boolean' }, base: { type: 'string' } }, true);
   const dir = positionals[0];
-  if (!dir) throw new CliError('usage: influence-lens inspect <model-dir> [--json]');
-  const model = Model.open(dir);
+  if (!dir) throw new CliError('usage: influence-lens inspect <model-dir> [--base <dir>] [--json]');
+  const model = Model.open(dir, { base: values.base as string | undefined });
   const params = model.parameters();
   const count = params.reduce((s, p) => s + p.shape.reduce((a, b) => a * b, 1), 0);
   const modules = model.modules('all');
