@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import { describe, test } from 'node:test';
 import type { ExplainResult } from '../../src/protocol/types';
 import { loadFactors } from '../../src/server/attribution/ekfac/factors-io';
-import { readSafetensorsHeader } from '../../src/server/model/safetensors';
+import { readSafetensorsHeader, readTensorF32, writeSafetensors } from '../../src/server/model/safetensors';
 import { writeTinyCorpus } from './helpers/corpus';
 import { useTempHome } from './helpers/env';
 
@@ -89,5 +89,23 @@ describe('influence-lens over a LoRA adapter', () => {
     assert.equal(r.code, 1);
     r = cli('scan', '--model', moved, '--base', BASE, '--factors', factors, '--data', data, '--top-k', '2', '--json');
     assert.equal(r.code, 0, r.err);
+  });
+
+  test('fit --modules mlp over an adapter on attention layers only is refused, not fitted over nothing', () => {
+    const dir = join(home, 'attention-only');
+    cpSync(ADAPTER, dir, { recursive: true });
+    const h = readSafetensorsHeader(join(ADAPTER, 'adapter_model.safetensors'));
+    const keep = [...h.tensors.values()].filter((t) => t.name.includes('self_attn'));
+    writeSafetensors(
+      join(dir, 'adapter_model.safetensors'),
+      Object.fromEntries(keep.map((t) => [t.name, { dtype: 'F32', shape: t.shape, data: readTensorF32(h, t.name) }])),
+    );
+    writeFileSync(
+      join(dir, 'adapter_config.json'),
+      JSON.stringify({ ...cfg, base_model_name_or_path: 'org/base', target_modules: ['q_proj', 'v_proj'] }),
+    );
+    const r = cli('fit', '--model', dir, '--base', BASE, '--data', data, '--out', join(home, 'f2'), '--modules', 'mlp');
+    assert.equal(r.code, 1);
+    assert.match(r.err, /modules "mlp" selects none of the 8 tracked modules .*its LoRA adapter adapts no MLP layer/);
   });
 });

@@ -107,6 +107,17 @@ for (const [what, edit, message] of REFUSED)
     );
   });
 
+test('LoRA: a target_modules regular expression (full match, as PEFT) selects the same layers as the list', () => {
+  const list = Model.open(variant(() => {})).modules();
+  const regex = Model.open(variant((c) => (c.target_modules = String.raw`.*\.(q_proj|v_proj|down_proj)`))).modules();
+  assert.deepEqual(regex, list);
+  // full match: a pattern that matches only part of the name selects nothing, and is refused
+  assert.throws(
+    () => Model.open(variant((c) => (c.target_modules = 'q_proj|v_proj|down_proj'))),
+    /adapts no linear layer/,
+  );
+});
+
 test('LoRA: --base overrides base_model_name_or_path; a plain model refuses a base', async () => {
   const dir = variant((c) => (c.base_model_name_or_path = 'meta-llama/Llama-3.2-1B'));
   const model = Model.open(dir, { base: `${FIX}/llama`, threads: 1 });
