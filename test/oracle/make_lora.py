@@ -51,6 +51,7 @@ def build_adapter(name, base_name, settings, seed):
     cfg_path = out / "adapter_config.json"
     c = json.loads(cfg_path.read_text())
     c["base_model_name_or_path"] = f"../{base_name}"
+    c["target_modules"] = sorted(c["target_modules"])  # PEFT writes a set, in hash order
     cfg_path.write_text(json.dumps(c, indent=2, sort_keys=True) + "\n")
     (out / "README.md").unlink(missing_ok=True)  # PEFT's model card template
     return out
