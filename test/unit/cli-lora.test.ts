@@ -91,6 +91,12 @@ describe('influence-lens over a LoRA adapter', () => {
     assert.equal(r.code, 0, r.err);
   });
 
+  test('train refuses an adapter (it writes full checkpoints)', () => {
+    const r = cli('train', '--model', ADAPTER, '--data', data, '--out', join(home, 'trained'));
+    assert.equal(r.code, 1);
+    assert.match(r.err, /is a LoRA adapter \(adapter_config\.json\): train fine-tunes full checkpoints only/);
+  });
+
   test('fit --modules mlp over an adapter on attention layers only is refused, not fitted over nothing', () => {
     const dir = join(home, 'attention-only');
     cpSync(ADAPTER, dir, { recursive: true });
