@@ -4,7 +4,7 @@
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import { cpSync, readFileSync, writeFileSync } from 'node:fs';
-import { join } from 'node:path';
+import { join, resolve } from 'node:path';
 import { describe, test } from 'node:test';
 import type { ExplainResult } from '../../src/protocol/types';
 import { loadFactors } from '../../src/server/attribution/ekfac/factors-io';
@@ -44,6 +44,14 @@ describe('influence-lens over a LoRA adapter', () => {
     const info = JSON.parse(r.out) as { modules: Array<{ name: string; dIn: number; dOut: number }> };
     assert.equal(info.modules.length, 12);
     assert.ok(info.modules.every((m) => LORA_NAME.test(m.name)));
+    assert.deepEqual(JSON.parse(r.out).adapter, {
+      type: 'LoRA',
+      r: 4,
+      alpha: 8,
+      scaling: 2,
+      rslora: false,
+      base: resolve(BASE),
+    });
     r = cli('inspect', moved);
     assert.equal(r.code, 1);
     assert.match(

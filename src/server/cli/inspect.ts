@@ -1,4 +1,5 @@
 // influence-lens inspect <model-dir>: what the engine sees in a checkpoint.
+import { dirname } from 'node:path';
 import { Model } from '../model/engine';
 import { CliError, parse } from './util';
 
@@ -10,15 +11,29 @@ export async function runInspect(argv: string[]): Promise<void> {
   const params = model.parameters();
   const count = params.reduce((s, p) => s + p.shape.reduce((a, b) => a * b, 1), 0);
   const modules = model.modules('all');
+  const ad = model.checkpoint.adapter;
+  const adapter = ad && {
+    type: 'LoRA',
+    r: ad.r,
+    alpha: ad.alpha,
+    scaling: ad.scaling,
+    rslora: ad.config.use_rslora === true,
+    base: dirname(model.checkpoint.configFiles[0]),
+  };
   if (values.json) {
     process.stdout.write(
-      `${JSON.stringify({ dir, modelType: model.checkpoint.modelType, architecture: model.describe(), parameters: count, modules }, null, 2)}\n`,
+      `${JSON.stringify({ dir, modelType: model.checkpoint.modelType, architecture: model.describe(), parameters: count, ...(adapter ? { adapter } : {}), modules }, null, 2)}\n`,
     );
     return;
   }
   const lines = [
     `model:        ${dir}`,
     `architecture: ${model.describe()}`,
+    ...(adapter
+      ? [
+          `adapter:      LoRA r=${adapter.r}, alpha=${adapter.alpha}, scaling ${adapter.scaling}${adapter.rslora ? ' (rsLoRA)' : ''}, over ${adapter.base}`,
+        ]
+      : []),
     `parameters:   ${count.toLocaleString('en-US')} in ${params.length} tensors (${(model.checkpoint.totalBytes / 2 ** 20).toFixed(1)} MiB on disk)`,
     `tracked modules (${modules.length}; "mlp" selects ${modules.filter((m) => m.kind === 'mlp').length}):`,
     ...modules.map(
