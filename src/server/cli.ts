@@ -21,7 +21,7 @@ const COMMANDS: Record<string, { run: (argv: string[]) => Promise<void>; help: s
     run: runDemo,
     help: 'demo [--query N] [--top-k K]   the whole loop on the embedded default: explain a wrong answer, fix it',
   },
-  inspect: { run: runInspect, help: 'inspect <model-dir>            architecture, parameters, tracked modules' },
+  inspect: { run: runInspect, help: 'inspect <model-dir> [--base <dir>]   architecture, parameters, tracked modules' },
   gradients: {
     run: runGradients,
     help:

@@ -2,7 +2,7 @@
 // so a stale or mismatched factor directory is refused instead of silently misused.
 import { createHash } from 'node:crypto';
 import { readFileSync } from 'node:fs';
-import { basename, join } from 'node:path';
+import { basename } from 'node:path';
 import type { Checkpoint } from '../model/checkpoint';
 import { contentDigest } from '../model/content-digest';
 import { defaultCacheDir } from '../model/engine';
@@ -16,7 +16,10 @@ const hex16 = (h: ReturnType<typeof createHash>) => h.digest('hex').slice(0, 16)
  */
 export function modelFingerprint(ck: Checkpoint, cacheDir = defaultCacheDir()): string {
   const h = createHash('sha256');
-  h.update(readFileSync(join(ck.dir, 'config.json')));
+  h.update(readFileSync(ck.configFiles[0]));
+  // a LoRA adapter: its settings, but not where its base was found (the base's config.json
+  // and weights are already hashed by content), so moving the folders keeps the factors
+  if (ck.adapter) h.update(JSON.stringify({ ...ck.adapter.config, base_model_name_or_path: null }));
   for (const f of ck.files) h.update(`${basename(f)}:${contentDigest(f, cacheDir)}\n`);
   return hex16(h);
 }

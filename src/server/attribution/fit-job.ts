@@ -43,6 +43,8 @@ export interface FitJobOptions {
   batchSize?: number;
   skipMalformed?: boolean;
   damping?: Damping;
+  /** the base checkpoint when modelDir is a LoRA adapter (default: its base_model_name_or_path) */
+  base?: string;
   /** an already opened model (the server and the demo reuse theirs) */
   model?: Model;
   onProgress?: FitOptions['onProgress'];
@@ -81,7 +83,13 @@ export async function runFitJob(o: FitJobOptions): Promise<FitJobResult> {
   const start = Date.now();
   const log = o.log ?? (() => {});
   cleanStaleTemps(o.out); // what a fit killed in the middle of a write left
-  const model = o.model ?? Model.open(o.modelDir);
+  const model = o.model ?? Model.open(o.modelDir, { base: o.base });
+  // a LoRA adapter on attention layers only has no MLP module: say so instead of fitting nothing
+  if (!model.modules(o.modules).length)
+    throw new FitJobError(
+      `modules "${o.modules}" selects none of the ${model.modules('all').length} tracked modules of ${o.modelDir}` +
+        `${model.checkpoint.adapter ? ' (its LoRA adapter adapts no MLP layer)' : ''}; use modules "all" (--modules all)`,
+    );
   const dataset = loadDataset(o.dataPath, { skipMalformed: o.skipMalformed, maxExamples: o.maxExamples });
   if (dataset.skipped.length) log(`skipped ${dataset.skipped.length} malformed line(s) of ${o.dataPath}`);
   const maxLength = contextLength(model.checkpoint.config);

@@ -84,7 +84,7 @@ export function openStage(
 export function checkSameTokenizer(a: Model, b: Model): void {
   const h = (m: Model) =>
     createHash('sha256')
-      .update(readFileSync(join(m.checkpoint.dir, 'tokenizer.json')))
+      .update(readFileSync(join(m.checkpoint.tokenizerDir, 'tokenizer.json')))
       .digest('hex');
   if (h(a) !== h(b))
     throw new StageError(

@@ -15,6 +15,7 @@ import { CliError, int, oneOf, Progress, parse } from './util';
 export async function runExplain(argv: string[]): Promise<void> {
   const { values: v } = parse(argv, {
     model: { type: 'string' },
+    base: { type: 'string' },
     factors: { type: 'string' },
     data: { type: 'string' },
     prompt: { type: 'string' },
@@ -27,6 +28,7 @@ export async function runExplain(argv: string[]): Promise<void> {
     damping: { type: 'string' },
     'pretrained-model': { type: 'string' },
     'pretrained-factors': { type: 'string' },
+    'pretrained-base': { type: 'string' },
     'batch-size': { type: 'string' },
     rank: { type: 'string' },
     'skip-malformed': { type: 'boolean' },
@@ -55,8 +57,10 @@ export async function runExplain(argv: string[]): Promise<void> {
   const topK = int(v['top-k'], '--top-k', 10);
   if (topK < 1) throw new CliError('--top-k must be at least 1');
 
-  const ft = openStage(v.model, v.factors, { damping });
-  const pt = needsPretrained ? openStage(v['pretrained-model']!, v['pretrained-factors'], { damping }) : undefined;
+  const ft = openStage(v.model, v.factors, { damping, engine: { base: v.base } });
+  const pt = needsPretrained
+    ? openStage(v['pretrained-model']!, v['pretrained-factors'], { damping, engine: { base: v['pretrained-base'] } })
+    : undefined;
   if (pt) {
     checkSameTokenizer(ft.model, pt.model);
     if (pt.modules !== ft.modules)

@@ -7,6 +7,7 @@ import { CliError, int, oneOf, Progress, parse } from './util';
 export async function runFit(argv: string[]): Promise<void> {
   const { values: v } = parse(argv, {
     model: { type: 'string' },
+    base: { type: 'string' },
     data: { type: 'string' },
     out: { type: 'string' },
     modules: { type: 'string' },
@@ -34,6 +35,7 @@ export async function runFit(argv: string[]): Promise<void> {
   let stage = '';
   const result = await runFitJob({
     modelDir: v.model,
+    base: v.base,
     dataPath: v.data,
     out: v.out,
     modules: oneOf(v.modules, ['mlp', 'all'] as const, '--modules', 'all'),

@@ -12,6 +12,7 @@ import { CliError, int, oneOf, parse } from './util';
 export async function runGradients(argv: string[]): Promise<void> {
   const { values: v } = parse(argv, {
     model: { type: 'string' },
+    base: { type: 'string' },
     text: { type: 'string' },
     prompt: { type: 'string' },
     completion: { type: 'string' },
@@ -31,7 +32,7 @@ export async function runGradients(argv: string[]): Promise<void> {
   const labels = oneOf(v.labels, ['data', 'sampled'] as const, '--labels', 'data');
   const seed = int(v.seed, '--seed', 0);
 
-  const model = Model.open(v.model);
+  const model = Model.open(v.model, { base: v.base });
   // the same rendering and masking as fit/explain/tokenize (a --text or a prompt/completion record)
   const record = hasText ? { text: v.text } : { prompt: v.prompt, completion: v.completion };
   const r = renderForModel(record, 'the command line', undefined);

@@ -1,24 +1,39 @@
 // influence-lens inspect <model-dir>: what the engine sees in a checkpoint.
+import { dirname } from 'node:path';
 import { Model } from '../model/engine';
 import { CliError, parse } from './util';
 
 export async function runInspect(argv: string[]): Promise<void> {
-  const { values, positionals } = parse(argv, { json: { type: 'boolean' } }, true);
+  const { values, positionals } = parse(argv, { json: { type: 'boolean' }, base: { type: 'string' } }, true);
   const dir = positionals[0];
-  if (!dir) throw new CliError('usage: influence-lens inspect <model-dir> [--json]');
-  const model = Model.open(dir);
+  if (!dir) throw new CliError('usage: influence-lens inspect <model-dir> [--base <dir>] [--json]');
+  const model = Model.open(dir, { base: values.base as string | undefined });
   const params = model.parameters();
   const count = params.reduce((s, p) => s + p.shape.reduce((a, b) => a * b, 1), 0);
   const modules = model.modules('all');
+  const ad = model.checkpoint.adapter;
+  const adapter = ad && {
+    type: 'LoRA',
+    r: ad.r,
+    alpha: ad.alpha,
+    scaling: ad.scaling,
+    rslora: ad.config.use_rslora === true,
+    base: dirname(model.checkpoint.configFiles[0]),
+  };
   if (values.json) {
     process.stdout.write(
-      `${JSON.stringify({ dir, modelType: model.checkpoint.modelType, architecture: model.describe(), parameters: count, modules }, null, 2)}\n`,
+      `${JSON.stringify({ dir, modelType: model.checkpoint.modelType, architecture: model.describe(), parameters: count, ...(adapter ? { adapter } : {}), modules }, null, 2)}\n`,
     );
     return;
   }
   const lines = [
     `model:        ${dir}`,
     `architecture: ${model.describe()}`,
+    ...(adapter
+      ? [
+          `adapter:      LoRA r=${adapter.r}, alpha=${adapter.alpha}, scaling ${adapter.scaling}${adapter.rslora ? ' (rsLoRA)' : ''}, over ${adapter.base}`,
+        ]
+      : []),
     `parameters:   ${count.toLocaleString('en-US')} in ${params.length} tensors (${(model.checkpoint.totalBytes / 2 ** 20).toFixed(1)} MiB on disk)`,
     `tracked modules (${modules.length}; "mlp" selects ${modules.filter((m) => m.kind === 'mlp').length}):`,
     ...modules.map(

@@ -12,6 +12,7 @@ import { CliError, int, Progress, parse } from './util';
 export async function runScan(argv: string[]): Promise<void> {
   const { values: v } = parse(argv, {
     model: { type: 'string' },
+    base: { type: 'string' },
     factors: { type: 'string' },
     data: { type: 'string' },
     'top-k': { type: 'string' },
@@ -25,7 +26,7 @@ export async function runScan(argv: string[]): Promise<void> {
   if (!v.data) throw new CliError('--data <train.jsonl> is required');
   const topK = int(v['top-k'], '--top-k', 20);
   if (topK < 1) throw new CliError('--top-k must be at least 1');
-  const stage = openStage(v.model, v.factors, { damping: parseDamping(v.damping) });
+  const stage = openStage(v.model, v.factors, { damping: parseDamping(v.damping), engine: { base: v.base } });
   for (const w of stage.warnings) process.stderr.write(`warning: ${w}\n`);
   const dataset = loadDataset(v.data, { skipMalformed: v['skip-malformed'] });
   const corpus = new Corpus(v.data, dataset, stage.model);

@@ -115,6 +115,11 @@ export async function trainJob(o: TrainJobOptions): Promise<TrainJobResult> {
     model = Model.open(initDir, engine);
   } else if (o.model) {
     model = Model.open(o.model, engine);
+    // it would write the base and the adapter's tensors as one full checkpoint
+    if (model.checkpoint.adapter)
+      throw new CliError(
+        `${o.model} is a LoRA adapter (adapter_config.json): train fine-tunes full checkpoints only; train the adapter with PEFT`,
+      );
     config = model.config;
     params = loadParams(model);
     shapes = new Map(model.parameters().map((p) => [p.name, p.shape]));

@@ -3,6 +3,7 @@
 // bytes stay on disk (the engine hands them to ONNX Runtime as external data).
 import { existsSync, readdirSync, readFileSync, statSync } from 'node:fs';
 import { join, resolve } from 'node:path';
+import { ADAPTER_CONFIG, isAdapterDir, type LoraAdapter, PEFT_PREFIX, readAdapter, resolveBase } from './adapter';
 import { type DType, readSafetensorsHeader, readTensorF32, type SafetensorsHeader } from './safetensors';
 
 /** dtypes a checkpoint's weights may have (the graphs cast them to the compute precision) */
@@ -22,8 +23,16 @@ export interface WeightRef {
 }
 
 export interface Checkpoint {
+  /** the folder the user named (for a LoRA adapter: the adapter's folder) */
   dir: string;
+  /** the base model's config.json (config.json of `dir` unless an adapter) */
   config: Record<string, unknown>;
+  /** the JSON files that define the model: config.json, then adapter_config.json for an adapter */
+  configFiles: string[];
+  /** where tokenizer.json is: `dir` when it has one, else the base model's folder */
+  tokenizerDir: string;
+  /** a PEFT LoRA adapter over the base checkpoint (its tensors are in `weights` under their own names) */
+  adapter?: LoraAdapter;
   modelType: string;
   /** tensor name → where its bytes are, in file order */
   weights: Map<string, WeightRef>;
@@ -78,10 +87,20 @@ function weightFiles(dir: string): { files: string[]; map?: Record<string, strin
   throw new CheckpointError(`${dir}: no model.safetensors or model.safetensors.index.json.${hint}`);
 }
 
-export function openCheckpoint(dirIn: string): Checkpoint {
+export interface OpenOptions {
+  /** the base model folder of a LoRA adapter (default: the adapter's base_model_name_or_path) */
+  base?: string;
+}
+
+export function openCheckpoint(dirIn: string, options: OpenOptions = {}): Checkpoint {
   const dir = resolve(dirIn);
   if (!existsSync(dir) || !statSync(dir).isDirectory())
     throw new CheckpointError(`${dirIn}: not a directory (expected a Hugging Face model directory)`);
+  if (isAdapterDir(dir)) return openAdapter(dir, options.base);
+  if (options.base)
+    throw new CheckpointError(
+      `${dirIn}: a base model (${options.base}) was given, but ${dirIn} has no ${ADAPTER_CONFIG} (a base is only for LoRA adapters)`,
+    );
   const config = readConfig(dir);
   const modelType = config.model_type;
   if (typeof modelType !== 'string')
@@ -114,6 +133,8 @@ export function openCheckpoint(dirIn: string): Checkpoint {
   return {
     dir,
     config,
+    configFiles: [join(dir, 'config.json')],
+    tokenizerDir: dir,
     modelType,
     weights,
     files,
@@ -124,5 +145,45 @@ export function openCheckpoint(dirIn: string): Checkpoint {
       if (!w) throw new CheckpointError(`${dir}: no tensor "${name}"`);
       return readTensorF32(headers.get(w.file)!, name);
     },
+  };
+}
+
+/** A LoRA adapter folder: the base checkpoint with the adapter's lora_A / lora_B tensors added. */
+function openAdapter(dir: string, baseOption?: string): Checkpoint {
+  const adapter = readAdapter(dir);
+  const baseDir = resolveBase(adapter, baseOption);
+  if (isAdapterDir(baseDir))
+    throw new CheckpointError(
+      `${baseDir}: the base of adapter ${dir} is itself an adapter (stacked adapters are not supported)`,
+    );
+  const base = openCheckpoint(baseDir);
+  const weights = new Map(base.weights);
+  let adapterBytes = 0;
+  for (const t of adapter.header.tensors.values()) {
+    // PEFT's names for LoRA on a linear layer; anything else (lora_embedding_A, modules_to_save
+    // copies, DoRA magnitudes, biases) is another kind of adapter
+    if (!t.name.startsWith(PEFT_PREFIX) || !/\.lora_[AB]\.weight$/.test(t.name))
+      throw new CheckpointError(
+        `${adapter.weightsPath}: tensor "${t.name}" is not a LoRA A/B weight of a linear layer (only those are supported; see ${ADAPTER_CONFIG})`,
+      );
+    if (!WEIGHT_DTYPES.includes(t.dtype))
+      throw new CheckpointError(
+        `${adapter.weightsPath}: tensor "${t.name}" is ${t.dtype}; supported: ${WEIGHT_DTYPES.join(', ')}`,
+      );
+    weights.set(t.name, { ...t, file: adapter.weightsPath });
+    adapterBytes += t.byteLength;
+  }
+  return {
+    ...base,
+    dir,
+    adapter,
+    configFiles: [...base.configFiles, adapter.configPath],
+    tokenizerDir: existsSync(join(dir, 'tokenizer.json')) ? dir : base.tokenizerDir,
+    weights,
+    files: [...base.files, adapter.weightsPath],
+    totalBytes: base.totalBytes + adapterBytes,
+    has: (name) => weights.has(name),
+    readF32: (name) =>
+      weights.get(name)?.file === adapter.weightsPath ? readTensorF32(adapter.header, name) : base.readF32(name),
   };
 }

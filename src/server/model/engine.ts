@@ -88,6 +88,8 @@ export interface EngineOptions {
   precision?: 'fp32' | 'fp64';
   /** one-line notices (a corrupt cached graph was rebuilt); default: stderr */
   notice?: (line: string) => void;
+  /** the base model folder when the model is a LoRA adapter (default: its base_model_name_or_path) */
+  base?: string;
 }
 
 export interface Sequence {
@@ -153,17 +155,19 @@ export class Model {
     readonly checkpoint: Checkpoint,
     readonly options: EngineOptions,
   ) {
-    this.arch = architectureFor(checkpoint.config, join(checkpoint.dir, 'config.json'));
+    this.arch = architectureFor(checkpoint.config, checkpoint.configFiles[0]);
+    // an adapter is checked against the base's layers once, when opened
+    if (checkpoint.adapter) this.buildForward(new Graph(), 'inputs');
   }
 
   /** Loaded on first use: inspecting or benchmarking a model does not need one. */
   get tokenizer(): TokenizerHandle {
-    this.tok ??= loadTokenizer(this.checkpoint.dir);
+    this.tok ??= loadTokenizer(this.checkpoint.tokenizerDir);
     return this.tok;
   }
 
   static open(dir: string, options: EngineOptions = {}): Model {
-    return new Model(openCheckpoint(dir), options);
+    return new Model(openCheckpoint(dir, { base: options.base }), options);
   }
 
   get config(): Record<string, unknown> {
@@ -190,8 +194,11 @@ export class Model {
     const inputIds = g.input('input_ids', DataType.INT64, ['B', 'T']);
     const attentionMask = g.input('attention_mask', DataType.INT64, ['B', 'T']);
     const bt = g.noGrad(() => g.shapeOf(inputIds));
-    const ctx: BuildContext = { g, w: weights.source, inputIds, attentionMask, bt, modules: [] };
+    const adapter = this.checkpoint.adapter;
+    const lora = adapter && { adapter, usedTensors: new Set<string>(), matchedTargets: new Set<string>() };
+    const ctx: BuildContext = { g, w: weights.source, inputIds, attentionMask, bt, modules: [], lora };
     const out = this.arch.forward(ctx, this.config);
+    if (lora) checkAdapterCoverage(lora, this.describe());
     return { ctx, out, weights, modules: ctx.modules };
   }
 
@@ -345,6 +352,22 @@ function inputWeights(g: Graph, ck: Checkpoint): Weights {
       },
     },
   };
+}
+
+/** Every adapter tensor and every target_modules entry must have found its linear layer. */
+function checkAdapterCoverage(lora: NonNullable<BuildContext['lora']>, base: string) {
+  const { adapter } = lora;
+  for (const name of adapter.header.tensors.keys())
+    if (!lora.usedTensors.has(name))
+      throw new EngineError(
+        `${adapter.weightsPath}: tensor ${name} adapts no linear layer of the base model that "target_modules" in adapter_config.json selects (base: ${base})`,
+      );
+  const entries = adapter.targetModules instanceof RegExp ? [adapter.targetModules.source] : adapter.targetModules;
+  for (const t of entries)
+    if (!lora.matchedTargets.has(t))
+      throw new EngineError(
+        `${adapter.configPath}: "target_modules" entry ${JSON.stringify(t)} matches no linear layer of the base model (${base})`,
+      );
 }
 
 function select(modules: TrackedModule[], selection: ModuleSelection): TrackedModule[] {

@@ -56,6 +56,7 @@ export function defaultServerSettings(): ServerSettings {
 /** The file as written (after schema validation). */
 interface RawStage {
   model: string;
+  base?: string;
   factors?: string;
   fitDataset?: string;
 }
@@ -102,6 +103,7 @@ export function parseConfig(value: unknown, opts: { baseDir: string; source?: st
       problems.push(`${field}.fitDataset: "${s.fitDataset}" is not a dataset id in "datasets" (${ids.join(', ')})`);
     return {
       model: path(s.model),
+      ...(s.base !== undefined ? { base: path(s.base) } : {}),
       ...(s.factors !== undefined ? { factors: path(s.factors) } : {}),
       ...(s.fitDataset !== undefined ? { fitDataset: s.fitDataset } : {}),
     };
@@ -153,8 +155,15 @@ export function checkConfigFiles(cfg: Config, source = cfg.file ? basename(cfg.f
     const kind = kindOf(s.model);
     if (kind !== 'dir')
       problems.push(`${field}.model: ${s.model} ${kind === 'none' ? 'does not exist' : 'is not a directory'}`);
-    else if (kindOf(resolve(s.model, 'config.json')) !== 'file')
-      problems.push(`${field}.model: ${s.model} has no config.json (expected a Hugging Face checkpoint directory)`);
+    else if (
+      kindOf(resolve(s.model, 'config.json')) !== 'file' &&
+      kindOf(resolve(s.model, 'adapter_config.json')) !== 'file'
+    )
+      problems.push(
+        `${field}.model: ${s.model} has no config.json (expected a Hugging Face checkpoint directory) and no adapter_config.json (a LoRA adapter)`,
+      );
+    if (s.base !== undefined && kindOf(resolve(s.base, 'config.json')) !== 'file')
+      problems.push(`${field}.base: ${s.base} has no config.json (expected the base model's checkpoint directory)`);
     if (s.factors && kindOf(s.factors) === 'file')
       problems.push(
         `${field}.factors: ${s.factors} is a file; it must be a directory (it is created by "fit" when absent)`,

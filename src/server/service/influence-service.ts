@@ -37,6 +37,8 @@ import { DEFAULTS } from '../settings';
 
 export interface StageConfig {
   model: string;
+  /** the base checkpoint when `model` is a LoRA adapter (default: its base_model_name_or_path) */
+  base?: string;
   /** factors directory; fitted on demand by `fit` when absent */
   factors?: string;
   /** the dataset id the factors are fitted on (default: the first dataset) */
@@ -150,7 +152,7 @@ export class InfluenceService implements ServiceApi {
 
   private openStage(c: StageConfig): OpenedStage {
     const engine = { device: this.config.device, threads: this.config.threads };
-    const model = Model.open(c.model, engine);
+    const model = Model.open(c.model, { ...engine, base: c.base });
     // read the tokenizer now: a broken tokenizer.json refuses the start, naming the file,
     // instead of failing every request later
     void model.tokenizer;

@@ -2,6 +2,7 @@
 // tracked modules, norms, rotary embeddings, causal attention with grouped KV heads, and
 // config parsing helpers. Activations live as 2-D [N = B·T, d] tensors between blocks
 // so every linear layer is one Gemm (no weight transposes, cheap backward).
+import { type LoraAdapter, PEFT_PREFIX, targets } from '../adapter';
 import { DataType, type Graph, type Tensor } from '../onnx/graph';
 
 export type ModuleKind = 'mlp' | 'attention';
@@ -40,6 +41,8 @@ export interface BuildContext {
   /** Shape(input_ids) = [B, T] as int64 */
   bt: Tensor;
   modules: TrackedModule[];
+  /** a PEFT LoRA adapter: its A and B layers wrap the targeted linear layers and are the tracked modules */
+  lora?: { adapter: LoraAdapter; usedTensors: Set<string>; matchedTargets: Set<string> };
 }
 
 /** What an architecture's forward pass produces. */
@@ -95,8 +98,58 @@ export function linear(
   if (x.shape[1] !== dIn)
     throw new ConfigError(`weight ${weightName} has input size ${dIn} but the layer receives ${x.shape[1]}`);
   const y = ctx.g.gemm(x, ctx.w.get(weightName), biasName ? ctx.w.get(biasName) : null, layout === 'out_in');
+  if (ctx.lora) return loraBranch(ctx, ctx.lora, name, x, y, kind, dIn, dOut);
   ctx.modules.push({ name, kind, input: x, output: y, dIn, dOut, hasBias: !!biasName, weightName, biasName, layout });
   return y;
+}
+
+/**
+ * PEFT's LoRA Linear forward on a targeted layer: y + scaling · B(A x), dropout off. A and B
+ * are the tracked modules (named as in adapter_model.safetensors without `.weight`); the
+ * base layer is frozen and untracked. A and B are torch Linear layers whatever the base's
+ * layout: fan_in_fan_out only says how the base weight is stored (GPT-2's Conv1D), which the
+ * architecture already knows.
+ */
+function loraBranch(
+  ctx: BuildContext,
+  lora: NonNullable<BuildContext['lora']>,
+  name: string,
+  x: Tensor,
+  y: Tensor,
+  kind: ModuleKind,
+  dIn: number,
+  dOut: number,
+): Tensor {
+  const { adapter } = lora;
+  const target = targets(adapter, name);
+  if (target === null) return y;
+  lora.matchedTargets.add(target);
+  const prefix = `${PEFT_PREFIX}${name}`;
+  const aName = `${prefix}.lora_A.weight`;
+  const bName = `${prefix}.lora_B.weight`;
+  for (const t of [aName, bName])
+    if (!ctx.w.has(t))
+      throw new ConfigError(
+        `${adapter.weightsPath}: no tensor ${t}, but "target_modules" ${JSON.stringify(target)} in adapter_config.json selects ${name}`,
+      );
+  const r = adapter.r;
+  const expect = (t: string, shape: number[]) => {
+    const got = ctx.w.shape(t);
+    if (got.length !== 2 || got[0] !== shape[0] || got[1] !== shape[1])
+      throw new ConfigError(
+        `${adapter.weightsPath}: ${t} has shape [${got.join(', ')}], expected [${shape.join(', ')}] (adapter_config.json "r": ${r})`,
+      );
+  };
+  expect(aName, [r, dIn]);
+  expect(bName, [dOut, r]);
+  lora.usedTensors.add(aName).add(bName);
+  const { g } = ctx;
+  const ax = g.gemm(x, ctx.w.get(aName), null, true);
+  const bax = g.gemm(ax, ctx.w.get(bName), null, true);
+  const common = { kind, hasBias: false, layout: 'out_in' as const };
+  ctx.modules.push({ ...common, name: `${prefix}.lora_A`, input: x, output: ax, dIn, dOut: r, weightName: aName });
+  ctx.modules.push({ ...common, name: `${prefix}.lora_B`, input: ax, output: bax, dIn: r, dOut, weightName: bName });
+  return g.add(y, g.mul(bax, g.scalar(adapter.scaling)));
 }
 
 export function layerNorm(ctx: BuildContext, x: Tensor, prefix: string, eps: number): Tensor {
