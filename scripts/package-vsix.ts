@@ -75,13 +75,16 @@ export function packageVsix(out: string, vsce = defaultVsce(), target?: Target):
  * bin/napi-v6/<platform>/<arch>; no CUDA provider) and koffi (its JS and the prebuilt
  * koffi.node from @koromix/koffi-<platform>-<arch>). Nothing is downloaded at install or run
  * time; a koffi prebuild for another platform is fetched here, at packaging time, with `npm pack`.
- * The extension finds it as <extension>/server/cli.mjs (src/extension/client/index.ts).
+ * The extension finds it as <extension>/server/cli.mjs (src/extension/client/index.ts); `serve`
+ * starts its worker threads from server/service-worker.mjs beside it.
  */
 export function stageServer(stage: string, target: Target): void {
   const [platform, arch] = TARGETS[target];
   if (!existsSync(join(ROOT, 'dist/cli.mjs'))) throw new Error('dist/cli.mjs is missing: run `npm run build` first');
   // under server/: vsce leaves out a top-level node_modules, and the bundle resolves its natives from server/node_modules
   cpSync(join(ROOT, 'dist/cli.mjs'), join(stage, 'server/cli.mjs'));
+  // `serve` runs the service in worker threads, loaded from the bundle's folder
+  cpSync(join(ROOT, 'dist/service-worker.mjs'), join(stage, 'server/service-worker.mjs'));
   cpSync(join(ROOT, 'assets/default'), join(stage, 'assets/default'), { recursive: true });
   const nm = join(stage, 'server/node_modules');
   const ort = join(ROOT, 'node_modules/onnxruntime-node');

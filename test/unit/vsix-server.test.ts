@@ -2,7 +2,7 @@
 // checkout and no node_modules on any path, it answers with the embedded default model on this
 // machine's Node, loads koffi's prebuild, and holds the native files of its target only.
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { mkdirSync, mkdtempSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
@@ -21,7 +21,7 @@ function files(dir: string): string[] {
 
 test('the staged server runs alone on this platform', {
   skip: !(here in TARGETS) && `no VSIX target for ${here}`,
-}, () => {
+}, async () => {
   const build = spawnSync(process.execPath, ['scripts/build.mjs'], { encoding: 'utf8' });
   assert.equal(build.status, 0, build.stderr);
   mkdirSync(join(stage, 'dist'));
@@ -38,6 +38,7 @@ test('the staged server runs alone on this platform', {
       `${f} is not for ${platform}/${arch}`,
     );
   assert.ok(all.includes('server/cli.mjs'));
+  assert.ok(all.includes('server/service-worker.mjs'));
   assert.ok(all.includes('assets/default/finetuned/model.safetensors'));
   assert.ok(!all.some((f) => /^(src|test|tools)\//.test(f) || f.startsWith('node_modules/')));
 
@@ -70,4 +71,30 @@ test('the staged server runs alone on this platform', {
   );
   assert.equal(koffi.status, 0, koffi.stderr);
   assert.match(koffi.stdout, /^\d+\.\d+\.\d+/);
+
+  // the server the extension starts: its service opens in worker threads before it says where it listens
+  const serve = spawn(process.execPath, [join(stage, 'server/cli.mjs'), 'serve', '--port', '0', '--no-discovery'], {
+    cwd: home,
+    env: { ...env, INFLUENCE_LENS_TOKEN: 'a-token-of-at-least-16-characters' },
+  });
+  let out = '';
+  let err = '';
+  serve.stdout.on('data', (d) => {
+    out += d;
+  });
+  serve.stderr.on('data', (d) => {
+    err += d;
+  });
+  const exited = new Promise<number | null>((res) => serve.on('exit', (code) => res(code)));
+  try {
+    for (let waited = 0; !/influence-lens server on ws:/.test(out); waited += 100) {
+      const code = await Promise.race([exited, new Promise((r) => setTimeout(r, 100, 'waiting'))]);
+      assert.equal(code, 'waiting', `serve exited (${code}) before listening:\n${err}`);
+      assert.ok(waited < 120_000, `serve did not start in 120 s:\n${err}`);
+    }
+    assert.match(out, /methods now: .*bm25/);
+  } finally {
+    serve.kill('SIGTERM');
+    await exited;
+  }
 });
