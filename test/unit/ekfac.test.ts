@@ -4,8 +4,8 @@ import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 import { CovarianceAccumulator } from '../../src/server/attribution/ekfac/covariance';
 import { computeEigenbasis, type Eigenbasis } from '../../src/server/attribution/ekfac/eigenbasis';
-import { exampleGradient, factorDim, type ModuleShape } from '../../src/server/attribution/ekfac/gradient';
-import { kfacLambda, LambdaAccumulator } from '../../src/server/attribution/ekfac/lambda';
+import { factorDim, type ModuleShape } from '../../src/server/attribution/ekfac/gradient';
+import { LambdaAccumulator } from '../../src/server/attribution/ekfac/lambda';
 import {
   lowRank,
   lowRankToDense,
@@ -14,19 +14,21 @@ import {
   precondition,
   resolveDamping,
 } from '../../src/server/attribution/ekfac/precondition';
+import { eigh } from '../../src/server/linalg/eigh';
+import { Rng } from '../../src/server/util/random';
+import { gaussJordanInverse, kron, matVec, maxRel } from './helpers/dense';
 import {
+  exampleGradient,
   gradientCosine,
   gradientDot,
   innerProduct,
+  kfacLambda,
   type ModuleGradients,
   pairwiseScores,
   perTokenScores,
   preconditionQuery,
   selfInfluence,
-} from '../../src/server/attribution/ekfac/scores';
-import { eigh } from '../../src/server/linalg/eigh';
-import { Rng } from '../../src/server/util/random';
-import { gaussJordanInverse, kron, matVec, maxRel } from './helpers/dense';
+} from './helpers/ekfac-reference';
 
 const MODULES: ModuleShape[] = [
   { name: 'h.0.mlp.fc', dIn: 5, dOut: 4, appendOne: true },

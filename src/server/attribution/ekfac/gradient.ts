@@ -2,7 +2,7 @@
 // For a linear module y = W a (+ b), the loss gradient is G = Σ_t g_t ã_tᵀ (d_out × d_A), where
 // ã_t = [a_t, 1] when the bias is folded into W (docs/ARCHITECTURE.md, "The maths contract"; kronfluence appends the 1
 // as the last column, so G[:, d_in] is the bias gradient).
-import { type Floats, firstNonFinite, gemm } from '../../linalg/matrix';
+import { type Floats, firstNonFinite } from '../../linalg/matrix';
 
 export interface ModuleShape {
   /** e.g. "model.layers.0.mlp.up_proj" */
@@ -72,16 +72,6 @@ export function gradientRows(
     }
   }
   return X;
-}
-
-/**
- * One example's gradient G = Σ_t w_t g_t ã_tᵀ (d_out × d_A, row-major, fp64) from its tokens.
- * `weights` (e.g. a loss mask) multiply each token's term.
- */
-export function exampleGradient(shape: ModuleShape, a: Floats, g: Floats, rows: number, weights?: RowWeights) {
-  const X = activationRows(a, rows, shape.dIn, shape.appendOne, `activations of module ${shape.name}`, weights);
-  const Y = gradientRows(g, rows, shape.dOut, `output gradients of module ${shape.name}`);
-  return gemm(Y, X, shape.dOut, rows, factorDim(shape), { transA: true });
 }
 
 function checkRows(x: Floats, cols: number, what: string) {

@@ -3,7 +3,7 @@
 // fitted with sampled labels. Stored like kronfluence's `lambda_matrix`: the SUM over
 // examples, shape d_out × d_A, with `num_lambda_processed` the number of examples.
 import { type Floats, firstNonFinite, gemm, toF64 } from '../../linalg/matrix';
-import { type Basis, type Eigenbasis, toEigenbasis } from './eigenbasis';
+import { type Eigenbasis, toEigenbasis } from './eigenbasis';
 import { activationRows, gradientRows, type RowWeights } from './gradient';
 
 export class LambdaAccumulator {
@@ -107,11 +107,4 @@ export class LambdaAccumulator {
     for (let i = 0; i < out.length; i++) out[i] = this.sum[i] / this.count;
     return out;
   }
-}
-
-/** K-FAC's eigenvalues in the same layout: Λ_ij = λ_S[i] · λ_A[j] (no correction). */
-export function kfacLambda(b: Pick<Eigenbasis, 'eigA' | 'eigS' | 'dA' | 'dOut'> & Basis): Float64Array {
-  const L = new Float64Array(b.dOut * b.dA);
-  for (let i = 0; i < b.dOut; i++) for (let j = 0; j < b.dA; j++) L[i * b.dA + j] = b.eigS[i] * b.eigA[j];
-  return L;
 }

@@ -1,12 +1,25 @@
+// Test-only dense references (the product scores inside ONNX graphs: src/server/attribution/influence.ts).
 // Influence scores (Grosse et al. 2023, eq. 24 with the EK-FAC inverse of eq. 21):
 //   score(q, z) = Σ_l ⟨ P_l(G_l(q)), G_l(z) ⟩,
 // with G the gradients of the losses −Σ log p, so score > 0 means "supporting" (docs/ARCHITECTURE.md).
 // Per-module scores are the terms of the sum; per-token scores split the candidate side,
 // c_t = g_tᵀ M ã_t with M = P(G(q)), so Σ_t c_t equals the score.
-import { dot, type Floats, gemm, toF64 } from '../../linalg/matrix';
-import { toEigenbasis } from './eigenbasis';
-import { activationRows, gradientRows, type RowWeights } from './gradient';
-import { type LowRank, type LowRankOptions, lowRank, type Preconditioner, precondition } from './precondition';
+import { type Basis, type Eigenbasis, toEigenbasis } from '../../../src/server/attribution/ekfac/eigenbasis';
+import {
+  activationRows,
+  factorDim,
+  gradientRows,
+  type ModuleShape,
+  type RowWeights,
+} from '../../../src/server/attribution/ekfac/gradient';
+import {
+  type LowRank,
+  type LowRankOptions,
+  lowRank,
+  type Preconditioner,
+  precondition,
+} from '../../../src/server/attribution/ekfac/precondition';
+import { dot, type Floats, gemm, toF64 } from '../../../src/server/linalg/matrix';
 
 /** One example's gradients, per module name: d_out × d_A row-major. */
 export type ModuleGradients = Record<string, Floats>;
@@ -157,4 +170,21 @@ export function gradientCosine(Gq: ModuleGradients, Gz: ModuleGradients, modules
     qz += dot(Gq[name], Gz[name]);
   }
   return qq > 0 && zz > 0 ? qz / Math.sqrt(qq * zz) : 0;
+}
+
+/**
+ * One example's gradient G = Σ_t w_t g_t ã_tᵀ (d_out × d_A, row-major, fp64) from its tokens.
+ * `weights` (e.g. a loss mask) multiply each token's term.
+ */
+export function exampleGradient(shape: ModuleShape, a: Floats, g: Floats, rows: number, weights?: RowWeights) {
+  const X = activationRows(a, rows, shape.dIn, shape.appendOne, `activations of module ${shape.name}`, weights);
+  const Y = gradientRows(g, rows, shape.dOut, `output gradients of module ${shape.name}`);
+  return gemm(Y, X, shape.dOut, rows, factorDim(shape), { transA: true });
+}
+
+/** K-FAC's eigenvalues in the EK-FAC layout: Λ_ij = λ_S[i] · λ_A[j] (no correction). */
+export function kfacLambda(b: Pick<Eigenbasis, 'eigA' | 'eigS' | 'dA' | 'dOut'> & Basis): Float64Array {
+  const L = new Float64Array(b.dOut * b.dA);
+  for (let i = 0; i < b.dOut; i++) for (let j = 0; j < b.dA; j++) L[i * b.dA + j] = b.eigS[i] * b.eigA[j];
+  return L;
 }
