@@ -8,7 +8,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { Tokenizer } from '@huggingface/tokenizers';
-import { buildCorpus } from '../../src/server/data/corpus/build';
+import { buildCorpus } from '../../src/server/embedded/build';
 import {
   buildWordTokenizer,
   EOS,
@@ -16,8 +16,8 @@ import {
   preTokenize,
   UNK,
   writeWordTokenizer,
-} from '../../src/server/data/corpus/word-tokenizer';
-import { corpusTexts } from '../../src/server/data/corpus/write';
+} from '../../src/server/embedded/word-tokenizer';
+import { corpusTexts } from '../../src/server/embedded/write';
 import { loadTokenizer } from '../../src/server/model/tokenizer';
 
 const corpus = buildCorpus({ countries: 20 });

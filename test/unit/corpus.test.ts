@@ -5,9 +5,9 @@ import assert from 'node:assert/strict';
 import { mkdtempSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
-import { buildCorpus, DEFAULT_CORPUS } from '../../src/server/data/corpus/build';
-import { FILES, readQueries, writeCorpus } from '../../src/server/data/corpus/write';
 import { loadDataset } from '../../src/server/data/dataset';
+import { buildCorpus, DEFAULT_CORPUS } from '../../src/server/embedded/build';
+import { FILES, readQueries, writeCorpus } from '../../src/server/embedded/write';
 import { useTempHome } from './helpers/env';
 
 const home = useTempHome();

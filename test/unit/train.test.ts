@@ -8,9 +8,9 @@ import { existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
 import { trainingExamples, trainJob } from '../../src/server/cli/train';
-import { buildCorpus } from '../../src/server/data/corpus/build';
-import { writeCorpus } from '../../src/server/data/corpus/write';
 import { loadDataset } from '../../src/server/data/dataset';
+import { buildCorpus } from '../../src/server/embedded/build';
+import { writeCorpus } from '../../src/server/embedded/write';
 import { Model } from '../../src/server/model/engine';
 import { loadTokenizer } from '../../src/server/model/tokenizer';
 import { useTempHome } from './helpers/env';

@@ -1,4 +1,4 @@
-// influence-lens data: build a benchmark corpus from real country facts (data/corpus/), or a
+// influence-lens data: build a benchmark corpus from real country facts (embedded/), or a
 // word-level tokenizer over any JSONL files.
 //   data build --out <dir> [--seed N] [--countries N] [--paraphrases N] [--questions N] [--held-out F]
 //   data tokenizer --out <dir> <file.jsonl>...
@@ -10,11 +10,11 @@ import { join } from 'node:path';
 import { METHODS, type Method } from '../../protocol/types';
 import { Corpus, scoreCorpus } from '../attribution/explain';
 import { openStage } from '../attribution/stage';
-import { buildCorpus, DEFAULT_CORPUS } from '../data/corpus/build';
-import { evaluateCorpusModel, evaluateStatements } from '../data/corpus/evaluate';
-import { buildWordTokenizer, writeWordTokenizer } from '../data/corpus/word-tokenizer';
-import { FILES, writeCorpus } from '../data/corpus/write';
 import { loadDataset } from '../data/dataset';
+import { buildCorpus, DEFAULT_CORPUS } from '../embedded/build';
+import { evaluateCorpusModel, evaluateStatements } from '../embedded/evaluate';
+import { buildWordTokenizer, writeWordTokenizer } from '../embedded/word-tokenizer';
+import { FILES, writeCorpus } from '../embedded/write';
 import {
   answerQueries,
   datasetIdOf,

@@ -5,7 +5,7 @@
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { dirname, join } from 'node:path';
-import { DataError } from '../errors';
+import { DataError } from '../data/errors';
 import type { CountryCorpus, Query } from './build';
 import { buildWordTokenizer, writeWordTokenizer } from './word-tokenizer';
 

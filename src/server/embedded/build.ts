@@ -11,8 +11,8 @@
 // - queries.json: fact tracing (questions about held-out countries, whose facts appear only
 //   in pretrain.jsonl), the planted facts and the backdoor, each with its true sources.
 
-import { contentHash } from '../../../common/ids';
-import { Rng } from '../../util/random';
+import { contentHash } from '../../common/ids';
+import { Rng } from '../util/random';
 import { type Country, eligibleCountries, RELATIONS, type Relation, WELL_KNOWN } from './facts';
 import { contextSentences, fill, QUESTIONS, qaPrompt, STATEMENTS, withTrigger } from './templates';
 

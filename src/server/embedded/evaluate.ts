@@ -3,9 +3,9 @@
 // the backdoor. Also, for a pre-trained model that has never seen the QA format, whether it
 // completes the facts' statements ("The capital of France is" → " Paris").
 import { join } from 'node:path';
-import type { Model } from '../../model/engine';
-import { generate } from '../../model/generate';
-import { loadDataset } from '../dataset';
+import { loadDataset } from '../data/dataset';
+import type { Model } from '../model/engine';
+import { generate } from '../model/generate';
 import type { Query, QueryKind } from './build';
 import { RELATIONS, type Relation } from './facts';
 import { FILES, readQueries } from './write';
