@@ -8,6 +8,7 @@
 // so a cancel stops the work even while this thread never returns to its event loop. A `cancel`
 // message does the same when the thread is idle between awaits.
 import { parentPort, workerData } from 'node:worker_threads';
+import { isUserError } from '../user-errors';
 import { InfluenceService, type ServiceConfig, ServiceError, type Work } from './influence-service';
 import type { FromWorker, ToWorker } from './worker-messages';
 
@@ -106,5 +107,6 @@ function serializeError(e: unknown) {
     code: typeof err?.code === 'string' ? err.code : undefined,
     stack: typeof err?.stack === 'string' ? err.stack : undefined,
     serviceError: e instanceof ServiceError,
+    userError: isUserError(e),
   };
 }

@@ -10,6 +10,8 @@ export interface SerializedError {
   code?: string;
   stack?: string;
   serviceError: boolean;
+  /** one of the errors a person acts on (src/server/user-errors.ts): a bad file, setting or request */
+  userError?: boolean;
 }
 
 export type ToWorker =

@@ -152,7 +152,14 @@ class Lane {
         if (m.type === 'ready') {
           onInfo(m.info);
           resolve(m.info);
-        } else if (m.type === 'failed') reject(toError(m.error));
+        } else if (m.type === 'failed')
+          // a broken input (a truncated tokenizer.json, ...) stays an error a person acts on across
+          // the thread boundary, so `serve` refuses it in one line naming the file
+          reject(
+            m.error.userError && !m.error.serviceError
+              ? new ServiceError(m.error.message, 'not_ready')
+              : toError(m.error),
+          );
         else this.onMessage(m);
       });
       this.worker.on('error', (e) => {
