@@ -30,7 +30,7 @@ const COMMANDS: Record<string, { run: (argv: string[]) => Promise<void>; help: s
   },
   tokenize: {
     run: runTokenize,
-    help: 'tokenize --model <dir> --data <file.jsonl> [--out <file.jsonl>]   per record: rendered text, ids, loss weights, offsets',
+    help: 'tokenize --model <dir> [--base <dir>] --data <file.jsonl> [--out <file.jsonl>]   per record: rendered text, ids, loss weights, offsets',
   },
   fit: {
     run: runFit,

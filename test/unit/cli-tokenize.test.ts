@@ -76,3 +76,19 @@ test('tokenize: a chat model renders messages with its template; --out writes JS
   assert.deepEqual(l.target_weights, chat.weights);
   await assert.rejects(runTokenize(['--model', dir, '--data', data, '--out', data]), CliError);
 });
+
+test('tokenize --model <LoRA adapter>: the base comes from base_model_name_or_path or --base, ids as the base model', () => {
+  const data = jsonl([{ prompt: 'The capital of', completion: ' France' }]);
+  const viaBase = tokenizeFile('test/fixtures/models/llama_lora', data);
+  assert.deepEqual(viaBase.lines, tokenizeFile(MODEL, data).lines);
+  // an adapter whose base is a hub id: refused in one line naming the fix, then --base stands in
+  const dir = mkdtempSync(join(tmpdir(), 'tok-lora-'));
+  cpSync('test/fixtures/models/llama_lora', dir, { recursive: true });
+  const cfgPath = join(dir, 'adapter_config.json');
+  const cfg = JSON.parse(readFileSync(cfgPath, 'utf8'));
+  writeFileSync(cfgPath, JSON.stringify({ ...cfg, base_model_name_or_path: 'meta-llama/Llama-3.2-1B' }));
+  assert.throws(() => tokenizeFile(dir, data), /not a local folder; pass the base model folder with --base/);
+  assert.deepEqual(tokenizeFile(dir, data, MODEL).lines, viaBase.lines);
+  // --base on a full checkpoint is a mistake, not silently ignored
+  assert.throws(() => tokenizeFile(MODEL, data, MODEL), /a base is only for LoRA adapters/);
+});

@@ -1,4 +1,4 @@
-// influence-lens tokenize --model <dir> --data <file.jsonl> [--out <file.jsonl>]: exactly which
+// influence-lens tokenize --model <dir> [--base <dir>] --data <file.jsonl> [--out <file.jsonl>]: exactly which
 // tokens of each record the loss scores. One JSON object per record:
 //   {"line", "text", "rendering", "input_ids", "target_weights", "offsets"[, "truncated"]}
 // `text` is the rendered record (chat template applied), `offsets` are UTF-16 [start, end) per
@@ -8,6 +8,8 @@ import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { loadDataset } from '../data/dataset';
 import { contextLength, type TokenizedText, tokenizeExamples } from '../data/tokenize';
+import { isAdapterDir } from '../model/adapter';
+import { openCheckpoint } from '../model/checkpoint';
 import { loadTokenizer } from '../model/tokenizer';
 import { CliError, parse } from './util';
 
@@ -22,11 +24,18 @@ export interface TokenizedLine {
 }
 
 /** The records of `data` as the model at `modelDir` is trained and scored on them. */
-export function tokenizeFile(modelDir: string, data: string): { lines: TokenizedLine[]; warnings: string[] } {
-  const tok = loadTokenizer(modelDir);
+export function tokenizeFile(
+  modelDir: string,
+  data: string,
+  base?: string,
+): { lines: TokenizedLine[]; warnings: string[] } {
+  // A LoRA adapter folder (or an explicit base) resolves like fit/explain do: config.json from
+  // the base model, tokenizer.json from the adapter folder when it has one, else from the base.
+  const ck = base || isAdapterDir(modelDir) ? openCheckpoint(modelDir, { base }) : null;
+  const tok = loadTokenizer(ck ? ck.tokenizerDir : modelDir);
   const cfgPath = join(modelDir, 'config.json');
-  let config: Record<string, unknown> = {};
-  if (existsSync(cfgPath)) {
+  let config: Record<string, unknown> = ck ? ck.config : {};
+  if (!ck && existsSync(cfgPath)) {
     try {
       config = JSON.parse(readFileSync(cfgPath, 'utf8'));
     } catch (e) {
@@ -60,11 +69,16 @@ export function tokenizeFile(modelDir: string, data: string): { lines: Tokenized
 }
 
 export async function runTokenize(argv: string[]): Promise<void> {
-  const { values: v } = parse(argv, { model: { type: 'string' }, data: { type: 'string' }, out: { type: 'string' } });
+  const { values: v } = parse(argv, {
+    model: { type: 'string' },
+    base: { type: 'string' },
+    data: { type: 'string' },
+    out: { type: 'string' },
+  });
   if (!v.model) throw new CliError('--model <dir> is required (a directory with tokenizer.json)');
   if (!v.data) throw new CliError('--data <file.jsonl> is required');
   if (v.out && resolve(v.out) === resolve(v.data)) throw new CliError('--out must not be the --data file');
-  const { lines, warnings } = tokenizeFile(v.model, v.data);
+  const { lines, warnings } = tokenizeFile(v.model, v.data, v.base);
   for (const w of warnings) process.stderr.write(`warning: ${w}\n`);
   const body = lines.map((l) => JSON.stringify(l)).join('\n') + (lines.length ? '\n' : '');
   if (v.out) {
