@@ -7,7 +7,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, describe, test } from 'node:test';
 import { assertSupportedSchema, formatPath, type JsonSchema, validateSchema } from '../../src/common/json-schema';
-import { DEVICES, ort } from '../../src/server/model/onnx/session';
+import { DEVICES, ort, ortArenaEnabled } from '../../src/server/model/onnx/session';
 import {
   CONFIG_SCHEMA,
   ConfigFileError,
@@ -287,4 +287,21 @@ describe('schema validator', () => {
     assert.throws(() => assertSupportedSchema({ $ref: 'http://x/y' }), /can't resolve reference/);
     assert.throws(() => assertSupportedSchema({ properties: { a: { minimun: 1 } } }), /unknown keyword: "minimun"/);
   });
+});
+
+test('ONNX Runtime CPU arena: off unless INFLUENCE_LENS_ORT_ARENA turns it on', () => {
+  const saved = process.env.INFLUENCE_LENS_ORT_ARENA;
+  try {
+    delete process.env.INFLUENCE_LENS_ORT_ARENA;
+    assert.equal(ortArenaEnabled(), false);
+    for (const on of ['on', '1', 'TRUE', ' yes ']) {
+      process.env.INFLUENCE_LENS_ORT_ARENA = on;
+      assert.equal(ortArenaEnabled(), true, on);
+    }
+    process.env.INFLUENCE_LENS_ORT_ARENA = 'off';
+    assert.equal(ortArenaEnabled(), false);
+  } finally {
+    if (saved === undefined) delete process.env.INFLUENCE_LENS_ORT_ARENA;
+    else process.env.INFLUENCE_LENS_ORT_ARENA = saved;
+  }
 });
