@@ -26,4 +26,12 @@ export const DEFAULTS = {
     /** the store's top and bottom candidates re-scored exactly */
     rerank: 50,
   },
+  /** Multi-stage influence (attribution/multistage-regime.ts). */
+  multiStage: {
+    /**
+     * The largest relative distance ‖W_ft − W_pt‖_F / ‖W_pt‖_F of any tracked linear module for
+     * which a multistage result is reported as in its regime (see the measurement there).
+     */
+    maxRelativeDistance: 0.05,
+  },
 } as const;
