@@ -315,7 +315,8 @@ function regimeNote(m: MultiStageRegime): HTMLElement {
       'div',
       {},
       `Fine-tuned vs pre-trained weights: the linear layers moved by ${pct(m.distance.median)} (median), ` +
-        `${pct(m.distance.max)} at most (‖W_ft − W_pt‖ / ‖W_pt‖). Multi-stage influence assumes they stay close (≤ ${pct(m.threshold)}).`,
+        `${pct(m.distance.max)} at most (‖W_ft − W_pt‖ / ‖W_pt‖). Multi-stage influence assumes they stay close; it was ` +
+        `measured to work up to ${pct(m.threshold)}, and only from a pre-trained model that had not memorized the data traced.`,
     ),
   );
   if (m.warning) el.append(h('div', { role: 'alert' }, icon('warning'), ` ${m.warning}`));

@@ -97,8 +97,8 @@ export function multiStageRegime(
     const far = [...distances].sort((a, b) => b[1] - a[1])[0][0];
     r.warning =
       `the fine-tuned weights moved up to ${pct(max)} from the pre-trained ones (${far}; median ${pct(median)}), ` +
-      `more than the ${pct(threshold)} multi-stage influence assumes; fine-tunes this far from their ` +
-      'pre-trained model ranked the true pre-training sources near chance with it: compare with single-stage EK-FAC';
+      `beyond the ${pct(threshold)} up to which multi-stage influence was measured to trace pre-training ` +
+      'sources well (it assumes a fine-tune near its pre-trained weights): compare with single-stage EK-FAC';
   }
   return r;
 }

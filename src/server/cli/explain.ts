@@ -127,7 +127,7 @@ export function formatResult(r: ExplainResult, color: boolean, marks?: (e: Expla
   if (r.multiStage) {
     const { distance: dist, threshold } = r.multiStage;
     p(
-      `fine-tune vs pre-trained weights, ‖W_ft − W_pt‖/‖W_pt‖ per linear module: median ${dist.median.toFixed(3)}, max ${dist.max.toFixed(3)} (multistage trusted up to ${threshold})`,
+      `fine-tune vs pre-trained weights, ‖W_ft − W_pt‖/‖W_pt‖ per linear module: median ${dist.median.toFixed(3)}, max ${dist.max.toFixed(3)} (measured to work up to ${threshold})`,
     );
     if (r.multiStage.warning) p(`warning: ${r.multiStage.warning}`);
   }
