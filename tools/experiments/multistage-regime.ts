@@ -110,18 +110,20 @@ const metrics = (scores: ArrayLike<number>[]) => {
   };
 };
 
-/** Mean summed completion loss (−log p of the scored tokens) of pre-training lines under `model`. */
-async function meanLoss(model: Model, lines: number[]): Promise<number> {
+/** Mean summed −log p per line, and per scored token, of pre-training lines under `model`. */
+async function meanLoss(model: Model, lines: number[]): Promise<string> {
   const graph = await model.compile({ tokenLoss: true });
   let sum = 0;
+  let tokens = 0;
   for (let i = 0; i < lines.length; i += 32) {
     const seqs = lines
       .slice(i, i + 32)
       .map((k) => ({ ids: pretrain.tokens[k].ids, weights: pretrain.tokens[k].weights }));
     const r = await graph.run(makeBatch(seqs, model.tokenizer.padTokenId ?? 0));
     for (const x of r.loss.data as Float32Array) sum += x;
+    for (const q of seqs) for (const w of q.weights) tokens += w;
   }
-  return sum / lines.length;
+  return `${(sum / lines.length).toFixed(3)} (${(sum / tokens).toFixed(3)} per token)`;
 }
 const sourceLines = [...new Set(relevant.flatMap((r) => [...r]))];
 const allLines = pretrain.tokens.map((_, i) => i);
@@ -138,9 +140,7 @@ const chance = relevant.map((rel) => {
   }
   return { rr, recall: Math.min(10, N) / N };
 });
-losses.push(
-  `| pre-trained | ${(await meanLoss(pt, sourceLines)).toFixed(3)} | ${(await meanLoss(pt, allLines)).toFixed(3)} |`,
-);
+losses.push(`| pre-trained | ${await meanLoss(pt, sourceLines)} | ${await meanLoss(pt, allLines)} |`);
 
 for (const name of names) {
   const spec = FINE_TUNES[name];
@@ -184,9 +184,7 @@ for (const name of names) {
 
   // how well each model fits the pre-training lines: a candidate's gradient carries the fact only
   // while the model still has loss to lose on it
-  losses.push(
-    `| ${name} | ${(await meanLoss(ft, sourceLines)).toFixed(3)} | ${(await meanLoss(ft, allLines)).toFixed(3)} |`,
-  );
+  losses.push(`| ${name} | ${await meanLoss(ft, sourceLines)} | ${await meanLoss(ft, allLines)} |`);
   if (v['skip-tracing']) continue;
   // all queries' gradients on the fine-tuned model, one row each
   const toks = queries.map((q) => tokenizeQuery(ft.tokenizer, q.prompt, q.completion, contextLength(ft.config)));
@@ -247,7 +245,7 @@ say('| fine-tune | median | max | per module |');
 say('|---|---|---|---|');
 for (const r of regimes) say(r);
 say();
-say('## Loss on the pre-training lines (mean summed −log p per line)');
+say('## Loss on the pre-training lines (mean summed −log p per line, and per scored token)');
 say();
 say(`| model | the ${sourceLines.length} source lines of the queries | all ${pretrain.size} lines |`);
 say('|---|---|---|');
