@@ -5,10 +5,12 @@ import assert from 'node:assert/strict';
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { before, describe, test } from 'node:test';
+import type { ExplainResult } from '../../src/protocol/types';
 import { Corpus, explain } from '../../src/server/attribution/explain';
 import { runFitJob } from '../../src/server/attribution/fit-job';
 import { multiStageRegime, relativeWeightDistance } from '../../src/server/attribution/multistage-regime';
 import { type OpenedStage, openStage } from '../../src/server/attribution/stage';
+import { formatResult } from '../../src/server/cli/explain';
 import { loadDataset } from '../../src/server/data/dataset';
 import { Model } from '../../src/server/model/engine';
 import { DEFAULTS } from '../../src/server/settings';
@@ -194,4 +196,28 @@ describe('explain: multistage results carry the regime, others do not', () => {
       });
       assert.equal('multiStage' in r, false);
     });
+});
+
+describe('CLI explain output', () => {
+  const base = {
+    query: { prompt: 'p', completion: ' c', loss: 1, completionTokens: { offsets: [], values: [] } },
+    model: 'm',
+    scored: 0,
+    supporting: [],
+    opposing: [],
+    histogram: { edges: [], counts: [] },
+    modules: [],
+    timings: { total_ms: 1 },
+  } satisfies Omit<ExplainResult, 'method'>;
+  test('prints the distance with a multistage result, and its warning outside the regime', () => {
+    const far = multiStageRegime(new Map([['model.layers.0.mlp.up_proj', 0.45]]));
+    const text = formatResult({ ...base, method: 'multistage', multiStage: far }, false);
+    assert.match(text, /median 0\.450, max 0\.450/);
+    assert.match(text, /^warning: .*model\.layers\.0\.mlp\.up_proj/m);
+    const near = multiStageRegime(new Map([['model.layers.0.mlp.up_proj', 0.01]]));
+    const ok = formatResult({ ...base, method: 'multistage', multiStage: near }, false);
+    assert.match(ok, /max 0\.010/);
+    assert.doesNotMatch(ok, /warning/);
+    assert.doesNotMatch(formatResult({ ...base, method: 'ekfac' }, false), /W_ft/);
+  });
 });
