@@ -108,7 +108,22 @@ export interface ExplainResult {
   modules: string[];
   /** per module, the sum of the returned supporting examples' per-module scores (per-layer chart) */
   moduleTotals?: Record<string, number>;
+  /** multistage only: whether the fine-tune is close enough to the pre-trained model for it */
+  multiStage?: MultiStageRegime;
   timings: Record<string, number>;
+}
+
+/**
+ * Multi-stage influence assumes the fine-tuned weights stay close to the pre-trained ones. Each
+ * tracked linear module's relative distance ‖W_ft − W_pt‖_F / ‖W_pt‖_F says how far they moved.
+ */
+export interface MultiStageRegime {
+  distance: { median: number; max: number; perModule: Record<string, number> };
+  /** the largest distance (max over modules) for which multistage is trusted */
+  threshold: number;
+  inRegime: boolean;
+  /** when not in the regime: what that means, in one sentence */
+  warning?: string;
 }
 
 /** Streamed while `explain` runs: the best examples among those scored so far (no heatmaps yet). */

@@ -26,4 +26,17 @@ export const DEFAULTS = {
     /** the store's top and bottom candidates re-scored exactly */
     rerank: 50,
   },
+  /** Multi-stage influence (attribution/multistage-regime.ts). */
+  multiStage: {
+    /**
+     * The largest relative distance ‖W_ft − W_pt‖_F / ‖W_pt‖_F of any tracked linear module for
+     * which a multistage result is reported as in its regime. Measured on the embedded corpus
+     * (bench/results/2026-12-02-vm-multistage.md): from a pre-trained model that had not
+     * memorized its lines, multi-stage EK-FAC traced the held-out facts better than single-stage
+     * for fine-tunes up to 33.5% (max; median 20%), so 30% is kept below what was measured to
+     * work; further out is untested. Closeness is not enough: from the shipped pre-trained model,
+     * which has memorized its lines, multi-stage was near chance at every distance (5–18%).
+     */
+    maxRelativeDistance: 0.3,
+  },
 } as const;

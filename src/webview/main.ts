@@ -18,7 +18,14 @@ import {
 } from '../common/display';
 import { axisPosition, histogramBins, layerBars, type Segment, segments, sumPerToken } from '../common/heatmap';
 import { METHOD_LABELS, METHODS, SIGNED_METHODS } from '../protocol/methods';
-import type { ExampleId, ExplainedExample, ExplainPartial, ExplainResult, Method } from '../protocol/types';
+import type {
+  ExampleId,
+  ExplainedExample,
+  ExplainPartial,
+  ExplainResult,
+  Method,
+  MultiStageRegime,
+} from '../protocol/types';
 import type { FromWebview, PanelState, ToWebview } from './messages';
 
 interface VsCodeApi {
@@ -143,6 +150,7 @@ function render() {
   if (result) app.append(queryHeader(result));
   app.append(methodSwitcher());
   app.append(legend(result));
+  if (result?.multiStage) app.append(regimeNote(result.multiStage));
   app.append(statusLine());
   if (result) {
     const signed = SIGNED_METHODS.includes(result.method);
@@ -294,6 +302,24 @@ function legend(r: ExplainResult | undefined): HTMLElement {
   el.querySelectorAll<HTMLElement>('.swatch').forEach((s) => {
     s.style.backgroundColor = bucketBackground(s.classList.contains('il-p5') ? 5 : -5);
   });
+  return el;
+}
+
+/** Multi-stage only: how far the fine-tune moved from the pre-trained weights, and a warning beyond the regime. */
+function regimeNote(m: MultiStageRegime): HTMLElement {
+  const pct = (x: number) => `${(100 * x).toPrecision(2)}%`;
+  const el = h(
+    'div',
+    { class: `regime${m.inRegime ? '' : ' warn'}` },
+    h(
+      'div',
+      {},
+      `Fine-tuned vs pre-trained weights: the linear layers moved by ${pct(m.distance.median)} (median), ` +
+        `${pct(m.distance.max)} at most (‖W_ft − W_pt‖ / ‖W_pt‖). Multi-stage influence assumes they stay close; it was ` +
+        `measured to work up to ${pct(m.threshold)}, and only from a pre-trained model that had not memorized the data traced.`,
+    ),
+  );
+  if (m.warning) el.append(h('div', { role: 'alert' }, icon('warning'), ` ${m.warning}`));
   return el;
 }
 

@@ -3,7 +3,7 @@ import { describe, test } from 'node:test';
 import { bytesPerSequence, memoryBoundedBatches, type RunShape } from '../../src/server/attribution/chunking';
 
 const shape: RunShape = {
-  modules: [{ name: 'mlp', kind: 'mlp', dIn: 4, dOut: 3, hasBias: true }],
+  modules: [{ name: 'mlp', kind: 'mlp', dIn: 4, dOut: 3, hasBias: true, weightName: 'mlp.weight' }],
   vocab: 10,
   perExampleMatrices: true,
   bytesPerFloat: 4,

@@ -28,6 +28,7 @@ import {
 } from './influence';
 import { type GradientScorer, SCORERS } from './methods';
 import { repsimScores } from './methods/repsim';
+import { multiStageRegime, relativeWeightDistance } from './multistage-regime';
 import { ExplainError, type ExplainSetup } from './setup';
 
 export { ExplainError, type ExplainSetup, type Stage } from './setup';
@@ -165,6 +166,11 @@ export async function explainMany(
   const mains = batched ? await scorePoolBatched(method, setup, corpus, prepared) : undefined;
   const out: ExplainResult[] = [];
   for (const [i, p] of prepared.entries()) out.push(await finish(setup, corpus, p, mains?.[i]));
+  // every multistage result says whether the pair is in the regime the method assumes
+  if (setup.pretrained && out.some((r) => r.method === 'multistage')) {
+    const regime = multiStageRegime(relativeWeightDistance(setup.model.model, setup.pretrained.model, setup.modules));
+    for (const r of out) if (r.method === 'multistage') r.multiStage = regime;
+  }
   return out;
 }
 

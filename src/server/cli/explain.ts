@@ -124,6 +124,13 @@ export function formatResult(r: ExplainResult, color: boolean, marks?: (e: Expla
   p(`prompt:     ${oneLine(r.query.prompt, 100)}`);
   p(`completion: ${oneLine(r.query.completion, 100)}   (−log p = ${r.query.loss.toFixed(3)})`);
   p(`method: ${r.method}; ${r.scored} training examples scored in ${(r.timings.total_ms / 1000).toFixed(2)} s`);
+  if (r.multiStage) {
+    const { distance: dist, threshold } = r.multiStage;
+    p(
+      `fine-tune vs pre-trained weights, ‖W_ft − W_pt‖/‖W_pt‖ per linear module: median ${dist.median.toFixed(3)}, max ${dist.max.toFixed(3)} (measured to work up to ${threshold})`,
+    );
+    if (r.multiStage.warning) p(`warning: ${r.multiStage.warning}`);
+  }
   const signed = r.supporting.some((e) => e.sign !== 'neutral') || r.opposing.length > 0;
   const block = (title: string, list: ExplainedExample[]) => {
     p();

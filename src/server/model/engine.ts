@@ -75,6 +75,8 @@ export interface ModuleInfo {
   dIn: number;
   dOut: number;
   hasBias: boolean;
+  /** the checkpoint tensor holding the module's weight */
+  weightName: string;
 }
 
 export interface EngineOptions {
@@ -186,7 +188,14 @@ export class Model {
   /** Tracked linear modules (built from a throwaway graph, so always in sync with the builders). */
   modules(selection: ModuleSelection = 'all'): ModuleInfo[] {
     const { modules } = this.buildForward(new Graph(), 'inputs');
-    return select(modules, selection).map(({ name, kind, dIn, dOut, hasBias }) => ({ name, kind, dIn, dOut, hasBias }));
+    return select(modules, selection).map(({ name, kind, dIn, dOut, hasBias, weightName }) => ({
+      name,
+      kind,
+      dIn,
+      dOut,
+      hasBias,
+      weightName,
+    }));
   }
 
   private buildForward(g: Graph, mode: 'mapped' | 'inputs') {
@@ -651,7 +660,14 @@ export class CompiledGraph {
   ) {}
 
   get moduleInfo(): ModuleInfo[] {
-    return this.modules.map(({ name, kind, dIn, dOut, hasBias }) => ({ name, kind, dIn, dOut, hasBias }));
+    return this.modules.map(({ name, kind, dIn, dOut, hasBias, weightName }) => ({
+      name,
+      kind,
+      dIn,
+      dOut,
+      hasBias,
+      weightName,
+    }));
   }
 
   /** A float tensor in this graph's precision (converting only when the array's type differs). */
