@@ -11,8 +11,10 @@ import { type EngineOptions, Model, type ModuleSelection } from '../model/engine
 import { OUR_ARGUMENTS_FILE } from './ekfac/factors-io';
 import type { Damping } from './ekfac/precondition';
 import { modelFingerprint } from './fingerprint';
+import type { TokenizedExample } from './fit';
 import { type FitJobOptions, type FitJobResult, runFitJob } from './fit-job';
-import type { CheckpointStages } from './setup';
+import { selfInfluenceScores } from './influence';
+import { type CheckpointStages, ExplainError, type Stage } from './setup';
 import { openStage } from './stage';
 
 /** Where checkpoint `ck`'s factors are (or will be) for the final model's factors folder `factorsDir`. */
@@ -51,9 +53,11 @@ export function openCheckpointStages(
  */
 export async function fitCheckpoints(
   plan: CheckpointPlan,
-  o: Omit<FitJobOptions, 'modelDir' | 'model' | 'base' | 'out' | 'partition'> & {
+  o: Omit<FitJobOptions, 'modelDir' | 'model' | 'base' | 'out' | 'partition' | 'onProgress'> & {
     factorsDir: string;
     engine?: EngineOptions;
+    /** the fit's stage, with the checkpoint it is at */
+    onProgress?: (stage: string, done: number, total: number) => void;
   },
 ): Promise<Array<{ name: string; result: FitJobResult }>> {
   const out: Array<{ name: string; result: FitJobResult }> = [];
@@ -70,4 +74,35 @@ export async function fitCheckpoints(
     out.push({ name: ck.name, result });
   }
   return out;
+}
+
+/**
+ * Self-influence ⟨P(G_z), G_z⟩ summed over the checkpoints with their weights (TracInCP's
+ * self-influence, Pruthi et al. 2020 §4), or the final model's alone without checkpoints.
+ */
+export async function selfInfluence(
+  final: Stage,
+  checkpoints: CheckpointStages | undefined,
+  candidates: TokenizedExample[],
+  opts: {
+    modules: ModuleSelection;
+    batchSize?: number;
+    onProgress?: (stage: string, done: number, total: number) => void;
+    signal?: AbortSignal;
+  },
+): Promise<Float64Array> {
+  const run = (st: Stage, label: string) => {
+    if (!st.preconditioners) throw new ExplainError(`self-influence needs EK-FAC factors for ${label}`, 'factors');
+    return selfInfluenceScores(st.model, st.preconditioners, candidates, {
+      ...opts,
+      onProgress: (d, t) => opts.onProgress?.(`self-influence${label === 'the model' ? '' : ` @ ${label}`}`, d, t),
+    });
+  };
+  if (!checkpoints?.stages.length) return run(final, 'the model');
+  const sum = new Float64Array(candidates.length);
+  for (const c of checkpoints.stages) {
+    const s = await run(c.stage, c.name);
+    for (let i = 0; i < sum.length; i++) sum[i] += c.weight * s[i];
+  }
+  return sum;
 }

@@ -414,7 +414,10 @@ async function scoreOverCheckpoints(
   const terms: PoolScores[] = [];
   for (const [i, c] of over.stages.entries()) {
     if (methodInfo(method)?.needsFactors && !c.stage.preconditioners)
-      throw new ExplainError(`${method} over checkpoints needs EK-FAC factors for ${c.name} (step ${c.step})`, 'factors');
+      throw new ExplainError(
+        `${method} over checkpoints needs EK-FAC factors for ${c.name} (step ${c.step})`,
+        'factors',
+      );
     const at = `@ ${c.name} (${i + 1}/${n})`;
     req.onProgress?.(`query gradients ${at}`, 0, 1);
     const qgc = await queryGradients(c.stage.model, query, { modules: setup.modules, perCompletionToken: rows > 1 });
