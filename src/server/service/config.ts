@@ -108,11 +108,16 @@ export function parseConfig(value: unknown, opts: { baseDir: string; source?: st
       ...(s.base !== undefined ? { base: path(s.base) } : {}),
       ...(s.factors !== undefined ? { factors: path(s.factors) } : {}),
       ...(s.fitDataset !== undefined ? { fitDataset: s.fitDataset } : {}),
-      checkpoints: parseCheckpointsSetting(s.checkpoints ?? DEFAULTS.checkpoints, opts.baseDir),
+      ...(s.checkpoints !== undefined ? { checkpoints: parseCheckpointsSetting(s.checkpoints, opts.baseDir) } : {}),
     };
   };
   const finetuned = stage(pair ? pair.finetuned : single!, pair ? 'models.finetuned' : 'models');
   const pretrained = pair?.pretrained ? stage(pair.pretrained, 'models.pretrained') : undefined;
+  // influence is summed over the checkpoints of the model whose completions are explained only
+  if (pair?.pretrained?.checkpoints !== undefined)
+    problems.push(
+      "models.pretrained.checkpoints: only the fine-tuned model's training checkpoints are used; move it to models.finetuned",
+    );
   for (const [id, which] of Object.entries(raw.datasetStage ?? {})) {
     if (!ids.includes(id))
       problems.push(`datasetStage.${id}: "${id}" is not a dataset id in "datasets" (${ids.join(', ')})`);
