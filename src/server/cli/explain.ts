@@ -1,14 +1,9 @@
 // influence-lens explain: which training examples made this completion likely? Prints the
 // ranked supporting and opposing examples (or the documented ExplainResult JSON with --json).
 import { relative } from 'node:path';
+import { describeAttribution } from '../../common/display';
 import { methodInfo } from '../../protocol/methods';
-import {
-  type Attribution,
-  type ExplainedExample,
-  type ExplainResult,
-  METHODS,
-  type Method,
-} from '../../protocol/types';
+import { type ExplainedExample, type ExplainResult, METHODS, type Method } from '../../protocol/types';
 import { Corpus, type ExplainSetup, explain, explainMany } from '../attribution/explain';
 import { SCORERS } from '../attribution/methods';
 import { checkSameTokenizer, openStage, parseDamping } from '../attribution/stage';
@@ -181,15 +176,6 @@ export function formatResult(r: ExplainResult, color: boolean, marks?: (e: Expla
   }
   p();
   return `${lines.join('\n')}\n`;
-}
-
-/** One line: which computation and checkpoints produced the scores (the webview shows the same). */
-export function describeAttribution(a: Attribution): string {
-  const base =
-    a.over === 'checkpoints'
-      ? `Σ over ${a.checkpoints!.length} training checkpoint(s) (${a.checkpoints!.map((c) => `${c.name} ×${c.weight.toFixed(3)}`).join(', ')}; ${a.weighting === 'learning-rate' ? 'learning-rate weights' : 'equal weights'})`
-      : 'final model';
-  return a.note ? `${base}; ${a.note}` : base;
 }
 
 function sumsOverCheckpoints(m: Method): boolean {
