@@ -129,7 +129,7 @@ export function readTrainingCheckpoint(dirIn: string, final: Checkpoint): Traini
   if (!hasWeights)
     throw new CheckpointsError(
       `checkpoint ${dir} holds no weights (no model.safetensors, model.safetensors.index.json or ${ADAPTER_WEIGHTS}); ` +
-        'save checkpoints with safetensors (Trainer: save_safetensors=True), or turn checkpoints off',
+        'save checkpoints as safetensors (the Trainer does by default since transformers 4.35), or turn checkpoints off',
     );
   const state = readJson(join(dir, 'trainer_state.json'));
   const ours = readJson(join(dir, 'training_args.json'));
