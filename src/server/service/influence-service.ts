@@ -26,7 +26,7 @@ import {
 } from '../attribution/checkpoints';
 import { OUR_ARGUMENTS_FILE } from '../attribution/ekfac/factors-io';
 import type { Damping } from '../attribution/ekfac/precondition';
-import { Corpus, ExplainError, explain, explainMany } from '../attribution/explain';
+import { attributionOf, Corpus, ExplainError, explain, explainMany } from '../attribution/explain';
 import { dataFingerprint, modelFingerprint } from '../attribution/fingerprint';
 import { FitJobError, runFitJob } from '../attribution/fit-job';
 import { checkSameTokenizer, type OpenedStage, openStage } from '../attribution/stage';
@@ -392,6 +392,8 @@ export class InfluenceService implements ServiceApi {
     const cfg = this.config.store;
     if (!cfg || p.candidates === 'retrieved' || d.corpus.size < cfg.minExamples) return undefined;
     if (!methodInfo(p.method)?.usesGradientStore) return undefined;
+    // the store holds the final model's gradients; a sum over checkpoints scores each checkpoint exactly
+    if (attributionOf(p.method, this.setup()).over === 'checkpoints') return undefined;
     const model = this.modelFor(p.dataset);
     if (model !== this.stage('finetuned').model) return undefined;
     return { model, store: await this.index(p.dataset, work) };
