@@ -6,6 +6,11 @@
 //     entries carry the learning rate logged at each logging step;
 //   - our own `train --save-steps N`: <out>/checkpoint-<step>/ with training_args.json
 //     {global_step, learning_rate}.
+// The final model is not a term of the sum (TracIn sums over the checkpoints the trainer saved):
+// on the embedded default it is where memorised answers' own sources turn "opposing", and the
+// lr-weighted checkpoints alone put none of them in the bottom 10%
+// (bench/results/2026-12-02-vm-sources.md, 2026-12-02-vm-checkpoint-subsets.md). A Trainer
+// checkpoint saved at the last step is the final model and counts like any other.
 // Each checkpoint must be the same model as the final one (config, parameter names and shapes,
 // tokenizer, adapter or not): a sum over checkpoints of another model means nothing, so any
 // difference is refused in one line naming the folder and what differs.
