@@ -3,13 +3,15 @@
 // and checkpoint-6/ inside). "auto" (the default) sums over the checkpoints; "off" must really
 // score the final model alone, in the CLI and in the server.
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
-import { cpSync, existsSync, readdirSync } from 'node:fs';
+import { spawn, spawnSync } from 'node:child_process';
+import { cpSync, existsSync, readdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
+import { Explain } from '../../src/protocol/requests';
 import type { ExplainResult } from '../../src/protocol/types';
 import { ConfigFileError, parseConfig } from '../../src/server/service/config';
 import { InfluenceService } from '../../src/server/service/influence-service';
+import { RpcClient } from '../../src/transport/client';
 import { useTempHome } from './helpers/env';
 
 const home = useTempHome();
@@ -155,5 +157,60 @@ describe('influence-lens.json "checkpoints"', () => {
 
   test('a value that is neither auto, off nor a list is refused by the schema', () => {
     assert.throws(() => parseConfig(raw({ checkpoints: 'sometimes' }), { baseDir: '/' }), ConfigFileError);
+  });
+});
+
+describe('serve --checkpoints', () => {
+  const TOKEN = 'a-token-of-at-least-16-characters';
+  /** Starts `serve` on the Trainer run, asks one gdp explain over RPC, stops it; returns the result's attribution. */
+  async function served(...flags: string[]) {
+    const cfg = join(home, 'serve.json');
+    writeFileSync(
+      cfg,
+      JSON.stringify({ models: { model: join(process.cwd(), RUN) }, datasets: { train: join(process.cwd(), DATA) } }),
+    );
+    const serve = spawn(
+      process.execPath,
+      ['--import', 'tsx', 'src/server/cli.ts', 'serve', '--config', cfg, '--port', '0', '--no-discovery', ...flags],
+      { env: { ...process.env, HOME: home, INFLUENCE_LENS_TOKEN: TOKEN } },
+    );
+    let out = '';
+    let err = '';
+    serve.stdout.on('data', (d) => {
+      out += d;
+    });
+    serve.stderr.on('data', (d) => {
+      err += d;
+    });
+    const exited = new Promise<number | null>((res) => serve.on('exit', (code) => res(code)));
+    try {
+      for (let waited = 0; !/influence-lens server on (ws:\S+)/.test(out); waited += 100) {
+        const code = await Promise.race([exited, new Promise((r) => setTimeout(r, 100, 'waiting'))]);
+        assert.equal(code, 'waiting', `serve exited (${code}) before listening:\n${err}`);
+        assert.ok(waited < 120_000, `serve did not start in 120 s:\n${err}`);
+      }
+      const url = /influence-lens server on (ws:\S+)/.exec(out)![1];
+      const client = await RpcClient.connect({ url, token: TOKEN });
+      try {
+        const r = await client.request(Explain, {
+          dataset: 'train',
+          prompt: 'The capital of France is',
+          completion: ' Paris.',
+          method: 'gdp',
+          topK: 3,
+        });
+        return r.attribution;
+      } finally {
+        await client.close();
+      }
+    } finally {
+      serve.kill('SIGTERM');
+      await exited;
+    }
+  }
+
+  test('the default sums over the checkpoints; --checkpoints off overrides the config to the final model', async () => {
+    assert.equal((await served())?.over, 'checkpoints');
+    assert.deepEqual(await served('--checkpoints', 'off'), { method: 'gdp', over: 'final-model' });
   });
 });
