@@ -169,6 +169,14 @@ describe('explain summed over training checkpoints (tiny fp64 Llama)', () => {
     );
   });
 
+  test('a low-rank query over checkpoints shows only examples recomputed exactly in every term, with their exact sums', async () => {
+    const exact = await explain(setup, corpus, { ...QUERY, method: 'ekfac', topK: RECORDS.length });
+    const want = new Map(all(exact).map((e) => [e.id.line, e.score]));
+    const r = await explain(setup, corpus, { ...QUERY, method: 'ekfac', topK: 2, rank: 1 });
+    assert.ok(all(r).length > 0);
+    for (const e of all(r)) assert.ok(rel(e.score, want.get(e.id.line)!) < 1e-9, `line ${e.id.line}`);
+  });
+
   test('a method that does not sum over checkpoints says so', async () => {
     const r = await explain(setup, corpus, { ...QUERY, method: 'cosine', topK: 3 });
     assert.equal(r.attribution?.over, 'final-model');
