@@ -87,6 +87,10 @@ describe('influence-lens --checkpoints', () => {
     const scan = cli('scan', '--model', RUN, '--data', DATA, '--factors', factors, '--json');
     assert.equal(scan.code, 0, scan.err);
     assert.equal(JSON.parse(scan.out).attribution.over, 'checkpoints');
+    const scanText = cli('scan', '--model', RUN, '--data', DATA, '--factors', factors);
+    assert.match(scanText.out, /scores: Σ over 2 training checkpoint\(s\)/);
+    const scanOff = cli('scan', '--model', RUN, '--data', DATA, '--factors', factors, '--checkpoints', 'off');
+    assert.match(scanOff.out, /scores: final model/);
   });
 
   test('fit --checkpoints off fits the final model only; explain ekfac then refuses in one line until told off', () => {

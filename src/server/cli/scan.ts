@@ -1,6 +1,7 @@
 // influence-lens scan: training examples ranked by self-influence ⟨P(G_z), G_z⟩, the examples
 // the model finds most surprising or memorized — a review list for cleaning without a query.
 import { relative } from 'node:path';
+import { describeAttribution } from '../../common/display';
 import { selfInfluence } from '../attribution/checkpoints';
 import { attributionOf, Corpus } from '../attribution/explain';
 import { openStage, parseDamping } from '../attribution/stage';
@@ -63,8 +64,8 @@ export async function runScan(argv: string[]): Promise<void> {
     const e = dataset.examples[i];
     return { rank: r + 1, selfInfluence: scores[i], line: e.line, hash: e.hash, text: e.text };
   });
+  const attribution = attributionOf('ekfac', { model: stage, modules: stage.modules, checkpoints });
   if (v.json) {
-    const attribution = attributionOf('ekfac', { model: stage, modules: stage.modules, checkpoints });
     process.stdout.write(
       `${JSON.stringify({ dataset: v.data, scored: corpus.size, attribution, examples: top }, null, 2)}\n`,
     );
@@ -73,7 +74,8 @@ export async function runScan(argv: string[]): Promise<void> {
   const rel = relative(process.cwd(), v.data);
   const where = rel && !rel.startsWith('..') ? rel : v.data;
   process.stdout.write(
-    `highest self-influence of ${corpus.size} examples (unusual or memorized: review these first)\n`,
+    `highest self-influence of ${corpus.size} examples (unusual or memorized: review these first)\n` +
+      `scores: ${describeAttribution(attribution)}\n`,
   );
   for (const t of top)
     process.stdout.write(
