@@ -21,7 +21,12 @@ const THREADS = 2;
 const CORPUS = ['--seed', SEED, '--countries', 60];
 const MODEL = ['--d', 128, '--layers', 2, '--heads', 4, '--ffn', 512, '--context', 128];
 const PRETRAIN = ['--epochs', 60, '--lr', 2e-3, '--batch-size', 16, '--seed', SEED];
-const FINETUNE = ['--epochs', 12, '--lr', 5e-4, '--batch-size', 8, '--seed', SEED];
+const FINETUNE = ['--epochs', 12, '--lr', 5e-4, '--batch-size', 8, '--seed', SEED, '--save-steps', 80];
+// The fine-tune's checkpoints that ship: influence is summed over them by default (README
+// "Checkpoints"). bench/results/2026-12-02-vm-checkpoint-subsets.md: the two earliest meet the
+// goals (no true source in the bottom 10%, planted and backdoor Recall@10 1.0) as all five do,
+// at 2.5 MiB each.
+const KEEP_CHECKPOINTS = ['checkpoint-80', 'checkpoint-160'];
 const SHIPPED = 'assets/default';
 
 const { values } = parseArgs({ options: { out: { type: 'string' }, check: { type: 'boolean' } } });
@@ -63,6 +68,8 @@ times.pretrain = cli('pre-train', [
   THREADS,
 ]);
 times.finetune = cli('fine-tune', [...finetuneArgs, ...FINETUNE, '--threads', THREADS]);
+for (const n of readdirSync(D('finetuned')))
+  if (n.startsWith('checkpoint-') && !KEEP_CHECKPOINTS.includes(n)) rmSync(D(`finetuned/${n}`), { recursive: true });
 const evalFt = join(cache, 'eval-ft.json');
 const evalPt = join(cache, 'eval-pt.json');
 times.eval = cli(

@@ -7,6 +7,7 @@
 // together). Color is never the only cue: the mark also carries an underline (solid for
 // supporting, dashed for opposing), bold for the strongest steps, a +/− glyph, and a title
 // with the exact value.
+import type { Attribution } from '../protocol/types';
 
 export const BUCKETS = 5;
 
@@ -123,4 +124,13 @@ export function cssColor(setting: string | undefined, fallback: string): string 
   if (/^[a-zA-Z]+$/.test(s)) return s.toLowerCase();
   if (/^[a-zA-Z][a-zA-Z0-9]*(\.[a-zA-Z0-9]+)+$/.test(s)) return `var(--vscode-${s.replace(/\./g, '-')})`;
   return fallback;
+}
+
+/** One line: which computation and checkpoints produced the scores (the CLI prints it, the webview shows it under the query). */
+export function describeAttribution(a: Attribution): string {
+  const base =
+    a.over === 'checkpoints'
+      ? `Σ over ${a.checkpoints!.length} training checkpoint(s) (${a.checkpoints!.map((c) => `${c.name} ×${c.weight.toFixed(3)}`).join(', ')}; ${a.weighting === 'learning-rate' ? 'learning-rate weights' : 'equal weights'})`
+      : 'final model';
+  return a.note ? `${base}; ${a.note}` : base;
 }

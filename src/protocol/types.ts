@@ -111,6 +111,22 @@ export interface ExplainResult {
   /** multistage only: whether the fine-tune is close enough to the pre-trained model for it */
   multiStage?: MultiStageRegime;
   timings: Record<string, number>;
+  /** which computation produced the scores: the final model alone, or a weighted sum over training checkpoints */
+  attribution?: Attribution;
+}
+
+/**
+ * How a result's scores were computed. `over: 'checkpoints'`: score = Σ_c weight_c · score_c(θ_c),
+ * each term the method's score on training checkpoint c with its own factors (TracIn, Pruthi et
+ * al. 2020); `weighting` says whether the weights are the checkpoints' learning rates (normalized
+ * to sum to 1) or equal because the learning rates were unknown (`note` says which).
+ */
+export interface Attribution {
+  method: Method;
+  over: 'final-model' | 'checkpoints';
+  checkpoints?: Array<{ name: string; step: number; weight: number }>;
+  weighting?: 'learning-rate' | 'uniform';
+  note?: string;
 }
 
 /**

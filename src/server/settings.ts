@@ -13,6 +13,11 @@ export const DEFAULTS = {
   trainBatchSize: 16,
   /** Sequences generated together. */
   generateBatchSize: 64,
+  /**
+   * Training checkpoints to sum influence over (model/checkpoints.ts): 'auto' uses the
+   * checkpoint-<step>/ folders a trainer wrote beside the fine-tuned model, when there are any.
+   */
+  checkpoints: 'auto',
   /** The gradient store (index/gradient-store.ts), when the config asks for one. */
   store: {
     /** projection size per Kronecker factor */

@@ -9,6 +9,7 @@ import {
   bucketBackground,
   bucketClass,
   bucketOf,
+  describeAttribution,
   formatPercentile,
   formatScore,
   formatValue,
@@ -210,6 +211,7 @@ function queryHeader(r: ExplainResult): HTMLElement {
       { class: 'meta' },
       `−log p(completion | prompt) = ${r.query.loss.toPrecision(3)} · ${r.scored} examples scored · ${r.model}`,
     ),
+    r.attribution ? h('div', { class: 'meta attribution' }, `Scores: ${describeAttribution(r.attribution)}`) : null,
   );
 }
 

@@ -13,6 +13,7 @@ import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { cpus, hostname } from 'node:os';
 import { dirname, join } from 'node:path';
 import type { Method } from '../../src/protocol/types';
+import { fitCheckpoints, openCheckpointStages } from '../../src/server/attribution/checkpoints';
 import type { Damping } from '../../src/server/attribution/ekfac/precondition';
 import { Corpus, type ExplainSetup, scoreCorpus } from '../../src/server/attribution/explain';
 import { modelFingerprint } from '../../src/server/attribution/fingerprint';
@@ -26,7 +27,9 @@ import { embeddedDefault, packageRoot } from '../../src/server/defaults';
 import { lds, mean, rankingOf } from '../../src/server/eval/metrics';
 import { sourceRetrieval } from '../../src/server/eval/queries';
 import { GradientStore } from '../../src/server/index/gradient-store';
+import { planCheckpoints } from '../../src/server/model/checkpoints';
 import { Model, makeBatch } from '../../src/server/model/engine';
+import { DEFAULTS } from '../../src/server/settings';
 import { Rng } from '../../src/server/util/random';
 import { pearson, spearman } from '../../src/server/util/stats';
 
@@ -115,19 +118,53 @@ export async function benchEval(argv: string[]): Promise<void> {
   say('1. retrieval of planted wrong facts and the backdoor (fine-tuning set, 313 examples)');
   const ftIndex = indexOf(finetune);
   const retrieval: Row[] = [];
+  // the default computation: EK-FAC (and GDP) summed over the shipped training checkpoints
+  const plan = planCheckpoints(d.finetuned, ft.checkpoint, DEFAULTS.checkpoints);
+  if (plan)
+    await fitCheckpoints(plan, {
+      factorsDir: d.finetunedFactors,
+      dataPath: d.finetuneData,
+      modules: 'all',
+      labels: 'sampled',
+      seed: 0,
+    });
+  const overCheckpoints = plan
+    ? openCheckpointStages(plan, { factorsDir: d.finetunedFactors, modules: ftAll.modules })
+    : undefined;
+  const summed: Variant[] = overCheckpoints
+    ? [
+        {
+          name: `EK-FAC Σ ${plan!.checkpoints.length} checkpoints (default)`,
+          method: 'ekfac',
+          setup: { ...single(ftAll), checkpoints: overCheckpoints },
+        },
+        {
+          name: `GDP Σ ${plan!.checkpoints.length} checkpoints (default)`,
+          method: 'gdp',
+          setup: { ...single(ftAll), checkpoints: overCheckpoints },
+        },
+      ]
+    : [];
   for (const kind of ['planted', 'backdoor'] as const) {
     const qs = queries.filter((q) => q.kind === kind);
-    for (const vr of variants) {
+    for (const vr of [...summed, ...variants]) {
       const m = await sourceRetrieval(
         qs,
         (q) => sourcesIn(q, 'finetune', ftIndex),
         (q) => scores(vr, finetune, q),
         10,
       );
-      retrieval.push({ task: kind, method: vr.name, queries: m.queries, 'Recall@10': m.recall, MRR: m.mrr });
+      retrieval.push({
+        task: kind,
+        method: vr.name,
+        queries: m.queries,
+        'Recall@10': m.recall,
+        MRR: m.mrr,
+        'in bottom 10%': m.bottom10,
+      });
     }
   }
-  table(say, retrieval, ['task', 'method', 'queries', 'Recall@10', 'MRR']);
+  table(say, retrieval, ['task', 'method', 'queries', 'Recall@10', 'MRR', 'in bottom 10%']);
 
   // 2. fact tracing into pre-training data, across damping
   const nTrace = quick ? 12 : 80;

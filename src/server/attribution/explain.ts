@@ -13,7 +13,15 @@
 // training-side token scores.
 import { toField } from '../../common/records/render';
 import { GRADIENT_METHODS, methodInfo } from '../../protocol/methods';
-import type { ExplainedExample, ExplainPartial, ExplainResult, Method, Sign, TokenScores } from '../../protocol/types';
+import type {
+  Attribution,
+  ExplainedExample,
+  ExplainPartial,
+  ExplainResult,
+  Method,
+  Sign,
+  TokenScores,
+} from '../../protocol/types';
 import type { Dataset } from '../data/dataset';
 import { contextLength, type TokenizedText, tokenizeExamples, tokenizeQuery } from '../data/tokenize';
 import { Bm25Index } from '../index/bm25';
@@ -29,7 +37,7 @@ import {
 import { type GradientScorer, SCORERS } from './methods';
 import { repsimScores } from './methods/repsim';
 import { multiStageRegime, relativeWeightDistance } from './multistage-regime';
-import { ExplainError, type ExplainSetup } from './setup';
+import { type CheckpointStages, ExplainError, type ExplainSetup } from './setup';
 
 export { ExplainError, type ExplainSetup, type Stage } from './setup';
 
@@ -162,7 +170,8 @@ export async function explainMany(
   const batched =
     reqs.length > 1 &&
     GRADIENT_METHODS.includes(method) &&
-    reqs.every((r) => r.method === method && r.candidates !== 'retrieved' && !r.rank && !r.store);
+    reqs.every((r) => r.method === method && r.candidates !== 'retrieved' && !r.rank && !r.store) &&
+    !checkpointsFor(method, setup);
   const mains = batched ? await scorePoolBatched(method, setup, corpus, prepared) : undefined;
   const out: ExplainResult[] = [];
   for (const [i, p] of prepared.entries()) out.push(await finish(setup, corpus, p, mains?.[i]));
@@ -293,6 +302,32 @@ async function finish(
     modules,
     moduleTotals,
     timings,
+    attribution: attributionOf(req.method, setup),
+  };
+}
+
+/** The training checkpoints `method` sums over in this setup (none: it scores on the final model). */
+function checkpointsFor(method: Method, setup: ExplainSetup): CheckpointStages | undefined {
+  const scorer = SCORERS[method];
+  const c = setup.checkpoints;
+  return scorer.kind === 'gradient' && scorer.overCheckpoints && c?.stages.length ? c : undefined;
+}
+
+/** What the result says about how its scores were computed. */
+export function attributionOf(method: Method, setup: ExplainSetup): Attribution {
+  const c = checkpointsFor(method, setup);
+  if (!c) {
+    const unused = setup.checkpoints?.stages.length
+      ? `${method} does not sum over checkpoints; scored on the final model alone`
+      : undefined;
+    return { method, over: 'final-model', ...(unused ? { note: unused } : {}) };
+  }
+  return {
+    method,
+    over: 'checkpoints',
+    checkpoints: c.stages.map((s) => ({ name: s.name, step: s.step, weight: s.weight })),
+    weighting: c.weighting,
+    ...(c.note ? { note: c.note } : {}),
   };
 }
 
@@ -328,6 +363,8 @@ async function scorePool(
   qg: QueryGradients,
   req: ExplainRequest,
 ): Promise<PoolScores> {
+  const over = checkpointsFor(method, setup);
+  if (over) return scoreOverCheckpoints(method, setup, over, corpus, pool, queryText, query, qg, req);
   const scorer = SCORERS[method];
   if (scorer.kind === 'pool') {
     const scores = await scorer.scores({
@@ -357,6 +394,71 @@ async function scorePool(
         onBatch: req.onPartial ? partials(method, corpus, pool, req) : undefined,
       });
   return finishGradientPool(method, setup, corpus, pool, qg, M, candidateModel, res, useStore, req, fromStore?.sd);
+}
+
+/**
+ * TracIn over the fine-tune's checkpoints (Pruthi et al. 2020, "Estimating Training Data Influence
+ * by Tracing Gradient Descent"): score(q, z) = Σ_c w_c · score_c(q, z), where score_c is the
+ * method's score with the query gradient, the factors and the candidate gradients all taken at
+ * checkpoint c. Every part of a pool's scores is linear in the terms, so each is the weighted sum
+ * of the terms' parts: per-module scores, completion-token rows and training-token scores (which
+ * therefore still sum to the score). Positions recomputed exactly (low rank) are those exact in every term.
+ */
+async function scoreOverCheckpoints(
+  method: Method,
+  setup: ExplainSetup,
+  over: CheckpointStages,
+  corpus: Corpus,
+  pool: number[],
+  queryText: string,
+  query: { ids: number[]; weights: number[] },
+  qg: QueryGradients,
+  req: ExplainRequest,
+): Promise<PoolScores> {
+  const rows = qg.G.values().next().value?.length ?? 1;
+  const n = over.stages.length;
+  const terms: PoolScores[] = [];
+  for (const [i, c] of over.stages.entries()) {
+    if (methodInfo(method)?.needsFactors && !c.stage.preconditioners)
+      throw new ExplainError(
+        `${method} over checkpoints needs EK-FAC factors for ${c.name} (step ${c.step})`,
+        'factors',
+      );
+    const at = `@ ${c.name} (${i + 1}/${n})`;
+    req.onProgress?.(`query gradients ${at}`, 0, 1);
+    const qgc = await queryGradients(c.stage.model, query, { modules: setup.modules, perCompletionToken: rows > 1 });
+    const sub: ExplainSetup = { model: c.stage, modules: setup.modules };
+    terms.push(
+      await scorePool(method, sub, corpus, pool, queryText, query, qgc, {
+        ...req,
+        // the store holds the final model's gradients; a partial of one term is not the sum
+        store: undefined,
+        onPartial: undefined,
+        onProgress: (s, d, t) => req.onProgress?.(`${s} ${at}`, d, t),
+      }),
+    );
+  }
+  const w = over.stages.map((c) => c.weight);
+  const sum = (parts: Float64Array[]) => {
+    const o = new Float64Array(parts[0].length);
+    parts.forEach((p, c) => {
+      for (let j = 0; j < o.length; j++) o[j] += w[c] * p[j];
+    });
+    return o;
+  };
+  const scores = sum(terms.map((t) => t.scores));
+  const perModule = new Map<string, Float64Array>();
+  for (const m of terms[0].perModule?.keys() ?? []) perModule.set(m, sum(terms.map((t) => t.perModule!.get(m)!)));
+  const completion = pool.map((_, k) => sum(terms.map((t) => t.completion![k])));
+  const tokenScores = async (positions: number[]) => {
+    const each: Float32Array[][] = [];
+    for (const t of terms) each.push(await t.tokenScores!(positions));
+    return positions.map((_, j) => Float32Array.from(sum(each.map((e) => Float64Array.from(e[j])))));
+  };
+  let exact: Set<number> | undefined;
+  for (const t of terms)
+    if (t.exact) exact = exact ? new Set([...exact].filter((p) => t.exact!.has(p))) : new Set(t.exact);
+  return { scores, perModule, completion, tokenScores, signed: true, exact };
 }
 
 /** The scorer of a gradient method (the batched path and the gradient pool run only these). */

@@ -38,6 +38,25 @@ export interface ExplainSetup {
   pretrained?: Stage;
   /** modules whose gradients are used (must match the factors) */
   modules: ModuleSelection;
+  /**
+   * The fine-tune's training checkpoints, each with its factors and weight: the methods whose
+   * scorer says `overCheckpoints` score Σ_c weight_c · score(θ_c) instead of the final model's score.
+   */
+  checkpoints?: CheckpointStages;
+}
+
+/** A training checkpoint opened for scoring (attribution/checkpoints.ts builds these). */
+export interface CheckpointStage {
+  name: string;
+  step: number;
+  weight: number;
+  stage: Stage;
+}
+
+export interface CheckpointStages {
+  stages: CheckpointStage[];
+  weighting: 'learning-rate' | 'uniform';
+  note?: string;
 }
 
 /** `v`, or an ExplainError saying what is missing. */

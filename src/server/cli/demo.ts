@@ -18,6 +18,7 @@ const shown = (p: string) => {
 };
 
 import type { ExplainedExample, ExplainResult } from '../../protocol/types';
+import { fitCheckpoints, openCheckpointStages } from '../attribution/checkpoints';
 import { Corpus, explain } from '../attribution/explain';
 import { modelFingerprint } from '../attribution/fingerprint';
 import { runFitJob } from '../attribution/fit-job';
@@ -26,8 +27,11 @@ import { MIN_PREDICTED_DROP, suggestFlags } from '../attribution/suggest';
 import { loadDataset } from '../data/dataset';
 import { contextLength, tokenizeQuery } from '../data/tokenize';
 import { embeddedDefault } from '../defaults';
+import { openCheckpoint } from '../model/checkpoint';
+import { planCheckpoints } from '../model/checkpoints';
 import { Model, makeBatch } from '../model/engine';
 import { generate } from '../model/generate';
+import { DEFAULTS } from '../settings';
 import { formatResult } from './explain';
 import { trainJob } from './train';
 import { CliError, Progress, parse } from './util';
@@ -85,6 +89,17 @@ export async function runDemo(argv: string[]): Promise<void> {
       `   ${name}: ${r.status === 'up-to-date' ? 'cached' : `fitted in ${r.seconds.toFixed(1)} s`} (${r.examples} examples)`,
     );
   }
+  // the fine-tune's shipped training checkpoints: EK-FAC is summed over them (README "Checkpoints")
+  const plan = planCheckpoints(d.finetuned, openCheckpoint(d.finetuned), DEFAULTS.checkpoints);
+  if (plan)
+    for (const { name, result: r } of await fitCheckpoints(plan, {
+      factorsDir: d.finetunedFactors,
+      dataPath: d.finetuneData,
+      modules: 'all',
+      labels: 'sampled',
+      seed: 0,
+    }))
+      say(`   fine-tuned ${name}: ${r.status === 'up-to-date' ? 'cached' : `fitted in ${r.seconds.toFixed(1)} s`}`);
 
   // 2. the question and the model's answer
   say();
@@ -102,7 +117,8 @@ export async function runDemo(argv: string[]): Promise<void> {
   say(bold(`3. Which training examples made ${JSON.stringify(completion.trim())} likely? (EK-FAC)`));
   const dataset = loadDataset(d.finetuneData);
   const corpus = new Corpus('finetune', dataset, ft.model);
-  const result = await explain({ model: ft, modules: ft.modules }, corpus, {
+  const checkpoints = plan && openCheckpointStages(plan, { factorsDir: d.finetunedFactors, modules: ft.modules });
+  const result = await explain({ model: ft, modules: ft.modules, checkpoints }, corpus, {
     prompt: query.prompt,
     completion,
     method: 'ekfac',

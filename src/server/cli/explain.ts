@@ -1,14 +1,17 @@
 // influence-lens explain: which training examples made this completion likely? Prints the
 // ranked supporting and opposing examples (or the documented ExplainResult JSON with --json).
 import { relative } from 'node:path';
+import { describeAttribution } from '../../common/display';
 import { methodInfo } from '../../protocol/methods';
 import { type ExplainedExample, type ExplainResult, METHODS, type Method } from '../../protocol/types';
 import { Corpus, type ExplainSetup, explain, explainMany } from '../attribution/explain';
+import { SCORERS } from '../attribution/methods';
 import { checkSameTokenizer, openStage, parseDamping } from '../attribution/stage';
 import { loadDataset } from '../data/dataset';
 import { formatRecord } from '../data/format';
 import { readJsonl } from '../data/jsonl';
 import { DEFAULTS } from '../settings';
+import { CHECKPOINTS_OPTION, checkpointsSetting, cliCheckpointStages, cliPlan } from './checkpoints';
 import { heatmap, oneLine } from './heatmap';
 import { CliError, int, oneOf, Progress, parse } from './util';
 
@@ -33,6 +36,7 @@ export async function runExplain(argv: string[]): Promise<void> {
     rank: { type: 'string' },
     'skip-malformed': { type: 'boolean' },
     json: { type: 'boolean' },
+    ...CHECKPOINTS_OPTION,
   });
   if (!v.model) throw new CliError('--model <dir> is required');
   if (!v.data) throw new CliError('--data <train.jsonl> is required');
@@ -73,7 +77,17 @@ export async function runExplain(argv: string[]): Promise<void> {
   if (dataset.skipped.length) process.stderr.write(`skipped ${dataset.skipped.length} malformed line(s)\n`);
   const corpus = new Corpus(v.data, dataset, ft.model);
   if (corpus.truncated) process.stderr.write(`${corpus.truncated} example(s) were cut to the model's context\n`);
-  const setup: ExplainSetup = { model: ft, pretrained: pt, modules: ft.modules };
+  const plan = cliPlan(v.model, ft.model, checkpointsSetting(v.checkpoints));
+  const checkpoints =
+    plan &&
+    cliCheckpointStages(plan, {
+      factorsDir: v.factors,
+      damping,
+      modules: ft.modules,
+      needFactors: [method, ...compare].some((m) => methodInfo(m)?.needsFactors && sumsOverCheckpoints(m)),
+      model: v.model,
+    });
+  const setup: ExplainSetup = { model: ft, pretrained: pt, modules: ft.modules, checkpoints };
   let bar: Progress | undefined;
   let stage = '';
   const common = {
@@ -124,6 +138,7 @@ export function formatResult(r: ExplainResult, color: boolean, marks?: (e: Expla
   p(`prompt:     ${oneLine(r.query.prompt, 100)}`);
   p(`completion: ${oneLine(r.query.completion, 100)}   (−log p = ${r.query.loss.toFixed(3)})`);
   p(`method: ${r.method}; ${r.scored} training examples scored in ${(r.timings.total_ms / 1000).toFixed(2)} s`);
+  if (r.attribution) p(`scores: ${describeAttribution(r.attribution)}`);
   if (r.multiStage) {
     const { distance: dist, threshold } = r.multiStage;
     p(
@@ -168,6 +183,11 @@ export function formatResult(r: ExplainResult, color: boolean, marks?: (e: Expla
   }
   p();
   return `${lines.join('\n')}\n`;
+}
+
+function sumsOverCheckpoints(m: Method): boolean {
+  const s = SCORERS[m];
+  return s.kind === 'gradient' && !!s.overCheckpoints;
 }
 
 function positive(n: number, flag: string): number {

@@ -1,7 +1,11 @@
 // influence-lens fit: EK-FAC factors for a model over a training JSONL, resumable and
 // splittable into data partitions (attribution/fit-job.ts).
+
+import { fitCheckpoints } from '../attribution/checkpoints';
 import { runFitJob } from '../attribution/fit-job';
+import { Model } from '../model/engine';
 import { DEFAULTS } from '../settings';
+import { CHECKPOINTS_OPTION, checkpointsSetting, cliPlan } from './checkpoints';
 import { CliError, int, oneOf, Progress, parse } from './util';
 
 export async function runFit(argv: string[]): Promise<void> {
@@ -17,6 +21,7 @@ export async function runFit(argv: string[]): Promise<void> {
     'batch-size': { type: 'string' },
     seed: { type: 'string' },
     'skip-malformed': { type: 'boolean' },
+    ...CHECKPOINTS_OPTION,
   });
   if (!v.model) throw new CliError('--model <dir> is required');
   if (!v.data) throw new CliError('--data <train.jsonl> is required');
@@ -33,11 +38,11 @@ export async function runFit(argv: string[]): Promise<void> {
   if (batchSize < 1) throw new CliError('--batch-size must be at least 1');
   let bar: Progress | undefined;
   let stage = '';
-  const result = await runFitJob({
-    modelDir: v.model,
-    base: v.base,
+  const model = Model.open(v.model, { base: v.base });
+  // the training checkpoints explain sums over get the same fit (checked before the long final fit)
+  const plan = cliPlan(v.model, model, checkpointsSetting(v.checkpoints));
+  const common = {
     dataPath: v.data,
-    out: v.out,
     modules: oneOf(v.modules, ['mlp', 'all'] as const, '--modules', 'all'),
     labels: oneOf(v.labels, ['sampled', 'empirical'] as const, '--labels', 'sampled'),
     seed: int(v.seed, '--seed', 0),
@@ -45,8 +50,8 @@ export async function runFit(argv: string[]): Promise<void> {
     partition,
     batchSize,
     skipMalformed: v['skip-malformed'],
-    log: (line) => process.stderr.write(`${line}\n`),
-    onProgress: (s, done, total) => {
+    log: (line: string) => process.stderr.write(`${line}\n`),
+    onProgress: (s: string, done: number, total: number) => {
       if (s !== stage) {
         bar?.done();
         stage = s;
@@ -54,10 +59,20 @@ export async function runFit(argv: string[]): Promise<void> {
       }
       bar!.tick(done);
     },
-  });
+  };
+  const result = await runFitJob({ ...common, modelDir: v.model, base: v.base, model, out: v.out });
   bar?.done();
-  process.stdout.write(
-    `${result.message}\n${result.examples} examples, ${result.tokens} tokens, ${result.seconds.toFixed(1)} s` +
-      (result.status === 'done' ? ` (${Math.round(result.tokens / result.seconds)} tokens/s per pass pair)\n` : '\n'),
-  );
+  const say = (r: typeof result, prefix = '') =>
+    process.stdout.write(
+      `${prefix}${r.message}\n${r.examples} examples, ${r.tokens} tokens, ${r.seconds.toFixed(1)} s` +
+        (r.status === 'done' ? ` (${Math.round(r.tokens / r.seconds)} tokens/s per pass pair)\n` : '\n'),
+    );
+  say(result);
+  if (!plan) return;
+  for (const { name, result: r } of await fitCheckpoints(plan, { ...common, factorsDir: v.out })) {
+    bar?.done();
+    bar = undefined;
+    stage = '';
+    say(r, `${name}: `);
+  }
 }

@@ -1,11 +1,13 @@
 // influence-lens scan: training examples ranked by self-influence ⟨P(G_z), G_z⟩, the examples
 // the model finds most surprising or memorized — a review list for cleaning without a query.
 import { relative } from 'node:path';
-import { Corpus } from '../attribution/explain';
-import { selfInfluenceScores } from '../attribution/influence';
+import { describeAttribution } from '../../common/display';
+import { selfInfluence } from '../attribution/checkpoints';
+import { attributionOf, Corpus } from '../attribution/explain';
 import { openStage, parseDamping } from '../attribution/stage';
 import { loadDataset } from '../data/dataset';
 import { DEFAULTS } from '../settings';
+import { CHECKPOINTS_OPTION, checkpointsSetting, cliCheckpointStages, cliPlan } from './checkpoints';
 import { oneLine } from './heatmap';
 import { CliError, int, Progress, parse } from './util';
 
@@ -20,36 +22,60 @@ export async function runScan(argv: string[]): Promise<void> {
     'batch-size': { type: 'string' },
     'skip-malformed': { type: 'boolean' },
     json: { type: 'boolean' },
+    ...CHECKPOINTS_OPTION,
   });
   if (!v.model) throw new CliError('--model <dir> is required');
   if (!v.factors) throw new CliError('--factors <dir> is required (make them with: influence-lens fit ...)');
   if (!v.data) throw new CliError('--data <train.jsonl> is required');
   const topK = int(v['top-k'], '--top-k', 20);
   if (topK < 1) throw new CliError('--top-k must be at least 1');
-  const stage = openStage(v.model, v.factors, { damping: parseDamping(v.damping), engine: { base: v.base } });
+  const damping = parseDamping(v.damping);
+  const stage = openStage(v.model, v.factors, { damping, engine: { base: v.base } });
+  const plan = cliPlan(v.model, stage.model, checkpointsSetting(v.checkpoints));
+  const checkpoints =
+    plan &&
+    cliCheckpointStages(plan, {
+      factorsDir: v.factors,
+      damping,
+      modules: stage.modules,
+      needFactors: true,
+      model: v.model,
+    });
   for (const w of stage.warnings) process.stderr.write(`warning: ${w}\n`);
   const dataset = loadDataset(v.data, { skipMalformed: v['skip-malformed'] });
   const corpus = new Corpus(v.data, dataset, stage.model);
-  const bar = new Progress('self-influence', corpus.size);
-  const scores = await selfInfluenceScores(stage.model, stage.preconditioners!, corpus.tokens, {
+  let bar: Progress | undefined;
+  let label = '';
+  const scores = await selfInfluence(stage, checkpoints, corpus.tokens, {
     modules: stage.modules,
     batchSize: int(v['batch-size'], '--batch-size', DEFAULTS.batchSize),
-    onProgress: (d) => bar.tick(d),
+    onProgress: (s, d, t) => {
+      if (s !== label) {
+        bar?.done();
+        label = s;
+        bar = new Progress(s, t);
+      }
+      bar!.tick(d);
+    },
   });
-  bar.done();
+  bar?.done();
   const order = Array.from(scores.keys()).sort((a, b) => scores[b] - scores[a]);
   const top = order.slice(0, topK).map((i, r) => {
     const e = dataset.examples[i];
     return { rank: r + 1, selfInfluence: scores[i], line: e.line, hash: e.hash, text: e.text };
   });
+  const attribution = attributionOf('ekfac', { model: stage, modules: stage.modules, checkpoints });
   if (v.json) {
-    process.stdout.write(`${JSON.stringify({ dataset: v.data, scored: corpus.size, examples: top }, null, 2)}\n`);
+    process.stdout.write(
+      `${JSON.stringify({ dataset: v.data, scored: corpus.size, attribution, examples: top }, null, 2)}\n`,
+    );
     return;
   }
   const rel = relative(process.cwd(), v.data);
   const where = rel && !rel.startsWith('..') ? rel : v.data;
   process.stdout.write(
-    `highest self-influence of ${corpus.size} examples (unusual or memorized: review these first)\n`,
+    `highest self-influence of ${corpus.size} examples (unusual or memorized: review these first)\n` +
+      `scores: ${describeAttribution(attribution)}\n`,
   );
   for (const t of top)
     process.stdout.write(

@@ -5,6 +5,7 @@ import { defaultServiceConfig } from '../defaults';
 import { type Config, defaultServerSettings, loadConfig } from '../service/config';
 import { serviceHandlers } from '../service/handlers';
 import { WorkerService } from '../service/worker-service';
+import { CHECKPOINTS_OPTION, checkpointsSetting } from './checkpoints';
 import { CliError, int, parse } from './util';
 
 export async function runServe(argv: string[]): Promise<void> {
@@ -15,6 +16,7 @@ export async function runServe(argv: string[]): Promise<void> {
     // the editor starts a private server: no discovery file, and it ends with the editor
     'no-discovery': { type: 'boolean' },
     'watch-parent': { type: 'string' },
+    ...CHECKPOINTS_OPTION,
   });
   let cfg: Config;
   if (v.config) cfg = await loadConfig(v.config);
@@ -25,6 +27,7 @@ export async function runServe(argv: string[]): Promise<void> {
     cfg.server.port = port;
   }
   if (v.host !== undefined) cfg.server.host = v.host;
+  if (v.checkpoints !== undefined) cfg.service.finetuned.checkpoints = checkpointsSetting(v.checkpoints);
   const parent = v['watch-parent'] === undefined ? undefined : int(v['watch-parent'], '--watch-parent', 0);
   if (parent !== undefined && parent <= 0) throw new CliError('--watch-parent must be a process id');
   // the models, datasets and tensor work live in worker threads; this thread only answers the protocol

@@ -153,6 +153,8 @@ export interface Retrieval {
   k: number;
   recall: number;
   mrr: number;
+  /** (query, source) pairs ranked in the bottom 10% (a true source labelled most opposing) */
+  bottom10: number;
 }
 
 /**
@@ -167,12 +169,16 @@ export async function sourceRetrieval<Q>(
 ): Promise<Retrieval> {
   const rec: number[] = [];
   const rr: number[] = [];
+  let bottom10 = 0;
   for (const q of queries) {
     const rel = relevant(q);
     if (!rel.size) continue;
     const r = rankingOf(await scores(q));
     rec.push(recallAtK(r, rel, k));
     rr.push(reciprocalRank(r, rel));
+    r.forEach((i, pos) => {
+      if (rel.has(i) && pos + 1 > 0.9 * r.length) bottom10++;
+    });
   }
-  return { queries: rec.length, k, recall: mean(rec), mrr: mean(rr) };
+  return { queries: rec.length, k, recall: mean(rec), mrr: mean(rr), bottom10 };
 }

@@ -172,6 +172,11 @@ export class Model {
     return new Model(openCheckpoint(dir, { base: options.base }), options);
   }
 
+  /** A checkpoint already opened (a training checkpoint read with the final model's tokenizer: model/checkpoints.ts). */
+  static fromCheckpoint(checkpoint: Checkpoint, options: EngineOptions = {}): Model {
+    return new Model(checkpoint, options);
+  }
+
   get config(): Record<string, unknown> {
     return this.checkpoint.config;
   }

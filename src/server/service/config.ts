@@ -18,6 +18,7 @@ import { formatIssue, type JsonSchema, validateSchema } from '../../common/json-
 import { defaultDiscoveryFile } from '../../transport/discovery';
 import { DEFAULT_LIMITS } from '../../transport/server';
 import { parseDamping } from '../attribution/stage';
+import { parseCheckpointsSetting } from '../model/checkpoints';
 import { defaultCacheDir } from '../model/engine';
 import type { Device } from '../model/onnx/session';
 import { DEFAULTS } from '../settings';
@@ -59,6 +60,7 @@ interface RawStage {
   base?: string;
   factors?: string;
   fitDataset?: string;
+  checkpoints?: 'auto' | 'off' | string[];
 }
 interface RawConfig {
   models: RawStage | { finetuned: RawStage; pretrained?: RawStage };
@@ -106,10 +108,16 @@ export function parseConfig(value: unknown, opts: { baseDir: string; source?: st
       ...(s.base !== undefined ? { base: path(s.base) } : {}),
       ...(s.factors !== undefined ? { factors: path(s.factors) } : {}),
       ...(s.fitDataset !== undefined ? { fitDataset: s.fitDataset } : {}),
+      ...(s.checkpoints !== undefined ? { checkpoints: parseCheckpointsSetting(s.checkpoints, opts.baseDir) } : {}),
     };
   };
   const finetuned = stage(pair ? pair.finetuned : single!, pair ? 'models.finetuned' : 'models');
   const pretrained = pair?.pretrained ? stage(pair.pretrained, 'models.pretrained') : undefined;
+  // influence is summed over the checkpoints of the model whose completions are explained only
+  if (pair?.pretrained?.checkpoints !== undefined)
+    problems.push(
+      "models.pretrained.checkpoints: only the fine-tuned model's training checkpoints are used; move it to models.finetuned",
+    );
   for (const [id, which] of Object.entries(raw.datasetStage ?? {})) {
     if (!ids.includes(id))
       problems.push(`datasetStage.${id}: "${id}" is not a dataset id in "datasets" (${ids.join(', ')})`);

@@ -18,18 +18,24 @@ import type {
   Method,
 } from '../../protocol/types';
 import { METHODS } from '../../protocol/types';
+import {
+  fitCheckpoints,
+  type OpenedCheckpoints,
+  openCheckpointStages,
+  selfInfluence,
+} from '../attribution/checkpoints';
 import { OUR_ARGUMENTS_FILE } from '../attribution/ekfac/factors-io';
 import type { Damping } from '../attribution/ekfac/precondition';
-import { Corpus, ExplainError, explain, explainMany } from '../attribution/explain';
+import { attributionOf, Corpus, ExplainError, explain, explainMany } from '../attribution/explain';
 import { dataFingerprint, modelFingerprint } from '../attribution/fingerprint';
 import { FitJobError, runFitJob } from '../attribution/fit-job';
-import { selfInfluenceScores } from '../attribution/influence';
 import { checkSameTokenizer, type OpenedStage, openStage } from '../attribution/stage';
 import { loadDataset } from '../data/dataset';
 import { DataError } from '../data/errors';
 import { contextLength, tokenizationKey } from '../data/tokenize';
 import { GradientStore, type StoreIdentity } from '../index/gradient-store';
 import { preconditionerFingerprint } from '../index/store-projection';
+import { type CheckpointsSetting, planCheckpoints } from '../model/checkpoints';
 import { Model, type ModuleSelection } from '../model/engine';
 import { generate } from '../model/generate';
 import type { Device } from '../model/onnx/session';
@@ -43,6 +49,8 @@ export interface StageConfig {
   factors?: string;
   /** the dataset id the factors are fitted on (default: the first dataset) */
   fitDataset?: string;
+  /** training checkpoints to sum ekfac/gdp over (model/checkpoints.ts; default DEFAULTS.checkpoints) */
+  checkpoints?: CheckpointsSetting;
 }
 
 export interface ServiceConfig {
@@ -128,6 +136,8 @@ interface LoadedDataset {
 
 export class InfluenceService implements ServiceApi {
   private stages = new Map<'finetuned' | 'pretrained', OpenedStage>();
+  /** the fine-tune's training checkpoints, when there are (and the configuration does not turn them off) */
+  private checkpoints?: OpenedCheckpoints;
   private data = new Map<string, LoadedDataset>();
   private stores = new Map<string, GradientStore>();
   /** factors directory → why its factors cannot be used (they exist but are broken) */
@@ -143,6 +153,7 @@ export class InfluenceService implements ServiceApi {
     for (const dir of [this.config.finetuned.factors, this.config.pretrained?.factors, this.config.cacheDir])
       if (dir) cleanStaleTemps(dir);
     this.stages.set('finetuned', this.openStage(this.config.finetuned));
+    this.openCheckpoints();
     if (this.config.pretrained) {
       const pt = this.openStage(this.config.pretrained);
       checkSameTokenizer(this.stages.get('finetuned')!.model, pt.model);
@@ -170,6 +181,27 @@ export class InfluenceService implements ServiceApi {
       const stage: OpenedStage = { model, modules: this.config.modules, warnings: [(e as Error).message] };
       return stage;
     }
+  }
+
+  /** The fine-tune's checkpoints with whatever factors they have (a checkpoint of another model refuses the start). */
+  private openCheckpoints(): void {
+    const c = this.config.finetuned;
+    const ft = this.stages.get('finetuned')!;
+    const plan = planCheckpoints(c.model, ft.model.checkpoint, c.checkpoints ?? DEFAULTS.checkpoints);
+    this.checkpoints = plan
+      ? openCheckpointStages(plan, {
+          factorsDir: c.factors,
+          damping: this.config.damping,
+          engine: { device: this.config.device, threads: this.config.threads },
+          modules: ft.modules,
+        })
+      : undefined;
+  }
+
+  /** What an explanation runs with. */
+  private setup() {
+    const ft = this.stage('finetuned');
+    return { model: ft, pretrained: this.stages.get('pretrained'), modules: ft.modules, checkpoints: this.checkpoints };
   }
 
   private stage(which: 'finetuned' | 'pretrained'): OpenedStage {
@@ -218,6 +250,8 @@ export class InfluenceService implements ServiceApi {
       if (needs.needsFactors && (!ft?.preconditioners || !pt.preconditioners))
         return 'both stages need EK-FAC factors: run "fit" for each';
     } else if (needs?.needsFactors && !ft?.preconditioners) return this.noFactors('finetuned');
+    else if (needs?.needsFactors && this.checkpoints?.unfitted.length)
+      return `${m} sums over the fine-tune's ${this.checkpoints.stages.length} training checkpoints; ${this.checkpoints.unfitted.join(', ')} have no EK-FAC factors yet: run "fit"`;
     return null;
   }
 
@@ -287,11 +321,9 @@ export class InfluenceService implements ServiceApi {
   async explain(p: ExplainParams, work: Work = {}): Promise<ExplainResult> {
     this.checkExplain(p);
     const d = this.dataset(p.dataset);
-    const ft = this.stage('finetuned');
-    const pt = this.stages.get('pretrained');
     const store = await this.storeFor(p, d, work);
     try {
-      const result = await explain({ model: ft, pretrained: pt, modules: ft.modules }, d.corpus, {
+      const result = await explain(this.setup(), d.corpus, {
         prompt: p.prompt,
         completion: p.completion,
         messages: p.messages,
@@ -324,12 +356,10 @@ export class InfluenceService implements ServiceApi {
     // every query passes the single-query checks (text length, methods, availability, top-k)
     for (const q of p.queries) this.checkExplain({ ...p, ...q });
     const d = this.dataset(p.dataset);
-    const ft = this.stage('finetuned');
-    const pt = this.stages.get('pretrained');
     const store = await this.storeFor({ ...p, ...p.queries[0] }, d, work);
     try {
       const results = await explainMany(
-        { model: ft, pretrained: pt, modules: ft.modules },
+        this.setup(),
         d.corpus,
         p.queries.map((q) => ({
           prompt: q.prompt,
@@ -362,6 +392,8 @@ export class InfluenceService implements ServiceApi {
     const cfg = this.config.store;
     if (!cfg || p.candidates === 'retrieved' || d.corpus.size < cfg.minExamples) return undefined;
     if (!methodInfo(p.method)?.usesGradientStore) return undefined;
+    // the store holds the final model's gradients; a sum over checkpoints scores each checkpoint exactly
+    if (attributionOf(p.method, this.setup()).over === 'checkpoints') return undefined;
     const model = this.modelFor(p.dataset);
     if (model !== this.stage('finetuned').model) return undefined;
     return { model, store: await this.index(p.dataset, work) };
@@ -442,11 +474,13 @@ export class InfluenceService implements ServiceApi {
     if (!ft.preconditioners)
       throw new ServiceError(`scanning needs EK-FAC factors: ${this.noFactors('finetuned')}`, 'not_ready');
     const d = this.dataset(datasetId);
+    if (this.checkpoints?.unfitted.length)
+      throw new ServiceError(`scanning sums over the training checkpoints: ${this.unavailable('ekfac')}`, 'not_ready');
     const s = await cancellable(work, () =>
-      selfInfluenceScores(ft.model, ft.preconditioners!, d.corpus.tokens, {
+      selfInfluence(ft, this.checkpoints, d.corpus.tokens, {
         modules: ft.modules,
         signal: work.signal,
-        onProgress: (done, total) => work.progress?.('self-influence', done, total),
+        onProgress: work.progress,
       }),
     );
     const order = Array.from(s.keys()).sort((a, b) => s[b] - s[a]);
@@ -500,6 +534,28 @@ export class InfluenceService implements ServiceApi {
       }),
     );
     this.stages.set(which, this.openStage(c));
+    if (which === 'finetuned' && this.checkpoints?.stages.length) {
+      // the same fit for every training checkpoint the explanations sum over
+      const plan = planCheckpoints(c.model, this.model.checkpoint, c.checkpoints ?? DEFAULTS.checkpoints);
+      if (plan)
+        await cancellable(work, () =>
+          fitCheckpoints(plan, {
+            factorsDir: out,
+            dataPath: path,
+            modules: this.config.modules,
+            labels: 'sampled',
+            seed: 0,
+            skipMalformed: true,
+            engine: { device: this.config.device, threads: this.config.threads },
+            signal: work.signal,
+            onProgress: work.progress,
+          }).catch((e) => {
+            if (e instanceof FitJobError) throw new ServiceError(e.message, 'factors_broken');
+            throw e;
+          }),
+        );
+      this.openCheckpoints();
+    }
     return r;
   }
 

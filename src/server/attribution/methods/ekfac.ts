@@ -6,6 +6,7 @@ import type { GradientScorer } from './scorer';
 
 export const ekfac: GradientScorer = {
   kind: 'gradient',
+  overCheckpoints: true,
   query: (setup, qg) => ({
     M: queryMatrices(qg.G, [
       need(setup.model.preconditioners, 'ekfac needs EK-FAC factors for the fine-tuned model', 'factors'),

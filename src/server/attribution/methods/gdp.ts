@@ -3,5 +3,6 @@ import type { GradientScorer } from './scorer';
 
 export const gdp: GradientScorer = {
   kind: 'gradient',
+  overCheckpoints: true,
   query: (setup, qg) => ({ M: qg.G, candidateModel: setup.model.model }),
 };

@@ -19,6 +19,13 @@ export interface GradientScorer {
    * Divide each score by a query row's norm and a candidate's norm (cosine). A method with a
    * normalization needs every candidate's ‖G(z)‖², so it cannot score from the gradient store.
    */
+  /**
+   * With training checkpoints in the setup, score Σ_c w_c · score(θ_c): query gradient, factors and
+   * candidate gradients all taken at checkpoint c (TracIn, Pruthi et al. 2020). explain.ts sums the
+   * terms for every such method alike; a method whose candidates live on another model (multistage)
+   * or whose score is not linear in the terms' sum (cosine) leaves it unset.
+   */
+  readonly overCheckpoints?: boolean;
   readonly normalize?: {
     /** one factor per query row of `qg.G` */
     query(qg: QueryGradients, rows: number): Float64Array;

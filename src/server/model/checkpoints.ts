@@ -1,0 +1,236 @@
+// The training checkpoints of a fine-tune, as trainers already write them, so influence can be
+// summed over the training trajectory (TracIn, Pruthi et al. 2020, "Estimating Training Data
+// Influence by Tracing Gradient Descent"):
+//   - transformers' Trainer: <output_dir>/checkpoint-<step>/ with config.json, model.safetensors
+//     (or adapter_model.safetensors for PEFT) and trainer_state.json, whose "log_history"
+//     entries carry the learning rate logged at each logging step;
+//   - our own `train --save-steps N`: <out>/checkpoint-<step>/ with training_args.json
+//     {global_step, learning_rate}.
+// The final model is not a term of the sum (TracIn sums over the checkpoints the trainer saved):
+// on the embedded default it is where memorised answers' own sources turn "opposing", and the
+// lr-weighted checkpoints alone put none of them in the bottom 10%
+// (bench/results/2026-12-02-vm-sources.md, 2026-12-02-vm-checkpoint-subsets.md). A Trainer
+// checkpoint saved at the last step is the final model and counts like any other.
+// Each checkpoint must be the same model as the final one (config, parameter names and shapes,
+// tokenizer, adapter or not): a sum over checkpoints of another model means nothing, so any
+// difference is refused in one line naming the folder and what differs.
+import { createHash } from 'node:crypto';
+import { existsSync, readdirSync, readFileSync, statSync } from 'node:fs';
+import { basename, dirname, join, resolve } from 'node:path';
+import { ADAPTER_CONFIG, ADAPTER_WEIGHTS } from './adapter';
+import { type Checkpoint, CheckpointError, openCheckpoint } from './checkpoint';
+
+/** What to sum over: 'auto' (the checkpoints found beside or inside the model), 'off', or the folders given. */
+export type CheckpointsSetting = 'auto' | 'off' | string[];
+
+export class CheckpointsError extends CheckpointError {
+  override name = 'CheckpointsError';
+}
+
+export interface TrainingCheckpoint {
+  /** the folder's name, e.g. "checkpoint-80" */
+  name: string;
+  /** absolute path */
+  dir: string;
+  /** the optimizer step it was saved at */
+  step: number;
+  /** the learning rate at that step, when the trainer recorded it */
+  learningRate?: number;
+  /** the opened checkpoint (headers only), checked against the final model */
+  checkpoint: Checkpoint;
+}
+
+export interface CheckpointPlan {
+  checkpoints: TrainingCheckpoint[];
+  /** one weight per checkpoint, summing to 1 */
+  weights: number[];
+  /** 'learning-rate': w_c = η_c / Σ η; 'uniform': the learning rates were not all known (see `note`) */
+  weighting: 'learning-rate' | 'uniform';
+  note?: string;
+}
+
+const CHECKPOINT_DIR = /^checkpoint-(\d+)$/;
+
+/** Parses the `--checkpoints` flag / the config's `checkpoints` key: auto, off, or folders separated by commas. */
+export function parseCheckpointsSetting(v: string | string[] | undefined, baseDir = process.cwd()): CheckpointsSetting {
+  if (v === undefined || v === 'auto') return 'auto';
+  if (v === 'off') return 'off';
+  const dirs = (Array.isArray(v) ? v : v.split(',')).map((s) => s.trim()).filter(Boolean);
+  if (!dirs.length) throw new CheckpointsError(`checkpoints must be "auto", "off" or checkpoint folders (got "${v}")`);
+  return dirs.map((d) => resolve(baseDir, d));
+}
+
+/**
+ * The checkpoints to sum over for the model in `modelDir` (already opened as `final`), in step
+ * order, with their weights. 'auto' looks for checkpoint-<step>/ folders inside the model folder
+ * (a Trainer output_dir holding the final model) or, when the model folder is itself a
+ * checkpoint-<N>, its siblings with a smaller step. None found (or 'off'): no plan.
+ */
+export function planCheckpoints(
+  modelDir: string,
+  final: Checkpoint,
+  setting: CheckpointsSetting,
+): CheckpointPlan | undefined {
+  if (setting === 'off') return undefined;
+  const dirs = setting === 'auto' ? discover(resolve(modelDir)) : setting;
+  if (!dirs.length) return undefined;
+  const found = dirs.map((d) => readTrainingCheckpoint(d, final));
+  const steps = new Map<number, string>();
+  for (const c of found) {
+    const other = steps.get(c.step);
+    if (other) throw new CheckpointsError(`${c.dir} and ${other} are both at step ${c.step}; give each step once`);
+    steps.set(c.step, c.dir);
+  }
+  found.sort((a, b) => a.step - b.step);
+  return { checkpoints: found, ...checkpointWeights(found) };
+}
+
+/**
+ * TracIn weighs each checkpoint's term by the learning rate of the step it was saved at. Weights are
+ * normalized to sum to 1 (the same ranking as Σ η_c · score_c, on the scale of one model's scores).
+ * Without every learning rate (or with all zero), the checkpoints weigh the same and the note says so.
+ */
+export function checkpointWeights(cks: Array<Pick<TrainingCheckpoint, 'name' | 'learningRate'>>): {
+  weights: number[];
+  weighting: CheckpointPlan['weighting'];
+  note?: string;
+} {
+  const lrs = cks.map((c) => c.learningRate);
+  const total = lrs.reduce<number>((s, x) => s + (x ?? 0), 0);
+  if (lrs.every((x) => x !== undefined && x >= 0) && total > 0)
+    return { weights: lrs.map((x) => x! / total), weighting: 'learning-rate' };
+  const unknown = cks.filter((c) => c.learningRate === undefined).map((c) => c.name);
+  return {
+    weights: cks.map(() => 1 / cks.length),
+    weighting: 'uniform',
+    note: unknown.length
+      ? `learning rate unknown for ${unknown.join(', ')} (no trainer_state.json log entry or training_args.json): checkpoints weighed equally`
+      : 'the recorded learning rates are all zero: checkpoints weighed equally',
+  };
+}
+
+function discover(modelDir: string): string[] {
+  const inside = readdirSync(modelDir, { withFileTypes: true })
+    .filter((e) => e.isDirectory() && CHECKPOINT_DIR.test(e.name))
+    .map((e) => join(modelDir, e.name));
+  if (inside.length) return inside;
+  // the model is itself a Trainer checkpoint: the earlier checkpoints of the same run
+  const own = CHECKPOINT_DIR.exec(basename(modelDir));
+  if (!own) return [];
+  const parent = dirname(modelDir);
+  return readdirSync(parent, { withFileTypes: true })
+    .filter((e) => e.isDirectory() && Number(CHECKPOINT_DIR.exec(e.name)?.[1] ?? Number.NaN) < Number(own[1]))
+    .map((e) => join(parent, e.name));
+}
+
+/** One checkpoint folder: its step and learning rate, checked to be the same model as `final`. */
+export function readTrainingCheckpoint(dirIn: string, final: Checkpoint): TrainingCheckpoint {
+  const dir = resolve(dirIn);
+  if (!existsSync(dir) || !statSync(dir).isDirectory()) throw new CheckpointsError(`checkpoint ${dirIn}: not a folder`);
+  const name = basename(dir);
+  const hasWeights = ['model.safetensors', 'model.safetensors.index.json', ADAPTER_WEIGHTS].some((f) =>
+    existsSync(join(dir, f)),
+  );
+  if (!hasWeights)
+    throw new CheckpointsError(
+      `checkpoint ${dir} holds no weights (no model.safetensors, model.safetensors.index.json or ${ADAPTER_WEIGHTS}); ` +
+        'save checkpoints as safetensors (the Trainer does by default since transformers 4.35), or turn checkpoints off',
+    );
+  const state = readJson(join(dir, 'trainer_state.json'));
+  const ours = readJson(join(dir, 'training_args.json'));
+  const fromName = CHECKPOINT_DIR.exec(name)?.[1];
+  const step = num(state?.global_step) ?? num(ours?.global_step) ?? (fromName ? Number(fromName) : undefined);
+  if (step === undefined)
+    throw new CheckpointsError(
+      `checkpoint ${dir}: cannot tell its training step (no trainer_state.json global_step, no training_args.json global_step, not named checkpoint-<step>)`,
+    );
+  const learningRate = learningRateAt(state, step) ?? num(ours?.learning_rate);
+  const isAdapter = existsSync(join(dir, ADAPTER_CONFIG));
+  if (isAdapter !== !!final.adapter)
+    throw new CheckpointsError(
+      `checkpoint ${dir} is ${isAdapter ? 'a LoRA adapter' : 'a full model'} but the model ${final.dir} is ${final.adapter ? 'a LoRA adapter' : 'a full model'}; ` +
+        'sum over checkpoints of the same kind (or turn checkpoints off)',
+    );
+  let ck: Checkpoint;
+  try {
+    ck = openCheckpoint(dir, final.adapter ? { base: dirname(final.configFiles[0]) } : {});
+  } catch (e) {
+    throw new CheckpointsError(`checkpoint ${dir}: ${(e as Error).message}`);
+  }
+  // a Trainer checkpoint holds a tokenizer only when the Trainer was given one: then it must be the model's
+  const ownTokenizer = existsSync(join(dir, 'tokenizer.json'));
+  if (ownTokenizer && fileHash(join(dir, 'tokenizer.json')) !== fileHash(join(final.tokenizerDir, 'tokenizer.json')))
+    throw new CheckpointsError(`checkpoint ${dir} has another tokenizer.json than the model ${final.dir}`);
+  const diff = modelDifference(final, ck);
+  if (diff) throw new CheckpointsError(`checkpoint ${dir} is not the same model as ${final.dir}: ${diff}`);
+  return { name, dir, step, learningRate, checkpoint: { ...ck, tokenizerDir: final.tokenizerDir } };
+}
+
+/**
+ * The learning rate at `step` from trainer_state.json's log_history: the entry at that step, or the
+ * nearest one before it (Trainer logs every logging_steps, so a save step may fall between logs).
+ */
+export function learningRateAt(state: Record<string, unknown> | undefined, step: number): number | undefined {
+  const log = state?.log_history;
+  if (!Array.isArray(log)) return undefined;
+  let best: { step: number; lr: number } | undefined;
+  for (const e of log as Array<Record<string, unknown>>) {
+    const s = num(e?.step);
+    const lr = num(e?.learning_rate);
+    if (s === undefined || lr === undefined || s > step) continue;
+    if (!best || s >= best.step) best = { step: s, lr };
+  }
+  return best?.lr;
+}
+
+/** Keys a trainer rewrites without changing the model. */
+const VOLATILE_CONFIG_KEYS = new Set(['_name_or_path', 'transformers_version', 'torch_dtype', 'dtype', 'use_cache']);
+
+function modelDifference(a: Checkpoint, b: Checkpoint): string | undefined {
+  const strip = (c: Record<string, unknown>) =>
+    JSON.stringify(
+      Object.fromEntries(
+        Object.entries(c)
+          .filter(([k]) => !VOLATILE_CONFIG_KEYS.has(k))
+          .sort(([x], [y]) => x.localeCompare(y)),
+      ),
+    );
+  if (strip(a.config) !== strip(b.config)) {
+    const keys = new Set([...Object.keys(a.config), ...Object.keys(b.config)]);
+    const k = [...keys].find(
+      (x) => !VOLATILE_CONFIG_KEYS.has(x) && JSON.stringify(a.config[x]) !== JSON.stringify(b.config[x]),
+    );
+    return `config.json differs (${k}: ${JSON.stringify(b.config[k!])} vs ${JSON.stringify(a.config[k!])})`;
+  }
+  if (a.adapter && b.adapter) {
+    const cfg = (c: Checkpoint) => JSON.stringify({ ...c.adapter!.config, base_model_name_or_path: null });
+    if (cfg(a) !== cfg(b)) return `${ADAPTER_CONFIG} differs`;
+  }
+  for (const [name, w] of a.weights) {
+    const o = b.weights.get(name);
+    if (!o) return `it has no tensor "${name}"`;
+    if (o.shape.join('×') !== w.shape.join('×'))
+      return `tensor "${name}" is ${o.shape.join('×')}, the model's is ${w.shape.join('×')}`;
+  }
+  const extra = [...b.weights.keys()].find((n) => !a.weights.has(n));
+  if (extra) return `it has a tensor "${extra}" the model does not`;
+  return undefined;
+}
+
+function readJson(path: string): Record<string, unknown> | undefined {
+  if (!existsSync(path)) return undefined;
+  try {
+    const v = JSON.parse(readFileSync(path, 'utf8'));
+    return v && typeof v === 'object' && !Array.isArray(v) ? v : undefined;
+  } catch (e) {
+    throw new CheckpointsError(`${path}: not valid JSON (${(e as Error).message})`);
+  }
+}
+
+function num(v: unknown): number | undefined {
+  return typeof v === 'number' && Number.isFinite(v) ? v : undefined;
+}
+
+function fileHash(path: string): string {
+  return createHash('sha256').update(readFileSync(path)).digest('hex');
+}
