@@ -13,6 +13,7 @@ import { existsSync, mkdirSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Preconditioner } from '../attribution/ekfac/precondition';
 import type { TokenizedExample } from '../attribution/fit';
+import { gemm } from '../linalg/matrix';
 import { type Batch, type Model, type ModuleSelection, makeBatch } from '../model/engine';
 import type { ort } from '../model/onnx/session';
 import {
@@ -235,25 +236,16 @@ export class GradientStore {
     for (const m of this.modules) {
       const full = M.get(m.name);
       if (!full) throw new GradientStoreError(`no query matrix for module ${m.name}`);
-      const grid = project(full, m); // kS × kA
-      const mp = m.keep ? Float64Array.from(m.keep, (j) => grid[j]) : grid;
+      const mp = project(full, m);
       let qq = 0;
       for (const v of mp) qq += v * v;
       const { half, scale } = this.rows.get(m.name)!;
       const size = storedSize(m);
       const exact = m.kA === m.dA && m.kS === m.dOut;
       for (let k = 0; k < this.size; k++) {
-        let s = 0;
-        let zz = 0;
-        const off = k * size;
-        for (let j = 0; j < size; j++) {
-          const z = HALF[half[off + j]];
-          s += z * mp[j];
-          zz += z * z;
-        }
         const c = scale[k];
-        out[k] += s * c;
-        if (random && !exact) variance[k] += (qq * zz * c * c) / size;
+        out[k] += dotHalf(half, k * size, mp, size) * c;
+        if (random && !exact) variance[k] += (qq * dotHalf(half, k * size, null, size) * c * c) / size;
       }
     }
     return random ? { scores: out, sd: variance.map(Math.sqrt) } : { scores: out };
@@ -411,23 +403,45 @@ export async function projectExamples(
   }
 }
 
-/** PSᵀ M PA for a dOut × dA matrix M. */
+/**
+ * Σ_j z_j x_j over the fp16 values z = half[off, off + n), or Σ z² when `x` is null. Four
+ * accumulators let the loads overlap: this loop is the store's whole per-example query cost.
+ */
+function dotHalf(half: Uint16Array, off: number, x: Float64Array | null, n: number): number {
+  let s0 = 0;
+  let s1 = 0;
+  let s2 = 0;
+  let s3 = 0;
+  let j = 0;
+  if (x) {
+    for (; j + 3 < n; j += 4) {
+      s0 += HALF[half[off + j]] * x[j];
+      s1 += HALF[half[off + j + 1]] * x[j + 1];
+      s2 += HALF[half[off + j + 2]] * x[j + 2];
+      s3 += HALF[half[off + j + 3]] * x[j + 3];
+    }
+    for (; j < n; j++) s0 += HALF[half[off + j]] * x[j];
+  } else
+    for (; j < n; j++) {
+      const z = HALF[half[off + j]];
+      s0 += z * z;
+    }
+  return s0 + s1 + s2 + s3;
+}
+
+/** PSᵀ M PA for a dOut × dA matrix M, at the kept entries (all of the grid when `keep` is absent). */
 function project(M: Float64Array, m: StoreModule): Float64Array {
-  const { dA, dOut, kA, kS, PA, PS } = m;
-  // MP = M PA  (dOut × kA)
-  const MP = new Float64Array(dOut * kA);
-  for (let i = 0; i < dOut; i++)
-    for (let j = 0; j < dA; j++) {
-      const v = M[i * dA + j];
-      if (v === 0) continue;
-      for (let c = 0; c < kA; c++) MP[i * kA + c] += v * PA[j * kA + c];
-    }
-  const out = new Float64Array(kS * kA);
-  for (let i = 0; i < dOut; i++)
-    for (let r = 0; r < kS; r++) {
-      const p = PS[i * kS + r];
-      if (p === 0) continue;
-      for (let c = 0; c < kA; c++) out[r * kA + c] += p * MP[i * kA + c];
-    }
+  const { dA, dOut, kA, kS, PA, PS, keep } = m;
+  const MP = gemm(M, PA, dOut, dA, kA); // dOut × kA
+  if (!keep) return gemm(PS, MP, kS, dOut, kA, { transA: true });
+  // only the kept entries: K·dOut work instead of kS·kA·dOut
+  const out = new Float64Array(keep.length);
+  for (let j = 0; j < keep.length; j++) {
+    const r = Math.floor(keep[j] / kA);
+    const c = keep[j] - r * kA;
+    let s = 0;
+    for (let i = 0; i < dOut; i++) s += PS[i * kS + r] * MP[i * kA + c];
+    out[j] = s;
+  }
   return out;
 }

@@ -45,33 +45,25 @@ export function fullEigenbasis(p: Preconditioner): StoreModule {
 }
 
 /**
- * The `budget` eigen-pairs of largest weight over all modules (at least one per module, so
- * that every module's graph input has a shape), as flat indices i·d_A + j, ascending.
- * `weight` holds each module's E[G̃²] / (Λ + λ) (d_out × d_A).
+ * The `budget` eigen-pairs to keep, as flat indices i·d_A + j per module, ascending: each
+ * module's heaviest pair (so that every module's graph input has a shape), then the heaviest
+ * of the rest over all modules. `weight` holds each module's E[G̃²] / (Λ + λ) (d_out × d_A).
  */
 export function chooseEigenPairs(weight: Map<string, Float64Array>, budget: number): Map<string, Int32Array> {
-  let total = 0;
-  for (const w of weight.values()) total += w.length;
   if (!(budget >= weight.size)) throw new Error(`the store's budget (${budget}) is below one pair per module`);
   const chosen = new Map<string, number[]>();
-  if (budget >= total) {
+  for (const [name, w] of weight) chosen.set(name, [w.reduce((b, v, i) => (v > w[b] ? i : b), 0)]);
+  let left = budget - weight.size;
+  const rest: number[] = [];
+  for (const [name, w] of weight) {
+    const first = chosen.get(name)![0];
+    for (let i = 0; i < w.length; i++) if (i !== first) rest.push(w[i]);
+  }
+  if (left >= rest.length) {
     for (const [name, w] of weight) chosen.set(name, Array.from(w.keys()));
-  } else {
-    // the threshold is the budget-th largest weight; ties at it are taken in module order until the budget is met
-    const all = new Float64Array(total);
-    let o = 0;
-    for (const w of weight.values()) {
-      all.set(w, o);
-      o += w.length;
-    }
-    all.sort();
-    const threshold = all[total - budget];
-    let left = budget;
-    for (const [name, w] of weight) {
-      const best = w.reduce((b, v, i) => (v > w[b] ? i : b), 0);
-      chosen.set(name, [best]);
-      left--;
-    }
+  } else if (left > 0) {
+    // the left-th largest of the rest: everything above it is kept, ties at it in module order
+    const threshold = Float64Array.from(rest).sort()[rest.length - left];
     for (const pass of ['above', 'at'] as const)
       for (const [name, w] of weight) {
         const list = chosen.get(name)!;
