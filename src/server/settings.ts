@@ -21,7 +21,7 @@ export const DEFAULTS = {
      * module), in fp16: 2·k²·modules bytes per example. bench/results/2026-12-02-vm-store.md
      * measures k against exact EK-FAC.
      */
-    k: 32,
+    k: 40,
     /**
      * Use the store only for datasets at least this large. Below a few hundred examples exact
      * scoring of the whole dataset costs about what building the store does, so the store's

@@ -55,7 +55,8 @@ export async function benchStore(argv: string[]): Promise<void> {
   const rerank = Number(v.rerank ?? DEFAULTS.store.rerank);
   const nFact = Number(v['fact-queries'] ?? (v.quick ? 0 : 30));
   const scale = Number(v.scale ?? (v.quick ? 0 : 100_000));
-  const variants = (v.variants ?? `random:16,eigen:16,eigen:24,eigen:${DEFAULTS.store.k},eigen:48,eigen:64`)
+  const eigenKs = [...new Set([16, 24, 32, 40, 48, 64, DEFAULTS.store.k])].sort((a, b) => a - b);
+  const variants = (v.variants ?? ['random:16', ...eigenKs.map((k) => `eigen:${k}`)].join(','))
     .split(',')
     .map((s) => {
       const [p, k] = s.split(':');
