@@ -65,7 +65,11 @@ describe('gradient store on the embedded default', () => {
     for (const q of queries) {
       const req = { prompt: q.prompt, completion: q.completion, method: 'ekfac' as const, topK: 10 };
       const exact = await explain(setup, corpus, req);
-      const viaStore = await explain(setup, corpus, { ...req, store: { model: st.model, store }, rerank: DEFAULTS.store.rerank });
+      const viaStore = await explain(setup, corpus, {
+        ...req,
+        store: { model: st.model, store },
+        rerank: DEFAULTS.store.rerank,
+      });
       assert.deepEqual(lines(viaStore), lines(exact), `${q.prompt} → ${q.completion}`);
     }
   });

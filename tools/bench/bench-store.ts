@@ -56,14 +56,12 @@ export async function benchStore(argv: string[]): Promise<void> {
   const nFact = Number(v['fact-queries'] ?? (v.quick ? 0 : 30));
   const scale = Number(v.scale ?? (v.quick ? 0 : 100_000));
   const eigenKs = [...new Set([16, 24, 32, 40, 48, 64, DEFAULTS.store.k])].sort((a, b) => a - b);
-  const variants = (v.variants ?? ['random:16', ...eigenKs.map((k) => `eigen:${k}`)].join(','))
-    .split(',')
-    .map((s) => {
-      const [p, k] = s.split(':');
-      if ((p !== 'random' && p !== 'eigen') || !(Number(k) >= 1))
-        throw new CliError(`--variants: expected projection:k items such as eigen:16, got "${s}"`);
-      return { projection: p as StoreProjection, k: Number(k) };
-    });
+  const variants = (v.variants ?? ['random:16', ...eigenKs.map((k) => `eigen:${k}`)].join(',')).split(',').map((s) => {
+    const [p, k] = s.split(':');
+    if ((p !== 'random' && p !== 'eigen') || !(Number(k) >= 1))
+      throw new CliError(`--variants: expected projection:k items such as eigen:16, got "${s}"`);
+    return { projection: p as StoreProjection, k: Number(k) };
+  });
   if (!(rerank >= 1) || !(scale >= 0)) throw new CliError('--rerank must be >= 1 and --scale >= 0');
   const d = embeddedDefault();
   await runFitJob({
