@@ -20,8 +20,13 @@ export const DEFAULTS = {
   checkpoints: 'auto',
   /** The gradient store (index/gradient-store.ts), when the config asks for one. */
   store: {
-    /** projection size per Kronecker factor */
-    k: 16,
+    /**
+     * Coordinates kept per example: k² per module (with the EK-FAC factors, the k²·modules
+     * eigen-pairs of largest weight over all modules; otherwise a random k × k projection per
+     * module), in fp16: 2·k²·modules bytes per example. bench/results/2026-12-02-vm-store.md
+     * measures k against exact EK-FAC.
+     */
+    k: 40,
     /**
      * Use the store only for datasets at least this large. Below a few hundred examples exact
      * scoring of the whole dataset costs about what building the store does, so the store's
@@ -44,4 +49,10 @@ export const DEFAULTS = {
      */
     maxRelativeDistance: 0.3,
   },
+  /**
+   * Examples (evenly spaced) whose gradients in the full EK-FAC eigenbasis weigh the gradient
+   * store's eigen-pairs. 64 chose pairs as good as all 313 of the embedded default's
+   * fine-tuning set (bench/results/2026-12-02-vm-store.md).
+   */
+  storePilot: 256,
 } as const;

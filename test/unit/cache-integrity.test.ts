@@ -24,7 +24,13 @@ import { GradientStore } from '../../src/server/index/gradient-store';
 import { openCheckpoint } from '../../src/server/model/checkpoint';
 import { contentDigest, sha256File } from '../../src/server/model/content-digest';
 import { Model } from '../../src/server/model/engine';
-import { readSafetensorsHeader, writeSafetensors } from '../../src/server/model/safetensors';
+import {
+  DATA_SHA256,
+  readSafetensorsHeader,
+  readTensor,
+  type TensorToWrite,
+  writeSafetensors,
+} from '../../src/server/model/safetensors';
 import { useTempHome } from './helpers/env';
 import { loadGolden } from './helpers/golden';
 
@@ -168,10 +174,14 @@ test('gradient store: rows overwritten with NaN (header intact) are detected and
 test('gradient store: NaN in a store whose checksum matches is an error naming the file', async () => {
   const dir = fresh('store');
   const { identity, file } = await smallStore(dir);
-  // re-save the same store with one NaN row value, through the normal writer (valid checksum)
-  const store = GradientStore.load(dir, identity)!;
-  store.rows.values().next().value![0] = Number.NaN;
-  store.save(dir);
+  // re-write the same store with one NaN row value (fp16 0x7e00), through the normal writer (valid checksum)
+  const h = readSafetensorsHeader(file);
+  const tensors: Record<string, TensorToWrite> = {};
+  for (const name of h.tensors.keys()) tensors[name] = readTensor(h, name);
+  const rows = [...h.tensors.keys()].find((x) => x.startsWith('rows.'))!;
+  (tensors[rows].data as Uint16Array)[0] = 0x7e00;
+  const { [DATA_SHA256]: _, ...meta } = h.metadata;
+  writeSafetensors(file, tensors, meta, { checksum: true });
   assert.throws(
     () => GradientStore.load(dir, identity),
     (e: Error) => e.message.includes(file) && /NaN/.test(e.message),

@@ -253,7 +253,9 @@ describe('fit + explain (tiny fp64 Llama)', () => {
     const identity = { modelFingerprint: 'm', dataFingerprint: 'd', k: 64, seed: 3, modules: 'all' as const };
     const full = await GradientStore.build(ft.model, corpus.tokens, identity, { batchSize: 3 });
     const s = full.scores(row0(M));
-    for (let k = 0; k < corpus.size; k++) assert.ok(rel(s[k], exact.scores[k][0]) < 1e-6, `example ${k}`);
+    // exact up to the rows' fp16 rounding (11 significant bits per stored value)
+    for (let k = 0; k < corpus.size; k++)
+      assert.ok(rel(s[k], exact.scores[k][0]) < 2e-3, `example ${k}: ${s[k]} vs ${exact.scores[k][0]}`);
     // save / load; a store for other data or settings is not reused
     const sdir = join(dir, 'store');
     full.save(sdir);

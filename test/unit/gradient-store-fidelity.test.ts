@@ -1,6 +1,7 @@
 // The gradient store may only pre-rank: on the embedded default, explaining through the store
-// must show exactly the examples (and scores) the exact EK-FAC ranking shows, for the planted
-// and backdoor queries, whose true sources are memorised examples the projections resolve worst.
+// (default k and rerank) must show exactly the examples (and scores) the exact EK-FAC ranking
+// shows, for the planted and backdoor queries, whose true sources are memorised examples the
+// store resolves worst.
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -14,6 +15,7 @@ import { embeddedDefault } from '../../src/server/defaults';
 import { GradientStore } from '../../src/server/index/gradient-store';
 import { preconditionerFingerprint } from '../../src/server/index/store-projection';
 import { Model } from '../../src/server/model/engine';
+import { DEFAULTS } from '../../src/server/settings';
 import { useTempHome } from './helpers/env';
 
 const home = useTempHome();
@@ -43,7 +45,7 @@ describe('gradient store on the embedded default', () => {
       {
         modelFingerprint: 'm',
         dataFingerprint: 'd',
-        k: 16,
+        k: DEFAULTS.store.k,
         seed: 0,
         modules: 'all',
         projection: 'eigen',
@@ -63,7 +65,11 @@ describe('gradient store on the embedded default', () => {
     for (const q of queries) {
       const req = { prompt: q.prompt, completion: q.completion, method: 'ekfac' as const, topK: 10 };
       const exact = await explain(setup, corpus, req);
-      const viaStore = await explain(setup, corpus, { ...req, store: { model: st.model, store }, rerank: 50 });
+      const viaStore = await explain(setup, corpus, {
+        ...req,
+        store: { model: st.model, store },
+        rerank: DEFAULTS.store.rerank,
+      });
       assert.deepEqual(lines(viaStore), lines(exact), `${q.prompt} → ${q.completion}`);
     }
   });

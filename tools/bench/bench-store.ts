@@ -1,12 +1,21 @@
 // bench store: how faithfully the gradient store pre-ranks, on the embedded default. For each
 // projection and k it reports, against exact EK-FAC over the whole fine-tuning set:
-//   - Spearman of the store's scores with the exact ones (median and worst query);
+//   - bytes per example and the time to build the store (pilot pass included);
+//   - Spearman of the store's scores with the exact ones (median and worst query), and the
+//     same for the store's coordinates kept in fp32 (what fp16 storage costs);
 //   - how often the exact top 10 of both signs lies inside the store's top/bottom `rerank`
-//     (a fixed-size rerank, the old pre-ranking), and the largest store rank one of them had;
-//   - how often it lies inside the examples explain rescores (the fixed rerank plus every
-//     example whose 2-σ interval reaches the top or bottom 10), and how many that is;
-//   - bytes per example and the time of one store query.
-import { readFileSync } from 'node:fs';
+//     (what explain rescores exactly), and inside its top/bottom 2·rerank; the largest store
+//     rank one of them had;
+//   - with a random projection (which has standard errors), how many examples explain
+//     rescores (the fixed rerank plus every example whose 2-σ interval reaches the top or
+//     bottom 10) and whether the exact top 10 lies inside;
+//   - the time of one store query over the 313 examples.
+// Then, for the default configuration, the store's rows tiled to `--scale` examples are
+// written, loaded (checksum included) and queried: the query time at that size, measured on
+// synthetic rows of the real shape (the time does not depend on the values).
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { Corpus, plausible, scoreCorpus } from '../../src/server/attribution/explain';
 import { runFitJob } from '../../src/server/attribution/fit-job';
 import { queryGradients, queryMatrices } from '../../src/server/attribution/influence';
@@ -15,9 +24,23 @@ import { CliError, parse } from '../../src/server/cli/util';
 import { loadDataset } from '../../src/server/data/dataset';
 import { contextLength, tokenizeQuery } from '../../src/server/data/tokenize';
 import { embeddedDefault } from '../../src/server/defaults';
-import { GradientStore } from '../../src/server/index/gradient-store';
+import {
+  GradientStore,
+  projectExamples,
+  type StoreIdentity,
+  type StoreModule,
+  storedSize,
+} from '../../src/server/index/gradient-store';
 import { preconditionerFingerprint, type StoreProjection } from '../../src/server/index/store-projection';
 import { Model } from '../../src/server/model/engine';
+import {
+  DATA_SHA256,
+  readSafetensorsHeader,
+  readTensor,
+  type TensorToWrite,
+  writeSafetensors,
+} from '../../src/server/model/safetensors';
+import { DEFAULTS } from '../../src/server/settings';
 import { spearman } from '../../src/server/util/stats';
 
 export async function benchStore(argv: string[]): Promise<void> {
@@ -26,16 +49,20 @@ export async function benchStore(argv: string[]): Promise<void> {
     variants: { type: 'string' },
     rerank: { type: 'string' },
     'fact-queries': { type: 'string' },
+    scale: { type: 'string' },
   });
   const say = (s = '') => process.stdout.write(`${s}\n`);
-  const rerank = Number(v.rerank ?? 50);
+  const rerank = Number(v.rerank ?? DEFAULTS.store.rerank);
   const nFact = Number(v['fact-queries'] ?? (v.quick ? 0 : 30));
-  const variants = (v.variants ?? 'random:16,eigen:16,eigen:32').split(',').map((s) => {
+  const scale = Number(v.scale ?? (v.quick ? 0 : 100_000));
+  const eigenKs = [...new Set([16, 24, 32, 40, 48, 64, DEFAULTS.store.k])].sort((a, b) => a - b);
+  const variants = (v.variants ?? ['random:16', ...eigenKs.map((k) => `eigen:${k}`)].join(',')).split(',').map((s) => {
     const [p, k] = s.split(':');
     if ((p !== 'random' && p !== 'eigen') || !(Number(k) >= 1))
       throw new CliError(`--variants: expected projection:k items such as eigen:16, got "${s}"`);
     return { projection: p as StoreProjection, k: Number(k) };
   });
+  if (!(rerank >= 1) || !(scale >= 0)) throw new CliError('--rerank must be >= 1 and --scale >= 0');
   const d = embeddedDefault();
   await runFitJob({
     modelDir: d.finetuned,
@@ -63,43 +90,54 @@ export async function benchStore(argv: string[]): Promise<void> {
   const exact: Float64Array[] = [];
   for (const q of queries) exact.push(await scoreCorpus(setup, corpus, { ...q, method: 'ekfac' }));
   say(`exact EK-FAC scoring: ${((Date.now() - t) / queries.length).toFixed(0)} ms per query`);
+  const Ms: Map<string, Float64Array>[] = [];
+  for (const q of queries) {
+    const tq = tokenizeQuery(model.tokenizer, q.prompt, q.completion, contextLength(model.config));
+    const { G } = await queryGradients(model, { ids: tq.ids, weights: tq.weights }, { modules: st.modules });
+    const M = queryMatrices(G, [st.preconditioners!]);
+    Ms.push(new Map([...M].map(([m, rows]) => [m, rows[0]])));
+  }
+  const med = (x: number[]) => [...x].sort((a, b) => a - b)[Math.floor(x.length / 2)];
+  const identityOf = (projection: StoreProjection, k: number): StoreIdentity => ({
+    modelFingerprint: 'bench',
+    dataFingerprint: 'finetune',
+    k,
+    seed: 0,
+    modules: 'all',
+    ...(projection === 'eigen'
+      ? { projection, factorsFingerprint: preconditionerFingerprint(st.preconditioners!), pilot: DEFAULTS.storePilot }
+      : {}),
+  });
   say();
   say(
-    `| projection | k | bytes/example | Spearman median / min | exact top-10 in store top-${rerank} | worst store rank of an exact top-10 | exact top-10 in rescored set | rescored median / max | store query ms |`,
+    `| projection | k | bytes/example | build s | Spearman median / min | fp32 rows: Spearman median / min | exact top-10 in store top-${rerank} | in top-${2 * rerank} | worst store rank of an exact top-10 | rescored set: contains / median / max size | store query ms |`,
   );
-  say('|---|---|---|---|---|---|---|---|---|');
+  say('|---|---|---|---|---|---|---|---|---|---|---|');
+  let defaultStore: GradientStore | undefined;
   for (const { projection, k } of variants) {
-    const store = await GradientStore.build(
-      model,
-      corpus.tokens,
-      {
-        modelFingerprint: 'bench',
-        dataFingerprint: 'finetune',
-        k,
-        seed: 0,
-        modules: 'all',
-        ...(projection === 'eigen'
-          ? { projection, factorsFingerprint: preconditionerFingerprint(st.preconditioners!) }
-          : {}),
-      },
-      { preconditioners: st.preconditioners },
-    );
+    t = Date.now();
+    const store = await GradientStore.build(model, corpus.tokens, identityOf(projection, k), {
+      preconditioners: st.preconditioners,
+    });
+    const buildS = (Date.now() - t) / 1000;
+    if (projection === 'eigen' && k === DEFAULTS.store.k) defaultStore = store;
+    const f32 = await fp32Rows(model, corpus, store);
     const rho: number[] = [];
+    const rho32: number[] = [];
     const worst: number[] = [];
     const sizes: number[] = [];
     let inFixed = 0;
+    let inDouble = 0;
     let inRescored = 0;
     let queryMs = 0;
-    for (const [i, q] of queries.entries()) {
-      const tq = tokenizeQuery(model.tokenizer, q.prompt, q.completion, contextLength(model.config));
-      const { G } = await queryGradients(model, { ids: tq.ids, weights: tq.weights }, { modules: st.modules });
-      const M = queryMatrices(G, [st.preconditioners!]);
+    for (const [i, M] of Ms.entries()) {
       t = performance.now();
-      const est = store.estimate(new Map([...M].map(([m, rows]) => [m, rows[0]])));
+      const est = store.estimate(M);
       queryMs += performance.now() - t;
       const e = exact[i];
       const n = e.length;
       rho.push(spearman(est.scores, e));
+      rho32.push(spearman(f32Scores(store.modules, f32, M, n), e));
       const byExact = [...e.keys()].sort((a, b) => e[b] - e[a]);
       const shown = [...byExact.slice(0, 10).filter((j) => e[j] > 0), ...byExact.slice(-10).filter((j) => e[j] < 0)];
       const byStore = [...est.scores.keys()].sort((a, b) => est.scores[b] - est.scores[a]);
@@ -108,24 +146,123 @@ export async function benchStore(argv: string[]): Promise<void> {
       const reach = shown.map((j) => (e[j] > 0 ? pos.get(j)! + 1 : n - pos.get(j)!));
       worst.push(Math.max(...reach));
       if (reach.every((r) => r <= rerank)) inFixed++;
-      const rescored = new Set([
-        ...byStore.slice(0, rerank),
-        ...byStore.slice(-rerank),
-        ...plausible(
-          Array.from(est.scores, (s) => Float64Array.of(s)),
-          est.sd,
-          10,
-          2,
-        ),
-      ]);
-      sizes.push(rescored.size);
-      if (shown.every((j) => rescored.has(j))) inRescored++;
+      if (reach.every((r) => r <= 2 * rerank)) inDouble++;
+      if (est.sd) {
+        const rescored = new Set([
+          ...byStore.slice(0, rerank),
+          ...byStore.slice(-rerank),
+          ...plausible(
+            Array.from(est.scores, (s) => Float64Array.of(s)),
+            est.sd,
+            10,
+            2,
+          ),
+        ]);
+        sizes.push(rescored.size);
+        if (shown.every((j) => rescored.has(j))) inRescored++;
+      }
     }
-    const med = (x: number[]) => [...x].sort((a, b) => a - b)[Math.floor(x.length / 2)];
+    const nq = queries.length;
     say(
-      `| ${projection} | ${k} | ${store.bytes / store.size} | ${med(rho).toFixed(3)} / ${Math.min(...rho).toFixed(3)} | ` +
-        `${inFixed}/${queries.length} | ${med(worst)} median, ${Math.max(...worst)} max | ${inRescored}/${queries.length} | ` +
-        `${med(sizes)} / ${Math.max(...sizes)} of ${corpus.size} | ${(queryMs / queries.length).toFixed(1)} |`,
+      `| ${projection} | ${k} | ${store.bytes / store.size} | ${buildS.toFixed(1)} | ${med(rho).toFixed(3)} / ${Math.min(...rho).toFixed(3)} | ` +
+        `${med(rho32).toFixed(3)} / ${Math.min(...rho32).toFixed(3)} | ${inFixed}/${nq} | ${inDouble}/${nq} | ${med(worst)} median, ${Math.max(...worst)} max | ` +
+        `${sizes.length ? `${inRescored}/${nq} / ${med(sizes)} / ${Math.max(...sizes)}` : '—'} | ${(queryMs / nq).toFixed(1)} |`,
     );
+  }
+  if (scale > 0 && defaultStore) await atScale(defaultStore, identityOf('eigen', DEFAULTS.store.k), scale, Ms, say);
+}
+
+/** The store's kept coordinates in fp32 (as the graph gives them), module → [N, size]. */
+async function fp32Rows(model: Model, corpus: Corpus, store: GradientStore): Promise<Map<string, Float32Array>> {
+  const n = corpus.size;
+  const rows = new Map(store.modules.map((m) => [m.name, new Float32Array(n * storedSize(m))]));
+  await projectExamples(model, corpus.tokens, store.identity.modules, store.modules, {
+    each: (m, k, grid) => {
+      const size = storedSize(m);
+      const dst = rows.get(m.name)!;
+      for (let j = 0; j < size; j++) dst[k * size + j] = m.keep ? grid[m.keep[j]] : grid[j];
+    },
+  });
+  return rows;
+}
+
+function f32Scores(modules: StoreModule[], rows: Map<string, Float32Array>, M: Map<string, Float64Array>, n: number) {
+  const out = new Float64Array(n);
+  for (const m of modules) {
+    const size = storedSize(m);
+    const q = queryCoordinates(m, M.get(m.name)!);
+    const r = rows.get(m.name)!;
+    for (let k = 0; k < n; k++) {
+      let s = 0;
+      for (let j = 0; j < size; j++) s += r[k * size + j] * q[j];
+      out[k] += s;
+    }
+  }
+  return out;
+}
+
+/** PSᵀ M PA at the kept entries. */
+function queryCoordinates(m: StoreModule, M: Float64Array): Float64Array {
+  const { dA, dOut, kA, kS, PA, PS } = m;
+  const grid = new Float64Array(kS * kA);
+  const MP = new Float64Array(dOut * kA);
+  for (let i = 0; i < dOut; i++)
+    for (let j = 0; j < dA; j++) for (let c = 0; c < kA; c++) MP[i * kA + c] += M[i * dA + j] * PA[j * kA + c];
+  for (let i = 0; i < dOut; i++)
+    for (let r = 0; r < kS; r++) for (let c = 0; c < kA; c++) grid[r * kA + c] += PS[i * kS + r] * MP[i * kA + c];
+  return m.keep ? Float64Array.from(m.keep, (j) => grid[j]) : grid;
+}
+
+/** The store's rows tiled to `n` examples, saved, loaded and queried. */
+async function atScale(
+  store: GradientStore,
+  identity: StoreIdentity,
+  n: number,
+  Ms: Map<string, Float64Array>[],
+  say: (s?: string) => void,
+) {
+  const dir = mkdtempSync(join(tmpdir(), 'il-bench-store-'));
+  try {
+    store.save(dir);
+    const file = join(dir, 'gradient_store.safetensors');
+    const h = readSafetensorsHeader(file);
+    const tensors: Record<string, TensorToWrite> = {};
+    for (const name of h.tensors.keys()) {
+      const { dtype, shape, data } = readTensor(h, name);
+      if (!name.startsWith('rows.') && !name.startsWith('scale.')) {
+        tensors[name] = { dtype, shape, data };
+        continue;
+      }
+      const per = name.startsWith('rows.') ? shape[1] : 1;
+      const Ctor = data.constructor as { new (len: number): Uint16Array | Float32Array };
+      const tiled = new Ctor(n * per);
+      for (let at = 0; at < n; at += store.size)
+        tiled.set((data as Uint16Array | Float32Array).subarray(0, Math.min(store.size, n - at) * per), at * per);
+      tensors[name] = { dtype, shape: name.startsWith('rows.') ? [n, per] : [n], data: tiled };
+    }
+    const meta: Record<string, string> = { ...h.metadata, size: String(n) };
+    delete meta[DATA_SHA256];
+    let t = Date.now();
+    writeSafetensors(file, tensors, meta, { checksum: true });
+    const writeS = (Date.now() - t) / 1000;
+    for (const k of Object.keys(tensors)) delete tensors[k];
+    t = Date.now();
+    const big = GradientStore.load(dir, identity);
+    if (!big) throw new Error('the tiled store did not load');
+    const loadS = (Date.now() - t) / 1000;
+    const ms: number[] = [];
+    for (const M of Ms.slice(0, 5)) {
+      t = performance.now();
+      big.estimate(M);
+      ms.push(performance.now() - t);
+    }
+    say();
+    say(
+      `at ${n} examples (eigen, k = ${identity.k}; the real rows tiled): ${(big.bytes / 2 ** 30).toFixed(2)} GiB of rows, ` +
+        `written in ${writeS.toFixed(1)} s, loaded with its checksum in ${loadS.toFixed(1)} s; ` +
+        `query ${ms.map((x) => x.toFixed(0)).join(', ')} ms (${ms.length} queries)`,
+    );
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
   }
 }

@@ -667,7 +667,7 @@ function storeScores(
   store: GradientStore,
   M: Map<string, Float64Array[]>,
   pool: number[],
-): { res: CandidateScores; sd: Float64Array } {
+): { res: CandidateScores; sd?: Float64Array } {
   const all = store.estimate(new Map([...M].map(([m, rows]) => [m, rows[0]])));
   const rows = M.values().next().value?.length ?? 1;
   const scores = pool.map((i) => {
@@ -676,7 +676,8 @@ function storeScores(
     return r;
   });
   const perModule = new Map([...M.keys()].map((m) => [m, pool.map(() => new Float64Array(rows))]));
-  return { res: { scores, perModule }, sd: Float64Array.from(pool, (i) => all.sd[i]) };
+  const sd = all.sd;
+  return { res: { scores, perModule }, sd: sd && Float64Array.from(pool, (i) => sd[i]) };
 }
 
 /**

@@ -1,20 +1,23 @@
-// How the gradient store compresses a module's gradient G (d_out × d_A): it keeps PSᵀ G PA
-// (k_S × k_A) per example, and reduces a query matrix M to QSᵀ M QA; then
-// ⟨QSᵀ M QA, PSᵀ G PA⟩ = tr(Mᵀ (QS PSᵀ) G (PA QAᵀ)) is an unbiased estimate of ⟨M, G⟩ when
-// E[QS PSᵀ] = E[PA QAᵀ] = I (with the two sides drawn independently).
+// How the gradient store compresses a module's gradient G (d_out × d_A): the graph forms
+// PSᵀ G PA = Σ_t (PSᵀ g_t)(PAᵀ ã_t)ᵀ (k_S × k_A) per example without the full gradient, the
+// store keeps some of its entries (`keep`), and a query matrix M is reduced the same way, so
+// that Σ_kept (PSᵀ M PA)_ij (PSᵀ G PA)_ij approximates ⟨M, G⟩.
 //
 // 'random' (LoGra's random initialisation; Choe et al. 2024, "What is Your Data Worth to
-//   GPT?"): Gaussian PA = QA, PS = QS. Unbiased, but the EK-FAC query M = P(G_q) lives mostly
-//   in the low-curvature directions (amplified by 1/(Λ+λ)) and G(z) mostly in the
-//   high-curvature ones, so ⟨M, G⟩ is small against ‖M‖‖G‖ and the estimate is noise
-//   (whole-set Spearman 0.23 with exact EK-FAC at k = 16).
-// 'eigen': the projections start from the factors' eigenbases (LoGra's PCA initialisation)
-//   and whiten: with Λ_ij + λ ≈ u_i v_j (a separable fit of the damped EK-FAC eigenvalues),
-//     PS = Q_S diag(u)^(-1/2) R_S,   QS = Q_S diag(u)^(1/2) R_S   (and likewise for A),
-//   so both sides are stored in the coordinates where the preconditioned inner product is
-//   the plain one and the projection's error is balanced between query and example. R is a
-//   random matrix with orthonormal columns scaled by √(d/k), so E[R Rᵀ] = I: the estimate
-//   stays unbiased for any query, and exact when k equals the dimension.
+//   GPT? LLM-Scale Data Valuation with Influence Functions"): Gaussian PA, PS of variance
+//   1/k, every entry kept. Unbiased for any query, but the EK-FAC query M = P(G_q) lives
+//   mostly in the low-curvature directions (amplified by 1/(Λ+λ)) and G(z) mostly in the
+//   high-curvature ones, so ⟨M, G⟩ is small against ‖M‖‖G‖ and the estimate is noise.
+// 'eigen': PA, PS are columns of the EK-FAC eigenbases Q_A, Q_S (LoGra's PCA
+//   initialisation), and the store keeps the eigen-pairs (i, j) that carry the most of the
+//   preconditioned score. In the eigenbasis ⟨P(G_q), G⟩ = Σ_ij G̃_q,ij G̃_ij / (Λ_ij + λ), so
+//   the truncated sum over the kept pairs is exact on those pairs, and exact in all at full
+//   rank. A pair's weight is E_z[G̃_ij²] / (Λ_ij + λ) over a pilot sample of the data
+//   being stored (its expected share of the score's spread across examples when queries
+//   look like the data), and the pairs are chosen across all modules at once, so the
+//   budget goes to the modules and directions that carry the score. Neither the factors'
+//   own eigenvalues (a square k × k block per module) nor Λ (fitted with sampled labels)
+//   rank the pairs as well: bench/results/2026-12-02-vm-store.md.
 import { createHash } from 'node:crypto';
 import type { Preconditioner } from '../attribution/ekfac/precondition';
 import type { Rng } from '../util/random';
@@ -36,78 +39,69 @@ export function randomProjection(name: string, dA: number, dOut: number, k: numb
   return { name, dA, dOut, kA: a.k, kS: s.k, PA: a.P, PS: s.P };
 }
 
-/** Whitened projections in the EK-FAC eigenbasis of `p` (see the top of this file). */
-export function eigenProjection(name: string, p: Preconditioner, k: number, rng: Rng): StoreModule {
-  const { dA, dOut } = p;
-  // log(Λ + λ) ≈ α_i + β_j (least squares: row and column means), so u = e^α, v = e^β
-  const logW = new Float64Array(dOut * dA);
-  for (let i = 0; i < logW.length; i++) logW[i] = -Math.log(p.inverse[i]);
-  const alpha = new Float64Array(dOut);
-  const beta = new Float64Array(dA);
-  let mu = 0;
-  for (let i = 0; i < dOut; i++)
-    for (let j = 0; j < dA; j++) {
-      const v = logW[i * dA + j];
-      alpha[i] += v / dA;
-      beta[j] += v / dOut;
-      mu += v / (dOut * dA);
-    }
-  for (let i = 0; i < dOut; i++) alpha[i] -= mu / 2;
-  for (let j = 0; j < dA; j++) beta[j] -= mu / 2;
-  const side = (Q: Float64Array, logScale: Float64Array, d: number) => {
-    const kk = Math.min(k, d);
-    const R = orthonormalColumns(d, kk, rng);
-    const P = new Float64Array(d * kk); // example side: Q diag(e^(-s/2)) R
-    const Qq = new Float64Array(d * kk); // query side: Q diag(e^(s/2)) R
-    for (let r = 0; r < d; r++)
-      for (let e = 0; e < d; e++) {
-        const q = Q[r * d + e];
-        if (q === 0) continue;
-        const down = q * Math.exp(-logScale[e] / 2);
-        const up = q * Math.exp(logScale[e] / 2);
-        for (let c = 0; c < kk; c++) {
-          const x = R[e * kk + c];
-          P[r * kk + c] += down * x;
-          Qq[r * kk + c] += up * x;
-        }
-      }
-    return { k: kk, P, Q: Qq };
-  };
-  const a = side(p.qA, beta, dA);
-  const s = side(p.qS, alpha, dOut);
-  return { name, dA, dOut, kA: a.k, kS: s.k, PA: a.P, PS: s.P, QA: a.Q, QS: s.Q };
+/** The whole eigenbasis of `p` (the pilot pass reads every eigen-pair of its examples). */
+export function fullEigenbasis(p: Preconditioner): StoreModule {
+  return { name: p.module, dA: p.dA, dOut: p.dOut, kA: p.dA, kS: p.dOut, PA: p.qA, PS: p.qS };
 }
 
-/** d × k with orthonormal columns scaled by √(d/k) (Gram-Schmidt of a Gaussian matrix); the identity when k = d. */
-function orthonormalColumns(d: number, k: number, rng: Rng): Float64Array {
-  const R = new Float64Array(d * k);
-  if (k === d) {
-    for (let i = 0; i < d; i++) R[i * d + i] = 1;
-    return R;
+/**
+ * The `budget` eigen-pairs to keep, as flat indices i·d_A + j per module, ascending: each
+ * module's heaviest pair (so that every module's graph input has a shape), then the heaviest
+ * of the rest over all modules. `weight` holds each module's E[G̃²] / (Λ + λ) (d_out × d_A).
+ */
+export function chooseEigenPairs(weight: Map<string, Float64Array>, budget: number): Map<string, Int32Array> {
+  if (!(budget >= weight.size)) throw new Error(`the store's budget (${budget}) is below one pair per module`);
+  const chosen = new Map<string, number[]>();
+  for (const [name, w] of weight) chosen.set(name, [w.reduce((b, v, i) => (v > w[b] ? i : b), 0)]);
+  let left = budget - weight.size;
+  const rest: number[] = [];
+  for (const [name, w] of weight) {
+    const first = chosen.get(name)![0];
+    for (let i = 0; i < w.length; i++) if (i !== first) rest.push(w[i]);
   }
-  const cols: Float64Array[] = [];
-  for (let c = 0; c < k; c++) {
-    for (;;) {
-      const v = new Float64Array(d);
-      for (let i = 0; i < d; i++) v[i] = rng.normal();
-      for (let pass = 0; pass < 2; pass++)
-        for (const u of cols) {
-          let dot = 0;
-          for (let i = 0; i < d; i++) dot += u[i] * v[i];
-          for (let i = 0; i < d; i++) v[i] -= dot * u[i];
+  if (left >= rest.length) {
+    for (const [name, w] of weight) chosen.set(name, Array.from(w.keys()));
+  } else if (left > 0) {
+    // the left-th largest of the rest: everything above it is kept, ties at it in module order
+    const threshold = Float64Array.from(rest).sort()[rest.length - left];
+    for (const pass of ['above', 'at'] as const)
+      for (const [name, w] of weight) {
+        const list = chosen.get(name)!;
+        for (let i = 0; i < w.length && left > 0; i++) {
+          if (i === list[0]) continue;
+          if (pass === 'above' ? w[i] > threshold : w[i] === threshold) {
+            list.push(i);
+            left--;
+          }
         }
-      let n = 0;
-      for (let i = 0; i < d; i++) n += v[i] * v[i];
-      if (n < 1e-12) continue;
-      const inv = 1 / Math.sqrt(n);
-      for (let i = 0; i < d; i++) v[i] *= inv;
-      cols.push(v);
-      break;
-    }
+      }
   }
-  const scale = Math.sqrt(d / k);
-  for (let c = 0; c < k; c++) for (let i = 0; i < d; i++) R[i * k + c] = cols[c][i] * scale;
-  return R;
+  return new Map([...chosen].map(([name, l]) => [name, Int32Array.from(l).sort()]));
+}
+
+/** The projections that compute the chosen pairs: the rows and columns they use, and which grid entries to keep. */
+export function eigenPairsModule(p: Preconditioner, pairs: Int32Array): StoreModule {
+  const { dA, dOut } = p;
+  const rows = [...new Set(Array.from(pairs, (x) => Math.floor(x / dA)))].sort((a, b) => a - b);
+  const cols = [...new Set(Array.from(pairs, (x) => x % dA))].sort((a, b) => a - b);
+  const columnsOf = (Q: Float64Array, d: number, pick: number[]) => {
+    const P = new Float64Array(d * pick.length);
+    for (let r = 0; r < d; r++) for (let c = 0; c < pick.length; c++) P[r * pick.length + c] = Q[r * d + pick[c]];
+    return P;
+  };
+  const rowAt = new Map(rows.map((r, i) => [r, i]));
+  const colAt = new Map(cols.map((c, i) => [c, i]));
+  const keep = Int32Array.from(pairs, (x) => rowAt.get(Math.floor(x / dA))! * cols.length + colAt.get(x % dA)!);
+  return {
+    name: p.module,
+    dA,
+    dOut,
+    kA: cols.length,
+    kS: rows.length,
+    PA: columnsOf(p.qA, dA, cols),
+    PS: columnsOf(p.qS, dOut, rows),
+    keep,
+  };
 }
 
 /** A content hash of the eigenbases and damped eigenvalues an eigen-projected store is built from. */

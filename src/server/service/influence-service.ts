@@ -413,7 +413,13 @@ export class InfluenceService implements ServiceApi {
       k: cfg.k,
       seed: 0,
       modules: this.config.modules,
-      ...(eigen ? { projection: 'eigen' as const, factorsFingerprint: preconditionerFingerprint(eigen) } : {}),
+      ...(eigen
+        ? {
+            projection: 'eigen' as const,
+            factorsFingerprint: preconditionerFingerprint(eigen),
+            pilot: DEFAULTS.storePilot,
+          }
+        : {}),
     };
     const key = JSON.stringify(identity);
     const cached = this.stores.get(key);
