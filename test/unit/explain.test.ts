@@ -14,6 +14,7 @@ import { checkSameTokenizer, type OpenedStage, openStage, StageError } from '../
 import { loadDataset } from '../../src/server/data/dataset';
 import { contextLength, tokenizeQuery } from '../../src/server/data/tokenize';
 import { GradientStore } from '../../src/server/index/gradient-store';
+import type { Floats } from '../../src/server/linalg/matrix';
 import { Model, makeBatch } from '../../src/server/model/engine';
 import { initLlama, saveCheckpoint } from '../../src/server/train/trainer';
 import { gaussJordanInverse, kron, matVec } from './helpers/dense';
@@ -46,7 +47,7 @@ const RECORDS = [
 ];
 const QUERY = { prompt: 'Q: capital of France?\nA:', completion: ' Paris is' };
 
-const row0 = (M: Map<string, Float64Array[]>) => new Map([...M].map(([m, r]) => [m, r[0]]));
+const row0 = (M: Map<string, Floats[]>) => new Map([...M].map(([m, r]) => [m, r[0]]));
 const rel = (x: number, y: number) => Math.abs(x - y) / Math.max(Math.abs(y), 1e-12);
 
 describe('fit + explain (tiny fp64 Llama)', () => {

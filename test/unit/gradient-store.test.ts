@@ -16,6 +16,7 @@ import { loadDataset } from '../../src/server/data/dataset';
 import { contextLength, tokenizeQuery } from '../../src/server/data/tokenize';
 import { GradientStore, STORE_FORMAT, type StoreIdentity } from '../../src/server/index/gradient-store';
 import { preconditionerFingerprint } from '../../src/server/index/store-projection';
+import type { Floats } from '../../src/server/linalg/matrix';
 import { Model, makeBatch } from '../../src/server/model/engine';
 import {
   DATA_SHA256,
@@ -52,7 +53,7 @@ describe('gradient store (tiny fp64 Llama, dense reference)', () => {
   const rotated = new Map<string, Float64Array[]>();
   /** module → the rotated, preconditioned query (Q_Sᵀ G_q Q_A) ⊘ (Λ + λ) */
   const query = new Map<string, Float64Array>();
-  let M: Map<string, Float64Array>;
+  let M: Map<string, Floats>;
   const identity = (k: number): StoreIdentity => ({
     modelFingerprint: 'm',
     dataFingerprint: 'd',

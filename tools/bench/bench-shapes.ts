@@ -110,10 +110,14 @@ export async function benchShape(argv: string[]): Promise<void> {
   const opts = { modules: 'all' as const, labels: 'empirical' as const, seed: 0, batchSize: 8 };
   const sec = (t: number) => (performance.now() - t) / 1000;
   let t = performance.now();
-  const { covariances } = await fitCovariances(model, trainEx, opts);
+  // held only until the eigendecomposition (as the fit job does): at 135M they are 2.4 GB
+  let covariances: Awaited<ReturnType<typeof fitCovariances>>['covariances'] | null = (
+    await fitCovariances(model, trainEx, opts)
+  ).covariances;
   const covarianceSeconds = sec(t);
   t = performance.now();
   const bases = fitEigenbases(covariances);
+  covariances = null;
   const eigenSeconds = sec(t);
   t = performance.now();
   const lambdas = await fitLambdas(model, trainEx, bases, opts);
@@ -126,10 +130,13 @@ export async function benchShape(argv: string[]): Promise<void> {
     ]),
   );
   t = performance.now();
-  const G = await queryBatchGradients(model, queryEx, { modules: 'all' });
+  let G: Awaited<ReturnType<typeof queryBatchGradients>> | null = await queryBatchGradients(model, queryEx, {
+    modules: 'all',
+  });
   const queryGradSeconds = sec(t);
   t = performance.now();
   const M = queryMatrices(G, [pre]);
+  G = null; // the raw query gradients are not needed once preconditioned
   const preconditionSeconds = sec(t);
   t = performance.now();
   const scored = await scoreCandidates(model, M, trainEx, { modules: 'all', batchSize: 8 });

@@ -32,6 +32,7 @@ import {
   storedSize,
 } from '../../src/server/index/gradient-store';
 import { preconditionerFingerprint, type StoreProjection } from '../../src/server/index/store-projection';
+import type { Floats } from '../../src/server/linalg/matrix';
 import { Model } from '../../src/server/model/engine';
 import {
   DATA_SHA256,
@@ -90,7 +91,7 @@ export async function benchStore(argv: string[]): Promise<void> {
   const exact: Float64Array[] = [];
   for (const q of queries) exact.push(await scoreCorpus(setup, corpus, { ...q, method: 'ekfac' }));
   say(`exact EK-FAC scoring: ${((Date.now() - t) / queries.length).toFixed(0)} ms per query`);
-  const Ms: Map<string, Float64Array>[] = [];
+  const Ms: Map<string, Floats>[] = [];
   for (const q of queries) {
     const tq = tokenizeQuery(model.tokenizer, q.prompt, q.completion, contextLength(model.config));
     const { G } = await queryGradients(model, { ids: tq.ids, weights: tq.weights }, { modules: st.modules });
@@ -186,7 +187,7 @@ async function fp32Rows(model: Model, corpus: Corpus, store: GradientStore): Pro
   return rows;
 }
 
-function f32Scores(modules: StoreModule[], rows: Map<string, Float32Array>, M: Map<string, Float64Array>, n: number) {
+function f32Scores(modules: StoreModule[], rows: Map<string, Float32Array>, M: Map<string, Floats>, n: number) {
   const out = new Float64Array(n);
   for (const m of modules) {
     const size = storedSize(m);
@@ -202,7 +203,7 @@ function f32Scores(modules: StoreModule[], rows: Map<string, Float32Array>, M: M
 }
 
 /** PSᵀ M PA at the kept entries. */
-function queryCoordinates(m: StoreModule, M: Float64Array): Float64Array {
+function queryCoordinates(m: StoreModule, M: Floats): Float64Array {
   const { dA, dOut, kA, kS, PA, PS } = m;
   const grid = new Float64Array(kS * kA);
   const MP = new Float64Array(dOut * kA);
@@ -218,7 +219,7 @@ async function atScale(
   store: GradientStore,
   identity: StoreIdentity,
   n: number,
-  Ms: Map<string, Float64Array>[],
+  Ms: Map<string, Floats>[],
   say: (s?: string) => void,
 ) {
   const dir = mkdtempSync(join(tmpdir(), 'il-bench-store-'));

@@ -22,6 +22,7 @@ import { contextLength, tokenizeQuery } from '../../src/server/data/tokenize';
 import { embeddedDefault } from '../../src/server/defaults';
 import { evaluateCorpusModel } from '../../src/server/embedded/evaluate';
 import { mean, rankingOf, recallAtK, reciprocalRank } from '../../src/server/eval/metrics';
+import type { Floats } from '../../src/server/linalg/matrix';
 import { Model, makeBatch } from '../../src/server/model/engine';
 
 const { values: v } = parse(process.argv.slice(2), {
@@ -193,7 +194,7 @@ for (const name of names) {
     toks.map((t) => ({ ids: t.ids, weights: t.weights })),
     { modules: 'all' },
   );
-  const pass = async (model: Model, M: Map<string, Float64Array[]>) => {
+  const pass = async (model: Model, M: Map<string, Floats[]>) => {
     const r = await scoreCandidates(model, M, pretrain.tokens, { modules: 'all' });
     return queries.map((_, qi) => Float64Array.from(r.scores, (row) => row[qi]));
   };

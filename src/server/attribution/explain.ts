@@ -26,6 +26,7 @@ import type { Dataset } from '../data/dataset';
 import { contextLength, type TokenizedText, tokenizeExamples, tokenizeQuery } from '../data/tokenize';
 import { Bm25Index } from '../index/bm25';
 import type { GradientStore } from '../index/gradient-store';
+import type { Floats } from '../linalg/matrix';
 import type { Model } from '../model/engine';
 import {
   type CandidateScores,
@@ -479,7 +480,7 @@ async function scorePoolBatched(
   const scorer = gradientScorer(method);
   const queries = prepared.map((p) => scorer.query(setup, p.qg));
   const candidateModel = queries[0].candidateModel;
-  const all = new Map<string, Float64Array[]>();
+  const all = new Map<string, Floats[]>();
   for (const name of queries[0].M.keys())
     all.set(
       name,
@@ -525,7 +526,7 @@ async function finishGradientPool(
   corpus: Corpus,
   pool: number[],
   qg: QueryGradients,
-  M: Map<string, Float64Array[]>,
+  M: Map<string, Floats[]>,
   candidateModel: Model,
   res: CandidateScores,
   useStore: boolean,
@@ -665,7 +666,7 @@ function partials(method: Method, corpus: Corpus, pool: number[], req: ExplainRe
 /** The store's approximate scores in the shape scoreCandidates returns (row 0 only; no per-module terms), and their standard errors. */
 function storeScores(
   store: GradientStore,
-  M: Map<string, Float64Array[]>,
+  M: Map<string, Floats[]>,
   pool: number[],
 ): { res: CandidateScores; sd?: Float64Array } {
   const all = store.estimate(new Map([...M].map(([m, rows]) => [m, rows[0]])));

@@ -7,6 +7,8 @@
 //   multi-stage:   M = P_pt(P_ft(G_q on the fine-tuned model)), scored on the pre-trained model
 //   gradient dot:  M = G_q           (identity Hessian)
 // Extra query rows give the completion-side heatmap: row k carries only completion token k's loss.
+
+import type { Floats } from '../linalg/matrix';
 import type { Batch, Model, ModuleSelection } from '../model/engine';
 import type { ort } from '../model/onnx/session';
 import { DEFAULTS } from '../settings';
@@ -15,8 +17,11 @@ import { lowRank, lowRankToDense, type Preconditioner, precondition } from './ek
 import type { TokenizedExample } from './fit';
 
 export interface QueryGradients {
-  /** per module: Q rows of d_out × d_A (row 0 = the whole completion, row k = completion token k) */
-  G: Map<string, Float64Array[]>;
+  /**
+   * per module: Q rows of d_out × d_A (row 0 = the whole completion, row k = completion token k),
+   * in the graph's precision: at the SmolLM-135M shape one fp64 row is 850 MB
+   */
+  G: Map<string, Floats[]>;
   /** positions whose loss each extra row isolates (row k ↔ targetPositions[k-1]) */
   targetPositions: number[];
   /** query loss −log p(completion | prompt) */
@@ -46,7 +51,7 @@ export async function queryGradients(
     modules: opts.modules,
   });
   // one row per completion token, each a whole per-example gradient: run them a few at a time
-  const G = new Map<string, Float64Array[]>(graph.moduleInfo.map((m) => [m.name, new Array(rows.length)]));
+  const G = new Map<string, Floats[]>(graph.moduleInfo.map((m) => [m.name, new Array(rows.length)]));
   let loss = 0;
   let tokenNll = new Float64Array(0);
   let hidden: Float32Array | undefined;
@@ -54,10 +59,10 @@ export async function queryGradients(
   for (const { batch, idx } of memoryBoundedBatches(rows, rows.length, model.tokenizer.padTokenId ?? 0, shape)) {
     const r = await graph.run(batch);
     for (const m of graph.moduleInfo) {
-      const all = r[`G.${m.name}`].data as Float32Array;
+      const all = r[`G.${m.name}`].data as Floats;
       const size = all.length / idx.length;
       idx.forEach((k, b) => {
-        G.get(m.name)![k] = Float64Array.from(all.subarray(b * size, (b + 1) * size));
+        G.get(m.name)![k] = all.slice(b * size, (b + 1) * size);
       });
     }
     // the loss outputs come from row 0 (the whole completion)
@@ -79,17 +84,17 @@ export async function queryBatchGradients(
   model: Model,
   queries: TokenizedExample[],
   opts: { modules: ModuleSelection },
-): Promise<Map<string, Float64Array[]>> {
+): Promise<Map<string, Floats[]>> {
   const graph = await model.compile({ labels: 'data', exampleGrads: true, modules: opts.modules });
-  const G = new Map<string, Float64Array[]>(graph.moduleInfo.map((m) => [m.name, new Array(queries.length)]));
+  const G = new Map<string, Floats[]>(graph.moduleInfo.map((m) => [m.name, new Array(queries.length)]));
   const shape = runShape(graph.moduleInfo, model.config, true, graph.fp64);
   for (const { batch, idx } of memoryBoundedBatches(queries, queries.length, model.tokenizer.padTokenId ?? 0, shape)) {
     const out = await graph.run(batch);
     for (const m of graph.moduleInfo) {
-      const all = out[`G.${m.name}`].data as Float32Array | Float64Array;
+      const all = out[`G.${m.name}`].data as Floats;
       const size = all.length / idx.length;
       idx.forEach((k, b) => {
-        G.get(m.name)![k] = Float64Array.from(all.subarray(b * size, (b + 1) * size));
+        G.get(m.name)![k] = all.slice(b * size, (b + 1) * size);
       });
     }
   }
@@ -98,21 +103,22 @@ export async function queryBatchGradients(
 
 /** Apply one or more preconditioners in order (multi-stage applies fine-tune then pre-train). */
 export function queryMatrices(
-  G: Map<string, Float64Array[]>,
+  G: Map<string, Floats[]>,
   preconditioners: Array<Map<string, Preconditioner>>,
-): Map<string, Float64Array[]> {
-  const out = new Map<string, Float64Array[]>();
+): Map<string, Floats[]> {
+  const out = new Map<string, Floats[]>();
   for (const [name, rows] of G) {
     out.set(
       name,
       rows.map((row) => {
-        let v = row;
+        let v: Floats = row;
         for (const p of preconditioners) {
           const pm = p.get(name);
           if (!pm) throw new Error(`the factors have no module ${name}: fit them over the same modules`);
           v = precondition(pm, v);
         }
-        return v;
+        // fp64 inside the chain, stored in the row's own precision (the graph's: it is fed back as that)
+        return row instanceof Float32Array && !(v instanceof Float32Array) ? Float32Array.from(v) : v;
       }),
     );
   }
@@ -142,7 +148,7 @@ export interface CandidateScores {
 /** Score candidates against query matrices M (per module, Q rows each). */
 export async function scoreCandidates(
   model: Model,
-  M: Map<string, Float64Array[]>,
+  M: Map<string, Floats[]>,
   candidates: TokenizedExample[],
   opts: {
     modules: ModuleSelection;

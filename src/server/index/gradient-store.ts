@@ -14,7 +14,7 @@ import { existsSync, mkdirSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Preconditioner } from '../attribution/ekfac/precondition';
 import type { TokenizedExample } from '../attribution/fit';
-import { gemm } from '../linalg/matrix';
+import { type Floats, gemm, toF64 } from '../linalg/matrix';
 import { type Batch, type Model, type ModuleSelection, makeBatch } from '../model/engine';
 import type { ort } from '../model/onnx/session';
 import {
@@ -219,7 +219,7 @@ export class GradientStore {
   }
 
   /** Approximate ⟨M_l, G_l(z)⟩ summed over modules, for every stored example. */
-  scores(M: Map<string, Float64Array>): Float64Array {
+  scores(M: Map<string, Floats>): Float64Array {
     return this.estimate(M).scores;
   }
 
@@ -230,7 +230,7 @@ export class GradientStore {
    * store's truncation has no such error model (what it drops is not random): its `sd` is
    * absent, and explain relies on the exact rerank of the store's top and bottom.
    */
-  estimate(M: Map<string, Float64Array>): { scores: Float64Array; sd?: Float64Array } {
+  estimate(M: Map<string, Floats>): { scores: Float64Array; sd?: Float64Array } {
     const out = new Float64Array(this.size);
     const random = (this.identity.projection ?? 'random') === 'random';
     const variance = new Float64Array(this.size);
@@ -431,9 +431,9 @@ function dotHalf(half: Uint16Array, off: number, x: Float64Array | null, n: numb
 }
 
 /** PSᵀ M PA for a dOut × dA matrix M, at the kept entries (all of the grid when `keep` is absent). */
-function project(M: Float64Array, m: StoreModule): Float64Array {
+function project(M: Floats, m: StoreModule): Float64Array {
   const { dA, dOut, kA, kS, PA, PS, keep } = m;
-  const MP = gemm(M, PA, dOut, dA, kA); // dOut × kA
+  const MP = gemm(toF64(M), PA, dOut, dA, kA); // dOut × kA
   if (!keep) return gemm(PS, MP, kS, dOut, kA, { transA: true });
   // only the kept entries: K·dOut work instead of kS·kA·dOut
   const out = new Float64Array(keep.length);

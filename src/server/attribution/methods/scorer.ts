@@ -6,6 +6,7 @@
 //    the completion-side rows, the training-side token scores, streaming partial results.
 //  - pool methods (text, representations) score the pool directly.
 // Whether a method's scores are signed comes from the registry (src/protocol/methods.ts).
+import type { Floats } from '../../linalg/matrix';
 import type { Model } from '../../model/engine';
 import type { Corpus } from '../explain';
 import type { QueryGradients } from '../influence';
@@ -14,7 +15,7 @@ import type { ExplainSetup } from '../setup';
 export interface GradientScorer {
   readonly kind: 'gradient';
   /** The query matrices (per module, one row per query row of `qg.G`), and the model whose candidate gradients they meet. */
-  query(setup: ExplainSetup, qg: QueryGradients): { M: Map<string, Float64Array[]>; candidateModel: Model };
+  query(setup: ExplainSetup, qg: QueryGradients): { M: Map<string, Floats[]>; candidateModel: Model };
   /**
    * Divide each score by a query row's norm and a candidate's norm (cosine). A method with a
    * normalization needs every candidate's ‖G(z)‖², so it cannot score from the gradient store.
