@@ -1,8 +1,10 @@
 // npm run bench [-- --quick]: every claim in one command. Runs the suites one after the
 // other, each in its own process (so each peak-memory number is that suite's alone):
 //   ekfac  — factor fitting and exact scoring next to kronfluence (same model, data, machine, run)
+//   shape  — the same at Pythia-70M's real shape (`bench ekfac --shape pythia-70m`)
 //   server — explain latency through the real server
 //   eval   — accuracy: planted/backdoor retrieval, fact tracing, Gauss-Newton ground truth, LDS
+//   store  — the gradient store against exact EK-FAC: Spearman, containment, bytes, 100k rows
 // and writes bench/results/<date>-<machine>[-quick].{json,md} with a headline table.
 import { spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
@@ -21,17 +23,21 @@ export async function benchAll(argv: string[]): Promise<void> {
   const say = (s = '') => process.stdout.write(`${s}\n`);
   const t0 = Date.now();
   const tmp = mkdtempSync(join(tmpdir(), 'il-bench-'));
+  const noKron = v['no-kronfluence'] ? ['--no-kronfluence'] : [];
+  // [report key, command line]; --quick is passed to the suites that have it
   const suites: Array<[string, string[]]> = [
-    ['ekfac', v['no-kronfluence'] ? ['--no-kronfluence'] : []],
-    ['server', []],
-    ['eval', []],
+    ['ekfac', ['ekfac', ...(quick ? ['--quick'] : []), ...noKron]],
+    ['shape', ['ekfac', '--shape', 'pythia-70m', ...(quick ? ['--examples', '8', '--queries', '4'] : []), ...noKron]],
+    ['server', ['server', ...(quick ? ['--quick'] : [])]],
+    ['eval', ['eval', ...(quick ? ['--quick'] : [])]],
+    ['store', ['store', ...(quick ? ['--quick'] : [])]],
   ];
   const out: Record<string, Json | string> = {};
   try {
-    for (const [suite, extra] of suites) {
+    for (const [suite, command] of suites) {
       const file = join(tmp, `${suite}.json`);
-      const args = [suite, ...(quick ? ['--quick'] : []), ...extra, '--report', file];
-      say(`\n== npm run bench -- ${args.slice(0, -2).join(' ')}`);
+      const args = [...command, '--report', file];
+      say(`\n== npm run bench -- ${command.join(' ')}`);
       // the same entry point (and loader flags, e.g. tsx's) as this process
       const r = spawnSync(process.execPath, [...process.execArgv, process.argv[1], ...args], { stdio: 'inherit' });
       out[suite] =
@@ -93,6 +99,31 @@ function headline(s: Record<string, Json | string>): Row[] {
         ratio: '—',
       });
   }
+  const sh = typeof s.shape === 'object' ? s.shape : undefined;
+  if (sh) {
+    const k = sh.kronfluence as Json | null;
+    const label = `${sh.shape} shape (${sh.train}×${sh.length} tokens, ${sh.queries} queries)`;
+    const add = (measure: string, ours?: number, theirs?: number, higherBetter = true) => {
+      if (ours === undefined) return;
+      rows.push({
+        measure: `${label}: ${measure}`,
+        'influence-lens': fmt(round(ours)),
+        reference: theirs === undefined ? '—' : `${fmt(round(theirs))} (kronfluence)`,
+        ratio: theirs === undefined ? '—' : `${(ours / theirs).toFixed(2)}×${higherBetter ? '' : ' (lower is better)'}`,
+      });
+    };
+    add('EK-FAC fit, tokens/s', num(sh.ours?.fit_tokens_per_second), num(k?.fit_tokens_per_second));
+    add('batch scoring, candidates/s', num(sh.ours?.candidates_per_second), num(k?.candidates_per_second));
+    add('peak memory, MB', num(sh.ours?.peak_rss_mb), num(k?.peak_rss_mb), false);
+    const sp = sh.spearman_per_query as number[] | null;
+    if (sp?.length)
+      rows.push({
+        measure: `${label}: agreement with kronfluence (Spearman, worst query)`,
+        'influence-lens': Math.min(...sp),
+        reference: '—',
+        ratio: '—',
+      });
+  }
   const sv = typeof s.server === 'object' ? s.server : undefined;
   for (const r of (sv?.results ?? []) as Json[])
     if (r.method === 'ekfac' || r.method === 'multistage')
@@ -109,15 +140,19 @@ function headline(s: Record<string, Json | string>): Row[] {
     const baselines = (r: Row) => !String(r.method).includes('EK-FAC') && !String(r.method).includes('store');
     for (const task of ['planted', 'backdoor']) {
       const rs = (ev.retrieval as Row[]).filter((r) => r.task === task);
-      const e = rs.find((r) => r.method === 'EK-FAC');
+      // the default computation (EK-FAC summed over checkpoints when the model has them), and final-model EK-FAC
+      const dflt = rs.find((r) => String(r.method).startsWith('EK-FAC Σ'));
       const b = best(rs, baselines, 'Recall@10');
-      if (e && b)
-        rows.push({
-          measure: `${task} sources, Recall@10 / MRR`,
-          'influence-lens': `${fmt(e['Recall@10'])} / ${fmt(e.MRR)} (EK-FAC)`,
-          reference: `${fmt(b['Recall@10'])} / ${fmt(b.MRR)} (${b.method})`,
-          ratio: '—',
-        });
+      const cell = (r: Row) =>
+        `${fmt(r['Recall@10'])} / ${fmt(r.MRR)}${r['in bottom 10%'] === undefined ? '' : ` / ${r['in bottom 10%']}`} (${r.method})`;
+      for (const e of [dflt, rs.find((r) => r.method === 'EK-FAC')])
+        if (e && b)
+          rows.push({
+            measure: `${task} sources, Recall@10 / MRR / true sources in the bottom 10%`,
+            'influence-lens': cell(e),
+            reference: cell(b),
+            ratio: '—',
+          });
     }
     const tr = ev.fact_tracing as Row[];
     const ms = best(tr, (r) => r.method === 'multi-stage EK-FAC', 'MRR');
@@ -158,6 +193,27 @@ function headline(s: Record<string, Json | string>): Row[] {
         reference: `${fmt(b.LDS)} (${b.method})`,
         ratio: '—',
       });
+  }
+  const st = typeof s.store === 'object' ? s.store : undefined;
+  const def = (st?.results as Json[] | undefined)?.find((r) => r.default);
+  if (def) {
+    rows.push({
+      measure: `gradient store (k = ${def.k}) vs exact EK-FAC: Spearman median / worst; exact top-10 inside the store's top-${def.rerank}`,
+      'influence-lens': `${fmt(def.spearman_median)} / ${fmt(def.spearman_min)}; ${def.exact_top10_in_rerank}/${def.queries} queries`,
+      reference: '—',
+      ratio: '—',
+    });
+    const sc = st?.at_scale as Json | null;
+    rows.push({
+      measure: 'gradient store: bytes per example; query time',
+      'influence-lens': `${Math.round(def.bytes_per_example)} B; ${fmt(def.query_ms)} ms over ${def.examples}${
+        sc
+          ? `, ${Math.round([...sc.query_ms].sort((a: number, b: number) => a - b)[Math.floor(sc.query_ms.length / 2)])} ms over ${sc.examples}`
+          : ''
+      }`,
+      reference: '—',
+      ratio: '—',
+    });
   }
   return rows;
 }

@@ -13,9 +13,9 @@
 // Then, for the default configuration, the store's rows tiled to `--scale` examples are
 // written, loaded (checksum included) and queried: the query time at that size, measured on
 // synthetic rows of the real shape (the time does not depend on the values).
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { Corpus, plausible, scoreCorpus } from '../../src/server/attribution/explain';
 import { runFitJob } from '../../src/server/attribution/fit-job';
 import { queryGradients, queryMatrices } from '../../src/server/attribution/influence';
@@ -51,6 +51,7 @@ export async function benchStore(argv: string[]): Promise<void> {
     rerank: { type: 'string' },
     'fact-queries': { type: 'string' },
     scale: { type: 'string' },
+    report: { type: 'string' },
   });
   const say = (s = '') => process.stdout.write(`${s}\n`);
   const rerank = Number(v.rerank ?? DEFAULTS.store.rerank);
@@ -115,6 +116,8 @@ export async function benchStore(argv: string[]): Promise<void> {
   );
   say('|---|---|---|---|---|---|---|---|---|---|---|');
   let defaultStore: GradientStore | undefined;
+  // biome-ignore lint/suspicious/noExplicitAny: the report is plain JSON
+  const results: Array<Record<string, any>> = [];
   for (const { projection, k } of variants) {
     t = Date.now();
     const store = await GradientStore.build(model, corpus.tokens, identityOf(projection, k), {
@@ -169,8 +172,29 @@ export async function benchStore(argv: string[]): Promise<void> {
         `${med(rho32).toFixed(3)} / ${Math.min(...rho32).toFixed(3)} | ${inFixed}/${nq} | ${inDouble}/${nq} | ${med(worst)} median, ${Math.max(...worst)} max | ` +
         `${sizes.length ? `${inRescored}/${nq} / ${med(sizes)} / ${Math.max(...sizes)}` : '—'} | ${(queryMs / nq).toFixed(1)} |`,
     );
+    results.push({
+      projection,
+      k,
+      default: projection === 'eigen' && k === DEFAULTS.store.k,
+      bytes_per_example: store.bytes / store.size,
+      build_seconds: buildS,
+      spearman_median: med(rho),
+      spearman_min: Math.min(...rho),
+      queries: nq,
+      exact_top10_in_rerank: inFixed,
+      rerank,
+      query_ms: queryMs / nq,
+      examples: store.size,
+    });
   }
-  if (scale > 0 && defaultStore) await atScale(defaultStore, identityOf('eigen', DEFAULTS.store.k), scale, Ms, say);
+  const scaled =
+    scale > 0 && defaultStore
+      ? await atScale(defaultStore, identityOf('eigen', DEFAULTS.store.k), scale, Ms, say)
+      : null;
+  if (v.report) {
+    mkdirSync(dirname(v.report), { recursive: true });
+    writeFileSync(v.report, `${JSON.stringify({ suite: 'store', results, at_scale: scaled }, null, 2)}\n`);
+  }
 }
 
 /** The store's kept coordinates in fp32 (as the graph gives them), module → [N, size]. */
@@ -221,7 +245,7 @@ async function atScale(
   n: number,
   Ms: Map<string, Floats>[],
   say: (s?: string) => void,
-) {
+): Promise<{ examples: number; gib: number; load_seconds: number; query_ms: number[] }> {
   const dir = mkdtempSync(join(tmpdir(), 'il-bench-store-'));
   try {
     store.save(dir);
@@ -263,6 +287,7 @@ async function atScale(
         `written in ${writeS.toFixed(1)} s, loaded with its checksum in ${loadS.toFixed(1)} s; ` +
         `query ${ms.map((x) => x.toFixed(0)).join(', ')} ms (${ms.length} queries)`,
     );
+    return { examples: n, gib: big.bytes / 2 ** 30, load_seconds: loadS, query_ms: ms };
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
