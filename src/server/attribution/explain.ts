@@ -15,7 +15,8 @@ import { toField } from '../../common/records/render';
 import { GRADIENT_METHODS, methodInfo } from '../../protocol/methods';
 import type { ExplainedExample, ExplainPartial, ExplainResult, Method, Sign, TokenScores } from '../../protocol/types';
 import type { Dataset } from '../data/dataset';
-import { contextLength, type TokenizedText, tokenizeExamples, tokenizeQuery } from '../data/tokenize';
+import { renderForModel } from '../data/format';
+import { contextLength, type TokenizedText, tokenizeExamples, tokenizeQuery, tokenizeRecord } from '../data/tokenize';
 import { Bm25Index } from '../index/bm25';
 import type { GradientStore } from '../index/gradient-store';
 import type { Model } from '../model/engine';
@@ -32,29 +33,62 @@ import { ExplainError, type ExplainSetup } from './setup';
 
 export { ExplainError, type ExplainSetup, type Stage } from './setup';
 
-/** A dataset tokenized once, with the indexes methods build lazily (BM25, hidden states). */
+/**
+ * A dataset with what methods derive from it, each made on first use and kept: the tokens of every
+ * example (gradient methods, the store), the rendered texts (BM25), the BM25 index, hidden states.
+ * Nothing is tokenized before it is needed: the server's light lane answers BM25 and getExample
+ * from the texts and single examples, so only the lane that scores gradients tokenizes the whole
+ * dataset (at 100k examples tokenizing costs tens of seconds, parsing about one).
+ */
 export class Corpus {
-  readonly tokens: TokenizedText[];
-  readonly truncated: number;
+  private all?: { tokens: TokenizedText[]; truncated: number };
+  private texts?: string[];
   private bm25?: Bm25Index;
   private hidden = new Map<Model, Promise<Float32Array[]>>();
+  private readonly maxLength: number;
 
   constructor(
     readonly id: string,
     readonly dataset: Dataset,
-    model: Model,
+    private readonly model: Model,
   ) {
-    const t = tokenizeExamples(model.tokenizer, dataset.examples, contextLength(model.config), dataset.path);
-    this.tokens = t.tokens;
-    this.truncated = t.truncated;
+    this.maxLength = contextLength(model.config);
   }
 
   get size(): number {
     return this.dataset.examples.length;
   }
 
+  /** Every example tokenized for the model (done on first access). */
+  get tokens(): TokenizedText[] {
+    this.all ??= tokenizeExamples(this.model.tokenizer, this.dataset.examples, this.maxLength, this.dataset.path);
+    return this.all.tokens;
+  }
+
+  /** How many examples were cut to the model's context (tokenizes the dataset). */
+  get truncated(): number {
+    void this.tokens;
+    return this.all!.truncated;
+  }
+
+  /** Example i tokenized: from the whole dataset's tokens when they exist, else on its own (the same result). */
+  token(i: number): TokenizedText {
+    if (this.all) return this.all.tokens[i];
+    const ex = this.dataset.examples[i];
+    return tokenizeRecord(this.model.tokenizer, ex.record, `${this.dataset.path}:${ex.line}`, this.maxLength);
+  }
+
+  /** The text example i is rendered to for the model (what its tokens encode), without tokenizing it. */
+  text(i: number): string {
+    if (this.all) return this.all.tokens[i].text;
+    this.texts ??= this.dataset.examples.map(
+      (ex) => renderForModel(ex.record, `${this.dataset.path}:${ex.line}`, this.model.tokenizer.chatTemplate()).text,
+    );
+    return this.texts[i];
+  }
+
   bm25Index(): Bm25Index {
-    this.bm25 ??= new Bm25Index(this.size, (i) => this.tokens[i].text);
+    this.bm25 ??= new Bm25Index(this.size, (i) => this.text(i));
     return this.bm25;
   }
 
@@ -244,7 +278,7 @@ async function finish(
   const modules = setup.model.model.modules(setup.modules).map((m) => m.name);
   const describe = (pos: number, j: number): ExplainedExample => {
     const ex = corpus.dataset.examples[pool[pos]];
-    const tok = corpus.tokens[pool[pos]];
+    const tok = corpus.token(pool[pos]);
     const score = main.scores[pos];
     const e: ExplainedExample = {
       id: { dataset: corpus.id, line: ex.line, hash: ex.hash },
