@@ -228,6 +228,7 @@ export async function benchCorpus(argv: string[]): Promise<void> {
     const rss1 = process.memoryUsage().rss;
     t = performance.now();
     const corpus = new Corpus('corpus', ds, model);
+    void corpus.tokens; // tokenized on first use
     const tokenizeMs = performance.now() - t;
     gc();
     const rss2 = process.memoryUsage().rss;
