@@ -2,13 +2,15 @@
 // 100,000) by recombining the embedded default's records with a seeded generator, keeps the
 // 313 fine-tuning lines in it verbatim (the planted wrong facts and backdoor lines among them,
 // so it can check that explain still finds their sources at this size), and measures:
-//   - dataset load (read + parse + render + hash) and tokenization, in this process;
-//   - the lunr BM25 index build: time and the memory it holds;
+//   - in this process: dataset load (read + parse + render + hash), the BM25 index (build time,
+//     the memory it holds, query time; lunr's index until it failed at this size, see
+//     src/server/index/bm25.ts) and tokenization;
 //   - `influence-lens serve` (spawned as bench-latency does) on an influence-lens.json naming the
 //     file: start until `status` answers, both lanes reading the file (`reload`), the gradient
 //     store build (`index`) and its bytes on disk, explain p50/p95 for ekfac (store + exact
-//     rerank) and bm25, the server's peak memory (VmHWM, all threads), and a restart with the
-//     store on disk (start + first explain, which reads the file and the store).
+//     rerank; planted/backdoor sources found in the top 10) and bm25, the server's peak memory
+//     (VmHWM, all threads), and a restart with the store on disk (start + first explain, which
+//     reads the file, tokenizes it and loads the store).
 //   npm run bench -- corpus [--examples N] [--queries Q] [--seed S] [--report PATH (without .md/.json)]
 import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
 import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
@@ -181,6 +183,50 @@ interface Explained {
   timings: Record<string, number>;
 }
 
+/** Parse, BM25 index and tokenization of the file in this process, each timed with the memory it keeps. */
+function inProcess(data: string, queries: Query[]) {
+  const model = Model.open(embeddedDefault().finetuned);
+  void model.tokenizer;
+  gc();
+  const mem = () => process.memoryUsage();
+  const m0 = mem();
+  let t = performance.now();
+  const ds = loadDataset(data, { skipMalformed: true });
+  const parseMs = performance.now() - t;
+  gc();
+  const m1 = mem();
+  const corpus = new Corpus('corpus', ds, model);
+  t = performance.now();
+  const bm25 = corpus.bm25Index();
+  const bm25Ms = performance.now() - t;
+  gc();
+  const m2 = mem();
+  const bmMs: number[] = [];
+  for (const q of queries) {
+    t = performance.now();
+    bm25.scores(q.prompt + q.completion);
+    bmMs.push(performance.now() - t);
+  }
+  t = performance.now();
+  void corpus.tokens; // tokenized on first use
+  const tokenizeMs = performance.now() - t;
+  gc();
+  const m3 = mem();
+  return {
+    parse_ms: round(parseMs),
+    parse_rss_mib: mib(m1.rss - m0.rss),
+    duplicates: ds.duplicates,
+    bm25_build_ms: round(bm25Ms),
+    bm25_rss_mib: mib(m2.rss - m1.rss),
+    bm25_heap_mib: mib(m2.heapUsed - m1.heapUsed),
+    bm25_query: percentiles(bmMs),
+    tokenize_ms: round(tokenizeMs),
+    tokenize_rss_mib: mib(m3.rss - m2.rss),
+    truncated: corpus.truncated,
+    load: load(),
+  };
+}
+
 export async function benchCorpus(argv: string[]): Promise<void> {
   const { values: v } = parse(argv, {
     examples: { type: 'string' },
@@ -193,7 +239,8 @@ export async function benchCorpus(argv: string[]): Promise<void> {
   const seed = int(v.seed, '--seed', 0);
   const say = (s = '') => process.stdout.write(`${s}\n`);
   const d = embeddedDefault();
-  const report: Record<string, unknown> = {
+  // biome-ignore lint/suspicious/noExplicitAny: a JSON report, filled step by step
+  const report: Record<string, any> = {
     suite: 'corpus',
     date: new Date().toISOString(),
     host: hostname(),
@@ -209,64 +256,26 @@ export async function benchCorpus(argv: string[]): Promise<void> {
   try {
     // 1. the file
     const data = join(work, 'corpus.jsonl');
-    let t = performance.now();
+    const t = performance.now();
     writeFileSync(data, `${corpusLines(n, seed).join('\n')}\n`);
     report.generate = { ms: round(performance.now() - t), bytes: statSync(data).size };
     say(
       `bench corpus: ${n} examples (${mib(statSync(data).size)} MiB JSONL, seed ${seed}), ${cpus().length} CPUs, load ${load().join(' ')}`,
     );
 
-    // 2. in this process: parse, tokenize, lunr
-    const model = Model.open(d.finetuned);
-    void model.tokenizer;
-    gc();
-    const rss0 = process.memoryUsage().rss;
-    t = performance.now();
-    const ds = loadDataset(data, { skipMalformed: true });
-    const parseMs = performance.now() - t;
-    gc();
-    const rss1 = process.memoryUsage().rss;
-    t = performance.now();
-    const corpus = new Corpus('corpus', ds, model);
-    void corpus.tokens; // tokenized on first use
-    const tokenizeMs = performance.now() - t;
-    gc();
-    const rss2 = process.memoryUsage().rss;
-    const heap2 = process.memoryUsage().heapUsed;
-    t = performance.now();
-    const bm25 = corpus.bm25Index();
-    const lunrMs = performance.now() - t;
-    gc();
-    const rss3 = process.memoryUsage().rss;
-    const heap3 = process.memoryUsage().heapUsed;
+    // 2. in this process: parse, BM25 (as the server's light lane: from rendered texts), tokenize
     const all = JSON.parse(readFileSync(d.queries, 'utf8')) as Query[];
     const queries = [
       ...all.filter((q) => q.kind !== 'fact_tracing'),
       ...all.filter((q) => q.kind === 'fact_tracing'),
     ].slice(0, nQueries);
-    const bmMs: number[] = [];
-    for (const q of queries) {
-      t = performance.now();
-      bm25.scores(q.prompt + q.completion);
-      bmMs.push(performance.now() - t);
-    }
-    report.in_process = {
-      parse_ms: round(parseMs),
-      parse_rss_mib: mib(rss1 - rss0),
-      duplicates: ds.duplicates,
-      tokenize_ms: round(tokenizeMs),
-      tokenize_rss_mib: mib(rss2 - rss1),
-      truncated: corpus.truncated,
-      lunr_build_ms: round(lunrMs),
-      lunr_rss_mib: mib(rss3 - rss2),
-      lunr_heap_mib: mib(heap3 - heap2),
-      lunr_query: percentiles(bmMs),
-      load: load(),
-    };
+    report.in_process = inProcess(data, queries);
     say(
-      `  in process: parse ${round(parseMs)} ms (+${mib(rss1 - rss0)} MiB), tokenize ${round(tokenizeMs)} ms (+${mib(rss2 - rss1)} MiB), ` +
-        `lunr build ${round(lunrMs)} ms (+${mib(rss3 - rss2)} MiB RSS, +${mib(heap3 - heap2)} MiB heap), lunr query p50 ${percentiles(bmMs).p50_ms} ms; load ${load().join(' ')}`,
+      `  in process: parse ${report.in_process.parse_ms} ms (+${report.in_process.parse_rss_mib} MiB), BM25 index ${report.in_process.bm25_build_ms} ms ` +
+        `(+${report.in_process.bm25_rss_mib} MiB RSS, +${report.in_process.bm25_heap_mib} MiB heap), BM25 query p50 ${report.in_process.bm25_query.p50_ms} ms, ` +
+        `tokenize ${report.in_process.tokenize_ms} ms (+${report.in_process.tokenize_rss_mib} MiB); load ${load().join(' ')}`,
     );
+    gc(); // what it held is garbage now: the server gets the memory
 
     // 3. the factors the server's ekfac needs (fitted once on the embedded fine-tuning set, cached)
     const fit = await timed(() =>
@@ -335,30 +344,32 @@ export async function benchCorpus(argv: string[]): Promise<void> {
       };
       const first = await ekfac(queries[0]);
       row.first_ekfac_ms = first.ms;
+      row.first_load = load();
       say(`    first ekfac explain${phase === 'cold' ? '' : ' (reads the file and the store)'}: ${first.ms} ms`);
-      const ms: number[] = [];
-      const found: Record<string, number[]> = { planted: [], backdoor: [] };
-      for (const q of queries) {
-        const r = await ekfac(q);
-        ms.push(r.ms);
-        if (q.kind !== 'fact_tracing') {
-          const top = new Set(r.value.supporting.map((e) => e.id.hash));
-          const srcs = q.sources.map((s) => s.hash);
-          found[q.kind].push(srcs.filter((h) => top.has(h)).length / Math.min(10, srcs.length));
-        }
-      }
-      const mean = (x: number[]) => (x.length ? round(x.reduce((a, b) => a + b, 0) / x.length, 3) : null);
-      row.ekfac = {
-        ...percentiles(ms),
-        rescored_median: percentiles(rescored.slice(1)).p50_ms,
-        recall_at_10: { planted: mean(found.planted), backdoor: mean(found.backdoor) },
-        load: load(),
-      };
-      say(
-        `    ekfac (store + exact rerank of a median ${percentiles(rescored.slice(1)).p50_ms}): p50 ${percentiles(ms).p50_ms} ms, p95 ${percentiles(ms).p95_ms} ms (n=${ms.length}); ` +
-          `planted sources in the top 10: ${mean(found.planted)}, backdoor: ${mean(found.backdoor)}; load ${load().join(' ')}`,
-      );
+      // the restart measures what a user waits for after it; the latency loop is the cold run's
       if (phase === 'cold') {
+        const ms: number[] = [];
+        const found: Record<string, number[]> = { planted: [], backdoor: [] };
+        for (const q of queries) {
+          const r = await ekfac(q);
+          ms.push(r.ms);
+          if (q.kind !== 'fact_tracing') {
+            const top = new Set(r.value.supporting.map((e) => e.id.hash));
+            const srcs = q.sources.map((s) => s.hash);
+            found[q.kind].push(srcs.filter((h) => top.has(h)).length / Math.min(10, srcs.length));
+          }
+        }
+        const mean = (x: number[]) => (x.length ? round(x.reduce((a, b) => a + b, 0) / x.length, 3) : null);
+        row.ekfac = {
+          ...percentiles(ms),
+          rescored_median: percentiles(rescored.slice(1)).p50_ms,
+          recall_at_10: { planted: mean(found.planted), backdoor: mean(found.backdoor) },
+          load: load(),
+        };
+        say(
+          `    ekfac (store + exact rerank of a median ${percentiles(rescored.slice(1)).p50_ms}): p50 ${percentiles(ms).p50_ms} ms, p95 ${percentiles(ms).p95_ms} ms (n=${ms.length}); ` +
+            `planted sources in the top 10: ${mean(found.planted)}, backdoor: ${mean(found.backdoor)}; load ${load().join(' ')}`,
+        );
         const q0 = queries[0];
         const bmFirst = await timed(() =>
           c.request('explain', {
@@ -450,15 +461,19 @@ function markdown(r: Record<string, unknown>): string {
       `${x.in_process.parse_ms} ms, +${x.in_process.parse_rss_mib} MiB`,
       x.in_process.load,
     ],
-    ['tokenization', `${x.in_process.tokenize_ms} ms, +${x.in_process.tokenize_rss_mib} MiB`, x.in_process.load],
     [
-      'lunr index build',
-      `${x.in_process.lunr_build_ms} ms, +${x.in_process.lunr_rss_mib} MiB RSS (+${x.in_process.lunr_heap_mib} MiB heap)`,
+      'BM25 index build (from rendered texts)',
+      `${x.in_process.bm25_build_ms} ms, +${x.in_process.bm25_rss_mib} MiB RSS (+${x.in_process.bm25_heap_mib} MiB heap)`,
       x.in_process.load,
     ],
     [
-      'lunr query (BM25 scores of every example)',
-      `p50 ${x.in_process.lunr_query.p50_ms} ms, p95 ${x.in_process.lunr_query.p95_ms} ms`,
+      'BM25 query (scores of every example)',
+      `p50 ${x.in_process.bm25_query.p50_ms} ms, p95 ${x.in_process.bm25_query.p95_ms} ms`,
+      x.in_process.load,
+    ],
+    [
+      'tokenization (every example)',
+      `${x.in_process.tokenize_ms} ms, +${x.in_process.tokenize_rss_mib} MiB`,
       x.in_process.load,
     ],
   ];
@@ -475,12 +490,17 @@ function markdown(r: Record<string, unknown>): string {
         `${s.index.ms} ms (${s.index.examples_per_s} examples/s); ${mib(s.index.bytes_on_disk)} MiB on disk, ${s.index.bytes_per_example} bytes/example`,
         s.index.load,
       ]);
-    rows.push([`${tag}: first ekfac explain`, `${s.first_ekfac_ms} ms`, s.ekfac.load]);
     rows.push([
-      `${tag}: ekfac explain (store + exact rerank)`,
-      `p50 ${s.ekfac.p50_ms} ms, p95 ${s.ekfac.p95_ms} ms (n=${s.ekfac.n}); median ${s.ekfac.rescored_median} rescored exactly; planted / backdoor sources in the top 10: ${s.ekfac.recall_at_10.planted} / ${s.ekfac.recall_at_10.backdoor}`,
-      s.ekfac.load,
+      `${tag}: first ekfac explain${phase === 'cold' ? '' : ' (reads the file, tokenizes, loads the store)'}`,
+      `${s.first_ekfac_ms} ms`,
+      s.first_load,
     ]);
+    if (s.ekfac)
+      rows.push([
+        `${tag}: ekfac explain (store + exact rerank)`,
+        `p50 ${s.ekfac.p50_ms} ms, p95 ${s.ekfac.p95_ms} ms (n=${s.ekfac.n}); median ${s.ekfac.rescored_median} rescored exactly; planted / backdoor sources in the top 10: ${s.ekfac.recall_at_10.planted} / ${s.ekfac.recall_at_10.backdoor}`,
+        s.ekfac.load,
+      ]);
     if (s.bm25)
       rows.push([
         `${tag}: bm25 explain`,
