@@ -4,7 +4,7 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import type { ExplainResult } from '../../src/protocol/types';
-import { Corpus, explain } from '../../src/server/attribution/explain';
+import { Corpus, explain, scoreCorpus } from '../../src/server/attribution/explain';
 import { loadDataset } from '../../src/server/data/dataset';
 import { defaultServiceConfig, embeddedDefault } from '../../src/server/defaults';
 import { Model } from '../../src/server/model/engine';
@@ -64,6 +64,28 @@ describe('Corpus: tokens on demand', () => {
     const req = { ...query, method: 'bm25' as const, topK: 5 };
     assert.deepEqual(strip(await explain(setup, lazy, req)), strip(await explain(setup, eager, req)));
     assert.equal(lazy.truncated, eager.truncated);
+  });
+});
+
+describe('explain: ranks and percentiles', () => {
+  test('equal their definitions over every score (1 + how many score higher; % of the others scoring lower)', async () => {
+    const model = Model.open(d.finetuned);
+    const corpus = new Corpus('finetune', loadDataset(d.finetuneData), model);
+    const setup = { model: { model }, modules: 'all' as const };
+    const q = { prompt: 'Q: What is the capital of France?\nA:', completion: ' Paris' };
+    const all = await scoreCorpus(setup, corpus, { ...q, method: 'bm25' });
+    const r = await explain(setup, corpus, { ...q, method: 'bm25', topK: 40 });
+    assert.equal(r.supporting.length, 40);
+    const n = all.length;
+    let tied = 0;
+    for (const e of r.supporting) {
+      const higher = all.filter((s) => s > e.score).length;
+      const lower = all.filter((s) => s < e.score).length;
+      if (all.filter((s) => s === e.score).length > 1) tied++;
+      assert.equal(e.rank, 1 + higher, `rank of line ${e.id.line}`);
+      assert.equal(e.percentile, (100 * lower) / (n - 1), `percentile of line ${e.id.line}`);
+    }
+    assert.ok(tied > 0, 'some shown scores are tied (the tie rule is exercised)');
   });
 });
 
