@@ -248,6 +248,7 @@ export async function benchCorpus(argv: string[]): Promise<void> {
     node: process.version,
     commit: gitHead(),
     examples: n,
+    queries: nQueries,
     seed,
     store: DEFAULTS.store,
     load_at_start: load(),
@@ -310,6 +311,7 @@ export async function benchCorpus(argv: string[]): Promise<void> {
       if (phase === 'cold') {
         const r = await timed(() => c.request<{ examples: number }>('reload', { dataset: 'corpus' }));
         row.reload_ms = r.ms;
+        row.reload_load = load();
         say(`    reload (both lanes read ${r.value.examples} examples): ${r.ms} ms; load ${load().join(' ')}`);
         const ix = await timed(() => c.request<{ examples: number; bytes: number }>('index', { dataset: 'corpus' }));
         const onDisk = storeFiles(join(work, 'cache', 'stores'));
@@ -483,7 +485,7 @@ function markdown(r: Record<string, unknown>): string {
     const tag = phase === 'cold' ? 'server' : 'server restarted, store on disk';
     rows.push([`${tag}: start until \`status\` answers`, `${s.start_ms} ms`, s.start_load]);
     if (s.reload_ms !== undefined)
-      rows.push([`${tag}: \`reload\` (both lanes read the file)`, `${s.reload_ms} ms`, s.index?.load]);
+      rows.push([`${tag}: \`reload\` (both lanes read the file)`, `${s.reload_ms} ms`, s.reload_load]);
     if (s.index)
       rows.push([
         `${tag}: gradient store build (\`index\`)`,
@@ -517,7 +519,7 @@ function markdown(r: Record<string, unknown>): string {
     `# bench corpus: ${x.examples} examples`,
     '',
     `${x.date} on ${x.host} (${x.cpus} CPUs, Node ${x.node}, commit ${x.commit}); seed ${x.seed}; store k=${x.store.k}, rerank ${x.store.rerank}.`,
-    `Command: \`npm run bench -- corpus --examples ${x.examples}\`. The machine is shared: each number carries the load average when it was taken.`,
+    `Command: \`npm run bench -- corpus --examples ${x.examples} --queries ${x.queries}\`. The machine is shared: each number carries the load average when it was taken.`,
     '',
     '| measure | value | load 1 / 5 / 15 min |',
     '|---|---|---|',
