@@ -603,7 +603,9 @@ function storeScores(
     r[0] = all.scores[i];
     return r;
   });
-  const perModule = new Map([...M.keys()].map((m) => [m, pool.map(() => new Float64Array(rows))]));
+  // no per-module terms from the store: one shared row of zeros (the exact rerank replaces rows, never writes into them)
+  const zeros = new Float64Array(rows);
+  const perModule = new Map([...M.keys()].map((m) => [m, pool.map(() => zeros)]));
   return { res: { scores, perModule }, sd: Float64Array.from(pool, (i) => all.sd[i]) };
 }
 
