@@ -6,7 +6,7 @@
 //   gdp         ⟨G(q), G(z)⟩ (identity Hessian)
 //   cosine      ⟨G(q), G(z)⟩ / (‖G(q)‖ ‖G(z)‖)
 //   repsim      cosine of mean-pooled last hidden states
-//   bm25        lunr BM25 of the prompt + completion against the example's text
+//   bm25        BM25 (scored as lunr scores it) of the prompt + completion against the example's text
 // Each method's scorer lives in methods/ (one file each). The gradient methods share one path
 // here: a query matrix per module (influence.ts) scored against every candidate inside the graph. Extra query rows (one per completion token) give the
 // completion-side heatmap; a second, small pass over the returned examples gives their
