@@ -14,6 +14,7 @@ import { createSession, ort } from '../../src/server/model/onnx/session';
 import { type TensorToWrite, writeSafetensors } from '../../src/server/model/safetensors';
 import { Rng } from '../../src/server/util/random';
 import { benchAll } from './bench-all';
+import { benchCorpus } from './bench-corpus';
 import { benchEkfac } from './bench-ekfac';
 import { benchEval } from './bench-eval';
 import { benchServer } from './bench-server';
@@ -29,8 +30,9 @@ export async function runBench(argv: string[]): Promise<void> {
   if (suite === 'server') return benchServer(rest);
   if (suite === 'eval') return benchEval(rest);
   if (suite === 'store') return benchStore(rest);
+  if (suite === 'corpus') return benchCorpus(rest);
   throw new CliError(
-    `usage: npm run bench -- [--quick] (all suites, one report) | npm run bench -- engine|ekfac|server|eval|store [--quick] (unknown suite "${suite}")`,
+    `usage: npm run bench -- [--quick] (all suites, one report) | npm run bench -- engine|ekfac|server|eval|store [--quick] | npm run bench -- corpus [--examples N] (unknown suite "${suite}")`,
   );
 }
 

@@ -6,7 +6,7 @@
 //   gdp         ⟨G(q), G(z)⟩ (identity Hessian)
 //   cosine      ⟨G(q), G(z)⟩ / (‖G(q)‖ ‖G(z)‖)
 //   repsim      cosine of mean-pooled last hidden states
-//   bm25        lunr BM25 of the prompt + completion against the example's text
+//   bm25        BM25 (scored as lunr scores it) of the prompt + completion against the example's text
 // Each method's scorer lives in methods/ (one file each). The gradient methods share one path
 // here: a query matrix per module (influence.ts) scored against every candidate inside the graph. Extra query rows (one per completion token) give the
 // completion-side heatmap; a second, small pass over the returned examples gives their
@@ -23,7 +23,8 @@ import type {
   TokenScores,
 } from '../../protocol/types';
 import type { Dataset } from '../data/dataset';
-import { contextLength, type TokenizedText, tokenizeExamples, tokenizeQuery } from '../data/tokenize';
+import { renderForModel } from '../data/format';
+import { contextLength, type TokenizedText, tokenizeExamples, tokenizeQuery, tokenizeRecord } from '../data/tokenize';
 import { Bm25Index } from '../index/bm25';
 import type { GradientStore } from '../index/gradient-store';
 import type { Floats } from '../linalg/matrix';
@@ -42,29 +43,62 @@ import { type CheckpointStages, ExplainError, type ExplainSetup } from './setup'
 
 export { ExplainError, type ExplainSetup, type Stage } from './setup';
 
-/** A dataset tokenized once, with the indexes methods build lazily (BM25, hidden states). */
+/**
+ * A dataset with what methods derive from it, each made on first use and kept: the tokens of every
+ * example (gradient methods, the store), the rendered texts (BM25), the BM25 index, hidden states.
+ * Nothing is tokenized before it is needed: the server's light lane answers BM25 and getExample
+ * from the texts and single examples, so only the lane that scores gradients tokenizes the whole
+ * dataset (at 100k examples tokenizing costs tens of seconds, parsing about one).
+ */
 export class Corpus {
-  readonly tokens: TokenizedText[];
-  readonly truncated: number;
+  private all?: { tokens: TokenizedText[]; truncated: number };
+  private texts?: string[];
   private bm25?: Bm25Index;
   private hidden = new Map<Model, Promise<Float32Array[]>>();
+  private readonly maxLength: number;
 
   constructor(
     readonly id: string,
     readonly dataset: Dataset,
-    model: Model,
+    private readonly model: Model,
   ) {
-    const t = tokenizeExamples(model.tokenizer, dataset.examples, contextLength(model.config), dataset.path);
-    this.tokens = t.tokens;
-    this.truncated = t.truncated;
+    this.maxLength = contextLength(model.config);
   }
 
   get size(): number {
     return this.dataset.examples.length;
   }
 
+  /** Every example tokenized for the model (done on first access). */
+  get tokens(): TokenizedText[] {
+    this.all ??= tokenizeExamples(this.model.tokenizer, this.dataset.examples, this.maxLength, this.dataset.path);
+    return this.all.tokens;
+  }
+
+  /** How many examples were cut to the model's context (tokenizes the dataset). */
+  get truncated(): number {
+    void this.tokens;
+    return this.all!.truncated;
+  }
+
+  /** Example i tokenized: from the whole dataset's tokens when they exist, else on its own (the same result). */
+  token(i: number): TokenizedText {
+    if (this.all) return this.all.tokens[i];
+    const ex = this.dataset.examples[i];
+    return tokenizeRecord(this.model.tokenizer, ex.record, `${this.dataset.path}:${ex.line}`, this.maxLength);
+  }
+
+  /** The text example i is rendered to for the model (what its tokens encode), without tokenizing it. */
+  text(i: number): string {
+    if (this.all) return this.all.tokens[i].text;
+    this.texts ??= this.dataset.examples.map(
+      (ex) => renderForModel(ex.record, `${this.dataset.path}:${ex.line}`, this.model.tokenizer.chatTemplate()).text,
+    );
+    return this.texts[i];
+  }
+
   bm25Index(): Bm25Index {
-    this.bm25 ??= new Bm25Index(this.size, (i) => this.tokens[i].text);
+    this.bm25 ??= new Bm25Index(this.size, (i) => this.text(i));
     return this.bm25;
   }
 
@@ -238,8 +272,11 @@ async function finish(
   // rank
   const n = pool.length;
   const order = Array.from({ length: n }, (_, i) => i).sort((a, b) => main.scores[b] - main.scores[a] || a - b);
-  const sorted = order.map((i) => main.scores[i]).sort((a, b) => a - b);
+  // the scores ascending: `order` read backwards (at 100k examples each sort costs tens of ms)
+  const sorted = order.map((i) => main.scores[i]).reverse();
   const below = (s: number) => lowerBound(sorted, s);
+  // 1 = highest score; ties share the better rank
+  const rankOfScore = (s: number) => n - upperBound(sorted, s) + 1;
   const K = Math.min(req.topK, n);
   const showable = main.exact ? order.filter((i) => main.exact!.has(i)) : order;
   const supportingPos = main.signed ? showable.filter((i) => main.scores[i] > 0).slice(0, K) : showable.slice(0, K);
@@ -255,16 +292,15 @@ async function finish(
   if (main.tokenScores) timings.token_scores_ms = Date.now() - t1;
   const otherRanks = new Map<Method, Int32Array>();
   for (const [m, s] of others) otherRanks.set(m, rankOf(s));
-  const mainRank = rankOf(main.scores);
 
   const modules = setup.model.model.modules(setup.modules).map((m) => m.name);
   const describe = (pos: number, j: number): ExplainedExample => {
     const ex = corpus.dataset.examples[pool[pos]];
-    const tok = corpus.tokens[pool[pos]];
+    const tok = corpus.token(pool[pos]);
     const score = main.scores[pos];
     const e: ExplainedExample = {
       id: { dataset: corpus.id, line: ex.line, hash: ex.hash },
-      rank: mainRank[pos],
+      rank: rankOfScore(score),
       // the rendering that was tokenized (the chat template's), which tokenScores index into
       text: tok.text,
       kind: ex.kind,
@@ -676,7 +712,9 @@ function storeScores(
     r[0] = all.scores[i];
     return r;
   });
-  const perModule = new Map([...M.keys()].map((m) => [m, pool.map(() => new Float64Array(rows))]));
+  // no per-module terms from the store: one shared row of zeros (the exact rerank replaces rows, never writes into them)
+  const zeros = new Float64Array(rows);
+  const perModule = new Map([...M.keys()].map((m) => [m, pool.map(() => zeros)]));
   const sd = all.sd;
   return { res: { scores, perModule }, sd: sd && Float64Array.from(pool, (i) => sd[i]) };
 }
@@ -723,6 +761,18 @@ function topIndices(s: Float64Array, k: number): number[] {
   return Array.from(s.keys())
     .sort((a, b) => s[b] - s[a])
     .slice(0, k);
+}
+
+/** Number of entries of ascending `sorted` at most `x`. */
+function upperBound(sorted: number[], x: number): number {
+  let lo = 0;
+  let hi = sorted.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >> 1;
+    if (sorted[mid] <= x) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
 }
 
 /** Number of entries of ascending `sorted` strictly below `x`. */

@@ -153,12 +153,21 @@ export function loadTokenizer(dir: string): TokenizerHandle {
     const bytes: number[] = [];
     const starts: number[] = [];
     const ends: number[] = [];
-    for (const c of piece.chars)
+    for (const c of piece.chars) {
+      // one byte for ASCII without a TextEncoder call (per character, it was most of this loop's time)
+      const code = c.ch.length === 1 ? c.ch.charCodeAt(0) : 0x80;
+      if (code < 0x80) {
+        bytes.push(code);
+        starts.push(c.start);
+        ends.push(c.end);
+        continue;
+      }
       for (const b of utf8.encode(c.ch)) {
         bytes.push(b);
         starts.push(c.start);
         ends.push(c.end);
       }
+    }
     const matchesAt = (tb: number[], at: number) => {
       if (at + tb.length > bytes.length) return false;
       for (let k = 0; k < tb.length; k++) if (bytes[at + k] !== tb[k]) return false;

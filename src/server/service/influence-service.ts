@@ -464,7 +464,7 @@ export class InfluenceService implements ServiceApi {
 
   private describe(datasetId: string, d: LoadedDataset, index: number) {
     const ex = d.corpus.dataset.examples[index];
-    const tok = d.corpus.tokens[index];
+    const tok = d.corpus.token(index);
     return {
       id: { dataset: datasetId, line: ex.line, hash: ex.hash },
       kind: ex.kind,

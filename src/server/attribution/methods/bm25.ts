@@ -1,4 +1,4 @@
-// BM25 (lunr) of the query's text against each example's text: a text-match baseline.
+// BM25 (lunr's scoring, our index: index/bm25.ts) of the query's text against each example's text: a text-match baseline.
 import type { PoolScorer } from './scorer';
 
 export const bm25: PoolScorer = {
