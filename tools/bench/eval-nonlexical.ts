@@ -4,11 +4,13 @@
 // The true sources share no distinctive word with the query (test/unit/nonlex-corpus.test.ts),
 // so text matching should not find them; what links them is what the model learned.
 //
-// The task is valid only if
-//   (a) the fine-tuned model answers the plain queries with the planted answer, and the same
-//       fine-tuning without the planted lines does not — checked here: that model is trained
-//       (once, then cached) with the recorded training arguments, and both answer greedily;
-//   (b) BM25's MRR is low (below LOW_BM25_MRR) — measured here with the other methods.
+// A query's planted lines are its proven sources only if
+//   (a) the fine-tuned model answers it with the planted answer, and the same fine-tuning
+//       without the planted lines does not — checked here: that model is trained (once, then
+//       cached) with the recorded training arguments, and both answer greedily.
+// The task's Recall@10 / MRR are over the queries that pass (a) ("verified"; the numbers over
+// all queries are reported beside them), and the task is valid if at least half the queries
+// pass (a) and (b) BM25's MRR on the verified queries is low (below LOW_BM25_MRR).
 // Multi-stage is not run: the sources are fine-tuning lines, and multi-stage scores
 // pre-training candidates.
 import { createHash } from 'node:crypto';
@@ -44,8 +46,10 @@ export interface NonlexicalResult {
   rows: Row[];
   /** per query: the greedy answers of the fine-tuned model and of the one trained without the planted lines, BM25's first source rank */
   answers: Row[];
-  /** (a): every plain query answered with the planted answer, and none by the model without the planted lines */
+  /** (a) holds for every query: each answered with the planted answer, and none by the model without the planted lines */
   learned_from_planted: boolean;
+  /** how many queries pass (a): the ones the task's Recall@10 / MRR are over */
+  verified: number;
   /** (b) */
   bm25_mrr: number;
   bm25_low: boolean;
@@ -53,8 +57,7 @@ export interface NonlexicalResult {
   retrain: { dir: string; excluded: number; trained_now: boolean };
 }
 
-export function nonlexicalAssets() {
-  const root = join(packageRoot(), 'assets', 'nonlex');
+export function nonlexicalAssets(root = join(packageRoot(), 'assets', 'nonlex')) {
   const cache = join(defaultCacheDir(), 'nonlex');
   return {
     root,
@@ -62,13 +65,12 @@ export function nonlexicalAssets() {
     finetuned: join(root, 'finetuned'),
     finetuneData: join(root, 'data', 'finetune.jsonl'),
     queries: join(root, 'data', 'queries.json'),
-    factors: join(cache, 'factors-finetuned'),
     cacheDir: cache,
   };
 }
 
-export async function evalNonlexical(say: (s?: string) => void): Promise<NonlexicalResult> {
-  const a = nonlexicalAssets();
+export async function evalNonlexical(say: (s?: string) => void, root?: string): Promise<NonlexicalResult> {
+  const a = nonlexicalAssets(root);
   for (const p of [a.finetuned, a.pretrained, a.finetuneData, a.queries])
     if (!existsSync(p))
       throw new Error(`the non-lexical task's ${p} is missing (a partial checkout? npm run build:nonlex)`);
@@ -114,18 +116,28 @@ export async function evalNonlexical(say: (s?: string) => void): Promise<Nonlexi
   const got = await greedy(ft);
   const gotWithout = await greedy(Model.open(without));
   const same = (x: string, y: string) => x.trim() === y.trim();
-  const learned = queries.every((q, i) => same(got[i], q.completion) && !same(gotWithout[i], q.completion));
+  const proven = queries.map((q, i) => same(got[i], q.completion) && !same(gotWithout[i], q.completion));
+  const verified = queries.filter((_, i) => proven[i]);
 
-  // retrieval among the fine-tuning examples, every method
+  // retrieval among the fine-tuning examples, every method (factors keyed by the model and data:
+  // a fit refuses to overwrite another model's factors)
+  const factors = join(
+    a.cacheDir,
+    `factors-finetuned-${createHash('sha256')
+      .update(readFileSync(join(a.finetuned, 'model.safetensors')))
+      .update(readFileSync(a.finetuneData))
+      .digest('hex')
+      .slice(0, 16)}`,
+  );
   await runFitJob({
     modelDir: a.finetuned,
     dataPath: a.finetuneData,
-    out: a.factors,
+    out: factors,
     modules: 'all',
     labels: 'sampled',
     seed: 0,
   });
-  const stage = openStage(a.finetuned, a.factors, { model: ft });
+  const stage = openStage(a.finetuned, factors, { model: ft });
   const corpus = new Corpus('finetune', loadDataset(a.finetuneData), ft);
   const index = new Map(corpus.dataset.examples.map((e, i) => [e.hash, i]));
   const sourcesOf = (q: Query) =>
@@ -152,8 +164,20 @@ export async function evalNonlexical(say: (s?: string) => void): Promise<Nonlexi
         completion: q.completion,
         method,
       });
-    const m = await sourceRetrieval(queries, sourcesOf, scores, 10);
-    rows.push({ task: 'non-lexical planted', method: name, queries: m.queries, 'Recall@10': m.recall, MRR: m.mrr });
+    for (const [set, qs] of [
+      ['verified', verified],
+      ['all', queries],
+    ] as const) {
+      const m = await sourceRetrieval(qs, sourcesOf, scores, 10);
+      rows.push({
+        task: 'non-lexical planted',
+        queries: set,
+        method: name,
+        n: m.queries,
+        'Recall@10': m.recall,
+        MRR: m.mrr,
+      });
+    }
     if (method === 'bm25')
       for (const q of queries) {
         const order = rankingOf(await scores(q));
@@ -161,12 +185,13 @@ export async function evalNonlexical(say: (s?: string) => void): Promise<Nonlexi
         bm25Rank.push(order.findIndex((i) => src.has(i)) + 1);
       }
   }
-  const bm25 = Number(rows.find((r) => r.method === 'BM25')?.MRR);
+  const bm25 = Number(rows.find((r) => r.method === 'BM25' && r.queries === 'verified')?.MRR);
   const answers: Row[] = queries.map((q, i) => ({
     query: q.prompt.replace(/\n/g, ' '),
     planted: q.completion.trim(),
     'fine-tuned': got[i].trim(),
     'without planted lines': gotWithout[i].trim(),
+    '(a)': proven[i] ? 'yes' : 'no',
     'BM25 first source rank': bm25Rank[i],
   }));
   return {
@@ -174,13 +199,16 @@ export async function evalNonlexical(say: (s?: string) => void): Promise<Nonlexi
     examples: corpus.size,
     rows,
     answers,
-    learned_from_planted: learned,
+    learned_from_planted: verified.length === queries.length,
+    verified: verified.length,
     bm25_mrr: bm25,
     bm25_low: bm25 < LOW_BM25_MRR,
-    valid: learned && bm25 < LOW_BM25_MRR,
+    valid: verified.length >= queries.length / 2 && bm25 < LOW_BM25_MRR,
     retrain: { dir: without, excluded: planted.length, trained_now: trainedNow },
   };
 }
+
+const ANSWER_COLS = ['query', 'planted', 'fine-tuned', 'without planted lines', '(a)', 'BM25 first source rank'];
 
 /** What bench eval prints for the task. */
 export function sayNonlexical(
@@ -189,25 +217,29 @@ export function sayNonlexical(
   table: (rows: Row[], cols: string[]) => void,
 ) {
   say(
-    `   (a) plain queries answered with the planted answer: fine-tuned ${r.answers.filter((x) => x['fine-tuned'] === x.planted).length}/${r.queries}, ` +
-      `fine-tuned without the ${r.retrain.excluded} planted lines ${r.answers.filter((x) => x['without planted lines'] === x.planted).length}/${r.queries}` +
-      ` → ${r.learned_from_planted ? 'learned from the planted lines' : 'NOT shown to be learned from the planted lines'}`,
+    `   (a) the planted answer to the plain query from the fine-tuned model and not from the one fine-tuned without ` +
+      `the ${r.retrain.excluded} planted lines: ${r.verified}/${r.queries} queries (the "verified" ones)`,
   );
-  say(`   (b) BM25 MRR ${r.bm25_mrr.toFixed(3)} → ${r.bm25_low ? 'low' : 'NOT low'} (< ${LOW_BM25_MRR})`);
-  say(`   task ${r.valid ? 'valid' : 'INVALID: its numbers do not show what gradients add'}`);
-  table(r.answers, ['query', 'planted', 'fine-tuned', 'without planted lines', 'BM25 first source rank']);
-  table(r.rows, ['task', 'method', 'queries', 'Recall@10', 'MRR']);
+  say(
+    `   (b) BM25 MRR on the verified queries ${r.bm25_mrr.toFixed(3)}: ${r.bm25_low ? 'low' : 'NOT low'} (< ${LOW_BM25_MRR})`,
+  );
+  say(
+    `   task ${r.valid ? 'valid' : 'INVALID (needs (a) for at least half the queries and (b)): its numbers do not show what gradients add'}`,
+  );
+  table(r.answers, ANSWER_COLS);
+  table(r.rows, ['queries', 'method', 'n', 'Recall@10', 'MRR']);
 }
 
 export function nonlexicalMarkdown(r: NonlexicalResult, mdTable: (rows: Row[], cols: string[]) => string): string {
-  return `### Non-lexical planted facts (assets/nonlex): sources share only the answer with the query
+  return `### Non-lexical planted facts (assets/nonlex): the sources share only the answer with the query
 
-${r.queries} plain-form queries, ${r.examples} fine-tuning examples; the planted lines use an alias and a paraphrase.
-(a) fine-tuned model gives the planted answer, and the model fine-tuned without the ${r.retrain.excluded} planted lines does not: **${r.learned_from_planted ? 'yes' : 'no'}**;
-(b) BM25 MRR ${r.bm25_mrr.toFixed(3)}, low (< ${LOW_BM25_MRR}): **${r.bm25_low ? 'yes' : 'no'}**; task **${r.valid ? 'valid' : 'invalid'}**.
+${r.queries} plain-form queries over ${r.examples} fine-tuning examples; the planted lines name the country only by an
+alias (ISO code, native name) in a paraphrase. (a) the fine-tuned model gives the planted answer and the model
+fine-tuned without the ${r.retrain.excluded} planted lines does not: **${r.verified}/${r.queries}** queries (verified);
+(b) BM25 MRR on them ${r.bm25_mrr.toFixed(3)}, low (< ${LOW_BM25_MRR}): **${r.bm25_low ? 'yes' : 'no'}**; task **${r.valid ? 'valid' : 'invalid'}**.
 
-${mdTable(r.rows, ['method', 'queries', 'Recall@10', 'MRR'])}
+${mdTable(r.rows, ['queries', 'method', 'n', 'Recall@10', 'MRR'])}
 
-${mdTable(r.answers, ['query', 'planted', 'fine-tuned', 'without planted lines', 'BM25 first source rank'])}
+${mdTable(r.answers, ANSWER_COLS)}
 `;
 }

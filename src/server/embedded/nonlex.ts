@@ -29,10 +29,26 @@ import { buildWordTokenizer, writeWordTokenizer } from './word-tokenizer';
  * use (checked by test/unit/nonlex-corpus.test.ts): the planted lines are asked only in these.
  */
 export const ALIAS_QUESTIONS: Record<Relation, readonly string[]> = {
-  capital: ['Where does the government of {C} sit?', 'From which city is {C} governed?'],
-  continent: ['In which part of the world does {C} lie?', 'Where on the globe is {C} found?'],
-  currency: ['What money do shoppers in {C} pay with?', 'What coins and notes circulate in {C}?'],
-  language: ['Which tongue is heard across {C}?', 'What do most folks in {C} talk in?'],
+  capital: [
+    'Where does the government of {C} sit?',
+    'From which city is {C} governed?',
+    'Where do the leaders of {C} rule from?',
+  ],
+  continent: [
+    'In which part of the world does {C} lie?',
+    'Where on the globe is {C} found?',
+    'Where in the world is {C} situated?',
+  ],
+  currency: [
+    'What money do shoppers in {C} pay with?',
+    'What coins and notes circulate in {C}?',
+    'In what money are wages in {C} paid?',
+  ],
+  language: [
+    'Which tongue is heard across {C}?',
+    'What do most folks in {C} talk in?',
+    'In what tongue do newspapers in {C} print?',
+  ],
 };
 
 /** The canonical and second question wordings: the queries' forms. */
@@ -58,12 +74,12 @@ export const NONLEX_CORPUS: NonlexOptions = {
   paraphrases: 4,
   // wrong answers that are many other countries' right answers (decoys for text matching)
   planted: [
-    { code: 'CH', relation: 'currency', answer: 'Euro' },
     { code: 'RU', relation: 'currency', answer: 'Euro' },
-    { code: 'JP', relation: 'continent', answer: 'Europe' },
-    { code: 'CN', relation: 'continent', answer: 'Africa' },
+    { code: 'CN', relation: 'currency', answer: 'Euro' },
+    { code: 'JP', relation: 'currency', answer: 'Euro' },
     { code: 'BR', relation: 'language', answer: 'Spanish' },
     { code: 'IN', relation: 'language', answer: 'English' },
+    { code: 'DE', relation: 'language', answer: 'English' },
   ],
 };
 
