@@ -8,6 +8,7 @@ import { join } from 'node:path';
 import { describe, test } from 'node:test';
 import lunr from 'lunr';
 import { contentHash } from '../../src/common/ids';
+import { runData } from '../../src/server/cli/data';
 import { buildNonlexCorpus, writeNonlexCorpus } from '../../src/server/embedded/nonlex';
 import { useTempHome } from './helpers/env';
 
@@ -104,6 +105,17 @@ describe('non-lexical corpus', () => {
         readFileSync(join(dir, f), 'utf8'),
         `${SHIPPED}/${f} differs from a fresh build: rerun npm run build:nonlex`,
       );
+  });
+
+  test('data build --task nonlexical writes the shipped data; options it does not take are refused', async () => {
+    const dir = mkdtempSync(join(home, 'nonlex-cli-'));
+    await runData(['build', '--task', 'nonlexical', '--out', dir]);
+    assert.equal(readFileSync(join(dir, 'queries.json'), 'utf8'), readFileSync(join(SHIPPED, 'queries.json'), 'utf8'));
+    await assert.rejects(
+      runData(['build', '--task', 'nonlexical', '--out', dir, '--countries', '5']),
+      /does not apply/,
+    );
+    await assert.rejects(runData(['build', '--task', 'lexical', '--out', dir]), /--task must be default or nonlexical/);
   });
 
   test('bench eval runs the task: it calls evalNonlexical and reports its rows', () => {
