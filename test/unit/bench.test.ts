@@ -36,6 +36,15 @@ test('npm run bench -- --quick: ekfac, server and eval in one report', { timeout
     (x: { task: string; method: string }) => x.task === 'planted' && x.method === 'EK-FAC',
   );
   assert.equal(planted['Recall@10'], 1, 'EK-FAC finds the planted sources of the embedded model');
+  // the non-lexical task: every method's Recall@10 / MRR, the retrain check and BM25's MRR
+  assert.deepEqual(
+    ev.nonlexical.rows
+      .filter((x: { queries: string }) => x.queries === 'verified')
+      .map((x: { method: string }) => x.method),
+    ['EK-FAC', 'gradient dot product', 'gradient cosine', 'RepSim', 'BM25'],
+  );
+  assert.equal(typeof ev.nonlexical.learned_from_planted, 'boolean');
+  assert.ok(ev.nonlexical.bm25_mrr >= 0 && ev.nonlexical.bm25_mrr <= 1);
   assert.ok(ev.lds.rows.length >= 5 && ev.lds.rows.every((x: { LDS: number }) => Math.abs(x.LDS) <= 1));
   if (Array.isArray(ev.ground_truth))
     assert.ok(ev.ground_truth.every((x: { Spearman: number }) => Math.abs(x.Spearman) <= 1));

@@ -56,7 +56,8 @@ test('npm pack → npm install in an empty folder → npx influence-lens demo', 
     'assets/default/data/finetune.jsonl',
   ])
     assert.ok(files.includes(need), `the package lacks ${need}`);
-  const stray = files.filter((f) => /^(test|tools|src|scripts|bench|docs)\/|\.map$/.test(f));
+  // assets/nonlex is bench eval's (tools/bench), which the package does not ship
+  const stray = files.filter((f) => /^(test|tools|src|scripts|bench|docs|assets\/nonlex)\/|\.map$/.test(f));
   assert.deepEqual(stray, [], 'nothing from the checkout but what the CLI runs');
 
   const app = join(home, 'app');

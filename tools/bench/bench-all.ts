@@ -154,6 +154,18 @@ function headline(s: Record<string, Json | string>): Row[] {
             ratio: '—',
           });
     }
+    // the non-lexical task (tools/bench/eval-nonlexical.ts), over the queries its retrain check verifies
+    const nl = ((ev.nonlexical as Json | undefined)?.rows ?? []) as Row[];
+    const nlv = nl.filter((r) => r.queries === 'verified');
+    const nle = nlv.find((r) => r.method === 'EK-FAC');
+    const nlb = best(nlv, baselines, 'MRR');
+    if (nle && nlb)
+      rows.push({
+        measure: `non-lexical planted sources (${nle.n} verified queries), Recall@10 / MRR`,
+        'influence-lens': `${fmt(nle['Recall@10'])} / ${fmt(nle.MRR)} (EK-FAC)`,
+        reference: `${fmt(nlb['Recall@10'])} / ${fmt(nlb.MRR)} (${nlb.method})`,
+        ratio: '—',
+      });
     const tr = ev.fact_tracing as Row[];
     const ms = best(tr, (r) => r.method === 'multi-stage EK-FAC', 'MRR');
     const ss = best(tr, (r) => r.method === 'single-stage EK-FAC', 'MRR');

@@ -32,6 +32,7 @@ import { Model, makeBatch } from '../../src/server/model/engine';
 import { DEFAULTS } from '../../src/server/settings';
 import { Rng } from '../../src/server/util/random';
 import { pearson, spearman } from '../../src/server/util/stats';
+import { evalNonlexical, type NonlexicalResult, nonlexicalMarkdown, sayNonlexical } from './eval-nonlexical';
 
 interface Query {
   prompt: string;
@@ -207,6 +208,12 @@ export async function benchEval(argv: string[]): Promise<void> {
   }
   table(say, tracing, ['method', 'damping', 'Recall@10', 'MRR']);
 
+  // 2b. planted facts whose sources share no distinctive word with the query (assets/nonlex)
+  say();
+  say('2b. non-lexical planted facts (assets/nonlex): taught under an alias + paraphrase, asked in the plain form');
+  const nonlexical = await evalNonlexical(say);
+  sayNonlexical(say, nonlexical, (rows, cols) => table(say, rows, cols));
+
   // 3. ground truth: exact damped Gauss-Newton influence (CG), computed by test/oracle
   say();
   const truthFile = join(packageRoot(), 'test/fixtures/ground-truth/default-ggn.json');
@@ -352,6 +359,7 @@ export async function benchEval(argv: string[]): Promise<void> {
     seconds: (Date.now() - t0) / 1000,
     retrieval,
     fact_tracing: tracing,
+    nonlexical,
     ground_truth: truth.length ? truth : truthNote,
     lds: { subsets: M, epochs, queries: ldsQs.length, rows: ldsRows },
   };
@@ -414,6 +422,7 @@ export function evalMarkdown(r: {
   quick: boolean;
   retrieval: Row[];
   fact_tracing: Row[];
+  nonlexical?: NonlexicalResult;
   ground_truth: Row[] | string;
   lds: { subsets: number; epochs: number; queries: number; rows: Row[] };
 }): string {
@@ -427,6 +436,8 @@ ${mdTable(r.retrieval, ['task', 'method', 'queries', 'Recall@10', 'MRR'])}
 
 ### Fact tracing into pre-training data
 ${mdTable(r.fact_tracing, ['method', 'damping', 'Recall@10', 'MRR'])}
+
+${r.nonlexical ? nonlexicalMarkdown(r.nonlexical, mdTable) : '### Non-lexical planted facts\nnot in this report (made before the task existed)\n'}
 
 ### Correlation with the exact damped Gauss-Newton influence (CG, test/oracle/make_ggn_truth.py)
 ${typeof truth === 'string' ? `skipped: ${truth}` : mdTable(truth, ['method', 'GGN damping', 'CG residual (max)', 'Spearman', 'Pearson', 'top-10 overlap'])}

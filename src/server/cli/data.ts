@@ -1,6 +1,7 @@
 // influence-lens data: build a benchmark corpus from real country facts (embedded/), or a
 // word-level tokenizer over any JSONL files.
 //   data build --out <dir> [--seed N] [--countries N] [--paraphrases N] [--questions N] [--held-out F]
+//   data build --task nonlexical --out <dir> [--seed N]   the non-lexical corpus (assets/nonlex, embedded/nonlex.ts)
 //   data tokenizer --out <dir> <file.jsonl>...
 //   data eval --model <dir> --queries <file> [--data <train.jsonl>] [--factors <dir>] [--methods m,m] [--top-k K]
 //     accuracy on any questions, and per method Recall@k / MRR of their known sources (eval/queries.ts)
@@ -13,6 +14,7 @@ import { openStage } from '../attribution/stage';
 import { loadDataset } from '../data/dataset';
 import { buildCorpus, DEFAULT_CORPUS } from '../embedded/build';
 import { evaluateCorpusModel, evaluateStatements } from '../embedded/evaluate';
+import { buildNonlexCorpus, NONLEX_CORPUS, writeNonlexCorpus } from '../embedded/nonlex';
 import { buildWordTokenizer, writeWordTokenizer } from '../embedded/word-tokenizer';
 import { FILES, writeCorpus } from '../embedded/write';
 import {
@@ -48,8 +50,12 @@ async function build(argv: string[]): Promise<void> {
     questions: { type: 'string' },
     'held-out': { type: 'string' },
     context: { type: 'string' },
+    task: { type: 'string' },
   });
   if (!v.out) throw new CliError('--out <dir> is required');
+  if (v.task !== undefined && v.task !== 'nonlexical' && v.task !== 'default')
+    throw new CliError(`--task must be default or nonlexical (got "${v.task}")`);
+  if (v.task === 'nonlexical') return buildNonlex(v);
   const heldOut = v['held-out'] === undefined ? DEFAULT_CORPUS.heldOut : Number(v['held-out']);
   if (!(heldOut > 0 && heldOut < 1))
     throw new CliError(`--held-out must be a fraction in (0, 1) (got "${v['held-out']}")`);
@@ -72,6 +78,28 @@ async function build(argv: string[]): Promise<void> {
     `wrote ${v.out}/: ${FILES.pretrain} (${corpus.pretrain.length} lines), ${FILES.finetune} ` +
       `(${corpus.finetune.length} lines), ${FILES.queries} (${n('fact_tracing')} fact tracing, ${n('planted')} planted, ` +
       `${n('backdoor')} backdoor), ${FILES.tokenizer}/ (${vocabSize} tokens), ${FILES.manifest}\n`,
+  );
+}
+
+function buildNonlex(v: Record<string, string | boolean | undefined>): void {
+  const other = ['countries', 'paraphrases', 'questions', 'held-out'].find((k) => v[k] !== undefined);
+  if (other)
+    throw new CliError(`--${other} does not apply to --task nonlexical (its settings are in embedded/nonlex.ts)`);
+  let corpus: ReturnType<typeof buildNonlexCorpus>;
+  try {
+    corpus = buildNonlexCorpus({ seed: int(v.seed as string | undefined, '--seed', NONLEX_CORPUS.seed) });
+  } catch (e) {
+    throw new CliError((e as Error).message);
+  }
+  const { vocabSize } = writeNonlexCorpus(
+    v.out as string,
+    corpus,
+    int(v.context as string | undefined, '--context', 128),
+  );
+  process.stdout.write(
+    `wrote ${v.out}/: pretrain.jsonl (${corpus.pretrain.length} lines), finetune.jsonl (${corpus.finetune.length} lines, ` +
+      `${corpus.finetuneTags.filter((t) => t.planted).length} planted), queries.json (${corpus.queries.length}), ` +
+      `tokenizer/ (${vocabSize} tokens), corpus.json\n`,
   );
 }
 
