@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 import { eigh, eighBackend, JS_MAX_N } from '../../src/server/linalg/eigh';
-import { gemm, transpose } from '../../src/server/linalg/matrix';
+import { gemm, gemm32, transpose } from '../../src/server/linalg/matrix';
 import { nativeLapack } from '../../src/server/linalg/native';
 import { Rng } from '../../src/server/util/random';
 
@@ -193,6 +193,23 @@ describe('gemm', () => {
       }
     }
   }
+
+  test('gemm32 (sgemm, or the fp64 kernel without BLAS) matches the fp64 product to float32 rounding', () => {
+    for (const [m, k, n] of [
+      [3, 5, 2],
+      [64, 70, 45],
+      [130, 40, 200],
+    ])
+      for (const tA of [false, true])
+        for (const tB of [false, true]) {
+          const A = rand(m * k);
+          const B = rand(k * n);
+          const ref = naive(A, B, m, k, n, tA, tB);
+          const C = gemm32(Float32Array.from(A), Float32Array.from(B), m, k, n, { transA: tA, transB: tB });
+          assert.ok(C instanceof Float32Array && C.length === m * n);
+          assert.ok(maxAbsDiff(Float64Array.from(C), ref) <= 1e-5 * k, `${m}×${k}×${n} ${tA} ${tB}`);
+        }
+  });
 
   test('BLAS path reads subarray views at their offset', { skip: lapack?.dgemm ? false : 'no BLAS' }, () => {
     const m = 40;

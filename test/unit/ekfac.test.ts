@@ -12,6 +12,7 @@ import {
   makePreconditioner,
   type Preconditioner,
   precondition,
+  precondition32,
   resolveDamping,
 } from '../../src/server/attribution/ekfac/precondition';
 import { eigh } from '../../src/server/linalg/eigh';
@@ -216,6 +217,10 @@ describe('EK-FAC against a dense reference', () => {
       const V = naiveGradient(m, queries[0].a[m.name], queries[0].g[m.name], queries[0].rows);
       const want = matVec(gaussJordanInverse(H, N), V);
       assert.ok(maxRel(precondition(p, V), want) <= 1e-9, m.name);
+      // the float32 path (query rows for float32 graphs) is the same map up to float32 rounding
+      const single = precondition32(p, Float32Array.from(V));
+      assert.ok(single instanceof Float32Array);
+      assert.ok(maxRel(Float64Array.from(single), want) <= 1e-4, `${m.name} (float32)`);
     }
   });
 

@@ -13,7 +13,7 @@ import type { Batch, Model, ModuleSelection } from '../model/engine';
 import type { ort } from '../model/onnx/session';
 import { DEFAULTS } from '../settings';
 import { memoryBoundedBatches, type RunShape, runShape } from './chunking';
-import { lowRank, lowRankToDense, type Preconditioner, precondition } from './ekfac/precondition';
+import { lowRank, lowRankToDense, type Preconditioner, precondition, precondition32 } from './ekfac/precondition';
 import type { TokenizedExample } from './fit';
 
 export interface QueryGradients {
@@ -111,14 +111,15 @@ export function queryMatrices(
     out.set(
       name,
       rows.map((row) => {
+        // in the row's own precision, the graph's (the result is fed back to it): fp64 graphs
+        // (ground truths, finite-difference checks) precondition in fp64, fp32 graphs in fp32
         let v: Floats = row;
         for (const p of preconditioners) {
           const pm = p.get(name);
           if (!pm) throw new Error(`the factors have no module ${name}: fit them over the same modules`);
-          v = precondition(pm, v);
+          v = v instanceof Float32Array ? precondition32(pm, v) : precondition(pm, v);
         }
-        // fp64 inside the chain, stored in the row's own precision (the graph's: it is fed back as that)
-        return row instanceof Float32Array && !(v instanceof Float32Array) ? Float32Array.from(v) : v;
+        return v;
       }),
     );
   }

@@ -40,12 +40,32 @@ type DgemmFn = (
   transbLen: number,
 ) => void;
 
+/** sgemm_: dgemm's signature in float32 */
+type SgemmFn = (
+  transa: string,
+  transb: string,
+  m: Int32Array,
+  n: Int32Array,
+  k: Int32Array,
+  alpha: Float32Array,
+  a: Float32Array,
+  lda: Int32Array,
+  b: Float32Array,
+  ldb: Int32Array,
+  beta: Float32Array,
+  c: Float32Array,
+  ldc: Int32Array,
+  transaLen: number,
+  transbLen: number,
+) => void;
+
 export interface NativeLapack {
   /** the library file that was opened */
   library: string;
   dsyevd: DsyevdFn;
   /** absent when the library exports LAPACK but not BLAS level 3 */
   dgemm?: DgemmFn;
+  sgemm?: SgemmFn;
 }
 
 const CANDIDATES: Record<string, string[]> = {
@@ -116,7 +136,17 @@ function load(): NativeLapack | null {
       } catch {
         dgemm = undefined;
       }
-      return { library: name, dsyevd, dgemm };
+      let sgemm: SgemmFn | undefined;
+      try {
+        sgemm = lib.func(
+          'void sgemm_(const char *ta, const char *tb, const int *m, const int *n, const int *k, ' +
+            'const float *alpha, const float *a, const int *lda, const float *b, const int *ldb, ' +
+            'const float *beta, float *c, const int *ldc, size_t l1, size_t l2)',
+        ) as SgemmFn;
+      } catch {
+        sgemm = undefined;
+      }
+      return { library: name, dsyevd, dgemm, sgemm };
     } catch (e) {
       loadErrors.push(`${name}: no dsyevd_ (${(e as Error).message.split('\n')[0]})`);
     }
