@@ -66,23 +66,32 @@ export function preconditionRotated(p: Preconditioner, Vt: Float64Array, inPlace
   return out;
 }
 
-/** float32 copies of a preconditioner's bases and 1/(Λ+λ), made once per preconditioner */
-const single = new WeakMap<Preconditioner, { qA: Float32Array; qS: Float32Array; inverse: Float32Array }>();
+/** float32 copies of a preconditioner's bases and 1/(Λ+λ) (made per use, never kept: at the
+ * SmolLM-135M shape keeping them beside the fp64 ones cost 1.7 GB of peak memory) */
+export interface SinglePrecision {
+  qA: Float32Array;
+  qS: Float32Array;
+  inverse: Float32Array;
+}
+
+export function singlePrecision(p: Preconditioner): SinglePrecision {
+  return { qA: Float32Array.from(p.qA), qS: Float32Array.from(p.qS), inverse: Float32Array.from(p.inverse) };
+}
 
 /**
  * P(V) in float32 (sgemm), for query rows that a float32 graph consumes: the same four
  * products as `precondition` at about twice the rate and half the memory (at the SmolLM-135M
  * shape one query row costs 780 GFLOP of rotations). The result differs from the fp64 path by
- * float32 rounding only, which feeding it to the float32 graph would add anyway.
+ * float32 rounding only, which feeding it to the float32 graph would add anyway. Pass `f` to
+ * share one conversion between several rows of the same module.
  */
-export function precondition32(p: Preconditioner, V: Float32Array): Float32Array {
+export function precondition32(
+  p: Preconditioner,
+  V: Float32Array,
+  f: SinglePrecision = singlePrecision(p),
+): Float32Array {
   if (V.length !== p.dOut * p.dA)
     throw new Error(`precondition32: expected a ${p.dOut}×${p.dA} matrix (${p.dOut * p.dA} values), got ${V.length}`);
-  let f = single.get(p);
-  if (!f) {
-    f = { qA: Float32Array.from(p.qA), qS: Float32Array.from(p.qS), inverse: Float32Array.from(p.inverse) };
-    single.set(p, f);
-  }
   // Q_Sᵀ V Q_A, scaled by 1/(Λ+λ), then Q_S (·) Q_Aᵀ
   const T = gemm32(f.qS, V, p.dOut, p.dOut, p.dA, { transA: true });
   const R = gemm32(T, f.qA, p.dOut, p.dA, p.dA);
