@@ -296,7 +296,9 @@ export async function benchCorpus(argv: string[]): Promise<void> {
     writeFileSync(
       config,
       JSON.stringify({
-        models: { model: d.finetuned, factors: d.finetunedFactors, fitDataset: 'finetune' },
+        // checkpoints off: this bench measures the store + exact rerank path, which serves the
+        // final model (a sum over the embedded checkpoints scores every example exactly, per checkpoint)
+        models: { model: d.finetuned, factors: d.finetunedFactors, fitDataset: 'finetune', checkpoints: 'off' },
         datasets: { finetune: d.finetuneData, corpus: data },
         modules: 'all',
         damping: 'heuristic',
