@@ -84,13 +84,31 @@ export function fitEigenbases(
   opts?: FitOptions,
 ): Map<string, Eigenbasis> {
   const bases = new Map<string, Eigenbasis>();
+  // Modules that read the same input (q/k/v, gate/up) have identical activation covariances
+  // (the graph emits one A for them): decompose each distinct A once. Equality is checked
+  // value by value, so a match is exact and the result the same as decomposing it again.
+  const seenA: Array<{ A: Float64Array; basis: Eigenbasis }> = [];
   let i = 0;
   for (const [name, acc] of covariances) {
     opts?.signal?.throwIfAborted();
-    bases.set(name, computeEigenbasis(name, acc.finalize()));
+    const cov = acc.finalize();
+    const same = seenA.find((s) => sameValues(s.A, cov.A));
+    const basis = computeEigenbasis(
+      name,
+      cov,
+      same ? { knownA: { values: same.basis.eigA, vectors: same.basis.qA } } : {},
+    );
+    if (!same) seenA.push({ A: cov.A, basis });
+    bases.set(name, basis);
     opts?.onProgress?.('eigendecomposition', ++i, covariances.size);
   }
   return bases;
+}
+
+function sameValues(a: Float64Array, b: Float64Array): boolean {
+  if (a.length !== b.length) return false;
+  for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return false;
+  return true;
 }
 
 /** Pass 2: eigenvalue correction sums. */

@@ -28,9 +28,18 @@ export interface EigenbasisOptions {
   negativeTolerance?: number;
 }
 
-export function computeEigenbasis(module: string, cov: Covariances, options: EigenbasisOptions = {}): Eigenbasis {
+export function computeEigenbasis(
+  module: string,
+  cov: Covariances,
+  options: EigenbasisOptions & {
+    /** the eigendecomposition of an activation covariance equal to `cov.A`, when already known */
+    knownA?: { values: Float64Array; vectors: Float64Array };
+  } = {},
+): Eigenbasis {
   const tol = options.negativeTolerance ?? 1e-3;
-  const a = eigh(cov.A, cov.dA, { label: `activation covariance of module ${module}`, backend: options.backend });
+  const a = options.knownA
+    ? { values: Float64Array.from(options.knownA.values), vectors: Float64Array.from(options.knownA.vectors) }
+    : eigh(cov.A, cov.dA, { label: `activation covariance of module ${module}`, backend: options.backend });
   const s = eigh(cov.S, cov.dOut, { label: `gradient covariance of module ${module}`, backend: options.backend });
   checkVectors(a.vectors, `activation eigenvectors of module ${module}`);
   checkVectors(s.vectors, `gradient eigenvectors of module ${module}`);
