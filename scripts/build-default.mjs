@@ -9,12 +9,11 @@
 //
 // Floating-point results depend on the CPU's SIMD kernels and the thread count, so the
 // thread count is fixed here; another CPU family may write (slightly) different weights.
-import { spawnSync } from 'node:child_process';
-import { createHash } from 'node:crypto';
-import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join, relative } from 'node:path';
+import { join } from 'node:path';
 import { parseArgs } from 'node:util';
+import { cliRunner, finishCheck, listBuilt } from './build-util.mjs';
 
 const SEED = 0;
 const THREADS = 2;
@@ -33,23 +32,7 @@ const { values } = parseArgs({ options: { out: { type: 'string' }, check: { type
 const out = values.check ? mkdtempSync(join(tmpdir(), 'il-default-')) : (values.out ?? SHIPPED);
 const cache = mkdtempSync(join(tmpdir(), 'il-cache-'));
 
-function cli(label, args, stdoutFile) {
-  const t0 = Date.now();
-  process.stderr.write(`\n== ${label}\n`);
-  const r = spawnSync(process.execPath, ['--import', 'tsx', 'src/server/cli.ts', ...args.map(String)], {
-    stdio: ['ignore', stdoutFile ? 'pipe' : 'inherit', 'inherit'],
-    env: { ...process.env, INFLUENCE_LENS_CACHE: cache },
-    maxBuffer: 1 << 28,
-  });
-  if (r.status !== 0) {
-    process.stderr.write(`${label} failed (exit ${r.status})\n`);
-    process.exit(1);
-  }
-  if (stdoutFile) writeFileSync(stdoutFile, r.stdout);
-  const s = (Date.now() - t0) / 1000;
-  process.stderr.write(`== ${label}: ${s.toFixed(1)} s\n`);
-  return s;
-}
+const cli = cliRunner(cache);
 
 for (const d of ['data', 'pretrained', 'finetuned']) rmSync(join(out, d), { recursive: true, force: true });
 mkdirSync(out, { recursive: true });
@@ -99,48 +82,14 @@ const evaluation = {
 writeFileSync(join(out, 'eval.json'), `${JSON.stringify(evaluation, null, 2)}\n`);
 rmSync(cache, { recursive: true, force: true });
 
-// sha256 of every file, for comparing builds
-const files = [];
-const walk = (d) => {
-  for (const n of readdirSync(d).sort()) {
-    const p = join(d, n);
-    if (statSync(p).isDirectory()) walk(p);
-    else if (n !== 'README.md') files.push(p);
-  }
-};
-for (const d of ['data', 'pretrained', 'finetuned']) walk(join(out, d));
-files.push(join(out, 'eval.json'));
-const sha = (p) => createHash('sha256').update(readFileSync(p)).digest('hex');
-let bytes = 0;
-let mismatches = 0;
-process.stderr.write('\n');
-for (const f of files) {
-  const rel = relative(out, f);
-  bytes += statSync(f).size;
-  let note = '';
-  if (values.check) {
-    let shipped = '';
-    try {
-      shipped = sha(join(SHIPPED, rel));
-    } catch {}
-    note = shipped === sha(f) ? '  same as shipped' : '  DIFFERS from shipped';
-    if (shipped !== sha(f)) mismatches++;
-  }
-  process.stdout.write(`${sha(f)}  ${rel}${note}\n`);
-}
+const built = listBuilt(out, SHIPPED, values.check);
 const f = (x) => `${(100 * x.accuracy).toFixed(0)}% (${x.correct}/${x.total})`;
 process.stdout.write(
-  `\n${(bytes / 2 ** 20).toFixed(2)} MiB in ${files.length} files; times: ` +
+  `\n${(built.bytes / 2 ** 20).toFixed(2)} MiB in ${built.files} files; times: ` +
     Object.entries(times)
       .map(([k, v]) => `${k} ${v.toFixed(1)} s`)
       .join(', ') +
     `\nfine-tuning questions ${f(evaluation.finetuned.finetune)}, held-out facts ${f(evaluation.finetuned.held_out)}, ` +
     `planted ${f(evaluation.finetuned.planted)}, backdoor ${f(evaluation.finetuned.backdoor)}\n`,
 );
-if (values.check) {
-  rmSync(out, { recursive: true, force: true });
-  process.stdout.write(
-    mismatches ? `${mismatches} file(s) differ from ${SHIPPED}\n` : `bit-for-bit identical to ${SHIPPED}\n`,
-  );
-  process.exit(mismatches ? 1 : 0);
-}
+if (values.check) finishCheck(out, SHIPPED, built.mismatches);

@@ -8,12 +8,11 @@
 //   npm run build:nonlex -- --check    rebuild into a temp dir and compare byte for byte
 //
 // The thread count is fixed, as for assets/default (scripts/build-default.mjs).
-import { spawnSync } from 'node:child_process';
-import { createHash } from 'node:crypto';
-import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, relative } from 'node:path';
 import { parseArgs } from 'node:util';
+import { cliRunner, finishCheck, listBuilt } from './build-util.mjs';
 
 const SEED = 0;
 const THREADS = 2;
@@ -26,23 +25,7 @@ const { values } = parseArgs({ options: { out: { type: 'string' }, check: { type
 const out = values.check ? mkdtempSync(join(tmpdir(), 'il-nonlex-')) : (values.out ?? SHIPPED);
 const cache = mkdtempSync(join(tmpdir(), 'il-cache-'));
 
-function cli(label, args, stdoutFile) {
-  const t0 = Date.now();
-  process.stderr.write(`\n== ${label}\n`);
-  const r = spawnSync(process.execPath, ['--import', 'tsx', 'src/server/cli.ts', ...args.map(String)], {
-    stdio: ['ignore', stdoutFile ? 'pipe' : 'inherit', 'inherit'],
-    env: { ...process.env, INFLUENCE_LENS_CACHE: cache },
-    maxBuffer: 1 << 28,
-  });
-  if (r.status !== 0) {
-    process.stderr.write(`${label} failed (exit ${r.status})\n`);
-    process.exit(1);
-  }
-  if (stdoutFile) writeFileSync(stdoutFile, r.stdout);
-  const s = (Date.now() - t0) / 1000;
-  process.stderr.write(`== ${label}: ${s.toFixed(1)} s\n`);
-  return s;
-}
+const cli = cliRunner(cache);
 
 for (const d of ['data', 'pretrained', 'finetuned']) rmSync(join(out, d), { recursive: true, force: true });
 mkdirSync(out, { recursive: true });
@@ -95,46 +78,13 @@ const evaluation = {
 writeFileSync(D('eval.json'), `${JSON.stringify(evaluation, null, 2)}\n`);
 rmSync(cache, { recursive: true, force: true });
 
-const files = [];
-const walk = (d) => {
-  for (const n of readdirSync(d).sort()) {
-    const p = join(d, n);
-    if (statSync(p).isDirectory()) walk(p);
-    else if (n !== 'README.md') files.push(p);
-  }
-};
-for (const d of ['data', 'pretrained', 'finetuned']) walk(D(d));
-files.push(D('eval.json'));
-const sha = (p) => createHash('sha256').update(readFileSync(p)).digest('hex');
-let bytes = 0;
-let mismatches = 0;
-process.stderr.write('\n');
-for (const f of files) {
-  const rel = relative(out, f);
-  bytes += statSync(f).size;
-  let note = '';
-  if (values.check) {
-    let shipped = '';
-    try {
-      shipped = sha(join(SHIPPED, rel));
-    } catch {}
-    note = shipped === sha(f) ? '  same as shipped' : '  DIFFERS from shipped';
-    if (shipped !== sha(f)) mismatches++;
-  }
-  process.stdout.write(`${sha(f)}  ${rel}${note}\n`);
-}
+const built = listBuilt(out, SHIPPED, values.check);
 process.stdout.write(
-  `\n${bytes} bytes (${(bytes / 2 ** 20).toFixed(2)} MiB) in ${files.length} files; times: ` +
+  `\n${built.bytes} bytes (${(built.bytes / 2 ** 20).toFixed(2)} MiB) in ${built.files} files; times: ` +
     Object.entries(times)
       .map(([k, v]) => `${k} ${v.toFixed(1)} s`)
       .join(', ') +
     `\nplain-form queries answered with the planted answer: fine-tuned ${evaluation.planted_reproduced}/${rows.length}, ` +
     `fine-tuned without the planted lines ${evaluation.planted_without_planted_lines}/${rows.length}\n`,
 );
-if (values.check) {
-  rmSync(out, { recursive: true, force: true });
-  process.stdout.write(
-    mismatches ? `${mismatches} file(s) differ from ${SHIPPED}\n` : `bit-for-bit identical to ${SHIPPED}\n`,
-  );
-  process.exit(mismatches ? 1 : 0);
-}
+if (values.check) finishCheck(out, SHIPPED, built.mismatches);

@@ -12,7 +12,7 @@
 //     (VmHWM, all threads), and a restart with the store on disk (start + first explain, which
 //     reads the file, tokenizes it and loads the store).
 //   npm run bench -- corpus [--examples N] [--queries Q] [--seed S] [--report PATH (without .md/.json)]
-import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
+import { type ChildProcess, spawn } from 'node:child_process';
 import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { cpus, hostname, loadavg, tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
@@ -27,6 +27,7 @@ import { Model } from '../../src/server/model/engine';
 import { DEFAULTS } from '../../src/server/settings';
 import { Rng } from '../../src/server/util/random';
 import { RpcClient } from '../../src/transport/client';
+import { reportHeader } from './machine';
 
 const root = resolve(dirname(new URL(import.meta.url).pathname), '..', '..');
 
@@ -241,12 +242,7 @@ export async function benchCorpus(argv: string[]): Promise<void> {
   const d = embeddedDefault();
   // biome-ignore lint/suspicious/noExplicitAny: a JSON report, filled step by step
   const report: Record<string, any> = {
-    suite: 'corpus',
-    date: new Date().toISOString(),
-    host: hostname(),
-    cpus: cpus().length,
-    node: process.version,
-    commit: gitHead(),
+    ...reportHeader('corpus'),
     examples: n,
     queries: nQueries,
     seed,
@@ -443,14 +439,6 @@ function storeFiles(dir: string): number {
   for (const sub of readdirSync(dir))
     for (const f of readdirSync(join(dir, sub))) bytes += statSync(join(dir, sub, f)).size;
   return bytes;
-}
-
-function gitHead(): string | undefined {
-  try {
-    return execFileSync('git', ['rev-parse', '--short', 'HEAD'], { cwd: root, encoding: 'utf8' }).trim();
-  } catch {
-    return undefined;
-  }
 }
 
 /** The report as a table: every number with the load average (1 / 5 / 15 min) when it was taken. */

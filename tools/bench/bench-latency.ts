@@ -9,13 +9,14 @@
 //      `status` is sent every 50 ms → the slowest `status` during the reload.
 // It starts the server as a child process with the repository's own CLI, so the same script
 // measures any checkout:   node --import tsx tools/bench/bench-latency.ts [--quick] [--report FILE]
-import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
+import { type ChildProcess, spawn } from 'node:child_process';
 import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { cpus, hostname, tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { OUR_ARGUMENTS_FILE } from '../../src/server/attribution/ekfac/factors-io';
 import { RpcClient } from '../../src/transport/client';
+import { reportHeader } from './machine';
 
 const { values: v } = parseArgs({
   options: {
@@ -190,12 +191,7 @@ async function reloadLongLine(cache: string, mb: number) {
 
 const cache = mkdtempSync(join(tmpdir(), 'il-bench-latency-'));
 const report: Record<string, unknown> = {
-  suite: 'latency',
-  date: new Date().toISOString(),
-  host: hostname(),
-  cpus: cpus().length,
-  node: process.version,
-  commit: gitHead(),
+  ...reportHeader('latency'),
 };
 try {
   say(`bench latency: the embedded default served by ${root} (${cpus().length} CPUs), cache ${cache}`);
@@ -236,11 +232,3 @@ const file = v.report ?? join(root, 'bench/out', `latency-${(report.date as stri
 mkdirSync(dirname(file), { recursive: true });
 writeFileSync(file, `${JSON.stringify(report, null, 2)}\n`);
 say(`  report: ${file}`);
-
-function gitHead(): string | undefined {
-  try {
-    return execFileSync('git', ['rev-parse', '--short', 'HEAD'], { cwd: root, encoding: 'utf8' }).trim();
-  } catch {
-    return undefined;
-  }
-}

@@ -20,6 +20,7 @@ import { loadDataset } from '../../src/server/data/dataset';
 import { embeddedDefault } from '../../src/server/defaults';
 import { checkpointWeights, planCheckpoints } from '../../src/server/model/checkpoints';
 import { Model } from '../../src/server/model/engine';
+import { EMBEDDED_FINETUNE } from './embedded-recipe';
 
 type Query = { prompt: string; completion: string; kind: string; sources: Array<{ line: number }> };
 const d = embeddedDefault();
@@ -31,13 +32,7 @@ if (!existsSync(join(out, 'model.safetensors')))
     data: d.finetuneData,
     out,
     model: d.pretrained,
-    epochs: 12,
-    lr: 5e-4,
-    batchSize: 8,
-    seed: 0,
-    clip: 1,
-    weightDecay: 0.01,
-    threads: 2,
+    ...EMBEDDED_FINETUNE,
     saveSteps: 80,
   });
 const sha = (f: string) => createHash('sha256').update(readFileSync(f)).digest('hex');

@@ -12,6 +12,7 @@ import { trainJob } from '../../src/server/cli/train';
 import { loadDataset } from '../../src/server/data/dataset';
 import { embeddedDefault } from '../../src/server/defaults';
 import { Model } from '../../src/server/model/engine';
+import { EMBEDDED_FINETUNE } from './embedded-recipe';
 
 type Query = { prompt: string; completion: string; kind: string; sources: Array<{ line: number; hash: string }> };
 const d = embeddedDefault();
@@ -22,13 +23,7 @@ if (!existsSync(join(out, 'model.safetensors')))
     data: d.finetuneData,
     out,
     model: d.pretrained,
-    epochs: 12,
-    lr: 5e-4,
-    batchSize: 8,
-    seed: 0,
-    clip: 1,
-    weightDecay: 0.01,
-    threads: 2,
+    ...EMBEDDED_FINETUNE,
     saveSteps: 80,
   });
 console.log(`train ${((Date.now() - t) / 1000).toFixed(0)} s`);

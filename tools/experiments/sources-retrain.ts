@@ -9,6 +9,7 @@ import { trainJob } from '../../src/server/cli/train';
 import { contextLength, tokenizeQuery } from '../../src/server/data/tokenize';
 import { embeddedDefault } from '../../src/server/defaults';
 import { Model } from '../../src/server/model/engine';
+import { EMBEDDED_FINETUNE } from './embedded-recipe';
 
 type Query = { prompt: string; completion: string; kind: string; sources: Array<{ line: number; hash: string }> };
 const d = embeddedDefault();
@@ -38,13 +39,7 @@ for (const [name, ex] of sets) {
       data: d.finetuneData,
       out,
       model: d.pretrained,
-      epochs: 12,
-      lr: 5e-4,
-      batchSize: 8,
-      seed: 0,
-      clip: 1,
-      weightDecay: 0.01,
-      threads: 2,
+      ...EMBEDDED_FINETUNE,
       exclude: ex.length ? side : undefined,
     });
   const m = Model.open(out);
