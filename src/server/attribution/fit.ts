@@ -52,15 +52,36 @@ function select(examples: TokenizedExample[], p?: { index: number; count: number
 
 const data = (t: ort.Tensor) => t.data as Float32Array | Float64Array;
 
-/** Pass 1: covariance sums. */
+/**
+ * Pass 1: covariance sums. The graph returns every tracked module's per-token input and output
+ * gradient; the sums Σ ã ãᵀ and Σ g gᵀ are added by BLAS syrk straight into running sums in the
+ * graph's precision (kronfluence keeps float32 ones too). Reducing inside the graph instead
+ * returned every module's full d × d sums from every run, ~1.2 GB per run at the SmolLM-135M
+ * shape, and added them in JS: the covariance pass took 5× kronfluence's time there.
+ */
 export async function fitCovariances(
   model: Model,
   examples: TokenizedExample[],
   opts: FitOptions,
 ): Promise<{ modules: ModuleInfo[]; covariances: Map<string, CovarianceAccumulator> }> {
-  const graph = await model.compile({ labels: labelsOf(opts), covariance: true, modules: opts.modules });
+  const graph = await model.compile({ labels: labelsOf(opts), perToken: true, modules: opts.modules });
   const modules = graph.moduleInfo;
-  const covariances = new Map(modules.map((m) => [m.name, new CovarianceAccumulator(moduleShape(m))]));
+  const precision = graph.fp64 ? 'fp64' : 'fp32';
+  // Modules that read the same tensor (q/k/v, gate/up) share one activation sum, added once.
+  const leaders = new Map<string, CovarianceAccumulator>();
+  const covariances = new Map<string, CovarianceAccumulator>();
+  const activationFrom: Array<{ module: string; acc: CovarianceAccumulator }> = [];
+  for (const m of graph.modules) {
+    const key = `${m.input.name}:${m.hasBias}`;
+    const leader = leaders.get(key);
+    const acc = new CovarianceAccumulator(moduleShape(m), { precision, shareActivationsWith: leader });
+    if (!leader) {
+      leaders.set(key, acc);
+      activationFrom.push({ module: m.name, acc });
+    }
+    covariances.set(m.name, acc);
+  }
+  const outputs = [...activationFrom.map((x) => `a.${x.module}`), ...modules.map((m) => `g.${m.name}`)];
   const rng = new Rng(opts.seed);
   const bs = memoryBoundedBatches(
     select(examples, opts.partition),
@@ -69,13 +90,42 @@ export async function fitCovariances(
     runShape(modules, model.config, false, graph.fp64),
   );
   for (const [i, { batch }] of bs.entries()) {
-    const out = await graph.run(batch, { uniforms: uniformsFor(opts, rng, batch) });
-    const count = Number((out.token_count.data as Float32Array)[0]);
-    for (const m of modules)
-      covariances.get(m.name)!.addSums(data(out[`A.${m.name}`]), count, data(out[`S.${m.name}`]), count);
+    opts.signal?.throwIfAborted();
+    const out = await graph.run(batch, { uniforms: uniformsFor(opts, rng, batch), outputs });
+    // only attended tokens count (right padding: each sequence's first `length` rows), as
+    // kronfluence masks with the attention mask
+    const real = realRows(batch);
+    for (const { module, acc } of activationFrom) {
+      const d = acc.shape.dIn;
+      acc.addActivationRows(real.rows(data(out[`a.${module}`]), d), real.count);
+    }
+    for (const m of modules) {
+      const acc = covariances.get(m.name)!;
+      acc.addGradientRows(real.rows(data(out[`g.${m.name}`]), m.dOut), real.count).endBatch();
+    }
     opts.onProgress?.('covariance', i + 1, bs.length);
   }
   return { modules, covariances };
+}
+
+/** The rows of a right-padded batch that are real tokens, packed (no copy when nothing is padded). */
+function realRows(batch: Batch) {
+  const { B, T, lengths } = batch;
+  const count = lengths.reduce((s, n) => s + n, 0);
+  return {
+    count,
+    rows(x: Float32Array | Float64Array, d: number): Float32Array | Float64Array {
+      if (x.length !== B * T * d) throw new Error(`expected ${B}×${T}×${d} per-token values, got ${x.length}`);
+      if (count === B * T) return x;
+      const out = x instanceof Float32Array ? new Float32Array(count * d) : new Float64Array(count * d);
+      let o = 0;
+      for (let b = 0; b < B; b++) {
+        out.set(x.subarray(b * T * d, (b * T + lengths[b]) * d), o);
+        o += lengths[b] * d;
+      }
+      return out;
+    },
+  };
 }
 
 /** Eigendecompose each module's A and S (fp64, LAPACK when available). */

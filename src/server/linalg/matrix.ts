@@ -101,6 +101,48 @@ export function gemm32(
   return C;
 }
 
+/**
+ * C[0:n, 0:n] += Xᵀ X for X (rows × n, row-major), on the LOWER triangle of C only (C[i][j] with
+ * j <= i; the upper triangle is left as it was: mirror it once when the sum is complete). C is
+ * row-major with leading dimension `ldc` >= n, so the block may sit inside a larger matrix (the
+ * K-FAC activation factor with its bias row). X and C share one precision, C's. Half the work of
+ * a full product; the system's dsyrk_/ssyrk_ when loaded, a JS loop otherwise.
+ */
+export function syrkLower(X: Floats, rows: number, n: number, C: Floats, ldc = n): void {
+  if (X.length < rows * n) throw new Error(`syrkLower: X has ${X.length} values, needs ${rows}×${n}`);
+  if (ldc < n || C.length < (n - 1) * ldc + n) throw new Error(`syrkLower: C is too small for ${n}×${n} (ldc ${ldc})`);
+  if (X instanceof Float32Array !== C instanceof Float32Array)
+    throw new Error('syrkLower: X and C must have the same precision');
+  if (rows === 0 || n === 0) return;
+  const lib = nativeLapack();
+  // Row-major lower triangle = column-major upper triangle; row-major X (rows × n) is column-major
+  // n × rows, so C_col += X_col X_colᵀ is 'N'.
+  if (C instanceof Float32Array && lib?.ssyrk) {
+    const one = new Float32Array([1]);
+    lib.ssyrk('U', 'N', i32(n), i32(rows), one, X as Float32Array, i32(n), one, C, i32(ldc), 1, 1);
+    return;
+  }
+  if (C instanceof Float64Array && lib?.dsyrk) {
+    const one = new Float64Array([1]);
+    lib.dsyrk('U', 'N', i32(n), i32(rows), one, X as Float64Array, i32(n), one, C, i32(ldc), 1, 1);
+    return;
+  }
+  for (let t = 0; t < rows; t++) {
+    const x = t * n;
+    for (let i = 0; i < n; i++) {
+      const xi = X[x + i];
+      if (xi === 0) continue;
+      const ci = i * ldc;
+      for (let j = 0; j <= i; j++) C[ci + j] += xi * X[x + j];
+    }
+  }
+}
+
+/** Copies the lower triangle of a row-major n×n matrix (leading dimension ldc) onto the upper. */
+export function mirrorLower(C: Floats, n: number, ldc = n): void {
+  for (let i = 0; i < n; i++) for (let j = i + 1; j < n; j++) C[i * ldc + j] = C[j * ldc + i];
+}
+
 function i32(x: number): Int32Array {
   return new Int32Array([x]);
 }

@@ -1,9 +1,11 @@
 // K-FAC covariance factors (Grosse et al. 2023, eq. 17): A = E[ã ãᵀ] over tokens and
 // S = E[g gᵀ] over tokens, g taken with labels sampled from the model (true Fisher).
-// We keep fp64 sums and counts, as kronfluence stores them (`activation_covariance` is
+// We keep sums and counts, as kronfluence stores them (`activation_covariance` is
 // Σ ã ãᵀ and `num_activation_covariance_processed` the token count), so partial sums
-// from data partitions merge by addition and the mean is taken once, at the end.
-import { type Floats, firstNonFinite, gemm, symmetrize } from '../../linalg/matrix';
+// from data partitions merge by addition and the mean is taken once, at the end. A float32
+// fit keeps float32 sums (kronfluence's default dtype), accumulated by BLAS syrk from the
+// graph's per-token rows; fp64 graphs and merges keep fp64.
+import { type Floats, firstNonFinite, mirrorLower, symmetrize, syrkLower } from '../../linalg/matrix';
 import { activationRows, factorDim, gradientRows, type ModuleShape, type RowWeights } from './gradient';
 
 // Rows per GEMM: bounds the fp64 copy of a batch to CHUNK × d values.
@@ -18,22 +20,80 @@ export interface Covariances {
   dOut: number;
 }
 
+/**
+ * One running symmetric sum Σ x xᵀ and its count. Modules that read the same input (q/k/v,
+ * gate/up) share one: their activation factor is accumulated once, not once per module.
+ * BLAS syrk fills the lower triangle only; the upper one is mirrored when the sum is read.
+ */
+class SymmetricSum {
+  lowerOnly = false;
+  count = 0;
+  constructor(readonly data: Floats) {}
+  settled(n: number): Floats {
+    if (this.lowerOnly) mirrorLower(this.data, n);
+    this.lowerOnly = false;
+    return this.data;
+  }
+}
+
+export interface AccumulatorOptions {
+  /**
+   * Precision of the running sums: 'fp32' as kronfluence keeps them (half the memory; what a
+   * float32 graph's rows are anyway), 'fp64' for fp64 graphs and merged partitions. Default fp64.
+   */
+  precision?: 'fp32' | 'fp64';
+  /** a module reading the same input (same width and bias): share its activation sum */
+  shareActivationsWith?: CovarianceAccumulator;
+}
+
 export class CovarianceAccumulator {
   readonly dA: number;
-  /** Σ_t w_t ã_t ã_tᵀ (d_A × d_A, row-major) */
-  readonly activationSum: Float64Array;
-  /** Σ_t w_t g_t g_tᵀ (d_out × d_out) */
-  readonly gradientSum: Float64Array;
-  /** Σ_t w_t over activation rows (the token count for 0/1 masks) */
-  activationCount = 0;
-  gradientCount = 0;
+  readonly precision: 'fp32' | 'fp64';
+  private readonly act: SymmetricSum;
+  private readonly grad: SymmetricSum;
   /** batches added (for error messages) */
   batches = 0;
 
-  constructor(readonly shape: ModuleShape) {
+  constructor(
+    readonly shape: ModuleShape,
+    options: AccumulatorOptions = {},
+  ) {
     this.dA = factorDim(shape);
-    this.activationSum = new Float64Array(this.dA * this.dA);
-    this.gradientSum = new Float64Array(shape.dOut * shape.dOut);
+    this.precision = options.precision ?? 'fp64';
+    const alloc = (n: number) => (this.precision === 'fp32' ? new Float32Array(n) : new Float64Array(n));
+    const other = options.shareActivationsWith;
+    if (other) {
+      if (other.dA !== this.dA || other.shape.appendOne !== shape.appendOne || other.precision !== this.precision)
+        throw new Error(`module ${shape.name} cannot share the activation covariance of ${other.shape.name}`);
+      this.act = other.act;
+    } else this.act = new SymmetricSum(alloc(this.dA * this.dA));
+    this.grad = new SymmetricSum(alloc(shape.dOut * shape.dOut));
+  }
+
+  /** Σ_t w_t ã_t ã_tᵀ (d_A × d_A, row-major) */
+  get activationSum(): Floats {
+    return this.act.settled(this.dA);
+  }
+  /** Σ_t w_t g_t g_tᵀ (d_out × d_out) */
+  get gradientSum(): Floats {
+    return this.grad.settled(this.shape.dOut);
+  }
+  /** Σ_t w_t over activation rows (the token count for 0/1 masks) */
+  get activationCount(): number {
+    return this.act.count;
+  }
+  set activationCount(v: number) {
+    this.act.count = v;
+  }
+  get gradientCount(): number {
+    return this.grad.count;
+  }
+  set gradientCount(v: number) {
+    this.grad.count = v;
+  }
+  /** true when this module's activation sum is another module's (same input) */
+  sharesActivationsWith(other: CovarianceAccumulator): boolean {
+    return this.act === other.act;
   }
 
   /**
@@ -52,9 +112,11 @@ export class CovarianceAccumulator {
     const { dIn, appendOne, name } = this.shape;
     const what = `activations of module ${name} in batch ${this.batches + 1}`;
     if (a.length !== rows * dIn) throw new Error(`${what}: expected ${rows}×${dIn} values, got ${a.length}`);
-    const count = weights ? sumWeights(weights, rows, what) : rows;
+    if (!weights) return this.addActivationRows(a, rows);
+    const count = sumWeights(weights, rows, what);
     for (let r0 = 0; r0 < rows; r0 += CHUNK) {
       const r1 = Math.min(rows, r0 + CHUNK);
+      // √w-scaled rows with the bias column folded in (the column holds √w, so its products are w)
       const X = activationRows(
         a.subarray(r0 * dIn, r1 * dIn),
         r1 - r0,
@@ -64,9 +126,10 @@ export class CovarianceAccumulator {
         sub(weights, r0, r1),
         Math.sqrt,
       );
-      gemm(X, X, this.dA, r1 - r0, this.dA, { transA: true, beta: 1, out: this.activationSum });
+      syrkLower(this.inPrecision(X), r1 - r0, this.dA, this.act.data);
     }
-    this.activationCount += count;
+    this.act.lowerOnly = true;
+    this.act.count += count;
     return this;
   }
 
@@ -74,13 +137,63 @@ export class CovarianceAccumulator {
     const { dOut, name } = this.shape;
     const what = `output gradients of module ${name} in batch ${this.batches + 1}`;
     if (g.length !== rows * dOut) throw new Error(`${what}: expected ${rows}×${dOut} values, got ${g.length}`);
-    const count = weights ? sumWeights(weights, rows, what) : rows;
+    if (!weights) return this.addGradientRows(g, rows);
+    const count = sumWeights(weights, rows, what);
     for (let r0 = 0; r0 < rows; r0 += CHUNK) {
       const r1 = Math.min(rows, r0 + CHUNK);
       const Y = gradientRows(g.subarray(r0 * dOut, r1 * dOut), r1 - r0, dOut, what, sub(weights, r0, r1), Math.sqrt);
-      gemm(Y, Y, dOut, r1 - r0, dOut, { transA: true, beta: 1, out: this.gradientSum });
+      syrkLower(this.inPrecision(Y), r1 - r0, dOut, this.grad.data);
     }
-    this.gradientCount += count;
+    this.grad.lowerOnly = true;
+    this.grad.count += count;
+    return this;
+  }
+
+  /**
+   * Adds `rows` unweighted token rows of activations (rows × d_in, as the graph emits them; the
+   * bias column is folded in here): Σ a aᵀ by syrk straight into the sum, Σ a into its bias row,
+   * the count into its corner. NaN/Inf stop here, naming the module, batch, row and column.
+   */
+  addActivationRows(a: Floats, rows: number): this {
+    const { dIn, appendOne, name } = this.shape;
+    const what = `activations of module ${name} in batch ${this.batches + 1}`;
+    if (a.length < rows * dIn) throw new Error(`${what}: expected ${rows}×${dIn} values, got ${a.length}`);
+    const x = this.inPrecision(a.subarray(0, rows * dIn));
+    checkFinite(x, dIn, what);
+    const S = this.act.data;
+    syrkLower(x, rows, dIn, S, this.dA);
+    if (appendOne) {
+      // ã = [a, 1]: the last row holds Σ a (lower triangle) and the corner the count
+      const colSums = new Float64Array(dIn);
+      for (let t = 0; t < rows; t++) {
+        const o = t * dIn;
+        for (let j = 0; j < dIn; j++) colSums[j] += x[o + j];
+      }
+      const last = dIn * this.dA;
+      for (let j = 0; j < dIn; j++) S[last + j] += colSums[j];
+      S[last + dIn] += rows;
+    }
+    this.act.lowerOnly = true;
+    this.act.count += rows;
+    return this;
+  }
+
+  /** Adds `rows` unweighted rows of output gradients (rows × d_out) by syrk; NaN/Inf stop here. */
+  addGradientRows(g: Floats, rows: number): this {
+    const { dOut, name } = this.shape;
+    const what = `output gradients of module ${name} in batch ${this.batches + 1}`;
+    if (g.length < rows * dOut) throw new Error(`${what}: expected ${rows}×${dOut} values, got ${g.length}`);
+    const y = this.inPrecision(g.subarray(0, rows * dOut));
+    checkFinite(y, dOut, what);
+    syrkLower(y, rows, dOut, this.grad.data);
+    this.grad.lowerOnly = true;
+    this.grad.count += rows;
+    return this;
+  }
+
+  /** Marks the end of one batch (for error messages). */
+  endBatch(): this {
+    this.batches++;
     return this;
   }
 
@@ -91,11 +204,11 @@ export class CovarianceAccumulator {
   addSums(activationSum: Floats, activationCount: number, gradientSum: Floats, gradientCount: number): this {
     const { name } = this.shape;
     const step = `batch ${this.batches + 1}`;
-    if (activationSum.length !== this.activationSum.length || gradientSum.length !== this.gradientSum.length)
+    if (activationSum.length !== this.act.data.length || gradientSum.length !== this.grad.data.length)
       throw new Error(
         `covariance sums of module ${name} (${step}) have ${activationSum.length} and ${gradientSum.length} values`,
       );
-    const add = (dst: Float64Array, src: Floats, what: string) => {
+    const add = (dst: Floats, src: Floats, what: string) => {
       let check = 0;
       for (let i = 0; i < src.length; i++) {
         const v = src[i];
@@ -107,10 +220,11 @@ export class CovarianceAccumulator {
         throw new Error(`${Number.isNaN(src[bad]) ? 'NaN' : 'Inf'} in the ${what} of module ${name} in ${step}`);
       }
     };
-    add(this.activationSum, activationSum, 'activation covariance (the activations overflowed or were NaN)');
-    add(this.gradientSum, gradientSum, 'gradient covariance (the output gradients overflowed or were NaN)');
-    this.activationCount += activationCount;
-    this.gradientCount += gradientCount;
+    // full symmetric sums: adding them to a lower-only sum is still right once it is mirrored
+    add(this.act.data, activationSum, 'activation covariance (the activations overflowed or were NaN)');
+    add(this.grad.data, gradientSum, 'gradient covariance (the output gradients overflowed or were NaN)');
+    this.act.count += activationCount;
+    this.grad.count += gradientCount;
     this.batches++;
     return this;
   }
@@ -122,39 +236,47 @@ export class CovarianceAccumulator {
     if (s.name !== o.name || s.dIn !== o.dIn || s.dOut !== o.dOut || s.appendOne !== o.appendOne) {
       throw new Error(`cannot merge covariances of ${describe(o)} into ${describe(s)}`);
     }
-    for (let i = 0; i < this.activationSum.length; i++) this.activationSum[i] += other.activationSum[i];
-    for (let i = 0; i < this.gradientSum.length; i++) this.gradientSum[i] += other.gradientSum[i];
-    this.activationCount += other.activationCount;
-    this.gradientCount += other.gradientCount;
+    if (this.act === other.act || this.grad === other.grad)
+      throw new Error(`cannot merge module ${s.name} into itself`);
+    const oa = other.activationSum;
+    const og = other.gradientSum;
+    const a = this.act.data;
+    const g = this.grad.data;
+    for (let i = 0; i < a.length; i++) a[i] += oa[i];
+    for (let i = 0; i < g.length; i++) g[i] += og[i];
+    this.act.count += other.activationCount;
+    this.grad.count += other.gradientCount;
     this.batches += other.batches;
     return this;
   }
 
-  /** Restores an accumulator from stored sums (kronfluence's files, or one batch reduced in-graph). */
+  /** Restores an accumulator from stored sums (kronfluence's files, or one batch reduced in-graph), in their precision. */
   static fromSums(
     shape: ModuleShape,
-    activationSum: Float64Array,
+    activationSum: Floats,
     activationCount: number,
-    gradientSum: Float64Array,
+    gradientSum: Floats,
     gradientCount: number,
     batches = 1,
   ): CovarianceAccumulator {
-    const acc = new CovarianceAccumulator(shape);
-    if (activationSum.length !== acc.activationSum.length || gradientSum.length !== acc.gradientSum.length) {
+    const acc = new CovarianceAccumulator(shape, {
+      precision: activationSum instanceof Float32Array && gradientSum instanceof Float32Array ? 'fp32' : 'fp64',
+    });
+    if (activationSum.length !== acc.act.data.length || gradientSum.length !== acc.grad.data.length) {
       throw new Error(
         `covariance sums of module ${shape.name} have ${activationSum.length} and ${gradientSum.length} values; ` +
           `expected ${acc.dA}² and ${shape.dOut}²`,
       );
     }
-    acc.activationSum.set(activationSum);
-    acc.gradientSum.set(gradientSum);
-    acc.activationCount = activationCount;
-    acc.gradientCount = gradientCount;
+    acc.act.data.set(activationSum);
+    acc.grad.data.set(gradientSum);
+    acc.act.count = activationCount;
+    acc.grad.count = gradientCount;
     acc.batches = batches;
     return acc;
   }
 
-  /** The means A = Σ ã ãᵀ / n_a and S = Σ g gᵀ / n_g (symmetrised); throws on NaN/Inf or no data. */
+  /** The means A = Σ ã ãᵀ / n_a and S = Σ g gᵀ / n_g in fp64 (symmetric); throws on NaN/Inf or no data. */
   finalize(): Covariances {
     const { name, dOut } = this.shape;
     const after = `after ${this.batches} batch${this.batches === 1 ? '' : 'es'}`;
@@ -164,9 +286,23 @@ export class CovarianceAccumulator {
     const S = meanOf(this.gradientSum, this.gradientCount, `gradient covariance of module ${name} ${after}`);
     return { A: symmetrize(A, this.dA), S: symmetrize(S, dOut), dA: this.dA, dOut };
   }
+
+  private inPrecision(x: Floats): Floats {
+    if (this.precision === 'fp32') return x instanceof Float32Array ? x : Float32Array.from(x);
+    return x instanceof Float64Array ? x : Float64Array.from(x);
+  }
 }
 
-function meanOf(sum: Float64Array, count: number, what: string): Float64Array {
+function checkFinite(x: Floats, cols: number, what: string) {
+  let check = 0;
+  for (let i = 0; i < x.length; i++) check += x[i] * 0;
+  if (check === 0) return;
+  const bad = firstNonFinite(x);
+  const r = Math.floor(bad / cols);
+  throw new Error(`${Number.isNaN(x[bad]) ? 'NaN' : 'Inf'} in ${what} at row ${r}, column ${bad - r * cols}`);
+}
+
+function meanOf(sum: Floats, count: number, what: string): Float64Array {
   const bad = firstNonFinite(sum);
   if (bad >= 0) throw new Error(`${Number.isNaN(sum[bad]) ? 'NaN' : 'Inf'} in ${what}`);
   const out = new Float64Array(sum.length);

@@ -15,6 +15,7 @@
 import { existsSync, mkdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { writeFileAtomic } from '../../../common/atomic-write';
+import type { Floats } from '../../linalg/matrix';
 import { checkDataChecksum, readSafetensorsHeader, readTensorF64, writeSafetensors } from '../../model/safetensors';
 import { CovarianceAccumulator } from './covariance';
 import type { Eigenbasis } from './eigenbasis';
@@ -66,9 +67,9 @@ export interface ModuleFactors {
   dA: number;
   dOut: number;
   covariance?: {
-    activationSum: Float64Array;
+    activationSum: Floats;
     activationCount: number;
-    gradientSum: Float64Array;
+    gradientSum: Floats;
     gradientCount: number;
   };
   eigen?: { qA: Float64Array; eigA: Float64Array; qS: Float64Array; eigS: Float64Array };
@@ -130,8 +131,10 @@ export function saveFactors(dir: string, factors: Factors, options: SaveOptions 
       throw new Error(`saveFactors(${dir}): only ${n} of ${mods.length} modules have ${what}`);
     return n > 0;
   };
-  const float = (data: Float64Array, shape: number[]) =>
-    dtype === 'F64' ? { dtype, shape, data } : { dtype, shape, data: Float32Array.from(data) };
+  const float = (data: Floats, shape: number[]) =>
+    dtype === 'F64'
+      ? { dtype, shape, data: data instanceof Float64Array ? data : Float64Array.from(data) }
+      : { dtype, shape, data: data instanceof Float32Array ? data : Float32Array.from(data) };
   // kronfluence counts are int64; weighted (non-integer) counts are kept exact as F64, which
   // kronfluence also divides by.
   const count = (c: number) =>

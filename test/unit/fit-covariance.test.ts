@@ -1,0 +1,140 @@
+// The covariance pass accumulates Σ ã ãᵀ and Σ g gᵀ from the graph's per-token rows with BLAS
+// syrk (lower triangle, mirrored on read), sharing one activation sum between modules that read
+// the same input. Checked against the graph's own in-graph reduction (`covariance: true`, a
+// separate Gemm per module over masked rows) on padded batches, in fp64 and fp32, with and
+// without native BLAS.
+import assert from 'node:assert/strict';
+import { join } from 'node:path';
+import { describe, test } from 'node:test';
+import { memoryBoundedBatches, runShape } from '../../src/server/attribution/chunking';
+import { CovarianceAccumulator } from '../../src/server/attribution/ekfac/covariance';
+import { fitCovariances, moduleShape, type TokenizedExample } from '../../src/server/attribution/fit';
+import { mirrorLower, syrkLower } from '../../src/server/linalg/matrix';
+import { resetNativeLapackForTests } from '../../src/server/linalg/native';
+import { Model } from '../../src/server/model/engine';
+
+function relErr(a: ArrayLike<number>, b: ArrayLike<number>): number {
+  let num = 0;
+  let den = 0;
+  for (let i = 0; i < a.length; i++) {
+    num += (a[i] - b[i]) ** 2;
+    den += b[i] ** 2;
+  }
+  return Math.sqrt(num / den);
+}
+
+// lengths differ so batches are right-padded; the pad rows carry real activations that must not count
+const examples: TokenizedExample[] = [5, 9, 3, 12, 7, 12, 2].map((n, k) => {
+  const ids = Array.from({ length: n }, (_, t) => (7 * k + 13 * t + 1) % 100);
+  return { ids, weights: ids.map((_, t) => (t < n - 1 ? 1 : 0)) };
+});
+
+/** The reference: the graph's in-graph sums, batch by batch. */
+async function inGraphSums(model: Model) {
+  const graph = await model.compile({ labels: 'data', covariance: true, modules: 'all' });
+  const accs = new Map(graph.moduleInfo.map((m) => [m.name, new CovarianceAccumulator(moduleShape(m))]));
+  const bs = memoryBoundedBatches(examples, 3, 0, runShape(graph.moduleInfo, model.config, false, graph.fp64));
+  for (const { batch } of bs) {
+    const out = await graph.run(batch);
+    const n = Number((out.token_count.data as Float32Array)[0]);
+    for (const m of graph.moduleInfo)
+      accs.get(m.name)!.addSums(out[`A.${m.name}`].data as Float64Array, n, out[`S.${m.name}`].data as Float64Array, n);
+  }
+  return accs;
+}
+
+for (const arch of ['llama', 'gpt2', 'gpt_neox']) {
+  describe(`covariance pass from per-token rows (${arch})`, () => {
+    const dir = join('test/fixtures/models', arch);
+    for (const lapack of ['on', 'off']) {
+      test(`fp64 equals the in-graph reduction on padded batches (native BLAS ${lapack})`, async () => {
+        const saved = process.env.INFLUENCE_LENS_LAPACK;
+        process.env.INFLUENCE_LENS_LAPACK = lapack;
+        resetNativeLapackForTests();
+        try {
+          const model = Model.open(dir, { precision: 'fp64' });
+          const want = await inGraphSums(model);
+          const { covariances } = await fitCovariances(model, examples, {
+            modules: 'all',
+            labels: 'empirical',
+            seed: 0,
+            batchSize: 3,
+          });
+          assert.deepEqual([...covariances.keys()], [...want.keys()]);
+          for (const [name, acc] of covariances) {
+            const ref = want.get(name)!;
+            assert.equal(acc.precision, 'fp64');
+            assert.equal(acc.activationCount, ref.activationCount, `${name} token count`);
+            assert.equal(acc.gradientCount, ref.gradientCount);
+            assert.ok(relErr(acc.activationSum, ref.activationSum) < 1e-12, `${name} A`);
+            assert.ok(relErr(acc.gradientSum, ref.gradientSum) < 1e-12, `${name} S`);
+          }
+        } finally {
+          if (saved === undefined) delete process.env.INFLUENCE_LENS_LAPACK;
+          else process.env.INFLUENCE_LENS_LAPACK = saved;
+          resetNativeLapackForTests();
+        }
+      });
+    }
+
+    test('fp32 keeps float32 sums within float32 rounding of the fp64 ones; same-input modules share one', async () => {
+      const { covariances: c32 } = await fitCovariances(Model.open(dir), examples, {
+        modules: 'all',
+        labels: 'empirical',
+        seed: 0,
+        batchSize: 3,
+      });
+      const { covariances: c64 } = await fitCovariances(Model.open(dir, { precision: 'fp64' }), examples, {
+        modules: 'all',
+        labels: 'empirical',
+        seed: 0,
+        batchSize: 3,
+      });
+      for (const [name, acc] of c32) {
+        assert.ok(acc.activationSum instanceof Float32Array && acc.gradientSum instanceof Float32Array, name);
+        assert.ok(relErr(acc.activationSum, c64.get(name)!.activationSum) < 1e-5, `${name} A`);
+        assert.ok(relErr(acc.gradientSum, c64.get(name)!.gradientSum) < 1e-5, `${name} S`);
+      }
+      if (arch === 'llama') {
+        const q = c32.get('model.layers.0.self_attn.q_proj')!;
+        const k = c32.get('model.layers.0.self_attn.k_proj')!;
+        const o = c32.get('model.layers.0.self_attn.o_proj')!;
+        assert.ok(q.sharesActivationsWith(k) && !q.sharesActivationsWith(o));
+        assert.ok(
+          c32.get('model.layers.0.mlp.gate_proj')!.sharesActivationsWith(c32.get('model.layers.0.mlp.up_proj')!),
+        );
+      }
+    });
+  });
+}
+
+test('syrkLower fills the lower triangle of a block inside a larger matrix, and nothing else', () => {
+  const n = 5;
+  const ldc = 7;
+  const rows = 4;
+  const X = Float64Array.from({ length: rows * n }, (_, i) => Math.sin(i + 1));
+  const C = new Float64Array(ldc * ldc).fill(0.5);
+  syrkLower(X, rows, n, C, ldc);
+  for (let i = 0; i < ldc; i++)
+    for (let j = 0; j < ldc; j++) {
+      let want = 0.5;
+      if (i < n && j <= i) for (let t = 0; t < rows; t++) want += X[t * n + i] * X[t * n + j];
+      assert.ok(Math.abs(C[i * ldc + j] - want) < 1e-12, `C[${i}][${j}]`);
+    }
+  mirrorLower(C, n, ldc);
+  for (let i = 0; i < n; i++) for (let j = 0; j < n; j++) assert.equal(C[i * ldc + j], C[j * ldc + i]);
+  assert.throws(() => syrkLower(Float32Array.from(X), rows, n, C, ldc), /same precision/);
+});
+
+test('a NaN activation row is refused, naming module, batch, row and column', () => {
+  const acc = new CovarianceAccumulator({ name: 'm', dIn: 3, dOut: 2, appendOne: true }, { precision: 'fp32' });
+  acc.addActivationRows(new Float32Array([1, 2, 3, 4, 5, 6]), 2);
+  assert.throws(
+    () => acc.addActivationRows(new Float32Array([1, 2, 3, 4, Number.NaN, 6]), 2),
+    /NaN in activations of module m in batch 1 at row 1, column 1/,
+  );
+  // the bias row and corner: Σ a and the count
+  const A = acc.activationSum;
+  assert.deepEqual(Array.from(A.subarray(12, 16)), [5, 7, 9, 2]);
+  assert.deepEqual(Array.from([A[3], A[7], A[11]]), [5, 7, 9]);
+});
