@@ -36,4 +36,21 @@ describe('memoryBoundedBatches', () => {
       [[0, 1], [2], [3]],
     );
   });
+
+  test('matrices reduced inside the graph count the largest module once; returned ones count every module', () => {
+    const two: RunShape = {
+      ...shape,
+      modules: [
+        { name: 'a', kind: 'mlp', dIn: 4, dOut: 3, hasBias: true, weightName: 'a.weight' },
+        { name: 'b', kind: 'mlp', dIn: 8, dOut: 6, hasBias: false, weightName: 'b.weight' },
+      ],
+    };
+    const io = 4 + 1 + 3 + 8 + 6;
+    const perTokens = 5 * (4 * 10 + 2 * io);
+    assert.equal(bytesPerSequence({ ...two, perExampleMatrices: false }, 5), 4 * perTokens);
+    assert.equal(bytesPerSequence({ ...two, perExampleMatrices: 'transient' }, 5), 4 * (perTokens + 3 * 48));
+    const outputs = 4 * (perTokens + 15 + 48 + 3 * 48);
+    assert.equal(bytesPerSequence({ ...two, perExampleMatrices: 'outputs' }, 5), outputs);
+    assert.equal(bytesPerSequence({ ...two, perExampleMatrices: true }, 5), outputs);
+  });
 });

@@ -14,28 +14,40 @@ export function runBudgetBytes(): number {
 export interface RunShape {
   modules: ModuleInfo[];
   vocab: number;
-  /** the graph forms a d_out × d_A matrix per sequence and module (per-example gradients, Λ, scores) */
-  perExampleMatrices: boolean;
+  /**
+   * the graph forms a d_out × d_A matrix per sequence and module: `true`/'outputs' when they are
+   * returned (per-example gradients: all of them live until the run ends), 'transient' when each
+   * is reduced inside the graph (Λ, scores, self-influence: ONNX Runtime frees one module's
+   * before the next module's exists, so only the largest counts)
+   */
+  perExampleMatrices: boolean | 'outputs' | 'transient';
   /** 4 (fp32) or 8 (fp64) */
   bytesPerFloat: number;
 }
 
 /**
  * Estimated bytes one sequence of T tokens adds to a run: a few copies of the logits and of
- * every tracked module's input and output gradient per token, and three d_out × d_A matrices
- * per module when those are formed (the matrix, its square or product, and the reduction's input).
- * Calibrated at the Pythia-70M shape: 4 sequences of ~220 tokens with Λ took 1.85 GiB.
+ * every tracked module's input and output gradient per token, and the d_out × d_A matrices
+ * formed per sequence: every module's when they are outputs, plus three of the largest module's
+ * (the matrix, its square or product, and the reduction's input) while one is being reduced.
+ * Calibrated at the Pythia-70M shape: 4 sequences of ~220 tokens with Λ took 1.85 GiB; at the
+ * SmolLM-135M shape, scoring 8 sequences of 128 tokens in one run took 2.0 GB above the 1-sequence
+ * runs' baseline, where counting every module's matrix three times had predicted 13 GB.
  */
 export function bytesPerSequence(shape: RunShape, T: number): number {
   let io = 0;
   let mats = 0;
+  let largest = 0;
   for (const m of shape.modules) {
     const dA = m.dIn + (m.hasBias ? 1 : 0);
     io += dA + m.dOut;
     mats += m.dOut * dA;
+    largest = Math.max(largest, m.dOut * dA);
   }
   const perToken = 4 * shape.vocab + 2 * io;
-  return shape.bytesPerFloat * (T * perToken + (shape.perExampleMatrices ? 3 * mats : 0));
+  const kind = shape.perExampleMatrices;
+  const matrices = kind === 'transient' ? 3 * largest : kind ? mats + 3 * largest : 0;
+  return shape.bytesPerFloat * (T * perToken + matrices);
 }
 
 /**
@@ -78,7 +90,7 @@ export function memoryBoundedBatches(
 export function runShape(
   modules: ModuleInfo[],
   config: Record<string, unknown>,
-  perExampleMatrices: boolean,
+  perExampleMatrices: RunShape['perExampleMatrices'],
   fp64: boolean,
 ): RunShape {
   const vocab = Number(config.vocab_size ?? (config.text_config as Record<string, unknown> | undefined)?.vocab_size);

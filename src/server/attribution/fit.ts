@@ -184,7 +184,7 @@ export async function fitLambdas(
     select(examples, opts.partition),
     opts.batchSize ?? DEFAULTS.batchSize,
     model.tokenizer.padTokenId ?? 0,
-    runShape(graph.moduleInfo, model.config, true, graph.fp64),
+    runShape(graph.moduleInfo, model.config, 'transient', graph.fp64),
   );
   for (const [i, { batch }] of bs.entries()) {
     const out = await graph.run(batch, { uniforms: uniformsFor(opts, rng, batch), feeds });

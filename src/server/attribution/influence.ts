@@ -262,7 +262,12 @@ export async function scoreCandidates(
   const gradSqNorm = new Float64Array(n);
   const hidden: Float32Array[] = new Array(n);
   // keep candidate order: batch by length, remember where each candidate sits
-  const shape = runShape(graph.moduleInfo, model.config, !opts.rank || !!opts.gradNorms, graph.fp64);
+  const shape = runShape(
+    graph.moduleInfo,
+    model.config,
+    !opts.rank || opts.gradNorms ? 'transient' : false,
+    graph.fp64,
+  );
   let done = 0;
   for (const { batch, idx } of memoryBoundedBatches(
     candidates,
@@ -340,7 +345,7 @@ export async function selfInfluenceScores(
     },
     opts.onProgress,
     opts.signal,
-    runShape(graph.moduleInfo, model.config, true, graph.fp64),
+    runShape(graph.moduleInfo, model.config, 'transient', graph.fp64),
   );
   return out;
 }
