@@ -396,8 +396,7 @@ function readAll(path: string, precision: Precision): Record<string, Floats & { 
   for (const [name, info] of h.tensors) {
     // checked as stored, then again when narrowed (an F64 value beyond the float32 range)
     const { data } = readTensor(h, name);
-    const stored: Floats =
-      data instanceof Float32Array || data instanceof Float64Array ? data : readTensorF64(h, name);
+    const stored: Floats = data instanceof Float32Array || data instanceof Float64Array ? data : readTensorF64(h, name);
     const bad = firstNonFinite(stored);
     if (bad >= 0) throw new Error(`${path}: tensor "${name}" holds ${stored[bad]} at index ${bad}; refit the factors`);
     const t: Floats & { shape?: number[] } = inPrecision(stored, precision);

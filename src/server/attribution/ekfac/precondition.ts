@@ -49,7 +49,8 @@ export function makePreconditioner(
   const bad = firstNonFinite(lambdaMean);
   if (bad >= 0) throw new Error(`${lambdaMean[bad]} in lambda of ${what}`);
   const lam = resolveDamping(lambdaMean, damping);
-  const inverse = precisionOf(lambdaMean) === 'fp32' ? new Float32Array(lambdaMean.length) : new Float64Array(lambdaMean.length);
+  const inverse =
+    precisionOf(lambdaMean) === 'fp32' ? new Float32Array(lambdaMean.length) : new Float64Array(lambdaMean.length);
   for (let i = 0; i < inverse.length; i++) {
     const den = lambdaMean[i] + lam;
     // Λ >= 0 by construction, so den == 0 only with zero damping on a direction with no curvature
