@@ -23,11 +23,15 @@ import {
   singlePrecision,
 } from '../../src/server/attribution/ekfac/precondition';
 import { fitCovariances, fitEigenbases, fitLambdas, type TokenizedExample } from '../../src/server/attribution/fit';
+import { runFitJob } from '../../src/server/attribution/fit-job';
 import { queryBatchGradients, queryMatrices, scoreCandidates } from '../../src/server/attribution/influence';
 import { openStage } from '../../src/server/attribution/stage';
 import { Model } from '../../src/server/model/engine';
 import { readSafetensorsHeader } from '../../src/server/model/safetensors';
 import { spearman } from '../../src/server/util/stats';
+import { useTempHome } from './helpers/env';
+
+const home = useTempHome();
 
 const MODEL = 'test/fixtures/models/llama';
 const TEXTS = [
@@ -222,4 +226,40 @@ describe('float32 EK-FAC factors', () => {
       }
     }
   });
+});
+
+test('fit job of a float32 model: float32 bases on disk, Λ sums fp64; partitions agree with one fit', async () => {
+  const dir = mkdtempSync(join(home, 'fit-job-'));
+  const data = join(dir, 'train.jsonl');
+  writeFileSync(data, `${TEXTS.map((text) => JSON.stringify({ text })).join('\n')}\n`);
+  const model = Model.open(MODEL);
+  const common = { modelDir: MODEL, dataPath: data, modules: 'all' as const, labels: 'empirical' as const };
+  const job = { ...common, seed: 0, batchSize: 4, model, log: () => {} };
+  const one = join(dir, 'one');
+  assert.equal((await runFitJob({ ...job, out: one })).status, 'done');
+  const two = join(dir, 'two');
+  assert.equal((await runFitJob({ ...job, out: two, partition: { index: 0, count: 2 } })).status, 'waiting');
+  assert.equal((await runFitJob({ ...job, out: two, partition: { index: 1, count: 2 } })).status, 'waiting');
+  assert.equal((await runFitJob({ ...job, out: two, partition: { index: 0, count: 2 } })).status, 'done');
+  const dtype = (d: string, f: string) =>
+    [...readSafetensorsHeader(join(d, `${f}.safetensors`)).tensors.values()][0].dtype;
+  assert.equal(dtype(one, 'activation_eigenvectors'), 'F32');
+  assert.equal(dtype(one, 'gradient_eigenvectors'), 'F32');
+  assert.equal(dtype(one, 'activation_eigenvalues'), 'F64');
+  assert.equal(dtype(one, 'lambda_matrix'), 'F64');
+  const a = loadFactors(one, { precision: 'fp32' });
+  const b = loadFactors(two, { precision: 'fp32' });
+  for (const [name, m] of Object.entries(a.modules)) {
+    const p = preconditionerFor(m, damping);
+    assert.ok(p.qA instanceof Float32Array && p.inverse instanceof Float32Array, name);
+    // two partitions: the same sums added in another order, so Λ agrees to rounding
+    const x = m.lambda!.sum;
+    const y = b.modules[name].lambda!.sum;
+    const max = Math.max(...Array.from(x, Math.abs));
+    for (let i = 0; i < x.length; i++) assert.ok(Math.abs(x[i] - y[i]) <= 1e-5 * max, `${name} Λ sum [${i}]`);
+  }
+  // the same factors open for an fp64 model, widened
+  const stage = openStage(MODEL, one, { engine: { precision: 'fp64' } });
+  for (const p of stage.preconditioners!.values())
+    assert.ok(p.qS instanceof Float64Array && p.lambda instanceof Float64Array);
 });
