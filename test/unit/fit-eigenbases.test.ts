@@ -17,7 +17,11 @@ test('fitEigenbases: shared activation covariances decomposed once, identical to
     return { ids: x, weights: x.map((_, t) => (t < x.length - 1 ? 1 : 0)) };
   });
   const { covariances } = await fitCovariances(model, examples, { modules: 'all', labels: 'empirical', seed: 0 });
-  const bases = fitEigenbases(covariances);
+  const passed = new Map(covariances);
+  const bases = fitEigenbases(passed);
+  // each accumulator is dropped once its basis exists
+  assert.equal(passed.size, 0);
+  assert.equal(bases.size, covariances.size);
   const q = [...bases.keys()].find((n) => n.endsWith('layers.0.self_attn.q_proj'))!;
   const k = [...bases.keys()].find((n) => n.endsWith('layers.0.self_attn.k_proj'))!;
   const o = [...bases.keys()].find((n) => n.endsWith('layers.0.self_attn.o_proj'))!;
@@ -33,5 +37,16 @@ test('fitEigenbases: shared activation covariances decomposed once, identical to
     assert.deepEqual(Array.from(got.qS), Array.from(alone.qS), name);
     // a copy, not the same array: nothing downstream can change two modules at once
     if (name !== q && got.qA.length === bases.get(q)!.qA.length) assert.notEqual(got.qA, bases.get(q)!.qA);
+    assert.ok(got.qA instanceof Float64Array && got.qS instanceof Float64Array, `${name}: fp64 by default`);
+  }
+  // fp32: the same fp64 decomposition, each vector rounded once to float32 (shared A included)
+  const bases32 = fitEigenbases(new Map(covariances), { precision: 'fp32' });
+  for (const [name, b] of bases) {
+    const got = bases32.get(name)!;
+    assert.ok(got.qA instanceof Float32Array && got.qS instanceof Float32Array, `${name}: float32 eigenvectors`);
+    assert.ok(got.eigA instanceof Float64Array && got.eigS instanceof Float64Array, `${name}: fp64 eigenvalues`);
+    assert.deepEqual(Array.from(got.qA), Array.from(Float32Array.from(b.qA)), name);
+    assert.deepEqual(Array.from(got.qS), Array.from(Float32Array.from(b.qS)), name);
+    assert.deepEqual(Array.from(got.eigA), Array.from(b.eigA), name);
   }
 });

@@ -198,7 +198,7 @@ describe('gradient store (tiny fp64 Llama, dense reference)', () => {
     for (const m of store.modules) {
       const p = ft.preconditioners!.get(m.name)!;
       // grid entry → eigen-pair (i, j): the grid's rows and columns are eigenvectors of Q_S and Q_A
-      const col = (P: Float64Array, d: number, k: number, c: number, Q: Float64Array) => {
+      const col = (P: ArrayLike<number>, d: number, k: number, c: number, Q: ArrayLike<number>) => {
         for (let j = 0; j < d; j++)
           if (Array.from({ length: d }, (_, r) => P[r * k + c] - Q[r * d + j]).every((x) => x === 0)) return j;
         throw new Error(`${m.name}: a projection column is not an eigenvector`);

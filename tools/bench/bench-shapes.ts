@@ -116,7 +116,7 @@ export async function benchShape(argv: string[]): Promise<void> {
   ).covariances;
   const covarianceSeconds = sec(t);
   t = performance.now();
-  const bases = fitEigenbases(covariances);
+  const bases = fitEigenbases(covariances, { precision: model.precision });
   covariances = null;
   const eigenSeconds = sec(t);
   t = performance.now();

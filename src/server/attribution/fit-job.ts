@@ -209,13 +209,16 @@ export async function runFitJob(o: FitJobOptions): Promise<FitJobResult> {
       model,
       o.modules,
     );
-    const bases = fitEigenbases(merged, fitOpts);
+    // the covariances are saved with the bases, so they are collected before fitEigenbases drops them
     const modules: Record<string, ModuleFactors> = {};
-    for (const [name, acc] of merged) modules[name] = withEigen(covarianceOnly(acc), bases.get(name)!);
+    for (const [name, acc] of merged) modules[name] = covarianceOnly(acc);
+    const bases = fitEigenbases(merged, { ...fitOpts, precision: model.precision });
+    for (const name of Object.keys(modules)) modules[name] = withEigen(modules[name], bases.get(name)!);
     o.signal?.throwIfAborted();
     saveStage(eigenDir, { args: args(), fingerprint, modules });
   }
-  const eigen = loadFactors(eigenDir);
+  // the bases in the model's precision (float32 for a float32 model, as the Λ graph consumes them)
+  const eigen = loadFactors(eigenDir, { precision: model.precision });
   const bases = new Map<string, Eigenbasis>(
     Object.values(eigen.modules).map((m) => [m.name, { module: m.name, dA: m.dA, dOut: m.dOut, ...m.eigen! }]),
   );

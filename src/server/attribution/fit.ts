@@ -1,9 +1,11 @@
 // Fitting EK-FAC factors over a training-data sample (Grosse et al. 2023 §2.2):
 //   pass 1: covariance sums Σ ã ãᵀ and Σ g gᵀ per tracked module (computed inside the graph);
-//   eigendecompositions of A and S in fp64;
+//   eigendecompositions of A and S in fp64 (eigenvectors then held in the model's precision);
 //   pass 2: eigenvalue correction Λ = mean_z (Q_Sᵀ G(z) Q_A)² (rotated inside the graph).
 // Labels are sampled from the model (true Fisher) unless `labels: 'empirical'`. Every pass
 // can run on one partition of the data; partial sums add up (covariance.ts, lambda.ts).
+import { createHash } from 'node:crypto';
+import type { Floats, Precision } from '../linalg/matrix';
 import type { Batch, Model, ModuleInfo, ModuleSelection } from '../model/engine';
 import type { ort } from '../model/onnx/session';
 import { DEFAULTS } from '../settings';
@@ -128,37 +130,47 @@ function realRows(batch: Batch) {
   };
 }
 
-/** Eigendecompose each module's A and S (fp64, LAPACK when available). */
+/**
+ * Eigendecompose each module's A and S (fp64, LAPACK when available), one matrix at a time.
+ * The eigenvectors are stored in `precision` (default fp64; a float32 model's fit passes 'fp32',
+ * as kronfluence keeps its factors in float32). Each module's accumulator is deleted from
+ * `covariances` once its basis exists, so the peak holds the bases made so far and the
+ * covariances still to decompose, not both full sets: pass a copy of the map to keep them.
+ */
 export function fitEigenbases(
   covariances: Map<string, CovarianceAccumulator>,
-  opts?: FitOptions,
+  opts?: Pick<FitOptions, 'signal' | 'onProgress'> & { precision?: Precision },
 ): Map<string, Eigenbasis> {
   const bases = new Map<string, Eigenbasis>();
+  const total = covariances.size;
   // Modules that read the same input (q/k/v, gate/up) have identical activation covariances
-  // (the graph emits one A for them): decompose each distinct A once. Equality is checked
-  // value by value, so a match is exact and the result the same as decomposing it again.
-  const seenA: Array<{ A: Float64Array; basis: Eigenbasis }> = [];
+  // (the graph emits one A for them): decompose each distinct A once. A is matched by the
+  // sha256 of its bytes (the covariance itself is released as we go); equal digests mean equal
+  // values, so the result is the same as decomposing it again.
+  const seenA = new Map<string, Eigenbasis>();
   let i = 0;
-  for (const [name, acc] of covariances) {
+  for (const [name, acc] of [...covariances]) {
     opts?.signal?.throwIfAborted();
     const cov = acc.finalize();
-    const same = seenA.find((s) => sameValues(s.A, cov.A));
-    const basis = computeEigenbasis(
-      name,
-      cov,
-      same ? { knownA: { values: same.basis.eigA, vectors: same.basis.qA } } : {},
-    );
-    if (!same) seenA.push({ A: cov.A, basis });
+    const key = digest(cov.A);
+    const same = seenA.get(key);
+    const basis = computeEigenbasis(name, cov, {
+      precision: opts?.precision,
+      knownA: same ? { values: same.eigA, vectors: same.qA } : undefined,
+    });
+    if (!same) seenA.set(key, basis);
     bases.set(name, basis);
-    opts?.onProgress?.('eigendecomposition', ++i, covariances.size);
+    covariances.delete(name);
+    opts?.onProgress?.('eigendecomposition', ++i, total);
   }
   return bases;
 }
 
-function sameValues(a: Float64Array, b: Float64Array): boolean {
-  if (a.length !== b.length) return false;
-  for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return false;
-  return true;
+function digest(a: Floats): string {
+  return createHash('sha256')
+    .update(`${a.constructor.name}:${a.length}:`)
+    .update(new Uint8Array(a.buffer, a.byteOffset, a.byteLength))
+    .digest('hex');
 }
 
 /** Pass 2: eigenvalue correction sums. */
@@ -198,7 +210,8 @@ export async function fitLambdas(
 
 export async function fitFactors(model: Model, examples: TokenizedExample[], opts: FitOptions): Promise<FittedFactors> {
   const { modules, covariances } = await fitCovariances(model, examples, opts);
-  const bases = fitEigenbases(covariances, opts);
+  // a copy: the covariances are returned with the bases
+  const bases = fitEigenbases(new Map(covariances), { ...opts, precision: model.precision });
   const lambdas = await fitLambdas(model, examples, bases, opts);
   return { modules, covariances, bases, lambdas };
 }

@@ -29,7 +29,8 @@ export function openStage(
 ): OpenedStage {
   const model = options.model ?? Model.open(modelDir, options.engine);
   if (!factorsDir) return { model, modules: 'all', warnings: [] };
-  const factors = loadFactors(factorsDir);
+  // in the model's precision (float32 bases and Λ for a float32 model); scoring needs no covariances
+  const factors = loadFactors(factorsDir, { precision: model.precision, covariances: false });
   const warnings: string[] = [];
   const fp = factors.args.modelFingerprint;
   if (fp) {
@@ -72,7 +73,7 @@ export function openStage(
   const preconditioners = new Map<string, Preconditioner>();
   for (const name of want) {
     try {
-      preconditioners.set(name, preconditionerFor(factors.modules[name], damping));
+      preconditioners.set(name, preconditionerFor(factors.modules[name], damping, model.precision));
     } catch (e) {
       throw new StageError(`${factorsDir}: ${(e as Error).message}`);
     }

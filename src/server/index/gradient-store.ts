@@ -46,9 +46,9 @@ export interface StoreModule {
   kA: number;
   kS: number;
   /** dA × kA row-major: the example side's projection (a gradient G is stored as PSᵀ G PA) */
-  PA: Float64Array;
+  PA: Floats;
   /** dOut × kS row-major */
-  PS: Float64Array;
+  PS: Floats;
   /** the entries of the kS × kA grid the store keeps, ascending (eigen); all of them when absent */
   keep?: Int32Array;
 }
@@ -432,7 +432,9 @@ function dotHalf(half: Uint16Array, off: number, x: Float64Array | null, n: numb
 
 /** PSᵀ M PA for a dOut × dA matrix M, at the kept entries (all of the grid when `keep` is absent). */
 function project(M: Floats, m: StoreModule): Float64Array {
-  const { dA, dOut, kA, kS, PA, PS, keep } = m;
+  const { dA, dOut, kA, kS, keep } = m;
+  const PA = toF64(m.PA);
+  const PS = toF64(m.PS);
   const MP = gemm(toF64(M), PA, dOut, dA, kA); // dOut × kA
   if (!keep) return gemm(PS, MP, kS, dOut, kA, { transA: true });
   // only the kept entries: K·dOut work instead of kS·kA·dOut

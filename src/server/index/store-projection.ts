@@ -20,6 +20,7 @@
 //   rank the pairs as well: bench/results/2026-12-02-vm-store.md.
 import { createHash } from 'node:crypto';
 import type { Preconditioner } from '../attribution/ekfac/precondition';
+import type { Floats } from '../linalg/matrix';
 import type { Rng } from '../util/random';
 import type { StoreModule } from './gradient-store';
 
@@ -84,7 +85,7 @@ export function eigenPairsModule(p: Preconditioner, pairs: Int32Array): StoreMod
   const { dA, dOut } = p;
   const rows = [...new Set(Array.from(pairs, (x) => Math.floor(x / dA)))].sort((a, b) => a - b);
   const cols = [...new Set(Array.from(pairs, (x) => x % dA))].sort((a, b) => a - b);
-  const columnsOf = (Q: Float64Array, d: number, pick: number[]) => {
+  const columnsOf = (Q: Floats, d: number, pick: number[]) => {
     const P = new Float64Array(d * pick.length);
     for (let r = 0; r < d; r++) for (let c = 0; c < pick.length; c++) P[r * pick.length + c] = Q[r * d + pick[c]];
     return P;

@@ -4,6 +4,20 @@ import { nativeLapack } from './native';
 
 export type Floats = Float32Array | Float64Array;
 
+/** How EK-FAC factors are held in memory: 'fp32' for float32 graphs (as kronfluence), 'fp64' otherwise. */
+export type Precision = 'fp32' | 'fp64';
+
+/** `x` in the given precision: the same array when it already is, else a converted copy. */
+export function inPrecision(x: Floats, p: Precision): Floats {
+  if (p === 'fp64') return x instanceof Float64Array ? x : Float64Array.from(x);
+  return x instanceof Float32Array ? x : Float32Array.from(x);
+}
+
+/** The precision an array is held in. */
+export function precisionOf(x: Floats): Precision {
+  return x instanceof Float32Array ? 'fp32' : 'fp64';
+}
+
 export interface GemmOptions {
   /** use Aᵀ: A is stored k×m */
   transA?: boolean;

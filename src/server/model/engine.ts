@@ -162,6 +162,11 @@ export class Model {
     if (checkpoint.adapter) this.buildForward(new Graph(), 'inputs');
   }
 
+  /** The float type of this model's graphs, which EK-FAC factors fitted or opened for it are held in. */
+  get precision(): 'fp32' | 'fp64' {
+    return this.options.precision === 'fp64' ? 'fp64' : 'fp32';
+  }
+
   /** Loaded on first use: inspecting or benchmarking a model does not need one. */
   get tokenizer(): TokenizerHandle {
     this.tok ??= loadTokenizer(this.checkpoint.tokenizerDir);

@@ -42,7 +42,7 @@ export function matVec(M: Float64Array, x: Float64Array): Float64Array {
 }
 
 /** K = Q_S ⊗ Q_A, so that K vec(X) = vec(Q_S X Q_Aᵀ) for row-major vec. */
-export function kron(QS: Float64Array, dOut: number, QA: Float64Array, dA: number): Float64Array {
+export function kron(QS: ArrayLike<number>, dOut: number, QA: ArrayLike<number>, dA: number): Float64Array {
   const N = dOut * dA;
   const K = new Float64Array(N * N);
   for (let i = 0; i < dOut; i++)

@@ -12,15 +12,26 @@
 // Each safetensors file holds one tensor per module name; d_A = d_in + 1 for modules with a bias
 // (kronfluence appends the 1 as the last column). kronfluence builds FactorArguments(**json) from
 // factor_arguments.json, so our own fields live in a separate file.
+// Precision: each tensor is written in the type it is held in (a float32 model's eigenvectors as
+// F32, as kronfluence's default; an fp64 model's as F64), and read back into the precision of the
+// model that opens it: F32 stays Float32Array for a float32 model, F64 files (all ours before
+// this) are narrowed for it and widened F32 files for an fp64 one. Counts and eigenvalues are
+// always read as fp64.
 import { existsSync, mkdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { writeFileAtomic } from '../../../common/atomic-write';
-import type { Floats } from '../../linalg/matrix';
-import { checkDataChecksum, readSafetensorsHeader, readTensorF64, writeSafetensors } from '../../model/safetensors';
+import { type Floats, firstNonFinite, inPrecision, type Precision, precisionOf, toF64 } from '../../linalg/matrix';
+import {
+  checkDataChecksum,
+  readSafetensorsHeader,
+  readTensor,
+  readTensorF64,
+  writeSafetensors,
+} from '../../model/safetensors';
 import { CovarianceAccumulator } from './covariance';
 import type { Eigenbasis } from './eigenbasis';
 import type { ModuleShape } from './gradient';
-import { LambdaAccumulator } from './lambda';
+import { type LambdaAccumulator, lambdaMean } from './lambda';
 import { type Damping, DEFAULT_DAMPING, makePreconditioner, type Preconditioner } from './precondition';
 
 export const ACTIVATION_COVARIANCE = 'activation_covariance';
@@ -72,8 +83,8 @@ export interface ModuleFactors {
     gradientSum: Floats;
     gradientCount: number;
   };
-  eigen?: { qA: Float64Array; eigA: Float64Array; qS: Float64Array; eigS: Float64Array };
-  lambda?: { sum: Float64Array; count: number };
+  eigen?: { qA: Floats; eigA: Float64Array; qS: Floats; eigS: Float64Array };
+  lambda?: { sum: Floats; count: number };
 }
 
 export interface Factors {
@@ -84,8 +95,17 @@ export interface Factors {
 }
 
 export interface SaveOptions {
-  /** on-disk float type; kronfluence's default is F32. Counts are always I64. Default F64. */
-  dtype?: 'F32' | 'F64';
+  /** on-disk float type; kronfluence's default is F32. Counts are always I64. Default 'auto':
+   * each tensor as it is held (Float32Array → F32, Float64Array → F64). */
+  dtype?: 'F32' | 'F64' | 'auto';
+}
+
+export interface LoadOptions {
+  /** the precision of the model the factors serve: covariance sums, eigenvectors and Λ sums come
+   * back as Float32Array for 'fp32', Float64Array for 'fp64' (default) */
+  precision?: Precision;
+  /** false: skip the covariance files (scoring needs only eigenvectors and Λ). Default true. */
+  covariances?: boolean;
 }
 
 export function factorsDir(root: string, name: string): string {
@@ -116,11 +136,17 @@ export function moduleFactors(
 
 /** Writes every stage that all modules have. Files are written atomically, arguments last. */
 export function saveFactors(dir: string, factors: Factors, options: SaveOptions = {}): void {
-  const dtype = options.dtype ?? 'F64';
+  const dtype = options.dtype ?? 'auto';
   const mods = Object.values(factors.modules);
   if (mods.length === 0) throw new Error(`saveFactors(${dir}): no modules`);
   mkdirSync(dir, { recursive: true });
-  const kron = kronfluenceArguments(factors.args, dtype);
+  const typeOf = (x: Floats | undefined): 'F32' | 'F64' =>
+    dtype !== 'auto' ? dtype : x instanceof Float32Array ? 'F32' : 'F64';
+  const first = mods[0];
+  const kron = kronfluenceArguments(factors.args, {
+    covariance: typeOf(first.covariance?.activationSum ?? first.eigen?.qA ?? first.lambda?.sum),
+    lambda: typeOf(first.lambda?.sum ?? first.eigen?.qA ?? first.covariance?.activationSum),
+  });
   const metadata: Record<string, string> = {};
   for (const [k, v] of Object.entries(kron)) metadata[k] = v === null ? 'None' : pyStr(v);
   if (factors.fingerprint) metadata.influence_lens_fingerprint = factors.fingerprint;
@@ -131,10 +157,8 @@ export function saveFactors(dir: string, factors: Factors, options: SaveOptions 
       throw new Error(`saveFactors(${dir}): only ${n} of ${mods.length} modules have ${what}`);
     return n > 0;
   };
-  const float = (data: Floats, shape: number[]) =>
-    dtype === 'F64'
-      ? { dtype, shape, data: data instanceof Float64Array ? data : Float64Array.from(data) }
-      : { dtype, shape, data: data instanceof Float32Array ? data : Float32Array.from(data) };
+  // writeSafetensors converts an array that is not already of `dtype`
+  const float = (data: Floats, shape: number[]) => ({ dtype: typeOf(data), shape, data });
   // kronfluence counts are int64; weighted (non-integer) counts are kept exact as F64, which
   // kronfluence also divides by.
   const count = (c: number) =>
@@ -173,22 +197,36 @@ export function saveFactors(dir: string, factors: Factors, options: SaveOptions 
 }
 
 /** Reads a factors directory written by us or by kronfluence (any float dtype). */
-export function loadFactors(dir: string): Factors {
+export function loadFactors(dir: string, options: LoadOptions = {}): Factors {
   if (!existsSync(dir)) throw new Error(`no factors directory at ${dir}`);
+  const precision = options.precision ?? 'fp64';
   const has = (files: string[]) => files.every((f) => existsSync(join(dir, `${f}.safetensors`)));
-  const stages = { covariance: has(COVARIANCE_FILES), eigen: has(EIGEN_FILES), lambda: has(LAMBDA_FILES) };
+  const stages = {
+    covariance: options.covariances !== false && has(COVARIANCE_FILES),
+    eigen: has(EIGEN_FILES),
+    lambda: has(LAMBDA_FILES),
+  };
   if (!stages.covariance && !stages.eigen && !stages.lambda) {
     throw new Error(`${dir} holds no complete set of factor files (expected e.g. ${LAMBDA_MATRIX}.safetensors)`);
   }
-  const files = new Map<string, Record<string, Float64Array & { shape?: number[] }>>();
+  // counts and eigenvalues are small and read exactly; the d×d tensors in the model's precision
+  const exact = new Set([
+    NUM_ACTIVATION_COVARIANCE_PROCESSED,
+    NUM_GRADIENT_COVARIANCE_PROCESSED,
+    NUM_LAMBDA_PROCESSED,
+    ACTIVATION_EIGENVALUES,
+    GRADIENT_EIGENVALUES,
+  ]);
+  const files = new Map<string, Record<string, Floats & { shape?: number[] }>>();
   const open = (file: string) => {
     let f = files.get(file);
     if (!f) {
-      f = readAll(join(dir, `${file}.safetensors`));
+      f = readAll(join(dir, `${file}.safetensors`), exact.has(file) ? 'fp64' : precision);
       files.set(file, f);
     }
     return f;
   };
+  const exactly = (t: Floats) => t as Float64Array; // files in `exact` are read as Float64Array
   // Module names and sizes come from whichever stage is present.
   const shapes = new Map<string, { dA: number; dOut: number }>();
   const sizeFrom = (file: string, pick: (shape: number[]) => { dA?: number; dOut?: number }) => {
@@ -233,9 +271,9 @@ export function loadFactors(dir: string): Factors {
     if (stages.eigen) {
       mf.eigen = {
         qA: get(ACTIVATION_EIGENVECTORS, [dA, dA]),
-        eigA: get(ACTIVATION_EIGENVALUES, [dA]),
+        eigA: exactly(get(ACTIVATION_EIGENVALUES, [dA])),
         qS: get(GRADIENT_EIGENVECTORS, [dOut, dOut]),
-        eigS: get(GRADIENT_EIGENVALUES, [dOut]),
+        eigS: exactly(get(GRADIENT_EIGENVALUES, [dOut])),
       };
     }
     if (stages.lambda) {
@@ -273,26 +311,51 @@ export function loadFactors(dir: string): Factors {
   return { args, fingerprint, modules };
 }
 
-/** The EK-FAC preconditioner of one loaded module (needs the eigen and lambda stages). */
-export function preconditionerFor(mf: ModuleFactors, damping: Damping = DEFAULT_DAMPING): Preconditioner {
+/**
+ * The EK-FAC preconditioner of one loaded module (needs the eigen and lambda stages), held in
+ * `precision` (default: that of its eigenvectors, i.e. of the loaded factors). The bases are
+ * shared with `mf` when already of that type.
+ */
+export function preconditionerFor(
+  mf: ModuleFactors,
+  damping: Damping = DEFAULT_DAMPING,
+  precision?: Precision,
+): Preconditioner {
   if (!mf.eigen || !mf.lambda) {
     throw new Error(`factors of module ${mf.name} lack ${mf.eigen ? 'the eigenvalue correction' : 'eigenvectors'}`);
   }
-  const basis: Eigenbasis = { module: mf.name, dA: mf.dA, dOut: mf.dOut, ...mf.eigen };
-  const lam = LambdaAccumulator.fromSum(basis, mf.lambda.sum, mf.lambda.count);
-  return makePreconditioner(basis, lam.mean(), damping);
+  const p = precision ?? precisionOf(mf.eigen.qA);
+  const { qA, qS, eigA, eigS } = mf.eigen;
+  const basis: Eigenbasis = {
+    module: mf.name,
+    dA: mf.dA,
+    dOut: mf.dOut,
+    qA: inPrecision(qA, p),
+    eigA,
+    qS: inPrecision(qS, p),
+    eigS,
+  };
+  return makePreconditioner(basis, lambdaMean(mf.lambda.sum, mf.lambda.count, mf.name, p), damping);
 }
 
 /** Restores the covariance accumulator of a loaded module (e.g. to merge more data into it). */
 export function covarianceFor(mf: ModuleFactors, shape: ModuleShape): CovarianceAccumulator {
   if (!mf.covariance) throw new Error(`factors of module ${mf.name} have no covariances`);
   const c = mf.covariance;
-  return CovarianceAccumulator.fromSums(shape, c.activationSum, c.activationCount, c.gradientSum, c.gradientCount);
+  return CovarianceAccumulator.fromSums(
+    shape,
+    toF64(c.activationSum),
+    c.activationCount,
+    toF64(c.gradientSum),
+    c.gradientCount,
+  );
 }
 
 /** kronfluence's FactorArguments.to_dict() for our arguments (so kronfluence can load our factors). */
-function kronfluenceArguments(a: FactorArguments, dtype: 'F32' | 'F64') {
-  const t = dtype === 'F64' ? 'torch.float64' : 'torch.float32';
+function kronfluenceArguments(a: FactorArguments, dtypes: { covariance: 'F32' | 'F64'; lambda: 'F32' | 'F64' }) {
+  const torch = (d: 'F32' | 'F64') => (d === 'F64' ? 'torch.float64' : 'torch.float32');
+  const t = torch(dtypes.covariance);
+  const tl = torch(dtypes.lambda);
   return {
     strategy: 'ekfac',
     use_empirical_fisher: a.labels === 'empirical',
@@ -310,8 +373,8 @@ function kronfluenceArguments(a: FactorArguments, dtype: 'F32' | 'F64') {
     lambda_module_partitions: 1,
     use_iterative_lambda_aggregation: false,
     offload_activations_to_cpu: false,
-    per_sample_gradient_dtype: t,
-    lambda_dtype: t,
+    per_sample_gradient_dtype: tl,
+    lambda_dtype: tl,
   };
 }
 
@@ -321,18 +384,28 @@ function pyStr(v: unknown): string {
 }
 
 /**
- * Every tensor of a factor file, refused when its bytes no longer match the checksum we
- * wrote with it (kronfluence's files carry none) or when it holds NaN or ±Inf.
+ * Every tensor of a factor file in `precision` (no copy when stored so), refused when its bytes
+ * no longer match the checksum we wrote with it (kronfluence's files carry none) or when it
+ * holds NaN or ±Inf.
  */
-function readAll(path: string): Record<string, Float64Array & { shape?: number[] }> {
+function readAll(path: string, precision: Precision): Record<string, Floats & { shape?: number[] }> {
   const h = readSafetensorsHeader(path);
   if (checkDataChecksum(h) === 'mismatch')
     throw new Error(`${path}: the file does not match its checksum (damaged); refit the factors`);
-  const out: Record<string, Float64Array & { shape?: number[] }> = {};
+  const out: Record<string, Floats & { shape?: number[] }> = {};
   for (const [name, info] of h.tensors) {
-    const t = readTensorF64(h, name) as Float64Array & { shape?: number[] };
-    const bad = t.findIndex((v) => !Number.isFinite(v));
-    if (bad >= 0) throw new Error(`${path}: tensor "${name}" holds ${t[bad]} at index ${bad}; refit the factors`);
+    // checked as stored, then again when narrowed (an F64 value beyond the float32 range)
+    const { data } = readTensor(h, name);
+    const stored: Floats = data instanceof Float32Array || data instanceof Float64Array ? data : readTensorF64(h, name);
+    const bad = firstNonFinite(stored);
+    if (bad >= 0) throw new Error(`${path}: tensor "${name}" holds ${stored[bad]} at index ${bad}; refit the factors`);
+    const t: Floats & { shape?: number[] } = inPrecision(stored, precision);
+    const over = t === stored ? -1 : firstNonFinite(t);
+    if (over >= 0)
+      throw new Error(
+        `${path}: tensor "${name}" holds ${stored[over]} at index ${over}, beyond the float32 range; ` +
+          "open the model with precision 'fp64'",
+      );
     t.shape = info.shape;
     out[name] = t;
   }

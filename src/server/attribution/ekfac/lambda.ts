@@ -2,7 +2,11 @@
 // Λ = E_z[(Q_Sᵀ G(z) Q_A)²] elementwise, over per-example (per-sequence) gradients G(z),
 // fitted with sampled labels. Stored like kronfluence's `lambda_matrix`: the SUM over
 // examples, shape d_out × d_A, with `num_lambda_processed` the number of examples.
-import { type Floats, firstNonFinite, gemm, toF64 } from '../../linalg/matrix';
+// The running sum is fp64 even for a float32 model (one graph-reduced batch sum is added per
+// batch; a float32 running sum's rounding grows with the batches, about 1e-6 relative after
+// 10⁴ of them): it costs d_out·d_A·4 more bytes during the Λ pass only. The mean, and the
+// preconditioner built from it, are stored in the model's precision.
+import { type Floats, firstNonFinite, gemm, type Precision, toF64 } from '../../linalg/matrix';
 import { type Eigenbasis, toEigenbasis } from './eigenbasis';
 import { activationRows, gradientRows, type RowWeights } from './gradient';
 
@@ -43,8 +47,8 @@ export class LambdaAccumulator {
     const direct = dOut * dA * rows + dOut * dOut * dA + dOut * dA * dA;
     const viaTokens = rows * (dOut * dOut + dA * dA + dOut * dA);
     if (viaTokens < direct) {
-      const YQ = gemm(Y, this.basis.qS, rows, dOut, dOut);
-      const XQ = gemm(X, this.basis.qA, rows, dA, dA);
+      const YQ = gemm(Y, toF64(this.basis.qS), rows, dOut, dOut);
+      const XQ = gemm(X, toF64(this.basis.qA), rows, dA, dA);
       return this.addRotated(gemm(YQ, XQ, dOut, rows, dA, { transA: true }));
     }
     return this.addRotated(toEigenbasis(this.basis, gemm(Y, X, dOut, rows, dA, { transA: true })));
@@ -87,7 +91,7 @@ export class LambdaAccumulator {
   }
 
   /** Restores from stored sums (e.g. kronfluence's `lambda_matrix` and `num_lambda_processed`). */
-  static fromSum(basis: Eigenbasis, sum: Float64Array, count: number): LambdaAccumulator {
+  static fromSum(basis: Eigenbasis, sum: Floats, count: number): LambdaAccumulator {
     const acc = new LambdaAccumulator(basis);
     if (sum.length !== acc.sum.length) {
       throw new Error(`lambda matrix of module ${basis.module}: expected ${basis.dOut}×${basis.dA}, got ${sum.length}`);
@@ -97,14 +101,24 @@ export class LambdaAccumulator {
     return acc;
   }
 
-  /** Λ = sum / count; throws on no examples or NaN/Inf. */
-  mean(): Float64Array {
-    const what = `eigenvalue correction (lambda) of module ${this.basis.module} after ${this.count} examples`;
-    if (!(this.count > 0)) throw new Error(`no examples were added to the ${what}`);
-    const bad = firstNonFinite(this.sum);
-    if (bad >= 0) throw new Error(`${Number.isNaN(this.sum[bad]) ? 'NaN' : 'Inf'} in ${what}`);
-    const out = new Float64Array(this.sum.length);
-    for (let i = 0; i < out.length; i++) out[i] = this.sum[i] / this.count;
-    return out;
+  /** Λ = sum / count (stored in `precision`, default fp64); throws on no examples or NaN/Inf. */
+  mean(): Float64Array;
+  mean(precision: Precision): Floats;
+  mean(precision: Precision = 'fp64'): Floats {
+    return lambdaMean(this.sum, this.count, this.basis.module, precision);
   }
+}
+
+/** Λ = sum / count from a stored or accumulated sum, divided in fp64 and stored in `precision`. */
+export function lambdaMean(sum: Floats, count: number, module: string, precision: Precision = 'fp64'): Floats {
+  const what = `eigenvalue correction (lambda) of module ${module} after ${count} examples`;
+  if (!(count > 0)) throw new Error(`no examples were added to the ${what}`);
+  const bad = firstNonFinite(sum);
+  if (bad >= 0) throw new Error(`${Number.isNaN(sum[bad]) ? 'NaN' : 'Inf'} in ${what}`);
+  const out = precision === 'fp32' ? new Float32Array(sum.length) : new Float64Array(sum.length);
+  for (let i = 0; i < out.length; i++) out[i] = sum[i] / count;
+  const over = precision === 'fp32' ? firstNonFinite(out) : -1;
+  if (over >= 0)
+    throw new Error(`${what}: ${sum[over] / count} at entry ${over} exceeds the float32 range; use precision 'fp64'`);
+  return out;
 }

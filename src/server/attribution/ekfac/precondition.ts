@@ -4,7 +4,7 @@
 // heuristic (HEURISTIC_DAMPING_SCALE = 0.1 times the mean of the averaged lambda matrix).
 // Also the low-rank query of Grosse et al. §3.2: P(G_q) ≈ U diag(σ) Vᵀ.
 import { type EighBackend, eigh, JS_MAX_N } from '../../linalg/eigh';
-import { type Floats, firstNonFinite, gemm, gemm32, toF64, transpose } from '../../linalg/matrix';
+import { type Floats, firstNonFinite, gemm, gemm32, precisionOf, toF64, transpose } from '../../linalg/matrix';
 import { nativeLapack } from '../../linalg/native';
 import { Rng } from '../../util/random';
 import { type Eigenbasis, fromEigenbasis, toEigenbasis } from './eigenbasis';
@@ -14,16 +14,18 @@ export type Damping = { relative: number } | { absolute: number };
 
 export const DEFAULT_DAMPING: Damping = { relative: 0.1 };
 
+/** Held in the precision of the model it serves: Float32Array bases, Λ and inverse for a float32
+ * model, Float64Array for an fp64 one (ground truths). */
 export interface Preconditioner extends Eigenbasis {
   /** mean Λ (d_out × d_A) */
-  lambda: Float64Array;
+  lambda: Floats;
   /** the resolved λ */
   damping: number;
-  /** 1 / (Λ + λ), elementwise */
-  inverse: Float64Array;
+  /** 1 / (Λ + λ), elementwise (same type as lambda) */
+  inverse: Floats;
 }
 
-export function resolveDamping(lambda: Float64Array, damping: Damping = DEFAULT_DAMPING): number {
+export function resolveDamping(lambda: Floats, damping: Damping = DEFAULT_DAMPING): number {
   if ('absolute' in damping) {
     if (!(damping.absolute >= 0)) throw new Error(`damping must be >= 0, got ${damping.absolute}`);
     return damping.absolute;
@@ -34,10 +36,10 @@ export function resolveDamping(lambda: Float64Array, damping: Damping = DEFAULT_
   return damping.relative * (s / lambda.length);
 }
 
-/** Builds P for one module from its eigenbasis and mean Λ. */
+/** Builds P for one module from its eigenbasis and mean Λ; the inverse takes Λ's type (computed in fp64). */
 export function makePreconditioner(
   basis: Eigenbasis,
-  lambdaMean: Float64Array,
+  lambdaMean: Floats,
   damping: Damping = DEFAULT_DAMPING,
 ): Preconditioner {
   const what = `module ${basis.module} (preconditioner)`;
@@ -47,7 +49,8 @@ export function makePreconditioner(
   const bad = firstNonFinite(lambdaMean);
   if (bad >= 0) throw new Error(`${lambdaMean[bad]} in lambda of ${what}`);
   const lam = resolveDamping(lambdaMean, damping);
-  const inverse = new Float64Array(lambdaMean.length);
+  const inverse =
+    precisionOf(lambdaMean) === 'fp32' ? new Float32Array(lambdaMean.length) : new Float64Array(lambdaMean.length);
   for (let i = 0; i < inverse.length; i++) {
     const den = lambdaMean[i] + lam;
     // Λ >= 0 by construction, so den == 0 only with zero damping on a direction with no curvature
@@ -66,8 +69,9 @@ export function preconditionRotated(p: Preconditioner, Vt: Float64Array, inPlace
   return out;
 }
 
-/** float32 copies of a preconditioner's bases and 1/(Λ+λ) (made per use, never kept: at the
- * SmolLM-135M shape keeping them beside the fp64 ones cost 1.7 GB of peak memory) */
+/** A preconditioner's bases and 1/(Λ+λ) in float32: the arrays themselves for a float32
+ * preconditioner, else copies made per use and never kept (at the SmolLM-135M shape keeping
+ * them beside the fp64 ones cost 1.7 GB of peak memory) */
 export interface SinglePrecision {
   qA: Float32Array;
   qS: Float32Array;
@@ -75,7 +79,8 @@ export interface SinglePrecision {
 }
 
 export function singlePrecision(p: Preconditioner): SinglePrecision {
-  return { qA: Float32Array.from(p.qA), qS: Float32Array.from(p.qS), inverse: Float32Array.from(p.inverse) };
+  const f32 = (x: Floats) => (x instanceof Float32Array ? x : Float32Array.from(x));
+  return { qA: f32(p.qA), qS: f32(p.qS), inverse: f32(p.inverse) };
 }
 
 /**
@@ -100,7 +105,7 @@ export function precondition32(
   return gemm32(U, f.qA, p.dOut, p.dA, p.dA, { transB: true });
 }
 
-/** P(V) for a d_out × d_A matrix V. */
+/** P(V) for a d_out × d_A matrix V, in fp64 (a float32 preconditioner is widened per call). */
 export function precondition(p: Preconditioner, V: Floats): Float64Array {
   const Vt = toEigenbasis(p, V);
   return fromEigenbasis(p, preconditionRotated(p, Vt, true));
