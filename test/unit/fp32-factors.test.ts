@@ -4,7 +4,7 @@
 // influence scores agree to float32 rounding; F64 factor files load narrowed for a float32 model;
 // fp64 models keep fp64 factors.
 import assert from 'node:assert/strict';
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
@@ -247,7 +247,15 @@ test('fit job of a float32 model: float32 bases on disk, Λ sums fp64; partition
   assert.equal(dtype(one, 'gradient_eigenvectors'), 'F32');
   assert.equal(dtype(one, 'activation_eigenvalues'), 'F64');
   assert.equal(dtype(one, 'lambda_matrix'), 'F64');
+  // the final write copied the eigen stage's covariance files (float32 sums) instead of reloading them
+  assert.equal(dtype(one, 'activation_covariance'), 'F32');
+  assert.equal(dtype(one, 'gradient_covariance'), 'F32');
+  const kron = JSON.parse(readFileSync(join(one, 'factor_arguments.json'), 'utf8'));
+  assert.equal(kron.activation_covariance_dtype, 'torch.float32');
+  assert.equal(kron.lambda_dtype, 'torch.float64');
   const a = loadFactors(one, { precision: 'fp32' });
+  for (const m of Object.values(a.modules))
+    assert.ok(m.covariance!.activationCount > 0 && m.covariance!.activationSum instanceof Float32Array, m.name);
   const b = loadFactors(two, { precision: 'fp32' });
   for (const [name, m] of Object.entries(a.modules)) {
     const p = preconditionerFor(m, damping);
@@ -262,4 +270,34 @@ test('fit job of a float32 model: float32 bases on disk, Λ sums fp64; partition
   const stage = openStage(MODEL, one, { engine: { precision: 'fp64' } });
   for (const p of stage.preconditioners!.values())
     assert.ok(p.qS instanceof Float64Array && p.lambda instanceof Float64Array);
+});
+
+test('fit job: a covariance file of the eigen stage damaged before the final write is refused, not copied', async () => {
+  const dir = mkdtempSync(join(home, 'fit-job-damaged-'));
+  const data = join(dir, 'train.jsonl');
+  writeFileSync(data, `${TEXTS.map((text) => JSON.stringify({ text })).join('\n')}\n`);
+  const model = Model.open(MODEL);
+  const job = {
+    modelDir: MODEL,
+    dataPath: data,
+    modules: 'all' as const,
+    labels: 'empirical' as const,
+    seed: 0,
+    batchSize: 4,
+    model,
+    log: () => {},
+  };
+  const out = join(dir, 'out');
+  assert.equal((await runFitJob({ ...job, out, partition: { index: 0, count: 2 } })).status, 'waiting');
+  assert.equal((await runFitJob({ ...job, out, partition: { index: 1, count: 2 } })).status, 'waiting');
+  // flip one byte in the last tensor's data of the merged covariances
+  const file = join(out, 'partials', 'eigen', 'gradient_covariance.safetensors');
+  const bytes = readFileSync(file);
+  bytes[bytes.length - 3] ^= 0x40;
+  writeFileSync(file, bytes);
+  await assert.rejects(
+    runFitJob({ ...job, out, partition: { index: 0, count: 2 } }),
+    /gradient_covariance\.safetensors: data does not match its checksum/,
+  );
+  assert.ok(!existsSync(join(out, 'factor_arguments.json')), 'no final factors were written');
 });

@@ -217,8 +217,9 @@ export async function runFitJob(o: FitJobOptions): Promise<FitJobResult> {
     o.signal?.throwIfAborted();
     saveStage(eigenDir, { args: args(), fingerprint, modules });
   }
-  // the bases in the model's precision (float32 for a float32 model, as the Λ graph consumes them)
-  const eigen = loadFactors(eigenDir, { precision: model.precision });
+  // the bases in the model's precision (float32 for a float32 model, as the Λ graph consumes them);
+  // the covariances stay on disk (the final write copies their files)
+  const eigen = loadFactors(eigenDir, { precision: model.precision, covariances: false });
   const bases = new Map<string, Eigenbasis>(
     Object.values(eigen.modules).map((m) => [m.name, { module: m.name, dA: m.dA, dOut: m.dOut, ...m.eigen! }]),
   );
@@ -239,20 +240,23 @@ export async function runFitJob(o: FitJobOptions): Promise<FitJobResult> {
       `eigenvalue correction of partition ${i}/${n} is done; partitions ${waiting.join(', ')} still need theirs. ` +
         'Run them; the last one writes the factors.',
     );
-  // 4. merge and write the final factors, then drop the partials
-  const modules: Record<string, ModuleFactors> = {};
-  for (const m of Object.values(eigen.modules)) {
-    const lam = new LambdaAccumulator(bases.get(m.name)!);
-    for (let k = 0; k < n; k++) {
-      const part = loadFactors(lamDir(k)).modules[m.name]?.lambda;
-      if (!part) throw new FitJobError(`${lamDir(k)} has no eigenvalue correction for module ${m.name}`);
-      lam.merge(LambdaAccumulator.fromSum(lam.basis, part.sum, part.count));
+  // 4. merge and write the final factors (each partition's Λ file read once; covariance and
+  //    eigen files copied from the eigen stage), then drop the partials
+  const lams = new Map([...bases].map(([name, b]) => [name, new LambdaAccumulator(b)]));
+  for (let k = 0; k < n; k++) {
+    const part = loadFactors(lamDir(k), { covariances: false });
+    for (const [name, lam] of lams) {
+      const got = part.modules[name]?.lambda;
+      if (!got) throw new FitJobError(`${lamDir(k)} has no eigenvalue correction for module ${name}`);
+      lam.merge(LambdaAccumulator.fromSum(lam.basis, got.sum, got.count));
     }
-    modules[m.name] = { ...m, lambda: { sum: lam.sum, count: lam.count } };
   }
+  const modules: Record<string, ModuleFactors> = {};
+  for (const [name, lam] of lams)
+    modules[name] = { name, dA: lam.dA, dOut: lam.dOut, lambda: { sum: lam.sum, count: lam.count } };
   const final: Factors = { args: { ...args(), modules: Object.keys(modules) }, fingerprint, modules };
   o.signal?.throwIfAborted();
-  saveFactors(o.out, final);
+  saveFactors(o.out, final, { copyFrom: { dir: eigenDir, stages: ['covariance', 'eigen'] } });
   rmSync(partials, { recursive: true, force: true });
   return result('done', `wrote EK-FAC factors for ${Object.keys(modules).length} modules to ${o.out}`);
 }
@@ -277,7 +281,10 @@ function withEigen(mf: ModuleFactors, b: Eigenbasis): ModuleFactors {
 
 function mergeCovariances(dirs: string[], model: Model, modules: ModuleSelection) {
   const shapes = model.modules(modules);
-  const merged = new Map(shapes.map((m) => [m.name, new CovarianceAccumulator(moduleShape(m))]));
+  // in the model's precision, as each partition's sums (kronfluence keeps float32 ones)
+  const merged = new Map(
+    shapes.map((m) => [m.name, new CovarianceAccumulator(moduleShape(m), { precision: model.precision })]),
+  );
   for (const dir of dirs) {
     const f = loadFactors(dir);
     for (const m of shapes) {

@@ -17,9 +17,9 @@
 // model that opens it: F32 stays Float32Array for a float32 model, F64 files (all ours before
 // this) are narrowed for it and widened F32 files for an fp64 one. Counts and eigenvalues are
 // always read as fp64.
-import { existsSync, mkdirSync, readFileSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { writeFileAtomic } from '../../../common/atomic-write';
+import { writeAtomicWith, writeFileAtomic } from '../../../common/atomic-write';
 import { type Floats, firstNonFinite, inPrecision, type Precision, precisionOf, toF64 } from '../../linalg/matrix';
 import {
   checkDataChecksum,
@@ -98,6 +98,45 @@ export interface SaveOptions {
   /** on-disk float type; kronfluence's default is F32. Counts are always I64. Default 'auto':
    * each tensor as it is held (Float32Array → F32, Float64Array → F64). */
   dtype?: 'F32' | 'F64' | 'auto';
+  /**
+   * Stages copied file by file from a directory `saveFactors` wrote, after verifying each file's
+   * data checksum and module names, instead of written from memory (the modules then need not
+   * hold them): the fit job's final write, which would otherwise load every covariance and
+   * eigenvector again beside Λ (about 15 GB at the Qwen2.5-0.5B shape).
+   */
+  copyFrom?: { dir: string; stages: Array<'covariance' | 'eigen'> };
+}
+
+const STAGE_FILES = { covariance: COVARIANCE_FILES, eigen: EIGEN_FILES } as const;
+
+/** Copies verified stage files into `dir`; returns the float type of the copied covariances, if any. */
+function copyStages(
+  dir: string,
+  from: NonNullable<SaveOptions['copyFrom']>,
+  modules: string[],
+): 'F32' | 'F64' | undefined {
+  let covarianceType: 'F32' | 'F64' | undefined;
+  const files = from.stages.flatMap((stage) => STAGE_FILES[stage]);
+  // every file verified before any is copied: a refused copy leaves nothing half-written
+  for (const file of files) {
+    const src = join(from.dir, `${file}.safetensors`);
+    const h = readSafetensorsHeader(src);
+    const check = checkDataChecksum(h);
+    if (check !== 'ok')
+      throw new Error(
+        `${src}: ${check === 'absent' ? 'has no data checksum' : 'data does not match its checksum'}; refit`,
+      );
+    const names = [...h.tensors.keys()].sort();
+    const want = [...modules].sort();
+    if (names.length !== want.length || names.some((n, i) => n !== want[i]))
+      throw new Error(`${src} holds modules ${names.join(', ')}; expected ${want.join(', ')}`);
+    if (file === ACTIVATION_COVARIANCE) covarianceType = h.tensors.get(names[0])!.dtype === 'F32' ? 'F32' : 'F64';
+  }
+  for (const file of files)
+    writeAtomicWith(join(dir, `${file}.safetensors`), (tmp) =>
+      copyFileSync(join(from.dir, `${file}.safetensors`), tmp),
+    );
+  return covarianceType;
 }
 
 export interface LoadOptions {
@@ -143,8 +182,15 @@ export function saveFactors(dir: string, factors: Factors, options: SaveOptions 
   const typeOf = (x: Floats | undefined): 'F32' | 'F64' =>
     dtype !== 'auto' ? dtype : x instanceof Float32Array ? 'F32' : 'F64';
   const first = mods[0];
+  const copiedCovariance = options.copyFrom
+    ? copyStages(
+        dir,
+        options.copyFrom,
+        mods.map((m) => m.name),
+      )
+    : undefined;
   const kron = kronfluenceArguments(factors.args, {
-    covariance: typeOf(first.covariance?.activationSum ?? first.eigen?.qA ?? first.lambda?.sum),
+    covariance: copiedCovariance ?? typeOf(first.covariance?.activationSum ?? first.eigen?.qA ?? first.lambda?.sum),
     lambda: typeOf(first.lambda?.sum ?? first.eigen?.qA ?? first.covariance?.activationSum),
   });
   const metadata: Record<string, string> = {};
