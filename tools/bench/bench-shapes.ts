@@ -7,8 +7,8 @@
 //   agreement: Spearman per query between our scores and kronfluence's.
 // The checkpoint is written once by test/oracle/make_shape.py (the oracle venv, which the
 // kronfluence side needs anyway) and cached.
-import { spawnSync } from 'node:child_process';
-import { existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { spawn, spawnSync } from 'node:child_process';
+import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { cpus, hostname } from 'node:os';
 import { dirname, join } from 'node:path';
 import { preconditionerFor } from '../../src/server/attribution/ekfac/factors-io';
@@ -54,6 +54,7 @@ export async function benchShape(argv: string[]): Promise<void> {
     threads: { type: 'string' },
     python: { type: 'string' },
     'no-kronfluence': { type: 'boolean' },
+    flow: { type: 'boolean' },
     report: { type: 'string' },
   });
   const shape = v.shape as (typeof BENCH_SHAPES)[number];
@@ -205,6 +206,36 @@ export async function benchShape(argv: string[]): Promise<void> {
       say(`  agreement: Spearman per query ${agreement.map((x) => x.toFixed(4)).join(', ')}`);
     }
   }
+  // the user's flow through the CLI: `fit`, then one `explain` over the same examples as JSONL text
+  let flow: Record<string, unknown> | null = null;
+  if (v.flow) {
+    const jsonl = join(root, `flow-${nTrain}x${length}.jsonl`);
+    writeFileSync(jsonl, `${train.map((x) => JSON.stringify({ text: model.tokenizer.decode(x) })).join('\n')}\n`);
+    const factors = join(root, `flow-factors-${nTrain}x${length}`);
+    rmSync(factors, { recursive: true, force: true });
+    const cli = join(packageRoot(), 'bin/influence-lens.js');
+    const fitRun = await timedChild(process.execPath, [
+      cli,
+      ...['fit', '--model', modelDir, '--data', jsonl, '--out', factors, '--modules', 'all'],
+    ]);
+    const q = model.tokenizer.decode(queries[0].ids.slice(0, queries[0].prompt_length));
+    const c = model.tokenizer.decode(queries[0].ids.slice(queries[0].prompt_length));
+    const explainRun = await timedChild(process.execPath, [
+      cli,
+      ...['explain', '--model', modelDir, '--factors', factors, '--data', jsonl, '--prompt', q, '--completion', c],
+      '--json',
+    ]);
+    flow = {
+      fit_seconds: fitRun.seconds,
+      fit_peak_rss_mb: fitRun.peakMb,
+      explain_seconds: explainRun.seconds,
+      explain_peak_rss_mb: explainRun.peakMb,
+      completion_tokens: queries[0].ids.length - queries[0].prompt_length,
+    };
+    say(
+      `  CLI flow (influence-lens fit, then explain, over ${nTrain} examples): fit ${fitRun.seconds.toFixed(1)} s, peak RSS ${fitRun.peakMb ?? 'n/a'} MB; explain ${explainRun.seconds.toFixed(1)} s, peak RSS ${explainRun.peakMb ?? 'n/a'} MB`,
+    );
+  }
   const report = {
     suite: 'ekfac-shape',
     shape,
@@ -220,9 +251,43 @@ export async function benchShape(argv: string[]): Promise<void> {
     ours,
     kronfluence: kron,
     spearman_per_query: agreement,
+    cli_flow: flow,
   };
   const file = v.report ?? join('bench/out', `ekfac-${shape}-${report.date.slice(0, 10)}-${hostname()}.json`);
   mkdirSync(dirname(file), { recursive: true });
   writeFileSync(file, `${JSON.stringify(report, null, 2)}\n`);
   say(`  report: ${file}`);
+}
+
+/**
+ * Runs a command to completion; wall seconds and its peak RSS (VmHWM, read from /proc every
+ * 100 ms while it runs: Linux only, else null). A failed command stops the bench with its output.
+ */
+async function timedChild(cmd: string, args: string[]): Promise<{ seconds: number; peakMb: number | null }> {
+  const t = performance.now();
+  const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  child.stdout.on('data', (d) => {
+    out = (out + d).slice(-4000);
+  });
+  child.stderr.on('data', (d) => {
+    out = (out + d).slice(-4000);
+  });
+  let peak: number | null = null;
+  const status = `/proc/${child.pid}/status`;
+  const poll = setInterval(() => {
+    try {
+      const kb = Number(/VmHWM:\s+(\d+)/.exec(readFileSync(status, 'utf8'))?.[1]);
+      if (Number.isFinite(kb)) peak = Math.max(peak ?? 0, Math.round(kb / 1024));
+    } catch {
+      // exited, or no /proc
+    }
+  }, 100);
+  const code: number | null = await new Promise((res) => child.on('close', res));
+  clearInterval(poll);
+  if (code !== 0)
+    throw new CliError(
+      `${args.slice(1, 2).join(' ')} failed (exit ${code}): ${out.trim().split('\n').slice(-3).join(' | ')}`,
+    );
+  return { seconds: (performance.now() - t) / 1000, peakMb: peak };
 }
