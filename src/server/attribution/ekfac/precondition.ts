@@ -283,7 +283,8 @@ function viaTokens(dOut: number, dA: number, rows: number[], src: number[], forw
  * P(G_r) for every row of `t` in float32 (sgemm), as `precondition32` of the dense G_r but
  * starting from the tokens: Q_Sᵀ G_r Q_A = (g_r Q_S)ᵀ (ã Q_A) when that is cheaper (at T = 32
  * and a 2048 × 513 module, 15× fewer flops), ã Q_A shared by the rows of one forward. The back
- * rotation's second product runs once over all rows. Returns the rows back to back, d_out × d_A each.
+ * rotation is as before (one product over all rows at once measured no faster, and held a second
+ * copy of every row). Returns the rows back to back in one buffer, d_out × d_A each.
  */
 export function preconditionTokens32(
   p: Preconditioner,
@@ -297,7 +298,7 @@ export function preconditionTokens32(
     return x;
   };
   const size = dOut * dA;
-  const U = new Float32Array(rows.length * size);
+  const out = new Float32Array(rows.length * size);
   const tokens = viaTokens(dOut, dA, rows, t.src, forward);
   const aq = new Map<number, Float32Array>();
   for (const [r, T] of rows.entries()) {
@@ -317,10 +318,10 @@ export function preconditionTokens32(
       rot = gemm32(gemm32(f.qS, G, dOut, dOut, dA, { transA: true }), f.qA, dOut, dA, dA);
     }
     for (let i = 0; i < size; i++) rot[i] *= f.inverse[i];
-    gemm32(f.qS, rot, dOut, dOut, dA, { out: U.subarray(r * size, (r + 1) * size) });
+    const U = gemm32(f.qS, rot, dOut, dOut, dA);
+    gemm32(U, f.qA, dOut, dA, dA, { transB: true, out: out.subarray(r * size, (r + 1) * size) });
   }
-  // (Q_S R) Q_Aᵀ for all rows as one [rows·d_out × d_A] product
-  return gemm32(U, f.qA, rows.length * dOut, dA, dA, { transB: true });
+  return out;
 }
 
 /** `preconditionTokens32` in fp64 (fp64 graphs: ground truths, finite-difference checks). */
@@ -328,7 +329,7 @@ export function preconditionTokens(p: Preconditioner, t: TokenRows): Float64Arra
   const { dOut, dA } = p;
   const { rows, forward } = tokenCounts(t, dOut, dA, `preconditionTokens (module ${p.module})`);
   const size = dOut * dA;
-  const U = new Float64Array(rows.length * size);
+  const out = new Float64Array(rows.length * size);
   const tokens = viaTokens(dOut, dA, rows, t.src, forward);
   const aq = new Map<number, Float64Array>();
   for (const [r, T] of rows.entries()) {
@@ -345,7 +346,8 @@ export function preconditionTokens(p: Preconditioner, t: TokenRows): Float64Arra
       rot = gemm(gemm(g, p.qS, T, dOut, dOut), xq, dOut, T, dA, { transA: true });
     } else rot = toEigenbasis(p, gemm(g, a, dOut, T, dA, { transA: true }));
     preconditionRotated(p, rot, true);
-    gemm(p.qS, rot, dOut, dOut, dA, { out: U.subarray(r * size, (r + 1) * size) });
+    const U = gemm(p.qS, rot, dOut, dOut, dA);
+    gemm(U, p.qA, dOut, dA, dA, { transB: true, out: out.subarray(r * size, (r + 1) * size) });
   }
-  return gemm(U, p.qA, rows.length * dOut, dA, dA, { transB: true });
+  return out;
 }
