@@ -76,8 +76,8 @@ describe('explain --rank: the shown lists equal exact scoring', () => {
     const model = stage.model;
     const all = new Corpus('all', loadDataset(join(dir, 'all.jsonl')), model);
     const q = tokenizeQuery(model.tokenizer, QUERY.prompt, QUERY.completion, contextLength(model.config));
-    const { G } = await queryGradients(model, { ids: q.ids, weights: q.weights }, { modules: 'all' });
-    const M = queryMatrices(G, [stage.preconditioners!]);
+    const { tokens } = await queryGradients(model, { ids: q.ids, weights: q.weights }, { modules: 'all' });
+    const M = queryMatrices(tokens, [stage.preconditioners!]);
     const full = await scoreCandidates(model, M, all.tokens, { modules: 'all', gradNorms: true });
     const lowRes = await scoreCandidates(model, M, all.tokens, { modules: 'all', rank: 1 });
     // the low-rank graph's ‖G(z)‖² (from token Gram matrices) equals the one from the formed G

@@ -210,12 +210,12 @@ describe('fit + explain (tiny fp64 Llama)', () => {
 
   test('low-rank query: full rank reproduces the exact scores in-graph; rank 1 is recomputed exactly at the top', async () => {
     const q = tokenizeQuery(ft.model.tokenizer, QUERY.prompt, QUERY.completion, contextLength(ft.model.config));
-    const { G } = await queryGradients(
+    const { tokens } = await queryGradients(
       ft.model,
       { ids: q.ids, weights: q.weights },
       { modules: 'all', perCompletionToken: true },
     );
-    const M = queryMatrices(G, [ft.preconditioners!]);
+    const M = queryMatrices(tokens, [ft.preconditioners!]);
     const exact = await scoreCandidates(ft.model, M, corpus.tokens, { modules: 'all', tokenScores: true });
     const full = await scoreCandidates(ft.model, M, corpus.tokens, { modules: 'all', tokenScores: true, rank: 1000 });
     const one = await scoreCandidates(ft.model, M, corpus.tokens, { modules: 'all', rank: 1 });
@@ -248,8 +248,8 @@ describe('fit + explain (tiny fp64 Llama)', () => {
 
   test('gradient store: exact when k covers every dimension, approximate but reranked exactly otherwise', async () => {
     const q = tokenizeQuery(ft.model.tokenizer, QUERY.prompt, QUERY.completion, contextLength(ft.model.config));
-    const { G } = await queryGradients(ft.model, { ids: q.ids, weights: q.weights }, { modules: 'all' });
-    const M = queryMatrices(G, [ft.preconditioners!]);
+    const { tokens } = await queryGradients(ft.model, { ids: q.ids, weights: q.weights }, { modules: 'all' });
+    const M = queryMatrices(tokens, [ft.preconditioners!]);
     const exact = await scoreCandidates(ft.model, M, corpus.tokens, { modules: 'all' });
     const identity = { modelFingerprint: 'm', dataFingerprint: 'd', k: 64, seed: 3, modules: 'all' as const };
     const full = await GradientStore.build(ft.model, corpus.tokens, identity, { batchSize: 3 });

@@ -124,8 +124,8 @@ describe('gradient store (tiny fp64 Llama, dense reference)', () => {
         name,
         z.map((v, i) => v * ft.preconditioners!.get(name)!.inverse[i]),
       );
-    const { G } = await queryGradients(ft.model, { ids: q.ids, weights: q.weights }, { modules: 'all' });
-    M = new Map([...queryMatrices(G, [ft.preconditioners!])].map(([m, rows]) => [m, rows[0]]));
+    const { tokens } = await queryGradients(ft.model, { ids: q.ids, weights: q.weights }, { modules: 'all' });
+    M = new Map([...queryMatrices(tokens, [ft.preconditioners!])].map(([m, rows]) => [m, rows[0]]));
   });
 
   /**

@@ -67,8 +67,8 @@ for (const name of ['llama', 'qwen2']) {
       const out: number[][] = [];
       const perModule = new Map<string, number[][]>();
       for (const q of queries) {
-        const { G } = await queryGradients(model, q, { modules: 'all' });
-        const M = queryMatrices(G, [pre]);
+        const { tokens } = await queryGradients(model, q, { modules: 'all' });
+        const M = queryMatrices(tokens, [pre]);
         const s = await scoreCandidates(model, M, train, { modules: 'all', batchSize: 8 });
         out.push(s.scores.map((r) => r[0]));
         for (const [m, rows] of s.perModule) {
@@ -138,8 +138,8 @@ for (const name of ['llama', 'qwen2']) {
       const pre = preFrom('kronfluence', { absolute: 1e-3 });
       const want = gold('all');
       for (const [q, query] of queries.entries()) {
-        const { G } = await queryGradients(m32, query, { modules: 'all' });
-        const s = await scoreCandidates(m32, queryMatrices(G, [pre]), train, { modules: 'all', batchSize: 8 });
+        const { tokens } = await queryGradients(m32, query, { modules: 'all' });
+        const s = await scoreCandidates(m32, queryMatrices(tokens, [pre]), train, { modules: 'all', batchSize: 8 });
         const row = Array.from(want.subarray(q * train.length, (q + 1) * train.length));
         const got = s.scores.map((r) => r[0]);
         const rho = spearman(got, row);

@@ -95,8 +95,8 @@ export async function benchStore(argv: string[]): Promise<void> {
   const Ms: Map<string, Floats>[] = [];
   for (const q of queries) {
     const tq = tokenizeQuery(model.tokenizer, q.prompt, q.completion, contextLength(model.config));
-    const { G } = await queryGradients(model, { ids: tq.ids, weights: tq.weights }, { modules: st.modules });
-    const M = queryMatrices(G, [st.preconditioners!]);
+    const { tokens } = await queryGradients(model, { ids: tq.ids, weights: tq.weights }, { modules: st.modules });
+    const M = queryMatrices(tokens, [st.preconditioners!]);
     Ms.push(new Map([...M].map(([m, rows]) => [m, rows[0]])));
   }
   const med = (x: number[]) => [...x].sort((a, b) => a - b)[Math.floor(x.length / 2)];

@@ -12,7 +12,12 @@ import { join } from 'node:path';
 import type { Damping } from '../../src/server/attribution/ekfac/precondition';
 import { Corpus } from '../../src/server/attribution/explain';
 import { runFitJob } from '../../src/server/attribution/fit-job';
-import { queryBatchGradients, queryMatrices, scoreCandidates } from '../../src/server/attribution/influence';
+import {
+  denseGradients,
+  queryBatchGradients,
+  queryMatrices,
+  scoreCandidates,
+} from '../../src/server/attribution/influence';
 import { multiStageRegime, relativeWeightDistance } from '../../src/server/attribution/multistage-regime';
 import { openStage } from '../../src/server/attribution/stage';
 import { trainJob } from '../../src/server/cli/train';
@@ -189,11 +194,12 @@ for (const name of names) {
   if (v['skip-tracing']) continue;
   // all queries' gradients on the fine-tuned model, one row each
   const toks = queries.map((q) => tokenizeQuery(ft.tokenizer, q.prompt, q.completion, contextLength(ft.config)));
-  const G = await queryBatchGradients(
+  const tokens = await queryBatchGradients(
     ft,
     toks.map((t) => ({ ids: t.ids, weights: t.weights })),
     { modules: 'all' },
   );
+  const G = denseGradients(tokens);
   const pass = async (model: Model, M: Map<string, Floats[]>) => {
     const r = await scoreCandidates(model, M, pretrain.tokens, { modules: 'all' });
     return queries.map((_, qi) => Float64Array.from(r.scores, (row) => row[qi]));
@@ -201,9 +207,9 @@ for (const name of names) {
   for (const [label, damping] of DAMPINGS) {
     const ftStage = openStage(dir, factors, { model: ft, damping });
     const ptStage = openStage(ptDir, ptFactors, { model: pt, damping });
-    const ms = await pass(pt, queryMatrices(G, [ftStage.preconditioners!, ptStage.preconditioners!]));
+    const ms = await pass(pt, queryMatrices(tokens, [ftStage.preconditioners!, ptStage.preconditioners!]));
     rows.push({ fineTune: name, method: 'multi-stage EK-FAC', damping: label, ...metrics(ms) });
-    const ss = await pass(ft, queryMatrices(G, [ftStage.preconditioners!]));
+    const ss = await pass(ft, queryMatrices(tokens, [ftStage.preconditioners!]));
     rows.push({ fineTune: name, method: 'single-stage EK-FAC', damping: label, ...metrics(ss) });
     const [a, b] = rows.slice(-2);
     say(`  damping ${label}: MRR multi-stage ${a.mrr.toFixed(3)}, single-stage ${b.mrr.toFixed(3)} (${secs()})`);

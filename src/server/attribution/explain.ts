@@ -452,7 +452,7 @@ async function scoreOverCheckpoints(
   qg: QueryGradients,
   req: ExplainRequest,
 ): Promise<PoolScores> {
-  const rows = qg.G.values().next().value?.length ?? 1;
+  const rows = qg.rows;
   const n = over.stages.length;
   const terms: PoolScores[] = [];
   for (const [i, c] of over.stages.entries()) {

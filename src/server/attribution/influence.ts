@@ -8,8 +8,8 @@
 //   gradient dot:  M = G_q           (identity Hessian)
 // Extra query rows give the completion-side heatmap: row k carries only completion token k's loss.
 
-import type { Floats } from '../linalg/matrix';
-import type { Batch, Model, ModuleSelection } from '../model/engine';
+import { type Floats, gemm, gemm32 } from '../linalg/matrix';
+import type { Batch, CompiledGraph, Model, ModuleSelection, RunResult } from '../model/engine';
 import type { ort } from '../model/onnx/session';
 import { DEFAULTS } from '../settings';
 import { memoryBoundedBatches, type RunShape, runShape } from './chunking';
@@ -19,16 +19,31 @@ import {
   type Preconditioner,
   precondition,
   precondition32,
+  preconditionTokens,
+  preconditionTokens32,
   singlePrecision,
+  type TokenRows,
 } from './ekfac/precondition';
 import type { TokenizedExample } from './fit';
 
+export type { TokenRows } from './ekfac/precondition';
+
+/**
+ * Query gradients per module as tokens (`TokenRows`): the full d_out × d_A rows are formed only
+ * where a consumer needs them (`denseGradients`); at the SmolLM-135M shape one fp32 row is 425 MB.
+ */
+export type QueryTokens = Map<string, TokenRows>;
+
 export interface QueryGradients {
+  /** per module: the rows as tokens (row 0 = the whole completion, row k = completion token k), in the graph's precision */
+  tokens: QueryTokens;
+  /** number of rows */
+  rows: number;
   /**
-   * per module: Q rows of d_out × d_A (row 0 = the whole completion, row k = completion token k),
-   * in the graph's precision: at the SmolLM-135M shape one fp64 row is 850 MB
+   * per module: the rows as full d_out × d_A matrices, formed on first use and kept (gradient
+   * dot product and cosine meet them as they are); EK-FAC preconditions from `tokens` instead
    */
-  G: Map<string, Floats[]>;
+  readonly G: Map<string, Floats[]>;
   /** positions whose loss each extra row isolates (row k ↔ targetPositions[k-1]) */
   targetPositions: number[];
   /** query loss −log p(completion | prompt) */
@@ -52,26 +67,20 @@ export async function queryGradients(
       rows.push({ ids: query.ids, weights: query.weights.map((_, u) => (u === t ? 1 : 0)) });
   const graph = await model.compile({
     labels: 'data',
-    exampleGrads: true,
+    perToken: true,
     tokenLoss: true,
     hidden: opts.hidden,
     modules: opts.modules,
   });
-  // one row per completion token, each a whole per-example gradient: run them a few at a time
-  const G = new Map<string, Floats[]>(graph.moduleInfo.map((m) => [m.name, new Array(rows.length)]));
+  // every row is the same forward pass (only the loss weights differ): one ã serves them all
+  const tokens = emptyTokens(graph, rows.length, 1);
   let loss = 0;
   let tokenNll = new Float64Array(0);
   let hidden: Float32Array | undefined;
-  const shape = runShape(graph.moduleInfo, model.config, true, graph.fp64);
+  const shape = runShape(graph.moduleInfo, model.config, false, graph.fp64);
   for (const { batch, idx } of memoryBoundedBatches(rows, rows.length, model.tokenizer.padTokenId ?? 0, shape)) {
     const r = await graph.run(batch);
-    for (const m of graph.moduleInfo) {
-      const all = r[`G.${m.name}`].data as Floats;
-      const size = all.length / idx.length;
-      idx.forEach((k, b) => {
-        G.get(m.name)![k] = all.slice(b * size, (b + 1) * size);
-      });
-    }
+    readTokens(graph, r, batch, idx, tokens, () => 0);
     // the loss outputs come from row 0 (the whole completion)
     const b0 = idx.indexOf(0);
     if (b0 < 0) continue;
@@ -83,38 +92,136 @@ export async function queryGradients(
       hidden = (r.hidden_mean.data as Float32Array).slice(b0 * d, (b0 + 1) * d);
     }
   }
-  return { G, targetPositions, loss, tokenNll, hidden };
+  let dense: Map<string, Floats[]> | undefined;
+  return {
+    tokens,
+    rows: rows.length,
+    get G() {
+      dense ??= denseGradients(tokens);
+      return dense;
+    },
+    targetPositions,
+    loss,
+    tokenNll,
+    hidden,
+  };
 }
 
-/** Gradients of several queries' completion losses in one batched run: one row per query. */
+/** Gradients of several queries' completion losses in one batched run: one row per query, as tokens. */
 export async function queryBatchGradients(
   model: Model,
   queries: TokenizedExample[],
   opts: { modules: ModuleSelection },
-): Promise<Map<string, Floats[]>> {
-  const graph = await model.compile({ labels: 'data', exampleGrads: true, modules: opts.modules });
-  const G = new Map<string, Floats[]>(graph.moduleInfo.map((m) => [m.name, new Array(queries.length)]));
-  const shape = runShape(graph.moduleInfo, model.config, true, graph.fp64);
-  for (const { batch, idx } of memoryBoundedBatches(queries, queries.length, model.tokenizer.padTokenId ?? 0, shape)) {
-    const out = await graph.run(batch);
-    for (const m of graph.moduleInfo) {
-      const all = out[`G.${m.name}`].data as Floats;
-      const size = all.length / idx.length;
-      idx.forEach((k, b) => {
-        G.get(m.name)![k] = all.slice(b * size, (b + 1) * size);
-      });
-    }
-  }
-  return G;
+): Promise<QueryTokens> {
+  const graph = await model.compile({ labels: 'data', perToken: true, modules: opts.modules });
+  const tokens = emptyTokens(graph, queries.length, queries.length);
+  const shape = runShape(graph.moduleInfo, model.config, false, graph.fp64);
+  for (const { batch, idx } of memoryBoundedBatches(queries, queries.length, model.tokenizer.padTokenId ?? 0, shape))
+    readTokens(graph, await graph.run(batch), batch, idx, tokens, (k) => k);
+  return tokens;
 }
 
-/** Apply one or more preconditioners in order (multi-stage applies fine-tune then pre-train). */
+function emptyTokens(graph: CompiledGraph, rows: number, forwards: number): QueryTokens {
+  return new Map(
+    graph.moduleInfo.map((m) => [
+      m.name,
+      {
+        dOut: m.dOut,
+        dA: m.dIn + (m.hasBias ? 1 : 0),
+        a: new Array(forwards),
+        g: new Array(rows),
+        src: new Array(rows).fill(0),
+      },
+    ]),
+  );
+}
+
+/**
+ * Copies one run's per-token outputs into `out`: for batch row b (query row idx[b]) its real
+ * tokens' g, the trailing tokens whose g is exactly zero dropped (positions after the last one
+ * with a loss weight: nothing downstream of them carries loss), and, the first time its forward
+ * `srcOf(k)` is seen, ã = [a, 1] over the real tokens (padding never enters: its g is zero and
+ * its rows are cut). Modules reading the same input (q/k/v, gate/up) share one ã.
+ */
+function readTokens(
+  graph: CompiledGraph,
+  r: RunResult,
+  batch: Batch,
+  idx: number[],
+  out: QueryTokens,
+  srcOf: (k: number) => number,
+) {
+  const shared = new Map<string, Floats[]>();
+  for (const m of graph.modules) {
+    const t = out.get(m.name)!;
+    const a = r[`a.${m.name}`].data as Floats;
+    const g = r[`g.${m.name}`].data as Floats;
+    const key = `${m.input.name}:${m.hasBias}`;
+    let tilde = shared.get(key);
+    if (!tilde) {
+      tilde = idx.map((_, b) => withOnes(a, b * batch.T, batch.lengths[b], m.dIn, m.hasBias));
+      shared.set(key, tilde);
+    }
+    idx.forEach((k, b) => {
+      const s = srcOf(k);
+      t.src[k] = s;
+      t.a[s] ??= tilde[b];
+      const from = b * batch.T;
+      let len = batch.lengths[b];
+      while (len > 1 && allZero(g, (from + len - 1) * m.dOut, (from + len) * m.dOut)) len--;
+      t.g[k] = g.slice(from * m.dOut, (from + len) * m.dOut);
+    });
+  }
+}
+
+/** Rows [from, from + len) of x (len × dIn), with a trailing column of ones when `ones`. */
+function withOnes(x: Floats, from: number, len: number, dIn: number, ones: boolean): Floats {
+  if (!ones) return x.slice(from * dIn, (from + len) * dIn);
+  const dA = dIn + 1;
+  const y = x instanceof Float32Array ? new Float32Array(len * dA) : new Float64Array(len * dA);
+  for (let t = 0; t < len; t++) {
+    y.set(x.subarray((from + t) * dIn, (from + t + 1) * dIn), t * dA);
+    y[t * dA + dIn] = 1;
+  }
+  return y;
+}
+
+function allZero(x: Floats, from: number, to: number): boolean {
+  for (let i = from; i < to; i++) if (x[i] !== 0) return false;
+  return true;
+}
+
+/** G_r = g_rᵀ ã of every row, in the tokens' precision, rows of a module back to back in one buffer. */
+export function denseGradients(tokens: QueryTokens): Map<string, Floats[]> {
+  const out = new Map<string, Floats[]>();
+  for (const [name, t] of tokens) {
+    const size = t.dOut * t.dA;
+    const single = t.g[0] instanceof Float32Array;
+    const flat = single ? new Float32Array(t.g.length * size) : new Float64Array(t.g.length * size);
+    const rows = t.g.map((g, r) => {
+      const a = t.a[t.src[r]];
+      const T = g.length / t.dOut;
+      const view = flat.subarray(r * size, (r + 1) * size);
+      if (single)
+        gemm32(g as Float32Array, a as Float32Array, t.dOut, T, t.dA, { transA: true, out: view as Float32Array });
+      else gemm(g as Float64Array, a as Float64Array, t.dOut, T, t.dA, { transA: true, out: view as Float64Array });
+      return view;
+    });
+    out.set(name, rows);
+  }
+  return out;
+}
+
+/**
+ * Apply one or more preconditioners in order (multi-stage applies fine-tune then pre-train), to
+ * full gradients or to tokens (then the first stage rotates from the tokens and no G is formed).
+ */
 export function queryMatrices(
-  G: Map<string, Floats[]>,
+  G: Map<string, Floats[]> | QueryTokens,
   preconditioners: Array<Map<string, Preconditioner>>,
 ): Map<string, Floats[]> {
   const out = new Map<string, Floats[]>();
-  for (const [name, rows] of G) {
+  for (const [name, input] of G) {
     const stages = preconditioners.map((p) => {
       const pm = p.get(name);
       if (!pm) throw new Error(`the factors have no module ${name}: fit them over the same modules`);
@@ -122,13 +229,23 @@ export function queryMatrices(
     });
     // in the rows' own precision, the graph's (the result is fed back to it): fp64 graphs
     // (ground truths, finite-difference checks) precondition in fp64, fp32 graphs in fp32
-    const single = rows.some((r) => r instanceof Float32Array) ? stages.map(singlePrecision) : [];
-    const done = rows.map((row) => {
-      let v: Floats = row;
-      for (const [i, pm] of stages.entries())
-        v = v instanceof Float32Array ? precondition32(pm, v, single[i]) : precondition(pm, v);
-      return v;
-    });
+    const single = (Array.isArray(input) ? input : input.g).some((r) => r instanceof Float32Array)
+      ? stages.map(singlePrecision)
+      : [];
+    let rows: Floats[];
+    let rest = stages.entries();
+    if (Array.isArray(input)) rows = input;
+    else {
+      if (!stages.length) throw new Error('queryMatrices: tokens need at least one preconditioner');
+      const p = stages[0];
+      const flat = single.length ? preconditionTokens32(p, input, single[0]) : preconditionTokens(p, input);
+      const size = p.dOut * p.dA;
+      rows = input.g.map((_, r) => flat.subarray(r * size, (r + 1) * size));
+      rest = [...stages.entries()].slice(1).values();
+    }
+    let done = rows;
+    for (const [i, pm] of rest)
+      done = done.map((v) => (v instanceof Float32Array ? precondition32(pm, v, single[i]) : precondition(pm, v)));
     out.set(name, contiguous(done));
   }
   return out;
@@ -160,7 +277,7 @@ export interface CandidateScores {
  * matrices: 3.4 GB at the SmolLM-135M shape with 8 queries).
  */
 function contiguous(rows: Floats[]): Floats[] {
-  if (rows.length < 2) return rows;
+  if (rows.length < 2 || asOne(rows, rows[0] instanceof Float32Array ? 'float32' : 'float64')) return rows;
   const size = rows[0].length;
   const flat =
     rows[0] instanceof Float32Array ? new Float32Array(rows.length * size) : new Float64Array(rows.length * size);

@@ -84,15 +84,20 @@ export function gemm32(
   m: number,
   k: number,
   n: number,
-  o: { transA?: boolean; transB?: boolean } = {},
+  o: { transA?: boolean; transB?: boolean; out?: Float32Array } = {},
 ): Float32Array {
   const { transA = false, transB = false } = o;
   if (A.length < m * k) throw new Error(`gemm32: A has ${A.length} values, needs ${m}×${k}`);
   if (B.length < k * n) throw new Error(`gemm32: B has ${B.length} values, needs ${k}×${n}`);
+  if (o.out && o.out.length < m * n) throw new Error(`gemm32: out has ${o.out.length} values, needs ${m}×${n}`);
   const lib = nativeLapack();
-  if (!lib?.sgemm || m * n * k < BLAS_MIN_FLOPS)
-    return Float32Array.from(gemm(Float64Array.from(A), Float64Array.from(B), m, k, n, { transA, transB }));
-  const C = new Float32Array(m * n);
+  if (!lib?.sgemm || m * n * k < BLAS_MIN_FLOPS) {
+    const C64 = gemm(Float64Array.from(A), Float64Array.from(B), m, k, n, { transA, transB });
+    if (!o.out) return Float32Array.from(C64);
+    o.out.set(C64);
+    return o.out;
+  }
+  const C = o.out ?? new Float32Array(m * n);
   if (m === 0 || n === 0) return C;
   // Row-major C is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ, so swap the operands (as gemm does).
   lib.sgemm(

@@ -8,7 +8,7 @@ export const ekfac: GradientScorer = {
   kind: 'gradient',
   overCheckpoints: true,
   query: (setup, qg) => ({
-    M: queryMatrices(qg.G, [
+    M: queryMatrices(qg.tokens, [
       need(setup.model.preconditioners, 'ekfac needs EK-FAC factors for the fine-tuned model', 'factors'),
     ]),
     candidateModel: setup.model.model,

@@ -21,6 +21,6 @@ export const multistage: GradientScorer = {
       'factors',
     );
     // ⟨P_ft(G_q), P_pt(G_z)⟩ = ⟨P_pt(P_ft(G_q)), G_z⟩ since P_pt is symmetric
-    return { M: queryMatrices(qg.G, [ft, pt]), candidateModel: setup.pretrained.model };
+    return { M: queryMatrices(qg.tokens, [ft, pt]), candidateModel: setup.pretrained.model };
   },
 };

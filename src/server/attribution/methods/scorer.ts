@@ -14,7 +14,7 @@ import type { ExplainSetup } from '../setup';
 
 export interface GradientScorer {
   readonly kind: 'gradient';
-  /** The query matrices (per module, one row per query row of `qg.G`), and the model whose candidate gradients they meet. */
+  /** The query matrices (per module, one row per query row of `qg`), and the model whose candidate gradients they meet. */
   query(setup: ExplainSetup, qg: QueryGradients): { M: Map<string, Floats[]>; candidateModel: Model };
   /**
    * Divide each score by a query row's norm and a candidate's norm (cosine). A method with a
@@ -28,7 +28,7 @@ export interface GradientScorer {
    */
   readonly overCheckpoints?: boolean;
   readonly normalize?: {
-    /** one factor per query row of `qg.G` */
+    /** one factor per query row of `qg` */
     query(qg: QueryGradients, rows: number): Float64Array;
     /** from the candidate's Σ_modules ‖G(z)‖² */
     candidate(gradSqNorm: number): number;
