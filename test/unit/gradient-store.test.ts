@@ -179,7 +179,7 @@ describe('gradient store (tiny fp64 Llama, dense reference)', () => {
       const ref = reference(k);
       const kept = store.modules.reduce((s, m) => s + (m.keep?.length ?? 0), 0);
       assert.equal(kept, ref.kept.length);
-      const s = store.scores(M);
+      const s = await store.scores(M);
       for (let e = 0; e < s.length; e++)
         assert.ok(
           Math.abs(s[e] - ref.scores[e]) <= ref.slack[e] + 1e-12,
@@ -216,7 +216,7 @@ describe('gradient store (tiny fp64 Llama, dense reference)', () => {
     const sdir = join(dir, 'roundtrip');
     store.save(sdir);
     const back = GradientStore.load(sdir, identity(4))!;
-    assert.deepEqual(Array.from(back.scores(M)), Array.from(store.scores(M)));
+    assert.deepEqual(Array.from(await back.scores(M)), Array.from(await store.scores(M)));
     assert.equal(back.bytes, store.bytes);
     assert.equal(
       GradientStore.load(sdir, { ...identity(4), pilot: 3 }),
