@@ -366,7 +366,7 @@ export async function writeSafetensorsStreamed(
   const last = Object.keys(layout).at(-1);
   const end = last === undefined ? first.bytes.byteLength : first.offsets.get(last)! + sizeOf(layout[last]);
   await writeAtomicWithAsync(path, async (tmp) => {
-    const fd = openSync(tmp, 'wx');
+    const fd = openSync(tmp, 'wx+'); // read back for the checksum
     try {
       writeAll(fd, first.bytes);
       ftruncateSync(fd, end);
