@@ -273,6 +273,11 @@ describe('explain summed over training checkpoints (tiny fp64 Llama)', () => {
     const lines = (x: ExplainResult) => [x.supporting.map((e) => e.id.line), x.opposing.map((e) => e.id.line)];
     assert.deepEqual(lines(full), lines(exact));
     for (const e of all(full)) assert.ok(rel(e.score, all(exact).find((x) => x.id.line === e.id.line)!.score) < 1e-9);
+    // every pair kept (k² · modules ≥ d_out · d_A of each module): the summed estimate is the exact sum up to fp16 rounding
+    const fullRank = await scoreCorpus(setup, corpus, { ...QUERY, method: 'ekfac', store: await checkpointStores(16) });
+    const top = Math.max(...dense.map(Math.abs));
+    for (let k = 0; k < dense.length; k++)
+      assert.ok(Math.abs(fullRank[k] - dense[k]) < 2e-3 * top, `example ${k}: ${fullRank[k]} vs dense Σ ${dense[k]}`);
     // a store for one checkpoint only cannot be summed
     await assert.rejects(
       explain(setup, corpus, { ...QUERY, method: 'ekfac', topK: 1, store: refs.slice(0, 1), rerank: 1 }),
