@@ -321,7 +321,8 @@ export async function benchCorpus(argv: string[]): Promise<void> {
         modules: 'all',
         damping: 'heuristic',
         cacheDir: join(work, 'cache'),
-        store: {},
+        // auto: the sum over checkpoints from one store per checkpoint (opt-in: settings.ts store.checkpoints)
+        store: checkpoints === 'auto' ? { checkpoints: true } : {},
       }),
     );
     const serve = async (s: Server, phase: 'cold' | 'restart') => {

@@ -66,7 +66,7 @@ export interface ServiceConfig {
   device?: Device;
   threads?: number;
   cacheDir: string;
-  store?: { k: number; minExamples: number; rerank: number };
+  store?: { k: number; minExamples: number; rerank: number; checkpoints?: boolean };
   limits?: { maxTopK?: number; maxTextChars?: number };
 }
 
@@ -397,6 +397,8 @@ export class InfluenceService implements ServiceApi {
     if (!methodInfo(p.method)?.usesGradientStore) return undefined;
     if (this.modelFor(p.dataset) !== this.stage('finetuned').model) return undefined;
     const overCheckpoints = attributionOf(p.method, this.setup()).over === 'checkpoints';
+    // per-checkpoint stores only when configured (settings.ts: store.checkpoints); otherwise the sum is exact
+    if (overCheckpoints && !cfg.checkpoints) return undefined;
     // a checkpoint without factors: explain says so (no store is built for a query that cannot run)
     if (overCheckpoints && methodInfo(p.method)?.needsFactors && this.checkpoints!.unfitted.length) return undefined;
     return (await this.index(p.dataset, work, overCheckpoints)).stores;
@@ -404,13 +406,15 @@ export class InfluenceService implements ServiceApi {
 
   /**
    * Builds (or loads) the dataset's gradient stores: by default those the store-using methods
-   * (ekfac, gdp) read, which sum over the checkpoints when there are (one store per checkpoint,
-   * each projected on that checkpoint's eigenbases and keyed by its weights and factors).
+   * (ekfac, gdp) read: with checkpoints and `store.checkpoints`, one store per checkpoint (each
+   * projected on that checkpoint's eigenbases and keyed by its weights and factors), otherwise
+   * the final model's.
    */
   async index(
     datasetId: string,
     work: Work = {},
-    overCheckpoints = this.modelFor(datasetId) === this.stage('finetuned').model &&
+    overCheckpoints = !!this.config.store?.checkpoints &&
+      this.modelFor(datasetId) === this.stage('finetuned').model &&
       attributionOf('ekfac', this.setup()).over === 'checkpoints',
   ): Promise<{ size: number; bytes: number; stores: StoreRef[] }> {
     const model = this.modelFor(datasetId);
