@@ -119,7 +119,7 @@ type Backing =
 export interface StoreOptions {
   /** bytes of rows per chunk of a query's scan (default CHUNK_BYTES; tests use small ones) */
   chunkBytes?: number;
-  /** intra-op threads of the scan (default: ONNX Runtime's, all cores) */
+  /** intra-op threads of the scan (default 1) */
   threads?: number;
 }
 
@@ -135,7 +135,9 @@ export class GradientStore {
     opts: StoreOptions = {},
   ) {
     const sizes = modules.map(storedSize);
-    this.scanner = new StoreScanner(sizes, opts.threads);
+    // one intra-op thread: on the shared 2-core VM a second made the scan 3× slower (a synthetic
+    // 100k-row store of the real row size: 1.5 s per query with 1 thread, 5.0 s with 2, 2.3 s ORT's default)
+    this.scanner = new StoreScanner(sizes, opts.threads ?? 1);
     this.perChunk = examplesPerChunk(sizes, opts.chunkBytes ?? CHUNK_BYTES);
   }
 

@@ -468,12 +468,10 @@ export class InfluenceService implements ServiceApi {
       'stores',
       `${safe(datasetId)}-${identity.modelFingerprint}-${identity.dataFingerprint}-k${cfg.k}${eigen ? `-${identity.factorsFingerprint}` : ''}`,
     );
-    const opts = { threads: this.config.threads };
-    let store = GradientStore.load(dir, identity, undefined, opts);
+    let store = GradientStore.load(dir, identity);
     if (!store)
       store = await cancellable(work, () =>
         GradientStore.build(model, d.corpus.tokens, identity, {
-          ...opts,
           dir,
           preconditioners: eigen,
           signal: work.signal,
