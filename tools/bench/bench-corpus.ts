@@ -341,7 +341,8 @@ export async function benchCorpus(argv: string[]): Promise<void> {
           stores: nStores,
           ms: ix.ms,
           examples_per_s: round(ix.value.examples / (ix.ms / 1000)),
-          bytes_in_memory: ix.value.bytes,
+          // rows (fp16 values and scales) of all stores; since the rows stay in the files, not memory
+          bytes_of_rows: ix.value.bytes,
           bytes_on_disk: onDisk,
           bytes_per_example: round(onDisk / ix.value.examples),
           load: load(),
