@@ -164,12 +164,12 @@ export class GradientStore {
     }
   }
 
-  private source(): RowSource {
+  private source(perChunk = this.perChunk): RowSource {
     const b = this.backing;
     const sizes = this.modules.map(storedSize);
     if (b.kind === 'memory') return memoryRows(b.rows, sizes);
     try {
-      return fileRows(b.path, b.stamp, b.where, sizes, this.perChunk);
+      return fileRows(b.path, b.stamp, b.where, sizes, perChunk);
     } catch (e) {
       throw this.refused(e);
     }
@@ -189,7 +189,7 @@ export class GradientStore {
     if (at < 0) throw new GradientStoreError(`the store has no module ${name}`);
     if (!(Number.isInteger(i) && i >= 0 && i < this.size))
       throw new GradientStoreError(`the store has no example ${i} (size ${this.size})`);
-    const src = this.source();
+    const src = this.source(1);
     try {
       const r = src.read(i, 1, 0);
       return Float64Array.from(r.half[at], (h) => HALF[h] * r.scale[at][0]);
