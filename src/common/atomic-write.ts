@@ -65,6 +65,20 @@ export function writeAtomicWith(path: string, write: (tmp: string) => void): voi
   fsyncDir(dirname(path));
 }
 
+/** writeAtomicWith for a writer that awaits (the gradient store writes its rows as they are computed). */
+export async function writeAtomicWithAsync(path: string, write: (tmp: string) => Promise<void>): Promise<void> {
+  const tmp = tempPathFor(path);
+  try {
+    await write(tmp);
+    fsyncPath(tmp);
+    renameSync(tmp, path);
+  } catch (e) {
+    rmSync(tmp, { force: true });
+    throw e;
+  }
+  fsyncDir(dirname(path));
+}
+
 /**
  * Replaces the folder `dir` with the one `fill(tmp)` writes into the (created, empty) temporary
  * folder it is given: every file in it is flushed, then the old folder is removed and the new one

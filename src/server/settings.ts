@@ -35,6 +35,16 @@ export const DEFAULTS = {
     minExamples: 512,
     /** the store's top and bottom candidates re-scored exactly */
     rerank: 50,
+    /**
+     * Score sums over the fine-tune's checkpoints (ekfac, gdp) from one store per checkpoint,
+     * the estimates summed with the checkpoint weights before the exact rerank. Off: at k = 40
+     * on the embedded default's two checkpoints each store's estimate reaches Spearman only
+     * 0.45–0.67 against that checkpoint's exact EK-FAC (0.98–0.999 on the final model, planted
+     * queries), and the exact top 10 of the sum fell outside the top/bottom 50 for 28 of 35
+     * queries (k = 48: 29, k = 64: 24); at full rank the stores are exact
+     * (bench/results/2026-12-03-vm-store-disk.md). Sums over checkpoints are scored exactly.
+     */
+    checkpoints: false,
   },
   /** Multi-stage influence (attribution/multistage-regime.ts). */
   multiStage: {

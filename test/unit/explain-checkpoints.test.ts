@@ -8,11 +8,22 @@ import { join } from 'node:path';
 import { before, describe, test } from 'node:test';
 import type { ExplainResult } from '../../src/protocol/types';
 import { fitCheckpoints, openCheckpointStages } from '../../src/server/attribution/checkpoints';
-import { Corpus, ExplainError, type ExplainSetup, explain, explainMany } from '../../src/server/attribution/explain';
+import {
+  Corpus,
+  ExplainError,
+  type ExplainSetup,
+  explain,
+  explainMany,
+  type StoreRef,
+  scoreCorpus,
+} from '../../src/server/attribution/explain';
 import { runFitJob } from '../../src/server/attribution/fit-job';
+import { queryGradients, queryMatrices } from '../../src/server/attribution/influence';
 import { type OpenedStage, openStage } from '../../src/server/attribution/stage';
 import { loadDataset } from '../../src/server/data/dataset';
 import { contextLength, tokenizeQuery } from '../../src/server/data/tokenize';
+import { GradientStore } from '../../src/server/index/gradient-store';
+import { preconditionerFingerprint } from '../../src/server/index/store-projection';
 import { planCheckpoints } from '../../src/server/model/checkpoints';
 import { Model, makeBatch } from '../../src/server/model/engine';
 import { initLlama, saveCheckpoint } from '../../src/server/train/trainer';
@@ -190,6 +201,87 @@ describe('explain summed over training checkpoints (tiny fp64 Llama)', () => {
     await assert.rejects(
       explain({ ...setup, checkpoints: bare }, corpus, { ...QUERY, method: 'ekfac', topK: 3 }),
       (e: Error) => e instanceof ExplainError && /factors for checkpoint-1 \(step 1\)/.test(e.message),
+    );
+  });
+  /** One eigen-pair store per checkpoint, each on that checkpoint's model and eigenbases, in its own file. */
+  async function checkpointStores(k: number): Promise<StoreRef[]> {
+    const refs: StoreRef[] = [];
+    for (const c of setup.checkpoints!.stages) {
+      const pre = c.stage.preconditioners!;
+      const identity = {
+        modelFingerprint: c.name,
+        dataFingerprint: 'd',
+        k,
+        seed: 0,
+        modules: 'all' as const,
+        projection: 'eigen' as const,
+        factorsFingerprint: preconditionerFingerprint(pre),
+        pilot: RECORDS.length,
+      };
+      const dir = join(home, 'stores', `${c.name}-k${k}`);
+      const store = await GradientStore.build(c.stage.model, corpus.tokens, identity, {
+        preconditioners: pre,
+        batchSize: 2,
+        dir,
+      });
+      refs.push({ model: c.stage.model, store });
+    }
+    return refs;
+  }
+
+  test('one store per checkpoint: the estimates are summed with the checkpoint weights, the rerank is chosen on the sum, and every shown score is the exact sum', async () => {
+    const refs = await checkpointStores(1);
+    // the weighted sum of the terms' estimates, formed here: each store queried with its own checkpoint's EK-FAC query
+    const want = new Float64Array(RECORDS.length);
+    for (const [c, st] of setup.checkpoints!.stages.entries()) {
+      const m = st.stage.model;
+      const q = tokenizeQuery(m.tokenizer, QUERY.prompt, QUERY.completion, contextLength(m.config));
+      const { G } = await queryGradients(m, { ids: q.ids, weights: q.weights }, { modules: 'all' });
+      const M = queryMatrices(G, [st.stage.preconditioners!]);
+      const s = await refs[c].store.scores(new Map([...M].map(([name, rows]) => [name, rows[0]])));
+      s.forEach((x, k) => {
+        want[k] += st.weight * x;
+      });
+    }
+    const approx = await scoreCorpus(setup, corpus, { ...QUERY, method: 'ekfac', store: refs });
+    for (let k = 0; k < want.length; k++) assert.ok(rel(approx[k], want[k]) < 1e-9, `example ${k}`);
+    const dense = await denseSum('ekfac');
+    assert.ok(
+      [...want.keys()].some((k) => rel(want[k], dense[k]) > 1e-3),
+      'k = 1 keeps few pairs: the estimate is not exact',
+    );
+    // rerank 1, top 1: only the sum's top and bottom are recomputed, and they are shown with their exact sums
+    const r = await explain(setup, corpus, { ...QUERY, method: 'ekfac', topK: 1, store: refs, rerank: 1 });
+    const order = [...want.keys()].sort((a, b) => want[b] - want[a]);
+    const chosen = new Map([order[0], order[order.length - 1]].map((k) => [corpus.dataset.examples[k].line, k]));
+    assert.ok(all(r).length > 0);
+    for (const e of all(r)) {
+      assert.ok(chosen.has(e.id.line), `line ${e.id.line} was not in the sum's rerank set`);
+      const k = chosen.get(e.id.line)!;
+      assert.ok(rel(e.score, dense[k]) < 1e-6, `line ${e.id.line}: ${e.score} vs dense Σ ${dense[k]}`);
+    }
+    assert.equal(r.attribution?.over, 'checkpoints');
+    // every example reranked: the same lists and scores as the exact sum
+    const exact = await explain(setup, corpus, { ...QUERY, method: 'ekfac', topK: 3 });
+    const full = await explain(setup, corpus, {
+      ...QUERY,
+      method: 'ekfac',
+      topK: 3,
+      store: refs,
+      rerank: RECORDS.length,
+    });
+    const lines = (x: ExplainResult) => [x.supporting.map((e) => e.id.line), x.opposing.map((e) => e.id.line)];
+    assert.deepEqual(lines(full), lines(exact));
+    for (const e of all(full)) assert.ok(rel(e.score, all(exact).find((x) => x.id.line === e.id.line)!.score) < 1e-9);
+    // every pair kept (k² · modules ≥ d_out · d_A of each module): the summed estimate is the exact sum up to fp16 rounding
+    const fullRank = await scoreCorpus(setup, corpus, { ...QUERY, method: 'ekfac', store: await checkpointStores(16) });
+    const top = Math.max(...dense.map(Math.abs));
+    for (let k = 0; k < dense.length; k++)
+      assert.ok(Math.abs(fullRank[k] - dense[k]) < 2e-3 * top, `example ${k}: ${fullRank[k]} vs dense Σ ${dense[k]}`);
+    // a store for one checkpoint only cannot be summed
+    await assert.rejects(
+      explain(setup, corpus, { ...QUERY, method: 'ekfac', topK: 1, store: refs.slice(0, 1), rerank: 1 }),
+      (e: Error) => e instanceof ExplainError && /checkpoint-2/.test(e.message),
     );
   });
 });

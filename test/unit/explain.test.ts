@@ -253,7 +253,7 @@ describe('fit + explain (tiny fp64 Llama)', () => {
     const exact = await scoreCandidates(ft.model, M, corpus.tokens, { modules: 'all' });
     const identity = { modelFingerprint: 'm', dataFingerprint: 'd', k: 64, seed: 3, modules: 'all' as const };
     const full = await GradientStore.build(ft.model, corpus.tokens, identity, { batchSize: 3 });
-    const s = full.scores(row0(M));
+    const s = await full.scores(row0(M));
     // exact up to the rows' fp16 rounding (11 significant bits per stored value)
     for (let k = 0; k < corpus.size; k++)
       assert.ok(rel(s[k], exact.scores[k][0]) < 2e-3, `example ${k}: ${s[k]} vs ${exact.scores[k][0]}`);
@@ -261,11 +261,11 @@ describe('fit + explain (tiny fp64 Llama)', () => {
     const sdir = join(dir, 'store');
     full.save(sdir);
     const back = GradientStore.load(sdir, identity)!;
-    assert.deepEqual(Array.from(back.scores(row0(M))), Array.from(s));
+    assert.deepEqual(Array.from(await back.scores(row0(M))), Array.from(s));
     assert.equal(GradientStore.load(sdir, { ...identity, dataFingerprint: 'other' }), null);
     // k = 2: an approximation; explain reranks the shown examples exactly
     const small = await GradientStore.build(ft.model, corpus.tokens, { ...identity, k: 2 });
-    const approx = small.scores(row0(M));
+    const approx = await small.scores(row0(M));
     assert.ok(approx.some((x, k) => rel(x, exact.scores[k][0]) > 1e-3));
     const r = await explain({ model: ft, modules: 'all' }, corpus, {
       ...QUERY,

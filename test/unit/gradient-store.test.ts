@@ -5,7 +5,18 @@
 // fp16 rounding), and reach the exact EK-FAC score at full rank. Its file is versioned and
 // checksummed: an old-format, damaged or unchecksummed store is rebuilt with a notice.
 import assert from 'node:assert/strict';
-import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import {
+  closeSync,
+  existsSync,
+  mkdirSync,
+  openSync,
+  readFileSync,
+  rmSync,
+  statSync,
+  truncateSync,
+  writeFileSync,
+  writeSync,
+} from 'node:fs';
 import { join } from 'node:path';
 import { before, describe, test } from 'node:test';
 import { Corpus } from '../../src/server/attribution/explain';
@@ -14,7 +25,12 @@ import { queryGradients, queryMatrices, scoreCandidates } from '../../src/server
 import { type OpenedStage, openStage } from '../../src/server/attribution/stage';
 import { loadDataset } from '../../src/server/data/dataset';
 import { contextLength, tokenizeQuery } from '../../src/server/data/tokenize';
-import { GradientStore, STORE_FORMAT, type StoreIdentity } from '../../src/server/index/gradient-store';
+import {
+  GradientStore,
+  GradientStoreError,
+  STORE_FORMAT,
+  type StoreIdentity,
+} from '../../src/server/index/gradient-store';
 import { preconditionerFingerprint } from '../../src/server/index/store-projection';
 import type { Floats } from '../../src/server/linalg/matrix';
 import { Model, makeBatch } from '../../src/server/model/engine';
@@ -179,7 +195,7 @@ describe('gradient store (tiny fp64 Llama, dense reference)', () => {
       const ref = reference(k);
       const kept = store.modules.reduce((s, m) => s + (m.keep?.length ?? 0), 0);
       assert.equal(kept, ref.kept.length);
-      const s = store.scores(M);
+      const s = await store.scores(M);
       for (let e = 0; e < s.length; e++)
         assert.ok(
           Math.abs(s[e] - ref.scores[e]) <= ref.slack[e] + 1e-12,
@@ -216,7 +232,7 @@ describe('gradient store (tiny fp64 Llama, dense reference)', () => {
     const sdir = join(dir, 'roundtrip');
     store.save(sdir);
     const back = GradientStore.load(sdir, identity(4))!;
-    assert.deepEqual(Array.from(back.scores(M)), Array.from(store.scores(M)));
+    assert.deepEqual(Array.from(await back.scores(M)), Array.from(await store.scores(M)));
     assert.equal(back.bytes, store.bytes);
     assert.equal(
       GradientStore.load(sdir, { ...identity(4), pilot: 3 }),
@@ -289,5 +305,134 @@ describe('gradient store (tiny fp64 Llama, dense reference)', () => {
       assert.ok(notices[0].includes(file), notices[0]);
       assert.ok(!existsSync(file), `${what}: the file is removed so that it is rebuilt`);
     }
+  });
+  test('rows read from the file in chunks: built into its file, the store is the saved in-memory one byte for byte, and scores identically over many chunks', async () => {
+    const opts = { preconditioners: ft.preconditioners, batchSize: 3 };
+    // chunkBytes 1: one example per chunk, so 8 chunks and both read buffers in turn
+    const mem = await GradientStore.build(ft.model, corpus.tokens, identity(4), { ...opts, chunkBytes: 1 });
+    const ddir = join(dir, 'disk');
+    const disk = await GradientStore.build(ft.model, corpus.tokens, identity(4), { ...opts, chunkBytes: 1, dir: ddir });
+    assert.equal(mem.file, undefined);
+    assert.equal(disk.file, join(ddir, 'gradient_store.safetensors'));
+    mem.save(join(dir, 'mem'));
+    assert.ok(
+      readFileSync(disk.file!).equals(readFileSync(join(dir, 'mem', 'gradient_store.safetensors'))),
+      'the streamed file is the one save() writes',
+    );
+    const s = await disk.scores(M);
+    assert.deepEqual(Array.from(s), Array.from(await mem.scores(M)));
+    // against the dense reference (fp16 rows, fp32 scan)
+    const ref = reference(4);
+    for (let e = 0; e < s.length; e++)
+      assert.ok(Math.abs(s[e] - ref.scores[e]) <= ref.slack[e] + 1e-12, `example ${e}: ${s[e]} vs ${ref.scores[e]}`);
+    // loaded (verified) with chunks of 3 examples (3 + 3 + 2) and with one chunk for all
+    for (const chunkBytes of [3 * (disk.bytes / disk.size), undefined]) {
+      const back = GradientStore.load(ddir, identity(4), undefined, { chunkBytes })!;
+      const b = await back.scores(M);
+      const top = Math.max(...s.map(Math.abs));
+      for (let e = 0; e < s.length; e++) assert.ok(Math.abs(b[e] - s[e]) <= 1e-6 * top, `chunk ${chunkBytes}, ${e}`);
+    }
+    for (let e = 0; e < corpus.size; e++)
+      for (const m of disk.modules) assert.deepEqual(Array.from(disk.row(m.name, e)), Array.from(mem.row(m.name, e)));
+  });
+
+  test('random projection: the standard errors from the scan are those of the dense formula', async () => {
+    const id: StoreIdentity = { modelFingerprint: 'm', dataFingerprint: 'd', k: 3, seed: 5, modules: 'all' };
+    const store = await GradientStore.build(ft.model, corpus.tokens, id, { batchSize: 3, chunkBytes: 1 });
+    const est = await store.estimate(M);
+    assert.ok(est.sd);
+    for (let e = 0; e < corpus.size; e++) {
+      let want = 0;
+      let score = 0;
+      for (const m of store.modules) {
+        const full = M.get(m.name)!;
+        // PSᵀ M PA by loops
+        const mp = new Float64Array(m.kS * m.kA);
+        for (let r = 0; r < m.kS; r++)
+          for (let c = 0; c < m.kA; c++)
+            for (let i = 0; i < m.dOut; i++)
+              for (let j = 0; j < m.dA; j++)
+                mp[r * m.kA + c] += m.PS[i * m.kS + r] * full[i * m.dA + j] * m.PA[j * m.kA + c];
+        const z = store.row(m.name, e);
+        const qq = mp.reduce((a, x) => a + x * x, 0);
+        const zz = z.reduce((a, x) => a + x * x, 0);
+        score += z.reduce((a, x, j) => a + x * mp[j], 0);
+        if (!(m.kA === m.dA && m.kS === m.dOut)) want += (qq * zz) / z.length;
+      }
+      assert.ok(Math.abs(est.scores[e] - score) <= 1e-5 * (Math.abs(score) + Math.sqrt(want)), `score ${e}`);
+      assert.ok(
+        Math.abs(est.sd[e] - Math.sqrt(want)) <= 1e-5 * Math.sqrt(want) + 1e-30,
+        `sd ${e}: ${est.sd[e]} vs ${Math.sqrt(want)}`,
+      );
+    }
+  });
+
+  test('a store whose file changes, shrinks or goes after it was verified is refused with a clear message, never read', async () => {
+    const cases: Array<[string, (file: string) => void, RegExp]> = [
+      [
+        'a byte rewritten in place',
+        (file) => {
+          const h = readSafetensorsHeader(file);
+          const at = h.tensors.get(`rows.${[...h.tensors.keys()][0].slice(5)}`)!.byteOffset;
+          const fd = openSync(file, 'r+');
+          writeSync(fd, Buffer.from([0x12]), 0, 1, at);
+          closeSync(fd);
+        },
+        /changed on disk since its checksum was verified/,
+      ],
+      [
+        'truncated',
+        (file) => truncateSync(file, statSync(file).size - 64),
+        /changed on disk since its checksum was verified/,
+      ],
+      ['removed', (file) => rmSync(file), /ENOENT|is gone/],
+    ];
+    for (const [what, damage, message] of cases) {
+      const sdir = join(dir, `after-${what.replace(/\W+/g, '-')}`);
+      const store = await GradientStore.build(ft.model, corpus.tokens, identity(2), {
+        preconditioners: ft.preconditioners,
+        batchSize: 3,
+        dir: sdir,
+      });
+      const loaded = GradientStore.load(sdir, identity(2))!;
+      assert.equal(loaded.stale(), undefined, what);
+      await loaded.scores(M);
+      damage(store.file!);
+      assert.ok(loaded.stale(), `${what}: stale() says why`);
+      await assert.rejects(
+        loaded.scores(M),
+        (e: Error) => e instanceof GradientStoreError && message.test(e.message) && e.message.includes(sdir),
+        what,
+      );
+      await assert.rejects(store.scores(M), GradientStoreError, `${what} (the store as built)`);
+      if (what !== 'removed') {
+        // loading again verifies again: the damage is found and the file rebuilt
+        const notices: string[] = [];
+        assert.equal(
+          GradientStore.load(sdir, identity(2), (l) => notices.push(l)),
+          null,
+          what,
+        );
+        assert.match(notices[0], /does not match its checksum|unreadable/, what);
+      }
+    }
+  });
+
+  test('a non-finite fp16 row with a valid checksum is an error naming the file and the place', async () => {
+    const store = await build(2);
+    const sdir = join(dir, 'nan');
+    store.save(sdir);
+    const file = join(sdir, 'gradient_store.safetensors');
+    rewrite(file, (t) => {
+      const name = Object.keys(t).find((n) => n.startsWith('rows.'))!;
+      const bits = Uint16Array.from(t[name].data as Uint16Array);
+      bits[bits.length - 1] = 0x7e00; // NaN
+      t[name] = { ...t[name], data: bits };
+    });
+    assert.throws(
+      () => GradientStore.load(sdir, identity(2)),
+      (e: Error) =>
+        e instanceof GradientStoreError && /holds NaN at index \d+/.test(e.message) && e.message.includes(file),
+    );
   });
 });

@@ -11,18 +11,20 @@
 //     rerank; planted/backdoor sources found in the top 10) and bm25, the server's peak memory
 //     (VmHWM, all threads), and a restart with the store on disk (start + first explain, which
 //     reads the file, tokenizes it and loads the store).
-//   npm run bench -- corpus [--examples N] [--queries Q] [--seed S] [--report PATH (without .md/.json)]
+//   npm run bench -- corpus [--examples N] [--queries Q] [--seed S] [--checkpoints off|auto] [--report PATH (without .md/.json)]
 import { type ChildProcess, spawn } from 'node:child_process';
 import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { cpus, hostname, loadavg, tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { setFlagsFromString } from 'node:v8';
 import { runInNewContext } from 'node:vm';
+import { fitCheckpoints } from '../../src/server/attribution/checkpoints';
 import { Corpus } from '../../src/server/attribution/explain';
 import { runFitJob } from '../../src/server/attribution/fit-job';
 import { CliError, int, parse } from '../../src/server/cli/util';
 import { loadDataset } from '../../src/server/data/dataset';
 import { embeddedDefault } from '../../src/server/defaults';
+import { planCheckpoints } from '../../src/server/model/checkpoints';
 import { Model } from '../../src/server/model/engine';
 import { DEFAULTS } from '../../src/server/settings';
 import { Rng } from '../../src/server/util/random';
@@ -234,8 +236,13 @@ export async function benchCorpus(argv: string[]): Promise<void> {
     queries: { type: 'string' },
     seed: { type: 'string' },
     report: { type: 'string' },
+    checkpoints: { type: 'string' },
   });
   const n = int(v.examples, '--examples', 100_000);
+  // off (default, comparable with earlier runs): ekfac on the final model, one store; auto: the
+  // product's default for the embedded model, ekfac summed over its checkpoints, one store each
+  const checkpoints = v.checkpoints ?? 'off';
+  if (checkpoints !== 'off' && checkpoints !== 'auto') throw new CliError('--checkpoints must be off or auto');
   const nQueries = int(v.queries, '--queries', 10);
   const seed = int(v.seed, '--seed', 0);
   const say = (s = '') => process.stdout.write(`${s}\n`);
@@ -247,6 +254,7 @@ export async function benchCorpus(argv: string[]): Promise<void> {
     queries: nQueries,
     seed,
     store: DEFAULTS.store,
+    checkpoints,
     load_at_start: load(),
   };
   const work = mkdtempSync(join(tmpdir(), 'il-bench-corpus-'));
@@ -286,20 +294,35 @@ export async function benchCorpus(argv: string[]): Promise<void> {
       }),
     );
     report.fit_ms = fit.ms;
+    if (checkpoints === 'auto') {
+      const model = Model.open(d.finetuned);
+      const plan = planCheckpoints(d.finetuned, model.checkpoint, 'auto');
+      if (!plan) throw new CliError(`${d.finetuned} has no training checkpoints`);
+      const ck = await timed(() =>
+        fitCheckpoints(plan, {
+          dataPath: d.finetuneData,
+          modules: 'all',
+          labels: 'sampled',
+          seed: 0,
+          factorsDir: d.finetunedFactors,
+        }),
+      );
+      report.checkpoint_fit_ms = ck.ms;
+    }
 
     // 4. the server on the big file
     const config = join(work, 'influence-lens.json');
     writeFileSync(
       config,
       JSON.stringify({
-        // checkpoints off: this bench measures the store + exact rerank path, which serves the
-        // final model (a sum over the embedded checkpoints scores every example exactly, per checkpoint)
-        models: { model: d.finetuned, factors: d.finetunedFactors, fitDataset: 'finetune', checkpoints: 'off' },
+        // checkpoints off: the final model's store; auto: one store per checkpoint, summed
+        models: { model: d.finetuned, factors: d.finetunedFactors, fitDataset: 'finetune', checkpoints },
         datasets: { finetune: d.finetuneData, corpus: data },
         modules: 'all',
         damping: 'heuristic',
         cacheDir: join(work, 'cache'),
-        store: {},
+        // auto: the sum over checkpoints from one store per checkpoint (opt-in: settings.ts store.checkpoints)
+        store: checkpoints === 'auto' ? { checkpoints: true } : {},
       }),
     );
     const serve = async (s: Server, phase: 'cold' | 'restart') => {
@@ -313,16 +336,19 @@ export async function benchCorpus(argv: string[]): Promise<void> {
         say(`    reload (both lanes read ${r.value.examples} examples): ${r.ms} ms; load ${load().join(' ')}`);
         const ix = await timed(() => c.request<{ examples: number; bytes: number }>('index', { dataset: 'corpus' }));
         const onDisk = storeFiles(join(work, 'cache', 'stores'));
+        const nStores = readdirSync(join(work, 'cache', 'stores')).length;
         row.index = {
+          stores: nStores,
           ms: ix.ms,
           examples_per_s: round(ix.value.examples / (ix.ms / 1000)),
-          bytes_in_memory: ix.value.bytes,
+          // rows (fp16 values and scales) of all stores; since the rows stay in the files, not memory
+          bytes_of_rows: ix.value.bytes,
           bytes_on_disk: onDisk,
           bytes_per_example: round(onDisk / ix.value.examples),
           load: load(),
         };
         say(
-          `    gradient store build: ${ix.ms} ms (${round(ix.value.examples / (ix.ms / 1000))} examples/s), ${mib(onDisk)} MiB on disk (${round(onDisk / ix.value.examples)} bytes/example); load ${load().join(' ')}`,
+          `    gradient store build (${nStores} store${nStores === 1 ? '' : 's'}): ${ix.ms} ms (${round(ix.value.examples / (ix.ms / 1000))} examples/s), ${mib(onDisk)} MiB on disk (${round(onDisk / ix.value.examples)} bytes/example); load ${load().join(' ')}`,
         );
       }
       // ekfac: store + exact rerank
@@ -478,7 +504,7 @@ function markdown(r: Record<string, unknown>): string {
       rows.push([`${tag}: \`reload\` (both lanes read the file)`, `${s.reload_ms} ms`, s.reload_load]);
     if (s.index)
       rows.push([
-        `${tag}: gradient store build (\`index\`)`,
+        `${tag}: gradient store build (\`index\`${(s.index.stores ?? 1) > 1 ? `, ${s.index.stores} stores: one per checkpoint` : ''})`,
         `${s.index.ms} ms (${s.index.examples_per_s} examples/s); ${mib(s.index.bytes_on_disk)} MiB on disk, ${s.index.bytes_per_example} bytes/example`,
         s.index.load,
       ]);
@@ -508,8 +534,8 @@ function markdown(r: Record<string, unknown>): string {
   return [
     `# bench corpus: ${x.examples} examples`,
     '',
-    `${x.date} on ${x.host} (${x.cpus} CPUs, Node ${x.node}, commit ${x.commit}); seed ${x.seed}; store k=${x.store.k}, rerank ${x.store.rerank}.`,
-    `Command: \`npm run bench -- corpus --examples ${x.examples} --queries ${x.queries}\`. The machine is shared: each number carries the load average when it was taken.`,
+    `${x.date} on ${x.host} (${x.cpus} CPUs, Node ${x.node}, commit ${x.commit}); seed ${x.seed}; store k=${x.store.k}, rerank ${x.store.rerank}; checkpoints ${x.checkpoints ?? 'off'}.`,
+    `Command: \`npm run bench -- corpus --examples ${x.examples} --queries ${x.queries}${x.checkpoints === 'auto' ? ' --checkpoints auto' : ''}\`. The machine is shared: each number carries the load average when it was taken.`,
     '',
     '| measure | value | load 1 / 5 / 15 min |',
     '|---|---|---|',

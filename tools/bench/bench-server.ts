@@ -83,7 +83,8 @@ export async function benchServer(argv: string[]): Promise<void> {
   // the gradient store's ranking against exact EK-FAC over the whole fine-tuning set
   const ft = service.openedStages().finetuned;
   const corpus = service.dataset('finetune').corpus;
-  const store = await service.index('finetune');
+  const { stores } = await service.index('finetune', {}, false);
+  const store = stores[0].store;
   const rhos: number[] = [];
   for (const q of queries) {
     const setup = { model: ft, modules: ft.modules };

@@ -13,7 +13,7 @@
 // Then, for the default configuration, the store's rows tiled to `--scale` examples are
 // written, loaded (checksum included) and queried: the query time at that size, measured on
 // synthetic rows of the real shape (the time does not depend on the values).
-import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { Corpus, plausible, scoreCorpus } from '../../src/server/attribution/explain';
@@ -37,9 +37,9 @@ import { Model } from '../../src/server/model/engine';
 import {
   DATA_SHA256,
   readSafetensorsHeader,
-  readTensor,
-  type TensorToWrite,
-  writeSafetensors,
+  readTensorBytes,
+  type TensorLayout,
+  writeSafetensorsStreamed,
 } from '../../src/server/model/safetensors';
 import { DEFAULTS } from '../../src/server/settings';
 import { spearman } from '../../src/server/util/stats';
@@ -136,7 +136,7 @@ export async function benchStore(argv: string[]): Promise<void> {
     let queryMs = 0;
     for (const [i, M] of Ms.entries()) {
       t = performance.now();
-      const est = store.estimate(M);
+      const est = await store.estimate(M);
       queryMs += performance.now() - t;
       const e = exact[i];
       const n = e.length;
@@ -251,26 +251,37 @@ async function atScale(
     store.save(dir);
     const file = join(dir, 'gradient_store.safetensors');
     const h = readSafetensorsHeader(file);
-    const tensors: Record<string, TensorToWrite> = {};
-    for (const name of h.tensors.keys()) {
-      const { dtype, shape, data } = readTensor(h, name);
-      if (!name.startsWith('rows.') && !name.startsWith('scale.')) {
-        tensors[name] = { dtype, shape, data };
-        continue;
-      }
-      const per = name.startsWith('rows.') ? shape[1] : 1;
-      const Ctor = data.constructor as { new (len: number): Uint16Array | Float32Array };
-      const tiled = new Ctor(n * per);
-      for (let at = 0; at < n; at += store.size)
-        tiled.set((data as Uint16Array | Float32Array).subarray(0, Math.min(store.size, n - at) * per), at * per);
-      tensors[name] = { dtype, shape: name.startsWith('rows.') ? [n, per] : [n], data: tiled };
-    }
+    // written streamed (as the server builds a store): the tiled rows are never held whole
+    const layout: Record<string, TensorLayout> = {};
+    for (const [name, info] of h.tensors)
+      layout[name] = {
+        dtype: info.dtype,
+        shape: name.startsWith('rows.') ? [n, info.shape[1]] : name.startsWith('scale.') ? [n] : info.shape,
+      };
     const meta: Record<string, string> = { ...h.metadata, size: String(n) };
     delete meta[DATA_SHA256];
     let t = Date.now();
-    writeSafetensors(file, tensors, meta, { checksum: true });
+    const small = new Map([...h.tensors.keys()].map((name) => [name, readTensorBytes(h, name)]));
+    await writeSafetensorsStreamed(
+      file,
+      layout,
+      meta,
+      async (fd, offsetOf) => {
+        for (const [name, bytes] of small) {
+          const at = offsetOf(name);
+          const tiles = name.startsWith('rows.') || name.startsWith('scale.') ? Math.ceil(n / store.size) : 1;
+          const per = bytes.byteLength / (tiles > 1 ? store.size : 1);
+          for (let i = 0; i < tiles; i++) {
+            const len = tiles > 1 ? Math.min(store.size, n - i * store.size) * per : bytes.byteLength;
+            for (let done = 0; done < len; )
+              done += writeSync(fd, bytes, done, len - done, at + i * bytes.byteLength + done);
+          }
+        }
+      },
+      { checksum: true },
+    );
+    small.clear();
     const writeS = (Date.now() - t) / 1000;
-    for (const k of Object.keys(tensors)) delete tensors[k];
     t = Date.now();
     const big = GradientStore.load(dir, identity);
     if (!big) throw new Error('the tiled store did not load');
@@ -278,7 +289,7 @@ async function atScale(
     const ms: number[] = [];
     for (const M of Ms.slice(0, 5)) {
       t = performance.now();
-      big.estimate(M);
+      await big.estimate(M);
       ms.push(performance.now() - t);
     }
     say();

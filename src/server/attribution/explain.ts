@@ -128,8 +128,12 @@ export interface ExplainRequest {
   batchSize?: number;
   /** score the pool with a rank-r query (Grosse et al. §3.2), then recompute the top and bottom exactly */
   rank?: number;
-  /** score the pool from a gradient store built on `model`, then rerank the top and bottom `rerank` exactly */
-  store?: { model: Model; store: GradientStore };
+  /**
+   * score the pool from gradient stores, then rerank the top and bottom `rerank` exactly: the
+   * store built on the model a score is taken at (the final model's, or one per checkpoint
+   * when the method sums over checkpoints; the terms' estimates are summed before the rerank)
+   */
+  store?: StoreRef | StoreRef[];
   rerank?: number;
   signal?: AbortSignal;
   onProgress?: (stage: string, done: number, total: number) => void;
@@ -137,6 +141,21 @@ export interface ExplainRequest {
   onPartial?: (p: ExplainPartial) => void;
   partialEveryMs?: number;
 }
+
+/** A gradient store and the model whose gradients it holds. */
+export interface StoreRef {
+  model: Model;
+  store: GradientStore;
+}
+
+/** The store of `req` that holds `model`'s gradients, if any. */
+function storeOf(req: Pick<ExplainRequest, 'store'>, model: Model): GradientStore | undefined {
+  const refs = req.store ? (Array.isArray(req.store) ? req.store : [req.store]) : [];
+  return refs.find((r) => r.model === model)?.store;
+}
+
+/** What scorePool is asked for internally: a store-scored term of a sum leaves its rerank to the sum. */
+type PoolRequest = ExplainRequest & { deferStoreRerank?: boolean };
 
 /** One method's scores over the pool (indices into the corpus). */
 interface PoolScores {
@@ -149,6 +168,8 @@ interface PoolScores {
   signed: boolean;
   /** when the pool was scored approximately (store, low rank): the positions recomputed exactly, the only ones shown */
   exact?: Set<number>;
+  /** (deferStoreRerank) the store's estimate, not yet reranked, and the exact rescoring of the positions chosen on the sum */
+  pending?: { sd?: Float64Array; rescore: (redo: number[] | undefined) => Promise<PoolScores> };
 }
 
 type Query = ReturnType<typeof tokenizeQuery>;
@@ -398,7 +419,7 @@ async function scorePool(
   queryText: string,
   query: { ids: number[]; weights: number[] },
   qg: QueryGradients,
-  req: ExplainRequest,
+  req: PoolRequest,
 ): Promise<PoolScores> {
   const over = checkpointsFor(method, setup);
   if (over) return scoreOverCheckpoints(method, setup, over, corpus, pool, queryText, query, qg, req);
@@ -417,20 +438,46 @@ async function scorePool(
   // gradient methods: a query matrix per module, scored against every candidate in the graph
   const { M, candidateModel } = scorer.query(setup, qg);
   const candidates = pool.map((i) => corpus.tokens[i]);
-  const useStore = !!req.store && req.store.model === candidateModel && !scorer.normalize;
-  const fromStore = useStore ? storeScores(req.store!.store, M, pool) : undefined;
-  const res = fromStore
-    ? fromStore.res
-    : await scoreCandidates(candidateModel, M, candidates, {
-        modules: setup.modules,
-        gradNorms: !!scorer.normalize,
-        rank: req.rank,
-        batchSize: req.batchSize,
-        signal: req.signal,
-        onProgress: (d, t) => req.onProgress?.(`scoring (${method})`, d, t),
-        onBatch: req.onPartial ? partials(method, corpus, pool, req) : undefined,
-      });
-  return finishGradientPool(method, setup, corpus, pool, qg, M, candidateModel, res, useStore, req, fromStore?.sd);
+  const store = scorer.normalize ? undefined : storeOf(req, candidateModel);
+  if (store) {
+    // the store pre-ranks; the exact rerank is chosen on the final score (this one, or a sum over checkpoints)
+    req.onProgress?.(`gradient store (${method})`, 0, 1);
+    const est = await storeScores(store, M, pool);
+    const rescore = (redo: number[] | undefined) =>
+      finishGradientPool(method, setup, corpus, pool, qg, M, candidateModel, est.res, req, { redo });
+    const approx = Float64Array.from(est.res.scores, (r) => r[0]);
+    if (req.deferStoreRerank) return { scores: approx, signed: true, pending: { sd: est.sd, rescore } };
+    if (req.onPartial) partials(method, corpus, pool, { ...req, partialEveryMs: 0 })([...pool.keys()], est.res.scores);
+    return rescore(req.rerank === 0 ? undefined : storeRerankSet(approx, est.sd, req));
+  }
+  const res = await scoreCandidates(candidateModel, M, candidates, {
+    modules: setup.modules,
+    gradNorms: !!scorer.normalize,
+    rank: req.rank,
+    batchSize: req.batchSize,
+    signal: req.signal,
+    onProgress: (d, t) => req.onProgress?.(`scoring (${method})`, d, t),
+    onBatch: req.onPartial ? partials(method, corpus, pool, req) : undefined,
+  });
+  return finishGradientPool(method, setup, corpus, pool, qg, M, candidateModel, res, req);
+}
+
+/**
+ * Which positions a store-scored pool recomputes exactly: the top and bottom `rerank` of the
+ * estimate, and (random projection) every one whose 2-σ interval reaches the top or bottom k.
+ */
+function storeRerankSet(approx: Float64Array, sd: Float64Array | undefined, req: ExplainRequest): number[] {
+  const byScore = Array.from(approx.keys()).sort((a, b) => approx[b] - approx[a]);
+  const margin = Math.max(req.rerank ?? 5 * req.topK, req.topK);
+  const unsure = sd
+    ? plausible(
+        Array.from(approx, (x) => Float64Array.of(x)),
+        sd,
+        req.topK,
+        2,
+      )
+    : [];
+  return [...new Set([...byScore.slice(0, margin), ...byScore.slice(-margin), ...unsure])];
 }
 
 /**
@@ -450,7 +497,7 @@ async function scoreOverCheckpoints(
   queryText: string,
   query: { ids: number[]; weights: number[] },
   qg: QueryGradients,
-  req: ExplainRequest,
+  req: PoolRequest,
 ): Promise<PoolScores> {
   const rows = qg.rows;
   const n = over.stages.length;
@@ -468,14 +515,41 @@ async function scoreOverCheckpoints(
     terms.push(
       await scorePool(method, sub, corpus, pool, queryText, query, qgc, {
         ...req,
-        // the store holds the final model's gradients; a partial of one term is not the sum
-        store: undefined,
+        // a store-scored term is reranked on the sum, below; a partial of one term is not the sum
+        deferStoreRerank: true,
         onPartial: undefined,
         onProgress: (s, d, t) => req.onProgress?.(`${s} ${at}`, d, t),
       }),
     );
   }
   const w = over.stages.map((c) => c.weight);
+  if (terms.some((t) => t.pending)) {
+    // every term from its checkpoint's store: the estimates are summed with the checkpoint
+    // weights, the rerank set is chosen on that sum, and each term rescores it exactly
+    const missing = over.stages.filter((_, c) => !terms[c].pending).map((c) => c.name);
+    if (missing.length)
+      throw new ExplainError(`the gradient stores cover some checkpoints but not ${missing.join(', ')}`);
+    const approx = new Float64Array(pool.length);
+    terms.forEach((t, c) => {
+      for (let j = 0; j < approx.length; j++) approx[j] += w[c] * t.scores[j];
+    });
+    // the sum's error is at most the weighted sum of the terms' (the terms' projections are not independent)
+    const sds = terms.map((t) => t.pending!.sd);
+    const sd = sds.every((x) => x)
+      ? Float64Array.from(approx, (_, j) => sds.reduce((a, x, c) => a + Math.abs(w[c]) * x![j], 0))
+      : undefined;
+    if (req.onPartial)
+      partials(method, corpus, pool, { ...req, partialEveryMs: 0 })(
+        [...pool.keys()],
+        Array.from(approx, (x) => Float64Array.of(x)),
+      );
+    const redo = req.rerank === 0 ? undefined : storeRerankSet(approx, sd, req);
+    for (const [c, t] of terms.entries()) {
+      const at = `@ ${over.stages[c].name} (${c + 1}/${n})`;
+      terms[c] = await t.pending!.rescore(redo);
+      req.onProgress?.(`exact rerank ${at}`, c + 1, n);
+    }
+  }
   const sum = (parts: Float64Array[]) => {
     const o = new Float64Array(parts[0].length);
     parts.forEach((p, c) => {
@@ -547,9 +621,7 @@ async function scorePoolBatched(
       gradSqNorm: res.gradSqNorm,
     };
     offset += rows;
-    out.push(
-      await finishGradientPool(method, setup, corpus, pool, p.qg, queries[i].M, candidateModel, mine, false, p.req),
-    );
+    out.push(await finishGradientPool(method, setup, corpus, pool, p.qg, queries[i].M, candidateModel, mine, p.req));
     p.timings[`${method}_ms`] = Date.now() - t;
   }
   return out;
@@ -565,32 +637,24 @@ async function finishGradientPool(
   M: Map<string, Floats[]>,
   candidateModel: Model,
   res: CandidateScores,
-  useStore: boolean,
   req: ExplainRequest,
-  /** the store's standard error per candidate, when `res` came from the store */
-  storeSd?: Float64Array,
+  /** when `res` came from a gradient store: the positions to recompute exactly (none: the estimate stays) */
+  fromStore?: { redo?: number[] },
 ): Promise<PoolScores> {
   const candidates = pool.map((i) => corpus.tokens[i]);
   const normalize = gradientScorer(method).normalize;
-  // the store's ranking is the first partial result; the exact rerank refines it
-  if (useStore && req.onPartial)
-    partials(method, corpus, pool, { ...req, partialEveryMs: 0 })([...pool.keys()], res.scores);
   const rows = M.values().next().value?.length ?? 1;
   // a normalizing method (cosine) divides by a factor of each query row and of each candidate
   const qNorm = normalize ? normalize.query(qg, rows) : new Float64Array(rows).fill(1);
   const zNorm = new Float64Array(pool.length).fill(1);
   if (normalize) for (let k = 0; k < pool.length; k++) zNorm[k] = normalize.candidate(res.gradSqNorm![k]);
   let exactSet: Set<number> | undefined;
-  if (req.rank || (useStore && req.rerank !== 0)) {
+  if (fromStore ? fromStore.redo : req.rank) {
     const t = Date.now();
     let redo: number[];
-    if (useStore) {
-      // the store pre-ranks: its top and bottom `rerank` are recomputed exactly, and so is every
-      // example it cannot rule out of the top or bottom k (its 2-σ interval reaches there)
-      const byScore = Array.from(pool.keys()).sort((a, b) => res.scores[b][0] - res.scores[a][0]);
-      const margin = Math.max(req.rerank ?? 5 * req.topK, req.topK);
-      const unsure = storeSd ? plausible(res.scores, storeSd, req.topK, 2) : [];
-      redo = [...new Set([...byScore.slice(0, margin), ...byScore.slice(-margin), ...unsure])];
+    if (fromStore) {
+      // chosen on the final score by storeRerankSet (the store's top and bottom, its unsure ones)
+      redo = fromStore.redo!;
     } else {
       // low-rank query: |⟨M, G_z⟩ − ⟨M_r, G_z⟩| ≤ ‖M − M_r‖_F ‖G_z‖_F (Cauchy–Schwarz over all
       // modules), plus an allowance for the graph's rounding; every candidate whose interval can
@@ -700,12 +764,12 @@ function partials(method: Method, corpus: Corpus, pool: number[], req: ExplainRe
 }
 
 /** The store's approximate scores in the shape scoreCandidates returns (row 0 only; no per-module terms), and their standard errors. */
-function storeScores(
+async function storeScores(
   store: GradientStore,
   M: Map<string, Floats[]>,
   pool: number[],
-): { res: CandidateScores; sd?: Float64Array } {
-  const all = store.estimate(new Map([...M].map(([m, rows]) => [m, rows[0]])));
+): Promise<{ res: CandidateScores; sd?: Float64Array }> {
+  const all = await store.estimate(new Map([...M].map(([m, rows]) => [m, rows[0]])));
   const rows = M.values().next().value?.length ?? 1;
   const scores = pool.map((i) => {
     const r = new Float64Array(rows);

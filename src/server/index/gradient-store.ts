@@ -10,7 +10,7 @@
 // variance 1/k (E[P Pᵀ] = I: an unbiased estimate, with a standard error), a side no wider
 // than k kept exact. Rows are stored in fp16 with one fp32 scale per example and module
 // (half the bytes of fp32; the rounding moves no measured Spearman or containment: bench store).
-import { existsSync, mkdirSync, rmSync } from 'node:fs';
+import { closeSync, existsSync, mkdirSync, openSync, readSync, rmSync, statSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Preconditioner } from '../attribution/ekfac/precondition';
 import type { TokenizedExample } from '../attribution/fit';
@@ -22,11 +22,11 @@ import {
   floatToHalf,
   halfToFloat,
   readSafetensorsHeader,
-  readTensor,
-  readTensorF32,
   readTensorF64,
+  type TensorLayout,
   type TensorToWrite,
   writeSafetensors,
+  writeSafetensorsStreamed,
 } from '../model/safetensors';
 import { DEFAULTS } from '../settings';
 import { Rng } from '../util/random';
@@ -38,6 +38,18 @@ import {
   randomProjection,
   type StoreProjection,
 } from './store-projection';
+import {
+  CHUNK_BYTES,
+  examplesPerChunk,
+  type FileStamp,
+  fileRows,
+  memoryRows,
+  type RowSource,
+  StoreFileChanged,
+  StoreScanner,
+  sameStamp,
+  stampOf,
+} from './store-scan';
 
 export interface StoreModule {
   name: string;
@@ -95,29 +107,95 @@ interface Rows {
   scale: Float32Array;
 }
 
+/**
+ * Where the rows are: in memory (a store built without a folder: tests, benches), or in the
+ * store's file, verified once (sha256 and finiteness, streamed) and from then on read in chunks
+ * and trusted only while the file is the same one (device, inode, size, mtime, ctime).
+ */
+type Backing =
+  | { kind: 'memory'; rows: Rows[] }
+  | { kind: 'file'; path: string; stamp: FileStamp; where: Array<{ rows: number; scale: number }> };
+
+export interface StoreOptions {
+  /** bytes of rows per chunk of a query's scan (default CHUNK_BYTES; tests use small ones) */
+  chunkBytes?: number;
+  /** intra-op threads of the scan (default 1) */
+  threads?: number;
+}
+
 export class GradientStore {
+  private readonly scanner: StoreScanner;
+  private readonly perChunk: number;
+
   private constructor(
     readonly identity: StoreIdentity,
     readonly modules: StoreModule[],
-    /** module → its rows */
-    private readonly rows: Map<string, Rows>,
+    private readonly backing: Backing,
     readonly size: number,
-  ) {}
+    opts: StoreOptions = {},
+  ) {
+    const sizes = modules.map(storedSize);
+    // one intra-op thread: on the shared 2-core VM a second made the scan 3× slower (a synthetic
+    // 100k-row store of the real row size: 1.5 s per query with 1 thread, 5.0 s with 2, 2.3 s ORT's default)
+    this.scanner = new StoreScanner(sizes, opts.threads ?? 1);
+    this.perChunk = examplesPerChunk(sizes, opts.chunkBytes ?? CHUNK_BYTES);
+  }
 
   /** bytes of stored rows (fp16 values and fp32 scales) */
   get bytes(): number {
-    let b = 0;
-    for (const r of this.rows.values()) b += r.half.byteLength + r.scale.byteLength;
-    return b;
+    return this.modules.reduce((b, m) => b + this.size * (2 * storedSize(m) + 4), 0);
+  }
+
+  /** The file the rows are read from (absent: held in memory). */
+  get file(): string | undefined {
+    return this.backing.kind === 'file' ? this.backing.path : undefined;
+  }
+
+  /** Why the store can no longer be used (its file changed since it was verified), or undefined. */
+  stale(): string | undefined {
+    const b = this.backing;
+    if (b.kind !== 'file') return undefined;
+    try {
+      return sameStamp(stampOf(statSync(b.path)), b.stamp)
+        ? undefined
+        : `${b.path} changed on disk since its checksum was verified`;
+    } catch (e) {
+      return `${b.path} is gone (${(e as NodeJS.ErrnoException).code ?? e})`;
+    }
+  }
+
+  private source(perChunk = this.perChunk): RowSource {
+    const b = this.backing;
+    const sizes = this.modules.map(storedSize);
+    if (b.kind === 'memory') return memoryRows(b.rows, sizes);
+    try {
+      return fileRows(b.path, b.stamp, b.where, sizes, perChunk);
+    } catch (e) {
+      throw this.refused(e);
+    }
+  }
+
+  private refused(e: unknown): unknown {
+    if (e instanceof StoreFileChanged || (e as NodeJS.ErrnoException).code === 'ENOENT')
+      return new GradientStoreError(
+        `gradient store: ${(e as Error).message}; it is not used (load it again: it is verified and rebuilt if needed)`,
+      );
+    return e;
   }
 
   /** Example `i`'s stored coordinates of module `name`, decoded (tests, diagnostics). */
   row(name: string, i: number): Float64Array {
-    const m = this.modules.find((x) => x.name === name);
-    if (!m) throw new GradientStoreError(`the store has no module ${name}`);
-    const { half, scale } = this.rows.get(name)!;
-    const size = storedSize(m);
-    return Float64Array.from(half.subarray(i * size, (i + 1) * size), (h) => HALF[h] * scale[i]);
+    const at = this.modules.findIndex((x) => x.name === name);
+    if (at < 0) throw new GradientStoreError(`the store has no module ${name}`);
+    if (!(Number.isInteger(i) && i >= 0 && i < this.size))
+      throw new GradientStoreError(`the store has no example ${i} (size ${this.size})`);
+    const src = this.source(1);
+    try {
+      const r = src.read(i, 1, 0);
+      return Float64Array.from(r.half[at], (h) => HALF[h] * r.scale[at][0]);
+    } finally {
+      src.close();
+    }
   }
 
   static async build(
@@ -130,7 +208,7 @@ export class GradientStore {
       signal?: AbortSignal;
       /** the EK-FAC preconditioners (required for projection 'eigen') */
       preconditioners?: Map<string, Preconditioner>;
-    } = {},
+    } & BuildTarget = {},
   ): Promise<GradientStore> {
     const rng = new Rng(identity.seed);
     const projection = identity.projection ?? 'random';
@@ -183,44 +261,104 @@ export class GradientStore {
     return GradientStore.buildWith(model, examples, identity, modules, opts);
   }
 
-  /** A store with the given projections (build chooses them from the identity). */
+  /**
+   * A store with the given projections (build chooses them from the identity). With `dir`, each
+   * example's rows are written into the store's file as they are computed (never all held), the
+   * file is hashed when complete, and the store reads its rows from there.
+   */
   static async buildWith(
     model: Model,
     examples: TokenizedExample[],
     identity: StoreIdentity,
     modules: StoreModule[],
-    opts: { batchSize?: number; onProgress?: (done: number, total: number) => void; signal?: AbortSignal } = {},
+    opts: {
+      batchSize?: number;
+      onProgress?: (done: number, total: number) => void;
+      signal?: AbortSignal;
+    } & BuildTarget = {},
   ): Promise<GradientStore> {
     const n = examples.length;
-    const rows = new Map(
-      modules.map((m) => [m.name, { half: new Uint16Array(n * storedSize(m)), scale: new Float32Array(n) }]),
-    );
-    await projectExamples(model, examples, identity.modules, modules, {
-      ...opts,
-      each: (m, k, grid) => {
-        const size = storedSize(m);
-        const v = m.keep ? Float64Array.from(m.keep, (j) => grid[j]) : grid;
-        let top = 0;
-        for (let j = 0; j < size; j++) {
-          const x = Math.abs(v[j]);
-          if (!(x <= top)) top = x; // NaN propagates into `top`
+    const encode = (m: StoreModule, k: number, grid: Float32Array | Float64Array, half: Uint16Array): number => {
+      const size = storedSize(m);
+      const v = m.keep ? Float64Array.from(m.keep, (j) => grid[j]) : grid;
+      let top = 0;
+      for (let j = 0; j < size; j++) {
+        const x = Math.abs(v[j]);
+        if (!(x <= top)) top = x; // NaN propagates into `top`
+      }
+      if (!Number.isFinite(top))
+        throw new GradientStoreError(
+          `the model gave a non-finite projected gradient for module ${m.name} (example ${k})`,
+        );
+      const scale = top > 0 ? Math.fround(top / HALF_TOP) : 1;
+      for (let j = 0; j < size; j++) half[j] = floatToHalf(v[j] / scale);
+      return scale;
+    };
+    if (!opts.dir) {
+      const rows = modules.map((m) => ({ half: new Uint16Array(n * storedSize(m)), scale: new Float32Array(n) }));
+      const at = new Map(modules.map((m, i) => [m.name, i]));
+      await projectExamples(model, examples, identity.modules, modules, {
+        ...opts,
+        each: (m, k, grid) => {
+          const r = rows[at.get(m.name)!];
+          const size = storedSize(m);
+          r.scale[k] = encode(m, k, grid, r.half.subarray(k * size, (k + 1) * size));
+        },
+      });
+      return new GradientStore(identity, modules, { kind: 'memory', rows }, n, opts);
+    }
+    // to the file: the scales (4 bytes per example and module) wait in memory, rows go out as computed
+    const scales = modules.map(() => new Float32Array(n));
+    const buf = modules.map((m) => new Uint16Array(storedSize(m)));
+    const at = new Map(modules.map((m, i) => [m.name, i]));
+    const path = join(opts.dir, FILE);
+    mkdirSync(opts.dir, { recursive: true });
+    await writeSafetensorsStreamed(
+      path,
+      layoutOf(modules, n),
+      metadataOf(identity, modules, n),
+      async (fd, offsetOf) => {
+        const rowsAt = modules.map((m) => offsetOf(`rows.${m.name}`));
+        await projectExamples(model, examples, identity.modules, modules, {
+          ...opts,
+          each: (m, k, grid) => {
+            const i = at.get(m.name)!;
+            scales[i][k] = encode(m, k, grid, buf[i]);
+            writeAt(fd, buf[i], rowsAt[i] + k * buf[i].byteLength);
+          },
+        });
+        for (const [i, m] of modules.entries()) {
+          writeAt(fd, scales[i], offsetOf(`scale.${m.name}`));
+          writeAt(fd, m.PA, offsetOf(`PA.${m.name}`));
+          writeAt(fd, m.PS, offsetOf(`PS.${m.name}`));
+          if (m.keep) writeAt(fd, m.keep, offsetOf(`keep.${m.name}`));
         }
-        if (!Number.isFinite(top))
-          throw new GradientStoreError(
-            `the model gave a non-finite projected gradient for module ${m.name} (example ${k})`,
-          );
-        const r = rows.get(m.name)!;
-        const scale = top > 0 ? Math.fround(top / HALF_TOP) : 1;
-        r.scale[k] = scale;
-        for (let j = 0; j < size; j++) r.half[k * size + j] = floatToHalf(v[j] / scale);
       },
-    });
-    return new GradientStore(identity, modules, rows, n);
+      { checksum: true },
+    );
+    // what was just hashed is what the store reads (the stamp is taken after the rename)
+    const h = readSafetensorsHeader(path);
+    return GradientStore.onFile(h, identity, modules, n, opts);
+  }
+
+  private static onFile(
+    h: ReturnType<typeof readSafetensorsHeader>,
+    identity: StoreIdentity,
+    modules: StoreModule[],
+    n: number,
+    opts: StoreOptions,
+  ): GradientStore {
+    const where = modules.map((m) => ({
+      rows: h.tensors.get(`rows.${m.name}`)!.byteOffset,
+      scale: h.tensors.get(`scale.${m.name}`)!.byteOffset,
+    }));
+    const stamp = stampOf(statSync(h.path));
+    return new GradientStore(identity, modules, { kind: 'file', path: h.path, stamp, where }, n, opts);
   }
 
   /** Approximate ⟨M_l, G_l(z)⟩ summed over modules, for every stored example. */
-  scores(M: Map<string, Floats>): Float64Array {
-    return this.estimate(M).scores;
+  async scores(M: Map<string, Floats>): Promise<Float64Array> {
+    return (await this.estimate(M)).scores;
   }
 
   /**
@@ -229,35 +367,44 @@ export class GradientStore {
    * Achlioptas 2003), both norms estimated from the projections themselves. The eigen-pair
    * store's truncation has no such error model (what it drops is not random): its `sd` is
    * absent, and explain relies on the exact rerank of the store's top and bottom.
+   * The rows are scanned in chunks (store-scan.ts); the query is rounded to fp32 for the scan.
    */
-  estimate(M: Map<string, Floats>): { scores: Float64Array; sd?: Float64Array } {
-    const out = new Float64Array(this.size);
+  async estimate(M: Map<string, Floats>): Promise<{ scores: Float64Array; sd?: Float64Array }> {
     const random = (this.identity.projection ?? 'random') === 'random';
-    const variance = new Float64Array(this.size);
+    const q: Float32Array[] = [];
+    const v: number[] = [];
     for (const m of this.modules) {
       const full = M.get(m.name);
       if (!full) throw new GradientStoreError(`no query matrix for module ${m.name}`);
       const mp = project(full, m);
       let qq = 0;
-      for (const v of mp) qq += v * v;
-      const { half, scale } = this.rows.get(m.name)!;
-      const size = storedSize(m);
+      for (const x of mp) qq += x * x;
       const exact = m.kA === m.dA && m.kS === m.dOut;
-      for (let k = 0; k < this.size; k++) {
-        const c = scale[k];
-        out[k] += dotHalf(half, k * size, mp, size) * c;
-        if (random && !exact) variance[k] += (qq * dotHalf(half, k * size, null, size) * c * c) / size;
-      }
+      v.push(random && !exact ? qq / storedSize(m) : 0);
+      q.push(Float32Array.from(mp));
     }
-    return random ? { scores: out, sd: variance.map(Math.sqrt) } : { scores: out };
+    let out: { scores: Float64Array; variance?: Float64Array };
+    try {
+      out = await this.scanner.scan(this.source(), this.size, this.perChunk, q, random ? v : undefined);
+    } catch (e) {
+      throw this.refused(e);
+    }
+    return random
+      ? { scores: out.scores, sd: out.variance!.map((x) => Math.sqrt(Math.max(0, x))) }
+      : { scores: out.scores };
   }
 
   /** Written to a temp file and renamed: a killed process never leaves a torn store. */
   save(dir: string): void {
+    const b = this.backing;
+    if (b.kind === 'file') {
+      if (b.path === join(dir, FILE)) return;
+      throw new GradientStoreError(`this store is already on disk at ${b.path}`);
+    }
     mkdirSync(dir, { recursive: true });
     const tensors: Record<string, TensorToWrite> = {};
-    for (const m of this.modules) {
-      const r = this.rows.get(m.name)!;
+    for (const [i, m] of this.modules.entries()) {
+      const r = b.rows[i];
       tensors[`rows.${m.name}`] = { dtype: 'F16', shape: [this.size, storedSize(m)], data: r.half };
       tensors[`scale.${m.name}`] = { dtype: 'F32', shape: [this.size], data: r.scale };
       tensors[`PA.${m.name}`] = { dtype: 'F64', shape: [m.dA, m.kA], data: m.PA };
@@ -265,17 +412,7 @@ export class GradientStore {
       if (m.keep) tensors[`keep.${m.name}`] = { dtype: 'I32', shape: [m.keep.length], data: m.keep };
     }
     // writeSafetensors writes atomically (src/common/atomic-write.ts), with a data checksum
-    writeSafetensors(
-      join(dir, FILE),
-      tensors,
-      {
-        format: String(STORE_FORMAT),
-        identity: JSON.stringify(this.identity),
-        modules: JSON.stringify(this.modules.map(({ name, dA, dOut, kA, kS }) => ({ name, dA, dOut, kA, kS }))),
-        size: String(this.size),
-      },
-      { checksum: true },
-    );
+    writeSafetensors(join(dir, FILE), tensors, metadataOf(this.identity, this.modules, this.size), { checksum: true });
   }
 
   /**
@@ -289,6 +426,7 @@ export class GradientStore {
     dir: string,
     expect: StoreIdentity,
     notice: (line: string) => void = (l) => process.stderr.write(`influence-lens: ${l}\n`),
+    opts: StoreOptions = {},
   ): GradientStore | null {
     const path = join(dir, FILE);
     if (!existsSync(path)) return null;
@@ -309,7 +447,41 @@ export class GradientStore {
       return null;
     }
     if (meta.identity !== JSON.stringify(expect)) return null;
-    const check = checkDataChecksum(h);
+    const fail = (what: string) => {
+      throw new GradientStoreError(`${path}: ${what} (delete the file; it will be rebuilt)`);
+    };
+    const size = Number(meta.size);
+    let declared: Array<Omit<StoreModule, 'PA' | 'PS' | 'keep'>>;
+    try {
+      declared = JSON.parse(meta.modules ?? '[]');
+    } catch {
+      declared = [];
+    }
+    if (!(Number.isInteger(size) && size >= 0) || !Array.isArray(declared) || !declared.length)
+      fail('its metadata does not say its size and modules');
+    // the stamp is taken before the bytes are hashed: a change during or after the hash shows as another stamp
+    const stamp = stampOf(statSync(path));
+    // fp16 rows must be finite; found while hashing, judged after (a damaged file is rebuilt, not an error)
+    const rowRanges = declared.flatMap((m) => {
+      const t = h.tensors.get(`rows.${m.name}`);
+      return t?.dtype === 'F16' ? [{ name: m.name, start: t.byteOffset, end: t.byteOffset + t.byteLength }] : [];
+    });
+    let bad: { name: string; index: number; bits: number } | undefined;
+    const check = checkDataChecksum(h, (chunk, at) => {
+      if (bad) return;
+      for (const r of rowRanges) {
+        const a = Math.max(r.start, at);
+        const b = Math.min(r.end, at + chunk.length);
+        for (let o = a; o < b; o += 2) {
+          const bits = chunk[o - at] | (chunk[o - at + 1] << 8);
+          // an fp16 value is NaN or ±Inf exactly when its exponent bits are all set
+          if ((bits & 0x7c00) === 0x7c00) {
+            bad = { name: r.name, index: (o - r.start) / 2, bits };
+            return;
+          }
+        }
+      }
+    });
     if (check !== 'ok') {
       notice(
         `gradient store ${path} ${check === 'mismatch' ? 'does not match its checksum (damaged)' : 'has no checksum'}; rebuilding it`,
@@ -317,13 +489,13 @@ export class GradientStore {
       rmSync(path, { force: true });
       return null;
     }
-    const size = Number(meta.size);
-    const fail = (what: string) => {
-      throw new GradientStoreError(`${path}: ${what} (delete the file; it will be rebuilt)`);
+    const nonFinite = (what: string, at: number, value: number) => {
+      throw new GradientStoreError(
+        `${path}: tensor "${what}" holds ${value} at index ${at}; the model gave non-finite gradients (delete the file after fixing the cause)`,
+      );
     };
-    const modules: StoreModule[] = (
-      JSON.parse(meta.modules ?? '[]') as Array<Omit<StoreModule, 'PA' | 'PS' | 'keep'>>
-    ).map((m) => {
+    if (bad) nonFinite(`rows.${bad.name}`, bad.index, HALF[bad.bits]);
+    const modules: StoreModule[] = declared.map((m) => {
       const keep = h.tensors.has(`keep.${m.name}`) ? Int32Array.from(readTensorF64(h, `keep.${m.name}`)) : undefined;
       if (keep?.some((j) => !(j >= 0 && j < m.kS * m.kA))) fail(`tensor "keep.${m.name}" indexes outside its grid`);
       return {
@@ -333,33 +505,77 @@ export class GradientStore {
         ...(keep ? { keep } : {}),
       };
     });
-    const rows = new Map<string, Rows>();
+    const finite = (x: number) => Number.isFinite(x);
     for (const m of modules) {
-      const half = readTensor(h, `rows.${m.name}`);
-      if (half.dtype !== 'F16' || half.data.length !== size * storedSize(m))
+      const rows = h.tensors.get(`rows.${m.name}`);
+      if (rows?.dtype !== 'F16' || rows.byteLength !== size * storedSize(m) * 2)
         fail(`tensor "rows.${m.name}" is not ${size} × ${storedSize(m)} fp16`);
-      const scale = readTensorF32(h, `scale.${m.name}`);
-      const bits = half.data as Uint16Array;
-      const check = (what: string, at: number, value: (at: number) => number) => {
-        if (at >= 0)
-          throw new GradientStoreError(
-            `${path}: tensor "${what}" holds ${value(at)} at index ${at}; the model gave non-finite gradients (delete the file after fixing the cause)`,
-          );
-      };
-      const nonFinite = (x: number) => !Number.isFinite(x);
-      // an fp16 value is NaN or ±Inf exactly when its exponent bits are all set
-      check(
-        `rows.${m.name}`,
-        bits.findIndex((b) => (b & 0x7c00) === 0x7c00),
-        (at) => HALF[bits[at]],
-      );
-      check(`scale.${m.name}`, scale.findIndex(nonFinite), (at) => scale[at]);
-      check(`PA.${m.name}`, m.PA.findIndex(nonFinite), (at) => m.PA[at]);
-      check(`PS.${m.name}`, m.PS.findIndex(nonFinite), (at) => m.PS[at]);
-      rows.set(m.name, { half: bits, scale });
+      const scale = h.tensors.get(`scale.${m.name}`);
+      if (scale?.dtype !== 'F32' || scale.byteLength !== size * 4) fail(`tensor "scale.${m.name}" is not ${size} fp32`);
+      // scales are 4 bytes per example: read in chunks to check them, never kept
+      const fd = openSync(path, 'r');
+      try {
+        const buf = new Float32Array(1 << 16);
+        for (let k = 0; k < size; k += buf.length) {
+          const part = buf.subarray(0, Math.min(buf.length, size - k));
+          readSync(fd, new Uint8Array(part.buffer, 0, part.byteLength), 0, part.byteLength, scale!.byteOffset + k * 4);
+          const j = part.findIndex((x) => !finite(x));
+          if (j >= 0) nonFinite(`scale.${m.name}`, k + j, part[j]);
+        }
+      } finally {
+        closeSync(fd);
+      }
+      for (const [what, a] of [
+        ['PA', m.PA],
+        ['PS', m.PS],
+      ] as const) {
+        const j = a.findIndex((x) => !finite(x));
+        if (j >= 0) nonFinite(`${what}.${m.name}`, j, a[j]);
+      }
     }
-    return new GradientStore(expect, modules, rows, size);
+    const store = GradientStore.onFile(h, expect, modules, size, opts);
+    if (!sameStamp(store.backing.kind === 'file' ? store.backing.stamp : stamp, stamp)) {
+      notice(`gradient store ${path} changed while it was being verified; not using it`);
+      return null;
+    }
+    return store;
   }
+}
+
+/** Where a store's rows go while it is built: a folder (its file) or, without one, memory. */
+export interface BuildTarget {
+  /** the store's folder: rows are written there as computed, not held */
+  dir?: string;
+  chunkBytes?: number;
+  threads?: number;
+}
+
+/** The file's tensors, in the order save() writes them. */
+function layoutOf(modules: StoreModule[], n: number): Record<string, TensorLayout> {
+  const layout: Record<string, TensorLayout> = {};
+  for (const m of modules) {
+    layout[`rows.${m.name}`] = { dtype: 'F16', shape: [n, storedSize(m)] };
+    layout[`scale.${m.name}`] = { dtype: 'F32', shape: [n] };
+    layout[`PA.${m.name}`] = { dtype: 'F64', shape: [m.dA, m.kA] };
+    layout[`PS.${m.name}`] = { dtype: 'F64', shape: [m.dOut, m.kS] };
+    if (m.keep) layout[`keep.${m.name}`] = { dtype: 'I32', shape: [m.keep.length] };
+  }
+  return layout;
+}
+
+function metadataOf(identity: StoreIdentity, modules: StoreModule[], n: number): Record<string, string> {
+  return {
+    format: String(STORE_FORMAT),
+    identity: JSON.stringify(identity),
+    modules: JSON.stringify(modules.map(({ name, dA, dOut, kA, kS }) => ({ name, dA, dOut, kA, kS }))),
+    size: String(n),
+  };
+}
+
+/** A positioned write of the whole of `a` (little-endian, as safetensors stores it). */
+function writeAt(fd: number, a: Uint16Array | Float32Array | Float64Array | Int32Array, at: number): void {
+  const bytes = new Uint8Array(a.buffer, a.byteOffset, a.byteLength);
+  for (let done = 0; done < bytes.length; ) done += writeSync(fd, bytes, done, bytes.length - done, at + done);
 }
 
 /**
@@ -402,32 +618,6 @@ export async function projectExamples(
     }
     opts.onProgress?.(Math.min(n, i + bs), n);
   }
-}
-
-/**
- * Σ_j z_j x_j over the fp16 values z = half[off, off + n), or Σ z² when `x` is null. Four
- * accumulators let the loads overlap: this loop is the store's whole per-example query cost.
- */
-function dotHalf(half: Uint16Array, off: number, x: Float64Array | null, n: number): number {
-  let s0 = 0;
-  let s1 = 0;
-  let s2 = 0;
-  let s3 = 0;
-  let j = 0;
-  if (x) {
-    for (; j + 3 < n; j += 4) {
-      s0 += HALF[half[off + j]] * x[j];
-      s1 += HALF[half[off + j + 1]] * x[j + 1];
-      s2 += HALF[half[off + j + 2]] * x[j + 2];
-      s3 += HALF[half[off + j + 3]] * x[j + 3];
-    }
-    for (; j < n; j++) s0 += HALF[half[off + j]] * x[j];
-  } else
-    for (; j < n; j++) {
-      const z = HALF[half[off + j]];
-      s0 += z * z;
-    }
-  return s0 + s1 + s2 + s3;
 }
 
 /** PSᵀ M PA for a dOut × dA matrix M, at the kept entries (all of the grid when `keep` is absent). */

@@ -4,8 +4,8 @@
 // (never the whole file), and write atomically (temporary file + rename) so a crash never
 // leaves a half-written file where a good one was.
 import { createHash } from 'node:crypto';
-import { closeSync, fstatSync, openSync, readSync, writeSync } from 'node:fs';
-import { writeAtomicWith } from '../../common/atomic-write';
+import { closeSync, fstatSync, ftruncateSync, openSync, readSync, writeSync } from 'node:fs';
+import { writeAtomicWith, writeAtomicWithAsync } from '../../common/atomic-write';
 
 export type DType = 'F64' | 'F32' | 'F16' | 'BF16' | 'I64' | 'I32' | 'I16' | 'I8' | 'U8' | 'BOOL';
 
@@ -317,11 +317,97 @@ export function writeSafetensors(
   });
 }
 
+/** A tensor's place in a file written by writeSafetensorsStreamed. */
+export interface TensorLayout {
+  dtype: DType;
+  shape: number[];
+}
+
+/** The header bytes (length prefix included) for tensors laid out in key order. */
+function headerBytes(
+  layout: Record<string, TensorLayout>,
+  meta: Record<string, string>,
+): { bytes: Buffer; offsets: Map<string, number> } {
+  const header: Record<string, unknown> = {};
+  const rel = new Map<string, number>();
+  let offset = 0;
+  for (const [name, t] of Object.entries(layout)) {
+    const n = t.shape.reduce((a, x) => a * x, 1) * SIZES[t.dtype];
+    header[name] = { dtype: t.dtype, shape: t.shape, data_offsets: [offset, offset + n] };
+    rel.set(name, offset);
+    offset += n;
+  }
+  let json = JSON.stringify(Object.keys(meta).length ? { __metadata__: meta, ...header } : header);
+  json += ' '.repeat((8 - ((8 + Buffer.byteLength(json)) % 8)) % 8);
+  const h = Buffer.from(json, 'utf8');
+  const bytes = Buffer.alloc(8 + h.byteLength);
+  bytes.writeBigUInt64LE(BigInt(h.byteLength));
+  h.copy(bytes, 8);
+  const offsets = new Map([...rel].map(([k, v]) => [k, bytes.byteLength + v]));
+  return { bytes, offsets };
+}
+
+/**
+ * Writes a safetensors file whose tensor data `fill` writes itself, with positioned writes at
+ * the absolute offsets `offsetOf` gives, into a file already of its final size: no tensor need
+ * be held whole (the gradient store writes each example's rows as they are computed). Atomic
+ * like writeSafetensors; with `checksum` the data is read back once and its sha256 written into
+ * the metadata (the header keeps its length: the digest replaces a placeholder of the same size).
+ */
+export async function writeSafetensorsStreamed(
+  path: string,
+  layout: Record<string, TensorLayout>,
+  metadata: Record<string, string>,
+  fill: (fd: number, offsetOf: (name: string) => number) => Promise<void>,
+  options: { checksum?: boolean } = {},
+): Promise<void> {
+  const placeholder = options.checksum ? { ...metadata, [DATA_SHA256]: '0'.repeat(64) } : metadata;
+  const first = headerBytes(layout, placeholder);
+  const last = Object.keys(layout).at(-1);
+  const end = last === undefined ? first.bytes.byteLength : first.offsets.get(last)! + sizeOf(layout[last]);
+  await writeAtomicWithAsync(path, async (tmp) => {
+    const fd = openSync(tmp, 'wx+'); // read back for the checksum
+    try {
+      writeAll(fd, first.bytes);
+      ftruncateSync(fd, end);
+      await fill(fd, (name) => {
+        const at = first.offsets.get(name);
+        if (at === undefined) throw new SafetensorsError(`${path}: no tensor named "${name}" in the layout`);
+        return at;
+      });
+      if (options.checksum) {
+        const digest = createHash('sha256');
+        const buf = Buffer.allocUnsafe(8 << 20);
+        for (let at = first.bytes.byteLength; at < end; ) {
+          const n = readSync(fd, buf, 0, Math.min(buf.length, end - at), at);
+          if (n === 0) throw new SafetensorsError(`${tmp}: ended early while hashing what was written`);
+          digest.update(buf.subarray(0, n));
+          at += n;
+        }
+        const final = headerBytes(layout, { ...metadata, [DATA_SHA256]: digest.digest('hex') });
+        if (final.bytes.byteLength !== first.bytes.byteLength)
+          throw new SafetensorsError('the header changed length when its checksum was filled in');
+        writeSync(fd, final.bytes, 0, final.bytes.byteLength, 0);
+      }
+    } finally {
+      closeSync(fd);
+    }
+  });
+}
+
+function sizeOf(t: TensorLayout): number {
+  return t.shape.reduce((a, x) => a * x, 1) * SIZES[t.dtype];
+}
+
 /**
  * Whether a file's tensor data still has the sha256 written with it: 'ok', 'mismatch'
  * (bytes changed since), or 'absent' (written without a checksum).
  */
-export function checkDataChecksum(h: SafetensorsHeader): 'ok' | 'mismatch' | 'absent' {
+export function checkDataChecksum(
+  h: SafetensorsHeader,
+  /** sees every chunk of the data as it is hashed (`at`: its offset in the file); the chunk is reused afterwards */
+  inspect?: (chunk: Buffer, at: number) => void,
+): 'ok' | 'mismatch' | 'absent' {
   const want = h.metadata[DATA_SHA256];
   if (!want) return 'absent';
   const digest = createHash('sha256');
@@ -332,6 +418,7 @@ export function checkDataChecksum(h: SafetensorsHeader): 'ok' | 'mismatch' | 'ab
       const n = readSync(fd, buf, 0, buf.length, at);
       if (n === 0) break;
       digest.update(buf.subarray(0, n));
+      inspect?.(buf.subarray(0, n), at);
       at += n;
     }
   } finally {

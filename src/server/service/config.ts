@@ -77,7 +77,7 @@ interface RawConfig {
   maxQueued?: number;
   maxFrameBytes?: number;
   discoveryFile?: string;
-  store?: { k?: number; minExamples?: number; rerank?: number };
+  store?: { k?: number; minExamples?: number; rerank?: number; checkpoints?: boolean };
   limits?: { maxTopK?: number; maxTextChars?: number };
 }
 

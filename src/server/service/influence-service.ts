@@ -25,8 +25,8 @@ import {
   selfInfluence,
 } from '../attribution/checkpoints';
 import { OUR_ARGUMENTS_FILE } from '../attribution/ekfac/factors-io';
-import type { Damping } from '../attribution/ekfac/precondition';
-import { attributionOf, Corpus, ExplainError, explain, explainMany } from '../attribution/explain';
+import type { Damping, Preconditioner } from '../attribution/ekfac/precondition';
+import { attributionOf, Corpus, ExplainError, explain, explainMany, type StoreRef } from '../attribution/explain';
 import { dataFingerprint, modelFingerprint } from '../attribution/fingerprint';
 import { FitJobError, runFitJob } from '../attribution/fit-job';
 import { checkSameTokenizer, type OpenedStage, openStage } from '../attribution/stage';
@@ -66,7 +66,7 @@ export interface ServiceConfig {
   device?: Device;
   threads?: number;
   cacheDir: string;
-  store?: { k: number; minExamples: number; rerank: number };
+  store?: { k: number; minExamples: number; rerank: number; checkpoints?: boolean };
   limits?: { maxTopK?: number; maxTextChars?: number };
 }
 
@@ -387,26 +387,63 @@ export class InfluenceService implements ServiceApi {
     }
   }
 
-  /** The gradient store for a large dataset (built on first use, cached on disk by fingerprints). */
-  private async storeFor(p: ExplainParams, d: LoadedDataset, work: Work) {
+  /**
+   * The gradient stores for a large dataset (built on first use, cached on disk by fingerprints):
+   * the final model's, or one per checkpoint when the method sums over the fine-tune's checkpoints.
+   */
+  private async storeFor(p: ExplainParams, d: LoadedDataset, work: Work): Promise<StoreRef[] | undefined> {
     const cfg = this.config.store;
     if (!cfg || p.candidates === 'retrieved' || d.corpus.size < cfg.minExamples) return undefined;
     if (!methodInfo(p.method)?.usesGradientStore) return undefined;
-    // the store holds the final model's gradients; a sum over checkpoints scores each checkpoint exactly
-    if (attributionOf(p.method, this.setup()).over === 'checkpoints') return undefined;
-    const model = this.modelFor(p.dataset);
-    if (model !== this.stage('finetuned').model) return undefined;
-    return { model, store: await this.index(p.dataset, work) };
+    if (this.modelFor(p.dataset) !== this.stage('finetuned').model) return undefined;
+    const overCheckpoints = attributionOf(p.method, this.setup()).over === 'checkpoints';
+    // per-checkpoint stores only when configured (settings.ts: store.checkpoints); otherwise the sum is exact
+    if (overCheckpoints && !cfg.checkpoints) return undefined;
+    // a checkpoint without factors: explain says so (no store is built for a query that cannot run)
+    if (overCheckpoints && methodInfo(p.method)?.needsFactors && this.checkpoints!.unfitted.length) return undefined;
+    return (await this.index(p.dataset, work, overCheckpoints)).stores;
   }
 
-  /** Builds (or loads) the dataset's gradient store. */
-  async index(datasetId: string, work: Work = {}): Promise<GradientStore> {
+  /**
+   * Builds (or loads) the dataset's gradient stores: by default those the store-using methods
+   * (ekfac, gdp) read: with checkpoints and `store.checkpoints`, one store per checkpoint (each
+   * projected on that checkpoint's eigenbases and keyed by its weights and factors), otherwise
+   * the final model's.
+   */
+  async index(
+    datasetId: string,
+    work: Work = {},
+    overCheckpoints = !!this.config.store?.checkpoints &&
+      this.modelFor(datasetId) === this.stage('finetuned').model &&
+      attributionOf('ekfac', this.setup()).over === 'checkpoints',
+  ): Promise<{ size: number; bytes: number; stores: StoreRef[] }> {
+    const model = this.modelFor(datasetId);
+    const ft = this.stage('finetuned');
+    const terms = overCheckpoints
+      ? this.checkpoints!.stages.map((c, i, all) => ({
+          model: c.stage.model,
+          // with a checkpoint's factors, its store follows its eigenbases (store-projection.ts)
+          eigen: c.stage.preconditioners,
+          label: ` @ ${c.name} (${i + 1}/${all.length})`,
+        }))
+      : [{ model, eigen: model === ft.model ? ft.preconditioners : undefined, label: '' }];
+    const stores: StoreRef[] = [];
+    for (const t of terms)
+      stores.push({ model: t.model, store: await this.storeOn(datasetId, t.model, t.eigen, t.label, work) });
+    const size = stores[0]?.store.size ?? 0;
+    return { size, bytes: stores.reduce((a, s) => a + s.store.bytes, 0), stores };
+  }
+
+  /** The store of the dataset's gradients at `model` (loaded and verified, or built into its file). */
+  private async storeOn(
+    datasetId: string,
+    model: Model,
+    eigen: Map<string, Preconditioner> | undefined,
+    label: string,
+    work: Work,
+  ): Promise<GradientStore> {
     const cfg = this.config.store ?? DEFAULTS.store;
     const d = this.dataset(datasetId);
-    const model = this.modelFor(datasetId);
-    // with the fine-tuned model's factors, the projections follow their eigenbases (store-projection.ts)
-    const ft = this.stage('finetuned');
-    const eigen = model === ft.model ? ft.preconditioners : undefined;
     const identity: StoreIdentity = {
       modelFingerprint: modelFingerprint(model.checkpoint),
       dataFingerprint: d.fingerprint,
@@ -423,23 +460,24 @@ export class InfluenceService implements ServiceApi {
     };
     const key = JSON.stringify(identity);
     const cached = this.stores.get(key);
-    if (cached) return cached;
+    // a store reads its rows from its file: one changed since it was verified is loaded (verified) again
+    if (cached && !cached.stale()) return cached;
+    this.stores.delete(key);
     const dir = join(
       this.config.cacheDir,
       'stores',
       `${safe(datasetId)}-${identity.modelFingerprint}-${identity.dataFingerprint}-k${cfg.k}${eigen ? `-${identity.factorsFingerprint}` : ''}`,
     );
     let store = GradientStore.load(dir, identity);
-    if (!store) {
+    if (!store)
       store = await cancellable(work, () =>
         GradientStore.build(model, d.corpus.tokens, identity, {
+          dir,
           preconditioners: eigen,
           signal: work.signal,
-          onProgress: (done, total) => work.progress?.('indexing gradients', done, total),
+          onProgress: (done, total) => work.progress?.(`indexing gradients${label}`, done, total),
         }),
       );
-      store.save(dir);
-    }
     this.stores.set(key, store);
     return store;
   }
