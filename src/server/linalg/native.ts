@@ -59,22 +59,6 @@ type SgemmFn = (
   transbLen: number,
 ) => void;
 
-/** dsyrk_/ssyrk_: C = alpha·op(A)·op(A)ᵀ + beta·C on one triangle of C */
-type SyrkFn<F> = (
-  uplo: string,
-  trans: string,
-  n: Int32Array,
-  k: Int32Array,
-  alpha: F,
-  a: F,
-  lda: Int32Array,
-  beta: F,
-  c: F,
-  ldc: Int32Array,
-  uploLen: number,
-  transLen: number,
-) => void;
-
 export interface NativeLapack {
   /** the library file that was opened */
   library: string;
@@ -82,8 +66,6 @@ export interface NativeLapack {
   /** absent when the library exports LAPACK but not BLAS level 3 */
   dgemm?: DgemmFn;
   sgemm?: SgemmFn;
-  dsyrk?: SyrkFn<Float64Array>;
-  ssyrk?: SyrkFn<Float32Array>;
 }
 
 const CANDIDATES: Record<string, string[]> = {
@@ -164,22 +146,7 @@ function load(): NativeLapack | null {
       } catch {
         sgemm = undefined;
       }
-      const optional = <T>(signature: string): T | undefined => {
-        try {
-          return lib.func(signature) as T;
-        } catch {
-          return undefined;
-        }
-      };
-      const dsyrk = optional<SyrkFn<Float64Array>>(
-        'void dsyrk_(const char *uplo, const char *trans, const int *n, const int *k, const double *alpha, ' +
-          'const double *a, const int *lda, const double *beta, double *c, const int *ldc, size_t l1, size_t l2)',
-      );
-      const ssyrk = optional<SyrkFn<Float32Array>>(
-        'void ssyrk_(const char *uplo, const char *trans, const int *n, const int *k, const float *alpha, ' +
-          'const float *a, const int *lda, const float *beta, float *c, const int *ldc, size_t l1, size_t l2)',
-      );
-      return { library: name, dsyevd, dgemm, sgemm, dsyrk, ssyrk };
+      return { library: name, dsyevd, dgemm, sgemm };
     } catch (e) {
       loadErrors.push(`${name}: no dsyevd_ (${(e as Error).message.split('\n')[0]})`);
     }
