@@ -56,7 +56,7 @@ const data = (t: ort.Tensor) => t.data as Float32Array | Float64Array;
 
 /**
  * Pass 1: covariance sums. The graph returns every tracked module's per-token input and output
- * gradient; the sums Σ ã ãᵀ and Σ g gᵀ are added by BLAS syrk straight into running sums in the
+ * gradient; the sums Σ ã ãᵀ and Σ g gᵀ are added by BLAS gemm straight into running sums in the
  * graph's precision (kronfluence keeps float32 ones too). Reducing inside the graph instead
  * returned every module's full d × d sums from every run, ~1.2 GB per run at the SmolLM-135M
  * shape, and added them in JS: the covariance pass took 5× kronfluence's time there.

@@ -3,7 +3,7 @@
 // We keep sums and counts, as kronfluence stores them (`activation_covariance` is
 // Σ ã ãᵀ and `num_activation_covariance_processed` the token count), so partial sums
 // from data partitions merge by addition and the mean is taken once, at the end. A float32
-// fit keeps float32 sums (kronfluence's default dtype), accumulated by BLAS syrk from the
+// fit keeps float32 sums (kronfluence's default dtype), accumulated by BLAS gemm from the
 // graph's per-token rows; fp64 graphs and merges keep fp64.
 import { type Floats, firstNonFinite, mirrorLower, symmetrize, syrkLower } from '../../linalg/matrix';
 import { activationRows, factorDim, gradientRows, type ModuleShape, type RowWeights } from './gradient';
@@ -23,7 +23,7 @@ export interface Covariances {
 /**
  * One running symmetric sum Σ x xᵀ and its count. Modules that read the same input (q/k/v,
  * gate/up) share one: their activation factor is accumulated once, not once per module.
- * BLAS syrk fills the lower triangle only; the upper one is mirrored when the sum is read.
+ * Only the lower triangle is kept exact (`syrkLower`); the upper one is mirrored when the sum is read.
  */
 class SymmetricSum {
   lowerOnly = false;
@@ -151,7 +151,7 @@ export class CovarianceAccumulator {
 
   /**
    * Adds `rows` unweighted token rows of activations (rows × d_in, as the graph emits them; the
-   * bias column is folded in here): Σ a aᵀ by syrk straight into the sum, Σ a into its bias row,
+   * bias column is folded in here): Σ a aᵀ by BLAS straight into the sum, Σ a into its bias row,
    * the count into its corner. NaN/Inf stop here, naming the module, batch, row and column.
    */
   addActivationRows(a: Floats, rows: number): this {
@@ -178,7 +178,7 @@ export class CovarianceAccumulator {
     return this;
   }
 
-  /** Adds `rows` unweighted rows of output gradients (rows × d_out) by syrk; NaN/Inf stop here. */
+  /** Adds `rows` unweighted rows of output gradients (rows × d_out) by BLAS; NaN/Inf stop here. */
   addGradientRows(g: Floats, rows: number): this {
     const { dOut, name } = this.shape;
     const what = `output gradients of module ${name} in batch ${this.batches + 1}`;
