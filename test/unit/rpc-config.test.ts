@@ -56,9 +56,16 @@ describe('config schema', () => {
     assert.deepEqual(p.device.enum, [...DEVICES]);
     assert.deepEqual(p.modules.enum, ['mlp', 'all']);
     const store = parse({ ...minimal, store: {} }).service.store!;
-    const sp = (CONFIG_SCHEMA as { properties: { store: { properties: Record<string, { default: number }> } } })
-      .properties.store.properties;
-    assert.deepEqual(store, { k: sp.k.default, minExamples: sp.minExamples.default, rerank: sp.rerank.default });
+    const sp = (
+      CONFIG_SCHEMA as { properties: { store: { properties: Record<string, { default: number | boolean }> } } }
+    ).properties.store.properties;
+    assert.deepEqual(store, {
+      k: sp.k.default,
+      minExamples: sp.minExamples.default,
+      rerank: sp.rerank.default,
+      checkpoints: sp.checkpoints.default,
+    });
+    assert.equal(store.checkpoints, false);
   });
 });
 
@@ -101,7 +108,7 @@ describe('config loader', () => {
     assert.equal(c.service.modules, 'all');
     assert.deepEqual(c.service.damping, { absolute: 0.001 });
     assert.equal(c.service.threads, 4);
-    assert.deepEqual(c.service.store, { k: 32, minExamples: 512, rerank: 50 });
+    assert.deepEqual(c.service.store, { k: 32, minExamples: 512, rerank: 50, checkpoints: false });
     assert.deepEqual(c.service.limits, { maxTopK: 50 });
     assert.deepEqual(
       { ...c.server, discoveryFile: undefined },
