@@ -42,7 +42,10 @@ export interface AccumulatorOptions {
    * float32 graph's rows are anyway), 'fp64' for fp64 graphs and merged partitions. Default fp64.
    */
   precision?: 'fp32' | 'fp64';
-  /** a module reading the same input (same width and bias): share its activation sum */
+  /**
+   * a module reading the same input (same width and bias): share its activation sum. Add
+   * activations (and merge) through ONE of the sharing accumulators only: each add reaches all.
+   */
   shareActivationsWith?: CovarianceAccumulator;
 }
 
