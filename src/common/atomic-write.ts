@@ -56,13 +56,11 @@ export function writeAtomicWith(path: string, write: (tmp: string) => void): voi
   const tmp = tempPathFor(path);
   try {
     write(tmp);
-    fsyncPath(tmp);
-    renameSync(tmp, path);
   } catch (e) {
     rmSync(tmp, { force: true });
     throw e;
   }
-  fsyncDir(dirname(path));
+  commitTemp(tmp, path);
 }
 
 /** writeAtomicWith for a writer that awaits (the gradient store writes its rows as they are computed). */
@@ -70,6 +68,16 @@ export async function writeAtomicWithAsync(path: string, write: (tmp: string) =>
   const tmp = tempPathFor(path);
   try {
     await write(tmp);
+  } catch (e) {
+    rmSync(tmp, { force: true });
+    throw e;
+  }
+  commitTemp(tmp, path);
+}
+
+/** Flushes a finished temporary, renames it over `path` and flushes the folder; removes it on failure. */
+function commitTemp(tmp: string, path: string): void {
+  try {
     fsyncPath(tmp);
     renameSync(tmp, path);
   } catch (e) {

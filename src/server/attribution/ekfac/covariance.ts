@@ -6,7 +6,7 @@
 // fit keeps float32 sums (kronfluence's default dtype), accumulated by BLAS gemm from the
 // graph's per-token rows; fp64 graphs and merges keep fp64.
 import { type Floats, firstNonFinite, mirrorLower, symmetrize, syrkLower } from '../../linalg/matrix';
-import { activationRows, factorDim, gradientRows, type ModuleShape, type RowWeights } from './gradient';
+import { activationRows, checkRows, factorDim, gradientRows, type ModuleShape, type RowWeights } from './gradient';
 
 // Rows per GEMM: bounds the fp64 copy of a batch to CHUNK × d values.
 const CHUNK = 4096;
@@ -162,7 +162,7 @@ export class CovarianceAccumulator {
     const what = `activations of module ${name} in batch ${this.batches + 1}`;
     if (a.length < rows * dIn) throw new Error(`${what}: expected ${rows}×${dIn} values, got ${a.length}`);
     const x = this.inPrecision(a.subarray(0, rows * dIn));
-    checkFinite(x, dIn, what);
+    checkRows(x, dIn, what);
     const S = this.act.data;
     syrkLower(x, rows, dIn, S, this.dA);
     if (appendOne) {
@@ -187,7 +187,7 @@ export class CovarianceAccumulator {
     const what = `output gradients of module ${name} in batch ${this.batches + 1}`;
     if (g.length < rows * dOut) throw new Error(`${what}: expected ${rows}×${dOut} values, got ${g.length}`);
     const y = this.inPrecision(g.subarray(0, rows * dOut));
-    checkFinite(y, dOut, what);
+    checkRows(y, dOut, what);
     syrkLower(y, rows, dOut, this.grad.data);
     this.grad.lowerOnly = true;
     this.grad.count += rows;
@@ -294,15 +294,6 @@ export class CovarianceAccumulator {
     if (this.precision === 'fp32') return x instanceof Float32Array ? x : Float32Array.from(x);
     return x instanceof Float64Array ? x : Float64Array.from(x);
   }
-}
-
-function checkFinite(x: Floats, cols: number, what: string) {
-  let check = 0;
-  for (let i = 0; i < x.length; i++) check += x[i] * 0;
-  if (check === 0) return;
-  const bad = firstNonFinite(x);
-  const r = Math.floor(bad / cols);
-  throw new Error(`${Number.isNaN(x[bad]) ? 'NaN' : 'Inf'} in ${what} at row ${r}, column ${bad - r * cols}`);
 }
 
 function meanOf(sum: Floats, count: number, what: string): Float64Array {

@@ -74,7 +74,8 @@ export function gradientRows(
   return X;
 }
 
-function checkRows(x: Floats, cols: number, what: string) {
+/** Throws on the first NaN/Inf of a rows × cols array, naming `what`, the row and the column. */
+export function checkRows(x: Floats, cols: number, what: string) {
   const bad = firstNonFinite(x);
   if (bad < 0) return;
   const r = Math.floor(bad / cols);
