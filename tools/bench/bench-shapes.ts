@@ -8,9 +8,10 @@
 // The checkpoint is written once by test/oracle/make_shape.py (the oracle venv, which the
 // kronfluence side needs anyway) and cached.
 import { spawn, spawnSync } from 'node:child_process';
-import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { cpus, hostname } from 'node:os';
 import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { preconditionerFor } from '../../src/server/attribution/ekfac/factors-io';
 import { fitCovariances, fitEigenbases, fitLambdas, type TokenizedExample } from '../../src/server/attribution/fit';
 import { queryBatchGradients, queryMatrices, scoreCandidates } from '../../src/server/attribution/influence';
@@ -21,28 +22,13 @@ import { spearman } from '../../src/server/util/stats';
 
 export const BENCH_SHAPES = ['pythia-70m', 'pythia-160m', 'smollm-135m', 'qwen2.5-0.5b'] as const;
 
-/** Real English text: the project's own Markdown documents, paragraphs joined. */
+/**
+ * Real English text: paragraphs of this project's own documentation, frozen into
+ * shape-text.txt on 2026-12-03 so that runs on different commits score the same data (the text
+ * was cut from the live Markdown before, and changed whenever the docs did).
+ */
 function englishText(): string {
-  const root = packageRoot();
-  const files = [
-    join(root, 'README.md'),
-    ...['test/oracle', 'docs']
-      .map((d) => join(root, d))
-      .filter(existsSync)
-      .flatMap((d) =>
-        readdirSync(d)
-          .filter((f) => f.endsWith('.md'))
-          .map((f) => join(d, f)),
-      ),
-  ];
-  return files
-    .map((f) => readFileSync(f, 'utf8'))
-    .join('\n\n')
-    .split(/\n\s*\n/)
-    .filter((p) => !/^\s*(\||```|#|<)/.test(p))
-    .map((p) => p.replace(/\s+/g, ' ').trim())
-    .filter((p) => p.length > 40)
-    .join('\n\n');
+  return readFileSync(join(dirname(fileURLToPath(import.meta.url)), 'shape-text.txt'), 'utf8');
 }
 
 export async function benchShape(argv: string[]): Promise<void> {
