@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
-import { bytesPerSequence, memoryBoundedBatches, type RunShape } from '../../src/server/attribution/chunking';
+import { bytesPerSequence, memoryBoundedBatches, type RunShape, runShape } from '../../src/server/attribution/chunking';
 
 const shape: RunShape = {
   modules: [{ name: 'mlp', kind: 'mlp', dIn: 4, dOut: 3, hasBias: true, weightName: 'mlp.weight' }],
@@ -52,5 +52,19 @@ describe('memoryBoundedBatches', () => {
     const outputs = 4 * (perTokens + 15 + 48 + 3 * 48);
     assert.equal(bytesPerSequence({ ...two, perExampleMatrices: 'outputs' }, 5), outputs);
     assert.equal(bytesPerSequence({ ...two, perExampleMatrices: true }, 5), outputs);
+  });
+
+  test("one layer's attention scores count h·T² four times (recomputed per layer in the backward)", () => {
+    const base = bytesPerSequence({ ...shape, perExampleMatrices: false }, 7);
+    assert.equal(bytesPerSequence({ ...shape, perExampleMatrices: false, heads: 3 }, 7), base + 4 * 4 * 3 * 49);
+    // quadratic in T: a sequence twice as long adds four times the attention bytes
+    const at = (T: number) =>
+      bytesPerSequence({ ...shape, perExampleMatrices: false, heads: 3 }, T) -
+      bytesPerSequence({ ...shape, perExampleMatrices: false }, T);
+    assert.equal(at(14), 4 * at(7));
+    // the head count comes from the config as GPT-2 and the others write it
+    assert.equal(runShape(shape.modules, { vocab_size: 10, n_head: 12 }, false, false).heads, 12);
+    assert.equal(runShape(shape.modules, { vocab_size: 10, num_attention_heads: 9 }, false, true).heads, 9);
+    assert.equal(runShape(shape.modules, { text_config: { num_attention_heads: 5 } }, false, false).heads, 5);
   });
 });

@@ -28,6 +28,8 @@ export interface RunShape {
   perExampleMatrices: boolean | 'outputs' | 'transient';
   /** 4 (fp32) or 8 (fp64) */
   bytesPerFloat: number;
+  /** attention heads (0 when unknown): one layer's h·T² scores are alive at a time */
+  heads?: number;
 }
 
 /**
@@ -52,7 +54,10 @@ export function bytesPerSequence(shape: RunShape, T: number): number {
   const perToken = 4 * shape.vocab + 2 * io;
   const kind = shape.perExampleMatrices;
   const matrices = kind === 'transient' ? 3 * largest : kind ? mats + 3 * largest : 0;
-  return shape.bytesPerFloat * (T * perToken + matrices);
+  // The backward recomputes one layer's attention probabilities at a time (architectures/common.ts):
+  // scores, probabilities and their two gradients, h·T² each, for that layer only.
+  const attention = 4 * (shape.heads ?? 0) * T * T;
+  return shape.bytesPerFloat * (T * perToken + matrices + attention);
 }
 
 /**
@@ -98,11 +103,14 @@ export function runShape(
   perExampleMatrices: RunShape['perExampleMatrices'],
   fp64: boolean,
 ): RunShape {
-  const vocab = Number(config.vocab_size ?? (config.text_config as Record<string, unknown> | undefined)?.vocab_size);
+  const text = (config.text_config as Record<string, unknown> | undefined) ?? {};
+  const vocab = Number(config.vocab_size ?? text.vocab_size);
+  const heads = Number(config.num_attention_heads ?? config.n_head ?? text.num_attention_heads);
   return {
     modules,
     vocab: Number.isFinite(vocab) ? vocab : 0,
     perExampleMatrices,
     bytesPerFloat: fp64 ? 8 : 4,
+    heads: Number.isFinite(heads) ? heads : 0,
   };
 }

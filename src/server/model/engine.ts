@@ -434,14 +434,17 @@ function buildOutputs(
       const probs = g.node('Exp', [logp], [{ dtype: g.float, shape: logp.shape }])[0];
       const cdf = g.node('CumSum', [probs, g.scalar(1, DataType.INT64)], [{ dtype: g.float, shape: logp.shape }])[0];
       const uCol = g.node('Reshape', [u, g.ints([-1, 1])], [{ dtype: g.float, shape: ['B*T', 1] }])[0];
-      const below = g.cast(
-        g.node('Less', [cdf, uCol], [{ dtype: DataType.BOOL, shape: logp.shape }])[0],
-        DataType.INT64,
-      );
-      const count = g.node('ReduceSum', [below, g.ints([1])], [{ dtype: DataType.INT64, shape: ['B*T'] }], {
+      // counted in the graph's float type, not int64: half the bytes of an [N, V] tensor, and
+      // exact (whole numbers below 2^24 are exact in float32; vocabularies are far smaller)
+      const below = g.cast(g.node('Less', [cdf, uCol], [{ dtype: DataType.BOOL, shape: logp.shape }])[0], g.float);
+      const count = g.node('ReduceSum', [below, g.ints([1])], [{ dtype: g.float, shape: ['B*T'] }], {
         keepdims: 0,
       })[0];
-      return g.node('Min', [count, g.scalar(V - 1, DataType.INT64)], [{ dtype: DataType.INT64, shape: ['B*T'] }])[0];
+      return g.node(
+        'Min',
+        [g.cast(count, DataType.INT64), g.scalar(V - 1, DataType.INT64)],
+        [{ dtype: DataType.INT64, shape: ['B*T'] }],
+      )[0];
     });
     if (req.sampledIds)
       emit(
@@ -460,17 +463,17 @@ function buildOutputs(
     return g.node('Neg', [g.reshape(picked, [-1])], [{ dtype: g.float, shape: ['B*T'] }])[0];
   });
   g.custom([out.logits], [nll], ([gy]) => {
-    const probs = g.exp(logp);
-    // one-hot as (vocabulary index == target): ORT's OneHot has no float64 kernel
+    // softmax · upstream, then −upstream added at each row's target: no [N, V] one-hot (an
+    // [N, V] tensor is 0.6 GB at 1,024 tokens of a 152k vocabulary)
     const col = g.node('Unsqueeze', [targets, g.ints([1])], [{ dtype: DataType.INT64, shape: ['B*T', 1] }])[0];
-    const vocab = g.node(
-      'Range',
-      [g.scalar(0, DataType.INT64), g.scalar(V, DataType.INT64), g.scalar(1, DataType.INT64)],
-      [{ dtype: DataType.INT64, shape: [V] }],
-    )[0];
-    const hit = g.node('Equal', [col, vocab], [{ dtype: DataType.BOOL, shape: out.logits.shape }])[0];
-    const onehot = g.cast(hit, g.float);
-    return [g.mul(g.sub(probs, onehot), g.unsqueeze(gy!, [1]))];
+    const up = g.unsqueeze(gy!, [1]);
+    const scaled = g.mul(g.exp(logp), up);
+    return [
+      g.node('ScatterElements', [scaled, col, g.neg(up)], [{ dtype: g.float, shape: out.logits.shape }], {
+        axis: 1,
+        reduction: 'add',
+      })[0],
+    ];
   });
   const weighted = g.mul(nll, wFlat);
   const total = g.reduceSum(weighted, [0], false);
