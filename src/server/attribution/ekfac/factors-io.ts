@@ -189,9 +189,12 @@ export function saveFactors(dir: string, factors: Factors, options: SaveOptions 
         mods.map((m) => m.name),
       )
     : undefined;
+  // per-example gradients are in the model's precision (that of the covariances); Λ is summed in
+  // fp64 (LambdaAccumulator), so stages written before Λ exists say so too and every file's
+  // metadata agrees. kronfluence reads neither when scoring (test/oracle/KRONFLUENCE.md).
   const kron = kronfluenceArguments(factors.args, {
     covariance: copiedCovariance ?? typeOf(first.covariance?.activationSum ?? first.eigen?.qA ?? first.lambda?.sum),
-    lambda: typeOf(first.lambda?.sum ?? first.eigen?.qA ?? first.covariance?.activationSum),
+    lambda: first.lambda ? typeOf(first.lambda.sum) : dtype === 'auto' ? 'F64' : dtype,
   });
   const metadata: Record<string, string> = {};
   for (const [k, v] of Object.entries(kron)) metadata[k] = v === null ? 'None' : pyStr(v);
@@ -419,7 +422,7 @@ function kronfluenceArguments(a: FactorArguments, dtypes: { covariance: 'F32' | 
     lambda_module_partitions: 1,
     use_iterative_lambda_aggregation: false,
     offload_activations_to_cpu: false,
-    per_sample_gradient_dtype: tl,
+    per_sample_gradient_dtype: t,
     lambda_dtype: tl,
   };
 }
