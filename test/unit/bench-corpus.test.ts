@@ -57,8 +57,18 @@ test('npm run bench -- corpus --examples 600: every step measured, a report writ
   assert.ok(rep.cold.index.bytes_on_disk > 0 && rep.cold.index.bytes_per_example > 0);
   assert.equal(rep.cold.ekfac.n, 2);
   assert.ok(rep.cold.ekfac.rescored_median > 0);
+  // the two planted queries' 8 sources, each shown, ranked out by exact EK-FAC, or lost by the store
+  const src = rep.cold.ekfac.sources;
+  assert.equal(src.planted.sources, 8);
+  assert.equal(src.backdoor.sources, 0);
+  assert.equal(src.planted.shown + src.planted.below_exact_top10 + src.planted.lost_by_store, 8);
+  assert.equal(src.planted.shown / 8, rep.cold.ekfac.recall_at_10.planted);
+  // exact EK-FAC over the 313 fine-tuning lines alone puts every planted source in its top 10 (the demo's case)
+  assert.equal(src.planted.top10_of_finetune, 8);
+  assert.equal(src.planted.lost_by_store, 0, 'the store lost a source that exact scoring would show');
   assert.equal(rep.cold.bm25.n, 2);
   assert.ok(rep.cold.memory.peak_mib > 0 && rep.restart.memory.peak_mib > 0);
   assert.ok(rep.restart.first_ekfac_ms > 0);
   assert.match(readFileSync(`${report}.md`, 'utf8'), /ekfac explain \(store \+ exact rerank\)/);
+  assert.match(readFileSync(`${report}.md`, 'utf8'), /true sources checked exactly/);
 });

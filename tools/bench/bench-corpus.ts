@@ -8,7 +8,8 @@
 //   - `influence-lens serve` (spawned as bench-latency does) on an influence-lens.json naming the
 //     file: start until `status` answers, both lanes reading the file (`reload`), the gradient
 //     store build (`index`) and its bytes on disk, explain p50/p95 for ekfac (store + exact
-//     rerank; planted/backdoor sources found in the top 10) and bm25, the server's peak memory
+//     rerank; planted/backdoor sources found in the top 10, and for each source missed, whether
+//     exact EK-FAC ranks it out too or the store lost it: checkSources) and bm25, the server's peak memory
 //     (VmHWM, all threads), and a restart with the store on disk (start + first explain, which
 //     reads the file, tokenizes it and loads the store).
 //   npm run bench -- corpus [--examples N] [--queries Q] [--seed S] [--checkpoints off|auto] [--report PATH (without .md/.json)]
@@ -182,8 +183,92 @@ async function timed<T>(f: () => Promise<T>): Promise<{ ms: number; value: T }> 
 
 interface Explained {
   scored: number;
-  supporting: Array<{ id: { hash: string } }>;
+  supporting: Array<{ id: { hash: string }; score: number }>;
+  opposing: Array<{ id: { hash: string }; score: number }>;
   timings: Record<string, number>;
+}
+
+/** What became of one kind's (planted, backdoor) true sources in the corpus's ekfac top 10. */
+interface SourceCheck {
+  sources: number;
+  /** shown in the corpus's top 10 */
+  shown: number;
+  /** not shown, and their exact score is below the 10th shown (exact) score: exact EK-FAC over the corpus ranks them out too */
+  below_exact_top10: number;
+  /** not shown although their exact score beats the 10th shown: the shown top 10 is not exact EK-FAC's, the store's pre-ranking lost them */
+  lost_by_store: number;
+  /** in the top 10 of the fine-tuning file alone (exact EK-FAC over its lines) */
+  top10_of_finetune: number;
+}
+
+/**
+ * Where exact EK-FAC puts the planted and backdoor sources that the corpus's top 10 did not show.
+ * The sources are lines of the fine-tuning file, which the server scores exactly (it is smaller
+ * than the store's minExamples), and an example's exact score does not depend on the examples
+ * around it. The 10th example shown for the corpus carries an exact score (the rerank rescored
+ * it), so exact scoring of the whole corpus has at least 10 examples at or above it: a source
+ * scoring below it is outside exact EK-FAC's top 10 as well (the method ranks it out), and a
+ * source scoring above it that was not shown was lost by the store (the shown list is then not
+ * exact EK-FAC's top 10).
+ */
+async function checkSources(
+  c: RpcClient,
+  shown: Array<{ q: Query; top: Explained }>,
+  finetuneSize: number,
+): Promise<Record<'planted' | 'backdoor', SourceCheck>> {
+  const zero = (): SourceCheck => ({
+    sources: 0,
+    shown: 0,
+    below_exact_top10: 0,
+    lost_by_store: 0,
+    top10_of_finetune: 0,
+  });
+  const out = { planted: zero(), backdoor: zero() };
+  // the check needs the fine-tuning file scored exactly: below the store's threshold
+  if (finetuneSize >= DEFAULTS.store.minExamples)
+    throw new Error(`the fine-tuning file (${finetuneSize} examples) would be scored through the store`);
+  for (const { q, top } of shown) {
+    if (q.kind === 'fact_tracing') continue;
+    const ft = await c.request<Explained>('explain', {
+      prompt: q.prompt,
+      completion: q.completion,
+      dataset: 'finetune',
+      method: 'ekfac',
+      topK: finetuneSize,
+    });
+    if (ft.supporting.length + ft.opposing.length < finetuneSize)
+      throw new Error(
+        `the fine-tuning file's explain listed ${ft.supporting.length + ft.opposing.length} of ${finetuneSize} examples`,
+      );
+    const exact = new Map([...ft.supporting, ...ft.opposing].map((e) => [e.id.hash, e.score]));
+    const ftTop = new Set(ft.supporting.slice(0, 10).map((e) => e.id.hash));
+    const shownHashes = new Set(top.supporting.map((e) => e.id.hash));
+    // with fewer than 10 supporting examples shown, every example of positive exact score is among them
+    const tenth = top.supporting.length >= 10 ? top.supporting[9].score : 0;
+    const r = out[q.kind];
+    for (const { hash } of q.sources) {
+      const s = exact.get(hash);
+      if (s === undefined)
+        throw new Error(`source ${hash} of ${JSON.stringify(q.prompt)} is not in the fine-tuning file`);
+      r.sources++;
+      if (ftTop.has(hash)) r.top10_of_finetune++;
+      if (shownHashes.has(hash)) r.shown++;
+      else if (s < tenth || s <= 0) r.below_exact_top10++;
+      else r.lost_by_store++;
+    }
+  }
+  return out;
+}
+
+/** The source check in words: what the top-10 count means. */
+function sourcesLine(x: Record<'planted' | 'backdoor', SourceCheck>): string {
+  const one = (k: 'planted' | 'backdoor') => {
+    const r = x[k];
+    return r.sources
+      ? `${k} ${r.shown} of ${r.sources} shown, ${r.below_exact_top10} ranked below the 10th by exact EK-FAC, ${r.lost_by_store} lost by the store (${r.top10_of_finetune} in the top 10 of the fine-tuning file alone)`
+      : `${k}: no query`;
+  };
+  return `sources missing from the top 10, checked exactly: ${one('planted')}; ${one('backdoor')}`;
 }
 
 /** Parse, BM25 index and tokenization of the file in this process, each timed with the memory it keeps. */
@@ -247,6 +332,7 @@ export async function benchCorpus(argv: string[]): Promise<void> {
   const seed = int(v.seed, '--seed', 0);
   const say = (s = '') => process.stdout.write(`${s}\n`);
   const d = embeddedDefault();
+  const finetuneSize = readFileSync(d.finetuneData, 'utf8').split('\n').filter(Boolean).length;
   // biome-ignore lint/suspicious/noExplicitAny: a JSON report, filled step by step
   const report: Record<string, any> = {
     ...reportHeader('corpus'),
@@ -376,26 +462,33 @@ export async function benchCorpus(argv: string[]): Promise<void> {
       if (phase === 'cold') {
         const ms: number[] = [];
         const found: Record<string, number[]> = { planted: [], backdoor: [] };
+        const shown: Array<{ q: Query; top: Explained }> = [];
         for (const q of queries) {
           const r = await ekfac(q);
           ms.push(r.ms);
           if (q.kind !== 'fact_tracing') {
+            shown.push({ q, top: r.value });
             const top = new Set(r.value.supporting.map((e) => e.id.hash));
             const srcs = q.sources.map((s) => s.hash);
             found[q.kind].push(srcs.filter((h) => top.has(h)).length / Math.min(10, srcs.length));
           }
         }
         const mean = (x: number[]) => (x.length ? round(x.reduce((a, b) => a + b, 0) / x.length, 3) : null);
+        const ekfacLoad = load();
+        say(
+          `    ekfac (store + exact rerank of a median ${percentiles(rescored.slice(1)).p50_ms}): p50 ${percentiles(ms).p50_ms} ms, p95 ${percentiles(ms).p95_ms} ms (n=${ms.length}); ` +
+            `share of planted sources in the top 10: ${mean(found.planted)}, backdoor: ${mean(found.backdoor)}; load ${ekfacLoad.join(' ')}`,
+        );
+        // after the latency loop: where exact EK-FAC puts the sources the top 10 missed
+        const sources = await checkSources(c, shown, finetuneSize);
+        say(`    ${sourcesLine(sources)}`);
         row.ekfac = {
           ...percentiles(ms),
           rescored_median: percentiles(rescored.slice(1)).p50_ms,
           recall_at_10: { planted: mean(found.planted), backdoor: mean(found.backdoor) },
-          load: load(),
+          sources,
+          load: ekfacLoad,
         };
-        say(
-          `    ekfac (store + exact rerank of a median ${percentiles(rescored.slice(1)).p50_ms}): p50 ${percentiles(ms).p50_ms} ms, p95 ${percentiles(ms).p95_ms} ms (n=${ms.length}); ` +
-            `planted sources in the top 10: ${mean(found.planted)}, backdoor: ${mean(found.backdoor)}; load ${load().join(' ')}`,
-        );
         const q0 = queries[0];
         const bmFirst = await timed(() =>
           c.request('explain', {
@@ -518,6 +611,12 @@ function markdown(r: Record<string, unknown>): string {
         `${tag}: ekfac explain (store + exact rerank)`,
         `p50 ${s.ekfac.p50_ms} ms, p95 ${s.ekfac.p95_ms} ms (n=${s.ekfac.n}); median ${s.ekfac.rescored_median} rescored exactly; planted / backdoor sources in the top 10: ${s.ekfac.recall_at_10.planted} / ${s.ekfac.recall_at_10.backdoor}`,
         s.ekfac.load,
+      ]);
+    if (s.ekfac?.sources)
+      rows.push([
+        `${tag}: true sources checked exactly (a source's exact score below the 10th shown is outside exact EK-FAC's top 10 over the whole corpus too)`,
+        sourcesLine(s.ekfac.sources).replace(/^[^:]*: /, ''),
+        undefined,
       ]);
     if (s.bm25)
       rows.push([
