@@ -3,9 +3,10 @@
 // scored by a small ONNX graph, Σ_modules scale ⊙ (fp16→fp32 rows · q), so the server holds a
 // bounded amount of the store however large the corpus (the file's pages are the page cache's,
 // not the process's). ONNX Runtime's vectorised fp16 conversion and matrix-vector product are
-// about 3× faster per CPU second than the fp16-table loop in JS (bench store --scan), and use
-// the intra-op threads; the next chunk is read while the current one is scored.
-import { closeSync, fstatSync, openSync, readSync } from 'node:fs';
+// about 3× faster per CPU second than the fp16-table loop in JS (bench store --scan). The next
+// chunk is read by libuv's thread pool while the current one is scored: onnxruntime-node runs a
+// session synchronously on the JS thread, so a read on that thread could never overlap it.
+import { closeSync, fstatSync, openSync, read, readSync } from 'node:fs';
 import { DataType, Graph, type Tensor } from '../model/onnx/graph';
 import { createSession, ort } from '../model/onnx/session';
 
@@ -18,6 +19,8 @@ export interface ChunkRows {
 /** Where the rows come from; `slot` (0 or 1) names the buffer a chunk is read into. */
 export interface RowSource {
   read(first: number, n: number, slot: number): ChunkRows;
+  /** the same, read off the JS thread (a file's rows: libuv's thread pool) */
+  readAhead(first: number, n: number, slot: number): Promise<ChunkRows>;
   close(): void;
 }
 
@@ -25,8 +28,9 @@ export interface RowSource {
  * The default bytes of rows per chunk (both buffers together hold twice this). 8 MiB rather than
  * 16: each module's fp32 copy of a chunk's rows (the Cast before the product) then stays in the
  * CPU's cache. 100,000 rows of the k = 40 size (14 × 1,600 fp16), 1 thread, page cache warm,
- * best of 3 on the 2-core VM: 16 MiB 1,455 ms, 8 MiB 1,194 ms, 4 MiB 1,181 ms, 2 MiB 1,439 ms,
- * 1 MiB 1,705 ms (smaller chunks pay ONNX Runtime's per-run cost more often).
+ * best of 3 on the 2-core VM, reads still on the JS thread: 16 MiB 1,455 ms, 8 MiB 1,194 ms,
+ * 4 MiB 1,181 ms, 2 MiB 1,439 ms, 1 MiB 1,705 ms (smaller chunks pay ONNX Runtime's per-run cost
+ * more often). With the reads in the thread pool: 8 MiB 725–930 ms (load 3).
  */
 export const CHUNK_BYTES = 8 << 20;
 
@@ -38,13 +42,11 @@ export function examplesPerChunk(sizes: number[], chunkBytes: number): number {
 
 /** Rows held in memory (a store just built and not written): chunks are views, never copies. */
 export function memoryRows(rows: Array<{ half: Uint16Array; scale: Float32Array }>, sizes: number[]): RowSource {
-  return {
-    read: (first, n) => ({
-      half: rows.map((r, i) => r.half.subarray(first * sizes[i], (first + n) * sizes[i])),
-      scale: rows.map((r) => r.scale.subarray(first, first + n)),
-    }),
-    close: () => {},
-  };
+  const read = (first: number, n: number): ChunkRows => ({
+    half: rows.map((r, i) => r.half.subarray(first * sizes[i], (first + n) * sizes[i])),
+    scale: rows.map((r) => r.scale.subarray(first, first + n)),
+  });
+  return { read, readAhead: async (first, n) => read(first, n), close: () => {} };
 }
 
 /** What identifies a file's contents between its verification and a later read. */
@@ -94,26 +96,49 @@ export function fileRows(
     half: sizes.map((s) => new Uint16Array(perChunk * s)),
     scale: sizes.map(() => new Float32Array(perChunk)),
   }));
+  const truncated = () => new StoreFileChanged(`${path} ended early (truncated since its checksum was verified)`);
+  const bytesOf = (into: Uint16Array | Float32Array) => new Uint8Array(into.buffer, into.byteOffset, into.byteLength);
   const readExact = (into: Uint16Array | Float32Array, at: number) => {
-    const bytes = new Uint8Array(into.buffer, into.byteOffset, into.byteLength);
+    const bytes = bytesOf(into);
     for (let done = 0; done < bytes.length; ) {
       const n = readSync(fd, bytes, done, bytes.length - done, at + done);
-      if (n === 0) throw new StoreFileChanged(`${path} ended early (truncated since its checksum was verified)`);
+      if (n === 0) throw truncated();
       done += n;
     }
   };
+  const readExactAsync = async (into: Uint16Array | Float32Array, at: number) => {
+    const bytes = bytesOf(into);
+    for (let done = 0; done < bytes.length; ) {
+      const n = await new Promise<number>((ok, fail) =>
+        read(fd, bytes, done, bytes.length - done, at + done, (e, got) => (e ? fail(e) : ok(got))),
+      );
+      if (n === 0) throw truncated();
+      done += n;
+    }
+  };
+  // the chunk's views into slot `slot`'s buffers, and the reads that fill them
+  const plan = (first: number, n: number, slot: number) => {
+    const b = bufs[slot];
+    const out: ChunkRows = { half: [], scale: [] };
+    const reads: Array<[Uint16Array | Float32Array, number]> = [];
+    sizes.forEach((s, i) => {
+      const half = b.half[i].subarray(0, n * s);
+      const scale = b.scale[i].subarray(0, n);
+      reads.push([half, where[i].rows + first * s * 2], [scale, where[i].scale + first * 4]);
+      out.half.push(half);
+      out.scale.push(scale);
+    });
+    return { out, reads };
+  };
   return {
     read: (first, n, slot) => {
-      const b = bufs[slot];
-      const out: ChunkRows = { half: [], scale: [] };
-      sizes.forEach((s, i) => {
-        const half = b.half[i].subarray(0, n * s);
-        const scale = b.scale[i].subarray(0, n);
-        readExact(half, where[i].rows + first * s * 2);
-        readExact(scale, where[i].scale + first * 4);
-        out.half.push(half);
-        out.scale.push(scale);
-      });
+      const { out, reads } = plan(first, n, slot);
+      for (const [into, at] of reads) readExact(into, at);
+      return out;
+    },
+    readAhead: async (first, n, slot) => {
+      const { out, reads } = plan(first, n, slot);
+      await Promise.all(reads.map(([into, at]) => readExactAsync(into, at)));
       return out;
     },
     close: () => {
@@ -184,38 +209,45 @@ export class StoreScanner {
     q: Float32Array[],
     v?: number[],
   ): Promise<{ scores: Float64Array; variance?: Float64Array }> {
-    const session = await this.session(!!v);
-    const scores = new Float64Array(total);
-    const variance = v ? new Float64Array(total) : undefined;
-    const qs = q.map((x, i) => new ort.Tensor('float32', x, [this.sizes[i], 1]));
-    const vs = v?.map((x) => new ort.Tensor('float32', Float32Array.of(x), []));
-    const run = async (first: number, rows: ChunkRows) => {
-      const n = rows.scale[0].length;
-      const feeds: Record<string, ort.Tensor> = {};
-      this.sizes.forEach((size, i) => {
-        feeds[`r${i}`] = new ort.Tensor('float16', rows.half[i], [n, size]);
-        feeds[`s${i}`] = new ort.Tensor('float32', rows.scale[i], [n]);
-        feeds[`q${i}`] = qs[i];
-        if (vs) feeds[`v${i}`] = vs[i];
-      });
-      const out = await session.run(feeds);
-      scores.set(out.score.data as Float32Array, first);
-      if (variance) variance.set(out.variance.data as Float32Array, first);
-    };
+    let next: Promise<ChunkRows> | undefined;
+    // the source is closed on every path, a failure before the first chunk included
     try {
-      // double buffering: chunk c is read into slot c % 2 while chunk c − 1 is scored
-      let pending: Promise<void> | undefined;
+      const session = await this.session(!!v);
+      const scores = new Float64Array(total);
+      const variance = v ? new Float64Array(total) : undefined;
+      const qs = q.map((x, i) => new ort.Tensor('float32', x, [this.sizes[i], 1]));
+      const vs = v?.map((x) => new ort.Tensor('float32', Float32Array.of(x), []));
+      const run = async (first: number, rows: ChunkRows) => {
+        const n = rows.scale[0].length;
+        const feeds: Record<string, ort.Tensor> = {};
+        this.sizes.forEach((size, i) => {
+          feeds[`r${i}`] = new ort.Tensor('float16', rows.half[i], [n, size]);
+          feeds[`s${i}`] = new ort.Tensor('float32', rows.scale[i], [n]);
+          feeds[`q${i}`] = qs[i];
+          if (vs) feeds[`v${i}`] = vs[i];
+        });
+        const out = await session.run(feeds);
+        scores.set(out.score.data as Float32Array, first);
+        if (variance) variance.set(out.variance.data as Float32Array, first);
+      };
+      // double buffering: chunk c + 1 is read into slot (c + 1) % 2 while chunk c is scored
+      const ahead = (first: number, c: number) => {
+        if (first >= total) return undefined;
+        const p = source.readAhead(first, Math.min(perChunk, total - first), c % 2);
+        p.catch(() => {}); // awaited in turn; this only keeps a failure during the other chunk's scoring from going unhandled
+        return p;
+      };
+      next = ahead(0, 0);
       for (let first = 0, c = 0; first < total; first += perChunk, c++) {
-        const rows = source.read(first, Math.min(perChunk, total - first), c % 2);
-        const p = run(first, rows);
-        p.catch(() => {}); // awaited below; this only keeps an early failure of the other chunk from going unhandled
-        if (pending) await pending;
-        pending = p;
+        const rows = await next!;
+        next = ahead(first + perChunk, c + 1);
+        await run(first, rows);
       }
-      if (pending) await pending;
+      return variance ? { scores, variance } : { scores };
     } finally {
+      // a read still in flight (the scoring failed) must end before its buffer and file are let go
+      await next?.catch(() => {});
       source.close();
     }
-    return variance ? { scores, variance } : { scores };
   }
 }
