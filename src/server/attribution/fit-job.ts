@@ -6,6 +6,7 @@
 //   <out>/partials/eigen/                       merged covariances + eigendecompositions
 //   <out>/partials/lambda-<i>-of-<n>/           partition i's eigenvalue-correction sums
 //   <out>/*.safetensors + arguments             the final factors (kronfluence layout); partials removed
+//   <out>/.fit-partition-<i>-of-<n>.lock, .fit-shared.lock   held while a process runs (fit-lock.ts)
 // Sums add across partitions, so the result equals a single-process fit over all the data
 // (up to summation order).
 // Processes sharing <out> take locks (fit-lock.ts): one per partition for the whole run (a second
