@@ -14,6 +14,7 @@ import { FitJobError, type FitJobOptions, runFitJob } from '../../src/server/att
 import { tryLock } from '../../src/server/attribution/fit-lock';
 import { openStage } from '../../src/server/attribution/stage';
 import { Model } from '../../src/server/model/engine';
+import { InfluenceService, ServiceError } from '../../src/server/service/influence-service';
 import { writeTinyCorpus } from './helpers/corpus';
 import { useTempHome } from './helpers/env';
 
@@ -248,6 +249,27 @@ describe('fit job under kill -9 and concurrency', () => {
     (held as () => void)();
     assert.equal((await run).status, 'done');
     assertSameFactors(loadFactors(out), loadFactors(reference), 'after the wait');
+  });
+
+  test('a server asked to fit a folder another process is fitting says it is busy, not that the factors are broken', async () => {
+    const factors = join(home, 'server-busy');
+    mkdirSync(factors);
+    const cli = tryLock(join(factors, '.fit-partition-0-of-1.lock'), 'a CLI fit');
+    assert.equal(typeof cli, 'function');
+    const service = new InfluenceService({
+      finetuned: { model: MODEL, factors },
+      datasets: { train: data },
+      modules: 'mlp',
+      cacheDir: join(home, 'service-cache'),
+    });
+    service.open();
+    await assert.rejects(
+      service.fit('finetuned'),
+      (e: Error) =>
+        e instanceof ServiceError && e.code === 'not_ready' && /process \d+ on .*\(a CLI fit, since/.test(e.message),
+    );
+    (cli as () => void)();
+    assert.equal((await service.fit('finetuned')).status, 'done');
   });
 
   test('two `fit` processes at once on one folder: one writes the factors, the other waits or is refused', async () => {

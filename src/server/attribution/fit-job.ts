@@ -75,6 +75,11 @@ export class FitJobError extends SettingError {
   override name = 'FitJobError';
 }
 
+/** Another live process is fitting the same partition into the same folder: nothing is wrong with the factors. */
+export class FitBusyError extends FitJobError {
+  override name = 'FitBusyError';
+}
+
 interface JobDescription {
   modelFingerprint: string;
   dataFingerprint: string;
@@ -95,7 +100,7 @@ export async function runFitJob(o: FitJobOptions): Promise<FitJobResult> {
   const lock = join(o.out, `.fit-partition-${i}-of-${n}.lock`);
   const mine = tryLock(lock, n > 1 ? `fitting partition ${i}/${n}` : 'fitting');
   if (typeof mine !== 'function')
-    throw new FitJobError(
+    throw new FitBusyError(
       `another influence-lens fit, ${describeOwner(mine)}, is fitting ${n > 1 ? `partition ${i}/${n} ` : ''}into ${o.out}; ` +
         `let it finish (if no such process runs, delete ${lock})`,
       'out',
