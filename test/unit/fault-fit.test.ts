@@ -9,12 +9,13 @@ import { syncBuiltinESMExports } from 'node:module';
 import { hostname } from 'node:os';
 import { join, relative } from 'node:path';
 import { before, describe, test } from 'node:test';
-import { type Factors, loadFactors } from '../../src/server/attribution/ekfac/factors-io';
+import { type Factors, loadFactors, UnfinishedFitError } from '../../src/server/attribution/ekfac/factors-io';
 import { FitJobError, type FitJobOptions, runFitJob } from '../../src/server/attribution/fit-job';
 import { tryLock } from '../../src/server/attribution/fit-lock';
 import { openStage } from '../../src/server/attribution/stage';
 import { Model } from '../../src/server/model/engine';
 import { InfluenceService, ServiceError } from '../../src/server/service/influence-service';
+import { isUserError } from '../../src/server/user-errors';
 import { writeTinyCorpus } from './helpers/corpus';
 import { useTempHome } from './helpers/env';
 
@@ -196,7 +197,11 @@ describe('fit job under kill -9 and concurrency', () => {
       let opened: Factors | undefined;
       try {
         opened = openStage(MODEL, snap, { model }).factors;
-      } catch {}
+      } catch (e) {
+        // a final write cut short says so (the CLI prints such an error as its message alone)
+        if (existsSync(join(snap, 'activation_covariance.safetensors')))
+          assert.ok(e instanceof UnfinishedFitError && isUserError(e), `${snap}: ${e}`);
+      }
       if (opened) {
         loaded++;
         assertSameFactors(opened, want, `${snap} loaded after the kill`);
