@@ -123,7 +123,7 @@ const MUTATORS = [
  * writing included). node:fs's own object is patched and the ES module bindings synced, so the
  * product code's named imports see the wrapper. Returns the undo.
  */
-function beforeEachChange(root: string, before: () => void): () => void {
+function beforeEachChange(root: string, before: (name: string, path: string) => void): () => void {
   const real = fs as unknown as Record<string, (...a: unknown[]) => unknown>;
   const saved = MUTATORS.map((name) => [name, real[name]] as const);
   let busy = false;
@@ -133,7 +133,7 @@ function beforeEachChange(root: string, before: () => void): () => void {
       if (!busy && writes && String(args[0]).startsWith(root)) {
         busy = true;
         try {
-          before();
+          before(name, String(args[0]));
         } finally {
           busy = false;
         }
@@ -237,6 +237,28 @@ describe('fit job under kill -9 and concurrency', () => {
     writeFileSync(lock, JSON.stringify(owner));
     assert.equal((await runFitJob({ ...job, out: other })).status, 'done');
     assertClean(other, other);
+  });
+
+  test('finished factors in a folder this process may not write are still up to date; a new fit there fails', async () => {
+    // as a read-only file system: an existing folder may be "created" again, nothing else changes
+    const readOnly = (name: string, path: string) => {
+      if (name === 'mkdirSync' && existsSync(path)) return;
+      throw Object.assign(new Error('read-only file system'), { code: 'EROFS' });
+    };
+    let undo = beforeEachChange(reference, readOnly);
+    try {
+      assert.equal((await runFitJob({ ...job, out: reference })).status, 'up-to-date');
+    } finally {
+      undo();
+    }
+    const fresh = join(home, 'read-only');
+    mkdirSync(fresh);
+    undo = beforeEachChange(fresh, readOnly);
+    try {
+      await assert.rejects(runFitJob({ ...job, out: fresh }), /read-only file system/);
+    } finally {
+      undo();
+    }
   });
 
   test('the shared steps wait for the process that holds them, then check again', async () => {

@@ -98,7 +98,16 @@ export async function runFitJob(o: FitJobOptions): Promise<FitJobResult> {
   const created = !existsSync(o.out);
   mkdirSync(o.out, { recursive: true });
   const lock = join(o.out, `.fit-partition-${i}-of-${n}.lock`);
-  const mine = tryLock(lock, n > 1 ? `fitting partition ${i}/${n}` : 'fitting');
+  let mine: ReturnType<typeof tryLock>;
+  try {
+    mine = tryLock(lock, n > 1 ? `fitting partition ${i}/${n}` : 'fitting');
+  } catch (e) {
+    // a folder of finished factors this process may not write (read-only) is only read: still up to date
+    const code = (e as NodeJS.ErrnoException).code;
+    if (!(code === 'EROFS' || code === 'EACCES' || code === 'EPERM') || !existsSync(join(o.out, OUR_ARGUMENTS_FILE)))
+      throw e;
+    mine = () => {};
+  }
   if (typeof mine !== 'function')
     throw new FitBusyError(
       `another influence-lens fit, ${describeOwner(mine)}, is fitting ${n > 1 ? `partition ${i}/${n} ` : ''}into ${o.out}; ` +
