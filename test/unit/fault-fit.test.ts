@@ -261,6 +261,25 @@ describe('fit job under kill -9 and concurrency', () => {
     }
   });
 
+  test('the lock on a file system without hard links: an exclusive create', () => {
+    const dir = join(home, 'no-links');
+    mkdirSync(dir);
+    const path = join(dir, 'x.lock');
+    const undo = beforeEachChange(dir, (name) => {
+      if (name === 'linkSync') throw Object.assign(new Error('operation not permitted'), { code: 'EPERM' });
+    });
+    try {
+      const a = tryLock(path, 'first');
+      assert.equal(typeof a, 'function');
+      const b = tryLock(path, 'second');
+      assert.ok(typeof b !== 'function' && b.pid === process.pid && b.what === 'first');
+      (a as () => void)();
+      assert.deepEqual(readdirSync(dir), []);
+    } finally {
+      undo();
+    }
+  });
+
   test('the shared steps wait for the process that holds them, then check again', async () => {
     const out = join(home, 'shared');
     mkdirSync(out);

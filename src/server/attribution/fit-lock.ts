@@ -31,25 +31,42 @@ export function tryLock(path: string, what: string): Release | LockOwner {
   const me: LockOwner = { pid: process.pid, host: hostname(), since: new Date().toISOString(), what };
   const text = JSON.stringify(me);
   for (let attempt = 0; ; attempt++) {
-    const tmp = tempPathFor(path);
-    writeFileSync(tmp, text, { flag: 'wx' });
-    try {
-      linkSync(tmp, path);
+    if (createExclusive(path, text))
       return () => {
         // only our own lock (it cannot have been taken over while this process lives)
         if (readText(path) === text) rmSync(path, { force: true });
       };
-    } catch (e) {
-      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
-    } finally {
-      rmSync(tmp, { force: true });
-    }
     const held = readText(path);
     if (held === undefined) continue; // released meanwhile: try again
     const owner = parseOwner(held);
     if (!owner) return { pid: 0, host: '?', since: '?', what: `an unreadable lock file ${path}` };
     if (!isStale(owner) || attempt >= 3) return owner;
     removeIfStill(path, held);
+  }
+}
+
+/** Creates `path` holding `text` unless it exists (then false). */
+function createExclusive(path: string, text: string): boolean {
+  const tmp = tempPathFor(path);
+  writeFileSync(tmp, text, { flag: 'wx' });
+  try {
+    linkSync(tmp, path);
+    return true;
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    if (code === 'EEXIST') return false;
+    if (code !== 'EPERM' && code !== 'ENOTSUP' && code !== 'ENOSYS') throw e;
+  } finally {
+    rmSync(tmp, { force: true });
+  }
+  // a file system without hard links: an exclusive create, then the write (a kill between the two
+  // leaves an empty lock, which is refused as unreadable, naming the file)
+  try {
+    writeFileSync(path, text, { flag: 'wx' });
+    return true;
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'EEXIST') return false;
+    throw e;
   }
 }
 
