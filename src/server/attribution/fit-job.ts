@@ -6,9 +6,14 @@
 //   <out>/partials/eigen/                       merged covariances + eigendecompositions
 //   <out>/partials/lambda-<i>-of-<n>/           partition i's eigenvalue-correction sums
 //   <out>/*.safetensors + arguments             the final factors (kronfluence layout); partials removed
+//   <out>/.fit-partition-<i>-of-<n>.lock, .fit-shared.lock   held while a process runs (fit-lock.ts)
 // Sums add across partitions, so the result equals a single-process fit over all the data
 // (up to summation order).
-import { existsSync, mkdirSync, readFileSync, rmSync } from 'node:fs';
+// Processes sharing <out> take locks (fit-lock.ts): one per partition for the whole run (a second
+// fit of the same partition is refused: two would replace each other's stages, and two fits
+// with other settings would mix theirs), and one for the shared steps (job.json, the eigen
+// stage, the final write), which the partitions take in turn, checking again once they hold it.
+import { existsSync, mkdirSync, readFileSync, rmdirSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { cleanStaleTemps, replaceDirAtomic, writeFileAtomic } from '../../common/atomic-write';
 import { loadDataset } from '../data/dataset';
@@ -29,6 +34,7 @@ import { LambdaAccumulator } from './ekfac/lambda';
 import { type Damping, DEFAULT_DAMPING } from './ekfac/precondition';
 import { dataFingerprint, modelFingerprint } from './fingerprint';
 import { type FitOptions, fitCovariances, fitEigenbases, fitLambdas, moduleShape } from './fit';
+import { describeOwner, removeStaleLocks, tryLock, waitLock } from './fit-lock';
 import { SettingError } from './setup';
 
 export interface FitJobOptions {
@@ -69,6 +75,11 @@ export class FitJobError extends SettingError {
   override name = 'FitJobError';
 }
 
+/** Another live process is fitting the same partition into the same folder: nothing is wrong with the factors. */
+export class FitBusyError extends FitJobError {
+  override name = 'FitBusyError';
+}
+
 interface JobDescription {
   modelFingerprint: string;
   dataFingerprint: string;
@@ -80,6 +91,45 @@ interface JobDescription {
 }
 
 export async function runFitJob(o: FitJobOptions): Promise<FitJobResult> {
+  const n = o.partition?.count ?? 1;
+  const i = o.partition?.index ?? 0;
+  if (!(Number.isInteger(n) && n >= 1 && Number.isInteger(i) && i >= 0 && i < n))
+    throw new FitJobError(`the partition must be i/n with 0 <= i < n (got ${i}/${n})`, 'partition');
+  const created = !existsSync(o.out);
+  mkdirSync(o.out, { recursive: true });
+  const lock = join(o.out, `.fit-partition-${i}-of-${n}.lock`);
+  let mine: ReturnType<typeof tryLock>;
+  try {
+    mine = tryLock(lock, n > 1 ? `fitting partition ${i}/${n}` : 'fitting');
+  } catch (e) {
+    // a folder of finished factors this process may not write (read-only) is only read: still up to date
+    const code = (e as NodeJS.ErrnoException).code;
+    if (!(code === 'EROFS' || code === 'EACCES' || code === 'EPERM') || !existsSync(join(o.out, OUR_ARGUMENTS_FILE)))
+      throw e;
+    mine = () => {};
+  }
+  if (typeof mine !== 'function')
+    throw new FitBusyError(
+      `another influence-lens fit, ${describeOwner(mine)}, is fitting ${n > 1 ? `partition ${i}/${n} ` : ''}into ${o.out}; ` +
+        `let it finish (if no such process runs, delete ${lock})`,
+      'out',
+    );
+  try {
+    return await fitJob(o, n, i);
+  } finally {
+    mine();
+    // and those that killed fits of other partitions left (each is taken over by its partition's next run)
+    removeStaleLocks(o.out, '.fit-');
+    // a fit refused before writing anything leaves no empty folder (the server reads one as broken factors)
+    if (created)
+      try {
+        rmdirSync(o.out); // fails (and is meant to) once anything is in it
+      } catch {}
+  }
+}
+
+/** runFitJob holding partition i's lock. */
+async function fitJob(o: FitJobOptions, n: number, i: number): Promise<FitJobResult> {
   const start = Date.now();
   const log = o.log ?? (() => {});
   cleanStaleTemps(o.out); // what a fit killed in the middle of a write left
@@ -97,10 +147,6 @@ export async function runFitJob(o: FitJobOptions): Promise<FitJobResult> {
   if (truncated) log(`${truncated} example(s) longer than the context (${maxLength} tokens) were cut at the end`);
   const examples = tokens.map((t) => ({ ids: t.ids, weights: t.weights }));
   const nTokens = examples.reduce((s, e) => s + e.ids.length, 0);
-  const n = o.partition?.count ?? 1;
-  const i = o.partition?.index ?? 0;
-  if (!(Number.isInteger(n) && n >= 1 && Number.isInteger(i) && i >= 0 && i < n))
-    throw new FitJobError(`the partition must be i/n with 0 <= i < n (got ${i}/${n})`, 'partition');
 
   const job: JobDescription = {
     modelFingerprint: modelFingerprint(model.checkpoint),
@@ -122,6 +168,9 @@ export async function runFitJob(o: FitJobOptions): Promise<FitJobResult> {
     seconds: (Date.now() - start) / 1000,
   });
 
+  const partials = join(o.out, 'partials');
+  // the steps all partitions share, one process at a time (each checks again once it holds the lock)
+  const shared = (what: string) => waitLock(join(o.out, '.fit-shared.lock'), what, { log, signal: o.signal });
   // Final factors already there: reuse them, or refuse to overwrite someone else's.
   if (existsSync(join(o.out, OUR_ARGUMENTS_FILE))) {
     const have = loadFactors(o.out).args;
@@ -130,7 +179,19 @@ export async function runFitJob(o: FitJobOptions): Promise<FitJobResult> {
       have.dataFingerprint === job.dataFingerprint &&
       have.labels === job.labels &&
       sameModules(have, o.modules, model);
-    if (same) return result('up-to-date', `${o.out} already holds factors for this model and data`);
+    if (same) {
+      // a fit killed after writing the factors but before removing its partials left them (the
+      // covariances and eigenvectors again: gigabytes at real shapes)
+      if (existsSync(partials)) {
+        const release = await shared('removing the partials a killed fit left');
+        try {
+          rmSync(partials, { recursive: true, force: true });
+        } finally {
+          release();
+        }
+      }
+      return result('up-to-date', `${o.out} already holds factors for this model and data`);
+    }
     throw new FitJobError(
       `${o.out} already holds factors fitted on ${describeDifference(have, job)}; ` +
         'write them to another directory, or delete that one to refit',
@@ -145,18 +206,25 @@ export async function runFitJob(o: FitJobOptions): Promise<FitJobResult> {
       `warning: the model has no chat_template; ${standIn} "messages" record(s) rendered with the stand-in "<|role|>\\n" + content`,
     );
 
-  const partials = join(o.out, 'partials');
   const jobFile = join(partials, 'job.json');
-  if (existsSync(jobFile)) {
-    const prev = JSON.parse(readFileSync(jobFile, 'utf8')) as JobDescription;
-    if (JSON.stringify(prev) !== JSON.stringify(job))
-      throw new FitJobError(
-        `${partials} holds an unfinished fit with other settings (${diffKeys(prev, job)}); ` +
-          `finish it with the same options, or delete ${partials} to start over`,
-      );
-  } else {
-    mkdirSync(partials, { recursive: true });
-    writeFileAtomic(jobFile, `${JSON.stringify(job, null, 2)}\n`);
+  let release = await shared('checking the job');
+  try {
+    if (existsSync(jobFile)) {
+      const prev = JSON.parse(readFileSync(jobFile, 'utf8')) as JobDescription;
+      if (JSON.stringify(prev) !== JSON.stringify(job))
+        throw new FitJobError(
+          `${partials} holds an unfinished fit with other settings (${diffKeys(prev, job)}); ` +
+            `finish it with the same options, or delete ${partials} to start over`,
+        );
+    } else if (existsSync(join(o.out, OUR_ARGUMENTS_FILE))) {
+      // another partition wrote the factors after this one looked
+      return result('up-to-date', `${o.out} already holds factors for this model and data`);
+    } else {
+      mkdirSync(partials, { recursive: true });
+      writeFileAtomic(jobFile, `${JSON.stringify(job, null, 2)}\n`);
+    }
+  } finally {
+    release();
   }
 
   const fitOpts: FitOptions = {
@@ -195,31 +263,40 @@ export async function runFitJob(o: FitJobOptions): Promise<FitJobResult> {
     o.signal?.throwIfAborted();
     saveStage(covDir(i), { args: args(), fingerprint, modules });
   }
-  // 2. all partitions' covariances merged and eigendecomposed (any process may do it; it is deterministic)
-  if (!existsSync(join(eigenDir, OUR_ARGUMENTS_FILE))) {
-    const waiting = missing(covDir);
-    if (waiting.length)
-      return result(
-        'waiting',
-        `covariance of partition ${i}/${n} is done; partitions ${waiting.join(', ')} still need their covariance pass. ` +
-          'Run them, then run any partition again to continue.',
+  // 2. all partitions' covariances merged and eigendecomposed (any process may do it; it is
+  //    deterministic), and read, under the shared lock (a last partition's final write removes them)
+  release = await shared('eigendecomposing the covariances');
+  let eigen: Factors;
+  try {
+    if (existsSync(join(o.out, OUR_ARGUMENTS_FILE)))
+      return result('up-to-date', `${o.out} already holds factors for this model and data`);
+    if (!existsSync(join(eigenDir, OUR_ARGUMENTS_FILE))) {
+      const waiting = missing(covDir);
+      if (waiting.length)
+        return result(
+          'waiting',
+          `covariance of partition ${i}/${n} is done; partitions ${waiting.join(', ')} still need their covariance pass. ` +
+            'Run them, then run any partition again to continue.',
+        );
+      const merged = mergeCovariances(
+        Array.from({ length: n }, (_, k) => covDir(k)),
+        model,
+        o.modules,
       );
-    const merged = mergeCovariances(
-      Array.from({ length: n }, (_, k) => covDir(k)),
-      model,
-      o.modules,
-    );
-    // the covariances are saved with the bases, so they are collected before fitEigenbases drops them
-    const modules: Record<string, ModuleFactors> = {};
-    for (const [name, acc] of merged) modules[name] = covarianceOnly(acc);
-    const bases = fitEigenbases(merged, { ...fitOpts, precision: model.precision });
-    for (const name of Object.keys(modules)) modules[name] = withEigen(modules[name], bases.get(name)!);
-    o.signal?.throwIfAborted();
-    saveStage(eigenDir, { args: args(), fingerprint, modules });
+      // the covariances are saved with the bases, so they are collected before fitEigenbases drops them
+      const modules: Record<string, ModuleFactors> = {};
+      for (const [name, acc] of merged) modules[name] = covarianceOnly(acc);
+      const bases = fitEigenbases(merged, { ...fitOpts, precision: model.precision });
+      for (const name of Object.keys(modules)) modules[name] = withEigen(modules[name], bases.get(name)!);
+      o.signal?.throwIfAborted();
+      saveStage(eigenDir, { args: args(), fingerprint, modules });
+    }
+    // the bases in the model's precision (float32 for a float32 model, as the Λ graph consumes them);
+    // the covariances stay on disk (the final write copies their files)
+    eigen = loadFactors(eigenDir, { precision: model.precision, covariances: false });
+  } finally {
+    release();
   }
-  // the bases in the model's precision (float32 for a float32 model, as the Λ graph consumes them);
-  // the covariances stay on disk (the final write copies their files)
-  const eigen = loadFactors(eigenDir, { precision: model.precision, covariances: false });
   const bases = new Map<string, Eigenbasis>(
     Object.values(eigen.modules).map((m) => [m.name, { module: m.name, dA: m.dA, dOut: m.dOut, ...m.eigen! }]),
   );
@@ -242,23 +319,31 @@ export async function runFitJob(o: FitJobOptions): Promise<FitJobResult> {
     );
   // 4. merge and write the final factors (each partition's Λ file read once; covariance and
   //    eigen files copied from the eigen stage), then drop the partials
-  const lams = new Map([...bases].map(([name, b]) => [name, new LambdaAccumulator(b)]));
-  for (let k = 0; k < n; k++) {
-    const part = loadFactors(lamDir(k), { covariances: false });
-    for (const [name, lam] of lams) {
-      const got = part.modules[name]?.lambda;
-      if (!got) throw new FitJobError(`${lamDir(k)} has no eigenvalue correction for module ${name}`);
-      lam.merge(LambdaAccumulator.fromSum(lam.basis, got.sum, got.count));
+  release = await shared('writing the factors');
+  try {
+    // another partition, finishing at the same time, wrote them while this one waited
+    if (existsSync(join(o.out, OUR_ARGUMENTS_FILE)))
+      return result('up-to-date', `${o.out} already holds factors for this model and data`);
+    const lams = new Map([...bases].map(([name, b]) => [name, new LambdaAccumulator(b)]));
+    for (let k = 0; k < n; k++) {
+      const part = loadFactors(lamDir(k), { covariances: false });
+      for (const [name, lam] of lams) {
+        const got = part.modules[name]?.lambda;
+        if (!got) throw new FitJobError(`${lamDir(k)} has no eigenvalue correction for module ${name}`);
+        lam.merge(LambdaAccumulator.fromSum(lam.basis, got.sum, got.count));
+      }
     }
+    const modules: Record<string, ModuleFactors> = {};
+    for (const [name, lam] of lams)
+      modules[name] = { name, dA: lam.dA, dOut: lam.dOut, lambda: { sum: lam.sum, count: lam.count } };
+    const final: Factors = { args: { ...args(), modules: Object.keys(modules) }, fingerprint, modules };
+    o.signal?.throwIfAborted();
+    saveFactors(o.out, final, { copyFrom: { dir: eigenDir, stages: ['covariance', 'eigen'] } });
+    rmSync(partials, { recursive: true, force: true });
+    return result('done', `wrote EK-FAC factors for ${Object.keys(modules).length} modules to ${o.out}`);
+  } finally {
+    release();
   }
-  const modules: Record<string, ModuleFactors> = {};
-  for (const [name, lam] of lams)
-    modules[name] = { name, dA: lam.dA, dOut: lam.dOut, lambda: { sum: lam.sum, count: lam.count } };
-  const final: Factors = { args: { ...args(), modules: Object.keys(modules) }, fingerprint, modules };
-  o.signal?.throwIfAborted();
-  saveFactors(o.out, final, { copyFrom: { dir: eigenDir, stages: ['covariance', 'eigen'] } });
-  rmSync(partials, { recursive: true, force: true });
-  return result('done', `wrote EK-FAC factors for ${Object.keys(modules).length} modules to ${o.out}`);
 }
 
 function covarianceOnly(acc: CovarianceAccumulator): ModuleFactors {

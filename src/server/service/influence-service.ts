@@ -28,7 +28,7 @@ import { OUR_ARGUMENTS_FILE } from '../attribution/ekfac/factors-io';
 import type { Damping, Preconditioner } from '../attribution/ekfac/precondition';
 import { attributionOf, Corpus, ExplainError, explain, explainMany, type StoreRef } from '../attribution/explain';
 import { dataFingerprint, modelFingerprint } from '../attribution/fingerprint';
-import { FitJobError, runFitJob } from '../attribution/fit-job';
+import { FitBusyError, FitJobError, runFitJob } from '../attribution/fit-job';
 import { checkSameTokenizer, type OpenedStage, openStage } from '../attribution/stage';
 import { loadDataset } from '../data/dataset';
 import { DataError } from '../data/errors';
@@ -567,6 +567,8 @@ export class InfluenceService implements ServiceApi {
         signal: work.signal,
         onProgress: (stage, done, total) => work.progress?.(stage, done, total),
       }).catch((e) => {
+        // another process (a CLI fit, a second server) is fitting into the same folder: busy, not broken
+        if (e instanceof FitBusyError) throw new ServiceError(e.message, 'not_ready');
         // factors of another model or data, or partial ones that cannot be read to be resumed
         if (e instanceof FitJobError) throw new ServiceError(e.message, 'factors_broken');
         if (broken && !(e instanceof ServiceError) && !(e instanceof DataError) && !work.signal?.aborted)

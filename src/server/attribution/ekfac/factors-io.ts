@@ -56,6 +56,11 @@ const COVARIANCE_FILES = [
 const EIGEN_FILES = [ACTIVATION_EIGENVECTORS, ACTIVATION_EIGENVALUES, GRADIENT_EIGENVECTORS, GRADIENT_EIGENVALUES];
 const LAMBDA_FILES = [LAMBDA_MATRIX, NUM_LAMBDA_PROCESSED];
 
+/** A factors folder whose fit has not finished (a person acts on it: the CLI prints its message alone). */
+export class UnfinishedFitError extends Error {
+  override name = 'UnfinishedFitError';
+}
+
 export interface FactorArguments {
   strategy: 'ekfac';
   /** labels for the Fisher: sampled from the model (true Fisher) or the data's own */
@@ -248,6 +253,13 @@ export function saveFactors(dir: string, factors: Factors, options: SaveOptions 
 /** Reads a factors directory written by us or by kronfluence (any float dtype). */
 export function loadFactors(dir: string, options: LoadOptions = {}): Factors {
   if (!existsSync(dir)) throw new Error(`no factors directory at ${dir}`);
+  // The fit job writes its final factors file by file into `dir`, our arguments file last, and
+  // removes its partials/ after: a fit killed in that write leaves stage files that look whole
+  // but no arguments (so no fingerprint, damping or labels). Never read that as complete.
+  if (!existsSync(join(dir, OUR_ARGUMENTS_FILE)) && existsSync(join(dir, 'partials', 'job.json')))
+    throw new UnfinishedFitError(
+      `${dir} holds an unfinished influence-lens fit (${join(dir, 'partials')}); run the same fit again to finish it`,
+    );
   const precision = options.precision ?? 'fp64';
   const has = (files: string[]) => files.every((f) => existsSync(join(dir, `${f}.safetensors`)));
   const stages = {

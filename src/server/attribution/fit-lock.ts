@@ -1,0 +1,146 @@
+// Locks of the fit job (fit-job.ts): a file naming its owner (pid, host, since when), created
+// whole or not at all (written to a temporary, then hard-linked into place, which fails when the
+// lock exists). A lock whose process is gone (kill -9, out of memory) is taken over at once, so a
+// rerun after a crash resumes without waiting.
+//
+// Why not proper-lockfile (the flags sidecar's lock): it judges a lock stale by its mtime, which
+// a timer of the holder refreshes; a fit blocks its event loop for minutes (LAPACK
+// eigendecompositions, writing gigabytes of factors), so its lock would go stale while held and
+// a second process would take it. Here staleness is whether the owner's process exists, which
+// can be told only on the owner's host: a lock of another host is never taken over (the message
+// says which file to delete if that machine's fit is gone).
+
+import { linkSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { hostname } from 'node:os';
+import { join } from 'node:path';
+import { processAlive, tempPathFor } from '../../common/atomic-write';
+
+export interface LockOwner {
+  pid: number;
+  host: string;
+  /** ISO time the lock was taken */
+  since: string;
+  /** what the owner does under it, in words */
+  what: string;
+}
+
+export type Release = () => void;
+
+/** Takes the lock at `path`, or returns its live owner (its file when unreadable: never guessed stale). */
+export function tryLock(path: string, what: string): Release | LockOwner {
+  const me: LockOwner = { pid: process.pid, host: hostname(), since: new Date().toISOString(), what };
+  const text = JSON.stringify(me);
+  for (let attempt = 0; ; attempt++) {
+    if (createExclusive(path, text))
+      return () => {
+        // only our own lock (it cannot have been taken over while this process lives)
+        if (readText(path) === text) rmSync(path, { force: true });
+      };
+    const held = readText(path);
+    if (held === undefined) continue; // released meanwhile: try again
+    const owner = parseOwner(held);
+    if (!owner) return { pid: 0, host: '?', since: '?', what: `an unreadable lock file ${path}` };
+    if (!isStale(owner) || attempt >= 3) return owner;
+    removeIfStill(path, held);
+  }
+}
+
+/** Creates `path` holding `text` unless it exists (then false). */
+function createExclusive(path: string, text: string): boolean {
+  const tmp = tempPathFor(path);
+  writeFileSync(tmp, text, { flag: 'wx' });
+  try {
+    linkSync(tmp, path);
+    return true;
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    if (code === 'EEXIST') return false;
+    if (code !== 'EPERM' && code !== 'ENOTSUP' && code !== 'ENOSYS') throw e;
+  } finally {
+    rmSync(tmp, { force: true });
+  }
+  // a file system without hard links: an exclusive create, then the write (a kill between the two
+  // leaves an empty lock, which is refused as unreadable, naming the file)
+  try {
+    writeFileSync(path, text, { flag: 'wx' });
+    return true;
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'EEXIST') return false;
+    throw e;
+  }
+}
+
+/** Removes the locks in `dir` (named `<prefix>…lock`) whose process is gone (left by a kill -9); live ones stay. */
+export function removeStaleLocks(dir: string, prefix: string): void {
+  for (const name of readdirSync(dir)) {
+    if (!name.startsWith(prefix) || !name.endsWith('.lock')) continue;
+    const path = join(dir, name);
+    const held = readText(path);
+    const owner = held === undefined ? null : parseOwner(held);
+    if (owner && isStale(owner)) removeIfStill(path, held!);
+  }
+}
+
+/** Whether the lock's process is gone (known only for a lock of this host). */
+function isStale(owner: LockOwner): boolean {
+  return owner.host === hostname() && !processAlive(owner.pid);
+}
+
+/**
+ * Moves a stale lock aside and removes it, only if it still holds `held`. Two processes judging
+ * the same dead lock at once can still both move a lock; the window is between the read and the
+ * rename.
+ */
+function removeIfStill(path: string, held: string): void {
+  const aside = tempPathFor(path);
+  try {
+    if (readText(path) === held) renameSync(path, aside);
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e;
+  }
+  rmSync(aside, { force: true });
+}
+
+/**
+ * Waits for the lock at `path` (polling; the event loop keeps running), saying once whom it waits
+ * for. Throws the signal's reason when aborted while waiting.
+ */
+export async function waitLock(
+  path: string,
+  what: string,
+  o: { log?: (line: string) => void; signal?: AbortSignal; pollMs?: number } = {},
+): Promise<Release> {
+  let said = false;
+  for (;;) {
+    o.signal?.throwIfAborted();
+    const got = tryLock(path, what);
+    if (typeof got === 'function') return got;
+    if (!said) {
+      o.log?.(`waiting for ${describeOwner(got)} (its lock is ${path}; delete that file only if no such process runs)`);
+      said = true;
+    }
+    await new Promise((r) => setTimeout(r, o.pollMs ?? 200));
+  }
+}
+
+export function describeOwner(o: LockOwner): string {
+  return o.pid ? `process ${o.pid} on ${o.host} (${o.what}, since ${o.since})` : o.what;
+}
+
+function readText(path: string): string | undefined {
+  try {
+    return readFileSync(path, 'utf8');
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+    throw e;
+  }
+}
+
+function parseOwner(text: string): LockOwner | null {
+  try {
+    const o = JSON.parse(text) as Partial<LockOwner>;
+    if (Number.isInteger(o.pid) && typeof o.host === 'string')
+      return { pid: o.pid!, host: o.host, since: String(o.since), what: String(o.what) };
+  } catch {}
+  return null;
+}
