@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 import { bytesPerSequence, memoryBoundedBatches, type RunShape, runShape } from '../../src/server/attribution/chunking';
+import { EngineError } from '../../src/server/model/engine';
 
 const shape: RunShape = {
   modules: [{ name: 'mlp', kind: 'mlp', dIn: 4, dOut: 3, hasBias: true, weightName: 'mlp.weight' }],
@@ -66,5 +67,28 @@ describe('memoryBoundedBatches', () => {
     assert.equal(runShape(shape.modules, { vocab_size: 10, n_head: 12 }, false, false).heads, 12);
     assert.equal(runShape(shape.modules, { vocab_size: 10, num_attention_heads: 9 }, false, true).heads, 9);
     assert.equal(runShape(shape.modules, { text_config: { num_attention_heads: 5 } }, false, false).heads, 5);
+  });
+
+  test('a sequence too long for the memory left is refused with its length and the estimate, before any run', () => {
+    const long: RunShape = { ...shape, perExampleMatrices: false, heads: 3 };
+    const saved = process.env.INFLUENCE_LENS_MEMORY_MB;
+    // a machine with 8 MiB beyond this process: 1,000 tokens' attention scores alone are 48 MB
+    process.env.INFLUENCE_LENS_MEMORY_MB = String(Math.ceil(process.memoryUsage().rss / 2 ** 20) + 8);
+    try {
+      assert.throws(
+        () => memoryBoundedBatches([seq(5), seq(1000), seq(7)], 4, 0, long, 1e12),
+        (e: Error) =>
+          e instanceof EngineError &&
+          /a sequence of 1000 tokens needs at least 4\d MiB in one run/.test(e.message) &&
+          /shorten/.test(e.message),
+      );
+      // short sequences still batch
+      assert.equal(memoryBoundedBatches([seq(5), seq(7)], 4, 0, long, 1e12).length, 1);
+    } finally {
+      if (saved === undefined) delete process.env.INFLUENCE_LENS_MEMORY_MB;
+      else process.env.INFLUENCE_LENS_MEMORY_MB = saved;
+    }
+    // on this machine's real memory, the same long sequence is far from the limit
+    assert.equal(memoryBoundedBatches([seq(1000)], 1, 0, long).length, 1);
   });
 });

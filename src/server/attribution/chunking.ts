@@ -3,7 +3,8 @@
 // at the Pythia-70M shape, with every module's per-example gradient, peaked above 8 GB.
 // Batches are split so that one run's estimated intermediates stay within a budget; every
 // caller sums or concatenates the runs' results, so the split changes nothing but memory.
-import { type Batch, type ModuleInfo, makeBatch, type Sequence } from '../model/engine';
+import { totalmem } from 'node:os';
+import { type Batch, EngineError, type ModuleInfo, makeBatch, type Sequence } from '../model/engine';
 
 /**
  * Default bytes one run's intermediates may take (INFLUENCE_LENS_RUN_MB overrides, in MiB).
@@ -61,8 +62,21 @@ export function bytesPerSequence(shape: RunShape, T: number): number {
 }
 
 /**
+ * The memory one sequence's run may be estimated at before it is refused: what the machine has
+ * beyond this process now (INFLUENCE_LENS_MEMORY_MB replaces the machine's total, for tests). The
+ * estimate counts only the larger tensors, so a sequence over this limit cannot fit: run anyway,
+ * the kernel would kill the whole process (the server with every lane) partway through.
+ */
+export function sequenceLimitBytes(): number {
+  const mb = Number(process.env.INFLUENCE_LENS_MEMORY_MB);
+  const total = Number.isFinite(mb) && mb > 0 ? mb * 2 ** 20 : totalmem();
+  return total - process.memoryUsage().rss;
+}
+
+/**
  * Length-sorted batches of at most `batchSize` sequences, each small enough for the budget
  * (never fewer than one sequence). `idx` maps a batch's rows back to positions in `seqs`.
+ * A sequence too long for the machine's memory even alone is refused (sequenceLimitBytes).
  */
 export function memoryBoundedBatches(
   seqs: Sequence[],
@@ -72,6 +86,17 @@ export function memoryBoundedBatches(
   budget = runBudgetBytes(),
 ): Array<{ batch: Batch; idx: number[] }> {
   const order = [...seqs.keys()].sort((a, b) => seqs[a].ids.length - seqs[b].ids.length || a - b);
+  if (order.length) {
+    const T = seqs[order[order.length - 1]].ids.length;
+    const need = bytesPerSequence(shape, T);
+    const limit = sequenceLimitBytes();
+    if (need > limit) {
+      const gib = (b: number) => (b >= 2 ** 30 ? `${(b / 2 ** 30).toFixed(1)} GiB` : `${Math.ceil(b / 2 ** 20)} MiB`);
+      throw new EngineError(
+        `a sequence of ${T} tokens needs at least ${gib(need)} in one run (its logits, every tracked module's per-token rows and one layer's attention scores), more than the ${gib(Math.max(0, limit))} this machine has beyond this process: shorten the longest examples (or the query), track fewer modules, or use a machine with more memory`,
+      );
+    }
+  }
   const out: Array<{ batch: Batch; idx: number[] }> = [];
   let i = 0;
   while (i < order.length) {
