@@ -26,10 +26,12 @@ import {
   queryMatrices,
   scoreCandidates,
   scoreQuery,
+  tokenCount,
 } from '../../src/server/attribution/influence';
 import { ekfac } from '../../src/server/attribution/methods/ekfac';
 import { type OpenedStage, openStage } from '../../src/server/attribution/stage';
 import { loadDataset } from '../../src/server/data/dataset';
+import { contextLength, tokenizeQuery } from '../../src/server/data/tokenize';
 import { eigh } from '../../src/server/linalg/eigh';
 import { gemm } from '../../src/server/linalg/matrix';
 import { planCheckpoints } from '../../src/server/model/checkpoints';
@@ -312,6 +314,25 @@ describe('explain in the eigenbasis equals explain rotated back (tiny fp64 Llama
     const sum = await both(async () => [await explain(withCheckpoints, corpus, req(QUERIES[0]))]);
     assert.equal(sum.want[0].attribution?.over, 'checkpoints');
     sameResult(sum.got[0], sum.want[0], 'checkpoint sum');
+  });
+
+  test('a batch whose queries the rule splits (one in the eigenbasis, one rotated back) equals each query alone', async () => {
+    const m = final.model;
+    const pre = final.preconditioners!;
+    const rows = QUERIES.map(
+      (q) =>
+        1 +
+        tokenizeQuery(m.tokenizer, q.prompt, q.completion, contextLength(m.config)).weights.filter((w) => w > 0).length,
+    );
+    const decisions = rows.map((r) => eigenbasisCheaper(pre, pre.keys(), r, tokenCount(corpus.tokens)));
+    assert.deepEqual(decisions, [true, false], `rows ${rows}`);
+    const setup: ExplainSetup = { model: final, modules: 'all' };
+    const many = await explainMany(setup, corpus, QUERIES.map(req));
+    for (const [i, q] of QUERIES.entries()) {
+      const alone = await explain(setup, corpus, req(q));
+      assert.deepEqual(many[i].supporting, alone.supporting, `query ${i}`);
+      assert.deepEqual(many[i].opposing, alone.opposing, `query ${i}`);
+    }
   });
 
   test('the rule left alone gives the same result', async () => {

@@ -600,41 +600,44 @@ async function scorePoolBatched(
   const scorer = gradientScorer(method);
   const pool = prepared[0].pool;
   const candidates = pool.map((i) => corpus.tokens[i]);
-  // one decision for all queries (their rows are scored in one pass): every query's rows in the
-  // eigenbasis, or none
-  const hint = { candidateTokens: tokenCount(candidates), queryRows: prepared.reduce((s, p) => s + p.qg.rows, 0) };
+  // each query's rows in the form it would take alone, so that each result equals the
+  // single-query one exactly; the queries of each form are scored in one pass
+  const hint = { candidateTokens: tokenCount(candidates) };
   const queries = prepared.map((p) => scorer.query(setup, p.qg, hint));
   const candidateModel = queries[0].candidateModel;
-  const eigen = queries[0].eigen;
-  if (queries.some((x) => x.eigen !== eigen))
-    throw new Error('internal: batched queries disagree on scoring in the eigenbasis');
-  const all = new Map<string, Floats[]>();
-  for (const name of queries[0].M.keys())
-    all.set(
-      name,
-      queries.flatMap((x) => x.M.get(name)!),
-    );
   const req = prepared[0].req;
-  const res = await scoreQuery(candidateModel, { M: all, eigen }, candidates, {
-    modules: setup.modules,
-    gradNorms: !!scorer.normalize,
-    batchSize: req.batchSize,
-    signal: req.signal,
-    onProgress: (d, n) => req.onProgress?.(`scoring (${method}, ${prepared.length} queries)`, d, n),
-  });
+  const mine: CandidateScores[] = new Array(prepared.length);
+  for (const eigen of [...new Set(queries.map((x) => x.eigen))]) {
+    const group = [...queries.keys()].filter((i) => queries[i].eigen === eigen);
+    const all = new Map<string, Floats[]>();
+    for (const name of queries[group[0]].M.keys())
+      all.set(
+        name,
+        group.flatMap((i) => queries[i].M.get(name)!),
+      );
+    const res = await scoreQuery(candidateModel, { M: all, eigen }, candidates, {
+      modules: setup.modules,
+      gradNorms: !!scorer.normalize,
+      batchSize: req.batchSize,
+      signal: req.signal,
+      onProgress: (d, n) => req.onProgress?.(`scoring (${method}, ${group.length} queries)`, d, n),
+    });
+    let offset = 0;
+    for (const i of group) {
+      const rows = queries[i].M.values().next().value?.length ?? 1;
+      const slice = (x: Float64Array) => x.slice(offset, offset + rows);
+      mine[i] = {
+        scores: res.scores.map(slice),
+        perModule: new Map([...res.perModule].map(([m, s]) => [m, s.map(slice)])),
+        gradSqNorm: res.gradSqNorm,
+      };
+      offset += rows;
+    }
+  }
   const out: PoolScores[] = [];
-  let offset = 0;
   for (const [i, p] of prepared.entries()) {
-    const rows = queries[i].M.values().next().value?.length ?? 1;
-    const slice = (x: Float64Array) => x.slice(offset, offset + rows);
-    const mine: CandidateScores = {
-      scores: res.scores.map(slice),
-      perModule: new Map([...res.perModule].map(([m, s]) => [m, s.map(slice)])),
-      gradSqNorm: res.gradSqNorm,
-    };
-    offset += rows;
     const q = { M: queries[i].M, eigen: queries[i].eigen };
-    out.push(await finishGradientPool(method, setup, corpus, pool, p.qg, q, candidateModel, mine, p.req));
+    out.push(await finishGradientPool(method, setup, corpus, pool, p.qg, q, candidateModel, mine[i], p.req));
     p.timings[`${method}_ms`] = Date.now() - t;
   }
   return out;
