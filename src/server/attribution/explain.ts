@@ -33,8 +33,10 @@ import {
   type CandidateScores,
   candidateHidden,
   type QueryGradients,
+  type QueryRows,
   queryGradients,
-  scoreCandidates,
+  scoreQuery,
+  tokenCount,
 } from './influence';
 import { type GradientScorer, SCORERS } from './methods';
 import { repsimScores } from './methods/repsim';
@@ -436,21 +438,29 @@ async function scorePool(
     return { scores, signed: methodInfo(method)!.signed };
   }
   // gradient methods: a query matrix per module, scored against every candidate in the graph
-  const { M, candidateModel } = scorer.query(setup, qg);
   const candidates = pool.map((i) => corpus.tokens[i]);
+  // a store's estimate and a low-rank query are taken of P(G) itself: no eigenbasis rows for them
+  const exactPass = req.rank === undefined && req.store === undefined;
+  const { M, candidateModel, eigen } = scorer.query(
+    setup,
+    qg,
+    exactPass ? { candidateTokens: tokenCount(candidates) } : undefined,
+  );
+  const q: QueryRows = { M, eigen };
   const store = scorer.normalize ? undefined : storeOf(req, candidateModel);
   if (store) {
+    if (eigen) throw new Error('internal: a store-scored pool got query rows in the eigenbasis');
     // the store pre-ranks; the exact rerank is chosen on the final score (this one, or a sum over checkpoints)
     req.onProgress?.(`gradient store (${method})`, 0, 1);
     const est = await storeScores(store, M, pool);
     const rescore = (redo: number[] | undefined) =>
-      finishGradientPool(method, setup, corpus, pool, qg, M, candidateModel, est.res, req, { redo });
+      finishGradientPool(method, setup, corpus, pool, qg, q, candidateModel, est.res, req, { redo });
     const approx = Float64Array.from(est.res.scores, (r) => r[0]);
     if (req.deferStoreRerank) return { scores: approx, signed: true, pending: { sd: est.sd, rescore } };
     if (req.onPartial) partials(method, corpus, pool, { ...req, partialEveryMs: 0 })([...pool.keys()], est.res.scores);
     return rescore(req.rerank === 0 ? undefined : storeRerankSet(approx, est.sd, req));
   }
-  const res = await scoreCandidates(candidateModel, M, candidates, {
+  const res = await scoreQuery(candidateModel, q, candidates, {
     modules: setup.modules,
     gradNorms: !!scorer.normalize,
     rank: req.rank,
@@ -459,7 +469,7 @@ async function scorePool(
     onProgress: (d, t) => req.onProgress?.(`scoring (${method})`, d, t),
     onBatch: req.onPartial ? partials(method, corpus, pool, req) : undefined,
   });
-  return finishGradientPool(method, setup, corpus, pool, qg, M, candidateModel, res, req);
+  return finishGradientPool(method, setup, corpus, pool, qg, q, candidateModel, res, req);
 }
 
 /**
@@ -588,40 +598,46 @@ async function scorePoolBatched(
 ): Promise<PoolScores[]> {
   const t = Date.now();
   const scorer = gradientScorer(method);
-  const queries = prepared.map((p) => scorer.query(setup, p.qg));
-  const candidateModel = queries[0].candidateModel;
-  const all = new Map<string, Floats[]>();
-  for (const name of queries[0].M.keys())
-    all.set(
-      name,
-      queries.flatMap((x) => x.M.get(name)!),
-    );
   const pool = prepared[0].pool;
+  const candidates = pool.map((i) => corpus.tokens[i]);
+  // each query's rows in the form it would take alone, so that each result equals the
+  // single-query one exactly; the queries of each form are scored in one pass
+  const hint = { candidateTokens: tokenCount(candidates) };
+  const queries = prepared.map((p) => scorer.query(setup, p.qg, hint));
+  const candidateModel = queries[0].candidateModel;
   const req = prepared[0].req;
-  const res = await scoreCandidates(
-    candidateModel,
-    all,
-    pool.map((i) => corpus.tokens[i]),
-    {
+  const mine: CandidateScores[] = new Array(prepared.length);
+  for (const eigen of [...new Set(queries.map((x) => x.eigen))]) {
+    const group = [...queries.keys()].filter((i) => queries[i].eigen === eigen);
+    const all = new Map<string, Floats[]>();
+    for (const name of queries[group[0]].M.keys())
+      all.set(
+        name,
+        group.flatMap((i) => queries[i].M.get(name)!),
+      );
+    const res = await scoreQuery(candidateModel, { M: all, eigen }, candidates, {
       modules: setup.modules,
       gradNorms: !!scorer.normalize,
       batchSize: req.batchSize,
       signal: req.signal,
-      onProgress: (d, n) => req.onProgress?.(`scoring (${method}, ${prepared.length} queries)`, d, n),
-    },
-  );
+      onProgress: (d, n) => req.onProgress?.(`scoring (${method}, ${group.length} queries)`, d, n),
+    });
+    let offset = 0;
+    for (const i of group) {
+      const rows = queries[i].M.values().next().value?.length ?? 1;
+      const slice = (x: Float64Array) => x.slice(offset, offset + rows);
+      mine[i] = {
+        scores: res.scores.map(slice),
+        perModule: new Map([...res.perModule].map(([m, s]) => [m, s.map(slice)])),
+        gradSqNorm: res.gradSqNorm,
+      };
+      offset += rows;
+    }
+  }
   const out: PoolScores[] = [];
-  let offset = 0;
   for (const [i, p] of prepared.entries()) {
-    const rows = queries[i].M.values().next().value?.length ?? 1;
-    const slice = (x: Float64Array) => x.slice(offset, offset + rows);
-    const mine: CandidateScores = {
-      scores: res.scores.map(slice),
-      perModule: new Map([...res.perModule].map(([m, s]) => [m, s.map(slice)])),
-      gradSqNorm: res.gradSqNorm,
-    };
-    offset += rows;
-    out.push(await finishGradientPool(method, setup, corpus, pool, p.qg, queries[i].M, candidateModel, mine, p.req));
+    const q = { M: queries[i].M, eigen: queries[i].eigen };
+    out.push(await finishGradientPool(method, setup, corpus, pool, p.qg, q, candidateModel, mine[i], p.req));
     p.timings[`${method}_ms`] = Date.now() - t;
   }
   return out;
@@ -634,7 +650,7 @@ async function finishGradientPool(
   corpus: Corpus,
   pool: number[],
   qg: QueryGradients,
-  M: Map<string, Floats[]>,
+  q: QueryRows,
   candidateModel: Model,
   res: CandidateScores,
   req: ExplainRequest,
@@ -643,6 +659,7 @@ async function finishGradientPool(
 ): Promise<PoolScores> {
   const candidates = pool.map((i) => corpus.tokens[i]);
   const normalize = gradientScorer(method).normalize;
+  const M = q.M;
   const rows = M.values().next().value?.length ?? 1;
   // a normalizing method (cosine) divides by a factor of each query row and of each candidate
   const qNorm = normalize ? normalize.query(qg, rows) : new Float64Array(rows).fill(1);
@@ -666,9 +683,9 @@ async function finishGradientPool(
       redo = reachable(approx, radius, Math.min(req.topK, pool.length));
     }
     exactSet = new Set(redo);
-    const exact = await scoreCandidates(
+    const exact = await scoreQuery(
       candidateModel,
-      M,
+      q,
       redo.map((p) => candidates[p]),
       { modules: setup.modules, gradNorms: !!normalize, batchSize: req.batchSize, signal: req.signal },
     );
@@ -694,8 +711,8 @@ async function finishGradientPool(
   );
   const tokenScores = async (positions: number[]) => {
     if (!positions.length) return [];
-    const row0 = new Map([...M].map(([m, r]) => [m, [r[0]]]));
-    const t = await scoreCandidates(
+    const row0: QueryRows = { M: new Map([...M].map(([m, r]) => [m, [r[0]]])), eigen: q.eigen };
+    const t = await scoreQuery(
       candidateModel,
       row0,
       positions.map((p) => candidates[p]),

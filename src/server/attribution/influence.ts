@@ -13,14 +13,17 @@ import type { Batch, CompiledGraph, Model, ModuleSelection, RunResult } from '..
 import type { ort } from '../model/onnx/session';
 import { DEFAULTS } from '../settings';
 import { memoryBoundedBatches, type RunShape, runShape } from './chunking';
+import { fromEigenbasis, toEigenbasis } from './ekfac/eigenbasis';
 import {
   lowRank,
   lowRankToDense,
   type Preconditioner,
   precondition,
   precondition32,
+  preconditionRotated,
   preconditionTokens,
   preconditionTokens32,
+  rotateBack32,
   singlePrecision,
   type TokenRows,
 } from './ekfac/precondition';
@@ -215,11 +218,18 @@ export function denseGradients(tokens: QueryTokens): Map<string, Floats[]> {
 /**
  * Apply one or more preconditioners in order (multi-stage applies fine-tune then pre-train), to
  * full gradients or to tokens (then the first stage rotates from the tokens and no G is formed).
+ * With `eigenbasis` (one preconditioner only) the rows are left in its eigenbasis,
+ * R = (Q_Sᵀ G Q_A) ⊘ (Λ + λ), for `scoreCandidates(…, { eigenbasis })`: the rotation back is skipped.
  */
 export function queryMatrices(
   G: Map<string, Floats[]> | QueryTokens,
   preconditioners: Array<Map<string, Preconditioner>>,
+  opts: { eigenbasis?: boolean } = {},
 ): Map<string, Floats[]> {
+  if (opts.eigenbasis && preconditioners.length !== 1)
+    throw new Error(
+      `queryMatrices: an eigenbasis query needs exactly one preconditioner, got ${preconditioners.length}`,
+    );
   const out = new Map<string, Floats[]>();
   for (const [name, input] of G) {
     const stages = preconditioners.map((p) => {
@@ -234,11 +244,24 @@ export function queryMatrices(
       : [];
     let rows: Floats[];
     let rest = stages.entries();
+    if (opts.eigenbasis && Array.isArray(input)) {
+      const p = stages[0];
+      rows = input.map((v) => {
+        if (!(v instanceof Float32Array)) return preconditionRotated(p, toEigenbasis(p, v), true);
+        const f = single[0];
+        const R = gemm32(gemm32(f.qS, v, p.dOut, p.dOut, p.dA, { transA: true }), f.qA, p.dOut, p.dA, p.dA);
+        for (let i = 0; i < R.length; i++) R[i] *= f.inverse[i];
+        return R;
+      });
+      out.set(name, contiguous(rows));
+      continue;
+    }
     if (Array.isArray(input)) rows = input;
     else {
       if (!stages.length) throw new Error('queryMatrices: tokens need at least one preconditioner');
       const p = stages[0];
-      const flat = single.length ? preconditionTokens32(p, input, single[0]) : preconditionTokens(p, input);
+      const back = !opts.eigenbasis;
+      const flat = single.length ? preconditionTokens32(p, input, single[0], back) : preconditionTokens(p, input, back);
       const size = p.dOut * p.dA;
       rows = input.g.map((_, r) => flat.subarray(r * size, (r + 1) * size));
       rest = [...stages.entries()].slice(1).values();
@@ -249,6 +272,85 @@ export function queryMatrices(
     out.set(name, contiguous(done));
   }
   return out;
+}
+
+/**
+ * Query rows as a gradient scorer hands them over: P(G) per module, or (with `eigen`) R, the same
+ * rows left in the eigenbasis of `eigen` (`queryMatrices(…, { eigenbasis: true })`).
+ */
+export interface QueryRows {
+  M: Map<string, Floats[]>;
+  eigen?: Map<string, Preconditioner>;
+}
+
+/** P(G) = Q_S R Q_Aᵀ of the rows `which` (default all), as new arrays in the rows' precision. */
+export function denseRows(q: QueryRows, which?: number[]): Map<string, Floats[]> {
+  const out = new Map<string, Floats[]>();
+  for (const [name, rows] of q.M) {
+    const picked = which ? which.map((r) => rows[r]) : rows;
+    const p = q.eigen?.get(name);
+    if (!q.eigen) {
+      out.set(name, picked);
+      continue;
+    }
+    if (!p) throw new Error(`the factors have no module ${name}: fit them over the same modules`);
+    const f = picked.some((r) => r instanceof Float32Array) ? singlePrecision(p) : undefined;
+    out.set(
+      name,
+      contiguous(picked.map((r) => (r instanceof Float32Array ? rotateBack32(p, r, f) : fromEigenbasis(p, r)))),
+    );
+  }
+  return out;
+}
+
+/** Tests set `force` to run one path wherever the cost rule would choose (both must agree). */
+export const eigenbasisPolicy: { force?: 'eigenbasis' | 'rotate-back' } = {};
+
+/**
+ * Whether scoring in the eigenbasis costs less than rotating the query rows back: it adds
+ * T_c·(d_out² + d_A²) per candidate and module (rotating its tokens), and saves
+ * d_out²·d_A + d_out·d_A² per query row and module (Q_S R Q_Aᵀ). At the Pythia-70M shape a
+ * 16-token query's 17 rows outweigh a few hundred short candidates; a whole large corpus does not.
+ */
+export function eigenbasisCheaper(
+  pre: Map<string, Preconditioner>,
+  modules: Iterable<string>,
+  queryRows: number,
+  candidateTokens: number,
+): boolean {
+  if (eigenbasisPolicy.force) return eigenbasisPolicy.force === 'eigenbasis';
+  let perToken = 0;
+  let perRow = 0;
+  for (const name of modules) {
+    const p = pre.get(name);
+    if (!p) throw new Error(`the factors have no module ${name}: fit them over the same modules`);
+    perToken += p.dOut * p.dOut + p.dA * p.dA;
+    perRow += p.dOut * p.dOut * p.dA + p.dOut * p.dA * p.dA;
+  }
+  return candidateTokens * perToken < queryRows * perRow;
+}
+
+/** Tokens of the candidates (what `eigenbasisCheaper` weighs). */
+export function tokenCount(candidates: TokenizedExample[]): number {
+  return candidates.reduce((s, c) => s + c.ids.length, 0);
+}
+
+/**
+ * `scoreCandidates` for query rows of either form: rows in the eigenbasis are scored there when
+ * `eigenbasisCheaper` says so for these candidates, else rotated back first (and always for a
+ * low-rank query, whose SVD is of P(G)).
+ */
+export function scoreQuery(
+  model: Model,
+  q: QueryRows,
+  candidates: TokenizedExample[],
+  opts: Parameters<typeof scoreCandidates>[3],
+): Promise<CandidateScores> {
+  if (!q.eigen) return scoreCandidates(model, q.M, candidates, opts);
+  const rows = q.M.values().next().value?.length ?? 0;
+  if (opts.rank === undefined && eigenbasisCheaper(q.eigen, q.M.keys(), rows, tokenCount(candidates)))
+    return scoreCandidates(model, q.M, candidates, { ...opts, eigenbasis: q.eigen });
+  return scoreCandidates(model, denseRows(q), candidates, opts);
 }
 
 export interface CandidateScores {
@@ -319,13 +421,18 @@ export async function scoreCandidates(
     signal?: AbortSignal;
     /** score with a rank-r approximation of each query matrix (faster for wide modules) */
     rank?: number;
+    /** M holds rows in these preconditioners' eigenbases (`queryMatrices(…, { eigenbasis: true })`) */
+    eigenbasis?: Map<string, Preconditioner>;
   },
 ): Promise<CandidateScores> {
+  if (opts.eigenbasis && opts.rank !== undefined)
+    throw new Error('scoreCandidates: a low-rank query is taken of P(G), not of rows in the eigenbasis');
   const graph = await model.compile({
     labels: 'data',
     scores: true,
     tokenScores: opts.tokenScores,
     lowRank: opts.rank !== undefined,
+    ...(opts.eigenbasis ? { eigenbasis: true } : {}),
     // the low-rank error bound needs every candidate's gradient norm
     gradNorms: opts.gradNorms || opts.rank !== undefined,
     hidden: opts.hidden,
@@ -368,7 +475,15 @@ export async function scoreCandidates(
       flat = graph.fp64 ? new Float64Array(Q * m.dOut * dA) : new Float32Array(Q * m.dOut * dA);
       for (const [q, r] of rows.entries()) flat.set(r, q * m.dOut * dA);
     }
-    feeds[`M.${m.name}`] = graph.tensor(flat, [Q, m.dOut, dA]);
+    if (opts.eigenbasis) {
+      const p = opts.eigenbasis.get(m.name);
+      if (!p) throw new Error(`the factors have no module ${m.name}: fit them over the same modules`);
+      if (p.dOut !== m.dOut || p.dA !== dA)
+        throw new Error(`module ${m.name}: factors are ${p.dOut}×${p.dA}, the model's gradient ${m.dOut}×${dA}`);
+      feeds[`R.${m.name}`] = graph.tensor(flat, [Q, m.dOut, dA]);
+      feeds[`QA.${m.name}`] = graph.tensor(p.qA, [dA, dA]);
+      feeds[`QS.${m.name}`] = graph.tensor(p.qS, [m.dOut, m.dOut]);
+    } else feeds[`M.${m.name}`] = graph.tensor(flat, [Q, m.dOut, dA]);
   }
   const n = candidates.length;
   const scores = Array.from({ length: n }, () => new Float64Array(Q));

@@ -54,6 +54,13 @@ export interface GraphRequest {
    */
   lowRank?: boolean;
   /**
+   * scores / token scores with the query in the EK-FAC eigenbasis: inputs `R.<module>` [Q, dOut, dIn']
+   * = (Q_Sᵀ P(G_q) Q_A), with `QA.<module>`, `QS.<module>`, instead of `M` = P(G_q). Each candidate's
+   * tokens are rotated (Q_Sᵀ g_t, Q_Aᵀ a_t) and ⟨R_q, Q_Sᵀ G_b Q_A⟩ = ⟨P(G_q), G_b⟩ is scored, so
+   * the query rows need no rotation back (T·(dOut² + dIn'²) more work per candidate).
+   */
+  eigenbasis?: boolean;
+  /**
    * `P.<module>` [B, kS, kA] = Σ_t (PSᵀ g_t)(PAᵀ ã_t)ᵀ with inputs `PA.<module>` [dIn', kA] and
    * `PS.<module>` [dOut, kS]: per-example gradients under random projections (LoGra-style
    * gradient store), formed without the full d_out × d_in gradient.
@@ -417,6 +424,8 @@ function buildOutputs(
     g.output(t, name);
     names.push(name);
   };
+  if (req.eigenbasis && (req.lowRank || req.lambda || req.selfInfluence))
+    throw new EngineError('an eigenbasis query cannot be combined with lowRank, lambda or selfInfluence in one graph');
   const V = out.logits.shape[1] as number;
   const btShape = ctx.bt;
   const weightsIn = g.input('target_weights', g.float, ['B', 'T']);
@@ -508,7 +517,7 @@ function buildOutputs(
   const needG =
     req.exampleGrads ||
     req.lambda ||
-    (req.scores && !req.lowRank) ||
+    (req.scores && !req.lowRank && !req.eigenbasis) ||
     req.selfInfluence ||
     (req.gradNorms && !req.lowRank);
   const needModuleGrads = req.perToken || req.covariance || req.scores || req.tokenScores || req.projected || needG;
@@ -574,8 +583,31 @@ function buildOutputs(
             scoreSum = accumulate(scoreSum, sc);
           }
         }
+        if (req.eigenbasis && (req.scores || req.tokenScores)) {
+          const QA = g.input(`QA.${m.name}`, g.float, [dIn, dIn]);
+          const QS = g.input(`QS.${m.name}`, g.float, [m.dOut, m.dOut]);
+          const R = g.input(`R.${m.name}`, g.float, ['Q', m.dOut, dIn]);
+          const gr = g.matmul(gy, QS); // [N, dOut]: (Q_Sᵀ g_t)ᵀ
+          const ar = g.matmul(a, QA); // [N, dIn]: (Q_Aᵀ a_t)ᵀ
+          if (req.tokenScores) {
+            // c[q, t] = (Q_Sᵀ g_t)ᵀ R_q (Q_Aᵀ a_t) = g_tᵀ P(G_q) a_t
+            const gR = g.matmul(g.unsqueeze(gr, [0]), R); // [Q, N, dIn]
+            tokenSum = accumulate(tokenSum, g.reduceSum(g.mul(gR, ar), [2], false));
+          }
+          if (req.scores) {
+            const per = (x: Tensor, d: number) => g.reshape(x, g.concatInts([btShape, g.ints([d])]), ['B', 'T', d]);
+            const rot = g.matmul(g.transpose(per(gr, m.dOut), [0, 2, 1]), per(ar, dIn)); // [B, dOut, dIn]
+            const rot2 = g.reshape(rot, [-1, m.dOut * dIn]);
+            const R2 = g.reshape(R, [-1, m.dOut * dIn]);
+            const sc = g.node('Gemm', [rot2, R2], [{ dtype: g.float, shape: ['B', 'Q'] }], { transB: 1 })[0];
+            emit(sc, `score.${m.name}`);
+            scoreSum = accumulate(scoreSum, sc);
+          }
+        }
         const M =
-          !req.lowRank && (req.scores || req.tokenScores) ? g.input(`M.${m.name}`, g.float, ['Q', m.dOut, dIn]) : null;
+          !req.lowRank && !req.eigenbasis && (req.scores || req.tokenScores)
+            ? g.input(`M.${m.name}`, g.float, ['Q', m.dOut, dIn])
+            : null;
         if (M && req.tokenScores) {
           // c[q, t] = g_tᵀ M_q a_t : the training-side token heatmap, summed over modules
           const gM = g.matmul(g.unsqueeze(gy, [0]), M); // [Q, N, dIn]

@@ -295,6 +295,8 @@ export function preconditionTokens32(
   p: Preconditioner,
   t: TokenRows,
   f: SinglePrecision = singlePrecision(p),
+  /** false: return R = (Q_Sᵀ G_r Q_A) ⊘ (Λ+λ), left in the eigenbasis (see `rotateBack32`) */
+  back = true,
 ): Float32Array {
   const { dOut, dA } = p;
   const { rows, forward } = tokenCounts(t, dOut, dA, `preconditionTokens32 (module ${p.module})`);
@@ -323,14 +325,27 @@ export function preconditionTokens32(
       rot = gemm32(gemm32(f.qS, G, dOut, dOut, dA, { transA: true }), f.qA, dOut, dA, dA);
     }
     for (let i = 0; i < size; i++) rot[i] *= f.inverse[i];
-    const U = gemm32(f.qS, rot, dOut, dOut, dA);
-    gemm32(U, f.qA, dOut, dA, dA, { transB: true, out: out.subarray(r * size, (r + 1) * size) });
+    if (back) rotateBack32(p, rot, f, out.subarray(r * size, (r + 1) * size));
+    else out.set(rot, r * size);
   }
   return out;
 }
 
+/** Q_S R Q_Aᵀ in float32: a row of `preconditionTokens32(…, back = false)` turned into P(G_r). */
+export function rotateBack32(
+  p: Preconditioner,
+  R: Float32Array,
+  f: SinglePrecision = singlePrecision(p),
+  out?: Float32Array,
+): Float32Array {
+  const { dOut, dA } = p;
+  if (R.length !== dOut * dA) throw new Error(`rotateBack32: expected ${dOut}×${dA} values, got ${R.length}`);
+  const U = gemm32(f.qS, R, dOut, dOut, dA);
+  return gemm32(U, f.qA, dOut, dA, dA, { transB: true, out });
+}
+
 /** `preconditionTokens32` in fp64 (fp64 graphs: ground truths, finite-difference checks). */
-export function preconditionTokens(p: Preconditioner, t: TokenRows): Float64Array {
+export function preconditionTokens(p: Preconditioner, t: TokenRows, back = true): Float64Array {
   const { dOut, dA } = p;
   const { rows, forward } = tokenCounts(t, dOut, dA, `preconditionTokens (module ${p.module})`);
   const size = dOut * dA;
@@ -354,6 +369,10 @@ export function preconditionTokens(p: Preconditioner, t: TokenRows): Float64Arra
       rot = gemm(gemm(g, qS, T, dOut, dOut), xq, dOut, T, dA, { transA: true });
     } else rot = toEigenbasis(p, gemm(g, a, dOut, T, dA, { transA: true }));
     preconditionRotated(p, rot, true);
+    if (!back) {
+      out.set(rot, r * size);
+      continue;
+    }
     const U = gemm(qS, rot, dOut, dOut, dA);
     gemm(U, qA, dOut, dA, dA, { transB: true, out: out.subarray(r * size, (r + 1) * size) });
   }

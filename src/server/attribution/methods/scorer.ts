@@ -8,14 +8,24 @@
 // Whether a method's scores are signed comes from the registry (src/protocol/methods.ts).
 import type { Floats } from '../../linalg/matrix';
 import type { Model } from '../../model/engine';
+import type { Preconditioner } from '../ekfac/precondition';
 import type { Corpus } from '../explain';
 import type { QueryGradients } from '../influence';
 import type { ExplainSetup } from '../setup';
 
 export interface GradientScorer {
   readonly kind: 'gradient';
-  /** The query matrices (per module, one row per query row of `qg`), and the model whose candidate gradients they meet. */
-  query(setup: ExplainSetup, qg: QueryGradients): { M: Map<string, Floats[]>; candidateModel: Model };
+  /**
+   * The query matrices (per module, one row per query row of `qg`), and the model whose candidate
+   * gradients they meet. With `eigen`, M holds the rows in those factors' eigenbases (`QueryRows`):
+   * a scorer may return that when told what it will be scored against (`pool`) and it is cheaper.
+   */
+  query(
+    setup: ExplainSetup,
+    qg: QueryGradients,
+    /** the candidates' total tokens, and the query rows scored with them in one pass (default: qg's) */
+    pool?: { candidateTokens: number; queryRows?: number },
+  ): { M: Map<string, Floats[]>; candidateModel: Model; eigen?: Map<string, Preconditioner> };
   /**
    * Divide each score by a query row's norm and a candidate's norm (cosine). A method with a
    * normalization needs every candidate's ‖G(z)‖², so it cannot score from the gradient store.
