@@ -32,36 +32,19 @@ import { ekfac } from '../../src/server/attribution/methods/ekfac';
 import { type OpenedStage, openStage } from '../../src/server/attribution/stage';
 import { loadDataset } from '../../src/server/data/dataset';
 import { contextLength, tokenizeQuery } from '../../src/server/data/tokenize';
-import { eigh } from '../../src/server/linalg/eigh';
-import { gemm } from '../../src/server/linalg/matrix';
 import { planCheckpoints } from '../../src/server/model/checkpoints';
 import { Model } from '../../src/server/model/engine';
-import { initLlama, saveCheckpoint } from '../../src/server/train/trainer';
 import { Rng } from '../../src/server/util/random';
+import { maxRel } from './helpers/dense';
 import { useTempHome } from './helpers/env';
+import { orthogonal } from './helpers/orthogonal';
+import { makeTinyLlama } from './helpers/tiny-llama';
 
 const home = useTempHome();
 
-/** max |x − y| / max |y|: the relative error of a whole vector */
-function relErr(x: ArrayLike<number>, y: ArrayLike<number>): number {
-  assert.equal(x.length, y.length);
-  let num = 0;
-  let den = 0;
-  for (let i = 0; i < x.length; i++) {
-    num = Math.max(num, Math.abs(x[i] - y[i]));
-    den = Math.max(den, Math.abs(y[i]));
-  }
-  assert.ok(den > 0, 'reference is all zeros');
-  return num / den;
-}
+const relErr = maxRel;
 
 const flat = (rows: ArrayLike<number>[]) => rows.flatMap((r) => Array.from(r));
-
-function orthogonal(n: number, rng: Rng): Float64Array {
-  const X = new Float64Array(n * n);
-  for (let i = 0; i < X.length; i++) X[i] = rng.normal();
-  return eigh(gemm(X, X, n, n, n, { transA: true }), n).vectors;
-}
 
 /** Random eigenbases and a random positive Λ over four decades, for every module of `model`. */
 function randomPreconditioners(model: Model, seed: number): Map<string, Preconditioner> {
@@ -192,8 +175,6 @@ describe('the cost rule', () => {
     assert.equal(ekfac.query(setup, qg).eigen, undefined);
     assert.equal(ekfac.query(setup, qg, { candidateTokens: 1 }).eigen, pre);
     assert.equal(ekfac.query(setup, qg, { candidateTokens: 1e9 }).eigen, undefined);
-    // the batched pass decides on all queries' rows
-    assert.equal(ekfac.query(setup, qg, { candidateTokens: 1e9, queryRows: 1e12 }).eigen, pre);
   });
 
   test('refusals: two stages, a low-rank query of eigenbasis rows', async () => {
@@ -210,15 +191,8 @@ describe('the cost rule', () => {
 });
 
 // explain end to end: a tiny fp64 Llama (GQA), fitted factors, two training checkpoints
-const TOKENIZER = 'test/fixtures/models/llama';
-const SHAPE = { vocab: 320, d: 8, layers: 2, heads: 2, kvHeads: 1, ffn: 12, maxPositions: 64 };
 const fp64 = { precision: 'fp64' as const };
-
-function makeModel(dir: string, seed: number, extra?: Record<string, unknown>) {
-  const { config, params, shapes } = initLlama(SHAPE, seed, { bos: 0, eos: 0, pad: 0 });
-  for (const [name, p] of params) if (!name.includes('norm')) for (let i = 0; i < p.length; i++) p[i] *= 20;
-  saveCheckpoint(dir, config, params, shapes, TOKENIZER, extra);
-}
+const makeModel = makeTinyLlama;
 
 const RECORDS = [
   { text: 'The capital of France is Paris.' },

@@ -26,20 +26,13 @@ import { GradientStore } from '../../src/server/index/gradient-store';
 import { preconditionerFingerprint } from '../../src/server/index/store-projection';
 import { planCheckpoints } from '../../src/server/model/checkpoints';
 import { Model, makeBatch } from '../../src/server/model/engine';
-import { initLlama, saveCheckpoint } from '../../src/server/train/trainer';
 import { gaussJordanInverse, kron, matVec } from './helpers/dense';
 import { useTempHome } from './helpers/env';
+import { makeTinyLlama } from './helpers/tiny-llama';
 
 const home = useTempHome();
-const TOKENIZER = 'test/fixtures/models/llama';
-const SHAPE = { vocab: 320, d: 8, layers: 2, heads: 2, kvHeads: 1, ffn: 12, maxPositions: 64 };
 const fp64 = { precision: 'fp64' as const };
-
-function makeModel(dir: string, seed: number, extra?: Record<string, unknown>) {
-  const { config, params, shapes } = initLlama(SHAPE, seed, { bos: 0, eos: 0, pad: 0 });
-  for (const [name, p] of params) if (!name.includes('norm')) for (let i = 0; i < p.length; i++) p[i] *= 20;
-  saveCheckpoint(dir, config, params, shapes, TOKENIZER, extra);
-}
+const makeModel = makeTinyLlama;
 
 const RECORDS = [
   { text: 'The capital of France is Paris.' },

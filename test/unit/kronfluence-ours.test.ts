@@ -22,6 +22,7 @@ import type { Precision } from '../../src/server/linalg/matrix';
 import { Model } from '../../src/server/model/engine';
 import { DATA_SHA256, readSafetensorsHeader, readTensorF64 } from '../../src/server/model/safetensors';
 import { spearman } from '../../src/server/util/stats';
+import { maxRel } from './helpers/dense';
 import { useTempHome } from './helpers/env';
 
 const home = useTempHome();
@@ -51,15 +52,7 @@ const queries: TokenizedExample[] = data.queries.map((q) => ({
   weights: q.ids.map((_, t) => (t + 1 >= q.prompt_length && t < q.ids.length - 1 ? 1 : 0)),
 }));
 
-function relErr(a: ArrayLike<number>, b: ArrayLike<number>): number {
-  let num = 0;
-  let den = 0;
-  for (let i = 0; i < a.length; i++) {
-    num = Math.max(num, Math.abs(a[i] - b[i]));
-    den = Math.max(den, Math.abs(b[i]));
-  }
-  return num / den;
-}
+const relErr = maxRel;
 
 /** Our [query][train] scores with the committed factors, read into `precision` (F32 widened for fp64). */
 async function ourScores(precision: Precision, damping: Damping): Promise<number[][]> {

@@ -22,32 +22,16 @@ import {
   queryGradients,
   queryMatrices,
 } from '../../src/server/attribution/influence';
-import { eigh } from '../../src/server/linalg/eigh';
 import { type Floats, gemm } from '../../src/server/linalg/matrix';
 import { Model, makeBatch } from '../../src/server/model/engine';
 import { Rng } from '../../src/server/util/random';
+import { maxRel } from './helpers/dense';
 import { useTempHome } from './helpers/env';
+import { orthogonal } from './helpers/orthogonal';
 
 useTempHome();
 
-/** max |x − y| / max |y|: the relative error of a whole matrix */
-function relErr(x: ArrayLike<number>, y: ArrayLike<number>): number {
-  assert.equal(x.length, y.length);
-  let num = 0;
-  let den = 0;
-  for (let i = 0; i < x.length; i++) {
-    num = Math.max(num, Math.abs(x[i] - y[i]));
-    den = Math.max(den, Math.abs(y[i]));
-  }
-  assert.ok(den > 0, 'reference is all zeros');
-  return num / den;
-}
-
-function orthogonal(n: number, rng: Rng): Float64Array {
-  const X = new Float64Array(n * n);
-  for (let i = 0; i < X.length; i++) X[i] = rng.normal();
-  return eigh(gemm(X, X, n, n, n, { transA: true }), n).vectors;
-}
+const relErr = maxRel;
 
 /** A preconditioner with random eigenbases and a random positive Λ spread over four decades. */
 function randomPreconditioner(module: string, dOut: number, dA: number, rng: Rng): Preconditioner {

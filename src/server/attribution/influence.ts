@@ -246,13 +246,11 @@ export function queryMatrices(
     let rest = stages.entries();
     if (opts.eigenbasis && Array.isArray(input)) {
       const p = stages[0];
-      rows = input.map((v) => {
-        if (!(v instanceof Float32Array)) return preconditionRotated(p, toEigenbasis(p, v), true);
-        const f = single[0];
-        const R = gemm32(gemm32(f.qS, v, p.dOut, p.dOut, p.dA, { transA: true }), f.qA, p.dOut, p.dA, p.dA);
-        for (let i = 0; i < R.length; i++) R[i] *= f.inverse[i];
-        return R;
-      });
+      rows = input.map((v) =>
+        v instanceof Float32Array
+          ? precondition32(p, v, single[0], false)
+          : preconditionRotated(p, toEigenbasis(p, v), true),
+      );
       out.set(name, contiguous(rows));
       continue;
     }

@@ -1,5 +1,6 @@
 // Dense fp64 reference helpers: explicit matrices, inverted by Gauss-Jordan, independent of
 // the eigendecomposition code they check.
+import assert from 'node:assert/strict';
 
 export function gaussJordanInverse(H: Float64Array, n: number): Float64Array {
   const M = Float64Array.from(H);
@@ -52,12 +53,15 @@ export function kron(QS: ArrayLike<number>, dOut: number, QA: ArrayLike<number>,
   return K;
 }
 
+/** max |x − y| / max |y|: the relative error of a whole vector (equal lengths, a non-zero reference) */
 export function maxRel(x: ArrayLike<number>, y: ArrayLike<number>) {
+  assert.equal(x.length, y.length, 'maxRel: lengths differ');
   let scale = 0;
   let d = 0;
   for (let i = 0; i < y.length; i++) {
     scale = Math.max(scale, Math.abs(y[i]));
     d = Math.max(d, Math.abs(x[i] - y[i]));
   }
+  assert.ok(scale > 0, 'maxRel: the reference is all zeros');
   return d / scale;
 }

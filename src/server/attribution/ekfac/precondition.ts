@@ -94,6 +94,8 @@ export function precondition32(
   p: Preconditioner,
   V: Float32Array,
   f: SinglePrecision = singlePrecision(p),
+  /** false: return R = (Q_Sᵀ V Q_A) ⊘ (Λ+λ), left in the eigenbasis (see `rotateBack32`) */
+  back = true,
 ): Float32Array {
   if (V.length !== p.dOut * p.dA)
     throw new Error(`precondition32: expected a ${p.dOut}×${p.dA} matrix (${p.dOut * p.dA} values), got ${V.length}`);
@@ -101,8 +103,7 @@ export function precondition32(
   const T = gemm32(f.qS, V, p.dOut, p.dOut, p.dA, { transA: true });
   const R = gemm32(T, f.qA, p.dOut, p.dA, p.dA);
   for (let i = 0; i < R.length; i++) R[i] *= f.inverse[i];
-  const U = gemm32(f.qS, R, p.dOut, p.dOut, p.dA);
-  return gemm32(U, f.qA, p.dOut, p.dA, p.dA, { transB: true });
+  return back ? rotateBack32(p, R, f) : R;
 }
 
 /** P(V) for a d_out × d_A matrix V, in fp64 (a float32 preconditioner is widened per call). */

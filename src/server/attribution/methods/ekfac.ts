@@ -11,8 +11,7 @@ export const ekfac: GradientScorer = {
     const pre = need(setup.model.preconditioners, 'ekfac needs EK-FAC factors for the fine-tuned model', 'factors');
     // ⟨P(G_q), G_z⟩ = ⟨R_q, Q_Sᵀ G_z Q_A⟩: leave the rows in the eigenbasis when rotating the
     // candidates' tokens costs less than rotating every query row back
-    const eigen =
-      pool !== undefined && eigenbasisCheaper(pre, qg.tokens.keys(), pool.queryRows ?? qg.rows, pool.candidateTokens);
+    const eigen = pool !== undefined && eigenbasisCheaper(pre, qg.tokens.keys(), qg.rows, pool.candidateTokens);
     return {
       M: queryMatrices(qg.tokens, [pre], { eigenbasis: eigen }),
       candidateModel: setup.model.model,

@@ -23,8 +23,8 @@ export interface GradientScorer {
   query(
     setup: ExplainSetup,
     qg: QueryGradients,
-    /** the candidates' total tokens, and the query rows scored with them in one pass (default: qg's) */
-    pool?: { candidateTokens: number; queryRows?: number },
+    /** the candidates' total tokens (each query decides on its own rows, batched or not) */
+    pool?: { candidateTokens: number },
   ): { M: Map<string, Floats[]>; candidateModel: Model; eigen?: Map<string, Preconditioner> };
   /**
    * Divide each score by a query row's norm and a candidate's norm (cosine). A method with a
