@@ -69,7 +69,7 @@ describe('float32 EK-FAC factors', () => {
     dir = mkdtempSync(join(tmpdir(), 'fp32-factors-'));
     const { covariances } = await fitCovariances(model, train, opts);
     for (const precision of ['fp64', 'fp32'] as const) {
-      const bases = fitEigenbases(new Map(covariances), { precision });
+      const bases = await fitEigenbases(new Map(covariances), { precision });
       lambdas[precision] = await fitLambdas(model, train, bases, opts);
       for (const [name, b] of bases) {
         const mf = moduleFactors(covariances.get(name)!, b, lambdas[precision].get(name)!);

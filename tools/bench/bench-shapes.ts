@@ -109,7 +109,7 @@ export async function benchShape(argv: string[]): Promise<void> {
   ).covariances;
   const covarianceSeconds = sec(t);
   t = performance.now();
-  const bases = fitEigenbases(covariances, { precision: model.precision });
+  const bases = await fitEigenbases(covariances, { precision: model.precision });
   covariances = null;
   const eigenSeconds = sec(t);
   t = performance.now();

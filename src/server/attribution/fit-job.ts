@@ -286,7 +286,7 @@ async function fitJob(o: FitJobOptions, n: number, i: number): Promise<FitJobRes
       // the covariances are saved with the bases, so they are collected before fitEigenbases drops them
       const modules: Record<string, ModuleFactors> = {};
       for (const [name, acc] of merged) modules[name] = covarianceOnly(acc);
-      const bases = fitEigenbases(merged, { ...fitOpts, precision: model.precision });
+      const bases = await fitEigenbases(merged, { ...fitOpts, precision: model.precision });
       for (const name of Object.keys(modules)) modules[name] = withEigen(modules[name], bases.get(name)!);
       o.signal?.throwIfAborted();
       saveStage(eigenDir, { args: args(), fingerprint, modules });

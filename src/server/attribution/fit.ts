@@ -5,14 +5,15 @@
 // Labels are sampled from the model (true Fisher) unless `labels: 'empirical'`. Every pass
 // can run on one partition of the data; partial sums add up (covariance.ts, lambda.ts).
 import { createHash } from 'node:crypto';
+import { parallelEigh } from '../linalg/eigh';
 import type { Floats, Precision } from '../linalg/matrix';
 import type { Batch, Model, ModuleInfo, ModuleSelection } from '../model/engine';
 import type { ort } from '../model/onnx/session';
 import { DEFAULTS } from '../settings';
 import { Rng } from '../util/random';
-import { memoryBoundedBatches, runShape } from './chunking';
+import { memoryBoundedBatches, runShape, sequenceLimitBytes } from './chunking';
 import { CovarianceAccumulator } from './ekfac/covariance';
-import { computeEigenbasis, type Eigenbasis } from './ekfac/eigenbasis';
+import { assembleEigenbasis, type Decomposition, decomposeCovariance, type Eigenbasis } from './ekfac/eigenbasis';
 import type { ModuleShape } from './ekfac/gradient';
 import { LambdaAccumulator } from './ekfac/lambda';
 
@@ -131,39 +132,91 @@ function realRows(batch: Batch) {
 }
 
 /**
- * Eigendecompose each module's A and S (fp64, LAPACK when available), one matrix at a time.
- * The eigenvectors are stored in `precision` (default fp64; a float32 model's fit passes 'fp32',
- * as kronfluence keeps its factors in float32). Each module's accumulator is deleted from
- * `covariances` once its basis exists, so the peak holds the bases made so far and the
- * covariances still to decompose, not both full sets: pass a copy of the map to keep them.
+ * Eigendecompose each module's A and S (fp64, LAPACK when available), several at once when the
+ * library allows it (`parallelEigh`: single-threaded calls on libuv's thread pool, largest
+ * modules first so the last to finish are small). The eigenvectors are stored in `precision`
+ * (default fp64; a float32 model's fit passes 'fp32', as kronfluence keeps its factors in
+ * float32). A module's covariance is finalized only when a slot is free, and its accumulator is
+ * deleted from `covariances` once its basis exists, so the peak holds the bases made so far, the
+ * matrices in flight and the covariances still to decompose, not both full sets: pass a copy of
+ * the map to keep them.
  */
-export function fitEigenbases(
+export async function fitEigenbases(
   covariances: Map<string, CovarianceAccumulator>,
   opts?: Pick<FitOptions, 'signal' | 'onProgress'> & { precision?: Precision },
-): Map<string, Eigenbasis> {
-  const bases = new Map<string, Eigenbasis>();
-  const total = covariances.size;
+): Promise<Map<string, Eigenbasis>> {
+  const order = [...covariances.keys()];
+  const total = order.length;
+  const size = (acc: CovarianceAccumulator) => Math.max(acc.dA, acc.shape.dOut);
+  const largest = Math.max(0, ...[...covariances.values()].map(size));
+  const { parallel, end } = parallelEigh(largest, Math.max(0, sequenceLimitBytes()) / 2);
+  const done = new Map<string, Eigenbasis>();
   // Modules that read the same input (q/k/v, gate/up) have identical activation covariances
   // (the graph emits one A for them): decompose each distinct A once. A is matched by the
   // sha256 of its bytes (the covariance itself is released as we go); equal digests mean equal
   // values, so the result is the same as decomposing it again.
-  const seenA = new Map<string, Eigenbasis>();
-  let i = 0;
-  for (const [name, acc] of [...covariances]) {
-    opts?.signal?.throwIfAborted();
-    const cov = acc.finalize();
-    const key = digest(cov.A);
-    const same = seenA.get(key);
-    const basis = computeEigenbasis(name, cov, {
-      precision: opts?.precision,
-      knownA: same ? { values: same.eigA, vectors: same.qA } : undefined,
-    });
-    if (!same) seenA.set(key, basis);
-    bases.set(name, basis);
-    covariances.delete(name);
-    opts?.onProgress?.('eigendecomposition', ++i, total);
+  const seenA = new Map<string, Promise<Decomposition>>();
+  const claimed = new Set<Promise<Decomposition>>();
+  let inFlight = 0;
+  let wake: (() => void) | null = null;
+  const slot = async () => {
+    while (inFlight >= parallel) await new Promise<void>((r) => (wake = r));
+    inFlight++;
+  };
+  const release = () => {
+    inFlight--;
+    const w = wake;
+    wake = null;
+    w?.();
+  };
+  const run = async (f: () => Promise<Decomposition>) => {
+    try {
+      return await f();
+    } finally {
+      release();
+    }
+  };
+  const modules: Promise<void>[] = [];
+  let failure: { error: unknown } | undefined;
+  try {
+    for (const name of [...order].sort((x, y) => size(covariances.get(y)!) - size(covariances.get(x)!))) {
+      opts?.signal?.throwIfAborted();
+      if (failure) throw failure.error;
+      const acc = covariances.get(name)!;
+      await slot();
+      const cov = acc.finalize();
+      const key = digest(cov.A);
+      let a = seenA.get(key);
+      if (a) release();
+      else {
+        a = run(() => decomposeCovariance(name, 'activation', cov.A, cov.dA, opts));
+        seenA.set(key, a);
+      }
+      await slot();
+      const s = run(() => decomposeCovariance(name, 'gradient', cov.S, cov.dOut, opts));
+      const mine = a;
+      modules.push(
+        Promise.all([mine, s]).then(([da, ds]) => {
+          // the first module to finish owns the shared activation arrays; the others copy them
+          const shared = claimed.has(mine);
+          claimed.add(mine);
+          done.set(name, assembleEigenbasis(name, cov, da, ds, { precision: opts?.precision, shared }));
+          covariances.delete(name);
+          opts?.onProgress?.('eigendecomposition', done.size, total);
+        }),
+      );
+      // a failure stops the loop at the next module instead of decomposing the rest
+      modules[modules.length - 1].catch((error) => {
+        failure ??= { error };
+      });
+    }
+    await Promise.all(modules);
+  } finally {
+    // every call in flight must end before BLAS gets its threads back
+    await Promise.allSettled(modules);
+    end();
   }
-  return bases;
+  return new Map(order.map((name) => [name, done.get(name)!]));
 }
 
 function digest(a: Floats): string {
@@ -211,7 +264,7 @@ export async function fitLambdas(
 export async function fitFactors(model: Model, examples: TokenizedExample[], opts: FitOptions): Promise<FittedFactors> {
   const { modules, covariances } = await fitCovariances(model, examples, opts);
   // a copy: the covariances are returned with the bases
-  const bases = fitEigenbases(new Map(covariances), { ...opts, precision: model.precision });
+  const bases = await fitEigenbases(new Map(covariances), { ...opts, precision: model.precision });
   const lambdas = await fitLambdas(model, examples, bases, opts);
   return { modules, covariances, bases, lambdas };
 }

@@ -2,6 +2,7 @@
 // eq. 20). LAPACK dsyevd (divide and conquer) through koffi when a system library is
 // present; otherwise Householder tridiagonalisation + implicit QL in JS, capped at
 // JS_MAX_N because it is O(n³) in JS (~10 s at n = 1024).
+import { availableParallelism } from 'node:os';
 import { firstNonFinite, symmetrize, transpose } from './matrix';
 import { lapackAllowed, nativeLapack, nativeLoadErrors } from './native';
 
@@ -41,6 +42,37 @@ export function eighBackend(): { kind: 'lapack' | 'js'; library?: string; reason
  * The input is not modified. Throws on NaN/Inf, naming `label`.
  */
 export function eigh(matrix: Float64Array, n: number, options: EighOptions = {}): Eigh {
+  const job = prepare(matrix, n, options);
+  if ('done' in job) return job.done;
+  if (job.lapack) {
+    const call = lapackCall(job.a, n, job.label, job.lapack.dsyevd);
+    job.lapack.dsyevd(...call.args);
+    return call.result();
+  }
+  return eighJs(job.a, n, job.label);
+}
+
+/**
+ * `eigh` with LAPACK's work on libuv's thread pool, so that several decompositions run at once
+ * (see `parallelEigh`) while the JS thread stays free. The JS fallback runs inline. Same checks,
+ * same results as `eigh` under the same BLAS thread count.
+ */
+export async function eighAsync(matrix: Float64Array, n: number, options: EighOptions = {}): Promise<Eigh> {
+  const job = prepare(matrix, n, options);
+  if ('done' in job) return job.done;
+  if (!job.lapack) return eighJs(job.a, n, job.label);
+  const call = lapackCall(job.a, n, job.label, job.lapack.dsyevd);
+  const lib = job.lapack;
+  await new Promise<void>((resolve, reject) => lib.dsyevdAsync(...call.args, (err) => (err ? reject(err) : resolve())));
+  return call.result();
+}
+
+type Prepared =
+  | { done: Eigh }
+  | { a: Float64Array; label: string; lapack: NonNullable<ReturnType<typeof nativeLapack>> | null };
+
+/** Checks the input and picks the backend; `a` is a symmetrized copy for the solver to overwrite. */
+function prepare(matrix: Float64Array, n: number, options: EighOptions): Prepared {
   const label = options.label ?? 'matrix';
   if (!Number.isInteger(n) || n < 0) throw new Error(`eigh(${label}): bad size ${n}`);
   if (matrix.length !== n * n)
@@ -50,11 +82,11 @@ export function eigh(matrix: Float64Array, n: number, options: EighOptions = {})
     const i = Math.floor(bad / n);
     throw new Error(`eigh: ${matrix[bad]} in ${label} at [${i}, ${bad - i * n}] (n=${n})`);
   }
-  if (n === 0) return { values: new Float64Array(0), vectors: new Float64Array(0) };
+  if (n === 0) return { done: { values: new Float64Array(0), vectors: new Float64Array(0) } };
   const a = symmetrize(Float64Array.from(matrix), n);
   const backend = options.backend ?? 'auto';
   const lib = backend === 'js' ? null : nativeLapack();
-  if (lib) return eighLapack(a, n, label, lib.dsyevd);
+  if (lib) return { a, label, lapack: lib };
   if (backend === 'lapack') {
     throw new Error(
       `eigh(${label}): LAPACK backend requested but not available: ${eighBackend().reason}; ${INSTALL_HINT}`,
@@ -66,12 +98,13 @@ export function eigh(matrix: Float64Array, n: number, options: EighOptions = {})
         `${eighBackend().reason}). To fit factors for this model, ${INSTALL_HINT}`,
     );
   }
-  return eighJs(a, n, label);
+  return { a, label, lapack: null };
 }
 
 type Dsyevd = NonNullable<ReturnType<typeof nativeLapack>>['dsyevd'];
 
-function eighLapack(a: Float64Array, n: number, label: string, dsyevd: Dsyevd): Eigh {
+/** dsyevd's arguments (after the workspace query) and the reading of its result. */
+function lapackCall(a: Float64Array, n: number, label: string, dsyevd: Dsyevd) {
   const N = new Int32Array([n]);
   const w = new Float64Array(n);
   const info = new Int32Array(1);
@@ -85,11 +118,70 @@ function eighLapack(a: Float64Array, n: number, label: string, dsyevd: Dsyevd): 
   const liwork = Math.max(iq[0], 3 + 5 * n);
   const work = new Float64Array(lwork);
   const iwork = new Int32Array(liwork);
-  dsyevd('V', 'L', N, a, N, w, work, new Int32Array([lwork]), iwork, new Int32Array([liwork]), info, 1, 1);
-  if (info[0] < 0) throw new Error(`eigh(${label}): dsyevd argument ${-info[0]} was illegal`);
-  if (info[0] > 0) throw new Error(`eigh(${label}): dsyevd failed to converge (info=${info[0]}, n=${n})`);
-  // LAPACK returns eigenvectors column-major (a[j*n + i] = V[i][j]); we return row-major V.
-  return { values: w, vectors: transpose(a, n, n) };
+  const args: Parameters<Dsyevd> = [
+    'V',
+    'L',
+    N,
+    a,
+    N,
+    w,
+    work,
+    new Int32Array([lwork]),
+    iwork,
+    new Int32Array([liwork]),
+    info,
+    1,
+    1,
+  ];
+  const result = (): Eigh => {
+    if (info[0] < 0) throw new Error(`eigh(${label}): dsyevd argument ${-info[0]} was illegal`);
+    if (info[0] > 0) throw new Error(`eigh(${label}): dsyevd failed to converge (info=${info[0]}, n=${n})`);
+    // LAPACK returns eigenvectors column-major (a[j*n + i] = V[i][j]); we return row-major V.
+    return { values: w, vectors: transpose(a, n, n) };
+  };
+  return { args, result };
+}
+
+/** Bytes one LAPACK decomposition of size n holds while it runs: input copy, 2n² workspace, transposed result. */
+export function eighBytes(n: number): number {
+  return 8 * (4 * n * n + 12 * n);
+}
+
+let parallelUsers = 0;
+let savedThreads = 0;
+
+/**
+ * How many decompositions may run at once, each on one BLAS thread, for matrices up to
+ * `largestN` within `memoryBytes`. On 2 cores, two single-threaded dsyevd at once took 1.38 s for
+ * two n = 2048 covariances where one after the other with two OpenBLAS threads each took 1.71 s
+ * (divide and conquer spends much of its time in memory-bound level-2 BLAS that does not scale
+ * with threads). One BLAS thread per call also makes the results independent of how many run at
+ * once: the same bits whether 1 or 4 run. Only OpenBLAS, whose thread count we can set, runs in
+ * parallel; other libraries keep one call at a time. Call `end()` when the decompositions are done.
+ * INFLUENCE_LENS_EIGH_PARALLEL=<n> caps the count (1 = one at a time, still single-threaded).
+ */
+export function parallelEigh(largestN: number, memoryBytes: number): { parallel: number; end(): void } {
+  const lib = nativeLapack();
+  if (!lib?.threads) return { parallel: 1, end() {} };
+  const pool = Number(process.env.UV_THREADPOOL_SIZE) || 4; // libuv's default pool: koffi's async calls run there
+  const cap = Number(process.env.INFLUENCE_LENS_EIGH_PARALLEL);
+  let parallel = Math.min(availableParallelism(), pool, Math.floor(memoryBytes / eighBytes(largestN)));
+  if (Number.isInteger(cap) && cap > 0) parallel = Math.min(parallel, cap);
+  parallel = Math.max(1, parallel);
+  // Nested users share one setting: the first saves the library's count, the last restores it.
+  if (parallelUsers++ === 0) {
+    savedThreads = lib.threads.get();
+    lib.threads.set(1);
+  }
+  let ended = false;
+  return {
+    parallel,
+    end() {
+      if (ended) return;
+      ended = true;
+      if (--parallelUsers === 0) lib.threads?.set(savedThreads);
+    },
+  };
 }
 
 /**

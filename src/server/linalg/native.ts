@@ -63,6 +63,14 @@ export interface NativeLapack {
   /** the library file that was opened */
   library: string;
   dsyevd: DsyevdFn;
+  /** the same call on libuv's thread pool (koffi's async calls): the JS thread stays free */
+  dsyevdAsync: (...args: [...Parameters<DsyevdFn>, (err: unknown) => void]) => void;
+  /**
+   * OpenBLAS's own thread count (openblas_set_num_threads / openblas_get_num_threads), absent for
+   * other libraries. Several single-threaded calls at once need it: without it, a library's own
+   * threads would compete with ours, and not every library is safe to call from several threads.
+   */
+  threads?: { get(): number; set(n: number): void };
   /** absent when the library exports LAPACK but not BLAS level 3 */
   dgemm?: DgemmFn;
   sgemm?: SgemmFn;
@@ -146,7 +154,17 @@ function load(): NativeLapack | null {
       } catch {
         sgemm = undefined;
       }
-      return { library: name, dsyevd, dgemm, sgemm };
+      let threads: NativeLapack['threads'];
+      try {
+        const get = lib.func('int openblas_get_num_threads()') as () => number;
+        const set = lib.func('void openblas_set_num_threads(int n)') as (n: number) => void;
+        threads = { get, set };
+      } catch {
+        threads = undefined;
+      }
+      const withAsync = dsyevd as unknown as { async: NativeLapack['dsyevdAsync'] };
+      const dsyevdAsync: NativeLapack['dsyevdAsync'] = (...args) => withAsync.async(...args);
+      return { library: name, dsyevd, dsyevdAsync, dgemm, sgemm, threads };
     } catch (e) {
       loadErrors.push(`${name}: no dsyevd_ (${(e as Error).message.split('\n')[0]})`);
     }

@@ -3,7 +3,7 @@
 // fitted Λ (lambda.ts); the eigenvalues are kept for K-FAC and for diagnostics. For a float32
 // model the eigenvectors are then stored in float32, as kronfluence does (eigendecomposition in
 // float64, factors in float32): at the Qwen2.5-0.5B shape fp64 bases alone would not fit in 24 GB.
-import { type EighBackend, eigh } from '../../linalg/eigh';
+import { type Eigh, type EighBackend, eigh, eighAsync } from '../../linalg/eigh';
 import { type Floats, gemm, inPrecision, type Precision, toF64 } from '../../linalg/matrix';
 import type { Covariances } from './covariance';
 
@@ -38,33 +38,74 @@ export function computeEigenbasis(
   cov: Covariances,
   options: EigenbasisOptions & {
     /** the eigendecomposition of an activation covariance equal to `cov.A`, when already known */
-    knownA?: { values: Float64Array; vectors: Floats };
+    knownA?: Decomposition;
   } = {},
 ): Eigenbasis {
-  const tol = options.negativeTolerance ?? 1e-3;
-  const precision = options.precision ?? 'fp64';
   // One matrix at a time: each fp64 result is narrowed (when fp32) before the next is decomposed.
-  const decompose = (M: Float64Array, n: number, what: string) => {
-    const r = eigh(M, n, { label: `${what} covariance of module ${module}`, backend: options.backend });
-    checkVectors(r.vectors, `${what} eigenvectors of module ${module}`);
-    return { values: r.values, vectors: inPrecision(r.vectors, precision) };
-  };
-  // a known decomposition is copied, so that no two bases share an array
-  const a = options.knownA
-    ? {
-        values: Float64Array.from(options.knownA.values),
-        vectors: precision === 'fp32' ? Float32Array.from(options.knownA.vectors) : toF64(options.knownA.vectors, true),
-      }
-    : decompose(cov.A, cov.dA, 'activation');
+  const decompose = (M: Float64Array, n: number, what: string) =>
+    checked(
+      eigh(M, n, { label: `${what} covariance of module ${module}`, backend: options.backend }),
+      module,
+      what,
+      options,
+    );
+  const a = options.knownA ? copyOf(options.knownA, options) : decompose(cov.A, cov.dA, 'activation');
   const s = decompose(cov.S, cov.dOut, 'gradient');
+  return assembleEigenbasis(module, cov, a, s, options);
+}
+
+/** One covariance's eigendecomposition: ascending values (fp64) and column eigenvectors. */
+export interface Decomposition {
+  values: Float64Array;
+  vectors: Floats;
+}
+
+/**
+ * `computeEigenbasis`'s decomposition of one covariance (`what`: 'activation' or 'gradient') on
+ * libuv's thread pool (`eighAsync`), so that a fit decomposes several at once; narrowed to the
+ * options' precision as soon as it is done.
+ */
+export async function decomposeCovariance(
+  module: string,
+  what: 'activation' | 'gradient',
+  M: Float64Array,
+  n: number,
+  options: EigenbasisOptions = {},
+): Promise<Decomposition> {
+  const r = await eighAsync(M, n, { label: `${what} covariance of module ${module}`, backend: options.backend });
+  return checked(r, module, what, options);
+}
+
+/** The basis from its two decompositions; a shared activation decomposition is copied (no two bases share an array). */
+export function assembleEigenbasis(
+  module: string,
+  dims: { dA: number; dOut: number },
+  a: Decomposition,
+  s: Decomposition,
+  options: EigenbasisOptions & { shared?: boolean } = {},
+): Eigenbasis {
+  const tol = options.negativeTolerance ?? 1e-3;
+  const act = options.shared ? copyOf(a, options) : a;
   return {
     module,
-    dA: cov.dA,
-    dOut: cov.dOut,
-    qA: a.vectors,
-    eigA: clampNegatives(a.values, tol, `activation covariance of module ${module}`),
+    dA: dims.dA,
+    dOut: dims.dOut,
+    qA: act.vectors,
+    eigA: clampNegatives(act.values, tol, `activation covariance of module ${module}`),
     qS: s.vectors,
     eigS: clampNegatives(s.values, tol, `gradient covariance of module ${module}`),
+  };
+}
+
+function checked(r: Eigh, module: string, what: string, options: EigenbasisOptions): Decomposition {
+  checkVectors(r.vectors, `${what} eigenvectors of module ${module}`);
+  return { values: r.values, vectors: inPrecision(r.vectors, options.precision ?? 'fp64') };
+}
+
+function copyOf(d: Decomposition, options: EigenbasisOptions): Decomposition {
+  return {
+    values: Float64Array.from(d.values),
+    vectors: (options.precision ?? 'fp64') === 'fp32' ? Float32Array.from(d.vectors) : toF64(d.vectors, true),
   };
 }
 
