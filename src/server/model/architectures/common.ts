@@ -47,8 +47,8 @@ export interface BuildContext {
 
 /** What an architecture's forward pass produces. */
 export interface ForwardResult {
-  /** [B·T, V] next-token logits (flattened batch × time) */
-  logits: Tensor;
+  /** [V, d] unembedding: the next-token logits are hidden · unembeddingᵀ (computed in chunks: head.ts) */
+  unembedding: Tensor;
   /** [N, d] final hidden state after the final norm */
   hidden: Tensor;
 }
