@@ -2,6 +2,7 @@ import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 import { bytesPerSequence, memoryBoundedBatches, type RunShape, runShape } from '../../src/server/attribution/chunking';
 import { EngineError } from '../../src/server/model/engine';
+import { headChunkRows } from '../../src/server/model/head';
 
 const shape: RunShape = {
   modules: [{ name: 'mlp', kind: 'mlp', dIn: 4, dOut: 3, hasBias: true, weightName: 'mlp.weight' }],
@@ -53,6 +54,17 @@ describe('memoryBoundedBatches', () => {
     const outputs = 4 * (perTokens + 15 + 48 + 3 * 48);
     assert.equal(bytesPerSequence({ ...two, perExampleMatrices: 'outputs' }, 5), outputs);
     assert.equal(bytesPerSequence({ ...two, perExampleMatrices: true }, 5), outputs);
+  });
+
+  test('the head counts four chunks of logits: T rows up to a chunk, no more at longer T', () => {
+    const V = 50304;
+    const big = { ...shape, vocab: V, perExampleMatrices: false as const };
+    const rows = headChunkRows(V, 4);
+    assert.ok(rows > 1 && rows < 2048);
+    const head = (T: number) => bytesPerSequence(big, T) - bytesPerSequence({ ...big, vocab: 0 }, T);
+    assert.equal(head(rows - 1), 4 * 4 * (rows - 1) * V);
+    assert.equal(head(2048), 4 * 4 * rows * V);
+    assert.equal(head(4 * 2048), head(2048));
   });
 
   test("one layer's attention scores count h·T² four times (recomputed per layer in the backward)", () => {

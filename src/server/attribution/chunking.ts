@@ -5,6 +5,7 @@
 // caller sums or concatenates the runs' results, so the split changes nothing but memory.
 import { totalmem } from 'node:os';
 import { type Batch, EngineError, type ModuleInfo, makeBatch, type Sequence } from '../model/engine';
+import { headChunkRows } from '../model/head';
 
 /**
  * Default bytes one run's intermediates may take (INFLUENCE_LENS_RUN_MB overrides, in MiB).
@@ -34,8 +35,8 @@ export interface RunShape {
 }
 
 /**
- * Estimated bytes one sequence of T tokens adds to a run: a few copies of the logits and of
- * every tracked module's input and output gradient per token, and the d_out × d_A matrices
+ * Estimated bytes one sequence of T tokens adds to a run: a few copies of one head chunk's
+ * logits, two of every tracked module's input and output gradient per token, and the d_out × d_A matrices
  * formed per sequence: every module's when they are outputs, plus three of the largest module's
  * (the matrix, its square or product, and the reduction's input) while one is being reduced.
  * Calibrated at the Pythia-70M shape: 4 sequences of ~220 tokens with Λ took 1.85 GiB; at the
@@ -52,13 +53,15 @@ export function bytesPerSequence(shape: RunShape, T: number): number {
     mats += m.dOut * dA;
     largest = Math.max(largest, m.dOut * dA);
   }
-  const perToken = 4 * shape.vocab + 2 * io;
   const kind = shape.perExampleMatrices;
   const matrices = kind === 'transient' ? 3 * largest : kind ? mats + 3 * largest : 0;
+  // The head runs a chunk of tokens at a time (model/head.ts): four [c, V] tensors (logits,
+  // log-softmax, its exponential, the gradient), c = min(T, the chunk's rows).
+  const head = 4 * Math.min(T, headChunkRows(shape.vocab || 1, shape.bytesPerFloat)) * shape.vocab;
   // The backward recomputes one layer's attention probabilities at a time (architectures/common.ts):
   // scores, probabilities and their two gradients, h·T² each, for that layer only.
   const attention = 4 * (shape.heads ?? 0) * T * T;
-  return shape.bytesPerFloat * (T * perToken + matrices + attention);
+  return shape.bytesPerFloat * (T * 2 * io + head + matrices + attention);
 }
 
 /**
@@ -93,7 +96,7 @@ export function memoryBoundedBatches(
     if (need > limit) {
       const gib = (b: number) => (b >= 2 ** 30 ? `${(b / 2 ** 30).toFixed(1)} GiB` : `${Math.ceil(b / 2 ** 20)} MiB`);
       throw new EngineError(
-        `a sequence of ${T} tokens needs at least ${gib(need)} in one run (its logits, every tracked module's per-token rows and one layer's attention scores), more than the ${gib(Math.max(0, limit))} this machine has beyond this process: shorten the longest examples (or the query), track fewer modules, or use a machine with more memory`,
+        `a sequence of ${T} tokens needs at least ${gib(need)} in one run (every tracked module's per-token rows, one layer's attention scores and a chunk of logits), more than the ${gib(Math.max(0, limit))} this machine has beyond this process: shorten the longest examples (or the query), track fewer modules, or use a machine with more memory`,
       );
     }
   }

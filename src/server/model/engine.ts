@@ -16,6 +16,7 @@ import { architectureFor } from './architectures';
 import type { Architecture, BuildContext, TrackedModule, WeightSource } from './architectures/common';
 import { type Checkpoint, openCheckpoint } from './checkpoint';
 import { contentDigest } from './content-digest';
+import { crossEntropyHead, type HeadLabels, headChunkRows } from './head';
 import { DataType, Graph, type Tensor } from './onnx/graph';
 import { createSession, type Device, ort } from './onnx/session';
 import type { DType } from './safetensors';
@@ -99,6 +100,8 @@ export interface EngineOptions {
   notice?: (line: string) => void;
   /** the base model folder when the model is a LoRA adapter (default: its base_model_name_or_path) */
   base?: string;
+  /** rows of the LM head computed at once (default: head.ts's HEAD_CHUNK_BYTES of logits; tests set it small) */
+  headRows?: number;
 }
 
 export interface Sequence {
@@ -245,7 +248,7 @@ export class Model {
     const g = new Graph(this.options.precision === 'fp64' ? DataType.DOUBLE : DataType.FLOAT);
     const { ctx, out, weights, modules: all } = this.buildForward(g, mode);
     const modules = select(all, req.modules ?? 'all');
-    const outputs = buildOutputs(g, ctx, out, modules, weights, req);
+    const outputs = buildOutputs(g, ctx, out, modules, weights, req, this.options.headRows);
     const bytes = g.encode();
     const session = await this.createSessionFor(bytes);
     const paramInputs =
@@ -414,10 +417,11 @@ function hash(s: string): string {
 function buildOutputs(
   g: Graph,
   ctx: BuildContext,
-  out: { logits: Tensor; hidden: Tensor },
+  out: { unembedding: Tensor; hidden: Tensor },
   modules: TrackedModule[],
   weights: Weights,
   req: GraphRequest,
+  headRows?: number,
 ): string[] {
   const names: string[] = [];
   const emit = (t: Tensor, name: string) => {
@@ -426,64 +430,33 @@ function buildOutputs(
   };
   if (req.eigenbasis && (req.lowRank || req.lambda || req.selfInfluence))
     throw new EngineError('an eigenbasis query cannot be combined with lowRank, lambda or selfInfluence in one graph');
-  const V = out.logits.shape[1] as number;
   const btShape = ctx.bt;
   const weightsIn = g.input('target_weights', g.float, ['B', 'T']);
   const wFlat = g.noGrad(() => g.reshape(weightsIn, [-1]));
-  const logp = g.noGrad(
-    () => g.node('LogSoftmax', [out.logits], [{ dtype: g.float, shape: out.logits.shape }], { axis: 1 })[0],
-  );
 
-  // Labels: from the data, or drawn from the model's own predictive distribution
-  // (inverse-CDF sampling with uniforms fed from JS, so the seed lives in one place).
-  let targets: Tensor;
-  if (req.labels === 'sampled') {
-    const u = g.input('sample_uniform', g.float, ['B', 'T']);
-    targets = g.noGrad(() => {
-      const probs = g.node('Exp', [logp], [{ dtype: g.float, shape: logp.shape }])[0];
-      const cdf = g.node('CumSum', [probs, g.scalar(1, DataType.INT64)], [{ dtype: g.float, shape: logp.shape }])[0];
-      const uCol = g.node('Reshape', [u, g.ints([-1, 1])], [{ dtype: g.float, shape: ['B*T', 1] }])[0];
-      // counted in the graph's float type, not int64: half the bytes of an [N, V] tensor, and
-      // exact (whole numbers below 2^24 are exact in float32; vocabularies are far smaller)
-      const below = g.cast(g.node('Less', [cdf, uCol], [{ dtype: DataType.BOOL, shape: logp.shape }])[0], g.float);
-      const count = g.node('ReduceSum', [below, g.ints([1])], [{ dtype: g.float, shape: ['B*T'] }], {
-        keepdims: 0,
-      })[0];
-      return g.node(
-        'Min',
-        [g.cast(count, DataType.INT64), g.scalar(V - 1, DataType.INT64)],
-        [{ dtype: DataType.INT64, shape: ['B*T'] }],
-      )[0];
-    });
-    if (req.sampledIds)
-      emit(
-        g.noGrad(() => g.reshape(targets, btShape, ['B', 'T'])),
-        'sampled_ids',
-      );
-  } else {
-    const t = g.input('target_ids', DataType.INT64, ['B', 'T']);
-    targets = g.noGrad(() => g.reshape(t, [-1]));
-  }
+  // With a low-rank query, ‖G_b‖² comes from token Gram matrices instead (see below): no G at all.
+  const needG =
+    req.exampleGrads ||
+    req.lambda ||
+    (req.scores && !req.lowRank && !req.eigenbasis) ||
+    req.selfInfluence ||
+    (req.gradNorms && !req.lowRank);
+  const needModuleGrads = req.perToken || req.covariance || req.scores || req.tokenScores || req.projected || needG;
 
-  // Cross-entropy as one custom op: backward is (softmax − onehot) · upstream.
-  const nll = g.noGrad(() => {
-    const col = g.node('Unsqueeze', [targets, g.ints([1])], [{ dtype: DataType.INT64, shape: ['B*T', 1] }])[0];
-    const picked = g.node('GatherElements', [logp, col], [{ dtype: g.float, shape: ['B*T', 1] }], { axis: 1 })[0];
-    return g.node('Neg', [g.reshape(picked, [-1])], [{ dtype: g.float, shape: ['B*T'] }])[0];
-  });
-  g.custom([out.logits], [nll], ([gy]) => {
-    // softmax · upstream, then −upstream added at each row's target: no [N, V] one-hot (an
-    // [N, V] tensor is 0.6 GB at 1,024 tokens of a 152k vocabulary)
-    const col = g.node('Unsqueeze', [targets, g.ints([1])], [{ dtype: DataType.INT64, shape: ['B*T', 1] }])[0];
-    const up = g.unsqueeze(gy!, [1]);
-    const scaled = g.mul(g.exp(logp), up);
-    return [
-      g.node('ScatterElements', [scaled, col, g.neg(up)], [{ dtype: g.float, shape: out.logits.shape }], {
-        axis: 1,
-        reduction: 'add',
-      })[0],
-    ];
-  });
+  // The head and its cross-entropy in chunks of tokens (head.ts). Labels: from the data, or
+  // drawn from the model's own predictive distribution (uniforms fed from JS).
+  const W = out.unembedding;
+  const rows = headChunkRows(W.shape[0] as number, g.float === DataType.DOUBLE ? 8 : 4, headRows);
+  const labels: HeadLabels =
+    req.labels === 'sampled'
+      ? { kind: 'sampled', uniforms: g.input('sample_uniform', g.float, ['B', 'T']) }
+      : { kind: 'data', targets: g.input('target_ids', DataType.INT64, ['B', 'T']) };
+  const { nll, targets } = crossEntropyHead(g, out.hidden, W, labels, rows, !!(needModuleGrads || req.paramGrads));
+  if (req.labels === 'sampled' && req.sampledIds)
+    emit(
+      g.noGrad(() => g.reshape(targets, btShape, ['B', 'T'])),
+      'sampled_ids',
+    );
   const weighted = g.mul(nll, wFlat);
   const total = g.reduceSum(weighted, [0], false);
 
@@ -511,16 +484,13 @@ function buildOutputs(
       'hidden_mean',
     );
   }
-  if (req.logits) emit(out.logits, 'logits');
-
-  // With a low-rank query, ‖G_b‖² comes from token Gram matrices instead (see below): no G at all.
-  const needG =
-    req.exampleGrads ||
-    req.lambda ||
-    (req.scores && !req.lowRank && !req.eigenbasis) ||
-    req.selfInfluence ||
-    (req.gradNorms && !req.lowRank);
-  const needModuleGrads = req.perToken || req.covariance || req.scores || req.tokenScores || req.projected || needG;
+  if (req.logits)
+    emit(
+      g.noGrad(
+        () => g.node('Gemm', [out.hidden, W], [{ dtype: g.float, shape: ['B*T', W.shape[0]] }], { transB: 1 })[0],
+      ),
+      'logits',
+    );
   const wrt: Tensor[] = [];
   if (needModuleGrads) wrt.push(...modules.map((m) => m.output));
   if (req.paramGrads) wrt.push(...weights.tensors.values());

@@ -47,8 +47,8 @@ export interface BuildContext {
 
 /** What an architecture's forward pass produces. */
 export interface ForwardResult {
-  /** [B·T, V] next-token logits (flattened batch × time) */
-  logits: Tensor;
+  /** [V, d] unembedding: the next-token logits are hidden · unembeddingᵀ (computed in chunks: head.ts) */
+  unembedding: Tensor;
   /** [N, d] final hidden state after the final norm */
   hidden: Tensor;
 }
@@ -169,16 +169,43 @@ export function rmsNorm(ctx: BuildContext, x: Tensor, prefix: string, eps: numbe
 }
 
 export function gelu(g: Graph, x: Tensor, kind: string): Tensor {
-  if (kind === 'gelu' || kind === 'gelu_python') {
-    // exact: 0.5·x·(1 + erf(x/√2))
-    return g.mul(g.mul(x, g.scalar(0.5)), g.add(g.scalar(1), g.erf(g.mul(x, g.scalar(Math.SQRT1_2)))));
-  }
-  if (kind === 'gelu_new' || kind === 'gelu_pytorch_tanh' || kind === 'gelu_fast') {
-    // tanh approximation: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))
-    const inner = g.mul(g.add(x, g.mul(g.pow(x, 3), g.scalar(0.044715))), g.scalar(Math.sqrt(2 / Math.PI)));
-    return g.mul(g.mul(x, g.scalar(0.5)), g.add(g.scalar(1), g.tanh(inner)));
-  }
-  throw new ConfigError(`unsupported activation "${kind}" (supported: gelu, gelu_new, gelu_pytorch_tanh, silu)`);
+  const exact = kind === 'gelu' || kind === 'gelu_python';
+  if (!exact && kind !== 'gelu_new' && kind !== 'gelu_pytorch_tanh' && kind !== 'gelu_fast')
+    throw new ConfigError(`unsupported activation "${kind}" (supported: gelu, gelu_new, gelu_pytorch_tanh, silu)`);
+  const c = Math.sqrt(2 / Math.PI);
+  const y = g.noGrad(() =>
+    exact
+      ? // exact: 0.5·x·(1 + erf(x/√2))
+        g.mul(g.mul(x, g.scalar(0.5)), g.add(g.scalar(1), g.erf(g.mul(x, g.scalar(Math.SQRT1_2)))))
+      : // tanh approximation: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))
+        g.mul(
+          g.mul(x, g.scalar(0.5)),
+          g.add(g.scalar(1), g.tanh(g.mul(g.add(x, g.mul(g.pow(x, 3), g.scalar(0.044715))), g.scalar(c)))),
+        ),
+  );
+  // The derivative is recomputed from x alone: the forward's intermediates (three [N, 4d]
+  // tensors a layer) are not kept for the backward. Written with other constants than the
+  // forward (erf(−x/√2), a factored tanh argument), so that ONNX Runtime's common
+  // subexpression elimination cannot merge the two and keep the forward's alive after all.
+  g.custom([x], [y], ([gy]) => {
+    let dy: Tensor;
+    if (exact) {
+      // ½(1 + erf(x/√2)) + x·φ(x), φ the standard normal density
+      const cdf = g.mul(g.sub(g.scalar(1), g.erf(g.mul(x, g.scalar(-Math.SQRT1_2)))), g.scalar(0.5));
+      const pdf = g.mul(g.exp(g.mul(g.mul(x, x), g.scalar(-0.5))), g.scalar(1 / Math.sqrt(2 * Math.PI)));
+      dy = g.add(cdf, g.mul(x, pdf));
+    } else {
+      // ½(1 + t) + ½x(1 − t²)·√(2/π)(1 + 3·0.044715·x²), t = tanh(x·(√(2/π) + √(2/π)·0.044715·x²))
+      const x2 = g.mul(x, x);
+      const t = g.tanh(g.mul(x, g.add(g.mul(x2, g.scalar(c * 0.044715)), g.scalar(c))));
+      // (no x·½ node: the forward has one, and ORT's GELU fusion must not find it shared)
+      const half = g.add(g.mul(x2, g.scalar(1.5 * 0.044715 * c)), g.scalar(0.5 * c));
+      const slope = g.mul(g.mul(x, g.sub(g.scalar(1), g.mul(t, t))), half);
+      dy = g.add(g.mul(g.add(t, g.scalar(1)), g.scalar(0.5)), slope);
+    }
+    return [g.mul(gy!, dy)];
+  });
+  return y;
 }
 
 export function silu(g: Graph, x: Tensor): Tensor {

@@ -94,12 +94,7 @@ export const gptNeox: Architecture = {
       }
     }
     const hidden = layerNorm(ctx, x, 'gpt_neox.final_layer_norm', eps);
-    const logits = g.gemm(
-      hidden,
-      outputHead(ctx, c, 'gpt_neox.embed_in.weight', 'embed_out.weight', false),
-      null,
-      true,
-    );
-    return { logits, hidden };
+    const unembedding = outputHead(ctx, c, 'gpt_neox.embed_in.weight', 'embed_out.weight', false);
+    return { unembedding, hidden };
   },
 };

@@ -80,7 +80,7 @@ export const gpt2: Architecture = {
       x = g.add(x, linear(ctx, `${p}.mlp.c_proj`, up, 'mlp', 'in_out'));
     }
     const hidden = layerNorm(ctx, x, 'transformer.ln_f', eps);
-    const logits = g.gemm(hidden, outputHead(ctx, c, 'transformer.wte.weight', 'lm_head.weight', true), null, true);
-    return { logits, hidden };
+    const unembedding = outputHead(ctx, c, 'transformer.wte.weight', 'lm_head.weight', true);
+    return { unembedding, hidden };
   },
 };

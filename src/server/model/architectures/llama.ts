@@ -190,9 +190,8 @@ function llamaFamily(modelType: string, configKeys: ConfigKeys, variant: Variant
         x = g.add(x, linear(ctx, `${p}.mlp.down_proj`, g.mul(gate, up), 'mlp', 'out_in', mlpBias));
       }
       const hidden = rmsNorm(ctx, x, 'model.norm', eps);
-      const head = outputHead(ctx, c, 'model.embed_tokens.weight', 'lm_head.weight', false);
-      const logits = g.gemm(hidden, head, null, true);
-      return { logits, hidden };
+      const unembedding = outputHead(ctx, c, 'model.embed_tokens.weight', 'lm_head.weight', false);
+      return { unembedding, hidden };
     },
   };
 }

@@ -95,10 +95,20 @@ export class Graph {
   private consts = new Map<string, Tensor>();
   private names = new Set<string>();
 
-  /** `float` is the floating type of constants (FLOAT normally, DOUBLE for precise checks). */
-  constructor(readonly float: DataType = DataType.FLOAT) {}
+  /**
+   * `float` is the floating type of constants (FLOAT normally, DOUBLE for precise checks).
+   * `parent`: this graph is a Loop body (see `loop`); names come from the outermost graph, so no
+   * body tensor shadows an outer one (ONNX lets a body read every outer tensor by name).
+   */
+  constructor(
+    readonly float: DataType = DataType.FLOAT,
+    private readonly parent?: Graph,
+  ) {
+    if (parent) this.recording = false;
+  }
 
   fresh(prefix: string): string {
+    if (this.parent) return this.parent.fresh(prefix);
     let name: string;
     do name = `${prefix}_${this.counter++}`;
     while (this.names.has(name));
@@ -107,6 +117,7 @@ export class Graph {
   }
 
   private claim(name: string): string {
+    if (this.parent) return this.parent.claim(name);
     if (this.names.has(name)) throw new Error(`duplicate tensor name ${name}`);
     this.names.add(name);
     return name;
@@ -581,6 +592,59 @@ export class Graph {
     this.record(inputs, outputs, backward);
   }
 
+  /**
+   * An ONNX Loop of `trips` iterations (int64 scalar), recorded without a gradient (wrap it in
+   * `custom`). `body(b, i, carried)` builds one iteration in the child graph `b` from the
+   * iteration number `i` (int64 scalar) and the loop-carried values (`init` on the first
+   * iteration), reading outer tensors directly, and returns the next carried values and the
+   * per-iteration `scans`, which the Loop stacks along a new first axis (ONNX Runtime requires
+   * every iteration's to have the same shape). Returns the final carried values, then the
+   * stacked scans ([trips, ...scan shape]). Each iteration's intermediates are freed before the
+   * next one runs, which is what a loop is for here: memory bounded by one iteration's.
+   */
+  loop(
+    trips: Tensor,
+    init: Tensor[],
+    scans: Array<{ dtype: DataType; shape: readonly Dim[] }>,
+    body: (b: Graph, i: Tensor, carried: Tensor[]) => { carried: Tensor[]; scans: Tensor[] },
+  ): Tensor[] {
+    const b = new Graph(this.float, this);
+    const input = (prefix: string, dtype: DataType, shape: Dim[]): Tensor => {
+      const name = b.fresh(prefix);
+      b.inputs.push({ name, dataType: dtype, shape });
+      return { name, dtype, shape };
+    };
+    const i = input('loop_iter', DataType.INT64, []);
+    const cond = input('loop_cond', DataType.BOOL, []);
+    const carriedIn = init.map((t) => input('loop_carried', t.dtype, [...t.shape]));
+    const res = body(b, i, carriedIn);
+    if (res.carried.length !== init.length || res.scans.length !== scans.length)
+      throw new Error('loop: the body returned the wrong number of values');
+    // every body output under a name of its own (an outer tensor or an input cannot be one)
+    for (const t of [cond, ...res.carried, ...res.scans]) {
+      const [o] = b.node('Identity', [t], [t]);
+      b.outputs.push({ name: o.name, dataType: t.dtype });
+    }
+    const trip = trips.shape.length === 0 ? trips : this.node1('Reshape', [trips, this.ints([])], DataType.INT64, []);
+    return this.node(
+      'Loop',
+      [trip, '', ...init],
+      [
+        ...init.map((t) => ({ dtype: t.dtype, shape: t.shape })),
+        ...scans.map((s) => ({ dtype: s.dtype, shape: ['K', ...s.shape] })),
+      ],
+      {
+        body: {
+          graph: { graphName: this.fresh('loop_body'), ...b.graphParts() },
+        },
+      },
+    );
+  }
+
+  private graphParts() {
+    return { nodes: this.nodes, initializers: this.initializers, inputs: this.inputs, outputs: this.outputs };
+  }
+
   // ---------- reverse mode ----------
 
   /**
@@ -639,10 +703,7 @@ export class Graph {
   toModel(name = 'influence_lens'): ModelProto {
     return {
       graphName: name,
-      nodes: this.nodes,
-      initializers: this.initializers,
-      inputs: this.inputs,
-      outputs: this.outputs,
+      ...this.graphParts(),
       opsets: [
         { domain: '', version: OPSET },
         { domain: MS_DOMAIN, version: 1 },

@@ -79,7 +79,14 @@ class Writer {
   }
 }
 
-export type AttributeValue = number | string | number[] | string[] | TensorProto | { float: number };
+export type AttributeValue =
+  | number
+  | string
+  | number[]
+  | string[]
+  | TensorProto
+  | { float: number }
+  | { graph: GraphProto };
 
 export interface TensorProto {
   name: string;
@@ -106,12 +113,16 @@ export interface ValueInfo {
   shape?: Array<number | string>;
 }
 
-export interface ModelProto {
+/** A graph: the model's main graph, or a control-flow node's body (Loop). */
+export interface GraphProto {
   graphName: string;
   nodes: NodeProto[];
   initializers: TensorProto[];
   inputs: ValueInfo[];
   outputs: ValueInfo[];
+}
+
+export interface ModelProto extends GraphProto {
   opsets: Array<{ domain: string; version: number }>;
   irVersion?: number;
   producer?: string;
@@ -142,6 +153,7 @@ const ATTR_FLOAT = 1;
 const ATTR_INT = 2;
 const ATTR_STRING = 3;
 const ATTR_TENSOR = 4;
+const ATTR_GRAPH = 5;
 const ATTR_INTS = 7;
 
 function writeAttribute(w: Writer, name: string, v: AttributeValue): void {
@@ -163,6 +175,9 @@ function writeAttribute(w: Writer, name: string, v: AttributeValue): void {
   } else if ('float' in v) {
     w.float(2, v.float);
     w.int(20, ATTR_FLOAT);
+  } else if ('graph' in v) {
+    w.message(6, (gw) => writeGraph(gw, v.graph));
+    w.int(20, ATTR_GRAPH);
   } else {
     w.message(5, (t) => writeTensor(t, v));
     w.int(20, ATTR_TENSOR);
@@ -183,26 +198,28 @@ function writeValueInfo(w: Writer, v: ValueInfo): void {
   );
 }
 
+function writeGraph(g: Writer, m: GraphProto): void {
+  for (const n of m.nodes)
+    g.message(1, (nw) => {
+      for (const i of n.inputs) nw.string(1, i);
+      for (const o of n.outputs) nw.string(2, o);
+      if (n.name) nw.string(3, n.name);
+      nw.string(4, n.opType);
+      for (const [k, v] of Object.entries(n.attributes ?? {})) nw.message(5, (a) => writeAttribute(a, k, v));
+      if (n.domain) nw.string(7, n.domain);
+    });
+  g.string(2, m.graphName);
+  for (const t of m.initializers) g.message(5, (tw) => writeTensor(tw, t));
+  for (const v of m.inputs) g.message(11, (vw) => writeValueInfo(vw, v));
+  for (const v of m.outputs) g.message(12, (vw) => writeValueInfo(vw, v));
+}
+
 /** Serialize a model to ONNX protobuf bytes. */
 export function encodeModel(m: ModelProto): Uint8Array {
   const w = new Writer();
   w.int(1, m.irVersion ?? 10);
   w.string(2, m.producer ?? 'influence-lens');
-  w.message(7, (g) => {
-    for (const n of m.nodes)
-      g.message(1, (nw) => {
-        for (const i of n.inputs) nw.string(1, i);
-        for (const o of n.outputs) nw.string(2, o);
-        if (n.name) nw.string(3, n.name);
-        nw.string(4, n.opType);
-        for (const [k, v] of Object.entries(n.attributes ?? {})) nw.message(5, (a) => writeAttribute(a, k, v));
-        if (n.domain) nw.string(7, n.domain);
-      });
-    g.string(2, m.graphName);
-    for (const t of m.initializers) g.message(5, (tw) => writeTensor(tw, t));
-    for (const v of m.inputs) g.message(11, (vw) => writeValueInfo(vw, v));
-    for (const v of m.outputs) g.message(12, (vw) => writeValueInfo(vw, v));
-  });
+  w.message(7, (g) => writeGraph(g, m));
   for (const o of m.opsets)
     w.message(8, (ow) => {
       if (o.domain) ow.string(1, o.domain);

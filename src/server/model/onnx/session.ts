@@ -2,6 +2,7 @@
 // CPU always works; WebGPU / CUDA are opt-in, and when unavailable we say so plainly
 // instead of silently falling back (the user asked for a GPU for a reason).
 import * as ort from 'onnxruntime-node';
+import { fixMmapThreshold } from './malloc';
 
 export type Device = 'cpu' | 'webgpu' | 'cuda';
 export const DEVICES: readonly Device[] = ['cpu', 'webgpu', 'cuda'];
@@ -39,6 +40,8 @@ export async function createSession(
   opts: SessionOptions = {},
 ): Promise<ort.InferenceSession> {
   const device = opts.device ?? 'cpu';
+  // freed tensors go back to the system instead of staying in malloc's heap (malloc.ts)
+  fixMmapThreshold();
   const so: ort.InferenceSession.SessionOptions = {
     executionProviders: [providerFor(device)],
     graphOptimizationLevel: opts.optimization ?? 'all',
