@@ -1,7 +1,9 @@
 // malloc.ts fixes glibc's mmap threshold so that freed tensors leave the process. Checked in a
 // child process (the setting is process-wide): a 4 MiB block is freed, which raises glibc's
-// dynamic threshold past 1 MiB, then a 1 MiB block is allocated; mallinfo2's hblkhd (bytes in
-// mapped blocks) says whether it was mapped (threshold fixed) or taken from the heap (default).
+// dynamic threshold past 1 MiB, then a 1 MiB block is allocated; its chunk header's IS_MMAPPED
+// bit (0x2 in the size word just before the pointer) says whether it was mapped (threshold fixed)
+// or taken from the heap (default). The header, not a process-wide count such as mallinfo2's, so
+// that other threads' allocations cannot change the answer.
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import { test } from 'node:test';
@@ -14,15 +16,9 @@ const fixed = fixMmapThreshold();
 const libc = koffi.load('libc.so.6');
 const malloc = libc.func('void *malloc(size_t size)');
 const free = libc.func('void free(void *ptr)');
-const Info = koffi.struct('mallinfo2_t', {
-  arena: 'size_t', ordblks: 'size_t', smblks: 'size_t', hblks: 'size_t', hblkhd: 'size_t',
-  usmblks: 'size_t', fsmblks: 'size_t', uordblks: 'size_t', fordblks: 'size_t', keepcost: 'size_t',
-});
-const mallinfo2 = libc.func('mallinfo2_t mallinfo2()');
 free(malloc(4 << 20));
-const before = Number(mallinfo2().hblkhd);
 const p = malloc(1 << 20);
-const mapped = Number(mallinfo2().hblkhd) - before >= 1 << 20;
+const mapped = (BigInt(koffi.decode(p, -8, 'uint64')) & 2n) !== 0n;
 free(p);
 console.log(JSON.stringify({ fixed, mapped }));
 `;
