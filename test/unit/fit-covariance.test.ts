@@ -9,7 +9,7 @@ import { describe, test } from 'node:test';
 import { memoryBoundedBatches, runShape } from '../../src/server/attribution/chunking';
 import { CovarianceAccumulator } from '../../src/server/attribution/ekfac/covariance';
 import { fitCovariances, moduleShape, type TokenizedExample } from '../../src/server/attribution/fit';
-import { mirrorLower, syrkLower } from '../../src/server/linalg/matrix';
+import { mirrorLower, SYRK_MIN_BLOCKED, syrkLower } from '../../src/server/linalg/matrix';
 import { resetNativeLapackForTests } from '../../src/server/linalg/native';
 import { Model } from '../../src/server/model/engine';
 
@@ -126,6 +126,31 @@ test('syrkLower adds XᵀX to the lower triangle of a block inside a larger matr
   mirrorLower(C, n, ldc);
   for (let i = 0; i < n; i++) for (let j = 0; j < n; j++) assert.equal(C[i * ldc + j], C[j * ldc + i]);
   assert.throws(() => syrkLower(Float32Array.from(X), rows, n, C, ldc), /same precision/);
+});
+
+test('syrkLower in column blocks (n >= SYRK_MIN_BLOCKED) matches a plain fp64 sum in fp32 and fp64, block inside a larger matrix', () => {
+  const n = SYRK_MIN_BLOCKED + 37; // blocks that do not divide n evenly
+  const ldc = n + 3;
+  const rows = 9;
+  const X = Float64Array.from({ length: rows * n }, (_, i) => Math.sin(0.37 * i + 1));
+  const want = new Float64Array(n * n);
+  for (let t = 0; t < rows; t++)
+    for (let i = 0; i < n; i++) for (let j = 0; j <= i; j++) want[i * n + j] += X[t * n + i] * X[t * n + j];
+  for (const [Ctor, tol] of [
+    [Float64Array, 1e-12],
+    [Float32Array, 1e-5],
+  ] as const) {
+    const C = new Ctor(ldc * ldc).fill(0.25);
+    syrkLower(Ctor.from(X), rows, n, C, ldc);
+    let worst = 0;
+    for (let i = 0; i < ldc; i++)
+      for (let j = 0; j < ldc; j++) {
+        const v = C[i * ldc + j];
+        if (i >= n || j >= n) assert.equal(v, 0.25, `${Ctor.name} C[${i}][${j}] outside the block`);
+        else if (j <= i) worst = Math.max(worst, Math.abs(v - 0.25 - want[i * n + j]));
+      }
+    assert.ok(worst < tol * rows, `${Ctor.name}: max error ${worst}`);
+  }
 });
 
 test('a NaN activation row is refused, naming module, batch, row and column', () => {

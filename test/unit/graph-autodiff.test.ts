@@ -208,3 +208,20 @@ test('fp64 erf (series, no ORT kernel) reaches double precision', async () => {
   for (let i = 0; i < xs.length; i++)
     assert.ok(Math.abs(y[i] - ref[i]) < 1e-15, `erf(${xs[i]}) = ${y[i]}, expected ${ref[i]}`);
 });
+
+test('a graph output renamed in place is still read by name inside a Loop body', async () => {
+  const g = new Graph(DataType.DOUBLE);
+  const x = g.input('x', DataType.DOUBLE, [3]);
+  const h = g.mul(x, x);
+  // h leaves as "h_out" (renamed in place, no Identity) and a Loop body reads it by its old name
+  g.output(h, 'h_out');
+  const [total] = g.loop(g.ints([2]), [g.scalar(0, DataType.DOUBLE)], [], (b, _i, [acc]) => ({
+    carried: [b.add(acc, b.reduceSum(h, [0], false))],
+    scans: [],
+  }));
+  g.output(total, 'total');
+  const sess = await createSession(g.encode());
+  const out = await sess.run({ x: new ort.Tensor('float64', Float64Array.from([1, -2, 3]), [3]) });
+  assert.deepEqual(Array.from(out.h_out.data as Float64Array), [1, 4, 9]);
+  assert.deepEqual(Array.from(out.total.data as Float64Array), [28]);
+});

@@ -17,6 +17,7 @@ import { benchAll } from './bench-all';
 import { benchCorpus } from './bench-corpus';
 import { benchEkfac } from './bench-ekfac';
 import { benchEval } from './bench-eval';
+import { benchProfile } from './bench-profile';
 import { benchServer } from './bench-server';
 import { benchShape } from './bench-shapes';
 import { benchStore } from './bench-store';
@@ -31,8 +32,9 @@ export async function runBench(argv: string[]): Promise<void> {
   if (suite === 'eval') return benchEval(rest);
   if (suite === 'store') return benchStore(rest);
   if (suite === 'corpus') return benchCorpus(rest);
+  if (suite === 'profile') return benchProfile(rest);
   throw new CliError(
-    `usage: npm run bench -- [--quick] (all suites, one report) | npm run bench -- engine|ekfac|server|eval|store [--quick] | npm run bench -- corpus [--examples N] (unknown suite "${suite}")`,
+    `usage: npm run bench -- [--quick] (all suites, one report) | npm run bench -- engine|ekfac|server|eval|store [--quick] | npm run bench -- corpus [--examples N] | npm run bench -- profile [--phase cov,lambda,qgrad,score] [--ort-profile <prefix>] (unknown suite "${suite}")`,
   );
 }
 

@@ -120,14 +120,22 @@ export function gemm32(
   return C;
 }
 
+/** syrkLower splits n >= SYRK_MIN_BLOCKED into column blocks about SYRK_BLOCK wide. */
+export const SYRK_MIN_BLOCKED = 1024;
+const SYRK_BLOCK = 384;
+
 /**
  * C[0:n, 0:n] += Xᵀ X for X (rows × n, row-major). The LOWER triangle of C (C[i][j] with j <= i)
  * is always right; the upper one may or may not be written (mirror the lower one when the sum is
  * complete). C is row-major with leading dimension `ldc` >= n, so the block may sit inside a
  * larger matrix (the K-FAC activation factor with its bias row). X and C share one precision,
- * C's. Uses the system's sgemm_/dgemm_ on the whole block: OpenBLAS's ssyrk, half the
- * arithmetic, measured no faster at n = 1536 and 4× slower at n = 576 with 128 rows; a JS loop
- * over the lower triangle otherwise.
+ * C's. Uses the system's sgemm_/dgemm_ (OpenBLAS's ssyrk, half the arithmetic, measured no
+ * faster at n = 1536 and 4× slower at n = 576 with 128 rows); a JS loop over the lower triangle
+ * otherwise. From n = 1024 on, the gemm is split into column blocks of the lower triangle
+ * (SYRK_BLOCK wide, each block with the rows below it), which does (k+1)/(2k) of the full
+ * product's arithmetic for k blocks: at n = 2049 and 768 rows, 1.3-1.7× faster than one gemm
+ * (bench/results/2026-12-03-vm-engine-profile.md); each element is still one dot product over
+ * all rows.
  */
 export function syrkLower(X: Floats, rows: number, n: number, C: Floats, ldc = n): void {
   if (X.length < rows * n) throw new Error(`syrkLower: X has ${X.length} values, needs ${rows}×${n}`);
@@ -136,17 +144,60 @@ export function syrkLower(X: Floats, rows: number, n: number, C: Floats, ldc = n
     throw new Error('syrkLower: X and C must have the same precision');
   if (rows === 0 || n === 0) return;
   const lib = nativeLapack();
-  // Row-major X (rows × n) is column-major n × rows, so C_col += X_col X_colᵀ is ('N', 'T').
+  // Row-major X (rows × n) is column-major n × rows, so C_col += X_col X_colᵀ is ('N', 'T'); the
+  // row-major lower triangle is the column-major upper one: column block [j0, j1) needs rows 0..j1.
+  const blocks = n >= SYRK_MIN_BLOCKED ? Math.ceil(n / SYRK_BLOCK) : 1;
+  const nb = Math.ceil(n / blocks);
   if (C instanceof Float32Array && lib?.sgemm) {
     const one = new Float32Array([1]);
     const x = X as Float32Array;
-    lib.sgemm('N', 'T', i32(n), i32(n), i32(rows), one, x, i32(n), x, i32(n), one, C, i32(ldc), 1, 1);
+    for (let j0 = 0; j0 < n; j0 += nb) {
+      const j1 = Math.min(n, j0 + nb);
+      const c = j0 === 0 ? C : C.subarray(j0 * ldc);
+      lib.sgemm(
+        'N',
+        'T',
+        i32(j1),
+        i32(j1 - j0),
+        i32(rows),
+        one,
+        x,
+        i32(n),
+        x.subarray(j0),
+        i32(n),
+        one,
+        c,
+        i32(ldc),
+        1,
+        1,
+      );
+    }
     return;
   }
   if (C instanceof Float64Array && lib?.dgemm) {
     const one = new Float64Array([1]);
     const x = X as Float64Array;
-    lib.dgemm('N', 'T', i32(n), i32(n), i32(rows), one, x, i32(n), x, i32(n), one, C, i32(ldc), 1, 1);
+    for (let j0 = 0; j0 < n; j0 += nb) {
+      const j1 = Math.min(n, j0 + nb);
+      const c = j0 === 0 ? C : C.subarray(j0 * ldc);
+      lib.dgemm(
+        'N',
+        'T',
+        i32(j1),
+        i32(j1 - j0),
+        i32(rows),
+        one,
+        x,
+        i32(n),
+        x.subarray(j0),
+        i32(n),
+        one,
+        c,
+        i32(ldc),
+        1,
+        1,
+      );
+    }
     return;
   }
   for (let t = 0; t < rows; t++) {

@@ -512,7 +512,12 @@ function buildOutputs(
           emit(gy, `g.${m.name}`);
         }
         // The bias is absorbed as an extra input feature fixed at 1.
-        const a = m.hasBias ? g.concat([m.input, onesColumn(g, m.input)], 1) : m.input;
+        // Built only when used: an unused Concat still ran (ORT kept it), [N, dIn + 1] per module and run.
+        let aBuilt: Tensor | null = null;
+        const withOne = () => {
+          aBuilt ??= m.hasBias ? g.concat([m.input, onesColumn(g, m.input)], 1) : m.input;
+          return aBuilt;
+        };
         const dIn = m.dIn + (m.hasBias ? 1 : 0);
         if (req.covariance) {
           // q/k/v (and gate/up) read the same input: compute its Σ a aᵀ once and emit it for each
@@ -520,8 +525,8 @@ function buildOutputs(
           const seen = sharedA.get(key);
           if (seen) emit(g.node('Identity', [seen], [{ dtype: g.float, shape: [dIn, dIn] }])[0], `A.${m.name}`);
           else {
-            const am = g.mul(a, g.unsqueeze(maskF, [1]));
-            const A = g.node('Gemm', [am, a], [{ dtype: g.float, shape: [dIn, dIn] }], { transA: 1 })[0];
+            const am = g.mul(withOne(), g.unsqueeze(maskF, [1]));
+            const A = g.node('Gemm', [am, withOne()], [{ dtype: g.float, shape: [dIn, dIn] }], { transA: 1 })[0];
             sharedA.set(key, A);
             emit(A, `A.${m.name}`);
           }
@@ -531,7 +536,7 @@ function buildOutputs(
         if (req.projected) {
           const PA = g.input(`PA.${m.name}`, g.float, [dIn, `kA_${m.name}`]);
           const PS = g.input(`PS.${m.name}`, g.float, [m.dOut, `kS_${m.name}`]);
-          const ap = g.matmul(a, PA); // [N, kA]
+          const ap = g.matmul(withOne(), PA); // [N, kA]
           const gp = g.matmul(gy, PS); // [N, kS]
           const kA = g.shapeOf(PA, 1, 2);
           const kS = g.shapeOf(PS, 1, 2);
@@ -543,7 +548,7 @@ function buildOutputs(
           const U = g.input(`U.${m.name}`, g.float, ['Q', m.dOut, `R_${m.name}`]);
           const V = g.input(`V.${m.name}`, g.float, ['Q', dIn, `R_${m.name}`]);
           const gU = g.matmul(g.unsqueeze(gy, [0]), U); // [Q, N, R]
-          const aV = g.matmul(g.unsqueeze(a, [0]), V); // [Q, N, R]
+          const aV = g.matmul(g.unsqueeze(withOne(), [0]), V); // [Q, N, R]
           const c = g.reduceSum(g.mul(gU, aV), [2], false); // [Q, N]
           if (req.tokenScores) tokenSum = accumulate(tokenSum, c);
           if (req.scores) {
@@ -558,7 +563,7 @@ function buildOutputs(
           const QS = g.input(`QS.${m.name}`, g.float, [m.dOut, m.dOut]);
           const R = g.input(`R.${m.name}`, g.float, ['Q', m.dOut, dIn]);
           const gr = g.matmul(gy, QS); // [N, dOut]: (Q_Sᵀ g_t)ᵀ
-          const ar = g.matmul(a, QA); // [N, dIn]: (Q_Aᵀ a_t)ᵀ
+          const ar = g.matmul(withOne(), QA); // [N, dIn]: (Q_Aᵀ a_t)ᵀ
           if (req.tokenScores) {
             // c[q, t] = (Q_Sᵀ g_t)ᵀ R_q (Q_Aᵀ a_t) = g_tᵀ P(G_q) a_t
             const gR = g.matmul(g.unsqueeze(gr, [0]), R); // [Q, N, dIn]
@@ -581,13 +586,13 @@ function buildOutputs(
         if (M && req.tokenScores) {
           // c[q, t] = g_tᵀ M_q a_t : the training-side token heatmap, summed over modules
           const gM = g.matmul(g.unsqueeze(gy, [0]), M); // [Q, N, dIn]
-          const c = g.reduceSum(g.mul(gM, a), [2], false); // [Q, N]
+          const c = g.reduceSum(g.mul(gM, withOne()), [2], false); // [Q, N]
           tokenSum = accumulate(tokenSum, c);
         }
         if (req.gradNorms && req.lowRank) {
           // ‖Σ_t g_t a_tᵀ‖² = Σ_{t,s} (g_t·g_s)(a_t·a_s): T²·(dOut + dIn) work, the per-example G never formed
           const g3 = g.reshape(gy, g.concatInts([btShape, g.ints([m.dOut])]), ['B', 'T', m.dOut]);
-          const a3 = g.reshape(a, g.concatInts([btShape, g.ints([dIn])]), ['B', 'T', dIn]);
+          const a3 = g.reshape(withOne(), g.concatInts([btShape, g.ints([dIn])]), ['B', 'T', dIn]);
           const gg = g.matmul(g3, g.transpose(g3, [0, 2, 1])); // [B, T, T]
           const aa = g.matmul(a3, g.transpose(a3, [0, 2, 1])); // [B, T, T]
           normSum = accumulate(normSum, g.reduceSum(g.mul(gg, aa), [1, 2], false));
@@ -597,7 +602,7 @@ function buildOutputs(
         // G_b = Σ_t g_t a_tᵀ, formed only for the outputs that need it
         const needFullG = req.exampleGrads || req.gradNorms || (M && req.scores);
         const G = needFullG
-          ? g.matmul(g.transpose(perExample(gy, m.dOut), [0, 2, 1]), perExample(a, dIn)) // [B, dOut, dIn]
+          ? g.matmul(g.transpose(perExample(gy, m.dOut), [0, 2, 1]), perExample(withOne(), dIn)) // [B, dOut, dIn]
           : null;
         if (G && req.exampleGrads) emit(G, `G.${m.name}`);
         if (req.lambda || req.selfInfluence) {
@@ -606,12 +611,19 @@ function buildOutputs(
           const QA = g.input(`QA.${m.name}`, g.float, [dIn, dIn]);
           const QS = g.input(`QS.${m.name}`, g.float, [m.dOut, m.dOut]);
           const gr = perExample(g.matmul(gy, QS), m.dOut);
-          const ar = perExample(g.matmul(a, QA), dIn);
+          const ar = perExample(g.matmul(withOne(), QA), dIn);
           const rot = g.matmul(g.transpose(gr, [0, 2, 1]), ar); // [B, dOut, dIn]
-          const sq = g.mul(rot, rot);
-          // eigenvalue correction Λ: Σ_b (Q_Sᵀ G_b Q_A)²
-          if (req.lambda) emit(g.reduceSum(sq, [0], false), `L.${m.name}`);
-          if (req.selfInfluence) {
+          // eigenvalue correction Λ: Σ_b (Q_Sᵀ G_b Q_A)², squared and summed by one op: a Mul then
+          // a ReduceSum wrote and read back the [B, dOut, dIn] squares (10% of the Λ pass at Pythia-70M)
+          if (req.lambda)
+            emit(
+              g.node('ReduceSumSquare', [rot, g.ints([0])], [{ dtype: g.float, shape: [m.dOut, dIn] }], {
+                keepdims: 0,
+              })[0],
+              `L.${m.name}`,
+            );
+          const sq = req.selfInfluence ? g.mul(rot, rot) : null;
+          if (sq) {
             // ⟨P(G_b), G_b⟩ = Σ (Q_Sᵀ G_b Q_A)² ⊘ (Λ + λ), with input `IL.<module>` = 1/(Λ + λ)
             const inv = g.input(`IL.${m.name}`, g.float, [m.dOut, dIn]);
             selfSum = accumulate(selfSum, g.reduceSum(g.mul(sq, inv), [1, 2], false));

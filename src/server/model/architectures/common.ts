@@ -154,10 +154,20 @@ function loraBranch(
 
 export function layerNorm(ctx: BuildContext, x: Tensor, prefix: string, eps: number): Tensor {
   const { g, w } = ctx;
-  const mean = g.reduceMean(x, [-1], true);
-  const xc = g.sub(x, mean);
-  const variance = g.reduceMean(g.mul(xc, xc), [-1], true);
-  const xn = g.div(xc, g.sqrt(g.add(variance, g.scalar(eps))));
+  // x̂ = (x − mean)·r, r = 1/√(var + eps) (as PyTorch's kernel computes it), with the backward
+  // written out: dx = r·(dx̂ − mean(dx̂) − x̂·mean(dx̂ ⊙ x̂)): 7 ops on [N, d] where
+  // differentiating the forward's ops emitted about twice as many.
+  const { xn, r } = g.noGrad(() => {
+    const xc = g.sub(x, g.reduceMean(x, [-1], true));
+    const variance = g.reduceMean(g.mul(xc, xc), [-1], true);
+    const r = g.div(g.scalar(1), g.sqrt(g.add(variance, g.scalar(eps))));
+    return { xn: g.mul(xc, r), r };
+  });
+  g.custom([x], [xn], ([gxn]) => {
+    const centred = g.sub(gxn!, g.reduceMean(gxn!, [-1], true));
+    const along = g.mul(xn, g.reduceMean(g.mul(gxn!, xn), [-1], true));
+    return [g.mul(g.sub(centred, along), r)];
+  });
   const scaled = g.mul(xn, w.get(`${prefix}.weight`));
   return w.has(`${prefix}.bias`) ? g.add(scaled, w.get(`${prefix}.bias`)) : scaled;
 }

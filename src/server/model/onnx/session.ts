@@ -55,6 +55,14 @@ export async function createSession(
   // `ekfac --shape pythia-70m`), for 0-25% more time. INFLUENCE_LENS_ORT_ARENA=on restores it.
   so.enableCpuMemArena = ortArenaEnabled();
   if (opts.externalData) so.externalData = opts.externalData;
+  // INFLUENCE_LENS_ORT_PROFILE=<prefix>: ONNX Runtime's per-node profile (Chrome trace JSON,
+  // <prefix>_<timestamp>.json per session, written by session.endProfiling()), for finding
+  // where a graph's time goes (see bench/results/2026-12-03-vm-engine-profile.md).
+  const profile = ortProfilePrefix();
+  if (profile) {
+    so.enableProfiling = true;
+    so.profileFilePrefix = profile;
+  }
   if (opts.threads) {
     so.intraOpNumThreads = opts.threads;
     so.interOpNumThreads = 1;
@@ -77,6 +85,12 @@ export async function createSession(
 export function ortArenaEnabled(): boolean {
   const v = (process.env.INFLUENCE_LENS_ORT_ARENA ?? '').trim().toLowerCase();
   return v === 'on' || v === '1' || v === 'true' || v === 'yes';
+}
+
+/** INFLUENCE_LENS_ORT_PROFILE=<prefix> turns on ONNX Runtime's per-node profiling (default off). */
+export function ortProfilePrefix(): string | null {
+  const v = (process.env.INFLUENCE_LENS_ORT_PROFILE ?? '').trim();
+  return v ? v : null;
 }
 
 export { ort };
