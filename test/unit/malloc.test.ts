@@ -1,43 +1,76 @@
-// malloc.ts fixes glibc's mmap threshold so that freed tensors leave the process. Checked in a
-// child process (the setting is process-wide): a 4 MiB block is freed, which raises glibc's
-// dynamic threshold past 1 MiB, then a 1 MiB block is allocated; its chunk header's IS_MMAPPED
-// bit (0x2 in the size word just before the pointer) says whether it was mapped (threshold fixed)
-// or taken from the heap (default). The header, not a process-wide count such as mallinfo2's, so
-// that other threads' allocations cannot change the answer.
+// malloc.ts gives ONNX Runtime's freed tensors back to the system (glibc). Checked in child
+// processes (the setting is process-wide), one per INFLUENCE_LENS_MALLOC mode:
+// - which blocks are mapped: a 4 MiB block is freed, which raises glibc's dynamic mmap threshold
+//   past 1 MiB, then a 1 MiB block is allocated; its chunk header's IS_MMAPPED bit (0x2 in the size
+//   word before the pointer) says whether it was mapped ('mmap' fixes the threshold) or came from
+//   the heap ('trim', 'default'); the block's own header, so other threads cannot change the answer;
+// - what a run's end gives back: 64 touched 1 MiB heap blocks, fenced from the heap's top by a
+//   small block (256 KiB from the top, so free() cannot trim them itself), are freed, then `releaseFreedMemory` runs:
+//   'trim' returns them (resident memory drops by most of 64 MiB), 'default' keeps them.
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import { test } from 'node:test';
 
 const CHILD = `
 import { createRequire } from 'node:module';
-import { fixMmapThreshold } from './src/server/model/onnx/malloc.ts';
+import { readFileSync } from 'node:fs';
+import { configureMalloc, releaseFreedMemory } from './src/server/model/onnx/malloc.ts';
 const koffi = createRequire(import.meta.url)('koffi');
-const fixed = fixMmapThreshold();
+const mode = configureMalloc();
 const libc = koffi.load('libc.so.6');
 const malloc = libc.func('void *malloc(size_t size)');
 const free = libc.func('void free(void *ptr)');
+const memset = libc.func('void *memset(void *s, int c, size_t n)');
+const resident = () => Number(readFileSync('/proc/self/statm', 'utf8').split(' ')[1]) * 4096;
 free(malloc(4 << 20));
 const p = malloc(1 << 20);
 const mapped = (BigInt(koffi.decode(p, -8, 'uint64')) & 2n) !== 0n;
 free(p);
-console.log(JSON.stringify({ fixed, mapped }));
+const blocks = Array.from({ length: 64 }, () => { const b = malloc(1 << 20); memset(b, 1, 1 << 20); return b; });
+const fence = malloc(256 << 10);
+for (const b of blocks) free(b);
+const before = resident();
+releaseFreedMemory();
+const returned = before - resident();
+free(fence);
+console.log(JSON.stringify({ mode, mapped, returnedMiB: Math.round(returned / 2 ** 20) }));
 `;
 
-function child(env: Record<string, string>) {
+function child(mode?: string) {
+  const env: NodeJS.ProcessEnv = { ...process.env };
+  if (mode === undefined) delete env.INFLUENCE_LENS_MALLOC;
+  else env.INFLUENCE_LENS_MALLOC = mode;
   const r = spawnSync(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', CHILD], {
-    env: { ...process.env, ...env },
+    env,
     encoding: 'utf8',
   });
-  assert.equal(r.status, 0, r.stderr);
-  return JSON.parse(r.stdout.trim().split('\n').pop()!) as { fixed: boolean; mapped: boolean };
+  return {
+    status: r.status,
+    stderr: r.stderr,
+    out: r.status === 0 ? JSON.parse(r.stdout.trim().split('\n').pop()!) : null,
+  };
 }
 
 const glibc =
   process.platform === 'linux' &&
   !!(process.report.getReport() as { header?: { glibcVersionRuntime?: string } }).header?.glibcVersionRuntime;
 
-test('a freed large block no longer raises the mmap threshold (glibc)', { skip: !glibc && 'not glibc' }, () => {
-  assert.deepEqual(child({}), { fixed: true, mapped: true });
-  // the default behaviour, which the fix exists for: after a 4 MiB free, 1 MiB comes from the heap
-  assert.deepEqual(child({ INFLUENCE_LENS_MALLOC: 'default' }), { fixed: false, mapped: false });
+test('malloc modes: trim (default) returns freed heap pages after a run, mmap maps large blocks, default neither', {
+  skip: !glibc && 'not glibc',
+}, () => {
+  const trim = child();
+  assert.equal(trim.status, 0, trim.stderr);
+  assert.equal(trim.out.mode, 'trim');
+  assert.equal(trim.out.mapped, false, 'trim leaves the mmap threshold to glibc');
+  assert.ok(trim.out.returnedMiB >= 48, `trim returned ${trim.out.returnedMiB} MiB of 64 freed`);
+  const mmap = child('mmap');
+  assert.equal(mmap.status, 0, mmap.stderr);
+  assert.deepEqual([mmap.out.mode, mmap.out.mapped], ['mmap', true]);
+  const plain = child('default');
+  assert.equal(plain.status, 0, plain.stderr);
+  assert.deepEqual([plain.out.mode, plain.out.mapped], ['default', false]);
+  assert.ok(plain.out.returnedMiB < 16, `default kept the freed blocks (returned ${plain.out.returnedMiB} MiB)`);
+  const bad = child('sometimes');
+  assert.notEqual(bad.status, 0);
+  assert.match(bad.stderr, /INFLUENCE_LENS_MALLOC="sometimes": use trim \(default\), mmap or default/);
 });

@@ -18,6 +18,7 @@ import { type Checkpoint, openCheckpoint } from './checkpoint';
 import { contentDigest } from './content-digest';
 import { crossEntropyHead, type HeadLabels, headChunkRows } from './head';
 import { DataType, Graph, type Tensor } from './onnx/graph';
+import { releaseFreedMemory } from './onnx/malloc';
 import { createSession, type Device, ort } from './onnx/session';
 import type { DType } from './safetensors';
 import { loadTokenizer, type TokenizerHandle } from './tokenizer';
@@ -740,6 +741,10 @@ export class CompiledGraph {
       feeds[k] = t;
     }
     for (const k of inputs) if (!(k in feeds)) throw new EngineError(`missing graph input "${k}"`);
-    return this.session.run(feeds, extra.outputs ?? this.outputNames);
+    try {
+      return await this.session.run(feeds, extra.outputs ?? this.outputNames);
+    } finally {
+      releaseFreedMemory();
+    }
   }
 }

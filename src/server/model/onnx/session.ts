@@ -2,7 +2,7 @@
 // CPU always works; WebGPU / CUDA are opt-in, and when unavailable we say so plainly
 // instead of silently falling back (the user asked for a GPU for a reason).
 import * as ort from 'onnxruntime-node';
-import { fixMmapThreshold } from './malloc';
+import { configureMalloc } from './malloc';
 
 export type Device = 'cpu' | 'webgpu' | 'cuda';
 export const DEVICES: readonly Device[] = ['cpu', 'webgpu', 'cuda'];
@@ -41,7 +41,7 @@ export async function createSession(
 ): Promise<ort.InferenceSession> {
   const device = opts.device ?? 'cpu';
   // freed tensors go back to the system instead of staying in malloc's heap (malloc.ts)
-  fixMmapThreshold();
+  configureMalloc();
   const so: ort.InferenceSession.SessionOptions = {
     executionProviders: [providerFor(device)],
     graphOptimizationLevel: opts.optimization ?? 'all',
