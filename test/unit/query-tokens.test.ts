@@ -14,6 +14,8 @@ import {
   precondition,
   preconditionTokens,
   preconditionTokens32,
+  rotateBack32,
+  singlePrecision,
   type TokenRows,
 } from '../../src/server/attribution/ekfac/precondition';
 import {
@@ -99,6 +101,13 @@ describe('preconditioning from tokens (synthetic)', () => {
       for (const [r, w] of want.entries()) {
         const e = relErr(got32.subarray(r * size, (r + 1) * size), w);
         assert.ok(e <= 1e-4, `fp32 row ${r}: ${e}`);
+      }
+      // left in the eigenbasis (each row written in place), every row rotates back to the same P(G_r)
+      const f = singlePrecision(p);
+      const eig32 = preconditionTokens32(p, t32, f, false);
+      for (const [r, w] of want.entries()) {
+        const e = relErr(rotateBack32(p, eig32.subarray(r * size, (r + 1) * size), f), w);
+        assert.ok(e <= 1e-4, `fp32 eigenbasis row ${r}: ${e}`);
       }
     });
   }

@@ -309,25 +309,29 @@ export function preconditionTokens32(
   const out = new Float32Array(rows.length * size);
   const tokens = viaTokens(dOut, dA, rows, t.src, forward);
   const aq = new Map<number, Float32Array>();
+  // Left in the eigenbasis, each row is rotated straight into its place in `out`; rotated back,
+  // one scratch serves every row. Either way no fresh d_out × d_A array per row: at the
+  // SmolLM-135M shape those were ~0.4 GB of new (page-faulted, zeroed) memory per query row.
+  const scratch = back ? new Float32Array(size) : undefined;
+  const inverse = f.inverse;
   for (const [r, T] of rows.entries()) {
     const s = t.src[r];
     const a = f32(t.a[s], 'activations');
     const g = f32(t.g[r], 'output gradients');
-    let rot: Float32Array;
+    const rot = scratch ?? out.subarray(r * size, (r + 1) * size);
     if (tokens) {
       let xq = aq.get(s);
       if (!xq) {
         xq = gemm32(a, f.qA, forward[s], dA, dA);
         aq.set(s, xq);
       }
-      rot = gemm32(gemm32(g, f.qS, T, dOut, dOut), xq, dOut, T, dA, { transA: true });
+      gemm32(gemm32(g, f.qS, T, dOut, dOut), xq, dOut, T, dA, { transA: true, out: rot });
     } else {
       const G = gemm32(g, a, dOut, T, dA, { transA: true });
-      rot = gemm32(gemm32(f.qS, G, dOut, dOut, dA, { transA: true }), f.qA, dOut, dA, dA);
+      gemm32(gemm32(f.qS, G, dOut, dOut, dA, { transA: true }), f.qA, dOut, dA, dA, { out: rot });
     }
-    for (let i = 0; i < size; i++) rot[i] *= f.inverse[i];
-    if (back) rotateBack32(p, rot, f, out.subarray(r * size, (r + 1) * size));
-    else out.set(rot, r * size);
+    for (let i = 0; i < size; i++) rot[i] *= inverse[i];
+    if (scratch) rotateBack32(p, scratch, f, out.subarray(r * size, (r + 1) * size));
   }
   return out;
 }
