@@ -19,11 +19,12 @@ export async function benchServer(argv: string[]): Promise<void> {
   const d = embeddedDefault();
   const service = new InfluenceService(defaultServiceConfig());
   service.open();
-  for (const stage of ['finetuned', 'pretrained'] as const)
-    if (!service.info().stages.find((s) => s.name === stage)?.factors) {
-      say(`fitting ${stage} factors (once)...`);
-      await service.fit(stage);
-    }
+  // fit is idempotent (an up-to-date factor folder is left as it is) and also fits the fine-tune's
+  // training checkpoints, which a stage's own factors say nothing about
+  for (const stage of ['finetuned', 'pretrained'] as const) {
+    if (!service.info().stages.find((s) => s.name === stage)?.factors) say(`fitting ${stage} factors (once)...`);
+    await service.fit(stage);
+  }
   const server = await startServer({
     handlers: serviceHandlers(service),
     info: () => service.info(),
