@@ -5,6 +5,7 @@
 // throws turned into a JSON-RPC error (./errors).
 import type { CancellationToken } from 'vscode-jsonrpc';
 import { formatIssue, validateSchema } from '../common/json-schema';
+import { QueueFullError, Semaphore } from '../common/semaphore';
 import { Initialize, Status } from '../protocol/requests';
 import {
   type Capabilities,
@@ -20,7 +21,6 @@ import { clip, type ServerConnection } from './connection';
 import { RpcError, toRpcError } from './errors';
 import type { LogLimiter } from './log-limiter';
 import { notify, ProgressSender } from './progress';
-import { QueueFullError, Semaphore } from './semaphore';
 import type { MethodContext, MethodSpec } from './server';
 
 /** The reason a handler's signal aborts with (cancel, disconnect, shutdown). */

@@ -5,6 +5,7 @@
 // Labels are sampled from the model (true Fisher) unless `labels: 'empirical'`. Every pass
 // can run on one partition of the data; partial sums add up (covariance.ts, lambda.ts).
 import { createHash } from 'node:crypto';
+import { Semaphore } from '../../common/semaphore';
 import { parallelEigh } from '../linalg/eigh';
 import type { Floats, Precision } from '../linalg/matrix';
 import type { Batch, Model, ModuleInfo, ModuleSelection } from '../model/engine';
@@ -157,19 +158,9 @@ export async function fitEigenbases(
   // values, so the result is the same as decomposing it again.
   const seenA = new Map<string, Promise<Decomposition>>();
   const claimed = new Set<Promise<Decomposition>>();
-  let inFlight = 0;
-  let wake: (() => void) | null = null;
-  const slot = async () => {
-    while (inFlight >= parallel) await new Promise<void>((r) => (wake = r));
-    inFlight++;
-  };
-  const release = () => {
-    inFlight--;
-    const w = wake;
-    wake = null;
-    w?.();
-  };
-  const run = async (f: () => Promise<Decomposition>) => {
+  // one slot per decomposition in flight; a slot is taken before its covariance is finalized
+  const slots = new Semaphore(parallel, 2 * order.length);
+  const holding = async (release: () => void, f: () => Promise<Decomposition>) => {
     try {
       return await f();
     } finally {
@@ -183,32 +174,31 @@ export async function fitEigenbases(
       opts?.signal?.throwIfAborted();
       if (failure) throw failure.error;
       const acc = covariances.get(name)!;
-      await slot();
+      const releaseA = await slots.acquire(opts?.signal);
       const cov = acc.finalize();
       const key = digest(cov.A);
       let a = seenA.get(key);
-      if (a) release();
+      if (a) releaseA();
       else {
-        a = run(() => decomposeCovariance(name, 'activation', cov.A, cov.dA, opts));
+        a = holding(releaseA, () => decomposeCovariance(name, 'activation', cov.A, cov.dA, opts));
         seenA.set(key, a);
       }
-      await slot();
-      const s = run(() => decomposeCovariance(name, 'gradient', cov.S, cov.dOut, opts));
+      const releaseS = await slots.acquire(opts?.signal);
+      const s = holding(releaseS, () => decomposeCovariance(name, 'gradient', cov.S, cov.dOut, opts));
       const mine = a;
-      modules.push(
-        Promise.all([mine, s]).then(([da, ds]) => {
-          // the first module to finish owns the shared activation arrays; the others copy them
-          const shared = claimed.has(mine);
-          claimed.add(mine);
-          done.set(name, assembleEigenbasis(name, cov, da, ds, { precision: opts?.precision, shared }));
-          covariances.delete(name);
-          opts?.onProgress?.('eigendecomposition', done.size, total);
-        }),
-      );
+      const module = Promise.all([mine, s]).then(([da, ds]) => {
+        // the first module to finish owns the shared activation arrays; the others copy them
+        const shared = claimed.has(mine);
+        claimed.add(mine);
+        done.set(name, assembleEigenbasis(name, cov, da, ds, { precision: opts?.precision, shared }));
+        covariances.delete(name);
+        opts?.onProgress?.('eigendecomposition', done.size, total);
+      });
       // a failure stops the loop at the next module instead of decomposing the rest
-      modules[modules.length - 1].catch((error) => {
+      module.catch((error) => {
         failure ??= { error };
       });
+      modules.push(module);
     }
     await Promise.all(modules);
   } finally {

@@ -148,48 +148,26 @@ export function syrkLower(X: Floats, rows: number, n: number, C: Floats, ldc = n
   // row-major lower triangle is the column-major upper one: column block [j0, j1) needs rows 0..j1.
   const blocks = n >= SYRK_MIN_BLOCKED ? Math.ceil(n / SYRK_BLOCK) : 1;
   const nb = Math.ceil(n / blocks);
-  if (C instanceof Float32Array && lib?.sgemm) {
-    const one = new Float32Array([1]);
-    const x = X as Float32Array;
+  // sgemm for float32 sums, dgemm for fp64 ones: the same call with the other element type
+  const single = C instanceof Float32Array;
+  const native = (single ? lib?.sgemm : lib?.dgemm) as
+    | ((...args: [string, string, ...Array<Int32Array | Floats>, number, number]) => void)
+    | undefined;
+  if (native) {
+    const one = single ? new Float32Array([1]) : new Float64Array([1]);
     for (let j0 = 0; j0 < n; j0 += nb) {
       const j1 = Math.min(n, j0 + nb);
       const c = j0 === 0 ? C : C.subarray(j0 * ldc);
-      lib.sgemm(
+      native(
         'N',
         'T',
         i32(j1),
         i32(j1 - j0),
         i32(rows),
         one,
-        x,
+        X,
         i32(n),
-        x.subarray(j0),
-        i32(n),
-        one,
-        c,
-        i32(ldc),
-        1,
-        1,
-      );
-    }
-    return;
-  }
-  if (C instanceof Float64Array && lib?.dgemm) {
-    const one = new Float64Array([1]);
-    const x = X as Float64Array;
-    for (let j0 = 0; j0 < n; j0 += nb) {
-      const j1 = Math.min(n, j0 + nb);
-      const c = j0 === 0 ? C : C.subarray(j0 * ldc);
-      lib.dgemm(
-        'N',
-        'T',
-        i32(j1),
-        i32(j1 - j0),
-        i32(rows),
-        one,
-        x,
-        i32(n),
-        x.subarray(j0),
+        X.subarray(j0),
         i32(n),
         one,
         c,
