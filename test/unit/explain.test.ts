@@ -208,6 +208,98 @@ describe('fit + explain (tiny fp64 Llama)', () => {
     });
   }
 
+  test('completion heatmap rows: each token equals its dense EK-FAC value, however the rows are split between the pool pass and the shown passes', async () => {
+    const query = { prompt: QUERY.prompt, completion: ' Paris is a city on' };
+    const q = tokenizeQuery(ft.model.tokenizer, query.prompt, query.completion, contextLength(ft.model.config));
+    const targets = q.weights.flatMap((w, t) => (w > 0 ? [t] : []));
+    assert.ok(targets.length >= 4, `${targets.length} completion tokens`);
+    // one query row is Σ_modules d_out × d_A doubles; the rows per pass are half the run budget
+    const rowBytes = ft.model.modules('all').reduce((s, m) => s + m.dOut * (m.dIn + (m.hasBias ? 1 : 0)), 0) * 8;
+    const setup = { model: ft, pretrained: pt, modules: 'all' } satisfies ExplainSetup;
+    const saved = process.env.INFLUENCE_LENS_RUN_MB;
+    const results: Array<[string, ExplainResult[]]> = [];
+    try {
+      // rows per pass: 1 (every token in a pass of its own, none with the pool), 3 (two with the
+      // pool, the rest two at a time), and all (every row with the pool, as before the split)
+      for (const rows of [1, 3, 1000]) {
+        process.env.INFLUENCE_LENS_RUN_MB = String((2 * rows * rowBytes + 1) / 2 ** 20);
+        results.push([
+          `${rows} rows per pass`,
+          [
+            await explain(setup, corpus, { ...query, method: 'ekfac', topK: 7 }),
+            await explain(setup, corpus, { ...query, method: 'cosine', topK: 7 }),
+            // two queries in one pool pass: one row each when the pass holds three
+            ...(await explainMany(setup, corpus, [
+              { ...query, method: 'gdp', topK: 7 },
+              { ...QUERY, method: 'gdp', topK: 7 },
+            ])),
+          ],
+        ]);
+      }
+    } finally {
+      if (saved === undefined) delete process.env.INFLUENCE_LENS_RUN_MB;
+      else process.env.INFLUENCE_LENS_RUN_MB = saved;
+    }
+    // dense references: each completion token's own gradient, its EK-FAC inverse, met by G(z)
+    const Gt = await Promise.all(
+      targets.map((t) =>
+        denseGradient(
+          ft.model,
+          q.ids,
+          q.weights.map((_, u) => (u === t ? 1 : 0)),
+        ),
+      ),
+    );
+    // ⟨H⁻¹ G_t, G_z⟩ = ⟨G_t, H⁻¹ G_z⟩ (H symmetric): one dense inverse per example and module
+    const want = new Map<number, number[]>();
+    for (const [k, ex] of corpus.dataset.examples.entries()) {
+      const Gz = await denseGradient(ft.model, corpus.tokens[k].ids, corpus.tokens[k].weights);
+      const per = targets.map(() => 0);
+      for (const [name, gz] of Gz) {
+        const inv = denseInverse(ft, name, gz);
+        Gt.forEach((g, i) => {
+          per[i] += dot(g.get(name)!, inv);
+        });
+      }
+      want.set(ex.line, per);
+    }
+    for (const [label, [ek, cos, gdp, gdp2]] of results) {
+      assert.equal(all(ek).length, RECORDS.length);
+      for (const e of all(ek)) {
+        assert.equal(e.completionTokenScores!.length, targets.length, label);
+        want.get(e.id.line)!.forEach((s, i) => {
+          const got = e.completionTokenScores![i];
+          assert.ok(
+            rel(got, s) < 1e-6 || Math.abs(got - s) < 1e-9,
+            `${label}, line ${e.id.line}, token ${i}: ${got} vs ${s}`,
+          );
+        });
+        const tokens = e.tokenScores!.values.reduce((a, b) => a + b, 0);
+        assert.ok(rel(tokens, e.score) < 1e-8, `${label}: training token scores sum to the score`);
+      }
+      // the other methods and the second query equal the run with every row in the pool's pass
+      const ref = results[results.length - 1][1];
+      for (const [r, same] of [cos, gdp, gdp2].map((r, i) => [r, ref[i + 1]] as const))
+        for (const e of all(r)) {
+          const w = all(same).find((x) => x.id.line === e.id.line)!;
+          assert.ok(rel(e.score, w.score) < 1e-10, `${label} ${r.method}: score`);
+          e.completionTokenScores!.forEach((v, i) =>
+            assert.ok(
+              Math.abs(v - w.completionTokenScores![i]) <=
+                1e-10 * (Math.abs(w.completionTokenScores![i]) + Math.abs(w.score)),
+              `${label} ${r.method}: completion token ${i}`,
+            ),
+          );
+          e.tokenScores!.values.forEach((v, i) =>
+            assert.ok(
+              Math.abs(v - w.tokenScores!.values[i]) <= 1e-10 * (Math.abs(v) + Math.abs(w.score)),
+              `${label} ${r.method}: training token ${i}`,
+            ),
+          );
+        }
+    }
+  });
+
   test('low-rank query: full rank reproduces the exact scores in-graph; rank 1 is recomputed exactly at the top', async () => {
     const q = tokenizeQuery(ft.model.tokenizer, QUERY.prompt, QUERY.completion, contextLength(ft.model.config));
     const { tokens } = await queryGradients(

@@ -46,6 +46,7 @@ export async function benchShape(argv: string[]): Promise<void> {
     threads: { type: 'string' },
     python: { type: 'string' },
     'no-kronfluence': { type: 'boolean' },
+    'no-warmup': { type: 'boolean' },
     flow: { type: 'boolean' },
     report: { type: 'string' },
   });
@@ -98,6 +99,35 @@ export async function benchShape(argv: string[]): Promise<void> {
   say(
     `bench ekfac --shape ${shape}: ${model.describe()}; ${nTrain} sequences × ${length} tokens of English text, ${nQueries} queries; all linear modules; ${threads} threads`,
   );
+
+  // kronfluence first, while this process holds only the model: at Qwen2.5-0.5B our factors and
+  // preconditioners are many GB, and both tools at once would not fit in 24 GB
+  let kron: Record<string, unknown> | null = null;
+  let theirs: number[][] | null = null;
+  const script = join(packageRoot(), 'test/oracle/bench_kronfluence.py');
+  if (v['no-kronfluence']) say('  kronfluence: skipped (--no-kronfluence)');
+  else if (!existsSync(python)) say(`  kronfluence: not run (no ${python}; see test/oracle/README.md)`);
+  else {
+    const out = join(root, 'kronfluence');
+    const r = spawnSync(
+      python,
+      [
+        script,
+        ...['--model', modelDir, '--data', dataFile, '--out', out, '--threads', String(threads)],
+        ...['--labels', 'empirical', '--modules', 'all', '--damping', '1e-3', '--batch-size', '8', '--repeats', '1'],
+        ...(v['no-warmup'] ? ['--no-warmup'] : []),
+      ],
+      { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] },
+    );
+    if (r.status !== 0)
+      say(
+        `  kronfluence: failed (exit ${r.status}): ${(r.stderr || r.stdout).trim().split('\n').slice(-3).join(' | ')}`,
+      );
+    else {
+      kron = JSON.parse(readFileSync(join(out, 'kronfluence_bench.json'), 'utf8'));
+      theirs = JSON.parse(readFileSync(join(out, 'kronfluence_scores.json'), 'utf8')) as number[][];
+    }
+  }
 
   // ours: one run each (a real shape takes minutes; the machine's load is the noise to mention)
   const opts = { modules: 'all' as const, labels: 'empirical' as const, seed: 0, batchSize: 8 };
@@ -162,50 +192,28 @@ export async function benchShape(argv: string[]): Promise<void> {
     `                  score ${nQueries}×${nTrain} in ${scoreSeconds.toFixed(1)} s (query gradients ${queryGradSeconds.toFixed(1)} s, preconditioning ${preconditionSeconds.toFixed(1)} s${eigen ? ', scored in the eigenbasis' : ''}) → ${ours.candidates_per_second.toFixed(2)} candidates/s; peak RSS ${Math.round(ours.peak_rss_mb)} MB`,
   );
 
-  let kron: Record<string, unknown> | null = null;
   let agreement: number[] | null = null;
-  const script = join(packageRoot(), 'test/oracle/bench_kronfluence.py');
-  if (v['no-kronfluence']) say('  kronfluence: skipped (--no-kronfluence)');
-  else if (!existsSync(python)) say(`  kronfluence: not run (no ${python}; see test/oracle/README.md)`);
-  else {
-    const out = join(root, 'kronfluence');
-    const r = spawnSync(
-      python,
-      [
-        script,
-        ...['--model', modelDir, '--data', dataFile, '--out', out, '--threads', String(threads)],
-        ...['--labels', 'empirical', '--modules', 'all', '--damping', '1e-3', '--batch-size', '8', '--repeats', '1'],
-      ],
-      { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] },
+  if (kron && theirs) {
+    agreement = theirs.map((row, q) =>
+      spearman(
+        row,
+        scored.scores.map((c) => c[q]),
+      ),
     );
-    if (r.status !== 0)
-      say(
-        `  kronfluence: failed (exit ${r.status}): ${(r.stderr || r.stdout).trim().split('\n').slice(-3).join(' | ')}`,
-      );
-    else {
-      kron = JSON.parse(readFileSync(join(out, 'kronfluence_bench.json'), 'utf8'));
-      const theirs = JSON.parse(readFileSync(join(out, 'kronfluence_scores.json'), 'utf8')) as number[][];
-      agreement = theirs.map((row, q) =>
-        spearman(
-          row,
-          scored.scores.map((c) => c[q]),
-        ),
-      );
-      const k = kron as {
-        fit_seconds: number;
-        fit_phases: Record<string, number>;
-        score_seconds: number;
-        candidates_per_second: number;
-        peak_rss_mb: number;
-      };
-      say(
-        `  kronfluence:    fit ${k.fit_seconds.toFixed(1)} s (covariance ${k.fit_phases.covariance_seconds?.toFixed(1)} s, eigendecomposition ${k.fit_phases.eigendecomposition_seconds?.toFixed(1)} s, Λ ${k.fit_phases.lambda_seconds?.toFixed(1)} s); score ${k.score_seconds.toFixed(1)} s → ${k.candidates_per_second.toFixed(2)} candidates/s; peak RSS ${Math.round(k.peak_rss_mb)} MB`,
-      );
-      say(
-        `  ratios ours/kronfluence: fit time ${(fitSeconds / k.fit_seconds).toFixed(2)} (goal ≤ 0.5), scoring throughput ${(ours.candidates_per_second / k.candidates_per_second).toFixed(2)} (goal ≥ 2), peak RSS ${(ours.peak_rss_mb / k.peak_rss_mb).toFixed(2)} (goal ≤ 1)`,
-      );
-      say(`  agreement: Spearman per query ${agreement.map((x) => x.toFixed(4)).join(', ')}`);
-    }
+    const k = kron as {
+      fit_seconds: number;
+      fit_phases: Record<string, number>;
+      score_seconds: number;
+      candidates_per_second: number;
+      peak_rss_mb: number;
+    };
+    say(
+      `  kronfluence:    fit ${k.fit_seconds.toFixed(1)} s (covariance ${k.fit_phases.covariance_seconds?.toFixed(1)} s, eigendecomposition ${k.fit_phases.eigendecomposition_seconds?.toFixed(1)} s, Λ ${k.fit_phases.lambda_seconds?.toFixed(1)} s); score ${k.score_seconds.toFixed(1)} s → ${k.candidates_per_second.toFixed(2)} candidates/s; peak RSS ${Math.round(k.peak_rss_mb)} MB`,
+    );
+    say(
+      `  ratios ours/kronfluence: fit time ${(fitSeconds / k.fit_seconds).toFixed(2)} (goal ≤ 0.5), scoring throughput ${(ours.candidates_per_second / k.candidates_per_second).toFixed(2)} (goal ≥ 2), peak RSS ${(ours.peak_rss_mb / k.peak_rss_mb).toFixed(2)} (goal ≤ 1)`,
+    );
+    say(`  agreement: Spearman per query ${agreement.map((x) => x.toFixed(4)).join(', ')}`);
   }
   // the user's flow through the CLI: `fit`, then one `explain` over the same examples as JSONL text
   let flow: Record<string, unknown> | null = null;

@@ -8,9 +8,10 @@
 //   repsim      cosine of mean-pooled last hidden states
 //   bm25        BM25 (scored as lunr scores it) of the prompt + completion against the example's text
 // Each method's scorer lives in methods/ (one file each). The gradient methods share one path
-// here: a query matrix per module (influence.ts) scored against every candidate inside the graph. Extra query rows (one per completion token) give the
-// completion-side heatmap; a second, small pass over the returned examples gives their
-// training-side token scores.
+// here: a query matrix per module (influence.ts) scored against every candidate inside the graph.
+// Extra query rows (one per completion token) give the completion-side heatmap: as many as fit
+// (rowsPerPass) ride along with the pool's pass, and the rest are scored in passes against the
+// shown examples only; the first such pass also gives their training-side token scores.
 import { toField } from '../../common/records/render';
 import { GRADIENT_METHODS, methodInfo } from '../../protocol/methods';
 import type {
@@ -29,6 +30,7 @@ import { Bm25Index } from '../index/bm25';
 import type { GradientStore } from '../index/gradient-store';
 import type { Floats } from '../linalg/matrix';
 import type { Model } from '../model/engine';
+import { runBudgetBytes } from './chunking';
 import {
   type CandidateScores,
   candidateHidden,
@@ -163,10 +165,8 @@ type PoolRequest = ExplainRequest & { deferStoreRerank?: boolean };
 interface PoolScores {
   scores: Float64Array;
   perModule?: Map<string, Float64Array>;
-  /** [pool item][completion token k] */
-  completion?: Float64Array[];
-  /** training-side token scores for some pool items (by pool position) */
-  tokenScores?: (positions: number[]) => Promise<Float32Array[]>;
+  /** the heatmaps of the pool items at `positions` (the shown ones), in that order */
+  shown?: (positions: number[]) => Promise<ShownParts>;
   signed: boolean;
   /** when the pool was scored approximately (store, low rank): the positions recomputed exactly, the only ones shown */
   exact?: Set<number>;
@@ -174,7 +174,29 @@ interface PoolScores {
   pending?: { sd?: Float64Array; rescore: (redo: number[] | undefined) => Promise<PoolScores> };
 }
 
+/** A shown example's heatmaps: both sum to its score. */
+interface ShownParts {
+  /** training-side token scores (position t = token t's contribution) */
+  tokenScores: Float32Array[];
+  /** completion-side: the query restricted to each completion token, in completion order */
+  completion: Float64Array[];
+}
+
 type Query = ReturnType<typeof tokenizeQuery>;
+
+/**
+ * How many query rows one scoring pass may carry: half the run budget, in rows of Σ_modules
+ * d_out × d_A floats (76 MB at the Pythia-70M shape, 1.4 GB at Qwen2.5-0.5B). The completion
+ * heatmap needs a row per completion token; those that fit ride along with the pool's pass, the
+ * rest are scored in passes of this many against the shown examples only, so memory does not
+ * grow with the completion's length or the model's size (at least one row per pass).
+ */
+function rowsPerPass(setup: ExplainSetup): number {
+  const model = setup.model.model;
+  const floats = model.modules(setup.modules).reduce((s, m) => s + m.dOut * (m.dIn + (m.hasBias ? 1 : 0)), 0);
+  const bytes = floats * (model.precision === 'fp64' ? 8 : 4);
+  return Math.max(1, Math.floor(runBudgetBytes() / 2 / bytes));
+}
 
 /** prompt/completion as the result reports them: for a chat query, the completion is the last assistant content */
 function queryTexts(req: ExplainRequest, q: Query): { prompt: string; completion: string } {
@@ -222,8 +244,10 @@ export async function explainMany(
   corpus: Corpus,
   reqs: ExplainRequest[],
 ): Promise<ExplainResult[]> {
+  // each query's row 0 and as many of its completion rows as fit in the pool's pass
+  const poolRows = Math.max(1, Math.floor(rowsPerPass(setup) / Math.max(1, reqs.length)));
   const prepared: Prepared[] = [];
-  for (const req of reqs) prepared.push(await prepare(setup, corpus, req));
+  for (const req of reqs) prepared.push(await prepare(setup, corpus, req, poolRows));
   const method = reqs[0]?.method;
   const batched =
     reqs.length > 1 &&
@@ -241,7 +265,7 @@ export async function explainMany(
   return out;
 }
 
-async function prepare(setup: ExplainSetup, corpus: Corpus, req: ExplainRequest): Promise<Prepared> {
+async function prepare(setup: ExplainSetup, corpus: Corpus, req: ExplainRequest, poolRows: number): Promise<Prepared> {
   const timings: Record<string, number> = {};
   const t0 = Date.now();
   const model = setup.model.model;
@@ -265,7 +289,8 @@ async function prepare(setup: ExplainSetup, corpus: Corpus, req: ExplainRequest)
   let qg: QueryGradients;
   if (wantsGradients) {
     const t = Date.now();
-    qg = await queryGradients(model, query, { modules: setup.modules, perCompletionToken: true });
+    const completionRows = targets.slice(0, poolRows - 1);
+    qg = await queryGradients(model, query, { modules: setup.modules, completionRows });
     timings.query_ms = Date.now() - t;
   } else {
     // the query's token losses are reported for every method
@@ -311,8 +336,8 @@ async function finish(
     : [];
   const shown = [...supportingPos, ...opposingPos];
   const t1 = Date.now();
-  const tokenScores = main.tokenScores ? await main.tokenScores(shown) : undefined;
-  if (main.tokenScores) timings.token_scores_ms = Date.now() - t1;
+  const parts = main.shown ? await main.shown(shown) : undefined;
+  if (main.shown) timings.token_scores_ms = Date.now() - t1;
   const otherRanks = new Map<Method, Int32Array>();
   for (const [m, s] of others) otherRanks.set(m, rankOf(s));
 
@@ -332,8 +357,10 @@ async function finish(
       percentile: n > 1 ? (100 * below(score)) / (n - 1) : 100,
     };
     if (main.perModule) e.perModule = Object.fromEntries(modules.map((m) => [m, main.perModule!.get(m)![pos]]));
-    if (tokenScores) e.tokenScores = trainingTokenScores(tok, tokenScores[j]);
-    if (main.completion) e.completionTokenScores = Array.from(main.completion[pos]);
+    if (parts) {
+      e.tokenScores = trainingTokenScores(tok, parts.tokenScores[j]);
+      e.completionTokenScores = Array.from(parts.completion[j]);
+    }
     if (otherRanks.size) e.otherRanks = Object.fromEntries([...otherRanks].map(([m, r]) => [m, r[pos]]));
     return e;
   };
@@ -454,7 +481,7 @@ async function scorePool(
     req.onProgress?.(`gradient store (${method})`, 0, 1);
     const est = await storeScores(store, M, pool);
     const rescore = (redo: number[] | undefined) =>
-      finishGradientPool(method, setup, corpus, pool, qg, q, candidateModel, est.res, req, { redo });
+      finishGradientPool(method, setup, corpus, pool, query, qg, q, candidateModel, est.res, req, { redo });
     const approx = Float64Array.from(est.res.scores, (r) => r[0]);
     if (req.deferStoreRerank) return { scores: approx, signed: true, pending: { sd: est.sd, rescore } };
     if (req.onPartial) partials(method, corpus, pool, { ...req, partialEveryMs: 0 })([...pool.keys()], est.res.scores);
@@ -469,7 +496,7 @@ async function scorePool(
     onProgress: (d, t) => req.onProgress?.(`scoring (${method})`, d, t),
     onBatch: req.onPartial ? partials(method, corpus, pool, req) : undefined,
   });
-  return finishGradientPool(method, setup, corpus, pool, qg, q, candidateModel, res, req);
+  return finishGradientPool(method, setup, corpus, pool, query, qg, q, candidateModel, res, req);
 }
 
 /**
@@ -509,7 +536,6 @@ async function scoreOverCheckpoints(
   qg: QueryGradients,
   req: PoolRequest,
 ): Promise<PoolScores> {
-  const rows = qg.rows;
   const n = over.stages.length;
   const terms: PoolScores[] = [];
   for (const [i, c] of over.stages.entries()) {
@@ -520,7 +546,10 @@ async function scoreOverCheckpoints(
       );
     const at = `@ ${c.name} (${i + 1}/${n})`;
     req.onProgress?.(`query gradients ${at}`, 0, 1);
-    const qgc = await queryGradients(c.stage.model, query, { modules: setup.modules, perCompletionToken: rows > 1 });
+    const qgc = await queryGradients(c.stage.model, query, {
+      modules: setup.modules,
+      completionRows: qg.targetPositions,
+    });
     const sub: ExplainSetup = { model: c.stage, modules: setup.modules };
     terms.push(
       await scorePool(method, sub, corpus, pool, queryText, query, qgc, {
@@ -570,16 +599,20 @@ async function scoreOverCheckpoints(
   const scores = sum(terms.map((t) => t.scores));
   const perModule = new Map<string, Float64Array>();
   for (const m of terms[0].perModule?.keys() ?? []) perModule.set(m, sum(terms.map((t) => t.perModule!.get(m)!)));
-  const completion = pool.map((_, k) => sum(terms.map((t) => t.completion![k])));
-  const tokenScores = async (positions: number[]) => {
-    const each: Float32Array[][] = [];
-    for (const t of terms) each.push(await t.tokenScores!(positions));
-    return positions.map((_, j) => Float32Array.from(sum(each.map((e) => Float64Array.from(e[j])))));
+  const shown = async (positions: number[]): Promise<ShownParts> => {
+    const each: ShownParts[] = [];
+    for (const t of terms) each.push(await t.shown!(positions));
+    return {
+      tokenScores: positions.map((_, j) =>
+        Float32Array.from(sum(each.map((e) => Float64Array.from(e.tokenScores[j])))),
+      ),
+      completion: positions.map((_, j) => sum(each.map((e) => e.completion[j]))),
+    };
   };
   let exact: Set<number> | undefined;
   for (const t of terms)
     if (t.exact) exact = exact ? new Set([...exact].filter((p) => t.exact!.has(p))) : new Set(t.exact);
-  return { scores, perModule, completion, tokenScores, signed: true, exact };
+  return { scores, perModule, shown, signed: true, exact };
 }
 
 /** The scorer of a gradient method (the batched path and the gradient pool run only these). */
@@ -637,7 +670,7 @@ async function scorePoolBatched(
   const out: PoolScores[] = [];
   for (const [i, p] of prepared.entries()) {
     const q = { M: queries[i].M, eigen: queries[i].eigen };
-    out.push(await finishGradientPool(method, setup, corpus, pool, p.qg, q, candidateModel, mine[i], p.req));
+    out.push(await finishGradientPool(method, setup, corpus, pool, p.query, p.qg, q, candidateModel, mine[i], p.req));
     p.timings[`${method}_ms`] = Date.now() - t;
   }
   return out;
@@ -649,6 +682,7 @@ async function finishGradientPool(
   setup: ExplainSetup,
   corpus: Corpus,
   pool: number[],
+  query: { ids: number[]; weights: number[] },
   qg: QueryGradients,
   q: QueryRows,
   candidateModel: Model,
@@ -706,24 +740,52 @@ async function finishGradientPool(
       m,
       Float64Array.from(pool, (_, k) => s[k][0] / (qNorm[0] * zNorm[k])),
     );
-  const completion = pool.map((_, k) =>
-    Float64Array.from({ length: rows - 1 }, (_, r) => res.scores[k][r + 1] / (qNorm[r + 1] * zNorm[k])),
-  );
-  const tokenScores = async (positions: number[]) => {
-    if (!positions.length) return [];
-    const row0: QueryRows = { M: new Map([...M].map(([m, r]) => [m, [r[0]]])), eigen: q.eigen };
-    const t = await scoreQuery(
-      candidateModel,
-      row0,
-      positions.map((p) => candidates[p]),
-      { modules: setup.modules, tokenScores: true, batchSize: req.batchSize, signal: req.signal },
-    );
-    return t.tokenScores!.map((ts, j) => {
-      const scale = 1 / (qNorm[0] * zNorm[positions[j]]);
-      return ts.map((v) => v * scale);
+  // the heatmaps of the shown examples: the completion rows scored with the pool, then the rest
+  // in passes of rowsPerPass; row 0 comes along with the first pass for the training-side token scores
+  const targets = query.weights.flatMap((w, t) => (w > 0 ? [t] : []));
+  const place = new Map(targets.map((t, i) => [t, i]));
+  const scored = new Set(qg.targetPositions);
+  const rest = targets.filter((t) => !scored.has(t));
+  const shown = async (positions: number[]): Promise<ShownParts> => {
+    if (!positions.length) return { tokenScores: [], completion: [] };
+    const cands = positions.map((p) => candidates[p]);
+    const completion = positions.map((k) => {
+      const c = new Float64Array(targets.length);
+      for (let r = 1; r < rows; r++)
+        c[place.get(qg.targetPositions[r - 1])!] = res.scores[k][r] / (qNorm[r] * zNorm[k]);
+      return c;
     });
+    const perPass = Math.max(1, rowsPerPass(setup) - 1);
+    let tokenScores: Float32Array[] = [];
+    for (let i = 0; i === 0 || i < rest.length; i += perPass) {
+      const part = rest.slice(i, i + perPass);
+      let pass: QueryRows = { M: new Map([...M].map(([m, r]) => [m, [r[0]]])), eigen: q.eigen };
+      let norms = qNorm;
+      if (part.length) {
+        const qgp = await queryGradients(setup.model.model, query, { modules: setup.modules, completionRows: part });
+        const made = gradientScorer(method).query(setup, qgp, { candidateTokens: tokenCount(cands) });
+        pass = { M: made.M, eigen: made.eigen };
+        norms = normalize ? normalize.query(qgp, 1 + part.length) : new Float64Array(1 + part.length).fill(1);
+      }
+      const t = await scoreQuery(candidateModel, pass, cands, {
+        modules: setup.modules,
+        tokenScores: i === 0,
+        batchSize: req.batchSize,
+        signal: req.signal,
+      });
+      if (i === 0)
+        tokenScores = t.tokenScores!.map((ts, j) => {
+          const scale = 1 / (qNorm[0] * zNorm[positions[j]]);
+          return ts.map((v) => v * scale);
+        });
+      positions.forEach((k, j) => {
+        for (let r = 0; r < part.length; r++)
+          completion[j][place.get(part[r])!] = t.scores[j][r + 1] / (norms[r + 1] * zNorm[k]);
+      });
+    }
+    return { tokenScores, completion };
   };
-  return { scores, perModule, completion, tokenScores, signed: true, exact: exactSet };
+  return { scores, perModule, shown, signed: true, exact: exactSet };
 }
 
 /**

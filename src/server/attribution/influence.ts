@@ -47,7 +47,7 @@ export interface QueryGradients {
    * dot product and cosine meet them as they are); EK-FAC preconditions from `tokens` instead
    */
   readonly G: Map<string, Floats[]>;
-  /** positions whose loss each extra row isolates (row k ↔ targetPositions[k-1]) */
+  /** the completion positions whose loss each extra row isolates (row k ↔ targetPositions[k-1]) */
   targetPositions: number[];
   /** query loss −log p(completion | prompt) */
   loss: number;
@@ -56,18 +56,24 @@ export interface QueryGradients {
   hidden?: Float32Array;
 }
 
-/** Gradients of the query's completion loss (and, optionally, of each completion token alone). */
+/**
+ * Gradients of the query's completion loss (row 0) and, as rows 1…, of single completion tokens'
+ * losses alone: every one (`perCompletionToken`) or the target positions in `completionRows`.
+ */
 export async function queryGradients(
   model: Model,
   query: TokenizedExample,
-  opts: { modules: ModuleSelection; perCompletionToken?: boolean; hidden?: boolean },
+  opts: { modules: ModuleSelection; perCompletionToken?: boolean; completionRows?: number[]; hidden?: boolean },
 ): Promise<QueryGradients> {
-  const targetPositions = query.weights.flatMap((w, t) => (w > 0 ? [t] : []));
-  if (!targetPositions.length) throw new Error('the query has no completion token to explain');
+  const targets = query.weights.flatMap((w, t) => (w > 0 ? [t] : []));
+  if (!targets.length) throw new Error('the query has no completion token to explain');
+  const isTarget = new Set(targets);
+  const targetPositions = opts.completionRows ?? (opts.perCompletionToken ? targets : []);
+  for (const t of targetPositions)
+    if (!isTarget.has(t)) throw new Error(`internal: position ${t} is not a completion token of the query`);
   const rows = [query];
-  if (opts.perCompletionToken)
-    for (const t of targetPositions)
-      rows.push({ ids: query.ids, weights: query.weights.map((_, u) => (u === t ? 1 : 0)) });
+  for (const t of targetPositions)
+    rows.push({ ids: query.ids, weights: query.weights.map((_, u) => (u === t ? 1 : 0)) });
   const graph = await model.compile({
     labels: 'data',
     perToken: true,
