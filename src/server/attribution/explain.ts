@@ -755,32 +755,40 @@ async function finishGradientPool(
         c[place.get(qg.targetPositions[r - 1])!] = res.scores[k][r] / (qNorm[r] * zNorm[k]);
       return c;
     });
-    const perPass = Math.max(1, rowsPerPass(setup) - 1);
+    // the first pass: row 0 (for the training-side token scores) and up to perPass − 1 token
+    // rows; the later ones: perPass token rows each, without row 0
+    const perPass = rowsPerPass(setup);
     let tokenScores: Float32Array[] = [];
-    for (let i = 0; i === 0 || i < rest.length; i += perPass) {
-      const part = rest.slice(i, i + perPass);
+    for (let i = 0, first = true; first || i < rest.length; first = false) {
+      const part = rest.slice(i, i + (first ? perPass - 1 : perPass));
+      i += part.length;
+      const skip = first ? 1 : 0; // rows of the pass before its token rows
       let pass: QueryRows = { M: new Map([...M].map(([m, r]) => [m, [r[0]]])), eigen: q.eigen };
       let norms = qNorm;
       if (part.length) {
-        const qgp = await queryGradients(setup.model.model, query, { modules: setup.modules, completionRows: part });
+        const qgp = await queryGradients(setup.model.model, query, {
+          modules: setup.modules,
+          completionRows: part,
+          whole: first,
+        });
         const made = gradientScorer(method).query(setup, qgp, { candidateTokens: tokenCount(cands) });
         pass = { M: made.M, eigen: made.eigen };
-        norms = normalize ? normalize.query(qgp, 1 + part.length) : new Float64Array(1 + part.length).fill(1);
+        norms = normalize ? normalize.query(qgp, qgp.rows) : new Float64Array(qgp.rows).fill(1);
       }
       const t = await scoreQuery(candidateModel, pass, cands, {
         modules: setup.modules,
-        tokenScores: i === 0,
+        tokenScores: first,
         batchSize: req.batchSize,
         signal: req.signal,
       });
-      if (i === 0)
+      if (first)
         tokenScores = t.tokenScores!.map((ts, j) => {
           const scale = 1 / (qNorm[0] * zNorm[positions[j]]);
           return ts.map((v) => v * scale);
         });
       positions.forEach((k, j) => {
         for (let r = 0; r < part.length; r++)
-          completion[j][place.get(part[r])!] = t.scores[j][r + 1] / (norms[r + 1] * zNorm[k]);
+          completion[j][place.get(part[r])!] = t.scores[j][r + skip] / (norms[r + skip] * zNorm[k]);
       });
     }
     return { tokenScores, completion };

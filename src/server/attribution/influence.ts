@@ -47,8 +47,13 @@ export interface QueryGradients {
    * dot product and cosine meet them as they are); EK-FAC preconditions from `tokens` instead
    */
   readonly G: Map<string, Floats[]>;
-  /** the completion positions whose loss each extra row isolates (row k ↔ targetPositions[k-1]) */
+  /**
+   * the completion positions whose loss each token row isolates: row k ↔ targetPositions[k-1]
+   * after the whole completion's row 0, or row k ↔ targetPositions[k] without it (`whole` false)
+   */
   targetPositions: number[];
+  /** whether row 0 is the whole completion's gradient */
+  whole: boolean;
   /** query loss −log p(completion | prompt) */
   loss: number;
   /** −log p(token t+1) at every position t of the query */
@@ -63,7 +68,14 @@ export interface QueryGradients {
 export async function queryGradients(
   model: Model,
   query: TokenizedExample,
-  opts: { modules: ModuleSelection; perCompletionToken?: boolean; completionRows?: number[]; hidden?: boolean },
+  opts: {
+    modules: ModuleSelection;
+    perCompletionToken?: boolean;
+    completionRows?: number[];
+    /** false: return only the token rows (the whole completion's is still run, for the loss) */
+    whole?: boolean;
+    hidden?: boolean;
+  },
 ): Promise<QueryGradients> {
   const targets = query.weights.flatMap((w, t) => (w > 0 ? [t] : []));
   if (!targets.length) throw new Error('the query has no completion token to explain');
@@ -101,10 +113,19 @@ export async function queryGradients(
       hidden = (r.hidden_mean.data as Float32Array).slice(b0 * d, (b0 + 1) * d);
     }
   }
+  const whole = opts.whole !== false;
+  if (!whole) {
+    if (!targetPositions.length) throw new Error('internal: query gradients without the whole row need token rows');
+    for (const t of tokens.values()) {
+      t.g.shift();
+      t.src.shift();
+    }
+  }
   let dense: Map<string, Floats[]> | undefined;
   return {
     tokens,
-    rows: rows.length,
+    rows: rows.length - (whole ? 0 : 1),
+    whole,
     get G() {
       dense ??= denseGradients(tokens);
       return dense;
