@@ -746,6 +746,11 @@ async function finishGradientPool(
   const place = new Map(targets.map((t, i) => [t, i]));
   const scored = new Set(qg.targetPositions);
   const rest = targets.filter((t) => !scored.has(t));
+  // row 0 as the shown passes need it: only when no token row is left for them (otherwise the first
+  // pass computes its own); a copy, so that the pool's rows (a view of one buffer) can be freed
+  const row0: QueryRows | undefined = rest.length
+    ? undefined
+    : { M: new Map([...M].map(([m, r]) => [m, [rows > 1 ? r[0].slice() : r[0]]])), eigen: q.eigen };
   const shown = async (positions: number[]): Promise<ShownParts> => {
     if (!positions.length) return { tokenScores: [], completion: [] };
     const cands = positions.map((p) => candidates[p]);
@@ -763,9 +768,10 @@ async function finishGradientPool(
       const part = rest.slice(i, i + (first ? perPass - 1 : perPass));
       i += part.length;
       const skip = first ? 1 : 0; // rows of the pass before its token rows
-      let pass: QueryRows = { M: new Map([...M].map(([m, r]) => [m, [r[0]]])), eigen: q.eigen };
+      let pass: QueryRows;
       let norms = qNorm;
-      if (part.length) {
+      if (row0 && !part.length) pass = row0;
+      else {
         const qgp = await queryGradients(setup.model.model, query, {
           modules: setup.modules,
           completionRows: part,
