@@ -213,7 +213,7 @@ describe('fit + explain (tiny fp64 Llama)', () => {
     const q = tokenizeQuery(ft.model.tokenizer, query.prompt, query.completion, contextLength(ft.model.config));
     const targets = q.weights.flatMap((w, t) => (w > 0 ? [t] : []));
     assert.ok(targets.length >= 4, `${targets.length} completion tokens`);
-    // one query row is Σ_modules d_out × d_A doubles; the rows per pass are half the run budget
+    // one query row is Σ_modules d_out × d_A doubles; the rows per pass are the run budget's worth
     const rowBytes = ft.model.modules('all').reduce((s, m) => s + m.dOut * (m.dIn + (m.hasBias ? 1 : 0)), 0) * 8;
     const setup = { model: ft, pretrained: pt, modules: 'all' } satisfies ExplainSetup;
     const saved = process.env.INFLUENCE_LENS_RUN_MB;
@@ -222,7 +222,7 @@ describe('fit + explain (tiny fp64 Llama)', () => {
       // rows per pass: 1 (every token in a pass of its own, none with the pool), 3 (two with the
       // pool, the rest two at a time), and all (every row with the pool, as before the split)
       for (const rows of [1, 3, 1000]) {
-        process.env.INFLUENCE_LENS_RUN_MB = String((2 * rows * rowBytes + 1) / 2 ** 20);
+        process.env.INFLUENCE_LENS_RUN_MB = String((rows * rowBytes + 1) / 2 ** 20);
         results.push([
           `${rows} rows per pass`,
           [

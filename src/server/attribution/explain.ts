@@ -185,17 +185,18 @@ interface ShownParts {
 type Query = ReturnType<typeof tokenizeQuery>;
 
 /**
- * How many query rows one scoring pass may carry: half the run budget, in rows of Σ_modules
- * d_out × d_A floats (76 MB at the Pythia-70M shape, 1.4 GB at Qwen2.5-0.5B). The completion
- * heatmap needs a row per completion token; those that fit ride along with the pool's pass, the
- * rest are scored in passes of this many against the shown examples only, so memory does not
- * grow with the completion's length or the model's size (at least one row per pass).
+ * How many query rows one scoring pass may carry: the run budget (INFLUENCE_LENS_RUN_MB), in rows
+ * of Σ_modules d_out × d_A floats (76 MB at the Pythia-70M shape, so 14 rows; 1.4 GB at
+ * Qwen2.5-0.5B, so one). The completion heatmap needs a row per completion token; those that fit
+ * ride along with the pool's pass, the rest are scored in passes of this many against the shown
+ * examples only, so memory does not grow with the completion's length or the model's size. Half
+ * the budget cost Pythia-70M an extra pass over the shown examples for a 16-token completion.
  */
 function rowsPerPass(setup: ExplainSetup): number {
   const model = setup.model.model;
   const floats = model.modules(setup.modules).reduce((s, m) => s + m.dOut * (m.dIn + (m.hasBias ? 1 : 0)), 0);
   const bytes = floats * (model.precision === 'fp64' ? 8 : 4);
-  return Math.max(1, Math.floor(runBudgetBytes() / 2 / bytes));
+  return Math.max(1, Math.floor(runBudgetBytes() / bytes));
 }
 
 /** prompt/completion as the result reports them: for a chat query, the completion is the last assistant content */
