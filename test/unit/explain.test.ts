@@ -223,10 +223,23 @@ describe('fit + explain (tiny fp64 Llama)', () => {
       // pool, the rest two at a time), and all (every row with the pool, as before the split)
       for (const rows of [1, 3, 1000]) {
         process.env.INFLUENCE_LENS_RUN_MB = String((rows * rowBytes + 1) / 2 ** 20);
+        // the heatmap passes say how many there are: one with row 0, then `rows` token rows each
+        const heatmap: Array<[number, number]> = [];
+        const onProgress = (s: string, d: number, t: number) => {
+          if (s === 'token heatmaps (ekfac)') heatmap.push([d, t]);
+        };
+        const ek = await explain(setup, corpus, { ...query, method: 'ekfac', topK: 7, onProgress });
+        const rest = Math.max(0, targets.length - (rows - 1));
+        const passes = 1 + Math.max(0, Math.ceil((rest - (rows - 1)) / rows));
+        assert.deepEqual(
+          heatmap,
+          Array.from({ length: passes + 1 }, (_, i) => [i, passes]),
+          `${rows} rows per pass`,
+        );
         results.push([
           `${rows} rows per pass`,
           [
-            await explain(setup, corpus, { ...query, method: 'ekfac', topK: 7 }),
+            ek,
             await explain(setup, corpus, { ...query, method: 'cosine', topK: 7 }),
             // two queries in one pool pass: one row each when the pass holds three
             ...(await explainMany(setup, corpus, [
@@ -283,19 +296,17 @@ describe('fit + explain (tiny fp64 Llama)', () => {
         for (const e of all(r)) {
           const w = all(same).find((x) => x.id.line === e.id.line)!;
           assert.ok(rel(e.score, w.score) < 1e-10, `${label} ${r.method}: score`);
-          e.completionTokenScores!.forEach((v, i) =>
+          for (const [i, v] of e.completionTokenScores!.entries())
             assert.ok(
               Math.abs(v - w.completionTokenScores![i]) <=
                 1e-10 * (Math.abs(w.completionTokenScores![i]) + Math.abs(w.score)),
               `${label} ${r.method}: completion token ${i}`,
-            ),
-          );
-          e.tokenScores!.values.forEach((v, i) =>
+            );
+          for (const [i, v] of e.tokenScores!.values.entries())
             assert.ok(
               Math.abs(v - w.tokenScores!.values[i]) <= 1e-10 * (Math.abs(v) + Math.abs(w.score)),
               `${label} ${r.method}: training token ${i}`,
-            ),
-          );
+            );
         }
     }
   });

@@ -764,14 +764,18 @@ async function finishGradientPool(
     // the first pass: row 0 (for the training-side token scores) and up to perPass − 1 token
     // rows; the later ones: perPass token rows each, without row 0
     const perPass = rowsPerPass(setup);
+    const passes = 1 + Math.max(0, Math.ceil((rest.length - (perPass - 1)) / perPass));
     let tokenScores: Float32Array[] = [];
+    let pass = 0;
     for (let i = 0, first = true; first || i < rest.length; first = false) {
+      // a long completion on a large model takes minutes here: say which pass is running
+      req.onProgress?.(`token heatmaps (${method})`, pass++, passes);
       const part = rest.slice(i, i + (first ? perPass - 1 : perPass));
       i += part.length;
       const skip = first ? 1 : 0; // rows of the pass before its token rows
-      let pass: QueryRows;
+      let rowsOfPass: QueryRows;
       let norms = qNorm;
-      if (row0 && !part.length) pass = row0;
+      if (row0 && !part.length) rowsOfPass = row0;
       else {
         const qgp = await queryGradients(setup.model.model, query, {
           modules: setup.modules,
@@ -779,10 +783,10 @@ async function finishGradientPool(
           whole: first,
         });
         const made = gradientScorer(method).query(setup, qgp, { candidateTokens: tokenCount(cands) });
-        pass = { M: made.M, eigen: made.eigen };
+        rowsOfPass = { M: made.M, eigen: made.eigen };
         norms = normalize ? normalize.query(qgp, qgp.rows) : new Float64Array(qgp.rows).fill(1);
       }
-      const t = await scoreQuery(candidateModel, pass, cands, {
+      const t = await scoreQuery(candidateModel, rowsOfPass, cands, {
         modules: setup.modules,
         tokenScores: first,
         batchSize: req.batchSize,
@@ -798,6 +802,7 @@ async function finishGradientPool(
           completion[j][place.get(part[r])!] = t.scores[j][r + skip] / (norms[r + skip] * zNorm[k]);
       });
     }
+    req.onProgress?.(`token heatmaps (${method})`, passes, passes);
     return { tokenScores, completion };
   };
   return { scores, perModule, shown, signed: true, exact: exactSet };
