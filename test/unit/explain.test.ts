@@ -7,7 +7,14 @@ import { join } from 'node:path';
 import { before, describe, test } from 'node:test';
 import type { ExplainResult } from '../../src/protocol/types';
 import { loadFactors, saveFactors } from '../../src/server/attribution/ekfac/factors-io';
-import { Corpus, type ExplainSetup, explain, explainMany } from '../../src/server/attribution/explain';
+import {
+  Corpus,
+  type ExplainSetup,
+  explain,
+  explainMany,
+  poolRowsPolicy,
+  splitByRows,
+} from '../../src/server/attribution/explain';
 import { FitJobError, runFitJob } from '../../src/server/attribution/fit-job';
 import { queryGradients, queryMatrices, scoreCandidates } from '../../src/server/attribution/influence';
 import { checkSameTokenizer, type OpenedStage, openStage, StageError } from '../../src/server/attribution/stage';
@@ -208,6 +215,13 @@ describe('fit + explain (tiny fp64 Llama)', () => {
     });
   }
 
+  test('splitByRows: consecutive queries whose rows fit one pass; a larger query alone', () => {
+    assert.deepEqual(splitByRows([1, 1, 1], 3), [[0, 1, 2]]);
+    assert.deepEqual(splitByRows([1, 1, 1], 1), [[0], [1], [2]]);
+    assert.deepEqual(splitByRows([2, 2, 1, 5, 1], 4), [[0, 1], [2], [3], [4]]);
+    assert.deepEqual(splitByRows([], 4), []);
+  });
+
   test('completion heatmap rows: each token equals its dense EK-FAC value, however the rows are split between the pool pass and the shown passes', async () => {
     const query = { prompt: QUERY.prompt, completion: ' Paris is a city on' };
     const q = tokenizeQuery(ft.model.tokenizer, query.prompt, query.completion, contextLength(ft.model.config));
@@ -223,6 +237,7 @@ describe('fit + explain (tiny fp64 Llama)', () => {
       // pool, the rest two at a time), and all (every row with the pool, as before the split)
       for (const rows of [1, 3, 1000]) {
         process.env.INFLUENCE_LENS_RUN_MB = String((rows * rowBytes + 1) / 2 ** 20);
+        poolRowsPolicy.maxPoolRows = rows === 1 ? 1 : undefined;
         // the heatmap passes say how many there are: one with row 0, then `rows` token rows each
         const heatmap: Array<[number, number]> = [];
         const onProgress = (s: string, d: number, t: number) => {
@@ -241,7 +256,8 @@ describe('fit + explain (tiny fp64 Llama)', () => {
           [
             ek,
             await explain(setup, corpus, { ...query, method: 'cosine', topK: 7 }),
-            // two queries in one pool pass: one row each when the pass holds three
+            // two queries in one pool pass (one row each when a pass holds three), or, with one
+            // row per pass, in a pass each
             ...(await explainMany(setup, corpus, [
               { ...query, method: 'gdp', topK: 7 },
               { ...QUERY, method: 'gdp', topK: 7 },
@@ -250,6 +266,7 @@ describe('fit + explain (tiny fp64 Llama)', () => {
         ]);
       }
     } finally {
+      poolRowsPolicy.maxPoolRows = undefined;
       if (saved === undefined) delete process.env.INFLUENCE_LENS_RUN_MB;
       else process.env.INFLUENCE_LENS_RUN_MB = saved;
     }

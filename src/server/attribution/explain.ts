@@ -30,7 +30,7 @@ import { Bm25Index } from '../index/bm25';
 import type { GradientStore } from '../index/gradient-store';
 import type { Floats } from '../linalg/matrix';
 import type { Model } from '../model/engine';
-import { runBudgetBytes } from './chunking';
+import { runBudgetBytes, sequenceLimitBytes } from './chunking';
 import {
   type CandidateScores,
   candidateHidden,
@@ -193,10 +193,35 @@ type Query = ReturnType<typeof tokenizeQuery>;
  * the budget cost Pythia-70M an extra pass over the shown examples for a 16-token completion.
  */
 function rowsPerPass(setup: ExplainSetup): number {
+  return Math.max(1, Math.floor(runBudgetBytes() / rowBytes(setup)));
+}
+
+/** Bytes of one query row: Σ_modules d_out × d_A floats in the graph's precision. */
+function rowBytes(setup: ExplainSetup): number {
   const model = setup.model.model;
   const floats = model.modules(setup.modules).reduce((s, m) => s + m.dOut * (m.dIn + (m.hasBias ? 1 : 0)), 0);
-  const bytes = floats * (model.precision === 'fp64' ? 8 : 4);
-  return Math.max(1, Math.floor(runBudgetBytes() / bytes));
+  return floats * (model.precision === 'fp64' ? 8 : 4);
+}
+
+/** Tests set `maxPoolRows` to split several queries' pool passes wherever memory would allow one. */
+export const poolRowsPolicy: { maxPoolRows?: number } = {};
+
+/**
+ * Consecutive runs of queries (by index) whose rows add up to at most `maxRows` (a query with more
+ * rows than that runs alone): the passes over the pool that `explain --queries` makes.
+ */
+export function splitByRows(rows: number[], maxRows: number): number[][] {
+  const out: number[][] = [];
+  let sum = 0;
+  for (const [i, r] of rows.entries()) {
+    if (!out.length || sum + r > maxRows) {
+      out.push([]);
+      sum = 0;
+    }
+    out[out.length - 1].push(i);
+    sum += r;
+  }
+  return out;
 }
 
 /** prompt/completion as the result reports them: for a chat query, the completion is the last assistant content */
@@ -634,46 +659,57 @@ async function scorePoolBatched(
   const scorer = gradientScorer(method);
   const pool = prepared[0].pool;
   const candidates = pool.map((i) => corpus.tokens[i]);
-  // each query's rows in the form it would take alone, so that each result equals the
-  // single-query one exactly; the queries of each form are scored in one pass
   const hint = { candidateTokens: tokenCount(candidates) };
-  const queries = prepared.map((p) => scorer.query(setup, p.qg, hint));
-  const candidateModel = queries[0].candidateModel;
   const req = prepared[0].req;
-  const mine: CandidateScores[] = new Array(prepared.length);
-  for (const eigen of [...new Set(queries.map((x) => x.eigen))]) {
-    const group = [...queries.keys()].filter((i) => queries[i].eigen === eigen);
-    const all = new Map<string, Floats[]>();
-    for (const name of queries[group[0]].M.keys())
-      all.set(
-        name,
-        group.flatMap((i) => queries[i].M.get(name)!),
-      );
-    const res = await scoreQuery(candidateModel, { M: all, eigen }, candidates, {
-      modules: setup.modules,
-      gradNorms: !!scorer.normalize,
-      batchSize: req.batchSize,
-      signal: req.signal,
-      onProgress: (d, n) => req.onProgress?.(`scoring (${method}, ${group.length} queries)`, d, n),
-    });
-    let offset = 0;
-    for (const i of group) {
-      const rows = queries[i].M.values().next().value?.length ?? 1;
-      const slice = (x: Float64Array) => x.slice(offset, offset + rows);
-      mine[i] = {
-        scores: res.scores.map(slice),
-        perModule: new Map([...res.perModule].map(([m, s]) => [m, s.map(slice)])),
-        gradSqNorm: res.gradSqNorm,
-      };
-      offset += rows;
+  // as many queries' rows in one pass over the pool as memory allows (at least a run budget's
+  // worth, up to half of what the machine has left): 64 queries' rows at Qwen2.5-0.5B are 90 GB
+  const maxRows =
+    poolRowsPolicy.maxPoolRows ?? Math.max(rowsPerPass(setup), Math.floor(sequenceLimitBytes() / 2 / rowBytes(setup)));
+  const passes = splitByRows(
+    prepared.map((p) => p.qg.rows),
+    maxRows,
+  );
+  const out: PoolScores[] = new Array(prepared.length);
+  for (const [b, batch] of passes.entries()) {
+    // each query's rows in the form it would take alone, so that each result equals the
+    // single-query one exactly; the queries of each form are scored in one pass. The rows are
+    // made per pass and dropped after it.
+    const queries = new Map(batch.map((i) => [i, scorer.query(setup, prepared[i].qg, hint)]));
+    const of = (i: number) => queries.get(i)!;
+    const candidateModel = of(batch[0]).candidateModel;
+    const at = passes.length > 1 ? `, pass ${b + 1}/${passes.length}` : '';
+    for (const eigen of [...new Set(batch.map((i) => of(i).eigen))]) {
+      const group = batch.filter((i) => of(i).eigen === eigen);
+      const all = new Map<string, Floats[]>();
+      for (const name of of(group[0]).M.keys())
+        all.set(
+          name,
+          group.flatMap((i) => of(i).M.get(name)!),
+        );
+      const res = await scoreQuery(candidateModel, { M: all, eigen }, candidates, {
+        modules: setup.modules,
+        gradNorms: !!scorer.normalize,
+        batchSize: req.batchSize,
+        signal: req.signal,
+        onProgress: (d, n) => req.onProgress?.(`scoring (${method}, ${group.length} queries${at})`, d, n),
+      });
+      let offset = 0;
+      for (const i of group) {
+        const rows = of(i).M.values().next().value?.length ?? 1;
+        const slice = (x: Float64Array) => x.slice(offset, offset + rows);
+        const mine: CandidateScores = {
+          scores: res.scores.map(slice),
+          perModule: new Map([...res.perModule].map(([m, s]) => [m, s.map(slice)])),
+          gradSqNorm: res.gradSqNorm,
+        };
+        offset += rows;
+        const p = prepared[i];
+        const q = { M: of(i).M, eigen: of(i).eigen };
+        out[i] = await finishGradientPool(method, setup, corpus, pool, p.query, p.qg, q, candidateModel, mine, p.req);
+      }
     }
   }
-  const out: PoolScores[] = [];
-  for (const [i, p] of prepared.entries()) {
-    const q = { M: queries[i].M, eigen: queries[i].eigen };
-    out.push(await finishGradientPool(method, setup, corpus, pool, p.query, p.qg, q, candidateModel, mine[i], p.req));
-    p.timings[`${method}_ms`] = Date.now() - t;
-  }
+  for (const p of prepared) p.timings[`${method}_ms`] = Date.now() - t;
   return out;
 }
 
@@ -747,11 +783,6 @@ async function finishGradientPool(
   const place = new Map(targets.map((t, i) => [t, i]));
   const scored = new Set(qg.targetPositions);
   const rest = targets.filter((t) => !scored.has(t));
-  // row 0 as the shown passes need it: only when no token row is left for them (otherwise the first
-  // pass computes its own); a copy, so that the pool's rows (a view of one buffer) can be freed
-  const row0: QueryRows | undefined = rest.length
-    ? undefined
-    : { M: new Map([...M].map(([m, r]) => [m, [rows > 1 ? r[0].slice() : r[0]]])), eigen: q.eigen };
   const shown = async (positions: number[]): Promise<ShownParts> => {
     if (!positions.length) return { tokenScores: [], completion: [] };
     const cands = positions.map((p) => candidates[p]);
@@ -773,19 +804,16 @@ async function finishGradientPool(
       const part = rest.slice(i, i + (first ? perPass - 1 : perPass));
       i += part.length;
       const skip = first ? 1 : 0; // rows of the pass before its token rows
-      let rowsOfPass: QueryRows;
-      let norms = qNorm;
-      if (row0 && !part.length) rowsOfPass = row0;
-      else {
-        const qgp = await queryGradients(setup.model.model, query, {
-          modules: setup.modules,
-          completionRows: part,
-          whole: first,
-        });
-        const made = gradientScorer(method).query(setup, qgp, { candidateTokens: tokenCount(cands) });
-        rowsOfPass = { M: made.M, eigen: made.eigen };
-        norms = normalize ? normalize.query(qgp, qgp.rows) : new Float64Array(qgp.rows).fill(1);
-      }
+      // each pass makes its own rows (the first one its own row 0 too), so that nothing holds the
+      // pool's rows once the pool is scored (with several queries, every query's would stay)
+      const qgp = await queryGradients(setup.model.model, query, {
+        modules: setup.modules,
+        completionRows: part,
+        whole: first,
+      });
+      const made = gradientScorer(method).query(setup, qgp, { candidateTokens: tokenCount(cands) });
+      const rowsOfPass: QueryRows = { M: made.M, eigen: made.eigen };
+      const norms = normalize ? normalize.query(qgp, qgp.rows) : new Float64Array(qgp.rows).fill(1);
       const t = await scoreQuery(candidateModel, rowsOfPass, cands, {
         modules: setup.modules,
         tokenScores: first,
