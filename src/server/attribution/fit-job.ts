@@ -28,6 +28,7 @@ import {
   loadFactors,
   type ModuleFactors,
   OUR_ARGUMENTS_FILE,
+  type SaveOptions,
   saveFactors,
 } from './ekfac/factors-io';
 import { LambdaAccumulator } from './ekfac/lambda';
@@ -254,6 +255,13 @@ async function fitJob(o: FitJobOptions, n: number, i: number): Promise<FitJobRes
   });
   const fingerprint = `${job.modelFingerprint}:${job.dataFingerprint}`;
 
+  // What this process computed goes on to the next stage as it is, instead of being read back
+  // from the file it was just saved to: at the Qwen2.5-0.5B shape the covariances and the bases are
+  // 7 GB each, and a stage read back beside its not yet collected original did not fit in 24 GB.
+  let carried: Map<string, CovarianceAccumulator> | undefined;
+  let carriedBases: Map<string, Eigenbasis> | undefined;
+  let carriedLambdas: Map<string, LambdaAccumulator> | undefined;
+
   // 1. covariance sums of this partition
   if (!existsSync(join(covDir(i), OUR_ARGUMENTS_FILE))) {
     log(`covariance pass${n > 1 ? ` (partition ${i}/${n})` : ''} over ${examples.length} examples`);
@@ -262,11 +270,13 @@ async function fitJob(o: FitJobOptions, n: number, i: number): Promise<FitJobRes
     for (const [name, acc] of covariances) modules[name] = covarianceOnly(acc);
     o.signal?.throwIfAborted();
     saveStage(covDir(i), { args: args(), fingerprint, modules });
+    // one partition's sums are the merged ones
+    if (n === 1) carried = covariances;
   }
   // 2. all partitions' covariances merged and eigendecomposed (any process may do it; it is
   //    deterministic), and read, under the shared lock (a last partition's final write removes them)
   release = await shared('eigendecomposing the covariances');
-  let eigen: Factors;
+  let eigen: Factors | undefined;
   try {
     if (existsSync(join(o.out, OUR_ARGUMENTS_FILE)))
       return result('up-to-date', `${o.out} already holds factors for this model and data`);
@@ -278,28 +288,42 @@ async function fitJob(o: FitJobOptions, n: number, i: number): Promise<FitJobRes
           `covariance of partition ${i}/${n} is done; partitions ${waiting.join(', ')} still need their covariance pass. ` +
             'Run them, then run any partition again to continue.',
         );
-      const merged = mergeCovariances(
-        Array.from({ length: n }, (_, k) => covDir(k)),
-        model,
-        o.modules,
-      );
-      // the covariances are saved with the bases, so they are collected before fitEigenbases drops them
-      const modules: Record<string, ModuleFactors> = {};
-      for (const [name, acc] of merged) modules[name] = covarianceOnly(acc);
+      const merged =
+        carried ??
+        mergeCovariances(
+          Array.from({ length: n }, (_, k) => covDir(k)),
+          model,
+          o.modules,
+        );
+      carried = undefined;
+      // the merged covariances are on disk before the decompositions start (the eigen stage copies
+      // their files), so that none is held beyond its own decomposition (fitEigenbases drops each)
+      let covSource = covDir(0);
+      if (n > 1) {
+        covSource = join(partials, 'covariance-merged');
+        const modules: Record<string, ModuleFactors> = {};
+        for (const [name, acc] of merged) modules[name] = covarianceOnly(acc);
+        saveStage(covSource, { args: args(), fingerprint, modules });
+      }
       const bases = await fitEigenbases(merged, { ...fitOpts, precision: model.precision });
-      for (const name of Object.keys(modules)) modules[name] = withEigen(modules[name], bases.get(name)!);
+      const modules: Record<string, ModuleFactors> = {};
+      for (const [name, b] of bases) modules[name] = withEigen({ name, dA: b.dA, dOut: b.dOut }, b);
       o.signal?.throwIfAborted();
-      saveStage(eigenDir, { args: args(), fingerprint, modules });
+      saveStage(eigenDir, { args: args(), fingerprint, modules }, { dir: covSource, stages: ['covariance'] });
+      carriedBases = bases;
     }
     // the bases in the model's precision (float32 for a float32 model, as the Λ graph consumes them);
     // the covariances stay on disk (the final write copies their files)
-    eigen = loadFactors(eigenDir, { precision: model.precision, covariances: false });
+    if (!carriedBases) eigen = loadFactors(eigenDir, { precision: model.precision, covariances: false });
   } finally {
     release();
   }
-  const bases = new Map<string, Eigenbasis>(
-    Object.values(eigen.modules).map((m) => [m.name, { module: m.name, dA: m.dA, dOut: m.dOut, ...m.eigen! }]),
-  );
+  const bases =
+    carriedBases ??
+    new Map<string, Eigenbasis>(
+      Object.values(eigen!.modules).map((m) => [m.name, { module: m.name, dA: m.dA, dOut: m.dOut, ...m.eigen! }]),
+    );
+  carriedBases = undefined;
   // 3. eigenvalue-correction sums of this partition
   if (!existsSync(join(lamDir(i), OUR_ARGUMENTS_FILE))) {
     log(`eigenvalue-correction pass${n > 1 ? ` (partition ${i}/${n})` : ''}`);
@@ -309,6 +333,7 @@ async function fitJob(o: FitJobOptions, n: number, i: number): Promise<FitJobRes
       modules[name] = { name, dA: acc.dA, dOut: acc.dOut, lambda: { sum: acc.sum, count: acc.count } };
     o.signal?.throwIfAborted();
     saveStage(lamDir(i), { args: args(), fingerprint, modules });
+    if (n === 1) carriedLambdas = lambdas;
   }
   const waiting = missing(lamDir);
   if (waiting.length)
@@ -324,8 +349,8 @@ async function fitJob(o: FitJobOptions, n: number, i: number): Promise<FitJobRes
     // another partition, finishing at the same time, wrote them while this one waited
     if (existsSync(join(o.out, OUR_ARGUMENTS_FILE)))
       return result('up-to-date', `${o.out} already holds factors for this model and data`);
-    const lams = new Map([...bases].map(([name, b]) => [name, new LambdaAccumulator(b)]));
-    for (let k = 0; k < n; k++) {
+    const lams = carriedLambdas ?? new Map([...bases].map(([name, b]) => [name, new LambdaAccumulator(b)]));
+    for (let k = carriedLambdas ? n : 0; k < n; k++) {
       const part = loadFactors(lamDir(k), { covariances: false });
       for (const [name, lam] of lams) {
         const got = part.modules[name]?.lambda;
@@ -382,9 +407,13 @@ function mergeCovariances(dirs: string[], model: Model, modules: ModuleSelection
 }
 
 /** Writes a stage into a temp directory, then renames it into place: a stage exists whole or not at all. */
-function saveStage(dir: string, factors: Factors) {
+function saveStage(dir: string, factors: Factors, copyFrom?: SaveOptions['copyFrom']) {
   replaceDirAtomic(dir, (tmp) =>
-    saveFactors(tmp, { ...factors, args: { ...factors.args, modules: Object.keys(factors.modules) } }),
+    saveFactors(
+      tmp,
+      { ...factors, args: { ...factors.args, modules: Object.keys(factors.modules) } },
+      copyFrom ? { copyFrom } : {},
+    ),
   );
 }
 
