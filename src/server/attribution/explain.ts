@@ -30,6 +30,7 @@ import { Bm25Index } from '../index/bm25';
 import type { GradientStore } from '../index/gradient-store';
 import type { Floats } from '../linalg/matrix';
 import type { Model } from '../model/engine';
+import { collectGarbage } from '../util/gc';
 import { runBudgetBytes, sequenceLimitBytes } from './chunking';
 import {
   type CandidateScores,
@@ -362,6 +363,7 @@ async function finish(
     : [];
   const shown = [...supportingPos, ...opposingPos];
   const t1 = Date.now();
+  collectGarbage(); // the pool's query rows, before the heatmap passes make theirs
   const parts = main.shown ? await main.shown(shown) : undefined;
   if (main.shown) timings.token_scores_ms = Date.now() - t1;
   const otherRanks = new Map<Method, Int32Array>();

@@ -19,6 +19,7 @@ import { cleanStaleTemps, replaceDirAtomic, writeFileAtomic } from '../../common
 import { loadDataset } from '../data/dataset';
 import { contextLength, tokenizationKey, tokenizeExamples } from '../data/tokenize';
 import { Model, type ModuleSelection } from '../model/engine';
+import { collectGarbage } from '../util/gc';
 import { CovarianceAccumulator } from './ekfac/covariance';
 import type { Eigenbasis } from './ekfac/eigenbasis';
 import {
@@ -296,6 +297,7 @@ async function fitJob(o: FitJobOptions, n: number, i: number): Promise<FitJobRes
           o.modules,
         );
       carried = undefined;
+      collectGarbage(); // the covariance pass's own
       // the merged covariances are on disk before the decompositions start (the eigen stage copies
       // their files), so that none is held beyond its own decomposition (fitEigenbases drops each)
       let covSource = covDir(0);
@@ -324,6 +326,7 @@ async function fitJob(o: FitJobOptions, n: number, i: number): Promise<FitJobRes
       Object.values(eigen!.modules).map((m) => [m.name, { module: m.name, dA: m.dA, dOut: m.dOut, ...m.eigen! }]),
     );
   carriedBases = undefined;
+  collectGarbage(); // the decompositions' copies and workspaces
   // 3. eigenvalue-correction sums of this partition
   if (!existsSync(join(lamDir(i), OUR_ARGUMENTS_FILE))) {
     log(`eigenvalue-correction pass${n > 1 ? ` (partition ${i}/${n})` : ''}`);
@@ -335,6 +338,7 @@ async function fitJob(o: FitJobOptions, n: number, i: number): Promise<FitJobRes
     saveStage(lamDir(i), { args: args(), fingerprint, modules });
     if (n === 1) carriedLambdas = lambdas;
   }
+  collectGarbage(); // the Λ pass's
   const waiting = missing(lamDir);
   if (waiting.length)
     return result(

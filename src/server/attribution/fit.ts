@@ -4,6 +4,7 @@
 //   pass 2: eigenvalue correction Λ = mean_z (Q_Sᵀ G(z) Q_A)² (rotated inside the graph).
 // Labels are sampled from the model (true Fisher) unless `labels: 'empirical'`. Every pass
 // can run on one partition of the data; partial sums add up (covariance.ts, lambda.ts).
+
 import { createHash } from 'node:crypto';
 import { Semaphore } from '../../common/semaphore';
 import { parallelEigh } from '../linalg/eigh';
@@ -11,6 +12,7 @@ import type { Floats, Precision } from '../linalg/matrix';
 import type { Batch, Model, ModuleInfo, ModuleSelection } from '../model/engine';
 import type { ort } from '../model/onnx/session';
 import { DEFAULTS } from '../settings';
+import { collectGarbage } from '../util/gc';
 import { Rng } from '../util/random';
 import { memoryBoundedBatches, runShape, sequenceLimitBytes } from './chunking';
 import { CovarianceAccumulator } from './ekfac/covariance';
@@ -192,6 +194,8 @@ export async function fitEigenbases(
         claimed.add(mine);
         done.set(name, assembleEigenbasis(name, cov, da, ds, { precision: opts?.precision, shared }));
         covariances.delete(name);
+        // each decomposition leaves an fp64 copy of its covariance and LAPACK's workspace (3n² doubles)
+        collectGarbage();
         opts?.onProgress?.('eigendecomposition', done.size, total);
       });
       // a failure stops the loop at the next module instead of decomposing the rest
