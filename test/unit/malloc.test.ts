@@ -14,7 +14,7 @@ import { test } from 'node:test';
 const CHILD = `
 import { createRequire } from 'node:module';
 import { readFileSync } from 'node:fs';
-import { configureMalloc, releaseFreedMemory } from './src/server/model/onnx/malloc.ts';
+import { configureMalloc, releaseFreedMemory } from './src/server/util/malloc.ts';
 const koffi = createRequire(import.meta.url)('koffi');
 const mode = configureMalloc();
 const libc = koffi.load('libc.so.6');

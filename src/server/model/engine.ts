@@ -12,13 +12,14 @@ import { existsSync, linkSync, mkdirSync, readFileSync, realpathSync, rmSync, st
 import { homedir } from 'node:os';
 import { basename, join } from 'node:path';
 import { writeFileAtomic } from '../../common/atomic-write';
+import { collectWhenPiledUp, noteDroppedSoon } from '../util/gc';
+import { releaseFreedMemory } from '../util/malloc';
 import { architectureFor } from './architectures';
 import type { Architecture, BuildContext, TrackedModule, WeightSource } from './architectures/common';
 import { type Checkpoint, openCheckpoint } from './checkpoint';
 import { contentDigest } from './content-digest';
 import { crossEntropyHead, type HeadLabels, headChunkRows } from './head';
 import { DataType, Graph, type Tensor } from './onnx/graph';
-import { releaseFreedMemory } from './onnx/malloc';
 import { createSession, type Device, ort } from './onnx/session';
 import type { DType } from './safetensors';
 import { loadTokenizer, type TokenizerHandle } from './tokenizer';
@@ -151,6 +152,12 @@ export function makeBatch(seqs: Sequence[], padId = 0): Batch {
 export function defaultCacheDir(): string {
   return process.env.INFLUENCE_LENS_CACHE ?? join(homedir(), '.cache', 'influence-lens');
 }
+
+/**
+ * Outputs of past runs that may pile up before the next run collects them (util/gc.ts): one
+ * collection (tens of ms) per half GiB of outputs is noise beside the runs that made them.
+ */
+const OUTPUT_GARBAGE_BYTES = 512 * 2 ** 20;
 
 const STORAGE_TYPES: Partial<Record<DType, DataType>> = {
   F32: DataType.FLOAT,
@@ -741,8 +748,16 @@ export class CompiledGraph {
       feeds[k] = t;
     }
     for (const k of inputs) if (!(k in feeds)) throw new EngineError(`missing graph input "${k}"`);
+    // The last runs' outputs are garbage by now (every caller reduces or copies them before its next
+    // run), but V8 does not count them against its heap: at Qwen2.5-0.5B a Λ run returns 1.6 GB of
+    // sums, and without a collection between runs several runs' worth stacked up under the next.
+    collectWhenPiledUp(OUTPUT_GARBAGE_BYTES);
     try {
-      return await this.session.run(feeds, extra.outputs ?? this.outputNames);
+      const out = await this.session.run(feeds, extra.outputs ?? this.outputNames);
+      let bytes = 0;
+      for (const t of Object.values(out)) bytes += (t.data as ArrayBufferView).byteLength ?? 0;
+      noteDroppedSoon(bytes);
+      return out;
     } finally {
       releaseFreedMemory();
     }

@@ -2,7 +2,7 @@
 // CPU always works; WebGPU / CUDA are opt-in, and when unavailable we say so plainly
 // instead of silently falling back (the user asked for a GPU for a reason).
 import * as ort from 'onnxruntime-node';
-import { configureMalloc } from './malloc';
+import { configureMalloc } from '../../util/malloc';
 
 export type Device = 'cpu' | 'webgpu' | 'cuda';
 export const DEVICES: readonly Device[] = ['cpu', 'webgpu', 'cuda'];

@@ -1,0 +1,113 @@
+// Collecting JS garbage between large native allocations (util/gc.ts): the engine notes each run's
+// output bytes and collects before a run once enough have piled up, so that earlier runs' outputs
+// (1.6 GB a Λ run at the Qwen2.5-0.5B shape) do not stack up under the next run's peak.
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { test } from 'node:test';
+import { setImmediate as tick } from 'node:timers/promises';
+import { Model, makeBatch } from '../../src/server/model/engine';
+import {
+  collectGarbage,
+  collectWhenPiledUp,
+  garbageCollections,
+  garbageNoted,
+  noteDroppedSoon,
+} from '../../src/server/util/gc';
+import { useTempHome } from './helpers/env';
+
+useTempHome();
+
+test('collectWhenPiledUp collects only once the noted bytes reach the limit, then starts counting again', () => {
+  collectGarbage();
+  const before = garbageCollections();
+  noteDroppedSoon(600);
+  assert.equal(collectWhenPiledUp(1000), false);
+  assert.equal(garbageCollections(), before);
+  noteDroppedSoon(400);
+  assert.equal(collectWhenPiledUp(1000), true);
+  assert.equal(garbageCollections(), before + 1);
+  assert.equal(garbageNoted(), 0);
+  assert.equal(collectWhenPiledUp(1000), false);
+});
+
+test('collectGarbage frees an unreachable typed array', async () => {
+  let big: Float32Array | undefined = new Float32Array(1 << 20);
+  const ref = new WeakRef(big);
+  big = undefined;
+  // a WeakRef's target stays alive until the current job ends
+  await tick();
+  collectGarbage();
+  assert.equal(ref.deref(), undefined);
+});
+
+test("a graph run notes its outputs' bytes for the next run's collection", async () => {
+  const model = Model.open('test/fixtures/models/llama', { threads: 1, cacheDir: process.env.INFLUENCE_LENS_CACHE });
+  const graph = await model.compile({ tokenLoss: true, perToken: true, modules: 'all' });
+  const batch = makeBatch([{ ids: [1, 2, 3, 4, 5] }, { ids: [6, 7, 8] }], 0);
+  collectGarbage();
+  const out = await graph.run(batch);
+  const bytes = Object.values(out).reduce((s, t) => s + (t.data as ArrayBufferView).byteLength, 0);
+  assert.ok(bytes > 0);
+  assert.equal(garbageNoted(), bytes);
+  await graph.run(batch);
+  assert.equal(garbageNoted(), 2 * bytes);
+});
+
+// In a child process (malloc settings are process-wide): glibc's mmap threshold is first raised, as
+// ONNX Runtime's first freed tensor raises it, so that 1 MiB arrays come from the heap; 256 of them
+// are touched and dropped, each fenced by a small live array. A bare V8 collection leaves them resident (glibc keeps freed heap pages);
+// collectGarbage hands them back.
+const CHILD = `
+import { readFileSync } from 'node:fs';
+import { setFlagsFromString } from 'node:v8';
+import { runInNewContext } from 'node:vm';
+import { configureMalloc } from './src/server/util/malloc.ts';
+import { collectGarbage } from './src/server/util/gc.ts';
+const resident = () => Number(readFileSync('/proc/self/statm', 'utf8').split(' ')[1]) * 4096;
+configureMalloc();
+setFlagsFromString('--expose-gc');
+const bareGc = runInNewContext('gc');
+let big = new Float64Array(4 << 20);
+big.fill(1);
+big = undefined;
+bareGc();
+await new Promise((r) => setTimeout(r, 100));
+const freed = async (collect) => {
+  // each array is followed by a small live one, so that free() cannot merge the freed ones into
+  // the heap's top and give them back by itself: only a trim can
+  const fences = [];
+  let arrays = Array.from({ length: 256 }, () => {
+    const a = new Float64Array(1 << 17).fill(1);
+    fences.push(new Float64Array(1024).fill(1));
+    return a;
+  });
+  const before = resident();
+  arrays = undefined;
+  collect();
+  const returned = before - resident();
+  fences[0][0] = 2;
+  return Math.round(returned / 2 ** 20);
+};
+const bare = await freed(bareGc);
+const ours = await freed(collectGarbage);
+console.log(JSON.stringify({ bare, ours }));
+`;
+
+test('collectGarbage hands the freed arrays back to the system; a bare collection leaves them resident', {
+  skip:
+    !(
+      process.platform === 'linux' &&
+      !!(process.report.getReport() as { header?: { glibcVersionRuntime?: string } }).header?.glibcVersionRuntime
+    ) && 'not glibc',
+}, () => {
+  const env: NodeJS.ProcessEnv = { ...process.env };
+  delete env.INFLUENCE_LENS_MALLOC;
+  const r = spawnSync(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', CHILD], {
+    env,
+    encoding: 'utf8',
+  });
+  assert.equal(r.status, 0, r.stderr);
+  const { bare, ours } = JSON.parse(r.stdout.trim().split('\n').pop()!);
+  assert.ok(bare < 64, `a bare collection returned ${bare} MiB of 256 (expected glibc to keep them)`);
+  assert.ok(ours >= 224, `collectGarbage returned ${ours} MiB of 256`);
+});
