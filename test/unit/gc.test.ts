@@ -2,7 +2,6 @@
 // output bytes and collects before a run once enough have piled up, so that earlier runs' outputs
 // (1.6 GB a Λ run at the Qwen2.5-0.5B shape) do not stack up under the next run's peak.
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
 import { test } from 'node:test';
 import { setImmediate as tick } from 'node:timers/promises';
 import { Model, makeBatch } from '../../src/server/model/engine';
@@ -13,6 +12,7 @@ import {
   garbageNoted,
   noteDroppedSoon,
 } from '../../src/server/util/gc';
+import { isGlibc, runModuleChild } from './helpers/child';
 import { useTempHome } from './helpers/env';
 
 useTempHome();
@@ -94,20 +94,11 @@ console.log(JSON.stringify({ bare, ours }));
 `;
 
 test('collectGarbage hands the freed arrays back to the system; a bare collection leaves them resident', {
-  skip:
-    !(
-      process.platform === 'linux' &&
-      !!(process.report.getReport() as { header?: { glibcVersionRuntime?: string } }).header?.glibcVersionRuntime
-    ) && 'not glibc',
+  skip: !isGlibc && 'not glibc',
 }, () => {
-  const env: NodeJS.ProcessEnv = { ...process.env };
-  delete env.INFLUENCE_LENS_MALLOC;
-  const r = spawnSync(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', CHILD], {
-    env,
-    encoding: 'utf8',
-  });
+  const r = runModuleChild(CHILD, { INFLUENCE_LENS_MALLOC: undefined });
   assert.equal(r.status, 0, r.stderr);
-  const { bare, ours } = JSON.parse(r.stdout.trim().split('\n').pop()!);
+  const { bare, ours } = r.out;
   assert.ok(bare < 64, `a bare collection returned ${bare} MiB of 256 (expected glibc to keep them)`);
   assert.ok(ours >= 224, `collectGarbage returned ${ours} MiB of 256`);
 });

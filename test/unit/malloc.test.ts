@@ -8,8 +8,8 @@
 //   small block (256 KiB from the top, so free() cannot trim them itself), are freed, then `releaseFreedMemory` runs:
 //   'trim' returns them (resident memory drops by most of 64 MiB), 'default' keeps them.
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
 import { test } from 'node:test';
+import { isGlibc, runModuleChild } from './helpers/child';
 
 const CHILD = `
 import { createRequire } from 'node:module';
@@ -36,27 +36,10 @@ free(fence);
 console.log(JSON.stringify({ mode, mapped, returnedMiB: Math.round(returned / 2 ** 20) }));
 `;
 
-function child(mode?: string) {
-  const env: NodeJS.ProcessEnv = { ...process.env };
-  if (mode === undefined) delete env.INFLUENCE_LENS_MALLOC;
-  else env.INFLUENCE_LENS_MALLOC = mode;
-  const r = spawnSync(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', CHILD], {
-    env,
-    encoding: 'utf8',
-  });
-  return {
-    status: r.status,
-    stderr: r.stderr,
-    out: r.status === 0 ? JSON.parse(r.stdout.trim().split('\n').pop()!) : null,
-  };
-}
-
-const glibc =
-  process.platform === 'linux' &&
-  !!(process.report.getReport() as { header?: { glibcVersionRuntime?: string } }).header?.glibcVersionRuntime;
+const child = (mode?: string) => runModuleChild(CHILD, { INFLUENCE_LENS_MALLOC: mode });
 
 test('malloc modes: trim (default) returns freed heap pages after a run, mmap maps large blocks, default neither', {
-  skip: !glibc && 'not glibc',
+  skip: !isGlibc && 'not glibc',
 }, () => {
   const trim = child();
   assert.equal(trim.status, 0, trim.stderr);
