@@ -15,13 +15,20 @@ import { after, before, describe, test } from 'node:test';
 import type { ExplainResult } from '../../src/protocol/types';
 import { fitCheckpoints, openCheckpointStages } from '../../src/server/attribution/checkpoints';
 import { makePreconditioner, type Preconditioner } from '../../src/server/attribution/ekfac/precondition';
-import { Corpus, type ExplainSetup, explain, explainMany } from '../../src/server/attribution/explain';
+import {
+  Corpus,
+  type ExplainSetup,
+  explain,
+  explainMany,
+  heatmapRowsPolicy,
+} from '../../src/server/attribution/explain';
 import { runFitJob } from '../../src/server/attribution/fit-job';
 import {
   type CandidateScores,
   denseRows,
   eigenbasisCheaper,
   eigenbasisPolicy,
+  eigenTokenRows,
   queryGradients,
   queryMatrices,
   scoreCandidates,
@@ -134,6 +141,29 @@ for (const [fixture, precision] of [
         }
       }
     });
+
+    test('rows as rotated tokens, formed by the graph one module at a time, equal the rows held whole', async () => {
+      const qg = await queryGradients(model, query, { modules: 'all', perCompletionToken: true });
+      const eigenTokens = eigenTokenRows(qg.tokens, pre);
+      if (precision === 'fp64') {
+        // ground-truth graphs keep their rows whole
+        assert.equal(eigenTokens, null);
+        return;
+      }
+      assert.ok(eigenTokens);
+      const R = queryMatrices(qg.tokens, [pre], { eigenbasis: true });
+      const want = await scoreCandidates(model, R, candidates, { ...opts, eigenbasis: pre });
+      const got = await scoreCandidates(model, new Map(), candidates, { ...opts, eigenbasis: pre, eigenTokens });
+      sameScores(got, want, 1e-5, 'rotated tokens');
+      // rows of different lengths are zero-padded to the longest: the padding adds nothing
+      const first = [...qg.tokens.values()][0];
+      const lengths = first.g.map((g) => g.length / first.dOut);
+      assert.ok(new Set(lengths).size > 1, `row lengths ${lengths}`);
+      await assert.rejects(
+        scoreCandidates(model, new Map(), candidates, { ...opts, eigenTokens }),
+        /need the eigenbasis/,
+      );
+    });
   });
 }
 
@@ -233,6 +263,43 @@ describe('explain in the eigenbasis equals explain rotated back (tiny fp64 Llama
   });
   after(() => {
     eigenbasisPolicy.force = undefined;
+  });
+
+  test('float32: the heatmap passes score rows given as rotated tokens as they score whole rows', async () => {
+    const f32 = openStage(dir, factors, { damping: { relative: 0.1 }, engine: {} });
+    const setup: ExplainSetup = { model: f32, modules: 'all' };
+    const corpus32 = new Corpus(data, loadDataset(data), f32.model);
+    // one whole row per pass: the pool's pass carries row 0 only, every completion token is scored
+    // in the heatmap passes
+    const rowBytes = f32.model.modules('all').reduce((s, m) => s + m.dOut * (m.dIn + (m.hasBias ? 1 : 0)), 0) * 4;
+    const saved = process.env.INFLUENCE_LENS_RUN_MB;
+    process.env.INFLUENCE_LENS_RUN_MB = String((rowBytes + 1) / 2 ** 20);
+    try {
+      const run = () => explain(setup, corpus32, { ...QUERIES[0], method: 'ekfac', topK: RECORDS.length });
+      heatmapRowsPolicy.whole = true;
+      const want = await run();
+      heatmapRowsPolicy.whole = undefined;
+      const got = await run();
+      const shown = (r: ExplainResult) => [...r.supporting, ...r.opposing].sort((a, b) => a.id.line - b.id.line);
+      const [g, w] = [shown(got), shown(want)];
+      assert.equal(g.length, RECORDS.length);
+      assert.ok(w[0].completionTokenScores!.length >= 3);
+      const ec = relErr(flat(g.map((x) => x.completionTokenScores!)), flat(w.map((x) => x.completionTokenScores!)));
+      assert.ok(ec <= 1e-4, `completion heatmap: ${ec}`);
+      const et = relErr(flat(g.map((x) => x.tokenScores!.values)), flat(w.map((x) => x.tokenScores!.values)));
+      assert.ok(et <= 1e-4, `training-token heatmap: ${et}`);
+      for (const e of g) {
+        const sum = e.completionTokenScores!.reduce((a, b) => a + b, 0);
+        assert.ok(
+          Math.abs(sum - e.score) <= 1e-4 * (Math.abs(e.score) + 1e-6),
+          `line ${e.id.line}: ${sum} vs ${e.score}`,
+        );
+      }
+    } finally {
+      heatmapRowsPolicy.whole = undefined;
+      if (saved === undefined) delete process.env.INFLUENCE_LENS_RUN_MB;
+      else process.env.INFLUENCE_LENS_RUN_MB = saved;
+    }
   });
 
   async function both(run: () => Promise<ExplainResult[]>) {

@@ -35,11 +35,14 @@ import { runBudgetBytes, sequenceLimitBytes } from './chunking';
 import {
   type CandidateScores,
   candidateHidden,
+  eigenTokenRows,
   type QueryGradients,
   type QueryRows,
   queryGradients,
+  scoreCandidates,
   scoreQuery,
   tokenCount,
+  tokenRowsPerPass,
 } from './influence';
 import { type GradientScorer, SCORERS } from './methods';
 import { repsimScores } from './methods/repsim';
@@ -203,6 +206,9 @@ function rowBytes(setup: ExplainSetup): number {
   const floats = model.modules(setup.modules).reduce((s, m) => s + m.dOut * (m.dIn + (m.hasBias ? 1 : 0)), 0);
   return floats * (model.precision === 'fp64' ? 8 : 4);
 }
+
+/** Tests set `whole` to score the heatmap passes with whole rows where rotated tokens would serve. */
+export const heatmapRowsPolicy: { whole?: boolean } = {};
 
 /** Tests set `maxPoolRows` to split several queries' pool passes wherever memory would allow one. */
 export const poolRowsPolicy: { maxPoolRows?: number } = {};
@@ -795,14 +801,27 @@ async function finishGradientPool(
       return c;
     });
     // the first pass: row 0 (for the training-side token scores) and up to perPass − 1 token
-    // rows; the later ones: perPass token rows each, without row 0
-    const perPass = rowsPerPass(setup);
+    // rows; the later ones: perPass token rows each, without row 0. Single-stage EK-FAC in float32
+    // hands the graph its rows as rotated tokens (g Q_S, ã Q_A: tens of MB a row where a whole row
+    // is every module's d_out × d_A) and the graph scores them without forming them, so a pass
+    // carries many more rows (at Qwen2.5-0.5B and a 16-token query, one pass of 15 instead of 15
+    // passes of one, each a minute over 16 shown examples).
+    const pre = gradientScorer(method).eigenTokens?.(setup);
+    const asTokens = !heatmapRowsPolicy.whole && !!pre && setup.model.model.precision !== 'fp64';
+    const perPass = asTokens
+      ? tokenRowsPerPass(
+          pre,
+          setup.model.model.modules(setup.modules).map((m) => m.name),
+          query.ids.length,
+        )
+      : rowsPerPass(setup);
     const passes = 1 + Math.max(0, Math.ceil((rest.length - (perPass - 1)) / perPass));
     let tokenScores: Float32Array[] = [];
     let pass = 0;
     for (let i = 0, first = true; first || i < rest.length; first = false) {
       // a long completion on a large model takes minutes here: say which pass is running
       req.onProgress?.(`token heatmaps (${method})`, pass++, passes);
+      if (!first) collectGarbage(); // the last pass's rows, before this pass makes its own
       const part = rest.slice(i, i + (first ? perPass - 1 : perPass));
       i += part.length;
       const skip = first ? 1 : 0; // rows of the pass before its token rows
@@ -813,15 +832,17 @@ async function finishGradientPool(
         completionRows: part,
         whole: first,
       });
-      const made = gradientScorer(method).query(setup, qgp, { candidateTokens: tokenCount(cands) });
-      const rowsOfPass: QueryRows = { M: made.M, eigen: made.eigen };
       const norms = normalize ? normalize.query(qgp, qgp.rows) : new Float64Array(qgp.rows).fill(1);
-      const t = await scoreQuery(candidateModel, rowsOfPass, cands, {
-        modules: setup.modules,
-        tokenScores: first,
-        batchSize: req.batchSize,
-        signal: req.signal,
-      });
+      const opts = { modules: setup.modules, tokenScores: first, batchSize: req.batchSize, signal: req.signal };
+      const eigenTokens = asTokens ? eigenTokenRows(qgp.tokens, pre) : null;
+      let t: Awaited<ReturnType<typeof scoreQuery>>;
+      if (eigenTokens)
+        t = await scoreCandidates(candidateModel, new Map(), cands, { ...opts, eigenbasis: pre, eigenTokens });
+      else {
+        const made = gradientScorer(method).query(setup, qgp, { candidateTokens: tokenCount(cands) });
+        const rowsOfPass: QueryRows = { M: made.M, eigen: made.eigen };
+        t = await scoreQuery(candidateModel, rowsOfPass, cands, opts);
+      }
       if (first)
         tokenScores = t.tokenScores!.map((ts, j) => {
           const scale = 1 / (qNorm[0] * zNorm[positions[j]]);

@@ -12,7 +12,7 @@ import { type Floats, gemm, gemm32 } from '../linalg/matrix';
 import type { Batch, CompiledGraph, Model, ModuleSelection, RunResult } from '../model/engine';
 import type { ort } from '../model/onnx/session';
 import { DEFAULTS } from '../settings';
-import { memoryBoundedBatches, type RunShape, runShape } from './chunking';
+import { memoryBoundedBatches, type RunShape, runBudgetBytes, runShape } from './chunking';
 import { fromEigenbasis, toEigenbasis } from './ekfac/eigenbasis';
 import {
   lowRank,
@@ -24,6 +24,7 @@ import {
   preconditionTokens,
   preconditionTokens32,
   rotateBack32,
+  rotatedTokens32,
   singlePrecision,
   type TokenRows,
 } from './ekfac/precondition';
@@ -328,6 +329,61 @@ export function denseRows(q: QueryRows, which?: number[]): Map<string, Floats[]>
   return out;
 }
 
+/** One module's query rows as rotated tokens, with the float32 factors the score graph needs. */
+export interface EigenTokenRows {
+  rows: number;
+  /** the longest row's tokens (shorter rows are zero-padded) */
+  T: number;
+  /** [rows, T, d_out] = g_r Q_S */
+  gs: Float32Array;
+  /** [rows, T, d_A] = ã Q_A, the row's forward's first T_r tokens */
+  as: Float32Array;
+  inverse: Float32Array;
+  qA: Float32Array;
+  qS: Float32Array;
+}
+
+/**
+ * The query rows of `tokens` as rotated tokens in the eigenbasis of `pre`, for
+ * `scoreCandidates(…, { eigenbasis: pre, eigenTokens })`: the graph forms each row
+ * R_r = (g_r Q_S)ᵀ (ã Q_A) ⊘ (Λ+λ) one module at a time, the same rows `queryMatrices(tokens,
+ * [pre], { eigenbasis: true })` holds whole. Null for fp64 tokens (ground-truth graphs), which keep
+ * the rows.
+ */
+export function eigenTokenRows(
+  tokens: QueryTokens,
+  pre: Map<string, Preconditioner>,
+): Map<string, EigenTokenRows> | null {
+  const out = new Map<string, EigenTokenRows>();
+  for (const [name, t] of tokens) {
+    if (!t.g.every((g) => g instanceof Float32Array)) return null;
+    const p = pre.get(name);
+    if (!p) throw new Error(`the factors have no module ${name}: fit them over the same modules`);
+    const f = singlePrecision(p);
+    const { T, gs, as } = rotatedTokens32(p, t, f);
+    out.set(name, { rows: t.g.length, T, gs, as, inverse: f.inverse, qA: f.qA, qS: f.qS });
+  }
+  return out;
+}
+
+/**
+ * How many query rows one pass may score as rotated tokens: their tokens, Σ_modules Tq·(d_out +
+ * d_A) floats a row, and the graph's per-sequence [d_out, Q·Tq] products (two of the widest
+ * module's) within half the run budget, so the candidates keep the rest (at Qwen2.5-0.5B and a
+ * 16-token query, 15 rows; held whole, one row is 1.4 GB and the budget takes one).
+ */
+export function tokenRowsPerPass(pre: Map<string, Preconditioner>, modules: Iterable<string>, Tq: number): number {
+  let tokens = 0;
+  let widest = 0;
+  for (const name of modules) {
+    const p = pre.get(name);
+    if (!p) continue;
+    tokens += Tq * (p.dOut + p.dA);
+    widest = Math.max(widest, p.dOut);
+  }
+  return Math.max(1, Math.floor(runBudgetBytes() / 2 / (4 * (tokens + 2 * widest * Tq))));
+}
+
 /** Tests set `force` to run one path wherever the cost rule would choose (both must agree). */
 export const eigenbasisPolicy: { force?: 'eigenbasis' | 'rotate-back' } = {};
 
@@ -448,16 +504,24 @@ export async function scoreCandidates(
     rank?: number;
     /** M holds rows in these preconditioners' eigenbases (`queryMatrices(…, { eigenbasis: true })`) */
     eigenbasis?: Map<string, Preconditioner>;
+    /**
+     * with `eigenbasis`, the rows as rotated tokens (`eigenTokenRows`) instead of `M` (pass an
+     * empty M): the graph forms each module's rows itself
+     */
+    eigenTokens?: Map<string, EigenTokenRows>;
   },
 ): Promise<CandidateScores> {
   if (opts.eigenbasis && opts.rank !== undefined)
     throw new Error('scoreCandidates: a low-rank query is taken of P(G), not of rows in the eigenbasis');
+  if (opts.eigenTokens && !opts.eigenbasis)
+    throw new Error('scoreCandidates: rows as rotated tokens need the eigenbasis they are rotated into');
   const graph = await model.compile({
     labels: 'data',
     scores: true,
     tokenScores: opts.tokenScores,
     lowRank: opts.rank !== undefined,
     ...(opts.eigenbasis ? { eigenbasis: true } : {}),
+    ...(opts.eigenTokens ? { eigenbasisTokens: true } : {}),
     // the low-rank error bound needs every candidate's gradient norm
     gradNorms: opts.gradNorms || opts.rank !== undefined,
     hidden: opts.hidden,
@@ -467,11 +531,30 @@ export async function scoreCandidates(
   let Q = 0;
   let residualSq = 0;
   let querySq = 0;
+  // rows as rotated tokens: the graph forms only row 0, for the token scores (every module's may
+  // be alive at once); the scores' [B, d_out, Q·Tq] products are a few MB
+  let formedBytes = 0;
   for (const m of graph.moduleInfo) {
+    const dA = m.dIn + (m.hasBias ? 1 : 0);
+    const tokens = opts.eigenTokens?.get(m.name);
+    if (opts.eigenTokens) {
+      const p = opts.eigenbasis!.get(m.name);
+      if (!tokens || !p) throw new Error(`no query tokens or factors for module ${m.name}`);
+      if (p.dOut !== m.dOut || p.dA !== dA)
+        throw new Error(`module ${m.name}: factors are ${p.dOut}×${p.dA}, the model's gradient ${m.dOut}×${dA}`);
+      Q = tokens.rows;
+      feeds[`RS.${m.name}`] = graph.tensor(tokens.gs, [Q, tokens.T, m.dOut]);
+      feeds[`RA.${m.name}`] = graph.tensor(tokens.as, [Q, tokens.T, dA]);
+      feeds[`IL.${m.name}`] = graph.tensor(tokens.inverse, [m.dOut, dA]);
+      feeds[`QA.${m.name}`] = graph.tensor(tokens.qA, [dA, dA]);
+      feeds[`QS.${m.name}`] = graph.tensor(tokens.qS, [m.dOut, m.dOut]);
+      if (opts.tokenScores) formedBytes += m.dOut * dA * (graph.fp64 ? 8 : 4);
+      formedBytes += 2 * m.dOut * Q * tokens.T * (graph.fp64 ? 8 : 4);
+      continue;
+    }
     const rows = M.get(m.name);
     if (!rows) throw new Error(`no query matrix for module ${m.name}`);
     Q = rows.length;
-    const dA = m.dIn + (m.hasBias ? 1 : 0);
     if (opts.rank) {
       // rank-r SVD of each query row: U = u·diag(σ) [dOut, R], V = v [dA, R]
       const lr = rows.map((r) => lowRank(r, m.dOut, dA, opts.rank!));
@@ -531,6 +614,7 @@ export async function scoreCandidates(
     opts.batchSize ?? DEFAULTS.batchSize,
     model.tokenizer.padTokenId ?? 0,
     shape,
+    Math.max(0, runBudgetBytes() - formedBytes),
   )) {
     if (opts.signal?.aborted) throw new Error('cancelled');
     const out = await graph.run(batch, { feeds });

@@ -48,7 +48,10 @@ export interface GraphRequest {
   lambda?: boolean;
   /** with inputs `M.<module>` [Q, dOut, dIn'] (preconditioned query gradients): `score.<module>` [B, Q] = ⟨M_q, G_b⟩ and `scores` (summed) */
   scores?: boolean;
-  /** with the same inputs: `token_scores` [Q, B, T], c_t = Σ_modules g_tᵀ M_q a_t (sums to `scores` over t) */
+  /**
+   * with the same inputs: `token_scores` [Q, B, T], c_t = Σ_modules g_tᵀ M_q a_t (sums to `scores`
+   * over t); with `eigenbasis`, [1, B, T] for query row 0 only
+   */
   tokenScores?: boolean;
   /**
    * scores / token scores from a low-rank query (Grosse et al. §3.2): inputs `U.<module>` [Q, dOut, R]
@@ -63,6 +66,14 @@ export interface GraphRequest {
    * the query rows need no rotation back (T·(dOut² + dIn'²) more work per candidate).
    */
   eigenbasis?: boolean;
+  /**
+   * with `eigenbasis`: the rows come as rotated tokens instead of `R`: inputs `RS.<module>`
+   * [Q, Tq, dOut] = g_q Q_S, `RA.<module>` [Q, Tq, dIn'] = ã_q Q_A (zero-padded rows) and
+   * `IL.<module>` [dOut, dIn'] = 1/(Λ+λ), R_q = (RS_qᵀ RA_q) ⊙ IL. Scores are contracted without
+   * forming R (⟨R_q, rot_b⟩ = Σ_s RS_q,sᵀ (IL ⊙ rot_b) RA_q,s: B·dOut·dIn'·Q·Tq work), so no query
+   * row is held whole (1.4 GB a row at Qwen2.5-0.5B); token scores form row 0 only.
+   */
+  eigenbasisTokens?: boolean;
   /**
    * `P.<module>` [B, kS, kA] = Σ_t (PSᵀ g_t)(PAᵀ ã_t)ᵀ with inputs `PA.<module>` [dIn', kA] and
    * `PS.<module>` [dOut, kS]: per-example gradients under random projections (LoGra-style
@@ -438,6 +449,8 @@ function buildOutputs(
   };
   if (req.eigenbasis && (req.lowRank || req.lambda || req.selfInfluence))
     throw new EngineError('an eigenbasis query cannot be combined with lowRank, lambda or selfInfluence in one graph');
+  if (req.eigenbasisTokens && !req.eigenbasis)
+    throw new EngineError('eigenbasisTokens describes the rows of an eigenbasis query: set eigenbasis too');
   const btShape = ctx.bt;
   const weightsIn = g.input('target_weights', g.float, ['B', 'T']);
   const wFlat = g.noGrad(() => g.reshape(weightsIn, [-1]));
@@ -569,20 +582,45 @@ function buildOutputs(
         if (req.eigenbasis && (req.scores || req.tokenScores)) {
           const QA = g.input(`QA.${m.name}`, g.float, [dIn, dIn]);
           const QS = g.input(`QS.${m.name}`, g.float, [m.dOut, m.dOut]);
-          const R = g.input(`R.${m.name}`, g.float, ['Q', m.dOut, dIn]);
           const gr = g.matmul(gy, QS); // [N, dOut]: (Q_Sᵀ g_t)ᵀ
           const ar = g.matmul(withOne(), QA); // [N, dIn]: (Q_Aᵀ a_t)ᵀ
+          // rows as rotated tokens (`eigenbasisTokens`): R_q = (RS_qᵀ RA_q) ⊙ IL is never formed
+          // for more than row 0 (formed from graph inputs alone, ONNX Runtime kept every module's
+          // alive at once: 5 GB more at the SmolLM-135M shape for 10 rows)
+          const RS = req.eigenbasisTokens ? g.input(`RS.${m.name}`, g.float, ['Q', `Tq_${m.name}`, m.dOut]) : null;
+          const RA = req.eigenbasisTokens ? g.input(`RA.${m.name}`, g.float, ['Q', `Tq_${m.name}`, dIn]) : null;
+          const IL = req.eigenbasisTokens ? g.input(`IL.${m.name}`, g.float, [m.dOut, dIn]) : null;
+          const R = req.eigenbasisTokens ? null : g.input(`R.${m.name}`, g.float, ['Q', m.dOut, dIn]);
           if (req.tokenScores) {
-            // c[q, t] = (Q_Sᵀ g_t)ᵀ R_q (Q_Aᵀ a_t) = g_tᵀ P(G_q) a_t
-            const gR = g.matmul(g.unsqueeze(gr, [0]), R); // [Q, N, dIn]
+            // c[0, t] = (Q_Sᵀ g_t)ᵀ R_0 (Q_Aᵀ a_t) = g_tᵀ P(G_0) a_t, for query row 0 only (the only
+            // row whose token scores are read): a [Q, N, dIn] product would grow with the rows
+            const row0 = (x: Tensor, d: number | string, e: number) =>
+              g.node('Gather', [x, g.ints([0])], [{ dtype: g.float, shape: [1, d, e] }], { axis: 0 })[0];
+            const R0 = R
+              ? row0(R, m.dOut, dIn)
+              : g.mul(
+                  g.matmul(g.transpose(row0(RS!, `Tq_${m.name}`, m.dOut), [0, 2, 1]), row0(RA!, `Tq_${m.name}`, dIn)),
+                  IL!,
+                ); // [1, dOut, dIn]
+            const gR = g.matmul(g.unsqueeze(gr, [0]), R0); // [1, N, dIn]
             tokenSum = accumulate(tokenSum, g.reduceSum(g.mul(gR, ar), [2], false));
           }
           if (req.scores) {
             const per = (x: Tensor, d: number) => g.reshape(x, g.concatInts([btShape, g.ints([d])]), ['B', 'T', d]);
             const rot = g.matmul(g.transpose(per(gr, m.dOut), [0, 2, 1]), per(ar, dIn)); // [B, dOut, dIn]
-            const rot2 = g.reshape(rot, [-1, m.dOut * dIn]);
-            const R2 = g.reshape(R, [-1, m.dOut * dIn]);
-            const sc = g.node('Gemm', [rot2, R2], [{ dtype: g.float, shape: ['B', 'Q'] }], { transB: 1 })[0];
+            let sc: Tensor;
+            if (R) {
+              const rot2 = g.reshape(rot, [-1, m.dOut * dIn]);
+              const R2 = g.reshape(R, [-1, m.dOut * dIn]);
+              sc = g.node('Gemm', [rot2, R2], [{ dtype: g.float, shape: ['B', 'Q'] }], { transB: 1 })[0];
+            } else {
+              // ⟨R_q, rot_b⟩ = Σ_s Σ_o RS[q,s,o] ((IL ⊙ rot_b) RA[q,s]ᵀ)_o: B·dOut·dIn·Q·Tq work
+              const Y = g.matmul(g.mul(rot, IL!), g.transpose(g.reshape(RA!, [-1, dIn]), [1, 0])); // [B, dOut, Q·Tq]
+              const RSt = g.transpose(g.reshape(RS!, [-1, m.dOut]), [1, 0]); // [dOut, Q·Tq]
+              const z = g.reduceSum(g.mul(Y, RSt), [1], false); // [B, Q·Tq]
+              const z3 = g.reshape(z, g.concatInts([g.ints([-1]), g.shapeOf(RS!, 0, 2)]), ['B', 'Q', `Tq_${m.name}`]);
+              sc = g.reduceSum(z3, [2], false); // [B, Q]
+            }
             emit(sc, `score.${m.name}`);
             scoreSum = accumulate(scoreSum, sc);
           }

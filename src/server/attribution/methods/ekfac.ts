@@ -18,4 +18,5 @@ export const ekfac: GradientScorer = {
       ...(eigen ? { eigen: pre } : {}),
     };
   },
+  eigenTokens: (setup) => setup.model.preconditioners ?? undefined,
 };

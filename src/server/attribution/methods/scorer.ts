@@ -27,6 +27,12 @@ export interface GradientScorer {
     pool?: { candidateTokens: number },
   ): { M: Map<string, Floats[]>; candidateModel: Model; eigen?: Map<string, Preconditioner> };
   /**
+   * The factors in whose eigenbasis this method's rows can be scored straight from the query's
+   * tokens (`eigenTokenRows`: the rows are exactly those of `query` with `eigen`), so that the
+   * heatmap passes never hold a row whole. Single-stage EK-FAC only.
+   */
+  eigenTokens?(setup: ExplainSetup): Map<string, Preconditioner> | undefined;
+  /**
    * Divide each score by a query row's norm and a candidate's norm (cosine). A method with a
    * normalization needs every candidate's ‖G(z)‖², so it cannot score from the gradient store.
    */
