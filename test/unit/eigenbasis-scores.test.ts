@@ -269,34 +269,46 @@ describe('explain in the eigenbasis equals explain rotated back (tiny fp64 Llama
     const f32 = openStage(dir, factors, { damping: { relative: 0.1 }, engine: {} });
     const setup: ExplainSetup = { model: f32, modules: 'all' };
     const corpus32 = new Corpus(data, loadDataset(data), f32.model);
-    // one whole row per pass: the pool's pass carries row 0 only, every completion token is scored
-    // in the heatmap passes
     const rowBytes = f32.model.modules('all').reduce((s, m) => s + m.dOut * (m.dIn + (m.hasBias ? 1 : 0)), 0) * 4;
     const saved = process.env.INFLUENCE_LENS_RUN_MB;
-    process.env.INFLUENCE_LENS_RUN_MB = String((rowBytes + 1) / 2 ** 20);
     try {
-      const run = () => explain(setup, corpus32, { ...QUERIES[0], method: 'ekfac', topK: RECORDS.length });
-      heatmapRowsPolicy.whole = true;
-      const want = await run();
-      heatmapRowsPolicy.whole = undefined;
-      const got = await run();
-      const shown = (r: ExplainResult) => [...r.supporting, ...r.opposing].sort((a, b) => a.id.line - b.id.line);
-      const [g, w] = [shown(got), shown(want)];
-      assert.equal(g.length, RECORDS.length);
-      assert.ok(w[0].completionTokenScores!.length >= 3);
-      const ec = relErr(flat(g.map((x) => x.completionTokenScores!)), flat(w.map((x) => x.completionTokenScores!)));
-      assert.ok(ec <= 1e-4, `completion heatmap: ${ec}`);
-      const et = relErr(flat(g.map((x) => x.tokenScores!.values)), flat(w.map((x) => x.tokenScores!.values)));
-      assert.ok(et <= 1e-4, `training-token heatmap: ${et}`);
-      for (const e of g) {
-        const sum = e.completionTokenScores!.reduce((a, b) => a + b, 0);
+      // one whole row per pass (the pool's pass carries row 0 only, every completion token is in
+      // the heatmap passes), and three (whole: the pool's pass carries two completion rows; as
+      // tokens: none, since the heatmap passes take them all)
+      for (const wholeRows of [1, 3]) {
+        process.env.INFLUENCE_LENS_RUN_MB = String((wholeRows * rowBytes + 1) / 2 ** 20);
+        const run = () => explain(setup, corpus32, { ...QUERIES[0], method: 'ekfac', topK: RECORDS.length });
+        heatmapRowsPolicy.force = 'whole';
+        const want = await run();
+        // at this tiny shape a row's tokens are no smaller than the row: forced
+        heatmapRowsPolicy.force = 'tokens';
+        const got = await run();
+        const shown = (r: ExplainResult) => [...r.supporting, ...r.opposing].sort((a, b) => a.id.line - b.id.line);
+        const [g, w] = [shown(got), shown(want)];
+        assert.equal(g.length, RECORDS.length);
+        assert.ok(w[0].completionTokenScores!.length >= 4);
+        const what = `${wholeRows} whole rows per pass`;
+        const ec = relErr(flat(g.map((x) => x.completionTokenScores!)), flat(w.map((x) => x.completionTokenScores!)));
+        assert.ok(ec <= 1e-4, `${what}: completion heatmap: ${ec}`);
+        const et = relErr(flat(g.map((x) => x.tokenScores!.values)), flat(w.map((x) => x.tokenScores!.values)));
+        assert.ok(et <= 1e-4, `${what}: training-token heatmap: ${et}`);
         assert.ok(
-          Math.abs(sum - e.score) <= 1e-4 * (Math.abs(e.score) + 1e-6),
-          `line ${e.id.line}: ${sum} vs ${e.score}`,
+          relErr(
+            g.map((x) => x.score),
+            w.map((x) => x.score),
+          ) <= 1e-5,
+          `${what}: scores`,
         );
+        for (const e of g) {
+          const sum = e.completionTokenScores!.reduce((a, b) => a + b, 0);
+          assert.ok(
+            Math.abs(sum - e.score) <= 1e-4 * (Math.abs(e.score) + 1e-6),
+            `${what}, line ${e.id.line}: ${sum} vs ${e.score}`,
+          );
+        }
       }
     } finally {
-      heatmapRowsPolicy.whole = undefined;
+      heatmapRowsPolicy.force = undefined;
       if (saved === undefined) delete process.env.INFLUENCE_LENS_RUN_MB;
       else process.env.INFLUENCE_LENS_RUN_MB = saved;
     }

@@ -32,6 +32,7 @@ import type { Floats } from '../linalg/matrix';
 import type { Model } from '../model/engine';
 import { collectGarbage } from '../util/gc';
 import { runBudgetBytes, sequenceLimitBytes } from './chunking';
+import type { Preconditioner } from './ekfac/precondition';
 import {
   type CandidateScores,
   candidateHidden,
@@ -207,8 +208,32 @@ function rowBytes(setup: ExplainSetup): number {
   return floats * (model.precision === 'fp64' ? 8 : 4);
 }
 
-/** Tests set `whole` to score the heatmap passes with whole rows where rotated tokens would serve. */
-export const heatmapRowsPolicy: { whole?: boolean } = {};
+/** Tests set `force` to score the heatmap passes in one form wherever the rule would choose (both must agree). */
+export const heatmapRowsPolicy: { force?: 'whole' | 'tokens' } = {};
+
+/**
+ * How the completion-heatmap passes of `method` carry their rows for a query of Tq tokens. Single-
+ * stage EK-FAC in float32 can hand the graph each row as its rotated tokens (g Q_S, ã Q_A) for the
+ * graph to score without forming it (`eigenTokenRows`): tens of MB a row for a short query where
+ * a whole row is every module's d_out × d_A (1.4 GB at Qwen2.5-0.5B: one pass of 15 rows instead
+ * of 15 passes of one, each a minute over 16 shown examples). Used when it lets more rows into a
+ * pass; a long query's tokens outweigh its whole rows.
+ */
+function heatmapRows(
+  setup: ExplainSetup,
+  method: Method,
+  Tq: number,
+): { tokens?: Map<string, Preconditioner>; perPass: number } {
+  const whole = rowsPerPass(setup);
+  const pre = gradientScorer(method).eigenTokens?.(setup);
+  if (heatmapRowsPolicy.force === 'whole' || !pre || setup.model.model.precision === 'fp64') return { perPass: whole };
+  const perPass = tokenRowsPerPass(
+    pre,
+    setup.model.model.modules(setup.modules).map((m) => m.name),
+    Tq,
+  );
+  return perPass > whole || heatmapRowsPolicy.force === 'tokens' ? { tokens: pre, perPass } : { perPass: whole };
+}
 
 /** Tests set `maxPoolRows` to split several queries' pool passes wherever memory would allow one. */
 export const poolRowsPolicy: { maxPoolRows?: number } = {};
@@ -322,7 +347,14 @@ async function prepare(setup: ExplainSetup, corpus: Corpus, req: ExplainRequest,
   let qg: QueryGradients;
   if (wantsGradients) {
     const t = Date.now();
-    const completionRows = targets.slice(0, poolRows - 1);
+    // When the completion's rows do not all fit the pool's pass and every gradient method's
+    // heatmap passes take them as rotated tokens, the pool's pass carries row 0 alone: the heatmap
+    // passes needed anyway take the rest, and the pool's pass holds one whole row instead of a
+    // run budget's worth (1 GiB beside a 2,048-token run at Pythia-70M)
+    const methods = [req.method, ...(req.compare ?? [])].filter((m) => GRADIENT_METHODS.includes(m));
+    const toTokens =
+      targets.length > poolRows - 1 && methods.every((m) => heatmapRows(setup, m, query.ids.length).tokens);
+    const completionRows = toTokens ? [] : targets.slice(0, poolRows - 1);
     qg = await queryGradients(model, query, { modules: setup.modules, completionRows });
     timings.query_ms = Date.now() - t;
   } else {
@@ -801,20 +833,10 @@ async function finishGradientPool(
       return c;
     });
     // the first pass: row 0 (for the training-side token scores) and up to perPass − 1 token
-    // rows; the later ones: perPass token rows each, without row 0. Single-stage EK-FAC in float32
-    // hands the graph its rows as rotated tokens (g Q_S, ã Q_A: tens of MB a row where a whole row
-    // is every module's d_out × d_A) and the graph scores them without forming them, so a pass
-    // carries many more rows (at Qwen2.5-0.5B and a 16-token query, one pass of 15 instead of 15
-    // passes of one, each a minute over 16 shown examples).
-    const pre = gradientScorer(method).eigenTokens?.(setup);
-    const asTokens = !heatmapRowsPolicy.whole && !!pre && setup.model.model.precision !== 'fp64';
-    const perPass = asTokens
-      ? tokenRowsPerPass(
-          pre,
-          setup.model.model.modules(setup.modules).map((m) => m.name),
-          query.ids.length,
-        )
-      : rowsPerPass(setup);
+    // rows; the later ones: perPass token rows each, without row 0 (`heatmapRows`)
+    const form = heatmapRows(setup, method, query.ids.length);
+    const pre = form.tokens;
+    const perPass = form.perPass;
     const passes = 1 + Math.max(0, Math.ceil((rest.length - (perPass - 1)) / perPass));
     let tokenScores: Float32Array[] = [];
     let pass = 0;
@@ -834,7 +856,7 @@ async function finishGradientPool(
       });
       const norms = normalize ? normalize.query(qgp, qgp.rows) : new Float64Array(qgp.rows).fill(1);
       const opts = { modules: setup.modules, tokenScores: first, batchSize: req.batchSize, signal: req.signal };
-      const eigenTokens = asTokens ? eigenTokenRows(qgp.tokens, pre) : null;
+      const eigenTokens = pre ? eigenTokenRows(qgp.tokens, pre) : null;
       let t: Awaited<ReturnType<typeof scoreQuery>>;
       if (eigenTokens)
         t = await scoreCandidates(candidateModel, new Map(), cands, { ...opts, eigenbasis: pre, eigenTokens });
