@@ -834,9 +834,7 @@ async function finishGradientPool(
     });
     // the first pass: row 0 (for the training-side token scores) and up to perPass − 1 token
     // rows; the later ones: perPass token rows each, without row 0 (`heatmapRows`)
-    const form = heatmapRows(setup, method, query.ids.length);
-    const pre = form.tokens;
-    const perPass = form.perPass;
+    const { tokens: pre, perPass } = heatmapRows(setup, method, query.ids.length);
     const passes = 1 + Math.max(0, Math.ceil((rest.length - (perPass - 1)) / perPass));
     let tokenScores: Float32Array[] = [];
     let pass = 0;
@@ -856,11 +854,13 @@ async function finishGradientPool(
       });
       const norms = normalize ? normalize.query(qgp, qgp.rows) : new Float64Array(qgp.rows).fill(1);
       const opts = { modules: setup.modules, tokenScores: first, batchSize: req.batchSize, signal: req.signal };
-      const eigenTokens = pre ? eigenTokenRows(qgp.tokens, pre) : null;
-      let t: Awaited<ReturnType<typeof scoreQuery>>;
-      if (eigenTokens)
+      let t: CandidateScores;
+      if (pre) {
+        // heatmapRows chose this form for a float32 model, whose query tokens are float32
+        const eigenTokens = eigenTokenRows(qgp.tokens, pre);
+        if (!eigenTokens) throw new Error(`explain: the ${method} heatmap rows are not float32 tokens`);
         t = await scoreCandidates(candidateModel, new Map(), cands, { ...opts, eigenbasis: pre, eigenTokens });
-      else {
+      } else {
         const made = gradientScorer(method).query(setup, qgp, { candidateTokens: tokenCount(cands) });
         const rowsOfPass: QueryRows = { M: made.M, eigen: made.eigen };
         t = await scoreQuery(candidateModel, rowsOfPass, cands, opts);

@@ -345,8 +345,8 @@ export interface EigenTokenRows {
 
 /**
  * The query rows of `tokens` as rotated tokens in the eigenbasis of `pre`, for
- * `scoreCandidates(…, { eigenbasis: pre, eigenTokens })`: the graph forms each row
- * R_r = (g_r Q_S)ᵀ (ã Q_A) ⊘ (Λ+λ) one module at a time, the same rows `queryMatrices(tokens,
+ * `scoreCandidates(…, { eigenbasis: pre, eigenTokens })`: the graph scores the rows
+ * R_r = (g_r Q_S)ᵀ (ã Q_A) ⊘ (Λ+λ) without forming them, the same rows `queryMatrices(tokens,
  * [pre], { eigenbasis: true })` holds whole. Null for fp64 tokens (ground-truth graphs), which keep
  * the rows.
  */
@@ -506,7 +506,7 @@ export async function scoreCandidates(
     eigenbasis?: Map<string, Preconditioner>;
     /**
      * with `eigenbasis`, the rows as rotated tokens (`eigenTokenRows`) instead of `M` (pass an
-     * empty M): the graph forms each module's rows itself
+     * empty M): the graph scores them without forming them (only row 0, for the token scores)
      */
     eigenTokens?: Map<string, EigenTokenRows>;
   },

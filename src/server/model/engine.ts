@@ -587,21 +587,23 @@ function buildOutputs(
           // rows as rotated tokens (`eigenbasisTokens`): R_q = (RS_qᵀ RA_q) ⊙ IL is never formed
           // for more than row 0 (formed from graph inputs alone, ONNX Runtime kept every module's
           // alive at once: 5 GB more at the SmolLM-135M shape for 10 rows)
-          const RS = req.eigenbasisTokens ? g.input(`RS.${m.name}`, g.float, ['Q', `Tq_${m.name}`, m.dOut]) : null;
-          const RA = req.eigenbasisTokens ? g.input(`RA.${m.name}`, g.float, ['Q', `Tq_${m.name}`, dIn]) : null;
-          const IL = req.eigenbasisTokens ? g.input(`IL.${m.name}`, g.float, [m.dOut, dIn]) : null;
-          const R = req.eigenbasisTokens ? null : g.input(`R.${m.name}`, g.float, ['Q', m.dOut, dIn]);
+          const Tq = `Tq_${m.name}`;
+          const tok = req.eigenbasisTokens
+            ? {
+                RS: g.input(`RS.${m.name}`, g.float, ['Q', Tq, m.dOut]),
+                RA: g.input(`RA.${m.name}`, g.float, ['Q', Tq, dIn]),
+                IL: g.input(`IL.${m.name}`, g.float, [m.dOut, dIn]),
+              }
+            : null;
+          const R = tok ? null : g.input(`R.${m.name}`, g.float, ['Q', m.dOut, dIn]);
           if (req.tokenScores) {
             // c[0, t] = (Q_Sᵀ g_t)ᵀ R_0 (Q_Aᵀ a_t) = g_tᵀ P(G_0) a_t, for query row 0 only (the only
             // row whose token scores are read): a [Q, N, dIn] product would grow with the rows
             const row0 = (x: Tensor, d: number | string, e: number) =>
               g.node('Gather', [x, g.ints([0])], [{ dtype: g.float, shape: [1, d, e] }], { axis: 0 })[0];
-            const R0 = R
-              ? row0(R, m.dOut, dIn)
-              : g.mul(
-                  g.matmul(g.transpose(row0(RS!, `Tq_${m.name}`, m.dOut), [0, 2, 1]), row0(RA!, `Tq_${m.name}`, dIn)),
-                  IL!,
-                ); // [1, dOut, dIn]
+            const R0 = tok
+              ? g.mul(g.matmul(g.transpose(row0(tok.RS, Tq, m.dOut), [0, 2, 1]), row0(tok.RA, Tq, dIn)), tok.IL)
+              : row0(R!, m.dOut, dIn); // [1, dOut, dIn]
             const gR = g.matmul(g.unsqueeze(gr, [0]), R0); // [1, N, dIn]
             tokenSum = accumulate(tokenSum, g.reduceSum(g.mul(gR, ar), [2], false));
           }
@@ -609,17 +611,17 @@ function buildOutputs(
             const per = (x: Tensor, d: number) => g.reshape(x, g.concatInts([btShape, g.ints([d])]), ['B', 'T', d]);
             const rot = g.matmul(g.transpose(per(gr, m.dOut), [0, 2, 1]), per(ar, dIn)); // [B, dOut, dIn]
             let sc: Tensor;
-            if (R) {
-              const rot2 = g.reshape(rot, [-1, m.dOut * dIn]);
-              const R2 = g.reshape(R, [-1, m.dOut * dIn]);
-              sc = g.node('Gemm', [rot2, R2], [{ dtype: g.float, shape: ['B', 'Q'] }], { transB: 1 })[0];
-            } else {
+            if (tok) {
               // ⟨R_q, rot_b⟩ = Σ_s Σ_o RS[q,s,o] ((IL ⊙ rot_b) RA[q,s]ᵀ)_o: B·dOut·dIn·Q·Tq work
-              const Y = g.matmul(g.mul(rot, IL!), g.transpose(g.reshape(RA!, [-1, dIn]), [1, 0])); // [B, dOut, Q·Tq]
-              const RSt = g.transpose(g.reshape(RS!, [-1, m.dOut]), [1, 0]); // [dOut, Q·Tq]
+              const Y = g.matmul(g.mul(rot, tok.IL), g.transpose(g.reshape(tok.RA, [-1, dIn]), [1, 0])); // [B, dOut, Q·Tq]
+              const RSt = g.transpose(g.reshape(tok.RS, [-1, m.dOut]), [1, 0]); // [dOut, Q·Tq]
               const z = g.reduceSum(g.mul(Y, RSt), [1], false); // [B, Q·Tq]
-              const z3 = g.reshape(z, g.concatInts([g.ints([-1]), g.shapeOf(RS!, 0, 2)]), ['B', 'Q', `Tq_${m.name}`]);
+              const z3 = g.reshape(z, g.concatInts([g.ints([-1]), g.shapeOf(tok.RS, 0, 2)]), ['B', 'Q', Tq]);
               sc = g.reduceSum(z3, [2], false); // [B, Q]
+            } else {
+              const rot2 = g.reshape(rot, [-1, m.dOut * dIn]);
+              const R2 = g.reshape(R!, [-1, m.dOut * dIn]);
+              sc = g.node('Gemm', [rot2, R2], [{ dtype: g.float, shape: ['B', 'Q'] }], { transB: 1 })[0];
             }
             emit(sc, `score.${m.name}`);
             scoreSum = accumulate(scoreSum, sc);

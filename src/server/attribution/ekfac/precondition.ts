@@ -285,6 +285,21 @@ function viaTokens(dOut: number, dA: number, rows: number[], src: number[], forw
   return tokens < direct;
 }
 
+/** ã Q_A of forward s, computed on first use and shared by the rows of that forward. */
+function activationsRotated32(t: TokenRows, f: SinglePrecision, forward: number[], dA: number) {
+  const done = new Map<number, Float32Array>();
+  return (s: number): Float32Array => {
+    let xq = done.get(s);
+    if (!xq) {
+      const a = t.a[s];
+      if (!(a instanceof Float32Array)) throw new Error('activations must be float32');
+      xq = gemm32(a, f.qA, forward[s], dA, dA);
+      done.set(s, xq);
+    }
+    return xq;
+  };
+}
+
 /**
  * P(G_r) for every row of `t` in float32 (sgemm), as `precondition32` of the dense G_r but
  * starting from the tokens: Q_Sᵀ G_r Q_A = (g_r Q_S)ᵀ (ã Q_A) when that is cheaper (at T = 32
@@ -308,7 +323,7 @@ export function preconditionTokens32(
   const size = dOut * dA;
   const out = new Float32Array(rows.length * size);
   const tokens = viaTokens(dOut, dA, rows, t.src, forward);
-  const aq = new Map<number, Float32Array>();
+  const rotatedA = activationsRotated32(t, f, forward, dA);
   // Left in the eigenbasis, each row is rotated straight into its place in `out`; rotated back,
   // one scratch serves every row. Either way no fresh d_out × d_A array per row: at the
   // SmolLM-135M shape those were ~0.4 GB of new (page-faulted, zeroed) memory per query row.
@@ -320,12 +335,7 @@ export function preconditionTokens32(
     const g = f32(t.g[r], 'output gradients');
     const rot = scratch ?? out.subarray(r * size, (r + 1) * size);
     if (tokens) {
-      let xq = aq.get(s);
-      if (!xq) {
-        xq = gemm32(a, f.qA, forward[s], dA, dA);
-        aq.set(s, xq);
-      }
-      gemm32(gemm32(g, f.qS, T, dOut, dOut), xq, dOut, T, dA, { transA: true, out: rot });
+      gemm32(gemm32(g, f.qS, T, dOut, dOut), rotatedA(s), dOut, T, dA, { transA: true, out: rot });
     } else {
       const G = gemm32(g, a, dOut, T, dA, { transA: true });
       gemm32(gemm32(f.qS, G, dOut, dOut, dA, { transA: true }), f.qA, dOut, dA, dA, { out: rot });
@@ -337,8 +347,8 @@ export function preconditionTokens32(
 }
 
 /**
- * The rows of `t` rotated into the eigenbasis as tokens, for a score graph that forms each row
- * R_r = (g_r Q_S)ᵀ (ã Q_A) ⊘ (Λ+λ) itself, one module at a time (`GraphRequest.eigenbasisTokens`):
+ * The rows of `t` rotated into the eigenbasis as tokens, for a score graph that contracts the
+ * candidates with R_r = (g_r Q_S)ᵀ (ã Q_A) ⊘ (Λ+λ) without forming it (`GraphRequest.eigenbasisTokens`):
  * `gs` [rows, T, d_out] = g_r Q_S and `as` [rows, T, d_A] = the first T_r rows of ã Q_A, each row
  * zero-padded to T = the longest T_r (a zero gradient token adds nothing). Σ_r T·(d_out + d_A)
  * floats instead of the rows' rows·d_out·d_A (at Qwen2.5-0.5B, 1.4 GB per row over all modules).
@@ -353,18 +363,11 @@ export function rotatedTokens32(
   const T = Math.max(1, ...rows);
   const gs = new Float32Array(rows.length * T * dOut);
   const as = new Float32Array(rows.length * T * dA);
-  const aq = new Map<number, Float32Array>();
+  const rotatedA = activationsRotated32(t, f, forward, dA);
   for (const [r, Tr] of rows.entries()) {
-    const s = t.src[r];
-    const a = t.a[s];
     const g = t.g[r];
-    if (!(a instanceof Float32Array && g instanceof Float32Array))
-      throw new Error('rotatedTokens32: activations and output gradients must be float32');
-    let xq = aq.get(s);
-    if (!xq) {
-      xq = gemm32(a, f.qA, forward[s], dA, dA);
-      aq.set(s, xq);
-    }
+    if (!(g instanceof Float32Array)) throw new Error('rotatedTokens32: output gradients must be float32');
+    const xq = rotatedA(t.src[r]);
     gemm32(g, f.qS, Tr, dOut, dOut, { out: gs.subarray(r * T * dOut, (r * T + Tr) * dOut) });
     as.set(xq.subarray(0, Tr * dA), r * T * dA);
   }

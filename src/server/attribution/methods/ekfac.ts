@@ -18,5 +18,5 @@ export const ekfac: GradientScorer = {
       ...(eigen ? { eigen: pre } : {}),
     };
   },
-  eigenTokens: (setup) => setup.model.preconditioners ?? undefined,
+  eigenTokens: (setup) => setup.model.preconditioners,
 };
