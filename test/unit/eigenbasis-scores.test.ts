@@ -266,8 +266,16 @@ describe('explain in the eigenbasis equals explain rotated back (tiny fp64 Llama
   });
 
   test('float32: the heatmap passes score rows given as rotated tokens as they score whole rows', async () => {
-    const f32 = openStage(dir, factors, { damping: { relative: 0.1 }, engine: {} });
-    const setup: ExplainSetup = { model: f32, modules: 'all' };
+    const damping = { relative: 0.1 };
+    const f32 = openStage(dir, factors, { damping, engine: {} });
+    // the fp64-fitted factors, read into float32; the sum over the two training checkpoints too
+    const plan = planCheckpoints(dir, f32.model.checkpoint, 'auto')!;
+    const checkpoints = openCheckpointStages(plan, { factorsDir: factors, damping, engine: {}, modules: 'all' });
+    assert.deepEqual(checkpoints.unfitted, []);
+    const setups: Array<[string, ExplainSetup]> = [
+      ['final model', { model: f32, modules: 'all' }],
+      ['over checkpoints', { model: f32, modules: 'all', checkpoints }],
+    ];
     const corpus32 = new Corpus(data, loadDataset(data), f32.model);
     const rowBytes = f32.model.modules('all').reduce((s, m) => s + m.dOut * (m.dIn + (m.hasBias ? 1 : 0)), 0) * 4;
     const saved = process.env.INFLUENCE_LENS_RUN_MB;
@@ -275,38 +283,39 @@ describe('explain in the eigenbasis equals explain rotated back (tiny fp64 Llama
       // one whole row per pass (the pool's pass carries row 0 only, every completion token is in
       // the heatmap passes), and three (whole: the pool's pass carries two completion rows; as
       // tokens: none, since the heatmap passes take them all)
-      for (const wholeRows of [1, 3]) {
-        process.env.INFLUENCE_LENS_RUN_MB = String((wholeRows * rowBytes + 1) / 2 ** 20);
-        const run = () => explain(setup, corpus32, { ...QUERIES[0], method: 'ekfac', topK: RECORDS.length });
-        heatmapRowsPolicy.force = 'whole';
-        const want = await run();
-        // at this tiny shape a row's tokens are no smaller than the row: forced
-        heatmapRowsPolicy.force = 'tokens';
-        const got = await run();
-        const shown = (r: ExplainResult) => [...r.supporting, ...r.opposing].sort((a, b) => a.id.line - b.id.line);
-        const [g, w] = [shown(got), shown(want)];
-        assert.equal(g.length, RECORDS.length);
-        assert.ok(w[0].completionTokenScores!.length >= 4);
-        const what = `${wholeRows} whole rows per pass`;
-        const ec = relErr(flat(g.map((x) => x.completionTokenScores!)), flat(w.map((x) => x.completionTokenScores!)));
-        assert.ok(ec <= 1e-4, `${what}: completion heatmap: ${ec}`);
-        const et = relErr(flat(g.map((x) => x.tokenScores!.values)), flat(w.map((x) => x.tokenScores!.values)));
-        assert.ok(et <= 1e-4, `${what}: training-token heatmap: ${et}`);
-        assert.ok(
-          relErr(
-            g.map((x) => x.score),
-            w.map((x) => x.score),
-          ) <= 1e-5,
-          `${what}: scores`,
-        );
-        for (const e of g) {
-          const sum = e.completionTokenScores!.reduce((a, b) => a + b, 0);
+      for (const [label, setup] of setups)
+        for (const wholeRows of [1, 3]) {
+          process.env.INFLUENCE_LENS_RUN_MB = String((wholeRows * rowBytes + 1) / 2 ** 20);
+          const run = () => explain(setup, corpus32, { ...QUERIES[0], method: 'ekfac', topK: RECORDS.length });
+          heatmapRowsPolicy.force = 'whole';
+          const want = await run();
+          // at this tiny shape a row's tokens are no smaller than the row: forced
+          heatmapRowsPolicy.force = 'tokens';
+          const got = await run();
+          const shown = (r: ExplainResult) => [...r.supporting, ...r.opposing].sort((a, b) => a.id.line - b.id.line);
+          const [g, w] = [shown(got), shown(want)];
+          assert.equal(g.length, RECORDS.length);
+          assert.ok(w[0].completionTokenScores!.length >= 4);
+          const what = `${label}, ${wholeRows} whole rows per pass`;
+          const ec = relErr(flat(g.map((x) => x.completionTokenScores!)), flat(w.map((x) => x.completionTokenScores!)));
+          assert.ok(ec <= 1e-4, `${what}: completion heatmap: ${ec}`);
+          const et = relErr(flat(g.map((x) => x.tokenScores!.values)), flat(w.map((x) => x.tokenScores!.values)));
+          assert.ok(et <= 1e-4, `${what}: training-token heatmap: ${et}`);
           assert.ok(
-            Math.abs(sum - e.score) <= 1e-4 * (Math.abs(e.score) + 1e-6),
-            `${what}, line ${e.id.line}: ${sum} vs ${e.score}`,
+            relErr(
+              g.map((x) => x.score),
+              w.map((x) => x.score),
+            ) <= 1e-5,
+            `${what}: scores`,
           );
+          for (const e of g) {
+            const sum = e.completionTokenScores!.reduce((a, b) => a + b, 0);
+            assert.ok(
+              Math.abs(sum - e.score) <= 1e-4 * (Math.abs(e.score) + 1e-6),
+              `${what}, line ${e.id.line}: ${sum} vs ${e.score}`,
+            );
+          }
         }
-      }
     } finally {
       heatmapRowsPolicy.force = undefined;
       if (saved === undefined) delete process.env.INFLUENCE_LENS_RUN_MB;
