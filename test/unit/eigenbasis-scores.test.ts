@@ -34,6 +34,7 @@ import {
   scoreCandidates,
   scoreQuery,
   tokenCount,
+  tokenRowsPerPass,
 } from '../../src/server/attribution/influence';
 import { ekfac } from '../../src/server/attribution/methods/ekfac';
 import { type OpenedStage, openStage } from '../../src/server/attribution/stage';
@@ -205,6 +206,31 @@ describe('the cost rule', () => {
     assert.equal(ekfac.query(setup, qg).eigen, undefined);
     assert.equal(ekfac.query(setup, qg, { candidateTokens: 1 }).eigen, pre);
     assert.equal(ekfac.query(setup, qg, { candidateTokens: 1e9 }).eigen, undefined);
+  });
+
+  test('rows per pass as rotated tokens: 14 at Qwen2.5-0.5B for a 16-token query, 1 GiB budget', () => {
+    const saved = process.env.INFLUENCE_LENS_RUN_MB;
+    delete process.env.INFLUENCE_LENS_RUN_MB;
+    try {
+      // one layer: q, k, v (bias), o, gate, up, down; 24 layers
+      const layer: Array<[number, number]> = [
+        [896, 897],
+        [128, 897],
+        [128, 897],
+        [896, 896],
+        [4864, 896],
+        [4864, 896],
+        [896, 4864],
+      ];
+      const qwen = shaped(Array.from({ length: 24 }, () => layer).flat());
+      // Σ 16·(d_out + d_A) + 2·4864·16 floats = 35.8 MB a row; half of 1 GiB holds 14
+      assert.equal(tokenRowsPerPass(qwen, qwen.keys(), 16), 14);
+      // a 256-token query's row is 573 MB of tokens, over half the budget: one row a pass, no
+      // better than whole rows, so heatmapRows keeps whole rows
+      assert.equal(tokenRowsPerPass(qwen, qwen.keys(), 256), 1);
+    } finally {
+      if (saved !== undefined) process.env.INFLUENCE_LENS_RUN_MB = saved;
+    }
   });
 
   test('refusals: two stages, a low-rank query of eigenbasis rows', async () => {

@@ -370,7 +370,7 @@ export function eigenTokenRows(
  * How many query rows one pass may score as rotated tokens: their tokens, Σ_modules Tq·(d_out +
  * d_A) floats a row, and the graph's per-sequence [d_out, Q·Tq] products (two of the widest
  * module's) within half the run budget, so the candidates keep the rest (at Qwen2.5-0.5B and a
- * 16-token query, 15 rows; held whole, one row is 1.4 GB and the budget takes one).
+ * 16-token query, 14 rows: 36 MB of tokens each; held whole, one row is 1.4 GB and the budget takes one).
  */
 export function tokenRowsPerPass(pre: Map<string, Preconditioner>, modules: Iterable<string>, Tq: number): number {
   let tokens = 0;
