@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 import { bytesPerSequence, memoryBoundedBatches, type RunShape, runShape } from '../../src/server/attribution/chunking';
+import { ATTENTION_CHUNK_BYTES } from '../../src/server/model/architectures/common';
 import { EngineError } from '../../src/server/model/engine';
 import { headChunkRows } from '../../src/server/model/head';
 
@@ -67,7 +68,7 @@ describe('memoryBoundedBatches', () => {
     assert.equal(head(4 * 2048), head(2048));
   });
 
-  test("one layer's attention scores count h·T² four times (recomputed per layer in the backward)", () => {
+  test('one chunk of attention scores counts four times: h·T² for short sequences, ATTENTION_CHUNK_BYTES for long ones', () => {
     const base = bytesPerSequence({ ...shape, perExampleMatrices: false }, 7);
     assert.equal(bytesPerSequence({ ...shape, perExampleMatrices: false, heads: 3 }, 7), base + 4 * 4 * 3 * 49);
     // quadratic in T: a sequence twice as long adds four times the attention bytes
@@ -75,6 +76,17 @@ describe('memoryBoundedBatches', () => {
       bytesPerSequence({ ...shape, perExampleMatrices: false, heads: 3 }, T) -
       bytesPerSequence({ ...shape, perExampleMatrices: false }, T);
     assert.equal(at(14), 4 * at(7));
+    // long sequences: attention takes its queries in chunks of ATTENTION_CHUNK_BYTES of scores, so
+    // the count stops growing quadratically (Pythia-70M's 8 heads at 2,048 tokens: 128 MiB, not 537 MB)
+    const at8 = (T: number) =>
+      bytesPerSequence({ ...shape, perExampleMatrices: false, heads: 8 }, T) -
+      bytesPerSequence({ ...shape, perExampleMatrices: false }, T);
+    assert.equal(at8(2048), 4 * ATTENTION_CHUNK_BYTES);
+    assert.equal(at8(8192), 4 * ATTENTION_CHUNK_BYTES);
+    assert.equal(at8(512), 4 * 4 * 8 * 512 * 512);
+    // never less than one query row: h·T alone past the chunk's bytes
+    const T1 = (2 * ATTENTION_CHUNK_BYTES) / 4 / 8;
+    assert.equal(at8(T1), 4 * 4 * 8 * T1);
     // the head count comes from the config as GPT-2 and the others write it
     assert.equal(runShape(shape.modules, { vocab_size: 10, n_head: 12 }, false, false).heads, 12);
     assert.equal(runShape(shape.modules, { vocab_size: 10, num_attention_heads: 9 }, false, true).heads, 9);

@@ -16,17 +16,26 @@ const TOL = 1e-4;
 useTempHome();
 
 // headRows 3: the LM head and its loss in chunks of 3 tokens (model/head.ts), the last one
-// padded, so the chunked loop itself is checked against PyTorch, not only against itself
-for (const [arch, headRows] of ARCHS.flatMap((a) => [[a, undefined] as const, [a, 3] as const])) {
-  test(`golden: ${arch} matches PyTorch${headRows ? ` (head in chunks of ${headRows} tokens)` : ''}`, async () => {
+// padded; attentionRows 2: attention's queries in chunks of 2 rows (architectures/common.ts),
+// forward and backward, the last one padded where T is odd. So each chunked loop is checked
+// against PyTorch, not only against itself.
+const VARIANTS: Array<{ headRows?: number; attentionRows?: number }> = [{}, { headRows: 3 }, { attentionRows: 2 }];
+for (const [arch, v] of ARCHS.flatMap((a) => VARIANTS.map((v) => [a, v] as const))) {
+  const what = v.headRows
+    ? ` (head in chunks of ${v.headRows} tokens)`
+    : v.attentionRows
+      ? ` (attention in chunks of ${v.attentionRows} queries)`
+      : '';
+  test(`golden: ${arch} matches PyTorch${what}`, async () => {
     assert.ok(existsSync(`${FIX}/golden/${arch}.safetensors`), 'golden missing: run test/oracle/make_fixtures.py');
     const model = Model.open(`${FIX}/models/${arch}`, {
       threads: 1,
       cacheDir: process.env.INFLUENCE_LENS_CACHE,
-      headRows,
+      ...v,
     });
     const gold = loadGolden(arch);
-    if (headRows) assert.ok(gold.batch.B * gold.batch.T > 2 * headRows, 'the batch spans several chunks');
+    if (v.headRows) assert.ok(gold.batch.B * gold.batch.T > 2 * v.headRows, 'the batch spans several chunks');
+    if (v.attentionRows) assert.ok(gold.batch.T > 2 * v.attentionRows, 'the queries span several chunks');
     const graph = await model.compile({
       tokenLoss: true,
       hidden: true,

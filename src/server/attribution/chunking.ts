@@ -4,6 +4,7 @@
 // Batches are split so that one run's estimated intermediates stay within a budget; every
 // caller sums or concatenates the runs' results, so the split changes nothing but memory.
 import { totalmem } from 'node:os';
+import { ATTENTION_CHUNK_BYTES } from '../model/architectures/common';
 import { type Batch, EngineError, type ModuleInfo, makeBatch, type Sequence } from '../model/engine';
 import { headChunkRows } from '../model/head';
 
@@ -58,9 +59,12 @@ export function bytesPerSequence(shape: RunShape, T: number): number {
   // The head runs a chunk of tokens at a time (model/head.ts): four [c, V] tensors (logits,
   // log-softmax, its exponential, the gradient), c = min(T, the chunk's rows).
   const head = 4 * Math.min(T, headChunkRows(shape.vocab || 1, shape.bytesPerFloat)) * shape.vocab;
-  // The backward recomputes one layer's attention probabilities at a time (architectures/common.ts):
-  // scores, probabilities and their two gradients, h·T² each, for that layer only.
-  const attention = 4 * (shape.heads ?? 0) * T * T;
+  // Attention takes its queries a chunk at a time, forward and backward (architectures/common.ts):
+  // scores, probabilities and their two gradients of one chunk, h·c·T each, where the chunk's rows c
+  // keep a run's h·c·T within ATTENTION_CHUNK_BYTES (never less than one row, never more than T).
+  const h = shape.heads ?? 0;
+  const chunkFloats = Math.max(ATTENTION_CHUNK_BYTES / shape.bytesPerFloat, h * T);
+  const attention = 4 * Math.min(h * T * T, chunkFloats);
   return shape.bytesPerFloat * (T * 2 * io + head + matrices + attention);
 }
 
@@ -96,7 +100,7 @@ export function memoryBoundedBatches(
     if (need > limit) {
       const gib = (b: number) => (b >= 2 ** 30 ? `${(b / 2 ** 30).toFixed(1)} GiB` : `${Math.ceil(b / 2 ** 20)} MiB`);
       throw new EngineError(
-        `a sequence of ${T} tokens needs at least ${gib(need)} in one run (every tracked module's per-token rows, one layer's attention scores and a chunk of logits), more than the ${gib(Math.max(0, limit))} this machine has beyond this process: shorten the longest examples (or the query), track fewer modules, or use a machine with more memory`,
+        `a sequence of ${T} tokens needs at least ${gib(need)} in one run (every tracked module's per-token rows, a chunk of attention scores and a chunk of logits), more than the ${gib(Math.max(0, limit))} this machine has beyond this process: shorten the longest examples (or the query), track fewer modules, or use a machine with more memory`,
       );
     }
   }

@@ -9,7 +9,7 @@ import { createHash } from 'node:crypto';
 import { Semaphore } from '../../common/semaphore';
 import { parallelEigh } from '../linalg/eigh';
 import type { Floats, Precision } from '../linalg/matrix';
-import type { Batch, Model, ModuleInfo, ModuleSelection } from '../model/engine';
+import type { Batch, Model, ModuleInfo, ModuleSelection, RunResult } from '../model/engine';
 import type { ort } from '../model/onnx/session';
 import { DEFAULTS } from '../settings';
 import { collectGarbage } from '../util/gc';
@@ -95,9 +95,8 @@ export async function fitCovariances(
     model.tokenizer.padTokenId ?? 0,
     runShape(modules, model.config, false, graph.fp64),
   );
-  for (const [i, { batch }] of bs.entries()) {
-    opts.signal?.throwIfAborted();
-    const out = await graph.run(batch, { uniforms: uniformsFor(opts, rng, batch), outputs });
+  // a function of its own, so that no variable of the loop keeps a run's rows alive under the next run (RunResult)
+  const add = (out: RunResult, batch: Batch) => {
     // only attended tokens count (right padding: each sequence's first `length` rows), as
     // kronfluence masks with the attention mask
     const real = realRows(batch);
@@ -109,6 +108,10 @@ export async function fitCovariances(
       const acc = covariances.get(m.name)!;
       acc.addGradientRows(real.rows(data(out[`g.${m.name}`]), m.dOut), real.count).endBatch();
     }
+  };
+  for (const [i, { batch }] of bs.entries()) {
+    opts.signal?.throwIfAborted();
+    add(await graph.run(batch, { uniforms: uniformsFor(opts, rng, batch), outputs }), batch);
     opts.onProgress?.('covariance', i + 1, bs.length);
   }
   return { modules, covariances };
@@ -245,11 +248,12 @@ export async function fitLambdas(
     model.tokenizer.padTokenId ?? 0,
     runShape(graph.moduleInfo, model.config, 'transient', graph.fp64),
   );
+  // a function of its own: no loop variable keeps a run's sums alive under the next run (RunResult)
+  const add = (out: RunResult, B: number) => {
+    for (const m of graph.moduleInfo) lambdas.get(m.name)!.addSum(data(out[`L.${m.name}`]), B);
+  };
   for (const [i, { batch }] of bs.entries()) {
-    const out = await graph.run(batch, { uniforms: uniformsFor(opts, rng, batch), feeds });
-    for (const m of graph.moduleInfo) {
-      lambdas.get(m.name)!.addSum(data(out[`L.${m.name}`]), batch.B);
-    }
+    add(await graph.run(batch, { uniforms: uniformsFor(opts, rng, batch), feeds }), batch.B);
     opts.onProgress?.('lambda', i + 1, bs.length);
   }
   return lambdas;

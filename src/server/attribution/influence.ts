@@ -100,12 +100,12 @@ export async function queryGradients(
   let tokenNll = new Float64Array(0);
   let hidden: Float32Array | undefined;
   const shape = runShape(graph.moduleInfo, model.config, false, graph.fp64);
-  for (const { batch, idx } of memoryBoundedBatches(rows, rows.length, model.tokenizer.padTokenId ?? 0, shape)) {
-    const r = await graph.run(batch);
+  // a function of its own: no loop variable keeps a run's rows alive under the next run (RunResult)
+  const read = (r: RunResult, batch: Batch, idx: number[]) => {
     readTokens(graph, r, batch, idx, tokens, () => 0);
     // the loss outputs come from row 0 (the whole completion)
     const b0 = idx.indexOf(0);
-    if (b0 < 0) continue;
+    if (b0 < 0) return;
     loss = (r.loss.data as Float32Array)[b0];
     const T = batch.T;
     tokenNll = Float64Array.from((r.token_nll.data as Float32Array).subarray(b0 * T, b0 * T + query.ids.length));
@@ -113,6 +113,9 @@ export async function queryGradients(
       const d = r.hidden_mean.dims[1] as number;
       hidden = (r.hidden_mean.data as Float32Array).slice(b0 * d, (b0 + 1) * d);
     }
+  };
+  for (const { batch, idx } of memoryBoundedBatches(rows, rows.length, model.tokenizer.padTokenId ?? 0, shape)) {
+    read(await graph.run(batch), batch, idx);
   }
   const whole = opts.whole !== false;
   if (!whole) {
@@ -608,16 +611,8 @@ export async function scoreCandidates(
     !opts.rank || opts.gradNorms ? 'transient' : false,
     graph.fp64,
   );
-  let done = 0;
-  for (const { batch, idx } of memoryBoundedBatches(
-    candidates,
-    opts.batchSize ?? DEFAULTS.batchSize,
-    model.tokenizer.padTokenId ?? 0,
-    shape,
-    Math.max(0, runBudgetBytes() - formedBytes),
-  )) {
-    if (opts.signal?.aborted) throw new Error('cancelled');
-    const out = await graph.run(batch, { feeds });
+  // a function of its own: no loop variable keeps a run's outputs alive under the next run (RunResult)
+  const read = (out: RunResult, batch: Batch, idx: number[]) => {
     const s = out.scores.data as Float32Array;
     idx.forEach((k, b) => {
       for (let q = 0; q < Q; q++) scores[k][q] = s[b * Q + q];
@@ -636,6 +631,17 @@ export async function scoreCandidates(
         hidden[k] = (out.hidden_mean.data as Float32Array).slice(b * d, (b + 1) * d);
       }
     });
+  };
+  let done = 0;
+  for (const { batch, idx } of memoryBoundedBatches(
+    candidates,
+    opts.batchSize ?? DEFAULTS.batchSize,
+    model.tokenizer.padTokenId ?? 0,
+    shape,
+    Math.max(0, runBudgetBytes() - formedBytes),
+  )) {
+    if (opts.signal?.aborted) throw new Error('cancelled');
+    read(await graph.run(batch, { feeds }), batch, idx);
     done += idx.length;
     opts.onBatch?.(idx, scores);
     opts.onProgress?.(done, n);

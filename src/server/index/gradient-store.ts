@@ -15,7 +15,7 @@ import { join } from 'node:path';
 import type { Preconditioner } from '../attribution/ekfac/precondition';
 import type { TokenizedExample } from '../attribution/fit';
 import { type Floats, gemm, toF64 } from '../linalg/matrix';
-import { type Batch, type Model, type ModuleSelection, makeBatch } from '../model/engine';
+import { type Batch, type Model, type ModuleSelection, makeBatch, type RunResult } from '../model/engine';
 import type { ort } from '../model/onnx/session';
 import {
   checkDataChecksum,
@@ -603,6 +603,14 @@ export async function projectExamples(
   const n = examples.length;
   const order = [...examples.keys()].sort((a, b) => examples[a].ids.length - examples[b].ids.length || a - b);
   const bs = opts.batchSize ?? DEFAULTS.batchSize;
+  // a function of its own: no loop variable keeps a run's outputs alive under the next run (RunResult)
+  const read = (out: RunResult, idx: number[]) => {
+    for (const m of modules) {
+      const size = m.kS * m.kA;
+      const p = out[`P.${m.name}`].data as Float32Array | Float64Array;
+      for (const [b, k] of idx.entries()) opts.each(m, k, p.subarray(b * size, (b + 1) * size));
+    }
+  };
   for (let i = 0; i < n; i += bs) {
     if (opts.signal?.aborted) throw new GradientStoreError('cancelled');
     const idx = order.slice(i, i + bs);
@@ -610,12 +618,7 @@ export async function projectExamples(
       idx.map((k) => examples[k]),
       model.tokenizer.padTokenId ?? 0,
     );
-    const out = await graph.run(batch, { feeds });
-    for (const m of modules) {
-      const size = m.kS * m.kA;
-      const p = out[`P.${m.name}`].data as Float32Array | Float64Array;
-      for (const [b, k] of idx.entries()) opts.each(m, k, p.subarray(b * size, (b + 1) * size));
-    }
+    read(await graph.run(batch, { feeds }), idx);
     opts.onProgress?.(Math.min(n, i + bs), n);
   }
 }

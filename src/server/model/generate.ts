@@ -69,6 +69,32 @@ export async function generate(model: Model, prompts: string[], opts: GenerateOp
   }));
   for (const s of states) if (!s.promptIds.length) throw new Error('generate: empty prompt');
 
+  // one step's choices in a function of its own: no loop variable keeps a run's logits ([B·T, V])
+  // alive under the next run (RunResult)
+  const pick = (
+    logits: Float32Array,
+    group: typeof states,
+    seqs: Array<{ ids: number[] }>,
+    batch: { T: number; B: number },
+  ) => {
+    const V = logits.length / (batch.B * batch.T);
+    group.forEach((s, b) => {
+      const row = logits.subarray((b * batch.T + seqs[b].ids.length - 1) * V, (b * batch.T + seqs[b].ids.length) * V);
+      const logp = logSoftmax(row);
+      const id = temperature > 0 ? sample(row, temperature, rng) : argmax(row);
+      if (id === eos) s.stop = 'eos';
+      else if (stopAtNewline && hasNewline(id)) s.stop = 'newline';
+      else {
+        s.ids.push(id);
+        s.logprobs.push(logp[id]);
+        const cut = stops.length ? firstStop(continuation(tok, s.promptIds, s.ids), stops) : -1;
+        if (cut >= 0) {
+          s.stop = 'stop';
+          s.text = continuation(tok, s.promptIds, s.ids).slice(0, cut);
+        } else if (s.ids.length >= maxNew) s.stop = 'length';
+      }
+    });
+  };
   for (let step = 0; step < maxNew; step++) {
     const active = states.filter((s) => !s.stop);
     if (!active.length) break;
@@ -76,25 +102,12 @@ export async function generate(model: Model, prompts: string[], opts: GenerateOp
       const group = active.slice(i, i + batchSize);
       const seqs = group.map((s) => ({ ids: [...s.promptIds, ...s.ids].slice(-maxLen) }));
       const batch = makeBatch(seqs, pad);
-      const out = await graph.run(batch, { params: opts.params, outputs: ['logits'] });
-      const logits = out.logits.data as Float32Array;
-      const V = logits.length / (batch.B * batch.T);
-      group.forEach((s, b) => {
-        const row = logits.subarray((b * batch.T + seqs[b].ids.length - 1) * V, (b * batch.T + seqs[b].ids.length) * V);
-        const logp = logSoftmax(row);
-        const id = temperature > 0 ? sample(row, temperature, rng) : argmax(row);
-        if (id === eos) s.stop = 'eos';
-        else if (stopAtNewline && hasNewline(id)) s.stop = 'newline';
-        else {
-          s.ids.push(id);
-          s.logprobs.push(logp[id]);
-          const cut = stops.length ? firstStop(continuation(tok, s.promptIds, s.ids), stops) : -1;
-          if (cut >= 0) {
-            s.stop = 'stop';
-            s.text = continuation(tok, s.promptIds, s.ids).slice(0, cut);
-          } else if (s.ids.length >= maxNew) s.stop = 'length';
-        }
-      });
+      pick(
+        (await graph.run(batch, { params: opts.params, outputs: ['logits'] })).logits.data as Float32Array,
+        group,
+        seqs,
+        batch,
+      );
     }
   }
   return states.map((s) => ({

@@ -5,7 +5,7 @@
 import { copyFileSync, existsSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { replaceDirAtomic } from '../../common/atomic-write';
-import { type Batch, type Model, makeBatch, type Sequence } from '../model/engine';
+import { type Batch, type Model, makeBatch, type RunResult, type Sequence } from '../model/engine';
 import { type TensorToWrite, writeSafetensors } from '../model/safetensors';
 import { Rng } from '../util/random';
 import { AdamW, clipGradients, learningRate } from './adamw';
@@ -52,6 +52,20 @@ export async function train(
   const warmup = opts.warmupSteps ?? Math.min(100, Math.floor(total / 10));
   const pad = model.tokenizer.padTokenId ?? 0;
   const losses: number[] = [];
+  // one step's update in a function of its own: no loop variable keeps a run's gradients (a whole
+  // model's worth) alive under the next run (RunResult)
+  const update = (out: RunResult, targets: number, lr: number) => {
+    const grads = new Map<string, Float32Array>();
+    for (const name of params.keys()) {
+      const g = out[`grad.${name}`].data as Float32Array;
+      for (let j = 0; j < g.length; j++) g[j] /= targets;
+      grads.set(name, g);
+    }
+    const loss = (out.loss.data as Float32Array).reduce((a, b) => a + b, 0) / targets;
+    const gradNorm = clipGradients(grads, opts.clip ?? 1);
+    adam.update(grads, lr);
+    return { loss, gradNorm };
+  };
   let step = 0;
   for (let epoch = 0; epoch < opts.epochs; epoch++) {
     const order = rng.shuffle([...examples.keys()]);
@@ -59,17 +73,8 @@ export async function train(
       const seqs: Sequence[] = order.slice(i, i + opts.batchSize).map((k) => examples[k]);
       const batch: Batch = makeBatch(seqs, pad);
       const targets = batch.targetWeights.reduce((a, b) => a + b, 0);
-      const out = await graph.run(batch, { params });
-      const grads = new Map<string, Float32Array>();
-      for (const name of params.keys()) {
-        const g = out[`grad.${name}`].data as Float32Array;
-        for (let j = 0; j < g.length; j++) g[j] /= targets;
-        grads.set(name, g);
-      }
-      const loss = (out.loss.data as Float32Array).reduce((a, b) => a + b, 0) / targets;
-      const gradNorm = clipGradients(grads, opts.clip ?? 1);
       const lr = learningRate(step, total, opts.lr, warmup);
-      adam.update(grads, lr);
+      const { loss, gradNorm } = update(await graph.run(batch, { params }), targets, lr);
       losses.push(loss);
       step++;
       opts.onStep?.({ step, total, loss, lr, gradNorm, epoch });

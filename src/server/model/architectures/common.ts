@@ -3,7 +3,7 @@
 // config parsing helpers. Activations live as 2-D [N = B·T, d] tensors between blocks
 // so every linear layer is one Gemm (no weight transposes, cheap backward).
 import { type LoraAdapter, PEFT_PREFIX, targets } from '../adapter';
-import { DataType, type Graph, type Tensor } from '../onnx/graph';
+import { DataType, type Dim, type Graph, type Tensor } from '../onnx/graph';
 
 export type ModuleKind = 'mlp' | 'attention';
 
@@ -43,6 +43,8 @@ export interface BuildContext {
   modules: TrackedModule[];
   /** a PEFT LoRA adapter: its A and B layers wrap the targeted linear layers and are the tracked modules */
   lora?: { adapter: LoraAdapter; usedTensors: Set<string>; matchedTargets: Set<string> };
+  /** query rows per attention chunk (default: ATTENTION_CHUNK_BYTES of scores; tests set it small) */
+  attentionRows?: number;
 }
 
 /** What an architecture's forward pass produces. */
@@ -334,39 +336,59 @@ function applyRope(g: Graph, x: Tensor, rope: Rope): Tensor {
 }
 
 /**
- * Additive attention bias [B, 1, 1, T, T]: 0 where query i may attend key j (j <= i,
- * key is a real token, and within the sliding window if any), a large negative otherwise.
+ * What decides which keys a query may attend: causal order, real (unpadded) keys, and a sliding
+ * window if any. The additive bias is built a chunk of queries at a time inside `attention`'s
+ * loops ([B, 1, 1, c, T]), never whole: a [B, 1, 1, T, T] bias is 4 GB at 32k tokens.
  */
-export function attentionBias(ctx: BuildContext, slidingWindow?: number): Tensor {
+export interface AttentionMask {
+  /** [B, 1, 1, 1, T] bool: the key is a real token */
+  keyReal: Tensor;
+  /** [1, T] int64 key positions */
+  keyPos: Tensor;
+  slidingWindow?: number;
+}
+
+export function attentionMask(ctx: BuildContext, slidingWindow?: number): AttentionMask {
   const { g } = ctx;
   return g.noGrad(() => {
-    const pos = positions(ctx);
     const B = DataType.BOOL;
-    const qi = g.node('Unsqueeze', [pos, g.ints([1])], [{ dtype: DataType.INT64, shape: ['T', 1] }])[0];
-    const kj = g.node('Unsqueeze', [pos, g.ints([0])], [{ dtype: DataType.INT64, shape: [1, 'T'] }])[0];
-    let allowed = g.node('LessOrEqual', [kj, qi], [{ dtype: B, shape: ['T', 'T'] }])[0];
-    if (slidingWindow) {
-      const dist = g.node('Sub', [qi, kj], [{ dtype: DataType.INT64, shape: ['T', 'T'] }])[0];
-      const near = g.node(
-        'Less',
-        [dist, g.scalar(slidingWindow, DataType.INT64)],
-        [{ dtype: B, shape: ['T', 'T'] }],
-      )[0];
-      allowed = g.node('And', [allowed, near], [{ dtype: B, shape: ['T', 'T'] }])[0];
-    }
-    const keyReal = g.node('Cast', [ctx.attentionMask], [{ dtype: B, shape: ['B', 'T'] }], { to: B })[0];
-    const key5 = g.node('Unsqueeze', [keyReal, g.ints([1, 2, 3])], [{ dtype: B, shape: ['B', 1, 1, 1, 'T'] }])[0];
-    const both = g.node('And', [allowed, key5], [{ dtype: B, shape: ['B', 1, 1, 'T', 'T'] }])[0];
-    return g.node('Where', [both, g.scalar(0), g.scalar(-1e9)], [{ dtype: g.float, shape: ['B', 1, 1, 'T', 'T'] }])[0];
+    const keyPos = g.node('Unsqueeze', [positions(ctx), g.ints([0])], [{ dtype: DataType.INT64, shape: [1, 'T'] }])[0];
+    const real = g.node('Cast', [ctx.attentionMask], [{ dtype: B, shape: ['B', 'T'] }], { to: B })[0];
+    const keyReal = g.node('Unsqueeze', [real, g.ints([1, 2, 3])], [{ dtype: B, shape: ['B', 1, 1, 1, 'T'] }])[0];
+    return { keyReal, keyPos, slidingWindow };
   });
 }
+
+/**
+ * The additive bias [B, 1, 1, c, T] for queries at positions start … start + c − 1 (built in a
+ * loop body `b`): 0 where query i may attend key j (j ≤ i, a real key, within the window), a
+ * large negative otherwise. Padded query rows past T attend every earlier key: finite, unused.
+ */
+function chunkBias(b: Graph, mask: AttentionMask, start: Tensor, end: Tensor): Tensor {
+  const I = DataType.INT64;
+  const B = DataType.BOOL;
+  const scalar = (t: Tensor) => b.node('Squeeze', [t, b.ints([0])], [{ dtype: I, shape: [] }])[0];
+  const range = b.node('Range', [scalar(start), scalar(end), b.scalar(1, I)], [{ dtype: I, shape: ['c'] }])[0];
+  const qi = b.node('Unsqueeze', [range, b.ints([1])], [{ dtype: I, shape: ['c', 1] }])[0];
+  let allowed = b.node('LessOrEqual', [mask.keyPos, qi], [{ dtype: B, shape: ['c', 'T'] }])[0];
+  if (mask.slidingWindow) {
+    const dist = b.node('Sub', [qi, mask.keyPos], [{ dtype: I, shape: ['c', 'T'] }])[0];
+    const near = b.node('Less', [dist, b.scalar(mask.slidingWindow, I)], [{ dtype: B, shape: ['c', 'T'] }])[0];
+    allowed = b.node('And', [allowed, near], [{ dtype: B, shape: ['c', 'T'] }])[0];
+  }
+  const both = b.node('And', [allowed, mask.keyReal], [{ dtype: B, shape: ['B', 1, 1, 'c', 'T'] }])[0];
+  return b.node('Where', [both, b.scalar(0), b.scalar(-1e9)], [{ dtype: b.float, shape: ['B', 1, 1, 'c', 'T'] }])[0];
+}
+
+/** Bytes of one query chunk's [B, h, c, T] scores: a handful of such tensors are alive in an iteration. */
+export const ATTENTION_CHUNK_BYTES = 32 * 2 ** 20;
 
 export interface AttentionSpec {
   nHeads: number;
   nKv: number;
   headDim: number;
   rope?: Rope;
-  bias: Tensor;
+  mask: AttentionMask;
   scale?: number;
 }
 
@@ -375,6 +397,11 @@ export interface AttentionSpec {
  * Grouped-query attention without copying K/V: queries are laid out [B, kv, rep, T, hd] and
  * keys [B, kv, 1, T, hd], so one broadcast MatMul serves MHA (rep = 1) and GQA alike.
  * Head i uses KV head floor(i / rep), as transformers' repeat_kv does.
+ *
+ * Queries are taken a chunk of c rows at a time in an ONNX Loop (forward and backward), so the
+ * B·h·c·T scores and probabilities of one chunk are alive, not B·h·T² (at 2,048 tokens of
+ * Pythia-70M's 8 heads: 134 MB a copy, four or five copies in the backward). Rows are
+ * independent in attention, so each row's result is the same computation as on the whole matrix.
  */
 export function attention(ctx: BuildContext, q: Tensor, k: Tensor, v: Tensor, s: AttentionSpec): Tensor {
   const { g, bt } = ctx;
@@ -393,29 +420,102 @@ export function attention(ctx: BuildContext, q: Tensor, k: Tensor, v: Tensor, s:
     kh = applyRope(g, kh, s.rope);
   }
   const scale = s.scale ?? 1 / Math.sqrt(hd);
+  const F = g.float;
+  const I = DataType.INT64;
+  const qs = qh.shape; // [B, kv, rep, T, hd]
+  const chunk = (c: Dim) => [qs[0], qs[1], qs[2], c, hd];
+  const lay = g.noGrad(() => queryChunks(ctx, s.nHeads, g.float === DataType.DOUBLE ? 8 : 4));
+  const kT = () => g.noGrad(() => g.transpose(kh, [0, 1, 2, 4, 3])); // [B, kv, 1, hd, T]
+  /** one chunk's rows of a padded [B, kv, rep, P, hd] tensor, and the chunk's bias, in a loop body */
+  const chunkOf = (b: Graph, i: Tensor) => {
+    const start = b.node(
+      'Mul',
+      [b.node('Unsqueeze', [i, b.ints([0])], [{ dtype: I, shape: [1] }])[0], lay.c],
+      [{ dtype: I, shape: [1] }],
+    )[0];
+    const end = b.node('Add', [start, lay.c], [{ dtype: I, shape: [1] }])[0];
+    return {
+      rows: (x: Tensor) => b.node('Slice', [x, start, end, b.ints([3])], [{ dtype: x.dtype, shape: chunk('c') }])[0],
+      bias: chunkBias(b, s.mask, start, end),
+    };
+  };
+  /** softmax(q_c kᵀ · scale + bias_c) for one chunk: [B, kv, rep, c, T] */
+  const probs = (b: Graph, qc: Tensor, kt: Tensor, bias: Tensor) =>
+    b.softmax(b.add(b.matmul(b.mul(qc, b.scalar(scale)), kt), bias), -1);
+  /** [K, B, kv, rep, c, hd] stacked chunks → [B, kv, rep, T, hd] */
+  const unchunk = (stacked: Tensor) => {
+    const t = g.transpose(stacked, [1, 2, 3, 0, 4, 5]);
+    const p = g.reshape(t, [0, 0, 0, -1, hd]);
+    return g.node('Slice', [p, g.ints([0]), lay.T, g.ints([3])], [{ dtype: F, shape: qs }])[0];
+  };
+
   const out = g.noGrad(() => {
-    const scores = g.add(g.mul(g.matmul(qh, g.transpose(kh, [0, 1, 2, 4, 3])), g.scalar(scale)), s.bias);
-    return g.matmul(g.softmax(scores, -1), vh); // [B, kv, rep, T, hd]
+    const qP = lay.pad(qh);
+    const kt = kT();
+    const [stacked] = g.loop(lay.k, [], [{ dtype: F, shape: chunk('c') }], (b, i) => {
+      const c = chunkOf(b, i);
+      return { carried: [], scans: [b.matmul(probs(b, c.rows(qP), kt, c.bias), vh)] };
+    });
+    return unchunk(stacked);
   });
-  // The backward recomputes the probabilities instead of keeping every layer's B·h·T² of them
-  // from the forward to the backward (at 1,024 tokens of GPT-2 small: 50 MB a layer, 600 MB in
-  // all). The recomputation scales q before the product, so that ONNX Runtime's common
-  // subexpression elimination cannot merge it with the forward's nodes and keep them alive.
+  // The backward recomputes each chunk's probabilities instead of keeping them from the forward.
+  // k and v get their gradients summed over the chunks (loop-carried); q's rows come chunk by chunk.
   g.custom([qh, kh, vh], [out], ([gOut], [nq, nk, nv]) => {
-    const gy = gOut!;
-    const kT = g.transpose(kh, [0, 1, 2, 4, 3]);
-    const p = g.softmax(g.add(g.matmul(g.mul(qh, g.scalar(scale)), kT), s.bias), -1);
+    const qP = lay.pad(qh);
+    const gP = lay.pad(gOut!);
+    const kt = kT();
+    const vT = g.transpose(vh, [0, 1, 2, 4, 3]);
     // GQA: k and v are broadcast over the rep axis, so their gradients sum over it
-    const overRep = (t: Tensor) => (rep > 1 ? g.reduceSum(t, [2], true) : t);
-    const dv = nv ? overRep(g.matmul(g.transpose(p, [0, 1, 2, 4, 3]), gy)) : null;
-    if (!nq && !nk) return [null, null, dv];
-    const dp = g.matmul(gy, g.transpose(vh, [0, 1, 2, 4, 3]));
-    const ds = g.mul(g.mul(p, g.sub(dp, g.reduceSum(g.mul(dp, p), [-1], true))), g.scalar(scale));
-    const dq = nq ? g.matmul(ds, kh) : null;
-    const dk = nk ? overRep(g.matmul(g.transpose(ds, [0, 1, 2, 4, 3]), qh)) : null;
+    const overRep = (b: Graph, t: Tensor) => (rep > 1 ? b.reduceSum(t, [2], true) : t);
+    const needQK = nq || nk;
+    const init = [g.zerosLike(kh), ...(needQK ? [g.zerosLike(kh)] : [])];
+    const res = g.loop(lay.k, init, nq ? [{ dtype: F, shape: chunk('c') }] : [], (b, i, [dvAcc, dkAcc]) => {
+      const c = chunkOf(b, i);
+      const qc = c.rows(qP);
+      const gy = c.rows(gP);
+      const p = probs(b, qc, kt, c.bias);
+      const dv = b.add(dvAcc, overRep(b, b.matmul(b.transpose(p, [0, 1, 2, 4, 3]), gy)));
+      if (!needQK) return { carried: [dv], scans: [] };
+      const dp = b.matmul(gy, vT);
+      const ds = b.mul(b.mul(p, b.sub(dp, b.reduceSum(b.mul(dp, p), [-1], true))), b.scalar(scale));
+      const dk = b.add(dkAcc, overRep(b, b.matmul(b.transpose(ds, [0, 1, 2, 4, 3]), qc)));
+      return { carried: [dv, dk], scans: nq ? [b.matmul(ds, kh)] : [] };
+    });
+    const dv = nv ? res[0] : null;
+    const dk = nk ? res[1] : null;
+    const dq = nq ? unchunk(res[2]) : null;
     return [dq, dk, dv];
   });
   return g.reshape(g.transpose(out, [0, 3, 1, 2, 4]), [-1, s.nHeads * hd]);
+}
+
+/**
+ * How `attention` splits the queries: K = ⌈T / rows⌉ chunks of c = ⌈T / K⌉ rows (fewer than K
+ * rows of padding; ONNX Runtime's Loop wants equal-sized iterations), rows = as many as keep one
+ * chunk's B·h·c·T scores within ATTENTION_CHUNK_BYTES (or ctx.attentionRows, for tests).
+ */
+function queryChunks(ctx: BuildContext, heads: number, bytesPerFloat: number) {
+  const { g } = ctx;
+  const I = DataType.INT64;
+  const int = (op: string, a: Tensor, b: Tensor) => g.node(op, [a, b], [{ dtype: I, shape: [1] }])[0];
+  const B = g.shapeOf(ctx.inputIds, 0, 1);
+  const T = g.shapeOf(ctx.inputIds, 1, 2);
+  let rows: Tensor;
+  if (ctx.attentionRows !== undefined) rows = g.ints([ctx.attentionRows]);
+  else {
+    const perRow = int('Mul', int('Mul', B, T), g.ints([heads]));
+    rows = int('Max', int('Div', g.ints([Math.floor(ATTENTION_CHUNK_BYTES / bytesPerFloat)]), perRow), g.ints([1]));
+  }
+  const k = int('Max', int('Div', int('Sub', int('Add', T, rows), g.ints([1])), rows), g.ints([1]));
+  const c = int('Div', int('Sub', int('Add', T, k), g.ints([1])), k);
+  const padRows = int('Sub', int('Mul', k, c), T);
+  const zeros = g.ints([0, 0, 0]);
+  const pads = g.concatInts([zeros, g.ints([0]), g.ints([0]), zeros, padRows, g.ints([0])]);
+  const pad = (x: Tensor) =>
+    g.node('Pad', [x, pads], [{ dtype: x.dtype, shape: [...x.shape.slice(0, 3), 'P', x.shape[4]] }], {
+      mode: 'constant',
+    })[0];
+  return { k, c, T, pad };
 }
 
 /**

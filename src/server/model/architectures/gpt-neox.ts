@@ -4,7 +4,7 @@ import {
   type Architecture,
   activation,
   attention,
-  attentionBias,
+  attentionMask,
   type BuildContext,
   type Config,
   embed,
@@ -65,7 +65,7 @@ export const gptNeox: Architecture = {
     const rope = ropeTables(ctx, rotDim, spec);
     const attnBias = c.attention_bias !== false;
     const because = `config.json "attention_bias" is ${attnBias}`;
-    const bias = attentionBias(ctx);
+    const mask = attentionMask(ctx);
     let x = embed(ctx, 'gpt_neox.embed_in.weight');
     for (let i = 0; i < nLayer; i++) {
       const p = `gpt_neox.layers.${i}`;
@@ -77,7 +77,7 @@ export const gptNeox: Architecture = {
       // per head [q | k | v]: view [N, h, 3, hd] and take each third
       const per = g.reshape(qkv, [-1, nHead, 3, hd]);
       const [q, k, v] = g.split(per, [1, 1, 1], 2).map((t) => g.reshape(t, [-1, d]));
-      const a = attention(ctx, q, k, v, { nHeads: nHead, nKv: nHead, headDim: hd, rope, bias });
+      const a = attention(ctx, q, k, v, { nHeads: nHead, nKv: nHead, headDim: hd, rope, mask });
       const attnOut = linear(ctx, `${p}.attention.dense`, a, 'attention', 'out_in', {
         expected: attnBias,
         because,

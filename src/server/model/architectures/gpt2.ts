@@ -4,7 +4,7 @@ import {
   type Architecture,
   activation,
   attention,
-  attentionBias,
+  attentionMask,
   type BuildContext,
   type Config,
   ConfigError,
@@ -56,7 +56,7 @@ export const gpt2: Architecture = {
         'GPT-2 options scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn are not supported',
       );
     const scaleAttn = c.scale_attn_weights !== false;
-    const bias = attentionBias(ctx);
+    const mask = attentionMask(ctx);
     const pos = g.gatherRows(w.get('transformer.wpe.weight'), positions(ctx)); // [T, d]
     const tok = embed(ctx, 'transformer.wte.weight'); // [B·T, d]
     const posShape = g.noGrad(() => g.concatInts([ctx.bt, g.ints([d])]));
@@ -71,7 +71,7 @@ export const gpt2: Architecture = {
         nHeads: nHead,
         nKv: nHead,
         headDim: d / nHead,
-        bias,
+        mask,
         scale: scaleAttn ? undefined : 1,
       });
       x = g.add(x, linear(ctx, `${p}.attn.c_proj`, a, 'attention', 'in_out'));

@@ -6,7 +6,7 @@ import {
   type Architecture,
   activation,
   attention,
-  attentionBias,
+  attentionMask,
   type BuildContext,
   type Config,
   ConfigError,
@@ -158,12 +158,12 @@ function llamaFamily(modelType: string, configKeys: ConfigKeys, variant: Variant
       const act = String(c.hidden_act ?? 'silu');
       const rope = ropeTables(ctx, hd, resolveRope(c));
       const windows = variant.windows(c, nLayer);
-      // one additive mask per distinct window, shared by the layers that use it
-      const masks = new Map<number | undefined, ReturnType<typeof attentionBias>>();
+      // one mask per distinct window, shared by the layers that use it
+      const masks = new Map<number | undefined, ReturnType<typeof attentionMask>>();
       const maskFor = (w: number | undefined) => {
         let m = masks.get(w);
         if (!m) {
-          m = attentionBias(ctx, w);
+          m = attentionMask(ctx, w);
           masks.set(w, m);
         }
         return m;
@@ -178,7 +178,7 @@ function llamaFamily(modelType: string, configKeys: ConfigKeys, variant: Variant
         const q = linear(ctx, `${p}.self_attn.q_proj`, h, 'attention', 'out_in', qkvBias);
         const k = linear(ctx, `${p}.self_attn.k_proj`, h, 'attention', 'out_in', qkvBias);
         const v = linear(ctx, `${p}.self_attn.v_proj`, h, 'attention', 'out_in', qkvBias);
-        const a = attention(ctx, q, k, v, { nHeads: nHead, nKv, headDim: hd, rope, bias: maskFor(windows[i]) });
+        const a = attention(ctx, q, k, v, { nHeads: nHead, nKv, headDim: hd, rope, mask: maskFor(windows[i]) });
         const o = linear(ctx, `${p}.self_attn.o_proj`, a, 'attention', 'out_in', {
           expected: b.o,
           because: b.because('o'),
