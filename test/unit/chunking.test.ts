@@ -38,6 +38,11 @@ describe('memoryBoundedBatches', () => {
       out.map((b) => b.idx),
       [[0, 1], [2], [3]],
     );
+    // only the sequence over the budget is marked so: its run maps its large tensors (util/malloc.ts)
+    assert.deepEqual(
+      out.map((b) => !!b.batch.overBudget),
+      [false, false, true],
+    );
   });
 
   test('matrices reduced inside the graph count the largest module once; returned ones count every module', () => {

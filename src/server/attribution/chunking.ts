@@ -116,13 +116,13 @@ export function memoryBoundedBatches(
     )
       j++;
     const idx = order.slice(i, j);
-    out.push({
-      batch: makeBatch(
-        idx.map((k) => seqs[k]),
-        pad,
-      ),
-      idx,
-    });
+    const batch = makeBatch(
+      idx.map((k) => seqs[k]),
+      pad,
+    );
+    // one sequence alone over the budget: its run maps its large tensors (util/malloc.ts)
+    if (idx.length === 1 && bytesPerSequence(shape, seqs[idx[0]].ids.length) > budget) batch.overBudget = true;
+    out.push({ batch, idx });
     i = j;
   }
   return out;

@@ -13,7 +13,7 @@ import { homedir } from 'node:os';
 import { basename, join } from 'node:path';
 import { writeFileAtomic } from '../../common/atomic-write';
 import { collectWhenPiledUp, noteDroppedSoon } from '../util/gc';
-import { releaseFreedMemory } from '../util/malloc';
+import { mapLargeBlocks, releaseFreedMemory } from '../util/malloc';
 import { architectureFor } from './architectures';
 import type { Architecture, BuildContext, TrackedModule, WeightSource } from './architectures/common';
 import { type Checkpoint, openCheckpoint } from './checkpoint';
@@ -133,6 +133,11 @@ export interface Batch {
   targetIds: BigInt64Array;
   targetWeights: Float32Array;
   lengths: number[];
+  /**
+   * one sequence alone over the run budget (set by `memoryBoundedBatches`): its run maps its large
+   * tensors (util/malloc.ts `mapLargeBlocks`), where the heap's fragmentation costs most
+   */
+  overBudget?: boolean;
 }
 
 export class EngineError extends Error {}
@@ -819,6 +824,7 @@ export class CompiledGraph {
     // stale ones included (the last run's outputs); once it is suspended, only its live variables.
     await null;
     collectWhenPiledUp(OUTPUT_GARBAGE_BYTES);
+    const mapped = !!batch.overBudget && mapLargeBlocks(true);
     try {
       const out = await this.session.run(feeds, extra.outputs ?? this.outputNames);
       let bytes = 0;
@@ -826,6 +832,7 @@ export class CompiledGraph {
       noteDroppedSoon(bytes);
       return out;
     } finally {
+      if (mapped) mapLargeBlocks(false);
       releaseFreedMemory();
     }
   }

@@ -12,12 +12,22 @@
 //   the adjustment off): every large tensor is mapped and unmapped, the lowest peak but a page
 //   fault for every page of every tensor (fit passes ~12% and scoring ~28% slower at 70M);
 // - 'default': malloc as it is.
+//
+// In 'trim' mode a run of one sequence too long for the run budget (`mapLargeBlocks`) maps blocks
+// from 4 MiB up, and the threshold goes back to 32 MiB (the adjustment's ceiling) after it: within
+// such a run, freed mid-size tensors left the heap fragmented, and at 2,048 tokens of Pythia-70M a
+// covariance run peaked 0.3-0.4 GB higher from the heap (+1.51 GB against +1.13 GB over the process
+// before it; `bench/results/2026-12-04-vm-long-sequences-malloc.md`). Tensors of short batches stay
+// on the heap: mapping them cost a page fault per page of every per-example matrix of the Λ pass.
 import { createRequire } from 'node:module';
 
 export type MallocMode = 'trim' | 'mmap' | 'default';
 
 const M_MMAP_THRESHOLD = -3;
 const THRESHOLD = 128 * 1024;
+/** blocks mapped during a long sequence's run, and the fixed threshold after it (glibc's dynamic ceiling) */
+const LONG_RUN_THRESHOLD = 4 * 2 ** 20;
+const CEILING = 32 * 2 ** 20;
 
 interface Libc {
   mallopt: (param: number, value: number) => number;
@@ -61,6 +71,17 @@ export function configureMalloc(): MallocMode {
   const c = glibc();
   configured = !c ? 'default' : mode === 'mmap' && c.mallopt(M_MMAP_THRESHOLD, THRESHOLD) !== 1 ? 'default' : mode;
   return configured;
+}
+
+/**
+ * In 'trim' mode, before (`on`) and after a run of one over-budget sequence: blocks from 4 MiB up are
+ * mapped (and unmapped when freed) during the run; after it the threshold is fixed at 32 MiB.
+ * Returns whether it changed anything (false in the other modes or without glibc).
+ */
+export function mapLargeBlocks(on: boolean): boolean {
+  if (configureMalloc() !== 'trim') return false;
+  const c = glibc();
+  return !!c && c.mallopt(M_MMAP_THRESHOLD, on ? LONG_RUN_THRESHOLD : CEILING) === 1;
 }
 
 /** After a run: in 'trim' mode, hand the heap's free pages back to the system. */
