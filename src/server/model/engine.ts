@@ -19,6 +19,7 @@ import type { Architecture, BuildContext, TrackedModule, WeightSource } from './
 import { type Checkpoint, openCheckpoint } from './checkpoint';
 import { contentDigest } from './content-digest';
 import { crossEntropyHead, type HeadLabels, headChunkRows } from './head';
+import { checkRows } from './onnx/chunks';
 import { DataType, Graph, type Tensor } from './onnx/graph';
 import { createSession, type Device, ort } from './onnx/session';
 import type { DType } from './safetensors';
@@ -254,8 +255,7 @@ export class Model {
     const adapter = this.checkpoint.adapter;
     const lora = adapter && { adapter, usedTensors: new Set<string>(), matchedTargets: new Set<string>() };
     const rows = this.options.attentionRows;
-    if (rows !== undefined && !(Number.isInteger(rows) && rows >= 1))
-      throw new Error(`attention chunk rows must be a positive integer, got ${rows}`);
+    if (rows !== undefined) checkRows('attention chunk', rows);
     const ctx: BuildContext = {
       g,
       w: weights.source,

@@ -4,6 +4,7 @@
 // Loop computes the head a few hundred rows at a time, so only one chunk's [c, V] tensors are
 // alive; every row's result is the same computation as on the whole matrix (rows are
 // independent), only the gradient of the head's weight sums over the chunks in another order.
+import { checkRows, chunkBounds, chunkPlan } from './onnx/chunks';
 import { DataType, type Graph, type Tensor } from './onnx/graph';
 
 /** Bytes of one chunk's logits: a handful of [c, V] tensors are alive in an iteration. */
@@ -11,11 +12,7 @@ export const HEAD_CHUNK_BYTES = 32 * 2 ** 20;
 
 /** Rows per chunk: as many as fit HEAD_CHUNK_BYTES of logits (`override` for tests). */
 export function headChunkRows(vocab: number, bytesPerFloat: number, override?: number): number {
-  if (override !== undefined) {
-    if (!Number.isInteger(override) || override < 1)
-      throw new Error(`head chunk rows must be a positive integer, got ${override}`);
-    return override;
-  }
+  if (override !== undefined) return checkRows('head chunk', override);
   return Math.max(1, Math.floor(HEAD_CHUNK_BYTES / (vocab * bytesPerFloat)));
 }
 
@@ -47,16 +44,10 @@ export function crossEntropyHead(
   const d = W.shape[1] as number;
   const I = DataType.INT64;
   const F = g.float;
-  const int = (op: string, a: Tensor, b: Tensor) => g.node(op, [a, b], [{ dtype: I, shape: [1] }])[0];
 
   const lay = g.noGrad(() => {
-    // K = ⌈N / rows⌉ chunks of c = ⌈N / K⌉ rows: fewer than K rows of padding, so a short
-    // batch is not padded up to a whole chunk (ONNX Runtime's Loop wants equal-sized iterations)
     const n = g.shapeOf(hidden, 0, 1);
-    const r = g.ints([rows]);
-    const k = int('Max', int('Div', int('Add', n, g.ints([rows - 1])), r), g.ints([1]));
-    const c = int('Div', int('Add', n, int('Sub', k, g.ints([1]))), k);
-    const pad = int('Sub', int('Mul', k, c), n);
+    const { k, c, pad } = chunkPlan(g, n, g.ints([rows]));
     const zero = g.ints([0]);
     const pad1 = (x: Tensor) =>
       g.node('Pad', [x, g.concatInts([zero, pad])], [{ dtype: x.dtype, shape: ['P'] }], { mode: 'constant' })[0];
@@ -70,12 +61,7 @@ export function crossEntropyHead(
 
   /** one chunk's slice of a padded [P, ...] tensor, inside a loop body */
   const chunkOf = (b: Graph, i: Tensor) => {
-    const start = b.node(
-      'Mul',
-      [b.node('Unsqueeze', [i, b.ints([0])], [{ dtype: I, shape: [1] }])[0], lay.c],
-      [{ dtype: I, shape: [1] }],
-    )[0];
-    const end = b.node('Add', [start, lay.c], [{ dtype: I, shape: [1] }])[0];
+    const { start, end } = chunkBounds(b, i, lay.c);
     return (x: Tensor) =>
       b.node('Slice', [x, start, end, b.ints([0])], [{ dtype: x.dtype, shape: ['c', ...x.shape.slice(1)] }])[0];
   };

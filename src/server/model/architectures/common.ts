@@ -3,6 +3,7 @@
 // config parsing helpers. Activations live as 2-D [N = B·T, d] tensors between blocks
 // so every linear layer is one Gemm (no weight transposes, cheap backward).
 import { type LoraAdapter, PEFT_PREFIX, targets } from '../adapter';
+import { chunkBounds, chunkPlan } from '../onnx/chunks';
 import { DataType, type Dim, type Graph, type Tensor } from '../onnx/graph';
 
 export type ModuleKind = 'mlp' | 'attention';
@@ -421,19 +422,13 @@ export function attention(ctx: BuildContext, q: Tensor, k: Tensor, v: Tensor, s:
   }
   const scale = s.scale ?? 1 / Math.sqrt(hd);
   const F = g.float;
-  const I = DataType.INT64;
   const qs = qh.shape; // [B, kv, rep, T, hd]
   const chunk = (c: Dim) => [qs[0], qs[1], qs[2], c, hd];
   const lay = g.noGrad(() => queryChunks(ctx, s.nHeads, g.float === DataType.DOUBLE ? 8 : 4));
   const kT = () => g.noGrad(() => g.transpose(kh, [0, 1, 2, 4, 3])); // [B, kv, 1, hd, T]
   /** one chunk's rows of a padded [B, kv, rep, P, hd] tensor, and the chunk's bias, in a loop body */
   const chunkOf = (b: Graph, i: Tensor) => {
-    const start = b.node(
-      'Mul',
-      [b.node('Unsqueeze', [i, b.ints([0])], [{ dtype: I, shape: [1] }])[0], lay.c],
-      [{ dtype: I, shape: [1] }],
-    )[0];
-    const end = b.node('Add', [start, lay.c], [{ dtype: I, shape: [1] }])[0];
+    const { start, end } = chunkBounds(b, i, lay.c);
     return {
       rows: (x: Tensor) => b.node('Slice', [x, start, end, b.ints([3])], [{ dtype: x.dtype, shape: chunk('c') }])[0],
       bias: chunkBias(b, s.mask, start, end),
@@ -490,9 +485,8 @@ export function attention(ctx: BuildContext, q: Tensor, k: Tensor, v: Tensor, s:
 }
 
 /**
- * How `attention` splits the queries: K = ⌈T / rows⌉ chunks of c = ⌈T / K⌉ rows (fewer than K
- * rows of padding; ONNX Runtime's Loop wants equal-sized iterations), rows = as many as keep one
- * chunk's B·h·c·T scores within ATTENTION_CHUNK_BYTES (or ctx.attentionRows, for tests).
+ * How `attention` splits the queries (`chunkPlan`): rows = as many as keep one chunk's B·h·c·T
+ * scores within ATTENTION_CHUNK_BYTES (or ctx.attentionRows, for tests).
  */
 function queryChunks(ctx: BuildContext, heads: number, bytesPerFloat: number) {
   const { g } = ctx;
@@ -506,9 +500,7 @@ function queryChunks(ctx: BuildContext, heads: number, bytesPerFloat: number) {
     const perRow = int('Mul', int('Mul', B, T), g.ints([heads]));
     rows = int('Max', int('Div', g.ints([Math.floor(ATTENTION_CHUNK_BYTES / bytesPerFloat)]), perRow), g.ints([1]));
   }
-  const k = int('Max', int('Div', int('Sub', int('Add', T, rows), g.ints([1])), rows), g.ints([1]));
-  const c = int('Div', int('Sub', int('Add', T, k), g.ints([1])), k);
-  const padRows = int('Sub', int('Mul', k, c), T);
+  const { k, c, pad: padRows } = chunkPlan(g, T, rows);
   const zeros = g.ints([0, 0, 0]);
   const pads = g.concatInts([zeros, g.ints([0]), g.ints([0]), zeros, padRows, g.ints([0])]);
   const pad = (x: Tensor) =>
