@@ -223,10 +223,11 @@ describe('the cost rule', () => {
         [896, 4864],
       ];
       const qwen = shaped(Array.from({ length: 24 }, () => layer).flat());
-      // Σ 16·(d_out + d_A) + 2·4864·16 floats = 35.8 MB a row; half of 1 GiB holds 14
-      assert.equal(tokenRowsPerPass(qwen, qwen.keys(), 16), 14);
-      // a 256-token query's row is 573 MB of tokens, over half the budget: one row a pass, no
-      // better than whole rows, so heatmapRows keeps whole rows
+      // Σ 16·d_out + 2·4864·16 floats = 20.1 MB a row beside 15.7 MB of shared ã Q_A; half of
+      // 1 GiB holds 25
+      assert.equal(tokenRowsPerPass(qwen, qwen.keys(), 16), 25);
+      // a 256-token query's row is 321 MB of tokens beside 252 MB shared, over half the budget:
+      // one row a pass, no better than whole rows, so heatmapRows keeps whole rows
       assert.equal(tokenRowsPerPass(qwen, qwen.keys(), 256), 1);
     } finally {
       if (saved !== undefined) process.env.INFLUENCE_LENS_RUN_MB = saved;

@@ -72,7 +72,7 @@ function denseInverse(stage: OpenedStage, name: string, G: Float64Array): Float6
   for (let i = 0; i < N; i++)
     for (let k = 0; k < N; k++) {
       let s = 0;
-      for (let j = 0; j < N; j++) s += K[i * N + j] * (p.lambda[j] + p.damping) * K[k * N + j];
+      for (let j = 0; j < N; j++) s += K[i * N + j] * (1 / p.inverse[j]) * K[k * N + j];
       H[i * N + k] = s;
     }
   return matVec(gaussJordanInverse(H, N), G);

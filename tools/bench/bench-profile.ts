@@ -99,7 +99,7 @@ export async function benchProfile(argv: string[]): Promise<void> {
       eigS: new Float64Array(m.dOut),
     };
     const ones = new Float32Array(dA * m.dOut).fill(1);
-    pre.set(m.name, { ...b, lambda: ones, damping: 1e-3, inverse: ones });
+    pre.set(m.name, { ...b, damping: 1e-3, inverse: ones });
     rows.set(
       m.name,
       Array.from({ length: nQ }, () => random(m.dOut * dA, 1e-3)),

@@ -339,7 +339,7 @@ export interface EigenTokenRows {
   T: number;
   /** [rows, T, d_out] = g_r Q_S */
   gs: Float32Array;
-  /** [rows, T, d_A] = ã Q_A, the row's forward's first T_r tokens */
+  /** [T, d_A] = ã Q_A of the one forward every row shares, its first T tokens */
   as: Float32Array;
   inverse: Float32Array;
   qA: Float32Array;
@@ -370,21 +370,25 @@ export function eigenTokenRows(
 }
 
 /**
- * How many query rows one pass may score as rotated tokens: their tokens, Σ_modules Tq·(d_out +
- * d_A) floats a row, and the graph's per-sequence [d_out, Q·Tq] products (two of the widest
- * module's) within half the run budget, so the candidates keep the rest (at Qwen2.5-0.5B and a
- * 16-token query, 14 rows: 36 MB of tokens each; held whole, one row is 1.4 GB and the budget takes one).
+ * How many query rows one pass may score as rotated tokens: Σ_modules Tq·d_out floats a row (its
+ * g Q_S) and the graph's copy of them for the contraction (two of the widest module's), beside
+ * the Σ_modules Tq·d_A floats of ã Q_A that all rows share, within half the run budget, so the
+ * candidates keep the rest (at Qwen2.5-0.5B and a 16-token query, 26 rows of 20 MB; held whole,
+ * one row is 1.4 GB and the budget takes one).
  */
 export function tokenRowsPerPass(pre: Map<string, Preconditioner>, modules: Iterable<string>, Tq: number): number {
-  let tokens = 0;
+  let perRow = 0;
+  let shared = 0;
   let widest = 0;
   for (const name of modules) {
     const p = pre.get(name);
     if (!p) continue;
-    tokens += Tq * (p.dOut + p.dA);
+    perRow += Tq * p.dOut;
+    shared += Tq * p.dA;
     widest = Math.max(widest, p.dOut);
   }
-  return Math.max(1, Math.floor(runBudgetBytes() / 2 / (4 * (tokens + 2 * widest * Tq))));
+  perRow += 2 * widest * Tq;
+  return Math.max(1, Math.floor((runBudgetBytes() / 2 / 4 - shared) / perRow));
 }
 
 /** Tests set `force` to run one path wherever the cost rule would choose (both must agree). */
@@ -535,7 +539,8 @@ export async function scoreCandidates(
   let residualSq = 0;
   let querySq = 0;
   // rows as rotated tokens: the graph forms only row 0, for the token scores (every module's may
-  // be alive at once); the scores' [B, d_out, Q·Tq] products are a few MB
+  // be alive at once); the contraction's copy of the rows, [Q, d_out·Tq], and its [B, d_out, Tq]
+  // products are a few MB (counted as two copies of the rows)
   let formedBytes = 0;
   for (const m of graph.moduleInfo) {
     const dA = m.dIn + (m.hasBias ? 1 : 0);
@@ -547,7 +552,7 @@ export async function scoreCandidates(
         throw new Error(`module ${m.name}: factors are ${p.dOut}×${p.dA}, the model's gradient ${m.dOut}×${dA}`);
       Q = tokens.rows;
       feeds[`RS.${m.name}`] = graph.tensor(tokens.gs, [Q, tokens.T, m.dOut]);
-      feeds[`RA.${m.name}`] = graph.tensor(tokens.as, [Q, tokens.T, dA]);
+      feeds[`RA.${m.name}`] = graph.tensor(tokens.as, [tokens.T, dA]);
       feeds[`IL.${m.name}`] = graph.tensor(tokens.inverse, [m.dOut, dA]);
       feeds[`QA.${m.name}`] = graph.tensor(tokens.qA, [dA, dA]);
       feeds[`QS.${m.name}`] = graph.tensor(tokens.qS, [m.dOut, m.dOut]);

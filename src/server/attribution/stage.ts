@@ -4,7 +4,7 @@ import { createHash } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { type EngineOptions, Model, type ModuleSelection } from '../model/engine';
-import { type Factors, loadFactors, preconditionerFor } from './ekfac/factors-io';
+import { loadFactors, preconditionerFor } from './ekfac/factors-io';
 import type { Damping, Preconditioner } from './ekfac/precondition';
 import type { Stage } from './explain';
 import { modelFingerprint } from './fingerprint';
@@ -15,7 +15,6 @@ export class StageError extends SettingError {
 }
 
 export interface OpenedStage extends Stage {
-  factors?: Factors;
   /** the module selection the factors cover ('all' without factors) */
   modules: ModuleSelection;
   /** a line to show the user (e.g. foreign factors that cannot be checked) */
@@ -72,13 +71,17 @@ export function openStage(
   const damping = options.damping ?? factors.args.damping;
   const preconditioners = new Map<string, Preconditioner>();
   for (const name of want) {
+    const mf = factors.modules[name];
     try {
-      preconditioners.set(name, preconditionerFor(factors.modules[name], damping, model.precision));
+      preconditioners.set(name, preconditionerFor(mf, damping, model.precision));
     } catch (e) {
       throw new StageError(`${factorsDir}: ${(e as Error).message}`);
     }
+    // the Λ sums are not needed once the inverse is made (the bases are shared with it), and the
+    // loaded factors are not kept: at the SmolLM-135M shape they are 425 MB in float32
+    mf.lambda = undefined;
   }
-  return { model, factors, preconditioners, modules, warnings };
+  return { model, preconditioners, modules, warnings };
 }
 
 /** Two stages must share a tokenizer: candidates are tokenized once for both. */

@@ -111,7 +111,7 @@ export function preconditionerFingerprint(preconditioners: Map<string, Precondit
   for (const name of [...preconditioners.keys()].sort()) {
     const p = preconditioners.get(name)!;
     h.update(`${name}:${p.dOut}x${p.dA}:${p.damping}\n`);
-    for (const a of [p.qA, p.qS, p.lambda]) h.update(new Uint8Array(a.buffer, a.byteOffset, a.byteLength));
+    for (const a of [p.qA, p.qS, p.inverse]) h.update(new Uint8Array(a.buffer, a.byteOffset, a.byteLength));
   }
   return h.digest('hex').slice(0, 16);
 }

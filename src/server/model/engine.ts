@@ -69,10 +69,12 @@ export interface GraphRequest {
   eigenbasis?: boolean;
   /**
    * with `eigenbasis`: the rows come as rotated tokens instead of `R`: inputs `RS.<module>`
-   * [Q, Tq, dOut] = g_q Q_S, `RA.<module>` [Q, Tq, dIn'] = ã_q Q_A (zero-padded rows) and
-   * `IL.<module>` [dOut, dIn'] = 1/(Λ+λ), R_q = (RS_qᵀ RA_q) ⊙ IL. Scores are contracted without
-   * forming R (⟨R_q, rot_b⟩ = Σ_s RS_q,sᵀ (IL ⊙ rot_b) RA_q,s: B·dOut·dIn'·Q·Tq work), so no query
-   * row is held whole (1.4 GB a row at Qwen2.5-0.5B); token scores form row 0 only.
+   * [Q, Tq, dOut] = g_q Q_S (zero-padded rows), `RA.<module>` [Tq, dIn'] = ã Q_A, one forward's
+   * activations shared by every row (the rows of one query differ only in their loss weights), and
+   * `IL.<module>` [dOut, dIn'] = 1/(Λ+λ), R_q = (RS_qᵀ RA) ⊙ IL. Scores are contracted without
+   * forming R: ⟨R_q, rot_b⟩ = Σ_s Σ_o RS_q,s,o Y_b,o,s with Y_b = (IL ⊙ rot_b) RAᵀ, B·dOut·dIn'·Tq
+   * work however many rows (it was ·Q·Tq with each row's own copy of RA), so no query row is held
+   * whole (1.4 GB a row at Qwen2.5-0.5B); token scores form row 0 only.
    */
   eigenbasisTokens?: boolean;
   /**
@@ -612,7 +614,7 @@ function buildOutputs(
           const tok = req.eigenbasisTokens
             ? {
                 RS: g.input(`RS.${m.name}`, g.float, ['Q', Tq, m.dOut]),
-                RA: g.input(`RA.${m.name}`, g.float, ['Q', Tq, dIn]),
+                RA: g.input(`RA.${m.name}`, g.float, [Tq, dIn]),
                 IL: g.input(`IL.${m.name}`, g.float, [m.dOut, dIn]),
               }
             : null;
@@ -623,7 +625,7 @@ function buildOutputs(
             const row0 = (x: Tensor, d: number | string, e: number) =>
               g.node('Gather', [x, g.ints([0])], [{ dtype: g.float, shape: [1, d, e] }], { axis: 0 })[0];
             const R0 = tok
-              ? g.mul(g.matmul(g.transpose(row0(tok.RS, Tq, m.dOut), [0, 2, 1]), row0(tok.RA, Tq, dIn)), tok.IL)
+              ? g.mul(g.matmul(g.transpose(row0(tok.RS, Tq, m.dOut), [0, 2, 1]), tok.RA), tok.IL)
               : row0(R!, m.dOut, dIn); // [1, dOut, dIn]
             const gR = g.matmul(g.unsqueeze(gr, [0]), R0); // [1, N, dIn]
             tokenSum = accumulate(tokenSum, g.reduceSum(g.mul(gR, ar), [2], false));
@@ -633,12 +635,11 @@ function buildOutputs(
             const rot = g.matmul(g.transpose(per(gr, m.dOut), [0, 2, 1]), per(ar, dIn)); // [B, dOut, dIn]
             let sc: Tensor;
             if (tok) {
-              // ⟨R_q, rot_b⟩ = Σ_s Σ_o RS[q,s,o] ((IL ⊙ rot_b) RA[q,s]ᵀ)_o: B·dOut·dIn·Q·Tq work
-              const Y = g.matmul(g.mul(rot, tok.IL), g.transpose(g.reshape(tok.RA, [-1, dIn]), [1, 0])); // [B, dOut, Q·Tq]
-              const RSt = g.transpose(g.reshape(tok.RS, [-1, m.dOut]), [1, 0]); // [dOut, Q·Tq]
-              const z = g.reduceSum(g.mul(Y, RSt), [1], false); // [B, Q·Tq]
-              const z3 = g.reshape(z, g.concatInts([g.ints([-1]), g.shapeOf(tok.RS, 0, 2)]), ['B', 'Q', Tq]);
-              sc = g.reduceSum(z3, [2], false); // [B, Q]
+              // ⟨R_q, rot_b⟩ = Σ_s Σ_o RS[q,s,o] Y_b[o,s], Y_b = (IL ⊙ rot_b) RAᵀ: B·dOut·dIn·Tq work
+              const Y = g.matmul(g.mul(rot, tok.IL), g.transpose(tok.RA, [1, 0])); // [B, dOut, Tq]
+              const Y2 = g.reshape(Y, [0, -1]); // [B, dOut·Tq]
+              const RS2 = g.reshape(g.transpose(tok.RS, [0, 2, 1]), [0, -1]); // [Q, dOut·Tq]
+              sc = g.node('Gemm', [Y2, RS2], [{ dtype: g.float, shape: ['B', 'Q'] }], { transB: 1 })[0];
             } else {
               const rot2 = g.reshape(rot, [-1, m.dOut * dIn]);
               const R2 = g.reshape(R!, [-1, m.dOut * dIn]);

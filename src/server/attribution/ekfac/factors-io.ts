@@ -396,7 +396,8 @@ export function preconditionerFor(
     qS: inPrecision(qS, p),
     eigS,
   };
-  return makePreconditioner(basis, lambdaMean(mf.lambda.sum, mf.lambda.count, mf.name, p), damping);
+  // the mean is a fresh array: the inverse may take its place
+  return makePreconditioner(basis, lambdaMean(mf.lambda.sum, mf.lambda.count, mf.name, p), damping, { inPlace: true });
 }
 
 /** Restores the covariance accumulator of a loaded module (e.g. to merge more data into it). */

@@ -14,14 +14,13 @@ export type Damping = { relative: number } | { absolute: number };
 
 export const DEFAULT_DAMPING: Damping = { relative: 0.1 };
 
-/** Held in the precision of the model it serves: Float32Array bases, Λ and inverse for a float32
- * model, Float64Array for an fp64 one (ground truths). */
+/** Held in the precision of the model it serves: Float32Array bases and inverse for a float32
+ * model, Float64Array for an fp64 one (ground truths). Λ itself is not kept: scoring needs only
+ * 1/(Λ+λ), and at the SmolLM-135M shape Λ is 425 MB in float32 (Λ + λ is 1 / inverse). */
 export interface Preconditioner extends Eigenbasis {
-  /** mean Λ (d_out × d_A) */
-  lambda: Floats;
   /** the resolved λ */
   damping: number;
-  /** 1 / (Λ + λ), elementwise (same type as lambda) */
+  /** 1 / (Λ + λ) with Λ the mean corrected eigenvalues (d_out × d_A), elementwise */
   inverse: Floats;
 }
 
@@ -36,11 +35,16 @@ export function resolveDamping(lambda: Floats, damping: Damping = DEFAULT_DAMPIN
   return damping.relative * (s / lambda.length);
 }
 
-/** Builds P for one module from its eigenbasis and mean Λ; the inverse takes Λ's type (computed in fp64). */
+/**
+ * Builds P for one module from its eigenbasis and mean Λ; the inverse takes Λ's type (computed in
+ * fp64). `inPlace`: the inverse overwrites `lambdaMean` (a caller's scratch copy), so that Λ and
+ * its inverse are never held together.
+ */
 export function makePreconditioner(
   basis: Eigenbasis,
   lambdaMean: Floats,
   damping: Damping = DEFAULT_DAMPING,
+  { inPlace = false }: { inPlace?: boolean } = {},
 ): Preconditioner {
   const what = `module ${basis.module} (preconditioner)`;
   if (lambdaMean.length !== basis.dOut * basis.dA) {
@@ -49,8 +53,11 @@ export function makePreconditioner(
   const bad = firstNonFinite(lambdaMean);
   if (bad >= 0) throw new Error(`${lambdaMean[bad]} in lambda of ${what}`);
   const lam = resolveDamping(lambdaMean, damping);
-  const inverse =
-    precisionOf(lambdaMean) === 'fp32' ? new Float32Array(lambdaMean.length) : new Float64Array(lambdaMean.length);
+  const inverse = inPlace
+    ? lambdaMean
+    : precisionOf(lambdaMean) === 'fp32'
+      ? new Float32Array(lambdaMean.length)
+      : new Float64Array(lambdaMean.length);
   for (let i = 0; i < inverse.length; i++) {
     const den = lambdaMean[i] + lam;
     // Λ >= 0 by construction, so den == 0 only with zero damping on a direction with no curvature
@@ -59,7 +66,7 @@ export function makePreconditioner(
     }
     inverse[i] = 1 / den;
   }
-  return { ...basis, lambda: lambdaMean, damping: lam, inverse };
+  return { ...basis, damping: lam, inverse };
 }
 
 /** (Q_Sᵀ V Q_A) ⊘ (Λ + λ): the preconditioned gradient in the eigenbasis. */
@@ -349,9 +356,11 @@ export function preconditionTokens32(
 /**
  * The rows of `t` rotated into the eigenbasis as tokens, for a score graph that contracts the
  * candidates with R_r = (g_r Q_S)ᵀ (ã Q_A) ⊘ (Λ+λ) without forming it (`GraphRequest.eigenbasisTokens`):
- * `gs` [rows, T, d_out] = g_r Q_S and `as` [rows, T, d_A] = the first T_r rows of ã Q_A, each row
- * zero-padded to T = the longest T_r (a zero gradient token adds nothing). Σ_r T·(d_out + d_A)
- * floats instead of the rows' rows·d_out·d_A (at Qwen2.5-0.5B, 1.4 GB per row over all modules).
+ * `gs` [rows, T, d_out] = g_r Q_S, each row zero-padded to T = the longest T_r (a zero gradient
+ * token adds nothing), and `as` [T, d_A] = the first T rows of ã Q_A, which every row shares: the
+ * rows must come from one forward (one query's rows differ only in their loss weights). Σ_r
+ * T·d_out + T·d_A floats instead of the rows' rows·d_out·d_A (at Qwen2.5-0.5B, 1.4 GB per row
+ * over all modules).
  */
 export function rotatedTokens32(
   p: Preconditioner,
@@ -360,18 +369,20 @@ export function rotatedTokens32(
 ): { T: number; gs: Float32Array; as: Float32Array } {
   const { dOut, dA } = p;
   const { rows, forward } = tokenCounts(t, dOut, dA, `rotatedTokens32 (module ${p.module})`);
+  const sources = new Set(t.src);
+  if (sources.size !== 1)
+    throw new Error(
+      `rotatedTokens32 (module ${p.module}): the rows come from ${sources.size} forwards; they must share one`,
+    );
   const T = Math.max(1, ...rows);
   const gs = new Float32Array(rows.length * T * dOut);
-  const as = new Float32Array(rows.length * T * dA);
-  const rotatedA = activationsRotated32(t, f, forward, dA);
+  const xq = activationsRotated32(t, f, forward, dA)(t.src[0]);
   for (const [r, Tr] of rows.entries()) {
     const g = t.g[r];
     if (!(g instanceof Float32Array)) throw new Error('rotatedTokens32: output gradients must be float32');
-    const xq = rotatedA(t.src[r]);
     gemm32(g, f.qS, Tr, dOut, dOut, { out: gs.subarray(r * T * dOut, (r * T + Tr) * dOut) });
-    as.set(xq.subarray(0, Tr * dA), r * T * dA);
   }
-  return { T, gs, as };
+  return { T, gs, as: xq.slice(0, T * dA) };
 }
 
 /** Q_S R Q_Aᵀ in float32: a row of `preconditionTokens32(…, back = false)` turned into P(G_r). */
