@@ -152,7 +152,7 @@ export async function benchShape(argv: string[]): Promise<void> {
       preconditionerFor({ name: m, dA: b.dA, dOut: b.dOut, eigen: b, lambda: lambdas.get(m)! }, { absolute: 1e-3 }),
     ]),
   );
-  // the fp64 Λ sums are not needed once the preconditioners hold Λ and 1/(Λ+λ) (2.9 GB at Qwen2.5-0.5B)
+  // the fp64 Λ sums are not needed once the preconditioners hold 1/(Λ+λ) (2.9 GB at Qwen2.5-0.5B)
   lambdas.clear();
   t = performance.now();
   let G: Awaited<ReturnType<typeof queryBatchGradients>> | null = await queryBatchGradients(model, queryEx, {
