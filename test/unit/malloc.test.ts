@@ -1,9 +1,10 @@
 // malloc.ts gives ONNX Runtime's freed tensors back to the system (glibc). Checked in child
 // processes (the setting is process-wide), one per INFLUENCE_LENS_MALLOC mode:
 // - which blocks are mapped: a 4 MiB block is freed, which raises glibc's dynamic mmap threshold
-//   past 1 MiB, then a 1 MiB block is allocated; its chunk header's IS_MMAPPED bit (0x2 in the size
-//   word before the pointer) says whether it was mapped ('mmap' fixes the threshold) or came from
-//   the heap ('trim', 'default'); the block's own header, so other threads cannot change the answer;
+//   past 1 MiB, then 1 MiB blocks are allocated; a chunk header's IS_MMAPPED bit (0x2 in the size
+//   word before the pointer) says whether it was mapped ('mmap' fixes the threshold: one is, once
+//   the heap's free chunks are used up) or came from the heap ('trim', 'default': none of 64); the
+//   block's own header, so other threads cannot change the answer;
 // - a long sequence's run (`mapLargeBlocks`): after a 16 MiB block is freed (glibc's threshold
 //   rises past 8 MiB), an 8 MiB block is mapped during such a run and comes from the heap after it;
 // - what a run's end gives back: 64 touched 1 MiB heap blocks, fenced from the heap's top by a
@@ -24,10 +25,18 @@ const malloc = libc.func('void *malloc(size_t size)');
 const free = libc.func('void free(void *ptr)');
 const memset = libc.func('void *memset(void *s, int c, size_t n)');
 const resident = () => Number(readFileSync('/proc/self/statm', 'utf8').split(' ')[1]) * 4096;
+const isMapped = (q) => (BigInt(koffi.decode(q, -8, 'uint64')) & 2n) !== 0n;
 free(malloc(4 << 20));
-const p = malloc(1 << 20);
-const mapped = (BigInt(koffi.decode(p, -8, 'uint64')) & 2n) !== 0n;
-free(p);
+// glibc serves a request from a free heap chunk large enough whatever the threshold (one left by
+// Node's start-up failed this once in CI): take up to 64 blocks, so that any such chunks are used
+// up before the first block is mapped; with the threshold past 1 MiB none ever is
+const probes = [];
+let mapped = false;
+for (let i = 0; i < 64 && !mapped; i++) {
+  probes.push(malloc(1 << 20));
+  mapped = isMapped(probes[probes.length - 1]);
+}
+for (const q of probes) free(q);
 const blocks = Array.from({ length: 64 }, () => { const b = malloc(1 << 20); memset(b, 1, 1 << 20); return b; });
 const fence = malloc(256 << 10);
 for (const b of blocks) free(b);
@@ -36,7 +45,6 @@ releaseFreedMemory();
 const returned = before - resident();
 free(fence);
 // a long sequence's run: 8 MiB blocks mapped during it, from the heap again after it
-const isMapped = (q) => (BigInt(koffi.decode(q, -8, 'uint64')) & 2n) !== 0n;
 free(malloc(16 << 20)); // glibc's threshold rises past 8 MiB: an 8 MiB block would come from the heap
 const changed = mapLargeBlocks(true);
 const during = malloc(8 << 20);
