@@ -25,6 +25,7 @@ import { CliError, int, parse } from '../../src/server/cli/util';
 import { packageRoot } from '../../src/server/defaults';
 import { defaultCacheDir, Model } from '../../src/server/model/engine';
 import { spearman } from '../../src/server/util/stats';
+import { reportHeader } from './machine';
 
 export const BENCH_SHAPES = ['pythia-70m', 'pythia-160m', 'smollm-135m', 'qwen2.5-0.5b'] as const;
 
@@ -97,7 +98,7 @@ export async function benchShape(argv: string[]): Promise<void> {
   }));
   const tokens = nTrain * length;
   say(
-    `bench ekfac --shape ${shape}: ${model.describe()}; ${nTrain} sequences × ${length} tokens of English text, ${nQueries} queries; all linear modules; ${threads} threads`,
+    `bench ekfac --shape ${shape}: ${model.describe()}; ${nTrain} sequences × ${length} tokens of English text, ${nQueries} queries; all linear modules; ${threads} threads on ${cpus()[0]?.model ?? 'an unknown CPU'}`,
   );
 
   // kronfluence first, while this process holds only the model: at Qwen2.5-0.5B our factors and
@@ -246,13 +247,9 @@ export async function benchShape(argv: string[]): Promise<void> {
     );
   }
   const report = {
-    suite: 'ekfac-shape',
+    ...reportHeader('ekfac-shape'),
     shape,
-    date: new Date().toISOString(),
-    host: hostname(),
-    cpus: cpus().length,
     threads,
-    node: process.version,
     train: nTrain,
     length,
     queries: nQueries,

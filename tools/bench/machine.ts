@@ -12,12 +12,15 @@ export function gitHead(): string | undefined {
   }
 }
 
-/** suite, date, host, CPU count, Node version and commit: the header of a report. */
+/** suite, date, host, CPU model and count, Node version and commit: the header of a report. The
+ * model matters when comparing with PyTorch: its MKL ran kronfluence's eigendecompositions 1.7×
+ * slower on an AMD EPYC VM than on the same-sized VM of another day, where ours moved 1.1×. */
 export function reportHeader(suite: string) {
   return {
     suite,
     date: new Date().toISOString(),
     host: hostname(),
+    cpu: cpus()[0]?.model,
     cpus: cpus().length,
     node: process.version,
     commit: gitHead(),
