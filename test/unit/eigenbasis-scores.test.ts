@@ -29,6 +29,7 @@ import {
   eigenbasisCheaper,
   eigenbasisPolicy,
   eigenTokenRows,
+  queryBatchGradients,
   queryGradients,
   queryMatrices,
   scoreCandidates,
@@ -244,6 +245,29 @@ describe('the cost rule', () => {
       scoreCandidates(model, R, [{ ids: [1, 2, 3], weights: [1, 1, 0] }], { modules: 'all', rank: 2, eigenbasis: pre }),
       /low-rank query/,
     );
+  });
+
+  test('rows as rotated tokens share one forward’s activations: rows of several forwards are refused', async () => {
+    const model = Model.open('test/fixtures/models/gpt2');
+    const pre = randomPreconditioners(model, 6);
+    // one row per query, each its own forward
+    const tokens = await queryBatchGradients(
+      model,
+      [
+        { ids: [5, 17, 3], weights: [0, 1, 0] },
+        { ids: [4, 2, 9], weights: [0, 1, 0] },
+      ],
+      { modules: 'all' },
+    );
+    assert.throws(() => eigenTokenRows(tokens, pre), /the rows come from 2 forwards; they must share one/);
+    // one query's rows share one forward
+    const qg = await queryGradients(
+      model,
+      { ids: [5, 17, 3, 8], weights: [0, 1, 1, 0] },
+      { modules: 'all', completionRows: [1, 2] },
+    );
+    const rows = eigenTokenRows(qg.tokens, pre)!;
+    for (const [name, r] of rows) assert.equal(r.as.length, r.T * pre.get(name)!.dA, name);
   });
 });
 

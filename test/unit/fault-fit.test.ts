@@ -10,6 +10,7 @@ import { hostname } from 'node:os';
 import { join, relative } from 'node:path';
 import { before, describe, test } from 'node:test';
 import { type Factors, loadFactors, UnfinishedFitError } from '../../src/server/attribution/ekfac/factors-io';
+import type { Preconditioner } from '../../src/server/attribution/ekfac/precondition';
 import { FitJobError, type FitJobOptions, runFitJob } from '../../src/server/attribution/fit-job';
 import { tryLock } from '../../src/server/attribution/fit-lock';
 import { openStage } from '../../src/server/attribution/stage';
@@ -27,13 +28,21 @@ writeTinyCorpus(data, 12);
 /** A pid no process has now (a child that has exited). */
 const deadPid = () => spawnSync(process.execPath, ['-e', '']).pid!;
 
-/** Bit-for-bit equality of two loaded factor sets (arguments, fingerprint, every tensor and count). */
-/** What explain and the server open (openStage keeps only the preconditioners): the factors as it reads them, or its refusal. */
-function openedFactors(dir: string, model: Model): Factors {
-  openStage(MODEL, dir, { model });
-  return loadFactors(dir, { precision: model.precision, covariances: false });
+/**
+ * What explain and the server open, or their refusal: `openStage` keeps only the preconditioners,
+ * so the factors are read again as it reads them (the snapshot does not change in between), with
+ * the preconditioners it built from them.
+ */
+function openedFactors(dir: string, model: Model): Factors & { preconditioners: Map<string, Preconditioner> } {
+  const stage = openStage(MODEL, dir, { model });
+  return {
+    ...loadFactors(dir, { precision: model.precision, covariances: false }),
+    preconditioners: stage.preconditioners!,
+  };
 }
 
+/** Bit-for-bit equality of two loaded factor sets (arguments, fingerprint, every tensor and count;
+ * and the opened preconditioners, where both have them). */
 function assertSameFactors(got: Factors, want: Factors, what: string) {
   assert.deepEqual(got.args, want.args, `${what}: arguments`);
   assert.equal(got.fingerprint, want.fingerprint, `${what}: fingerprint`);
@@ -55,6 +64,16 @@ function assertSameFactors(got: Factors, want: Factors, what: string) {
           );
       }
     }
+  }
+  const opened = (f: Factors) => (f as { preconditioners?: Map<string, Preconditioner> }).preconditioners;
+  const [gp, wp] = [opened(got), opened(want)];
+  if (!gp || !wp) return;
+  assert.deepEqual([...gp.keys()].sort(), [...wp.keys()].sort(), `${what}: preconditioned modules`);
+  for (const [name, w] of wp) {
+    const g: Preconditioner = gp.get(name)!;
+    assert.equal(g.damping, w.damping, `${what}: ${name} damping`);
+    for (const k of ['qA', 'qS', 'inverse'] as const)
+      assert.ok(bytes(g[k]).equals(bytes(w[k])), `${what}: ${name} preconditioner ${k} differs`);
   }
 }
 

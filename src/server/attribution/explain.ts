@@ -216,8 +216,8 @@ export const heatmapRowsPolicy: { force?: 'whole' | 'tokens' } = {};
  * stage EK-FAC in float32 can hand the graph each row as its rotated tokens (g Q_S, ã Q_A) for the
  * graph to score without forming it (`eigenTokenRows`): tens of MB a row for a short query where
  * a whole row is every module's d_out × d_A (1.4 GB at Qwen2.5-0.5B: one pass of up to 25 rows
- * of a 16-token query instead of a pass per row, each a minute over 16 shown examples). Used when it lets more rows into a
- * pass; a long query's tokens outweigh its whole rows.
+ * of a 16-token query instead of a pass per row, each a minute over 16 shown examples). Used when
+ * it lets more rows into a pass; a long query's tokens outweigh its whole rows.
  */
 function heatmapRows(
   setup: ExplainSetup,

@@ -373,7 +373,7 @@ export function eigenTokenRows(
  * How many query rows one pass may score as rotated tokens: Σ_modules Tq·d_out floats a row (its
  * g Q_S) and the graph's copy of them for the contraction (two of the widest module's), beside
  * the Σ_modules Tq·d_A floats of ã Q_A that all rows share, within half the run budget, so the
- * candidates keep the rest (at Qwen2.5-0.5B and a 16-token query, 26 rows of 20 MB; held whole,
+ * candidates keep the rest (at Qwen2.5-0.5B and a 16-token query, 25 rows of 20 MB; held whole,
  * one row is 1.4 GB and the budget takes one).
  */
 export function tokenRowsPerPass(pre: Map<string, Preconditioner>, modules: Iterable<string>, Tq: number): number {

@@ -53,11 +53,9 @@ export function makePreconditioner(
   const bad = firstNonFinite(lambdaMean);
   if (bad >= 0) throw new Error(`${lambdaMean[bad]} in lambda of ${what}`);
   const lam = resolveDamping(lambdaMean, damping);
-  const inverse = inPlace
-    ? lambdaMean
-    : precisionOf(lambdaMean) === 'fp32'
-      ? new Float32Array(lambdaMean.length)
-      : new Float64Array(lambdaMean.length);
+  const fresh = () =>
+    precisionOf(lambdaMean) === 'fp32' ? new Float32Array(lambdaMean.length) : new Float64Array(lambdaMean.length);
+  const inverse = inPlace ? lambdaMean : fresh();
   for (let i = 0; i < inverse.length; i++) {
     const den = lambdaMean[i] + lam;
     // Λ >= 0 by construction, so den == 0 only with zero damping on a direction with no curvature
