@@ -4,13 +4,17 @@
 //   fit: covariance pass, eigendecomposition and Λ pass timed separately (tokens/s of the passes)
 //   scoring: every query's preconditioned gradient once, then one pass over the candidates with
 //   all queries' rows (the path `explain --queries` uses): candidates/s
-//   agreement: Spearman per query between our scores and kronfluence's.
+//   agreement: Spearman per query between our scores and kronfluence's, and the largest
+//   difference relative to the query's largest |score|.
+// --model <dir> runs the same on a checkpoint of one's own (test/oracle/train_shape.py trains a
+// shape's checkpoint on the bench's text: the comparison on weights that are not a random init).
 // The checkpoint is written once by test/oracle/make_shape.py (the oracle venv, which the
 // kronfluence side needs anyway) and cached.
 import { spawn, spawnSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { cpus, hostname } from 'node:os';
-import { dirname, join } from 'node:path';
+import { basename, dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { preconditionerFor } from '../../src/server/attribution/ekfac/factors-io';
 import { fitCovariances, fitEigenbases, fitLambdas, type TokenizedExample } from '../../src/server/attribution/fit';
@@ -41,6 +45,7 @@ function englishText(): string {
 export async function benchShape(argv: string[]): Promise<void> {
   const { values: v } = parse(argv, {
     shape: { type: 'string' },
+    model: { type: 'string' },
     examples: { type: 'string' },
     queries: { type: 'string' },
     length: { type: 'string' },
@@ -51,15 +56,25 @@ export async function benchShape(argv: string[]): Promise<void> {
     flow: { type: 'boolean' },
     report: { type: 'string' },
   });
-  const shape = v.shape as (typeof BENCH_SHAPES)[number];
-  if (!BENCH_SHAPES.includes(shape)) throw new CliError(`--shape must be one of ${BENCH_SHAPES.join(', ')}`);
+  // --model: the same comparison on a checkpoint of the user's (a trained one, say), cached data
+  // and factors under a folder named by the checkpoint's path
+  const custom = v.model ? resolve(v.model) : null;
+  if (custom && v.shape) throw new CliError('give --shape or --model, not both');
+  if (custom && !existsSync(join(custom, 'config.json')))
+    throw new CliError(`--model ${v.model}: no config.json there (a Hugging Face checkpoint folder is expected)`);
+  const shape = custom ? `model-${basename(custom)}` : (v.shape as (typeof BENCH_SHAPES)[number]);
+  if (!custom && !BENCH_SHAPES.includes(shape as (typeof BENCH_SHAPES)[number]))
+    throw new CliError(`--shape must be one of ${BENCH_SHAPES.join(', ')}, or give --model <checkpoint-dir>`);
   const nTrain = int(v.examples, '--examples', 16);
   const nQueries = int(v.queries, '--queries', 8);
   const length = int(v.length, '--length', 128);
   const threads = int(v.threads, '--threads', cpus().length);
   const python = v.python ?? join(packageRoot(), 'test/oracle/.venv/bin/python');
-  const root = join(defaultCacheDir(), 'bench', `shape-${shape}`);
-  const modelDir = join(root, 'model');
+  const root = custom
+    ? join(defaultCacheDir(), 'bench', `${shape}-${createHash('sha256').update(custom).digest('hex').slice(0, 12)}`)
+    : join(defaultCacheDir(), 'bench', `shape-${shape}`);
+  const modelDir = custom ?? join(root, 'model');
+  mkdirSync(root, { recursive: true });
   const say = (line: string) => process.stdout.write(`${line}\n`);
   if (!existsSync(join(modelDir, 'config.json'))) {
     if (!existsSync(python))
@@ -194,7 +209,15 @@ export async function benchShape(argv: string[]): Promise<void> {
   );
 
   let agreement: number[] | null = null;
+  // Spearman alone would pass scores off by a common factor or with a shifted scale: the largest
+  // difference per query, relative to that query's largest |score|, says the values agree too
+  let relError: number[] | null = null;
   if (kron && theirs) {
+    relError = theirs.map((row, q) => {
+      const scale = Math.max(...row.map(Math.abs));
+      const diff = Math.max(...row.map((x, c) => Math.abs(x - scored.scores[c][q])));
+      return scale > 0 ? diff / scale : diff;
+    });
     agreement = theirs.map((row, q) =>
       spearman(
         row,
@@ -215,6 +238,9 @@ export async function benchShape(argv: string[]): Promise<void> {
       `  ratios ours/kronfluence: fit time ${(fitSeconds / k.fit_seconds).toFixed(2)} (goal ≤ 0.5), scoring throughput ${(ours.candidates_per_second / k.candidates_per_second).toFixed(2)} (goal ≥ 2), peak RSS ${(ours.peak_rss_mb / k.peak_rss_mb).toFixed(2)} (goal ≤ 1)`,
     );
     say(`  agreement: Spearman per query ${agreement.map((x) => x.toFixed(4)).join(', ')}`);
+    say(
+      `             largest difference / largest |score| per query ${relError.map((x) => x.toExponential(1)).join(', ')}`,
+    );
   }
   // the user's flow through the CLI: `fit`, then one `explain` over the same examples as JSONL text
   let flow: Record<string, unknown> | null = null;
@@ -257,6 +283,8 @@ export async function benchShape(argv: string[]): Promise<void> {
     ours,
     kronfluence: kron,
     spearman_per_query: agreement,
+    relative_error_per_query: relError,
+    model: custom ?? undefined,
     cli_flow: flow,
   };
   const file = v.report ?? join('bench/out', `ekfac-${shape}-${report.date.slice(0, 10)}-${hostname()}.json`);

@@ -26,7 +26,7 @@ export async function runBench(argv: string[]): Promise<void> {
   const [suite, ...rest] = argv;
   if (suite === undefined || suite.startsWith('--')) return benchAll(argv);
   if (suite === 'engine') return benchEngine(rest);
-  if (suite === 'ekfac' && rest.some((a) => a === '--shape' || a.startsWith('--shape='))) return benchShape(rest);
+  if (suite === 'ekfac' && rest.some((a) => ['--shape', '--model'].includes(a.split('=')[0]))) return benchShape(rest);
   if (suite === 'ekfac') return benchEkfac(rest);
   if (suite === 'server') return benchServer(rest);
   if (suite === 'eval') return benchEval(rest);
