@@ -240,7 +240,9 @@ def parse_args(argv=None):
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads (default: os.cpu_count())")
     ap.add_argument("--labels", choices=["empirical", "sampled"], default="empirical")
-    ap.add_argument("--modules", choices=["mlp", "all"], default="all")
+    ap.add_argument("--modules", choices=["mlp", "all"], default="all",
+                    help="with --adapter, ignored: the adapter's LoRA A and B layers are tracked")
+    ap.add_argument("--adapter", help="a PEFT LoRA adapter folder over --model (PeftModel.from_pretrained)")
     ap.add_argument("--damping", type=float, default=1e-3, help="absolute damping added to the mean lambda")
     ap.add_argument("--batch-size", type=int, default=8, help="train batch size (fitting and scoring)")
     ap.add_argument("--query-batch-size", type=int, default=0, help="query batch size (default 0 = all queries in one batch)")
@@ -326,8 +328,22 @@ def main(argv=None):
     tokens_train = sum(len(x) for x in train)
 
     model = load_model(args.model, args.precision, args.attn_implementation)
-    n_conv = conv1d_to_linear(model)
-    tracked = tracked_names(model, args.modules)
+    if args.adapter:
+        # PEFT's forward (dropout off in eval mode); the tracked modules are the LoRA A and B
+        # Linear layers, as influence-lens tracks for an adapter
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, args.adapter, is_trainable=True).eval()
+        for p in model.parameters():
+            p.requires_grad_(True)
+        tracked = [n for n, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and n.endswith((".lora_A.default", ".lora_B.default"))]
+        if not tracked:
+            raise SystemExit(f"{args.adapter}: no LoRA A/B Linear layers found")
+        n_conv = 0
+    else:
+        n_conv = conv1d_to_linear(model)
+        tracked = tracked_names(model, args.modules)
     pad_id = model.config.pad_token_id if getattr(model.config, "pad_token_id", None) is not None else 0
     task = make_task(tracked, args.labels)
     model = prepare_model(model, task)
@@ -482,7 +498,8 @@ def main(argv=None):
             "strategy": "ekfac",
             "labels": args.labels,
             "use_empirical_fisher": factor_args.use_empirical_fisher,
-            "modules": args.modules,
+            "modules": "lora" if args.adapter else args.modules,
+            "adapter": args.adapter,
             "conv1d_swapped_for_linear": n_conv,
             "damping_factor": args.damping,
             "damping": "absolute, added to lambda_matrix / num_lambda_processed (kronfluence Ekfac.prepare)",

@@ -23,6 +23,9 @@ Checks per query: the loss agrees to 1e-4 relative, Spearman >= 0.99 over all tr
 examples, the largest score difference <= 1e-3 of the largest |score|, the same top-5 set.
 Exits 1 when a check fails.
 
+With a PEFT LoRA adapter folder as --model, both sides track the adapter's LoRA A and B layers
+(kronfluence over `PeftModel.from_pretrained`, our CLI given the adapter folder).
+
 Usage (from the repo root, after `npm run build`):
     test/oracle/.venv/bin/python test/oracle/check_cli_kronfluence.py \
         --model <hf-model-dir> --data <train.jsonl> --queries <queries.jsonl> --out <dir>
@@ -91,7 +94,8 @@ def query_ids(tok, prompt, completion):
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", required=True)
+    ap.add_argument("--model", required=True, help="a checkpoint folder, or a PEFT LoRA adapter folder whose "
+                    "base_model_name_or_path is a local folder")
     ap.add_argument("--data", required=True, help='JSONL of {"text": ...} records')
     ap.add_argument("--queries", required=True, help='JSONL of {"prompt": ..., "completion": ...}')
     ap.add_argument("--out", required=True)
@@ -101,7 +105,9 @@ def main() -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     model_dir = Path(a.model)
-    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    adapter = model_dir if (model_dir / "adapter_config.json").exists() else None
+    base_dir = Path(json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]) if adapter else model_dir
+    tok = Tokenizer.from_file(str((model_dir if (model_dir / "tokenizer.json").exists() else base_dir) / "tokenizer.json"))
 
     train_text = [json.loads(line)["text"] for line in Path(a.data).read_text().splitlines() if line.strip()]
     queries = [json.loads(line) for line in Path(a.queries).read_text().splitlines() if line.strip()]
@@ -112,7 +118,12 @@ def main() -> int:
 
     # the query losses, straight from transformers
     torch.set_num_threads(a.threads)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+    model.eval()
     losses = []
     with torch.no_grad():
         for ids, p in qs:
@@ -124,7 +135,8 @@ def main() -> int:
     # kronfluence on the same text
     kdir = out / "kronfluence"
     r = subprocess.run(
-        [sys.executable, str(ROOT / "test/oracle/bench_kronfluence.py"), "--model", str(model_dir),
+        [sys.executable, str(ROOT / "test/oracle/bench_kronfluence.py"), "--model", str(base_dir),
+         *(["--adapter", str(adapter)] if adapter else []),
          "--data", str(out / "data.json"), "--out", str(kdir), "--threads", str(a.threads),
          "--labels", "empirical", "--modules", "all", "--damping", "1e-3", "--no-warmup"],
         capture_output=True, text=True,

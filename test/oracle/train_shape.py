@@ -8,8 +8,11 @@ in its activations, which is where float32 arithmetic can go wrong silently. Thi
 bench's own English text (tools/bench/shape-text.txt), so the bench's training sequences are
 partly memorised when the comparison runs.
 
+With --lora q,v,... it trains a PEFT LoRA adapter over <model-dir> instead (PeftModel.save_pretrained
+layout), for the same comparison on an adapter.
+
 Usage (from the repo root):
-    test/oracle/.venv/bin/python test/oracle/train_shape.py <model-dir> <out-dir> [--steps 150]
+    test/oracle/.venv/bin/python test/oracle/train_shape.py <model-dir> <out-dir> [--steps 150] [--lora targets]
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ def main() -> None:
     p.add_argument("--length", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--lora", help="train a PEFT LoRA adapter on these comma-separated target modules "
+                   "instead of the whole model, and save the adapter (base_model_name_or_path = <model>)")
+    p.add_argument("--lora-r", type=int, default=8)
     a = p.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(a.threads)
@@ -47,10 +53,16 @@ def main() -> None:
     tok = Tokenizer.from_file(str(src / "tokenizer.json"))
     text = (ROOT / "tools/bench/shape-text.txt").read_text()
     ids = torch.tensor(tok.encode(text, add_special_tokens=False).ids)
-    model = AutoModelForCausalLM.from_pretrained(src, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    if a.lora:
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(r=a.lora_r, lora_alpha=2 * a.lora_r, lora_dropout=0.0, bias="none",
+                         task_type="CAUSAL_LM", target_modules=a.lora.split(","))
+        model = get_peft_model(model, cfg)
     model.train()
     # dropout off: the comparison is about the weights, and the model's configs have none anyway
-    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=a.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10))
     n = len(ids) - a.length
     t0 = time.time()
@@ -68,6 +80,13 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
+    if a.lora:
+        # PEFT writes the base's config name_or_path; point it at the base folder itself
+        import json
+
+        conf = json.loads((out / "adapter_config.json").read_text())
+        conf["base_model_name_or_path"] = str(src.resolve())
+        (out / "adapter_config.json").write_text(json.dumps(conf, indent=2))
     for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (src / f).exists():
             shutil.copy(src / f, out / f)
