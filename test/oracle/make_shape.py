@@ -22,7 +22,7 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, Qwen2Config  # noqa: E402
+from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, Qwen2Config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,6 +38,15 @@ def neox(hidden, layers, heads, inter):
 
 
 SHAPES = {
+    # openai-community/gpt2 config.json (124M; its Conv1D layers store W as [in, out])
+    "gpt2": (
+        lambda: GPT2Config(
+            vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
+            activation_function="gelu_new", layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0,
+            attn_pdrop=0.0, tie_word_embeddings=True, bos_token_id=50256, eos_token_id=50256,
+        ),
+        "tokenizer-gpt2",
+    ),
     # EleutherAI/pythia-70m and pythia-160m config.json
     "pythia-70m": (lambda: neox(512, 6, 8, 2048), "tokenizer-gpt2"),
     "pythia-160m": (lambda: neox(768, 12, 12, 3072), "tokenizer-gpt2"),

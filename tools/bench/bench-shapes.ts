@@ -31,7 +31,7 @@ import { defaultCacheDir, Model } from '../../src/server/model/engine';
 import { spearman } from '../../src/server/util/stats';
 import { reportHeader } from './machine';
 
-export const BENCH_SHAPES = ['pythia-70m', 'pythia-160m', 'smollm-135m', 'qwen2.5-0.5b'] as const;
+export const BENCH_SHAPES = ['pythia-70m', 'pythia-160m', 'smollm-135m', 'qwen2.5-0.5b', 'gpt2'] as const;
 
 /**
  * Real English text: paragraphs of this project's own documentation, frozen into
