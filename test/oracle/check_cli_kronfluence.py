@@ -40,6 +40,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import shlex  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -100,7 +101,7 @@ def main() -> int:
     ap.add_argument("--queries", required=True, help='JSONL of {"prompt": ..., "completion": ...}')
     ap.add_argument("--out", required=True)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
-    ap.add_argument("--cli", default=f"node {ROOT / 'bin/influence-lens.js'}")
+    ap.add_argument("--cli", default=shlex.join(["node", str(ROOT / "bin/influence-lens.js")]))
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -146,7 +147,7 @@ def main() -> int:
     theirs = json.loads((kdir / "kronfluence_scores.json").read_text())
 
     # ours, from the text
-    cli = a.cli.split()
+    cli = shlex.split(a.cli)  # a path with spaces stays one argument
     factors = out / "factors"
     shutil.rmtree(factors, ignore_errors=True)  # this check's own output, refitted every run
     r = subprocess.run(cli + ["fit", "--model", str(model_dir), "--data", a.data, "--out", str(factors),

@@ -23,6 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import shutil  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -82,8 +83,6 @@ def main() -> None:
     model.save_pretrained(out, safe_serialization=True)
     if a.lora:
         # PEFT writes the base's config name_or_path; point it at the base folder itself
-        import json
-
         conf = json.loads((out / "adapter_config.json").read_text())
         conf["base_model_name_or_path"] = str(src.resolve())
         (out / "adapter_config.json").write_text(json.dumps(conf, indent=2))

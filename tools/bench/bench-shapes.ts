@@ -112,8 +112,10 @@ export async function benchShape(argv: string[]): Promise<void> {
     weights: q.ids.map((_, t) => (t + 1 >= q.prompt_length && t < q.ids.length - 1 ? 1 : 0)),
   }));
   const tokens = nTrain * length;
+  // once, at the start: the report's header, whose CPU model the first line also prints
+  const header = reportHeader('ekfac-shape');
   say(
-    `bench ekfac --shape ${shape}: ${model.describe()}; ${nTrain} sequences × ${length} tokens of English text, ${nQueries} queries; all linear modules; ${threads} threads on ${cpus()[0]?.model ?? 'an unknown CPU'}`,
+    `bench ekfac --shape ${shape}: ${model.describe()}; ${nTrain} sequences × ${length} tokens of English text, ${nQueries} queries; all linear modules; ${threads} threads on ${header.cpu ?? 'an unknown CPU'}`,
   );
 
   // kronfluence first, while this process holds only the model: at Qwen2.5-0.5B our factors and
@@ -273,7 +275,7 @@ export async function benchShape(argv: string[]): Promise<void> {
     );
   }
   const report = {
-    ...reportHeader('ekfac-shape'),
+    ...header,
     shape,
     threads,
     train: nTrain,
