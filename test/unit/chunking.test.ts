@@ -1,6 +1,14 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
-import { bytesPerSequence, memoryBoundedBatches, type RunShape, runShape } from '../../src/server/attribution/chunking';
+import {
+  availableBytes,
+  bytesPerSequence,
+  feedBytes,
+  memoryBoundedBatches,
+  type RunShape,
+  runBudgetBytes,
+  runShape,
+} from '../../src/server/attribution/chunking';
 import { ATTENTION_CHUNK_BYTES } from '../../src/server/model/architectures/common';
 import { EngineError } from '../../src/server/model/engine';
 import { headChunkRows } from '../../src/server/model/head';
@@ -119,5 +127,48 @@ describe('memoryBoundedBatches', () => {
     }
     // on this machine's real memory, the same long sequence is far from the limit
     assert.equal(memoryBoundedBatches([seq(1000)], 1, 0, long).length, 1);
+  });
+});
+
+describe('runBudgetBytes', () => {
+  const MiB = 2 ** 20;
+  const GiB = 2 ** 30;
+  const withRunMb = (v: string | undefined, f: () => void) => {
+    const saved = process.env.INFLUENCE_LENS_RUN_MB;
+    if (v === undefined) delete process.env.INFLUENCE_LENS_RUN_MB;
+    else process.env.INFLUENCE_LENS_RUN_MB = v;
+    try {
+      f();
+    } finally {
+      if (saved === undefined) delete process.env.INFLUENCE_LENS_RUN_MB;
+      else process.env.INFLUENCE_LENS_RUN_MB = saved;
+    }
+  };
+
+  test('1 GiB by default; grows to what every run streams, up to a quarter of the memory available', () =>
+    withRunMb(undefined, () => {
+      assert.equal(runBudgetBytes(), GiB);
+      assert.equal(runBudgetBytes(0.5 * GiB, 64 * GiB), GiB);
+      // 8 query rows of SmolLM-135M and its bases: 4.6 GB read by every score run
+      assert.equal(runBudgetBytes(4.6e9, 64 * GiB), 4.6e9);
+      assert.equal(runBudgetBytes(4.6e9, 8 * GiB), 2 * GiB);
+      // never below the default, however little is available (the sequence limit refuses instead)
+      assert.equal(runBudgetBytes(4.6e9, 1 * GiB), GiB);
+      // the default argument is this machine's memory now
+      assert.ok(availableBytes() > 0);
+      // (what is available moves a little between two reads)
+      const expected = Math.max(GiB, availableBytes() / 4);
+      assert.ok(Math.abs(runBudgetBytes(100 * GiB) - expected) < 0.05 * expected);
+    }));
+
+  test('INFLUENCE_LENS_RUN_MB fixes the budget whatever the runs stream', () =>
+    withRunMb('300', () => {
+      assert.equal(runBudgetBytes(), 300 * MiB);
+      assert.equal(runBudgetBytes(4.6e9, 64 * GiB), 300 * MiB);
+    }));
+
+  test('feedBytes counts the bytes of every fed array', () => {
+    assert.equal(feedBytes({ a: { data: new Float32Array(10) }, b: { data: new Float64Array(3) } }), 64);
+    assert.equal(feedBytes({}), 0);
   });
 });
