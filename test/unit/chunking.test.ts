@@ -53,6 +53,20 @@ describe('memoryBoundedBatches', () => {
     );
   });
 
+  test('a budget grown for what runs stream still maps a long sequence that the default budget would', () => {
+    const seqs = [seq(3), seq(3), seq(50)];
+    // room for 10 of the long sequence, but a run of it alone is a long run all the same
+    const out = memoryBoundedBatches(seqs, 1, 0, shape, 10 * bytesPerSequence(shape, 50), bytesPerSequence(shape, 10));
+    assert.deepEqual(
+      out.map((b) => !!b.batch.overBudget),
+      [false, false, true],
+    );
+    // without the second budget, nothing is over the (grown) one
+    assert.ok(
+      memoryBoundedBatches(seqs, 1, 0, shape, 10 * bytesPerSequence(shape, 50)).every((b) => !b.batch.overBudget),
+    );
+  });
+
   test('matrices reduced inside the graph count the largest module once; returned ones count every module', () => {
     const two: RunShape = {
       ...shape,

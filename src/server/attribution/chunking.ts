@@ -119,6 +119,12 @@ export function memoryBoundedBatches(
   pad: number,
   shape: RunShape,
   budget = runBudgetBytes(),
+  /**
+   * a sequence alone above this runs with its large blocks mapped (`Batch.overBudget`): the
+   * default budget, not one grown for what every run streams (`runBudgetBytes(perRunBytes)`), since
+   * the heap fragments within a long sequence's run whatever the budget let in
+   */
+  largeRun = Math.min(budget, runBudgetBytes()),
 ): Array<{ batch: Batch; idx: number[] }> {
   const order = [...seqs.keys()].sort((a, b) => seqs[a].ids.length - seqs[b].ids.length || a - b);
   if (order.length) {
@@ -148,8 +154,8 @@ export function memoryBoundedBatches(
       idx.map((k) => seqs[k]),
       pad,
     );
-    // one sequence alone over the budget: its run maps its large tensors (util/malloc.ts)
-    if (idx.length === 1 && bytesPerSequence(shape, seqs[idx[0]].ids.length) > budget) batch.overBudget = true;
+    // one sequence alone over the (default) budget: its run maps its large tensors (util/malloc.ts)
+    if (idx.length === 1 && bytesPerSequence(shape, seqs[idx[0]].ids.length) > largeRun) batch.overBudget = true;
     out.push({ batch, idx });
     i = j;
   }

@@ -645,6 +645,7 @@ export async function scoreCandidates(
     shape,
     // every run reads all the rows: larger runs when they are large (runBudgetBytes)
     Math.max(0, runBudgetBytes(feedBytes(feeds)) - formedBytes),
+    Math.max(0, runBudgetBytes() - formedBytes),
   )) {
     if (opts.signal?.aborted) throw new Error('cancelled');
     read(await graph.run(batch, { feeds }), batch, idx);
