@@ -4,6 +4,7 @@ import {
   availableBytes,
   bytesPerSequence,
   feedBytes,
+  matrixBytes,
   memoryBoundedBatches,
   type RunShape,
   runBudgetBytes,
@@ -180,6 +181,12 @@ describe('runBudgetBytes', () => {
       assert.equal(runBudgetBytes(), 300 * MiB);
       assert.equal(runBudgetBytes(4.6e9, 64 * GiB), 300 * MiB);
     }));
+
+  test('matrixBytes: one d_out × d_A matrix per module, the bias a column of its own', () => {
+    // 3 × (4 + 1) floats
+    assert.equal(matrixBytes(shape.modules, false), 60);
+    assert.equal(matrixBytes(shape.modules, true), 120);
+  });
 
   test('feedBytes counts the bytes of every fed array', () => {
     assert.equal(feedBytes({ a: { data: new Float32Array(10) }, b: { data: new Float64Array(3) } }), 64);

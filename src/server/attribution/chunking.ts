@@ -25,10 +25,12 @@ const DEFAULT_RUN_MB = 1024;
  * the rows (an [B, K]·[Q, K]ᵀ product is memory-bound and reads them once whatever B is).
  * INFLUENCE_LENS_RUN_MB fixes the budget instead.
  */
-export function runBudgetBytes(perRunBytes = 0, available = availableBytes()): number {
+export function runBudgetBytes(perRunBytes = 0, available?: number): number {
   const mb = Number(process.env.INFLUENCE_LENS_RUN_MB);
   if (Number.isFinite(mb) && mb > 0) return mb * 2 ** 20;
-  return Math.max(DEFAULT_RUN_MB * 2 ** 20, Math.min(perRunBytes, available / 4));
+  const base = DEFAULT_RUN_MB * 2 ** 20;
+  // the memory available is read only when the runs stream more than the default
+  return perRunBytes <= base ? base : Math.max(base, Math.min(perRunBytes, (available ?? availableBytes()) / 4));
 }
 
 /**
@@ -38,6 +40,13 @@ export function runBudgetBytes(perRunBytes = 0, available = availableBytes()): n
 export function availableBytes(): number {
   const system = typeof process.availableMemory === 'function' ? process.availableMemory() : freemem();
   return Math.max(0, Math.min(system, sequenceLimitBytes()));
+}
+
+/** Bytes of one d_out × d_A matrix per module (a query row, a Λ sum) in a graph's precision. */
+export function matrixBytes(modules: ModuleInfo[], fp64: boolean): number {
+  let floats = 0;
+  for (const m of modules) floats += m.dOut * (m.dIn + (m.hasBias ? 1 : 0));
+  return floats * (fp64 ? 8 : 4);
 }
 
 /** Bytes of the tensors a run is fed (`perRunBytes` of `runBudgetBytes`). */

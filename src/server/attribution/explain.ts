@@ -31,7 +31,7 @@ import type { GradientStore } from '../index/gradient-store';
 import type { Floats } from '../linalg/matrix';
 import type { Model } from '../model/engine';
 import { collectGarbage } from '../util/gc';
-import { runBudgetBytes, sequenceLimitBytes } from './chunking';
+import { matrixBytes, runBudgetBytes, sequenceLimitBytes } from './chunking';
 import type { Preconditioner } from './ekfac/precondition';
 import {
   type CandidateScores,
@@ -204,8 +204,7 @@ function rowsPerPass(setup: ExplainSetup): number {
 /** Bytes of one query row: Σ_modules d_out × d_A floats in the graph's precision. */
 function rowBytes(setup: ExplainSetup): number {
   const model = setup.model.model;
-  const floats = model.modules(setup.modules).reduce((s, m) => s + m.dOut * (m.dIn + (m.hasBias ? 1 : 0)), 0);
-  return floats * (model.precision === 'fp64' ? 8 : 4);
+  return matrixBytes(model.modules(setup.modules), model.precision === 'fp64');
 }
 
 /** Tests set `force` to score the heatmap passes in one form wherever the rule would choose (both must agree). */

@@ -14,7 +14,7 @@ import type { ort } from '../model/onnx/session';
 import { DEFAULTS } from '../settings';
 import { collectGarbage } from '../util/gc';
 import { Rng } from '../util/random';
-import { feedBytes, memoryBoundedBatches, runBudgetBytes, runShape, sequenceLimitBytes } from './chunking';
+import { feedBytes, matrixBytes, memoryBoundedBatches, runBudgetBytes, runShape, sequenceLimitBytes } from './chunking';
 import { CovarianceAccumulator } from './ekfac/covariance';
 import { assembleEigenbasis, type Decomposition, decomposeCovariance, type Eigenbasis } from './ekfac/eigenbasis';
 import type { ModuleShape } from './ekfac/gradient';
@@ -243,8 +243,7 @@ export async function fitLambdas(
   // A different stream from pass 1, as kronfluence draws fresh labels for the correction.
   const rng = new Rng(opts.seed + 1);
   // every run reads all the bases and returns a d_out × d_A sum per module, whatever its batch
-  let sums = 0;
-  for (const m of graph.moduleInfo) sums += m.dOut * (m.dIn + (m.hasBias ? 1 : 0)) * (graph.fp64 ? 8 : 4);
+  const sums = matrixBytes(graph.moduleInfo, graph.fp64);
   const bs = memoryBoundedBatches(
     select(examples, opts.partition),
     opts.batchSize ?? DEFAULTS.batchSize,
