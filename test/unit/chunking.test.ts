@@ -1,13 +1,10 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 import {
-  availableBytes,
   bytesPerSequence,
-  feedBytes,
   matrixBytes,
   memoryBoundedBatches,
   type RunShape,
-  runBudgetBytes,
   runShape,
 } from '../../src/server/attribution/chunking';
 import { ATTENTION_CHUNK_BYTES } from '../../src/server/model/architectures/common';
@@ -51,20 +48,6 @@ describe('memoryBoundedBatches', () => {
     assert.deepEqual(
       out.map((b) => !!b.batch.overBudget),
       [false, false, true],
-    );
-  });
-
-  test('a budget grown for what runs stream still maps a long sequence that the default budget would', () => {
-    const seqs = [seq(3), seq(3), seq(50)];
-    // room for 10 of the long sequence, but a run of it alone is a long run all the same
-    const out = memoryBoundedBatches(seqs, 1, 0, shape, 10 * bytesPerSequence(shape, 50), bytesPerSequence(shape, 10));
-    assert.deepEqual(
-      out.map((b) => !!b.batch.overBudget),
-      [false, false, true],
-    );
-    // without the second budget, nothing is over the (grown) one
-    assert.ok(
-      memoryBoundedBatches(seqs, 1, 0, shape, 10 * bytesPerSequence(shape, 50)).every((b) => !b.batch.overBudget),
     );
   });
 
@@ -145,51 +128,8 @@ describe('memoryBoundedBatches', () => {
   });
 });
 
-describe('runBudgetBytes', () => {
-  const MiB = 2 ** 20;
-  const GiB = 2 ** 30;
-  const withRunMb = (v: string | undefined, f: () => void) => {
-    const saved = process.env.INFLUENCE_LENS_RUN_MB;
-    if (v === undefined) delete process.env.INFLUENCE_LENS_RUN_MB;
-    else process.env.INFLUENCE_LENS_RUN_MB = v;
-    try {
-      f();
-    } finally {
-      if (saved === undefined) delete process.env.INFLUENCE_LENS_RUN_MB;
-      else process.env.INFLUENCE_LENS_RUN_MB = saved;
-    }
-  };
-
-  test('1 GiB by default; grows to what every run streams, up to a quarter of the memory available', () =>
-    withRunMb(undefined, () => {
-      assert.equal(runBudgetBytes(), GiB);
-      assert.equal(runBudgetBytes(0.5 * GiB, 64 * GiB), GiB);
-      // 8 query rows of SmolLM-135M and its bases: 4.6 GB read by every score run
-      assert.equal(runBudgetBytes(4.6e9, 64 * GiB), 4.6e9);
-      assert.equal(runBudgetBytes(4.6e9, 8 * GiB), 2 * GiB);
-      // never below the default, however little is available (the sequence limit refuses instead)
-      assert.equal(runBudgetBytes(4.6e9, 1 * GiB), GiB);
-      // the default argument is this machine's memory now
-      assert.ok(availableBytes() > 0);
-      // (what is available moves a little between two reads)
-      const expected = Math.max(GiB, availableBytes() / 4);
-      assert.ok(Math.abs(runBudgetBytes(100 * GiB) - expected) < 0.05 * expected);
-    }));
-
-  test('INFLUENCE_LENS_RUN_MB fixes the budget whatever the runs stream', () =>
-    withRunMb('300', () => {
-      assert.equal(runBudgetBytes(), 300 * MiB);
-      assert.equal(runBudgetBytes(4.6e9, 64 * GiB), 300 * MiB);
-    }));
-
-  test('matrixBytes: one d_out × d_A matrix per module, the bias a column of its own', () => {
-    // 3 × (4 + 1) floats
-    assert.equal(matrixBytes(shape.modules, false), 60);
-    assert.equal(matrixBytes(shape.modules, true), 120);
-  });
-
-  test('feedBytes counts the bytes of every fed array', () => {
-    assert.equal(feedBytes({ a: { data: new Float32Array(10) }, b: { data: new Float64Array(3) } }), 64);
-    assert.equal(feedBytes({}), 0);
-  });
+test('matrixBytes: one d_out × d_A matrix per module, the bias a column of its own', () => {
+  // 3 × (4 + 1) floats
+  assert.equal(matrixBytes(shape.modules, false), 60);
+  assert.equal(matrixBytes(shape.modules, true), 120);
 });

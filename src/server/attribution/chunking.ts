@@ -3,43 +3,20 @@
 // at the Pythia-70M shape, with every module's per-example gradient, peaked above 8 GB.
 // Batches are split so that one run's estimated intermediates stay within a budget; every
 // caller sums or concatenates the runs' results, so the split changes nothing but memory.
-import { freemem, totalmem } from 'node:os';
+import { totalmem } from 'node:os';
 import { ATTENTION_CHUNK_BYTES } from '../model/architectures/common';
 import { type Batch, EngineError, type ModuleInfo, makeBatch, type Sequence } from '../model/engine';
 import { headChunkRows } from '../model/head';
 
-/** The default run budget in MiB (INFLUENCE_LENS_RUN_MB overrides it). */
-const DEFAULT_RUN_MB = 1024;
-
 /**
- * Bytes one run's intermediates may take. The default is 1024 MiB rather than 768: at the
- * SmolLM-135M shape it let the Λ pass take two sequences per run (Λ 31.4 → 23.1 s, fit 96 → 86 s)
- * for +0.1 GB of peak; at Pythia-70M +0.5 GB (2.5 → 3.0 GB, kronfluence 3.35 GB) at the same
- * speed; 2048 was no faster at 70M and took 3.6 GB there.
- *
- * `perRunBytes`: what every run reads or writes whatever its batch (the query rows a score run
- * streams, the bases a Λ run reads and the Λ sums it returns). Those are paid once per run, so
- * when they outgrow the default, fewer and larger runs pay them fewer times: the budget grows to
- * them, up to a quarter of the memory available now. At the SmolLM-135M shape, 8 query rows and
- * the bases are 4.6 GB: 8 score runs of 2 sequences spent about 2.8 s of a 21 s pass streaming
- * the rows (an [B, K]·[Q, K]ᵀ product is memory-bound and reads them once whatever B is).
- * INFLUENCE_LENS_RUN_MB fixes the budget instead.
+ * Default bytes one run's intermediates may take (INFLUENCE_LENS_RUN_MB overrides, in MiB).
+ * 1024 rather than 768: at the SmolLM-135M shape it lets the Λ pass take two sequences per run
+ * (Λ 31.4 → 23.1 s, fit 96 → 86 s) for +0.1 GB of peak; at Pythia-70M +0.5 GB (2.5 → 3.0 GB,
+ * kronfluence 3.35 GB) at the same speed; 2048 was no faster at 70M and took 3.6 GB there.
  */
-export function runBudgetBytes(perRunBytes = 0, available?: number): number {
+export function runBudgetBytes(): number {
   const mb = Number(process.env.INFLUENCE_LENS_RUN_MB);
-  if (Number.isFinite(mb) && mb > 0) return mb * 2 ** 20;
-  const base = DEFAULT_RUN_MB * 2 ** 20;
-  // the memory available is read only when the runs stream more than the default
-  return perRunBytes <= base ? base : Math.max(base, Math.min(perRunBytes, (available ?? availableBytes()) / 4));
-}
-
-/**
- * Memory available to this process now: the system's (MemAvailable, or a cgroup's limit) and,
- * where INFLUENCE_LENS_MEMORY_MB stands for the machine, what that leaves beyond this process.
- */
-export function availableBytes(): number {
-  const system = typeof process.availableMemory === 'function' ? process.availableMemory() : freemem();
-  return Math.max(0, Math.min(system, sequenceLimitBytes()));
+  return (Number.isFinite(mb) && mb > 0 ? mb : 1024) * 2 ** 20;
 }
 
 /** Bytes of one d_out × d_A matrix per module (a query row, a Λ sum) in a graph's precision. */
@@ -47,13 +24,6 @@ export function matrixBytes(modules: ModuleInfo[], fp64: boolean): number {
   let floats = 0;
   for (const m of modules) floats += m.dOut * (m.dIn + (m.hasBias ? 1 : 0));
   return floats * (fp64 ? 8 : 4);
-}
-
-/** Bytes of the tensors a run is fed (`perRunBytes` of `runBudgetBytes`). */
-export function feedBytes(feeds: Record<string, { data: unknown }>): number {
-  let n = 0;
-  for (const t of Object.values(feeds)) if (ArrayBuffer.isView(t.data)) n += t.data.byteLength;
-  return n;
 }
 
 export interface RunShape {
@@ -128,12 +98,6 @@ export function memoryBoundedBatches(
   pad: number,
   shape: RunShape,
   budget = runBudgetBytes(),
-  /**
-   * a sequence alone above this runs with its large blocks mapped (`Batch.overBudget`): the
-   * default budget, not one grown for what every run streams (`runBudgetBytes(perRunBytes)`), since
-   * the heap fragments within a long sequence's run whatever the budget let in
-   */
-  largeRun = Math.min(budget, runBudgetBytes()),
 ): Array<{ batch: Batch; idx: number[] }> {
   const order = [...seqs.keys()].sort((a, b) => seqs[a].ids.length - seqs[b].ids.length || a - b);
   if (order.length) {
@@ -163,8 +127,8 @@ export function memoryBoundedBatches(
       idx.map((k) => seqs[k]),
       pad,
     );
-    // one sequence alone over the (default) budget: its run maps its large tensors (util/malloc.ts)
-    if (idx.length === 1 && bytesPerSequence(shape, seqs[idx[0]].ids.length) > largeRun) batch.overBudget = true;
+    // one sequence alone over the budget: its run maps its large tensors (util/malloc.ts)
+    if (idx.length === 1 && bytesPerSequence(shape, seqs[idx[0]].ids.length) > budget) batch.overBudget = true;
     out.push({ batch, idx });
     i = j;
   }

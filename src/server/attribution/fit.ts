@@ -14,7 +14,7 @@ import type { ort } from '../model/onnx/session';
 import { DEFAULTS } from '../settings';
 import { collectGarbage } from '../util/gc';
 import { Rng } from '../util/random';
-import { feedBytes, matrixBytes, memoryBoundedBatches, runBudgetBytes, runShape, sequenceLimitBytes } from './chunking';
+import { memoryBoundedBatches, runShape, sequenceLimitBytes } from './chunking';
 import { CovarianceAccumulator } from './ekfac/covariance';
 import { assembleEigenbasis, type Decomposition, decomposeCovariance, type Eigenbasis } from './ekfac/eigenbasis';
 import type { ModuleShape } from './ekfac/gradient';
@@ -242,14 +242,11 @@ export async function fitLambdas(
   }
   // A different stream from pass 1, as kronfluence draws fresh labels for the correction.
   const rng = new Rng(opts.seed + 1);
-  // every run reads all the bases and returns a d_out × d_A sum per module, whatever its batch
-  const sums = matrixBytes(graph.moduleInfo, graph.fp64);
   const bs = memoryBoundedBatches(
     select(examples, opts.partition),
     opts.batchSize ?? DEFAULTS.batchSize,
     model.tokenizer.padTokenId ?? 0,
     runShape(graph.moduleInfo, model.config, 'transient', graph.fp64),
-    runBudgetBytes(feedBytes(feeds) + sums),
   );
   // a function of its own: no loop variable keeps a run's sums alive under the next run (RunResult)
   const add = (out: RunResult, B: number) => {

@@ -12,7 +12,7 @@ import { type Floats, gemm, gemm32 } from '../linalg/matrix';
 import type { Batch, CompiledGraph, Model, ModuleSelection, RunResult } from '../model/engine';
 import type { ort } from '../model/onnx/session';
 import { DEFAULTS } from '../settings';
-import { feedBytes, memoryBoundedBatches, type RunShape, runBudgetBytes, runShape } from './chunking';
+import { memoryBoundedBatches, type RunShape, runBudgetBytes, runShape } from './chunking';
 import { fromEigenbasis, toEigenbasis } from './ekfac/eigenbasis';
 import {
   lowRank,
@@ -643,8 +643,6 @@ export async function scoreCandidates(
     opts.batchSize ?? DEFAULTS.batchSize,
     model.tokenizer.padTokenId ?? 0,
     shape,
-    // every run reads all the rows: larger runs when they are large (runBudgetBytes)
-    Math.max(0, runBudgetBytes(feedBytes(feeds)) - formedBytes),
     Math.max(0, runBudgetBytes() - formedBytes),
   )) {
     if (opts.signal?.aborted) throw new Error('cancelled');
