@@ -8,6 +8,7 @@
 // its leftovers could never be told apart from a user's files; hence this small helper.)
 import {
   closeSync,
+  existsSync,
   fsyncSync,
   lstatSync,
   mkdirSync,
@@ -17,20 +18,24 @@ import {
   rmSync,
   writeSync,
 } from 'node:fs';
-import { dirname, join } from 'node:path';
+import { basename, dirname, join } from 'node:path';
 import { threadId } from 'node:worker_threads';
 
 let counter = 0;
 
 /** A fresh temporary path next to `target`, marked with this process's id. */
-export function tempPathFor(target: string): string {
+export function tempPathFor(target: string, kind: 'tmp' | 'old' = 'tmp'): string {
   counter++;
   // threadId keeps two worker threads of one process apart
-  return `${target}.tmp-${process.pid}-${threadId}x${counter}`;
+  return `${target}.${kind}-${process.pid}-${threadId}x${counter}`;
 }
 
-/** Matches our temporaries, the pid in group 1 (also the older `.tmp-<pid>` names). */
-const TEMP_NAME = /\.tmp-(\d+)(?:-\d+x\d+)?$/;
+/**
+ * Matches our temporaries: group 1 is `tmp` (a new version being written) or `old` (a folder's
+ * previous version, moved aside while the new one is renamed into place), group 2 the pid (also
+ * the older `.tmp-<pid>` names).
+ */
+const TEMP_NAME = /\.(tmp|old)-(\d+)(?:-\d+x\d+)?$/;
 
 /** Writes `data` to `path` atomically and durably. `mode` applies to a new file. */
 export function writeFileAtomic(path: string, data: string | Uint8Array, options: { mode?: number } = {}): void {
@@ -89,30 +94,67 @@ function commitTemp(tmp: string, path: string): void {
 
 /**
  * Replaces the folder `dir` with the one `fill(tmp)` writes into the (created, empty) temporary
- * folder it is given: every file in it is flushed, then the old folder is removed and the new one
- * renamed into place. A crash before the rename leaves the old folder (and a temporary that
- * `cleanStaleTemps` removes later).
+ * folder it is given: every file in it is flushed, the old folder is renamed aside
+ * (`<dir>.old-<pid>-…`), the new one renamed into place, and only then is the old one removed.
+ * The live folder is never deleted file by file, so a crash at any moment leaves the old folder,
+ * the new one, or (between the two renames) the old one set aside, which `restoreReplacedDir`
+ * (called by readers and by `cleanStaleTemps`) puts back once the writer is gone.
  */
 export function replaceDirAtomic(dir: string, fill: (tmp: string) => void): void {
   const tmp = tempPathFor(dir);
+  const old = tempPathFor(dir, 'old');
   mkdirSync(dirname(dir), { recursive: true });
+  restoreReplacedDir(dir); // an earlier writer killed between its two renames
+  let movedAside = false;
   try {
     mkdirSync(tmp);
     fill(tmp);
     fsyncTree(tmp);
-    rmSync(dir, { recursive: true, force: true });
+    if (existsSync(dir)) {
+      renameSync(dir, old);
+      movedAside = true;
+    }
     renameSync(tmp, dir);
   } catch (e) {
+    if (movedAside && !existsSync(dir)) renameSync(old, dir);
     rmSync(tmp, { recursive: true, force: true });
     throw e;
   }
   fsyncDir(dirname(dir));
+  if (movedAside) rmSync(old, { recursive: true, force: true });
+}
+
+/**
+ * Puts back the previous version of `dir` when a process killed in the middle of
+ * `replaceDirAtomic` left it set aside (`<dir>.old-<pid>-…`, that pid no longer running) and no
+ * `dir` in its place. Returns whether it restored one. Cheap when there is nothing to do.
+ */
+export function restoreReplacedDir(dir: string): boolean {
+  if (existsSync(dir)) return false;
+  const parent = dirname(dir);
+  const prefix = `${basename(dir)}.old-`;
+  let names: string[];
+  try {
+    names = readdirSync(parent).filter((n) => n.startsWith(prefix));
+  } catch {
+    return false;
+  }
+  for (const name of names) {
+    const m = TEMP_NAME.exec(name);
+    if (m?.[1] !== 'old' || processAlive(Number(m[2]))) continue;
+    renameSync(join(parent, name), dir);
+    fsyncDir(parent);
+    return true;
+  }
+  return false;
 }
 
 /**
  * Removes the temporaries (files or folders) that processes which no longer run left in `root`
  * and its subfolders down to `depth` levels. Only names of our pattern whose pid is not alive are
- * touched; symbolic links are never followed. Returns the paths removed.
+ * touched; symbolic links are never followed. A folder's previous version set aside by a killed
+ * `replaceDirAtomic` is put back where its folder is missing, removed where the new one is in
+ * place. Returns the paths removed (or put back).
  */
 export function cleanStaleTemps(root: string, depth = 3): string[] {
   const removed: string[] = [];
@@ -133,7 +175,13 @@ export function cleanStaleTemps(root: string, depth = 3): string[] {
       }
       if (st.isSymbolicLink()) continue;
       const m = TEMP_NAME.exec(name);
-      if (m && !processAlive(Number(m[1]))) {
+      if (m && !processAlive(Number(m[2]))) {
+        // a folder's previous version set aside by a writer killed before it renamed the new one
+        // into place: put it back rather than lose the folder
+        if (m[1] === 'old' && restoreReplacedDir(join(dir, name.slice(0, m.index)))) {
+          removed.push(p);
+          continue;
+        }
         rmSync(p, { recursive: true, force: true });
         removed.push(p);
       } else if (st.isDirectory() && level < depth) walk(p, level + 1);

@@ -7,7 +7,13 @@ import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, 
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, test } from 'node:test';
-import { cleanStaleTemps, processAlive, replaceDirAtomic, writeFileAtomic } from '../../src/common/atomic-write';
+import {
+  cleanStaleTemps,
+  processAlive,
+  replaceDirAtomic,
+  restoreReplacedDir,
+  writeFileAtomic,
+} from '../../src/common/atomic-write';
 import { InfluenceService } from '../../src/server/service/influence-service';
 import { useTempHome } from './helpers/env';
 
@@ -72,6 +78,8 @@ for (const kind of ['file', 'dir'] as const) {
       await new Promise((r) => setTimeout(r, 7 * round));
       child.kill('SIGKILL');
       await exited;
+      // what every reader of a replaced folder does first (openCheckpoint, loadFactors)
+      if (kind === 'dir') restoreReplacedDir(target);
       if (kind === 'file') assertWhole(target, bytes);
       else for (const f of ['a.bin', 'b.bin']) assertWhole(join(target, f), bytes);
       if (kind === 'dir') {
@@ -85,6 +93,47 @@ for (const kind of ['file', 'dir'] as const) {
     assert.ok(leftovers > 0, 'some kill landed in the middle of a write');
   });
 }
+
+test('a folder replace killed between its two renames: readers and the cleanup put the old folder back', () => {
+  const d = join(root, 'between');
+  const dead = deadPid();
+  const target = join(d, 'checkpoint');
+  const setAside = () => {
+    mkdirSync(join(d, `checkpoint.old-${dead}-0x2`), { recursive: true });
+    writeFileSync(join(d, `checkpoint.old-${dead}-0x2`, 'model.safetensors'), 'old');
+    mkdirSync(join(d, `checkpoint.tmp-${dead}-0x1`));
+    writeFileSync(join(d, `checkpoint.tmp-${dead}-0x1`, 'model.safetensors'), 'new');
+  };
+  // a reader finds the folder missing and its old version set aside by a dead writer
+  setAside();
+  assert.equal(restoreReplacedDir(target), true);
+  assert.equal(readFileSync(join(target, 'model.safetensors'), 'utf8'), 'old');
+  assert.equal(restoreReplacedDir(target), false, 'nothing to do once it is back');
+  cleanStaleTemps(d);
+  assert.deepEqual(readdirSync(d), ['checkpoint']);
+  // the cleanup at a server's start does the same
+  rmSync(target, { recursive: true });
+  setAside();
+  cleanStaleTemps(d);
+  assert.deepEqual(readdirSync(d), ['checkpoint']);
+  assert.equal(readFileSync(join(target, 'model.safetensors'), 'utf8'), 'old');
+  // a set-aside copy beside a folder that is in place is the old version: removed, the new one stays
+  mkdirSync(join(d, `checkpoint.old-${dead}-0x3`));
+  cleanStaleTemps(d);
+  assert.deepEqual(readdirSync(d), ['checkpoint']);
+  // a live writer's set-aside copy is never touched (it is about to rename the new one in)
+  rmSync(target, { recursive: true });
+  mkdirSync(join(d, `checkpoint.old-${process.pid}-0x4`));
+  assert.equal(restoreReplacedDir(target), false);
+  assert.deepEqual(cleanStaleTemps(d), []);
+  assert.deepEqual(readdirSync(d), [`checkpoint.old-${process.pid}-0x4`]);
+  // and a later replace by this process (not killed) still lands whole
+  rmSync(join(d, `checkpoint.old-${process.pid}-0x4`), { recursive: true });
+  replaceDirAtomic(target, (tmp) => writeFileSync(join(tmp, 'model.safetensors'), 'v2'));
+  replaceDirAtomic(target, (tmp) => writeFileSync(join(tmp, 'model.safetensors'), 'v3'));
+  assert.deepEqual(readdirSync(d), ['checkpoint']);
+  assert.equal(readFileSync(join(target, 'model.safetensors'), 'utf8'), 'v3');
+});
 
 test('cleanStaleTemps: only our names, only dead pids, nested folders, never through links', () => {
   const d = join(root, 'clean');

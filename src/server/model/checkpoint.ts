@@ -3,6 +3,7 @@
 // bytes stay on disk (the engine hands them to ONNX Runtime as external data).
 import { existsSync, readdirSync, readFileSync, statSync } from 'node:fs';
 import { join, resolve } from 'node:path';
+import { restoreReplacedDir } from '../../common/atomic-write';
 import { ADAPTER_CONFIG, isAdapterDir, type LoraAdapter, PEFT_PREFIX, readAdapter, resolveBase } from './adapter';
 import { type DType, readSafetensorsHeader, readTensorF32, type SafetensorsHeader } from './safetensors';
 
@@ -94,6 +95,7 @@ export interface OpenOptions {
 
 export function openCheckpoint(dirIn: string, options: OpenOptions = {}): Checkpoint {
   const dir = resolve(dirIn);
+  restoreReplacedDir(dir); // a checkpoint save killed between its two renames (common/atomic-write.ts)
   if (!existsSync(dir) || !statSync(dir).isDirectory())
     throw new CheckpointError(`${dirIn}: not a directory (expected a Hugging Face model directory)`);
   if (isAdapterDir(dir)) return openAdapter(dir, options.base);

@@ -19,7 +19,7 @@
 // always read as fp64.
 import { copyFileSync, existsSync, mkdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { writeAtomicWith, writeFileAtomic } from '../../../common/atomic-write';
+import { restoreReplacedDir, writeAtomicWith, writeFileAtomic } from '../../../common/atomic-write';
 import { type Floats, firstNonFinite, inPrecision, type Precision, precisionOf, toF64 } from '../../linalg/matrix';
 import {
   checkDataChecksum,
@@ -252,6 +252,7 @@ export function saveFactors(dir: string, factors: Factors, options: SaveOptions 
 
 /** Reads a factors directory written by us or by kronfluence (any float dtype). */
 export function loadFactors(dir: string, options: LoadOptions = {}): Factors {
+  restoreReplacedDir(dir); // a stage save killed between its two renames (common/atomic-write.ts)
   if (!existsSync(dir)) throw new Error(`no factors directory at ${dir}`);
   // The fit job writes its final factors file by file into `dir`, our arguments file last, and
   // removes its partials/ after: a fit killed in that write leaves stage files that look whole
