@@ -7,7 +7,9 @@ import { FitJobError } from './attribution/fit-job';
 import { StageError } from './attribution/stage';
 import { CliError } from './cli/util';
 import { DataError } from './data/errors';
+import { QueriesError } from './eval/queries';
 import { GradientStoreError } from './index/gradient-store';
+import { AdapterError } from './model/adapter';
 import { ConfigError as ModelConfigError } from './model/architectures/common';
 import { CheckpointError } from './model/checkpoint';
 import { EngineError } from './model/engine';
@@ -26,6 +28,7 @@ export const USER_ERRORS: ReadonlyArray<new (...args: never[]) => Error> = [
   DeviceError,
   DataError,
   CheckpointError,
+  AdapterError,
   SafetensorsError,
   TokenizerError,
   ModelConfigError,
@@ -35,7 +38,22 @@ export const USER_ERRORS: ReadonlyArray<new (...args: never[]) => Error> = [
   UnfinishedFitError,
   ExplainError,
   GradientStoreError,
+  QueriesError,
 ];
+
+/**
+ * Error classes that are not the user's to act on, each with why (a test checks that every error
+ * class under src/server and src/common is in one of the two lists, so a new one is not
+ * forgotten and printed as a crash).
+ */
+export const INTERNAL_ERRORS: Readonly<Record<string, string>> = {
+  SettingError: 'the base of ExplainError, FitJobError, StageError; never thrown itself',
+  FitBusyError: 'a FitJobError (user-facing through its base)',
+  CheckpointsError: 'a CheckpointError (user-facing through its base)',
+  ChatTemplateError: 'rethrown as a TokenizerError naming the record',
+  RecordShapeError: 'rethrown as a DataError naming the file and line',
+  QueueFullError: "answered as the protocol's Busy code by the dispatcher",
+};
 
 /** Whether `e` is a user-facing error (print its message), not a bug (print its stack). */
 export function isUserError(e: unknown): boolean {

@@ -139,6 +139,11 @@ test('graph cache: a Hugging Face hub-cache snapshot (relative symlinks into blo
     symlinkSync(join('..', '..', 'blobs', blob), join(snap, f));
   }
   assert.equal(await totalLoss(snap, fresh('cache')), await totalLoss(FIXTURE, fresh('cache')));
+  // the repository folder itself is refused with the snapshot to pass instead
+  assert.throws(
+    () => Model.open(repo),
+    (e: Error) => e.message.includes('hub-cache folder') && e.message.includes(snap) && !e.message.includes('\n'),
+  );
 });
 
 async function smallStore(dir: string) {

@@ -3,12 +3,13 @@
 // anything else (a bug) keeps its stack.
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
+import { readdirSync, readFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { test } from 'node:test';
 import { CliError } from '../../src/server/cli/util';
 import { ConfigFileError } from '../../src/server/service/config';
 import { ServiceError } from '../../src/server/service/influence-service';
-import { isUserError } from '../../src/server/user-errors';
+import { INTERNAL_ERRORS, isUserError, USER_ERRORS } from '../../src/server/user-errors';
 
 const ROOT = resolve(import.meta.dirname, '../..');
 const cli = (...args: string[]) =>
@@ -42,4 +43,21 @@ test('user-facing errors are recognised; anything else is a bug (its stack is pr
   assert.equal(isUserError(new ServiceError('unknown dataset')), true);
   assert.equal(isUserError(new TypeError("Cannot read properties of undefined (reading 'x')")), false);
   assert.equal(isUserError(new Error('one line, but not a known kind')), false);
+});
+
+test('every error class under src/server and src/common is a user error or named internal with a reason', () => {
+  const declared: string[] = [];
+  for (const dir of ['src/server', 'src/common'])
+    for (const f of readdirSync(join(ROOT, dir), { recursive: true, encoding: 'utf8' }))
+      if (f.endsWith('.ts'))
+        for (const m of readFileSync(join(ROOT, dir, f), 'utf8').matchAll(/class (\w+Error) extends \w+/g))
+          declared.push(m[1]);
+  assert.ok(declared.includes('AdapterError') && declared.includes('QueriesError'), declared.join(' '));
+  const user = new Set(USER_ERRORS.map((C) => C.name));
+  for (const name of declared)
+    assert.ok(
+      user.has(name) || name in INTERNAL_ERRORS,
+      `${name} is neither in USER_ERRORS nor in INTERNAL_ERRORS (src/server/user-errors.ts): a user would see it as a crash with a stack`,
+    );
+  for (const name of Object.keys(INTERNAL_ERRORS)) assert.ok(declared.includes(name), `${name} no longer exists`);
 });

@@ -151,7 +151,7 @@ test('a config that contradicts the weights is refused: biases, tied head, slidi
       (c) => {
         c.tie_word_embeddings = true;
       },
-      /"tie_word_embeddings": true.*lm_head\.weight/,
+      /"tie_word_embeddings" is true, but.*lm_head\.weight/,
     ],
     [
       'llama',

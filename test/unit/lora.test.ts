@@ -7,6 +7,7 @@ import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { after, test } from 'node:test';
 import { Model } from '../../src/server/model/engine';
+import { isUserError } from '../../src/server/user-errors';
 import { useTempHome } from './helpers/env';
 import { loadGolden, relErr } from './helpers/golden';
 
@@ -74,6 +75,7 @@ const REFUSED: Array<[string, (c: Record<string, unknown>) => void, RegExp]> = [
   ['peft_type', (c) => (c.peft_type = 'IA3'), /adapter_config\.json: "peft_type" is "IA3"; only LoRA/],
   ['bias', (c) => (c.bias = 'all'), /adapter_config\.json: "bias": "all" is not supported/],
   ['PiSSA init', (c) => (c.init_lora_weights = 'pissa'), /adapter_config\.json: "init_lora_weights": "pissa"/],
+  ['EVA init', (c) => (c.init_lora_weights = 'eva'), /"init_lora_weights": "eva" is not supported.*EVA/],
   ['an unknown switched-on key', (c) => (c.use_future_thing = true), /adapter_config\.json: "use_future_thing"/],
   [
     'a target that is not in the base',
@@ -105,10 +107,17 @@ for (const [what, edit, message] of REFUSED)
       (e: Error) => {
         assert.match(e.message, message);
         assert.ok(!e.message.includes('\n'), e.message);
+        assert.ok(isUserError(e), `${e.constructor.name} is printed as a crash, not as the user's error`);
         return true;
       },
     );
   });
+
+test('LoRA: initialisations that only set A and B (gaussian, orthogonal) open as the default does', () => {
+  const plain = Model.open(variant(() => {})).modules();
+  for (const init of ['gaussian', 'orthogonal'])
+    assert.deepEqual(Model.open(variant((c) => (c.init_lora_weights = init))).modules(), plain);
+});
 
 test('LoRA: a target_modules regular expression (full match, as PEFT) selects the same layers as the list', () => {
   const list = Model.open(variant(() => {})).modules();

@@ -7,6 +7,7 @@ import { existsSync, mkdirSync, mkdtempSync, readFileSync, writeFileSync } from 
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
+import { tokenizeQuery, tokenizeText } from '../../src/server/data/tokenize';
 import { loadTokenizer, TokenizerError } from '../../src/server/model/tokenizer';
 
 function byteChars(): string[] {
@@ -85,7 +86,7 @@ function byteLevelTokenizer(): string {
   );
 }
 
-function sentencePieceTokenizer(): string {
+function sentencePieceTokenizer(eos = false): string {
   const vocab: Record<string, number> = { '<unk>': 0, '<s>': 1, '</s>': 2 };
   for (let b = 0; b < 256; b++) vocab[`<0x${b.toString(16).toUpperCase().padStart(2, '0')}>`] = 3 + b;
   for (const c of ['▁', ...'abcdefghijklmnopqrstuvwxyz']) vocab[c] = Object.keys(vocab).length;
@@ -116,13 +117,20 @@ function sentencePieceTokenizer(): string {
       pre_tokenizer: null,
       post_processor: {
         type: 'TemplateProcessing',
-        single: [{ SpecialToken: { id: '<s>', type_id: 0 } }, { Sequence: { id: 'A', type_id: 0 } }],
+        single: [
+          { SpecialToken: { id: '<s>', type_id: 0 } },
+          { Sequence: { id: 'A', type_id: 0 } },
+          ...(eos ? [{ SpecialToken: { id: '</s>', type_id: 0 } }] : []),
+        ],
         pair: [
           { SpecialToken: { id: '<s>', type_id: 0 } },
           { Sequence: { id: 'A', type_id: 0 } },
           { Sequence: { id: 'B', type_id: 1 } },
         ],
-        special_tokens: { '<s>': { id: '<s>', ids: [1], tokens: ['<s>'] } },
+        special_tokens: {
+          '<s>': { id: '<s>', ids: [1], tokens: ['<s>'] },
+          ...(eos ? { '</s>': { id: '</s>', ids: [2], tokens: ['</s>'] } } : {}),
+        },
       },
       decoder: {
         type: 'Sequence',
@@ -135,7 +143,7 @@ function sentencePieceTokenizer(): string {
       },
       model: bpeModel(vocab, merges, { unk_token: '<unk>', fuse_unk: true, byte_fallback: true }),
     },
-    { bos_token: '<s>', eos_token: '</s>', add_bos_token: true },
+    { bos_token: '<s>', eos_token: '</s>', add_bos_token: true, add_eos_token: eos },
   );
 }
 
@@ -188,6 +196,35 @@ test('SentencePiece-style BPE with byte fallback: BOS gets an empty range, the p
   assert.equal(plain.ids.length, enc.ids.length - 1);
 });
 
+test('a post-processor that appends EOS: training records score it after a scored last token, queries do not', () => {
+  const tok = loadTokenizer(sentencePieceTokenizer(true));
+  const text = tokenizeText(tok, 'the cafe', [[0, 8]], 1 << 10);
+  assert.equal(text.ids.at(0), 1);
+  assert.equal(text.ids.at(-1), 2, 'EOS last');
+  // every position predicts a content token or the EOS, as labels = input_ids would score them
+  assert.deepEqual(text.weights, [...text.ids.slice(0, -1).map(() => 1), 0]);
+  // prompt/completion: the completion ends the text, so its EOS is scored too; the prompt is not
+  const pc = tokenizeText(tok, 'the cafe', [[4, 8]], 1 << 10);
+  assert.equal(pc.weights.at(-2), 1, 'the position before EOS predicts it');
+  assert.equal(pc.weights[0], 0);
+  // a scored span that does not reach the last token leaves the EOS unscored
+  const head = tokenizeText(tok, 'the cafe', [[0, 3]], 1 << 10);
+  assert.equal(head.weights.at(-2), 0);
+  // cut by the context: the EOS is gone and nothing predicts past the cut
+  const cut = tokenizeText(tok, 'the cafe', [[0, 8]], 3);
+  assert.equal(cut.ids.length, 3);
+  assert.deepEqual(cut.weights, [1, 1, 0]);
+  // a query explains the completion's text only
+  const q = tokenizeQuery(tok, 'the ', 'cafe', 1 << 10);
+  assert.equal(q.ids.at(-1), 2);
+  assert.equal(q.weights.at(-2), 0, 'the query does not score the EOS');
+  assert.ok(q.weights.some((w) => w > 0));
+  // without an appended EOS nothing changes: the last position predicts nothing
+  const plain = tokenizeText(loadTokenizer(sentencePieceTokenizer()), 'the cafe', [[0, 8]], 1 << 10);
+  assert.equal(plain.weights.at(-1), 0);
+  assert.equal(plain.weights.at(-2), 1);
+});
+
 test('tokenizer: missing or broken files give clear errors', () => {
   const dir = mkdtempSync(join(tmpdir(), 'il-tok-'));
   assert.throws(
@@ -197,6 +234,28 @@ test('tokenizer: missing or broken files give clear errors', () => {
   mkdirSync(join(dir, 'b'));
   writeFileSync(join(dir, 'b', 'tokenizer.json'), '{');
   assert.throws(() => loadTokenizer(join(dir, 'b')), /not valid JSON/);
+  // an added token with single_word (as transformers' add_tokens(AddedToken(..., single_word=True))
+  // saves it): the tokenizer library would match it inside words, so it is refused by name
+  const tj = JSON.parse(readFileSync(join('test/fixtures/models/gpt2', 'tokenizer.json'), 'utf8'));
+  const id = Math.max(...Object.values(tj.model.vocab as Record<string, number>)) + 1;
+  tj.added_tokens.push({
+    id,
+    content: 'Qzx',
+    single_word: true,
+    lstrip: false,
+    rstrip: false,
+    normalized: true,
+    special: false,
+  });
+  mkdirSync(join(dir, 'c'));
+  writeFileSync(join(dir, 'c', 'tokenizer.json'), JSON.stringify(tj));
+  assert.throws(
+    () => loadTokenizer(join(dir, 'c')),
+    (e: Error) => e instanceof TokenizerError && /added token "Qzx" \(id \d+\) has "single_word": true/.test(e.message),
+  );
+  tj.added_tokens.at(-1).single_word = false;
+  writeFileSync(join(dir, 'c', 'tokenizer.json'), JSON.stringify(tj));
+  assert.deepEqual(loadTokenizer(join(dir, 'c')).encode('a Qzx', { addSpecialTokens: false }).ids.at(-1), id);
 });
 
 const GOLD = 'test/fixtures/golden/tokenizer-encodings.json';

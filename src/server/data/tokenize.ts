@@ -3,7 +3,9 @@
 //   1. render (src/common/records): messages through the model's chat template when it has one;
 //   2. encode: plain texts with the tokenizer's own special tokens (BOS per its post_processor),
 //      chat renderings without (the template writes them, as apply_chat_template(tokenize=True));
-//   3. weights: position t is 1 iff token t+1 overlaps a scored span (format.ts).
+//   3. weights: position t is 1 iff token t+1 overlaps a scored span (format.ts); a special token
+//      the post-processor adds after the content (an EOS) is scored when the content's last token
+//      is, as transformers' labels = input_ids and TRL's completion mask score it in training.
 // Sequences longer than the model's context are cut at the end (the count is reported, never
 // silent); the loss weights follow the cut.
 import type { RenderedRecord, Rendering } from '../../common/records/render';
@@ -27,9 +29,10 @@ export interface TokenizedText {
 /**
  * Bumped whenever rendering or masking changes what a record's ids/weights are, so caches keyed
  * by it (fitted factors, gradient stores) are rebuilt. 2: offsets identical to Python
- * `tokenizers`; messages through the model's chat template.
+ * `tokenizers`; messages through the model's chat template. 3: a post-processor's trailing
+ * special (EOS) is scored after a scored last token.
  */
-export const TOKENIZATION_VERSION = 2;
+export const TOKENIZATION_VERSION = 3;
 
 /** What, besides the examples, decides their tokens: for cache keys and provenance. */
 export function tokenizationKey(tok: TokenizerHandle): Record<string, unknown> {
@@ -42,6 +45,8 @@ export function tokenizeText(
   spans: Span[],
   maxLength: number,
   rendering: Rendering = 'plain',
+  /** score a post-processor's trailing special (EOS) after a scored last token (training records) */
+  scoreTrailing = true,
 ): TokenizedText {
   const enc = tok.encode(text, { addSpecialTokens: rendering !== 'chat_template' });
   let { ids, offsets, sources } = enc;
@@ -52,7 +57,15 @@ export function tokenizeText(
     offsets = offsets.slice(0, maxLength);
     sources = sources.slice(0, maxLength);
   }
-  return { ids, offsets, weights: targetWeightsFromOffsets(sources, spans), truncated, text, rendering };
+  const weights = targetWeightsFromOffsets(sources, spans);
+  // the content's last token is at contentEnd - 1; the specials after it cover no text
+  const contentEnd = enc.ids.length - enc.trailing;
+  if (scoreTrailing && enc.trailing > 0 && contentEnd >= 1 && contentEnd <= ids.length) {
+    const [ls, le] = enc.sources[contentEnd - 1];
+    if (le > ls && spans.some(([s, e]) => ls < e && le > s))
+      for (let p = contentEnd; p < ids.length; p++) weights[p - 1] = 1;
+  }
+  return { ids, offsets, weights, truncated, text, rendering };
 }
 
 /** One JSONL record (the parsed value), rendered for this model and tokenized. */
@@ -100,7 +113,8 @@ export function tokenizeQuery(
     spans = [[prompt.length, text.length]];
     promptLength = prompt.length;
   }
-  const t = tokenizeText(tok, text, spans, maxLength, rendering);
+  // the query explains the completion's text: an EOS after it is not part of what was highlighted
+  const t = tokenizeText(tok, text, spans, maxLength, rendering, false);
   if (t.truncated)
     throw new DataError(`prompt + completion is ${t.ids.length + t.truncated} tokens; the model takes ${maxLength}`);
   if (!t.weights.some((w) => w > 0))

@@ -68,11 +68,13 @@ const KEYS: Record<string, { accepts: string; ok(v: unknown): boolean }> = {
   target_parameters: { accepts: 'null', ok: isOff },
   trainable_token_indices: { accepts: 'null', ok: isOff },
   use_qalora: { accepts: 'false', ok: (v) => v === false || v === null },
-  // PiSSA / OLoRA / LoftQ / CorDA initialisations rewrite the base weights; the saved adapter
-  // then only holds against the rewritten base
+  // PiSSA / OLoRA / LoftQ / CorDA / LoRA-GA initialisations rewrite the base weights, so the saved
+  // adapter only holds against the rewritten base; EVA redistributes ranks and may drop layers.
+  // gaussian and orthogonal (PEFT's orthogonal_init) only set A and B, which the file holds.
   init_lora_weights: {
-    accepts: 'true, false or "gaussian" (initialisations that modify the base weights are not supported)',
-    ok: (v) => v === true || v === false || v === 'gaussian',
+    accepts:
+      'true, false, "gaussian" or "orthogonal" (PiSSA, OLoRA, LoftQ, CorDA and LoRA-GA rewrite the base weights; EVA redistributes ranks)',
+    ok: (v) => v === true || v === false || v === 'gaussian' || v === 'orthogonal',
   },
   loftq_config: { accepts: '{}', ok: isOff },
   task_type: { accepts: '"CAUSAL_LM" or null', ok: (v) => v === 'CAUSAL_LM' || v === null },

@@ -47,6 +47,14 @@ export interface Checkpoint {
 
 export function readConfig(dir: string): Record<string, unknown> {
   const path = join(dir, 'config.json');
+  const snapshots = join(dir, 'snapshots');
+  if (!existsSync(path) && existsSync(snapshots)) {
+    // the Hugging Face hub cache: models--org--name/snapshots/<revision>/ holds the model
+    const revisions = readdirSync(snapshots);
+    throw new CheckpointError(
+      `${dir}: a Hugging Face hub-cache folder, not a model folder; pass one of its snapshots (${revisions.map((r) => join(snapshots, r)).join(', ') || 'none downloaded yet'})`,
+    );
+  }
   if (!existsSync(path))
     throw new CheckpointError(
       `${dir}: no config.json (expected a Hugging Face model directory: config.json, model.safetensors, tokenizer.json)`,

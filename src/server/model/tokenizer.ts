@@ -25,6 +25,8 @@ export interface Encoded {
    * trim_offsets (which shrinks a lone-space token to an empty range). Loss masks use these. */
   sources: Array<[number, number]>;
   text: string;
+  /** how many tokens the post-processor put after the content (an EOS); 0 without special tokens */
+  trailing: number;
 }
 
 export interface TokenizerHandle {
@@ -108,6 +110,13 @@ export function loadTokenizer(dir: string): TokenizerHandle {
 
   for (const key of ['remove_space', 'do_lowercase_and_remove_accent'])
     if (tc[key] === true) throw new TokenizerError(`${cfgPath}: "${key}": true is not supported`);
+  // the tokenizer library keeps single_word but its splitter never reads it: such a token would
+  // also match inside words ("Qzxy" as "Qzx" + "y"), ids unlike transformers'
+  const singleWord = ((tj.added_tokens as Json[] | undefined) ?? []).find((a) => a?.single_word === true);
+  if (singleWord)
+    throw new TokenizerError(
+      `${path}: added token ${JSON.stringify(singleWord.content)} (id ${singleWord.id}) has "single_word": true, which is not supported: the tokenizer library would also match it inside words, giving other ids than transformers gave in training`,
+    );
   const where = path;
   // the library's parts, called one section at a time so that every token's section is known
   const lib = tok as unknown as LibInternals;
@@ -278,7 +287,7 @@ export function loadTokenizer(dir: string): TokenizerHandle {
       );
     const sources = content.sources!;
     if (options.addSpecialTokens === false)
-      return { ids, tokens: content.tokens, offsets: content.offsets, sources, text };
+      return { ids, tokens: content.tokens, offsets: content.offsets, sources, text, trailing: 0 };
     // The post-processor adds tokens (a BOS, …) around the content; they cover no text: [0, 0] as in Python.
     const full = tok.encode(text, { add_special_tokens: true });
     const n = ids.length;
@@ -292,7 +301,14 @@ export function loadTokenizer(dir: string): TokenizerHandle {
       );
     const place = (per: Array<[number, number]>) =>
       full.ids.map((_, i): [number, number] => (i >= start && i < start + n ? per[i - start] : [0, 0]));
-    return { ids: full.ids, tokens: full.tokens, offsets: place(content.offsets), sources: place(sources), text };
+    return {
+      ids: full.ids,
+      tokens: full.tokens,
+      offsets: place(content.offsets),
+      sources: place(sources),
+      text,
+      trailing: full.ids.length - start - n,
+    };
   };
 
   const idOf = (name: unknown, configKey: string): number | undefined => {

@@ -519,7 +519,7 @@ export function outputHead(ctx: BuildContext, config: Config, embedding: string,
   const tie = typeof config.tie_word_embeddings === 'boolean' ? config.tie_word_embeddings : tieDefault;
   if (tie && ctx.w.has(head))
     throw new ConfigError(
-      `config.json: "tie_word_embeddings": true, but the checkpoint also has ${head}, which transformers would replace by ${embedding}`,
+      `config.json: "tie_word_embeddings" is true${'tie_word_embeddings' in config ? '' : ' (the default)'}, but the checkpoint also has ${head}, which transformers would replace by ${embedding}`,
     );
   if (!tie && !ctx.w.has(head))
     throw new ConfigError(
