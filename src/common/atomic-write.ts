@@ -94,21 +94,45 @@ function commitTemp(tmp: string, path: string): void {
 
 /**
  * Replaces the folder `dir` with the one `fill(tmp)` writes into the (created, empty) temporary
- * folder it is given: every file in it is flushed, the old folder is renamed aside
- * (`<dir>.old-<pid>-…`), the new one renamed into place, and only then is the old one removed.
- * The live folder is never deleted file by file, so a crash at any moment leaves the old folder,
- * the new one, or (between the two renames) the old one set aside, which `restoreReplacedDir`
- * (called by readers and by `cleanStaleTemps`) puts back once the writer is gone.
+ * folder it is given (`stageDir`, then `commitDir`). On any error the temporary is removed and
+ * the old folder stays.
  */
 export function replaceDirAtomic(dir: string, fill: (tmp: string) => void): void {
-  const tmp = tempPathFor(dir);
-  const old = tempPathFor(dir, 'old');
+  const tmp = stageDir(dir);
+  try {
+    fill(tmp);
+  } catch (e) {
+    rmSync(tmp, { recursive: true, force: true });
+    throw e;
+  }
+  commitDir(tmp, dir);
+}
+
+/**
+ * A new, empty temporary folder beside `dir` (`<dir>.tmp-<pid>-…`) for a writer that fills it over
+ * time (a training run writes its checkpoints there) and then calls `commitDir`. A process killed
+ * before that leaves a temporary that `cleanStaleTemps` removes once the process is gone.
+ */
+export function stageDir(dir: string): string {
   mkdirSync(dirname(dir), { recursive: true });
   restoreReplacedDir(dir); // an earlier writer killed between its two renames
+  const tmp = tempPathFor(dir);
+  mkdirSync(tmp);
+  return tmp;
+}
+
+/**
+ * Puts the filled temporary `tmp` (from `stageDir`) in place of `dir`: every file is flushed, the
+ * old folder is renamed aside (`<dir>.old-<pid>-…`), the new one renamed into place, and only then
+ * is the old one removed. The live folder is never deleted file by file, so a crash at any moment
+ * leaves the old folder, the new one, or (between the two renames) the old one set aside, which
+ * `restoreReplacedDir` (called by readers and by `cleanStaleTemps`) puts back once the writer is
+ * gone. On an error the old folder stays and the temporary is removed.
+ */
+export function commitDir(tmp: string, dir: string): void {
+  const old = tempPathFor(dir, 'old');
   let movedAside = false;
   try {
-    mkdirSync(tmp);
-    fill(tmp);
     fsyncTree(tmp);
     if (existsSync(dir)) {
       renameSync(dir, old);
@@ -154,9 +178,10 @@ export function restoreReplacedDir(dir: string): boolean {
  * and its subfolders down to `depth` levels. Only names of our pattern whose pid is not alive are
  * touched; symbolic links are never followed. A folder's previous version set aside by a killed
  * `replaceDirAtomic` is put back where its folder is missing, removed where the new one is in
- * place. Returns the paths removed (or put back).
+ * place. With `prefix`, only names in `root` itself that start with it are looked at (the
+ * siblings of one folder in a user's directory). Returns the paths removed (or put back).
  */
-export function cleanStaleTemps(root: string, depth = 3): string[] {
+export function cleanStaleTemps(root: string, depth = 3, prefix = ''): string[] {
   const removed: string[] = [];
   const walk = (dir: string, level: number) => {
     let names: string[];
@@ -166,6 +191,7 @@ export function cleanStaleTemps(root: string, depth = 3): string[] {
       return; // absent or unreadable: nothing of ours to clean
     }
     for (const name of names) {
+      if (level === 1 && !name.startsWith(prefix)) continue;
       const p = join(dir, name);
       let st: ReturnType<typeof lstatSync>;
       try {

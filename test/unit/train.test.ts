@@ -75,7 +75,49 @@ describe('train', () => {
     const m = Model.open(join(out, 'checkpoint-2'));
     assert.equal(m.config.hidden_size, 16);
     assert.notEqual(sha(join(out, 'checkpoint-2', 'model.safetensors')), sha(join(out, 'model.safetensors')));
-    assert.ok(!existsSync(`${out}.checkpoints-${process.pid}`), 'the staging folder is cleaned up');
+    assert.deepEqual(
+      readdirSync(home).filter((n) => n.startsWith('ck.')),
+      [],
+      'no staging or initial-weights folder is left beside the output',
+    );
+  });
+
+  test('--out: a folder that is not a trained model is refused whole; a trained one is replaced whole', async () => {
+    const run = (out: string, extra: Record<string, unknown> = {}) =>
+      trainJob({ ...base, epochs: 1, data: join(data, 'finetune.jsonl'), out, init: TINY, ...extra });
+    // the user's project folder: data, flags and notes
+    const project = join(home, 'project');
+    mkdirSync(project);
+    for (const f of ['train.jsonl', 'train.exclude.jsonl', 'NOTES.md']) writeFileSync(join(project, f), `${f}\n`);
+    await assert.rejects(
+      run(project),
+      /--out .*project exists and is not a model written by influence-lens train \(it holds/,
+    );
+    assert.deepEqual(readdirSync(project).sort(), ['NOTES.md', 'train.exclude.jsonl', 'train.jsonl']);
+    // a model folder nobody trained here (no training_args.json), and the model training starts from
+    const theirs = join(home, 'theirs');
+    mkdirSync(theirs);
+    writeFileSync(join(theirs, 'config.json'), '{}');
+    await assert.rejects(run(theirs), /no training_args\.json/);
+    await assert.rejects(
+      run(join(home, 'a'), { init: undefined, model: join(home, 'a') }),
+      /is the model training starts from/,
+    );
+    // a model an earlier train wrote, with a stale staging folder a killed run left beside it
+    const again = join(home, 'again');
+    await run(again, { saveSteps: 1, epochs: 2 });
+    const firstCheckpoints = readdirSync(again).filter((n) => n.startsWith('checkpoint-'));
+    assert.ok(firstCheckpoints.length >= 2);
+    const stale = join(home, 'again.tmp-999999999-1x1');
+    mkdirSync(join(stale, 'checkpoint-1'), { recursive: true });
+    await run(again, { seed: 4 });
+    assert.deepEqual(
+      readdirSync(again).filter((n) => n.startsWith('checkpoint-')),
+      [],
+      'the old checkpoints went with the old model',
+    );
+    assert.ok(!existsSync(stale), "the killed run's staging folder is cleaned");
+    assert.equal(JSON.parse(readFileSync(join(again, 'training_args.json'), 'utf8')).seed, 4);
   });
 
   test('CLI: continue from a checkpoint without the flagged examples', () => {

@@ -6,15 +6,24 @@
 // --exclude drops the examples a flags sidecar (`<dataset>.exclude.jsonl`, one {"hash", ...}
 // per line) names, by content hash: the counterfactual "train again without them".
 import { createHash } from 'node:crypto';
-import { readFileSync, renameSync, rmSync } from 'node:fs';
-import { basename, join } from 'node:path';
+import { existsSync, readdirSync, readFileSync, rmSync, statSync } from 'node:fs';
+import { basename, dirname, join, resolve } from 'node:path';
+import { cleanStaleTemps, commitDir, stageDir, tempPathFor } from '../../common/atomic-write';
 import { loadDataset } from '../data/dataset';
 import { readJsonl } from '../data/jsonl';
 import { contextLength, tokenizeRecord } from '../data/tokenize';
 import { Model } from '../model/engine';
 import { loadTokenizer, type TokenizerHandle } from '../model/tokenizer';
 import { DEFAULTS } from '../settings';
-import { initLlama, loadParams, saveCheckpoint, type TrainExample, train } from '../train/trainer';
+import {
+  CHECKPOINT_TOKENIZER_FILES,
+  initLlama,
+  loadParams,
+  saveCheckpoint,
+  type TrainExample,
+  train,
+  writeCheckpoint,
+} from '../train/trainer';
 import { CliError, int, Progress, parse } from './util';
 
 export interface TrainJobOptions {
@@ -83,9 +92,43 @@ export function trainingExamples(
   return { examples: out, truncated };
 }
 
+/** What a model folder written by `train` holds; an existing --out with anything else is refused. */
+const TRAINED_FILES = new Set([
+  'config.json',
+  'model.safetensors',
+  'training_args.json',
+  ...CHECKPOINT_TOKENIZER_FILES,
+]);
+
+/**
+ * `--out` is replaced as a whole folder, so it must be new, empty, or a model an earlier `train`
+ * wrote (training_args.json and only a trained model's files and checkpoint-<step> folders):
+ * never a folder that holds the user's data, flags or notes, nor the model training starts from.
+ */
+export function checkOutFolder(out: string, from?: string): void {
+  if (from && resolve(out) === resolve(from))
+    throw new CliError(`--out ${out} is the model training starts from; choose another folder`);
+  if (!existsSync(out)) return;
+  if (!statSync(out).isDirectory()) throw new CliError(`--out ${out} exists and is not a folder`);
+  const names = readdirSync(out);
+  if (!names.length) return;
+  const foreign = names.filter((n) => !TRAINED_FILES.has(n) && !/^checkpoint-\d+$/.test(n));
+  if (foreign.length || !names.includes('training_args.json'))
+    throw new CliError(
+      `--out ${out} exists and is not a model written by influence-lens train (${
+        foreign.length
+          ? `it holds ${foreign.slice(0, 5).join(', ')}${foreign.length > 5 ? ', …' : ''}`
+          : 'no training_args.json'
+      }); the whole folder would be replaced, so choose a new or empty folder`,
+    );
+}
+
 export async function trainJob(o: TrainJobOptions): Promise<TrainJobResult> {
   const t0 = Date.now();
   const log = o.log ?? (() => {});
+  checkOutFolder(o.out, o.model);
+  // what a train killed earlier left beside this output (its staging and initial-weights folders)
+  cleanStaleTemps(dirname(resolve(o.out)), 1, `${basename(resolve(o.out))}.`);
   const ds = loadDataset(o.data);
   const excludedHashes = o.exclude ? readExclusions(o.exclude) : new Set<string>();
   const kept = ds.examples.filter((e) => !excludedHashes.has(e.hash));
@@ -110,7 +153,7 @@ export async function trainJob(o: TrainJobOptions): Promise<TrainJobResult> {
     ));
     tokenizerDir = o.init.tokenizer;
     // The engine opens checkpoints from disk: write the initial weights beside the output.
-    initDir = `${o.out}.init-${process.pid}`;
+    initDir = tempPathFor(o.out);
     saveCheckpoint(initDir, config, params, shapes, tokenizerDir);
     model = Model.open(initDir, engine);
   } else if (o.model) {
@@ -126,7 +169,11 @@ export async function trainJob(o: TrainJobOptions): Promise<TrainJobResult> {
     tokenizerDir = o.model;
   } else throw new CliError('give --init llama --tokenizer <dir>, or --model <dir>');
 
+  // the output is built in a staged folder (checkpoints as they are saved, the final model last)
+  // and swapped in whole: a run killed at any moment leaves the old --out as it was
+  let staging: string | undefined;
   try {
+    staging = stageDir(o.out);
     const maxLen = contextLength(config);
     const { examples, truncated } = trainingExamples(model.tokenizer, kept, maxLen, o.data);
     if (!examples.length) throw new CliError(`${o.data}: no example has a token to train on`);
@@ -136,9 +183,6 @@ export async function trainJob(o: TrainJobOptions): Promise<TrainJobResult> {
     );
     const perEpoch = Math.ceil(examples.length / o.batchSize);
     const epochLosses: number[] = [];
-    // written beside the output while training, moved into it once the final model is saved
-    const pending = `${o.out}.checkpoints-${process.pid}`;
-    const saved: string[] = [];
     let sum = 0;
     const result = await train(model, params, examples, {
       epochs: o.epochs,
@@ -153,11 +197,10 @@ export async function trainJob(o: TrainJobOptions): Promise<TrainJobResult> {
         o.onStep?.(s);
         if (o.saveSteps && s.step % o.saveSteps === 0 && s.step < s.total) {
           const name = `checkpoint-${s.step}`;
-          saveCheckpoint(join(pending, name), config, params, shapes, tokenizerDir, {
+          saveCheckpoint(join(staging!, name), config, params, shapes, tokenizerDir, {
             global_step: s.step,
             learning_rate: s.lr,
           });
-          saved.push(name);
         }
         if (s.step % perEpoch === 0) {
           epochLosses.push(sum / perEpoch);
@@ -187,9 +230,10 @@ export async function trainJob(o: TrainJobOptions): Promise<TrainJobResult> {
       steps: result.steps,
       final_loss: result.finalLoss,
     };
-    saveCheckpoint(o.out, config, params, shapes, tokenizerDir, args);
-    for (const name of saved) renameSync(join(pending, name), join(o.out, name));
-    rmSync(pending, { recursive: true, force: true });
+    writeCheckpoint(staging, config, params, shapes, tokenizerDir, args);
+    const committed = staging;
+    staging = undefined;
+    commitDir(committed, o.out);
     return {
       examples: examples.length,
       excluded,
@@ -201,6 +245,7 @@ export async function trainJob(o: TrainJobOptions): Promise<TrainJobResult> {
     };
   } finally {
     if (initDir) rmSync(initDir, { recursive: true, force: true });
+    if (staging) rmSync(staging, { recursive: true, force: true });
   }
 }
 

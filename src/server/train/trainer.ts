@@ -103,17 +103,29 @@ export function saveCheckpoint(
   tokenizerDir: string,
   extra: Record<string, unknown> = {},
 ): void {
-  replaceDirAtomic(dir, (tmp) => {
-    const tensors: Record<string, TensorToWrite> = {};
-    for (const [name, data] of params) tensors[name] = { dtype: 'F32', shape: shapes.get(name)!, data };
-    writeSafetensors(join(tmp, 'model.safetensors'), tensors, { format: 'pt' });
-    writeFileSync(join(tmp, 'config.json'), `${JSON.stringify(config, null, 2)}\n`);
-    for (const f of ['tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json'])
-      if (existsSync(join(tokenizerDir, f))) copyFileSync(join(tokenizerDir, f), join(tmp, f));
-    if (Object.keys(extra).length)
-      writeFileSync(join(tmp, 'training_args.json'), `${JSON.stringify(extra, null, 2)}\n`);
-  });
+  replaceDirAtomic(dir, (tmp) => writeCheckpoint(tmp, config, params, shapes, tokenizerDir, extra));
 }
+
+/** The files of a checkpoint, written into the existing folder `dir` (a staged one: see saveCheckpoint). */
+export function writeCheckpoint(
+  dir: string,
+  config: Record<string, unknown>,
+  params: Map<string, Float32Array>,
+  shapes: Map<string, number[]>,
+  tokenizerDir: string,
+  extra: Record<string, unknown> = {},
+): void {
+  const tensors: Record<string, TensorToWrite> = {};
+  for (const [name, data] of params) tensors[name] = { dtype: 'F32', shape: shapes.get(name)!, data };
+  writeSafetensors(join(dir, 'model.safetensors'), tensors, { format: 'pt' });
+  writeFileSync(join(dir, 'config.json'), `${JSON.stringify(config, null, 2)}\n`);
+  for (const f of CHECKPOINT_TOKENIZER_FILES)
+    if (existsSync(join(tokenizerDir, f))) copyFileSync(join(tokenizerDir, f), join(dir, f));
+  if (Object.keys(extra).length) writeFileSync(join(dir, 'training_args.json'), `${JSON.stringify(extra, null, 2)}\n`);
+}
+
+/** The tokenizer files a checkpoint carries over from its tokenizer folder. */
+export const CHECKPOINT_TOKENIZER_FILES = ['tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json'];
 
 /** A Llama-style config and seeded random initial weights (normal, std 0.02; norms at 1). */
 export function initLlama(
