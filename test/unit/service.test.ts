@@ -1,6 +1,6 @@
 // The server's methods, called directly (the JSON-RPC layer only adds transport and security).
 import assert from 'node:assert/strict';
-import { appendFileSync, writeFileSync } from 'node:fs';
+import { appendFileSync, readFileSync, renameSync, statSync, utimesSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
 import { InfluenceService, ServiceError } from '../../src/server/service/influence-service';
@@ -81,6 +81,20 @@ describe('InfluenceService', () => {
       (e: Error) => e instanceof ServiceError && e.code === 'data_changed',
     );
     assert.equal((await service.explain({ ...q, method: 'gdp' })).scored, 6);
+    // replaced by a file of the same size and mtime (an editor's save-as-rename, touch -r; mv)
+    utimesSync(data, 1_700_000_000, 1_700_000_000); // a whole second: utimes keeps it exactly
+    const before = service.getExample('train', 6);
+    const old = statSync(data);
+    const next = `${data}.next`;
+    writeFileSync(next, readFileSync(data, 'utf8').replace('Madrid is in Spain.', 'Madrid is in Spaim.'));
+    utimesSync(next, 1_700_000_000, 1_700_000_000);
+    renameSync(next, data);
+    assert.equal(statSync(data).size, old.size);
+    assert.equal(statSync(data).mtimeMs, old.mtimeMs);
+    const after = service.getExample('train', 6);
+    assert.match(before.text, /Spain/);
+    assert.match(after.text, /Spaim/, 'the new file is read');
+    assert.notEqual(after.id.hash, before.id.hash);
   });
 
   test('getExample and scanDataset', async () => {

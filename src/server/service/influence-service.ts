@@ -596,6 +596,7 @@ export class InfluenceService implements ServiceApi {
             signal: work.signal,
             onProgress: work.progress,
           }).catch((e) => {
+            if (e instanceof FitBusyError) throw new ServiceError(e.message, 'not_ready');
             if (e instanceof FitJobError) throw new ServiceError(e.message, 'factors_broken');
             throw e;
           }),
@@ -641,7 +642,9 @@ function exists(p: string): boolean {
 function fileStamp(path: string): string {
   try {
     const s = statSync(path);
-    return `${s.size}:${s.mtimeMs}`;
+    // the inode and ctime too: a file replaced by one of the same size and mtime (touch -r; mv)
+    // is another file, and ctime changes on every write however the mtime was set
+    return `${s.ino}:${s.size}:${s.mtimeMs}:${s.ctimeMs}`;
   } catch {
     throw new ServiceError(
       `the dataset file ${path} does not exist: restore it, or fix its path in the configuration`,
