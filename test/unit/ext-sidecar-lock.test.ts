@@ -7,7 +7,7 @@ import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, test } from 'node:test';
-import { addFlags, LOCK_STALE_MS, readSidecar } from '../../src/extension/flags/sidecar';
+import { addFlags, lockWaitMs, readSidecar } from '../../src/extension/flags/sidecar';
 
 const dir = mkdtempSync(join(tmpdir(), 'il-sidecar-lock-'));
 after(() => rmSync(dir, { recursive: true, force: true }));
@@ -19,14 +19,20 @@ interface Writer {
   child: ChildProcess;
   /** how many changes have returned */
   done: () => number;
+  stderr: () => string;
   exit: Promise<number | null>;
   /** resolves once the child printed this line */
   saw: (line: string) => Promise<void>;
 }
 
-function writer(path: string, mode: string, prefix: string, n = N): Writer {
+function writer(path: string, mode: string, prefix: string, n = N, env: Record<string, string> = {}): Writer {
   const child = spawn(process.execPath, ['--import', 'tsx', WRITER, path, mode, prefix, String(n)], {
-    stdio: ['ignore', 'pipe', 'inherit'],
+    stdio: ['ignore', 'pipe', 'pipe'],
+    env: { ...process.env, ...env },
+  });
+  let err = '';
+  child.stderr!.on('data', (b: Buffer) => {
+    err += b.toString();
   });
   let out = '';
   let done = 0;
@@ -38,6 +44,7 @@ function writer(path: string, mode: string, prefix: string, n = N): Writer {
   });
   return {
     child,
+    stderr: () => err,
     done: () => done,
     exit: new Promise((resolve) => child.on('exit', (code) => resolve(code))),
     saw: (line) => new Promise((resolve) => waiters.push({ line, resolve })),
@@ -102,17 +109,35 @@ test('a writer killed mid-way leaves a valid file; the other finishes', async ()
   for (let i = 0; i < returned; i++) assert.ok(have.has(hashOf('a', i)), 'every add that returned is on disk');
 });
 
-test('a writer killed while holding the lock: the lock goes stale and the other one takes it over', async () => {
+test("a writer killed while holding the lock: the other one takes the dead process's lock over", async () => {
   const p = join(dir, 'stale.exclude.jsonl');
   const holder = writer(p, 'hold', 'h');
   await holder.saw('locked');
   holder.child.kill('SIGKILL');
   await holder.exit;
   assert.ok(existsSync(`${p}.lock`), 'the dead process left its lock');
-  const t0 = Date.now();
-  const b = writer(p, 'add', 'b', 20);
-  assert.equal(await b.exit, 0);
-  assert.ok(Date.now() - t0 < 3 * LOCK_STALE_MS + 10_000);
+  // no waiting allowed: a dead owner's lock is taken at once
+  const b = writer(p, 'add', 'b', 20, { INFLUENCE_LENS_FLAGS_LOCK_WAIT_MS: '0' });
+  assert.equal(await b.exit, 0, b.stderr());
   assert.equal(readSidecar(p).entries.length, 20);
   assert.ok(!existsSync(`${p}.lock`));
+});
+
+test('a suspended holder (SIGSTOP, longer than any age-based staleness) keeps its lock: the other writer fails naming it and writes nothing', async () => {
+  const p = join(dir, 'stopped.exclude.jsonl');
+  addFlags(p, [{ hash: hashOf('x', 0), line: 1, reason: '', score: null, query: '' }]);
+  const holder = writer(p, 'hold', 'h');
+  await holder.saw('locked');
+  holder.child.kill('SIGSTOP');
+  await new Promise((r) => setTimeout(r, 6000)); // proper-lockfile took such a lock over after 5 s
+  const b = writer(p, 'add', 'b', 5, { INFLUENCE_LENS_FLAGS_LOCK_WAIT_MS: '500' });
+  assert.notEqual(await b.exit, 0);
+  assert.match(b.stderr(), new RegExp(`being changed by process ${holder.child.pid} `));
+  assert.deepEqual(hashes(p), [hashOf('x', 0)], 'nothing written while the lock was held');
+  holder.child.kill('SIGKILL');
+  await holder.exit;
+  const c = writer(p, 'add', 'c', 5);
+  assert.equal(await c.exit, 0, c.stderr());
+  assert.equal(hashes(p).length, 6);
+  assert.ok(lockWaitMs() > 1000, 'the default wait outlasts a healthy holder by far');
 });

@@ -12,7 +12,7 @@ import { before, describe, test } from 'node:test';
 import { type Factors, loadFactors, UnfinishedFitError } from '../../src/server/attribution/ekfac/factors-io';
 import type { Preconditioner } from '../../src/server/attribution/ekfac/precondition';
 import { FitJobError, type FitJobOptions, runFitJob } from '../../src/server/attribution/fit-job';
-import { tryLock } from '../../src/server/attribution/fit-lock';
+import { tryLock } from '../../src/common/owner-lock';
 import { openStage } from '../../src/server/attribution/stage';
 import { Model } from '../../src/server/model/engine';
 import { InfluenceService, ServiceError } from '../../src/server/service/influence-service';

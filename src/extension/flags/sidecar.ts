@@ -3,16 +3,16 @@
 // README's "In VS Code" section). `influence-lens train --exclude` reads the same file.
 //
 // Nothing is ever lost: every change is a read-modify-write of the whole file done while holding
-// a lock on it (proper-lockfile: a `<sidecar>.lock` folder, so two editor windows, or the editor
-// and a script, never overwrite each other's flags; the lock of a process that died is taken over
-// once it is stale). The new content goes through a temporary file that is flushed and renamed
+// a lock on it (common/owner-lock.ts: a `<sidecar>.lock` file naming its process, so two editor
+// windows, or the editor and a script, never overwrite each other's flags; the lock of a process
+// that died is taken over at once, and that of a live one never, even a suspended one). The new content goes through a temporary file that is flushed and renamed
 // over the old one (a crash leaves the old file or the new one, never half of either), and lines
 // this code does not understand (hand edits, merge conflict markers, records from a newer version)
 // are kept verbatim and in place. Flagging an already flagged example keeps its first entry.
 // Pure Node (no `vscode`), unit-tested.
 import { readFileSync, rmSync } from 'node:fs';
-import { lockSync } from 'proper-lockfile';
 import { writeFileAtomic } from '../../common/atomic-write';
+import { describeOwner, tryLock } from '../../common/owner-lock';
 
 export { writeFileAtomic };
 
@@ -149,27 +149,32 @@ function setReasonUnlocked(path: string, hash: string, reason: string): boolean 
   return found;
 }
 
-/** How long a lock may go without its owner refreshing it before another process takes it over. */
-export const LOCK_STALE_MS = 5000;
-/** How long to wait for another process's lock (a healthy holder keeps it for milliseconds). */
-const LOCK_WAIT_MS = 3 * LOCK_STALE_MS;
+/**
+ * How long to wait for another live process's lock (a healthy holder keeps it for milliseconds);
+ * INFLUENCE_LENS_FLAGS_LOCK_WAIT_MS changes it (tests).
+ */
+export function lockWaitMs(): number {
+  const v = Number(process.env.INFLUENCE_LENS_FLAGS_LOCK_WAIT_MS);
+  return Number.isFinite(v) && v >= 0 ? v : 15_000;
+}
 
 /**
- * Runs `fn` holding the sidecar's lock. The extension's API is synchronous, and proper-lockfile's
- * synchronous lock does not retry, so we retry here, sleeping between tries. A lock left by a
- * killed process is stale after LOCK_STALE_MS and proper-lockfile then removes it.
+ * Runs `fn` holding the sidecar's lock (`<sidecar>.lock`). The extension's API is synchronous, so
+ * we poll, sleeping between tries. The lock of a process that no longer runs is taken over at once;
+ * a live holder's (even one suspended for minutes) never is: after `lockWaitMs()` this throws,
+ * naming that process, and nothing is written.
  */
 export function withLock<T>(path: string, fn: () => T): T {
-  const deadline = Date.now() + LOCK_WAIT_MS;
+  const lockPath = `${path}.lock`;
+  const deadline = Date.now() + lockWaitMs();
   let release: (() => void) | undefined;
   for (let wait = 5; !release; wait = Math.min(wait * 2, 100)) {
-    try {
-      release = lockSync(path, { realpath: false, stale: LOCK_STALE_MS, onCompromised: () => {} });
-    } catch (e) {
-      if ((e as NodeJS.ErrnoException).code !== 'ELOCKED') throw e;
+    const got = tryLock(lockPath, `changing the flags in ${path}`);
+    if (typeof got === 'function') release = got;
+    else {
       if (Date.now() > deadline)
         throw new Error(
-          `${path} is locked by another process (its lock folder ${path}.lock); try again, or delete that folder if no editor or script is using the flags`,
+          `${path} is being changed by ${describeOwner(got)}; try again (delete ${lockPath} only if no such process runs)`,
         );
       Atomics.wait(SLEEPER, 0, 0, wait);
     }

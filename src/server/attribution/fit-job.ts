@@ -6,10 +6,10 @@
 //   <out>/partials/eigen/                       merged covariances + eigendecompositions
 //   <out>/partials/lambda-<i>-of-<n>/           partition i's eigenvalue-correction sums
 //   <out>/*.safetensors + arguments             the final factors (kronfluence layout); partials removed
-//   <out>/.fit-partition-<i>-of-<n>.lock, .fit-shared.lock   held while a process runs (fit-lock.ts)
+//   <out>/.fit-partition-<i>-of-<n>.lock, .fit-shared.lock   held while a process runs (common/owner-lock.ts)
 // Sums add across partitions, so the result equals a single-process fit over all the data
 // (up to summation order).
-// Processes sharing <out> take locks (fit-lock.ts): one per partition for the whole run (a second
+// Processes sharing <out> take locks (common/owner-lock.ts): one per partition for the whole run (a second
 // fit of the same partition is refused: two would replace each other's stages, and two fits
 // with other settings would mix theirs), and one for the shared steps (job.json, the eigen
 // stage, the final write), which the partitions take in turn, checking again once they hold it.
@@ -36,7 +36,7 @@ import { LambdaAccumulator } from './ekfac/lambda';
 import { type Damping, DEFAULT_DAMPING } from './ekfac/precondition';
 import { dataFingerprint, modelFingerprint } from './fingerprint';
 import { type FitOptions, fitCovariances, fitEigenbases, fitLambdas, moduleShape } from './fit';
-import { describeOwner, removeStaleLocks, tryLock, waitLock } from './fit-lock';
+import { describeOwner, removeStaleLocks, tryLock, waitLock } from '../../common/owner-lock';
 import { SettingError } from './setup';
 
 export interface FitJobOptions {

@@ -1,19 +1,21 @@
-// Locks of the fit job (fit-job.ts): a file naming its owner (pid, host, since when), created
-// whole or not at all (written to a temporary, then hard-linked into place, which fails when the
-// lock exists). A lock whose process is gone (kill -9, out of memory) is taken over at once, so a
-// rerun after a crash resumes without waiting.
+// The one lock between processes in this project (the fit job's stages and partials, the flags
+// sidecar): a file naming its owner (pid, host, since when), created whole or not at all (written
+// to a temporary, then hard-linked into place, which fails when the lock exists). A lock whose
+// process is gone (kill -9, out of memory) is taken over at once, so a rerun after a crash
+// resumes without waiting; a live owner's lock is never taken, however long it holds it.
 //
-// Why not proper-lockfile (the flags sidecar's lock): it judges a lock stale by its mtime, which
-// a timer of the holder refreshes; a fit blocks its event loop for minutes (LAPACK
-// eigendecompositions, writing gigabytes of factors), so its lock would go stale while held and
-// a second process would take it. Here staleness is whether the owner's process exists, which
-// can be told only on the owner's host: a lock of another host is never taken over (the message
-// says which file to delete if that machine's fit is gone).
+// Why not proper-lockfile: it judges a lock stale by its mtime, which a timer of the holder
+// refreshes. A fit blocks its event loop for minutes (LAPACK eigendecompositions, writing
+// gigabytes of factors), and a suspended process (a laptop lid, SIGSTOP) refreshes nothing, so a
+// second process would take over a lock that is still held and both would write (flags were
+// lost that way). Here staleness is whether the owner's process exists, which can be told only on
+// the owner's host: a lock of another host is never taken over (the message says which file to
+// delete if that machine's process is gone).
 
 import { linkSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
-import { processAlive, tempPathFor } from '../../common/atomic-write';
+import { processAlive, tempPathFor } from './atomic-write';
 
 export interface LockOwner {
   pid: number;
