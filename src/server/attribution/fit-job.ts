@@ -16,6 +16,7 @@
 import { existsSync, mkdirSync, readFileSync, rmdirSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { cleanStaleTemps, replaceDirAtomic, writeFileAtomic } from '../../common/atomic-write';
+import { describeOwner, removeStaleLocks, tryLock, waitLock } from '../../common/owner-lock';
 import { loadDataset } from '../data/dataset';
 import { contextLength, tokenizationKey, tokenizeExamples } from '../data/tokenize';
 import { Model, type ModuleSelection } from '../model/engine';
@@ -36,7 +37,6 @@ import { LambdaAccumulator } from './ekfac/lambda';
 import { type Damping, DEFAULT_DAMPING } from './ekfac/precondition';
 import { dataFingerprint, modelFingerprint } from './fingerprint';
 import { type FitOptions, fitCovariances, fitEigenbases, fitLambdas, moduleShape } from './fit';
-import { describeOwner, removeStaleLocks, tryLock, waitLock } from '../../common/owner-lock';
 import { SettingError } from './setup';
 
 export interface FitJobOptions {
