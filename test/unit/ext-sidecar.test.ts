@@ -6,13 +6,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { canonicalJson as serverCanonical, contentHash as serverHash } from '../../src/common/ids';
-import {
-  cleanedPathFor,
-  exportCleaned,
-  filterDataset,
-  linesToRemove,
-  splitLinesKeepEnds,
-} from '../../src/extension/flags/export';
+import { cleanedPathFor, exportCleaned, filterDataset, linesToRemove } from '../../src/extension/flags/export';
 import { canonicalJson, contentHash, lineHash } from '../../src/extension/flags/hash';
 import {
   addFlags,
@@ -211,5 +205,31 @@ test('export: removal lines for the undoable edit, and line splitting round-trip
   const text = `${JSON.stringify(RECORDS[0])}\n${JSON.stringify(RECORDS[1])}\n${JSON.stringify(RECORDS[0])}\n`;
   assert.deepEqual(linesToRemove(text, new Set([contentHash(RECORDS[0])])), [0, 2]);
   assert.deepEqual(filterDataset(text, new Set()).text, text);
-  for (const t of ['', 'a', 'a\n', 'a\r\nb', '\n\n', 'x\ny\n']) assert.equal(splitLinesKeepEnds(t).join(''), t);
+  for (const t of ['', 'a', 'a\n', 'a\r\nb', '\n\n', 'x\ny\n']) assert.equal(filterDataset(t, new Set()).text, t);
+});
+
+test('export: kept lines are copied byte for byte, a line that is not UTF-8 included (and not counted, as the server skips it)', () => {
+  const d = mkdtempSync(join(tmpdir(), 'il-export-bytes-'));
+  try {
+    const ds = join(d, 'train.jsonl');
+    const good = (i: number) => Buffer.from(`${JSON.stringify(RECORDS[i])}\r\n`);
+    // {"text":"caf<E9>"}: Latin-1 é, not UTF-8; decoded leniently it would become a valid record
+    const latin1 = Buffer.concat([Buffer.from('{"text":"caf'), Buffer.from([0xe9]), Buffer.from('"}\n')]);
+    const bytes = Buffer.concat([Buffer.from([0xef, 0xbb, 0xbf]), good(0), latin1, good(1), good(2)]);
+    writeFileSync(ds, bytes);
+    addFlags(sidecarPathFor(ds), [entry(contentHash(RECORDS[1]), 3)]);
+    const r = exportCleaned(ds);
+    assert.equal(r.kept, 2, 'the Latin-1 line is not an example');
+    assert.deepEqual(
+      r.removed.map((x) => x.line),
+      [3],
+    );
+    assert.deepEqual(
+      readFileSync(r.outPath),
+      Buffer.concat([Buffer.from([0xef, 0xbb, 0xbf]), good(0), latin1, good(2)]),
+    );
+    assert.deepEqual(readFileSync(ds), bytes, 'the source is not modified');
+  } finally {
+    rmSync(d, { recursive: true, force: true });
+  }
 });

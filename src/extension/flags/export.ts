@@ -12,21 +12,7 @@ export function cleanedPathFor(datasetPath: string): string {
   return datasetPath.replace(/\.jsonl$/i, '') + '.cleaned.jsonl';
 }
 
-/** Splits text into lines that keep their terminators, so joining them gives the text back. */
-export function splitLinesKeepEnds(text: string): string[] {
-  const out: string[] = [];
-  let start = 0;
-  while (start < text.length) {
-    const nl = text.indexOf('\n', start);
-    const end = nl < 0 ? text.length : nl + 1;
-    out.push(text.slice(start, end));
-    start = end;
-  }
-  return out;
-}
-
-export interface FilterResult {
-  text: string;
+export interface FilterCounts {
   /** records kept */
   kept: number;
   /** the removed records: 1-based line and hash */
@@ -35,26 +21,54 @@ export interface FilterResult {
   missing: string[];
 }
 
-/** The dataset text without the records whose content hash is excluded. */
-export function filterDataset(text: string, excluded: ReadonlySet<string>): FilterResult {
-  const lines = splitLinesKeepEnds(text);
+export interface FilterResult extends FilterCounts {
+  text: string;
+}
+
+const UTF8 = new TextDecoder('utf-8', { fatal: true });
+const BOM = Buffer.from([0xef, 0xbb, 0xbf]);
+
+/**
+ * The dataset's bytes without the records whose content hash is excluded: every other line is
+ * copied byte for byte (its line ending, a BOM, and bytes that are not UTF-8 included). A line
+ * that is not valid UTF-8 is malformed, as the server reads it (data/jsonl.ts): kept, not counted.
+ */
+export function filterDatasetBytes(data: Uint8Array, excluded: ReadonlySet<string>): FilterCounts & { bytes: Buffer } {
+  const buf = Buffer.from(data.buffer, data.byteOffset, data.byteLength);
   const found = new Set<string>();
-  const removed: FilterResult['removed'] = [];
+  const removed: FilterCounts['removed'] = [];
+  const out: Buffer[] = [];
   let kept = 0;
-  let out = '';
-  lines.forEach((l, i) => {
-    const h = lineHash(l);
+  let line = 0;
+  for (let start = 0; start < buf.length; line++) {
+    const nl = buf.indexOf(0x0a, start);
+    const end = nl < 0 ? buf.length : nl + 1;
+    const bytes = buf.subarray(start, end);
+    start = end;
+    let h: string | undefined;
+    try {
+      h = lineHash(UTF8.decode(bytes));
+    } catch {
+      h = undefined; // not UTF-8: malformed
+    }
     if (h !== undefined && excluded.has(h)) {
       found.add(h);
-      removed.push({ line: i + 1, hash: h });
-      return;
+      removed.push({ line: line + 1, hash: h });
+      continue;
     }
     if (h !== undefined) kept++;
-    out += l;
-  });
+    out.push(bytes);
+  }
+  let bytes = Buffer.concat(out);
   // a BOM on a removed first line stays with the file
-  if (text.startsWith('\uFEFF') && !out.startsWith('\uFEFF')) out = `\uFEFF${out}`;
-  return { text: out, kept, removed, missing: [...excluded].filter((h) => !found.has(h)) };
+  if (buf.subarray(0, 3).equals(BOM) && !bytes.subarray(0, 3).equals(BOM)) bytes = Buffer.concat([BOM, bytes]);
+  return { bytes, kept, removed, missing: [...excluded].filter((h) => !found.has(h)) };
+}
+
+/** The dataset text without the records whose content hash is excluded (an editor's text). */
+export function filterDataset(text: string, excluded: ReadonlySet<string>): FilterResult {
+  const { bytes, ...counts } = filterDatasetBytes(Buffer.from(text, 'utf8'), excluded);
+  return { ...counts, text: bytes.toString('utf8') };
 }
 
 /** 0-based indices of the lines whose record is excluded (for a WorkspaceEdit that deletes them). */
@@ -62,7 +76,7 @@ export function linesToRemove(text: string, excluded: ReadonlySet<string>): numb
   return filterDataset(text, excluded).removed.map((r) => r.line - 1);
 }
 
-export interface ExportResult extends FilterResult {
+export interface ExportResult extends FilterCounts {
   outPath: string;
 }
 
@@ -75,9 +89,9 @@ export function exportCleaned(datasetPath: string, outPath = cleanedPathFor(data
   if (same(outPath, datasetPath) || same(outPath, sidecar))
     throw new Error(`refusing to write the cleaned copy over ${outPath}: choose another file name`);
   const excluded = new Set(readSidecar(sidecar).entries.map((e) => e.hash));
-  const r = filterDataset(readFileSync(datasetPath, 'utf8'), excluded);
-  writeFileAtomic(outPath, r.text);
-  return { ...r, outPath };
+  const { bytes, ...counts } = filterDatasetBytes(readFileSync(datasetPath), excluded);
+  writeFileAtomic(outPath, bytes);
+  return { ...counts, outPath };
 }
 
 function same(a: string, b: string): boolean {
