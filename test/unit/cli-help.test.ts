@@ -61,3 +61,16 @@ test('every error class under src/server and src/common is a user error or named
     );
   for (const name of Object.keys(INTERNAL_ERRORS)) assert.ok(declared.includes(name), `${name} no longer exists`);
 });
+
+test('serve: a bad INFLUENCE_LENS_TOKEN is one line, before any model is loaded', () => {
+  const r = spawnSync(
+    process.execPath,
+    ['--import', import.meta.resolve('tsx'), join(ROOT, 'src/server/cli.ts'), 'serve', '--no-discovery'],
+    { encoding: 'utf8', env: { ...process.env, INFLUENCE_LENS_TOKEN: 'short' }, timeout: 60_000 },
+  );
+  assert.equal(r.status, 1, r.stderr);
+  assert.equal(
+    r.stderr.trim(),
+    'influence-lens serve: INFLUENCE_LENS_TOKEN is too short: use at least 16 characters (32 random bytes is best)',
+  );
+});

@@ -1,5 +1,6 @@
 // influence-lens serve: the local influence server the editor talks to (JSON-RPC over a
 // WebSocket on 127.0.0.1, token-authenticated). With no --config it serves the embedded default.
+import { checkToken } from '../../transport/discovery';
 import { closeOnSignals, startServer } from '../../transport/server';
 import { defaultServiceConfig } from '../defaults';
 import { type Config, defaultServerSettings, loadConfig } from '../service/config';
@@ -30,6 +31,14 @@ export async function runServe(argv: string[]): Promise<void> {
   if (v.checkpoints !== undefined) cfg.service.finetuned.checkpoints = checkpointsSetting(v.checkpoints);
   const parent = v['watch-parent'] === undefined ? undefined : int(v['watch-parent'], '--watch-parent', 0);
   if (parent !== undefined && parent <= 0) throw new CliError('--watch-parent must be a process id');
+  // a bad token is the user's setting: one line, before any model is loaded
+  const envToken = process.env.INFLUENCE_LENS_TOKEN;
+  if (envToken !== undefined)
+    try {
+      checkToken(envToken, 'INFLUENCE_LENS_TOKEN');
+    } catch (e) {
+      throw new CliError((e as Error).message);
+    }
   // the models, datasets and tensor work live in worker threads; this thread only answers the protocol
   const service = await WorkerService.start(cfg.service);
   const server = await startServer({
