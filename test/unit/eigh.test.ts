@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 import { eigh, eighBackend, JS_MAX_N } from '../../src/server/linalg/eigh';
-import { gemm, gemm32, transpose } from '../../src/server/linalg/matrix';
+import { firstNonFinite, gemm, gemm32, symmetrize, symmetrizedCopy, transpose } from '../../src/server/linalg/matrix';
 import { nativeLapack } from '../../src/server/linalg/native';
 import { Rng } from '../../src/server/util/random';
 
@@ -144,6 +144,29 @@ describe('eigh', () => {
     }
     if (lapack) assert.equal(eighBackend().kind, 'lapack');
   });
+});
+
+test('symmetrizedCopy: (A + Aᵀ)/2 as symmetrize gives it, the input untouched, the first non-finite index found', () => {
+  const rng = new Rng(7);
+  for (const n of [1, 5, 31, 32, 33, 70]) {
+    const A = Float64Array.from({ length: n * n }, () => rng.normal());
+    const before = Float64Array.from(A);
+    const { a, bad } = symmetrizedCopy(A, n);
+    assert.equal(bad, -1);
+    assert.deepEqual(a, symmetrize(Float64Array.from(A), n));
+    assert.deepEqual(A, before);
+    for (const [at, v] of [
+      [n * n - 1, Number.NaN],
+      [Math.floor((n * n) / 2), Number.POSITIVE_INFINITY],
+      [0, Number.NEGATIVE_INFINITY],
+    ] as const) {
+      const B = Float64Array.from(A);
+      B[at] = v;
+      if (at !== n * n - 1) B[n * n - 1] = Number.NaN; // a later one too: the first is reported
+      assert.equal(symmetrizedCopy(B, n).bad, firstNonFinite(B));
+      assert.equal(symmetrizedCopy(B, n).bad, at);
+    }
+  }
 });
 
 describe('gemm', () => {

@@ -3,7 +3,7 @@
 // present; otherwise Householder tridiagonalisation + implicit QL in JS, capped at
 // JS_MAX_N because it is O(n³) in JS (~10 s at n = 1024).
 import { availableParallelism } from 'node:os';
-import { firstNonFinite, symmetrize, transpose } from './matrix';
+import { symmetrizedCopy, transpose } from './matrix';
 import { lapackAllowed, nativeLapack, nativeLoadErrors } from './native';
 
 export interface Eigh {
@@ -77,13 +77,13 @@ function prepare(matrix: Float64Array, n: number, options: EighOptions): Prepare
   if (!Number.isInteger(n) || n < 0) throw new Error(`eigh(${label}): bad size ${n}`);
   if (matrix.length !== n * n)
     throw new Error(`eigh(${label}): expected ${n}×${n} = ${n * n} values, got ${matrix.length}`);
-  const bad = firstNonFinite(matrix);
+  // a symmetrized copy for the solver to overwrite, checked for NaN/Inf in the same pass
+  const { a, bad } = symmetrizedCopy(matrix, n);
   if (bad >= 0) {
     const i = Math.floor(bad / n);
     throw new Error(`eigh: ${matrix[bad]} in ${label} at [${i}, ${bad - i * n}] (n=${n})`);
   }
   if (n === 0) return { done: { values: new Float64Array(0), vectors: new Float64Array(0) } };
-  const a = symmetrize(Float64Array.from(matrix), n);
   const backend = options.backend ?? 'auto';
   const lib = backend === 'js' ? null : nativeLapack();
   if (lib) return { a, label, lapack: lib };
