@@ -143,6 +143,31 @@ test('sidecar: lines it does not understand are kept verbatim and in place', () 
   }
 });
 
+test('sidecar: CRLF endings, a BOM and bytes that are not UTF-8 survive a change byte for byte', () => {
+  const d = tmp();
+  try {
+    const p = join(d, 'w.exclude.jsonl');
+    const latin1 = Buffer.concat([Buffer.from('{"note": "caf'), Buffer.from([0xe9]), Buffer.from('"}\r\n')]);
+    const first = Buffer.from(`${formatEntry(entry('aaaaaaaaaaaaaaaa', 1))}\r\n`);
+    const second = Buffer.from(`${formatEntry(entry('bbbbbbbbbbbbbbbb', 2))}\r\n`);
+    writeFileSync(p, Buffer.concat([Buffer.from([0xef, 0xbb, 0xbf]), first, latin1, second]));
+    const s = readSidecar(p);
+    assert.equal(s.entries.length, 2);
+    assert.deepEqual(s.problems, [{ line: 2, message: 'not UTF-8 text' }]);
+    addFlags(p, [entry('cccccccccccccccc', 3)]);
+    const added = Buffer.from(`${formatEntry(entry('cccccccccccccccc', 3))}\r\n`);
+    assert.deepEqual(readFileSync(p), Buffer.concat([Buffer.from([0xef, 0xbb, 0xbf]), first, latin1, second, added]));
+    removeFlags(p, ['bbbbbbbbbbbbbbbb']);
+    assert.deepEqual(readFileSync(p), Buffer.concat([Buffer.from([0xef, 0xbb, 0xbf]), first, latin1, added]));
+    assert.deepEqual(
+      readSidecar(p).entries.map((e) => e.hash),
+      ['aaaaaaaaaaaaaaaa', 'cccccccccccccccc'],
+    );
+  } finally {
+    rmSync(d, { recursive: true, force: true });
+  }
+});
+
 test('sidecar: an atomic write replaces the whole file or nothing', () => {
   const d = tmp();
   try {

@@ -34,11 +34,15 @@ export interface SidecarLine {
   line: number;
   /** the line as it is in the file (without its newline) */
   text: string;
+  /** the line's bytes as they are in the file, terminator included: what a rewrite puts back */
+  raw: Buffer;
   /** the entry, when the line is one */
   entry?: FlagEntry;
 }
 
 export interface Sidecar {
+  /** the file starts with a UTF-8 byte order mark (kept on rewrite) */
+  bom?: boolean;
   lines: SidecarLine[];
   entries: FlagEntry[];
   /** lines that are neither blank nor an entry: kept, and reported */
@@ -60,33 +64,57 @@ export function datasetPathForSidecar(sidecarPath: string): string {
   return sidecarPath.replace(/\.exclude\.jsonl$/i, '.jsonl');
 }
 
-export function parseSidecar(text: string): Sidecar {
+const UTF8 = new TextDecoder('utf-8', { fatal: true });
+const BOM = Buffer.from([0xef, 0xbb, 0xbf]);
+
+/**
+ * The sidecar's lines, each with its bytes as in the file (line ending included), so that a
+ * rewrite puts back every line it does not change byte for byte: CRLF endings, a BOM, bytes
+ * that are not UTF-8 (such a line is reported and kept, never re-encoded).
+ */
+export function parseSidecar(data: Uint8Array | string): Sidecar {
+  let buf =
+    typeof data === 'string' ? Buffer.from(data, 'utf8') : Buffer.from(data.buffer, data.byteOffset, data.byteLength);
   const out: Sidecar = { lines: [], entries: [], problems: [] };
-  const raw = text.replace(/^\uFEFF/, '').split('\n');
-  if (raw.length && raw[raw.length - 1] === '') raw.pop();
-  raw.forEach((t, i) => {
-    const line: SidecarLine = { line: i + 1, text: t.replace(/\r$/, '') };
+  if (buf.subarray(0, 3).equals(BOM)) {
+    out.bom = true;
+    buf = buf.subarray(3);
+  }
+  for (let start = 0, n = 1; start < buf.length; n++) {
+    const nl = buf.indexOf(0x0a, start);
+    const end = nl < 0 ? buf.length : nl + 1;
+    const raw = buf.subarray(start, end);
+    start = end;
+    let text: string;
+    try {
+      text = UTF8.decode(raw).replace(/\r?\n$/, '');
+    } catch {
+      out.lines.push({ line: n, text: raw.toString('utf8').replace(/\r?\n$/, ''), raw });
+      out.problems.push({ line: n, message: 'not UTF-8 text' });
+      continue;
+    }
+    const line: SidecarLine = { line: n, text, raw };
     out.lines.push(line);
-    if (!line.text.trim()) return;
-    const entry = toEntry(line.text);
-    if (typeof entry === 'string') out.problems.push({ line: i + 1, message: entry });
+    if (!text.trim()) continue;
+    const entry = toEntry(text);
+    if (typeof entry === 'string') out.problems.push({ line: n, message: entry });
     else {
       line.entry = entry;
       out.entries.push(entry);
     }
-  });
+  }
   return out;
 }
 
 export function readSidecar(path: string): Sidecar {
-  let text: string;
+  let data: Buffer;
   try {
-    text = readFileSync(path, 'utf8');
+    data = readFileSync(path);
   } catch (e) {
     if ((e as NodeJS.ErrnoException).code === 'ENOENT') return { lines: [], entries: [], problems: [] };
     throw e;
   }
-  return parseSidecar(text);
+  return parseSidecar(data);
 }
 
 /** One entry as a sidecar line (fixed key order, so the file diffs well). */
@@ -109,7 +137,7 @@ function addFlagsUnlocked(path: string, entries: FlagEntry[]): number {
     add.push(e);
   }
   if (!add.length) return 0;
-  writeLines(path, [...s.lines.map((l) => l.text), ...add.map(formatEntry)]);
+  writeLines(path, s, [...s.lines, ...add.map(formatEntry)]);
   return add.length;
 }
 
@@ -123,11 +151,7 @@ function removeFlagsUnlocked(path: string, drop: Set<string>): number {
   const s = readSidecar(path);
   const keep = s.lines.filter((l) => !(l.entry && drop.has(l.entry.hash)));
   const removed = s.lines.length - keep.length;
-  if (removed)
-    writeLines(
-      path,
-      keep.map((l) => l.text),
-    );
+  if (removed) writeLines(path, s, keep);
   return removed;
 }
 
@@ -139,13 +163,13 @@ export function setReason(path: string, hash: string, reason: string): boolean {
 function setReasonUnlocked(path: string, hash: string, reason: string): boolean {
   const s = readSidecar(path);
   let found = false;
-  const lines = s.lines.map((l) => {
-    if (!l.entry || l.entry.hash !== hash) return l.text;
+  const lines = s.lines.map((l): SidecarLine | string => {
+    if (!l.entry || l.entry.hash !== hash) return l;
     found = true;
     // keep any fields a newer version wrote, in their order
     return JSON.stringify({ ...(JSON.parse(l.text) as object), reason });
   });
-  if (found) writeLines(path, lines);
+  if (found) writeLines(path, s, lines);
   return found;
 }
 
@@ -188,13 +212,28 @@ export function withLock<T>(path: string, fn: () => T): T {
 
 const SLEEPER = new Int32Array(new SharedArrayBuffer(4));
 
-/** Writes the lines (each ending in '\n'); an empty result removes the file. */
-function writeLines(path: string, lines: string[]): void {
-  if (!lines.some((l) => l.trim())) {
+/**
+ * Writes the sidecar back: lines read from it (`SidecarLine`) byte for byte, new or changed ones
+ * (strings) with the file's own line ending (CRLF when most of its lines have one), its BOM kept.
+ * A result with no text left removes the file.
+ */
+function writeLines(path: string, read: Sidecar, lines: Array<SidecarLine | string>): void {
+  if (!lines.some((l) => (typeof l === 'string' ? l : l.text).trim())) {
     rmSync(path, { force: true });
     return;
   }
-  writeFileAtomic(path, lines.map((l) => `${l}\n`).join(''));
+  const crlf = read.lines.filter((l) => l.raw.at(-2) === 0x0d && l.raw.at(-1) === 0x0a).length;
+  const eol = crlf > read.lines.length / 2 ? '\r\n' : '\n';
+  const parts: Buffer[] = read.bom ? [BOM] : [];
+  lines.forEach((l, i) => {
+    if (typeof l === 'string') parts.push(Buffer.from(`${l}${eol}`, 'utf8'));
+    else {
+      parts.push(l.raw);
+      // a last line without its newline gets one when a line follows it
+      if (l.raw.at(-1) !== 0x0a && i + 1 < lines.length) parts.push(Buffer.from(eol));
+    }
+  });
+  writeFileAtomic(path, Buffer.concat(parts));
 }
 
 function toEntry(text: string): FlagEntry | string {
