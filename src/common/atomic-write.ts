@@ -1,10 +1,12 @@
 // The one way this project replaces a file or a folder on disk: write a temporary sibling, flush
 // it (fsync), rename it over the target, then flush the folder so the rename itself survives a
-// power cut. A crash at any moment leaves the old file or the new one, never half of either.
+// power cut. A crash at any moment leaves the old file or the new one, never half of either (a
+// folder's old version may be left set aside, `<dir>.old-…`, which its next reader puts back).
 //
-// Temporaries are named `<target>.tmp-<pid>-<n>` so that leftovers of a process killed mid-write
-// (kill -9, out of memory, a full disk) can be recognised as ours and removed once that process is
-// gone (`cleanStaleTemps`). (The write-file-atomic package names its temporaries by a hash, so
+// Temporaries are named `<target>.tmp-<pid>-<thread>x<n>` (and set-aside folders
+// `<target>.old-<pid>-<thread>x<n>`) so that leftovers of a process killed mid-write (kill -9, out
+// of memory, a full disk) can be recognised as ours and removed once that process is gone
+// (`cleanStaleTemps`). (The write-file-atomic package names its temporaries by a hash, so
 // its leftovers could never be told apart from a user's files; hence this small helper.)
 import {
   closeSync,
@@ -18,24 +20,32 @@ import {
   rmSync,
   writeSync,
 } from 'node:fs';
-import { basename, dirname, join } from 'node:path';
+import { basename, dirname, join, resolve } from 'node:path';
 import { threadId } from 'node:worker_threads';
 
 let counter = 0;
 
-/** A fresh temporary path next to `target`, marked with this process's id. */
+/** A fresh temporary path next to `target` (a trailing slash ignored), marked with this process's id. */
 export function tempPathFor(target: string, kind: 'tmp' | 'old' = 'tmp'): string {
   counter++;
   // threadId keeps two worker threads of one process apart
-  return `${target}.${kind}-${process.pid}-${threadId}x${counter}`;
+  return `${resolve(target)}.${kind}-${process.pid}-${threadId}x${counter}`;
 }
 
 /**
  * Matches our temporaries: group 1 is `tmp` (a new version being written) or `old` (a folder's
- * previous version, moved aside while the new one is renamed into place), group 2 the pid (also
- * the older `.tmp-<pid>` names).
+ * previous version, moved aside while the new one is renamed into place), group 2 the pid. The
+ * `-<thread>x<n>` tail is required for `old` (a user's own `model.old-2024` is not ours); `tmp`
+ * also matches the older `.tmp-<pid>` names.
  */
-const TEMP_NAME = /\.(tmp|old)-(\d+)(?:-\d+x\d+)?$/;
+const TEMP_NAME = /\.(?:(tmp)-(\d+)(?:-\d+x\d+)?|(old)-(\d+)-\d+x\d+)$/;
+
+/** `TEMP_NAME` read: which kind of temporary, and its pid. */
+function tempName(name: string): { kind: 'tmp' | 'old'; pid: number; index: number } | null {
+  const m = TEMP_NAME.exec(name);
+  if (!m) return null;
+  return m[1] ? { kind: 'tmp', pid: Number(m[2]), index: m.index } : { kind: 'old', pid: Number(m[4]), index: m.index };
+}
 
 /** Writes `data` to `path` atomically and durably. `mode` applies to a new file. */
 export function writeFileAtomic(path: string, data: string | Uint8Array, options: { mode?: number } = {}): void {
@@ -101,11 +111,11 @@ export function replaceDirAtomic(dir: string, fill: (tmp: string) => void): void
   const tmp = stageDir(dir);
   try {
     fill(tmp);
+    commitDir(tmp, dir);
   } catch (e) {
     rmSync(tmp, { recursive: true, force: true });
     throw e;
   }
-  commitDir(tmp, dir);
 }
 
 /**
@@ -113,7 +123,8 @@ export function replaceDirAtomic(dir: string, fill: (tmp: string) => void): void
  * time (a training run writes its checkpoints there) and then calls `commitDir`. A process killed
  * before that leaves a temporary that `cleanStaleTemps` removes once the process is gone.
  */
-export function stageDir(dir: string): string {
+export function stageDir(dirIn: string): string {
+  const dir = resolve(dirIn);
   mkdirSync(dirname(dir), { recursive: true });
   restoreReplacedDir(dir); // an earlier writer killed between its two renames
   const tmp = tempPathFor(dir);
@@ -127,9 +138,11 @@ export function stageDir(dir: string): string {
  * is the old one removed. The live folder is never deleted file by file, so a crash at any moment
  * leaves the old folder, the new one, or (between the two renames) the old one set aside, which
  * `restoreReplacedDir` (called by readers and by `cleanStaleTemps`) puts back once the writer is
- * gone. On an error the old folder stays and the temporary is removed.
+ * gone. On an error the old folder stays and so does the temporary (a caller may keep it: a
+ * training run's finished model); `replaceDirAtomic` removes its own.
  */
-export function commitDir(tmp: string, dir: string): void {
+export function commitDir(tmp: string, dirIn: string): void {
+  const dir = resolve(dirIn);
   const old = tempPathFor(dir, 'old');
   let movedAside = false;
   try {
@@ -140,12 +153,17 @@ export function commitDir(tmp: string, dir: string): void {
     }
     renameSync(tmp, dir);
   } catch (e) {
-    if (movedAside && !existsSync(dir)) renameSync(old, dir);
-    rmSync(tmp, { recursive: true, force: true });
+    if (movedAside && !existsSync(dir))
+      try {
+        renameSync(old, dir);
+      } catch {
+        // left set aside: restoreReplacedDir puts it back once this process is gone
+      }
     throw e;
   }
   fsyncDir(dirname(dir));
-  if (movedAside) rmSync(old, { recursive: true, force: true });
+  // best effort: the new folder is in place; a leftover is removed by cleanStaleTemps later
+  if (movedAside) rmSync(old, { recursive: true, force: true, maxRetries: 3 });
 }
 
 /**
@@ -153,7 +171,8 @@ export function commitDir(tmp: string, dir: string): void {
  * `replaceDirAtomic` left it set aside (`<dir>.old-<pid>-…`, that pid no longer running) and no
  * `dir` in its place. Returns whether it restored one. Cheap when there is nothing to do.
  */
-export function restoreReplacedDir(dir: string): boolean {
+export function restoreReplacedDir(dirIn: string): boolean {
+  const dir = resolve(dirIn);
   if (existsSync(dir)) return false;
   const parent = dirname(dir);
   const prefix = `${basename(dir)}.old-`;
@@ -164,9 +183,16 @@ export function restoreReplacedDir(dir: string): boolean {
     return false;
   }
   for (const name of names) {
-    const m = TEMP_NAME.exec(name);
-    if (m?.[1] !== 'old' || processAlive(Number(m[2]))) continue;
-    renameSync(join(parent, name), dir);
+    const t = tempName(name);
+    if (t?.kind !== 'old' || name.slice(0, t.index) !== basename(dir) || processAlive(t.pid)) continue;
+    try {
+      renameSync(join(parent, name), dir);
+    } catch (e) {
+      // another reader (a worker thread, the CLI beside the server) put it back first
+      const code = (e as NodeJS.ErrnoException).code;
+      if (code === 'ENOENT' || code === 'ENOTEMPTY' || code === 'EEXIST') return false;
+      throw e;
+    }
     fsyncDir(parent);
     return true;
   }
@@ -200,11 +226,11 @@ export function cleanStaleTemps(root: string, depth = 3, prefix = ''): string[] 
         continue;
       }
       if (st.isSymbolicLink()) continue;
-      const m = TEMP_NAME.exec(name);
-      if (m && !processAlive(Number(m[2]))) {
+      const t = tempName(name);
+      if (t && !processAlive(t.pid)) {
         // a folder's previous version set aside by a writer killed before it renamed the new one
         // into place: put it back rather than lose the folder
-        if (m[1] === 'old' && restoreReplacedDir(join(dir, name.slice(0, m.index)))) {
+        if (t.kind === 'old' && restoreReplacedDir(join(dir, name.slice(0, t.index)))) {
           removed.push(p);
           continue;
         }

@@ -12,7 +12,7 @@
 // the owner's host: a lock of another host is never taken over (the message says which file to
 // delete if that machine's process is gone).
 
-import { linkSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { linkSync, lstatSync, readdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
 import { processAlive, tempPathFor } from './atomic-write';
@@ -38,12 +38,31 @@ export function tryLock(path: string, what: string): Release | LockOwner {
         // only our own lock (it cannot have been taken over while this process lives)
         if (readText(path) === text) rmSync(path, { force: true });
       };
+    if (legacyLockFolder(path)) {
+      // proper-lockfile (the flags sidecar's lock before this one) made a folder here and its live
+      // holders refresh its mtime every few seconds: one untouched for LEGACY_STALE_MS is dead
+      if (Date.now() - statSync(path).mtimeMs < LEGACY_STALE_MS || attempt >= 3)
+        return { pid: 0, host: '?', since: '?', what: `an older Influence Lens's lock folder ${path}` };
+      rmSync(path, { recursive: true, force: true });
+      continue;
+    }
     const held = readText(path);
     if (held === undefined) continue; // released meanwhile: try again
     const owner = parseOwner(held);
     if (!owner) return { pid: 0, host: '?', since: '?', what: `an unreadable lock file ${path}` };
     if (!isStale(owner) || attempt >= 3) return owner;
     removeIfStill(path, held);
+  }
+}
+
+/** How long a lock folder of the older lock (proper-lockfile) may go untouched before it is dead. */
+const LEGACY_STALE_MS = 10_000;
+
+function legacyLockFolder(path: string): boolean {
+  try {
+    return lstatSync(path).isDirectory();
+  } catch {
+    return false;
   }
 }
 

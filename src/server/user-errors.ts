@@ -53,6 +53,8 @@ export const INTERNAL_ERRORS: Readonly<Record<string, string>> = {
   ChatTemplateError: 'rethrown as a TokenizerError naming the record',
   RecordShapeError: 'rethrown as a DataError naming the file and line',
   QueueFullError: "answered as the protocol's Busy code by the dispatcher",
+  HelpRequested: 'the CLI prints the help text it carries and exits 0',
+  StoreFileChanged: 'the gradient store is reread or rebuilt (gradient-store.ts)',
 };
 
 /** Whether `e` is a user-facing error (print its message), not a bug (print its stack). */

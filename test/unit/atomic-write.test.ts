@@ -3,7 +3,7 @@
 // ours (name pattern + a pid that no longer runs).
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { cpSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, test } from 'node:test';
@@ -14,6 +14,8 @@ import {
   restoreReplacedDir,
   writeFileAtomic,
 } from '../../src/common/atomic-write';
+import { loadFactors } from '../../src/server/attribution/ekfac/factors-io';
+import { openCheckpoint } from '../../src/server/model/checkpoint';
 import { InfluenceService } from '../../src/server/service/influence-service';
 import { useTempHome } from './helpers/env';
 
@@ -127,12 +129,28 @@ test('a folder replace killed between its two renames: readers and the cleanup p
   assert.equal(restoreReplacedDir(target), false);
   assert.deepEqual(cleanStaleTemps(d), []);
   assert.deepEqual(readdirSync(d), [`checkpoint.old-${process.pid}-0x4`]);
+  // a user's own backup named like ours but without our tail is never touched
+  mkdirSync(join(d, 'checkpoint.old-2024'));
+  assert.deepEqual(cleanStaleTemps(d), []);
+  rmSync(join(d, 'checkpoint.old-2024'), { recursive: true });
   // and a later replace by this process (not killed) still lands whole
   rmSync(join(d, `checkpoint.old-${process.pid}-0x4`), { recursive: true });
   replaceDirAtomic(target, (tmp) => writeFileSync(join(tmp, 'model.safetensors'), 'v2'));
   replaceDirAtomic(target, (tmp) => writeFileSync(join(tmp, 'model.safetensors'), 'v3'));
   assert.deepEqual(readdirSync(d), ['checkpoint']);
   assert.equal(readFileSync(join(target, 'model.safetensors'), 'utf8'), 'v3');
+});
+
+test('openCheckpoint and loadFactors put back a folder a killed replace left set aside', () => {
+  const d = join(root, 'readers');
+  mkdirSync(d);
+  const dead = deadPid();
+  cpSync('test/fixtures/models/llama', join(d, `model.old-${dead}-0x1`), { recursive: true });
+  assert.equal(openCheckpoint(join(d, 'model')).modelType, 'llama');
+  assert.deepEqual(readdirSync(d), ['model']);
+  cpSync('test/fixtures/kronfluence/ours-llama-fp32/factors', join(d, `factors.old-${dead}-0x2`), { recursive: true });
+  assert.ok(Object.keys(loadFactors(join(d, 'factors')).modules).length > 0);
+  assert.deepEqual(readdirSync(d).sort(), ['factors', 'model']);
 });
 
 test('cleanStaleTemps: only our names, only dead pids, nested folders, never through links', () => {

@@ -50,9 +50,12 @@ test('every error class under src/server and src/common is a user error or named
   for (const dir of ['src/server', 'src/common'])
     for (const f of readdirSync(join(ROOT, dir), { recursive: true, encoding: 'utf8' }))
       if (f.endsWith('.ts'))
-        for (const m of readFileSync(join(ROOT, dir, f), 'utf8').matchAll(/class (\w+Error) extends \w+/g))
+        for (const m of readFileSync(join(ROOT, dir, f), 'utf8').matchAll(
+          /class (\w+) extends (?:\w*Error|RpcError<[^>]*>)\b/g,
+        ))
           declared.push(m[1]);
-  assert.ok(declared.includes('AdapterError') && declared.includes('QueriesError'), declared.join(' '));
+  for (const name of ['AdapterError', 'QueriesError', 'HelpRequested', 'StoreFileChanged', 'FitBusyError'])
+    assert.ok(declared.includes(name), `${name} not found among ${declared.join(' ')}`);
   const user = new Set(USER_ERRORS.map((C) => C.name));
   for (const name of declared)
     assert.ok(

@@ -3,7 +3,7 @@
 // leaves a valid file that the other one finishes.
 import assert from 'node:assert/strict';
 import { type ChildProcess, spawn } from 'node:child_process';
-import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, rmSync, utimesSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, test } from 'node:test';
@@ -140,4 +140,20 @@ test('a suspended holder (SIGSTOP, longer than any age-based staleness) keeps it
   assert.equal(await c.exit, 0, c.stderr());
   assert.equal(hashes(p).length, 6);
   assert.ok(lockWaitMs() > 1000, 'the default wait outlasts a healthy holder by far');
+});
+
+test('a lock folder an older version (proper-lockfile) left: taken over once untouched for 10 s, waited for while fresh', async () => {
+  const p = join(dir, 'legacy.exclude.jsonl');
+  mkdirSync(`${p}.lock`);
+  // fresh: a live older holder may still be writing
+  const b = writer(p, 'add', 'b', 1, { INFLUENCE_LENS_FLAGS_LOCK_WAIT_MS: '200' });
+  assert.notEqual(await b.exit, 0);
+  assert.match(b.stderr(), /an older Influence Lens's lock folder/);
+  // untouched for longer than its holders refresh it: dead, taken over
+  const old = new Date(Date.now() - 60_000);
+  utimesSync(`${p}.lock`, old, old);
+  const c = writer(p, 'add', 'c', 3, { INFLUENCE_LENS_FLAGS_LOCK_WAIT_MS: '0' });
+  assert.equal(await c.exit, 0, c.stderr());
+  assert.equal(hashes(p).length, 3);
+  assert.ok(!existsSync(`${p}.lock`));
 });

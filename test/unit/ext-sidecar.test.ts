@@ -240,18 +240,21 @@ test('export: kept lines are copied byte for byte, a line that is not UTF-8 incl
     const good = (i: number) => Buffer.from(`${JSON.stringify(RECORDS[i])}\r\n`);
     // {"text":"caf<E9>"}: Latin-1 é, not UTF-8; decoded leniently it would become a valid record
     const latin1 = Buffer.concat([Buffer.from('{"text":"caf'), Buffer.from([0xe9]), Buffer.from('"}\n')]);
-    const bytes = Buffer.concat([Buffer.from([0xef, 0xbb, 0xbf]), good(0), latin1, good(1), good(2)]);
+    // a stray BOM mid-file (two files concatenated): not JSON to the server either
+    const strayBom = Buffer.concat([Buffer.from([0xef, 0xbb, 0xbf]), good(3)]);
+    const bytes = Buffer.concat([Buffer.from([0xef, 0xbb, 0xbf]), good(0), latin1, good(1), good(2), strayBom]);
     writeFileSync(ds, bytes);
-    addFlags(sidecarPathFor(ds), [entry(contentHash(RECORDS[1]), 3)]);
+    addFlags(sidecarPathFor(ds), [entry(contentHash(RECORDS[1]), 3), entry(contentHash(RECORDS[3]), 5)]);
     const r = exportCleaned(ds);
-    assert.equal(r.kept, 2, 'the Latin-1 line is not an example');
+    assert.equal(r.kept, 2, 'the Latin-1 and stray-BOM lines are not examples');
+    assert.equal(loadDataset(ds, { skipMalformed: true }).examples.length, 3, 'the server counts the same lines');
     assert.deepEqual(
       r.removed.map((x) => x.line),
       [3],
     );
     assert.deepEqual(
       readFileSync(r.outPath),
-      Buffer.concat([Buffer.from([0xef, 0xbb, 0xbf]), good(0), latin1, good(2)]),
+      Buffer.concat([Buffer.from([0xef, 0xbb, 0xbf]), good(0), latin1, good(2), strayBom]),
     );
     assert.deepEqual(readFileSync(ds), bytes, 'the source is not modified');
   } finally {

@@ -1,6 +1,6 @@
 // The server's methods, called directly (the JSON-RPC layer only adds transport and security).
 import assert from 'node:assert/strict';
-import { appendFileSync, readFileSync, renameSync, statSync, utimesSync, writeFileSync } from 'node:fs';
+import { appendFileSync, chmodSync, readFileSync, renameSync, statSync, utimesSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
 import { InfluenceService, ServiceError } from '../../src/server/service/influence-service';
@@ -95,6 +95,17 @@ describe('InfluenceService', () => {
     assert.match(before.text, /Spain/);
     assert.match(after.text, /Spaim/, 'the new file is read');
     assert.notEqual(after.id.hash, before.id.hash);
+    // rewritten in place (same inode), same size, mtime put back: only ctime tells, and the bytes decide
+    const inode = statSync(data).ino;
+    writeFileSync(data, readFileSync(data, 'utf8').replace('Madrid is in Spaim.', 'Madrid is in Spaiq.'));
+    utimesSync(data, 1_700_000_000, 1_700_000_000);
+    assert.equal(statSync(data).ino, inode);
+    assert.match(service.getExample('train', 6).text, /Spaiq/);
+    // a metadata-only change (chmod: ctime moves, bytes do not) keeps the loaded dataset
+    const loaded = service.dataset('train');
+    chmodSync(data, 0o600);
+    assert.equal(service.dataset('train'), loaded, 'not reloaded for a chmod');
+    assert.equal((await service.explain({ ...q, method: 'gdp' })).scored, 6);
   });
 
   test('getExample and scanDataset', async () => {

@@ -214,6 +214,10 @@ test('a post-processor that appends EOS: training records score it after a score
   const cut = tokenizeText(tok, 'the cafe', [[0, 8]], 3);
   assert.equal(cut.ids.length, 3);
   assert.deepEqual(cut.weights, [1, 1, 0]);
+  // cut exactly between the content and the EOS: the content is scored as without an EOS
+  const atEos = tokenizeText(tok, 'the cafe', [[0, 8]], text.ids.length - 1);
+  assert.deepEqual(atEos.ids, text.ids.slice(0, -1));
+  assert.deepEqual(atEos.weights, [...atEos.ids.slice(0, -1).map(() => 1), 0]);
   // a query explains the completion's text only
   const q = tokenizeQuery(tok, 'the ', 'cafe', 1 << 10);
   assert.equal(q.ids.at(-1), 2);

@@ -118,6 +118,23 @@ describe('train', () => {
     );
     assert.ok(!existsSync(stale), "the killed run's staging folder is cleaned");
     assert.equal(JSON.parse(readFileSync(join(again, 'training_args.json'), 'utf8')).seed, 4);
+    // a trailing slash, a desktop's .DS_Store, and a user's own backup beside it (not ours: kept)
+    writeFileSync(join(again, '.DS_Store'), 'x');
+    const backup = join(home, 'again.old-2024');
+    mkdirSync(backup);
+    writeFileSync(join(backup, 'NOTES.md'), 'mine');
+    await run(`${again}/`, { seed: 5 });
+    assert.equal(JSON.parse(readFileSync(join(again, 'training_args.json'), 'utf8')).seed, 5);
+    assert.equal(readFileSync(join(backup, 'NOTES.md'), 'utf8'), 'mine');
+    assert.deepEqual(
+      readdirSync(home).filter((n) => n.startsWith('again.')),
+      ['again.old-2024'],
+    );
+    // the model training starts from inside --out (its checkpoint), or --out inside it
+    await assert.rejects(
+      run(again, { init: undefined, model: join(again, 'checkpoint-1') }),
+      /holds the model training starts from/,
+    );
   });
 
   test('CLI: continue from a checkpoint without the flagged examples', () => {

@@ -25,19 +25,24 @@ export interface FilterResult extends FilterCounts {
   text: string;
 }
 
-const UTF8 = new TextDecoder('utf-8', { fatal: true });
+// ignoreBOM: a byte order mark inside the file stays in the line's text, which then is not JSON,
+// as the server reads it (data/jsonl.ts); only the file's first three bytes are its BOM
+const UTF8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true });
 const BOM = Buffer.from([0xef, 0xbb, 0xbf]);
 
 /**
  * The dataset's bytes without the records whose content hash is excluded: every other line is
- * copied byte for byte (its line ending, a BOM, and bytes that are not UTF-8 included). A line
- * that is not valid UTF-8 is malformed, as the server reads it (data/jsonl.ts): kept, not counted.
+ * copied byte for byte (its line ending, the file's BOM, and bytes that are not UTF-8 included). A
+ * line that is not valid UTF-8, or starts with a stray BOM, is malformed as the server reads it
+ * (data/jsonl.ts): kept, not counted.
  */
 export function filterDatasetBytes(data: Uint8Array, excluded: ReadonlySet<string>): FilterCounts & { bytes: Buffer } {
-  const buf = Buffer.from(data.buffer, data.byteOffset, data.byteLength);
+  let buf = Buffer.from(data.buffer, data.byteOffset, data.byteLength);
+  const bom = buf.subarray(0, 3).equals(BOM);
+  if (bom) buf = buf.subarray(3);
   const found = new Set<string>();
   const removed: FilterCounts['removed'] = [];
-  const out: Buffer[] = [];
+  const out: Buffer[] = bom ? [BOM] : [];
   let kept = 0;
   let line = 0;
   for (let start = 0; start < buf.length; line++) {
@@ -47,7 +52,8 @@ export function filterDatasetBytes(data: Uint8Array, excluded: ReadonlySet<strin
     start = end;
     let h: string | undefined;
     try {
-      h = lineHash(UTF8.decode(bytes));
+      const text = UTF8.decode(bytes);
+      h = text.startsWith('\uFEFF') ? undefined : lineHash(text);
     } catch {
       h = undefined; // not UTF-8: malformed
     }
@@ -59,10 +65,7 @@ export function filterDatasetBytes(data: Uint8Array, excluded: ReadonlySet<strin
     if (h !== undefined) kept++;
     out.push(bytes);
   }
-  let bytes = Buffer.concat(out);
-  // a BOM on a removed first line stays with the file
-  if (buf.subarray(0, 3).equals(BOM) && !bytes.subarray(0, 3).equals(BOM)) bytes = Buffer.concat([BOM, bytes]);
-  return { bytes, kept, removed, missing: [...excluded].filter((h) => !found.has(h)) };
+  return { bytes: Buffer.concat(out), kept, removed, missing: [...excluded].filter((h) => !found.has(h)) };
 }
 
 /** The dataset text without the records whose content hash is excluded (an editor's text). */

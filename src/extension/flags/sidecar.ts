@@ -64,7 +64,8 @@ export function datasetPathForSidecar(sidecarPath: string): string {
   return sidecarPath.replace(/\.exclude\.jsonl$/i, '.jsonl');
 }
 
-const UTF8 = new TextDecoder('utf-8', { fatal: true });
+// ignoreBOM: a byte order mark after the file's start stays in the line (which then is not JSON)
+const UTF8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true });
 const BOM = Buffer.from([0xef, 0xbb, 0xbf]);
 
 /**

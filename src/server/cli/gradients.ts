@@ -33,7 +33,8 @@ export async function runGradients(argv: string[]): Promise<void> {
   const seed = int(v.seed, '--seed', 0);
 
   const model = Model.open(v.model, { base: v.base });
-  // the same rendering and masking as fit/explain/tokenize (a --text or a prompt/completion record)
+  // the same rendering and masking as fit gives a training record (a --text or a prompt/completion
+  // one; a trailing EOS the tokenizer appends is scored, as in training, where explain's query leaves it out)
   const record = hasText ? { text: v.text } : { prompt: v.prompt, completion: v.completion };
   const r = renderForModel(record, 'the command line', undefined);
   const enc = tokenizeText(model.tokenizer, r.text, r.spans, Number.POSITIVE_INFINITY);

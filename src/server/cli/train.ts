@@ -6,8 +6,8 @@
 // --exclude drops the examples a flags sidecar (`<dataset>.exclude.jsonl`, one {"hash", ...}
 // per line) names, by content hash: the counterfactual "train again without them".
 import { createHash } from 'node:crypto';
-import { existsSync, readdirSync, readFileSync, rmSync, statSync } from 'node:fs';
-import { basename, dirname, join, resolve } from 'node:path';
+import { existsSync, readdirSync, readFileSync, realpathSync, rmSync, statSync } from 'node:fs';
+import { basename, dirname, isAbsolute, join, relative, resolve } from 'node:path';
 import { cleanStaleTemps, commitDir, stageDir, tempPathFor } from '../../common/atomic-write';
 import { loadDataset } from '../data/dataset';
 import { readJsonl } from '../data/jsonl';
@@ -99,18 +99,42 @@ const TRAINED_FILES = new Set([
   'training_args.json',
   ...CHECKPOINT_TOKENIZER_FILES,
 ]);
+/** Files a desktop puts in any folder it shows; they do not make a folder someone else's. */
+const DESKTOP_FILES = new Set(['.DS_Store', 'Thumbs.db', 'desktop.ini']);
+
+/** The real path of `p`, or of its nearest existing parent with the rest appended. */
+function realOrResolved(p: string): string {
+  const abs = resolve(p);
+  try {
+    return realpathSync(abs);
+  } catch {
+    return abs;
+  }
+}
+
+/** Whether `a` is `b` or inside it. */
+function within(a: string, b: string): boolean {
+  const rel = relative(b, a);
+  return rel === '' || (!rel.startsWith('..') && !isAbsolute(rel));
+}
 
 /**
  * `--out` is replaced as a whole folder, so it must be new, empty, or a model an earlier `train`
  * wrote (training_args.json and only a trained model's files and checkpoint-<step> folders):
- * never a folder that holds the user's data, flags or notes, nor the model training starts from.
+ * never a folder that holds the user's data, flags or notes, nor the model training starts from
+ * (or one inside the other: `--model runs/ft/checkpoint-500 --out runs/ft`).
  */
 export function checkOutFolder(out: string, from?: string): void {
-  if (from && resolve(out) === resolve(from))
-    throw new CliError(`--out ${out} is the model training starts from; choose another folder`);
+  if (from) {
+    const [o, f] = [realOrResolved(out), realOrResolved(from)];
+    if (within(o, f) || within(f, o))
+      throw new CliError(
+        `--out ${out} ${o === f ? 'is' : within(f, o) ? 'holds' : 'is inside'} the model training starts from (${from}); choose a folder outside it`,
+      );
+  }
   if (!existsSync(out)) return;
   if (!statSync(out).isDirectory()) throw new CliError(`--out ${out} exists and is not a folder`);
-  const names = readdirSync(out);
+  const names = readdirSync(out).filter((n) => !DESKTOP_FILES.has(n));
   if (!names.length) return;
   const foreign = names.filter((n) => !TRAINED_FILES.has(n) && !/^checkpoint-\d+$/.test(n));
   if (foreign.length || !names.includes('training_args.json'))
@@ -126,9 +150,10 @@ export function checkOutFolder(out: string, from?: string): void {
 export async function trainJob(o: TrainJobOptions): Promise<TrainJobResult> {
   const t0 = Date.now();
   const log = o.log ?? (() => {});
-  checkOutFolder(o.out, o.model);
+  const out = resolve(o.out); // no trailing slash: temporaries go beside it, not inside
+  checkOutFolder(out, o.model);
   // what a train killed earlier left beside this output (its staging and initial-weights folders)
-  cleanStaleTemps(dirname(resolve(o.out)), 1, `${basename(resolve(o.out))}.`);
+  cleanStaleTemps(dirname(out), 1, `${basename(out)}.`);
   const ds = loadDataset(o.data);
   const excludedHashes = o.exclude ? readExclusions(o.exclude) : new Set<string>();
   const kept = ds.examples.filter((e) => !excludedHashes.has(e.hash));
@@ -153,7 +178,7 @@ export async function trainJob(o: TrainJobOptions): Promise<TrainJobResult> {
     ));
     tokenizerDir = o.init.tokenizer;
     // The engine opens checkpoints from disk: write the initial weights beside the output.
-    initDir = tempPathFor(o.out);
+    initDir = tempPathFor(out);
     saveCheckpoint(initDir, config, params, shapes, tokenizerDir);
     model = Model.open(initDir, engine);
   } else if (o.model) {
@@ -173,7 +198,7 @@ export async function trainJob(o: TrainJobOptions): Promise<TrainJobResult> {
   // and swapped in whole: a run killed at any moment leaves the old --out as it was
   let staging: string | undefined;
   try {
-    staging = stageDir(o.out);
+    staging = stageDir(out);
     const maxLen = contextLength(config);
     const { examples, truncated } = trainingExamples(model.tokenizer, kept, maxLen, o.data);
     if (!examples.length) throw new CliError(`${o.data}: no example has a token to train on`);
@@ -231,9 +256,16 @@ export async function trainJob(o: TrainJobOptions): Promise<TrainJobResult> {
       final_loss: result.finalLoss,
     };
     writeCheckpoint(staging, config, params, shapes, tokenizerDir, args);
-    const committed = staging;
+    try {
+      commitDir(staging, out);
+    } catch (e) {
+      const kept = staging;
+      staging = undefined; // the finished model stays where it is
+      throw new CliError(
+        `could not put the trained model in place of ${out} (${(e as Error).message}); it is complete in ${kept}: move it there yourself`,
+      );
+    }
     staging = undefined;
-    commitDir(committed, o.out);
     return {
       examples: examples.length,
       excluded,

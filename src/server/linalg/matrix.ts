@@ -304,6 +304,8 @@ export function dot(x: ArrayLike<number>, y: ArrayLike<number>): number {
  * or -1 replaced by the index of a non-finite value of A when there is one (`bad`, row-major,
  * the first as `firstNonFinite` would find it). One pass instead of a copy, a scan and a
  * symmetrize: at SmolLM-135M's shape those three took 3.9 s of the eigendecomposition phase.
+ * (Two finite entries whose sum overflows give ±Inf in the copy without being reported, as the
+ * separate scan did not either; covariances are far from that range.)
  */
 export function symmetrizedCopy(A: Floats, n: number): { a: Float64Array; bad: number } {
   const out = new Float64Array(n * n);

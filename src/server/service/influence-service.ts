@@ -3,7 +3,8 @@
 // explain / getExample / scanDataset / fit / index / reload / generate. The JSON-RPC layer
 // (src/transport, with the method table in ./handlers) validates frames and calls these methods with a cancellation signal and
 // progress callbacks; the CLI and tests can call them directly.
-import { statSync } from 'node:fs';
+import { createHash } from 'node:crypto';
+import { readFileSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { cleanStaleTemps } from '../../common/atomic-write';
 import { own } from '../../common/own';
@@ -130,7 +131,9 @@ export function isLightExplain(p: Pick<ExplainParams, 'method' | 'compare' | 'ca
 interface LoadedDataset {
   corpus: Corpus;
   path: string;
-  stamp: string;
+  stamp: FileStamp;
+  /** sha256 of the file's bytes when loaded: tells a metadata-only change from a new file */
+  sha256: string;
   fingerprint: string;
 }
 
@@ -271,7 +274,8 @@ export class InfluenceService implements ServiceApi {
       throw new ServiceError(`unknown dataset "${id}"; configured: ${Object.keys(this.config.datasets).join(', ')}`);
     const stamp = fileStamp(path);
     const have = this.data.get(id);
-    if (have && have.stamp === stamp) return have;
+    if (have && unchanged(have, stamp)) return have;
+    const sha256 = fileSha256(path);
     const ds = loadDataset(path, { skipMalformed: true });
     const model = this.modelFor(id);
     const corpus = new Corpus(id, ds, model);
@@ -279,6 +283,7 @@ export class InfluenceService implements ServiceApi {
       corpus,
       path,
       stamp,
+      sha256,
       fingerprint: dataFingerprint(
         ds.examples.map((e) => e.hash),
         { maxLength: contextLength(model.config), ...tokenizationKey(model.tokenizer) },
@@ -337,7 +342,7 @@ export class InfluenceService implements ServiceApi {
         onProgress: work.progress,
         onPartial: work.partial,
       });
-      if (fileStamp(d.path) !== d.stamp)
+      if (!unchanged(d, fileStamp(d.path)))
         throw new ServiceError(
           `${p.dataset} changed on disk while it was being explained; explain again to use the new file`,
           'data_changed',
@@ -374,7 +379,7 @@ export class InfluenceService implements ServiceApi {
           onProgress: work.progress,
         })),
       );
-      if (fileStamp(d.path) !== d.stamp)
+      if (!unchanged(d, fileStamp(d.path)))
         throw new ServiceError(
           `${p.dataset} changed on disk while it was being explained; explain again to use the new file`,
           'data_changed',
@@ -639,18 +644,45 @@ function exists(p: string): boolean {
   }
 }
 
-function fileStamp(path: string): string {
+interface FileStamp {
+  /** size and mtime: what changes when the file is written */
+  key: string;
+  /** inode and ctime: what changes when it is replaced (same size and mtime: touch -r; mv) or its metadata changes */
+  meta: string;
+}
+
+function fileStamp(path: string): FileStamp {
   try {
     const s = statSync(path);
-    // the inode and ctime too: a file replaced by one of the same size and mtime (touch -r; mv)
-    // is another file, and ctime changes on every write however the mtime was set
-    return `${s.ino}:${s.size}:${s.mtimeMs}:${s.ctimeMs}`;
+    return { key: `${s.size}:${s.mtimeMs}`, meta: `${s.ino}:${s.ctimeMs}` };
   } catch {
     throw new ServiceError(
       `the dataset file ${path} does not exist: restore it, or fix its path in the configuration`,
       'data_invalid',
     );
   }
+}
+
+/**
+ * Whether the loaded dataset is still the file on disk. Size and mtime decide; when only the inode
+ * or ctime moved (a replacement with the same size and mtime, or a chmod, a sync client's
+ * extended attributes), the bytes decide, and a metadata-only change is taken as the same file.
+ */
+function unchanged(d: LoadedDataset, now: FileStamp): boolean {
+  if (d.stamp.key !== now.key) return false;
+  if (d.stamp.meta === now.meta) return true;
+  let same: boolean;
+  try {
+    same = fileSha256(d.path) === d.sha256;
+  } catch {
+    return false;
+  }
+  if (same) d.stamp = now;
+  return same;
+}
+
+function fileSha256(path: string): string {
+  return createHash('sha256').update(readFileSync(path)).digest('hex');
 }
 
 function safe(id: string): string {
