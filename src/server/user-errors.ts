@@ -6,7 +6,7 @@ import { ExplainError } from './attribution/explain';
 import { FitJobError } from './attribution/fit-job';
 import { StageError } from './attribution/stage';
 import { CliError } from './cli/util';
-import { DataError } from './data/errors';
+import { DataError, QueryError } from './data/errors';
 import { QueriesError } from './eval/queries';
 import { GradientStoreError } from './index/gradient-store';
 import { AdapterError } from './model/adapter';
@@ -27,6 +27,7 @@ export const USER_ERRORS: ReadonlyArray<new (...args: never[]) => Error> = [
   DeviceUnavailableError,
   DeviceError,
   DataError,
+  QueryError,
   CheckpointError,
   AdapterError,
   SafetensorsError,

@@ -101,6 +101,18 @@ describe('errors a user can act on, over the real server', () => {
     }
   });
 
+  test("a query that cannot be explained is the request's fault: InvalidParams, not InvalidData", async () => {
+    for (const [params, why] of [
+      [{ ...q, completion: '' }, /completion/],
+      [{ ...q, prompt: 'word '.repeat(3000) }, /prompt \+ completion is \d+ tokens; the model takes \d+/],
+      [{ ...q, messages: [{ role: 'user', content: 'hi' }] }, /assistant/],
+    ] as const) {
+      const e = await errorOf(client.request('explain', { ...params, dataset: 'finetune', method: 'gdp' }));
+      assert.equal(e.code, RpcErrorCode.InvalidParams, e.message);
+      assert.match(e.message, why);
+    }
+  });
+
   test('broken factors: ekfac and scan say why, fit says to delete the folder (BrokenFactors)', async () => {
     assert.match(client.server!.unavailable.ekfac ?? '', /cannot be used \(.*factors-broken/);
     let e = await errorOf(client.request('explain', { ...q, dataset: 'finetune', method: 'ekfac' }));

@@ -5,3 +5,12 @@ export class DataError extends Error {
   /** the server answers it with the InvalidData code (src/transport/errors.ts) */
   readonly code = 'data_invalid';
 }
+
+/**
+ * A query that cannot be explained (its prompt, completion or messages, as a request gave them):
+ * the request's fault, not a dataset file's, so the server answers InvalidParams.
+ */
+export class QueryError extends Error {
+  override name = 'QueryError';
+  readonly code = 'invalid_params';
+}

@@ -10,7 +10,7 @@
 // silent); the loss weights follow the cut.
 import type { RenderedRecord, Rendering } from '../../common/records/render';
 import type { TokenizerHandle } from '../model/tokenizer';
-import { DataError } from './errors';
+import { DataError, QueryError } from './errors';
 import { renderForModel, type Span, targetWeightsFromOffsets } from './format';
 
 export interface TokenizedText {
@@ -88,7 +88,7 @@ export function contextLength(config: Record<string, unknown>): number {
  * (a chat record), the conversation is rendered like training data and its last assistant turn
  * is the completion; `prompt`/`completion` are then ignored.
  */
-export function tokenizeQuery(
+function tokenizeQueryAs(
   tok: TokenizerHandle,
   prompt: string,
   completion: string,
@@ -108,7 +108,7 @@ export function tokenizeQuery(
     spans = [r.last.span];
     rendering = r.rendering;
   } else {
-    if (!completion) throw new DataError('the completion is empty: there is nothing to explain');
+    if (!completion) throw new QueryError('the completion is empty: there is nothing to explain');
     text = prompt + completion;
     spans = [[prompt.length, text.length]];
     promptLength = prompt.length;
@@ -116,10 +116,26 @@ export function tokenizeQuery(
   // the query explains the completion's text: an EOS after it is not part of what was highlighted
   const t = tokenizeText(tok, text, spans, maxLength, rendering, false);
   if (t.truncated)
-    throw new DataError(`prompt + completion is ${t.ids.length + t.truncated} tokens; the model takes ${maxLength}`);
+    throw new QueryError(`prompt + completion is ${t.ids.length + t.truncated} tokens; the model takes ${maxLength}`);
   if (!t.weights.some((w) => w > 0))
-    throw new DataError('no completion token to explain (the completion vanished in tokenization)');
+    throw new QueryError('no completion token to explain (the completion vanished in tokenization)');
   return { ...t, promptLength, rendered };
+}
+
+export function tokenizeQuery(
+  tok: TokenizerHandle,
+  prompt: string,
+  completion: string,
+  maxLength: number,
+  messages?: unknown,
+): ReturnType<typeof tokenizeQueryAs> {
+  try {
+    return tokenizeQueryAs(tok, prompt, completion, maxLength, messages);
+  } catch (e) {
+    // a malformed `messages` is the request's, not a dataset file's
+    if (e instanceof DataError) throw new QueryError(e.message);
+    throw e;
+  }
 }
 
 /** Every example of a dataset, tokenized for the model; `truncated` counts examples cut to fit. */
