@@ -26,7 +26,8 @@ test('a bad damping says "damping must be …"; the CLI adds --damping', () => {
   assert.match(e.message, /^damping must be a non-negative number .*\(got "lots"\)$/);
   noFlag(e);
   assert.ok(e instanceof SettingError && e.setting === 'damping');
-  assert.match(withFlagHint(e), /\(got "lots"\) \(set it with --damping\)$/);
+  // the hint goes inside the message's closing brackets, not in a second pair
+  assert.match(withFlagHint(e), /\(got "lots"; set it with --damping\)$/);
 });
 
 test('methods without the factors they need say which model lacks them; the CLI adds the flags', () => {

@@ -30,7 +30,7 @@ export function describePlan(plan: CheckpointPlan): string {
   return (
     `summing over ${plan.checkpoints.length} training checkpoint(s), weighted by ${plan.weighting === 'learning-rate' ? 'learning rate' : 'equal weights'}: ${list}` +
     (plan.note ? ` (${plan.note})` : '') +
-    ' (--checkpoints off: the final model alone)'
+    '; --checkpoints off scores the final model alone'
   );
 }
 

@@ -20,7 +20,10 @@ const FLAG_HINTS: Record<Setting, string> = {
 
 /** An error's message, with the flag that changes the setting it is about (when it is about one). */
 export function withFlagHint(e: Error): string {
-  return e instanceof SettingError && e.setting ? `${e.message} (${FLAG_HINTS[e.setting]})` : e.message;
+  if (!(e instanceof SettingError && e.setting)) return e.message;
+  const hint = FLAG_HINTS[e.setting];
+  // a message that already ends in brackets takes the hint inside them, not in a second pair
+  return e.message.endsWith(')') ? `${e.message.slice(0, -1)}; ${hint})` : `${e.message} (${hint})`;
 }
 
 /** Thrown by `parse` for `--help` / `-h`: the command's options, listed from the table that parses them. */
