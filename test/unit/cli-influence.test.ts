@@ -144,7 +144,7 @@ describe('influence-lens fit / explain / scan', () => {
       ],
       [
         ['fit', '--model', MODEL, '--data', data, '--out', join(home, 'f2'), '--partition', '3/2'],
-        /the partition must be i\/n with 0 <= i < n \(got 3\/2\) \(set it with --partition i\/n\)$/m,
+        /the partition must be i\/n with 0 <= i < n \(got 3\/2; set it with --partition i\/n\)$/m,
       ],
       [['fit', '--model', MODEL, '--data', join(home, 'missing.jsonl'), '--out', join(home, 'f3')], /missing\.jsonl/],
       [
@@ -164,7 +164,7 @@ describe('influence-lens fit / explain / scan', () => {
           'lots',
         ],
         // the engine names the setting, the CLI adds the flag
-        /: damping must be .* \(set it with --damping\)$/m,
+        /: damping must be .*; set it with --damping\)$/m,
       ],
     ];
     for (const [args, want] of cases) {
