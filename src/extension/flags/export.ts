@@ -4,6 +4,7 @@
 // list that "Apply removal to file" deletes. Pure Node (no `vscode`), unit-tested.
 import { existsSync, readFileSync, realpathSync } from 'node:fs';
 import { resolve } from 'node:path';
+import { asBuffer, byteLines, hasBom, lineText, UTF8_BOM } from '../../common/byte-lines';
 import { lineHash } from './hash';
 import { readSidecar, sidecarPathFor, writeFileAtomic } from './sidecar';
 
@@ -25,45 +26,28 @@ export interface FilterResult extends FilterCounts {
   text: string;
 }
 
-// ignoreBOM: a byte order mark inside the file stays in the line's text, which then is not JSON,
-// as the server reads it (data/jsonl.ts); only the file's first three bytes are its BOM
-const UTF8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true });
-const BOM = Buffer.from([0xef, 0xbb, 0xbf]);
-
 /**
  * The dataset's bytes without the records whose content hash is excluded: every other line is
  * copied byte for byte (its line ending, the file's BOM, and bytes that are not UTF-8 included). A
  * line that is not valid UTF-8, or starts with a stray BOM, is malformed as the server reads it
- * (data/jsonl.ts): kept, not counted.
+ * (the same splitting: common/byte-lines.ts): kept, not counted.
  */
 export function filterDatasetBytes(data: Uint8Array, excluded: ReadonlySet<string>): FilterCounts & { bytes: Buffer } {
-  let buf = Buffer.from(data.buffer, data.byteOffset, data.byteLength);
-  const bom = buf.subarray(0, 3).equals(BOM);
-  if (bom) buf = buf.subarray(3);
+  const buf = asBuffer(data);
   const found = new Set<string>();
   const removed: FilterCounts['removed'] = [];
-  const out: Buffer[] = bom ? [BOM] : [];
+  const out: Buffer[] = hasBom(buf) ? [UTF8_BOM] : [];
   let kept = 0;
-  let line = 0;
-  for (let start = 0; start < buf.length; line++) {
-    const nl = buf.indexOf(0x0a, start);
-    const end = nl < 0 ? buf.length : nl + 1;
-    const bytes = buf.subarray(start, end);
-    start = end;
-    let h: string | undefined;
-    try {
-      const text = UTF8.decode(bytes);
-      h = text.startsWith('\uFEFF') ? undefined : lineHash(text);
-    } catch {
-      h = undefined; // not UTF-8: malformed
-    }
+  for (const l of byteLines(buf)) {
+    const text = lineText(buf, l);
+    const h = text === undefined || text.startsWith('\uFEFF') ? undefined : lineHash(text);
     if (h !== undefined && excluded.has(h)) {
       found.add(h);
-      removed.push({ line: line + 1, hash: h });
+      removed.push({ line: l.line, hash: h });
       continue;
     }
     if (h !== undefined) kept++;
-    out.push(bytes);
+    out.push(l.raw);
   }
   return { bytes: Buffer.concat(out), kept, removed, missing: [...excluded].filter((h) => !found.has(h)) };
 }

@@ -12,6 +12,7 @@
 // Pure Node (no `vscode`), unit-tested.
 import { readFileSync, rmSync } from 'node:fs';
 import { writeFileAtomic } from '../../common/atomic-write';
+import { asBuffer, byteLines, hasBom, lineText, UTF8_BOM } from '../../common/byte-lines';
 import { describeOwner, tryLock } from '../../common/owner-lock';
 
 export { writeFileAtomic };
@@ -64,41 +65,28 @@ export function datasetPathForSidecar(sidecarPath: string): string {
   return sidecarPath.replace(/\.exclude\.jsonl$/i, '.jsonl');
 }
 
-// ignoreBOM: a byte order mark after the file's start stays in the line (which then is not JSON)
-const UTF8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true });
-const BOM = Buffer.from([0xef, 0xbb, 0xbf]);
-
 /**
  * The sidecar's lines, each with its bytes as in the file (line ending included), so that a
  * rewrite puts back every line it does not change byte for byte: CRLF endings, a BOM, bytes
- * that are not UTF-8 (such a line is reported and kept, never re-encoded).
+ * that are not UTF-8 (such a line is reported and kept, never re-encoded). Split as every JSONL
+ * file is (common/byte-lines.ts).
  */
 export function parseSidecar(data: Uint8Array | string): Sidecar {
-  let buf =
-    typeof data === 'string' ? Buffer.from(data, 'utf8') : Buffer.from(data.buffer, data.byteOffset, data.byteLength);
+  const buf = typeof data === 'string' ? Buffer.from(data, 'utf8') : asBuffer(data);
   const out: Sidecar = { lines: [], entries: [], problems: [] };
-  if (buf.subarray(0, 3).equals(BOM)) {
-    out.bom = true;
-    buf = buf.subarray(3);
-  }
-  for (let start = 0, n = 1; start < buf.length; n++) {
-    const nl = buf.indexOf(0x0a, start);
-    const end = nl < 0 ? buf.length : nl + 1;
-    const raw = buf.subarray(start, end);
-    start = end;
-    let text: string;
-    try {
-      text = UTF8.decode(raw).replace(/\r?\n$/, '');
-    } catch {
-      out.lines.push({ line: n, text: raw.toString('utf8').replace(/\r?\n$/, ''), raw });
-      out.problems.push({ line: n, message: 'not UTF-8 text' });
+  if (hasBom(buf)) out.bom = true;
+  for (const l of byteLines(buf)) {
+    const text = lineText(buf, l);
+    if (text === undefined) {
+      out.lines.push({ line: l.line, text: buf.subarray(l.start, l.end).toString('utf8'), raw: l.raw });
+      out.problems.push({ line: l.line, message: 'not UTF-8 text' });
       continue;
     }
-    const line: SidecarLine = { line: n, text, raw };
+    const line: SidecarLine = { line: l.line, text, raw: l.raw };
     out.lines.push(line);
     if (!text.trim()) continue;
     const entry = toEntry(text);
-    if (typeof entry === 'string') out.problems.push({ line: n, message: entry });
+    if (typeof entry === 'string') out.problems.push({ line: l.line, message: entry });
     else {
       line.entry = entry;
       out.entries.push(entry);
@@ -225,7 +213,7 @@ function writeLines(path: string, read: Sidecar, lines: Array<SidecarLine | stri
   }
   const crlf = read.lines.filter((l) => l.raw.at(-2) === 0x0d && l.raw.at(-1) === 0x0a).length;
   const eol = crlf > read.lines.length / 2 ? '\r\n' : '\n';
-  const parts: Buffer[] = read.bom ? [BOM] : [];
+  const parts: Buffer[] = read.bom ? [UTF8_BOM] : [];
   lines.forEach((l, i) => {
     if (typeof l === 'string') parts.push(Buffer.from(`${l}${eol}`, 'utf8'));
     else {

@@ -1,6 +1,7 @@
 // Reading JSONL training data. We scan the raw bytes for '\n' rather than decoding the whole
 // file into one string: V8 caps strings at ~512 MiB, and byte scanning keeps line numbers exact.
 import { readFileSync } from 'node:fs';
+import { type ByteLine, byteLines, lineText } from '../../common/byte-lines';
 import { nestingDepth } from '../../common/ids';
 import { DataError } from './errors';
 
@@ -39,41 +40,28 @@ export const SKIP_HINT = '(pass --skip-malformed to skip such lines)';
  */
 export const MAX_JSON_DEPTH = 100;
 
-// fatal: invalid UTF-8 is a malformed line, not silently replaced with U+FFFD.
-const decoder = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true });
-
 export function readJsonl(path: string, options: ReadJsonlOptions = {}): JsonlResult {
   const buf = readBytes(path);
   const rows: JsonlRow[] = [];
   const skipped: SkippedLine[] = [];
   const limit = options.limit ?? Number.POSITIVE_INFINITY;
-  // UTF-8 BOM, as written by some Windows editors.
-  let start = buf.length >= 3 && buf[0] === 0xef && buf[1] === 0xbb && buf[2] === 0xbf ? 3 : 0;
-  let line = 0;
-  while (start < buf.length && rows.length < limit) {
-    line++;
-    let end = buf.indexOf(0x0a, start);
-    if (end < 0) end = buf.length; // no trailing newline
-    const next = end + 1;
-    if (end > start && buf[end - 1] === 0x0d) end--; // CRLF
-    const problem = parseLine(buf, start, end, line, rows);
+  // lines as common/byte-lines.ts splits them (a BOM, as some Windows editors write, and CRLF endings)
+  for (const l of byteLines(buf)) {
+    if (rows.length >= limit) break;
+    const problem = parseLine(buf, l, rows);
     if (problem !== undefined) {
-      if (!options.skipMalformed) throw new DataError(`${path}:${line}: ${problem} ${SKIP_HINT}`);
-      skipped.push({ line, message: problem });
+      if (!options.skipMalformed) throw new DataError(`${path}:${l.line}: ${problem} ${SKIP_HINT}`);
+      skipped.push({ line: l.line, message: problem });
     }
-    start = next;
   }
   return { rows, skipped };
 }
 
 /** Parses one line into `rows`; returns what is wrong with it, or undefined. Blank lines are fine. */
-function parseLine(buf: Buffer, start: number, end: number, line: number, rows: JsonlRow[]): string | undefined {
-  let text: string;
-  try {
-    text = decoder.decode(buf.subarray(start, end));
-  } catch {
-    return 'invalid UTF-8';
-  }
+function parseLine(buf: Buffer, l: ByteLine, rows: JsonlRow[]): string | undefined {
+  const { start, end, line } = l;
+  const text = lineText(buf, l);
+  if (text === undefined) return 'invalid UTF-8';
   if (text.trim() === '') return undefined;
   const tooDeep = `the value nests arrays/objects more than ${MAX_JSON_DEPTH} levels deep`;
   // V8 takes seconds to build a 10 MB line of nested brackets: refuse a long line that nests too

@@ -95,16 +95,12 @@ export function loadParams(model: Model): Map<string, Float32Array> {
  * Save a checkpoint in Hugging Face format (config.json, model.safetensors, tokenizer files)
  * into `dir`, atomically: written to a sibling temp dir, then renamed into place.
  */
-export function saveCheckpoint(
-  dir: string,
-  config: Record<string, unknown>,
-  params: Map<string, Float32Array>,
-  shapes: Map<string, number[]>,
-  tokenizerDir: string,
-  extra: Record<string, unknown> = {},
-): void {
-  replaceDirAtomic(dir, (tmp) => writeCheckpoint(tmp, config, params, shapes, tokenizerDir, extra));
+export function saveCheckpoint(dir: string, ...content: CheckpointContent): void {
+  replaceDirAtomic(dir, (tmp) => writeCheckpoint(tmp, ...content));
 }
+
+/** What a checkpoint holds: writeCheckpoint's arguments after the folder. */
+type CheckpointContent = Parameters<typeof writeCheckpoint> extends [string, ...infer Rest] ? Rest : never;
 
 /** The files of a checkpoint, written into the existing folder `dir` (a staged one: see saveCheckpoint). */
 export function writeCheckpoint(
