@@ -26,12 +26,16 @@ export interface Dataset {
   skipped: SkippedLine[];
   /** How many examples repeat the hash of an earlier one. Duplicates are kept: they were trained on twice. */
   duplicates: number;
+  /** sha256 of the file's bytes as read, when asked for (`sha256: true`) */
+  sha256?: string;
 }
 
 export interface LoadDatasetOptions {
   skipMalformed?: boolean;
   /** Keep only the first N valid examples. */
   maxExamples?: number;
+  /** Also digest the file's bytes as read (Dataset.sha256). */
+  sha256?: boolean;
 }
 
 export function loadDataset(path: string, options: LoadDatasetOptions = {}): Dataset {
@@ -44,7 +48,7 @@ export function loadDataset(path: string, options: LoadDatasetOptions = {}): Dat
   // example or an error, so reading can stop after maxExamples rows; when skipping, a row may be
   // dropped for its shape, so we must read on.
   const limit = skipMalformed ? undefined : maxExamples;
-  const { rows, skipped } = readJsonl(path, { skipMalformed: true, limit });
+  const { rows, skipped, sha256 } = readJsonl(path, { skipMalformed: true, limit, sha256: options.sha256 });
   const examples: Example[] = [];
   const seen = new Set<string>();
   let duplicates = 0;
@@ -77,5 +81,5 @@ export function loadDataset(path: string, options: LoadDatasetOptions = {}): Dat
     const why = reported.length > 0 ? ` (${reported.length} malformed line(s) skipped)` : '';
     throw new DataError(`${path}: no training examples${why}; ${ACCEPTED_SHAPES}`);
   }
-  return { path, examples, skipped: reported, duplicates };
+  return { path, examples, skipped: reported, duplicates, ...(sha256 ? { sha256 } : {}) };
 }

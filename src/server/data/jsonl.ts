@@ -1,5 +1,6 @@
 // Reading JSONL training data. We scan the raw bytes for '\n' rather than decoding the whole
 // file into one string: V8 caps strings at ~512 MiB, and byte scanning keeps line numbers exact.
+import { createHash } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { type ByteLine, byteLines, lineText } from '../../common/byte-lines';
 import { nestingDepth } from '../../common/ids';
@@ -21,6 +22,8 @@ export interface SkippedLine {
 export interface JsonlResult {
   rows: JsonlRow[];
   skipped: SkippedLine[];
+  /** sha256 of the bytes read, when asked for (`sha256: true`) */
+  sha256?: string;
 }
 
 export interface ReadJsonlOptions {
@@ -28,6 +31,8 @@ export interface ReadJsonlOptions {
   skipMalformed?: boolean;
   /** Stop after this many rows (lets `--max-examples` avoid parsing a huge file to the end). */
   limit?: number;
+  /** Also digest the bytes read (the server tells a metadata-only change from a new file by it). */
+  sha256?: boolean;
 }
 
 export const SKIP_HINT = '(pass --skip-malformed to skip such lines)';
@@ -54,7 +59,7 @@ export function readJsonl(path: string, options: ReadJsonlOptions = {}): JsonlRe
       skipped.push({ line: l.line, message: problem });
     }
   }
-  return { rows, skipped };
+  return options.sha256 ? { rows, skipped, sha256: createHash('sha256').update(buf).digest('hex') } : { rows, skipped };
 }
 
 /** Parses one line into `rows`; returns what is wrong with it, or undefined. Blank lines are fine. */

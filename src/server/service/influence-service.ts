@@ -275,15 +275,15 @@ export class InfluenceService implements ServiceApi {
     const stamp = fileStamp(path);
     const have = this.data.get(id);
     if (have && unchanged(have, stamp)) return have;
-    const sha256 = fileSha256(path);
-    const ds = loadDataset(path, { skipMalformed: true });
+    // the digest of the very bytes parsed (one read), for telling a later metadata-only change
+    const ds = loadDataset(path, { skipMalformed: true, sha256: true });
     const model = this.modelFor(id);
     const corpus = new Corpus(id, ds, model);
     const loaded = {
       corpus,
       path,
       stamp,
-      sha256,
+      sha256: ds.sha256!,
       fingerprint: dataFingerprint(
         ds.examples.map((e) => e.hash),
         { maxLength: contextLength(model.config), ...tokenizationKey(model.tokenizer) },
