@@ -7,7 +7,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { formatRecord } from '../../src/server/data/format';
-import { tokenizeText } from '../../src/server/data/tokenize';
+import { tokenizeQuery, tokenizeText } from '../../src/server/data/tokenize';
 import { loadTokenizer, TokenizerError } from '../../src/server/model/tokenizer';
 
 interface Case {
@@ -85,4 +85,50 @@ test('add_bos_token/add_eos_token that contradict the post_processor are refused
       name,
     );
   }
+});
+
+test('the real Llama-2 files with an appended EOS (post-processor "<s> $A </s>", add_eos_token): training records score it, queries do not', () => {
+  const dir = mkdtempSync(join(tmpdir(), 'tok-eos-'));
+  const read = (f: string) => JSON.parse(readFileSync(join(familyDir('llama2'), f), 'utf8'));
+  const tj = read('tokenizer.json');
+  tj.post_processor.single.push({ SpecialToken: { id: '</s>', type_id: 0 } });
+  tj.post_processor.special_tokens['</s>'] = { id: '</s>', ids: [2], tokens: ['</s>'] };
+  writeFileSync(join(dir, 'tokenizer.json'), JSON.stringify(tj));
+  writeFileSync(
+    join(dir, 'tokenizer_config.json'),
+    JSON.stringify({ ...read('tokenizer_config.json'), add_eos_token: true }),
+  );
+  const tok = loadTokenizer(dir);
+  // transformers: input_ids [1, 22557, 1526, 2] for "Hello world"; labels = input_ids scores all three
+  const text = tokenizeText(tok, 'Hello world', [[0, 11]], 1 << 10);
+  assert.deepEqual(text.ids, [1, 22557, 1526, 2]);
+  assert.deepEqual(text.weights, [1, 1, 1, 0]);
+  const rec = formatRecord({ prompt: 'Q: capital of France? A:', completion: ' Paris' }, 'test');
+  const pc = tokenizeText(tok, rec.text, rec.spans, 1 << 10);
+  assert.equal(pc.ids.at(-1), 2);
+  assert.equal(pc.weights.at(-2), 1, 'the completion ends the text: its EOS is scored');
+  const q = tokenizeQuery(tok, 'Q: capital of France? A:', ' Paris', 1 << 10);
+  assert.equal(q.weights.at(-2), 0, 'a query explains the completion text only');
+});
+
+test('a real tokenizer (Llama-3) with an added single_word token is refused by name', () => {
+  const dir = mkdtempSync(join(tmpdir(), 'tok-sw-'));
+  const tj = JSON.parse(readFileSync(join(familyDir('llama3'), 'tokenizer.json'), 'utf8'));
+  const id = Math.max(...tj.added_tokens.map((a: { id: number }) => a.id)) + 1;
+  tj.added_tokens.push({
+    id,
+    content: 'Qzx',
+    single_word: true,
+    lstrip: false,
+    rstrip: false,
+    normalized: true,
+    special: false,
+  });
+  writeFileSync(join(dir, 'tokenizer.json'), JSON.stringify(tj));
+  writeFileSync(join(dir, 'tokenizer_config.json'), readFileSync(join(familyDir('llama3'), 'tokenizer_config.json')));
+  assert.throws(
+    () => loadTokenizer(dir),
+    (e: Error) =>
+      e instanceof TokenizerError && e.message.includes(`added token "Qzx" (id ${id}) has "single_word": true`),
+  );
 });
