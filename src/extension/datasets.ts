@@ -15,10 +15,20 @@ export class DatasetResolver {
 
   constructor(private readonly info: () => ClientInfo | undefined) {}
 
-  /** The dataset's file path, or undefined with nothing found. */
+  /**
+   * The dataset's file path, or undefined with nothing found. A path the setting names must
+   * exist: flags written next to a missing file would belong to no dataset.
+   */
   async resolve(id: string): Promise<string | undefined> {
     const configured = settings().datasets[id];
-    if (configured) return absolute(configured);
+    if (configured) {
+      const p = absolute(configured);
+      if (!existsSync(p))
+        throw new Error(
+          `the setting influenceLens.datasets maps "${id}" to ${JSON.stringify(configured)}, and there is no such file (${p}). Correct the path in the setting, or remove the entry to let the server's path be used.`,
+        );
+      return p;
+    }
     const reported = this.info()?.datasetPaths?.[id];
     if (reported && existsSync(reported)) return reported;
     const cached = this.found.get(id);
@@ -56,10 +66,12 @@ function absolute(p: string): string {
 }
 
 /**
- * Opens a dataset at an example: its line when the line still holds the example (same hash),
- * otherwise wherever the hash is now; says so when it moved or is gone.
+ * Opens a dataset at an example (the editor's text, unsaved edits included): its line when the
+ * line still holds the example (same hash), otherwise wherever the hash is now; says so when it
+ * moved. When it is gone, nothing is selected: a selection on whatever now holds that line number
+ * would invite flagging the wrong record. Returns whether the example was found.
  */
-export async function revealExample(path: string, line: number, hash: string): Promise<void> {
+export async function revealExample(path: string, line: number, hash: string): Promise<boolean> {
   const doc = await vscode.workspace.openTextDocument(vscode.Uri.file(path));
   let target = line - 1;
   if (target >= doc.lineCount || lineHash(doc.lineAt(Math.max(0, target)).text) !== hash) {
@@ -70,20 +82,48 @@ export async function revealExample(path: string, line: number, hash: string): P
         break;
       }
     }
-    if (moved >= 0) {
-      void vscode.window.showInformationMessage(`The example moved from line ${line} to line ${moved + 1}.`);
-      target = moved;
-    } else {
+    if (moved < 0) {
       void vscode.window.showWarningMessage(
-        `The example ${hash} is no longer in ${vscode.workspace.asRelativePath(path)} (the file was edited); showing line ${line}.`,
+        `Influence Lens: the example ${hash} (line ${line} when it was scored) is no longer in ${vscode.workspace.asRelativePath(path)}${doc.isDirty ? ' (unsaved edits)' : ''}: it was edited or removed. Explain again to score the file as it is now.`,
       );
+      return false;
     }
+    void vscode.window.showInformationMessage(`The example moved from line ${line} to line ${moved + 1}.`);
+    target = moved;
   }
-  target = Math.max(0, Math.min(target, doc.lineCount - 1));
   const range = doc.lineAt(target).range;
   await vscode.window.showTextDocument(doc, {
     selection: new vscode.Selection(range.start, range.end),
     preview: true,
     viewColumn: vscode.ViewColumn.One,
   });
+  return true;
+}
+
+/** The open editor document of a file, when it has unsaved changes. */
+export function dirtyDocument(path: string): vscode.TextDocument | undefined {
+  return vscode.workspace.textDocuments.find((d) => d.uri.scheme === 'file' && d.uri.fsPath === path && d.isDirty);
+}
+
+/**
+ * Before work that reads a dataset from disk (the server's scoring, an export): when the editor
+ * holds unsaved changes to it, asks whether to save them first. Returns false when the person
+ * chose neither (nothing is done then); `what` says what reads the file.
+ */
+export async function offerSave(path: string, what: string): Promise<boolean> {
+  const doc = dirtyDocument(path);
+  if (!doc) return true;
+  const save = 'Save and continue';
+  const saved = 'Use the saved file';
+  const pick = await vscode.window.showWarningMessage(
+    `${vscode.workspace.asRelativePath(path)} has unsaved changes.`,
+    { modal: true, detail: `${what} reads the file on disk, without the unsaved changes.` },
+    save,
+    saved,
+  );
+  if (pick === save) {
+    if (!(await doc.save())) throw new Error(`could not save ${path}`);
+    return true;
+  }
+  return pick === saved;
 }

@@ -7,7 +7,7 @@
 //    "completion"): completion = the selected decoded text, prompt = the record's rendered
 //    text before it, JSON escapes decoded.
 // 3. Anything else: completion = the selection, prompt = the document text before it (at most
-//    `maxPromptChars`, cut at a line start when one is near).
+//    `maxPromptChars`, cut at a line start when one is near), CRLF line breaks read as \n.
 import type { ChatTemplate } from '../common/records/chat-template';
 import { decodedRange, parseJsonWithSource } from './jsonl/json-source';
 import { documentRange, parseRecordLine, type RenderedRecord, renderRecord } from './jsonl/record';
@@ -115,17 +115,27 @@ export function splitSelection(doc: string, start: number, end: number, options:
     const c = doc.charCodeAt(from);
     if (c >= 0xdc00 && c <= 0xdfff) from++;
   }
-  const starts = new Array<number>(selected.length);
-  const ends = new Array<number>(selected.length);
+  // a CRLF file's line breaks are sent as \n, as the same text in a JSONL record decodes: the
+  // model's tokens (and its scores) must not depend on how the editor saved the file
+  const starts: number[] = [];
+  const ends: number[] = [];
+  let completion = '';
   for (let i = 0; i < selected.length; i++) {
-    starts[i] = start + i;
-    ends[i] = start + i + 1;
+    const crlf = selected[i] === '\r' && selected[i + 1] === '\n';
+    starts.push(start + i);
+    ends.push(start + i + (crlf ? 2 : 1));
+    completion += crlf ? '\n' : selected[i];
+    if (crlf) i++;
   }
   return {
     ok: true,
     split: {
-      prompt: doc.slice(from, start),
-      completion: selected,
+      // (a selection that starts inside a CRLF leaves its \r to the prompt: dropped too)
+      prompt: doc
+        .slice(from, start)
+        .replace(/\r\n/g, '\n')
+        .replace(/\r$/, selected.startsWith('\n') ? '' : '\r'),
+      completion,
       how: 'text',
       description: truncated ? `the selection, after the ${start - from} characters before it` : 'the selection',
       completionStarts: starts,

@@ -3,7 +3,7 @@ import * as vscode from 'vscode';
 import { FALLBACK_ORDER, METHOD_LABELS } from '../protocol/methods';
 import type { Method } from '../protocol/types';
 import { CancelledError, ClientError, type ClientInfo, type InfluenceClient, type StageName } from './client';
-import { settings } from './config';
+import { SECTION, SettingsError, settings } from './config';
 import type { DatasetResolver } from './datasets';
 import type { CompletionHeatmap } from './decorations/completion-heatmap';
 import type { FlagStore } from './flags/flag-store';
@@ -56,9 +56,11 @@ export async function chooseDataset(s: Services, info: ClientInfo): Promise<stri
 export async function reportError(e: unknown, retry?: () => unknown): Promise<void> {
   if (e instanceof CancelledError) return;
   const message = e instanceof Error ? e.message : String(e);
-  const actions = retry ? ['Retry'] : [];
+  const settingsAction = e instanceof SettingsError ? ['Open Settings'] : [];
+  const actions = [...settingsAction, ...(retry ? ['Retry'] : [])];
   const pick = await vscode.window.showErrorMessage(`Influence Lens: ${message}`, ...actions);
   if (pick === 'Retry') retry?.();
+  if (pick === 'Open Settings') void vscode.commands.executeCommand('workbench.action.openSettings', SECTION);
 }
 
 /**

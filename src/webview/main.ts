@@ -27,7 +27,7 @@ import type {
   Method,
   MultiStageRegime,
 } from '../protocol/types';
-import type { FromWebview, PanelState, ToWebview } from './messages';
+import { type FromWebview, type PanelState, type ToWebview, withResult } from './messages';
 
 interface VsCodeApi {
   postMessage(m: FromWebview): void;
@@ -91,7 +91,7 @@ function heatText(text: string, segs: Segment[], signed: boolean, label: string)
   const values = segs.filter((s) => s.value !== undefined).map((s) => s.value!);
   const scale = symmetricScale(values);
   const el = h('div', { class: 'heat', role: 'group', 'aria-label': label });
-  if (!segs.length) el.append(text);
+  if (!segs.length) el.append(visible(text, false));
   for (const s of segs) {
     if (s.value === undefined) {
       el.append(visible(s.text, false));
@@ -107,17 +107,36 @@ function heatText(text: string, segs: Segment[], signed: boolean, label: string)
   return el;
 }
 
-/** Text with its newlines shown as ⏎ when inside a token (so a colored newline is seen). */
+/** Bidirectional-text controls: shown, never applied (training text could reorder what is read, e.g. U+202E). */
+const BIDI_CONTROLS = /[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]/;
+
+/**
+ * Text with its newlines shown as ⏎ when inside a token (so a colored newline is seen), and each
+ * bidirectional control shown as [U+XXXX] (as the editor marks them) instead of taking effect.
+ */
 function visible(text: string, inToken: boolean): Node {
-  if (!inToken || !text.includes('\n')) return document.createTextNode(text);
+  const marks = inToken ? /[\n\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]/ : BIDI_CONTROLS;
+  if (!marks.test(text)) return document.createTextNode(text);
   const f = document.createDocumentFragment();
-  text.split('\n').forEach((part, i) => {
-    if (i > 0) {
-      f.append(h('span', { class: 'nl', 'aria-hidden': 'true' }, '\u23ce'));
-      f.append('\n');
+  let part = '';
+  for (const ch of text) {
+    if (!marks.test(ch)) {
+      part += ch;
+      continue;
     }
     if (part) f.append(part);
-  });
+    part = '';
+    if (ch === '\n') f.append(h('span', { class: 'nl', 'aria-hidden': 'true' }, '\u23ce'), '\n');
+    else
+      f.append(
+        h(
+          'span',
+          { class: 'ctl', title: 'a bidirectional text control character, shown instead of applied' },
+          `[U+${ch.codePointAt(0)!.toString(16).toUpperCase().padStart(4, '0')}]`,
+        ),
+      );
+  }
+  if (part) f.append(part);
   return f;
 }
 
@@ -638,17 +657,7 @@ window.addEventListener('message', (ev: MessageEvent<ToWebview>) => {
       partial = undefined;
       break;
     case 'result': {
-      // another query or dataset: the other methods' results no longer apply
-      const q = m.result.query;
-      const same = Object.values(state.results).every(
-        (r) => r && r.query.prompt === q.prompt && r.query.completion === q.completion,
-      );
-      if (!same || state.dataset !== m.dataset) state.results = {};
-      state.results[m.result.method] = m.result;
-      state.method = m.result.method;
-      state.methods = m.methods;
-      state.dataset = m.dataset;
-      state.focus = undefined;
+      state = withResult(state, m);
       busy = undefined;
       error = undefined;
       partial = undefined;

@@ -1,4 +1,5 @@
-// The messages between the results panel (webview) and the extension host. Plain data only:
+// The messages between the results panel (webview) and the extension host, and the one rule both
+// sides apply to a new result. Plain data and pure functions only:
 // imported by both sides (the webview bundle and the extension bundle).
 import type { ExampleId, ExplainPartial, ExplainResult, Method } from '../protocol/types';
 
@@ -18,6 +19,9 @@ export interface PanelState {
   methods: Method[];
   /** dataset id the results are about */
   dataset?: string;
+  /** what the results depend on (query, dataset file, server and model, settings), as the
+   * extension digests it: results of other methods are kept only while it is the same */
+  context?: string;
   /** flagged examples by hash */
   flags: Record<string, FlagState>;
   /** the example whose completion-side heatmap is shown on the query (by hash) */
@@ -28,7 +32,7 @@ export interface PanelState {
 
 export type ToWebview =
   | { type: 'state'; state: PanelState }
-  | { type: 'result'; result: ExplainResult; methods: Method[]; dataset: string }
+  | { type: 'result'; result: ExplainResult; methods: Method[]; dataset: string; context: string }
   | { type: 'partial'; partial: ExplainPartial }
   | { type: 'busy'; method: Method; message: string }
   | { type: 'error'; method: Method; message: string }
@@ -41,3 +45,21 @@ export type FromWebview =
   | { type: 'open'; id: ExampleId }
   | { type: 'flag'; id: ExampleId; score: number; method: Method; flagged: boolean }
   | { type: 'method'; method: Method };
+
+/**
+ * The panel's state with a new result (the one rule both sides apply): the other methods' results
+ * stay only when they were computed in the same context (query, dataset file, server and model,
+ * settings); otherwise they no longer apply and are dropped.
+ */
+export function withResult(state: PanelState, m: Extract<ToWebview, { type: 'result' }>): PanelState {
+  const keep = state.context !== undefined && state.context === m.context && state.dataset === m.dataset;
+  return {
+    ...state,
+    results: { ...(keep ? state.results : {}), [m.result.method]: m.result },
+    method: m.result.method,
+    methods: m.methods,
+    dataset: m.dataset,
+    context: m.context,
+    focus: undefined,
+  };
+}

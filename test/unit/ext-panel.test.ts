@@ -22,3 +22,27 @@ test('panel: strict CSP with a fresh nonce; one script, no inline code or styles
   assert.match(html, new RegExp(`<script nonce="${a}" src="https://x/webview.js\\?a=1&amp;b=&quot;2&quot;"></script>`));
   assert.doesNotMatch(html, /style=|<style|onclick|javascript:/);
 });
+
+test('panel: a new result keeps the other methods only when computed in the same context', async () => {
+  const { withResult } = await import('../../src/webview/messages');
+  const result = (method: 'ekfac' | 'bm25', prompt = 'p') =>
+    ({ method, query: { prompt, completion: 'c' } }) as unknown as import('../../src/protocol/types').ExplainResult;
+  const empty = { version: 1 as const, results: {}, methods: [], flags: {} };
+  const msg = (method: 'ekfac' | 'bm25', context: string, dataset = 'finetune') => ({
+    type: 'result' as const,
+    result: result(method),
+    methods: ['ekfac', 'bm25'] as Array<'ekfac' | 'bm25'>,
+    dataset,
+    context,
+  });
+  const one = withResult(empty, msg('ekfac', 'A'));
+  assert.deepEqual(Object.keys(one.results), ['ekfac']);
+  // same query, dataset file, model and settings: both methods shown
+  assert.deepEqual(Object.keys(withResult(one, msg('bm25', 'A')).results).sort(), ['bm25', 'ekfac']);
+  // the dataset file or the model changed (another context): the old method's result is dropped
+  assert.deepEqual(Object.keys(withResult(one, msg('bm25', 'B')).results), ['bm25']);
+  assert.deepEqual(Object.keys(withResult(one, msg('bm25', 'A', 'other')).results), ['bm25']);
+  // a state saved before contexts existed keeps nothing
+  assert.deepEqual(Object.keys(withResult({ ...one, context: undefined }, msg('bm25', 'A')).results), ['bm25']);
+  assert.equal(withResult(one, msg('bm25', 'B')).context, 'B');
+});

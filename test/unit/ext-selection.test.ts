@@ -202,3 +202,23 @@ test('selection: completion ranges clamp and empty ranges sit at the boundary', 
   assert.deepEqual(completionDocumentRange(s, 3, 3), [5, 5]);
   assert.deepEqual(completionDocumentRange(s, -4, 1), [2, 3]);
 });
+
+test('split: a CRLF file gives the same prompt and completion as the LF file, and the units still cover the document', () => {
+  const lf = 'Q: What is the capital of Australia?\nA: Sydney\nand more\n';
+  const crlf = lf.replace(/\n/g, '\r\n');
+  const at = (doc: string) => [doc.indexOf(' Sydney'), doc.indexOf('more') + 4] as const;
+  const a = ok(splitSelection(lf, ...at(lf)));
+  const b = ok(splitSelection(crlf, ...at(crlf)));
+  assert.equal(b.prompt, a.prompt);
+  assert.equal(b.completion, a.completion);
+  assert.equal(b.completion, ' Sydney\nand more');
+  // one unit per completion character, the \n unit spanning the document's \r\n
+  assert.equal(b.completionStarts.length, b.completion.length);
+  assert.deepEqual(docUnder(crlf, b).join(''), crlf.slice(...at(crlf)));
+  assert.equal(docUnder(crlf, b)[' Sydney'.length], '\r\n');
+  // a selection that starts between \r and \n leaves no \r at the prompt's end
+  const mid = crlf.indexOf('\r\nA:') + 1;
+  const c = ok(splitSelection(crlf, mid, crlf.indexOf('A:') + 2));
+  assert.equal(c.prompt, 'Q: What is the capital of Australia?');
+  assert.equal(c.completion, '\nA:');
+});

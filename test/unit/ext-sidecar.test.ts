@@ -6,7 +6,13 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { canonicalJson as serverCanonical, contentHash as serverHash } from '../../src/common/ids';
-import { cleanedPathFor, exportCleaned, filterDataset, linesToRemove } from '../../src/extension/flags/export';
+import {
+  cleanedPathFor,
+  exportCleaned,
+  filterDataset,
+  linesToRemove,
+  removalSpans,
+} from '../../src/extension/flags/export';
 import { canonicalJson, contentHash, lineHash } from '../../src/extension/flags/hash';
 import {
   addFlags,
@@ -231,6 +237,59 @@ test('export: removal lines for the undoable edit, and line splitting round-trip
   assert.deepEqual(linesToRemove(text, new Set([contentHash(RECORDS[0])])), [0, 2]);
   assert.deepEqual(filterDataset(text, new Set()).text, text);
   for (const t of ['', 'a', 'a\n', 'a\r\nb', '\n\n', 'x\ny\n']) assert.equal(filterDataset(t, new Set()).text, t);
+});
+
+test('apply removal: one disjoint span set leaves exactly the cleaned text, the last lines and CRLF included', () => {
+  const rec = RECORDS.slice(0, 3).map((r) => JSON.stringify(r));
+  const h = rec.map((_, i) => contentHash(RECORDS[i]));
+  const apply = (text: string, spans: Array<[number, number]>) => {
+    let out = '';
+    let at = 0;
+    for (const [a, b] of spans) {
+      assert.ok(a >= at && b > a, `spans overlap or are unsorted: ${JSON.stringify(spans)}`);
+      out += text.slice(at, a);
+      at = b;
+    }
+    return out + text.slice(at);
+  };
+  // the audit's case: the last two records flagged, no final newline (the old ranges overlapped)
+  const cases: Array<[string, string[]]> = [];
+  for (const eol of ['\n', '\r\n'])
+    for (const final of ['', eol])
+      for (const excluded of [[h[1], h[2]], [h[2]], [h[0]], [h[0], h[1], h[2]], [h[0], h[2]], [h[1]]])
+        cases.push([rec.join(eol) + final, excluded]);
+  cases.push([`${rec[0]}\n\n${rec[1]}`, [h[1]]]);
+  cases.push([`${rec[0]}\nnot json\n${rec[1]}`, [h[1]]]);
+  for (const [text, excluded] of cases) {
+    const set = new Set(excluded);
+    const spans = removalSpans(text, set);
+    const after = apply(text, spans);
+    const clean = filterDataset(text, set).text;
+    // the editor's text: the same records; only where nothing is left after them, the separator
+    // that the removed last line needed goes too (the file then ends as the kept line before it)
+    assert.equal(
+      after,
+      clean.endsWith('\n') && !text.endsWith('\n') ? clean.replace(/\r?\n$/, '') : clean,
+      JSON.stringify({ text, excluded }),
+    );
+    assert.equal(linesToRemove(after, set).length, 0);
+  }
+  assert.deepEqual(removalSpans('', new Set([h[0]])), []);
+});
+
+test('sidecar: the dataset of a sidecar is the file the sidecar was named after (not only *.jsonl)', () => {
+  const d = mkdtempSync(join(tmpdir(), 'il-sidecar-names-'));
+  try {
+    for (const name of ['train.json', 'Train.JSONL', 'data', 'plain.jsonl', 'x.Jsonl']) {
+      const ds = join(d, name);
+      writeFileSync(ds, `${JSON.stringify(RECORDS[0])}\n`);
+      assert.equal(datasetPathForSidecar(sidecarPathFor(ds)), ds, name);
+    }
+    // with nothing on disk, the conventional name
+    assert.equal(datasetPathForSidecar(join(d, 'gone.exclude.jsonl')), join(d, 'gone.jsonl'));
+  } finally {
+    rmSync(d, { recursive: true, force: true });
+  }
 });
 
 test('export: kept lines are copied byte for byte, a line that is not UTF-8 included (and not counted, as the server skips it)', () => {

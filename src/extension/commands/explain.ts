@@ -1,11 +1,13 @@
 // "Explain this completion" (selection → prompt/completion → results panel + editor heatmap),
 // "Explain with a custom split", "Complete with model", and the panel's requests (open an
 // example, flag it, switch method).
+import { createHash } from 'node:crypto';
+import { statSync } from 'node:fs';
 import * as vscode from 'vscode';
 import { METHOD_LABELS } from '../../protocol/methods';
 import type { ExampleId, ExplainParams, Method } from '../../protocol/types';
-import { settings } from '../config';
-import { revealExample } from '../datasets';
+import { type Settings, SettingsError, settings } from '../config';
+import { offerSave, revealExample } from '../datasets';
 import { type QuerySplit, splitSelection } from '../selection';
 import { chooseDataset, reportError, runnable, type Services } from '../services';
 import type { PanelHandlers } from '../views/results-panel';
@@ -17,6 +19,8 @@ interface Query {
   /** where the completion is in an editor (for the heatmap decoration) */
   editor?: vscode.TextEditor;
   split?: QuerySplit;
+  /** the editor document's version the split's offsets belong to */
+  version?: number;
 }
 
 export class ExplainController {
@@ -34,14 +38,16 @@ export class ExplainController {
       void vscode.window.showWarningMessage('Influence Lens: open a file and select the completion to explain.');
       return;
     }
+    const version = editor.document.version;
     const split = this.splitOf(editor);
     if (!split) return;
-    await this.explain(split.prompt, split.completion, { editor, split });
+    await this.explain(split.prompt, split.completion, { editor, split, version });
   }
 
   /** The command: edit the prompt and completion before explaining. */
   async explainWithSplit(): Promise<void> {
     const editor = vscode.window.activeTextEditor;
+    const version = editor?.document.version;
     const split = editor && !editor.selection.isEmpty ? this.splitOf(editor) : undefined;
     const prompt = await vscode.window.showInputBox({
       title: 'Influence Lens: prompt (1/2)',
@@ -60,7 +66,7 @@ export class ExplainController {
     if (!completion) return;
     const p = unescapeNl(prompt);
     const c = unescapeNl(completion);
-    await this.explain(p, c, split && c === split.completion && editor ? { editor, split } : {});
+    await this.explain(p, c, split && c === split.completion && editor ? { editor, split, version } : {});
   }
 
   private splitOf(editor: vscode.TextEditor): QuerySplit | undefined {
@@ -89,11 +95,18 @@ export class ExplainController {
   }
 
   /** Explains prompt + completion against the chosen dataset with the configured method. */
-  async explain(prompt: string, completion: string, where: { editor?: vscode.TextEditor; split?: QuerySplit } = {}) {
+  async explain(
+    prompt: string,
+    completion: string,
+    where: { editor?: vscode.TextEditor; split?: QuerySplit; version?: number } = {},
+  ) {
     try {
       const info = await this.s.info();
       const dataset = await chooseDataset(this.s, info);
       if (!dataset) return;
+      // the server scores the file on disk: results from it would point at lines the editor no longer has
+      const path = await this.s.datasets.resolve(dataset);
+      if (path && !(await offerSave(path, 'The server scores the dataset as it'))) return;
       this.last = { prompt, completion, dataset, ...where };
       await this.run(settings().method);
     } catch (e) {
@@ -106,6 +119,7 @@ export class ExplainController {
     const q = this.last;
     if (!q) return;
     const cfg = settings();
+    if (cfg.problems.length) throw new SettingsError(cfg.problems);
     const method = await runnable(this.s, wanted, await this.s.info());
     if (!method) {
       this.s.panel.post({ type: 'error', method: wanted, message: `${METHOD_LABELS[wanted]} did not run.` });
@@ -115,17 +129,7 @@ export class ExplainController {
     this.running?.cancel();
     const cts = new vscode.CancellationTokenSource();
     this.running = cts;
-    const params: ExplainParams = {
-      prompt: q.prompt,
-      completion: q.completion,
-      // a whole chat record goes as messages: the server renders it with the model's chat template
-      messages: q.split?.messages,
-      dataset: q.dataset,
-      method,
-      topK: cfg.topK,
-      candidates: cfg.candidates,
-      compare: cfg.compare.filter((m) => m !== method && info.methods.includes(m)),
-    };
+    const params = paramsOf(q, method, cfg, info);
     const short = q.completion.replace(/\s+/g, ' ').trim().slice(0, 40);
     this.s.panel.show();
     this.s.panel.post({ type: 'colors', colors: cfg.colors });
@@ -151,12 +155,28 @@ export class ExplainController {
         },
       );
       if (cts.token.isCancellationRequested) return;
-      this.s.panel.post({ type: 'result', result, methods: info.methods, dataset: q.dataset });
+      this.s.panel.post({
+        type: 'result',
+        result,
+        methods: info.methods,
+        dataset: q.dataset,
+        context: await this.context(params, info),
+      });
       this.s.history.add(q.dataset, result);
       await this.pushFlags();
-      if (q.editor && q.split && cfg.editorHeatmap && !q.editor.document.isClosed)
-        this.s.heatmap.apply(q.editor, q.split, result);
+      if (q.editor && q.split && cfg.editorHeatmap && !q.editor.document.isClosed) {
+        // the split's offsets are of the text when it was explained: after an edit they would shade other characters
+        if (q.version === undefined || q.editor.document.version === q.version)
+          this.s.heatmap.apply(q.editor, q.split, result);
+        else
+          vscode.window.setStatusBarMessage(
+            '$(info) Influence Lens: the text changed while it was explained; the editor heatmap is in the results panel only',
+            8000,
+          );
+      }
     } catch (e) {
+      // replaced by a newer run (another method chosen): that run owns the panel now
+      if (this.running !== cts) return;
       const message = e instanceof Error ? e.message : String(e);
       this.s.panel.post({ type: 'error', method, message: cts.token.isCancellationRequested ? 'Cancelled.' : message });
       if (!cts.token.isCancellationRequested) await reportError(e, () => this.run(method));
@@ -166,12 +186,44 @@ export class ExplainController {
     }
   }
 
+  /**
+   * What a result depends on beyond its method: the query, the dataset's file as the server read
+   * it, the server and its model, and the settings that change what is scored. The panel keeps
+   * other methods' results only while this stays the same.
+   */
+  private async context(params: ExplainParams, info: { model: string; datasetPaths?: Record<string, string> }) {
+    const cfg = settings();
+    let file: string | null = null;
+    try {
+      const path = await this.s.datasets.resolve(params.dataset);
+      if (path) {
+        const st = statSync(path);
+        file = `${path}:${st.size}:${st.mtimeMs}:${st.ino}`;
+      }
+    } catch {
+      file = null;
+    }
+    const what = [
+      params.prompt,
+      params.completion,
+      JSON.stringify(params.messages ?? null),
+      params.dataset,
+      file,
+      info.model,
+      cfg.serverUrl,
+      cfg.serverConfig,
+      params.topK,
+      params.candidates,
+    ];
+    return createHash('sha256').update(JSON.stringify(what)).digest('hex').slice(0, 32);
+  }
+
   /** The panel's handlers: open, flag, switch method, (re)load. */
   handlers(): PanelHandlers {
     return {
       open: (id) => void this.open(id),
       flag: (m) => void this.flag(m.id, m.score, m.method, m.flagged),
-      method: (m) => void this.switchMethod(m),
+      method: (m, cached) => void this.switchMethod(m, cached),
       ready: () => {
         this.s.panel.post({ type: 'colors', colors: settings().colors });
         void this.pushFlags();
@@ -179,7 +231,8 @@ export class ExplainController {
     };
   }
 
-  private async switchMethod(method: Method) {
+  /** The panel's method switch; `cached`: the panel holds a result of it, shown unless its context changed. */
+  private async switchMethod(method: Method, cached: boolean) {
     if (!this.last) {
       // after a reload: the query is in the restored panel state
       const r = Object.values(this.s.panel.mirror.results)[0];
@@ -188,6 +241,12 @@ export class ExplainController {
       this.last = { prompt: r.query.prompt, completion: r.query.completion, dataset };
     }
     try {
+      if (cached) {
+        const cfg = settings();
+        const info = await this.s.info();
+        const now = await this.context(paramsOf(this.last, method, cfg, info), info);
+        if (now === this.s.panel.mirror.context) return;
+      }
       await this.run(method);
     } catch (e) {
       await reportError(e);
@@ -232,7 +291,8 @@ export class ExplainController {
   async pushFlags(): Promise<void> {
     const dataset = this.s.panel.mirror.dataset;
     if (!dataset) return;
-    const path = await this.s.datasets.resolve(dataset);
+    // a dataset path that cannot be resolved shows no flags (open and flag say why)
+    const path = await this.s.datasets.resolve(dataset).catch(() => undefined);
     const flags = path ? this.s.flags.flagsOf(path) : new Map();
     this.s.panel.setFlags(Object.fromEntries([...flags].map(([h, e]) => [h, { hash: h, reason: e.reason }])));
   }
@@ -247,7 +307,12 @@ export class ExplainController {
     const doc = editor.document;
     const sel = editor.selection;
     const endOff = doc.offsetAt(sel.end);
-    const max = settings(doc.uri).maxPromptChars;
+    const cfg = settings(doc.uri);
+    if (cfg.problems.length) {
+      await reportError(new SettingsError(cfg.problems));
+      return;
+    }
+    const max = cfg.maxPromptChars;
     const prompt = sel.isEmpty ? doc.getText().slice(Math.max(0, endOff - max), endOff) : doc.getText(sel);
     if (!prompt) {
       void vscode.window.showWarningMessage('Influence Lens: there is no prompt before the cursor.');
@@ -289,6 +354,20 @@ export class ExplainController {
   dispose(): void {
     this.running?.cancel();
   }
+}
+
+function paramsOf(q: Query, method: Method, cfg: Settings, info: { methods: Method[] }): ExplainParams {
+  return {
+    prompt: q.prompt,
+    completion: q.completion,
+    // a whole chat record goes as messages: the server renders it with the model's chat template
+    messages: q.split?.messages,
+    dataset: q.dataset,
+    method,
+    topK: cfg.topK,
+    candidates: cfg.candidates,
+    compare: cfg.compare.filter((m) => m !== method && info.methods.includes(m)),
+  };
 }
 
 function escapeNl(s: string): string {

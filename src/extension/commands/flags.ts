@@ -5,8 +5,8 @@ import { existsSync } from 'node:fs';
 import { basename } from 'node:path';
 import * as vscode from 'vscode';
 import { METHOD_LABELS } from '../../protocol/methods';
-import { revealExample } from '../datasets';
-import { cleanedPathFor, exportCleaned, linesToRemove } from '../flags/export';
+import { offerSave, revealExample } from '../datasets';
+import { cleanedPathFor, exportCleaned, linesToRemove, removalSpans } from '../flags/export';
 import type { FlagGroup } from '../flags/flag-store';
 import { lineHash } from '../flags/hash';
 import { isSidecarPath } from '../flags/sidecar';
@@ -143,6 +143,8 @@ async function exportCommand(s: Services, node?: FlagNode) {
   const g = await pickGroup(s, node, 'Export a cleaned copy of which dataset?');
   if (!g) return;
   if (!existsSync(g.dataset)) throw new Error(`the dataset ${g.dataset} is missing`);
+  // the copy is made from the file on disk: unsaved edits would be missing from it without a word
+  if (!(await offerSave(g.dataset, 'Export'))) return;
   const out = cleanedPathFor(g.dataset);
   if (existsSync(out)) {
     const ok = await vscode.window.showWarningMessage(
@@ -167,19 +169,19 @@ async function applyRemoval(s: Services, node?: FlagNode) {
   const g = await pickGroup(s, node, 'Remove the flagged examples from which dataset?');
   if (!g) return;
   const doc = await vscode.workspace.openTextDocument(vscode.Uri.file(g.dataset));
-  const lines = linesToRemove(doc.getText(), new Set(g.entries.map((e) => e.hash)));
+  const text = doc.getText();
+  const excluded = new Set(g.entries.map((e) => e.hash));
+  const lines = linesToRemove(text, excluded);
   if (!lines.length) {
     void vscode.window.showInformationMessage(`Influence Lens: no flagged example is left in ${basename(g.dataset)}.`);
     return;
   }
   const edit = new vscode.WorkspaceEdit();
-  for (const i of lines) {
-    const range =
-      i + 1 < doc.lineCount
-        ? new vscode.Range(i, 0, i + 1, 0)
-        : new vscode.Range(i > 0 ? doc.lineAt(i - 1).range.end : new vscode.Position(i, 0), doc.lineAt(i).range.end);
-    edit.delete(doc.uri, range, { label: 'Remove flagged example', needsConfirmation: false });
-  }
+  for (const [a, b] of removalSpans(text, excluded))
+    edit.delete(doc.uri, new vscode.Range(doc.positionAt(a), doc.positionAt(b)), {
+      label: 'Remove flagged example',
+      needsConfirmation: false,
+    });
   if (!(await vscode.workspace.applyEdit(edit))) throw new Error('the editor refused the edit');
   await vscode.window.showTextDocument(doc, { preview: false });
   void vscode.window.showInformationMessage(

@@ -58,9 +58,37 @@ export function filterDataset(text: string, excluded: ReadonlySet<string>): Filt
   return { ...counts, text: bytes.toString('utf8') };
 }
 
-/** 0-based indices of the lines whose record is excluded (for a WorkspaceEdit that deletes them). */
+/** 0-based indices of the lines whose record is excluded. */
 export function linesToRemove(text: string, excluded: ReadonlySet<string>): number[] {
   return filterDataset(text, excluded).removed.map((r) => r.line - 1);
+}
+
+/**
+ * What "Apply removal to file" deletes from an editor's text: [start, end) offsets (UTF-16, as
+ * `TextDocument.positionAt` takes them), sorted and disjoint, so that one edit can hold them all.
+ * Each excluded line goes with its line ending; a run of removed lines that ends the text without
+ * a final newline takes the newline before it instead (the text then ends where the kept line
+ * before it ends). Leaves exactly `filterDataset`'s text.
+ */
+export function removalSpans(text: string, excluded: ReadonlySet<string>): Array<[number, number]> {
+  const lines = new Set(linesToRemove(text, excluded));
+  const spans: Array<[number, number]> = [];
+  let start = 0;
+  for (let i = 0; start < text.length || i === 0; i++) {
+    const nl = text.indexOf('\n', start);
+    const end = nl < 0 ? text.length : nl + 1;
+    if (lines.has(i)) {
+      const last = spans[spans.length - 1];
+      if (last && last[1] === start) last[1] = end;
+      else spans.push([start, end]);
+    }
+    if (nl < 0) break;
+    start = end;
+  }
+  const last = spans[spans.length - 1];
+  if (last && last[1] === text.length && !text.endsWith('\n') && last[0] > 0)
+    last[0] -= text.slice(0, last[0]).endsWith('\r\n') ? 2 : 1;
+  return spans;
 }
 
 export interface ExportResult extends FilterCounts {

@@ -10,7 +10,8 @@
 // this code does not understand (hand edits, merge conflict markers, records from a newer version)
 // are kept verbatim and in place. Flagging an already flagged example keeps its first entry.
 // Pure Node (no `vscode`), unit-tested.
-import { readFileSync, rmSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync, rmSync, statSync } from 'node:fs';
+import { basename, dirname, join } from 'node:path';
 import { writeFileAtomic } from '../../common/atomic-write';
 import { asBuffer, byteLines, hasBom, lineText, UTF8_BOM } from '../../common/byte-lines';
 import { describeOwner, tryLock } from '../../common/owner-lock';
@@ -60,9 +61,25 @@ export function isSidecarPath(path: string): boolean {
   return /\.exclude\.jsonl$/i.test(path);
 }
 
-/** The dataset a sidecar belongs to: `train.exclude.jsonl` → `train.jsonl`. */
+/**
+ * The dataset a sidecar belongs to, the inverse of `sidecarPathFor`: `train.exclude.jsonl` →
+ * `train.jsonl` (or `train.JSONL`, whichever exists), `train.json.exclude.jsonl` → `train.json`
+ * (a dataset not named `.jsonl` keeps its whole name). With neither on disk, `<stem>.jsonl`.
+ */
 export function datasetPathForSidecar(sidecarPath: string): string {
-  return sidecarPath.replace(/\.exclude\.jsonl$/i, '.jsonl');
+  const stem = sidecarPath.replace(/\.exclude\.jsonl$/i, '');
+  const jsonl = `${stem}.jsonl`;
+  if (existsSync(jsonl)) return jsonl;
+  try {
+    const dir = dirname(stem);
+    const name = basename(stem);
+    const other = readdirSync(dir).find((f) => f.toLowerCase() === `${name}.jsonl`.toLowerCase() && f.startsWith(name));
+    if (other) return join(dir, other);
+  } catch {
+    // no such folder: the default below
+  }
+  if (existsSync(stem) && statSync(stem).isFile()) return stem;
+  return jsonl;
 }
 
 /**

@@ -1,8 +1,8 @@
 // Hovers on training-data JSONL files: for the record under the pointer, its content hash, its
 // flag (with reason) and how it ranked in recent explanations, with Flag / Unflag links.
 import * as vscode from 'vscode';
-import { formatPercentile, formatScore } from '../../common/display';
-import { METHOD_LABELS } from '../../protocol/methods';
+import { formatPercentile, formatScore, formatValue } from '../../common/display';
+import { METHOD_LABELS, SIGNED_METHODS } from '../../protocol/methods';
 import { settings } from '../config';
 import type { FlagStore } from '../flags/flag-store';
 import { lineHash } from '../flags/hash';
@@ -35,7 +35,7 @@ export class JsonlHoverProvider implements vscode.HoverProvider {
         const q = h.completion.replace(/\s+/g, ' ').trim().slice(0, 40);
         md.appendMarkdown(
           `- ${h.sign === 'neutral' ? 'similar' : `**${h.sign}**`} #${h.rank} for “${esc(q)}” ` +
-            `(${METHOD_LABELS[h.method]}, ${formatScore(h.score)}, ${formatPercentile(h.percentile)})\n`,
+            `(${METHOD_LABELS[h.method]}, ${SIGNED_METHODS.includes(h.method) ? formatScore(h.score) : formatValue(h.score)}, ${formatPercentile(h.percentile)})\n`,
         );
       }
       md.appendMarkdown('\n');

@@ -6,7 +6,7 @@ import { mkdirSync, readFileSync } from 'node:fs';
 import { dirname } from 'node:path';
 import * as vscode from 'vscode';
 import type { ExampleId, ExplainPartial, Method } from '../../protocol/types';
-import type { FlagState, FromWebview, PanelState, ToWebview } from '../../webview/messages';
+import { type FlagState, type FromWebview, type PanelState, type ToWebview, withResult } from '../../webview/messages';
 import { writeFileAtomic } from '../flags/sidecar';
 import { log } from '../log';
 import { panelHtml } from './panel-html';
@@ -14,7 +14,8 @@ import { panelHtml } from './panel-html';
 export interface PanelHandlers {
   open(id: ExampleId): void;
   flag(m: { id: ExampleId; score: number; method: Method; flagged: boolean }): void;
-  method(m: Method): void;
+  /** the person chose a method; `cached`: the panel holds a result of it (the controller checks it still applies) */
+  method(m: Method, cached: boolean): void;
   /** the page (re)loaded: the controller sends flags and colors */
   ready(): void;
 }
@@ -126,7 +127,7 @@ export class ResultsPanel implements vscode.Disposable {
       case 'method':
         this.mirror.method = m.method;
         this.save();
-        if (!this.mirror.results[m.method]) this.handlers.method(m.method);
+        this.handlers.method(m.method, !!this.mirror.results[m.method]);
         break;
     }
   }
@@ -135,15 +136,7 @@ export class ResultsPanel implements vscode.Disposable {
   post(m: ToWebview): void {
     switch (m.type) {
       case 'result': {
-        const q = m.result.query;
-        const same = Object.values(this.mirror.results).every(
-          (r) => r && r.query.prompt === q.prompt && r.query.completion === q.completion,
-        );
-        if (!same || this.mirror.dataset !== m.dataset) this.mirror.results = {};
-        this.mirror.results[m.result.method] = m.result;
-        this.mirror.method = m.result.method;
-        this.mirror.methods = m.methods;
-        this.mirror.dataset = m.dataset;
+        this.mirror = withResult(this.mirror, m);
         this.mirror.focus = undefined;
         this.busy = this.error = this.partial = undefined;
         break;
