@@ -42,7 +42,7 @@ const COMMANDS: Record<string, { run: (argv: string[]) => Promise<void>; help: s
     run: runExplain,
     help:
       'explain --model <dir> --factors <dir> --data <train.jsonl> --prompt P --completion C [--top-k K]\n' +
-      '    [--method ekfac|multistage|gdp|cosine|repsim|bm25] [--compare m,m] [--damping X] [--rank R]\n' +
+      '    [--method ekfac|multistage|gdp|cosine|repsim|bm25] [--compare m,m] [--damping X] [--rank R] [--modules mlp|all]\n' +
       '    [--pretrained-model <dir> --pretrained-factors <dir>] [--json]   rank training examples',
   },
   generate: {

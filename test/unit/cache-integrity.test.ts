@@ -246,3 +246,40 @@ test('factors: a damaged factor file or one holding NaN/Inf is an error naming t
     );
   }
 });
+
+test('factors: files of two fits of the same model and data (another seed) are never read together', () => {
+  const a = fresh('fit-seed0');
+  const b = fresh('fit-seed1');
+  const fp = 'aaaaaaaaaaaaaaaa:bbbbbbbbbbbbbbbb';
+  saveFactors(a, { ...tinyFactors(1), args: { ...ARGS, seed: 0 }, fingerprint: fp });
+  saveFactors(b, { ...tinyFactors(5), args: { ...ARGS, seed: 1 }, fingerprint: fp });
+  assert.equal(loadFactors(a).modules.m.lambda!.sum[0], 1);
+  // seed 1's Λ beside seed 0's eigenvectors and arguments
+  cpSync(join(b, 'lambda_matrix.safetensors'), join(a, 'lambda_matrix.safetensors'));
+  assert.throws(
+    () => loadFactors(a),
+    (e: Error) => /lambda_matrix\.safetensors was written by another fit/.test(e.message) && e.message.includes(a),
+  );
+});
+
+test('tokenizer: its files are in the tokenization key (factors and stores made with another tokenizer are stale)', async () => {
+  const { loadTokenizer } = await import('../../src/server/model/tokenizer');
+  const { tokenizationKey } = await import('../../src/server/data/tokenize');
+  const dir = fresh('tok');
+  cpSync(FIXTURE, dir, { recursive: true });
+  const before = tokenizationKey(loadTokenizer(dir));
+  assert.deepEqual(tokenizationKey(loadTokenizer(dir)), before, 'the same files, the same key');
+  // the same ids for ordinary text, another file: e.g. two vocabulary entries swapped
+  const tj = JSON.parse(readFileSync(join(dir, 'tokenizer.json'), 'utf8'));
+  const vocab = tj.model.vocab as Record<string, number>;
+  const [x, y] = Object.keys(vocab).slice(-2);
+  [vocab[x], vocab[y]] = [vocab[y], vocab[x]];
+  writeFileSync(join(dir, 'tokenizer.json'), JSON.stringify(tj));
+  assert.notDeepEqual(tokenizationKey(loadTokenizer(dir)), before);
+  // tokenizer_config.json counts too
+  cpSync(join(FIXTURE, 'tokenizer.json'), join(dir, 'tokenizer.json'));
+  assert.deepEqual(tokenizationKey(loadTokenizer(dir)), before);
+  const cfg = JSON.parse(readFileSync(join(dir, 'tokenizer_config.json'), 'utf8'));
+  writeFileSync(join(dir, 'tokenizer_config.json'), JSON.stringify({ ...cfg, model_max_length: 17 }));
+  assert.notDeepEqual(tokenizationKey(loadTokenizer(dir)), before);
+});

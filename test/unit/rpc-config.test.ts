@@ -7,6 +7,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, describe, test } from 'node:test';
 import { assertSupportedSchema, formatPath, type JsonSchema, validateSchema } from '../../src/common/json-schema';
+import { LIMITS } from '../../src/protocol/limits';
 import { DEVICES, ort, ortArenaEnabled } from '../../src/server/model/onnx/session';
 import {
   CONFIG_SCHEMA,
@@ -55,6 +56,11 @@ describe('config schema', () => {
     });
     assert.deepEqual(p.device.enum, [...DEVICES]);
     assert.deepEqual(p.modules.enum, ['mlp', 'all']);
+    // a configured limit can only lower the protocol's own
+    const lp = (CONFIG_SCHEMA as { properties: { limits: { properties: Record<string, { maximum: number }> } } })
+      .properties.limits.properties;
+    assert.equal(lp.maxTextChars.maximum, LIMITS.explainTextMaxChars);
+    assert.equal(lp.maxTopK.maximum, LIMITS.topK.max);
     const store = parse({ ...minimal, store: {} }).service.store!;
     const sp = (
       CONFIG_SCHEMA as { properties: { store: { properties: Record<string, { default: number | boolean }> } } }
@@ -159,6 +165,25 @@ describe('config loader', () => {
     ['maxConcurrent', { ...minimal, maxConcurrent: 0 }, /maxConcurrent: must be ≥ 1 \(got 0\)/],
     ['maxFrameBytes', { ...minimal, maxFrameBytes: 1.5 }, /maxFrameBytes: must be an integer \(got number 1.5\)/],
     ['store', { ...minimal, store: { k: 0 } }, /store\.k: must be ≥ 1/],
+    // a rerank of 0 would show the store's estimates as scores
+    ['store rerank 0', { ...minimal, store: { rerank: 0 } }, /store\.rerank: must be ≥ 1/],
+    // the protocol checks every request against its own 20,000 first: a larger limit could never apply
+    [
+      'maxTextChars above the protocol',
+      { ...minimal, limits: { maxTextChars: 30000 } },
+      /limits\.maxTextChars: must be ≤ 20000/,
+    ],
+    ['maxTopK above the protocol', { ...minimal, limits: { maxTopK: 5000 } }, /limits\.maxTopK: must be ≤ 1000/],
+    [
+      'damping that flushes 1/(Λ+λ) to zero',
+      { ...minimal, damping: 1e300 },
+      /damping must be a non-negative number up to 1e\+30/,
+    ],
+    [
+      'relative damping overflowing',
+      { ...minimal, damping: '1e400x' },
+      /damping must be a non-negative number up to 1e\+30/,
+    ],
     [
       'fitDataset not a dataset',
       { ...minimal, models: { model: 'm', fitDataset: 'nope' } },

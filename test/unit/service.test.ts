@@ -54,6 +54,29 @@ describe('InfluenceService', () => {
     }
   });
 
+  test('"modules" decides what every method scores: factors over other modules are refused, never put in its place', async () => {
+    const all = new InfluenceService({
+      finetuned: { model: 'test/fixtures/models/llama', factors: join(home, 'factors') },
+      datasets: { train: data },
+      modules: 'all',
+      cacheDir: join(home, 'cache'),
+    });
+    all.open();
+    const info = all.info();
+    assert.ok(!info.methods.includes('ekfac'));
+    assert.match(
+      info.unavailable.ekfac ?? '',
+      /fitted over the mlp modules, but "modules" in the server's config asks for all/,
+    );
+    const r = await all.explain({ ...q, method: 'gdp' });
+    assert.deepEqual(r.modules, info.modules);
+    assert.equal(r.modules.length, 14);
+    // the mlp service (its factors fitted above) scores the 6 MLP modules with every method
+    const m = await service.explain({ ...q, method: 'gdp' });
+    assert.deepEqual(m.modules, service.info().modules);
+    assert.equal(m.modules.length, 6);
+  });
+
   test('bad requests get actionable errors', async () => {
     await assert.rejects(service.explain({ ...q, dataset: '../../etc/passwd', method: 'gdp' }), /unknown dataset/);
     await assert.rejects(service.explain({ ...q, method: 'magic' as 'gdp' }), /unknown method/);

@@ -14,7 +14,8 @@ const hex16 = (h: ReturnType<typeof createHash>) => h.digest('hex').slice(0, 16)
  * model differs somewhere, and a sample of its bytes could miss where). Each file is read in
  * full once; its digest is remembered per file identity (see content-digest.ts).
  */
-export function modelFingerprint(ck: Checkpoint, cacheDir = defaultCacheDir()): string {
+export function modelFingerprint(ck: Checkpoint, cacheDir?: string): string {
+  cacheDir ??= defaultCacheDir();
   const h = createHash('sha256');
   h.update(readFileSync(ck.configFiles[0]));
   // a LoRA adapter: its settings, but not where its base was found (the base's config.json

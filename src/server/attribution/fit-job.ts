@@ -151,10 +151,10 @@ async function fitJob(o: FitJobOptions, n: number, i: number): Promise<FitJobRes
   const nTokens = examples.reduce((s, e) => s + e.ids.length, 0);
 
   const job: JobDescription = {
-    modelFingerprint: modelFingerprint(model.checkpoint),
+    modelFingerprint: modelFingerprint(model.checkpoint, model.options.cacheDir),
     dataFingerprint: dataFingerprint(
       dataset.examples.map((e) => e.hash),
-      { maxLength, tokenizer: 'tokenizer.json', ...tokenizationKey(model.tokenizer) },
+      { maxLength, ...tokenizationKey(model.tokenizer) },
     ),
     modules: o.modules,
     labels: o.labels,
@@ -180,6 +180,8 @@ async function fitJob(o: FitJobOptions, n: number, i: number): Promise<FitJobRes
       have.modelFingerprint === job.modelFingerprint &&
       have.dataFingerprint === job.dataFingerprint &&
       have.labels === job.labels &&
+      // sampled labels depend on the seed (the examples chosen are in the data fingerprint already)
+      (job.labels !== 'sampled' || have.seed === job.seed) &&
       sameModules(have, o.modules, model);
     if (same) {
       // a fit killed after writing the factors but before removing its partials left them (the
@@ -452,6 +454,8 @@ function describeDifference(have: FactorArguments, job: JobDescription): string 
   if (have.dataFingerprint !== job.dataFingerprint)
     return `other data (fingerprint ${have.dataFingerprint ?? 'unknown'}, this data is ${job.dataFingerprint})`;
   if (have.labels !== job.labels) return `${have.labels} labels (asked: ${job.labels})`;
+  if (job.labels === 'sampled' && have.seed !== job.seed)
+    return `labels sampled with seed ${have.seed ?? 'unknown'} (asked: --seed ${job.seed})`;
   return `other modules (${have.modules.length} modules; asked: ${job.modules})`;
 }
 

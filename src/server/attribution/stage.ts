@@ -24,16 +24,25 @@ export interface OpenedStage extends Stage {
 export function openStage(
   modelDir: string,
   factorsDir: string | undefined,
-  options: { damping?: Damping; engine?: EngineOptions; model?: Model } = {},
+  options: {
+    damping?: Damping;
+    engine?: EngineOptions;
+    model?: Model;
+    /** the selection the caller was told to score (a config's or a flag's): factors fitted over
+     * another are refused, never silently put in its place */
+    modules?: ModuleSelection;
+    /** where `modules` came from, for the message ('"modules" in influence-lens.json', '--modules') */
+    modulesFrom?: string;
+  } = {},
 ): OpenedStage {
   const model = options.model ?? Model.open(modelDir, options.engine);
-  if (!factorsDir) return { model, modules: 'all', warnings: [] };
+  if (!factorsDir) return { model, modules: options.modules ?? 'all', warnings: [] };
   // in the model's precision (float32 bases and Λ for a float32 model); scoring needs no covariances
   const factors = loadFactors(factorsDir, { precision: model.precision, covariances: false });
   const warnings: string[] = [];
   const fp = factors.args.modelFingerprint;
   if (fp) {
-    const mine = modelFingerprint(model.checkpoint);
+    const mine = modelFingerprint(model.checkpoint, model.options.cacheDir);
     if (fp !== mine)
       throw new StageError(
         `the factors in ${factorsDir} were fitted on another model (fingerprint ${fp}; ${modelDir} is ${mine}); ` +
@@ -54,6 +63,12 @@ export function openStage(
     );
   const mlp = model.modules('mlp').map((m) => m.name);
   const modules: ModuleSelection = names.every((n) => mlp.includes(n)) ? 'mlp' : 'all';
+  if (options.modules !== undefined && options.modules !== modules)
+    throw new StageError(
+      `the factors in ${factorsDir} were fitted over the ${modules} modules, but ${options.modulesFrom ?? 'the setting'} asks for ${options.modules}: ` +
+        `fit factors over the ${options.modules} modules (into another folder), or ask for ${modules}`,
+      'modules',
+    );
   const want = model.modules(modules).map((m) => m.name);
   const lacking = want.filter((n) => !names.includes(n));
   if (lacking.length)
@@ -97,15 +112,24 @@ export function checkSameTokenizer(a: Model, b: Model): void {
 }
 
 /** Parses a damping setting: a number is absolute; "heuristic" or "0.1x" style is relative to mean(Λ). */
+/**
+ * The largest damping taken (absolute, or as a multiple of mean Λ): 1/(Λ+λ) must stay a normal
+ * float32 (> 1.2e-38) for any sensible Λ; a damping this large already makes EK-FAC a scaled
+ * gradient dot product.
+ */
+export const MAX_DAMPING = 1e30;
+
 export function parseDamping(v: string | undefined): Damping | undefined {
   if (v === undefined) return undefined;
   if (v === 'heuristic') return { relative: 0.1 };
+  // finite, and small enough that 1/(Λ+λ) is not flushed to zero in float32 (every score would be 0)
   const rel = /^([0-9.eE+-]+)x$/.exec(v);
-  if (rel && Number(rel[1]) >= 0) return { relative: Number(rel[1]) };
+  if (rel && Number.isFinite(Number(rel[1])) && Number(rel[1]) >= 0 && Number(rel[1]) <= MAX_DAMPING)
+    return { relative: Number(rel[1]) };
   const n = Number(v);
-  if (v.trim() !== '' && Number.isFinite(n) && n >= 0) return { absolute: n };
+  if (v.trim() !== '' && Number.isFinite(n) && n >= 0 && n <= MAX_DAMPING) return { absolute: n };
   throw new StageError(
-    `damping must be a non-negative number (absolute λ), "heuristic" (0.1 × mean Λ), or a factor like "0.01x" (got "${v}")`,
+    `damping must be a non-negative number up to ${MAX_DAMPING} (absolute λ), "heuristic" (0.1 × mean Λ), or a factor like "0.01x" (got "${v}")`,
     'damping',
   );
 }

@@ -34,6 +34,7 @@ export async function runExplain(argv: string[]): Promise<void> {
     'pretrained-base': { type: 'string' },
     'batch-size': { type: 'string' },
     rank: { type: 'string' },
+    modules: { type: 'string' },
     'skip-malformed': { type: 'boolean' },
     json: { type: 'boolean' },
     ...CHECKPOINTS_OPTION,
@@ -57,13 +58,32 @@ export async function runExplain(argv: string[]): Promise<void> {
   const needsPretrained = [method, ...compare].includes('multistage');
   if (needsPretrained && !(v['pretrained-model'] && v['pretrained-factors']))
     throw new CliError('multistage needs --pretrained-model <dir> and --pretrained-factors <dir>');
+  // a flag no chosen method reads is refused: it would look as if it had changed the result
+  const all = [method, ...compare];
+  if (v.damping !== undefined && !needsFactors)
+    throw new CliError(`--damping sets EK-FAC's damping; ${all.join(', ')} use${all.length === 1 ? 's' : ''} no factors`);
+  if (v.rank !== undefined && !all.some((m) => methodInfo(m)?.gradientBased))
+    throw new CliError(`--rank is a low-rank query gradient; ${all.join(', ')} compute${all.length === 1 ? 's' : ''} no gradients`);
+  for (const flag of ['pretrained-model', 'pretrained-factors', 'pretrained-base'] as const)
+    if (v[flag] !== undefined && !needsPretrained)
+      throw new CliError(`--${flag} is read by --method multistage only (or --compare multistage)`);
   const damping = parseDamping(v.damping);
   const topK = int(v['top-k'], '--top-k', 10);
   if (topK < 1) throw new CliError('--top-k must be at least 1');
+  const batchSize = int(v['batch-size'], '--batch-size', DEFAULTS.batchSize);
+  if (batchSize < 1) throw new CliError('--batch-size must be at least 1');
+  // the modules scored, by every method: --modules, else the factors' (so that a comparison with
+  // ekfac is on the same modules), else all; factors over other modules than --modules are refused
+  const modules = v.modules === undefined ? undefined : oneOf(v.modules, ['mlp', 'all'] as const, '--modules', 'all');
 
-  const ft = openStage(v.model, v.factors, { damping, engine: { base: v.base } });
+  const ft = openStage(v.model, v.factors, { damping, engine: { base: v.base }, modules, modulesFrom: '--modules' });
   const pt = needsPretrained
-    ? openStage(v['pretrained-model']!, v['pretrained-factors'], { damping, engine: { base: v['pretrained-base'] } })
+    ? openStage(v['pretrained-model']!, v['pretrained-factors'], {
+        damping,
+        engine: { base: v['pretrained-base'] },
+        modules: ft.modules,
+        modulesFrom: "the fine-tuned model's factors",
+      })
     : undefined;
   if (pt) {
     checkSameTokenizer(ft.model, pt.model);
@@ -95,7 +115,7 @@ export async function runExplain(argv: string[]): Promise<void> {
     topK,
     compare,
     candidates: oneOf(v.candidates, ['all', 'retrieved'] as const, '--candidates', 'all'),
-    batchSize: int(v['batch-size'], '--batch-size', DEFAULTS.batchSize),
+    batchSize,
     rank: v.rank === undefined ? undefined : positive(int(v.rank, '--rank', 0), '--rank'),
     onProgress: (s: string, done: number, total: number) => {
       if (s !== stage) {

@@ -29,6 +29,8 @@ export async function runScan(argv: string[]): Promise<void> {
   if (!v.data) throw new CliError('--data <train.jsonl> is required');
   const topK = int(v['top-k'], '--top-k', 20);
   if (topK < 1) throw new CliError('--top-k must be at least 1');
+  const batchSize = int(v['batch-size'], '--batch-size', DEFAULTS.batchSize);
+  if (batchSize < 1) throw new CliError('--batch-size must be at least 1');
   const damping = parseDamping(v.damping);
   const stage = openStage(v.model, v.factors, { damping, engine: { base: v.base } });
   const plan = cliPlan(v.model, stage.model, checkpointsSetting(v.checkpoints));
@@ -48,7 +50,7 @@ export async function runScan(argv: string[]): Promise<void> {
   let label = '';
   const scores = await selfInfluence(stage, checkpoints, corpus.tokens, {
     modules: stage.modules,
-    batchSize: int(v['batch-size'], '--batch-size', DEFAULTS.batchSize),
+    batchSize,
     onProgress: (s, d, t) => {
       if (s !== label) {
         bar?.done();

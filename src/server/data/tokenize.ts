@@ -36,7 +36,11 @@ export const TOKENIZATION_VERSION = 3;
 
 /** What, besides the examples, decides their tokens: for cache keys and provenance. */
 export function tokenizationKey(tok: TokenizerHandle): Record<string, unknown> {
-  return { tokenization: TOKENIZATION_VERSION, chatTemplate: tok.chatTemplateSource?.sha256 ?? null };
+  return {
+    tokenization: TOKENIZATION_VERSION,
+    tokenizer: tok.sha256,
+    chatTemplate: tok.chatTemplateSource?.sha256 ?? null,
+  };
 }
 
 export function tokenizeText(

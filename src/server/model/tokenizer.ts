@@ -8,7 +8,7 @@
 // Components whose offsets we do not reproduce are refused at load time.
 import { createHash } from 'node:crypto';
 import { existsSync, readFileSync } from 'node:fs';
-import { join } from 'node:path';
+import { basename, join } from 'node:path';
 import { Tokenizer } from '@huggingface/tokenizers';
 import { ChatTemplate, ChatTemplateError } from '../../common/records/chat-template';
 import { AlignedString, applyNormalizer, applyPreTokenizer, TokenizerError } from './alignment';
@@ -44,13 +44,20 @@ export interface TokenizerHandle {
   chatTemplate(): ChatTemplate | undefined;
   /** where the chat template came from and a digest of its source, for provenance and cache keys */
   chatTemplateSource?: { file: string; sha256: string };
+  /** sha256 of tokenizer.json and tokenizer_config.json as read: what the ids depend on (with
+   * the chat template's digest above), so that factors and stores made with another tokenizer
+   * are never taken for this one's */
+  sha256: string;
 }
 
 type Json = Record<string, unknown>;
 
-function readJson(path: string): Json {
+/** A JSON file, its bytes added to `digest` (under its name, so two files never run together). */
+function readJson(path: string, digest?: ReturnType<typeof createHash>): Json {
   try {
-    return JSON.parse(readFileSync(path, 'utf8'));
+    const bytes = readFileSync(path);
+    digest?.update(`${basename(path)}:${bytes.length}:`).update(bytes);
+    return JSON.parse(bytes.toString('utf8'));
   } catch (e) {
     throw new TokenizerError(`${path}: not valid JSON (${(e as Error).message})`);
   }
@@ -95,9 +102,11 @@ export function loadTokenizer(dir: string): TokenizerHandle {
     throw new TokenizerError(
       `${dir}: no tokenizer.json (save the tokenizer with tokenizer.save_pretrained(dir); slow-only tokenizers are not supported)`,
     );
-  const tj = readJson(path);
+  // every file that decides the ids, by content: caches and fitted factors are keyed by it
+  const files = createHash('sha256');
+  const tj = readJson(path, files);
   const cfgPath = join(dir, 'tokenizer_config.json');
-  const tc = existsSync(cfgPath) ? readJson(cfgPath) : {};
+  const tc = existsSync(cfgPath) ? readJson(cfgPath, files) : {};
   let tok: Tokenizer;
   try {
     tok = new Tokenizer(tj, tc);
@@ -377,6 +386,7 @@ export function loadTokenizer(dir: string): TokenizerHandle {
   };
 
   return {
+    sha256: files.digest('hex'),
     chatTemplate,
     chatTemplateSource: templateSource && {
       file: templateSource.file,

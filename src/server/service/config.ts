@@ -124,6 +124,12 @@ export function parseConfig(value: unknown, opts: { baseDir: string; source?: st
     else if (which === 'pretrained' && !pretrained)
       problems.push(`datasetStage.${id}: "pretrained" needs a pre-trained model in models.pretrained`);
   }
+  let damping: ReturnType<typeof parseDamping>;
+  try {
+    damping = parseDamping(raw.damping === undefined ? 'heuristic' : String(raw.damping));
+  } catch (e) {
+    problems.push(`damping: ${(e as Error).message}`);
+  }
   if (problems.length) fail(problems);
 
   const service: ServiceConfig = {
@@ -132,7 +138,7 @@ export function parseConfig(value: unknown, opts: { baseDir: string; source?: st
     datasets,
     ...(raw.datasetStage ? { datasetStage: raw.datasetStage } : {}),
     modules: raw.modules ?? 'mlp',
-    damping: parseDamping(raw.damping === undefined ? 'heuristic' : String(raw.damping)),
+    damping,
     device: raw.device ?? 'cpu',
     ...(raw.threads !== undefined ? { threads: raw.threads } : {}),
     cacheDir: raw.cacheDir !== undefined ? path(raw.cacheDir) : defaultCacheDir(),

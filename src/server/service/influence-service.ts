@@ -165,19 +165,21 @@ export class InfluenceService implements ServiceApi {
   }
 
   private openStage(c: StageConfig): OpenedStage {
-    const engine = { device: this.config.device, threads: this.config.threads };
+    // compiled graphs and weight digests go to the configured cache folder too
+    const engine = { device: this.config.device, threads: this.config.threads, cacheDir: this.config.cacheDir };
     const model = Model.open(c.model, { ...engine, base: c.base });
     // read the tokenizer now: a broken tokenizer.json refuses the start, naming the file,
     // instead of failing every request later
     void model.tokenizer;
     if (c.factors) this.brokenFactors.delete(c.factors);
     try {
-      const st = openStage(c.model, c.factors && exists(c.factors) ? c.factors : undefined, {
+      // the configured modules are the ones scored, by every method: factors over others are refused
+      return openStage(c.model, c.factors && exists(c.factors) ? c.factors : undefined, {
         damping: this.config.damping,
         model,
+        modules: this.config.modules,
+        modulesFrom: '"modules" in the server\'s config',
       });
-      if (!st.preconditioners) st.modules = this.config.modules;
-      return st;
     } catch (e) {
       // broken or foreign factors: keep serving the baselines and say why ekfac is unavailable
       if (c.factors) this.brokenFactors.set(c.factors, (e as Error).message);
@@ -195,7 +197,7 @@ export class InfluenceService implements ServiceApi {
       ? openCheckpointStages(plan, {
           factorsDir: c.factors,
           damping: this.config.damping,
-          engine: { device: this.config.device, threads: this.config.threads },
+          engine: { device: this.config.device, threads: this.config.threads, cacheDir: this.config.cacheDir },
           modules: ft.modules,
         })
       : undefined;
@@ -450,7 +452,7 @@ export class InfluenceService implements ServiceApi {
     const cfg = this.config.store ?? DEFAULTS.store;
     const d = this.dataset(datasetId);
     const identity: StoreIdentity = {
-      modelFingerprint: modelFingerprint(model.checkpoint),
+      modelFingerprint: modelFingerprint(model.checkpoint, this.config.cacheDir),
       dataFingerprint: d.fingerprint,
       k: cfg.k,
       seed: 0,
@@ -597,7 +599,7 @@ export class InfluenceService implements ServiceApi {
             labels: 'sampled',
             seed: 0,
             skipMalformed: true,
-            engine: { device: this.config.device, threads: this.config.threads },
+            engine: { device: this.config.device, threads: this.config.threads, cacheDir: this.config.cacheDir },
             signal: work.signal,
             onProgress: work.progress,
           }).catch((e) => {

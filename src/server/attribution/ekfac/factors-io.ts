@@ -17,6 +17,7 @@
 // model that opens it: F32 stays Float32Array for a float32 model, F64 files (all ours before
 // this) are narrowed for it and widened F32 files for an fp64 one. Counts and eigenvalues are
 // always read as fp64.
+import { createHash } from 'node:crypto';
 import { copyFileSync, existsSync, mkdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { restoreReplacedDir, writeAtomicWith, writeFileAtomic } from '../../../common/atomic-write';
@@ -204,6 +205,9 @@ export function saveFactors(dir: string, factors: Factors, options: SaveOptions 
   const metadata: Record<string, string> = {};
   for (const [k, v] of Object.entries(kron)) metadata[k] = v === null ? 'None' : pyStr(v);
   if (factors.fingerprint) metadata.influence_lens_fingerprint = factors.fingerprint;
+  // which fit wrote the file: files of two fits of the same model and data (another seed or
+  // labels) must never be read together
+  metadata.influence_lens_fit = fitIdentity(factors.args, factors.fingerprint);
 
   const stage = (present: (m: ModuleFactors) => boolean, what: string) => {
     const n = mods.filter(present).length;
@@ -370,7 +374,27 @@ export function loadFactors(dir: string, options: LoadOptions = {}): Factors {
         seed: null,
       };
   const fingerprint = typeof ours?.fingerprint === 'string' ? ours.fingerprint : null;
+  if (ours) {
+    const fit = fitIdentity(args, fingerprint);
+    for (const file of files.keys()) {
+      const meta = readSafetensorsHeader(join(dir, `${file}.safetensors`)).metadata;
+      const other =
+        (meta.influence_lens_fit !== undefined && meta.influence_lens_fit !== fit) ||
+        (meta.influence_lens_fingerprint !== undefined && meta.influence_lens_fingerprint !== fingerprint);
+      if (other)
+        throw new Error(
+          `${dir}: ${file}.safetensors was written by another fit than ${OUR_ARGUMENTS_FILE} describes (other data, labels or seed): ` +
+            'the folder mixes two fits; fit again into an empty folder',
+        );
+    }
+  }
   return { args, fingerprint, modules };
+}
+
+/** What identifies one fit's files: the model and data, and what else changes the factors. */
+function fitIdentity(args: FactorArguments, fingerprint: string | null): string {
+  const what = [fingerprint, args.modelFingerprint ?? null, args.dataFingerprint ?? null, args.labels, args.seed, args.maxExamples];
+  return createHash('sha256').update(JSON.stringify(what)).digest('hex').slice(0, 16);
 }
 
 /**
