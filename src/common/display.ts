@@ -119,12 +119,38 @@ export function tokenTitle(token: string, value: number, signed = true): string 
 export function cssColor(setting: string | undefined, fallback: string): string {
   const s = (setting ?? '').trim();
   if (!s) return fallback;
-  if (/^#[0-9a-fA-F]{3,8}$/.test(s)) return s;
+  if (/^#([0-9a-fA-F]{3,4}|[0-9a-fA-F]{6}|[0-9a-fA-F]{8})$/.test(s)) return s;
   if (/^(rgb|rgba|hsl|hsla)\(\s*[0-9.,%\s/-]+\)$/.test(s)) return s;
-  if (/^[a-zA-Z]+$/.test(s)) return s.toLowerCase();
-  if (/^[a-zA-Z][a-zA-Z0-9]*(\.[a-zA-Z0-9]+)+$/.test(s)) return `var(--vscode-${s.replace(/\./g, '-')})`;
+  // a CSS color name (a misspelled one, "blu", would otherwise paint nothing)
+  if (CSS_COLOR_NAMES.has(s.toLowerCase())) return s.toLowerCase();
+  // a theme color id; a misspelled one falls back to the default through var()'s second argument
+  if (/^[a-zA-Z][a-zA-Z0-9]*(\.[a-zA-Z0-9]+)+$/.test(s)) return `var(--vscode-${s.replace(/\./g, '-')}, ${fallback})`;
   return fallback;
 }
+
+/** The 148 named colors of CSS Color Module Level 4. */
+const CSS_COLOR_NAMES = new Set(
+  [
+    'aliceblue antiquewhite aqua aquamarine azure beige bisque black blanchedalmond blue blueviolet',
+    'brown burlywood cadetblue chartreuse chocolate coral cornflowerblue cornsilk crimson cyan',
+    'darkblue darkcyan darkgoldenrod darkgray darkgreen darkgrey darkkhaki darkmagenta darkolivegreen',
+    'darkorange darkorchid darkred darksalmon darkseagreen darkslateblue darkslategray darkslategrey',
+    'darkturquoise darkviolet deeppink deepskyblue dimgray dimgrey dodgerblue firebrick floralwhite',
+    'forestgreen fuchsia gainsboro ghostwhite gold goldenrod gray green greenyellow grey honeydew',
+    'hotpink indianred indigo ivory khaki lavender lavenderblush lawngreen lemonchiffon lightblue',
+    'lightcoral lightcyan lightgoldenrodyellow lightgray lightgreen lightgrey lightpink lightsalmon',
+    'lightseagreen lightskyblue lightslategray lightslategrey lightsteelblue lightyellow lime',
+    'limegreen linen magenta maroon mediumaquamarine mediumblue mediumorchid mediumpurple',
+    'mediumseagreen mediumslateblue mediumspringgreen mediumturquoise mediumvioletred midnightblue',
+    'mintcream mistyrose moccasin navajowhite navy oldlace olive olivedrab orange orangered orchid',
+    'palegoldenrod palegreen paleturquoise palevioletred papayawhip peachpuff peru pink plum',
+    'powderblue purple rebeccapurple red rosybrown royalblue saddlebrown salmon sandybrown seagreen',
+    'seashell sienna silver skyblue slateblue slategray slategrey snow springgreen steelblue tan teal',
+    'thistle tomato turquoise violet wheat white whitesmoke yellow yellowgreen',
+  ]
+    .join(' ')
+    .split(' '),
+);
 
 /** One line: which computation and checkpoints produced the scores (the CLI prints it, the webview shows it under the query). */
 export function describeAttribution(a: Attribution): string {
@@ -132,5 +158,8 @@ export function describeAttribution(a: Attribution): string {
     a.over === 'checkpoints'
       ? `Σ over ${a.checkpoints!.length} training checkpoint(s) (${a.checkpoints!.map((c) => `${c.name} ×${c.weight.toFixed(3)}`).join(', ')}; ${a.weighting === 'learning-rate' ? 'learning-rate weights' : 'equal weights'})`
       : 'final model';
-  return a.note ? `${base}; ${a.note}` : base;
+  const pre = a.preranked
+    ? `; pre-ranked by ${a.preranked.by === 'gradient-store' ? 'the gradient store' : 'a low-rank query'}, ${a.preranked.exact} rescored exactly (the shown ones among them; other ranks, percentiles and the histogram are estimates)`
+    : '';
+  return `${base}${a.note ? `; ${a.note}` : ''}${pre}`;
 }

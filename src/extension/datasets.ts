@@ -6,7 +6,7 @@ import { existsSync } from 'node:fs';
 import { isAbsolute, join } from 'node:path';
 import * as vscode from 'vscode';
 import type { ClientInfo } from './client';
-import { settings } from './config';
+import { SettingsError, settings } from './config';
 import { lineHash } from './flags/hash';
 import { isSidecarPath } from './flags/sidecar';
 
@@ -24,9 +24,9 @@ export class DatasetResolver {
     if (configured) {
       const p = absolute(configured);
       if (!existsSync(p))
-        throw new Error(
-          `the setting influenceLens.datasets maps "${id}" to ${JSON.stringify(configured)}, and there is no such file (${p}). Correct the path in the setting, or remove the entry to let the server's path be used.`,
-        );
+        throw new SettingsError([
+          `influenceLens.datasets maps "${id}" to ${JSON.stringify(configured)}, and there is no such file (${p}); correct the path, or remove the entry to use the server's`,
+        ]);
       return p;
     }
     const reported = this.info()?.datasetPaths?.[id];

@@ -127,6 +127,12 @@ export interface Attribution {
   checkpoints?: Array<{ name: string; step: number; weight: number }>;
   weighting?: 'learning-rate' | 'uniform';
   note?: string;
+  /**
+   * The pool was ranked approximately first (from the gradient store, or with a rank-r query) and
+   * only `exact` examples were rescored exactly: the shown examples are among them and carry exact
+   * scores; the other examples' ranks, percentiles and the histogram come from the estimates.
+   */
+  preranked?: { by: 'gradient-store' | 'low-rank'; exact: number };
 }
 
 /**

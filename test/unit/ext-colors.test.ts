@@ -95,9 +95,22 @@ test('colors: settings become safe CSS or the theme default', () => {
   assert.equal(cssColor('#2f81f7', fb), '#2f81f7');
   assert.equal(cssColor('rgb(10, 20, 30)', fb), 'rgb(10, 20, 30)');
   assert.equal(cssColor('Teal', fb), 'teal');
-  assert.equal(cssColor('charts.green', fb), 'var(--vscode-charts-green)');
-  assert.equal(cssColor('editorError.foreground', fb), 'var(--vscode-editorError-foreground)');
-  for (const bad of ['red; background: url(x)', 'url(javascript:1)', '#12345g', 'expression(alert(1))', 'a b'])
+  assert.equal(cssColor('RebeccaPurple', fb), 'rebeccapurple');
+  // a theme color id; one the theme does not define shows the default (var()'s fallback)
+  assert.equal(cssColor('charts.green', fb), `var(--vscode-charts-green, ${fb})`);
+  assert.equal(cssColor('editorError.foreground', fb), `var(--vscode-editorError-foreground, ${fb})`);
+  // a misspelled color name would paint nothing: the default instead (and the extension says so)
+  for (const bad of [
+    'blu',
+    'gren',
+    'transparentish',
+    'red; background: url(x)',
+    'url(javascript:1)',
+    '#12345g',
+    '#12345',
+    'expression(alert(1))',
+    'a b',
+  ])
     assert.equal(cssColor(bad, fb), fb, bad);
 });
 

@@ -454,7 +454,11 @@ async function finish(
     modules,
     moduleTotals,
     timings,
-    attribution: attributionOf(req.method, setup),
+    attribution: {
+      ...attributionOf(req.method, setup),
+      // say when most of the pool carries estimates, not scores
+      ...(main.exact ? { preranked: { by: req.rank !== undefined ? 'low-rank' : 'gradient-store', exact: main.exact.size } } : {}),
+    },
   };
 }
 
