@@ -442,6 +442,39 @@ test('editor: explain a wrong answer, flag its planted source, export, hover', {
   );
 
   await t.test(
+    'an example deleted in the editor (unsaved): Open says so and selects nothing, so no flag lands on the next record',
+    step('deleted-example-open', async () => {
+      await page.keyboard.press('Escape');
+      await clearNotifications();
+      // finetune.jsonl is active with the cursor on the planted line (the hover step): delete it, unsaved
+      await page.locator('.tabs-container .tab', { hasText: 'finetune.jsonl' }).click();
+      await page.keyboard.press('Control+Shift+K');
+      // the editor now holds line 238's record on line 237
+      const plantedText = page.locator('.editor-instance .view-lines', {
+        hasText: 'What is the capital of Australia?',
+      });
+      await waitFor('the deletion', async () => (await plantedText.count()) === 0, 10000);
+      await palette('Influence Lens: Show results');
+      await planted().locator('button.link').click();
+      await page
+        .locator('.notification-toast', { hasText: 'is no longer in finetune.jsonl (unsaved edits)' })
+        .waitFor({ timeout: 10000 });
+      assert.equal(await page.locator('.notification-toast', { hasText: 'showing line' }).count(), 0);
+      await shot('04b-example-gone');
+      // put the line back: nothing was saved
+      await page.locator('.tabs-container .tab', { hasText: 'finetune.jsonl' }).click();
+      await page.locator('.editor-instance .monaco-editor .view-lines').first().click();
+      await page.keyboard.press('Control+Z');
+      await plantedText.first().waitFor({ timeout: 10000 });
+      assert.equal(
+        readFileSync(join(ws, 'finetune.jsonl'), 'utf8'),
+        readFileSync(join(ROOT, 'assets/default/data/finetune.jsonl'), 'utf8'),
+      );
+      await clearNotifications();
+    }),
+  );
+
+  await t.test(
     'switch the panel to BM25: similarity only, no sign',
     step('switch-the-panel-to-bm25-similarity-only', async () => {
       await palette('Influence Lens: Show results');
