@@ -457,7 +457,9 @@ async function finish(
     attribution: {
       ...attributionOf(req.method, setup),
       // say when most of the pool carries estimates, not scores
-      ...(main.exact ? { preranked: { by: req.rank !== undefined ? 'low-rank' : 'gradient-store', exact: main.exact.size } } : {}),
+      ...(main.exact
+        ? { preranked: { by: req.rank !== undefined ? 'low-rank' : 'gradient-store', exact: main.exact.size } }
+        : {}),
     },
   };
 }

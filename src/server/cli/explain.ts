@@ -61,9 +61,13 @@ export async function runExplain(argv: string[]): Promise<void> {
   // a flag no chosen method reads is refused: it would look as if it had changed the result
   const all = [method, ...compare];
   if (v.damping !== undefined && !needsFactors)
-    throw new CliError(`--damping sets EK-FAC's damping; ${all.join(', ')} use${all.length === 1 ? 's' : ''} no factors`);
+    throw new CliError(
+      `--damping sets EK-FAC's damping; ${all.join(', ')} use${all.length === 1 ? 's' : ''} no factors`,
+    );
   if (v.rank !== undefined && !all.some((m) => methodInfo(m)?.gradientBased))
-    throw new CliError(`--rank is a low-rank query gradient; ${all.join(', ')} compute${all.length === 1 ? 's' : ''} no gradients`);
+    throw new CliError(
+      `--rank is a low-rank query gradient; ${all.join(', ')} compute${all.length === 1 ? 's' : ''} no gradients`,
+    );
   for (const flag of ['pretrained-model', 'pretrained-factors', 'pretrained-base'] as const)
     if (v[flag] !== undefined && !needsPretrained)
       throw new CliError(`--${flag} is read by --method multistage only (or --compare multistage)`);

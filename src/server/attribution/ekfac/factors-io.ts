@@ -393,7 +393,14 @@ export function loadFactors(dir: string, options: LoadOptions = {}): Factors {
 
 /** What identifies one fit's files: the model and data, and what else changes the factors. */
 function fitIdentity(args: FactorArguments, fingerprint: string | null): string {
-  const what = [fingerprint, args.modelFingerprint ?? null, args.dataFingerprint ?? null, args.labels, args.seed, args.maxExamples];
+  const what = [
+    fingerprint,
+    args.modelFingerprint ?? null,
+    args.dataFingerprint ?? null,
+    args.labels,
+    args.seed,
+    args.maxExamples,
+  ];
   return createHash('sha256').update(JSON.stringify(what)).digest('hex').slice(0, 16);
 }
 
