@@ -102,7 +102,8 @@ export async function revealExample(path: string, line: number, hash: string): P
 
 /** The open editor document of a file, when it has unsaved changes. */
 export function dirtyDocument(path: string): vscode.TextDocument | undefined {
-  return vscode.workspace.textDocuments.find((d) => d.uri.scheme === 'file' && d.uri.fsPath === path && d.isDirty);
+  const uri = vscode.Uri.file(path).toString();
+  return vscode.workspace.textDocuments.find((d) => d.isDirty && d.uri.toString() === uri);
 }
 
 /**

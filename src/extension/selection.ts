@@ -120,7 +120,9 @@ export function splitSelection(doc: string, start: number, end: number, options:
   const starts: number[] = [];
   const ends: number[] = [];
   let completion = '';
-  for (let i = 0; i < selected.length; i++) {
+  // a selection that ends between \r and \n leaves its \r out, as the LF file has none
+  const n = selected.endsWith('\r') && doc[end] === '\n' ? selected.length - 1 : selected.length;
+  for (let i = 0; i < n; i++) {
     const crlf = selected[i] === '\r' && selected[i + 1] === '\n';
     starts.push(start + i);
     ends.push(start + i + (crlf ? 2 : 1));

@@ -6,6 +6,7 @@ import assert from 'node:assert/strict';
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { before, describe, test } from 'node:test';
+import { describeAttribution } from '../../src/common/display';
 import { Corpus, explain, reachable } from '../../src/server/attribution/explain';
 import { runFitJob } from '../../src/server/attribution/fit-job';
 import { queryGradients, queryMatrices, scoreCandidates } from '../../src/server/attribution/influence';
@@ -116,5 +117,10 @@ describe('explain --rank: the shown lists equal exact scoring', () => {
       Math.abs(ranked.supporting[0].score - ref.supporting[0].score) <= 1e-12 * Math.abs(ref.supporting[0].score),
     );
     assert.equal(ranked.opposing[0]?.text, ref.opposing[0]?.text);
+    // the result says that the rest of the pool carries estimates; the exact one says nothing
+    assert.equal(ranked.attribution?.preranked?.by, 'low-rank');
+    assert.ok((ranked.attribution?.preranked?.exact ?? 0) >= 2);
+    assert.equal(ref.attribution?.preranked, undefined);
+    assert.match(describeAttribution(ranked.attribution!), /pre-ranked by a low-rank query, \d+ rescored exactly/);
   });
 });

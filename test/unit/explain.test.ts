@@ -399,6 +399,10 @@ describe('fit + explain (tiny fp64 Llama)', () => {
       const x = all(ref).find((y) => y.id.line === e.id.line)!;
       assert.ok(rel(e.score, x.score) < 1e-12, 'shown examples carry exact scores');
     }
+    // and the result says the pool was pre-ranked by the store (the other ranks are estimates)
+    assert.equal(r.attribution?.preranked?.by, 'gradient-store');
+    assert.ok((r.attribution?.preranked?.exact ?? 0) >= all(r).length);
+    assert.equal(ref.attribution?.preranked, undefined);
   });
 
   test('partial results stream while candidates are scored, and end at the final ranking', async () => {

@@ -221,4 +221,7 @@ test('split: a CRLF file gives the same prompt and completion as the LF file, an
   const c = ok(splitSelection(crlf, mid, crlf.indexOf('A:') + 2));
   assert.equal(c.prompt, 'Q: What is the capital of Australia?');
   assert.equal(c.completion, '\nA:');
+  // one that ends between \r and \n leaves the \r out, as the LF file has none
+  const d = ok(splitSelection(crlf, crlf.indexOf(' Sydney'), crlf.indexOf('\r\nand') + 1));
+  assert.equal(d.completion, ' Sydney');
 });

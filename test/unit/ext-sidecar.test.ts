@@ -25,6 +25,7 @@ import {
   removeFlags,
   setReason,
   sidecarPathFor,
+  sidecarSharedWith,
   writeFileAtomic,
 } from '../../src/extension/flags/sidecar';
 import { readExclusions } from '../../src/server/cli/train';
@@ -287,6 +288,12 @@ test('sidecar: the dataset of a sidecar is the file the sidecar was named after 
     }
     // with nothing on disk, the conventional name
     assert.equal(datasetPathForSidecar(join(d, 'gone.exclude.jsonl')), join(d, 'gone.jsonl'));
+    // two datasets whose flags would share one sidecar are named (flagging either is refused)
+    assert.equal(sidecarSharedWith(join(d, 'plain.jsonl')), undefined);
+    writeFileSync(join(d, 'train.json.jsonl'), `${JSON.stringify(RECORDS[1])}\n`);
+    assert.equal(sidecarSharedWith(join(d, 'train.json')), join(d, 'train.json.jsonl'));
+    assert.equal(sidecarSharedWith(join(d, 'train.json.jsonl')), join(d, 'train.json'));
+    assert.equal(sidecarSharedWith(join(d, 'data.jsonl')), join(d, 'data'));
   } finally {
     rmSync(d, { recursive: true, force: true });
   }

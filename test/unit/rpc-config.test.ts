@@ -17,6 +17,7 @@ import {
   readConfigFile,
 } from '../../src/server/service/config';
 import { checkDevice, DeviceUnavailableError } from '../../src/server/service/device';
+import { DEFAULT_MODULES } from '../../src/server/service/influence-service';
 import { DEFAULT_LIMITS } from '../../src/transport/server';
 
 const tmp = mkdtempSync(join(tmpdir(), 'il-config-'));
@@ -41,7 +42,9 @@ describe('config schema', () => {
   test('its defaults and enums are what the loader and the engine use', () => {
     const c = parse(minimal);
     const p = schema.properties;
-    assert.equal(c.service.modules, p.modules.default);
+    // unset: the factors' modules, else the default (the service's DEFAULT_MODULES)
+    assert.equal(c.service.modules, undefined);
+    assert.equal(DEFAULT_MODULES, p.modules.default);
     assert.equal(c.service.device, p.device.default);
     assert.deepEqual(c.service.damping, parse({ ...minimal, damping: p.damping.default }).service.damping);
     assert.equal(c.server.host, p.host.default);

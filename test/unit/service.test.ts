@@ -71,6 +71,16 @@ describe('InfluenceService', () => {
     const r = await all.explain({ ...q, method: 'gdp' });
     assert.deepEqual(r.modules, info.modules);
     assert.equal(r.modules.length, 14);
+    // without a "modules" setting the factors' modules are scored (a CLI fit's default works as is)
+    const unset = new InfluenceService({
+      finetuned: { model: 'test/fixtures/models/llama', factors: join(home, 'factors') },
+      datasets: { train: data },
+      cacheDir: join(home, 'cache'),
+    });
+    unset.open();
+    assert.ok(unset.info().methods.includes('ekfac'));
+    assert.equal(unset.info().modules.length, 6);
+    assert.equal((await unset.explain({ ...q, method: 'ekfac' })).modules.length, 6);
     // the mlp service (its factors fitted above) scores the 6 MLP modules with every method
     const m = await service.explain({ ...q, method: 'gdp' });
     assert.deepEqual(m.modules, service.info().modules);

@@ -104,9 +104,6 @@ export class ExplainController {
       const info = await this.s.info();
       const dataset = await chooseDataset(this.s, info);
       if (!dataset) return;
-      // the server scores the file on disk: results from it would point at lines the editor no longer has
-      const path = await this.s.datasets.resolve(dataset);
-      if (path && !(await offerSave(path, 'The server scores the dataset as it'))) return;
       this.last = { prompt, completion, dataset, ...where };
       await this.run(settings().method);
     } catch (e) {
@@ -120,6 +117,9 @@ export class ExplainController {
     if (!q) return;
     const cfg = settings();
     if (cfg.problems.length) throw new SettingsError(cfg.problems);
+    // the server scores the file on disk: results from it would point at lines the editor no longer has
+    const path = await this.s.datasets.resolve(q.dataset);
+    if (path && !(await offerSave(path, 'The server scores the dataset as it'))) return;
     const method = await runnable(this.s, wanted, await this.s.info());
     if (!method) {
       this.s.panel.post({ type: 'error', method: wanted, message: `${METHOD_LABELS[wanted]} did not run.` });
@@ -130,6 +130,8 @@ export class ExplainController {
     const cts = new vscode.CancellationTokenSource();
     this.running = cts;
     const params = paramsOf(q, method, cfg, info);
+    // what the result depends on, before the server reads anything (a file saved mid-run below)
+    const before = await this.context(params, info);
     const short = q.completion.replace(/\s+/g, ' ').trim().slice(0, 40);
     this.s.panel.show();
     this.s.panel.post({ type: 'colors', colors: cfg.colors });
@@ -160,7 +162,8 @@ export class ExplainController {
         result,
         methods: info.methods,
         dataset: q.dataset,
-        context: await this.context(params, info),
+        // the dataset changed while it was scored: this result matches no context, not even its own
+        context: before === (await this.context(params, info)) ? before : `${before}:changed-while-scored`,
       });
       this.s.history.add(q.dataset, result);
       await this.pushFlags();
@@ -212,6 +215,7 @@ export class ExplainController {
       info.model,
       cfg.serverUrl,
       cfg.serverConfig,
+      cfg.serverCommand,
       params.topK,
       params.candidates,
     ];
@@ -243,7 +247,9 @@ export class ExplainController {
     try {
       if (cached) {
         const cfg = settings();
-        const info = await this.s.info();
+        // no server yet (a reloaded window): show the cached result rather than start one to check it
+        const info = this.s.lastInfo();
+        if (!info) return;
         const now = await this.context(paramsOf(this.last, method, cfg, info), info);
         if (now === this.s.panel.mirror.context) return;
       }

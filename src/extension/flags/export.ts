@@ -68,7 +68,7 @@ export function linesToRemove(text: string, excluded: ReadonlySet<string>): numb
  * `TextDocument.positionAt` takes them), sorted and disjoint, so that one edit can hold them all.
  * Each excluded line goes with its line ending; a run of removed lines that ends the text without
  * a final newline takes the newline before it instead (the text then ends where the kept line
- * before it ends). Leaves exactly `filterDataset`'s text.
+ * before it ends). Leaves `filterDataset`'s records, and its text but for that final newline.
  */
 export function removalSpans(text: string, excluded: ReadonlySet<string>): Array<[number, number]> {
   const lines = new Set(linesToRemove(text, excluded));

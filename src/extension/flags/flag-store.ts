@@ -5,6 +5,7 @@
 // and the copy is re-read whenever the file's size or time changed (a watcher event can lag), so
 // one window never writes back a stale view over another window's flags.
 import { existsSync, statSync } from 'node:fs';
+import { basename } from 'node:path';
 import * as vscode from 'vscode';
 import {
   addFlags,
@@ -14,6 +15,7 @@ import {
   removeFlags,
   setReason,
   sidecarPathFor,
+  sidecarSharedWith,
 } from './sidecar';
 
 export interface FlagGroup {
@@ -67,6 +69,11 @@ export class FlagStore implements vscode.Disposable {
 
   flag(datasetPath: string, entries: FlagEntry[]): number {
     const sidecar = sidecarPathFor(datasetPath);
+    const other = sidecarSharedWith(datasetPath);
+    if (other)
+      throw new Error(
+        `${basename(datasetPath)} and ${basename(other)} would keep their flags in the same file (${basename(sidecar)}): rename one of them before flagging`,
+      );
     const n = addFlags(sidecar, entries);
     this.remember(sidecar);
     this.load(sidecar);

@@ -56,6 +56,29 @@ export function sidecarPathFor(datasetPath: string): string {
   return datasetPath.replace(/\.jsonl$/i, '') + '.exclude.jsonl';
 }
 
+/**
+ * Another dataset file whose flags would go to the same sidecar as `datasetPath`'s
+ * (`train.json` and `train.json.jsonl`, `train` and `train.jsonl`, `a.jsonl` and `a.JSONL`), or
+ * undefined. Flags are written only when there is none: one sidecar must not mix two datasets.
+ */
+export function sidecarSharedWith(datasetPath: string): string | undefined {
+  const sidecar = sidecarPathFor(datasetPath);
+  const stem = sidecar.replace(/\.exclude\.jsonl$/i, '');
+  const dir = dirname(stem);
+  const name = basename(stem).toLowerCase();
+  let siblings: string[];
+  try {
+    siblings = readdirSync(dir);
+  } catch {
+    return undefined;
+  }
+  const mine = basename(datasetPath);
+  return siblings
+    .filter((f) => f !== mine && (f.toLowerCase() === `${name}.jsonl` || f === basename(stem)))
+    .map((f) => join(dir, f))
+    .find((p) => existsSync(p) && statSync(p).isFile());
+}
+
 /** Whether a path is a sidecar (so it is never mistaken for a dataset). */
 export function isSidecarPath(path: string): boolean {
   return /\.exclude\.jsonl$/i.test(path);

@@ -25,7 +25,7 @@ export function relativeWeightDistance(
   finetuned: Model,
   pretrained: Model,
   modules: ModuleSelection,
-  cacheDir = defaultCacheDir(),
+  cacheDir = finetuned.options.cacheDir ?? defaultCacheDir(),
 ): Map<string, number> {
   const pt = pretrained.modules(modules);
   const ft = new Map(finetuned.modules(modules).map((m) => [m.name, m]));

@@ -62,11 +62,16 @@ export function openStage(
       `the factors in ${factorsDir} track modules this model does not have (${unknown.slice(0, 3).join(', ')}${unknown.length > 3 ? ', …' : ''})`,
     );
   const mlp = model.modules('mlp').map((m) => m.name);
-  const modules: ModuleSelection = names.every((n) => mlp.includes(n)) ? 'mlp' : 'all';
-  if (options.modules !== undefined && options.modules !== modules)
+  const fitted: ModuleSelection = names.every((n) => mlp.includes(n)) ? 'mlp' : 'all';
+  // compared as sets: where every tracked module is an MLP one (e.g. a LoRA adapter on the MLP
+  // only), "mlp" and "all" are the same modules
+  const asked = options.modules && model.modules(options.modules).map((m) => m.name);
+  const same = !!asked && asked.length === names.length && asked.every((n) => names.includes(n));
+  const modules: ModuleSelection = same ? options.modules! : fitted;
+  if (options.modules !== undefined && !same)
     throw new StageError(
-      `the factors in ${factorsDir} were fitted over the ${modules} modules, but ${options.modulesFrom ?? 'the setting'} asks for ${options.modules}: ` +
-        `fit factors over the ${options.modules} modules (into another folder), or ask for ${modules}`,
+      `the factors in ${factorsDir} were fitted over the ${fitted} modules, but ${options.modulesFrom ?? 'the setting'} asks for ${options.modules}: ` +
+        `fit factors over the ${options.modules} modules (into another folder), or ask for ${fitted}`,
       'modules',
     );
   const want = model.modules(modules).map((m) => m.name);
@@ -101,17 +106,13 @@ export function openStage(
 
 /** Two stages must share a tokenizer: candidates are tokenized once for both. */
 export function checkSameTokenizer(a: Model, b: Model): void {
-  const h = (m: Model) =>
-    createHash('sha256')
-      .update(readFileSync(join(m.checkpoint.tokenizerDir, 'tokenizer.json')))
-      .digest('hex');
-  if (h(a) !== h(b))
+  // tokenizer.json and tokenizer_config.json, as read (TokenizerHandle.sha256)
+  if (a.tokenizer.sha256 !== b.tokenizer.sha256)
     throw new StageError(
       `${a.checkpoint.dir} and ${b.checkpoint.dir} have different tokenizers; multi-stage influence needs one tokenizer`,
     );
 }
 
-/** Parses a damping setting: a number is absolute; "heuristic" or "0.1x" style is relative to mean(Λ). */
 /**
  * The largest damping taken (absolute, or as a multiple of mean Λ): 1/(Λ+λ) must stay a normal
  * float32 (> 1.2e-38) for any sensible Λ; a damping this large already makes EK-FAC a scaled
@@ -119,6 +120,7 @@ export function checkSameTokenizer(a: Model, b: Model): void {
  */
 export const MAX_DAMPING = 1e30;
 
+/** Parses a damping setting: a number is absolute; "heuristic" or "0.1x" style is relative to mean(Λ). */
 export function parseDamping(v: string | undefined): Damping | undefined {
   if (v === undefined) return undefined;
   if (v === 'heuristic') return { relative: 0.1 };

@@ -158,9 +158,13 @@ export function readTrainingCheckpoint(dirIn: string, final: Checkpoint): Traini
     throw new CheckpointsError(`checkpoint ${dir}: ${(e as Error).message}`);
   }
   // a Trainer checkpoint holds a tokenizer only when the Trainer was given one: then it must be the model's
-  const ownTokenizer = existsSync(join(dir, 'tokenizer.json'));
-  if (ownTokenizer && fileHash(join(dir, 'tokenizer.json')) !== fileHash(join(final.tokenizerDir, 'tokenizer.json')))
-    throw new CheckpointsError(`checkpoint ${dir} has another tokenizer.json than the model ${final.dir}`);
+  // (both files that decide the ids: the checkpoint is tokenized with the model's)
+  for (const file of ['tokenizer.json', 'tokenizer_config.json']) {
+    if (!existsSync(join(dir, file))) continue;
+    const theirs = join(final.tokenizerDir, file);
+    if (!existsSync(theirs) || fileHash(join(dir, file)) !== fileHash(theirs))
+      throw new CheckpointsError(`checkpoint ${dir} has another ${file} than the model ${final.dir}`);
+  }
   const diff = modelDifference(final, ck);
   if (diff) throw new CheckpointsError(`checkpoint ${dir} is not the same model as ${final.dir}: ${diff}`);
   return { name, dir, step, learningRate, checkpoint: { ...ck, tokenizerDir: final.tokenizerDir } };

@@ -137,7 +137,7 @@ export function parseConfig(value: unknown, opts: { baseDir: string; source?: st
     ...(pretrained ? { pretrained } : {}),
     datasets,
     ...(raw.datasetStage ? { datasetStage: raw.datasetStage } : {}),
-    modules: raw.modules ?? 'mlp',
+    ...(raw.modules ? { modules: raw.modules } : {}),
     damping,
     device: raw.device ?? 'cpu',
     ...(raw.threads !== undefined ? { threads: raw.threads } : {}),

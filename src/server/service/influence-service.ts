@@ -62,7 +62,9 @@ export interface ServiceConfig {
   datasets: Record<string, string>;
   /** which stage's model scores each dataset's examples (default: finetuned) */
   datasetStage?: Record<string, 'finetuned' | 'pretrained'>;
-  modules: ModuleSelection;
+  /** the modules every method scores; unset: the factors' (as `influence-lens explain` takes
+   * them), or "mlp" without factors */
+  modules?: ModuleSelection;
   damping?: Damping;
   device?: Device;
   threads?: number;
@@ -137,6 +139,9 @@ interface LoadedDataset {
   fingerprint: string;
 }
 
+/** The modules scored with neither a "modules" setting nor factors to take them from (the schema's default). */
+export const DEFAULT_MODULES: ModuleSelection = 'mlp';
+
 export class InfluenceService implements ServiceApi {
   private stages = new Map<'finetuned' | 'pretrained', OpenedStage>();
   /** the fine-tune's training checkpoints, when there are (and the configuration does not turn them off) */
@@ -173,17 +178,25 @@ export class InfluenceService implements ServiceApi {
     void model.tokenizer;
     if (c.factors) this.brokenFactors.delete(c.factors);
     try {
-      // the configured modules are the ones scored, by every method: factors over others are refused
-      return openStage(c.model, c.factors && exists(c.factors) ? c.factors : undefined, {
+      // configured modules are the ones scored, by every method: factors over others are refused
+      const st = openStage(c.model, c.factors && exists(c.factors) ? c.factors : undefined, {
         damping: this.config.damping,
         model,
-        modules: this.config.modules,
-        modulesFrom: '"modules" in the server\'s config',
+        // unset: the fine-tuned factors decide, and the pre-trained stage's must match them
+        modules: this.config.modules ?? this.stages.get('finetuned')?.modules,
+        modulesFrom:
+          this.config.modules !== undefined ? '"modules" in the server\'s config' : "the fine-tuned model's factors",
       });
+      if (!st.preconditioners) st.modules = this.config.modules ?? DEFAULT_MODULES;
+      return st;
     } catch (e) {
       // broken or foreign factors: keep serving the baselines and say why ekfac is unavailable
       if (c.factors) this.brokenFactors.set(c.factors, (e as Error).message);
-      const stage: OpenedStage = { model, modules: this.config.modules, warnings: [(e as Error).message] };
+      const stage: OpenedStage = {
+        model,
+        modules: this.config.modules ?? DEFAULT_MODULES,
+        warnings: [(e as Error).message],
+      };
       return stage;
     }
   }
@@ -220,6 +233,11 @@ export class InfluenceService implements ServiceApi {
     return Object.fromEntries(this.stages) as Record<'finetuned' | 'pretrained', OpenedStage>;
   }
 
+  /** What every method scores: the configured modules, else the fine-tuned stage's (its factors'). */
+  private get modules(): ModuleSelection {
+    return this.config.modules ?? this.stage('finetuned').modules;
+  }
+
   /** the model whose completions are explained (and that `generate` runs) */
   get model(): Model {
     return this.stage('finetuned').model;
@@ -240,7 +258,7 @@ export class InfluenceService implements ServiceApi {
       device: this.config.device ?? 'cpu',
       methods,
       unavailable: Object.fromEntries(METHODS.filter((m) => !methods.includes(m)).map((m) => [m, this.unavailable(m)])),
-      modules: ft.model.modules(this.config.modules).map((m) => m.name),
+      modules: ft.model.modules(this.modules).map((m) => m.name),
       warnings: [...ft.warnings, ...(pt?.warnings ?? [])],
     };
   }
@@ -456,7 +474,7 @@ export class InfluenceService implements ServiceApi {
       dataFingerprint: d.fingerprint,
       k: cfg.k,
       seed: 0,
-      modules: this.config.modules,
+      modules: this.modules,
       ...(eigen
         ? {
             projection: 'eigen' as const,
@@ -566,7 +584,7 @@ export class InfluenceService implements ServiceApi {
         modelDir: c.model,
         dataPath: path,
         out,
-        modules: this.config.modules,
+        modules: this.modules,
         labels: 'sampled',
         seed: 0,
         skipMalformed: true,
@@ -595,7 +613,7 @@ export class InfluenceService implements ServiceApi {
           fitCheckpoints(plan, {
             factorsDir: out,
             dataPath: path,
-            modules: this.config.modules,
+            modules: this.modules,
             labels: 'sampled',
             seed: 0,
             skipMalformed: true,
