@@ -157,6 +157,9 @@ export function readTrainingCheckpoint(dirIn: string, final: Checkpoint): Traini
   } catch (e) {
     throw new CheckpointsError(`checkpoint ${dir}: ${(e as Error).message}`);
   }
+  // another model first (the more telling reason), then another tokenizer
+  const diff = modelDifference(final, ck);
+  if (diff) throw new CheckpointsError(`checkpoint ${dir} is not the same model as ${final.dir}: ${diff}`);
   // a Trainer checkpoint holds a tokenizer only when the Trainer was given one: then it must be the model's
   // (both files that decide the ids: the checkpoint is tokenized with the model's)
   for (const file of ['tokenizer.json', 'tokenizer_config.json']) {
@@ -165,8 +168,6 @@ export function readTrainingCheckpoint(dirIn: string, final: Checkpoint): Traini
     if (!existsSync(theirs) || fileHash(join(dir, file)) !== fileHash(theirs))
       throw new CheckpointsError(`checkpoint ${dir} has another ${file} than the model ${final.dir}`);
   }
-  const diff = modelDifference(final, ck);
-  if (diff) throw new CheckpointsError(`checkpoint ${dir} is not the same model as ${final.dir}: ${diff}`);
   return { name, dir, step, learningRate, checkpoint: { ...ck, tokenizerDir: final.tokenizerDir } };
 }
 
