@@ -4,8 +4,12 @@
 // one chunk of all 14: losses, drawn labels, every module's g_t and every parameter's gradient
 // (the head's weight summed over chunks in the second loop).
 import assert from 'node:assert/strict';
+import { cpSync, mkdtempSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { test } from 'node:test';
 import { type GraphRequest, Model, makeBatch, type RunResult } from '../../src/server/model/engine';
+import { readSafetensorsHeader, readTensorF64, writeSafetensors } from '../../src/server/model/safetensors';
 import { Rng } from '../../src/server/util/random';
 import { useTempHome } from './helpers/env';
 import { relErr } from './helpers/golden';
@@ -65,4 +69,55 @@ test('head chunk rows must be a positive integer', async () => {
       () => Model.open('test/fixtures/models/gpt2', { headRows }).compile({ tokenLoss: true }),
       /head chunk rows must be a positive integer/,
     );
+});
+
+test('a memorised token: the float32 gradient matches fp64 (softmax − e_target without p_t − 1 cancelling)', async () => {
+  // the fixture with its final norm scaled ×60: greedy continuations get −log p of 1e-3 … 1e-16,
+  // where p_t rounds to 1 in float32 (p_t − 1 was 10–80% off before the target entry became −Σ_{j≠t} p_j)
+  const dir = join(mkdtempSync(join(tmpdir(), 'il-memorised-')), 'm');
+  cpSync('test/fixtures/models/llama', dir, { recursive: true });
+  const f = join(dir, 'model.safetensors');
+  const h = readSafetensorsHeader(f);
+  const tensors: Record<string, { dtype: 'F32'; shape: number[]; data: Float32Array }> = {};
+  for (const [name, t] of h.tensors) {
+    const x = Float32Array.from(readTensorF64(h, name));
+    if (name === 'model.norm.weight') for (let i = 0; i < x.length; i++) x[i] *= 60;
+    tensors[name] = { dtype: 'F32', shape: t.shape, data: x };
+  }
+  writeSafetensors(f, tensors, h.metadata);
+  const m64 = Model.open(dir, { threads: 1, precision: 'fp64', cacheDir: process.env.INFLUENCE_LENS_CACHE });
+  const m32 = Model.open(dir, { threads: 1, cacheDir: process.env.INFLUENCE_LENS_CACHE });
+  const V = Number(m64.config.vocab_size);
+  const ids = [5];
+  const lg = await m64.compile({ labels: 'data', logits: true, modules: 'all' });
+  for (let s = 0; s < 10; s++) {
+    const L = (await lg.run(makeBatch([{ ids }], 0))).logits.data as Float64Array;
+    const row = L.subarray((ids.length - 1) * V, ids.length * V);
+    let best = 0;
+    for (let j = 1; j < V; j++) if (row[j] > row[best]) best = j;
+    ids.push(best);
+  }
+  const req: GraphRequest = { labels: 'data', tokenLoss: true, perToken: true, modules: 'all' };
+  const a = await (await m64.compile(req)).run(makeBatch([{ ids }], 0));
+  const b = await (await m32.compile(req)).run(makeBatch([{ ids }], 0));
+  const nll = a.token_nll.data as Float64Array;
+  assert.ok(
+    Array.from(nll).filter((x) => x > 0 && x < 1e-6).length >= 3,
+    `memorised tokens: ${Array.from(nll, (x) => x.toExponential(1))}`,
+  );
+  for (const n of Object.keys(a).filter((k) => k.startsWith('g.'))) {
+    const x = a[n].data as Float64Array;
+    const y = b[n].data as Float32Array;
+    const d = x.length / ids.length;
+    for (let t = 0; t < ids.length; t++) {
+      let num = 0;
+      let den = 0;
+      for (let i = t * d; i < (t + 1) * d; i++) {
+        num += (x[i] - y[i]) ** 2;
+        den += x[i] ** 2;
+      }
+      const e = Math.sqrt(num / Math.max(den, 1e-300));
+      assert.ok(e < 1e-3, `${n}, token ${t} (−log p ${nll[t].toExponential(1)}): float32 off by ${e.toExponential(1)}`);
+    }
+  }
 });
