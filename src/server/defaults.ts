@@ -41,8 +41,9 @@ export function defaultServiceConfig(): ServiceConfig {
   if (!existsSync(join(d.finetuned, 'model.safetensors')))
     throw new Error(`the embedded default model is missing from ${d.root} (a partial checkout?)`);
   return {
-    finetuned: { model: d.finetuned, factors: d.finetunedFactors, fitDataset: 'finetune' },
-    pretrained: { model: d.pretrained, factors: d.pretrainedFactors, fitDataset: 'pretrain' },
+    // the factors live in our cache: an older version's are fitted again, not refused
+    finetuned: { model: d.finetuned, factors: d.finetunedFactors, fitDataset: 'finetune', factorsCache: true },
+    pretrained: { model: d.pretrained, factors: d.pretrainedFactors, fitDataset: 'pretrain', factorsCache: true },
     datasets: { finetune: d.finetuneData, pretrain: d.pretrainData },
     datasetStage: { pretrain: 'pretrained' },
     modules: 'all',

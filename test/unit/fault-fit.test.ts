@@ -186,6 +186,36 @@ describe('fit job under kill -9 and concurrency', () => {
     assert.ok(existsSync(join(referencePartitioned, 'influence_lens_arguments.json')));
   });
 
+  test('a cache the program owns is refitted when its factors are for other data (an older version); a folder the user named is refused', async () => {
+    const cache = join(home, 'owned-cache');
+    fs.cpSync(reference, cache, { recursive: true });
+    // factors of other data, as an older version's fingerprints would leave them
+    const args = join(cache, 'influence_lens_arguments.json');
+    const a = JSON.parse(fs.readFileSync(args, 'utf8'));
+    fs.writeFileSync(
+      args,
+      JSON.stringify({
+        ...a,
+        dataFingerprint: 'ffffffffffffffff',
+        fingerprint: `${a.modelFingerprint}:ffffffffffffffff`,
+      }),
+    );
+    // (the files say which fit wrote them, so the edited arguments read as a mixed folder too)
+    await assert.rejects(
+      runFitJob({ ...job, out: cache }),
+      /already holds factors fitted on other data|mixes two fits/,
+    );
+    const lines: string[] = [];
+    const r = await runFitJob({ ...job, out: cache, replaceStale: true, log: (l) => lines.push(l) });
+    assert.equal(r.status, 'done');
+    assert.ok(
+      lines.some((l) => /cached factors .* are for (other data|unreadable files).*: fitting them again/.test(l)),
+      lines.join('\n'),
+    );
+    assert.equal(JSON.parse(fs.readFileSync(args, 'utf8')).dataFingerprint, a.dataFingerprint);
+    assert.equal((await runFitJob({ ...job, out: cache, replaceStale: true })).status, 'up-to-date');
+  });
+
   test('killed before any change to its folder, each time: never loaded as complete; the rerun gives the same factors', async () => {
     const out = join(home, 'killed');
     const snaps: string[] = [];

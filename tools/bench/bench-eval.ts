@@ -71,6 +71,7 @@ export async function benchEval(argv: string[]): Promise<void> {
       modules: f.modules,
       labels: 'sampled',
       seed: 0,
+      replaceStale: true, // the embedded default's cache (an older version's factors are refitted)
     });
   const ft = Model.open(d.finetuned);
   const pt = Model.open(d.pretrained);

@@ -73,6 +73,7 @@ export async function benchStore(argv: string[]): Promise<void> {
     modules: 'all',
     labels: 'sampled',
     seed: 0,
+    replaceStale: true, // the embedded default's cache
   });
   const model = Model.open(d.finetuned);
   const st = openStage(d.finetuned, d.finetunedFactors, { model });

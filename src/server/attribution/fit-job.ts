@@ -30,6 +30,7 @@ import {
   loadFactors,
   type ModuleFactors,
   OUR_ARGUMENTS_FILE,
+  removeFactorFiles,
   type SaveOptions,
   saveFactors,
 } from './ekfac/factors-io';
@@ -62,6 +63,12 @@ export interface FitJobOptions {
    */
   signal?: AbortSignal;
   log?: (line: string) => void;
+  /**
+   * `out` is a cache this program owns (the embedded default's factors): factors or an unfinished
+   * fit made for another model, data, labels or seed (e.g. by an older version, whose data
+   * fingerprints differ) are replaced, not refused. Never set for a folder the user named.
+   */
+  replaceStale?: boolean;
 }
 
 export interface FitJobResult {
@@ -174,6 +181,33 @@ async function fitJob(o: FitJobOptions, n: number, i: number): Promise<FitJobRes
   // the steps all partitions share, one process at a time (each checks again once it holds the lock)
   const shared = (what: string) => waitLock(join(o.out, '.fit-shared.lock'), what, { log, signal: o.signal });
   // Final factors already there: reuse them, or refuse to overwrite someone else's.
+  if (existsSync(join(o.out, OUR_ARGUMENTS_FILE)) && o.replaceStale) {
+    let have: FactorArguments | undefined;
+    try {
+      have = loadFactors(o.out).args;
+    } catch {
+      // unreadable, mixed or damaged: replaced below like any stale cache
+    }
+    const current =
+      have &&
+      have.modelFingerprint === job.modelFingerprint &&
+      have.dataFingerprint === job.dataFingerprint &&
+      have.labels === job.labels &&
+      (job.labels !== 'sampled' || have.seed === job.seed) &&
+      sameModules(have, o.modules, model);
+    if (!current) {
+      const release = await shared('replacing stale cached factors');
+      try {
+        log(
+          `the cached factors in ${o.out} are for ${have ? describeDifference(have, job) : 'unreadable files'}: fitting them again`,
+        );
+        removeFactorFiles(o.out);
+        rmSync(partials, { recursive: true, force: true });
+      } finally {
+        release();
+      }
+    }
+  }
   if (existsSync(join(o.out, OUR_ARGUMENTS_FILE))) {
     const have = loadFactors(o.out).args;
     const same =
@@ -215,7 +249,13 @@ async function fitJob(o: FitJobOptions, n: number, i: number): Promise<FitJobRes
   try {
     if (existsSync(jobFile)) {
       const prev = JSON.parse(readFileSync(jobFile, 'utf8')) as JobDescription;
-      if (JSON.stringify(prev) !== JSON.stringify(job))
+      if (JSON.stringify(prev) !== JSON.stringify(job) && o.replaceStale) {
+        // an owned cache's unfinished fit with other settings: start this one over
+        log(`the unfinished fit in ${partials} had other settings (${diffKeys(prev, job)}): starting over`);
+        rmSync(partials, { recursive: true, force: true });
+        mkdirSync(partials, { recursive: true });
+        writeFileAtomic(jobFile, `${JSON.stringify(job, null, 2)}\n`);
+      } else if (JSON.stringify(prev) !== JSON.stringify(job))
         throw new FitJobError(
           `${partials} holds an unfinished fit with other settings (${diffKeys(prev, job)}); ` +
             `finish it with the same options, or delete ${partials} to start over`,

@@ -75,6 +75,8 @@ export async function runDemo(argv: string[]): Promise<void> {
       modules: 'all',
       labels: 'sampled',
       seed: 0,
+      // our cache: factors an older version fitted (other fingerprints) are fitted again
+      replaceStale: true,
       onProgress: (s, done, total) => {
         if (s !== stage) {
           bar?.done();
@@ -98,6 +100,7 @@ export async function runDemo(argv: string[]): Promise<void> {
       modules: 'all',
       labels: 'sampled',
       seed: 0,
+      replaceStale: true,
     }))
       say(`   fine-tuned ${name}: ${r.status === 'up-to-date' ? 'cached' : `fitted in ${r.seconds.toFixed(1)} s`}`);
 

@@ -52,6 +52,9 @@ export interface StageConfig {
   fitDataset?: string;
   /** training checkpoints to sum ekfac/gdp over (model/checkpoints.ts; default DEFAULTS.checkpoints) */
   checkpoints?: CheckpointsSetting;
+  /** `factors` is this program's cache (the embedded default's), not a folder the user named:
+   * factors that no longer match are fitted again instead of refused */
+  factorsCache?: boolean;
 }
 
 export interface ServiceConfig {
@@ -574,7 +577,7 @@ export class InfluenceService implements ServiceApi {
     const broken = this.brokenFactors.get(out);
     // final factors that exist but cannot be used would be "up to date" for the job: say so
     // instead of reporting success (deleting a folder the user named is their call)
-    if (broken && exists(join(out, OUR_ARGUMENTS_FILE)))
+    if (broken && exists(join(out, OUR_ARGUMENTS_FILE)) && !c.factorsCache)
       throw new ServiceError(
         `${out} holds EK-FAC factors that cannot be used (${broken}); delete that folder and run "fit" again`,
         'factors_broken',
@@ -582,6 +585,7 @@ export class InfluenceService implements ServiceApi {
     const r = await cancellable(work, () =>
       runFitJob({
         modelDir: c.model,
+        replaceStale: c.factorsCache,
         dataPath: path,
         out,
         modules: this.modules,
@@ -612,6 +616,7 @@ export class InfluenceService implements ServiceApi {
         await cancellable(work, () =>
           fitCheckpoints(plan, {
             factorsDir: out,
+            replaceStale: c.factorsCache,
             dataPath: path,
             modules: this.modules,
             labels: 'sampled',

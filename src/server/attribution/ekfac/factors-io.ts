@@ -18,7 +18,7 @@
 // this) are narrowed for it and widened F32 files for an fp64 one. Counts and eigenvalues are
 // always read as fp64.
 import { createHash } from 'node:crypto';
-import { copyFileSync, existsSync, mkdirSync, readFileSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdirSync, readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { restoreReplacedDir, writeAtomicWith, writeFileAtomic } from '../../../common/atomic-write';
 import { type Floats, firstNonFinite, inPrecision, type Precision, precisionOf, toF64 } from '../../linalg/matrix';
@@ -252,6 +252,17 @@ export function saveFactors(dir: string, factors: Factors, options: SaveOptions 
     fingerprint: factors.fingerprint,
     format: 1,
   });
+}
+
+/**
+ * Deletes the factor files and both arguments files from `dir` (nothing else in it): for a
+ * folder this program owns as a cache, whose factors no longer match (fit-job.ts, replaceStale).
+ */
+export function removeFactorFiles(dir: string): void {
+  // the arguments first: a folder without them is never read as complete factors
+  for (const f of [OUR_ARGUMENTS_FILE, FACTOR_ARGUMENTS_FILE]) rmSync(join(dir, f), { force: true });
+  for (const f of [...COVARIANCE_FILES, ...EIGEN_FILES, ...LAMBDA_FILES])
+    rmSync(join(dir, `${f}.safetensors`), { force: true });
 }
 
 /** Reads a factors directory written by us or by kronfluence (any float dtype). */
