@@ -5,7 +5,7 @@
 // progress callbacks; the CLI and tests can call them directly.
 import { createHash } from 'node:crypto';
 import { readFileSync, statSync } from 'node:fs';
-import { join } from 'node:path';
+import { isAbsolute, join, relative, resolve } from 'node:path';
 import { cleanStaleTemps } from '../../common/atomic-write';
 import { own } from '../../common/own';
 import { LIMITS } from '../../protocol/limits';
@@ -575,9 +575,12 @@ export class InfluenceService implements ServiceApi {
     const path = own(this.config.datasets, datasetId);
     if (!path) throw new ServiceError(`fitDataset "${datasetId}" is not a configured dataset`);
     const broken = this.brokenFactors.get(out);
+    // replaced when stale only if marked as our cache and inside the cache folder: a config that
+    // spreads the default's stage and names its own factors folder keeps the refusal
+    const owned = c.factorsCache === true && isInside(resolve(out), resolve(this.config.cacheDir));
     // final factors that exist but cannot be used would be "up to date" for the job: say so
     // instead of reporting success (deleting a folder the user named is their call)
-    if (broken && exists(join(out, OUR_ARGUMENTS_FILE)) && !c.factorsCache)
+    if (broken && exists(join(out, OUR_ARGUMENTS_FILE)) && !owned)
       throw new ServiceError(
         `${out} holds EK-FAC factors that cannot be used (${broken}); delete that folder and run "fit" again`,
         'factors_broken',
@@ -585,7 +588,7 @@ export class InfluenceService implements ServiceApi {
     const r = await cancellable(work, () =>
       runFitJob({
         modelDir: c.model,
-        replaceStale: c.factorsCache,
+        replaceStale: owned,
         dataPath: path,
         out,
         modules: this.modules,
@@ -616,7 +619,7 @@ export class InfluenceService implements ServiceApi {
         await cancellable(work, () =>
           fitCheckpoints(plan, {
             factorsDir: out,
-            replaceStale: c.factorsCache,
+            replaceStale: owned,
             dataPath: path,
             modules: this.modules,
             labels: 'sampled',
@@ -712,4 +715,10 @@ function fileSha256(path: string): string {
 
 function safe(id: string): string {
   return id.replace(/[^A-Za-z0-9_.-]/g, '_').slice(0, 60);
+}
+
+/** Whether `path` is `dir` or inside it (both resolved). */
+function isInside(path: string, dir: string): boolean {
+  const r = relative(dir, path);
+  return r === '' || (!r.startsWith('..') && !isAbsolute(r));
 }
