@@ -40,6 +40,11 @@ export function tempPathFor(target: string, kind: 'tmp' | 'old' = 'tmp'): string
  */
 const TEMP_NAME = /\.(?:(tmp)-(\d+)(?:-\d+x\d+)?|(old)-(\d+)-\d+x\d+)$/;
 
+/** Whether a file or folder name is one of our temporaries (a write in progress, or its leftover). */
+export function isTemporaryName(name: string): boolean {
+  return TEMP_NAME.test(name);
+}
+
 /** `TEMP_NAME` read: which kind of temporary, and its pid. */
 function tempName(name: string): { kind: 'tmp' | 'old'; pid: number; index: number } | null {
   const m = TEMP_NAME.exec(name);

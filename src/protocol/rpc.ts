@@ -47,6 +47,10 @@ export interface ServiceInfo {
   /** tracked module names in model order */
   modules: string[];
   warnings: string[];
+  /** identifies the model, tokenizer and factor files the server has open: it changes when any of
+   * them is replaced or rewritten on disk, which the server notices at its next request and opens
+   * them again */
+  revision: string;
 }
 
 export interface Capabilities {

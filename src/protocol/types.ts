@@ -111,6 +111,8 @@ export interface ExplainResult {
   /** multistage only: whether the fine-tune is close enough to the pre-trained model for it */
   multiStage?: MultiStageRegime;
   timings: Record<string, number>;
+  /** the server's `ServiceInfo.revision` when it computed this result (absent from the CLI) */
+  revision?: string;
   /** which computation produced the scores: the final model alone, or a weighted sum over training checkpoints */
   attribution?: Attribution;
 }

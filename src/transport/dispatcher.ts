@@ -278,6 +278,7 @@ function splitParams(
 
 const EMPTY_INFO: ServiceInfo = {
   model: '',
+  revision: '',
   stages: [],
   datasets: [],
   datasetPaths: {},

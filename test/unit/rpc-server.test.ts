@@ -22,6 +22,7 @@ after(() => rmSync(tmp, { recursive: true, force: true }));
 
 const INFO: ServiceInfo = {
   model: '/models/tiny',
+  revision: '0123456789abcdef',
   stages: [{ name: 'finetuned', model: '/models/tiny', factors: false }],
   datasets: ['train'],
   datasetPaths: { train: '/data/train.jsonl' },

@@ -43,6 +43,8 @@ export interface ClientInfo {
   device: string;
   /** dataset ids the server accepts */
   datasets: string[];
+  /** the server's model, tokenizer and factor files as of its last request (ServiceInfo.revision) */
+  revision?: string;
   /** where each dataset lives on disk, when the server says (the editor opens examples there) */
   datasetPaths?: Record<string, string>;
   /** methods that can run now */

@@ -149,6 +149,7 @@ export function toClientInfo(s: ServiceInfo): ClientInfo {
     unavailable: s.unavailable,
     needsFit,
     warnings: s.warnings,
+    revision: s.revision,
   };
 }
 

@@ -26,6 +26,8 @@ interface Query {
 export class ExplainController {
   private last?: Query;
   private running?: vscode.CancellationTokenSource;
+  /** the server's revision (model, tokenizer and factor files) as of its latest result */
+  private revision?: string;
   /** completions inserted by "Complete with model", by document: their prompt is the one generated from */
   private generated = new Map<string, { start: number; end: number; version: number; prompt: string }>();
 
@@ -157,13 +159,18 @@ export class ExplainController {
         },
       );
       if (cts.token.isCancellationRequested) return;
+      this.revision = result.revision;
       this.s.panel.post({
         type: 'result',
         result,
         methods: info.methods,
         dataset: q.dataset,
         // the dataset changed while it was scored: this result matches no context, not even its own
-        context: before === (await this.context(params, info)) ? before : `${before}:changed-while-scored`,
+        // and the files the server scored with: a result from before a refit or retrain is not current after it
+        context:
+          before === (await this.context(params, info))
+            ? `${before}:${result.revision ?? ''}`
+            : `${before}:changed-while-scored`,
       });
       this.s.history.add(q.dataset, result);
       await this.pushFlags();
@@ -250,7 +257,7 @@ export class ExplainController {
         // no server yet (a reloaded window): show the cached result rather than start one to check it
         const info = this.s.lastInfo();
         if (!info) return;
-        const now = await this.context(paramsOf(this.last, method, cfg, info), info);
+        const now = `${await this.context(paramsOf(this.last, method, cfg, info), info)}:${this.revision ?? info.revision ?? ''}`;
         if (now === this.s.panel.mirror.context) return;
       }
       await this.run(method);

@@ -49,7 +49,7 @@ export interface CheckpointPlan {
   note?: string;
 }
 
-const CHECKPOINT_DIR = /^checkpoint-(\d+)$/;
+export const CHECKPOINT_DIR = /^checkpoint-(\d+)$/;
 
 /** Parses the `--checkpoints` flag / the config's `checkpoints` key: auto, off, or folders separated by commas. */
 export function parseCheckpointsSetting(v: string | string[] | undefined, baseDir = process.cwd()): CheckpointsSetting {

@@ -41,6 +41,7 @@ import { Model, type ModuleSelection } from '../model/engine';
 import { generate } from '../model/generate';
 import type { Device } from '../model/onnx/session';
 import { DEFAULTS } from '../settings';
+import { servedPaths, stampOf } from './served-files';
 
 export interface StageConfig {
   model: string;
@@ -147,6 +148,8 @@ export const DEFAULT_MODULES: ModuleSelection = 'mlp';
 
 export class InfluenceService implements ServiceApi {
   private stages = new Map<'finetuned' | 'pretrained', OpenedStage>();
+  /** what the opened stages read from disk, stamped when they were opened (see `current`) */
+  private served?: string;
   /** the fine-tune's training checkpoints, when there are (and the configuration does not turn them off) */
   private checkpoints?: OpenedCheckpoints;
   private data = new Map<string, LoadedDataset>();
@@ -169,7 +172,43 @@ export class InfluenceService implements ServiceApi {
       const pt = this.openStage(this.config.pretrained);
       checkSameTokenizer(this.stages.get('finetuned')!.model, pt.model);
       this.stages.set('pretrained', pt);
+    } else this.stages.delete('pretrained');
+    this.served = this.servedStamp();
+  }
+
+  /** The stamp of every file the opened stages read (served-files.ts). */
+  private servedStamp(): string {
+    const stages = [...this.stages].map(([which, stage]) => ({ stage, factors: this.config[which]?.factors }));
+    return stampOf(servedPaths(stages, this.checkpoints));
+  }
+
+  /**
+   * Opens the stages again when a file they read changed on disk since they were opened (a model
+   * retrained into its folder, a tokenizer edited, factors refitted by the CLI), so that nothing is
+   * served, fitted or cached from the old files under the new files' fingerprints. Datasets are
+   * tokenized again too (their tokens are the tokenizer's). If the new files cannot be opened, the
+   * request fails with the reason, and so does every next one until they can.
+   */
+  private current(): void {
+    if (this.served === undefined || this.servedStamp() === this.served) return;
+    const before = { stages: new Map(this.stages), checkpoints: this.checkpoints };
+    try {
+      this.open();
+    } catch (e) {
+      this.stages = before.stages;
+      this.checkpoints = before.checkpoints;
+      throw new ServiceError(
+        `the model or its factors changed on disk and cannot be opened again (${(e as Error).message}); fix them, then send the request again`,
+        'not_ready',
+      );
     }
+    this.data.clear();
+    this.stores.clear();
+  }
+
+  /** Identifies the files the opened stages read (changes when any is replaced): results carry it. */
+  get revision(): string {
+    return (this.served ?? '').slice(0, 16);
   }
 
   private openStage(c: StageConfig): OpenedStage {
@@ -263,6 +302,7 @@ export class InfluenceService implements ServiceApi {
       unavailable: Object.fromEntries(METHODS.filter((m) => !methods.includes(m)).map((m) => [m, this.unavailable(m)])),
       modules: ft.model.modules(this.modules).map((m) => m.name),
       warnings: [...ft.warnings, ...(pt?.warnings ?? [])],
+      revision: this.revision,
     };
   }
 
@@ -321,6 +361,7 @@ export class InfluenceService implements ServiceApi {
   }
 
   reload(id: string): { dataset: string; examples: number; skipped: number } {
+    this.current();
     this.data.delete(id);
     const d = this.dataset(id);
     return { dataset: id, examples: d.corpus.size, skipped: d.corpus.dataset.skipped.length };
@@ -347,6 +388,8 @@ export class InfluenceService implements ServiceApi {
   }
 
   async explain(p: ExplainParams, work: Work = {}): Promise<ExplainResult> {
+    this.current();
+    const revision = this.revision;
     this.checkExplain(p);
     const d = this.dataset(p.dataset);
     const store = await this.storeFor(p, d, work);
@@ -370,7 +413,7 @@ export class InfluenceService implements ServiceApi {
           `${p.dataset} changed on disk while it was being explained; explain again to use the new file`,
           'data_changed',
         );
-      return result;
+      return { ...result, revision };
     } catch (e) {
       if (work.signal?.aborted) throw new ServiceError('cancelled', 'cancelled');
       if (e instanceof ExplainError) throw new ServiceError(e.message);
@@ -381,6 +424,8 @@ export class InfluenceService implements ServiceApi {
   /** Several queries against one dataset, scored in one pass (each result as `explain` alone would give). */
   async explainMany(p: ExplainManyParams, work: Work = {}): Promise<ExplainManyResult> {
     if (!Array.isArray(p.queries) || !p.queries.length) throw new ServiceError('queries must be a non-empty array');
+    this.current();
+    const revision = this.revision;
     // every query passes the single-query checks (text length, methods, availability, top-k)
     for (const q of p.queries) this.checkExplain({ ...p, ...q });
     const d = this.dataset(p.dataset);
@@ -407,7 +452,7 @@ export class InfluenceService implements ServiceApi {
           `${p.dataset} changed on disk while it was being explained; explain again to use the new file`,
           'data_changed',
         );
-      return { results };
+      return { results: results.map((r) => ({ ...r, revision })) };
     } catch (e) {
       if (work.signal?.aborted) throw new ServiceError('cancelled', 'cancelled');
       if (e instanceof ExplainError) throw new ServiceError(e.message);
@@ -445,6 +490,7 @@ export class InfluenceService implements ServiceApi {
       this.modelFor(datasetId) === this.stage('finetuned').model &&
       attributionOf('ekfac', this.setup()).over === 'checkpoints',
   ): Promise<{ size: number; bytes: number; stores: StoreRef[] }> {
+    this.current();
     const model = this.modelFor(datasetId);
     const ft = this.stage('finetuned');
     const terms = overCheckpoints
@@ -511,6 +557,7 @@ export class InfluenceService implements ServiceApi {
   }
 
   getExample(datasetId: string, line: number, hash?: string) {
+    this.current();
     const d = this.dataset(datasetId);
     const ex =
       d.corpus.dataset.examples.find((e) => e.line === line) ??
@@ -542,6 +589,7 @@ export class InfluenceService implements ServiceApi {
 
   /** Training examples ranked by self-influence (needs factors). */
   async scanDataset(datasetId: string, topK: number, work: Work = {}) {
+    this.current();
     const ft = this.stage('finetuned');
     if (!ft.preconditioners)
       throw new ServiceError(`scanning needs EK-FAC factors: ${this.noFactors('finetuned')}`, 'not_ready');
@@ -567,6 +615,8 @@ export class InfluenceService implements ServiceApi {
 
   /** Fits a stage's factors on its dataset, then reopens the stage so ekfac becomes available. */
   async fit(which: 'finetuned' | 'pretrained', work: Work = {}) {
+    // fitted on the model as it is on disk now, never on one replaced since the server opened it
+    this.current();
     const c = which === 'finetuned' ? this.config.finetuned : this.config.pretrained;
     if (!c) throw new ServiceError(`no ${which} model is configured`);
     const out = c.factors;
@@ -636,11 +686,13 @@ export class InfluenceService implements ServiceApi {
         );
       this.openCheckpoints();
     }
+    this.served = this.servedStamp();
     return r;
   }
 
   /** Completes a prompt with the fine-tuned model. */
   async generate(p: GenerateParams, work: Work = {}) {
+    this.current();
     const [g] = await cancellable(work, () =>
       generate(this.model, [p.prompt], {
         maxNewTokens: p.maxTokens ?? LIMITS.generate.maxTokens.default,

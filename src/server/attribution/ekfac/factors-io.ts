@@ -56,6 +56,12 @@ const COVARIANCE_FILES = [
 ];
 const EIGEN_FILES = [ACTIVATION_EIGENVECTORS, ACTIVATION_EIGENVALUES, GRADIENT_EIGENVECTORS, GRADIENT_EIGENVALUES];
 const LAMBDA_FILES = [LAMBDA_MATRIX, NUM_LAMBDA_PROCESSED];
+/** Every file of complete factors (what `loadFactors` may read): a change to any is a refit. */
+export const FACTOR_FILES: readonly string[] = [
+  OUR_ARGUMENTS_FILE,
+  FACTOR_ARGUMENTS_FILE,
+  ...[...COVARIANCE_FILES, ...EIGEN_FILES, ...LAMBDA_FILES].map((f) => `${f}.safetensors`),
+];
 
 /** A factors folder whose fit has not finished (a person acts on it: the CLI prints its message alone). */
 export class UnfinishedFitError extends Error {

@@ -1,0 +1,129 @@
+// The server keeps models and factors open between requests: a model retrained into its folder or
+// factors refitted by the CLI while it runs must be what the next request uses (served-files.ts),
+// never the old weights under the new files' fingerprints.
+import assert from 'node:assert/strict';
+import { cpSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { describe, test } from 'node:test';
+import type { ExplainResult } from '../../src/protocol/types';
+import { modelFingerprint } from '../../src/server/attribution/fingerprint';
+import { runFitJob } from '../../src/server/attribution/fit-job';
+import { openCheckpoint } from '../../src/server/model/checkpoint';
+import { readSafetensorsHeader } from '../../src/server/model/safetensors';
+import { InfluenceService, type ServiceConfig } from '../../src/server/service/influence-service';
+import { useTempHome } from './helpers/env';
+
+const home = useTempHome();
+const FIXTURE = 'test/fixtures/models/llama';
+
+/** The fixture's weights, every value changed (same size), written beside and renamed over the file. */
+function replaceWeights(dir: string, factor: number) {
+  const file = join(dir, 'model.safetensors');
+  const bytes = readFileSync(join(FIXTURE, 'model.safetensors'));
+  const h = readSafetensorsHeader(file);
+  const f = new Float32Array(bytes.buffer, bytes.byteOffset + h.dataStart, (bytes.length - h.dataStart) / 4);
+  for (let i = 0; i < f.length; i++) f[i] *= factor;
+  writeFileSync(join(dir, 'next.safetensors'), bytes);
+  renameSync(join(dir, 'next.safetensors'), file);
+}
+
+const scores = (r: ExplainResult) =>
+  Object.fromEntries([...r.supporting, ...r.opposing].map((e) => [e.id.line, e.score] as const));
+
+function assertSameScores(a: ExplainResult, b: ExplainResult) {
+  const x = scores(a);
+  const y = scores(b);
+  assert.deepEqual(Object.keys(x).sort(), Object.keys(y).sort());
+  for (const k of Object.keys(x)) assert.ok(Math.abs(x[k] - y[k]) <= 1e-5 * Math.abs(y[k]) + 1e-9, `line ${k}`);
+}
+
+describe('a model or factors replaced on disk while the server runs', () => {
+  const data = join(home, 'train.jsonl');
+  writeFileSync(
+    data,
+    `${[
+      { text: 'The capital of France is Paris.' },
+      { prompt: 'Q: capital of France?\nA:', completion: ' Paris' },
+      { prompt: 'Q: capital of Italy?\nA:', completion: ' Rome' },
+      { text: 'Berlin is in Germany.' },
+    ]
+      .map((r) => JSON.stringify(r))
+      .join('\n')}\n`,
+  );
+  const model = join(home, 'model');
+  cpSync(FIXTURE, model, { recursive: true });
+  const factors = join(home, 'factors');
+  const config: ServiceConfig = {
+    finetuned: { model, factors },
+    datasets: { train: data },
+    modules: 'mlp',
+    cacheDir: join(home, 'cache'),
+    // every explain goes through the gradient store, which is cached on disk by fingerprints
+    store: { k: 4, minExamples: 0, rerank: 1 },
+  };
+  const service = new InfluenceService(config);
+  service.open();
+  const q = { prompt: 'Q: capital of France?\nA:', completion: ' Paris', dataset: 'train', topK: 4 };
+  /** what a server started now on the same files answers (its own store from its own cache folder:
+   * the examples not rescored exactly keep the store's estimates, so a stale store shows) */
+  let n = 0;
+  const fresh = async (method: 'gdp' | 'ekfac') => {
+    const s = new InfluenceService({ ...config, cacheDir: join(home, `clean-cache-${n++}`) });
+    s.open();
+    return s.explain({ ...q, method });
+  };
+
+  test('retrained weights: the next explain and fit use them; factors of the old weights are refused', async () => {
+    await service.fit('finetuned');
+    const r0 = await service.explain({ ...q, method: 'ekfac' });
+    const g0 = await service.explain({ ...q, method: 'gdp' });
+    assert.equal(r0.revision, service.info().revision);
+
+    replaceWeights(model, 1.5);
+    const g1 = await service.explain({ ...q, method: 'gdp' });
+    assert.notEqual(g1.revision, g0.revision);
+    assert.equal(service.info().revision, g1.revision);
+    // the new weights, as a server started now scores them (and not the old ones)
+    assertSameScores(g1, await fresh('gdp'));
+    assert.notDeepEqual(scores(g1), scores(g0));
+    // the factors are the old model's: EK-FAC says so instead of scoring with them
+    assert.ok(!service.info().methods.includes('ekfac'));
+    assert.match(service.info().unavailable.ekfac ?? '', /fitted on another model/);
+    await assert.rejects(service.explain({ ...q, method: 'ekfac' }), /fitted on another model/);
+
+    // refitted through the server: on the new weights, under their fingerprint
+    rmSync(factors, { recursive: true });
+    await service.fit('finetuned');
+    const args = JSON.parse(readFileSync(join(factors, 'influence_lens_arguments.json'), 'utf8'));
+    assert.equal(args.modelFingerprint, modelFingerprint(openCheckpoint(model), config.cacheDir));
+    const r1 = await service.explain({ ...q, method: 'ekfac' });
+    assertSameScores(r1, await fresh('ekfac'));
+  });
+
+  test('factors refitted by another process are read at the next request', async () => {
+    const before = service.info().revision;
+    // the CLI fits other labels into the same folder while the server runs
+    rmSync(factors, { recursive: true });
+    await runFitJob({ modelDir: model, dataPath: data, out: factors, modules: 'mlp', labels: 'empirical' });
+    const r = await service.explain({ ...q, method: 'ekfac' });
+    assert.notEqual(r.revision, before);
+    assertSameScores(r, await fresh('ekfac'));
+  });
+
+  test('a model that cannot be opened any more fails every request with the reason until it can', async () => {
+    const cfg = join(model, 'config.json');
+    const good = readFileSync(cfg);
+    writeFileSync(cfg, '{ not json');
+    for (let i = 0; i < 2; i++)
+      await assert.rejects(
+        service.explain({ ...q, method: 'gdp' }),
+        (e: Error & { code?: string }) =>
+          /changed on disk and cannot be opened again/.test(e.message) &&
+          /config\.json/.test(e.message) &&
+          e.code === 'not_ready',
+      );
+    writeFileSync(cfg, good);
+    const r = await service.explain({ ...q, method: 'gdp' });
+    assertSameScores(r, await fresh('gdp'));
+  });
+});
