@@ -3,11 +3,11 @@
 // computed independently from the checkpoint's own gradients and its own dense EK-FAC inverse;
 // heatmaps still sum to the score; the result names the checkpoints and weights.
 import assert from 'node:assert/strict';
-import { mkdirSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { before, describe, test } from 'node:test';
 import type { ExplainResult } from '../../src/protocol/types';
-import { fitCheckpoints, openCheckpointStages } from '../../src/server/attribution/checkpoints';
+import { checkpointFactorsDir, fitCheckpoints, openCheckpointStages } from '../../src/server/attribution/checkpoints';
 import {
   Corpus,
   ExplainError,
@@ -111,6 +111,18 @@ describe('explain summed over training checkpoints (tiny fp64 Llama)', () => {
   });
 
   const all = (r: ExplainResult) => [...r.supporting, ...r.opposing];
+
+  test("checkpoints' factor folders are found through the configured cache folder, not the default one", () => {
+    const plan = planCheckpoints(dir, final.model.checkpoint, 'auto')!;
+    const own = join(home, 'own-cache');
+    const folders = plan.checkpoints.map((ck) => checkpointFactorsDir(factors, ck, own));
+    // the same folders (named by the weights' content), their weight digests remembered in `own`
+    assert.deepEqual(
+      folders,
+      plan.checkpoints.map((ck) => checkpointFactorsDir(factors, ck)),
+    );
+    assert.ok(existsSync(join(own, 'digests')) && readdirSync(join(own, 'digests')).length >= 2);
+  });
 
   /** Σ_c w_c · score_c for every example, from dense gradients at each checkpoint. */
   async function denseSum(method: 'ekfac' | 'gdp') {

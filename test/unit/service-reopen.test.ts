@@ -104,7 +104,7 @@ describe('a model or factors replaced on disk while the server runs', () => {
     const before = service.info().revision;
     // the CLI fits other labels into the same folder while the server runs
     rmSync(factors, { recursive: true });
-    await runFitJob({ modelDir: model, dataPath: data, out: factors, modules: 'mlp', labels: 'empirical' });
+    await runFitJob({ modelDir: model, dataPath: data, out: factors, modules: 'mlp', labels: 'empirical', seed: 0 });
     const r = await service.explain({ ...q, method: 'ekfac' });
     assert.notEqual(r.revision, before);
     assertSameScores(r, await fresh('ekfac'));

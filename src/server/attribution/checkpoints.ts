@@ -17,9 +17,12 @@ import { selfInfluenceScores } from './influence';
 import { type CheckpointStages, ExplainError, type Stage } from './setup';
 import { openStage } from './stage';
 
-/** Where checkpoint `ck`'s factors are (or will be) for the final model's factors folder `factorsDir`. */
-export function checkpointFactorsDir(factorsDir: string, ck: TrainingCheckpoint): string {
-  return join(factorsDir, 'checkpoints', `${ck.name}-${modelFingerprint(ck.checkpoint)}`);
+/**
+ * Where checkpoint `ck`'s factors are (or will be) for the final model's factors folder
+ * `factorsDir`; `cacheDir` is where weight digests are remembered (the configured cache folder).
+ */
+export function checkpointFactorsDir(factorsDir: string, ck: TrainingCheckpoint, cacheDir?: string): string {
+  return join(factorsDir, 'checkpoints', `${ck.name}-${modelFingerprint(ck.checkpoint, cacheDir)}`);
 }
 
 export interface OpenedCheckpoints extends CheckpointStages {
@@ -35,7 +38,7 @@ export function openCheckpointStages(
   const unfitted: string[] = [];
   const stages = plan.checkpoints.map((ck, i) => {
     const model = Model.fromCheckpoint(ck.checkpoint, opts.engine);
-    const dir = opts.factorsDir ? checkpointFactorsDir(opts.factorsDir, ck) : undefined;
+    const dir = opts.factorsDir ? checkpointFactorsDir(opts.factorsDir, ck, opts.engine?.cacheDir) : undefined;
     const fitted = !!dir && existsSync(join(dir, OUR_ARGUMENTS_FILE));
     if (!fitted) unfitted.push(ck.name);
     const st = openStage(ck.dir, fitted ? dir : undefined, { damping: opts.damping, model });
@@ -67,7 +70,7 @@ export async function fitCheckpoints(
       ...o,
       modelDir: ck.dir,
       model: Model.fromCheckpoint(ck.checkpoint, o.engine),
-      out: checkpointFactorsDir(o.factorsDir, ck),
+      out: checkpointFactorsDir(o.factorsDir, ck, o.engine?.cacheDir),
       log: (line) => o.log?.(`${at}: ${line}`),
       onProgress: (s, d, t) => o.onProgress?.(`${s} @ ${at}`, d, t),
     });
