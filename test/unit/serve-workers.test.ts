@@ -133,6 +133,11 @@ describe('server with the service in worker threads (embedded default)', () => {
     const both = await client.request<ExplainResult>('explain', { ...q, method: 'ekfac', compare: ['bm25'] });
     assert.equal((await heavy).scored, both.scored);
     assert.equal(light.scored, both.scored);
+    // one revision for both lanes (the light one watches the factors it does not load): the panel
+    // keeps an ekfac result beside a bm25 one only when they agree
+    assert.ok(light.revision && light.revision.length === 16);
+    assert.equal(light.revision, both.revision);
+    assert.equal((await client.status()).service?.revision, both.revision);
   });
 
   test("the workers' errors keep their codes and messages", async () => {

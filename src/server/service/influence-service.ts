@@ -56,6 +56,9 @@ export interface StageConfig {
   /** `factors` is this program's cache (the embedded default's), not a folder the user named:
    * factors that no longer match are fitted again instead of refused */
   factorsCache?: boolean;
+  /** a factors folder whose files count in the revision though they are not loaded (the light
+   * lane's, worker-service.ts), so both lanes report the same revision */
+  watchedFactors?: string;
 }
 
 export interface ServiceConfig {
@@ -178,7 +181,10 @@ export class InfluenceService implements ServiceApi {
 
   /** The stamp of every file the opened stages read (served-files.ts). */
   private servedStamp(): string {
-    const stages = [...this.stages].map(([which, stage]) => ({ stage, factors: this.config[which]?.factors }));
+    const stages = [...this.stages].map(([which, stage]) => {
+      const c = this.config[which];
+      return { stage, factors: c?.factors ?? c?.watchedFactors };
+    });
     return stampOf(servedPaths(stages, this.checkpoints));
   }
 

@@ -118,7 +118,7 @@ export class WorkerService implements ServiceApi {
  * them, and one ORT thread is enough for a query's forward/backward: the cores stay with the heavy lane.
  */
 function lightConfig(c: ServiceConfig): ServiceConfig {
-  const noFactors = (s: StageConfig): StageConfig => ({ ...s, factors: undefined });
+  const noFactors = (s: StageConfig): StageConfig => ({ ...s, factors: undefined, watchedFactors: s.factors });
   return {
     ...c,
     finetuned: noFactors(c.finetuned),
