@@ -210,6 +210,9 @@ before(async () => {
     join(ud, 'User/settings.json'),
     JSON.stringify({
       'workbench.startupEditor': 'none',
+      // code-server (VS Code for the Web) saves after 1 s by default; the steps about unsaved edits
+      // need them to stay unsaved however slowly the machine runs them
+      'files.autoSave': 'off',
       'workbench.tips.enabled': false,
       'workbench.colorTheme': 'Default Dark Modern',
       'security.workspace.trust.enabled': false,
