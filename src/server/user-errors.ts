@@ -1,7 +1,7 @@
 // The errors a person can act on (a bad file, flag, setting or request), listed in one place.
 // The CLI prints these as one line and anything else (a bug) with its stack; each class keeps
 // living next to the code that throws it.
-import { UnfinishedFitError } from './attribution/ekfac/factors-io';
+import { FactorsError, UnfinishedFitError } from './attribution/ekfac/factors-io';
 import { ExplainError } from './attribution/explain';
 import { FitJobError } from './attribution/fit-job';
 import { StageError } from './attribution/stage';
@@ -37,6 +37,7 @@ export const USER_ERRORS: ReadonlyArray<new (...args: never[]) => Error> = [
   StageError,
   FitJobError,
   UnfinishedFitError,
+  FactorsError,
   ExplainError,
   GradientStoreError,
   QueriesError,

@@ -112,7 +112,24 @@ const REFUSED: Array<[fixture: string, key: string, value: unknown]> = [
   ['qwen2', 'layer_types', ['full_attention']],
   ['gpt2', 'scale_attn_by_inverse_layer_idx', true],
   ['gpt_neox', 'rope_theta', 500],
+  ['qwen2', 'use_mrope', true],
 ];
+
+test('keys real configs carry whose values change nothing are accepted: Qwen2.5\'s "use_mrope": false, dropout rates', async () => {
+  await assertMatchesGolden(
+    variant('qwen2', (c) => {
+      c.use_mrope = false;
+    }),
+    'qwen2',
+  );
+  await assertMatchesGolden(
+    variant('gpt_neox', (c) => {
+      c.attention_probs_dropout_prob = 0.1;
+      c.hidden_dropout_prob = 0.1;
+    }),
+    'gpt_neox',
+  );
+});
 
 for (const [fixture, key, value] of REFUSED) {
   test(`${fixture}: config.json "${key}": ${JSON.stringify(value)} is refused`, () => {

@@ -3,7 +3,7 @@
 //   <module>.a [T, d_in], <module>.g [T, d_out], token_nll [T], input_ids [T],
 //   target_ids [T], target_weights [T]   (position t predicts token t+1)
 import { renderForModel } from '../data/format';
-import { tokenizeText } from '../data/tokenize';
+import { contextLength, tokenizeText } from '../data/tokenize';
 import { Model, makeBatch } from '../model/engine';
 import { type TensorToWrite, writeSafetensors } from '../model/safetensors';
 import { Rng } from '../util/random';
@@ -39,6 +39,13 @@ export async function runGradients(argv: string[]): Promise<void> {
   const r = renderForModel(record, 'the command line', undefined);
   const enc = tokenizeText(model.tokenizer, r.text, r.spans, Number.POSITIVE_INFINITY);
   if (enc.ids.length < 2) throw new CliError('the text must be at least two tokens long');
+  // beyond the model's context a learned position table has no row (GPT-2: an ONNX Runtime
+  // index error), and fit would cut the same record there: refuse rather than differ from it
+  const context = contextLength(model.config);
+  if (enc.ids.length > context)
+    throw new CliError(
+      `the text is ${enc.ids.length} tokens; the model takes ${context} (its config.json); fit cuts such a record to its first ${context} tokens: pass those`,
+    );
   const weights = enc.weights;
   if (!weights.some((w) => w > 0)) throw new CliError('no token to score: the completion is empty after tokenization');
   const batch = makeBatch([{ ids: enc.ids, weights }], model.tokenizer.padTokenId ?? 0);

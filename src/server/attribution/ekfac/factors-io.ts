@@ -63,6 +63,12 @@ export const FACTOR_FILES: readonly string[] = [
   ...[...COVARIANCE_FILES, ...EIGEN_FILES, ...LAMBDA_FILES].map((f) => `${f}.safetensors`),
 ];
 
+/** A factors folder or file that cannot be used as it is (missing, incomplete, damaged, foreign): the
+ * person fixes or refits it, so the CLI prints its message alone. */
+export class FactorsError extends Error {
+  override name = 'FactorsError';
+}
+
 /** A factors folder whose fit has not finished (a person acts on it: the CLI prints its message alone). */
 export class UnfinishedFitError extends Error {
   override name = 'UnfinishedFitError';
@@ -135,13 +141,13 @@ function copyStages(
     const h = readSafetensorsHeader(src);
     const check = checkDataChecksum(h);
     if (check !== 'ok')
-      throw new Error(
+      throw new FactorsError(
         `${src}: ${check === 'absent' ? 'has no data checksum' : 'data does not match its checksum'}; refit`,
       );
     const names = [...h.tensors.keys()].sort();
     const want = [...modules].sort();
     if (names.length !== want.length || names.some((n, i) => n !== want[i]))
-      throw new Error(`${src} holds modules ${names.join(', ')}; expected ${want.join(', ')}`);
+      throw new FactorsError(`${src} holds modules ${names.join(', ')}; expected ${want.join(', ')}`);
     if (file === ACTIVATION_COVARIANCE) covarianceType = h.tensors.get(names[0])!.dtype === 'F32' ? 'F32' : 'F64';
   }
   for (const file of files)
@@ -274,7 +280,10 @@ export function removeFactorFiles(dir: string): void {
 /** Reads a factors directory written by us or by kronfluence (any float dtype). */
 export function loadFactors(dir: string, options: LoadOptions = {}): Factors {
   restoreReplacedDir(dir); // a stage save killed between its two renames (common/atomic-write.ts)
-  if (!existsSync(dir)) throw new Error(`no factors directory at ${dir}`);
+  if (!existsSync(dir))
+    throw new FactorsError(
+      `no factors folder at ${dir}: fit them there first (influence-lens fit --out ${dir}), or fix the path`,
+    );
   // The fit job writes its final factors file by file into `dir`, our arguments file last, and
   // removes its partials/ after: a fit killed in that write leaves stage files that look whole
   // but no arguments (so no fingerprint, damping or labels). Never read that as complete.
@@ -290,7 +299,7 @@ export function loadFactors(dir: string, options: LoadOptions = {}): Factors {
     lambda: has(LAMBDA_FILES),
   };
   if (!stages.covariance && !stages.eigen && !stages.lambda) {
-    throw new Error(`${dir} holds no complete set of factor files (expected e.g. ${LAMBDA_MATRIX}.safetensors)`);
+    throw new FactorsError(`${dir} holds no complete set of factor files (expected e.g. ${LAMBDA_MATRIX}.safetensors)`);
   }
   // counts and eigenvalues are small and read exactly; the d×d tensors in the model's precision
   const exact = new Set([
@@ -335,10 +344,10 @@ export function loadFactors(dir: string, options: LoadOptions = {}): Factors {
   for (const [name, { dA, dOut }] of shapes) {
     const get = (file: string, shape: number[]) => {
       const t = open(file)[name];
-      if (!t) throw new Error(`${join(dir, file)}.safetensors has no tensor for module ${name}`);
+      if (!t) throw new FactorsError(`${join(dir, file)}.safetensors has no tensor for module ${name}`);
       const want = shape.reduce((x, y) => x * y, 1);
       if (t.length !== want) {
-        throw new Error(`${file}[${name}] has ${t.length} values; expected shape [${shape.join(', ')}]`);
+        throw new FactorsError(`${file}[${name}] has ${t.length} values; expected shape [${shape.join(', ')}]`);
       }
       return t;
     };
@@ -368,7 +377,7 @@ export function loadFactors(dir: string, options: LoadOptions = {}): Factors {
   const ours = readJson(join(dir, OUR_ARGUMENTS_FILE));
   const kron = readJson(join(dir, FACTOR_ARGUMENTS_FILE));
   if (kron && kron.strategy !== undefined && kron.strategy !== 'ekfac') {
-    throw new Error(`${dir}: factors use kronfluence strategy "${kron.strategy}"; only "ekfac" is supported`);
+    throw new FactorsError(`${dir}: factors use kronfluence strategy "${kron.strategy}"; only "ekfac" is supported`);
   }
   const args: FactorArguments = ours
     ? {
@@ -399,7 +408,7 @@ export function loadFactors(dir: string, options: LoadOptions = {}): Factors {
         (meta.influence_lens_fit !== undefined && meta.influence_lens_fit !== fit) ||
         (meta.influence_lens_fingerprint !== undefined && meta.influence_lens_fingerprint !== fingerprint);
       if (other)
-        throw new Error(
+        throw new FactorsError(
           `${dir}: ${file}.safetensors was written by another fit than ${OUR_ARGUMENTS_FILE} describes (other data, labels or seed): ` +
             'the folder mixes two fits; fit again into an empty folder',
         );
@@ -432,7 +441,9 @@ export function preconditionerFor(
   precision?: Precision,
 ): Preconditioner {
   if (!mf.eigen || !mf.lambda) {
-    throw new Error(`factors of module ${mf.name} lack ${mf.eigen ? 'the eigenvalue correction' : 'eigenvectors'}`);
+    throw new FactorsError(
+      `factors of module ${mf.name} lack ${mf.eigen ? 'the eigenvalue correction' : 'eigenvectors'}`,
+    );
   }
   const p = precision ?? precisionOf(mf.eigen.qA);
   const { qA, qS, eigA, eigS } = mf.eigen;
@@ -502,18 +513,19 @@ function pyStr(v: unknown): string {
 function readAll(path: string, precision: Precision): Record<string, Floats & { shape?: number[] }> {
   const h = readSafetensorsHeader(path);
   if (checkDataChecksum(h) === 'mismatch')
-    throw new Error(`${path}: the file does not match its checksum (damaged); refit the factors`);
+    throw new FactorsError(`${path}: the file does not match its checksum (damaged); refit the factors`);
   const out: Record<string, Floats & { shape?: number[] }> = {};
   for (const [name, info] of h.tensors) {
     // checked as stored, then again when narrowed (an F64 value beyond the float32 range)
     const { data } = readTensor(h, name);
     const stored: Floats = data instanceof Float32Array || data instanceof Float64Array ? data : readTensorF64(h, name);
     const bad = firstNonFinite(stored);
-    if (bad >= 0) throw new Error(`${path}: tensor "${name}" holds ${stored[bad]} at index ${bad}; refit the factors`);
+    if (bad >= 0)
+      throw new FactorsError(`${path}: tensor "${name}" holds ${stored[bad]} at index ${bad}; refit the factors`);
     const t: Floats & { shape?: number[] } = inPrecision(stored, precision);
     const over = t === stored ? -1 : firstNonFinite(t);
     if (over >= 0)
-      throw new Error(
+      throw new FactorsError(
         `${path}: tensor "${name}" holds ${stored[over]} at index ${over}, beyond the float32 range; ` +
           "open the model with precision 'fp64'",
       );
@@ -528,7 +540,7 @@ function readJson(path: string): Record<string, unknown> | null {
   try {
     return JSON.parse(readFileSync(path, 'utf8'));
   } catch (e) {
-    throw new Error(`cannot parse ${path}: ${(e as Error).message}`);
+    throw new FactorsError(`cannot parse ${path}: ${(e as Error).message}`);
   }
 }
 

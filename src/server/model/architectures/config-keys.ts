@@ -122,6 +122,8 @@ const HARMLESS_KEYS = [
   'attention_dropout',
   'hidden_dropout',
   'classifier_dropout',
+  'attention_probs_dropout_prob',
+  'hidden_dropout_prob',
   'resid_pdrop',
   'embd_pdrop',
   'attn_pdrop',

@@ -124,6 +124,8 @@ const qwen2Variant: Variant = {
 
 const QWEN2_KEYS: ConfigKeys = {
   ...COMMON_KEYS,
+  // Qwen2.5's own configs carry "use_mrope": false; multimodal RoPE (true) is Qwen2-VL's
+  use_mrope: oneOf(false),
   use_sliding_window: boolean,
   sliding_window: nullOr(positiveInt),
   max_window_layers: { accepts: 'a non-negative integer', ok: (v) => Number.isInteger(v) && (v as number) >= 0 },
