@@ -88,15 +88,23 @@ describe('influence-lens fit / explain / scan', () => {
       .split('\n')
       .map((l) => JSON.parse(l) as ExplainResult);
     assert.equal(lines.length, 2);
-    // the messages query is rendered with the training data's chat template
+    // the messages query is rendered as the training data's messages records are (this model has no
+    // chat template: the stand-in, and the result says so); its completion is the assistant's content
+    assert.equal(lines[1].query.rendering, 'stand-in');
     assert.equal(lines[1].query.prompt, '<|user|>\nhi\n<|assistant|>\n');
-    assert.equal(lines[1].query.completion, 'hello\n');
-    for (const [i, res] of lines.entries()) {
-      const one = JSON.parse(
-        cli(...args, '--prompt', res.query.prompt, '--completion', res.query.completion).out,
-      ) as ExplainResult;
-      assert.deepEqual({ ...res, timings: {} }, { ...one, timings: {} }, `query ${i}`);
-    }
+    assert.equal(lines[1].query.completion, 'hello');
+    const one = JSON.parse(
+      cli(...args, '--prompt', lines[0].query.prompt, '--completion', lines[0].query.completion).out,
+    ) as ExplainResult;
+    assert.deepEqual({ ...lines[0], timings: {} }, { ...one, timings: {} });
+    // the same scores as the stand-in text explained as prompt + completion
+    const text = JSON.parse(
+      cli(...args, '--prompt', '<|user|>\nhi\n<|assistant|>\n', '--completion', 'hello\n').out,
+    ) as ExplainResult;
+    assert.deepEqual(
+      lines[1].supporting.map((e) => e.score),
+      text.supporting.map((e) => e.score),
+    );
     writeFileSync(
       qfile,
       JSON.stringify({

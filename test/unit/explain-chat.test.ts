@@ -2,12 +2,15 @@
 // template), the result says how, and the completion heatmap's offsets land in the JSONL line's
 // assistant content string.
 import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
+import type { ExplainResult } from '../../src/protocol/types';
 import { Corpus, explain } from '../../src/server/attribution/explain';
 import { loadDataset } from '../../src/server/data/dataset';
 import { Model } from '../../src/server/model/engine';
+import { InfluenceService } from '../../src/server/service/influence-service';
 import { initLlama, saveCheckpoint } from '../../src/server/train/trainer';
 import { useTempHome } from './helpers/env';
 
@@ -77,4 +80,80 @@ test('without a chat template the result says the stand-in was used', async () =
   assert.equal(r.query.completion, MESSAGES[1].content);
   const { offsets } = r.query.completionTokens;
   assert.ok(offsets.every(([s, e]) => s >= 0 && e <= MESSAGES[1].content.length));
+});
+
+test("a chat query in a --queries file and in the server's explainMany is rendered with the chat template too", async () => {
+  const dir = join(home, 'chat-many');
+  const m = model(dir, TEMPLATE);
+  const data = join(home, 'chat-many.jsonl');
+  writeFileSync(data, `${JSON.stringify({ messages: MESSAGES })}\n${JSON.stringify({ text: 'Paris is big.' })}\n`);
+  const corpus = new Corpus('d', loadDataset(data), m);
+  const alone = await explain({ model: { model: m }, modules: 'all' }, corpus, {
+    prompt: '',
+    completion: '',
+    messages: MESSAGES,
+    method: 'gdp',
+    topK: 2,
+  });
+  assert.equal(alone.query.rendering, 'chat_template');
+  const same = (r: ExplainResult) => {
+    assert.equal(r.query.rendering, 'chat_template');
+    assert.equal(r.query.prompt, alone.query.prompt);
+    assert.equal(r.query.loss, alone.query.loss);
+    assert.deepEqual(
+      r.supporting.map((e) => [e.id.line, e.score]),
+      alone.supporting.map((e) => [e.id.line, e.score]),
+    );
+  };
+  // the CLI
+  const queries = join(home, 'chat-queries.jsonl');
+  writeFileSync(queries, `${JSON.stringify({ messages: MESSAGES })}\n`);
+  const r = spawnSync(
+    process.execPath,
+    ['--import', 'tsx', 'src/server/cli.ts', 'explain', '--model', dir, '--data', data, '--method', 'gdp'],
+    { encoding: 'utf8', env: { ...process.env, HOME: home } },
+  );
+  assert.match(r.stderr, /--prompt and --completion are required/);
+  const cli = spawnSync(
+    process.execPath,
+    [
+      '--import',
+      'tsx',
+      'src/server/cli.ts',
+      'explain',
+      '--model',
+      dir,
+      '--data',
+      data,
+      '--method',
+      'gdp',
+      '--top-k',
+      '2',
+      '--queries',
+      queries,
+      '--json',
+    ],
+    { encoding: 'utf8', env: { ...process.env, HOME: home } },
+  );
+  assert.equal(cli.status, 0, cli.stderr);
+  same(JSON.parse(cli.stdout) as ExplainResult);
+  // the server
+  const service = new InfluenceService({
+    finetuned: { model: dir },
+    datasets: { d: data },
+    modules: 'all',
+    cacheDir: join(home, 'c'),
+  });
+  service.open();
+  const many = await service.explainMany({
+    dataset: 'd',
+    method: 'gdp',
+    topK: 2,
+    queries: [{ prompt: '', completion: '', messages: MESSAGES }],
+  });
+  same(many.results[0]);
+  // getExample (and scanDataset's rows) show the example as the model saw it: its token offsets index that text
+  const ex = await service.getExample('d', 1);
+  assert.equal(ex.text, '<user>capital of France?<|endoftext|><assistant>Paris is.<|endoftext|>');
+  assert.equal(ex.tokens.offsets.at(-1)?.[1], ex.text.length);
 });

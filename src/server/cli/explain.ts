@@ -228,7 +228,7 @@ function fmt(x: number): string {
  * Queries, one JSON object a line: {"prompt", "completion"}, or {"messages": [...]} whose last
  * message is the assistant's reply to explain (rendered with the training data's chat template).
  */
-export function readQueries(path: string): Array<{ prompt: string; completion: string }> {
+export function readQueries(path: string): Array<{ prompt: string; completion: string; messages?: unknown }> {
   const { rows } = readJsonl(path);
   if (!rows.length) throw new CliError(`${path}: no queries`);
   return rows.map(({ line, value }) => {
@@ -239,6 +239,9 @@ export function readQueries(path: string): Array<{ prompt: string; completion: s
     // the completion is the last assistant turn, and nothing may follow it
     if (last[1] !== r.text.length)
       throw new CliError(`${where}: the last message must be the assistant's (the completion to explain)`);
-    return { prompt: r.text.slice(0, last[0]), completion: r.text.slice(last[0], last[1]) };
+    const split = { prompt: r.text.slice(0, last[0]), completion: r.text.slice(last[0], last[1]) };
+    // a chat is explained as explain's `messages` renders it: with the model's chat template, as
+    // its training records are (the stand-in split above only where the model has none)
+    return r.kind === 'messages' ? { ...split, messages: (value as { messages: unknown }).messages } : split;
   });
 }

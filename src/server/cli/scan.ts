@@ -64,7 +64,8 @@ export async function runScan(argv: string[]): Promise<void> {
   const order = Array.from(scores.keys()).sort((a, b) => scores[b] - scores[a]);
   const top = order.slice(0, topK).map((i, r) => {
     const e = dataset.examples[i];
-    return { rank: r + 1, selfInfluence: scores[i], line: e.line, hash: e.hash, text: e.text };
+    // shown as the model saw it (a chat rendered with its chat template), as explain shows examples
+    return { rank: r + 1, selfInfluence: scores[i], line: e.line, hash: e.hash, text: corpus.token(i).text };
   });
   const attribution = attributionOf('ekfac', { model: stage, modules: stage.modules, checkpoints });
   if (v.json) {

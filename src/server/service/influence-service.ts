@@ -443,6 +443,8 @@ export class InfluenceService implements ServiceApi {
         p.queries.map((q) => ({
           prompt: q.prompt,
           completion: q.completion,
+          // a chat query is rendered with the model's chat template, as `explain` renders it
+          messages: q.messages,
           method: p.method,
           topK: p.topK,
           compare: p.compare,
@@ -587,7 +589,8 @@ export class InfluenceService implements ServiceApi {
     return {
       id: { dataset: datasetId, line: ex.line, hash: ex.hash },
       kind: ex.kind,
-      text: ex.text,
+      // as the model sees it (a chat with its chat template), which the token offsets index
+      text: tok.text,
       record: ex.record,
       tokens: { offsets: tok.offsets, ids: tok.ids },
     };
