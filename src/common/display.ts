@@ -161,5 +161,11 @@ export function describeAttribution(a: Attribution): string {
   const pre = a.preranked
     ? `; pre-ranked by ${a.preranked.by === 'gradient-store' ? 'the gradient store' : 'a low-rank query'}, ${a.preranked.exact} rescored exactly (the shown ones among them; other ranks, percentiles and the histogram are estimates)`
     : '';
-  return `${base}${a.note ? `; ${a.note}` : ''}${pre}`;
+  const skipped = a.skipped
+    ? `; ${a.skipped.count} malformed line(s) of the dataset not scored (${a.skipped.lines
+        .slice(0, 2)
+        .map((x) => `line ${x.line}: ${x.message}`)
+        .join('; ')}${a.skipped.count > 2 ? '; …' : ''})`
+    : '';
+  return `${base}${a.note ? `; ${a.note}` : ''}${pre}${skipped}`;
 }

@@ -135,6 +135,9 @@ export interface Attribution {
    * scores; the other examples' ranks, percentiles and the histogram come from the estimates.
    */
   preranked?: { by: 'gradient-store' | 'low-rank'; exact: number };
+  /** lines of the dataset that were not scored because they are malformed (bad JSON, an unaccepted
+   * record): how many, and the first few with the reason */
+  skipped?: { count: number; lines: Array<{ line: number; message: string }> };
 }
 
 /**

@@ -122,7 +122,10 @@ describe('errors a user can act on, over the real server', () => {
     assert.equal(e.code, RpcErrorCode.NotReady);
     e = await errorOf(client.request('fit', {}));
     assert.equal(e.code, RpcErrorCode.BrokenFactors, e.message);
-    assert.ok(e.message.includes(brokenFactors) && /delete that folder and run "fit" again/.test(e.message));
+    assert.ok(
+      e.message.includes(brokenFactors) &&
+        /point the fine-tuned model's "factors" in influence-lens\.json at a new folder and run "fit"/.test(e.message),
+    );
   });
 
   test('a dataset with lines nested 3000 and 100 000 deep is served without them', async () => {

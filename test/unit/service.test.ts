@@ -3,6 +3,7 @@ import assert from 'node:assert/strict';
 import { appendFileSync, chmodSync, readFileSync, renameSync, statSync, utimesSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
+import { describeAttribution } from '../../src/common/display';
 import { InfluenceService, ServiceError } from '../../src/server/service/influence-service';
 import { useTempHome } from './helpers/env';
 
@@ -155,4 +156,32 @@ describe('InfluenceService', () => {
     ac.abort();
     await assert.rejects(service.explain({ ...q, method: 'gdp' }, { signal: ac.signal }), /cancelled/);
   });
+});
+
+test('a dataset with malformed lines is scored without them, and every result says which', async () => {
+  const data = join(home, 'some-bad.jsonl');
+  writeFileSync(
+    data,
+    `${JSON.stringify({ text: 'Paris is in France.' })}\n{"text": broken\n${JSON.stringify({ txet: 'x' })}\n${JSON.stringify({ text: 'Rome is in Italy.' })}\n`,
+  );
+  const s = new InfluenceService({
+    finetuned: { model: 'test/fixtures/models/llama' },
+    datasets: { d: data },
+    cacheDir: join(home, 'cache-bad'),
+  });
+  s.open();
+  const r = await s.explain({
+    prompt: 'Q: where is Paris?\nA:',
+    completion: ' France',
+    dataset: 'd',
+    topK: 2,
+    method: 'bm25',
+  });
+  assert.equal(r.scored, 2);
+  assert.equal(r.attribution?.skipped?.count, 2);
+  assert.deepEqual(
+    r.attribution?.skipped?.lines.map((x) => x.line),
+    [2, 3],
+  );
+  assert.match(describeAttribution(r.attribution!), /2 malformed line\(s\) of the dataset not scored \(line 2: /);
 });

@@ -460,6 +460,17 @@ async function finish(
       ...(main.exact
         ? { preranked: { by: req.rank !== undefined ? 'low-rank' : 'gradient-store', exact: main.exact.size } }
         : {}),
+      // a file with malformed lines is scored without them (the server, the CLI's --skip-malformed): say so
+      ...(corpus.dataset.skipped.length
+        ? {
+            skipped: {
+              count: corpus.dataset.skipped.length,
+              lines: corpus.dataset.skipped
+                .slice(0, 5)
+                .map((x) => ({ line: x.line, message: x.message.slice(0, 200) })),
+            },
+          }
+        : {}),
     },
   };
 }

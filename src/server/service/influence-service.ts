@@ -146,6 +146,14 @@ interface LoadedDataset {
   fingerprint: string;
 }
 
+/**
+ * What to do about a factors folder the user named that holds factors this model cannot use: they
+ * may be another model's (valid there), so "fit" never replaces them and the advice is to fit
+ * elsewhere, or to move them away, never to delete them.
+ */
+const FOREIGN_FACTORS_ADVICE = (which: 'finetuned' | 'pretrained') =>
+  `point the ${which === 'finetuned' ? 'fine-tuned' : 'pre-trained'} model's "factors" in influence-lens.json at a new folder and run "fit" (or move that folder away first if nothing else uses it)`;
+
 /** The modules scored with neither a "modules" setting nor factors to take them from (the schema's default). */
 export const DEFAULT_MODULES: ModuleSelection = 'mlp';
 
@@ -329,11 +337,14 @@ export class InfluenceService implements ServiceApi {
 
   /** Why a stage has no factors, and what to do. */
   private noFactors(which: 'finetuned' | 'pretrained'): string {
-    const dir = this.config[which]?.factors;
+    const c = this.config[which];
+    const dir = c?.factors;
     const broken = dir && this.brokenFactors.get(dir);
-    return broken
+    if (!broken) return 'no EK-FAC factors for the model yet: run "fit"';
+    // our own cache is fitted again by "fit"; a folder the user named is never replaced by it
+    return c?.factorsCache && isInside(resolve(dir), resolve(this.config.cacheDir))
       ? `the EK-FAC factors cannot be used (${broken}): run "fit" to fit them again`
-      : 'no EK-FAC factors for the model yet: run "fit"';
+      : `the EK-FAC factors cannot be used (${broken}): ${FOREIGN_FACTORS_ADVICE(which)}`;
   }
 
   /** A dataset by id, reloaded when its file changed on disk. */
@@ -641,7 +652,7 @@ export class InfluenceService implements ServiceApi {
     // instead of reporting success (deleting a folder the user named is their call)
     if (broken && exists(join(out, OUR_ARGUMENTS_FILE)) && !owned)
       throw new ServiceError(
-        `${out} holds EK-FAC factors that cannot be used (${broken}); delete that folder and run "fit" again`,
+        `${out} holds EK-FAC factors that cannot be used (${broken}); ${FOREIGN_FACTORS_ADVICE(which)}`,
         'factors_broken',
       );
     const r = await cancellable(work, () =>
@@ -664,7 +675,7 @@ export class InfluenceService implements ServiceApi {
         if (e instanceof FitJobError) throw new ServiceError(e.message, 'factors_broken');
         if (broken && !(e instanceof ServiceError) && !(e instanceof DataError) && !work.signal?.aborted)
           throw new ServiceError(
-            `${out} holds EK-FAC factors that cannot be read (${(e as Error).message}); delete that folder and run "fit" again`,
+            `${out} holds EK-FAC factors that cannot be read (${(e as Error).message}); ${FOREIGN_FACTORS_ADVICE(which)}`,
             'factors_broken',
           );
         throw e;
