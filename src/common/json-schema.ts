@@ -341,8 +341,8 @@ function article(t: string): string {
   return /^[aeiou]/.test(t) ? `an ${t}` : `a ${t}`;
 }
 
-/** The known name within edit distance 2 of `k`, if exactly one is closest. */
-function closest(k: string, known: string[]): string | undefined {
+/** The known name within edit distance 2 of `k`, if exactly one is closest (also the CLI's flag hint). */
+export function closest(k: string, known: string[]): string | undefined {
   if (k.length < 3) return undefined;
   let best: string | undefined;
   let bestD = 3;

@@ -21,43 +21,56 @@ const COMMANDS: Record<string, { run: (argv: string[]) => Promise<void>; help: s
     run: runDemo,
     help: 'demo [--query N] [--top-k K]   the whole loop on the embedded default: explain a wrong answer, fix it',
   },
-  inspect: { run: runInspect, help: 'inspect <model-dir> [--base <dir>]   architecture, parameters, tracked modules' },
+  inspect: {
+    run: runInspect,
+    help: 'inspect <model-dir> [--base <dir>] [--json]   architecture, parameters, tracked modules',
+  },
   gradients: {
     run: runGradients,
     help:
-      'gradients --model <dir> (--text T | --prompt P --completion C) --out <file.safetensors>\n' +
+      'gradients --model <dir> [--base <dir>] (--text T | --prompt P --completion C) --out <file.safetensors>\n' +
+      '    [--modules mlp|all] [--labels data|sampled] [--seed N]\n' +
       '                                 per-token module inputs a and output gradients g',
   },
   tokenize: {
     run: runTokenize,
-    help: 'tokenize --model <dir> [--base <dir>] --data <file.jsonl> [--out <file.jsonl>]   per record: rendered text, ids, loss weights, offsets',
+    help:
+      'tokenize --model <dir> [--base <dir>] --data <file.jsonl> [--out <file.jsonl>] [--skip-malformed]\n' +
+      '                                 per record: rendered text, ids, loss weights, offsets',
   },
   fit: {
     run: runFit,
     help:
-      'fit --model <dir> --data <train.jsonl> --out <dir> [--modules mlp|all] [--labels sampled|empirical]\n' +
-      '    [--max-examples N] [--partition i/n] [--batch-size N] [--seed N]   EK-FAC factors',
+      'fit --model <dir> [--base <dir>] --data <train.jsonl> --out <dir> [--modules mlp|all] [--labels sampled|empirical]\n' +
+      '    [--max-examples N] [--partition i/n] [--batch-size N] [--seed N] [--checkpoints auto|off|<dir>,...]\n' +
+      '    [--skip-malformed]   EK-FAC factors',
   },
   explain: {
     run: runExplain,
     help:
-      'explain --model <dir> --factors <dir> --data <train.jsonl> --prompt P --completion C [--top-k K]\n' +
-      '    [--method ekfac|multistage|gdp|cosine|repsim|bm25] [--compare m,m] [--damping X] [--rank R] [--modules mlp|all]\n' +
-      '    [--pretrained-model <dir> --pretrained-factors <dir>] [--json]   rank training examples',
+      'explain --model <dir> [--base <dir>] --factors <dir> --data <train.jsonl> (--prompt P --completion C | --queries <file.jsonl>)\n' +
+      '    [--top-k K] [--method ekfac|multistage|gdp|cosine|repsim|bm25] [--compare m,m] [--damping X] [--rank R]\n' +
+      '    [--modules mlp|all] [--candidates all|retrieved] [--checkpoints auto|off|<dir>,...] [--skip-malformed]\n' +
+      '    [--batch-size N] [--pretrained-model <dir> --pretrained-factors <dir> [--pretrained-base <dir>]] [--json]\n' +
+      '    rank training examples',
   },
   generate: {
     run: runGenerate,
     help:
-      'generate --model <dir> (--prompt P | --prompts <file.jsonl>) [--max-tokens N] [--temperature T] [--seed N]\n' +
+      'generate --model <dir> (--prompt P | --prompts <file.jsonl>) [--max-tokens N] [--temperature T] [--seed N] [--threads N]\n' +
       "    [--stop S]... [--multiline] [--json]   the model's own completions, greedy or sampled",
   },
   serve: {
     run: runServe,
-    help: 'serve [--config influence-lens.json] [--port N] [--host 127.0.0.1] [--no-discovery] [--watch-parent PID]   the server the editor talks to',
+    help:
+      'serve [--config influence-lens.json] [--port N] [--host 127.0.0.1] [--no-discovery] [--watch-parent PID]\n' +
+      '    [--checkpoints auto|off|<dir>,...]   the server the editor talks to',
   },
   scan: {
     run: runScan,
-    help: 'scan --model <dir> --factors <dir> --data <train.jsonl> [--top-k K] [--json]   self-influence ranking',
+    help:
+      'scan --model <dir> [--base <dir>] --factors <dir> --data <train.jsonl> [--top-k K] [--damping X] [--batch-size N]\n' +
+      '    [--checkpoints auto|off|<dir>,...] [--skip-malformed] [--json]   self-influence ranking',
   },
   data: {
     run: runData,
@@ -73,7 +86,8 @@ const COMMANDS: Record<string, { run: (argv: string[]) => Promise<void>; help: s
     run: runTrain,
     help:
       'train --data <train.jsonl> --out <dir> (--init llama --tokenizer <dir> [--d --layers --heads --ffn]\n' +
-      '    | --model <dir>) [--epochs --lr --batch-size --seed --warmup --clip --exclude <sidecar.jsonl> --save-steps N]   AdamW',
+      '    | --model <dir>) [--epochs --lr --batch-size --seed --warmup --clip --weight-decay --context --threads\n' +
+      '    --exclude <sidecar.jsonl> --save-steps N]   AdamW',
   },
   retrain: {
     run: runRetrain,

@@ -37,6 +37,19 @@ test('every command answers --help with its parsed options', () => {
   }
 });
 
+test("each command's usage line names every option it parses, and a misspelt flag gets the one meant", () => {
+  for (const command of ['inspect', 'gradients', 'tokenize', 'fit', 'explain', 'generate', 'serve', 'scan', 'train']) {
+    const r = cli(command, '--help');
+    const [usage, options] = r.stdout.split('\n\noptions:');
+    const parsed = [...options.matchAll(/--([a-z][a-z0-9-]*)/g)].map((m) => m[1]).filter((o) => o !== 'help');
+    assert.ok(parsed.length > 0, command);
+    for (const o of parsed) assert.ok(usage.includes(`--${o}`), `${command}'s usage line lacks --${o}:\n${usage}`);
+  }
+  const r = cli('fit', '--model', 'x', '--skip-malformd');
+  assert.equal(r.status, 1);
+  assert.match(r.stderr, /unknown option --skip-malformd; did you mean --skip-malformed\?/);
+});
+
 test('user-facing errors are recognised; anything else is a bug (its stack is printed)', () => {
   assert.equal(isUserError(new CliError('--port must be 0..65535')), true);
   assert.equal(isUserError(new ConfigFileError('influence-lens.json: port: must be ≤ 65535')), true);

@@ -92,3 +92,14 @@ test('tokenize --model <LoRA adapter>: the base comes from base_model_name_or_pa
   // --base on a full checkpoint is a mistake, not silently ignored
   assert.throws(() => tokenizeFile(MODEL, data, MODEL), /a base is only for LoRA adapters/);
 });
+
+test('tokenize refuses a malformed line by default, as its message says, and skips it with --skip-malformed', () => {
+  const data = jsonl([{ text: 'Paris is in France.' }, { txet: 'typo' }, { text: 'Rome.' }]);
+  assert.throws(() => tokenizeFile(MODEL, data), /data\.jsonl:2: .*--skip-malformed/);
+  const { lines, warnings } = tokenizeFile(MODEL, data, undefined, true);
+  assert.deepEqual(
+    lines.map((l) => l.line),
+    [1, 3],
+  );
+  assert.match(warnings[0], /data\.jsonl:2: .*\(skipped\)/);
+});

@@ -28,6 +28,7 @@ export function tokenizeFile(
   modelDir: string,
   data: string,
   base?: string,
+  skipMalformed = false,
 ): { lines: TokenizedLine[]; warnings: string[] } {
   // A LoRA adapter folder (or an explicit base) resolves like fit/explain do: config.json from
   // the base model, tokenizer.json from the adapter folder when it has one, else from the base.
@@ -42,10 +43,10 @@ export function tokenizeFile(
       throw new CliError(`${cfgPath}: not valid JSON (${(e as Error).message})`);
     }
   }
-  const ds = loadDataset(data);
+  const ds = loadDataset(data, { skipMalformed });
   const maxLength = contextLength(config);
   const { tokens, truncated } = tokenizeExamples(tok, ds.examples, maxLength, data);
-  const warnings: string[] = [];
+  const warnings: string[] = ds.skipped.map((x) => `${data}:${x.line}: ${x.message} (skipped)`);
   const standIn = tokens.filter((t) => t.rendering === 'stand-in').length;
   if (standIn)
     warnings.push(
@@ -74,11 +75,12 @@ export async function runTokenize(argv: string[]): Promise<void> {
     base: { type: 'string' },
     data: { type: 'string' },
     out: { type: 'string' },
+    'skip-malformed': { type: 'boolean' },
   });
   if (!v.model) throw new CliError('--model <dir> is required (a directory with tokenizer.json)');
   if (!v.data) throw new CliError('--data <file.jsonl> is required');
   if (v.out && resolve(v.out) === resolve(v.data)) throw new CliError('--out must not be the --data file');
-  const { lines, warnings } = tokenizeFile(v.model, v.data, v.base);
+  const { lines, warnings } = tokenizeFile(v.model, v.data, v.base, v['skip-malformed']);
   for (const w of warnings) process.stderr.write(`warning: ${w}\n`);
   const body = lines.map((l) => JSON.stringify(l)).join('\n') + (lines.length ? '\n' : '');
   if (v.out) {

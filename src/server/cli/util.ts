@@ -1,6 +1,7 @@
 // Small helpers shared by CLI subcommands: argument parsing with clear errors, and a
 // progress bar on stderr that stays quiet when stderr is not a terminal.
 import { type ParseArgsConfig, parseArgs } from 'node:util';
+import { closest } from '../../common/json-schema';
 import { type Setting, SettingError } from '../attribution/setup';
 
 export class CliError extends Error {
@@ -56,7 +57,11 @@ export function parse<T extends NonNullable<ParseArgsConfig['options']>>(
   try {
     return parseArgs({ args: argv, options, allowPositionals: positionals, strict: true });
   } catch (e) {
-    throw new CliError((e as Error).message);
+    const message = (e as Error).message;
+    // a misspelt flag: name the one meant, when one is close
+    const unknown = /^Unknown option '--([^']+)'/.exec(message)?.[1];
+    const near = unknown && closest(unknown, Object.keys(options));
+    throw new CliError(near ? `unknown option --${unknown}; did you mean --${near}? (see --help)` : message);
   }
 }
 
