@@ -98,4 +98,15 @@ test('retrain = train --exclude with the recorded arguments; before/after on the
   assert.match(ok(run('export', '--data', data)), /qa\.cleaned\.jsonl: 15 examples kept, 1 removed/);
   const cleaned = readFileSync(d('qa.cleaned.jsonl'), 'utf8');
   assert.equal(cleaned, `${lines.filter((_, i) => i !== 2).join('\n')}\n`);
+
+  // a copy of the flagged line is the same example and goes with it; a hand-written flag without
+  // its hash removes nothing, and export says so instead of reporting a clean success
+  writeFileSync(d('dup.jsonl'), `${lines.join('\n')}\n${lines[2]}\n`);
+  writeFileSync(d('dup.exclude.jsonl'), `${readFileSync(d('qa.exclude.jsonl'), 'utf8')}{"line": 1}\n`);
+  const dup = run('export', '--data', d('dup.jsonl'));
+  assert.match(
+    ok(dup),
+    /15 examples kept, 2 removed \(1 flagged example\(s\); identical copies removed with them\); 1 line\(s\) of .*dup\.exclude\.jsonl are not flags/,
+  );
+  assert.match(dup.stderr, /dup\.exclude\.jsonl:2: .*not a flag: nothing removed for it/);
 });

@@ -158,8 +158,13 @@ async function exportCommand(s: Services, node?: FlagNode) {
   const missing = r.missing.length
     ? ` ${r.missing.length} flagged example(s) were not found in the file (edited since?).`
     : '';
+  const flagged = new Set(r.removed.map((x) => x.hash)).size;
+  const copies = r.removed.length > flagged ? ` (${flagged} flagged; identical copies go with them)` : '';
+  const problems = r.problems.length
+    ? ` ${r.problems.length} line(s) of the flags file are not flags and removed nothing (line ${r.problems[0].line}: ${r.problems[0].message}).`
+    : '';
   const pick = await vscode.window.showInformationMessage(
-    `Influence Lens: wrote ${basename(r.outPath)}: ${r.kept} examples kept, ${r.removed.length} flagged removed.${missing}`,
+    `Influence Lens: wrote ${basename(r.outPath)}: ${r.kept} examples kept, ${r.removed.length} flagged removed${copies}.${missing}${problems}`,
     'Open',
   );
   if (pick === 'Open') await vscode.window.showTextDocument(vscode.Uri.file(r.outPath));

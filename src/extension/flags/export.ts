@@ -93,6 +93,8 @@ export function removalSpans(text: string, excluded: ReadonlySet<string>): Array
 
 export interface ExportResult extends FilterCounts {
   outPath: string;
+  /** sidecar lines that are not flags (e.g. written by hand without a "hash"): nothing was removed for them */
+  problems: Array<{ line: number; message: string }>;
 }
 
 /**
@@ -103,10 +105,11 @@ export function exportCleaned(datasetPath: string, outPath = cleanedPathFor(data
   const sidecar = sidecarPathFor(datasetPath);
   if (same(outPath, datasetPath) || same(outPath, sidecar))
     throw new Error(`refusing to write the cleaned copy over ${outPath}: choose another file name`);
-  const excluded = new Set(readSidecar(sidecar).entries.map((e) => e.hash));
+  const flags = readSidecar(sidecar);
+  const excluded = new Set(flags.entries.map((e) => e.hash));
   const { bytes, ...counts } = filterDatasetBytes(readFileSync(datasetPath), excluded);
   writeFileAtomic(outPath, bytes);
-  return { ...counts, outPath };
+  return { ...counts, outPath, problems: flags.problems };
 }
 
 function same(a: string, b: string): boolean {
