@@ -54,8 +54,8 @@ describe('influence-lens fit / explain / scan', () => {
     const q = ['--prompt', 'Q: capital of France?\nA:', '--completion', ' Paris'];
     let r = cli(...args, ...q, '--top-k', '2');
     assert.equal(r.code, 0, r.err);
-    assert.match(r.out, /Supporting — supporting \(made this completion more likely\)/);
-    assert.match(r.out, /Opposing — opposing \(made this completion less likely\)/);
+    assert.match(r.out, /Supporting \(made this completion more likely\):/);
+    assert.match(r.out, /Opposing \(made this completion less likely\):/);
     assert.match(r.out, /train\.jsonl:\d+ {2}[0-9a-f]{16}/);
     r = cli(...args, ...q, '--json', '--compare', 'bm25');
     assert.equal(r.code, 0, r.err);
@@ -257,7 +257,7 @@ describe('influence-lens fit / explain / scan', () => {
           '--modules',
           'all',
         ],
-        /fitted over the mlp modules, but --modules asks for all/,
+        /fitted over the MLP modules, but --modules asks for all/,
       ],
       // flags that no chosen method reads are refused, not ignored
       [

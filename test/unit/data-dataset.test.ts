@@ -128,3 +128,24 @@ test('dataset: without skipping, the first error in the file is reported, JSON o
   const p = write([j({ text: 'ok' }), '{oops', j({ prompt: 'no completion' })]);
   assert.throws(() => loadDataset(p), /train\.jsonl:2: invalid JSON.*--skip-malformed/);
 });
+
+test('dataset: a file in another format (a JSON array, CSV) is named as not JSON Lines, with what is expected', () => {
+  const dir = mkdtempSync(join(tmpdir(), 'ds-format-'));
+  const array = join(dir, 'data.json');
+  writeFileSync(array, '[{"text": "a"},\n {"text": "b"}]\n');
+  assert.throws(
+    () => loadDataset(array),
+    (e: Error) =>
+      e instanceof DataError &&
+      /not JSON Lines/.test(e.message) &&
+      /jq -c '\.\[\]'/.test(e.message) &&
+      !/skip-malformed/.test(e.message),
+  );
+  const csv = join(dir, 'data.csv');
+  writeFileSync(csv, 'prompt,completion\nQ,A\n');
+  assert.throws(() => loadDataset(csv), /data\.csv: not JSON Lines .*one JSON object per line/);
+  // a JSON Lines file with one bad line still points at that line and the flag to skip it
+  const one = join(dir, 'one.jsonl');
+  writeFileSync(one, '{"text": "a"}\n{"text": oops}\n');
+  assert.throws(() => loadDataset(one), /one\.jsonl:2: .*--skip-malformed/);
+});

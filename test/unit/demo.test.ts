@@ -20,7 +20,7 @@ test('influence-lens demo: explain the planted wrong fact, flag, retrain, fixed'
   assert.match(r.stdout, /completion: " Sydney"/);
   const found = /planted sources in the top 10: (\d+) of (\d+)/.exec(r.stdout);
   assert.ok(found && Number(found[1]) >= 3, `planted sources found: ${found?.[0]}`);
-  assert.match(r.stdout, /Supporting — supporting \(made this completion more likely\)/);
+  assert.match(r.stdout, /Supporting \(made this completion more likely\):/);
   // each suggested flag says why: it teaches the answer and its removal is predicted to lower it
   const why = [
     ...r.stdout.matchAll(

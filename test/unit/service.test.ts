@@ -67,7 +67,7 @@ describe('InfluenceService', () => {
     assert.ok(!info.methods.includes('ekfac'));
     assert.match(
       info.unavailable.ekfac ?? '',
-      /fitted over the mlp modules, but "modules" in the server's config asks for all/,
+      /fitted over the MLP modules, but "modules" in the server's config asks for all/,
     );
     const r = await all.explain({ ...q, method: 'gdp' });
     assert.deepEqual(r.modules, info.modules);

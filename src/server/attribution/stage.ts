@@ -70,15 +70,15 @@ export function openStage(
   const modules: ModuleSelection = same ? options.modules! : fitted;
   if (options.modules !== undefined && !same)
     throw new StageError(
-      `the factors in ${factorsDir} were fitted over the ${fitted} modules, but ${options.modulesFrom ?? 'the setting'} asks for ${options.modules}: ` +
-        `fit factors over the ${options.modules} modules (into another folder), or ask for ${fitted}`,
+      `the factors in ${factorsDir} were fitted over ${fitted === 'all' ? 'all' : 'the MLP'} modules, but ${options.modulesFrom ?? 'the setting'} asks for ${options.modules}: ` +
+        `fit factors over ${options.modules === 'all' ? 'all' : 'the MLP'} modules (into another folder), or ask for ${fitted}`,
       'modules',
     );
   const want = model.modules(modules).map((m) => m.name);
   const lacking = want.filter((n) => !names.includes(n));
   if (lacking.length)
     throw new StageError(
-      `the factors in ${factorsDir} lack ${lacking.length} module(s) (e.g. ${lacking[0]}); refit them over the ${modules} modules`,
+      `the factors in ${factorsDir} lack ${lacking.length} module(s) (e.g. ${lacking[0]}); refit them over ${modules === 'all' ? 'all' : 'the MLP'} modules`,
       'modules',
     );
   for (const m of all.filter((x) => names.includes(x.name))) {

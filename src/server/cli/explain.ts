@@ -152,8 +152,8 @@ export async function runExplain(argv: string[]): Promise<void> {
 }
 
 const SIGN_WORDS: Record<string, string> = {
-  supporting: 'supporting (made this completion more likely)',
-  opposing: 'opposing (made this completion less likely)',
+  supporting: 'made this completion more likely',
+  opposing: 'made this completion less likely',
 };
 
 export function formatResult(r: ExplainResult, color: boolean, marks?: (e: ExplainedExample) => string): string {
@@ -200,8 +200,8 @@ export function formatResult(r: ExplainResult, color: boolean, marks?: (e: Expla
     }
   };
   if (signed) {
-    block(`Supporting — ${SIGN_WORDS.supporting}:`, r.supporting);
-    block(`Opposing — ${SIGN_WORDS.opposing}:`, r.opposing);
+    block(`Supporting (${SIGN_WORDS.supporting}):`, r.supporting);
+    block(`Opposing (${SIGN_WORDS.opposing}):`, r.opposing);
   } else {
     block(`Most similar (${r.method} has no sign):`, r.supporting);
   }

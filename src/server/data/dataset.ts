@@ -1,5 +1,6 @@
 // A training-data file loaded, validated and rendered: what the indexer iterates over.
 
+import { closeSync, openSync, readSync } from 'node:fs';
 import { contentHash } from '../../common/ids';
 import { DataError } from './errors';
 import { ACCEPTED_SHAPES, formatRecord, type RecordKind, type Span } from './format';
@@ -75,6 +76,15 @@ export function loadDataset(path: string, options: LoadDatasetOptions = {}): Dat
   const last = examples.length === maxExamples ? examples[examples.length - 1].line : Number.POSITIVE_INFINITY;
   const reported = skipped.filter((s) => s.line < last).sort((a, b) => a.line - b.line);
   if (!skipMalformed && reported.length > 0) {
+    // a whole file in another format (a JSON array, CSV) fails on its first line: say what is expected
+    if (reported[0].line === 1 && !examples.length) {
+      const head = readHead(path);
+      if (!head.startsWith('{'))
+        throw new DataError(
+          `${path}: not JSON Lines (line 1: ${reported[0].message.replace(/; accepted shapes:.*$/, '')}); write one JSON object per line: ${ACCEPTED_SHAPES}` +
+            (head.startsWith('[') ? ` (a JSON array converts with: jq -c '.[]' ${path} > data.jsonl)` : ''),
+        );
+    }
     throw new DataError(`${path}:${reported[0].line}: ${reported[0].message} ${SKIP_HINT}`);
   }
   if (examples.length === 0) {
@@ -82,4 +92,20 @@ export function loadDataset(path: string, options: LoadDatasetOptions = {}): Dat
     throw new DataError(`${path}: no training examples${why}; ${ACCEPTED_SHAPES}`);
   }
   return { path, examples, skipped: reported, duplicates, ...(sha256 ? { sha256 } : {}) };
+}
+
+/** The file's first non-blank characters (after a byte order mark). */
+function readHead(path: string): string {
+  const fd = openSync(path, 'r');
+  try {
+    const buf = Buffer.alloc(256);
+    const n = readSync(fd, buf, 0, 256, 0);
+    return buf
+      .subarray(0, n)
+      .toString('utf8')
+      .replace(/^\uFEFF/, '')
+      .trimStart();
+  } finally {
+    closeSync(fd);
+  }
 }
