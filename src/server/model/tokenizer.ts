@@ -403,6 +403,29 @@ export function loadTokenizer(dir: string): TokenizerHandle {
   };
 }
 
+/**
+ * The handle, refusing any id past the model's embedding rows: another model's tokenizer.json in
+ * the folder would otherwise index past the table (an ONNX Runtime error deep in a run) or, where
+ * the table is larger, silently feed the model tokens it never learnt. Only ids actually produced
+ * are checked: a tokenizer whose unused added tokens run past the table still works, as in transformers.
+ */
+export function withEmbeddingRows(
+  tok: TokenizerHandle,
+  rows: number,
+  configPath: string,
+  tokenizerPath: string,
+): TokenizerHandle {
+  const check = (e: Encoded): Encoded => {
+    const bad = e.ids.findIndex((id) => id >= rows);
+    if (bad >= 0)
+      throw new TokenizerError(
+        `token ${JSON.stringify(e.tokens[bad])} has id ${e.ids[bad]}, but the model has ${rows} token embeddings ("vocab_size" in ${configPath}): ${tokenizerPath} is not this model's tokenizer`,
+      );
+    return e;
+  };
+  return { ...tok, encode: (text, options) => check(tok.encode(text, options)) };
+}
+
 interface Content {
   tokens: string[];
   offsets: Array<[number, number]>;
