@@ -169,3 +169,14 @@ export function describeAttribution(a: Attribution): string {
     : '';
   return `${base}${a.note ? `; ${a.note}` : ''}${pre}${skipped}`;
 }
+
+/** A record as written, on one line: prompt + completion, the text, or a chat's turns as "role: content". */
+export function recordText(record: unknown): string | undefined {
+  if (!record || typeof record !== 'object') return undefined;
+  const v = record as Record<string, unknown>;
+  if (typeof v.prompt === 'string') return `${v.prompt}${String(v.completion ?? '')}`;
+  if (typeof v.text === 'string') return v.text;
+  if (Array.isArray(v.messages))
+    return v.messages.map((m: { role?: string; content?: string }) => `${m?.role}: ${m?.content}`).join(' ');
+  return undefined;
+}

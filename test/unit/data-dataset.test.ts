@@ -144,6 +144,10 @@ test('dataset: a file in another format (a JSON array, CSV) is named as not JSON
   const csv = join(dir, 'data.csv');
   writeFileSync(csv, 'prompt,completion\nQ,A\n');
   assert.throws(() => loadDataset(csv), /data\.csv: not JSON Lines .*one JSON object per line/);
+  // an array written one object per line (its last line is a valid object), after a blank line
+  const pretty = join(dir, 'pretty.json');
+  writeFileSync(pretty, '\n[\n{"text": "a"},\n{"text": "b"}\n]\n');
+  assert.throws(() => loadDataset(pretty), /pretty\.json: not JSON Lines \(line 2: .*jq -c/);
   // a JSON Lines file with one bad line still points at that line and the flag to skip it
   const one = join(dir, 'one.jsonl');
   writeFileSync(one, '{"text": "a"}\n{"text": oops}\n');

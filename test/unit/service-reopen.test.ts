@@ -127,3 +127,69 @@ describe('a model or factors replaced on disk while the server runs', () => {
     assertSameScores(r, await fresh('gdp'));
   });
 });
+
+describe('reopening never happens under a request, and only for a real change', () => {
+  const data = join(home, 'train2.jsonl');
+  writeFileSync(
+    data,
+    `${[
+      { text: 'The capital of France is Paris.' },
+      { prompt: 'Q: capital of France?\nA:', completion: ' Paris' },
+      { prompt: 'Q: capital of Italy?\nA:', completion: ' Rome' },
+      { text: 'Berlin is in Germany.' },
+    ]
+      .map((r) => JSON.stringify(r))
+      .join('\n')}\n`,
+  );
+  const q = { prompt: 'Q: capital of France?\nA:', completion: ' Paris', dataset: 'train', topK: 4 };
+  let n = 0;
+  const copy = () => {
+    const dir = join(home, `m${n++}`);
+    cpSync(FIXTURE, dir, { recursive: true });
+    return dir;
+  };
+  const serve = (c: Omit<ServiceConfig, 'cacheDir' | 'datasets'>) => {
+    const s = new InfluenceService({ ...c, datasets: { train: data }, cacheDir: join(home, `cache${n++}`) });
+    s.open();
+    return s;
+  };
+
+  test("the server's own graph cache (hard links to the weights) is not a change", async () => {
+    const s = serve({ finetuned: { model: copy() }, modules: 'mlp' });
+    const rev = s.info().revision;
+    const a = await s.explain({ ...q, method: 'gdp' });
+    const b = await s.explain({ ...q, method: 'bm25' });
+    const c = await s.explain({ ...q, method: 'gdp', topK: 2 });
+    assert.deepEqual([a.revision, b.revision, c.revision], [rev, rev, rev]);
+  });
+
+  test('a request in flight keeps the files it started with; one arriving after a swap waits and uses the new ones', async () => {
+    const model = copy();
+    const s = serve({ finetuned: { model }, modules: 'mlp' });
+    const before = await s.explain({ ...q, method: 'gdp' });
+    const a = s.explain({ ...q, method: 'gdp' });
+    replaceWeights(model, 1.5);
+    const b = s.explain({ ...q, method: 'gdp' });
+    const [ra, rb] = await Promise.all([a, b]);
+    assert.equal(ra.revision, before.revision);
+    assertSameScores(ra, before);
+    assert.notEqual(rb.revision, before.revision);
+    assertSameScores(rb, await serve({ finetuned: { model }, modules: 'mlp' }).explain({ ...q, method: 'gdp' }));
+  });
+
+  test('a fit opens every stage again: a model replaced while it fitted is not left stale', async () => {
+    const ft = copy();
+    const pt = copy();
+    const config = {
+      finetuned: { model: ft, factors: join(home, `f${n++}`) },
+      pretrained: { model: pt, factors: join(home, `f${n++}`) },
+      modules: 'mlp' as const,
+    };
+    const s = serve(config);
+    await s.explain({ ...q, method: 'gdp' });
+    const fit = s.fit('pretrained');
+    replaceWeights(ft, 1.5);
+    await fit;
+    assertSameScores(await s.explain({ ...q, method: 'gdp' }), await serve(config).explain({ ...q, method: 'gdp' }));
+  });
+});

@@ -84,7 +84,7 @@ export async function benchServer(argv: string[]): Promise<void> {
   // the gradient store's ranking against exact EK-FAC over the whole fine-tuning set
   const ft = service.openedStages().finetuned;
   const corpus = service.dataset('finetune').corpus;
-  const { stores } = await service.index('finetune', {}, false);
+  const { stores } = await service.index('finetune', {});
   const store = stores[0].store;
   const rhos: number[] = [];
   for (const q of queries) {

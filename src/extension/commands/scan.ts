@@ -1,7 +1,7 @@
 // "Scan dataset": the training examples with the highest self-influence (unusual or memorized
 // examples first), in a quick pick: Enter opens one, the flag button flags or unflags it.
 import * as vscode from 'vscode';
-import { formatScore } from '../../common/display';
+import { formatScore, recordText } from '../../common/display';
 import type { ScannedExample } from '../client';
 import { revealExample } from '../datasets';
 import { chooseDataset, fitStages, reportError, type Services } from '../services';
@@ -42,7 +42,8 @@ export async function scanDataset(s: Services): Promise<void> {
     const items = (): Item[] => {
       const flags = path ? s.flags.flagsOf(path) : new Map();
       return r.examples.map((e) => ({
-        label: `#${e.rank}  ${textPreview(e.text)}`,
+        // from the record as written: a chat's rendered text starts with the template's preamble
+        label: `#${e.rank}  ${textPreview(recordText(e.record) ?? e.text)}`,
         description: `line ${e.id.line} · self-influence ${formatScore(e.selfInfluence)}${flags.has(e.id.hash) ? ' · flagged' : ''}`,
         buttons: path ? [flags.has(e.id.hash) ? flagOff : flagOn] : [],
         example: e,

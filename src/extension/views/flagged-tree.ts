@@ -4,7 +4,7 @@
 import { readFileSync, statSync } from 'node:fs';
 import { basename } from 'node:path';
 import * as vscode from 'vscode';
-import { formatScore } from '../../common/display';
+import { formatScore, recordText } from '../../common/display';
 import type { FlagGroup, FlagStore } from '../flags/flag-store';
 import { lineHash } from '../flags/hash';
 import type { FlagEntry } from '../flags/sidecar';
@@ -105,14 +105,7 @@ export class FlaggedTree implements vscode.TreeDataProvider<FlagNode> {
 /** A record's text on one line: prompt → completion, or the last turns of a chat. */
 export function recordPreview(line: string): string {
   try {
-    const v = JSON.parse(line) as Record<string, unknown>;
-    let s: string;
-    if (typeof v.prompt === 'string') s = `${v.prompt}${String(v.completion ?? '')}`;
-    else if (typeof v.text === 'string') s = v.text;
-    else if (Array.isArray(v.messages))
-      s = v.messages.map((m: { role?: string; content?: string }) => `${m.role}: ${m.content}`).join(' ');
-    else s = line;
-    return textPreview(s);
+    return textPreview(recordText(JSON.parse(line)) ?? line);
   } catch {
     return textPreview(line);
   }

@@ -1,7 +1,7 @@
 // influence-lens scan: training examples ranked by self-influence ⟨P(G_z), G_z⟩, the examples
 // the model finds most surprising or memorized — a review list for cleaning without a query.
 import { relative } from 'node:path';
-import { describeAttribution } from '../../common/display';
+import { describeAttribution, recordText } from '../../common/display';
 import { selfInfluence } from '../attribution/checkpoints';
 import { attributionOf, Corpus } from '../attribution/explain';
 import { openStage, parseDamping } from '../attribution/stage';
@@ -64,8 +64,15 @@ export async function runScan(argv: string[]): Promise<void> {
   const order = Array.from(scores.keys()).sort((a, b) => scores[b] - scores[a]);
   const top = order.slice(0, topK).map((i, r) => {
     const e = dataset.examples[i];
-    // shown as the model saw it (a chat rendered with its chat template), as explain shows examples
-    return { rank: r + 1, selfInfluence: scores[i], line: e.line, hash: e.hash, text: corpus.token(i).text };
+    // --json: as the model saw it (a chat rendered with its chat template), as explain shows examples
+    return {
+      rank: r + 1,
+      selfInfluence: scores[i],
+      line: e.line,
+      hash: e.hash,
+      text: corpus.token(i).text,
+      record: e.record,
+    };
   });
   const attribution = attributionOf('ekfac', { model: stage, modules: stage.modules, checkpoints });
   if (v.json) {
@@ -82,6 +89,7 @@ export async function runScan(argv: string[]): Promise<void> {
   );
   for (const t of top)
     process.stdout.write(
-      `  #${String(t.rank).padEnd(4)} ${t.selfInfluence.toExponential(3).padStart(10)}  ${where}:${t.line}  ${t.hash}\n        ${oneLine(t.text, 160)}\n`,
+      // the record as written (a chat's rendered text opens with its template's preamble)
+      `  #${String(t.rank).padEnd(4)} ${t.selfInfluence.toExponential(3).padStart(10)}  ${where}:${t.line}  ${t.hash}\n        ${oneLine(recordText(t.record) ?? t.text, 160)}\n`,
     );
 }

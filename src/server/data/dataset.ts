@@ -77,14 +77,13 @@ export function loadDataset(path: string, options: LoadDatasetOptions = {}): Dat
   const reported = skipped.filter((s) => s.line < last).sort((a, b) => a.line - b.line);
   if (!skipMalformed && reported.length > 0) {
     // a whole file in another format (a JSON array, CSV) fails on its first line: say what is expected
-    if (reported[0].line === 1 && !examples.length) {
-      const head = readHead(path);
-      if (!head.startsWith('{'))
-        throw new DataError(
-          `${path}: not JSON Lines (line 1: ${reported[0].message.replace(/; accepted shapes:.*$/, '')}); write one JSON object per line: ${ACCEPTED_SHAPES}` +
-            (head.startsWith('[') ? ` (a JSON array converts with: jq -c '.[]' ${path} > data.jsonl)` : ''),
-        );
-    }
+    const head = readHead(path);
+    if (reported[0].line === head.line && !head.text.startsWith('{'))
+      throw new DataError(
+        `${path}: not JSON Lines (line ${head.line}: ${reported[0].message.replace(/; accepted shapes:.*$/, '')}); write one JSON object per line: ${ACCEPTED_SHAPES}` +
+          (head.text.startsWith('[') ? ` (a JSON array converts with: jq -c '.[]' ${path} > data.jsonl)` : '') +
+          (examples.length ? ` ${SKIP_HINT}` : ''),
+      );
     throw new DataError(`${path}:${reported[0].line}: ${reported[0].message} ${SKIP_HINT}`);
   }
   if (examples.length === 0) {
@@ -94,17 +93,18 @@ export function loadDataset(path: string, options: LoadDatasetOptions = {}): Dat
   return { path, examples, skipped: reported, duplicates, ...(sha256 ? { sha256 } : {}) };
 }
 
-/** The file's first non-blank characters (after a byte order mark). */
-function readHead(path: string): string {
+/** The file's first non-blank characters (after a byte order mark) and the line they are on. */
+function readHead(path: string): { text: string; line: number } {
   const fd = openSync(path, 'r');
   try {
-    const buf = Buffer.alloc(256);
-    const n = readSync(fd, buf, 0, 256, 0);
-    return buf
+    const buf = Buffer.alloc(4096);
+    const n = readSync(fd, buf, 0, buf.length, 0);
+    const all = buf
       .subarray(0, n)
       .toString('utf8')
-      .replace(/^\uFEFF/, '')
-      .trimStart();
+      .replace(/^\uFEFF/, '');
+    const text = all.trimStart();
+    return { text, line: 1 + (all.slice(0, all.length - text.length).match(/\n/g)?.length ?? 0) };
   } finally {
     closeSync(fd);
   }

@@ -159,8 +159,11 @@ export const DEFAULT_MODULES: ModuleSelection = 'mlp';
 
 export class InfluenceService implements ServiceApi {
   private stages = new Map<'finetuned' | 'pretrained', OpenedStage>();
-  /** what the opened stages read from disk, stamped when they were opened (see `current`) */
+  /** what the opened stages read from disk, stamped when they were opened (see `request`) */
   private served?: string;
+  /** requests in flight that use the stages, and those waiting for them to finish */
+  private active = 0;
+  private idle: Array<() => void> = [];
   /** the fine-tune's training checkpoints, when there are (and the configuration does not turn them off) */
   private checkpoints?: OpenedCheckpoints;
   private data = new Map<string, LoadedDataset>();
@@ -197,14 +200,58 @@ export class InfluenceService implements ServiceApi {
   }
 
   /**
-   * Opens the stages again when a file they read changed on disk since they were opened (a model
-   * retrained into its folder, a tokenizer edited, factors refitted by the CLI), so that nothing is
-   * served, fitted or cached from the old files under the new files' fingerprints. Datasets are
-   * tokenized again too (their tokens are the tokenizer's). If the new files cannot be opened, the
-   * request fails with the reason, and so does every next one until they can.
+   * Every request that uses the stages runs inside `request`: it first checks that no file they read
+   * changed on disk since they were opened (a model retrained into its folder, a tokenizer edited,
+   * factors refitted by the CLI) and otherwise opens them again, so that nothing is served, fitted
+   * or cached from the old files under the new files' fingerprints. Stages are only reopened while
+   * no request uses them: a request that finds the files changed waits until those in flight have
+   * finished, and one in flight never sees its stages change. Datasets are tokenized again too
+   * (their tokens are the tokenizer's). If the new files cannot be opened, the request fails with
+   * the reason, and so does every next one until they can.
    */
-  private current(): void {
-    if (this.served === undefined || this.servedStamp() === this.served) return;
+  private async request<T>(f: () => Promise<T>): Promise<T> {
+    for (;;) {
+      if (this.fresh()) break;
+      if (this.active === 0) this.reopen();
+      else await new Promise<void>((r) => this.idle.push(r));
+    }
+    this.active++;
+    try {
+      return await f();
+    } finally {
+      this.leave();
+    }
+  }
+
+  /** `request` for the synchronous requests (getExample, reload): they never wait, so they refuse instead. */
+  private currentNow(): void {
+    if (this.fresh()) return;
+    if (this.active > 0)
+      throw new ServiceError(
+        'the model or its factors changed on disk while requests that use the old files are still running: send this one again when they have finished',
+        'not_ready',
+      );
+    this.reopen();
+  }
+
+  /** Whether the files the stages read are as they were when opened. */
+  private fresh(): boolean {
+    return this.served === undefined || this.servedStamp() === this.served;
+  }
+
+  private leave(): void {
+    if (--this.active > 0) return;
+    for (const r of this.idle.splice(0)) r();
+  }
+
+  /** A request that must reopen the stages itself (fit, when its factors are written): waits for the others. */
+  private async quiesce(): Promise<void> {
+    this.leave();
+    while (this.active > 0) await new Promise<void>((r) => this.idle.push(r));
+    this.active++;
+  }
+
+  private reopen(): void {
     const before = { stages: new Map(this.stages), checkpoints: this.checkpoints };
     try {
       this.open();
@@ -341,6 +388,8 @@ export class InfluenceService implements ServiceApi {
     const dir = c?.factors;
     const broken = dir && this.brokenFactors.get(dir);
     if (!broken) return 'no EK-FAC factors for the model yet: run "fit"';
+    // a fit killed midway: "fit" resumes it in place
+    if (/unfinished influence-lens fit/.test(broken)) return `the EK-FAC factors are not finished (${broken})`;
     // our own cache is fitted again by "fit"; a folder the user named is never replaced by it
     return c?.factorsCache && isInside(resolve(dir), resolve(this.config.cacheDir))
       ? `the EK-FAC factors cannot be used (${broken}): run "fit" to fit them again`
@@ -378,7 +427,7 @@ export class InfluenceService implements ServiceApi {
   }
 
   reload(id: string): { dataset: string; examples: number; skipped: number } {
-    this.current();
+    this.currentNow();
     this.data.delete(id);
     const d = this.dataset(id);
     return { dataset: id, examples: d.corpus.size, skipped: d.corpus.dataset.skipped.length };
@@ -404,8 +453,11 @@ export class InfluenceService implements ServiceApi {
     }
   }
 
-  async explain(p: ExplainParams, work: Work = {}): Promise<ExplainResult> {
-    this.current();
+  explain(p: ExplainParams, work: Work = {}): Promise<ExplainResult> {
+    return this.request(() => this.explainNow(p, work));
+  }
+
+  private async explainNow(p: ExplainParams, work: Work): Promise<ExplainResult> {
     const revision = this.revision;
     this.checkExplain(p);
     const d = this.dataset(p.dataset);
@@ -439,9 +491,13 @@ export class InfluenceService implements ServiceApi {
   }
 
   /** Several queries against one dataset, scored in one pass (each result as `explain` alone would give). */
-  async explainMany(p: ExplainManyParams, work: Work = {}): Promise<ExplainManyResult> {
-    if (!Array.isArray(p.queries) || !p.queries.length) throw new ServiceError('queries must be a non-empty array');
-    this.current();
+  explainMany(p: ExplainManyParams, work: Work = {}): Promise<ExplainManyResult> {
+    if (!Array.isArray(p.queries) || !p.queries.length)
+      return Promise.reject(new ServiceError('queries must be a non-empty array'));
+    return this.request(() => this.explainManyNow(p, work));
+  }
+
+  private async explainManyNow(p: ExplainManyParams, work: Work): Promise<ExplainManyResult> {
     const revision = this.revision;
     // every query passes the single-query checks (text length, methods, availability, top-k)
     for (const q of p.queries) this.checkExplain({ ...p, ...q });
@@ -493,7 +549,7 @@ export class InfluenceService implements ServiceApi {
     if (overCheckpoints && !cfg.checkpoints) return undefined;
     // a checkpoint without factors: explain says so (no store is built for a query that cannot run)
     if (overCheckpoints && methodInfo(p.method)?.needsFactors && this.checkpoints!.unfitted.length) return undefined;
-    return (await this.index(p.dataset, work, overCheckpoints)).stores;
+    return (await this.indexNow(p.dataset, work, overCheckpoints)).stores;
   }
 
   /**
@@ -502,14 +558,23 @@ export class InfluenceService implements ServiceApi {
    * projected on that checkpoint's eigenbases and keyed by its weights and factors), otherwise
    * the final model's.
    */
-  async index(
+  index(datasetId: string, work: Work = {}): Promise<{ size: number; bytes: number; stores: StoreRef[] }> {
+    return this.request(() =>
+      this.indexNow(
+        datasetId,
+        work,
+        !!this.config.store?.checkpoints &&
+          this.modelFor(datasetId) === this.stage('finetuned').model &&
+          attributionOf('ekfac', this.setup()).over === 'checkpoints',
+      ),
+    );
+  }
+
+  private async indexNow(
     datasetId: string,
-    work: Work = {},
-    overCheckpoints = !!this.config.store?.checkpoints &&
-      this.modelFor(datasetId) === this.stage('finetuned').model &&
-      attributionOf('ekfac', this.setup()).over === 'checkpoints',
+    work: Work,
+    overCheckpoints: boolean,
   ): Promise<{ size: number; bytes: number; stores: StoreRef[] }> {
-    this.current();
     const model = this.modelFor(datasetId);
     const ft = this.stage('finetuned');
     const terms = overCheckpoints
@@ -576,7 +641,7 @@ export class InfluenceService implements ServiceApi {
   }
 
   getExample(datasetId: string, line: number, hash?: string) {
-    this.current();
+    this.currentNow();
     const d = this.dataset(datasetId);
     const ex =
       d.corpus.dataset.examples.find((e) => e.line === line) ??
@@ -608,8 +673,11 @@ export class InfluenceService implements ServiceApi {
   }
 
   /** Training examples ranked by self-influence (needs factors). */
-  async scanDataset(datasetId: string, topK: number, work: Work = {}) {
-    this.current();
+  scanDataset(datasetId: string, topK: number, work: Work = {}) {
+    return this.request(() => this.scanNow(datasetId, topK, work));
+  }
+
+  private async scanNow(datasetId: string, topK: number, work: Work) {
     const ft = this.stage('finetuned');
     if (!ft.preconditioners)
       throw new ServiceError(`scanning needs EK-FAC factors: ${this.noFactors('finetuned')}`, 'not_ready');
@@ -634,9 +702,12 @@ export class InfluenceService implements ServiceApi {
   }
 
   /** Fits a stage's factors on its dataset, then reopens the stage so ekfac becomes available. */
-  async fit(which: 'finetuned' | 'pretrained', work: Work = {}) {
-    // fitted on the model as it is on disk now, never on one replaced since the server opened it
-    this.current();
+  /** Fits a stage's factors (on the model as it is on disk now, never one replaced since it was opened). */
+  fit(which: 'finetuned' | 'pretrained', work: Work = {}) {
+    return this.request(() => this.fitNow(which, work));
+  }
+
+  private async fitNow(which: 'finetuned' | 'pretrained', work: Work) {
     const c = which === 'finetuned' ? this.config.finetuned : this.config.pretrained;
     if (!c) throw new ServiceError(`no ${which} model is configured`);
     const out = c.factors;
@@ -681,7 +752,6 @@ export class InfluenceService implements ServiceApi {
         throw e;
       }),
     );
-    this.stages.set(which, this.openStage(c));
     if (which === 'finetuned' && this.checkpoints?.stages.length) {
       // the same fit for every training checkpoint the explanations sum over
       const plan = planCheckpoints(c.model, this.model.checkpoint, c.checkpoints ?? DEFAULTS.checkpoints);
@@ -704,15 +774,20 @@ export class InfluenceService implements ServiceApi {
             throw e;
           }),
         );
-      this.openCheckpoints();
     }
-    this.served = this.servedStamp();
+    // the new factors: every stage opened again (not only this one, and not under a request that
+    // is still using them), so that nothing else that changed on disk meanwhile is left stale
+    await this.quiesce();
+    this.reopen();
     return r;
   }
 
   /** Completes a prompt with the fine-tuned model. */
-  async generate(p: GenerateParams, work: Work = {}) {
-    this.current();
+  generate(p: GenerateParams, work: Work = {}) {
+    return this.request(() => this.generateNow(p, work));
+  }
+
+  private async generateNow(p: GenerateParams, work: Work) {
     const [g] = await cancellable(work, () =>
       generate(this.model, [p.prompt], {
         maxNewTokens: p.maxTokens ?? LIMITS.generate.maxTokens.default,

@@ -14,8 +14,13 @@ import { FACTOR_FILES } from '../attribution/ekfac/factors-io';
 import type { Stage } from '../attribution/setup';
 import { CHECKPOINT_DIR } from '../model/checkpoints';
 
-/** Files beside a checkpoint's config and weights that change what is scored. */
-const MODEL_SIDE_FILES = ['model.safetensors.index.json', 'trainer_state.json', 'training_args.json'];
+/** Files beside a checkpoint's config and weights that change what is scored or how the folder is read. */
+const MODEL_SIDE_FILES = [
+  'model.safetensors.index.json',
+  'trainer_state.json',
+  'training_args.json',
+  'adapter_config.json',
+];
 const TOKENIZER_FILES = ['tokenizer.json', 'tokenizer_config.json', 'chat_template.jinja'];
 
 export interface ServedStage {
@@ -28,17 +33,21 @@ export interface ServedStage {
 export function servedPaths(
   stages: ServedStage[],
   checkpoints?: OpenedCheckpoints,
-): { files: string[]; dirs: string[] } {
+): { files: string[]; dirs: string[]; modelDirs: string[] } {
   const files = new Set<string>();
   const dirs = new Set<string>();
+  const modelDirs = new Set<string>();
   const model = (st: Stage) => {
     const ck = st.model.checkpoint;
     for (const f of [...ck.configFiles, ...ck.files]) files.add(f);
-    for (const f of MODEL_SIDE_FILES) files.add(join(ck.dir, f));
+    // the adapter's folder and its base's (config.json is in the base's for an adapter)
+    for (const dir of new Set([ck.dir, ...ck.configFiles.map((f) => dirname(f))]))
+      for (const f of MODEL_SIDE_FILES) files.add(join(dir, f));
+    for (const f of TOKENIZER_FILES) files.add(join(ck.dir, f));
     for (const f of TOKENIZER_FILES) files.add(join(ck.tokenizerDir, f));
     // a checkpoint folder that appears or goes (checkpoints: auto)
-    dirs.add(ck.dir);
-    if (CHECKPOINT_DIR.test(basename(ck.dir))) dirs.add(dirname(ck.dir));
+    modelDirs.add(ck.dir);
+    if (CHECKPOINT_DIR.test(basename(ck.dir))) modelDirs.add(dirname(ck.dir));
   };
   // the complete factors' files only: a fit's partials and temporaries come and go while it runs
   const factors = (dir: string) => {
@@ -54,35 +63,40 @@ export function servedPaths(
     }
   }
   for (const c of checkpoints?.stages ?? []) model(c.stage);
-  return { files: [...files].sort(), dirs: [...dirs].sort() };
+  return { files: [...files].sort(), dirs: [...dirs].sort(), modelDirs: [...modelDirs].sort() };
 }
 
 /**
  * One string that changes when any of the files is written, replaced, created or removed, or a
- * folder gains or loses an entry: size, mtime, inode and ctime of each (a metadata-only change
- * such as chmod also counts, which costs a reopen but never a stale result).
+ * folder gains or loses a checkpoint: size, mtime (ns) and inode of each. Not ctime: the graph
+ * cache hard-links the weights it reads (model/engine.ts), which moves their ctime on the first
+ * run of every new graph, and reopening then would be for nothing.
  */
-export function stampOf(paths: { files: string[]; dirs: string[] }): string {
+export function stampOf(paths: ReturnType<typeof servedPaths>): string {
   const h = createHash('sha256');
   for (const f of paths.files) {
     let s: string;
     try {
-      const st = statSync(f);
-      s = `${st.size}:${st.mtimeMs}:${st.ino}:${st.ctimeMs}`;
+      const st = statSync(f, { bigint: true });
+      s = `${st.size}:${st.mtimeNs}:${st.ino}`;
     } catch {
       s = '-';
     }
     h.update(`${f}\0${s}\n`);
   }
   for (const d of paths.dirs) h.update(`${d}/\0${listing(d).join('\0')}\n`);
+  for (const d of paths.modelDirs) h.update(`${d}/*\0${listing(d, true).join('\0')}\n`);
   return h.digest('hex');
 }
 
-/** A folder's entries, without writes in progress (see common/atomic-write.ts). */
-function listing(dir: string): string[] {
+/**
+ * A folder's entries without writes in progress; in a model's folder (or its parent) only the
+ * `checkpoint-<step>` ones, so that files kept beside a model (data, editor swap files) never count.
+ */
+function listing(dir: string, onlyCheckpoints = false): string[] {
   try {
     return readdirSync(dir)
-      .filter((n) => !isTemporaryName(n))
+      .filter((n) => !isTemporaryName(n) && (!onlyCheckpoints || CHECKPOINT_DIR.test(n)))
       .sort();
   } catch {
     return [];
