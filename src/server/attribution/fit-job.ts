@@ -307,7 +307,9 @@ async function fitJob(o: FitJobOptions, n: number, i: number): Promise<FitJobRes
 
   // 1. covariance sums of this partition
   if (!existsSync(join(covDir(i), OUR_ARGUMENTS_FILE))) {
-    log(`covariance pass${n > 1 ? ` (partition ${i}/${n})` : ''} over ${examples.length} examples`);
+    // a partition takes every n-th example from its index (fit.ts, select)
+    const over = n > 1 ? `${Math.ceil((examples.length - i) / n)} of ${examples.length}` : `${examples.length}`;
+    log(`covariance pass${n > 1 ? ` (partition ${i}/${n})` : ''} over ${over} examples`);
     const { covariances } = await fitCovariances(model, examples, fitOpts);
     o.signal?.throwIfAborted();
     saveCovariances(covDir(i), { args: args(), fingerprint }, covariances);
