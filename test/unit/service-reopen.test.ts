@@ -11,6 +11,7 @@ import { runFitJob } from '../../src/server/attribution/fit-job';
 import { openCheckpoint } from '../../src/server/model/checkpoint';
 import { readSafetensorsHeader } from '../../src/server/model/safetensors';
 import { InfluenceService, type ServiceConfig } from '../../src/server/service/influence-service';
+import { writeCapitals } from './helpers/corpus';
 import { useTempHome } from './helpers/env';
 
 const home = useTempHome();
@@ -38,18 +39,7 @@ function assertSameScores(a: ExplainResult, b: ExplainResult) {
 }
 
 describe('a model or factors replaced on disk while the server runs', () => {
-  const data = join(home, 'train.jsonl');
-  writeFileSync(
-    data,
-    `${[
-      { text: 'The capital of France is Paris.' },
-      { prompt: 'Q: capital of France?\nA:', completion: ' Paris' },
-      { prompt: 'Q: capital of Italy?\nA:', completion: ' Rome' },
-      { text: 'Berlin is in Germany.' },
-    ]
-      .map((r) => JSON.stringify(r))
-      .join('\n')}\n`,
-  );
+  const data = writeCapitals(join(home, 'train.jsonl'));
   const model = join(home, 'model');
   cpSync(FIXTURE, model, { recursive: true });
   const factors = join(home, 'factors');
@@ -129,18 +119,7 @@ describe('a model or factors replaced on disk while the server runs', () => {
 });
 
 describe('reopening never happens under a request, and only for a real change', () => {
-  const data = join(home, 'train2.jsonl');
-  writeFileSync(
-    data,
-    `${[
-      { text: 'The capital of France is Paris.' },
-      { prompt: 'Q: capital of France?\nA:', completion: ' Paris' },
-      { prompt: 'Q: capital of Italy?\nA:', completion: ' Rome' },
-      { text: 'Berlin is in Germany.' },
-    ]
-      .map((r) => JSON.stringify(r))
-      .join('\n')}\n`,
-  );
+  const data = writeCapitals(join(home, 'train2.jsonl'));
   const q = { prompt: 'Q: capital of France?\nA:', completion: ' Paris', dataset: 'train', topK: 4 };
   let n = 0;
   const copy = () => {

@@ -5,23 +5,14 @@ import { join } from 'node:path';
 import { describe, test } from 'node:test';
 import { describeAttribution } from '../../src/common/display';
 import { InfluenceService, ServiceError } from '../../src/server/service/influence-service';
+import { writeCapitals } from './helpers/corpus';
 import { useTempHome } from './helpers/env';
 
 const home = useTempHome();
 
 describe('InfluenceService', () => {
   const data = join(home, 'train.jsonl');
-  writeFileSync(
-    data,
-    `${[
-      { text: 'The capital of France is Paris.' },
-      { prompt: 'Q: capital of France?\nA:', completion: ' Paris' },
-      { prompt: 'Q: capital of Italy?\nA:', completion: ' Rome' },
-      { text: 'Berlin is in Germany.' },
-    ]
-      .map((r) => JSON.stringify(r))
-      .join('\n')}\n`,
-  );
+  writeCapitals(data);
   const service = new InfluenceService({
     finetuned: { model: 'test/fixtures/models/llama', factors: join(home, 'factors') },
     datasets: { train: data },

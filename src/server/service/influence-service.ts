@@ -159,7 +159,9 @@ export const DEFAULT_MODULES: ModuleSelection = 'mlp';
 
 export class InfluenceService implements ServiceApi {
   private stages = new Map<'finetuned' | 'pretrained', OpenedStage>();
-  /** what the opened stages read from disk, stamped when they were opened (see `request`) */
+  /** the files and folders the opened stages read, found when they were opened (see `request`) */
+  private watched?: ReturnType<typeof servedPaths>;
+  /** their stamp then */
   private served?: string;
   /** requests in flight that use the stages, and those waiting for them to finish */
   private active = 0;
@@ -187,16 +189,16 @@ export class InfluenceService implements ServiceApi {
       checkSameTokenizer(this.stages.get('finetuned')!.model, pt.model);
       this.stages.set('pretrained', pt);
     } else this.stages.delete('pretrained');
-    this.served = this.servedStamp();
-  }
-
-  /** The stamp of every file the opened stages read (served-files.ts). */
-  private servedStamp(): string {
-    const stages = [...this.stages].map(([which, stage]) => {
-      const c = this.config[which];
-      return { stage, factors: c?.factors ?? c?.watchedFactors };
-    });
-    return stampOf(servedPaths(stages, this.checkpoints));
+    // the paths change only with the stages (a new checkpoint's folder changes a stamped listing
+    // first), so each request only stats them
+    this.watched = servedPaths(
+      [...this.stages].map(([which, stage]) => {
+        const c = this.config[which];
+        return { stage, factors: c?.factors ?? c?.watchedFactors };
+      }),
+      this.checkpoints,
+    );
+    this.served = stampOf(this.watched);
   }
 
   /**
@@ -236,7 +238,7 @@ export class InfluenceService implements ServiceApi {
 
   /** Whether the files the stages read are as they were when opened. */
   private fresh(): boolean {
-    return this.served === undefined || this.servedStamp() === this.served;
+    return this.watched === undefined || stampOf(this.watched) === this.served;
   }
 
   private leave(): void {
@@ -701,7 +703,6 @@ export class InfluenceService implements ServiceApi {
     };
   }
 
-  /** Fits a stage's factors on its dataset, then reopens the stage so ekfac becomes available. */
   /** Fits a stage's factors (on the model as it is on disk now, never one replaced since it was opened). */
   fit(which: 'finetuned' | 'pretrained', work: Work = {}) {
     return this.request(() => this.fitNow(which, work));

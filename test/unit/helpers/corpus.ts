@@ -10,3 +10,15 @@ export function writeTinyCorpus(path: string, n: number): object[] {
   writeFileSync(path, `${rows.map((r) => JSON.stringify(r)).join('\n')}\n`);
   return rows;
 }
+
+/** Four records about capitals (text and prompt/completion) for tests of the service's requests. */
+export function writeCapitals(path: string): string {
+  const rows = [
+    { text: 'The capital of France is Paris.' },
+    { prompt: 'Q: capital of France?\nA:', completion: ' Paris' },
+    { prompt: 'Q: capital of Italy?\nA:', completion: ' Rome' },
+    { text: 'Berlin is in Germany.' },
+  ];
+  writeFileSync(path, `${rows.map((r) => JSON.stringify(r)).join('\n')}\n`);
+  return path;
+}
