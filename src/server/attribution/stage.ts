@@ -1,7 +1,5 @@
 // Opening a model together with its EK-FAC factors, and refusing pairs that do not belong
 // together: factors fitted on another model, factors for other modules, broken factors.
-import { readFileSync } from 'node:fs';
-import { join } from 'node:path';
 import { type EngineOptions, Model, type ModuleSelection } from '../model/engine';
 import { loadFactors, preconditionerFor } from './ekfac/factors-io';
 import type { Damping, Preconditioner } from './ekfac/precondition';
