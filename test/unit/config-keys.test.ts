@@ -7,6 +7,12 @@ import { cpSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { Model } from '../../src/server/model/engine';
+import {
+  readSafetensorsHeader,
+  readTensor,
+  type TensorToWrite,
+  writeSafetensors,
+} from '../../src/server/model/safetensors';
 import { useTempHome } from './helpers/env';
 import { loadGolden, relErr } from './helpers/golden';
 
@@ -147,6 +153,36 @@ for (const [fixture, key, value] of REFUSED) {
   });
 }
 
+/** The tied `llama` fixture with lm_head.weight stored beside the embedding, `scale` × its values. */
+function withStoredHead(scale: number): string {
+  const dir = variant('llama', () => {});
+  const file = join(dir, 'model.safetensors');
+  const h = readSafetensorsHeader(file);
+  const tensors: Record<string, TensorToWrite> = {};
+  for (const name of h.tensors.keys()) {
+    const t = readTensor(h, name);
+    tensors[name] = { dtype: t.dtype, shape: t.shape, data: t.data };
+  }
+  const emb = readTensor(h, 'model.embed_tokens.weight');
+  assert.equal(emb.dtype, 'F32');
+  tensors['lm_head.weight'] = {
+    dtype: 'F32',
+    shape: emb.shape,
+    data: (emb.data as Float32Array).map((x) => x * scale),
+  };
+  writeSafetensors(file, tensors, { format: 'pt' });
+  return dir;
+}
+
+test('a tied checkpoint that also stores its head: read as tied when the copy is identical, refused when it differs', async () => {
+  // transformers 5 ties identical copies and keeps different ones untied (4.x tied them anyway)
+  await assertMatchesGolden(withStoredHead(1), 'llama');
+  assert.throws(
+    () => Model.open(withStoredHead(2)).modules(),
+    /"tie_word_embeddings" is true, but the checkpoint also has lm_head\.weight with other values than model\.embed_tokens\.weight.*transformers 5 then uses lm_head\.weight.*set "tie_word_embeddings": false/,
+  );
+});
+
 test('a config that contradicts the weights is refused: biases, tied head, sliding layers without a window', () => {
   const cases: Array<[string, (c: Record<string, unknown>) => void, RegExp]> = [
     [
@@ -168,7 +204,7 @@ test('a config that contradicts the weights is refused: biases, tied head, slidi
       (c) => {
         c.tie_word_embeddings = true;
       },
-      /"tie_word_embeddings" is true, but.*lm_head\.weight/,
+      /"tie_word_embeddings" is true, but the checkpoint also has lm_head\.weight with other values.*set "tie_word_embeddings": false/,
     ],
     [
       'llama',

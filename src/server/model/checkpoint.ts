@@ -1,7 +1,7 @@
 // A Hugging Face checkpoint directory: config.json plus model.safetensors, or shards
 // listed in model.safetensors.index.json. Opening one reads only the headers; weight
 // bytes stay on disk (the engine hands them to ONNX Runtime as external data).
-import { existsSync, readdirSync, readFileSync, statSync } from 'node:fs';
+import { closeSync, existsSync, openSync, readdirSync, readFileSync, readSync, statSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { restoreReplacedDir } from '../../common/atomic-write';
 import { ADAPTER_CONFIG, isAdapterDir, type LoraAdapter, PEFT_PREFIX, readAdapter, resolveBase } from './adapter';
@@ -43,6 +43,60 @@ export interface Checkpoint {
   has(name: string): boolean;
   /** read one weight as float32 (a copy; used by the trainer, never by inference) */
   readF32(name: string): Float32Array;
+}
+
+/**
+ * True when two weights hold the same values: same dtype, same shape, same bytes (read in
+ * pieces, never whole). A checkpoint may store a tied head twice; only identical copies are
+ * one tensor whichever way a loader reads them.
+ */
+export function sameWeightBytes(ck: Checkpoint, a: string, b: string): boolean {
+  // every graph kind asks again: read the bytes once per opened checkpoint
+  const memo = sameMemo.get(ck) ?? new Map<string, boolean>();
+  sameMemo.set(ck, memo);
+  const key = JSON.stringify([a, b]);
+  let same = memo.get(key);
+  if (same === undefined) {
+    same = compareWeightBytes(ck, a, b);
+    memo.set(key, same);
+  }
+  return same;
+}
+
+const sameMemo = new WeakMap<Checkpoint, Map<string, boolean>>();
+
+function compareWeightBytes(ck: Checkpoint, a: string, b: string): boolean {
+  const x = ck.weights.get(a);
+  const y = ck.weights.get(b);
+  if (!x || !y) return false;
+  if (x.dtype !== y.dtype || x.byteLength !== y.byteLength || x.shape.join() !== y.shape.join()) return false;
+  const piece = 1 << 20;
+  const bx = Buffer.allocUnsafe(piece);
+  const by = Buffer.allocUnsafe(piece);
+  const fx = openSync(x.file, 'r');
+  const fy = openSync(y.file, 'r');
+  try {
+    for (let done = 0; done < x.byteLength; done += piece) {
+      const n = Math.min(piece, x.byteLength - done);
+      if (readFull(fx, bx, n, x.byteOffset + done) !== n || readFull(fy, by, n, y.byteOffset + done) !== n)
+        throw new CheckpointError(`${x.file}: unexpected end of file reading "${a}" or "${b}"`);
+      if (bx.compare(by, 0, n, 0, n) !== 0) return false;
+    }
+    return true;
+  } finally {
+    closeSync(fx);
+    closeSync(fy);
+  }
+}
+
+function readFull(fd: number, buf: Buffer, n: number, position: number): number {
+  let got = 0;
+  while (got < n) {
+    const r = readSync(fd, buf, got, n - got, position + got);
+    if (r === 0) break;
+    got += r;
+  }
+  return got;
 }
 
 export function readConfig(dir: string): Record<string, unknown> {

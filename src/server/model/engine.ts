@@ -16,7 +16,7 @@ import { collectWhenPiledUp, noteDroppedSoon } from '../util/gc';
 import { mapLargeBlocks, releaseFreedMemory } from '../util/malloc';
 import { architectureFor } from './architectures';
 import type { Architecture, BuildContext, TrackedModule, WeightSource } from './architectures/common';
-import { type Checkpoint, openCheckpoint } from './checkpoint';
+import { type Checkpoint, openCheckpoint, sameWeightBytes } from './checkpoint';
 import { contentDigest } from './content-digest';
 import { crossEntropyHead, type HeadLabels, headChunkRows } from './head';
 import { checkRows } from './onnx/chunks';
@@ -380,6 +380,7 @@ export class Model {
     const source: WeightSource = {
       has: (n) => this.checkpoint.weights.has(n),
       shape: (n) => weightRef(this.checkpoint, n).shape,
+      sameValues: (a, b) => sameWeightBytes(this.checkpoint, a, b),
       get: (n) => {
         let t = tensors.get(n);
         if (t) return t;
@@ -420,6 +421,7 @@ function inputWeights(g: Graph, ck: Checkpoint): Weights {
     source: {
       has: (n) => ck.weights.has(n),
       shape: (n) => weightRef(ck, n).shape,
+      sameValues: (a, b) => sameWeightBytes(ck, a, b),
       get: (n) => {
         let t = tensors.get(n);
         if (!t) {

@@ -31,6 +31,8 @@ export interface WeightSource {
   get(name: string): Tensor;
   has(name: string): boolean;
   shape(name: string): number[];
+  /** same dtype, shape and bytes (a tied head stored twice) */
+  sameValues(a: string, b: string): boolean;
 }
 
 export interface BuildContext {
@@ -512,18 +514,22 @@ function queryChunks(ctx: BuildContext, heads: number, bytesPerFloat: number) {
 
 /**
  * The unembedding matrix as transformers picks it: the token embedding when
- * `tie_word_embeddings` is true, the separate head otherwise. A checkpoint that
- * contradicts its config is refused rather than guessed at.
+ * `tie_word_embeddings` is true, the separate head otherwise. A tied checkpoint that also
+ * stores the head is read as tied only when the two are the same bytes (then every loader
+ * agrees); with other values transformers 5 keeps them untied while 4.x replaced the head by
+ * the embedding, so that checkpoint is refused rather than guessed at, as is a checkpoint
+ * without the head its config asks for.
  */
 export function outputHead(ctx: BuildContext, config: Config, embedding: string, head: string, tieDefault: boolean) {
   const tie = typeof config.tie_word_embeddings === 'boolean' ? config.tie_word_embeddings : tieDefault;
-  if (tie && ctx.w.has(head))
+  const setting = `"tie_word_embeddings" is ${tie}${'tie_word_embeddings' in config ? '' : ' (the default)'}`;
+  if (tie && ctx.w.has(head) && !ctx.w.sameValues(embedding, head))
     throw new ConfigError(
-      `config.json: "tie_word_embeddings" is true${'tie_word_embeddings' in config ? '' : ' (the default)'}, but the checkpoint also has ${head}, which transformers would replace by ${embedding}`,
+      `config.json: ${setting}, but the checkpoint also has ${head} with other values than ${embedding} (transformers 5 then uses ${head}, transformers 4 replaced it by ${embedding}); set "tie_word_embeddings": false in config.json if ${head} is this model's head`,
     );
   if (!tie && !ctx.w.has(head))
     throw new ConfigError(
-      `config.json: "tie_word_embeddings" is false${'tie_word_embeddings' in config ? '' : ' (the default)'}, but the checkpoint has no ${head} (transformers would fill it with random numbers)`,
+      `config.json: ${setting}, but the checkpoint has no ${head} (transformers would fill it with random numbers)`,
     );
   return ctx.w.get(tie ? embedding : head);
 }
