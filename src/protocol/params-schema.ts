@@ -15,7 +15,11 @@ const messages = {
   items: {
     type: 'object',
     required: ['role', 'content'],
-    properties: { role: { type: 'string', maxLength: LIMITS.idMaxChars }, content: { type: 'string' } },
+    properties: {
+      role: { type: 'string', maxLength: LIMITS.idMaxChars },
+      content: { type: 'string' },
+      name: { type: 'string', maxLength: LIMITS.idMaxChars },
+    },
   },
 } as const;
 

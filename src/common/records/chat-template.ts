@@ -135,7 +135,7 @@ export class ChatTemplate {
     try {
       return this.template.render({
         ...this.options.tokens,
-        messages: messages.map((m) => ({ role: m.role, content: m.content })),
+        messages: messages.map((m) => (m.name === undefined ? { role: m.role, content: m.content } : { ...m })),
         add_generation_prompt: addGenerationPrompt,
       });
     } catch (e) {

@@ -48,11 +48,12 @@ export function renderStandIn(messages: RecordValue & { kind: 'messages' }): Ren
     text += `<|${m.role}|>\n`;
     const start = text.length;
     text += m.content;
-    pieces.push({ field: `messages[${i}].content`, start, end: text.length, fieldStart: 0 });
+    const field = `${messages.paths[i]}.content`;
+    pieces.push({ field, start, end: text.length, fieldStart: 0 });
     text += '\n';
-    if (m.role === 'assistant') {
+    if (m.role === 'assistant' && i >= messages.scoredFrom) {
       spans.push([start, text.length]);
-      last = { span: [start, text.length], field: `messages[${i}].content` };
+      last = { span: [start, text.length], field };
     }
   }
   return { kind: 'messages', text, spans, pieces, rendering: 'stand-in', last: last! };
@@ -89,20 +90,23 @@ export function renderRecord(value: RecordValue, template?: ChatTemplate): Rende
   const chat = template.render(value.messages);
   const pieces = chat.placements.map(
     (p): FieldPiece => ({
-      field: `messages[${p.message}].content`,
+      field: `${value.paths[p.message]}.content`,
       start: p.start,
       end: p.end,
       fieldStart: p.contentStart,
     }),
   );
-  const k = chat.spans.length - 1;
+  // a conversational prompt's own assistant turns are context, not trained on
+  const scored = chat.spanMessages.flatMap((m, k) => (m >= value.scoredFrom ? [k] : []));
+  const k = scored[scored.length - 1];
+  if (k === undefined) throw new Error('the chat template marks none of the trained assistant turns');
   return {
     kind: 'messages',
     text: chat.text,
-    spans: chat.spans,
+    spans: scored.map((j) => chat.spans[j]),
     pieces,
     rendering: 'chat_template',
-    last: { span: chat.spans[k], field: `messages[${chat.spanMessages[k]}].content` },
+    last: { span: chat.spans[k], field: `${value.paths[chat.spanMessages[k]]}.content` },
   };
 }
 

@@ -8,7 +8,7 @@ import { Corpus, type ExplainSetup, explain, explainMany } from '../attribution/
 import { SCORERS } from '../attribution/methods';
 import { checkSameTokenizer, openStage, parseDamping } from '../attribution/stage';
 import { loadDataset } from '../data/dataset';
-import { formatRecord } from '../data/format';
+import { formatRecord, parseRecord } from '../data/format';
 import { readJsonl } from '../data/jsonl';
 import { DEFAULTS } from '../settings';
 import { CHECKPOINTS_OPTION, checkpointsSetting, cliCheckpointStages, cliPlan } from './checkpoints';
@@ -97,7 +97,10 @@ export async function runExplain(argv: string[]): Promise<void> {
       );
   }
   for (const w of [...ft.warnings, ...(pt?.warnings ?? [])]) process.stderr.write(`warning: ${w}\n`);
-  const dataset = loadDataset(v.data, { skipMalformed: v['skip-malformed'] });
+  const dataset = loadDataset(v.data, {
+    skipMalformed: v['skip-malformed'],
+    chatTemplate: ft.model.tokenizer.chatTemplate(),
+  });
   if (dataset.skipped.length) process.stderr.write(`skipped ${dataset.skipped.length} malformed line(s)\n`);
   const corpus = new Corpus(v.data, dataset, ft.model);
   if (corpus.truncated) process.stderr.write(`${corpus.truncated} example(s) were cut to the model's context\n`);
@@ -242,6 +245,8 @@ export function readQueries(path: string): Array<{ prompt: string; completion: s
     const split = { prompt: r.text.slice(0, last[0]), completion: r.text.slice(last[0], last[1]) };
     // a chat is explained as explain's `messages` renders it: with the model's chat template, as
     // its training records are (the stand-in split above only where the model has none)
-    return r.kind === 'messages' ? { ...split, messages: (value as { messages: unknown }).messages } : split;
+    // (a conversational prompt/completion line is one conversation: the completion's messages follow the prompt's)
+    const v = parseRecord(value, where);
+    return v.kind === 'messages' ? { ...split, messages: v.messages } : split;
   });
 }

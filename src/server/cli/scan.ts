@@ -44,7 +44,11 @@ export async function runScan(argv: string[]): Promise<void> {
       model: v.model,
     });
   for (const w of stage.warnings) process.stderr.write(`warning: ${w}\n`);
-  const dataset = loadDataset(v.data, { skipMalformed: v['skip-malformed'] });
+  const dataset = loadDataset(v.data, {
+    skipMalformed: v['skip-malformed'],
+    chatTemplate: stage.model.tokenizer.chatTemplate(),
+  });
+  if (dataset.skipped.length) process.stderr.write(`skipped ${dataset.skipped.length} malformed line(s)\n`);
   const corpus = new Corpus(v.data, dataset, stage.model);
   let bar: Progress | undefined;
   let label = '';

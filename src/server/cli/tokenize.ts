@@ -43,7 +43,7 @@ export function tokenizeFile(
       throw new CliError(`${cfgPath}: not valid JSON (${(e as Error).message})`);
     }
   }
-  const ds = loadDataset(data, { skipMalformed });
+  const ds = loadDataset(data, { skipMalformed, chatTemplate: tok.chatTemplate() });
   const maxLength = contextLength(config);
   const { tokens, truncated } = tokenizeExamples(tok, ds.examples, maxLength, data);
   const warnings: string[] = ds.skipped.map((x) => `${data}:${x.line}: ${x.message} (skipped)`);

@@ -2,8 +2,9 @@
 
 import { closeSync, openSync, readSync } from 'node:fs';
 import { contentHash } from '../../common/ids';
+import type { ChatTemplate } from '../../common/records/chat-template';
 import { DataError } from './errors';
-import { ACCEPTED_SHAPES, formatRecord, type RecordKind, type Span } from './format';
+import { ACCEPTED_SHAPES, formatRecord, type RecordKind, renderForModel, type Span } from './format';
 import { readJsonl, SKIP_HINT, type SkippedLine } from './jsonl';
 
 export interface Example {
@@ -37,6 +38,12 @@ export interface LoadDatasetOptions {
   maxExamples?: number;
   /** Also digest the file's bytes as read (Dataset.sha256). */
   sha256?: boolean;
+  /**
+   * The model's chat template: chat records are also rendered with it, so that a record it
+   * cannot render is a bad line like any other (reported, or skipped under skipMalformed)
+   * instead of stopping every later use of the dataset.
+   */
+  chatTemplate?: ChatTemplate;
 }
 
 export function loadDataset(path: string, options: LoadDatasetOptions = {}): Dataset {
@@ -59,6 +66,8 @@ export function loadDataset(path: string, options: LoadDatasetOptions = {}): Dat
     let hash: string;
     try {
       formatted = formatRecord(value, `${path}:${line}`);
+      if (options.chatTemplate && formatted.kind === 'messages')
+        renderForModel(value, `${path}:${line}`, options.chatTemplate);
       hash = contentHash(value);
     } catch (e) {
       // a record too big or odd to render or hash (RangeError) is a bad line like any other

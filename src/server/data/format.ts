@@ -32,7 +32,12 @@ export interface FormattedRecord {
  * learning where to stop.
  */
 export function renderMessages(messages: readonly ChatMessage[]): { text: string; spans: Span[] } {
-  const r = renderStandIn({ kind: 'messages', messages: [...messages] });
+  const r = renderStandIn({
+    kind: 'messages',
+    messages: [...messages],
+    scoredFrom: 0,
+    paths: messages.map((_, i) => `messages[${i}]`),
+  });
   return { text: r.text, spans: r.spans };
 }
 

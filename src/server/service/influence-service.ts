@@ -407,8 +407,8 @@ export class InfluenceService implements ServiceApi {
     const have = this.data.get(id);
     if (have && unchanged(have, stamp)) return have;
     // the digest of the very bytes parsed (one read), for telling a later metadata-only change
-    const ds = loadDataset(path, { skipMalformed: true, sha256: true });
     const model = this.modelFor(id);
+    const ds = loadDataset(path, { skipMalformed: true, sha256: true, chatTemplate: model.tokenizer.chatTemplate() });
     const corpus = new Corpus(id, ds, model);
     const loaded = {
       corpus,
