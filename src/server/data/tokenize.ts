@@ -30,9 +30,9 @@ export interface TokenizedText {
  * Bumped whenever rendering or masking changes what a record's ids/weights are, so caches keyed
  * by it (fitted factors, gradient stores) are rebuilt. 2: offsets identical to Python
  * `tokenizers`; messages through the model's chat template. 3: a post-processor's trailing
- * special (EOS) is scored after a scored last token.
+ * special (EOS) is scored after a scored last token. 4: a message's "name" reaches the chat template.
  */
-export const TOKENIZATION_VERSION = 3;
+export const TOKENIZATION_VERSION = 4;
 
 /** What, besides the examples, decides their tokens: for cache keys and provenance. */
 export function tokenizationKey(tok: TokenizerHandle): Record<string, unknown> {
