@@ -2,7 +2,7 @@
 // factors refitted by the CLI while it runs must be what the next request uses (served-files.ts),
 // never the old weights under the new files' fingerprints.
 import assert from 'node:assert/strict';
-import { cpSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { cpSync, readFileSync, renameSync, rmSync, utimesSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
 import type { ExplainResult } from '../../src/protocol/types';
@@ -133,7 +133,7 @@ describe('reopening never happens under a request, and only for a real change', 
     return s;
   };
 
-  test("the server's own graph cache (hard links to the weights) is not a change", async () => {
+  test("the server's own graph cache (snapshots of the weights) is not a change", async () => {
     const s = serve({ finetuned: { model: copy() }, modules: 'mlp' });
     const rev = s.info().revision;
     const a = await s.explain({ ...q, method: 'gdp' });
@@ -154,6 +154,24 @@ describe('reopening never happens under a request, and only for a real change', 
     assertSameScores(ra, before);
     assert.notEqual(rb.revision, before.revision);
     assertSameScores(rb, await serve({ finetuned: { model }, modules: 'mlp' }).explain({ ...q, method: 'gdp' }));
+  });
+
+  test('a weight file rewritten in place with its size and mtime kept (cp -p, touch -r) is a change', async () => {
+    const model = copy();
+    const file = join(model, 'model.safetensors');
+    utimesSync(file, 1e9, 1e9);
+    const s = serve({ finetuned: { model }, modules: 'mlp' });
+    const before = await s.explain({ ...q, method: 'gdp' });
+    const bytes = readFileSync(file);
+    const h = readSafetensorsHeader(file);
+    const f = new Float32Array(bytes.buffer, bytes.byteOffset + h.dataStart, (bytes.length - h.dataStart) / 4);
+    for (let i = 0; i < f.length; i++) f[i] *= 1.5;
+    writeFileSync(file, bytes); // in place: same inode, same size
+    utimesSync(file, 1e9, 1e9);
+    const after = await s.explain({ ...q, method: 'gdp' });
+    assert.notEqual(after.revision, before.revision);
+    assertSameScores(after, await serve({ finetuned: { model }, modules: 'mlp' }).explain({ ...q, method: 'gdp' }));
+    assert.notDeepEqual(scores(after), scores(before));
   });
 
   test('a fit opens every stage again: a model replaced while it fitted is not left stale', async () => {

@@ -51,22 +51,31 @@ function identity(path: string): string {
 export function contentDigest(path: string, cacheDir: string): string {
   const real = realpathSync(path);
   const before = identity(real);
-  const memo = join(
-    cacheDir,
-    'digests',
-    `${createHash('sha256').update(`${real}\0${before}`).digest('hex').slice(0, 32)}`,
-  );
+  const memo = memoPath(real, before, cacheDir);
   if (existsSync(memo)) {
     const remembered = readFileSync(memo, 'utf8').trim();
     if (/^[0-9a-f]{64}$/.test(remembered)) return remembered;
   }
   const digest = sha256File(real);
   // remember it only if the file did not change while we read it
-  if (identity(real) === before) {
-    mkdirSync(join(cacheDir, 'digests'), { recursive: true });
-    const tmp = `${memo}.${process.pid}.tmp`;
-    writeFileSync(tmp, `${digest}\n`);
-    renameSync(tmp, memo);
-  }
+  if (identity(real) === before) remember(memo, cacheDir, digest);
   return digest;
+}
+
+/** The memo file of `real` (resolved) at `id`entity. */
+function memoPath(real: string, id: string, cacheDir: string): string {
+  return join(cacheDir, 'digests', `${createHash('sha256').update(`${real}\0${id}`).digest('hex').slice(0, 32)}`);
+}
+
+function remember(memo: string, cacheDir: string, digest: string): void {
+  mkdirSync(join(cacheDir, 'digests'), { recursive: true });
+  const tmp = `${memo}.${process.pid}.tmp`;
+  writeFileSync(tmp, `${digest}\n`);
+  renameSync(tmp, memo);
+}
+
+/** Records the digest of a file just written from bytes of known digest (a verified copy), so it is not read again. */
+export function rememberDigest(path: string, digest: string, cacheDir: string): void {
+  const real = realpathSync(path);
+  remember(memoPath(real, identity(real), cacheDir), cacheDir, digest);
 }

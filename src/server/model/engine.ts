@@ -8,16 +8,27 @@
 // - loss of a sequence L = Σ_t w_t · (−log p(target_t | tokens ≤ t)); gradients are of Σ_b L_b.
 // - per-module `a` = module input, `g` = ∂(Σ_b L_b)/∂(module output), both [B·T, d].
 import { createHash } from 'node:crypto';
-import { existsSync, linkSync, mkdirSync, readFileSync, realpathSync, rmSync, statSync } from 'node:fs';
+import {
+  chmodSync,
+  constants,
+  copyFileSync,
+  existsSync,
+  mkdirSync,
+  readFileSync,
+  realpathSync,
+  renameSync,
+  rmSync,
+  statSync,
+} from 'node:fs';
 import { homedir } from 'node:os';
 import { basename, join } from 'node:path';
-import { writeFileAtomic } from '../../common/atomic-write';
+import { tempPathFor, writeFileAtomic } from '../../common/atomic-write';
 import { collectWhenPiledUp, noteDroppedSoon } from '../util/gc';
 import { mapLargeBlocks, releaseFreedMemory } from '../util/malloc';
 import { architectureFor } from './architectures';
 import type { Architecture, BuildContext, TrackedModule, WeightSource } from './architectures/common';
 import { type Checkpoint, openCheckpoint, sameWeightBytes } from './checkpoint';
-import { contentDigest } from './content-digest';
+import { contentDigest, rememberDigest, sha256File } from './content-digest';
 import { crossEntropyHead, type HeadLabels, headChunkRows } from './head';
 import { checkRows } from './onnx/chunks';
 import { DataType, Graph, type Tensor } from './onnx/graph';
@@ -192,7 +203,7 @@ export class Model {
   readonly arch: Architecture;
   private tok?: TokenizerHandle;
   private sessions = new Map<string, Promise<CompiledGraph>>();
-  private linkDir?: { dir: string; names: Map<string, string>; inMemory: boolean };
+  private linkDir?: { dir: string; names: Map<string, string>; inMemory: boolean; digests: string[] };
 
   private constructor(
     readonly checkpoint: Checkpoint,
@@ -317,8 +328,12 @@ export class Model {
     if ((this.options.weights ?? 'mapped') === 'inputs') return createSession(bytes, opts);
     const links = this.links();
     if (links.inMemory) {
-      // Could not hard-link (other filesystem): hand ORT the weight files as buffers.
-      const externalData = [...links.names.entries()].map(([file, name]) => ({ path: name, data: readFileSync(file) }));
+      // Could not snapshot them: hand ORT the weight files as buffers, the bytes that were digested.
+      const externalData = [...links.names.entries()].map(([file, name], i) => {
+        const data = readFileSync(file);
+        checkCopy(file, createHash('sha256').update(data).digest('hex'), links.digests[i]);
+        return { path: name, data };
+      });
       return createSession(bytes, { ...opts, externalData });
     }
     // Named by content: a graph built in another precision or by another version never collides.
@@ -340,17 +355,23 @@ export class Model {
 
   /**
    * ORT only reads external data from inside the model's directory (no absolute paths, no
-   * symlinks out). Hard links give it the checkpoint's safetensors files without a copy.
-   * The directory is named by the weights' content digest, never by path, size or mtime.
+   * symlinks out), and it maps the file: a weight file the user rewrites in place
+   * (`save_pretrained` into the same folder, `cp` over it) would change under a running session,
+   * or shrink under it (a bus error that kills the server). So the graphs read a private snapshot
+   * of each weight file in the cache: copied (a reflink where the filesystem has them), checked
+   * against the file's content digest, then never written again. The directory is named by the
+   * weights' content digests, never by path, size or mtime, so folders with other bytes never
+   * share one, and another process can only put the same bytes there.
    */
   private links() {
     if (this.linkDir) return this.linkDir;
     const ck = this.checkpoint;
     const root = this.options.cacheDir ?? defaultCacheDir();
     // Resolved first: in a Hugging Face hub cache, snapshots/<rev>/model.safetensors is a
-    // relative symlink into ../../blobs, and a hard link to the symlink would dangle here.
+    // relative symlink into ../../blobs.
     const real = ck.files.map((f) => realpathSync(f));
-    const id = hash(JSON.stringify(real.map((f) => contentDigest(f, root))));
+    const digests = real.map((f) => contentDigest(f, root));
+    const id = hash(JSON.stringify(digests));
     const dir = join(root, 'graphs', id);
     mkdirSync(dir, { recursive: true });
     const names = new Map<string, string>();
@@ -359,18 +380,25 @@ export class Model {
       const name = `w${i}-${basename(f)}`;
       names.set(f, name);
       const target = join(dir, name);
-      // An existing link must be to the very file we digested: a link to another inode may
-      // hold other bytes by now (that file could have been rewritten in place).
-      if (existsSync(target) && sameFile(target, real[i])) return;
-      rmSync(target, { force: true });
+      if (isSnapshotOf(target, real[i], digests[i], root)) return;
+      const tmp = tempPathFor(target);
       try {
-        linkSync(real[i], target);
+        copyFileSync(real[i], tmp, constants.COPYFILE_FICLONE);
+        chmodSync(tmp, 0o444);
+        checkCopy(f, sha256File(tmp), digests[i]);
+        renameSync(tmp, target);
+        rememberDigest(target, digests[i], root);
       } catch (e) {
-        // another process linked it meanwhile, or another filesystem (then: weights in memory)
-        if (!((e as NodeJS.ErrnoException).code === 'EEXIST' && sameFile(target, real[i]))) inMemory = true;
+        rmSync(tmp, { force: true });
+        if (e instanceof EngineError) throw e;
+        // no room for a copy in the cache: the weights go to ORT as buffers read now
+        this.notify(
+          `could not snapshot ${f} into ${dir} (${(e as Error).message}); holding the weights in memory instead`,
+        );
+        inMemory = true;
       }
     });
-    this.linkDir = { dir, names, inMemory };
+    this.linkDir = { dir, names, inMemory, digests };
     return this.linkDir;
   }
 
@@ -459,6 +487,24 @@ function sameFile(a: string, b: string): boolean {
   const x = statSync(a, { bigint: true });
   const y = statSync(b, { bigint: true });
   return x.dev === y.dev && x.ino === y.ino;
+}
+
+/**
+ * Whether `target` is a snapshot of `source`'s bytes: a file of its own (not a hard link to the
+ * user's file, as an older version of the cache made) holding the digested content.
+ */
+function isSnapshotOf(target: string, source: string, digest: string, cacheDir: string): boolean {
+  if (!existsSync(target)) return false;
+  if (sameFile(target, source) || statSync(target).nlink !== 1) return false;
+  return contentDigest(target, cacheDir) === digest;
+}
+
+/** A copy of the weights must hold the bytes their digest (the model's fingerprint) was taken of. */
+function checkCopy(file: string, got: string, want: string): void {
+  if (got !== want)
+    throw new EngineError(
+      `${file} changed while it was being read (its content is not the one digested a moment before): it is being written; send the request again once it is complete`,
+    );
 }
 
 function hash(s: string): string {

@@ -68,9 +68,10 @@ export function servedPaths(
 
 /**
  * One string that changes when any of the files is written, replaced, created or removed, or a
- * folder gains or loses a checkpoint: size, mtime (ns) and inode of each. Not ctime: the graph
- * cache hard-links the weights it reads (model/engine.ts), which moves their ctime on the first
- * run of every new graph, and reopening then would be for nothing.
+ * folder gains or loses a checkpoint: size, mtime (ns), ctime (ns) and inode of each. The ctime
+ * catches a replacement that keeps size and mtime (`cp -p`, `touch -r`, `rsync -t`): no user tool
+ * sets it back, and nothing of ours touches the user's files (the graphs read snapshots of the
+ * weights, model/engine.ts).
  */
 export function stampOf(paths: ReturnType<typeof servedPaths>): string {
   const h = createHash('sha256');
@@ -78,7 +79,7 @@ export function stampOf(paths: ReturnType<typeof servedPaths>): string {
     let s: string;
     try {
       const st = statSync(f, { bigint: true });
-      s = `${st.size}:${st.mtimeNs}:${st.ino}`;
+      s = `${st.size}:${st.mtimeNs}:${st.ctimeNs}:${st.ino}`;
     } catch {
       s = '-';
     }

@@ -1,0 +1,83 @@
+// The graphs read the weights through ONNX Runtime, which maps the file: they must read a private
+// snapshot, so that a weight file rewritten in place (save_pretrained into the same folder, cp
+// over it, a truncation) never changes or kills a running session, and a folder with the same
+// bytes is never served another folder's new ones.
+import assert from 'node:assert/strict';
+import { cpSync, linkSync, readdirSync, readFileSync, rmSync, statSync, truncateSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { test } from 'node:test';
+import { Model } from '../../src/server/model/engine';
+import { readSafetensorsHeader } from '../../src/server/model/safetensors';
+import { useTempHome } from './helpers/env';
+import { loadGolden } from './helpers/golden';
+
+const home = useTempHome();
+const FIXTURE = 'test/fixtures/models/llama';
+const batch = loadGolden('llama').batch;
+let n = 0;
+
+function copy(): string {
+  const dir = join(home, `m${n++}`);
+  cpSync(FIXTURE, dir, { recursive: true });
+  return dir;
+}
+
+/** The fixture's weight file with every value × factor (same size). */
+function scaled(factor: number): Buffer {
+  const bytes = readFileSync(join(FIXTURE, 'model.safetensors'));
+  const h = readSafetensorsHeader(join(FIXTURE, 'model.safetensors'));
+  const f = new Float32Array(bytes.buffer, bytes.byteOffset + h.dataStart, (bytes.length - h.dataStart) / 4);
+  for (let i = 0; i < f.length; i++) f[i] *= factor;
+  return bytes;
+}
+
+const open = (dir: string, cacheDir: string) => Model.open(dir, { threads: 1, cacheDir });
+const nllOf = async (g: Awaited<ReturnType<Model['compile']>>) =>
+  Array.from((await g.run(batch)).token_nll.data as Float32Array);
+
+test('a weight file rewritten in place, then truncated, under a compiled graph: the graph keeps its bytes', async () => {
+  const dir = copy();
+  const cacheDir = join(home, 'cache-a');
+  const g = await open(dir, cacheDir).compile({ tokenLoss: true });
+  const before = await nllOf(g);
+  const file = join(dir, 'model.safetensors');
+  writeFileSync(file, scaled(1.5)); // same path, same inode: what save_pretrained and cp do
+  assert.deepEqual(await nllOf(g), before);
+  truncateSync(file, 0); // a mapped file shrinking under a session was a bus error
+  assert.deepEqual(await nllOf(g), before);
+  // the new bytes are what a model opened now reads
+  writeFileSync(file, scaled(1.5));
+  assert.notDeepEqual(await nllOf(await open(dir, cacheDir).compile({ tokenLoss: true })), before);
+});
+
+test('two folders with the same bytes: one rewritten in place never changes what the other serves', async () => {
+  const a = copy();
+  const b = copy();
+  const cacheDir = join(home, 'cache-b'); // shared, as the default cache is
+  const mb = open(b, cacheDir);
+  const gb = await mb.compile({ tokenLoss: true });
+  const before = await nllOf(gb);
+  await nllOf(await open(a, cacheDir).compile({ tokenLoss: true }));
+  writeFileSync(join(a, 'model.safetensors'), scaled(1.3));
+  await nllOf(await open(a, cacheDir).compile({ tokenLoss: true }));
+  assert.deepEqual(await nllOf(gb), before);
+  // a graph B compiles now opens the weights again: they must still be B's bytes
+  assert.deepEqual(await nllOf(await mb.compile({ tokenLoss: true, hidden: true })), before);
+  assert.deepEqual(await nllOf(await open(b, cacheDir).compile({ tokenLoss: true })), before);
+});
+
+test("a hard link to the user's file in the cache (an older version's) is replaced by a snapshot", async () => {
+  const dir = copy();
+  const cacheDir = join(home, 'cache-c');
+  const before = await nllOf(await open(dir, cacheDir).compile({ tokenLoss: true }));
+  const graphs = join(cacheDir, 'graphs');
+  const [id] = readdirSync(graphs);
+  const snapshot = join(graphs, id, 'w0-model.safetensors');
+  rmSync(snapshot);
+  linkSync(join(dir, 'model.safetensors'), snapshot);
+  const g = await open(dir, cacheDir).compile({ tokenLoss: true });
+  assert.notEqual(statSync(snapshot).ino, statSync(join(dir, 'model.safetensors')).ino);
+  assert.equal(statSync(snapshot).nlink, 1);
+  writeFileSync(join(dir, 'model.safetensors'), scaled(2));
+  assert.deepEqual(await nllOf(g), before);
+});
