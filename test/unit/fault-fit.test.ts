@@ -10,7 +10,12 @@ import { hostname } from 'node:os';
 import { join, relative } from 'node:path';
 import { before, describe, test } from 'node:test';
 import { tryLock } from '../../src/common/owner-lock';
-import { type Factors, loadFactors, UnfinishedFitError } from '../../src/server/attribution/ekfac/factors-io';
+import {
+  FACTOR_FILES,
+  type Factors,
+  loadFactors,
+  UnfinishedFitError,
+} from '../../src/server/attribution/ekfac/factors-io';
 import type { Preconditioner } from '../../src/server/attribution/ekfac/precondition';
 import { FitJobError, type FitJobOptions, runFitJob } from '../../src/server/attribution/fit-job';
 import { openStage } from '../../src/server/attribution/stage';
@@ -214,6 +219,44 @@ describe('fit job under kill -9 and concurrency', () => {
     );
     assert.equal(JSON.parse(fs.readFileSync(args, 'utf8')).dataFingerprint, a.dataFingerprint);
     assert.equal((await runFitJob({ ...job, out: cache, replaceStale: true })).status, 'up-to-date');
+  });
+
+  test('a stale owned cache killed at each step of its refit: never read as factors without their arguments', async () => {
+    const cache = join(home, 'owned-stale');
+    fs.cpSync(reference, cache, { recursive: true });
+    const args = join(cache, 'influence_lens_arguments.json');
+    const a = JSON.parse(fs.readFileSync(args, 'utf8'));
+    fs.writeFileSync(args, JSON.stringify({ ...a, dataFingerprint: 'ffffffffffffffff' }));
+    const snaps: string[] = [];
+    const seen = new Set<string>();
+    const dead = deadPid();
+    const undo = beforeEachChange(cache, () => {
+      const state = visibleState(cache);
+      if (seen.has(state)) return;
+      seen.add(state);
+      const snap = join(home, `stale-snap-${snaps.length}`);
+      fs.cpSync(cache, snap, { recursive: true });
+      asIfKilled(snap, dead);
+      snaps.push(snap);
+    });
+    try {
+      assert.equal((await runFitJob({ ...job, out: cache, replaceStale: true })).status, 'done');
+    } finally {
+      undo();
+    }
+    let unread = 0;
+    for (const snap of snaps) {
+      const files = FACTOR_FILES.filter((f) => f.endsWith('.safetensors') && existsSync(join(snap, f)));
+      // the stale fit's files without the arguments that name them would read as another tool's factors
+      if (!existsSync(join(snap, 'influence_lens_arguments.json')) && files.length) {
+        assert.throws(() => loadFactors(snap), UnfinishedFitError, `${snap}: ${files.join(', ')}`);
+        unread++;
+      }
+      const r = await runFitJob({ ...job, out: snap, replaceStale: true });
+      assert.ok(r.status === 'done' || r.status === 'up-to-date', `${snap}: ${r.status} ${r.message}`);
+      assertSameFactors(loadFactors(snap), loadFactors(reference), `${snap} after the rerun`);
+    }
+    assert.ok(unread >= 1, `${snaps.length} states, none between the removal of the arguments and of the files`);
   });
 
   test('killed before any change to its folder, each time: never loaded as complete; the rerun gives the same factors', async () => {

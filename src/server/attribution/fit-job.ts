@@ -205,8 +205,13 @@ async function fitJob(o: FitJobOptions, n: number, i: number): Promise<FitJobRes
         log(
           `the cached factors in ${o.out} are for ${have ? describeDifference(have, job) : 'unreadable files'}: fitting them again`,
         );
-        removeFactorFiles(o.out);
+        // A process killed from here on must leave a folder that reads as an unfinished fit, never
+        // the old fit's files without the arguments that name them (read as another tool's
+        // factors): this job's description goes in first, then the old files go.
         rmSync(partials, { recursive: true, force: true });
+        mkdirSync(partials, { recursive: true });
+        writeFileAtomic(join(partials, 'job.json'), `${JSON.stringify(job, null, 2)}\n`);
+        removeFactorFiles(o.out);
       } finally {
         release();
       }

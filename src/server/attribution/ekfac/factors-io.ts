@@ -271,7 +271,8 @@ export function saveFactors(dir: string, factors: Factors, options: SaveOptions 
  * folder this program owns as a cache, whose factors no longer match (fit-job.ts, replaceStale).
  */
 export function removeFactorFiles(dir: string): void {
-  // the arguments first: a folder without them is never read as complete factors
+  // the arguments first, so the files are never read as ours; the caller has already marked the
+  // folder as an unfinished fit (partials/job.json), or files without arguments read as kronfluence's
   for (const f of [OUR_ARGUMENTS_FILE, FACTOR_ARGUMENTS_FILE]) rmSync(join(dir, f), { force: true });
   for (const f of [...COVARIANCE_FILES, ...EIGEN_FILES, ...LAMBDA_FILES])
     rmSync(join(dir, `${f}.safetensors`), { force: true });
