@@ -416,6 +416,31 @@ describe('fit job under kill -9 and concurrency', () => {
     assert.equal((await service.fit('finetuned')).status, 'done');
   });
 
+  test('a second fit of one folder in the same server (another client, or a retry after a cancel) waits for the first', async () => {
+    const service = new InfluenceService({
+      finetuned: { model: MODEL, factors: join(home, 'server-twice') },
+      datasets: { train: data },
+      modules: 'mlp',
+      cacheDir: join(home, 'service-cache-2'),
+    });
+    service.open();
+    const [a, b] = await Promise.all([service.fit('finetuned'), service.fit('finetuned')]);
+    assert.deepEqual([a.status, b.status], ['done', 'up-to-date']);
+    // cancelled while it runs, then asked again at once: the retry is not refused as another fit
+    const again = new InfluenceService({
+      finetuned: { model: MODEL, factors: join(home, 'server-cancel') },
+      datasets: { train: data },
+      modules: 'mlp',
+      cacheDir: join(home, 'service-cache-3'),
+    });
+    again.open();
+    const ac = new AbortController();
+    const first = again.fit('finetuned', { signal: ac.signal, progress: () => ac.abort() });
+    const retry = again.fit('finetuned');
+    await assert.rejects(first, /cancelled/);
+    assert.equal((await retry).status, 'done');
+  });
+
   test('two `fit` processes at once on one folder: one writes the factors, the other waits or is refused', async () => {
     const out = join(home, 'cli-same');
     const args = ['fit', '--model', MODEL, '--data', data, '--out', out, '--modules', 'mlp'];

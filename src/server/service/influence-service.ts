@@ -170,6 +170,8 @@ export class InfluenceService implements ServiceApi {
   private checkpoints?: OpenedCheckpoints;
   private data = new Map<string, LoadedDataset>();
   private stores = new Map<string, GradientStore>();
+  /** factors directory → the fit into it that this server runs now */
+  private fitting = new Map<string, Promise<unknown>>();
   /** factors directory → why its factors cannot be used (they exist but are broken) */
   private brokenFactors = new Map<string, string>();
 
@@ -705,7 +707,20 @@ export class InfluenceService implements ServiceApi {
 
   /** Fits a stage's factors (on the model as it is on disk now, never one replaced since it was opened). */
   fit(which: 'finetuned' | 'pretrained', work: Work = {}) {
-    return this.request(() => this.fitNow(which, work));
+    // one fit of a folder at a time in this server: a second (another client's, or a retry right
+    // after a cancel while the first still stops) waits for it instead of meeting its lock, which
+    // would name this very process as "another fit"; it then finds the factors up to date. It
+    // waits outside `request`: the first fit reopens the stages at its end once no request runs.
+    const out = (which === 'finetuned' ? this.config.finetuned : this.config.pretrained)?.factors ?? '';
+    const prior = this.fitting.get(out);
+    const mine = (async () => {
+      await prior?.catch(() => {});
+      return this.request(() => this.fitNow(which, work));
+    })();
+    this.fitting.set(out, mine);
+    return mine.finally(() => {
+      if (this.fitting.get(out) === mine) this.fitting.delete(out);
+    });
   }
 
   private async fitNow(which: 'finetuned' | 'pretrained', work: Work) {
