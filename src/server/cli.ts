@@ -29,13 +29,14 @@ const COMMANDS: Record<string, { run: (argv: string[]) => Promise<void>; help: s
     run: runGradients,
     help:
       'gradients --model <dir> [--base <dir>] (--text T | --prompt P --completion C) --out <file.safetensors>\n' +
-      '    [--modules mlp|all] [--labels data|sampled] [--seed N]\n' +
+      '    [--modules mlp|all] [--labels data|sampled] [--seed N] [--training default|trl|trl-assistant|<json>]\n' +
       '                                 per-token module inputs a and output gradients g',
   },
   tokenize: {
     run: runTokenize,
     help:
       'tokenize --model <dir> [--base <dir>] --data <file.jsonl> [--out <file.jsonl>] [--skip-malformed]\n' +
+      '    [--training default|trl|trl-assistant|<json>]\n' +
       '                                 per record: rendered text, ids, loss weights, offsets',
   },
   fit: {
@@ -43,7 +44,7 @@ const COMMANDS: Record<string, { run: (argv: string[]) => Promise<void>; help: s
     help:
       'fit --model <dir> [--base <dir>] --data <train.jsonl> --out <dir> [--modules mlp|all] [--labels sampled|empirical]\n' +
       '    [--max-examples N] [--partition i/n] [--batch-size N] [--seed N] [--checkpoints auto|off|<dir>,...]\n' +
-      '    [--skip-malformed]   EK-FAC factors',
+      '    [--skip-malformed] [--training default|trl|trl-assistant|<json>]   EK-FAC factors',
   },
   explain: {
     run: runExplain,
@@ -51,7 +52,8 @@ const COMMANDS: Record<string, { run: (argv: string[]) => Promise<void>; help: s
       'explain --model <dir> [--base <dir>] --factors <dir> --data <train.jsonl> (--prompt P --completion C | --queries <file.jsonl>)\n' +
       '    [--top-k K] [--method ekfac|multistage|gdp|cosine|repsim|bm25] [--compare m,m] [--damping X] [--rank R]\n' +
       '    [--modules mlp|all] [--candidates all|retrieved] [--checkpoints auto|off|<dir>,...] [--skip-malformed]\n' +
-      '    [--batch-size N] [--pretrained-model <dir> --pretrained-factors <dir> [--pretrained-base <dir>]] [--json]\n' +
+      '    [--batch-size N] [--training default|trl|trl-assistant|<json>]\n' +
+      '    [--pretrained-model <dir> --pretrained-factors <dir> [--pretrained-base <dir>] [--pretrained-training T]] [--json]\n' +
       '    rank training examples',
   },
   generate: {
@@ -70,7 +72,8 @@ const COMMANDS: Record<string, { run: (argv: string[]) => Promise<void>; help: s
     run: runScan,
     help:
       'scan --model <dir> [--base <dir>] --factors <dir> --data <train.jsonl> [--top-k K] [--damping X] [--batch-size N]\n' +
-      '    [--checkpoints auto|off|<dir>,...] [--skip-malformed] [--json]   self-influence ranking',
+      '    [--checkpoints auto|off|<dir>,...] [--skip-malformed] [--training default|trl|trl-assistant|<json>] [--json]\n' +
+      '    self-influence ranking',
   },
   data: {
     run: runData,

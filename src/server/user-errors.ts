@@ -7,6 +7,7 @@ import { FitJobError } from './attribution/fit-job';
 import { StageError } from './attribution/stage';
 import { CliError } from './cli/util';
 import { DataError, QueryError } from './data/errors';
+import { TrainingSettingError } from './data/training';
 import { QueriesError } from './eval/queries';
 import { GradientStoreError } from './index/gradient-store';
 import { AdapterError } from './model/adapter';
@@ -41,6 +42,7 @@ export const USER_ERRORS: ReadonlyArray<new (...args: never[]) => Error> = [
   ExplainError,
   GradientStoreError,
   QueriesError,
+  TrainingSettingError,
 ];
 
 /**

@@ -36,6 +36,8 @@ export interface RenderedRecord {
   rendering: Rendering;
   /** the last scored span and the field it belongs to: what a whole selected record explains */
   last: { span: Span; field: string };
+  /** a conversational prompt/completion: `spans` are the completion's assistant turns */
+  promptCompletion?: boolean;
 }
 
 /** The stand-in chat rendering, used when the model has no chat template. */
@@ -56,7 +58,15 @@ export function renderStandIn(messages: RecordValue & { kind: 'messages' }): Ren
       last = { span: [start, text.length], field };
     }
   }
-  return { kind: 'messages', text, spans, pieces, rendering: 'stand-in', last: last! };
+  return {
+    kind: 'messages',
+    text,
+    spans,
+    pieces,
+    rendering: 'stand-in',
+    last: last!,
+    ...(messages.scoredFrom > 0 ? { promptCompletion: true } : {}),
+  };
 }
 
 export function renderRecord(value: RecordValue, template?: ChatTemplate): RenderedRecord {
@@ -107,6 +117,7 @@ export function renderRecord(value: RecordValue, template?: ChatTemplate): Rende
     pieces,
     rendering: 'chat_template',
     last: { span: chat.spans[k], field: `${value.paths[chat.spanMessages[k]]}.content` },
+    ...(value.scoredFrom > 0 ? { promptCompletion: true } : {}),
   };
 }
 

@@ -19,6 +19,7 @@ import { cleanStaleTemps, replaceDirAtomic, writeFileAtomic } from '../../common
 import { describeOwner, removeStaleLocks, tryLock, waitLock } from '../../common/owner-lock';
 import { loadDataset } from '../data/dataset';
 import { contextLength, tokenizationKey, tokenizeExamples } from '../data/tokenize';
+import type { TrainingConvention } from '../data/training';
 import { Model, type ModuleSelection } from '../model/engine';
 import { collectGarbage } from '../util/gc';
 import { CovarianceAccumulator } from './ekfac/covariance';
@@ -56,6 +57,8 @@ export interface FitJobOptions {
   base?: string;
   /** an already opened model (the server and the demo reuse theirs) */
   model?: Model;
+  /** how the model was trained on its records, when `model` is not given (data/training.ts) */
+  training?: TrainingConvention;
   onProgress?: FitOptions['onProgress'];
   /**
    * Stops the fit between batches (throwing the signal's reason). Stages already finished stay in
@@ -142,7 +145,7 @@ async function fitJob(o: FitJobOptions, n: number, i: number): Promise<FitJobRes
   const start = Date.now();
   const log = o.log ?? (() => {});
   cleanStaleTemps(o.out); // what a fit killed in the middle of a write left
-  const model = o.model ?? Model.open(o.modelDir, { base: o.base });
+  const model = o.model ?? Model.open(o.modelDir, { base: o.base, training: o.training });
   // a LoRA adapter on attention layers only has no MLP module: say so instead of fitting nothing
   if (!model.modules(o.modules).length)
     throw new FitJobError(

@@ -13,7 +13,7 @@ import { readJsonl } from '../data/jsonl';
 import { DEFAULTS } from '../settings';
 import { CHECKPOINTS_OPTION, checkpointsSetting, cliCheckpointStages, cliPlan } from './checkpoints';
 import { heatmap, oneLine } from './heatmap';
-import { CliError, int, oneOf, Progress, parse } from './util';
+import { CliError, int, oneOf, Progress, parse, trainingFlag } from './util';
 
 export async function runExplain(argv: string[]): Promise<void> {
   const { values: v } = parse(argv, {
@@ -35,6 +35,8 @@ export async function runExplain(argv: string[]): Promise<void> {
     'batch-size': { type: 'string' },
     rank: { type: 'string' },
     modules: { type: 'string' },
+    training: { type: 'string' },
+    'pretrained-training': { type: 'string' },
     'skip-malformed': { type: 'boolean' },
     json: { type: 'boolean' },
     ...CHECKPOINTS_OPTION,
@@ -80,11 +82,20 @@ export async function runExplain(argv: string[]): Promise<void> {
   // ekfac is on the same modules), else all; factors over other modules than --modules are refused
   const modules = v.modules === undefined ? undefined : oneOf(v.modules, ['mlp', 'all'] as const, '--modules', 'all');
 
-  const ft = openStage(v.model, v.factors, { damping, engine: { base: v.base }, modules, modulesFrom: '--modules' });
+  const training = trainingFlag(v.training);
+  const ft = openStage(v.model, v.factors, {
+    damping,
+    engine: { base: v.base, training },
+    modules,
+    modulesFrom: '--modules',
+  });
   const pt = needsPretrained
     ? openStage(v['pretrained-model']!, v['pretrained-factors'], {
         damping,
-        engine: { base: v['pretrained-base'] },
+        engine: {
+          base: v['pretrained-base'],
+          training: trainingFlag(v['pretrained-training'], '--pretrained-training'),
+        },
         modules: ft.modules,
         modulesFrom: "the fine-tuned model's factors",
       })
@@ -111,6 +122,7 @@ export async function runExplain(argv: string[]): Promise<void> {
       factorsDir: v.factors,
       damping,
       modules: ft.modules,
+      engine: { training },
       needFactors: [method, ...compare].some((m) => methodInfo(m)?.needsFactors && sumsOverCheckpoints(m)),
       model: v.model,
     });

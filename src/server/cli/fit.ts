@@ -6,7 +6,7 @@ import { runFitJob } from '../attribution/fit-job';
 import { Model } from '../model/engine';
 import { DEFAULTS } from '../settings';
 import { CHECKPOINTS_OPTION, checkpointsSetting, cliPlan } from './checkpoints';
-import { CliError, int, oneOf, Progress, parse } from './util';
+import { CliError, int, oneOf, Progress, parse, trainingFlag } from './util';
 
 export async function runFit(argv: string[]): Promise<void> {
   const { values: v } = parse(argv, {
@@ -15,6 +15,7 @@ export async function runFit(argv: string[]): Promise<void> {
     data: { type: 'string' },
     out: { type: 'string' },
     modules: { type: 'string' },
+    training: { type: 'string' },
     labels: { type: 'string' },
     'max-examples': { type: 'string' },
     partition: { type: 'string' },
@@ -38,7 +39,8 @@ export async function runFit(argv: string[]): Promise<void> {
   if (batchSize < 1) throw new CliError('--batch-size must be at least 1');
   let bar: Progress | undefined;
   let stage = '';
-  const model = Model.open(v.model, { base: v.base });
+  const training = trainingFlag(v.training);
+  const model = Model.open(v.model, { base: v.base, training });
   // the training checkpoints explain sums over get the same fit (checked before the long final fit)
   const plan = cliPlan(v.model, model, checkpointsSetting(v.checkpoints));
   const common = {
@@ -69,7 +71,11 @@ export async function runFit(argv: string[]): Promise<void> {
     );
   say(result);
   if (!plan) return;
-  for (const { name, result: r } of await fitCheckpoints(plan, { ...common, factorsDir: v.out })) {
+  for (const { name, result: r } of await fitCheckpoints(plan, {
+    ...common,
+    factorsDir: v.out,
+    engine: { training },
+  })) {
     bar?.done();
     bar = undefined;
     stage = '';

@@ -3,11 +3,11 @@
 //   <module>.a [T, d_in], <module>.g [T, d_out], token_nll [T], input_ids [T],
 //   target_ids [T], target_weights [T]   (position t predicts token t+1)
 import { renderForModel } from '../data/format';
-import { contextLength, tokenizeText } from '../data/tokenize';
+import { asTrained, contextLength, tokenizeText } from '../data/tokenize';
 import { Model, makeBatch } from '../model/engine';
 import { type TensorToWrite, writeSafetensors } from '../model/safetensors';
 import { Rng } from '../util/random';
-import { CliError, int, oneOf, parse } from './util';
+import { CliError, int, oneOf, parse, trainingFlag } from './util';
 
 export async function runGradients(argv: string[]): Promise<void> {
   const { values: v } = parse(argv, {
@@ -17,6 +17,7 @@ export async function runGradients(argv: string[]): Promise<void> {
     prompt: { type: 'string' },
     completion: { type: 'string' },
     modules: { type: 'string' },
+    training: { type: 'string' },
     labels: { type: 'string' },
     seed: { type: 'string' },
     out: { type: 'string' },
@@ -32,11 +33,11 @@ export async function runGradients(argv: string[]): Promise<void> {
   const labels = oneOf(v.labels, ['data', 'sampled'] as const, '--labels', 'data');
   const seed = int(v.seed, '--seed', 0);
 
-  const model = Model.open(v.model, { base: v.base });
+  const model = Model.open(v.model, { base: v.base, training: trainingFlag(v.training) });
   // the same rendering and masking as fit gives a training record (a --text or a prompt/completion
   // one; a trailing EOS the tokenizer appends is scored, as in training, where explain's query leaves it out)
   const record = hasText ? { text: v.text } : { prompt: v.prompt, completion: v.completion };
-  const r = renderForModel(record, 'the command line', undefined);
+  const r = asTrained(model.tokenizer, renderForModel(record, 'the command line', undefined));
   const enc = tokenizeText(model.tokenizer, r.text, r.spans, Number.POSITIVE_INFINITY);
   if (enc.ids.length < 2) throw new CliError('the text must be at least two tokens long');
   // beyond the model's context a learned position table has no row (GPT-2: an ONNX Runtime

@@ -9,7 +9,7 @@ import { loadDataset } from '../data/dataset';
 import { DEFAULTS } from '../settings';
 import { CHECKPOINTS_OPTION, checkpointsSetting, cliCheckpointStages, cliPlan } from './checkpoints';
 import { oneLine } from './heatmap';
-import { CliError, int, Progress, parse } from './util';
+import { CliError, int, Progress, parse, trainingFlag } from './util';
 
 export async function runScan(argv: string[]): Promise<void> {
   const { values: v } = parse(argv, {
@@ -21,6 +21,7 @@ export async function runScan(argv: string[]): Promise<void> {
     damping: { type: 'string' },
     'batch-size': { type: 'string' },
     'skip-malformed': { type: 'boolean' },
+    training: { type: 'string' },
     json: { type: 'boolean' },
     ...CHECKPOINTS_OPTION,
   });
@@ -32,7 +33,8 @@ export async function runScan(argv: string[]): Promise<void> {
   const batchSize = int(v['batch-size'], '--batch-size', DEFAULTS.batchSize);
   if (batchSize < 1) throw new CliError('--batch-size must be at least 1');
   const damping = parseDamping(v.damping);
-  const stage = openStage(v.model, v.factors, { damping, engine: { base: v.base } });
+  const training = trainingFlag(v.training);
+  const stage = openStage(v.model, v.factors, { damping, engine: { base: v.base, training } });
   const plan = cliPlan(v.model, stage.model, checkpointsSetting(v.checkpoints));
   const checkpoints =
     plan &&

@@ -8,10 +8,11 @@ import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { loadDataset } from '../data/dataset';
 import { contextLength, type TokenizedText, tokenizeExamples } from '../data/tokenize';
+import type { TrainingConvention } from '../data/training';
 import { isAdapterDir } from '../model/adapter';
 import { openCheckpoint } from '../model/checkpoint';
-import { loadTokenizer } from '../model/tokenizer';
-import { CliError, parse } from './util';
+import { loadTokenizer, withTraining } from '../model/tokenizer';
+import { CliError, parse, trainingFlag } from './util';
 
 export interface TokenizedLine {
   line: number;
@@ -29,11 +30,14 @@ export function tokenizeFile(
   data: string,
   base?: string,
   skipMalformed = false,
+  training?: TrainingConvention,
 ): { lines: TokenizedLine[]; warnings: string[] } {
   // A LoRA adapter folder (or an explicit base) resolves like fit/explain do: config.json from
   // the base model, tokenizer.json from the adapter folder when it has one, else from the base.
   const ck = base || isAdapterDir(modelDir) ? openCheckpoint(modelDir, { base }) : null;
-  const tok = loadTokenizer(ck ? ck.tokenizerDir : modelDir);
+  const tokDir = ck ? ck.tokenizerDir : modelDir;
+  const loaded = loadTokenizer(tokDir);
+  const tok = training ? withTraining(loaded, training, join(tokDir, 'tokenizer.json')) : loaded;
   const cfgPath = join(modelDir, 'config.json');
   let config: Record<string, unknown> = ck ? ck.config : {};
   if (!ck && existsSync(cfgPath)) {
@@ -76,11 +80,12 @@ export async function runTokenize(argv: string[]): Promise<void> {
     data: { type: 'string' },
     out: { type: 'string' },
     'skip-malformed': { type: 'boolean' },
+    training: { type: 'string' },
   });
   if (!v.model) throw new CliError('--model <dir> is required (a directory with tokenizer.json)');
   if (!v.data) throw new CliError('--data <file.jsonl> is required');
   if (v.out && resolve(v.out) === resolve(v.data)) throw new CliError('--out must not be the --data file');
-  const { lines, warnings } = tokenizeFile(v.model, v.data, v.base, v['skip-malformed']);
+  const { lines, warnings } = tokenizeFile(v.model, v.data, v.base, v['skip-malformed'], trainingFlag(v.training));
   for (const w of warnings) process.stderr.write(`warning: ${w}\n`);
   const body = lines.map((l) => JSON.stringify(l)).join('\n') + (lines.length ? '\n' : '');
   if (v.out) {

@@ -3,6 +3,7 @@
 import { type ParseArgsConfig, parseArgs } from 'node:util';
 import { closest } from '../../common/json-schema';
 import { type Setting, SettingError } from '../attribution/setup';
+import { parseTraining, type TrainingConvention } from '../data/training';
 
 export class CliError extends Error {
   override name = 'CliError';
@@ -110,5 +111,26 @@ export class Progress {
       this.tick(this.total, note);
       this.stream.write('\n');
     }
+  }
+}
+
+/**
+ * `--training <preset>|<json>`: how the model was trained on its records (data/training.ts):
+ * default, trl, trl-assistant, or a JSON object such as '{"appendEos": true, "maxLength": 2048}'.
+ */
+export function trainingFlag(value: string | undefined, flag = '--training'): TrainingConvention | undefined {
+  if (value === undefined) return undefined;
+  let parsed: unknown = value;
+  if (value.trim().startsWith('{')) {
+    try {
+      parsed = JSON.parse(value);
+    } catch (e) {
+      throw new CliError(`${flag}: not a JSON object (${(e as Error).message})`);
+    }
+  }
+  try {
+    return parseTraining(parsed);
+  } catch (e) {
+    throw new CliError(`${flag}: ${(e as Error).message}`);
   }
 }

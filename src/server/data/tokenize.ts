@@ -12,6 +12,7 @@ import type { RenderedRecord, Rendering } from '../../common/records/render';
 import type { TokenizerHandle } from '../model/tokenizer';
 import { DataError, QueryError } from './errors';
 import { renderForModel, type Span, targetWeightsFromOffsets } from './format';
+import { trainingKey } from './training';
 
 export interface TokenizedText {
   ids: number[];
@@ -30,7 +31,8 @@ export interface TokenizedText {
  * Bumped whenever rendering or masking changes what a record's ids/weights are, so caches keyed
  * by it (fitted factors, gradient stores) are rebuilt. 2: offsets identical to Python
  * `tokenizers`; messages through the model's chat template. 3: a post-processor's trailing
- * special (EOS) is scored after a scored last token. 4: a message's "name" reaches the chat template.
+ * special (EOS) is scored after a scored last token. 4: a message's "name" reaches the chat
+ * template; the training convention (training.ts) keys the tokens.
  */
 export const TOKENIZATION_VERSION = 4;
 
@@ -40,7 +42,28 @@ export function tokenizationKey(tok: TokenizerHandle): Record<string, unknown> {
     tokenization: TOKENIZATION_VERSION,
     tokenizer: tok.sha256,
     chatTemplate: tok.chatTemplateSource?.sha256 ?? null,
+    training: trainingKey(tok.training),
   };
+}
+
+/**
+ * A training record's rendering as its trainer trained on it (the tokenizer's training
+ * convention): the EOS appended to a text or completion, every token of a chat scored.
+ */
+export function asTrained(tok: TokenizerHandle, r: RenderedRecord): { text: string; spans: Span[] } {
+  const t = tok.training;
+  if (r.kind === 'messages') {
+    if (t.chatLoss === 'assistant') return { text: r.text, spans: r.spans };
+    // every token: of the whole conversation, or (a conversational prompt/completion, whose loss
+    // is the completion's alone) from the end of the prompt with its generation prompt on
+    return { text: r.text, spans: [[r.promptCompletion ? r.spans[0][0] : 0, r.text.length]] };
+  }
+  const eos = tok.eosToken;
+  if (!t.appendEos || eos === undefined || r.text.endsWith(eos)) return { text: r.text, spans: r.spans };
+  // the EOS continues the scored span (the whole text, or the completion)
+  const text = r.text + eos;
+  const spans = r.spans.map(([s, e]): Span => (e === r.text.length ? [s, text.length] : [s, e]));
+  return { text, spans };
 }
 
 export function tokenizeText(
@@ -75,7 +98,8 @@ export function tokenizeText(
 /** One JSONL record (the parsed value), rendered for this model and tokenized. */
 export function tokenizeRecord(tok: TokenizerHandle, record: unknown, where: string, maxLength: number): TokenizedText {
   const r = renderForModel(record, where, tok.chatTemplate());
-  return tokenizeText(tok, r.text, r.spans, maxLength, r.rendering);
+  const { text, spans } = asTrained(tok, r);
+  return tokenizeText(tok, text, spans, Math.min(maxLength, tok.training.maxLength ?? maxLength), r.rendering);
 }
 
 /** The context length a checkpoint supports (config keys differ by architecture). */

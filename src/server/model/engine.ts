@@ -23,6 +23,7 @@ import {
 import { homedir } from 'node:os';
 import { basename, join } from 'node:path';
 import { tempPathFor, writeFileAtomic } from '../../common/atomic-write';
+import type { TrainingConvention } from '../data/training';
 import { collectWhenPiledUp, noteDroppedSoon } from '../util/gc';
 import { mapLargeBlocks, releaseFreedMemory } from '../util/malloc';
 import { architectureFor } from './architectures';
@@ -34,7 +35,7 @@ import { checkRows } from './onnx/chunks';
 import { DataType, Graph, type Tensor } from './onnx/graph';
 import { createSession, type Device, ort } from './onnx/session';
 import type { DType } from './safetensors';
-import { loadTokenizer, type TokenizerHandle, withEmbeddingRows } from './tokenizer';
+import { loadTokenizer, type TokenizerHandle, withEmbeddingRows, withTraining } from './tokenizer';
 
 export type ModuleSelection = 'mlp' | 'all';
 
@@ -131,6 +132,8 @@ export interface EngineOptions {
   headRows?: number;
   /** query rows of attention computed at once (default: ATTENTION_CHUNK_BYTES of scores; tests set it small) */
   attentionRows?: number;
+  /** how the model was trained on its records (data/training.ts; default: the default convention) */
+  training?: TrainingConvention;
 }
 
 export interface Sequence {
@@ -225,10 +228,11 @@ export class Model {
       const tok = loadTokenizer(this.checkpoint.tokenizerDir);
       const rows = this.checkpoint.config.vocab_size;
       const where = join(this.checkpoint.tokenizerDir, 'tokenizer.json');
-      this.tok =
+      const checked =
         typeof rows === 'number' && rows > 0
           ? withEmbeddingRows(tok, rows, this.checkpoint.configFiles[0], where)
           : tok;
+      this.tok = this.options.training ? withTraining(checked, this.options.training, where) : checked;
     }
     return this.tok;
   }

@@ -11,6 +11,7 @@ import { existsSync, readFileSync } from 'node:fs';
 import { basename, join } from 'node:path';
 import { Tokenizer } from '@huggingface/tokenizers';
 import { ChatTemplate, ChatTemplateError } from '../../common/records/chat-template';
+import { DEFAULT_TRAINING, type TrainingConvention } from '../data/training';
 import { AlignedString, applyNormalizer, applyPreTokenizer, TokenizerError } from './alignment';
 
 export { TokenizerError };
@@ -48,6 +49,10 @@ export interface TokenizerHandle {
    * the chat template's digest above), so that factors and stores made with another tokenizer
    * are never taken for this one's */
   sha256: string;
+  /** tokenizer_config.json's eos_token, as text (what TRL appends to a record) */
+  eosToken?: string;
+  /** how the model was trained on its records (data/training.ts): set by `withTraining` */
+  training: TrainingConvention;
 }
 
 type Json = Record<string, unknown>;
@@ -397,10 +402,32 @@ export function loadTokenizer(dir: string): TokenizerHandle {
     vocabSize,
     bosTokenId,
     eosTokenId,
+    eosToken: tokenName(tc.eos_token),
+    training: DEFAULT_TRAINING,
     padTokenId,
     idToToken: (id) => tok.id_to_token(id),
     tokenToId: (t) => tok.token_to_id(t),
   };
+}
+
+/**
+ * The handle for records trained under `training`: one that appends the EOS needs an eos_token
+ * that is one token, the eos id (else the appended text would be scored as other tokens).
+ */
+export function withTraining(tok: TokenizerHandle, training: TrainingConvention, where: string): TokenizerHandle {
+  if (training.appendEos) {
+    const eos = tok.eosToken;
+    if (eos === undefined || tok.eosTokenId === undefined)
+      throw new TokenizerError(
+        `${where}: the training convention "${training.name}" appends the tokenizer's eos_token to each record, but tokenizer_config.json names none`,
+      );
+    const ids = tok.encode(eos, { addSpecialTokens: false }).ids;
+    if (ids.length !== 1 || ids[0] !== tok.eosTokenId)
+      throw new TokenizerError(
+        `${where}: eos_token ${JSON.stringify(eos)} is not one token (it encodes to ${JSON.stringify(ids)}), so appending it, as the training convention "${training.name}" does, is not what a trainer appended`,
+      );
+  }
+  return { ...tok, training };
 }
 
 /**

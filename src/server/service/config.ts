@@ -18,6 +18,7 @@ import { formatIssue, type JsonSchema, validateSchema } from '../../common/json-
 import { defaultDiscoveryFile } from '../../transport/discovery';
 import { DEFAULT_LIMITS } from '../../transport/server';
 import { parseDamping } from '../attribution/stage';
+import { parseTraining } from '../data/training';
 import { parseCheckpointsSetting } from '../model/checkpoints';
 import { defaultCacheDir } from '../model/engine';
 import type { Device } from '../model/onnx/session';
@@ -61,6 +62,7 @@ interface RawStage {
   factors?: string;
   fitDataset?: string;
   checkpoints?: 'auto' | 'off' | string[];
+  training?: string | Record<string, unknown>;
 }
 interface RawConfig {
   models: RawStage | { finetuned: RawStage; pretrained?: RawStage };
@@ -109,7 +111,16 @@ export function parseConfig(value: unknown, opts: { baseDir: string; source?: st
       ...(s.factors !== undefined ? { factors: path(s.factors) } : {}),
       ...(s.fitDataset !== undefined ? { fitDataset: s.fitDataset } : {}),
       ...(s.checkpoints !== undefined ? { checkpoints: parseCheckpointsSetting(s.checkpoints, opts.baseDir) } : {}),
+      ...(s.training !== undefined ? { training: training(s.training, `${field}.training`) } : {}),
     };
+  };
+  const training = (value: unknown, field: string) => {
+    try {
+      return parseTraining(value);
+    } catch (e) {
+      problems.push(`${field}: ${(e as Error).message}`);
+      return undefined;
+    }
   };
   const finetuned = stage(pair ? pair.finetuned : single!, pair ? 'models.finetuned' : 'models');
   const pretrained = pair?.pretrained ? stage(pair.pretrained, 'models.pretrained') : undefined;

@@ -34,6 +34,7 @@ import { checkSameTokenizer, type OpenedStage, openStage } from '../attribution/
 import { loadDataset } from '../data/dataset';
 import { DataError } from '../data/errors';
 import { contextLength, tokenizationKey } from '../data/tokenize';
+import type { TrainingConvention } from '../data/training';
 import { GradientStore, type StoreIdentity } from '../index/gradient-store';
 import { preconditionerFingerprint } from '../index/store-projection';
 import { type CheckpointsSetting, planCheckpoints } from '../model/checkpoints';
@@ -53,6 +54,8 @@ export interface StageConfig {
   fitDataset?: string;
   /** training checkpoints to sum ekfac/gdp over (model/checkpoints.ts; default DEFAULTS.checkpoints) */
   checkpoints?: CheckpointsSetting;
+  /** how the model was trained on its records (data/training.ts; default: the default convention) */
+  training?: TrainingConvention;
   /** `factors` is this program's cache (the embedded default's), not a folder the user named:
    * factors that no longer match are fitted again instead of refused */
   factorsCache?: boolean;
@@ -278,7 +281,12 @@ export class InfluenceService implements ServiceApi {
 
   private openStage(c: StageConfig): OpenedStage {
     // compiled graphs and weight digests go to the configured cache folder too
-    const engine = { device: this.config.device, threads: this.config.threads, cacheDir: this.config.cacheDir };
+    const engine = {
+      device: this.config.device,
+      threads: this.config.threads,
+      cacheDir: this.config.cacheDir,
+      training: c.training,
+    };
     const model = Model.open(c.model, { ...engine, base: c.base });
     // read the tokenizer now: a broken tokenizer.json refuses the start, naming the file,
     // instead of failing every request later
@@ -317,7 +325,12 @@ export class InfluenceService implements ServiceApi {
       ? openCheckpointStages(plan, {
           factorsDir: c.factors,
           damping: this.config.damping,
-          engine: { device: this.config.device, threads: this.config.threads, cacheDir: this.config.cacheDir },
+          engine: {
+            device: this.config.device,
+            threads: this.config.threads,
+            cacheDir: this.config.cacheDir,
+            training: c.training,
+          },
           modules: ft.modules,
         })
       : undefined;
@@ -781,7 +794,12 @@ export class InfluenceService implements ServiceApi {
             labels: 'sampled',
             seed: 0,
             skipMalformed: true,
-            engine: { device: this.config.device, threads: this.config.threads, cacheDir: this.config.cacheDir },
+            engine: {
+              device: this.config.device,
+              threads: this.config.threads,
+              cacheDir: this.config.cacheDir,
+              training: c.training,
+            },
             signal: work.signal,
             onProgress: work.progress,
           }).catch((e) => {

@@ -1,0 +1,88 @@
+// How the model was trained on its records, where trainers differ: the part of a record the loss
+// scored and how long a record could be. Influence is the training loss's gradient, so it must be
+// taken on the tokens the trainer trained on. The default is what the rest of this folder
+// describes (the tokenizer's own specials, assistant turns of a chat, the model's context); "trl"
+// is what TRL's SFTTrainer does by default:
+//  - it appends the tokenizer's eos_token to a "text" or "completion" record that does not end
+//    with it (its add_eos), and trains on it;
+//  - on a "messages" record it trains on every token (assistant_only_loss=False); "trl-assistant"
+//    is the same with assistant_only_loss=True;
+//  - it cuts records at max_length = 1024 tokens.
+
+export interface TrainingConvention {
+  /** the name it was given (a preset's, or "custom") */
+  name: string;
+  /** append the tokenizer's eos_token string to "text" and "completion" records */
+  appendEos: boolean;
+  /** the tokens of a "messages" record the loss scored */
+  chatLoss: 'assistant' | 'all';
+  /** records were cut to this many tokens in training (at most the model's context) */
+  maxLength?: number;
+}
+
+export const TRAINING_PRESETS: Record<string, TrainingConvention> = {
+  default: { name: 'default', appendEos: false, chatLoss: 'assistant' },
+  trl: { name: 'trl', appendEos: true, chatLoss: 'all', maxLength: 1024 },
+  'trl-assistant': { name: 'trl-assistant', appendEos: true, chatLoss: 'assistant', maxLength: 1024 },
+};
+
+export const DEFAULT_TRAINING = TRAINING_PRESETS.default;
+
+export class TrainingSettingError extends Error {
+  override name = 'TrainingSettingError';
+}
+
+/**
+ * A preset's name, or an object of fields over the default
+ * (`{"appendEos": true, "chatLoss": "all", "maxLength": 2048}`), as in influence-lens.json and
+ * `--training`.
+ */
+export function parseTraining(value: unknown): TrainingConvention {
+  if (typeof value === 'string') {
+    const p = Object.hasOwn(TRAINING_PRESETS, value) ? TRAINING_PRESETS[value] : undefined;
+    if (!p)
+      throw new TrainingSettingError(
+        `unknown training convention "${value}"; one of ${Object.keys(TRAINING_PRESETS).join(', ')}, or an object {"appendEos", "chatLoss", "maxLength"}`,
+      );
+    return p;
+  }
+  if (typeof value !== 'object' || value === null || Array.isArray(value))
+    throw new TrainingSettingError('the training convention must be a preset name or an object');
+  const v = value as Record<string, unknown>;
+  const unknown = Object.keys(v).filter((k) => !['appendEos', 'chatLoss', 'maxLength'].includes(k));
+  if (unknown.length)
+    throw new TrainingSettingError(
+      `unknown training field(s) ${unknown.map((k) => `"${k}"`).join(', ')}; known: "appendEos", "chatLoss", "maxLength"`,
+    );
+  const out: TrainingConvention = { ...DEFAULT_TRAINING, name: 'custom' };
+  if (v.appendEos !== undefined) {
+    if (typeof v.appendEos !== 'boolean') throw new TrainingSettingError('"appendEos" must be true or false');
+    out.appendEos = v.appendEos;
+  }
+  if (v.chatLoss !== undefined) {
+    if (v.chatLoss !== 'assistant' && v.chatLoss !== 'all')
+      throw new TrainingSettingError('"chatLoss" must be "assistant" or "all"');
+    out.chatLoss = v.chatLoss;
+  }
+  if (v.maxLength !== undefined) {
+    if (!Number.isInteger(v.maxLength) || (v.maxLength as number) < 2)
+      throw new TrainingSettingError('"maxLength" must be an integer of at least 2 (tokens)');
+    out.maxLength = v.maxLength as number;
+  }
+  return out;
+}
+
+/** What decides tokens, for cache keys: the fields, not the name. */
+export function trainingKey(t: TrainingConvention): Record<string, unknown> {
+  return { appendEos: t.appendEos, chatLoss: t.chatLoss, maxLength: t.maxLength ?? null };
+}
+
+/** One line for provenance and messages: "trl (EOS appended, every chat token, max 1024 tokens)". */
+export function describeTraining(t: TrainingConvention): string {
+  const parts = [
+    t.appendEos ? 'EOS appended to text/completion' : "the tokenizer's own EOS only",
+    t.chatLoss === 'all' ? 'every token of a chat' : 'assistant turns of a chat',
+    t.maxLength ? `cut at ${t.maxLength} tokens` : "cut at the model's context",
+  ];
+  return `${t.name} (${parts.join(', ')})`;
+}
