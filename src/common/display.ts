@@ -156,7 +156,7 @@ const CSS_COLOR_NAMES = new Set(
 export function describeAttribution(a: Attribution): string {
   const base =
     a.over === 'checkpoints'
-      ? `Σ over ${a.checkpoints!.length} training checkpoint(s) (${a.checkpoints!.map((c) => `${c.name} ×${c.weight.toFixed(3)}`).join(', ')}; ${a.weighting === 'learning-rate' ? 'learning-rate weights' : 'equal weights'})`
+      ? `Σ over ${a.checkpoints!.length} training checkpoint(s) (${a.checkpoints!.map((c) => `${c.name} ×${c.weight.toFixed(3)}${c.learningRate !== undefined ? ` (lr ${c.learningRate.toExponential(2)})` : ''}`).join(', ')}; ${a.weighting === 'learning-rate' ? 'learning-rate weights' : 'equal weights'})`
       : 'final model';
   const pre = a.preranked
     ? `; pre-ranked by ${a.preranked.by === 'gradient-store' ? 'the gradient store' : 'a low-rank query'}, ${a.preranked.exact} rescored exactly (the shown ones among them; other ranks, percentiles and the histogram are estimates)`

@@ -126,7 +126,8 @@ export interface ExplainResult {
 export interface Attribution {
   method: Method;
   over: 'final-model' | 'checkpoints';
-  checkpoints?: Array<{ name: string; step: number; weight: number }>;
+  /** each term: its folder, step, weight and the learning rate the weight comes from (when known) */
+  checkpoints?: Array<{ name: string; step: number; weight: number; learningRate?: number }>;
   weighting?: 'learning-rate' | 'uniform';
   note?: string;
   /**

@@ -3,7 +3,7 @@
 // with a real Trainer), our own `train --save-steps`, and the refusals of checkpoints that are
 // not the same model.
 import assert from 'node:assert/strict';
-import { cpSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { cpSync, mkdirSync, readFileSync, renameSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { describe, test } from 'node:test';
 import { trainJob } from '../../src/server/cli/train';
@@ -31,7 +31,7 @@ function edited(edit: (ckDir: string) => void): string {
 }
 
 describe('Trainer output_dir (real trainer_state.json)', () => {
-  test('auto finds checkpoint-3 and checkpoint-6 in step order, with the learning rate logged at or before each step', () => {
+  test("auto finds checkpoint-3 and checkpoint-6 in step order, with the learning rate at each step from the run's log", () => {
     const plan = planCheckpoints(RUN, final(), 'auto')!;
     assert.deepEqual(
       plan.checkpoints.map((c) => [c.name, c.step]),
@@ -40,20 +40,58 @@ describe('Trainer output_dir (real trainer_state.json)', () => {
         ['checkpoint-6', 6],
       ],
     );
-    // logging_steps 2: checkpoint-3's rate is the entry at step 2, checkpoint-6's the entry at step 6
+    // logging_steps 2: step 3 was not logged; checkpoint-6's log (the run's longest) has steps 2
+    // and 4 around it, and the linear schedule's rate at 3 is halfway; step 6 was logged
     const state = (c: string) => JSON.parse(readFileSync(join(RUN, c, 'trainer_state.json'), 'utf8'));
-    const logged = (c: string, step: number) =>
-      state(c).log_history.find((e: { step: number }) => e.step === step).learning_rate as number;
-    const lr3 = logged('checkpoint-3', 2);
-    const lr6 = logged('checkpoint-6', 6);
+    const logged = (step: number) =>
+      state('checkpoint-6').log_history.find((e: { step: number }) => e.step === step).learning_rate as number;
+    const lr3 = (logged(2) + logged(4)) / 2;
+    const lr6 = logged(6);
+    assert.ok(Math.abs(plan.checkpoints[0].learningRate! - lr3) < 1e-18);
+    assert.equal(plan.checkpoints[1].learningRate, lr6);
     assert.deepEqual(
-      plan.checkpoints.map((c) => c.learningRate),
-      [lr3, lr6],
+      plan.checkpoints.map((c) => c.rateFrom),
+      [{ kind: 'interpolated', steps: [2, 4] }, { kind: 'logged' }],
     );
     assert.equal(plan.weighting, 'learning-rate');
     assert.ok(Math.abs(plan.weights[0] - lr3 / (lr3 + lr6)) < 1e-15);
     assert.ok(Math.abs(plan.weights[0] + plan.weights[1] - 1) < 1e-15);
-    assert.equal(plan.note, undefined);
+    assert.match(
+      plan.note!,
+      /checkpoint-3's interpolated between steps 2 and 4.*save_steps a multiple of logging_steps/,
+    );
+  });
+
+  test('a checkpoint still being written (no trainer_state.json yet among ones that have it) is left out, said and watched', () => {
+    const dir = edited((ck) => rmSync(join(ck, 'trainer_state.json')));
+    const plan = planCheckpoints(dir, openCheckpoint(dir), 'auto')!;
+    assert.deepEqual(
+      plan.checkpoints.map((c) => c.name),
+      ['checkpoint-6'],
+    );
+    assert.deepEqual(plan.pending, [join(resolve(dir), 'checkpoint-3')]);
+    assert.match(plan.note!, /left out checkpoint-3: no trainer_state\.json yet/);
+  });
+
+  test('checkpoints reached through symbolic links are found; so are the siblings of a model named by a link', () => {
+    const dir = join(home, `links${n++}`);
+    mkdirSync(dir);
+    cpSync(RUN, join(dir, 'run'), { recursive: true });
+    // the output_dir holds a link to a checkpoint kept elsewhere
+    renameSync(join(dir, 'run', 'checkpoint-3'), join(dir, 'elsewhere-3'));
+    symlinkSync(join(dir, 'elsewhere-3'), join(dir, 'run', 'checkpoint-3'));
+    const plan = planCheckpoints(join(dir, 'run'), openCheckpoint(join(dir, 'run')), 'auto')!;
+    assert.deepEqual(
+      plan.checkpoints.map((c) => c.name),
+      ['checkpoint-3', 'checkpoint-6'],
+    );
+    // runs/latest → checkpoint-6: its earlier sibling is summed, as for the folder itself
+    symlinkSync(join(dir, 'run', 'checkpoint-6'), join(dir, 'latest'));
+    const viaLink = planCheckpoints(join(dir, 'latest'), openCheckpoint(join(dir, 'latest')), 'auto')!;
+    assert.deepEqual(
+      viaLink.checkpoints.map((c) => c.name),
+      ['checkpoint-3'],
+    );
   });
 
   test('a model that is itself checkpoint-6 sums over its earlier siblings', () => {
@@ -80,7 +118,7 @@ describe('Trainer output_dir (real trainer_state.json)', () => {
     );
   });
 
-  test('learningRateAt: the entry at the step, else the nearest before; none before: unknown', () => {
+  test('learningRateAt: the entry at the step, else interpolated between the logged steps around it, else the nearest', () => {
     const state = {
       log_history: [
         { step: 2, learning_rate: 3 },
@@ -90,18 +128,27 @@ describe('Trainer output_dir (real trainer_state.json)', () => {
       ],
     };
     assert.equal(learningRateAt(state, 4), 2);
-    assert.equal(learningRateAt(state, 5), 2);
-    assert.equal(learningRateAt(state, 1), undefined);
+    assert.equal(learningRateAt(state, 5), 1.5);
+    assert.equal(learningRateAt(state, 1), 3);
+    assert.equal(learningRateAt(state, 9), 1);
+    assert.equal(learningRateAt({ log_history: [{ step: 2, loss: 1 }] }, 2), undefined);
   });
 });
 
 describe('unknown learning rates', () => {
-  test('a checkpoint without trainer_state.json or training_args.json: equal weights, and the plan says so', () => {
+  test('checkpoints without trainer_state.json or training_args.json: equal weights, and the plan says so', () => {
     const dir = edited((ck) => rmSync(join(ck, 'trainer_state.json')));
-    const plan = planCheckpoints(dir, openCheckpoint(dir), 'auto')!;
+    // given by name, checkpoint-3 takes its rate from checkpoint-6's log of the same run
+    const given = parseCheckpointsSetting(`${dir}/checkpoint-3,${dir}/checkpoint-6`);
+    assert.deepEqual(planCheckpoints(dir, openCheckpoint(dir), given)!.checkpoints[0].rateFrom, {
+      kind: 'interpolated',
+      steps: [2, 4],
+    });
+    rmSync(join(dir, 'checkpoint-6', 'trainer_state.json'));
+    const plan = planCheckpoints(dir, openCheckpoint(dir), given)!;
     assert.equal(plan.weighting, 'uniform');
     assert.deepEqual(plan.weights, [0.5, 0.5]);
-    assert.match(plan.note!, /learning rate unknown for checkpoint-3/);
+    assert.match(plan.note!, /learning rate unknown for checkpoint-3, checkpoint-6 .*logging_steps ≤ save_steps/);
     assert.equal(plan.checkpoints[0].step, 3, 'the step comes from the folder name');
   });
 

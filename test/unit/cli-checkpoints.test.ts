@@ -43,7 +43,7 @@ describe('influence-lens --checkpoints', () => {
     const auto = explainJson('--method', 'gdp');
     assert.match(
       auto.err,
-      /summing over 2 training checkpoint\(s\), weighted by learning rate: checkpoint-3 ×0\.\d+, checkpoint-6/,
+      /summing over 2 training checkpoint\(s\), weighted by learning rate: checkpoint-3 ×0\.\d+ \(lr [\d.]+e-\d+\), checkpoint-6/,
     );
     assert.equal(auto.result.attribution?.over, 'checkpoints');
     assert.deepEqual(
@@ -66,7 +66,11 @@ describe('influence-lens --checkpoints', () => {
 
   test('explain: a list of folders is used as given (one checkpoint weighs 1)', () => {
     const { result } = explainJson('--method', 'gdp', '--checkpoints', join(RUN, 'checkpoint-3'));
-    assert.deepEqual(result.attribution?.checkpoints, [{ name: 'checkpoint-3', step: 3, weight: 1 }]);
+    assert.deepEqual(
+      result.attribution?.checkpoints?.map(({ name, step, weight }) => ({ name, step, weight })),
+      [{ name: 'checkpoint-3', step: 3, weight: 1 }],
+    );
+    assert.ok(result.attribution!.checkpoints![0].learningRate! > 0);
   });
 
   test('fit fits every checkpoint; explain ekfac then says which checkpoints made the scores', () => {
@@ -82,7 +86,7 @@ describe('influence-lens --checkpoints', () => {
     assert.match(text.out, /method: ekfac/);
     assert.match(
       text.out,
-      /scores: Σ over 2 training checkpoint\(s\) \(checkpoint-3 ×0\.\d+, checkpoint-6 ×0\.\d+; learning-rate weights\)/,
+      /scores: Σ over 2 training checkpoint\(s\) \(checkpoint-3 ×0\.\d+ \(lr [\d.]+e-\d+\), checkpoint-6 ×0\.\d+ \(lr [\d.]+e-\d+\); learning-rate weights\)/,
     );
     const scan = cli('scan', '--model', RUN, '--data', DATA, '--factors', factors, '--json');
     assert.equal(scan.code, 0, scan.err);
@@ -128,7 +132,10 @@ describe('influence-lens.json "checkpoints"', () => {
     const off = await service({ checkpoints: 'off' }).explain({ ...ask, method: 'gdp' });
     assert.deepEqual(off.attribution, { method: 'gdp', over: 'final-model' });
     const one = await service({ checkpoints: [`${RUN}/checkpoint-6`] }).explain({ ...ask, method: 'gdp' });
-    assert.deepEqual(one.attribution?.checkpoints, [{ name: 'checkpoint-6', step: 6, weight: 1 }]);
+    assert.deepEqual(
+      one.attribution?.checkpoints?.map(({ name, step, weight }) => ({ name, step, weight })),
+      [{ name: 'checkpoint-6', step: 6, weight: 1 }],
+    );
   });
 
   test('the fit request fits every checkpoint; ekfac then sums over them (and waits for them before)', async () => {

@@ -174,6 +174,41 @@ describe('reopening never happens under a request, and only for a real change', 
     assert.notDeepEqual(scores(after), scores(before));
   });
 
+  test('a training checkpoint still being written joins the sum once its trainer_state.json appears', async () => {
+    const run = join(home, `run${n++}`);
+    cpSync('test/fixtures/trainer_run', run, { recursive: true });
+    const state = join(run, 'checkpoint-3', 'trainer_state.json');
+    const saved = readFileSync(state);
+    rmSync(state);
+    const s = new InfluenceService({
+      finetuned: { model: run },
+      datasets: { train: join(run, 'train.jsonl') },
+      modules: 'mlp',
+      cacheDir: join(home, `cache${n++}`),
+    });
+    s.open();
+    const ask = {
+      prompt: 'Q: capital of France?\nA:',
+      completion: ' Paris',
+      dataset: 'train',
+      topK: 2,
+      method: 'gdp' as const,
+    };
+    const before = await s.explain(ask);
+    assert.deepEqual(
+      before.attribution?.checkpoints?.map((c) => c.name),
+      ['checkpoint-6'],
+    );
+    assert.match(before.attribution?.note ?? '', /left out checkpoint-3: no trainer_state\.json yet/);
+    writeFileSync(state, saved);
+    const after = await s.explain(ask);
+    assert.deepEqual(
+      after.attribution?.checkpoints?.map((c) => c.name),
+      ['checkpoint-3', 'checkpoint-6'],
+    );
+    assert.notEqual(after.revision, before.revision);
+  });
+
   test('a fit opens every stage again: a model replaced while it fitted is not left stale', async () => {
     const ft = copy();
     const pt = copy();

@@ -28,6 +28,8 @@ export function checkpointFactorsDir(factorsDir: string, ck: TrainingCheckpoint,
 export interface OpenedCheckpoints extends CheckpointStages {
   /** checkpoints whose factors are not fitted yet (their stages have no preconditioners) */
   unfitted: string[];
+  /** checkpoint folders left out while the trainer is still writing them (CheckpointPlan.pending) */
+  pending?: string[];
 }
 
 /** Opens every checkpoint of `plan` as a stage, with its factors when `factorsDir` holds them. */
@@ -45,9 +47,21 @@ export function openCheckpointStages(
     if (fitted && st.modules !== opts.modules)
       // the final model's factors decide the modules; a checkpoint fitted over others is stale
       unfitted.push(ck.name);
-    return { name: ck.name, step: ck.step, weight: plan.weights[i], stage: st };
+    return {
+      name: ck.name,
+      step: ck.step,
+      weight: plan.weights[i],
+      ...(ck.learningRate !== undefined ? { learningRate: ck.learningRate } : {}),
+      stage: st,
+    };
   });
-  return { stages, weighting: plan.weighting, note: plan.note, unfitted };
+  return {
+    stages,
+    weighting: plan.weighting,
+    note: plan.note,
+    unfitted,
+    ...(plan.pending ? { pending: plan.pending } : {}),
+  };
 }
 
 /**

@@ -494,7 +494,12 @@ export function attributionOf(method: Method, setup: ExplainSetup): Attribution 
   return {
     method,
     over: 'checkpoints',
-    checkpoints: c.stages.map((s) => ({ name: s.name, step: s.step, weight: s.weight })),
+    checkpoints: c.stages.map((s) => ({
+      name: s.name,
+      step: s.step,
+      weight: s.weight,
+      ...(s.learningRate !== undefined ? { learningRate: s.learningRate } : {}),
+    })),
     weighting: c.weighting,
     ...(c.note ? { note: c.note } : {}),
   };

@@ -50,6 +50,8 @@ export interface CheckpointStage {
   name: string;
   step: number;
   weight: number;
+  /** the learning rate the weight comes from, when known */
+  learningRate?: number;
   stage: Stage;
 }
 

@@ -26,9 +26,14 @@ export function cliPlan(modelDir: string, model: Model, setting: CheckpointsSett
 }
 
 export function describePlan(plan: CheckpointPlan): string {
-  const list = plan.checkpoints.map((c, i) => `${c.name} ×${plan.weights[i].toFixed(3)}`).join(', ');
+  const list = plan.checkpoints
+    .map(
+      (c, i) =>
+        `${c.name} ×${plan.weights[i].toFixed(3)}${c.learningRate !== undefined ? ` (lr ${c.learningRate.toExponential(2)})` : ''}`,
+    )
+    .join(', ');
   return (
-    `summing over ${plan.checkpoints.length} training checkpoint(s), weighted by ${plan.weighting === 'learning-rate' ? 'learning rate' : 'equal weights'}: ${list}` +
+    `summing over ${plan.checkpoints.length} training checkpoint(s), ${plan.weighting === 'learning-rate' ? 'weighted by learning rate' : 'weighed equally'}: ${list}` +
     (plan.note ? ` (${plan.note})` : '') +
     '; --checkpoints off scores the final model alone'
   );

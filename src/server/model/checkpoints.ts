@@ -10,12 +10,13 @@
 // on the embedded default it is where memorised answers' own sources turn "opposing", and the
 // lr-weighted checkpoints alone put none of them in the bottom 10%
 // (bench/results/2026-12-02-vm-sources.md, 2026-12-02-vm-checkpoint-subsets.md). A Trainer
-// checkpoint saved at the last step is the final model and counts like any other.
+// checkpoint saved at the last step is a term like any other when the model is the output_dir;
+// when the model named is that checkpoint itself, its earlier siblings are the terms.
 // Each checkpoint must be the same model as the final one (config, parameter names and shapes,
 // tokenizer, adapter or not): a sum over checkpoints of another model means nothing, so any
 // difference is refused in one line naming the folder and what differs.
 import { createHash } from 'node:crypto';
-import { existsSync, readdirSync, readFileSync, statSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync, realpathSync, statSync } from 'node:fs';
 import { basename, dirname, join, resolve } from 'node:path';
 import { ADAPTER_CONFIG, ADAPTER_WEIGHTS } from './adapter';
 import { type Checkpoint, CheckpointError, openCheckpoint } from './checkpoint';
@@ -36,6 +37,9 @@ export interface TrainingCheckpoint {
   step: number;
   /** the learning rate at that step, when the trainer recorded it */
   learningRate?: number;
+  /** how `learningRate` was read: logged at the step itself (or recorded by our trainer), or
+   * estimated from the logged steps around it (interpolated) or nearest to it */
+  rateFrom?: { kind: 'logged' } | { kind: 'interpolated'; steps: [number, number] } | { kind: 'nearest'; step: number };
   /** the opened checkpoint (headers only), checked against the final model */
   checkpoint: Checkpoint;
 }
@@ -47,6 +51,9 @@ export interface CheckpointPlan {
   /** 'learning-rate': w_c = η_c / Σ η; 'uniform': the learning rates were not all known (see `note`) */
   weighting: 'learning-rate' | 'uniform';
   note?: string;
+  /** checkpoint folders left out as still being written (no trainer_state.json yet): watched, so
+   * that a server takes them in once complete */
+  pending?: string[];
 }
 
 export const CHECKPOINT_DIR = /^checkpoint-(\d+)$/;
@@ -72,9 +79,22 @@ export function planCheckpoints(
   setting: CheckpointsSetting,
 ): CheckpointPlan | undefined {
   if (setting === 'off') return undefined;
-  const dirs = setting === 'auto' ? discover(resolve(modelDir)) : setting;
+  const dirs = setting === 'auto' ? discover(modelDir) : setting;
   if (!dirs.length) return undefined;
-  const found = dirs.map((d) => readTrainingCheckpoint(d, final));
+  // every checkpoint's log_history is a prefix of the same run's: the longest one also has the
+  // steps logged after a checkpoint, to read its rate between two logged steps
+  const log = runLog([...dirs, resolve(modelDir)]);
+  const read = dirs.map((d) => readTrainingCheckpoint(d, final, log));
+  // A Trainer writes a checkpoint's weights first and its trainer_state.json last (seconds to
+  // minutes later at real sizes): among checkpoints that have one, a folder of the same model
+  // without it is still being written. It is left out until then (and watched).
+  const hasState = (d: string) => existsSync(join(d, 'trainer_state.json'));
+  const pending =
+    setting === 'auto' && dirs.some(hasState)
+      ? read.filter((c) => !hasState(c.dir) && !existsSync(join(c.dir, 'training_args.json'))).map((c) => c.dir)
+      : [];
+  const found = read.filter((c) => !pending.includes(c.dir));
+  if (!found.length) return undefined;
   const steps = new Map<number, string>();
   for (const c of found) {
     const other = steps.get(c.step);
@@ -82,7 +102,19 @@ export function planCheckpoints(
     steps.set(c.step, c.dir);
   }
   found.sort((a, b) => a.step - b.step);
-  return { checkpoints: found, ...checkpointWeights(found) };
+  const weights = checkpointWeights(found);
+  const notes = [
+    weights.note,
+    pending.length
+      ? `left out ${pending.map((d) => basename(d)).join(', ')}: no trainer_state.json yet (a checkpoint the trainer is still writing)`
+      : undefined,
+  ].filter(Boolean);
+  return {
+    checkpoints: found,
+    ...weights,
+    ...(notes.length ? { note: notes.join('; ') } : {}),
+    ...(pending.length ? { pending } : {}),
+  };
 }
 
 /**
@@ -90,41 +122,93 @@ export function planCheckpoints(
  * normalized to sum to 1 (the same ranking as Σ η_c · score_c, on the scale of one model's scores).
  * Without every learning rate (or with all zero), the checkpoints weigh the same and the note says so.
  */
-export function checkpointWeights(cks: Array<Pick<TrainingCheckpoint, 'name' | 'learningRate'>>): {
+export function checkpointWeights(cks: Array<Pick<TrainingCheckpoint, 'name' | 'learningRate' | 'rateFrom'>>): {
   weights: number[];
   weighting: CheckpointPlan['weighting'];
   note?: string;
 } {
   const lrs = cks.map((c) => c.learningRate);
   const total = lrs.reduce<number>((s, x) => s + (x ?? 0), 0);
-  if (lrs.every((x) => x !== undefined && x >= 0) && total > 0)
-    return { weights: lrs.map((x) => x! / total), weighting: 'learning-rate' };
+  if (lrs.every((x) => x !== undefined && x >= 0) && total > 0) {
+    const estimated = cks.flatMap((c) => {
+      const f = c.rateFrom;
+      if (!f || f.kind === 'logged') return [];
+      return [
+        f.kind === 'interpolated'
+          ? `${c.name}'s interpolated between steps ${f.steps[0]} and ${f.steps[1]}`
+          : `${c.name}'s from step ${f.step}`,
+      ];
+    });
+    return {
+      weights: lrs.map((x) => x! / total),
+      weighting: 'learning-rate',
+      ...(estimated.length
+        ? {
+            note: `learning rates not logged at the checkpoints' steps, estimated from trainer_state.json's log: ${estimated.join(', ')} (save_steps a multiple of logging_steps gives exact ones)`,
+          }
+        : {}),
+    };
+  }
   const unknown = cks.filter((c) => c.learningRate === undefined).map((c) => c.name);
   return {
     weights: cks.map(() => 1 / cks.length),
     weighting: 'uniform',
     note: unknown.length
-      ? `learning rate unknown for ${unknown.join(', ')} (no trainer_state.json log entry or training_args.json): checkpoints weighed equally`
+      ? `learning rate unknown for ${unknown.join(', ')} (no learning_rate in trainer_state.json's log_history, no training_args.json): checkpoints weighed equally; log the learning rate (logging_steps ≤ save_steps) or list the checkpoints that have one with --checkpoints`
       : 'the recorded learning rates are all zero: checkpoints weighed equally',
   };
 }
 
-function discover(modelDir: string): string[] {
-  const inside = readdirSync(modelDir, { withFileTypes: true })
-    .filter((e) => e.isDirectory() && CHECKPOINT_DIR.test(e.name))
-    .map((e) => join(modelDir, e.name));
+function discover(modelDirIn: string): string[] {
+  // through symbolic links: a model reached by a link (runs/latest → checkpoint-20) has the
+  // siblings of where it is, and a linked checkpoint folder is a checkpoint
+  const modelDir = realpathSync(modelDirIn);
+  const folders = (dir: string) =>
+    readdirSync(dir).filter((n) => {
+      if (!CHECKPOINT_DIR.test(n)) return false;
+      try {
+        return statSync(join(dir, n)).isDirectory();
+      } catch {
+        return false; // a dangling link
+      }
+    });
+  const inside = folders(modelDir).map((n) => join(modelDir, n));
   if (inside.length) return inside;
   // the model is itself a Trainer checkpoint: the earlier checkpoints of the same run
   const own = CHECKPOINT_DIR.exec(basename(modelDir));
   if (!own) return [];
   const parent = dirname(modelDir);
-  return readdirSync(parent, { withFileTypes: true })
-    .filter((e) => e.isDirectory() && Number(CHECKPOINT_DIR.exec(e.name)?.[1] ?? Number.NaN) < Number(own[1]))
-    .map((e) => join(parent, e.name));
+  return folders(parent)
+    .filter((n) => Number(CHECKPOINT_DIR.exec(n)![1]) < Number(own[1]))
+    .map((n) => join(parent, n));
+}
+
+type LogEntry = { step: number; lr: number };
+
+/** The logged learning rates of the run, from the longest log_history among the folders' trainer_state.json. */
+function runLog(dirs: string[]): LogEntry[] {
+  let best: LogEntry[] = [];
+  for (const d of dirs) {
+    const entries = logOf(readJson(join(d, 'trainer_state.json')));
+    if (entries.length > best.length) best = entries;
+  }
+  return best;
+}
+
+function logOf(state: Record<string, unknown> | undefined): LogEntry[] {
+  const log = state?.log_history;
+  if (!Array.isArray(log)) return [];
+  const out: LogEntry[] = [];
+  for (const e of log as Array<Record<string, unknown>>) {
+    const step = num(e?.step);
+    const lr = num(e?.learning_rate);
+    if (step !== undefined && lr !== undefined) out.push({ step, lr });
+  }
+  return out.sort((a, b) => a.step - b.step);
 }
 
 /** One checkpoint folder: its step and learning rate, checked to be the same model as `final`. */
-export function readTrainingCheckpoint(dirIn: string, final: Checkpoint): TrainingCheckpoint {
+export function readTrainingCheckpoint(dirIn: string, final: Checkpoint, runLogIn?: LogEntry[]): TrainingCheckpoint {
   const dir = resolve(dirIn);
   if (!existsSync(dir) || !statSync(dir).isDirectory()) throw new CheckpointsError(`checkpoint ${dirIn}: not a folder`);
   const name = basename(dir);
@@ -144,7 +228,11 @@ export function readTrainingCheckpoint(dirIn: string, final: Checkpoint): Traini
     throw new CheckpointsError(
       `checkpoint ${dir}: cannot tell its training step (no trainer_state.json global_step, no training_args.json global_step, not named checkpoint-<step>)`,
     );
-  const learningRate = learningRateAt(state, step) ?? num(ours?.learning_rate);
+  const log = runLogIn && runLogIn.length >= logOf(state).length ? runLogIn : logOf(state);
+  const fromLog = rateAt(log, step);
+  const ourRate = num(ours?.learning_rate);
+  const learningRate = fromLog?.lr ?? ourRate;
+  const rateFrom = fromLog ? fromLog.from : ourRate !== undefined ? ({ kind: 'logged' } as const) : undefined;
   const isAdapter = existsSync(join(dir, ADAPTER_CONFIG));
   if (isAdapter !== !!final.adapter)
     throw new CheckpointsError(
@@ -168,24 +256,44 @@ export function readTrainingCheckpoint(dirIn: string, final: Checkpoint): Traini
     if (!existsSync(theirs) || fileHash(join(dir, file)) !== fileHash(theirs))
       throw new CheckpointsError(`checkpoint ${dir} has another ${file} than the model ${final.dir}`);
   }
-  return { name, dir, step, learningRate, checkpoint: { ...ck, tokenizerDir: final.tokenizerDir } };
+  return {
+    name,
+    dir,
+    step,
+    learningRate,
+    ...(rateFrom ? { rateFrom } : {}),
+    checkpoint: { ...ck, tokenizerDir: final.tokenizerDir },
+  };
 }
 
 /**
- * The learning rate at `step` from trainer_state.json's log_history: the entry at that step, or the
- * nearest one before it (Trainer logs every logging_steps, so a save step may fall between logs).
+ * The learning rate at `step` from trainer_state.json's log_history: the entry at that step (the
+ * Trainer logs the rate it used for the step); else, between two logged steps, the straight line
+ * between their rates (exact for a linear schedule, close for cosine); else the nearest logged
+ * step's rate. Trainer logs every logging_steps, so a save step may fall between logs.
  */
 export function learningRateAt(state: Record<string, unknown> | undefined, step: number): number | undefined {
-  const log = state?.log_history;
-  if (!Array.isArray(log)) return undefined;
-  let best: { step: number; lr: number } | undefined;
-  for (const e of log as Array<Record<string, unknown>>) {
-    const s = num(e?.step);
-    const lr = num(e?.learning_rate);
-    if (s === undefined || lr === undefined || s > step) continue;
-    if (!best || s >= best.step) best = { step: s, lr };
+  return rateAt(logOf(state), step)?.lr;
+}
+
+function rateAt(
+  log: LogEntry[],
+  step: number,
+): { lr: number; from: NonNullable<TrainingCheckpoint['rateFrom']> } | undefined {
+  if (!log.length) return undefined;
+  const at = log.filter((e) => e.step === step);
+  if (at.length) return { lr: at[at.length - 1].lr, from: { kind: 'logged' } };
+  const before = log.filter((e) => e.step < step).pop();
+  const after = log.find((e) => e.step > step);
+  if (before && after) {
+    const t = (step - before.step) / (after.step - before.step);
+    return {
+      lr: before.lr + t * (after.lr - before.lr),
+      from: { kind: 'interpolated', steps: [before.step, after.step] },
+    };
   }
-  return best?.lr;
+  const near = (before ?? after)!;
+  return { lr: near.lr, from: { kind: 'nearest', step: near.step } };
 }
 
 /** Keys a trainer rewrites without changing the model. */

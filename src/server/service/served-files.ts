@@ -63,6 +63,8 @@ export function servedPaths(
     }
   }
   for (const c of checkpoints?.stages ?? []) model(c.stage);
+  // a checkpoint still being written joins the sum once its trainer_state.json appears
+  for (const d of checkpoints?.pending ?? []) files.add(join(d, 'trainer_state.json'));
   return { files: [...files].sort(), dirs: [...dirs].sort(), modelDirs: [...modelDirs].sort() };
 }
 
