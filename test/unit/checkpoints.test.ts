@@ -56,10 +56,7 @@ describe('Trainer output_dir (real trainer_state.json)', () => {
     assert.equal(plan.weighting, 'learning-rate');
     assert.ok(Math.abs(plan.weights[0] - lr3 / (lr3 + lr6)) < 1e-15);
     assert.ok(Math.abs(plan.weights[0] + plan.weights[1] - 1) < 1e-15);
-    assert.match(
-      plan.note!,
-      /checkpoint-3's interpolated between steps 2 and 4.*save_steps a multiple of logging_steps/,
-    );
+    assert.match(plan.note!, /checkpoint-3's interpolated from steps 2 and 4.*save_steps a multiple of logging_steps/);
   });
 
   test('a checkpoint still being written (no trainer_state.json yet among ones that have it) is left out, said and watched', () => {
@@ -118,7 +115,7 @@ describe('Trainer output_dir (real trainer_state.json)', () => {
     );
   });
 
-  test('learningRateAt: the entry at the step, else interpolated between the logged steps around it, else the nearest', () => {
+  test('learningRateAt: the entry at the step, else interpolated between the logged steps around it, else extrapolated', () => {
     const state = {
       log_history: [
         { step: 2, learning_rate: 3 },
@@ -129,8 +126,11 @@ describe('Trainer output_dir (real trainer_state.json)', () => {
     };
     assert.equal(learningRateAt(state, 4), 2);
     assert.equal(learningRateAt(state, 5), 1.5);
-    assert.equal(learningRateAt(state, 1), 3);
-    assert.equal(learningRateAt(state, 9), 1);
+    // beyond the log: the line through the two nearest logged steps, never below 0
+    assert.equal(learningRateAt(state, 1), 3.5);
+    assert.equal(learningRateAt(state, 7), 0.5);
+    assert.equal(learningRateAt(state, 9), 0);
+    assert.equal(learningRateAt({ log_history: [{ step: 2, learning_rate: 3 }] }, 5), 3);
     assert.equal(learningRateAt({ log_history: [{ step: 2, loss: 1 }] }, 2), undefined);
   });
 });

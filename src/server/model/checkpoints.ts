@@ -39,7 +39,10 @@ export interface TrainingCheckpoint {
   learningRate?: number;
   /** how `learningRate` was read: logged at the step itself (or recorded by our trainer), or
    * estimated from the logged steps around it (interpolated) or nearest to it */
-  rateFrom?: { kind: 'logged' } | { kind: 'interpolated'; steps: [number, number] } | { kind: 'nearest'; step: number };
+  rateFrom?:
+    | { kind: 'logged' }
+    | { kind: 'interpolated' | 'extrapolated'; steps: [number, number] }
+    | { kind: 'nearest'; step: number };
   /** the opened checkpoint (headers only), checked against the final model */
   checkpoint: Checkpoint;
 }
@@ -134,9 +137,9 @@ export function checkpointWeights(cks: Array<Pick<TrainingCheckpoint, 'name' | '
       const f = c.rateFrom;
       if (!f || f.kind === 'logged') return [];
       return [
-        f.kind === 'interpolated'
-          ? `${c.name}'s interpolated between steps ${f.steps[0]} and ${f.steps[1]}`
-          : `${c.name}'s from step ${f.step}`,
+        f.kind === 'nearest'
+          ? `${c.name}'s from step ${f.step}`
+          : `${c.name}'s ${f.kind} from steps ${f.steps[0]} and ${f.steps[1]}`,
       ];
     });
     return {
@@ -269,8 +272,9 @@ export function readTrainingCheckpoint(dirIn: string, final: Checkpoint, runLogI
 /**
  * The learning rate at `step` from trainer_state.json's log_history: the entry at that step (the
  * Trainer logs the rate it used for the step); else, between two logged steps, the straight line
- * between their rates (exact for a linear schedule, close for cosine); else the nearest logged
- * step's rate. Trainer logs every logging_steps, so a save step may fall between logs.
+ * between their rates (exact for a linear schedule, close for cosine); beyond the logged steps,
+ * the line through the two nearest (clamped at 0); with one logged step, its rate. Trainer logs
+ * every logging_steps, so a save step may fall between logs.
  */
 export function learningRateAt(state: Record<string, unknown> | undefined, step: number): number | undefined {
   return rateAt(logOf(state), step)?.lr;
@@ -291,6 +295,14 @@ function rateAt(
       lr: before.lr + t * (after.lr - before.lr),
       from: { kind: 'interpolated', steps: [before.step, after.step] },
     };
+  }
+  // past the last logged step (a run's last checkpoint, often) or before the first: the line
+  // through the two nearest logged steps (exact for a linear schedule or its warm-up), never below 0
+  const side = before ? log.filter((e) => e.step < step).slice(-2) : log.filter((e) => e.step > step).slice(0, 2);
+  if (side.length === 2 && side[0].step !== side[1].step) {
+    const [a, b] = side;
+    const lr = Math.max(0, a.lr + ((step - a.step) * (b.lr - a.lr)) / (b.step - a.step));
+    return { lr, from: { kind: 'extrapolated', steps: [a.step, b.step] } };
   }
   const near = (before ?? after)!;
   return { lr: near.lr, from: { kind: 'nearest', step: near.step } };
