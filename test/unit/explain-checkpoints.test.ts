@@ -164,8 +164,8 @@ describe('explain summed over training checkpoints (tiny fp64 Llama)', () => {
         method,
         over: 'checkpoints',
         checkpoints: [
-          { name: 'checkpoint-1', step: 1, weight: 0.75 },
-          { name: 'checkpoint-2', step: 2, weight: 0.25 },
+          { name: 'checkpoint-1', step: 1, weight: 0.75, learningRate: 0.003 },
+          { name: 'checkpoint-2', step: 2, weight: 0.25, learningRate: 0.001 },
         ],
         weighting: 'learning-rate',
       });
