@@ -69,9 +69,11 @@ describe('a model or factors replaced on disk while the server runs', () => {
     const g0 = await service.explain({ ...q, method: 'gdp' });
     assert.equal(r0.revision, service.info().revision);
 
+    const opened = service.openedStages().finetuned.model;
     replaceWeights(model, 1.5);
     const g1 = await service.explain({ ...q, method: 'gdp' });
     assert.notEqual(g1.revision, g0.revision);
+    assert.notEqual(service.openedStages().finetuned.model, opened);
     assert.equal(service.info().revision, g1.revision);
     // the new weights, as a server started now scores them (and not the old ones)
     assertSameScores(g1, await fresh('gdp'));
@@ -90,14 +92,20 @@ describe('a model or factors replaced on disk while the server runs', () => {
     assertSameScores(r1, await fresh('ekfac'));
   });
 
-  test('factors refitted by another process are read at the next request', async () => {
+  test('factors refitted by another process are read at the next request; the models and tokenized data stay', async () => {
     const before = service.info().revision;
+    const opened = service.openedStages().finetuned.model;
+    const corpus = service.dataset('train').corpus;
+    void corpus.tokens;
     // the CLI fits other labels into the same folder while the server runs
     rmSync(factors, { recursive: true });
     await runFitJob({ modelDir: model, dataPath: data, out: factors, modules: 'mlp', labels: 'empirical', seed: 0 });
     const r = await service.explain({ ...q, method: 'ekfac' });
     assert.notEqual(r.revision, before);
     assertSameScores(r, await fresh('ekfac'));
+    // only the factors changed: the same model (its compiled graphs) and the same tokens
+    assert.equal(service.openedStages().finetuned.model, opened);
+    assert.equal(service.dataset('train').corpus, corpus);
   });
 
   test('a model that cannot be opened any more fails every request with the reason until it can', async () => {

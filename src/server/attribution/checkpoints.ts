@@ -35,11 +35,18 @@ export interface OpenedCheckpoints extends CheckpointStages {
 /** Opens every checkpoint of `plan` as a stage, with its factors when `factorsDir` holds them. */
 export function openCheckpointStages(
   plan: CheckpointPlan,
-  opts: { factorsDir?: string; damping?: Damping; engine?: EngineOptions; modules: ModuleSelection },
+  opts: {
+    factorsDir?: string;
+    damping?: Damping;
+    engine?: EngineOptions;
+    modules: ModuleSelection;
+    /** checkpoint folder → its model already opened (a server reopening for new factors only) */
+    models?: Map<string, Model>;
+  },
 ): OpenedCheckpoints {
   const unfitted: string[] = [];
   const stages = plan.checkpoints.map((ck, i) => {
-    const model = Model.fromCheckpoint(ck.checkpoint, opts.engine);
+    const model = opts.models?.get(ck.dir) ?? Model.fromCheckpoint(ck.checkpoint, opts.engine);
     const dir = opts.factorsDir ? checkpointFactorsDir(opts.factorsDir, ck, opts.engine?.cacheDir) : undefined;
     const fitted = !!dir && existsSync(join(dir, OUR_ARGUMENTS_FILE));
     if (!fitted) unfitted.push(ck.name);
