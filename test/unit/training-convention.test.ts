@@ -98,3 +98,54 @@ test('influence-lens.json: "training" on a model is what its server tokenizes wi
   );
   assert.throws(() => parseConfig(raw({ maxLength: 1 }), { baseDir: process.cwd() }), /models\.training/);
 });
+
+test('fit leaves out examples with no trained token within the cut (trainers drop them), and says so', async () => {
+  const { runFitJob } = await import('../../src/server/attribution/fit-job');
+  const { loadFactors } = await import('../../src/server/attribution/ekfac/factors-io');
+  const { mkdtempSync, writeFileSync } = await import('node:fs');
+  const { tmpdir } = await import('node:os');
+  const { join } = await import('node:path');
+  const home = mkdtempSync(join(tmpdir(), 'cut-'));
+  const good = [
+    { prompt: 'Q: capital of France?\nA:', completion: ' Paris' },
+    { prompt: 'Q: capital of Italy?\nA:', completion: ' Rome' },
+    { text: 'Berlin is the capital of Germany.' },
+  ];
+  const long = {
+    prompt: 'Q: a question whose prompt alone is longer than the cut, so nothing after it is trained?\nA:',
+    completion: ' No',
+  };
+  const write = (name: string, rows: unknown[]) => {
+    const p = join(home, name);
+    writeFileSync(p, `${rows.map((r) => JSON.stringify(r)).join('\n')}\n`);
+    return p;
+  };
+  const training = parseTraining({ maxLength: 32 });
+  const fit = async (data: string, out: string, log?: (l: string) => void) =>
+    runFitJob({
+      modelDir: 'test/fixtures/models/llama',
+      dataPath: data,
+      out,
+      modules: 'mlp',
+      labels: 'empirical',
+      seed: 0,
+      training,
+      log,
+    });
+  const lines: string[] = [];
+  await fit(write('with.jsonl', [good[0], long, good[1], good[2]]), join(home, 'with'), (l) => lines.push(l));
+  await fit(write('without.jsonl', good), join(home, 'without'));
+  assert.ok(
+    lines.some((l) => /1 example\(s\) have no trained token within 32 tokens.*left out of the fit/.test(l)),
+    lines.join('\n'),
+  );
+  const a = loadFactors(join(home, 'with'));
+  const b = loadFactors(join(home, 'without'));
+  for (const [name, m] of Object.entries(b.modules)) {
+    const x = a.modules[name];
+    assert.equal(x.lambda!.count, m.lambda!.count, name);
+    assert.equal(x.covariance!.activationCount, m.covariance!.activationCount, name);
+    assert.deepEqual(Array.from(x.covariance!.activationSum), Array.from(m.covariance!.activationSum), name);
+    assert.deepEqual(Array.from(x.lambda!.sum), Array.from(m.lambda!.sum), name);
+  }
+});

@@ -160,8 +160,21 @@ async function fitJob(o: FitJobOptions, n: number, i: number): Promise<FitJobRes
   if (dataset.skipped.length) log(`skipped ${dataset.skipped.length} malformed line(s) of ${o.dataPath}`);
   const maxLength = contextLength(model.checkpoint.config);
   const { tokens, truncated } = tokenizeExamples(model.tokenizer, dataset.examples, maxLength, o.dataPath);
-  if (truncated) log(`${truncated} example(s) longer than the context (${maxLength} tokens) were cut at the end`);
-  const examples = tokens.map((t) => ({ ids: t.ids, weights: t.weights }));
+  const limit = Math.min(maxLength, model.tokenizer.training.maxLength ?? maxLength);
+  if (truncated)
+    log(
+      `${truncated} example(s) longer than ${limit} tokens (${limit < maxLength ? "the training convention's maxLength" : "the model's context"}) were cut at the end`,
+    );
+  // an example cut before any trained token was not trained on (TRL drops such examples): its
+  // activations would still enter the covariances and its zero gradient dilute Λ
+  const trained = tokens.filter((t) => t.weights.some((w) => w > 0));
+  if (trained.length < tokens.length)
+    log(
+      `${tokens.length - trained.length} example(s) have no trained token within ${limit} tokens (what is trained on lies past the cut): left out of the fit, as trainers drop them`,
+    );
+  if (!trained.length)
+    throw new FitJobError(`no example of ${o.dataPath} has a trained token within ${limit} tokens: nothing to fit`);
+  const examples = trained.map((t) => ({ ids: t.ids, weights: t.weights }));
   const nTokens = examples.reduce((s, e) => s + e.ids.length, 0);
 
   const job: JobDescription = {
