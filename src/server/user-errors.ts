@@ -13,6 +13,7 @@ import { GradientStoreError } from './index/gradient-store';
 import { AdapterError } from './model/adapter';
 import { ConfigError as ModelConfigError } from './model/architectures/common';
 import { CheckpointError } from './model/checkpoint';
+import { FileChangedError } from './model/content-digest';
 import { EngineError } from './model/engine';
 import { DeviceError } from './model/onnx/session';
 import { SafetensorsError } from './model/safetensors';
@@ -43,6 +44,7 @@ export const USER_ERRORS: ReadonlyArray<new (...args: never[]) => Error> = [
   GradientStoreError,
   QueriesError,
   TrainingSettingError,
+  FileChangedError,
 ];
 
 /**

@@ -3,9 +3,21 @@
 // over it, a truncation) never changes or kills a running session, and a folder with the same
 // bytes is never served another folder's new ones.
 import assert from 'node:assert/strict';
-import { cpSync, linkSync, readdirSync, readFileSync, rmSync, statSync, truncateSync, writeFileSync } from 'node:fs';
+import fs, {
+  cpSync,
+  linkSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  statSync,
+  truncateSync,
+  writeFileSync,
+} from 'node:fs';
+import { syncBuiltinESMExports } from 'node:module';
 import { join } from 'node:path';
 import { test } from 'node:test';
+import { modelFingerprint } from '../../src/server/attribution/fingerprint';
+import { copyHashing, FileChangedError } from '../../src/server/model/content-digest';
 import { Model } from '../../src/server/model/engine';
 import { readSafetensorsHeader } from '../../src/server/model/safetensors';
 import { useTempHome } from './helpers/env';
@@ -80,4 +92,61 @@ test("a hard link to the user's file in the cache (an older version's) is replac
   assert.equal(statSync(snapshot).nlink, 1);
   writeFileSync(join(dir, 'model.safetensors'), scaled(2));
   assert.deepEqual(await nllOf(g), before);
+});
+
+test('a weight file changed after the fingerprint was taken is refused at the snapshot, never served under it', async () => {
+  const dir = copy();
+  const cacheDir = join(home, 'cache-d');
+  const m = open(dir, cacheDir);
+  const fp = modelFingerprint(m.checkpoint, cacheDir); // what factors and stores are keyed by
+  writeFileSync(join(dir, 'model.safetensors'), scaled(1.5));
+  await assert.rejects(m.compile({ tokenLoss: true }), /changed while it was being read/);
+  assert.equal(modelFingerprint(m.checkpoint, cacheDir), fp);
+  // a model opened now has the new bytes and their fingerprint
+  const fresh = open(dir, cacheDir);
+  assert.notEqual(modelFingerprint(fresh.checkpoint, cacheDir), fp);
+  await fresh.compile({ tokenLoss: true });
+});
+
+test('a weight file cut short after its header was read is refused, not handed to ONNX Runtime', async () => {
+  const dir = copy();
+  const m = open(dir, join(home, 'cache-e'));
+  const file = join(dir, 'model.safetensors');
+  truncateSync(file, Math.floor(statSync(file).size / 2));
+  await assert.rejects(m.compile({ tokenLoss: true }), /is shorter \(\d+ bytes\) than its tensors need/);
+});
+
+test('copyHashing: a file that shrinks while it is copied is refused (no endless loop), one written to as well', () => {
+  const src = join(home, 'big.bin');
+  writeFileSync(src, Buffer.alloc(20 << 20, 7));
+  const real = fs as unknown as Record<string, (...a: unknown[]) => unknown>;
+  const readSync = real.readSync;
+  let calls = 0;
+  real.readSync = (...args: unknown[]) => {
+    if (calls++ === 1) truncateSync(src, 1 << 20); // shrinks after the first piece
+    return readSync(...args);
+  };
+  syncBuiltinESMExports();
+  try {
+    assert.throws(
+      () => copyHashing(src, join(home, 'copy-1')),
+      (e: Error) => e instanceof FileChangedError && /shrank/.test(e.message),
+    );
+  } finally {
+    real.readSync = readSync;
+    syncBuiltinESMExports();
+  }
+  writeFileSync(src, Buffer.alloc(20 << 20, 7));
+  real.readSync = (...args: unknown[]) => {
+    if (calls++ === 1) fs.appendFileSync(src, 'x'); // written to after the first piece
+    return readSync(...args);
+  };
+  calls = 0;
+  syncBuiltinESMExports();
+  try {
+    assert.throws(() => copyHashing(src, join(home, 'copy-2')), /written to while it was being read/);
+  } finally {
+    real.readSync = readSync;
+    syncBuiltinESMExports();
+  }
 });

@@ -4,7 +4,7 @@ import { createHash } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { basename } from 'node:path';
 import type { Checkpoint } from '../model/checkpoint';
-import { contentDigest } from '../model/content-digest';
+import { pinnedDigest } from '../model/content-digest';
 import { defaultCacheDir } from '../model/engine';
 
 const hex16 = (h: ReturnType<typeof createHash>) => h.digest('hex').slice(0, 16);
@@ -21,7 +21,8 @@ export function modelFingerprint(ck: Checkpoint, cacheDir?: string): string {
   // a LoRA adapter: its settings, but not where its base was found (the base's config.json
   // and weights are already hashed by content), so moving the folders keeps the factors
   if (ck.adapter) h.update(JSON.stringify({ ...ck.adapter.config, base_model_name_or_path: null }));
-  for (const f of ck.files) h.update(`${basename(f)}:${contentDigest(f, cacheDir)}\n`);
+  // the digests pinned on the opened checkpoint: the bytes its graphs' snapshot holds
+  for (const f of ck.files) h.update(`${basename(f)}:${pinnedDigest(ck, f, cacheDir)}\n`);
   return hex16(h);
 }
 

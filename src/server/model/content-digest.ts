@@ -16,6 +16,7 @@ import {
   renameSync,
   statSync,
   writeFileSync,
+  writeSync,
 } from 'node:fs';
 import { join } from 'node:path';
 
@@ -72,6 +73,66 @@ function remember(memo: string, cacheDir: string, digest: string): void {
   const tmp = `${memo}.${process.pid}.tmp`;
   writeFileSync(tmp, `${digest}\n`);
   renameSync(tmp, memo);
+}
+
+/**
+ * The digest of one of an opened checkpoint's files, the same for the checkpoint's whole life:
+ * the first time it is asked for (its fingerprint, or the snapshot the graphs read), it is taken
+ * and kept, so that a file rewritten later can never give a fingerprint of other bytes than the
+ * snapshot holds (the snapshot is checked against this digest, model/engine.ts).
+ */
+export function pinnedDigest(owner: object, path: string, cacheDir: string): string {
+  let pins = pinned.get(owner);
+  if (!pins) {
+    pins = new Map();
+    pinned.set(owner, pins);
+  }
+  let d = pins.get(path);
+  if (d === undefined) {
+    d = contentDigest(path, cacheDir);
+    pins.set(path, d);
+  }
+  return d;
+}
+
+const pinned = new WeakMap<object, Map<string, string>>();
+
+export class FileChangedError extends Error {
+  override name = 'FileChangedError';
+}
+
+/**
+ * Copies `from` to `to` (created; it must not exist) in pieces and returns the sha256 of the bytes
+ * copied. Refuses, rather than copy a mix, when the file changes while it is read: a read that
+ * ends early (the file shrank: libuv's own copy loop then spins forever on some filesystems), or
+ * a size, mtime or ctime that moved.
+ */
+export function copyHashing(from: string, to: string): string {
+  const before = statSync(from, { bigint: true });
+  const h = createHash('sha256');
+  const buf = Buffer.allocUnsafe(CHUNK);
+  const src = openSync(from, 'r');
+  let dst: number | undefined;
+  try {
+    dst = openSync(to, 'wx', 0o644);
+    const size = Number(before.size);
+    let done = 0;
+    while (done < size) {
+      const n = readSync(src, buf, 0, Math.min(CHUNK, size - done), done);
+      if (n === 0) throw new FileChangedError(`${from} shrank while it was being read (${done} of ${size} bytes)`);
+      h.update(buf.subarray(0, n));
+      let w = 0;
+      while (w < n) w += writeSync(dst, buf, w, n - w);
+      done += n;
+    }
+  } finally {
+    closeSync(src);
+    if (dst !== undefined) closeSync(dst);
+  }
+  const after = statSync(from, { bigint: true });
+  if (after.size !== before.size || after.mtimeNs !== before.mtimeNs || after.ctimeNs !== before.ctimeNs)
+    throw new FileChangedError(`${from} was written to while it was being read`);
+  return h.digest('hex');
 }
 
 /** Records the digest of a file just written from bytes of known digest (a verified copy), so it is not read again. */

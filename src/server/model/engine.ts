@@ -29,7 +29,14 @@ import { mapLargeBlocks, releaseFreedMemory } from '../util/malloc';
 import { architectureFor } from './architectures';
 import type { Architecture, BuildContext, TrackedModule, WeightSource } from './architectures/common';
 import { type Checkpoint, openCheckpoint, sameWeightBytes } from './checkpoint';
-import { contentDigest, rememberDigest, sha256File } from './content-digest';
+import {
+  contentDigest,
+  copyHashing,
+  FileChangedError,
+  pinnedDigest,
+  rememberDigest,
+  sha256File,
+} from './content-digest';
 import { crossEntropyHead, type HeadLabels, headChunkRows } from './head';
 import { checkRows } from './onnx/chunks';
 import { DataType, Graph, type Tensor } from './onnx/graph';
@@ -336,6 +343,7 @@ export class Model {
       const externalData = [...links.names.entries()].map(([file, name], i) => {
         const data = readFileSync(file);
         checkCopy(file, createHash('sha256').update(data).digest('hex'), links.digests[i]);
+        checkLength(file, data.length, this.checkpoint);
         return { path: name, data };
       });
       return createSession(bytes, { ...opts, externalData });
@@ -374,7 +382,8 @@ export class Model {
     // Resolved first: in a Hugging Face hub cache, snapshots/<rev>/model.safetensors is a
     // relative symlink into ../../blobs.
     const real = ck.files.map((f) => realpathSync(f));
-    const digests = real.map((f) => contentDigest(f, root));
+    // the digests the checkpoint's fingerprint has (or will have): the snapshot must be those bytes
+    const digests = ck.files.map((f) => pinnedDigest(ck, f, root));
     const id = hash(JSON.stringify(digests));
     const dir = join(root, 'graphs', id);
     mkdirSync(dir, { recursive: true });
@@ -387,14 +396,16 @@ export class Model {
       if (isSnapshotOf(target, real[i], digests[i], root)) return;
       const tmp = tempPathFor(target);
       try {
-        copyFileSync(real[i], tmp, constants.COPYFILE_FICLONE);
+        checkCopy(f, snapshotCopy(real[i], tmp), digests[i]);
+        checkLength(f, statSync(tmp).size, ck);
         chmodSync(tmp, 0o444);
-        checkCopy(f, sha256File(tmp), digests[i]);
         renameSync(tmp, target);
         rememberDigest(target, digests[i], root);
       } catch (e) {
         rmSync(tmp, { force: true });
         if (e instanceof EngineError) throw e;
+        if (e instanceof FileChangedError)
+          throw new EngineError(`${e.message}: send the request again once it is written`);
         // no room for a copy in the cache: the weights go to ORT as buffers read now
         this.notify(
           `could not snapshot ${f} into ${dir} (${(e as Error).message}); holding the weights in memory instead`,
@@ -501,6 +512,31 @@ function isSnapshotOf(target: string, source: string, digest: string, cacheDir: 
   if (!existsSync(target)) return false;
   if (sameFile(target, source) || statSync(target).nlink !== 1) return false;
   return contentDigest(target, cacheDir) === digest;
+}
+
+/**
+ * A private copy of a weight file and the sha256 of what was copied: a reflink where the
+ * filesystem makes one at once (then hashed), else read and written in pieces, hashed on the way.
+ * (`copyFileSync` with a reflink fallback loops forever on ext4 when the file shrinks meanwhile.)
+ */
+function snapshotCopy(from: string, to: string): string {
+  try {
+    copyFileSync(from, to, constants.COPYFILE_FICLONE_FORCE);
+    return sha256File(to);
+  } catch (e) {
+    if (e instanceof FileChangedError) throw e;
+    rmSync(to, { force: true });
+    return copyHashing(from, to);
+  }
+}
+
+/** Every tensor the checkpoint's header placed in this file lies inside the copy (no half-written file). */
+function checkLength(file: string, size: number, ck: Checkpoint): void {
+  for (const w of ck.weights.values())
+    if (w.file === file && w.byteOffset + w.byteLength > size)
+      throw new EngineError(
+        `${file} is shorter (${size} bytes) than its tensors need (${w.name} ends at ${w.byteOffset + w.byteLength}): it is being written or was cut; send the request again once it is complete`,
+      );
 }
 
 /** A copy of the weights must hold the bytes their digest (the model's fingerprint) was taken of. */
