@@ -150,3 +150,24 @@ test('copyHashing: a file that shrinks while it is copied is refused (no endless
     syncBuiltinESMExports();
   }
 });
+
+test('a folder retrained again and again keeps one snapshot; a folder of the same bytes elsewhere keeps it alive', async () => {
+  const dir = copy();
+  const twin = copy();
+  const cacheDir = join(home, 'cache-f');
+  const snapshots = () => readdirSync(join(cacheDir, 'graphs')).length;
+  await open(twin, cacheDir).compile({ tokenLoss: true });
+  await open(dir, cacheDir).compile({ tokenLoss: true }); // the same bytes: the same snapshot
+  assert.equal(snapshots(), 1);
+  for (const factor of [1.1, 1.2, 1.3]) {
+    writeFileSync(join(dir, 'model.safetensors'), scaled(factor));
+    await open(dir, cacheDir).compile({ tokenLoss: true });
+  }
+  // the twin's (the original bytes) and the latest retraining's
+  assert.equal(snapshots(), 2);
+  const g = await open(twin, cacheDir).compile({ tokenLoss: true });
+  assert.deepEqual(
+    await nllOf(g),
+    await nllOf(await open(FIXTURE, join(home, 'cache-g')).compile({ tokenLoss: true })),
+  );
+});

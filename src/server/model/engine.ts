@@ -14,15 +14,17 @@ import {
   copyFileSync,
   existsSync,
   mkdirSync,
+  readdirSync,
   readFileSync,
   realpathSync,
   renameSync,
   rmSync,
   statSync,
+  writeFileSync,
 } from 'node:fs';
 import { homedir } from 'node:os';
 import { basename, join } from 'node:path';
-import { tempPathFor, writeFileAtomic } from '../../common/atomic-write';
+import { isTemporaryName, tempPathFor, writeFileAtomic } from '../../common/atomic-write';
 import type { TrainingConvention } from '../data/training';
 import { collectWhenPiledUp, noteDroppedSoon } from '../util/gc';
 import { mapLargeBlocks, releaseFreedMemory } from '../util/malloc';
@@ -413,6 +415,7 @@ export class Model {
         inMemory = true;
       }
     });
+    if (!inMemory) pruneSnapshots(join(root, 'graphs'), id, real);
     this.linkDir = { dir, names, inMemory, digests };
     return this.linkDir;
   }
@@ -537,6 +540,30 @@ function checkLength(file: string, size: number, ck: Checkpoint): void {
       throw new EngineError(
         `${file} is shorter (${size} bytes) than its tensors need (${w.name} ends at ${w.byteOffset + w.byteLength}): it is being written or was cut; send the request again once it is complete`,
       );
+}
+
+/**
+ * Snapshots would pile up, one full copy per retraining of a folder: each snapshot folder marks
+ * which sets of source files use it (`used-by-<hash>`, one empty file each, so two processes never
+ * rewrite one list), and taking a snapshot for sources S removes S's mark from every other folder,
+ * deleting a folder no source uses any more. A server still serving the old weights opens the new
+ * ones at its next request anyway (the files changed); a mapped file stays valid once deleted.
+ */
+function pruneSnapshots(graphs: string, current: string, sources: string[]): void {
+  const mark = `used-by-${hash(JSON.stringify(sources))}`;
+  try {
+    writeFileSync(join(graphs, current, mark), '');
+    for (const other of readdirSync(graphs)) {
+      if (other === current || isTemporaryName(other)) continue;
+      const marked = join(graphs, other, mark);
+      if (!existsSync(marked)) continue;
+      rmSync(marked, { force: true });
+      if (!readdirSync(join(graphs, other)).some((n) => n.startsWith('used-by-')))
+        rmSync(join(graphs, other), { recursive: true, force: true });
+    }
+  } catch {
+    // pruning is housekeeping: a read-only or busy cache keeps its folders
+  }
 }
 
 /** A copy of the weights must hold the bytes their digest (the model's fingerprint) was taken of. */
