@@ -70,6 +70,34 @@ describe('Trainer output_dir (real trainer_state.json)', () => {
     assert.match(plan.note!, /left out checkpoint-3: no trainer_state\.json yet/);
   });
 
+  test('a checkpoint being written whose weights are still half there is left out too, unread', () => {
+    const dir = edited((ck) => {
+      rmSync(join(ck, 'trainer_state.json'));
+      const w = join(ck, 'model.safetensors');
+      writeFileSync(w, readFileSync(w).subarray(0, 100));
+    });
+    const plan = planCheckpoints(dir, openCheckpoint(dir), 'auto')!;
+    assert.deepEqual(
+      plan.checkpoints.map((c) => c.name),
+      ['checkpoint-6'],
+    );
+  });
+
+  test('a stale checkpoint of another run keeps its own logged rate', () => {
+    const dir = edited((ck) => {
+      const f = join(ck, 'trainer_state.json');
+      const st = JSON.parse(readFileSync(f, 'utf8'));
+      st.log_history = st.log_history.map((e: Record<string, unknown>) =>
+        typeof e.learning_rate === 'number' ? { ...e, learning_rate: 0.5 } : e,
+      );
+      st.log_history.push({ step: 3, learning_rate: 0.25 });
+      writeFileSync(f, JSON.stringify(st));
+    });
+    const plan = planCheckpoints(dir, openCheckpoint(dir), 'auto')!;
+    assert.equal(plan.checkpoints[0].learningRate, 0.25);
+    assert.deepEqual(plan.checkpoints[0].rateFrom, { kind: 'logged' });
+  });
+
   test('checkpoints reached through symbolic links are found; so are the siblings of a model named by a link', () => {
     const dir = join(home, `links${n++}`);
     mkdirSync(dir);
@@ -186,8 +214,10 @@ describe('refusals, one line naming the checkpoint', () => {
   test('other parameter shapes (another model in the folder)', () =>
     refuses(
       edited((ck) => {
+        const state = readFileSync(join(ck, 'trainer_state.json'));
         rmSync(ck, { recursive: true });
         cpSync('test/fixtures/models/llama_variant', ck, { recursive: true });
+        writeFileSync(join(ck, 'trainer_state.json'), state); // a finished checkpoint, not one being written
       }),
       /checkpoint-3 is not the same model/,
     ));
@@ -203,8 +233,10 @@ describe('refusals, one line naming the checkpoint', () => {
   test('a LoRA adapter checkpoint beside a full model', () =>
     refuses(
       edited((ck) => {
+        const state = readFileSync(join(ck, 'trainer_state.json'));
         rmSync(ck, { recursive: true });
         mkdirSync(ck);
+        writeFileSync(join(ck, 'trainer_state.json'), state);
         for (const f of ['adapter_config.json', 'adapter_model.safetensors'])
           cpSync(join('test/fixtures/models/llama_lora', f), join(ck, f));
       }),

@@ -50,6 +50,20 @@ test('other formats are named, with what to write instead', () => {
   );
 });
 
+test('another format\'s columns beside an accepted field are extra columns (an Alpaca export with "text")', () => {
+  assert.deepEqual(recordValue({ instruction: 'Add 2 and 2', input: '', output: '4', text: '### Add 2 and 2\n4' }), {
+    kind: 'text',
+    text: '### Add 2 and 2\n4',
+  });
+  const v = recordValue({
+    messages: [
+      { role: 'user', content: 'Hi' },
+      { role: 'assistant', content: 'Hello', tool_calls: [] },
+    ],
+  });
+  assert.equal(v.kind, 'messages');
+});
+
 test('message keys the template would read are refused by name, never dropped', () => {
   const user = { role: 'user', content: 'What is 2+2?' };
   const cases: Array<[Record<string, unknown>, string]> = [

@@ -17,7 +17,7 @@ import { syncBuiltinESMExports } from 'node:module';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { modelFingerprint } from '../../src/server/attribution/fingerprint';
-import { copyHashing, FileChangedError } from '../../src/server/model/content-digest';
+import { copyHashing, FileChangedError, movedSincePinned } from '../../src/server/model/content-digest';
 import { Model } from '../../src/server/model/engine';
 import { readSafetensorsHeader } from '../../src/server/model/safetensors';
 import { useTempHome } from './helpers/env';
@@ -170,4 +170,41 @@ test('a folder retrained again and again keeps one snapshot; a folder of the sam
     await nllOf(g),
     await nllOf(await open(FIXTURE, join(home, 'cache-g')).compile({ tokenLoss: true })),
   );
+});
+
+test('no room for a snapshot: the graphs read the file through a hard link, and say so', async () => {
+  const dir = copy();
+  const cacheDir = join(home, 'cache-h');
+  const notices: string[] = [];
+  const real = fs as unknown as Record<string, (...a: unknown[]) => unknown>;
+  const statfs = real.statfsSync;
+  real.statfsSync = (...args: unknown[]) => ({ ...(statfs(...args) as object), bavail: 0 });
+  syncBuiltinESMExports();
+  try {
+    const m = Model.open(dir, { threads: 1, cacheDir, notice: (l) => notices.push(l) });
+    const g = await m.compile({ tokenLoss: true });
+    assert.match(notices.join('\n'), /could not snapshot .*bytes free.*do not rewrite it in place/);
+    const [id] = readdirSync(join(cacheDir, 'graphs'));
+    assert.equal(
+      statSync(join(cacheDir, 'graphs', id, 'w0-model.safetensors')).ino,
+      statSync(join(dir, 'model.safetensors')).ino,
+    );
+    assert.deepEqual(
+      await nllOf(g),
+      await nllOf(await open(FIXTURE, join(home, 'cache-i')).compile({ tokenLoss: true })),
+    );
+  } finally {
+    real.statfsSync = statfs;
+    syncBuiltinESMExports();
+  }
+});
+
+test('movedSincePinned names a file rewritten after its digest was pinned (the server then opens it again)', () => {
+  const dir = copy();
+  const cacheDir = join(home, 'cache-j');
+  const m = open(dir, cacheDir);
+  modelFingerprint(m.checkpoint, cacheDir);
+  assert.deepEqual(movedSincePinned(m.checkpoint, cacheDir), []);
+  writeFileSync(join(dir, 'model.safetensors'), scaled(1.5));
+  assert.deepEqual(movedSincePinned(m.checkpoint, cacheDir), [join(dir, 'model.safetensors')]);
 });

@@ -55,9 +55,12 @@ function otherFormat(rec: Record<string, unknown>): string | undefined {
     return 'a preference pair ("chosen"/"rejected", as for DPO), not a supervised fine-tuning record: explain the fine-tune with the records it was trained on (e.g. {"prompt": ..., "completion": <chosen>})';
   if ('prompt' in rec && 'completion' in rec && typeof rec.label === 'boolean')
     return 'a KTO record ("label" true/false marks it desirable or not), which a trainer pushes up or down: not a supervised fine-tuning record; keep the desirable ones as {"prompt", "completion"} records without "label"';
-  if (Array.isArray(rec.conversations))
+  // the other formats' own columns only when no accepted field is there (an Alpaca export with
+  // "text", which TRL trains on, is a text record)
+  const accepted = ['text', 'prompt', 'messages'].some((k) => k in rec);
+  if (!accepted && Array.isArray(rec.conversations))
     return 'a ShareGPT record ("conversations" with "from"/"value"): write it as {"messages": [{"role": ..., "content": ...}, ...]} (human → user, gpt → assistant, system → system), as TRL converts it';
-  if ('instruction' in rec && 'output' in rec)
+  if (!accepted && 'instruction' in rec && 'output' in rec)
     return 'an Alpaca record ("instruction"/"input"/"output"): write it as {"prompt": ..., "completion": ...} with the prompt template your trainer applied, or as {"messages": [...]}';
   if (rec.tools !== undefined && rec.tools !== null)
     return '"tools" (tool definitions the chat template writes into the prompt) is not supported yet: these records cannot be rendered as the model saw them';
@@ -155,7 +158,10 @@ function messageList(list: unknown[], field: string): ChatMessage[] {
     const msg = m as Record<string, unknown>;
     // a key the chat template may read (tool calls, reasoning, a per-turn loss switch) changes
     // what the model saw or was trained on: refused rather than dropped
-    const extra = Object.keys(msg).filter((k) => !MESSAGE_KEYS.has(k) && msg[k] !== null);
+    // (null, or an empty list of tool calls, is the key's absence: datasets writes them for mixed rows)
+    const extra = Object.keys(msg).filter(
+      (k) => !MESSAGE_KEYS.has(k) && msg[k] !== null && !(Array.isArray(msg[k]) && (msg[k] as unknown[]).length === 0),
+    );
     if (extra.length)
       throw new RecordShapeError(
         `${at} has ${extra.map((k) => `"${k}"`).join(', ')}, which is not read (only "role", "content" and "name" are): ` +

@@ -113,7 +113,9 @@ export async function runExplain(argv: string[]): Promise<void> {
     chatTemplate: ft.model.tokenizer.chatTemplate(),
   });
   if (dataset.skipped.length) process.stderr.write(`skipped ${dataset.skipped.length} malformed line(s)\n`);
-  const corpus = new Corpus(v.data, dataset, ft.model);
+  // multistage traces into the pre-training data (--data): tokenized as the pre-trained model was
+  // trained on it (its --pretrained-training), as the server does for a "pretrained" dataset
+  const corpus = new Corpus(v.data, dataset, method === 'multistage' && pt ? pt.model : ft.model);
   if (corpus.truncated) process.stderr.write(`${corpus.truncated} example(s) were cut to the model's context\n`);
   const plan = cliPlan(v.model, ft.model, checkpointsSetting(v.checkpoints));
   const checkpoints =

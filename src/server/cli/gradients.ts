@@ -43,9 +43,10 @@ export async function runGradients(argv: string[]): Promise<void> {
   // beyond the model's context a learned position table has no row (GPT-2: an ONNX Runtime
   // index error), and fit would cut the same record there: refuse rather than differ from it
   const context = contextLength(model.config);
-  if (enc.ids.length > context)
+  const cut = Math.min(context, model.tokenizer.training.maxLength ?? context);
+  if (enc.ids.length > cut)
     throw new CliError(
-      `the text is ${enc.ids.length} tokens; the model takes ${context} (its config.json); fit cuts such a record to its first ${context} tokens: pass those`,
+      `the text is ${enc.ids.length} tokens; ${cut < context ? `the training convention's maxLength is ${cut}` : `the model takes ${context} (its config.json)`}; fit cuts such a record to its first ${cut} tokens: pass those`,
     );
   const weights = enc.weights;
   if (!weights.some((w) => w > 0)) throw new CliError('no token to score: the completion is empty after tokenization');

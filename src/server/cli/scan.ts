@@ -42,6 +42,7 @@ export async function runScan(argv: string[]): Promise<void> {
       factorsDir: v.factors,
       damping,
       modules: stage.modules,
+      engine: { training },
       needFactors: true,
       model: v.model,
     });

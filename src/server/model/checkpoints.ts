@@ -82,22 +82,21 @@ export function planCheckpoints(
   setting: CheckpointsSetting,
 ): CheckpointPlan | undefined {
   if (setting === 'off') return undefined;
-  const dirs = setting === 'auto' ? discover(modelDir) : setting;
+  const all = setting === 'auto' ? discover(modelDir) : setting;
+  // A Trainer writes a checkpoint's weights first and its trainer_state.json last (seconds to
+  // minutes later at real sizes): among checkpoints that have one, a folder without it is still
+  // being written. It is left out, unread (its files may be half there), and watched.
+  const hasState = (d: string) => existsSync(join(d, 'trainer_state.json'));
+  const pending =
+    setting === 'auto' && all.some(hasState)
+      ? all.filter((d) => !hasState(d) && !existsSync(join(d, 'training_args.json')))
+      : [];
+  const dirs = all.filter((d) => !pending.includes(d));
   if (!dirs.length) return undefined;
   // every checkpoint's log_history is a prefix of the same run's: the longest one also has the
   // steps logged after a checkpoint, to read its rate between two logged steps
   const log = runLog([...dirs, resolve(modelDir)]);
-  const read = dirs.map((d) => readTrainingCheckpoint(d, final, log));
-  // A Trainer writes a checkpoint's weights first and its trainer_state.json last (seconds to
-  // minutes later at real sizes): among checkpoints that have one, a folder of the same model
-  // without it is still being written. It is left out until then (and watched).
-  const hasState = (d: string) => existsSync(join(d, 'trainer_state.json'));
-  const pending =
-    setting === 'auto' && dirs.some(hasState)
-      ? read.filter((c) => !hasState(c.dir) && !existsSync(join(c.dir, 'training_args.json'))).map((c) => c.dir)
-      : [];
-  const found = read.filter((c) => !pending.includes(c.dir));
-  if (!found.length) return undefined;
+  const found = dirs.map((d) => readTrainingCheckpoint(d, final, log));
   const steps = new Map<number, string>();
   for (const c of found) {
     const other = steps.get(c.step);
@@ -231,7 +230,15 @@ export function readTrainingCheckpoint(dirIn: string, final: Checkpoint, runLogI
     throw new CheckpointsError(
       `checkpoint ${dir}: cannot tell its training step (no trainer_state.json global_step, no training_args.json global_step, not named checkpoint-<step>)`,
     );
-  const log = runLogIn && runLogIn.length >= logOf(state).length ? runLogIn : logOf(state);
+  // the run's longer log only where this checkpoint's own log is the start of it (the same run,
+  // not a stale checkpoint of another run left in the folder)
+  const own = logOf(state);
+  const log =
+    runLogIn &&
+    runLogIn.length >= own.length &&
+    own.every((e, i) => e.step === runLogIn[i].step && e.lr === runLogIn[i].lr)
+      ? runLogIn
+      : own;
   const fromLog = rateAt(log, step);
   const ourRate = num(ours?.learning_rate);
   const learningRate = fromLog?.lr ?? ourRate;

@@ -97,6 +97,25 @@ export function pinnedDigest(owner: object, path: string, cacheDir: string): str
 
 const pinned = new WeakMap<object, Map<string, string>>();
 
+/**
+ * The files of `owner` whose pinned digest no longer describes them (rewritten since the pin):
+ * a file's current digest comes from the remembered one of its identity, so this reads a file
+ * only when it changed.
+ */
+export function movedSincePinned(owner: object, cacheDir: string): string[] {
+  const pins = pinned.get(owner);
+  if (!pins) return [];
+  const moved: string[] = [];
+  for (const [path, d] of pins) {
+    try {
+      if (contentDigest(path, cacheDir) !== d) moved.push(path);
+    } catch {
+      moved.push(path);
+    }
+  }
+  return moved;
+}
+
 export class FileChangedError extends Error {
   override name = 'FileChangedError';
 }

@@ -13,12 +13,14 @@ import {
   constants,
   copyFileSync,
   existsSync,
+  linkSync,
   mkdirSync,
   readdirSync,
   readFileSync,
   realpathSync,
   renameSync,
   rmSync,
+  statfsSync,
   statSync,
   writeFileSync,
 } from 'node:fs';
@@ -343,7 +345,14 @@ export class Model {
     if (links.inMemory) {
       // Could not snapshot them: hand ORT the weight files as buffers, the bytes that were digested.
       const externalData = [...links.names.entries()].map(([file, name], i) => {
-        const data = readFileSync(file);
+        let data: Buffer;
+        try {
+          data = readFileSync(file);
+        } catch (e) {
+          throw new EngineError(
+            `${file} could not be snapshotted into the cache (${links.dir}) nor read into memory (${(e as Error).message}): free space in the cache folder or set cacheDir to one with room`,
+          );
+        }
         checkCopy(file, createHash('sha256').update(data).digest('hex'), links.digests[i]);
         checkLength(file, data.length, this.checkpoint);
         return { path: name, data };
@@ -389,6 +398,8 @@ export class Model {
     const id = hash(JSON.stringify(digests));
     const dir = join(root, 'graphs', id);
     mkdirSync(dir, { recursive: true });
+    // marked as used before it is filled, so that no other process prunes it meanwhile
+    const mark = markSnapshot(dir, real);
     const names = new Map<string, string>();
     let inMemory = false;
     ck.files.forEach((f, i) => {
@@ -398,9 +409,13 @@ export class Model {
       if (isSnapshotOf(target, real[i], digests[i], root)) return;
       const tmp = tempPathFor(target);
       try {
+        const size = statSync(real[i]).size;
+        const free = freeBytes(dir);
+        if (free !== undefined && free < size + (64 << 20))
+          throw new Error(`${free} bytes free, ${size} needed for a copy`);
         checkCopy(f, snapshotCopy(real[i], tmp), digests[i]);
         checkLength(f, statSync(tmp).size, ck);
-        chmodSync(tmp, 0o444);
+        if (process.platform !== 'win32') chmodSync(tmp, 0o444); // Windows cannot rename over a read-only file
         renameSync(tmp, target);
         rememberDigest(target, digests[i], root);
       } catch (e) {
@@ -408,14 +423,25 @@ export class Model {
         if (e instanceof EngineError) throw e;
         if (e instanceof FileChangedError)
           throw new EngineError(`${e.message}: send the request again once it is written`);
-        // no room for a copy in the cache: the weights go to ORT as buffers read now
-        this.notify(
-          `could not snapshot ${f} into ${dir} (${(e as Error).message}); holding the weights in memory instead`,
-        );
-        inMemory = true;
+        // no room (or no right) for a copy in the cache: the graphs read the user's file through
+        // a hard link, as before snapshots, or, across filesystems, from memory; either way said
+        const why = (e as Error).message;
+        try {
+          // (a link already there is kept: relinking would move the file's ctime, a change on disk)
+          if (!(existsSync(target) && sameFile(target, real[i]))) {
+            rmSync(target, { force: true });
+            linkSync(real[i], target);
+          }
+          this.notify(
+            `could not snapshot ${f} into ${dir} (${why}): the graphs read the file itself, so do not rewrite it in place while this runs`,
+          );
+        } catch {
+          this.notify(`could not snapshot ${f} into ${dir} (${why}): holding the weights in memory instead`);
+          inMemory = true;
+        }
       }
     });
-    if (!inMemory) pruneSnapshots(join(root, 'graphs'), id, real);
+    if (!inMemory) pruneSnapshots(join(root, 'graphs'), id, mark);
     this.linkDir = { dir, names, inMemory, digests };
     return this.linkDir;
   }
@@ -501,6 +527,16 @@ function select(modules: TrackedModule[], selection: ModuleSelection): TrackedMo
   return selection === 'all' ? modules : modules.filter((m) => m.kind === 'mlp');
 }
 
+/** Bytes free to this user where `dir` is, when the platform says. */
+function freeBytes(dir: string): number | undefined {
+  try {
+    const s = statfsSync(dir);
+    return Number(s.bavail) * Number(s.bsize);
+  } catch {
+    return undefined;
+  }
+}
+
 function sameFile(a: string, b: string): boolean {
   const x = statSync(a, { bigint: true });
   const y = statSync(b, { bigint: true });
@@ -549,10 +585,20 @@ function checkLength(file: string, size: number, ck: Checkpoint): void {
  * deleting a folder no source uses any more. A server still serving the old weights opens the new
  * ones at its next request anyway (the files changed); a mapped file stays valid once deleted.
  */
-function pruneSnapshots(graphs: string, current: string, sources: string[]): void {
+function markSnapshot(dir: string, sources: string[]): string {
   const mark = `used-by-${hash(JSON.stringify(sources))}`;
   try {
-    writeFileSync(join(graphs, current, mark), '');
+    writeFileSync(join(dir, mark), '');
+  } catch {
+    // a read-only cache: nothing will be pruned either
+  }
+  return mark;
+}
+
+function pruneSnapshots(graphs: string, current: string, mark: string): void {
+  // Windows cannot delete a file a running process maps: a half-deleted folder would stay forever
+  if (process.platform === 'win32') return;
+  try {
     for (const other of readdirSync(graphs)) {
       if (other === current || isTemporaryName(other)) continue;
       const marked = join(graphs, other, mark);

@@ -38,7 +38,8 @@ import type { TrainingConvention } from '../data/training';
 import { GradientStore, type StoreIdentity } from '../index/gradient-store';
 import { preconditionerFingerprint } from '../index/store-projection';
 import { type CheckpointsSetting, planCheckpoints } from '../model/checkpoints';
-import { Model, type ModuleSelection } from '../model/engine';
+import { movedSincePinned } from '../model/content-digest';
+import { EngineError, Model, type ModuleSelection } from '../model/engine';
 import { generate } from '../model/generate';
 import type { Device } from '../model/onnx/session';
 import { DEFAULTS } from '../settings';
@@ -174,6 +175,8 @@ export class InfluenceService implements ServiceApi {
   private watched?: ReturnType<typeof servedPaths>;
   /** their stamp then */
   private served?: string;
+  /** the opened models are known stale (a file changed while they were opened or snapshotted) */
+  private mustReopen = false;
   /** the same for the models' files alone (weights, configs, tokenizers, checkpoints): when only
    * the factors changed, a reopen keeps the models, their compiled graphs and the tokenized data */
   private watchedModels?: ReturnType<typeof servedPaths>;
@@ -221,6 +224,22 @@ export class InfluenceService implements ServiceApi {
       this.checkpoints,
     );
     this.servedModels = stampOf(this.watchedModels);
+    // The stamp is taken now, the weights' digests (fingerprints, factor checks) while opening: a
+    // weight file rewritten in between would look current to the stamp while the opened models
+    // hold the old digests. Opened again at the next request instead.
+    const checkpoints = [
+      ...[...this.stages.values()].map((s) => s.model.checkpoint),
+      ...(this.checkpoints?.stages ?? []).map((c) => c.stage.model.checkpoint),
+    ];
+    const moved = checkpoints.flatMap((ck) => movedSincePinned(ck, this.config.cacheDir));
+    if (moved.length) {
+      this.mustReopen = true;
+      throw new ServiceError(
+        `${moved[0]} changed while the model was being opened; send the request again once it is written`,
+        'not_ready',
+      );
+    }
+    this.mustReopen = false;
   }
 
   /**
@@ -242,6 +261,11 @@ export class InfluenceService implements ServiceApi {
     this.active++;
     try {
       return await f();
+    } catch (e) {
+      // a weight file found rewritten when its snapshot was taken (model/engine.ts): the opened
+      // model is stale whatever the stamp says, so the next request opens it again
+      if (e instanceof EngineError && /changed while it was being read/.test(e.message)) this.mustReopen = true;
+      throw e;
     } finally {
       this.leave();
     }
@@ -260,6 +284,7 @@ export class InfluenceService implements ServiceApi {
 
   /** Whether the files the stages read are as they were when opened. */
   private fresh(): boolean {
+    if (this.mustReopen) return false;
     return this.watched === undefined || stampOf(this.watched) === this.served;
   }
 
