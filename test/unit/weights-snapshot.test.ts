@@ -17,7 +17,7 @@ import { syncBuiltinESMExports } from 'node:module';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { modelFingerprint } from '../../src/server/attribution/fingerprint';
-import { copyHashing, FileChangedError, movedSincePinned } from '../../src/server/model/content-digest';
+import { contentDigest, copyHashing, FileChangedError, movedSincePinned } from '../../src/server/model/content-digest';
 import { Model } from '../../src/server/model/engine';
 import { readSafetensorsHeader } from '../../src/server/model/safetensors';
 import { useTempHome } from './helpers/env';
@@ -207,4 +207,11 @@ test('movedSincePinned names a file rewritten after its digest was pinned (the s
   assert.deepEqual(movedSincePinned(m.checkpoint, cacheDir), []);
   writeFileSync(join(dir, 'model.safetensors'), scaled(1.5));
   assert.deepEqual(movedSincePinned(m.checkpoint, cacheDir), [join(dir, 'model.safetensors')]);
+});
+
+test('a cache folder that cannot be written only costs the digests being remembered', () => {
+  const notADir = join(home, 'cache-is-a-file');
+  writeFileSync(notADir, '');
+  const file = join(FIXTURE, 'config.json');
+  assert.match(contentDigest(file, notADir), /^[0-9a-f]{64}$/);
 });

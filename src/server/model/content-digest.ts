@@ -14,6 +14,7 @@ import {
   readSync,
   realpathSync,
   renameSync,
+  rmSync,
   statSync,
   writeFileSync,
   writeSync,
@@ -68,11 +69,18 @@ function memoPath(real: string, id: string, cacheDir: string): string {
   return join(cacheDir, 'digests', `${createHash('sha256').update(`${real}\0${id}`).digest('hex').slice(0, 32)}`);
 }
 
+/** Remembers a digest; only a saving (the file is hashed again next time), so a read-only or full cache is no error. */
 function remember(memo: string, cacheDir: string, digest: string): void {
-  mkdirSync(join(cacheDir, 'digests'), { recursive: true });
   const tmp = `${memo}.${process.pid}.tmp`;
-  writeFileSync(tmp, `${digest}\n`);
-  renameSync(tmp, memo);
+  try {
+    mkdirSync(join(cacheDir, 'digests'), { recursive: true });
+    writeFileSync(tmp, `${digest}\n`);
+    renameSync(tmp, memo);
+  } catch {
+    try {
+      rmSync(tmp, { force: true });
+    } catch {}
+  }
 }
 
 /**
