@@ -215,3 +215,29 @@ test('a cache folder that cannot be written only costs the digests being remembe
   const file = join(FIXTURE, 'config.json');
   assert.match(contentDigest(file, notADir), /^[0-9a-f]{64}$/);
 });
+
+test('a compiled graph that cannot be written says which folder and what to do', async () => {
+  const dir = copy();
+  const cacheDir = join(home, 'cache-k');
+  await open(dir, cacheDir).compile({ tokenLoss: true });
+  const [id] = readdirSync(join(cacheDir, 'graphs'));
+  for (const f of readdirSync(join(cacheDir, 'graphs', id)))
+    if (f.endsWith('.onnx')) rmSync(join(cacheDir, 'graphs', id, f));
+  const real = fs as unknown as Record<string, (...a: unknown[]) => unknown>;
+  const openSync = real.openSync;
+  real.openSync = (...args: unknown[]) => {
+    if (String(args[0]).includes('.onnx') && /w/.test(String(args[1])))
+      throw Object.assign(new Error('no space left on device'), { code: 'ENOSPC' });
+    return openSync(...args);
+  };
+  syncBuiltinESMExports();
+  try {
+    await assert.rejects(
+      open(dir, cacheDir).compile({ tokenLoss: true }),
+      /could not write the compiled graph .*\.onnx \(no space left on device\): free space in the cache folder, or point INFLUENCE_LENS_CACHE/,
+    );
+  } finally {
+    real.openSync = openSync;
+    syncBuiltinESMExports();
+  }
+});

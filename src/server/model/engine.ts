@@ -367,7 +367,14 @@ export class Model {
     if (!onDisk?.equals(bytes)) {
       if (onDisk)
         this.notify(`cached graph ${file} was damaged (${onDisk.length} of ${bytes.length} bytes); rebuilt it`);
-      writeFileAtomic(file, bytes);
+      try {
+        writeFileAtomic(file, bytes);
+      } catch (e) {
+        // the graph must sit beside the weights it references: without a writable cache there is no session
+        throw new EngineError(
+          `could not write the compiled graph ${file} (${(e as Error).message}): free space in the cache folder, or point INFLUENCE_LENS_CACHE (the server's "cacheDir") at a writable folder with room`,
+        );
+      }
     }
     return createSession(file, opts);
   }
