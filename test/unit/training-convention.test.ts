@@ -4,10 +4,19 @@
 // and every cache keyed by the tokenization must tell conventions apart.
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
 import { test } from 'node:test';
+import { loadFactors } from '../../src/server/attribution/ekfac/factors-io';
+import { runFitJob } from '../../src/server/attribution/fit-job';
 import { tokenizationKey, tokenizeQuery, tokenizeRecord } from '../../src/server/data/tokenize';
 import { parseTraining, TRAINING_PRESETS } from '../../src/server/data/training';
 import { loadTokenizer, withTraining } from '../../src/server/model/tokenizer';
+import { parseConfig } from '../../src/server/service/config';
+import { InfluenceService } from '../../src/server/service/influence-service';
+import { writeJsonl } from './helpers/corpus';
+import { useTempHome } from './helpers/env';
+
+const home = useTempHome();
 
 interface Case {
   record: Record<string, unknown>;
@@ -73,18 +82,11 @@ test('bad settings are refused by name', () => {
 });
 
 test('influence-lens.json: "training" on a model is what its server tokenizes with; a bad one names the field', async () => {
-  const { parseConfig } = await import('../../src/server/service/config');
-  const { InfluenceService } = await import('../../src/server/service/influence-service');
-  const { mkdtempSync, writeFileSync } = await import('node:fs');
-  const { tmpdir } = await import('node:os');
-  const { join } = await import('node:path');
-  const home = mkdtempSync(join(tmpdir(), 'training-'));
-  const data = join(home, 'train.jsonl');
-  writeFileSync(data, `${JSON.stringify({ prompt: 'Q: capital of France?\nA:', completion: ' Paris' })}\n`);
+  const data = writeJsonl(join(home, 'train.jsonl'), [{ prompt: 'Q: capital of France?\nA:', completion: ' Paris' }]);
   const raw = (training: unknown) => ({
     models: { model: 'test/fixtures/models/llama', training },
     datasets: { train: data },
-    cacheDir: join(home, 'cache'),
+    cacheDir: join(home, 'cache-config'),
   });
   const service = new InfluenceService(parseConfig(raw('trl'), { baseDir: process.cwd() }).service);
   service.open();
@@ -100,12 +102,6 @@ test('influence-lens.json: "training" on a model is what its server tokenizes wi
 });
 
 test('fit leaves out examples with no trained token within the cut (trainers drop them), and says so', async () => {
-  const { runFitJob } = await import('../../src/server/attribution/fit-job');
-  const { loadFactors } = await import('../../src/server/attribution/ekfac/factors-io');
-  const { mkdtempSync, writeFileSync } = await import('node:fs');
-  const { tmpdir } = await import('node:os');
-  const { join } = await import('node:path');
-  const home = mkdtempSync(join(tmpdir(), 'cut-'));
   const good = [
     { prompt: 'Q: capital of France?\nA:', completion: ' Paris' },
     { prompt: 'Q: capital of Italy?\nA:', completion: ' Rome' },
@@ -115,11 +111,7 @@ test('fit leaves out examples with no trained token within the cut (trainers dro
     prompt: 'Q: a question whose prompt alone is longer than the cut, so nothing after it is trained?\nA:',
     completion: ' No',
   };
-  const write = (name: string, rows: unknown[]) => {
-    const p = join(home, name);
-    writeFileSync(p, `${rows.map((r) => JSON.stringify(r)).join('\n')}\n`);
-    return p;
-  };
+  const write = (name: string, rows: unknown[]) => writeJsonl(join(home, name), rows);
   const training = parseTraining({ maxLength: 32 });
   const fit = async (data: string, out: string, log?: (l: string) => void) =>
     runFitJob({
