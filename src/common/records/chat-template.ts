@@ -145,10 +145,24 @@ export class ChatTemplate {
     }
   }
 
-  render(messages: readonly ChatMessage[]): RenderedChat {
+  private checkContents(messages: readonly ChatMessage[]): void {
     for (const [i, m] of messages.entries())
       if (m.content.includes(GEN_OPEN) || m.content.includes(GEN_CLOSE))
         throw new ChatTemplateError(`messages[${i}].content holds U+E000/U+E001, which mark generation blocks`);
+  }
+
+  /**
+   * The conversation so far with the generation prompt, as `apply_chat_template(messages,
+   * add_generation_prompt=True)` renders it: what a trainer tokenizes as a conversational prompt
+   * alone (TRL finds where the completion starts from it).
+   */
+  renderPrompt(messages: readonly ChatMessage[]): string {
+    this.checkContents(messages);
+    return this.renderRaw(messages, true).replace(/[\uE000\uE001]/g, '');
+  }
+
+  render(messages: readonly ChatMessage[]): RenderedChat {
+    this.checkContents(messages);
     const raw = this.renderRaw(messages, false);
     return this.hasGenerationBlocks ? this.fromGenerationBlocks(messages, raw) : this.fromPrefixes(messages, raw);
   }

@@ -38,6 +38,12 @@ export interface RenderedRecord {
   last: { span: Span; field: string };
   /** a conversational prompt/completion: `spans` are the completion's assistant turns */
   promptCompletion?: boolean;
+  /**
+   * a prompt/completion record's prompt as rendered alone: the "prompt" string, or a
+   * conversational prompt through the chat template with the generation prompt (TRL tokenizes it
+   * to find where the completion starts), rendered on demand; absent for the stand-in rendering
+   */
+  prompt?: () => string;
 }
 
 /** The stand-in chat rendering, used when the model has no chat template. */
@@ -94,6 +100,7 @@ export function renderRecord(value: RecordValue, template?: ChatTemplate): Rende
       ],
       rendering: 'plain',
       last: { span: [p, text.length], field: 'completion' },
+      prompt: () => value.prompt,
     };
   }
   if (!template) return renderStandIn(value);
@@ -117,7 +124,9 @@ export function renderRecord(value: RecordValue, template?: ChatTemplate): Rende
     pieces,
     rendering: 'chat_template',
     last: { span: chat.spans[k], field: `${value.paths[chat.spanMessages[k]]}.content` },
-    ...(value.scoredFrom > 0 ? { promptCompletion: true } : {}),
+    ...(value.scoredFrom > 0
+      ? { promptCompletion: true, prompt: () => template.renderPrompt(value.messages.slice(0, value.scoredFrom)) }
+      : {}),
   };
 }
 

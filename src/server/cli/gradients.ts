@@ -3,7 +3,7 @@
 //   <module>.a [T, d_in], <module>.g [T, d_out], token_nll [T], input_ids [T],
 //   target_ids [T], target_weights [T]   (position t predicts token t+1)
 import { renderForModel } from '../data/format';
-import { asTrained, contextLength, tokenizeText } from '../data/tokenize';
+import { contextLength, tokenizeTrained } from '../data/tokenize';
 import { Model, makeBatch } from '../model/engine';
 import { type TensorToWrite, writeSafetensors } from '../model/safetensors';
 import { Rng } from '../util/random';
@@ -37,8 +37,8 @@ export async function runGradients(argv: string[]): Promise<void> {
   // the same rendering and masking as fit gives a training record (a --text or a prompt/completion
   // one; a trailing EOS the tokenizer appends is scored, as in training, where explain's query leaves it out)
   const record = hasText ? { text: v.text } : { prompt: v.prompt, completion: v.completion };
-  const r = asTrained(model.tokenizer, renderForModel(record, 'the command line', undefined));
-  const enc = tokenizeText(model.tokenizer, r.text, r.spans, Number.POSITIVE_INFINITY);
+  const r = renderForModel(record, 'the command line', undefined);
+  const enc = tokenizeTrained(model.tokenizer, r, Number.POSITIVE_INFINITY, 'the command line');
   if (enc.ids.length < 2) throw new CliError('the text must be at least two tokens long');
   // beyond the model's context a learned position table has no row (GPT-2: an ONNX Runtime
   // index error), and fit would cut the same record there: refuse rather than differ from it

@@ -116,7 +116,7 @@ export class Progress {
 
 /**
  * `--training <preset>|<json>`: how the model was trained on its records (data/training.ts):
- * default, trl, trl-assistant, or a JSON object such as '{"appendEos": true, "maxLength": 2048}'.
+ * default, trl, trl-assistant, or a JSON object such as '{"trainer": "trl", "appendEos": true, "chatLoss": "all", "maxLength": 2048}'.
  */
 export function trainingFlag(value: string | undefined, flag = '--training'): TrainingConvention | undefined {
   if (value === undefined) return undefined;

@@ -95,11 +95,82 @@ export function tokenizeText(
   return { ids, offsets, weights, truncated, text, rendering };
 }
 
-/** One JSONL record (the parsed value), rendered for this model and tokenized. */
+/** One JSONL record (the parsed value), rendered for this model and tokenized as it was trained. */
 export function tokenizeRecord(tok: TokenizerHandle, record: unknown, where: string, maxLength: number): TokenizedText {
   const r = renderForModel(record, where, tok.chatTemplate());
+  return tokenizeTrained(tok, r, Math.min(maxLength, tok.training.maxLength ?? maxLength), where);
+}
+
+/**
+ * A rendered training record tokenized as its trainer trained on it (the tokenizer's training
+ * convention, training.ts). The "trl" trainer's loss is TRL SFTTrainer's labels: every token of
+ * `input_ids` but the first, less, for a prompt/completion, the tokens before the completion's
+ * start, which is where the tokenized prompt alone (a conversational one with its generation
+ * prompt) and the tokenized whole first differ (TRL's common_prefix_length; a token wholly in
+ * the prompt is trained when the completion changed it: "…the Spr" + "ee." gives "▁Sp" "ree"), and
+ * under assistant-only loss, the tokens outside the assistant turns. Records TRL did not train
+ * on as we would tokenize them are refused: a chat without the tokenizer's template, a text whose
+ * ids transformers 4 and 5 disagree on.
+ */
+export function tokenizeTrained(
+  tok: TokenizerHandle,
+  r: RenderedRecord,
+  maxLength: number,
+  where: string,
+): TokenizedText {
+  const trl = tok.training.trainer === 'trl';
+  if (trl && r.rendering === 'stand-in')
+    throw new DataError(
+      `${where}: TRL's SFTTrainer renders a conversation with the tokenizer's chat template and stops without one (transformers: "tokenizer.chat_template is not set"), and this tokenizer has none, so the model was not trained on this record as rendered here; put the template it was trained with beside tokenizer.json (chat_template.jinja)`,
+    );
   const { text, spans } = asTrained(tok, r);
-  return tokenizeText(tok, text, spans, Math.min(maxLength, tok.training.maxLength ?? maxLength), r.rendering);
+  const t = tokenizeText(tok, text, spans, maxLength, r.rendering);
+  if (!trl) return t;
+  const specials = r.rendering !== 'chat_template';
+  const v5 = tok.transformers5;
+  const other = v5?.encode(text, specials);
+  if (v5 && other && !(t.ids.every((id, i) => other[i] === id) && (t.truncated > 0 || other.length === t.ids.length)))
+    throw transformersDisagree(tok, v5.tokenizerClass, other, t.ids, where);
+  // TRL's completion mask: 0 on the common prefix of the prompt's ids and the whole's
+  let from = 1;
+  if (r.prompt) {
+    const prompt = r.prompt();
+    const common = (p: readonly number[]) => {
+      let n = 0;
+      while (n < p.length && n < t.ids.length && p[n] === t.ids[n]) n++;
+      return Math.max(1, n);
+    };
+    const p = tok.encode(prompt, { addSpecialTokens: specials }).ids;
+    from = common(p);
+    const p5 = v5?.encode(prompt, specials);
+    if (v5 && p5 && common(p5) !== from) throw transformersDisagree(tok, v5.tokenizerClass, p5, p, where);
+  }
+  const assistantOnly = r.kind === 'messages' && tok.training.chatLoss === 'assistant';
+  const weights = t.weights.map((w, i) => (i + 1 >= from && i + 1 < t.ids.length && (!assistantOnly || w > 0) ? 1 : 0));
+  return { ...t, weights };
+}
+
+/**
+ * A text whose ids transformers 5 gives otherwise than tokenizer.json and transformers 4: TRL 1.16
+ * runs on both, so which tokens the model was trained on is unknown.
+ */
+function transformersDisagree(
+  tok: TokenizerHandle,
+  tokenizerClass: string,
+  other: readonly number[],
+  ids: readonly number[],
+  where: string,
+): DataError {
+  let at = 0;
+  while (at < ids.length && other[at] === ids[at]) at++;
+  const show = (xs: readonly number[]) =>
+    xs
+      .slice(at, at + 3)
+      .map((id) => JSON.stringify(tok.idToToken(id)))
+      .join(' ');
+  return new DataError(
+    `${where}: transformers 5 tokenizes this text otherwise than tokenizer.json and transformers 4 (token ${at}: ${show(other)} instead of ${show(ids)}): its ${tokenizerClass} builds its own pre-tokenizer in place of tokenizer.json's normalizer, which differs where a text starts with a space or follows a special token. TRL 1.16 runs on either, so which tokens the model was trained on is unknown, and the "trl" trainer refuses the record ("trainer": "default" follows tokenizer.json)`,
+  );
 }
 
 /** The context length a checkpoint supports (config keys differ by architecture). */

@@ -7,7 +7,13 @@
 //    with it (its add_eos), and trains on it;
 //  - on a "messages" record it trains on every token (assistant_only_loss=False); "trl-assistant"
 //    is the same with assistant_only_loss=True;
-//  - it cuts records at max_length = 1024 tokens.
+//  - it cuts records at max_length = 1024 tokens;
+//  - and its own rules where it differs from transformers' masks ("trainer": "trl", tokenize.ts
+//    `tokenizeTrained`): a prompt/completion's loss starts where the tokenized prompt and the
+//    tokenized prompt + completion first differ (common_prefix_length), which can be a token
+//    wholly in the prompt ("▁Spr" + "ee" tokenizes as "▁Sp" "ree"); a conversation is rendered with
+//    the tokenizer's chat template only (TRL fails without one); a record whose ids transformers 4
+//    and 5 disagree on (TRL 1.16 runs on both) is refused, since which ones were trained is unknown.
 
 export interface TrainingConvention {
   /** the name it was given (a preset's, or "custom") */
@@ -18,12 +24,18 @@ export interface TrainingConvention {
   chatLoss: 'assistant' | 'all';
   /** records were cut to this many tokens in training (at most the model's context) */
   maxLength?: number;
+  /**
+   * whose rules decide the rest: "default" — a prompt/completion is trained on every token holding
+   * a completion character (as transformers' assistant masks read spans), a chat without a
+   * template gets the stand-in; "trl" — TRL's SFTTrainer's (see above)
+   */
+  trainer: 'default' | 'trl';
 }
 
 export const TRAINING_PRESETS: Record<string, TrainingConvention> = {
-  default: { name: 'default', appendEos: false, chatLoss: 'assistant' },
-  trl: { name: 'trl', appendEos: true, chatLoss: 'all', maxLength: 1024 },
-  'trl-assistant': { name: 'trl-assistant', appendEos: true, chatLoss: 'assistant', maxLength: 1024 },
+  default: { name: 'default', appendEos: false, chatLoss: 'assistant', trainer: 'default' },
+  trl: { name: 'trl', appendEos: true, chatLoss: 'all', maxLength: 1024, trainer: 'trl' },
+  'trl-assistant': { name: 'trl-assistant', appendEos: true, chatLoss: 'assistant', maxLength: 1024, trainer: 'trl' },
 };
 
 export const DEFAULT_TRAINING = TRAINING_PRESETS.default;
@@ -34,25 +46,25 @@ export class TrainingSettingError extends Error {
 
 /**
  * A preset's name, or an object of fields over the default
- * (`{"appendEos": true, "chatLoss": "all", "maxLength": 2048}`), as in influence-lens.json and
- * `--training`.
+ * (`{"trainer": "trl", "appendEos": true, "chatLoss": "all", "maxLength": 2048}`), as in
+ * influence-lens.json and `--training`.
  */
 export function parseTraining(value: unknown): TrainingConvention {
   if (typeof value === 'string') {
     const p = Object.hasOwn(TRAINING_PRESETS, value) ? TRAINING_PRESETS[value] : undefined;
     if (!p)
       throw new TrainingSettingError(
-        `unknown training convention "${value}"; one of ${Object.keys(TRAINING_PRESETS).join(', ')}, or an object {"appendEos", "chatLoss", "maxLength"}`,
+        `unknown training convention "${value}"; one of ${Object.keys(TRAINING_PRESETS).join(', ')}, or an object {"appendEos", "chatLoss", "maxLength", "trainer"}`,
       );
     return p;
   }
   if (typeof value !== 'object' || value === null || Array.isArray(value))
     throw new TrainingSettingError('the training convention must be a preset name or an object');
   const v = value as Record<string, unknown>;
-  const unknown = Object.keys(v).filter((k) => !['appendEos', 'chatLoss', 'maxLength'].includes(k));
+  const unknown = Object.keys(v).filter((k) => !['appendEos', 'chatLoss', 'maxLength', 'trainer'].includes(k));
   if (unknown.length)
     throw new TrainingSettingError(
-      `unknown training field(s) ${unknown.map((k) => `"${k}"`).join(', ')}; known: "appendEos", "chatLoss", "maxLength"`,
+      `unknown training field(s) ${unknown.map((k) => `"${k}"`).join(', ')}; known: "appendEos", "chatLoss", "maxLength", "trainer"`,
     );
   const out: TrainingConvention = { ...DEFAULT_TRAINING, name: 'custom' };
   if (v.appendEos !== undefined) {
@@ -69,12 +81,22 @@ export function parseTraining(value: unknown): TrainingConvention {
       throw new TrainingSettingError('"maxLength" must be an integer of at least 2 (tokens)');
     out.maxLength = v.maxLength as number;
   }
+  if (v.trainer !== undefined) {
+    if (v.trainer !== 'default' && v.trainer !== 'trl')
+      throw new TrainingSettingError('"trainer" must be "default" or "trl"');
+    out.trainer = v.trainer;
+  }
   return out;
 }
 
-/** What decides tokens, for cache keys: the fields, not the name. */
+/** What decides tokens, for cache keys: the fields, not the name (the default trainer's keys as before it was a field). */
 export function trainingKey(t: TrainingConvention): Record<string, unknown> {
-  return { appendEos: t.appendEos, chatLoss: t.chatLoss, maxLength: t.maxLength ?? null };
+  return {
+    appendEos: t.appendEos,
+    chatLoss: t.chatLoss,
+    maxLength: t.maxLength ?? null,
+    ...(t.trainer === 'default' ? {} : { trainer: t.trainer }),
+  };
 }
 
 /** One line for provenance and messages: "trl (EOS appended, every chat token, max 1024 tokens)". */
@@ -83,6 +105,7 @@ export function describeTraining(t: TrainingConvention): string {
     t.appendEos ? 'EOS appended to text/completion' : "the tokenizer's own EOS only",
     t.chatLoss === 'all' ? 'every token of a chat' : 'assistant turns of a chat',
     t.maxLength ? `cut at ${t.maxLength} tokens` : "cut at the model's context",
+    ...(t.trainer === 'trl' ? ["TRL's prompt/completion boundary"] : []),
   ];
   return `${t.name} (${parts.join(', ')})`;
 }

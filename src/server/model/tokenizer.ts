@@ -51,6 +51,13 @@ export interface TokenizerHandle {
   sha256: string;
   /** tokenizer_config.json's eos_token, as text (what TRL appends to a record) */
   eosToken?: string;
+  /**
+   * The ids transformers 5 gives, where it does not read tokenizer.json's normalizer and
+   * pre-tokenizer but builds its tokenizer class's own (`transformersV5Pipeline`) and that build
+   * differs from the file's; absent otherwise. transformers 4 reads tokenizer.json as written, so
+   * a text whose ids differ here was trained on other ids depending on the transformers version.
+   */
+  transformers5?: { tokenizerClass: string; encode(text: string, addSpecialTokens: boolean): number[] };
   /** how the model was trained on its records (data/training.ts): set by `withTraining` */
   training: TrainingConvention;
 }
@@ -325,6 +332,23 @@ export function loadTokenizer(dir: string): TokenizerHandle {
     };
   };
 
+  // built on first use: only the "trl" trainer asks (data/tokenize.ts)
+  const v5 = transformersV5Pipeline(tj, tc);
+  let rebuilt: Tokenizer | undefined;
+  const transformers5: TokenizerHandle['transformers5'] = v5 && {
+    tokenizerClass: v5.tokenizerClass,
+    encode: (text, addSpecialTokens) => {
+      try {
+        rebuilt ??= new Tokenizer(v5.json, tc);
+      } catch (e) {
+        throw new TokenizerError(
+          `${path}: cannot load it as transformers 5's ${v5.tokenizerClass} (${(e as Error).message})`,
+        );
+      }
+      return rebuilt.encode(text, { add_special_tokens: addSpecialTokens }).ids;
+    },
+  };
+
   const idOf = (name: unknown, configKey: string): number | undefined => {
     const n = tokenName(name);
     if (n !== undefined) {
@@ -403,6 +427,7 @@ export function loadTokenizer(dir: string): TokenizerHandle {
     bosTokenId,
     eosTokenId,
     eosToken: tokenName(tc.eos_token),
+    transformers5,
     training: DEFAULT_TRAINING,
     padTokenId,
     idToToken: (id) => tok.id_to_token(id),
@@ -451,6 +476,39 @@ export function withEmbeddingRows(
     return e;
   };
   return { ...tok, encode: (text, options) => check(tok.encode(text, options)) };
+}
+
+/**
+ * transformers 5 builds some tokenizer classes from the vocabulary and merges alone, with the
+ * class's own normalizer and pre-tokenizer in place of tokenizer.json's (transformers 4 read the
+ * file as written). For `LlamaTokenizer` (Llama-2, Mistral-7B v0.1 and their fine-tunes) that is
+ * no normalizer and a Metaspace pre-tokenizer whose prepend_scheme is "always" with
+ * `"legacy": true`, "first" without, "never" with `"add_prefix_space": false`
+ * (LlamaTokenizer.__init__ and _get_prepend_scheme in transformers 5). A legacy Llama-2
+ * tokenizer.json prepends "▁" with a Prepend normalizer instead, so a text that starts with a
+ * space (`" Rome"`: `▁` `▁Rome` in the file, `▁Rome` in transformers 5) or follows a special token
+ * gets other ids. The tokenizer.json as transformers 5 would run it, or undefined when the class
+ * is not rebuilt or the rebuild is the file's own pipeline. Other classes transformers 5 rebuilds
+ * (T5, Gemma, …) are not emulated; Gemma-3's gave the file's ids on every record of the TRL golden.
+ */
+export function transformersV5Pipeline(tj: Json, tc: Json): { tokenizerClass: string; json: Json } | undefined {
+  const cls = tc.tokenizer_class;
+  if (cls !== 'LlamaTokenizer' && cls !== 'LlamaTokenizerFast') return undefined;
+  const addPrefixSpace = tc.add_prefix_space !== false;
+  const scheme = !addPrefixSpace ? 'never' : tc.legacy === true ? 'always' : 'first';
+  const pre = { type: 'Metaspace', replacement: '\u2581', prepend_scheme: scheme, split: false };
+  // the BPE model as LlamaTokenizer makes it from the file's vocabulary and merges
+  const m = (tj.model ?? {}) as Json;
+  const json: Json = {
+    ...tj,
+    normalizer: null,
+    pre_tokenizer: pre,
+    model: { ...m, fuse_unk: true, byte_fallback: true, dropout: null },
+  };
+  const same = (a: unknown, b: unknown) => JSON.stringify(a ?? null) === JSON.stringify(b ?? null);
+  const sameModel = m.fuse_unk === true && m.byte_fallback === true && (m.dropout ?? null) === null;
+  if (same(tj.normalizer, null) && same(tj.pre_tokenizer, pre) && sameModel) return undefined;
+  return { tokenizerClass: cls, json };
 }
 
 interface Content {
