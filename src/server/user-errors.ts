@@ -4,7 +4,7 @@
 import { FactorsError, UnfinishedFitError } from './attribution/ekfac/factors-io';
 import { ExplainError } from './attribution/explain';
 import { FitJobError } from './attribution/fit-job';
-import { StageError } from './attribution/stage';
+import { StageError, TrainingMismatchError } from './attribution/stage';
 import { CliError } from './cli/util';
 import { DataError, QueryError } from './data/errors';
 import { TrainingSettingError } from './data/training';
@@ -37,6 +37,7 @@ export const USER_ERRORS: ReadonlyArray<new (...args: never[]) => Error> = [
   ModelConfigError,
   EngineError,
   StageError,
+  TrainingMismatchError,
   FitJobError,
   UnfinishedFitError,
   FactorsError,

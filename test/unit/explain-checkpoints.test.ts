@@ -22,6 +22,7 @@ import { queryGradients, queryMatrices } from '../../src/server/attribution/infl
 import { type OpenedStage, openStage } from '../../src/server/attribution/stage';
 import { loadDataset } from '../../src/server/data/dataset';
 import { contextLength, tokenizeQuery } from '../../src/server/data/tokenize';
+import { parseTraining } from '../../src/server/data/training';
 import { GradientStore } from '../../src/server/index/gradient-store';
 import { preconditionerFingerprint } from '../../src/server/index/store-projection';
 import { planCheckpoints } from '../../src/server/model/checkpoints';
@@ -191,6 +192,16 @@ describe('explain summed over training checkpoints (tiny fp64 Llama)', () => {
     const r = await explain(setup, corpus, { ...QUERY, method: 'ekfac', topK: 2, rank: 1 });
     assert.ok(all(r).length > 0);
     for (const e of all(r)) assert.ok(rel(e.score, want.get(e.id.line)!) < 1e-9, `line ${e.id.line}`);
+  });
+
+  test("checkpoints' factors fitted under another training convention are stale (to refit), not used and not fatal", () => {
+    const plan = planCheckpoints(dir, final.model.checkpoint, 'auto')!;
+    const other = { ...fp64, training: parseTraining({ maxLength: 64 }) };
+    const opened = openCheckpointStages(plan, { factorsDir: factors, engine: other, modules: 'all' });
+    assert.deepEqual(opened.unfitted, ['checkpoint-1', 'checkpoint-2']);
+    assert.ok(opened.stages.every((c) => !c.stage.preconditioners));
+    // the final model's factors are refused with the value to pass
+    assert.throws(() => openStage(dir, factors, { engine: other }), /training convention default .*--training default/);
   });
 
   test('a method that does not sum over checkpoints says so', async () => {

@@ -8,8 +8,9 @@ import { join } from 'node:path';
 import { test } from 'node:test';
 import { loadFactors } from '../../src/server/attribution/ekfac/factors-io';
 import { runFitJob } from '../../src/server/attribution/fit-job';
+import { openStage } from '../../src/server/attribution/stage';
 import { tokenizationKey, tokenizeQuery, tokenizeRecord } from '../../src/server/data/tokenize';
-import { parseTraining, TRAINING_PRESETS } from '../../src/server/data/training';
+import { parseTraining, TRAINING_PRESETS, trainingFlagValue } from '../../src/server/data/training';
 import { loadTokenizer, withTraining } from '../../src/server/model/tokenizer';
 import { parseConfig } from '../../src/server/service/config';
 import { InfluenceService } from '../../src/server/service/influence-service';
@@ -17,6 +18,7 @@ import { writeJsonl } from './helpers/corpus';
 import { useTempHome } from './helpers/env';
 
 const home = useTempHome();
+const LLAMA = 'test/fixtures/models/llama';
 
 interface Case {
   record: Record<string, unknown>;
@@ -268,4 +270,48 @@ test('fit leaves out examples with no trained token within the cut (trainers dro
     assert.deepEqual(Array.from(x.covariance!.activationSum), Array.from(m.covariance!.activationSum), name);
     assert.deepEqual(Array.from(x.lambda!.sum), Array.from(m.lambda!.sum), name);
   }
+});
+
+test('factors record the convention they were fitted under; reading the model under another is refused, naming the value to pass', async () => {
+  const data = writeJsonl(join(home, 'conv.jsonl'), [
+    { prompt: 'Q: capital of France?\nA:', completion: ' Paris' },
+    { text: 'Berlin is the capital of Germany.' },
+  ]);
+  const out = join(home, 'conv-factors');
+  const cut = parseTraining({ maxLength: 32 });
+  await runFitJob({
+    modelDir: LLAMA,
+    dataPath: data,
+    out,
+    modules: 'mlp',
+    labels: 'empirical',
+    seed: 0,
+    training: cut,
+  });
+  assert.deepEqual(loadFactors(out).args.training, cut);
+  // under the same fields (another name) it opens; under the default it is refused
+  const same = openStage(LLAMA, out, { engine: { training: { ...cut, name: 'mine' } } });
+  assert.ok(same.preconditioners);
+  assert.throws(
+    () => openStage(LLAMA, out),
+    (e: Error) =>
+      /fitted on records tokenized under the training convention custom \(.*cut at 32 tokens\).*read under default/.test(
+        e.message,
+      ) && e.message.includes(`--training '{"maxLength":32}'`),
+  );
+  // a preset is named by its name
+  assert.equal(trainingFlagValue(TRAINING_PRESETS.trl), 'trl');
+  // fitting into the folder under another convention names the difference
+  await assert.rejects(
+    runFitJob({ modelDir: LLAMA, dataPath: data, out, modules: 'mlp', labels: 'empirical', seed: 0 }),
+    /already holds factors fitted on records tokenized under the training convention custom .*\(asked: default/,
+  );
+  // factors written before the convention was recorded (or by another tool) are not refused for it
+  const argsFile = join(out, 'influence_lens_arguments.json');
+  const args = JSON.parse(readFileSync(argsFile, 'utf8'));
+  writeFileSync(argsFile, JSON.stringify({ ...args, training: undefined }));
+  assert.ok(openStage(LLAMA, out).preconditioners);
+  // a stored value that is not a convention is refused, not ignored
+  writeFileSync(argsFile, JSON.stringify({ ...args, training: { chatLoss: 'some' } }));
+  assert.throws(() => loadFactors(out), /unreadable "training".*"chatLoss".*fit the factors again/);
 });

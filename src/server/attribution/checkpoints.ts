@@ -15,7 +15,7 @@ import type { TokenizedExample } from './fit';
 import { type FitJobOptions, type FitJobResult, runFitJob } from './fit-job';
 import { selfInfluenceScores } from './influence';
 import { type CheckpointStages, ExplainError, type Stage } from './setup';
-import { openStage } from './stage';
+import { type OpenedStage, openStage, TrainingMismatchError } from './stage';
 
 /**
  * Where checkpoint `ck`'s factors are (or will be) for the final model's factors folder
@@ -48,9 +48,17 @@ export function openCheckpointStages(
   const stages = plan.checkpoints.map((ck, i) => {
     const model = opts.models?.get(ck.dir) ?? Model.fromCheckpoint(ck.checkpoint, opts.engine);
     const dir = opts.factorsDir ? checkpointFactorsDir(opts.factorsDir, ck, opts.engine?.cacheDir) : undefined;
-    const fitted = !!dir && existsSync(join(dir, OUR_ARGUMENTS_FILE));
+    let fitted = !!dir && existsSync(join(dir, OUR_ARGUMENTS_FILE));
+    let st: OpenedStage;
+    try {
+      st = openStage(ck.dir, fitted ? dir : undefined, { damping: opts.damping, model });
+    } catch (e) {
+      // fitted under another training convention: as stale as factors of other data (fitCheckpoints refits them)
+      if (!(e instanceof TrainingMismatchError)) throw e;
+      fitted = false;
+      st = openStage(ck.dir, undefined, { damping: opts.damping, model });
+    }
     if (!fitted) unfitted.push(ck.name);
-    const st = openStage(ck.dir, fitted ? dir : undefined, { damping: opts.damping, model });
     if (fitted && st.modules !== opts.modules)
       // the final model's factors decide the modules; a checkpoint fitted over others is stale
       unfitted.push(ck.name);

@@ -19,7 +19,7 @@ import { cleanStaleTemps, replaceDirAtomic, writeFileAtomic } from '../../common
 import { describeOwner, removeStaleLocks, tryLock, waitLock } from '../../common/owner-lock';
 import { loadDataset } from '../data/dataset';
 import { contextLength, tokenizationKey, tokenizeExamples } from '../data/tokenize';
-import type { TrainingConvention } from '../data/training';
+import { describeTraining, sameTraining, type TrainingConvention } from '../data/training';
 import { Model, type ModuleSelection } from '../model/engine';
 import { collectGarbage } from '../util/gc';
 import { CovarianceAccumulator } from './ekfac/covariance';
@@ -219,7 +219,7 @@ async function fitJob(o: FitJobOptions, n: number, i: number): Promise<FitJobRes
       const release = await shared('replacing stale cached factors');
       try {
         log(
-          `the cached factors in ${o.out} are for ${have ? describeDifference(have, job) : 'unreadable files'}: fitting them again`,
+          `the cached factors in ${o.out} are for ${have ? describeDifference(have, job, model.tokenizer.training) : 'unreadable files'}: fitting them again`,
         );
         // A process killed from here on must leave a folder that reads as an unfinished fit, never
         // the old fit's files without the arguments that name them (read as another tool's
@@ -256,7 +256,7 @@ async function fitJob(o: FitJobOptions, n: number, i: number): Promise<FitJobRes
       return result('up-to-date', `${o.out} already holds factors for this model and data`);
     }
     throw new FitJobError(
-      `${o.out} already holds factors fitted on ${describeDifference(have, job)}; ` +
+      `${o.out} already holds factors fitted on ${describeDifference(have, job, model.tokenizer.training)}; ` +
         'write them to another directory, or delete that one to refit',
       'out',
     );
@@ -320,6 +320,7 @@ async function fitJob(o: FitJobOptions, n: number, i: number): Promise<FitJobRes
     seed: o.seed,
     modelFingerprint: job.modelFingerprint,
     dataFingerprint: job.dataFingerprint,
+    training: model.tokenizer.training,
   });
   const fingerprint = `${job.modelFingerprint}:${job.dataFingerprint}`;
 
@@ -515,9 +516,11 @@ function sameModules(have: FactorArguments, selection: ModuleSelection, model: M
   return JSON.stringify([...have.modules].sort()) === JSON.stringify(want);
 }
 
-function describeDifference(have: FactorArguments, job: JobDescription): string {
+function describeDifference(have: FactorArguments, job: JobDescription, training: TrainingConvention): string {
   if (have.modelFingerprint !== job.modelFingerprint)
     return `another model (fingerprint ${have.modelFingerprint ?? 'unknown'}, this one is ${job.modelFingerprint})`;
+  if (have.training && !sameTraining(have.training, training))
+    return `records tokenized under the training convention ${describeTraining(have.training)} (asked: ${describeTraining(training)})`;
   if (have.dataFingerprint !== job.dataFingerprint)
     return `other data (fingerprint ${have.dataFingerprint ?? 'unknown'}, this data is ${job.dataFingerprint})`;
   if (have.labels !== job.labels) return `${have.labels} labels (asked: ${job.labels})`;

@@ -1,5 +1,6 @@
 // Opening a model together with its EK-FAC factors, and refusing pairs that do not belong
 // together: factors fitted on another model, factors for other modules, broken factors.
+import { describeTraining, sameTraining, trainingFlagValue } from '../data/training';
 import { type EngineOptions, Model, type ModuleSelection } from '../model/engine';
 import { loadFactors, preconditionerFor } from './ekfac/factors-io';
 import type { Damping, Preconditioner } from './ekfac/precondition';
@@ -9,6 +10,11 @@ import { SettingError } from './setup';
 
 export class StageError extends SettingError {
   override name = 'StageError';
+}
+
+/** Factors fitted on records tokenized under another training convention than the model is read under. */
+export class TrainingMismatchError extends StageError {
+  override name = 'TrainingMismatchError';
 }
 
 export interface OpenedStage extends Stage {
@@ -51,6 +57,16 @@ export function openStage(
       `${factorsDir} has no model fingerprint (written by another tool?); cannot check it matches ${modelDir}`,
     );
   }
+  // the candidates are tokenized under the model's training convention: under another than the
+  // factors' they are other token sequences (an EOS more or less, other trained tokens)
+  const fittedUnder = factors.args.training;
+  const now = model.tokenizer.training;
+  if (fittedUnder && !sameTraining(fittedUnder, now))
+    throw new TrainingMismatchError(
+      `the factors in ${factorsDir} were fitted on records tokenized under the training convention ${describeTraining(fittedUnder)}, ` +
+        `but ${modelDir} is read under ${describeTraining(now)}, so its examples would be other tokens than the factors saw: ` +
+        `ask for the factors' convention (--training ${shellWord(trainingFlagValue(fittedUnder))}, or "training" on this model in influence-lens.json) or fit the factors again under this one`,
+    );
   const names = Object.keys(factors.modules);
   const all = model.modules('all');
   const unknown = names.filter((n) => !all.some((m) => m.name === n));
@@ -99,6 +115,11 @@ export function openStage(
     mf.lambda = undefined;
   }
   return { model, preconditioners, modules, warnings };
+}
+
+/** A flag's value as one shell word (a JSON convention in single quotes). */
+function shellWord(v: string): string {
+  return /^[\w.-]+$/.test(v) ? v : `'${v.replaceAll("'", "'\\''")}'`;
 }
 
 /** Two stages must share a tokenizer: candidates are tokenized once for both. */

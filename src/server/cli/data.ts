@@ -27,7 +27,7 @@ import {
   sourceRetrieval,
 } from '../eval/queries';
 import { Model } from '../model/engine';
-import { CliError, HelpRequested, int, parse } from './util';
+import { CliError, HelpRequested, int, parse, trainingFlag } from './util';
 
 export async function runData(argv: string[]): Promise<void> {
   const [sub, ...rest] = argv;
@@ -124,9 +124,11 @@ async function evaluate(argv: string[]): Promise<void> {
     'max-tokens': { type: 'string' },
     json: { type: 'boolean' },
     threads: { type: 'string' },
+    training: { type: 'string' },
   });
   if (!v.model) throw new CliError('--model <dir> is required');
   if (v.queries !== undefined) return evaluateQueries(v);
+  if (v.training !== undefined) throw new CliError('--training applies to data eval --queries (your own data) only');
   if (!v.data || !existsSync(join(v.data, FILES.queries)))
     throw new CliError(
       '--queries <file> (your questions: {"prompt", "expected", "sources"?}) is required, or --data <dir> written by data build',
@@ -167,6 +169,7 @@ async function evaluateQueries(v: {
   'max-tokens'?: string;
   json?: boolean;
   threads?: string;
+  training?: string;
 }): Promise<void> {
   let queries: EvalQuery[];
   try {
@@ -175,7 +178,11 @@ async function evaluateQueries(v: {
     throw new CliError((e as Error).message);
   }
   const stage = openStage(v.model!, v.factors, {
-    engine: { threads: v.threads === undefined ? undefined : int(v.threads, '--threads', 1) },
+    engine: {
+      threads: v.threads === undefined ? undefined : int(v.threads, '--threads', 1),
+      // --data is tokenized as the model was trained on it, as by fit and explain
+      training: trainingFlag(v.training),
+    },
   });
   const accuracy = await answerQueries(stage.model, queries, int(v['max-tokens'], '--max-tokens', 16));
   const k = int(v['top-k'], '--top-k', 10);

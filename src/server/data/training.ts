@@ -99,6 +99,36 @@ export function trainingKey(t: TrainingConvention): Record<string, unknown> {
   };
 }
 
+/**
+ * Whether two conventions tokenize alike (their fields, not their names): what was computed under
+ * one (EK-FAC factors) must not be used with records tokenized under the other.
+ */
+export function sameTraining(a: TrainingConvention, b: TrainingConvention): boolean {
+  return JSON.stringify(trainingKey(a)) === JSON.stringify(trainingKey(b));
+}
+
+/** The `--training` value that asks for `t`: a preset's name where one has its fields, else its fields as JSON. */
+export function trainingFlagValue(t: TrainingConvention): string {
+  const preset = Object.values(TRAINING_PRESETS).find((p) => sameTraining(p, t));
+  if (preset) return preset.name;
+  // the fields that differ from the default's, as parseTraining reads them
+  const d = trainingKey(DEFAULT_TRAINING);
+  const fields = Object.entries(trainingKey(t)).filter(([k, v]) => JSON.stringify(v) !== JSON.stringify(d[k]));
+  return JSON.stringify(Object.fromEntries(fields));
+}
+
+/**
+ * A convention as stored beside what was computed under it (EK-FAC factors' arguments: its name
+ * and fields), read back; a stored value that is not one is refused (TrainingSettingError).
+ */
+export function readStoredTraining(v: unknown): TrainingConvention {
+  if (typeof v !== 'object' || v === null || Array.isArray(v))
+    throw new TrainingSettingError('the stored training convention is not an object');
+  const { name, maxLength, ...fields } = v as Record<string, unknown>;
+  const t = parseTraining({ ...fields, ...(maxLength === null || maxLength === undefined ? {} : { maxLength }) });
+  return { ...t, name: typeof name === 'string' && name ? name : 'custom' };
+}
+
 /** One line for provenance and messages: "trl (EOS appended, every chat token, max 1024 tokens)". */
 export function describeTraining(t: TrainingConvention): string {
   const parts = [

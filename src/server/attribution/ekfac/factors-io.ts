@@ -21,6 +21,7 @@ import { createHash } from 'node:crypto';
 import { copyFileSync, existsSync, mkdirSync, readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { restoreReplacedDir, writeAtomicWith, writeFileAtomic } from '../../../common/atomic-write';
+import { readStoredTraining, type TrainingConvention } from '../../data/training';
 import { type Floats, firstNonFinite, inPrecision, type Precision, precisionOf, toF64 } from '../../linalg/matrix';
 import {
   checkDataChecksum,
@@ -88,6 +89,12 @@ export interface FactorArguments {
   /** fingerprints of the model weights and the data the factors were fitted on (null when unknown) */
   modelFingerprint?: string | null;
   dataFingerprint?: string | null;
+  /**
+   * how the training records were tokenized (data/training.ts; null when unknown: factors of
+   * another tool, or written before it was stored): scoring under another convention is refused
+   * (stage.ts), as the candidates would be other token sequences than the factors were fitted on
+   */
+  training?: TrainingConvention | null;
 }
 
 /** One module's stored factors; each stage is optional (they are fitted one after another). */
@@ -390,6 +397,7 @@ export function loadFactors(dir: string, options: LoadOptions = {}): Factors {
         seed: typeof ours.seed === 'number' ? ours.seed : null,
         modelFingerprint: typeof ours.modelFingerprint === 'string' ? ours.modelFingerprint : null,
         dataFingerprint: typeof ours.dataFingerprint === 'string' ? ours.dataFingerprint : null,
+        training: ours.training === undefined || ours.training === null ? null : storedTraining(dir, ours.training),
       }
     : {
         // kronfluence: damping is a score argument, and its `damping_factor=None` heuristic is ours
@@ -416,6 +424,16 @@ export function loadFactors(dir: string, options: LoadOptions = {}): Factors {
     }
   }
   return { args, fingerprint, modules };
+}
+
+function storedTraining(dir: string, v: unknown): TrainingConvention {
+  try {
+    return readStoredTraining(v);
+  } catch (e) {
+    throw new FactorsError(
+      `${dir}: ${OUR_ARGUMENTS_FILE} holds an unreadable "training" (${(e as Error).message}); fit the factors again`,
+    );
+  }
 }
 
 /** What identifies one fit's files: the model and data, and what else changes the factors. */
