@@ -10,7 +10,7 @@ import { loadFactors } from '../../src/server/attribution/ekfac/factors-io';
 import { runFitJob } from '../../src/server/attribution/fit-job';
 import { openStage } from '../../src/server/attribution/stage';
 import { tokenizationKey, tokenizeQuery, tokenizeRecord } from '../../src/server/data/tokenize';
-import { parseTraining, TRAINING_PRESETS, trainingFlagValue } from '../../src/server/data/training';
+import { parseTraining, readStoredTraining, TRAINING_PRESETS, trainingFlagValue } from '../../src/server/data/training';
 import { loadTokenizer, withTraining } from '../../src/server/model/tokenizer';
 import { parseConfig } from '../../src/server/service/config';
 import { InfluenceService } from '../../src/server/service/influence-service';
@@ -311,6 +311,9 @@ test('factors record the convention they were fitted under; reading the model un
   const args = JSON.parse(readFileSync(argsFile, 'utf8'));
   writeFileSync(argsFile, JSON.stringify({ ...args, training: undefined }));
   assert.ok(openStage(LLAMA, out).preconditioners);
+  // a preset's name stored with other fields than the preset has now is not shown as that preset
+  assert.equal(readStoredTraining({ ...TRAINING_PRESETS.trl, trainer: 'default' }).name, 'custom');
+  assert.equal(readStoredTraining({ ...TRAINING_PRESETS.trl }).name, 'trl');
   // a stored value that is not a convention is refused, not ignored
   writeFileSync(argsFile, JSON.stringify({ ...args, training: { chatLoss: 'some' } }));
   assert.throws(() => loadFactors(out), /unreadable "training".*"chatLoss".*fit the factors again/);

@@ -126,7 +126,11 @@ export function readStoredTraining(v: unknown): TrainingConvention {
     throw new TrainingSettingError('the stored training convention is not an object');
   const { name, maxLength, ...fields } = v as Record<string, unknown>;
   const t = parseTraining({ ...fields, ...(maxLength === null || maxLength === undefined ? {} : { maxLength }) });
-  return { ...t, name: typeof name === 'string' && name ? name : 'custom' };
+  // a preset's name is kept only while that preset still has these fields (a message must never
+  // call two different conventions by one name)
+  const preset = typeof name === 'string' && Object.hasOwn(TRAINING_PRESETS, name) ? TRAINING_PRESETS[name] : undefined;
+  const named = typeof name === 'string' && name !== '' && (!preset || sameTraining(preset, t));
+  return { ...t, name: named ? (name as string) : 'custom' };
 }
 
 /** One line for provenance and messages: "trl (EOS appended, every chat token, max 1024 tokens)". */
