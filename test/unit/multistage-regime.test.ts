@@ -170,6 +170,34 @@ describe('explain: multistage results carry the regime, others do not', () => {
     corpus = new Corpus(data, loadDataset(data), ft.model);
   });
 
+  test('a pair of other modules (one more layer, either side) is refused in one line before any scoring', async () => {
+    const deep = join(dir, 'deeper');
+    const { config, params, shapes } = initLlama({ ...SHAPE, layers: 3 }, 5, { bos: 0, eos: 0, pad: 0 });
+    saveCheckpoint(deep, config, params, shapes, TOKENIZER);
+    await runFitJob({
+      modelDir: deep,
+      dataPath: join(dir, 'train.jsonl'),
+      out: join(dir, 'deeper-factors'),
+      modules: 'all',
+      labels: 'empirical',
+      seed: 0,
+    });
+    const other = openStage(deep, join(dir, 'deeper-factors'));
+    const q = { prompt: 'Q: capital of France?\nA:', completion: ' Paris', method: 'multistage' as const, topK: 2 };
+    await assert.rejects(
+      explain({ model: other, pretrained: pt, modules: 'all' }, corpus, q),
+      (e: Error) =>
+        e.name === 'ExplainError' &&
+        /multistage needs the same linear modules in both models: .*deeper has 7 the pre-trained .* lacks \(e\.g\. model\.layers\.2\./.test(
+          e.message,
+        ),
+    );
+    await assert.rejects(
+      explain({ model: ft, pretrained: other, modules: 'all' }, corpus, q),
+      (e: Error) => e.name === 'ExplainError' && /finetuned lacks model\.layers\.2\..*deeper has it as/.test(e.message),
+    );
+  });
+
   test('multistage: the distance of every tracked module, outside the regime here', async () => {
     const r = await explain({ model: ft, pretrained: pt, modules: 'all' }, corpus, {
       prompt: 'Q: capital of France?\nA:',

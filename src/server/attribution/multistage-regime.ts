@@ -21,12 +21,44 @@ import { ExplainError } from './setup';
  * order. Reads one module's weights at a time. Remembered under the cache directory by both
  * models' content fingerprints, so a large pair is read once, not on every explain.
  */
+/**
+ * Multistage meets the fine-tuned model's preconditioned query with the pre-trained model's
+ * candidate gradients, module by module: both models must track the same linear modules, of the
+ * same shapes. A LoRA adapter's modules (its A and B matrices) are not its base's linear modules.
+ */
+export function checkSameModules(finetuned: Model, pretrained: Model, modules: ModuleSelection): void {
+  const pt = pretrained.modules(modules);
+  const ft = finetuned.modules(modules);
+  const where = `${finetuned.checkpoint.dir} and ${pretrained.checkpoint.dir}`;
+  if (!!finetuned.checkpoint.adapter !== !!pretrained.checkpoint.adapter)
+    throw new ExplainError(
+      `multistage needs the same linear modules in both models, but ${finetuned.checkpoint.adapter ? finetuned.checkpoint.dir : pretrained.checkpoint.dir} is a LoRA adapter (its tracked modules are its lora_A/lora_B matrices) and the other is not: multistage over an adapter is not supported; use ekfac or gdp on the adapter`,
+      'pretrained',
+    );
+  const byName = new Map(ft.map((m) => [m.name, m]));
+  for (const m of pt) {
+    const f = byName.get(m.name);
+    if (!f || f.dIn !== m.dIn || f.dOut !== m.dOut || f.hasBias !== m.hasBias)
+      throw new ExplainError(
+        `multistage needs the same linear modules in both models: ${finetuned.checkpoint.dir} ${f ? `has ${m.name} as ${f.dOut}×${f.dIn}${f.hasBias ? ' with a bias' : ''}` : `lacks ${m.name}`}, ${pretrained.checkpoint.dir} has it as ${m.dOut}×${m.dIn}${m.hasBias ? ' with a bias' : ''}`,
+        'pretrained',
+      );
+  }
+  const extra = ft.filter((m) => !pt.some((x) => x.name === m.name));
+  if (extra.length)
+    throw new ExplainError(
+      `multistage needs the same linear modules in both models: ${finetuned.checkpoint.dir} has ${extra.length} the pre-trained ${pretrained.checkpoint.dir} lacks (e.g. ${extra[0].name}); ${where} are not one architecture`,
+      'pretrained',
+    );
+}
+
 export function relativeWeightDistance(
   finetuned: Model,
   pretrained: Model,
   modules: ModuleSelection,
   cacheDir = finetuned.options.cacheDir ?? defaultCacheDir(),
 ): Map<string, number> {
+  checkSameModules(finetuned, pretrained, modules);
   const pt = pretrained.modules(modules);
   const ft = new Map(finetuned.modules(modules).map((m) => [m.name, m]));
   const key = createHash('sha256')

@@ -2,6 +2,7 @@
 // with Influence Functions"): the fine-tuned model's query gradient, preconditioned by both
 // stages' factors, met by the pre-trained model's candidate gradients.
 import { queryMatrices } from '../influence';
+import { checkSameModules } from '../multistage-regime';
 import { ExplainError, need } from '../setup';
 import type { GradientScorer } from './scorer';
 
@@ -20,6 +21,8 @@ export const multistage: GradientScorer = {
       'multistage needs EK-FAC factors fitted on the fine-tuned model',
       'factors',
     );
+    // before any scoring: a pair of other modules fails inside the preconditioning otherwise
+    checkSameModules(setup.model.model, setup.pretrained.model, setup.modules);
     // ⟨P_ft(G_q), P_pt(G_z)⟩ = ⟨P_pt(P_ft(G_q)), G_z⟩ since P_pt is symmetric
     return { M: queryMatrices(qg.tokens, [ft, pt]), candidateModel: setup.pretrained.model };
   },
