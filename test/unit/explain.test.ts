@@ -2,7 +2,7 @@
 // checked against a dense reference that builds each module's EK-FAC matrix explicitly,
 // inverts it by Gauss-Jordan, and uses gradients formed in JS from the per-token a and g.
 import assert from 'node:assert/strict';
-import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { before, describe, test } from 'node:test';
 import type { ExplainResult } from '../../src/protocol/types';
@@ -556,4 +556,34 @@ describe('fit + explain (tiny fp64 Llama)', () => {
     );
     checkSameTokenizer(ft.model, pt.model);
   });
+});
+
+test('multistage: a tokenizer re-saved by transformers (its bookkeeping keys, a chat template added) is the same tokenizer; one that encodes otherwise is refused, naming the key', () => {
+  const dir = join(home, 'resaved');
+  const { config, params, shapes } = initLlama(SHAPE, 3, { bos: 0, eos: 0, pad: 0 });
+  const save = (name: string, edit: (c: Record<string, unknown>) => void) => {
+    saveCheckpoint(join(dir, name), config, params, shapes, TOKENIZER);
+    const file = join(dir, name, 'tokenizer_config.json');
+    const c = JSON.parse(readFileSync(file, 'utf8'));
+    edit(c);
+    writeFileSync(file, `${JSON.stringify(c, null, 2)}\n`);
+    return Model.open(join(dir, name));
+  };
+  const base = save('base', () => {});
+  // what transformers 5's save_pretrained writes, plus a template the fine-tune brought
+  const resaved = save('resaved', (c) => {
+    Object.assign(c, { is_local: true, local_files_only: false, padding_side: 'left' });
+    c.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}";
+  });
+  assert.notEqual(base.tokenizer.sha256, resaved.tokenizer.sha256);
+  checkSameTokenizer(resaved, base);
+  // a lowercasing normalizer: other ids for any capital letter
+  saveCheckpoint(join(dir, 'other'), config, params, shapes, TOKENIZER);
+  const tj = join(dir, 'other', 'tokenizer.json');
+  writeFileSync(tj, JSON.stringify({ ...JSON.parse(readFileSync(tj, 'utf8')), normalizer: { type: 'Lowercase' } }));
+  assert.throws(
+    () => checkSameTokenizer(Model.open(join(dir, 'other')), base),
+    (e: Error) =>
+      e instanceof StageError && /different tokenizers \(tokenizer\.json: "normalizer" differ\)/.test(e.message),
+  );
 });

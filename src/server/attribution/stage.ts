@@ -1,5 +1,8 @@
 // Opening a model together with its EK-FAC factors, and refusing pairs that do not belong
 // together: factors fitted on another model, factors for other modules, broken factors.
+import { existsSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { canonicalJson } from '../../common/ids';
 import { describeTraining, sameTraining, trainingFlagValue } from '../data/training';
 import { type EngineOptions, Model, type ModuleSelection } from '../model/engine';
 import { loadFactors, preconditionerFor } from './ekfac/factors-io';
@@ -122,12 +125,64 @@ function shellWord(v: string): string {
   return /^[\w.-]+$/.test(v) ? v : `'${v.replaceAll("'", "'\\''")}'`;
 }
 
-/** Two stages must share a tokenizer: candidates are tokenized once for both. */
+/**
+ * tokenizer_config.json keys that never change a token id: what transformers writes about where
+ * and how it was loaded (transformers 5's save_pretrained adds "is_local" and "local_files_only"),
+ * padding and truncation sides, decoding options. The chat template is compared neither: each
+ * stage renders its own data with its own (a base model without one, a fine-tune that adds one).
+ */
+const TOKENIZER_METADATA = new Set([
+  'is_local',
+  'local_files_only',
+  'name_or_path',
+  '_commit_hash',
+  'tokenizer_file',
+  'model_input_names',
+  'padding_side',
+  'truncation_side',
+  'clean_up_tokenization_spaces',
+  'processor_class',
+  'auto_map',
+  'model_max_length',
+  'chat_template',
+]);
+
+/** What makes two tokenizer folders encode differently ("tokenizer.json: model", …), or undefined. */
+export function tokenizerDifference(dirA: string, dirB: string): string | undefined {
+  const read = (dir: string, file: string): Record<string, unknown> => {
+    const path = join(dir, file);
+    if (!existsSync(path)) return {};
+    try {
+      const v = JSON.parse(readFileSync(path, 'utf8'));
+      return typeof v === 'object' && v !== null && !Array.isArray(v) ? v : { '': v };
+    } catch {
+      return { '': readFileSync(path, 'utf8') };
+    }
+  };
+  for (const [file, skip] of [
+    ['tokenizer.json', new Set<string>()],
+    ['tokenizer_config.json', TOKENIZER_METADATA],
+  ] as const) {
+    const a = read(dirA, file);
+    const b = read(dirB, file);
+    const keys = [...new Set([...Object.keys(a), ...Object.keys(b)])].filter((k) => !skip.has(k)).sort();
+    const differs = keys.filter((k) => canonicalJson(a[k] ?? null) !== canonicalJson(b[k] ?? null));
+    if (differs.length) return `${file}: ${differs.map((k) => (k ? `"${k}"` : 'its content')).join(', ')}`;
+  }
+  return undefined;
+}
+
+/**
+ * Two stages must share a tokenizer: candidates are tokenized once for both. Files that differ
+ * only in what never changes an id (transformers' own bookkeeping when it saves a tokenizer, a
+ * chat template) are the same tokenizer.
+ */
 export function checkSameTokenizer(a: Model, b: Model): void {
-  // tokenizer.json and tokenizer_config.json, as read (TokenizerHandle.sha256)
-  if (a.tokenizer.sha256 !== b.tokenizer.sha256)
+  if (a.tokenizer.sha256 === b.tokenizer.sha256) return;
+  const differs = tokenizerDifference(a.checkpoint.tokenizerDir, b.checkpoint.tokenizerDir);
+  if (differs)
     throw new StageError(
-      `${a.checkpoint.dir} and ${b.checkpoint.dir} have different tokenizers; multi-stage influence needs one tokenizer`,
+      `${a.checkpoint.dir} and ${b.checkpoint.dir} have different tokenizers (${differs} differ); multi-stage influence needs one tokenizer`,
     );
 }
 
