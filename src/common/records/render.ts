@@ -41,7 +41,8 @@ export interface RenderedRecord {
   /**
    * a prompt/completion record's prompt as rendered alone: the "prompt" string, or a
    * conversational prompt through the chat template with the generation prompt (TRL tokenizes it
-   * to find where the completion starts), rendered on demand; absent for the stand-in rendering
+   * to find where the completion starts), rendered on demand; absent for the stand-in rendering.
+   * A template that fails on the prompt alone throws its ChatTemplateError here.
    */
   prompt?: () => string;
 }
@@ -125,7 +126,11 @@ export function renderRecord(value: RecordValue, template?: ChatTemplate): Rende
     rendering: 'chat_template',
     last: { span: chat.spans[k], field: `${value.paths[chat.spanMessages[k]]}.content` },
     ...(value.scoredFrom > 0
-      ? { promptCompletion: true, prompt: () => template.renderPrompt(value.messages.slice(0, value.scoredFrom)) }
+      ? {
+          promptCompletion: true,
+          prompt: () =>
+            chat.prompts?.get(value.scoredFrom) ?? template.renderPrompt(value.messages.slice(0, value.scoredFrom)),
+        }
       : {}),
   };
 }

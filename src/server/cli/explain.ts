@@ -10,6 +10,7 @@ import { checkSameTokenizer, openStage, parseDamping } from '../attribution/stag
 import { loadDataset } from '../data/dataset';
 import { formatRecord, parseRecord } from '../data/format';
 import { readJsonl } from '../data/jsonl';
+import { contextLength } from '../data/tokenize';
 import { DEFAULTS } from '../settings';
 import { CHECKPOINTS_OPTION, checkpointsSetting, cliCheckpointStages, cliPlan } from './checkpoints';
 import { heatmap, oneLine } from './heatmap';
@@ -108,14 +109,15 @@ export async function runExplain(argv: string[]): Promise<void> {
       );
   }
   for (const w of [...ft.warnings, ...(pt?.warnings ?? [])]) process.stderr.write(`warning: ${w}\n`);
-  const dataset = loadDataset(v.data, {
-    skipMalformed: v['skip-malformed'],
-    chatTemplate: ft.model.tokenizer.chatTemplate(),
-  });
-  if (dataset.skipped.length) process.stderr.write(`skipped ${dataset.skipped.length} malformed line(s)\n`);
   // multistage traces into the pre-training data (--data): tokenized as the pre-trained model was
   // trained on it (its --pretrained-training), as the server does for a "pretrained" dataset
-  const corpus = new Corpus(v.data, dataset, method === 'multistage' && pt ? pt.model : ft.model);
+  const dataModel = method === 'multistage' && pt ? pt.model : ft.model;
+  const dataset = loadDataset(v.data, {
+    skipMalformed: v['skip-malformed'],
+    trainedBy: { tokenizer: dataModel.tokenizer, maxLength: contextLength(dataModel.config) },
+  });
+  if (dataset.skipped.length) process.stderr.write(`skipped ${dataset.skipped.length} malformed line(s)\n`);
+  const corpus = new Corpus(v.data, dataset, dataModel);
   if (corpus.truncated) process.stderr.write(`${corpus.truncated} example(s) were cut to the model's context\n`);
   const plan = cliPlan(v.model, ft.model, checkpointsSetting(v.checkpoints));
   const checkpoints =

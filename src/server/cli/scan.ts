@@ -6,6 +6,7 @@ import { selfInfluence } from '../attribution/checkpoints';
 import { attributionOf, Corpus } from '../attribution/explain';
 import { openStage, parseDamping } from '../attribution/stage';
 import { loadDataset } from '../data/dataset';
+import { contextLength } from '../data/tokenize';
 import { DEFAULTS } from '../settings';
 import { CHECKPOINTS_OPTION, checkpointsSetting, cliCheckpointStages, cliPlan } from './checkpoints';
 import { oneLine } from './heatmap';
@@ -49,7 +50,7 @@ export async function runScan(argv: string[]): Promise<void> {
   for (const w of stage.warnings) process.stderr.write(`warning: ${w}\n`);
   const dataset = loadDataset(v.data, {
     skipMalformed: v['skip-malformed'],
-    chatTemplate: stage.model.tokenizer.chatTemplate(),
+    trainedBy: { tokenizer: stage.model.tokenizer, maxLength: contextLength(stage.model.config) },
   });
   if (dataset.skipped.length) process.stderr.write(`skipped ${dataset.skipped.length} malformed line(s)\n`);
   const corpus = new Corpus(v.data, dataset, stage.model);

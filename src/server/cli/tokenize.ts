@@ -47,8 +47,8 @@ export function tokenizeFile(
       throw new CliError(`${cfgPath}: not valid JSON (${(e as Error).message})`);
     }
   }
-  const ds = loadDataset(data, { skipMalformed, chatTemplate: tok.chatTemplate() });
   const maxLength = contextLength(config);
+  const ds = loadDataset(data, { skipMalformed, trainedBy: { tokenizer: tok, maxLength } });
   const { tokens, truncated } = tokenizeExamples(tok, ds.examples, maxLength, data);
   const warnings: string[] = ds.skipped.map((x) => `${data}:${x.line}: ${x.message} (skipped)`);
   const standIn = tokens.filter((t) => t.rendering === 'stand-in').length;

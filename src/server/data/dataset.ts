@@ -3,9 +3,11 @@
 import { closeSync, openSync, readSync } from 'node:fs';
 import { contentHash } from '../../common/ids';
 import type { ChatTemplate } from '../../common/records/chat-template';
+import type { TokenizerHandle } from '../model/tokenizer';
 import { DataError } from './errors';
 import { ACCEPTED_SHAPES, formatRecord, type RecordKind, renderForModel, type Span } from './format';
 import { readJsonl, SKIP_HINT, type SkippedLine } from './jsonl';
+import { checkTrainable } from './tokenize';
 
 export interface Example {
   /** 0-based position among the loaded examples (not the line number). */
@@ -44,6 +46,14 @@ export interface LoadDatasetOptions {
    * instead of stopping every later use of the dataset.
    */
   chatTemplate?: ChatTemplate;
+  /**
+   * The tokenizer (with its training convention) and the model's context the records will be
+   * tokenized with, in place of `chatTemplate`: besides a chat its template fails on, a record its
+   * trainer refuses (the "trl" trainer's refusals, `checkTrainable`) is a bad line. Under the
+   * default trainer this costs what `chatTemplate` does; under "trl" with a LlamaTokenizer file it
+   * encodes each record (ids only), which its tokenization then does not repeat.
+   */
+  trainedBy?: { tokenizer: TokenizerHandle; maxLength: number };
 }
 
 export function loadDataset(path: string, options: LoadDatasetOptions = {}): Dataset {
@@ -66,7 +76,15 @@ export function loadDataset(path: string, options: LoadDatasetOptions = {}): Dat
     let hash: string;
     try {
       formatted = formatRecord(value, `${path}:${line}`);
-      if (options.chatTemplate && formatted.kind === 'messages')
+      if (options.trainedBy)
+        checkTrainable(
+          options.trainedBy.tokenizer,
+          value,
+          formatted.kind,
+          `${path}:${line}`,
+          options.trainedBy.maxLength,
+        );
+      else if (options.chatTemplate && formatted.kind === 'messages')
         renderForModel(value, `${path}:${line}`, options.chatTemplate);
       hash = contentHash(value);
     } catch (e) {

@@ -8,11 +8,12 @@
 //      is, as transformers' labels = input_ids and TRL's completion mask score it in training.
 // Sequences longer than the model's context are cut at the end (the count is reported, never
 // silent); the loss weights follow the cut.
+import { ChatTemplateError } from '../../common/records/chat-template';
 import type { RenderedRecord, Rendering } from '../../common/records/render';
 import type { TokenizerHandle } from '../model/tokenizer';
 import { DataError, QueryError } from './errors';
 import { renderForModel, type Span, targetWeightsFromOffsets } from './format';
-import { trainingKey } from './training';
+import { trainingArgument, trainingKey } from './training';
 
 export interface TokenizedText {
   ids: number[];
@@ -98,7 +99,54 @@ export function tokenizeText(
 /** One JSONL record (the parsed value), rendered for this model and tokenized as it was trained. */
 export function tokenizeRecord(tok: TokenizerHandle, record: unknown, where: string, maxLength: number): TokenizedText {
   const r = renderForModel(record, where, tok.chatTemplate());
-  return tokenizeTrained(tok, r, Math.min(maxLength, tok.training.maxLength ?? maxLength), where);
+  const limit = Math.min(maxLength, tok.training.maxLength ?? maxLength);
+  const checked = typeof record === 'object' && record !== null && checkedAtLoad.get(tok)?.get(record) === limit;
+  return tokenizeTrained(tok, r, limit, where, checked);
+}
+
+/**
+ * Records whose ids `checkTrainable` (at loading) already compared with transformers 5's, by
+ * tokenizer handle, with the length they were cut to: tokenizing them does not compare again.
+ */
+const checkedAtLoad = new WeakMap<TokenizerHandle, WeakMap<object, number>>();
+
+/**
+ * Throws the DataError tokenizing this record as trained would (`tokenizeRecord`, with the model's
+ * context `maxLength`), computing no more than that takes: what `loadDataset` calls so that such a
+ * record is a bad line of the file (named, or skipped under skipMalformed) instead of stopping
+ * every later use of the dataset. Under the default trainer that is rendering a chat with the
+ * model's template; under "trl", every refusal of `tokenizeTrained`, of which only the transformers
+ * 4/5 comparison (LlamaTokenizer files) encodes the text, ids only, and is not repeated at tokenization.
+ */
+export function checkTrainable(
+  tok: TokenizerHandle,
+  record: unknown,
+  kind: RenderedRecord['kind'],
+  where: string,
+  maxLength: number,
+): void {
+  if (tok.training.trainer !== 'trl') {
+    if (kind === 'messages') renderForModel(record, where, tok.chatTemplate());
+    return;
+  }
+  const r = renderForModel(record, where, tok.chatTemplate());
+  refuseUntrained(tok, r, where);
+  if (r.prompt) renderedPrompt(r, where);
+  if (!tok.transformers5 || typeof record !== 'object' || record === null) return;
+  const limit = Math.min(maxLength, tok.training.maxLength ?? maxLength);
+  const { text } = asTrained(tok, r);
+  const specials = r.rendering !== 'chat_template';
+  const ids = tok.encodeIds(text, specials);
+  checkTransformers5(tok, r, text, ids.slice(0, limit), ids.length > limit, where);
+  const checked = checkedAtLoad.get(tok) ?? new WeakMap<object, number>();
+  checkedAtLoad.set(tok, checked.set(record, limit));
+}
+
+/** How many leading ids two sequences share (TRL's common_prefix_length). */
+function commonPrefix(a: readonly number[], b: readonly number[]): number {
+  let n = 0;
+  while (n < a.length && n < b.length && a[n] === b[n]) n++;
+  return n;
 }
 
 /**
@@ -107,69 +155,102 @@ export function tokenizeRecord(tok: TokenizerHandle, record: unknown, where: str
  * `input_ids` but the first, less, for a prompt/completion, the tokens before the completion's
  * start, which is where the tokenized prompt alone (a conversational one with its generation
  * prompt) and the tokenized whole first differ (TRL's common_prefix_length; a token wholly in
- * the prompt is trained when the completion changed it: "…the Spr" + "ee." gives "▁Sp" "ree"), and
- * under assistant-only loss, the tokens outside the assistant turns. Records TRL did not train
- * on as we would tokenize them are refused: a chat without the tokenizer's template, a text whose
- * ids transformers 4 and 5 disagree on.
+ * the prompt is trained when the completion changed it: "…the Spr" + "ee." gives "▁Sp" "ree").
+ * Records TRL did not train on as we would tokenize them are refused (`refuseUntrained`,
+ * `checkTransformers5`). `checked`: the transformers 4/5 comparison was made when the dataset was
+ * loaded (`checkTrainable`).
  */
 export function tokenizeTrained(
   tok: TokenizerHandle,
   r: RenderedRecord,
   maxLength: number,
   where: string,
+  checked = false,
 ): TokenizedText {
   const trl = tok.training.trainer === 'trl';
-  if (trl && r.rendering === 'stand-in')
-    throw new DataError(
-      `${where}: TRL's SFTTrainer renders a conversation with the tokenizer's chat template and stops without one (transformers: "tokenizer.chat_template is not set"), and this tokenizer has none, so the model was not trained on this record as rendered here; put the template it was trained with beside tokenizer.json (chat_template.jinja)`,
-    );
+  if (trl) refuseUntrained(tok, r, where);
   const { text, spans } = asTrained(tok, r);
   const t = tokenizeText(tok, text, spans, maxLength, r.rendering);
   if (!trl) return t;
-  const specials = r.rendering !== 'chat_template';
-  const v5 = tok.transformers5;
-  const other = v5?.encode(text, specials);
-  if (v5 && other && !(t.ids.every((id, i) => other[i] === id) && (t.truncated > 0 || other.length === t.ids.length)))
-    throw transformersDisagree(tok, v5.tokenizerClass, other, t.ids, where);
-  // TRL's completion mask: 0 on the common prefix of the prompt's ids and the whole's
-  let from = 1;
-  if (r.prompt) {
-    const prompt = r.prompt();
-    const common = (p: readonly number[]) => {
-      let n = 0;
-      while (n < p.length && n < t.ids.length && p[n] === t.ids[n]) n++;
-      return Math.max(1, n);
-    };
-    const p = tok.encode(prompt, { addSpecialTokens: specials }).ids;
-    from = common(p);
-    const p5 = v5?.encode(prompt, specials);
-    if (v5 && p5 && common(p5) !== from) throw transformersDisagree(tok, v5.tokenizerClass, p5, p, where);
-  }
+  if (!checked) checkTransformers5(tok, r, text, t.ids, t.truncated > 0, where);
+  // TRL's completion mask: 0 on the common prefix of the prompt's ids and the whole's. The
+  // prompt's ids are compared with tokenizer.json's alone: where transformers 5 gives the whole
+  // the same ids (checked above), it gives the prompt ids that part from the whole's at the same
+  // token, since the two tokenizations differ only at the start of a text or of the text after a
+  // special token, and each such start in the prompt is one in the whole
+  const from = r.prompt
+    ? Math.max(1, commonPrefix(tok.encodeIds(renderedPrompt(r, where), r.rendering !== 'chat_template'), t.ids))
+    : 1;
   const assistantOnly = r.kind === 'messages' && tok.training.chatLoss === 'assistant';
   const weights = t.weights.map((w, i) => (i + 1 >= from && i + 1 < t.ids.length && (!assistantOnly || w > 0) ? 1 : 0));
   return { ...t, weights };
 }
 
 /**
- * A text whose ids transformers 5 gives otherwise than tokenizer.json and transformers 4: TRL 1.16
- * runs on both, so which tokens the model was trained on is unknown.
+ * What the "trl" trainer refuses before any token: a chat without the tokenizer's chat template
+ * (TRL stops on it), and a chat under assistant-only loss whose template has no `{% generation %}`
+ * blocks. For such a template TRL 1.16's assistant_only_loss does not mask the assistant turns as
+ * `ChatTemplate` locates them: it stops ("not training-compatible": Llama-3's and Qwen3's
+ * templates) or swaps in its own training template (Gemma-3's, which also trains the "\n" after
+ * each <end_of_turn>), which we do not emulate. A template with the blocks TRL uses as it is, with
+ * transformers' assistant mask, which `ChatTemplate` reads the same way. Text and plain
+ * prompt/completion records are tokenized alike with or without assistant_only_loss (TRL itself
+ * refuses the option on a dataset that is not conversational).
  */
-function transformersDisagree(
+function refuseUntrained(tok: TokenizerHandle, r: RenderedRecord, where: string): void {
+  if (r.rendering === 'stand-in')
+    throw new DataError(
+      `${where}: TRL's SFTTrainer renders a conversation with the tokenizer's chat template and stops without one (transformers: "tokenizer.chat_template is not set"), and this tokenizer has none, so the model was not trained on this record as rendered here; put the template it was trained with beside tokenizer.json (chat_template.jinja), or remove this line`,
+    );
+  if (r.kind === 'messages' && tok.training.chatLoss === 'assistant' && !tok.chatTemplate()?.hasGenerationBlocks)
+    throw new DataError(
+      `${where}: TRL's assistant_only_loss does not train this chat's assistant turns as they are located here: the chat template has no {% generation %} blocks, for which TRL 1.16 stops ("not training-compatible", e.g. Llama-3's and Qwen3's templates) or swaps in its own training template (e.g. Gemma-3's, which also trains the "\\n" after each <end_of_turn>), which is not emulated, so the "${tok.training.name}" convention refuses a conversation. If the model was trained with assistant_only_loss=False, pass ${trainingArgument({ ...tok.training, chatLoss: 'all' })}; to score the assistant turns as this tool locates them anyway, knowing they may not be what TRL trained, pass ${trainingArgument({ ...tok.training, trainer: 'default' })}`,
+    );
+}
+
+/** A prompt/completion's prompt as rendered alone; a chat template failing on it makes the record a bad one. */
+function renderedPrompt(r: RenderedRecord, where: string): string {
+  try {
+    return r.prompt!();
+  } catch (e) {
+    if (!(e instanceof ChatTemplateError)) throw e;
+    throw new DataError(
+      `${where}: the conversational prompt alone, rendered with the generation prompt as TRL tokenizes it to find where the completion starts, fails: ${e.message}; TRL stops on such a record: edit or remove this line`,
+    );
+  }
+}
+
+/**
+ * Refuses a text whose ids transformers 5 gives otherwise than tokenizer.json and transformers 4
+ * (`ids`, cut to the record's length when `truncated`): TRL 1.16 runs on both, so which tokens the
+ * model was trained on is unknown.
+ */
+function checkTransformers5(
   tok: TokenizerHandle,
-  tokenizerClass: string,
-  other: readonly number[],
+  r: RenderedRecord,
+  text: string,
   ids: readonly number[],
+  truncated: boolean,
   where: string,
-): DataError {
-  let at = 0;
-  while (at < ids.length && other[at] === ids[at]) at++;
+): void {
+  const v5 = tok.transformers5;
+  if (!v5) return;
+  const other = v5.encode(text, r.rendering !== 'chat_template');
+  const at = commonPrefix(other, ids);
+  if (at === ids.length && (truncated || other.length === ids.length)) return;
   const show = (xs: readonly number[]) =>
     xs
       .slice(at, at + 3)
       .map((id) => JSON.stringify(tok.idToToken(id)))
       .join(' ');
-  return new DataError(
-    `${where}: transformers 5 tokenizes this text otherwise than tokenizer.json and transformers 4 (token ${at}: ${show(other)} instead of ${show(ids)}): its ${tokenizerClass} builds its own pre-tokenizer in place of tokenizer.json's normalizer, which differs where a text starts with a space or follows a special token. TRL 1.16 runs on either, so which tokens the model was trained on is unknown, and the "trl" trainer refuses the record ("trainer": "default" follows tokenizer.json)`,
+  const what =
+    r.kind === 'text'
+      ? 'this text'
+      : r.kind === 'prompt_completion'
+        ? 'this record (its prompt + completion)'
+        : 'this conversation as rendered';
+  throw new DataError(
+    `${where}: transformers 5 tokenizes ${what} otherwise than tokenizer.json and transformers 4 (token ${at}: ${show(other)} instead of ${show(ids)}): its ${v5.tokenizerClass} builds its own pre-tokenizer in place of tokenizer.json's normalizer, which differs where a text starts with a space or follows a special token. TRL 1.16 runs on either, so which tokens the model was trained on is unknown, and the "trl" trainer refuses the record: edit this line (e.g. remove a leading space) or remove it; if the model was trained with transformers 4, pass ${trainingArgument({ ...tok.training, trainer: 'default' })}, which keeps the other fields and follows tokenizer.json`,
   );
 }
 

@@ -117,6 +117,12 @@ export function trainingFlagValue(t: TrainingConvention): string {
   return JSON.stringify(Object.fromEntries(fields));
 }
 
+/** The command-line argument that asks for `t`: `--training trl`, `--training '{"maxLength":2048}'`. */
+export function trainingArgument(t: TrainingConvention): string {
+  const v = trainingFlagValue(t);
+  return `--training ${/^[\w.-]+$/.test(v) ? v : `'${v.replaceAll("'", "'\\''")}'`}`;
+}
+
 /**
  * A convention as stored beside what was computed under it (EK-FAC factors' arguments: its name
  * and fields), read back; a stored value that is not one is refused (TrainingSettingError).

@@ -33,6 +33,8 @@ export interface Encoded {
 export interface TokenizerHandle {
   /** Encode with the tokenizer's own special tokens (e.g. a BOS) unless addSpecialTokens is false. */
   encode(text: string, options?: { addSpecialTokens?: boolean }): Encoded;
+  /** `encode(text, { addSpecialTokens }).ids` alone, without the offsets (one pass of the tokenizer) */
+  encodeIds(text: string, addSpecialTokens: boolean): number[];
   decode(ids: number[], options?: { skipSpecialTokens?: boolean }): string;
   vocabSize: number;
   bosTokenId?: number;
@@ -422,6 +424,7 @@ export function loadTokenizer(dir: string): TokenizerHandle {
       sha256: createHash('sha256').update(templateSource.text).digest('hex'),
     },
     encode,
+    encodeIds: (text, addSpecialTokens) => tok.encode(text, { add_special_tokens: addSpecialTokens }).ids,
     decode: (ids, o = {}) => tok.decode(ids, { skip_special_tokens: o.skipSpecialTokens ?? false }),
     vocabSize,
     bosTokenId,
@@ -467,15 +470,23 @@ export function withEmbeddingRows(
   configPath: string,
   tokenizerPath: string,
 ): TokenizerHandle {
-  const check = (e: Encoded): Encoded => {
-    const bad = e.ids.findIndex((id) => id >= rows);
+  const check = (ids: number[]): number[] => {
+    const bad = ids.findIndex((id) => id >= rows);
     if (bad >= 0)
       throw new TokenizerError(
-        `token ${JSON.stringify(e.tokens[bad])} has id ${e.ids[bad]}, but the model has ${rows} token embeddings ("vocab_size" in ${configPath}): ${tokenizerPath} is not this model's tokenizer`,
+        `token ${JSON.stringify(tok.idToToken(ids[bad]))} has id ${ids[bad]}, but the model has ${rows} token embeddings ("vocab_size" in ${configPath}): ${tokenizerPath} is not this model's tokenizer`,
       );
-    return e;
+    return ids;
   };
-  return { ...tok, encode: (text, options) => check(tok.encode(text, options)) };
+  return {
+    ...tok,
+    encode: (text, options) => {
+      const e = tok.encode(text, options);
+      check(e.ids);
+      return e;
+    },
+    encodeIds: (text, addSpecialTokens) => check(tok.encodeIds(text, addSpecialTokens)),
+  };
 }
 
 /**

@@ -494,7 +494,11 @@ export class InfluenceService implements ServiceApi {
     if (have && unchanged(have, stamp)) return have;
     // the digest of the very bytes parsed (one read), for telling a later metadata-only change
     const model = this.modelFor(id);
-    const ds = loadDataset(path, { skipMalformed: true, sha256: true, chatTemplate: model.tokenizer.chatTemplate() });
+    const ds = loadDataset(path, {
+      skipMalformed: true,
+      sha256: true,
+      trainedBy: { tokenizer: model.tokenizer, maxLength: contextLength(model.config) },
+    });
     const corpus = new Corpus(id, ds, model);
     const loaded = {
       corpus,
