@@ -454,3 +454,37 @@ test('"trl": a chat template failing on the conversational prompt alone (with th
     new RegExp(`^DataError: ${data}:1: the conversational prompt alone`),
   );
 });
+
+test('fit: a record the "trl" trainer refuses is a bad line, named, or skipped under --skip-malformed', async () => {
+  const data = writeJsonl(join(home, 'fit-refused.jsonl'), [
+    { text: 'The capital of France is Paris.' },
+    {
+      messages: [
+        { role: 'user', content: 'Capital of Italy?' },
+        { role: 'assistant', content: 'Rome.' },
+      ],
+    },
+    { prompt: 'Q: capital of Germany?\nA:', completion: ' Berlin' },
+  ]);
+  const fit = (out: string, skipMalformed: boolean, log?: (l: string) => void) =>
+    runFitJob({
+      modelDir: LLAMA,
+      dataPath: data,
+      out: join(home, out),
+      modules: 'mlp',
+      labels: 'empirical',
+      seed: 0,
+      training: TRAINING_PRESETS.trl,
+      skipMalformed,
+      log,
+    });
+  // the fixture's tokenizer has no chat template: TRL stops on a conversation
+  await assert.rejects(fit('refused-strict', false), /fit-refused\.jsonl:2: .*chat template/);
+  const lines: string[] = [];
+  const r = await fit('refused-skipped', true, (l) => lines.push(l));
+  assert.equal(r.status, 'done');
+  assert.ok(
+    lines.some((l) => /skipped 1 malformed line/.test(l)),
+    lines.join('\n'),
+  );
+});

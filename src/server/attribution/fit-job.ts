@@ -152,13 +152,15 @@ async function fitJob(o: FitJobOptions, n: number, i: number): Promise<FitJobRes
       `modules "${o.modules}" selects none of the ${model.modules('all').length} tracked modules of ${o.modelDir}` +
         `${model.checkpoint.adapter ? ' (its LoRA adapter adapts no MLP layer)' : ''}; use modules "all" (--modules all)`,
     );
+  const maxLength = contextLength(model.checkpoint.config);
+  // what the model's tokenizer and training convention refuse is a bad line here, skippable,
+  // as in explain, scan, tokenize and the server
   const dataset = loadDataset(o.dataPath, {
     skipMalformed: o.skipMalformed,
     maxExamples: o.maxExamples,
-    chatTemplate: model.tokenizer.chatTemplate(),
+    trainedBy: { tokenizer: model.tokenizer, maxLength },
   });
   if (dataset.skipped.length) log(`skipped ${dataset.skipped.length} malformed line(s) of ${o.dataPath}`);
-  const maxLength = contextLength(model.checkpoint.config);
   const { tokens, truncated } = tokenizeExamples(model.tokenizer, dataset.examples, maxLength, o.dataPath);
   const limit = Math.min(maxLength, model.tokenizer.training.maxLength ?? maxLength);
   if (truncated)
