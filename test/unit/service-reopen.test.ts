@@ -141,6 +141,24 @@ describe('reopening never happens under a request, and only for a real change', 
     return s;
   };
 
+  test('factors that appear while it runs (modules unset) decide the modules: the fallback of the factor-less start does not stick', async () => {
+    const model = copy();
+    const factors = join(home, `late-factors${n++}`);
+    const s = serve({ finetuned: { model, factors } });
+    // no factors yet: the baselines run over the default (MLP) modules
+    assert.equal(s.info().modules.length, 6);
+    await s.explain({ ...q, method: 'gdp' });
+    // the CLI fits over all modules meanwhile
+    await runFitJob({ modelDir: model, dataPath: data, out: factors, modules: 'all', labels: 'empirical', seed: 0 });
+    const e = await s.explain({ ...q, method: 'ekfac' });
+    assert.equal(s.info().modules.length, 14);
+    const g = await s.explain({ ...q, method: 'gdp' });
+    // what a server started now on the same files answers
+    const now = serve({ finetuned: { model, factors } });
+    assertSameScores(e, await now.explain({ ...q, method: 'ekfac' }));
+    assertSameScores(g, await now.explain({ ...q, method: 'gdp' }));
+  });
+
   test("the server's own graph cache (snapshots of the weights) is not a change", async () => {
     const s = serve({ finetuned: { model: copy() }, modules: 'mlp' });
     const rev = s.info().revision;

@@ -364,11 +364,14 @@ export class InfluenceService implements ServiceApi {
     if (c.factors) this.brokenFactors.delete(c.factors);
     try {
       // configured modules are the ones scored, by every method: factors over others are refused
+      // unset: the fine-tuned factors decide, and the pre-trained stage's must match them (those
+      // just opened: when reopening, the map still holds the previous fine-tuned stage, whose
+      // modules may be a fallback of factors since replaced)
+      const decided = c === this.config.finetuned ? undefined : this.stages.get('finetuned')?.modules;
       const st = openStage(c.model, c.factors && exists(c.factors) ? c.factors : undefined, {
         damping: this.config.damping,
         model,
-        // unset: the fine-tuned factors decide, and the pre-trained stage's must match them
-        modules: this.config.modules ?? this.stages.get('finetuned')?.modules,
+        modules: this.config.modules ?? decided,
         modulesFrom:
           this.config.modules !== undefined ? '"modules" in the server\'s config' : "the fine-tuned model's factors",
       });
