@@ -7,11 +7,13 @@ import { copyFileSync, cpSync, mkdirSync, readFileSync, writeFileSync } from 'no
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { loadFactors } from '../../src/server/attribution/ekfac/factors-io';
+import { Corpus } from '../../src/server/attribution/explain';
 import { runFitJob } from '../../src/server/attribution/fit-job';
 import { openStage } from '../../src/server/attribution/stage';
 import { loadDataset } from '../../src/server/data/dataset';
 import { tokenizationKey, tokenizeQuery, tokenizeRecord } from '../../src/server/data/tokenize';
 import { parseTraining, readStoredTraining, TRAINING_PRESETS, trainingFlagValue } from '../../src/server/data/training';
+import { Model } from '../../src/server/model/engine';
 import { loadTokenizer, withTraining } from '../../src/server/model/tokenizer';
 import { parseConfig } from '../../src/server/service/config';
 import { InfluenceService } from '../../src/server/service/influence-service';
@@ -487,4 +489,20 @@ test('fit: a record the "trl" trainer refuses is a bad line, named, or skipped u
     lines.some((l) => /skipped 1 malformed line/.test(l)),
     lines.join('\n'),
   );
+});
+
+test('BM25 scores the records as rendered, whether or not the dataset was tokenized first (the appended EOS is not a word of the example)', () => {
+  const data = writeJsonl(join(home, 'bm25.jsonl'), [
+    { prompt: 'The capital of France is', completion: ' Paris.' },
+    { prompt: 'The capital of Italy is', completion: ' Rome.' },
+    { text: 'Berlin is the capital of Germany.' },
+  ]);
+  const model = Model.open(LLAMA, { training: TRAINING_PRESETS.trl });
+  const ds = loadDataset(data);
+  const light = new Corpus('d', ds, model);
+  // "Paris." ends the record: with the EOS glued on, the word was lost to BM25
+  const before = Array.from(light.bm25Index().scores('The capital of France is Paris.'));
+  const heavy = new Corpus('d', ds, model);
+  assert.notEqual(heavy.tokens[0].text, light.text(0), 'the tokens carry the appended EOS');
+  assert.deepEqual(Array.from(heavy.bm25Index().scores('The capital of France is Paris.')), before);
 });

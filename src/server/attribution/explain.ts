@@ -97,9 +97,12 @@ export class Corpus {
     return tokenizeRecord(this.model.tokenizer, ex.record, `${this.dataset.path}:${ex.line}`, this.maxLength);
   }
 
-  /** The text example i is rendered to for the model (what its tokens encode), without tokenizing it. */
+  /**
+   * The text example i is rendered to for the model, without tokenizing it: always the rendering,
+   * never the tokens' text, which a training convention extends (an appended EOS) and the context
+   * cuts, so that BM25 scores the same whether or not the dataset was tokenized first.
+   */
   text(i: number): string {
-    if (this.all) return this.all.tokens[i].text;
     this.texts ??= this.dataset.examples.map(
       (ex) => renderForModel(ex.record, `${this.dataset.path}:${ex.line}`, this.model.tokenizer.chatTemplate()).text,
     );
