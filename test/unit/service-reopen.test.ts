@@ -10,6 +10,7 @@ import { modelFingerprint } from '../../src/server/attribution/fingerprint';
 import { runFitJob } from '../../src/server/attribution/fit-job';
 import { openCheckpoint } from '../../src/server/model/checkpoint';
 import { readSafetensorsHeader } from '../../src/server/model/safetensors';
+import { readConfigFile } from '../../src/server/service/config';
 import { InfluenceService, type ServiceConfig } from '../../src/server/service/influence-service';
 import { writeCapitals } from './helpers/corpus';
 import { useTempHome } from './helpers/env';
@@ -250,4 +251,31 @@ describe('reopening never happens under a request, and only for a real change', 
     await fit;
     assertSameScores(await s.explain({ ...q, method: 'gdp' }), await serve(config).explain({ ...q, method: 'gdp' }));
   });
+});
+
+test('influence-lens.json edited while the server runs: its requests are refused until a restart; saved again with the same settings, nothing changes', async () => {
+  const dir = join(home, 'config-edit');
+  cpSync(FIXTURE, join(dir, 'model'), { recursive: true });
+  writeCapitals(join(dir, 'train.jsonl'));
+  const file = join(dir, 'influence-lens.json');
+  const settings = { models: { model: 'model' }, datasets: { train: 'train.jsonl' }, damping: 0.001 };
+  writeFileSync(file, JSON.stringify(settings));
+  const s = new InfluenceService({ ...readConfigFile(file).service, cacheDir: join(dir, 'cache') });
+  s.open();
+  const q = { prompt: 'Q: capital of France?\nA:', completion: ' Paris', dataset: 'train', topK: 2 };
+  await s.explain({ ...q, method: 'gdp' });
+  // the same settings, other formatting and key order: not a change
+  writeFileSync(
+    file,
+    `${JSON.stringify({ damping: 0.001, datasets: { train: 'train.jsonl' }, models: { model: 'model' } }, null, 2)}\n`,
+  );
+  await s.explain({ ...q, method: 'bm25' });
+  writeFileSync(file, JSON.stringify({ ...settings, damping: 1000 }));
+  const refused = /influence-lens\.json changed since this server read it: restart the server/;
+  await assert.rejects(s.explain({ ...q, method: 'gdp' }), refused);
+  await assert.rejects(s.explain({ ...q, method: 'bm25' }), refused);
+  assert.throws(() => s.getExample('train', 1), refused);
+  // put back as it was: answered again
+  writeFileSync(file, JSON.stringify(settings));
+  await s.explain({ ...q, method: 'bm25' });
 });

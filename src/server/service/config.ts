@@ -11,9 +11,11 @@
 //     "modules": "mlp", "damping": "heuristic", "device": "cpu",
 //     "port": 0, "maxConcurrent": 2
 //   }
+
 import { readFileSync, statSync } from 'node:fs';
 import { basename, dirname, isAbsolute, resolve } from 'node:path';
 import schemaJson from '../../../influence-lens.schema.json' with { type: 'json' };
+import { canonicalJson } from '../../common/ids';
 import { formatIssue, type JsonSchema, validateSchema } from '../../common/json-schema';
 import { defaultDiscoveryFile } from '../../transport/discovery';
 import { DEFAULT_LIMITS } from '../../transport/server';
@@ -229,6 +231,8 @@ export function readConfigFile(file: string): Config {
     throw new ConfigFileError(`${source}: not valid JSON: ${describeJsonError(text, e as Error)}`);
   }
   const cfg = { ...parseConfig(value, { baseDir: dirname(abs), source }), file: abs };
+  // a running server refuses requests once the file holds other settings (InfluenceService)
+  cfg.service.configFile = { path: abs, json: canonicalJson(value) };
   checkConfigFiles(cfg, source);
   return cfg;
 }

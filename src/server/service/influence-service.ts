@@ -7,6 +7,7 @@ import { createHash } from 'node:crypto';
 import { readFileSync, statSync } from 'node:fs';
 import { isAbsolute, join, relative, resolve } from 'node:path';
 import { cleanStaleTemps } from '../../common/atomic-write';
+import { canonicalJson } from '../../common/ids';
 import { own } from '../../common/own';
 import { LIMITS } from '../../protocol/limits';
 import { methodInfo } from '../../protocol/methods';
@@ -82,6 +83,12 @@ export interface ServiceConfig {
   cacheDir: string;
   store?: { k: number; minExamples: number; rerank: number; checkpoints?: boolean };
   limits?: { maxTopK?: number; maxTextChars?: number };
+  /**
+   * the influence-lens.json these settings were read from, and its JSON as read (canonical): the
+   * settings are read once, so a request after the file's settings changed is refused (restart)
+   * rather than answered with the old ones
+   */
+  configFile?: { path: string; json: string };
 }
 
 /** Errors whose message is meant for the person using the editor. */
@@ -253,6 +260,7 @@ export class InfluenceService implements ServiceApi {
    * the reason, and so does every next one until they can.
    */
   private async request<T>(f: () => Promise<T>): Promise<T> {
+    this.checkConfigFile();
     for (;;) {
       if (this.fresh()) break;
       if (this.active === 0) this.reopen();
@@ -273,6 +281,7 @@ export class InfluenceService implements ServiceApi {
 
   /** `request` for the synchronous requests (getExample, reload): they never wait, so they refuse instead. */
   private currentNow(): void {
+    this.checkConfigFile();
     if (this.fresh()) return;
     if (this.active > 0)
       throw new ServiceError(
@@ -280,6 +289,42 @@ export class InfluenceService implements ServiceApi {
         'not_ready',
       );
     this.reopen();
+  }
+
+  /** The stat of the configuration file when its content was last found unchanged. */
+  private configSeen?: string;
+
+  /**
+   * Refuses every request once influence-lens.json holds other settings than the server read at
+   * its start (it reads them once: a result from the old settings would look current). A file
+   * saved again with the same settings (formatting, key order) is not a change.
+   */
+  private checkConfigFile(): void {
+    const c = this.config.configFile;
+    if (!c) return;
+    let stat = 'gone';
+    try {
+      const st = statSync(c.path);
+      stat = `${st.size}:${st.mtimeMs}:${st.ctimeMs}:${st.ino}`;
+    } catch {
+      // deleted or moved away: read below, refused as unreadable
+    }
+    if (stat === this.configSeen) return;
+    let now: string | undefined;
+    let why = '';
+    try {
+      now = canonicalJson(JSON.parse(readFileSync(c.path, 'utf8')));
+    } catch (e) {
+      why = ` (it cannot be read now: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message})`;
+    }
+    if (now === c.json) {
+      this.configSeen = stat;
+      return;
+    }
+    throw new ServiceError(
+      `${c.path} changed since this server read it${why}: restart the server to use its settings (in VS Code, "Influence Lens: Reconnect to the server" starts a new one); until then every request is refused, so that no result comes from the old settings`,
+      'not_ready',
+    );
   }
 
   /** Whether the files the stages read are as they were when opened. */
