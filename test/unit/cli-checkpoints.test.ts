@@ -53,6 +53,10 @@ describe('influence-lens --checkpoints', () => {
         ['checkpoint-6', 6],
       ],
     );
+    // a method that does not sum over them is not announced as summing
+    const cosine = explainJson('--method', 'cosine');
+    assert.doesNotMatch(cosine.err, /summing over/);
+    assert.match(cosine.err, /2 training checkpoint\(s\) found; cosine scores the final model alone/);
     const off = explainJson('--method', 'gdp', '--checkpoints', 'off');
     assert.deepEqual(off.result.attribution, { method: 'gdp', over: 'final-model' });
     assert.doesNotMatch(off.err, /summing over/);

@@ -2,6 +2,7 @@
 // checkpoints influence is summed over (model/checkpoints.ts), and the line that says so.
 import { type OpenedCheckpoints, openCheckpointStages } from '../attribution/checkpoints';
 import type { Damping } from '../attribution/ekfac/precondition';
+import { SCORERS } from '../attribution/methods';
 import {
   type CheckpointPlan,
   type CheckpointsSetting,
@@ -19,10 +20,26 @@ export function checkpointsSetting(v: string | undefined): CheckpointsSetting {
 }
 
 /** The plan for `--model`, and one line on stderr naming the checkpoints and their weights. */
-export function cliPlan(modelDir: string, model: Model, setting: CheckpointsSetting): CheckpointPlan | undefined {
+export function cliPlan(
+  modelDir: string,
+  model: Model,
+  setting: CheckpointsSetting,
+  /** the methods asked for (explain): the line names the checkpoints only if one of them sums over them */
+  methods?: readonly string[],
+): CheckpointPlan | undefined {
   const plan = planCheckpoints(modelDir, model.checkpoint, setting);
-  if (plan) process.stderr.write(`${describePlan(plan)}\n`);
+  if (plan && methods && !methods.some(sumsOverCheckpoints))
+    process.stderr.write(
+      `${plan.checkpoints.length} training checkpoint(s) found; ${methods.join(', ')} ${methods.length === 1 ? 'scores' : 'score'} the final model alone\n`,
+    );
+  else if (plan) process.stderr.write(`${describePlan(plan)}\n`);
   return plan;
+}
+
+/** Whether a method's scores are summed over the training checkpoints (the others score the final model). */
+export function sumsOverCheckpoints(m: string): boolean {
+  const s = (SCORERS as Record<string, (typeof SCORERS)[keyof typeof SCORERS] | undefined>)[m];
+  return s?.kind === 'gradient' && !!s.overCheckpoints;
 }
 
 export function describePlan(plan: CheckpointPlan): string {

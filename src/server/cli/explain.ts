@@ -5,14 +5,19 @@ import { describeAttribution } from '../../common/display';
 import { methodInfo } from '../../protocol/methods';
 import { type ExplainedExample, type ExplainResult, METHODS, type Method } from '../../protocol/types';
 import { Corpus, type ExplainSetup, explain, explainMany } from '../attribution/explain';
-import { SCORERS } from '../attribution/methods';
 import { checkSameTokenizer, openStage, parseDamping } from '../attribution/stage';
 import { loadDataset } from '../data/dataset';
 import { formatRecord, parseRecord } from '../data/format';
 import { readJsonl } from '../data/jsonl';
 import { contextLength } from '../data/tokenize';
 import { DEFAULTS } from '../settings';
-import { CHECKPOINTS_OPTION, checkpointsSetting, cliCheckpointStages, cliPlan } from './checkpoints';
+import {
+  CHECKPOINTS_OPTION,
+  checkpointsSetting,
+  cliCheckpointStages,
+  cliPlan,
+  sumsOverCheckpoints,
+} from './checkpoints';
 import { heatmap, oneLine } from './heatmap';
 import { CliError, int, oneOf, Progress, parse, trainingFlag } from './util';
 
@@ -119,7 +124,7 @@ export async function runExplain(argv: string[]): Promise<void> {
   if (dataset.skipped.length) process.stderr.write(`skipped ${dataset.skipped.length} malformed line(s)\n`);
   const corpus = new Corpus(v.data, dataset, dataModel);
   if (corpus.truncated) process.stderr.write(`${corpus.truncated} example(s) were cut to the model's context\n`);
-  const plan = cliPlan(v.model, ft.model, checkpointsSetting(v.checkpoints));
+  const plan = cliPlan(v.model, ft.model, checkpointsSetting(v.checkpoints), [method, ...compare]);
   const checkpoints =
     plan &&
     cliCheckpointStages(plan, {
@@ -226,11 +231,6 @@ export function formatResult(r: ExplainResult, color: boolean, marks?: (e: Expla
   }
   p();
   return `${lines.join('\n')}\n`;
-}
-
-function sumsOverCheckpoints(m: Method): boolean {
-  const s = SCORERS[m];
-  return s.kind === 'gradient' && !!s.overCheckpoints;
 }
 
 function positive(n: number, flag: string): number {
