@@ -109,7 +109,7 @@ describe('influence-lens --checkpoints', () => {
     assert.notEqual(refused.code, 0);
     assert.match(
       refused.err,
-      /checkpoint-3, checkpoint-6 have no EK-FAC factors yet; fit them with: influence-lens fit .* or pass --checkpoints off/,
+      /checkpoint-3, checkpoint-6 have no EK-FAC factors yet \(or factors fitted under another training convention or over other modules\); fit them with: influence-lens fit .* or pass --checkpoints off/,
     );
     assert.equal(refused.err.trim().split('\n').length, 2, refused.err); // the plan line + the error
     const off = cli('explain', '--model', RUN, '--data', DATA, ...Q, '--factors', finalOnly, '--checkpoints', 'off');

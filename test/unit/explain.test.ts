@@ -573,10 +573,16 @@ test('multistage: a tokenizer re-saved by transformers (its bookkeeping keys, a 
   // what transformers 5's save_pretrained writes, plus a template the fine-tune brought
   const resaved = save('resaved', (c) => {
     Object.assign(c, { is_local: true, local_files_only: false, padding_side: 'left' });
+    Object.assign(c, { backend: 'tokenizers', tokenizer_class: 'PreTrainedTokenizerFast' });
     c.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}";
   });
   assert.notEqual(base.tokenizer.sha256, resaved.tokenizer.sha256);
   checkSameTokenizer(resaved, base);
+  // a LlamaTokenizer class is one transformers 5 rebuilds (other ids for some texts)
+  const llama = save('llama-class', (c) => {
+    c.tokenizer_class = 'LlamaTokenizerFast';
+  });
+  assert.throws(() => checkSameTokenizer(llama, base), /tokenizer_config\.json: "tokenizer_class" differ/);
   // a lowercasing normalizer: other ids for any capital letter
   saveCheckpoint(join(dir, 'other'), config, params, shapes, TOKENIZER);
   const tj = join(dir, 'other', 'tokenizer.json');

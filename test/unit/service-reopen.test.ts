@@ -271,7 +271,7 @@ test('influence-lens.json edited while the server runs: its requests are refused
   );
   await s.explain({ ...q, method: 'bm25' });
   writeFileSync(file, JSON.stringify({ ...settings, damping: 1000 }));
-  const refused = /influence-lens\.json changed since this server read it: restart the server/;
+  const refused = /influence-lens\.json changed since this server read it: restart `influence-lens serve`/;
   await assert.rejects(s.explain({ ...q, method: 'gdp' }), refused);
   await assert.rejects(s.explain({ ...q, method: 'bm25' }), refused);
   assert.throws(() => s.getExample('train', 1), refused);

@@ -301,6 +301,11 @@ test('factors record the convention they were fitted under; reading the model un
         e.message,
       ) && e.message.includes(`--training '{"maxLength":32}'`),
   );
+  // the pre-trained stage of multistage is told its own flag
+  assert.throws(
+    () => openStage(LLAMA, out, { trainingFlag: '--pretrained-training' }),
+    (e: Error) => e.message.includes(`--pretrained-training '{"maxLength":32}'`),
+  );
   // a preset is named by its name
   assert.equal(trainingFlagValue(TRAINING_PRESETS.trl), 'trl');
   // fitting into the folder under another convention names the difference

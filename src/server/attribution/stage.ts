@@ -3,7 +3,7 @@
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { canonicalJson } from '../../common/ids';
-import { describeTraining, sameTraining, trainingFlagValue } from '../data/training';
+import { describeTraining, sameTraining, trainingArgument } from '../data/training';
 import { type EngineOptions, Model, type ModuleSelection } from '../model/engine';
 import { loadFactors, preconditionerFor } from './ekfac/factors-io';
 import type { Damping, Preconditioner } from './ekfac/precondition';
@@ -39,6 +39,8 @@ export function openStage(
     modules?: ModuleSelection;
     /** where `modules` came from, for the message ('"modules" in influence-lens.json', '--modules') */
     modulesFrom?: string;
+    /** the flag that sets this model's training convention, for the message (default --training) */
+    trainingFlag?: string;
   } = {},
 ): OpenedStage {
   const model = options.model ?? Model.open(modelDir, options.engine);
@@ -68,7 +70,7 @@ export function openStage(
     throw new TrainingMismatchError(
       `the factors in ${factorsDir} were fitted on records tokenized under the training convention ${describeTraining(fittedUnder)}, ` +
         `but ${modelDir} is read under ${describeTraining(now)}, so its examples would be other tokens than the factors saw: ` +
-        `ask for the factors' convention (--training ${shellWord(trainingFlagValue(fittedUnder))}, or "training" on this model in influence-lens.json) or fit the factors again under this one`,
+        `ask for the factors' convention (${trainingArgument(fittedUnder, options.trainingFlag)}, or "training" on this model in influence-lens.json) or fit the factors again under this one`,
     );
   const names = Object.keys(factors.modules);
   const all = model.modules('all');
@@ -120,11 +122,6 @@ export function openStage(
   return { model, preconditioners, modules, warnings };
 }
 
-/** A flag's value as one shell word (a JSON convention in single quotes). */
-function shellWord(v: string): string {
-  return /^[\w.-]+$/.test(v) ? v : `'${v.replaceAll("'", "'\\''")}'`;
-}
-
 /**
  * tokenizer_config.json keys that never change a token id: what transformers writes about where
  * and how it was loaded (transformers 5's save_pretrained adds "is_local" and "local_files_only"),
@@ -145,7 +142,16 @@ const TOKENIZER_METADATA = new Set([
   'auto_map',
   'model_max_length',
   'chat_template',
+  // transformers 5 writes its loader's name ("backend": "tokenizers", "tokenizer_class":
+  // "TokenizersBackend") where the Hub's files say PreTrainedTokenizerFast: only whether the
+  // class is LlamaTokenizer changes ids (transformers 5 rebuilds that one), compared below
+  'backend',
+  'tokenizer_class',
 ]);
+
+/** What of tokenizer_config.json's tokenizer_class can change ids: transformers 5 rebuilds LlamaTokenizer. */
+const llamaClass = (c: Record<string, unknown>) =>
+  c.tokenizer_class === 'LlamaTokenizer' || c.tokenizer_class === 'LlamaTokenizerFast';
 
 /** What makes two tokenizer folders encode differently ("tokenizer.json: model", …), or undefined. */
 export function tokenizerDifference(dirA: string, dirB: string): string | undefined {
@@ -167,6 +173,7 @@ export function tokenizerDifference(dirA: string, dirB: string): string | undefi
     const b = read(dirB, file);
     const keys = [...new Set([...Object.keys(a), ...Object.keys(b)])].filter((k) => !skip.has(k)).sort();
     const differs = keys.filter((k) => canonicalJson(a[k] ?? null) !== canonicalJson(b[k] ?? null));
+    if (file === 'tokenizer_config.json' && llamaClass(a) !== llamaClass(b)) differs.push('tokenizer_class');
     if (differs.length) return `${file}: ${differs.map((k) => (k ? `"${k}"` : 'its content')).join(', ')}`;
   }
   return undefined;

@@ -3,6 +3,7 @@
 import { type OpenedCheckpoints, openCheckpointStages } from '../attribution/checkpoints';
 import type { Damping } from '../attribution/ekfac/precondition';
 import { SCORERS } from '../attribution/methods';
+import { trainingArgument } from '../data/training';
 import {
   type CheckpointPlan,
   type CheckpointsSetting,
@@ -71,9 +72,9 @@ export function cliCheckpointStages(
   const opened = openCheckpointStages(plan, o);
   if (o.needFactors && opened.unfitted.length)
     throw new CliError(
-      `${opened.unfitted.join(', ')} ${opened.unfitted.length === 1 ? 'has' : 'have'} no EK-FAC factors yet; ` +
-        `fit them with: influence-lens fit --model ${o.model} --data <train.jsonl> --out ${o.factorsDir ?? '<factors-dir>'} ` +
-        '(fits every checkpoint too), or pass --checkpoints off',
+      `${opened.unfitted.join(', ')} ${opened.unfitted.length === 1 ? 'has' : 'have'} no EK-FAC factors yet (or factors fitted under another training convention or over other modules); ` +
+        `fit them with: influence-lens fit --model ${o.model} --data <train.jsonl> --out ${o.factorsDir ?? '<factors-dir>'}` +
+        `${o.engine?.training ? ` ${trainingArgument(o.engine.training)}` : ''} (fits every checkpoint too), or pass --checkpoints off`,
     );
   return opened;
 }

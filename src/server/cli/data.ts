@@ -12,6 +12,7 @@ import { METHODS, type Method } from '../../protocol/types';
 import { Corpus, scoreCorpus } from '../attribution/explain';
 import { openStage } from '../attribution/stage';
 import { loadDataset } from '../data/dataset';
+import { contextLength } from '../data/tokenize';
 import { buildCorpus, DEFAULT_CORPUS } from '../embedded/build';
 import { evaluateCorpusModel, evaluateStatements } from '../embedded/evaluate';
 import { buildNonlexCorpus, NONLEX_CORPUS, writeNonlexCorpus } from '../embedded/nonlex';
@@ -195,7 +196,10 @@ async function evaluateQueries(v: {
   }
   const retrieval: Array<Retrieval & { method: Method }> = [];
   if (v.data) {
-    const dataset = loadDataset(v.data);
+    // read as fit and explain read it: what the model's training convention refuses is named by line
+    const dataset = loadDataset(v.data, {
+      trainedBy: { tokenizer: stage.model.tokenizer, maxLength: contextLength(stage.model.config) },
+    });
     const id = datasetIdOf(v.data);
     let relevant: Array<Set<number>>;
     try {

@@ -76,7 +76,7 @@ export async function runExplain(argv: string[]): Promise<void> {
     throw new CliError(
       `--rank is a low-rank query gradient; ${all.join(', ')} compute${all.length === 1 ? 's' : ''} no gradients`,
     );
-  for (const flag of ['pretrained-model', 'pretrained-factors', 'pretrained-base'] as const)
+  for (const flag of ['pretrained-model', 'pretrained-factors', 'pretrained-base', 'pretrained-training'] as const)
     if (v[flag] !== undefined && !needsPretrained)
       throw new CliError(`--${flag} is read by --method multistage only (or --compare multistage)`);
   const damping = parseDamping(v.damping);
@@ -104,6 +104,7 @@ export async function runExplain(argv: string[]): Promise<void> {
         },
         modules: ft.modules,
         modulesFrom: "the fine-tuned model's factors",
+        trainingFlag: '--pretrained-training',
       })
     : undefined;
   if (pt) {

@@ -118,9 +118,9 @@ export function trainingFlagValue(t: TrainingConvention): string {
 }
 
 /** The command-line argument that asks for `t`: `--training trl`, `--training '{"maxLength":2048}'`. */
-export function trainingArgument(t: TrainingConvention): string {
+export function trainingArgument(t: TrainingConvention, flag = '--training'): string {
   const v = trainingFlagValue(t);
-  return `--training ${/^[\w.-]+$/.test(v) ? v : `'${v.replaceAll("'", "'\\''")}'`}`;
+  return `${flag} ${/^[\w.-]+$/.test(v) ? v : `'${v.replaceAll("'", "'\\''")}'`}`;
 }
 
 /**

@@ -322,7 +322,7 @@ export class InfluenceService implements ServiceApi {
       return;
     }
     throw new ServiceError(
-      `${c.path} changed since this server read it${why}: restart the server to use its settings (in VS Code, "Influence Lens: Reconnect to the server" starts a new one); until then every request is refused, so that no result comes from the old settings`,
+      `${c.path} changed since this server read it${why}: restart \`influence-lens serve\` to use its settings (a server the editor started restarts with "Influence Lens: Reconnect to the server"); until then every request is refused, so that no result comes from the old settings`,
       'not_ready',
     );
   }
