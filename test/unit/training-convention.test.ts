@@ -511,3 +511,16 @@ test('BM25 scores the records as rendered, whether or not the dataset was tokeni
   assert.notEqual(heavy.tokens[0].text, light.text(0), 'the tokens carry the appended EOS');
   assert.deepEqual(Array.from(heavy.bm25Index().scores('The capital of France is Paris.')), before);
 });
+
+test('"trl": a chat query on a tokenizer without a chat template is refused, as its training chats are (the default explains it with the stand-in)', () => {
+  const plain = loadTokenizer(LLAMA);
+  const messages = [
+    { role: 'user', content: 'Capital of France?' },
+    { role: 'assistant', content: 'Paris.' },
+  ];
+  assert.ok(tokenizeQuery(plain, '', '', 64, messages).ids.length > 0);
+  assert.throws(
+    () => tokenizeQuery(withTraining(plain, TRAINING_PRESETS.trl, 'llama'), '', '', 64, messages),
+    (e: Error) => e.name === 'QueryError' && /has no chat template.*chat_template\.jinja/.test(e.message),
+  );
+});

@@ -282,6 +282,13 @@ function tokenizeQueryAs(
   let rendered: RenderedRecord | undefined;
   if (messages !== undefined) {
     const r = renderForModel({ messages }, 'the query', tok.chatTemplate());
+    // TRL renders every conversation with the chat template and refuses one without it: the
+    // training chats are refused under "trl" (refuseUntrained), so a stand-in query would be
+    // explained by data rendered in a way the model never saw
+    if (r.rendering === 'stand-in' && tok.training.trainer === 'trl')
+      throw new QueryError(
+        `the tokenizer has no chat template, and under the "${tok.training.name}" training convention (TRL's SFTTrainer) a conversation is only what its chat template renders: put the template the model was trained with beside tokenizer.json (chat_template.jinja), or explain the reply as a prompt and a completion`,
+      );
     rendered = r;
     [promptLength] = r.last.span;
     text = r.text.slice(0, r.last.span[1]);
