@@ -160,6 +160,14 @@ describe('reopening never happens under a request, and only for a real change', 
     assertSameScores(g, await now.explain({ ...q, method: 'gdp' }));
   });
 
+  test('multistage unavailable: the stage without usable factors is named, with its reason', async () => {
+    const model = copy();
+    const factors = join(home, `ms-factors${n++}`);
+    await runFitJob({ modelDir: model, dataPath: data, out: factors, modules: 'mlp', labels: 'empirical', seed: 0 });
+    const s = serve({ finetuned: { model, factors }, pretrained: { model: copy() }, modules: 'mlp' });
+    assert.match(s.info().unavailable.multistage ?? '', /^the pre-trained model: no EK-FAC factors for the model yet/);
+  });
+
   test("the server's own graph cache (snapshots of the weights) is not a change", async () => {
     const s = serve({ finetuned: { model: copy() }, modules: 'mlp' });
     const rev = s.info().revision;

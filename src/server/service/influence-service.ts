@@ -510,8 +510,9 @@ export class InfluenceService implements ServiceApi {
     const needs = methodInfo(m);
     if (needs?.needsPretrained) {
       if (!pt) return 'no pre-trained model is configured';
-      if (needs.needsFactors && (!ft?.preconditioners || !pt.preconditioners))
-        return 'both stages need EK-FAC factors: run "fit" for each';
+      // the stage without factors says why (refused factors name their reason, e.g. another convention)
+      if (needs.needsFactors && !ft?.preconditioners) return `the fine-tuned model: ${this.noFactors('finetuned')}`;
+      if (needs.needsFactors && !pt.preconditioners) return `the pre-trained model: ${this.noFactors('pretrained')}`;
     } else if (needs?.needsFactors && !ft?.preconditioners) return this.noFactors('finetuned');
     else if (needs?.needsFactors && this.checkpoints?.unfitted.length)
       return `${m} sums over the fine-tune's ${this.checkpoints.stages.length} training checkpoints; ${this.checkpoints.unfitted.join(', ')} have no EK-FAC factors yet: run "fit"`;
