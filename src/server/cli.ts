@@ -82,7 +82,7 @@ const COMMANDS: Record<string, { run: (argv: string[]) => Promise<void>; help: s
       '    set with planted wrong facts and a backdoor, queries with true sources, a word-level tokenizer\n' +
       '  data tokenizer --out <dir> <file.jsonl>...   a word-level tokenizer.json over JSONL files\n' +
       '  data eval --model <dir> --queries <file> [--data <train.jsonl>] [--factors <dir>] [--methods m,m] [--top-k K]\n' +
-      '    [--training <convention>] [--json]   accuracy on {prompt, expected, sources?} questions; per method Recall@k / MRR of the sources\n' +
+      '    [--training <convention>] [--skip-malformed] [--json]   accuracy on {prompt, expected, sources?} questions; per method Recall@k / MRR of the sources\n' +
       '  data eval --model <dir> --data <dir> [--json]   greedy accuracy of a model on a built corpus',
   },
   train: {

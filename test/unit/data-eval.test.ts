@@ -100,3 +100,19 @@ test('data eval refuses what it cannot evaluate, naming the file and the value',
     /relation "population" is not one of data build's .*data eval --model <dir> --queries <file>/,
   );
 });
+
+test('data eval --queries --data: a bad line is named, or skipped with --skip-malformed (as its message says)', () => {
+  const queries = join(home, 'q-skip.jsonl');
+  writeFileSync(
+    queries,
+    `${JSON.stringify({ prompt: 'Q: What is the capital of France?\nA:', expected: ' Paris' })}\n`,
+  );
+  const data = join(home, 'with-bad.jsonl');
+  writeFileSync(data, `${readFileSync(DATA, 'utf8').split('\n').slice(0, 5).join('\n')}\n{"conversations": []}\n`);
+  const strict = cli('--model', MODEL, '--queries', queries, '--data', data, '--methods', 'bm25');
+  assert.equal(strict.status, 1);
+  assert.match(strict.stderr, /with-bad\.jsonl:6: .*--skip-malformed/);
+  const skipped = cli('--model', MODEL, '--queries', queries, '--data', data, '--methods', 'bm25', '--skip-malformed');
+  assert.equal(skipped.status, 0, skipped.stderr);
+  assert.match(skipped.stderr, /skipped 1 malformed line\(s\)/);
+});

@@ -3,13 +3,14 @@
 // the heavy slot is free again and `status` lists nothing, no final factors are written, and a
 // later fit resumes from the partials and succeeds.
 import assert from 'node:assert/strict';
-import { existsSync } from 'node:fs';
+import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { RpcErrorCode } from '../../src/protocol/rpc';
 import type { ExplainResult } from '../../src/protocol/types';
 import { OUR_ARGUMENTS_FILE } from '../../src/server/attribution/ekfac/factors-io';
 import { defaultServiceConfig } from '../../src/server/defaults';
+import { readConfigFile } from '../../src/server/service/config';
 import { serviceHandlers } from '../../src/server/service/handlers';
 import { WorkerService } from '../../src/server/service/worker-service';
 import { RpcClient } from '../../src/transport/client';
@@ -196,4 +197,35 @@ describe('a cancelled request in status', () => {
       await server.close();
     }
   });
+});
+
+test('influence-lens.json edited under the worker threads: status says at once that every method waits for a restart, and requests are refused', async () => {
+  const dir = join(process.env.HOME!, 'config-status');
+  mkdirSync(dir, { recursive: true });
+  const file = join(dir, 'influence-lens.json');
+  const base = defaultServiceConfig();
+  const settings = { models: { model: base.finetuned.model }, datasets: { finetune: base.datasets.finetune } };
+  writeFileSync(file, JSON.stringify(settings));
+  const service = await WorkerService.start(readConfigFile(file).service);
+  try {
+    assert.ok(service.info().methods.includes('bm25'));
+    writeFileSync(file, JSON.stringify({ ...settings, damping: 5 }));
+    assert.deepEqual(service.info().methods, []);
+    assert.match(
+      service.info().unavailable.bm25 ?? '',
+      /changed since this server read it: restart `influence-lens serve`/,
+    );
+    await assert.rejects(
+      service.explain({
+        prompt: 'Q: capital of France?\nA:',
+        completion: ' Paris',
+        dataset: 'finetune',
+        method: 'bm25',
+        topK: 2,
+      }),
+      /changed since this server read it/,
+    );
+  } finally {
+    await service.close();
+  }
 });

@@ -283,6 +283,9 @@ test('influence-lens.json edited while the server runs: its requests are refused
   await assert.rejects(s.explain({ ...q, method: 'gdp' }), refused);
   await assert.rejects(s.explain({ ...q, method: 'bm25' }), refused);
   assert.throws(() => s.getExample('train', 1), refused);
+  // status and initialize say so: no method is available until a restart
+  assert.deepEqual(s.info().methods, []);
+  assert.match(s.info().unavailable.gdp ?? '', refused);
   // put back as it was: answered again
   writeFileSync(file, JSON.stringify(settings));
   await s.explain({ ...q, method: 'bm25' });

@@ -126,10 +126,12 @@ async function evaluate(argv: string[]): Promise<void> {
     json: { type: 'boolean' },
     threads: { type: 'string' },
     training: { type: 'string' },
+    'skip-malformed': { type: 'boolean' },
   });
   if (!v.model) throw new CliError('--model <dir> is required');
   if (v.queries !== undefined) return evaluateQueries(v);
-  if (v.training !== undefined) throw new CliError('--training applies to data eval --queries (your own data) only');
+  for (const flag of ['training', 'skip-malformed'] as const)
+    if (v[flag] !== undefined) throw new CliError(`--${flag} applies to data eval --queries (your own data) only`);
   if (!v.data || !existsSync(join(v.data, FILES.queries)))
     throw new CliError(
       '--queries <file> (your questions: {"prompt", "expected", "sources"?}) is required, or --data <dir> written by data build',
@@ -171,6 +173,7 @@ async function evaluateQueries(v: {
   json?: boolean;
   threads?: string;
   training?: string;
+  'skip-malformed'?: boolean;
 }): Promise<void> {
   let queries: EvalQuery[];
   try {
@@ -198,8 +201,10 @@ async function evaluateQueries(v: {
   if (v.data) {
     // read as fit and explain read it: what the model's training convention refuses is named by line
     const dataset = loadDataset(v.data, {
+      skipMalformed: v['skip-malformed'],
       trainedBy: { tokenizer: stage.model.tokenizer, maxLength: contextLength(stage.model.config) },
     });
+    if (dataset.skipped.length) process.stderr.write(`skipped ${dataset.skipped.length} malformed line(s) of ${v.data}\n`);
     const id = datasetIdOf(v.data);
     let relevant: Array<Set<number>>;
     try {

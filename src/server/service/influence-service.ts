@@ -176,6 +176,43 @@ interface OpenedModels {
   checkpoints: Map<string, Model>;
 }
 
+/**
+ * Whether influence-lens.json still holds the settings a server read at its start (it reads them
+ * once): the service refuses requests, and `status` reports it, once it holds others. A file
+ * saved again with the same settings (formatting, key order) is not a change.
+ */
+export class ConfigFileWatch {
+  /** the stat of the file when its content was last found unchanged */
+  private seen?: string;
+
+  constructor(private readonly file: ServiceConfig['configFile']) {}
+
+  changed(): string | undefined {
+    const c = this.file;
+    if (!c) return undefined;
+    let stat = 'gone';
+    try {
+      const st = statSync(c.path);
+      stat = `${st.size}:${st.mtimeMs}:${st.ctimeMs}:${st.ino}`;
+    } catch {
+      // deleted or moved away: read below, refused as unreadable
+    }
+    if (stat === this.seen) return undefined;
+    let now: string | undefined;
+    let why = '';
+    try {
+      now = canonicalJson(JSON.parse(readFileSync(c.path, 'utf8')));
+    } catch (e) {
+      why = ` (it cannot be read now: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message})`;
+    }
+    if (now === c.json) {
+      this.seen = stat;
+      return undefined;
+    }
+    return `${c.path} changed since this server read it${why}: restart \`influence-lens serve\` to use its settings (a server the editor started restarts with "Influence Lens: Reconnect to the server"); until then every request is refused, so that no result comes from the old settings`;
+  }
+}
+
 export class InfluenceService implements ServiceApi {
   private stages = new Map<'finetuned' | 'pretrained', OpenedStage>();
   /** the files and folders the opened stages read, found when they were opened (see `request`) */
@@ -291,8 +328,7 @@ export class InfluenceService implements ServiceApi {
     this.reopen();
   }
 
-  /** The stat of the configuration file when its content was last found unchanged. */
-  private configSeen?: string;
+  private configWatch?: ConfigFileWatch;
 
   /**
    * Refuses every request once influence-lens.json holds other settings than the server read at
@@ -300,31 +336,14 @@ export class InfluenceService implements ServiceApi {
    * saved again with the same settings (formatting, key order) is not a change.
    */
   private checkConfigFile(): void {
-    const c = this.config.configFile;
-    if (!c) return;
-    let stat = 'gone';
-    try {
-      const st = statSync(c.path);
-      stat = `${st.size}:${st.mtimeMs}:${st.ctimeMs}:${st.ino}`;
-    } catch {
-      // deleted or moved away: read below, refused as unreadable
-    }
-    if (stat === this.configSeen) return;
-    let now: string | undefined;
-    let why = '';
-    try {
-      now = canonicalJson(JSON.parse(readFileSync(c.path, 'utf8')));
-    } catch (e) {
-      why = ` (it cannot be read now: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message})`;
-    }
-    if (now === c.json) {
-      this.configSeen = stat;
-      return;
-    }
-    throw new ServiceError(
-      `${c.path} changed since this server read it${why}: restart \`influence-lens serve\` to use its settings (a server the editor started restarts with "Influence Lens: Reconnect to the server"); until then every request is refused, so that no result comes from the old settings`,
-      'not_ready',
-    );
+    const changed = this.configChanged();
+    if (changed) throw new ServiceError(changed, 'not_ready');
+  }
+
+  /** Why requests are refused because influence-lens.json changed (undefined while it holds the settings read). */
+  private configChanged(): string | undefined {
+    this.configWatch ??= new ConfigFileWatch(this.config.configFile);
+    return this.configWatch.changed();
   }
 
   /** Whether the files the stages read are as they were when opened. */
@@ -505,6 +524,9 @@ export class InfluenceService implements ServiceApi {
 
   /** Why a method cannot run now (null when it can). */
   private unavailable(m: Method): string | null {
+    // status and initialize say so too, not only the refused requests
+    const stale = this.configChanged();
+    if (stale) return stale;
     const ft = this.stages.get('finetuned');
     const pt = this.stages.get('pretrained');
     const needs = methodInfo(m);

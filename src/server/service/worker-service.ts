@@ -7,8 +7,15 @@
 // Cancelling a request sets its shared flag, which the worker checks between batches (see
 // ./service-worker), so the work itself stops, not only the reply.
 import { Worker } from 'node:worker_threads';
-import type { ExplainManyParams, ExplainManyResult, ExplainParams, ExplainResult } from '../../protocol/types';
 import {
+  type ExplainManyParams,
+  type ExplainManyResult,
+  type ExplainParams,
+  type ExplainResult,
+  METHODS,
+} from '../../protocol/types';
+import {
+  ConfigFileWatch,
   type Example,
   type GenerateParams,
   isLightExplain,
@@ -47,8 +54,20 @@ export class WorkerService implements ServiceApi {
   /** The heavy lane's service description, as of its last answer (it changes only by fit and reload). */
   info(): ServiceInfoSnapshot {
     if (!this.snapshot) throw new ServiceError('the service is still starting', 'not_ready');
+    // the snapshot is the heavy lane's last answer; once influence-lens.json holds other settings
+    // the lanes refuse every request, and status must say so at once
+    this.configWatch ??= new ConfigFileWatch(this.config.configFile);
+    const stale = this.configWatch.changed();
+    if (stale)
+      return {
+        ...this.snapshot,
+        methods: [],
+        unavailable: Object.fromEntries(METHODS.map((m) => [m, stale])),
+      };
     return this.snapshot;
   }
+
+  private configWatch?: ConfigFileWatch;
 
   explain(p: ExplainParams, work?: Work): Promise<ExplainResult> {
     return this.call(isLightExplain(p) ? 'light' : 'heavy', 'explain', [p], work) as Promise<ExplainResult>;
