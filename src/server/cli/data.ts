@@ -204,7 +204,8 @@ async function evaluateQueries(v: {
       skipMalformed: v['skip-malformed'],
       trainedBy: { tokenizer: stage.model.tokenizer, maxLength: contextLength(stage.model.config) },
     });
-    if (dataset.skipped.length) process.stderr.write(`skipped ${dataset.skipped.length} malformed line(s) of ${v.data}\n`);
+    if (dataset.skipped.length)
+      process.stderr.write(`skipped ${dataset.skipped.length} malformed line(s) of ${v.data}\n`);
     const id = datasetIdOf(v.data);
     let relevant: Array<Set<number>>;
     try {
