@@ -122,6 +122,11 @@ test('dataset: a bad shape names file:line; skip mode records it in file order',
 test('dataset: an empty file or one with only skipped lines is a DataError', () => {
   assert.throws(() => loadDataset(write(['', '  '])), /no training examples/);
   assert.throws(() => loadDataset(write(['bad']), { skipMalformed: true }), /no training examples \(1 malformed/);
+  // every line skipped: their reasons are in the message
+  assert.throws(
+    () => loadDataset(write(['{"conversations": []}', '{"text": 3}']), { skipMalformed: true }),
+    /no training examples \(2 malformed line\(s\) skipped: line 1: a ShareGPT record.*; line 2: /,
+  );
 });
 
 test('dataset: without skipping, the first error in the file is reported, JSON or shape', () => {

@@ -114,7 +114,15 @@ export function loadDataset(path: string, options: LoadDatasetOptions = {}): Dat
     throw new DataError(`${path}:${reported[0].line}: ${reported[0].message} ${SKIP_HINT}`);
   }
   if (examples.length === 0) {
-    const why = reported.length > 0 ? ` (${reported.length} malformed line(s) skipped)` : '';
+    // every line skipped: their reasons are all there is to go on (the first few)
+    const first = reported
+      .slice(0, 3)
+      .map((r) => `line ${r.line}: ${r.message.replace(/; accepted shapes:.*$/, '')}`)
+      .join('; ');
+    const why =
+      reported.length > 0
+        ? ` (${reported.length} malformed line(s) skipped: ${first}${reported.length > 3 ? '; …' : ''})`
+        : '';
     throw new DataError(`${path}: no training examples${why}; ${ACCEPTED_SHAPES}`);
   }
   return { path, examples, skipped: reported, duplicates, ...(sha256 ? { sha256 } : {}) };
