@@ -44,7 +44,7 @@ import { EngineError, Model, type ModuleSelection } from '../model/engine';
 import { generate } from '../model/generate';
 import type { Device } from '../model/onnx/session';
 import { DEFAULTS } from '../settings';
-import { servedPaths, stampOf } from './served-files';
+import { fileIdentity, servedPaths, stampOf } from './served-files';
 
 export interface StageConfig {
   model: string;
@@ -190,13 +190,8 @@ export class ConfigFileWatch {
   changed(): string | undefined {
     const c = this.file;
     if (!c) return undefined;
-    let stat = 'gone';
-    try {
-      const st = statSync(c.path);
-      stat = `${st.size}:${st.mtimeMs}:${st.ctimeMs}:${st.ino}`;
-    } catch {
-      // deleted or moved away: read below, refused as unreadable
-    }
+    // deleted or moved away ('-'): read below, refused as unreadable
+    const stat = fileIdentity(c.path);
     if (stat === this.seen) return undefined;
     let now: string | undefined;
     let why = '';

@@ -68,6 +68,16 @@ export function servedPaths(
   return { files: [...files].sort(), dirs: [...dirs].sort(), modelDirs: [...modelDirs].sort() };
 }
 
+/** Size, mtime (ns), ctime (ns) and inode of a file, '-' when it is missing: changes with every write or replacement. */
+export function fileIdentity(path: string): string {
+  try {
+    const st = statSync(path, { bigint: true });
+    return `${st.size}:${st.mtimeNs}:${st.ctimeNs}:${st.ino}`;
+  } catch {
+    return '-';
+  }
+}
+
 /**
  * One string that changes when any of the files is written, replaced, created or removed, or a
  * folder gains or loses a checkpoint: size, mtime (ns), ctime (ns) and inode of each. The ctime
@@ -77,16 +87,7 @@ export function servedPaths(
  */
 export function stampOf(paths: ReturnType<typeof servedPaths>): string {
   const h = createHash('sha256');
-  for (const f of paths.files) {
-    let s: string;
-    try {
-      const st = statSync(f, { bigint: true });
-      s = `${st.size}:${st.mtimeNs}:${st.ctimeNs}:${st.ino}`;
-    } catch {
-      s = '-';
-    }
-    h.update(`${f}\0${s}\n`);
-  }
+  for (const f of paths.files) h.update(`${f}\0${fileIdentity(f)}\n`);
   for (const d of paths.dirs) h.update(`${d}/\0${listing(d).join('\0')}\n`);
   for (const d of paths.modelDirs) h.update(`${d}/*\0${listing(d, true).join('\0')}\n`);
   return h.digest('hex');
