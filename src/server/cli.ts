@@ -44,7 +44,8 @@ const COMMANDS: Record<string, { run: (argv: string[]) => Promise<void>; help: s
     help:
       'fit --model <dir> [--base <dir>] --data <train.jsonl> --out <dir> [--modules mlp|all] [--labels sampled|empirical]\n' +
       '    [--max-examples N] [--partition i/n] [--batch-size N] [--seed N] [--checkpoints auto|off|<dir>,...]\n' +
-      '    [--skip-malformed] [--training default|trl|trl-assistant|<json>]   EK-FAC factors',
+      '    [--skip-malformed] [--training default|trl|trl-assistant|<json>] [--eigendecomposition-dtype float64|float32]\n' +
+      '                                 EK-FAC factors',
   },
   explain: {
     run: runExplain,

@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
-import { eigh, eighBackend, JS_MAX_N } from '../../src/server/linalg/eigh';
+import { eigh, eighAsync, eighBackend, JS_MAX_N } from '../../src/server/linalg/eigh';
 import { firstNonFinite, gemm, gemm32, symmetrize, symmetrizedCopy, transpose } from '../../src/server/linalg/matrix';
 import { nativeLapack } from '../../src/server/linalg/native';
 import { Rng } from '../../src/server/util/random';
@@ -103,6 +103,38 @@ describe('eigh', () => {
       assert.ok(recon <= 1e-13 && orth <= 1e-13, `recon ${recon} orth ${orth}`);
     });
   }
+
+  test('float32 (ssyevd): float32 vectors, float32-level residuals, the same decomposition as float64', {
+    skip: lapack?.ssyevd ? false : 'no LAPACK ssyevd',
+  }, async () => {
+    // a covariance-like matrix: XᵀX of 400 samples over 150 features with decaying scales
+    const n = 150;
+    const N = 400;
+    const rng = new Rng(11);
+    const X = new Float64Array(N * n);
+    for (let i = 0; i < N; i++) for (let j = 0; j < n; j++) X[i * n + j] = rng.normal() * Math.exp(-j / 40);
+    const A = gemm(X, X, n, N, n, { transA: true, js: true });
+    const f64 = eigh(A, n);
+    for (const r of [eigh(A, n, { dtype: 'float32' }), await eighAsync(A, n, { dtype: 'float32' })]) {
+      assert.ok(r.vectors instanceof Float32Array, 'float32 vectors');
+      assert.ok(ascending(r.values));
+      const { recon, orth } = residuals(A, n, r.values, Float64Array.from(r.vectors));
+      // float32 rounding (2^-24 ≈ 6e-8) times a modest factor of n; float64 gives ~1e-14
+      assert.ok(recon <= 1e-5 && orth <= 1e-5, `recon ${recon} orth ${orth}`);
+      assert.ok(recon > 1e-12, `recon ${recon}: not decomposed in float32`);
+      assert.ok(maxAbsDiff(r.values, f64.values) <= 1e-5 * f64.values[n - 1], 'eigenvalues as in float64');
+      // the leading eigenvectors (well separated) match float64's up to sign
+      for (let c = n - 5; c < n; c++) {
+        let d = 0;
+        for (let i = 0; i < n; i++) d += r.vectors[i * n + c] * f64.vectors[i * n + c];
+        assert.ok(Math.abs(Math.abs(d) - 1) <= 1e-5, `column ${c}: |<v32, v64>| = ${Math.abs(d)}`);
+      }
+    }
+    // the JS fallback has no float32 solver: it decomposes in float64 and returns float32 vectors
+    const js = eigh(A, n, { dtype: 'float32', backend: 'js' });
+    assert.ok(js.vectors instanceof Float32Array);
+    assert.ok(residuals(A, n, js.values, Float64Array.from(js.vectors)).recon <= 1e-6);
+  });
 
   test('uses only the symmetric part', () => {
     const n = 3;

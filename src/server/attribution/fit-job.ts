@@ -20,12 +20,14 @@ import { describeOwner, removeStaleLocks, tryLock, waitLock } from '../../common
 import { loadDataset } from '../data/dataset';
 import { contextLength, tokenizationKey, tokenizeExamples } from '../data/tokenize';
 import { describeTraining, sameTraining, type TrainingConvention } from '../data/training';
+import type { EighDtype } from '../linalg/eigh';
 import { Model, type ModuleSelection } from '../model/engine';
 import { collectGarbage } from '../util/gc';
 import { CovarianceAccumulator } from './ekfac/covariance';
 import type { Eigenbasis } from './ekfac/eigenbasis';
 import {
   covarianceFor,
+  eigendecompositionDtypeOf,
   type FactorArguments,
   type Factors,
   loadFactors,
@@ -53,6 +55,8 @@ export interface FitJobOptions {
   batchSize?: number;
   skipMalformed?: boolean;
   damping?: Damping;
+  /** the precision of the eigendecompositions (kronfluence's eigendecomposition_dtype); default float64 */
+  eigendecompositionDtype?: EighDtype;
   /** the base checkpoint when modelDir is a LoRA adapter (default: its base_model_name_or_path) */
   base?: string;
   /** an already opened model (the server and the demo reuse theirs) */
@@ -100,6 +104,8 @@ interface JobDescription {
   seed: number;
   maxExamples: number | null;
   partitions: number;
+  /** present only when float32, so that an unfinished fit of an older version still resumes */
+  eigendecompositionDtype?: 'float32';
 }
 
 export async function runFitJob(o: FitJobOptions): Promise<FitJobResult> {
@@ -190,6 +196,7 @@ async function fitJob(o: FitJobOptions, n: number, i: number): Promise<FitJobRes
     seed: o.seed,
     maxExamples: o.maxExamples ?? null,
     partitions: n,
+    ...(o.eigendecompositionDtype === 'float32' ? { eigendecompositionDtype: 'float32' as const } : {}),
   };
   const result = (status: FitJobResult['status'], message: string): FitJobResult => ({
     status,
@@ -210,13 +217,7 @@ async function fitJob(o: FitJobOptions, n: number, i: number): Promise<FitJobRes
     } catch {
       // unreadable, mixed or damaged: replaced below like any stale cache
     }
-    const current =
-      have &&
-      have.modelFingerprint === job.modelFingerprint &&
-      have.dataFingerprint === job.dataFingerprint &&
-      have.labels === job.labels &&
-      (job.labels !== 'sampled' || have.seed === job.seed) &&
-      sameModules(have, o.modules, model);
+    const current = have && sameFit(have, job, o.modules, model);
     if (!current) {
       const release = await shared('replacing stale cached factors');
       try {
@@ -237,14 +238,7 @@ async function fitJob(o: FitJobOptions, n: number, i: number): Promise<FitJobRes
   }
   if (existsSync(join(o.out, OUR_ARGUMENTS_FILE))) {
     const have = loadFactors(o.out).args;
-    const same =
-      have.modelFingerprint === job.modelFingerprint &&
-      have.dataFingerprint === job.dataFingerprint &&
-      have.labels === job.labels &&
-      // sampled labels depend on the seed (the examples chosen are in the data fingerprint already)
-      (job.labels !== 'sampled' || have.seed === job.seed) &&
-      sameModules(have, o.modules, model);
-    if (same) {
+    if (sameFit(have, job, o.modules, model)) {
       // a fit killed after writing the factors but before removing its partials left them (the
       // covariances and eigenvectors again: gigabytes at real shapes)
       if (existsSync(partials)) {
@@ -307,6 +301,7 @@ async function fitJob(o: FitJobOptions, n: number, i: number): Promise<FitJobRes
     partition: n > 1 ? { index: i, count: n } : undefined,
     onProgress: o.onProgress,
     signal: o.signal,
+    eigendecompositionDtype: o.eigendecompositionDtype,
   };
   const covDir = (k: number) => join(partials, `covariance-${k}-of-${n}`);
   const lamDir = (k: number) => join(partials, `lambda-${k}-of-${n}`);
@@ -323,6 +318,7 @@ async function fitJob(o: FitJobOptions, n: number, i: number): Promise<FitJobRes
     modelFingerprint: job.modelFingerprint,
     dataFingerprint: job.dataFingerprint,
     training: model.tokenizer.training,
+    ...(job.eigendecompositionDtype ? { eigendecompositionDtype: job.eigendecompositionDtype } : {}),
   });
   const fingerprint = `${job.modelFingerprint}:${job.dataFingerprint}`;
 
@@ -510,6 +506,19 @@ function saveStage(dir: string, factors: Factors, copyFrom?: SaveOptions['copyFr
   );
 }
 
+/** Whether stored factors are the fit `job` describes (then reused, never refitted or refused). */
+function sameFit(have: FactorArguments, job: JobDescription, selection: ModuleSelection, model: Model): boolean {
+  return (
+    have.modelFingerprint === job.modelFingerprint &&
+    have.dataFingerprint === job.dataFingerprint &&
+    have.labels === job.labels &&
+    // sampled labels depend on the seed (the examples chosen are in the data fingerprint already)
+    (job.labels !== 'sampled' || have.seed === job.seed) &&
+    eigendecompositionDtypeOf(have) === (job.eigendecompositionDtype ?? 'float64') &&
+    sameModules(have, selection, model)
+  );
+}
+
 function sameModules(have: FactorArguments, selection: ModuleSelection, model: Model): boolean {
   const want = model
     .modules(selection)
@@ -528,11 +537,15 @@ function describeDifference(have: FactorArguments, job: JobDescription, training
   if (have.labels !== job.labels) return `${have.labels} labels (asked: ${job.labels})`;
   if (job.labels === 'sampled' && have.seed !== job.seed)
     return `labels sampled with seed ${have.seed ?? 'unknown'} (asked: --seed ${job.seed})`;
+  const dtype = job.eigendecompositionDtype ?? 'float64';
+  if (eigendecompositionDtypeOf(have) !== dtype)
+    return `covariances eigendecomposed in ${eigendecompositionDtypeOf(have)} (asked: --eigendecomposition-dtype ${dtype})`;
   return `other modules (${have.modules.length} modules; asked: ${job.modules})`;
 }
 
 function diffKeys(a: JobDescription, b: JobDescription): string {
-  return (Object.keys(b) as Array<keyof JobDescription>)
+  // keys of both: a key present in one description only (eigendecompositionDtype) is a difference too
+  return ([...new Set([...Object.keys(a), ...Object.keys(b)])] as Array<keyof JobDescription>)
     .filter((k) => JSON.stringify(a[k]) !== JSON.stringify(b[k]))
     .map((k) => `${k}: ${JSON.stringify(a[k])} → ${JSON.stringify(b[k])}`)
     .join(', ');

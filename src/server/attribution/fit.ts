@@ -1,13 +1,14 @@
 // Fitting EK-FAC factors over a training-data sample (Grosse et al. 2023 §2.2):
 //   pass 1: covariance sums Σ ã ãᵀ and Σ g gᵀ per tracked module (computed inside the graph);
-//   eigendecompositions of A and S in fp64 (eigenvectors then held in the model's precision);
+//   eigendecompositions of A and S in fp64, or float32 when asked (eigenvectors then held in the
+//   model's precision);
 //   pass 2: eigenvalue correction Λ = mean_z (Q_Sᵀ G(z) Q_A)² (rotated inside the graph).
 // Labels are sampled from the model (true Fisher) unless `labels: 'empirical'`. Every pass
 // can run on one partition of the data; partial sums add up (covariance.ts, lambda.ts).
 
 import { createHash } from 'node:crypto';
 import { Semaphore } from '../../common/semaphore';
-import { eighBytes, parallelEigh } from '../linalg/eigh';
+import { type EighDtype, eighBytes, parallelEigh } from '../linalg/eigh';
 import type { Floats, Precision } from '../linalg/matrix';
 import type { Batch, Model, ModuleInfo, ModuleSelection, RunResult } from '../model/engine';
 import type { ort } from '../model/onnx/session';
@@ -37,6 +38,8 @@ export interface FitOptions {
   onProgress?: (stage: 'covariance' | 'eigendecomposition' | 'lambda', done: number, total: number) => void;
   /** checked before every batch: an aborted fit stops there and throws the signal's reason */
   signal?: AbortSignal;
+  /** the precision of the eigendecompositions (kronfluence's eigendecomposition_dtype). Default float64. */
+  eigendecompositionDtype?: EighDtype;
 }
 
 export interface FittedFactors {
@@ -138,7 +141,8 @@ function realRows(batch: Batch) {
 }
 
 /**
- * Eigendecompose each module's A and S (fp64, LAPACK when available), several at once when the
+ * Eigendecompose each module's A and S (fp64, or float32 when `eigendecompositionDtype` says so;
+ * LAPACK when available), several at once when the
  * library allows it (`parallelEigh`: single-threaded calls on libuv's thread pool, largest
  * modules first so the last to finish are small). The eigenvectors are stored in `precision`
  * (default fp64; a float32 model's fit passes 'fp32', as kronfluence keeps its factors in
@@ -149,7 +153,7 @@ function realRows(batch: Batch) {
  */
 export async function fitEigenbases(
   covariances: Map<string, CovarianceAccumulator>,
-  opts?: Pick<FitOptions, 'signal' | 'onProgress'> & { precision?: Precision },
+  opts?: Pick<FitOptions, 'signal' | 'onProgress' | 'eigendecompositionDtype'> & { precision?: Precision },
 ): Promise<Map<string, Eigenbasis>> {
   const order = [...covariances.keys()];
   const total = order.length;
@@ -157,6 +161,7 @@ export async function fitEigenbases(
   const largest = Math.max(0, ...[...covariances.values()].map(size));
   const { parallel, end } = parallelEigh(largest, Math.max(0, sequenceLimitBytes()) / 2);
   const done = new Map<string, Eigenbasis>();
+  const eigenOpts = { precision: opts?.precision, dtype: opts?.eigendecompositionDtype };
   // Modules that read the same input (q/k/v, gate/up) have identical activation covariances
   // (the graph emits one A for them): decompose each distinct A once. A is matched by the
   // sha256 of its bytes (the covariance itself is released as we go); equal digests mean equal
@@ -185,11 +190,11 @@ export async function fitEigenbases(
       let a = seenA.get(key);
       if (a) releaseA();
       else {
-        a = holding(releaseA, () => decomposeCovariance(name, 'activation', cov.A, cov.dA, opts));
+        a = holding(releaseA, () => decomposeCovariance(name, 'activation', cov.A, cov.dA, eigenOpts));
         seenA.set(key, a);
       }
       const releaseS = await slots.acquire(opts?.signal);
-      const s = holding(releaseS, () => decomposeCovariance(name, 'gradient', cov.S, cov.dOut, opts));
+      const s = holding(releaseS, () => decomposeCovariance(name, 'gradient', cov.S, cov.dOut, eigenOpts));
       const mine = a;
       const module = Promise.all([mine, s]).then(([da, ds]) => {
         // the first module to finish owns the shared activation arrays; the others copy them

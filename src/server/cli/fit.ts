@@ -21,6 +21,7 @@ export async function runFit(argv: string[]): Promise<void> {
     partition: { type: 'string' },
     'batch-size': { type: 'string' },
     seed: { type: 'string' },
+    'eigendecomposition-dtype': { type: 'string' },
     'skip-malformed': { type: 'boolean' },
     ...CHECKPOINTS_OPTION,
   });
@@ -48,6 +49,12 @@ export async function runFit(argv: string[]): Promise<void> {
     modules: oneOf(v.modules, ['mlp', 'all'] as const, '--modules', 'all'),
     labels: oneOf(v.labels, ['sampled', 'empirical'] as const, '--labels', 'sampled'),
     seed: int(v.seed, '--seed', 0),
+    eigendecompositionDtype: oneOf(
+      v['eigendecomposition-dtype'],
+      ['float64', 'float32'] as const,
+      '--eigendecomposition-dtype',
+      'float64',
+    ),
     maxExamples,
     partition,
     batchSize,

@@ -256,8 +256,13 @@ function gemmJs(
 }
 
 /** Row-major transpose: A is rows×cols, the result cols×rows. */
-export function transpose(A: Floats, rows: number, cols: number): Float64Array {
-  const T = new Float64Array(rows * cols);
+export function transpose<T extends Floats = Float64Array>(
+  A: Floats,
+  rows: number,
+  cols: number,
+  out: T = new Float64Array(rows * cols) as T,
+): T {
+  const T = out;
   const BS = 32;
   for (let i0 = 0; i0 < rows; i0 += BS) {
     const i1 = Math.min(rows, i0 + BS);

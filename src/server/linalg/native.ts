@@ -22,6 +22,23 @@ type DsyevdFn = (
   uploLen: number,
 ) => void;
 
+/** ssyevd_: dsyevd's signature in float32 (kronfluence's eigendecomposition_dtype=float32) */
+type SsyevdFn = (
+  jobz: string,
+  uplo: string,
+  n: Int32Array,
+  a: Float32Array,
+  lda: Int32Array,
+  w: Float32Array,
+  work: Float32Array,
+  lwork: Int32Array,
+  iwork: Int32Array,
+  liwork: Int32Array,
+  info: Int32Array,
+  jobzLen: number,
+  uploLen: number,
+) => void;
+
 type DgemmFn = (
   transa: string,
   transb: string,
@@ -65,6 +82,9 @@ export interface NativeLapack {
   dsyevd: DsyevdFn;
   /** the same call on libuv's thread pool (koffi's async calls): the JS thread stays free */
   dsyevdAsync: (...args: [...Parameters<DsyevdFn>, (err: unknown) => void]) => void;
+  /** absent when the library lacks it: float32 decompositions then run in fp64 (eigh.ts) */
+  ssyevd?: SsyevdFn;
+  ssyevdAsync?: (...args: [...Parameters<SsyevdFn>, (err: unknown) => void]) => void;
   /**
    * OpenBLAS's own thread count (openblas_set_num_threads / openblas_get_num_threads), absent for
    * other libraries. Several single-threaded calls at once need it: without it, a library's own
@@ -144,6 +164,15 @@ function load(): NativeLapack | null {
       } catch {
         dgemm = undefined;
       }
+      let ssyevd: SsyevdFn | undefined;
+      try {
+        ssyevd = lib.func(
+          'void ssyevd_(const char *jobz, const char *uplo, const int *n, float *a, const int *lda, float *w, ' +
+            'float *work, const int *lwork, int *iwork, const int *liwork, int *info, size_t l1, size_t l2)',
+        ) as SsyevdFn;
+      } catch {
+        ssyevd = undefined;
+      }
       let sgemm: SgemmFn | undefined;
       try {
         sgemm = lib.func(
@@ -164,7 +193,10 @@ function load(): NativeLapack | null {
       }
       const withAsync = dsyevd as unknown as { async: NativeLapack['dsyevdAsync'] };
       const dsyevdAsync: NativeLapack['dsyevdAsync'] = (...args) => withAsync.async(...args);
-      return { library: name, dsyevd, dsyevdAsync, dgemm, sgemm, threads };
+      const ssyevdAsync: NativeLapack['ssyevdAsync'] = ssyevd
+        ? (...args) => (ssyevd as unknown as { async: NonNullable<NativeLapack['ssyevdAsync']> }).async(...args)
+        : undefined;
+      return { library: name, dsyevd, dsyevdAsync, ssyevd, ssyevdAsync, dgemm, sgemm, threads };
     } catch (e) {
       loadErrors.push(`${name}: no dsyevd_ (${(e as Error).message.split('\n')[0]})`);
     }

@@ -26,7 +26,7 @@ import {
   openCheckpointStages,
   selfInfluence,
 } from '../attribution/checkpoints';
-import { OUR_ARGUMENTS_FILE } from '../attribution/ekfac/factors-io';
+import { OUR_ARGUMENTS_FILE, readFitSettings } from '../attribution/ekfac/factors-io';
 import type { Damping, Preconditioner } from '../attribution/ekfac/precondition';
 import { attributionOf, Corpus, ExplainError, explain, explainMany, type StoreRef } from '../attribution/explain';
 import { dataFingerprint, modelFingerprint } from '../attribution/fingerprint';
@@ -896,6 +896,14 @@ export class InfluenceService implements ServiceApi {
         `${out} holds EK-FAC factors that cannot be used (${broken}); ${FOREIGN_FACTORS_ADVICE(which)}`,
         'factors_broken',
       );
+    // factors the user fitted (the CLI's --labels, --seed, --eigendecomposition-dtype) keep their
+    // settings: the final model's are then up to date, and its checkpoints get the same fit
+    const stored = owned ? null : readFitSettings(out);
+    const settings = {
+      labels: stored?.labels ?? ('sampled' as const),
+      seed: stored?.seed ?? 0,
+      eigendecompositionDtype: stored?.eigendecompositionDtype,
+    };
     const r = await cancellable(work, () =>
       runFitJob({
         modelDir: c.model,
@@ -903,8 +911,7 @@ export class InfluenceService implements ServiceApi {
         dataPath: path,
         out,
         modules: this.modules,
-        labels: 'sampled',
-        seed: 0,
+        ...settings,
         skipMalformed: true,
         model: this.stage(which).model,
         signal: work.signal,
@@ -932,8 +939,7 @@ export class InfluenceService implements ServiceApi {
             replaceStale: owned,
             dataPath: path,
             modules: this.modules,
-            labels: 'sampled',
-            seed: 0,
+            ...settings,
             skipMalformed: true,
             engine: {
               device: this.config.device,

@@ -3,7 +3,8 @@
 // fitted Λ (lambda.ts); the eigenvalues are kept for K-FAC and for diagnostics. For a float32
 // model the eigenvectors are then stored in float32, as kronfluence does (eigendecomposition in
 // float64, factors in float32): at the Qwen2.5-0.5B shape fp64 bases alone would not fit in 24 GB.
-import { type Eigh, type EighBackend, eigh, eighAsync } from '../../linalg/eigh';
+// `dtype: 'float32'` decomposes in float32 too (kronfluence's eigendecomposition_dtype option).
+import { type Eigh, type EighBackend, type EighDtype, eigh, eighAsync } from '../../linalg/eigh';
 import { type Floats, gemm, inPrecision, type Precision, toF64 } from '../../linalg/matrix';
 import type { Covariances } from './covariance';
 
@@ -29,8 +30,10 @@ export interface EigenbasisOptions {
    * and larger ones are reported as an error. Default 1e-3.
    */
   negativeTolerance?: number;
-  /** the type the eigenvectors are stored in (the decomposition itself is always fp64). Default fp64. */
+  /** the type the eigenvectors are stored in. Default fp64. */
   precision?: Precision;
+  /** the precision the decomposition runs in (kronfluence's eigendecomposition_dtype). Default float64. */
+  dtype?: EighDtype;
 }
 
 export function computeEigenbasis(
@@ -44,7 +47,7 @@ export function computeEigenbasis(
   // One matrix at a time: each fp64 result is narrowed (when fp32) before the next is decomposed.
   const decompose = (M: Float64Array, n: number, what: string) =>
     checked(
-      eigh(M, n, { label: `${what} covariance of module ${module}`, backend: options.backend }),
+      eigh(M, n, { label: `${what} covariance of module ${module}`, backend: options.backend, dtype: options.dtype }),
       module,
       what,
       options,
@@ -72,7 +75,11 @@ export async function decomposeCovariance(
   n: number,
   options: EigenbasisOptions = {},
 ): Promise<Decomposition> {
-  const r = await eighAsync(M, n, { label: `${what} covariance of module ${module}`, backend: options.backend });
+  const r = await eighAsync(M, n, {
+    label: `${what} covariance of module ${module}`,
+    backend: options.backend,
+    dtype: options.dtype,
+  });
   return checked(r, module, what, options);
 }
 
@@ -97,7 +104,7 @@ export function assembleEigenbasis(
   };
 }
 
-function checked(r: Eigh, module: string, what: string, options: EigenbasisOptions): Decomposition {
+function checked(r: Eigh<Floats>, module: string, what: string, options: EigenbasisOptions): Decomposition {
   checkVectors(r.vectors, `${what} eigenvectors of module ${module}`);
   return { values: r.values, vectors: inPrecision(r.vectors, options.precision ?? 'fp64') };
 }

@@ -22,6 +22,7 @@ import { copyFileSync, existsSync, mkdirSync, readFileSync, rmSync } from 'node:
 import { join } from 'node:path';
 import { restoreReplacedDir, writeAtomicWith, writeFileAtomic } from '../../../common/atomic-write';
 import { readStoredTraining, type TrainingConvention } from '../../data/training';
+import type { EighDtype } from '../../linalg/eigh';
 import { type Floats, firstNonFinite, inPrecision, type Precision, precisionOf, toF64 } from '../../linalg/matrix';
 import {
   checkDataChecksum,
@@ -95,6 +96,16 @@ export interface FactorArguments {
    * (stage.ts), as the candidates would be other token sequences than the factors were fitted on
    */
   training?: TrainingConvention | null;
+  /**
+   * the precision the covariances were eigendecomposed in (kronfluence's eigendecomposition_dtype);
+   * absent means float64, as in every fit before the option existed
+   */
+  eigendecompositionDtype?: EighDtype;
+}
+
+/** The eigendecomposition precision of stored arguments (absent: float64). */
+export function eigendecompositionDtypeOf(a: Pick<FactorArguments, 'eigendecompositionDtype'>): EighDtype {
+  return a.eigendecompositionDtype ?? 'float64';
 }
 
 /** One module's stored factors; each stage is optional (they are fitted one after another). */
@@ -398,6 +409,7 @@ export function loadFactors(dir: string, options: LoadOptions = {}): Factors {
         modelFingerprint: typeof ours.modelFingerprint === 'string' ? ours.modelFingerprint : null,
         dataFingerprint: typeof ours.dataFingerprint === 'string' ? ours.dataFingerprint : null,
         training: ours.training === undefined || ours.training === null ? null : storedTraining(dir, ours.training),
+        ...storedDtype(dir, ours.eigendecompositionDtype, OUR_ARGUMENTS_FILE, 'eigendecompositionDtype'),
       }
     : {
         // kronfluence: damping is a score argument, and its `damping_factor=None` heuristic is ours
@@ -407,6 +419,16 @@ export function loadFactors(dir: string, options: LoadOptions = {}): Factors {
         modules: [...shapes.keys()],
         maxExamples: typeof kron?.covariance_max_examples === 'number' ? kron.covariance_max_examples : null,
         seed: null,
+        ...storedDtype(
+          dir,
+          kron?.eigendecomposition_dtype === undefined
+            ? undefined
+            : (({ 'torch.float64': 'float64', 'torch.float32': 'float32' } as Record<string, unknown>)[
+                String(kron.eigendecomposition_dtype)
+              ] ?? kron.eigendecomposition_dtype),
+          FACTOR_ARGUMENTS_FILE,
+          'eigendecomposition_dtype',
+        ),
       };
   const fingerprint = typeof ours?.fingerprint === 'string' ? ours.fingerprint : null;
   if (ours) {
@@ -424,6 +446,37 @@ export function loadFactors(dir: string, options: LoadOptions = {}): Factors {
     }
   }
   return { args, fingerprint, modules };
+}
+
+/**
+ * The fit settings of our factors in `dir` (labels, seed, eigendecomposition precision), read from
+ * the arguments file alone; null when there is none or it cannot be read. The server fits a new
+ * training checkpoint with the settings of the factors the user fitted, not its own defaults.
+ */
+export function readFitSettings(
+  dir: string,
+): Pick<FactorArguments, 'labels' | 'seed' | 'eigendecompositionDtype'> | null {
+  let ours: Record<string, unknown> | null;
+  try {
+    ours = readJson(join(dir, OUR_ARGUMENTS_FILE));
+    if (!ours) return null;
+    return {
+      labels: ours.labels === 'empirical' ? 'empirical' : 'sampled',
+      seed: typeof ours.seed === 'number' ? ours.seed : null,
+      ...storedDtype(dir, ours.eigendecompositionDtype, OUR_ARGUMENTS_FILE, 'eigendecompositionDtype'),
+    };
+  } catch {
+    return null;
+  }
+}
+
+/** A stored eigendecomposition precision: float32 kept, float64 or absent left out (the default), anything else refused. */
+function storedDtype(dir: string, v: unknown, file: string, key: string): { eigendecompositionDtype?: 'float32' } {
+  if (v === undefined || v === null || v === 'float64') return {};
+  if (v === 'float32') return { eigendecompositionDtype: 'float32' };
+  throw new FactorsError(
+    `${dir}: ${file} holds "${key}": ${JSON.stringify(v)}, which this version does not know (float64 or float32); fit the factors again`,
+  );
 }
 
 function storedTraining(dir: string, v: unknown): TrainingConvention {
@@ -445,6 +498,8 @@ function fitIdentity(args: FactorArguments, fingerprint: string | null): string 
     args.labels,
     args.seed,
     args.maxExamples,
+    // only when not the default, so that every fit written before the option keeps its identity
+    ...(eigendecompositionDtypeOf(args) === 'float64' ? [] : [eigendecompositionDtypeOf(args)]),
   ];
   return createHash('sha256').update(JSON.stringify(what)).digest('hex').slice(0, 16);
 }
@@ -508,7 +563,7 @@ function kronfluenceArguments(a: FactorArguments, dtypes: { covariance: 'F32' | 
     covariance_module_partitions: 1,
     activation_covariance_dtype: t,
     gradient_covariance_dtype: t,
-    eigendecomposition_dtype: 'torch.float64',
+    eigendecomposition_dtype: eigendecompositionDtypeOf(a) === 'float32' ? 'torch.float32' : 'torch.float64',
     lambda_max_examples: a.maxExamples,
     lambda_data_partitions: 1,
     lambda_module_partitions: 1,
