@@ -250,6 +250,8 @@ def parse_args(argv=None):
                     help="default: fp32 model and kronfluence's default dtypes; float64: model.double() and every kronfluence dtype float64 (for agreement checks, not for speed)")
     ap.add_argument("--attn-implementation", default="sdpa", help="transformers attention implementation (default sdpa)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eigendecomposition-dtype", choices=["float64", "float32"], default="float64",
+                    help="FactorArguments.eigendecomposition_dtype (kronfluence's default float64)")
     ap.add_argument("--repeats", type=int, default=1,
                     help="timed fit+score runs after the warm-up; the reported times are the medians (default 1)")
     ap.add_argument("--no-warmup", action="store_true", help="skip the warm-up fit and scoring runs")
@@ -355,6 +357,8 @@ def main(argv=None):
         sdt = dict(query_gradient_svd_dtype=f64, per_sample_gradient_dtype=f64, precondition_dtype=f64, score_dtype=f64)
     else:
         fdt, sdt = {}, {}  # kronfluence defaults
+    if args.eigendecomposition_dtype == "float32":
+        fdt["eigendecomposition_dtype"] = torch.float32
     factor_args = FactorArguments(
         strategy="ekfac",
         use_empirical_fisher=args.labels == "empirical",

@@ -56,6 +56,7 @@ export async function benchShape(argv: string[]): Promise<void> {
     python: { type: 'string' },
     'no-kronfluence': { type: 'boolean' },
     'no-warmup': { type: 'boolean' },
+    'eigendecomposition-dtype': { type: 'string' },
     flow: { type: 'boolean' },
     report: { type: 'string' },
   });
@@ -65,6 +66,10 @@ export async function benchShape(argv: string[]): Promise<void> {
   if (custom && v.shape) throw new CliError('give --shape or --model, not both');
   if (custom && !existsSync(join(custom, 'config.json')))
     throw new CliError(`--model ${v.model}: no config.json there (a Hugging Face checkpoint folder is expected)`);
+  // both tools decompose in this precision (kronfluence's eigendecomposition_dtype; float64 is both defaults)
+  const eigendecompositionDtype = v['eigendecomposition-dtype'] ?? 'float64';
+  if (eigendecompositionDtype !== 'float64' && eigendecompositionDtype !== 'float32')
+    throw new CliError(`--eigendecomposition-dtype must be float64 or float32 (got "${eigendecompositionDtype}")`);
   const shape = custom ? `model-${basename(custom)}` : (v.shape as (typeof BENCH_SHAPES)[number]);
   if (!custom && !BENCH_SHAPES.includes(shape as (typeof BENCH_SHAPES)[number]))
     throw new CliError(`--shape must be one of ${BENCH_SHAPES.join(', ')}, or give --model <checkpoint-dir>`);
@@ -118,7 +123,7 @@ export async function benchShape(argv: string[]): Promise<void> {
   // once, at the start: the report's header, whose CPU model the first line also prints
   const header = reportHeader('ekfac-shape');
   say(
-    `bench ekfac --shape ${shape}: ${model.describe()}; ${nTrain} sequences × ${length} tokens of English text, ${nQueries} queries; all linear modules; ${threads} threads on ${header.cpu ?? 'an unknown CPU'}`,
+    `bench ekfac --shape ${shape}: ${model.describe()}; ${nTrain} sequences × ${length} tokens of English text, ${nQueries} queries; all linear modules; ${threads} threads on ${header.cpu ?? 'an unknown CPU'}${eigendecompositionDtype === 'float32' ? '; both tools eigendecompose in float32' : ''}`,
   );
 
   // kronfluence first, while this process holds only the model: at Qwen2.5-0.5B our factors and
@@ -137,6 +142,7 @@ export async function benchShape(argv: string[]): Promise<void> {
         ...['--model', modelDir, '--data', dataFile, '--out', out, '--threads', String(threads)],
         ...['--labels', 'empirical', '--modules', 'all', '--damping', '1e-3', '--batch-size', '8', '--repeats', '1'],
         ...(v['no-warmup'] ? ['--no-warmup'] : []),
+        ...['--eigendecomposition-dtype', eigendecompositionDtype],
       ],
       { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] },
     );
@@ -168,7 +174,7 @@ export async function benchShape(argv: string[]): Promise<void> {
   ).covariances;
   const covarianceSeconds = sec(t);
   t = performance.now();
-  const bases = await fitEigenbases(covariances, { precision: model.precision });
+  const bases = await fitEigenbases(covariances, { precision: model.precision, eigendecompositionDtype });
   covariances = null;
   const eigenSeconds = sec(t);
   t = performance.now();
@@ -256,6 +262,7 @@ export async function benchShape(argv: string[]): Promise<void> {
     const fitRun = await timedChild(process.execPath, [
       cli,
       ...['fit', '--model', modelDir, '--data', jsonl, '--out', factors, '--modules', 'all'],
+      ...['--eigendecomposition-dtype', eigendecompositionDtype],
     ]);
     const q = model.tokenizer.decode(queries[0].ids.slice(0, queries[0].prompt_length));
     const c = model.tokenizer.decode(queries[0].ids.slice(queries[0].prompt_length));
@@ -283,6 +290,7 @@ export async function benchShape(argv: string[]): Promise<void> {
     length,
     queries: nQueries,
     tokens,
+    eigendecomposition_dtype: eigendecompositionDtype,
     ours,
     kronfluence: kron,
     spearman_per_query: agreement,
