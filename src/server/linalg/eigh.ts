@@ -182,6 +182,8 @@ function lapackCall32(a64: Float64Array, n: number, label: string, ssyevd: Ssyev
   const iq = new Int32Array(1);
   ssyevd('V', 'L', N, a, N, w, wq, new Int32Array([-1]), iq, new Int32Array([-1]), info, 1, 1);
   if (info[0] !== 0) throw new Error(`eigh(${label}): ssyevd workspace query failed (info=${info[0]})`);
+  // the size comes back as a float32: above 2^24 it is rounded, down as often as not (18,018,000
+  // for the 18,018,001 that n = 3,000 needs, with OpenBLAS 0.3.21), hence the documented minimums
   const lwork = Math.max(Math.ceil(wq[0]), 1 + 6 * n + 2 * n * n);
   const liwork = Math.max(iq[0], 3 + 5 * n);
   const work = new Float32Array(lwork);
