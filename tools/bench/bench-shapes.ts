@@ -59,6 +59,7 @@ export async function benchShape(argv: string[]): Promise<void> {
     'eigendecomposition-dtype': { type: 'string' },
     flow: { type: 'boolean' },
     report: { type: 'string' },
+    compare: { type: 'string' },
   });
   // --model: the same comparison on a checkpoint of the user's (a trained one, say), cached data
   // and factors under a folder named by the checkpoint's path
@@ -209,6 +210,8 @@ export async function benchShape(argv: string[]): Promise<void> {
     score_seconds: scoreSeconds,
     candidates_per_second: nTrain / scoreSeconds,
     peak_rss_mb: process.resourceUsage().maxRSS / 1024,
+    /** candidates × queries, for --compare of a later run */
+    scores: scored.scores.map((r) => Array.from(r)),
   };
   say(
     `  influence-lens: fit ${fitSeconds.toFixed(1)} s (${ours.fit_tokens_per_second.toFixed(1)} tokens/s; covariance ${covarianceSeconds.toFixed(1)} s, eigendecomposition ${eigenSeconds.toFixed(1)} s, Λ ${lambdaSeconds.toFixed(1)} s)`,
@@ -222,17 +225,7 @@ export async function benchShape(argv: string[]): Promise<void> {
   // difference per query, relative to that query's largest |score|, says the values agree too
   let relError: number[] | null = null;
   if (kron && theirs) {
-    relError = theirs.map((row, q) => {
-      const scale = Math.max(...row.map(Math.abs));
-      const diff = Math.max(...row.map((x, c) => Math.abs(x - scored.scores[c][q])));
-      return scale > 0 ? diff / scale : diff;
-    });
-    agreement = theirs.map((row, q) =>
-      spearman(
-        row,
-        scored.scores.map((c) => c[q]),
-      ),
-    );
+    ({ spearman: agreement, relError } = agreementWith(theirs, scored.scores));
     const k = kron as {
       fit_seconds: number;
       fit_phases: Record<string, number>;
@@ -249,6 +242,26 @@ export async function benchShape(argv: string[]): Promise<void> {
     say(`  agreement: Spearman per query ${agreement.map((x) => x.toFixed(4)).join(', ')}`);
     say(
       `             largest difference / largest |score| per query ${relError.map((x) => x.toExponential(1)).join(', ')}`,
+    );
+  }
+  // --compare <report>: our scores against those of an earlier run of ours (the float64 fit, say)
+  let compared: { report: string; spearman: number[]; relative_error: number[] } | null = null;
+  if (v.compare) {
+    const earlier = JSON.parse(readFileSync(v.compare, 'utf8')) as { ours?: { scores?: number[][] } };
+    const rows = earlier.ours?.scores;
+    if (!rows || rows.length !== scored.scores.length || rows[0]?.length !== nQueries)
+      throw new CliError(
+        `--compare ${v.compare}: no scores of ${nQueries} queries × ${nTrain} candidates in that report`,
+      );
+    // theirs is queries × candidates
+    const a = agreementWith(
+      Array.from({ length: nQueries }, (_, q) => rows.map((r) => r[q])),
+      scored.scores,
+    );
+    compared = { report: v.compare, spearman: a.spearman, relative_error: a.relError };
+    say(`  against ${v.compare}: Spearman per query ${a.spearman.map((x) => x.toFixed(4)).join(', ')}`);
+    say(
+      `             largest difference / largest |score| per query ${a.relError.map((x) => x.toExponential(1)).join(', ')}`,
     );
   }
   // the user's flow through the CLI: `fit`, then one `explain` over the same examples as JSONL text
@@ -295,6 +308,7 @@ export async function benchShape(argv: string[]): Promise<void> {
     kronfluence: kron,
     spearman_per_query: agreement,
     relative_error_per_query: relError,
+    compared,
     model: custom ?? undefined,
     cli_flow: flow,
   };
@@ -408,4 +422,28 @@ function scoreRows(
   eigen: boolean,
 ) {
   return scoreCandidates(model, M, candidates, { modules: 'all', batchSize: 8, ...(eigen ? { eigenbasis: pre } : {}) });
+}
+
+/**
+ * Per query, Spearman and the largest difference relative to the query's largest |score| (Spearman
+ * alone would pass scores off by a common factor). `reference` is queries × candidates, `scores`
+ * candidates × queries.
+ */
+function agreementWith(
+  reference: number[][],
+  scores: ArrayLike<number>[],
+): { spearman: number[]; relError: number[] } {
+  return {
+    spearman: reference.map((row, q) =>
+      spearman(
+        row,
+        scores.map((c) => c[q]),
+      ),
+    ),
+    relError: reference.map((row, q) => {
+      const scale = Math.max(...row.map(Math.abs));
+      const diff = Math.max(...row.map((x, c) => Math.abs(x - scores[c][q])));
+      return scale > 0 ? diff / scale : diff;
+    }),
+  };
 }
