@@ -429,10 +429,7 @@ function scoreRows(
  * alone would pass scores off by a common factor). `reference` is queries × candidates, `scores`
  * candidates × queries.
  */
-function agreementWith(
-  reference: number[][],
-  scores: ArrayLike<number>[],
-): { spearman: number[]; relError: number[] } {
+function agreementWith(reference: number[][], scores: ArrayLike<number>[]): { spearman: number[]; relError: number[] } {
   return {
     spearman: reference.map((row, q) =>
       spearman(
