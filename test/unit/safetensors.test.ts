@@ -125,26 +125,29 @@ function writeModel(dir: string, shards: Record<string, Record<string, number[]>
 
 test('checkpoint: single file and sharded index, F32 and BF16, with absolute byte offsets', () => {
   const dir = tmp();
-  writeModel(join(dir, 'one'), { 'model.safetensors': { a: [1, 2], b: [3] } });
+  writeModel(join(dir, 'one'), { 'model.safetensors': { 'model.a': [1, 2], 'model.b': [3] } });
   const one = openCheckpoint(join(dir, 'one'));
   assert.equal(one.modelType, 'llama');
-  assert.deepEqual([...one.weights.keys()], ['a', 'b']);
-  assert.deepEqual([...one.readF32('b')], [3]);
+  assert.deepEqual([...one.weights.keys()], ['model.a', 'model.b']);
+  assert.deepEqual([...one.readF32('model.b')], [3]);
   assert.equal(one.totalBytes, 12);
   // byteOffset is absolute: reading those bytes straight from the file gives the values
-  const ref = one.weights.get('a')!;
+  const ref = one.weights.get('model.a')!;
   const raw = readFileSync(ref.file).subarray(ref.byteOffset, ref.byteOffset + ref.byteLength);
   assert.deepEqual([...new Float32Array(raw.buffer.slice(raw.byteOffset, raw.byteOffset + raw.length))], [1, 2]);
 
   writeModel(
     join(dir, 'sharded'),
-    { 'model-00001-of-00002.safetensors': { a: [1, 2] }, 'model-00002-of-00002.safetensors': { b: [3] } },
+    {
+      'model-00001-of-00002.safetensors': { 'model.a': [1, 2] },
+      'model-00002-of-00002.safetensors': { 'model.b': [3] },
+    },
     'BF16',
   );
   const sh = openCheckpoint(join(dir, 'sharded'));
   assert.equal(sh.files.length, 2);
-  assert.equal(sh.weights.get('b')!.dtype, 'BF16');
-  assert.deepEqual([...sh.readF32('a')], [1, 2]);
+  assert.equal(sh.weights.get('model.b')!.dtype, 'BF16');
+  assert.deepEqual([...sh.readF32('model.a')], [1, 2]);
 });
 
 test('checkpoint: missing and broken pieces give clear errors', () => {

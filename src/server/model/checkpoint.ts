@@ -5,6 +5,7 @@ import { closeSync, existsSync, openSync, readdirSync, readFileSync, readSync, s
 import { join, resolve } from 'node:path';
 import { restoreReplacedDir } from '../../common/atomic-write';
 import { ADAPTER_CONFIG, isAdapterDir, type LoraAdapter, PEFT_PREFIX, readAdapter, resolveBase } from './adapter';
+import { ARCHITECTURES } from './architectures';
 import { type DType, readSafetensorsHeader, readTensorF32, type SafetensorsHeader } from './safetensors';
 
 /** dtypes a checkpoint's weights may have (the graphs cast them to the compute precision) */
@@ -127,6 +128,14 @@ export function readConfig(dir: string): Record<string, unknown> {
 /** The safetensors files of a checkpoint: the index's shards, or model.safetensors. */
 function weightFiles(dir: string): { files: string[]; map?: Record<string, string> } {
   const index = join(dir, 'model.safetensors.index.json');
+  const single = join(dir, 'model.safetensors');
+  // save_pretrained into a folder that held the other layout leaves the old one behind, and
+  // transformers then loads model.safetensors whatever the index says: which is this model is unclear
+  if (existsSync(index) && existsSync(single))
+    throw new CheckpointError(
+      `${dir} holds both model.safetensors and model.safetensors.index.json (with its shards): transformers loads model.safetensors and ignores the shards. ` +
+        'One of them is most likely left over from an earlier save_pretrained into this folder: delete the stale one (model.safetensors, or the index and its shards)',
+    );
   if (existsSync(index)) {
     let parsed: { weight_map?: Record<string, string> };
     try {
@@ -141,7 +150,6 @@ function weightFiles(dir: string): { files: string[]; map?: Record<string, strin
       if (!existsSync(f)) throw new CheckpointError(`${index} lists shard ${f}, which does not exist`);
     return { files, map: parsed.weight_map };
   }
-  const single = join(dir, 'model.safetensors');
   if (existsSync(single)) return { files: [single] };
   const present = existsSync(dir) ? readdirSync(dir) : [];
   const hint = present.some((f) => f.endsWith('.bin') || f.endsWith('.pt'))
@@ -193,6 +201,7 @@ export function openCheckpoint(dirIn: string, options: OpenOptions = {}): Checkp
       if (!weights.has(name))
         throw new CheckpointError(`${join(dir, f)}: has no tensor "${name}", which the index lists there`);
   if (!weights.size) throw new CheckpointError(`${dir}: the safetensors files hold no tensors`);
+  withBasePrefix(weights, modelType);
 
   return {
     dir,
@@ -207,9 +216,25 @@ export function openCheckpoint(dirIn: string, options: OpenOptions = {}): Checkp
     readF32: (name) => {
       const w = weights.get(name);
       if (!w) throw new CheckpointError(`${dir}: no tensor "${name}"`);
-      return readTensorF32(headers.get(w.file)!, name);
+      return readTensorF32(headers.get(w.file)!, w.name); // the name in the file (withBasePrefix)
     },
   };
+}
+
+/**
+ * A file saved from the base model (LlamaModel, GPT2Model: no key starts with the architecture's
+ * base_model_prefix, as in the hub's original gpt2 files) is read as transformers' from_pretrained
+ * reads it into the causal LM: the prefix is added to every key but the head's. The map is keyed
+ * by the model's names; each WeightRef keeps the name in the file.
+ */
+function withBasePrefix(weights: Map<string, WeightRef>, modelType: string) {
+  const a = ARCHITECTURES.find((x) => x.modelTypes.includes(modelType));
+  if (!a) return; // refused by name when the graph is built
+  const names = [...weights.keys()];
+  if (names.some((n) => n.startsWith(a.basePrefix))) return;
+  const entries = [...weights.entries()];
+  weights.clear();
+  for (const [name, ref] of entries) weights.set(a.headNames.includes(name) ? name : a.basePrefix + name, ref);
 }
 
 /** A LoRA adapter folder: the base checkpoint with the adapter's lora_A / lora_B tensors added. */

@@ -61,6 +61,14 @@ export interface ForwardResult {
 export interface Architecture {
   /** config.json `model_type` values this builder accepts */
   modelTypes: string[];
+  /**
+   * transformers' `base_model_prefix` with its dot ("model.", "transformer.", "gpt_neox."): a file
+   * saved from the base model (no key has it, as in the hub's original gpt2) gets it added to every
+   * key but the head's, as from_pretrained does (checkpoint.ts)
+   */
+  basePrefix: string;
+  /** the output head's tensor names, which sit outside the base model */
+  headNames: string[];
   /** the config.json keys this builder implements and the values it accepts (see config-keys.ts) */
   configKeys: Readonly<Record<string, { accepts: string; ok(value: unknown, config: Config): boolean }>>;
   describe(config: Config): string;
@@ -89,6 +97,8 @@ export function linear(
   layout: 'out_in' | 'in_out' = 'out_in',
   /** what config.json says about this layer's bias (transformers creates it, or not, from the config alone) */
   bias?: { expected: boolean; because: string },
+  /** the output size config.json gives this layer (transformers refuses weights of another shape) */
+  out?: ConfigSize,
 ): Tensor {
   const weightName = `${name}.weight`;
   const biasName = ctx.w.has(`${name}.bias`) ? `${name}.bias` : undefined;
@@ -100,6 +110,10 @@ export function linear(
     );
   const [r, c] = ctx.w.shape(weightName);
   const [dOut, dIn] = layout === 'out_in' ? [r, c] : [c, r];
+  if (out && dOut !== out.size)
+    throw new ConfigError(
+      `weight ${weightName} has ${dOut} outputs, but config.json says ${out.size} (${out.because}); transformers refuses to load weights of another shape`,
+    );
   if (x.shape[1] !== dIn)
     throw new ConfigError(`weight ${weightName} has input size ${dIn} but the layer receives ${x.shape[1]}`);
   const y = ctx.g.gemm(x, ctx.w.get(weightName), biasName ? ctx.w.get(biasName) : null, layout === 'out_in');
@@ -252,12 +266,30 @@ export interface RopeSpec {
 }
 
 export function resolveRope(config: Config): RopeSpec {
-  const raw = (config.rope_scaling ?? config.rope_parameters ?? {}) as Config;
-  const params: Config = { ...raw };
+  const params: Config = { ...ropeDict(config) };
   params.rope_theta ??= config.rope_theta ?? 10000;
   if (params.rope_type === undefined) params.rope_type = params.type ?? 'default';
-  if (params.rope_type === 'llama3') params.original_max_position_embeddings ??= config.max_position_embeddings;
+  if (params.rope_type === 'llama3') {
+    params.original_max_position_embeddings ??= config.max_position_embeddings;
+    // transformers would fall back to its config class's default context (2048 for Llama): the
+    // scaling depends on it, so it is asked for instead of guessed (without it every frequency is NaN)
+    if (typeof params.original_max_position_embeddings !== 'number')
+      throw new ConfigError(
+        'config.json: rope type "llama3" needs "original_max_position_embeddings" in its rope dict, or "max_position_embeddings" (the context the model was pre-trained at)',
+      );
+  }
   return { type: String(params.rope_type), theta: Number(params.rope_theta), params };
+}
+
+/**
+ * The rope dict transformers reads: `rope_scaling or rope_parameters`, in Python's truthiness, so
+ * an empty `rope_scaling: {}` (or null) leaves `rope_parameters` in force.
+ */
+export function ropeDict(config: Config): Config {
+  const truthy = (v: unknown) => !!v && typeof v === 'object' && Object.keys(v as object).length > 0;
+  if (truthy(config.rope_scaling)) return config.rope_scaling as Config;
+  if (truthy(config.rope_parameters)) return config.rope_parameters as Config;
+  return {};
 }
 
 /** The `rope_parameters` / `rope_scaling` sub-keys each RoPE type reads (others are refused). */
@@ -531,12 +563,35 @@ export function outputHead(ctx: BuildContext, config: Config, embedding: string,
     throw new ConfigError(
       `config.json: ${setting}, but the checkpoint has no ${head} (transformers would fill it with random numbers)`,
     );
-  return ctx.w.get(tie ? embedding : head);
+  const used = tie ? embedding : head;
+  const [rows] = ctx.w.shape(used);
+  if (typeof config.vocab_size === 'number' && rows !== config.vocab_size)
+    throw new ConfigError(
+      `weight ${used} has ${rows} rows, but config.json says vocab_size ${config.vocab_size}; transformers refuses to load weights of another shape`,
+    );
+  return ctx.w.get(used);
 }
 
-/** Token embedding lookup for the flattened [N] ids. */
-export function embed(ctx: BuildContext, table: string): Tensor {
+/** A size config.json gives a weight, and the keys it comes from (for the refusal). */
+export interface ConfigSize {
+  size: number;
+  because: string;
+}
+
+/** Token embedding lookup for the flattened [N] ids; the table must have the config's vocab_size × hidden size. */
+export function embed(ctx: BuildContext, table: string, shape?: { vocab: ConfigSize; hidden: ConfigSize }): Tensor {
   const { g } = ctx;
+  if (shape) {
+    const [rows, cols] = ctx.w.shape(table);
+    for (const [got, want] of [
+      [rows, shape.vocab],
+      [cols, shape.hidden],
+    ] as const)
+      if (got !== want.size)
+        throw new ConfigError(
+          `weight ${table} is ${rows}×${cols}, but config.json says ${shape.vocab.size}×${shape.hidden.size} (${shape.vocab.because}, ${shape.hidden.because}); transformers refuses to load weights of another shape`,
+        );
+  }
   const ids = g.noGrad(
     () => g.node('Reshape', [ctx.inputIds, g.ints([-1])], [{ dtype: DataType.INT64, shape: ['B*T'] }])[0],
   );

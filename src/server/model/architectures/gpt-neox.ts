@@ -7,12 +7,14 @@ import {
   attentionMask,
   type BuildContext,
   type Config,
+  ConfigError,
   embed,
   layerNorm,
   linear,
   num,
   outputHead,
   resolveRope,
+  ropeDict,
   ropeTables,
 } from './common';
 import { boolean, type ConfigKeys, finiteNumber, oneOf, positiveInt, ropeRule } from './config-keys';
@@ -38,6 +40,8 @@ const GPT_NEOX_KEYS: ConfigKeys = {
 
 export const gptNeox: Architecture = {
   modelTypes: ['gpt_neox'],
+  basePrefix: 'gpt_neox.',
+  headNames: ['embed_out.weight'],
   configKeys: GPT_NEOX_KEYS,
   describe: (c) =>
     `GPT-NeoX (${num(c, ['num_hidden_layers'])} layers, d=${num(c, ['hidden_size'])}, ${num(c, ['num_attention_heads'])} heads, ` +
@@ -56,41 +60,74 @@ export const gptNeox: Architecture = {
       rope_theta: c.rotary_emb_base ?? 10000,
       rope_scaling: {
         partial_rotary_factor: c.rotary_pct ?? 0.25,
-        ...((c.rope_scaling ?? c.rope_parameters) as Config),
+        ...ropeDict(c),
       },
     });
     const rotDim = Math.floor(hd * Number(spec.params.partial_rotary_factor));
+    // rotate_half splits the rotated features in two halves
+    if (rotDim % 2 !== 0 || rotDim <= 0 || rotDim > hd)
+      throw new ConfigError(
+        `config.json: partial_rotary_factor / rotary_pct ${spec.params.partial_rotary_factor} rotates ${rotDim} of each head's ${hd} features; an even number from 2 to ${hd} is supported`,
+      );
     const parallel = c.use_parallel_residual !== false;
     const act = String(c.hidden_act ?? 'gelu');
     const rope = ropeTables(ctx, rotDim, spec);
     const attnBias = c.attention_bias !== false;
     const because = `config.json "attention_bias" is ${attnBias}`;
     const mask = attentionMask(ctx);
-    let x = embed(ctx, 'gpt_neox.embed_in.weight');
+    const inter = num(c, ['intermediate_size']);
+    const size = {
+      qkv: { size: 3 * d, because: `3 × hidden_size ${d}` },
+      hidden: { size: d, because: `hidden_size ${d}` },
+      inter: { size: inter, because: `intermediate_size ${inter}` },
+      vocab: { size: num(c, ['vocab_size']), because: `vocab_size ${num(c, ['vocab_size'])}` },
+    };
+    let x = embed(ctx, 'gpt_neox.embed_in.weight', { vocab: size.vocab, hidden: size.hidden });
     for (let i = 0; i < nLayer; i++) {
       const p = `gpt_neox.layers.${i}`;
       const h = layerNorm(ctx, x, `${p}.input_layernorm`, eps);
-      const qkv = linear(ctx, `${p}.attention.query_key_value`, h, 'attention', 'out_in', {
-        expected: attnBias,
-        because,
-      });
+      const qkv = linear(
+        ctx,
+        `${p}.attention.query_key_value`,
+        h,
+        'attention',
+        'out_in',
+        { expected: attnBias, because },
+        size.qkv,
+      );
       // per head [q | k | v]: view [N, h, 3, hd] and take each third
       const per = g.reshape(qkv, [-1, nHead, 3, hd]);
       const [q, k, v] = g.split(per, [1, 1, 1], 2).map((t) => g.reshape(t, [-1, d]));
       const a = attention(ctx, q, k, v, { nHeads: nHead, nKv: nHead, headDim: hd, rope, mask });
-      const attnOut = linear(ctx, `${p}.attention.dense`, a, 'attention', 'out_in', {
-        expected: attnBias,
-        because,
-      });
+      const attnOut = linear(
+        ctx,
+        `${p}.attention.dense`,
+        a,
+        'attention',
+        'out_in',
+        { expected: attnBias, because },
+        size.hidden,
+      );
       const mlpIn = parallel ? layerNorm(ctx, x, `${p}.post_attention_layernorm`, eps) : null;
       if (parallel) {
-        const up = activation(g, linear(ctx, `${p}.mlp.dense_h_to_4h`, mlpIn!, 'mlp'), act);
-        x = g.add(g.add(x, attnOut), linear(ctx, `${p}.mlp.dense_4h_to_h`, up, 'mlp'));
+        const up = activation(
+          g,
+          linear(ctx, `${p}.mlp.dense_h_to_4h`, mlpIn!, 'mlp', 'out_in', undefined, size.inter),
+          act,
+        );
+        x = g.add(
+          g.add(x, attnOut),
+          linear(ctx, `${p}.mlp.dense_4h_to_h`, up, 'mlp', 'out_in', undefined, size.hidden),
+        );
       } else {
         x = g.add(x, attnOut);
         const h2 = layerNorm(ctx, x, `${p}.post_attention_layernorm`, eps);
-        const up = activation(g, linear(ctx, `${p}.mlp.dense_h_to_4h`, h2, 'mlp'), act);
-        x = g.add(x, linear(ctx, `${p}.mlp.dense_4h_to_h`, up, 'mlp'));
+        const up = activation(
+          g,
+          linear(ctx, `${p}.mlp.dense_h_to_4h`, h2, 'mlp', 'out_in', undefined, size.inter),
+          act,
+        );
+        x = g.add(x, linear(ctx, `${p}.mlp.dense_4h_to_h`, up, 'mlp', 'out_in', undefined, size.hidden));
       }
     }
     const hidden = layerNorm(ctx, x, 'gpt_neox.final_layer_norm', eps);

@@ -42,6 +42,8 @@ const GPT2_KEYS: ConfigKeys = {
 
 export const gpt2: Architecture = {
   modelTypes: ['gpt2'],
+  basePrefix: 'transformer.',
+  headNames: ['lm_head.weight'],
   configKeys: GPT2_KEYS,
   describe: (c) => `GPT-2 (${num(c, ['n_layer'])} layers, d=${num(c, ['n_embd'])}, ${num(c, ['n_head'])} heads)`,
   forward(ctx: BuildContext, c: Config) {
@@ -58,14 +60,24 @@ export const gpt2: Architecture = {
     const scaleAttn = c.scale_attn_weights !== false;
     const mask = attentionMask(ctx);
     const pos = g.gatherRows(w.get('transformer.wpe.weight'), positions(ctx)); // [T, d]
-    const tok = embed(ctx, 'transformer.wte.weight'); // [B·T, d]
+    const inner = num(c, ['n_inner'], 4 * d);
+    const size = {
+      qkv: { size: 3 * d, because: `3 × n_embd ${d}` },
+      hidden: { size: d, because: `n_embd ${d}` },
+      inner: {
+        size: inner,
+        because: typeof c.n_inner === 'number' ? `n_inner ${inner}` : `n_inner absent, so 4 × n_embd = ${inner}`,
+      },
+      vocab: { size: num(c, ['vocab_size']), because: `vocab_size ${num(c, ['vocab_size'])}` },
+    };
+    const tok = embed(ctx, 'transformer.wte.weight', { vocab: size.vocab, hidden: size.hidden }); // [B·T, d]
     const posShape = g.noGrad(() => g.concatInts([ctx.bt, g.ints([d])]));
     // add positions by viewing tokens as [B, T, d]
     let x = g.reshape(g.add(g.reshape(tok, posShape, ['B', 'T', d]), pos), [-1, d]);
     for (let i = 0; i < nLayer; i++) {
       const p = `transformer.h.${i}`;
       const h = layerNorm(ctx, x, `${p}.ln_1`, eps);
-      const qkv = linear(ctx, `${p}.attn.c_attn`, h, 'attention', 'in_out');
+      const qkv = linear(ctx, `${p}.attn.c_attn`, h, 'attention', 'in_out', undefined, size.qkv);
       const [q, k, v] = g.split(qkv, [d, d, d], 1);
       const a = attention(ctx, q, k, v, {
         nHeads: nHead,
@@ -74,10 +86,10 @@ export const gpt2: Architecture = {
         mask,
         scale: scaleAttn ? undefined : 1,
       });
-      x = g.add(x, linear(ctx, `${p}.attn.c_proj`, a, 'attention', 'in_out'));
+      x = g.add(x, linear(ctx, `${p}.attn.c_proj`, a, 'attention', 'in_out', undefined, size.hidden));
       const h2 = layerNorm(ctx, x, `${p}.ln_2`, eps);
-      const up = activation(g, linear(ctx, `${p}.mlp.c_fc`, h2, 'mlp', 'in_out'), act);
-      x = g.add(x, linear(ctx, `${p}.mlp.c_proj`, up, 'mlp', 'in_out'));
+      const up = activation(g, linear(ctx, `${p}.mlp.c_fc`, h2, 'mlp', 'in_out', undefined, size.inner), act);
+      x = g.add(x, linear(ctx, `${p}.mlp.c_proj`, up, 'mlp', 'in_out', undefined, size.hidden));
     }
     const hidden = layerNorm(ctx, x, 'transformer.ln_f', eps);
     const unembedding = outputHead(ctx, c, 'transformer.wte.weight', 'lm_head.weight', true);

@@ -145,6 +145,8 @@ function window(c: Config): number | undefined {
 function llamaFamily(modelType: string, configKeys: ConfigKeys, variant: Variant): Architecture {
   return {
     modelTypes: [modelType],
+    basePrefix: 'model.',
+    headNames: ['lm_head.weight'],
     configKeys,
     describe: (c) =>
       `${String(c.model_type)} (${num(c, ['num_hidden_layers'])} layers, d=${num(c, ['hidden_size'])}, ` +
@@ -156,6 +158,21 @@ function llamaFamily(modelType: string, configKeys: ConfigKeys, variant: Variant
       const nKv = num(c, ['num_key_value_heads'], nHead);
       const nLayer = num(c, ['num_hidden_layers']);
       const hd = num(c, ['head_dim'], Math.floor(d / nHead));
+      const inter = num(c, ['intermediate_size']);
+      // the output size each weight must have, from the config keys transformers builds it from
+      const hdWhy =
+        typeof c.head_dim === 'number' ? `head_dim ${hd}` : `head_dim = hidden_size / num_attention_heads = ${hd}`;
+      const kvWhy =
+        typeof c.num_key_value_heads === 'number'
+          ? `num_key_value_heads ${nKv}`
+          : `num_key_value_heads absent, so num_attention_heads ${nKv}`;
+      const size = {
+        q: { size: nHead * hd, because: `num_attention_heads ${nHead} × ${hdWhy}` },
+        kv: { size: nKv * hd, because: `${kvWhy} × ${hdWhy}` },
+        hidden: { size: d, because: `hidden_size ${d}` },
+        inter: { size: inter, because: `intermediate_size ${inter}` },
+        vocab: { size: num(c, ['vocab_size']), because: `vocab_size ${num(c, ['vocab_size'])}` },
+      };
       const eps = num(c, ['rms_norm_eps'], 1e-6);
       const act = String(c.hidden_act ?? 'silu');
       const rope = ropeTables(ctx, hd, resolveRope(c));
@@ -173,23 +190,28 @@ function llamaFamily(modelType: string, configKeys: ConfigKeys, variant: Variant
       const b = variant.biases(c);
       const qkvBias = { expected: b.qkv, because: b.because('qkv') };
       const mlpBias = { expected: b.mlp, because: b.because('mlp') };
-      let x = embed(ctx, 'model.embed_tokens.weight');
+      let x = embed(ctx, 'model.embed_tokens.weight', { vocab: size.vocab, hidden: size.hidden });
       for (let i = 0; i < nLayer; i++) {
         const p = `model.layers.${i}`;
         const h = rmsNorm(ctx, x, `${p}.input_layernorm`, eps);
-        const q = linear(ctx, `${p}.self_attn.q_proj`, h, 'attention', 'out_in', qkvBias);
-        const k = linear(ctx, `${p}.self_attn.k_proj`, h, 'attention', 'out_in', qkvBias);
-        const v = linear(ctx, `${p}.self_attn.v_proj`, h, 'attention', 'out_in', qkvBias);
+        const q = linear(ctx, `${p}.self_attn.q_proj`, h, 'attention', 'out_in', qkvBias, size.q);
+        const k = linear(ctx, `${p}.self_attn.k_proj`, h, 'attention', 'out_in', qkvBias, size.kv);
+        const v = linear(ctx, `${p}.self_attn.v_proj`, h, 'attention', 'out_in', qkvBias, size.kv);
         const a = attention(ctx, q, k, v, { nHeads: nHead, nKv, headDim: hd, rope, mask: maskFor(windows[i]) });
-        const o = linear(ctx, `${p}.self_attn.o_proj`, a, 'attention', 'out_in', {
-          expected: b.o,
-          because: b.because('o'),
-        });
+        const o = linear(
+          ctx,
+          `${p}.self_attn.o_proj`,
+          a,
+          'attention',
+          'out_in',
+          { expected: b.o, because: b.because('o') },
+          size.hidden,
+        );
         x = g.add(x, o);
         const h2 = rmsNorm(ctx, x, `${p}.post_attention_layernorm`, eps);
-        const gate = activation(g, linear(ctx, `${p}.mlp.gate_proj`, h2, 'mlp', 'out_in', mlpBias), act);
-        const up = linear(ctx, `${p}.mlp.up_proj`, h2, 'mlp', 'out_in', mlpBias);
-        x = g.add(x, linear(ctx, `${p}.mlp.down_proj`, g.mul(gate, up), 'mlp', 'out_in', mlpBias));
+        const gate = activation(g, linear(ctx, `${p}.mlp.gate_proj`, h2, 'mlp', 'out_in', mlpBias, size.inter), act);
+        const up = linear(ctx, `${p}.mlp.up_proj`, h2, 'mlp', 'out_in', mlpBias, size.inter);
+        x = g.add(x, linear(ctx, `${p}.mlp.down_proj`, g.mul(gate, up), 'mlp', 'out_in', mlpBias, size.hidden));
       }
       const hidden = rmsNorm(ctx, x, 'model.norm', eps);
       const unembedding = outputHead(ctx, c, 'model.embed_tokens.weight', 'lm_head.weight', false);
