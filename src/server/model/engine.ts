@@ -236,7 +236,7 @@ export class Model {
   /** Loaded on first use: inspecting or benchmarking a model does not need one. */
   get tokenizer(): TokenizerHandle {
     if (!this.tok) {
-      const tok = loadTokenizer(this.checkpoint.tokenizerDir);
+      const tok = loadTokenizer(this.checkpoint.tokenizerDir, { modelType: this.checkpoint.modelType });
       const rows = this.checkpoint.config.vocab_size;
       const where = join(this.checkpoint.tokenizerDir, 'tokenizer.json');
       const checked =

@@ -59,7 +59,12 @@ export interface TokenizerHandle {
    * differs from the file's; absent otherwise. transformers 4 reads tokenizer.json as written, so
    * a text whose ids differ here was trained on other ids depending on the transformers version.
    */
-  transformers5?: { tokenizerClass: string; encode(text: string, addSpecialTokens: boolean): number[] };
+  transformers5?: {
+    tokenizerClass: string;
+    /** why transformers 5 builds that class and where its ids differ, for the refusal */
+    why: string;
+    encode(text: string, addSpecialTokens: boolean): number[];
+  };
   /** how the model was trained on its records (data/training.ts): set by `withTraining` */
   training: TrainingConvention;
 }
@@ -110,7 +115,11 @@ function tokenName(v: unknown): string | undefined {
   return undefined;
 }
 
-export function loadTokenizer(dir: string): TokenizerHandle {
+export function loadTokenizer(
+  dir: string,
+  /** the model's config.json model_type: transformers 5 picks the tokenizer class by it too */
+  options: { modelType?: string } = {},
+): TokenizerHandle {
   const path = join(dir, 'tokenizer.json');
   if (!existsSync(path))
     throw new TokenizerError(
@@ -335,10 +344,11 @@ export function loadTokenizer(dir: string): TokenizerHandle {
   };
 
   // built on first use: only the "trl" trainer asks (data/tokenize.ts)
-  const v5 = transformersV5Pipeline(tj, tc);
+  const v5 = transformersV5Pipeline(tj, tc, options.modelType);
   let rebuilt: Tokenizer | undefined;
   const transformers5: TokenizerHandle['transformers5'] = v5 && {
     tokenizerClass: v5.tokenizerClass,
+    why: v5.why,
     encode: (text, addSpecialTokens) => {
       try {
         rebuilt ??= new Tokenizer(v5.json, tc);
@@ -490,37 +500,85 @@ export function withEmbeddingRows(
 }
 
 /**
- * transformers 5 builds some tokenizer classes from the vocabulary and merges alone, with the
- * class's own normalizer and pre-tokenizer in place of tokenizer.json's (transformers 4 read the
- * file as written). For `LlamaTokenizer` (Llama-2, Mistral-7B v0.1 and their fine-tunes) that is
- * no normalizer and a Metaspace pre-tokenizer whose prepend_scheme is "always" with
- * `"legacy": true`, "first" without, "never" with `"add_prefix_space": false`
- * (LlamaTokenizer.__init__ and _get_prepend_scheme in transformers 5). A legacy Llama-2
- * tokenizer.json prepends "▁" with a Prepend normalizer instead, so a text that starts with a
- * space (`" Rome"`: `▁` `▁Rome` in the file, `▁Rome` in transformers 5) or follows a special token
- * gets other ids. The tokenizer.json as transformers 5 would run it, or undefined when the class
- * is not rebuilt or the rebuild is the file's own pipeline. Other classes transformers 5 rebuilds
- * (T5, Gemma, …) are not emulated; Gemma-3's gave the file's ids on every record of the TRL golden.
+ * The normalizer, pre-tokenizer and model transformers 5.25's AutoTokenizer builds instead of
+ * tokenizer.json's, for the tokenizer classes that build their own, when that differs from the
+ * file; undefined when transformers 5 reads the file as written (as transformers 4 always does).
+ * Which class it builds (tokenization_auto.py): a model_type whose Hub class it deems wrong
+ * (of ours, qwen2) gets its registered class, Qwen2Tokenizer, whatever tokenizer_config.json
+ * names; a LlamaTokenizer(Fast) over a tokenizer.json that mentions "ByteLevel" is loaded as
+ * written (TokenizersBackend), except for Mistral; otherwise the named class.
+ * `LlamaTokenizer` (Llama-2, Mistral-7B v0.1 and their fine-tunes) builds no normalizer and a
+ * Metaspace pre-tokenizer whose prepend_scheme is "always" with `"legacy": true`, "first" without,
+ * "never" with `"add_prefix_space": false` (LlamaTokenizer.__init__ and _get_prepend_scheme). A
+ * legacy Llama-2 tokenizer.json prepends "▁" with a Prepend normalizer instead, so a text that
+ * starts with a space (`" Rome"`: `▁` `▁Rome` in the file, `▁Rome` in transformers 5) or follows a
+ * special token gets other ids. Other classes transformers 5 rebuilds (T5, Gemma, GPT-2, …) are not
+ * emulated; Gemma-3's and GPT-2's gave the files' ids on every record of the TRL golden.
  */
-export function transformersV5Pipeline(tj: Json, tc: Json): { tokenizerClass: string; json: Json } | undefined {
-  const cls = tc.tokenizer_class;
-  if (cls !== 'LlamaTokenizer' && cls !== 'LlamaTokenizerFast') return undefined;
+export function transformersV5Pipeline(
+  tj: Json,
+  tc: Json,
+  modelType?: string,
+): { tokenizerClass: string; json: Json; why: string } | undefined {
+  const named = typeof tc.tokenizer_class === 'string' ? tc.tokenizer_class : undefined;
+  const hub = named?.replace(/Fast$/, '');
+  const m = (tj.model ?? {}) as Json;
+  const same = (a: unknown, b: unknown) => JSON.stringify(a ?? null) === JSON.stringify(b ?? null);
+  if (modelType === 'qwen2' || hub === 'Qwen2Tokenizer') {
+    // Qwen2Tokenizer.__init__: NFC, its split regex, byte-level without a prefix space, plain BPE
+    const pre = {
+      type: 'Sequence',
+      pretokenizers: [
+        { type: 'Split', pattern: { Regex: QWEN2_SPLIT }, behavior: 'Isolated', invert: false },
+        { type: 'ByteLevel', add_prefix_space: tc.add_prefix_space === true, trim_offsets: false, use_regex: false },
+      ],
+    };
+    const model = {
+      ...m,
+      dropout: null,
+      unk_token: null,
+      continuing_subword_prefix: '',
+      end_of_word_suffix: '',
+      fuse_unk: false,
+      byte_fallback: false,
+      ignore_merges: false,
+    };
+    const sameModel = Object.entries(model).every(([k, v]) => k === 'vocab' || k === 'merges' || same(m[k], v));
+    if (same(tj.normalizer, { type: 'NFC' }) && same(tj.pre_tokenizer, pre) && sameModel) return undefined;
+    return {
+      tokenizerClass: 'Qwen2Tokenizer',
+      json: { ...tj, normalizer: { type: 'NFC' }, pre_tokenizer: pre, model },
+      why:
+        hub === 'Qwen2Tokenizer'
+          ? "tokenizer_config.json names Qwen2Tokenizer, which transformers 5 builds with its own normalizer and pre-tokenizer in place of tokenizer.json's"
+          : `model_type "qwen2" makes transformers 5 build Qwen2Tokenizer (with its own normalizer and pre-tokenizer) whatever tokenizer_config.json names (${named ?? 'no class'})`,
+    };
+  }
+  if (hub !== 'LlamaTokenizer') return undefined;
+  // transformers' own test: the text "ByteLevel" anywhere in tokenizer.json (Llama-3 style files)
+  if (modelType !== 'mistral' && JSON.stringify(tj).includes('"ByteLevel"')) return undefined;
   const addPrefixSpace = tc.add_prefix_space !== false;
   const scheme = !addPrefixSpace ? 'never' : tc.legacy === true ? 'always' : 'first';
   const pre = { type: 'Metaspace', replacement: '\u2581', prepend_scheme: scheme, split: false };
   // the BPE model as LlamaTokenizer makes it from the file's vocabulary and merges
-  const m = (tj.model ?? {}) as Json;
   const json: Json = {
     ...tj,
     normalizer: null,
     pre_tokenizer: pre,
     model: { ...m, fuse_unk: true, byte_fallback: true, dropout: null },
   };
-  const same = (a: unknown, b: unknown) => JSON.stringify(a ?? null) === JSON.stringify(b ?? null);
   const sameModel = m.fuse_unk === true && m.byte_fallback === true && (m.dropout ?? null) === null;
   if (same(tj.normalizer, null) && same(tj.pre_tokenizer, pre) && sameModel) return undefined;
-  return { tokenizerClass: cls, json };
+  return {
+    tokenizerClass: named ?? 'LlamaTokenizer',
+    json,
+    why: `its ${named} builds its own pre-tokenizer in place of tokenizer.json's normalizer, which differs where a text starts with a space or follows a special token`,
+  };
 }
+
+/** Qwen2Tokenizer's PRETOKENIZE_REGEX (transformers 5.25, models/qwen2/tokenization_qwen2.py) */
+const QWEN2_SPLIT =
+  "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
 
 interface Content {
   tokens: string[];
