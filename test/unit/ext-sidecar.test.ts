@@ -327,3 +327,26 @@ test('export: kept lines are copied byte for byte, a line that is not UTF-8 incl
     rmSync(d, { recursive: true, force: true });
   }
 });
+
+test('export: a flags file with lines that are not flags (a merge conflict, a bad hand edit) is refused; nothing written', () => {
+  const d = tmp();
+  try {
+    const ds = join(d, 'train.jsonl');
+    writeFileSync(ds, `${RECORDS.map((r) => JSON.stringify(r)).join('\n')}\n`);
+    const e = (i: number) => formatEntry(entry(contentHash(RECORDS[i]), i + 1));
+    const sidecar = sidecarPathFor(ds);
+    writeFileSync(sidecar, `${e(0)}\n<<<<<<< HEAD\n${e(1)}\n=======\n${e(2)}\n>>>>>>> theirs\n`);
+    assert.throws(
+      () => exportCleaned(ds),
+      /train\.exclude\.jsonl line 2 is not a flag \(a merge conflict marker\), and 2 more line\(s\): resolve the merge conflict/,
+    );
+    writeFileSync(sidecar, `${e(0)}\n{"hsah": "typo"}\n`);
+    assert.throws(() => exportCleaned(ds), /line 2 is not a flag \(no "hash" string\): correct or delete/);
+    assert.equal(existsSync(cleanedPathFor(ds)), false);
+    // once resolved, it exports
+    writeFileSync(sidecar, `${e(0)}\n${e(2)}\n`);
+    assert.equal(exportCleaned(ds).removed.length, 2);
+  } finally {
+    rmSync(d, { recursive: true, force: true });
+  }
+});

@@ -9,7 +9,7 @@ import { offerSave, revealExample } from '../datasets';
 import { cleanedPathFor, exportCleaned, linesToRemove, removalSpans } from '../flags/export';
 import type { FlagGroup } from '../flags/flag-store';
 import { lineHash } from '../flags/hash';
-import { isSidecarPath } from '../flags/sidecar';
+import { isSidecarPath, readFlagsForRemoval, sidecarPathFor } from '../flags/sidecar';
 import { reportError, type Services } from '../services';
 import type { FlagNode } from '../views/flagged-tree';
 
@@ -143,6 +143,7 @@ async function exportCommand(s: Services, node?: FlagNode) {
   const g = await pickGroup(s, node, 'Export a cleaned copy of which dataset?');
   if (!g) return;
   if (!existsSync(g.dataset)) throw new Error(`the dataset ${g.dataset} is missing`);
+  s.flags.assertSaved(g.dataset, 'export');
   // the copy is made from the file on disk: unsaved edits would be missing from it without a word
   if (!(await offerSave(g.dataset, 'Export'))) return;
   const out = cleanedPathFor(g.dataset);
@@ -160,11 +161,8 @@ async function exportCommand(s: Services, node?: FlagNode) {
     : '';
   const flagged = new Set(r.removed.map((x) => x.hash)).size;
   const copies = r.removed.length > flagged ? ` (${flagged} flagged; identical copies go with them)` : '';
-  const problems = r.problems.length
-    ? ` ${r.problems.length} line(s) of the flags file are not flags and removed nothing (line ${r.problems[0].line}: ${r.problems[0].message}).`
-    : '';
   const pick = await vscode.window.showInformationMessage(
-    `Influence Lens: wrote ${basename(r.outPath)}: ${r.kept} examples kept, ${r.removed.length} flagged removed${copies}.${missing}${problems}`,
+    `Influence Lens: wrote ${basename(r.outPath)}: ${r.kept} examples kept, ${r.removed.length} flagged removed${copies}.${missing}`,
     'Open',
   );
   if (pick === 'Open') await vscode.window.showTextDocument(vscode.Uri.file(r.outPath));
@@ -173,9 +171,11 @@ async function exportCommand(s: Services, node?: FlagNode) {
 async function applyRemoval(s: Services, node?: FlagNode) {
   const g = await pickGroup(s, node, 'Remove the flagged examples from which dataset?');
   if (!g) return;
+  // the flags as they are on disk now, not the list read when the tree last refreshed
+  s.flags.assertSaved(g.dataset, 'apply removal');
+  const excluded = readFlagsForRemoval(sidecarPathFor(g.dataset));
   const doc = await vscode.workspace.openTextDocument(vscode.Uri.file(g.dataset));
   const text = doc.getText();
-  const excluded = new Set(g.entries.map((e) => e.hash));
   const lines = linesToRemove(text, excluded);
   if (!lines.length) {
     void vscode.window.showInformationMessage(`Influence Lens: no flagged example is left in ${basename(g.dataset)}.`);

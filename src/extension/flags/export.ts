@@ -6,7 +6,7 @@ import { existsSync, readFileSync, realpathSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { asBuffer, byteLines, hasBom, lineText, UTF8_BOM } from '../../common/byte-lines';
 import { lineHash } from './hash';
-import { readSidecar, sidecarPathFor, writeFileAtomic } from './sidecar';
+import { readFlagsForRemoval, sidecarPathFor, writeFileAtomic } from './sidecar';
 
 /** `data/train.jsonl` → `data/train.cleaned.jsonl`. */
 export function cleanedPathFor(datasetPath: string): string {
@@ -93,23 +93,21 @@ export function removalSpans(text: string, excluded: ReadonlySet<string>): Array
 
 export interface ExportResult extends FilterCounts {
   outPath: string;
-  /** sidecar lines that are not flags (e.g. written by hand without a "hash"): nothing was removed for them */
-  problems: Array<{ line: number; message: string }>;
 }
 
 /**
  * Writes the cleaned copy of `datasetPath` (without the examples its sidecar flags) to `outPath`
- * (default `<name>.cleaned.jsonl` beside it). Refuses to write over the dataset or its sidecar.
+ * (default `<name>.cleaned.jsonl` beside it). Refuses to write over the dataset or its sidecar,
+ * and a sidecar with lines that are not flags (`readFlagsForRemoval`).
  */
 export function exportCleaned(datasetPath: string, outPath = cleanedPathFor(datasetPath)): ExportResult {
   const sidecar = sidecarPathFor(datasetPath);
   if (same(outPath, datasetPath) || same(outPath, sidecar))
     throw new Error(`refusing to write the cleaned copy over ${outPath}: choose another file name`);
-  const flags = readSidecar(sidecar);
-  const excluded = new Set(flags.entries.map((e) => e.hash));
+  const excluded = readFlagsForRemoval(sidecar);
   const { bytes, ...counts } = filterDatasetBytes(readFileSync(datasetPath), excluded);
   writeFileAtomic(outPath, bytes);
-  return { ...counts, outPath, problems: flags.problems };
+  return { ...counts, outPath };
 }
 
 function same(a: string, b: string): boolean {

@@ -7,6 +7,7 @@
 import { existsSync, statSync } from 'node:fs';
 import { basename } from 'node:path';
 import * as vscode from 'vscode';
+import { dirtyDocument } from '../datasets';
 import {
   addFlags,
   datasetPathForSidecar,
@@ -52,7 +53,9 @@ export class FlagStore implements vscode.Disposable {
     this.emitter.fire();
   }
 
+  /** Every dataset with flags, each re-read when its file changed (a watcher event can lag, or never come). */
   all(): FlagGroup[] {
+    for (const g of [...this.groups.values()]) if (g.stamp !== stampOf(g.sidecar)) this.load(g.sidecar, false);
     return [...this.groups.values()]
       .filter((g) => g.entries.length || g.problems)
       .sort((a, b) => a.dataset.localeCompare(b.dataset));
@@ -67,7 +70,21 @@ export class FlagStore implements vscode.Disposable {
     return new Map((this.groups.get(sidecar)?.entries ?? []).map((e) => [e.hash, e]));
   }
 
+  /**
+   * Throws while an editor holds unsaved changes to the dataset's flags file: flags are read and
+   * written on disk, so acting now would ignore what the person sees (and a later save of that
+   * editor would overwrite what was written). `what` names the action for the message.
+   */
+  assertSaved(datasetPath: string, what: string): void {
+    const sidecar = sidecarPathFor(datasetPath);
+    if (dirtyDocument(sidecar))
+      throw new Error(
+        `${vscode.workspace.asRelativePath(sidecar)} has unsaved changes: save or revert them, then ${what} again (flags are read from the file on disk)`,
+      );
+  }
+
   flag(datasetPath: string, entries: FlagEntry[]): number {
+    this.assertSaved(datasetPath, 'flag');
     const sidecar = sidecarPathFor(datasetPath);
     const other = sidecarSharedWith(datasetPath);
     if (other)
@@ -81,6 +98,7 @@ export class FlagStore implements vscode.Disposable {
   }
 
   unflag(datasetPath: string, hashes: string[]): number {
+    this.assertSaved(datasetPath, 'unflag');
     const sidecar = sidecarPathFor(datasetPath);
     const n = removeFlags(sidecar, hashes);
     this.load(sidecar);
@@ -88,6 +106,7 @@ export class FlagStore implements vscode.Disposable {
   }
 
   setReason(datasetPath: string, hash: string, reason: string): boolean {
+    this.assertSaved(datasetPath, 'edit the reason');
     const sidecar = sidecarPathFor(datasetPath);
     const ok = setReason(sidecar, hash, reason);
     this.load(sidecar);

@@ -125,6 +125,10 @@ export function parseSidecar(data: Uint8Array | string): Sidecar {
     const line: SidecarLine = { line: l.line, text, raw: l.raw };
     out.lines.push(line);
     if (!text.trim()) continue;
+    if (CONFLICT_MARKER.test(text)) {
+      out.problems.push({ line: l.line, message: 'a merge conflict marker' });
+      continue;
+    }
     const entry = toEntry(text);
     if (typeof entry === 'string') out.problems.push({ line: l.line, message: entry });
     else {
@@ -133,6 +137,32 @@ export function parseSidecar(data: Uint8Array | string): Sidecar {
     }
   }
   return out;
+}
+
+/** git's conflict markers (`<<<<<<< ours`, `|||||||`, `=======`, `>>>>>>> theirs`). */
+const CONFLICT_MARKER = /^(<{7}|\|{7}|={7}|>{7})( |$)/;
+
+/**
+ * The hashes a sidecar flags, read from the file on disk, for the commands that remove examples
+ * (export, apply removal). A sidecar with any line that is not a flag (a merge conflict, a hand
+ * edit gone wrong, bytes that are not UTF-8) is refused: which examples it means is not known, so
+ * removing either side's, or none, could drop or keep the wrong ones. `train --exclude` refuses
+ * the same files.
+ */
+export function readFlagsForRemoval(path: string): Set<string> {
+  const s = readSidecar(path);
+  const p = s.problems[0];
+  if (p) {
+    const conflict = s.problems.some((x) => x.message === 'a merge conflict marker');
+    throw new Error(
+      `${path} line ${p.line} is not a flag (${p.message})${s.problems.length > 1 ? `, and ${s.problems.length - 1} more line(s)` : ''}: ` +
+        (conflict
+          ? 'resolve the merge conflict first (keep the flags you mean, delete the <<<<<<< ======= >>>>>>> lines)'
+          : 'correct or delete those lines first') +
+        '; nothing was removed',
+    );
+  }
+  return new Set(s.entries.map((e) => e.hash));
 }
 
 export function readSidecar(path: string): Sidecar {

@@ -21,13 +21,10 @@ export async function runExport(argv: string[]): Promise<void> {
   }
   // a flag is an example's content hash: every line with that content is the same example and goes
   const flagged = new Set(r.removed.map((x) => x.hash)).size;
-  for (const p of r.problems)
-    process.stderr.write(`warning: ${sidecar}:${p.line}: ${p.message} (not a flag: nothing removed for it)\n`);
   process.stdout.write(
     `wrote ${r.outPath}: ${r.kept} examples kept, ${r.removed.length} removed` +
       (r.removed.length > flagged ? ` (${flagged} flagged example(s); identical copies removed with them)` : '') +
       (r.missing.length ? `; ${r.missing.length} flagged hash(es) not in ${v.data} (the file changed?)` : '') +
-      (r.problems.length ? `; ${r.problems.length} line(s) of ${sidecar} are not flags (see above)` : '') +
       '\n',
   );
 }

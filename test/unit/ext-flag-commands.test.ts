@@ -1,0 +1,105 @@
+// The flag commands (flag/unflag a line, export, apply removal) run against a fake `vscode`
+// (helpers/vscode-stub.ts): what they act on is the flags file and the dataset as they are on
+// disk and in the editor, never a stale copy; what they cannot be sure of they refuse.
+import assert from 'node:assert/strict';
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterEach, beforeEach, test } from 'node:test';
+import { lineHash } from '../../src/extension/flags/hash';
+import { addFlags, type FlagEntry, readSidecar, removeFlags, sidecarPathFor } from '../../src/extension/flags/sidecar';
+import { fake, loadWithVscodeStub, memento } from './helpers/vscode-stub';
+
+type FlagsModule = typeof import('../../src/extension/commands/flags');
+type StoreModule = typeof import('../../src/extension/flags/flag-store');
+const { registerFlagCommands } = await loadWithVscodeStub<FlagsModule>(
+  new URL('../../src/extension/commands/flags.ts', import.meta.url),
+);
+const { FlagStore } = await loadWithVscodeStub<StoreModule>(
+  new URL('../../src/extension/flags/flag-store.ts', import.meta.url),
+);
+
+const rec = (i: number) => JSON.stringify({ prompt: `Q: fact number ${i}?\nA:`, completion: ` ${i}\n` });
+const hashOf = (i: number) => lineHash(rec(i)) as string;
+const entry = (i: number): FlagEntry => ({ hash: hashOf(i), line: i, reason: 'test', score: null, query: '' });
+
+let dir: string;
+let dataset: string;
+let store: InstanceType<typeof FlagStore>;
+const run = (id: string, ...args: unknown[]) => fake.commands.get(`influenceLens.${id}`)?.(...args);
+
+beforeEach(async () => {
+  fake.reset();
+  dir = mkdtempSync(join(tmpdir(), 'il-flagcmd-'));
+  fake.workspaceFolder = dir;
+  dataset = join(dir, 'data.jsonl');
+  writeFileSync(dataset, `${[1, 2, 3, 4, 5].map(rec).join('\n')}\n`);
+  store = new FlagStore(memento() as never);
+  registerFlagCommands({ flags: store, history: { hits: () => [] } } as never);
+});
+/** What the extension does at start: read the workspace's flags files. */
+const startUp = () => store.init();
+afterEach(() => rmSync(dir, { recursive: true, force: true }));
+
+test('export and apply removal refuse while the flags file has unsaved edits, saying to save or revert', async () => {
+  addFlags(sidecarPathFor(dataset), [entry(2), entry(3)]);
+  await startUp();
+  await fake.open(dataset);
+  // the person unflags record 2 by deleting its line in the flags file, and does not save
+  const sidecarDoc = await fake.open(sidecarPathFor(dataset));
+  sidecarDoc.edit((t) => t.split('\n').slice(1).join('\n'));
+  await fake.open(dataset);
+  await run('exportCleaned');
+  assert.equal(existsSync(join(dir, 'data.cleaned.jsonl')), false, 'no copy written');
+  assert.match(fake.messages('error').join('\n'), /data\.exclude\.jsonl has unsaved changes: save or revert them/);
+  fake.shown = [];
+  await run('applyRemoval');
+  assert.match(fake.messages('error').join('\n'), /data\.exclude\.jsonl has unsaved changes/);
+  const doc = await fake.open(dataset);
+  assert.equal(doc.isDirty, false, 'nothing removed from the dataset');
+  // flagging is refused too: a later save of that editor would overwrite the new flag
+  fake.shown = [];
+  await fake.open(dataset, 4);
+  await run('flagLine');
+  assert.match(fake.messages('error').join('\n'), /unsaved changes/);
+  assert.equal(readSidecar(sidecarPathFor(dataset)).entries.length, 2);
+});
+
+test('apply removal removes what the flags file on disk flags now, not what the tree showed', async () => {
+  const sidecar = sidecarPathFor(dataset);
+  await fake.open(dataset, 2);
+  await run('flagLine');
+  await fake.open(dataset, 3);
+  await run('flagLine');
+  const [group] = store.all();
+  assert.equal(group.entries.length, 2);
+  // another window or a script unflags record 3; no watcher event reaches this store
+  removeFlags(sidecar, [hashOf(3)]);
+  // from the tree's node (read before the change) and from the palette
+  await run('applyRemoval', { kind: 'group', group });
+  const doc = await fake.open(dataset);
+  assert.deepEqual(doc.getText().split('\n'), [rec(1), rec(2), rec(3), rec(5), '']);
+  assert.match(fake.messages('info').join('\n'), /removed 1 flagged example/);
+  assert.deepEqual(
+    store.all()[0].entries.map((e) => e.hash),
+    [hashOf(4)],
+  );
+});
+
+test('export and apply removal refuse a merge-conflicted flags file, naming the line', async () => {
+  const sidecar = sidecarPathFor(dataset);
+  const e = (i: number) => JSON.stringify(entry(i));
+  writeFileSync(sidecar, `${e(1)}\n<<<<<<< HEAD\n${e(2)}\n=======\n${e(3)}\n>>>>>>> other\n`);
+  await startUp();
+  await fake.open(dataset);
+  await run('exportCleaned');
+  assert.equal(existsSync(join(dir, 'data.cleaned.jsonl')), false, 'no copy written');
+  assert.match(
+    fake.messages('error').join('\n'),
+    /line 2 is not a flag \(a merge conflict marker\).*resolve the merge conflict/,
+  );
+  fake.shown = [];
+  await run('applyRemoval');
+  assert.match(fake.messages('error').join('\n'), /resolve the merge conflict/);
+  assert.equal((await fake.open(dataset)).isDirty, false);
+});
