@@ -103,3 +103,55 @@ test('export and apply removal refuse a merge-conflicted flags file, naming the 
   assert.match(fake.messages('error').join('\n'), /resolve the merge conflict/);
   assert.equal((await fake.open(dataset)).isDirty, false);
 });
+
+test("the hover's Flag link acts on the example it showed: refused once another record holds that line", async () => {
+  const { JsonlHoverProvider } = await loadWithVscodeStub<typeof import('../../src/extension/hovers/jsonl-hover')>(
+    new URL('../../src/extension/hovers/jsonl-hover.ts', import.meta.url),
+  );
+  const hovers = new JsonlHoverProvider(store, { hits: () => [] } as never);
+  const doc = await fake.open(dataset);
+  const hover = hovers.provideHover(doc as never, { line: 2, character: 0 } as never);
+  assert.ok(hover);
+  const link = /command:influenceLens\.flagLine\?([^ )]+)/.exec((hover.contents as unknown as { value: string }).value);
+  assert.ok(link, 'a Flag link');
+  const args = JSON.parse(decodeURIComponent(link[1])) as unknown[];
+  assert.equal(args.at(-1), hashOf(3), 'the link names the example by its hash');
+  // the hover stays open while a line is inserted above (a git pull): line 3 now holds record 2
+  doc.edit((t) => `${rec(0)}\n${t}`);
+  await run('flagLine', ...args);
+  assert.match(fake.messages('error').join('\n'), /line 3 of data\.jsonl no longer holds the example the hover showed/);
+  assert.deepEqual(readSidecar(sidecarPathFor(dataset)).entries, [], 'record 2 was not flagged');
+  // with the line unchanged it flags
+  doc.edit((t) => t.slice(t.indexOf('\n') + 1));
+  await run('flagLine', ...args);
+  assert.deepEqual(
+    readSidecar(sidecarPathFor(dataset)).entries.map((e) => e.hash),
+    [hashOf(3)],
+  );
+});
+
+test('Unflag on an edited flagged line says it is not flagged, and offers to unflag its earlier version', async () => {
+  const sidecar = sidecarPathFor(dataset);
+  const doc = await fake.open(dataset, 4);
+  await run('flagLine');
+  assert.equal(readSidecar(sidecar).entries.length, 1);
+  // the person edits the flagged line (and saves): its content, so its hash, changed
+  doc.edit((t) => t.replace(rec(5), rec(5).replace('?', '? (fixed)')));
+  fake.shown = [];
+  fake.answers = [undefined]; // dismisses the offer
+  await run('unflagLine');
+  assert.deepEqual(fake.messages('status'), [], 'no "Unflagged line 5"');
+  assert.match(
+    fake.messages('warning').join('\n'),
+    /line 5 of data\.jsonl is not flagged as it is now\. Its earlier content, flagged at line 5 \(hash [0-9a-f]{16}: flagged by hand\), is still flagged/,
+  );
+  assert.equal(readSidecar(sidecar).entries.length, 1, 'dismissed: nothing changed');
+  fake.answers = ['Unflag the earlier version'];
+  await run('unflagLine');
+  assert.equal(readSidecar(sidecar).entries.length, 0);
+  // a line that never was flagged: said so, nothing changed
+  fake.shown = [];
+  await fake.open(dataset, 0);
+  await run('unflagLine');
+  assert.deepEqual(fake.messages(), ['Influence Lens: line 1 of data.jsonl is not flagged; nothing was changed.']);
+});

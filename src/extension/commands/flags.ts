@@ -23,8 +23,10 @@ export function registerFlagCommands(s: Services): vscode.Disposable[] {
       }
     });
   return [
-    reg('influenceLens.flagLine', (uri?: string, line?: number) => flagLine(s, true, uri, line)),
-    reg('influenceLens.unflagLine', (uri?: string, line?: number) => flagLine(s, false, uri, line)),
+    reg('influenceLens.flagLine', (uri?: string, line?: number, hash?: string) => flagLine(s, true, uri, line, hash)),
+    reg('influenceLens.unflagLine', (uri?: string, line?: number, hash?: string) =>
+      flagLine(s, false, uri, line, hash),
+    ),
     reg('influenceLens.unflag', (node?: FlagNode, nodes?: FlagNode[]) => unflagNodes(s, node, nodes)),
     reg('influenceLens.unflagAll', (node?: FlagNode) => unflagAll(s, node)),
     reg('influenceLens.editReason', (node?: FlagNode) => editReason(s, node)),
@@ -34,8 +36,11 @@ export function registerFlagCommands(s: Services): vscode.Disposable[] {
   ];
 }
 
-/** Flags or unflags the record on a line (hover link args, or the active editor's cursor). */
-async function flagLine(s: Services, on: boolean, uri?: string, line?: number) {
+/**
+ * Flags or unflags the record on a line: the hover's link (its args name the example it showed:
+ * file, line and content hash) or the active editor's cursor.
+ */
+async function flagLine(s: Services, on: boolean, uri?: string, line?: number, shown?: string) {
   let doc: vscode.TextDocument;
   if (uri !== undefined && line !== undefined) doc = await vscode.workspace.openTextDocument(vscode.Uri.parse(uri));
   else {
@@ -46,12 +51,21 @@ async function flagLine(s: Services, on: boolean, uri?: string, line?: number) {
   }
   if (doc.uri.scheme !== 'file' || isSidecarPath(doc.uri.fsPath))
     throw new Error('flags live next to a dataset file on disk: open the dataset (.jsonl)');
-  const text = doc.lineAt(line).text;
+  const text = line < doc.lineCount ? doc.lineAt(line).text : '';
   const hash = lineHash(text);
+  // a hover stays open while the file changes under it (a git pull, another program): its link
+  // must not act on whatever record now sits on that line
+  if (shown !== undefined && hash !== shown)
+    throw new Error(
+      `line ${line + 1} of ${basename(doc.uri.fsPath)} no longer holds the example the hover showed (hash ${shown}): the file changed. Hover the example again.`,
+    );
   if (!hash) throw new Error(`line ${line + 1} is not a JSON record`);
   if (!on) {
-    s.flags.unflag(doc.uri.fsPath, [hash]);
-    vscode.window.setStatusBarMessage(`$(close) Unflagged line ${line + 1}`, 3000);
+    if (s.flags.unflag(doc.uri.fsPath, [hash])) {
+      vscode.window.setStatusBarMessage(`$(close) Unflagged line ${line + 1}`, 3000);
+      return;
+    }
+    await notFlagged(s, doc, line);
     return;
   }
   const hit = s.history.hits(hash)[0];
@@ -71,6 +85,39 @@ async function flagLine(s: Services, on: boolean, uri?: string, line?: number) {
       ? `$(flag) Flagged line ${line + 1} → ${basename(doc.uri.fsPath).replace(/\.jsonl$/, '')}.exclude.jsonl`
       : 'Already flagged',
     3000,
+  );
+}
+
+/**
+ * "Unflag" on a line whose content is not flagged: says so. A flag is the content's hash, so once
+ * a flagged line is edited its flag no longer matches it; when a flag of this dataset matches no
+ * line and was recorded at this line, it is probably this line's earlier content: offers to
+ * remove that flag (otherwise reverting the edit, or a git checkout, would bring it back).
+ */
+async function notFlagged(s: Services, doc: vscode.TextDocument, line: number) {
+  const present = new Set<string>();
+  for (let i = 0; i < doc.lineCount; i++) {
+    const h = lineHash(doc.lineAt(i).text);
+    if (h) present.add(h);
+  }
+  const stale = [...s.flags.flagsOf(doc.uri.fsPath).values()].filter((e) => !present.has(e.hash));
+  const mine = stale.filter((e) => e.line === line + 1);
+  const name = basename(doc.uri.fsPath);
+  if (mine.length === 1) {
+    const old = mine[0];
+    const unflag = 'Unflag the earlier version';
+    const pick = await vscode.window.showWarningMessage(
+      `Influence Lens: line ${line + 1} of ${name} is not flagged as it is now. Its earlier content, flagged at line ${old.line} (hash ${old.hash}${old.reason ? `: ${old.reason}` : ''}), is still flagged and would be removed by an export if the line were reverted.`,
+      unflag,
+    );
+    if (pick === unflag) s.flags.unflag(doc.uri.fsPath, [old.hash]);
+    return;
+  }
+  void vscode.window.showInformationMessage(
+    `Influence Lens: line ${line + 1} of ${name} is not flagged; nothing was changed.` +
+      (stale.length
+        ? ` ${stale.length} flag(s) of ${name} match no line now (examples edited or removed since): see the Flagged examples view to unflag them.`
+        : ''),
   );
 }
 
