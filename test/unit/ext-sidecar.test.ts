@@ -228,6 +228,13 @@ test('export: a filtered copy, kept lines byte for byte, source untouched', () =
     assert.throws(() => exportCleaned(ds, ds), /refusing/);
     assert.throws(() => exportCleaned(ds, sidecarPathFor(ds)), /refusing/);
     assert.throws(() => exportCleaned(ds, join(d, '.', 'train.jsonl')), /refusing/);
+    // an existing output only when replacing was asked for; a flags file or a lock never
+    writeFileSync(join(d, 'other.exclude.jsonl'), 'x\n');
+    for (const out of ['other.exclude.jsonl', 'other.exclude.jsonl.lock'])
+      assert.throws(() => exportCleaned(ds, join(d, out), { replace: true }), /refusing/);
+    assert.equal(readFileSync(join(d, 'other.exclude.jsonl'), 'utf8'), 'x\n');
+    assert.throws(() => exportCleaned(ds), /train\.cleaned\.jsonl exists/);
+    assert.equal(exportCleaned(ds, undefined, { replace: true }).kept, 2);
   } finally {
     rmSync(d, { recursive: true, force: true });
   }

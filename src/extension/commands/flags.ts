@@ -194,6 +194,7 @@ async function exportCommand(s: Services, node?: FlagNode) {
   // the copy is made from the file on disk: unsaved edits would be missing from it without a word
   if (!(await offerSave(g.dataset, 'Export'))) return;
   const out = cleanedPathFor(g.dataset);
+  let replace = false;
   if (existsSync(out)) {
     const ok = await vscode.window.showWarningMessage(
       `${basename(out)} exists. Replace it with a new cleaned copy?`,
@@ -201,8 +202,9 @@ async function exportCommand(s: Services, node?: FlagNode) {
       'Replace',
     );
     if (ok !== 'Replace') return;
+    replace = true;
   }
-  const r = exportCleaned(g.dataset, out);
+  const r = exportCleaned(g.dataset, out, { replace });
   const missing = r.missing.length
     ? ` ${r.missing.length} flagged example(s) were not found in the file (edited since?).`
     : '';

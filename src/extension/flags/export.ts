@@ -2,11 +2,11 @@
 // the same format (every kept line byte for byte, line endings and blank or malformed lines
 // included), written next to the original; the source is never overwritten. Also the line
 // list that "Apply removal to file" deletes. Pure Node (no `vscode`), unit-tested.
-import { existsSync, readFileSync, realpathSync } from 'node:fs';
+import { existsSync, lstatSync, readFileSync, realpathSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { asBuffer, byteLines, hasBom, lineText, UTF8_BOM } from '../../common/byte-lines';
 import { lineHash } from './hash';
-import { readFlagsForRemoval, sidecarPathFor, writeFileAtomic } from './sidecar';
+import { isSidecarPath, readFlagsForRemoval, sidecarPathFor, writeFileAtomic } from './sidecar';
 
 /** `data/train.jsonl` → `data/train.cleaned.jsonl`. */
 export function cleanedPathFor(datasetPath: string): string {
@@ -95,19 +95,40 @@ export interface ExportResult extends FilterCounts {
   outPath: string;
 }
 
+/** The output of an export exists, and replacing it was not asked for. */
+export class OutputExistsError extends Error {}
+
 /**
  * Writes the cleaned copy of `datasetPath` (without the examples its sidecar flags) to `outPath`
- * (default `<name>.cleaned.jsonl` beside it). Refuses to write over the dataset or its sidecar,
- * and a sidecar with lines that are not flags (`readFlagsForRemoval`).
+ * (default `<name>.cleaned.jsonl` beside it). An existing `outPath` is replaced only with
+ * `replace` (the person said so: the editor's "Replace", the CLI's --force); the dataset itself,
+ * a flags file (any `*.exclude.jsonl`, another dataset's included) or a lock never, since the
+ * copy would destroy what it was made from. Refuses a sidecar with lines that are not flags
+ * (`readFlagsForRemoval`).
  */
-export function exportCleaned(datasetPath: string, outPath = cleanedPathFor(datasetPath)): ExportResult {
+export function exportCleaned(
+  datasetPath: string,
+  outPath = cleanedPathFor(datasetPath),
+  options: { replace?: boolean } = {},
+): ExportResult {
   const sidecar = sidecarPathFor(datasetPath);
-  if (same(outPath, datasetPath) || same(outPath, sidecar))
+  if (same(outPath, datasetPath) || same(outPath, sidecar) || isSidecarPath(outPath) || /\.lock$/i.test(outPath))
     throw new Error(`refusing to write the cleaned copy over ${outPath}: choose another file name`);
+  if (exists(outPath) && !options.replace) throw new OutputExistsError(`${outPath} exists`);
   const excluded = readFlagsForRemoval(sidecar);
   const { bytes, ...counts } = filterDatasetBytes(readFileSync(datasetPath), excluded);
   writeFileAtomic(outPath, bytes);
   return { ...counts, outPath };
+}
+
+/** Whether anything is at `path` (a dangling symbolic link included). */
+function exists(path: string): boolean {
+  try {
+    lstatSync(path);
+    return true;
+  } catch {
+    return false;
+  }
 }
 
 function same(a: string, b: string): boolean {
