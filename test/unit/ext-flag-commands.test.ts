@@ -155,3 +155,21 @@ test('Unflag on an edited flagged line says it is not flagged, and offers to unf
   await run('unflagLine');
   assert.deepEqual(fake.messages(), ['Influence Lens: line 1 of data.jsonl is not flagged; nothing was changed.']);
 });
+
+test('export and apply removal from a dataset without flags ask which flagged dataset, never pick one silently', async () => {
+  addFlags(sidecarPathFor(dataset), [entry(2)]);
+  await startUp();
+  const other = join(dir, 'other.jsonl');
+  writeFileSync(other, `${rec(7)}\n`);
+  await fake.open(other);
+  await run('applyRemoval'); // the pick is dismissed
+  assert.deepEqual(fake.messages('pick'), ['Remove the flagged examples from which dataset?']);
+  assert.equal(fake.shown[0].detail, 'other.jsonl has no flags: pick a flagged dataset, or Escape');
+  assert.equal(fake.documents.find((d) => d.uri.fsPath === dataset)?.isDirty ?? false, false);
+  await run('exportCleaned');
+  assert.equal(existsSync(join(dir, 'data.cleaned.jsonl')), false);
+  // picked: it goes ahead on the one chosen
+  fake.answers = [(items: Array<{ g: unknown }>) => items[0]];
+  await run('exportCleaned');
+  assert.equal(existsSync(join(dir, 'data.cleaned.jsonl')), true);
+});

@@ -167,13 +167,18 @@ async function pickGroup(s: Services, node: FlagNode | undefined, title: string)
   const active = vscode.window.activeTextEditor?.document.uri;
   const mine = active && groups.find((g) => g.dataset === active.fsPath);
   if (mine) return mine;
+  // the active editor holds a dataset without flags: acting on another one must be chosen, never implied
+  const unflagged =
+    active?.scheme === 'file' && /\.jsonl$/i.test(active.fsPath) && !isSidecarPath(active.fsPath)
+      ? basename(active.fsPath)
+      : undefined;
   if (!groups.length) {
     void vscode.window.showInformationMessage(
-      'Influence Lens: nothing is flagged yet. Flag examples from the results panel or a dataset hover first.',
+      `Influence Lens: nothing is flagged${unflagged ? ` in ${unflagged}` : ''} yet. Flag examples from the results panel or a dataset hover first.`,
     );
     return undefined;
   }
-  if (groups.length === 1) return groups[0];
+  if (groups.length === 1 && !unflagged) return groups[0];
   const pick = await vscode.window.showQuickPick(
     groups.map((g) => ({
       label: basename(g.dataset),
@@ -181,7 +186,7 @@ async function pickGroup(s: Services, node: FlagNode | undefined, title: string)
       detail: g.dataset,
       g,
     })),
-    { title },
+    { title, placeHolder: unflagged ? `${unflagged} has no flags: pick a flagged dataset, or Escape` : undefined },
   );
   return pick?.g;
 }

@@ -136,7 +136,7 @@ export function modelText(bytes: Buffer): string {
 }
 
 export interface Shown {
-  kind: 'info' | 'warning' | 'error' | 'status';
+  kind: 'info' | 'warning' | 'error' | 'status' | 'pick';
   message: string;
   detail?: string;
 }
@@ -184,7 +184,8 @@ export const window = {
     fake.shown.push({ kind: 'status', message: m });
     return { dispose: () => undefined };
   },
-  showQuickPick: async (items: unknown) => {
+  showQuickPick: async (items: unknown, opts?: { title?: string; placeHolder?: string }) => {
+    fake.shown.push({ kind: 'pick', message: opts?.title ?? '', detail: opts?.placeHolder });
     const a = fake.answers.shift();
     return typeof a === 'function' ? a(await items) : a;
   },
