@@ -1,7 +1,20 @@
 // Flags sidecar (<dataset>.exclude.jsonl): read, add, remove, keep what it does not understand,
 // atomic writes; "Export cleaned dataset" and the removal lines; hashes agree with the server's.
 import assert from 'node:assert/strict';
-import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import {
+  chmodSync,
+  existsSync,
+  lstatSync,
+  mkdirSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  statSync,
+  symlinkSync,
+  writeFileSync,
+} from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
@@ -353,6 +366,52 @@ test('export: a flags file with lines that are not flags (a merge conflict, a ba
     // once resolved, it exports
     writeFileSync(sidecar, `${e(0)}\n${e(2)}\n`);
     assert.equal(exportCleaned(ds).removed.length, 2);
+  } finally {
+    rmSync(d, { recursive: true, force: true });
+  }
+});
+
+test('sidecar and export write through a symbolic link, keep the mode, and clear temporaries a killed writer left', () => {
+  const d = tmp();
+  try {
+    // a flags file shared through a link, group-writable
+    const shared = join(d, 'shared-flags.jsonl');
+    writeFileSync(shared, `${formatEntry(entry('aaaaaaaaaaaaaaaa', 1))}\n`);
+    chmodSync(shared, 0o664);
+    const link = join(d, 'p.exclude.jsonl');
+    symlinkSync('shared-flags.jsonl', link);
+    addFlags(link, [entry('bbbbbbbbbbbbbbbb', 2)]);
+    assert.ok(lstatSync(link).isSymbolicLink(), 'the link is kept');
+    assert.deepEqual(
+      readSidecar(shared).entries.map((e) => e.hash),
+      ['aaaaaaaaaaaaaaaa', 'bbbbbbbbbbbbbbbb'],
+    );
+    assert.equal(statSync(shared).mode & 0o777, 0o664);
+    // a writer killed mid-write (its process gone) left its temporaries: the next write removes them
+    const pid = Number(spawnSync(process.execPath, ['-e', 'process.stdout.write(String(process.pid))']).stdout);
+    const ds = join(d, 'train.jsonl');
+    writeFileSync(ds, `${JSON.stringify(RECORDS[0])}\n${JSON.stringify(RECORDS[1])}\n`);
+    addFlags(sidecarPathFor(ds), [entry(contentHash(RECORDS[0]), 1)]);
+    const leftovers = [
+      `train.exclude.jsonl.tmp-${pid}-0x1`,
+      `shared-flags.jsonl.tmp-${pid}-0x2`,
+      `train.cleaned.jsonl.tmp-${pid}-0x3`,
+    ];
+    for (const f of leftovers) writeFileSync(join(d, f), 'half');
+    removeFlags(sidecarPathFor(ds), ['ffffffffffffffff']); // a write of nothing changed still cleans
+    addFlags(sidecarPathFor(ds), [entry('cccccccccccccccc', 2)]);
+    setReason(link, 'aaaaaaaaaaaaaaaa', 'x');
+    // an export into a cleaned copy linked into a training folder replaces the linked file
+    mkdirSync(join(d, 'training'));
+    writeFileSync(join(d, 'training', 'train.jsonl'), 'old\n');
+    symlinkSync(join(d, 'training', 'train.jsonl'), cleanedPathFor(ds));
+    exportCleaned(ds, undefined, { replace: true });
+    assert.ok(lstatSync(cleanedPathFor(ds)).isSymbolicLink());
+    assert.equal(readFileSync(join(d, 'training', 'train.jsonl'), 'utf8'), `${JSON.stringify(RECORDS[1])}\n`);
+    for (const f of leftovers) assert.equal(existsSync(join(d, f)), false, f);
+    // a link named like a dataset but pointing at a flags file is refused like the flags file
+    symlinkSync('train.exclude.jsonl', join(d, 'out.jsonl'));
+    assert.throws(() => exportCleaned(ds, join(d, 'out.jsonl'), { replace: true }), /refusing/);
   } finally {
     rmSync(d, { recursive: true, force: true });
   }

@@ -4,6 +4,7 @@
 // list that "Apply removal to file" deletes. Pure Node (no `vscode`), unit-tested.
 import { existsSync, lstatSync, readFileSync, realpathSync } from 'node:fs';
 import { resolve } from 'node:path';
+import { cleanStaleTempsOf, resolveLinks } from '../../common/atomic-write';
 import { asBuffer, byteLines, hasBom, lineText, UTF8_BOM } from '../../common/byte-lines';
 import { lineHash } from './hash';
 import { isSidecarPath, readFlagsForRemoval, sidecarPathFor, writeFileAtomic } from './sidecar';
@@ -112,11 +113,18 @@ export function exportCleaned(
   options: { replace?: boolean } = {},
 ): ExportResult {
   const sidecar = sidecarPathFor(datasetPath);
-  if (same(outPath, datasetPath) || same(outPath, sidecar) || isSidecarPath(outPath) || /\.lock$/i.test(outPath))
+  const real = resolveLinks(outPath);
+  if (
+    same(outPath, datasetPath) ||
+    same(outPath, sidecar) ||
+    [outPath, real].some((p) => isSidecarPath(p) || /\.lock$/i.test(p))
+  )
     throw new Error(`refusing to write the cleaned copy over ${outPath}: choose another file name`);
   if (exists(outPath) && !options.replace) throw new OutputExistsError(`${outPath} exists`);
   const excluded = readFlagsForRemoval(sidecar);
   const { bytes, ...counts } = filterDatasetBytes(readFileSync(datasetPath), excluded);
+  // a dataset-sized temporary left by an export that was killed, once that process is gone
+  cleanStaleTempsOf(outPath);
   writeFileAtomic(outPath, bytes);
   return { ...counts, outPath };
 }

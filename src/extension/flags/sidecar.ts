@@ -12,7 +12,7 @@
 // Pure Node (no `vscode`), unit-tested.
 import { existsSync, readdirSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
-import { writeFileAtomic } from '../../common/atomic-write';
+import { cleanStaleTempsOf, resolveLinks, writeFileAtomic } from '../../common/atomic-write';
 import { asBuffer, byteLines, hasBom, lineText, UTF8_BOM } from '../../common/byte-lines';
 import { describeOwner, tryLock } from '../../common/owner-lock';
 
@@ -248,7 +248,10 @@ export function lockWaitMs(): number {
  * naming that process, and nothing is written.
  */
 export function withLock<T>(path: string, fn: () => T): T {
-  const lockPath = `${path}.lock`;
+  // a sidecar that is a symbolic link (flags shared between checkouts) is locked and written as
+  // the file it points to, so writers through two links never overwrite each other
+  const real = resolveLinks(path);
+  const lockPath = `${real}.lock`;
   const deadline = Date.now() + lockWaitMs();
   let release: (() => void) | undefined;
   for (let wait = 5; !release; wait = Math.min(wait * 2, 100)) {
@@ -263,6 +266,8 @@ export function withLock<T>(path: string, fn: () => T): T {
     }
   }
   try {
+    // leftovers of a writer killed mid-write (`<sidecar>.tmp-<pid>-…`), once that process is gone
+    cleanStaleTempsOf(path);
     return fn();
   } finally {
     release();
@@ -278,7 +283,7 @@ const SLEEPER = new Int32Array(new SharedArrayBuffer(4));
  */
 function writeLines(path: string, read: Sidecar, lines: Array<SidecarLine | string>): void {
   if (!lines.some((l) => (typeof l === 'string' ? l : l.text).trim())) {
-    rmSync(path, { force: true });
+    rmSync(resolveLinks(path), { force: true }); // a link stays, and is written through by the next flag
     return;
   }
   const crlf = read.lines.filter((l) => l.raw.at(-2) === 0x0d && l.raw.at(-1) === 0x0a).length;
