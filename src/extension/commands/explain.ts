@@ -320,6 +320,7 @@ export class ExplainController {
     const doc = editor.document;
     const sel = editor.selection;
     const endOff = doc.offsetAt(sel.end);
+    const version = doc.version;
     const cfg = settings(doc.uri);
     if (cfg.problems.length) {
       await reportError(new SettingsError(cfg.problems));
@@ -342,6 +343,13 @@ export class ExplainController {
       );
       if (!g.completion) {
         void vscode.window.showInformationMessage('Influence Lens: the model stopped at once (empty completion).');
+        return;
+      }
+      // the position was taken before the request: after an edit it may be inside another record
+      if (doc.isClosed || doc.version !== version) {
+        void vscode.window.showWarningMessage(
+          `Influence Lens: ${vscode.workspace.asRelativePath(doc.uri)} changed while the model was completing, so nothing was inserted (the completion was ${JSON.stringify(g.completion.slice(0, 60))}). Run Complete with model again.`,
+        );
         return;
       }
       const at = sel.end;

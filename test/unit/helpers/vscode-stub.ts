@@ -83,6 +83,7 @@ export class TextDocument {
   text: string;
   version = 1;
   isDirty = false;
+  isClosed = false;
   constructor(readonly uri: Uri) {
     this.text = modelText(readFileSync(uri.fsPath));
   }
@@ -161,8 +162,20 @@ export const fake = {
   async open(path: string, line = 0): Promise<TextDocument> {
     const doc = await workspace.openTextDocument(Uri.file(path));
     const at = new Position(line, 0);
-    window.activeTextEditor = { document: doc, selection: new Selection(at, at) };
+    window.activeTextEditor = {
+      document: doc,
+      selection: new Selection(at, at),
+      async edit(f: (b: { insert(p: Position, t: string): void }) => void) {
+        const e = new WorkspaceEdit();
+        f({ insert: (p, t) => e.insert(doc.uri, p, t) });
+        return workspace.applyEdit(e);
+      },
+    };
     return doc;
+  },
+  activeEditor() {
+    if (!window.activeTextEditor) throw new Error('no active editor');
+    return window.activeTextEditor;
   },
   messages(kind?: Shown['kind']): string[] {
     return this.shown.filter((s) => !kind || s.kind === kind).map((s) => s.message);
@@ -176,7 +189,13 @@ function ask(kind: Shown['kind'], message: string, rest: unknown[]) {
 }
 
 export const window = {
-  activeTextEditor: undefined as undefined | { document: TextDocument; selection: Selection },
+  activeTextEditor: undefined as
+    | undefined
+    | {
+        document: TextDocument;
+        selection: Selection;
+        edit(f: (b: { insert(p: Position, t: string): void }) => void): Promise<boolean>;
+      },
   showInformationMessage: (m: string, ...r: unknown[]) => ask('info', m, r),
   showWarningMessage: (m: string, ...r: unknown[]) => ask('warning', m, r),
   showErrorMessage: (m: string, ...r: unknown[]) => ask('error', m, r),
