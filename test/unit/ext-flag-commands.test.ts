@@ -2,7 +2,7 @@
 // (helpers/vscode-stub.ts): what they act on is the flags file and the dataset as they are on
 // disk and in the editor, never a stale copy; what they cannot be sure of they refuse.
 import assert from 'node:assert/strict';
-import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, test } from 'node:test';
@@ -76,7 +76,7 @@ test('apply removal removes what the flags file on disk flags now, not what the 
   // another window or a script unflags record 3; no watcher event reaches this store
   removeFlags(sidecar, [hashOf(3)]);
   // from the tree's node (read before the change) and from the palette
-  await run('applyRemoval', { kind: 'group', group });
+  await run('applyRemoval', { kind: 'dataset', group });
   const doc = await fake.open(dataset);
   assert.deepEqual(doc.getText().split('\n'), [rec(1), rec(2), rec(3), rec(5), '']);
   assert.match(fake.messages('info').join('\n'), /removed 1 flagged example/);
@@ -172,4 +172,47 @@ test('export and apply removal from a dataset without flags ask which flagged da
   fake.answers = [(items: Array<{ g: unknown }>) => items[0]];
   await run('exportCleaned');
   assert.equal(existsSync(join(dir, 'data.cleaned.jsonl')), true);
+});
+
+test('apply removal refuses a file the editor would save with other bytes (mixed line endings, bad UTF-8), offering Export', async () => {
+  const latin1 = Buffer.concat([
+    Buffer.from('{"prompt":"caf'),
+    Buffer.from([0xe9]),
+    Buffer.from('","completion":"x"}\n'),
+  ]);
+  const cases = [
+    {
+      name: 'mixed line endings',
+      bytes: Buffer.from(`${rec(1)}\r\n${rec(2)}\n${rec(3)}\r\n${rec(4)}\n`),
+      why: /mixed line endings \(2 CRLF, 2 LF/,
+    },
+    {
+      name: 'not UTF-8',
+      bytes: Buffer.concat([Buffer.from(`${rec(1)}\n`), latin1, Buffer.from(`${rec(4)}\n`)]),
+      why: /not UTF-8/,
+    },
+  ];
+  for (const c of cases) {
+    fake.reset();
+    writeFileSync(dataset, c.bytes);
+    rmSync(join(dir, 'data.cleaned.jsonl'), { force: true });
+    rmSync(sidecarPathFor(dataset), { force: true });
+    addFlags(sidecarPathFor(dataset), [entry(4)]);
+    await startUp();
+    await fake.open(dataset);
+    await run('applyRemoval');
+    assert.match(fake.messages('warning').join('\n'), c.why, c.name);
+    assert.match(fake.messages('warning').join('\n'), /Nothing was changed: Export cleaned dataset writes a copy/);
+    const doc = await fake.open(dataset);
+    assert.equal(doc.isDirty, false, c.name);
+    // the offered Export writes the byte-exact copy
+    fake.answers = ['Export cleaned dataset'];
+    await run('applyRemoval');
+    assert.deepEqual(
+      readFileSync(join(dir, 'data.cleaned.jsonl')),
+      c.bytes.subarray(0, c.bytes.lastIndexOf(rec(4))),
+      c.name,
+    );
+    assert.deepEqual(readFileSync(dataset), c.bytes, 'the dataset is untouched');
+  }
 });

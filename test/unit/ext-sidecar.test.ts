@@ -21,6 +21,7 @@ import { test } from 'node:test';
 import { canonicalJson as serverCanonical, contentHash as serverHash } from '../../src/common/ids';
 import {
   cleanedPathFor,
+  editorRewrites,
   exportCleaned,
   filterDataset,
   linesToRemove,
@@ -415,4 +416,19 @@ test('sidecar and export write through a symbolic link, keep the mode, and clear
   } finally {
     rmSync(d, { recursive: true, force: true });
   }
+});
+
+test('apply removal: a file the editor keeps byte for byte passes; one it would rewrite is named', () => {
+  const b = (t: string) => Buffer.from(t, 'utf8');
+  // uniform endings, a BOM, no final newline, non-ASCII text: saved as read
+  assert.equal(editorRewrites(b('\uFEFFa\r\nb\r\n'), 'a\r\nb\r\n'), undefined);
+  assert.equal(editorRewrites(b('café\nb'), 'café\nb'), undefined);
+  assert.equal(
+    editorRewrites(b('a\r\nb\n'), undefined),
+    'mixed line endings (1 CRLF, 1 LF; the editor would save one kind)',
+  );
+  assert.match(editorRewrites(b('a\rb\n')) ?? '', /carriage returns without a line feed/);
+  assert.match(editorRewrites(Buffer.from([0x61, 0xe9, 0x0a])) ?? '', /not UTF-8/);
+  // the editor's text differs from the bytes (another encoding setting)
+  assert.match(editorRewrites(b('café\n'), 'cafÃ©\n') ?? '', /holds differently/);
 });

@@ -1,12 +1,12 @@
 // Flag / unflag (from a hover, the editor or the tree), edit a flag's reason, "Export cleaned
 // dataset" (a filtered copy next to the original) and "Apply removal to file" (an undoable edit
 // of the open document; nothing is saved for the user).
-import { existsSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { basename } from 'node:path';
 import * as vscode from 'vscode';
 import { METHOD_LABELS } from '../../protocol/methods';
 import { offerSave, revealExample } from '../datasets';
-import { cleanedPathFor, exportCleaned, linesToRemove, removalSpans } from '../flags/export';
+import { cleanedPathFor, editorRewrites, exportCleaned, linesToRemove, removalSpans } from '../flags/export';
 import type { FlagGroup } from '../flags/flag-store';
 import { lineHash } from '../flags/hash';
 import { isSidecarPath, readFlagsForRemoval, sidecarPathFor } from '../flags/sidecar';
@@ -230,6 +230,17 @@ async function applyRemoval(s: Services, node?: FlagNode) {
   const excluded = readFlagsForRemoval(sidecarPathFor(g.dataset));
   const doc = await vscode.workspace.openTextDocument(vscode.Uri.file(g.dataset));
   const text = doc.getText();
+  // the edit is saved by the person: the kept lines must come back as they are on disk
+  const rewrites = editorRewrites(readFileSync(g.dataset), doc.isDirty ? undefined : text);
+  if (rewrites) {
+    const exp = 'Export cleaned dataset';
+    const pick = await vscode.window.showWarningMessage(
+      `Influence Lens: ${basename(g.dataset)} has ${rewrites}, so saving it after Apply removal would also rewrite lines that are kept. Nothing was changed: Export cleaned dataset writes a copy with every kept line byte for byte.`,
+      exp,
+    );
+    if (pick === exp) await exportCommand(s, { kind: 'dataset', group: g });
+    return;
+  }
   const lines = linesToRemove(text, excluded);
   if (!lines.length) {
     void vscode.window.showInformationMessage(`Influence Lens: no flagged example is left in ${basename(g.dataset)}.`);

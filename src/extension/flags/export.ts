@@ -2,6 +2,8 @@
 // the same format (every kept line byte for byte, line endings and blank or malformed lines
 // included), written next to the original; the source is never overwritten. Also the line
 // list that "Apply removal to file" deletes. Pure Node (no `vscode`), unit-tested.
+
+import { isUtf8 } from 'node:buffer';
 import { existsSync, lstatSync, readFileSync, realpathSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { cleanStaleTempsOf, resolveLinks } from '../../common/atomic-write';
@@ -90,6 +92,27 @@ export function removalSpans(text: string, excluded: ReadonlySet<string>): Array
   if (last && last[1] === text.length && !text.endsWith('\n') && last[0] > 0)
     last[0] -= text.slice(0, last[0]).endsWith('\r\n') ? 2 : 1;
   return spans;
+}
+
+/**
+ * Why saving an editor's text of a file would change bytes of lines nobody edited (VS Code's text
+ * model decodes bad UTF-8 as U+FFFD and gives every line one ending), or undefined. `text`, the
+ * editor's text when it has no unsaved edits, must then be the file's bytes (BOM aside).
+ */
+export function editorRewrites(disk: Buffer, text?: string): string | undefined {
+  if (!isUtf8(disk)) return 'bytes that are not UTF-8 (the editor would save them as U+FFFD)';
+  const s = disk.toString('latin1');
+  const crlf = s.split('\r\n').length - 1;
+  const lf = s.split('\n').length - 1 - crlf;
+  if (s.split('\r').length - 1 > crlf)
+    return 'carriage returns without a line feed (the editor would make them line breaks)';
+  if (crlf && lf) return `mixed line endings (${crlf} CRLF, ${lf} LF; the editor would save one kind)`;
+  if (
+    text !== undefined &&
+    !Buffer.concat([hasBom(disk) ? UTF8_BOM : Buffer.alloc(0), Buffer.from(text, 'utf8')]).equals(disk)
+  )
+    return 'bytes the editor holds differently (its encoding setting?)';
+  return undefined;
 }
 
 export interface ExportResult extends FilterCounts {
