@@ -216,3 +216,22 @@ test('apply removal refuses a file the editor would save with other bytes (mixed
     assert.deepEqual(readFileSync(dataset), c.bytes, 'the dataset is untouched');
   }
 });
+
+test('Unflag on an edited line that also moved: says it is not flagged, and lets the person pick the stale flag', async () => {
+  const sidecar = sidecarPathFor(dataset);
+  const doc = await fake.open(dataset, 4);
+  await run('flagLine');
+  // two lines inserted above, then the flagged line (now line 7) edited
+  doc.edit((t) => `${rec(8)}\n${rec(9)}\n${t.replace(rec(5), rec(5).replace('?', '? (fixed)'))}`);
+  await fake.open(dataset, 6);
+  fake.shown = [];
+  fake.answers = ['Unflag one of them…', (items: Array<{ label: string }>) => items[0]];
+  await run('unflagLine');
+  assert.deepEqual(fake.messages('status'), []);
+  assert.match(
+    fake.messages('warning')[0],
+    /line 7 of data\.jsonl is not flagged; nothing was changed\. 1 flag\(s\) of data\.jsonl match no line now/,
+  );
+  assert.equal(fake.messages('pick')[0], 'Unflag which example of data.jsonl (it matches no line now)?');
+  assert.equal(readSidecar(sidecar).entries.length, 0);
+});

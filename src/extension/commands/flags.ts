@@ -113,12 +113,29 @@ async function notFlagged(s: Services, doc: vscode.TextDocument, line: number) {
     if (pick === unflag) s.flags.unflag(doc.uri.fsPath, [old.hash]);
     return;
   }
-  void vscode.window.showInformationMessage(
-    `Influence Lens: line ${line + 1} of ${name} is not flagged; nothing was changed.` +
-      (stale.length
-        ? ` ${stale.length} flag(s) of ${name} match no line now (examples edited or removed since): see the Flagged examples view to unflag them.`
-        : ''),
+  if (!stale.length) {
+    void vscode.window.showInformationMessage(
+      `Influence Lens: line ${line + 1} of ${name} is not flagged; nothing was changed.`,
+    );
+    return;
+  }
+  // which stale flag was this line's cannot be told (the line moved too): the person picks
+  const choose = 'Unflag one of them…';
+  const answer = await vscode.window.showWarningMessage(
+    `Influence Lens: line ${line + 1} of ${name} is not flagged; nothing was changed. ${stale.length} flag(s) of ${name} match no line now (examples edited or removed since); if this line was one of them before an edit, its flag still applies to the earlier content.`,
+    choose,
   );
+  if (answer !== choose) return;
+  const pick = await vscode.window.showQuickPick(
+    stale.map((e) => ({
+      label: `line ${e.line} when flagged`,
+      description: e.reason,
+      detail: `hash ${e.hash}${e.query ? ` · query ${JSON.stringify(e.query.slice(0, 80))}` : ''}`,
+      e,
+    })),
+    { title: `Unflag which example of ${name} (it matches no line now)?` },
+  );
+  if (pick) s.flags.unflag(doc.uri.fsPath, [pick.e.hash]);
 }
 
 async function unflagNodes(s: Services, node?: FlagNode, nodes?: FlagNode[]) {
