@@ -159,7 +159,7 @@ export function readFlagsForRemoval(path: string): Set<string> {
         (conflict
           ? 'resolve the merge conflict first (keep the flags you mean, delete the <<<<<<< ======= >>>>>>> lines)'
           : 'correct or delete those lines first') +
-        '; nothing was removed',
+        '; nothing was changed',
     );
   }
   return new Set(s.entries.map((e) => e.hash));
