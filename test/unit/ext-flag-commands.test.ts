@@ -4,7 +4,7 @@
 import assert from 'node:assert/strict';
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { join, matchesGlob } from 'node:path';
 import { afterEach, beforeEach, test } from 'node:test';
 import { lineHash } from '../../src/extension/flags/hash';
 import { addFlags, type FlagEntry, readSidecar, removeFlags, sidecarPathFor } from '../../src/extension/flags/sidecar';
@@ -234,4 +234,35 @@ test('Unflag on an edited line that also moved: says it is not flagged, and lets
   );
   assert.equal(fake.messages('pick')[0], 'Unflag which example of data.jsonl (it matches no line now)?');
   assert.equal(readSidecar(sidecar).entries.length, 0);
+});
+
+test('the Flagged examples view redraws when a flagged dataset is saved or changed on disk', async () => {
+  const { FlaggedTree } = await loadWithVscodeStub<typeof import('../../src/extension/views/flagged-tree')>(
+    new URL('../../src/extension/views/flagged-tree.ts', import.meta.url),
+  );
+  await fake.open(dataset, 4);
+  await run('flagLine');
+  const tree = new FlaggedTree(store);
+  let redraws = 0;
+  tree.onDidChangeTreeData(() => redraws++);
+  const flagNow = () => {
+    const [group] = tree.getChildren();
+    const [flag] = tree.getChildren(group);
+    return flag.kind === 'flag' ? flag.now : undefined;
+  };
+  assert.equal(flagNow()?.line, 5);
+  // two lines inserted above it by another program
+  writeFileSync(dataset, `${rec(8)}\n${rec(9)}\n${readFileSync(dataset, 'utf8')}`);
+  for (const w of fake.watchers) if (matchesGlob(dataset, w.glob)) w.change.fire({ fsPath: dataset } as never);
+  fake.saved.fire({ uri: { fsPath: join(dir, 'unrelated.txt') } } as never);
+  await new Promise((r) => setTimeout(r, 400));
+  assert.equal(redraws, 1, 'one redraw for the dataset, none for another file');
+  assert.equal(flagNow()?.line, 7);
+  // the flagged line edited and saved in the editor: shown as no longer in the file
+  writeFileSync(dataset, readFileSync(dataset, 'utf8').replace(rec(5), rec(6)));
+  fake.saved.fire({ uri: { fsPath: dataset } } as never);
+  await new Promise((r) => setTimeout(r, 400));
+  assert.equal(redraws, 2);
+  assert.equal(flagNow(), undefined);
+  tree.dispose();
 });

@@ -4,6 +4,7 @@
 import { readFileSync, statSync } from 'node:fs';
 import { basename } from 'node:path';
 import * as vscode from 'vscode';
+import { byteLines, lineText } from '../../common/byte-lines';
 import { formatScore, recordText } from '../../common/display';
 import type { FlagGroup, FlagStore } from '../flags/flag-store';
 import { lineHash } from '../flags/hash';
@@ -18,8 +19,33 @@ export class FlaggedTree implements vscode.TreeDataProvider<FlagNode> {
   readonly onDidChangeTreeData = this.emitter.event;
   private readonly lines = new Map<string, { stamp: string; byHash: Map<string, { line: number; text: string }> }>();
 
+  private readonly disposables: vscode.Disposable[] = [];
+  /** the datasets the tree showed last (file events for other files are ignored cheaply) */
+  private shown = new Set<string>();
+  private pending: ReturnType<typeof setTimeout> | undefined;
+
   constructor(private readonly store: FlagStore) {
     store.onDidChange(() => this.emitter.fire(undefined));
+    // a flagged example's line and text come from its dataset: redraw when a dataset with flags
+    // is saved here or changed on disk by another program (debounced: a save fires both)
+    const changed = (path: string) => {
+      if (!this.shown.has(path)) return;
+      clearTimeout(this.pending);
+      this.pending = setTimeout(() => this.emitter.fire(undefined), 200);
+    };
+    const w = vscode.workspace.createFileSystemWatcher('**/*');
+    this.disposables.push(
+      w,
+      w.onDidChange((u) => changed(u.fsPath)),
+      w.onDidCreate((u) => changed(u.fsPath)),
+      w.onDidDelete((u) => changed(u.fsPath)),
+      vscode.workspace.onDidSaveTextDocument((d) => changed(d.uri.fsPath)),
+    );
+  }
+
+  dispose(): void {
+    clearTimeout(this.pending);
+    for (const d of this.disposables) d.dispose();
   }
 
   refresh(): void {
@@ -28,7 +54,11 @@ export class FlaggedTree implements vscode.TreeDataProvider<FlagNode> {
   }
 
   getChildren(node?: FlagNode): FlagNode[] {
-    if (!node) return this.store.all().map((group) => ({ kind: 'dataset', group }));
+    if (!node) {
+      const groups = this.store.all();
+      this.shown = new Set(groups.map((g) => g.dataset));
+      return groups.map((group) => ({ kind: 'dataset', group }));
+    }
     if (node.kind !== 'dataset') return [];
     const where = this.index(node.group.dataset);
     return node.group.entries.map((entry) => ({ kind: 'flag', group: node.group, entry, now: where?.get(entry.hash) }));
@@ -91,12 +121,13 @@ export class FlaggedTree implements vscode.TreeDataProvider<FlagNode> {
     const hit = this.lines.get(path);
     if (hit?.stamp === stamp) return hit.byHash;
     const byHash = new Map<string, { line: number; text: string }>();
-    readFileSync(path, 'utf8')
-      .split('\n')
-      .forEach((text, i) => {
-        const h = lineHash(text);
-        if (h && !byHash.has(h)) byHash.set(h, { line: i + 1, text });
-      });
+    // by bytes, as the server splits it: one string of a file past ~512 MiB would throw
+    const buf = readFileSync(path);
+    for (const l of byteLines(buf)) {
+      const text = lineText(buf, l);
+      const h = text === undefined ? undefined : lineHash(text);
+      if (h && text !== undefined && !byHash.has(h)) byHash.set(h, { line: l.line, text });
+    }
     this.lines.set(path, { stamp, byHash });
     return byHash;
   }

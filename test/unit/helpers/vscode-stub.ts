@@ -76,6 +76,23 @@ export class Hover {
   ) {}
 }
 export const ViewColumn = { One: 1 };
+export const TreeItemCollapsibleState = { None: 0, Collapsed: 1, Expanded: 2 };
+export class TreeItem {
+  [k: string]: unknown;
+  constructor(
+    readonly label: string,
+    readonly collapsibleState?: number,
+  ) {}
+}
+export class ThemeIcon {
+  constructor(
+    readonly id: string,
+    readonly color?: unknown,
+  ) {}
+}
+export class ThemeColor {
+  constructor(readonly id: string) {}
+}
 export const ProgressLocation = { Notification: 15 };
 
 /** An open document: the file's text as VS Code's model holds it. */
@@ -151,11 +168,19 @@ export const fake = {
   commands: new Map<string, (...a: unknown[]) => unknown>(),
   config: {} as Record<string, unknown>,
   workspaceFolder: undefined as string | undefined,
+  watchers: [] as Array<{
+    glob: string;
+    change: EventEmitter<Uri>;
+    create: EventEmitter<Uri>;
+    delete: EventEmitter<Uri>;
+  }>,
+  saved: new EventEmitter<TextDocument>(),
   reset(): void {
     this.shown = [];
     this.answers = [];
     this.documents = [];
     this.config = {};
+    this.watchers = [];
     window.activeTextEditor = undefined;
   },
   /** Opens a file in an editor and makes it the active one, the cursor on a 0-based line. */
@@ -267,12 +292,23 @@ export const workspace = {
     return fake.workspaceFolder ? relative(fake.workspaceFolder, path) : path;
   },
   getConfiguration: () => ({ get: (k: string, d: unknown) => (k in fake.config ? fake.config[k] : d) }),
-  createFileSystemWatcher: () => ({
-    onDidChange: () => ({ dispose: () => undefined }),
-    onDidCreate: () => ({ dispose: () => undefined }),
-    onDidDelete: () => ({ dispose: () => undefined }),
-    dispose: () => undefined,
-  }),
+  /** a watcher the test fires by hand (`fake.watchers`) */
+  createFileSystemWatcher: (glob: string) => {
+    const w = {
+      glob,
+      change: new EventEmitter<Uri>(),
+      create: new EventEmitter<Uri>(),
+      delete: new EventEmitter<Uri>(),
+    };
+    fake.watchers.push(w);
+    return {
+      onDidChange: w.change.event,
+      onDidCreate: w.create.event,
+      onDidDelete: w.delete.event,
+      dispose: () => undefined,
+    };
+  },
+  onDidSaveTextDocument: (f: (d: TextDocument) => void) => fake.saved.event(f),
   /** The workspace folder's files matching a glob (the `exclude` glob ignored). */
   findFiles: async (glob: string) =>
     fake.workspaceFolder
