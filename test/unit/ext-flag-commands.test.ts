@@ -266,3 +266,26 @@ test('the Flagged examples view redraws when a flagged dataset is saved or chang
   assert.equal(flagNow(), undefined);
   tree.dispose();
 });
+
+test('a dataset above 50 MB (VS Code gives extensions no text of it): Open finds the example on disk, Apply removal offers Export', async () => {
+  // 51 lines of 1 MiB
+  const big = (i: number) => JSON.stringify({ prompt: `Q: big ${i}?`, completion: 'x'.repeat(1024 * 1024) });
+  writeFileSync(dataset, `${Array.from({ length: 51 }, (_, i) => big(i)).join('\n')}\n`);
+  const hash = lineHash(big(40)) as string;
+  addFlags(sidecarPathFor(dataset), [{ hash, line: 38, reason: 'r', score: null, query: '' }]);
+  await startUp();
+  const [group] = store.all();
+  await run('openFlag', { kind: 'flag', group, entry: group.entries[0] });
+  assert.deepEqual(fake.messages('error'), []);
+  assert.deepEqual(fake.messages('info'), ['The example moved from line 38 to line 41.']);
+  const open = fake.executed.find((c) => c.id === 'vscode.open');
+  assert.ok(open);
+  assert.equal((open.args[1] as { selection: { start: { line: number } } }).selection.start.line, 40);
+  fake.shown = [];
+  await run('applyRemoval');
+  assert.match(
+    fake.messages('warning').join('\n'),
+    /data\.jsonl is above 50 MB, which VS Code does not let extensions edit\. Nothing was changed/,
+  );
+  assert.deepEqual(fake.messages('error'), []);
+});

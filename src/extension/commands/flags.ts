@@ -5,7 +5,7 @@ import { existsSync, readFileSync } from 'node:fs';
 import { basename } from 'node:path';
 import * as vscode from 'vscode';
 import { METHOD_LABELS } from '../../protocol/methods';
-import { offerSave, revealExample } from '../datasets';
+import { offerSave, openDataset, revealExample } from '../datasets';
 import { cleanedPathFor, editorRewrites, exportCleaned, linesToRemove, removalSpans } from '../flags/export';
 import type { FlagGroup } from '../flags/flag-store';
 import { lineHash } from '../flags/hash';
@@ -245,7 +245,16 @@ async function applyRemoval(s: Services, node?: FlagNode) {
   // the flags as they are on disk now, not the list read when the tree last refreshed
   s.flags.assertSaved(g.dataset, 'apply removal');
   const excluded = readFlagsForRemoval(sidecarPathFor(g.dataset));
-  const doc = await vscode.workspace.openTextDocument(vscode.Uri.file(g.dataset));
+  const doc = await openDataset(g.dataset);
+  if (!doc) {
+    const exp = 'Export cleaned dataset';
+    const pick = await vscode.window.showWarningMessage(
+      `Influence Lens: ${basename(g.dataset)} is above 50 MB, which VS Code does not let extensions edit. Nothing was changed: Export cleaned dataset writes a copy without the flagged examples.`,
+      exp,
+    );
+    if (pick === exp) await exportCommand(s, { kind: 'dataset', group: g });
+    return;
+  }
   const text = doc.getText();
   // the edit is saved by the person: the kept lines must come back as they are on disk
   const rewrites = editorRewrites(readFileSync(g.dataset), doc.isDirty ? undefined : text);

@@ -3,7 +3,7 @@
 // model reads them (UTF-8 with U+FFFD for bad bytes, BOM dropped, line endings normalised to the
 // majority), edits change the document (not the file), and every message shown is recorded with
 // an answer the test queues. Use `loadWithVscodeStub` to import extension modules.
-import { readdirSync, readFileSync } from 'node:fs';
+import { readdirSync, readFileSync, statSync } from 'node:fs';
 import { register } from 'node:module';
 import { join, matchesGlob, relative } from 'node:path';
 
@@ -175,12 +175,14 @@ export const fake = {
     delete: EventEmitter<Uri>;
   }>,
   saved: new EventEmitter<TextDocument>(),
+  executed: [] as Array<{ id: string; args: unknown[] }>,
   reset(): void {
     this.shown = [];
     this.answers = [];
     this.documents = [];
     this.config = {};
     this.watchers = [];
+    this.executed = [];
     window.activeTextEditor = undefined;
   },
   /** Opens a file in an editor and makes it the active one, the cursor on a 0-based line. */
@@ -272,6 +274,8 @@ export const workspace = {
   async openTextDocument(uri: Uri): Promise<TextDocument> {
     const have = fake.documents.find((d) => d.uri.toString() === uri.toString());
     if (have) return have;
+    if (statSync(uri.fsPath).size > 50 * 1024 * 1024)
+      throw new Error(`cannot open ${uri}. Detail: Files above 50MB cannot be synchronized with extensions.`);
     const d = new TextDocument(uri);
     fake.documents.push(d);
     return d;
@@ -324,6 +328,7 @@ export const commands = {
     return { dispose: () => fake.commands.delete(id) };
   },
   async executeCommand(id: string, ...a: unknown[]) {
+    fake.executed.push({ id, args: a });
     return fake.commands.get(id)?.(...a);
   },
 };
