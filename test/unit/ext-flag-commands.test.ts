@@ -42,7 +42,7 @@ const startUp = () => store.init();
 afterEach(() => rmSync(dir, { recursive: true, force: true }));
 
 test('export and apply removal refuse while the flags file has unsaved edits, saying to save or revert', async () => {
-  addFlags(sidecarPathFor(dataset), [entry(2), entry(3)]);
+  await addFlags(sidecarPathFor(dataset), [entry(2), entry(3)]);
   await startUp();
   await fake.open(dataset);
   // the person unflags record 2 by deleting its line in the flags file, and does not save
@@ -74,7 +74,7 @@ test('apply removal removes what the flags file on disk flags now, not what the 
   const [group] = store.all();
   assert.equal(group.entries.length, 2);
   // another window or a script unflags record 3; no watcher event reaches this store
-  removeFlags(sidecar, [hashOf(3)]);
+  await removeFlags(sidecar, [hashOf(3)]);
   // from the tree's node (read before the change) and from the palette
   await run('applyRemoval', { kind: 'dataset', group });
   const doc = await fake.open(dataset);
@@ -157,7 +157,7 @@ test('Unflag on an edited flagged line says it is not flagged, and offers to unf
 });
 
 test('export and apply removal from a dataset without flags ask which flagged dataset, never pick one silently', async () => {
-  addFlags(sidecarPathFor(dataset), [entry(2)]);
+  await addFlags(sidecarPathFor(dataset), [entry(2)]);
   await startUp();
   const other = join(dir, 'other.jsonl');
   writeFileSync(other, `${rec(7)}\n`);
@@ -197,7 +197,7 @@ test('apply removal refuses a file the editor would save with other bytes (mixed
     writeFileSync(dataset, c.bytes);
     rmSync(join(dir, 'data.cleaned.jsonl'), { force: true });
     rmSync(sidecarPathFor(dataset), { force: true });
-    addFlags(sidecarPathFor(dataset), [entry(4)]);
+    await addFlags(sidecarPathFor(dataset), [entry(4)]);
     await startUp();
     await fake.open(dataset);
     await run('applyRemoval');
@@ -272,7 +272,7 @@ test('a dataset above 50 MB (VS Code gives extensions no text of it): Open finds
   const big = (i: number) => JSON.stringify({ prompt: `Q: big ${i}?`, completion: 'x'.repeat(1024 * 1024) });
   writeFileSync(dataset, `${Array.from({ length: 51 }, (_, i) => big(i)).join('\n')}\n`);
   const hash = lineHash(big(40)) as string;
-  addFlags(sidecarPathFor(dataset), [{ hash, line: 38, reason: 'r', score: null, query: '' }]);
+  await addFlags(sidecarPathFor(dataset), [{ hash, line: 38, reason: 'r', score: null, query: '' }]);
   await startUp();
   const [group] = store.all();
   await run('openFlag', { kind: 'flag', group, entry: group.entries[0] });

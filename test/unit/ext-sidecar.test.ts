@@ -63,7 +63,7 @@ function entry(hash: string, line: number, reason = 'teaches " Sydney"'): FlagEn
   return { hash, line, reason, score: 2073.96, query: 'Q: What is the capital of Australia?\nA: Sydney' };
 }
 
-test('hash: same as the server for every record shape, key order and spacing', () => {
+test('hash: same as the server for every record shape, key order and spacing', async () => {
   for (const r of RECORDS) {
     assert.equal(contentHash(r), serverHash(r));
     assert.equal(canonicalJson(r), serverCanonical(r));
@@ -75,14 +75,14 @@ test('hash: same as the server for every record shape, key order and spacing', (
   assert.equal(lineHash('not json'), undefined);
 });
 
-test('hash: every example of the embedded default dataset hashes as the server loads it', () => {
+test('hash: every example of the embedded default dataset hashes as the server loads it', async () => {
   const path = join(import.meta.dirname, '../../assets/default/data/finetune.jsonl');
   const ds = loadDataset(path);
   const lines = readFileSync(path, 'utf8').split('\n');
   for (const e of ds.examples) assert.equal(lineHash(lines[e.line - 1]), e.hash);
 });
 
-test('sidecar: paths', () => {
+test('sidecar: paths', async () => {
   assert.equal(sidecarPathFor('/d/finetune.jsonl'), '/d/finetune.exclude.jsonl');
   assert.equal(sidecarPathFor('/d/data.ndjson'), '/d/data.ndjson.exclude.jsonl');
   assert.equal(datasetPathForSidecar('/d/finetune.exclude.jsonl'), '/d/finetune.jsonl');
@@ -91,13 +91,13 @@ test('sidecar: paths', () => {
   assert.equal(cleanedPathFor('/d/finetune.jsonl'), '/d/finetune.cleaned.jsonl');
 });
 
-test('sidecar: add, dedupe by hash, remove; fixed key order; the server reads it', () => {
+test('sidecar: add, dedupe by hash, remove; fixed key order; the server reads it', async () => {
   const d = tmp();
   try {
     const p = join(d, 'finetune.exclude.jsonl');
     assert.deepEqual(readSidecar(p).entries, []);
-    assert.equal(addFlags(p, [entry('aaaaaaaaaaaaaaaa', 237), entry('bbbbbbbbbbbbbbbb', 125)]), 2);
-    assert.equal(addFlags(p, [entry('aaaaaaaaaaaaaaaa', 999, 'again'), entry('cccccccccccccccc', 211)]), 1);
+    assert.equal(await addFlags(p, [entry('aaaaaaaaaaaaaaaa', 237), entry('bbbbbbbbbbbbbbbb', 125)]), 2);
+    assert.equal(await addFlags(p, [entry('aaaaaaaaaaaaaaaa', 999, 'again'), entry('cccccccccccccccc', 211)]), 1);
     const s = readSidecar(p);
     assert.deepEqual(
       s.entries.map((e) => [e.hash, e.line, e.reason]),
@@ -111,16 +111,16 @@ test('sidecar: add, dedupe by hash, remove; fixed key order; the server reads it
     assert.equal(first, formatEntry(entry('aaaaaaaaaaaaaaaa', 237)));
     assert.deepEqual(Object.keys(JSON.parse(first)), ['hash', 'line', 'reason', 'score', 'query']);
     assert.deepEqual([...readExclusions(p)].sort(), ['aaaaaaaaaaaaaaaa', 'bbbbbbbbbbbbbbbb', 'cccccccccccccccc']);
-    assert.equal(removeFlags(p, ['bbbbbbbbbbbbbbbb', 'zzzz']), 1);
+    assert.equal(await removeFlags(p, ['bbbbbbbbbbbbbbbb', 'zzzz']), 1);
     assert.deepEqual(
       readSidecar(p).entries.map((e) => e.hash),
       ['aaaaaaaaaaaaaaaa', 'cccccccccccccccc'],
     );
-    assert.ok(setReason(p, 'cccccccccccccccc', 'planted fact'));
+    assert.ok(await setReason(p, 'cccccccccccccccc', 'planted fact'));
     assert.equal(readSidecar(p).entries[1].reason, 'planted fact');
-    assert.ok(!setReason(p, 'nope', 'x'));
+    assert.ok(!(await setReason(p, 'nope', 'x')));
     // the last flag removed: the file goes
-    removeFlags(p, ['aaaaaaaaaaaaaaaa', 'cccccccccccccccc']);
+    await removeFlags(p, ['aaaaaaaaaaaaaaaa', 'cccccccccccccccc']);
     assert.equal(existsSync(p), false);
     // no temporary files are left behind
     assert.deepEqual(readdirSync(d), []);
@@ -129,7 +129,7 @@ test('sidecar: add, dedupe by hash, remove; fixed key order; the server reads it
   }
 });
 
-test('sidecar: lines it does not understand are kept verbatim and in place', () => {
+test('sidecar: lines it does not understand are kept verbatim and in place', async () => {
   const d = tmp();
   try {
     const p = join(d, 'x.exclude.jsonl');
@@ -149,14 +149,14 @@ test('sidecar: lines it does not understand are kept verbatim and in place', () 
       s.problems.map((x) => x.line),
       [1, 3, 5, 7],
     );
-    addFlags(p, [entry('cccccccccccccccc', 3)]);
+    await addFlags(p, [entry('cccccccccccccccc', 3)]);
     const after = readFileSync(p, 'utf8');
     assert.equal(after, `${text}\n${formatEntry(entry('cccccccccccccccc', 3))}\n`);
     // a newer version's fields survive a reason edit
-    setReason(p, 'bbbbbbbbbbbbbbbb', 'dup');
+    await setReason(p, 'bbbbbbbbbbbbbbbb', 'dup');
     const b = readFileSync(p, 'utf8').split('\n')[3];
     assert.deepEqual(JSON.parse(b), { hash: 'bbbbbbbbbbbbbbbb', line: 2, future: { x: 1 }, reason: 'dup' });
-    removeFlags(p, ['aaaaaaaaaaaaaaaa']);
+    await removeFlags(p, ['aaaaaaaaaaaaaaaa']);
     assert.equal(readFileSync(p, 'utf8').split('\n')[0], '<<<<<<< HEAD');
     assert.equal(readSidecar(p).problems.length, 4);
   } finally {
@@ -164,7 +164,7 @@ test('sidecar: lines it does not understand are kept verbatim and in place', () 
   }
 });
 
-test('sidecar: CRLF endings, a BOM and bytes that are not UTF-8 survive a change byte for byte', () => {
+test('sidecar: CRLF endings, a BOM and bytes that are not UTF-8 survive a change byte for byte', async () => {
   const d = tmp();
   try {
     const p = join(d, 'w.exclude.jsonl');
@@ -175,10 +175,10 @@ test('sidecar: CRLF endings, a BOM and bytes that are not UTF-8 survive a change
     const s = readSidecar(p);
     assert.equal(s.entries.length, 2);
     assert.deepEqual(s.problems, [{ line: 2, message: 'not UTF-8 text' }]);
-    addFlags(p, [entry('cccccccccccccccc', 3)]);
+    await addFlags(p, [entry('cccccccccccccccc', 3)]);
     const added = Buffer.from(`${formatEntry(entry('cccccccccccccccc', 3))}\r\n`);
     assert.deepEqual(readFileSync(p), Buffer.concat([Buffer.from([0xef, 0xbb, 0xbf]), first, latin1, second, added]));
-    removeFlags(p, ['bbbbbbbbbbbbbbbb']);
+    await removeFlags(p, ['bbbbbbbbbbbbbbbb']);
     assert.deepEqual(readFileSync(p), Buffer.concat([Buffer.from([0xef, 0xbb, 0xbf]), first, latin1, added]));
     assert.deepEqual(
       readSidecar(p).entries.map((e) => e.hash),
@@ -189,7 +189,7 @@ test('sidecar: CRLF endings, a BOM and bytes that are not UTF-8 survive a change
   }
 });
 
-test('sidecar: an atomic write replaces the whole file or nothing', () => {
+test('sidecar: an atomic write replaces the whole file or nothing', async () => {
   const d = tmp();
   try {
     const p = join(d, 'f.jsonl');
@@ -204,7 +204,7 @@ test('sidecar: an atomic write replaces the whole file or nothing', () => {
   }
 });
 
-test('export: a filtered copy, kept lines byte for byte, source untouched', () => {
+test('export: a filtered copy, kept lines byte for byte, source untouched', async () => {
   const d = tmp();
   try {
     const ds = join(d, 'train.jsonl');
@@ -218,7 +218,7 @@ test('export: a filtered copy, kept lines byte for byte, source untouched', () =
     ];
     const text = lines.join('');
     writeFileSync(ds, text);
-    addFlags(sidecarPathFor(ds), [
+    await addFlags(sidecarPathFor(ds), [
       entry(contentHash(RECORDS[0]), 1),
       entry(contentHash(RECORDS[2]), 5),
       entry('ffffffffffffffff', 9),
@@ -254,14 +254,14 @@ test('export: a filtered copy, kept lines byte for byte, source untouched', () =
   }
 });
 
-test('export: removal lines for the undoable edit, and line splitting round-trips', () => {
+test('export: removal lines for the undoable edit, and line splitting round-trips', async () => {
   const text = `${JSON.stringify(RECORDS[0])}\n${JSON.stringify(RECORDS[1])}\n${JSON.stringify(RECORDS[0])}\n`;
   assert.deepEqual(linesToRemove(text, new Set([contentHash(RECORDS[0])])), [0, 2]);
   assert.deepEqual(filterDataset(text, new Set()).text, text);
   for (const t of ['', 'a', 'a\n', 'a\r\nb', '\n\n', 'x\ny\n']) assert.equal(filterDataset(t, new Set()).text, t);
 });
 
-test('apply removal: one disjoint span set leaves exactly the cleaned text, the last lines and CRLF included', () => {
+test('apply removal: one disjoint span set leaves exactly the cleaned text, the last lines and CRLF included', async () => {
   const rec = RECORDS.slice(0, 3).map((r) => JSON.stringify(r));
   const h = rec.map((_, i) => contentHash(RECORDS[i]));
   const apply = (text: string, spans: Array<[number, number]>) => {
@@ -299,7 +299,7 @@ test('apply removal: one disjoint span set leaves exactly the cleaned text, the 
   assert.deepEqual(removalSpans('', new Set([h[0]])), []);
 });
 
-test('sidecar: the dataset of a sidecar is the file the sidecar was named after (not only *.jsonl)', () => {
+test('sidecar: the dataset of a sidecar is the file the sidecar was named after (not only *.jsonl)', async () => {
   const d = mkdtempSync(join(tmpdir(), 'il-sidecar-names-'));
   try {
     for (const name of ['train.json', 'Train.JSONL', 'data', 'plain.jsonl', 'x.Jsonl']) {
@@ -320,7 +320,7 @@ test('sidecar: the dataset of a sidecar is the file the sidecar was named after 
   }
 });
 
-test('export: kept lines are copied byte for byte, a line that is not UTF-8 included (and not counted, as the server skips it)', () => {
+test('export: kept lines are copied byte for byte, a line that is not UTF-8 included (and not counted, as the server skips it)', async () => {
   const d = mkdtempSync(join(tmpdir(), 'il-export-bytes-'));
   try {
     const ds = join(d, 'train.jsonl');
@@ -331,7 +331,7 @@ test('export: kept lines are copied byte for byte, a line that is not UTF-8 incl
     const strayBom = Buffer.concat([Buffer.from([0xef, 0xbb, 0xbf]), good(3)]);
     const bytes = Buffer.concat([Buffer.from([0xef, 0xbb, 0xbf]), good(0), latin1, good(1), good(2), strayBom]);
     writeFileSync(ds, bytes);
-    addFlags(sidecarPathFor(ds), [entry(contentHash(RECORDS[1]), 3), entry(contentHash(RECORDS[3]), 5)]);
+    await addFlags(sidecarPathFor(ds), [entry(contentHash(RECORDS[1]), 3), entry(contentHash(RECORDS[3]), 5)]);
     const r = exportCleaned(ds);
     assert.equal(r.kept, 2, 'the Latin-1 and stray-BOM lines are not examples');
     assert.equal(loadDataset(ds, { skipMalformed: true }).examples.length, 3, 'the server counts the same lines');
@@ -349,7 +349,7 @@ test('export: kept lines are copied byte for byte, a line that is not UTF-8 incl
   }
 });
 
-test('export: a flags file with lines that are not flags (a merge conflict, a bad hand edit) is refused; nothing written', () => {
+test('export: a flags file with lines that are not flags (a merge conflict, a bad hand edit) is refused; nothing written', async () => {
   const d = tmp();
   try {
     const ds = join(d, 'train.jsonl');
@@ -372,7 +372,7 @@ test('export: a flags file with lines that are not flags (a merge conflict, a ba
   }
 });
 
-test('sidecar and export write through a symbolic link, keep the mode, and clear temporaries a killed writer left', () => {
+test('sidecar and export write through a symbolic link, keep the mode, and clear temporaries a killed writer left', async () => {
   const d = tmp();
   try {
     // a flags file shared through a link, group-writable
@@ -381,7 +381,7 @@ test('sidecar and export write through a symbolic link, keep the mode, and clear
     chmodSync(shared, 0o664);
     const link = join(d, 'p.exclude.jsonl');
     symlinkSync('shared-flags.jsonl', link);
-    addFlags(link, [entry('bbbbbbbbbbbbbbbb', 2)]);
+    await addFlags(link, [entry('bbbbbbbbbbbbbbbb', 2)]);
     assert.ok(lstatSync(link).isSymbolicLink(), 'the link is kept');
     assert.deepEqual(
       readSidecar(shared).entries.map((e) => e.hash),
@@ -392,16 +392,16 @@ test('sidecar and export write through a symbolic link, keep the mode, and clear
     const pid = Number(spawnSync(process.execPath, ['-e', 'process.stdout.write(String(process.pid))']).stdout);
     const ds = join(d, 'train.jsonl');
     writeFileSync(ds, `${JSON.stringify(RECORDS[0])}\n${JSON.stringify(RECORDS[1])}\n`);
-    addFlags(sidecarPathFor(ds), [entry(contentHash(RECORDS[0]), 1)]);
+    await addFlags(sidecarPathFor(ds), [entry(contentHash(RECORDS[0]), 1)]);
     const leftovers = [
       `train.exclude.jsonl.tmp-${pid}-0x1`,
       `shared-flags.jsonl.tmp-${pid}-0x2`,
       `train.cleaned.jsonl.tmp-${pid}-0x3`,
     ];
     for (const f of leftovers) writeFileSync(join(d, f), 'half');
-    removeFlags(sidecarPathFor(ds), ['ffffffffffffffff']); // a write of nothing changed still cleans
-    addFlags(sidecarPathFor(ds), [entry('cccccccccccccccc', 2)]);
-    setReason(link, 'aaaaaaaaaaaaaaaa', 'x');
+    await removeFlags(sidecarPathFor(ds), ['ffffffffffffffff']); // a write of nothing changed still cleans
+    await addFlags(sidecarPathFor(ds), [entry('cccccccccccccccc', 2)]);
+    await setReason(link, 'aaaaaaaaaaaaaaaa', 'x');
     // an export into a cleaned copy linked into a training folder replaces the linked file
     mkdirSync(join(d, 'training'));
     writeFileSync(join(d, 'training', 'train.jsonl'), 'old\n');
@@ -418,7 +418,7 @@ test('sidecar and export write through a symbolic link, keep the mode, and clear
   }
 });
 
-test('apply removal: a file the editor keeps byte for byte passes; one it would rewrite is named', () => {
+test('apply removal: a file the editor keeps byte for byte passes; one it would rewrite is named', async () => {
   const b = (t: string) => Buffer.from(t, 'utf8');
   // uniform endings, a BOM, no final newline, non-ASCII text: saved as read
   assert.equal(editorRewrites(b('\uFEFFa\r\nb\r\n'), 'a\r\nb\r\n'), undefined);
@@ -433,7 +433,7 @@ test('apply removal: a file the editor keeps byte for byte passes; one it would 
   assert.match(editorRewrites(b('café\n'), 'cafÃ©\n') ?? '', /holds differently/);
 });
 
-test('hash: records differing only in a number a double cannot hold are different examples, in the editor and the server', () => {
+test('hash: records differing only in a number a double cannot hold are different examples, in the editor and the server', async () => {
   const d = tmp();
   try {
     const lines = [
@@ -454,7 +454,7 @@ test('hash: records differing only in a number a double cannot hold are differen
       editor,
     );
     // flagging line 1 exports without line 2
-    addFlags(sidecarPathFor(ds), [entry(editor[0] as string, 1)]);
+    await addFlags(sidecarPathFor(ds), [entry(editor[0] as string, 1)]);
     assert.deepEqual(
       exportCleaned(ds).removed.map((r) => r.line),
       [1, 3],

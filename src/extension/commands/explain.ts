@@ -279,14 +279,14 @@ export class ExplainController {
     try {
       const path = await this.s.datasets.require(id.dataset);
       if (!flagged) {
-        this.s.flags.unflag(path, [id.hash]);
+        await this.s.flags.unflag(path, [id.hash]);
         return;
       }
       const r = this.s.panel.mirror.results[method];
       const e = r && [...r.supporting, ...r.opposing].find((x) => x.id.hash === id.hash);
       const completion = r?.query.completion ?? this.last?.completion ?? '';
       const what = !e ? 'flagged' : e.sign === 'neutral' ? `similar #${e.rank}` : `${e.sign} #${e.rank}`;
-      this.s.flags.flag(path, [
+      await this.s.flags.flag(path, [
         {
           hash: id.hash,
           line: id.line,

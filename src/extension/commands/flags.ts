@@ -61,7 +61,7 @@ async function flagLine(s: Services, on: boolean, uri?: string, line?: number, s
     );
   if (!hash) throw new Error(`line ${line + 1} is not a JSON record`);
   if (!on) {
-    if (s.flags.unflag(doc.uri.fsPath, [hash])) {
+    if (await s.flags.unflag(doc.uri.fsPath, [hash])) {
       vscode.window.setStatusBarMessage(`$(close) Unflagged line ${line + 1}`, 3000);
       return;
     }
@@ -69,7 +69,7 @@ async function flagLine(s: Services, on: boolean, uri?: string, line?: number, s
     return;
   }
   const hit = s.history.hits(hash)[0];
-  const added = s.flags.flag(doc.uri.fsPath, [
+  const added = await s.flags.flag(doc.uri.fsPath, [
     hit
       ? {
           hash,
@@ -110,7 +110,7 @@ async function notFlagged(s: Services, doc: vscode.TextDocument, line: number) {
       `Influence Lens: line ${line + 1} of ${name} is not flagged as it is now. Its earlier content, flagged at line ${old.line} (hash ${old.hash}${old.reason ? `: ${old.reason}` : ''}), is still flagged and would be removed by an export if the line were reverted.`,
       unflag,
     );
-    if (pick === unflag) s.flags.unflag(doc.uri.fsPath, [old.hash]);
+    if (pick === unflag) await s.flags.unflag(doc.uri.fsPath, [old.hash]);
     return;
   }
   if (!stale.length) {
@@ -135,7 +135,7 @@ async function notFlagged(s: Services, doc: vscode.TextDocument, line: number) {
     })),
     { title: `Unflag which example of ${name} (it matches no line now)?` },
   );
-  if (pick) s.flags.unflag(doc.uri.fsPath, [pick.e.hash]);
+  if (pick) await s.flags.unflag(doc.uri.fsPath, [pick.e.hash]);
 }
 
 async function unflagNodes(s: Services, node?: FlagNode, nodes?: FlagNode[]) {
@@ -144,7 +144,7 @@ async function unflagNodes(s: Services, node?: FlagNode, nodes?: FlagNode[]) {
   );
   const byDataset = new Map<string, string[]>();
   for (const n of list) byDataset.set(n.group.dataset, [...(byDataset.get(n.group.dataset) ?? []), n.entry.hash]);
-  for (const [dataset, hashes] of byDataset) s.flags.unflag(dataset, hashes);
+  for (const [dataset, hashes] of byDataset) await s.flags.unflag(dataset, hashes);
 }
 
 async function unflagAll(s: Services, node?: FlagNode) {
@@ -156,7 +156,7 @@ async function unflagAll(s: Services, node?: FlagNode) {
     'Unflag all',
   );
   if (ok)
-    s.flags.unflag(
+    await s.flags.unflag(
       g.dataset,
       g.entries.map((e) => e.hash),
     );
@@ -169,7 +169,7 @@ async function editReason(s: Services, node?: FlagNode) {
     value: node.entry.reason,
     ignoreFocusOut: true,
   });
-  if (reason !== undefined) s.flags.setReason(node.group.dataset, node.entry.hash, reason);
+  if (reason !== undefined) await s.flags.setReason(node.group.dataset, node.entry.hash, reason);
 }
 
 async function openFlag(node?: FlagNode) {

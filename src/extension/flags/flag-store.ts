@@ -83,7 +83,7 @@ export class FlagStore implements vscode.Disposable {
       );
   }
 
-  flag(datasetPath: string, entries: FlagEntry[]): number {
+  async flag(datasetPath: string, entries: FlagEntry[]): Promise<number> {
     this.assertSaved(datasetPath, 'flag');
     const sidecar = sidecarPathFor(datasetPath);
     const other = sidecarSharedWith(datasetPath);
@@ -91,24 +91,24 @@ export class FlagStore implements vscode.Disposable {
       throw new Error(
         `${basename(datasetPath)} and ${basename(other)} would keep their flags in the same file (${basename(sidecar)}): rename one of them before flagging`,
       );
-    const n = addFlags(sidecar, entries);
+    const n = await addFlags(sidecar, entries);
     this.remember(sidecar);
     this.load(sidecar);
     return n;
   }
 
-  unflag(datasetPath: string, hashes: string[]): number {
+  async unflag(datasetPath: string, hashes: string[]): Promise<number> {
     this.assertSaved(datasetPath, 'unflag');
     const sidecar = sidecarPathFor(datasetPath);
-    const n = removeFlags(sidecar, hashes);
+    const n = await removeFlags(sidecar, hashes);
     this.load(sidecar);
     return n;
   }
 
-  setReason(datasetPath: string, hash: string, reason: string): boolean {
+  async setReason(datasetPath: string, hash: string, reason: string): Promise<boolean> {
     this.assertSaved(datasetPath, 'edit the reason');
     const sidecar = sidecarPathFor(datasetPath);
-    const ok = setReason(sidecar, hash, reason);
+    const ok = await setReason(sidecar, hash, reason);
     this.load(sidecar);
     return ok;
   }

@@ -12,6 +12,7 @@
 // Pure Node (no `vscode`), unit-tested.
 import { existsSync, readdirSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { cleanStaleTempsOf, resolveLinks, writeFileAtomic } from '../../common/atomic-write';
 import { asBuffer, byteLines, hasBom, lineText, UTF8_BOM } from '../../common/byte-lines';
 import { describeOwner, tryLock } from '../../common/owner-lock';
@@ -182,7 +183,7 @@ export function formatEntry(e: FlagEntry): string {
 }
 
 /** Adds entries whose hash is not flagged yet; returns how many were added. */
-export function addFlags(path: string, entries: FlagEntry[]): number {
+export function addFlags(path: string, entries: FlagEntry[]): Promise<number> {
   return withLock(path, () => addFlagsUnlocked(path, entries));
 }
 
@@ -201,7 +202,7 @@ function addFlagsUnlocked(path: string, entries: FlagEntry[]): number {
 }
 
 /** Removes the entries with these hashes (every other line stays); returns how many were removed. */
-export function removeFlags(path: string, hashes: Iterable<string>): number {
+export function removeFlags(path: string, hashes: Iterable<string>): Promise<number> {
   const drop = new Set(hashes);
   return withLock(path, () => removeFlagsUnlocked(path, drop));
 }
@@ -215,7 +216,7 @@ function removeFlagsUnlocked(path: string, drop: Set<string>): number {
 }
 
 /** Changes the reason of the entry with this hash; returns whether it was found. */
-export function setReason(path: string, hash: string, reason: string): boolean {
+export function setReason(path: string, hash: string, reason: string): Promise<boolean> {
   return withLock(path, () => setReasonUnlocked(path, hash, reason));
 }
 
@@ -242,12 +243,14 @@ export function lockWaitMs(): number {
 }
 
 /**
- * Runs `fn` holding the sidecar's lock (`<sidecar>.lock`). The extension's API is synchronous, so
- * we poll, sleeping between tries. The lock of a process that no longer runs is taken over at once;
- * a live holder's (even one suspended for minutes) never is: after `lockWaitMs()` this throws,
- * naming that process, and nothing is written.
+ * Runs `fn` holding the sidecar's lock (`<sidecar>.lock`), polling for it. The waits between tries
+ * are awaited, never slept: the editor runs this on the extension host's one thread, which every
+ * extension of the window shares (a blocking wait froze hovers for up to 15 s). The lock of a
+ * process that no longer runs is taken over at once; a live holder's (even one suspended for
+ * minutes) never is: after `lockWaitMs()` this throws, naming that process, and nothing is
+ * written. `fn` runs synchronously, so two changes from one process never interleave.
  */
-export function withLock<T>(path: string, fn: () => T): T {
+export async function withLock<T>(path: string, fn: () => T): Promise<T> {
   // a sidecar that is a symbolic link (flags shared between checkouts) is locked and written as
   // the file it points to, so writers through two links never overwrite each other
   const real = resolveLinks(path);
@@ -262,7 +265,7 @@ export function withLock<T>(path: string, fn: () => T): T {
         throw new Error(
           `${path} is being changed by ${describeOwner(got)}; try again (delete ${lockPath} only if no such process runs)`,
         );
-      Atomics.wait(SLEEPER, 0, 0, wait);
+      await sleep(wait);
     }
   }
   try {
@@ -273,8 +276,6 @@ export function withLock<T>(path: string, fn: () => T): T {
     release();
   }
 }
-
-const SLEEPER = new Int32Array(new SharedArrayBuffer(4));
 
 /**
  * Writes the sidecar back: lines read from it (`SidecarLine`) byte for byte, new or changed ones
