@@ -127,16 +127,33 @@ function tooLargeForExtensions(path: string): boolean {
   }
 }
 
-/** revealExample for a file above the limit: the example is found in the file on disk. */
-async function revealInLargeFile(path: string, line: number, hash: string): Promise<boolean> {
+/**
+ * The 1-based line that holds the example now: `line` when it still does, else its first copy;
+ * undefined when it is in no line. Read from the editor when the file is open there (unsaved
+ * edits included), else from the file's bytes (any size).
+ */
+export function currentLine(path: string, line: number, hash: string): number | undefined {
+  const uri = vscode.Uri.file(path).toString();
+  const doc = vscode.workspace.textDocuments.find((d) => d.uri.toString() === uri);
+  if (doc) {
+    if (line <= doc.lineCount && lineHash(doc.lineAt(line - 1).text) === hash) return line;
+    for (let i = 0; i < doc.lineCount; i++) if (lineHash(doc.lineAt(i).text) === hash) return i + 1;
+    return undefined;
+  }
   const buf = readFileSync(path);
   let found: number | undefined;
   for (const l of byteLines(buf)) {
     const text = lineText(buf, l);
     if (text === undefined || lineHash(text) !== hash) continue;
-    if (found === undefined || l.line === line) found = l.line; // the recorded line, else the first copy
+    if (found === undefined || l.line === line) found = l.line;
     if (l.line >= line) break;
   }
+  return found;
+}
+
+/** revealExample for a file above the limit: the example is found in the file on disk. */
+async function revealInLargeFile(path: string, line: number, hash: string): Promise<boolean> {
+  const found = currentLine(path, line, hash);
   const rel = vscode.workspace.asRelativePath(path);
   if (found === undefined) {
     void vscode.window.showWarningMessage(

@@ -7,7 +7,7 @@ import * as vscode from 'vscode';
 import { METHOD_LABELS } from '../../protocol/methods';
 import type { ExampleId, ExplainParams, Method } from '../../protocol/types';
 import { type Settings, SettingsError, settings } from '../config';
-import { offerSave, revealExample } from '../datasets';
+import { currentLine, offerSave, revealExample } from '../datasets';
 import { type QuerySplit, splitSelection } from '../selection';
 import { chooseDataset, reportError, runnable, type Services } from '../services';
 import type { PanelHandlers } from '../views/results-panel';
@@ -286,10 +286,24 @@ export class ExplainController {
       const e = r && [...r.supporting, ...r.opposing].find((x) => x.id.hash === id.hash);
       const completion = r?.query.completion ?? this.last?.completion ?? '';
       const what = !e ? 'flagged' : e.sign === 'neutral' ? `similar #${e.rank}` : `${e.sign} #${e.rank}`;
+      // the result was scored on the file as it was then: record where the example is now, and
+      // say so when it is no longer there (a flag then removes nothing from this file)
+      const now = currentLine(path, id.line, id.hash);
+      if (now === undefined) {
+        const anyway = 'Flag anyway';
+        const pick = await vscode.window.showWarningMessage(
+          `Influence Lens: the example ${id.hash} (line ${id.line} when it was scored) is no longer in ${vscode.workspace.asRelativePath(path)}: it was edited or removed since. Its flag would remove nothing from the file as it is.`,
+          anyway,
+        );
+        if (pick !== anyway) {
+          await this.pushFlags(); // the panel's button shows the flag as it is: not set
+          return;
+        }
+      }
       await this.s.flags.flag(path, [
         {
           hash: id.hash,
-          line: id.line,
+          line: now ?? id.line,
           reason: `${what} for ${JSON.stringify(completion.trim())} (${METHOD_LABELS[method]})`,
           score,
           query: r ? r.query.prompt + r.query.completion : '',
