@@ -2,13 +2,13 @@
 // (helpers/vscode-stub.ts): what they act on is the flags file and the dataset as they are on
 // disk and in the editor, never a stale copy; what they cannot be sure of they refuse.
 import assert from 'node:assert/strict';
-import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, matchesGlob } from 'node:path';
 import { afterEach, beforeEach, test } from 'node:test';
 import { lineHash } from '../../src/extension/flags/hash';
 import { addFlags, type FlagEntry, readSidecar, removeFlags, sidecarPathFor } from '../../src/extension/flags/sidecar';
-import { fake, loadWithVscodeStub, memento } from './helpers/vscode-stub';
+import { fake, loadWithVscodeStub, memento, Uri } from './helpers/vscode-stub';
 
 type FlagsModule = typeof import('../../src/extension/commands/flags');
 type StoreModule = typeof import('../../src/extension/flags/flag-store');
@@ -288,4 +288,32 @@ test('a dataset above 50 MB (VS Code gives extensions no text of it): Open finds
     /data\.jsonl is above 50 MB, which VS Code does not let extensions edit\. Nothing was changed/,
   );
   assert.deepEqual(fake.messages('error'), []);
+});
+
+test('a dataset renamed in VS Code takes its flags along; never over an existing flags file', async () => {
+  await fake.open(dataset, 1);
+  await run('flagLine');
+  const renamed = join(dir, 'data2.jsonl');
+  renameSync(dataset, renamed);
+  await store.followRenames([{ oldUri: Uri.file(dataset), newUri: Uri.file(renamed) }] as never);
+  assert.equal(existsSync(sidecarPathFor(dataset)), false);
+  assert.deepEqual(
+    readSidecar(sidecarPathFor(renamed)).entries.map((e) => e.hash),
+    [hashOf(2)],
+  );
+  assert.deepEqual(
+    store.all().map((g) => g.dataset),
+    [renamed],
+  );
+  // the new name already has flags: both files stay, and it says so
+  const third = join(dir, 'data3.jsonl');
+  renameSync(renamed, third);
+  writeFileSync(sidecarPathFor(third), `${JSON.stringify(entry(5))}\n`);
+  await store.followRenames([{ oldUri: Uri.file(renamed), newUri: Uri.file(third) }] as never);
+  assert.match(
+    fake.messages('warning').join('\n'),
+    /data3\.exclude\.jsonl exists, so the flags of data2\.jsonl stay in data2\.exclude\.jsonl/,
+  );
+  assert.equal(readSidecar(sidecarPathFor(renamed)).entries.length, 1);
+  assert.equal(readSidecar(sidecarPathFor(third)).entries[0].hash, hashOf(5));
 });

@@ -175,6 +175,7 @@ export const fake = {
     delete: EventEmitter<Uri>;
   }>,
   saved: new EventEmitter<TextDocument>(),
+  renamed: new EventEmitter<{ files: Array<{ oldUri: Uri; newUri: Uri }> }>(),
   executed: [] as Array<{ id: string; args: unknown[] }>,
   reset(): void {
     this.shown = [];
@@ -313,6 +314,7 @@ export const workspace = {
     };
   },
   onDidSaveTextDocument: (f: (d: TextDocument) => void) => fake.saved.event(f),
+  onDidRenameFiles: (f: (e: { files: Array<{ oldUri: Uri; newUri: Uri }> }) => void) => fake.renamed.event(f),
   /** The workspace folder's files matching a glob (the `exclude` glob ignored). */
   findFiles: async (glob: string) =>
     fake.workspaceFolder
