@@ -317,3 +317,16 @@ test('a dataset renamed in VS Code takes its flags along; never over an existing
   assert.equal(readSidecar(sidecarPathFor(renamed)).entries.length, 1);
   assert.equal(readSidecar(sidecarPathFor(third)).entries[0].hash, hashOf(5));
 });
+
+test('apply removal says when identical copies of a flagged line went with it', async () => {
+  writeFileSync(dataset, `${rec(1)}\n${rec(2)}\n${rec(2)}\n${rec(3)}\n`);
+  const doc = await fake.open(dataset, 1);
+  await run('flagLine');
+  fake.shown = [];
+  await run('applyRemoval');
+  assert.match(
+    fake.messages('info')[0],
+    /removed 2 flagged example\(s\) from data\.jsonl \(1 flagged; identical copies go with them\)/,
+  );
+  assert.equal(doc.getText(), `${rec(1)}\n${rec(3)}\n`);
+});

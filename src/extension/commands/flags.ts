@@ -6,7 +6,7 @@ import { basename } from 'node:path';
 import * as vscode from 'vscode';
 import { METHOD_LABELS } from '../../protocol/methods';
 import { offerSave, openDataset, revealExample } from '../datasets';
-import { cleanedPathFor, editorRewrites, exportCleaned, linesToRemove, removalSpans } from '../flags/export';
+import { cleanedPathFor, editorRewrites, exportCleaned, filterDataset, removalSpans } from '../flags/export';
 import type { FlagGroup } from '../flags/flag-store';
 import { lineHash } from '../flags/hash';
 import { isSidecarPath, readFlagsForRemoval, sidecarPathFor } from '../flags/sidecar';
@@ -239,6 +239,12 @@ async function exportCommand(s: Services, node?: FlagNode) {
   if (pick === 'Open') await vscode.window.showTextDocument(vscode.Uri.file(r.outPath));
 }
 
+/** Export's wording: a flag is content, so identical copies of a flagged line go with it. */
+function copiesNote(removed: ReadonlyArray<{ hash: string }>): string {
+  const flagged = new Set(removed.map((r) => r.hash)).size;
+  return removed.length > flagged ? ` (${flagged} flagged; identical copies go with them)` : '';
+}
+
 async function applyRemoval(s: Services, node?: FlagNode) {
   const g = await pickGroup(s, node, 'Remove the flagged examples from which dataset?');
   if (!g) return;
@@ -267,8 +273,8 @@ async function applyRemoval(s: Services, node?: FlagNode) {
     if (pick === exp) await exportCommand(s, { kind: 'dataset', group: g });
     return;
   }
-  const lines = linesToRemove(text, excluded);
-  if (!lines.length) {
+  const removed = filterDataset(text, excluded).removed;
+  if (!removed.length) {
     void vscode.window.showInformationMessage(`Influence Lens: no flagged example is left in ${basename(g.dataset)}.`);
     return;
   }
@@ -281,6 +287,6 @@ async function applyRemoval(s: Services, node?: FlagNode) {
   if (!(await vscode.workspace.applyEdit(edit))) throw new Error('the editor refused the edit');
   await vscode.window.showTextDocument(doc, { preview: false });
   void vscode.window.showInformationMessage(
-    `Influence Lens: removed ${lines.length} flagged example(s) from ${basename(g.dataset)} (not saved: Undo brings them back; save to keep).`,
+    `Influence Lens: removed ${removed.length} flagged example(s) from ${basename(g.dataset)}${copiesNote(removed)} (not saved: Undo brings them back; save to keep).`,
   );
 }
