@@ -4,11 +4,11 @@
 import assert from 'node:assert/strict';
 import { existsSync, mkdtempSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join, matchesGlob } from 'node:path';
+import { join } from 'node:path';
 import { afterEach, beforeEach, test } from 'node:test';
 import { lineHash } from '../../src/extension/flags/hash';
 import { addFlags, type FlagEntry, readSidecar, removeFlags, sidecarPathFor } from '../../src/extension/flags/sidecar';
-import { fake, loadWithVscodeStub, memento, Uri } from './helpers/vscode-stub';
+import { fake, globMatches, loadWithVscodeStub, memento, Uri } from './helpers/vscode-stub';
 
 type FlagsModule = typeof import('../../src/extension/commands/flags');
 type StoreModule = typeof import('../../src/extension/flags/flag-store');
@@ -253,7 +253,7 @@ test('the Flagged examples view redraws when a flagged dataset is saved or chang
   assert.equal(flagNow()?.line, 5);
   // two lines inserted above it by another program
   writeFileSync(dataset, `${rec(8)}\n${rec(9)}\n${readFileSync(dataset, 'utf8')}`);
-  for (const w of fake.watchers) if (matchesGlob(dataset, w.glob)) w.change.fire({ fsPath: dataset } as never);
+  for (const w of fake.watchers) if (globMatches(dataset, w.glob)) w.change.fire({ fsPath: dataset } as never);
   fake.saved.fire({ uri: { fsPath: join(dir, 'unrelated.txt') } } as never);
   await new Promise((r) => setTimeout(r, 400));
   assert.equal(redraws, 1, 'one redraw for the dataset, none for another file');

@@ -5,7 +5,7 @@
 // an answer the test queues. Use `loadWithVscodeStub` to import extension modules.
 import { readdirSync, readFileSync, statSync } from 'node:fs';
 import { register } from 'node:module';
-import { join, matchesGlob, relative } from 'node:path';
+import { join, relative } from 'node:path';
 
 export class Uri {
   private constructor(
@@ -319,7 +319,7 @@ export const workspace = {
   findFiles: async (glob: string) =>
     fake.workspaceFolder
       ? (readdirSync(fake.workspaceFolder, { recursive: true }) as string[])
-          .filter((f) => matchesGlob(f, glob))
+          .filter((f) => globMatches(f, glob))
           .map((f) => Uri.file(join(fake.workspaceFolder as string, f)))
       : [],
 };
@@ -334,6 +334,15 @@ export const commands = {
     return fake.commands.get(id)?.(...a);
   },
 };
+
+/** Whether a path matches a glob of the forms the extension uses (`**` any folders, `*` within a name). */
+export function globMatches(path: string, glob: string): boolean {
+  const re = glob
+    .split('**/')
+    .map((part) => part.replace(/[.+^${}()|[\]\\]/g, '\\$&').replace(/\*/g, '[^/]*'))
+    .join('(?:.*/)?');
+  return new RegExp(`^(?:.*/)?${re}$`).test(path);
+}
 
 /** A Memento kept in memory. */
 export function memento() {
