@@ -330,3 +330,19 @@ test('apply removal says when identical copies of a flagged line went with it', 
   );
   assert.equal(doc.getText(), `${rec(1)}\n${rec(3)}\n`);
 });
+
+test('the Flagged examples view says when a flagged dataset is missing (renamed outside VS Code?)', async () => {
+  const { FlaggedTree } = await loadWithVscodeStub<typeof import('../../src/extension/views/flagged-tree')>(
+    new URL('../../src/extension/views/flagged-tree.ts', import.meta.url),
+  );
+  await fake.open(dataset, 1);
+  await run('flagLine');
+  renameSync(dataset, join(dir, 'data2.jsonl')); // git mv
+  const tree = new FlaggedTree(store);
+  const [group] = tree.getChildren();
+  const item = tree.getTreeItem(group);
+  assert.equal(item.description, '1 flagged · dataset missing (renamed or deleted?)');
+  assert.match(String((item.tooltip as { value: string }).value), /rename `data\.exclude\.jsonl` to match/);
+  assert.match(String(tree.getTreeItem(tree.getChildren(group)[0]).label), /^2: \(dataset missing\)$/);
+  tree.dispose();
+});

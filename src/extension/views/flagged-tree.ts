@@ -1,7 +1,7 @@
 // The "Flagged examples" view: one node per dataset with flags, one child per flagged example
 // with its text, line, reason and the query that led to the flag. Unflag, edit the reason, open,
 // export and apply removal are commands on the nodes (package.json: view/item/context).
-import { readFileSync, statSync } from 'node:fs';
+import { existsSync, readFileSync, statSync } from 'node:fs';
 import { basename } from 'node:path';
 import * as vscode from 'vscode';
 import { byteLines, lineText } from '../../common/byte-lines';
@@ -73,18 +73,29 @@ export class FlaggedTree implements vscode.TreeDataProvider<FlagNode> {
       const g = node.group;
       const item = new vscode.TreeItem(basename(g.dataset), vscode.TreeItemCollapsibleState.Expanded);
       item.id = `dataset:${g.sidecar}`;
-      item.description = `${g.entries.length} flagged`;
+      // flags are found by the dataset's name: after a rename outside VS Code they belong to no file
+      const missing = !existsSync(g.dataset);
+      item.description = `${g.entries.length} flagged${missing ? ' · dataset missing (renamed or deleted?)' : ''}`;
       item.resourceUri = vscode.Uri.file(g.dataset);
-      item.iconPath = new vscode.ThemeIcon('database');
+      item.iconPath = missing
+        ? new vscode.ThemeIcon('warning', new vscode.ThemeColor('problemsWarningIcon.foreground'))
+        : new vscode.ThemeIcon('database');
       item.contextValue = 'influenceLens.dataset';
       item.tooltip = new vscode.MarkdownString(
         `**${vscode.workspace.asRelativePath(g.dataset)}**\n\n${g.entries.length} flagged in \`${basename(g.sidecar)}\`` +
+          (missing
+            ? `\n\nThere is no ${basename(g.dataset)}: if it was renamed, rename \`${basename(g.sidecar)}\` to match, so its flags apply again.`
+            : '') +
           (g.problems ? `\n\n${g.problems} line(s) of the sidecar are not flags (kept as they are)` : ''),
       );
       return item;
     }
     const { entry, now } = node;
-    const preview = now ? recordPreview(now.text) : '(no longer in the file)';
+    const preview = now
+      ? recordPreview(now.text)
+      : existsSync(node.group.dataset)
+        ? '(no longer in the file)'
+        : '(dataset missing)';
     const item = new vscode.TreeItem(`${now?.line ?? entry.line}: ${preview}`, vscode.TreeItemCollapsibleState.None);
     item.id = `flag:${node.group.sidecar}:${entry.hash}`;
     item.description = entry.reason;
