@@ -86,7 +86,7 @@ export function writeAtomicWith(link: string, write: (tmp: string) => void): voi
     write(tmp);
   } catch (e) {
     rmSync(tmp, { force: true });
-    throw e;
+    throw notWritable(e, path);
   }
   commitTemp(tmp, path);
 }
@@ -99,9 +99,22 @@ export async function writeAtomicWithAsync(link: string, write: (tmp: string) =>
     await write(tmp);
   } catch (e) {
     rmSync(tmp, { force: true });
-    throw e;
+    throw notWritable(e, path);
   }
   commitTemp(tmp, path);
+}
+
+/**
+ * A permission error met writing `target`'s temporary, said of the target and its folder (the
+ * temporary's name means nothing to the person); any other error as it is.
+ */
+export function notWritable(e: unknown, target: string): unknown {
+  const code = (e as NodeJS.ErrnoException).code;
+  if (code !== 'EACCES' && code !== 'EPERM' && code !== 'EROFS') return e;
+  const why = code === 'EROFS' ? 'is on a read-only file system' : 'is not writable by this user';
+  return Object.assign(new Error(`cannot write ${basename(target)}: its folder ${dirname(target)} ${why} (${code})`), {
+    code,
+  });
 }
 
 /**

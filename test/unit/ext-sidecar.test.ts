@@ -470,3 +470,44 @@ test('hash: records differing only in a number a double cannot hold are differen
     rmSync(d, { recursive: true, force: true });
   }
 });
+
+// root ignores permissions: the writes then run as `nobody`
+const asUser =
+  process.getuid?.() === 0 ? ['runuser', '-u', 'nobody', '--', 'env', 'HOME=/tmp', 'TSX_DISABLE_CACHE=1'] : [];
+test('a folder this user cannot write: export and flagging name the file and its folder, not a temporary', {
+  skip: asUser.length > 0 && !existsSync('/usr/sbin/runuser') && 'runs as root without runuser',
+}, () => {
+  const d = tmp();
+  try {
+    const ds = join(d, 'train.jsonl');
+    writeFileSync(ds, `${JSON.stringify(RECORDS[0])}\n${JSON.stringify(RECORDS[1])}\n`);
+    writeFileSync(sidecarPathFor(ds), `${formatEntry(entry(contentHash(RECORDS[0]), 1))}\n`);
+    chmodSync(d, 0o555);
+    const node = (...args: string[]) =>
+      spawnSync(
+        asUser[0] ?? process.execPath,
+        [...asUser.slice(1), ...(asUser.length ? [process.execPath] : []), '--import', 'tsx', ...args],
+        {
+          encoding: 'utf8',
+        },
+      );
+    const exported = node('src/server/cli.ts', 'export', '--data', ds);
+    assert.equal(exported.status, 1);
+    assert.match(
+      exported.stderr,
+      new RegExp(`cannot write train\\.cleaned\\.jsonl: its folder ${d} is not writable by this user \\(EACCES\\)`),
+    );
+    const flag = node(
+      '-e',
+      `import(${JSON.stringify(join(process.cwd(), 'src/extension/flags/sidecar.ts'))}).then((m) => m.addFlags(${JSON.stringify(sidecarPathFor(ds))}, [{ hash: 'ffffffffffffffff', line: 2, reason: '', score: null, query: '' }])).catch((e) => console.log(e.message))`,
+    );
+    assert.match(
+      flag.stdout,
+      new RegExp(`^cannot write train\\.exclude\\.jsonl: its folder ${d} is not writable by this user \\(EACCES\\)`),
+    );
+    assert.doesNotMatch(exported.stderr + flag.stdout, /\.tmp-|\.lock/);
+  } finally {
+    chmodSync(d, 0o755);
+    rmSync(d, { recursive: true, force: true });
+  }
+});

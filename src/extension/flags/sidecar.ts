@@ -13,7 +13,7 @@
 import { existsSync, readdirSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { cleanStaleTempsOf, resolveLinks, writeFileAtomic } from '../../common/atomic-write';
+import { cleanStaleTempsOf, notWritable, resolveLinks, writeFileAtomic } from '../../common/atomic-write';
 import { asBuffer, byteLines, hasBom, lineText, UTF8_BOM } from '../../common/byte-lines';
 import { describeOwner, tryLock } from '../../common/owner-lock';
 
@@ -258,7 +258,12 @@ export async function withLock<T>(path: string, fn: () => T): Promise<T> {
   const deadline = Date.now() + lockWaitMs();
   let release: (() => void) | undefined;
   for (let wait = 5; !release; wait = Math.min(wait * 2, 100)) {
-    const got = tryLock(lockPath, `changing the flags in ${path}`);
+    let got: ReturnType<typeof tryLock>;
+    try {
+      got = tryLock(lockPath, `changing the flags in ${path}`);
+    } catch (e) {
+      throw notWritable(e, real); // said of the flags file, not of its lock
+    }
     if (typeof got === 'function') release = got;
     else {
       if (Date.now() > deadline)
