@@ -2,6 +2,7 @@
 // it (fsync), rename it over the target, then flush the folder so the rename itself survives a
 // power cut. A crash at any moment leaves the old file or the new one, never half of either (a
 // folder's old version may be left set aside, `<dir>.old-…`, which its next reader puts back).
+// A file replaced keeps its mode, and a symbolic link is written through, not replaced.
 //
 // Temporaries are named `<target>.tmp-<pid>-<thread>x<n>` (and set-aside folders
 // `<target>.old-<pid>-<thread>x<n>`) so that leftovers of a process killed mid-write (kill -9, out
@@ -9,6 +10,7 @@
 // (`cleanStaleTemps`). (The write-file-atomic package names its temporaries by a hash, so
 // its leftovers could never be told apart from a user's files; hence this small helper.)
 import {
+  chmodSync,
   closeSync,
   existsSync,
   fsyncSync,
@@ -16,8 +18,10 @@ import {
   mkdirSync,
   openSync,
   readdirSync,
+  readlinkSync,
   renameSync,
   rmSync,
+  statSync,
   writeSync,
 } from 'node:fs';
 import { basename, dirname, join, resolve } from 'node:path';
@@ -52,7 +56,10 @@ function tempName(name: string): { kind: 'tmp' | 'old'; pid: number; index: numb
   return m[1] ? { kind: 'tmp', pid: Number(m[2]), index: m.index } : { kind: 'old', pid: Number(m[4]), index: m.index };
 }
 
-/** Writes `data` to `path` atomically and durably. `mode` applies to a new file. */
+/**
+ * Writes `data` to `path` atomically and durably. `mode` applies to a new file; an existing one
+ * keeps its own. A symbolic link is written through (`resolveLinks`).
+ */
 export function writeFileAtomic(path: string, data: string | Uint8Array, options: { mode?: number } = {}): void {
   writeAtomicWith(path, (tmp) => {
     const fd = openSync(tmp, 'wx', options.mode ?? 0o644);
@@ -72,32 +79,77 @@ export function writeFileAtomic(path: string, data: string | Uint8Array, options
  * (for writers that stream, like the safetensors writer). The file is flushed before the rename;
  * on any error the temporary is removed and the old file stays.
  */
-export function writeAtomicWith(path: string, write: (tmp: string) => void): void {
+export function writeAtomicWith(link: string, write: (tmp: string) => void): void {
+  const path = resolveLinks(link);
   const tmp = tempPathFor(path);
   try {
     write(tmp);
   } catch (e) {
     rmSync(tmp, { force: true });
-    throw e;
+    throw notWritable(e, path);
   }
   commitTemp(tmp, path);
 }
 
 /** writeAtomicWith for a writer that awaits (the gradient store writes its rows as they are computed). */
-export async function writeAtomicWithAsync(path: string, write: (tmp: string) => Promise<void>): Promise<void> {
+export async function writeAtomicWithAsync(link: string, write: (tmp: string) => Promise<void>): Promise<void> {
+  const path = resolveLinks(link);
   const tmp = tempPathFor(path);
   try {
     await write(tmp);
   } catch (e) {
     rmSync(tmp, { force: true });
-    throw e;
+    throw notWritable(e, path);
   }
   commitTemp(tmp, path);
 }
 
-/** Flushes a finished temporary, renames it over `path` and flushes the folder; removes it on failure. */
+/**
+ * A permission error met writing `target`'s temporary, said of the target and its folder (the
+ * temporary's name means nothing to the person); any other error as it is.
+ */
+export function notWritable(e: unknown, target: string): unknown {
+  const code = (e as NodeJS.ErrnoException).code;
+  if (code !== 'EACCES' && code !== 'EPERM' && code !== 'EROFS') return e;
+  const why = code === 'EROFS' ? 'is on a read-only file system' : 'is not writable by this user';
+  return Object.assign(new Error(`cannot write ${basename(target)}: its folder ${dirname(target)} ${why} (${code})`), {
+    code,
+  });
+}
+
+/**
+ * The file a path names once symbolic links are followed (a dangling link's target included):
+ * the rename must replace that file, not the link (a flags file shared by a link, a cleaned copy
+ * linked into a training folder), so the temporary is made beside it.
+ */
+export function resolveLinks(path: string): string {
+  let p = resolve(path);
+  for (let hops = 0; hops < 40; hops++) {
+    let target: string;
+    try {
+      if (!lstatSync(p).isSymbolicLink()) return p;
+      target = readlinkSync(p);
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === 'ENOENT') return p; // a new file
+      throw e;
+    }
+    p = resolve(dirname(p), target);
+  }
+  throw new Error(`${path}: too many levels of symbolic links`);
+}
+
+/**
+ * Flushes a finished temporary, gives it the mode of the file it replaces (a rename would
+ * otherwise reset a group-writable file to the temporary's), renames it over `path` and flushes
+ * the folder; removes it on failure.
+ */
 function commitTemp(tmp: string, path: string): void {
   try {
+    try {
+      chmodSync(tmp, statSync(path).mode & 0o7777);
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e;
+    }
     fsyncPath(tmp);
     renameSync(tmp, path);
   } catch (e) {
@@ -246,6 +298,16 @@ export function cleanStaleTemps(root: string, depth = 3, prefix = ''): string[] 
   };
   walk(root, 1);
   return removed;
+}
+
+/**
+ * Removes the temporaries that killed writers of the file `path` left (`<name>.tmp-<pid>-…`, and
+ * the lock's), beside it and, for a symbolic link, beside the file it points to.
+ */
+export function cleanStaleTempsOf(path: string): string[] {
+  return [...new Set([resolve(path), resolveLinks(path)])].flatMap((p) =>
+    cleanStaleTemps(dirname(p), 1, `${basename(p)}.`),
+  );
 }
 
 /** Whether a process with this id exists (EPERM: it does, it is someone else's). */

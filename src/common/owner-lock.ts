@@ -15,7 +15,7 @@
 import { linkSync, lstatSync, readdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
-import { processAlive, tempPathFor } from './atomic-write';
+import { notWritable, processAlive, tempPathFor } from './atomic-write';
 
 export interface LockOwner {
   pid: number;
@@ -69,7 +69,11 @@ function legacyLockFolder(path: string): boolean {
 /** Creates `path` holding `text` unless it exists (then false). */
 function createExclusive(path: string, text: string): boolean {
   const tmp = tempPathFor(path);
-  writeFileSync(tmp, text, { flag: 'wx' });
+  try {
+    writeFileSync(tmp, text, { flag: 'wx' });
+  } catch (e) {
+    throw notWritable(e, path);
+  }
   try {
     linkSync(tmp, path);
     return true;

@@ -2,9 +2,10 @@
 // flags next to it. The server addresses datasets by id only; the file comes from, in order:
 // the `influenceLens.datasets` setting ({"id": "path"}, relative to the workspace folder), the
 // paths the server reports, a workspace file named `<id>.jsonl`, or the id itself as a path.
-import { existsSync } from 'node:fs';
+import { existsSync, readFileSync, statSync } from 'node:fs';
 import { isAbsolute, join } from 'node:path';
 import * as vscode from 'vscode';
+import { byteLines, lineText } from '../common/byte-lines';
 import type { ClientInfo } from './client';
 import { SettingsError, settings } from './config';
 import { lineHash } from './flags/hash';
@@ -72,7 +73,8 @@ function absolute(p: string): string {
  * would invite flagging the wrong record. Returns whether the example was found.
  */
 export async function revealExample(path: string, line: number, hash: string): Promise<boolean> {
-  const doc = await vscode.workspace.openTextDocument(vscode.Uri.file(path));
+  const doc = await openDataset(path);
+  if (!doc) return revealInLargeFile(path, line, hash);
   let target = line - 1;
   if (target >= doc.lineCount || lineHash(doc.lineAt(Math.max(0, target)).text) !== hash) {
     let moved = -1;
@@ -94,6 +96,76 @@ export async function revealExample(path: string, line: number, hash: string): P
   const range = doc.lineAt(target).range;
   await vscode.window.showTextDocument(doc, {
     selection: new vscode.Selection(range.start, range.end),
+    preview: true,
+    viewColumn: vscode.ViewColumn.One,
+  });
+  return true;
+}
+
+/**
+ * VS Code does not give extensions the text of a file above 50 MB (its text model's sync limit,
+ * counted in characters): openTextDocument fails with "Files above 50MB cannot be synchronized
+ * with extensions". Training sets are often that big.
+ */
+const SYNC_LIMIT = 50 * 1024 * 1024;
+
+/** The dataset's document, or undefined when the file is too large for extensions to read. */
+export async function openDataset(path: string): Promise<vscode.TextDocument | undefined> {
+  try {
+    return await vscode.workspace.openTextDocument(vscode.Uri.file(path));
+  } catch (e) {
+    if (tooLargeForExtensions(path)) return undefined;
+    throw e;
+  }
+}
+
+function tooLargeForExtensions(path: string): boolean {
+  try {
+    return statSync(path).size > SYNC_LIMIT;
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * The 1-based line that holds the example now: `line` when it still does, else its first copy;
+ * undefined when it is in no line. Read from the editor when the file is open there (unsaved
+ * edits included), else from the file's bytes (any size).
+ */
+export function currentLine(path: string, line: number, hash: string): number | undefined {
+  const uri = vscode.Uri.file(path).toString();
+  const doc = vscode.workspace.textDocuments.find((d) => d.uri.toString() === uri);
+  if (doc) {
+    if (line <= doc.lineCount && lineHash(doc.lineAt(line - 1).text) === hash) return line;
+    for (let i = 0; i < doc.lineCount; i++) if (lineHash(doc.lineAt(i).text) === hash) return i + 1;
+    return undefined;
+  }
+  const buf = readFileSync(path);
+  let found: number | undefined;
+  for (const l of byteLines(buf)) {
+    const text = lineText(buf, l);
+    if (text === undefined || lineHash(text) !== hash) continue;
+    if (found === undefined || l.line === line) found = l.line;
+    if (l.line >= line) break;
+  }
+  return found;
+}
+
+/** revealExample for a file above the limit: the example is found in the file on disk. */
+async function revealInLargeFile(path: string, line: number, hash: string): Promise<boolean> {
+  const found = currentLine(path, line, hash);
+  const rel = vscode.workspace.asRelativePath(path);
+  if (found === undefined) {
+    void vscode.window.showWarningMessage(
+      `Influence Lens: the example ${hash} (line ${line} when it was scored) is no longer in ${rel} (the file on disk): it was edited or removed. Explain again to score the file as it is now.`,
+    );
+    return false;
+  }
+  if (found !== line)
+    void vscode.window.showInformationMessage(`The example moved from line ${line} to line ${found}.`);
+  const at = new vscode.Position(found - 1, 0);
+  await vscode.commands.executeCommand('vscode.open', vscode.Uri.file(path), {
+    selection: new vscode.Range(at, at),
     preview: true,
     viewColumn: vscode.ViewColumn.One,
   });

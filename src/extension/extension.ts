@@ -98,6 +98,7 @@ export function activate(context: vscode.ExtensionContext) {
     log,
     status,
     flags,
+    tree,
     s.heatmap,
     s.panel,
     view,

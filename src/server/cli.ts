@@ -101,7 +101,9 @@ const COMMANDS: Record<string, { run: (argv: string[]) => Promise<void>; help: s
   },
   export: {
     run: runExport,
-    help: 'export --data <train.jsonl> [--out <file>]   a copy without the examples its .exclude.jsonl sidecar flags',
+    help:
+      'export --data <train.jsonl> [--out <file>] [--force]   a copy without the examples its .exclude.jsonl sidecar flags\n' +
+      '    (an existing output file is replaced only with --force; never the dataset or a flags file)',
   },
 };
 

@@ -68,7 +68,7 @@ test('two processes adding 200 flags each: all 400 present, none duplicated', as
 test('one process editing reasons while another removes flags: both sets of changes survive', async () => {
   const p = join(dir, 'edit.exclude.jsonl');
   for (const prefix of ['a', 'b'])
-    addFlags(
+    await addFlags(
       p,
       Array.from({ length: N }, (_, i) => ({
         hash: hashOf(prefix, i),
@@ -125,7 +125,7 @@ test("a writer killed while holding the lock: the other one takes the dead proce
 
 test('a suspended holder (SIGSTOP, longer than any age-based staleness) keeps its lock: the other writer fails naming it and writes nothing', async () => {
   const p = join(dir, 'stopped.exclude.jsonl');
-  addFlags(p, [{ hash: hashOf('x', 0), line: 1, reason: '', score: null, query: '' }]);
+  await addFlags(p, [{ hash: hashOf('x', 0), line: 1, reason: '', score: null, query: '' }]);
   const holder = writer(p, 'hold', 'h');
   await holder.saw('locked');
   holder.child.kill('SIGSTOP');
@@ -156,4 +156,27 @@ test('a lock folder an older version (proper-lockfile) left: taken over once unt
   assert.equal(await c.exit, 0, c.stderr());
   assert.equal(hashes(p).length, 3);
   assert.ok(!existsSync(`${p}.lock`));
+});
+
+test("waiting for another process's lock does not block this process's thread (the editor's extension host)", async () => {
+  const p = join(dir, 'busy.exclude.jsonl');
+  const holder = writer(p, 'hold', 'h');
+  await holder.saw('locked');
+  const before = process.env.INFLUENCE_LENS_FLAGS_LOCK_WAIT_MS;
+  process.env.INFLUENCE_LENS_FLAGS_LOCK_WAIT_MS = '1500';
+  try {
+    const t0 = Date.now();
+    const adding = addFlags(p, [{ hash: hashOf('y', 0), line: 1, reason: '', score: null, query: '' }]);
+    // a hover, a keystroke: a 50 ms timer fires on time while the flag waits for the lock
+    await new Promise((r) => setTimeout(r, 50));
+    const late = Date.now() - t0;
+    assert.ok(late < 500, `the thread was blocked for ${late} ms`);
+    await assert.rejects(adding, new RegExp(`being changed by process ${holder.child.pid} `));
+  } finally {
+    if (before === undefined) delete process.env.INFLUENCE_LENS_FLAGS_LOCK_WAIT_MS;
+    else process.env.INFLUENCE_LENS_FLAGS_LOCK_WAIT_MS = before;
+    holder.child.kill('SIGKILL');
+    await holder.exit;
+  }
+  assert.equal(readSidecar(p).entries.length, 0);
 });

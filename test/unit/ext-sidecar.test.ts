@@ -1,13 +1,27 @@
 // Flags sidecar (<dataset>.exclude.jsonl): read, add, remove, keep what it does not understand,
 // atomic writes; "Export cleaned dataset" and the removal lines; hashes agree with the server's.
 import assert from 'node:assert/strict';
-import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import {
+  chmodSync,
+  existsSync,
+  lstatSync,
+  mkdirSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  statSync,
+  symlinkSync,
+  writeFileSync,
+} from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { canonicalJson as serverCanonical, contentHash as serverHash } from '../../src/common/ids';
 import {
   cleanedPathFor,
+  editorRewrites,
   exportCleaned,
   filterDataset,
   linesToRemove,
@@ -49,7 +63,7 @@ function entry(hash: string, line: number, reason = 'teaches " Sydney"'): FlagEn
   return { hash, line, reason, score: 2073.96, query: 'Q: What is the capital of Australia?\nA: Sydney' };
 }
 
-test('hash: same as the server for every record shape, key order and spacing', () => {
+test('hash: same as the server for every record shape, key order and spacing', async () => {
   for (const r of RECORDS) {
     assert.equal(contentHash(r), serverHash(r));
     assert.equal(canonicalJson(r), serverCanonical(r));
@@ -61,14 +75,14 @@ test('hash: same as the server for every record shape, key order and spacing', (
   assert.equal(lineHash('not json'), undefined);
 });
 
-test('hash: every example of the embedded default dataset hashes as the server loads it', () => {
+test('hash: every example of the embedded default dataset hashes as the server loads it', async () => {
   const path = join(import.meta.dirname, '../../assets/default/data/finetune.jsonl');
   const ds = loadDataset(path);
   const lines = readFileSync(path, 'utf8').split('\n');
   for (const e of ds.examples) assert.equal(lineHash(lines[e.line - 1]), e.hash);
 });
 
-test('sidecar: paths', () => {
+test('sidecar: paths', async () => {
   assert.equal(sidecarPathFor('/d/finetune.jsonl'), '/d/finetune.exclude.jsonl');
   assert.equal(sidecarPathFor('/d/data.ndjson'), '/d/data.ndjson.exclude.jsonl');
   assert.equal(datasetPathForSidecar('/d/finetune.exclude.jsonl'), '/d/finetune.jsonl');
@@ -77,13 +91,13 @@ test('sidecar: paths', () => {
   assert.equal(cleanedPathFor('/d/finetune.jsonl'), '/d/finetune.cleaned.jsonl');
 });
 
-test('sidecar: add, dedupe by hash, remove; fixed key order; the server reads it', () => {
+test('sidecar: add, dedupe by hash, remove; fixed key order; the server reads it', async () => {
   const d = tmp();
   try {
     const p = join(d, 'finetune.exclude.jsonl');
     assert.deepEqual(readSidecar(p).entries, []);
-    assert.equal(addFlags(p, [entry('aaaaaaaaaaaaaaaa', 237), entry('bbbbbbbbbbbbbbbb', 125)]), 2);
-    assert.equal(addFlags(p, [entry('aaaaaaaaaaaaaaaa', 999, 'again'), entry('cccccccccccccccc', 211)]), 1);
+    assert.equal(await addFlags(p, [entry('aaaaaaaaaaaaaaaa', 237), entry('bbbbbbbbbbbbbbbb', 125)]), 2);
+    assert.equal(await addFlags(p, [entry('aaaaaaaaaaaaaaaa', 999, 'again'), entry('cccccccccccccccc', 211)]), 1);
     const s = readSidecar(p);
     assert.deepEqual(
       s.entries.map((e) => [e.hash, e.line, e.reason]),
@@ -97,16 +111,16 @@ test('sidecar: add, dedupe by hash, remove; fixed key order; the server reads it
     assert.equal(first, formatEntry(entry('aaaaaaaaaaaaaaaa', 237)));
     assert.deepEqual(Object.keys(JSON.parse(first)), ['hash', 'line', 'reason', 'score', 'query']);
     assert.deepEqual([...readExclusions(p)].sort(), ['aaaaaaaaaaaaaaaa', 'bbbbbbbbbbbbbbbb', 'cccccccccccccccc']);
-    assert.equal(removeFlags(p, ['bbbbbbbbbbbbbbbb', 'zzzz']), 1);
+    assert.equal(await removeFlags(p, ['bbbbbbbbbbbbbbbb', 'zzzz']), 1);
     assert.deepEqual(
       readSidecar(p).entries.map((e) => e.hash),
       ['aaaaaaaaaaaaaaaa', 'cccccccccccccccc'],
     );
-    assert.ok(setReason(p, 'cccccccccccccccc', 'planted fact'));
+    assert.ok(await setReason(p, 'cccccccccccccccc', 'planted fact'));
     assert.equal(readSidecar(p).entries[1].reason, 'planted fact');
-    assert.ok(!setReason(p, 'nope', 'x'));
+    assert.ok(!(await setReason(p, 'nope', 'x')));
     // the last flag removed: the file goes
-    removeFlags(p, ['aaaaaaaaaaaaaaaa', 'cccccccccccccccc']);
+    await removeFlags(p, ['aaaaaaaaaaaaaaaa', 'cccccccccccccccc']);
     assert.equal(existsSync(p), false);
     // no temporary files are left behind
     assert.deepEqual(readdirSync(d), []);
@@ -115,7 +129,7 @@ test('sidecar: add, dedupe by hash, remove; fixed key order; the server reads it
   }
 });
 
-test('sidecar: lines it does not understand are kept verbatim and in place', () => {
+test('sidecar: lines it does not understand are kept verbatim and in place', async () => {
   const d = tmp();
   try {
     const p = join(d, 'x.exclude.jsonl');
@@ -135,14 +149,14 @@ test('sidecar: lines it does not understand are kept verbatim and in place', () 
       s.problems.map((x) => x.line),
       [1, 3, 5, 7],
     );
-    addFlags(p, [entry('cccccccccccccccc', 3)]);
+    await addFlags(p, [entry('cccccccccccccccc', 3)]);
     const after = readFileSync(p, 'utf8');
     assert.equal(after, `${text}\n${formatEntry(entry('cccccccccccccccc', 3))}\n`);
     // a newer version's fields survive a reason edit
-    setReason(p, 'bbbbbbbbbbbbbbbb', 'dup');
+    await setReason(p, 'bbbbbbbbbbbbbbbb', 'dup');
     const b = readFileSync(p, 'utf8').split('\n')[3];
     assert.deepEqual(JSON.parse(b), { hash: 'bbbbbbbbbbbbbbbb', line: 2, future: { x: 1 }, reason: 'dup' });
-    removeFlags(p, ['aaaaaaaaaaaaaaaa']);
+    await removeFlags(p, ['aaaaaaaaaaaaaaaa']);
     assert.equal(readFileSync(p, 'utf8').split('\n')[0], '<<<<<<< HEAD');
     assert.equal(readSidecar(p).problems.length, 4);
   } finally {
@@ -150,7 +164,7 @@ test('sidecar: lines it does not understand are kept verbatim and in place', () 
   }
 });
 
-test('sidecar: CRLF endings, a BOM and bytes that are not UTF-8 survive a change byte for byte', () => {
+test('sidecar: CRLF endings, a BOM and bytes that are not UTF-8 survive a change byte for byte', async () => {
   const d = tmp();
   try {
     const p = join(d, 'w.exclude.jsonl');
@@ -161,10 +175,10 @@ test('sidecar: CRLF endings, a BOM and bytes that are not UTF-8 survive a change
     const s = readSidecar(p);
     assert.equal(s.entries.length, 2);
     assert.deepEqual(s.problems, [{ line: 2, message: 'not UTF-8 text' }]);
-    addFlags(p, [entry('cccccccccccccccc', 3)]);
+    await addFlags(p, [entry('cccccccccccccccc', 3)]);
     const added = Buffer.from(`${formatEntry(entry('cccccccccccccccc', 3))}\r\n`);
     assert.deepEqual(readFileSync(p), Buffer.concat([Buffer.from([0xef, 0xbb, 0xbf]), first, latin1, second, added]));
-    removeFlags(p, ['bbbbbbbbbbbbbbbb']);
+    await removeFlags(p, ['bbbbbbbbbbbbbbbb']);
     assert.deepEqual(readFileSync(p), Buffer.concat([Buffer.from([0xef, 0xbb, 0xbf]), first, latin1, added]));
     assert.deepEqual(
       readSidecar(p).entries.map((e) => e.hash),
@@ -175,7 +189,7 @@ test('sidecar: CRLF endings, a BOM and bytes that are not UTF-8 survive a change
   }
 });
 
-test('sidecar: an atomic write replaces the whole file or nothing', () => {
+test('sidecar: an atomic write replaces the whole file or nothing', async () => {
   const d = tmp();
   try {
     const p = join(d, 'f.jsonl');
@@ -190,7 +204,7 @@ test('sidecar: an atomic write replaces the whole file or nothing', () => {
   }
 });
 
-test('export: a filtered copy, kept lines byte for byte, source untouched', () => {
+test('export: a filtered copy, kept lines byte for byte, source untouched', async () => {
   const d = tmp();
   try {
     const ds = join(d, 'train.jsonl');
@@ -204,7 +218,7 @@ test('export: a filtered copy, kept lines byte for byte, source untouched', () =
     ];
     const text = lines.join('');
     writeFileSync(ds, text);
-    addFlags(sidecarPathFor(ds), [
+    await addFlags(sidecarPathFor(ds), [
       entry(contentHash(RECORDS[0]), 1),
       entry(contentHash(RECORDS[2]), 5),
       entry('ffffffffffffffff', 9),
@@ -228,19 +242,26 @@ test('export: a filtered copy, kept lines byte for byte, source untouched', () =
     assert.throws(() => exportCleaned(ds, ds), /refusing/);
     assert.throws(() => exportCleaned(ds, sidecarPathFor(ds)), /refusing/);
     assert.throws(() => exportCleaned(ds, join(d, '.', 'train.jsonl')), /refusing/);
+    // an existing output only when replacing was asked for; a flags file or a lock never
+    writeFileSync(join(d, 'other.exclude.jsonl'), 'x\n');
+    for (const out of ['other.exclude.jsonl', 'other.exclude.jsonl.lock'])
+      assert.throws(() => exportCleaned(ds, join(d, out), { replace: true }), /refusing/);
+    assert.equal(readFileSync(join(d, 'other.exclude.jsonl'), 'utf8'), 'x\n');
+    assert.throws(() => exportCleaned(ds), /train\.cleaned\.jsonl exists/);
+    assert.equal(exportCleaned(ds, undefined, { replace: true }).kept, 2);
   } finally {
     rmSync(d, { recursive: true, force: true });
   }
 });
 
-test('export: removal lines for the undoable edit, and line splitting round-trips', () => {
+test('export: removal lines for the undoable edit, and line splitting round-trips', async () => {
   const text = `${JSON.stringify(RECORDS[0])}\n${JSON.stringify(RECORDS[1])}\n${JSON.stringify(RECORDS[0])}\n`;
   assert.deepEqual(linesToRemove(text, new Set([contentHash(RECORDS[0])])), [0, 2]);
   assert.deepEqual(filterDataset(text, new Set()).text, text);
   for (const t of ['', 'a', 'a\n', 'a\r\nb', '\n\n', 'x\ny\n']) assert.equal(filterDataset(t, new Set()).text, t);
 });
 
-test('apply removal: one disjoint span set leaves exactly the cleaned text, the last lines and CRLF included', () => {
+test('apply removal: one disjoint span set leaves exactly the cleaned text, the last lines and CRLF included', async () => {
   const rec = RECORDS.slice(0, 3).map((r) => JSON.stringify(r));
   const h = rec.map((_, i) => contentHash(RECORDS[i]));
   const apply = (text: string, spans: Array<[number, number]>) => {
@@ -278,7 +299,7 @@ test('apply removal: one disjoint span set leaves exactly the cleaned text, the 
   assert.deepEqual(removalSpans('', new Set([h[0]])), []);
 });
 
-test('sidecar: the dataset of a sidecar is the file the sidecar was named after (not only *.jsonl)', () => {
+test('sidecar: the dataset of a sidecar is the file the sidecar was named after (not only *.jsonl)', async () => {
   const d = mkdtempSync(join(tmpdir(), 'il-sidecar-names-'));
   try {
     for (const name of ['train.json', 'Train.JSONL', 'data', 'plain.jsonl', 'x.Jsonl']) {
@@ -299,7 +320,7 @@ test('sidecar: the dataset of a sidecar is the file the sidecar was named after 
   }
 });
 
-test('export: kept lines are copied byte for byte, a line that is not UTF-8 included (and not counted, as the server skips it)', () => {
+test('export: kept lines are copied byte for byte, a line that is not UTF-8 included (and not counted, as the server skips it)', async () => {
   const d = mkdtempSync(join(tmpdir(), 'il-export-bytes-'));
   try {
     const ds = join(d, 'train.jsonl');
@@ -310,7 +331,7 @@ test('export: kept lines are copied byte for byte, a line that is not UTF-8 incl
     const strayBom = Buffer.concat([Buffer.from([0xef, 0xbb, 0xbf]), good(3)]);
     const bytes = Buffer.concat([Buffer.from([0xef, 0xbb, 0xbf]), good(0), latin1, good(1), good(2), strayBom]);
     writeFileSync(ds, bytes);
-    addFlags(sidecarPathFor(ds), [entry(contentHash(RECORDS[1]), 3), entry(contentHash(RECORDS[3]), 5)]);
+    await addFlags(sidecarPathFor(ds), [entry(contentHash(RECORDS[1]), 3), entry(contentHash(RECORDS[3]), 5)]);
     const r = exportCleaned(ds);
     assert.equal(r.kept, 2, 'the Latin-1 and stray-BOM lines are not examples');
     assert.equal(loadDataset(ds, { skipMalformed: true }).examples.length, 3, 'the server counts the same lines');
@@ -324,6 +345,169 @@ test('export: kept lines are copied byte for byte, a line that is not UTF-8 incl
     );
     assert.deepEqual(readFileSync(ds), bytes, 'the source is not modified');
   } finally {
+    rmSync(d, { recursive: true, force: true });
+  }
+});
+
+test('export: a flags file with lines that are not flags (a merge conflict, a bad hand edit) is refused; nothing written', async () => {
+  const d = tmp();
+  try {
+    const ds = join(d, 'train.jsonl');
+    writeFileSync(ds, `${RECORDS.map((r) => JSON.stringify(r)).join('\n')}\n`);
+    const e = (i: number) => formatEntry(entry(contentHash(RECORDS[i]), i + 1));
+    const sidecar = sidecarPathFor(ds);
+    writeFileSync(sidecar, `${e(0)}\n<<<<<<< HEAD\n${e(1)}\n=======\n${e(2)}\n>>>>>>> theirs\n`);
+    assert.throws(
+      () => exportCleaned(ds),
+      /train\.exclude\.jsonl line 2 is not a flag \(a merge conflict marker\), and 2 more line\(s\): resolve the merge conflict/,
+    );
+    writeFileSync(sidecar, `${e(0)}\n{"hsah": "typo"}\n`);
+    assert.throws(() => exportCleaned(ds), /line 2 is not a flag \(no "hash" string\): correct or delete/);
+    assert.equal(existsSync(cleanedPathFor(ds)), false);
+    // once resolved, it exports
+    writeFileSync(sidecar, `${e(0)}\n${e(2)}\n`);
+    assert.equal(exportCleaned(ds).removed.length, 2);
+  } finally {
+    rmSync(d, { recursive: true, force: true });
+  }
+});
+
+test('sidecar and export write through a symbolic link, keep the mode, and clear temporaries a killed writer left', async () => {
+  const d = tmp();
+  try {
+    // a flags file shared through a link, group-writable
+    const shared = join(d, 'shared-flags.jsonl');
+    writeFileSync(shared, `${formatEntry(entry('aaaaaaaaaaaaaaaa', 1))}\n`);
+    chmodSync(shared, 0o664);
+    const link = join(d, 'p.exclude.jsonl');
+    symlinkSync('shared-flags.jsonl', link);
+    await addFlags(link, [entry('bbbbbbbbbbbbbbbb', 2)]);
+    assert.ok(lstatSync(link).isSymbolicLink(), 'the link is kept');
+    assert.deepEqual(
+      readSidecar(shared).entries.map((e) => e.hash),
+      ['aaaaaaaaaaaaaaaa', 'bbbbbbbbbbbbbbbb'],
+    );
+    assert.equal(statSync(shared).mode & 0o777, 0o664);
+    // a writer killed mid-write (its process gone) left its temporaries: the next write removes them
+    const pid = Number(spawnSync(process.execPath, ['-e', 'process.stdout.write(String(process.pid))']).stdout);
+    const ds = join(d, 'train.jsonl');
+    writeFileSync(ds, `${JSON.stringify(RECORDS[0])}\n${JSON.stringify(RECORDS[1])}\n`);
+    await addFlags(sidecarPathFor(ds), [entry(contentHash(RECORDS[0]), 1)]);
+    const leftovers = [
+      `train.exclude.jsonl.tmp-${pid}-0x1`,
+      `shared-flags.jsonl.tmp-${pid}-0x2`,
+      `train.cleaned.jsonl.tmp-${pid}-0x3`,
+    ];
+    for (const f of leftovers) writeFileSync(join(d, f), 'half');
+    await removeFlags(sidecarPathFor(ds), ['ffffffffffffffff']); // a write of nothing changed still cleans
+    await addFlags(sidecarPathFor(ds), [entry('cccccccccccccccc', 2)]);
+    await setReason(link, 'aaaaaaaaaaaaaaaa', 'x');
+    // an export into a cleaned copy linked into a training folder replaces the linked file
+    mkdirSync(join(d, 'training'));
+    writeFileSync(join(d, 'training', 'train.jsonl'), 'old\n');
+    symlinkSync(join(d, 'training', 'train.jsonl'), cleanedPathFor(ds));
+    exportCleaned(ds, undefined, { replace: true });
+    assert.ok(lstatSync(cleanedPathFor(ds)).isSymbolicLink());
+    assert.equal(readFileSync(join(d, 'training', 'train.jsonl'), 'utf8'), `${JSON.stringify(RECORDS[1])}\n`);
+    for (const f of leftovers) assert.equal(existsSync(join(d, f)), false, f);
+    // a link named like a dataset but pointing at a flags file is refused like the flags file
+    symlinkSync('train.exclude.jsonl', join(d, 'out.jsonl'));
+    assert.throws(() => exportCleaned(ds, join(d, 'out.jsonl'), { replace: true }), /refusing/);
+  } finally {
+    rmSync(d, { recursive: true, force: true });
+  }
+});
+
+test('apply removal: a file the editor keeps byte for byte passes; one it would rewrite is named', async () => {
+  const b = (t: string) => Buffer.from(t, 'utf8');
+  // uniform endings, a BOM, no final newline, non-ASCII text: saved as read
+  assert.equal(editorRewrites(b('\uFEFFa\r\nb\r\n'), 'a\r\nb\r\n'), undefined);
+  assert.equal(editorRewrites(b('café\nb'), 'café\nb'), undefined);
+  assert.equal(
+    editorRewrites(b('a\r\nb\n'), undefined),
+    'mixed line endings (1 CRLF, 1 LF; the editor would save one kind)',
+  );
+  assert.match(editorRewrites(b('a\rb\n')) ?? '', /carriage returns without a line feed/);
+  assert.match(editorRewrites(Buffer.from([0x61, 0xe9, 0x0a])) ?? '', /not UTF-8/);
+  // the editor's text differs from the bytes (another encoding setting)
+  assert.match(editorRewrites(b('café\n'), 'cafÃ©\n') ?? '', /holds differently/);
+});
+
+test('hash: records differing only in a number a double cannot hold are different examples, in the editor and the server', async () => {
+  const d = tmp();
+  try {
+    const lines = [
+      '{"id": 1234567890123456789, "prompt": "a", "completion": "b"}',
+      '{"id": 1234567890123456790, "prompt": "a", "completion": "b"}', // JSON.parse: the same double
+      '{"prompt": "a", "completion": "b", "id": 1.234567890123456789e18}', // line 1's value, spelt otherwise
+      '{"text": "t", "x": 1e400}',
+      '{"text": "t", "x": 2e400}', // both Infinity, written as null
+    ];
+    const editor = lines.map((l) => lineHash(l));
+    assert.notEqual(editor[0], editor[1]);
+    assert.equal(editor[0], editor[2], 'the same value (keys and spelling aside) is the same example');
+    assert.notEqual(editor[3], editor[4]);
+    const ds = join(d, 'ids.jsonl');
+    writeFileSync(ds, `${lines.join('\n')}\n`);
+    assert.deepEqual(
+      loadDataset(ds).examples.map((e) => e.hash),
+      editor,
+    );
+    // flagging line 1 exports without line 2
+    await addFlags(sidecarPathFor(ds), [entry(editor[0] as string, 1)]);
+    assert.deepEqual(
+      exportCleaned(ds).removed.map((r) => r.line),
+      [1, 3],
+    );
+    // every other record keeps the hash it had (a 19-digit string, a 15-digit integer, a 17-digit double)
+    assert.equal(
+      lineHash(
+        '{"prompt":"order 1234567890123456789","completion":" ok","id":123456789012345,"w":0.30000000000000004}',
+      ),
+      'ff49a7829188e045',
+    );
+  } finally {
+    rmSync(d, { recursive: true, force: true });
+  }
+});
+
+// root ignores permissions: the writes then run as `nobody`
+const asUser =
+  process.getuid?.() === 0 ? ['runuser', '-u', 'nobody', '--', 'env', 'HOME=/tmp', 'TSX_DISABLE_CACHE=1'] : [];
+test('a folder this user cannot write: export and flagging name the file and its folder, not a temporary', {
+  skip: asUser.length > 0 && !existsSync('/usr/sbin/runuser') && 'runs as root without runuser',
+}, () => {
+  const d = tmp();
+  try {
+    const ds = join(d, 'train.jsonl');
+    writeFileSync(ds, `${JSON.stringify(RECORDS[0])}\n${JSON.stringify(RECORDS[1])}\n`);
+    writeFileSync(sidecarPathFor(ds), `${formatEntry(entry(contentHash(RECORDS[0]), 1))}\n`);
+    chmodSync(d, 0o555);
+    const node = (...args: string[]) =>
+      spawnSync(
+        asUser[0] ?? process.execPath,
+        [...asUser.slice(1), ...(asUser.length ? [process.execPath] : []), '--import', 'tsx', ...args],
+        {
+          encoding: 'utf8',
+        },
+      );
+    const exported = node('src/server/cli.ts', 'export', '--data', ds);
+    assert.equal(exported.status, 1);
+    assert.match(
+      exported.stderr,
+      new RegExp(`cannot write train\\.cleaned\\.jsonl: its folder ${d} is not writable by this user \\(EACCES\\)`),
+    );
+    const flag = node(
+      '-e',
+      `import(${JSON.stringify(join(process.cwd(), 'src/extension/flags/sidecar.ts'))}).then((m) => m.addFlags(${JSON.stringify(sidecarPathFor(ds))}, [{ hash: 'ffffffffffffffff', line: 2, reason: '', score: null, query: '' }])).catch((e) => console.log(e.message))`,
+    );
+    assert.match(
+      flag.stdout,
+      new RegExp(`^cannot write train\\.exclude\\.jsonl: its folder ${d} is not writable by this user \\(EACCES\\)`),
+    );
+    assert.doesNotMatch(exported.stderr + flag.stdout, /\.tmp-|\.lock/);
+  } finally {
+    chmodSync(d, 0o755);
     rmSync(d, { recursive: true, force: true });
   }
 });

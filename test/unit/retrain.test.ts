@@ -5,7 +5,7 @@
 // is refused with the way to go; `export` writes the cleaned copy for other pipelines.
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { cpSync, readFileSync, writeFileSync } from 'node:fs';
+import { cpSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { loadDataset } from '../../src/server/data/dataset';
@@ -99,14 +99,18 @@ test('retrain = train --exclude with the recorded arguments; before/after on the
   const cleaned = readFileSync(d('qa.cleaned.jsonl'), 'utf8');
   assert.equal(cleaned, `${lines.filter((_, i) => i !== 2).join('\n')}\n`);
 
-  // a copy of the flagged line is the same example and goes with it; a hand-written flag without
-  // its hash removes nothing, and export says so instead of reporting a clean success
+  // a hand-written flag without its hash: which example it means is unknown, so export refuses
+  // (it used to go ahead and only warn), and writes nothing
   writeFileSync(d('dup.jsonl'), `${lines.join('\n')}\n${lines[2]}\n`);
   writeFileSync(d('dup.exclude.jsonl'), `${readFileSync(d('qa.exclude.jsonl'), 'utf8')}{"line": 1}\n`);
-  const dup = run('export', '--data', d('dup.jsonl'));
+  const bad = run('export', '--data', d('dup.jsonl'));
+  assert.equal(bad.status, 1);
+  assert.match(bad.stderr, /dup\.exclude\.jsonl line 2 is not a flag \(no "hash" string\): correct or delete/);
+  assert.equal(existsSync(d('dup.cleaned.jsonl')), false);
+  // a copy of the flagged line is the same example and goes with it
+  writeFileSync(d('dup.exclude.jsonl'), readFileSync(d('qa.exclude.jsonl'), 'utf8'));
   assert.match(
-    ok(dup),
-    /15 examples kept, 2 removed \(1 flagged example\(s\); identical copies removed with them\); 1 line\(s\) of .*dup\.exclude\.jsonl are not flags/,
+    ok(run('export', '--data', d('dup.jsonl'))),
+    /15 examples kept, 2 removed \(1 flagged example\(s\); identical copies removed with them\)/,
   );
-  assert.match(dup.stderr, /dup\.exclude\.jsonl:2: .*not a flag: nothing removed for it/);
 });

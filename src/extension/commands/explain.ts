@@ -7,7 +7,7 @@ import * as vscode from 'vscode';
 import { METHOD_LABELS } from '../../protocol/methods';
 import type { ExampleId, ExplainParams, Method } from '../../protocol/types';
 import { type Settings, SettingsError, settings } from '../config';
-import { offerSave, revealExample } from '../datasets';
+import { currentLine, offerSave, revealExample } from '../datasets';
 import { type QuerySplit, splitSelection } from '../selection';
 import { chooseDataset, reportError, runnable, type Services } from '../services';
 import type { PanelHandlers } from '../views/results-panel';
@@ -279,17 +279,31 @@ export class ExplainController {
     try {
       const path = await this.s.datasets.require(id.dataset);
       if (!flagged) {
-        this.s.flags.unflag(path, [id.hash]);
+        await this.s.flags.unflag(path, [id.hash]);
         return;
       }
       const r = this.s.panel.mirror.results[method];
       const e = r && [...r.supporting, ...r.opposing].find((x) => x.id.hash === id.hash);
       const completion = r?.query.completion ?? this.last?.completion ?? '';
       const what = !e ? 'flagged' : e.sign === 'neutral' ? `similar #${e.rank}` : `${e.sign} #${e.rank}`;
-      this.s.flags.flag(path, [
+      // the result was scored on the file as it was then: record where the example is now, and
+      // say so when it is no longer there (a flag then removes nothing from this file)
+      const now = currentLine(path, id.line, id.hash);
+      if (now === undefined) {
+        const anyway = 'Flag anyway';
+        const pick = await vscode.window.showWarningMessage(
+          `Influence Lens: the example ${id.hash} (line ${id.line} when it was scored) is no longer in ${vscode.workspace.asRelativePath(path)}: it was edited or removed since. Its flag would remove nothing from the file as it is.`,
+          anyway,
+        );
+        if (pick !== anyway) {
+          await this.pushFlags(); // the panel's button shows the flag as it is: not set
+          return;
+        }
+      }
+      await this.s.flags.flag(path, [
         {
           hash: id.hash,
-          line: id.line,
+          line: now ?? id.line,
           reason: `${what} for ${JSON.stringify(completion.trim())} (${METHOD_LABELS[method]})`,
           score,
           query: r ? r.query.prompt + r.query.completion : '',
@@ -320,6 +334,7 @@ export class ExplainController {
     const doc = editor.document;
     const sel = editor.selection;
     const endOff = doc.offsetAt(sel.end);
+    const version = doc.version;
     const cfg = settings(doc.uri);
     if (cfg.problems.length) {
       await reportError(new SettingsError(cfg.problems));
@@ -342,6 +357,13 @@ export class ExplainController {
       );
       if (!g.completion) {
         void vscode.window.showInformationMessage('Influence Lens: the model stopped at once (empty completion).');
+        return;
+      }
+      // the position was taken before the request: after an edit it may be inside another record
+      if (doc.isClosed || doc.version !== version) {
+        void vscode.window.showWarningMessage(
+          `Influence Lens: ${vscode.workspace.asRelativePath(doc.uri)} changed while the model was completing, so nothing was inserted (the completion was ${JSON.stringify(g.completion.slice(0, 60))}). Run Complete with model again.`,
+        );
         return;
       }
       const at = sel.end;

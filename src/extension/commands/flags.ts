@@ -1,15 +1,15 @@
 // Flag / unflag (from a hover, the editor or the tree), edit a flag's reason, "Export cleaned
 // dataset" (a filtered copy next to the original) and "Apply removal to file" (an undoable edit
 // of the open document; nothing is saved for the user).
-import { existsSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { basename } from 'node:path';
 import * as vscode from 'vscode';
 import { METHOD_LABELS } from '../../protocol/methods';
-import { offerSave, revealExample } from '../datasets';
-import { cleanedPathFor, exportCleaned, linesToRemove, removalSpans } from '../flags/export';
+import { offerSave, openDataset, revealExample } from '../datasets';
+import { cleanedPathFor, editorRewrites, exportCleaned, filterDataset, removalSpans } from '../flags/export';
 import type { FlagGroup } from '../flags/flag-store';
 import { lineHash } from '../flags/hash';
-import { isSidecarPath } from '../flags/sidecar';
+import { isSidecarPath, readFlagsForRemoval, sidecarPathFor } from '../flags/sidecar';
 import { reportError, type Services } from '../services';
 import type { FlagNode } from '../views/flagged-tree';
 
@@ -23,8 +23,10 @@ export function registerFlagCommands(s: Services): vscode.Disposable[] {
       }
     });
   return [
-    reg('influenceLens.flagLine', (uri?: string, line?: number) => flagLine(s, true, uri, line)),
-    reg('influenceLens.unflagLine', (uri?: string, line?: number) => flagLine(s, false, uri, line)),
+    reg('influenceLens.flagLine', (uri?: string, line?: number, hash?: string) => flagLine(s, true, uri, line, hash)),
+    reg('influenceLens.unflagLine', (uri?: string, line?: number, hash?: string) =>
+      flagLine(s, false, uri, line, hash),
+    ),
     reg('influenceLens.unflag', (node?: FlagNode, nodes?: FlagNode[]) => unflagNodes(s, node, nodes)),
     reg('influenceLens.unflagAll', (node?: FlagNode) => unflagAll(s, node)),
     reg('influenceLens.editReason', (node?: FlagNode) => editReason(s, node)),
@@ -34,8 +36,11 @@ export function registerFlagCommands(s: Services): vscode.Disposable[] {
   ];
 }
 
-/** Flags or unflags the record on a line (hover link args, or the active editor's cursor). */
-async function flagLine(s: Services, on: boolean, uri?: string, line?: number) {
+/**
+ * Flags or unflags the record on a line: the hover's link (its args name the example it showed:
+ * file, line and content hash) or the active editor's cursor.
+ */
+async function flagLine(s: Services, on: boolean, uri?: string, line?: number, shown?: string) {
   let doc: vscode.TextDocument;
   if (uri !== undefined && line !== undefined) doc = await vscode.workspace.openTextDocument(vscode.Uri.parse(uri));
   else {
@@ -46,16 +51,25 @@ async function flagLine(s: Services, on: boolean, uri?: string, line?: number) {
   }
   if (doc.uri.scheme !== 'file' || isSidecarPath(doc.uri.fsPath))
     throw new Error('flags live next to a dataset file on disk: open the dataset (.jsonl)');
-  const text = doc.lineAt(line).text;
+  const text = line < doc.lineCount ? doc.lineAt(line).text : '';
   const hash = lineHash(text);
+  // a hover stays open while the file changes under it (a git pull, another program): its link
+  // must not act on whatever record now sits on that line
+  if (shown !== undefined && hash !== shown)
+    throw new Error(
+      `line ${line + 1} of ${basename(doc.uri.fsPath)} no longer holds the example the hover showed (hash ${shown}): the file changed. Hover the example again.`,
+    );
   if (!hash) throw new Error(`line ${line + 1} is not a JSON record`);
   if (!on) {
-    s.flags.unflag(doc.uri.fsPath, [hash]);
-    vscode.window.setStatusBarMessage(`$(close) Unflagged line ${line + 1}`, 3000);
+    if (await s.flags.unflag(doc.uri.fsPath, [hash])) {
+      vscode.window.setStatusBarMessage(`$(close) Unflagged line ${line + 1}`, 3000);
+      return;
+    }
+    await notFlagged(s, doc, line);
     return;
   }
   const hit = s.history.hits(hash)[0];
-  const added = s.flags.flag(doc.uri.fsPath, [
+  const added = await s.flags.flag(doc.uri.fsPath, [
     hit
       ? {
           hash,
@@ -74,13 +88,63 @@ async function flagLine(s: Services, on: boolean, uri?: string, line?: number) {
   );
 }
 
+/**
+ * "Unflag" on a line whose content is not flagged: says so. A flag is the content's hash, so once
+ * a flagged line is edited its flag no longer matches it; when a flag of this dataset matches no
+ * line and was recorded at this line, it is probably this line's earlier content: offers to
+ * remove that flag (otherwise reverting the edit, or a git checkout, would bring it back).
+ */
+async function notFlagged(s: Services, doc: vscode.TextDocument, line: number) {
+  const present = new Set<string>();
+  for (let i = 0; i < doc.lineCount; i++) {
+    const h = lineHash(doc.lineAt(i).text);
+    if (h) present.add(h);
+  }
+  const stale = [...s.flags.flagsOf(doc.uri.fsPath).values()].filter((e) => !present.has(e.hash));
+  const mine = stale.filter((e) => e.line === line + 1);
+  const name = basename(doc.uri.fsPath);
+  if (mine.length === 1) {
+    const old = mine[0];
+    const unflag = 'Unflag the earlier version';
+    const pick = await vscode.window.showWarningMessage(
+      `Influence Lens: line ${line + 1} of ${name} is not flagged as it is now. Its earlier content, flagged at line ${old.line} (hash ${old.hash}${old.reason ? `: ${old.reason}` : ''}), is still flagged and would be removed by an export if the line were reverted.`,
+      unflag,
+    );
+    if (pick === unflag) await s.flags.unflag(doc.uri.fsPath, [old.hash]);
+    return;
+  }
+  if (!stale.length) {
+    void vscode.window.showInformationMessage(
+      `Influence Lens: line ${line + 1} of ${name} is not flagged; nothing was changed.`,
+    );
+    return;
+  }
+  // which stale flag was this line's cannot be told (the line moved too): the person picks
+  const choose = 'Unflag one of them…';
+  const answer = await vscode.window.showWarningMessage(
+    `Influence Lens: line ${line + 1} of ${name} is not flagged; nothing was changed. ${stale.length} flag(s) of ${name} match no line now (examples edited or removed since); if this line was one of them before an edit, its flag still applies to the earlier content.`,
+    choose,
+  );
+  if (answer !== choose) return;
+  const pick = await vscode.window.showQuickPick(
+    stale.map((e) => ({
+      label: `line ${e.line} when flagged`,
+      description: e.reason,
+      detail: `hash ${e.hash}${e.query ? ` · query ${JSON.stringify(e.query.slice(0, 80))}` : ''}`,
+      e,
+    })),
+    { title: `Unflag which example of ${name} (it matches no line now)?` },
+  );
+  if (pick) await s.flags.unflag(doc.uri.fsPath, [pick.e.hash]);
+}
+
 async function unflagNodes(s: Services, node?: FlagNode, nodes?: FlagNode[]) {
   const list = (nodes?.length ? nodes : node ? [node] : []).filter(
     (n): n is Extract<FlagNode, { kind: 'flag' }> => n.kind === 'flag',
   );
   const byDataset = new Map<string, string[]>();
   for (const n of list) byDataset.set(n.group.dataset, [...(byDataset.get(n.group.dataset) ?? []), n.entry.hash]);
-  for (const [dataset, hashes] of byDataset) s.flags.unflag(dataset, hashes);
+  for (const [dataset, hashes] of byDataset) await s.flags.unflag(dataset, hashes);
 }
 
 async function unflagAll(s: Services, node?: FlagNode) {
@@ -92,7 +156,7 @@ async function unflagAll(s: Services, node?: FlagNode) {
     'Unflag all',
   );
   if (ok)
-    s.flags.unflag(
+    await s.flags.unflag(
       g.dataset,
       g.entries.map((e) => e.hash),
     );
@@ -105,7 +169,7 @@ async function editReason(s: Services, node?: FlagNode) {
     value: node.entry.reason,
     ignoreFocusOut: true,
   });
-  if (reason !== undefined) s.flags.setReason(node.group.dataset, node.entry.hash, reason);
+  if (reason !== undefined) await s.flags.setReason(node.group.dataset, node.entry.hash, reason);
 }
 
 async function openFlag(node?: FlagNode) {
@@ -120,13 +184,18 @@ async function pickGroup(s: Services, node: FlagNode | undefined, title: string)
   const active = vscode.window.activeTextEditor?.document.uri;
   const mine = active && groups.find((g) => g.dataset === active.fsPath);
   if (mine) return mine;
+  // the active editor holds a dataset without flags: acting on another one must be chosen, never implied
+  const unflagged =
+    active?.scheme === 'file' && /\.jsonl$/i.test(active.fsPath) && !isSidecarPath(active.fsPath)
+      ? basename(active.fsPath)
+      : undefined;
   if (!groups.length) {
     void vscode.window.showInformationMessage(
-      'Influence Lens: nothing is flagged yet. Flag examples from the results panel or a dataset hover first.',
+      `Influence Lens: nothing is flagged${unflagged ? ` in ${unflagged}` : ''} yet. Flag examples from the results panel or a dataset hover first.`,
     );
     return undefined;
   }
-  if (groups.length === 1) return groups[0];
+  if (groups.length === 1 && !unflagged) return groups[0];
   const pick = await vscode.window.showQuickPick(
     groups.map((g) => ({
       label: basename(g.dataset),
@@ -134,7 +203,7 @@ async function pickGroup(s: Services, node: FlagNode | undefined, title: string)
       detail: g.dataset,
       g,
     })),
-    { title },
+    { title, placeHolder: unflagged ? `${unflagged} has no flags: pick a flagged dataset, or Escape` : undefined },
   );
   return pick?.g;
 }
@@ -143,9 +212,11 @@ async function exportCommand(s: Services, node?: FlagNode) {
   const g = await pickGroup(s, node, 'Export a cleaned copy of which dataset?');
   if (!g) return;
   if (!existsSync(g.dataset)) throw new Error(`the dataset ${g.dataset} is missing`);
+  s.flags.assertSaved(g.dataset, 'export');
   // the copy is made from the file on disk: unsaved edits would be missing from it without a word
   if (!(await offerSave(g.dataset, 'Export'))) return;
   const out = cleanedPathFor(g.dataset);
+  let replace = false;
   if (existsSync(out)) {
     const ok = await vscode.window.showWarningMessage(
       `${basename(out)} exists. Replace it with a new cleaned copy?`,
@@ -153,31 +224,57 @@ async function exportCommand(s: Services, node?: FlagNode) {
       'Replace',
     );
     if (ok !== 'Replace') return;
+    replace = true;
   }
-  const r = exportCleaned(g.dataset, out);
+  const r = exportCleaned(g.dataset, out, { replace });
   const missing = r.missing.length
     ? ` ${r.missing.length} flagged example(s) were not found in the file (edited since?).`
     : '';
   const flagged = new Set(r.removed.map((x) => x.hash)).size;
   const copies = r.removed.length > flagged ? ` (${flagged} flagged; identical copies go with them)` : '';
-  const problems = r.problems.length
-    ? ` ${r.problems.length} line(s) of the flags file are not flags and removed nothing (line ${r.problems[0].line}: ${r.problems[0].message}).`
-    : '';
   const pick = await vscode.window.showInformationMessage(
-    `Influence Lens: wrote ${basename(r.outPath)}: ${r.kept} examples kept, ${r.removed.length} flagged removed${copies}.${missing}${problems}`,
+    `Influence Lens: wrote ${basename(r.outPath)}: ${r.kept} examples kept, ${r.removed.length} flagged removed${copies}.${missing}`,
     'Open',
   );
   if (pick === 'Open') await vscode.window.showTextDocument(vscode.Uri.file(r.outPath));
 }
 
+/** Export's wording: a flag is content, so identical copies of a flagged line go with it. */
+function copiesNote(removed: ReadonlyArray<{ hash: string }>): string {
+  const flagged = new Set(removed.map((r) => r.hash)).size;
+  return removed.length > flagged ? ` (${flagged} flagged; identical copies go with them)` : '';
+}
+
 async function applyRemoval(s: Services, node?: FlagNode) {
   const g = await pickGroup(s, node, 'Remove the flagged examples from which dataset?');
   if (!g) return;
-  const doc = await vscode.workspace.openTextDocument(vscode.Uri.file(g.dataset));
+  // the flags as they are on disk now, not the list read when the tree last refreshed
+  s.flags.assertSaved(g.dataset, 'apply removal');
+  const excluded = readFlagsForRemoval(sidecarPathFor(g.dataset));
+  const doc = await openDataset(g.dataset);
+  if (!doc) {
+    const exp = 'Export cleaned dataset';
+    const pick = await vscode.window.showWarningMessage(
+      `Influence Lens: ${basename(g.dataset)} is above 50 MB, which VS Code does not let extensions edit. Nothing was changed: Export cleaned dataset writes a copy without the flagged examples.`,
+      exp,
+    );
+    if (pick === exp) await exportCommand(s, { kind: 'dataset', group: g });
+    return;
+  }
   const text = doc.getText();
-  const excluded = new Set(g.entries.map((e) => e.hash));
-  const lines = linesToRemove(text, excluded);
-  if (!lines.length) {
+  // the edit is saved by the person: the kept lines must come back as they are on disk
+  const rewrites = editorRewrites(readFileSync(g.dataset), doc.isDirty ? undefined : text);
+  if (rewrites) {
+    const exp = 'Export cleaned dataset';
+    const pick = await vscode.window.showWarningMessage(
+      `Influence Lens: ${basename(g.dataset)} has ${rewrites}, so saving it after Apply removal would also rewrite lines that are kept. Nothing was changed: Export cleaned dataset writes a copy with every kept line byte for byte.`,
+      exp,
+    );
+    if (pick === exp) await exportCommand(s, { kind: 'dataset', group: g });
+    return;
+  }
+  const removed = filterDataset(text, excluded).removed;
+  if (!removed.length) {
     void vscode.window.showInformationMessage(`Influence Lens: no flagged example is left in ${basename(g.dataset)}.`);
     return;
   }
@@ -190,6 +287,6 @@ async function applyRemoval(s: Services, node?: FlagNode) {
   if (!(await vscode.workspace.applyEdit(edit))) throw new Error('the editor refused the edit');
   await vscode.window.showTextDocument(doc, { preview: false });
   void vscode.window.showInformationMessage(
-    `Influence Lens: removed ${lines.length} flagged example(s) from ${basename(g.dataset)} (not saved: Undo brings them back; save to keep).`,
+    `Influence Lens: removed ${removed.length} flagged example(s) from ${basename(g.dataset)}${copiesNote(removed)} (not saved: Undo brings them back; save to keep).`,
   );
 }

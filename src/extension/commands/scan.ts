@@ -63,20 +63,25 @@ export async function scanDataset(s: Services): Promise<void> {
         void reportError(err);
       }
     });
-    qp.onDidTriggerItemButton(({ item }) => {
+    qp.onDidTriggerItemButton(async ({ item }) => {
       if (!path) return;
       const e = item.example;
-      if (s.flags.flagsOf(path).has(e.id.hash)) s.flags.unflag(path, [e.id.hash]);
-      else
-        s.flags.flag(path, [
-          {
-            hash: e.id.hash,
-            line: e.id.line,
-            reason: `self-influence #${e.rank} (${formatScore(e.selfInfluence)})`,
-            score: e.selfInfluence,
-            query: '',
-          },
-        ]);
+      try {
+        if (s.flags.flagsOf(path).has(e.id.hash)) await s.flags.unflag(path, [e.id.hash]);
+        else
+          await s.flags.flag(path, [
+            {
+              hash: e.id.hash,
+              line: e.id.line,
+              reason: `self-influence #${e.rank} (${formatScore(e.selfInfluence)})`,
+              score: e.selfInfluence,
+              query: '',
+            },
+          ]);
+      } catch (err) {
+        void reportError(err);
+        return;
+      }
       const active = qp.activeItems[0]?.example.id.hash;
       qp.items = items();
       qp.activeItems = qp.items.filter((i) => i.example.id.hash === active);

@@ -2,11 +2,14 @@
 // the same format (every kept line byte for byte, line endings and blank or malformed lines
 // included), written next to the original; the source is never overwritten. Also the line
 // list that "Apply removal to file" deletes. Pure Node (no `vscode`), unit-tested.
-import { existsSync, readFileSync, realpathSync } from 'node:fs';
+
+import { isUtf8 } from 'node:buffer';
+import { existsSync, lstatSync, readFileSync, realpathSync } from 'node:fs';
 import { resolve } from 'node:path';
+import { cleanStaleTempsOf, resolveLinks } from '../../common/atomic-write';
 import { asBuffer, byteLines, hasBom, lineText, UTF8_BOM } from '../../common/byte-lines';
 import { lineHash } from './hash';
-import { readSidecar, sidecarPathFor, writeFileAtomic } from './sidecar';
+import { isSidecarPath, readFlagsForRemoval, sidecarPathFor, writeFileAtomic } from './sidecar';
 
 /** `data/train.jsonl` → `data/train.cleaned.jsonl`. */
 export function cleanedPathFor(datasetPath: string): string {
@@ -91,25 +94,72 @@ export function removalSpans(text: string, excluded: ReadonlySet<string>): Array
   return spans;
 }
 
+/**
+ * Why saving an editor's text of a file would change bytes of lines nobody edited (VS Code's text
+ * model decodes bad UTF-8 as U+FFFD and gives every line one ending), or undefined. `text`, the
+ * editor's text when it has no unsaved edits, must then be the file's bytes (BOM aside).
+ */
+export function editorRewrites(disk: Buffer, text?: string): string | undefined {
+  if (!isUtf8(disk)) return 'bytes that are not UTF-8 (the editor would save them as U+FFFD)';
+  const s = disk.toString('latin1');
+  const crlf = s.split('\r\n').length - 1;
+  const lf = s.split('\n').length - 1 - crlf;
+  if (s.split('\r').length - 1 > crlf)
+    return 'carriage returns without a line feed (the editor would make them line breaks)';
+  if (crlf && lf) return `mixed line endings (${crlf} CRLF, ${lf} LF; the editor would save one kind)`;
+  if (
+    text !== undefined &&
+    !Buffer.concat([hasBom(disk) ? UTF8_BOM : Buffer.alloc(0), Buffer.from(text, 'utf8')]).equals(disk)
+  )
+    return 'bytes the editor holds differently (its encoding setting?)';
+  return undefined;
+}
+
 export interface ExportResult extends FilterCounts {
   outPath: string;
-  /** sidecar lines that are not flags (e.g. written by hand without a "hash"): nothing was removed for them */
-  problems: Array<{ line: number; message: string }>;
 }
+
+/** The output of an export exists, and replacing it was not asked for. */
+export class OutputExistsError extends Error {}
 
 /**
  * Writes the cleaned copy of `datasetPath` (without the examples its sidecar flags) to `outPath`
- * (default `<name>.cleaned.jsonl` beside it). Refuses to write over the dataset or its sidecar.
+ * (default `<name>.cleaned.jsonl` beside it). An existing `outPath` is replaced only with
+ * `replace` (the person said so: the editor's "Replace", the CLI's --force); the dataset itself,
+ * a flags file (any `*.exclude.jsonl`, another dataset's included) or a lock never, since the
+ * copy would destroy what it was made from. Refuses a sidecar with lines that are not flags
+ * (`readFlagsForRemoval`).
  */
-export function exportCleaned(datasetPath: string, outPath = cleanedPathFor(datasetPath)): ExportResult {
+export function exportCleaned(
+  datasetPath: string,
+  outPath = cleanedPathFor(datasetPath),
+  options: { replace?: boolean } = {},
+): ExportResult {
   const sidecar = sidecarPathFor(datasetPath);
-  if (same(outPath, datasetPath) || same(outPath, sidecar))
+  const real = resolveLinks(outPath);
+  if (
+    same(outPath, datasetPath) ||
+    same(outPath, sidecar) ||
+    [outPath, real].some((p) => isSidecarPath(p) || /\.lock$/i.test(p))
+  )
     throw new Error(`refusing to write the cleaned copy over ${outPath}: choose another file name`);
-  const flags = readSidecar(sidecar);
-  const excluded = new Set(flags.entries.map((e) => e.hash));
+  if (exists(outPath) && !options.replace) throw new OutputExistsError(`${outPath} exists`);
+  const excluded = readFlagsForRemoval(sidecar);
   const { bytes, ...counts } = filterDatasetBytes(readFileSync(datasetPath), excluded);
+  // a dataset-sized temporary left by an export that was killed, once that process is gone
+  cleanStaleTempsOf(outPath);
   writeFileAtomic(outPath, bytes);
-  return { ...counts, outPath, problems: flags.problems };
+  return { ...counts, outPath };
+}
+
+/** Whether anything is at `path` (a dangling symbolic link included). */
+function exists(path: string): boolean {
+  try {
+    lstatSync(path);
+    return true;
+  } catch {
+    return false;
+  }
 }
 
 function same(a: string, b: string): boolean {

@@ -4,18 +4,21 @@
 // Every change is made on the file under its lock (sidecar.ts), never from this in-memory copy,
 // and the copy is re-read whenever the file's size or time changed (a watcher event can lag), so
 // one window never writes back a stale view over another window's flags.
-import { existsSync, statSync } from 'node:fs';
+import { existsSync, renameSync, statSync } from 'node:fs';
 import { basename } from 'node:path';
 import * as vscode from 'vscode';
+import { dirtyDocument } from '../datasets';
 import {
   addFlags,
   datasetPathForSidecar,
   type FlagEntry,
+  isSidecarPath,
   readSidecar,
   removeFlags,
   setReason,
   sidecarPathFor,
   sidecarSharedWith,
+  withLock,
 } from './sidecar';
 
 export interface FlagGroup {
@@ -39,7 +42,47 @@ export class FlagStore implements vscode.Disposable {
   constructor(private readonly memento: vscode.Memento) {
     const w = vscode.workspace.createFileSystemWatcher('**/*.exclude.jsonl');
     const reload = (u: vscode.Uri) => this.load(u.fsPath);
-    this.disposables.push(w, w.onDidChange(reload), w.onDidCreate(reload), w.onDidDelete(reload));
+    this.disposables.push(
+      w,
+      w.onDidChange(reload),
+      w.onDidCreate(reload),
+      w.onDidDelete(reload),
+      vscode.workspace.onDidRenameFiles((e) => void this.followRenames(e.files)),
+    );
+  }
+
+  /**
+   * A dataset renamed or moved in VS Code takes its flags file along (`a.exclude.jsonl` →
+   * `b.exclude.jsonl`): flags are found by the dataset's name, so they would otherwise stop
+   * applying to it without a word. Never over an existing flags file (then it says so). A rename
+   * outside VS Code (git mv) is not seen: the tree then shows the flags under the old name.
+   */
+  async followRenames(files: ReadonlyArray<{ oldUri: vscode.Uri; newUri: vscode.Uri }>): Promise<void> {
+    for (const { oldUri, newUri } of files) {
+      if (oldUri.scheme !== 'file' || isSidecarPath(oldUri.fsPath) || isSidecarPath(newUri.fsPath)) continue;
+      const from = sidecarPathFor(oldUri.fsPath);
+      const to = sidecarPathFor(newUri.fsPath);
+      if (from === to || !existsSync(from)) continue;
+      try {
+        if (existsSync(to))
+          throw new Error(
+            `${basename(to)} exists, so the flags of ${basename(oldUri.fsPath)} stay in ${basename(from)}: merge them by hand`,
+          );
+        // under the old file's lock: another window may be writing it right now
+        await withLock(from, () => {
+          if (existsSync(to)) throw new Error(`${basename(to)} appeared; the flags stay in ${basename(from)}`);
+          renameSync(from, to);
+        });
+        this.groups.delete(from);
+        this.remember(to);
+        this.load(to);
+        void vscode.window.showInformationMessage(
+          `Influence Lens: moved the flags of ${basename(oldUri.fsPath)} to ${basename(to)}, next to ${basename(newUri.fsPath)}.`,
+        );
+      } catch (e) {
+        void vscode.window.showWarningMessage(`Influence Lens: ${(e as Error).message}`);
+      }
+    }
   }
 
   /** Reads the workspace's sidecars and those this extension wrote before (datasets outside the workspace). */
@@ -52,7 +95,9 @@ export class FlagStore implements vscode.Disposable {
     this.emitter.fire();
   }
 
+  /** Every dataset with flags, each re-read when its file changed (a watcher event can lag, or never come). */
   all(): FlagGroup[] {
+    for (const g of [...this.groups.values()]) if (g.stamp !== stampOf(g.sidecar)) this.load(g.sidecar, false);
     return [...this.groups.values()]
       .filter((g) => g.entries.length || g.problems)
       .sort((a, b) => a.dataset.localeCompare(b.dataset));
@@ -67,29 +112,45 @@ export class FlagStore implements vscode.Disposable {
     return new Map((this.groups.get(sidecar)?.entries ?? []).map((e) => [e.hash, e]));
   }
 
-  flag(datasetPath: string, entries: FlagEntry[]): number {
+  /**
+   * Throws while an editor holds unsaved changes to the dataset's flags file: flags are read and
+   * written on disk, so acting now would ignore what the person sees (and a later save of that
+   * editor would overwrite what was written). `what` names the action for the message.
+   */
+  assertSaved(datasetPath: string, what: string): void {
+    const sidecar = sidecarPathFor(datasetPath);
+    if (dirtyDocument(sidecar))
+      throw new Error(
+        `${vscode.workspace.asRelativePath(sidecar)} has unsaved changes: save or revert them, then ${what} again (flags are read from the file on disk)`,
+      );
+  }
+
+  async flag(datasetPath: string, entries: FlagEntry[]): Promise<number> {
+    this.assertSaved(datasetPath, 'flag');
     const sidecar = sidecarPathFor(datasetPath);
     const other = sidecarSharedWith(datasetPath);
     if (other)
       throw new Error(
         `${basename(datasetPath)} and ${basename(other)} would keep their flags in the same file (${basename(sidecar)}): rename one of them before flagging`,
       );
-    const n = addFlags(sidecar, entries);
+    const n = await addFlags(sidecar, entries);
     this.remember(sidecar);
     this.load(sidecar);
     return n;
   }
 
-  unflag(datasetPath: string, hashes: string[]): number {
+  async unflag(datasetPath: string, hashes: string[]): Promise<number> {
+    this.assertSaved(datasetPath, 'unflag');
     const sidecar = sidecarPathFor(datasetPath);
-    const n = removeFlags(sidecar, hashes);
+    const n = await removeFlags(sidecar, hashes);
     this.load(sidecar);
     return n;
   }
 
-  setReason(datasetPath: string, hash: string, reason: string): boolean {
+  async setReason(datasetPath: string, hash: string, reason: string): Promise<boolean> {
+    this.assertSaved(datasetPath, 'edit the reason');
     const sidecar = sidecarPathFor(datasetPath);
-    const ok = setReason(sidecar, hash, reason);
+    const ok = await setReason(sidecar, hash, reason);
     this.load(sidecar);
     return ok;
   }

@@ -12,7 +12,8 @@
 // Pure Node (no `vscode`), unit-tested.
 import { existsSync, readdirSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
-import { writeFileAtomic } from '../../common/atomic-write';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { cleanStaleTempsOf, notWritable, resolveLinks, writeFileAtomic } from '../../common/atomic-write';
 import { asBuffer, byteLines, hasBom, lineText, UTF8_BOM } from '../../common/byte-lines';
 import { describeOwner, tryLock } from '../../common/owner-lock';
 
@@ -125,6 +126,10 @@ export function parseSidecar(data: Uint8Array | string): Sidecar {
     const line: SidecarLine = { line: l.line, text, raw: l.raw };
     out.lines.push(line);
     if (!text.trim()) continue;
+    if (CONFLICT_MARKER.test(text)) {
+      out.problems.push({ line: l.line, message: 'a merge conflict marker' });
+      continue;
+    }
     const entry = toEntry(text);
     if (typeof entry === 'string') out.problems.push({ line: l.line, message: entry });
     else {
@@ -133,6 +138,32 @@ export function parseSidecar(data: Uint8Array | string): Sidecar {
     }
   }
   return out;
+}
+
+/** git's conflict markers (`<<<<<<< ours`, `|||||||`, `=======`, `>>>>>>> theirs`). */
+const CONFLICT_MARKER = /^(<{7}|\|{7}|={7}|>{7})( |$)/;
+
+/**
+ * The hashes a sidecar flags, read from the file on disk, for the commands that remove examples
+ * (export, apply removal). A sidecar with any line that is not a flag (a merge conflict, a hand
+ * edit gone wrong, bytes that are not UTF-8) is refused: which examples it means is not known, so
+ * removing either side's, or none, could drop or keep the wrong ones. `train --exclude` refuses
+ * the same files.
+ */
+export function readFlagsForRemoval(path: string): Set<string> {
+  const s = readSidecar(path);
+  const p = s.problems[0];
+  if (p) {
+    const conflict = s.problems.some((x) => x.message === 'a merge conflict marker');
+    throw new Error(
+      `${path} line ${p.line} is not a flag (${p.message})${s.problems.length > 1 ? `, and ${s.problems.length - 1} more line(s)` : ''}: ` +
+        (conflict
+          ? 'resolve the merge conflict first (keep the flags you mean, delete the <<<<<<< ======= >>>>>>> lines)'
+          : 'correct or delete those lines first') +
+        '; nothing was changed',
+    );
+  }
+  return new Set(s.entries.map((e) => e.hash));
 }
 
 export function readSidecar(path: string): Sidecar {
@@ -152,7 +183,7 @@ export function formatEntry(e: FlagEntry): string {
 }
 
 /** Adds entries whose hash is not flagged yet; returns how many were added. */
-export function addFlags(path: string, entries: FlagEntry[]): number {
+export function addFlags(path: string, entries: FlagEntry[]): Promise<number> {
   return withLock(path, () => addFlagsUnlocked(path, entries));
 }
 
@@ -171,7 +202,7 @@ function addFlagsUnlocked(path: string, entries: FlagEntry[]): number {
 }
 
 /** Removes the entries with these hashes (every other line stays); returns how many were removed. */
-export function removeFlags(path: string, hashes: Iterable<string>): number {
+export function removeFlags(path: string, hashes: Iterable<string>): Promise<number> {
   const drop = new Set(hashes);
   return withLock(path, () => removeFlagsUnlocked(path, drop));
 }
@@ -185,7 +216,7 @@ function removeFlagsUnlocked(path: string, drop: Set<string>): number {
 }
 
 /** Changes the reason of the entry with this hash; returns whether it was found. */
-export function setReason(path: string, hash: string, reason: string): boolean {
+export function setReason(path: string, hash: string, reason: string): Promise<boolean> {
   return withLock(path, () => setReasonUnlocked(path, hash, reason));
 }
 
@@ -212,34 +243,44 @@ export function lockWaitMs(): number {
 }
 
 /**
- * Runs `fn` holding the sidecar's lock (`<sidecar>.lock`). The extension's API is synchronous, so
- * we poll, sleeping between tries. The lock of a process that no longer runs is taken over at once;
- * a live holder's (even one suspended for minutes) never is: after `lockWaitMs()` this throws,
- * naming that process, and nothing is written.
+ * Runs `fn` holding the sidecar's lock (`<sidecar>.lock`), polling for it. The waits between tries
+ * are awaited, never slept: the editor runs this on the extension host's one thread, which every
+ * extension of the window shares (a blocking wait froze hovers for up to 15 s). The lock of a
+ * process that no longer runs is taken over at once; a live holder's (even one suspended for
+ * minutes) never is: after `lockWaitMs()` this throws, naming that process, and nothing is
+ * written. `fn` runs synchronously, so two changes from one process never interleave.
  */
-export function withLock<T>(path: string, fn: () => T): T {
-  const lockPath = `${path}.lock`;
+export async function withLock<T>(path: string, fn: () => T): Promise<T> {
+  // a sidecar that is a symbolic link (flags shared between checkouts) is locked and written as
+  // the file it points to, so writers through two links never overwrite each other
+  const real = resolveLinks(path);
+  const lockPath = `${real}.lock`;
   const deadline = Date.now() + lockWaitMs();
   let release: (() => void) | undefined;
   for (let wait = 5; !release; wait = Math.min(wait * 2, 100)) {
-    const got = tryLock(lockPath, `changing the flags in ${path}`);
+    let got: ReturnType<typeof tryLock>;
+    try {
+      got = tryLock(lockPath, `changing the flags in ${path}`);
+    } catch (e) {
+      throw notWritable(e, real); // said of the flags file, not of its lock
+    }
     if (typeof got === 'function') release = got;
     else {
       if (Date.now() > deadline)
         throw new Error(
           `${path} is being changed by ${describeOwner(got)}; try again (delete ${lockPath} only if no such process runs)`,
         );
-      Atomics.wait(SLEEPER, 0, 0, wait);
+      await sleep(wait);
     }
   }
   try {
+    // leftovers of a writer killed mid-write (`<sidecar>.tmp-<pid>-…`), once that process is gone
+    cleanStaleTempsOf(path);
     return fn();
   } finally {
     release();
   }
 }
-
-const SLEEPER = new Int32Array(new SharedArrayBuffer(4));
 
 /**
  * Writes the sidecar back: lines read from it (`SidecarLine`) byte for byte, new or changed ones
@@ -248,7 +289,7 @@ const SLEEPER = new Int32Array(new SharedArrayBuffer(4));
  */
 function writeLines(path: string, read: Sidecar, lines: Array<SidecarLine | string>): void {
   if (!lines.some((l) => (typeof l === 'string' ? l : l.text).trim())) {
-    rmSync(path, { force: true });
+    rmSync(resolveLinks(path), { force: true }); // a link stays, and is written through by the next flag
     return;
   }
   const crlf = read.lines.filter((l) => l.raw.at(-2) === 0x0d && l.raw.at(-1) === 0x0a).length;

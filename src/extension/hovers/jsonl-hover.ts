@@ -42,7 +42,8 @@ export class JsonlHoverProvider implements vscode.HoverProvider {
     } else {
       md.appendMarkdown('Not among the examples of a recent explanation.\n\n');
     }
-    const args = encodeURIComponent(JSON.stringify([doc.uri.toString(), pos.line]));
+    // the hash too: the links must act on the example shown, not on whatever holds this line later
+    const args = encodeURIComponent(JSON.stringify([doc.uri.toString(), pos.line, hash]));
     md.appendMarkdown(
       flag
         ? `[$(close) Unflag](command:influenceLens.unflagLine?${args} "Remove the flag from the sidecar")`

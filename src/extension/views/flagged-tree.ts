@@ -1,9 +1,10 @@
 // The "Flagged examples" view: one node per dataset with flags, one child per flagged example
 // with its text, line, reason and the query that led to the flag. Unflag, edit the reason, open,
 // export and apply removal are commands on the nodes (package.json: view/item/context).
-import { readFileSync, statSync } from 'node:fs';
+import { existsSync, readFileSync, statSync } from 'node:fs';
 import { basename } from 'node:path';
 import * as vscode from 'vscode';
+import { byteLines, lineText } from '../../common/byte-lines';
 import { formatScore, recordText } from '../../common/display';
 import type { FlagGroup, FlagStore } from '../flags/flag-store';
 import { lineHash } from '../flags/hash';
@@ -18,8 +19,33 @@ export class FlaggedTree implements vscode.TreeDataProvider<FlagNode> {
   readonly onDidChangeTreeData = this.emitter.event;
   private readonly lines = new Map<string, { stamp: string; byHash: Map<string, { line: number; text: string }> }>();
 
+  private readonly disposables: vscode.Disposable[] = [];
+  /** the datasets the tree showed last (file events for other files are ignored cheaply) */
+  private shown = new Set<string>();
+  private pending: ReturnType<typeof setTimeout> | undefined;
+
   constructor(private readonly store: FlagStore) {
     store.onDidChange(() => this.emitter.fire(undefined));
+    // a flagged example's line and text come from its dataset: redraw when a dataset with flags
+    // is saved here or changed on disk by another program (debounced: a save fires both)
+    const changed = (path: string) => {
+      if (!this.shown.has(path)) return;
+      clearTimeout(this.pending);
+      this.pending = setTimeout(() => this.emitter.fire(undefined), 200);
+    };
+    const w = vscode.workspace.createFileSystemWatcher('**/*');
+    this.disposables.push(
+      w,
+      w.onDidChange((u) => changed(u.fsPath)),
+      w.onDidCreate((u) => changed(u.fsPath)),
+      w.onDidDelete((u) => changed(u.fsPath)),
+      vscode.workspace.onDidSaveTextDocument((d) => changed(d.uri.fsPath)),
+    );
+  }
+
+  dispose(): void {
+    clearTimeout(this.pending);
+    for (const d of this.disposables) d.dispose();
   }
 
   refresh(): void {
@@ -28,7 +54,11 @@ export class FlaggedTree implements vscode.TreeDataProvider<FlagNode> {
   }
 
   getChildren(node?: FlagNode): FlagNode[] {
-    if (!node) return this.store.all().map((group) => ({ kind: 'dataset', group }));
+    if (!node) {
+      const groups = this.store.all();
+      this.shown = new Set(groups.map((g) => g.dataset));
+      return groups.map((group) => ({ kind: 'dataset', group }));
+    }
     if (node.kind !== 'dataset') return [];
     const where = this.index(node.group.dataset);
     return node.group.entries.map((entry) => ({ kind: 'flag', group: node.group, entry, now: where?.get(entry.hash) }));
@@ -43,18 +73,29 @@ export class FlaggedTree implements vscode.TreeDataProvider<FlagNode> {
       const g = node.group;
       const item = new vscode.TreeItem(basename(g.dataset), vscode.TreeItemCollapsibleState.Expanded);
       item.id = `dataset:${g.sidecar}`;
-      item.description = `${g.entries.length} flagged`;
+      // flags are found by the dataset's name: after a rename outside VS Code they belong to no file
+      const missing = !existsSync(g.dataset);
+      item.description = `${g.entries.length} flagged${missing ? ' · dataset missing (renamed or deleted?)' : ''}`;
       item.resourceUri = vscode.Uri.file(g.dataset);
-      item.iconPath = new vscode.ThemeIcon('database');
+      item.iconPath = missing
+        ? new vscode.ThemeIcon('warning', new vscode.ThemeColor('problemsWarningIcon.foreground'))
+        : new vscode.ThemeIcon('database');
       item.contextValue = 'influenceLens.dataset';
       item.tooltip = new vscode.MarkdownString(
         `**${vscode.workspace.asRelativePath(g.dataset)}**\n\n${g.entries.length} flagged in \`${basename(g.sidecar)}\`` +
+          (missing
+            ? `\n\nThere is no ${basename(g.dataset)}: if it was renamed, rename \`${basename(g.sidecar)}\` to match, so its flags apply again.`
+            : '') +
           (g.problems ? `\n\n${g.problems} line(s) of the sidecar are not flags (kept as they are)` : ''),
       );
       return item;
     }
     const { entry, now } = node;
-    const preview = now ? recordPreview(now.text) : '(no longer in the file)';
+    const preview = now
+      ? recordPreview(now.text)
+      : existsSync(node.group.dataset)
+        ? '(no longer in the file)'
+        : '(dataset missing)';
     const item = new vscode.TreeItem(`${now?.line ?? entry.line}: ${preview}`, vscode.TreeItemCollapsibleState.None);
     item.id = `flag:${node.group.sidecar}:${entry.hash}`;
     item.description = entry.reason;
@@ -91,12 +132,13 @@ export class FlaggedTree implements vscode.TreeDataProvider<FlagNode> {
     const hit = this.lines.get(path);
     if (hit?.stamp === stamp) return hit.byHash;
     const byHash = new Map<string, { line: number; text: string }>();
-    readFileSync(path, 'utf8')
-      .split('\n')
-      .forEach((text, i) => {
-        const h = lineHash(text);
-        if (h && !byHash.has(h)) byHash.set(h, { line: i + 1, text });
-      });
+    // by bytes, as the server splits it: one string of a file past ~512 MiB would throw
+    const buf = readFileSync(path);
+    for (const l of byteLines(buf)) {
+      const text = lineText(buf, l);
+      const h = text === undefined ? undefined : lineHash(text);
+      if (h && text !== undefined && !byHash.has(h)) byHash.set(h, { line: l.line, text });
+    }
     this.lines.set(path, { stamp, byHash });
     return byHash;
   }

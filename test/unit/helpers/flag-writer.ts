@@ -8,16 +8,16 @@ const hashOf = (prefix: string, i: number) => `${prefix}${String(i).padStart(15,
 
 if (mode === 'hold') {
   // take the lock and never let go (the parent kills us with SIGKILL)
-  withLock(path, () => {
+  await withLock(path, () => {
     process.stdout.write('locked\n');
     Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0);
   });
 } else {
   for (let i = 0; i < Number(n); i++) {
     const hash = hashOf(prefix, i);
-    if (mode === 'add') addFlags(path, [{ hash, line: i + 1, reason: `by ${prefix}`, score: null, query: '' }]);
-    else if (mode === 'remove') removeFlags(path, [hash]);
-    else if (mode === 'reason') setReason(path, hash, `edited by ${prefix}`);
+    if (mode === 'add') await addFlags(path, [{ hash, line: i + 1, reason: `by ${prefix}`, score: null, query: '' }]);
+    else if (mode === 'remove') await removeFlags(path, [hash]);
+    else if (mode === 'reason') await setReason(path, hash, `edited by ${prefix}`);
     else throw new Error(`unknown mode ${mode}`);
     process.stdout.write(`done ${i}\n`);
   }

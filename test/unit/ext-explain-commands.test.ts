@@ -1,0 +1,108 @@
+// The explain controller's commands against a fake `vscode` (helpers/vscode-stub.ts): "Complete
+// with model" inserts only into the text it was asked for; the results panel's Flag acts on the
+// example as it is in the file now.
+import assert from 'node:assert/strict';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { test } from 'node:test';
+import { fake, loadWithVscodeStub, memento, Position, Selection } from './helpers/vscode-stub';
+
+const { ExplainController } = await loadWithVscodeStub<typeof import('../../src/extension/commands/explain')>(
+  new URL('../../src/extension/commands/explain.ts', import.meta.url),
+);
+
+test('a completion is not inserted when the document changed while the model was completing', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'il-complete-'));
+  try {
+    fake.reset();
+    const file = join(dir, 'qa.jsonl');
+    const lines = [
+      '{"prompt":"Q: one?\\nA:","completion":" 1"}',
+      '{"prompt":"Q: two?\\nA:","completion":" 2"}',
+      'Q: What is the capital of France?\nA:',
+    ];
+    writeFileSync(file, lines.join('\n'));
+    let edit = (): void => undefined;
+    const client = {
+      generate: async () => {
+        edit(); // the person types while the server works
+        return { completion: ' Paris' };
+      },
+    };
+    const c = new ExplainController({ client } as never);
+    const doc = await fake.open(file);
+    const end = new Position(3, 2);
+    const editor = fake.activeEditor();
+    editor.selection = new Selection(end, end);
+    edit = () => doc.edit((t) => `${lines[0]}\n${t}`); // a line inserted above
+    await c.complete();
+    assert.match(
+      fake.messages('warning').join('\n'),
+      /qa\.jsonl changed while the model was completing, so nothing was inserted/,
+    );
+    assert.equal(doc.getText(), [lines[0], ...lines].join('\n'), 'no line was corrupted');
+    // unchanged: inserted at the cursor
+    fake.shown = [];
+    edit = () => undefined;
+    editor.selection = new Selection(new Position(4, 2), new Position(4, 2));
+    await c.complete();
+    assert.equal(doc.getText(), `${[lines[0], ...lines].join('\n')} Paris`);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test("the panel's Flag records where the example is now, and asks before flagging one that is no longer in the file", async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'il-panelflag-'));
+  try {
+    fake.reset();
+    fake.workspaceFolder = dir;
+    const { FlagStore } = await loadWithVscodeStub<typeof import('../../src/extension/flags/flag-store')>(
+      new URL('../../src/extension/flags/flag-store.ts', import.meta.url),
+    );
+    const { lineHash } = await import('../../src/extension/flags/hash');
+    const { readSidecar } = await import('../../src/extension/flags/sidecar');
+    const file = join(dir, 'finetune.jsonl');
+    const rec = (i: number) => JSON.stringify({ prompt: `Q: ${i}?`, completion: ` ${i}` });
+    writeFileSync(file, `${[1, 2, 3, 4].map(rec).join('\n')}\n`);
+    const flags = new FlagStore(memento() as never);
+    const panelFlags: unknown[] = [];
+    const s = {
+      flags,
+      datasets: { require: async () => file, resolve: async () => file },
+      panel: { mirror: { results: {}, dataset: 'finetune' }, setFlags: (f: unknown) => panelFlags.push(f) },
+    };
+    const c = new ExplainController(s as never);
+    const flag = (line: number, i: number) =>
+      new Promise<void>((done) => {
+        c.handlers().flag({
+          id: { dataset: 'finetune', line, hash: lineHash(rec(i)) },
+          score: 1,
+          method: 'ekfac',
+          flagged: true,
+        } as never);
+        setTimeout(done, 100);
+      });
+    // scored at line 3; a line was deleted above since: recorded at line 2, where it is now
+    writeFileSync(file, `${[2, 3, 4].map(rec).join('\n')}\n`);
+    await flag(3, 3);
+    assert.deepEqual(
+      readSidecar(join(dir, 'finetune.exclude.jsonl')).entries.map((e) => e.line),
+      [2],
+    );
+    // record 1 is gone: asked; dismissed, nothing written and the panel shows it unflagged
+    await flag(1, 1);
+    assert.match(
+      fake.messages('warning').join('\n'),
+      /line 1 when it was scored\) is no longer in finetune\.jsonl: it was edited or removed since/,
+    );
+    assert.equal(readSidecar(join(dir, 'finetune.exclude.jsonl')).entries.length, 1);
+    assert.ok(panelFlags.length >= 1);
+    fake.answers = ['Flag anyway'];
+    await flag(1, 1);
+    assert.equal(readSidecar(join(dir, 'finetune.exclude.jsonl')).entries.length, 2);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
