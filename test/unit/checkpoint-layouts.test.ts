@@ -8,6 +8,7 @@ import { test } from 'node:test';
 import { openCheckpoint } from '../../src/server/model/checkpoint';
 import { Model, makeBatch } from '../../src/server/model/engine';
 import { readSafetensorsHeader, readTensor, writeSafetensors } from '../../src/server/model/safetensors';
+import { loadParams } from '../../src/server/train/trainer';
 import { useTempHome } from './helpers/env';
 
 const home = useTempHome();
@@ -140,6 +141,10 @@ test('model.safetensors beside a sharded index is refused: transformers would lo
     () => openCheckpoint(dir),
     /holds both model\.safetensors and model\.safetensors\.index\.json.*transformers loads model\.safetensors.*delete the stale one/,
   );
+  // an index that names the single file itself is one layout, not two
+  const self = Object.fromEntries(Object.keys(weightMap).map((n) => [n, 'model.safetensors']));
+  writeFileSync(join(dir, 'model.safetensors.index.json'), JSON.stringify({ metadata: {}, weight_map: self }));
+  assert.equal(openCheckpoint(dir).files.length, 1);
 });
 
 test('a file saved from the base model (no "transformer." prefix, as the hub’s gpt2) loads as transformers loads it', async () => {
@@ -161,4 +166,7 @@ test('a file saved from the base model (no "transformer." prefix, as the hub’s
     [...openCheckpoint(join(FIX, 'gpt2')).readF32('transformer.wpe.weight')],
   );
   assert.ok(maxDiff(await tokenLoss(dir), await tokenLoss(join(FIX, 'gpt2'))) <= 1e-6);
+  // the model's names everywhere, so train/retrain read the same parameters as from the full file
+  const params = loadParams(Model.open(dir));
+  assert.deepEqual([...params.keys()].sort(), [...loadParams(Model.open(join(FIX, 'gpt2'))).keys()].sort());
 });

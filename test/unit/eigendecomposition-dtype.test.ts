@@ -60,7 +60,12 @@ test('a float32 fit: stored as such, eigenvectors of its own, scores as the floa
   assert.equal(kron(f64).eigendecomposition_dtype, 'torch.float64');
   assert.equal(loadFactors(f32).args.eigendecompositionDtype, 'float32');
   assert.equal(loadFactors(f64).args.eigendecompositionDtype, undefined);
-  assert.deepEqual(readFitSettings(f32), { labels: 'empirical', seed: 0, eigendecompositionDtype: 'float32' });
+  assert.deepEqual(readFitSettings(f32), {
+    labels: 'empirical',
+    seed: 0,
+    maxExamples: null,
+    eigendecompositionDtype: 'float32',
+  });
 
   // other eigenvectors (decomposed in float32, not float64 narrowed) ...
   const a = loadFactors(f64).modules;
@@ -140,7 +145,7 @@ test('the precision is part of the fit: a folder of the other one is refused by 
   assert.equal((await runFitJob({ ...p0, eigendecompositionDtype: 'float32' })).status, 'waiting');
   await assert.rejects(
     runFitJob({ ...job, out: part, partition: { index: 1, count: 2 } }),
-    /other settings \(eigendecompositionDtype: "float32" → undefined\)/,
+    /other settings \(--eigendecomposition-dtype float32 → float64\)/,
   );
 });
 
@@ -182,6 +187,7 @@ test('the server fits new training checkpoints with the settings of the factors 
     modules: 'all',
     labels: 'empirical',
     seed: 5,
+    maxExamples: 5,
     eigendecompositionDtype: 'float32',
     log: () => {},
   });
@@ -201,6 +207,7 @@ test('the server fits new training checkpoints with the settings of the factors 
     assert.deepEqual(readFitSettings(join(factors, 'checkpoints', ck)), {
       labels: 'empirical',
       seed: 5,
+      maxExamples: 5,
       eigendecompositionDtype: 'float32',
     });
 });

@@ -172,6 +172,17 @@ test('transformers 5 picks the class as its AutoTokenizer does: a byte-level fil
     );
     assert.deepEqual(inner(tokenizeRecord(qt, { text: texts[1] }, 'x', 1 << 20).ids), v5.qwen2[1]);
   }
+  // model_type mistral: transformers 5 reads tokenizer.json as written (its registered class), even
+  // under a LlamaTokenizer class over a Metaspace file, which model_type llama rebuilds; ids from
+  // 5.25 for the Llama-2 files under a mistral config: " Rome" keeps tokenizer.json's "▁" "▁Rome"
+  const mistral = loadTokenizer(dir('llama2'), { modelType: 'mistral' });
+  assert.equal(mistral.transformers5, undefined);
+  assert.deepEqual(
+    tokenizeRecord(withTraining(mistral, TRAINING_PRESETS.trl, 'llama2'), { text: ' Rome is 12345 big' }, 'x', 1 << 20)
+      .ids,
+    [1, 28705, 10827, 349, 28705, 28740, 28750, 28770, 28781, 28782, 2032, 2],
+  );
+  assert.equal(loadTokenizer(dir('llama2'), { modelType: 'llama' }).transformers5?.tokenizerClass, 'LlamaTokenizer');
   // a real Qwen tokenizer is Qwen2Tokenizer's own pipeline: nothing to check, under either model type
   for (const modelType of ['qwen2', 'llama', undefined])
     assert.equal(loadTokenizer(dir('qwen3'), { modelType }).transformers5, undefined, String(modelType));

@@ -20,7 +20,8 @@ import { describeOwner, removeStaleLocks, tryLock, waitLock } from '../../common
 import { loadDataset } from '../data/dataset';
 import { contextLength, tokenizationKey, tokenizeExamples } from '../data/tokenize';
 import { describeTraining, sameTraining, type TrainingConvention } from '../data/training';
-import type { EighDtype } from '../linalg/eigh';
+import { type EighDtype, eighBackend } from '../linalg/eigh';
+import { nativeLapack } from '../linalg/native';
 import { Model, type ModuleSelection } from '../model/engine';
 import { collectGarbage } from '../util/gc';
 import { CovarianceAccumulator } from './ekfac/covariance';
@@ -292,6 +293,10 @@ async function fitJob(o: FitJobOptions, n: number, i: number): Promise<FitJobRes
     release();
   }
 
+  if (o.eigendecompositionDtype === 'float32' && !nativeLapack()?.ssyevd)
+    log(
+      `no LAPACK ssyevd is loaded (${eighBackend().kind === 'js' ? 'no LAPACK library' : `${eighBackend().library} lacks it`}): the covariances are decomposed in float64, as without --eigendecomposition-dtype float32`,
+    );
   const fitOpts: FitOptions = {
     modules: o.modules,
     labels: o.labels,
@@ -532,6 +537,9 @@ function describeDifference(have: FactorArguments, job: JobDescription, training
     return `another model (fingerprint ${have.modelFingerprint ?? 'unknown'}, this one is ${job.modelFingerprint})`;
   if (have.training && !sameTraining(have.training, training))
     return `records tokenized under the training convention ${describeTraining(have.training)} (asked: ${describeTraining(training)})`;
+  // the example cap changes which examples are read, so the data's fingerprint too: said first
+  if ((have.maxExamples ?? null) !== job.maxExamples)
+    return `${have.maxExamples === null || have.maxExamples === undefined ? 'all examples' : `the first ${have.maxExamples} examples`} (asked: ${job.maxExamples === null ? 'all' : `--max-examples ${job.maxExamples}`})`;
   if (have.dataFingerprint !== job.dataFingerprint)
     return `other data (fingerprint ${have.dataFingerprint ?? 'unknown'}, this data is ${job.dataFingerprint})`;
   if (have.labels !== job.labels) return `${have.labels} labels (asked: ${job.labels})`;
@@ -547,6 +555,10 @@ function diffKeys(a: JobDescription, b: JobDescription): string {
   // keys of both: a key present in one description only (eigendecompositionDtype) is a difference too
   return ([...new Set([...Object.keys(a), ...Object.keys(b)])] as Array<keyof JobDescription>)
     .filter((k) => JSON.stringify(a[k]) !== JSON.stringify(b[k]))
-    .map((k) => `${k}: ${JSON.stringify(a[k])} → ${JSON.stringify(b[k])}`)
+    .map((k) =>
+      k === 'eigendecompositionDtype'
+        ? `--eigendecomposition-dtype ${a[k] ?? 'float64'} → ${b[k] ?? 'float64'}`
+        : `${k}: ${JSON.stringify(a[k])} → ${JSON.stringify(b[k])}`,
+    )
     .join(', ');
 }

@@ -125,13 +125,23 @@ export function readConfig(dir: string): Record<string, unknown> {
   return config as Record<string, unknown>;
 }
 
+/** Whether an index's weight_map points at `file` alone (then it and the single file agree). */
+function indexNamesOnly(index: string, file: string): boolean {
+  try {
+    const map = (JSON.parse(readFileSync(index, 'utf8')) as { weight_map?: Record<string, string> }).weight_map;
+    return !!map && typeof map === 'object' && Object.values(map).every((f) => f === file);
+  } catch {
+    return false; // an unreadable index beside a single file: refused as two layouts
+  }
+}
+
 /** The safetensors files of a checkpoint: the index's shards, or model.safetensors. */
 function weightFiles(dir: string): { files: string[]; map?: Record<string, string> } {
   const index = join(dir, 'model.safetensors.index.json');
   const single = join(dir, 'model.safetensors');
   // save_pretrained into a folder that held the other layout leaves the old one behind, and
   // transformers then loads model.safetensors whatever the index says: which is this model is unclear
-  if (existsSync(index) && existsSync(single))
+  if (existsSync(index) && existsSync(single) && !indexNamesOnly(index, 'model.safetensors'))
     throw new CheckpointError(
       `${dir} holds both model.safetensors and model.safetensors.index.json (with its shards): transformers loads model.safetensors and ignores the shards. ` +
         'One of them is most likely left over from an earlier save_pretrained into this folder: delete the stale one (model.safetensors, or the index and its shards)',

@@ -265,9 +265,10 @@ export class Model {
     return this.arch.describe(this.config);
   }
 
-  /** Parameter names in checkpoint order, with shapes. */
+  /** Parameter names in checkpoint order, with shapes: the model's names (a base-model file's keys
+   * carry the prefix checkpoint.ts adds), which the graphs and the trainer use. */
   parameters(): Array<{ name: string; shape: number[] }> {
-    return [...this.checkpoint.weights.values()].map((w) => ({ name: w.name, shape: w.shape }));
+    return [...this.checkpoint.weights].map(([name, w]) => ({ name, shape: w.shape }));
   }
 
   /** Tracked linear modules (built from a throwaway graph, so always in sync with the builders). */

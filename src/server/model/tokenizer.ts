@@ -505,9 +505,10 @@ export function withEmbeddingRows(
  * file; undefined when transformers 5 reads the file as written (as transformers 4 always does).
  * Which class it builds (tokenization_auto.py): a model_type whose Hub class it deems wrong
  * (of ours, qwen2) gets its registered class, Qwen2Tokenizer, whatever tokenizer_config.json
- * names; a LlamaTokenizer(Fast) over a tokenizer.json that mentions "ByteLevel" is loaded as
- * written (TokenizersBackend), except for Mistral; otherwise the named class.
- * `LlamaTokenizer` (Llama-2, Mistral-7B v0.1 and their fine-tunes) builds no normalizer and a
+ * names; model_type mistral is read as written (its registered class); a LlamaTokenizer(Fast) over
+ * a tokenizer.json that mentions "ByteLevel" is loaded as written (TokenizersBackend); otherwise
+ * the named class.
+ * `LlamaTokenizer` (Llama-2 and its fine-tunes, model_type llama) builds no normalizer and a
  * Metaspace pre-tokenizer whose prepend_scheme is "always" with `"legacy": true`, "first" without,
  * "never" with `"add_prefix_space": false` (LlamaTokenizer.__init__ and _get_prepend_scheme). A
  * legacy Llama-2 tokenizer.json prepends "▁" with a Prepend normalizer instead, so a text that
@@ -554,9 +555,12 @@ export function transformersV5Pipeline(
           : `model_type "qwen2" makes transformers 5 build Qwen2Tokenizer (with its own normalizer and pre-tokenizer) whatever tokenizer_config.json names (${named ?? 'no class'})`,
     };
   }
-  if (hub !== 'LlamaTokenizer') return undefined;
+  // model_type mistral's registered class is MistralCommonBackend (with mistral-common and its
+  // tekken / tokenizer.model.vN files) or TokenizersBackend: tokenizer.json as written, never a
+  // LlamaTokenizer rebuild (measured: 5.25 gives the file's ids for Metaspace and ByteLevel files)
+  if (hub !== 'LlamaTokenizer' || modelType === 'mistral') return undefined;
   // transformers' own test: the text "ByteLevel" anywhere in tokenizer.json (Llama-3 style files)
-  if (modelType !== 'mistral' && JSON.stringify(tj).includes('"ByteLevel"')) return undefined;
+  if (JSON.stringify(tj).includes('"ByteLevel"')) return undefined;
   const addPrefixSpace = tc.add_prefix_space !== false;
   const scheme = !addPrefixSpace ? 'never' : tc.legacy === true ? 'always' : 'first';
   const pre = { type: 'Metaspace', replacement: '\u2581', prepend_scheme: scheme, split: false };

@@ -896,12 +896,13 @@ export class InfluenceService implements ServiceApi {
         `${out} holds EK-FAC factors that cannot be used (${broken}); ${FOREIGN_FACTORS_ADVICE(which)}`,
         'factors_broken',
       );
-    // factors the user fitted (the CLI's --labels, --seed, --eigendecomposition-dtype) keep their
-    // settings: the final model's are then up to date, and its checkpoints get the same fit
+    // factors the user fitted (the CLI's --labels, --seed, --max-examples, --eigendecomposition-dtype)
+    // keep their settings: the final model's are then up to date, and its checkpoints get the same fit
     const stored = owned ? null : readFitSettings(out);
     const settings = {
       labels: stored?.labels ?? ('sampled' as const),
       seed: stored?.seed ?? 0,
+      maxExamples: stored?.maxExamples ?? undefined,
       eigendecompositionDtype: stored?.eigendecompositionDtype,
     };
     const r = await cancellable(work, () =>

@@ -440,7 +440,7 @@ export function loadFactors(dir: string, options: LoadOptions = {}): Factors {
         (meta.influence_lens_fingerprint !== undefined && meta.influence_lens_fingerprint !== fingerprint);
       if (other)
         throw new FactorsError(
-          `${dir}: ${file}.safetensors was written by another fit than ${OUR_ARGUMENTS_FILE} describes (other data, labels or seed): ` +
+          `${dir}: ${file}.safetensors was written by another fit than ${OUR_ARGUMENTS_FILE} describes (other data, labels, seed or eigendecomposition precision): ` +
             'the folder mixes two fits; fit again into an empty folder',
         );
     }
@@ -449,13 +449,13 @@ export function loadFactors(dir: string, options: LoadOptions = {}): Factors {
 }
 
 /**
- * The fit settings of our factors in `dir` (labels, seed, eigendecomposition precision), read from
+ * The fit settings of our factors in `dir` (labels, seed, example cap, eigendecomposition precision), read from
  * the arguments file alone; null when there is none or it cannot be read. The server fits a new
  * training checkpoint with the settings of the factors the user fitted, not its own defaults.
  */
 export function readFitSettings(
   dir: string,
-): Pick<FactorArguments, 'labels' | 'seed' | 'eigendecompositionDtype'> | null {
+): Pick<FactorArguments, 'labels' | 'seed' | 'maxExamples' | 'eigendecompositionDtype'> | null {
   let ours: Record<string, unknown> | null;
   try {
     ours = readJson(join(dir, OUR_ARGUMENTS_FILE));
@@ -463,6 +463,7 @@ export function readFitSettings(
     return {
       labels: ours.labels === 'empirical' ? 'empirical' : 'sampled',
       seed: typeof ours.seed === 'number' ? ours.seed : null,
+      maxExamples: typeof ours.maxExamples === 'number' ? ours.maxExamples : null,
       ...storedDtype(dir, ours.eigendecompositionDtype, OUR_ARGUMENTS_FILE, 'eigendecompositionDtype'),
     };
   } catch {
