@@ -432,43 +432,19 @@ test('apply removal: a file the editor keeps byte for byte passes; one it would 
   // the editor's text differs from the bytes (another encoding setting)
   assert.match(editorRewrites(b('café\n'), 'cafÃ©\n') ?? '', /holds differently/);
 });
-
-test('hash: records differing only in a number a double cannot hold are different examples, in the editor and the server', async () => {
-  const d = tmp();
-  try {
-    const lines = [
-      '{"id": 1234567890123456789, "prompt": "a", "completion": "b"}',
-      '{"id": 1234567890123456790, "prompt": "a", "completion": "b"}', // JSON.parse: the same double
-      '{"prompt": "a", "completion": "b", "id": 1.234567890123456789e18}', // line 1's value, spelt otherwise
-      '{"text": "t", "x": 1e400}',
-      '{"text": "t", "x": 2e400}', // both Infinity, written as null
-    ];
-    const editor = lines.map((l) => lineHash(l));
-    assert.notEqual(editor[0], editor[1]);
-    assert.equal(editor[0], editor[2], 'the same value (keys and spelling aside) is the same example');
-    assert.notEqual(editor[3], editor[4]);
-    const ds = join(d, 'ids.jsonl');
-    writeFileSync(ds, `${lines.join('\n')}\n`);
-    assert.deepEqual(
-      loadDataset(ds).examples.map((e) => e.hash),
-      editor,
-    );
-    // flagging line 1 exports without line 2
-    await addFlags(sidecarPathFor(ds), [entry(editor[0] as string, 1)]);
-    assert.deepEqual(
-      exportCleaned(ds).removed.map((r) => r.line),
-      [1, 3],
-    );
-    // every other record keeps the hash it had (a 19-digit string, a 15-digit integer, a 17-digit double)
-    assert.equal(
-      lineHash(
-        '{"prompt":"order 1234567890123456789","completion":" ok","id":123456789012345,"w":0.30000000000000004}',
-      ),
+test('hash: a record keeps the hash it had before (flags written by earlier versions still find their examples)', () => {
+  // values from the code before 2026-12-06 (commit 2846630); a change to how records hash would
+  // orphan every flag users have written, so it needs a migration, not a silent change
+  const pinned: Array<[string, string]> = [
+    ['{"score":0.10000000000000001}', '5ad4ab8d7a53f2ab'],
+    ['{"x":9223372036854775808}', '5fc714f27e689ba6'],
+    ['{"id": 1234567890123456789, "prompt": "a", "completion": "b"}', 'b61bbaa187486ddb'],
+    [
+      '{"prompt":"order 1234567890123456789","completion":" ok","id":123456789012345,"w":0.30000000000000004}',
       'ff49a7829188e045',
-    );
-  } finally {
-    rmSync(d, { recursive: true, force: true });
-  }
+    ],
+  ];
+  for (const [line, hash] of pinned) assert.equal(lineHash(line), hash, line);
 });
 
 // root ignores permissions: the writes then run as `nobody`

@@ -1,7 +1,7 @@
 // A training example's content hash, exactly as the server computes it: the same code
 // (`src/common/ids.ts`: sha256 of the record's canonical JSON, keys sorted recursively, no
 // whitespace, first 16 hex digits), so the two can never drift apart. Lines move; hashes don't.
-import { canonicalJson, contentHash, exactHashValue } from '../../common/ids';
+import { canonicalJson, contentHash } from '../../common/ids';
 
 export { canonicalJson, contentHash };
 
@@ -10,8 +10,7 @@ export function lineHash(line: string): string | undefined {
   const t = line.replace(/^\uFEFF/, '').trim();
   if (!t) return undefined;
   try {
-    const value = JSON.parse(t);
-    return contentHash(exactHashValue(t) ?? value);
+    return contentHash(JSON.parse(t));
   } catch {
     return undefined;
   }

@@ -70,7 +70,7 @@ export function loadDataset(path: string, options: LoadDatasetOptions = {}): Dat
   const examples: Example[] = [];
   const seen = new Set<string>();
   let duplicates = 0;
-  for (const { line, value, hashValue } of rows) {
+  for (const { line, value } of rows) {
     if (maxExamples !== undefined && examples.length >= maxExamples) break;
     let formatted: ReturnType<typeof formatRecord>;
     let hash: string;
@@ -86,7 +86,7 @@ export function loadDataset(path: string, options: LoadDatasetOptions = {}): Dat
         );
       else if (options.chatTemplate && formatted.kind === 'messages')
         renderForModel(value, `${path}:${line}`, options.chatTemplate);
-      hash = contentHash(hashValue ?? value);
+      hash = contentHash(value);
     } catch (e) {
       // a record too big or odd to render or hash (RangeError) is a bad line like any other
       if (!(e instanceof DataError) && !(e instanceof RangeError)) throw e;

@@ -3,7 +3,7 @@
 import { createHash } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { type ByteLine, byteLines, lineText } from '../../common/byte-lines';
-import { exactHashValue, nestingDepth } from '../../common/ids';
+import { nestingDepth } from '../../common/ids';
 import { DataError } from './errors';
 
 export { DataError } from './errors';
@@ -12,8 +12,6 @@ export interface JsonlRow {
   /** 1-based line number in the file. */
   line: number;
   value: unknown;
-  /** what to hash instead of `value` when the line has numbers a double cannot hold (common/ids.ts `exactHashValue`) */
-  hashValue?: unknown;
 }
 
 export interface SkippedLine {
@@ -81,8 +79,7 @@ function parseLine(buf: Buffer, l: ByteLine, rows: JsonlRow[]): string | undefin
     return `invalid JSON: ${(e as Error).message}`;
   }
   if (nestingDepth(value, MAX_JSON_DEPTH) > MAX_JSON_DEPTH) return tooDeep;
-  const hashValue = exactHashValue(text);
-  rows.push(hashValue === undefined ? { line, value } : { line, value, hashValue });
+  rows.push({ line, value });
   return undefined;
 }
 
