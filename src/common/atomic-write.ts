@@ -2,7 +2,9 @@
 // it (fsync), rename it over the target, then flush the folder so the rename itself survives a
 // power cut. A crash at any moment leaves the old file or the new one, never half of either (a
 // folder's old version may be left set aside, `<dir>.old-…`, which its next reader puts back).
-// A file replaced keeps its mode, and a symbolic link is written through, not replaced.
+// A user's file (`{ userFile: true }`: the flags file) keeps its mode, and a symbolic link to it
+// is written through; every other writer (caches, factors, exports) replaces a link by a file, as
+// it always did, so a write never lands outside the folder it names.
 //
 // Temporaries are named `<target>.tmp-<pid>-<thread>x<n>` (and set-aside folders
 // `<target>.old-<pid>-<thread>x<n>`) so that leftovers of a process killed mid-write (kill -9, out
@@ -56,22 +58,35 @@ function tempName(name: string): { kind: 'tmp' | 'old'; pid: number; index: numb
   return m[1] ? { kind: 'tmp', pid: Number(m[2]), index: m.index } : { kind: 'old', pid: Number(m[4]), index: m.index };
 }
 
-/**
- * Writes `data` to `path` atomically and durably. `mode` applies to a new file; an existing one
- * keeps its own. A symbolic link is written through (`resolveLinks`).
- */
-export function writeFileAtomic(path: string, data: string | Uint8Array, options: { mode?: number } = {}): void {
-  writeAtomicWith(path, (tmp) => {
-    const fd = openSync(tmp, 'wx', options.mode ?? 0o644);
-    try {
-      const buf = typeof data === 'string' ? Buffer.from(data, 'utf8') : data;
-      let off = 0;
-      while (off < buf.byteLength) off += writeSync(fd, buf, off, buf.byteLength - off);
-      fsyncSync(fd);
-    } finally {
-      closeSync(fd);
-    }
-  });
+export interface AtomicWriteOptions {
+  /**
+   * A file the person owns (the flags file): a symbolic link is written through (`resolveLinks`),
+   * and an existing file keeps its mode. Without it, a link is replaced by the new file.
+   */
+  userFile?: boolean;
+}
+
+/** Writes `data` to `path` atomically and durably. `mode` applies to a new file. */
+export function writeFileAtomic(
+  path: string,
+  data: string | Uint8Array,
+  options: { mode?: number } & AtomicWriteOptions = {},
+): void {
+  writeAtomicWith(
+    path,
+    (tmp) => {
+      const fd = openSync(tmp, 'wx', options.mode ?? 0o644);
+      try {
+        const buf = typeof data === 'string' ? Buffer.from(data, 'utf8') : data;
+        let off = 0;
+        while (off < buf.byteLength) off += writeSync(fd, buf, off, buf.byteLength - off);
+        fsyncSync(fd);
+      } finally {
+        closeSync(fd);
+      }
+    },
+    options,
+  );
 }
 
 /**
@@ -79,8 +94,8 @@ export function writeFileAtomic(path: string, data: string | Uint8Array, options
  * (for writers that stream, like the safetensors writer). The file is flushed before the rename;
  * on any error the temporary is removed and the old file stays.
  */
-export function writeAtomicWith(link: string, write: (tmp: string) => void): void {
-  const path = resolveLinks(link);
+export function writeAtomicWith(link: string, write: (tmp: string) => void, options: AtomicWriteOptions = {}): void {
+  const path = options.userFile ? resolveLinks(link) : resolve(link);
   const tmp = tempPathFor(path);
   try {
     write(tmp);
@@ -88,12 +103,12 @@ export function writeAtomicWith(link: string, write: (tmp: string) => void): voi
     rmSync(tmp, { force: true });
     throw notWritable(e, path);
   }
-  commitTemp(tmp, path);
+  commitTemp(tmp, path, options.userFile === true);
 }
 
 /** writeAtomicWith for a writer that awaits (the gradient store writes its rows as they are computed). */
 export async function writeAtomicWithAsync(link: string, write: (tmp: string) => Promise<void>): Promise<void> {
-  const path = resolveLinks(link);
+  const path = resolve(link);
   const tmp = tempPathFor(path);
   try {
     await write(tmp);
@@ -101,7 +116,7 @@ export async function writeAtomicWithAsync(link: string, write: (tmp: string) =>
     rmSync(tmp, { force: true });
     throw notWritable(e, path);
   }
-  commitTemp(tmp, path);
+  commitTemp(tmp, path, false);
 }
 
 /**
@@ -139,18 +154,19 @@ export function resolveLinks(path: string): string {
 }
 
 /**
- * Flushes a finished temporary, gives it the mode of the file it replaces (a rename would
- * otherwise reset a group-writable file to the temporary's), renames it over `path` and flushes
- * the folder; removes it on failure.
+ * Flushes a finished temporary, renames it over `path` and flushes the folder; removes it on
+ * failure. `keepMode`: the temporary first gets the mode of the file it replaces (a rename would
+ * otherwise reset a group-writable flags file to the temporary's), after the flush, which reads it.
  */
-function commitTemp(tmp: string, path: string): void {
+function commitTemp(tmp: string, path: string, keepMode: boolean): void {
   try {
-    try {
-      chmodSync(tmp, statSync(path).mode & 0o7777);
-    } catch (e) {
-      if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e;
-    }
     fsyncPath(tmp);
+    if (keepMode)
+      try {
+        chmodSync(tmp, statSync(path).mode & 0o7777);
+      } catch (e) {
+        if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e;
+      }
     renameSync(tmp, path);
   } catch (e) {
     rmSync(tmp, { force: true });
@@ -264,7 +280,12 @@ export function restoreReplacedDir(dirIn: string): boolean {
  * place. With `prefix`, only names in `root` itself that start with it are looked at (the
  * siblings of one folder in a user's directory). Returns the paths removed (or put back).
  */
-export function cleanStaleTemps(root: string, depth = 3, prefix = ''): string[] {
+export function cleanStaleTemps(
+  root: string,
+  depth = 3,
+  prefix = '',
+  options: { fullFormOnly?: boolean } = {},
+): string[] {
   const removed: string[] = [];
   const walk = (dir: string, level: number) => {
     let names: string[];
@@ -284,6 +305,8 @@ export function cleanStaleTemps(root: string, depth = 3, prefix = ''): string[] 
       }
       if (st.isSymbolicLink()) continue;
       const t = tempName(name);
+      // in a person's folder only our current names: a `notes.tmp-20261205` is theirs
+      if (t && options.fullFormOnly && !FULL_TEMP_NAME.test(name)) continue;
       if (t && !processAlive(t.pid)) {
         // a folder's previous version set aside by a writer killed before it renamed the new one
         // into place: put it back rather than lose the folder
@@ -291,8 +314,12 @@ export function cleanStaleTemps(root: string, depth = 3, prefix = ''): string[] 
           removed.push(p);
           continue;
         }
-        rmSync(p, { recursive: true, force: true });
-        removed.push(p);
+        try {
+          rmSync(p, { recursive: true, force: true });
+          removed.push(p);
+        } catch {
+          // best effort: another user's leftover in a shared (sticky) folder is not ours to remove
+        }
       } else if (st.isDirectory() && level < depth) walk(p, level + 1);
     }
   };
@@ -306,9 +333,12 @@ export function cleanStaleTemps(root: string, depth = 3, prefix = ''): string[] 
  */
 export function cleanStaleTempsOf(path: string): string[] {
   return [...new Set([resolve(path), resolveLinks(path)])].flatMap((p) =>
-    cleanStaleTemps(dirname(p), 1, `${basename(p)}.`),
+    cleanStaleTemps(dirname(p), 1, `${basename(p)}.`, { fullFormOnly: true }),
   );
 }
+
+/** The names this version gives its temporaries (`tempPathFor`), pid, thread and counter. */
+const FULL_TEMP_NAME = /\.(?:tmp|old)-\d+-\d+x\d+$/;
 
 /** Whether a process with this id exists (EPERM: it does, it is someone else's). */
 export function processAlive(pid: number): boolean {

@@ -3,7 +3,20 @@
 // ours (name pattern + a pid that no longer runs).
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
-import { cpSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import {
+  chmodSync,
+  cpSync,
+  existsSync,
+  lstatSync,
+  mkdirSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  statSync,
+  symlinkSync,
+  writeFileSync,
+} from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, test } from 'node:test';
@@ -200,4 +213,31 @@ test('the server cleans what a killed fit or server left in its factors and cach
   assert.deepEqual(readdirSync(factors).sort(), ['partials']);
   assert.deepEqual(readdirSync(join(factors, 'partials')), []);
   assert.deepEqual(readdirSync(join(cacheDir, 'stores', 'train-abc')), []);
+});
+
+test('a cache write over a symbolic link replaces the link (only a userFile write goes through it, keeping its mode)', () => {
+  const d = mkdtempSync(join(tmpdir(), 'atomic-link-'));
+  try {
+    const theirs = join(d, 'theirs.json');
+    writeFileSync(theirs, 'theirs');
+    chmodSync(theirs, 0o640);
+    symlinkSync(theirs, join(d, 'cache.json'));
+    writeFileAtomic(join(d, 'cache.json'), 'ours');
+    assert.ok(!lstatSync(join(d, 'cache.json')).isSymbolicLink());
+    assert.equal(readFileSync(theirs, 'utf8'), 'theirs', 'the linked file is untouched');
+    symlinkSync(theirs, join(d, 'flags.jsonl'));
+    writeFileAtomic(join(d, 'flags.jsonl'), 'flags', { userFile: true });
+    assert.ok(lstatSync(join(d, 'flags.jsonl')).isSymbolicLink());
+    assert.equal(readFileSync(theirs, 'utf8'), 'flags');
+    assert.equal(statSync(theirs).mode & 0o777, 0o640);
+    // a file its owner may write but not read (0200) is still replaced: the flush reads the
+    // temporary before it takes that mode
+    const writeOnly = join(d, 'w.jsonl');
+    writeFileSync(writeOnly, 'x');
+    chmodSync(writeOnly, 0o200);
+    writeFileAtomic(writeOnly, 'y', { userFile: true });
+    assert.equal(statSync(writeOnly).mode & 0o777, 0o200);
+  } finally {
+    rmSync(d, { recursive: true, force: true });
+  }
 });

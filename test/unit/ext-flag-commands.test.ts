@@ -2,7 +2,17 @@
 // (helpers/vscode-stub.ts): what they act on is the flags file and the dataset as they are on
 // disk and in the editor, never a stale copy; what they cannot be sure of they refuse.
 import assert from 'node:assert/strict';
-import { existsSync, mkdtempSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import {
+  existsSync,
+  lstatSync,
+  mkdirSync,
+  mkdtempSync,
+  readFileSync,
+  renameSync,
+  rmSync,
+  symlinkSync,
+  writeFileSync,
+} from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, test } from 'node:test';
@@ -316,6 +326,30 @@ test('a dataset renamed in VS Code takes its flags along; never over an existing
   );
   assert.equal(readSidecar(sidecarPathFor(renamed)).entries.length, 1);
   assert.equal(readSidecar(sidecarPathFor(third)).entries[0].hash, hashOf(5));
+});
+
+test("a renamed folder takes no dataset's flags; a linked flags file moves as a link to the same file", async () => {
+  await fake.open(dataset, 1);
+  await run('flagLine');
+  // a folder "data/" beside data.jsonl renamed: one event for the folder, not a dataset's rename
+  mkdirSync(join(dir, 'data2'));
+  await store.followRenames([{ oldUri: Uri.file(join(dir, 'data')), newUri: Uri.file(join(dir, 'data2')) }] as never);
+  assert.equal(readSidecar(sidecarPathFor(dataset)).entries.length, 1, 'data.jsonl keeps its flags');
+  assert.equal(existsSync(join(dir, 'data2.exclude.jsonl')), false);
+  // flags shared through a relative link, the dataset moved to a subfolder
+  mkdirSync(join(dir, 'shared'));
+  renameSync(sidecarPathFor(dataset), join(dir, 'shared', 'flags.jsonl'));
+  symlinkSync(join('shared', 'flags.jsonl'), sidecarPathFor(dataset));
+  mkdirSync(join(dir, 'sub'));
+  const moved = join(dir, 'sub', 'data.jsonl');
+  renameSync(dataset, moved);
+  await store.followRenames([{ oldUri: Uri.file(dataset), newUri: Uri.file(moved) }] as never);
+  assert.ok(lstatSync(sidecarPathFor(moved)).isSymbolicLink());
+  assert.deepEqual(
+    readSidecar(sidecarPathFor(moved)).entries.map((e) => e.hash),
+    [hashOf(2)],
+  );
+  assert.equal(existsSync(sidecarPathFor(dataset)), false);
 });
 
 test('apply removal says when identical copies of a flagged line went with it', async () => {

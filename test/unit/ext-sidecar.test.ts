@@ -372,7 +372,7 @@ test('export: a flags file with lines that are not flags (a merge conflict, a ba
   }
 });
 
-test('sidecar and export write through a symbolic link, keep the mode, and clear temporaries a killed writer left', async () => {
+test("the sidecar is written through a symbolic link with its mode kept; export replaces a link; killed writers' temporaries are cleared", async () => {
   const d = tmp();
   try {
     // a flags file shared through a link, group-writable
@@ -402,14 +402,25 @@ test('sidecar and export write through a symbolic link, keep the mode, and clear
     await removeFlags(sidecarPathFor(ds), ['ffffffffffffffff']); // a write of nothing changed still cleans
     await addFlags(sidecarPathFor(ds), [entry('cccccccccccccccc', 2)]);
     await setReason(link, 'aaaaaaaaaaaaaaaa', 'x');
-    // an export into a cleaned copy linked into a training folder replaces the linked file
-    mkdirSync(join(d, 'training'));
-    writeFileSync(join(d, 'training', 'train.jsonl'), 'old\n');
-    symlinkSync(join(d, 'training', 'train.jsonl'), cleanedPathFor(ds));
+    // an export over a link (here to another dataset) replaces the link, never the file it points
+    // at: "Replace" names the link, and writing through it destroyed another dataset
+    mkdirSync(join(d, 'other'));
+    writeFileSync(join(d, 'other', 'valid.jsonl'), 'old\n');
+    symlinkSync(join(d, 'other', 'valid.jsonl'), cleanedPathFor(ds));
     exportCleaned(ds, undefined, { replace: true });
-    assert.ok(lstatSync(cleanedPathFor(ds)).isSymbolicLink());
-    assert.equal(readFileSync(join(d, 'training', 'train.jsonl'), 'utf8'), `${JSON.stringify(RECORDS[1])}\n`);
+    assert.ok(!lstatSync(cleanedPathFor(ds)).isSymbolicLink());
+    assert.equal(readFileSync(cleanedPathFor(ds), 'utf8'), `${JSON.stringify(RECORDS[1])}\n`);
+    assert.equal(readFileSync(join(d, 'other', 'valid.jsonl'), 'utf8'), 'old\n');
+    // a folder as the output is refused before anything is written
+    assert.throws(
+      () => exportCleaned(ds, join(d, 'other'), { replace: true }),
+      /is a folder: give the cleaned copy a file name/,
+    );
+    // a person's own file named like an old temporary is not ours to clean
+    writeFileSync(join(d, 'train.exclude.jsonl.tmp-20261205'), 'my backup');
     for (const f of leftovers) assert.equal(existsSync(join(d, f)), false, f);
+    await addFlags(sidecarPathFor(ds), [entry('dddddddddddddddd', 2)]);
+    assert.equal(readFileSync(join(d, 'train.exclude.jsonl.tmp-20261205'), 'utf8'), 'my backup');
     // a link named like a dataset but pointing at a flags file is refused like the flags file
     symlinkSync('train.exclude.jsonl', join(d, 'out.jsonl'));
     assert.throws(() => exportCleaned(ds, join(d, 'out.jsonl'), { replace: true }), /refusing/);

@@ -4,7 +4,7 @@
 // list that "Apply removal to file" deletes. Pure Node (no `vscode`), unit-tested.
 
 import { isUtf8 } from 'node:buffer';
-import { existsSync, lstatSync, readFileSync, realpathSync } from 'node:fs';
+import { existsSync, lstatSync, readFileSync, realpathSync, statSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { cleanStaleTempsOf, resolveLinks } from '../../common/atomic-write';
 import { asBuffer, byteLines, hasBom, lineText, UTF8_BOM } from '../../common/byte-lines';
@@ -143,6 +143,7 @@ export function exportCleaned(
     [outPath, real].some((p) => isSidecarPath(p) || /\.lock$/i.test(p))
   )
     throw new Error(`refusing to write the cleaned copy over ${outPath}: choose another file name`);
+  if (isFolder(outPath)) throw new Error(`${outPath} is a folder: give the cleaned copy a file name`);
   if (exists(outPath) && !options.replace) throw new OutputExistsError(`${outPath} exists`);
   const excluded = readFlagsForRemoval(sidecar);
   const { bytes, ...counts } = filterDatasetBytes(readFileSync(datasetPath), excluded);
@@ -150,6 +151,14 @@ export function exportCleaned(
   cleanStaleTempsOf(outPath);
   writeFileAtomic(outPath, bytes);
   return { ...counts, outPath };
+}
+
+function isFolder(path: string): boolean {
+  try {
+    return statSync(path).isDirectory();
+  } catch {
+    return false;
+  }
 }
 
 /** Whether anything is at `path` (a dangling symbolic link included). */

@@ -4,9 +4,10 @@
 // Every change is made on the file under its lock (sidecar.ts), never from this in-memory copy,
 // and the copy is re-read whenever the file's size or time changed (a watcher event can lag), so
 // one window never writes back a stale view over another window's flags.
-import { existsSync, renameSync, statSync } from 'node:fs';
+import { existsSync, lstatSync, renameSync, rmSync, statSync, symlinkSync } from 'node:fs';
 import { basename } from 'node:path';
 import * as vscode from 'vscode';
+import { resolveLinks } from '../../common/atomic-write';
 import { dirtyDocument } from '../datasets';
 import {
   addFlags,
@@ -60,6 +61,9 @@ export class FlagStore implements vscode.Disposable {
   async followRenames(files: ReadonlyArray<{ oldUri: vscode.Uri; newUri: vscode.Uri }>): Promise<void> {
     for (const { oldUri, newUri } of files) {
       if (oldUri.scheme !== 'file' || isSidecarPath(oldUri.fsPath) || isSidecarPath(newUri.fsPath)) continue;
+      // a folder renamed is one event for the folder itself: "train/" is no dataset, and the flags
+      // of a "train.jsonl" beside it are not its to take
+      if (isFolder(newUri.fsPath)) continue;
       const from = sidecarPathFor(oldUri.fsPath);
       const to = sidecarPathFor(newUri.fsPath);
       if (from === to || !existsSync(from)) continue;
@@ -71,7 +75,12 @@ export class FlagStore implements vscode.Disposable {
         // under the old file's lock: another window may be writing it right now
         await withLock(from, () => {
           if (existsSync(to)) throw new Error(`${basename(to)} appeared; the flags stay in ${basename(from)}`);
-          renameSync(from, to);
+          if (lstatSync(from).isSymbolicLink()) {
+            // a link to shared flags: a new link beside the dataset to the same file (a relative
+            // link moved elsewhere would point at nothing), then the old link goes
+            symlinkSync(resolveLinks(from), to);
+            rmSync(from);
+          } else renameSync(from, to);
         });
         this.groups.delete(from);
         this.remember(to);
@@ -188,5 +197,13 @@ function stampOf(path: string): string {
     return `${st.size}:${st.mtimeMs}:${st.ino}`;
   } catch {
     return '';
+  }
+}
+
+function isFolder(path: string): boolean {
+  try {
+    return statSync(path).isDirectory();
+  } catch {
+    return false;
   }
 }

@@ -303,7 +303,8 @@ function writeLines(path: string, read: Sidecar, lines: Array<SidecarLine | stri
       if (l.raw.at(-1) !== 0x0a && i + 1 < lines.length) parts.push(Buffer.from(eol));
     }
   });
-  writeFileAtomic(path, Buffer.concat(parts));
+  // the person's file: a link to it (flags shared between checkouts) is written through, its mode kept
+  writeFileAtomic(path, Buffer.concat(parts), { userFile: true });
 }
 
 function toEntry(text: string): FlagEntry | string {
