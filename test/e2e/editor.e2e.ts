@@ -449,8 +449,15 @@ test('editor: explain a wrong answer, flag its planted source, export, hover', {
     step('deleted-example-open', async () => {
       await page.keyboard.press('Escape');
       await clearNotifications();
-      // finetune.jsonl is active with the cursor on the planted line (the hover step): delete it, unsaved
+      // finetune.jsonl, the cursor put on the planted line again and the editor focused (a tab's
+      // click alone left the focus on the tab on a loaded machine, and the key did nothing): delete
+      // the line, unsaved
       await page.locator('.tabs-container .tab', { hasText: 'finetune.jsonl' }).click();
+      await page.locator('.editor-instance .monaco-editor .view-lines').first().click();
+      await page.keyboard.press('Control+G');
+      await page.locator('.quick-input-widget input').fill(`:${PLANTED.line}`);
+      await page.keyboard.press('Enter');
+      await page.waitForTimeout(300);
       await page.keyboard.press('Control+Shift+K');
       // the editor now holds line 238's record on line 237
       const plantedText = page.locator('.editor-instance .view-lines', {
