@@ -4,12 +4,12 @@
 // list that "Apply removal to file" deletes. Pure Node (no `vscode`), unit-tested.
 
 import { isUtf8 } from 'node:buffer';
-import { existsSync, lstatSync, readFileSync, realpathSync, statSync } from 'node:fs';
+import { existsSync, lstatSync, readFileSync, realpathSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { cleanStaleTempsOf, resolveLinks } from '../../common/atomic-write';
 import { asBuffer, byteLines, hasBom, lineText, UTF8_BOM } from '../../common/byte-lines';
 import { lineHash } from './hash';
-import { isSidecarPath, readFlagsForRemoval, sidecarPathFor, writeFileAtomic } from './sidecar';
+import { isFolder, isSidecarPath, readFlagsForRemoval, sidecarPathFor, writeFileAtomic } from './sidecar';
 
 /** `data/train.jsonl` → `data/train.cleaned.jsonl`. */
 export function cleanedPathFor(datasetPath: string): string {
@@ -151,14 +151,6 @@ export function exportCleaned(
   cleanStaleTempsOf(outPath);
   writeFileAtomic(outPath, bytes);
   return { ...counts, outPath };
-}
-
-function isFolder(path: string): boolean {
-  try {
-    return statSync(path).isDirectory();
-  } catch {
-    return false;
-  }
 }
 
 /** Whether anything is at `path` (a dangling symbolic link included). */

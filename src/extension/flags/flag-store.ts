@@ -13,6 +13,7 @@ import {
   addFlags,
   datasetPathForSidecar,
   type FlagEntry,
+  isFolder,
   isSidecarPath,
   readSidecar,
   removeFlags,
@@ -197,13 +198,5 @@ function stampOf(path: string): string {
     return `${st.size}:${st.mtimeMs}:${st.ino}`;
   } catch {
     return '';
-  }
-}
-
-function isFolder(path: string): boolean {
-  try {
-    return statSync(path).isDirectory();
-  } catch {
-    return false;
   }
 }

@@ -325,3 +325,12 @@ function toEntry(text: string): FlagEntry | string {
     query: typeof o.query === 'string' ? o.query : '',
   };
 }
+
+/** Whether `path` is a folder (following links; false when nothing is there). */
+export function isFolder(path: string): boolean {
+  try {
+    return statSync(path).isDirectory();
+  } catch {
+    return false;
+  }
+}

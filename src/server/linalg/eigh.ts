@@ -56,9 +56,10 @@ export function eigh(matrix: Float64Array, n: number, options: EighOptions): Eig
 export function eigh(matrix: Float64Array, n: number, options: EighOptions = {}): Eigh<Floats> {
   const job = prepare(matrix, n, options);
   if ('done' in job) return job.done;
-  if (job.lapack?.ssyevd && options.dtype === 'float32') {
-    const call = lapackCall32(job.a, n, job.label, job.lapack.ssyevd);
-    job.lapack.ssyevd(...call.args);
+  const ssyevd = job.lapack?.ssyevd;
+  if (ssyevd && options.dtype === 'float32') {
+    const call = lapackCall(Float32Array.from(job.a), n, job.label, ssyevd);
+    ssyevd(...call.args);
     return call.result();
   }
   if (job.lapack) {
@@ -84,8 +85,8 @@ export async function eighAsync(matrix: Float64Array, n: number, options: EighOp
   if ('done' in job) return job.done;
   if (!job.lapack) return narrowed(eighJs(job.a, n, job.label), options);
   const lib = job.lapack;
-  if (lib.ssyevdAsync && options.dtype === 'float32') {
-    const call = lapackCall32(job.a, n, job.label, lib.ssyevd!);
+  if (lib.ssyevd && lib.ssyevdAsync && options.dtype === 'float32') {
+    const call = lapackCall(Float32Array.from(job.a), n, job.label, lib.ssyevd);
     const run = lib.ssyevdAsync;
     await new Promise<void>((resolve, reject) => run(...call.args, (err) => (err ? reject(err) : resolve())));
     return call.result();
@@ -129,84 +130,58 @@ function prepare(matrix: Float64Array, n: number, options: EighOptions): Prepare
   return { a, label, lapack: null };
 }
 
-type Dsyevd = NonNullable<ReturnType<typeof nativeLapack>>['dsyevd'];
+type Lapack = NonNullable<ReturnType<typeof nativeLapack>>;
+type Dsyevd = Lapack['dsyevd'];
+type Ssyevd = NonNullable<Lapack['ssyevd']>;
 
-/** dsyevd's arguments (after the workspace query) and the reading of its result. */
-function lapackCall(a: Float64Array, n: number, label: string, dsyevd: Dsyevd) {
+/**
+ * dsyevd's (Float64Array `a`) or ssyevd's (Float32Array `a`) arguments after the workspace query,
+ * and the reading of its result; `solver` runs the query.
+ */
+function lapackCall<A extends Float64Array | Float32Array>(
+  a: A,
+  n: number,
+  label: string,
+  solver: (...args: Parameters<A extends Float32Array ? Ssyevd : Dsyevd>) => void,
+) {
+  const name = a instanceof Float32Array ? 'ssyevd' : 'dsyevd';
+  const floats = (len: number) => (a instanceof Float32Array ? new Float32Array(len) : new Float64Array(len)) as A;
   const N = new Int32Array([n]);
-  const w = new Float64Array(n);
+  const w = floats(n);
   const info = new Int32Array(1);
-  const wq = new Float64Array(1);
+  const wq = floats(1);
   const iq = new Int32Array(1);
+  type Args = Parameters<A extends Float32Array ? Ssyevd : Dsyevd>;
   // Workspace query (lwork = liwork = -1): LAPACK writes the optimal sizes into work[0], iwork[0].
-  dsyevd('V', 'L', N, a, N, w, wq, new Int32Array([-1]), iq, new Int32Array([-1]), info, 1, 1);
-  if (info[0] !== 0) throw new Error(`eigh(${label}): dsyevd workspace query failed (info=${info[0]})`);
-  // Reference LAPACK minimums for jobz='V', as a floor in case a library under-reports.
+  solver(
+    ...(['V', 'L', N, a, N, w, wq, new Int32Array([-1]), iq, new Int32Array([-1]), info, 1, 1] as unknown as Args),
+  );
+  if (info[0] !== 0) throw new Error(`eigh(${label}): ${name} workspace query failed (info=${info[0]})`);
+  // Reference LAPACK minimums for jobz='V', as a floor in case a library under-reports: ssyevd
+  // returns the size as a float32, rounded above 2^24, down as often as not (18,018,000 for the
+  // 18,018,001 that n = 3,000 needs, with OpenBLAS 0.3.21)
   const lwork = Math.max(Math.ceil(wq[0]), 1 + 6 * n + 2 * n * n);
   const liwork = Math.max(iq[0], 3 + 5 * n);
-  const work = new Float64Array(lwork);
-  const iwork = new Int32Array(liwork);
-  const args: Parameters<Dsyevd> = [
+  const args = [
     'V',
     'L',
     N,
     a,
     N,
     w,
-    work,
+    floats(lwork),
     new Int32Array([lwork]),
-    iwork,
+    new Int32Array(liwork),
     new Int32Array([liwork]),
     info,
     1,
     1,
-  ];
-  const result = (): Eigh => {
-    if (info[0] < 0) throw new Error(`eigh(${label}): dsyevd argument ${-info[0]} was illegal`);
-    if (info[0] > 0) throw new Error(`eigh(${label}): dsyevd failed to converge (info=${info[0]}, n=${n})`);
+  ] as unknown as Args;
+  const result = (): Eigh<A> => {
+    if (info[0] < 0) throw new Error(`eigh(${label}): ${name} argument ${-info[0]} was illegal`);
+    if (info[0] > 0) throw new Error(`eigh(${label}): ${name} failed to converge (info=${info[0]}, n=${n})`);
     // LAPACK returns eigenvectors column-major (a[j*n + i] = V[i][j]); we return row-major V.
-    return { values: w, vectors: transpose(a, n, n) };
-  };
-  return { args, result };
-}
-
-type Ssyevd = NonNullable<NonNullable<ReturnType<typeof nativeLapack>>['ssyevd']>;
-
-/** ssyevd's arguments and result, as `lapackCall` (the fp64 input is rounded to float32 here). */
-function lapackCall32(a64: Float64Array, n: number, label: string, ssyevd: Ssyevd) {
-  const a = Float32Array.from(a64);
-  const N = new Int32Array([n]);
-  const w = new Float32Array(n);
-  const info = new Int32Array(1);
-  const wq = new Float32Array(1);
-  const iq = new Int32Array(1);
-  ssyevd('V', 'L', N, a, N, w, wq, new Int32Array([-1]), iq, new Int32Array([-1]), info, 1, 1);
-  if (info[0] !== 0) throw new Error(`eigh(${label}): ssyevd workspace query failed (info=${info[0]})`);
-  // the size comes back as a float32: above 2^24 it is rounded, down as often as not (18,018,000
-  // for the 18,018,001 that n = 3,000 needs, with OpenBLAS 0.3.21), hence the documented minimums
-  const lwork = Math.max(Math.ceil(wq[0]), 1 + 6 * n + 2 * n * n);
-  const liwork = Math.max(iq[0], 3 + 5 * n);
-  const work = new Float32Array(lwork);
-  const iwork = new Int32Array(liwork);
-  const args: Parameters<Ssyevd> = [
-    'V',
-    'L',
-    N,
-    a,
-    N,
-    w,
-    work,
-    new Int32Array([lwork]),
-    iwork,
-    new Int32Array([liwork]),
-    info,
-    1,
-    1,
-  ];
-  const result = (): Eigh<Float32Array> => {
-    if (info[0] < 0) throw new Error(`eigh(${label}): ssyevd argument ${-info[0]} was illegal`);
-    if (info[0] > 0) throw new Error(`eigh(${label}): ssyevd failed to converge (info=${info[0]}, n=${n})`);
-    return { values: Float64Array.from(w), vectors: transpose(a, n, n, new Float32Array(n * n)) };
+    return { values: Float64Array.from(w), vectors: transpose(a, n, n, floats(n * n)) };
   };
   return { args, result };
 }

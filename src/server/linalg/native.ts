@@ -6,14 +6,15 @@
 // Passing those lengths is harmless for libraries that do not expect them.
 import { createRequire } from 'node:module';
 
-type DsyevdFn = (
+/** LAPACK's ?syevd_: dsyevd over Float64Array, ssyevd (kronfluence's eigendecomposition_dtype=float32) over Float32Array */
+type SyevdFn<F extends Float64Array | Float32Array> = (
   jobz: string,
   uplo: string,
   n: Int32Array,
-  a: Float64Array,
+  a: F,
   lda: Int32Array,
-  w: Float64Array,
-  work: Float64Array,
+  w: F,
+  work: F,
   lwork: Int32Array,
   iwork: Int32Array,
   liwork: Int32Array,
@@ -21,23 +22,8 @@ type DsyevdFn = (
   jobzLen: number,
   uploLen: number,
 ) => void;
-
-/** ssyevd_: dsyevd's signature in float32 (kronfluence's eigendecomposition_dtype=float32) */
-type SsyevdFn = (
-  jobz: string,
-  uplo: string,
-  n: Int32Array,
-  a: Float32Array,
-  lda: Int32Array,
-  w: Float32Array,
-  work: Float32Array,
-  lwork: Int32Array,
-  iwork: Int32Array,
-  liwork: Int32Array,
-  info: Int32Array,
-  jobzLen: number,
-  uploLen: number,
-) => void;
+type DsyevdFn = SyevdFn<Float64Array>;
+type SsyevdFn = SyevdFn<Float32Array>;
 
 type DgemmFn = (
   transa: string,

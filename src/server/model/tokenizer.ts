@@ -559,8 +559,9 @@ export function transformersV5Pipeline(
   // tekken / tokenizer.model.vN files) or TokenizersBackend: tokenizer.json as written, never a
   // LlamaTokenizer rebuild (measured: 5.25 gives the file's ids for Metaspace and ByteLevel files)
   if (hub !== 'LlamaTokenizer' || modelType === 'mistral') return undefined;
-  // transformers' own test: the text "ByteLevel" anywhere in tokenizer.json (Llama-3 style files)
-  if (JSON.stringify(tj).includes('"ByteLevel"')) return undefined;
+  // transformers' test: a ByteLevel pre-tokenizer or decoder (Llama-3 style files); it searches the
+  // file's text for "ByteLevel", which only those nodes (and a post-processor beside them) hold
+  if (usesType(tj.pre_tokenizer, 'ByteLevel') || usesType(tj.decoder, 'ByteLevel')) return undefined;
   const addPrefixSpace = tc.add_prefix_space !== false;
   const scheme = !addPrefixSpace ? 'never' : tc.legacy === true ? 'always' : 'first';
   const pre = { type: 'Metaspace', replacement: '\u2581', prepend_scheme: scheme, split: false };

@@ -399,18 +399,7 @@ export function loadFactors(dir: string, options: LoadOptions = {}): Factors {
     throw new FactorsError(`${dir}: factors use kronfluence strategy "${kron.strategy}"; only "ekfac" is supported`);
   }
   const args: FactorArguments = ours
-    ? {
-        strategy: 'ekfac',
-        labels: ours.labels === 'empirical' ? 'empirical' : 'sampled',
-        damping: (ours.damping as Damping | undefined) ?? DEFAULT_DAMPING,
-        modules: Array.isArray(ours.modules) ? (ours.modules as string[]) : [...shapes.keys()],
-        maxExamples: typeof ours.maxExamples === 'number' ? ours.maxExamples : null,
-        seed: typeof ours.seed === 'number' ? ours.seed : null,
-        modelFingerprint: typeof ours.modelFingerprint === 'string' ? ours.modelFingerprint : null,
-        dataFingerprint: typeof ours.dataFingerprint === 'string' ? ours.dataFingerprint : null,
-        training: ours.training === undefined || ours.training === null ? null : storedTraining(dir, ours.training),
-        ...storedDtype(dir, ours.eigendecompositionDtype, OUR_ARGUMENTS_FILE, 'eigendecompositionDtype'),
-      }
+    ? oursArguments(dir, ours, [...shapes.keys()])
     : {
         // kronfluence: damping is a score argument, and its `damping_factor=None` heuristic is ours
         strategy: 'ekfac',
@@ -456,19 +445,30 @@ export function loadFactors(dir: string, options: LoadOptions = {}): Factors {
 export function readFitSettings(
   dir: string,
 ): Pick<FactorArguments, 'labels' | 'seed' | 'maxExamples' | 'eigendecompositionDtype'> | null {
-  let ours: Record<string, unknown> | null;
   try {
-    ours = readJson(join(dir, OUR_ARGUMENTS_FILE));
+    const ours = readJson(join(dir, OUR_ARGUMENTS_FILE));
     if (!ours) return null;
-    return {
-      labels: ours.labels === 'empirical' ? 'empirical' : 'sampled',
-      seed: typeof ours.seed === 'number' ? ours.seed : null,
-      maxExamples: typeof ours.maxExamples === 'number' ? ours.maxExamples : null,
-      ...storedDtype(dir, ours.eigendecompositionDtype, OUR_ARGUMENTS_FILE, 'eigendecompositionDtype'),
-    };
+    const { labels, seed, maxExamples, eigendecompositionDtype } = oursArguments(dir, ours, []);
+    return { labels, seed, maxExamples, ...(eigendecompositionDtype ? { eigendecompositionDtype } : {}) };
   } catch {
     return null;
   }
+}
+
+/** Our arguments file read back; `modules` when the file names none. */
+function oursArguments(dir: string, ours: Record<string, unknown>, modules: string[]): FactorArguments {
+  return {
+    strategy: 'ekfac',
+    labels: ours.labels === 'empirical' ? 'empirical' : 'sampled',
+    damping: (ours.damping as Damping | undefined) ?? DEFAULT_DAMPING,
+    modules: Array.isArray(ours.modules) ? (ours.modules as string[]) : modules,
+    maxExamples: typeof ours.maxExamples === 'number' ? ours.maxExamples : null,
+    seed: typeof ours.seed === 'number' ? ours.seed : null,
+    modelFingerprint: typeof ours.modelFingerprint === 'string' ? ours.modelFingerprint : null,
+    dataFingerprint: typeof ours.dataFingerprint === 'string' ? ours.dataFingerprint : null,
+    training: ours.training === undefined || ours.training === null ? null : storedTraining(dir, ours.training),
+    ...storedDtype(dir, ours.eigendecompositionDtype, OUR_ARGUMENTS_FILE, 'eigendecompositionDtype'),
+  };
 }
 
 /** A stored eigendecomposition precision: float32 kept, float64 or absent left out (the default), anything else refused. */
