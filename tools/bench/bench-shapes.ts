@@ -39,7 +39,9 @@ export const BENCH_SHAPES = ['pythia-70m', 'pythia-160m', 'smollm-135m', 'qwen2.
 /**
  * Real English text: paragraphs of this project's own documentation, frozen into
  * shape-text.txt on 2026-12-03 so that runs on different commits score the same data (the text
- * was cut from the live Markdown before, and changed whenever the docs did).
+ * was cut from the live Markdown before, and changed whenever the docs did). Extended on
+ * 2026-12-06 with the paragraphs of docs/MEASUREMENTS.md and docs/ARCHITECTURE.md of that day,
+ * appended after the old text (whose tokens are unchanged), so that 256 sequences × 128 tokens fit.
  */
 function englishText(): string {
   return readFileSync(join(dirname(fileURLToPath(import.meta.url)), 'shape-text.txt'), 'utf8');
