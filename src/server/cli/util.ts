@@ -85,6 +85,28 @@ export function int(value: string | undefined, flag: string, fallback: number): 
   return n;
 }
 
+/**
+ * `--seed`: the random generator (util/random.ts) keeps 32 bits of it, so a larger or negative
+ * seed would silently be another one (4294967296 samples as 0 does): refused instead.
+ */
+export function seedFlag(value: string | undefined, fallback: number, flag = '--seed'): number {
+  const n = int(value, flag, fallback);
+  if (n < 0 || n > 0xffffffff) throw new CliError(`${flag} must be an integer from 0 to 4294967295 (got "${value}")`);
+  return n;
+}
+
+/**
+ * `--threads`: ONNX Runtime's intra-op threads, within the bounds of influence-lens.json's
+ * "threads" (ONNX Runtime reads 0 as "all cores", fails on a negative count with a stack trace,
+ * and hangs starting thousands).
+ */
+export function threadsFlag(value: string | undefined): number | undefined {
+  if (value === undefined) return undefined;
+  const n = int(value, '--threads', 1);
+  if (n < 1 || n > 1024) throw new CliError(`--threads must be an integer from 1 to 1024 (got "${value}")`);
+  return n;
+}
+
 export class Progress {
   private last = 0;
   private readonly start = Date.now();

@@ -1,0 +1,152 @@
+// Options that were accepted and then silently ignored or read as something else: each is now
+// either honoured or refused, in one line naming the flag, before any work starts.
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { describe, test } from 'node:test';
+import { type JsonSchema, validateSchema } from '../../src/common/json-schema';
+import { PARAMS_SCHEMA } from '../../src/protocol/params-schema';
+import { useTempHome } from './helpers/env';
+
+const home = useTempHome();
+const MODEL = 'assets/default/finetuned';
+const PRETRAINED = 'assets/default/pretrained';
+const PROMPT = 'Q: What is the capital of France?\nA:';
+
+function cli(...args: string[]) {
+  const r = spawnSync(process.execPath, ['--import', 'tsx', 'src/server/cli.ts', ...args], {
+    encoding: 'utf8',
+    env: { ...process.env, HOME: home, INFLUENCE_LENS_CACHE: join(home, 'cache') },
+    timeout: 120_000,
+  });
+  return { code: r.status, out: r.stdout, err: r.stderr };
+}
+
+/** A refusal: exit 1, one line on stderr matching `re`, nothing on stdout. */
+function refused(r: ReturnType<typeof cli>, re: RegExp) {
+  assert.equal(r.code, 1, `expected a refusal; stdout: ${r.out} stderr: ${r.err}`);
+  assert.match(r.err, re);
+  assert.equal(r.err.trim().split('\n').length, 1, r.err);
+}
+
+// the first 32 lines of the shipped fine-tuning data: a 646k-parameter model trains on them in a second
+const data = join(home, 'small.jsonl');
+writeFileSync(
+  data,
+  `${readFileSync('assets/default/data/finetune.jsonl', 'utf8').split('\n').slice(0, 32).join('\n')}\n`,
+);
+
+describe('train and retrain', () => {
+  test('--clip 0 (it scaled every gradient to 0: the model came out unchanged) and a negative --warmup are refused', () => {
+    const out = join(home, 'clip0');
+    const base = ['train', '--model', PRETRAINED, '--data', data, '--out', out, '--epochs', '1'];
+    refused(cli(...base, '--clip', '0'), /--clip must be greater than 0/);
+    refused(cli(...base, '--warmup=-5'), /--warmup must be at least 0/);
+  });
+
+  test("--exclude with flags none of which is in --data (another dataset's) is refused, not trained without nothing", () => {
+    const other = join(home, 'other.exclude.jsonl');
+    writeFileSync(other, `${JSON.stringify({ hash: '0123456789abcdef', line: 3, reason: 'x' })}\n`);
+    const out = join(home, 'excluded');
+    const base = ['train', '--model', PRETRAINED, '--data', data, '--out', out, '--epochs', '1', '--threads', '1'];
+    refused(cli(...base, '--exclude', other), /none of the 1 example\(s\) flagged in .*other\.exclude\.jsonl is in/);
+    // a model to retrain: retrain with those flags would have written the same model again
+    const trained = cli(...base);
+    assert.equal(trained.code, 0, trained.err);
+    refused(
+      cli(
+        'retrain',
+        '--model',
+        out,
+        '--exclude',
+        other,
+        '--data',
+        data,
+        '--out',
+        join(home, 'retrained'),
+        '--from',
+        PRETRAINED,
+      ),
+      /none of the 1 example\(s\) flagged/,
+    );
+  });
+});
+
+describe('data eval', () => {
+  test('on a built corpus, the --queries flags are refused rather than ignored', () => {
+    for (const flag of [
+      ['--factors', 'f'],
+      ['--methods', 'bm25'],
+      ['--top-k', '0'],
+      ['--max-tokens', '1'],
+    ])
+      refused(
+        cli('data', 'eval', '--model', MODEL, '--data', 'assets/default/data', ...flag),
+        new RegExp(`${flag[0]} applies to data eval --queries`),
+      );
+  });
+
+  test('--queries: --max-tokens 0 (every answer empty, 0%) is refused; the ranking flags need --data', () => {
+    const q = join(home, 'q.jsonl');
+    writeFileSync(q, `${JSON.stringify({ prompt: PROMPT, expected: ' Paris' })}\n`);
+    refused(
+      cli('data', 'eval', '--model', MODEL, '--queries', q, '--max-tokens', '0'),
+      /--max-tokens must be at least 1/,
+    );
+    refused(
+      cli('data', 'eval', '--model', MODEL, '--queries', q, '--methods', 'gdp', '--top-k', '3'),
+      /--methods applies to the sources in --data/,
+    );
+  });
+});
+
+describe('numbers the engine would read as other numbers', () => {
+  test('--seed outside 0..2^32-1 is refused (4294967296 sampled as 0 did), everywhere it is read', () => {
+    const big = ['--seed', '4294967296'];
+    refused(
+      cli('generate', '--model', MODEL, '--prompt', PROMPT, '--temperature', '3', ...big),
+      /--seed must be an integer from 0 to 4294967295/,
+    );
+    refused(cli('fit', '--model', MODEL, '--data', data, '--out', join(home, 'f'), ...big), /--seed must be/);
+    refused(
+      cli('gradients', '--model', MODEL, '--text', 'a b c', '--out', join(home, 'g.safetensors'), ...big),
+      /--seed must be/,
+    );
+    refused(cli('train', '--model', PRETRAINED, '--data', data, '--out', join(home, 't'), ...big), /--seed must be/);
+    refused(cli('data', 'build', '--out', join(home, 'b'), '--seed', '1e20'), /--seed must be/);
+    const top = cli('generate', '--model', MODEL, '--prompt', PROMPT, '--temperature', '3', '--seed', '4294967295');
+    assert.equal(top.code, 0, top.err);
+  });
+
+  test('--threads outside 1..1024 is refused (0 meant all cores, a negative count a stack trace, 100000 a hang)', () => {
+    for (const t of ['0', '-2', '100000'])
+      refused(
+        cli('generate', '--model', MODEL, '--prompt', PROMPT, `--threads=${t}`),
+        /--threads must be an integer from 1 to 1024/,
+      );
+    refused(
+      cli('data', 'eval', '--model', MODEL, '--data', 'assets/default/data', '--threads', '0'),
+      /--threads must be/,
+    );
+    refused(
+      cli('train', '--model', PRETRAINED, '--data', data, '--out', join(home, 't'), '--threads', '5000'),
+      /--threads must be/,
+    );
+  });
+
+  test('demo --top-k is checked before the fits, naming the flag', () => {
+    for (const k of ['0', 'abc', '2.5']) {
+      const r = cli('demo', '--top-k', k);
+      refused(r, /--top-k must be/);
+      assert.doesNotMatch(r.out, /fitted/);
+    }
+  });
+
+  test("the server's generate refuses a seed beyond 32 bits", () => {
+    const schema = PARAMS_SCHEMA.generate as unknown as JsonSchema;
+    assert.deepEqual(validateSchema({ prompt: 'x', seed: 4294967295 }, schema), []);
+    for (const seed of [4294967296, -1])
+      assert.ok(validateSchema({ prompt: 'x', seed }, schema).length, `seed ${seed} was accepted`);
+  });
+});
