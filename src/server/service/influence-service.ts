@@ -52,7 +52,7 @@ export interface StageConfig {
   base?: string;
   /** factors directory; fitted on demand by `fit` when absent */
   factors?: string;
-  /** the dataset id the factors are fitted on (default: the first dataset) */
+  /** the dataset id the factors are fitted on (default: the first dataset whose datasetStage is this stage, else the first) */
   fitDataset?: string;
   /** training checkpoints to sum ekfac/gdp over (model/checkpoints.ts; default DEFAULTS.checkpoints) */
   checkpoints?: CheckpointsSetting;
@@ -882,7 +882,11 @@ export class InfluenceService implements ServiceApi {
     if (!c) throw new ServiceError(`no ${which} model is configured`);
     const out = c.factors;
     if (!out) throw new ServiceError(`the configuration names no factors directory for the ${which} model`);
-    const datasetId = c.fitDataset ?? Object.keys(this.config.datasets)[0];
+    // unset: the first dataset that is this stage's training data ("datasetStage"; unmarked ones
+    // are the fine-tuned model's), so neither model is fitted on the other's data; else the first
+    const ids = Object.keys(this.config.datasets);
+    const datasetId =
+      c.fitDataset ?? ids.find((id) => (own(this.config.datasetStage, id) ?? 'finetuned') === which) ?? ids[0];
     const path = own(this.config.datasets, datasetId);
     if (!path) throw new ServiceError(`fitDataset "${datasetId}" is not a configured dataset`);
     const broken = this.brokenFactors.get(out);
