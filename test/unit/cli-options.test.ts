@@ -101,6 +101,15 @@ describe('data eval', () => {
   });
 });
 
+test('explain --modules with only BM25 / RepSim (no gradients, no modules) is refused like --rank', () => {
+  const q = ['--prompt', PROMPT, '--completion', ' Paris'];
+  for (const m of [['bm25'], ['repsim', '--compare', 'bm25']])
+    refused(
+      cli('explain', '--model', MODEL, '--data', data, ...q, '--method', ...m, '--modules', 'mlp'),
+      /--modules chooses the layers whose gradients are scored; (bm25|repsim, bm25) computes? no gradients/,
+    );
+});
+
 describe('numbers the engine would read as other numbers', () => {
   test('--seed outside 0..2^32-1 is refused (4294967296 sampled as 0 did), everywhere it is read', () => {
     const big = ['--seed', '4294967296'];
