@@ -110,6 +110,34 @@ test('explain --modules with only BM25 / RepSim (no gradients, no modules) is re
     );
 });
 
+test('a flag given twice with two values is refused (the last one used to win silently); the same value twice, or a repeatable flag, is not', () => {
+  const q = ['--prompt', PROMPT, '--completion', ' Paris'];
+  refused(
+    cli('explain', '--model', MODEL, '--data', data, ...q, '--method', 'gdp', '--method', 'bm25'),
+    /--method is given twice \("gdp" and "bm25"\); give it once/,
+  );
+  refused(
+    cli('generate', '--model', MODEL, '--prompt', PROMPT, '--max-tokens', '1', '--max-tokens=4'),
+    /--max-tokens is given twice/,
+  );
+  const same = cli(
+    'explain',
+    '--model',
+    MODEL,
+    '--data',
+    data,
+    ...q,
+    '--method',
+    'bm25',
+    '--method=bm25',
+    '--top-k',
+    '1',
+  );
+  assert.equal(same.code, 0, same.err);
+  const stops = cli('generate', '--model', MODEL, '--prompt', PROMPT, '--stop', 'x', '--stop', 'y');
+  assert.equal(stops.code, 0, stops.err);
+});
+
 describe('numbers the engine would read as other numbers', () => {
   test('--seed outside 0..2^32-1 is refused (4294967296 sampled as 0 did), everywhere it is read', () => {
     const big = ['--seed', '4294967296'];

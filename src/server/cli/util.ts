@@ -55,8 +55,9 @@ export function parse<T extends NonNullable<ParseArgsConfig['options']>>(
   positionals = false,
 ) {
   if (argv.includes('--help') || argv.includes('-h')) throw new HelpRequested(describeOptions(options));
+  let parsed: ReturnType<typeof parseArgs<{ options: T; allowPositionals: boolean; strict: true; tokens: true }>>;
   try {
-    return parseArgs({ args: argv, options, allowPositionals: positionals, strict: true });
+    parsed = parseArgs({ args: argv, options, allowPositionals: positionals, strict: true, tokens: true });
   } catch (e) {
     const message = (e as Error).message;
     // a misspelt flag: name the one meant, when one is close
@@ -64,6 +65,17 @@ export function parse<T extends NonNullable<ParseArgsConfig['options']>>(
     const near = unknown && closest(unknown, Object.keys(options));
     throw new CliError(near ? `unknown option --${unknown}; did you mean --${near}? (see --help)` : message);
   }
+  // a value given twice, differently (`--method ekfac ... --method bm25`): parseArgs keeps the last
+  // one silently, so which one the person meant is unknown
+  const first = new Map<string, string>();
+  for (const t of parsed.tokens) {
+    if (t.kind !== 'option' || t.value === undefined || options[t.name]?.multiple) continue;
+    const had = first.get(t.name);
+    if (had !== undefined && had !== t.value)
+      throw new CliError(`--${t.name} is given twice ("${had}" and "${t.value}"); give it once`);
+    first.set(t.name, t.value);
+  }
+  return parsed;
 }
 
 export function oneOf<T extends string>(
