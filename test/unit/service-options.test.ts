@@ -43,3 +43,23 @@ test('without fitDataset, each model is fitted on its own stage\'s data ("datase
   single.open();
   assert.equal((await single.fit('pretrained')).examples, 7);
 });
+
+test('without "store", index is refused (explain never reads a store then) instead of building one for nothing', async () => {
+  const service = new InfluenceService({
+    finetuned: { model: 'assets/default/finetuned', checkpoints: 'off' },
+    datasets: { sft: head('finetune', 7) },
+    modules: 'mlp',
+    damping: { relative: 0.1 },
+    cacheDir: join(home, 'cache'),
+  });
+  service.open();
+  await assert.rejects(service.index('sft'), /no gradient store is configured: add "store": \{\}/);
+  const r = await service.explain({
+    prompt: 'Q: x?\nA:',
+    completion: ' Paris',
+    dataset: 'sft',
+    method: 'gdp',
+    topK: 1,
+  });
+  assert.equal(r.attribution?.preranked, undefined);
+});

@@ -717,6 +717,13 @@ export class InfluenceService implements ServiceApi {
    * the final model's.
    */
   index(datasetId: string, work: Work = {}): Promise<{ size: number; bytes: number; stores: StoreRef[] }> {
+    // without "store" explain never reads one: building it would be minutes of work for nothing
+    if (!this.config.store)
+      return Promise.reject(
+        new ServiceError(
+          'no gradient store is configured: add "store": {} to influence-lens.json to use one (without it explain scores every example exactly)',
+        ),
+      );
     return this.request(() =>
       this.indexNow(
         datasetId,
