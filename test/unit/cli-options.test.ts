@@ -138,6 +138,26 @@ test('a flag given twice with two values is refused (the last one used to win si
   assert.equal(stops.code, 0, stops.err);
 });
 
+test('fit --partition into more partitions than examples is refused (it fitted partitions with nothing in them; 0/1e20 died on a RangeError)', () => {
+  for (const p of ['0/40', '0/99999999999999999999'])
+    refused(
+      cli(
+        'fit',
+        '--model',
+        MODEL,
+        '--data',
+        data,
+        '--out',
+        join(home, 'parts'),
+        '--checkpoints',
+        'off',
+        '--partition',
+        p,
+      ),
+      /splits 32 example\(s\) into more partitions than examples .*use at most 32 \(set it with --partition i\/n\)/,
+    );
+});
+
 describe('numbers the engine would read as other numbers', () => {
   test('--seed outside 0..2^32-1 is refused (4294967296 sampled as 0 did), everywhere it is read', () => {
     const big = ['--seed', '4294967296'];
