@@ -63,3 +63,24 @@ test('without "store", index is refused (explain never reads a store then) inste
   });
   assert.equal(r.attribution?.preranked, undefined);
 });
+
+test('a request over the configured "limits" is refused naming them (the editor allows topK up to 1,000)', async () => {
+  const service = new InfluenceService({
+    finetuned: { model: 'assets/default/finetuned', checkpoints: 'off' },
+    datasets: { sft: head('finetune', 7) },
+    damping: { relative: 0.1 },
+    cacheDir: join(home, 'cache'),
+    limits: { maxTopK: 5, maxTextChars: 30 },
+  });
+  service.open();
+  const q = { prompt: 'Q: x?\nA:', completion: ' Paris', dataset: 'sft', method: 'bm25' as const };
+  await assert.rejects(
+    service.explain({ ...q, topK: 6 }),
+    /from 1 to 5 \(this server's "limits.maxTopK" in influence-lens.json\)/,
+  );
+  await assert.rejects(
+    service.explain({ ...q, prompt: 'x'.repeat(40), topK: 1 }),
+    /longer than 30 characters \(this server's "limits.maxTextChars"/,
+  );
+  assert.equal((await service.explain({ ...q, topK: 5 })).supporting.length, 5);
+});

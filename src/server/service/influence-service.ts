@@ -599,11 +599,17 @@ export class InfluenceService implements ServiceApi {
     if (p.messages !== undefined && !Array.isArray(p.messages)) throw new ServiceError('messages must be an array');
     const chatChars = (p.messages ?? []).reduce((n, m) => n + String(m?.content ?? '').length, 0);
     if (p.prompt.length + p.completion.length + chatChars > limits.maxTextChars)
-      throw new ServiceError(`prompt + completion is longer than ${limits.maxTextChars} characters`);
+      throw new ServiceError(
+        `prompt + completion is longer than ${limits.maxTextChars} characters${this.config.limits?.maxTextChars ? ' (this server\'s "limits.maxTextChars" in influence-lens.json)' : ''}`,
+      );
     if (!METHODS.includes(p.method))
       throw new ServiceError(`unknown method "${p.method}"; use one of ${METHODS.join(', ')}`);
     if (!(Number.isInteger(p.topK) && p.topK >= 1 && p.topK <= limits.maxTopK))
-      throw new ServiceError(`topK must be an integer from 1 to ${limits.maxTopK}`);
+      // a lower limit the server's configuration sets: say where it comes from (the editor's
+      // influenceLens.topK accepts up to the protocol's own)
+      throw new ServiceError(
+        `topK must be an integer from 1 to ${limits.maxTopK}${this.config.limits?.maxTopK ? ' (this server\'s "limits.maxTopK" in influence-lens.json)' : ''}`,
+      );
     for (const m of [p.method, ...(p.compare ?? [])]) {
       if (!METHODS.includes(m)) throw new ServiceError(`unknown method "${m}" in compare`);
       const why = this.unavailable(m);
