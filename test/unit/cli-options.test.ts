@@ -158,6 +158,28 @@ test('fit --partition into more partitions than examples is refused (it fitted p
     );
 });
 
+test('INFLUENCE_LENS_* variables set to a value they do not take are refused by name, in one line (RUN_MB=1GB ran at 1024 MiB)', () => {
+  const fit = ['fit', '--model', MODEL, '--data', data, '--out', join(home, 'env-fit'), '--checkpoints', 'off'];
+  const withEnv = (env: Record<string, string>) =>
+    spawnSync(process.execPath, ['--import', 'tsx', 'src/server/cli.ts', ...fit], {
+      encoding: 'utf8',
+      env: { ...process.env, HOME: home, INFLUENCE_LENS_CACHE: join(home, 'cache'), ...env },
+    });
+  for (const [name, value, re] of [
+    ['INFLUENCE_LENS_RUN_MB', '1GB', /INFLUENCE_LENS_RUN_MB="1GB": use a number above 0 \(MiB\)/],
+    ['INFLUENCE_LENS_RUN_MB', '0', /INFLUENCE_LENS_RUN_MB="0"/],
+    ['INFLUENCE_LENS_EIGH_PARALLEL', '1.5', /INFLUENCE_LENS_EIGH_PARALLEL="1.5": use a whole number above 0/],
+    ['INFLUENCE_LENS_LAPACK', 'disable', /INFLUENCE_LENS_LAPACK="disable": use on or off/],
+    ['INFLUENCE_LENS_ORT_ARENA', 'enable', /INFLUENCE_LENS_ORT_ARENA="enable": use on or off/],
+    ['INFLUENCE_LENS_MALLOC', 'sometimes', /INFLUENCE_LENS_MALLOC="sometimes": use trim/],
+  ] as const) {
+    const r = withEnv({ [name]: value });
+    refused({ code: r.status, out: r.stdout, err: r.stderr }, re);
+  }
+  const ok = withEnv({ INFLUENCE_LENS_RUN_MB: '256', INFLUENCE_LENS_EIGH_PARALLEL: '1', INFLUENCE_LENS_LAPACK: 'off' });
+  assert.equal(ok.status, 0, ok.stderr);
+});
+
 describe('numbers the engine would read as other numbers', () => {
   test('--seed outside 0..2^32-1 is refused (4294967296 sampled as 0 did), everywhere it is read', () => {
     const big = ['--seed', '4294967296'];
