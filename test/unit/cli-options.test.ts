@@ -180,6 +180,10 @@ test('INFLUENCE_LENS_* variables set to a value they do not take are refused by 
   assert.equal(ok.status, 0, ok.stderr);
 });
 
+test('inspect with two model folders is refused (the second was silently left out)', () => {
+  refused(cli('inspect', MODEL, PRETRAINED), /inspect takes one model folder \(got 2: /);
+});
+
 describe('numbers the engine would read as other numbers', () => {
   test('--seed outside 0..2^32-1 is refused (4294967296 sampled as 0 did), everywhere it is read', () => {
     const big = ['--seed', '4294967296'];
