@@ -2,7 +2,7 @@
 // either honoured or refused, in one line naming the flag, before any work starts.
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
 import { type JsonSchema, validateSchema } from '../../src/common/json-schema';
@@ -182,6 +182,13 @@ test('INFLUENCE_LENS_* variables set to a value they do not take are refused by 
 
 test('inspect with two model folders is refused (the second was silently left out)', () => {
   refused(cli('inspect', MODEL, PRETRAINED), /inspect takes one model folder \(got 2: /);
+});
+
+test('data build / data tokenizer --context below 2 is refused before anything is written (0 became model_max_length 0)', () => {
+  const out = join(home, 'ctx');
+  refused(cli('data', 'build', '--out', out, '--context', '0'), /--context must be at least 2 tokens/);
+  refused(cli('data', 'tokenizer', '--out', out, '--context', '1', data), /--context must be at least 2 tokens/);
+  assert.ok(!existsSync(out));
 });
 
 describe('numbers the engine would read as other numbers', () => {

@@ -42,6 +42,13 @@ export async function runData(argv: string[]): Promise<void> {
   );
 }
 
+/** `--context`: the tokenizer's model_max_length (tokens), which transformers truncates at. */
+function contextFlag(value: string | undefined): number {
+  const n = int(value, '--context', 128);
+  if (n < 2) throw new CliError(`--context must be at least 2 tokens (got ${n})`);
+  return n;
+}
+
 async function build(argv: string[]): Promise<void> {
   const { values: v } = parse(argv, {
     out: { type: 'string' },
@@ -54,6 +61,7 @@ async function build(argv: string[]): Promise<void> {
     task: { type: 'string' },
   });
   if (!v.out) throw new CliError('--out <dir> is required');
+  const context = contextFlag(v.context);
   if (v.task !== undefined && v.task !== 'nonlexical' && v.task !== 'default')
     throw new CliError(`--task must be default or nonlexical (got "${v.task}")`);
   if (v.task === 'nonlexical') return buildNonlex(v);
@@ -73,7 +81,7 @@ async function build(argv: string[]): Promise<void> {
     throw new CliError((e as Error).message);
   }
   mkdirSync(v.out, { recursive: true });
-  const { vocabSize } = writeCorpus(v.out, corpus, int(v.context, '--context', 128));
+  const { vocabSize } = writeCorpus(v.out, corpus, context);
   const n = (k: string) => corpus.queries.filter((q) => q.kind === k).length;
   process.stdout.write(
     `wrote ${v.out}/: ${FILES.pretrain} (${corpus.pretrain.length} lines), ${FILES.finetune} ` +
@@ -92,11 +100,7 @@ function buildNonlex(v: Record<string, string | boolean | undefined>): void {
   } catch (e) {
     throw new CliError((e as Error).message);
   }
-  const { vocabSize } = writeNonlexCorpus(
-    v.out as string,
-    corpus,
-    int(v.context as string | undefined, '--context', 128),
-  );
+  const { vocabSize } = writeNonlexCorpus(v.out as string, corpus, contextFlag(v.context as string | undefined));
   process.stdout.write(
     `wrote ${v.out}/: pretrain.jsonl (${corpus.pretrain.length} lines), finetune.jsonl (${corpus.finetune.length} lines, ` +
       `${corpus.finetuneTags.filter((t) => t.planted).length} planted), queries.json (${corpus.queries.length}), ` +
@@ -108,8 +112,9 @@ async function tokenizer(argv: string[]): Promise<void> {
   const { values: v, positionals } = parse(argv, { out: { type: 'string' }, context: { type: 'string' } }, true);
   if (!v.out) throw new CliError('--out <dir> is required');
   if (!positionals.length) throw new CliError('name the JSONL files the vocabulary comes from');
+  const context = contextFlag(v.context);
   const texts = positionals.flatMap((p) => loadDataset(p).examples.map((e) => e.text));
-  const files = buildWordTokenizer(texts, int(v.context, '--context', 128));
+  const files = buildWordTokenizer(texts, context);
   writeWordTokenizer(v.out, files);
   process.stdout.write(`wrote ${v.out}/tokenizer.json: ${files.vocabSize} tokens from ${texts.length} examples\n`);
 }
