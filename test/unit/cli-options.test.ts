@@ -191,6 +191,10 @@ test('data build / data tokenizer --context below 2 is refused before anything i
   assert.ok(!existsSync(out));
 });
 
+test('serve --host "" is refused (Node listened on every interface, behind a ws://:port/ URL)', () => {
+  refused(cli('serve', '--host', '', '--no-discovery'), /--host must name an address/);
+});
+
 describe('numbers the engine would read as other numbers', () => {
   test('--seed outside 0..2^32-1 is refused (4294967296 sampled as 0 did), everywhere it is read', () => {
     const big = ['--seed', '4294967296'];
