@@ -195,6 +195,14 @@ test('serve --host "" is refused (Node listened on every interface, behind a ws:
   refused(cli('serve', '--host', '', '--no-discovery'), /--host must name an address/);
 });
 
+test('an empty number is refused, not read as 0 (serve --port "" picked a random port, --seed "" was seed 0)', () => {
+  refused(cli('serve', '--port', '', '--no-discovery'), /--port must be an integer \(got ""\)/);
+  refused(
+    cli('generate', '--model', MODEL, '--prompt', PROMPT, '--temperature', '1', '--seed', ' '),
+    /--seed must be an integer/,
+  );
+});
+
 describe('numbers the engine would read as other numbers', () => {
   test('--seed outside 0..2^32-1 is refused (4294967296 sampled as 0 did), everywhere it is read', () => {
     const big = ['--seed', '4294967296'];

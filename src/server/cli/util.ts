@@ -92,7 +92,8 @@ export function oneOf<T extends string>(
 
 export function int(value: string | undefined, flag: string, fallback: number): number {
   if (value === undefined) return fallback;
-  const n = Number(value);
+  // Number("") and Number(" ") are 0: an empty value is not a zero
+  const n = value.trim() ? Number(value) : Number.NaN;
   if (!Number.isInteger(n)) throw new CliError(`${flag} must be an integer (got "${value}")`);
   return n;
 }
