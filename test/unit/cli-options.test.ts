@@ -201,6 +201,15 @@ test('an empty number is refused, not read as 0 (serve --port "" picked a random
     cli('generate', '--model', MODEL, '--prompt', PROMPT, '--temperature', '1', '--seed', ' '),
     /--seed must be an integer/,
   );
+  refused(
+    cli('generate', '--model', MODEL, '--prompt', PROMPT, '--temperature', ''),
+    /--temperature must be a number >= 0/,
+  );
+  refused(
+    cli('train', '--model', PRETRAINED, '--data', data, '--out', join(home, 'lr'), '--lr', ''),
+    /--lr must be a non-negative number/,
+  );
+  refused(cli('demo', '--query', ''), /--query must be/);
 });
 
 describe('numbers the engine would read as other numbers', () => {

@@ -54,7 +54,7 @@ export async function runDemo(argv: string[]): Promise<void> {
   const t0 = Date.now();
   const queries = JSON.parse(readFileSync(d.queries, 'utf8')) as Query[];
   const planted = queries.filter((q) => q.kind === 'planted');
-  const pick = v.query === undefined ? 0 : Number(v.query);
+  const pick = int(v.query, '--query', 0);
   if (!(Number.isInteger(pick) && pick >= 0 && pick < planted.length))
     throw new CliError(`--query must be 0..${planted.length - 1} (one of the planted wrong facts)`);
   const query = planted[pick];

@@ -27,7 +27,8 @@ export async function runGenerate(argv: string[]): Promise<void> {
   if (prompts.some((p) => !p)) throw new CliError('a prompt is empty');
   const maxNewTokens = int(v['max-tokens'], '--max-tokens', 16);
   if (maxNewTokens < 1) throw new CliError(`--max-tokens must be at least 1 (got ${maxNewTokens})`);
-  const temperature = v.temperature === undefined ? 0 : Number(v.temperature);
+  // an empty value is not 0 (greedy): Number("") is
+  const temperature = v.temperature === undefined ? 0 : v.temperature.trim() ? Number(v.temperature) : Number.NaN;
   if (!(Number.isFinite(temperature) && temperature >= 0))
     throw new CliError(`--temperature must be a number >= 0 (0 = greedy; got "${v.temperature}")`);
   const stop = v.stop ?? [];

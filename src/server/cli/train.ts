@@ -332,7 +332,7 @@ export async function runTrain(argv: string[]): Promise<void> {
   };
   const num = (s: string | undefined, flag: string, fallback: number) => {
     if (s === undefined) return fallback;
-    const n = Number(s);
+    const n = s.trim() ? Number(s) : Number.NaN; // Number("") is 0: --lr "" would train nothing
     if (!Number.isFinite(n) || n < 0) throw new CliError(`${flag} must be a non-negative number (got "${s}")`);
     return n;
   };
