@@ -43,6 +43,7 @@ describe('train and retrain', () => {
     const base = ['train', '--model', PRETRAINED, '--data', data, '--out', out, '--epochs', '1'];
     refused(cli(...base, '--clip', '0'), /--clip must be greater than 0/);
     refused(cli(...base, '--warmup=-5'), /--warmup must be at least 0/);
+    refused(cli(...base, '--lr', '0'), /--lr must be greater than 0 \(the learning rate/);
   });
 
   test("--exclude with flags none of which is in --data (another dataset's) is refused, not trained without nothing", () => {
