@@ -46,7 +46,7 @@ describe('train and retrain', () => {
     refused(cli(...base, '--lr', '0'), /--lr must be greater than 0 \(the learning rate/);
   });
 
-  test("--exclude with flags none of which is in --data (another dataset's) is refused, not trained without nothing", () => {
+  test("--exclude with flags none of which is in --data (another dataset's) is refused, not trained on everything", () => {
     const other = join(home, 'other.exclude.jsonl');
     writeFileSync(other, `${JSON.stringify({ hash: '0123456789abcdef', line: 3, reason: 'x' })}\n`);
     const out = join(home, 'excluded');
