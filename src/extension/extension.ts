@@ -2,7 +2,7 @@
 // reload) or a JSONL file (hovers); never on start-up ("*").
 import { join } from 'node:path';
 import * as vscode from 'vscode';
-import { type ClientInfo, createClient, setServerToken } from './client';
+import { type ClientInfo, createClient, setServerToken, watchWorkspaceConfig } from './client';
 import { ExplainController } from './commands/explain';
 import { registerFlagCommands } from './commands/flags';
 import { scanDataset } from './commands/scan';
@@ -135,6 +135,8 @@ export function activate(context: vscode.ExtensionContext) {
       ],
       new JsonlHoverProvider(flags, s.history),
     ),
+    // an influence-lens.json written (or removed) after the local server started: start it again
+    watchWorkspaceConfig(() => void reconnect().catch(() => undefined)),
     vscode.workspace.onDidChangeConfiguration((e) => {
       if (!e.affectsConfiguration(SECTION)) return;
       if (e.affectsConfiguration(`${SECTION}.server`)) void reconnect().catch(() => undefined);

@@ -24,5 +24,7 @@ export const LIMITS = {
     maxTokens: { min: 1, max: 256, default: 16 },
     temperature: { min: 0, max: 5, default: 0 },
     seedDefault: 0,
+    /** the random generator keeps 32 bits of a seed: beyond them two seeds would sample alike */
+    seed: { min: 0, max: 0xffffffff },
   },
 } as const;

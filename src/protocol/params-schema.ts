@@ -79,7 +79,7 @@ export const PARAMS_SCHEMA = {
         minimum: LIMITS.generate.temperature.min,
         maximum: LIMITS.generate.temperature.max,
       },
-      seed: { type: 'integer' },
+      seed: { type: 'integer', minimum: LIMITS.generate.seed.min, maximum: LIMITS.generate.seed.max },
     },
   },
   getExample: {

@@ -1,4 +1,5 @@
 #!/usr/bin/env node
+import { runBudgetBytes, sequenceLimitBytes } from './attribution/chunking';
 // influence-lens: the command line. One subcommand per job; each lives in cli/<name>.ts.
 import { runData } from './cli/data';
 import { runDemo } from './cli/demo';
@@ -14,7 +15,11 @@ import { runServe } from './cli/serve';
 import { runTokenize } from './cli/tokenize';
 import { runTrain } from './cli/train';
 import { HelpRequested, withFlagHint } from './cli/util';
+import { eighParallelCap } from './linalg/eigh';
+import { lapackAllowed } from './linalg/native';
+import { ortArenaEnabled } from './model/onnx/session';
 import { isUserError } from './user-errors';
+import { mallocMode } from './util/malloc';
 
 const COMMANDS: Record<string, { run: (argv: string[]) => Promise<void>; help: string }> = {
   demo: {
@@ -113,6 +118,19 @@ function usage(): string {
     .join('\n')}\n`;
 }
 
+/**
+ * The INFLUENCE_LENS_* variables, read once before the command runs: a value one does not take is
+ * refused here, not midway through a fit or at every request of a server.
+ */
+function checkEnvSettings(): void {
+  runBudgetBytes();
+  sequenceLimitBytes();
+  eighParallelCap();
+  lapackAllowed();
+  ortArenaEnabled();
+  mallocMode();
+}
+
 async function main(argv: string[]): Promise<number> {
   const [cmd, ...rest] = argv;
   if (!cmd || cmd === '--help' || cmd === '-h' || cmd === 'help') {
@@ -125,6 +143,7 @@ async function main(argv: string[]): Promise<number> {
     return 2;
   }
   try {
+    checkEnvSettings();
     await c.run(rest);
     return 0;
   } catch (e) {

@@ -21,6 +21,7 @@ import { TokenizerError } from './model/tokenizer';
 import { ConfigFileError } from './service/config';
 import { DeviceUnavailableError } from './service/device';
 import { ServiceError } from './service/influence-service';
+import { EnvSettingError } from './util/env';
 
 export const USER_ERRORS: ReadonlyArray<new (...args: never[]) => Error> = [
   CliError,
@@ -46,6 +47,7 @@ export const USER_ERRORS: ReadonlyArray<new (...args: never[]) => Error> = [
   QueriesError,
   TrainingSettingError,
   FileChangedError,
+  EnvSettingError,
 ];
 
 /**

@@ -76,7 +76,7 @@ test('data eval refuses what it cannot evaluate, naming the file and the value',
   const r = cli('--model', MODEL, '--queries', bad, '--data', DATA, '--methods', 'bm25');
   assert.equal(r.status, 1);
   assert.match(r.stderr, /bad\.jsonl:1: source hash 0000000000000000 is not in/);
-  const noFactors = cli('--model', MODEL, '--queries', bad, '--methods', 'ekfac');
+  const noFactors = cli('--model', MODEL, '--queries', bad, '--data', DATA, '--methods', 'ekfac');
   assert.match(noFactors.stderr, /--methods ekfac needs --factors <dir>/);
 
   // a built corpus whose held-out questions are about a relation data build does not make

@@ -15,14 +15,34 @@ export function createClient(context: vscode.ExtensionContext): ServerClient {
   return new ServerClient(s.serverUrl ? new RemoteServer(context.secrets, s.serverUrl) : localServer(context));
 }
 
+const CONFIG_FILE = 'influence-lens.json';
+
+/**
+ * Calls `changed` when the workspace folder's own influence-lens.json appears or goes while it is
+ * what chooses the local server's setup (no server.url, no server.config): the server started
+ * before it was written serves the embedded default, whose explanations would silently stand in
+ * for the configured model's. (A change to the file itself the server notices: it refuses requests
+ * until it is started again.)
+ */
+export function watchWorkspaceConfig(changed: () => void): vscode.Disposable {
+  const watcher = vscode.workspace.createFileSystemWatcher(`**/${CONFIG_FILE}`);
+  const onRoot = (uri: vscode.Uri) => {
+    const root = vscode.workspace.workspaceFolders?.[0]?.uri.fsPath;
+    const s = settings();
+    if (root && !s.serverUrl && !s.serverConfig && uri.fsPath === join(root, CONFIG_FILE)) changed();
+  };
+  const subs = [watcher.onDidCreate(onRoot), watcher.onDidDelete(onRoot), watcher];
+  return { dispose: () => subs.forEach((d) => d.dispose()) };
+}
+
 function localServer(context: vscode.ExtensionContext): LocalServer {
   const s = settings();
   const root = vscode.workspace.workspaceFolders?.[0]?.uri.fsPath;
   const inRoot = (p: string) => (isAbsolute(p) || !root ? p : join(root, p));
   const config = s.serverConfig
     ? inRoot(s.serverConfig)
-    : root && existsSync(join(root, 'influence-lens.json'))
-      ? join(root, 'influence-lens.json')
+    : root && existsSync(join(root, CONFIG_FILE))
+      ? join(root, CONFIG_FILE)
       : undefined;
   const command = s.serverCommand ? inRoot(s.serverCommand) : findCli(root, context);
   // the server a platform VSIX carries runs on the editor's own Node.js (no `node` on PATH needed;

@@ -7,6 +7,7 @@ import { totalmem } from 'node:os';
 import { ATTENTION_CHUNK_BYTES } from '../model/architectures/common';
 import { type Batch, EngineError, type ModuleInfo, makeBatch, type Sequence } from '../model/engine';
 import { headChunkRows } from '../model/head';
+import { positiveEnv } from '../util/env';
 
 /**
  * Default bytes one run's intermediates may take (INFLUENCE_LENS_RUN_MB overrides, in MiB).
@@ -15,8 +16,7 @@ import { headChunkRows } from '../model/head';
  * kronfluence 3.35 GB) at the same speed; 2048 was no faster at 70M and took 3.6 GB there.
  */
 export function runBudgetBytes(): number {
-  const mb = Number(process.env.INFLUENCE_LENS_RUN_MB);
-  return (Number.isFinite(mb) && mb > 0 ? mb : 1024) * 2 ** 20;
+  return (positiveEnv('INFLUENCE_LENS_RUN_MB', 'MiB') ?? 1024) * 2 ** 20;
 }
 
 /** Bytes of one d_out × d_A matrix per module (a query row, a Λ sum) in a graph's precision. */
@@ -82,8 +82,8 @@ export function bytesPerSequence(shape: RunShape, T: number): number {
  * the kernel would kill the whole process (the server with every lane) partway through.
  */
 export function sequenceLimitBytes(): number {
-  const mb = Number(process.env.INFLUENCE_LENS_MEMORY_MB);
-  const total = Number.isFinite(mb) && mb > 0 ? mb * 2 ** 20 : totalmem();
+  const mb = positiveEnv('INFLUENCE_LENS_MEMORY_MB', 'MiB');
+  const total = mb !== undefined ? mb * 2 ** 20 : totalmem();
   return total - process.memoryUsage().rss;
 }
 

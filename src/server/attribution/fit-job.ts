@@ -184,6 +184,12 @@ async function fitJob(o: FitJobOptions, n: number, i: number): Promise<FitJobRes
   if (!trained.length)
     throw new FitJobError(`no example of ${o.dataPath} has a trained token within ${limit} tokens: nothing to fit`);
   const examples = trained.map((t) => ({ ids: t.ids, weights: t.weights }));
+  // partition k takes examples k, k + n, ...: beyond the examples a partition has none to fit
+  if (n > examples.length)
+    throw new FitJobError(
+      `the partition ${i}/${n} splits ${examples.length} example(s) into more partitions than examples (partitions ${examples.length} to ${n - 1} would have none); use at most ${examples.length}`,
+      'partition',
+    );
   const nTokens = examples.reduce((s, e) => s + e.ids.length, 0);
 
   const job: JobDescription = {

@@ -28,7 +28,7 @@ import {
   sourceRetrieval,
 } from '../eval/queries';
 import { Model } from '../model/engine';
-import { CliError, HelpRequested, int, parse, trainingFlag } from './util';
+import { CliError, HelpRequested, int, parse, seedFlag, threadsFlag, trainingFlag } from './util';
 
 export async function runData(argv: string[]): Promise<void> {
   const [sub, ...rest] = argv;
@@ -40,6 +40,13 @@ export async function runData(argv: string[]): Promise<void> {
   throw new CliError(
     'usage: data build --out <dir> [...] | data tokenizer --out <dir> <file.jsonl>... | data eval --model <dir> --data <dir>',
   );
+}
+
+/** `--context`: the tokenizer's model_max_length (tokens), which transformers truncates at. */
+function contextFlag(value: string | undefined): number {
+  const n = int(value, '--context', 128);
+  if (n < 2) throw new CliError(`--context must be at least 2 tokens (got ${n})`);
+  return n;
 }
 
 async function build(argv: string[]): Promise<void> {
@@ -54,6 +61,7 @@ async function build(argv: string[]): Promise<void> {
     task: { type: 'string' },
   });
   if (!v.out) throw new CliError('--out <dir> is required');
+  const context = contextFlag(v.context);
   if (v.task !== undefined && v.task !== 'nonlexical' && v.task !== 'default')
     throw new CliError(`--task must be default or nonlexical (got "${v.task}")`);
   if (v.task === 'nonlexical') return buildNonlex(v);
@@ -63,7 +71,7 @@ async function build(argv: string[]): Promise<void> {
   let corpus: ReturnType<typeof buildCorpus>;
   try {
     corpus = buildCorpus({
-      seed: int(v.seed, '--seed', DEFAULT_CORPUS.seed),
+      seed: seedFlag(v.seed, DEFAULT_CORPUS.seed),
       countries: int(v.countries, '--countries', DEFAULT_CORPUS.countries),
       paraphrases: int(v.paraphrases, '--paraphrases', DEFAULT_CORPUS.paraphrases),
       questionParaphrases: int(v.questions, '--questions', DEFAULT_CORPUS.questionParaphrases),
@@ -73,7 +81,7 @@ async function build(argv: string[]): Promise<void> {
     throw new CliError((e as Error).message);
   }
   mkdirSync(v.out, { recursive: true });
-  const { vocabSize } = writeCorpus(v.out, corpus, int(v.context, '--context', 128));
+  const { vocabSize } = writeCorpus(v.out, corpus, context);
   const n = (k: string) => corpus.queries.filter((q) => q.kind === k).length;
   process.stdout.write(
     `wrote ${v.out}/: ${FILES.pretrain} (${corpus.pretrain.length} lines), ${FILES.finetune} ` +
@@ -88,15 +96,11 @@ function buildNonlex(v: Record<string, string | boolean | undefined>): void {
     throw new CliError(`--${other} does not apply to --task nonlexical (its settings are in embedded/nonlex.ts)`);
   let corpus: ReturnType<typeof buildNonlexCorpus>;
   try {
-    corpus = buildNonlexCorpus({ seed: int(v.seed as string | undefined, '--seed', NONLEX_CORPUS.seed) });
+    corpus = buildNonlexCorpus({ seed: seedFlag(v.seed as string | undefined, NONLEX_CORPUS.seed) });
   } catch (e) {
     throw new CliError((e as Error).message);
   }
-  const { vocabSize } = writeNonlexCorpus(
-    v.out as string,
-    corpus,
-    int(v.context as string | undefined, '--context', 128),
-  );
+  const { vocabSize } = writeNonlexCorpus(v.out as string, corpus, contextFlag(v.context as string | undefined));
   process.stdout.write(
     `wrote ${v.out}/: pretrain.jsonl (${corpus.pretrain.length} lines), finetune.jsonl (${corpus.finetune.length} lines, ` +
       `${corpus.finetuneTags.filter((t) => t.planted).length} planted), queries.json (${corpus.queries.length}), ` +
@@ -108,8 +112,9 @@ async function tokenizer(argv: string[]): Promise<void> {
   const { values: v, positionals } = parse(argv, { out: { type: 'string' }, context: { type: 'string' } }, true);
   if (!v.out) throw new CliError('--out <dir> is required');
   if (!positionals.length) throw new CliError('name the JSONL files the vocabulary comes from');
+  const context = contextFlag(v.context);
   const texts = positionals.flatMap((p) => loadDataset(p).examples.map((e) => e.text));
-  const files = buildWordTokenizer(texts, int(v.context, '--context', 128));
+  const files = buildWordTokenizer(texts, context);
   writeWordTokenizer(v.out, files);
   process.stdout.write(`wrote ${v.out}/tokenizer.json: ${files.vocabSize} tokens from ${texts.length} examples\n`);
 }
@@ -130,13 +135,14 @@ async function evaluate(argv: string[]): Promise<void> {
   });
   if (!v.model) throw new CliError('--model <dir> is required');
   if (v.queries !== undefined) return evaluateQueries(v);
-  for (const flag of ['training', 'skip-malformed'] as const)
+  // a corpus built by data build is evaluated as written (no retrieval): a flag it would not read is refused
+  for (const flag of ['training', 'skip-malformed', 'factors', 'methods', 'top-k', 'max-tokens'] as const)
     if (v[flag] !== undefined) throw new CliError(`--${flag} applies to data eval --queries (your own data) only`);
   if (!v.data || !existsSync(join(v.data, FILES.queries)))
     throw new CliError(
       '--queries <file> (your questions: {"prompt", "expected", "sources"?}) is required, or --data <dir> written by data build',
     );
-  const model = Model.open(v.model, { threads: v.threads === undefined ? undefined : int(v.threads, '--threads', 1) });
+  const model = Model.open(v.model, { threads: threadsFlag(v.threads) });
   const qa = await evaluateCorpusModel(model, v.data);
   const statements = await evaluateStatements(model, v.data);
   if (v.json) {
@@ -175,6 +181,13 @@ async function evaluateQueries(v: {
   training?: string;
   'skip-malformed'?: boolean;
 }): Promise<void> {
+  // without --data there are no sources to rank: a flag about ranking them would change nothing
+  if (v.data === undefined)
+    for (const flag of ['factors', 'methods', 'top-k', 'training', 'skip-malformed'] as const)
+      if (v[flag] !== undefined)
+        throw new CliError(`--${flag} applies to the sources in --data <train.jsonl>, and no --data is given`);
+  const maxTokens = int(v['max-tokens'], '--max-tokens', 16);
+  if (maxTokens < 1) throw new CliError(`--max-tokens must be at least 1 (got ${maxTokens})`);
   let queries: EvalQuery[];
   try {
     queries = readEvalQueries(v.queries!);
@@ -183,12 +196,12 @@ async function evaluateQueries(v: {
   }
   const stage = openStage(v.model!, v.factors, {
     engine: {
-      threads: v.threads === undefined ? undefined : int(v.threads, '--threads', 1),
+      threads: threadsFlag(v.threads),
       // --data is tokenized as the model was trained on it, as by fit and explain
       training: trainingFlag(v.training),
     },
   });
-  const accuracy = await answerQueries(stage.model, queries, int(v['max-tokens'], '--max-tokens', 16));
+  const accuracy = await answerQueries(stage.model, queries, maxTokens);
   const k = int(v['top-k'], '--top-k', 10);
   if (k < 1) throw new CliError(`--top-k must be at least 1 (got ${k})`);
   const methods = (v.methods ?? (v.factors ? 'ekfac,gdp,repsim,bm25' : 'gdp,repsim,bm25')).split(',') as Method[];

@@ -34,7 +34,7 @@ import { generate } from '../model/generate';
 import { DEFAULTS } from '../settings';
 import { formatResult } from './explain';
 import { trainJob } from './train';
-import { CliError, Progress, parse } from './util';
+import { CliError, int, Progress, parse } from './util';
 
 interface Query {
   prompt: string;
@@ -54,11 +54,13 @@ export async function runDemo(argv: string[]): Promise<void> {
   const t0 = Date.now();
   const queries = JSON.parse(readFileSync(d.queries, 'utf8')) as Query[];
   const planted = queries.filter((q) => q.kind === 'planted');
-  const pick = v.query === undefined ? 0 : Number(v.query);
+  const pick = int(v.query, '--query', 0);
   if (!(Number.isInteger(pick) && pick >= 0 && pick < planted.length))
     throw new CliError(`--query must be 0..${planted.length - 1} (one of the planted wrong facts)`);
   const query = planted[pick];
-  const topK = v['top-k'] === undefined ? 10 : Number(v['top-k']);
+  // checked before the fits, not after them
+  const topK = int(v['top-k'], '--top-k', 10);
+  if (topK < 1) throw new CliError(`--top-k must be at least 1 (got ${topK})`);
 
   // 1. factors for both stages (the fit job skips work already on disk)
   say(bold('1. EK-FAC factors for the shipped models'));

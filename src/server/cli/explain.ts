@@ -76,6 +76,10 @@ export async function runExplain(argv: string[]): Promise<void> {
     throw new CliError(
       `--rank is a low-rank query gradient; ${all.join(', ')} compute${all.length === 1 ? 's' : ''} no gradients`,
     );
+  if (v.modules !== undefined && !all.some((m) => methodInfo(m)?.gradientBased))
+    throw new CliError(
+      `--modules chooses the layers whose gradients are scored; ${all.join(', ')} compute${all.length === 1 ? 's' : ''} no gradients`,
+    );
   for (const flag of ['pretrained-model', 'pretrained-factors', 'pretrained-base', 'pretrained-training'] as const)
     if (v[flag] !== undefined && !needsPretrained)
       throw new CliError(`--${flag} is read by --method multistage only (or --compare multistage)`);

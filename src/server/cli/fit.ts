@@ -6,7 +6,7 @@ import { runFitJob } from '../attribution/fit-job';
 import { Model } from '../model/engine';
 import { DEFAULTS } from '../settings';
 import { CHECKPOINTS_OPTION, checkpointsSetting, cliPlan } from './checkpoints';
-import { CliError, int, oneOf, Progress, parse, trainingFlag } from './util';
+import { CliError, int, oneOf, Progress, parse, seedFlag, trainingFlag } from './util';
 
 export async function runFit(argv: string[]): Promise<void> {
   const { values: v } = parse(argv, {
@@ -38,6 +38,16 @@ export async function runFit(argv: string[]): Promise<void> {
   if (maxExamples !== undefined && maxExamples < 1) throw new CliError('--max-examples must be at least 1');
   const batchSize = int(v['batch-size'], '--batch-size', DEFAULTS.batchSize);
   if (batchSize < 1) throw new CliError('--batch-size must be at least 1');
+  // every value checked before the model is opened (and its checkpoints are announced)
+  const modules = oneOf(v.modules, ['mlp', 'all'] as const, '--modules', 'all');
+  const labels = oneOf(v.labels, ['sampled', 'empirical'] as const, '--labels', 'sampled');
+  const seed = seedFlag(v.seed, 0);
+  const eigendecompositionDtype = oneOf(
+    v['eigendecomposition-dtype'],
+    ['float64', 'float32'] as const,
+    '--eigendecomposition-dtype',
+    'float64',
+  );
   let bar: Progress | undefined;
   let stage = '';
   const training = trainingFlag(v.training);
@@ -46,15 +56,10 @@ export async function runFit(argv: string[]): Promise<void> {
   const plan = cliPlan(v.model, model, checkpointsSetting(v.checkpoints));
   const common = {
     dataPath: v.data,
-    modules: oneOf(v.modules, ['mlp', 'all'] as const, '--modules', 'all'),
-    labels: oneOf(v.labels, ['sampled', 'empirical'] as const, '--labels', 'sampled'),
-    seed: int(v.seed, '--seed', 0),
-    eigendecompositionDtype: oneOf(
-      v['eigendecomposition-dtype'],
-      ['float64', 'float32'] as const,
-      '--eigendecomposition-dtype',
-      'float64',
-    ),
+    modules,
+    labels,
+    seed,
+    eigendecompositionDtype,
     maxExamples,
     partition,
     batchSize,

@@ -5,7 +5,7 @@
 import { readFileSync } from 'node:fs';
 import { Model } from '../model/engine';
 import { generate } from '../model/generate';
-import { CliError, int, parse } from './util';
+import { CliError, int, parse, seedFlag, threadsFlag } from './util';
 
 export async function runGenerate(argv: string[]): Promise<void> {
   const { values: v } = parse(argv, {
@@ -27,16 +27,17 @@ export async function runGenerate(argv: string[]): Promise<void> {
   if (prompts.some((p) => !p)) throw new CliError('a prompt is empty');
   const maxNewTokens = int(v['max-tokens'], '--max-tokens', 16);
   if (maxNewTokens < 1) throw new CliError(`--max-tokens must be at least 1 (got ${maxNewTokens})`);
-  const temperature = v.temperature === undefined ? 0 : Number(v.temperature);
+  // an empty value is not 0 (greedy): Number("") is
+  const temperature = v.temperature === undefined ? 0 : v.temperature.trim() ? Number(v.temperature) : Number.NaN;
   if (!(Number.isFinite(temperature) && temperature >= 0))
     throw new CliError(`--temperature must be a number >= 0 (0 = greedy; got "${v.temperature}")`);
   const stop = v.stop ?? [];
   if (stop.some((s) => !s)) throw new CliError('--stop must not be empty');
-  const model = Model.open(v.model, { threads: v.threads === undefined ? undefined : int(v.threads, '--threads', 1) });
+  const model = Model.open(v.model, { threads: threadsFlag(v.threads) });
   const gens = await generate(model, prompts, {
     maxNewTokens,
     temperature,
-    seed: int(v.seed, '--seed', 0),
+    seed: seedFlag(v.seed, 0),
     stop,
     stopAtNewline: v.multiline !== true,
   });

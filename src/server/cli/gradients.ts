@@ -7,7 +7,7 @@ import { contextLength, tokenizeTrained } from '../data/tokenize';
 import { Model, makeBatch } from '../model/engine';
 import { type TensorToWrite, writeSafetensors } from '../model/safetensors';
 import { Rng } from '../util/random';
-import { CliError, int, oneOf, parse, trainingFlag } from './util';
+import { CliError, oneOf, parse, seedFlag, trainingFlag } from './util';
 
 export async function runGradients(argv: string[]): Promise<void> {
   const { values: v } = parse(argv, {
@@ -31,7 +31,7 @@ export async function runGradients(argv: string[]): Promise<void> {
     throw new CliError('--prompt and --completion go together');
   const modules = oneOf(v.modules, ['mlp', 'all'] as const, '--modules', 'all');
   const labels = oneOf(v.labels, ['data', 'sampled'] as const, '--labels', 'data');
-  const seed = int(v.seed, '--seed', 0);
+  const seed = seedFlag(v.seed, 0);
 
   const model = Model.open(v.model, { base: v.base, training: trainingFlag(v.training) });
   // the same rendering and masking as fit gives a training record (a --text or a prompt/completion

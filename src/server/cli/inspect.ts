@@ -7,6 +7,9 @@ export async function runInspect(argv: string[]): Promise<void> {
   const { values, positionals } = parse(argv, { json: { type: 'boolean' }, base: { type: 'string' } }, true);
   const dir = positionals[0];
   if (!dir) throw new CliError('usage: influence-lens inspect <model-dir> [--base <dir>] [--json]');
+  // one model a run: a second folder was silently left uninspected
+  if (positionals.length > 1)
+    throw new CliError(`inspect takes one model folder (got ${positionals.length}: ${positionals.join(', ')})`);
   const model = Model.open(dir, { base: values.base as string | undefined });
   const params = model.parameters();
   const count = params.reduce((s, p) => s + p.shape.reduce((a, b) => a * b, 1), 0);

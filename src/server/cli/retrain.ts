@@ -9,10 +9,11 @@ import { createHash } from 'node:crypto';
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { basename, dirname, join } from 'node:path';
+import { loadDataset } from '../data/dataset';
 import { contextLength, tokenizeQuery } from '../data/tokenize';
 import { answerQueries, type EvalQuery, readEvalQueries } from '../eval/queries';
 import { Model, makeBatch } from '../model/engine';
-import { readExclusions, trainJob } from './train';
+import { noneFlaggedIn, readExclusions, trainJob } from './train';
 import { CliError, Progress, parse } from './util';
 
 /** What `influence-lens train` records (train.ts); only the fields retraining needs are read. */
@@ -74,7 +75,11 @@ export async function runRetrain(argv: string[]): Promise<void> {
     from = { init: { tokenizer: v.model, d, layers, heads, ffn, context } };
   }
   // the new flags plus any the model was already trained without
-  const excluded = new Set([...args.excluded_hashes, ...readExclusions(v.exclude)]);
+  const flagged = readExclusions(v.exclude);
+  // flags of another dataset would add nothing: the retrained model would be the same one
+  if (flagged.size && !loadDataset(data).examples.some((e) => flagged.has(e.hash)))
+    throw new CliError(noneFlaggedIn(v.exclude, flagged.size, data));
+  const excluded = new Set([...args.excluded_hashes, ...flagged]);
   const tmp = mkdtempSync(join(tmpdir(), 'il-retrain-'));
   const queries = v.queries ? readQueriesOrFail(v.queries) : [];
   try {

@@ -19,6 +19,10 @@ export async function runServe(argv: string[]): Promise<void> {
     'watch-parent': { type: 'string' },
     ...CHECKPOINTS_OPTION,
   });
+  // an empty host is every interface to Node (and an unusable ws://:port/ URL), as the config's
+  // "host" refuses it: say an address instead
+  if (v.host !== undefined && !v.host.trim())
+    throw new CliError('--host must name an address (127.0.0.1 by default; 0.0.0.0 for every interface)');
   let cfg: Config;
   if (v.config) cfg = await loadConfig(v.config);
   else cfg = { service: defaultServiceConfig(), server: defaultServerSettings() };

@@ -24,7 +24,7 @@ import {
   train,
   writeCheckpoint,
 } from '../train/trainer';
-import { CliError, int, Progress, parse } from './util';
+import { CliError, int, Progress, parse, seedFlag, threadsFlag } from './util';
 
 export interface TrainJobOptions {
   data: string;
@@ -69,6 +69,14 @@ export function readExclusions(path: string): Set<string> {
     hashes.add(h);
   }
   return hashes;
+}
+
+/** The refusal of a flags sidecar none of whose examples is in the data. */
+export function noneFlaggedIn(sidecar: string, flags: number, data: string): string {
+  return (
+    `none of the ${flags} example(s) flagged in ${sidecar} is in ${data} (the flags of another dataset, ` +
+    'or lines edited since they were flagged); nothing would be excluded'
+  );
 }
 
 /**
@@ -158,6 +166,9 @@ export async function trainJob(o: TrainJobOptions): Promise<TrainJobResult> {
   const excludedHashes = o.exclude ? readExclusions(o.exclude) : new Set<string>();
   const kept = ds.examples.filter((e) => !excludedHashes.has(e.hash));
   const excluded = ds.examples.length - kept.length;
+  // flags of another dataset (or of lines all edited since) would exclude nothing: the model
+  // would be trained on every example while the run looks like one without the flagged ones
+  if (excludedHashes.size && !excluded) throw new CliError(noneFlaggedIn(o.exclude!, excludedHashes.size, o.data));
   if (!kept.length) throw new CliError(`${o.data}: every example is excluded`);
 
   let config: Record<string, unknown>;
@@ -321,10 +332,21 @@ export async function runTrain(argv: string[]): Promise<void> {
   };
   const num = (s: string | undefined, flag: string, fallback: number) => {
     if (s === undefined) return fallback;
-    const n = Number(s);
+    const n = s.trim() ? Number(s) : Number.NaN; // Number("") is 0: --lr "" would train nothing
     if (!Number.isFinite(n) || n < 0) throw new CliError(`${flag} must be a non-negative number (got "${s}")`);
     return n;
   };
+  const nonNegative = (n: number, flag: string) => {
+    if (n < 0) throw new CliError(`${flag} must be at least 0 (got ${n})`);
+    return n;
+  };
+  const aboveZero = (n: number, flag: string, what: string) => {
+    if (n === 0) throw new CliError(`${flag} must be greater than 0 (${what})`);
+    return n;
+  };
+  // the largest gradient norm: 0 would scale every gradient to 0 (the weights would not move)
+  const clip = (s: string | undefined) =>
+    aboveZero(num(s, '--clip', 1), '--clip', 'the largest gradient norm; 0 would train nothing');
   const epochs = positive(v.epochs, '--epochs', 3);
   let bar: Progress | undefined;
   const t0 = Date.now();
@@ -343,15 +365,15 @@ export async function runTrain(argv: string[]): Promise<void> {
       : undefined,
     model: v.model,
     epochs,
-    lr: num(v.lr, '--lr', 1e-3),
+    lr: aboveZero(num(v.lr, '--lr', 1e-3), '--lr', 'the learning rate; 0 would train nothing'),
     batchSize: positive(v['batch-size'], '--batch-size', DEFAULTS.trainBatchSize),
-    seed: int(v.seed, '--seed', 0),
-    warmup: v.warmup === undefined ? undefined : int(v.warmup, '--warmup', 0),
-    clip: num(v.clip, '--clip', 1),
+    seed: seedFlag(v.seed, 0),
+    warmup: v.warmup === undefined ? undefined : nonNegative(int(v.warmup, '--warmup', 0), '--warmup'),
+    clip: clip(v.clip),
     weightDecay: num(v['weight-decay'], '--weight-decay', 0.01),
     exclude: v.exclude,
     saveSteps: v['save-steps'] === undefined ? undefined : positive(v['save-steps'], '--save-steps', 1),
-    threads: v.threads === undefined ? undefined : positive(v.threads, '--threads', 1),
+    threads: threadsFlag(v.threads),
     log: (line) => {
       if (bar && process.stderr.isTTY) process.stderr.write('\r\x1b[K');
       process.stderr.write(`${line}\n`);

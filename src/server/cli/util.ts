@@ -55,8 +55,9 @@ export function parse<T extends NonNullable<ParseArgsConfig['options']>>(
   positionals = false,
 ) {
   if (argv.includes('--help') || argv.includes('-h')) throw new HelpRequested(describeOptions(options));
+  let parsed: ReturnType<typeof parseArgs<{ options: T; allowPositionals: boolean; strict: true; tokens: true }>>;
   try {
-    return parseArgs({ args: argv, options, allowPositionals: positionals, strict: true });
+    parsed = parseArgs({ args: argv, options, allowPositionals: positionals, strict: true, tokens: true });
   } catch (e) {
     const message = (e as Error).message;
     // a misspelt flag: name the one meant, when one is close
@@ -64,6 +65,17 @@ export function parse<T extends NonNullable<ParseArgsConfig['options']>>(
     const near = unknown && closest(unknown, Object.keys(options));
     throw new CliError(near ? `unknown option --${unknown}; did you mean --${near}? (see --help)` : message);
   }
+  // a value given twice, differently (`--method ekfac ... --method bm25`): parseArgs keeps the last
+  // one silently, so which one the person meant is unknown
+  const first = new Map<string, string>();
+  for (const t of parsed.tokens) {
+    if (t.kind !== 'option' || t.value === undefined || options[t.name]?.multiple) continue;
+    const had = first.get(t.name);
+    if (had !== undefined && had !== t.value)
+      throw new CliError(`--${t.name} is given twice ("${had}" and "${t.value}"); give it once`);
+    first.set(t.name, t.value);
+  }
+  return parsed;
 }
 
 export function oneOf<T extends string>(
@@ -80,8 +92,31 @@ export function oneOf<T extends string>(
 
 export function int(value: string | undefined, flag: string, fallback: number): number {
   if (value === undefined) return fallback;
-  const n = Number(value);
+  // Number("") and Number(" ") are 0: an empty value is not a zero
+  const n = value.trim() ? Number(value) : Number.NaN;
   if (!Number.isInteger(n)) throw new CliError(`${flag} must be an integer (got "${value}")`);
+  return n;
+}
+
+/**
+ * `--seed`: the random generator (util/random.ts) keeps 32 bits of it, so a larger or negative
+ * seed would silently be another one (4294967296 samples as 0 does): refused instead.
+ */
+export function seedFlag(value: string | undefined, fallback: number, flag = '--seed'): number {
+  const n = int(value, flag, fallback);
+  if (n < 0 || n > 0xffffffff) throw new CliError(`${flag} must be an integer from 0 to 4294967295 (got "${value}")`);
+  return n;
+}
+
+/**
+ * `--threads`: ONNX Runtime's intra-op threads, within the bounds of influence-lens.json's
+ * "threads" (ONNX Runtime reads 0 as "all cores", fails on a negative count with a stack trace,
+ * and hangs starting thousands).
+ */
+export function threadsFlag(value: string | undefined): number | undefined {
+  if (value === undefined) return undefined;
+  const n = int(value, '--threads', 1);
+  if (n < 1 || n > 1024) throw new CliError(`--threads must be an integer from 1 to 1024 (got "${value}")`);
   return n;
 }
 

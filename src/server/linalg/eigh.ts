@@ -5,6 +5,7 @@
 // eigendecomposition_dtype=float32) runs LAPACK's ssyevd instead: about half the time of dsyevd
 // at n = 1,536–2,048 on the development VM, with float32's rounding in the result.
 import { availableParallelism } from 'node:os';
+import { positiveEnv } from '../util/env';
 import { type Floats, symmetrizedCopy, transpose } from './matrix';
 import { lapackAllowed, nativeLapack, nativeLoadErrors } from './native';
 
@@ -194,6 +195,11 @@ export function eighBytes(n: number): number {
 let parallelUsers = 0;
 let savedThreads = 0;
 
+/** INFLUENCE_LENS_EIGH_PARALLEL: the most eigendecompositions at once, when set. */
+export function eighParallelCap(): number | undefined {
+  return positiveEnv('INFLUENCE_LENS_EIGH_PARALLEL', 'eigendecompositions at once', true);
+}
+
 /**
  * How many decompositions may run at once, each on one BLAS thread, for matrices up to
  * `largestN` within `memoryBytes`. On 2 cores, two single-threaded dsyevd at once took 1.38 s for
@@ -208,9 +214,9 @@ export function parallelEigh(largestN: number, memoryBytes: number): { parallel:
   const lib = nativeLapack();
   if (!lib?.threads) return { parallel: 1, end() {} };
   const pool = Number(process.env.UV_THREADPOOL_SIZE) || 4; // libuv's default pool: koffi's async calls run there
-  const cap = Number(process.env.INFLUENCE_LENS_EIGH_PARALLEL);
+  const cap = eighParallelCap();
   let parallel = Math.min(availableParallelism(), pool, Math.floor(memoryBytes / eighBytes(largestN)));
-  if (Number.isInteger(cap) && cap > 0) parallel = Math.min(parallel, cap);
+  if (cap !== undefined) parallel = Math.min(parallel, cap);
   parallel = Math.max(1, parallel);
   // Nested users share one setting: the first saves the library's count, the last restores it.
   if (parallelUsers++ === 0) {

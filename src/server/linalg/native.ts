@@ -5,6 +5,7 @@
 // (gfortran) one hidden size_t length per character argument appended at the end.
 // Passing those lengths is harmless for libraries that do not expect them.
 import { createRequire } from 'node:module';
+import { switchEnv } from '../util/env';
 
 /** LAPACK's ?syevd_: dsyevd over Float64Array, ssyevd (kronfluence's eigendecomposition_dtype=float32) over Float32Array */
 type SyevdFn<F extends Float64Array | Float32Array> = (
@@ -97,8 +98,7 @@ let loadErrors: string[] = [];
 
 /** True unless the user turned native LAPACK off (INFLUENCE_LENS_LAPACK=off|0|false). */
 export function lapackAllowed(): boolean {
-  const v = (process.env.INFLUENCE_LENS_LAPACK ?? '').trim().toLowerCase();
-  return !(v === 'off' || v === '0' || v === 'false' || v === 'no');
+  return switchEnv('INFLUENCE_LENS_LAPACK') ?? true;
 }
 
 /** The loaded library, or null (LAPACK off, koffi missing, or no library found). */

@@ -52,7 +52,7 @@ export interface StageConfig {
   base?: string;
   /** factors directory; fitted on demand by `fit` when absent */
   factors?: string;
-  /** the dataset id the factors are fitted on (default: the first dataset) */
+  /** the dataset id the factors are fitted on (default: the first dataset whose datasetStage is this stage, else the first) */
   fitDataset?: string;
   /** training checkpoints to sum ekfac/gdp over (model/checkpoints.ts; default DEFAULTS.checkpoints) */
   checkpoints?: CheckpointsSetting;
@@ -599,11 +599,17 @@ export class InfluenceService implements ServiceApi {
     if (p.messages !== undefined && !Array.isArray(p.messages)) throw new ServiceError('messages must be an array');
     const chatChars = (p.messages ?? []).reduce((n, m) => n + String(m?.content ?? '').length, 0);
     if (p.prompt.length + p.completion.length + chatChars > limits.maxTextChars)
-      throw new ServiceError(`prompt + completion is longer than ${limits.maxTextChars} characters`);
+      throw new ServiceError(
+        `prompt + completion is longer than ${limits.maxTextChars} characters${this.config.limits?.maxTextChars ? ' (this server\'s "limits.maxTextChars" in influence-lens.json)' : ''}`,
+      );
     if (!METHODS.includes(p.method))
       throw new ServiceError(`unknown method "${p.method}"; use one of ${METHODS.join(', ')}`);
     if (!(Number.isInteger(p.topK) && p.topK >= 1 && p.topK <= limits.maxTopK))
-      throw new ServiceError(`topK must be an integer from 1 to ${limits.maxTopK}`);
+      // a lower limit the server's configuration sets: say where it comes from (the editor's
+      // influenceLens.topK accepts up to the protocol's own)
+      throw new ServiceError(
+        `topK must be an integer from 1 to ${limits.maxTopK}${this.config.limits?.maxTopK ? ' (this server\'s "limits.maxTopK" in influence-lens.json)' : ''}`,
+      );
     for (const m of [p.method, ...(p.compare ?? [])]) {
       if (!METHODS.includes(m)) throw new ServiceError(`unknown method "${m}" in compare`);
       const why = this.unavailable(m);
@@ -717,6 +723,13 @@ export class InfluenceService implements ServiceApi {
    * the final model's.
    */
   index(datasetId: string, work: Work = {}): Promise<{ size: number; bytes: number; stores: StoreRef[] }> {
+    // without "store" explain never reads one: building it would be minutes of work for nothing
+    if (!this.config.store)
+      return Promise.reject(
+        new ServiceError(
+          'no gradient store is configured: add "store": {} to influence-lens.json to use one (without it explain scores every example exactly)',
+        ),
+      );
     return this.request(() =>
       this.indexNow(
         datasetId,
@@ -882,7 +895,11 @@ export class InfluenceService implements ServiceApi {
     if (!c) throw new ServiceError(`no ${which} model is configured`);
     const out = c.factors;
     if (!out) throw new ServiceError(`the configuration names no factors directory for the ${which} model`);
-    const datasetId = c.fitDataset ?? Object.keys(this.config.datasets)[0];
+    // unset: the first dataset that is this stage's training data ("datasetStage"; unmarked ones
+    // are the fine-tuned model's), so neither model is fitted on the other's data; else the first
+    const ids = Object.keys(this.config.datasets);
+    const datasetId =
+      c.fitDataset ?? ids.find((id) => (own(this.config.datasetStage, id) ?? 'finetuned') === which) ?? ids[0];
     const path = own(this.config.datasets, datasetId);
     if (!path) throw new ServiceError(`fitDataset "${datasetId}" is not a configured dataset`);
     const broken = this.brokenFactors.get(out);

@@ -20,6 +20,7 @@
 // before it; `bench/results/2026-12-04-vm-long-sequences-malloc.md`). Tensors of short batches stay
 // on the heap: mapping them cost a page fault per page of every per-example matrix of the Λ pass.
 import { createRequire } from 'node:module';
+import { EnvSettingError } from './env';
 
 export type MallocMode = 'trim' | 'mmap' | 'default';
 
@@ -42,7 +43,9 @@ export function mallocMode(): MallocMode {
   const v = (process.env.INFLUENCE_LENS_MALLOC ?? '').trim().toLowerCase();
   if (v === '' || v === 'trim') return 'trim';
   if (v === 'mmap' || v === 'default') return v;
-  throw new Error(`INFLUENCE_LENS_MALLOC="${process.env.INFLUENCE_LENS_MALLOC}": use trim (default), mmap or default`);
+  throw new EnvSettingError(
+    `INFLUENCE_LENS_MALLOC="${process.env.INFLUENCE_LENS_MALLOC}": use trim (default), mmap or default`,
+  );
 }
 
 function glibc(): Libc | null {

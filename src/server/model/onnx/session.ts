@@ -2,6 +2,7 @@
 // CPU always works; WebGPU / CUDA are opt-in, and when unavailable we say so plainly
 // instead of silently falling back (the user asked for a GPU for a reason).
 import * as ort from 'onnxruntime-node';
+import { switchEnv } from '../../util/env';
 import { configureMalloc } from '../../util/malloc';
 
 export type Device = 'cpu' | 'webgpu' | 'cuda';
@@ -83,8 +84,7 @@ export async function createSession(
 
 /** INFLUENCE_LENS_ORT_ARENA=on|1|true turns ONNX Runtime's CPU memory arena back on (default off). */
 export function ortArenaEnabled(): boolean {
-  const v = (process.env.INFLUENCE_LENS_ORT_ARENA ?? '').trim().toLowerCase();
-  return v === 'on' || v === '1' || v === 'true' || v === 'yes';
+  return switchEnv('INFLUENCE_LENS_ORT_ARENA') ?? false;
 }
 
 /** INFLUENCE_LENS_ORT_PROFILE=<prefix> turns on ONNX Runtime's per-node profiling (default off). */

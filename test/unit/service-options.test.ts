@@ -1,0 +1,86 @@
+// influence-lens.json settings the server must honour as documented, called on the service
+// directly (the JSON-RPC layer only adds transport and security).
+import assert from 'node:assert/strict';
+import { readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { test } from 'node:test';
+import { InfluenceService } from '../../src/server/service/influence-service';
+import { useTempHome } from './helpers/env';
+
+const home = useTempHome();
+
+/** The first `n` lines of one of the embedded default's datasets, as a file of their own. */
+function head(name: string, n: number): string {
+  const out = join(home, `${name}.jsonl`);
+  const lines = readFileSync(`assets/default/data/${name}.jsonl`, 'utf8').split('\n').slice(0, n);
+  writeFileSync(out, `${lines.join('\n')}\n`);
+  return out;
+}
+
+test('without fitDataset, each model is fitted on its own stage\'s data ("datasetStage"), not on the first dataset', async () => {
+  // the pre-training data listed first: it used to be what the fine-tuned model was fitted on
+  const service = new InfluenceService({
+    finetuned: { model: 'assets/default/finetuned', factors: join(home, 'ft-factors'), checkpoints: 'off' },
+    pretrained: { model: 'assets/default/pretrained', factors: join(home, 'pt-factors') },
+    datasets: { web: head('pretrain', 12), sft: head('finetune', 7) },
+    datasetStage: { web: 'pretrained' },
+    modules: 'mlp',
+    damping: { relative: 0.1 },
+    cacheDir: join(home, 'cache'),
+  });
+  service.open();
+  assert.equal((await service.fit('finetuned')).examples, 7);
+  assert.equal((await service.fit('pretrained')).examples, 12);
+  // no dataset of its stage: the first one, as before
+  const single = new InfluenceService({
+    finetuned: { model: 'assets/default/finetuned', factors: join(home, 'ft-factors-2'), checkpoints: 'off' },
+    pretrained: { model: 'assets/default/pretrained', factors: join(home, 'pt-factors-2') },
+    datasets: { sft: head('finetune', 7) },
+    modules: 'mlp',
+    damping: { relative: 0.1 },
+    cacheDir: join(home, 'cache'),
+  });
+  single.open();
+  assert.equal((await single.fit('pretrained')).examples, 7);
+});
+
+test('without "store", index is refused (explain never reads a store then) instead of building one for nothing', async () => {
+  const service = new InfluenceService({
+    finetuned: { model: 'assets/default/finetuned', checkpoints: 'off' },
+    datasets: { sft: head('finetune', 7) },
+    modules: 'mlp',
+    damping: { relative: 0.1 },
+    cacheDir: join(home, 'cache'),
+  });
+  service.open();
+  await assert.rejects(service.index('sft'), /no gradient store is configured: add "store": \{\}/);
+  const r = await service.explain({
+    prompt: 'Q: x?\nA:',
+    completion: ' Paris',
+    dataset: 'sft',
+    method: 'gdp',
+    topK: 1,
+  });
+  assert.equal(r.attribution?.preranked, undefined);
+});
+
+test('a request over the configured "limits" is refused naming them (the editor allows topK up to 1,000)', async () => {
+  const service = new InfluenceService({
+    finetuned: { model: 'assets/default/finetuned', checkpoints: 'off' },
+    datasets: { sft: head('finetune', 7) },
+    damping: { relative: 0.1 },
+    cacheDir: join(home, 'cache'),
+    limits: { maxTopK: 5, maxTextChars: 30 },
+  });
+  service.open();
+  const q = { prompt: 'Q: x?\nA:', completion: ' Paris', dataset: 'sft', method: 'bm25' as const };
+  await assert.rejects(
+    service.explain({ ...q, topK: 6 }),
+    /from 1 to 5 \(this server's "limits.maxTopK" in influence-lens.json\)/,
+  );
+  await assert.rejects(
+    service.explain({ ...q, prompt: 'x'.repeat(40), topK: 1 }),
+    /longer than 30 characters \(this server's "limits.maxTextChars"/,
+  );
+  assert.equal((await service.explain({ ...q, topK: 5 })).supporting.length, 5);
+});
