@@ -4,6 +4,7 @@ import assert from 'node:assert/strict';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
+import { runFitJob } from '../../src/server/attribution/fit-job';
 import { InfluenceService } from '../../src/server/service/influence-service';
 import { useTempHome } from './helpers/env';
 
@@ -83,4 +84,54 @@ test('a request over the configured "limits" is refused naming them (the editor 
     /longer than 30 characters \(this server's "limits.maxTextChars"/,
   );
   assert.equal((await service.explain({ ...q, topK: 5 })).supporting.length, 5);
+});
+
+test('factors fitted on other data than the fit dataset are named in status once that dataset is loaded (fitDataset changed, or the old default)', async () => {
+  const a = head('finetune', 7);
+  const b = join(home, 'other.jsonl');
+  writeFileSync(b, readFileSync(a, 'utf8').split('\n').slice(2).join('\n'));
+  const factors = join(home, 'shared-factors');
+  const config = (fitDataset: string) => ({
+    finetuned: { model: 'assets/default/finetuned', factors, fitDataset, checkpoints: 'off' as const },
+    datasets: { a, b },
+    modules: 'mlp' as const,
+    damping: { relative: 0.1 },
+    cacheDir: join(home, 'cache'),
+  });
+  const q = { prompt: 'Q: x?\nA:', completion: ' Paris', method: 'ekfac' as const, topK: 1 };
+  const fitted = new InfluenceService(config('a'));
+  fitted.open();
+  await fitted.fit('finetuned');
+  await fitted.explain({ ...q, dataset: 'a' });
+  assert.deepEqual(fitted.info().warnings, []);
+  // the same folder, now configured to be fitted on b: explain still uses it, status says so
+  const moved = new InfluenceService(config('b'));
+  moved.open();
+  assert.deepEqual(moved.info().warnings, [], 'status loads no dataset to find out');
+  await moved.explain({ ...q, dataset: 'b' });
+  const [w, ...rest] = moved.info().warnings;
+  assert.equal(rest.length, 0);
+  assert.match(
+    w,
+    /the finetuned model's EK-FAC factors \(.*shared-factors\) were fitted on other data than its fit dataset "b"/,
+  );
+  assert.match(w, /move the folder aside and run "fit"; or set "fitDataset"/);
+  // factors fitted on the first 3 examples of a (--max-examples): compared with those 3
+  const capped = join(home, 'capped-factors');
+  await runFitJob({
+    modelDir: 'assets/default/finetuned',
+    dataPath: a,
+    out: capped,
+    modules: 'mlp',
+    labels: 'sampled',
+    seed: 0,
+    maxExamples: 3,
+  });
+  const cappedService = new InfluenceService({
+    ...config('a'),
+    finetuned: { ...config('a').finetuned, factors: capped },
+  });
+  cappedService.open();
+  await cappedService.explain({ ...q, dataset: 'a' });
+  assert.deepEqual(cappedService.info().warnings, []);
 });

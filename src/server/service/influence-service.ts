@@ -512,9 +512,58 @@ export class InfluenceService implements ServiceApi {
       methods,
       unavailable: Object.fromEntries(METHODS.filter((m) => !methods.includes(m)).map((m) => [m, this.unavailable(m)])),
       modules: ft.model.modules(this.modules).map((m) => m.name),
-      warnings: [...ft.warnings, ...(pt?.warnings ?? [])],
+      warnings: [...ft.warnings, ...(pt?.warnings ?? []), ...this.factorsDataWarnings()],
       revision: this.revision,
     };
+  }
+
+  /**
+   * The dataset a stage's factors are fitted on: "fitDataset"; unset, the first dataset that is this
+   * stage's training data ("datasetStage"; unmarked ones are the fine-tuned model's), so neither
+   * model is fitted on the other's data; else the first dataset.
+   */
+  private fitDatasetId(which: 'finetuned' | 'pretrained'): string {
+    const ids = Object.keys(this.config.datasets);
+    return (
+      this.config[which]?.fitDataset ??
+      ids.find((id) => (own(this.config.datasetStage, id) ?? 'finetuned') === which) ??
+      ids[0]
+    );
+  }
+
+  /**
+   * Our factors fitted on other data than the stage's fit dataset ("fitDataset" changed since, or
+   * fitted before the default followed "datasetStage", when the fine-tuned model took the first
+   * dataset listed): explanations still use them, since a folder the user names is never refitted
+   * behind their back, but they are not what the configuration describes, so status says so. Known
+   * once the fit dataset is loaded (the first request over it): status never loads a dataset.
+   */
+  private factorsDataWarnings(): string[] {
+    const out: string[] = [];
+    for (const which of ['finetuned', 'pretrained'] as const) {
+      const c = this.config[which];
+      const stage = this.stages.get(which);
+      if (!c?.factors || !stage?.preconditioners) continue;
+      const id = this.fitDatasetId(which);
+      const d = this.data.get(id);
+      // a dataset read with the other stage's tokenizer has another fingerprint whatever the data
+      if (!d || this.modelFor(id) !== stage.model) continue;
+      const fit = readFitSettings(c.factors);
+      if (!fit?.dataFingerprint) continue; // kronfluence's factors, or an older arguments file: unknown
+      const hashes = d.corpus.dataset.examples.map((e) => e.hash);
+      const want =
+        fit.maxExamples === null || fit.maxExamples === undefined
+          ? d.fingerprint
+          : dataFingerprint(hashes.slice(0, fit.maxExamples), {
+              maxLength: contextLength(stage.model.config),
+              ...tokenizationKey(stage.model.tokenizer),
+            });
+      if (want === fit.dataFingerprint) continue;
+      out.push(
+        `the ${which} model's EK-FAC factors (${c.factors}) were fitted on other data than its fit dataset "${id}" (${d.path}${fit.maxExamples ? `, first ${fit.maxExamples} examples` : ''}): explanations use them as they are. To fit them on "${id}", move the folder aside and run "fit"; or set "fitDataset" to the dataset they were fitted on (without "fitDataset", a model is fitted on the first dataset of its stage in "datasetStage"; earlier versions fitted the fine-tuned model on the first dataset listed, whatever "datasetStage" said)`,
+      );
+    }
+    return out;
   }
 
   /** Why a method cannot run now (null when it can). */
@@ -895,11 +944,7 @@ export class InfluenceService implements ServiceApi {
     if (!c) throw new ServiceError(`no ${which} model is configured`);
     const out = c.factors;
     if (!out) throw new ServiceError(`the configuration names no factors directory for the ${which} model`);
-    // unset: the first dataset that is this stage's training data ("datasetStage"; unmarked ones
-    // are the fine-tuned model's), so neither model is fitted on the other's data; else the first
-    const ids = Object.keys(this.config.datasets);
-    const datasetId =
-      c.fitDataset ?? ids.find((id) => (own(this.config.datasetStage, id) ?? 'finetuned') === which) ?? ids[0];
+    const datasetId = this.fitDatasetId(which);
     const path = own(this.config.datasets, datasetId);
     if (!path) throw new ServiceError(`fitDataset "${datasetId}" is not a configured dataset`);
     const broken = this.brokenFactors.get(out);

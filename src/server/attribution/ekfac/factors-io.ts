@@ -439,17 +439,25 @@ export function loadFactors(dir: string, options: LoadOptions = {}): Factors {
 
 /**
  * The fit settings of our factors in `dir` (labels, seed, example cap, eigendecomposition precision), read from
- * the arguments file alone; null when there is none or it cannot be read. The server fits a new
- * training checkpoint with the settings of the factors the user fitted, not its own defaults.
+ * the arguments file alone, and the fingerprint of the data they were fitted on; null when there
+ * is none or it cannot be read. The server fits a new training checkpoint with the settings of
+ * the factors the user fitted, not its own defaults, and says when they were fitted on other data
+ * than the configuration's fit dataset.
  */
 export function readFitSettings(
   dir: string,
-): Pick<FactorArguments, 'labels' | 'seed' | 'maxExamples' | 'eigendecompositionDtype'> | null {
+): Pick<FactorArguments, 'labels' | 'seed' | 'maxExamples' | 'eigendecompositionDtype' | 'dataFingerprint'> | null {
   try {
     const ours = readJson(join(dir, OUR_ARGUMENTS_FILE));
     if (!ours) return null;
-    const { labels, seed, maxExamples, eigendecompositionDtype } = oursArguments(dir, ours, []);
-    return { labels, seed, maxExamples, ...(eigendecompositionDtype ? { eigendecompositionDtype } : {}) };
+    const { labels, seed, maxExamples, eigendecompositionDtype, dataFingerprint } = oursArguments(dir, ours, []);
+    return {
+      labels,
+      seed,
+      maxExamples,
+      dataFingerprint,
+      ...(eigendecompositionDtype ? { eigendecompositionDtype } : {}),
+    };
   } catch {
     return null;
   }
