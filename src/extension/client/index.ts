@@ -32,7 +32,11 @@ export function watchWorkspaceConfig(changed: () => void): vscode.Disposable {
     if (root && !s.serverUrl && !s.serverConfig && uri.fsPath === join(root, CONFIG_FILE)) changed();
   };
   const subs = [watcher.onDidCreate(onRoot), watcher.onDidDelete(onRoot), watcher];
-  return { dispose: () => subs.forEach((d) => d.dispose()) };
+  return {
+    dispose: () => {
+      for (const d of subs) d.dispose();
+    },
+  };
 }
 
 function localServer(context: vscode.ExtensionContext): LocalServer {
