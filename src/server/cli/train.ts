@@ -5,8 +5,7 @@
 // tokens only, text records on every token, exactly the loss the influence commands use.
 // --exclude drops the examples a flags sidecar (`<dataset>.exclude.jsonl`, one {"hash", ...}
 // per line) names, by content hash: the counterfactual "train again without them".
-import { createHash } from 'node:crypto';
-import { existsSync, readdirSync, readFileSync, realpathSync, rmSync, statSync } from 'node:fs';
+import { existsSync, readdirSync, realpathSync, rmSync, statSync } from 'node:fs';
 import { basename, dirname, isAbsolute, join, relative, resolve } from 'node:path';
 import { cleanStaleTemps, commitDir, stageDir, tempPathFor } from '../../common/atomic-write';
 import { loadDataset } from '../data/dataset';
@@ -154,7 +153,9 @@ export async function trainJob(o: TrainJobOptions): Promise<TrainJobResult> {
   checkOutFolder(out, o.model);
   // what a train killed earlier left beside this output (its staging and initial-weights folders)
   cleanStaleTemps(dirname(out), 1, `${basename(out)}.`);
-  const ds = loadDataset(o.data);
+  // the digest of the very bytes trained on: the file may change while training runs (an edit, a
+  // flag applied in the editor), and retrain trusts data_sha256 to say what the model saw
+  const ds = loadDataset(o.data, { sha256: true });
   const excludedHashes = o.exclude ? readExclusions(o.exclude) : new Set<string>();
   const kept = ds.examples.filter((e) => !excludedHashes.has(e.hash));
   const excluded = ds.examples.length - kept.length;
@@ -237,7 +238,7 @@ export async function trainJob(o: TrainJobOptions): Promise<TrainJobResult> {
     // Everything here is a function of the inputs (no times, no paths), so reruns write identical files.
     const args = {
       data: basename(o.data),
-      data_sha256: createHash('sha256').update(readFileSync(o.data)).digest('hex'),
+      data_sha256: ds.sha256,
       excluded_hashes: [...excludedHashes].sort(),
       examples: examples.length,
       from: o.init
