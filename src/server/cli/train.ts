@@ -41,6 +41,8 @@ export interface TrainJobOptions {
   weightDecay: number;
   /** a flags sidecar: examples whose hash it lists are left out */
   exclude?: string;
+  /** the hashes to leave out, given directly (the demo's flags: a sidecar another run may rewrite meanwhile) */
+  excludeHashes?: Iterable<string>;
   /** also write `<out>/checkpoint-<step>` every this many steps (as transformers' Trainer), for influence over training */
   saveSteps?: number;
   threads?: number;
@@ -156,7 +158,7 @@ export async function trainJob(o: TrainJobOptions): Promise<TrainJobResult> {
   // the digest of the very bytes trained on: the file may change while training runs (an edit, a
   // flag applied in the editor), and retrain trusts data_sha256 to say what the model saw
   const ds = loadDataset(o.data, { sha256: true });
-  const excludedHashes = o.exclude ? readExclusions(o.exclude) : new Set<string>();
+  const excludedHashes = new Set<string>([...(o.exclude ? readExclusions(o.exclude) : []), ...(o.excludeHashes ?? [])]);
   const kept = ds.examples.filter((e) => !excludedHashes.has(e.hash));
   const excluded = ds.examples.length - kept.length;
   if (!kept.length) throw new CliError(`${o.data}: every example is excluded`);
