@@ -64,7 +64,7 @@ export interface TrainJobResult {
 /** Content hashes a flags sidecar lists (one JSON object with a "hash" per line). */
 export function readExclusions(path: string): Set<string> {
   const hashes = new Set<string>();
-  for (const { line, value } of readJsonl(path).rows) {
+  for (const { line, value } of readJsonl(path, { skippable: false }).rows) {
     const h = (value as { hash?: unknown } | null)?.hash;
     if (typeof h !== 'string') throw new CliError(`${path}:${line}: expected {"hash": "...", ...}`);
     hashes.add(h);
