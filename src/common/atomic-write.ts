@@ -6,11 +6,14 @@
 // is written through; every other writer (caches, factors, exports) replaces a link by a file, as
 // it always did, so a write never lands outside the folder it names.
 //
-// Temporaries are named `<target>.tmp-<pid>-<thread>x<n>` (and set-aside folders
-// `<target>.old-<pid>-<thread>x<n>`) so that leftovers of a process killed mid-write (kill -9, out
+// Temporaries are named `<target>.tmp-<pid>-<thread>x<n>-h<host>` (and set-aside folders
+// `<target>.old-<pid>-<thread>x<n>-h<host>`) so that leftovers of a process killed mid-write (kill -9, out
 // of memory, a full disk) can be recognised as ours and removed once that process is gone
-// (`cleanStaleTemps`). (The write-file-atomic package names its temporaries by a hash, so
+// (`cleanStaleTemps`). `<host>` (a hash of the host name) keeps the writes of another machine or
+// container sharing the folder (a partition of a fit) from being judged by a pid that means
+// nothing here: only this host's temporaries, and those of versions before the tag, are removed. (The write-file-atomic package names its temporaries by a hash, so
 // its leftovers could never be told apart from a user's files; hence this small helper.)
+import { createHash } from 'node:crypto';
 import {
   chmodSync,
   closeSync,
@@ -26,36 +29,45 @@ import {
   statSync,
   writeSync,
 } from 'node:fs';
+import { hostname } from 'node:os';
 import { basename, dirname, join, resolve } from 'node:path';
 import { threadId } from 'node:worker_threads';
 
 let counter = 0;
 
+/** This host in our temporaries' names: `h` and 8 hex digits of its name's sha256. */
+function hostTag(): string {
+  return `h${createHash('sha256').update(hostname()).digest('hex').slice(0, 8)}`;
+}
+
 /** A fresh temporary path next to `target` (a trailing slash ignored), marked with this process's id. */
 export function tempPathFor(target: string, kind: 'tmp' | 'old' = 'tmp'): string {
   counter++;
   // threadId keeps two worker threads of one process apart
-  return `${resolve(target)}.${kind}-${process.pid}-${threadId}x${counter}`;
+  return `${resolve(target)}.${kind}-${process.pid}-${threadId}x${counter}-${hostTag()}`;
 }
 
 /**
  * Matches our temporaries: group 1 is `tmp` (a new version being written) or `old` (a folder's
- * previous version, moved aside while the new one is renamed into place), group 2 the pid. The
- * `-<thread>x<n>` tail is required for `old` (a user's own `model.old-2024` is not ours); `tmp`
- * also matches the older `.tmp-<pid>` names.
+ * previous version, moved aside while the new one is renamed into place), group 2 the pid, group 3
+ * the host tag (absent in names of older versions). The `-<thread>x<n>` tail is required for `old`
+ * (a user's own `model.old-2024` is not ours); `tmp` also matches the older `.tmp-<pid>` names.
  */
-const TEMP_NAME = /\.(?:(tmp)-(\d+)(?:-\d+x\d+)?|(old)-(\d+)-\d+x\d+)$/;
+const TEMP_NAME = /\.(?:(tmp)-(\d+)(?:-\d+x\d+(?:-(h[0-9a-f]{8}))?)?|(old)-(\d+)-\d+x\d+(?:-(h[0-9a-f]{8}))?)$/;
 
 /** Whether a file or folder name is one of our temporaries (a write in progress, or its leftover). */
 export function isTemporaryName(name: string): boolean {
   return TEMP_NAME.test(name);
 }
 
-/** `TEMP_NAME` read: which kind of temporary, and its pid. */
-function tempName(name: string): { kind: 'tmp' | 'old'; pid: number; index: number } | null {
+/** `TEMP_NAME` read: which kind of temporary, its pid, and whether its writer is known to be gone. */
+function tempName(name: string): { kind: 'tmp' | 'old'; pid: number; index: number; gone: boolean } | null {
   const m = TEMP_NAME.exec(name);
   if (!m) return null;
-  return m[1] ? { kind: 'tmp', pid: Number(m[2]), index: m.index } : { kind: 'old', pid: Number(m[4]), index: m.index };
+  const [kind, pid, host] = m[1] ? (['tmp', m[2], m[3]] as const) : (['old', m[5], m[6]] as const);
+  // another host's writer (a fit partition on another machine, a container) may be running: never judged here
+  const gone = (host === undefined || host === hostTag()) && !processAlive(Number(pid));
+  return { kind, pid: Number(pid), index: m.index, gone };
 }
 
 export interface AtomicWriteOptions {
@@ -257,7 +269,7 @@ export function restoreReplacedDir(dirIn: string): boolean {
   }
   for (const name of names) {
     const t = tempName(name);
-    if (t?.kind !== 'old' || name.slice(0, t.index) !== basename(dir) || processAlive(t.pid)) continue;
+    if (t?.kind !== 'old' || name.slice(0, t.index) !== basename(dir) || !t.gone) continue;
     try {
       renameSync(join(parent, name), dir);
     } catch (e) {
@@ -307,7 +319,7 @@ export function cleanStaleTemps(
       const t = tempName(name);
       // in a person's folder only our current names: a `notes.tmp-20261205` is theirs
       if (t && options.fullFormOnly && !FULL_TEMP_NAME.test(name)) continue;
-      if (t && !processAlive(t.pid)) {
+      if (t?.gone) {
         // a folder's previous version set aside by a writer killed before it renamed the new one
         // into place: put it back rather than lose the folder
         if (t.kind === 'old' && restoreReplacedDir(join(dir, name.slice(0, t.index)))) {
@@ -338,7 +350,7 @@ export function cleanStaleTempsOf(path: string): string[] {
 }
 
 /** The names this version gives its temporaries (`tempPathFor`), pid, thread and counter. */
-const FULL_TEMP_NAME = /\.(?:tmp|old)-\d+-\d+x\d+$/;
+const FULL_TEMP_NAME = /\.(?:tmp|old)-\d+-\d+x\d+(?:-h[0-9a-f]{8})?$/;
 
 /** Whether a process with this id exists (EPERM: it does, it is someone else's). */
 export function processAlive(pid: number): boolean {

@@ -189,6 +189,52 @@ test('cleanStaleTemps: only our names, only dead pids, nested folders, never thr
   assert.deepEqual(cleanStaleTemps(join(d, 'absent')), []);
 });
 
+test('cleanStaleTemps and restoreReplacedDir never judge the writes of another host sharing the folder by its pid', () => {
+  const d = join(root, 'shared');
+  mkdirSync(d);
+  // a stage being written, and a folder set aside mid-replace, by a process of another machine
+  // (a fit partition there): its pid means nothing here; then the same by a process of this host
+  const write = (host?: string) => {
+    const code = [
+      "import { stageDir, tempPathFor } from './src/common/atomic-write';",
+      "import { mkdirSync } from 'node:fs';",
+      `const t = stageDir(${JSON.stringify(join(d, `stage-${host ?? 'here'}`))});`,
+      `mkdirSync(tempPathFor(${JSON.stringify(join(d, `eigen-${host ?? 'here'}`))}, 'old'));`,
+      'console.log(t);',
+    ].join('\n');
+    const r = spawnSync(
+      process.execPath,
+      [
+        '--import',
+        'tsx',
+        ...(host ? ['--import', './test/unit/helpers/other-host.mjs'] : []),
+        '--input-type=module',
+        '-e',
+        code,
+      ],
+      { encoding: 'utf8', env: { ...process.env, OTHER_HOST: host } },
+    );
+    assert.equal(r.status, 0, r.stderr);
+  };
+  write('machine-b');
+  write();
+  // the writers have exited: here both pids are gone
+  assert.equal(restoreReplacedDir(join(d, 'eigen-machine-b')), false);
+  assert.equal(restoreReplacedDir(join(d, 'eigen-here')), true);
+  cleanStaleTemps(d);
+  const left = readdirSync(d).sort();
+  assert.ok(
+    left.some((n) => n.startsWith('stage-machine-b.tmp-')),
+    `another host's stage is kept: ${left}`,
+  );
+  assert.ok(
+    left.some((n) => n.startsWith('eigen-machine-b.old-')),
+    `another host's set-aside folder is kept: ${left}`,
+  );
+  assert.ok(!left.some((n) => n.startsWith('stage-here.tmp-')), `this host's leftover is removed: ${left}`);
+  assert.ok(left.includes('eigen-here'), `this host's set-aside folder is put back: ${left}`);
+});
+
 test('the server cleans what a killed fit or server left in its factors and cache folders when it starts', () => {
   const factors = join(root, 'factors');
   const cacheDir = join(root, 'cache');

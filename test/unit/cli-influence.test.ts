@@ -119,6 +119,26 @@ describe('influence-lens fit / explain / scan', () => {
     assert.match(bad.err, /queries\.jsonl:1: the last message must be the assistant's/);
   });
 
+  test('explain --queries: a refused query is named by its line; a bad line does not suggest --skip-malformed', () => {
+    const args = ['explain', '--model', MODEL, '--factors', factors, '--data', data, '--top-k', '1'];
+    const qfile = join(home, 'hostile-queries.jsonl');
+    const ok = JSON.stringify({ prompt: 'Q: capital of France?\nA:', completion: ' Paris' });
+    // a blank line, then a query longer than the model's context on line 4
+    const long = JSON.stringify({ prompt: `Q: ${'x '.repeat(200)}?\nA:`, completion: ' Paris' });
+    writeFileSync(qfile, [ok, '', ok, long, ok].join('\n'));
+    let r = cli(...args, '--queries', qfile);
+    assert.equal(r.code, 1);
+    assert.match(r.err, /hostile-queries\.jsonl:4: prompt \+ completion is \d+ tokens; the model takes \d+/);
+    // a line that is not JSON: its line, and no advice that would not help (queries are never skipped)
+    writeFileSync(qfile, [ok, '', '{"prompt": "Q: x', ok].join('\n'));
+    for (const extra of [[], ['--skip-malformed']]) {
+      r = cli(...args, ...extra, '--queries', qfile);
+      assert.equal(r.code, 1);
+      assert.match(r.err, /hostile-queries\.jsonl:3: invalid JSON/);
+      assert.doesNotMatch(r.err, /--skip-malformed/);
+    }
+  });
+
   test('scan ranks by self-influence', () => {
     const r = cli('scan', '--model', MODEL, '--factors', factors, '--data', data, '--json');
     assert.equal(r.code, 0, r.err);

@@ -3,18 +3,20 @@
 // answer fixed after fine-tuning again without the flagged examples.
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
+import { readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { useTempHome } from './helpers/env';
 
 const home = useTempHome();
 
+const run = (env: NodeJS.ProcessEnv = {}, preload: string[] = []) =>
+  spawnSync(process.execPath, ['--import', 'tsx', ...preload, 'src/server/cli.ts', 'demo'], {
+    encoding: 'utf8',
+    env: { ...process.env, HOME: home, INFLUENCE_LENS_CACHE: join(home, 'cache'), ...env },
+  });
+
 test('influence-lens demo: explain the planted wrong fact, flag, retrain, fixed', () => {
-  const run = () =>
-    spawnSync(process.execPath, ['--import', 'tsx', 'src/server/cli.ts', 'demo'], {
-      encoding: 'utf8',
-      env: { ...process.env, HOME: home, INFLUENCE_LENS_CACHE: join(home, 'cache') },
-    });
   const r = run();
   assert.equal(r.status, 0, r.stderr);
   assert.match(r.stdout, /completion: " Sydney"/);
@@ -38,4 +40,35 @@ test('influence-lens demo: explain the planted wrong fact, flag, retrain, fixed'
   assert.equal(again.status, 0, again.stderr);
   assert.match(again.stdout, /pre-trained: cached/);
   assert.match(again.stdout, /retrained model: cached/);
+});
+
+test('demo beside a demo of another query: its model is trained without its own flags, and a cache that is not is trained again', () => {
+  // after the test above: the flags and the retrained model are in the cache
+  const work = join(home, 'cache', 'default', 'demo');
+  const [cached] = readdirSync(work).filter((n) => n.startsWith('finetuned-'));
+  assert.ok(cached, 'the first test left a retrained model');
+  const argsFile = join(work, cached, 'training_args.json');
+  const args = JSON.parse(readFileSync(argsFile, 'utf8'));
+  const own = args.excluded_hashes as string[];
+  assert.ok(own.length >= 3);
+  // another query's flags (what `demo --query 1` writes), and a cached model trained without them
+  // under this query's key, as two demos at once left it before
+  const other = ['06c818625dda799d', '590c06cc82076329', 'c15a79c8702e0774', 'd9105b83cf9aaa6f'];
+  writeFileSync(argsFile, JSON.stringify({ ...args, excluded_hashes: other }, null, 2));
+  const log = join(home, 'neighbour.log');
+  const r = run(
+    {
+      DEMO_NEIGHBOUR_FLAGS: other
+        .map((hash) => JSON.stringify({ hash, line: 1, reason: 'teaches "Toronto"' }))
+        .join('\n'),
+      DEMO_NEIGHBOUR_LOG: log,
+    },
+    ['--import', './test/unit/helpers/demo-neighbour.mjs'],
+  );
+  assert.equal(r.status, 0, r.stderr);
+  assert.doesNotMatch(r.stdout, /retrained model: cached/);
+  const trained = JSON.parse(readFileSync(argsFile, 'utf8')).excluded_hashes;
+  assert.deepEqual(trained, own, 'trained without the flags this demo printed');
+  const fixed = /5\. Ask again[\s\S]*?completion: "([^"]*)"/.exec(r.stdout);
+  assert.ok(fixed && fixed[1].trim() !== 'Sydney', `answer after retraining: ${fixed?.[1]}`);
 });

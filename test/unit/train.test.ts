@@ -4,7 +4,7 @@
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { appendFileSync, existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
 import { trainingExamples, trainJob } from '../../src/server/cli/train';
@@ -59,6 +59,29 @@ describe('train', () => {
     const m = Model.open(join(home, 'a'));
     assert.equal(m.config.hidden_size, 16);
     assert.equal(m.tokenizer.vocabSize, loadTokenizer(TINY.tokenizer).vocabSize);
+  });
+
+  test('data_sha256 is the digest of the bytes trained on, even when the file changes while training runs', async () => {
+    const file = join(home, 'edited-while-training.jsonl');
+    writeFileSync(file, readFileSync(join(data, 'finetune.jsonl')));
+    const before = sha(file);
+    const out = join(home, 'edited');
+    const r = await trainJob({
+      ...base,
+      epochs: 1,
+      data: file,
+      out,
+      init: TINY,
+      // an edit lands in the middle of the run (a flag applied in the editor, a hand edit)
+      onStep: (s) => {
+        if (s.step === 1) appendFileSync(file, `${JSON.stringify({ text: 'added while training ran' })}\n`);
+      },
+    });
+    assert.notEqual(sha(file), before);
+    const args = JSON.parse(readFileSync(join(out, 'training_args.json'), 'utf8'));
+    assert.equal(args.examples, r.examples);
+    // retrain trusts this digest to say which data the model saw: the file as it was read
+    assert.equal(args.data_sha256, before);
   });
 
   test('--save-steps writes checkpoint-<step> folders inside the output, as transformers does', async () => {

@@ -24,6 +24,7 @@ import type {
   TokenScores,
 } from '../../protocol/types';
 import type { Dataset } from '../data/dataset';
+import { QueryError } from '../data/errors';
 import { renderForModel } from '../data/format';
 import { contextLength, type TokenizedText, tokenizeExamples, tokenizeQuery, tokenizeRecord } from '../data/tokenize';
 import { Bm25Index } from '../index/bm25';
@@ -148,6 +149,8 @@ export interface ExplainRequest {
   store?: StoreRef | StoreRef[];
   rerank?: number;
   signal?: AbortSignal;
+  /** names the query in its refusals (a --queries file's `path:line`); explainMany's own are `query i of n` */
+  where?: string;
   onProgress?: (stage: string, done: number, total: number) => void;
   /** the best examples among those scored so far, at most every `partialEveryMs` (default 250) */
   onPartial?: (p: ExplainPartial) => void;
@@ -307,7 +310,16 @@ export async function explainMany(
   // each query's row 0 and as many of its completion rows as fit in the pool's pass
   const poolRows = Math.max(1, Math.floor(rowsPerPass(setup) / Math.max(1, reqs.length)));
   const prepared: Prepared[] = [];
-  for (const req of reqs) prepared.push(await prepare(setup, corpus, req, poolRows));
+  for (const [i, req] of reqs.entries()) {
+    try {
+      prepared.push(await prepare(setup, corpus, req, poolRows));
+    } catch (e) {
+      // which of the queries is refused (too long for the model, too short, ...)
+      const where = req.where ?? (reqs.length > 1 ? `query ${i + 1} of ${reqs.length}` : undefined);
+      if (e instanceof QueryError && where) e.message = `${where}: ${e.message}`;
+      throw e;
+    }
+  }
   const method = reqs[0]?.method;
   const batched =
     reqs.length > 1 &&

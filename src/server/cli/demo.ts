@@ -8,8 +8,9 @@
 //      same pre-trained checkpoint, with the shipped training arguments), ask again.
 // Nothing under assets/ is modified: flags, factors and the retrained model live in the cache.
 import { createHash } from 'node:crypto';
-import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync } from 'node:fs';
 import { join, relative } from 'node:path';
+import { writeFileAtomic } from '../../common/atomic-write';
 
 /** A path as a person would type it from here: relative inside this folder, absolute outside. */
 const shown = (p: string) => {
@@ -168,7 +169,8 @@ export async function runDemo(argv: string[]): Promise<void> {
   const work = join(d.cacheDir, 'demo');
   mkdirSync(work, { recursive: true });
   const sidecar = join(work, 'finetune.exclude.jsonl');
-  writeFileSync(
+  // atomic: another demo (another --query) may read or write it at the same moment
+  writeFileAtomic(
     sidecar,
     suggestions
       .map((s) =>
@@ -195,20 +197,15 @@ export async function runDemo(argv: string[]): Promise<void> {
     weight_decay: number;
     threads?: number;
   };
+  const excluded = [...new Set(flagged.map((e) => e.id.hash))].sort();
   // cached by everything that determines the retrained weights
   const key = createHash('sha256')
-    .update(
-      JSON.stringify([
-        modelFingerprint(Model.open(d.pretrained).checkpoint),
-        args,
-        flagged.map((e) => e.id.hash).sort(),
-      ]),
-    )
+    .update(JSON.stringify([modelFingerprint(Model.open(d.pretrained).checkpoint), args, excluded]))
     .update(readFileSync(d.finetuneData))
     .digest('hex')
     .slice(0, 16);
   const cleanDir = join(work, `finetuned-${key}`);
-  if (existsSync(join(cleanDir, 'model.safetensors'))) say(`   retrained model: cached (${shown(cleanDir)})`);
+  if (trainedWithout(cleanDir, excluded)) say(`   retrained model: cached (${shown(cleanDir)})`);
   else {
     let bar: Progress | undefined;
     const r = await trainJob({
@@ -222,7 +219,9 @@ export async function runDemo(argv: string[]): Promise<void> {
       warmup: args.warmup ?? undefined,
       clip: args.clip,
       weightDecay: args.weight_decay,
-      exclude: sidecar,
+      // these flags themselves, not the sidecar: a demo of another query running beside this one
+      // rewrites it, and this model would be trained without that run's flags under this run's key
+      excludeHashes: excluded,
       // the thread count changes the last bits of the weights: train as the shipped model was
       threads: args.threads,
       onStep: (s) => {
@@ -249,6 +248,21 @@ export async function runDemo(argv: string[]): Promise<void> {
   say(
     `done in ${((Date.now() - t0) / 1000).toFixed(1)} s. Next: open this folder in VS Code and run "Influence Lens: Explain this completion".`,
   );
+}
+
+/**
+ * Whether `dir` holds a model retrained without exactly these examples (its training_args.json
+ * says which it left out): a cache that an earlier version's concurrent demos filled with a model
+ * trained without another query's flags is trained again, not reused.
+ */
+function trainedWithout(dir: string, excluded: string[]): boolean {
+  if (!existsSync(join(dir, 'model.safetensors'))) return false;
+  try {
+    const args = JSON.parse(readFileSync(join(dir, 'training_args.json'), 'utf8')) as { excluded_hashes?: unknown };
+    return JSON.stringify(args.excluded_hashes) === JSON.stringify(excluded);
+  } catch {
+    return false;
+  }
 }
 
 /** log p(completion | prompt) under a model (sum over the completion's tokens). */

@@ -252,8 +252,11 @@ function fmt(x: number): string {
  * Queries, one JSON object a line: {"prompt", "completion"}, or {"messages": [...]} whose last
  * message is the assistant's reply to explain (rendered with the training data's chat template).
  */
-export function readQueries(path: string): Array<{ prompt: string; completion: string; messages?: unknown }> {
-  const { rows } = readJsonl(path);
+export function readQueries(
+  path: string,
+): Array<{ prompt: string; completion: string; messages?: unknown; where: string }> {
+  // every query gets its result, in order: a bad line stops the command (--skip-malformed is for the data)
+  const { rows } = readJsonl(path, { skippable: false });
   if (!rows.length) throw new CliError(`${path}: no queries`);
   return rows.map(({ line, value }) => {
     const where = `${path}:${line}`;
@@ -263,7 +266,8 @@ export function readQueries(path: string): Array<{ prompt: string; completion: s
     // the completion is the last assistant turn, and nothing may follow it
     if (last[1] !== r.text.length)
       throw new CliError(`${where}: the last message must be the assistant's (the completion to explain)`);
-    const split = { prompt: r.text.slice(0, last[0]), completion: r.text.slice(last[0], last[1]) };
+    // `where` names the line in a refusal of the query itself (too long for the model, ...)
+    const split = { prompt: r.text.slice(0, last[0]), completion: r.text.slice(last[0], last[1]), where };
     // a chat is explained as explain's `messages` renders it: with the model's chat template, as
     // its training records are (the stand-in split above only where the model has none)
     // (a conversational prompt/completion line is one conversation: the completion's messages follow the prompt's)

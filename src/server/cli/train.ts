@@ -5,8 +5,7 @@
 // tokens only, text records on every token, exactly the loss the influence commands use.
 // --exclude drops the examples a flags sidecar (`<dataset>.exclude.jsonl`, one {"hash", ...}
 // per line) names, by content hash: the counterfactual "train again without them".
-import { createHash } from 'node:crypto';
-import { existsSync, readdirSync, readFileSync, realpathSync, rmSync, statSync } from 'node:fs';
+import { existsSync, readdirSync, realpathSync, rmSync, statSync } from 'node:fs';
 import { basename, dirname, isAbsolute, join, relative, resolve } from 'node:path';
 import { cleanStaleTemps, commitDir, stageDir, tempPathFor } from '../../common/atomic-write';
 import { loadDataset } from '../data/dataset';
@@ -42,6 +41,8 @@ export interface TrainJobOptions {
   weightDecay: number;
   /** a flags sidecar: examples whose hash it lists are left out */
   exclude?: string;
+  /** the hashes to leave out, given directly (the demo's flags: a sidecar another run may rewrite meanwhile) */
+  excludeHashes?: Iterable<string>;
   /** also write `<out>/checkpoint-<step>` every this many steps (as transformers' Trainer), for influence over training */
   saveSteps?: number;
   threads?: number;
@@ -63,7 +64,7 @@ export interface TrainJobResult {
 /** Content hashes a flags sidecar lists (one JSON object with a "hash" per line). */
 export function readExclusions(path: string): Set<string> {
   const hashes = new Set<string>();
-  for (const { line, value } of readJsonl(path).rows) {
+  for (const { line, value } of readJsonl(path, { skippable: false }).rows) {
     const h = (value as { hash?: unknown } | null)?.hash;
     if (typeof h !== 'string') throw new CliError(`${path}:${line}: expected {"hash": "...", ...}`);
     hashes.add(h);
@@ -162,8 +163,10 @@ export async function trainJob(o: TrainJobOptions): Promise<TrainJobResult> {
   checkOutFolder(out, o.model);
   // what a train killed earlier left beside this output (its staging and initial-weights folders)
   cleanStaleTemps(dirname(out), 1, `${basename(out)}.`);
-  const ds = loadDataset(o.data);
-  const excludedHashes = o.exclude ? readExclusions(o.exclude) : new Set<string>();
+  // the digest of the very bytes trained on: the file may change while training runs (an edit, a
+  // flag applied in the editor), and retrain trusts data_sha256 to say what the model saw
+  const ds = loadDataset(o.data, { sha256: true });
+  const excludedHashes = new Set<string>([...(o.exclude ? readExclusions(o.exclude) : []), ...(o.excludeHashes ?? [])]);
   const kept = ds.examples.filter((e) => !excludedHashes.has(e.hash));
   const excluded = ds.examples.length - kept.length;
   // flags of another dataset (or of lines all edited since) would exclude nothing: the model
@@ -248,7 +251,7 @@ export async function trainJob(o: TrainJobOptions): Promise<TrainJobResult> {
     // Everything here is a function of the inputs (no times, no paths), so reruns write identical files.
     const args = {
       data: basename(o.data),
-      data_sha256: createHash('sha256').update(readFileSync(o.data)).digest('hex'),
+      data_sha256: ds.sha256,
       excluded_hashes: [...excludedHashes].sort(),
       examples: examples.length,
       from: o.init

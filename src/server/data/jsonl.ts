@@ -33,6 +33,11 @@ export interface ReadJsonlOptions {
   limit?: number;
   /** Also digest the bytes read (the server tells a metadata-only change from a new file by it). */
   sha256?: boolean;
+  /**
+   * false: a file whose lines are never skipped (explain's queries, a flags file), so a refusal
+   * does not suggest --skip-malformed, which would not help. Default true.
+   */
+  skippable?: boolean;
 }
 
 export const SKIP_HINT = '(pass --skip-malformed to skip such lines)';
@@ -55,7 +60,8 @@ export function readJsonl(path: string, options: ReadJsonlOptions = {}): JsonlRe
     if (rows.length >= limit) break;
     const problem = parseLine(buf, l, rows);
     if (problem !== undefined) {
-      if (!options.skipMalformed) throw new DataError(`${path}:${l.line}: ${problem} ${SKIP_HINT}`);
+      if (!options.skipMalformed)
+        throw new DataError(`${path}:${l.line}: ${problem}${options.skippable === false ? '' : ` ${SKIP_HINT}`}`);
       skipped.push({ line: l.line, message: problem });
     }
   }
