@@ -7,6 +7,7 @@ import { setImmediate as tick } from 'node:timers/promises';
 import { Model, makeBatch } from '../../src/server/model/engine';
 import {
   collectGarbage,
+  collectWhenBuffersGrew,
   collectWhenPiledUp,
   garbageCollections,
   garbageNoted,
@@ -28,6 +29,25 @@ test('collectWhenPiledUp collects only once the noted bytes reach the limit, the
   assert.equal(garbageCollections(), before + 1);
   assert.equal(garbageNoted(), 0);
   assert.equal(collectWhenPiledUp(1000), false);
+});
+
+test('collectWhenBuffersGrew collects only once array buffers grew by the limit since the last collection', () => {
+  collectGarbage();
+  const before = garbageCollections();
+  // a few kilobytes dropped (a tiny model's query rows): not worth a full collection
+  let small: Float32Array | undefined = new Float32Array(1024);
+  small[0] = 1;
+  small = undefined;
+  assert.equal(collectWhenBuffersGrew(8 * 2 ** 20), false);
+  assert.equal(garbageCollections(), before);
+  // 16 MB dropped: collected, and the count starts again from what is left alive
+  let big: Float32Array | undefined = new Float32Array(4 * 2 ** 20);
+  big[0] = 1;
+  big = undefined;
+  assert.equal(collectWhenBuffersGrew(8 * 2 ** 20), true);
+  assert.equal(garbageCollections(), before + 1);
+  assert.equal(collectWhenBuffersGrew(8 * 2 ** 20), false);
+  assert.equal(small, undefined);
 });
 
 test('collectGarbage frees an unreachable typed array', async () => {

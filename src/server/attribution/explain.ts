@@ -31,7 +31,7 @@ import { Bm25Index } from '../index/bm25';
 import type { GradientStore } from '../index/gradient-store';
 import type { Floats } from '../linalg/matrix';
 import type { Model } from '../model/engine';
-import { collectGarbage } from '../util/gc';
+import { collectWhenBuffersGrew } from '../util/gc';
 import { matrixBytes, runBudgetBytes, sequenceLimitBytes } from './chunking';
 import type { Preconditioner } from './ekfac/precondition';
 import {
@@ -214,6 +214,13 @@ function rowBytes(setup: ExplainSetup): number {
 }
 
 /** Tests set `force` to score the heatmap passes in one form wherever the rule would choose (both must agree). */
+/**
+ * Query rows dropped between explain's passes worth a full collection: at real shapes one row is
+ * tens of MB (Pythia-70M: 76 MB) and a pass holds up to the run budget; a tiny model's rows are
+ * kilobytes, where a collection per query cost more than the query.
+ */
+const ROWS_GARBAGE_BYTES = 32 * 2 ** 20;
+
 export const heatmapRowsPolicy: { force?: 'whole' | 'tokens' } = {};
 
 /**
@@ -415,7 +422,7 @@ async function finish(
     : [];
   const shown = [...supportingPos, ...opposingPos];
   const t1 = Date.now();
-  collectGarbage(); // the pool's query rows, before the heatmap passes make theirs
+  collectWhenBuffersGrew(ROWS_GARBAGE_BYTES); // the pool's query rows, before the heatmap passes make theirs
   const parts = main.shown ? await main.shown(shown) : undefined;
   if (main.shown) timings.token_scores_ms = Date.now() - t1;
   const otherRanks = new Map<Method, Int32Array>();
@@ -877,7 +884,7 @@ async function finishGradientPool(
     for (let i = 0, first = true; first || i < rest.length; first = false) {
       // a long completion on a large model takes minutes here: say which pass is running
       req.onProgress?.(`token heatmaps (${method})`, pass++, passes);
-      if (!first) collectGarbage(); // the last pass's rows, before this pass makes its own
+      if (!first) collectWhenBuffersGrew(ROWS_GARBAGE_BYTES); // the last pass's rows, before this pass makes its own
       const part = rest.slice(i, i + (first ? perPass - 1 : perPass));
       i += part.length;
       const skip = first ? 1 : 0; // rows of the pass before its token rows

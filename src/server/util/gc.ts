@@ -19,6 +19,8 @@ import { releaseFreedMemory } from './malloc';
 let gc: (() => void) | undefined;
 let noted = 0;
 let collections = 0;
+/** the array buffers alive right after the last collection */
+let buffersAfterCollection = 0;
 
 /**
  * A full garbage collection now, and the freed memory handed back to the system (V8's `gc`, exposed
@@ -34,6 +36,21 @@ export function collectGarbage(): void {
   releaseFreedMemory();
   noted = 0;
   collections++;
+  buffersAfterCollection = process.memoryUsage().arrayBuffers;
+}
+
+/**
+ * Collects when the array buffers (alive, or garbage not yet collected) have grown by `limit`
+ * bytes since the last collection. For a step that drops arrays whose size it does not track
+ * (explain's query rows): a full collection costs time in proportion to the heap, so one per
+ * query over a batch of thousands of queries, whose states all stay alive to the end, grew the
+ * batch's time with the square of its size; at real model shapes the rows are hundreds of MB and
+ * this collects as before.
+ */
+export function collectWhenBuffersGrew(limit: number): boolean {
+  if (process.memoryUsage().arrayBuffers - buffersAfterCollection < limit) return false;
+  collectGarbage();
+  return true;
 }
 
 /** `bytes` of results that will be garbage once their caller is done with them (a run's outputs). */
