@@ -424,7 +424,7 @@ describe('fit + explain (tiny fp64 Llama)', () => {
     assert.equal(lastTop, r.supporting[0]?.id.hash);
   });
 
-  test('several queries in one scoring pass give each query the single-query result exactly', async () => {
+  test('several queries in one scoring pass give each query the single-query result exactly, each handed over once final', async () => {
     const queries = [
       QUERY,
       { prompt: 'Q: capital of Italy?\nA:', completion: ' Rome' },
@@ -432,12 +432,26 @@ describe('fit + explain (tiny fp64 Llama)', () => {
     ];
     for (const method of ['ekfac', 'multistage', 'cosine'] as const) {
       const setup = { model: ft, pretrained: pt, modules: 'all' } satisfies ExplainSetup;
+      // each result is handed over as soon as it is final, in order, before the batch returns
+      const streamed: Array<[number, ExplainResult]> = [];
+      let returned = false;
       const many = await explainMany(
         setup,
         corpus,
         queries.map((q) => ({ ...q, method, topK: 7 })),
+        (r, i) => {
+          assert.equal(returned, false);
+          streamed.push([i, r]);
+        },
       );
+      returned = true;
       assert.equal(many.length, queries.length);
+      assert.deepEqual(
+        streamed,
+        many.map((r, i) => [i, r]),
+      );
+      // the multistage regime is on the streamed results too
+      if (method === 'multistage') assert.ok(streamed.every(([, r]) => r.multiStage));
       for (const [i, q] of queries.entries()) {
         const one = await explain(setup, corpus, { ...q, method, topK: 7 });
         const strip = (r: ExplainResult) => ({ ...r, timings: {} });

@@ -313,6 +313,9 @@ export async function explainMany(
   setup: ExplainSetup,
   corpus: Corpus,
   reqs: ExplainRequest[],
+  /** each result as soon as it is final, in the requests' order (the CLI writes it at once, so a
+   * batch of thousands stopped midway keeps what it finished) */
+  onResult?: (result: ExplainResult, index: number) => void,
 ): Promise<ExplainResult[]> {
   // each query's row 0 and as many of its completion rows as fit in the pool's pass
   const poolRows = Math.max(1, Math.floor(rowsPerPass(setup) / Math.max(1, reqs.length)));
@@ -334,12 +337,17 @@ export async function explainMany(
     reqs.every((r) => r.method === method && r.candidates !== 'retrieved' && !r.rank && !r.store) &&
     !checkpointsFor(method, setup);
   const mains = batched ? await scorePoolBatched(method, setup, corpus, prepared) : undefined;
-  const out: ExplainResult[] = [];
-  for (const [i, p] of prepared.entries()) out.push(await finish(setup, corpus, p, mains?.[i]));
   // every multistage result says whether the pair is in the regime the method assumes
-  if (setup.pretrained && out.some((r) => r.method === 'multistage')) {
-    const regime = multiStageRegime(relativeWeightDistance(setup.model.model, setup.pretrained.model, setup.modules));
-    for (const r of out) if (r.method === 'multistage') r.multiStage = regime;
+  const regime =
+    setup.pretrained && reqs.some((r) => r.method === 'multistage')
+      ? multiStageRegime(relativeWeightDistance(setup.model.model, setup.pretrained.model, setup.modules))
+      : undefined;
+  const out: ExplainResult[] = [];
+  for (const [i, p] of prepared.entries()) {
+    const r = await finish(setup, corpus, p, mains?.[i]);
+    if (regime && r.method === 'multistage') r.multiStage = regime;
+    out.push(r);
+    onResult?.(r, i);
   }
   return out;
 }

@@ -160,15 +160,21 @@ export async function runExplain(argv: string[]): Promise<void> {
     },
   };
   if (queries) {
-    // one scoring pass for all queries; one ExplainResult per line, in the file's order
-    const results = await explainMany(
+    // one scoring pass for all queries; one ExplainResult per line, in the file's order, each
+    // written as soon as it is final (a run stopped midway keeps the lines it wrote)
+    await explainMany(
       setup,
       corpus,
       queries.map((q) => ({ ...q, ...common })),
+      (r) => {
+        // a bar left open would share the terminal's line with the result
+        bar?.done();
+        bar = undefined;
+        stage = '';
+        process.stdout.write(v.json ? `${JSON.stringify(r)}\n` : `${formatResult(r, process.stdout.isTTY === true)}\n`);
+      },
     );
     bar?.done();
-    for (const r of results)
-      process.stdout.write(v.json ? `${JSON.stringify(r)}\n` : `${formatResult(r, process.stdout.isTTY === true)}\n`);
     return;
   }
   const result = await explain(setup, corpus, { prompt: v.prompt!, completion: v.completion!, ...common });
