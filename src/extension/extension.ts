@@ -25,11 +25,21 @@ export function activate(context: vscode.ExtensionContext) {
   const flags = new FlagStore(context.workspaceState);
   let info: ClientInfo | undefined;
   let pending: Promise<ClientInfo> | undefined;
+  // each server warning is logged once per connection (status is asked again after explains)
+  let logged = new Set<string>();
+  const logWarnings = (i: ClientInfo) => {
+    for (const w of i.warnings)
+      if (!logged.has(w)) {
+        logged.add(w);
+        log.warn(`server: ${w}`);
+      }
+  };
   /** a new connection (and a new local server), e.g. after the server settings changed */
   const reconnect = () => {
     client.dispose();
     client = createClient(context);
     info = undefined;
+    logged = new Set();
     log.info(`server: ${client.label}`);
     return s.info(true);
   };
@@ -45,6 +55,17 @@ export function activate(context: vscode.ExtensionContext) {
     heatmap: new CompletionHeatmap(settings().colors),
     panel: undefined as unknown as ResultsPanel,
     lastInfo: () => info,
+    async refreshWarnings() {
+      const asked = client;
+      // a connection not opened yet is not opened for this
+      if (!info) return;
+      try {
+        const i = await asked.info();
+        if (asked === client) logWarnings(i);
+      } catch {
+        // the next request reports a server that went away
+      }
+    },
     info(force = false) {
       if (info && !force) return Promise.resolve(info);
       if (pending && !force) return pending;
@@ -56,7 +77,7 @@ export function activate(context: vscode.ExtensionContext) {
           if (asked !== client) return s.info(force);
           info = i;
           status.connected(client.label, i);
-          for (const w of i.warnings) log.warn(`server: ${w}`);
+          logWarnings(i);
           return i;
         },
         (e: Error) => {

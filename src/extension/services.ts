@@ -24,6 +24,12 @@ export interface Services {
   /** what the server can do (cached; `force` asks again) */
   info(force?: boolean): Promise<ClientInfo>;
   lastInfo(): ClientInfo | undefined;
+  /**
+   * Asks the server's status again after a request that read a dataset and logs the warnings it
+   * did not have before (e.g. factors fitted on other data than the fit dataset, known only once
+   * that dataset is loaded); never fails.
+   */
+  refreshWarnings(): Promise<void>;
 }
 
 const DATASET_KEY = 'influenceLens.lastDataset';

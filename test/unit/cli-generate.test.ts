@@ -71,3 +71,23 @@ test('generate refuses unclear input with one line naming it', () => {
     assert.match(r.stderr, msg);
   }
 });
+
+test('generate --seed outside 32 bits is refused before the model is opened (its first use reads every weight file)', () => {
+  // no model at this path: a refusal naming --seed shows the flag was read first
+  const r = spawnSync(
+    process.execPath,
+    [
+      '--import',
+      'tsx',
+      'src/server/cli.ts',
+      'generate',
+      '--model',
+      join(home, 'no-model-here'),
+      '--prompt',
+      'x',
+    ].concat(['--temperature', '1', '--seed', '4294967296']),
+    { encoding: 'utf8', env: { ...process.env, HOME: home } },
+  );
+  assert.equal(r.status, 1, r.stdout);
+  assert.match(r.stderr, /--seed must be an integer from 0 to 4294967295/);
+});

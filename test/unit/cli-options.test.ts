@@ -44,6 +44,12 @@ describe('train and retrain', () => {
     refused(cli(...base, '--clip', '0'), /--clip must be greater than 0/);
     refused(cli(...base, '--warmup=-5'), /--warmup must be at least 0/);
     refused(cli(...base, '--lr', '0'), /--lr must be greater than 0 \(the learning rate/);
+    // a negative one with the same words: "non-negative" invited the 0 that is refused next
+    refused(
+      cli(...base, '--lr=-0.001'),
+      /--lr must be greater than 0 \(the learning rate; 0 would train nothing; got "-0.001"\)/,
+    );
+    refused(cli(...base, '--clip=-1'), /--clip must be greater than 0 \(the largest gradient norm/);
   });
 
   test("--exclude with flags none of which is in --data (another dataset's) is refused, not trained on everything", () => {
@@ -208,7 +214,7 @@ test('an empty number is refused, not read as 0 (serve --port "" picked a random
   );
   refused(
     cli('train', '--model', PRETRAINED, '--data', data, '--out', join(home, 'lr'), '--lr', ''),
-    /--lr must be a non-negative number/,
+    /--lr must be greater than 0 \(the learning rate; 0 would train nothing; got ""\)/,
   );
   refused(cli('demo', '--query', ''), /--query must be/);
 });

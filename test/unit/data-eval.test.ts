@@ -116,3 +116,19 @@ test('data eval --queries --data: a bad line is named, or skipped with --skip-ma
   assert.equal(skipped.status, 0, skipped.stderr);
   assert.match(skipped.stderr, /skipped 1 malformed line\(s\)/);
 });
+
+test('data eval --queries --data: --top-k and --methods are refused before the model is opened and every query answered', () => {
+  const file = join(home, 'early.jsonl');
+  writeFileSync(file, `${JSON.stringify({ prompt: 'Q: What is the capital of France?\nA:', expected: ' Paris' })}\n`);
+  // no model at this path: a refusal naming the flag shows the flag was read first
+  const missing = join(home, 'no-model-here');
+  for (const [args, re] of [
+    [['--top-k', '0'], /--top-k must be at least 1 \(got 0\)/],
+    [['--methods', 'bm25,ekfc'], /--methods: "ekfc" is not one of/],
+    [['--methods', 'ekfac'], /--methods ekfac needs --factors/],
+  ] as const) {
+    const r = cli('--model', missing, '--queries', file, '--data', DATA, ...args);
+    assert.equal(r.status, 1, r.stderr);
+    assert.match(r.stderr, re);
+  }
+});

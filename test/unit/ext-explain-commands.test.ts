@@ -106,3 +106,39 @@ test("the panel's Flag records where the example is now, and asks before flaggin
     rmSync(dir, { recursive: true, force: true });
   }
 });
+
+test("after an explain, the server's status is asked again, so warnings it finds reading the dataset reach the log", async () => {
+  // the server names factors fitted on other data than the fit dataset only once it has read that
+  // dataset: status at connect (all the editor asked before) cannot carry the warning
+  fake.reset();
+  let refreshed = 0;
+  const info = { model: 'm', datasets: ['b'], methods: ['bm25'], unavailable: {}, needsFit: {}, warnings: [] };
+  const result = {
+    method: 'bm25',
+    query: { prompt: 'Q: x?\nA:', completion: ' Paris' },
+    scored: 0,
+    supporting: [],
+    opposing: [],
+    histogram: { edges: [], counts: [] },
+    modules: [],
+    timings: {},
+  };
+  const s = {
+    info: async () => info,
+    lastInfo: () => info,
+    refreshWarnings: async () => {
+      refreshed++;
+    },
+    client: { explain: async () => result },
+    datasets: { resolve: async () => undefined },
+    panel: { show: () => undefined, post: () => undefined, setFlags: () => undefined, mirror: { results: {} } },
+    history: { add: () => undefined },
+    flags: { flagsOf: () => new Map() },
+    context: { workspaceState: memento() },
+  };
+  fake.config.method = 'bm25';
+  const c = new ExplainController(s as never);
+  await c.explain('Q: x?\nA:', ' Paris');
+  assert.deepEqual(fake.messages('error'), []);
+  assert.equal(refreshed, 1, 'status asked again after the result');
+});

@@ -173,6 +173,8 @@ export class ExplainController {
             : `${before}:changed-while-scored`,
       });
       this.s.history.add(q.dataset, result);
+      // the server knows more once it has read the dataset (factors fitted on other data): logged
+      void this.s.refreshWarnings();
       await this.pushFlags();
       if (q.editor && q.split && cfg.editorHeatmap && !q.editor.document.isClosed) {
         // the split's offsets are of the text when it was explained: after an edit they would shade other characters

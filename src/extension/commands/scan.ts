@@ -36,6 +36,8 @@ export async function scanDataset(s: Services): Promise<void> {
       (progress, token) =>
         s.client.scanDataset({ dataset, topK: 50 }, token, (p) => progress.report({ message: p.message })),
     );
+    // the server knows more once it has read the dataset (factors fitted on other data): logged
+    void s.refreshWarnings();
     const path = await s.datasets.resolve(dataset);
     const flagOn = { iconPath: new vscode.ThemeIcon('flag'), tooltip: 'Flag for removal' };
     const flagOff = { iconPath: new vscode.ThemeIcon('close'), tooltip: 'Unflag' };

@@ -188,6 +188,15 @@ async function evaluateQueries(v: {
         throw new CliError(`--${flag} applies to the sources in --data <train.jsonl>, and no --data is given`);
   const maxTokens = int(v['max-tokens'], '--max-tokens', 16);
   if (maxTokens < 1) throw new CliError(`--max-tokens must be at least 1 (got ${maxTokens})`);
+  // the ranking flags too, before the model is opened and every query answered (minutes on a real model)
+  const k = int(v['top-k'], '--top-k', 10);
+  if (k < 1) throw new CliError(`--top-k must be at least 1 (got ${k})`);
+  const methods = (v.methods ?? (v.factors ? 'ekfac,gdp,repsim,bm25' : 'gdp,repsim,bm25')).split(',') as Method[];
+  for (const m of methods) {
+    if (!METHODS.includes(m) || m === 'multistage')
+      throw new CliError(`--methods: "${m}" is not one of ${METHODS.filter((x) => x !== 'multistage').join(', ')}`);
+    if (m === 'ekfac' && !v.factors) throw new CliError('--methods ekfac needs --factors <dir> (influence-lens fit)');
+  }
   let queries: EvalQuery[];
   try {
     queries = readEvalQueries(v.queries!);
@@ -202,14 +211,6 @@ async function evaluateQueries(v: {
     },
   });
   const accuracy = await answerQueries(stage.model, queries, maxTokens);
-  const k = int(v['top-k'], '--top-k', 10);
-  if (k < 1) throw new CliError(`--top-k must be at least 1 (got ${k})`);
-  const methods = (v.methods ?? (v.factors ? 'ekfac,gdp,repsim,bm25' : 'gdp,repsim,bm25')).split(',') as Method[];
-  for (const m of methods) {
-    if (!METHODS.includes(m) || m === 'multistage')
-      throw new CliError(`--methods: "${m}" is not one of ${METHODS.filter((x) => x !== 'multistage').join(', ')}`);
-    if (m === 'ekfac' && !v.factors) throw new CliError('--methods ekfac needs --factors <dir> (influence-lens fit)');
-  }
   const retrieval: Array<Retrieval & { method: Method }> = [];
   if (v.data) {
     // read as fit and explain read it: what the model's training convention refuses is named by line

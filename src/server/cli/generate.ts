@@ -33,11 +33,13 @@ export async function runGenerate(argv: string[]): Promise<void> {
     throw new CliError(`--temperature must be a number >= 0 (0 = greedy; got "${v.temperature}")`);
   const stop = v.stop ?? [];
   if (stop.some((s) => !s)) throw new CliError('--stop must not be empty');
+  // checked before the model is opened (its first use reads every weight file)
+  const seed = seedFlag(v.seed, 0);
   const model = Model.open(v.model, { threads: threadsFlag(v.threads) });
   const gens = await generate(model, prompts, {
     maxNewTokens,
     temperature,
-    seed: seedFlag(v.seed, 0),
+    seed,
     stop,
     stopAtNewline: v.multiline !== true,
   });

@@ -343,13 +343,15 @@ export async function runTrain(argv: string[]): Promise<void> {
     if (n < 0) throw new CliError(`${flag} must be at least 0 (got ${n})`);
     return n;
   };
-  const aboveZero = (n: number, flag: string, what: string) => {
-    if (n === 0) throw new CliError(`${flag} must be greater than 0 (${what})`);
+  // a negative value is refused with the same words as 0: "non-negative" would invite a 0
+  const aboveZero = (s: string | undefined, flag: string, fallback: number, what: string) => {
+    if (s === undefined) return fallback;
+    const n = s.trim() ? Number(s) : Number.NaN;
+    if (!(Number.isFinite(n) && n > 0)) throw new CliError(`${flag} must be greater than 0 (${what}; got "${s}")`);
     return n;
   };
   // the largest gradient norm: 0 would scale every gradient to 0 (the weights would not move)
-  const clip = (s: string | undefined) =>
-    aboveZero(num(s, '--clip', 1), '--clip', 'the largest gradient norm; 0 would train nothing');
+  const clip = (s: string | undefined) => aboveZero(s, '--clip', 1, 'the largest gradient norm; 0 would train nothing');
   const epochs = positive(v.epochs, '--epochs', 3);
   let bar: Progress | undefined;
   const t0 = Date.now();
@@ -368,7 +370,7 @@ export async function runTrain(argv: string[]): Promise<void> {
       : undefined,
     model: v.model,
     epochs,
-    lr: aboveZero(num(v.lr, '--lr', 1e-3), '--lr', 'the learning rate; 0 would train nothing'),
+    lr: aboveZero(v.lr, '--lr', 1e-3, 'the learning rate; 0 would train nothing'),
     batchSize: positive(v['batch-size'], '--batch-size', DEFAULTS.trainBatchSize),
     seed: seedFlag(v.seed, 0),
     warmup: v.warmup === undefined ? undefined : nonNegative(int(v.warmup, '--warmup', 0), '--warmup'),
