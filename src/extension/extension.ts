@@ -35,12 +35,16 @@ export function activate(context: vscode.ExtensionContext) {
       }
   };
   /** a new connection (and a new local server), e.g. after the server settings changed */
-  const reconnect = () => {
+  /** A new client for the settings as they are now; its server starts on first use. */
+  const replaceClient = () => {
     client.dispose();
     client = createClient(context);
     info = undefined;
     logged = new Set();
     log.info(`server: ${client.label}`);
+  };
+  const reconnect = () => {
+    replaceClient();
     return s.info(true);
   };
   const s: Services = {
@@ -156,8 +160,14 @@ export function activate(context: vscode.ExtensionContext) {
       ],
       new JsonlHoverProvider(flags, s.history),
     ),
-    // an influence-lens.json written (or removed) after the local server started: start it again
-    watchWorkspaceConfig(() => void reconnect().catch(() => undefined)),
+    // an influence-lens.json written (or removed) after activation: a new client for it, started
+    // again at once only if the old one's server had been asked (a window where no one explained
+    // yet loads no model for it, and a half-written file fails no start)
+    watchWorkspaceConfig(() => {
+      const started = info !== undefined;
+      replaceClient();
+      if (started) void s.info(true).catch(() => undefined);
+    }),
     vscode.workspace.onDidChangeConfiguration((e) => {
       if (!e.affectsConfiguration(SECTION)) return;
       if (e.affectsConfiguration(`${SECTION}.server`)) void reconnect().catch(() => undefined);
