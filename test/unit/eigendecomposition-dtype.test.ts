@@ -65,6 +65,7 @@ test('a float32 fit: stored as such, eigenvectors of its own, scores as the floa
     seed: 0,
     maxExamples: null,
     eigendecompositionDtype: 'float32',
+    dataFingerprint: loadFactors(f32).args.dataFingerprint,
   });
 
   // other eigenvectors (decomposed in float32, not float64 narrowed) ...
@@ -209,5 +210,7 @@ test('the server fits new training checkpoints with the settings of the factors 
       seed: 5,
       maxExamples: 5,
       eigendecompositionDtype: 'float32',
+      // the same first 5 examples as the final model's fit
+      dataFingerprint: readFitSettings(factors)?.dataFingerprint,
     });
 });
