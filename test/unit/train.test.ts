@@ -201,7 +201,7 @@ describe('train', () => {
     r = cli('train', '--data', ft, '--out', join(home, 'x'), '--init', 'llama');
     assert.match(r.err, /needs --tokenizer/);
     r = cli('train', '--data', ft, '--out', join(home, 'x'), '--model', join(home, 'a'), '--lr', 'fast');
-    assert.match(r.err, /--lr must be a non-negative number/);
+    assert.match(r.err, /--lr must be greater than 0 \(the learning rate; 0 would train nothing; got "fast"\)/);
     assert.equal(r.err.trim().split('\n').length, 1);
   });
 });
