@@ -226,6 +226,11 @@ export class InfluenceService implements ServiceApi {
   /** the fine-tune's training checkpoints, when there are (and the configuration does not turn them off) */
   private checkpoints?: OpenedCheckpoints;
   private data = new Map<string, LoadedDataset>();
+  /** factorsDataWarnings' last answer per stage, for the factors and dataset it compared */
+  private factorsDataChecked = new Map<
+    'finetuned' | 'pretrained',
+    { factors: OpenedStage['preconditioners']; data: LoadedDataset; warning: string | null }
+  >();
   private stores = new Map<string, GradientStore>();
   /** factors directory → the fit into it that this server runs now */
   private fitting = new Map<string, Promise<unknown>>();
@@ -548,22 +553,39 @@ export class InfluenceService implements ServiceApi {
       const d = this.data.get(id);
       // a dataset read with the other stage's tokenizer has another fingerprint whatever the data
       if (!d || this.modelFor(id) !== stage.model) continue;
-      const fit = readFitSettings(c.factors);
-      if (!fit?.dataFingerprint) continue; // kronfluence's factors, or an older arguments file: unknown
-      const hashes = d.corpus.dataset.examples.map((e) => e.hash);
-      const want =
-        fit.maxExamples === null || fit.maxExamples === undefined
-          ? d.fingerprint
-          : dataFingerprint(hashes.slice(0, fit.maxExamples), {
-              maxLength: contextLength(stage.model.config),
-              ...tokenizationKey(stage.model.tokenizer),
-            });
-      if (want === fit.dataFingerprint) continue;
-      out.push(
-        `the ${which} model's EK-FAC factors (${c.factors}) were fitted on other data than its fit dataset "${id}" (${d.path}${fit.maxExamples ? `, first ${fit.maxExamples} examples` : ''}): explanations use them as they are. To fit them on "${id}", move the folder aside and run "fit"; or set "fitDataset" to the dataset they were fitted on (without "fitDataset", a model is fitted on the first dataset of its stage in "datasetStage"; earlier versions fitted the fine-tuned model on the first dataset listed, whatever "datasetStage" said)`,
-      );
+      // status is asked often: the arguments file is read and the fingerprint taken once per
+      // factors and dataset loaded (both objects are new when either is read again)
+      const seen = this.factorsDataChecked.get(which);
+      if (seen?.factors === stage.preconditioners && seen.data === d) {
+        if (seen.warning) out.push(seen.warning);
+        continue;
+      }
+      const warning = this.factorsDataWarning(which, c.factors, id, d, stage);
+      this.factorsDataChecked.set(which, { factors: stage.preconditioners, data: d, warning });
+      if (warning) out.push(warning);
     }
     return out;
+  }
+
+  /** The warning for one stage's factors in `dir` against its loaded fit dataset `d`, or null. */
+  private factorsDataWarning(
+    which: 'finetuned' | 'pretrained',
+    dir: string,
+    id: string,
+    d: LoadedDataset,
+    stage: OpenedStage,
+  ): string | null {
+    const fit = readFitSettings(dir);
+    if (!fit?.dataFingerprint) return null; // kronfluence's factors, or an older arguments file: unknown
+    const want =
+      fit.maxExamples === null || fit.maxExamples === undefined
+        ? d.fingerprint
+        : dataFingerprint(
+            d.corpus.dataset.examples.slice(0, fit.maxExamples).map((e) => e.hash),
+            { maxLength: contextLength(stage.model.config), ...tokenizationKey(stage.model.tokenizer) },
+          );
+    if (want === fit.dataFingerprint) return null;
+    return `the ${which} model's EK-FAC factors (${dir}) were fitted on other data than its fit dataset "${id}" (${d.path}${fit.maxExamples ? `, first ${fit.maxExamples} examples` : ''}): explanations use them as they are. To fit them on "${id}", move the folder aside and run "fit"; or set "fitDataset" to the dataset they were fitted on (without "fitDataset", a model is fitted on the first dataset of its stage in "datasetStage"; earlier versions fitted the fine-tuned model on the first dataset listed, whatever "datasetStage" said)`;
   }
 
   /** Why a method cannot run now (null when it can). */
