@@ -5,7 +5,8 @@
 // (INFLUENCE_LENS_ORT_PROFILE) and summed by op type and by node.
 //   cov: fitCovariances; lambda: fitLambdas with random dense eigenbases (GEMM time does not
 //   depend on values, and an eigendecomposition takes longer than the pass); qgrad: the
-//   queries' per-token gradients; score: scoreCandidates in the eigenbasis with random rows.
+//   queries' per-token gradients; score: scoreCandidates in the eigenbasis with random rows;
+//   score-back: the same rows taken as P(G) (the path for many candidate tokens, rows rotated back).
 import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
 import { CovarianceAccumulator } from '../../src/server/attribution/ekfac/covariance';
@@ -18,7 +19,7 @@ import { CliError, int, parse } from '../../src/server/cli/util';
 import { CompiledGraph, defaultCacheDir, Model } from '../../src/server/model/engine';
 import { Rng } from '../../src/server/util/random';
 
-const PHASES = ['cov', 'lambda', 'qgrad', 'score'] as const;
+const PHASES = ['cov', 'lambda', 'qgrad', 'score', 'score-back'] as const;
 
 export async function benchProfile(argv: string[]): Promise<void> {
   const { values: v } = parse(argv, {
@@ -111,6 +112,7 @@ export async function benchProfile(argv: string[]): Promise<void> {
     lambda: () => fitLambdas(model, train, bases, opts),
     qgrad: () => queryBatchGradients(model, queries, { modules: 'all' }),
     score: () => scoreCandidates(model, rows, train, { modules: 'all', batchSize: 8, eigenbasis: pre }),
+    'score-back': () => scoreCandidates(model, rows, train, { modules: 'all', batchSize: 8 }),
   };
   const say = (line: string) => process.stdout.write(`${line}\n`);
   say(`bench profile: ${model.describe()}; ${nTrain} × ${length} tokens, ${nQ} queries × ${qLen}; ${repeats} repeats`);

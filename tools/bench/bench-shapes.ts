@@ -32,6 +32,7 @@ import { CliError, int, parse } from '../../src/server/cli/util';
 import { packageRoot } from '../../src/server/defaults';
 import { defaultCacheDir, Model } from '../../src/server/model/engine';
 import { spearman } from '../../src/server/util/stats';
+import { scoringBound } from './gemm-bound';
 import { reportHeader } from './machine';
 
 export const BENCH_SHAPES = ['pythia-70m', 'pythia-160m', 'smollm-135m', 'qwen2.5-0.5b', 'gpt2'] as const;
@@ -198,7 +199,20 @@ export async function benchShape(argv: string[]): Promise<void> {
   const preconditionSeconds = sec(t);
   t = performance.now();
   const scored = await scoreRows(model, M, trainEx, pre, eigen);
-  const scoreSeconds = queryGradSeconds + preconditionSeconds + sec(t);
+  const candidateSeconds = sec(t);
+  const scoreSeconds = queryGradSeconds + preconditionSeconds + candidateSeconds;
+  // how fast this machine's matrix products alone would let any engine score the candidates
+  // (measured after our timed work, so it does not warm anything for it)
+  const bound = await scoringBound(
+    model.modules('all'),
+    { vocab: model.config.vocab_size as number, hidden: model.config.hidden_size as number },
+    length,
+    Math.min(opts.batchSize, nTrain),
+    nQueries,
+    threads,
+  );
+  const fixedSeconds = queryGradSeconds + preconditionSeconds;
+  const scoringCeiling = nTrain / (fixedSeconds + nTrain * bound.seconds_per_candidate);
   const ours = {
     fit_seconds: fitSeconds,
     covariance_seconds: covarianceSeconds,
@@ -211,6 +225,12 @@ export async function benchShape(argv: string[]): Promise<void> {
     scored_in_eigenbasis: eigen,
     score_seconds: scoreSeconds,
     candidates_per_second: nTrain / scoreSeconds,
+    candidate_pass_seconds: candidateSeconds,
+    /**
+     * the candidates' matrix products at ORT's best measured rate for each shape (a lower bound on
+     * any engine's time on this machine), and the candidates/s our own fixed costs plus that allow
+     */
+    scoring_bound: { ...bound, candidates_per_second_ceiling: scoringCeiling },
     peak_rss_mb: process.resourceUsage().maxRSS / 1024,
     /** candidates × queries, for --compare of a later run */
     scores: scored.scores.map((r) => Array.from(r)),
@@ -220,6 +240,9 @@ export async function benchShape(argv: string[]): Promise<void> {
   );
   say(
     `                  score ${nQueries}×${nTrain} in ${scoreSeconds.toFixed(1)} s (query gradients ${queryGradSeconds.toFixed(1)} s, preconditioning ${preconditionSeconds.toFixed(1)} s${eigen ? ', scored in the eigenbasis' : ''}) → ${ours.candidates_per_second.toFixed(2)} candidates/s; peak RSS ${Math.round(ours.peak_rss_mb)} MB`,
+  );
+  say(
+    `                  the candidates' matrix products: ${bound.gflop_per_candidate.toFixed(1)} GFLOP each, ≥ ${(1000 * bound.seconds_per_candidate).toFixed(0)} ms at ORT's measured GEMM rates here (ours ${((1000 * candidateSeconds) / nTrain).toFixed(0)} ms, ${((100 * bound.seconds_per_candidate * nTrain) / candidateSeconds).toFixed(0)}% of that bound); ceiling with our fixed costs ${scoringCeiling.toFixed(2)} candidates/s`,
   );
 
   let agreement: number[] | null = null;
@@ -240,6 +263,9 @@ export async function benchShape(argv: string[]): Promise<void> {
     );
     say(
       `  ratios ours/kronfluence: fit time ${(fitSeconds / k.fit_seconds).toFixed(2)} (goal ≤ 0.5), scoring throughput ${(ours.candidates_per_second / k.candidates_per_second).toFixed(2)} (goal ≥ 2), peak RSS ${(ours.peak_rss_mb / k.peak_rss_mb).toFixed(2)} (goal ≤ 1)`,
+    );
+    say(
+      `  scoring ratio's ceiling on this machine's GEMMs: ${(scoringCeiling / k.candidates_per_second).toFixed(2)} (the products above at their measured rates, our query gradients and preconditioning, nothing else)`,
     );
     say(`  agreement: Spearman per query ${agreement.map((x) => x.toFixed(4)).join(', ')}`);
     say(

@@ -9,8 +9,6 @@ import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { CliError, int, parse } from '../../src/server/cli/util';
 import { defaultCacheDir, Model, makeBatch } from '../../src/server/model/engine';
-import { DataType, Graph } from '../../src/server/model/onnx/graph';
-import { createSession, ort } from '../../src/server/model/onnx/session';
 import { type TensorToWrite, writeSafetensors } from '../../src/server/model/safetensors';
 import { Rng } from '../../src/server/util/random';
 import { benchAll } from './bench-all';
@@ -21,6 +19,7 @@ import { benchProfile } from './bench-profile';
 import { benchServer } from './bench-server';
 import { benchShape } from './bench-shapes';
 import { benchStore } from './bench-store';
+import { gemmRate } from './gemm-bound';
 
 export async function runBench(argv: string[]): Promise<void> {
   const [suite, ...rest] = argv;
@@ -93,29 +92,6 @@ export function randomGpt2(dir: string, s: Gpt2Shape, seed = 1): string {
   };
   writeFileSync(join(dir, 'config.json'), JSON.stringify(config, null, 2));
   return dir;
-}
-
-/** ORT's fp32 GEMM rate on this machine for an [m,k]×[k,n] product (GFLOP/s, best of runs). */
-async function gemmRate(m: number, k: number, n: number, threads: number | undefined, reps: number): Promise<number> {
-  const g = new Graph();
-  const a = g.input('a', DataType.FLOAT, [m, k]);
-  const b = g.input('b', DataType.FLOAT, [k, n]);
-  g.output(g.gemm(a, b, null, false), 'y');
-  const sess = await createSession(g.encode(), { threads });
-  const rng = new Rng(3);
-  const feeds = {
-    a: new ort.Tensor('float32', rng.uniforms(m * k), [m, k]),
-    b: new ort.Tensor('float32', rng.uniforms(k * n), [k, n]),
-  };
-  await sess.run(feeds);
-  let best = Number.POSITIVE_INFINITY;
-  for (let i = 0; i < reps; i++) {
-    const t0 = performance.now();
-    await sess.run(feeds);
-    best = Math.min(best, performance.now() - t0);
-  }
-  await sess.release();
-  return (2 * m * k * n) / (best / 1000) / 1e9;
 }
 
 async function benchEngine(argv: string[]): Promise<void> {
