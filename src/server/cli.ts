@@ -17,7 +17,7 @@ import { runTrain } from './cli/train';
 import { HelpRequested, withFlagHint } from './cli/util';
 import { eighParallelCap } from './linalg/eigh';
 import { lapackAllowed } from './linalg/native';
-import { ortArenaEnabled } from './model/onnx/session';
+import { arenaPolicy } from './model/onnx/session';
 import { isUserError } from './user-errors';
 import { mallocMode } from './util/malloc';
 
@@ -127,7 +127,7 @@ function checkEnvSettings(): void {
   sequenceLimitBytes();
   eighParallelCap();
   lapackAllowed();
-  ortArenaEnabled();
+  arenaPolicy();
   mallocMode();
 }
 

@@ -49,6 +49,28 @@ describe('memoryBoundedBatches', () => {
       out.map((b) => !!b.batch.overBudget),
       [false, false, true],
     );
+    // alone because it is long, not because the batch size left it over: its run skips the arena
+    assert.deepEqual(
+      out.map((b) => !!b.batch.alone),
+      [false, false, true],
+    );
+  });
+
+  test('a sequence needing half the budget or more is alone (no arena) without being over the budget', () => {
+    const budget = bytesPerSequence(shape, 50);
+    const half = memoryBoundedBatches([seq(40), seq(3)], 4, 0, shape, budget);
+    assert.deepEqual(
+      half.map((b) => b.idx),
+      [[1], [0]],
+    );
+    assert.ok(2 * bytesPerSequence(shape, 40) > budget && bytesPerSequence(shape, 40) <= budget);
+    assert.deepEqual(
+      half.map((b) => [!!b.batch.alone, !!b.batch.overBudget]),
+      [
+        [false, false],
+        [true, false],
+      ],
+    );
   });
 
   test('matrices reduced inside the graph count the largest module once; returned ones count every module', () => {

@@ -177,7 +177,7 @@ test('INFLUENCE_LENS_* variables set to a value they do not take are refused by 
     ['INFLUENCE_LENS_RUN_MB', '0', /INFLUENCE_LENS_RUN_MB="0"/],
     ['INFLUENCE_LENS_EIGH_PARALLEL', '1.5', /INFLUENCE_LENS_EIGH_PARALLEL="1.5": use a whole number above 0/],
     ['INFLUENCE_LENS_LAPACK', 'disable', /INFLUENCE_LENS_LAPACK="disable": use on or off/],
-    ['INFLUENCE_LENS_ORT_ARENA', 'enable', /INFLUENCE_LENS_ORT_ARENA="enable": use on or off/],
+    ['INFLUENCE_LENS_ORT_ARENA', 'enable', /INFLUENCE_LENS_ORT_ARENA="enable": use scores \(default/],
     ['INFLUENCE_LENS_MALLOC', 'sometimes', /INFLUENCE_LENS_MALLOC="sometimes": use trim/],
   ] as const) {
     const r = withEnv({ [name]: value });

@@ -8,7 +8,8 @@ import { join } from 'node:path';
 import { after, describe, test } from 'node:test';
 import { assertSupportedSchema, formatPath, type JsonSchema, validateSchema } from '../../src/common/json-schema';
 import { LIMITS } from '../../src/protocol/limits';
-import { DEVICES, ort, ortArenaEnabled } from '../../src/server/model/onnx/session';
+import { arenaFor, CompiledGraph, makeBatch } from '../../src/server/model/engine';
+import { arenaPolicy, DEVICES, ort } from '../../src/server/model/onnx/session';
 import {
   CONFIG_SCHEMA,
   ConfigFileError,
@@ -324,19 +325,67 @@ describe('schema validator', () => {
   });
 });
 
-test('ONNX Runtime CPU arena: off unless INFLUENCE_LENS_ORT_ARENA turns it on', () => {
+test('ONNX Runtime CPU arena: the candidate-scoring graphs only, unless INFLUENCE_LENS_ORT_ARENA says on or off', () => {
   const saved = process.env.INFLUENCE_LENS_ORT_ARENA;
+  const scores = { labels: 'data' as const, scores: true };
+  const heatmap = { labels: 'data' as const, scores: true, tokenScores: true };
+  const covariance = { perToken: true };
+  const lambda = { lambda: true };
   try {
-    delete process.env.INFLUENCE_LENS_ORT_ARENA;
-    assert.equal(ortArenaEnabled(), false);
+    for (const v of [undefined, 'scores', ' Scores ']) {
+      if (v === undefined) delete process.env.INFLUENCE_LENS_ORT_ARENA;
+      else process.env.INFLUENCE_LENS_ORT_ARENA = v;
+      assert.equal(arenaPolicy(), 'scores', String(v));
+      assert.equal(arenaFor(scores), true);
+      assert.equal(arenaFor({ ...scores, eigenbasis: true }), true);
+      assert.equal(arenaFor(heatmap), false);
+      assert.equal(arenaFor(covariance), false);
+      assert.equal(arenaFor(lambda), false);
+    }
     for (const on of ['on', '1', 'TRUE', ' yes ']) {
       process.env.INFLUENCE_LENS_ORT_ARENA = on;
-      assert.equal(ortArenaEnabled(), true, on);
+      assert.equal(arenaPolicy(), 'on', on);
+      assert.equal(arenaFor(covariance), true);
+      assert.equal(arenaFor(heatmap), true);
     }
     process.env.INFLUENCE_LENS_ORT_ARENA = 'off';
-    assert.equal(ortArenaEnabled(), false);
+    assert.equal(arenaPolicy(), 'off');
+    assert.equal(arenaFor(scores), false);
+    process.env.INFLUENCE_LENS_ORT_ARENA = 'enable';
+    assert.throws(() => arenaPolicy(), /INFLUENCE_LENS_ORT_ARENA="enable": use scores \(default/);
   } finally {
     if (saved === undefined) delete process.env.INFLUENCE_LENS_ORT_ARENA;
     else process.env.INFLUENCE_LENS_ORT_ARENA = saved;
   }
+});
+
+test('a run of one long sequence (Batch.alone) goes to the session without the arena; others to the arena one', async () => {
+  const calls: string[] = [];
+  const fake = (name: string) =>
+    ({
+      inputNames: ['input_ids', 'attention_mask', 'target_weights'],
+      run: async () => {
+        calls.push(name);
+        return {};
+      },
+    }) as unknown as ort.InferenceSession;
+  let opened = 0;
+  const lean = fake('lean');
+  const graph = new CompiledGraph(fake('arena'), [], [], null, false, async () => {
+    opened++;
+    return lean;
+  });
+  const short = makeBatch([{ ids: [1, 2, 3] }, { ids: [4, 5] }]);
+  const long = makeBatch([{ ids: [1, 2, 3, 4] }]);
+  long.alone = true;
+  await graph.run(short);
+  await graph.run(long);
+  await graph.run(short);
+  await graph.run(long);
+  assert.deepEqual(calls, ['arena', 'lean', 'arena', 'lean']);
+  assert.equal(opened, 2, 'the engine memoizes the lean session; the graph asks for it per long run');
+  // without a lean session (no arena), every run uses the one session
+  const plain = new CompiledGraph(fake('plain'), [], [], null, false);
+  await plain.run(long);
+  assert.deepEqual(calls.slice(-1), ['plain']);
 });

@@ -166,6 +166,18 @@ export async function benchShape(argv: string[]): Promise<void> {
   // the same decision explain makes: rows left in the eigenbasis when rotating the candidates costs less
   const eigenFor = (pre: Map<string, Preconditioner>, modules: Iterable<string>) =>
     eigenbasisCheaper(pre, modules, nQueries, tokenCount(trainEx));
+  // the scoring bound's products (gemm-bound.ts), timed now and again after scoring, the faster
+  // kept: this shared host's speed drifts over minutes. Before the fit, so their few hundred MB
+  // of inputs do not add to our peak memory
+  const boundArgs = [
+    model.modules('all'),
+    { vocab: model.config.vocab_size as number, hidden: model.config.hidden_size as number },
+    length,
+    Math.min(opts.batchSize, nTrain),
+    nQueries,
+    threads,
+  ] as const;
+  const boundBefore = await scoringBound(...boundArgs);
   const warmupSeconds = v['no-warmup'] ? null : await warmUp(model, trainEx.slice(0, 8), queryEx, opts, eigenFor);
   if (warmupSeconds !== null)
     say(
@@ -201,16 +213,10 @@ export async function benchShape(argv: string[]): Promise<void> {
   const scored = await scoreRows(model, M, trainEx, pre, eigen);
   const candidateSeconds = sec(t);
   const scoreSeconds = queryGradSeconds + preconditionSeconds + candidateSeconds;
+  // read before the bound's second measurement allocates its inputs
+  const peakRssMb = process.resourceUsage().maxRSS / 1024;
   // how fast this machine's matrix products alone would let any engine score the candidates
-  // (measured after our timed work, so it does not warm anything for it)
-  const bound = await scoringBound(
-    model.modules('all'),
-    { vocab: model.config.vocab_size as number, hidden: model.config.hidden_size as number },
-    length,
-    Math.min(opts.batchSize, nTrain),
-    nQueries,
-    threads,
-  );
+  const bound = await scoringBound(...boundArgs, 5, boundBefore);
   const fixedSeconds = queryGradSeconds + preconditionSeconds;
   const scoringCeiling = nTrain / (fixedSeconds + nTrain * bound.seconds_per_candidate);
   const ours = {
@@ -231,7 +237,7 @@ export async function benchShape(argv: string[]): Promise<void> {
      * any engine's time on this machine), and the candidates/s our own fixed costs plus that allow
      */
     scoring_bound: { ...bound, candidates_per_second_ceiling: scoringCeiling },
-    peak_rss_mb: process.resourceUsage().maxRSS / 1024,
+    peak_rss_mb: peakRssMb,
     /** candidates × queries, for --compare of a later run */
     scores: scored.scores.map((r) => Array.from(r)),
   };

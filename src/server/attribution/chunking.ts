@@ -128,7 +128,11 @@ export function memoryBoundedBatches(
       pad,
     );
     // one sequence alone over the budget: its run maps its large tensors (util/malloc.ts)
-    if (idx.length === 1 && bytesPerSequence(shape, seqs[idx[0]].ids.length) > budget) batch.overBudget = true;
+    if (idx.length === 1) {
+      const need = bytesPerSequence(shape, seqs[idx[0]].ids.length);
+      if (need > budget) batch.overBudget = true;
+      if (2 * need > budget) batch.alone = true;
+    }
     out.push({ batch, idx });
     i = j;
   }

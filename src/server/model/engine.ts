@@ -44,7 +44,7 @@ import {
 import { crossEntropyHead, type HeadLabels, headChunkRows } from './head';
 import { checkRows } from './onnx/chunks';
 import { DataType, Graph, type Tensor } from './onnx/graph';
-import { createSession, type Device, ort } from './onnx/session';
+import { arenaPolicy, createSession, type Device, ort } from './onnx/session';
 import type { DType } from './safetensors';
 import { loadTokenizer, type TokenizerHandle, withEmbeddingRows, withTraining } from './tokenizer';
 
@@ -166,6 +166,11 @@ export interface Batch {
    * tensors (util/malloc.ts `mapLargeBlocks`), where the heap's fragmentation costs most
    */
   overBudget?: boolean;
+  /**
+   * one sequence that needs half the run budget or more (set by `memoryBoundedBatches`): a run
+   * this large pays for its own page faults, and an arena would keep its memory after it
+   */
+  alone?: boolean;
 }
 
 export class EngineError extends Error {}
@@ -212,6 +217,17 @@ const STORAGE_TYPES: Partial<Record<DType, DataType>> = {
   F16: DataType.FLOAT16,
   BF16: DataType.BFLOAT16,
 };
+
+/**
+ * Whether a graph's session gets ONNX Runtime's memory arena (`arenaPolicy`): under the default,
+ * the graphs that score candidates in batch after batch and return only scores. A heatmap graph
+ * (token scores) runs over a few shown examples and is left without.
+ */
+export function arenaFor(req: GraphRequest): boolean {
+  const policy = arenaPolicy();
+  if (policy !== 'scores') return policy === 'on';
+  return !!req.scores && !req.tokenScores;
+}
 
 export class Model {
   readonly arch: Architecture;
@@ -327,16 +343,31 @@ export class Model {
     const modules = select(all, req.modules ?? 'all');
     const outputs = buildOutputs(g, ctx, out, modules, weights, req, this.options.headRows);
     const bytes = g.encode();
-    const session = await this.createSessionFor(bytes);
+    const arena = arenaFor(req);
+    const session = await this.createSessionFor(bytes, arena);
     const paramInputs =
       mode === 'inputs'
         ? weights.inputNames.map((n) => ({ name: n, shape: this.checkpoint.weights.get(n)!.shape }))
         : null;
-    return new CompiledGraph(session, outputs, modules, paramInputs, g.float === DataType.DOUBLE);
+    // an arena would keep a long sequence's run resident (at 2,048 tokens of Pythia-70M explain
+    // peaked at 3.4 GB with it, 2.3 GB without): runs of one sequence that fills half the run budget
+    // or more (`Batch.alone`) go to a session without one, opened once needed
+    let lean: Promise<ort.InferenceSession> | undefined;
+    const leanSession = arena
+      ? () => {
+          lean ??= this.createSessionFor(bytes, false);
+          lean.catch(() => {
+            lean = undefined;
+          });
+          return lean;
+        }
+      : null;
+    return new CompiledGraph(session, outputs, modules, paramInputs, g.float === DataType.DOUBLE, leanSession);
   }
 
-  private async createSessionFor(bytes: Uint8Array): Promise<ort.InferenceSession> {
+  private async createSessionFor(bytes: Uint8Array, arena: boolean): Promise<ort.InferenceSession> {
     const opts = {
+      arena,
       device: this.options.device,
       threads: this.options.threads,
       optimization: this.options.precision === 'fp64' ? ('basic' as const) : ('all' as const),
@@ -939,6 +970,8 @@ export class CompiledGraph {
     /** parameter names to feed, when weights are graph inputs */
     readonly paramInputs: Array<{ name: string; shape: number[] }> | null,
     readonly fp64 = false,
+    /** for a session with ONNX Runtime's arena: the same graph without one, for runs of a long sequence (`Batch.alone`) */
+    readonly leanSession: (() => Promise<ort.InferenceSession>) | null = null,
   ) {}
 
   get moduleInfo(): ModuleInfo[] {
@@ -1002,9 +1035,10 @@ export class CompiledGraph {
     // stale ones included (the last run's outputs); once it is suspended, only its live variables.
     await null;
     collectWhenPiledUp(OUTPUT_GARBAGE_BYTES);
+    const session = batch.alone && this.leanSession ? await this.leanSession() : this.session;
     const mapped = !!batch.overBudget && mapLargeBlocks(true);
     try {
-      const out = await this.session.run(feeds, extra.outputs ?? this.outputNames);
+      const out = await session.run(feeds, extra.outputs ?? this.outputNames);
       let bytes = 0;
       for (const t of Object.values(out)) bytes += (t.data as ArrayBufferView).byteLength ?? 0;
       noteDroppedSoon(bytes);

@@ -2,7 +2,7 @@
 // CPU always works; WebGPU / CUDA are opt-in, and when unavailable we say so plainly
 // instead of silently falling back (the user asked for a GPU for a reason).
 import * as ort from 'onnxruntime-node';
-import { switchEnv } from '../../util/env';
+import { EnvSettingError, switchEnv } from '../../util/env';
 import { configureMalloc } from '../../util/malloc';
 
 export type Device = 'cpu' | 'webgpu' | 'cuda';
@@ -16,6 +16,8 @@ export interface SessionOptions {
   externalData?: Array<{ path: string; data: Uint8Array }>;
   /** 'basic' skips ORT's operator fusions, some of which (QuickGelu, …) exist only in float32 */
   optimization?: 'all' | 'basic';
+  /** ONNX Runtime's CPU memory arena for this session; default: on only under INFLUENCE_LENS_ORT_ARENA=on */
+  arena?: boolean;
 }
 
 export class DeviceError extends Error {}
@@ -50,11 +52,9 @@ export async function createSession(
     // (mapped from the safetensors file), so keep them shared.
     extra: { session: { disable_prepacking: '1' } },
   };
-  // ONNX Runtime's CPU arena keeps every run's peak in each session for the life of the
-  // session; with one session per graph kind (covariance, Λ, query gradients, scores) the
-  // Pythia-70M-shape fit + score peaked at 8.5 GB with it and 6.1 GB without (bench
-  // `ekfac --shape pythia-70m`), for 0-25% more time. INFLUENCE_LENS_ORT_ARENA=on restores it.
-  so.enableCpuMemArena = ortArenaEnabled();
+  // ONNX Runtime's CPU arena keeps each session's largest run resident for the session's life
+  // (see `arenaPolicy`): the caller says which sessions may have one.
+  so.enableCpuMemArena = opts.arena ?? arenaPolicy() === 'on';
   if (opts.externalData) so.externalData = opts.externalData;
   // INFLUENCE_LENS_ORT_PROFILE=<prefix>: ONNX Runtime's per-node profile (Chrome trace JSON,
   // <prefix>_<timestamp>.json per session, written by session.endProfiling()), for finding
@@ -82,9 +82,32 @@ export async function createSession(
   }
 }
 
-/** INFLUENCE_LENS_ORT_ARENA=on|1|true turns ONNX Runtime's CPU memory arena back on (default off). */
-export function ortArenaEnabled(): boolean {
-  return switchEnv('INFLUENCE_LENS_ORT_ARENA') ?? false;
+/**
+ * Which sessions get ONNX Runtime's CPU memory arena (INFLUENCE_LENS_ORT_ARENA):
+ * - 'scores' (default): the graphs that score candidates against query rows, run batch after
+ *   batch over a corpus with only [B, Q] scores coming out. Without the arena every run, and every
+ *   chunk of the LM head inside it, allocated fresh memory and page-faulted it in: at Pythia-70M
+ *   × 256 candidates the candidate pass took 184 ms a candidate without it and 119 ms with it
+ *   (the GEMM-rate bound of `bench ekfac --shape` is 115–120 ms), for 0.46 GB more peak memory.
+ * - 'on': every session (the fit's graphs gained nothing measurable, and their arenas add up:
+ *   3.81 GB peak against 2.82 GB in the same bench);
+ * - 'off': none (the lowest memory: each run's memory goes back to the system after it).
+ * An arena keeps its session's largest run resident until the session is released, so a
+ * long-lived server holds about one scoring batch's working set (the run budget) after scoring.
+ */
+export type ArenaPolicy = 'scores' | 'on' | 'off';
+
+export function arenaPolicy(): ArenaPolicy {
+  const raw = process.env.INFLUENCE_LENS_ORT_ARENA;
+  if ((raw ?? '').trim().toLowerCase() === 'scores') return 'scores';
+  try {
+    const on = switchEnv('INFLUENCE_LENS_ORT_ARENA');
+    return on === undefined ? 'scores' : on ? 'on' : 'off';
+  } catch {
+    throw new EnvSettingError(
+      `INFLUENCE_LENS_ORT_ARENA="${raw}": use scores (default: the candidate-scoring graphs only), on (every graph) or off (none)`,
+    );
+  }
 }
 
 /** INFLUENCE_LENS_ORT_PROFILE=<prefix> turns on ONNX Runtime's per-node profiling (default off). */
