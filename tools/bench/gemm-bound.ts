@@ -121,26 +121,20 @@ export async function scoringBound(
     `${it.what}|${it.m}|${it.k}|${it.n}|${it.transB}`;
   const before = new Map((earlier?.products ?? []).map((p) => [keyOf(p), p.gflops_rate]));
   const products = new Map<string, BoundProduct>();
-  for (const it of items) {
-    const key = keyOf(it);
+  for (const { flop, ...shape } of items) {
+    const key = keyOf(shape);
     if (!rate.has(key))
-      rate.set(key, Math.max(before.get(key) ?? 0, await gemmRate(it.m, it.k, it.n, threads, reps, it.transB)));
+      rate.set(
+        key,
+        Math.max(before.get(key) ?? 0, await gemmRate(shape.m, shape.k, shape.n, threads, reps, shape.transB)),
+      );
     const r = rate.get(key)!;
-    const p = products.get(key) ?? { ...it, gflop: 0, gflops_rate: r, seconds: 0 };
-    p.gflop += it.flop / 1e9;
-    p.seconds += it.flop / 1e9 / r;
+    const p = products.get(key) ?? { ...shape, gflop: 0, gflops_rate: r, seconds: 0 };
+    p.gflop += flop / 1e9;
+    p.seconds += flop / 1e9 / r;
     products.set(key, p);
   }
-  const list = [...products.values()].map(({ what, m, k, n, transB, gflop, gflops_rate, seconds }) => ({
-    what,
-    m,
-    k,
-    n,
-    transB,
-    gflop,
-    gflops_rate,
-    seconds,
-  }));
+  const list = [...products.values()];
   return {
     gflop_per_candidate: list.reduce((s, p) => s + p.gflop, 0),
     seconds_per_candidate: list.reduce((s, p) => s + p.seconds, 0),

@@ -354,13 +354,11 @@ export class Model {
     // or more (`Batch.alone`) go to a session without one, opened once needed
     let lean: Promise<ort.InferenceSession> | undefined;
     const leanSession = arena
-      ? () => {
-          lean ??= this.createSessionFor(bytes, false);
-          lean.catch(() => {
-            lean = undefined;
-          });
-          return lean;
-        }
+      ? () =>
+          (lean ??= this.createSessionFor(bytes, false).catch((e) => {
+            lean = undefined; // a failed open is retried by the next long run
+            throw e;
+          }))
       : null;
     return new CompiledGraph(session, outputs, modules, paramInputs, g.float === DataType.DOUBLE, leanSession);
   }

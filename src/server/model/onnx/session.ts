@@ -87,10 +87,11 @@ export async function createSession(
  * - 'scores' (default): the graphs that score candidates against query rows, run batch after
  *   batch over a corpus with only [B, Q] scores coming out. Without the arena every run, and every
  *   chunk of the LM head inside it, allocated fresh memory and page-faulted it in: at Pythia-70M
- *   × 256 candidates the candidate pass took 184 ms a candidate without it and 119 ms with it
- *   (the GEMM-rate bound of `bench ekfac --shape` is 115–120 ms), for 0.46 GB more peak memory.
+ *   × 256 candidates (same host, one run after the other) the candidate pass took 160 ms a
+ *   candidate without it and 113 ms with it, for 0.40 GB more peak memory (0.57 GB for one CLI
+ *   explain; docs/MEASUREMENTS.md).
  * - 'on': every session (the fit's graphs gained nothing measurable, and their arenas add up:
- *   3.81 GB peak against 2.82 GB in the same bench);
+ *   3.81 GB peak against 2.76 GB with 'scores' at Pythia-70M × 256);
  * - 'off': none (the lowest memory: each run's memory goes back to the system after it).
  * An arena keeps its session's largest run resident until the session is released, so a
  * long-lived server holds about one scoring batch's working set (the run budget) after scoring.
