@@ -6,12 +6,14 @@
 //   cov: fitCovariances; lambda: fitLambdas with random dense eigenbases (GEMM time does not
 //   depend on values, and an eigendecomposition takes longer than the pass); qgrad: the
 //   queries' per-token gradients; score: scoreCandidates in the eigenbasis with random rows;
-//   score-back: the same rows taken as P(G) (the path for many candidate tokens, rows rotated back).
+//   score-back: the same rows taken as P(G) (the path for many candidate tokens, rows rotated back);
+//   lambda-rows: Λ from the covariance pass's kept rows (empirical labels), that pass untimed.
 import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
 import { CovarianceAccumulator } from '../../src/server/attribution/ekfac/covariance';
 import type { Eigenbasis } from '../../src/server/attribution/ekfac/eigenbasis';
 import { LambdaAccumulator } from '../../src/server/attribution/ekfac/lambda';
+import type { TokenRows } from '../../src/server/attribution/ekfac/lambda-rows';
 import type { Preconditioner } from '../../src/server/attribution/ekfac/precondition';
 import { fitCovariances, fitLambdas, type TokenizedExample } from '../../src/server/attribution/fit';
 import { queryBatchGradients, scoreCandidates } from '../../src/server/attribution/influence';
@@ -19,7 +21,7 @@ import { CliError, int, parse } from '../../src/server/cli/util';
 import { CompiledGraph, defaultCacheDir, Model } from '../../src/server/model/engine';
 import { Rng } from '../../src/server/util/random';
 
-const PHASES = ['cov', 'lambda', 'qgrad', 'score', 'score-back'] as const;
+const PHASES = ['cov', 'lambda', 'lambda-rows', 'qgrad', 'score', 'score-back'] as const;
 
 export async function benchProfile(argv: string[]): Promise<void> {
   const { values: v } = parse(argv, {
@@ -107,9 +109,18 @@ export async function benchProfile(argv: string[]): Promise<void> {
     );
   }
   const bases = new Map<string, Eigenbasis>(pre);
+  let kept: TokenRows | undefined;
+  // untimed work a pass needs before each run
+  const prepare: Partial<Record<(typeof PHASES)[number], () => Promise<unknown>>> = {
+    'lambda-rows': async () => {
+      kept = (await fitCovariances(model, train, opts, { rows: true })).rows;
+      if (!kept) throw new CliError('the rows were not kept (INFLUENCE_LENS_FIT_ROWS_MB?)');
+    },
+  };
   const passes: Record<(typeof PHASES)[number], () => Promise<unknown>> = {
     cov: () => fitCovariances(model, train, opts),
     lambda: () => fitLambdas(model, train, bases, opts),
+    'lambda-rows': () => fitLambdas(model, train, bases, opts, kept),
     qgrad: () => queryBatchGradients(model, queries, { modules: 'all' }),
     score: () => scoreCandidates(model, rows, train, { modules: 'all', batchSize: 8, eigenbasis: pre }),
     'score-back': () => scoreCandidates(model, rows, train, { modules: 'all', batchSize: 8 }),
@@ -117,19 +128,27 @@ export async function benchProfile(argv: string[]): Promise<void> {
   const say = (line: string) => process.stdout.write(`${line}\n`);
   say(`bench profile: ${model.describe()}; ${nTrain} × ${length} tokens, ${nQ} queries × ${qLen}; ${repeats} repeats`);
   for (const p of phases as Array<(typeof PHASES)[number]>) {
+    await prepare[p]?.();
     await passes[p](); // compile and warm up
     times.clear();
-    const c0 = process.cpuUsage();
+    let c0 = process.cpuUsage();
+    let cpu = 0;
     const walls: number[] = [];
     for (let r = 0; r < repeats; r++) {
+      if (prepare[p]) {
+        cpu += cpuSince(c0);
+        await prepare[p]!();
+        times.clear();
+        c0 = process.cpuUsage();
+      }
       const t = performance.now();
       await passes[p]();
       walls.push((performance.now() - t) / 1000);
     }
-    const c = process.cpuUsage(c0);
+    cpu += cpuSince(c0);
     const parts = [...times].map(([k, s]) => `${k} ${(s / repeats).toFixed(2)} s`).join(', ');
     say(
-      `  ${p}: wall ${walls.map((w) => w.toFixed(2)).join(', ')} s; per pass: CPU ${((c.user + c.system) / 1e6 / repeats).toFixed(2)} s, ${parts}`,
+      `  ${p}: wall ${walls.map((w) => w.toFixed(2)).join(', ')} s; per pass: CPU ${(cpu / repeats).toFixed(2)} s, ${parts}`,
     );
   }
   if (prefix) {
@@ -139,6 +158,11 @@ export async function benchProfile(argv: string[]): Promise<void> {
     for (const f of readdirSync(dir).filter((x) => x.startsWith(`${base}_`) && x.endsWith('.json')))
       say(summarize(join(dir, f)));
   }
+}
+
+function cpuSince(c0: NodeJS.CpuUsage): number {
+  const c = process.cpuUsage(c0);
+  return (c.user + c.system) / 1e6;
 }
 
 interface TraceEvent {

@@ -185,16 +185,23 @@ export async function benchShape(argv: string[]): Promise<void> {
     );
   let t = performance.now();
   // held only until the eigendecomposition (as the fit job does): at 135M they are 2.4 GB
-  let covariances: Awaited<ReturnType<typeof fitCovariances>>['covariances'] | null = (
-    await fitCovariances(model, trainEx, opts)
-  ).covariances;
+  // with the per-token rows kept for the Λ pass when they fit, as the fit job does (lambda-rows.ts)
+  const pass1: Partial<Awaited<ReturnType<typeof fitCovariances>>> | null = await fitCovariances(model, trainEx, opts, {
+    rows: true,
+  });
+  let covariances = pass1.covariances ?? null;
+  let rows = pass1.rows;
+  const rowsMb = rows ? rows.bytes / 2 ** 20 : null;
   const covarianceSeconds = sec(t);
   t = performance.now();
-  const bases = await fitEigenbases(covariances, { precision: model.precision, eigendecompositionDtype });
+  pass1.covariances = undefined;
+  pass1.rows = undefined;
+  const bases = await fitEigenbases(covariances!, { precision: model.precision, eigendecompositionDtype });
   covariances = null;
   const eigenSeconds = sec(t);
   t = performance.now();
-  const lambdas = await fitLambdas(model, trainEx, bases, opts);
+  const lambdas = await fitLambdas(model, trainEx, bases, opts, rows);
+  rows = undefined;
   const lambdaSeconds = sec(t);
   const fitSeconds = covarianceSeconds + eigenSeconds + lambdaSeconds;
   const pre = preconditioners(bases, lambdas);
@@ -224,6 +231,8 @@ export async function benchShape(argv: string[]): Promise<void> {
     covariance_seconds: covarianceSeconds,
     eigendecomposition_seconds: eigenSeconds,
     lambda_seconds: lambdaSeconds,
+    /** MiB of the covariance pass's per-token rows the Λ pass reused (null: Λ ran its own pass over the data) */
+    lambda_rows_mb: rowsMb,
     fit_tokens_per_second: tokens / fitSeconds,
     warmup_seconds: warmupSeconds,
     query_gradient_seconds: queryGradSeconds,
@@ -242,7 +251,7 @@ export async function benchShape(argv: string[]): Promise<void> {
     scores: scored.scores.map((r) => Array.from(r)),
   };
   say(
-    `  influence-lens: fit ${fitSeconds.toFixed(1)} s (${ours.fit_tokens_per_second.toFixed(1)} tokens/s; covariance ${covarianceSeconds.toFixed(1)} s, eigendecomposition ${eigenSeconds.toFixed(1)} s, Λ ${lambdaSeconds.toFixed(1)} s)`,
+    `  influence-lens: fit ${fitSeconds.toFixed(1)} s (${ours.fit_tokens_per_second.toFixed(1)} tokens/s; covariance ${covarianceSeconds.toFixed(1)} s, eigendecomposition ${eigenSeconds.toFixed(1)} s, Λ ${lambdaSeconds.toFixed(1)} s${rowsMb === null ? '' : ` from ${Math.round(rowsMb)} MiB of kept rows`})`,
   );
   say(
     `                  score ${nQueries}×${nTrain} in ${scoreSeconds.toFixed(1)} s (query gradients ${queryGradSeconds.toFixed(1)} s, preconditioning ${preconditionSeconds.toFixed(1)} s${eigen ? ', scored in the eigenbasis' : ''}) → ${ours.candidates_per_second.toFixed(2)} candidates/s; peak RSS ${Math.round(ours.peak_rss_mb)} MB`,

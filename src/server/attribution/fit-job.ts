@@ -39,6 +39,7 @@ import {
   saveFactors,
 } from './ekfac/factors-io';
 import { LambdaAccumulator } from './ekfac/lambda';
+import type { TokenRows } from './ekfac/lambda-rows';
 import { type Damping, DEFAULT_DAMPING } from './ekfac/precondition';
 import { dataFingerprint, modelFingerprint } from './fingerprint';
 import { type FitOptions, fitCovariances, fitEigenbases, fitLambdas, moduleShape } from './fit';
@@ -339,17 +340,21 @@ async function fitJob(o: FitJobOptions, n: number, i: number): Promise<FitJobRes
   let carried: Map<string, CovarianceAccumulator> | undefined;
   let carriedBases: Map<string, Eigenbasis> | undefined;
   let carriedLambdas: Map<string, LambdaAccumulator> | undefined;
+  let carriedRows: TokenRows | undefined;
 
   // 1. covariance sums of this partition
   if (!existsSync(join(covDir(i), OUR_ARGUMENTS_FILE))) {
     // a partition takes every n-th example from its index (fit.ts, select)
     const over = n > 1 ? `${Math.ceil((examples.length - i) / n)} of ${examples.length}` : `${examples.length}`;
     log(`covariance pass${n > 1 ? ` (partition ${i}/${n})` : ''} over ${over} examples`);
-    const { covariances } = await fitCovariances(model, examples, fitOpts);
+    // one process doing the whole fit keeps the per-token rows for the Λ pass when labels are
+    // empirical and they fit in memory (ekfac/lambda-rows.ts); a resumed fit recomputes them
+    const { covariances, rows } = await fitCovariances(model, examples, fitOpts, { rows: n === 1 });
     o.signal?.throwIfAborted();
     saveCovariances(covDir(i), { args: args(), fingerprint }, covariances);
     // one partition's sums are the merged ones
     if (n === 1) carried = covariances;
+    carriedRows = rows;
   }
   // 2. all partitions' covariances merged and eigendecomposed (any process may do it; it is
   //    deterministic), and read, under the shared lock (a last partition's final write removes them)
@@ -405,7 +410,12 @@ async function fitJob(o: FitJobOptions, n: number, i: number): Promise<FitJobRes
   // 3. eigenvalue-correction sums of this partition
   if (!existsSync(join(lamDir(i), OUR_ARGUMENTS_FILE))) {
     log(`eigenvalue-correction pass${n > 1 ? ` (partition ${i}/${n})` : ''}`);
-    const lambdas = await fitLambdas(model, examples, bases, fitOpts);
+    if (carriedRows)
+      log(
+        `eigenvalue correction from the covariance pass's per-token rows (${Math.round(carriedRows.bytes / 2 ** 20)} MiB kept; empirical labels)`,
+      );
+    const lambdas = await fitLambdas(model, examples, bases, fitOpts, carriedRows);
+    carriedRows = undefined;
     o.signal?.throwIfAborted();
     saveLambdas(lamDir(i), { args: args(), fingerprint }, lambdas);
     if (n === 1) carriedLambdas = lambdas;

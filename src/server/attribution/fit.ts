@@ -2,7 +2,8 @@
 //   pass 1: covariance sums Σ ã ãᵀ and Σ g gᵀ per tracked module (computed inside the graph);
 //   eigendecompositions of A and S in fp64, or float32 when asked (eigenvectors then held in the
 //   model's precision);
-//   pass 2: eigenvalue correction Λ = mean_z (Q_Sᵀ G(z) Q_A)² (rotated inside the graph).
+//   pass 2: eigenvalue correction Λ = mean_z (Q_Sᵀ G(z) Q_A)² (rotated inside the graph); with
+//   empirical labels, from pass 1's per-token rows when they fit in memory (ekfac/lambda-rows.ts).
 // Labels are sampled from the model (true Fisher) unless `labels: 'empirical'`. Every pass
 // can run on one partition of the data; partial sums add up (covariance.ts, lambda.ts).
 
@@ -15,11 +16,12 @@ import type { ort } from '../model/onnx/session';
 import { DEFAULTS } from '../settings';
 import { collectGarbage, collectWhenPiledUp, noteDroppedSoon } from '../util/gc';
 import { Rng } from '../util/random';
-import { memoryBoundedBatches, runShape, sequenceLimitBytes } from './chunking';
+import { memoryBoundedBatches, runBudgetBytes, runShape, sequenceLimitBytes } from './chunking';
 import { CovarianceAccumulator } from './ekfac/covariance';
 import { assembleEigenbasis, type Decomposition, decomposeCovariance, type Eigenbasis } from './ekfac/eigenbasis';
 import type { ModuleShape } from './ekfac/gradient';
 import { LambdaAccumulator } from './ekfac/lambda';
+import { lambdaFromRows, RowCollector, type RowModule, rowsBudgetBytes, type TokenRows } from './ekfac/lambda-rows';
 
 export interface TokenizedExample {
   ids: number[];
@@ -72,7 +74,24 @@ export async function fitCovariances(
   model: Model,
   examples: TokenizedExample[],
   opts: FitOptions,
-): Promise<{ modules: ModuleInfo[]; covariances: Map<string, CovarianceAccumulator> }> {
+  keep: { rows?: boolean } = {},
+): Promise<{ modules: ModuleInfo[]; covariances: Map<string, CovarianceAccumulator>; rows?: TokenRows }> {
+  return perTokenPass(model, examples, opts, { sums: true, rows: !!keep.rows, stage: 'covariance' });
+}
+
+/**
+ * The covariance pass's runs: the graph returns every tracked module's per-token rows, added into
+ * the covariance sums (`sums`) and, with empirical labels when they fit the rows budget, kept for
+ * the eigenvalue correction (`rows`). The Λ pass runs it again for the rows alone when they were
+ * not kept (a resumed fit): the same graph over the same batches gives the same rows, bit for bit,
+ * so a fit's factors do not depend on whether it was interrupted.
+ */
+async function perTokenPass(
+  model: Model,
+  examples: TokenizedExample[],
+  opts: FitOptions,
+  want: { sums: boolean; rows: boolean; stage: 'covariance' | 'lambda' },
+): Promise<{ modules: ModuleInfo[]; covariances: Map<string, CovarianceAccumulator>; rows?: TokenRows }> {
   const graph = await model.compile({ labels: labelsOf(opts), perToken: true, modules: opts.modules });
   const modules = graph.moduleInfo;
   const precision = graph.fp64 ? 'fp64' : 'fp32';
@@ -80,6 +99,7 @@ export async function fitCovariances(
   const leaders = new Map<string, CovarianceAccumulator>();
   const covariances = new Map<string, CovarianceAccumulator>();
   const activationFrom: Array<{ module: string; acc: CovarianceAccumulator }> = [];
+  const rowModules: RowModule[] = [];
   for (const m of graph.modules) {
     const key = `${m.input.name}:${m.hasBias}`;
     const leader = leaders.get(key);
@@ -89,6 +109,8 @@ export async function fitCovariances(
       activationFrom.push({ module: m.name, acc });
     }
     covariances.set(m.name, acc);
+    const lead = leader ? activationFrom.find((x) => x.acc === leader)!.module : m.name;
+    rowModules.push({ name: m.name, leader: lead, dIn: m.dIn, dOut: m.dOut, hasBias: m.hasBias });
   }
   const outputs = [...activationFrom.map((x) => `a.${x.module}`), ...modules.map((m) => `g.${m.name}`)];
   const rng = new Rng(opts.seed);
@@ -98,8 +120,27 @@ export async function fitCovariances(
     model.tokenizer.padTokenId ?? 0,
     runShape(modules, model.config, false, graph.fp64),
   );
+  // With empirical labels the Λ pass would compute these same rows again: keep them for it when
+  // they fit the budget (ekfac/lambda-rows.ts).
+  let rows =
+    want.rows && opts.labels === 'empirical'
+      ? new RowCollector(
+          rowModules,
+          graph.fp64,
+          bs.map(({ batch }) => ({ B: batch.B, T: batch.T })),
+        )
+      : undefined;
+  if (rows && rows.rows.bytes > rowsBudgetBytes()) rows = undefined;
+  if (!want.sums && !rows) return { modules, covariances };
   // a function of its own, so that no variable of the loop keeps a run's rows alive under the next run (RunResult)
   const add = (out: RunResult, batch: Batch) => {
+    rows?.add(
+      batch.B,
+      batch.T,
+      (leader) => data(out[`a.${leader}`]),
+      (module) => data(out[`g.${module}`]),
+    );
+    if (!want.sums) return;
     // only attended tokens count (right padding: each sequence's first `length` rows), as
     // kronfluence masks with the attention mask
     const real = realRows(batch);
@@ -115,9 +156,9 @@ export async function fitCovariances(
   for (const [i, { batch }] of bs.entries()) {
     opts.signal?.throwIfAborted();
     add(await graph.run(batch, { uniforms: uniformsFor(opts, rng, batch), outputs }), batch);
-    opts.onProgress?.('covariance', i + 1, bs.length);
+    opts.onProgress?.(want.stage, i + 1, bs.length);
   }
-  return { modules, covariances };
+  return { modules, covariances, rows: rows?.finish() };
 }
 
 /** The rows of a right-padded batch that are real tokens, packed (no copy when nothing is padded). */
@@ -236,13 +277,23 @@ function digest(a: Floats): string {
 /** Garbage the eigendecompositions may leave before one collection (see fitEigenbases). */
 const EIGEN_GARBAGE_BYTES = 256 * 2 ** 20;
 
-/** Pass 2: eigenvalue correction sums. */
+/**
+ * Pass 2: eigenvalue correction sums. With empirical labels (the same gradients as pass 1) and
+ * rows within the budget, from pass 1's `rows` (consumed) or, without them, the same rows computed
+ * again; otherwise the Λ graph's own pass over the data.
+ */
 export async function fitLambdas(
   model: Model,
   examples: TokenizedExample[],
   bases: Map<string, Eigenbasis>,
   opts: FitOptions,
+  rows?: TokenRows,
 ): Promise<Map<string, LambdaAccumulator>> {
+  // with empirical labels within the rows budget, Λ always comes from the rows: the kept ones, or
+  // the same rows again (a resumed fit), so that both give the same factors
+  if (!rows && opts.labels === 'empirical')
+    rows = (await perTokenPass(model, examples, opts, { sums: false, rows: true, stage: 'lambda' })).rows;
+  if (rows) return lambdasFromRows(model, examples, bases, opts, rows);
   const graph = await model.compile({ labels: labelsOf(opts), lambda: true, modules: opts.modules });
   const feeds: Record<string, ort.Tensor> = {};
   const lambdas = new Map<string, LambdaAccumulator>();
@@ -272,11 +323,45 @@ export async function fitLambdas(
   return lambdas;
 }
 
+async function lambdasFromRows(
+  model: Model,
+  examples: TokenizedExample[],
+  bases: Map<string, Eigenbasis>,
+  opts: FitOptions,
+  rows: TokenRows,
+): Promise<Map<string, LambdaAccumulator>> {
+  // rows are the covariance pass's gradients: only the same labels over the same examples make them Λ's
+  if (opts.labels !== 'empirical')
+    throw new Error('kept rows serve the eigenvalue correction only with empirical labels');
+  const count = select(examples, opts.partition).length;
+  if (rows.examples !== count)
+    throw new Error(`the kept rows cover ${rows.examples} examples, the eigenvalue correction ${count}`);
+  const lambdas = new Map<string, LambdaAccumulator>();
+  for (const m of rows.modules) {
+    const b = bases.get(m.name);
+    if (!b) throw new Error(`no eigenbasis for module ${m.name}: fit covariances over the same modules`);
+    lambdas.set(m.name, new LambdaAccumulator(b));
+  }
+  await lambdaFromRows(
+    rows,
+    { qA: (name) => bases.get(name)!.qA, qS: (name) => bases.get(name)!.qS },
+    {
+      threads: model.options.threads,
+      device: model.options.device,
+      budgetBytes: runBudgetBytes(),
+      signal: opts.signal,
+      add: (module, sum, sequences) => lambdas.get(module)!.addSum(sum, sequences),
+      onRun: (done, total) => opts.onProgress?.('lambda', done, total),
+    },
+  );
+  return lambdas;
+}
+
 export async function fitFactors(model: Model, examples: TokenizedExample[], opts: FitOptions): Promise<FittedFactors> {
-  const { modules, covariances } = await fitCovariances(model, examples, opts);
+  const { modules, covariances, rows } = await fitCovariances(model, examples, opts, { rows: true });
   // a copy: the covariances are returned with the bases
   const bases = await fitEigenbases(new Map(covariances), { ...opts, precision: model.precision });
-  const lambdas = await fitLambdas(model, examples, bases, opts);
+  const lambdas = await fitLambdas(model, examples, bases, opts, rows);
   return { modules, covariances, bases, lambdas };
 }
 
