@@ -1,6 +1,7 @@
 #!/usr/bin/env node
-// influence-lens: the command line. One subcommand per job; each lives in cli/<name>.ts.
 import { runBudgetBytes, sequenceLimitBytes } from './attribution/chunking';
+// influence-lens: the command line. One subcommand per job; each lives in cli/<name>.ts.
+import { rowsBudgetBytes } from './attribution/ekfac/lambda-rows';
 import { runData } from './cli/data';
 import { runDemo } from './cli/demo';
 import { runExplain } from './cli/explain';
@@ -129,6 +130,7 @@ function checkEnvSettings(): void {
   lapackAllowed();
   arenaPolicy();
   mallocMode();
+  rowsBudgetBytes();
 }
 
 async function main(argv: string[]): Promise<number> {
