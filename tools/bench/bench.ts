@@ -12,6 +12,7 @@ import { defaultCacheDir, Model, makeBatch } from '../../src/server/model/engine
 import { type TensorToWrite, writeSafetensors } from '../../src/server/model/safetensors';
 import { Rng } from '../../src/server/util/random';
 import { benchAll } from './bench-all';
+import { benchBlas } from './bench-blas';
 import { benchCorpus } from './bench-corpus';
 import { benchEkfac } from './bench-ekfac';
 import { benchEval } from './bench-eval';
@@ -32,8 +33,9 @@ export async function runBench(argv: string[]): Promise<void> {
   if (suite === 'store') return benchStore(rest);
   if (suite === 'corpus') return benchCorpus(rest);
   if (suite === 'profile') return benchProfile(rest);
+  if (suite === 'blas') return benchBlas(rest);
   throw new CliError(
-    `usage: npm run bench -- [--quick] (all suites, one report) | npm run bench -- engine|ekfac|server|eval|store [--quick] | npm run bench -- corpus [--examples N] | npm run bench -- profile [--phase cov,lambda,qgrad,score] [--ort-profile <prefix>] (unknown suite "${suite}")`,
+    `usage: npm run bench -- [--quick] (all suites, one report) | npm run bench -- engine|ekfac|server|eval|store [--quick] | npm run bench -- corpus [--examples N] | npm run bench -- profile [--phase cov,lambda,lambda-rows,qgrad,score,score-back] [--ort-profile <prefix>] | npm run bench -- blas [--layers N] (unknown suite "${suite}")`,
   );
 }
 

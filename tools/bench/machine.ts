@@ -1,7 +1,9 @@
 // What every benchmark report says about where it ran.
+
 import { execFileSync } from 'node:child_process';
 import { cpus, hostname } from 'node:os';
 import { packageRoot } from '../../src/server/defaults';
+import { nativeLapack } from '../../src/server/linalg/native';
 
 /** The checked-out commit, when this is a git checkout. */
 export function gitHead(): string | undefined {
@@ -24,5 +26,7 @@ export function reportHeader(suite: string) {
     cpus: cpus().length,
     node: process.version,
     commit: gitHead(),
+    /** the kernels OpenBLAS runs here (LAPACK and BLAS outside ONNX Runtime), null without OpenBLAS */
+    openblas_core: nativeLapack()?.core ?? null,
   };
 }

@@ -4,6 +4,7 @@
 // Fortran calling convention: every argument by pointer, column-major matrices, and
 // (gfortran) one hidden size_t length per character argument appended at the end.
 // Passing those lengths is harmless for libraries that do not expect them.
+import { readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { switchEnv } from '../util/env';
 
@@ -66,6 +67,8 @@ type SgemmFn = (
 export interface NativeLapack {
   /** the library file that was opened */
   library: string;
+  /** OpenBLAS's kernel set for this CPU (openblas_get_corename), absent for other libraries */
+  core?: string;
   dsyevd: DsyevdFn;
   /** the same call on libuv's thread pool (koffi's async calls): the JS thread stays free */
   dsyevdAsync: (...args: [...Parameters<DsyevdFn>, (err: unknown) => void]) => void;
@@ -114,8 +117,40 @@ export function nativeLoadErrors(): string[] {
   return loadErrors.slice();
 }
 
+/**
+ * The OPENBLAS_CORETYPE to ask for on this CPU, or undefined to leave OpenBLAS's own choice.
+ * OpenBLAS before 0.3.22 (Debian 12 ships 0.3.21) does not know AMD's AVX-512 cores (Zen 4, Zen 5)
+ * and runs them on its AVX2 kernels: on the 2-core Zen 5 development VM its sgemm ran at 185–190
+ * GFLOP/s with them and 370–377 with its SkylakeX (AVX-512) kernels, which later versions pick for
+ * these cores. Asked for only on an AMD CPU whose flags list every AVX-512 subset those kernels
+ * use (Linux lists them only when the kernel saves the AVX-512 state), and never over the user's own
+ * OPENBLAS_CORETYPE.
+ */
+export function openblasCoreFor(cpuinfo: string, env: NodeJS.ProcessEnv): string | undefined {
+  if (env.OPENBLAS_CORETYPE !== undefined) return undefined;
+  const vendor = /^vendor_id\s*:\s*(\S+)/m.exec(cpuinfo)?.[1];
+  if (vendor !== 'AuthenticAMD') return undefined;
+  const flags = new Set((/^flags\s*:(.*)$/m.exec(cpuinfo)?.[1] ?? '').trim().split(/\s+/));
+  const needed = ['avx512f', 'avx512cd', 'avx512bw', 'avx512dq', 'avx512vl'];
+  return needed.every((f) => flags.has(f)) ? 'SkylakeX' : undefined;
+}
+
+function chooseOpenblasCore(): void {
+  if (process.platform !== 'linux' || process.arch !== 'x64') return;
+  let cpuinfo: string;
+  try {
+    cpuinfo = readFileSync('/proc/cpuinfo', 'utf8');
+  } catch {
+    return;
+  }
+  const core = openblasCoreFor(cpuinfo, process.env);
+  // read by OpenBLAS when the library loads (below), from this process's environment
+  if (core) process.env.OPENBLAS_CORETYPE = core;
+}
+
 function load(): NativeLapack | null {
   loadErrors = [];
+  chooseOpenblasCore();
   // koffi is an optional native dependency: require it lazily so a missing prebuilt
   // binary only disables the fast path.
   let koffi: typeof import('koffi');
@@ -169,6 +204,12 @@ function load(): NativeLapack | null {
       } catch {
         sgemm = undefined;
       }
+      let core: string | undefined;
+      try {
+        core = (lib.func('const char *openblas_get_corename()') as () => string)();
+      } catch {
+        core = undefined;
+      }
       let threads: NativeLapack['threads'];
       try {
         const get = lib.func('int openblas_get_num_threads()') as () => number;
@@ -182,7 +223,7 @@ function load(): NativeLapack | null {
       const ssyevdAsync: NativeLapack['ssyevdAsync'] = ssyevd
         ? (...args) => (ssyevd as unknown as { async: NonNullable<NativeLapack['ssyevdAsync']> }).async(...args)
         : undefined;
-      return { library: name, dsyevd, dsyevdAsync, ssyevd, ssyevdAsync, dgemm, sgemm, threads };
+      return { library: name, core, dsyevd, dsyevdAsync, ssyevd, ssyevdAsync, dgemm, sgemm, threads };
     } catch (e) {
       loadErrors.push(`${name}: no dsyevd_ (${(e as Error).message.split('\n')[0]})`);
     }
