@@ -60,10 +60,7 @@ for (const arch of ['llama', 'gpt2', 'gpt_neox']) {
           const model = Model.open(dir, { precision });
           const { covariances, rows } = await fitCovariances(model, examples, opts, { rows: true });
           assert.ok(rows, 'rows kept for empirical labels within the budget');
-          assert.deepEqual(
-            [...rows.covered].sort((x, y) => x - y),
-            [...examples.keys()],
-          );
+          assert.equal(rows.examples, examples.length);
           assert.deepEqual(
             rows.blocks.map((b) => [b!.B, b!.T]),
             [
@@ -161,30 +158,6 @@ test('rows are not kept for sampled labels, over the budget, or when turned off'
   );
 });
 
-test('over the budget: the rows of the first runs are kept, the Λ graph takes the rest; the same split when computed again', async () => {
-  const model = Model.open('test/fixtures/models/gpt_neox', { precision: 'fp64' });
-  // the budget of the first block's rows: the first batch (lengths 2–5) only
-  const all = (await fitCovariances(model, examples, opts, { rows: true })).rows!;
-  const first = all.blocks[0]!;
-  const mb = String((all.bytes * (first.B * first.T)) / all.blocks.reduce((s, b) => s + b!.B * b!.T, 0) / 2 ** 20);
-  await withEnv({ INFLUENCE_LENS_FIT_ROWS_MB: mb }, async () => {
-    const { covariances, rows } = await fitCovariances(model, examples, opts, { rows: true });
-    assert.ok(rows);
-    assert.equal(rows.blocks.length, 1);
-    // the shortest three examples (lengths 2, 3, 5)
-    assert.deepEqual([...rows.covered].sort(), [0, 2, 6]);
-    const bases = await fitEigenbases(new Map(covariances), { precision: model.precision });
-    const split = await fitLambdas(model, examples, bases, opts, rows);
-    const again = await fitLambdas(model, examples, bases, opts);
-    const graph = await withEnv({ INFLUENCE_LENS_FIT_ROWS_MB: '0' }, () => fitLambdas(model, examples, bases, opts));
-    for (const [name, want] of graph) {
-      assert.equal(split.get(name)!.count, examples.length, name);
-      assert.ok(relErr(split.get(name)!.sum, want.sum) < 1e-12, name);
-      assert.deepEqual(again.get(name)!.sum, split.get(name)!.sum, `${name}: computed again`);
-    }
-  });
-});
-
 test('kept rows serve only the same examples with empirical labels', async () => {
   const model = Model.open('test/fixtures/models/gpt2');
   const { covariances, rows } = await fitCovariances(model, examples, opts, { rows: true });
@@ -194,10 +167,7 @@ test('kept rows serve only the same examples with empirical labels', async () =>
     fitLambdas(model, examples, bases, { ...opts, labels: 'sampled' }, rows),
     /only with empirical labels/,
   );
-  await assert.rejects(
-    fitLambdas(model, examples.slice(1), bases, opts, rows),
-    /kept rows name examples outside the 7 of this eigenvalue correction/,
-  );
+  await assert.rejects(fitLambdas(model, examples.slice(1), bases, opts, rows), /cover 8 examples.*7/);
 });
 
 test('q/k/v and gate/up rotate their shared rows once; modules with other rows or bases do not share', async () => {

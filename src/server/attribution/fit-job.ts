@@ -412,7 +412,7 @@ async function fitJob(o: FitJobOptions, n: number, i: number): Promise<FitJobRes
     log(`eigenvalue-correction pass${n > 1 ? ` (partition ${i}/${n})` : ''}`);
     if (carriedRows)
       log(
-        `eigenvalue correction from the covariance pass's per-token rows of ${carriedRows.covered.length} examples (${Math.round(carriedRows.bytes / 2 ** 20)} MiB kept; empirical labels)`,
+        `eigenvalue correction from the covariance pass's per-token rows (${Math.round(carriedRows.bytes / 2 ** 20)} MiB kept; empirical labels)`,
       );
     const lambdas = await fitLambdas(model, examples, bases, fitOpts, carriedRows);
     carriedRows = undefined;

@@ -21,14 +21,7 @@ import { CovarianceAccumulator } from './ekfac/covariance';
 import { assembleEigenbasis, type Decomposition, decomposeCovariance, type Eigenbasis } from './ekfac/eigenbasis';
 import type { ModuleShape } from './ekfac/gradient';
 import { LambdaAccumulator } from './ekfac/lambda';
-import {
-  keptRuns,
-  lambdaFromRows,
-  RowCollector,
-  type RowModule,
-  rowsBudgetBytes,
-  type TokenRows,
-} from './ekfac/lambda-rows';
+import { lambdaFromRows, RowCollector, type RowModule, rowsBudgetBytes, type TokenRows } from './ekfac/lambda-rows';
 
 export interface TokenizedExample {
   ids: number[];
@@ -127,29 +120,26 @@ async function perTokenPass(
     model.tokenizer.padTokenId ?? 0,
     runShape(modules, model.config, false, graph.fp64),
   );
-  // With empirical labels the Λ pass would compute these same rows again: keep them for it, those
-  // of as many runs from the first as fit the budget (ekfac/lambda-rows.ts); the Λ graph takes the rest.
-  const shapes = bs.map(({ batch }) => ({ B: batch.B, T: batch.T }));
-  const kept =
-    want.rows && opts.labels === 'empirical' ? keptRuns(rowModules, graph.fp64, shapes, rowsBudgetBytes()) : 0;
-  const rows = kept
-    ? new RowCollector(
-        rowModules,
-        graph.fp64,
-        shapes.slice(0, kept),
-        bs.slice(0, kept).flatMap((b) => b.idx),
-      )
-    : undefined;
+  // With empirical labels the Λ pass would compute these same rows again: keep them for it when
+  // they fit the budget (ekfac/lambda-rows.ts).
+  let rows =
+    want.rows && opts.labels === 'empirical'
+      ? new RowCollector(
+          rowModules,
+          graph.fp64,
+          bs.map(({ batch }) => ({ B: batch.B, T: batch.T })),
+        )
+      : undefined;
+  if (rows && rows.rows.bytes > rowsBudgetBytes()) rows = undefined;
   if (!want.sums && !rows) return { modules, covariances };
   // a function of its own, so that no variable of the loop keeps a run's rows alive under the next run (RunResult)
-  const add = (out: RunResult, batch: Batch, run: number) => {
-    if (run < kept)
-      rows?.add(
-        batch.B,
-        batch.T,
-        (leader) => data(out[`a.${leader}`]),
-        (module) => data(out[`g.${module}`]),
-      );
+  const add = (out: RunResult, batch: Batch) => {
+    rows?.add(
+      batch.B,
+      batch.T,
+      (leader) => data(out[`a.${leader}`]),
+      (module) => data(out[`g.${module}`]),
+    );
     if (!want.sums) return;
     // only attended tokens count (right padding: each sequence's first `length` rows), as
     // kronfluence masks with the attention mask
@@ -163,12 +153,10 @@ async function perTokenPass(
       acc.addGradientRows(real.rows(data(out[`g.${m.name}`]), m.dOut), real.count).endBatch();
     }
   };
-  // for the rows alone, only the runs whose rows are kept
-  const runs = want.sums ? bs.length : kept;
-  for (const [i, { batch }] of bs.slice(0, runs).entries()) {
+  for (const [i, { batch }] of bs.entries()) {
     opts.signal?.throwIfAborted();
-    add(await graph.run(batch, { uniforms: uniformsFor(opts, rng, batch), outputs }), batch, i);
-    opts.onProgress?.(want.stage, i + 1, runs);
+    add(await graph.run(batch, { uniforms: uniformsFor(opts, rng, batch), outputs }), batch);
+    opts.onProgress?.(want.stage, i + 1, bs.length);
   }
   return { modules, covariances, rows: rows?.finish() };
 }
@@ -290,10 +278,9 @@ function digest(a: Floats): string {
 const EIGEN_GARBAGE_BYTES = 256 * 2 ** 20;
 
 /**
- * Pass 2: eigenvalue correction sums. With empirical labels (the same gradients as pass 1), the
- * examples whose rows pass 1 kept (`rows`, consumed; all of them within the budget) are taken from
- * their rows, or, without them (a resumed fit), from the same rows computed again; the others, and
- * every example with sampled labels, by the Λ graph's own pass over the data.
+ * Pass 2: eigenvalue correction sums. With empirical labels (the same gradients as pass 1) and
+ * rows within the budget, from pass 1's `rows` (consumed) or, without them, the same rows computed
+ * again; otherwise the Λ graph's own pass over the data.
  */
 export async function fitLambdas(
   model: Model,
@@ -302,48 +289,25 @@ export async function fitLambdas(
   opts: FitOptions,
   rows?: TokenRows,
 ): Promise<Map<string, LambdaAccumulator>> {
-  const seqs = select(examples, opts.partition);
-  // the same rows whether kept or computed again, so that both give the same factors
+  // with empirical labels within the rows budget, Λ always comes from the rows: the kept ones, or
+  // the same rows again (a resumed fit), so that both give the same factors
   if (!rows && opts.labels === 'empirical')
     rows = (await perTokenPass(model, examples, opts, { sums: false, rows: true, stage: 'lambda' })).rows;
-  if (!rows) return lambdaGraphPass(model, seqs, bases, opts);
-  // rows are the covariance pass's gradients: only the same labels over the same examples make them Λ's
-  if (opts.labels !== 'empirical')
-    throw new Error('kept rows serve the eigenvalue correction only with empirical labels');
-  const covered = new Set(rows.covered);
-  if (
-    covered.size !== rows.covered.length ||
-    rows.covered.some((k) => !(Number.isInteger(k) && k >= 0 && k < seqs.length))
-  )
-    throw new Error(`the kept rows name examples outside the ${seqs.length} of this eigenvalue correction`);
-  const lambdas = await lambdasFromRows(model, bases, opts, rows);
-  const rest = seqs.filter((_, k) => !covered.has(k));
-  return rest.length ? lambdaGraphPass(model, rest, bases, opts, lambdas) : lambdas;
-}
-
-/** The Λ graph's pass over `seqs`: a forward and backward per sequence, rotated and squared inside the graph. */
-async function lambdaGraphPass(
-  model: Model,
-  seqs: TokenizedExample[],
-  bases: Map<string, Eigenbasis>,
-  opts: FitOptions,
-  into?: Map<string, LambdaAccumulator>,
-): Promise<Map<string, LambdaAccumulator>> {
+  if (rows) return lambdasFromRows(model, examples, bases, opts, rows);
   const graph = await model.compile({ labels: labelsOf(opts), lambda: true, modules: opts.modules });
   const feeds: Record<string, ort.Tensor> = {};
-  const lambdas = into ?? new Map<string, LambdaAccumulator>();
+  const lambdas = new Map<string, LambdaAccumulator>();
   for (const m of graph.moduleInfo) {
     const b = bases.get(m.name);
     if (!b) throw new Error(`no eigenbasis for module ${m.name}: fit covariances over the same modules`);
     feeds[`QA.${m.name}`] = graph.tensor(b.qA, [b.dA, b.dA]);
     feeds[`QS.${m.name}`] = graph.tensor(b.qS, [b.dOut, b.dOut]);
-    if (!into) lambdas.set(m.name, new LambdaAccumulator(b));
-    else if (!lambdas.has(m.name)) throw new Error(`module ${m.name} has no eigenvalue correction to add to`);
+    lambdas.set(m.name, new LambdaAccumulator(b));
   }
   // A different stream from pass 1, as kronfluence draws fresh labels for the correction.
   const rng = new Rng(opts.seed + 1);
   const bs = memoryBoundedBatches(
-    seqs,
+    select(examples, opts.partition),
     opts.batchSize ?? DEFAULTS.batchSize,
     model.tokenizer.padTokenId ?? 0,
     runShape(graph.moduleInfo, model.config, 'transient', graph.fp64),
@@ -362,10 +326,17 @@ async function lambdaGraphPass(
 
 async function lambdasFromRows(
   model: Model,
+  examples: TokenizedExample[],
   bases: Map<string, Eigenbasis>,
   opts: FitOptions,
   rows: TokenRows,
 ): Promise<Map<string, LambdaAccumulator>> {
+  // rows are the covariance pass's gradients: only the same labels over the same examples make them Λ's
+  if (opts.labels !== 'empirical')
+    throw new Error('kept rows serve the eigenvalue correction only with empirical labels');
+  const count = select(examples, opts.partition).length;
+  if (rows.examples !== count)
+    throw new Error(`the kept rows cover ${rows.examples} examples, the eigenvalue correction ${count}`);
   const lambdas = new Map<string, LambdaAccumulator>();
   for (const m of rows.modules) {
     const b = bases.get(m.name);

@@ -43,12 +43,8 @@ export interface RowBlock {
 export interface TokenRows {
   modules: RowModule[];
   fp64: boolean;
-  /**
-   * the examples whose rows these are: positions in the list the fit's batches were made from
-   * (one partition's examples). Within the budget, every one; over it, those of the longest prefix
-   * of the covariance runs that fits, and the Λ graph takes the others.
-   */
-  covered: number[];
+  /** examples covered (sequences), to check the Λ pass is over the same ones */
+  examples: number;
   /** emptied as the Λ pass consumes them, so their memory goes as it goes */
   blocks: Array<RowBlock | undefined>;
   /** bytes of the blocks (padding included) */
@@ -82,43 +78,23 @@ export function planBlocks(
   return { blocks: blocks.map(({ B, T }) => ({ B, T })), at };
 }
 
-/** Bytes the rows of `runs` take in their planned blocks (padding included). */
-export function plannedBytes(modules: RowModule[], fp64: boolean, runs: Array<{ B: number; T: number }>): number {
-  const tokens = planBlocks(runs).blocks.reduce((s, b) => s + b.B * b.T, 0);
-  return tokens * rowFloatsPerToken(modules) * (fp64 ? 8 : 4);
-}
-
-/**
- * How many of the covariance runs, from the first, have rows within `budget` bytes (the planned
- * bytes only grow with the runs: blocks are planned greedily from the first run on).
- */
-export function keptRuns(
-  modules: RowModule[],
-  fp64: boolean,
-  runs: Array<{ B: number; T: number }>,
-  budget: number,
-): number {
-  let lo = 0;
-  let hi = runs.length;
-  while (lo < hi) {
-    const mid = Math.ceil((lo + hi) / 2);
-    if (plannedBytes(modules, fp64, runs.slice(0, mid)) <= budget) lo = mid;
-    else hi = mid - 1;
-  }
-  return lo;
-}
-
 /** Collects a covariance pass's runs into planned blocks (copies; the run's own arrays can go). */
 export class RowCollector {
   readonly rows: TokenRows;
   private readonly plan: ReturnType<typeof planBlocks>;
   private next = 0;
 
-  constructor(modules: RowModule[], fp64: boolean, runs: Array<{ B: number; T: number }>, covered: number[]) {
+  constructor(modules: RowModule[], fp64: boolean, runs: Array<{ B: number; T: number }>) {
     this.plan = planBlocks(runs);
-    if (covered.length !== runs.reduce((s, r) => s + r.B, 0))
-      throw new Error(`${covered.length} examples named for runs of ${runs.reduce((s, r) => s + r.B, 0)} sequences`);
-    this.rows = { modules, fp64, covered, blocks: [], bytes: plannedBytes(modules, fp64, runs) };
+    const perToken = rowFloatsPerToken(modules);
+    const tokens = this.plan.blocks.reduce((s, b) => s + b.B * b.T, 0);
+    this.rows = {
+      modules,
+      fp64,
+      examples: runs.reduce((s, r) => s + r.B, 0),
+      blocks: [],
+      bytes: tokens * perToken * (fp64 ? 8 : 4),
+    };
   }
 
   /** The next run's rows: `a` per leader and `g` per module, each [B, T, d] as the graph returned them. */
