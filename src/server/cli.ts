@@ -130,7 +130,7 @@ function checkEnvSettings(): void {
   lapackAllowed();
   arenaPolicy();
   mallocMode();
-  rowsBudgetBytes();
+  rowsBudgetBytes(0);
 }
 
 async function main(argv: string[]): Promise<number> {

@@ -7,7 +7,13 @@
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
-import { planBlocks, sharedRotations } from '../../src/server/attribution/ekfac/lambda-rows';
+import {
+  covarianceBytes,
+  planBlocks,
+  type RowModule,
+  rowsBudgetBytes,
+  sharedRotations,
+} from '../../src/server/attribution/ekfac/lambda-rows';
 import {
   type FitOptions,
   fitCovariances,
@@ -139,6 +145,23 @@ test('blocks: runs join while the padding stays within the allowance, sorted run
       { B: 2, T: 8 },
     ],
   );
+});
+
+test('the rows budget: twice the covariance sums, at most an eighth of the machine; the variable overrides it', async () => {
+  const mods: RowModule[] = [
+    { name: 'q', leader: 'q', dIn: 4, dOut: 4, hasBias: true },
+    { name: 'k', leader: 'q', dIn: 4, dOut: 2, hasBias: true },
+    { name: 'o', leader: 'o', dIn: 4, dOut: 3, hasBias: false },
+  ];
+  // A: 5² (q, shared by k) + 4² (o); S: 4² + 2² + 3²
+  assert.equal(covarianceBytes(mods, false), (25 + 16 + 16 + 4 + 9) * 4);
+  assert.equal(covarianceBytes(mods, true), (25 + 16 + 16 + 4 + 9) * 8);
+  await withEnv({ INFLUENCE_LENS_MEMORY_MB: '8', INFLUENCE_LENS_FIT_ROWS_MB: undefined }, async () => {
+    assert.equal(rowsBudgetBytes(100), 200);
+    assert.equal(rowsBudgetBytes(2 ** 30), 2 ** 20);
+  });
+  await withEnv({ INFLUENCE_LENS_FIT_ROWS_MB: '3' }, async () => assert.equal(rowsBudgetBytes(100), 3 * 2 ** 20));
+  await withEnv({ INFLUENCE_LENS_FIT_ROWS_MB: '0' }, async () => assert.equal(rowsBudgetBytes(2 ** 30), 0));
 });
 
 test('rows are not kept for sampled labels, over the budget, or when turned off', async () => {

@@ -21,7 +21,14 @@ import { CovarianceAccumulator } from './ekfac/covariance';
 import { assembleEigenbasis, type Decomposition, decomposeCovariance, type Eigenbasis } from './ekfac/eigenbasis';
 import type { ModuleShape } from './ekfac/gradient';
 import { LambdaAccumulator } from './ekfac/lambda';
-import { lambdaFromRows, RowCollector, type RowModule, rowsBudgetBytes, type TokenRows } from './ekfac/lambda-rows';
+import {
+  covarianceBytes,
+  lambdaFromRows,
+  RowCollector,
+  type RowModule,
+  rowsBudgetBytes,
+  type TokenRows,
+} from './ekfac/lambda-rows';
 
 export interface TokenizedExample {
   ids: number[];
@@ -130,7 +137,7 @@ async function perTokenPass(
           bs.map(({ batch }) => ({ B: batch.B, T: batch.T })),
         )
       : undefined;
-  if (rows && rows.rows.bytes > rowsBudgetBytes()) rows = undefined;
+  if (rows && rows.rows.bytes > rowsBudgetBytes(covarianceBytes(rowModules, graph.fp64))) rows = undefined;
   if (!want.sums && !rows) return { modules, covariances };
   // a function of its own, so that no variable of the loop keeps a run's rows alive under the next run (RunResult)
   const add = (out: RunResult, batch: Batch) => {

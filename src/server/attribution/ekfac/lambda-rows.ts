@@ -149,18 +149,31 @@ export class RowCollector {
 
 /**
  * Bytes of rows a fit may keep between its passes (INFLUENCE_LENS_FIT_ROWS_MB, in MiB; 0 turns it
- * off). Default: 2 GiB, at most an eighth of the machine's memory (INFLUENCE_LENS_MEMORY_MB
- * replaces it, for tests). 2 GiB holds SmolLM-135M's rows for 2,048 tokens (1.98 GB) and
- * Pythia-70M's for 5,400. It does not depend on the memory free at the time: which way Λ is
- * computed changes its last bits, and a fit must give the same factors each time it runs.
+ * off). Default: twice the covariance sums' bytes (`covarianceBytes`: the fit holds its covariances
+ * and then eigenbases of that size anyway, so its peak grows by a bounded factor of them, never with
+ * the data), at most an eighth of the machine's memory (INFLUENCE_LENS_MEMORY_MB replaces it, for
+ * tests). At Pythia-70M that is 579 MB (the rows of 23 sequences of 128 tokens), at SmolLM-135M
+ * 2.19 GB (16 sequences: 2.08 GB). Keeping 2 GiB at Pythia-70M × 256 raised the fit's peak from
+ * 2.5 to 5.0 GB (kronfluence's: 3.4). It does not depend on the memory free at the time: which way
+ * Λ is computed changes its last bits, and a fit must give the same factors each time it runs.
  */
-export function rowsBudgetBytes(): number {
+export function rowsBudgetBytes(covarianceBytes: number): number {
   const raw = process.env.INFLUENCE_LENS_FIT_ROWS_MB;
   if (raw !== undefined && raw.trim() === '0') return 0;
   const mb = positiveEnv('INFLUENCE_LENS_FIT_ROWS_MB', 'MiB, or 0 to recompute the gradients in the Λ pass');
   if (mb !== undefined) return mb * 2 ** 20;
   const machine = positiveEnv('INFLUENCE_LENS_MEMORY_MB', 'MiB');
-  return Math.min(2 * 2 ** 30, (machine !== undefined ? machine * 2 ** 20 : totalmem()) / 8);
+  return Math.min(2 * covarianceBytes, (machine !== undefined ? machine * 2 ** 20 : totalmem()) / 8);
+}
+
+/** Bytes of a fit's covariance sums: one d_A × d_A per distinct activation input, one d_out × d_out per module. */
+export function covarianceBytes(modules: RowModule[], fp64: boolean): number {
+  let floats = 0;
+  for (const m of modules) {
+    const dA = m.dIn + (m.hasBias ? 1 : 0);
+    floats += m.dOut * m.dOut + (m.leader === m.name ? dA * dA : 0);
+  }
+  return floats * (fp64 ? 8 : 4);
 }
 
 /** Floats per token the rows of `modules` take: every leader's d_in and every module's d_out. */
