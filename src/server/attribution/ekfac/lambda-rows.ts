@@ -307,13 +307,6 @@ export async function lambdaFromRows(
     fixed[`QS.${m.name}`] = tensor(feeds.qS(m.name), [m.dOut, m.dOut]);
     if (!owner.has(m.name)) fixed[`QA.${m.name}`] = tensor(feeds.qA(m.name), [dA, dA]);
   }
-  // the sums come out into the same buffers every run: fresh ones (the whole model's size, 0.5 GB
-  // at SmolLM-135M) were allocated and faulted in by every run
-  const fetches: Record<string, ort.Tensor> = {};
-  for (const m of rows.modules) {
-    const n = m.dOut * (m.dIn + (m.hasBias ? 1 : 0));
-    fetches[`L.${m.name}`] = tensor(rows.fp64 ? new Float64Array(n) : new Float32Array(n), [m.dOut, n / m.dOut]);
-  }
   try {
     for (let r = 0; r < rows.blocks.length; r++) {
       opts.signal?.throwIfAborted();
@@ -330,7 +323,7 @@ export async function lambdaFromRows(
           if (m.leader === m.name) inputs[`a.${m.name}`] = slice(run.a.get(m.name)!, m.dIn);
           inputs[`g.${m.name}`] = slice(run.g.get(m.name)!, m.dOut);
         }
-        const out = await session.run(inputs, fetches);
+        const out = await session.run(inputs);
         for (const m of rows.modules) opts.add(m.name, out[`L.${m.name}`].data as Float32Array | Float64Array, B);
       }
       opts.onRun?.(r + 1, rows.blocks.length);
