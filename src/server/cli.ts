@@ -1,6 +1,7 @@
 #!/usr/bin/env node
-import { runBudgetBytes, sequenceLimitBytes } from './attribution/chunking';
 // influence-lens: the command line. One subcommand per job; each lives in cli/<name>.ts.
+
+import { runBudgetBytes, sequenceLimitBytes } from './attribution/chunking';
 import { rowsBudgetBytes } from './attribution/ekfac/lambda-rows';
 import { runData } from './cli/data';
 import { runDemo } from './cli/demo';

@@ -12,16 +12,7 @@ import { fitCovariances, moduleShape, type TokenizedExample } from '../../src/se
 import { mirrorLower, SYRK_MIN_BLOCKED, syrkLower } from '../../src/server/linalg/matrix';
 import { resetNativeLapackForTests } from '../../src/server/linalg/native';
 import { Model } from '../../src/server/model/engine';
-
-function relErr(a: ArrayLike<number>, b: ArrayLike<number>): number {
-  let num = 0;
-  let den = 0;
-  for (let i = 0; i < a.length; i++) {
-    num += (a[i] - b[i]) ** 2;
-    den += b[i] ** 2;
-  }
-  return Math.sqrt(num / den);
-}
+import { l2Rel as relErr } from './helpers/dense';
 
 // lengths differ so batches are right-padded; the pad rows carry real activations that must not count
 const examples: TokenizedExample[] = [5, 9, 3, 12, 7, 12, 2].map((n, k) => {

@@ -22,16 +22,7 @@ import {
   type TokenizedExample,
 } from '../../src/server/attribution/fit';
 import { Model } from '../../src/server/model/engine';
-
-function relErr(a: ArrayLike<number>, b: ArrayLike<number>): number {
-  let num = 0;
-  let den = 0;
-  for (let i = 0; i < a.length; i++) {
-    num += (a[i] - b[i]) ** 2;
-    den += b[i] ** 2;
-  }
-  return Math.sqrt(num / den);
-}
+import { l2Rel as relErr } from './helpers/dense';
 
 // different lengths: right-padded batches (of 3: lengths 2–5, 10–11, 12–12), the last two kept in
 // one block of 12 (the 11-token batch padded again); prompt-like zero weights on some first tokens

@@ -184,24 +184,16 @@ export async function benchShape(argv: string[]): Promise<void> {
       `  influence-lens: warm-up ${warmupSeconds.toFixed(1)} s (each graph compiled and run once, as kronfluence's warm-up)`,
     );
   let t = performance.now();
-  // held only until the eigendecomposition (as the fit job does): at 135M they are 2.4 GB
-  // with the per-token rows kept for the Λ pass when they fit, as the fit job does (lambda-rows.ts)
-  const pass1: Partial<Awaited<ReturnType<typeof fitCovariances>>> | null = await fitCovariances(model, trainEx, opts, {
-    rows: true,
-  });
-  let covariances = pass1.covariances ?? null;
-  let rows = pass1.rows;
+  // as the fit job does: fitEigenbases drops each covariance once decomposed (at 135M they are
+  // 2.4 GB), and the per-token rows kept for the Λ pass when they fit are consumed by it
+  const { covariances, rows } = await fitCovariances(model, trainEx, opts, { rows: true });
   const rowsMb = rows ? rows.bytes / 2 ** 20 : null;
   const covarianceSeconds = sec(t);
   t = performance.now();
-  pass1.covariances = undefined;
-  pass1.rows = undefined;
-  const bases = await fitEigenbases(covariances!, { precision: model.precision, eigendecompositionDtype });
-  covariances = null;
+  const bases = await fitEigenbases(covariances, { precision: model.precision, eigendecompositionDtype });
   const eigenSeconds = sec(t);
   t = performance.now();
   const lambdas = await fitLambdas(model, trainEx, bases, opts, rows);
-  rows = undefined;
   const lambdaSeconds = sec(t);
   const fitSeconds = covarianceSeconds + eigenSeconds + lambdaSeconds;
   const pre = preconditioners(bases, lambdas);

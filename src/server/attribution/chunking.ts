@@ -82,9 +82,13 @@ export function bytesPerSequence(shape: RunShape, T: number): number {
  * the kernel would kill the whole process (the server with every lane) partway through.
  */
 export function sequenceLimitBytes(): number {
+  return machineMemoryBytes() - process.memoryUsage().rss;
+}
+
+/** The machine's memory (INFLUENCE_LENS_MEMORY_MB replaces it, for tests). */
+export function machineMemoryBytes(): number {
   const mb = positiveEnv('INFLUENCE_LENS_MEMORY_MB', 'MiB');
-  const total = mb !== undefined ? mb * 2 ** 20 : totalmem();
-  return total - process.memoryUsage().rss;
+  return mb !== undefined ? mb * 2 ** 20 : totalmem();
 }
 
 /**

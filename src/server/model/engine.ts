@@ -44,7 +44,7 @@ import {
 import { crossEntropyHead, type HeadLabels, headChunkRows } from './head';
 import { checkRows } from './onnx/chunks';
 import { DataType, Graph, type Tensor } from './onnx/graph';
-import { arenaPolicy, createSession, type Device, ort } from './onnx/session';
+import { arenaPolicy, createSession, type Device, floatTensor, ort } from './onnx/session';
 import type { DType } from './safetensors';
 import { loadTokenizer, type TokenizerHandle, withEmbeddingRows, withTraining } from './tokenizer';
 
@@ -765,7 +765,7 @@ function buildOutputs(
         // Built only when used: an unused Concat still ran (ORT kept it), [N, dIn + 1] per module and run.
         let aBuilt: Tensor | null = null;
         const withOne = () => {
-          aBuilt ??= m.hasBias ? g.concat([m.input, onesColumn(g, m.input)], 1) : m.input;
+          aBuilt ??= m.hasBias ? g.withOnes(m.input) : m.input;
           return aBuilt;
         };
         const dIn = m.dIn + (m.hasBias ? 1 : 0);
@@ -940,15 +940,6 @@ function buildOutputs(
   return names;
 }
 
-/** [N, 1] ones, N taken from x's first dimension at run time. */
-function onesColumn(g: Graph, x: Tensor): Tensor {
-  const shape = g.concatInts([g.shapeOf(x, 0, 1), g.ints([1])]);
-  const one = new Uint8Array((g.float === DataType.DOUBLE ? new Float64Array([1]) : new Float32Array([1])).buffer);
-  return g.node('ConstantOfShape', [shape], [{ dtype: g.float, shape: [x.shape[0], 1] }], {
-    value: { name: 'value', dataType: g.float, dims: [1], raw: one },
-  })[0];
-}
-
 /**
  * A run's outputs. Their memory is freed only when V8 collects them, which `CompiledGraph.run`
  * does before the next run once enough have piled up; a caller that loops over runs must not keep
@@ -985,9 +976,7 @@ export class CompiledGraph {
 
   /** A float tensor in this graph's precision (converting only when the array's type differs). */
   tensor(v: Float32Array | Float64Array, shape: number[]): ort.Tensor {
-    return this.fp64
-      ? new ort.Tensor('float64', v instanceof Float64Array ? v : Float64Array.from(v), shape)
-      : new ort.Tensor('float32', v instanceof Float32Array ? v : Float32Array.from(v), shape);
+    return floatTensor(this.fp64, v, shape);
   }
 
   async run(

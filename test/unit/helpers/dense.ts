@@ -65,3 +65,15 @@ export function maxRel(x: ArrayLike<number>, y: ArrayLike<number>) {
   assert.ok(scale > 0, 'maxRel: the reference is all zeros');
   return d / scale;
 }
+
+/** ‖x − y‖₂ / ‖y‖₂: the relative error of a whole vector in the Euclidean norm (equal lengths) */
+export function l2Rel(x: ArrayLike<number>, y: ArrayLike<number>): number {
+  assert.equal(x.length, y.length, 'l2Rel: lengths differ');
+  let num = 0;
+  let den = 0;
+  for (let i = 0; i < y.length; i++) {
+    num += (x[i] - y[i]) ** 2;
+    den += y[i] ** 2;
+  }
+  return Math.sqrt(num / den);
+}

@@ -8,10 +8,10 @@
 // Sampled labels (true Fisher) draw fresh labels for the correction, as kronfluence does, so their
 // gradients differ between the passes and the rows are never kept for them.
 
-import { totalmem } from 'node:os';
 import { DataType, Graph, type Tensor } from '../../model/onnx/graph';
-import { arenaPolicy, createSession, type Device, ort, ortProfilePrefix } from '../../model/onnx/session';
+import { arenaPolicy, createSession, type Device, floatTensor, ort, ortProfilePrefix } from '../../model/onnx/session';
 import { positiveEnv } from '../../util/env';
+import { machineMemoryBytes } from '../chunking';
 
 /** A tracked module as the rows graph sees it. */
 export interface RowModule {
@@ -153,8 +153,8 @@ export class RowCollector {
  * and then eigenbases of that size anyway, so its peak grows by a bounded factor of them, never with
  * the data), at most an eighth of the machine's memory (INFLUENCE_LENS_MEMORY_MB replaces it, for
  * tests). At Pythia-70M that is 579 MB (the rows of 23 sequences of 128 tokens), at SmolLM-135M
- * 2.19 GB (16 sequences: 2.08 GB). Keeping 2 GiB at Pythia-70M × 256 raised the fit's peak from
- * 2.5 to 5.0 GB (kronfluence's: 3.4). It does not depend on the memory free at the time: which way
+ * 2.19 GB (16 sequences: 2.08 GB). Keeping 2 GiB at Pythia-70M × 256 raised `bench ekfac`'s peak
+ * (fit and scoring in one process) from 2.5 to 5.0 GB (kronfluence's: 3.4). It does not depend on the memory free at the time: which way
  * Λ is computed changes its last bits, and a fit must give the same factors each time it runs.
  */
 export function rowsBudgetBytes(covarianceBytes: number): number {
@@ -162,8 +162,7 @@ export function rowsBudgetBytes(covarianceBytes: number): number {
   if (raw !== undefined && raw.trim() === '0') return 0;
   const mb = positiveEnv('INFLUENCE_LENS_FIT_ROWS_MB', 'MiB, or 0 to recompute the gradients in the Λ pass');
   if (mb !== undefined) return mb * 2 ** 20;
-  const machine = positiveEnv('INFLUENCE_LENS_MEMORY_MB', 'MiB');
-  return Math.min(2 * covarianceBytes, (machine !== undefined ? machine * 2 ** 20 : totalmem()) / 8);
+  return Math.min(2 * covarianceBytes, machineMemoryBytes() / 8);
 }
 
 /** Bytes of a fit's covariance sums: one d_A × d_A per distinct activation input, one d_out × d_out per module. */
@@ -206,9 +205,7 @@ export function lambdaRowsGraph(modules: RowModule[], fp64: boolean, qaOwner: Ma
       const owner = qaOwner.get(m.name) ?? m.name;
       let ar = rotated.get(owner);
       if (!ar) {
-        const x = a;
-        const withOne = m.hasBias ? g.concat([x, onesLike3(g, x)], 2) : x;
-        ar = g.matmul(withOne, g.input(`QA.${owner}`, g.float, [dA, dA])); // [B, T, d_A]
+        ar = g.matmul(m.hasBias ? g.withOnes(a) : a, g.input(`QA.${owner}`, g.float, [dA, dA])); // [B, T, d_A]
         rotated.set(owner, ar);
       }
       const gy = g.input(`g.${m.name}`, g.float, ['B', 'T', m.dOut]);
@@ -221,15 +218,6 @@ export function lambdaRowsGraph(modules: RowModule[], fp64: boolean, qaOwner: Ma
     }
   });
   return g.encode('lambda_from_rows');
-}
-
-/** [B, T, 1] ones for a [B, T, d] tensor. */
-function onesLike3(g: Graph, x: Tensor): Tensor {
-  const shape = g.concatInts([g.shapeOf(x, 0, 2), g.ints([1])]);
-  const one = new Uint8Array((g.float === DataType.DOUBLE ? new Float64Array([1]) : new Float32Array([1])).buffer);
-  return g.node('ConstantOfShape', [shape], [{ dtype: g.float, shape: [x.shape[0], x.shape[1], 1] }], {
-    value: { name: 'value', dataType: g.float, dims: [1], raw: one },
-  })[0];
 }
 
 /** Which module's Q_A each module may use: the first with the same rows, bias and equal values. */
@@ -297,10 +285,7 @@ export async function lambdaFromRows(
   });
   const type = rows.fp64 ? 'float64' : 'float32';
   // the bases in the graph's precision (a float32 model's fit holds them in float32 already)
-  const tensor = (x: Float32Array | Float64Array, dims: number[]) =>
-    rows.fp64
-      ? new ort.Tensor('float64', x instanceof Float64Array ? x : Float64Array.from(x), dims)
-      : new ort.Tensor('float32', x instanceof Float32Array ? x : Float32Array.from(x), dims);
+  const tensor = (x: Float32Array | Float64Array, dims: number[]) => floatTensor(rows.fp64, x, dims);
   const fixed: Record<string, ort.Tensor> = {};
   for (const m of rows.modules) {
     const dA = m.dIn + (m.hasBias ? 1 : 0);

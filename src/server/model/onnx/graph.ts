@@ -269,6 +269,17 @@ export class Graph {
     return this.node1('Cast', [x], to, x.shape, { to });
   }
 
+  /** x with a column of ones appended on its last axis ([..., d] → [..., d + 1]; the bias column of ã). */
+  withOnes(x: Tensor): Tensor {
+    const rank = x.shape.length;
+    const shape = this.concatInts([this.shapeOf(x, 0, rank - 1), this.ints([1])]);
+    const one = new Uint8Array((this.float === DataType.DOUBLE ? new Float64Array([1]) : new Float32Array([1])).buffer);
+    const ones = this.node1('ConstantOfShape', [shape], this.float, [...x.shape.slice(0, -1), 1], {
+      value: { name: 'value', dataType: this.float, dims: [1], raw: one },
+    });
+    return this.concat([x, ones], rank - 1);
+  }
+
   zerosLike(x: Tensor): Tensor {
     return this.node1('ConstantOfShape', [this.shapeOf(x)], x.dtype, x.shape, {
       value: { name: 'value', dataType: x.dtype, dims: [1], raw: zeroBytes(x.dtype) },

@@ -38,6 +38,13 @@ function providerFor(device: Device): string {
   return device;
 }
 
+/** A float tensor in fp64 or float32 (converting only when the array's type differs). */
+export function floatTensor(fp64: boolean, v: Float32Array | Float64Array, shape: number[]): ort.Tensor {
+  return fp64
+    ? new ort.Tensor('float64', v instanceof Float64Array ? v : Float64Array.from(v), shape)
+    : new ort.Tensor('float32', v instanceof Float32Array ? v : Float32Array.from(v), shape);
+}
+
 export async function createSession(
   model: Uint8Array | string,
   opts: SessionOptions = {},
