@@ -3,6 +3,7 @@
 
 import { runBudgetBytes, sequenceLimitBytes } from './attribution/chunking';
 import { rowsBudgetBytes } from './attribution/ekfac/lambda-rows';
+import { rowsSpillDir } from './attribution/ekfac/row-store';
 import { runData } from './cli/data';
 import { runDemo } from './cli/demo';
 import { runExplain } from './cli/explain';
@@ -132,6 +133,7 @@ function checkEnvSettings(): void {
   arenaPolicy();
   mallocMode();
   rowsBudgetBytes(0);
+  rowsSpillDir();
 }
 
 async function main(argv: string[]): Promise<number> {

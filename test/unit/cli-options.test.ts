@@ -180,6 +180,11 @@ test('INFLUENCE_LENS_* variables set to a value they do not take are refused by 
     ['INFLUENCE_LENS_ORT_ARENA', 'enable', /INFLUENCE_LENS_ORT_ARENA="enable": use scores \(default/],
     ['INFLUENCE_LENS_MALLOC', 'sometimes', /INFLUENCE_LENS_MALLOC="sometimes": use trim/],
     ['INFLUENCE_LENS_FIT_ROWS_MB', '2GB', /INFLUENCE_LENS_FIT_ROWS_MB="2GB": use a number above 0 \(MiB, or 0 to/],
+    [
+      'INFLUENCE_LENS_FIT_ROWS_DIR',
+      '/no/such/folder',
+      /INFLUENCE_LENS_FIT_ROWS_DIR="\/no\/such\/folder": use an existing folder/,
+    ],
   ] as const) {
     const r = withEnv({ [name]: value });
     refused({ code: r.status, out: r.stdout, err: r.stderr }, re);
@@ -189,6 +194,7 @@ test('INFLUENCE_LENS_* variables set to a value they do not take are refused by 
     INFLUENCE_LENS_EIGH_PARALLEL: '1',
     INFLUENCE_LENS_LAPACK: 'off',
     INFLUENCE_LENS_FIT_ROWS_MB: '0',
+    INFLUENCE_LENS_FIT_ROWS_DIR: 'off',
   });
   assert.equal(ok.status, 0, ok.stderr);
 });

@@ -88,9 +88,12 @@ function assertClean(dir: string, what: string) {
   assert.deepEqual(left, [], `${what}: leftovers in ${dir}`);
 }
 
-function cli(args: string[]): Promise<{ code: number | null; out: string; err: string }> {
+function cli(
+  args: string[],
+  env: Record<string, string> = {},
+): Promise<{ code: number | null; out: string; err: string }> {
   const child = spawn(process.execPath, ['--import', 'tsx', 'src/server/cli.ts', ...args], {
-    env: { ...process.env, HOME: home },
+    env: { ...process.env, HOME: home, ...env },
   });
   let out = '';
   let err = '';
@@ -467,8 +470,8 @@ describe('fit job under kill -9 and concurrency', () => {
     assertClean(out, out);
   });
 
-  test('kill -9 of a `fit` process in its covariance pass and in its Λ pass, then the same command again: the same factors', async () => {
-    const out = join(home, 'cli-killed');
+  /** kill -9 of `fit` in its covariance pass and in its Λ pass, each time run again to the end. */
+  async function killAndRerun(out: string, env: Record<string, string>, after?: () => void) {
     const args = ['fit', '--model', MODEL, '--data', data, '--out', out, '--modules', 'mlp'];
     args.push('--labels', 'empirical', '--seed', '3', '--batch-size', '4');
     // in the covariance pass, and in the eigenvalue-correction pass (the eigen stage and the final
@@ -478,7 +481,7 @@ describe('fit job under kill -9 and concurrency', () => {
       [/eigenvalue-correction pass/, 0],
     ] as const) {
       const child = spawn(process.execPath, ['--import', 'tsx', 'src/server/cli.ts', ...args], {
-        env: { ...process.env, HOME: home },
+        env: { ...process.env, HOME: home, ...env },
       });
       const exited = new Promise((resolve) => child.on('exit', resolve));
       // once it says it has started the stage
@@ -491,17 +494,39 @@ describe('fit job under kill -9 and concurrency', () => {
       await new Promise((r) => setTimeout(r, delay));
       child.kill('SIGKILL');
       await exited;
+      after?.();
       try {
         const f = openedFactors(out, model);
         assertSameFactors(f, openedFactors(reference, model), 'loaded after the kill');
       } catch (e) {
         if (e instanceof assert.AssertionError) throw e;
       }
-      const r = await cli(args);
+      const r = await cli(args, env);
       assert.equal(r.code, 0, r.err);
       assertSameFactors(loadFactors(out), loadFactors(reference), `rerun after a kill in ${stage}`);
       assertClean(out, out);
+      after?.();
       fs.rmSync(out, { recursive: true });
     }
+    return args;
+  }
+
+  test('kill -9 of a `fit` process in its covariance pass and in its Λ pass, then the same command again: the same factors', async () => {
+    await killAndRerun(join(home, 'cli-killed'), {});
+  });
+
+  test('rows over the memory budget in a temporary file: the factors of rows kept in memory, bit for bit; no file left by a finished or a killed fit', async () => {
+    const spill = join(home, 'spill');
+    mkdirSync(spill);
+    const env = { INFLUENCE_LENS_FIT_ROWS_MB: '0.0001', INFLUENCE_LENS_FIT_ROWS_DIR: spill };
+    const nothingLeft = () => assert.deepEqual(readdirSync(spill), [], `left in ${spill}`);
+    const out = join(home, 'cli-spilled');
+    const args = await killAndRerun(out, env, nothingLeft);
+    const r = await cli(args, env);
+    assert.equal(r.code, 0, r.err);
+    assert.match(r.err, /per-token rows \(\d+ MiB\) kept in a temporary file in /);
+    assert.match(r.err, /MiB kept in a temporary file; empirical labels/);
+    assertSameFactors(loadFactors(out), loadFactors(reference), 'rows from a file');
+    nothingLeft();
   });
 });

@@ -5,15 +5,21 @@
 // those of the rows computed again (a resumed fit); the rows must never be kept for sampled labels
 // (fresh labels in the correction) or over the budget.
 import assert from 'node:assert/strict';
+import { closeSync, mkdtempSync, readdirSync, rmSync, statfsSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
 import {
   covarianceBytes,
+  lambdaFromRows,
   planBlocks,
+  RowCollector,
   type RowModule,
   rowsBudgetBytes,
   sharedRotations,
+  type TokenRows,
 } from '../../src/server/attribution/ekfac/lambda-rows';
+import { rowsSpillDir, SPILL_RESERVE_BYTES, spillRoom } from '../../src/server/attribution/ekfac/row-store';
 import {
   type FitOptions,
   fitCovariances,
@@ -59,7 +65,7 @@ for (const arch of ['llama', 'gpt2', 'gpt_neox']) {
           assert.ok(rows, 'rows kept for empirical labels within the budget');
           assert.equal(rows.examples, examples.length);
           assert.deepEqual(
-            rows.blocks.map((b) => [b!.B, b!.T]),
+            rows.shapes.map((b) => [b.B, b.T]),
             [
               [3, 5],
               [5, 12],
@@ -69,7 +75,7 @@ for (const arch of ['llama', 'gpt2', 'gpt_neox']) {
           const fromRows = await withEnv({ INFLUENCE_LENS_RUN_MB: runMb }, () =>
             fitLambdas(model, examples, bases, opts, rows),
           );
-          assert.equal(rows.blocks.length, 0, 'the rows are consumed');
+          assert.ok(rows.store.closed, 'the rows are consumed');
           // the Λ graph's own pass: what sampled labels, or rows over the budget, take
           const fromGraph = await withEnv({ INFLUENCE_LENS_FIT_ROWS_MB: '0' }, () =>
             fitLambdas(model, examples, bases, opts),
@@ -91,10 +97,7 @@ for (const arch of ['llama', 'gpt2', 'gpt_neox']) {
             assert.ok(err < (precision === 'fp64' ? 1e-12 : 2e-6), `${name}: relative error ${err}`);
           }
           // a second use would be over nothing: refused
-          await assert.rejects(
-            fitLambdas(model, examples, bases, opts, { ...rows, blocks: [undefined] }),
-            /already used/,
-          );
+          await assert.rejects(fitLambdas(model, examples, bases, opts, rows), /already used/);
         });
       }
     }
@@ -160,11 +163,15 @@ test('rows are not kept for sampled labels, over the budget, or when turned off'
   const sampled = await fitCovariances(model, examples, { ...opts, labels: 'sampled' }, { rows: true });
   assert.equal(sampled.rows, undefined);
   assert.equal((await fitCovariances(model, examples, opts)).rows, undefined, 'only when asked');
-  for (const mb of ['0', '0.0001']) {
-    const r = await withEnv({ INFLUENCE_LENS_FIT_ROWS_MB: mb }, () =>
+  for (const [mb, why] of [
+    ['0', /not kept: INFLUENCE_LENS_FIT_ROWS_MB=0/],
+    ['0.0001', /not kept: over the memory budget and INFLUENCE_LENS_FIT_ROWS_DIR=off/],
+  ] as const) {
+    const r = await withEnv({ INFLUENCE_LENS_FIT_ROWS_MB: mb, INFLUENCE_LENS_FIT_ROWS_DIR: 'off' }, () =>
       fitCovariances(model, examples, opts, { rows: true }),
     );
     assert.equal(r.rows, undefined, `INFLUENCE_LENS_FIT_ROWS_MB=${mb}`);
+    assert.match(r.rowsNote ?? '', why);
   }
   await assert.rejects(
     withEnv({ INFLUENCE_LENS_FIT_ROWS_MB: 'lots' }, () => fitCovariances(model, examples, opts, { rows: true })),
@@ -207,4 +214,147 @@ test('q/k/v and gate/up rotate their shared rows once; modules with other rows o
   });
   assert.equal(other.has(k), false);
   assert.equal(other.get(find('layers.0.self_attn.v_proj')), q);
+});
+
+/** Σ per module from the rows, and how many graph runs (groups × blocks) it took. */
+async function sums(
+  rows: TokenRows,
+  qA: (n: string) => Float64Array | Float32Array,
+  qS: typeof qA,
+  readBytes?: number,
+  budgetBytes = 2 ** 30,
+) {
+  const out = new Map<string, Float64Array>();
+  let runs = 0;
+  await lambdaFromRows(
+    rows,
+    { qA, qS },
+    {
+      budgetBytes,
+      readBytes,
+      add: (m, s) => {
+        const acc = out.get(m) ?? new Float64Array(s.length);
+        for (let i = 0; i < s.length; i++) acc[i] += s[i];
+        out.set(m, acc);
+      },
+      onRun: (_, total) => {
+        runs = total;
+      },
+    },
+  );
+  return { out, runs };
+}
+
+for (const arch of ['llama', 'gpt_neox']) {
+  for (const precision of ['fp64', 'fp32'] as const) {
+    test(`${arch}, ${precision}: rows over the memory budget go to a file no folder shows; Λ from it equals Λ from memory bit for bit, a module group at a time`, async () => {
+      const model = Model.open(join('test/fixtures/models', arch), { precision });
+      const dir = mkdtempSync(join(tmpdir(), 'il-rows-'));
+      try {
+        const bases = await fitEigenbases(new Map((await fitCovariances(model, examples, opts)).covariances), {
+          precision: model.precision,
+        });
+        const qA = (n: string) => bases.get(n)!.qA;
+        const qS = (n: string) => bases.get(n)!.qS;
+        // a run over each whole block, and a run per sequence (reads at every offset)
+        for (const budget of [2 ** 30, 1]) {
+          const mem = await fitCovariances(model, examples, opts, { rows: true });
+          assert.equal(mem.rows?.store.where, 'memory');
+          assert.match(mem.rowsNote ?? '', /kept in memory/);
+          const file = await withEnv({ INFLUENCE_LENS_FIT_ROWS_MB: '0.0001', INFLUENCE_LENS_FIT_ROWS_DIR: dir }, () =>
+            fitCovariances(model, examples, opts, { rows: true }),
+          );
+          assert.equal(file.rows?.store.where, 'file', file.rowsNote);
+          assert.match(file.rowsNote ?? '', new RegExp(`kept in a temporary file in ${dir}`));
+          assert.deepEqual(readdirSync(dir), [], 'the open file has no name');
+          assert.deepEqual(file.rows.shapes, mem.rows!.shapes);
+          const want = await sums(mem.rows!, qA, qS, undefined, budget);
+          assert.equal(want.runs, mem.rows!.shapes.length, 'rows in memory: one graph over every module');
+          const got = await sums(file.rows, qA, qS, 1, budget); // every module group a graph of its own
+          assert.ok(got.runs > 2 * file.rows.shapes.length, `${got.runs} runs`);
+          assert.ok(file.rows.store.closed);
+          assert.deepEqual([...got.out.keys()].sort(), [...want.out.keys()].sort());
+          for (const [name, w] of want.out)
+            assert.deepEqual(got.out.get(name), w, `${name}: Λ from the file (budget ${budget})`);
+          await assert.rejects(sums(file.rows, qA, qS), /already used/);
+        }
+      } finally {
+        rmSync(dir, { recursive: true, force: true });
+      }
+    });
+  }
+}
+
+test('a write the disk refuses gives the rows up, not the fit; the space goes back', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'il-rows-'));
+  try {
+    const mods: RowModule[] = [{ name: 'm', leader: 'm', dIn: 2, dOut: 3, hasBias: false }];
+    const c = new RowCollector(
+      mods,
+      false,
+      [
+        { B: 1, T: 2 },
+        { B: 1, T: 2 },
+      ],
+      { where: 'file', dir },
+    );
+    assert.equal(c.where, 'file');
+    c.add(
+      1,
+      2,
+      () => new Float32Array(4),
+      () => new Float32Array(6),
+    );
+    // the descriptor gone under the store: the next write fails as a full disk's would
+    closeSync((c as unknown as { store: { fd: number } }).store.fd);
+    c.add(
+      1,
+      2,
+      () => new Float32Array(4),
+      () => new Float32Array(6),
+    );
+    assert.match(c.failed ?? '', new RegExp(`writing them to ${dir} failed \\(EBADF`));
+    assert.equal(c.finish(), undefined);
+    // a planner or shape bug is not a disk's refusal: it still fails loudly
+    const m = new RowCollector(mods, false, [{ B: 1, T: 2 }], { where: 'memory' });
+    assert.throws(
+      () =>
+        m.add(
+          1,
+          3,
+          () => new Float32Array(6),
+          () => new Float32Array(9),
+        ),
+      /do not fit block 1/,
+    );
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('where rows may spill: not to memory file systems, not without room, only to an existing folder', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'il-rows-'));
+  try {
+    assert.deepEqual(spillRoom(dir, 1), { ok: true });
+    const free = Number(statfsSync(dir).bavail) * Number(statfsSync(dir).bsize);
+    const full = spillRoom(dir, free);
+    assert.equal(full.ok, false);
+    assert.match((full as { why: string }).why, /GiB free, the rows need .* GiB must stay free/);
+    assert.equal(spillRoom(dir, free - SPILL_RESERVE_BYTES - 2 ** 20).ok, true);
+    assert.match((spillRoom(join(dir, 'nope'), 1) as { why: string }).why, /cannot be used/);
+    // /dev/shm is a tmpfs on Linux: rows there would be memory by another name
+    let shm: number | undefined;
+    try {
+      shm = Number(statfsSync('/dev/shm').type);
+    } catch {}
+    if (shm === 0x01021994) assert.match((spillRoom('/dev/shm', 1) as { why: string }).why, /is a tmpfs, in memory/);
+    await withEnv({ INFLUENCE_LENS_FIT_ROWS_DIR: undefined }, async () => assert.equal(rowsSpillDir(), tmpdir()));
+    await withEnv({ INFLUENCE_LENS_FIT_ROWS_DIR: 'off' }, async () => assert.equal(rowsSpillDir(), undefined));
+    await withEnv({ INFLUENCE_LENS_FIT_ROWS_DIR: dir }, async () => assert.equal(rowsSpillDir(), dir));
+    await withEnv({ INFLUENCE_LENS_FIT_ROWS_DIR: join(dir, 'typo') }, async () =>
+      assert.throws(() => rowsSpillDir(), /INFLUENCE_LENS_FIT_ROWS_DIR=".*typo": use an existing folder/),
+    );
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
 });

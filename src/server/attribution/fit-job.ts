@@ -341,119 +341,124 @@ async function fitJob(o: FitJobOptions, n: number, i: number): Promise<FitJobRes
   let carriedBases: Map<string, Eigenbasis> | undefined;
   let carriedLambdas: Map<string, LambdaAccumulator> | undefined;
   let carriedRows: TokenRows | undefined;
-
-  // 1. covariance sums of this partition
-  if (!existsSync(join(covDir(i), OUR_ARGUMENTS_FILE))) {
-    // a partition takes every n-th example from its index (fit.ts, select)
-    const over = n > 1 ? `${Math.ceil((examples.length - i) / n)} of ${examples.length}` : `${examples.length}`;
-    log(`covariance pass${n > 1 ? ` (partition ${i}/${n})` : ''} over ${over} examples`);
-    // one process doing the whole fit keeps the per-token rows for the Λ pass when labels are
-    // empirical and they fit in memory (ekfac/lambda-rows.ts); a resumed fit recomputes them
-    const { covariances, rows } = await fitCovariances(model, examples, fitOpts, { rows: n === 1 });
-    o.signal?.throwIfAborted();
-    saveCovariances(covDir(i), { args: args(), fingerprint }, covariances);
-    // one partition's sums are the merged ones
-    if (n === 1) carried = covariances;
-    carriedRows = rows;
-  }
-  // 2. all partitions' covariances merged and eigendecomposed (any process may do it; it is
-  //    deterministic), and read, under the shared lock (a last partition's final write removes them)
-  release = await shared('eigendecomposing the covariances');
-  let eigen: Factors | undefined;
+  // rows in a temporary file give their space back when the job ends, however it ends
   try {
-    if (existsSync(join(o.out, OUR_ARGUMENTS_FILE)))
-      return result('up-to-date', `${o.out} already holds factors for this model and data`);
-    if (!existsSync(join(eigenDir, OUR_ARGUMENTS_FILE))) {
-      const waiting = missing(covDir);
-      if (waiting.length)
-        return result(
-          'waiting',
-          `covariance of partition ${i}/${n} is done; partitions ${waiting.join(', ')} still need their covariance pass. ` +
-            'Run them, then run any partition again to continue.',
-        );
-      const merged =
-        carried ??
-        mergeCovariances(
-          Array.from({ length: n }, (_, k) => covDir(k)),
-          model,
-          o.modules,
-        );
-      carried = undefined;
-      collectGarbage(); // the covariance pass's own
-      // the merged covariances are on disk before the decompositions start (the eigen stage copies
-      // their files), so that none is held beyond its own decomposition (fitEigenbases drops each)
-      let covSource = covDir(0);
-      if (n > 1) {
-        covSource = join(partials, 'covariance-merged');
-        saveCovariances(covSource, { args: args(), fingerprint }, merged);
-      }
-      const bases = await fitEigenbases(merged, { ...fitOpts, precision: model.precision });
-      const modules: Record<string, ModuleFactors> = {};
-      for (const [name, b] of bases) modules[name] = withEigen({ name, dA: b.dA, dOut: b.dOut }, b);
+    // 1. covariance sums of this partition
+    if (!existsSync(join(covDir(i), OUR_ARGUMENTS_FILE))) {
+      // a partition takes every n-th example from its index (fit.ts, select)
+      const over = n > 1 ? `${Math.ceil((examples.length - i) / n)} of ${examples.length}` : `${examples.length}`;
+      log(`covariance pass${n > 1 ? ` (partition ${i}/${n})` : ''} over ${over} examples`);
+      // one process doing the whole fit keeps the per-token rows for the Λ pass when labels are
+      // empirical and they fit in memory (ekfac/lambda-rows.ts); a resumed fit recomputes them
+      const { covariances, rows, rowsNote } = await fitCovariances(model, examples, fitOpts, { rows: n === 1 });
+      if (rowsNote) log(rowsNote);
       o.signal?.throwIfAborted();
-      saveStage(eigenDir, { args: args(), fingerprint, modules }, { dir: covSource, stages: ['covariance'] });
-      carriedBases = bases;
+      saveCovariances(covDir(i), { args: args(), fingerprint }, covariances);
+      // one partition's sums are the merged ones
+      if (n === 1) carried = covariances;
+      carriedRows = rows;
     }
-    // the bases in the model's precision (float32 for a float32 model, as the Λ graph consumes them);
-    // the covariances stay on disk (the final write copies their files)
-    if (!carriedBases) eigen = loadFactors(eigenDir, { precision: model.precision, covariances: false });
-  } finally {
-    release();
-  }
-  const bases =
-    carriedBases ??
-    new Map<string, Eigenbasis>(
-      Object.values(eigen!.modules).map((m) => [m.name, { module: m.name, dA: m.dA, dOut: m.dOut, ...m.eigen! }]),
-    );
-  carriedBases = undefined;
-  collectGarbage(); // the decompositions' copies and workspaces
-  // 3. eigenvalue-correction sums of this partition
-  if (!existsSync(join(lamDir(i), OUR_ARGUMENTS_FILE))) {
-    log(`eigenvalue-correction pass${n > 1 ? ` (partition ${i}/${n})` : ''}`);
-    if (carriedRows)
-      log(
-        `eigenvalue correction from the covariance pass's per-token rows (${Math.round(carriedRows.bytes / 2 ** 20)} MiB kept; empirical labels)`,
-      );
-    const lambdas = await fitLambdas(model, examples, bases, fitOpts, carriedRows);
-    carriedRows = undefined;
-    o.signal?.throwIfAborted();
-    saveLambdas(lamDir(i), { args: args(), fingerprint }, lambdas);
-    if (n === 1) carriedLambdas = lambdas;
-  }
-  collectGarbage(); // the Λ pass's
-  const waiting = missing(lamDir);
-  if (waiting.length)
-    return result(
-      'waiting',
-      `eigenvalue correction of partition ${i}/${n} is done; partitions ${waiting.join(', ')} still need theirs. ` +
-        'Run them; the last one writes the factors.',
-    );
-  // 4. merge and write the final factors (each partition's Λ file read once; covariance and
-  //    eigen files copied from the eigen stage), then drop the partials
-  release = await shared('writing the factors');
-  try {
-    // another partition, finishing at the same time, wrote them while this one waited
-    if (existsSync(join(o.out, OUR_ARGUMENTS_FILE)))
-      return result('up-to-date', `${o.out} already holds factors for this model and data`);
-    const lams = carriedLambdas ?? new Map([...bases].map(([name, b]) => [name, new LambdaAccumulator(b)]));
-    for (let k = carriedLambdas ? n : 0; k < n; k++) {
-      const part = loadFactors(lamDir(k), { covariances: false });
-      for (const [name, lam] of lams) {
-        const got = part.modules[name]?.lambda;
-        if (!got) throw new FitJobError(`${lamDir(k)} has no eigenvalue correction for module ${name}`);
-        lam.merge(LambdaAccumulator.fromSum(lam.basis, got.sum, got.count));
+    // 2. all partitions' covariances merged and eigendecomposed (any process may do it; it is
+    //    deterministic), and read, under the shared lock (a last partition's final write removes them)
+    release = await shared('eigendecomposing the covariances');
+    let eigen: Factors | undefined;
+    try {
+      if (existsSync(join(o.out, OUR_ARGUMENTS_FILE)))
+        return result('up-to-date', `${o.out} already holds factors for this model and data`);
+      if (!existsSync(join(eigenDir, OUR_ARGUMENTS_FILE))) {
+        const waiting = missing(covDir);
+        if (waiting.length)
+          return result(
+            'waiting',
+            `covariance of partition ${i}/${n} is done; partitions ${waiting.join(', ')} still need their covariance pass. ` +
+              'Run them, then run any partition again to continue.',
+          );
+        const merged =
+          carried ??
+          mergeCovariances(
+            Array.from({ length: n }, (_, k) => covDir(k)),
+            model,
+            o.modules,
+          );
+        carried = undefined;
+        collectGarbage(); // the covariance pass's own
+        // the merged covariances are on disk before the decompositions start (the eigen stage copies
+        // their files), so that none is held beyond its own decomposition (fitEigenbases drops each)
+        let covSource = covDir(0);
+        if (n > 1) {
+          covSource = join(partials, 'covariance-merged');
+          saveCovariances(covSource, { args: args(), fingerprint }, merged);
+        }
+        const bases = await fitEigenbases(merged, { ...fitOpts, precision: model.precision });
+        const modules: Record<string, ModuleFactors> = {};
+        for (const [name, b] of bases) modules[name] = withEigen({ name, dA: b.dA, dOut: b.dOut }, b);
+        o.signal?.throwIfAborted();
+        saveStage(eigenDir, { args: args(), fingerprint, modules }, { dir: covSource, stages: ['covariance'] });
+        carriedBases = bases;
       }
+      // the bases in the model's precision (float32 for a float32 model, as the Λ graph consumes them);
+      // the covariances stay on disk (the final write copies their files)
+      if (!carriedBases) eigen = loadFactors(eigenDir, { precision: model.precision, covariances: false });
+    } finally {
+      release();
     }
-    const modules: Record<string, ModuleFactors> = {};
-    for (const [name, lam] of lams)
-      modules[name] = { name, dA: lam.dA, dOut: lam.dOut, lambda: { sum: lam.sum, count: lam.count } };
-    const final: Factors = { args: { ...args(), modules: Object.keys(modules) }, fingerprint, modules };
-    o.signal?.throwIfAborted();
-    saveFactors(o.out, final, { copyFrom: { dir: eigenDir, stages: ['covariance', 'eigen'] } });
-    rmSync(partials, { recursive: true, force: true });
-    return result('done', `wrote EK-FAC factors for ${Object.keys(modules).length} modules to ${o.out}`);
+    const bases =
+      carriedBases ??
+      new Map<string, Eigenbasis>(
+        Object.values(eigen!.modules).map((m) => [m.name, { module: m.name, dA: m.dA, dOut: m.dOut, ...m.eigen! }]),
+      );
+    carriedBases = undefined;
+    collectGarbage(); // the decompositions' copies and workspaces
+    // 3. eigenvalue-correction sums of this partition
+    if (!existsSync(join(lamDir(i), OUR_ARGUMENTS_FILE))) {
+      log(`eigenvalue-correction pass${n > 1 ? ` (partition ${i}/${n})` : ''}`);
+      if (carriedRows)
+        log(
+          `eigenvalue correction from the covariance pass's per-token rows (${Math.round(carriedRows.bytes / 2 ** 20)} MiB kept${carriedRows.store.where === 'file' ? ' in a temporary file' : ''}; empirical labels)`,
+        );
+      const lambdas = await fitLambdas(model, examples, bases, fitOpts, carriedRows);
+      carriedRows = undefined;
+      o.signal?.throwIfAborted();
+      saveLambdas(lamDir(i), { args: args(), fingerprint }, lambdas);
+      if (n === 1) carriedLambdas = lambdas;
+    }
+    collectGarbage(); // the Λ pass's
+    const waiting = missing(lamDir);
+    if (waiting.length)
+      return result(
+        'waiting',
+        `eigenvalue correction of partition ${i}/${n} is done; partitions ${waiting.join(', ')} still need theirs. ` +
+          'Run them; the last one writes the factors.',
+      );
+    // 4. merge and write the final factors (each partition's Λ file read once; covariance and
+    //    eigen files copied from the eigen stage), then drop the partials
+    release = await shared('writing the factors');
+    try {
+      // another partition, finishing at the same time, wrote them while this one waited
+      if (existsSync(join(o.out, OUR_ARGUMENTS_FILE)))
+        return result('up-to-date', `${o.out} already holds factors for this model and data`);
+      const lams = carriedLambdas ?? new Map([...bases].map(([name, b]) => [name, new LambdaAccumulator(b)]));
+      for (let k = carriedLambdas ? n : 0; k < n; k++) {
+        const part = loadFactors(lamDir(k), { covariances: false });
+        for (const [name, lam] of lams) {
+          const got = part.modules[name]?.lambda;
+          if (!got) throw new FitJobError(`${lamDir(k)} has no eigenvalue correction for module ${name}`);
+          lam.merge(LambdaAccumulator.fromSum(lam.basis, got.sum, got.count));
+        }
+      }
+      const modules: Record<string, ModuleFactors> = {};
+      for (const [name, lam] of lams)
+        modules[name] = { name, dA: lam.dA, dOut: lam.dOut, lambda: { sum: lam.sum, count: lam.count } };
+      const final: Factors = { args: { ...args(), modules: Object.keys(modules) }, fingerprint, modules };
+      o.signal?.throwIfAborted();
+      saveFactors(o.out, final, { copyFrom: { dir: eigenDir, stages: ['covariance', 'eigen'] } });
+      rmSync(partials, { recursive: true, force: true });
+      return result('done', `wrote EK-FAC factors for ${Object.keys(modules).length} modules to ${o.out}`);
+    } finally {
+      release();
+    }
   } finally {
-    release();
+    carriedRows?.store.close();
   }
 }
 

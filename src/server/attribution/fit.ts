@@ -24,9 +24,10 @@ import { LambdaAccumulator } from './ekfac/lambda';
 import {
   covarianceBytes,
   lambdaFromRows,
+  placeRows,
   RowCollector,
   type RowModule,
-  rowsBudgetBytes,
+  rowsBytes,
   type TokenRows,
 } from './ekfac/lambda-rows';
 
@@ -70,6 +71,14 @@ function select(examples: TokenizedExample[], p?: { index: number; count: number
 
 const data = (t: ort.Tensor) => t.data as Float32Array | Float64Array;
 
+/** What the covariance pass gives: the sums, and the kept rows with a line that says where or why not. */
+export interface CovariancePass {
+  modules: ModuleInfo[];
+  covariances: Map<string, CovarianceAccumulator>;
+  rows?: TokenRows;
+  rowsNote?: string;
+}
+
 /**
  * Pass 1: covariance sums. The graph returns every tracked module's per-token input and output
  * gradient; the sums Σ ã ãᵀ and Σ g gᵀ are added by BLAS gemm straight into running sums in the
@@ -82,7 +91,7 @@ export async function fitCovariances(
   examples: TokenizedExample[],
   opts: FitOptions,
   keep: { rows?: boolean } = {},
-): Promise<{ modules: ModuleInfo[]; covariances: Map<string, CovarianceAccumulator>; rows?: TokenRows }> {
+): Promise<CovariancePass> {
   return perTokenPass(model, examples, opts, { sums: true, rows: !!keep.rows, stage: 'covariance' });
 }
 
@@ -98,7 +107,7 @@ async function perTokenPass(
   examples: TokenizedExample[],
   opts: FitOptions,
   want: { sums: boolean; rows: boolean; stage: 'covariance' | 'lambda' },
-): Promise<{ modules: ModuleInfo[]; covariances: Map<string, CovarianceAccumulator>; rows?: TokenRows }> {
+): Promise<CovariancePass> {
   const graph = await model.compile({ labels: labelsOf(opts), perToken: true, modules: opts.modules });
   const modules = graph.moduleInfo;
   const precision = graph.fp64 ? 'fp64' : 'fp32';
@@ -127,18 +136,27 @@ async function perTokenPass(
     model.tokenizer.padTokenId ?? 0,
     runShape(modules, model.config, false, graph.fp64),
   );
-  // With empirical labels the Λ pass would compute these same rows again: keep them for it when
-  // they fit the budget (ekfac/lambda-rows.ts).
-  let rows =
-    want.rows && opts.labels === 'empirical'
-      ? new RowCollector(
-          rowModules,
-          graph.fp64,
-          bs.map(({ batch }) => ({ B: batch.B, T: batch.T })),
-        )
-      : undefined;
-  if (rows && rows.rows.bytes > rowsBudgetBytes(covarianceBytes(rowModules, graph.fp64))) rows = undefined;
-  if (!want.sums && !rows) return { modules, covariances };
+  // With empirical labels the Λ pass would compute these same rows again: keep them for it, in
+  // memory within the budget or else in a temporary file (ekfac/lambda-rows.ts, row-store.ts).
+  let rows: RowCollector | undefined;
+  let rowsNote: string | undefined;
+  if (want.rows && opts.labels === 'empirical') {
+    const runs = bs.map(({ batch }) => ({ B: batch.B, T: batch.T }));
+    const bytes = rowsBytes(rowModules, graph.fp64, runs);
+    const place = placeRows(bytes, covarianceBytes(rowModules, graph.fp64));
+    if (place.where === 'none') rowsNote = `per-token rows (${mib(bytes)}) not kept: ${place.why}`;
+    else {
+      try {
+        rows = new RowCollector(rowModules, graph.fp64, runs, place);
+        rowsNote = `per-token rows (${mib(bytes)}) kept ${place.where === 'file' ? `in a temporary file in ${place.dir}` : 'in memory'}`;
+      } catch (e) {
+        // a folder that refuses the file is a reason to take the Λ pass, not to fail the fit
+        if (!(e as NodeJS.ErrnoException).code) throw e;
+        rowsNote = `per-token rows (${mib(bytes)}) not kept: a file in ${(place as { dir: string }).dir} could not be made (${(e as Error).message})`;
+      }
+    }
+  }
+  if (!want.sums && !rows) return { modules, covariances, rowsNote };
   // a function of its own, so that no variable of the loop keeps a run's rows alive under the next run (RunResult)
   const add = (out: RunResult, batch: Batch) => {
     rows?.add(
@@ -160,13 +178,22 @@ async function perTokenPass(
       acc.addGradientRows(real.rows(data(out[`g.${m.name}`]), m.dOut), real.count).endBatch();
     }
   };
-  for (const [i, { batch }] of bs.entries()) {
-    opts.signal?.throwIfAborted();
-    add(await graph.run(batch, { uniforms: uniformsFor(opts, rng, batch), outputs }), batch);
-    opts.onProgress?.(want.stage, i + 1, bs.length);
+  try {
+    for (const [i, { batch }] of bs.entries()) {
+      opts.signal?.throwIfAborted();
+      add(await graph.run(batch, { uniforms: uniformsFor(opts, rng, batch), outputs }), batch);
+      opts.onProgress?.(want.stage, i + 1, bs.length);
+    }
+  } catch (e) {
+    rows?.abandon();
+    throw e;
   }
-  return { modules, covariances, rows: rows?.finish() };
+  const kept = rows?.finish();
+  if (rows?.failed) rowsNote = `per-token rows not kept: ${rows.failed}`;
+  return { modules, covariances, rows: kept, rowsNote };
 }
+
+const mib = (bytes: number) => `${Math.round(bytes / 2 ** 20)} MiB`;
 
 /** The rows of a right-padded batch that are real tokens, packed (no copy when nothing is padded). */
 function realRows(batch: Batch) {
@@ -338,17 +365,22 @@ async function lambdasFromRows(
   opts: FitOptions,
   rows: TokenRows,
 ): Promise<Map<string, LambdaAccumulator>> {
-  // rows are the covariance pass's gradients: only the same labels over the same examples make them Λ's
-  if (opts.labels !== 'empirical')
-    throw new Error('kept rows serve the eigenvalue correction only with empirical labels');
-  const count = select(examples, opts.partition).length;
-  if (rows.examples !== count)
-    throw new Error(`the kept rows cover ${rows.examples} examples, the eigenvalue correction ${count}`);
   const lambdas = new Map<string, LambdaAccumulator>();
-  for (const m of rows.modules) {
-    const b = bases.get(m.name);
-    if (!b) throw new Error(`no eigenbasis for module ${m.name}: fit covariances over the same modules`);
-    lambdas.set(m.name, new LambdaAccumulator(b));
+  try {
+    // rows are the covariance pass's gradients: only the same labels over the same examples make them Λ's
+    if (opts.labels !== 'empirical')
+      throw new Error('kept rows serve the eigenvalue correction only with empirical labels');
+    const count = select(examples, opts.partition).length;
+    if (rows.examples !== count)
+      throw new Error(`the kept rows cover ${rows.examples} examples, the eigenvalue correction ${count}`);
+    for (const m of rows.modules) {
+      const b = bases.get(m.name);
+      if (!b) throw new Error(`no eigenbasis for module ${m.name}: fit covariances over the same modules`);
+      lambdas.set(m.name, new LambdaAccumulator(b));
+    }
+  } catch (e) {
+    rows.store.close(); // a file's space goes back now, not when the process ends
+    throw e;
   }
   await lambdaFromRows(
     rows,

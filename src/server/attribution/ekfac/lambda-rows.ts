@@ -12,6 +12,7 @@ import { DataType, Graph, type Tensor } from '../../model/onnx/graph';
 import { arenaPolicy, createSession, type Device, floatTensor, ort, ortProfilePrefix } from '../../model/onnx/session';
 import { positiveEnv } from '../../util/env';
 import { machineMemoryBytes } from '../chunking';
+import { FileRowStore, MemoryRowStore, type RowStore, rowsSpillDir, spillRoom } from './row-store';
 
 /** A tracked module as the rows graph sees it. */
 export interface RowModule {
@@ -23,30 +24,22 @@ export interface RowModule {
   hasBias: boolean;
 }
 
-/**
- * Rows of consecutive covariance runs gathered into one block, each sequence's rows padded with
- * zeros to the block's length T (zero output gradients add nothing to any sum). Runs of the rows
- * graph over whole blocks: the Λ sums come out once per run, each the size of the tracked modules'
- * weights, so a run per covariance run (two sequences at SmolLM-135M) spent more time writing and
- * adding sums than rotating rows.
- */
-export interface RowBlock {
-  B: number;
-  T: number;
-  /** per leader module: [B, T, d_in] */
-  a: Map<string, Float32Array | Float64Array>;
-  /** per module: [B, T, d_out] */
-  g: Map<string, Float32Array | Float64Array>;
-}
-
 /** The rows of a whole covariance pass, kept for the Λ pass. */
 export interface TokenRows {
   modules: RowModule[];
   fp64: boolean;
   /** examples covered (sequences), to check the Λ pass is over the same ones */
   examples: number;
-  /** emptied as the Λ pass consumes them, so their memory goes as it goes */
-  blocks: Array<RowBlock | undefined>;
+  /**
+   * Rows of consecutive covariance runs gathered into blocks, each sequence's rows padded with
+   * zeros to its block's length T (zero output gradients add nothing to any sum). Runs of the rows
+   * graph cover whole blocks: the Λ sums come out once per run, each the size of the tracked
+   * modules' weights, so a run per covariance run (two sequences at SmolLM-135M) spent more time
+   * writing and adding sums than rotating rows.
+   */
+  shapes: Array<{ B: number; T: number }>;
+  /** where they are: memory, or a temporary file (row-store.ts); closed once the Λ pass used them */
+  store: RowStore;
   /** bytes of the blocks (padding included) */
   bytes: number;
 }
@@ -78,23 +71,67 @@ export function planBlocks(
   return { blocks: blocks.map(({ B, T }) => ({ B, T })), at };
 }
 
-/** Collects a covariance pass's runs into planned blocks (copies; the run's own arrays can go). */
-export class RowCollector {
-  readonly rows: TokenRows;
-  private readonly plan: ReturnType<typeof planBlocks>;
-  private next = 0;
+/** Bytes the rows of a covariance pass's runs take in their blocks (padding included). */
+export function rowsBytes(modules: RowModule[], fp64: boolean, runs: Array<{ B: number; T: number }>): number {
+  const tokens = planBlocks(runs).blocks.reduce((s, b) => s + b.B * b.T, 0);
+  return tokens * rowFloatsPerToken(modules) * (fp64 ? 8 : 4);
+}
 
-  constructor(modules: RowModule[], fp64: boolean, runs: Array<{ B: number; T: number }>) {
+/** The keys a rows graph reads: `a.<leader>` (d_in floats per token), `g.<module>` (d_out). */
+export function rowKeys(modules: RowModule[]): Map<string, number> {
+  const dims = new Map<string, number>();
+  for (const m of modules) {
+    if (m.leader === m.name) dims.set(`a.${m.name}`, m.dIn);
+    dims.set(`g.${m.name}`, m.dOut);
+  }
+  return dims;
+}
+
+/** Where a covariance pass's rows go, or why they are not kept. */
+export type RowsPlace = { where: 'memory' } | { where: 'file'; dir: string } | { where: 'none'; why: string };
+
+/**
+ * Memory while `bytes` fit the rows budget (`rowsBudgetBytes`), else a file in the spill folder
+ * when it has room (row-store.ts), else nowhere: Λ then takes the Λ graph's own pass.
+ */
+export function placeRows(bytes: number, covBytes: number): RowsPlace {
+  const budget = rowsBudgetBytes(covBytes);
+  if (budget === 0) return { where: 'none', why: 'INFLUENCE_LENS_FIT_ROWS_MB=0' };
+  if (bytes <= budget) return { where: 'memory' };
+  const dir = rowsSpillDir();
+  if (!dir) return { where: 'none', why: `over the memory budget and INFLUENCE_LENS_FIT_ROWS_DIR=off` };
+  const room = spillRoom(dir, bytes);
+  return room.ok ? { where: 'file', dir } : { where: 'none', why: room.why };
+}
+
+/**
+ * Collects a covariance pass's runs into planned blocks, in memory or in a file (copies; the run's
+ * own arrays can go). A write that fails (a full disk) gives the rows up instead of the fit:
+ * `failed` says why, and Λ takes its own pass.
+ */
+export class RowCollector {
+  private readonly plan: ReturnType<typeof planBlocks>;
+  private readonly store: RowStore;
+  private next = 0;
+  private readonly examples: number;
+  readonly bytes: number;
+  failed: string | undefined;
+
+  constructor(
+    private readonly modules: RowModule[],
+    private readonly fp64: boolean,
+    runs: Array<{ B: number; T: number }>,
+    place: { where: 'memory' } | { where: 'file'; dir: string },
+  ) {
     this.plan = planBlocks(runs);
-    const perToken = rowFloatsPerToken(modules);
-    const tokens = this.plan.blocks.reduce((s, b) => s + b.B * b.T, 0);
-    this.rows = {
-      modules,
-      fp64,
-      examples: runs.reduce((s, r) => s + r.B, 0),
-      blocks: [],
-      bytes: tokens * perToken * (fp64 ? 8 : 4),
-    };
+    const layout = { blocks: this.plan.blocks, dims: rowKeys(modules), fp64 };
+    this.bytes = rowsBytes(modules, fp64, runs);
+    this.store = place.where === 'file' ? new FileRowStore(place.dir, layout) : new MemoryRowStore(layout);
+    this.examples = runs.reduce((s, r) => s + r.B, 0);
+  }
+
+  get where() {
+    return this.store.where;
   }
 
   /** The next run's rows: `a` per leader and `g` per module, each [B, T, d] as the graph returned them. */
@@ -105,45 +142,40 @@ export class RowCollector {
     g: (module: string) => Float32Array | Float64Array,
   ) {
     const r = this.next++;
+    if (this.failed) return;
     const where = this.plan.at[r];
     if (!where) throw new Error(`covariance run ${r + 1} was not planned (${this.plan.at.length} were)`);
-    const shape = this.plan.blocks[where.block];
-    if (T > shape.T || where.offset + B > shape.B)
-      throw new Error(`covariance run ${r + 1} (${B} × ${T}) does not fit its planned block (${shape.B} × ${shape.T})`);
-    let block = this.rows.blocks[where.block];
-    if (!block) {
-      block = { B: shape.B, T: shape.T, a: new Map(), g: new Map() };
-      this.rows.blocks[where.block] = block;
-    }
-    const put = (
-      into: Map<string, Float32Array | Float64Array>,
-      name: string,
-      src: Float32Array | Float64Array,
-      d: number,
-    ) => {
-      if (src.length !== B * T * d)
-        throw new Error(`rows of ${name}: expected ${B}×${T}×${d} values, got ${src.length}`);
-      let dst = into.get(name);
-      if (!dst) {
-        // zero-filled: padding rows stay zero
-        dst = this.rows.fp64 ? new Float64Array(shape.B * shape.T * d) : new Float32Array(shape.B * shape.T * d);
-        into.set(name, dst);
+    try {
+      for (const m of this.modules) {
+        if (m.leader === m.name) this.store.write(where.block, `a.${m.name}`, where.offset, a(m.name), B, T);
+        this.store.write(where.block, `g.${m.name}`, where.offset, g(m.name), B, T);
       }
-      if (T === shape.T) dst.set(src, where.offset * T * d);
-      else
-        for (let b = 0; b < B; b++) dst.set(src.subarray(b * T * d, (b + 1) * T * d), (where.offset + b) * shape.T * d);
-    };
-    for (const m of this.rows.modules) {
-      if (m.leader === m.name) put(block.a, m.name, a(m.name), m.dIn);
-      put(block.g, m.name, g(m.name), m.dOut);
+    } catch (e) {
+      // the planner's and the shapes' checks are bugs; what the disk refuses is a reason to recompute
+      if (this.store.where !== 'file' || !(e as NodeJS.ErrnoException).code) throw e;
+      this.failed = `writing them to ${this.store.dir} failed (${(e as Error).message})`;
+      this.store.close();
     }
   }
 
-  /** The rows, once every planned run was added. */
-  finish(): TokenRows {
+  /** The rows, once every planned run was added; undefined when a write failed. */
+  finish(): TokenRows | undefined {
     if (this.next !== this.plan.at.length)
       throw new Error(`${this.next} of ${this.plan.at.length} covariance runs were added to the kept rows`);
-    return this.rows;
+    if (this.failed) return undefined;
+    return {
+      modules: this.modules,
+      fp64: this.fp64,
+      examples: this.examples,
+      shapes: this.plan.blocks,
+      store: this.store,
+      bytes: this.bytes,
+    };
+  }
+
+  /** Gives the rows up (the pass failed or was cancelled): a file's space goes back now. */
+  abandon() {
+    this.store.close();
   }
 }
 
@@ -259,9 +291,41 @@ export function rowsBytesPerSequence(modules: RowModule[], fp64: boolean, T: num
 }
 
 /**
+ * Modules in groups whose rows, for the largest slice of sequences one run takes (`sliceTokens`),
+ * stay within `readBytes`: a leader's rows go with every module that reads them. A file store is
+ * read a group at a time; rows in memory are one group.
+ */
+export function rowGroups(modules: RowModule[], fp64: boolean, sliceTokens: number, readBytes: number): RowModule[][] {
+  const units = new Map<string, RowModule[]>();
+  for (const m of modules) {
+    const u = units.get(m.leader);
+    if (u) u.push(m);
+    else units.set(m.leader, [m]);
+  }
+  const groups: RowModule[][] = [];
+  let cur: RowModule[] = [];
+  let curBytes = 0;
+  for (const unit of units.values()) {
+    const bytes = sliceTokens * rowFloatsPerToken(unit) * (fp64 ? 8 : 4);
+    if (cur.length && curBytes + bytes > readBytes) {
+      groups.push(cur);
+      cur = [];
+      curBytes = 0;
+    }
+    cur.push(...unit);
+    curBytes += bytes;
+  }
+  if (cur.length) groups.push(cur);
+  return groups;
+}
+
+/**
  * Runs the rows graph over every kept block, splitting a block's sequences so that one run of the
  * graph stays within `budgetBytes`, and hands each module's Σ and the sequences it covers to
- * `add`. Each block is dropped from `rows.blocks` once read.
+ * `add`. Rows in a file are read a module group at a time (`rowGroups`, each group's rows of one
+ * run within `readBytes`, default half the budget), one graph per group; a module's sums do not
+ * depend on the other modules in its graph, and the split of the sequences is the same, so its Λ
+ * is the same bit for bit wherever the rows were kept. The rows are used up (the store closed).
  */
 export async function lambdaFromRows(
   rows: TokenRows,
@@ -270,52 +334,69 @@ export async function lambdaFromRows(
     threads?: number;
     device?: Device;
     budgetBytes: number;
+    readBytes?: number;
     add: (module: string, sum: Float32Array | Float64Array, sequences: number) => void;
     onRun?: (done: number, total: number) => void;
     signal?: AbortSignal;
   },
 ): Promise<void> {
-  const owner = sharedRotations(rows.modules, feeds.qA);
-  const session = await createSession(lambdaRowsGraph(rows.modules, rows.fp64, owner), {
-    threads: opts.threads,
-    device: opts.device,
-    optimization: rows.fp64 ? 'basic' : 'all',
-    // runs of the same shapes one after the other with only sums coming out, as the scoring graphs
-    arena: arenaPolicy() !== 'off',
-  });
-  const type = rows.fp64 ? 'float64' : 'float32';
-  // the bases in the graph's precision (a float32 model's fit holds them in float32 already)
-  const tensor = (x: Float32Array | Float64Array, dims: number[]) => floatTensor(rows.fp64, x, dims);
-  const fixed: Record<string, ort.Tensor> = {};
-  for (const m of rows.modules) {
-    const dA = m.dIn + (m.hasBias ? 1 : 0);
-    fixed[`QS.${m.name}`] = tensor(feeds.qS(m.name), [m.dOut, m.dOut]);
-    if (!owner.has(m.name)) fixed[`QA.${m.name}`] = tensor(feeds.qA(m.name), [dA, dA]);
-  }
+  const { store } = rows;
   try {
-    for (let r = 0; r < rows.blocks.length; r++) {
+    if (store.closed) throw new Error('the kept rows were already used (they serve one eigenvalue correction)');
+    const owner = sharedRotations(rows.modules, feeds.qA);
+    const per = (T: number) =>
+      Math.max(1, Math.floor(opts.budgetBytes / rowsBytesPerSequence(rows.modules, rows.fp64, T)));
+    const sliceTokens = Math.max(0, ...rows.shapes.map(({ B, T }) => Math.min(B, per(T)) * T));
+    const groups =
+      store.where === 'memory'
+        ? [rows.modules]
+        : rowGroups(rows.modules, rows.fp64, sliceTokens, opts.readBytes ?? opts.budgetBytes / 2);
+    const type = rows.fp64 ? 'float64' : 'float32';
+    const total = groups.length * rows.shapes.length;
+    let done = 0;
+    for (const [gi, group] of groups.entries()) {
       opts.signal?.throwIfAborted();
-      const run = rows.blocks[r];
-      if (!run) throw new Error(`block ${r + 1} of the kept rows was already used`);
-      rows.blocks[r] = undefined;
-      const per = Math.max(1, Math.floor(opts.budgetBytes / rowsBytesPerSequence(rows.modules, rows.fp64, run.T)));
-      for (let b0 = 0; b0 < run.B; b0 += per) {
-        const B = Math.min(per, run.B - b0);
-        const slice = (x: Float32Array | Float64Array, d: number) =>
-          new ort.Tensor(type, x.subarray(b0 * run.T * d, (b0 + B) * run.T * d), [B, run.T, d]);
-        const inputs: Record<string, ort.Tensor> = { ...fixed };
-        for (const m of rows.modules) {
-          if (m.leader === m.name) inputs[`a.${m.name}`] = slice(run.a.get(m.name)!, m.dIn);
-          inputs[`g.${m.name}`] = slice(run.g.get(m.name)!, m.dOut);
+      const names = new Set(group.map((m) => m.name));
+      const groupOwner = new Map([...owner].filter(([m]) => names.has(m)));
+      const session = await createSession(lambdaRowsGraph(group, rows.fp64, groupOwner), {
+        threads: opts.threads,
+        device: opts.device,
+        optimization: rows.fp64 ? 'basic' : 'all',
+        // runs of the same shapes one after the other with only sums coming out, as the scoring graphs
+        arena: arenaPolicy() !== 'off',
+      });
+      try {
+        // the bases in the graph's precision (a float32 model's fit holds them in float32 already)
+        const fixed: Record<string, ort.Tensor> = {};
+        for (const m of group) {
+          const dA = m.dIn + (m.hasBias ? 1 : 0);
+          fixed[`QS.${m.name}`] = floatTensor(rows.fp64, feeds.qS(m.name), [m.dOut, m.dOut]);
+          if (!groupOwner.has(m.name)) fixed[`QA.${m.name}`] = floatTensor(rows.fp64, feeds.qA(m.name), [dA, dA]);
         }
-        const out = await session.run(inputs);
-        for (const m of rows.modules) opts.add(m.name, out[`L.${m.name}`].data as Float32Array | Float64Array, B);
+        for (const [r, { B: blockB, T }] of rows.shapes.entries()) {
+          const step = per(T);
+          for (let b0 = 0; b0 < blockB; b0 += step) {
+            opts.signal?.throwIfAborted();
+            const B = Math.min(step, blockB - b0);
+            const input = (key: string, d: number) => new ort.Tensor(type, store.read(r, key, b0, B), [B, T, d]);
+            const inputs: Record<string, ort.Tensor> = { ...fixed };
+            for (const m of group) {
+              if (m.leader === m.name) inputs[`a.${m.name}`] = input(`a.${m.name}`, m.dIn);
+              inputs[`g.${m.name}`] = input(`g.${m.name}`, m.dOut);
+            }
+            const out = await session.run(inputs);
+            for (const m of group) opts.add(m.name, out[`L.${m.name}`].data as Float32Array | Float64Array, B);
+          }
+          // the last group to read a block frees it (rows in memory)
+          if (gi === groups.length - 1) store.drop(r);
+          opts.onRun?.(++done, total);
+        }
+      } finally {
+        if (ortProfilePrefix()) session.endProfiling();
+        await session.release();
       }
-      opts.onRun?.(r + 1, rows.blocks.length);
     }
   } finally {
-    rows.blocks.length = 0;
-    if (ortProfilePrefix()) session.endProfiling();
-    await session.release();
+    store.close();
   }
 }
