@@ -5,7 +5,7 @@
 // those of the rows computed again (a resumed fit); the rows must never be kept for sampled labels
 // (fresh labels in the correction) or over the budget.
 import assert from 'node:assert/strict';
-import { closeSync, mkdtempSync, readdirSync, rmSync, statfsSync } from 'node:fs';
+import { closeSync, mkdtempSync, openSync, readdirSync, rmSync, statfsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
@@ -305,16 +305,22 @@ test('a write the disk refuses gives the rows up, not the fit; the space goes ba
       () => new Float32Array(4),
       () => new Float32Array(6),
     );
-    // the descriptor gone under the store: the next write fails as a full disk's would
-    closeSync((c as unknown as { store: { fd: number } }).store.fd);
+    await c.drain();
+    assert.equal(c.failed, undefined);
+    // the store's descriptor swapped for a read-only one: the next write fails as a full disk's would
+    const store = (c as unknown as { store: { fd: number } }).store;
+    const real = store.fd;
+    store.fd = openSync('/dev/null', 'r');
     c.add(
       1,
       2,
       () => new Float32Array(4),
       () => new Float32Array(6),
     );
+    assert.equal(await c.finish(), undefined);
     assert.match(c.failed ?? '', new RegExp(`writing them to ${dir} failed \\(EBADF`));
-    assert.equal(c.finish(), undefined);
+    assert.equal(store.fd, undefined, 'closed once the writes in flight were done');
+    closeSync(real);
     // a planner or shape bug is not a disk's refusal: it still fails loudly
     const m = new RowCollector(mods, false, [{ B: 1, T: 2 }], { where: 'memory' });
     assert.throws(

@@ -158,14 +158,22 @@ async function perTokenPass(
   }
   if (!want.sums && !rows) return { modules, covariances, rowsNote };
   // a function of its own, so that no variable of the loop keeps a run's rows alive under the next run (RunResult)
-  const add = (out: RunResult, batch: Batch) => {
+  const add = async (out: RunResult, batch: Batch) => {
     rows?.add(
       batch.B,
       batch.T,
       (leader) => data(out[`a.${leader}`]),
       (module) => data(out[`g.${module}`]),
     );
-    if (!want.sums) return;
+    // a file store writes them meanwhile; the next run starts once the run before is written
+    const written = rows?.drain();
+    try {
+      if (want.sums) addSums(out, batch);
+    } finally {
+      await written;
+    }
+  };
+  const addSums = (out: RunResult, batch: Batch) => {
     // only attended tokens count (right padding: each sequence's first `length` rows), as
     // kronfluence masks with the attention mask
     const real = realRows(batch);
@@ -181,14 +189,14 @@ async function perTokenPass(
   try {
     for (const [i, { batch }] of bs.entries()) {
       opts.signal?.throwIfAborted();
-      add(await graph.run(batch, { uniforms: uniformsFor(opts, rng, batch), outputs }), batch);
+      await add(await graph.run(batch, { uniforms: uniformsFor(opts, rng, batch), outputs }), batch);
       opts.onProgress?.(want.stage, i + 1, bs.length);
     }
   } catch (e) {
     rows?.abandon();
     throw e;
   }
-  const kept = rows?.finish();
+  const kept = await rows?.finish();
   if (rows?.failed) rowsNote = `per-token rows not kept: ${rows.failed}`;
   return { modules, covariances, rows: kept, rowsNote };
 }

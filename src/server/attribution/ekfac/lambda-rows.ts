@@ -115,6 +115,8 @@ export class RowCollector {
   private next = 0;
   private readonly examples: number;
   readonly bytes: number;
+  /** the largest run's rows */
+  private readonly runBytes: number;
   failed: string | undefined;
 
   constructor(
@@ -126,6 +128,7 @@ export class RowCollector {
     this.plan = planBlocks(runs);
     const layout = { blocks: this.plan.blocks, dims: rowKeys(modules), fp64 };
     this.bytes = rowsBytes(modules, fp64, runs);
+    this.runBytes = Math.max(0, ...runs.map((r) => r.B * r.T)) * rowFloatsPerToken(modules) * (fp64 ? 8 : 4);
     this.store = place.where === 'file' ? new FileRowStore(place.dir, layout) : new MemoryRowStore(layout);
     this.examples = runs.reduce((s, r) => s + r.B, 0);
   }
@@ -151,17 +154,35 @@ export class RowCollector {
         this.store.write(where.block, `g.${m.name}`, where.offset, g(m.name), B, T);
       }
     } catch (e) {
-      // the planner's and the shapes' checks are bugs; what the disk refuses is a reason to recompute
-      if (this.store.where !== 'file' || !(e as NodeJS.ErrnoException).code) throw e;
-      this.failed = `writing them to ${this.store.dir} failed (${(e as Error).message})`;
-      this.store.close();
+      this.giveUp(e);
     }
   }
 
-  /** The rows, once every planned run was added; undefined when a write failed. */
-  finish(): TokenRows | undefined {
+  /**
+   * Until no more than one run's rows are still being written (a file store writes while the next
+   * run computes, holding that run's arrays meanwhile).
+   */
+  async drain(all = false) {
+    if (this.failed) return;
+    try {
+      await this.store.settle(all ? 0 : this.runBytes);
+    } catch (e) {
+      this.giveUp(e);
+    }
+  }
+
+  private giveUp(e: unknown) {
+    // the planner's and the shapes' checks are bugs; what the disk refuses is a reason to recompute
+    if (this.store.where !== 'file' || !(e as NodeJS.ErrnoException).code) throw e;
+    this.failed = `writing them to ${this.store.dir} failed (${(e as Error).message})`;
+    this.store.close();
+  }
+
+  /** The rows, once every planned run was added and written; undefined when a write failed. */
+  async finish(): Promise<TokenRows | undefined> {
     if (this.next !== this.plan.at.length)
       throw new Error(`${this.next} of ${this.plan.at.length} covariance runs were added to the kept rows`);
+    await this.drain(true);
     if (this.failed) return undefined;
     return {
       modules: this.modules,

@@ -17,10 +17,11 @@ import {
   statfsSync,
   statSync,
   unlinkSync,
-  writeSync,
+  write,
 } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { promisify } from 'node:util';
 import { EnvSettingError } from '../../util/env';
 
 type Floats = Float32Array | Float64Array;
@@ -38,6 +39,11 @@ export interface RowStore {
   read(block: number, key: string, b0: number, B: number): Floats;
   /** the block will not be read again (a memory store frees it) */
   drop(block: number): void;
+  /**
+   * Until at most `maxBytes` of writes are still in flight (a file store writes on libuv's pool, so
+   * the next run computes while the last one's rows are written); the first failed write throws.
+   */
+  settle(maxBytes: number): Promise<void>;
   close(): void;
 }
 
@@ -104,13 +110,19 @@ export class MemoryRowStore implements RowStore {
     this.blocks[block] = undefined;
   }
 
+  async settle() {}
+
   close() {
     this.closed = true;
     this.blocks = [];
   }
 }
 
-/** Rows in an unlinked temporary file: each block a region, in it each key's [B, T, d] rows. */
+/**
+ * Rows in an unlinked temporary file: each block a region, in it each key's [B, T, d] rows. Writes
+ * run on libuv's thread pool (`settle` bounds how much is in flight); the descriptor is closed only
+ * once none is, so a write never lands in a file that reused its number.
+ */
 export class FileRowStore implements RowStore {
   readonly where = 'file';
   private fd: number | undefined;
@@ -119,6 +131,10 @@ export class FileRowStore implements RowStore {
   private readonly at: Array<Map<string, number>> = [];
   readonly bytes: number;
   private readonly bpe: number;
+  private readonly inflight = new Set<Promise<void>>();
+  private pendingBytes = 0;
+  private failure: Error | undefined;
+  private closing = false;
 
   constructor(
     readonly dir: string,
@@ -152,11 +168,11 @@ export class FileRowStore implements RowStore {
   }
 
   get closed() {
-    return this.fd === undefined;
+    return this.fd === undefined || this.closing;
   }
 
   private fdOrUsed(): number {
-    if (this.fd === undefined) used();
+    if (this.fd === undefined || this.closing) used();
     return this.fd;
   }
 
@@ -165,14 +181,35 @@ export class FileRowStore implements RowStore {
     const { shape, d } = checkWrite(this.layout, block, key, offset, src, B, T);
     const base = this.at[block].get(key)!;
     const bytes = (x: Floats) => new Uint8Array(x.buffer, x.byteOffset, x.byteLength);
-    if (T === shape.T) writeAll(fd, bytes(src), base + offset * T * d * this.bpe);
+    if (T === shape.T) this.enqueue(fd, bytes(src), base + offset * T * d * this.bpe);
     else
       for (let b = 0; b < B; b++)
-        writeAll(fd, bytes(src.subarray(b * T * d, (b + 1) * T * d)), base + (offset + b) * shape.T * d * this.bpe);
+        this.enqueue(fd, bytes(src.subarray(b * T * d, (b + 1) * T * d)), base + (offset + b) * shape.T * d * this.bpe);
+  }
+
+  private enqueue(fd: number, bytes: Uint8Array, pos: number) {
+    this.pendingBytes += bytes.length;
+    const p: Promise<void> = writeAll(fd, bytes, pos)
+      .catch((e) => {
+        this.failure ??= e as Error;
+      })
+      .finally(() => {
+        this.pendingBytes -= bytes.length;
+        this.inflight.delete(p);
+        if (this.closing && this.inflight.size === 0) this.release();
+      });
+    this.inflight.add(p);
+  }
+
+  async settle(maxBytes: number) {
+    while (this.pendingBytes > maxBytes && this.inflight.size) await Promise.race(this.inflight);
+    if (this.failure) throw this.failure;
   }
 
   read(block: number, key: string, b0: number, B: number): Floats {
     const fd = this.fdOrUsed();
+    if (this.inflight.size) throw new Error('the kept rows are read before all were written (settle first)');
+    if (this.failure) throw this.failure;
     const n = this.layout.blocks[block].T * this.layout.dims.get(key)!;
     const out = alloc(this.layout.fp64, B * n);
     readAll(fd, new Uint8Array(out.buffer), this.at[block].get(key)! + b0 * n * this.bpe);
@@ -181,9 +218,16 @@ export class FileRowStore implements RowStore {
 
   drop() {}
 
+  /** Closes now, or once the writes in flight are done: their space goes back either way. */
   close() {
-    if (this.fd === undefined) return;
+    if (this.fd === undefined || this.closing) return;
+    this.closing = true;
+    if (this.inflight.size === 0) this.release();
+  }
+
+  private release() {
     const fd = this.fd;
+    if (fd === undefined) return;
     this.fd = undefined;
     // closing after a failed write (the reason it is closed) may fail too; the space goes back either way
     try {
@@ -197,10 +241,12 @@ export class FileRowStore implements RowStore {
   }
 }
 
+const writeAsync = promisify(write);
+
 /** Writes all of `bytes` at `pos` (a call may write fewer bytes than asked, and at most 2 GiB). */
-function writeAll(fd: number, bytes: Uint8Array, pos: number) {
+async function writeAll(fd: number, bytes: Uint8Array, pos: number) {
   for (let done = 0; done < bytes.length; ) {
-    const n = writeSync(fd, bytes, done, Math.min(bytes.length - done, 2 ** 30), pos + done);
+    const { bytesWritten: n } = await writeAsync(fd, bytes, done, Math.min(bytes.length - done, 2 ** 30), pos + done);
     if (n <= 0) throw new Error(`could not write the kept rows (${n} of ${bytes.length - done} bytes written)`);
     done += n;
   }
