@@ -35,8 +35,11 @@ export interface RowStore {
   readonly closed: boolean;
   /** a run's rows [B, T, d] (T ≤ the block's) as sequences offset… of the block */
   write(block: number, key: string, offset: number, src: Floats, B: number, T: number): void;
-  /** sequences b0 … b0 + B − 1 of a block, [B, T_block, d]; padding rows are zeros */
-  read(block: number, key: string, b0: number, B: number): Floats;
+  /**
+   * Sequences b0 … b0 + B − 1 of a block, [B, T_block, d]; padding rows are zeros. A file store
+   * reads them `into` the array given (of exactly that length), else into a new one.
+   */
+  read(block: number, key: string, b0: number, B: number, into?: Floats): Floats;
   /** the block will not be read again (a memory store frees it) */
   drop(block: number): void;
   /**
@@ -206,13 +209,19 @@ export class FileRowStore implements RowStore {
     if (this.failure) throw this.failure;
   }
 
-  read(block: number, key: string, b0: number, B: number): Floats {
+  read(block: number, key: string, b0: number, B: number, into?: Floats): Floats {
     const fd = this.fdOrUsed();
     if (this.inflight.size) throw new Error('the kept rows are read before all were written (settle first)');
     if (this.failure) throw this.failure;
     const n = this.layout.blocks[block].T * this.layout.dims.get(key)!;
-    const out = alloc(this.layout.fp64, B * n);
-    readAll(fd, new Uint8Array(out.buffer), this.at[block].get(key)! + b0 * n * this.bpe);
+    if (into && (into.length !== B * n || into instanceof Float64Array !== this.layout.fp64))
+      throw new Error(`rows ${key}: the array to read into holds ${into.length} values, not ${B * n}`);
+    const out = into ?? alloc(this.layout.fp64, B * n);
+    readAll(
+      fd,
+      new Uint8Array(out.buffer, out.byteOffset, out.byteLength),
+      this.at[block].get(key)! + b0 * n * this.bpe,
+    );
     return out;
   }
 
