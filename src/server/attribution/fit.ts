@@ -396,7 +396,9 @@ async function lambdasFromRows(
     {
       threads: model.options.threads,
       device: model.options.device,
-      budgetBytes: runBudgetBytes(),
+      // half the run budget: the Λ pass holds its group's rows (a file's) beside each run, and its
+      // peak at Pythia-70M × 256 with the whole budget (2.8 GB) nearly reached kronfluence's
+      budgetBytes: runBudgetBytes() / 2,
       signal: opts.signal,
       add: (module, sum, sequences) => lambdas.get(module)!.addSum(sum, sequences),
       onRun: (done, total) => opts.onProgress?.('lambda', done, total),
