@@ -393,8 +393,8 @@ export async function lambdaFromRows(
         // rows in memory: runs of the same shapes one after the other with only sums coming out, as
         // the scoring graphs. Rows from a file: a session per group with a few runs each, where the
         // arenas only added memory (Pythia-70M × 256: Λ's peak 4.08 GB with them, 2.80 GB without,
-        // 34.6 and 34.4 s)
-        arena: store.where === 'memory' && arenaPolicy() !== 'off',
+        // 34.6 and 34.4 s), unless every graph is asked to have one (INFLUENCE_LENS_ORT_ARENA=on)
+        arena: store.where === 'memory' ? arenaPolicy() !== 'off' : arenaPolicy() === 'on',
       });
       try {
         // the bases in the graph's precision (a float32 model's fit holds them in float32 already)
