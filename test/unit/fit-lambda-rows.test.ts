@@ -173,6 +173,21 @@ test('rows are not kept for sampled labels, over the budget, or when turned off'
     assert.equal(r.rows, undefined, `INFLUENCE_LENS_FIT_ROWS_MB=${mb}`);
     assert.match(r.rowsNote ?? '', why);
   }
+  // the fit's log says where the rows went, also when a resumed fit computes them again for Λ
+  const { covariances } = await fitCovariances(model, examples, opts);
+  const bases = await fitEigenbases(new Map(covariances), { precision: model.precision });
+  for (const [env, line] of [
+    [{}, /^per-token rows \(\d+ MiB\) kept in memory \(computed again for Λ\)$/],
+    [
+      { INFLUENCE_LENS_FIT_ROWS_MB: '0.0001', INFLUENCE_LENS_FIT_ROWS_DIR: 'off' },
+      /not kept: over the memory budget and INFLUENCE_LENS_FIT_ROWS_DIR=off: Λ takes its own pass$/,
+    ],
+  ] as const) {
+    const notes: string[] = [];
+    await withEnv(env, () => fitLambdas(model, examples, bases, { ...opts, onNote: (l) => notes.push(l) }));
+    assert.equal(notes.length, 1, notes.join('\n'));
+    assert.match(notes[0], line);
+  }
   await assert.rejects(
     withEnv({ INFLUENCE_LENS_FIT_ROWS_MB: 'lots' }, () => fitCovariances(model, examples, opts, { rows: true })),
     /INFLUENCE_LENS_FIT_ROWS_MB="lots"/,

@@ -314,6 +314,7 @@ async function fitJob(o: FitJobOptions, n: number, i: number): Promise<FitJobRes
     onProgress: o.onProgress,
     signal: o.signal,
     eigendecompositionDtype: o.eigendecompositionDtype,
+    onNote: log,
   };
   const covDir = (k: number) => join(partials, `covariance-${k}-of-${n}`);
   const lamDir = (k: number) => join(partials, `lambda-${k}-of-${n}`);
@@ -349,9 +350,9 @@ async function fitJob(o: FitJobOptions, n: number, i: number): Promise<FitJobRes
       const over = n > 1 ? `${Math.ceil((examples.length - i) / n)} of ${examples.length}` : `${examples.length}`;
       log(`covariance pass${n > 1 ? ` (partition ${i}/${n})` : ''} over ${over} examples`);
       // one process doing the whole fit keeps the per-token rows for the Λ pass when labels are
-      // empirical and they fit in memory (ekfac/lambda-rows.ts); a resumed fit recomputes them
-      const { covariances, rows, rowsNote } = await fitCovariances(model, examples, fitOpts, { rows: n === 1 });
-      if (rowsNote) log(rowsNote);
+      // empirical, in memory or a temporary file (ekfac/lambda-rows.ts, row-store.ts; the log says
+      // where); a resumed fit recomputes them
+      const { covariances, rows } = await fitCovariances(model, examples, fitOpts, { rows: n === 1 });
       o.signal?.throwIfAborted();
       saveCovariances(covDir(i), { args: args(), fingerprint }, covariances);
       // one partition's sums are the merged ones

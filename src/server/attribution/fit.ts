@@ -50,6 +50,8 @@ export interface FitOptions {
   signal?: AbortSignal;
   /** the precision of the eigendecompositions (kronfluence's eigendecomposition_dtype). Default float64. */
   eigendecompositionDtype?: EighDtype;
+  /** a line for the fit's log: where the per-token rows for Λ went, or why they were not kept */
+  onNote?: (line: string) => void;
 }
 
 export interface FittedFactors {
@@ -156,7 +158,10 @@ async function perTokenPass(
       }
     }
   }
-  if (!want.sums && !rows) return { modules, covariances, rowsNote };
+  if (!want.sums && !rows) {
+    if (rowsNote) opts.onNote?.(`${rowsNote}: Λ takes its own pass`);
+    return { modules, covariances, rowsNote };
+  }
   // a function of its own, so that no variable of the loop keeps a run's rows alive under the next run (RunResult)
   const add = async (out: RunResult, batch: Batch) => {
     rows?.add(
@@ -198,6 +203,7 @@ async function perTokenPass(
   }
   const kept = await rows?.finish();
   if (rows?.failed) rowsNote = `per-token rows not kept: ${rows.failed}`;
+  if (rowsNote) opts.onNote?.(want.stage === 'lambda' ? `${rowsNote} (computed again for Λ)` : rowsNote);
   return { modules, covariances, rows: kept, rowsNote };
 }
 
