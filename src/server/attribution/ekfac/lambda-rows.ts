@@ -1,9 +1,9 @@
 // The eigenvalue correction Λ from per-token rows the fit already has. With empirical labels the
 // covariance pass and the Λ pass take the same gradients of the same examples: the covariance
 // graph's per-token activations a and output gradients g are exactly what the Λ graph computes
-// again before rotating them. When they fit in a memory budget (`rowsBudgetBytes`) the fit keeps
-// them, and Λ runs this small graph over them instead of a second forward and backward over the
-// data: Σ_b (Q_Sᵀ G_b Q_A)² = Σ_b ((g_b Q_S)ᵀ (ã_b Q_A))², the same products and reduction as the
+// again before rotating them. The fit keeps them, in memory within a budget (`rowsBudgetBytes`),
+// else in a temporary file (row-store.ts), and Λ runs this small graph over them instead of a
+// second forward and backward over the data: Σ_b (Q_Sᵀ G_b Q_A)² = Σ_b ((g_b Q_S)ᵀ (ã_b Q_A))², the same products and reduction as the
 // Λ pass's own (model/engine.ts, `lambda`), only without the model around them.
 // Sampled labels (true Fisher) draw fresh labels for the correction, as kronfluence does, so their
 // gradients differ between the passes and the rows are never kept for them.
@@ -73,8 +73,11 @@ export function planBlocks(
 
 /** Bytes the rows of a covariance pass's runs take in their blocks (padding included). */
 export function rowsBytes(modules: RowModule[], fp64: boolean, runs: Array<{ B: number; T: number }>): number {
-  const tokens = planBlocks(runs).blocks.reduce((s, b) => s + b.B * b.T, 0);
-  return tokens * rowFloatsPerToken(modules) * (fp64 ? 8 : 4);
+  return blocksBytes(modules, fp64, planBlocks(runs).blocks);
+}
+
+function blocksBytes(modules: RowModule[], fp64: boolean, blocks: Array<{ B: number; T: number }>): number {
+  return blocks.reduce((s, b) => s + b.B * b.T, 0) * rowFloatsPerToken(modules) * (fp64 ? 8 : 4);
 }
 
 /** The keys a rows graph reads: `a.<leader>` (d_in floats per token), `g.<module>` (d_out). */
@@ -127,7 +130,7 @@ export class RowCollector {
   ) {
     this.plan = planBlocks(runs);
     const layout = { blocks: this.plan.blocks, dims: rowKeys(modules), fp64 };
-    this.bytes = rowsBytes(modules, fp64, runs);
+    this.bytes = blocksBytes(modules, fp64, this.plan.blocks);
     this.runBytes = Math.max(0, ...runs.map((r) => r.B * r.T)) * rowFloatsPerToken(modules) * (fp64 ? 8 : 4);
     this.store = place.where === 'file' ? new FileRowStore(place.dir, layout) : new MemoryRowStore(layout);
     this.examples = runs.reduce((s, r) => s + r.B, 0);
@@ -207,8 +210,9 @@ export class RowCollector {
  * the data), at most an eighth of the machine's memory (INFLUENCE_LENS_MEMORY_MB replaces it, for
  * tests). At Pythia-70M that is 579 MB (the rows of 23 sequences of 128 tokens), at SmolLM-135M
  * 2.19 GB (16 sequences: 2.08 GB). Keeping 2 GiB at Pythia-70M × 256 raised `bench ekfac`'s peak
- * (fit and scoring in one process) from 2.5 to 5.0 GB (kronfluence's: 3.4). It does not depend on the memory free at the time: which way
- * Λ is computed changes its last bits, and a fit must give the same factors each time it runs.
+ * (fit and scoring in one process) from 2.5 to 5.0 GB (kronfluence's: 3.4). It does not depend on
+ * the memory free at the time. Rows over it go to a file, which gives the same bits; only where no
+ * disk has room does Λ take the Λ graph's pass, whose last bits differ (`placeRows`).
  */
 export function rowsBudgetBytes(covarianceBytes: number): number {
   const raw = process.env.INFLUENCE_LENS_FIT_ROWS_MB;
