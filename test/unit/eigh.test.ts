@@ -143,6 +143,41 @@ describe('eigh', () => {
     assert.ok(maxAbsDiff(r.values, [0, 4, 5]) <= 1e-14, `${r.values}`);
   });
 
+  for (const b of backends) {
+    test(`${b.name}: a lower triangle (upper ignored) times a scale is the symmetric matrix, bit for bit, vectors in the type asked for`, {
+      skip: b.skip,
+    }, async () => {
+      for (const n of [5, 70]) {
+        const M = randomSymmetric(n, 40 + n);
+        const scale = 1 / 3;
+        const scaled = M.map((v) => v * scale);
+        // a float32 sum with junk (NaN included) above the diagonal, as syrkLower may leave it
+        const L32 = Float32Array.from(M);
+        const M32 = Float64Array.from(L32).map((v) => v * scale);
+        for (let i = 0; i < n; i++) for (let j = i + 1; j < n; j++) L32[i * n + j] = (i + j) % 3 ? Number.NaN : 1e30;
+        const want = eigh(M32, n, { backend: b.name });
+        for (const run of [eigh, eighAsync]) {
+          const got = await run(L32, n, { backend: b.name, lower: true, scale });
+          assert.deepEqual(got.values, want.values, `${run.name} n=${n}: values`);
+          assert.deepEqual(got.vectors, want.vectors, `${run.name} n=${n}: vectors`);
+          const narrow = await run(L32, n, { backend: b.name, lower: true, scale, vectors: 'float32' });
+          assert.ok(narrow.vectors instanceof Float32Array);
+          assert.deepEqual(narrow.vectors, Float32Array.from(want.vectors), `${run.name} n=${n}: float32 vectors`);
+        }
+        const full = eigh(scaled, n, { backend: b.name });
+        assert.ok(maxAbsDiff(full.values, want.values) < 1e-5 * n, 'the float32 sum is the matrix to float32 rounding');
+        // a NaN in the lower triangle is named by row and column
+        const bad = Float32Array.from(L32);
+        bad[(n - 1) * n + 1] = Number.NaN;
+        assert.throws(
+          () => eigh(bad, n, { backend: b.name, lower: true, scale, label: 'S of m' }),
+          new RegExp(`NaN in S of m at \\[${n - 1}, 1\\]`),
+        );
+      }
+      assert.throws(() => eigh(new Float64Array(4), 2, { scale: 2 }), /scale applies to a lower triangle/);
+    });
+  }
+
   test('NaN and Inf are rejected with the caller-provided label', () => {
     const A = randomSymmetric(4, 1);
     A[6] = Number.NaN;

@@ -69,3 +69,23 @@ for (const [arch, v] of ARCHS.flatMap((a) => VARIANTS.map((v) => [a, v] as const
     assert.equal(nGrad, model.parameters().length, 'parameters vs golden gradients');
   });
 }
+
+test('per-token rows of modules that read one input are one output, fetched under every name', async () => {
+  const model = Model.open(`${FIX}/models/llama`, { threads: 1, cacheDir: process.env.INFLUENCE_LENS_CACHE });
+  const gold = loadGolden('llama');
+  const graph = await model.compile({ perToken: true, modules: 'all' });
+  const names = graph.modules.map((m) => m.name);
+  const layer0 = (p: string) => names.find((n) => n.endsWith(p) && n.includes('.0.'))!;
+  const [q, k, v, gate, up] = ['q_proj', 'k_proj', 'v_proj', 'gate_proj', 'up_proj'].map(layer0);
+  // the session computes one tensor for q/k/v and one for gate/up (no copies); the others alias it
+  assert.equal(graph.aliases.get(`a.${k}`), `a.${q}`);
+  assert.equal(graph.aliases.get(`a.${v}`), `a.${q}`);
+  assert.equal(graph.aliases.get(`a.${up}`), `a.${gate}`);
+  for (const alias of graph.aliases.keys()) assert.ok(!graph.session.outputNames.includes(alias), alias);
+  assert.equal(graph.session.outputNames.length + graph.aliases.size, graph.outputNames.length);
+  // an alias alone is fetched through its tensor, and equals PyTorch's rows for that module
+  const out = await graph.run(gold.batch, { outputs: [`a.${k}`, `g.${k}`] });
+  assert.deepEqual(Object.keys(out).sort(), [`a.${k}`, `a.${q}`, `g.${k}`].sort());
+  const e = relErr(out[`a.${k}`].data as Float32Array, gold.get(`a.${k}`));
+  assert.ok(e <= TOL, `a.${k}: relative error ${e}`);
+});

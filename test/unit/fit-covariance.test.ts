@@ -144,15 +144,50 @@ test('syrkLower in column blocks (n >= SYRK_MIN_BLOCKED) matches a plain fp64 su
   }
 });
 
-test('a NaN activation row is refused, naming module, batch, row and column', () => {
+test('unweighted rows: Σ a aᵀ with the bias row and corner (Σ a and the count)', () => {
   const acc = new CovarianceAccumulator({ name: 'm', dIn: 3, dOut: 2, appendOne: true }, { precision: 'fp32' });
   acc.addActivationRows(new Float32Array([1, 2, 3, 4, 5, 6]), 2);
-  assert.throws(
-    () => acc.addActivationRows(new Float32Array([1, 2, 3, 4, Number.NaN, 6]), 2),
-    /NaN in activations of module m in batch 1 at row 1, column 1/,
-  );
-  // the bias row and corner: Σ a and the count
   const A = acc.activationSum;
   assert.deepEqual(Array.from(A.subarray(12, 16)), [5, 7, 9, 2]);
   assert.deepEqual(Array.from([A[3], A[7], A[11]]), [5, 7, 9]);
+  assert.deepEqual(Array.from(A.subarray(0, 3)), [17, 22, 27]);
+});
+
+for (const precision of ['fp32', 'fp64'] as const) {
+  const Ctor = precision === 'fp32' ? Float32Array : Float64Array;
+  test(`${precision}: a NaN or Inf in unweighted rows is refused, naming module, batch, row and column, and the sum is refused after`, () => {
+    // n = 1,100 takes syrkLower's blocked path: the check must see every column block's diagonal
+    for (const n of [3, 1100]) {
+      for (const [bad, label] of [
+        [Number.NaN, 'NaN'],
+        [Number.POSITIVE_INFINITY, 'Inf'],
+        [Number.NEGATIVE_INFINITY, 'Inf'],
+      ] as const) {
+        for (const col of [0, n - 1]) {
+          const acc = new CovarianceAccumulator({ name: 'm', dIn: n, dOut: n, appendOne: false }, { precision });
+          const rows = Ctor.from(Array.from({ length: 4 * n }, (_, i) => ((i * 7) % 5) - 2));
+          acc.addActivationRows(rows, 4).addGradientRows(rows, 4);
+          const x = Ctor.from(rows);
+          x[2 * n + col] = bad;
+          assert.throws(
+            () => acc.addActivationRows(x, 4),
+            new RegExp(`${label} in activations of module m in batch 1 at row 2, column ${col}$`),
+          );
+          assert.throws(
+            () => acc.addGradientRows(x, 4),
+            new RegExp(`${label} in output gradients of module m in batch 1 at row 2, column ${col}$`),
+          );
+          assert.throws(() => acc.finalize(), /(NaN|Inf) in activation covariance of module m/);
+        }
+      }
+    }
+  });
+}
+
+test('fp32: finite rows whose squares overflow the sum are refused as an overflow', () => {
+  const acc = new CovarianceAccumulator({ name: 'm', dIn: 2, dOut: 2, appendOne: false }, { precision: 'fp32' });
+  assert.throws(
+    () => acc.addGradientRows(new Float32Array([1, 3e19, 2, 1]), 2),
+    /output gradients of module m in batch 1: Σ x xᵀ overflowed float32 in column 1 \(values up to 3\.00e\+19\)/,
+  );
 });

@@ -3,7 +3,7 @@
 // times; its wall time is split into ONNX Runtime's `run` and the JS-side work (covariance
 // syrk, Λ sums). With --ort-profile, ONNX Runtime's per-node profile is written
 // (INFLUENCE_LENS_ORT_PROFILE) and summed by op type and by node.
-//   cov: fitCovariances; lambda: fitLambdas with random dense eigenbases (GEMM time does not
+//   cov: fitCovariances; eigen: fitEigenbases of a covariance pass's sums (that pass untimed); lambda: fitLambdas with random dense eigenbases (GEMM time does not
 //   depend on values, and an eigendecomposition takes longer than the pass); qgrad: the
 //   queries' per-token gradients; score: scoreCandidates in the eigenbasis with random rows;
 //   score-back: the same rows taken as P(G) (the path for many candidate tokens, rows rotated back);
@@ -15,13 +15,13 @@ import type { Eigenbasis } from '../../src/server/attribution/ekfac/eigenbasis';
 import { LambdaAccumulator } from '../../src/server/attribution/ekfac/lambda';
 import type { TokenRows } from '../../src/server/attribution/ekfac/lambda-rows';
 import type { Preconditioner } from '../../src/server/attribution/ekfac/precondition';
-import { fitCovariances, fitLambdas, type TokenizedExample } from '../../src/server/attribution/fit';
+import { fitCovariances, fitEigenbases, fitLambdas, type TokenizedExample } from '../../src/server/attribution/fit';
 import { queryBatchGradients, scoreCandidates } from '../../src/server/attribution/influence';
 import { CliError, int, parse } from '../../src/server/cli/util';
 import { CompiledGraph, defaultCacheDir, Model } from '../../src/server/model/engine';
 import { Rng } from '../../src/server/util/random';
 
-const PHASES = ['cov', 'lambda', 'lambda-rows', 'qgrad', 'score', 'score-back'] as const;
+const PHASES = ['cov', 'eigen', 'lambda', 'lambda-rows', 'qgrad', 'score', 'score-back'] as const;
 
 export async function benchProfile(argv: string[]): Promise<void> {
   const { values: v } = parse(argv, {
@@ -110,8 +110,13 @@ export async function benchProfile(argv: string[]): Promise<void> {
   }
   const bases = new Map<string, Eigenbasis>(pre);
   let kept: TokenRows | undefined;
+  let covariances: Map<string, CovarianceAccumulator> | undefined;
   // untimed work a pass needs before each run
   const prepare: Partial<Record<(typeof PHASES)[number], () => Promise<unknown>>> = {
+    // the decompositions consume the sums: a covariance pass before each
+    eigen: async () => {
+      covariances = (await fitCovariances(model, train, opts)).covariances;
+    },
     'lambda-rows': async () => {
       kept = (await fitCovariances(model, train, opts, { rows: true })).rows;
       if (!kept) throw new CliError('the rows were not kept (INFLUENCE_LENS_FIT_ROWS_MB?)');
@@ -119,6 +124,7 @@ export async function benchProfile(argv: string[]): Promise<void> {
   };
   const passes: Record<(typeof PHASES)[number], () => Promise<unknown>> = {
     cov: () => fitCovariances(model, train, opts),
+    eigen: () => fitEigenbases(covariances!),
     lambda: () => fitLambdas(model, train, bases, opts),
     'lambda-rows': () => fitLambdas(model, train, bases, opts, kept),
     qgrad: () => queryBatchGradients(model, queries, { modules: 'all' }),

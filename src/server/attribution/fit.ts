@@ -274,16 +274,19 @@ export async function fitEigenbases(
       if (failure) throw failure.error;
       const acc = covariances.get(name)!;
       const releaseA = await slots.acquire(opts?.signal);
-      const cov = acc.finalize();
-      const key = digest(cov.A);
+      // the sums' lower triangles, divided by their counts as the solver's input is copied
+      const cov = acc.lowerSums();
+      const key = digest(cov.A, cov.scaleA);
       let a = seenA.get(key);
       if (a) releaseA();
       else {
-        a = holding(releaseA, () => decomposeCovariance(name, 'activation', cov.A, cov.dA, eigenOpts));
+        const A = { ...eigenOpts, lowerSum: { scale: cov.scaleA } };
+        a = holding(releaseA, () => decomposeCovariance(name, 'activation', cov.A, cov.dA, A));
         seenA.set(key, a);
       }
       const releaseS = await slots.acquire(opts?.signal);
-      const s = holding(releaseS, () => decomposeCovariance(name, 'gradient', cov.S, cov.dOut, eigenOpts));
+      const S = { ...eigenOpts, lowerSum: { scale: cov.scaleS } };
+      const s = holding(releaseS, () => decomposeCovariance(name, 'gradient', cov.S, cov.dOut, S));
       const mine = a;
       const module = Promise.all([mine, s]).then(([da, ds]) => {
         // the first module to finish owns the shared activation arrays; the others copy them
@@ -315,9 +318,10 @@ export async function fitEigenbases(
   return new Map(order.map((name) => [name, done.get(name)!]));
 }
 
-function digest(a: Floats): string {
+/** Equal digests: equal sums (every byte, both triangles) and equal scales, so equal inputs to the solver. */
+function digest(a: Floats, scale: number): string {
   return createHash('sha256')
-    .update(`${a.constructor.name}:${a.length}:`)
+    .update(`${a.constructor.name}:${a.length}:${scale}:`)
     .update(new Uint8Array(a.buffer, a.byteOffset, a.byteLength))
     .digest('hex');
 }

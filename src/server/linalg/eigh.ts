@@ -6,7 +6,7 @@
 // at n = 1,536–2,048 on the development VM, with float32's rounding in the result.
 import { availableParallelism } from 'node:os';
 import { positiveEnv } from '../util/env';
-import { type Floats, symmetrizedCopy, transpose } from './matrix';
+import { type Floats, symmetricFromLower, symmetrizedCopy, transpose, transposeFinite } from './matrix';
 import { lapackAllowed, nativeLapack, nativeLoadErrors } from './native';
 
 export interface Eigh<V extends Floats = Float64Array> {
@@ -31,6 +31,15 @@ export interface EighOptions {
    * JS fallback, the decomposition runs in fp64 and only its vectors are returned as float32)
    */
   dtype?: EighDtype;
+  /**
+   * true: only the lower triangle of the (row-major) matrix is read, and the upper one may hold
+   * anything (a covariance sum as `syrkLower` leaves it); false (default): its symmetric part.
+   */
+  lower?: boolean;
+  /** decompose scale × matrix (a sum divided by its count), applied while the input is copied; lower triangles only */
+  scale?: number;
+  /** the type of the returned vectors, converted while they are read back; default: the decomposition's */
+  vectors?: EighDtype;
 }
 
 /** Largest n the automatic JS fallback accepts. */
@@ -52,28 +61,46 @@ export function eighBackend(): { kind: 'lapack' | 'js'; library?: string; reason
  * Eigendecomposition of a symmetric n×n matrix (row-major; only its symmetric part is used).
  * The input is not modified. Throws on NaN/Inf, naming `label`.
  */
-export function eigh(matrix: Float64Array, n: number, options?: EighOptions & { dtype?: 'float64' }): Eigh;
-export function eigh(matrix: Float64Array, n: number, options: EighOptions): Eigh<Floats>;
-export function eigh(matrix: Float64Array, n: number, options: EighOptions = {}): Eigh<Floats> {
+export function eigh(
+  matrix: Float64Array,
+  n: number,
+  options?: EighOptions & { dtype?: 'float64'; vectors?: 'float64' },
+): Eigh;
+export function eigh(matrix: Floats, n: number, options: EighOptions): Eigh<Floats>;
+export function eigh(matrix: Floats, n: number, options: EighOptions = {}): Eigh<Floats> {
   const job = prepare(matrix, n, options);
   if ('done' in job) return job.done;
   const ssyevd = job.lapack?.ssyevd;
   if (ssyevd && options.dtype === 'float32') {
-    const call = lapackCall(Float32Array.from(job.a), n, job.label, ssyevd);
+    const call = lapackCall(Float32Array.from(job.a), n, job.label, ssyevd, options.vectors);
     ssyevd(...call.args);
     return call.result();
   }
   if (job.lapack) {
-    const call = lapackCall(job.a, n, job.label, job.lapack.dsyevd);
+    const call = lapackCall(job.a, n, job.label, job.lapack.dsyevd, vectorsType(options));
     job.lapack.dsyevd(...call.args);
-    return narrowed(call.result(), options);
+    return call.result();
   }
-  return narrowed(eighJs(job.a, n, job.label), options);
+  return narrowed(eighJs(job.a, n, job.label), options, job.label);
 }
 
-/** A float32 decomposition asked of a backend without one: the fp64 result, vectors as float32. */
-function narrowed(r: Eigh, options: EighOptions): Eigh<Floats> {
-  return options.dtype === 'float32' ? { values: r.values, vectors: Float32Array.from(r.vectors) } : r;
+/** The vectors' type: asked for, or the decomposition's (float32 also where it ran in fp64). */
+function vectorsType(options: EighOptions): EighDtype {
+  return options.vectors ?? options.dtype ?? 'float64';
+}
+
+/** The JS fallback's fp64 result, its vectors checked and in the type asked for. */
+function narrowed(r: Eigh, options: EighOptions, label = 'matrix'): Eigh<Floats> {
+  const v = r.vectors;
+  const out = vectorsType(options) === 'float32' ? new Float32Array(v.length) : v;
+  let finite = true;
+  for (let i = 0; i < v.length; i++) {
+    const x = v[i];
+    if (x - x !== 0) finite = false;
+    out[i] = x;
+  }
+  if (!finite) throw new Error(`eigh(${label}): non-finite eigenvectors (the JS solver diverged)`);
+  return { values: r.values, vectors: out };
 }
 
 /**
@@ -81,20 +108,20 @@ function narrowed(r: Eigh, options: EighOptions): Eigh<Floats> {
  * (see `parallelEigh`) while the JS thread stays free. The JS fallback runs inline. Same checks,
  * same results as `eigh` under the same BLAS thread count.
  */
-export async function eighAsync(matrix: Float64Array, n: number, options: EighOptions = {}): Promise<Eigh<Floats>> {
+export async function eighAsync(matrix: Floats, n: number, options: EighOptions = {}): Promise<Eigh<Floats>> {
   const job = prepare(matrix, n, options);
   if ('done' in job) return job.done;
-  if (!job.lapack) return narrowed(eighJs(job.a, n, job.label), options);
+  if (!job.lapack) return narrowed(eighJs(job.a, n, job.label), options, job.label);
   const lib = job.lapack;
   if (lib.ssyevd && lib.ssyevdAsync && options.dtype === 'float32') {
-    const call = lapackCall(Float32Array.from(job.a), n, job.label, lib.ssyevd);
+    const call = lapackCall(Float32Array.from(job.a), n, job.label, lib.ssyevd, options.vectors);
     const run = lib.ssyevdAsync;
     await new Promise<void>((resolve, reject) => run(...call.args, (err) => (err ? reject(err) : resolve())));
     return call.result();
   }
-  const call = lapackCall(job.a, n, job.label, job.lapack.dsyevd);
+  const call = lapackCall(job.a, n, job.label, job.lapack.dsyevd, vectorsType(options));
   await new Promise<void>((resolve, reject) => lib.dsyevdAsync(...call.args, (err) => (err ? reject(err) : resolve())));
-  return narrowed(call.result(), options);
+  return call.result();
 }
 
 type Prepared =
@@ -102,20 +129,24 @@ type Prepared =
   | { a: Float64Array; label: string; lapack: NonNullable<ReturnType<typeof nativeLapack>> | null };
 
 /** Checks the input and picks the backend; `a` is a symmetrized copy for the solver to overwrite. */
-function prepare(matrix: Float64Array, n: number, options: EighOptions): Prepared {
+function prepare(matrix: Floats, n: number, options: EighOptions): Prepared {
   const label = options.label ?? 'matrix';
   if (!Number.isInteger(n) || n < 0) throw new Error(`eigh(${label}): bad size ${n}`);
   if (matrix.length !== n * n)
     throw new Error(`eigh(${label}): expected ${n}×${n} = ${n * n} values, got ${matrix.length}`);
-  // a symmetrized copy for the solver to overwrite, checked for NaN/Inf in the same pass
-  const { a, bad } = symmetrizedCopy(matrix, n);
-  if (bad >= 0) {
-    const i = Math.floor(bad / n);
-    throw new Error(`eigh: ${matrix[bad]} in ${label} at [${i}, ${bad - i * n}] (n=${n})`);
-  }
-  if (n === 0) return { done: { values: new Float64Array(0), vectors: new Float64Array(0) } };
+  if (options.scale !== undefined && !options.lower)
+    throw new Error(`eigh(${label}): scale applies to a lower triangle (lower: true)`);
   const backend = options.backend ?? 'auto';
   const lib = backend === 'js' ? null : nativeLapack();
+  // a symmetric copy for the solver to overwrite, checked for NaN/Inf in the same pass; LAPACK's
+  // 'L' solvers read one triangle of it, the JS one both
+  const { a, bad } = options.lower ? symmetricFromLower(matrix, n, options.scale, !lib) : symmetrizedCopy(matrix, n);
+  if (bad >= 0) {
+    const i = Math.floor(bad / n);
+    const v = options.lower ? matrix[bad] * (options.scale ?? 1) : matrix[bad];
+    throw new Error(`eigh: ${Number.isNaN(v) ? 'NaN' : v} in ${label} at [${i}, ${bad - i * n}] (n=${n})`);
+  }
+  if (n === 0) return { done: { values: new Float64Array(0), vectors: new Float64Array(0) } };
   if (lib) return { a, label, lapack: lib };
   if (backend === 'lapack') {
     throw new Error(
@@ -144,6 +175,7 @@ function lapackCall<A extends Float64Array | Float32Array>(
   n: number,
   label: string,
   solver: (...args: Parameters<A extends Float32Array ? Ssyevd : Dsyevd>) => void,
+  vectors?: EighDtype,
 ) {
   const name = a instanceof Float32Array ? 'ssyevd' : 'dsyevd';
   const floats = (len: number) => (a instanceof Float32Array ? new Float32Array(len) : new Float64Array(len)) as A;
@@ -178,11 +210,15 @@ function lapackCall<A extends Float64Array | Float32Array>(
     1,
     1,
   ] as unknown as Args;
-  const result = (): Eigh<A> => {
+  const result = (): Eigh<Floats> => {
     if (info[0] < 0) throw new Error(`eigh(${label}): ${name} argument ${-info[0]} was illegal`);
     if (info[0] > 0) throw new Error(`eigh(${label}): ${name} failed to converge (info=${info[0]}, n=${n})`);
-    // LAPACK returns eigenvectors column-major (a[j*n + i] = V[i][j]); we return row-major V.
-    return { values: Float64Array.from(w), vectors: transpose(a, n, n, floats(n * n)) };
+    // LAPACK returns eigenvectors column-major (a[j*n + i] = V[i][j]); we return row-major V, in
+    // the type asked for, checked in the same pass
+    const type = vectors ?? (a instanceof Float32Array ? 'float32' : 'float64');
+    const out = type === 'float32' ? new Float32Array(n * n) : new Float64Array(n * n);
+    if (!transposeFinite(a, n, n, out)) throw new Error(`eigh(${label}): ${name} returned non-finite eigenvectors`);
+    return { values: Float64Array.from(w), vectors: out };
   };
   return { args, result };
 }

@@ -333,6 +333,71 @@ export function symmetrizedCopy(A: Floats, n: number): { a: Float64Array; bad: n
   return { a: out, bad: nonFinite ? firstNonFinite(A) : -1 };
 }
 
+/**
+ * scale × L as a full symmetric fp64 matrix, reading only the lower triangle of L (row-major,
+ * L[i][j] with j <= i; the upper one may hold anything, as `syrkLower`'s sums do), in one pass of
+ * tiles; `bad` is the row-major index of the first non-finite scaled entry of that triangle, or -1.
+ * A covariance sum becomes its mean, symmetric and checked here: mirroring the sum, dividing it by
+ * its count, checking it and symmetrizing a copy for the solver took four passes, 5.5 s of the
+ * 39 s eigendecomposition phase at SmolLM-135M's shape. `mirror` false writes the upper triangle
+ * alone (row-major; LAPACK's column-major lower one, all that its 'L' solvers read).
+ */
+export function symmetricFromLower(L: Floats, n: number, scale = 1, mirror = true): { a: Float64Array; bad: number } {
+  if (L.length < n * n) throw new Error(`symmetricFromLower: expected ${n}×${n} values, got ${L.length}`);
+  const out = new Float64Array(n * n);
+  const BS = 32;
+  let nonFinite = false;
+  for (let i0 = 0; i0 < n; i0 += BS) {
+    const i1 = Math.min(n, i0 + BS);
+    for (let j0 = 0; j0 <= i0; j0 += BS) {
+      const j1 = Math.min(n, j0 + BS);
+      for (let i = i0; i < i1; i++) {
+        const jEnd = Math.min(j1, i + 1);
+        for (let j = j0; j < jEnd; j++) {
+          const v = L[i * n + j] * scale;
+          if (v - v !== 0) nonFinite = true;
+          if (mirror) out[i * n + j] = v;
+          out[j * n + i] = v;
+        }
+      }
+    }
+  }
+  let bad = -1;
+  if (nonFinite)
+    for (let i = 0; i < n && bad < 0; i++)
+      for (let j = 0; j <= i; j++) {
+        const v = L[i * n + j] * scale;
+        if (v - v !== 0) {
+          bad = i * n + j;
+          break;
+        }
+      }
+  return { a: out, bad };
+}
+
+/**
+ * `transpose` into `out` (any float type) that also says whether every value was finite: a
+ * solver's column-major result read back row-major, narrowed and checked in one pass instead of
+ * three (transpose, finite check, narrowing).
+ */
+export function transposeFinite(A: Floats, rows: number, cols: number, out: Floats): boolean {
+  const BS = 32;
+  let finite = true;
+  for (let i0 = 0; i0 < rows; i0 += BS) {
+    const i1 = Math.min(rows, i0 + BS);
+    for (let j0 = 0; j0 < cols; j0 += BS) {
+      const j1 = Math.min(cols, j0 + BS);
+      for (let i = i0; i < i1; i++)
+        for (let j = j0; j < j1; j++) {
+          const v = A[i * cols + j];
+          if (v - v !== 0) finite = false;
+          out[j * rows + i] = v;
+        }
+    }
+  }
+  return finite;
+}
+
 /** A ← (A + Aᵀ)/2 in place for a square n×n matrix. */
 export function symmetrize(A: Float64Array, n: number): Float64Array {
   // in 32 × 32 tiles, as mirrorLower

@@ -4,8 +4,8 @@
 // model the eigenvectors are then stored in float32, as kronfluence does (eigendecomposition in
 // float64, factors in float32): at the Qwen2.5-0.5B shape fp64 bases alone would not fit in 24 GB.
 // `dtype: 'float32'` decomposes in float32 too (kronfluence's eigendecomposition_dtype option).
-import { type Eigh, type EighBackend, type EighDtype, eigh, eighAsync } from '../../linalg/eigh';
-import { type Floats, gemm, inPrecision, type Precision, toF64 } from '../../linalg/matrix';
+import { type EighBackend, type EighDtype, eigh, eighAsync } from '../../linalg/eigh';
+import { type Floats, gemm, type Precision, toF64 } from '../../linalg/matrix';
 import type { Covariances } from './covariance';
 
 export interface Eigenbasis {
@@ -46,12 +46,12 @@ export function computeEigenbasis(
 ): Eigenbasis {
   // One matrix at a time: each fp64 result is narrowed (when fp32) before the next is decomposed.
   const decompose = (M: Float64Array, n: number, what: string) =>
-    checked(
-      eigh(M, n, { label: `${what} covariance of module ${module}`, backend: options.backend, dtype: options.dtype }),
-      module,
-      what,
-      options,
-    );
+    eigh(M, n, {
+      label: `${what} covariance of module ${module}`,
+      backend: options.backend,
+      dtype: options.dtype,
+      vectors: vectorsIn(options),
+    });
   const a = options.knownA ? copyOf(options.knownA, options) : decompose(cov.A, cov.dA, 'activation');
   const s = decompose(cov.S, cov.dOut, 'gradient');
   return assembleEigenbasis(module, cov, a, s, options);
@@ -71,16 +71,26 @@ export interface Decomposition {
 export async function decomposeCovariance(
   module: string,
   what: 'activation' | 'gradient',
-  M: Float64Array,
+  M: Floats,
   n: number,
-  options: EigenbasisOptions = {},
+  options: EigenbasisOptions & {
+    /** M is a sum whose lower triangle alone is right (`CovarianceAccumulator.lowerSum`); decompose scale × M */
+    lowerSum?: { scale: number };
+  } = {},
 ): Promise<Decomposition> {
-  const r = await eighAsync(M, n, {
+  // finite vectors in the storage type (eigh checks and narrows them as it reads them back)
+  return eighAsync(M, n, {
     label: `${what} covariance of module ${module}`,
     backend: options.backend,
     dtype: options.dtype,
+    vectors: vectorsIn(options),
+    ...(options.lowerSum ? { lower: true, scale: options.lowerSum.scale } : {}),
   });
-  return checked(r, module, what, options);
+}
+
+/** The eigenvectors' storage type: the basis's precision (eigh narrows them while reading them back). */
+function vectorsIn(options: EigenbasisOptions): EighDtype {
+  return (options.precision ?? 'fp64') === 'fp32' ? 'float32' : 'float64';
 }
 
 /** The basis from its two decompositions; a shared activation decomposition is copied (no two bases share an array). */
@@ -102,11 +112,6 @@ export function assembleEigenbasis(
     qS: s.vectors,
     eigS: clampNegatives(s.values, tol, `gradient covariance of module ${module}`),
   };
-}
-
-function checked(r: Eigh<Floats>, module: string, what: string, options: EigenbasisOptions): Decomposition {
-  checkVectors(r.vectors, `${what} eigenvectors of module ${module}`);
-  return { values: r.values, vectors: inPrecision(r.vectors, options.precision ?? 'fp64') };
 }
 
 function copyOf(d: Decomposition, options: EigenbasisOptions): Decomposition {
@@ -133,12 +138,6 @@ export function clampNegatives(values: Float64Array, tol: number, what: string):
     values[i] = 0;
   }
   return values;
-}
-
-function checkVectors(q: Floats, what: string) {
-  for (let i = 0; i < q.length; i++) {
-    if (!Number.isFinite(q[i])) throw new Error(`${q[i]} in ${what} (eigendecomposition step)`);
-  }
 }
 
 export type Basis = Pick<Eigenbasis, 'qA' | 'qS' | 'dA' | 'dOut'>;
