@@ -249,6 +249,64 @@ describe('numbers the engine would read as other numbers', () => {
     assert.equal(top.code, 0, top.err);
   });
 
+  test('a seed that changes nothing (nothing is drawn at random) is noted, not silently ignored', () => {
+    const note = /note: --seed 5 changes nothing here: /;
+    const greedy = cli('generate', '--model', MODEL, '--prompt', PROMPT, '--seed', '5');
+    assert.equal(greedy.code, 0, greedy.err);
+    assert.match(greedy.err, /note: --seed 5 changes nothing here: --temperature 0 decodes greedily/);
+    const sampled = cli('generate', '--model', MODEL, '--prompt', PROMPT, '--temperature', '1', '--seed', '5');
+    assert.equal(sampled.code, 0, sampled.err);
+    assert.doesNotMatch(sampled.err, note);
+    const g = (labels: string) =>
+      cli(
+        'gradients',
+        '--model',
+        MODEL,
+        '--text',
+        'a b c',
+        '--out',
+        join(home, `g-${labels}.safetensors`),
+        '--labels',
+        labels,
+        '--seed',
+        '5',
+      );
+    const data = g('data');
+    assert.equal(data.code, 0, data.err);
+    assert.match(data.err, /note: --seed 5 changes nothing here: with --labels data the text gives the labels/);
+    const drawn = g('sampled');
+    assert.equal(drawn.code, 0, drawn.err);
+    assert.doesNotMatch(drawn.err, note);
+    // fit says so before it opens anything (here its data file is missing)
+    const fit = cli(
+      'fit',
+      '--model',
+      MODEL,
+      '--data',
+      join(home, 'none.jsonl'),
+      '--out',
+      join(home, 'fs'),
+      '--labels',
+      'empirical',
+      '--seed',
+      '5',
+    );
+    assert.equal(fit.code, 1);
+    assert.match(fit.err, /note: --seed 5 changes nothing here: with --labels empirical the data gives the labels/);
+    const fitSampled = cli(
+      'fit',
+      '--model',
+      MODEL,
+      '--data',
+      join(home, 'none.jsonl'),
+      '--out',
+      join(home, 'fs'),
+      '--seed',
+      '5',
+    );
+    assert.doesNotMatch(fitSampled.err, note);
+  });
+
   test('--threads outside 1..1024 is refused (0 meant all cores, a negative count a stack trace, 100000 a hang)', () => {
     for (const t of ['0', '-2', '100000'])
       refused(

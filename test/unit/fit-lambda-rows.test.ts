@@ -5,8 +5,8 @@
 // those of the rows computed again (a resumed fit); the rows must never be kept for sampled labels
 // (fresh labels in the correction) or over the budget.
 import assert from 'node:assert/strict';
-import { closeSync, mkdtempSync, openSync, readdirSync, rmSync, statfsSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { closeSync, existsSync, mkdtempSync, openSync, readdirSync, rmSync, statfsSync } from 'node:fs';
+import { devNull, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
 import {
@@ -322,10 +322,12 @@ test('a write the disk refuses gives the rows up, not the fit; the space goes ba
     );
     await c.drain();
     assert.equal(c.failed, undefined);
-    // the store's descriptor swapped for a read-only one: the next write fails as a full disk's would
+    // the store's descriptor swapped for one on /dev/full: the next write fails as a full disk's
+    // does, ENOSPC from the kernel (a read-only descriptor, EBADF, where there is no /dev/full)
     const store = (c as unknown as { store: { fd: number } }).store;
     const real = store.fd;
-    store.fd = openSync('/dev/null', 'r');
+    const full = existsSync('/dev/full');
+    store.fd = full ? openSync('/dev/full', 'w') : openSync(devNull, 'r');
     c.add(
       1,
       2,
@@ -333,7 +335,7 @@ test('a write the disk refuses gives the rows up, not the fit; the space goes ba
       () => new Float32Array(6),
     );
     assert.equal(await c.finish(), undefined);
-    assert.match(c.failed ?? '', new RegExp(`writing them to ${dir} failed \\(EBADF`));
+    assert.match(c.failed ?? '', new RegExp(`writing them to ${dir} failed \\(${full ? 'ENOSPC' : 'EBADF'}`));
     assert.equal(store.fd, undefined, 'closed once the writes in flight were done');
     closeSync(real);
     // a planner or shape bug is not a disk's refusal: it still fails loudly

@@ -41,7 +41,12 @@ export async function runFit(argv: string[]): Promise<void> {
   // every value checked before the model is opened (and its checkpoints are announced)
   const modules = oneOf(v.modules, ['mlp', 'all'] as const, '--modules', 'all');
   const labels = oneOf(v.labels, ['sampled', 'empirical'] as const, '--labels', 'sampled');
-  const seed = seedFlag(v.seed, 0);
+  const seed = seedFlag(
+    v.seed,
+    0,
+    '--seed',
+    labels === 'empirical' ? 'with --labels empirical the data gives the labels, nothing is sampled' : undefined,
+  );
   const eigendecompositionDtype = oneOf(
     v['eigendecomposition-dtype'],
     ['float64', 'float32'] as const,

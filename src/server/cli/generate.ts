@@ -34,7 +34,7 @@ export async function runGenerate(argv: string[]): Promise<void> {
   const stop = v.stop ?? [];
   if (stop.some((s) => !s)) throw new CliError('--stop must not be empty');
   // checked before the model is opened (its first use reads every weight file)
-  const seed = seedFlag(v.seed, 0);
+  const seed = seedFlag(v.seed, 0, '--seed', temperature === 0 ? '--temperature 0 decodes greedily' : undefined);
   const model = Model.open(v.model, { threads: threadsFlag(v.threads) });
   const gens = await generate(model, prompts, {
     maxNewTokens,

@@ -31,7 +31,12 @@ export async function runGradients(argv: string[]): Promise<void> {
     throw new CliError('--prompt and --completion go together');
   const modules = oneOf(v.modules, ['mlp', 'all'] as const, '--modules', 'all');
   const labels = oneOf(v.labels, ['data', 'sampled'] as const, '--labels', 'data');
-  const seed = seedFlag(v.seed, 0);
+  const seed = seedFlag(
+    v.seed,
+    0,
+    '--seed',
+    labels === 'data' ? 'with --labels data the text gives the labels, nothing is sampled' : undefined,
+  );
 
   const model = Model.open(v.model, { base: v.base, training: trainingFlag(v.training) });
   // the same rendering and masking as fit gives a training record (a --text or a prompt/completion

@@ -102,9 +102,17 @@ export function int(value: string | undefined, flag: string, fallback: number): 
  * `--seed`: the random generator (util/random.ts) keeps 32 bits of it, so a larger or negative
  * seed would silently be another one (4294967296 samples as 0 does): refused instead.
  */
-export function seedFlag(value: string | undefined, fallback: number, flag = '--seed'): number {
+export function seedFlag(
+  value: string | undefined,
+  fallback: number,
+  flag = '--seed',
+  /** why nothing is drawn at random in this run, when nothing is: a given seed is then noted as unused */
+  unused?: string,
+): number {
   const n = int(value, flag, fallback);
   if (n < 0 || n > 0xffffffff) throw new CliError(`${flag} must be an integer from 0 to 4294967295 (got "${value}")`);
+  // a seed that changes nothing is said so, not silently ignored (the result is the same for every seed)
+  if (value !== undefined && unused) process.stderr.write(`note: ${flag} ${value} changes nothing here: ${unused}\n`);
   return n;
 }
 
