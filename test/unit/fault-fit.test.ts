@@ -531,7 +531,14 @@ describe('fit job under kill -9 and concurrency', () => {
     // two processes spilling into one folder at once (each fitting its own output): each its own
     // file, the factors of rows in memory, nothing left
     const outs = [join(home, 'cli-spilled-a'), join(home, 'cli-spilled-b')];
-    const both = await Promise.all(outs.map((o) => cli(args.map((a) => (a === out ? o : a)), env)));
+    const both = await Promise.all(
+      outs.map((o) =>
+        cli(
+          args.map((a) => (a === out ? o : a)),
+          env,
+        ),
+      ),
+    );
     for (const [i, b] of both.entries()) {
       assert.equal(b.code, 0, b.err);
       assert.match(b.err, /per-token rows \(\d+ MiB\) kept in a temporary file in /);
