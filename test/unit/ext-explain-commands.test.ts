@@ -142,3 +142,55 @@ test("after an explain, the server's status is asked again, so warnings it finds
   assert.deepEqual(fake.messages('error'), []);
   assert.equal(refreshed, 1, 'status asked again after the result');
 });
+
+test('compare methods the server cannot run are left out of the request and named with their reason, once', async () => {
+  fake.reset();
+  const info = {
+    model: 'm',
+    datasets: ['b'],
+    methods: ['bm25', 'repsim'],
+    unavailable: { ekfac: 'no EK-FAC factors for this model: run "Influence Lens: Fit factors"' },
+    needsFit: {},
+    warnings: [],
+  };
+  const sent: Array<{ compare?: string[] }> = [];
+  const result = {
+    method: 'bm25',
+    query: { prompt: 'Q: x?\nA:', completion: ' Paris' },
+    scored: 0,
+    supporting: [],
+    opposing: [],
+    histogram: { edges: [], counts: [] },
+    modules: [],
+    timings: {},
+  };
+  const s = {
+    info: async () => info,
+    lastInfo: () => info,
+    refreshWarnings: async () => undefined,
+    client: {
+      explain: async (p: { compare?: string[] }) => {
+        sent.push(p);
+        return result;
+      },
+    },
+    datasets: { resolve: async () => undefined },
+    panel: { show: () => undefined, post: () => undefined, setFlags: () => undefined, mirror: { results: {} } },
+    history: { add: () => undefined },
+    flags: { flagsOf: () => new Map() },
+    context: { workspaceState: memento() },
+  };
+  fake.config.method = 'bm25';
+  fake.config.compare = ['ekfac', 'repsim', 'bm25'];
+  const c = new ExplainController(s as never);
+  await c.explain('Q: x?\nA:', ' Paris');
+  assert.deepEqual(sent[0].compare, ['repsim']);
+  assert.match(
+    fake.messages('warning').join('\n'),
+    /not compared with a method of influenceLens\.compare that the server cannot run now: EK-FAC \(no EK-FAC factors for this model: run "Influence Lens: Fit factors"\)/,
+  );
+  // the same reason again: not repeated
+  await c.explain('Q: y?\nA:', ' Rome');
+  assert.equal(fake.messages('warning').length, 1);
+  assert.deepEqual(fake.messages('error'), []);
+});

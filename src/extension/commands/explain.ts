@@ -30,6 +30,8 @@ export class ExplainController {
   private revision?: string;
   /** completions inserted by "Complete with model", by document: their prompt is the one generated from */
   private generated = new Map<string, { start: number; end: number; version: number; prompt: string }>();
+  /** the compare methods (with their reasons) already said to be left out, so it is said once */
+  private uncompared = new Set<string>();
 
   constructor(private readonly s: Services) {}
 
@@ -132,6 +134,7 @@ export class ExplainController {
     const cts = new vscode.CancellationTokenSource();
     this.running = cts;
     const params = paramsOf(q, method, cfg, info);
+    this.noteUncompared(cfg.compare, method, info);
     // what the result depends on, before the server reads anything (a file saved mid-run below)
     const before = await this.context(params, info);
     const short = q.completion.replace(/\s+/g, ' ').trim().slice(0, 40);
@@ -386,6 +389,28 @@ export class ExplainController {
     } catch (e) {
       await reportError(e, () => this.complete());
     }
+  }
+
+  /**
+   * `influenceLens.compare` methods the server cannot run now are left out of the request (it would
+   * refuse the whole explain); say which and why, once per reason, instead of comparing with fewer
+   * methods than the settings list and not saying so.
+   */
+  private noteUncompared(
+    compare: Method[],
+    method: Method,
+    info: { methods: Method[]; unavailable?: Partial<Record<Method, string | null>> },
+  ): void {
+    const left = compare.filter((m) => m !== method && !info.methods.includes(m));
+    if (!left.length) return;
+    const why = left
+      .map((m) => `${METHOD_LABELS[m]} (${info.unavailable?.[m] ?? 'this server does not offer it'})`)
+      .join('; ');
+    if (this.uncompared.has(why)) return;
+    this.uncompared.add(why);
+    void vscode.window.showWarningMessage(
+      `Influence Lens: the result is not compared with ${left.length === 1 ? 'a method' : 'methods'} of influenceLens.compare that the server cannot run now: ${why}.`,
+    );
   }
 
   dispose(): void {
