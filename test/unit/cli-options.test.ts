@@ -278,32 +278,26 @@ describe('numbers the engine would read as other numbers', () => {
     assert.equal(drawn.code, 0, drawn.err);
     assert.doesNotMatch(drawn.err, note);
     // fit says so before it opens anything (here its data file is missing)
-    const fit = cli(
-      'fit',
-      '--model',
-      MODEL,
-      '--data',
-      join(home, 'none.jsonl'),
-      '--out',
-      join(home, 'fs'),
-      '--labels',
-      'empirical',
-      '--seed',
-      '5',
+    const fit = (...extra: string[]) =>
+      cli(
+        'fit',
+        '--model',
+        MODEL,
+        '--data',
+        join(home, 'none.jsonl'),
+        '--out',
+        join(home, 'fs'),
+        '--seed',
+        '5',
+        ...extra,
+      );
+    const empirical = fit('--labels', 'empirical');
+    assert.equal(empirical.code, 1);
+    assert.match(
+      empirical.err,
+      /note: --seed 5 changes nothing here: with --labels empirical the data gives the labels/,
     );
-    assert.equal(fit.code, 1);
-    assert.match(fit.err, /note: --seed 5 changes nothing here: with --labels empirical the data gives the labels/);
-    const fitSampled = cli(
-      'fit',
-      '--model',
-      MODEL,
-      '--data',
-      join(home, 'none.jsonl'),
-      '--out',
-      join(home, 'fs'),
-      '--seed',
-      '5',
-    );
+    const fitSampled = fit();
     assert.doesNotMatch(fitSampled.err, note);
   });
 

@@ -107,12 +107,11 @@ test("the panel's Flag records where the example is now, and asks before flaggin
   }
 });
 
-test("after an explain, the server's status is asked again, so warnings it finds reading the dataset reach the log", async () => {
-  // the server names factors fitted on other data than the fit dataset only once it has read that
-  // dataset: status at connect (all the editor asked before) cannot carry the warning
-  fake.reset();
-  let refreshed = 0;
-  const info = { model: 'm', datasets: ['b'], methods: ['bm25'], unavailable: {}, needsFit: {}, warnings: [] };
+/** The services an explain of bm25 needs: `info` from the server, `explain` answering with an empty result. */
+function bm25Services(
+  info: Record<string, unknown>,
+  hooks: { explain?: (p: { compare?: string[] }) => void; refreshed?: () => void } = {},
+) {
   const result = {
     method: 'bm25',
     query: { prompt: 'Q: x?\nA:', completion: ' Paris' },
@@ -123,21 +122,32 @@ test("after an explain, the server's status is asked again, so warnings it finds
     modules: [],
     timings: {},
   };
-  const s = {
+  return {
     info: async () => info,
     lastInfo: () => info,
-    refreshWarnings: async () => {
-      refreshed++;
+    refreshWarnings: async () => hooks.refreshed?.(),
+    client: {
+      explain: async (p: { compare?: string[] }) => {
+        hooks.explain?.(p);
+        return result;
+      },
     },
-    client: { explain: async () => result },
     datasets: { resolve: async () => undefined },
     panel: { show: () => undefined, post: () => undefined, setFlags: () => undefined, mirror: { results: {} } },
     history: { add: () => undefined },
     flags: { flagsOf: () => new Map() },
     context: { workspaceState: memento() },
   };
+}
+
+test("after an explain, the server's status is asked again, so warnings it finds reading the dataset reach the log", async () => {
+  // the server names factors fitted on other data than the fit dataset only once it has read that
+  // dataset: status at connect (all the editor asked before) cannot carry the warning
+  fake.reset();
+  let refreshed = 0;
+  const info = { model: 'm', datasets: ['b'], methods: ['bm25'], unavailable: {}, needsFit: {}, warnings: [] };
   fake.config.method = 'bm25';
-  const c = new ExplainController(s as never);
+  const c = new ExplainController(bm25Services(info, { refreshed: () => refreshed++ }) as never);
   await c.explain('Q: x?\nA:', ' Paris');
   assert.deepEqual(fake.messages('error'), []);
   assert.equal(refreshed, 1, 'status asked again after the result');
@@ -154,35 +164,9 @@ test('compare methods the server cannot run are left out of the request and name
     warnings: [],
   };
   const sent: Array<{ compare?: string[] }> = [];
-  const result = {
-    method: 'bm25',
-    query: { prompt: 'Q: x?\nA:', completion: ' Paris' },
-    scored: 0,
-    supporting: [],
-    opposing: [],
-    histogram: { edges: [], counts: [] },
-    modules: [],
-    timings: {},
-  };
-  const s = {
-    info: async () => info,
-    lastInfo: () => info,
-    refreshWarnings: async () => undefined,
-    client: {
-      explain: async (p: { compare?: string[] }) => {
-        sent.push(p);
-        return result;
-      },
-    },
-    datasets: { resolve: async () => undefined },
-    panel: { show: () => undefined, post: () => undefined, setFlags: () => undefined, mirror: { results: {} } },
-    history: { add: () => undefined },
-    flags: { flagsOf: () => new Map() },
-    context: { workspaceState: memento() },
-  };
   fake.config.method = 'bm25';
   fake.config.compare = ['ekfac', 'repsim', 'bm25'];
-  const c = new ExplainController(s as never);
+  const c = new ExplainController(bm25Services(info, { explain: (p) => sent.push(p) }) as never);
   await c.explain('Q: x?\nA:', ' Paris');
   assert.deepEqual(sent[0].compare, ['repsim']);
   assert.match(

@@ -256,6 +256,7 @@ export async function fitEigenbases(
   // sha256 of its bytes (the covariance itself is released as we go); equal digests mean equal
   // values, so the result is the same as decomposing it again.
   const seenA = new Map<string, Promise<Decomposition>>();
+  const digests = new Map<Floats, string>();
   const claimed = new Set<Promise<Decomposition>>();
   // one slot per decomposition in flight; a slot is taken before its covariance is finalized
   const slots = new Semaphore(parallel, 2 * order.length);
@@ -276,7 +277,9 @@ export async function fitEigenbases(
       const releaseA = await slots.acquire(opts?.signal);
       // the sums' lower triangles, divided by their counts as the solver's input is copied
       const cov = acc.lowerSums();
-      const key = digest(cov.A, cov.scaleA);
+      // modules sharing one sum (q/k/v, gate/up) hash it once; equal sums of their own still match
+      const key = digests.get(cov.A) ?? digest(cov.A, cov.scaleA);
+      digests.set(cov.A, key);
       let a = seenA.get(key);
       if (a) releaseA();
       else {

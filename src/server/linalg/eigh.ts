@@ -6,7 +6,7 @@
 // at n = 1,536–2,048 on the development VM, with float32's rounding in the result.
 import { availableParallelism } from 'node:os';
 import { positiveEnv } from '../util/env';
-import { type Floats, symmetricFromLower, symmetrizedCopy, transpose, transposeFinite } from './matrix';
+import { type Floats, firstNonFinite, symmetricFromLower, symmetrizedCopy, transpose, transposeFinite } from './matrix';
 import { lapackAllowed, nativeLapack, nativeLoadErrors } from './native';
 
 export interface Eigh<V extends Floats = Float64Array> {
@@ -72,7 +72,7 @@ export function eigh(matrix: Floats, n: number, options: EighOptions = {}): Eigh
   if ('done' in job) return job.done;
   const ssyevd = job.lapack?.ssyevd;
   if (ssyevd && options.dtype === 'float32') {
-    const call = lapackCall(Float32Array.from(job.a), n, job.label, ssyevd, options.vectors);
+    const call = lapackCall(Float32Array.from(job.a), n, job.label, ssyevd, vectorsType(options));
     ssyevd(...call.args);
     return call.result();
   }
@@ -89,18 +89,11 @@ function vectorsType(options: EighOptions): EighDtype {
   return options.vectors ?? options.dtype ?? 'float64';
 }
 
-/** The JS fallback's fp64 result, its vectors checked and in the type asked for. */
+/** The JS fallback's fp64 result, its vectors checked and in the type asked for (n <= JS_MAX_N: not a hot path). */
 function narrowed(r: Eigh, options: EighOptions, label = 'matrix'): Eigh<Floats> {
-  const v = r.vectors;
-  const out = vectorsType(options) === 'float32' ? new Float32Array(v.length) : v;
-  let finite = true;
-  for (let i = 0; i < v.length; i++) {
-    const x = v[i];
-    if (x - x !== 0) finite = false;
-    out[i] = x;
-  }
-  if (!finite) throw new Error(`eigh(${label}): non-finite eigenvectors (the JS solver diverged)`);
-  return { values: r.values, vectors: out };
+  if (firstNonFinite(r.vectors) >= 0)
+    throw new Error(`eigh(${label}): non-finite eigenvectors (the JS solver diverged)`);
+  return vectorsType(options) === 'float32' ? { values: r.values, vectors: Float32Array.from(r.vectors) } : r;
 }
 
 /**
@@ -114,7 +107,7 @@ export async function eighAsync(matrix: Floats, n: number, options: EighOptions 
   if (!job.lapack) return narrowed(eighJs(job.a, n, job.label), options, job.label);
   const lib = job.lapack;
   if (lib.ssyevd && lib.ssyevdAsync && options.dtype === 'float32') {
-    const call = lapackCall(Float32Array.from(job.a), n, job.label, lib.ssyevd, options.vectors);
+    const call = lapackCall(Float32Array.from(job.a), n, job.label, lib.ssyevd, vectorsType(options));
     const run = lib.ssyevdAsync;
     await new Promise<void>((resolve, reject) => run(...call.args, (err) => (err ? reject(err) : resolve())));
     return call.result();
@@ -175,7 +168,7 @@ function lapackCall<A extends Float64Array | Float32Array>(
   n: number,
   label: string,
   solver: (...args: Parameters<A extends Float32Array ? Ssyevd : Dsyevd>) => void,
-  vectors?: EighDtype,
+  vectors: EighDtype,
 ) {
   const name = a instanceof Float32Array ? 'ssyevd' : 'dsyevd';
   const floats = (len: number) => (a instanceof Float32Array ? new Float32Array(len) : new Float64Array(len)) as A;
@@ -215,8 +208,7 @@ function lapackCall<A extends Float64Array | Float32Array>(
     if (info[0] > 0) throw new Error(`eigh(${label}): ${name} failed to converge (info=${info[0]}, n=${n})`);
     // LAPACK returns eigenvectors column-major (a[j*n + i] = V[i][j]); we return row-major V, in
     // the type asked for, checked in the same pass
-    const type = vectors ?? (a instanceof Float32Array ? 'float32' : 'float64');
-    const out = type === 'float32' ? new Float32Array(n * n) : new Float64Array(n * n);
+    const out = vectors === 'float32' ? new Float32Array(n * n) : new Float64Array(n * n);
     if (!transposeFinite(a, n, n, out)) throw new Error(`eigh(${label}): ${name} returned non-finite eigenvectors`);
     return { values: Float64Array.from(w), vectors: out };
   };

@@ -262,16 +262,8 @@ export function transpose<T extends Floats = Float64Array>(
   cols: number,
   out: T = new Float64Array(rows * cols) as T,
 ): T {
-  const T = out;
-  const BS = 32;
-  for (let i0 = 0; i0 < rows; i0 += BS) {
-    const i1 = Math.min(rows, i0 + BS);
-    for (let j0 = 0; j0 < cols; j0 += BS) {
-      const j1 = Math.min(cols, j0 + BS);
-      for (let i = i0; i < i1; i++) for (let j = j0; j < j1; j++) T[j * rows + i] = A[i * cols + j];
-    }
-  }
-  return T;
+  transposeFinite(A, rows, cols, out);
+  return out;
 }
 
 /** fp64 copy (or the same array when it already is fp64 and `copy` is false). */
@@ -376,9 +368,9 @@ export function symmetricFromLower(L: Floats, n: number, scale = 1, mirror = tru
 }
 
 /**
- * `transpose` into `out` (any float type) that also says whether every value was finite: a
- * solver's column-major result read back row-major, narrowed and checked in one pass instead of
- * three (transpose, finite check, narrowing).
+ * Aᵀ (rows × cols in, cols × rows out, tiles of 32) into `out` of any float type, saying whether
+ * every value was finite: a solver's column-major result is read back row-major, narrowed and
+ * checked in one pass instead of three (`transpose` is this without the answer).
  */
 export function transposeFinite(A: Floats, rows: number, cols: number, out: Floats): boolean {
   const BS = 32;

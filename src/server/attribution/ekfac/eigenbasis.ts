@@ -74,7 +74,7 @@ export async function decomposeCovariance(
   M: Floats,
   n: number,
   options: EigenbasisOptions & {
-    /** M is a sum whose lower triangle alone is right (`CovarianceAccumulator.lowerSum`); decompose scale × M */
+    /** M is a sum whose lower triangle alone is right (`CovarianceAccumulator.lowerSums`); decompose scale × M */
     lowerSum?: { scale: number };
   } = {},
 ): Promise<Decomposition> {
