@@ -23,6 +23,14 @@ const examples: TokenizedExample[] = [5, 9, 3, 12, 7, 12, 2].map((n, k) => {
 /** The reference: the graph's in-graph sums, batch by batch. */
 async function inGraphSums(model: Model) {
   const graph = await model.compile({ labels: 'data', covariance: true, modules: 'all' });
+  // modules that read one input share one in-graph Σ a aᵀ: one output, the other names alias it
+  const sharing = graph.moduleInfo.filter((m) => /(k_proj|v_proj|up_proj)$/.test(m.name));
+  for (const m of sharing) {
+    const owner = m.name.replace(/(k_proj|v_proj)$/, 'q_proj').replace(/up_proj$/, 'gate_proj');
+    assert.equal(graph.aliases.get(`A.${m.name}`), `A.${owner}`);
+  }
+  assert.equal(graph.aliases.size, sharing.length);
+  assert.equal(graph.session.outputNames.length + graph.aliases.size, graph.outputNames.length);
   const accs = new Map(graph.moduleInfo.map((m) => [m.name, new CovarianceAccumulator(moduleShape(m))]));
   const bs = memoryBoundedBatches(examples, 3, 0, runShape(graph.moduleInfo, model.config, false, graph.fp64));
   for (const { batch } of bs) {

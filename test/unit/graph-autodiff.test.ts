@@ -225,3 +225,34 @@ test('a graph output renamed in place is still read by name inside a Loop body',
   assert.deepEqual(Array.from(out.h_out.data as Float64Array), [1, 4, 9]);
   assert.deepEqual(Array.from(out.total.data as Float64Array), [28]);
 });
+
+test('a tensor output under several names is one output; the other names alias it', async () => {
+  const g = new Graph(DataType.DOUBLE);
+  const x = g.input('x', DataType.DOUBLE, [3]);
+  const h = g.mul(x, x);
+  g.output(h, 'first');
+  assert.equal(g.output(h, 'second').name, 'first');
+  g.output(x, 'x_out'); // a graph input cannot be renamed: one Identity
+  g.output(x, 'x_again');
+  g.output(g.add(h, x), 'sum'); // read after the rename: the renamed tensor still feeds it
+  assert.deepEqual(
+    g.outputs.map((o) => o.name),
+    ['first', 'x_out', 'sum'],
+  );
+  assert.deepEqual(
+    [...g.aliases],
+    [
+      ['second', 'first'],
+      ['x_again', 'x_out'],
+    ],
+  );
+  const model = g.toModel();
+  assert.equal(model.nodes.filter((n) => n.opType === 'Identity').length, 1);
+  assert.throws(() => g.output(h, 'first'), /graph output first is declared twice/);
+  assert.throws(() => g.output(h, 'sum'), /duplicate tensor name sum/);
+  const sess = await createSession(g.encode());
+  const out = await sess.run({ x: new ort.Tensor('float64', Float64Array.from([1, -2, 3]), [3]) });
+  assert.deepEqual(Array.from(out.first.data as Float64Array), [1, 4, 9]);
+  assert.deepEqual(Array.from(out.x_out.data as Float64Array), [1, -2, 3]);
+  assert.deepEqual(Array.from(out.sum.data as Float64Array), [2, 2, 12]);
+});

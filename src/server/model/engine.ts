@@ -341,7 +341,7 @@ export class Model {
     const g = new Graph(this.options.precision === 'fp64' ? DataType.DOUBLE : DataType.FLOAT);
     const { ctx, out, weights, modules: all } = this.buildForward(g, mode);
     const modules = select(all, req.modules ?? 'all');
-    const { names: outputs, aliases } = buildOutputs(g, ctx, out, modules, weights, req, this.options.headRows);
+    const outputs = buildOutputs(g, ctx, out, modules, weights, req, this.options.headRows);
     const bytes = g.encode();
     const arena = arenaFor(req);
     const session = await this.createSessionFor(bytes, arena);
@@ -360,7 +360,15 @@ export class Model {
             throw e;
           }))
       : null;
-    return new CompiledGraph(session, outputs, modules, paramInputs, g.float === DataType.DOUBLE, leanSession, aliases);
+    return new CompiledGraph(
+      session,
+      outputs,
+      modules,
+      paramInputs,
+      g.float === DataType.DOUBLE,
+      leanSession,
+      g.aliases,
+    );
   }
 
   private async createSessionFor(bytes: Uint8Array, arena: boolean): Promise<ort.InferenceSession> {
@@ -662,8 +670,8 @@ function hash(s: string): string {
 }
 
 /**
- * Emit the loss and the requested outputs; returns the output names and the aliases among them
- * (an output name that reads another output's tensor: see `CompiledGraph.aliases`).
+ * Emit the loss and the requested outputs; returns the output names, aliases included (an output
+ * name that reads another output's tensor: `Graph.aliases`, `CompiledGraph.aliases`).
  */
 function buildOutputs(
   g: Graph,
@@ -673,24 +681,12 @@ function buildOutputs(
   weights: Weights,
   req: GraphRequest,
   headRows?: number,
-): { names: string[]; aliases: Map<string, string> } {
+): string[] {
   const names: string[] = [];
-  const aliases = new Map<string, string>();
+  // a tensor already emitted under another name becomes an alias of that output, not a copy
   const emit = (t: Tensor, name: string) => {
     g.output(t, name);
     names.push(name);
-  };
-  // a tensor emitted once; a second name for it is an alias, not a copy
-  const emitted = new Map<string, string>();
-  const emitOnce = (t: Tensor, name: string) => {
-    const first = emitted.get(t.name);
-    if (first === undefined) {
-      emitted.set(t.name, name);
-      emit(t, name);
-    } else {
-      aliases.set(name, first);
-      names.push(name);
-    }
   };
   if (req.eigenbasis && (req.lowRank || req.lambda || req.selfInfluence))
     throw new EngineError('an eigenbasis query cannot be combined with lowRank, lambda or selfInfluence in one graph');
@@ -760,7 +756,7 @@ function buildOutputs(
   const wrt: Tensor[] = [];
   if (needModuleGrads) wrt.push(...modules.map((m) => m.output));
   if (req.paramGrads) wrt.push(...weights.tensors.values());
-  if (!wrt.length) return { names, aliases };
+  if (!wrt.length) return names;
   const grads = g.grad(total, wrt);
 
   if (needModuleGrads) {
@@ -774,10 +770,8 @@ function buildOutputs(
       const gy = grads.get(m.output.name) ?? g.noGrad(() => g.zerosLike(m.output));
       g.noGrad(() => {
         if (req.perToken) {
-          // q/k/v (and gate/up) read one tensor: one output for it, the other names alias it (ONNX
-          // Runtime copied it into each extra output, and ran the copies even when they were not
-          // fetched: 0.26 s of a 10.4 s covariance pass at SmolLM-135M)
-          emitOnce(m.input, `a.${m.name}`);
+          // q/k/v (and gate/up) read one tensor: one output for it, the other names alias it
+          emit(m.input, `a.${m.name}`);
           emit(gy, `g.${m.name}`);
         }
         // The bias is absorbed as an extra input feature fixed at 1.
@@ -792,7 +786,7 @@ function buildOutputs(
           // q/k/v (and gate/up) read the same input: compute its Σ a aᵀ once and emit it for each
           const key = `${m.input.name}:${m.hasBias}`;
           const seen = sharedA.get(key);
-          if (seen) emit(g.node('Identity', [seen], [{ dtype: g.float, shape: [dIn, dIn] }])[0], `A.${m.name}`);
+          if (seen) emit(seen, `A.${m.name}`);
           else {
             const am = g.mul(withOne(), g.unsqueeze(maskF, [1]));
             const A = g.node('Gemm', [am, withOne()], [{ dtype: g.float, shape: [dIn, dIn] }], { transA: 1 })[0];
@@ -956,7 +950,7 @@ function buildOutputs(
       const gp = grads.get(t.name);
       emit(gp ?? g.noGrad(() => g.zerosLike(t)), `grad.${name}`);
     }
-  return { names, aliases };
+  return names;
 }
 
 /**

@@ -98,6 +98,14 @@ export class Graph {
   private produced = new Set<string>();
   /** graph outputs that name a node's tensor directly (old → new), applied by toModel() */
   private renames = new Map<string, string>();
+  /** tensor name → the graph output that carries it (the first name it was output under) */
+  private outputOf = new Map<string, string>();
+  /**
+   * Output names that read another output's tensor (name → that output), when one tensor was
+   * output under several names: the graph has one output, a run returns it under every name
+   * (`CompiledGraph.aliases`).
+   */
+  readonly aliases = new Map<string, string>();
 
   /**
    * `float` is the floating type of constants (FLOAT normally, DOUBLE for precise checks).
@@ -159,9 +167,19 @@ export class Graph {
   /**
    * Mark a tensor as a graph output under `name`. A node's tensor is renamed in place (when the
    * model is written) instead of copied by an Identity: ONNX Runtime's Identity copies, which
-   * cost 2% of the covariance pass at the Pythia-70M shape (46 per-token outputs a run).
+   * cost 2% of the covariance pass at the Pythia-70M shape (46 per-token outputs a run). A tensor
+   * already output under another name is not output again: `name` becomes an alias of that output
+   * (q/k/v read one input; ONNX Runtime copied it into each extra output, and ran the copies even
+   * when they were not fetched: 0.26 s of a 10.4 s covariance pass at SmolLM-135M).
    */
   output(t: Tensor, name = t.name): Tensor {
+    const first = this.outputOf.get(t.name);
+    if (first !== undefined) {
+      if (name === first) throw new Error(`graph output ${name} is declared twice`);
+      if (name !== t.name) this.claim(name);
+      this.aliases.set(name, first);
+      return { name: first, dtype: t.dtype, shape: t.shape };
+    }
     let out = t;
     if (name !== t.name) {
       this.claim(name);
@@ -169,6 +187,7 @@ export class Graph {
       else this.nodes.push({ opType: 'Identity', inputs: [t.name], outputs: [name] });
       out = { name, dtype: t.dtype, shape: t.shape };
     }
+    this.outputOf.set(t.name, name);
     this.outputs.push({ name, dataType: t.dtype });
     return out;
   }
@@ -722,19 +741,12 @@ export class Graph {
   }
 
   toModel(name = 'influence_lens'): ModelProto {
-    // a tensor that is also a graph output under its own name keeps that name: copy it instead
-    const outputNames = new Set(this.outputs.map((o) => o.name));
-    const extra: NodeProto[] = [];
-    const rename = new Map<string, string>();
-    for (const [from, to] of this.renames) {
-      if (outputNames.has(from)) extra.push({ opType: 'Identity', inputs: [from], outputs: [to] });
-      else rename.set(from, to);
-    }
-    const nodes = rename.size ? renamed(this.nodes, rename) : this.nodes;
+    // (a tensor is output once: a second name for it is an alias, so no renamed tensor is also an output under its own name)
+    const nodes = this.renames.size ? renamed(this.nodes, this.renames) : this.nodes;
     return {
       graphName: name,
       ...this.graphParts(),
-      nodes: [...nodes, ...extra],
+      nodes,
       opsets: [
         { domain: '', version: OPSET },
         { domain: MS_DOMAIN, version: 1 },
