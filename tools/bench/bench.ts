@@ -7,7 +7,7 @@ import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
 import { cpus, hostname } from 'node:os';
 import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
-import { CliError, int, parse } from '../../src/server/cli/util';
+import { CliError, HelpRequested, int, parse } from '../../src/server/cli/util';
 import { defaultCacheDir, Model, makeBatch } from '../../src/server/model/engine';
 import { type TensorToWrite, writeSafetensors } from '../../src/server/model/safetensors';
 import { Rng } from '../../src/server/util/random';
@@ -191,6 +191,8 @@ async function benchEngine(argv: string[]): Promise<void> {
 // run as a script: `node --import tsx tools/bench/bench.ts [suite] [--quick]`
 if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href)
   runBench(process.argv.slice(2)).catch((e: Error) => {
+    // `--help` on a suite: its options, exit 0 (not a stack trace)
+    if (e instanceof HelpRequested) return void process.stdout.write(`options:\n${e.options}\n`);
     process.stderr.write(`bench: ${e instanceof CliError ? e.message : e.stack}\n`);
     process.exitCode = 1;
   });
