@@ -88,7 +88,7 @@ export function crossEntropyHead(
     const nll = b.node('Neg', [b.reshape(picked, [-1])], [{ dtype: F, shape: ['c'] }])[0];
     const out = [nll];
     if (uniformsP) out.push(t);
-    if (grad) out.push(b.node('Gemm', [softmaxMinusTarget(b, logp, col), W], [{ dtype: F, shape: ['c', d] }])[0]);
+    if (grad) out.push(inputGradient(b, logp, col, t, W));
     return { carried: [], scans: out };
   });
 
@@ -134,20 +134,42 @@ export function crossEntropyHead(
 }
 
 /**
- * ∂nll/∂logits of one chunk, softmax − e_target, with the target's entry computed as
- * −Σ_{j≠t} p_j instead of p_t − 1. For a memorised token p_t rounds to 1 in float32, and p_t − 1
+ * The softmax of one chunk without the target's entry (`others`, [c, V]) and the sum of those
+ * probabilities (`rest`, [c, 1]): ∂nll/∂logits = others − rest·e_target, the target's entry taken
+ * as −Σ_{j≠t} p_j instead of p_t − 1. For a memorised token p_t rounds to 1 in float32, and p_t − 1
  * to 0 or one rounding step, while the gradient is made of the other probabilities, which are
  * exact: a float32 gradient was off by 10–80% at −log p between 1e-7 and 1e-15 (fp64 reference,
- * test/unit/head-chunks.test.ts). The row now sums to zero, as the true gradient does.
+ * test/unit/head-chunks.test.ts). The row sums to zero, as the true gradient does.
  */
-function softmaxMinusTarget(b: Graph, logp: Tensor, col: Tensor): Tensor {
+function softmaxWithoutTarget(b: Graph, logp: Tensor, col: Tensor): { others: Tensor; rest: Tensor } {
   const F = b.float;
   const shape = logp.shape;
   const p = b.node('Exp', [logp], [{ dtype: F, shape }])[0];
   const others = b.node('ScatterElements', [p, col, filled(b, col, 0)], [{ dtype: F, shape }], { axis: 1 })[0];
   const rest = b.node('ReduceSum', [others, b.ints([1])], [{ dtype: F, shape: ['c', 1] }], { keepdims: 1 })[0];
-  const minusRest = b.node('Neg', [rest], [{ dtype: F, shape: ['c', 1] }])[0];
-  return b.node('ScatterElements', [others, col, minusRest], [{ dtype: F, shape }], { axis: 1 })[0];
+  return { others, rest };
+}
+
+/** ∂nll/∂logits of one chunk, [c, V] (for the head weight's gradient). */
+function softmaxMinusTarget(b: Graph, logp: Tensor, col: Tensor): Tensor {
+  const { others, rest } = softmaxWithoutTarget(b, logp, col);
+  const minusRest = b.node('Neg', [rest], [{ dtype: b.float, shape: ['c', 1] }])[0];
+  return b.node('ScatterElements', [others, col, minusRest], [{ dtype: b.float, shape: logp.shape }], { axis: 1 })[0];
+}
+
+/**
+ * J = ∂nll/∂h of one chunk, [c, d] = (others − rest·e_target)ᵀ W = others·W − rest·W[target]:
+ * the target's row of W is gathered ([c, d]) instead of writing −rest into a second [c, V] copy
+ * (a ScatterElements over the whole chunk). Both terms are of the gradient's own size (others and
+ * rest are the small probabilities), so nothing cancels that the [c, V] form kept.
+ */
+function inputGradient(b: Graph, logp: Tensor, col: Tensor, target: Tensor, W: Tensor): Tensor {
+  const F = b.float;
+  const d = W.shape[1] as number;
+  const { others, rest } = softmaxWithoutTarget(b, logp, col);
+  const wt = b.node('Gather', [W, target], [{ dtype: F, shape: ['c', d] }], { axis: 0 })[0];
+  const restWt = b.node('Mul', [wt, rest], [{ dtype: F, shape: ['c', d] }])[0];
+  return b.node('Gemm', [others, W, restWt], [{ dtype: F, shape: ['c', d] }], { beta: { float: -1 } })[0];
 }
 
 /** [c, 1] of `value` in the graph's float type, shaped like `col`. */
