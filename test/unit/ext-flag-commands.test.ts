@@ -277,6 +277,49 @@ test('the Flagged examples view redraws when a flagged dataset is saved or chang
   tree.dispose();
 });
 
+test('the Flagged examples view shows the unsaved editor text of a dataset, and the file again once its edits are dropped', async () => {
+  const { FlaggedTree } = await loadWithVscodeStub<typeof import('../../src/extension/views/flagged-tree')>(
+    new URL('../../src/extension/views/flagged-tree.ts', import.meta.url),
+  );
+  const doc = await fake.open(dataset, 4);
+  await run('flagLine');
+  const tree = new FlaggedTree(store);
+  let redraws = 0;
+  tree.onDidChangeTreeData(() => redraws++);
+  const view = () => {
+    const [group] = tree.getChildren();
+    const [flag] = tree.getChildren(group);
+    return {
+      dataset: tree.getTreeItem(group),
+      flag: tree.getTreeItem(flag),
+      now: flag.kind === 'flag' ? flag.now : undefined,
+    };
+  };
+  assert.equal(view().now?.line, 5);
+  assert.doesNotMatch(String(view().dataset.description), /unsaved/);
+  // two lines typed above it, not saved: the view follows the editor (the file is unchanged)
+  const onDisk = readFileSync(dataset, 'utf8');
+  doc.edit((t) => `${rec(8)}\n${rec(9)}\n${t}`);
+  await new Promise((r) => setTimeout(r, 400));
+  assert.equal(redraws, 1);
+  assert.equal(view().now?.line, 7);
+  assert.match(String(view().flag.label), /^7: /);
+  assert.match(String(view().dataset.description), /1 flagged · as in the unsaved editor/);
+  // the flagged line deleted in the editor
+  doc.edit((t) => t.replace(`${rec(5)}\n`, ''));
+  await new Promise((r) => setTimeout(r, 400));
+  assert.equal(view().now, undefined);
+  assert.match(String(view().flag.label), /\(not in the unsaved editor text\)/);
+  // closed without saving: the file's line again
+  doc.close();
+  await new Promise((r) => setTimeout(r, 400));
+  assert.equal(redraws, 3);
+  assert.equal(readFileSync(dataset, 'utf8'), onDisk);
+  assert.equal(view().now?.line, 5);
+  assert.doesNotMatch(String(view().dataset.description), /unsaved/);
+  tree.dispose();
+});
+
 test('a dataset above 50 MB (VS Code gives extensions no text of it): Open finds the example on disk, Apply removal offers Export', async () => {
   // 51 lines of 1 MiB
   const big = (i: number) => JSON.stringify({ prompt: `Q: big ${i}?`, completion: 'x'.repeat(1024 * 1024) });

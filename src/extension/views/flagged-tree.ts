@@ -1,11 +1,14 @@
 // The "Flagged examples" view: one node per dataset with flags, one child per flagged example
 // with its text, line, reason and the query that led to the flag. Unflag, edit the reason, open,
-// export and apply removal are commands on the nodes (package.json: view/item/context).
+// export and apply removal are commands on the nodes (package.json: view/item/context). Where a
+// dataset is open with unsaved edits, lines and texts are the editor's (what the person sees and
+// what Open selects), and the dataset's node says so; otherwise the file's.
 import { existsSync, readFileSync, statSync } from 'node:fs';
 import { basename } from 'node:path';
 import * as vscode from 'vscode';
 import { byteLines, lineText } from '../../common/byte-lines';
 import { formatScore, recordText } from '../../common/display';
+import { dirtyDocument } from '../datasets';
 import type { FlagGroup, FlagStore } from '../flags/flag-store';
 import { lineHash } from '../flags/hash';
 import type { FlagEntry } from '../flags/sidecar';
@@ -27,7 +30,8 @@ export class FlaggedTree implements vscode.TreeDataProvider<FlagNode> {
   constructor(private readonly store: FlagStore) {
     store.onDidChange(() => this.emitter.fire(undefined));
     // a flagged example's line and text come from its dataset: redraw when a dataset with flags
-    // is saved here or changed on disk by another program (debounced: a save fires both)
+    // is edited, saved or closed here (closing unsaved edits goes back to the file) or changed on
+    // disk by another program (debounced: typing fires on every key, a save fires twice)
     const changed = (path: string) => {
       if (!this.shown.has(path)) return;
       clearTimeout(this.pending);
@@ -40,6 +44,8 @@ export class FlaggedTree implements vscode.TreeDataProvider<FlagNode> {
       w.onDidCreate((u) => changed(u.fsPath)),
       w.onDidDelete((u) => changed(u.fsPath)),
       vscode.workspace.onDidSaveTextDocument((d) => changed(d.uri.fsPath)),
+      vscode.workspace.onDidChangeTextDocument((e) => changed(e.document.uri.fsPath)),
+      vscode.workspace.onDidCloseTextDocument((d) => changed(d.uri.fsPath)),
     );
   }
 
@@ -75,7 +81,8 @@ export class FlaggedTree implements vscode.TreeDataProvider<FlagNode> {
       item.id = `dataset:${g.sidecar}`;
       // flags are found by the dataset's name: after a rename outside VS Code they belong to no file
       const missing = !existsSync(g.dataset);
-      item.description = `${g.entries.length} flagged${missing ? ' · dataset missing (renamed or deleted?)' : ''}`;
+      const unsaved = !!dirtyDocument(g.dataset);
+      item.description = `${g.entries.length} flagged${missing ? ' · dataset missing (renamed or deleted?)' : unsaved ? ' · as in the unsaved editor' : ''}`;
       item.resourceUri = vscode.Uri.file(g.dataset);
       item.iconPath = missing
         ? new vscode.ThemeIcon('warning', new vscode.ThemeColor('problemsWarningIcon.foreground'))
@@ -86,6 +93,9 @@ export class FlaggedTree implements vscode.TreeDataProvider<FlagNode> {
           (missing
             ? `\n\nThere is no ${basename(g.dataset)}: if it was renamed, rename \`${basename(g.sidecar)}\` to match, so its flags apply again.`
             : '') +
+          (unsaved
+            ? '\n\nLines are those of the editor, which has unsaved edits; exports read the file on disk (you are asked to save first).'
+            : '') +
           (g.problems ? `\n\n${g.problems} line(s) of the sidecar are not flags (kept as they are)` : ''),
       );
       return item;
@@ -93,9 +103,11 @@ export class FlaggedTree implements vscode.TreeDataProvider<FlagNode> {
     const { entry, now } = node;
     const preview = now
       ? recordPreview(now.text)
-      : existsSync(node.group.dataset)
-        ? '(no longer in the file)'
-        : '(dataset missing)';
+      : dirtyDocument(node.group.dataset)
+        ? '(not in the unsaved editor text)'
+        : existsSync(node.group.dataset)
+          ? '(no longer in the file)'
+          : '(dataset missing)';
     const item = new vscode.TreeItem(`${now?.line ?? entry.line}: ${preview}`, vscode.TreeItemCollapsibleState.None);
     item.id = `flag:${node.group.sidecar}:${entry.hash}`;
     item.description = entry.reason;
@@ -120,20 +132,26 @@ export class FlaggedTree implements vscode.TreeDataProvider<FlagNode> {
     return item;
   }
 
-  /** hash → current line and text of a dataset file (cached by size and mtime). */
+  /**
+   * hash → current line and text of a dataset: the editor's text while it has unsaved edits
+   * (cached by the document's version), else the file's (cached by size and mtime).
+   */
   private index(path: string): Map<string, { line: number; text: string }> | undefined {
+    const doc = dirtyDocument(path);
     let stamp: string;
-    try {
-      const s = statSync(path);
-      stamp = `${s.size}:${s.mtimeMs}`;
-    } catch {
-      return undefined;
-    }
+    if (doc) stamp = `editor:${doc.version}`;
+    else
+      try {
+        const s = statSync(path);
+        stamp = `${s.size}:${s.mtimeMs}`;
+      } catch {
+        return undefined;
+      }
     const hit = this.lines.get(path);
     if (hit?.stamp === stamp) return hit.byHash;
     const byHash = new Map<string, { line: number; text: string }>();
     // by bytes, as the server splits it: one string of a file past ~512 MiB would throw
-    const buf = readFileSync(path);
+    const buf = doc ? Buffer.from(doc.getText(), 'utf8') : readFileSync(path);
     for (const l of byteLines(buf)) {
       const text = lineText(buf, l);
       const h = text === undefined ? undefined : lineHash(text);

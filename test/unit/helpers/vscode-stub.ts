@@ -149,6 +149,13 @@ export class TextDocument {
     this.text = f(this.text);
     this.version++;
     this.isDirty = true;
+    fake.changedDocument.fire({ document: this });
+  }
+  /** Closed without saving (its edits are dropped; VS Code's "Don't Save"). */
+  close(): void {
+    fake.documents = fake.documents.filter((d) => d !== this);
+    this.isClosed = true;
+    fake.closed.fire(this);
   }
   async save(): Promise<boolean> {
     const { writeFileSync } = await import('node:fs');
@@ -190,6 +197,8 @@ export const fake = {
     delete: EventEmitter<Uri>;
   }>,
   saved: new EventEmitter<TextDocument>(),
+  changedDocument: new EventEmitter<{ document: TextDocument }>(),
+  closed: new EventEmitter<TextDocument>(),
   renamed: new EventEmitter<{ files: Array<{ oldUri: Uri; newUri: Uri }> }>(),
   executed: [] as Array<{ id: string; args: unknown[] }>,
   reset(): void {
@@ -329,6 +338,8 @@ export const workspace = {
     };
   },
   onDidSaveTextDocument: (f: (d: TextDocument) => void) => fake.saved.event(f),
+  onDidChangeTextDocument: (f: (e: { document: TextDocument }) => void) => fake.changedDocument.event(f),
+  onDidCloseTextDocument: (f: (d: TextDocument) => void) => fake.closed.event(f),
   onDidRenameFiles: (f: (e: { files: Array<{ oldUri: Uri; newUri: Uri }> }) => void) => fake.renamed.event(f),
   /** The workspace folder's files matching a glob (the `exclude` glob ignored). */
   findFiles: async (glob: string) =>
