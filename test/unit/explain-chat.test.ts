@@ -157,3 +157,52 @@ test("a chat query in a --queries file and in the server's explainMany is render
   assert.equal(ex.text, '<user>capital of France?<|endoftext|><assistant>Paris is.<|endoftext|>');
   assert.equal(ex.tokens.offsets.at(-1)?.[1], ex.text.length);
 });
+
+test('a chat whose last message is not a non-empty assistant reply is refused by explain and explainMany, not cut to an earlier turn', async () => {
+  const data = join(home, 'refuse.jsonl');
+  writeFileSync(data, `${JSON.stringify({ messages: MESSAGES })}\n`);
+  for (const template of [TEMPLATE, undefined]) {
+    const dir = join(home, template ? 'refuse-chat' : 'refuse-plain');
+    model(dir, template);
+    const service = new InfluenceService({
+      finetuned: { model: dir },
+      datasets: { d: data },
+      modules: 'all',
+      cacheDir: join(home, 'c'),
+    });
+    service.open();
+    const cases: Array<[Array<{ role: string; content: string }>, RegExp]> = [
+      [
+        [...MESSAGES, { role: 'user', content: 'now answer' }],
+        /the last message must be the assistant's .* it is "user"'s/,
+      ],
+      [
+        [MESSAGES[0], { role: 'assistant', content: '' }],
+        /the last assistant message is empty: there is nothing to explain/,
+      ],
+    ];
+    // a query's own settings (refused by the RPC schema) do not stand in for the request's in the checks
+    const q = { prompt: 'capital?', completion: ' Paris' };
+    await assert.rejects(
+      service.explainMany({ dataset: 'd', method: 'bm25', topK: 100000, queries: [{ ...q, topK: 1 } as typeof q] }),
+      /topK must be an integer from 1 to/,
+    );
+    await assert.rejects(
+      service.explainMany({ dataset: 'd', method: 'ekfac', topK: 1, queries: [{ ...q, method: 'bm25' } as typeof q] }),
+      /ekfac is unavailable/,
+    );
+    for (const [messages, why] of cases) {
+      const q = { prompt: '', completion: '', messages };
+      await assert.rejects(service.explain({ dataset: 'd', method: 'bm25', topK: 1, ...q }), why);
+      await assert.rejects(
+        service.explainMany({
+          dataset: 'd',
+          method: 'bm25',
+          topK: 1,
+          queries: [{ prompt: '', completion: '', messages: MESSAGES }, q],
+        }),
+        why,
+      );
+    }
+  }
+});

@@ -424,6 +424,36 @@ describe('fit + explain (tiny fp64 Llama)', () => {
     assert.equal(lastTop, r.supporting[0]?.id.hash);
   });
 
+  test('a batch whose last query is refused is refused before any query gradient is taken, naming that query', async () => {
+    let compiled = 0;
+    const model = new Proxy(ft.model, {
+      get(target, key, receiver) {
+        if (key === 'compile') compiled++;
+        return Reflect.get(target, key, receiver);
+      },
+    });
+    const setup = { model: { ...ft, model }, modules: 'all' } satisfies ExplainSetup;
+    const long = { prompt: 'word '.repeat(400), completion: ' x' };
+    await assert.rejects(
+      explainMany(
+        setup,
+        corpus,
+        [QUERY, QUERY, long].map((q) => ({ ...q, method: 'ekfac' as const, topK: 3 })),
+      ),
+      /^QueryError: query 3 of 3: prompt \+ completion is \d+ tokens; the model takes/,
+    );
+    assert.equal(compiled, 0, 'no graph was compiled for the good queries before the bad one was seen');
+    await assert.rejects(
+      explainMany(
+        setup,
+        corpus,
+        [QUERY, { ...QUERY, completion: '' }].map((q) => ({ ...q, method: 'gdp' as const, topK: 0 })),
+      ),
+      /query 1 of 2: top-k must be a positive integer/,
+    );
+    assert.equal(compiled, 0);
+  });
+
   test('several queries in one scoring pass give each query the single-query result exactly, each handed over once final', async () => {
     const queries = [
       QUERY,

@@ -319,17 +319,27 @@ export async function explainMany(
 ): Promise<ExplainResult[]> {
   // each query's row 0 and as many of its completion rows as fit in the pool's pass
   const poolRows = Math.max(1, Math.floor(rowsPerPass(setup) / Math.max(1, reqs.length)));
-  const prepared: Prepared[] = [];
-  for (const [i, req] of reqs.entries()) {
+  const model = setup.model.model;
+  // which of the queries is refused (too long for the model, too short, ...)
+  const naming = <T>(i: number, f: () => T): T => {
     try {
-      prepared.push(await prepare(setup, corpus, req, poolRows));
+      return f();
     } catch (e) {
-      // which of the queries is refused (too long for the model, too short, ...)
-      const where = req.where ?? (reqs.length > 1 ? `query ${i + 1} of ${reqs.length}` : undefined);
-      if (e instanceof QueryError && where) e.message = `${where}: ${e.message}`;
+      const where = reqs[i].where ?? (reqs.length > 1 ? `query ${i + 1} of ${reqs.length}` : undefined);
+      if ((e instanceof QueryError || e instanceof ExplainError) && where) e.message = `${where}: ${e.message}`;
       throw e;
     }
-  }
+  };
+  // every query is checked and tokenized before any gradient is taken: a bad last query of a
+  // batch was refused only after every other query's gradient (minutes at real model sizes)
+  const tokenized = reqs.map((req, i) =>
+    naming(i, () => {
+      if (!(Number.isInteger(req.topK) && req.topK >= 1)) throw new ExplainError('top-k must be a positive integer');
+      return tokenizeQuery(model.tokenizer, req.prompt, req.completion, contextLength(model.config), req.messages);
+    }),
+  );
+  const prepared: Prepared[] = [];
+  for (const [i, req] of reqs.entries()) prepared.push(await prepare(setup, corpus, req, tokenized[i], poolRows));
   const method = reqs[0]?.method;
   const batched =
     reqs.length > 1 &&
@@ -352,12 +362,16 @@ export async function explainMany(
   return out;
 }
 
-async function prepare(setup: ExplainSetup, corpus: Corpus, req: ExplainRequest, poolRows: number): Promise<Prepared> {
+async function prepare(
+  setup: ExplainSetup,
+  corpus: Corpus,
+  req: ExplainRequest,
+  q: ReturnType<typeof tokenizeQuery>,
+  poolRows: number,
+): Promise<Prepared> {
   const timings: Record<string, number> = {};
   const t0 = Date.now();
   const model = setup.model.model;
-  if (!(Number.isInteger(req.topK) && req.topK >= 1)) throw new ExplainError(`top-k must be a positive integer`);
-  const q = tokenizeQuery(model.tokenizer, req.prompt, req.completion, contextLength(model.config), req.messages);
   const query = { ids: q.ids, weights: q.weights };
   const targets = q.weights.flatMap((w, t) => (w > 0 ? [t] : []));
 

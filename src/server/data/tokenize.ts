@@ -282,6 +282,13 @@ function tokenizeQueryAs(
   let rendered: RenderedRecord | undefined;
   if (messages !== undefined) {
     const r = renderForModel({ messages }, 'the query', tok.chatTemplate());
+    // the reply explained is the last message: turns after it would be dropped without a word
+    const last = (messages as Array<{ role?: unknown; content?: unknown }>).at(-1);
+    if (last?.role !== 'assistant')
+      throw new QueryError(
+        `the last message must be the assistant's (the completion to explain); it is ${JSON.stringify(last?.role)}'s`,
+      );
+    if (last.content === '') throw new QueryError('the last assistant message is empty: there is nothing to explain');
     // TRL renders every conversation with the chat template and refuses one without it: the
     // training chats are refused under "trl" (refuseUntrained), so a stand-in query would be
     // explained by data rendered in a way the model never saw

@@ -734,10 +734,18 @@ export class InfluenceService implements ServiceApi {
 
   private async explainManyNow(p: ExplainManyParams, work: Work): Promise<ExplainManyResult> {
     const revision = this.revision;
-    // every query passes the single-query checks (text length, methods, availability, top-k)
-    for (const q of p.queries) this.checkExplain({ ...p, ...q });
+    // every query passes the single-query checks (text length, methods, availability, top-k): the
+    // request's settings with the query's text only (a query's own topK or method, which the
+    // schema refuses over RPC, must not pass the checks in place of the ones the work runs with)
+    const single = (q: ExplainManyParams['queries'][number]): ExplainParams => ({
+      ...p,
+      prompt: q?.prompt,
+      completion: q?.completion,
+      messages: q?.messages,
+    });
+    for (const q of p.queries) this.checkExplain(single(q));
     const d = this.dataset(p.dataset);
-    const store = await this.storeFor({ ...p, ...p.queries[0] }, d, work);
+    const store = await this.storeFor(single(p.queries[0]), d, work);
     try {
       const results = await explainMany(
         this.setup(),
