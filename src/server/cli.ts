@@ -166,6 +166,15 @@ async function main(argv: string[]): Promise<number> {
   }
 }
 
+// The output cannot be written: a reader that went away (`| head`, `| jq` stopped) ends the
+// command quietly, as a broken pipe ends any Unix tool; anything else (a full disk, an I/O error)
+// is said in one line, with a failing exit status, instead of an unhandled 'error' event's stack.
+process.stdout.on('error', (e: NodeJS.ErrnoException) => {
+  if (e.code === 'EPIPE') process.exit(0);
+  process.stderr.write(`influence-lens: cannot write the output (${e.message})\n`);
+  process.exit(1);
+});
+
 main(process.argv.slice(2)).then((code) => {
   process.exitCode = code;
 });

@@ -119,3 +119,28 @@ test('tokenize --training trl --skip-malformed skips a record the trl trainer re
   );
   assert.match(warnings[0], /data\.jsonl:2: transformers 5 tokenizes this text otherwise.*\(skipped\)/);
 });
+
+test('output that cannot be written: a closed pipe ends the command quietly, a full disk in one line (no stack)', async () => {
+  const { spawn, spawnSync } = await import('node:child_process');
+  const { openSync, closeSync } = await import('node:fs');
+  const data = jsonl(Array.from({ length: 3000 }, (_, i) => ({ prompt: `Q: what is ${i}?`, completion: ` ${i}.` })));
+  const args = ['--import', 'tsx', 'src/server/cli.ts', 'tokenize', '--model', MODEL, '--data', data];
+  // a reader that stops after its first chunk (`| head -c 100`)
+  const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  let stderr = '';
+  child.stderr.on('data', (b) => {
+    stderr += b;
+  });
+  child.stdout.once('data', () => child.stdout.destroy());
+  const code = await new Promise((r) => child.on('close', r));
+  assert.equal(stderr, '');
+  assert.equal(code, 0);
+  const full = openSync('/dev/full', 'w');
+  try {
+    const r = spawnSync(process.execPath, args, { stdio: ['ignore', full, 'pipe'], encoding: 'utf8' });
+    assert.equal(r.status, 1);
+    assert.equal(r.stderr, 'influence-lens: cannot write the output (ENOSPC: no space left on device, write)\n');
+  } finally {
+    closeSync(full);
+  }
+});
