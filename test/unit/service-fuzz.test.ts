@@ -104,7 +104,12 @@ describe('errors a user can act on, over the real server', () => {
   test("a query that cannot be explained is the request's fault: InvalidParams, not InvalidData", async () => {
     for (const [params, why] of [
       [{ ...q, completion: '' }, /completion/],
-      [{ ...q, prompt: 'word '.repeat(3000) }, /prompt \+ completion is \d+ tokens; the model takes \d+/],
+      [{ ...q, prompt: 'word '.repeat(600) }, /prompt \+ completion is \d+ tokens; the model takes \d+/],
+      // far beyond the context: refused from a prefix, not tokenized whole
+      [
+        { ...q, prompt: 'word '.repeat(3900) },
+        /prompt \+ completion is more than \d+ tokens \(its first \d+ of 19\d\d\d characters alone\); the model takes \d+/,
+      ],
       [{ ...q, messages: [{ role: 'user', content: 'hi' }] }, /assistant/],
     ] as const) {
       const e = await errorOf(client.request('explain', { ...params, dataset: 'finetune', method: 'gdp' }));

@@ -307,6 +307,7 @@ function tokenizeQueryAs(
     spans = [[prompt.length, text.length]];
     promptLength = prompt.length;
   }
+  refuseFarTooLong(tok, text, maxLength);
   // the query explains the completion's text: an EOS after it is not part of what was highlighted
   const t = tokenizeText(tok, text, spans, maxLength, rendering, false);
   if (t.truncated)
@@ -314,6 +315,25 @@ function tokenizeQueryAs(
   if (!t.weights.some((w) => w > 0))
     throw new QueryError('no completion token to explain (the completion vanished in tokenization)');
   return { ...t, promptLength, rendered };
+}
+
+/** Characters of a query tokenized to tell that it cannot fit, per token of the context. */
+const PREFIX_CHARS_PER_TOKEN = 64;
+
+/**
+ * A query far longer than the context is refused from a prefix: tokenizing a 10 MB line whole
+ * took 51 s and 3.2 GB before it was refused. The prefix's tokens, less a margin for the word cut
+ * at its end, are a lower bound on the whole text's.
+ */
+function refuseFarTooLong(tok: TokenizerHandle, text: string, maxLength: number): void {
+  const cap = maxLength * PREFIX_CHARS_PER_TOKEN;
+  if (text.length <= cap) return;
+  const n = tok.encode(text.slice(0, cap), { addSpecialTokens: false }).ids.length;
+  const margin = Math.max(16, Math.ceil(maxLength / 100));
+  if (n - margin > maxLength)
+    throw new QueryError(
+      `prompt + completion is more than ${n - margin} tokens (its first ${cap} of ${text.length} characters alone); the model takes ${maxLength}`,
+    );
 }
 
 export function tokenizeQuery(
