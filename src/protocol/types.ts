@@ -93,6 +93,8 @@ export interface ExplainResult {
     /** how the query was rendered: 'stand-in' means the model has no chat template and the chat
      * was rendered as `<|role|>\n` + content, which no real chat model was trained on */
     rendering?: 'plain' | 'chat_template' | 'stand-in';
+    /** `explain --queries`: the file and line the query came from (`queries.jsonl:4`) */
+    where?: string;
   };
   method: Method;
   model: string;

@@ -80,7 +80,8 @@ describe('influence-lens fit / explain / scan', () => {
         ],
       },
     ];
-    writeFileSync(qfile, queries.map((q) => JSON.stringify(q)).join('\n'));
+    // a blank line between them: the second result answers line 3, and says so
+    writeFileSync(qfile, queries.map((q) => JSON.stringify(q)).join('\n\n'));
     const r = cli(...args, '--queries', qfile);
     assert.equal(r.code, 0, r.err);
     const lines = r.out
@@ -88,6 +89,10 @@ describe('influence-lens fit / explain / scan', () => {
       .split('\n')
       .map((l) => JSON.parse(l) as ExplainResult);
     assert.equal(lines.length, 2);
+    assert.deepEqual(
+      lines.map((l) => l.query.where),
+      [`${qfile}:1`, `${qfile}:3`],
+    );
     // the messages query is rendered as the training data's messages records are (this model has no
     // chat template: the stand-in, and the result says so); its completion is the assistant's content
     assert.equal(lines[1].query.rendering, 'stand-in');
@@ -96,7 +101,10 @@ describe('influence-lens fit / explain / scan', () => {
     const one = JSON.parse(
       cli(...args, '--prompt', lines[0].query.prompt, '--completion', lines[0].query.completion).out,
     ) as ExplainResult;
-    assert.deepEqual({ ...lines[0], timings: {} }, { ...one, timings: {} });
+    assert.deepEqual(
+      { ...lines[0], timings: {}, query: { ...lines[0].query, where: undefined } },
+      { ...one, timings: {}, query: { ...one.query, where: undefined } },
+    );
     // the same scores as the stand-in text explained as prompt + completion
     const text = JSON.parse(
       cli(...args, '--prompt', '<|user|>\nhi\n<|assistant|>\n', '--completion', 'hello\n').out,

@@ -166,11 +166,13 @@ export async function runExplain(argv: string[]): Promise<void> {
       setup,
       corpus,
       queries.map((q) => ({ ...q, ...common })),
-      (r) => {
+      (res, i) => {
         // a bar left open would share the terminal's line with the result
         bar?.done();
         bar = undefined;
         stage = '';
+        // which line it answers (blank lines are not queries, so the k-th result need not be line k)
+        const r = { ...res, query: { ...res.query, where: queries[i].where } };
         process.stdout.write(v.json ? `${JSON.stringify(r)}\n` : `${formatResult(r, process.stdout.isTTY === true)}\n`);
       },
     );
@@ -194,6 +196,7 @@ const SIGN_WORDS: Record<string, string> = {
 export function formatResult(r: ExplainResult, color: boolean, marks?: (e: ExplainedExample) => string): string {
   const lines: string[] = [];
   const p = (s = '') => lines.push(s);
+  if (r.query.where) p(`query:      ${r.query.where}`);
   p(`prompt:     ${oneLine(r.query.prompt, 100)}`);
   p(`completion: ${oneLine(r.query.completion, 100)}   (−log p = ${r.query.loss.toFixed(3)})`);
   p(`method: ${r.method}; ${r.scored} training examples scored in ${(r.timings.total_ms / 1000).toFixed(2)} s`);
