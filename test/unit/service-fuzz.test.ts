@@ -111,6 +111,7 @@ describe('errors a user can act on, over the real server', () => {
         /prompt \+ completion is more than \d+ tokens \(its first \d+ of 19\d\d\d characters alone\); the model takes \d+/,
       ],
       [{ ...q, messages: [{ role: 'user', content: 'hi' }] }, /assistant/],
+      [{ ...q, prompt: 'a \ud800 b' }, /the prompt holds an unpaired surrogate \(\\ud800 at character 2\)/],
     ] as const) {
       const e = await errorOf(client.request('explain', { ...params, dataset: 'finetune', method: 'gdp' }));
       assert.equal(e.code, RpcErrorCode.InvalidParams, e.message);

@@ -76,7 +76,7 @@ function otherFormat(rec: Record<string, unknown>): string | undefined {
  */
 const LONE_SURROGATE = /[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/;
 
-function checkUnicode(s: string, field: string): void {
+export function checkUnicode(s: string, field: string): void {
   const m = LONE_SURROGATE.exec(s);
   if (m)
     throw new RecordShapeError(

@@ -10,6 +10,7 @@
 // silent); the loss weights follow the cut.
 import { ChatTemplateError } from '../../common/records/chat-template';
 import type { RenderedRecord, Rendering } from '../../common/records/render';
+import { checkUnicode, RecordShapeError } from '../../common/records/shape';
 import type { TokenizerHandle } from '../model/tokenizer';
 import { DataError, QueryError } from './errors';
 import { renderForModel, type Span, targetWeightsFromOffsets } from './format';
@@ -303,6 +304,15 @@ function tokenizeQueryAs(
     rendering = r.rendering;
   } else {
     if (!completion) throw new QueryError('the completion is empty: there is nothing to explain');
+    // as in a dataset's records (the CLI's query files are read as records): the tokenizer would
+    // read an unpaired surrogate as U+FFFD, explaining another text than the one sent
+    try {
+      checkUnicode(prompt, 'the prompt');
+      checkUnicode(completion, 'the completion');
+    } catch (e) {
+      if (e instanceof RecordShapeError) throw new QueryError(e.message);
+      throw e;
+    }
     text = prompt + completion;
     spans = [[prompt.length, text.length]];
     promptLength = prompt.length;
