@@ -99,3 +99,17 @@ test('jsonl: a missing file is a DataError naming the path', () => {
 test('jsonl: an empty file gives no rows', () => {
   assert.deepEqual(readJsonl(write('')), { rows: [], skipped: [] });
 });
+
+test('jsonl: lines ending in CR alone read as one line, and the error says so', () => {
+  const p = write('{"a":1}\r{"a":2}\r');
+  assert.throws(
+    () => readJsonl(p),
+    /d\.jsonl:1: invalid JSON: .*\(the line holds a bare carriage return: if the file's lines end in CR alone, convert them to LF or CRLF\)/,
+  );
+  // CRLF is fine, and a plain error has no such hint
+  assert.deepEqual(readJsonl(write('{"a":1}\r\n{"a":2}\r\n')).rows.length, 2);
+  assert.throws(
+    () => readJsonl(write('{"a":\r\n')),
+    (e: Error) => !/carriage/.test(e.message),
+  );
+});

@@ -82,7 +82,11 @@ function parseLine(buf: Buffer, l: ByteLine, rows: JsonlRow[]): string | undefin
   try {
     value = JSON.parse(text);
   } catch (e) {
-    return `invalid JSON: ${(e as Error).message}`;
+    // a raw CR cannot be inside a JSON string: lines ending in CR alone (classic Mac) read as one line
+    const cr = /\r(?!\n)/.test(text)
+      ? ' (the line holds a bare carriage return: if the file\'s lines end in CR alone, convert them to LF or CRLF)'
+      : '';
+    return `invalid JSON: ${(e as Error).message}${cr}`;
   }
   if (nestingDepth(value, MAX_JSON_DEPTH) > MAX_JSON_DEPTH) return tooDeep;
   rows.push({ line, value });
