@@ -84,7 +84,7 @@ function parseLine(buf: Buffer, l: ByteLine, rows: JsonlRow[]): string | undefin
   } catch (e) {
     // a raw CR cannot be inside a JSON string: lines ending in CR alone (classic Mac) read as one line
     const cr = /\r(?!\n)/.test(text)
-      ? ' (the line holds a bare carriage return: if the file\'s lines end in CR alone, convert them to LF or CRLF)'
+      ? " (the line holds a bare carriage return: if the file's lines end in CR alone, convert them to LF or CRLF)"
       : '';
     return `invalid JSON: ${(e as Error).message}${cr}`;
   }
