@@ -68,8 +68,8 @@ const COMMANDS: Record<string, { run: (argv: string[]) => Promise<void>; help: s
   generate: {
     run: runGenerate,
     help:
-      'generate --model <dir> (--prompt P | --prompts <file.jsonl>) [--max-tokens N] [--temperature T] [--seed N] [--threads N]\n' +
-      "    [--stop S]... [--multiline] [--json]   the model's own completions, greedy or sampled",
+      'generate --model <dir> [--base <dir>] (--prompt P | --prompts <file.jsonl>) [--max-tokens N] [--temperature T] [--seed N]\n' +
+      "    [--threads N] [--stop S]... [--multiline] [--json]   the model's own completions, greedy or sampled",
   },
   serve: {
     run: runServe,
@@ -90,9 +90,10 @@ const COMMANDS: Record<string, { run: (argv: string[]) => Promise<void>; help: s
       'data build --out <dir> [--seed N] [--countries N]   country-facts corpus: pre-training text, QA fine-tuning\n' +
       '    set with planted wrong facts and a backdoor, queries with true sources, a word-level tokenizer\n' +
       '  data tokenizer --out <dir> <file.jsonl>...   a word-level tokenizer.json over JSONL files\n' +
-      '  data eval --model <dir> --queries <file> [--data <train.jsonl>] [--factors <dir>] [--methods m,m] [--top-k K]\n' +
-      '    [--training <convention>] [--skip-malformed] [--json]   accuracy on {prompt, expected, sources?} questions; per method Recall@k / MRR of the sources\n' +
-      '  data eval --model <dir> --data <dir> [--json]   greedy accuracy of a model on a built corpus',
+      '  data eval --model <dir> [--base <dir>] --queries <file> [--data <train.jsonl>] [--factors <dir>] [--methods m,m]\n' +
+      '    [--top-k K] [--max-tokens N] [--training <convention>] [--skip-malformed] [--threads N] [--json]\n' +
+      '    accuracy on {prompt, expected, sources?} questions; per method Recall@k / MRR of the sources\n' +
+      '  data eval --model <dir> [--base <dir>] --data <dir> [--threads N] [--json]   greedy accuracy of a model on a built corpus',
   },
   train: {
     run: runTrain,

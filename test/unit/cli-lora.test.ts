@@ -3,13 +3,13 @@
 // the adapter's A and B layers.
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { cpSync, readFileSync, writeFileSync } from 'node:fs';
+import { cpSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { describe, test } from 'node:test';
 import type { ExplainResult } from '../../src/protocol/types';
 import { loadFactors } from '../../src/server/attribution/ekfac/factors-io';
 import { readSafetensorsHeader, readTensorF32, writeSafetensors } from '../../src/server/model/safetensors';
-import { writeTinyCorpus } from './helpers/corpus';
+import { writeJsonl, writeTinyCorpus } from './helpers/corpus';
 import { useTempHome } from './helpers/env';
 
 const home = useTempHome();
@@ -61,6 +61,44 @@ describe('influence-lens over a LoRA adapter', () => {
     r = cli('inspect', moved, '--base', BASE, '--json');
     assert.equal(r.code, 0, r.err);
     assert.deepEqual(JSON.parse(r.out).modules, info.modules);
+  });
+
+  test('generate and data eval take --base, as the refusal without it says', () => {
+    const prompt = 'Q: capital of country 3?\nA:';
+    let r = cli('generate', '--model', moved, '--prompt', prompt, '--max-tokens', '3', '--json');
+    assert.equal(r.code, 1);
+    assert.match(r.err, /not a local folder; pass the base model folder with --base <dir>/);
+    // the same completion as the adapter whose base_model_name_or_path is the local folder
+    const expected = cli('generate', '--model', ADAPTER, '--prompt', prompt, '--max-tokens', '3', '--json');
+    assert.equal(expected.code, 0, expected.err);
+    r = cli('generate', '--model', moved, '--base', BASE, '--prompt', prompt, '--max-tokens', '3', '--json');
+    assert.equal(r.code, 0, r.err);
+    assert.deepEqual(JSON.parse(r.out), JSON.parse(expected.out));
+    const queries = writeJsonl(join(home, 'queries.jsonl'), [{ prompt, expected: ' City3' }]);
+    const evalArgs = ['--queries', queries, '--max-tokens', '3', '--json'];
+    const plain = cli('data', 'eval', '--model', ADAPTER, ...evalArgs);
+    assert.equal(plain.code, 0, plain.err);
+    r = cli('data', 'eval', '--model', moved, '--base', BASE, ...evalArgs);
+    assert.equal(r.code, 0, r.err);
+    assert.deepEqual(JSON.parse(r.out), JSON.parse(plain.out));
+    for (const command of [['generate'], ['data', 'eval']]) {
+      const help = cli(...command, '--help');
+      assert.ok(help.out.includes('--base <dir>'), `${command.join(' ')} --help lacks --base:\n${help.out}`);
+    }
+  });
+
+  test('an adapter_model.safetensors that is a directory is one line naming it, not a stack', () => {
+    const dir = join(home, 'weights-dir');
+    cpSync(ADAPTER, dir, { recursive: true });
+    writeFileSync(join(dir, 'adapter_config.json'), JSON.stringify({ ...cfg, base_model_name_or_path: resolve(BASE) }));
+    rmSync(join(dir, 'adapter_model.safetensors'));
+    mkdirSync(join(dir, 'adapter_model.safetensors'));
+    const r = cli('inspect', dir);
+    assert.equal(r.code, 1);
+    assert.equal(
+      r.err.trim(),
+      `influence-lens inspect: ${join(resolve(dir), 'adapter_model.safetensors')}: not a file (expected the adapter's weights, as save_pretrained writes them)`,
+    );
   });
 
   test('gradients writes <lora module>.a / .g', () => {

@@ -2,11 +2,13 @@
 // PEFT in float64 (goldens from test/oracle/make_lora.py), and every adapter_config.json
 // setting we do not implement refused by name.
 import assert from 'node:assert/strict';
-import { cpSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { cpSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { after, test } from 'node:test';
+import { pythonAnchors, readAdapter, targets } from '../../src/server/model/adapter';
 import { Model } from '../../src/server/model/engine';
+import { readSafetensorsHeader, readTensorF32, writeSafetensors } from '../../src/server/model/safetensors';
 import { isUserError } from '../../src/server/user-errors';
 import { useTempHome } from './helpers/env';
 import { loadGolden, relErr } from './helpers/golden';
@@ -78,9 +80,29 @@ const REFUSED: Array<[string, (c: Record<string, unknown>) => void, RegExp]> = [
   ['EVA init', (c) => (c.init_lora_weights = 'eva'), /"init_lora_weights": "eva" is not supported.*EVA/],
   ['an unknown switched-on key', (c) => (c.use_future_thing = true), /adapter_config\.json: "use_future_thing"/],
   [
-    'a target that is not in the base',
-    (c) => (c.target_modules = ['q_proj', 'v_proj', 'down_proj', 'query_key_value']),
-    /adapter_config\.json: "target_modules" entry "query_key_value" matches no linear layer/,
+    'target_modules none of whose entries is in the base',
+    (c) => (c.target_modules = ['c_attn', 'query_key_value']),
+    /adapter_config\.json: "target_modules" entries "c_attn", "query_key_value" match no linear layer of the base model \(llama/,
+  ],
+  [
+    'LoRA on the output head',
+    (c) => (c.target_modules = ['q_proj', 'v_proj', 'down_proj', 'lm_head']),
+    /adapter_config\.json: "target_modules" selects lm_head: LoRA on the embeddings or the output head is not supported$/,
+  ],
+  [
+    'LoRA on the embeddings',
+    (c) => (c.target_modules = ['q_proj', 'v_proj', 'down_proj', 'embed_tokens']),
+    /adapter_config\.json: "target_modules" selects model\.embed_tokens: LoRA on the embeddings or the output head is not supported$/,
+  ],
+  [
+    'a regular expression that selects the head',
+    (c) => (c.target_modules = `.*(q_proj|v_proj|down_proj|lm_head)`),
+    /"target_modules" selects lm_head: LoRA on the embeddings or the output head/,
+  ],
+  [
+    'a regular expression that matches no module name',
+    (c) => (c.target_modules = String.raw`.*\.(query_key_value|c_attn)`),
+    /adapter_config\.json: "target_modules" regular expression ".*\\\\.\(query_key_value\|c_attn\)" matches no module name of the base model \(read as a JavaScript regular expression/,
   ],
   [
     'adapter tensors no target selects',
@@ -126,7 +148,101 @@ test('LoRA: a target_modules regular expression (full match, as PEFT) selects th
   // full match: a pattern that matches only part of the name selects nothing, and is refused
   assert.throws(
     () => Model.open(variant((c) => (c.target_modules = 'q_proj|v_proj|down_proj'))),
-    /adapts no linear layer/,
+    /"target_modules" regular expression "q_proj\|v_proj\|down_proj" matches no module name of the base model/,
+  );
+});
+
+test("LoRA: Python's \\A and \\Z anchors in a target_modules regular expression mean ^ and $, as in PEFT", () => {
+  const list = Model.open(variant(() => {})).modules();
+  const regex = String.raw`\A.*\.(q_proj|v_proj|down_proj)\Z`;
+  assert.deepEqual(Model.open(variant((c) => (c.target_modules = regex))).modules(), list);
+  assert.equal(pythonAnchors(regex), String.raw`^.*\.(q_proj|v_proj|down_proj)$`);
+  // only the anchors: an escaped backslash before Z, and anything in a character class, stay as written
+  for (const kept of [String.raw`a\\Z`, String.raw`[\Z]`, String.raw`[]\Z]`, String.raw`[^]\A]x`, String.raw`\.q_proj`])
+    assert.equal(pythonAnchors(kept), kept);
+  assert.equal(pythonAnchors(String.raw`[a]\Z`), '[a]$');
+});
+
+test('LoRA: target_modules entries that match nothing are fine (PEFT needs one to match); overlapping entries all count', () => {
+  const list = Model.open(variant(() => {})).modules();
+  // a generic cross-architecture list: GPT-2's c_attn and GPT-NeoX's query_key_value select nothing in a Llama
+  const generic = variant((c) => (c.target_modules = ['c_attn', 'q_proj', 'v_proj', 'query_key_value', 'down_proj']));
+  assert.deepEqual(Model.open(generic).modules(), list);
+  const overlap = variant((c) => (c.target_modules = ['q_proj', 'self_attn.q_proj', 'v_proj', 'mlp.down_proj']));
+  assert.deepEqual(Model.open(overlap).modules(), list);
+  const adapter = readAdapter(overlap);
+  assert.deepEqual(targets(adapter, 'model.layers.0.self_attn.q_proj'), ['q_proj', 'self_attn.q_proj']);
+  assert.deepEqual(targets(adapter, 'model.layers.0.mlp.down_proj'), ['mlp.down_proj']);
+  assert.deepEqual(targets(adapter, 'model.layers.0.self_attn.k_proj'), []);
+});
+
+/** the llama adapter with `extra` tensors added to adapter_model.safetensors (config as is) */
+function withTensors(extra: Record<string, number[]>): string {
+  const dir = variant(() => {});
+  const file = join(dir, 'adapter_model.safetensors');
+  const h = readSafetensorsHeader(file);
+  const tensors = Object.fromEntries(
+    [...h.tensors.values()].map((t) => [
+      t.name,
+      { dtype: 'F32' as const, shape: t.shape, data: readTensorF32(h, t.name) },
+    ]),
+  );
+  for (const [name, shape] of Object.entries(extra))
+    tensors[name] = { dtype: 'F32', shape, data: new Float32Array(shape[0] * shape[1]) };
+  writeSafetensors(file, tensors);
+  return dir;
+}
+
+test('LoRA: tensors of LoRA on the embeddings or the head (lora_A, lora_embedding_A, base_layer copies) are refused as such', () => {
+  const cases: Array<[Record<string, number[]>, RegExp]> = [
+    [
+      { 'base_model.model.lm_head.lora_A.weight': [4, 32], 'base_model.model.lm_head.lora_B.weight': [320, 4] },
+      /tensor "base_model\.model\.lm_head\.lora_A\.weight" adapts lm_head: LoRA on the embeddings or the output head is not supported$/,
+    ],
+    [
+      { 'base_model.model.lm_head.base_layer.weight': [320, 32] },
+      /tensor "base_model\.model\.lm_head\.base_layer\.weight" adapts lm_head: LoRA on the embeddings or the output head/,
+    ],
+    [
+      { 'base_model.model.model.embed_tokens.lora_embedding_A': [4, 320] },
+      /tensor "base_model\.model\.model\.embed_tokens\.lora_embedding_A" adapts model\.embed_tokens: LoRA on the embeddings/,
+    ],
+    [
+      { 'base_model.model.model.embed_tokens.weight': [336, 32] },
+      /tensor "base_model\.model\.model\.embed_tokens\.weight" replaces model\.embed_tokens \(save_embedding_layers/,
+    ],
+  ];
+  for (const [extra, message] of cases)
+    assert.throws(
+      () => Model.open(withTensors(extra)),
+      (e: Error) => {
+        assert.match(e.message, /adapter_model\.safetensors: tensor /);
+        assert.match(e.message, message);
+        assert.ok(!e.message.includes('\n'), e.message);
+        assert.ok(isUserError(e), e.constructor.name);
+        return true;
+      },
+    );
+});
+
+test('LoRA: an adapter_model.safetensors that is a directory is refused in one line, naming it', () => {
+  const dir = variant(() => {});
+  const weights = join(dir, 'adapter_model.safetensors');
+  rmSync(weights);
+  mkdirSync(weights);
+  assert.throws(
+    () => Model.open(dir),
+    (e: Error) => {
+      assert.match(e.message, /adapter_model\.safetensors: not a file/);
+      assert.ok(e.message.startsWith(weights), e.message);
+      assert.ok(isUserError(e), e.constructor.name);
+      return true;
+    },
+  );
+  // and any safetensors path that is a directory, read directly
+  assert.throws(
+    () => readSafetensorsHeader(dir),
+    (e: Error) => isUserError(e) && /not a safetensors file \(a directory\)/.test(e.message),
   );
 });
 

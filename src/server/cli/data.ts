@@ -3,9 +3,10 @@
 //   data build --out <dir> [--seed N] [--countries N] [--paraphrases N] [--questions N] [--held-out F]
 //   data build --task nonlexical --out <dir> [--seed N]   the non-lexical corpus (assets/nonlex, embedded/nonlex.ts)
 //   data tokenizer --out <dir> <file.jsonl>...
-//   data eval --model <dir> --queries <file> [--data <train.jsonl>] [--factors <dir>] [--methods m,m] [--top-k K]
-//     accuracy on any questions, and per method Recall@k / MRR of their known sources (eval/queries.ts)
-//   data eval --model <dir> --data <dir> [--json]   the same plus statements, on a corpus built by data build
+//   data eval --model <dir> [--base <dir>] --queries <file> [--data <train.jsonl>] [--factors <dir>] [--methods m,m]
+//     [--top-k K]   accuracy on any questions, and per method Recall@k / MRR of their known sources (eval/queries.ts)
+//   data eval --model <dir> [--base <dir>] --data <dir> [--json]   the same plus statements, on a corpus built by data build
+// (--base: the base model folder of a LoRA adapter, as for the other commands)
 import { existsSync, mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { METHODS, type Method } from '../../protocol/types';
@@ -122,6 +123,7 @@ async function tokenizer(argv: string[]): Promise<void> {
 async function evaluate(argv: string[]): Promise<void> {
   const { values: v } = parse(argv, {
     model: { type: 'string' },
+    base: { type: 'string' },
     data: { type: 'string' },
     queries: { type: 'string' },
     factors: { type: 'string' },
@@ -142,7 +144,7 @@ async function evaluate(argv: string[]): Promise<void> {
     throw new CliError(
       '--queries <file> (your questions: {"prompt", "expected", "sources"?}) is required, or --data <dir> written by data build',
     );
-  const model = Model.open(v.model, { threads: threadsFlag(v.threads) });
+  const model = Model.open(v.model, { base: v.base, threads: threadsFlag(v.threads) });
   const qa = await evaluateCorpusModel(model, v.data);
   const statements = await evaluateStatements(model, v.data);
   if (v.json) {
@@ -170,6 +172,7 @@ async function evaluate(argv: string[]): Promise<void> {
 /** `data eval --queries`: accuracy on any questions, and per method Recall@k / MRR of their known sources. */
 async function evaluateQueries(v: {
   model?: string;
+  base?: string;
   data?: string;
   queries?: string;
   factors?: string;
@@ -205,6 +208,7 @@ async function evaluateQueries(v: {
   }
   const stage = openStage(v.model!, v.factors, {
     engine: {
+      base: v.base,
       threads: threadsFlag(v.threads),
       // --data is tokenized as the model was trained on it, as by fit and explain
       training: trainingFlag(v.training),

@@ -1,7 +1,8 @@
 // influence-lens generate: a model's own completions, greedy or sampled, for one prompt or a
 // JSONL file of prompts (one {"prompt": ...} per line), as text or as JSON lines.
-//   generate --model <dir> (--prompt P | --prompts <file.jsonl>) [--max-tokens N] [--temperature T]
-//     [--seed N] [--stop S]... [--multiline] [--json]
+//   generate --model <dir> [--base <dir>] (--prompt P | --prompts <file.jsonl>) [--max-tokens N]
+//     [--temperature T] [--seed N] [--stop S]... [--multiline] [--json]
+// (--base: the base model folder of a LoRA adapter, as for the other commands)
 import { readFileSync } from 'node:fs';
 import { Model } from '../model/engine';
 import { generate } from '../model/generate';
@@ -10,6 +11,7 @@ import { CliError, int, parse, seedFlag, threadsFlag } from './util';
 export async function runGenerate(argv: string[]): Promise<void> {
   const { values: v } = parse(argv, {
     model: { type: 'string' },
+    base: { type: 'string' },
     prompt: { type: 'string' },
     prompts: { type: 'string' },
     'max-tokens': { type: 'string' },
@@ -35,7 +37,7 @@ export async function runGenerate(argv: string[]): Promise<void> {
   if (stop.some((s) => !s)) throw new CliError('--stop must not be empty');
   // checked before the model is opened (its first use reads every weight file)
   const seed = seedFlag(v.seed, 0, '--seed', temperature === 0 ? '--temperature 0 decodes greedily' : undefined);
-  const model = Model.open(v.model, { threads: threadsFlag(v.threads) });
+  const model = Model.open(v.model, { base: v.base, threads: threadsFlag(v.threads) });
   const gens = await generate(model, prompts, {
     maxNewTokens,
     temperature,

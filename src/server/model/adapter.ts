@@ -98,9 +98,18 @@ const KEYS: Record<string, { accepts: string; ok(v: unknown): boolean }> = {
 export function readAdapter(dirIn: string): LoraAdapter {
   const dir = resolve(dirIn);
   const configPath = join(dir, ADAPTER_CONFIG);
+  let text: string;
+  try {
+    text = readFileSync(configPath, 'utf8');
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    throw new AdapterError(
+      `${configPath}: cannot read (${code === 'EISDIR' ? 'a directory, not a file' : (code ?? (e as Error).message)})`,
+    );
+  }
   let config: Record<string, unknown>;
   try {
-    config = JSON.parse(readFileSync(configPath, 'utf8'));
+    config = JSON.parse(text);
   } catch (e) {
     throw new AdapterError(`${configPath}: not valid JSON (${(e as Error).message})`);
   }
@@ -133,6 +142,10 @@ export function readAdapter(dirIn: string): LoraAdapter {
       : '';
     throw new AdapterError(`${dir}: no ${ADAPTER_WEIGHTS}.${pickle}`);
   }
+  if (!statSync(weightsPath).isFile())
+    throw new AdapterError(
+      `${weightsPath}: not a file (expected the adapter's weights, as save_pretrained writes them)`,
+    );
   const r = config.r as number;
   const alpha = config.lora_alpha as number;
   const tm = config.target_modules as string | string[];
@@ -143,7 +156,7 @@ export function readAdapter(dirIn: string): LoraAdapter {
         `${configPath}: "target_modules": "all-linear" was not expanded by PEFT; list the modules`,
       );
     try {
-      targetModules = new RegExp(`^(?:${tm})$`);
+      targetModules = new RegExp(`^(?:${pythonAnchors(tm)})$`);
     } catch (e) {
       throw new AdapterError(
         `${configPath}: "target_modules" is not a regular expression we can read (${(e as Error).message})`,
@@ -164,11 +177,118 @@ export function readAdapter(dirIn: string): LoraAdapter {
   };
 }
 
-/** Does PEFT adapt the module with this (base model) name? (peft.tuners.tuners_utils.check_target_module_exists) */
-export function targets(adapter: LoraAdapter, moduleName: string): string | null {
+/**
+ * PEFT reads a string target_modules with Python's re.fullmatch; JavaScript reads the same text
+ * alike except for Python's anchors \A and \Z, which JavaScript takes as the letters A and Z.
+ * Outside a character class (inside one Python refuses them) they are exactly ^ and $ (no
+ * multiline flag), so they are translated; anything else is left as written.
+ */
+export function pythonAnchors(pattern: string): string {
+  let out = '';
+  let inClass = false;
+  for (let i = 0; i < pattern.length; i++) {
+    const c = pattern[i];
+    if (c === '\\' && i + 1 < pattern.length) {
+      const next = pattern[++i];
+      out += !inClass && next === 'A' ? '^' : !inClass && next === 'Z' ? '$' : c + next;
+      continue;
+    }
+    if (inClass) {
+      if (c === ']') inClass = false;
+    } else if (c === '[') {
+      inClass = true;
+      // a ] right after [ or [^ is a member, not the end, in Python
+      let j = i + 1;
+      if (pattern[j] === '^') j++;
+      if (pattern[j] === ']') j++;
+      out += pattern.slice(i, j);
+      i = j - 1;
+      continue;
+    }
+    out += c;
+  }
+  return out;
+}
+
+/**
+ * The target_modules entries that select the module with this (base model) name: a list entry
+ * equal to the name or to its last dotted parts, or the regular expression matching the whole
+ * name (peft.tuners.tuners_utils.check_target_module_exists). Every matching entry, not only
+ * the first (["q_proj", "self_attn.q_proj"] both select ...self_attn.q_proj).
+ */
+export function targets(adapter: LoraAdapter, moduleName: string): string[] {
   const t = adapter.targetModules;
-  if (t instanceof RegExp) return t.test(moduleName) ? t.source : null;
-  return t.find((x) => moduleName === x || moduleName.endsWith(`.${x}`)) ?? null;
+  if (t instanceof RegExp) return t.test(moduleName) ? [t.source] : [];
+  return t.filter((x) => moduleName === x || moduleName.endsWith(`.${x}`));
+}
+
+/** The entries of target_modules as written (a regular expression is one entry). */
+export function targetEntries(adapter: LoraAdapter): string[] {
+  const t = adapter.config.target_modules;
+  return typeof t === 'string' ? [t] : (t as string[]);
+}
+
+/**
+ * The last name part of the embedding and output-head modules of the supported architectures
+ * (Llama family, GPT-2, GPT-NeoX; transformers 5 names GPT-NeoX's embed_out lm_head). LoRA on
+ * these is PEFT's Embedding layer or a LoRA on the head, neither of which is implemented.
+ */
+const EMBEDDING_OR_HEAD = new Set(['embed_tokens', 'wte', 'wpe', 'embed_in', 'lm_head', 'embed_out']);
+
+const lastPart = (name: string) => name.slice(name.lastIndexOf('.') + 1);
+
+/** PEFT's names for what it saves of a LoRA-wrapped (or saved) module, longest first. */
+const PEFT_SUFFIXES = [
+  '.base_layer.weight',
+  '.lora_embedding_A',
+  '.lora_embedding_B',
+  '.lora_A.weight',
+  '.lora_B.weight',
+  '.weight',
+];
+
+/**
+ * Checks target_modules against the base model's module names (every dotted prefix of its
+ * weights' names), before anything is built: LoRA on the embeddings or the output head is
+ * refused in one line, as is a regular expression that matches no module name at all (a
+ * Python-only construct read differently by JavaScript is the likely reason). Entries that
+ * match nothing are fine, as in PEFT; that some entry matches a linear layer is checked when
+ * the graph is built (engine.ts).
+ */
+export function checkTargets(adapter: LoraAdapter, baseWeightNames: Iterable<string>, headNames: string[]) {
+  const modules = new Set<string>(['lm_head', ...headNames.map((n) => n.replace(/\.weight$/, ''))]);
+  for (const name of baseWeightNames) {
+    const parts = name.split('.');
+    for (let i = 1; i < parts.length; i++) modules.add(parts.slice(0, i).join('.'));
+  }
+  for (const m of modules)
+    if (EMBEDDING_OR_HEAD.has(lastPart(m)) && targets(adapter, m).length)
+      throw new AdapterError(
+        `${adapter.configPath}: "target_modules" selects ${m}: LoRA on the embeddings or the output head is not supported`,
+      );
+  const t = adapter.targetModules;
+  if (t instanceof RegExp && ![...modules].some((m) => t.test(m)))
+    throw new AdapterError(
+      `${adapter.configPath}: "target_modules" regular expression ${JSON.stringify(adapter.config.target_modules)} matches no module name of the base model ` +
+        '(read as a JavaScript regular expression, with \\A and \\Z as Python means them: other Python-only syntax, such as {,n}, is not understood)',
+    );
+}
+
+/**
+ * Why an adapter tensor that is not a LoRA A/B weight of a linear layer is refused, when it
+ * belongs to the embeddings or the output head (LoRA on them, or the copy save_embedding_layers
+ * keeps); null otherwise.
+ */
+export function embeddingOrHeadTensor(adapter: LoraAdapter, tensor: string): string | null {
+  const name = tensor.startsWith(PEFT_PREFIX) ? tensor.slice(PEFT_PREFIX.length) : tensor;
+  const suffix = PEFT_SUFFIXES.find((s) => name.endsWith(s));
+  if (!suffix) return null;
+  const module = name.slice(0, -suffix.length);
+  if (!EMBEDDING_OR_HEAD.has(lastPart(module))) return null;
+  const where = `${adapter.weightsPath}: tensor "${tensor}"`;
+  return suffix === '.weight'
+    ? `${where} replaces ${module} (save_embedding_layers, e.g. after resizing the vocabulary): replacing the embeddings or the output head is not supported`
+    : `${where} adapts ${module}: LoRA on the embeddings or the output head is not supported`;
 }
 
 /**

@@ -4,7 +4,16 @@
 import { closeSync, existsSync, openSync, readdirSync, readFileSync, readSync, statSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { restoreReplacedDir } from '../../common/atomic-write';
-import { ADAPTER_CONFIG, isAdapterDir, type LoraAdapter, PEFT_PREFIX, readAdapter, resolveBase } from './adapter';
+import {
+  ADAPTER_CONFIG,
+  checkTargets,
+  embeddingOrHeadTensor,
+  isAdapterDir,
+  type LoraAdapter,
+  PEFT_PREFIX,
+  readAdapter,
+  resolveBase,
+} from './adapter';
 import { ARCHITECTURES } from './architectures';
 import { type DType, readSafetensorsHeader, readTensorF32, type SafetensorsHeader } from './safetensors';
 
@@ -256,11 +265,20 @@ function openAdapter(dir: string, baseOption?: string): Checkpoint {
       `${baseDir}: the base of adapter ${dir} is itself an adapter (stacked adapters are not supported)`,
     );
   const base = openCheckpoint(baseDir);
+  checkTargets(
+    adapter,
+    base.weights.keys(),
+    ARCHITECTURES.find((a) => a.modelTypes.includes(base.modelType))?.headNames ?? [],
+  );
   const weights = new Map(base.weights);
   let adapterBytes = 0;
   for (const t of adapter.header.tensors.values()) {
-    // PEFT's names for LoRA on a linear layer; anything else (lora_embedding_A, modules_to_save
-    // copies, DoRA magnitudes, biases) is another kind of adapter
+    // LoRA on the embeddings or the head (lora_embedding_A, lm_head.lora_A, the base_layer copies
+    // save_embedding_layers adds), refused as such rather than as an unknown tensor
+    const embeddingOrHead = embeddingOrHeadTensor(adapter, t.name);
+    if (embeddingOrHead) throw new CheckpointError(embeddingOrHead);
+    // PEFT's names for LoRA on a linear layer; anything else (modules_to_save copies, DoRA
+    // magnitudes, biases) is another kind of adapter
     if (!t.name.startsWith(PEFT_PREFIX) || !/\.lora_[AB]\.weight$/.test(t.name))
       throw new CheckpointError(
         `${adapter.weightsPath}: tensor "${t.name}" is not a LoRA A/B weight of a linear layer (only those are supported; see ${ADAPTER_CONFIG})`,

@@ -30,6 +30,7 @@ import { isTemporaryName, tempPathFor, writeFileAtomic } from '../../common/atom
 import type { TrainingConvention } from '../data/training';
 import { collectWhenPiledUp, noteDroppedSoon } from '../util/gc';
 import { mapLargeBlocks, releaseFreedMemory } from '../util/malloc';
+import { targetEntries } from './adapter';
 import { architectureFor } from './architectures';
 import type { Architecture, BuildContext, TrackedModule, WeightSource } from './architectures/common';
 import { type Checkpoint, openCheckpoint, sameWeightBytes } from './checkpoint';
@@ -552,19 +553,24 @@ function inputWeights(g: Graph, ck: Checkpoint): Weights {
   };
 }
 
-/** Every adapter tensor and every target_modules entry must have found its linear layer. */
+/**
+ * PEFT's rule: some target_modules entry must select a linear layer (entries that select
+ * nothing are fine: generic lists name layers of several architectures). And every adapter
+ * tensor must have found the selected linear layer it adapts, so that no weight of the adapter
+ * is silently left out of the forward.
+ */
 function checkAdapterCoverage(lora: NonNullable<BuildContext['lora']>, base: string) {
   const { adapter } = lora;
+  if (!lora.matchedTargets.size) {
+    const entries = targetEntries(adapter);
+    throw new EngineError(
+      `${adapter.configPath}: "target_modules" ${entries.length > 1 ? 'entries' : 'entry'} ${entries.map((t) => JSON.stringify(t)).join(', ')} ${entries.length > 1 ? 'match' : 'matches'} no linear layer of the base model (${base})`,
+    );
+  }
   for (const name of adapter.header.tensors.keys())
     if (!lora.usedTensors.has(name))
       throw new EngineError(
         `${adapter.weightsPath}: tensor ${name} adapts no linear layer of the base model that "target_modules" in adapter_config.json selects (base: ${base})`,
-      );
-  const entries = adapter.targetModules instanceof RegExp ? [adapter.targetModules.source] : adapter.targetModules;
-  for (const t of entries)
-    if (!lora.matchedTargets.has(t))
-      throw new EngineError(
-        `${adapter.configPath}: "target_modules" entry ${JSON.stringify(t)} matches no linear layer of the base model (${base})`,
       );
 }
 

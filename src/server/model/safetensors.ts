@@ -62,7 +62,12 @@ export function readSafetensorsHeader(path: string): SafetensorsHeader {
     throw new SafetensorsError(`${path}: cannot open (${(e as NodeJS.ErrnoException).code ?? e})`);
   }
   try {
-    const fileSize = fstatSync(fd).size;
+    const stat = fstatSync(fd);
+    if (!stat.isFile())
+      throw new SafetensorsError(
+        `${path}: not a safetensors file (${stat.isDirectory() ? 'a directory' : 'not a regular file'})`,
+      );
+    const fileSize = stat.size;
     if (fileSize < 8) throw new SafetensorsError(`${path}: not a safetensors file (only ${fileSize} bytes)`);
     const lenBuf = Buffer.alloc(8);
     readSync(fd, lenBuf, 0, 8, 0);

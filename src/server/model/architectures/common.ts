@@ -44,7 +44,10 @@ export interface BuildContext {
   /** Shape(input_ids) = [B, T] as int64 */
   bt: Tensor;
   modules: TrackedModule[];
-  /** a PEFT LoRA adapter: its A and B layers wrap the targeted linear layers and are the tracked modules */
+  /**
+   * a PEFT LoRA adapter: its A and B layers wrap the targeted linear layers and are the tracked
+   * modules; matchedTargets collects every target_modules entry that selected a linear layer
+   */
   lora?: { adapter: LoraAdapter; usedTensors: Set<string>; matchedTargets: Set<string> };
   /** query rows per attention chunk (default: ATTENTION_CHUNK_BYTES of scores; tests set it small) */
   attentionRows?: number;
@@ -140,9 +143,10 @@ function loraBranch(
   dOut: number,
 ): Tensor {
   const { adapter } = lora;
-  const target = targets(adapter, name);
-  if (target === null) return y;
-  lora.matchedTargets.add(target);
+  const selecting = targets(adapter, name);
+  if (!selecting.length) return y;
+  for (const t of selecting) lora.matchedTargets.add(t);
+  const target = selecting[0];
   const prefix = `${PEFT_PREFIX}${name}`;
   const aName = `${prefix}.lora_A.weight`;
   const bName = `${prefix}.lora_B.weight`;
