@@ -173,3 +173,39 @@ test('checkpoint: missing and broken pieces give clear errors', () => {
   writeSafetensors(join(dir, 'f64', 'model.safetensors'), { w: { dtype: 'F64', shape: [1], data: [1] } });
   assert.throws(() => openCheckpoint(join(dir, 'f64')), /"w" is F64; supported weight dtypes: F32, F16, BF16/);
 });
+
+test('integer and bool buffers (the causal masks old transformers saved with GPT-2 and Pythia) are not read, and the model computes as without them', async () => {
+  const { cpSync } = await import('node:fs');
+  const { Model, makeBatch } = await import('../../src/server/model/engine');
+  const dir = tmp();
+  for (const arch of ['gpt_neox', 'gpt2']) {
+    const src = join('test/fixtures/models', arch);
+    const dst = join(dir, arch);
+    cpSync(src, dst, { recursive: true });
+    const f = join(dst, 'model.safetensors');
+    const h = readSafetensorsHeader(f);
+    const tensors: Parameters<typeof writeSafetensors>[1] = {};
+    for (const name of h.tensors.keys()) tensors[name] = readTensor(h, name) as (typeof tensors)[string];
+    const T = 8;
+    const tril = Array.from({ length: T * T }, (_, i) => (i % T <= Math.floor(i / T) ? 1 : 0));
+    const layer = arch === 'gpt2' ? 'h.0.attn' : 'gpt_neox.layers.0.attention';
+    const prefix = [...h.tensors.keys()][0].startsWith('transformer.') ? 'transformer.' : '';
+    tensors[`${prefix}${layer}.bias`] = { dtype: arch === 'gpt2' ? 'U8' : 'BOOL', shape: [1, 1, T, T], data: tril };
+    tensors[`${prefix}${layer}.masked_bias`] = { dtype: 'F32', shape: [], data: [-1e9] };
+    tensors.position_counter = { dtype: 'I64', shape: [1], data: [3] };
+    writeSafetensors(f, tensors, h.metadata);
+    const ck = openCheckpoint(dst);
+    assert.deepEqual(
+      ck.ignored?.map((t) => [t.name, t.dtype]).sort((a, b) => (a[0] < b[0] ? -1 : 1)),
+      [
+        [`${prefix}${layer}.bias`, arch === 'gpt2' ? 'U8' : 'BOOL'],
+        ['position_counter', 'I64'],
+      ].sort((a, b) => (a[0] < b[0] ? -1 : 1)),
+    );
+    const nll = async (d: string) => {
+      const g = await Model.open(d, { threads: 1 }).compile({ labels: 'data', tokenLoss: true, modules: 'all' });
+      return Array.from((await g.run(makeBatch([{ ids: [1, 5, 9, 2, 7] }], 0))).token_nll.data as Float32Array);
+    };
+    assert.deepEqual(await nll(dst), await nll(src), arch);
+  }
+});

@@ -23,9 +23,11 @@ export async function runInspect(argv: string[]): Promise<void> {
     rslora: ad.config.use_rslora === true,
     base: dirname(model.checkpoint.configFiles[0]),
   };
+  // integer/bool buffers (old causal masks) the model does not read, as transformers ignores them
+  const ignored = model.checkpoint.ignored ?? [];
   if (values.json) {
     process.stdout.write(
-      `${JSON.stringify({ dir, modelType: model.checkpoint.modelType, architecture: model.describe(), parameters: count, ...(adapter ? { adapter } : {}), modules }, null, 2)}\n`,
+      `${JSON.stringify({ dir, modelType: model.checkpoint.modelType, architecture: model.describe(), parameters: count, ...(adapter ? { adapter } : {}), ...(ignored.length ? { ignoredTensors: ignored } : {}), modules }, null, 2)}\n`,
     );
     return;
   }
@@ -38,6 +40,11 @@ export async function runInspect(argv: string[]): Promise<void> {
         ]
       : []),
     `parameters:   ${count.toLocaleString('en-US')} in ${params.length} tensors (${(model.checkpoint.totalBytes / 2 ** 20).toFixed(1)} MiB on disk)`,
+    ...(ignored.length
+      ? [
+          `not read:     ${ignored.length} integer/bool buffer(s), e.g. ${ignored[0].name} (${ignored[0].dtype}): old causal masks, which transformers ignores too`,
+        ]
+      : []),
     `tracked modules (${modules.length}; "mlp" selects ${modules.filter((m) => m.kind === 'mlp').length}):`,
     ...modules.map(
       (m) =>

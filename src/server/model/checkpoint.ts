@@ -19,6 +19,8 @@ import { type DType, readSafetensorsHeader, readTensorF32, type SafetensorsHeade
 
 /** dtypes a checkpoint's weights may have (the graphs cast them to the compute precision) */
 export const WEIGHT_DTYPES: readonly DType[] = ['F32', 'F16', 'BF16'];
+/** dtypes of buffers, never of weights: such tensors are listed in `Checkpoint.ignored`, not read */
+const INDEX_DTYPES: readonly DType[] = ['U8', 'BOOL', 'I8', 'I16', 'I32', 'I64'];
 
 export class CheckpointError extends Error {}
 
@@ -47,6 +49,12 @@ export interface Checkpoint {
   modelType: string;
   /** tensor name → where its bytes are, in file order */
   weights: Map<string, WeightRef>;
+  /**
+   * integer and boolean tensors of the files, which no architecture reads: the causal-mask buffers
+   * (`attn.bias`, `attention.bias`, uint8 or bool) that transformers before 4.31 saved with GPT-2
+   * and GPT-NeoX (Pythia) weights, and that transformers ignores when it loads them
+   */
+  ignored?: Array<{ name: string; dtype: DType }>;
   /** the safetensors files, absolute paths */
   files: string[];
   totalBytes: number;
@@ -200,6 +208,7 @@ export function openCheckpoint(dirIn: string, options: OpenOptions = {}): Checkp
   const { files, map } = weightFiles(dir);
   const headers = new Map<string, SafetensorsHeader>();
   const weights = new Map<string, WeightRef>();
+  const ignored: Array<{ name: string; dtype: DType }> = [];
   let totalBytes = 0;
   for (const file of files) {
     const h = readSafetensorsHeader(file);
@@ -207,6 +216,11 @@ export function openCheckpoint(dirIn: string, options: OpenOptions = {}): Checkp
     for (const t of h.tensors.values()) {
       if (map && map[t.name] !== undefined && join(dir, map[t.name]) !== file) continue; // the index decides
       if (weights.has(t.name)) throw new CheckpointError(`${file}: tensor "${t.name}" also appears in another shard`);
+      // not a weight: a buffer (no builder reads one; a tensor a builder needs is missing by name then)
+      if (INDEX_DTYPES.includes(t.dtype)) {
+        ignored.push({ name: t.name, dtype: t.dtype });
+        continue;
+      }
       if (!WEIGHT_DTYPES.includes(t.dtype))
         throw new CheckpointError(
           `${file}: tensor "${t.name}" is ${t.dtype}; supported weight dtypes: ${WEIGHT_DTYPES.join(', ')}`,
@@ -215,9 +229,10 @@ export function openCheckpoint(dirIn: string, options: OpenOptions = {}): Checkp
       totalBytes += t.byteLength;
     }
   }
+  const isIgnored = new Set(ignored.map((t) => t.name));
   if (map)
     for (const [name, f] of Object.entries(map))
-      if (!weights.has(name))
+      if (!weights.has(name) && !isIgnored.has(name))
         throw new CheckpointError(`${join(dir, f)}: has no tensor "${name}", which the index lists there`);
   if (!weights.size) throw new CheckpointError(`${dir}: the safetensors files hold no tensors`);
   withBasePrefix(weights, modelType);
@@ -229,6 +244,7 @@ export function openCheckpoint(dirIn: string, options: OpenOptions = {}): Checkp
     tokenizerDir: dir,
     modelType,
     weights,
+    ...(ignored.length ? { ignored } : {}),
     files,
     totalBytes,
     has: (name) => weights.has(name),
