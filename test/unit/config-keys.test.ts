@@ -92,6 +92,32 @@ test('gpt_neox: old rotary_pct / rotary_emb_base, and their default of a quarter
     }),
     'gpt_neox',
   );
+  // as transformers 4.4x-4.57 save a Pythia config: the shared RoPE code's names beside the old
+  // ones, with their values (a real Pythia fine-tune saved by them was refused)
+  await assertMatchesGolden(
+    variant('gpt_neox', (c) => {
+      delete c.rope_parameters;
+      Object.assign(c, { rotary_pct: 0.25, rotary_emb_base: 10000, partial_rotary_factor: 0.25, rope_theta: 10000 });
+      c.rope_scaling = null;
+    }),
+    'gpt_neox',
+  );
+  // disagreeing, or without the old name to agree with: transformers versions read them differently
+  for (const edit of [
+    (c: Record<string, unknown>) => Object.assign(c, { rotary_pct: 0.25, partial_rotary_factor: 0.5 }),
+    (c: Record<string, unknown>) => Object.assign(c, { rotary_emb_base: 10000, rope_theta: 500 }),
+    (c: Record<string, unknown>) => Object.assign(c, { partial_rotary_factor: 0.25 }),
+  ])
+    assert.throws(
+      () =>
+        Model.open(
+          variant('gpt_neox', (c) => {
+            delete c.rope_parameters;
+            edit(c);
+          }),
+        ).modules(),
+      /config\.json: "(partial_rotary_factor|rope_theta)": .* \(supported: the value of "(rotary_pct|rotary_emb_base)"/,
+    );
 });
 
 test('llama ignores sliding_window, as transformers LlamaModel does', async () => {

@@ -17,7 +17,7 @@ import {
   ropeDict,
   ropeTables,
 } from './common';
-import { boolean, type ConfigKeys, finiteNumber, oneOf, positiveInt, ropeRule } from './config-keys';
+import { boolean, type ConfigKeys, finiteNumber, type KeyRule, oneOf, positiveInt, ropeRule } from './config-keys';
 
 /** The config keys GPTNeoXConfig defines that this builder reproduces. */
 const GPT_NEOX_KEYS: ConfigKeys = {
@@ -33,10 +33,22 @@ const GPT_NEOX_KEYS: ConfigKeys = {
   tie_word_embeddings: boolean,
   rope_scaling: ropeRule(true),
   rope_parameters: ropeRule(true),
-  // the older names GPTNeoXConfig still reads (a top-level rope_theta it ignores: refused)
+  // the older names GPTNeoXConfig still reads
   rotary_pct: finiteNumber,
   rotary_emb_base: finiteNumber,
+  // transformers 4.4x-4.57 save the names its shared RoPE code reads beside them, set from them
+  // (rotary_pct and rotary_emb_base win when such a config is loaded): accepted while they agree
+  partial_rotary_factor: sameAs('rotary_pct'),
+  rope_theta: sameAs('rotary_emb_base'),
 };
+
+/** A number equal to another key of the config, which must be there (the value transformers uses). */
+function sameAs(key: string): KeyRule {
+  return {
+    accepts: `the value of "${key}", as the transformers versions that write both keys set it`,
+    ok: (v, c) => typeof v === 'number' && c[key] === v,
+  };
+}
 
 export const gptNeox: Architecture = {
   modelTypes: ['gpt_neox'],
