@@ -120,6 +120,33 @@ test('gpt_neox: old rotary_pct / rotary_emb_base, and their default of a quarter
     );
 });
 
+test('an absent num_key_value_heads is the config class default (Mistral 8, Qwen2 32), null is num_attention_heads', async () => {
+  // the fixtures have 1 and 2 KV heads: without the key, transformers builds 8 and 32 and refuses
+  // their weights; the refusal names the default, not num_attention_heads
+  for (const [fixture, kv] of [
+    ['mistral', 8],
+    ['qwen2', 32],
+  ] as const)
+    assert.throws(
+      () =>
+        Model.open(
+          variant(fixture, (c) => {
+            delete c.num_key_value_heads;
+          }),
+        ).modules(),
+      new RegExp(`num_key_value_heads absent, so ${fixture}'s default ${kv}`),
+    );
+  assert.throws(
+    () =>
+      Model.open(
+        variant('llama', (c) => {
+          c.num_key_value_heads = null;
+        }),
+      ).modules(),
+    /num_key_value_heads null, so num_attention_heads 4/,
+  );
+});
+
 test('llama ignores sliding_window, as transformers LlamaModel does', async () => {
   await assertMatchesGolden(
     variant('llama', (c) => {

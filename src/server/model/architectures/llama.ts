@@ -26,6 +26,8 @@ interface Variant {
   windows(c: Config, nLayer: number): Array<number | undefined>;
   /** whether q/k/v, o and the MLP projections have biases, and the config key that says so */
   biases(c: Config): { qkv: boolean; o: boolean; mlp: boolean; because: (part: string) => string };
+  /** KV heads when config.json has no num_key_value_heads key (null, or Llama: num_attention_heads) */
+  kvHeadsWhenAbsent?: number;
 }
 
 /** Keys every Llama-family config may have (LlamaConfig / MistralConfig / Qwen2Config). */
@@ -78,6 +80,7 @@ const LLAMA_KEYS: ConfigKeys = {
 };
 
 const mistralVariant: Variant = {
+  kvHeadsWhenAbsent: 8, // MistralConfig's default
   // MistralModel slides the window on every layer (it ignores layer_types)
   windows: (c, n) => Array(n).fill(window(c)),
   biases: () => ({ qkv: false, o: false, mlp: false, because: () => 'Mistral has no biases' }),
@@ -96,6 +99,7 @@ const MISTRAL_KEYS: ConfigKeys = {
 };
 
 const qwen2Variant: Variant = {
+  kvHeadsWhenAbsent: 32, // Qwen2Config's default
   windows(c, n) {
     // Qwen2Config.__post_init__: the window exists only with use_sliding_window; layer_types,
     // when absent, slides it on the layers from max_window_layers on.
@@ -142,6 +146,16 @@ function window(c: Config): number | undefined {
   return typeof c.sliding_window === 'number' ? c.sliding_window : undefined;
 }
 
+/**
+ * KV heads as the family's config class sets them: num_key_value_heads; null means
+ * num_attention_heads; absent is the class default (Mistral 8, Qwen2 32; Llama: num_attention_heads).
+ */
+function kvHeads(c: Config, variant: Variant): number {
+  const nHead = num(c, ['num_attention_heads']);
+  if (!('num_key_value_heads' in c)) return variant.kvHeadsWhenAbsent ?? nHead;
+  return num(c, ['num_key_value_heads'], nHead);
+}
+
 function llamaFamily(modelType: string, configKeys: ConfigKeys, variant: Variant): Architecture {
   return {
     modelTypes: [modelType],
@@ -150,12 +164,12 @@ function llamaFamily(modelType: string, configKeys: ConfigKeys, variant: Variant
     configKeys,
     describe: (c) =>
       `${String(c.model_type)} (${num(c, ['num_hidden_layers'])} layers, d=${num(c, ['hidden_size'])}, ` +
-      `${num(c, ['num_attention_heads'])} heads, ${num(c, ['num_key_value_heads'], num(c, ['num_attention_heads']))} KV heads)`,
+      `${num(c, ['num_attention_heads'])} heads, ${kvHeads(c, variant)} KV heads)`,
     forward(ctx: BuildContext, c: Config) {
       const { g } = ctx;
       const d = num(c, ['hidden_size']);
       const nHead = num(c, ['num_attention_heads']);
-      const nKv = num(c, ['num_key_value_heads'], nHead);
+      const nKv = kvHeads(c, variant);
       const nLayer = num(c, ['num_hidden_layers']);
       const hd = num(c, ['head_dim'], Math.floor(d / nHead));
       const inter = num(c, ['intermediate_size']);
@@ -165,7 +179,9 @@ function llamaFamily(modelType: string, configKeys: ConfigKeys, variant: Variant
       const kvWhy =
         typeof c.num_key_value_heads === 'number'
           ? `num_key_value_heads ${nKv}`
-          : `num_key_value_heads absent, so num_attention_heads ${nKv}`;
+          : !('num_key_value_heads' in c) && variant.kvHeadsWhenAbsent !== undefined
+            ? `num_key_value_heads absent, so ${modelType}'s default ${nKv}`
+            : `num_key_value_heads ${c.num_key_value_heads === null ? 'null' : 'absent'}, so num_attention_heads ${nKv}`;
       const size = {
         q: { size: nHead * hd, because: `num_attention_heads ${nHead} × ${hdWhy}` },
         kv: { size: nKv * hd, because: `${kvWhy} × ${hdWhy}` },
