@@ -277,3 +277,60 @@ test('a config that contradicts the weights is refused: biases, tied head, slidi
   for (const [fixture, edit, message] of cases)
     assert.throws(() => Model.open(variant(fixture, edit)).modules(), message, fixture);
 });
+
+/** A copy of a fixture with one tensor replaced (or added) by `edit`. */
+function reweighted(fixture: string, name: string, shape: number[]): string {
+  const dir = variant(fixture, () => {});
+  const file = join(dir, 'model.safetensors');
+  const h = readSafetensorsHeader(file);
+  const tensors: Record<string, TensorToWrite> = {};
+  for (const n of h.tensors.keys()) {
+    const t = readTensor(h, n);
+    tensors[n] = { dtype: t.dtype, shape: t.shape, data: t.data };
+  }
+  const size = shape.reduce((a, b) => a * b, 1);
+  tensors[name] = { dtype: 'F32', shape, data: new Float32Array(size).fill(0.01) };
+  writeSafetensors(file, tensors, { format: 'pt' });
+  return dir;
+}
+
+test('weights of another shape than config.json gives are refused naming the tensor, as transformers refuses them at load', () => {
+  const cases: Array<[string, string, number[], RegExp]> = [
+    // a position table shorter than n_positions ran until a text outgrew it
+    [
+      'gpt2',
+      'transformer.wpe.weight',
+      [32, 32],
+      /transformer\.wpe\.weight has shape \[32, 32\], but config\.json says \[64, 32\] \(n_positions 64/,
+    ],
+    [
+      'gpt2',
+      'transformer.h.0.ln_1.bias',
+      [31],
+      /ln_1\.bias has shape \[31\], but config\.json says \[32\] \(a norm over 32 features\)/,
+    ],
+    [
+      'llama',
+      'model.layers.0.input_layernorm.weight',
+      [31],
+      /input_layernorm\.weight has shape \[31\].*a norm over 32 features/,
+    ],
+    ['llama', 'model.layers.0.input_layernorm.weight', [1, 32], /input_layernorm\.weight has shape \[1, 32\]/],
+    [
+      'gpt_neox',
+      'gpt_neox.layers.0.attention.query_key_value.bias',
+      [95],
+      /query_key_value\.bias has shape \[95\].*the bias of a layer with 96 outputs/,
+    ],
+    [
+      'qwen2',
+      'model.layers.0.self_attn.q_proj.bias',
+      [16],
+      /q_proj\.bias has shape \[16\].*the bias of a layer with 32 outputs/,
+    ],
+    ['gpt_neox', 'embed_out.weight', [320, 16], /embed_out\.weight has shape \[320, 16\], but the hidden size is 32/],
+    ['llama', 'model.embed_tokens.weight', [1, 320, 32], /embed_tokens\.weight has shape \[1, 320, 32\]/],
+  ];
+  for (const [fixture, name, shape, why] of cases)
+    assert.throws(() => Model.open(reweighted(fixture, name, shape)).modules(), why, `${fixture} ${name}`);
+});

@@ -111,7 +111,10 @@ export function linear(
         ? `the checkpoint has no ${name}.bias, but ${bias.because} (transformers would fill it with random numbers)`
         : `the checkpoint has ${name}.bias, but ${bias.because} (transformers would ignore it)`,
     );
-  const [r, c] = ctx.w.shape(weightName);
+  const dims = ctx.w.shape(weightName);
+  if (dims.length !== 2)
+    throw new ConfigError(`weight ${weightName} has shape [${dims.join(', ')}]; a linear layer's weight is a matrix`);
+  const [r, c] = dims;
   const [dOut, dIn] = layout === 'out_in' ? [r, c] : [c, r];
   if (out && dOut !== out.size)
     throw new ConfigError(
@@ -119,6 +122,7 @@ export function linear(
     );
   if (x.shape[1] !== dIn)
     throw new ConfigError(`weight ${weightName} has input size ${dIn} but the layer receives ${x.shape[1]}`);
+  if (biasName) expectShape(ctx, biasName, [dOut], `the bias of a layer with ${dOut} outputs`);
   const y = ctx.g.gemm(x, ctx.w.get(weightName), biasName ? ctx.w.get(biasName) : null, layout === 'out_in');
   if (ctx.lora) return loraBranch(ctx, ctx.lora, name, x, y, kind, dIn, dOut);
   ctx.modules.push({ name, kind, input: x, output: y, dIn, dOut, hasBias: !!biasName, weightName, biasName, layout });
@@ -191,12 +195,23 @@ export function layerNorm(ctx: BuildContext, x: Tensor, prefix: string, eps: num
     const along = g.mul(xn, g.reduceMean(g.mul(gxn!, xn), [-1], true));
     return [g.mul(g.sub(centred, along), r)];
   });
+  normShapes(ctx, x, prefix);
   const scaled = g.mul(xn, w.get(`${prefix}.weight`));
   return w.has(`${prefix}.bias`) ? g.add(scaled, w.get(`${prefix}.bias`)) : scaled;
 }
 
+/** A norm's weight (and bias) have the features of what it normalises. */
+function normShapes(ctx: BuildContext, x: Tensor, prefix: string): void {
+  const d = x.shape[x.shape.length - 1];
+  if (typeof d !== 'number') return;
+  for (const part of ['weight', 'bias'])
+    if (part === 'weight' || ctx.w.has(`${prefix}.${part}`))
+      expectShape(ctx, `${prefix}.${part}`, [d], `a norm over ${d} features`);
+}
+
 export function rmsNorm(ctx: BuildContext, x: Tensor, prefix: string, eps: number): Tensor {
   const { g, w } = ctx;
+  normShapes(ctx, x, prefix);
   const ms = g.reduceMean(g.mul(x, x), [-1], true);
   return g.mul(g.div(x, g.sqrt(g.add(ms, g.scalar(eps)))), w.get(`${prefix}.weight`));
 }
@@ -568,10 +583,16 @@ export function outputHead(ctx: BuildContext, config: Config, embedding: string,
       `config.json: ${setting}, but the checkpoint has no ${head} (transformers would fill it with random numbers)`,
     );
   const used = tie ? embedding : head;
-  const [rows] = ctx.w.shape(used);
+  const [rows, cols] = ctx.w.shape(used);
   if (typeof config.vocab_size === 'number' && rows !== config.vocab_size)
     throw new ConfigError(
       `weight ${used} has ${rows} rows, but config.json says vocab_size ${config.vocab_size}; transformers refuses to load weights of another shape`,
+    );
+  // its columns meet the hidden states: the embedding's width (checked against config.json by embed)
+  const width = ctx.w.shape(embedding)[1];
+  if (ctx.w.shape(used).length !== 2 || cols !== width)
+    throw new ConfigError(
+      `weight ${used} has shape [${ctx.w.shape(used).join(', ')}], but the hidden size is ${width} (the width of ${embedding}); transformers refuses to load weights of another shape`,
     );
   return ctx.w.get(used);
 }
@@ -582,11 +603,30 @@ export interface ConfigSize {
   because: string;
 }
 
+/**
+ * The weight `name` must have this shape, as transformers builds the module from config.json
+ * (it refuses a checkpoint of another shape at load; without this check a wrong bias or norm
+ * surfaced as an ONNX Runtime broadcast error, a short position table as an out-of-bounds Gather
+ * once a text was long enough).
+ */
+export function expectShape(ctx: BuildContext, name: string, shape: number[], because: string): void {
+  const got = ctx.w.shape(name);
+  if (got.length !== shape.length || got.some((n, i) => n !== shape[i]))
+    throw new ConfigError(
+      `weight ${name} has shape [${got.join(', ')}], but config.json says [${shape.join(', ')}] (${because}); transformers refuses to load weights of another shape`,
+    );
+}
+
 /** Token embedding lookup for the flattened [N] ids; the table must have the config's vocab_size × hidden size. */
 export function embed(ctx: BuildContext, table: string, shape?: { vocab: ConfigSize; hidden: ConfigSize }): Tensor {
   const { g } = ctx;
   if (shape) {
-    const [rows, cols] = ctx.w.shape(table);
+    const dims = ctx.w.shape(table);
+    if (dims.length !== 2)
+      throw new ConfigError(
+        `weight ${table} has shape [${dims.join(', ')}], but config.json says ${shape.vocab.size}×${shape.hidden.size} (${shape.vocab.because}, ${shape.hidden.because}); transformers refuses to load weights of another shape`,
+      );
+    const [rows, cols] = dims;
     for (const [got, want] of [
       [rows, shape.vocab],
       [cols, shape.hidden],

@@ -9,6 +9,7 @@ import {
   type Config,
   ConfigError,
   embed,
+  expectShape,
   layerNorm,
   linear,
   num,
@@ -59,6 +60,10 @@ export const gpt2: Architecture = {
       );
     const scaleAttn = c.scale_attn_weights !== false;
     const mask = attentionMask(ctx);
+    // a table of another size than n_positions: transformers refuses it (a shorter one ran here
+    // until a text was longer than its rows)
+    const nPos = num(c, ['n_positions'], 1024); // GPT2Config's default
+    expectShape(ctx, 'transformer.wpe.weight', [nPos, d], `n_positions ${nPos} × n_embd ${d}`);
     const pos = g.gatherRows(w.get('transformer.wpe.weight'), positions(ctx)); // [T, d]
     const inner = num(c, ['n_inner'], 4 * d);
     const size = {
