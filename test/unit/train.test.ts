@@ -205,3 +205,24 @@ describe('train', () => {
     assert.equal(r.err.trim().split('\n').length, 1);
   });
 });
+
+test('a checkpoint written from bf16 weights says float32 in config.json, as its weights are', async () => {
+  const { writeCheckpoint, initLlama } = await import('../../src/server/train/trainer');
+  const { config, params, shapes } = initLlama(
+    { vocab: 320, d: 8, layers: 1, heads: 2, kvHeads: 1, ffn: 12, maxPositions: 32 },
+    1,
+    { bos: 0, eos: 0, pad: 0 },
+  );
+  const dir = join(home, 'bf16-out');
+  mkdirSync(dir);
+  writeCheckpoint(dir, { ...config, torch_dtype: 'bfloat16', dtype: 'bfloat16' }, params, shapes, TINY.tokenizer);
+  const saved = JSON.parse(readFileSync(join(dir, 'config.json'), 'utf8'));
+  assert.equal(saved.dtype, 'float32');
+  assert.equal(saved.torch_dtype, 'float32');
+  // and a config without the keys gets none
+  const dir2 = join(home, 'no-dtype-out');
+  mkdirSync(dir2);
+  const { torch_dtype: _, ...bare } = config;
+  writeCheckpoint(dir2, bare, params, shapes, TINY.tokenizer);
+  assert.ok(!('dtype' in JSON.parse(readFileSync(join(dir2, 'config.json'), 'utf8'))));
+});

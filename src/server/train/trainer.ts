@@ -114,7 +114,11 @@ export function writeCheckpoint(
   const tensors: Record<string, TensorToWrite> = {};
   for (const [name, data] of params) tensors[name] = { dtype: 'F32', shape: shapes.get(name)!, data };
   writeSafetensors(join(dir, 'model.safetensors'), tensors, { format: 'pt' });
-  writeFileSync(join(dir, 'config.json'), `${JSON.stringify(config, null, 2)}\n`);
+  // the weights are float32 whatever the checkpoint trained from held: a config still saying
+  // bfloat16 made transformers (dtype "auto") load a rounded copy of what was trained and scored
+  const saved = { ...config };
+  for (const key of ['dtype', 'torch_dtype']) if (key in saved) saved[key] = 'float32';
+  writeFileSync(join(dir, 'config.json'), `${JSON.stringify(saved, null, 2)}\n`);
   for (const f of CHECKPOINT_TOKENIZER_FILES)
     if (existsSync(join(tokenizerDir, f))) copyFileSync(join(tokenizerDir, f), join(dir, f));
   if (Object.keys(extra).length) writeFileSync(join(dir, 'training_args.json'), `${JSON.stringify(extra, null, 2)}\n`);
