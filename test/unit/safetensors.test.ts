@@ -209,3 +209,14 @@ test('integer and bool buffers (the causal masks old transformers saved with GPT
     assert.deepEqual(await nll(dst), await nll(src), arch);
   }
 });
+
+test('a weights file that is a link to nothing (an interrupted hub download) is named as such', async () => {
+  const { symlinkSync } = await import('node:fs');
+  const dir = tmp();
+  writeFileSync(join(dir, 'config.json'), '{"model_type": "llama"}');
+  symlinkSync('../../blobs/0123abcd', join(dir, 'model.safetensors'));
+  assert.throws(
+    () => openCheckpoint(dir),
+    /model\.safetensors is a link to \.\.\/\.\.\/blobs\/0123abcd, which does not exist \(an interrupted download/,
+  );
+});

@@ -1,7 +1,17 @@
 // A Hugging Face checkpoint directory: config.json plus model.safetensors, or shards
 // listed in model.safetensors.index.json. Opening one reads only the headers; weight
 // bytes stay on disk (the engine hands them to ONNX Runtime as external data).
-import { closeSync, existsSync, openSync, readdirSync, readFileSync, readSync, statSync } from 'node:fs';
+import {
+  closeSync,
+  existsSync,
+  lstatSync,
+  openSync,
+  readdirSync,
+  readFileSync,
+  readlinkSync,
+  readSync,
+  statSync,
+} from 'node:fs';
 import { join, resolve } from 'node:path';
 import { restoreReplacedDir } from '../../common/atomic-write';
 import {
@@ -153,6 +163,15 @@ function indexNamesOnly(index: string, file: string): boolean {
 }
 
 /** The safetensors files of a checkpoint: the index's shards, or model.safetensors. */
+/** The target of a symbolic link that points nowhere, or undefined. */
+function danglingLink(path: string): string | undefined {
+  try {
+    return lstatSync(path).isSymbolicLink() && !existsSync(path) ? readlinkSync(path) : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
 function weightFiles(dir: string): { files: string[]; map?: Record<string, string> } {
   const index = join(dir, 'model.safetensors.index.json');
   const single = join(dir, 'model.safetensors');
@@ -178,6 +197,14 @@ function weightFiles(dir: string): { files: string[]; map?: Record<string, strin
     return { files, map: parsed.weight_map };
   }
   if (existsSync(single)) return { files: [single] };
+  // a link whose target is missing (the hub cache's snapshot of an interrupted download)
+  for (const f of [index, single]) {
+    const target = danglingLink(f);
+    if (target)
+      throw new CheckpointError(
+        `${f} is a link to ${target}, which does not exist (an interrupted download into the Hugging Face cache?): download the model again`,
+      );
+  }
   const present = existsSync(dir) ? readdirSync(dir) : [];
   const hint = present.some((f) => f.endsWith('.bin') || f.endsWith('.pt'))
     ? ' It has PyTorch pickle weights (.bin/.pt), which are not read for safety: save the model with save_pretrained(dir, safe_serialization=True).'
