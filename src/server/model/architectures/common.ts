@@ -318,34 +318,49 @@ export const ROPE_TYPE_KEYS: Readonly<Record<string, readonly string[]>> = {
   llama3: ['factor', 'low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings'],
 };
 
-/** Rotary tables for positions 0..T-1 (non-interleaved halves, as in Llama / GPT-NeoX). */
-export function ropeTables(ctx: BuildContext, rotDim: number, rope: RopeSpec): Rope {
-  const { g } = ctx;
+/** RoPE's inverse frequencies for `rotDim` rotated features, as transformers computes them. */
+export function inverseFrequencies(rotDim: number, rope: RopeSpec): number[] {
   const half = rotDim / 2;
   const theta = rope.theta;
   const scaling = rope.params;
-  let invFreq = Array.from({ length: half }, (_, i) => 1 / theta ** ((2 * i) / rotDim));
+  // The inverse frequencies as transformers computes them: float32 tensors, each operation rounded
+  // to float32 (Math.fround), a Python scalar taken as float32 in an operation with a tensor.
+  // Rounded once from float64 instead, a third of them differed by one unit in the last place,
+  // an angle error that grows with the position (2e-3 rad at 32k positions).
+  const f32 = Math.fround;
+  let invFreq = Array.from({ length: half }, (_, i) => f32(1 / f32(f32(theta) ** f32((2 * i) / rotDim))));
   const type = rope.type;
   if (type === 'linear') {
-    const factor = Number(scaling.factor);
-    invFreq = invFreq.map((f) => f / factor);
+    const factor = f32(Number(scaling.factor));
+    invFreq = invFreq.map((f) => f32(f / factor));
   } else if (type === 'llama3') {
-    const factor = Number(scaling.factor);
+    // transformers' _compute_llama3_parameters, operation by operation
+    const factor = f32(Number(scaling.factor));
     const lowFreqFactor = Number(scaling.low_freq_factor);
     const highFreqFactor = Number(scaling.high_freq_factor);
     const oldCtx = Number(scaling.original_max_position_embeddings);
-    const lowWavelen = oldCtx / lowFreqFactor;
-    const highWavelen = oldCtx / highFreqFactor;
+    const lowWavelen = f32(oldCtx / lowFreqFactor);
+    const highWavelen = f32(oldCtx / highFreqFactor);
+    const twoPi = f32(2 * Math.PI);
     invFreq = invFreq.map((f) => {
-      const wavelen = (2 * Math.PI) / f;
-      if (wavelen < highWavelen) return f;
-      if (wavelen > lowWavelen) return f / factor;
-      const smooth = (oldCtx / wavelen - lowFreqFactor) / (highFreqFactor - lowFreqFactor);
-      return (1 - smooth) * (f / factor) + smooth * f;
+      const wavelen = f32(twoPi / f);
+      const llama = wavelen > lowWavelen ? f32(f / factor) : f;
+      if (wavelen < highWavelen || wavelen > lowWavelen) return llama;
+      const smooth = f32(f32(f32(oldCtx) / wavelen) - f32(lowFreqFactor)) / f32(highFreqFactor - lowFreqFactor);
+      const s = f32(smooth);
+      return f32(f32(f32(f32(1 - s) * llama) / factor) + f32(s * llama));
     });
   } else if (type !== 'default') {
     throw new ConfigError(`unsupported rope type "${type}" (supported: ${Object.keys(ROPE_TYPE_KEYS).join(', ')})`);
   }
+  return invFreq;
+}
+
+/** Rotary tables for positions 0..T-1 (non-interleaved halves, as in Llama / GPT-NeoX). */
+export function ropeTables(ctx: BuildContext, rotDim: number, rope: RopeSpec): Rope {
+  const { g } = ctx;
+  const half = rotDim / 2;
+  const invFreq = inverseFrequencies(rotDim, rope);
   return g.noGrad(() => {
     const pos = positions(ctx);
     const posF = g.cast(
