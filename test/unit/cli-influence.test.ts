@@ -392,3 +392,16 @@ describe('influence-lens fit / explain / scan', () => {
     assert.match(r.err, /skipped 1 malformed line/);
   });
 });
+
+test("a query file's line that is no query names a query's shapes (a text record has no completion)", async () => {
+  const { readQueries } = await import('../../src/server/cli/explain');
+  const file = join(home, 'shapeless.jsonl');
+  writeFileSync(file, `${JSON.stringify({ prompt: 'Q?', completion: ' A' })}\n${JSON.stringify({ foo: 1 })}\n`);
+  assert.throws(
+    () => readQueries(file),
+    (e: Error) =>
+      /shapeless\.jsonl:2: no "text", "prompt" or "messages" field; a query is \{"prompt": string, "completion": string\}/.test(
+        e.message,
+      ) && !e.message.includes('{"text": string}'),
+  );
+});

@@ -2,6 +2,7 @@
 // ranked supporting and opposing examples (or the documented ExplainResult JSON with --json).
 import { relative } from 'node:path';
 import { describeAttribution } from '../../common/display';
+import { ACCEPTED_SHAPES } from '../../common/records/shape';
 import { methodInfo } from '../../protocol/methods';
 import { type ExplainedExample, type ExplainResult, METHODS, type Method } from '../../protocol/types';
 import { Corpus, type ExplainSetup, explain, explainMany } from '../attribution/explain';
@@ -257,6 +258,9 @@ function fmt(x: number): string {
   return a !== 0 && (a < 1e-3 || a >= 1e5) ? x.toExponential(3) : x.toFixed(4);
 }
 
+const QUERY_SHAPES =
+  'a query is {"prompt": string, "completion": string}, {"messages": [..., {"role": "assistant", "content": string}]} or {"prompt": [messages], "completion": [messages]}';
+
 /**
  * Queries, one JSON object a line: {"prompt", "completion"}, or {"messages": [...]} whose last
  * message is the assistant's reply to explain (rendered with the training data's chat template).
@@ -269,7 +273,15 @@ export function readQueries(
   if (!rows.length) throw new CliError(`${path}: no queries`);
   return rows.map(({ line, value }) => {
     const where = `${path}:${line}`;
-    const r = formatRecord(value, where);
+    let r: ReturnType<typeof formatRecord>;
+    try {
+      r = formatRecord(value, where);
+    } catch (e) {
+      // a query's shapes, not a dataset record's (a "text" record has no completion to explain)
+      if (e instanceof Error && e.message.includes(ACCEPTED_SHAPES))
+        e.message = e.message.replace(ACCEPTED_SHAPES, QUERY_SHAPES);
+      throw e;
+    }
     if (r.kind === 'text') throw new CliError(`${where}: a query needs a completion to explain ("text" has none)`);
     const last = r.spans[r.spans.length - 1];
     // the completion is the last assistant turn, and nothing may follow it
