@@ -206,9 +206,9 @@ for (const [fixture, key, value] of REFUSED) {
   });
 }
 
-/** The tied `llama` fixture with lm_head.weight stored beside the embedding, `scale` × its values. */
-function withStoredHead(scale: number): string {
-  const dir = variant('llama', () => {});
+/** A copy of a fixture whose tensors `edit` changes (replaces, adds) before they are written back. */
+function withTensors(fixture: string, edit: (tensors: Record<string, TensorToWrite>) => void): string {
+  const dir = variant(fixture, () => {});
   const file = join(dir, 'model.safetensors');
   const h = readSafetensorsHeader(file);
   const tensors: Record<string, TensorToWrite> = {};
@@ -216,15 +216,22 @@ function withStoredHead(scale: number): string {
     const t = readTensor(h, name);
     tensors[name] = { dtype: t.dtype, shape: t.shape, data: t.data };
   }
-  const emb = readTensor(h, 'model.embed_tokens.weight');
-  assert.equal(emb.dtype, 'F32');
-  tensors['lm_head.weight'] = {
-    dtype: 'F32',
-    shape: emb.shape,
-    data: (emb.data as Float32Array).map((x) => x * scale),
-  };
+  edit(tensors);
   writeSafetensors(file, tensors, { format: 'pt' });
   return dir;
+}
+
+/** The tied `llama` fixture with lm_head.weight stored beside the embedding, `scale` × its values. */
+function withStoredHead(scale: number): string {
+  return withTensors('llama', (tensors) => {
+    const emb = tensors['model.embed_tokens.weight'];
+    assert.equal(emb.dtype, 'F32');
+    tensors['lm_head.weight'] = {
+      dtype: 'F32',
+      shape: emb.shape,
+      data: (emb.data as Float32Array).map((x) => x * scale),
+    };
+  });
 }
 
 test('a tied checkpoint that also stores its head: read as tied when the copy is identical, refused when it differs', async () => {
@@ -278,20 +285,12 @@ test('a config that contradicts the weights is refused: biases, tied head, slidi
     assert.throws(() => Model.open(variant(fixture, edit)).modules(), message, fixture);
 });
 
-/** A copy of a fixture with one tensor replaced (or added) by `edit`. */
+/** A copy of a fixture with the tensor `name` replaced (or added) by one of this shape. */
 function reweighted(fixture: string, name: string, shape: number[]): string {
-  const dir = variant(fixture, () => {});
-  const file = join(dir, 'model.safetensors');
-  const h = readSafetensorsHeader(file);
-  const tensors: Record<string, TensorToWrite> = {};
-  for (const n of h.tensors.keys()) {
-    const t = readTensor(h, n);
-    tensors[n] = { dtype: t.dtype, shape: t.shape, data: t.data };
-  }
-  const size = shape.reduce((a, b) => a * b, 1);
-  tensors[name] = { dtype: 'F32', shape, data: new Float32Array(size).fill(0.01) };
-  writeSafetensors(file, tensors, { format: 'pt' });
-  return dir;
+  return withTensors(fixture, (tensors) => {
+    const size = shape.reduce((a, b) => a * b, 1);
+    tensors[name] = { dtype: 'F32', shape, data: new Float32Array(size).fill(0.01) };
+  });
 }
 
 test('weights of another shape than config.json gives are refused naming the tensor, as transformers refuses them at load', () => {

@@ -39,6 +39,18 @@ function model(dir: string, template?: string): Model {
   return Model.open(dir);
 }
 
+/** An opened service over the model in `dir`, with `data` as dataset "d". */
+function serviceOver(dir: string, data: string): InfluenceService {
+  const service = new InfluenceService({
+    finetuned: { model: dir },
+    datasets: { d: data },
+    modules: 'all',
+    cacheDir: join(home, 'c'),
+  });
+  service.open();
+  return service;
+}
+
 test('a chat query is rendered with the chat template; completion offsets index the assistant content', async () => {
   const m = model(join(home, 'chat'), TEMPLATE);
   const data = join(home, 'chat.jsonl');
@@ -138,13 +150,7 @@ test("a chat query in a --queries file and in the server's explainMany is render
   assert.equal(cli.status, 0, cli.stderr);
   same(JSON.parse(cli.stdout) as ExplainResult);
   // the server
-  const service = new InfluenceService({
-    finetuned: { model: dir },
-    datasets: { d: data },
-    modules: 'all',
-    cacheDir: join(home, 'c'),
-  });
-  service.open();
+  const service = serviceOver(dir, data);
   const many = await service.explainMany({
     dataset: 'd',
     method: 'gdp',
@@ -164,13 +170,7 @@ test('a chat whose last message is not a non-empty assistant reply is refused by
   for (const template of [TEMPLATE, undefined]) {
     const dir = join(home, template ? 'refuse-chat' : 'refuse-plain');
     model(dir, template);
-    const service = new InfluenceService({
-      finetuned: { model: dir },
-      datasets: { d: data },
-      modules: 'all',
-      cacheDir: join(home, 'c'),
-    });
-    service.open();
+    const service = serviceOver(dir, data);
     const cases: Array<[Array<{ role: string; content: string }>, RegExp]> = [
       [
         [...MESSAGES, { role: 'user', content: 'now answer' }],

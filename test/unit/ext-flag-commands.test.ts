@@ -246,46 +246,16 @@ test('Unflag on an edited line that also moved: says it is not flagged, and lets
   assert.equal(readSidecar(sidecar).entries.length, 0);
 });
 
-test('the Flagged examples view redraws when a flagged dataset is saved or changed on disk', async () => {
-  const { FlaggedTree } = await loadWithVscodeStub<typeof import('../../src/extension/views/flagged-tree')>(
-    new URL('../../src/extension/views/flagged-tree.ts', import.meta.url),
-  );
-  await fake.open(dataset, 4);
-  await run('flagLine');
-  const tree = new FlaggedTree(store);
-  let redraws = 0;
-  tree.onDidChangeTreeData(() => redraws++);
-  const flagNow = () => {
-    const [group] = tree.getChildren();
-    const [flag] = tree.getChildren(group);
-    return flag.kind === 'flag' ? flag.now : undefined;
-  };
-  assert.equal(flagNow()?.line, 5);
-  // two lines inserted above it by another program
-  writeFileSync(dataset, `${rec(8)}\n${rec(9)}\n${readFileSync(dataset, 'utf8')}`);
-  for (const w of fake.watchers) if (globMatches(dataset, w.glob)) w.change.fire({ fsPath: dataset } as never);
-  fake.saved.fire({ uri: { fsPath: join(dir, 'unrelated.txt') } } as never);
-  await new Promise((r) => setTimeout(r, 400));
-  assert.equal(redraws, 1, 'one redraw for the dataset, none for another file');
-  assert.equal(flagNow()?.line, 7);
-  // the flagged line edited and saved in the editor: shown as no longer in the file
-  writeFileSync(dataset, readFileSync(dataset, 'utf8').replace(rec(5), rec(6)));
-  fake.saved.fire({ uri: { fsPath: dataset } } as never);
-  await new Promise((r) => setTimeout(r, 400));
-  assert.equal(redraws, 2);
-  assert.equal(flagNow(), undefined);
-  tree.dispose();
-});
-
-test('the Flagged examples view shows the unsaved editor text of a dataset, and the file again once its edits are dropped', async () => {
+/** The dataset open with line 5 flagged, its Flagged examples view, and the view's redraws counted. */
+async function flaggedLine5() {
   const { FlaggedTree } = await loadWithVscodeStub<typeof import('../../src/extension/views/flagged-tree')>(
     new URL('../../src/extension/views/flagged-tree.ts', import.meta.url),
   );
   const doc = await fake.open(dataset, 4);
   await run('flagLine');
   const tree = new FlaggedTree(store);
-  let redraws = 0;
-  tree.onDidChangeTreeData(() => redraws++);
+  const counted = { count: 0 };
+  tree.onDidChangeTreeData(() => counted.count++);
   const view = () => {
     const [group] = tree.getChildren();
     const [flag] = tree.getChildren(group);
@@ -295,13 +265,38 @@ test('the Flagged examples view shows the unsaved editor text of a dataset, and 
       now: flag.kind === 'flag' ? flag.now : undefined,
     };
   };
+  return { tree, view, doc, redraws: () => counted.count };
+}
+
+test('the Flagged examples view redraws when a flagged dataset is saved or changed on disk', async () => {
+  const { tree, view, redraws } = await flaggedLine5();
+  const flagNow = () => view().now;
+  assert.equal(flagNow()?.line, 5);
+  // two lines inserted above it by another program
+  writeFileSync(dataset, `${rec(8)}\n${rec(9)}\n${readFileSync(dataset, 'utf8')}`);
+  for (const w of fake.watchers) if (globMatches(dataset, w.glob)) w.change.fire({ fsPath: dataset } as never);
+  fake.saved.fire({ uri: { fsPath: join(dir, 'unrelated.txt') } } as never);
+  await new Promise((r) => setTimeout(r, 400));
+  assert.equal(redraws(), 1, 'one redraw for the dataset, none for another file');
+  assert.equal(flagNow()?.line, 7);
+  // the flagged line edited and saved in the editor: shown as no longer in the file
+  writeFileSync(dataset, readFileSync(dataset, 'utf8').replace(rec(5), rec(6)));
+  fake.saved.fire({ uri: { fsPath: dataset } } as never);
+  await new Promise((r) => setTimeout(r, 400));
+  assert.equal(redraws(), 2);
+  assert.equal(flagNow(), undefined);
+  tree.dispose();
+});
+
+test('the Flagged examples view shows the unsaved editor text of a dataset, and the file again once its edits are dropped', async () => {
+  const { tree, view, redraws, doc } = await flaggedLine5();
   assert.equal(view().now?.line, 5);
   assert.doesNotMatch(String(view().dataset.description), /unsaved/);
   // two lines typed above it, not saved: the view follows the editor (the file is unchanged)
   const onDisk = readFileSync(dataset, 'utf8');
   doc.edit((t) => `${rec(8)}\n${rec(9)}\n${t}`);
   await new Promise((r) => setTimeout(r, 400));
-  assert.equal(redraws, 1);
+  assert.equal(redraws(), 1);
   assert.equal(view().now?.line, 7);
   assert.match(String(view().flag.label), /^7: /);
   assert.match(String(view().dataset.description), /1 flagged · as in the unsaved editor/);
@@ -313,7 +308,7 @@ test('the Flagged examples view shows the unsaved editor text of a dataset, and 
   // closed without saving: the file's line again
   doc.close();
   await new Promise((r) => setTimeout(r, 400));
-  assert.equal(redraws, 3);
+  assert.equal(redraws(), 3);
   assert.equal(readFileSync(dataset, 'utf8'), onDisk);
   assert.equal(view().now?.line, 5);
   assert.doesNotMatch(String(view().dataset.description), /unsaved/);
