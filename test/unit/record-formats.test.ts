@@ -179,3 +179,14 @@ test('a record the chat template fails on is a bad line: named, or skipped with 
   );
   assert.match(warnings.join('\n'), /data\.jsonl:2: .*alternate.*\(skipped\)/);
 });
+
+test('a completion whose prompt is null says that a null field counts as absent', () => {
+  assert.throws(
+    () => recordValue({ prompt: null, completion: ' 4' }),
+    /"completion" with a null "prompt" \(a null field counts as absent/,
+  );
+  assert.throws(
+    () => recordValue({ completion: ' 4' }),
+    /^RecordShapeError: "completion" without "prompt"$|"completion" without "prompt"/,
+  );
+});

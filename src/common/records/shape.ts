@@ -99,7 +99,12 @@ export function recordValue(value: unknown): RecordValue {
   const other = otherFormat(rec);
   if (other) return fail(other);
   const present = ['text', 'prompt', 'messages'].filter((k) => k in rec);
-  if (present.length === 0 && 'completion' in rec) return fail('"completion" without "prompt"');
+  if (present.length === 0 && 'completion' in rec)
+    return fail(
+      (value as Record<string, unknown>).prompt === null
+        ? '"completion" with a null "prompt" (a null field counts as absent, as datasets\' to_json writes missing columns)'
+        : '"completion" without "prompt"',
+    );
   if (present.length === 0) return fail('no "text", "prompt" or "messages" field', true);
   if (present.length > 1) return fail(`ambiguous record with both ${present.map((k) => `"${k}"`).join(' and ')}`);
 
