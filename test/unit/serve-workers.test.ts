@@ -18,7 +18,7 @@ import type { RpcError } from '../../src/transport/errors';
 import { type RunningServer, startServer } from '../../src/transport/server';
 import { useTempHome } from './helpers/env';
 
-useTempHome();
+const home = useTempHome();
 
 describe('server with the service in worker threads (embedded default)', () => {
   const config = defaultServiceConfig();
@@ -200,7 +200,7 @@ describe('a cancelled request in status', () => {
 });
 
 test('influence-lens.json edited under the worker threads: status says at once that every method waits for a restart, and requests are refused', async () => {
-  const dir = join(process.env.HOME!, 'config-status');
+  const dir = join(home, 'config-status');
   mkdirSync(dir, { recursive: true });
   const file = join(dir, 'influence-lens.json');
   const base = defaultServiceConfig();
@@ -225,6 +225,37 @@ test('influence-lens.json edited under the worker threads: status says at once t
       }),
       /changed since this server read it/,
     );
+  } finally {
+    await service.close();
+  }
+});
+
+test('status after factors are fitted by another process: the heavy lane reads them again and says EK-FAC can run', async () => {
+  const base = defaultServiceConfig();
+  // a cache of its own (the tests above fit into the shared one)
+  const dir = join(home, 'status-refit');
+  const factors = join(dir, 'factors');
+  const config = {
+    ...base,
+    cacheDir: join(dir, 'cache'),
+    finetuned: { ...base.finetuned, factors },
+    pretrained: undefined,
+  };
+  const service = await WorkerService.start(config);
+  try {
+    assert.ok(!service.info().methods.includes('ekfac'), 'no factors yet');
+    // another process (a CLI fit, a second server) writes them: here a service of its own
+    const { InfluenceService } = await import('../../src/server/service/influence-service');
+    const other = new InfluenceService(config);
+    other.open();
+    const r = await other.fit('finetuned');
+    assert.equal(r.status, 'done');
+    assert.ok(existsSync(join(factors, OUR_ARGUMENTS_FILE)));
+    // the snapshot is the heavy lane's last answer; status asks it again
+    assert.ok(!service.info().methods.includes('ekfac'));
+    const now = await service.currentInfo();
+    assert.ok(now.methods.includes('ekfac'), `methods now: ${now.methods.join(', ')}`);
+    assert.ok(service.info().methods.includes('ekfac'), 'the snapshot is updated too');
   } finally {
     await service.close();
   }

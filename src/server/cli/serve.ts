@@ -47,7 +47,7 @@ export async function runServe(argv: string[]): Promise<void> {
   const service = await WorkerService.start(cfg.service);
   const server = await startServer({
     handlers: serviceHandlers(service),
-    info: () => service.info(),
+    info: () => service.currentInfo(),
     host: cfg.server.host,
     port: cfg.server.port,
     limits: {

@@ -126,6 +126,12 @@ export interface GenerateParams {
  */
 export interface ServiceApi {
   info(): ReturnType<InfluenceService['info']>;
+  /**
+   * `info` after reading again what changed on disk since the stages were opened (factors refitted
+   * by the CLI, a retrained model), when no request is running; for `status`, which otherwise
+   * went on saying "no factors: run fit" after a CLI fit until the next request
+   */
+  currentInfo(): Promise<ReturnType<InfluenceService['info']>>;
   explain(p: ExplainParams, work?: Work): Promise<ExplainResult>;
   explainMany(p: ExplainManyParams, work?: Work): Promise<ExplainManyResult>;
   getExample(datasetId: string, line: number, hash?: string): Example | Promise<Example>;
@@ -499,6 +505,17 @@ export class InfluenceService implements ServiceApi {
   /** the model whose completions are explained (and that `generate` runs) */
   get model(): Model {
     return this.stage('finetuned').model;
+  }
+
+  async currentInfo(): Promise<ReturnType<InfluenceService['info']>> {
+    // while requests run they hold the opened files; the next request reopens after them
+    if (this.active === 0 && !this.fresh())
+      try {
+        this.reopen();
+      } catch {
+        // the new files cannot be opened: the stages stay without factors, and info says why
+      }
+    return this.info();
   }
 
   info() {

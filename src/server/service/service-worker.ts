@@ -85,7 +85,7 @@ function run(method: string, a: any[], work: Work): Promise<unknown> | unknown {
     case 'generate':
       return service.generate(a[0], work);
     case 'info':
-      return service.info();
+      return service.currentInfo();
     default:
       throw new Error(`the service worker has no method "${method}"`);
   }

@@ -29,6 +29,9 @@ import {
 } from './influence-service';
 import type { FromWorker, SerializedError, ServiceInfoSnapshot, ToWorker } from './worker-messages';
 
+/** How long `status` waits for the heavy lane's fresh description before answering with the last one. */
+const INFO_WAIT_MS = 2000;
+
 type LaneName = 'heavy' | 'light';
 
 export class WorkerService implements ServiceApi {
@@ -68,6 +71,24 @@ export class WorkerService implements ServiceApi {
   }
 
   private configWatch?: ConfigFileWatch;
+
+  /**
+   * The heavy lane's description after it read again what changed on disk (its `currentInfo`), or
+   * the last snapshot when it does not answer within INFO_WAIT_MS (a long synchronous step).
+   */
+  async currentInfo(): Promise<ServiceInfoSnapshot> {
+    if (!this.configWatch?.changed()) {
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      const late = new Promise<undefined>((r) => {
+        timer = setTimeout(() => r(undefined), INFO_WAIT_MS);
+      });
+      // the answer updates the snapshot (onInfo) whenever it comes
+      const asked = this.call('heavy', 'info', []).catch(() => undefined);
+      await Promise.race([asked, late]);
+      clearTimeout(timer);
+    }
+    return this.info();
+  }
 
   explain(p: ExplainParams, work?: Work): Promise<ExplainResult> {
     return this.call(isLightExplain(p) ? 'light' : 'heavy', 'explain', [p], work) as Promise<ExplainResult>;
