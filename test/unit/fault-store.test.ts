@@ -154,4 +154,25 @@ describe('gradient store: servers sharing a cache, killed mid-build', () => {
       await stop(fresh);
     }
   });
+
+  test('two explains at once on one server with no store yet: both answer from one build', async () => {
+    rmSync(storesDir, { recursive: true, force: true });
+    const s = await startServer();
+    try {
+      const c = await RpcClient.connect({ url: s.url, token: TOKEN });
+      try {
+        // each used to build the store; the second build replaced the file the first was reading
+        // ("changed on disk since its checksum was verified"): one of the two failed
+        const rs = await Promise.all([0, 1].map(() => c.request(Explain, { ...QUERY, method: 'gdp' })));
+        for (const r of rs) assert.deepEqual(ranking(r), referenceRanking);
+        assert.deepEqual(storeFolder().names, [STORE_FILE]);
+        assert.ok(readFileSync(join(storeFolder().dir, STORE_FILE)).equals(reference));
+        assert.doesNotMatch(s.err(), /changed on disk|\n\s+at /);
+      } finally {
+        await c.close();
+      }
+    } finally {
+      await stop(s);
+    }
+  });
 });

@@ -238,6 +238,8 @@ export class InfluenceService implements ServiceApi {
     { factors: OpenedStage['preconditioners']; data: LoadedDataset; warning: string | null }
   >();
   private stores = new Map<string, GradientStore>();
+  /** stores being loaded or built, by the same key: a second request waits for the first one's */
+  private building = new Map<string, Promise<GradientStore>>();
   /** factors directory → the fit into it that this server runs now */
   private fitting = new Map<string, Promise<unknown>>();
   /** factors directory → why its factors cannot be used (they exist but are broken) */
@@ -884,10 +886,40 @@ export class InfluenceService implements ServiceApi {
         : {}),
     };
     const key = JSON.stringify(identity);
-    const cached = this.stores.get(key);
-    // a store reads its rows from its file: one changed since it was verified is loaded (verified) again
-    if (cached && !cached.stale()) return cached;
+    for (;;) {
+      const cached = this.stores.get(key);
+      // a store reads its rows from its file: one changed since it was verified is loaded (verified) again
+      if (cached && !cached.stale()) return cached;
+      // Another request of this server is building it: wait for that build. Two requests that both
+      // built it wrote the file twice, the second over the one the first was reading its rows from
+      // ("changed on disk since its checksum was verified"): one of two concurrent explains failed.
+      const building = this.building.get(key);
+      if (!building) break;
+      await untilDoneOrCancelled(building, work);
+      // its build failed or was cancelled with its request: loop, and build here
+    }
     this.stores.delete(key);
+    const built = this.loadOrBuildStore(datasetId, model, identity, eigen, label, work);
+    this.building.set(key, built);
+    try {
+      const store = await built;
+      this.stores.set(key, store);
+      return store;
+    } finally {
+      this.building.delete(key);
+    }
+  }
+
+  private async loadOrBuildStore(
+    datasetId: string,
+    model: Model,
+    identity: StoreIdentity,
+    eigen: Map<string, Preconditioner> | undefined,
+    label: string,
+    work: Work,
+  ): Promise<GradientStore> {
+    const cfg = this.config.store ?? DEFAULTS.store;
+    const d = this.dataset(datasetId);
     const dir = join(
       this.config.cacheDir,
       'stores',
@@ -903,7 +935,6 @@ export class InfluenceService implements ServiceApi {
           onProgress: (done, total) => work.progress?.(`indexing gradients${label}`, done, total),
         }),
       );
-    this.stores.set(key, store);
     return store;
   }
 
@@ -1091,6 +1122,31 @@ export class InfluenceService implements ServiceApi {
 }
 
 /** Runs `f`; when the work was cancelled, whatever it threw becomes ServiceError 'cancelled'. */
+/**
+ * Waits for another request's work; resolves when it settles either way (its own request reports
+ * its failure), and throws 'cancelled' as soon as this request is cancelled.
+ */
+async function untilDoneOrCancelled(other: Promise<unknown>, work: Work): Promise<void> {
+  if (work.signal?.aborted) throw new ServiceError('cancelled', 'cancelled');
+  let onAbort: (() => void) | undefined;
+  const cancelled = new Promise<'cancelled'>((r) => {
+    onAbort = () => r('cancelled');
+    work.signal?.addEventListener('abort', onAbort, { once: true });
+  });
+  try {
+    const how = await Promise.race([
+      other.then(
+        () => 'done' as const,
+        () => 'done' as const,
+      ),
+      cancelled,
+    ]);
+    if (how === 'cancelled') throw new ServiceError('cancelled', 'cancelled');
+  } finally {
+    if (onAbort) work.signal?.removeEventListener('abort', onAbort);
+  }
+}
+
 async function cancellable<T>(work: Work, f: () => Promise<T>): Promise<T> {
   if (work.signal?.aborted) throw new ServiceError('cancelled', 'cancelled');
   try {
