@@ -3,6 +3,7 @@
 // against their schema, a heavy slot taken (or ServerBusy), progress and partial results wired
 // to the request's tokens, cancellation turned into an AbortSignal, and whatever the handler
 // throws turned into a JSON-RPC error (./errors).
+import { setMaxListeners } from 'node:events';
 import type { CancellationToken } from 'vscode-jsonrpc';
 import { formatIssue, validateSchema } from '../common/json-schema';
 import { QueueFullError, Semaphore } from '../common/semaphore';
@@ -54,6 +55,9 @@ export class Dispatcher {
 
   constructor(private readonly o: DispatcherOptions) {
     this.semaphore = new Semaphore(o.limits.maxConcurrent, o.limits.maxQueued);
+    // every request in flight listens on it (removed when it ends): more than 10 at once is
+    // normal, not the leak Node's MaxListenersExceededWarning suspects
+    setMaxListeners(0, this.shutdown.signal);
   }
 
   /** vscode-jsonrpc's request handler: the result, or a ResponseError it sends as is. */

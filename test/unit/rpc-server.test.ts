@@ -643,3 +643,26 @@ setInterval(() => {}, 1000);
     );
   });
 });
+
+test('20 requests in flight at once: no MaxListenersExceededWarning (each listens on the shutdown signal until it ends)', async () => {
+  const warnings: string[] = [];
+  const onWarning = (w: Error) => warnings.push(`${w.name}: ${w.message}`);
+  process.on('warning', onWarning);
+  const { server, probe } = await start({ limits: { maxConcurrent: 20, maxQueued: 0 } });
+  const client = await connect(server);
+  try {
+    const rs = Promise.all(Array.from({ length: 20 }, () => client.request('sleep', { ms: 300 })));
+    await probe.startedAtLeast(20);
+    assert.equal(probe.running, 20);
+    assert.equal((await rs).length, 20);
+    await sleep(50); // warnings are emitted on the next tick
+    assert.deepEqual(
+      warnings.filter((w) => /MaxListeners/.test(w)),
+      [],
+    );
+  } finally {
+    process.off('warning', onWarning);
+    await client.close();
+    await server.close();
+  }
+});
