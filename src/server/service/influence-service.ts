@@ -899,7 +899,21 @@ export class InfluenceService implements ServiceApi {
       // its build failed or was cancelled with its request: loop, and build here
     }
     this.stores.delete(key);
-    const built = this.loadOrBuildStore(datasetId, model, identity, eigen, label, work);
+    const dir = join(
+      this.config.cacheDir,
+      'stores',
+      `${safe(datasetId)}-${identity.modelFingerprint}-${identity.dataFingerprint}-k${cfg.k}${eigen ? `-${identity.factorsFingerprint}` : ''}`,
+    );
+    const built = (async () =>
+      GradientStore.load(dir, identity) ??
+      (await cancellable(work, () =>
+        GradientStore.build(model, d.corpus.tokens, identity, {
+          dir,
+          preconditioners: eigen,
+          signal: work.signal,
+          onProgress: (done, total) => work.progress?.(`indexing gradients${label}`, done, total),
+        }),
+      )))();
     this.building.set(key, built);
     try {
       const store = await built;
@@ -908,34 +922,6 @@ export class InfluenceService implements ServiceApi {
     } finally {
       this.building.delete(key);
     }
-  }
-
-  private async loadOrBuildStore(
-    datasetId: string,
-    model: Model,
-    identity: StoreIdentity,
-    eigen: Map<string, Preconditioner> | undefined,
-    label: string,
-    work: Work,
-  ): Promise<GradientStore> {
-    const cfg = this.config.store ?? DEFAULTS.store;
-    const d = this.dataset(datasetId);
-    const dir = join(
-      this.config.cacheDir,
-      'stores',
-      `${safe(datasetId)}-${identity.modelFingerprint}-${identity.dataFingerprint}-k${cfg.k}${eigen ? `-${identity.factorsFingerprint}` : ''}`,
-    );
-    let store = GradientStore.load(dir, identity);
-    if (!store)
-      store = await cancellable(work, () =>
-        GradientStore.build(model, d.corpus.tokens, identity, {
-          dir,
-          preconditioners: eigen,
-          signal: work.signal,
-          onProgress: (done, total) => work.progress?.(`indexing gradients${label}`, done, total),
-        }),
-      );
-    return store;
   }
 
   getExample(datasetId: string, line: number, hash?: string) {
