@@ -99,7 +99,7 @@ test('config sizes that contradict the weights are refused as transformers refus
   });
   await assert.rejects(
     tokenLoss(vocab),
-    /model\.embed_tokens\.weight is 320×32, but config.json says 300×32 \(vocab_size 300/,
+    /model\.embed_tokens\.weight has shape \[320, 32\], but config.json says \[300, 32\] \(vocab_size 300/,
   );
   const inter = variant('llama', (c) => {
     c.intermediate_size = 48;

@@ -327,7 +327,12 @@ test('weights of another shape than config.json gives are refused naming the ten
       [16],
       /q_proj\.bias has shape \[16\].*the bias of a layer with 32 outputs/,
     ],
-    ['gpt_neox', 'embed_out.weight', [320, 16], /embed_out\.weight has shape \[320, 16\], but the hidden size is 32/],
+    [
+      'gpt_neox',
+      'embed_out.weight',
+      [320, 16],
+      /embed_out\.weight has shape \[320, 16\], but config\.json says \[320, 32\] \(vocab_size 320 × the hidden size 32, the width of gpt_neox\.embed_in\.weight\)/,
+    ],
     ['llama', 'model.embed_tokens.weight', [1, 320, 32], /embed_tokens\.weight has shape \[1, 320, 32\]/],
   ];
   for (const [fixture, name, shape, why] of cases)

@@ -30,7 +30,7 @@ import { type DType, readSafetensorsHeader, readTensorF32, type SafetensorsHeade
 /** dtypes a checkpoint's weights may have (the graphs cast them to the compute precision) */
 export const WEIGHT_DTYPES: readonly DType[] = ['F32', 'F16', 'BF16'];
 /** dtypes of buffers, never of weights: such tensors are listed in `Checkpoint.ignored`, not read */
-const INDEX_DTYPES: readonly DType[] = ['U8', 'BOOL', 'I8', 'I16', 'I32', 'I64'];
+const BUFFER_DTYPES: readonly DType[] = ['U8', 'BOOL', 'I8', 'I16', 'I32', 'I64'];
 
 export class CheckpointError extends Error {}
 
@@ -244,7 +244,7 @@ export function openCheckpoint(dirIn: string, options: OpenOptions = {}): Checkp
       if (map && map[t.name] !== undefined && join(dir, map[t.name]) !== file) continue; // the index decides
       if (weights.has(t.name)) throw new CheckpointError(`${file}: tensor "${t.name}" also appears in another shard`);
       // not a weight: a buffer (no builder reads one; a tensor a builder needs is missing by name then)
-      if (INDEX_DTYPES.includes(t.dtype)) {
+      if (BUFFER_DTYPES.includes(t.dtype)) {
         ignored.push({ name: t.name, dtype: t.dtype });
         continue;
       }

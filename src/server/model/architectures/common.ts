@@ -598,17 +598,10 @@ export function outputHead(ctx: BuildContext, config: Config, embedding: string,
       `config.json: ${setting}, but the checkpoint has no ${head} (transformers would fill it with random numbers)`,
     );
   const used = tie ? embedding : head;
-  const [rows, cols] = ctx.w.shape(used);
-  if (typeof config.vocab_size === 'number' && rows !== config.vocab_size)
-    throw new ConfigError(
-      `weight ${used} has ${rows} rows, but config.json says vocab_size ${config.vocab_size}; transformers refuses to load weights of another shape`,
-    );
-  // its columns meet the hidden states: the embedding's width (checked against config.json by embed)
+  // vocab_size rows; its columns meet the hidden states: the embedding's width (checked by embed)
   const width = ctx.w.shape(embedding)[1];
-  if (ctx.w.shape(used).length !== 2 || cols !== width)
-    throw new ConfigError(
-      `weight ${used} has shape [${ctx.w.shape(used).join(', ')}], but the hidden size is ${width} (the width of ${embedding}); transformers refuses to load weights of another shape`,
-    );
+  const vocab = typeof config.vocab_size === 'number' ? config.vocab_size : ctx.w.shape(used)[0];
+  expectShape(ctx, used, [vocab, width], `vocab_size ${vocab} × the hidden size ${width}, the width of ${embedding}`);
   return ctx.w.get(used);
 }
 
@@ -635,22 +628,8 @@ export function expectShape(ctx: BuildContext, name: string, shape: number[], be
 /** Token embedding lookup for the flattened [N] ids; the table must have the config's vocab_size × hidden size. */
 export function embed(ctx: BuildContext, table: string, shape?: { vocab: ConfigSize; hidden: ConfigSize }): Tensor {
   const { g } = ctx;
-  if (shape) {
-    const dims = ctx.w.shape(table);
-    if (dims.length !== 2)
-      throw new ConfigError(
-        `weight ${table} has shape [${dims.join(', ')}], but config.json says ${shape.vocab.size}×${shape.hidden.size} (${shape.vocab.because}, ${shape.hidden.because}); transformers refuses to load weights of another shape`,
-      );
-    const [rows, cols] = dims;
-    for (const [got, want] of [
-      [rows, shape.vocab],
-      [cols, shape.hidden],
-    ] as const)
-      if (got !== want.size)
-        throw new ConfigError(
-          `weight ${table} is ${rows}×${cols}, but config.json says ${shape.vocab.size}×${shape.hidden.size} (${shape.vocab.because}, ${shape.hidden.because}); transformers refuses to load weights of another shape`,
-        );
-  }
+  if (shape)
+    expectShape(ctx, table, [shape.vocab.size, shape.hidden.size], `${shape.vocab.because}, ${shape.hidden.because}`);
   const ids = g.noGrad(
     () => g.node('Reshape', [ctx.inputIds, g.ints([-1])], [{ dtype: DataType.INT64, shape: ['B*T'] }])[0],
   );
