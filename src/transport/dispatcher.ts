@@ -6,6 +6,7 @@
 import { setMaxListeners } from 'node:events';
 import type { CancellationToken } from 'vscode-jsonrpc';
 import { formatIssue, validateSchema } from '../common/json-schema';
+import { raceAbort } from '../common/race-abort';
 import { QueueFullError, Semaphore } from '../common/semaphore';
 import { Initialize, Status } from '../protocol/requests';
 import {
@@ -292,28 +293,3 @@ const EMPTY_INFO: ServiceInfo = {
   modules: [],
   warnings: [],
 };
-
-/** Rejects with the signal's reason as soon as it aborts, without waiting for `p`. */
-function raceAbort<T>(p: Promise<T>, signal: AbortSignal): Promise<T> {
-  if (signal.aborted) {
-    p.catch(() => {});
-    return Promise.reject(signal.reason);
-  }
-  return new Promise<T>((resolve, reject) => {
-    const onAbort = () => {
-      p.catch(() => {});
-      reject(signal.reason);
-    };
-    signal.addEventListener('abort', onAbort, { once: true });
-    p.then(
-      (v) => {
-        signal.removeEventListener('abort', onAbort);
-        resolve(v);
-      },
-      (e) => {
-        signal.removeEventListener('abort', onAbort);
-        reject(e);
-      },
-    );
-  });
-}

@@ -9,6 +9,7 @@ import { isAbsolute, join, relative, resolve } from 'node:path';
 import { cleanStaleTemps } from '../../common/atomic-write';
 import { canonicalJson } from '../../common/ids';
 import { own } from '../../common/own';
+import { raceAbort } from '../../common/race-abort';
 import { LIMITS } from '../../protocol/limits';
 import { methodInfo } from '../../protocol/methods';
 import type {
@@ -1107,32 +1108,25 @@ export class InfluenceService implements ServiceApi {
   }
 }
 
-/** Runs `f`; when the work was cancelled, whatever it threw becomes ServiceError 'cancelled'. */
 /**
  * Waits for another request's work; resolves when it settles either way (its own request reports
  * its failure), and throws 'cancelled' as soon as this request is cancelled.
  */
 async function untilDoneOrCancelled(other: Promise<unknown>, work: Work): Promise<void> {
-  if (work.signal?.aborted) throw new ServiceError('cancelled', 'cancelled');
-  let onAbort: (() => void) | undefined;
-  const cancelled = new Promise<'cancelled'>((r) => {
-    onAbort = () => r('cancelled');
-    work.signal?.addEventListener('abort', onAbort, { once: true });
-  });
+  const settled = other.then(
+    () => {},
+    () => {},
+  );
+  if (!work.signal) return settled;
   try {
-    const how = await Promise.race([
-      other.then(
-        () => 'done' as const,
-        () => 'done' as const,
-      ),
-      cancelled,
-    ]);
-    if (how === 'cancelled') throw new ServiceError('cancelled', 'cancelled');
-  } finally {
-    if (onAbort) work.signal?.removeEventListener('abort', onAbort);
+    await raceAbort(settled, work.signal);
+  } catch {
+    // `settled` never rejects: only the abort gets here
+    throw new ServiceError('cancelled', 'cancelled');
   }
 }
 
+/** Runs `f`; when the work was cancelled, whatever it threw becomes ServiceError 'cancelled'. */
 async function cancellable<T>(work: Work, f: () => Promise<T>): Promise<T> {
   if (work.signal?.aborted) throw new ServiceError('cancelled', 'cancelled');
   try {
