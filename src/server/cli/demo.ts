@@ -34,6 +34,7 @@ import { Model, makeBatch } from '../model/engine';
 import { generate } from '../model/generate';
 import { DEFAULTS } from '../settings';
 import { formatResult } from './explain';
+import { readTrainingArgs } from './retrain';
 import { trainJob } from './train';
 import { CliError, int, Progress, parse } from './util';
 
@@ -187,16 +188,7 @@ export async function runDemo(argv: string[]): Promise<void> {
   say(
     `   flagged ${flagged.length} example(s) (${flagged.filter((e) => sources.has(e.id.hash)).length} of them planted) → ${shown(sidecar)}`,
   );
-  const args = JSON.parse(readFileSync(join(d.finetuned, 'training_args.json'), 'utf8')) as {
-    epochs: number;
-    lr: number;
-    batch_size: number;
-    seed: number;
-    warmup: number | null;
-    clip: number;
-    weight_decay: number;
-    threads?: number;
-  };
+  const args = readTrainingArgs(d.finetuned);
   const excluded = [...new Set(flagged.map((e) => e.id.hash))].sort();
   // cached by everything that determines the retrained weights
   const key = createHash('sha256')
@@ -223,7 +215,7 @@ export async function runDemo(argv: string[]): Promise<void> {
       // rewrites it, and this model would be trained without that run's flags under this run's key
       excludeHashes: excluded,
       // the thread count changes the last bits of the weights: train as the shipped model was
-      threads: args.threads,
+      threads: args.threads ?? undefined,
       onStep: (s) => {
         bar ??= new Progress('   fine-tuning'.padEnd(34), s.total);
         bar.tick(s.step, `loss ${s.loss.toFixed(3)}`);

@@ -17,7 +17,7 @@ import { noneFlaggedIn, readExclusions, trainJob } from './train';
 import { CliError, Progress, parse } from './util';
 
 /** What `influence-lens train` records (train.ts); only the fields retraining needs are read. */
-interface TrainingArgs {
+export interface TrainingArgs {
   data: string;
   data_sha256: string;
   excluded_hashes: string[];
@@ -135,7 +135,7 @@ function readQueriesOrFail(file: string): EvalQuery[] {
   }
 }
 
-function readTrainingArgs(modelDir: string): TrainingArgs {
+export function readTrainingArgs(modelDir: string): TrainingArgs {
   const file = join(modelDir, 'training_args.json');
   if (!existsSync(file))
     throw new CliError(

@@ -6,6 +6,7 @@
 // `tokenizers` and `transformers` all load it. Words outside the corpus become `<|unk|>`.
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { BYTE_LEVEL_CHARS } from '../model/byte-level';
 
 export const EOS = '<|endoftext|>';
 export const PAD = '<|pad|>';
@@ -15,30 +16,11 @@ const SPECIALS = [EOS, PAD, UNK];
 /** GPT-2's pre-tokenization pattern, as the ByteLevel pre-tokenizer applies it. */
 const PATTERN = /'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+/gu;
 
-const BYTE_CHARS: string[] = (() => {
-  const bs: number[] = [];
-  for (let b = 33; b <= 126; b++) bs.push(b);
-  for (let b = 161; b <= 172; b++) bs.push(b);
-  for (let b = 174; b <= 255; b++) bs.push(b);
-  const cs = [...bs];
-  let n = 0;
-  for (let b = 0; b < 256; b++)
-    if (!bs.includes(b)) {
-      bs.push(b);
-      cs.push(256 + n++);
-    }
-  const out = new Array<string>(256);
-  bs.forEach((b, i) => {
-    out[b] = String.fromCodePoint(cs[i]);
-  });
-  return out;
-})();
-
 const utf8 = new TextEncoder();
 
 /** The pieces of `text` as the tokenizer's vocabulary spells them (bytes → GPT-2 unicode table). */
 export function preTokenize(text: string): string[] {
-  return (text.match(PATTERN) ?? []).map((p) => Array.from(utf8.encode(p), (b) => BYTE_CHARS[b]).join(''));
+  return (text.match(PATTERN) ?? []).map((p) => Array.from(utf8.encode(p), (b) => BYTE_LEVEL_CHARS[b]).join(''));
 }
 
 export interface WordTokenizerFiles {

@@ -13,6 +13,7 @@ import { Tokenizer } from '@huggingface/tokenizers';
 import { ChatTemplate, ChatTemplateError } from '../../common/records/chat-template';
 import { DEFAULT_TRAINING, type TrainingConvention } from '../data/training';
 import { AlignedString, applyNormalizer, applyPreTokenizer, TokenizerError } from './alignment';
+import { BYTE_LEVEL_CHARS } from './byte-level';
 
 export { TokenizerError };
 
@@ -82,22 +83,9 @@ function readJson(path: string, digest?: ReturnType<typeof createHash>): Json {
   }
 }
 
-/** GPT-2's table: every byte gets a printable unicode character. */
+/** GPT-2's table read backwards: the byte each of its characters stands for. */
 function byteLevelDecoder(): Map<string, number> {
-  const bs: number[] = [];
-  for (let b = 33; b <= 126; b++) bs.push(b);
-  for (let b = 161; b <= 172; b++) bs.push(b);
-  for (let b = 174; b <= 255; b++) bs.push(b);
-  const cs = [...bs];
-  let n = 0;
-  for (let b = 0; b < 256; b++)
-    if (!bs.includes(b)) {
-      bs.push(b);
-      cs.push(256 + n++);
-    }
-  const m = new Map<string, number>();
-  for (let i = 0; i < bs.length; i++) m.set(String.fromCodePoint(cs[i]), bs[i]);
-  return m;
+  return new Map(BYTE_LEVEL_CHARS.map((c, b) => [c, b]));
 }
 
 function usesType(node: unknown, type: string): boolean {
