@@ -127,6 +127,11 @@ export interface ModuleInfo {
   weightName: string;
 }
 
+/** A built module's description alone (no graph tensors): what callers outside the engine see. */
+function moduleInfoOf({ name, kind, dIn, dOut, hasBias, weightName }: ModuleInfo): ModuleInfo {
+  return { name, kind, dIn, dOut, hasBias, weightName };
+}
+
 export interface EngineOptions {
   device?: Device;
   threads?: number;
@@ -291,14 +296,7 @@ export class Model {
   /** Tracked linear modules (built from a throwaway graph, so always in sync with the builders). */
   modules(selection: ModuleSelection = 'all'): ModuleInfo[] {
     const { modules } = this.buildForward(new Graph(), 'inputs');
-    return select(modules, selection).map(({ name, kind, dIn, dOut, hasBias, weightName }) => ({
-      name,
-      kind,
-      dIn,
-      dOut,
-      hasBias,
-      weightName,
-    }));
+    return select(modules, selection).map(moduleInfoOf);
   }
 
   private buildForward(g: Graph, mode: 'mapped' | 'inputs') {
@@ -988,14 +986,7 @@ export class CompiledGraph {
   ) {}
 
   get moduleInfo(): ModuleInfo[] {
-    return this.modules.map(({ name, kind, dIn, dOut, hasBias, weightName }) => ({
-      name,
-      kind,
-      dIn,
-      dOut,
-      hasBias,
-      weightName,
-    }));
+    return this.modules.map(moduleInfoOf);
   }
 
   /** A float tensor in this graph's precision (converting only when the array's type differs). */
