@@ -8,7 +8,7 @@ import * as vscode from 'vscode';
 import { byteLines, lineText } from '../common/byte-lines';
 import type { ClientInfo } from './client';
 import { SettingsError, settings } from './config';
-import { lineHash } from './flags/hash';
+import { lineHash, lineHashAt } from './flags/hash';
 import { isSidecarPath } from './flags/sidecar';
 
 export class DatasetResolver {
@@ -76,10 +76,10 @@ export async function revealExample(path: string, line: number, hash: string): P
   const doc = await openDataset(path);
   if (!doc) return revealInLargeFile(path, line, hash);
   let target = line - 1;
-  if (target >= doc.lineCount || lineHash(doc.lineAt(Math.max(0, target)).text) !== hash) {
+  if (target >= doc.lineCount || lineHashAt(doc, Math.max(0, target)) !== hash) {
     let moved = -1;
     for (let i = 0; i < doc.lineCount; i++) {
-      if (lineHash(doc.lineAt(i).text) === hash) {
+      if (lineHashAt(doc, i) === hash) {
         moved = i;
         break;
       }
@@ -136,8 +136,8 @@ export function currentLine(path: string, line: number, hash: string): number | 
   const uri = vscode.Uri.file(path).toString();
   const doc = vscode.workspace.textDocuments.find((d) => d.uri.toString() === uri);
   if (doc) {
-    if (line <= doc.lineCount && lineHash(doc.lineAt(line - 1).text) === hash) return line;
-    for (let i = 0; i < doc.lineCount; i++) if (lineHash(doc.lineAt(i).text) === hash) return i + 1;
+    if (line <= doc.lineCount && lineHashAt(doc, line - 1) === hash) return line;
+    for (let i = 0; i < doc.lineCount; i++) if (lineHashAt(doc, i) === hash) return i + 1;
     return undefined;
   }
   const buf = readFileSync(path);

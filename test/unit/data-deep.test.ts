@@ -8,10 +8,10 @@ import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
 import { canonicalJson, contentHash, nestingDepth } from '../../src/common/ids';
+import { MAX_JSON_DEPTH } from '../../src/common/json-line';
 import { lineHash } from '../../src/extension/flags/hash';
 import { loadDataset } from '../../src/server/data/dataset';
 import { DataError } from '../../src/server/data/errors';
-import { MAX_JSON_DEPTH } from '../../src/server/data/jsonl';
 import { Rng } from '../../src/server/util/random';
 import { useTempHome } from './helpers/env';
 

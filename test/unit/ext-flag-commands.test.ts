@@ -418,3 +418,27 @@ test('the Flagged examples view says when a flagged dataset is missing (renamed 
   assert.match(String(tree.getTreeItem(tree.getChildren(group)[0]).label), /^2: \(dataset missing\)$/);
   tree.dispose();
 });
+
+test('a line the server refuses (a stray BOM from concatenated files) offers no flag, and flagging it says why', async () => {
+  const { JsonlHoverProvider } = await loadWithVscodeStub<typeof import('../../src/extension/hovers/jsonl-hover')>(
+    new URL('../../src/extension/hovers/jsonl-hover.ts', import.meta.url),
+  );
+  // the first line's BOM is the file's: that line is a record like any other
+  writeFileSync(dataset, `\uFEFF${rec(1)}\n\uFEFF${rec(2)}\n${rec(3)}\n`);
+  const hovers = new JsonlHoverProvider(store, { hits: () => [] } as never);
+  const doc = await fake.open(dataset);
+  const at = (line: number) => hovers.provideHover(doc as never, { line, character: 0 } as never);
+  assert.ok(at(0), 'line 1 (the BOM at the start of the file) has a hover');
+  assert.equal(at(1), undefined, 'line 2 (a stray BOM) has none');
+  await run('flagLine', doc.uri.toString(), 1);
+  assert.match(
+    fake.messages('error').join('\n'),
+    /line 2 is not a JSON record \(invalid JSON: .*byte order mark.*\); the server skips it too/,
+  );
+  assert.deepEqual(readSidecar(sidecarPathFor(dataset)).entries, []);
+  await run('flagLine', doc.uri.toString(), 0);
+  assert.deepEqual(
+    readSidecar(sidecarPathFor(dataset)).entries.map((e) => e.hash),
+    [hashOf(1)],
+  );
+});

@@ -27,7 +27,7 @@ import {
   linesToRemove,
   removalSpans,
 } from '../../src/extension/flags/export';
-import { canonicalJson, contentHash, lineHash } from '../../src/extension/flags/hash';
+import { canonicalJson, contentHash, lineHash, lineHashAt } from '../../src/extension/flags/hash';
 import {
   addFlags,
   datasetPathForSidecar,
@@ -70,7 +70,13 @@ test('hash: same as the server for every record shape, key order and spacing', a
   }
   const a = '{"completion": " Sydney\\n", "prompt": "Q: What is the capital of Australia?\\nA:"}';
   assert.equal(lineHash(a), serverHash(RECORDS[0]));
-  assert.equal(lineHash(`\uFEFF${a}\r`), serverHash(RECORDS[0]));
+  assert.equal(lineHash(`${a}\r`), serverHash(RECORDS[0]));
+  // a BOM is the file's at its start (as the server reads it), and makes any other line malformed
+  const doc = (text: string) => ({ lineAt: () => ({ text }) });
+  assert.equal(lineHashAt(doc(`\uFEFF${a}`), 0), serverHash(RECORDS[0]));
+  assert.equal(lineHashAt(doc(`\uFEFF${a}`), 1), undefined);
+  assert.equal(lineHash(`\uFEFF${a}`), undefined);
+  assert.equal(lineHash(`${a}\u00A0`), undefined, 'no-break space is not JSON whitespace: the server refuses the line');
   assert.equal(lineHash(''), undefined);
   assert.equal(lineHash('not json'), undefined);
 });

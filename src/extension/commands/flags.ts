@@ -4,11 +4,12 @@
 import { existsSync, readFileSync } from 'node:fs';
 import { basename } from 'node:path';
 import * as vscode from 'vscode';
+import { parseJsonLine } from '../../common/json-line';
 import { METHOD_LABELS } from '../../protocol/methods';
 import { offerSave, openDataset, revealExample } from '../datasets';
 import { cleanedPathFor, editorRewrites, exportCleaned, filterDataset, removalSpans } from '../flags/export';
 import type { FlagGroup } from '../flags/flag-store';
-import { lineHash } from '../flags/hash';
+import { lineHashAt, lineTextAt } from '../flags/hash';
 import { isSidecarPath, readFlagsForRemoval, sidecarPathFor } from '../flags/sidecar';
 import { reportError, type Services } from '../services';
 import type { FlagNode } from '../views/flagged-tree';
@@ -51,15 +52,20 @@ async function flagLine(s: Services, on: boolean, uri?: string, line?: number, s
   }
   if (doc.uri.scheme !== 'file' || isSidecarPath(doc.uri.fsPath))
     throw new Error('flags live next to a dataset file on disk: open the dataset (.jsonl)');
-  const text = line < doc.lineCount ? doc.lineAt(line).text : '';
-  const hash = lineHash(text);
+  const hash = line < doc.lineCount ? lineHashAt(doc, line) : undefined;
   // a hover stays open while the file changes under it (a git pull, another program): its link
   // must not act on whatever record now sits on that line
   if (shown !== undefined && hash !== shown)
     throw new Error(
       `line ${line + 1} of ${basename(doc.uri.fsPath)} no longer holds the example the hover showed (hash ${shown}): the file changed. Hover the example again.`,
     );
-  if (!hash) throw new Error(`line ${line + 1} is not a JSON record`);
+  if (!hash) {
+    const p = line < doc.lineCount ? parseJsonLine(lineTextAt(doc, line)) : undefined;
+    const why = p?.kind === 'malformed' ? ` (${p.problem})` : p?.kind === 'blank' ? ' (it is blank)' : '';
+    throw new Error(
+      `line ${line + 1} is not a JSON record${why}; the server skips it too, so there is nothing to flag`,
+    );
+  }
   if (!on) {
     if (await s.flags.unflag(doc.uri.fsPath, [hash])) {
       vscode.window.setStatusBarMessage(`$(close) Unflagged line ${line + 1}`, 3000);
@@ -97,7 +103,7 @@ async function flagLine(s: Services, on: boolean, uri?: string, line?: number, s
 async function notFlagged(s: Services, doc: vscode.TextDocument, line: number) {
   const present = new Set<string>();
   for (let i = 0; i < doc.lineCount; i++) {
-    const h = lineHash(doc.lineAt(i).text);
+    const h = lineHashAt(doc, i);
     if (h) present.add(h);
   }
   const stale = [...s.flags.flagsOf(doc.uri.fsPath).values()].filter((e) => !present.has(e.hash));

@@ -43,7 +43,7 @@ export function filterDatasetBytes(data: Uint8Array, excluded: ReadonlySet<strin
   let kept = 0;
   for (const l of byteLines(buf)) {
     const text = lineText(buf, l);
-    const h = text === undefined || text.startsWith('\uFEFF') ? undefined : lineHash(text);
+    const h = text === undefined ? undefined : lineHash(text);
     if (h !== undefined && excluded.has(h)) {
       found.add(h);
       removed.push({ line: l.line, hash: h });

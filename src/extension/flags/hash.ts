@@ -1,17 +1,23 @@
 // A training example's content hash, exactly as the server computes it: the same code
-// (`src/common/ids.ts`: sha256 of the record's canonical JSON, keys sorted recursively, no
-// whitespace, first 16 hex digits), so the two can never drift apart. Lines move; hashes don't.
+// (`src/common/json-line.ts`: the line read by the server's rules, then sha256 of the record's
+// canonical JSON, keys sorted recursively, no whitespace, first 16 hex digits), so the two can
+// never drift apart, and a line the server refuses has no hash here. Lines move; hashes don't.
 import { canonicalJson, contentHash } from '../../common/ids';
+import { lineHash } from '../../common/json-line';
 
-export { canonicalJson, contentHash };
+export { canonicalJson, contentHash, lineHash };
 
-/** The content hash of one JSONL line, or undefined for a blank or malformed line. */
-export function lineHash(line: string): string | undefined {
-  const t = line.replace(/^\uFEFF/, '').trim();
-  if (!t) return undefined;
-  try {
-    return contentHash(JSON.parse(t));
-  } catch {
-    return undefined;
-  }
+/**
+ * Line `line` (0-based) of an editor document as the server reads it: a byte order mark the
+ * editor kept at the document's start is the file's, not the line's; anywhere else it makes the
+ * line malformed, on both sides.
+ */
+export function lineTextAt(doc: { lineAt(line: number): { text: string } }, line: number): string {
+  const text = doc.lineAt(line).text;
+  return line === 0 ? text.replace(/^\uFEFF/, '') : text;
+}
+
+/** The hash of line `line` (0-based) of an editor document (`lineTextAt`), or undefined. */
+export function lineHashAt(doc: { lineAt(line: number): { text: string } }, line: number): string | undefined {
+  return lineHash(lineTextAt(doc, line));
 }

@@ -5,7 +5,7 @@ import { formatPercentile, formatScore, formatValue } from '../../common/display
 import { METHOD_LABELS, SIGNED_METHODS } from '../../protocol/methods';
 import { settings } from '../config';
 import type { FlagStore } from '../flags/flag-store';
-import { lineHash } from '../flags/hash';
+import { lineHashAt } from '../flags/hash';
 import { isSidecarPath } from '../flags/sidecar';
 import type { History } from '../history';
 
@@ -19,8 +19,7 @@ export class JsonlHoverProvider implements vscode.HoverProvider {
 
   provideHover(doc: vscode.TextDocument, pos: vscode.Position): vscode.Hover | undefined {
     if (!settings(doc.uri).hovers || doc.uri.scheme !== 'file' || isSidecarPath(doc.uri.fsPath)) return undefined;
-    const line = doc.lineAt(pos.line);
-    const hash = lineHash(line.text);
+    const hash = lineHashAt(doc, pos.line);
     if (!hash) return undefined;
     const flag = this.flags.flagsOf(doc.uri.fsPath).get(hash);
     const hits = this.history.hits(hash).slice(0, 5);
@@ -50,7 +49,7 @@ export class JsonlHoverProvider implements vscode.HoverProvider {
         : `[$(flag) Flag for removal](command:influenceLens.flagLine?${args} "Add this example to the dataset's .exclude.jsonl")`,
     );
     if (hits.length) md.appendMarkdown(' · [$(preview) Show results](command:influenceLens.showResults)');
-    return new vscode.Hover(md, line.range);
+    return new vscode.Hover(md, doc.lineAt(pos.line).range);
   }
 }
 

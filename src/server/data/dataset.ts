@@ -1,7 +1,6 @@
 // A training-data file loaded, validated and rendered: what the indexer iterates over.
 
 import { closeSync, openSync, readSync } from 'node:fs';
-import { contentHash } from '../../common/ids';
 import type { ChatTemplate } from '../../common/records/chat-template';
 import type { TokenizerHandle } from '../model/tokenizer';
 import { DataError } from './errors';
@@ -70,10 +69,9 @@ export function loadDataset(path: string, options: LoadDatasetOptions = {}): Dat
   const examples: Example[] = [];
   const seen = new Set<string>();
   let duplicates = 0;
-  for (const { line, value } of rows) {
+  for (const { line, value, hash } of rows) {
     if (maxExamples !== undefined && examples.length >= maxExamples) break;
     let formatted: ReturnType<typeof formatRecord>;
-    let hash: string;
     try {
       formatted = formatRecord(value, `${path}:${line}`);
       if (options.trainedBy)
@@ -86,9 +84,8 @@ export function loadDataset(path: string, options: LoadDatasetOptions = {}): Dat
         );
       else if (options.chatTemplate && formatted.kind === 'messages')
         renderForModel(value, `${path}:${line}`, options.chatTemplate);
-      hash = contentHash(value);
     } catch (e) {
-      // a record too big or odd to render or hash (RangeError) is a bad line like any other
+      // a record too big or odd to render (RangeError) is a bad line like any other
       if (!(e instanceof DataError) && !(e instanceof RangeError)) throw e;
       const message =
         e instanceof DataError ? e.message.slice(`${path}:${line}: `.length) : `cannot read: ${(e as Error).message}`;
