@@ -77,6 +77,14 @@ MESSAGES = [
         {"role": "user", "content": "And e\u0301?"},
         {"role": "assistant", "content": " é"},
     ],
+    # Python's whitespace is not JavaScript's: str.strip (and jinja2's trim) removes U+0085 and
+    # U+001C-U+001F and keeps U+FEFF; templates that trim content (Llama 3, Gemma 3) show it
+    [
+        {"role": "user", "content": "\ufeffWhat is 2+2?\x85"},
+        {"role": "assistant", "content": "\x1f4\x85"},
+        {"role": "user", "content": "hi\u00a0"},
+        {"role": "assistant", "content": "\u3000yes\x1c"},
+    ],
 ]
 
 # Variants of the real files: (base family, tokenizer_config.json overrides, tokenizer.json overrides).
@@ -137,6 +145,34 @@ GENERATION_TEMPLATE = (
     "{{ '\\n' }}{% else %}{{ message['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+
+
+# More {% generation %} layouts (trainers ship them): a block of its own for the final EOS after
+# the last turn (Phi-3's training template), and two blocks per assistant turn (its content, then
+# its end marker), the second saved with CRLF line endings as a Windows checkout writes it (Python
+# reads chat_template.jinja with universal newlines; jinja2 normalizes a template's newlines).
+EOS_BLOCK_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] | trim + '<|im_end|>' }}{% endgeneration %}"
+    "{{ '\\n' }}{% else %}{{ message['content'] | trim + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{% else %}{% generation %}{{ eos_token }}{% endgeneration %}{% endif %}"
+)
+TWO_BLOCKS_TEMPLATE = """{%- for message in messages %}
+{{- '<|im_start|>' + message['role'] + '\\n' }}
+{%- if message['role'] == 'assistant' %}
+{%- generation %}{{ message['content'].strip() }}{% endgeneration %}
+{%- generation %}{{ '<|im_end|>' }}{% endgeneration %}
+{{- '\\n' }}
+{%- else %}
+{{- message['content'] + '<|im_end|>\\n' }}
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+{{- '<|im_start|>assistant\\n' }}
+{%- endif %}
+""".replace("\n", "\r\n")
+EXTRA_GENERATION_TEMPLATES = {"eos-block": EOS_BLOCK_TEMPLATE, "two-blocks-crlf": TWO_BLOCKS_TEMPLATE}
 
 
 def assistant_spans_by_prefix(auto, messages, text, specials):
@@ -308,6 +344,25 @@ def main():
         }
     finally:
         shutil.rmtree(tmp)
+    result["generation_templates"] = {}
+    for name, source in EXTRA_GENERATION_TEMPLATES.items():
+        tmp = tempfile.mkdtemp()
+        try:
+            for f in ["tokenizer.json", "tokenizer_config.json"]:
+                shutil.copy(os.path.join(family_dir("qwen3"), f), tmp)
+            # newline="": the file gets the template's own line endings (CRLF for two-blocks-crlf)
+            with open(os.path.join(tmp, "chat_template.jinja"), "w", encoding="utf-8", newline="") as fh:
+                fh.write(source)
+            raw = Tokenizer.from_file(os.path.join(tmp, "tokenizer.json"))
+            auto = AutoTokenizer.from_pretrained(tmp)
+            assert auto.chat_template == source.replace("\r\n", "\n"), "transformers reads the file with universal newlines"
+            result["generation_templates"][name] = {
+                "base": "qwen3",
+                "chat_template_jinja": source,
+                "chats": chat_cases(raw, auto, "generation"),
+            }
+        finally:
+            shutil.rmtree(tmp)
     with open(OUT, "w", encoding="utf-8") as fh:
         json.dump(result, fh, ensure_ascii=False, separators=(",", ":"))
         fh.write("\n")

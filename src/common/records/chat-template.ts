@@ -10,7 +10,7 @@
 //    special token right after it (the end-of-turn token the model learnt to emit). A template
 //    that does not render conversations prefix by prefix is refused.
 // Pure: no Node or VS Code imports, so the editor and the server share it.
-import { Environment, Template } from '@huggingface/jinja';
+import { Environment, Interpreter, Template } from '@huggingface/jinja';
 import type { ChatMessage } from './shape';
 
 export type Span = [number, number];
@@ -56,7 +56,8 @@ export interface RenderedChat {
 /**
  * @huggingface/jinja 0.5 ignores the argument of str.strip/lstrip/rstrip (`content.lstrip('\n')`
  * strips every whitespace), so Qwen's templates render differently from transformers' jinja2.
- * Give the three methods Python's meaning: strip the characters in `chars`, whitespace without it.
+ * Give the three methods Python's meaning: strip the characters in `chars`, Python's whitespace
+ * without it; and the `trim` filter likewise.
  */
 let stripPatched = false;
 function patchStripChars(): void {
@@ -95,10 +96,47 @@ function patchStripChars(): void {
       return m;
     },
   });
+  // jinja2's `trim` filter is str.strip(chars): Python's whitespace, or the characters given
+  type Node = { type: string; value?: string; callee?: Node; args?: unknown[] };
+  type Interp = {
+    applyFilter(operand: Value, filter: Node, env: unknown): Value;
+    evaluateArguments(args: unknown[], env: unknown): [Value[], Map<string, Value>];
+  };
+  const interp = Interpreter.prototype as unknown as Interp;
+  const applyFilter = interp.applyFilter;
+  if (typeof applyFilter !== 'function' || typeof interp.evaluateArguments !== 'function')
+    throw new Error('@huggingface/jinja: unexpected Interpreter layout (cannot fix the trim filter)');
+  interp.applyFilter = function (this: Interp, operand: Value, filter: Node, env: unknown): Value {
+    if (operand instanceof StringValue) {
+      if (filter.type === 'Identifier' && filter.value === 'trim')
+        return new StringValue(whitespace(String(operand.value)));
+      if (filter.type === 'CallExpression' && filter.callee?.type === 'Identifier' && filter.callee.value === 'trim') {
+        const [positional, keywords] = this.evaluateArguments(filter.args ?? [], env);
+        const chars = (positional[0] ?? keywords.get('chars'))?.value;
+        const s = String(operand.value);
+        return new StringValue(typeof chars === 'string' ? stripChars(s, chars, true, true) : whitespace(s));
+      }
+    }
+    return applyFilter.call(this, operand, filter, env);
+  };
 }
 
-function whitespace(s: string, left: boolean, right: boolean): string {
-  return left && right ? s.trim() : left ? s.trimStart() : s.trimEnd();
+/**
+ * Python's whitespace (str.isspace, what str.strip and jinja2's `trim` remove), which is not
+ * JavaScript's: Python's has U+001C–U+001F and U+0085 (a common mojibake of "…"), JavaScript's
+ * has U+FEFF (a pasted byte order mark). Llama 3's, Gemma's and many trainers' templates trim
+ * message content: with JavaScript's set the rendered text, and so every token id, differed.
+ */
+const PY_SPACE = '\\t\\n\\v\\f\\r\\x1c-\\x1f \\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000';
+const PY_LEADING = new RegExp(`^[${PY_SPACE}]+`);
+const PY_TRAILING = new RegExp(`[${PY_SPACE}]+$`);
+
+/** `s.strip()` / `.lstrip()` / `.rstrip()` as Python does them (no argument: its whitespace). */
+export function whitespace(s: string, left = true, right = true): string {
+  let out = s;
+  if (left) out = out.replace(PY_LEADING, '');
+  if (right) out = out.replace(PY_TRAILING, '');
+  return out;
 }
 
 function stripChars(s: string, chars: string, left: boolean, right: boolean): string {
@@ -122,10 +160,14 @@ export class ChatTemplate {
 
   constructor(private readonly options: ChatTemplateOptions) {
     patchStripChars();
-    this.hasGenerationBlocks = GENERATION.test(options.source);
+    // jinja2 reads a template's line endings as '\n' (its lexer normalizes them, and Python opens
+    // chat_template.jinja with universal newlines): a template saved with CRLF (a Windows
+    // checkout) rendered '\r\n' here, and trim_blocks stopped at the '\r'
+    const normalized = options.source.replace(/\r\n?/g, '\n');
+    this.hasGenerationBlocks = GENERATION.test(normalized);
     GENERATION.lastIndex = 0;
     // The generation tag is a transformers extension to Jinja: turn it into marker characters.
-    const source = options.source.replace(
+    const source = normalized.replace(
       GENERATION,
       (_, l: string, end: string | undefined, r: string) => `{{${l} '${end ? GEN_CLOSE : GEN_OPEN}' ${r}}}`,
     );
@@ -173,6 +215,13 @@ export class ChatTemplate {
     return this.hasGenerationBlocks ? this.fromGenerationBlocks(messages, raw) : this.fromPrefixes(messages, raw);
   }
 
+  /**
+   * Every `{% generation %}` block is trained (as transformers' assistant mask marks them all);
+   * each belongs to the assistant message whose content it holds, or to the last one before it
+   * (a template may close a turn in a block of its own: Phi-3's training template adds one for the
+   * final EOS, others one for each turn's end marker). Pairing block k with assistant message k
+   * dropped such blocks, and gave a turn's second block to the next message.
+   */
   private fromGenerationBlocks(messages: readonly ChatMessage[], raw: string): RenderedChat {
     let text = '';
     const blocks: Span[] = [];
@@ -186,17 +235,44 @@ export class ChatTemplate {
       } else text += ch;
     }
     const assistants = messages.flatMap((m, i) => (m.role === 'assistant' ? [i] : []));
+    const byContent = this.blocksByContent(messages, assistants, text, blocks);
+    if (typeof byContent !== 'string') return { text, spans: blocks, ...byContent };
+    // a template that rewrites the content (Qwen3 moves <think> into reasoning) cannot be read
+    // by content; with one block per assistant message, block k is message k's
+    if (blocks.length !== assistants.length) throw new ChatTemplateError(`${this.options.where}: ${byContent}`);
+    const placements: ContentPlacement[] = [];
+    for (const [k, [s, e]] of blocks.entries()) {
+      const p = place(text, messages[assistants[k]].content, s, e);
+      if (p) placements.push({ message: assistants[k], ...p });
+    }
+    return { text, spans: blocks, spanMessages: assistants, placements };
+  }
+
+  /** Each block's assistant message, found by the content it holds; or why that fails. */
+  private blocksByContent(
+    messages: readonly ChatMessage[],
+    assistants: number[],
+    text: string,
+    blocks: Span[],
+  ): { spanMessages: number[]; placements: ContentPlacement[] } | string {
+    const counts = `${blocks.length} {% generation %} block(s) for ${assistants.length} assistant message(s)`;
     const placements: ContentPlacement[] = [];
     const spanMessages: number[] = [];
-    // pair blocks with assistant messages in order, placing each content inside its block
-    blocks.forEach(([s, e], k) => {
-      const mi = assistants[k];
-      if (mi === undefined) return;
-      spanMessages.push(mi);
-      const p = place(text, messages[mi].content, s, e);
-      if (p) placements.push({ message: mi, ...p });
-    });
-    return { text, spans: blocks, spanMessages, placements };
+    let next = 0;
+    for (const [s, e] of blocks) {
+      const mi = assistants[next];
+      const p = mi === undefined ? undefined : place(text, messages[mi].content, s, e);
+      if (p) {
+        placements.push({ message: mi, ...p });
+        spanMessages.push(mi);
+        next++;
+      } else if (next > 0) spanMessages.push(assistants[next - 1]);
+      else
+        return `${counts}: block ${JSON.stringify(text.slice(s, e).slice(0, 40))} holds no assistant message's content and follows none, so it belongs to no assistant turn`;
+    }
+    if (next < assistants.length)
+      return `${counts}: none holds the content of messages[${assistants[next]}] (the template renders no block for it, or rewrites its content), so its trained tokens cannot be located`;
+    return { spanMessages, placements };
   }
 
   private fromPrefixes(messages: readonly ChatMessage[], text: string): RenderedChat {
@@ -232,15 +308,15 @@ export class ChatTemplate {
 
 /**
  * Finds a message's content in text[from, to): verbatim, or as a template's `| trim` leaves
- * it. The earliest occurrence wins (a turn's own header comes before its content).
+ * it (Python's whitespace). The earliest occurrence wins (a turn's own header comes before its content).
  */
 function place(text: string, content: string, from: number, to: number): Omit<ContentPlacement, 'message'> | undefined {
-  const lead = content.length - content.trimStart().length;
+  const lead = content.length - whitespace(content, true, false).length;
   const candidates: Array<[string, number]> = [
     [content, 0],
-    [content.trim(), lead],
-    [content.trimStart(), lead],
-    [content.trimEnd(), 0],
+    [whitespace(content), lead],
+    [whitespace(content, true, false), lead],
+    [whitespace(content, false, true), 0],
   ];
   let best: Omit<ContentPlacement, 'message'> | undefined;
   for (const [c, contentStart] of candidates) {
@@ -250,6 +326,6 @@ function place(text: string, content: string, from: number, to: number): Omit<Co
     if (!best || at < best.start || (at === best.start && at + c.length > best.end))
       best = { start: at, end: at + c.length, contentStart };
   }
-  if (!best && content.trim() === '') return { start: from, end: from, contentStart: 0 };
+  if (!best && whitespace(content) === '') return { start: from, end: from, contentStart: 0 };
   return best;
 }

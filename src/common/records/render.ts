@@ -118,13 +118,16 @@ export function renderRecord(value: RecordValue, template?: ChatTemplate): Rende
   const scored = chat.spanMessages.flatMap((m, k) => (m >= value.scoredFrom ? [k] : []));
   const k = scored[scored.length - 1];
   if (k === undefined) throw new Error('the chat template marks none of the trained assistant turns');
+  // the last turn may span several blocks (its content, then its end marker): all of them
+  const lastMessage = chat.spanMessages[k];
+  const first = scored.find((j) => chat.spanMessages[j] === lastMessage) ?? k;
   return {
     kind: 'messages',
     text: chat.text,
     spans: scored.map((j) => chat.spans[j]),
     pieces,
     rendering: 'chat_template',
-    last: { span: chat.spans[k], field: `${value.paths[chat.spanMessages[k]]}.content` },
+    last: { span: [chat.spans[first][0], chat.spans[k][1]], field: `${value.paths[lastMessage]}.content` },
     ...(value.scoredFrom > 0
       ? {
           promptCompletion: true,
