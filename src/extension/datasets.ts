@@ -39,6 +39,14 @@ export class DatasetResolver {
       const hits = (await vscode.workspace.findFiles(glob, '**/node_modules/**', 10)).filter(
         (u) => !isSidecarPath(u.fsPath) && !u.fsPath.endsWith('.cleaned.jsonl'),
       );
+      // several files of that name (a backup, another checkout): a flag written beside the wrong
+      // one would never reach the data the server scored, so none is picked
+      if (hits.length > 1) {
+        const rel = hits.map((u) => vscode.workspace.asRelativePath(u, false)).sort();
+        throw new Error(
+          `${hits.length} files in the workspace could hold dataset "${id}" (${rel.join(', ')})${reported ? `, and the server's ${reported} is not on this machine` : ''}: name the one the server reads in the setting influenceLens.datasets, e.g. {"${id}": "${rel[0]}"}`,
+        );
+      }
       if (hits.length) {
         this.found.set(id, hits[0].fsPath);
         return hits[0].fsPath;
