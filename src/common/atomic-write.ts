@@ -76,6 +76,8 @@ export interface AtomicWriteOptions {
    * and an existing file keeps its mode. Without it, a link is replaced by the new file.
    */
   userFile?: boolean;
+  /** An existing file keeps its mode (a cleaned copy replaced with --force must not widen a 0600 file). */
+  keepMode?: boolean;
 }
 
 /** Writes `data` to `path` atomically and durably. `mode` applies to a new file. */
@@ -115,7 +117,7 @@ export function writeAtomicWith(link: string, write: (tmp: string) => void, opti
     rmSync(tmp, { force: true });
     throw notWritable(e, path);
   }
-  commitTemp(tmp, path, options.userFile === true);
+  commitTemp(tmp, path, options.userFile === true || options.keepMode === true);
 }
 
 /** writeAtomicWith for a writer that awaits (the gradient store writes its rows as they are computed). */
@@ -132,11 +134,15 @@ export async function writeAtomicWithAsync(link: string, write: (tmp: string) =>
 }
 
 /**
- * A permission error met writing `target`'s temporary, said of the target and its folder (the
- * temporary's name means nothing to the person); any other error as it is.
+ * A permission error (or a missing folder) met writing `target`'s temporary, said of the target
+ * and its folder (the temporary's name means nothing to the person); any other error as it is.
  */
 export function notWritable(e: unknown, target: string): unknown {
   const code = (e as NodeJS.ErrnoException).code;
+  if (code === 'ENOENT' && !existsSync(dirname(target)))
+    return Object.assign(new Error(`cannot write ${basename(target)}: its folder ${dirname(target)} does not exist`), {
+      code,
+    });
   if (code !== 'EACCES' && code !== 'EPERM' && code !== 'EROFS') return e;
   const why = code === 'EROFS' ? 'is on a read-only file system' : 'is not writable by this user';
   return Object.assign(new Error(`cannot write ${basename(target)}: its folder ${dirname(target)} ${why} (${code})`), {

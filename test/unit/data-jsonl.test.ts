@@ -119,3 +119,24 @@ test('jsonl: lines ending in CR alone read as one line, and the error says so', 
     (e: Error) => !/carriage/.test(e.message),
   );
 });
+
+test('jsonl: a UTF-16 file (as Windows PowerShell saves it) is named as such, with the way to convert it', () => {
+  const text = '{"text":"hello"}\n{"text":"world"}\n';
+  const le = Buffer.concat([Buffer.from([0xff, 0xfe]), Buffer.from(text, 'utf16le')]);
+  const be = Buffer.from(le);
+  be.swap16();
+  for (const [bytes, bom] of [
+    [le, 'FF FE'],
+    [be, 'FE FF'],
+  ] as const) {
+    const p = write(bytes);
+    for (const skipMalformed of [false, true])
+      assert.throws(
+        () => readJsonl(p, { skipMalformed }),
+        (e: Error) =>
+          e.message.startsWith(
+            `${p}: the file is UTF-16 (it starts with the byte order mark ${bom}); JSON Lines must be UTF-8`,
+          ) && e.message.includes('iconv -f UTF-16 -t UTF-8'),
+      );
+  }
+});

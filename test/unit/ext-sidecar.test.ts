@@ -504,3 +504,27 @@ test('a folder this user cannot write: export and flagging name the file and its
     rmSync(d, { recursive: true, force: true });
   }
 });
+
+test('the cleaned copy is as private as its dataset: a new copy takes its mode, a replaced copy keeps its own', () => {
+  const d = tmp();
+  const ds = join(d, 'private.jsonl');
+  writeFileSync(ds, '{"text": "a"}\n{"text": "b"}\n');
+  chmodSync(ds, 0o600);
+  const mode = (p: string) => statSync(p).mode & 0o777;
+  const out = exportCleaned(ds).outPath;
+  assert.equal(mode(out), 0o600, 'a 0600 dataset gets a 0600 copy (it was 0644: readable by every user)');
+  chmodSync(out, 0o640);
+  exportCleaned(ds, out, { replace: true });
+  assert.equal(mode(out), 0o640, 'replacing (--force, "Replace") keeps the mode the person gave the copy');
+});
+
+test('a cleaned copy into a folder that does not exist names the folder, not a temporary', () => {
+  const d = tmp();
+  const ds = join(d, 'train.jsonl');
+  writeFileSync(ds, '{"text": "a"}\n');
+  assert.throws(
+    () => exportCleaned(ds, join(d, 'nodir', 'x.jsonl')),
+    (e: Error) =>
+      e.message === `cannot write x.jsonl: its folder ${join(d, 'nodir')} does not exist` && !/\.tmp-/.test(e.message),
+  );
+});

@@ -4,7 +4,7 @@
 // list that "Apply removal to file" deletes. Pure Node (no `vscode`), unit-tested.
 
 import { isUtf8 } from 'node:buffer';
-import { existsSync, lstatSync, readFileSync, realpathSync } from 'node:fs';
+import { existsSync, lstatSync, readFileSync, realpathSync, statSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { cleanStaleTempsOf, resolveLinks } from '../../common/atomic-write';
 import { asBuffer, byteLines, hasBom, lineText, UTF8_BOM } from '../../common/byte-lines';
@@ -149,7 +149,9 @@ export function exportCleaned(
   const { bytes, ...counts } = filterDatasetBytes(readFileSync(datasetPath), excluded);
   // a dataset-sized temporary left by an export that was killed, once that process is gone
   cleanStaleTempsOf(outPath);
-  writeFileAtomic(outPath, bytes);
+  // the copy is as private as its source: a replaced copy keeps its mode, a new one takes the
+  // dataset's (0644 made a 0600 dataset's copy world-readable)
+  writeFileAtomic(outPath, bytes, exists(outPath) ? { keepMode: true } : { mode: statSync(datasetPath).mode & 0o666 });
   return { ...counts, outPath };
 }
 

@@ -46,6 +46,12 @@ export const SKIP_HINT = '(pass --skip-malformed to skip such lines)';
 
 export function readJsonl(path: string, options: ReadJsonlOptions = {}): JsonlResult {
   const buf = readBytes(path);
+  // Windows PowerShell (`>`, Out-File) and some editors save UTF-16: every line would read as
+  // invalid UTF-8 or bad JSON, without saying why
+  if (buf.length >= 2 && ((buf[0] === 0xff && buf[1] === 0xfe) || (buf[0] === 0xfe && buf[1] === 0xff)))
+    throw new DataError(
+      `${path}: the file is UTF-16 (it starts with the byte order mark ${buf[0] === 0xff ? 'FF FE' : 'FE FF'}); JSON Lines must be UTF-8: convert it, e.g. iconv -f UTF-16 -t UTF-8 ${path} > converted.jsonl`,
+    );
   const rows: JsonlRow[] = [];
   const skipped: SkippedLine[] = [];
   const limit = options.limit ?? Number.POSITIVE_INFINITY;
