@@ -144,3 +144,18 @@ test('output that cannot be written: a closed pipe ends the command quietly, a f
     closeSync(full);
   }
 });
+
+test("tokenize: a record cut by the training convention's maxLength (shorter than the context) says which limit cut it", () => {
+  const dir = mkdtempSync(join(tmpdir(), 'tok-cli-long-'));
+  for (const f of ['config.json', 'tokenizer.json', 'tokenizer_config.json']) cpSync(join(MODEL, f), join(dir, f));
+  const config = JSON.parse(readFileSync(join(dir, 'config.json'), 'utf8'));
+  writeFileSync(join(dir, 'config.json'), JSON.stringify({ ...config, max_position_embeddings: 64 }));
+  const data = jsonl([{ text: 'word '.repeat(200) }]);
+  const cut = (maxLength: number) =>
+    tokenizeFile(dir, data, undefined, false, { ...TRAINING_PRESETS.trl, maxLength }).warnings.join('\n');
+  assert.match(
+    cut(32),
+    /1 record\(s\) longer than the training convention's maxLength \(32 tokens; the context is 64\)/,
+  );
+  assert.match(cut(1024), /1 record\(s\) longer than the context \(64 tokens\)/);
+});

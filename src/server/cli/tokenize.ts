@@ -58,8 +58,15 @@ export function tokenizeFile(
     warnings.push(
       `${modelDir} has no chat_template: ${standIn} "messages" record(s) rendered with the stand-in "<|role|>\\n" + content + "\\n", which no real chat model was trained on`,
     );
-  if (truncated)
-    warnings.push(`${truncated} record(s) longer than the context (${maxLength} tokens) were cut at the end`);
+  if (truncated) {
+    // the training convention may cut shorter than the context (TRL's max_length 1024)
+    const cut = tok.training.maxLength;
+    warnings.push(
+      cut !== undefined && cut < maxLength
+        ? `${truncated} record(s) longer than the training convention's maxLength (${cut} tokens; the context is ${maxLength}) were cut at the end`
+        : `${truncated} record(s) longer than the context (${maxLength} tokens) were cut at the end`,
+    );
+  }
   const lines = tokens.map((t, i): TokenizedLine => {
     const out: TokenizedLine = {
       line: ds.examples[i].line,
