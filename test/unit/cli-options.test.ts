@@ -332,3 +332,35 @@ describe('numbers the engine would read as other numbers', () => {
       assert.ok(validateSchema({ prompt: 'x', seed }, schema).length, `seed ${seed} was accepted`);
   });
 });
+
+test('serve whose address cannot be bound stops with one line naming the setting (it printed a stack and never exited)', async () => {
+  const { createServer } = await import('node:net');
+  const busy = createServer();
+  await new Promise<void>((r) => busy.listen(0, '127.0.0.1', r));
+  const port = (busy.address() as { port: number }).port;
+  try {
+    refused(
+      cli('serve', '--no-discovery', '--port', String(port)),
+      new RegExp(
+        `port ${port} on 127\\.0\\.0\\.1 is in use \\(another server\\?\\): choose another with --host/--port`,
+      ),
+    );
+  } finally {
+    busy.close();
+  }
+  refused(
+    cli('serve', '--no-discovery', '--host', 'no-such-host.invalid'),
+    /host "no-such-host\.invalid" does not resolve/,
+  );
+  // the configuration file's "host" refuses blanks, as --host does
+  const cfg = join(home, 'blank-host.json');
+  writeFileSync(
+    cfg,
+    JSON.stringify({
+      host: ' ',
+      models: { model: `${process.cwd()}/${MODEL}` },
+      datasets: { d: `${process.cwd()}/${data}` },
+    }),
+  );
+  refused(cli('serve', '--no-discovery', '--config', cfg), /blank-host\.json: host: must match/);
+});

@@ -45,19 +45,26 @@ export async function runServe(argv: string[]): Promise<void> {
     }
   // the models, datasets and tensor work live in worker threads; this thread only answers the protocol
   const service = await WorkerService.start(cfg.service);
-  const server = await startServer({
-    handlers: serviceHandlers(service),
-    info: () => service.currentInfo(),
-    host: cfg.server.host,
-    port: cfg.server.port,
-    limits: {
-      maxConcurrent: cfg.server.maxConcurrent,
-      maxQueued: cfg.server.maxQueued,
-      maxFrameBytes: cfg.server.maxFrameBytes,
-    },
-    discoveryFile: v['no-discovery'] ? false : cfg.server.discoveryFile,
-    log: (level, message) => process.stderr.write(`[${level}] ${message}\n`),
-  });
+  let server: Awaited<ReturnType<typeof startServer>>;
+  try {
+    server = await startServer({
+      handlers: serviceHandlers(service),
+      info: () => service.currentInfo(),
+      host: cfg.server.host,
+      port: cfg.server.port,
+      limits: {
+        maxConcurrent: cfg.server.maxConcurrent,
+        maxQueued: cfg.server.maxQueued,
+        maxFrameBytes: cfg.server.maxFrameBytes,
+      },
+      discoveryFile: v['no-discovery'] ? false : cfg.server.discoveryFile,
+      log: (level, message) => process.stderr.write(`[${level}] ${message}\n`),
+    });
+  } catch (e) {
+    // the worker threads would keep this process alive, waiting for a server that never came
+    await service.close();
+    throw listenError(e, cfg.server.host, cfg.server.port, v.config);
+  }
   closeOnSignals(server);
   if (parent !== undefined) watchParent(parent, () => void server.close().then(() => process.exit(0)));
   const info = service.info();
@@ -70,6 +77,25 @@ export async function runServe(argv: string[]): Promise<void> {
         .map(([m, why]) => `  ${m}: ${why}\n`)
         .join(''),
   );
+}
+
+/** A failed listen said of the setting that chose the address, in one line. */
+function listenError(e: unknown, host: string, port: number, config: string | undefined): unknown {
+  const code = (e as NodeJS.ErrnoException).code;
+  const where = config ? `--host/--port or "host"/"port" in ${config}` : '--host/--port';
+  if (code === 'EADDRINUSE')
+    return new CliError(
+      `port ${port} on ${host} is in use (another server?): choose another with ${where} (0 picks a free one)`,
+    );
+  if (code === 'ENOTFOUND' || code === 'EAI_AGAIN')
+    return new CliError(`host "${host}" does not resolve to an address: correct ${where} (127.0.0.1 by default)`);
+  if (code === 'EADDRNOTAVAIL')
+    return new CliError(`host "${host}" is not an address of this machine: correct ${where} (127.0.0.1 by default)`);
+  if (code === 'EACCES')
+    return new CliError(
+      `port ${port} on ${host} needs privileges this user lacks: choose one above 1023 with ${where}`,
+    );
+  return e;
 }
 
 /** Calls `gone` once the process `pid` no longer exists (polled: no OS-specific parent-death signal). */
