@@ -6,7 +6,8 @@
 export const DEFAULTS = {
   /**
    * Examples per graph run when scoring, fitting or indexing. An upper bound only: batches are
-   * further cut to fit the memory budget (attribution/chunking.ts), and no result depends on it.
+   * further cut to fit the memory budget (attribution/chunking.ts), and no result depends on it
+   * beyond float rounding (sampled labels are drawn per example: fit.ts uniformsFor).
    */
   batchSize: 16,
   /** Examples per optimizer step in `train` (unlike `batchSize`, this changes the trained model). */

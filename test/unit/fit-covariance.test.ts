@@ -199,3 +199,23 @@ test('fp32: finite rows whose squares overflow the sum are refused as an overflo
     /output gradients of module m in batch 1: Σ x xᵀ overflowed float32 in column 1 \(values up to 3\.00e\+19\)/,
   );
 });
+
+test('sampled labels are drawn per example: batch size and partitions change the sums only by rounding, the seed changes them', async () => {
+  // --batch-size 2 against 16 moved a covariance by up to 109% (a label stream per batch), as another seed does
+  const model = Model.open('test/fixtures/models/llama', { precision: 'fp64' });
+  const fit = (batchSize: number, seed = 5, partition?: { index: number; count: number }) =>
+    fitCovariances(model, examples, { modules: 'all', labels: 'sampled', seed, batchSize, partition }).then(
+      (r) => r.covariances,
+    );
+  const [b16, b2, other] = await Promise.all([fit(16), fit(2), fit(16, 6)]);
+  // two partitions' sums add up to the whole fit's (what the fit job does)
+  const [p0, p1] = await Promise.all([fit(3, 5, { index: 0, count: 2 }), fit(3, 5, { index: 1, count: 2 })]);
+  let moved = 0;
+  for (const [name, acc] of b16) {
+    assert.ok(relErr(b2.get(name)!.gradientSum, acc.gradientSum) < 1e-12, `${name}: batch size 2 vs 16`);
+    const halves = Float64Array.from(p0.get(name)!.gradientSum, (x, i) => x + p1.get(name)!.gradientSum[i]);
+    assert.ok(relErr(halves, acc.gradientSum) < 1e-12, `${name}: partitions`);
+    moved = Math.max(moved, relErr(other.get(name)!.gradientSum, acc.gradientSum));
+  }
+  assert.ok(moved > 1e-3, `another seed draws other labels (largest change ${moved})`);
+});

@@ -307,8 +307,8 @@ async function fitJob(o: FitJobOptions, n: number, i: number): Promise<FitJobRes
   const fitOpts: FitOptions = {
     modules: o.modules,
     labels: o.labels,
-    // one label stream per partition, so partitions are independent and reproducible
-    seed: o.seed + 7919 * i,
+    // labels are drawn per example (fit.ts uniformsFor), so partitions draw what one process would
+    seed: o.seed,
     batchSize: o.batchSize,
     partition: n > 1 ? { index: i, count: n } : undefined,
     onProgress: o.onProgress,

@@ -131,7 +131,6 @@ async function perTokenPass(
     rowModules.push({ name: m.name, leader: lead, dIn: m.dIn, dOut: m.dOut, hasBias: m.hasBias });
   }
   const outputs = [...activationFrom.map((x) => `a.${x.module}`), ...modules.map((m) => `g.${m.name}`)];
-  const rng = new Rng(opts.seed);
   const bs = memoryBoundedBatches(
     select(examples, opts.partition),
     opts.batchSize ?? DEFAULTS.batchSize,
@@ -192,9 +191,9 @@ async function perTokenPass(
     }
   };
   try {
-    for (const [i, { batch }] of bs.entries()) {
+    for (const [i, { batch, idx }] of bs.entries()) {
       opts.signal?.throwIfAborted();
-      await add(await graph.run(batch, { uniforms: uniformsFor(opts, rng, batch), outputs }), batch);
+      await add(await graph.run(batch, { uniforms: uniformsFor(opts, 'covariance', batch, idx), outputs }), batch);
       opts.onProgress?.(want.stage, i + 1, bs.length);
     }
   } catch (e) {
@@ -359,8 +358,7 @@ export async function fitLambdas(
     feeds[`QS.${m.name}`] = graph.tensor(b.qS, [b.dOut, b.dOut]);
     lambdas.set(m.name, new LambdaAccumulator(b));
   }
-  // A different stream from pass 1, as kronfluence draws fresh labels for the correction.
-  const rng = new Rng(opts.seed + 1);
+  // Other labels than pass 1's (uniformsFor's pass), as kronfluence draws fresh labels for the correction.
   const bs = memoryBoundedBatches(
     select(examples, opts.partition),
     opts.batchSize ?? DEFAULTS.batchSize,
@@ -371,9 +369,9 @@ export async function fitLambdas(
   const add = (out: RunResult, B: number) => {
     for (const m of graph.moduleInfo) lambdas.get(m.name)!.addSum(data(out[`L.${m.name}`]), B);
   };
-  for (const [i, { batch }] of bs.entries()) {
+  for (const [i, { batch, idx }] of bs.entries()) {
     opts.signal?.throwIfAborted();
-    add(await graph.run(batch, { uniforms: uniformsFor(opts, rng, batch), feeds }), batch.B);
+    add(await graph.run(batch, { uniforms: uniformsFor(opts, 'lambda', batch, idx), feeds }), batch.B);
     opts.onProgress?.('lambda', i + 1, bs.length);
   }
   return lambdas;
@@ -432,6 +430,37 @@ function labelsOf(opts: FitOptions): 'sampled' | 'data' {
   return opts.labels === 'sampled' ? 'sampled' : 'data';
 }
 
-function uniformsFor(opts: FitOptions, rng: Rng, batch: Batch): Float32Array | undefined {
-  return opts.labels === 'sampled' ? rng.uniforms(batch.B * batch.T) : undefined;
+/**
+ * The uniforms that sampled labels are drawn from, per example: example i's stream is seeded by
+ * (seed, pass, i), i its index among all the fit's examples, so that neither the batch size, the
+ * memory budget that splits batches, nor a partition changes the label an example gets (a stream
+ * per batch made --batch-size 2 move a covariance by up to 109%, like another seed). Padded
+ * positions get 0.5: their loss weight is 0.
+ */
+function uniformsFor(
+  opts: FitOptions,
+  pass: 'covariance' | 'lambda',
+  batch: Batch,
+  idx: number[],
+): Float32Array | undefined {
+  if (opts.labels !== 'sampled') return undefined;
+  const out = new Float32Array(batch.B * batch.T).fill(0.5);
+  for (let b = 0; b < batch.B; b++) {
+    const i = globalIndex(idx[b], opts.partition);
+    out.set(new Rng(exampleSeed(opts.seed, pass === 'covariance' ? 0 : 1, i)).uniforms(batch.lengths[b]), b * batch.T);
+  }
+  return out;
+}
+
+/** The index among all the fit's examples of the k-th example of a partition (`select`). */
+function globalIndex(k: number, p?: { index: number; count: number }): number {
+  return p ? k * p.count + p.index : k;
+}
+
+/** A 32-bit seed for one example's stream: (seed, pass, index) mixed by murmur3's finalizer. */
+function exampleSeed(seed: number, pass: number, index: number): number {
+  let h = (seed >>> 0) ^ Math.imul(pass + 1, 0x85ebca6b) ^ Math.imul(index + 1, 0x9e3779b1);
+  h = Math.imul(h ^ (h >>> 16), 0x85ebca6b);
+  h = Math.imul(h ^ (h >>> 13), 0xc2b2ae35);
+  return (h ^ (h >>> 16)) >>> 0;
 }
