@@ -6,7 +6,17 @@ import { copyFileSync, existsSync } from 'node:fs';
 import { build } from 'esbuild';
 
 const external = ['onnxruntime-node', 'koffi', 'vscode'];
-const common = { bundle: true, platform: 'node', target: 'node20', sourcemap: true, external, logLevel: 'warning' };
+// jsonc-parser's `main` is a UMD build whose require() calls esbuild cannot follow: bundle its ESM build
+const alias = { 'jsonc-parser': 'jsonc-parser/lib/esm/main.js' };
+const common = {
+  bundle: true,
+  platform: 'node',
+  target: 'node20',
+  sourcemap: true,
+  external,
+  alias,
+  logLevel: 'warning',
+};
 
 await build({
   ...common,

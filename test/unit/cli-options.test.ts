@@ -345,6 +345,25 @@ test('serve whose address cannot be bound stops with one line naming the setting
         `port ${port} on 127\\.0\\.0\\.1 is in use \\(another server\\?\\): choose another with --host/--port`,
       ),
     );
+    // a flag wins over the file, and says so
+    const cfgPort = join(home, 'port.json');
+    writeFileSync(
+      cfgPort,
+      JSON.stringify({
+        port: 45999,
+        discoveryFile: join(home, 'd.json'),
+        models: { model: `${process.cwd()}/${MODEL}`, checkpoints: 'off' },
+        datasets: { d: data },
+      }),
+    );
+    const r = cli('serve', '--no-discovery', '--config', cfgPort, '--port', String(port), '--checkpoints', 'auto');
+    assert.equal(r.code, 1, r.err);
+    assert.deepEqual(r.err.trim().split('\n'), [
+      `note: --port ${port} overrides "port": 45999 in port.json`,
+      'note: --checkpoints auto overrides "checkpoints": "off" in port.json',
+      `note: --no-discovery overrides "discoveryFile": ${JSON.stringify(join(home, 'd.json'))} in port.json`,
+      `influence-lens serve: port ${port} on 127.0.0.1 is in use (another server?): choose another with --host/--port or "host"/"port" in ${cfgPort} (0 picks a free one)`,
+    ]);
   } finally {
     busy.close();
   }

@@ -267,6 +267,23 @@ describe('config files', () => {
     );
   });
 
+  test('a key written twice is refused with both lines (JSON.parse kept the last without a word)', () => {
+    const f = write(
+      'twice.json',
+      '{\n  "models": {"model": "models/ft", "factors": "a",\n    "factors": "b"},\n  "damping": 0.001,\n  "datasets": {"train": "train.jsonl"},\n  "damping": "heuristic",\n  "datasets": {"other": "train.jsonl"}\n}',
+    );
+    assert.throws(
+      () => readConfigFile(f),
+      (e: Error) =>
+        e.message ===
+        [
+          'twice.json: "models.factors" is given twice (lines 2 and 3); JSON would keep the last one without a word: remove one',
+          'twice.json: "damping" is given twice (lines 4 and 6); JSON would keep the last one without a word: remove one',
+          'twice.json: "datasets" is given twice (lines 5 and 7); JSON would keep the last one without a word: remove one',
+        ].join('\n'),
+    );
+  });
+
   test('a GPU device that is not available is an error, never a silent CPU fallback', async () => {
     const cudaBundled = ort.listSupportedBackends().some((b) => b.name === 'cuda' && b.bundled);
     const f = write('cuda.json', {

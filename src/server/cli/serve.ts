@@ -1,5 +1,6 @@
 // influence-lens serve: the local influence server the editor talks to (JSON-RPC over a
 // WebSocket on 127.0.0.1, token-authenticated). With no --config it serves the embedded default.
+import { basename } from 'node:path';
 import { checkToken } from '../../transport/discovery';
 import { closeOnSignals, startServer } from '../../transport/server';
 import { defaultServiceConfig } from '../defaults';
@@ -26,6 +27,7 @@ export async function runServe(argv: string[]): Promise<void> {
   let cfg: Config;
   if (v.config) cfg = await loadConfig(v.config);
   else cfg = { service: defaultServiceConfig(), server: defaultServerSettings() };
+  overrideNotes(cfg, v);
   if (v.port !== undefined) {
     const port = int(v.port, '--port', 0);
     if (port < 0 || port > 65535) throw new CliError('--port must be 0..65535');
@@ -77,6 +79,29 @@ export async function runServe(argv: string[]): Promise<void> {
         .map(([m, why]) => `  ${m}: ${why}\n`)
         .join(''),
   );
+}
+
+/**
+ * A flag wins over the configuration file; where the file says otherwise, a note on stderr says
+ * which (a `--checkpoints auto` over `"checkpoints": "off"` summed over checkpoints without a word).
+ */
+function overrideNotes(
+  cfg: Config,
+  v: { port?: string; host?: string; checkpoints?: string; 'no-discovery'?: boolean },
+): void {
+  const file = cfg.service.configFile;
+  if (!file) return;
+  const raw = JSON.parse(file.json) as Record<string, unknown> & { models?: Record<string, unknown> };
+  const stage = (raw.models?.finetuned ?? raw.models) as Record<string, unknown> | undefined;
+  const name = basename(file.path);
+  const note = (flag: string, key: string, value: unknown) =>
+    process.stderr.write(`note: ${flag} overrides "${key}": ${JSON.stringify(value)} in ${name}\n`);
+  if (v.port !== undefined && raw.port !== undefined && Number(v.port) !== raw.port)
+    note(`--port ${v.port}`, 'port', raw.port);
+  if (v.host !== undefined && raw.host !== undefined && v.host !== raw.host) note(`--host ${v.host}`, 'host', raw.host);
+  if (v.checkpoints !== undefined && stage?.checkpoints !== undefined && stage.checkpoints !== v.checkpoints)
+    note(`--checkpoints ${v.checkpoints}`, 'checkpoints', stage.checkpoints);
+  if (v['no-discovery'] && raw.discoveryFile !== undefined) note('--no-discovery', 'discoveryFile', raw.discoveryFile);
 }
 
 /** A failed listen said of the setting that chose the address, in one line. */

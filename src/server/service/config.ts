@@ -14,6 +14,7 @@
 
 import { readFileSync, statSync } from 'node:fs';
 import { basename, dirname, isAbsolute, resolve } from 'node:path';
+import { visit } from 'jsonc-parser';
 import schemaJson from '../../../influence-lens.schema.json' with { type: 'json' };
 import { canonicalJson } from '../../common/ids';
 import { formatIssue, type JsonSchema, validateSchema } from '../../common/json-schema';
@@ -230,6 +231,17 @@ export function readConfigFile(file: string): Config {
   } catch (e) {
     throw new ConfigFileError(`${source}: not valid JSON: ${describeJsonError(text, e as Error)}`);
   }
+  const twice = duplicateKeys(text);
+  if (twice.length)
+    throw new ConfigFileError(
+      twice
+        .slice(0, 10)
+        .map(
+          (d) =>
+            `${source}: "${d.path}" is given twice (lines ${d.lines.join(' and ')}); JSON would keep the last one without a word: remove one`,
+        )
+        .join('\n'),
+    );
   const cfg = { ...parseConfig(value, { baseDir: dirname(abs), source }), file: abs };
   // a running server refuses requests once the file holds other settings (InfluenceService)
   cfg.service.configFile = { path: abs, json: canonicalJson(value) };
@@ -246,6 +258,27 @@ export async function loadConfig(file: string): Promise<Config> {
     throw new ConfigFileError(`${basename(cfg.file!)}: ${(e as Error).message}`);
   }
   return cfg;
+}
+
+/**
+ * Keys written twice in one object (jsonc-parser's visitor sees every property; JSON.parse keeps
+ * the last): `"damping": 0.001, "damping": "heuristic"` served heuristic damping, and a second
+ * "datasets" object dropped the first's datasets.
+ */
+export function duplicateKeys(text: string): Array<{ path: string; lines: [number, number] }> {
+  const out: Array<{ path: string; lines: [number, number] }> = [];
+  const objects: Array<Map<string, number>> = [];
+  visit(text, {
+    onObjectBegin: () => void objects.push(new Map()),
+    onObjectEnd: () => void objects.pop(),
+    onObjectProperty: (key, _offset, _length, line, _char, pathSupplier) => {
+      const seen = objects[objects.length - 1];
+      const first = seen.get(key);
+      if (first !== undefined) out.push({ path: [...pathSupplier(), key].join('.'), lines: [first + 1, line + 1] });
+      else seen.set(key, line);
+    },
+  });
+  return out;
 }
 
 /** JSON.parse's message with the line and column of its position. */
