@@ -7,6 +7,7 @@ import { join } from 'node:path';
 import { describe, test } from 'node:test';
 import { type JsonSchema, validateSchema } from '../../src/common/json-schema';
 import { PARAMS_SCHEMA } from '../../src/protocol/params-schema';
+import { loadTokenizer } from '../../src/server/model/tokenizer';
 import { useTempHome } from './helpers/env';
 
 const home = useTempHome();
@@ -382,4 +383,23 @@ test('serve whose address cannot be bound stops with one line naming the setting
     }),
   );
   refused(cli('serve', '--no-discovery', '--config', cfg), /blank-host\.json: host: must match/);
+});
+
+test('generate stops at the model context, and says so; a prompt past the context is refused (it slid a window over the prompt)', () => {
+  // the embedded model's context is 128 tokens
+  const r = cli('generate', '--model', MODEL, '--prompt', PROMPT, '--max-tokens', '500', '--multiline', '--json');
+  assert.equal(r.code, 0, r.err);
+  const g = JSON.parse(r.out) as { stop: string; tokens: number };
+  if (g.stop === 'context') {
+    assert.match(
+      r.err,
+      /^note: the generation stopped at the model's context \(128 tokens with the prompt\) before --max-tokens 500\n$/,
+    );
+    const promptTokens = loadTokenizer(MODEL).encode(PROMPT).ids.length;
+    assert.equal(g.tokens + promptTokens, 128);
+  } else assert.equal(g.stop, 'eos', `ended before the context only at end-of-text (${g.stop})`);
+  refused(
+    cli('generate', '--model', MODEL, '--prompt', 'word '.repeat(300)),
+    /the prompt is \d+ tokens and the model's context is 128 \(config\.json\): nothing can be generated after it; shorten the prompt/,
+  );
 });

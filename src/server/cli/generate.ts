@@ -4,8 +4,9 @@
 //     [--temperature T] [--seed N] [--stop S]... [--multiline] [--json]
 // (--base: the base model folder of a LoRA adapter, as for the other commands)
 import { readFileSync } from 'node:fs';
+import { contextLength } from '../data/tokenize';
 import { Model } from '../model/engine';
-import { generate } from '../model/generate';
+import { GenerateError, generate } from '../model/generate';
 import { CliError, int, parse, seedFlag, threadsFlag } from './util';
 
 export async function runGenerate(argv: string[]): Promise<void> {
@@ -44,7 +45,14 @@ export async function runGenerate(argv: string[]): Promise<void> {
     seed,
     stop,
     stopAtNewline: v.multiline !== true,
+  }).catch((e) => {
+    throw e instanceof GenerateError ? new CliError(e.message) : e;
   });
+  const full = gens.filter((g) => g.stop === 'context').length;
+  if (full)
+    process.stderr.write(
+      `note: ${full === 1 && gens.length === 1 ? 'the generation' : `${full} generation(s)`} stopped at the model's context (${contextLength(model.config)} tokens with the prompt) before --max-tokens ${maxNewTokens}\n`,
+    );
   for (const g of gens) {
     if (v.json) {
       const logprob = g.logprobs.reduce((a, b) => a + b, 0);

@@ -3,6 +3,7 @@
 // string or a token budget. No KV cache: each step reruns the whole (short) sequence, which is fine for
 // the small models and short answers this is used for (the embedded default, the demo).
 
+import { contextLength } from '../data/tokenize';
 import { DEFAULTS } from '../settings';
 import { Rng } from '../util/random';
 import { type Model, makeBatch } from './engine';
@@ -32,9 +33,15 @@ export interface Generation {
   ids: number[];
   /** natural log-probability of each generated token under the model (temperature 1) */
   logprobs: number[];
-  /** 'stop': a stop string ended it (the text ends before it; ids and logprobs include its tokens) */
-  stop: 'eos' | 'newline' | 'length' | 'stop';
+  /**
+   * 'stop': a stop string ended it (the text ends before it; ids and logprobs include its tokens);
+   * 'context': prompt and generation filled the model's context (`contextLength` of config.json)
+   */
+  stop: 'eos' | 'newline' | 'length' | 'stop' | 'context';
 }
+
+/** A prompt the model cannot continue (longer than its context): the user's input, one line. */
+export class GenerateError extends Error {}
 
 export async function generate(model: Model, prompts: string[], opts: GenerateOptions = {}): Promise<Generation[]> {
   const maxNew = opts.maxNewTokens ?? 16;
@@ -48,7 +55,7 @@ export async function generate(model: Model, prompts: string[], opts: GenerateOp
   const eos = tok.eosTokenId;
   const pad = tok.padTokenId ?? 0;
   const graph = await model.compile({ logits: true });
-  const maxLen = typeof model.config.max_position_embeddings === 'number' ? model.config.max_position_embeddings : 2048;
+  const maxLen = contextLength(model.config);
   const newline = new Map<number, boolean>();
   const hasNewline = (id: number) => {
     let v = newline.get(id);
@@ -67,7 +74,15 @@ export async function generate(model: Model, prompts: string[], opts: GenerateOp
     stop: undefined as Generation['stop'] | undefined,
     text: undefined as string | undefined,
   }));
-  for (const s of states) if (!s.promptIds.length) throw new Error('generate: empty prompt');
+  for (const s of states) {
+    if (!s.promptIds.length) throw new Error('generate: empty prompt');
+    // no sliding window: a token past the context would be conditioned on a cut prompt, and its
+    // logprob would not be the model's for the whole text
+    if (s.promptIds.length >= maxLen)
+      throw new GenerateError(
+        `the prompt is ${s.promptIds.length} tokens and the model's context is ${maxLen} (config.json): nothing can be generated after it; shorten the prompt`,
+      );
+  }
 
   // one step's choices in a function of its own: no loop variable keeps a run's logits ([B·T, V])
   // alive under the next run (RunResult)
@@ -92,6 +107,7 @@ export async function generate(model: Model, prompts: string[], opts: GenerateOp
           s.stop = 'stop';
           s.text = continuation(tok, s.promptIds, s.ids).slice(0, cut);
         } else if (s.ids.length >= maxNew) s.stop = 'length';
+        else if (s.promptIds.length + s.ids.length >= maxLen) s.stop = 'context';
       }
     });
   };
@@ -100,7 +116,7 @@ export async function generate(model: Model, prompts: string[], opts: GenerateOp
     if (!active.length) break;
     for (let i = 0; i < active.length; i += batchSize) {
       const group = active.slice(i, i + batchSize);
-      const seqs = group.map((s) => ({ ids: [...s.promptIds, ...s.ids].slice(-maxLen) }));
+      const seqs = group.map((s) => ({ ids: [...s.promptIds, ...s.ids] }));
       const batch = makeBatch(seqs, pad);
       pick(
         (await graph.run(batch, { params: opts.params, outputs: ['logits'] })).logits.data as Float32Array,

@@ -42,7 +42,7 @@ import { preconditionerFingerprint } from '../index/store-projection';
 import { type CheckpointsSetting, planCheckpoints } from '../model/checkpoints';
 import { movedSincePinned } from '../model/content-digest';
 import { EngineError, Model, type ModuleSelection } from '../model/engine';
-import { generate } from '../model/generate';
+import { GenerateError, generate } from '../model/generate';
 import type { Device } from '../model/onnx/session';
 import { DEFAULTS } from '../settings';
 import { fileIdentity, servedPaths, stampOf } from './served-files';
@@ -1102,6 +1102,8 @@ export class InfluenceService implements ServiceApi {
         maxNewTokens: p.maxTokens ?? LIMITS.generate.maxTokens.default,
         temperature: p.temperature ?? LIMITS.generate.temperature.default,
         seed: p.seed ?? LIMITS.generate.seedDefault,
+      }).catch((e) => {
+        throw e instanceof GenerateError ? new ServiceError(`prompt: ${e.message}`) : e;
       }),
     );
     return { prompt: p.prompt, completion: g.text, logprobs: g.logprobs };
