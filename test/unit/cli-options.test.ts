@@ -403,3 +403,23 @@ test('generate stops at the model context, and says so; a prompt past the contex
     /the prompt is \d+ tokens and the model's context is 128 \(config\.json\): nothing can be generated after it; shorten the prompt/,
   );
 });
+
+test('explain --compare with the method itself says it is left out; an empty --compare is refused', () => {
+  const base = [
+    'explain',
+    '--model',
+    MODEL,
+    '--data',
+    data,
+    '--prompt',
+    PROMPT,
+    '--completion',
+    ' Paris',
+    '--method',
+    'bm25',
+  ];
+  const r = cli(...base, '--compare', 'bm25,bm25', '--json');
+  assert.equal(r.code, 0, r.err);
+  assert.match(r.err, /^note: --compare bm25 is the --method itself: left out\n/);
+  refused(cli(...base, '--compare', ' '), /--compare must name one or more methods/);
+});

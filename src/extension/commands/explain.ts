@@ -428,7 +428,7 @@ function paramsOf(q: Query, method: Method, cfg: Settings, info: { methods: Meth
     method,
     topK: cfg.topK,
     candidates: cfg.candidates,
-    compare: cfg.compare.filter((m) => m !== method && info.methods.includes(m)),
+    compare: [...new Set(cfg.compare)].filter((m) => m !== method && info.methods.includes(m)),
   };
 }
 

@@ -58,9 +58,12 @@ export async function runExplain(argv: string[]): Promise<void> {
     );
   const queries = v.queries === undefined ? undefined : readQueries(v.queries);
   const method = oneOf(v.method, METHODS, '--method', v.factors ? 'ekfac' : 'gdp');
-  const compare = (v.compare ? v.compare.split(',') : []).map((m) =>
-    oneOf(m.trim(), METHODS, '--compare', 'ekfac'),
-  ) as Method[];
+  if (v.compare !== undefined && !v.compare.trim())
+    throw new CliError(`--compare must name one or more methods, comma-separated (${METHODS.join(', ')})`);
+  const named = (v.compare ? v.compare.split(',') : []).map((m) => oneOf(m.trim(), METHODS, '--compare', 'ekfac'));
+  // the method itself is the result: comparing with it adds nothing, and saying so beats a silent drop
+  if (named.includes(method)) process.stderr.write(`note: --compare ${method} is the --method itself: left out\n`);
+  const compare = [...new Set(named)].filter((m) => m !== method) as Method[];
   const needsFactors = [method, ...compare].some((m) => methodInfo(m)?.needsFactors);
   if (needsFactors && !v.factors)
     throw new CliError(`--method ${method} needs --factors <dir> (make them with: influence-lens fit ...)`);
