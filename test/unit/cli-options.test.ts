@@ -422,4 +422,6 @@ test('explain --compare with the method itself says it is left out; an empty --c
   assert.equal(r.code, 0, r.err);
   assert.match(r.err, /^note: --compare bm25 is the --method itself: left out\n/);
   refused(cli(...base, '--compare', ' '), /--compare must name one or more methods/);
+  // factors no chosen method reads were opened and ignored
+  refused(cli(...base, '--factors', home), /--factors is read by the gradient methods .*; bm25 computes no gradients/);
 });

@@ -9,6 +9,7 @@
 // (--base: the base model folder of a LoRA adapter, as for the other commands)
 import { existsSync, mkdirSync } from 'node:fs';
 import { join } from 'node:path';
+import { methodInfo } from '../../protocol/methods';
 import { METHODS, type Method } from '../../protocol/types';
 import { Corpus, scoreCorpus } from '../attribution/explain';
 import { openStage } from '../attribution/stage';
@@ -200,6 +201,10 @@ async function evaluateQueries(v: {
       throw new CliError(`--methods: "${m}" is not one of ${METHODS.filter((x) => x !== 'multistage').join(', ')}`);
     if (m === 'ekfac' && !v.factors) throw new CliError('--methods ekfac needs --factors <dir> (influence-lens fit)');
   }
+  if (v.factors !== undefined && !methods.some((m) => methodInfo(m)?.gradientBased))
+    throw new CliError(
+      `--factors is read by the gradient methods (EK-FAC's factors, the modules they score); ${methods.join(', ')} compute${methods.length === 1 ? 's' : ''} no gradients`,
+    );
   let queries: EvalQuery[];
   try {
     queries = readEvalQueries(v.queries!);

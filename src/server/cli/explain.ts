@@ -80,6 +80,10 @@ export async function runExplain(argv: string[]): Promise<void> {
     throw new CliError(
       `--rank is a low-rank query gradient; ${all.join(', ')} compute${all.length === 1 ? 's' : ''} no gradients`,
     );
+  if (v.factors !== undefined && !all.some((m) => methodInfo(m)?.gradientBased))
+    throw new CliError(
+      `--factors is read by the gradient methods (EK-FAC's factors, the modules they score); ${all.join(', ')} compute${all.length === 1 ? 's' : ''} no gradients`,
+    );
   if (v.modules !== undefined && !all.some((m) => methodInfo(m)?.gradientBased))
     throw new CliError(
       `--modules chooses the layers whose gradients are scored; ${all.join(', ')} compute${all.length === 1 ? 's' : ''} no gradients`,
