@@ -425,3 +425,11 @@ test('explain --compare with the method itself says it is left out; an empty --c
   // factors no chosen method reads were opened and ignored
   refused(cli(...base, '--factors', home), /--factors is read by the gradient methods .*; bm25 computes no gradients/);
 });
+
+test('train --save-steps not below the run writes no intermediate checkpoint, and says so', () => {
+  const out = join(home, 'save-steps');
+  const r = cli('train', '--model', PRETRAINED, '--data', data, '--out', out, '--epochs', '1', '--save-steps', '1000');
+  assert.equal(r.code, 0, r.err);
+  assert.match(r.err, /note: --save-steps 1000 is not below the run's 2 steps: no intermediate checkpoint is written/);
+  assert.ok(!existsSync(join(out, 'checkpoint-1000')));
+});

@@ -234,6 +234,10 @@ export async function trainJob(o: TrainJobOptions): Promise<TrainJobResult> {
       onStep: (s) => {
         sum += s.loss;
         o.onStep?.(s);
+        if (s.step === 1 && o.saveSteps && o.saveSteps >= s.total)
+          log(
+            `note: --save-steps ${o.saveSteps} is not below the run's ${s.total} steps: no intermediate checkpoint is written (the final model is)`,
+          );
         if (o.saveSteps && s.step % o.saveSteps === 0 && s.step < s.total) {
           const name = `checkpoint-${s.step}`;
           saveCheckpoint(join(staging!, name), config, params, shapes, tokenizerDir, {
