@@ -1,8 +1,9 @@
 // The extension's settings (`influenceLens.*` in package.json's contributes.configuration). A
 // value the schema does not allow (settings.json is hand-edited; the editor only underlines it)
 // is never replaced silently: it is listed in `problems`, and explain refuses to run until it is
-// corrected, naming the setting and what it accepts. Colors only change the look: a bad one is
-// reported once and the default shown.
+// corrected, naming the setting and what it accepts. Colors and the display switches
+// (hovers.enabled, heatmap.editor) only change the look: a bad one is reported at once, once, and
+// the default shown (a hover read "false" as on until the next explain said why).
 import * as vscode from 'vscode';
 import { cssColor, DEFAULT_OPPOSING, DEFAULT_SUPPORTING } from '../common/display';
 import { METHODS, type Method } from '../protocol/types';
@@ -39,7 +40,17 @@ export class SettingsError extends Error {
   }
 }
 
-const warnedColors = new Set<string>();
+const warnedLooks = new Set<string>();
+
+/** A display setting's bad value, said once per value when it is first read. */
+function warnLook(key: string, value: unknown, accepts: string, shown: string): void {
+  const id = `${key}=${JSON.stringify(value)}`;
+  if (warnedLooks.has(id)) return;
+  warnedLooks.add(id);
+  void vscode.window.showWarningMessage(
+    `Influence Lens: ${SECTION}.${key} is ${JSON.stringify(value)}, ${accepts}; ${shown}.`,
+  );
+}
 
 export function settings(scope?: vscode.ConfigurationScope): Settings {
   const c = vscode.workspace.getConfiguration(SECTION, scope);
@@ -51,12 +62,6 @@ export function settings(scope?: vscode.ConfigurationScope): Settings {
     if (typeof v === 'string') return v.trim();
     bad(key, v, 'a string');
     return '';
-  };
-  const bool = (key: string, fallback: boolean): boolean => {
-    const v = c.get<unknown>(key, fallback);
-    if (typeof v === 'boolean') return v;
-    bad(key, v, 'true or false');
-    return fallback;
   };
   const int = (key: string, fallback: number, min: number, max: number): number => {
     const v = c.get<unknown>(key, fallback);
@@ -93,13 +98,20 @@ export function settings(scope?: vscode.ConfigurationScope): Settings {
     const v = c.get<unknown>(key, '');
     const s = typeof v === 'string' ? v : '';
     const css = cssColor(s, fallback);
-    if ((typeof v !== 'string' || (s.trim() && css === fallback)) && !warnedColors.has(`${key}=${String(v)}`)) {
-      warnedColors.add(`${key}=${String(v)}`);
-      void vscode.window.showWarningMessage(
-        `Influence Lens: ${SECTION}.${key} is ${JSON.stringify(v)}, not a color; the default is shown. It accepts a hex color (#1f77b4), rgb()/hsl(), a CSS color name, or a theme color id (charts.blue).`,
+    if (typeof v !== 'string' || (s.trim() && css === fallback))
+      warnLook(
+        key,
+        v,
+        'not a color',
+        'the default is shown. It accepts a hex color (#1f77b4), rgb()/hsl(), a CSS color name, or a theme color id (charts.blue)',
       );
-    }
     return css;
+  };
+  const look = (key: string, fallback: boolean): boolean => {
+    const v = c.get<unknown>(key, fallback);
+    if (typeof v === 'boolean') return v;
+    warnLook(key, v, 'not true or false', `it is taken as ${fallback} (the default)`);
+    return fallback;
   };
 
   return {
@@ -117,8 +129,8 @@ export function settings(scope?: vscode.ConfigurationScope): Settings {
       supporting: color('colors.supporting', DEFAULT_SUPPORTING),
       opposing: color('colors.opposing', DEFAULT_OPPOSING),
     },
-    hovers: bool('hovers.enabled', true),
-    editorHeatmap: bool('heatmap.editor', true),
+    hovers: look('hovers.enabled', true),
+    editorHeatmap: look('heatmap.editor', true),
     problems,
   };
 }
