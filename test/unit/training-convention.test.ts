@@ -9,7 +9,7 @@ import { test } from 'node:test';
 import { loadFactors } from '../../src/server/attribution/ekfac/factors-io';
 import { Corpus } from '../../src/server/attribution/explain';
 import { runFitJob } from '../../src/server/attribution/fit-job';
-import { openStage } from '../../src/server/attribution/stage';
+import { factorsFitOn, openStage, otherDataWarning } from '../../src/server/attribution/stage';
 import { loadDataset } from '../../src/server/data/dataset';
 import { tokenizationKey, tokenizeQuery, tokenizeRecord } from '../../src/server/data/tokenize';
 import { parseTraining, readStoredTraining, TRAINING_PRESETS, trainingFlagValue } from '../../src/server/data/training';
@@ -579,5 +579,51 @@ test('"trl": a chat query on a tokenizer without a chat template is refused, as 
   assert.throws(
     () => tokenizeQuery(withTraining(plain, TRAINING_PRESETS.trl, 'llama'), '', '', 64, messages),
     (e: Error) => e.name === 'QueryError' && /has no chat template.*chat_template\.jinja/.test(e.message),
+  );
+});
+
+test('factors of a tokenizer that changed since the fit are refused; factors of other data are named, not refused', async () => {
+  // a copy of the model whose tokenizer.json gains a BOS after the fit: weights and config the same
+  const model = join(home, 'retokenized');
+  mkdirSync(model);
+  for (const f of ['config.json', 'model.safetensors', 'tokenizer.json', 'tokenizer_config.json'])
+    copyFileSync(join(LLAMA, f), join(model, f));
+  const data = writeJsonl(join(home, 'retok.jsonl'), [
+    { prompt: 'Q: capital of France?\nA:', completion: ' Paris' },
+    { text: 'Berlin is the capital of Germany.' },
+  ]);
+  const out = join(home, 'retok-factors');
+  await runFitJob({ modelDir: model, dataPath: data, out, modules: 'mlp', labels: 'empirical', seed: 0 });
+  assert.deepEqual(loadFactors(out).args.tokenization, tokenizationKey(Model.open(model).tokenizer));
+  assert.equal(
+    factorsFitOn(
+      out,
+      loadDataset(data).examples.map((e) => e.hash),
+      Model.open(model),
+    ),
+    true,
+  );
+  // other data: the same factors, a warning that names both
+  const edited = writeJsonl(join(home, 'retok-edited.jsonl'), [{ text: 'Rome is the capital of Italy.' }]);
+  assert.match(
+    otherDataWarning(
+      out,
+      { path: edited, hashes: loadDataset(edited).examples.map((e) => e.hash) },
+      Model.open(model),
+    ) ?? '',
+    /fitted on other data than .*retok-edited\.jsonl/,
+  );
+  // the tokenizer now adds a BOS: the factors' covariances are of other token sequences
+  const tj = JSON.parse(readFileSync(join(model, 'tokenizer.json'), 'utf8'));
+  tj.post_processor = {
+    type: 'TemplateProcessing',
+    single: [{ SpecialToken: { id: '<|endoftext|>', type_id: 0 } }, { Sequence: { id: 'A', type_id: 0 } }],
+    pair: [{ Sequence: { id: 'A', type_id: 0 } }, { Sequence: { id: 'B', type_id: 1 } }],
+    special_tokens: { '<|endoftext|>': { id: '<|endoftext|>', ids: [0], tokens: ['<|endoftext|>'] } },
+  };
+  writeFileSync(join(model, 'tokenizer.json'), JSON.stringify(tj));
+  assert.throws(
+    () => openStage(model, out),
+    /fitted on records tokenized otherwise than .* tokenizes them now \(tokenizer\.json or tokenizer_config\.json changed since the fit\)/,
   );
 });

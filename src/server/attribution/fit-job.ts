@@ -331,6 +331,7 @@ async function fitJob(o: FitJobOptions, n: number, i: number): Promise<FitJobRes
     modelFingerprint: job.modelFingerprint,
     dataFingerprint: job.dataFingerprint,
     training: model.tokenizer.training,
+    tokenization: tokenizationKey(model.tokenizer),
     ...(job.eigendecompositionDtype ? { eigendecompositionDtype: job.eigendecompositionDtype } : {}),
   });
   const fingerprint = `${job.modelFingerprint}:${job.dataFingerprint}`;

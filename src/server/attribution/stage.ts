@@ -3,12 +3,13 @@
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { canonicalJson } from '../../common/ids';
+import { contextLength, tokenizationKey } from '../data/tokenize';
 import { describeTraining, sameTraining, trainingArgument } from '../data/training';
 import { type EngineOptions, Model, type ModuleSelection } from '../model/engine';
-import { loadFactors, preconditionerFor } from './ekfac/factors-io';
+import { loadFactors, preconditionerFor, readFitSettings } from './ekfac/factors-io';
 import type { Damping, Preconditioner } from './ekfac/precondition';
 import type { Stage } from './explain';
-import { modelFingerprint } from './fingerprint';
+import { dataFingerprint, modelFingerprint } from './fingerprint';
 import { SettingError } from './setup';
 
 export class StageError extends SettingError {
@@ -18,6 +19,54 @@ export class StageError extends SettingError {
 /** Factors fitted on records tokenized under another training convention than the model is read under. */
 export class TrainingMismatchError extends StageError {
   override name = 'TrainingMismatchError';
+}
+
+/** What differs between the tokenization factors were fitted under and the model's now, in words. */
+function tokenizationChanges(
+  fitted: Record<string, unknown> | null | undefined,
+  now: Record<string, unknown>,
+): string[] {
+  if (!fitted) return []; // written before it was stored: dataFingerprint warnings cover it
+  const what: Record<string, string> = {
+    tokenization: "this program's tokenization version changed",
+    tokenizer: 'tokenizer.json or tokenizer_config.json changed',
+    chatTemplate: 'the chat template changed',
+  };
+  // the training convention has its own, more precise refusal above
+  return Object.keys(what)
+    .filter((k) => JSON.stringify(fitted[k] ?? null) !== JSON.stringify(now[k] ?? null))
+    .map((k) => what[k]);
+}
+
+/**
+ * Whether our factors in `dir` were fitted on these examples as the model tokenizes them now
+ * (`maxLength` and `tokenizationKey` as fit-job.ts fingerprints them), or on other data: null when
+ * unknown (kronfluence's factors, an older arguments file). Explanations still use factors of
+ * other data (a folder the user names is never refitted behind their back), but say so.
+ */
+export function factorsFitOn(
+  dir: string,
+  exampleHashes: string[],
+  model: Pick<Model, 'config' | 'tokenizer'>,
+): boolean | null {
+  const fit = readFitSettings(dir);
+  if (!fit?.dataFingerprint) return null;
+  const hashes =
+    fit.maxExamples === null || fit.maxExamples === undefined ? exampleHashes : exampleHashes.slice(0, fit.maxExamples);
+  return (
+    dataFingerprint(hashes, { maxLength: contextLength(model.config), ...tokenizationKey(model.tokenizer) }) ===
+    fit.dataFingerprint
+  );
+}
+
+/** `factorsFitOn` said for a command line: a warning when the factors are known to be of other data. */
+export function otherDataWarning(
+  dir: string | undefined,
+  data: { path: string; hashes: string[] },
+  model: Pick<Model, 'config' | 'tokenizer'>,
+): string | undefined {
+  if (!dir || factorsFitOn(dir, data.hashes, model) !== false) return undefined;
+  return `the EK-FAC factors in ${dir} were fitted on other data than ${data.path} (another file, or this one before an edit): scores use them as they are; to match, fit them again on ${data.path} into a new folder`;
 }
 
 export interface OpenedStage extends Stage {
@@ -71,6 +120,11 @@ export function openStage(
       `the factors in ${factorsDir} were fitted on records tokenized under the training convention ${describeTraining(fittedUnder)}, ` +
         `but ${modelDir} is read under ${describeTraining(now)}, so its examples would be other tokens than the factors saw: ` +
         `ask for the factors' convention (${trainingArgument(fittedUnder, options.trainingFlag)}, or "training" on this model in influence-lens.json) or fit the factors again under this one`,
+    );
+  const tokenizedOtherwise = tokenizationChanges(factors.args.tokenization, tokenizationKey(model.tokenizer));
+  if (tokenizedOtherwise.length)
+    throw new TrainingMismatchError(
+      `the factors in ${factorsDir} were fitted on records tokenized otherwise than ${modelDir} tokenizes them now (${tokenizedOtherwise.join('; ')} since the fit), so its examples would be other tokens than the factors saw: fit the factors again (into a new folder, or move this one aside)`,
     );
   const names = Object.keys(factors.modules);
   const all = model.modules('all');

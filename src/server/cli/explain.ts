@@ -6,7 +6,7 @@ import { ACCEPTED_SHAPES } from '../../common/records/shape';
 import { methodInfo } from '../../protocol/methods';
 import { type ExplainedExample, type ExplainResult, METHODS, type Method } from '../../protocol/types';
 import { Corpus, type ExplainSetup, explain, explainMany } from '../attribution/explain';
-import { checkSameTokenizer, openStage, parseDamping } from '../attribution/stage';
+import { checkSameTokenizer, openStage, otherDataWarning, parseDamping } from '../attribution/stage';
 import { loadDataset } from '../data/dataset';
 import { formatRecord, parseRecord } from '../data/format';
 import { readJsonl } from '../data/jsonl';
@@ -136,6 +136,15 @@ export async function runExplain(argv: string[]): Promise<void> {
   });
   if (dataset.skipped.length) process.stderr.write(`skipped ${dataset.skipped.length} malformed line(s)\n`);
   const corpus = new Corpus(v.data, dataset, dataModel);
+  // the factors that meet these candidates: the pre-trained model's under multistage
+  const hashes = dataset.examples.map((e) => e.hash);
+  const stale =
+    method === 'multistage'
+      ? otherDataWarning(v['pretrained-factors'], { path: v.data, hashes }, dataModel)
+      : needsFactors
+        ? otherDataWarning(v.factors, { path: v.data, hashes }, ft.model)
+        : undefined;
+  if (stale) process.stderr.write(`warning: ${stale}\n`);
   if (corpus.truncated) process.stderr.write(`${corpus.truncated} example(s) were cut to the model's context\n`);
   const plan = cliPlan(v.model, ft.model, checkpointsSetting(v.checkpoints), [method, ...compare]);
   const checkpoints =

@@ -4,7 +4,7 @@ import { relative } from 'node:path';
 import { describeAttribution, recordText } from '../../common/display';
 import { selfInfluence } from '../attribution/checkpoints';
 import { attributionOf, Corpus } from '../attribution/explain';
-import { openStage, parseDamping } from '../attribution/stage';
+import { openStage, otherDataWarning, parseDamping } from '../attribution/stage';
 import { loadDataset } from '../data/dataset';
 import { contextLength } from '../data/tokenize';
 import { DEFAULTS } from '../settings';
@@ -54,6 +54,8 @@ export async function runScan(argv: string[]): Promise<void> {
   });
   if (dataset.skipped.length) process.stderr.write(`skipped ${dataset.skipped.length} malformed line(s)\n`);
   const corpus = new Corpus(v.data, dataset, stage.model);
+  const stale = otherDataWarning(v.factors, { path: v.data, hashes: dataset.examples.map((e) => e.hash) }, stage.model);
+  if (stale) process.stderr.write(`warning: ${stale}\n`);
   let bar: Progress | undefined;
   let label = '';
   const scores = await selfInfluence(stage, checkpoints, corpus.tokens, {

@@ -32,7 +32,7 @@ import type { Damping, Preconditioner } from '../attribution/ekfac/precondition'
 import { attributionOf, Corpus, ExplainError, explain, explainMany, type StoreRef } from '../attribution/explain';
 import { dataFingerprint, modelFingerprint } from '../attribution/fingerprint';
 import { FitBusyError, FitJobError, runFitJob } from '../attribution/fit-job';
-import { checkSameTokenizer, type OpenedStage, openStage } from '../attribution/stage';
+import { checkSameTokenizer, factorsFitOn, type OpenedStage, openStage } from '../attribution/stage';
 import { loadDataset } from '../data/dataset';
 import { DataError } from '../data/errors';
 import { contextLength, tokenizationKey } from '../data/tokenize';
@@ -595,17 +595,17 @@ export class InfluenceService implements ServiceApi {
     d: LoadedDataset,
     stage: OpenedStage,
   ): string | null {
+    // kronfluence's factors, or an older arguments file: unknown
+    if (
+      factorsFitOn(
+        dir,
+        d.corpus.dataset.examples.map((e) => e.hash),
+        stage.model,
+      ) !== false
+    )
+      return null;
     const fit = readFitSettings(dir);
-    if (!fit?.dataFingerprint) return null; // kronfluence's factors, or an older arguments file: unknown
-    const want =
-      fit.maxExamples === null || fit.maxExamples === undefined
-        ? d.fingerprint
-        : dataFingerprint(
-            d.corpus.dataset.examples.slice(0, fit.maxExamples).map((e) => e.hash),
-            { maxLength: contextLength(stage.model.config), ...tokenizationKey(stage.model.tokenizer) },
-          );
-    if (want === fit.dataFingerprint) return null;
-    return `the ${which} model's EK-FAC factors (${dir}) were fitted on other data than its fit dataset "${id}" (${d.path}${fit.maxExamples ? `, first ${fit.maxExamples} examples` : ''}): explanations use them as they are. To fit them on "${id}", move the folder aside and run "fit"; or set "fitDataset" to the dataset they were fitted on (without "fitDataset", a model is fitted on the first dataset of its stage in "datasetStage"; earlier versions fitted the fine-tuned model on the first dataset listed, whatever "datasetStage" said)`;
+    return `the ${which} model's EK-FAC factors (${dir}) were fitted on other data than its fit dataset "${id}" (${d.path}${fit?.maxExamples ? `, first ${fit.maxExamples} examples` : ''}): explanations use them as they are. To fit them on "${id}", move the folder aside and run "fit"; or set "fitDataset" to the dataset they were fitted on (without "fitDataset", a model is fitted on the first dataset of its stage in "datasetStage"; earlier versions fitted the fine-tuned model on the first dataset listed, whatever "datasetStage" said)`;
   }
 
   /** Why a method cannot run now (null when it can). */

@@ -101,6 +101,13 @@ export interface FactorArguments {
    * absent means float64, as in every fit before the option existed
    */
   eigendecompositionDtype?: EighDtype;
+  /**
+   * the tokenization the records were fitted under (data/tokenize.ts tokenizationKey: the
+   * tokenizer's and chat template's digests, the training convention; null or absent when unknown:
+   * written before it was stored): factors of another tokenizer are refused (stage.ts). Not part of
+   * the fit's identity: dataFingerprint already covers it.
+   */
+  tokenization?: Record<string, unknown> | null;
 }
 
 /** The eigendecomposition precision of stored arguments (absent: float64). */
@@ -475,6 +482,10 @@ function oursArguments(dir: string, ours: Record<string, unknown>, modules: stri
     modelFingerprint: typeof ours.modelFingerprint === 'string' ? ours.modelFingerprint : null,
     dataFingerprint: typeof ours.dataFingerprint === 'string' ? ours.dataFingerprint : null,
     training: ours.training === undefined || ours.training === null ? null : storedTraining(dir, ours.training),
+    tokenization:
+      typeof ours.tokenization === 'object' && ours.tokenization !== null && !Array.isArray(ours.tokenization)
+        ? (ours.tokenization as Record<string, unknown>)
+        : null,
     ...storedDtype(dir, ours.eigendecompositionDtype, OUR_ARGUMENTS_FILE, 'eigendecompositionDtype'),
   };
 }
