@@ -93,6 +93,19 @@ export class FitJobError extends SettingError {
   override name = 'FitJobError';
 }
 
+/** Why examples have no trained token: too short to have a next token, or cut before it. */
+function describeUntrained(tokens: Array<{ ids: number[]; weights: number[] }>, limit: number): string {
+  const untrained = tokens.filter((t) => !t.weights.some((w) => w > 0));
+  const short = untrained.filter((t) => t.ids.length < 2).length;
+  const cut = untrained.length - short;
+  return [
+    short ? `${short} of a single token, with no next token to predict` : '',
+    cut ? `${cut} whose trained part lies past the cut at ${limit} tokens` : '',
+  ]
+    .filter(Boolean)
+    .join('; ');
+}
+
 /** Another live process is fitting the same partition into the same folder: nothing is wrong with the factors. */
 export class FitBusyError extends FitJobError {
   override name = 'FitBusyError';
@@ -180,7 +193,7 @@ async function fitJob(o: FitJobOptions, n: number, i: number): Promise<FitJobRes
   const trained = tokens.filter((t) => t.weights.some((w) => w > 0));
   if (trained.length < tokens.length)
     log(
-      `${tokens.length - trained.length} example(s) have no trained token within ${limit} tokens (what is trained on lies past the cut): left out of the fit, as trainers drop them`,
+      `${tokens.length - trained.length} example(s) have no trained token (${describeUntrained(tokens, limit)}): left out of the fit, as TRL drops fully masked examples (kronfluence, if given them, counts their tokens in the activation covariance and in Λ's average)`,
     );
   if (!trained.length)
     throw new FitJobError(`no example of ${o.dataPath} has a trained token within ${limit} tokens: nothing to fit`);
