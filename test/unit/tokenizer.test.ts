@@ -282,3 +282,19 @@ test('fixture tokenizer: ids and offsets equal those of Python tokenizers', () =
     assert.deepEqual(enc.offsets, expected, `offsets of ${JSON.stringify(g.text)}`);
   }
 });
+
+test('a completion that starts the text (empty prompt, no BOS) is refused: its first token has nothing before it to be predicted from', () => {
+  const tok = loadTokenizer('test/fixtures/models/llama');
+  assert.throws(
+    () => tokenizeQuery(tok, '', 'Paris', 64),
+    (e: Error) =>
+      e.message ===
+      'the completion starts the text (the prompt is empty and the tokenizer adds no BOS): its first token "P" has no token before it to be predicted from, so it cannot be explained; give a prompt before the completion',
+  );
+  // with a prompt, every completion token is scored
+  const q = tokenizeQuery(tok, 'Q: x\nA:', ' Paris', 64);
+  assert.equal(
+    q.weights.reduce((a, w) => a + w, 0),
+    tok.encode(' Paris').ids.length,
+  );
+});

@@ -322,6 +322,13 @@ function tokenizeQueryAs(
   const t = tokenizeText(tok, text, spans, maxLength, rendering, false);
   if (t.truncated)
     throw new QueryError(`prompt + completion is ${t.ids.length + t.truncated} tokens; the model takes ${maxLength}`);
+  // the text's first token is never predicted (no token before it): when it holds completion
+  // characters (an empty prompt and no BOS), part of the completion would go unexplained silently
+  const [first] = t.offsets;
+  if (first && first[1] > first[0] && first[1] > spans[0][0] && first[0] < spans[0][1])
+    throw new QueryError(
+      `the completion starts the text (${promptLength ? 'its first token also holds the prompt' : 'the prompt is empty'} and the tokenizer adds no BOS): its first token ${JSON.stringify(text.slice(first[0], first[1]))} has no token before it to be predicted from, so it cannot be explained; give a prompt before the completion`,
+    );
   if (!t.weights.some((w) => w > 0))
     throw new QueryError('no completion token to explain (the completion vanished in tokenization)');
   return { ...t, promptLength, rendered };
