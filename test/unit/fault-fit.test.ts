@@ -245,6 +245,24 @@ describe('fit job under kill -9 and concurrency', () => {
     assert.equal((await runFitJob({ ...job, out: cache, replaceStale: true })).status, 'up-to-date');
   });
 
+  test("a folder without its arguments file whose files come from two fits is refused, not read as kronfluence's", async () => {
+    const other = join(home, 'other-seed');
+    await runFitJob({ ...job, out: other, seed: 4 });
+    const mixed = join(home, 'mixed-noargs');
+    fs.cpSync(reference, mixed, { recursive: true });
+    fs.copyFileSync(join(other, 'lambda_matrix.safetensors'), join(mixed, 'lambda_matrix.safetensors'));
+    fs.rmSync(join(mixed, 'influence_lens_arguments.json'));
+    assert.throws(
+      () => loadFactors(mixed),
+      /the factor files were written by different fits .* and influence_lens_arguments\.json is missing: the folder mixes two fits/,
+    );
+    // one fit's files alone still load without it
+    const alone = join(home, 'alone-noargs');
+    fs.cpSync(reference, alone, { recursive: true });
+    fs.rmSync(join(alone, 'influence_lens_arguments.json'));
+    assert.ok(Object.keys(loadFactors(alone).modules).length > 0);
+  });
+
   test('a stale owned cache killed at each step of its refit: never read as factors without their arguments', async () => {
     const cache = join(home, 'owned-stale');
     fs.cpSync(reference, cache, { recursive: true });

@@ -440,6 +440,20 @@ export function loadFactors(dir: string, options: LoadOptions = {}): Factors {
             'the folder mixes two fits; fit again into an empty folder',
         );
     }
+  } else {
+    // no arguments file (removed, or kronfluence's folder with some of our files copied in): our
+    // files still say which fit wrote them, and they must all say the same
+    const fits = new Map<string, string>();
+    for (const file of files.keys()) {
+      const meta = readSafetensorsHeader(join(dir, `${file}.safetensors`)).metadata;
+      if (meta.influence_lens_fit !== undefined)
+        fits.set(file, `${meta.influence_lens_fit}:${meta.influence_lens_fingerprint ?? ''}`);
+    }
+    const ids = new Set(fits.values());
+    if (ids.size > 1 || (ids.size === 1 && fits.size < files.size))
+      throw new FactorsError(
+        `${dir}: the factor files were written by ${ids.size > 1 ? 'different fits' : "different tools (some by this program's fit, some not)"} (${[...fits.keys()].join(', ')} say which fit wrote them, and not all the same) and ${OUR_ARGUMENTS_FILE} is missing: the folder mixes two fits; fit again into an empty folder`,
+      );
   }
   return { args, fingerprint, modules };
 }
