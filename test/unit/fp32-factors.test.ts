@@ -304,3 +304,18 @@ test('fit job: a covariance file of the eigen stage damaged before the final wri
   );
   assert.ok(!existsSync(join(out, 'factor_arguments.json')), 'no final factors were written');
 });
+
+test('an absolute damping tiny next to the eigenvalues is named in the stage warnings; the heuristic one is not', () => {
+  const factors = 'test/fixtures/kronfluence/llama/factors_ekfac';
+  const tiny = openStage(MODEL, factors, { damping: { absolute: 1e-12 } });
+  assert.ok(
+    tiny.warnings.some((w) =>
+      /^damping λ = 1e-12 is below 1e-5 of the largest eigenvalue of \d+ modules, e\.g\. .* float32 scores there are rounding noise/.test(
+        w,
+      ),
+    ),
+    tiny.warnings.join('\n'),
+  );
+  for (const damping of [undefined, { absolute: 1e3 }])
+    assert.ok(!openStage(MODEL, factors, { damping }).warnings.some((w) => w.startsWith('damping')));
+});

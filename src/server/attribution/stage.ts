@@ -69,6 +69,29 @@ export function otherDataWarning(
   return `the EK-FAC factors in ${dir} were fitted on other data than ${data.path} (another file, or this one before an edit): scores use them as they are; to match, fit them again on ${data.path} into a new folder`;
 }
 
+/** Below this fraction of a module's largest Λ, a damping leaves scores to float32 rounding. */
+const TINY_DAMPING = 1e-5;
+
+/**
+ * A warning when an absolute damping is tiny next to the eigenvalues it is added to: directions
+ * the data barely covers are divided by about λ, and float32 scores there are rounding noise (an
+ * adversarial check on singular factors: λ = 1e-8 flipped a score's sign against a float64
+ * kronfluence run, 1e-6 moved it by 22%, 1e-3 agreed). The heuristic (relative) damping scales
+ * with Λ and is not checked.
+ */
+function tinyDamping(lambda: number, preconditioners: Map<string, Preconditioner>): string | undefined {
+  const low: Array<[string, number]> = [];
+  for (const [name, p] of preconditioners) {
+    let least = Number.POSITIVE_INFINITY;
+    for (let i = 0; i < p.inverse.length; i++) if (p.inverse[i] < least) least = p.inverse[i];
+    const largest = 1 / least - lambda; // inverse = 1 / (Λ + λ)
+    if (lambda < TINY_DAMPING * largest) low.push([name, largest]);
+  }
+  if (!low.length) return undefined;
+  const [name, largest] = low[0];
+  return `damping λ = ${lambda} is below ${TINY_DAMPING.toExponential(0)} of the largest eigenvalue of ${low.length === 1 ? 'module' : `${low.length} modules, e.g.`} ${name} (${largest.toExponential(2)}): directions the data barely covers are divided by about λ, and float32 scores there are rounding noise; use the heuristic damping or a larger one`;
+}
+
 export interface OpenedStage extends Stage {
   /** the module selection the factors cover ('all' without factors) */
   modules: ModuleSelection;
@@ -173,6 +196,8 @@ export function openStage(
     // loaded factors are not kept: at the SmolLM-135M shape they are 425 MB in float32
     mf.lambda = undefined;
   }
+  const low = 'absolute' in damping ? tinyDamping(damping.absolute, preconditioners) : undefined;
+  if (low) warnings.push(low);
   return { model, preconditioners, modules, warnings };
 }
 
