@@ -15,6 +15,7 @@ import { ConfigError as ModelConfigError } from './model/architectures/common';
 import { CheckpointError } from './model/checkpoint';
 import { FileChangedError } from './model/content-digest';
 import { EngineError } from './model/engine';
+import { GenerateError } from './model/generate';
 import { DeviceError } from './model/onnx/session';
 import { SafetensorsError } from './model/safetensors';
 import { TokenizerError } from './model/tokenizer';
@@ -48,6 +49,7 @@ export const USER_ERRORS: ReadonlyArray<new (...args: never[]) => Error> = [
   TrainingSettingError,
   FileChangedError,
   EnvSettingError,
+  GenerateError,
 ];
 
 /**

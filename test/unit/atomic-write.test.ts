@@ -62,7 +62,11 @@ test('writeFileAtomic: replaces the file; a failing write keeps the old one and 
   writeFileSync(p, 'old');
   writeFileAtomic(p, 'new');
   assert.equal(readFileSync(p, 'utf8'), 'new');
-  assert.throws(() => writeFileAtomic(join(d, 'missing', 'f.json'), 'x'), /ENOENT/);
+  assert.throws(
+    () => writeFileAtomic(join(d, 'missing', 'f.json'), 'x'),
+    (e: NodeJS.ErrnoException) =>
+      e.code === 'ENOENT' && e.message === `cannot write f.json: its folder ${join(d, 'missing')} does not exist`,
+  );
   assert.throws(() =>
     replaceDirAtomic(join(d, 'dir'), () => {
       throw new Error('disk full');
