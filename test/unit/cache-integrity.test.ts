@@ -5,6 +5,7 @@ import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import {
   cpSync,
+  existsSync,
   mkdirSync,
   readdirSync,
   readFileSync,
@@ -94,12 +95,19 @@ test('model fingerprint (keys factors and gradient stores): any changed weight b
   assert.notEqual(modelFingerprint(openCheckpoint(dir)), before);
 });
 
-test('content digest: remembered per file identity, recomputed when the bytes change', () => {
+test('content digest: remembered per file identity once the file has settled, recomputed when the bytes change', (t) => {
   const cache = fresh('cache');
   const f = join(fresh('d'), 'x.bin');
   writeFileSync(f, 'first');
   const d1 = contentDigest(f, cache);
   assert.equal(d1, sha256File(f));
+  // changed moments ago: a program writing through a memory map could still change its bytes
+  // without moving its mtime or ctime, so nothing is remembered yet
+  assert.ok(!existsSync(join(cache, 'digests')));
+  // two minutes on (the kernel has written the pages back): remembered and reused
+  const now = Date.now();
+  t.mock.method(Date, 'now', () => now + 120_000);
+  assert.equal(contentDigest(f, cache), d1);
   assert.equal(readdirSync(join(cache, 'digests')).length, 1);
   assert.equal(contentDigest(f, cache), d1);
   // same size, mtime restored (cp -p / touch -r): the ctime still moves on

@@ -113,7 +113,11 @@ describe('explain summed over training checkpoints (tiny fp64 Llama)', () => {
 
   const all = (r: ExplainResult) => [...r.supporting, ...r.opposing];
 
-  test("checkpoints' factor folders are found through the configured cache folder, not the default one", () => {
+  test("checkpoints' factor folders are found through the configured cache folder, not the default one", (t) => {
+    // digests are remembered only for files last changed over a minute ago (content-digest.ts):
+    // a fresh clone's fixtures are not, so the clock is moved on
+    const now = Date.now();
+    t.mock.method(Date, 'now', () => now + 120_000);
     const plan = planCheckpoints(dir, final.model.checkpoint, 'auto')!;
     const own = join(home, 'own-cache');
     const folders = plan.checkpoints.map((ck) => checkpointFactorsDir(factors, ck, own));

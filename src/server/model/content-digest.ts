@@ -3,7 +3,12 @@
 // `rsync -t`, `tar`, a re-download). Hashing a multi-GB checkpoint takes seconds, so each
 // digest is remembered under the file's identity (device, inode, size, mtime, ctime): any
 // write or rename changes the ctime, which no user tool can set back, so a remembered
-// digest is never served for changed bytes.
+// digest is never served for changed bytes. One exception, closed by waiting: a program that
+// writes through a writable memory map moves mtime and ctime only on its first write to a clean
+// page, so a file hashed while being written that way could change again under the same identity
+// until the kernel writes its dirty pages back. A digest is therefore remembered only once the
+// file's last change is older than RECENT_CHANGE_NS; a file changed more recently is hashed
+// again at each open.
 import { createHash } from 'node:crypto';
 import {
   closeSync,
@@ -40,10 +45,24 @@ export function sha256File(path: string): string {
   return h.digest('hex');
 }
 
-/** What identifies a file's current bytes without reading them (symlinks followed). */
-function identity(path: string): string {
+/**
+ * Longer than Linux's dirty-page writeback (dirty_expire_centisecs, 30 s by default): after it,
+ * a mapped write to a page faults again and moves mtime and ctime.
+ */
+const RECENT_CHANGE_NS = 90_000_000_000n;
+
+/** What identifies a file's current bytes without reading them (symlinks followed), and when it last changed. */
+function stat(path: string): { id: string; changedNs: bigint } {
   const s = statSync(path, { bigint: true });
-  return [s.dev, s.ino, s.size, s.mtimeNs, s.ctimeNs].join(':');
+  return {
+    id: [s.dev, s.ino, s.size, s.mtimeNs, s.ctimeNs].join(':'),
+    // the ctime moves with every write, and no user tool sets it
+    changedNs: s.ctimeNs,
+  };
+}
+
+function identity(path: string): string {
+  return stat(path).id;
 }
 
 /**
@@ -52,15 +71,17 @@ function identity(path: string): string {
  */
 export function contentDigest(path: string, cacheDir: string): string {
   const real = realpathSync(path);
-  const before = identity(real);
+  const { id: before, changedNs } = stat(real);
   const memo = memoPath(real, before, cacheDir);
   if (existsSync(memo)) {
     const remembered = readFileSync(memo, 'utf8').trim();
     if (/^[0-9a-f]{64}$/.test(remembered)) return remembered;
   }
   const digest = sha256File(real);
-  // remember it only if the file did not change while we read it
-  if (identity(real) === before) remember(memo, cacheDir, digest);
+  // remember it only if the file did not change while we read it, and its last change is old
+  // enough that no mapped write can still be changing it under this identity
+  const settled = BigInt(Date.now()) * 1_000_000n - changedNs > RECENT_CHANGE_NS;
+  if (settled && identity(real) === before) remember(memo, cacheDir, digest);
   return digest;
 }
 
