@@ -178,3 +178,85 @@ test('compare methods the server cannot run are left out of the request and name
   assert.equal(fake.messages('warning').length, 1);
   assert.deepEqual(fake.messages('error'), []);
 });
+
+test("the panel's method switch re-runs a cached method's result after the dataset is edited in place (same size, mtime put back)", async () => {
+  const { execFileSync } = await import('node:child_process');
+  const { readFileSync } = await import('node:fs');
+  const { withResult } = await import('../../src/webview/messages');
+  const dir = mkdtempSync(join(tmpdir(), 'il-panel-'));
+  try {
+    const file = join(dir, 'finetune.jsonl');
+    writeFileSync(file, '{"prompt":"Q: capital of Australia?\\nA:","completion":" Sydney"}\n');
+    let calls = 0;
+    const info = {
+      model: 'm',
+      datasets: ['finetune'],
+      methods: ['bm25', 'repsim'],
+      unavailable: {},
+      needsFit: {},
+      warnings: [],
+    };
+    const panel = {
+      mirror: { version: 1, results: {}, methods: [], flags: {} } as never,
+      show: () => undefined,
+      setFlags: () => undefined,
+      post(m: { type: string }) {
+        if (m.type === 'result') this.mirror = withResult(this.mirror, m as never) as never;
+      },
+    };
+    const client = {
+      // a server that reads the file at each call
+      explain: async (p: { method: string; prompt: string; completion: string }) => {
+        calls++;
+        const first = readFileSync(file, 'utf8').split('\n')[0];
+        return {
+          method: p.method,
+          query: { prompt: p.prompt, completion: p.completion },
+          scored: 1,
+          supporting: [
+            {
+              id: { dataset: 'finetune', line: 1, hash: 'x' },
+              rank: 1,
+              score: 1,
+              sign: 'supporting',
+              percentile: 100,
+              text: first,
+            },
+          ],
+          opposing: [],
+          histogram: { edges: [], counts: [] },
+          modules: [],
+          timings: {},
+          revision: 'r1',
+        };
+      },
+    };
+    const s = {
+      info: async () => info,
+      lastInfo: () => info,
+      refreshWarnings: async () => undefined,
+      client,
+      datasets: { resolve: async () => file, require: async () => file },
+      panel,
+      history: { add: () => undefined },
+      flags: { flagsOf: () => new Map() },
+    };
+    fake.config.method = 'bm25';
+    const c = new ExplainController(s as never);
+    await c.explain('Q: capital of Australia?\nA:', ' Sydney');
+    fake.config.method = 'repsim';
+    const switchTo = (m: string, cached: boolean) =>
+      (c as unknown as { switchMethod(m: string, cached: boolean): Promise<void> }).switchMethod(m, cached);
+    await switchTo('repsim', false);
+    assert.equal(calls, 2);
+    // edited in place: same size, the mtime put back (touch -r)
+    writeFileSync(join(dir, 'ref'), '');
+    execFileSync('touch', ['-r', file, join(dir, 'ref')]);
+    writeFileSync(file, readFileSync(file, 'utf8').replace('Sydney', 'Canber'));
+    execFileSync('touch', ['-r', join(dir, 'ref'), file]);
+    await switchTo('bm25', true);
+    assert.equal(calls, 3, 'the cached bm25 result was of the file before the edit: asked again');
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});

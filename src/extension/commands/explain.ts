@@ -213,7 +213,9 @@ export class ExplainController {
       const path = await this.s.datasets.resolve(params.dataset);
       if (path) {
         const st = statSync(path);
-        file = `${path}:${st.size}:${st.mtimeMs}:${st.ino}`;
+        // ctime too, as the server's own dataset check: an edit that keeps the size and puts the
+        // mtime back (touch -r) still moves it
+        file = `${path}:${st.size}:${st.mtimeMs}:${st.ctimeMs}:${st.ino}`;
       }
     } catch {
       file = null;
