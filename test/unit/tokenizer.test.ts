@@ -8,26 +8,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { tokenizeQuery, tokenizeText } from '../../src/server/data/tokenize';
+import { BYTE_LEVEL_CHARS } from '../../src/server/model/byte-level';
 import { loadTokenizer, TokenizerError } from '../../src/server/model/tokenizer';
-
-function byteChars(): string[] {
-  const bs: number[] = [];
-  for (let b = 33; b <= 126; b++) bs.push(b);
-  for (let b = 161; b <= 172; b++) bs.push(b);
-  for (let b = 174; b <= 255; b++) bs.push(b);
-  const cs = [...bs];
-  let n = 0;
-  for (let b = 0; b < 256; b++)
-    if (!bs.includes(b)) {
-      bs.push(b);
-      cs.push(256 + n++);
-    }
-  const out: string[] = new Array(256);
-  bs.forEach((b, i) => {
-    out[b] = String.fromCodePoint(cs[i]);
-  });
-  return out;
-}
 
 function bpeModel(vocab: Record<string, number>, merges: string[], extra: Record<string, unknown> = {}) {
   return {
@@ -52,7 +34,7 @@ function writeTokenizer(json: unknown, config: unknown): string {
 }
 
 function byteLevelTokenizer(): string {
-  const chars = byteChars();
+  const chars = [...BYTE_LEVEL_CHARS];
   const vocab: Record<string, number> = { '<|endoftext|>': 0 };
   chars.forEach((c, i) => {
     vocab[c] = i + 1;
