@@ -19,6 +19,8 @@ export interface MethodInfo {
   readonly needsPretrained: boolean;
   /** computes per-example training gradients */
   readonly gradientBased: boolean;
+  /** runs the model at all (BM25 reads the text alone: no model, no checkpoints, the light lane) */
+  readonly usesModel: boolean;
   /** can score from the gradient store (random projections) on large datasets */
   readonly usesGradientStore: boolean;
   /** when the chosen method cannot run, the first runnable method with a fallback rank is used (lowest first) */
@@ -34,6 +36,7 @@ export const METHOD_REGISTRY = [
     needsFactors: true,
     needsPretrained: false,
     gradientBased: true,
+    usesModel: true,
     usesGradientStore: true,
   },
   {
@@ -44,6 +47,7 @@ export const METHOD_REGISTRY = [
     needsFactors: true,
     needsPretrained: true,
     gradientBased: true,
+    usesModel: true,
     usesGradientStore: false,
   },
   {
@@ -54,6 +58,7 @@ export const METHOD_REGISTRY = [
     needsFactors: false,
     needsPretrained: false,
     gradientBased: true,
+    usesModel: true,
     usesGradientStore: true,
     fallbackRank: 0,
   },
@@ -65,6 +70,7 @@ export const METHOD_REGISTRY = [
     needsFactors: false,
     needsPretrained: false,
     gradientBased: true,
+    usesModel: true,
     usesGradientStore: false,
     fallbackRank: 3,
   },
@@ -76,6 +82,7 @@ export const METHOD_REGISTRY = [
     needsFactors: false,
     needsPretrained: false,
     gradientBased: false,
+    usesModel: true,
     usesGradientStore: false,
     fallbackRank: 1,
   },
@@ -87,6 +94,7 @@ export const METHOD_REGISTRY = [
     needsFactors: false,
     needsPretrained: false,
     gradientBased: false,
+    usesModel: false,
     usesGradientStore: false,
     fallbackRank: 2,
   },

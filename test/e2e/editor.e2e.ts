@@ -1,6 +1,5 @@
 // End to end in a real editor: code-server 4.100.3 (VS Code 1.100.3) with the packaged extension,
-// driven by playwright-core with Debian's chromium (recipe: test/e2e/install.sh and
-// ../shared/notes/environment-recipes.md). The workspace holds a copy of the embedded default's
+// driven by playwright-core with Debian's chromium (recipe: test/e2e/install.sh). The workspace holds a copy of the embedded default's
 // fine-tuning data, an influence-lens.json that points at it and at the embedded fine-tuned
 // model, and a question the model answers wrongly. The extension starts the real server itself
 // (influence-lens serve, from this checkout's bin/) — nothing is canned.

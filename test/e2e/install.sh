@@ -2,7 +2,7 @@
 # Installs what the end-to-end test needs, outside the project's node_modules:
 # Debian's chromium, and code-server 4.100.3 (VS Code 1.100.3, the last one on Node 20),
 # playwright-core and @vscode/vsce 3 under $E2E_TOOLS (default .cache/e2e-tools).
-# Recipe and reasons: ../shared/notes/environment-recipes.md, "VS Code end-to-end in a real editor".
+# Why: code-server 4.100.3 is the last release on Node 20; its native modules build from source (no prebuilt downloads).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 TOOLS="${E2E_TOOLS:-$PWD/.cache/e2e-tools}"

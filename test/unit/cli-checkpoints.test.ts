@@ -57,6 +57,8 @@ describe('influence-lens --checkpoints', () => {
     const cosine = explainJson('--method', 'cosine');
     assert.doesNotMatch(cosine.err, /summing over/);
     assert.match(cosine.err, /2 training checkpoint\(s\) found; cosine scores the final model alone/);
+    // BM25 reads the text alone: no line about models
+    assert.doesNotMatch(explainJson('--method', 'bm25').err, /checkpoint/);
     const off = explainJson('--method', 'gdp', '--checkpoints', 'off');
     assert.deepEqual(off.result.attribution, { method: 'gdp', over: 'final-model' });
     assert.doesNotMatch(off.err, /summing over/);

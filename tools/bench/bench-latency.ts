@@ -13,18 +13,25 @@ import { type ChildProcess, spawn } from 'node:child_process';
 import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { cpus, hostname, tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
-import { parseArgs } from 'node:util';
 import { OUR_ARGUMENTS_FILE } from '../../src/server/attribution/ekfac/factors-io';
+import { CliError, HelpRequested, parse } from '../../src/server/cli/util';
 import { RpcClient } from '../../src/transport/client';
 import { reportHeader } from './machine';
 
-const { values: v } = parseArgs({
-  options: {
-    quick: { type: 'boolean' },
-    report: { type: 'string' },
-    'reload-mb': { type: 'string', default: '10' },
-  },
-});
+// the CLI's parser: --help lists the options, a misspelt flag names the one meant (one line, no stack)
+const v = (() => {
+  try {
+    return parse(process.argv.slice(2), {
+      quick: { type: 'boolean' },
+      report: { type: 'string' },
+      'reload-mb': { type: 'string' },
+    }).values;
+  } catch (e) {
+    if (e instanceof HelpRequested) process.stdout.write(`options:\n${e.options}\n`);
+    else process.stderr.write(`bench:latency: ${e instanceof CliError ? e.message : (e as Error).stack}\n`);
+    process.exit(e instanceof HelpRequested ? 0 : 1);
+  }
+})();
 const root = resolve(dirname(new URL(import.meta.url).pathname), '..', '..');
 const say = (s: string) => process.stdout.write(`${s}\n`);
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
@@ -214,7 +221,7 @@ try {
   } finally {
     await stopServe(s);
   }
-  const mb = Number(v['reload-mb']);
+  const mb = Number(v['reload-mb'] ?? '10');
   if (mb > 0) {
     const r = await reloadLongLine(cache, mb);
     report.reload = r;

@@ -1,5 +1,6 @@
 // `--checkpoints auto|off|<dir>[,<dir>]` for fit, explain, scan and serve: which training
 // checkpoints influence is summed over (model/checkpoints.ts), and the line that says so.
+import { methodInfo } from '../../protocol/methods';
 import { type OpenedCheckpoints, openCheckpointStages } from '../attribution/checkpoints';
 import type { Damping } from '../attribution/ekfac/precondition';
 import { SCORERS } from '../attribution/methods';
@@ -29,11 +30,14 @@ export function cliPlan(
   methods?: readonly string[],
 ): CheckpointPlan | undefined {
   const plan = planCheckpoints(modelDir, model.checkpoint, setting);
-  if (plan && methods && !methods.some(sumsOverCheckpoints))
-    process.stderr.write(
-      `${plan.checkpoints.length} training checkpoint(s) found; ${methods.join(', ')} ${methods.length === 1 ? 'scores' : 'score'} the final model alone\n`,
-    );
-  else if (plan) process.stderr.write(`${describePlan(plan)}\n`);
+  if (plan && methods && !methods.some(sumsOverCheckpoints)) {
+    // BM25 reads the text alone: no model to speak of
+    const modelled = methods.filter((m) => methodInfo(m)?.usesModel !== false);
+    if (modelled.length)
+      process.stderr.write(
+        `${plan.checkpoints.length} training checkpoint(s) found; ${modelled.join(', ')} ${modelled.length === 1 ? 'scores' : 'score'} the final model alone\n`,
+      );
+  } else if (plan) process.stderr.write(`${describePlan(plan)}\n`);
   return plan;
 }
 

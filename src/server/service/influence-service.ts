@@ -152,7 +152,9 @@ export type ReloadResult = ReturnType<InfluenceService['reload']>;
  * answered beside gradient work instead of queueing behind it.
  */
 export function isLightExplain(p: Pick<ExplainParams, 'method' | 'compare' | 'candidates'>): boolean {
-  return p.method === 'bm25' && (p.compare ?? []).every((m) => m === 'bm25') && p.candidates !== 'retrieved';
+  // no method that runs the model: the light lane (BM25 reads the text alone)
+  const modelFree = (m: string) => methodInfo(m)?.usesModel === false;
+  return modelFree(p.method) && (p.compare ?? []).every(modelFree) && p.candidates !== 'retrieved';
 }
 
 interface LoadedDataset {
