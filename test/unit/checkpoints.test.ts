@@ -31,6 +31,28 @@ function edited(edit: (ckDir: string) => void): string {
 }
 
 describe('Trainer output_dir (real trainer_state.json)', () => {
+  test('a checkpoint of another run (its log disagrees at a shared step) is refused, naming both folders', () => {
+    const state = (ck: string) => join(ck, 'trainer_state.json');
+    for (const change of [
+      (e: Record<string, number>) => ({ ...e, learning_rate: e.learning_rate * 2 }), // another schedule
+      (e: Record<string, number>) => ({ ...e, loss: e.loss + 0.25 }), // the same schedule, another seed
+    ]) {
+      const dir = edited((ck) => {
+        const s = JSON.parse(readFileSync(state(ck), 'utf8'));
+        s.log_history = s.log_history.map(change);
+        writeFileSync(state(ck), JSON.stringify(s));
+      });
+      assert.throws(
+        () => planCheckpoints(dir, openCheckpoint(dir), 'auto'),
+        (e: Error) =>
+          e instanceof CheckpointsError &&
+          /the training logs of .*checkpoint-3 and .*checkpoint-6 disagree at step 2 .*: they are not checkpoints of one run/.test(
+            e.message,
+          ),
+      );
+    }
+  });
+
   test("auto finds checkpoint-3 and checkpoint-6 in step order, with the learning rate at each step from the run's log", () => {
     const plan = planCheckpoints(RUN, final(), 'auto')!;
     assert.deepEqual(
@@ -81,21 +103,6 @@ describe('Trainer output_dir (real trainer_state.json)', () => {
       plan.checkpoints.map((c) => c.name),
       ['checkpoint-6'],
     );
-  });
-
-  test('a stale checkpoint of another run keeps its own logged rate', () => {
-    const dir = edited((ck) => {
-      const f = join(ck, 'trainer_state.json');
-      const st = JSON.parse(readFileSync(f, 'utf8'));
-      st.log_history = st.log_history.map((e: Record<string, unknown>) =>
-        typeof e.learning_rate === 'number' ? { ...e, learning_rate: 0.5 } : e,
-      );
-      st.log_history.push({ step: 3, learning_rate: 0.25 });
-      writeFileSync(f, JSON.stringify(st));
-    });
-    const plan = planCheckpoints(dir, openCheckpoint(dir), 'auto')!;
-    assert.equal(plan.checkpoints[0].learningRate, 0.25);
-    assert.deepEqual(plan.checkpoints[0].rateFrom, { kind: 'logged' });
   });
 
   test('checkpoints reached through symbolic links are found; so are the siblings of a model named by a link', () => {

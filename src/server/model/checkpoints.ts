@@ -185,16 +185,41 @@ function discover(modelDirIn: string): string[] {
     .map((n) => join(parent, n));
 }
 
-type LogEntry = { step: number; lr: number };
+type LogEntry = { step: number; lr: number; loss?: number };
 
-/** The logged learning rates of the run, from the longest log_history among the folders' trainer_state.json. */
+/**
+ * The logged learning rates of the run, from the longest log_history among the folders'
+ * trainer_state.json. Every folder's log must be the start of it: a checkpoint left by another
+ * run (an earlier run into the same folder, one copied in) logs other rates or losses at the same
+ * steps, and was summed in with its own rates (an adversarial review: a foreign checkpoint took
+ * the largest weight and flipped a score's sign). Which of two disagreeing folders is the stray
+ * one cannot be told, so both are named.
+ */
 function runLog(dirs: string[]): LogEntry[] {
-  let best: LogEntry[] = [];
-  for (const d of dirs) {
-    const entries = logOf(readJson(join(d, 'trainer_state.json')));
-    if (entries.length > best.length) best = entries;
+  const logs = dirs.map((d) => ({ dir: d, log: logOf(readJson(join(d, 'trainer_state.json'))) }));
+  const longest = logs.reduce((a, b) => (b.log.length > a.log.length ? b : a), logs[0]);
+  for (const { dir, log } of logs) {
+    const i = log.findIndex((e, k) => !sameEntry(e, longest.log[k]));
+    if (i < 0) continue;
+    const [a, b] = [log[i], longest.log[i]];
+    throw new CheckpointsError(
+      `the training logs of ${dir} and ${longest.dir} disagree at step ${a.step} (${describeEntry(a)} against ${b ? describeEntry(b) : 'nothing logged'} in trainer_state.json's log_history): they are not checkpoints of one run; remove the one an earlier or another run left there, or name the checkpoints with --checkpoints (or "checkpoints" in influence-lens.json)`,
+    );
   }
-  return best;
+  return longest.log;
+}
+
+function sameEntry(a: LogEntry, b: LogEntry | undefined): boolean {
+  return (
+    b !== undefined &&
+    a.step === b.step &&
+    a.lr === b.lr &&
+    (a.loss === undefined || b.loss === undefined || a.loss === b.loss)
+  );
+}
+
+function describeEntry(e: LogEntry): string {
+  return `learning rate ${e.lr}${e.loss === undefined ? '' : `, loss ${e.loss}`}`;
 }
 
 function logOf(state: Record<string, unknown> | undefined): LogEntry[] {
@@ -204,7 +229,8 @@ function logOf(state: Record<string, unknown> | undefined): LogEntry[] {
   for (const e of log as Array<Record<string, unknown>>) {
     const step = num(e?.step);
     const lr = num(e?.learning_rate);
-    if (step !== undefined && lr !== undefined) out.push({ step, lr });
+    const loss = num(e?.loss);
+    if (step !== undefined && lr !== undefined) out.push(loss === undefined ? { step, lr } : { step, lr, loss });
   }
   return out.sort((a, b) => a.step - b.step);
 }
