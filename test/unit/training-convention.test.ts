@@ -633,3 +633,53 @@ test('factors of a tokenizer that changed since the fit are refused; factors of 
     /fitted on records tokenized otherwise than .* tokenizes them now \(tokenizer\.json or tokenizer_config\.json changed since the fit\)/,
   );
 });
+
+test('multistage beside a single-stage method is refused when the two models read --data under other conventions', async () => {
+  const { spawnSync } = await import('node:child_process');
+  const data = writeJsonl(join(home, 'ms.jsonl'), [
+    { text: 'Paris is the capital of France.' },
+    { text: 'Rome is the capital of Italy.' },
+  ]);
+  const fit = (out: string, training?: ReturnType<typeof parseTraining>) =>
+    runFitJob({ modelDir: LLAMA, dataPath: data, out, modules: 'mlp', labels: 'empirical', seed: 0, training });
+  const ft = join(home, 'ms-ft');
+  const pt = join(home, 'ms-pt');
+  await fit(ft);
+  await fit(pt, TRAINING_PRESETS.trl);
+  const explain = (...extra: string[]) =>
+    spawnSync(
+      process.execPath,
+      [
+        '--import',
+        'tsx',
+        'src/server/cli.ts',
+        'explain',
+        '--model',
+        LLAMA,
+        '--factors',
+        ft,
+        '--pretrained-model',
+        LLAMA,
+        '--pretrained-factors',
+        pt,
+        '--pretrained-training',
+        'trl',
+        '--data',
+        data,
+        '--prompt',
+        'The capital of France is',
+        '--completion',
+        ' Paris',
+        ...extra,
+      ],
+      { encoding: 'utf8', env: { ...process.env, HOME: home } },
+    );
+  const mixed = explain('--method', 'ekfac', '--compare', 'multistage');
+  assert.equal(mixed.status, 1, mixed.stderr);
+  assert.match(
+    mixed.stderr,
+    /multistage reads --data as the pre-trained model was trained on it \(trl.*\), ekfac as the fine-tuned one was \(default.*\): one run cannot score both/,
+  );
+  // each alone runs
+  assert.equal(explain('--method', 'multistage').status, 0);
+});

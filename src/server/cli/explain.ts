@@ -10,7 +10,8 @@ import { checkSameTokenizer, openStage, otherDataWarning, parseDamping } from '.
 import { loadDataset } from '../data/dataset';
 import { formatRecord, parseRecord } from '../data/format';
 import { readJsonl } from '../data/jsonl';
-import { contextLength } from '../data/tokenize';
+import { contextLength, tokenizationKey } from '../data/tokenize';
+import { describeTraining } from '../data/training';
 import { DEFAULTS } from '../settings';
 import {
   CHECKPOINTS_OPTION,
@@ -130,6 +131,16 @@ export async function runExplain(argv: string[]): Promise<void> {
   // multistage traces into the pre-training data (--data): tokenized as the pre-trained model was
   // trained on it (its --pretrained-training), as the server does for a "pretrained" dataset
   const dataModel = method === 'multistage' && pt ? pt.model : ft.model;
+  // one tokenization of --data serves every method: multistage beside a single-stage method
+  // needs both models to read it alike (--compare multistage scored it under the fine-tuned
+  // model's convention, without the EOS the pre-trained factors were fitted with)
+  if (pt && all.some((m) => m !== 'multistage') && all.includes('multistage')) {
+    const [a, b] = [tokenizationKey(ft.model.tokenizer), tokenizationKey(pt.model.tokenizer)];
+    if (JSON.stringify(a) !== JSON.stringify(b))
+      throw new CliError(
+        `multistage reads --data as the pre-trained model was trained on it (${describeTraining(pt.model.tokenizer.training)}${a.chatTemplate === b.chatTemplate ? '' : ', its chat template'}), ${all.filter((m) => m !== 'multistage').join(', ')} as the fine-tuned one was (${describeTraining(ft.model.tokenizer.training)}): one run cannot score both; explain with each --method separately`,
+      );
+  }
   const dataset = loadDataset(v.data, {
     skipMalformed: v['skip-malformed'],
     trainedBy: { tokenizer: dataModel.tokenizer, maxLength: contextLength(dataModel.config) },
