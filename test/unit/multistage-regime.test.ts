@@ -249,3 +249,19 @@ describe('CLI explain output', () => {
     assert.doesNotMatch(formatResult({ ...base, method: 'ekfac' }, false), /W_ft/);
   });
 });
+
+test('a pre-trained model whose config.json describes another architecture is named in a warning (the regime check sees weights only)', async () => {
+  const { cpSync, mkdtempSync, readFileSync } = await import('node:fs');
+  const { tmpdir } = await import('node:os');
+  const { stagesConfigWarning } = await import('../../src/server/attribution/stage');
+  const dir = join(mkdtempSync(join(tmpdir(), 'il-stages-')), 'pt');
+  cpSync('test/fixtures/models/llama', dir, { recursive: true });
+  const config = JSON.parse(readFileSync(join(dir, 'config.json'), 'utf8'));
+  writeFileSync(join(dir, 'config.json'), JSON.stringify({ ...config, rope_theta: 500000 }));
+  const ft = Model.open('test/fixtures/models/llama');
+  assert.equal(stagesConfigWarning(ft, Model.open('test/fixtures/models/llama')), undefined);
+  assert.match(
+    stagesConfigWarning(ft, Model.open(dir)) ?? '',
+    /has another config\.json than the fine-tuned .* \(rope_theta: 500000 vs \(absent\)\): multi-stage influence takes the fine-tune to continue the same architecture/,
+  );
+});

@@ -5,6 +5,7 @@ import { join } from 'node:path';
 import { canonicalJson } from '../../common/ids';
 import { contextLength, tokenizationKey } from '../data/tokenize';
 import { describeTraining, sameTraining, trainingArgument } from '../data/training';
+import { configDifference } from '../model/checkpoints';
 import { type EngineOptions, Model, type ModuleSelection } from '../model/engine';
 import { loadFactors, preconditionerFor, readFitSettings } from './ekfac/factors-io';
 import type { Damping, Preconditioner } from './ekfac/precondition';
@@ -263,6 +264,19 @@ export function tokenizerDifference(dirA: string, dirB: string): string | undefi
  * only in what never changes an id (transformers' own bookkeeping when it saves a tokenizer, a
  * chat template) are the same tokenizer.
  */
+/**
+ * A warning when the pre-trained model's config.json describes another architecture than the
+ * fine-tuned one's (a rope_theta or norm epsilon changed): multi-stage influence takes the fine-tune
+ * to continue the same model, and its regime check measures weights only. Not refused: a fine-tune
+ * may extend the context on purpose (rope scaling).
+ */
+export function stagesConfigWarning(finetuned: Model, pretrained: Model): string | undefined {
+  const d = configDifference(finetuned.checkpoint.config, pretrained.checkpoint.config);
+  return d
+    ? `the pre-trained model ${pretrained.checkpoint.dir} has another config.json than the fine-tuned ${finetuned.checkpoint.dir} (${d}): multi-stage influence takes the fine-tune to continue the same architecture, so its scores are only as meaningful as that holds`
+    : undefined;
+}
+
 export function checkSameTokenizer(a: Model, b: Model): void {
   if (a.tokenizer.sha256 === b.tokenizer.sha256) return;
   const differs = tokenizerDifference(a.checkpoint.tokenizerDir, b.checkpoint.tokenizerDir);

@@ -6,7 +6,13 @@ import { ACCEPTED_SHAPES } from '../../common/records/shape';
 import { methodInfo } from '../../protocol/methods';
 import { type ExplainedExample, type ExplainResult, METHODS, type Method } from '../../protocol/types';
 import { Corpus, type ExplainSetup, explain, explainMany } from '../attribution/explain';
-import { checkSameTokenizer, openStage, otherDataWarning, parseDamping } from '../attribution/stage';
+import {
+  checkSameTokenizer,
+  openStage,
+  otherDataWarning,
+  parseDamping,
+  stagesConfigWarning,
+} from '../attribution/stage';
 import { loadDataset } from '../data/dataset';
 import { formatRecord, parseRecord } from '../data/format';
 import { readJsonl } from '../data/jsonl';
@@ -122,6 +128,8 @@ export async function runExplain(argv: string[]): Promise<void> {
     : undefined;
   if (pt) {
     checkSameTokenizer(ft.model, pt.model);
+    const configs = stagesConfigWarning(ft.model, pt.model);
+    if (configs) pt.warnings.push(configs);
     if (pt.modules !== ft.modules)
       throw new CliError(
         `the two factor sets track different modules (${ft.modules} vs ${pt.modules}); fit both with the same --modules`,

@@ -344,22 +344,20 @@ function rateAt(
 /** Keys a trainer rewrites without changing the model. */
 const VOLATILE_CONFIG_KEYS = new Set(['_name_or_path', 'transformers_version', 'torch_dtype', 'dtype', 'use_cache']);
 
+/**
+ * The first config.json key (beyond those that only describe a run) whose value differs, as
+ * "key: b's vs a's"; undefined when the two configs describe the same model.
+ */
+export function configDifference(a: Record<string, unknown>, b: Record<string, unknown>): string | undefined {
+  const keys = [...new Set([...Object.keys(a), ...Object.keys(b)])].sort();
+  const k = keys.find((x) => !VOLATILE_CONFIG_KEYS.has(x) && JSON.stringify(a[x]) !== JSON.stringify(b[x]));
+  const show = (v: unknown) => (v === undefined ? '(absent)' : JSON.stringify(v));
+  return k === undefined ? undefined : `${k}: ${show(b[k])} vs ${show(a[k])}`;
+}
+
 function modelDifference(a: Checkpoint, b: Checkpoint): string | undefined {
-  const strip = (c: Record<string, unknown>) =>
-    JSON.stringify(
-      Object.fromEntries(
-        Object.entries(c)
-          .filter(([k]) => !VOLATILE_CONFIG_KEYS.has(k))
-          .sort(([x], [y]) => x.localeCompare(y)),
-      ),
-    );
-  if (strip(a.config) !== strip(b.config)) {
-    const keys = new Set([...Object.keys(a.config), ...Object.keys(b.config)]);
-    const k = [...keys].find(
-      (x) => !VOLATILE_CONFIG_KEYS.has(x) && JSON.stringify(a.config[x]) !== JSON.stringify(b.config[x]),
-    );
-    return `config.json differs (${k}: ${JSON.stringify(b.config[k!])} vs ${JSON.stringify(a.config[k!])})`;
-  }
+  const config = configDifference(a.config, b.config);
+  if (config) return `config.json differs (${config})`;
   if (a.adapter && b.adapter) {
     const cfg = (c: Checkpoint) => JSON.stringify({ ...c.adapter!.config, base_model_name_or_path: null });
     if (cfg(a) !== cfg(b)) return `${ADAPTER_CONFIG} differs`;

@@ -32,7 +32,13 @@ import type { Damping, Preconditioner } from '../attribution/ekfac/precondition'
 import { attributionOf, Corpus, ExplainError, explain, explainMany, type StoreRef } from '../attribution/explain';
 import { dataFingerprint, modelFingerprint } from '../attribution/fingerprint';
 import { FitBusyError, FitJobError, runFitJob } from '../attribution/fit-job';
-import { checkSameTokenizer, factorsFitOn, type OpenedStage, openStage } from '../attribution/stage';
+import {
+  checkSameTokenizer,
+  factorsFitOn,
+  type OpenedStage,
+  openStage,
+  stagesConfigWarning,
+} from '../attribution/stage';
 import { loadDataset } from '../data/dataset';
 import { DataError } from '../data/errors';
 import { contextLength, tokenizationKey } from '../data/tokenize';
@@ -262,6 +268,8 @@ export class InfluenceService implements ServiceApi {
     if (this.config.pretrained) {
       const pt = this.openStage(this.config.pretrained, reuse?.pretrained);
       checkSameTokenizer(this.stages.get('finetuned')!.model, pt.model);
+      const configs = stagesConfigWarning(this.stages.get('finetuned')!.model, pt.model);
+      if (configs && !pt.warnings.includes(configs)) pt.warnings.push(configs);
       this.stages.set('pretrained', pt);
     } else this.stages.delete('pretrained');
     // the paths change only with the stages (a new checkpoint's folder changes a stamped listing
