@@ -77,6 +77,22 @@ test('retrain = train --exclude with the recorded arguments; before/after on the
   assert.deepEqual(JSON.parse(readFileSync(join(d('ftr'), 'training_args.json'), 'utf8')).excluded_hashes, [
     flagged.hash,
   ]);
+  // a model trained from scratch records the tokenizer's name as train did, not the model's
+  assert.deepEqual(
+    JSON.parse(readFileSync(join(d('m0r'), 'training_args.json'), 'utf8')).from,
+    JSON.parse(readFileSync(join(d('ref0'), 'training_args.json'), 'utf8')).from,
+  );
+  // the starting checkpoint is checked by its weights, not its name: m0 trained again (another
+  // seed) into its own folder, or another model named by --from, is refused
+  ok(run('train', '--data', data, '--out', d('m0'), ...ref.slice(0, -1), '4'));
+  for (const from of [[], ['--from', d('ref0')]]) {
+    const other = run('retrain', '--model', d('ft'), '--exclude', d('qa.exclude.jsonl'), '--out', d('ftx'), ...from);
+    assert.equal(other.status, 1, other.stderr);
+    assert.match(
+      other.stderr,
+      /is not the checkpoint .*ft was fine-tuned from: its weights' fingerprint is \w+, training_args\.json records \w+/,
+    );
+  }
 
   // refusals: an existing output, other data, a model trained elsewhere
   assert.match(

@@ -9,9 +9,11 @@ import { createHash } from 'node:crypto';
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { basename, dirname, join } from 'node:path';
+import { modelFingerprint } from '../attribution/fingerprint';
 import { loadDataset } from '../data/dataset';
 import { contextLength, tokenizeQuery } from '../data/tokenize';
 import { answerQueries, type EvalQuery, readEvalQueries } from '../eval/queries';
+import { openCheckpoint } from '../model/checkpoint';
 import { Model, makeBatch } from '../model/engine';
 import { noneFlaggedIn, readExclusions, trainJob } from './train';
 import { CliError, Progress, parse } from './util';
@@ -22,7 +24,7 @@ export interface TrainingArgs {
   data_sha256: string;
   excluded_hashes: string[];
   from:
-    | { model: string }
+    | { model: string; fingerprint?: string }
     | { init: 'llama'; tokenizer: string; d: number; layers: number; heads: number; ffn: number; context: number };
   epochs: number;
   lr: number;
@@ -67,12 +69,22 @@ export async function runRetrain(argv: string[]): Promise<void> {
       throw new CliError(
         `${v.model} was fine-tuned from "${args.from.model}", which is not at ${dir}; name that checkpoint with --from <dir>`,
       );
+    // the name alone does not say it is the same checkpoint (pre-training run again into that folder)
+    const got = modelFingerprint(openCheckpoint(dir));
+    if (args.from.fingerprint !== undefined && got !== args.from.fingerprint)
+      throw new CliError(
+        `${dir} is not the checkpoint ${v.model} was fine-tuned from: its weights' fingerprint is ${got}, training_args.json records ${args.from.fingerprint} (that folder was written again since?); name the checkpoint it started from with --from <dir>`,
+      );
+    if (args.from.fingerprint === undefined)
+      process.stderr.write(
+        `note: ${v.model}'s training_args.json records no fingerprint of its starting weights (written by an earlier version): ${dir} is taken to be "${args.from.model}" unchecked\n`,
+      );
     from = { model: dir };
   } else {
     if (v.from) throw new CliError(`${v.model} was trained from a fresh model; --from does not apply`);
     const { d, layers, heads, ffn, context } = args.from;
     // the trained model carries a copy of the tokenizer it was initialised with
-    from = { init: { tokenizer: v.model, d, layers, heads, ffn, context } };
+    from = { init: { tokenizer: v.model, tokenizerName: args.from.tokenizer, d, layers, heads, ffn, context } };
   }
   // the new flags plus any the model was already trained without
   const flagged = readExclusions(v.exclude);

@@ -8,6 +8,7 @@
 import { existsSync, readdirSync, realpathSync, rmSync, statSync } from 'node:fs';
 import { basename, dirname, isAbsolute, join, relative, resolve } from 'node:path';
 import { cleanStaleTemps, commitDir, stageDir, tempPathFor } from '../../common/atomic-write';
+import { modelFingerprint } from '../attribution/fingerprint';
 import { loadDataset } from '../data/dataset';
 import { readJsonl } from '../data/jsonl';
 import { contextLength, tokenizeRecord } from '../data/tokenize';
@@ -29,7 +30,16 @@ export interface TrainJobOptions {
   data: string;
   out: string;
   /** start from a fresh model ... */
-  init?: { tokenizer: string; d: number; layers: number; heads: number; ffn: number; context: number };
+  init?: {
+    tokenizer: string;
+    /** the tokenizer's name to record (retrain passes the recorded one; default: the folder's name) */
+    tokenizerName?: string;
+    d: number;
+    layers: number;
+    heads: number;
+    ffn: number;
+    context: number;
+  };
   /** ... or from a checkpoint */
   model?: string;
   epochs: number;
@@ -179,6 +189,7 @@ export async function trainJob(o: TrainJobOptions): Promise<TrainJobResult> {
   let shapes: Map<string, number[]>;
   let tokenizerDir: string;
   let model: Model;
+  let startFingerprint: string | undefined;
   let initDir: string | undefined;
   const engine = { weights: 'inputs' as const, threads: o.threads };
   if (o.init) {
@@ -197,6 +208,7 @@ export async function trainJob(o: TrainJobOptions): Promise<TrainJobResult> {
     model = Model.open(initDir, engine);
   } else if (o.model) {
     model = Model.open(o.model, engine);
+    startFingerprint = modelFingerprint(model.checkpoint, model.options.cacheDir);
     // it would write the base and the adapter's tensors as one full checkpoint
     if (model.checkpoint.adapter)
       throw new CliError(
@@ -259,8 +271,13 @@ export async function trainJob(o: TrainJobOptions): Promise<TrainJobResult> {
       excluded_hashes: [...excludedHashes].sort(),
       examples: examples.length,
       from: o.init
-        ? { init: 'llama', ...o.init, tokenizer: basename(o.init.tokenizer) }
-        : { model: basename(o.model!) },
+        ? (({ tokenizerName, ...init }) => ({
+            init: 'llama',
+            ...init,
+            tokenizer: tokenizerName ?? basename(init.tokenizer),
+          }))(o.init)
+        : // the starting weights' fingerprint: retrain refuses another checkpoint under the same name
+          { model: basename(o.model!), fingerprint: startFingerprint },
       epochs: o.epochs,
       lr: o.lr,
       batch_size: o.batchSize,
