@@ -683,3 +683,37 @@ test('multistage beside a single-stage method is refused when the two models rea
   // each alone runs
   assert.equal(explain('--method', 'multistage').status, 0);
 });
+
+test('the server refuses a method that scores a dataset with the other stage when the two read it under other conventions', async () => {
+  const ftData = writeJsonl(join(home, 'stage-ft.jsonl'), [
+    { prompt: 'Q: capital of France?\nA:', completion: ' Paris' },
+  ]);
+  const ptData = writeJsonl(join(home, 'stage-pt.jsonl'), [{ text: 'Paris is the capital of France.' }]);
+  const service = new InfluenceService(
+    parseConfig(
+      {
+        models: {
+          finetuned: { model: LLAMA },
+          pretrained: { model: LLAMA, training: { appendEos: true } },
+        },
+        datasets: { ft: ftData, pt: ptData },
+        datasetStage: { pt: 'pretrained' },
+        cacheDir: join(home, 'cache-stages'),
+      },
+      { baseDir: process.cwd() },
+    ).service,
+  );
+  service.open();
+  const q = { prompt: 'Q: capital of France?\nA:', completion: ' Paris', topK: 1 };
+  // the "pretrained" dataset is read with the EOS the pre-trained model was trained with: gdp scores
+  // it with the fine-tuned model, trained without
+  await assert.rejects(
+    service.explain({ ...q, dataset: 'pt', method: 'gdp' }),
+    /dataset "pt" is read as the pre-trained model was trained on it \(.*\), but gdp scores it with the fine-tuned model, trained under .*: its tokens are not the ones that model's factors saw/,
+  );
+  // a compared method too
+  await assert.rejects(service.explain({ ...q, dataset: 'pt', method: 'bm25', compare: ['gdp'] }), /but gdp scores it/);
+  // BM25 reads the text alone; a fine-tuning dataset with a fine-tuned method is read alike
+  assert.ok((await service.explain({ ...q, dataset: 'pt', method: 'bm25' })).scored >= 1);
+  assert.ok((await service.explain({ ...q, dataset: 'ft', method: 'gdp' })).scored >= 1);
+});

@@ -42,7 +42,7 @@ import {
 import { loadDataset } from '../data/dataset';
 import { DataError } from '../data/errors';
 import { contextLength, tokenizationKey } from '../data/tokenize';
-import type { TrainingConvention } from '../data/training';
+import { describeTraining, type TrainingConvention } from '../data/training';
 import { GradientStore, type StoreIdentity } from '../index/gradient-store';
 import { preconditionerFingerprint } from '../index/store-projection';
 import { type CheckpointsSetting, planCheckpoints } from '../model/checkpoints';
@@ -715,7 +715,28 @@ export class InfluenceService implements ServiceApi {
       if (!METHODS.includes(m)) throw new ServiceError(`unknown method "${m}" in compare`);
       const why = this.unavailable(m);
       if (why) throw new ServiceError(`${m} is unavailable: ${why}`, 'not_ready');
+      this.checkReadAlike(p.dataset, m);
     }
+  }
+
+  /**
+   * A dataset is tokenized once, as its stage's model was trained on it ("datasetStage"); a method
+   * that scores it with the other stage's model (multistage on a fine-tuning dataset, a
+   * single-stage method on a "pretrained" one) met tokens that model's factors were not fitted on
+   * when the two training conventions differ: the server's scores then matched no CLI run (an
+   * adversarial review: up to 0.92 of the top score apart). Refused, as the CLI refuses it.
+   */
+  private checkReadAlike(datasetId: string, method: Method): void {
+    if (!this.config.pretrained || !methodInfo(method)?.usesModel) return;
+    const readBy = this.modelFor(datasetId);
+    const scoredBy = this.stage(method === 'multistage' ? 'pretrained' : 'finetuned').model;
+    if (readBy === scoredBy) return;
+    const [a, b] = [tokenizationKey(readBy.tokenizer), tokenizationKey(scoredBy.tokenizer)];
+    if (JSON.stringify(a) === JSON.stringify(b)) return;
+    const which = (m: Model) => (m === this.stage('finetuned').model ? 'fine-tuned' : 'pre-trained');
+    throw new ServiceError(
+      `dataset "${datasetId}" is read as the ${which(readBy)} model was trained on it (${describeTraining(readBy.tokenizer.training)}), but ${method} scores it with the ${which(scoredBy)} model, trained under ${describeTraining(scoredBy.tokenizer.training)}: its tokens are not the ones that model's factors saw. Use a method of the ${which(readBy)} model's stage on it${method === 'multistage' ? ' (multistage traces into a "pretrained" dataset)' : ''}, or give both models the same "training"`,
+    );
   }
 
   explain(p: ExplainParams, work: Work = {}): Promise<ExplainResult> {
@@ -974,6 +995,7 @@ export class InfluenceService implements ServiceApi {
 
   private async scanNow(datasetId: string, topK: number, work: Work) {
     const ft = this.stage('finetuned');
+    this.checkReadAlike(datasetId, 'ekfac');
     if (!ft.preconditioners)
       throw new ServiceError(`scanning needs EK-FAC factors: ${this.noFactors('finetuned')}`, 'not_ready');
     const d = this.dataset(datasetId);
