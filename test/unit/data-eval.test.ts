@@ -132,3 +132,21 @@ test('data eval --queries --data: --top-k and --methods are refused before the m
     assert.match(r.stderr, re);
   }
 });
+
+test('a source named by hash is the first of identical copies; a line and a hash that agree are never refused', async () => {
+  const { sourceIndices } = await import('../../src/server/eval/queries');
+  const lines = readFileSync(DATA, 'utf8').split('\n').slice(0, 6);
+  const data = join(home, 'copies.jsonl');
+  // line 7 is a copy of line 3
+  writeFileSync(data, `${[...lines, lines[2]].join('\n')}\n`);
+  const ds = loadDataset(data);
+  const hash = ds.examples[2].hash;
+  assert.equal(ds.examples[6].hash, hash);
+  const q = (sources: Array<{ line?: number; hash?: string }>) =>
+    ({ prompt: 'p', expected: 'e', sources, where: 'q.jsonl:1' }) as never;
+  // identical copies score alike and the first wins the tie: it is the copy that counts
+  assert.deepEqual([...sourceIndices(q([{ hash }]), ds, 'copies')], [2]);
+  assert.deepEqual([...sourceIndices(q([{ line: 3, hash }]), ds, 'copies')], [2]);
+  assert.deepEqual([...sourceIndices(q([{ line: 7, hash }]), ds, 'copies')], [6]);
+  assert.throws(() => sourceIndices(q([{ line: 4, hash }]), ds, 'copies'), /source line 4 .* has hash \w+, not \w+/);
+});

@@ -103,7 +103,10 @@ export function datasetIdOf(path: string): string {
  * disagree (the file changed since the queries were written), is refused.
  */
 export function sourceIndices(q: EvalQuery, dataset: Dataset, id: string): Set<number> {
-  const byHash = new Map(dataset.examples.map((e, i) => [e.hash, i]));
+  // identical copies share a hash: a hash names the first (identical scores tie, and the first
+  // wins the tie, so it is the copy that ranks best); a Map of all would keep the last
+  const byHash = new Map<string, number>();
+  for (const [i, e] of dataset.examples.entries()) if (!byHash.has(e.hash)) byHash.set(e.hash, i);
   const byLine = new Map(dataset.examples.map((e, i) => [e.line, i]));
   const out = new Set<number>();
   for (const s of q.sources) {
@@ -114,11 +117,12 @@ export function sourceIndices(q: EvalQuery, dataset: Dataset, id: string): Set<n
       throw new QueriesError(`${q.where}: source hash ${s.hash} is not in ${dataset.path}`);
     if (s.line !== undefined && l === undefined)
       throw new QueriesError(`${q.where}: source line ${s.line} is not an example of ${dataset.path}`);
-    if (h !== undefined && l !== undefined && h !== l)
+    // a line and a hash that agree name that line, whichever copy it is
+    if (l !== undefined && s.hash !== undefined && dataset.examples[l].hash !== s.hash)
       throw new QueriesError(
         `${q.where}: source line ${s.line} of ${dataset.path} has hash ${dataset.examples[l].hash}, not ${s.hash} (the file changed?)`,
       );
-    out.add((h ?? l) as number);
+    out.add((l ?? h) as number);
   }
   return out;
 }
