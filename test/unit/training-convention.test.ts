@@ -680,8 +680,9 @@ test('multistage beside a single-stage method is refused when the two models rea
     mixed.stderr,
     /multistage reads --data as the pre-trained model was trained on it \(trl.*\), ekfac as the fine-tuned one was \(default.*\): one run cannot score both/,
   );
-  // each alone runs
+  // each alone runs, and BM25 (the text alone) beside multistage too
   assert.equal(explain('--method', 'multistage').status, 0);
+  assert.equal(explain('--method', 'multistage', '--compare', 'bm25').status, 0);
 });
 
 test('the server refuses a method that scores a dataset with the other stage when the two read it under other conventions', async () => {

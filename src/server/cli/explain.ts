@@ -16,7 +16,7 @@ import {
 import { loadDataset } from '../data/dataset';
 import { formatRecord, parseRecord } from '../data/format';
 import { readJsonl } from '../data/jsonl';
-import { contextLength, tokenizationKey } from '../data/tokenize';
+import { contextLength, sameTokenization } from '../data/tokenize';
 import { describeTraining } from '../data/training';
 import { DEFAULTS } from '../settings';
 import {
@@ -142,13 +142,17 @@ export async function runExplain(argv: string[]): Promise<void> {
   // one tokenization of --data serves every method: multistage beside a single-stage method
   // needs both models to read it alike (--compare multistage scored it under the fine-tuned
   // model's convention, without the EOS the pre-trained factors were fitted with)
-  if (pt && all.some((m) => m !== 'multistage') && all.includes('multistage')) {
-    const [a, b] = [tokenizationKey(ft.model.tokenizer), tokenizationKey(pt.model.tokenizer)];
-    if (JSON.stringify(a) !== JSON.stringify(b))
-      throw new CliError(
-        `multistage reads --data as the pre-trained model was trained on it (${describeTraining(pt.model.tokenizer.training)}${a.chatTemplate === b.chatTemplate ? '' : ', its chat template'}), ${all.filter((m) => m !== 'multistage').join(', ')} as the fine-tuned one was (${describeTraining(ft.model.tokenizer.training)}): one run cannot score both; explain with each --method separately`,
-      );
-  }
+  // (BM25 reads the text alone, as in the server's checkReadAlike)
+  const singleStage = all.filter((m) => m !== 'multistage' && methodInfo(m)?.usesModel);
+  if (
+    pt &&
+    singleStage.length &&
+    all.includes('multistage') &&
+    !sameTokenization(ft.model.tokenizer, pt.model.tokenizer)
+  )
+    throw new CliError(
+      `multistage reads --data as the pre-trained model was trained on it (${describeTraining(pt.model.tokenizer.training)}), ${singleStage.join(', ')} as the fine-tuned one was (${describeTraining(ft.model.tokenizer.training)}; another chat template counts too): one run cannot score both; explain with each --method separately`,
+    );
   const dataset = loadDataset(v.data, {
     skipMalformed: v['skip-malformed'],
     trainedBy: { tokenizer: dataModel.tokenizer, maxLength: contextLength(dataModel.config) },

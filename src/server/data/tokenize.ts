@@ -48,6 +48,11 @@ export function tokenizationKey(tok: TokenizerHandle): Record<string, unknown> {
   };
 }
 
+/** Whether two tokenizers turn every record into the same tokens (`tokenizationKey` alike). */
+export function sameTokenization(a: TokenizerHandle, b: TokenizerHandle): boolean {
+  return JSON.stringify(tokenizationKey(a)) === JSON.stringify(tokenizationKey(b));
+}
+
 /**
  * A training record's rendering as its trainer trained on it (the tokenizer's training
  * convention): the EOS appended to a text or completion, every token of a chat scored.

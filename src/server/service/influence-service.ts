@@ -41,7 +41,7 @@ import {
 } from '../attribution/stage';
 import { loadDataset } from '../data/dataset';
 import { DataError } from '../data/errors';
-import { contextLength, tokenizationKey } from '../data/tokenize';
+import { contextLength, sameTokenization, tokenizationKey } from '../data/tokenize';
 import { describeTraining, type TrainingConvention } from '../data/training';
 import { GradientStore, type StoreIdentity } from '../index/gradient-store';
 import { preconditionerFingerprint } from '../index/store-projection';
@@ -731,8 +731,7 @@ export class InfluenceService implements ServiceApi {
     const readBy = this.modelFor(datasetId);
     const scoredBy = this.stage(method === 'multistage' ? 'pretrained' : 'finetuned').model;
     if (readBy === scoredBy) return;
-    const [a, b] = [tokenizationKey(readBy.tokenizer), tokenizationKey(scoredBy.tokenizer)];
-    if (JSON.stringify(a) === JSON.stringify(b)) return;
+    if (sameTokenization(readBy.tokenizer, scoredBy.tokenizer)) return;
     const which = (m: Model) => (m === this.stage('finetuned').model ? 'fine-tuned' : 'pre-trained');
     throw new ServiceError(
       `dataset "${datasetId}" is read as the ${which(readBy)} model was trained on it (${describeTraining(readBy.tokenizer.training)}), but ${method} scores it with the ${which(scoredBy)} model, trained under ${describeTraining(scoredBy.tokenizer.training)}: its tokens are not the ones that model's factors saw. Use a method of the ${which(readBy)} model's stage on it${method === 'multistage' ? ' (multistage traces into a "pretrained" dataset)' : ''}, or give both models the same "training"`,
