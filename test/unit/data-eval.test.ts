@@ -61,6 +61,8 @@ test('data eval --queries: accuracy and per-method Recall@k / MRR of the named s
   // bottom10: (query, source) pairs ranked in the bottom 10% (the method calls a true source irrelevant)
   assert.deepEqual(by.bm25, { method: 'bm25', queries: 1, k: 10, recall: 1, mrr: 1, bottom10: 0 });
   assert.deepEqual(by.repsim, { method: 'repsim', queries: 1, k: 10, recall: 0.5, mrr: 1, bottom10: 0 });
+  // the source in "pretrain" is named, not dropped without a word
+  assert.match(r.stderr, /note: 1 source\(s\) in dataset "pretrain" not scored: --data is dataset "finetune"/);
   const top3 = cli('--model', MODEL, '--queries', file, '--data', DATA, '--methods', 'repsim', '--top-k', '3');
   assert.equal(top3.status, 0, top3.stderr);
   assert.match(top3.stdout, /answers as expected: 2\/3 \(67%\)/);
@@ -76,6 +78,17 @@ test('data eval refuses what it cannot evaluate, naming the file and the value',
   const r = cli('--model', MODEL, '--queries', bad, '--data', DATA, '--methods', 'bm25');
   assert.equal(r.status, 1);
   assert.match(r.stderr, /bad\.jsonl:1: source hash 0000000000000000 is not in/);
+  // the data file's name with .jsonl (or a folder) for its id would be skipped as another dataset
+  for (const name of ['finetune.jsonl', 'assets/default/data/finetune.jsonl']) {
+    const near = join(home, 'near.jsonl');
+    writeFileSync(
+      near,
+      `${JSON.stringify({ prompt: 'Q: x?\nA:', expected: ' y', sources: [{ dataset: name, line: 125 }] })}\n`,
+    );
+    const n = cli('--model', MODEL, '--queries', near, '--data', DATA, '--methods', 'bm25');
+    assert.equal(n.status, 1, n.stderr);
+    assert.match(n.stderr, new RegExp(`near\\.jsonl:1: source dataset "${name}": write "finetune"`));
+  }
   const noFactors = cli('--model', MODEL, '--queries', bad, '--data', DATA, '--methods', 'ekfac');
   assert.match(noFactors.stderr, /--methods ekfac needs --factors <dir>/);
 

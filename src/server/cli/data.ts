@@ -24,6 +24,7 @@ import {
   answerQueries,
   datasetIdOf,
   type EvalQuery,
+  otherDatasets,
   type Retrieval,
   readEvalQueries,
   sourceIndices,
@@ -236,6 +237,13 @@ async function evaluateQueries(v: {
     } catch (e) {
       throw new CliError((e as Error).message);
     }
+    // a source naming another dataset is left out of every score here: say which, so that a
+    // misspelled name ("fine-tune" for "finetune") is seen rather than lowering nothing silently
+    const others = otherDatasets(queries, id);
+    if (others.size)
+      process.stderr.write(
+        `note: ${[...others].map(([name, n]) => `${n} source(s) in dataset "${name}"`).join(', ')} not scored: --data is dataset "${id}" (a source's "dataset" is its data file's name without .jsonl)\n`,
+      );
     const corpus = new Corpus(id, dataset, stage.model);
     for (const method of methods)
       retrieval.push({

@@ -97,6 +97,15 @@ export function datasetIdOf(path: string): string {
   return basename(path).replace(/\.jsonl$/, '');
 }
 
+/** How many sources of these queries name each dataset other than `id` (they are not scored here). */
+export function otherDatasets(queries: readonly EvalQuery[], id: string): Map<string, number> {
+  const out = new Map<string, number>();
+  for (const q of queries)
+    for (const s of q.sources)
+      if (s.dataset !== undefined && s.dataset !== id) out.set(s.dataset, (out.get(s.dataset) ?? 0) + 1);
+  return out;
+}
+
 /**
  * Indices (into `dataset.examples`) of a query's sources in this dataset. Sources naming
  * another dataset are skipped; a source that is not in this file, or whose line and hash
@@ -110,7 +119,15 @@ export function sourceIndices(q: EvalQuery, dataset: Dataset, id: string): Set<n
   const byLine = new Map(dataset.examples.map((e, i) => [e.line, i]));
   const out = new Set<number>();
   for (const s of q.sources) {
-    if (s.dataset !== undefined && s.dataset !== id) continue;
+    if (s.dataset !== undefined && s.dataset !== id) {
+      // "finetune.jsonl" or "data/finetune.jsonl" for "finetune": a near miss would otherwise be
+      // skipped as another dataset's source, and the recall computed without it
+      if (datasetIdOf(s.dataset) === id)
+        throw new QueriesError(
+          `${q.where}: source dataset "${s.dataset}": write "${id}" (the data file's name without .jsonl and without folders)`,
+        );
+      continue;
+    }
     const h = s.hash === undefined ? undefined : byHash.get(s.hash);
     const l = s.line === undefined ? undefined : byLine.get(s.line);
     if (s.hash !== undefined && h === undefined)
