@@ -79,6 +79,43 @@ describe('train and retrain', () => {
       /none of the 1 example\(s\) flagged/,
     );
   });
+
+  test('flags that match no line, and identical copies excluded with a flag, are named by train and retrain', async () => {
+    const { loadDataset } = await import('../../src/server/data/dataset');
+    // line 1 twice: flagging it excludes both copies
+    const lines = readFileSync(data, 'utf8').split('\n').filter(Boolean);
+    const dup = join(home, 'dup.jsonl');
+    writeFileSync(dup, `${[lines[0], ...lines.slice(1, 16), lines[0]].join('\n')}\n`);
+    const hash = loadDataset(dup).examples[0].hash;
+    const flags = join(home, 'dup.exclude.jsonl');
+    writeFileSync(
+      flags,
+      `${JSON.stringify({ hash, line: 1 })}\n${JSON.stringify({ hash: '0123456789abcdef', line: 9 })}\n`,
+    );
+    const out = join(home, 'dup-trained');
+    const base = ['--data', dup, '--epochs', '1', '--threads', '1', '--exclude', flags];
+    const trained = cli('train', '--model', PRETRAINED, '--out', out, ...base);
+    assert.equal(trained.code, 0, trained.err);
+    assert.match(trained.out, /\(2 excluded\)/);
+    const note =
+      /note: 1 of the 2 example\(s\) flagged in .*dup\.exclude\.jsonl are not in .*dup\.jsonl \(lines edited since they were flagged\?\) and exclude nothing; 1 identical copy of flagged examples excluded with them/;
+    assert.match(trained.err, note);
+    const again = cli(
+      'retrain',
+      '--model',
+      out,
+      '--data',
+      dup,
+      '--exclude',
+      flags,
+      '--out',
+      join(home, 'dup-re'),
+      '--from',
+      PRETRAINED,
+    );
+    assert.equal(again.code, 0, again.err);
+    assert.match(again.err, note);
+  });
 });
 
 describe('data eval', () => {

@@ -15,7 +15,7 @@ import { contextLength, tokenizeQuery } from '../data/tokenize';
 import { answerQueries, type EvalQuery, readEvalQueries } from '../eval/queries';
 import { openCheckpoint } from '../model/checkpoint';
 import { Model, makeBatch } from '../model/engine';
-import { noneFlaggedIn, readExclusions, trainJob } from './train';
+import { exclusionNote, noneFlaggedIn, readExclusions, trainJob } from './train';
 import { CliError, Progress, parse } from './util';
 
 /** What `influence-lens train` records (train.ts); only the fields retraining needs are read. */
@@ -89,8 +89,11 @@ export async function runRetrain(argv: string[]): Promise<void> {
   // the new flags plus any the model was already trained without
   const flagged = readExclusions(v.exclude);
   // flags of another dataset would add nothing: the retrained model would be the same one
-  if (flagged.size && !loadDataset(data).examples.some((e) => flagged.has(e.hash)))
+  const examples = loadDataset(data).examples;
+  if (flagged.size && !examples.some((e) => flagged.has(e.hash)))
     throw new CliError(noneFlaggedIn(v.exclude, flagged.size, data));
+  const note = exclusionNote(v.exclude, flagged, examples, data);
+  if (note) process.stderr.write(`${note}\n`);
   const excluded = new Set([...args.excluded_hashes, ...flagged]);
   const tmp = mkdtempSync(join(tmpdir(), 'il-retrain-'));
   const queries = v.queries ? readQueriesOrFail(v.queries) : [];

@@ -91,6 +91,34 @@ export function noneFlaggedIn(sidecar: string, flags: number, data: string): str
 }
 
 /**
+ * What a run without the flagged examples should say besides its counts: flags that match no
+ * example of the data (lines edited since they were flagged, or another dataset's flags) exclude
+ * nothing, and a flag excludes every identical copy of its example. Undefined when neither holds.
+ */
+export function exclusionNote(
+  sidecar: string,
+  flagged: ReadonlySet<string>,
+  examples: ReadonlyArray<{ hash: string }>,
+  data: string,
+): string | undefined {
+  const matched = new Set<string>();
+  let copies = 0;
+  for (const e of examples)
+    if (flagged.has(e.hash)) {
+      if (matched.has(e.hash)) copies++;
+      matched.add(e.hash);
+    }
+  const parts: string[] = [];
+  const missing = flagged.size - matched.size;
+  if (missing && matched.size)
+    parts.push(
+      `${missing} of the ${flagged.size} example(s) flagged in ${sidecar} are not in ${data} (lines edited since they were flagged?) and exclude nothing`,
+    );
+  if (copies) parts.push(`${copies} identical cop${copies === 1 ? 'y' : 'ies'} of flagged examples excluded with them`);
+  return parts.length ? `note: ${parts.join('; ')}` : undefined;
+}
+
+/**
  * Token ids and loss weights of each example: the weights come from the record's spans (the
  * completion or assistant turns, or all of a text), as the influence commands compute them.
  * Examples left with no weighted token are dropped.
@@ -183,6 +211,8 @@ export async function trainJob(o: TrainJobOptions): Promise<TrainJobResult> {
   // would be trained on every example while the run looks like one without the flagged ones
   if (excludedHashes.size && !excluded) throw new CliError(noneFlaggedIn(o.exclude!, excludedHashes.size, o.data));
   if (!kept.length) throw new CliError(`${o.data}: every example is excluded`);
+  const note = o.exclude ? exclusionNote(o.exclude, excludedHashes, ds.examples, o.data) : undefined;
+  if (note) log(note);
 
   let config: Record<string, unknown>;
   let params: Map<string, Float32Array>;
