@@ -42,7 +42,21 @@ test('without fitDataset, each model is fitted on its own stage\'s data ("datase
     cacheDir: join(home, 'cache'),
   });
   single.open();
+  // the documented fallback, said in status: the pre-trained model has no data of its own
+  const [fallback, ...more] = single.info().warnings;
+  assert.equal(more.length, 0, more.join('\n'));
+  assert.match(
+    fallback,
+    /the pretrained model has no dataset of its own .* its EK-FAC factors are fitted on "sft", the finetuned model's training data\. .*"fitDataset": "sft" on models\.pretrained/,
+  );
   assert.equal((await single.fit('pretrained')).examples, 7);
+  // named on purpose: nothing to say
+  const chosen = new InfluenceService({
+    ...single.config,
+    pretrained: { ...single.config.pretrained!, fitDataset: 'sft' },
+  });
+  chosen.open();
+  assert.deepEqual(chosen.info().warnings, []);
 });
 
 test('without "store", index is refused (explain never reads a store then) instead of building one for nothing', async () => {
@@ -134,4 +148,38 @@ test('factors fitted on other data than the fit dataset are named in status once
   cappedService.open();
   await cappedService.explain({ ...q, dataset: 'a' });
   assert.deepEqual(cappedService.info().warnings, []);
+});
+
+test("factors fitted on other data are named too when fitDataset is the other stage's dataset", async () => {
+  const web = head('pretrain', 12);
+  const sft = head('finetune', 7);
+  const ptFactors = join(home, 'pt-on-web');
+  const base = {
+    finetuned: { model: 'assets/default/finetuned', factors: join(home, 'ft-on-sft'), checkpoints: 'off' as const },
+    datasets: { web, sft },
+    datasetStage: { web: 'pretrained' as const },
+    modules: 'mlp' as const,
+    damping: { relative: 0.1 },
+    cacheDir: join(home, 'cache'),
+  };
+  const first = new InfluenceService({
+    ...base,
+    pretrained: { model: 'assets/default/pretrained', factors: ptFactors },
+  });
+  first.open();
+  assert.equal((await first.fit('pretrained')).examples, 12);
+  await first.fit('finetuned');
+  // the pre-trained model now to be fitted on the fine-tuning data, its folder still of web's
+  const moved = new InfluenceService({
+    ...base,
+    pretrained: { model: 'assets/default/pretrained', factors: ptFactors, fitDataset: 'sft' },
+  });
+  moved.open();
+  await moved.explain({ prompt: 'Q: x?\nA:', completion: ' Paris', method: 'multistage', dataset: 'sft', topK: 1 });
+  const warnings = moved.info().warnings;
+  assert.equal(warnings.length, 1, warnings.join('\n'));
+  assert.match(
+    warnings[0],
+    /the pretrained model's EK-FAC factors \(.*pt-on-web\) were fitted on other data than its fit dataset "sft"/,
+  );
 });

@@ -547,7 +547,7 @@ export class InfluenceService implements ServiceApi {
       methods,
       unavailable: Object.fromEntries(METHODS.filter((m) => !methods.includes(m)).map((m) => [m, this.unavailable(m)])),
       modules: ft.model.modules(this.modules).map((m) => m.name),
-      warnings: [...ft.warnings, ...(pt?.warnings ?? []), ...this.factorsDataWarnings()],
+      warnings: [...ft.warnings, ...(pt?.warnings ?? []), ...this.fitFallbackWarnings(), ...this.factorsDataWarnings()],
       revision: this.revision,
     };
   }
@@ -567,6 +567,26 @@ export class InfluenceService implements ServiceApi {
   }
 
   /**
+   * A model of a two-stage setup with no dataset of its own ("datasetStage") and no "fitDataset"
+   * is fitted on the first dataset, the other model's training data: allowed (the documented
+   * fallback), but not what a user who forgot to mark the pre-training data expects, so said.
+   */
+  private fitFallbackWarnings(): string[] {
+    if (!this.config.pretrained) return [];
+    const ids = Object.keys(this.config.datasets);
+    const stageOf = (id: string) => own(this.config.datasetStage, id) ?? 'finetuned';
+    const out: string[] = [];
+    for (const which of ['finetuned', 'pretrained'] as const) {
+      const c = this.config[which];
+      if (!c?.factors || c.fitDataset !== undefined || ids.some((id) => stageOf(id) === which)) continue;
+      out.push(
+        `the ${which} model has no dataset of its own (no "datasetStage" entry marks one "${which}") and no "fitDataset": its EK-FAC factors are fitted on "${ids[0]}", the ${stageOf(ids[0])} model's training data. List its training data in "datasets" and mark it in "datasetStage", or set "fitDataset": "${ids[0]}" on models.${which} if that is what you want`,
+      );
+    }
+    return out;
+  }
+
+  /**
    * Our factors fitted on other data than the stage's fit dataset ("fitDataset" changed since, or
    * fitted before the default followed "datasetStage", when the fine-tuned model took the first
    * dataset listed): explanations still use them, since a folder the user names is never refitted
@@ -581,8 +601,11 @@ export class InfluenceService implements ServiceApi {
       if (!c?.factors || !stage?.preconditioners) continue;
       const id = this.fitDatasetId(which);
       const d = this.data.get(id);
-      // a dataset read with the other stage's tokenizer has another fingerprint whatever the data
-      if (!d || this.modelFor(id) !== stage.model) continue;
+      if (!d) continue;
+      // a fit dataset of the other stage ("fitDataset" naming it) is loaded with the other model;
+      // its content hashes are the same under either, and the fingerprint is taken under this
+      // stage's model, unless lines were skipped: the other convention may skip other records
+      if (this.modelFor(id) !== stage.model && d.corpus.dataset.skipped.length) continue;
       // status is asked often: the arguments file is read and the fingerprint taken once per
       // factors and dataset loaded (both objects are new when either is read again)
       const seen = this.factorsDataChecked.get(which);
