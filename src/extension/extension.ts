@@ -65,7 +65,10 @@ export function activate(context: vscode.ExtensionContext) {
       if (!info) return;
       try {
         const i = await asked.info();
-        if (asked === client) logWarnings(i);
+        if (asked === client) {
+          s.history.noteRevision(i.revision);
+          logWarnings(i);
+        }
       } catch {
         // the next request reports a server that went away
       }
@@ -80,6 +83,7 @@ export function activate(context: vscode.ExtensionContext) {
           if (pending === p) pending = undefined;
           if (asked !== client) return s.info(force);
           info = i;
+          s.history.noteRevision(i.revision);
           status.connected(client.label, i);
           logWarnings(i);
           return i;

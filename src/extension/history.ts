@@ -1,5 +1,7 @@
 // Recent explanations, kept compactly in the workspace state, so a training-data hover can say
-// how an example influenced the last queries ("supporting #1 for ' Sydney' (EK-FAC)").
+// how an example influenced the last queries ("supporting #1 for ' Sydney' (EK-FAC)"). Each entry
+// keeps the server's revision (its model, tokenizer and factor files) when it was computed, so a
+// ranking from before a retrain or refit is shown as such, not as the current model's.
 import type * as vscode from 'vscode';
 import type { ExplainResult, Method, Sign } from '../protocol/types';
 
@@ -14,6 +16,8 @@ export interface HistoryHit {
   sign: Sign;
   percentile: number;
   at: number;
+  /** computed before the server's files last changed (a retrain, a refit): not the current model's */
+  stale: boolean;
 }
 
 interface Entry {
@@ -22,11 +26,18 @@ interface Entry {
   method: Method;
   dataset: string;
   at: number;
+  /** the server's revision when it computed the result (absent from entries of earlier versions) */
+  revision?: string;
   examples: Array<[hash: string, line: number, rank: number, score: number, sign: Sign, percentile: number]>;
 }
 
 const KEY = 'influenceLens.history';
+/** the latest revision the server reported, for entries whose revision is another */
+const REVISION_KEY = 'influenceLens.history.revision';
 const MAX = 20;
+
+/** How a hit computed before the server's files changed is labelled (hovers, flag reasons). */
+export const STALE_NOTE = 'before the model or factors last changed';
 
 export class History {
   constructor(private readonly memento: vscode.Memento) {}
@@ -38,6 +49,7 @@ export class History {
       method: r.method,
       dataset,
       at: Date.now(),
+      ...(r.revision !== undefined ? { revision: r.revision } : {}),
       examples: [...r.supporting, ...r.opposing].map((e) => [
         e.id.hash,
         e.id.line,
@@ -51,11 +63,19 @@ export class History {
       x.prompt === entry.prompt && x.completion === entry.completion && x.method === entry.method;
     const list = [entry, ...this.entries().filter((x) => !same(x))].slice(0, MAX);
     void this.memento.update(KEY, list);
+    this.noteRevision(r.revision);
+  }
+
+  /** The server's revision as it reports it now (every status and result carries it). */
+  noteRevision(revision: string | undefined): void {
+    if (revision !== undefined && revision !== this.memento.get<string>(REVISION_KEY))
+      void this.memento.update(REVISION_KEY, revision);
   }
 
   /** How an example (by hash) ranked in recent explanations, newest first. */
   hits(hash: string): HistoryHit[] {
     const out: HistoryHit[] = [];
+    const current = this.memento.get<string>(REVISION_KEY);
     for (const e of this.entries())
       for (const [h, line, rank, score, sign, percentile] of e.examples)
         if (h === hash)
@@ -70,6 +90,9 @@ export class History {
             sign,
             percentile,
             at: e.at,
+            // an entry of an earlier version has no revision: unknown, so taken as stale only once
+            // the server has reported a revision (it then may be another model's ranking)
+            stale: current !== undefined && e.revision !== current,
           });
     return out;
   }

@@ -442,3 +442,49 @@ test('a line the server refuses (a stray BOM from concatenated files) offers no 
     [hashOf(1)],
   );
 });
+
+test('a ranking from before a retrain or refit is said to be so, in the hover and in the flag reason', async () => {
+  const { History } = await import('../../src/extension/history');
+  const { JsonlHoverProvider } = await loadWithVscodeStub<typeof import('../../src/extension/hovers/jsonl-hover')>(
+    new URL('../../src/extension/hovers/jsonl-hover.ts', import.meta.url),
+  );
+  const history = new History(memento() as never);
+  const example = (i: number, rank: number) => ({
+    id: { dataset: 'data', line: i, hash: hashOf(i) },
+    rank,
+    score: 10 - rank,
+    sign: 'supporting',
+    percentile: 99,
+  });
+  const result = (revision: string, completion: string) =>
+    ({
+      query: { prompt: 'Q: x?\nA:', completion },
+      method: 'ekfac',
+      supporting: [example(3, 1)],
+      opposing: [],
+      revision,
+    }) as never;
+  registerFlagCommands({ flags: store, history } as never);
+  const hovers = new JsonlHoverProvider(store, history);
+  const doc = await fake.open(dataset);
+  const text = () => {
+    const hover = hovers.provideHover(doc as never, { line: 2, character: 0 } as never);
+    assert.ok(hover);
+    return (hover.contents as unknown as { value: string }).value;
+  };
+  history.add('data', result('rev-a', ' Sydney'));
+  assert.match(text(), /supporting\*\* #1 for “Sydney” \(EK-FAC, [^)]*\)\n/);
+  assert.doesNotMatch(text(), /before the model/);
+  // the server reports other files (a retrain): the same entry is now an earlier model's ranking
+  history.noteRevision('rev-b');
+  assert.match(text(), /#1 for “Sydney” \(EK-FAC, [^)]*\) · \*before the model or factors last changed\*/);
+  await fake.open(dataset, 2);
+  await run('flagLine');
+  const [flag] = readSidecar(sidecarPathFor(dataset)).entries;
+  assert.equal(flag.reason, 'supporting #1 for "Sydney" (EK-FAC, before the model or factors last changed)');
+  // a ranking by the current model is preferred for the reason
+  await run('unflagLine');
+  history.add('data', result('rev-b', ' Perth'));
+  await run('flagLine');
+  assert.equal(readSidecar(sidecarPathFor(dataset)).entries[0].reason, 'supporting #1 for "Perth" (EK-FAC)');
+});

@@ -11,6 +11,7 @@ import { cleanedPathFor, editorRewrites, exportCleaned, filterDataset, removalSp
 import type { FlagGroup } from '../flags/flag-store';
 import { lineHashAt, lineTextAt } from '../flags/hash';
 import { isSidecarPath, readFlagsForRemoval, sidecarPathFor } from '../flags/sidecar';
+import { STALE_NOTE } from '../history';
 import { reportError, type Services } from '../services';
 import type { FlagNode } from '../views/flagged-tree';
 
@@ -74,13 +75,15 @@ async function flagLine(s: Services, on: boolean, uri?: string, line?: number, s
     await notFlagged(s, doc, line);
     return;
   }
-  const hit = s.history.hits(hash)[0];
+  // the newest ranking by the current model, else the newest one, said to be older
+  const hits = s.history.hits(hash);
+  const hit = hits.find((h) => !h.stale) ?? hits[0];
   const added = await s.flags.flag(doc.uri.fsPath, [
     hit
       ? {
           hash,
           line: line + 1,
-          reason: `${hit.sign === 'neutral' ? 'similar' : hit.sign} #${hit.rank} for ${JSON.stringify(hit.completion.trim())} (${METHOD_LABELS[hit.method]})`,
+          reason: `${hit.sign === 'neutral' ? 'similar' : hit.sign} #${hit.rank} for ${JSON.stringify(hit.completion.trim())} (${METHOD_LABELS[hit.method]}${hit.stale ? `, ${STALE_NOTE}` : ''})`,
           score: hit.score,
           query: hit.prompt + hit.completion,
         }

@@ -7,7 +7,7 @@ import { settings } from '../config';
 import type { FlagStore } from '../flags/flag-store';
 import { lineHashAt } from '../flags/hash';
 import { isSidecarPath } from '../flags/sidecar';
-import type { History } from '../history';
+import { type History, STALE_NOTE } from '../history';
 
 export const HOVER_COMMANDS = ['influenceLens.flagLine', 'influenceLens.unflagLine', 'influenceLens.showResults'];
 
@@ -34,7 +34,10 @@ export class JsonlHoverProvider implements vscode.HoverProvider {
         const q = h.completion.replace(/\s+/g, ' ').trim().slice(0, 40);
         md.appendMarkdown(
           `- ${h.sign === 'neutral' ? 'similar' : `**${h.sign}**`} #${h.rank} for “${esc(q)}” ` +
-            `(${METHOD_LABELS[h.method]}, ${SIGNED_METHODS.includes(h.method) ? formatScore(h.score) : formatValue(h.score)}, ${formatPercentile(h.percentile)})\n`,
+            `(${METHOD_LABELS[h.method]}, ${SIGNED_METHODS.includes(h.method) ? formatScore(h.score) : formatValue(h.score)}, ${formatPercentile(h.percentile)})` +
+            // a ranking from before a retrain or refit is not the current model's
+            (h.stale ? ` · *${STALE_NOTE}*` : '') +
+            '\n',
         );
       }
       md.appendMarkdown('\n');
