@@ -528,3 +528,33 @@ test('a cleaned copy into a folder that does not exist names the folder, not a t
       e.message === `cannot write x.jsonl: its folder ${join(d, 'nodir')} does not exist` && !/\.tmp-/.test(e.message),
   );
 });
+
+test('export counts records only: JSON values that are not objects (the server reads no example from them) are kept and said apart', async () => {
+  const d = tmp();
+  try {
+    const ds = join(d, 'train.jsonl');
+    const lines = [
+      JSON.stringify(RECORDS[0]),
+      '[1, 2]',
+      '',
+      JSON.stringify(RECORDS[1]),
+      '42',
+      JSON.stringify(RECORDS[2]),
+    ];
+    writeFileSync(ds, `${lines.join('\n')}\n`);
+    await addFlags(sidecarPathFor(ds), [entry(contentHash(RECORDS[1]), 4)]);
+    const r = exportCleaned(ds);
+    assert.equal(r.kept, 2);
+    assert.equal(r.other, 2, 'the array and the number; the blank line is not counted');
+    assert.equal(loadDataset(ds, { skipMalformed: true }).examples.length, 3, 'the server reads the 3 records');
+    const cli = spawnSync(
+      process.execPath,
+      ['--import', 'tsx', 'src/server/cli.ts', 'export', '--data', ds, '--out', join(d, 'out.jsonl')],
+      { encoding: 'utf8' },
+    );
+    assert.equal(cli.status, 0, cli.stderr);
+    assert.match(cli.stdout, /2 examples kept, 1 removed \(and 2 line\(s\) that are not records, kept as they are\)/);
+  } finally {
+    rmSync(d, { recursive: true, force: true });
+  }
+});

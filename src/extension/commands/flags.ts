@@ -242,7 +242,8 @@ async function exportCommand(s: Services, node?: FlagNode) {
   const flagged = new Set(r.removed.map((x) => x.hash)).size;
   const copies = r.removed.length > flagged ? ` (${flagged} flagged; identical copies go with them)` : '';
   const pick = await vscode.window.showInformationMessage(
-    `Influence Lens: wrote ${basename(r.outPath)}: ${r.kept} examples kept, ${r.removed.length} flagged removed${copies}.${missing}`,
+    `Influence Lens: wrote ${basename(r.outPath)}: ${r.kept} examples kept, ${r.removed.length} flagged removed${copies}.${missing}` +
+      (r.other ? ` ${r.other} line(s) that are not records were kept as they are.` : ''),
     'Open',
   );
   if (pick === 'Open') await vscode.window.showTextDocument(vscode.Uri.file(r.outPath));

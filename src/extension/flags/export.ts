@@ -8,7 +8,7 @@ import { existsSync, lstatSync, readFileSync, realpathSync, statSync } from 'nod
 import { resolve } from 'node:path';
 import { cleanStaleTempsOf, resolveLinks } from '../../common/atomic-write';
 import { asBuffer, byteLines, hasBom, lineText, UTF8_BOM } from '../../common/byte-lines';
-import { lineHash } from './hash';
+import { parseJsonLine } from '../../common/json-line';
 import { isFolder, isSidecarPath, readFlagsForRemoval, sidecarPathFor, writeFileAtomic } from './sidecar';
 
 /** `data/train.jsonl` → `data/train.cleaned.jsonl`. */
@@ -17,8 +17,10 @@ export function cleanedPathFor(datasetPath: string): string {
 }
 
 export interface FilterCounts {
-  /** records kept */
+  /** records kept (JSON objects; the server reads nothing else as an example) */
   kept: number;
+  /** other lines kept as they are, blank ones aside: malformed, or a JSON value that is not an object */
+  other: number;
   /** the removed records: 1-based line and hash */
   removed: Array<{ line: number; hash: string }>;
   /** excluded hashes that no line of the dataset has (the file changed, or another dataset's flag) */
@@ -41,18 +43,22 @@ export function filterDatasetBytes(data: Uint8Array, excluded: ReadonlySet<strin
   const removed: FilterCounts['removed'] = [];
   const out: Buffer[] = hasBom(buf) ? [UTF8_BOM] : [];
   let kept = 0;
+  let other = 0;
   for (const l of byteLines(buf)) {
     const text = lineText(buf, l);
-    const h = text === undefined ? undefined : lineHash(text);
+    const p = text === undefined ? undefined : parseJsonLine(text);
+    const h = p?.kind === 'value' ? p.hash : undefined;
     if (h !== undefined && excluded.has(h)) {
       found.add(h);
       removed.push({ line: l.line, hash: h });
       continue;
     }
-    if (h !== undefined) kept++;
+    const record = p?.kind === 'value' && p.value !== null && typeof p.value === 'object' && !Array.isArray(p.value);
+    if (record) kept++;
+    else if (p?.kind !== 'blank') other++;
     out.push(l.raw);
   }
-  return { bytes: Buffer.concat(out), kept, removed, missing: [...excluded].filter((h) => !found.has(h)) };
+  return { bytes: Buffer.concat(out), kept, other, removed, missing: [...excluded].filter((h) => !found.has(h)) };
 }
 
 /** The dataset text without the records whose content hash is excluded (an editor's text). */

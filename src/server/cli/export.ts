@@ -30,6 +30,7 @@ export async function runExport(argv: string[]): Promise<void> {
   const flagged = new Set(r.removed.map((x) => x.hash)).size;
   process.stdout.write(
     `wrote ${r.outPath}: ${r.kept} examples kept, ${r.removed.length} removed` +
+      (r.other ? ` (and ${r.other} line(s) that are not records, kept as they are)` : '') +
       (r.removed.length > flagged ? ` (${flagged} flagged example(s); identical copies removed with them)` : '') +
       (r.missing.length ? `; ${r.missing.length} flagged hash(es) not in ${v.data} (the file changed?)` : '') +
       '\n',
