@@ -177,6 +177,8 @@ export interface GenerateResult {
   completion: string;
   /** each generated token's log-probability */
   logprobs: number[];
+  /** what in the request changed nothing (a seed at temperature 0), so it is not silently ignored */
+  notes?: string[];
 }
 
 /** `getExample`: one training example, found by line (or by hash when the file was edited). */

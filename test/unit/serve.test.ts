@@ -159,6 +159,15 @@ describe('influence server over WebSocket', () => {
     });
     assert.equal(typeof g.completion, 'string');
     assert.ok(g.logprobs.every((x) => x <= 0));
+    assert.equal((g as { notes?: string[] }).notes, undefined);
+    // a seed at temperature 0 (the default) changes nothing: said, as the CLI says it
+    const seeded = await client.request<{ completion: string; notes?: string[] }>('generate', {
+      prompt: 'Q: capital of country 3?\nA:',
+      maxTokens: 4,
+      seed: 7,
+    });
+    assert.equal(seeded.completion, g.completion);
+    assert.deepEqual(seeded.notes, ['seed 7 changes nothing: temperature 0 decodes greedily']);
   });
 
   test('a restarted server reuses the factors and the gradient store on disk', async () => {

@@ -18,6 +18,8 @@ import type {
   ExplainParams,
   ExplainPartial,
   ExplainResult,
+  GenerateParams,
+  GenerateResult,
   Method,
 } from '../../protocol/types';
 import { METHODS } from '../../protocol/types';
@@ -120,13 +122,6 @@ export interface Work {
   partial?: (p: ExplainPartial) => void;
 }
 
-export interface GenerateParams {
-  prompt: string;
-  maxTokens?: number;
-  temperature?: number;
-  seed?: number;
-}
-
 /**
  * What the RPC methods need from a service. `InfluenceService` implements it in this thread;
  * `WorkerService` (./worker-service) implements it with the work done in worker threads.
@@ -146,7 +141,7 @@ export interface ServiceApi {
   fit(which: 'finetuned' | 'pretrained', work?: Work): Promise<Awaited<ReturnType<typeof runFitJob>>>;
   index(datasetId: string, work?: Work): Promise<{ size: number; bytes: number }>;
   reload(datasetId: string): ReloadResult | Promise<ReloadResult>;
-  generate(p: GenerateParams, work?: Work): Promise<{ prompt: string; completion: string; logprobs: number[] }>;
+  generate(p: GenerateParams, work?: Work): Promise<GenerateResult>;
 }
 
 export type Example = ReturnType<InfluenceService['getExample']>;
@@ -1150,17 +1145,23 @@ export class InfluenceService implements ServiceApi {
     return this.request(() => this.generateNow(p, work));
   }
 
-  private async generateNow(p: GenerateParams, work: Work) {
+  private async generateNow(p: GenerateParams, work: Work): Promise<GenerateResult> {
+    const temperature = p.temperature ?? LIMITS.generate.temperature.default;
     const [g] = await cancellable(work, () =>
       generate(this.model, [p.prompt], {
         maxNewTokens: p.maxTokens ?? LIMITS.generate.maxTokens.default,
-        temperature: p.temperature ?? LIMITS.generate.temperature.default,
+        temperature,
         seed: p.seed ?? LIMITS.generate.seedDefault,
       }).catch((e) => {
         throw e instanceof GenerateError ? new ServiceError(`prompt: ${e.message}`) : e;
       }),
     );
-    return { prompt: p.prompt, completion: g.text, logprobs: g.logprobs };
+    // as the CLI's note: greedy decoding draws nothing, so every seed gives this completion
+    const notes =
+      p.seed !== undefined && temperature === 0
+        ? [`seed ${p.seed} changes nothing: temperature 0 decodes greedily`]
+        : [];
+    return { prompt: p.prompt, completion: g.text, logprobs: g.logprobs, ...(notes.length ? { notes } : {}) };
   }
 }
 

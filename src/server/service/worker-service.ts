@@ -12,12 +12,12 @@ import {
   type ExplainManyResult,
   type ExplainParams,
   type ExplainResult,
+  type GenerateParams,
   METHODS,
 } from '../../protocol/types';
 import {
   ConfigFileWatch,
   type Example,
-  type GenerateParams,
   isLightExplain,
   type ReloadResult,
   type ScanResult,
