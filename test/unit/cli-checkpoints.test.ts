@@ -3,7 +3,7 @@
 // and checkpoint-6/ inside). "auto" (the default) sums over the checkpoints; "off" must really
 // score the final model alone, in the CLI and in the server.
 import assert from 'node:assert/strict';
-import { spawn, spawnSync } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import { cpSync, existsSync, readdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
@@ -12,6 +12,7 @@ import type { ExplainResult } from '../../src/protocol/types';
 import { ConfigFileError, parseConfig } from '../../src/server/service/config';
 import { InfluenceService } from '../../src/server/service/influence-service';
 import { RpcClient } from '../../src/transport/client';
+import { cliIn } from './helpers/cli';
 import { useTempHome } from './helpers/env';
 
 const home = useTempHome();
@@ -19,13 +20,7 @@ const RUN = 'test/fixtures/trainer_run';
 const DATA = join(RUN, 'train.jsonl');
 const Q = ['--prompt', 'The capital of France is', '--completion', ' Paris.'];
 
-function cli(...args: string[]) {
-  const r = spawnSync(process.execPath, ['--import', 'tsx', 'src/server/cli.ts', ...args], {
-    encoding: 'utf8',
-    env: { ...process.env, HOME: home },
-  });
-  return { code: r.status, out: r.stdout, err: r.stderr };
-}
+const cli = cliIn(home);
 
 const explainJson = (...extra: string[]) => {
   const r = cli('explain', '--model', RUN, '--data', DATA, ...Q, '--top-k', '8', '--json', ...extra);

@@ -1,24 +1,18 @@
 // The influence commands as a user runs them: fit → explain (text and --json) → scan, and the
 // one-line errors for the mistakes users make.
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
 import type { ExplainResult } from '../../src/protocol/types';
+import { cliIn } from './helpers/cli';
 import { useTempHome } from './helpers/env';
 
 const home = useTempHome();
 const MODEL = 'test/fixtures/models/llama';
 const OTHER = 'test/fixtures/models/mistral';
 
-function cli(...args: string[]) {
-  const r = spawnSync(process.execPath, ['--import', 'tsx', 'src/server/cli.ts', ...args], {
-    encoding: 'utf8',
-    env: { ...process.env, HOME: home },
-  });
-  return { code: r.status, out: r.stdout, err: r.stderr };
-}
+const cli = cliIn(home);
 
 describe('influence-lens fit / explain / scan', () => {
   const data = join(home, 'train.jsonl');

@@ -2,13 +2,13 @@
 // → scan, with the base from base_model_name_or_path or from --base; the tracked modules are
 // the adapter's A and B layers.
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
 import { cpSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { describe, test } from 'node:test';
 import type { ExplainResult } from '../../src/protocol/types';
 import { loadFactors } from '../../src/server/attribution/ekfac/factors-io';
 import { readSafetensorsHeader, readTensorF32, writeSafetensors } from '../../src/server/model/safetensors';
+import { cliIn } from './helpers/cli';
 import { writeJsonl, writeTinyCorpus } from './helpers/corpus';
 import { useTempHome } from './helpers/env';
 
@@ -17,13 +17,7 @@ const ADAPTER = 'test/fixtures/models/llama_lora';
 const BASE = 'test/fixtures/models/llama';
 const LORA_NAME = /^base_model\.model\.model\.layers\.\d\.(self_attn\.[qv]_proj|mlp\.down_proj)\.lora_[AB]$/;
 
-function cli(...args: string[]) {
-  const r = spawnSync(process.execPath, ['--import', 'tsx', 'src/server/cli.ts', ...args], {
-    encoding: 'utf8',
-    env: { ...process.env, HOME: home },
-  });
-  return { code: r.status, out: r.stdout, err: r.stderr };
-}
+const cli = cliIn(home);
 
 describe('influence-lens over a LoRA adapter', () => {
   const data = join(home, 'train.jsonl');

@@ -8,6 +8,7 @@ import { describe, test } from 'node:test';
 import { type JsonSchema, validateSchema } from '../../src/common/json-schema';
 import { PARAMS_SCHEMA } from '../../src/protocol/params-schema';
 import { loadTokenizer } from '../../src/server/model/tokenizer';
+import { cliIn } from './helpers/cli';
 import { useTempHome } from './helpers/env';
 
 const home = useTempHome();
@@ -15,14 +16,7 @@ const MODEL = 'assets/default/finetuned';
 const PRETRAINED = 'assets/default/pretrained';
 const PROMPT = 'Q: What is the capital of France?\nA:';
 
-function cli(...args: string[]) {
-  const r = spawnSync(process.execPath, ['--import', 'tsx', 'src/server/cli.ts', ...args], {
-    encoding: 'utf8',
-    env: { ...process.env, HOME: home, INFLUENCE_LENS_CACHE: join(home, 'cache') },
-    timeout: 120_000,
-  });
-  return { code: r.status, out: r.stdout, err: r.stderr };
-}
+const cli = cliIn(home, { INFLUENCE_LENS_CACHE: join(home, 'cache') }, 120_000);
 
 /** A refusal: exit 1, one line on stderr matching `re`, nothing on stdout. */
 function refused(r: ReturnType<typeof cli>, re: RegExp) {

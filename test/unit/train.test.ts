@@ -2,7 +2,6 @@
 // bytes, prompt/completion records are scored on their completion only, the flags sidecar
 // removes examples, and the checkpoint it writes loads back.
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { appendFileSync, existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -13,6 +12,7 @@ import { buildCorpus } from '../../src/server/embedded/build';
 import { writeCorpus } from '../../src/server/embedded/write';
 import { Model } from '../../src/server/model/engine';
 import { loadTokenizer } from '../../src/server/model/tokenizer';
+import { cliIn } from './helpers/cli';
 import { useTempHome } from './helpers/env';
 
 const home = useTempHome();
@@ -23,13 +23,7 @@ const TINY = { tokenizer: join(data, 'tokenizer'), d: 16, layers: 1, heads: 2, f
 const base = { epochs: 8, lr: 1e-2, batchSize: 16, seed: 3, clip: 1, weightDecay: 0.01, threads: 1 };
 const sha = (p: string) => createHash('sha256').update(readFileSync(p)).digest('hex');
 
-function cli(...args: string[]) {
-  const r = spawnSync(process.execPath, ['--import', 'tsx', 'src/server/cli.ts', ...args], {
-    encoding: 'utf8',
-    env: { ...process.env, HOME: home },
-  });
-  return { code: r.status, out: r.stdout, err: r.stderr };
-}
+const cli = cliIn(home);
 
 describe('train', () => {
   test('prompt/completion records train on completion tokens only, text on every token', () => {
