@@ -67,6 +67,27 @@ test('retrain = train --exclude with the recorded arguments; before/after on the
     JSON.stringify(ok(run('generate', '--model', m, '--prompt', rec.prompt, '--max-tokens', '16')).slice(0, -1));
   assert.deepEqual([answers[1], answers[2]], [gen(d('m0')), gen(d('m0r'))]);
 
+  // the first example unflagged, another flagged: the model's earlier exclusion stays, and is said
+  const other = loadDataset(data).examples[5];
+  writeFileSync(d('qa2.exclude.jsonl'), `${JSON.stringify({ hash: other.hash, line: 6 })}\n`);
+  const again = run(
+    'retrain',
+    '--model',
+    d('m0r'),
+    '--exclude',
+    d('qa2.exclude.jsonl'),
+    '--data',
+    data,
+    '--out',
+    d('m0rr'),
+  );
+  assert.equal(again.status, 0, again.stderr);
+  assert.match(again.stdout, /14 examples \(2 excluded\)/);
+  assert.match(
+    again.stderr,
+    /note: 1 example\(s\) .*m0r was already trained without stay excluded, though .*qa2\.exclude\.jsonl no longer flags them/,
+  );
+
   // fine-tuned from a checkpoint: found beside the model by the recorded name
   ok(run('train', '--data', data, '--out', d('ft'), '--model', d('m0'), ...common));
   ok(

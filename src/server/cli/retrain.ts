@@ -95,6 +95,12 @@ export async function runRetrain(argv: string[]): Promise<void> {
   const note = exclusionNote(v.exclude, flagged, examples, data);
   if (note) process.stderr.write(`${note}\n`);
   const excluded = new Set([...args.excluded_hashes, ...flagged]);
+  // an example unflagged since the model was trained without it stays out: retrain only removes
+  const kept = args.excluded_hashes.filter((h) => !flagged.has(h)).length;
+  if (kept)
+    process.stderr.write(
+      `note: ${kept} example(s) ${v.model} was already trained without stay excluded, though ${v.exclude} no longer flags them; to train with them again, run train from the starting checkpoint with --exclude ${v.exclude}\n`,
+    );
   const tmp = mkdtempSync(join(tmpdir(), 'il-retrain-'));
   const queries = v.queries ? readQueriesOrFail(v.queries) : [];
   try {
