@@ -195,6 +195,7 @@ test("the panel's method switch re-runs a cached method's result after the datas
       unavailable: {},
       needsFit: {},
       warnings: [],
+      revision: 'r1',
     };
     const panel = {
       mirror: { version: 1, results: {}, methods: [], flags: {} } as never,
@@ -227,7 +228,7 @@ test("the panel's method switch re-runs a cached method's result after the datas
           histogram: { edges: [], counts: [] },
           modules: [],
           timings: {},
-          revision: 'r1',
+          revision: info.revision,
         };
       },
     };
@@ -256,6 +257,19 @@ test("the panel's method switch re-runs a cached method's result after the datas
     execFileSync('touch', ['-r', join(dir, 'ref'), file]);
     await switchTo('bm25', true);
     assert.equal(calls, 3, 'the cached bm25 result was of the file before the edit: asked again');
+    await switchTo('bm25', true);
+    assert.equal(calls, 3, 'nothing changed since: the cached result is shown');
+    // factors refitted or the model retrained (or the server started again with other settings):
+    // the server reports another revision, which the switch asks for, not the last result's
+    info.revision = 'r2';
+    await switchTo('bm25', true);
+    assert.equal(calls, 4, 'a result of the earlier revision is not shown as current');
+    await switchTo('bm25', true);
+    assert.equal(calls, 4);
+    // influence-lens.json changed: the server refuses the method until restarted, so the run shows why
+    info.methods = ['repsim'];
+    await switchTo('bm25', true);
+    assert.equal(calls, 5, 'a method the server now refuses is run (and its refusal shown), not served from the cache');
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }

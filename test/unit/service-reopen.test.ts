@@ -290,3 +290,29 @@ test('influence-lens.json edited while the server runs: its requests are refused
   writeFileSync(file, JSON.stringify(settings));
   await s.explain({ ...q, method: 'bm25' });
 });
+
+test('the revision a result carries also names the settings that decide it: another damping, another revision; the cache folder and thread count are not such settings', () => {
+  const data = writeCapitals(join(home, 'rev-train.jsonl'));
+  const base: ServiceConfig = {
+    finetuned: { model: FIXTURE },
+    datasets: { train: data },
+    modules: 'mlp',
+    damping: { relative: 0.1 },
+    cacheDir: join(home, 'rev-cache'),
+  };
+  const revision = (c: ServiceConfig) => {
+    const s = new InfluenceService(c);
+    s.open();
+    return s.info().revision;
+  };
+  const r = revision(base);
+  assert.equal(revision({ ...base, cacheDir: join(home, 'rev-cache-2'), threads: 1 }), r);
+  assert.notEqual(revision({ ...base, damping: { absolute: 100 } }), r);
+  assert.notEqual(revision({ ...base, modules: 'all' }), r);
+  // the light lane's shape of the same settings (worker-service.ts): its factors folder watched, not loaded
+  const withFactors = { ...base, finetuned: { model: FIXTURE, factors: join(home, 'rev-factors') } };
+  assert.equal(
+    revision({ ...withFactors, finetuned: { model: FIXTURE, watchedFactors: join(home, 'rev-factors') } }),
+    revision(withFactors),
+  );
+});

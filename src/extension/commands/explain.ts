@@ -26,8 +26,6 @@ interface Query {
 export class ExplainController {
   private last?: Query;
   private running?: vscode.CancellationTokenSource;
-  /** the server's revision (model, tokenizer and factor files) as of its latest result */
-  private revision?: string;
   /** completions inserted by "Complete with model", by document: their prompt is the one generated from */
   private generated = new Map<string, { start: number; end: number; version: number; prompt: string }>();
   /** the compare methods (with their reasons) already said to be left out, so it is said once */
@@ -162,7 +160,6 @@ export class ExplainController {
         },
       );
       if (cts.token.isCancellationRequested) return;
-      this.revision = result.revision;
       this.s.panel.post({
         type: 'result',
         result,
@@ -262,10 +259,15 @@ export class ExplainController {
       if (cached) {
         const cfg = settings();
         // no server yet (a reloaded window): show the cached result rather than start one to check it
-        const info = this.s.lastInfo();
-        if (!info) return;
-        const now = `${await this.context(paramsOf(this.last, method, cfg, info), info)}:${this.revision ?? info.revision ?? ''}`;
-        if (now === this.s.panel.mirror.context) return;
+        if (!this.s.lastInfo()) return;
+        // the server as it is now, not as of the last result: factors refitted or a model retrained
+        // since make another revision, and changed settings leave the method refused; either way
+        // the cached result is not current (an unreachable server: the run reports it)
+        const info = await this.s.info(true).catch(() => undefined);
+        if (info?.methods.includes(method)) {
+          const now = `${await this.context(paramsOf(this.last, method, cfg, info), info)}:${info.revision ?? ''}`;
+          if (now === this.s.panel.mirror.context) return;
+        }
       }
       await this.run(method);
     } catch (e) {

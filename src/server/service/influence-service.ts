@@ -250,6 +250,7 @@ export class InfluenceService implements ServiceApi {
   private brokenFactors = new Map<string, string>();
 
   constructor(readonly config: ServiceConfig) {
+    this.settingsDigest = settingsDigest(config);
     if (!Object.keys(config.datasets).length) throw new ServiceError('the configuration names no dataset');
   }
 
@@ -422,10 +423,20 @@ export class InfluenceService implements ServiceApi {
     };
   }
 
-  /** Identifies the files the opened stages read (changes when any is replaced): results carry it. */
+  /**
+   * Identifies the files the opened stages read (changes when any is replaced) and the settings
+   * that decide what is scored (a server started again with another damping or modules scores
+   * the same files otherwise): results carry it, and the editor keeps a result only while it holds.
+   */
   get revision(): string {
-    return (this.served ?? '').slice(0, 16);
+    return createHash('sha256')
+      .update(`${this.served ?? ''}\0${this.settingsDigest}`)
+      .digest('hex')
+      .slice(0, 16);
   }
+
+  /** The settings part of the revision, the same in both lanes (worker-service.ts's light lane). */
+  private readonly settingsDigest: string;
 
   private openStage(c: StageConfig, reuse?: Model): OpenedStage {
     // compiled graphs and weight digests go to the configured cache folder too
@@ -1252,4 +1263,18 @@ function safe(id: string): string {
 function isInside(path: string, dir: string): boolean {
   const r = relative(dir, path);
   return r === '' || (!r.startsWith('..') && !isAbsolute(r));
+}
+
+/**
+ * A digest of the settings that decide what a result is: everything but where the cache lives,
+ * the thread count, and the settings file's own text (its settings are these). The light lane
+ * holds its factors folder as `watchedFactors`: read as `factors`, so both lanes agree.
+ */
+function settingsDigest(c: ServiceConfig): string {
+  const stage = (s: StageConfig | undefined) =>
+    s && { ...s, factors: s.factors ?? s.watchedFactors, watchedFactors: undefined };
+  const { cacheDir: _cache, threads: _threads, configFile: _file, ...rest } = c;
+  return createHash('sha256')
+    .update(canonicalJson({ ...rest, finetuned: stage(c.finetuned), pretrained: stage(c.pretrained) }))
+    .digest('hex');
 }
