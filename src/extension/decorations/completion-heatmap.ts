@@ -11,17 +11,24 @@ import { completionDocumentRange, type QuerySplit } from '../selection';
 
 export class CompletionHeatmap implements vscode.Disposable {
   private types = new Map<number, vscode.TextEditorDecorationType>();
-  private shown?: { uri: string; version: number; ranges: vscode.Range[] };
+  /** the document and the offsets [start, end) the shaded tokens span, moved with edits before them */
+  private shown?: { uri: string; start: number; end: number };
   private readonly disposables: vscode.Disposable[] = [];
 
   constructor(private colors: { supporting: string; opposing: string }) {
     this.disposables.push(
       vscode.workspace.onDidChangeTextDocument((e) => {
-        if (!this.shown || e.document.uri.toString() !== this.shown.uri) return;
-        const touched = e.contentChanges.some((c) =>
-          this.shown!.ranges.some((r) => r.intersection(c.range) !== undefined),
-        );
-        if (touched) this.clear();
+        const shown = this.shown;
+        if (!shown || e.document.uri.toString() !== shown.uri) return;
+        // an edit that touches the shaded text clears it (its values are of the text explained);
+        // one before it moves it (the editor moves the decorations, this keeps the span with them)
+        let shift = 0;
+        for (const c of e.contentChanges) {
+          if (c.rangeOffset + c.rangeLength < shown.start) shift += c.text.length - c.rangeLength;
+          else if (c.rangeOffset <= shown.end) return this.clear();
+        }
+        shown.start += shift;
+        shown.end += shift;
       }),
     );
   }
@@ -63,10 +70,13 @@ export class CompletionHeatmap implements vscode.Disposable {
     );
     const scale = symmetricScale(values);
     const byBucket = new Map<number, vscode.DecorationOptions[]>();
-    const ranges: vscode.Range[] = [];
+    let start = Number.POSITIVE_INFINITY;
+    let end = Number.NEGATIVE_INFINITY;
     r.query.completionTokens.offsets.forEach(([s, e], k) => {
       const [ds, de] = completionDocumentRange(split, s, e);
       if (de <= ds) return;
+      start = Math.min(start, ds);
+      end = Math.max(end, de);
       const range = new vscode.Range(editor.document.positionAt(ds), editor.document.positionAt(de));
       const b = bucketOf(values[k], scale);
       const hover = new vscode.MarkdownString(
@@ -78,10 +88,9 @@ export class CompletionHeatmap implements vscode.Disposable {
       const list = byBucket.get(b) ?? [];
       list.push({ range, hoverMessage: hover });
       byBucket.set(b, list);
-      ranges.push(range);
     });
     for (const [b, list] of byBucket) editor.setDecorations(this.type(b), list);
-    this.shown = { uri: editor.document.uri.toString(), version: editor.document.version, ranges };
+    if (start < end) this.shown = { uri: editor.document.uri.toString(), start, end };
   }
 
   clear(): void {

@@ -31,11 +31,18 @@ export class Position {
     readonly character: number,
   ) {}
 }
+const before = (a: Position, b: Position) => a.line < b.line || (a.line === b.line && a.character < b.character);
 export class Range {
   constructor(
     readonly start: Position,
     readonly end: Position,
   ) {}
+  /** VS Code's: the overlap, empty where the two only touch, undefined where they are apart */
+  intersection(o: Range): Range | undefined {
+    const start = before(this.start, o.start) ? o.start : this.start;
+    const end = before(this.end, o.end) ? this.end : o.end;
+    return before(end, start) ? undefined : new Range(start, end);
+  }
 }
 export class Selection extends Range {
   get active(): Position {
@@ -110,6 +117,14 @@ export class ThemeColor {
 }
 export const ProgressLocation = { Notification: 15 };
 
+/** One change of a document's text, with the offsets of the text before it. */
+export interface ContentChange {
+  range: Range;
+  rangeOffset: number;
+  rangeLength: number;
+  text: string;
+}
+
 /** An open document: the file's text as VS Code's model holds it. */
 export class TextDocument {
   text: string;
@@ -146,10 +161,28 @@ export class TextDocument {
   }
   /** An edit as the user's typing makes it. */
   edit(f: (text: string) => string): void {
-    this.text = f(this.text);
+    const before = this.text;
+    const after = f(before);
+    // one content change, as VS Code reports a single edit: what lies between the common start and end
+    let a = 0;
+    while (a < before.length && a < after.length && before[a] === after[a]) a++;
+    let b = 0;
+    while (
+      b < before.length - a &&
+      b < after.length - a &&
+      before[before.length - 1 - b] === after[after.length - 1 - b]
+    )
+      b++;
+    const range = new Range(this.positionAt(a), this.positionAt(before.length - b));
+    this.text = after;
     this.version++;
     this.isDirty = true;
-    fake.changedDocument.fire({ document: this });
+    fake.changedDocument.fire({
+      document: this,
+      contentChanges: [
+        { range, rangeOffset: a, rangeLength: before.length - b - a, text: after.slice(a, after.length - b) },
+      ],
+    });
   }
   /** Closed without saving (its edits are dropped; VS Code's "Don't Save"). */
   close(): void {
@@ -197,7 +230,7 @@ export const fake = {
     delete: EventEmitter<Uri>;
   }>,
   saved: new EventEmitter<TextDocument>(),
-  changedDocument: new EventEmitter<{ document: TextDocument }>(),
+  changedDocument: new EventEmitter<{ document: TextDocument; contentChanges: ContentChange[] }>(),
   closed: new EventEmitter<TextDocument>(),
   renamed: new EventEmitter<{ files: Array<{ oldUri: Uri; newUri: Uri }> }>(),
   executed: [] as Array<{ id: string; args: unknown[] }>,
@@ -209,6 +242,7 @@ export const fake = {
     this.watchers = [];
     this.executed = [];
     window.activeTextEditor = undefined;
+    window.visibleTextEditors = [];
   },
   /** Opens a file in an editor and makes it the active one, the cursor on a 0-based line. */
   async open(path: string, line = 0): Promise<TextDocument> {
@@ -277,7 +311,11 @@ export const window = {
   },
   withProgress: async (_o: unknown, f: (p: unknown, t: unknown) => unknown) =>
     f({ report: () => undefined }, { isCancellationRequested: false, onCancellationRequested: () => undefined }),
+  /** editors a test shows (decorations are recorded on them by the test's own setDecorations) */
+  visibleTextEditors: [] as unknown[],
+  createTextEditorDecorationType: (options: unknown) => ({ options, dispose: () => undefined }),
 };
+export const DecorationRangeBehavior = { OpenOpen: 0, ClosedClosed: 1, OpenClosed: 2, ClosedOpen: 3 };
 
 export class WorkspaceEdit {
   readonly ops: Array<{ uri: Uri; range: Range; text: string }> = [];
@@ -338,7 +376,8 @@ export const workspace = {
     };
   },
   onDidSaveTextDocument: (f: (d: TextDocument) => void) => fake.saved.event(f),
-  onDidChangeTextDocument: (f: (e: { document: TextDocument }) => void) => fake.changedDocument.event(f),
+  onDidChangeTextDocument: (f: (e: { document: TextDocument; contentChanges: ContentChange[] }) => void) =>
+    fake.changedDocument.event(f),
   onDidCloseTextDocument: (f: (d: TextDocument) => void) => fake.closed.event(f),
   onDidRenameFiles: (f: (e: { files: Array<{ oldUri: Uri; newUri: Uri }> }) => void) => fake.renamed.event(f),
   /** The workspace folder's files matching a glob (the `exclude` glob ignored). */
