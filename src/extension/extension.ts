@@ -19,9 +19,14 @@ import { FlaggedTree, type FlagNode } from './views/flagged-tree';
 import { ResultsPanel, registerSerializer } from './views/results-panel';
 
 export function activate(context: vscode.ExtensionContext) {
-  let client = createClient(context);
-  log.info(`activated; server: ${client.label}`);
   const status = new StatusBar();
+  // the window's own server went away: what it served is not there any more (the next request starts it again)
+  const onStopped = (why: string) => {
+    info = undefined;
+    status.stopped(`${why}; the next explanation starts it again`);
+  };
+  let client = createClient(context, onStopped);
+  log.info(`activated; server: ${client.label}`);
   const flags = new FlagStore(context.workspaceState);
   let info: ClientInfo | undefined;
   let pending: Promise<ClientInfo> | undefined;
@@ -38,7 +43,7 @@ export function activate(context: vscode.ExtensionContext) {
   /** A new client for the settings as they are now; its server starts on first use. */
   const replaceClient = () => {
     client.dispose();
-    client = createClient(context);
+    client = createClient(context, onStopped);
     info = undefined;
     logged = new Set();
     log.info(`server: ${client.label}`);

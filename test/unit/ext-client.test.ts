@@ -42,7 +42,15 @@ const q = { prompt: 'Q: capital of country 3?\nA:', completion: ' City3', datase
 
 describe('extension ↔ a local server it starts', () => {
   const log: string[] = [];
-  const local = new LocalServer({ command: cli, node: process.execPath, config, cwd: home, log: (l) => log.push(l) });
+  const stopped: string[] = [];
+  const local = new LocalServer({
+    command: cli,
+    node: process.execPath,
+    config,
+    cwd: home,
+    log: (l) => log.push(l),
+    onStopped: (why) => stopped.push(why),
+  });
   const client = new ServerClient(local);
   after(() => client.dispose());
 
@@ -99,6 +107,9 @@ describe('extension ↔ a local server it starts', () => {
     const pid = Number(/pid (\d+)/.exec(client.label)?.[1]);
     process.kill(pid, 'SIGKILL');
     await waitUntil(() => !alive(pid));
+    // said at once (the status bar stops naming its model), not at the next request
+    await waitUntil(() => stopped.length > 0);
+    assert.deepEqual(stopped, ['the local server stopped (SIGKILL)']);
     // the dropped connection may be noticed by this call or before it
     const info = await client.info().catch(() => client.info());
     assert.ok(info.methods.includes('ekfac'), 'the factors on disk are found again');

@@ -10,9 +10,12 @@ import { type Cancellation, ClientError } from './influence-client';
 import { LocalServer } from './local-server';
 import { type Connector, ServerClient } from './server-client';
 
-export function createClient(context: vscode.ExtensionContext): ServerClient {
+/** `onStopped`: the private server this window started went away after serving (killed, crashed). */
+export function createClient(context: vscode.ExtensionContext, onStopped?: (why: string) => void): ServerClient {
   const s = settings();
-  return new ServerClient(s.serverUrl ? new RemoteServer(context.secrets, s.serverUrl) : localServer(context));
+  return new ServerClient(
+    s.serverUrl ? new RemoteServer(context.secrets, s.serverUrl) : localServer(context, onStopped),
+  );
 }
 
 const CONFIG_FILE = 'influence-lens.json';
@@ -39,7 +42,7 @@ export function watchWorkspaceConfig(changed: () => void): vscode.Disposable {
   };
 }
 
-function localServer(context: vscode.ExtensionContext): LocalServer {
+function localServer(context: vscode.ExtensionContext, onStopped?: (why: string) => void): LocalServer {
   const s = settings();
   const root = vscode.workspace.workspaceFolders?.[0]?.uri.fsPath;
   const inRoot = (p: string) => (isAbsolute(p) || !root ? p : join(root, p));
@@ -59,6 +62,7 @@ function localServer(context: vscode.ExtensionContext): LocalServer {
     config,
     cwd: root,
     log: (line) => log.info(`[server] ${line}`),
+    onStopped,
   });
 }
 

@@ -20,6 +20,8 @@ export interface LocalServerOptions {
   /** give up when the server has not said where it listens by then (default 120 s: it opens the models first) */
   startTimeoutMs?: number;
   env?: NodeJS.ProcessEnv;
+  /** the server stopped after it was ready, not by `dispose` (killed, crashed): how, in words */
+  onStopped?: (why: string) => void;
 }
 
 const READY = /^influence-lens server on (ws:\/\/\S+)/m;
@@ -77,6 +79,7 @@ export class LocalServer implements Connector {
       err = (err + d).slice(-4000);
       for (const line of d.split('\n')) if (line.trim()) log(line);
     });
+    let ready = false;
     return new Promise((resolve, reject) => {
       let settled = false;
       const finish = (f: () => void) => {
@@ -106,6 +109,7 @@ export class LocalServer implements Connector {
         out += d;
         const m = READY.exec(out);
         if (m) finish(() => resolve({ url: m[1], token: secret }));
+        if (m) ready = true;
         if (out.length > 100_000) out = out.slice(-10_000);
       });
       child.on('error', (e: NodeJS.ErrnoException) => {
@@ -118,11 +122,15 @@ export class LocalServer implements Connector {
         finish(() => reject(new ClientError(`cannot start the local server: ${why}`)));
       });
       child.on('exit', (code, signal) => {
-        if (this.child === child) {
+        const ours = this.child === child;
+        if (ours) {
           this.child = undefined;
           this.started = undefined;
         }
         log(`the server exited (${signal ?? `code ${code}`})`);
+        // a server that served and then went away (not one this object stopped): the status bar
+        // must not go on naming its model as if it were there
+        if (ours && ready) this.opts.onStopped?.(`the local server stopped (${signal ?? `exit code ${code}`})`);
         finish(() =>
           reject(
             new ClientError(

@@ -44,6 +44,13 @@ export class StatusBar implements vscode.Disposable {
     this.item.tooltip = `Influence Lens: ${message}\n\nClick to try again.`;
   }
 
+  /** The server is gone but will be started again on use (not a failure to connect). */
+  stopped(message: string): void {
+    this.item.text = '$(circle-slash) Influence Lens';
+    this.item.backgroundColor = new vscode.ThemeColor('statusBarItem.warningBackground');
+    this.item.tooltip = `Influence Lens: ${message}.\n\nClick to start it now.`;
+  }
+
   dispose(): void {
     this.item.dispose();
   }
