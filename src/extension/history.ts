@@ -28,6 +28,8 @@ interface Entry {
   at: number;
   /** the server's revision when it computed the result (absent from entries of earlier versions) */
   revision?: string;
+  /** the dataset's file when it was explained (absent when it was not found, or in earlier entries) */
+  path?: string;
   examples: Array<[hash: string, line: number, rank: number, score: number, sign: Sign, percentile: number]>;
 }
 
@@ -42,7 +44,8 @@ export const STALE_NOTE = 'before the model or factors last changed';
 export class History {
   constructor(private readonly memento: vscode.Memento) {}
 
-  add(dataset: string, r: ExplainResult): void {
+  /** `path`: the dataset's file, so that an identical line in another file (a cleaned copy) is not said to rank */
+  add(dataset: string, r: ExplainResult, path?: string): void {
     const entry: Entry = {
       prompt: r.query.prompt.slice(-2000),
       completion: r.query.completion.slice(0, 2000),
@@ -50,6 +53,7 @@ export class History {
       dataset,
       at: Date.now(),
       ...(r.revision !== undefined ? { revision: r.revision } : {}),
+      ...(path !== undefined ? { path } : {}),
       examples: [...r.supporting, ...r.opposing].map((e) => [
         e.id.hash,
         e.id.line,
@@ -72,11 +76,15 @@ export class History {
       void this.memento.update(REVISION_KEY, revision);
   }
 
-  /** How an example (by hash) ranked in recent explanations, newest first. */
-  hits(hash: string): HistoryHit[] {
+  /**
+   * How an example (by hash) ranked in recent explanations, newest first; with `path`, only in
+   * explanations of that file (an identical line elsewhere was never ranked among its examples).
+   */
+  hits(hash: string, path?: string): HistoryHit[] {
     const out: HistoryHit[] = [];
     const current = this.memento.get<string>(REVISION_KEY);
-    for (const e of this.entries())
+    for (const e of this.entries()) {
+      if (path !== undefined && e.path !== undefined && e.path !== path) continue;
       for (const [h, line, rank, score, sign, percentile] of e.examples)
         if (h === hash)
           out.push({
@@ -94,6 +102,7 @@ export class History {
             // the server has reported a revision (it then may be another model's ranking)
             stale: current !== undefined && e.revision !== current,
           });
+    }
     return out;
   }
 

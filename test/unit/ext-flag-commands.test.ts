@@ -488,3 +488,39 @@ test('a ranking from before a retrain or refit is said to be so, in the hover an
   await run('flagLine');
   assert.equal(readSidecar(sidecarPathFor(dataset)).entries[0].reason, 'supporting #1 for "Perth" (EK-FAC)');
 });
+
+test('a ranking is shown on the file it ranked, not on an identical line of another file (a cleaned copy)', async () => {
+  const { History } = await import('../../src/extension/history');
+  const { JsonlHoverProvider } = await loadWithVscodeStub<typeof import('../../src/extension/hovers/jsonl-hover')>(
+    new URL('../../src/extension/hovers/jsonl-hover.ts', import.meta.url),
+  );
+  const history = new History(memento() as never);
+  history.add(
+    'data',
+    {
+      query: { prompt: 'Q: x?\nA:', completion: ' Sydney' },
+      method: 'ekfac',
+      supporting: [
+        { id: { dataset: 'data', line: 3, hash: hashOf(3) }, rank: 1, score: 9, sign: 'supporting', percentile: 99 },
+      ],
+      opposing: [],
+      revision: 'r',
+    } as never,
+    dataset,
+  );
+  const copy = join(dir, 'data.cleaned.jsonl');
+  writeFileSync(copy, readFileSync(dataset));
+  const hovers = new JsonlHoverProvider(store, history);
+  const text = async (path: string) => {
+    const hover = hovers.provideHover((await fake.open(path)) as never, { line: 2, character: 0 } as never);
+    assert.ok(hover);
+    return (hover.contents as unknown as { value: string }).value;
+  };
+  assert.match(await text(dataset), /supporting\*\* #1 for “Sydney”/);
+  assert.match(await text(copy), /Not among the examples of a recent explanation/);
+  // and a flag there gets no reason from the other file's ranking
+  registerFlagCommands({ flags: store, history } as never);
+  await fake.open(copy, 2);
+  await run('flagLine');
+  assert.equal(readSidecar(sidecarPathFor(copy)).entries[0].reason, 'flagged by hand');
+});

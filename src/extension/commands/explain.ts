@@ -172,7 +172,7 @@ export class ExplainController {
             ? `${before}:${result.revision ?? ''}`
             : `${before}:changed-while-scored`,
       });
-      this.s.history.add(q.dataset, result);
+      this.s.history.add(q.dataset, result, await this.s.datasets.resolve(q.dataset).catch(() => undefined));
       // the server knows more once it has read the dataset (factors fitted on other data): logged
       void this.s.refreshWarnings();
       await this.pushFlags();

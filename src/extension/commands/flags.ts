@@ -76,7 +76,7 @@ async function flagLine(s: Services, on: boolean, uri?: string, line?: number, s
     return;
   }
   // the newest ranking by the current model, else the newest one, said to be older
-  const hits = s.history.hits(hash);
+  const hits = s.history.hits(hash, doc.uri.fsPath);
   const hit = hits.find((h) => !h.stale) ?? hits[0];
   const added = await s.flags.flag(doc.uri.fsPath, [
     hit

@@ -22,7 +22,7 @@ export class JsonlHoverProvider implements vscode.HoverProvider {
     const hash = lineHashAt(doc, pos.line);
     if (!hash) return undefined;
     const flag = this.flags.flagsOf(doc.uri.fsPath).get(hash);
-    const hits = this.history.hits(hash).slice(0, 5);
+    const hits = this.history.hits(hash, doc.uri.fsPath).slice(0, 5);
     const md = new vscode.MarkdownString(undefined, true);
     md.isTrusted = { enabledCommands: HOVER_COMMANDS };
     md.supportThemeIcons = true;
