@@ -222,7 +222,8 @@ function queryHeader(r: ExplainResult): HTMLElement {
     'header',
     { class: 'query' },
     h('div', { class: 'label' }, 'Prompt'),
-    h('div', { class: 'prompt', title: r.query.prompt }, tail(r.query.prompt, 400)),
+    // one child: the box's reversed column keeps the prompt's end in view (styles.css)
+    h('div', { class: 'prompt', title: r.query.prompt }, h('span', {}, tail(r.query.prompt, 400))),
     h('div', { class: 'label' }, 'Completion ', h('span', { class: 'hint' }, what)),
     heat,
     h(
