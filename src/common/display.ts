@@ -98,7 +98,8 @@ export function formatPercentile(p: number): string {
 
 function trim(x: number): string {
   if (x < 0.05) return '0.1';
-  return x < 1 ? x.toFixed(1) : String(Math.round(x));
+  // 0.96 is "1", as 1.2 is: toFixed(1) would print "1.0" beside another card's "1"
+  return x < 0.95 ? x.toFixed(1) : String(Math.round(x));
 }
 
 /** The words for a sign, as the legend says them. */

@@ -83,6 +83,10 @@ test('colors: scores and percentiles in words', () => {
   assert.equal(formatValue(5.4), '5.40');
   assert.equal(formatValue(-0.5), '\u22120.500');
   assert.equal(formatPercentile(3), 'bottom 3%');
+  // one way to write 1% (it read "bottom 1.0%" beside "bottom 1%")
+  assert.equal(formatPercentile(0.96), 'bottom 1%');
+  assert.equal(formatPercentile(99.04), 'top 1%');
+  assert.equal(formatPercentile(0.94), 'bottom 0.9%');
   assert.equal(formatPercentile(52), '52nd percentile');
   assert.equal(formatPercentile(11), '11th percentile');
   assert.equal(formatPercentile(21), '21st percentile');
