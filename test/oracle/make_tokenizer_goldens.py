@@ -172,7 +172,37 @@ TWO_BLOCKS_TEMPLATE = """{%- for message in messages %}
 {{- '<|im_start|>assistant\\n' }}
 {%- endif %}
 """.replace("\n", "\r\n")
-EXTRA_GENERATION_TEMPLATES = {"eos-block": EOS_BLOCK_TEMPLATE, "two-blocks-crlf": TWO_BLOCKS_TEMPLATE}
+# Block tags with no whitespace control: jinja2's trim_blocks drops the newline after a
+# {% generation %} / {% endgeneration %} and lstrip_blocks the indentation before it, as for any
+# block tag (a newline kept there put an extra token after every assistant turn).
+NEWLINES_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}<|im_start|>assistant\n"
+    "{% generation %}{{ m['content'] }}<|im_end|>{% endgeneration %}\n"
+    "{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+INDENTED_TEMPLATE = """{% for message in messages %}
+{% if message['role'] == 'assistant' %}
+<|im_start|>assistant
+    {% generation %}
+{{ message['content'] }}<|im_end|>
+    {% endgeneration %}
+
+{% else %}
+<|im_start|>{{ message['role'] }}
+{{ message['content'] }}<|im_end|>
+{% endif %}
+{% endfor %}
+{% if add_generation_prompt %}
+<|im_start|>assistant
+{% endif %}
+"""
+EXTRA_GENERATION_TEMPLATES = {
+    "eos-block": EOS_BLOCK_TEMPLATE,
+    "two-blocks-crlf": TWO_BLOCKS_TEMPLATE,
+    "newlines": NEWLINES_TEMPLATE,
+    "indented": INDENTED_TEMPLATE,
+}
 
 
 def assistant_spans_by_prefix(auto, messages, text, specials):

@@ -166,10 +166,15 @@ export class ChatTemplate {
     const normalized = options.source.replace(/\r\n?/g, '\n');
     this.hasGenerationBlocks = GENERATION.test(normalized);
     GENERATION.lastIndex = 0;
-    // The generation tag is a transformers extension to Jinja: turn it into marker characters.
+    // The generation tag is a transformers extension to Jinja: turn it into marker characters. It
+    // is a block tag, so jinja2's trim_blocks / lstrip_blocks apply to it (the newline after it is
+    // dropped, the indentation before it too): the marker is output between two block tags that
+    // keep its whitespace control, `{% if true %}{{ marker }}{% endif %}`. As a bare `{{ marker }}`
+    // it kept that newline, and every token after a `{% endgeneration %}\n` shifted by one.
     const source = normalized.replace(
       GENERATION,
-      (_, l: string, end: string | undefined, r: string) => `{{${l} '${end ? GEN_CLOSE : GEN_OPEN}' ${r}}}`,
+      (_, l: string, end: string | undefined, r: string) =>
+        `{%${l} if true %}{{ '${end ? GEN_CLOSE : GEN_OPEN}' }}{% endif ${r}%}`,
     );
     try {
       this.template = new Template(source);
