@@ -82,6 +82,18 @@ for (const [name, g] of Object.entries(golden.generation_templates))
     checkChats(name, tok, g.chats);
   });
 
+test('factors and stores of a template with generation blocks are keyed by how such blocks are read; other templates are not', async () => {
+  const { tokenizationKey, GENERATION_BLOCKS_VERSION } = await import('../../src/server/data/tokenize');
+  const g = golden.generation_templates.newlines;
+  // the tokens of such templates changed (the newline after a block): their earlier factors must not match
+  assert.equal(
+    tokenizationKey(withTemplate(g.base, g.chat_template_jinja)).generationBlocks,
+    GENERATION_BLOCKS_VERSION,
+  );
+  assert.ok(GENERATION_BLOCKS_VERSION >= 2);
+  assert.equal('generationBlocks' in tokenizationKey(loadTokenizer(familyDir('llama3'))), false);
+});
+
 test('a chat query over a template with two blocks per turn explains the whole last turn', () => {
   const g = golden.generation_templates['two-blocks-crlf'];
   const tok = withTemplate(g.base, g.chat_template_jinja);

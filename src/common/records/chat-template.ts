@@ -153,6 +153,11 @@ const GEN_OPEN = '\uE000';
 const GEN_CLOSE = '\uE001';
 const GENERATION = /\{%(-?)\s*(end)?generation\s*(-?)%\}/g;
 
+/** Whether a chat template's source has transformers' `{% generation %}` blocks. */
+export function hasGenerationBlocks(source: string): boolean {
+  return new RegExp(GENERATION.source).test(source);
+}
+
 export class ChatTemplate {
   readonly hasGenerationBlocks: boolean;
   private readonly template: Template;

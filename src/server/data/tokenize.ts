@@ -38,12 +38,20 @@ export interface TokenizedText {
  */
 export const TOKENIZATION_VERSION = 4;
 
+/**
+ * Bumped when the tokens of chat templates with `{% generation %}` blocks change, keying only
+ * those (factors of other models stay valid). 2: every block trained, by the content it holds;
+ * the block tags keep jinja2's trim_blocks / lstrip_blocks (a newline after a block was kept).
+ */
+export const GENERATION_BLOCKS_VERSION = 2;
+
 /** What, besides the examples, decides their tokens: for cache keys and provenance. */
 export function tokenizationKey(tok: TokenizerHandle): Record<string, unknown> {
   return {
     tokenization: TOKENIZATION_VERSION,
     tokenizer: tok.sha256,
     chatTemplate: tok.chatTemplateSource?.sha256 ?? null,
+    ...(tok.chatTemplateSource?.generationBlocks ? { generationBlocks: GENERATION_BLOCKS_VERSION } : {}),
     training: trainingKey(tok.training),
   };
 }

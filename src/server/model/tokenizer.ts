@@ -10,7 +10,7 @@ import { createHash } from 'node:crypto';
 import { existsSync, readFileSync } from 'node:fs';
 import { basename, join } from 'node:path';
 import { Tokenizer } from '@huggingface/tokenizers';
-import { ChatTemplate, ChatTemplateError } from '../../common/records/chat-template';
+import { ChatTemplate, ChatTemplateError, hasGenerationBlocks } from '../../common/records/chat-template';
 import { DEFAULT_TRAINING, type TrainingConvention } from '../data/training';
 import { AlignedString, applyNormalizer, applyPreTokenizer, TokenizerError } from './alignment';
 import { BYTE_LEVEL_CHARS } from './byte-level';
@@ -47,7 +47,7 @@ export interface TokenizerHandle {
    * use; undefined when the tokenizer has none. Throws TokenizerError when it does not parse. */
   chatTemplate(): ChatTemplate | undefined;
   /** where the chat template came from and a digest of its source, for provenance and cache keys */
-  chatTemplateSource?: { file: string; sha256: string };
+  chatTemplateSource?: { file: string; sha256: string; generationBlocks: boolean };
   /** sha256 of tokenizer.json and tokenizer_config.json as read: what the ids depend on (with
    * the chat template's digest above), so that factors and stores made with another tokenizer
    * are never taken for this one's */
@@ -420,6 +420,7 @@ export function loadTokenizer(
     chatTemplateSource: templateSource && {
       file: templateSource.file,
       sha256: createHash('sha256').update(templateSource.text).digest('hex'),
+      generationBlocks: hasGenerationBlocks(templateSource.text),
     },
     encode,
     encodeIds: (text, addSpecialTokens) => tok.encode(text, { add_special_tokens: addSpecialTokens }).ids,
