@@ -447,14 +447,20 @@ function exampleRow(r: ExplainResult, e: ExplainedExample, signed: boolean): HTM
   );
   const others = Object.entries(e.otherRanks ?? {}) as Array<[Method, number]>;
   const badges = others.length ? h('div', { class: 'badges', 'aria-label': 'ranks under the other methods' }) : null;
+  // agreement is with the list the row is in: a supporting row agrees where the other method ranks
+  // it among its highest; an opposing one where a signed method ranks it among its most opposing
+  // (a similarity method has no opposing side)
+  const opposingRow = signed && e.score < 0;
+  const K = Math.max(10, opposingRow ? r.opposing.length : r.supporting.length);
   for (const [m, rank] of others) {
-    const agree = rank <= Math.max(10, r.supporting.length);
+    const agree = opposingRow ? SIGNED_METHODS.includes(m) && rank > r.scored - K : rank <= K;
+    const why = opposingRow ? `among its ${K} most opposing` : `in its top ${K}`;
     badges!.append(
       h(
         'span',
         {
           class: `badge${agree ? ' agree' : ''}`,
-          title: `${METHOD_LABELS[m]} ranks this example #${rank} of ${r.scored}${agree ? ' (agrees: in its top 10)' : ''}`,
+          title: `${METHOD_LABELS[m]} ranks this example #${rank} of ${r.scored}${agree ? ` (agrees: ${why})` : ''}`,
         },
         `${METHOD_LABELS[m]} #${rank}`,
       ),

@@ -52,6 +52,9 @@ test('results panel: nothing cut off at the right in a narrow panel; the prompt 
         ' Sydney',
         '--method',
         'gdp',
+        // other methods' ranks: the agreement badges
+        '--compare',
+        'cosine,repsim',
         '--top-k',
         '6',
         '--json',
@@ -126,6 +129,41 @@ test('results panel: nothing cut off at the right in a narrow panel; the prompt 
         assert.ok(end.overflow, 'the prompt is longer than its box');
         assert.ok(end.visible, `at ${width} px the prompt box hides the prompt's end`);
       }
+      // agreement badges agree with the row's own list: a supporting row where the other method
+      // ranks it in its top K, an opposing row where a signed method ranks it among its K most
+      // opposing (bottom K), never where that method calls it supporting; a similarity method
+      // (RepSim) has no opposing side. Ranks set by hand on the real result: the most opposing
+      // under cosine, the top under cosine, the bottom under RepSim.
+      const n = result.scored as number;
+      const doctored = structuredClone(result);
+      const [o1, o2] = doctored.opposing;
+      const [s1] = doctored.supporting;
+      o1.otherRanks = { cosine: n, repsim: n };
+      o2.otherRanks = { cosine: 1, repsim: 1 };
+      s1.otherRanks = { cosine: n, repsim: 1 };
+      await p.evaluate(
+        `window.postMessage(${JSON.stringify({ type: 'result', result: doctored, methods: ['gdp'], dataset: 'finetune', context: 'd' })}, '*')`,
+      );
+      await p.waitForSelector('.lists li .badge');
+      const agreeing = await p.evaluate<Record<string, string[]>>(`(() => {
+        const out = {};
+        for (const li of document.querySelectorAll('.lists li.example')) {
+          const line = /line (\\d+)/.exec(li.getAttribute('aria-label'))[1];
+          out[line] = [...li.querySelectorAll('.badge.agree')].map((b) => b.textContent);
+        }
+        return out;
+      })()`);
+      assert.deepEqual(
+        agreeing[o1.id.line],
+        ['Gradient cosine #' + n],
+        'most opposing under cosine: agrees; RepSim has no opposing side',
+      );
+      assert.deepEqual(agreeing[o2.id.line], [], 'an opposing row that cosine ranks #1 (supporting) does not agree');
+      assert.deepEqual(
+        agreeing[s1.id.line],
+        ['RepSim #1'],
+        'a supporting row agrees where ranked in the top, not the bottom',
+      );
     } finally {
       await browser.close();
     }
