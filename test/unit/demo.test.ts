@@ -23,14 +23,14 @@ test('influence-lens demo: explain the planted wrong fact, flag, retrain, fixed'
   const found = /planted sources in the top 10: (\d+) of (\d+)/.exec(r.stdout);
   assert.ok(found && Number(found[1]) >= 3, `planted sources found: ${found?.[0]}`);
   assert.match(r.stdout, /Supporting \(made this completion more likely\):/);
-  // each suggested flag says why: it teaches the answer and its removal is predicted to lower it
+  // each suggested flag says why: it teaches the answer with a real share of the strongest score
   const why = [
     ...r.stdout.matchAll(
-      /flag \S+finetune\.jsonl:\d+.*: teaches "Sydney"; removing it is predicted to lower log p by ([\d.]+)/g,
+      /flag \S+finetune\.jsonl:\d+.*: teaches "Sydney"; its score [\d.]+ is (\d+)% of the strongest supporting example's/g,
     ),
   ];
   assert.ok(why.length >= 3, `suggested flags with reasons: ${why.length}`);
-  for (const w of why) assert.ok(Number(w[1]) >= 0.1);
+  for (const w of why) assert.ok(Number(w[1]) >= 10);
   const fixed = /5\. Ask again[\s\S]*?completion: "([^"]*)"/.exec(r.stdout);
   assert.ok(fixed && fixed[1].trim() !== 'Sydney', `answer after retraining: ${fixed?.[1]}`);
   const lp = /log p\(" Sydney" \| prompt\): (-?[\d.]+) → (-?[\d.]+)/.exec(r.stdout);

@@ -3,7 +3,7 @@
 //   2. ask a question the fine-tuned model answers with a planted wrong fact;
 //   3. explain the answer: the top training examples, their sign in words, file:line, a token
 //      heatmap, and which of them are the planted sources (ground truth from queries.json);
-//   4. flag the examples that teach the wrong answer and whose removal is predicted to lower it
+//   4. flag the examples that teach the wrong answer with a real share of the strongest score
 //      (attribution/suggest.ts), fine-tune again without them (from the
 //      same pre-trained checkpoint, with the shipped training arguments), ask again.
 // Nothing under assets/ is modified: flags, factors and the retrained model live in the cache.
@@ -24,7 +24,7 @@ import { Corpus, explain } from '../attribution/explain';
 import { modelFingerprint } from '../attribution/fingerprint';
 import { runFitJob } from '../attribution/fit-job';
 import { openStage } from '../attribution/stage';
-import { MIN_PREDICTED_DROP, suggestFlags } from '../attribution/suggest';
+import { MIN_SHARE, suggestFlags } from '../attribution/suggest';
 import { loadDataset } from '../data/dataset';
 import { contextLength, tokenizeQuery } from '../data/tokenize';
 import { embeddedDefault } from '../defaults';
@@ -155,15 +155,15 @@ export async function runDemo(argv: string[]): Promise<void> {
   // 4. flag, retrain without the flagged examples, ask again
   say();
   say(bold('4. Flag the examples that teach the wrong answer, fine-tune again without them'));
-  // only examples that teach the wrong answer and whose removal is predicted to lower it (suggest.ts)
-  const suggestions = suggestFlags(result.supporting, completion, corpus.size);
+  // only examples that teach the wrong answer with a real share of the strongest score (suggest.ts)
+  const suggestions = suggestFlags(result.supporting, completion);
   const flagged = suggestions.map((s) => s.example);
   for (const s of suggestions)
     say(`   flag ${shown(d.finetuneData)}:${s.example.id.line}${mark(s.example)}: ${s.reason}`);
   if (!flagged.length) {
     say(
-      `   nothing to flag: no supporting example that contains ${JSON.stringify(completion.trim())} is predicted to lower ` +
-        `log p by ${MIN_PREDICTED_DROP} or more on its own`,
+      `   nothing to flag: no supporting example that contains ${JSON.stringify(completion.trim())} scores ` +
+        `${(100 * MIN_SHARE).toFixed(0)}% or more of the strongest one`,
     );
     return;
   }
