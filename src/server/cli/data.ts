@@ -7,8 +7,9 @@
 //     [--top-k K]   accuracy on any questions, and per method Recall@k / MRR of their known sources (eval/queries.ts)
 //   data eval --model <dir> [--base <dir>] --data <dir> [--json]   the same plus statements, on a corpus built by data build
 // (--base: the base model folder of a LoRA adapter, as for the other commands)
-import { existsSync, mkdirSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { replaceDirAtomic } from '../../common/atomic-write';
 import { methodInfo } from '../../protocol/methods';
 import { METHODS, type Method } from '../../protocol/types';
 import { Corpus, scoreCorpus } from '../attribution/explain';
@@ -31,6 +32,7 @@ import {
   sourceRetrieval,
 } from '../eval/queries';
 import { Model } from '../model/engine';
+import { checkOutFolder } from './out-paths';
 import { CliError, HelpRequested, int, parse, seedFlag, threadsFlag, trainingFlag } from './util';
 
 export async function runData(argv: string[]): Promise<void> {
@@ -67,6 +69,7 @@ async function build(argv: string[]): Promise<void> {
   const context = contextFlag(v.context);
   if (v.task !== undefined && v.task !== 'nonlexical' && v.task !== 'default')
     throw new CliError(`--task must be default or nonlexical (got "${v.task}")`);
+  checkCorpusOut(v.out);
   if (v.task === 'nonlexical') return buildNonlex(v);
   const heldOut = v['held-out'] === undefined ? DEFAULT_CORPUS.heldOut : Number(v['held-out']);
   if (!(heldOut > 0 && heldOut < 1))
@@ -83,8 +86,7 @@ async function build(argv: string[]): Promise<void> {
   } catch (e) {
     throw new CliError((e as Error).message);
   }
-  mkdirSync(v.out, { recursive: true });
-  const { vocabSize } = writeCorpus(v.out, corpus, context);
+  const { vocabSize } = writeCorpusFolder(v.out, (dir) => writeCorpus(dir, corpus, context));
   const n = (k: string) => corpus.queries.filter((q) => q.kind === k).length;
   process.stdout.write(
     `wrote ${v.out}/: ${FILES.pretrain} (${corpus.pretrain.length} lines), ${FILES.finetune} ` +
@@ -103,7 +105,8 @@ function buildNonlex(v: Record<string, string | boolean | undefined>): void {
   } catch (e) {
     throw new CliError((e as Error).message);
   }
-  const { vocabSize } = writeNonlexCorpus(v.out as string, corpus, contextFlag(v.context as string | undefined));
+  const context = contextFlag(v.context as string | undefined);
+  const { vocabSize } = writeCorpusFolder(v.out as string, (dir) => writeNonlexCorpus(dir, corpus, context));
   process.stdout.write(
     `wrote ${v.out}/: pretrain.jsonl (${corpus.pretrain.length} lines), finetune.jsonl (${corpus.finetune.length} lines, ` +
       `${corpus.finetuneTags.filter((t) => t.planted).length} planted), queries.json (${corpus.queries.length}), ` +
@@ -111,14 +114,48 @@ function buildNonlex(v: Record<string, string | boolean | undefined>): void {
   );
 }
 
+/** What `data build` writes; an existing --out with anything else is refused (it is replaced whole). */
+const CORPUS_FILES = new Set<string>(Object.values(FILES));
+
+function checkCorpusOut(out: string): void {
+  checkOutFolder(out, {
+    owned: CORPUS_FILES,
+    marker: FILES.manifest,
+    what: 'a corpus written by influence-lens data build',
+  });
+}
+
+/**
+ * Writes a corpus into a staged folder and puts it in place of `out` whole: a build killed midway
+ * leaves the earlier corpus, never new data beside an old tokenizer (which read the new words as [UNK]).
+ */
+function writeCorpusFolder<T>(out: string, write: (dir: string) => T): T {
+  let r: T | undefined;
+  replaceDirAtomic(out, (tmp) => {
+    r = write(tmp);
+  });
+  return r as T;
+}
+
+/** What `data tokenizer` writes: a word-level tokenizer's files. */
+const TOKENIZER_FILES = new Set(['tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json']);
+
 async function tokenizer(argv: string[]): Promise<void> {
   const { values: v, positionals } = parse(argv, { out: { type: 'string' }, context: { type: 'string' } }, true);
   if (!v.out) throw new CliError('--out <dir> is required');
   if (!positionals.length) throw new CliError('name the JSONL files the vocabulary comes from');
   const context = contextFlag(v.context);
+  // a model's own tokenizer folder (another kind of tokenizer.json) is never replaced
+  const what = 'a tokenizer written by influence-lens data tokenizer';
+  checkOutFolder(v.out, { owned: TOKENIZER_FILES, marker: 'tokenizer.json', what });
+  const existing = join(v.out, 'tokenizer.json');
+  if (existsSync(existing) && !isWordLevel(existing))
+    throw new CliError(
+      `--out ${v.out} holds another kind of tokenizer.json, not ${what}; choose a new or empty folder`,
+    );
   const texts = positionals.flatMap((p) => loadDataset(p).examples.map((e) => e.text));
   const files = buildWordTokenizer(texts, context);
-  writeWordTokenizer(v.out, files);
+  replaceDirAtomic(v.out, (tmp) => writeWordTokenizer(tmp, files));
   process.stdout.write(`wrote ${v.out}/tokenizer.json: ${files.vocabSize} tokens from ${texts.length} examples\n`);
 }
 
@@ -280,4 +317,13 @@ async function evaluateQueries(v: {
   if (!withSources) return;
   for (const r of retrieval)
     process.stdout.write(`  ${r.method.padEnd(8)} Recall@${r.k} ${r.recall.toFixed(3)}  MRR ${r.mrr.toFixed(3)}\n`);
+}
+
+/** Whether a tokenizer.json is a word-level one (what `data tokenizer` builds). */
+function isWordLevel(path: string): boolean {
+  try {
+    return (JSON.parse(readFileSync(path, 'utf8')) as { model?: { type?: unknown } }).model?.type === 'WordLevel';
+  } catch {
+    return false;
+  }
 }

@@ -5,8 +5,9 @@
 import { renderForModel } from '../data/format';
 import { contextLength, tokenizeTrained } from '../data/tokenize';
 import { Model, makeBatch } from '../model/engine';
-import { type TensorToWrite, writeSafetensors } from '../model/safetensors';
+import { readSafetensorsHeader, type TensorToWrite, writeSafetensors } from '../model/safetensors';
 import { Rng } from '../util/random';
+import { checkOutFile } from './out-paths';
 import { CliError, oneOf, parse, seedFlag, trainingFlag } from './util';
 
 export async function runGradients(argv: string[]): Promise<void> {
@@ -24,6 +25,8 @@ export async function runGradients(argv: string[]): Promise<void> {
   });
   if (!v.model) throw new CliError('--model <dir> is required');
   if (!v.out) throw new CliError('--out <file.safetensors> is required');
+  // never over a dataset, a flags file or a model's weights: only over gradients written before
+  checkOutFile(v.out, { what: 'a gradients file written by influence-lens gradients', ours: isGradientsFile });
   const hasText = v.text !== undefined;
   const hasPair = v.prompt !== undefined || v.completion !== undefined;
   if (hasText === hasPair) throw new CliError('give either --text, or --prompt and --completion');
@@ -90,4 +93,14 @@ export async function runGradients(argv: string[]): Promise<void> {
   process.stdout.write(
     `wrote ${v.out}: ${graph.moduleInfo.length} modules × ${T} tokens, loss ${(out.loss.data as Float32Array)[0].toFixed(4)}\n`,
   );
+}
+
+/** Whether `path` is a safetensors file `gradients` wrote (its token_nll tensor and offsets). */
+function isGradientsFile(path: string): boolean {
+  try {
+    const h = readSafetensorsHeader(path);
+    return h.tensors.has('token_nll') && typeof h.metadata.offsets === 'string';
+  } catch {
+    return false;
+  }
 }

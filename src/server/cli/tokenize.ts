@@ -4,14 +4,16 @@
 // `text` is the rendered record (chat template applied), `offsets` are UTF-16 [start, end) per
 // token into `text`, `target_weights[t]` is 1 iff position t's prediction of token t+1 is in the
 // loss (as `gradients` writes it). Same loading, rendering and masking code as `fit` and `explain`.
-import { existsSync, readFileSync, writeFileSync } from 'node:fs';
-import { join, resolve } from 'node:path';
+import { closeSync, existsSync, openSync, readFileSync, readSync, statSync } from 'node:fs';
+import { join } from 'node:path';
+import { writeFileAtomic } from '../../common/atomic-write';
 import { loadDataset } from '../data/dataset';
 import { contextLength, type TokenizedText, tokenizeExamples } from '../data/tokenize';
 import type { TrainingConvention } from '../data/training';
 import { isAdapterDir } from '../model/adapter';
 import { openCheckpoint } from '../model/checkpoint';
 import { loadTokenizer, withTraining } from '../model/tokenizer';
+import { checkOutFile } from './out-paths';
 import { CliError, parse, trainingFlag } from './util';
 
 export interface TokenizedLine {
@@ -93,12 +95,45 @@ export async function runTokenize(argv: string[]): Promise<void> {
   });
   if (!v.model) throw new CliError('--model <dir> is required (a directory with tokenizer.json)');
   if (!v.data) throw new CliError('--data <file.jsonl> is required');
-  if (v.out && resolve(v.out) === resolve(v.data)) throw new CliError('--out must not be the --data file');
+  // never over the data, a flags file or anything but tokens written before (checked before the work)
+  if (v.out)
+    checkOutFile(v.out, {
+      inputs: [v.data],
+      what: 'a tokens file written by influence-lens tokenize',
+      ours: isTokensFile,
+    });
   const { lines, warnings } = tokenizeFile(v.model, v.data, v.base, v['skip-malformed'], trainingFlag(v.training));
   for (const w of warnings) process.stderr.write(`warning: ${w}\n`);
   const body = lines.map((l) => JSON.stringify(l)).join('\n') + (lines.length ? '\n' : '');
   if (v.out) {
-    writeFileSync(v.out, body);
+    // whole or not at all: a run killed mid-write leaves the earlier file
+    writeFileAtomic(v.out, body);
     process.stderr.write(`wrote ${v.out}: ${lines.length} record(s)\n`);
   } else process.stdout.write(body);
+}
+
+/** Whether `path` is empty or JSON lines whose first is a record `tokenize` writes. */
+function isTokensFile(path: string): boolean {
+  const fd = openSync(path, 'r');
+  try {
+    // its first line, however long (a record's ids and offsets)
+    const parts: Buffer[] = [];
+    for (let at = 0; ; ) {
+      const chunk = Buffer.alloc(1 << 20);
+      const n = readSync(fd, chunk, 0, chunk.length, at);
+      const nl = chunk.subarray(0, n).indexOf(0x0a);
+      parts.push(chunk.subarray(0, nl < 0 ? n : nl));
+      at += n;
+      if (n === 0 || nl >= 0) break;
+    }
+    const first = Buffer.concat(parts).toString('utf8');
+    // empty: tokenize of a file with no records
+    if (!first) return statSync(path).size === 0;
+    const r = JSON.parse(first) as Record<string, unknown>;
+    return typeof r === 'object' && r !== null && Array.isArray(r.input_ids) && Array.isArray(r.target_weights);
+  } catch {
+    return false;
+  } finally {
+    closeSync(fd);
+  }
 }

@@ -5,8 +5,8 @@
 // tokens only, text records on every token, exactly the loss the influence commands use.
 // --exclude drops the examples a flags sidecar (`<dataset>.exclude.jsonl`, one {"hash", ...}
 // per line) names, by content hash: the counterfactual "train again without them".
-import { existsSync, readdirSync, realpathSync, rmSync, statSync } from 'node:fs';
-import { basename, dirname, isAbsolute, join, relative, resolve } from 'node:path';
+import { rmSync } from 'node:fs';
+import { basename, dirname, join, resolve } from 'node:path';
 import { cleanStaleTemps, commitDir, stageDir, tempPathFor } from '../../common/atomic-write';
 import { modelFingerprint } from '../attribution/fingerprint';
 import { loadDataset } from '../data/dataset';
@@ -24,6 +24,7 @@ import {
   train,
   writeCheckpoint,
 } from '../train/trainer';
+import { checkOutFolder, realOrResolved, within } from './out-paths';
 import { CliError, int, Progress, parse, seedFlag, threadsFlag } from './util';
 
 export interface TrainJobOptions {
@@ -146,32 +147,13 @@ const TRAINED_FILES = new Set([
   'training_args.json',
   ...CHECKPOINT_TOKENIZER_FILES,
 ]);
-/** Files a desktop puts in any folder it shows; they do not make a folder someone else's. */
-const DESKTOP_FILES = new Set(['.DS_Store', 'Thumbs.db', 'desktop.ini']);
-
-/** The real path of `p`, or of its nearest existing parent with the rest appended. */
-function realOrResolved(p: string): string {
-  const abs = resolve(p);
-  try {
-    return realpathSync(abs);
-  } catch {
-    return abs;
-  }
-}
-
-/** Whether `a` is `b` or inside it. */
-function within(a: string, b: string): boolean {
-  const rel = relative(b, a);
-  return rel === '' || (!rel.startsWith('..') && !isAbsolute(rel));
-}
-
 /**
  * `--out` is replaced as a whole folder, so it must be new, empty, or a model an earlier `train`
  * wrote (training_args.json and only a trained model's files and checkpoint-<step> folders):
  * never a folder that holds the user's data, flags or notes, nor the model training starts from
  * (or one inside the other: `--model runs/ft/checkpoint-500 --out runs/ft`).
  */
-export function checkOutFolder(out: string, from?: string): void {
+export function checkTrainOut(out: string, from?: string): void {
   if (from) {
     const [o, f] = [realOrResolved(out), realOrResolved(from)];
     if (within(o, f) || within(f, o))
@@ -179,26 +161,19 @@ export function checkOutFolder(out: string, from?: string): void {
         `--out ${out} ${o === f ? 'is' : within(f, o) ? 'holds' : 'is inside'} the model training starts from (${from}); choose a folder outside it`,
       );
   }
-  if (!existsSync(out)) return;
-  if (!statSync(out).isDirectory()) throw new CliError(`--out ${out} exists and is not a folder`);
-  const names = readdirSync(out).filter((n) => !DESKTOP_FILES.has(n));
-  if (!names.length) return;
-  const foreign = names.filter((n) => !TRAINED_FILES.has(n) && !/^checkpoint-\d+$/.test(n));
-  if (foreign.length || !names.includes('training_args.json'))
-    throw new CliError(
-      `--out ${out} exists and is not a model written by influence-lens train (${
-        foreign.length
-          ? `it holds ${foreign.slice(0, 5).join(', ')}${foreign.length > 5 ? ', …' : ''}`
-          : 'no training_args.json'
-      }); the whole folder would be replaced, so choose a new or empty folder`,
-    );
+  checkOutFolder(out, {
+    owned: TRAINED_FILES,
+    ownedPattern: /^checkpoint-\d+$/,
+    marker: 'training_args.json',
+    what: 'a model written by influence-lens train',
+  });
 }
 
 export async function trainJob(o: TrainJobOptions): Promise<TrainJobResult> {
   const t0 = Date.now();
   const log = o.log ?? (() => {});
   const out = resolve(o.out); // no trailing slash: temporaries go beside it, not inside
-  checkOutFolder(out, o.model);
+  checkTrainOut(out, o.model);
   // what a train killed earlier left beside this output (its staging and initial-weights folders)
   cleanStaleTemps(dirname(out), 1, `${basename(out)}.`);
   // the digest of the very bytes trained on: the file may change while training runs (an edit, a
