@@ -10,7 +10,9 @@
 // second process would take over a lock that is still held and both would write (flags were
 // lost that way). Here staleness is whether the owner's process exists, which can be told only on
 // the owner's host: a lock of another host is never taken over (the message says which file to
-// delete if that machine's process is gone).
+// delete if that machine's process is gone). A pid can be reused (a restarted container's process
+// is PID 1 again, a busy machine wraps pids): the lock also records its process's start time
+// (Linux: /proc/<pid>/stat), and a process with that pid but another start time is not its owner.
 
 import { linkSync, lstatSync, readdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { hostname } from 'node:os';
@@ -20,6 +22,10 @@ import { notWritable, processAlive, tempPathFor } from './atomic-write';
 export interface LockOwner {
   pid: number;
   host: string;
+  /** the process's start time in clock ticks since boot, where the system says it (Linux) */
+  start?: string;
+  /** the boot the start time counts from (Linux's boot_id) */
+  boot?: string;
   /** ISO time the lock was taken */
   since: string;
   /** what the owner does under it, in words */
@@ -30,7 +36,14 @@ export type Release = () => void;
 
 /** Takes the lock at `path`, or returns its live owner (its file when unreadable: never guessed stale). */
 export function tryLock(path: string, what: string): Release | LockOwner {
-  const me: LockOwner = { pid: process.pid, host: hostname(), since: new Date().toISOString(), what };
+  const start = processStart(process.pid);
+  const me: LockOwner = {
+    pid: process.pid,
+    host: hostname(),
+    ...(start !== undefined ? { start, boot: bootId() } : {}),
+    since: new Date().toISOString(),
+    what,
+  };
   const text = JSON.stringify(me);
   for (let attempt = 0; ; attempt++) {
     if (createExclusive(path, text))
@@ -46,12 +59,12 @@ export function tryLock(path: string, what: string): Release | LockOwner {
       rmSync(path, { recursive: true, force: true });
       continue;
     }
-    const held = readText(path);
-    if (held === undefined) continue; // released meanwhile: try again
-    const owner = parseOwner(held);
+    const heldText = readText(path);
+    if (heldText === undefined) continue; // released meanwhile: try again
+    const owner = parseOwner(heldText);
     if (!owner) return { pid: 0, host: '?', since: '?', what: `an unreadable lock file ${path}` };
     if (!isStale(owner) || attempt >= 3) return owner;
-    removeIfStill(path, held);
+    removeIfStill(path, heldText);
   }
 }
 
@@ -100,15 +113,48 @@ export function removeStaleLocks(dir: string, prefix: string): void {
   for (const name of readdirSync(dir)) {
     if (!name.startsWith(prefix) || !name.endsWith('.lock')) continue;
     const path = join(dir, name);
-    const held = readText(path);
-    const owner = held === undefined ? null : parseOwner(held);
-    if (owner && isStale(owner)) removeIfStill(path, held!);
+    const text = readText(path);
+    const owner = text === undefined ? null : parseOwner(text);
+    if (owner && isStale(owner)) removeIfStill(path, text!);
   }
 }
 
-/** Whether the lock's process is gone (known only for a lock of this host). */
+/**
+ * Whether the lock's process is gone (known only for a lock of this host): no process has its pid,
+ * or the one that has it (this very process included: a restarted container's PID 1) started at
+ * another time or in another boot, so the pid was reused. Threads of one process share its pid and
+ * start time: a lock another thread holds is never taken.
+ */
 function isStale(owner: LockOwner): boolean {
-  return owner.host === hostname() && !processAlive(owner.pid);
+  if (owner.host !== hostname()) return false;
+  if (!processAlive(owner.pid)) return true;
+  if (owner.start === undefined) return false; // a lock of an earlier version: the pid is all it says
+  const b = bootId();
+  if (owner.boot !== undefined && b !== undefined && owner.boot !== b) return true;
+  const now = processStart(owner.pid);
+  return now !== undefined && now !== owner.start;
+}
+
+/** A process's start time (clock ticks since boot, /proc/<pid>/stat's 22nd field), where Linux says it. */
+export function processStart(pid: number): string | undefined {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    // the command name (field 2) is in parentheses and may hold spaces and ')': fields after the last one
+    return stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19];
+  } catch {
+    return undefined;
+  }
+}
+
+let boot: string | undefined | null = null;
+function bootId(): string | undefined {
+  if (boot === null)
+    try {
+      boot = readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim();
+    } catch {
+      boot = undefined;
+    }
+  return boot;
 }
 
 /**
@@ -165,7 +211,14 @@ function parseOwner(text: string): LockOwner | null {
   try {
     const o = JSON.parse(text) as Partial<LockOwner>;
     if (Number.isInteger(o.pid) && typeof o.host === 'string')
-      return { pid: o.pid!, host: o.host, since: String(o.since), what: String(o.what) };
+      return {
+        pid: o.pid!,
+        host: o.host,
+        ...(typeof o.start === 'string' ? { start: o.start } : {}),
+        ...(typeof o.boot === 'string' ? { boot: o.boot } : {}),
+        since: String(o.since),
+        what: String(o.what),
+      };
   } catch {}
   return null;
 }
