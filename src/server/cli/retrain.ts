@@ -6,8 +6,7 @@
 // A model trained elsewhere has no training_args.json: it is refused with the way to go instead
 // (export the cleaned dataset and train it with your own pipeline).
 import { createHash } from 'node:crypto';
-import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { existsSync, readFileSync } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
 import { modelFingerprint } from '../attribution/fingerprint';
 import { loadDataset } from '../data/dataset';
@@ -101,38 +100,32 @@ export async function runRetrain(argv: string[]): Promise<void> {
     process.stderr.write(
       `note: ${kept} example(s) ${v.model} was already trained without stay excluded, though ${v.exclude} no longer flags them; to train with them again, run train from the starting checkpoint with --exclude ${v.exclude}\n`,
     );
-  const tmp = mkdtempSync(join(tmpdir(), 'il-retrain-'));
   const queries = v.queries ? readQueriesOrFail(v.queries) : [];
-  try {
-    const sidecar = join(tmp, 'all.exclude.jsonl');
-    writeFileSync(sidecar, [...excluded].map((hash) => `${JSON.stringify({ hash })}\n`).join(''));
-    let bar: Progress | undefined;
-    const r = await trainJob({
-      data,
-      out: v.out,
-      ...from,
-      epochs: args.epochs,
-      lr: args.lr,
-      batchSize: args.batch_size,
-      seed: args.seed,
-      warmup: args.warmup ?? undefined,
-      clip: args.clip,
-      weightDecay: args.weight_decay,
-      // ONNX Runtime's thread count changes float rounding: train as the model was trained
-      threads: args.threads ?? undefined,
-      exclude: sidecar,
-      onStep: (s) => {
-        bar ??= new Progress('retrain'.padEnd(8), s.total);
-        bar.tick(s.step, `loss ${s.loss.toFixed(3)}`);
-      },
-    });
-    bar?.done();
-    process.stdout.write(
-      `wrote ${v.out}: ${r.examples} examples (${r.excluded} excluded), ${r.steps} steps, ${r.seconds.toFixed(1)} s\n`,
-    );
-  } finally {
-    rmSync(tmp, { recursive: true, force: true });
-  }
+  let bar: Progress | undefined;
+  const r = await trainJob({
+    data,
+    out: v.out,
+    ...from,
+    epochs: args.epochs,
+    lr: args.lr,
+    batchSize: args.batch_size,
+    seed: args.seed,
+    warmup: args.warmup ?? undefined,
+    clip: args.clip,
+    weightDecay: args.weight_decay,
+    // ONNX Runtime's thread count changes float rounding: train as the model was trained
+    threads: args.threads ?? undefined,
+    // the hashes themselves, not a temporary sidecar (a retrain killed midway left one in /tmp)
+    excludeHashes: excluded,
+    onStep: (s) => {
+      bar ??= new Progress('retrain'.padEnd(8), s.total);
+      bar.tick(s.step, `loss ${s.loss.toFixed(3)}`);
+    },
+  });
+  bar?.done();
+  process.stdout.write(
+    `wrote ${v.out}: ${r.examples} examples (${r.excluded} excluded), ${r.steps} steps, ${r.seconds.toFixed(1)} s\n`,
+  );
   if (!queries.length) return;
   const before = Model.open(v.model);
   const after = Model.open(v.out);

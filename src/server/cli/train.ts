@@ -184,7 +184,8 @@ export async function trainJob(o: TrainJobOptions): Promise<TrainJobResult> {
   const excluded = ds.examples.length - kept.length;
   // flags of another dataset (or of lines all edited since) would exclude nothing: the model
   // would be trained on every example while the run looks like one without the flagged ones
-  if (excludedHashes.size && !excluded) throw new CliError(noneFlaggedIn(o.exclude!, excludedHashes.size, o.data));
+  if (excludedHashes.size && !excluded)
+    throw new CliError(noneFlaggedIn(o.exclude ?? 'the exclusions given', excludedHashes.size, o.data));
   if (!kept.length) throw new CliError(`${o.data}: every example is excluded`);
   const note = o.exclude ? exclusionNote(o.exclude, excludedHashes, ds.examples, o.data) : undefined;
   if (note) log(note);
