@@ -115,6 +115,9 @@ export interface ExplainResult {
   timings: Record<string, number>;
   /** the server's `ServiceInfo.revision` when it computed this result (absent from the CLI) */
   revision?: string;
+  /** what its reader must know about how it was computed (factors fitted on other data than
+   * their fit dataset); the CLI says these on stderr instead */
+  warnings?: string[];
   /** which computation produced the scores: the final model alone, or a weighted sum over training checkpoints */
   attribution?: Attribution;
 }

@@ -232,6 +232,10 @@ function queryHeader(r: ExplainResult): HTMLElement {
       `−log p(completion | prompt) = ${r.query.loss.toPrecision(3)} · ${r.scored} examples scored · ${r.model}`,
     ),
     r.attribution ? h('div', { class: 'meta attribution' }, `Scores: ${describeAttribution(r.attribution)}`) : null,
+    // what the server says about how these scores were computed (factors fitted on other data)
+    ...(r.warnings ?? []).map((w) =>
+      h('div', { class: 'meta result-warning', role: 'alert' }, icon('warning'), ` ${w}`),
+    ),
   );
 }
 

@@ -138,6 +138,7 @@ test('results panel: nothing cut off at the right in a narrow panel; the prompt 
       const doctored = structuredClone(result);
       const [o1, o2] = doctored.opposing;
       const [s1] = doctored.supporting;
+      doctored.warnings = ["the finetuned model's EK-FAC factors were fitted on other data than its fit dataset"];
       o1.otherRanks = { cosine: n, repsim: n };
       o2.otherRanks = { cosine: 1, repsim: 1 };
       s1.otherRanks = { cosine: n, repsim: 1 };
@@ -153,6 +154,11 @@ test('results panel: nothing cut off at the right in a narrow panel; the prompt 
         }
         return out;
       })()`);
+      // a result's warnings are shown with it
+      const shownWarning = await p.evaluate<string>(
+        `document.querySelector('header.query .result-warning')?.textContent ?? ''`,
+      );
+      assert.match(shownWarning, /fitted on other data than its fit dataset/);
       assert.deepEqual(
         agreeing[o1.id.line],
         ['Gradient cosine #' + n],

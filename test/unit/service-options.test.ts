@@ -122,7 +122,11 @@ test('factors fitted on other data than the fit dataset are named in status once
   const moved = new InfluenceService(config('b'));
   moved.open();
   assert.deepEqual(moved.info().warnings, [], 'status loads no dataset to find out');
-  await moved.explain({ ...q, dataset: 'b' });
+  const scored = await moved.explain({ ...q, dataset: 'b' });
+  // the result says so too (the panel shows it with the scores), for a method that uses those factors only
+  assert.equal(scored.warnings?.length, 1);
+  assert.match(scored.warnings![0], /were fitted on other data than its fit dataset "b"/);
+  assert.equal((await moved.explain({ ...q, dataset: 'b', method: 'gdp' })).warnings, undefined);
   const [w, ...rest] = moved.info().warnings;
   assert.equal(rest.length, 0);
   assert.match(

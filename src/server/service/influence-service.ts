@@ -599,9 +599,11 @@ export class InfluenceService implements ServiceApi {
    * behind their back, but they are not what the configuration describes, so status says so. Known
    * once the fit dataset is loaded (the first request over it): status never loads a dataset.
    */
-  private factorsDataWarnings(): string[] {
+  private factorsDataWarnings(
+    stages: ReadonlyArray<'finetuned' | 'pretrained'> = ['finetuned', 'pretrained'],
+  ): string[] {
     const out: string[] = [];
-    for (const which of ['finetuned', 'pretrained'] as const) {
+    for (const which of stages) {
       const c = this.config[which];
       const stage = this.stages.get(which);
       if (!c?.factors || !stage?.preconditioners) continue;
@@ -624,6 +626,16 @@ export class InfluenceService implements ServiceApi {
       if (warning) out.push(warning);
     }
     return out;
+  }
+
+  /**
+   * What a result's reader must know about the factors it was scored with (those of other data
+   * than their fit dataset), besides the status warnings: the panel shows it with the result.
+   */
+  private resultWarnings(method: Method): string[] {
+    const info = methodInfo(method);
+    if (!info?.needsFactors) return [];
+    return this.factorsDataWarnings(info.needsPretrained ? ['finetuned', 'pretrained'] : ['finetuned']);
   }
 
   /** The warning for one stage's factors in `dir` against its loaded fit dataset `d`, or null. */
@@ -796,7 +808,8 @@ export class InfluenceService implements ServiceApi {
           `${p.dataset} changed on disk while it was being explained; explain again to use the new file`,
           'data_changed',
         );
-      return { ...result, revision };
+      const warnings = this.resultWarnings(p.method);
+      return { ...result, revision, ...(warnings.length ? { warnings } : {}) };
     } catch (e) {
       if (work.signal?.aborted) throw new ServiceError('cancelled', 'cancelled');
       if (e instanceof ExplainError) throw new ServiceError(e.message);
@@ -849,7 +862,8 @@ export class InfluenceService implements ServiceApi {
           `${p.dataset} changed on disk while it was being explained; explain again to use the new file`,
           'data_changed',
         );
-      return { results: results.map((r) => ({ ...r, revision })) };
+      const warnings = this.resultWarnings(p.method);
+      return { results: results.map((r) => ({ ...r, revision, ...(warnings.length ? { warnings } : {}) })) };
     } catch (e) {
       if (work.signal?.aborted) throw new ServiceError('cancelled', 'cancelled');
       if (e instanceof ExplainError) throw new ServiceError(e.message);
