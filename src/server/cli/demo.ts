@@ -34,7 +34,7 @@ import { Model, makeBatch } from '../model/engine';
 import { generate } from '../model/generate';
 import { DEFAULTS } from '../settings';
 import { formatResult } from './explain';
-import { readTrainingArgs } from './retrain';
+import { readTrainingArgs, recordedTraining } from './retrain';
 import { trainJob } from './train';
 import { CliError, int, Progress, parse } from './util';
 
@@ -204,18 +204,11 @@ export async function runDemo(argv: string[]): Promise<void> {
       data: d.finetuneData,
       out: cleanDir,
       model: d.pretrained,
-      epochs: args.epochs,
-      lr: args.lr,
-      batchSize: args.batch_size,
-      seed: args.seed,
-      warmup: args.warmup ?? undefined,
-      clip: args.clip,
-      weightDecay: args.weight_decay,
+      // as the shipped model was trained (the thread count included: it changes the last bits)
+      ...recordedTraining(args),
       // these flags themselves, not the sidecar: a demo of another query running beside this one
       // rewrites it, and this model would be trained without that run's flags under this run's key
       excludeHashes: excluded,
-      // the thread count changes the last bits of the weights: train as the shipped model was
-      threads: args.threads ?? undefined,
       onStep: (s) => {
         bar ??= new Progress('   fine-tuning'.padEnd(34), s.total);
         bar.tick(s.step, `loss ${s.loss.toFixed(3)}`);

@@ -106,15 +106,7 @@ export async function runRetrain(argv: string[]): Promise<void> {
     data,
     out: v.out,
     ...from,
-    epochs: args.epochs,
-    lr: args.lr,
-    batchSize: args.batch_size,
-    seed: args.seed,
-    warmup: args.warmup ?? undefined,
-    clip: args.clip,
-    weightDecay: args.weight_decay,
-    // ONNX Runtime's thread count changes float rounding: train as the model was trained
-    threads: args.threads ?? undefined,
+    ...recordedTraining(args),
     // the hashes themselves, not a temporary sidecar (a retrain killed midway left one in /tmp)
     excludeHashes: excluded,
     onStep: (s) => {
@@ -147,6 +139,21 @@ function readQueriesOrFail(file: string): EvalQuery[] {
   } catch (e) {
     throw new CliError((e as Error).message);
   }
+}
+
+/** The training settings `train` recorded, as `trainJob` takes them: the same run again. */
+export function recordedTraining(args: TrainingArgs) {
+  return {
+    epochs: args.epochs,
+    lr: args.lr,
+    batchSize: args.batch_size,
+    seed: args.seed,
+    warmup: args.warmup ?? undefined,
+    clip: args.clip,
+    weightDecay: args.weight_decay,
+    // ONNX Runtime's thread count changes float rounding: train as the model was trained
+    threads: args.threads ?? undefined,
+  };
 }
 
 export function readTrainingArgs(modelDir: string): TrainingArgs {
