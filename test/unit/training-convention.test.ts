@@ -634,6 +634,34 @@ test('factors of a tokenizer that changed since the fit are refused; factors of 
   );
 });
 
+test('factors fitted before the {% generation %} block fixes (no generationBlocks in their tokenization) are refused for such a template', async () => {
+  const model = join(home, 'genblocks');
+  mkdirSync(model);
+  for (const f of ['config.json', 'model.safetensors', 'tokenizer.json', 'tokenizer_config.json'])
+    copyFileSync(join(LLAMA, f), join(model, f));
+  writeFileSync(
+    join(model, 'chat_template.jinja'),
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}A: {% generation %}{{ m['content'] }}{% endgeneration %}\n{% else %}Q: {{ m['content'] }}\n{% endif %}{% endfor %}",
+  );
+  const data = writeJsonl(join(home, 'genblocks.jsonl'), [{ text: 'Paris is the capital of France.' }]);
+  const out = join(home, 'genblocks-factors');
+  await runFitJob({ modelDir: model, dataPath: data, out, modules: 'mlp', labels: 'empirical', seed: 0 });
+  assert.ok(openStage(model, out), 'factors of this version open');
+  // the arguments an earlier version wrote: the same tokenization key without generationBlocks
+  const file = join(out, 'influence_lens_arguments.json');
+  const args = JSON.parse(readFileSync(file, 'utf8'));
+  const found = JSON.stringify(args).includes('"generationBlocks":2');
+  assert.ok(found, 'the fit records how the blocks were read');
+  writeFileSync(
+    file,
+    JSON.stringify(args).replaceAll(',"generationBlocks":2', '').replaceAll('"generationBlocks":2,', ''),
+  );
+  assert.throws(
+    () => openStage(model, out),
+    /tokenized otherwise than .* \(this program's reading of the chat template's \{% generation %\} blocks changed since the fit\)/,
+  );
+});
+
 test('multistage beside a single-stage method is refused when the two models read --data under other conventions', async () => {
   const { spawnSync } = await import('node:child_process');
   const data = writeJsonl(join(home, 'ms.jsonl'), [

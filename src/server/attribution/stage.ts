@@ -32,6 +32,7 @@ function tokenizationChanges(
     tokenization: "this program's tokenization version changed",
     tokenizer: 'tokenizer.json or tokenizer_config.json changed',
     chatTemplate: 'the chat template changed',
+    generationBlocks: "this program's reading of the chat template's {% generation %} blocks changed",
   };
   // the training convention has its own, more precise refusal above
   return Object.keys(what)
