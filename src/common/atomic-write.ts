@@ -23,6 +23,7 @@ import {
   mkdirSync,
   openSync,
   readdirSync,
+  readFileSync,
   readlinkSync,
   renameSync,
   rmSync,
@@ -40,11 +41,29 @@ function hostTag(): string {
   return `h${createHash('sha256').update(hostname()).digest('hex').slice(0, 8)}`;
 }
 
-/** A fresh temporary path next to `target` (a trailing slash ignored), marked with this process's id. */
+/**
+ * A fresh temporary path next to `target` (a trailing slash ignored), marked with this process's
+ * id and, where the system says it, its start time: a pid can be reused (a restarted container's
+ * process is PID 1 again), and a temporary of the former process must still be seen as left over.
+ */
 export function tempPathFor(target: string, kind: 'tmp' | 'old' = 'tmp'): string {
   counter++;
+  ownStart ??= processStart(process.pid) ?? '';
   // threadId keeps two worker threads of one process apart
-  return `${resolve(target)}.${kind}-${process.pid}-${threadId}x${counter}-${hostTag()}`;
+  return `${resolve(target)}.${kind}-${process.pid}-${threadId}x${counter}-${hostTag()}${ownStart ? `-s${ownStart}` : ''}`;
+}
+
+let ownStart: string | undefined;
+
+/** A process's start time (clock ticks since boot, /proc/<pid>/stat's 22nd field), where Linux says it. */
+export function processStart(pid: number): string | undefined {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    // the command name (field 2) is in parentheses and may hold spaces and ')': fields after the last one
+    return stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19];
+  } catch {
+    return undefined;
+  }
 }
 
 /**
@@ -53,7 +72,8 @@ export function tempPathFor(target: string, kind: 'tmp' | 'old' = 'tmp'): string
  * the host tag (absent in names of older versions). The `-<thread>x<n>` tail is required for `old`
  * (a user's own `model.old-2024` is not ours); `tmp` also matches the older `.tmp-<pid>` names.
  */
-const TEMP_NAME = /\.(?:(tmp)-(\d+)(?:-\d+x\d+(?:-(h[0-9a-f]{8}))?)?|(old)-(\d+)-\d+x\d+(?:-(h[0-9a-f]{8}))?)$/;
+const TEMP_NAME =
+  /\.(?:(tmp)-(\d+)(?:-\d+x\d+(?:-(h[0-9a-f]{8})(?:-s(\d+))?)?)?|(old)-(\d+)-\d+x\d+(?:-(h[0-9a-f]{8})(?:-s(\d+))?)?)$/;
 
 /** Whether a file or folder name is one of our temporaries (a write in progress, or its leftover). */
 export function isTemporaryName(name: string): boolean {
@@ -64,9 +84,16 @@ export function isTemporaryName(name: string): boolean {
 function tempName(name: string): { kind: 'tmp' | 'old'; pid: number; index: number; gone: boolean } | null {
   const m = TEMP_NAME.exec(name);
   if (!m) return null;
-  const [kind, pid, host] = m[1] ? (['tmp', m[2], m[3]] as const) : (['old', m[5], m[6]] as const);
+  const [kind, pid, host, start] = m[1] ? (['tmp', m[2], m[3], m[4]] as const) : (['old', m[6], m[7], m[8]] as const);
   // another host's writer (a fit partition on another machine, a container) may be running: never judged here
-  const gone = (host === undefined || host === hostTag()) && !processAlive(Number(pid));
+  const ours = host === undefined || host === hostTag();
+  // a live process with that pid that started at another time is not the writer (a reused pid)
+  const reused = (): boolean => {
+    if (start === undefined) return false;
+    const now = processStart(Number(pid));
+    return now !== undefined && now !== start;
+  };
+  const gone = ours && (!processAlive(Number(pid)) || reused());
   return { kind, pid: Number(pid), index: m.index, gone };
 }
 

@@ -17,7 +17,7 @@
 import { linkSync, lstatSync, readdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
-import { notWritable, processAlive, tempPathFor } from './atomic-write';
+import { notWritable, processAlive, processStart, tempPathFor } from './atomic-write';
 
 export interface LockOwner {
   pid: number;
@@ -133,17 +133,6 @@ function isStale(owner: LockOwner): boolean {
   if (owner.boot !== undefined && b !== undefined && owner.boot !== b) return true;
   const now = processStart(owner.pid);
   return now !== undefined && now !== owner.start;
-}
-
-/** A process's start time (clock ticks since boot, /proc/<pid>/stat's 22nd field), where Linux says it. */
-export function processStart(pid: number): string | undefined {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-    // the command name (field 2) is in parentheses and may hold spaces and ')': fields after the last one
-    return stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19];
-  } catch {
-    return undefined;
-  }
 }
 
 let boot: string | undefined | null = null;

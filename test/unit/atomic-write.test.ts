@@ -23,8 +23,10 @@ import { after, test } from 'node:test';
 import {
   cleanStaleTemps,
   processAlive,
+  processStart,
   replaceDirAtomic,
   restoreReplacedDir,
+  tempPathFor,
   writeFileAtomic,
 } from '../../src/common/atomic-write';
 import { loadFactors } from '../../src/server/attribution/ekfac/factors-io';
@@ -156,6 +158,27 @@ test('a folder replace killed between its two renames: readers and the cleanup p
   replaceDirAtomic(target, (tmp) => writeFileSync(join(tmp, 'model.safetensors'), 'v3'));
   assert.deepEqual(readdirSync(d), ['checkpoint']);
   assert.equal(readFileSync(join(target, 'model.safetensors'), 'utf8'), 'v3');
+});
+
+test('a folder set aside by a killed writer whose pid this process now has (a restarted container) is put back', {
+  skip: processStart(process.pid) === undefined ? 'needs /proc' : false,
+}, () => {
+  const d = join(root, 'reused-pid');
+  mkdirSync(d);
+  const target = join(d, 'model');
+  // our own name for it, with the former process's start time: same pid and host, another start
+  const mine = tempPathFor(target, 'old');
+  const former = mine.replace(/-s(\d+)$/, (_, t: string) => `-s${Number(t) - 1000}`);
+  assert.notEqual(former, mine);
+  mkdirSync(former);
+  writeFileSync(join(former, 'model.safetensors'), 'old');
+  assert.equal(restoreReplacedDir(target), true, 'the former process is gone although its pid is ours');
+  assert.equal(readFileSync(join(target, 'model.safetensors'), 'utf8'), 'old');
+  // a temporary this very process is writing is left alone
+  rmSync(target, { recursive: true });
+  mkdirSync(mine);
+  assert.equal(restoreReplacedDir(target), false);
+  assert.deepEqual(cleanStaleTemps(d), []);
 });
 
 test('openCheckpoint and loadFactors put back a folder a killed replace left set aside', () => {

@@ -7,7 +7,8 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { hostname, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
-import { processStart, tryLock } from '../../src/common/owner-lock';
+import { processStart } from '../../src/common/atomic-write';
+import { tryLock } from '../../src/common/owner-lock';
 
 const onLinux = processStart(process.pid) !== undefined;
 
