@@ -383,7 +383,7 @@ export function cleanStaleTempsOf(path: string): string[] {
 }
 
 /** The names this version gives its temporaries (`tempPathFor`), pid, thread and counter. */
-const FULL_TEMP_NAME = /\.(?:tmp|old)-\d+-\d+x\d+(?:-h[0-9a-f]{8})?$/;
+const FULL_TEMP_NAME = /\.(?:tmp|old)-\d+-\d+x\d+(?:-h[0-9a-f]{8}(?:-s\d+)?)?$/;
 
 /** Whether a process with this id exists (EPERM: it does, it is someone else's). */
 export function processAlive(pid: number): boolean {

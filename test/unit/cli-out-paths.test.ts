@@ -3,7 +3,8 @@
 // tokenizer replace a folder whole, so one holding anything else (flags, notes, a model's own
 // tokenizer) is refused, and a build killed midway leaves the earlier corpus, not a mix.
 import assert from 'node:assert/strict';
-import { copyFileSync, cpSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { copyFileSync, cpSync, existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { cliIn } from './helpers/cli';
@@ -77,6 +78,13 @@ test('tokenize --out: never over the data, a flags file or another file; over it
     other,
     readFileSync(other),
   );
+  // a pipe: recognising it by reading would block forever (and nothing writes it): refused at once
+  const fifo = join(d, 'fifo');
+  if (spawnSync('mkfifo', [fifo]).status === 0) {
+    const r = cliIn(home, {}, 60_000)(...t, '--out', fifo);
+    assert.equal(r.code, 1, `refused, not hung: ${r.err}`);
+    assert.match(r.err, /is not a regular file \(a pipe or a device\)/);
+  }
   const out = join(d, 'tokens.jsonl');
   assert.equal(cli(...t, '--out', out).code, 0);
   const again = cli(...t, '--out', out);
@@ -87,7 +95,12 @@ test('tokenize --out: never over the data, a flags file or another file; over it
 test('data build / data tokenizer --out: a folder with anything else is refused; an earlier build is replaced whole', () => {
   const out = join(home, 'corpus');
   const build = (seed: string) => cli('data', 'build', '--out', out, '--countries', '12', '--seed', seed);
+  // what a build killed earlier left beside it (its staged folder; a process that is gone)
+  const gone = spawnSync(process.execPath, ['-e', 'process.stdout.write(String(process.pid))'], { encoding: 'utf8' });
+  const staged = join(home, `corpus.tmp-${gone.stdout}`);
+  mkdirSync(staged);
   assert.equal(build('1').code, 0);
+  assert.equal(existsSync(staged), false, 'a killed build leaves nothing behind for long');
   const first = readFileSync(join(out, 'finetune.jsonl'));
   const again = build('2');
   assert.equal(again.code, 0, again.err);

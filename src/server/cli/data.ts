@@ -8,8 +8,8 @@
 //   data eval --model <dir> [--base <dir>] --data <dir> [--json]   the same plus statements, on a corpus built by data build
 // (--base: the base model folder of a LoRA adapter, as for the other commands)
 import { existsSync, readFileSync } from 'node:fs';
-import { join } from 'node:path';
-import { replaceDirAtomic } from '../../common/atomic-write';
+import { basename, dirname, join, resolve } from 'node:path';
+import { cleanStaleTemps, replaceDirAtomic } from '../../common/atomic-write';
 import { methodInfo } from '../../protocol/methods';
 import { METHODS, type Method } from '../../protocol/types';
 import { Corpus, scoreCorpus } from '../attribution/explain';
@@ -131,10 +131,17 @@ function checkCorpusOut(out: string): void {
  */
 function writeCorpusFolder<T>(out: string, write: (dir: string) => T): T {
   let r: T | undefined;
+  cleanLeftovers(out);
   replaceDirAtomic(out, (tmp) => {
     r = write(tmp);
   });
   return r as T;
+}
+
+/** What a build of `out` killed earlier left beside it (its staged folder), as train cleans its own. */
+function cleanLeftovers(out: string): void {
+  const dir = resolve(out);
+  cleanStaleTemps(dirname(dir), 1, `${basename(dir)}.`);
 }
 
 /** What `data tokenizer` writes: a word-level tokenizer's files. */
@@ -155,6 +162,7 @@ async function tokenizer(argv: string[]): Promise<void> {
     );
   const texts = positionals.flatMap((p) => loadDataset(p).examples.map((e) => e.text));
   const files = buildWordTokenizer(texts, context);
+  cleanLeftovers(v.out);
   replaceDirAtomic(v.out, (tmp) => writeWordTokenizer(tmp, files));
   process.stdout.write(`wrote ${v.out}/tokenizer.json: ${files.vocabSize} tokens from ${texts.length} examples\n`);
 }

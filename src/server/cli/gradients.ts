@@ -2,6 +2,7 @@
 // text or prompt/completion, written as safetensors. Tensor names (documented in README):
 //   <module>.a [T, d_in], <module>.g [T, d_out], token_nll [T], input_ids [T],
 //   target_ids [T], target_weights [T]   (position t predicts token t+1)
+import { cleanStaleTempsOf } from '../../common/atomic-write';
 import { renderForModel } from '../data/format';
 import { contextLength, tokenizeTrained } from '../data/tokenize';
 import { Model, makeBatch } from '../model/engine';
@@ -90,6 +91,7 @@ export async function runGradients(argv: string[]): Promise<void> {
     loss: String((out.loss.data as Float32Array)[0]),
     offsets: JSON.stringify(enc.offsets),
   });
+  cleanStaleTempsOf(v.out); // what a run killed mid-write left beside it
   process.stdout.write(
     `wrote ${v.out}: ${graph.moduleInfo.length} modules × ${T} tokens, loss ${(out.loss.data as Float32Array)[0].toFixed(4)}\n`,
   );

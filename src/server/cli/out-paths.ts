@@ -42,7 +42,10 @@ export function checkOutFile(
   if (isSidecarPath(out))
     throw new CliError(`${flag} ${out} is a flags file (<dataset>.exclude.jsonl); choose another file`);
   if (!existsSync(out)) return;
-  if (statSync(out).isDirectory()) throw new CliError(`${flag} ${out} is a folder; name a file`);
+  const st = statSync(out);
+  if (st.isDirectory()) throw new CliError(`${flag} ${out} is a folder; name a file`);
+  // a FIFO or a device: reading it to recognise it would block, and the write replaces files only
+  if (!st.isFile()) throw new CliError(`${flag} ${out} is not a regular file (a pipe or a device); name a file`);
   if (!o.ours(out))
     throw new CliError(
       `${flag} ${out} exists and is not ${o.what}: it would be replaced, so choose another file (or remove it yourself)`,

@@ -6,7 +6,7 @@
 // loss (as `gradients` writes it). Same loading, rendering and masking code as `fit` and `explain`.
 import { closeSync, existsSync, openSync, readFileSync, readSync, statSync } from 'node:fs';
 import { join } from 'node:path';
-import { writeFileAtomic } from '../../common/atomic-write';
+import { cleanStaleTempsOf, writeFileAtomic } from '../../common/atomic-write';
 import { loadDataset } from '../data/dataset';
 import { contextLength, type TokenizedText, tokenizeExamples } from '../data/tokenize';
 import type { TrainingConvention } from '../data/training';
@@ -108,6 +108,7 @@ export async function runTokenize(argv: string[]): Promise<void> {
   if (v.out) {
     // whole or not at all: a run killed mid-write leaves the earlier file
     writeFileAtomic(v.out, body);
+    cleanStaleTempsOf(v.out); // what a run killed mid-write left beside it
     process.stderr.write(`wrote ${v.out}: ${lines.length} record(s)\n`);
   } else process.stdout.write(body);
 }
