@@ -2,6 +2,8 @@
 // how an example influenced the last queries ("supporting #1 for ' Sydney' (EK-FAC)"). Each entry
 // keeps the server's revision (its model, tokenizer and factor files) when it was computed, so a
 // ranking from before a retrain or refit is shown as such, not as the current model's.
+import { realpathSync } from 'node:fs';
+import { resolve } from 'node:path';
 import type * as vscode from 'vscode';
 import type { ExplainResult, Method, Sign } from '../protocol/types';
 
@@ -53,7 +55,7 @@ export class History {
       dataset,
       at: Date.now(),
       ...(r.revision !== undefined ? { revision: r.revision } : {}),
-      ...(path !== undefined ? { path } : {}),
+      ...(path !== undefined ? { path: canonicalPath(path) } : {}),
       examples: [...r.supporting, ...r.opposing].map((e) => [
         e.id.hash,
         e.id.line,
@@ -83,8 +85,9 @@ export class History {
   hits(hash: string, path?: string): HistoryHit[] {
     const out: HistoryHit[] = [];
     const current = this.memento.get<string>(REVISION_KEY);
+    const file = path === undefined ? undefined : canonicalPath(path);
     for (const e of this.entries()) {
-      if (path !== undefined && e.path !== undefined && e.path !== path) continue;
+      if (file !== undefined && e.path !== undefined && e.path !== file) continue;
       for (const [h, line, rank, score, sign, percentile] of e.examples)
         if (h === hash)
           out.push({
@@ -109,4 +112,18 @@ export class History {
   private entries(): Entry[] {
     return this.memento.get<Entry[]>(KEY, []);
   }
+}
+
+/**
+ * One spelling per file: the server's dataset path as configured ("./data/x.jsonl", a link) and
+ * the editor's (`fsPath`, a lower-case drive letter on Windows) name the same file alike.
+ */
+function canonicalPath(p: string): string {
+  let out: string;
+  try {
+    out = realpathSync(p);
+  } catch {
+    out = resolve(p);
+  }
+  return process.platform === 'win32' ? out.toLowerCase() : out;
 }

@@ -188,6 +188,7 @@ test("the panel's method switch re-runs a cached method's result after the datas
     const file = join(dir, 'finetune.jsonl');
     writeFileSync(file, '{"prompt":"Q: capital of Australia?\\nA:","completion":" Sydney"}\n');
     let calls = 0;
+    let infoGate: Promise<void> = Promise.resolve();
     const info = {
       model: 'm',
       datasets: ['finetune'],
@@ -233,7 +234,10 @@ test("the panel's method switch re-runs a cached method's result after the datas
       },
     };
     const s = {
-      info: async () => info,
+      info: async () => {
+        await infoGate;
+        return info;
+      },
       lastInfo: () => info,
       refreshWarnings: async () => undefined,
       client,
@@ -270,6 +274,26 @@ test("the panel's method switch re-runs a cached method's result after the datas
     info.methods = ['repsim'];
     await switchTo('bm25', true);
     assert.equal(calls, 5, 'a method the server now refuses is run (and its refusal shown), not served from the cache');
+    // two switches in a row: the first still waits for the server when the second one runs; the
+    // first must not then run its method over the second's (the panel would end on the first)
+    let open!: () => void;
+    infoGate = new Promise<void>((r) => {
+      open = r;
+    });
+    info.methods = ['bm25', 'repsim'];
+    info.revision = 'r3';
+    const methods: string[] = [];
+    const explain = s.client.explain;
+    s.client.explain = async (p) => {
+      methods.push(p.method);
+      return explain(p);
+    };
+    const first = switchTo('bm25', true);
+    infoGate = Promise.resolve();
+    await switchTo('repsim', false);
+    open();
+    await first;
+    assert.deepEqual(methods, ['repsim'], 'only the latest switch runs');
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }

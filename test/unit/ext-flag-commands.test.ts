@@ -506,7 +506,12 @@ test('a ranking is shown on the file it ranked, not on an identical line of anot
       opposing: [],
       revision: 'r',
     } as never,
-    dataset,
+    // as the server's configured path may spell it: through a link, with a "./"
+    (() => {
+      const link = join(dir, 'link');
+      symlinkSync(dir, link);
+      return `${link}/./data.jsonl`;
+    })(),
   );
   const copy = join(dir, 'data.cleaned.jsonl');
   writeFileSync(copy, readFileSync(dataset));

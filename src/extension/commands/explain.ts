@@ -26,6 +26,8 @@ interface Query {
 export class ExplainController {
   private last?: Query;
   private running?: vscode.CancellationTokenSource;
+  /** method switches so far (the panel's tabs), so that only the latest acts */
+  private switches = 0;
   /** completions inserted by "Complete with model", by document: their prompt is the one generated from */
   private generated = new Map<string, { start: number; end: number; version: number; prompt: string }>();
   /** the compare methods (with their reasons) already said to be left out, so it is said once */
@@ -255,6 +257,8 @@ export class ExplainController {
       if (!r || !dataset) return;
       this.last = { prompt: r.query.prompt, completion: r.query.completion, dataset };
     }
+    // a later switch wins: a check still waiting on the server must not run its method over it
+    const mine = ++this.switches;
     try {
       if (cached) {
         const cfg = settings();
@@ -264,6 +268,7 @@ export class ExplainController {
         // since make another revision, and changed settings leave the method refused; either way
         // the cached result is not current (an unreachable server: the run reports it)
         const info = await this.s.info(true).catch(() => undefined);
+        if (mine !== this.switches) return;
         if (info?.methods.includes(method)) {
           const now = `${await this.context(paramsOf(this.last, method, cfg, info), info)}:${info.revision ?? ''}`;
           if (now === this.s.panel.mirror.context) return;
