@@ -274,8 +274,8 @@ test("the panel's method switch re-runs a cached method's result after the datas
     info.methods = ['repsim'];
     await switchTo('bm25', true);
     assert.equal(calls, 5, 'a method the server now refuses is run (and its refusal shown), not served from the cache');
-    // two switches in a row: the first still waits for the server when the second one runs; the
-    // first must not then run its method over the second's (the panel would end on the first)
+    // two switches in a row, both waiting for the server (a new revision: both tabs outdated): the
+    // first must not run its method too (it showed, and could end the panel on, the earlier tab)
     let open!: () => void;
     infoGate = new Promise<void>((r) => {
       open = r;
@@ -289,10 +289,9 @@ test("the panel's method switch re-runs a cached method's result after the datas
       return explain(p);
     };
     const first = switchTo('bm25', true);
-    infoGate = Promise.resolve();
-    await switchTo('repsim', false);
+    const second = switchTo('repsim', true);
     open();
-    await first;
+    await Promise.all([first, second]);
     assert.deepEqual(methods, ['repsim'], 'only the latest switch runs');
   } finally {
     rmSync(dir, { recursive: true, force: true });
