@@ -12,6 +12,7 @@ import { openCheckpoint } from '../../src/server/model/checkpoint';
 import { readSafetensorsHeader } from '../../src/server/model/safetensors';
 import { readConfigFile } from '../../src/server/service/config';
 import { InfluenceService, type ServiceConfig } from '../../src/server/service/influence-service';
+import { lightConfig } from '../../src/server/service/worker-service';
 import { writeCapitals } from './helpers/corpus';
 import { useTempHome } from './helpers/env';
 
@@ -291,7 +292,7 @@ test('influence-lens.json edited while the server runs: its requests are refused
   await s.explain({ ...q, method: 'bm25' });
 });
 
-test('the revision a result carries also names the settings that decide it: another damping, another revision; the cache folder and thread count are not such settings', () => {
+test('the revision a result carries also names the settings that decide it: another damping, another revision; the cache folder, threads, the datasets listed and the limits are not such settings', () => {
   const data = writeCapitals(join(home, 'rev-train.jsonl'));
   const base: ServiceConfig = {
     finetuned: { model: FIXTURE },
@@ -309,10 +310,9 @@ test('the revision a result carries also names the settings that decide it: anot
   assert.equal(revision({ ...base, cacheDir: join(home, 'rev-cache-2'), threads: 1 }), r);
   assert.notEqual(revision({ ...base, damping: { absolute: 100 } }), r);
   assert.notEqual(revision({ ...base, modules: 'all' }), r);
-  // the light lane's shape of the same settings (worker-service.ts): its factors folder watched, not loaded
+  // another dataset listed, other limits: the same scores for what a result names
+  assert.equal(revision({ ...base, datasets: { ...base.datasets, more: data }, limits: { maxTopK: 5 } }), r);
+  // the light lane's settings (worker-service.ts: its factors folder watched, not loaded, one thread)
   const withFactors = { ...base, finetuned: { model: FIXTURE, factors: join(home, 'rev-factors') } };
-  assert.equal(
-    revision({ ...withFactors, finetuned: { model: FIXTURE, watchedFactors: join(home, 'rev-factors') } }),
-    revision(withFactors),
-  );
+  assert.equal(revision(lightConfig(withFactors)), revision(withFactors));
 });

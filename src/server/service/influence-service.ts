@@ -1280,15 +1280,33 @@ function isInside(path: string, dir: string): boolean {
 }
 
 /**
- * A digest of the settings that decide what a result is: everything but where the cache lives,
- * the thread count, and the settings file's own text (its settings are these). The light lane
- * holds its factors folder as `watchedFactors`: read as `factors`, so both lanes agree.
+ * A digest of the settings that decide what a result's scores are: each model's files and
+ * training convention, which stage scores a dataset, the modules, the damping, the device and
+ * the gradient store. Not which datasets are listed (a result names its file and the panel checks
+ * it), the limits, the fit dataset (factors are not refitted behind the user's back: the files
+ * are in the revision), the cache folder or the thread count. The light lane holds its factors
+ * folder as `watchedFactors`: read as `factors`, so both lanes agree.
  */
 function settingsDigest(c: ServiceConfig): string {
   const stage = (s: StageConfig | undefined) =>
-    s && { ...s, factors: s.factors ?? s.watchedFactors, watchedFactors: undefined };
-  const { cacheDir: _cache, threads: _threads, configFile: _file, ...rest } = c;
+    s && {
+      model: s.model,
+      base: s.base,
+      factors: s.factors ?? s.watchedFactors,
+      checkpoints: s.checkpoints,
+      training: s.training,
+    };
   return createHash('sha256')
-    .update(canonicalJson({ ...rest, finetuned: stage(c.finetuned), pretrained: stage(c.pretrained) }))
+    .update(
+      canonicalJson({
+        finetuned: stage(c.finetuned),
+        pretrained: stage(c.pretrained),
+        datasetStage: c.datasetStage,
+        modules: c.modules,
+        damping: c.damping,
+        device: c.device,
+        store: c.store,
+      }),
+    )
     .digest('hex');
 }

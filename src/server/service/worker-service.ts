@@ -157,7 +157,7 @@ export class WorkerService implements ServiceApi {
  * The light lane never uses EK-FAC factors (BM25 and getExample need none), so it does not load
  * them, and one ORT thread is enough for a query's forward/backward: the cores stay with the heavy lane.
  */
-function lightConfig(c: ServiceConfig): ServiceConfig {
+export function lightConfig(c: ServiceConfig): ServiceConfig {
   const noFactors = (s: StageConfig): StageConfig => ({ ...s, factors: undefined, watchedFactors: s.factors });
   return {
     ...c,
