@@ -110,6 +110,8 @@ export interface ExplainResult {
   modules: string[];
   /** per module, the sum of the returned supporting examples' per-module scores (per-layer chart) */
   moduleTotals?: Record<string, number>;
+  /** per signed method in `compare`, how many examples it scores below 0 (opposing): its bottom ranks are those */
+  otherOpposing?: Partial<Record<Method, number>>;
   /** multistage only: whether the fine-tune is close enough to the pre-trained model for it */
   multiStage?: MultiStageRegime;
   timings: Record<string, number>;

@@ -457,7 +457,10 @@ function exampleRow(r: ExplainResult, e: ExplainedExample, signed: boolean): HTM
   const opposingRow = signed && e.score < 0;
   const K = Math.max(10, opposingRow ? r.opposing.length : r.supporting.length);
   for (const [m, rank] of others) {
-    const agree = opposingRow ? SIGNED_METHODS.includes(m) && rank > r.scored - K : rank <= K;
+    // an opposing row: among the other method's K most opposing, which it scores below 0 (its
+    // count of those, where the server says it: in a small pool the bottom K may be supporting)
+    const negatives = r.otherOpposing?.[m] ?? r.scored;
+    const agree = opposingRow ? SIGNED_METHODS.includes(m) && rank > r.scored - Math.min(K, negatives) : rank <= K;
     const why = opposingRow ? `among its ${K} most opposing` : `in its top ${K}`;
     badges!.append(
       h(

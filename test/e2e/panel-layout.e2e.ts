@@ -136,7 +136,10 @@ test('results panel: nothing cut off at the right in a narrow panel; the prompt 
       // under cosine, the top under cosine, the bottom under RepSim.
       const n = result.scored as number;
       const doctored = structuredClone(result);
-      const [o1, o2] = doctored.opposing;
+      const [o1, o2, o3] = doctored.opposing;
+      // cosine scores only 3 examples below 0: its rank n − 5 is near the bottom but supporting
+      doctored.otherOpposing = { cosine: 3 };
+      o3.otherRanks = { cosine: n - 5 };
       const [s1] = doctored.supporting;
       doctored.warnings = ["the finetuned model's EK-FAC factors were fitted on other data than its fit dataset"];
       o1.otherRanks = { cosine: n, repsim: n };
@@ -165,6 +168,7 @@ test('results panel: nothing cut off at the right in a narrow panel; the prompt 
         'most opposing under cosine: agrees; RepSim has no opposing side',
       );
       assert.deepEqual(agreeing[o2.id.line], [], 'an opposing row that cosine ranks #1 (supporting) does not agree');
+      assert.deepEqual(agreeing[o3.id.line], [], 'nor one that cosine scores above 0 though near its bottom');
       assert.deepEqual(
         agreeing[s1.id.line],
         ['RepSim #1'],

@@ -511,6 +511,14 @@ describe('fit + explain (tiny fp64 Llama)', () => {
     });
     assert.equal(bm.supporting[0].id.line, 2);
     assert.ok(bm.supporting[0].otherRanks!.repsim! >= 1 && bm.supporting[0].otherRanks!.gdp! >= 1);
+    // the badges' count of each signed method's opposing examples: GDP's own scores below 0; RepSim has none
+    const gdp = await explain({ model: ft, modules: 'all' }, corpus, {
+      prompt: 'Which city is on the Seine?',
+      completion: ' Paris',
+      method: 'gdp',
+      topK: 100,
+    });
+    assert.deepEqual(bm.otherOpposing, { gdp: gdp.opposing.length });
   });
 
   test('retrieved candidates: only the BM25 ∪ RepSim top-R are scored, with the same scores', async () => {

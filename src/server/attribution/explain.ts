@@ -497,6 +497,17 @@ async function finish(
     histogram: histogram(main.scores, 20),
     modules,
     moduleTotals,
+    // how many examples each signed other method calls opposing: an agreement badge on an opposing
+    // row needs the other method's rank among those, not just near the bottom of a small pool
+    ...(others.size
+      ? {
+          otherOpposing: Object.fromEntries(
+            [...others]
+              .filter(([m]) => methodInfo(m)?.signed)
+              .map(([m, sc]) => [m, sc.reduce((k, x) => k + (x < 0 ? 1 : 0), 0)]),
+          ),
+        }
+      : {}),
     timings,
     attribution: {
       ...attributionOf(req.method, setup),
