@@ -72,6 +72,11 @@ export class History {
     this.noteRevision(r.revision);
   }
 
+  /** The latest revision the server reported (a status, a result), if any. */
+  currentRevision(): string | undefined {
+    return this.memento.get<string>(REVISION_KEY);
+  }
+
   /** The server's revision as it reports it now (every status and result carries it). */
   noteRevision(revision: string | undefined): void {
     if (revision !== undefined && revision !== this.memento.get<string>(REVISION_KEY))
@@ -84,7 +89,7 @@ export class History {
    */
   hits(hash: string, path?: string): HistoryHit[] {
     const out: HistoryHit[] = [];
-    const current = this.memento.get<string>(REVISION_KEY);
+    const current = this.currentRevision();
     const file = path === undefined ? undefined : canonicalPath(path);
     for (const e of this.entries()) {
       if (file !== undefined && e.path !== undefined && e.path !== file) continue;

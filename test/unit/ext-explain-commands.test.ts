@@ -102,6 +102,20 @@ test("the panel's Flag records where the example is now, and asks before flaggin
     fake.answers = ['Flag anyway'];
     await flag(1, 1);
     assert.equal(readSidecar(join(dir, 'finetune.exclude.jsonl')).entries.length, 2);
+    // a panel result of an earlier revision (restored after a retrain): its reason says so
+    const shown = (rev: string) => ({
+      ekfac: {
+        revision: rev,
+        query: { prompt: 'Q: 4?', completion: ' 4' },
+        supporting: [{ id: { dataset: 'finetune', line: 3, hash: lineHash(rec(4)) }, rank: 1, sign: 'supporting' }],
+        opposing: [],
+      },
+    });
+    (s.panel.mirror as { results: unknown }).results = shown('r1');
+    (s as { history?: unknown }).history = { currentRevision: () => 'r2' };
+    await flag(3, 4);
+    const reason = () => readSidecar(join(dir, 'finetune.exclude.jsonl')).entries.find((x) => x.line === 3)?.reason;
+    assert.equal(reason(), 'supporting #1 for "4" (EK-FAC, before the model or factors last changed)');
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }

@@ -8,6 +8,7 @@ import { METHOD_LABELS } from '../../protocol/methods';
 import type { ExampleId, ExplainParams, Method } from '../../protocol/types';
 import { type Settings, SettingsError, settings } from '../config';
 import { currentLine, offerSave, revealExample } from '../datasets';
+import { STALE_NOTE } from '../history';
 import { type QuerySplit, splitSelection } from '../selection';
 import { chooseDataset, reportError, runnable, type Services } from '../services';
 import type { PanelHandlers } from '../views/results-panel';
@@ -300,6 +301,8 @@ export class ExplainController {
       const e = r && [...r.supporting, ...r.opposing].find((x) => x.id.hash === id.hash);
       const completion = r?.query.completion ?? this.last?.completion ?? '';
       const what = !e ? 'flagged' : e.sign === 'neutral' ? `similar #${e.rank}` : `${e.sign} #${e.rank}`;
+      // a panel restored after a retrain or refit shows an earlier model's ranking: the reason says so
+      const stale = !!e && r?.revision !== undefined && isOlder(r.revision, this.s.history.currentRevision());
       // the result was scored on the file as it was then: record where the example is now, and
       // say so when it is no longer there (a flag then removes nothing from this file)
       const now = currentLine(path, id.line, id.hash);
@@ -318,7 +321,7 @@ export class ExplainController {
         {
           hash: id.hash,
           line: now ?? id.line,
-          reason: `${what} for ${JSON.stringify(completion.trim())} (${METHOD_LABELS[method]})`,
+          reason: `${what} for ${JSON.stringify(completion.trim())} (${METHOD_LABELS[method]}${stale ? `, ${STALE_NOTE}` : ''})`,
           score,
           query: r ? r.query.prompt + r.query.completion : '',
         },
@@ -447,4 +450,9 @@ function escapeNl(s: string): string {
 
 function unescapeNl(s: string): string {
   return s.replace(/\\(\\|n)/g, (_, c) => (c === 'n' ? '\n' : '\\'));
+}
+
+/** Whether a result's revision is not the latest the server reported (unknown: not said to be). */
+function isOlder(revision: string, current: string | undefined): boolean {
+  return current !== undefined && revision !== current;
 }
