@@ -10,7 +10,7 @@
 //    `maxPromptChars`, cut at a line start when one is near), CRLF line breaks read as \n.
 import type { ChatTemplate } from '../common/records/chat-template';
 import { decodedRange, parseJsonWithSource } from './jsonl/json-source';
-import { documentRange, parseRecordLine, type RenderedRecord, renderRecord } from './jsonl/record';
+import { documentRange, parseRecordLine, type RecordField, type RenderedRecord, renderRecord } from './jsonl/record';
 
 export interface QuerySplit {
   prompt: string;
@@ -27,6 +27,8 @@ export interface QuerySplit {
   /** a whole chat record: the conversation, which the server renders with the model's chat
    * template (prompt/completion above are then this side's rendering, for display) */
   messages?: Array<{ role: string; content: string }>;
+  /** what the person should know about how the selection was read (a chat reply explained whole) */
+  note?: string;
 }
 
 export type SplitResult = { ok: true; split: QuerySplit } | { ok: false; message: string };
@@ -95,6 +97,10 @@ export function splitSelection(doc: string, start: number, end: number, options:
         const [a, b] = decodedRange(f.source, start, end);
         if (b <= a) return { ok: false, message: 'The selection holds no text of the field.' };
         const lineNo = lineNumberAt(doc, start);
+        // a chat: explained as the server renders it, with the model's chat template, one whole
+        // assistant reply at a time (the stand-in rendering of its text would be a prompt the model never saw)
+        if (rendered.value.kind === 'messages')
+          return chatTurn(line, lineStart, rendered, f, a, b, lineNo, options.chatTemplate);
         return {
           ok: true,
           split: fromRecord(rendered, f.offset + a, f.offset + b, 'field', `the ${f.name} field of line ${lineNo}`),
@@ -183,6 +189,65 @@ function fromRecord(
     completionEnds: ends,
     promptTruncated: false,
     messages: how === 'record' && r.value.kind === 'messages' ? r.value.messages : undefined,
+  };
+}
+
+/**
+ * A selection inside message i of a chat record (`{"messages"}` or TRL's conversational
+ * prompt/completion): the conversation up to and including that message, sent as `messages`, so
+ * the server renders it with the model's chat template and explains that whole assistant reply
+ * (a middle turn too). A user's or system message, or a prompt message of a conversational
+ * record, is not trained on: refused, saying what to select.
+ */
+function chatTurn(
+  line: string,
+  lineStart: number,
+  rendered: RenderedRecord,
+  f: RecordField,
+  a: number,
+  b: number,
+  lineNo: number,
+  template: ChatTemplate | undefined,
+): SplitResult {
+  if (rendered.value.kind !== 'messages') throw new Error('chatTurn: not a chat record');
+  const { messages, paths, scoredFrom } = rendered.value;
+  const i = paths.findIndex((p) => f.name === `${p}.content`);
+  const m = messages[i];
+  if (i < 0 || !m)
+    return { ok: false, message: `Select text in a message's "content" (${f.name} is not one), or the whole line.` };
+  if (m.role !== 'assistant' || i < scoredFrom)
+    return {
+      ok: false,
+      message:
+        `${paths[i]} is ${i < scoredFrom ? "the prompt's" : `the ${m.role}'s`} message, which the model is not trained on: ` +
+        'select text in an assistant reply (its whole reply is explained, with the conversation before it), or the whole line (its last reply).',
+    };
+  // the record cut after message i: the same document positions, so the heatmap lands on this reply
+  const source = parseJsonWithSource(line, lineStart);
+  if (source.kind !== 'object') throw new Error('chatTurn: the line is no longer an object');
+  const [field, k] = /^(\w+)\[(\d+)\]$/.exec(paths[i])!.slice(1);
+  const cut = {
+    ...source,
+    entries: source.entries.map((e) =>
+      e.key.value === field && e.value.kind === 'array'
+        ? { ...e, value: { ...e.value, items: e.value.items.slice(0, Number(k) + 1) } }
+        : e,
+    ),
+  };
+  const turn = renderRecord(cut, template);
+  if (typeof turn === 'string' || !turn.split)
+    return {
+      ok: false,
+      message: `The conversation up to ${paths[i]} is not usable: ${typeof turn === 'string' ? turn : 'no reply'}.`,
+    };
+  const whole = a === 0 && b === m.content.length;
+  const what = `the assistant reply ${paths[i]} of line ${lineNo}, with the conversation before it`;
+  return {
+    ok: true,
+    split: {
+      ...fromRecord(turn, turn.split.promptEnd, turn.split.completionEnd, 'record', what),
+      ...(whole ? {} : { note: `A chat reply is explained whole: ${what} (not only the selected part).` }),
+    },
   };
 }
 

@@ -311,3 +311,33 @@ test("the panel's method switch re-runs a cached method's result after the datas
     rmSync(dir, { recursive: true, force: true });
   }
 });
+
+test('"Explain with a custom split" on a chat record says why it cannot edit it, instead of dropping the edited prompt', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'il-chatsplit-'));
+  try {
+    fake.reset();
+    const file = join(dir, 'chat.jsonl');
+    const line =
+      '{"messages":[{"role":"user","content":"Capital of Australia?"},{"role":"assistant","content":"It is Sydney."}]}';
+    writeFileSync(file, `${line}\n`);
+    let explained = 0;
+    const c = new ExplainController({
+      info: async () => {
+        explained++;
+        return { datasets: [], methods: [] };
+      },
+    } as never);
+    await fake.open(file);
+    const editor = fake.activeEditor();
+    editor.selection = new Selection(new Position(0, 0), new Position(0, line.length));
+    fake.answers = ['Capital of France?', 'It is Sydney.'];
+    await c.explainWithSplit();
+    assert.match(
+      fake.messages('warning').join('\n'),
+      /a chat record is explained as the model.s chat template renders it/,
+    );
+    assert.equal(explained, 0, 'nothing was explained');
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});

@@ -126,6 +126,45 @@ test('selection: a chat record is split before the last assistant turn', () => {
   assert.equal(doc.slice(a, b), 'Paris \\"city\\"');
 });
 
+test('selection: inside an assistant reply of a chat, that whole reply is explained as a chat (the conversation up to it, sent as messages)', () => {
+  const rec =
+    '{"messages":[{"role":"user","content":"One?"},{"role":"assistant","content":"One."},{"role":"user","content":"Two?"},{"role":"assistant","content":"It is |Two|."},{"role":"user","content":"Three?"},{"role":"assistant","content":"Three."}]}';
+  const { doc, r } = splitMarked(rec);
+  const s = ok(r);
+  // the server renders these with the model's chat template and explains the last: the middle reply
+  assert.deepEqual(s.messages, [
+    { role: 'user', content: 'One?' },
+    { role: 'assistant', content: 'One.' },
+    { role: 'user', content: 'Two?' },
+    { role: 'assistant', content: 'It is Two.' },
+  ]);
+  assert.match(s.description, /the assistant reply messages\[3\] of line 1, with the conversation before it/);
+  assert.match(s.note ?? '', /A chat reply is explained whole/);
+  // the heatmap's units are on that reply's characters in the line
+  const [a, b] = completionDocumentRange(s, 0, s.completion.length);
+  assert.equal(doc.slice(a, b), 'It is Two.');
+  // the whole reply selected: no note
+  const whole = ok(splitMarked(rec.replace('It is |Two|.', '|It is Two.|')).r);
+  assert.equal(whole.note, undefined);
+  assert.equal(whole.messages?.length, 4);
+  // a user's message is not trained on: refused, saying what to select
+  const user = splitMarked(rec.replace('It is |Two|.', 'It is Two.').replace('"Two?"', '"|Two?|"'));
+  assert.equal(user.r.ok, false);
+  assert.match(
+    !user.r.ok ? user.r.message : '',
+    /messages\[2\] is the user's message, which the model is not trained on: select text in an assistant reply/,
+  );
+  // TRL's conversational prompt/completion: a reply of the completion is a chat turn; a prompt message is context
+  const conv = '{"prompt":[{"role":"user","content":"Hi?"}],"completion":[{"role":"assistant","content":"|Hello|"}]}';
+  const c = ok(splitMarked(conv).r);
+  assert.deepEqual(c.messages, [
+    { role: 'user', content: 'Hi?' },
+    { role: 'assistant', content: 'Hello' },
+  ]);
+  const ctx = splitMarked(conv.replace('"|Hello|"', '"Hello"').replace('"Hi?"', '"|Hi?|"'));
+  assert.equal(ctx.r.ok, false);
+});
+
 test('selection: text inside the completion field → prompt is the record text before it', () => {
   const { doc, r } = splitMarked('{"prompt": "Q: Caf\\u00e9?\\nA:", "completion": "| Syd🌍ney|\\n"}\n');
   const s = ok(r);

@@ -46,6 +46,7 @@ export class ExplainController {
     const version = editor.document.version;
     const split = this.splitOf(editor);
     if (!split) return;
+    if (split.note) void vscode.window.showInformationMessage(`Influence Lens: ${split.note}`);
     await this.explain(split.prompt, split.completion, { editor, split, version });
   }
 
@@ -54,6 +55,14 @@ export class ExplainController {
     const editor = vscode.window.activeTextEditor;
     const version = editor?.document.version;
     const split = editor && !editor.selection.isEmpty ? this.splitOf(editor) : undefined;
+    // a chat is explained as the model's chat template renders it, not as text the person edits
+    // here (an edited prompt was dropped: the conversation was sent as it is in the file)
+    if (split?.messages) {
+      void vscode.window.showWarningMessage(
+        'Influence Lens: a chat record is explained as the model’s chat template renders it, so its prompt and completion cannot be edited here. Select an assistant reply (or the whole line) and run “Explain this completion”; to explain another text, edit the conversation in the file.',
+      );
+      return;
+    }
     const prompt = await vscode.window.showInputBox({
       title: 'Influence Lens: prompt (1/2)',
       prompt: 'The context the model saw. Use \\n for a newline.',
