@@ -175,9 +175,13 @@ export function describeAttribution(a: Attribution): string {
 export function recordText(record: unknown): string | undefined {
   if (!record || typeof record !== 'object') return undefined;
   const v = record as Record<string, unknown>;
+  const turns = (ms: unknown[]) =>
+    ms.map((m) => `${(m as { role?: string })?.role}: ${(m as { content?: string })?.content}`);
   if (typeof v.prompt === 'string') return `${v.prompt}${String(v.completion ?? '')}`;
+  // TRL's conversational prompt/completion: lists of messages, read as one chat
+  if (Array.isArray(v.prompt) && Array.isArray(v.completion))
+    return [...turns(v.prompt), ...turns(v.completion)].join(' ');
   if (typeof v.text === 'string') return v.text;
-  if (Array.isArray(v.messages))
-    return v.messages.map((m: { role?: string; content?: string }) => `${m?.role}: ${m?.content}`).join(' ');
+  if (Array.isArray(v.messages)) return turns(v.messages).join(' ');
   return undefined;
 }

@@ -202,3 +202,23 @@ test('heatmap: per-token sums, layer bars and histogram bins', () => {
   assert.equal(axisPosition({ edges: [-1, 1] }, 5), 1);
   assert.equal(axisPosition({ edges: [1, 1] }, 1), 0.5);
 });
+
+test('recordText: every record shape on one line, a conversational prompt/completion as its turns (not raw JSON)', async () => {
+  const { recordText } = await import('../../src/common/display');
+  assert.equal(recordText({ prompt: 'Q: x?\nA:', completion: ' y' }), 'Q: x?\nA: y');
+  assert.equal(recordText({ text: 'plain' }), 'plain');
+  assert.equal(
+    recordText({
+      messages: [
+        { role: 'user', content: 'Hi?' },
+        { role: 'assistant', content: 'Hello' },
+      ],
+    }),
+    'user: Hi? assistant: Hello',
+  );
+  assert.equal(
+    recordText({ prompt: [{ role: 'user', content: 'Hi?' }], completion: [{ role: 'assistant', content: 'Hello' }] }),
+    'user: Hi? assistant: Hello',
+  );
+  assert.equal(recordText([1, 2]), undefined);
+});

@@ -162,7 +162,7 @@ export class FlaggedTree implements vscode.TreeDataProvider<FlagNode> {
   }
 }
 
-/** A record's text on one line: prompt → completion, or the last turns of a chat. */
+/** A record's text on one line (`recordText`: prompt and completion, the text, a chat's turns from the first), cut to fit. */
 export function recordPreview(line: string): string {
   try {
     return textPreview(recordText(JSON.parse(line)) ?? line);
