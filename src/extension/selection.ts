@@ -188,7 +188,8 @@ function fromRecord(
     completionStarts: starts,
     completionEnds: ends,
     promptTruncated: false,
-    messages: how === 'record' && r.value.kind === 'messages' ? r.value.messages : undefined,
+    // up to the last assistant reply, which is what is explained (a chat may end with a user's turn)
+    messages: how === 'record' && r.value.kind === 'messages' ? upToLastReply(r.value.messages) : undefined,
   };
 }
 
@@ -249,6 +250,11 @@ function chatTurn(
       ...(whole ? {} : { note: `A chat reply is explained whole: ${what} (not only the selected part).` }),
     },
   };
+}
+
+function upToLastReply<M extends { role: string }>(messages: M[]): M[] {
+  const last = messages.map((m) => m.role).lastIndexOf('assistant');
+  return messages.slice(0, last + 1);
 }
 
 function describeRecord(r: RenderedRecord, doc: string, at: number): string {

@@ -48,6 +48,13 @@ test('a completion is not inserted when the document changed while the model was
     editor.selection = new Selection(new Position(4, 2), new Position(4, 2));
     await c.complete();
     assert.equal(doc.getText(), `${[lines[0], ...lines].join('\n')} Paris`);
+    // the cursor in a JSONL record: its text is JSON, not a prompt; nothing is asked or inserted
+    fake.shown = [];
+    const before = doc.getText();
+    editor.selection = new Selection(new Position(1, 20), new Position(1, 20));
+    await c.complete();
+    assert.match(fake.messages('warning').join('\n'), /the cursor is in a JSONL record/);
+    assert.equal(doc.getText(), before);
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }

@@ -126,6 +126,17 @@ test('selection: a chat record is split before the last assistant turn', () => {
   assert.equal(doc.slice(a, b), 'Paris \\"city\\"');
 });
 
+test('selection: a whole chat record that ends with a user turn is explained up to its last reply', () => {
+  const rec =
+    '{"messages":[{"role":"user","content":"Hi?"},{"role":"assistant","content":"Hello"},{"role":"user","content":"Bye?"}]}';
+  const s = ok(splitMarked(`|${rec}|`).r);
+  assert.deepEqual(s.messages, [
+    { role: 'user', content: 'Hi?' },
+    { role: 'assistant', content: 'Hello' },
+  ]);
+  assert.equal(s.completion, 'Hello\n');
+});
+
 test('selection: inside an assistant reply of a chat, that whole reply is explained as a chat (the conversation up to it, sent as messages)', () => {
   const rec =
     '{"messages":[{"role":"user","content":"One?"},{"role":"assistant","content":"One."},{"role":"user","content":"Two?"},{"role":"assistant","content":"It is |Two|."},{"role":"user","content":"Three?"},{"role":"assistant","content":"Three."}]}';

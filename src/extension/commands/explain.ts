@@ -4,6 +4,7 @@
 import { createHash } from 'node:crypto';
 import { statSync } from 'node:fs';
 import * as vscode from 'vscode';
+import { parseJsonLine } from '../../common/json-line';
 import { METHOD_LABELS } from '../../protocol/methods';
 import type { ExampleId, ExplainParams, Method } from '../../protocol/types';
 import { type Settings, SettingsError, settings } from '../config';
@@ -364,6 +365,15 @@ export class ExplainController {
     const cfg = settings(doc.uri);
     if (cfg.problems.length) {
       await reportError(new SettingsError(cfg.problems));
+      return;
+    }
+    // inside a JSONL record the text before the cursor is JSON, not a prompt the model was trained on
+    const line = doc.lineAt(sel.end.line).text;
+    const parsed = line.trimStart().startsWith('{') ? parseJsonLine(line) : undefined;
+    if (parsed?.kind === 'value') {
+      void vscode.window.showWarningMessage(
+        'Influence Lens: Complete with model continues plain text, and the cursor is in a JSONL record (the text before it is JSON). Put the prompt in a plain-text file, or select a whole record or its completion and run Explain this completion.',
+      );
       return;
     }
     const max = cfg.maxPromptChars;
