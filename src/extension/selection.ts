@@ -94,7 +94,7 @@ export function splitSelection(doc: string, start: number, end: number, options:
             message:
               'Select a whole JSONL record, or text inside one of its fields (prompt, completion, text or a message content).',
           };
-        const [a, b] = decodedRange(f.source, start, end);
+        const [a, b] = wholeCharacters(f.source.value, ...decodedRange(f.source, start, end));
         if (b <= a) return { ok: false, message: 'The selection holds no text of the field.' };
         const lineNo = lineNumberAt(doc, start);
         // a chat: explained as the server renders it, with the model's chat template, one whole
@@ -250,6 +250,12 @@ function chatTurn(
       ...(whole ? {} : { note: `A chat reply is explained whole: ${what} (not only the selected part).` }),
     },
   };
+}
+
+/** [a, b) widened so it never cuts a surrogate pair (an emoji written as two \\u escapes). */
+function wholeCharacters(text: string, a: number, b: number): [number, number] {
+  const low = (i: number) => i > 0 && i < text.length && text.charCodeAt(i) >= 0xdc00 && text.charCodeAt(i) <= 0xdfff;
+  return [low(a) ? a - 1 : a, low(b) ? b + 1 : b];
 }
 
 function upToLastReply<M extends { role: string }>(messages: M[]): M[] {

@@ -126,6 +126,17 @@ test('selection: a chat record is split before the last assistant turn', () => {
   assert.equal(doc.slice(a, b), 'Paris \\"city\\"');
 });
 
+test('selection: inside a field, a selection that cuts an emoji written as two \\u escapes takes the whole emoji', () => {
+  // the emoji 😀 as \ud83d\ude00: the selection starts at its second escape, or ends after its first
+  const line = '{"prompt": "Q: x?", "completion": "ok \\ud83d\\ude00 sure"}';
+  const low = line.indexOf('\\ude00');
+  const s = ok(splitSelection(line, low, line.indexOf(' sure') + 5));
+  assert.equal(s.completion, '😀 sure');
+  const high = line.indexOf('\\ud83d');
+  const t = ok(splitSelection(line, line.indexOf('ok'), high + 6));
+  assert.equal(t.completion, 'ok 😀');
+});
+
 test('selection: a whole chat record that ends with a user turn is explained up to its last reply', () => {
   const rec =
     '{"messages":[{"role":"user","content":"Hi?"},{"role":"assistant","content":"Hello"},{"role":"user","content":"Bye?"}]}';
