@@ -229,7 +229,13 @@ function queryHeader(r: ExplainResult): HTMLElement {
     h(
       'div',
       { class: 'meta' },
-      `−log p(completion | prompt) = ${r.query.loss.toPrecision(3)} · ${r.scored} examples scored · ${r.model}`,
+      `−log p(completion | prompt) = ${r.query.loss.toPrecision(3)} · ${r.scored} examples scored · ${r.model}` +
+        // how the query was rendered, where it is not the text as shown: a chat
+        (r.query.rendering === 'chat_template'
+          ? " · a chat, rendered with the model's chat template (its last assistant turn explained)"
+          : r.query.rendering === 'stand-in'
+            ? ' · a chat, rendered with a stand-in format (the model has no chat template)'
+            : ''),
     ),
     r.attribution ? h('div', { class: 'meta attribution' }, `Scores: ${describeAttribution(r.attribution)}`) : null,
     // what the server says about how these scores were computed (factors fitted on other data)

@@ -162,6 +162,15 @@ test('results panel: nothing cut off at the right in a narrow panel; the prompt 
         `document.querySelector('header.query .result-warning')?.textContent ?? ''`,
       );
       assert.match(shownWarning, /fitted on other data than its fit dataset/);
+      // a chat query says how it was rendered
+      await p.evaluate(
+        `window.postMessage(${JSON.stringify({ type: 'result', result: { ...doctored, query: { ...doctored.query, rendering: 'chat_template' } }, methods: ['gdp'], dataset: 'finetune', context: 'e' })}, '*')`,
+      );
+      await p.waitForSelector('.lists li .badge');
+      assert.match(
+        await p.evaluate<string>(`document.querySelector('header.query .meta').textContent`),
+        /a chat, rendered with the model's chat template \(its last assistant turn explained\)/,
+      );
       assert.deepEqual(
         agreeing[o1.id.line],
         ['Gradient cosine #' + n],
