@@ -41,7 +41,7 @@ const REVISION_KEY = 'influenceLens.history.revision';
 const MAX = 20;
 
 /** How a hit computed before the server's files changed is labelled (hovers, flag reasons). */
-export const STALE_NOTE = 'before the model or factors last changed';
+export const STALE_NOTE = 'before the model, its factors or the settings last changed';
 
 export class History {
   constructor(private readonly memento: vscode.Memento) {}

@@ -86,6 +86,11 @@ export function splitSelection(doc: string, start: number, end: number, options:
     const line = doc.slice(lineStart, lineEnd).replace(/\r$/, '');
     if (line.trimStart().startsWith('{')) {
       const rendered = parseRecordLine(line, lineStart, options.chatTemplate);
+      // a training record the server refuses (a message with "tool_calls" or a "weight", content
+      // as a list of parts): its text before the selection is JSON, never a prompt, so refused
+      // with the reason rather than read as plain text
+      if (typeof rendered === 'string' && !rendered.startsWith('not valid JSON') && !NOT_A_RECORD.has(rendered))
+        return { ok: false, message: `The record on line ${lineNumberAt(doc, start)} is not usable: ${rendered}.` };
       if (typeof rendered !== 'string') {
         const f = rendered.fields.find((x) => start >= x.source.start + 1 && end <= x.source.end - 1);
         if (!f)

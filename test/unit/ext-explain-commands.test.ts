@@ -55,6 +55,14 @@ test('a completion is not inserted when the document changed while the model was
     await c.complete();
     assert.match(fake.messages('warning').join('\n'), /the cursor is in a JSONL record/);
     assert.equal(doc.getText(), before);
+    // a prompt in another kind of file may end in a line of JSON (a few-shot example): completed
+    const txt = join(dir, 'prompt.txt');
+    writeFileSync(txt, 'Complete the record:\n{"name": "Bob"}');
+    const tdoc = await fake.open(txt);
+    const teditor = fake.activeEditor();
+    teditor.selection = new Selection(new Position(1, 15), new Position(1, 15));
+    await c.complete();
+    assert.equal(tdoc.getText(), 'Complete the record:\n{"name": "Bob"} Paris');
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
@@ -122,7 +130,10 @@ test("the panel's Flag records where the example is now, and asks before flaggin
     (s as { history?: unknown }).history = { currentRevision: () => 'r2' };
     await flag(3, 4);
     const reason = () => readSidecar(join(dir, 'finetune.exclude.jsonl')).entries.find((x) => x.line === 3)?.reason;
-    assert.equal(reason(), 'supporting #1 for "4" (EK-FAC, before the model or factors last changed)');
+    assert.equal(
+      reason(),
+      'supporting #1 for "4" (EK-FAC, before the model, its factors or the settings last changed)',
+    );
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }

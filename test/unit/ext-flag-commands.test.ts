@@ -477,11 +477,17 @@ test('a ranking from before a retrain or refit is said to be so, in the hover an
   assert.doesNotMatch(text(), /before the model/);
   // the server reports other files (a retrain): the same entry is now an earlier model's ranking
   history.noteRevision('rev-b');
-  assert.match(text(), /#1 for “Sydney” \(EK-FAC, [^)]*\) · \*before the model or factors last changed\*/);
+  assert.match(
+    text(),
+    /#1 for “Sydney” \(EK-FAC, [^)]*\) · \*before the model, its factors or the settings last changed\*/,
+  );
   await fake.open(dataset, 2);
   await run('flagLine');
   const [flag] = readSidecar(sidecarPathFor(dataset)).entries;
-  assert.equal(flag.reason, 'supporting #1 for "Sydney" (EK-FAC, before the model or factors last changed)');
+  assert.equal(
+    flag.reason,
+    'supporting #1 for "Sydney" (EK-FAC, before the model, its factors or the settings last changed)',
+  );
   // a ranking by the current model is preferred for the reason
   await run('unflagLine');
   history.add('data', result('rev-b', ' Perth'));

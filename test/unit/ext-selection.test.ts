@@ -137,6 +137,16 @@ test('selection: inside a field, a selection that cuts an emoji written as two \
   assert.equal(t.completion, 'ok 😀');
 });
 
+test('selection: text inside a record the server refuses (a message with a "weight") is refused with the reason, not read as plain text', () => {
+  const rec =
+    '{"messages":[{"role":"user","content":"Hi?"},{"role":"assistant","content":"ok","weight":0},{"role":"assistant","content":"|A2|"}]}';
+  const r = splitMarked(rec).r;
+  assert.equal(r.ok, false);
+  assert.match(!r.ok ? r.message : '', /The record on line 1 is not usable: .*weight/);
+  // a JSON object that is no training record at all (a .json file's line) is still plain text
+  assert.equal(ok(splitMarked('{"name": "|Bob|"}').r).how, 'text');
+});
+
 test('selection: a whole chat record that ends with a user turn is explained up to its last reply', () => {
   const rec =
     '{"messages":[{"role":"user","content":"Hi?"},{"role":"assistant","content":"Hello"},{"role":"user","content":"Bye?"}]}';

@@ -56,6 +56,8 @@ export class ExplainController {
     const editor = vscode.window.activeTextEditor;
     const version = editor?.document.version;
     const split = editor && !editor.selection.isEmpty ? this.splitOf(editor) : undefined;
+    // a selection that cannot be explained was refused, saying why: no empty boxes after it
+    if (editor && !editor.selection.isEmpty && !split) return;
     // a chat is explained as the model's chat template renders it, not as text the person edits
     // here (an edited prompt was dropped: the conversation was sent as it is in the file)
     if (split?.messages) {
@@ -285,6 +287,7 @@ export class ExplainController {
           if (now === this.s.panel.mirror.context) return;
         }
       }
+      if (mine !== this.switches) return;
       await this.run(method);
     } catch (e) {
       await reportError(e);
@@ -367,10 +370,9 @@ export class ExplainController {
       await reportError(new SettingsError(cfg.problems));
       return;
     }
-    // inside a JSONL record the text before the cursor is JSON, not a prompt the model was trained on
-    const line = doc.lineAt(sel.end.line).text;
-    const parsed = line.trimStart().startsWith('{') ? parseJsonLine(line) : undefined;
-    if (parsed?.kind === 'value') {
+    // in a JSONL file, on a record's line or a blank one, the text before the cursor is JSON,
+    // not a prompt the model was trained on (other files: a line of JSON may be part of a prompt)
+    if (/\.jsonl$/i.test(doc.uri.fsPath) && endsInRecord(doc, sel.end.line)) {
       void vscode.window.showWarningMessage(
         'Influence Lens: Complete with model continues plain text, and the cursor is in a JSONL record (the text before it is JSON). Put the prompt in a plain-text file, or select a whole record or its completion and run Explain this completion.',
       );
@@ -474,4 +476,13 @@ function unescapeNl(s: string): string {
 /** Whether a result's revision is not the latest the server reported (unknown: not said to be). */
 function isOlder(revision: string, current: string | undefined): boolean {
   return current !== undefined && revision !== current;
+}
+
+/** Whether line `n` is a JSON record's, or blank after one (the text before it is then JSON). */
+function endsInRecord(doc: vscode.TextDocument, n: number): boolean {
+  for (let i = n; i >= 0; i--) {
+    const p = parseJsonLine(doc.lineAt(i).text);
+    if (p.kind !== 'blank') return p.kind === 'value';
+  }
+  return false;
 }
