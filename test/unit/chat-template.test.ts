@@ -181,10 +181,12 @@ test('the editor selection parser renders a chat record exactly as the server do
   // completion units of the content map onto the JSON string's characters; template units are empty
   const under = r.split.completionStarts.map((s, i) => line.slice(s, r.split.completionEnds[i])).join('');
   assert.equal(under, 'Paris');
-  // a selection inside the content: the prompt is the template rendering before it
+  // a selection inside the reply: that whole reply, as the chat (part of a reply is not a query
+  // the model was trained to answer), said in a note
   const at = line.indexOf('Paris');
   const f = splitSelection(line, at + 2, at + 5, { chatTemplate: tok.chatTemplate() });
   if (!f.ok) return assert.fail(f.message);
-  assert.equal(f.split.completion, 'ris');
-  assert.ok(f.split.prompt.endsWith('<|start_header_id|>assistant<|end_header_id|>\n\nPa'));
+  assert.equal(f.split.completion, 'Paris<|eot_id|>');
+  assert.deepEqual(f.split.messages, messages);
+  assert.match(f.split.note ?? '', /explained whole/);
 });
