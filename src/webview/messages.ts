@@ -53,13 +53,17 @@ export type FromWebview =
  */
 export function withResult(state: PanelState, m: Extract<ToWebview, { type: 'result' }>): PanelState {
   const keep = state.context !== undefined && state.context === m.context && state.dataset === m.dataset;
+  // a run's result arriving after the person chose another tab that shows a kept result (a run
+  // starts on its own tab): kept, without taking the panel back to it
+  const stay =
+    keep && state.method !== undefined && state.method !== m.result.method && state.results[state.method] !== undefined;
   return {
     ...state,
     results: { ...(keep ? state.results : {}), [m.result.method]: m.result },
-    method: m.result.method,
+    method: stay ? state.method : m.result.method,
     methods: m.methods,
     dataset: m.dataset,
     context: m.context,
-    focus: undefined,
+    focus: stay ? state.focus : undefined,
   };
 }

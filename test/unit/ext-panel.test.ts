@@ -45,4 +45,14 @@ test('panel: a new result keeps the other methods only when computed in the same
   // a state saved before contexts existed keeps nothing
   assert.deepEqual(Object.keys(withResult({ ...one, context: undefined }, msg('bm25', 'A')).results), ['bm25']);
   assert.equal(withResult(one, msg('bm25', 'B')).context, 'B');
+  // a result shows its tab (a run starts on its own tab)...
+  assert.equal(withResult({ ...one, method: 'bm25' }, msg('bm25', 'A')).method, 'bm25');
+  // ...but one that arrives after the person chose another tab with a kept result stays in the
+  // background, in the same context: BM25 was running, EK-FAC's kept result was chosen meanwhile
+  const running = { ...withResult(one, msg('bm25', 'A')), method: 'ekfac' as const };
+  const done = withResult(running, msg('bm25', 'A'));
+  assert.equal(done.method, 'ekfac');
+  assert.deepEqual(Object.keys(done.results).sort(), ['bm25', 'ekfac']);
+  // in another context the new result is all there is: shown
+  assert.equal(withResult(running, msg('bm25', 'B')).method, 'bm25');
 });
