@@ -2,9 +2,8 @@
 // how an example influenced the last queries ("supporting #1 for ' Sydney' (EK-FAC)"). Each entry
 // keeps the server's revision (its model, tokenizer and factor files) when it was computed, so a
 // ranking from before a retrain or refit is shown as such, not as the current model's.
-import { realpathSync } from 'node:fs';
-import { resolve } from 'node:path';
 import type * as vscode from 'vscode';
+import { realOrResolved } from '../common/real-path';
 import type { ExplainResult, Method, Sign } from '../protocol/types';
 
 export interface HistoryHit {
@@ -77,6 +76,16 @@ export class History {
     return this.memento.get<string>(REVISION_KEY);
   }
 
+  /**
+   * Whether a result of `revision` was computed before the server's files or settings last
+   * changed. Unknown (no revision reported yet) is not said to be; an entry of an earlier version
+   * without a revision is, once one is known.
+   */
+  isOlder(revision: string | undefined): boolean {
+    const current = this.currentRevision();
+    return current !== undefined && revision !== current;
+  }
+
   /** The server's revision as it reports it now (every status and result carries it). */
   noteRevision(revision: string | undefined): void {
     if (revision !== undefined && revision !== this.memento.get<string>(REVISION_KEY))
@@ -89,7 +98,6 @@ export class History {
    */
   hits(hash: string, path?: string): HistoryHit[] {
     const out: HistoryHit[] = [];
-    const current = this.currentRevision();
     const file = path === undefined ? undefined : canonicalPath(path);
     for (const e of this.entries()) {
       if (file !== undefined && e.path !== undefined && e.path !== file) continue;
@@ -106,9 +114,7 @@ export class History {
             sign,
             percentile,
             at: e.at,
-            // an entry of an earlier version has no revision: unknown, so taken as stale only once
-            // the server has reported a revision (it then may be another model's ranking)
-            stale: current !== undefined && e.revision !== current,
+            stale: this.isOlder(e.revision),
           });
     }
     return out;
@@ -119,16 +125,8 @@ export class History {
   }
 }
 
-/**
- * One spelling per file: the server's dataset path as configured ("./data/x.jsonl", a link) and
- * the editor's (`fsPath`, a lower-case drive letter on Windows) name the same file alike.
- */
+/** A file's one spelling (`realOrResolved`), and case-free where the file system is (Windows). */
 function canonicalPath(p: string): string {
-  let out: string;
-  try {
-    out = realpathSync(p);
-  } catch {
-    out = resolve(p);
-  }
+  const out = realOrResolved(p);
   return process.platform === 'win32' ? out.toLowerCase() : out;
 }

@@ -127,7 +127,10 @@ test("the panel's Flag records where the example is now, and asks before flaggin
       },
     });
     (s.panel.mirror as { results: unknown }).results = shown('r1');
-    (s as { history?: unknown }).history = { currentRevision: () => 'r2' };
+    const { History } = await import('../../src/extension/history');
+    const history = new History(memento() as never);
+    history.noteRevision('r2');
+    (s as { history?: unknown }).history = history;
     await flag(3, 4);
     const reason = () => readSidecar(join(dir, 'finetune.exclude.jsonl')).entries.find((x) => x.line === 3)?.reason;
     assert.equal(

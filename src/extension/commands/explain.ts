@@ -315,7 +315,7 @@ export class ExplainController {
       const completion = r?.query.completion ?? this.last?.completion ?? '';
       const what = !e ? 'flagged' : e.sign === 'neutral' ? `similar #${e.rank}` : `${e.sign} #${e.rank}`;
       // a panel restored after a retrain or refit shows an earlier model's ranking: the reason says so
-      const stale = !!e && r?.revision !== undefined && isOlder(r.revision, this.s.history.currentRevision());
+      const stale = !!e && r?.revision !== undefined && this.s.history.isOlder(r.revision);
       // the result was scored on the file as it was then: record where the example is now, and
       // say so when it is no longer there (a flag then removes nothing from this file)
       const now = currentLine(path, id.line, id.hash);
@@ -471,11 +471,6 @@ function escapeNl(s: string): string {
 
 function unescapeNl(s: string): string {
   return s.replace(/\\(\\|n)/g, (_, c) => (c === 'n' ? '\n' : '\\'));
-}
-
-/** Whether a result's revision is not the latest the server reported (unknown: not said to be). */
-function isOlder(revision: string, current: string | undefined): boolean {
-  return current !== undefined && revision !== current;
 }
 
 /** Whether line `n` is a JSON record's, or blank after one (the text before it is then JSON). */

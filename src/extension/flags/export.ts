@@ -4,11 +4,11 @@
 // list that "Apply removal to file" deletes. Pure Node (no `vscode`), unit-tested.
 
 import { isUtf8 } from 'node:buffer';
-import { existsSync, lstatSync, readFileSync, realpathSync, statSync } from 'node:fs';
-import { resolve } from 'node:path';
+import { lstatSync, readFileSync, statSync } from 'node:fs';
 import { cleanStaleTempsOf, resolveLinks } from '../../common/atomic-write';
 import { asBuffer, byteLines, hasBom, lineText, UTF8_BOM } from '../../common/byte-lines';
 import { parseJsonLine } from '../../common/json-line';
+import { realOrResolved } from '../../common/real-path';
 import { isFolder, isSidecarPath, readFlagsForRemoval, sidecarPathFor, writeFileAtomic } from './sidecar';
 
 /** `data/train.jsonl` → `data/train.cleaned.jsonl`. */
@@ -172,10 +172,5 @@ function exists(path: string): boolean {
 }
 
 function same(a: string, b: string): boolean {
-  if (resolve(a) === resolve(b)) return true;
-  try {
-    return existsSync(a) && existsSync(b) && realpathSync(a) === realpathSync(b);
-  } catch {
-    return false;
-  }
+  return realOrResolved(a) === realOrResolved(b);
 }

@@ -2,23 +2,14 @@
 // flags sidecar, a model, notes), nor one of the command's own inputs. A file is replaced only
 // when it is this command's own earlier output; a folder (replaced as a whole, atomically) only
 // when it holds nothing but this command's files. Everything else is refused, saying what it is.
-import { existsSync, readdirSync, realpathSync, statSync } from 'node:fs';
-import { isAbsolute, relative, resolve } from 'node:path';
+import { existsSync, readdirSync, statSync } from 'node:fs';
+import { isAbsolute, relative } from 'node:path';
+import { realOrResolved } from '../../common/real-path';
 import { isSidecarPath } from '../../extension/flags/sidecar';
 import { CliError } from './util';
 
 /** Files a desktop puts in any folder it shows; they do not make a folder someone else's. */
 export const DESKTOP_FILES = new Set(['.DS_Store', 'Thumbs.db', 'desktop.ini']);
-
-/** The real path of `p`, or of its nearest existing parent with the rest appended. */
-export function realOrResolved(p: string): string {
-  const abs = resolve(p);
-  try {
-    return realpathSync(abs);
-  } catch {
-    return abs;
-  }
-}
 
 /** Whether `a` is `b` or inside it. */
 export function within(a: string, b: string): boolean {

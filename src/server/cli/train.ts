@@ -8,6 +8,7 @@
 import { rmSync } from 'node:fs';
 import { basename, dirname, join, resolve } from 'node:path';
 import { cleanStaleTemps, commitDir, stageDir, tempPathFor } from '../../common/atomic-write';
+import { realOrResolved } from '../../common/real-path';
 import { modelFingerprint } from '../attribution/fingerprint';
 import { loadDataset } from '../data/dataset';
 import { readJsonl } from '../data/jsonl';
@@ -24,7 +25,7 @@ import {
   train,
   writeCheckpoint,
 } from '../train/trainer';
-import { checkOutFolder, realOrResolved, within } from './out-paths';
+import { checkOutFolder, within } from './out-paths';
 import { CliError, int, Progress, parse, seedFlag, threadsFlag } from './util';
 
 export interface TrainJobOptions {
