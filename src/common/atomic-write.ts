@@ -223,7 +223,9 @@ function commitTemp(tmp: string, path: string, keepMode: boolean): void {
 /**
  * Replaces the folder `dir` with the one `fill(tmp)` writes into the (created, empty) temporary
  * folder it is given (`stageDir`, then `commitDir`). On any error the temporary is removed and
- * the old folder stays.
+ * the old folder stays. A `dir` that is a symbolic link is written through: the folder it names
+ * is replaced and the link stays (an --out linked to another disk keeps its data there; the
+ * checks before a write read through the link too, so they judge the folder that is replaced).
  */
 export function replaceDirAtomic(dir: string, fill: (tmp: string) => void): void {
   const tmp = stageDir(dir);
@@ -242,7 +244,7 @@ export function replaceDirAtomic(dir: string, fill: (tmp: string) => void): void
  * before that leaves a temporary that `cleanStaleTemps` removes once the process is gone.
  */
 export function stageDir(dirIn: string): string {
-  const dir = resolve(dirIn);
+  const dir = resolveLinks(dirIn);
   mkdirSync(dirname(dir), { recursive: true });
   restoreReplacedDir(dir); // an earlier writer killed between its two renames
   const tmp = tempPathFor(dir);
@@ -260,7 +262,7 @@ export function stageDir(dirIn: string): string {
  * training run's finished model); `replaceDirAtomic` removes its own.
  */
 export function commitDir(tmp: string, dirIn: string): void {
-  const dir = resolve(dirIn);
+  const dir = resolveLinks(dirIn);
   const old = tempPathFor(dir, 'old');
   let movedAside = false;
   try {
@@ -290,7 +292,7 @@ export function commitDir(tmp: string, dirIn: string): void {
  * `dir` in its place. Returns whether it restored one. Cheap when there is nothing to do.
  */
 export function restoreReplacedDir(dirIn: string): boolean {
-  const dir = resolve(dirIn);
+  const dir = resolveLinks(dirIn);
   if (existsSync(dir)) return false;
   const parent = dirname(dir);
   const prefix = `${basename(dir)}.old-`;
@@ -373,12 +375,16 @@ export function cleanStaleTemps(
 }
 
 /**
- * Removes the temporaries that killed writers of the file `path` left (`<name>.tmp-<pid>-…`, and
- * the lock's), beside it and, for a symbolic link, beside the file it points to.
+ * Removes the temporaries that killed writers of `path` left (`<name>.tmp-<pid>-…`, and the
+ * lock's), beside it and, for a symbolic link, beside the file or folder it points to (where
+ * `writeAtomicWith` with `userFile` and the folder writers put them). `fullFormOnly` (default): only
+ * this version's temporary names, for a file in a person's folder; a folder we replace whole
+ * (an --out) also gets the older names.
  */
-export function cleanStaleTempsOf(path: string): string[] {
+export function cleanStaleTempsOf(path: string, options: { fullFormOnly?: boolean } = {}): string[] {
+  const fullFormOnly = options.fullFormOnly ?? true;
   return [...new Set([resolve(path), resolveLinks(path)])].flatMap((p) =>
-    cleanStaleTemps(dirname(p), 1, `${basename(p)}.`, { fullFormOnly: true }),
+    cleanStaleTemps(dirname(p), 1, `${basename(p)}.`, { fullFormOnly }),
   );
 }
 

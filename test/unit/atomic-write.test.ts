@@ -160,6 +160,29 @@ test('a folder replace killed between its two renames: readers and the cleanup p
   assert.equal(readFileSync(join(target, 'model.safetensors'), 'utf8'), 'v3');
 });
 
+test('a folder named by a symbolic link is replaced through it, and put back through it after a kill between the renames', () => {
+  const d = join(root, 'linked');
+  const disk = join(d, 'disk');
+  mkdirSync(disk, { recursive: true });
+  const target = join(disk, 'checkpoint');
+  const link = join(d, 'out');
+  symlinkSync(target, link);
+  replaceDirAtomic(link, (tmp) => writeFileSync(join(tmp, 'model.safetensors'), 'v1'));
+  replaceDirAtomic(link, (tmp) => writeFileSync(join(tmp, 'model.safetensors'), 'v2'));
+  assert.ok(lstatSync(link).isSymbolicLink(), 'the link stays a link');
+  assert.equal(readFileSync(join(target, 'model.safetensors'), 'utf8'), 'v2');
+  assert.deepEqual(readdirSync(disk), ['checkpoint']);
+  assert.deepEqual(readdirSync(d).sort(), ['disk', 'out']);
+  // a writer killed between its two renames set the linked folder aside: a reader that names the
+  // link puts it back
+  const dead = deadPid();
+  cpSync(target, join(disk, `checkpoint.old-${dead}-0x2`), { recursive: true });
+  rmSync(target, { recursive: true });
+  assert.equal(restoreReplacedDir(link), true);
+  assert.equal(readFileSync(join(link, 'model.safetensors'), 'utf8'), 'v2');
+  assert.deepEqual(readdirSync(disk), ['checkpoint']);
+});
+
 test('a folder set aside by a killed writer whose pid this process now has (a restarted container) is put back', {
   skip: processStart(process.pid) === undefined ? 'needs /proc' : false,
 }, () => {

@@ -4,7 +4,17 @@
 // tokenizer) is refused, and a build killed midway leaves the earlier corpus, not a mix.
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { copyFileSync, cpSync, existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import {
+  copyFileSync,
+  cpSync,
+  existsSync,
+  lstatSync,
+  mkdirSync,
+  readdirSync,
+  readFileSync,
+  symlinkSync,
+  writeFileSync,
+} from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { cliIn } from './helpers/cli';
@@ -154,4 +164,37 @@ test('data build / data tokenizer --out: a folder with anything else is refused;
   assert.equal(cli('data', 'tokenizer', '--out', tokOut, ds).code, 0);
   const twice = cli('data', 'tokenizer', '--out', tokOut, ds);
   assert.equal(twice.code, 0, twice.err);
+});
+
+test('data build --out a symbolic link to a folder on another disk: the linked folder is replaced, the link stays', () => {
+  const disk = join(home, 'other-disk');
+  mkdirSync(disk);
+  const target = join(disk, 'corpus');
+  const link = join(home, 'corpus-link');
+  symlinkSync(target, link);
+  // a link to a folder not made yet: the build makes it there
+  assert.equal(cli('data', 'build', '--out', link, '--countries', '12', '--seed', '1').code, 0);
+  assert.ok(lstatSync(link).isSymbolicLink(), 'the link is still a link');
+  const first = readFileSync(join(target, 'finetune.jsonl'));
+  const again = cli('data', 'build', '--out', link, '--countries', '12', '--seed', '2');
+  assert.equal(again.code, 0, again.err);
+  assert.ok(lstatSync(link).isSymbolicLink(), 'the link is still a link');
+  assert.ok(!readFileSync(join(target, 'finetune.jsonl')).equals(first), 'the new build is in the linked folder');
+  assert.deepEqual(
+    [
+      ...readdirSync(home).filter((n) => n.startsWith('corpus-link.')),
+      ...readdirSync(disk).filter((n) => n !== 'corpus'),
+    ],
+    [],
+    'no staging or set-aside folder left on either side',
+  );
+  // the check and the write judge the same folder: flags in the linked folder stop the build
+  writeFileSync(join(target, 'finetune.exclude.jsonl'), '{"hash":"0123456789abcdef","line":2}\n');
+  const now = readFileSync(join(target, 'finetune.jsonl'));
+  refusedUnchanged(
+    cli('data', 'build', '--out', link, '--countries', '12', '--seed', '3'),
+    /is not a corpus written by influence-lens data build \(it holds finetune\.exclude\.jsonl\)/,
+    join(target, 'finetune.jsonl'),
+    now,
+  );
 });

@@ -8,8 +8,8 @@
 //   data eval --model <dir> [--base <dir>] --data <dir> [--json]   the same plus statements, on a corpus built by data build
 // (--base: the base model folder of a LoRA adapter, as for the other commands)
 import { existsSync, readFileSync } from 'node:fs';
-import { basename, dirname, join, resolve } from 'node:path';
-import { cleanStaleTemps, replaceDirAtomic } from '../../common/atomic-write';
+import { join } from 'node:path';
+import { cleanStaleTempsOf, replaceDirAtomic } from '../../common/atomic-write';
 import { methodInfo } from '../../protocol/methods';
 import { METHODS, type Method } from '../../protocol/types';
 import { Corpus, scoreCorpus } from '../attribution/explain';
@@ -140,8 +140,7 @@ function writeCorpusFolder<T>(out: string, write: (dir: string) => T): T {
 
 /** What a build of `out` killed earlier left beside it (its staged folder), as train cleans its own. */
 function cleanLeftovers(out: string): void {
-  const dir = resolve(out);
-  cleanStaleTemps(dirname(dir), 1, `${basename(dir)}.`);
+  cleanStaleTempsOf(out, { fullFormOnly: false });
 }
 
 /** What `data tokenizer` writes: a word-level tokenizer's files. */

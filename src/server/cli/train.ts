@@ -6,8 +6,8 @@
 // --exclude drops the examples a flags sidecar (`<dataset>.exclude.jsonl`, one {"hash", ...}
 // per line) names, by content hash: the counterfactual "train again without them".
 import { rmSync } from 'node:fs';
-import { basename, dirname, join, resolve } from 'node:path';
-import { cleanStaleTemps, commitDir, stageDir, tempPathFor } from '../../common/atomic-write';
+import { basename, join, resolve } from 'node:path';
+import { cleanStaleTempsOf, commitDir, stageDir, tempPathFor } from '../../common/atomic-write';
 import { realOrResolved } from '../../common/real-path';
 import { modelFingerprint } from '../attribution/fingerprint';
 import { loadDataset } from '../data/dataset';
@@ -176,7 +176,7 @@ export async function trainJob(o: TrainJobOptions): Promise<TrainJobResult> {
   const out = resolve(o.out); // no trailing slash: temporaries go beside it, not inside
   checkTrainOut(out, o.model);
   // what a train killed earlier left beside this output (its staging and initial-weights folders)
-  cleanStaleTemps(dirname(out), 1, `${basename(out)}.`);
+  cleanStaleTempsOf(out, { fullFormOnly: false });
   // the digest of the very bytes trained on: the file may change while training runs (an edit, a
   // flag applied in the editor), and retrain trusts data_sha256 to say what the model saw
   const ds = loadDataset(o.data, { sha256: true });
