@@ -41,6 +41,8 @@ const vscode = acquireVsCodeApi();
 let state: PanelState = vscode.getState() ?? { version: 1, results: {}, methods: [], flags: {} };
 let busy: { method: Method; message: string } | undefined;
 let error: { method: Method; message: string } | undefined;
+/** a note on the result a tab shows (a kept result shown without a server to check it) */
+let notice: { method: Method; message: string } | undefined;
 let partial: ExplainPartial | undefined;
 
 const app = document.getElementById('app')!;
@@ -363,6 +365,9 @@ function statusLine(): HTMLElement {
   } else if (error && error.method === state.method) {
     el.classList.add('error');
     el.append(icon('error'), ` ${error.message}`);
+  } else if (notice && notice.method === state.method) {
+    el.classList.add('notice');
+    el.append(icon('info'), ` ${notice.message}`);
   }
   return el;
 }
@@ -674,12 +679,14 @@ window.addEventListener('message', (ev: MessageEvent<ToWebview>) => {
       state = { ...m.state, focus: m.state.focus ?? state.focus };
       busy = undefined;
       error = undefined;
+      notice = undefined;
       partial = undefined;
       break;
     case 'result': {
       state = withResult(state, m);
       busy = undefined;
       error = undefined;
+      if (notice?.method === m.result.method) notice = undefined;
       partial = undefined;
       break;
     }
@@ -690,12 +697,16 @@ window.addEventListener('message', (ev: MessageEvent<ToWebview>) => {
       busy = { method: m.method, message: m.message };
       if (state.method !== m.method) state.method = m.method;
       error = undefined;
+      notice = undefined;
       partial = undefined;
       break;
     case 'error':
       busy = undefined;
       partial = undefined;
       error = { method: m.method, message: m.message };
+      break;
+    case 'notice':
+      notice = { method: m.method, message: m.message };
       break;
     case 'flags':
       state.flags = m.flags;

@@ -36,6 +36,8 @@ export type ToWebview =
   | { type: 'partial'; partial: ExplainPartial }
   | { type: 'busy'; method: Method; message: string }
   | { type: 'error'; method: Method; message: string }
+  /** something to know about the result shown on a method's tab (a kept result not checked) */
+  | { type: 'notice'; method: Method; message: string }
   | { type: 'flags'; flags: Record<string, FlagState> }
   | { type: 'colors'; colors: { supporting: string; opposing: string } };
 

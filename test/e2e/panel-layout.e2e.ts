@@ -171,6 +171,17 @@ test('results panel: nothing cut off at the right in a narrow panel; the prompt 
         await p.evaluate<string>(`document.querySelector('header.query .meta').textContent`),
         /a chat, rendered with the model's chat template \(its last assistant turn explained\)/,
       );
+      // a kept result shown with no server to check it says so on its tab, until a result replaces it
+      await p.evaluate(
+        `window.postMessage(${JSON.stringify({ type: 'notice', method: 'gdp', message: 'Kept from an earlier explanation and not checked' })}, '*')`,
+      );
+      await p.waitForSelector('.status.notice');
+      assert.match(await p.evaluate<string>(`document.querySelector('.status').textContent`), /not checked/);
+      await p.evaluate(
+        `window.postMessage(${JSON.stringify({ type: 'result', result: doctored, methods: ['gdp'], dataset: 'finetune', context: 'e' })}, '*')`,
+      );
+      await p.waitForSelector('.status:not(.notice)');
+      assert.equal(await p.evaluate<string>(`document.querySelector('.status').textContent`), '');
       assert.deepEqual(
         agreeing[o1.id.line],
         ['Gradient cosine #' + n],

@@ -362,3 +362,44 @@ test('"Explain with a custom split" on a chat record says why it cannot edit it,
     rmSync(dir, { recursive: true, force: true });
   }
 });
+
+test("the panel's method switch with no server running shows the kept result and says it was not checked", async () => {
+  const { UNCHECKED_NOTE } = await import('../../src/extension/commands/explain');
+  const posted: Array<{ type: string; method?: string; message?: string }> = [];
+  let calls = 0;
+  let infos = 0;
+  const result = {
+    method: 'bm25',
+    query: { prompt: 'Q: capital of Australia?\nA:', completion: ' Sydney' },
+    scored: 1,
+    supporting: [],
+    opposing: [],
+    histogram: { edges: [], counts: [] },
+    modules: [],
+    timings: {},
+  };
+  const s = {
+    info: async () => {
+      infos++;
+      throw new Error('no server');
+    },
+    lastInfo: () => undefined,
+    client: {
+      explain: async () => {
+        calls++;
+        return result;
+      },
+    },
+    panel: {
+      // a reloaded window: the panel restored its own state, with a kept bm25 result
+      mirror: { version: 1, results: { bm25: result }, methods: ['bm25'], flags: {}, dataset: 'finetune' },
+      post: (m: { type: string }) => posted.push(m),
+    },
+  };
+  const c = new ExplainController(s as never);
+  await (c as unknown as { switchMethod(m: string, cached: boolean): Promise<void> }).switchMethod('bm25', true);
+  assert.equal(calls, 0, 'no server is started to check it');
+  assert.equal(infos, 0);
+  assert.deepEqual(posted, [{ type: 'notice', method: 'bm25', message: UNCHECKED_NOTE }]);
+  assert.match(UNCHECKED_NOTE, /not checked: no server is running/);
+});

@@ -14,6 +14,10 @@ import { type QuerySplit, splitSelection } from '../selection';
 import { chooseDataset, reportError, runnable, type Services } from '../services';
 import type { PanelHandlers } from '../views/results-panel';
 
+/** A kept result shown with no server to check it against (a reloaded window, a stopped server). */
+export const UNCHECKED_NOTE =
+  'Kept from an earlier explanation and not checked: no server is running. Explain again to check it against the current model, factors and settings.';
+
 interface Query {
   prompt: string;
   completion: string;
@@ -275,8 +279,12 @@ export class ExplainController {
     try {
       if (cached) {
         const cfg = settings();
-        // no server yet (a reloaded window): show the cached result rather than start one to check it
-        if (!this.s.lastInfo()) return;
+        // no server yet (a reloaded window): show the cached result rather than start one to
+        // check it, and say that it was not checked
+        if (!this.s.lastInfo()) {
+          this.s.panel.post({ type: 'notice', method, message: UNCHECKED_NOTE });
+          return;
+        }
         // the server as it is now, not as of the last result: factors refitted or a model retrained
         // since make another revision, and changed settings leave the method refused; either way
         // the cached result is not current (an unreachable server: the run reports it)
