@@ -5,6 +5,8 @@
 //   explain all queries' preconditioned gradients, one scoring pass over the candidates: candidates/s
 // Each device's scores are compared with the CPU's (Spearman per query ≥ 0.999). Exit codes:
 // 0 all good, 1 a device disagrees with the CPU, 2 no GPU execution provider works here.
+// `cpu` may be named as the device to check: the whole path against itself (what the tests run,
+// test/unit/device-check.test.ts, since no CI machine has a GPU).
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { preconditionerFor } from '../src/server/attribution/ekfac/factors-io';
@@ -17,7 +19,7 @@ import { spearman } from '../src/server/util/stats';
 
 const [modelDir, ...wanted] = process.argv.slice(2);
 if (!modelDir || !existsSync(join(modelDir, 'config.json'))) {
-  process.stderr.write('usage: device-check.ts <model-dir> [cuda] [webgpu]\n');
+  process.stderr.write('usage: device-check.ts <model-dir> [cuda] [webgpu] [cpu]\n');
   process.exit(2);
 }
 const devices = (wanted.length ? wanted : ['cuda', 'webgpu']) as Device[];
