@@ -10,6 +10,7 @@ import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import {
   type Factors,
+  FIT_VERSION,
   loadFactors,
   moduleFactors,
   preconditionerFor,
@@ -77,7 +78,15 @@ describe('float32 EK-FAC factors', () => {
       }
       if (precision === 'fp64') {
         factors64 = {
-          args: { strategy: 'ekfac', labels: 'empirical', damping, modules: [], maxExamples: null, seed: 0 },
+          args: {
+            strategy: 'ekfac',
+            labels: 'empirical',
+            damping,
+            modules: [],
+            maxExamples: null,
+            seed: 0,
+            fitVersion: FIT_VERSION,
+          },
           fingerprint: null,
           modules: Object.fromEntries(
             [...bases].map(([n, b]) => [n, moduleFactors(covariances.get(n)!, b, lambdas.fp64.get(n)!)]),

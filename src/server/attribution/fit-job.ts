@@ -31,6 +31,8 @@ import {
   eigendecompositionDtypeOf,
   type FactorArguments,
   type Factors,
+  FIT_VERSION,
+  fitVersionChange,
   loadFactors,
   type ModuleFactors,
   OUR_ARGUMENTS_FILE,
@@ -121,6 +123,8 @@ interface JobDescription {
   partitions: number;
   /** present only when float32, so that an unfinished fit of an older version still resumes */
   eigendecompositionDtype?: 'float32';
+  /** this program's fit version (FIT_VERSION): an unfinished fit of an earlier one is not resumed */
+  fitVersion: number;
 }
 
 export async function runFitJob(o: FitJobOptions): Promise<FitJobResult> {
@@ -218,6 +222,7 @@ async function fitJob(o: FitJobOptions, n: number, i: number): Promise<FitJobRes
     maxExamples: o.maxExamples ?? null,
     partitions: n,
     ...(o.eigendecompositionDtype === 'float32' ? { eigendecompositionDtype: 'float32' as const } : {}),
+    fitVersion: FIT_VERSION,
   };
   const result = (status: FitJobResult['status'], message: string): FitJobResult => ({
     status,
@@ -346,6 +351,7 @@ async function fitJob(o: FitJobOptions, n: number, i: number): Promise<FitJobRes
     training: model.tokenizer.training,
     tokenization: tokenizationKey(model.tokenizer),
     ...(job.eigendecompositionDtype ? { eigendecompositionDtype: job.eigendecompositionDtype } : {}),
+    fitVersion: FIT_VERSION,
   });
   const fingerprint = `${job.modelFingerprint}:${job.dataFingerprint}`;
 
@@ -550,6 +556,7 @@ function saveStage(dir: string, factors: Factors, copyFrom?: SaveOptions['copyFr
 /** Whether stored factors are the fit `job` describes (then reused, never refitted or refused). */
 function sameFit(have: FactorArguments, job: JobDescription, selection: ModuleSelection, model: Model): boolean {
   return (
+    have.fitVersion === job.fitVersion &&
     have.modelFingerprint === job.modelFingerprint &&
     have.dataFingerprint === job.dataFingerprint &&
     have.labels === job.labels &&
@@ -569,6 +576,9 @@ function sameModules(have: FactorArguments, selection: ModuleSelection, model: M
 }
 
 function describeDifference(have: FactorArguments, job: JobDescription, training: TrainingConvention): string {
+  // first: an earlier fit's fingerprints may be of another recipe, which would read as other data
+  if (have.fitVersion !== job.fitVersion)
+    return `an earlier version of this program's fit (${fitVersionChange(have.fitVersion)})`;
   if (have.modelFingerprint !== job.modelFingerprint)
     return `another model (fingerprint ${have.modelFingerprint ?? 'unknown'}, this one is ${job.modelFingerprint})`;
   if (have.training && !sameTraining(have.training, training))

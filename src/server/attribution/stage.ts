@@ -7,7 +7,7 @@ import { contextLength, tokenizationKey } from '../data/tokenize';
 import { describeTraining, sameTraining, trainingArgument } from '../data/training';
 import { configDifference } from '../model/checkpoints';
 import { type EngineOptions, Model, type ModuleSelection } from '../model/engine';
-import { loadFactors, preconditionerFor, readFitSettings } from './ekfac/factors-io';
+import { FIT_VERSION, fitVersionChange, loadFactors, preconditionerFor, readFitSettings } from './ekfac/factors-io';
 import type { Damping, Preconditioner } from './ekfac/precondition';
 import type { Stage } from './explain';
 import { dataFingerprint, modelFingerprint } from './fingerprint';
@@ -122,6 +122,15 @@ export function openStage(
   // in the model's precision (float32 bases and Λ for a float32 model); scoring needs no covariances
   const factors = loadFactors(factorsDir, { precision: model.precision, covariances: false });
   const warnings: string[] = [];
+  // before the other checks: an earlier fit's fingerprints may be of another recipe, which would
+  // read as another model or other data; null: another tool's factors, whose fit is its own
+  const version = factors.args.fitVersion;
+  if (version !== null && version !== undefined && version !== FIT_VERSION)
+    throw new StageError(
+      `the factors in ${factorsDir} were fitted by ${version < FIT_VERSION ? 'an earlier' : 'a later'} version of influence-lens, whose factors differ from this version's for the same model, data and settings (${fitVersionChange(version)}): ` +
+        'fit them again (into a new folder, or move this one aside)',
+      'factors',
+    );
   const fp = factors.args.modelFingerprint;
   if (fp) {
     const mine = modelFingerprint(model.checkpoint, model.options.cacheDir);

@@ -76,6 +76,30 @@ export class UnfinishedFitError extends Error {
   override name = 'UnfinishedFitError';
 }
 
+/**
+ * What this version's fit computes for a given model, data and settings, stored with the factors
+ * it writes. Bumped whenever that changes, so that factors an earlier version fitted are refused
+ * (stage.ts) and a cache of them is fitted again (fit-job.ts), never used as if this version had
+ * fitted them:
+ * - 1 (stored as no `fitVersion`): every fit before the key existed;
+ * - 2: sampled labels drawn per example from a stream of the seed, the pass and the example's
+ *   index (before, one stream per batch: the same seed gave other labels, hence other factors).
+ */
+export const FIT_VERSION = 2;
+
+/** What changed in the fit since each version, for a refusal's message (FIT_VERSION's list). */
+export const FIT_CHANGES: Readonly<Record<number, string>> = {
+  2: 'sampled labels are drawn per example',
+};
+
+/** Says how factors of fit version `v` differ from this version's (for refusals and refits). */
+export function fitVersionChange(v: number | null | undefined): string {
+  const since = Object.entries(FIT_CHANGES)
+    .filter(([k]) => Number(k) > (v ?? 1) && Number(k) <= FIT_VERSION)
+    .map(([, what]) => what);
+  return `fit version ${v ?? 1}, this version fits version ${FIT_VERSION}${since.length ? `: since then ${since.join('; ')}` : ''}`;
+}
+
 export interface FactorArguments {
   strategy: 'ekfac';
   /** labels for the Fisher: sampled from the model (true Fisher) or the data's own */
@@ -108,6 +132,11 @@ export interface FactorArguments {
    * the fit's identity: dataFingerprint already covers it.
    */
   tokenization?: Record<string, unknown> | null;
+  /**
+   * which version of this program's fit wrote them (FIT_VERSION; 1 for our factors written before
+   * it was stored, null for another tool's, whose fit is its own)
+   */
+  fitVersion?: number | null;
 }
 
 /** The eigendecomposition precision of stored arguments (absent: float64). */
@@ -415,6 +444,7 @@ export function loadFactors(dir: string, options: LoadOptions = {}): Factors {
         modules: [...shapes.keys()],
         maxExamples: typeof kron?.covariance_max_examples === 'number' ? kron.covariance_max_examples : null,
         seed: null,
+        fitVersion: null,
         ...storedDtype(
           dir,
           kron?.eigendecomposition_dtype === undefined
@@ -501,7 +531,17 @@ function oursArguments(dir: string, ours: Record<string, unknown>, modules: stri
         ? (ours.tokenization as Record<string, unknown>)
         : null,
     ...storedDtype(dir, ours.eigendecompositionDtype, OUR_ARGUMENTS_FILE, 'eigendecompositionDtype'),
+    fitVersion: storedFitVersion(dir, ours.fitVersion),
   };
+}
+
+/** A stored fit version: absent means 1 (every fit before it was stored); anything but a positive integer is refused. */
+function storedFitVersion(dir: string, v: unknown): number {
+  if (v === undefined || v === null) return 1;
+  if (typeof v === 'number' && Number.isInteger(v) && v >= 1) return v;
+  throw new FactorsError(
+    `${dir}: ${OUR_ARGUMENTS_FILE} holds "fitVersion": ${JSON.stringify(v)}, which is not a fit version (a positive integer); fit the factors again`,
+  );
 }
 
 /** A stored eigendecomposition precision: float32 kept, float64 or absent left out (the default), anything else refused. */
@@ -534,6 +574,8 @@ function fitIdentity(args: FactorArguments, fingerprint: string | null): string 
     args.maxExamples,
     // only when not the default, so that every fit written before the option keeps its identity
     ...(eigendecompositionDtypeOf(args) === 'float64' ? [] : [eigendecompositionDtypeOf(args)]),
+    // likewise only from version 2 on: files of two versions' fits are not one fit's
+    ...((args.fitVersion ?? 1) === 1 ? [] : [`fit ${args.fitVersion}`]),
   ];
   return createHash('sha256').update(JSON.stringify(what)).digest('hex').slice(0, 16);
 }
