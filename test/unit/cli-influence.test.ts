@@ -62,6 +62,39 @@ describe('influence-lens fit / explain / scan', () => {
     assert.equal(Object.keys(e.perModule).length, 6);
   });
 
+  test('explain --json carries the warnings it prints (factors fitted on other data), for one query and for --queries', () => {
+    const other = join(home, 'other.jsonl');
+    writeFileSync(other, `${JSON.stringify({ prompt: 'Q: capital of Spain?\nA:', completion: ' Madrid' })}\n`);
+    const args = ['explain', '--model', MODEL, '--factors', factors, '--data', other, '--json'];
+    const r = cli(...args, '--prompt', 'Q: capital of France?\nA:', '--completion', ' Paris');
+    assert.equal(r.code, 0, r.err);
+    assert.match(r.err, /warning: the EK-FAC factors in .* were fitted on other data than .*other\.jsonl/);
+    const res = JSON.parse(r.out) as ExplainResult;
+    assert.equal(res.warnings?.length, 1);
+    assert.match(res.warnings![0], /fitted on other data than .*other\.jsonl/);
+    const qfile = join(home, 'q-warn.jsonl');
+    writeFileSync(qfile, `${JSON.stringify({ prompt: 'Q: capital of France?\nA:', completion: ' Paris' })}\n`);
+    const many = cli(...args, '--queries', qfile);
+    assert.equal(many.code, 0, many.err);
+    assert.deepEqual((JSON.parse(many.out.trim()) as ExplainResult).warnings, res.warnings);
+    // over the data they were fitted on: no warnings field
+    const clean = cli(
+      'explain',
+      '--model',
+      MODEL,
+      '--factors',
+      factors,
+      '--data',
+      data,
+      '--json',
+      '--prompt',
+      'Q: capital of France?\nA:',
+      '--completion',
+      ' Paris',
+    );
+    assert.equal((JSON.parse(clean.out) as ExplainResult).warnings, undefined);
+  });
+
   test('explain --queries: one ExplainResult per line, equal to single-query calls; messages queries', () => {
     const args = ['explain', '--model', MODEL, '--factors', factors, '--data', data, '--json'];
     const qfile = join(home, 'queries.jsonl');

@@ -168,6 +168,10 @@ export async function runExplain(argv: string[]): Promise<void> {
         ? otherDataWarning(v.factors, { path: v.data, hashes }, ft.model)
         : undefined;
   if (stale) process.stderr.write(`warning: ${stale}\n`);
+  // the same warnings travel with each --json result (ExplainResult.warnings, as the server sends
+  // them): a script that reads the JSON alone must see that the factors are of other data
+  const warnings = [...ft.warnings, ...(pt?.warnings ?? []), ...(stale ? [stale] : [])];
+  const withWarnings = <R extends object>(r: R): R => (warnings.length ? { ...r, warnings } : r);
   if (corpus.truncated) process.stderr.write(`${corpus.truncated} example(s) were cut to the model's context\n`);
   const plan = cliPlan(v.model, ft.model, checkpointsSetting(v.checkpoints), [method, ...compare]);
   const checkpoints =
@@ -212,7 +216,7 @@ export async function runExplain(argv: string[]): Promise<void> {
         bar = undefined;
         stage = '';
         // which line it answers (blank lines are not queries, so the k-th result need not be line k)
-        const r = { ...res, query: { ...res.query, where: queries[i].where } };
+        const r = withWarnings({ ...res, query: { ...res.query, where: queries[i].where } });
         process.stdout.write(v.json ? `${JSON.stringify(r)}\n` : `${formatResult(r, process.stdout.isTTY === true)}\n`);
       },
     );
@@ -222,7 +226,7 @@ export async function runExplain(argv: string[]): Promise<void> {
   const result = await explain(setup, corpus, { prompt: v.prompt!, completion: v.completion!, ...common });
   bar?.done();
   if (v.json) {
-    process.stdout.write(`${JSON.stringify(result, null, 2)}\n`);
+    process.stdout.write(`${JSON.stringify(withWarnings(result), null, 2)}\n`);
     return;
   }
   process.stdout.write(formatResult(result, process.stdout.isTTY === true));
