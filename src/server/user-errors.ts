@@ -2,6 +2,7 @@
 // The CLI prints these as one line and anything else (a bug) with its stack; each class keeps
 // living next to the code that throws it.
 import { FactorsError, UnfinishedFitError } from './attribution/ekfac/factors-io';
+import { NonFiniteError } from './attribution/ekfac/gradient';
 import { ExplainError } from './attribution/explain';
 import { FitJobError } from './attribution/fit-job';
 import { StageError, TrainingMismatchError } from './attribution/stage';
@@ -50,6 +51,7 @@ export const USER_ERRORS: ReadonlyArray<new (...args: never[]) => Error> = [
   FileChangedError,
   EnvSettingError,
   GenerateError,
+  NonFiniteError,
 ];
 
 /**

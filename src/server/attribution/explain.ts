@@ -13,7 +13,7 @@
 // (rowsPerPass) ride along with the pool's pass, and the rest are scored in passes against the
 // shown examples only; the first such pass also gives their training-side token scores.
 import { toField } from '../../common/records/render';
-import { GRADIENT_METHODS, methodInfo } from '../../protocol/methods';
+import { GRADIENT_METHODS, METHOD_LABELS, methodInfo } from '../../protocol/methods';
 import type {
   Attribution,
   ExplainedExample,
@@ -31,6 +31,7 @@ import { Bm25Index } from '../index/bm25';
 import type { GradientStore } from '../index/gradient-store';
 import type { Floats } from '../linalg/matrix';
 import type { Model } from '../model/engine';
+import { nonFiniteMessage } from '../model/weight-health';
 import { collectWhenBuffersGrew } from '../util/gc';
 import { matrixBytes, runBudgetBytes, sequenceLimitBytes } from './chunking';
 import type { Preconditioner } from './ekfac/precondition';
@@ -404,6 +405,11 @@ async function prepare(
     // the query's token losses are reported for every method
     qg = await queryGradients(model, query, { modules: setup.modules });
   }
+  // a NaN loss ranked nothing (every score NaN, or 0 for RepSim) and looked like a result
+  if (!Number.isFinite(qg.loss))
+    throw new ExplainError(
+      nonFiniteMessage(model.checkpoint, `the model's loss on this completion (−log p = ${qg.loss})`),
+    );
   return { req, q, query, targets, pool, qg, timings, t0 };
 }
 
@@ -424,6 +430,20 @@ async function finish(
   const main = precomputed ?? (await run(req.method));
   const others = new Map<Method, Float64Array>();
   for (const m of new Set(req.compare ?? [])) if (m !== req.method) others.set(m, (await run(m)).scores);
+  // a NaN score sorts anywhere: one example's forward (a damaged embedding row it alone reads) or
+  // damaged factors would reorder the list without a word
+  for (const [m, scores] of [[req.method, main.scores] as const, ...others]) {
+    const i = scores.findIndex((x) => !Number.isFinite(x));
+    if (i < 0) continue;
+    const ex = corpus.dataset.examples[pool[i]];
+    throw new ExplainError(
+      nonFiniteMessage(
+        model.checkpoint,
+        `the ${METHOD_LABELS[m]} score of ${corpus.id}:${ex.line} (${scores[i]})`,
+        methodInfo(m)?.needsFactors ? 'or its factors hold damaged values (fit them again)' : undefined,
+      ),
+    );
+  }
 
   // rank
   const n = pool.length;

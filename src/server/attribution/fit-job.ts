@@ -23,6 +23,7 @@ import { describeTraining, sameTraining, type TrainingConvention } from '../data
 import { type EighDtype, eighBackend } from '../linalg/eigh';
 import { nativeLapack } from '../linalg/native';
 import { Model, type ModuleSelection } from '../model/engine';
+import { nonFiniteMessage } from '../model/weight-health';
 import { collectGarbage } from '../util/gc';
 import { CovarianceAccumulator } from './ekfac/covariance';
 import type { Eigenbasis } from './ekfac/eigenbasis';
@@ -40,6 +41,7 @@ import {
   type SaveOptions,
   saveFactors,
 } from './ekfac/factors-io';
+import { NonFiniteError } from './ekfac/gradient';
 import { LambdaAccumulator } from './ekfac/lambda';
 import type { TokenRows } from './ekfac/lambda-rows';
 import { type Damping, DEFAULT_DAMPING } from './ekfac/precondition';
@@ -153,6 +155,13 @@ export async function runFitJob(o: FitJobOptions): Promise<FitJobResult> {
     );
   try {
     return await fitJob(o, n, i);
+  } catch (e) {
+    // a NaN in the fit's sums: name the damaged weight where one is to blame
+    if (e instanceof NonFiniteError)
+      throw new FitJobError(
+        `${e.message}. ${nonFiniteMessage((o.model ?? Model.open(o.modelDir, { base: o.base })).checkpoint, "The model's forward pass")}`,
+      );
+    throw e;
   } finally {
     mine();
     // and those that killed fits of other partitions left (each is taken over by its partition's next run)

@@ -11,6 +11,7 @@
 import { ChatTemplateError } from '../../common/records/chat-template';
 import type { RenderedRecord, Rendering } from '../../common/records/render';
 import { checkUnicode, RecordShapeError } from '../../common/records/shape';
+import { ConfigError } from '../model/architectures/common';
 import type { TokenizerHandle } from '../model/tokenizer';
 import { DataError, QueryError } from './errors';
 import { renderForModel, type Span, targetWeightsFromOffsets } from './format';
@@ -272,7 +273,13 @@ function checkTransformers5(
 export function contextLength(config: Record<string, unknown>): number {
   for (const k of ['max_position_embeddings', 'n_positions', 'n_ctx', 'seq_length']) {
     const v = config[k];
-    if (typeof v === 'number' && v > 0) return v;
+    if (v === undefined || v === null) continue;
+    // 0 or a fraction is no context: read as "no limit" it let any length through
+    if (!(typeof v === 'number' && Number.isInteger(v) && v > 0))
+      throw new ConfigError(
+        `config.json: "${k}" is ${JSON.stringify(v)}; it must be a positive integer (the model's context length)`,
+      );
+    return v;
   }
   return 2048;
 }

@@ -6,7 +6,15 @@
 // fit keeps float32 sums (kronfluence's default dtype), accumulated by BLAS gemm from the
 // graph's per-token rows; fp64 graphs and merges keep fp64.
 import { type Floats, firstNonFinite, mirrorLower, symmetrize, syrkLower } from '../../linalg/matrix';
-import { activationRows, checkRows, factorDim, gradientRows, type ModuleShape, type RowWeights } from './gradient';
+import {
+  activationRows,
+  checkRows,
+  factorDim,
+  gradientRows,
+  type ModuleShape,
+  NonFiniteError,
+  type RowWeights,
+} from './gradient';
 
 // Rows per GEMM: bounds the fp64 copy of a batch to CHUNK × d values.
 const CHUNK = 4096;
@@ -221,7 +229,9 @@ export class CovarianceAccumulator {
       }
       if (check !== 0) {
         const bad = firstNonFinite(src);
-        throw new Error(`${Number.isNaN(src[bad]) ? 'NaN' : 'Inf'} in the ${what} of module ${name} in ${step}`);
+        throw new NonFiniteError(
+          `${Number.isNaN(src[bad]) ? 'NaN' : 'Inf'} in the ${what} of module ${name} in ${step}`,
+        );
       }
     };
     // full symmetric sums: adding them to a lower-only sum is still right once it is mirrored
@@ -335,7 +345,7 @@ function checkDiagonal(sum: Floats, cols: number, ld: number, rows: Floats, what
     checkRows(rows, cols, what);
     let big = 0;
     for (let i = j; i < rows.length; i += cols) big = Math.max(big, Math.abs(rows[i]));
-    throw new Error(
+    throw new NonFiniteError(
       `${what}: Σ x xᵀ overflowed ${rows instanceof Float32Array ? 'float32' : 'float64'} in column ${j} ` +
         `(values up to ${big.toPrecision(3)}): the model's activations or gradients are diverging`,
     );
@@ -344,7 +354,7 @@ function checkDiagonal(sum: Floats, cols: number, ld: number, rows: Floats, what
 
 function meanOf(sum: Floats, count: number, what: string): Float64Array {
   const bad = firstNonFinite(sum);
-  if (bad >= 0) throw new Error(`${Number.isNaN(sum[bad]) ? 'NaN' : 'Inf'} in ${what}`);
+  if (bad >= 0) throw new NonFiniteError(`${Number.isNaN(sum[bad]) ? 'NaN' : 'Inf'} in ${what}`);
   const out = new Float64Array(sum.length);
   const inv = 1 / count;
   for (let i = 0; i < sum.length; i++) out[i] = sum[i] * inv;

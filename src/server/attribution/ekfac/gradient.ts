@@ -74,12 +74,20 @@ export function gradientRows(
   return X;
 }
 
+/**
+ * A NaN or Inf met in a model's activations, gradients or the sums made of them: a damaged weight
+ * or config value, or a diverging model (fit-job.ts adds which weight, where one is to blame).
+ */
+export class NonFiniteError extends Error {
+  override name = 'NonFiniteError';
+}
+
 /** Throws on the first NaN/Inf of a rows × cols array, naming `what`, the row and the column. */
 export function checkRows(x: Floats, cols: number, what: string) {
   const bad = firstNonFinite(x);
   if (bad < 0) return;
   const r = Math.floor(bad / cols);
-  throw new Error(`${Number.isNaN(x[bad]) ? 'NaN' : 'Inf'} in ${what} at row ${r}, column ${bad - r * cols}`);
+  throw new NonFiniteError(`${Number.isNaN(x[bad]) ? 'NaN' : 'Inf'} in ${what} at row ${r}, column ${bad - r * cols}`);
 }
 
 function checkWeight(w: number, t: number, what: string): number {

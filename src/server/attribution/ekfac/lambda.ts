@@ -8,7 +8,7 @@
 // preconditioner built from it, are stored in the model's precision.
 import { type Floats, firstNonFinite, gemm, type Precision, toF64 } from '../../linalg/matrix';
 import { type Eigenbasis, toEigenbasis } from './eigenbasis';
-import { activationRows, gradientRows, type RowWeights } from './gradient';
+import { activationRows, gradientRows, NonFiniteError, type RowWeights } from './gradient';
 
 export class LambdaAccumulator {
   readonly dA: number;
@@ -114,7 +114,7 @@ export function lambdaMean(sum: Floats, count: number, module: string, precision
   const what = `eigenvalue correction (lambda) of module ${module} after ${count} examples`;
   if (!(count > 0)) throw new Error(`no examples were added to the ${what}`);
   const bad = firstNonFinite(sum);
-  if (bad >= 0) throw new Error(`${Number.isNaN(sum[bad]) ? 'NaN' : 'Inf'} in ${what}`);
+  if (bad >= 0) throw new NonFiniteError(`${Number.isNaN(sum[bad]) ? 'NaN' : 'Inf'} in ${what}`);
   const out = precision === 'fp32' ? new Float32Array(sum.length) : new Float64Array(sum.length);
   for (let i = 0; i < out.length; i++) out[i] = sum[i] / count;
   const over = precision === 'fp32' ? firstNonFinite(out) : -1;

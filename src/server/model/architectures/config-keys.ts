@@ -27,6 +27,12 @@ export const finiteNumber: KeyRule = {
   ok: (v) => typeof v === 'number' && Number.isFinite(v),
 };
 
+/** A number above 0 (an epsilon, a RoPE base): 0 or a negative one makes the forward pass NaN. */
+export const positiveNumber: KeyRule = {
+  accepts: 'a number above 0',
+  ok: (v) => typeof v === 'number' && Number.isFinite(v) && v > 0,
+};
+
 export const boolean: KeyRule = { accepts: 'true or false', ok: (v) => typeof v === 'boolean' };
 
 /** Exactly one of the given JSON values (null included when listed). */

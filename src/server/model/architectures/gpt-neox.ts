@@ -17,7 +17,16 @@ import {
   ropeDict,
   ropeTables,
 } from './common';
-import { boolean, type ConfigKeys, finiteNumber, type KeyRule, oneOf, positiveInt, ropeRule } from './config-keys';
+import {
+  boolean,
+  type ConfigKeys,
+  finiteNumber,
+  type KeyRule,
+  oneOf,
+  positiveInt,
+  positiveNumber,
+  ropeRule,
+} from './config-keys';
 
 /** The config keys GPTNeoXConfig defines that this builder reproduces. */
 const GPT_NEOX_KEYS: ConfigKeys = {
@@ -27,7 +36,7 @@ const GPT_NEOX_KEYS: ConfigKeys = {
   num_attention_heads: positiveInt,
   intermediate_size: positiveInt,
   hidden_act: oneOf('gelu', 'gelu_python', 'gelu_new', 'gelu_pytorch_tanh', 'gelu_fast'),
-  layer_norm_eps: finiteNumber,
+  layer_norm_eps: positiveNumber,
   use_parallel_residual: boolean,
   attention_bias: boolean,
   tie_word_embeddings: boolean,
@@ -35,7 +44,7 @@ const GPT_NEOX_KEYS: ConfigKeys = {
   rope_parameters: ropeRule(true),
   // the older names GPTNeoXConfig still reads
   rotary_pct: finiteNumber,
-  rotary_emb_base: finiteNumber,
+  rotary_emb_base: positiveNumber,
   // transformers 4.4x-4.57 save the names its shared RoPE code reads beside them, set from them
   // (rotary_pct and rotary_emb_base win when such a config is loaded): accepted while they agree
   partial_rotary_factor: sameAs('rotary_pct'),

@@ -16,7 +16,7 @@ import {
   outputHead,
   positions,
 } from './common';
-import { anything, boolean, type ConfigKeys, finiteNumber, nullOr, oneOf, positiveInt } from './config-keys';
+import { anything, boolean, type ConfigKeys, nullOr, oneOf, positiveInt, positiveNumber } from './config-keys';
 
 /** The config keys GPT2Config defines that this builder reproduces. */
 const GPT2_KEYS: ConfigKeys = {
@@ -28,7 +28,7 @@ const GPT2_KEYS: ConfigKeys = {
   n_head: positiveInt,
   n_inner: nullOr(positiveInt),
   activation_function: oneOf('gelu_new', 'gelu', 'gelu_python', 'gelu_pytorch_tanh', 'gelu_fast'),
-  layer_norm_epsilon: finiteNumber,
+  layer_norm_epsilon: positiveNumber,
   scale_attn_weights: boolean,
   scale_attn_by_inverse_layer_idx: oneOf(false),
   reorder_and_upcast_attn: oneOf(false),

@@ -18,7 +18,16 @@ import {
   rmsNorm,
   ropeTables,
 } from './common';
-import { anything, boolean, type ConfigKeys, finiteNumber, nullOr, oneOf, positiveInt, ropeRule } from './config-keys';
+import {
+  anything,
+  boolean,
+  type ConfigKeys,
+  nullOr,
+  oneOf,
+  positiveInt,
+  positiveNumber,
+  ropeRule,
+} from './config-keys';
 
 /** What differs between the three model types. */
 interface Variant {
@@ -40,8 +49,8 @@ const COMMON_KEYS: ConfigKeys = {
   num_key_value_heads: nullOr(positiveInt),
   head_dim: nullOr(positiveInt),
   hidden_act: oneOf('silu', 'swish'),
-  rms_norm_eps: finiteNumber,
-  rope_theta: finiteNumber,
+  rms_norm_eps: positiveNumber,
+  rope_theta: positiveNumber,
   rope_scaling: ropeRule(false),
   rope_parameters: ropeRule(false),
   tie_word_embeddings: boolean,

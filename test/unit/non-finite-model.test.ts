@@ -1,0 +1,87 @@
+// A damaged checkpoint (a NaN or huge weight) or a config value that makes the forward pass NaN
+// (an epsilon or RoPE base of 0 or below) is refused with the file and tensor or key, never
+// turned into an empty or NaN ranking with exit status 0 (found by fuzzing the real CLI).
+import assert from 'node:assert/strict';
+import { cpSync, readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { test } from 'node:test';
+import { readSafetensorsHeader } from '../../src/server/model/safetensors';
+import { cliIn } from './helpers/cli';
+import { useTempHome } from './helpers/env';
+
+const home = useTempHome();
+const cli = cliIn(home);
+const LLAMA = 'test/fixtures/models/llama';
+const DATA = join(home, 'train.jsonl');
+writeFileSync(
+  DATA,
+  `${[
+    { prompt: 'Q: capital of France?\nA:', completion: ' Paris' },
+    { prompt: 'Q: capital of Italy?\nA:', completion: ' Rome' },
+  ]
+    .map((r) => JSON.stringify(r))
+    .join('\n')}\n`,
+);
+const Q = ['--prompt', 'Q: capital of France?\nA:', '--completion', ' Paris'];
+
+/** A copy of the llama fixture with `value` written over one float32 of `tensor`. */
+function damaged(name: string, tensor: string, value: number): string {
+  const dir = join(home, name);
+  cpSync(LLAMA, dir, { recursive: true });
+  const file = join(dir, 'model.safetensors');
+  const h = readSafetensorsHeader(file);
+  const t = h.tensors.get(tensor)!;
+  assert.equal(t.dtype, 'F32');
+  const b = readFileSync(file);
+  b.writeFloatLE(value, t.byteOffset + 4 * 10);
+  writeFileSync(file, b);
+  return dir;
+}
+
+test('one NaN or huge weight: explain and fit name the file and tensor instead of an empty ranking', () => {
+  const tensor = 'model.layers.0.mlp.up_proj.weight';
+  for (const [name, value, shown] of [
+    ['nan', Number.NaN, 'NaN'],
+    ['huge', 3e38, '3.00e\\+38'],
+  ] as const) {
+    const model = damaged(name, tensor, value);
+    for (const method of ['gdp', 'repsim']) {
+      const r = cli('explain', '--model', model, '--data', DATA, ...Q, '--method', method, '--checkpoints', 'off');
+      assert.equal(r.code, 1, `${method}: ${r.out}`);
+      assert.match(r.err, /the model's loss on this completion \(−log p = (NaN|Infinity)\) is not a finite number/);
+      assert.match(r.err, new RegExp(`model\\.safetensors: "${tensor.replaceAll('.', '\\.')}" holds ${shown}`));
+      assert.doesNotMatch(r.err, /\n\s+at /, 'one line, no stack');
+    }
+    const fit = cli(
+      'fit',
+      '--model',
+      model,
+      '--data',
+      DATA,
+      '--out',
+      join(home, `${name}-factors`),
+      '--checkpoints',
+      'off',
+    );
+    assert.equal(fit.code, 1);
+    assert.match(fit.err, /(NaN|Inf) in .*model\.safetensors: "model\.layers\.0\.mlp\.up_proj\.weight" holds/);
+    assert.doesNotMatch(fit.err, /\n\s+at /, 'one line, no stack');
+  }
+});
+
+test('an epsilon, RoPE base or context length that cannot be is refused when the model opens, naming the key', () => {
+  for (const [key, value, re] of [
+    ['rms_norm_eps', -1, /rms_norm_eps.*a number above 0/],
+    ['rope_theta', 0, /rope_theta.*(a number above 0|rope_type)/],
+    ['max_position_embeddings', 0, /"max_position_embeddings" is 0; it must be a positive integer/],
+  ] as const) {
+    const dir = join(home, `cfg-${key}`);
+    cpSync(LLAMA, dir, { recursive: true });
+    const cfg = JSON.parse(readFileSync(join(dir, 'config.json'), 'utf8'));
+    cfg[key] = value;
+    writeFileSync(join(dir, 'config.json'), JSON.stringify(cfg, null, 2));
+    const r = cli('explain', '--model', dir, '--data', DATA, ...Q, '--method', 'gdp', '--checkpoints', 'off');
+    assert.equal(r.code, 1, `${key}: ${r.out}`);
+    assert.match(r.err, re, key);
+  }
+});
