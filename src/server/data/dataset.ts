@@ -1,6 +1,7 @@
 // A training-data file loaded, validated and rendered: what the indexer iterates over.
 
-import { closeSync, openSync, readSync } from 'node:fs';
+import { closeSync, readSync } from 'node:fs';
+import { openRegularFile } from '../../common/read-file';
 import type { ChatTemplate } from '../../common/records/chat-template';
 import type { TokenizerHandle } from '../model/tokenizer';
 import { DataError } from './errors';
@@ -127,7 +128,15 @@ export function loadDataset(path: string, options: LoadDatasetOptions = {}): Dat
 
 /** The file's first non-blank characters (after a byte order mark) and the line they are on. */
 function readHead(path: string): { text: string; line: number } {
-  const fd = openSync(path, 'r');
+  let fd: number;
+  try {
+    fd = openRegularFile(path, (what) => new DataError(`${path}: is ${what}, expected a .jsonl file`));
+  } catch (e) {
+    if (e instanceof DataError) throw e;
+    const code = (e as NodeJS.ErrnoException).code;
+    if (code === 'ENOENT') throw new DataError(`${path}: no such file`);
+    throw new DataError(`${path}: cannot read: ${(e as Error).message}`);
+  }
   try {
     const buf = Buffer.alloc(4096);
     const n = readSync(fd, buf, 0, buf.length, 0);

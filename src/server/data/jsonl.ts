@@ -1,9 +1,10 @@
 // Reading JSONL training data. We scan the raw bytes for '\n' rather than decoding the whole
 // file into one string: V8 caps strings at ~512 MiB, and byte scanning keeps line numbers exact.
+
 import { createHash } from 'node:crypto';
-import { readFileSync } from 'node:fs';
 import { type ByteLine, byteLines, lineText } from '../../common/byte-lines';
 import { parseJsonLine } from '../../common/json-line';
+import { readRegularFile } from '../../common/read-file';
 import { DataError } from './errors';
 
 export { DataError } from './errors';
@@ -80,8 +81,9 @@ function parseLine(buf: Buffer, l: ByteLine, rows: JsonlRow[]): string | undefin
 
 function readBytes(path: string): Buffer {
   try {
-    return readFileSync(path);
+    return readRegularFile(path, (what) => new DataError(`${path}: is ${what}, expected a .jsonl file`));
   } catch (e) {
+    if (e instanceof DataError) throw e;
     const code = (e as NodeJS.ErrnoException).code;
     if (code === 'ENOENT') throw new DataError(`${path}: no such file`);
     if (code === 'EISDIR') throw new DataError(`${path}: is a directory, expected a .jsonl file`);

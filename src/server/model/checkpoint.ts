@@ -1,6 +1,7 @@
 // A Hugging Face checkpoint directory: config.json plus model.safetensors, or shards
 // listed in model.safetensors.index.json. Opening one reads only the headers; weight
 // bytes stay on disk (the engine hands them to ONNX Runtime as external data).
+
 import {
   closeSync,
   existsSync,
@@ -14,6 +15,7 @@ import {
 } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { restoreReplacedDir } from '../../common/atomic-write';
+import { readRegularFile } from '../../common/read-file';
 import {
   ADAPTER_CONFIG,
   checkTargets,
@@ -143,8 +145,9 @@ export function readConfig(dir: string): Record<string, unknown> {
     );
   let config: unknown;
   try {
-    config = JSON.parse(readFileSync(path, 'utf8'));
+    config = JSON.parse(readRegularFile(path, (what) => new CheckpointError(`${path} is ${what}`)).toString('utf8'));
   } catch (e) {
+    if (e instanceof CheckpointError) throw e;
     throw new CheckpointError(`${path}: not valid JSON (${(e as Error).message})`);
   }
   if (!config || typeof config !== 'object' || Array.isArray(config))

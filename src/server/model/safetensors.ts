@@ -6,6 +6,7 @@
 import { createHash } from 'node:crypto';
 import { closeSync, fstatSync, ftruncateSync, openSync, readSync, writeSync } from 'node:fs';
 import { writeAtomicWith, writeAtomicWithAsync } from '../../common/atomic-write';
+import { READ_NOWAIT } from '../../common/read-file';
 
 export type DType = 'F64' | 'F32' | 'F16' | 'BF16' | 'I64' | 'I32' | 'I16' | 'I8' | 'U8' | 'BOOL';
 
@@ -57,7 +58,7 @@ export function dtypeSize(dtype: DType): number {
 export function readSafetensorsHeader(path: string): SafetensorsHeader {
   let fd: number;
   try {
-    fd = openSync(path, 'r');
+    fd = openSync(path, READ_NOWAIT); // a pipe put in its place must not block: fstat refuses it below
   } catch (e) {
     throw new SafetensorsError(`${path}: cannot open (${(e as NodeJS.ErrnoException).code ?? e})`);
   }
@@ -127,7 +128,7 @@ function info(h: SafetensorsHeader, name: string): TensorInfo {
 export function readTensorBytes(h: SafetensorsHeader, name: string): Buffer {
   const t = info(h, name);
   const buf = Buffer.allocUnsafe(t.byteLength);
-  const fd = openSync(h.path, 'r');
+  const fd = openSync(h.path, READ_NOWAIT);
   try {
     let done = 0;
     while (done < t.byteLength) {
@@ -417,7 +418,7 @@ export function checkDataChecksum(
   if (!want) return 'absent';
   const digest = createHash('sha256');
   const buf = Buffer.allocUnsafe(8 << 20);
-  const fd = openSync(h.path, 'r');
+  const fd = openSync(h.path, READ_NOWAIT);
   try {
     for (let at = h.dataStart; ; ) {
       const n = readSync(fd, buf, 0, buf.length, at);

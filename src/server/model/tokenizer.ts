@@ -6,10 +6,12 @@
 // pre-tokenizer's character changes (Metaspace ▁, a ByteLevel prefix space), and each token's
 // bytes are walked along the result. Special tokens the post-processor adds (a BOS) get [0, 0].
 // Components whose offsets we do not reproduce are refused at load time.
+
 import { createHash } from 'node:crypto';
 import { existsSync, readFileSync } from 'node:fs';
 import { basename, join } from 'node:path';
 import { Tokenizer } from '@huggingface/tokenizers';
+import { readRegularFile } from '../../common/read-file';
 import { ChatTemplate, ChatTemplateError, hasGenerationBlocks } from '../../common/records/chat-template';
 import { DEFAULT_TRAINING, type TrainingConvention } from '../data/training';
 import { AlignedString, applyNormalizer, applyPreTokenizer, TokenizerError } from './alignment';
@@ -75,10 +77,11 @@ type Json = Record<string, unknown>;
 /** A JSON file, its bytes added to `digest` (under its name, so two files never run together). */
 function readJson(path: string, digest?: ReturnType<typeof createHash>): Json {
   try {
-    const bytes = readFileSync(path);
+    const bytes = readRegularFile(path, (what) => new TokenizerError(`${path} is ${what}`));
     digest?.update(`${basename(path)}:${bytes.length}:`).update(bytes);
     return JSON.parse(bytes.toString('utf8'));
   } catch (e) {
+    if (e instanceof TokenizerError) throw e;
     throw new TokenizerError(`${path}: not valid JSON (${(e as Error).message})`);
   }
 }

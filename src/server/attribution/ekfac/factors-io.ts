@@ -17,10 +17,12 @@
 // model that opens it: F32 stays Float32Array for a float32 model, F64 files (all ours before
 // this) are narrowed for it and widened F32 files for an fp64 one. Counts and eigenvalues are
 // always read as fp64.
+
 import { createHash } from 'node:crypto';
-import { copyFileSync, existsSync, mkdirSync, readFileSync, rmSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdirSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { restoreReplacedDir, writeAtomicWith, writeFileAtomic } from '../../../common/atomic-write';
+import { readRegularFile } from '../../../common/read-file';
 import { readStoredTraining, type TrainingConvention } from '../../data/training';
 import type { EighDtype } from '../../linalg/eigh';
 import { type Floats, firstNonFinite, inPrecision, type Precision, precisionOf, toF64 } from '../../linalg/matrix';
@@ -688,8 +690,9 @@ function readAll(path: string, precision: Precision): Record<string, Floats & { 
 function readJson(path: string): Record<string, unknown> | null {
   if (!existsSync(path)) return null;
   try {
-    return JSON.parse(readFileSync(path, 'utf8'));
+    return JSON.parse(readRegularFile(path, (what) => new FactorsError(`${path} is ${what}`)).toString('utf8'));
   } catch (e) {
+    if (e instanceof FactorsError) throw e;
     throw new FactorsError(`cannot parse ${path}: ${(e as Error).message}`);
   }
 }

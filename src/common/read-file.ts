@@ -1,0 +1,39 @@
+// Opening a file to read it without waiting: a named pipe (FIFO) opened for reading blocks until
+// some process opens it for writing, so `--data pipe.jsonl` or a factor file replaced by a pipe
+// hung forever before any check could say what it is. Opened non-blocking, it opens at once and
+// fstat says what it is; for a regular file the flag changes nothing.
+import { closeSync, constants, fstatSync, openSync, readFileSync } from 'node:fs';
+
+/** open(2) flags: read only, never waiting for a pipe's writer (O_NONBLOCK is 0 where it does not exist). */
+export const READ_NOWAIT = constants.O_RDONLY | (constants.O_NONBLOCK ?? 0);
+
+/** What a path that is not a regular file is, in words (for refusals); undefined for a regular file. */
+export function notARegularFile(fd: number): string | undefined {
+  const st = fstatSync(fd);
+  if (st.isFile()) return undefined;
+  return st.isDirectory() ? 'a folder' : 'not a regular file (a pipe, a socket or a device)';
+}
+
+/**
+ * Opens `path` for reading without waiting, and refuses anything but a regular file with
+ * `refuse(what it is)`'s error. The caller closes the descriptor.
+ */
+export function openRegularFile(path: string, refuse: (what: string) => Error): number {
+  const fd = openSync(path, READ_NOWAIT);
+  const what = notARegularFile(fd);
+  if (what) {
+    closeSync(fd);
+    throw refuse(what);
+  }
+  return fd;
+}
+
+/** The bytes of a regular file (see `openRegularFile`). */
+export function readRegularFile(path: string, refuse: (what: string) => Error): Buffer {
+  const fd = openRegularFile(path, refuse);
+  try {
+    return readFileSync(fd);
+  } finally {
+    closeSync(fd);
+  }
+}
