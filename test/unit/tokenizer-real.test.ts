@@ -9,6 +9,7 @@ import { test } from 'node:test';
 import { formatRecord } from '../../src/server/data/format';
 import { tokenizeQuery, tokenizeText } from '../../src/server/data/tokenize';
 import { loadTokenizer, TokenizerError } from '../../src/server/model/tokenizer';
+import { lenmlTokenizer } from './helpers/tokenizers';
 
 interface Case {
   text: string;
@@ -151,4 +152,41 @@ test("another model's tokenizer.json in the folder (ids past the embedding table
   // the model's own tokenizer: every id is inside the table
   const own = Model.open('test/fixtures/models/llama');
   assert.ok(tokenizeText(own.tokenizer, 'The capital of France', [], 64).ids.every((id) => id < 320));
+});
+
+test('a text far longer than the context is tokenized from a prefix, with the same first tokens, offsets and weights as the whole', () => {
+  // a 50 MB record was tokenized whole to keep its first tokens (2.5 minutes, then V8 out of memory)
+  const english = readFileSync('README.md', 'utf8').slice(0, 40_000);
+  const texts = {
+    english,
+    'one long word': 'a'.repeat(40_000),
+    'digits and CJK': `${'1234567890'.repeat(2_000)}${'東京は日本の首都です。'.repeat(2_000)}`,
+    emoji: '👍🏽 '.repeat(8_000),
+  };
+  const maxLength = 512;
+  for (const family of ['llama3', 'llama2', 'qwen3', 'gpt2', 'gemma3']) {
+    const tok = loadTokenizer(lenmlTokenizer(family));
+    for (const [what, text] of Object.entries(texts)) {
+      const ctx = `${family}, ${what}`;
+      assert.ok(text.length > 64 * maxLength, ctx);
+      const spans: Array<[number, number]> = [[10, text.length]];
+      const encoded: number[] = [];
+      const spy = Object.create(tok) as typeof tok;
+      spy.encode = (t, o) => {
+        encoded.push(t.length);
+        return tok.encode(t, o);
+      };
+      const t = tokenizeText(spy, text, spans, maxLength);
+      // only the prefix is encoded (one character shorter where the cut would split a surrogate pair)
+      assert.equal(encoded.length, 1, ctx);
+      assert.ok(encoded[0] === 64 * maxLength || (what === 'emoji' && encoded[0] === 64 * maxLength - 1), ctx);
+      // the whole text, not cut (a context it fits in): its first tokens are the same
+      const whole = tokenizeText(tok, text, spans, 1 << 30);
+      assert.equal(t.ids.length, maxLength, ctx);
+      assert.deepEqual(t.ids, whole.ids.slice(0, maxLength), ctx);
+      assert.deepEqual(t.offsets, whole.offsets.slice(0, maxLength), ctx);
+      assert.deepEqual(t.weights.slice(0, maxLength - 1), whole.weights.slice(0, maxLength - 1), ctx);
+      assert.ok(t.truncated > 0, ctx);
+    }
+  }
 });

@@ -91,7 +91,7 @@ export function tokenizeText(
   /** score a post-processor's trailing special (EOS) after a scored last token (training records) */
   scoreTrailing = true,
 ): TokenizedText {
-  const enc = tok.encode(text, { addSpecialTokens: rendering !== 'chat_template' });
+  const enc = encodeHead((t) => tok.encode(t, { addSpecialTokens: rendering !== 'chat_template' }), text, maxLength);
   let { ids, offsets, sources } = enc;
   let truncated = 0;
   if (ids.length > maxLength) {
@@ -151,7 +151,7 @@ export function checkTrainable(
   const limit = Math.min(maxLength, tok.training.maxLength ?? maxLength);
   const { text } = asTrained(tok, r);
   const specials = r.rendering !== 'chat_template';
-  const ids = tok.encodeIds(text, specials);
+  const ids = encodeHead((t) => ({ ids: tok.encodeIds(t, specials) }), text, limit).ids;
   checkTransformers5(tok, r, text, ids.slice(0, limit), ids.length > limit, where);
   const checked = checkedAtLoad.get(tok) ?? new WeakMap<object, number>();
   checkedAtLoad.set(tok, checked.set(record, limit));
@@ -194,7 +194,17 @@ export function tokenizeTrained(
   // token, since the two tokenizations differ only at the start of a text or of the text after a
   // special token, and each such start in the prompt is one in the whole
   const from = r.prompt
-    ? Math.max(1, commonPrefix(tok.encodeIds(renderedPrompt(r, where), r.rendering !== 'chat_template'), t.ids))
+    ? Math.max(
+        1,
+        commonPrefix(
+          encodeHead(
+            (p) => ({ ids: tok.encodeIds(p, r.rendering !== 'chat_template') }),
+            renderedPrompt(r, where),
+            maxLength,
+          ).ids,
+          t.ids,
+        ),
+      )
     : 1;
   const assistantOnly = r.kind === 'messages' && tok.training.chatLoss === 'assistant';
   const weights = t.weights.map((w, i) => (i + 1 >= from && i + 1 < t.ids.length && (!assistantOnly || w > 0) ? 1 : 0));
@@ -250,7 +260,10 @@ function checkTransformers5(
 ): void {
   const v5 = tok.transformers5;
   if (!v5) return;
-  const other = v5.encode(text, r.rendering !== 'chat_template');
+  // cut to `ids` (truncated): only those tokens are compared, so only they are computed
+  const other = truncated
+    ? encodeHead((t) => ({ ids: v5.encode(t, r.rendering !== 'chat_template') }), text, ids.length).ids
+    : v5.encode(text, r.rendering !== 'chat_template');
   const at = commonPrefix(other, ids);
   if (at === ids.length && (truncated || other.length === ids.length)) return;
   const show = (xs: readonly number[]) =>
@@ -354,8 +367,43 @@ function tokenizeQueryAs(
   return { ...t, promptLength, rendered };
 }
 
-/** Characters of a query tokenized to tell that it cannot fit, per token of the context. */
+/** Characters of a text tokenized to know its first tokens (or that it cannot fit), per token of the context. */
 const PREFIX_CHARS_PER_TOKEN = 64;
+
+/** Tokens past `maxLength` that a prefix's encoding must reach: its last words may be cut. */
+function headMargin(maxLength: number): number {
+  return Math.max(16, Math.ceil(maxLength / 100));
+}
+
+/** `text` cut after `maxLength` × PREFIX_CHARS_PER_TOKEN characters (never inside a surrogate pair), or undefined when shorter. */
+function headOf(text: string, maxLength: number): string | undefined {
+  let cap = maxLength * PREFIX_CHARS_PER_TOKEN;
+  if (text.length <= cap) return undefined;
+  const c = text.charCodeAt(cap - 1);
+  if (c >= 0xd800 && c <= 0xdbff) cap--;
+  return text.slice(0, cap);
+}
+
+/**
+ * An encoding whose first `maxLength` tokens are the whole text's: of a prefix when the text is
+ * far longer than the context (its tokens beyond the first maxLength are never read), else of the
+ * whole text. A 50 MB record was tokenized whole to keep 128 tokens: 2.5 minutes, then V8 ran
+ * out of memory (5 MB took 15 s and 1.7 GB). The prefix is used only when its tokens pass
+ * maxLength by `headMargin`, so the words its end cuts lie past the tokens kept; otherwise the
+ * whole text is encoded, as before.
+ */
+function encodeHead<E extends { ids: readonly number[]; trailing?: number }>(
+  encode: (text: string) => E,
+  text: string,
+  maxLength: number,
+): E {
+  const head = headOf(text, maxLength);
+  if (head !== undefined) {
+    const e = encode(head);
+    if (e.ids.length - (e.trailing ?? 0) - headMargin(maxLength) > maxLength) return e;
+  }
+  return encode(text);
+}
 
 /**
  * A query far longer than the context is refused from a prefix: tokenizing a 10 MB line whole
@@ -366,7 +414,7 @@ function refuseFarTooLong(tok: TokenizerHandle, text: string, maxLength: number)
   const cap = maxLength * PREFIX_CHARS_PER_TOKEN;
   if (text.length <= cap) return;
   const n = tok.encode(text.slice(0, cap), { addSpecialTokens: false }).ids.length;
-  const margin = Math.max(16, Math.ceil(maxLength / 100));
+  const margin = headMargin(maxLength);
   if (n - margin > maxLength)
     throw new QueryError(
       `prompt + completion is more than ${n - margin} tokens (its first ${cap} of ${text.length} characters alone); the model takes ${maxLength}`,
