@@ -107,6 +107,32 @@ test('safetensors: broken files give errors that name the file and the problem',
   assert.throws(() => writeSafetensors(p, { w: { dtype: 'F32', shape: [3], data: [1] } }), /1 values for shape \[3\]/);
 });
 
+test('safetensors: tensors must tile the data exactly; overlapping offsets, holes, trailing bytes and non-integer shapes are refused', () => {
+  const dir = tmp();
+  const p = join(dir, 'x.safetensors');
+  const file = (tensors: Record<string, { dtype: string; shape: unknown[]; data_offsets: number[] }>, data: number) => {
+    const hdr = JSON.stringify(tensors);
+    const len = Buffer.alloc(8);
+    len.writeBigUInt64LE(BigInt(hdr.length));
+    writeFileSync(p, Buffer.concat([len, Buffer.from(hdr), Buffer.alloc(data)]));
+  };
+  const t = (b: number, e: number, shape: unknown[] = [(e - b) / 4]) => ({ dtype: 'F32', shape, data_offsets: [b, e] });
+  // what the format allows: in any order in the header, zero-size tensors included
+  file({ k: t(8, 16), q: t(0, 8), empty: t(16, 16, [0]) }, 16);
+  assert.deepEqual([...readSafetensorsHeader(p).tensors.keys()].sort(), ['empty', 'k', 'q']);
+  // k_proj reading q_proj's bytes (a damaged header): refused, not read as its writer meant
+  file({ q: t(0, 8), k: t(0, 8) }, 8);
+  assert.throws(() => readSafetensorsHeader(p), /tensor "(k|q)" \(bytes 0–8\) overlaps tensor "(q|k)"/);
+  file({ q: t(0, 8), k: t(4, 12) }, 12);
+  assert.throws(() => readSafetensorsHeader(p), /overlaps/);
+  file({ q: t(0, 8), k: t(12, 20) }, 20);
+  assert.throws(() => readSafetensorsHeader(p), /bytes 8–12 of the data, before tensor "k", belong to no tensor/);
+  file({ q: t(0, 8) }, 12);
+  assert.throws(() => readSafetensorsHeader(p), /4 bytes after the last tensor belong to no tensor/);
+  file({ q: { dtype: 'F32', shape: ['2'], data_offsets: [0, 8] } }, 8);
+  assert.throws(() => readSafetensorsHeader(p), /shape \["2"\]; a shape is a list of integers >= 0/);
+});
+
 function writeModel(dir: string, shards: Record<string, Record<string, number[]>>, dtype: 'F32' | 'BF16' = 'F32') {
   mkdirSync(dir, { recursive: true });
   writeFileSync(join(dir, 'config.json'), JSON.stringify({ model_type: 'llama' }));

@@ -102,6 +102,8 @@ export function readSafetensorsHeader(path: string): SafetensorsHeader {
       if (!(r.dtype in SIZES))
         throw new SafetensorsError(`${where} has dtype ${r.dtype}; supported: ${SUPPORTED_DTYPES.join(', ')}`);
       const dtype = r.dtype as DType;
+      if (!r.shape.every((x) => Number.isInteger(x) && x >= 0))
+        throw new SafetensorsError(`${where} has shape ${JSON.stringify(r.shape)}; a shape is a list of integers >= 0`);
       const [b, e] = r.data_offsets;
       const count = r.shape.reduce((a, x) => a * x, 1);
       if (!(Number.isInteger(b) && Number.isInteger(e) && b >= 0 && e >= b && dataStart + e <= fileSize))
@@ -112,10 +114,41 @@ export function readSafetensorsHeader(path: string): SafetensorsHeader {
         );
       tensors.set(name, { name, dtype, shape: r.shape, byteOffset: dataStart + b, byteLength: e - b });
     }
+    checkTiling(path, dataStart, fileSize, tensors);
     return { path, fileSize, dataStart, tensors, metadata };
   } finally {
     closeSync(fd);
   }
+}
+
+/**
+ * The tensors' bytes must cover the data exactly, one after another, as the safetensors format
+ * requires (its library refuses anything else): two tensors whose offsets overlap read the same
+ * bytes (a damaged header made k_proj read q_proj's weights, silently), and bytes that belong to
+ * no tensor mean the header and the data disagree.
+ */
+function checkTiling(path: string, dataStart: number, fileSize: number, tensors: Map<string, TensorInfo>): void {
+  const spans = [...tensors.values()]
+    .map((t) => ({ name: t.name, b: t.byteOffset - dataStart, e: t.byteOffset - dataStart + t.byteLength }))
+    .sort((x, y) => x.b - y.b || x.e - y.e);
+  let end = 0;
+  let last = '';
+  for (const { name, b, e } of spans) {
+    if (b < end)
+      throw new SafetensorsError(
+        `${path}: tensor "${name}" (bytes ${b}–${e}) overlaps tensor "${last}" (to byte ${end}): the header is damaged; the file cannot be read as its writer meant`,
+      );
+    if (b > end)
+      throw new SafetensorsError(
+        `${path}: bytes ${end}–${b} of the data, before tensor "${name}", belong to no tensor: the header and the data disagree (a damaged file)`,
+      );
+    end = e;
+    last = name;
+  }
+  if (dataStart + end !== fileSize)
+    throw new SafetensorsError(
+      `${path}: ${fileSize - dataStart - end} bytes after the last tensor belong to no tensor: the header and the data disagree (a damaged or appended-to file)`,
+    );
 }
 
 function info(h: SafetensorsHeader, name: string): TensorInfo {
