@@ -244,6 +244,62 @@ test('tokenizer: missing or broken files give clear errors', () => {
   assert.deepEqual(loadTokenizer(join(dir, 'c')).encode('a Qzx', { addSpecialTokens: false }).ids.at(-1), id);
 });
 
+test('tokenizer.json ids that are not ids, an unknown model type, post-processor ids that contradict the vocabulary and a chat_template that is not one are refused', () => {
+  const dir = mkdtempSync(join(tmpdir(), 'il-tok-ids-'));
+  const base = () => JSON.parse(readFileSync(join('test/fixtures/models/gpt2', 'tokenizer.json'), 'utf8'));
+  const token = Object.keys(base().model.vocab)[300];
+  let n = 0;
+  const load = (tj: unknown, tc?: unknown) => {
+    const d = join(dir, String(n++));
+    mkdirSync(d);
+    writeFileSync(join(d, 'tokenizer.json'), JSON.stringify(tj));
+    if (tc) writeFileSync(join(d, 'tokenizer_config.json'), JSON.stringify(tc));
+    return () => loadTokenizer(d);
+  };
+  // a vocabulary id of -1 was fed to the model as -1 (read as the last embedding row)
+  let tj = base();
+  tj.model.vocab[token] = -1;
+  assert.throws(load(tj), new RegExp(`gives token ${JSON.stringify(token)} the id -1; ids are integers >= 0`));
+  tj = base();
+  tj.model.vocab[token] = '7';
+  assert.throws(load(tj), /the id "7"; ids are integers >= 0/);
+  tj = base();
+  tj.model.type = 'Bogus';
+  assert.throws(load(tj), /the tokenizer model type "Bogus" is not one the tokenizers library implements/);
+  // a post-processor that writes 7 for <|endoftext|>: Python's tokenizers writes 7, the vocabulary says 50256
+  tj = base();
+  const eos = '<|endoftext|>';
+  const special = { id: eos, ids: [7], tokens: [eos] };
+  tj.post_processor = {
+    type: 'TemplateProcessing',
+    single: [{ SpecialToken: { id: eos, type_id: 0 } }, { Sequence: { id: 'A', type_id: 0 } }],
+    pair: [{ Sequence: { id: 'A', type_id: 0 } }, { Sequence: { id: 'B', type_id: 1 } }],
+    special_tokens: { [eos]: special },
+  };
+  let own = -1;
+  assert.throws(load(tj), (e: Error) => {
+    const m =
+      /the post_processor writes id 7 for the special token "<\|endoftext\|>", whose id in the vocabulary is (\d+)/.exec(
+        e.message,
+      );
+    own = Number(m?.[1]);
+    return m !== null && own !== 7;
+  });
+  special.ids = [own];
+  assert.ok(load(tj)(), 'the same with the right id loads');
+  // inside a Sequence, and a token outside the vocabulary
+  tj.post_processor = {
+    type: 'Sequence',
+    processors: [
+      { type: 'ByteLevel' },
+      { ...tj.post_processor, special_tokens: { '<x>': { id: '<x>', ids: [5000], tokens: ['<x>'] } } },
+    ],
+  };
+  assert.throws(load(tj), /writes id 5000 for the special token "<x>", which is not in the vocabulary/);
+  // a chat_template that is not one was read as none (chats rendered with the stand-in format)
+  assert.throws(load(base(), { chat_template: 5 }), /"chat_template" is 5; a chat template is a string of Jinja/);
+});
+
 const GOLD = 'test/fixtures/golden/tokenizer-encodings.json';
 const FIXTURE_MODEL = 'test/fixtures/models/gpt2';
 

@@ -100,6 +100,78 @@ function usesType(node: unknown, type: string): boolean {
   return false;
 }
 
+/** The tokenizer models the tokenizers library implements (any other would be read as something else). */
+const TOKENIZER_MODELS = ['BPE', 'WordPiece', 'WordLevel', 'Unigram'];
+
+const isId = (v: unknown): boolean => Number.isInteger(v) && (v as number) >= 0;
+
+/**
+ * What tokenizer.json says about ids must be ids: a model type the library knows, vocabulary and
+ * added-token ids that are integers >= 0. A vocabulary entry of -1 was fed to the model as -1
+ * (ONNX Runtime reads it as the last embedding row), and an unknown model type was read as another;
+ * Python's tokenizers refuses both files.
+ */
+function checkIds(tj: Json, path: string): void {
+  const model = tj.model as Json | undefined;
+  if (!model || typeof model !== 'object') throw new TokenizerError(`${path}: no "model" section`);
+  if (!TOKENIZER_MODELS.includes(String(model.type)))
+    throw new TokenizerError(
+      `${path}: the tokenizer model type ${JSON.stringify(model.type)} is not one the tokenizers library implements (${TOKENIZER_MODELS.join(', ')})`,
+    );
+  const vocab = model.vocab;
+  if (model.type !== 'Unigram' && vocab && typeof vocab === 'object' && !Array.isArray(vocab))
+    for (const [token, id] of Object.entries(vocab as Json))
+      if (!isId(id))
+        throw new TokenizerError(
+          `${path}: the vocabulary gives token ${JSON.stringify(token)} the id ${JSON.stringify(id)}; ids are integers >= 0`,
+        );
+  for (const a of (tj.added_tokens as Json[] | undefined) ?? [])
+    if (!isId(a?.id))
+      throw new TokenizerError(
+        `${path}: added token ${JSON.stringify(a?.content)} has the id ${JSON.stringify(a?.id)}; ids are integers >= 0`,
+      );
+}
+
+/**
+ * The ids a post-processor writes for its special tokens must be those tokens' ids: Python's
+ * tokenizers emits the ids it gives (a TemplateProcessing that said [7] for "<|endoftext|>" gave
+ * input_ids starting with 7), while the library here looked the token up (0, or <unk> for a token
+ * outside the vocabulary), so the model would read other ids than in training.
+ */
+function checkPostProcessorIds(pp: unknown, vocab: Map<string, number>, path: string): void {
+  if (!pp || typeof pp !== 'object') return;
+  const p = pp as Json;
+  const say = (token: unknown, given: unknown) => {
+    const own = vocab.get(String(token));
+    throw new TokenizerError(
+      `${path}: the post_processor writes id ${JSON.stringify(given)} for the special token ${JSON.stringify(token)}, ${
+        own === undefined ? 'which is not in the vocabulary' : `whose id in the vocabulary is ${own}`
+      }: the file contradicts itself (Python's tokenizers would write ${JSON.stringify(given)}); fix the post_processor's ids`,
+    );
+  };
+  if (p.type === 'Sequence') {
+    for (const q of (p.processors as unknown[] | undefined) ?? []) checkPostProcessorIds(q, vocab, path);
+    return;
+  }
+  if (p.type === 'TemplateProcessing') {
+    for (const [name, sp] of Object.entries((p.special_tokens as Json | undefined) ?? {})) {
+      const s = sp as Json;
+      const ids = Array.isArray(s?.ids) ? (s.ids as unknown[]) : [];
+      const tokens = Array.isArray(s?.tokens) ? (s.tokens as unknown[]) : [];
+      if (ids.length !== tokens.length) say(name, ids);
+      ids.forEach((id, i) => {
+        if (vocab.get(String(tokens[i])) !== id) say(tokens[i], id);
+      });
+    }
+    return;
+  }
+  // BertProcessing / RobertaProcessing: "sep" and "cls" as [token, id]
+  for (const key of ['sep', 'cls']) {
+    const pair = p[key];
+    if (Array.isArray(pair) && pair.length === 2 && vocab.get(String(pair[0])) !== pair[1]) say(pair[0], pair[1]);
+  }
+}
+
 function tokenName(v: unknown): string | undefined {
   if (typeof v === 'string') return v;
   if (v && typeof v === 'object' && typeof (v as Json).content === 'string') return (v as Json).content as string;
@@ -121,6 +193,7 @@ export function loadTokenizer(
   const tj = readJson(path, files);
   const cfgPath = join(dir, 'tokenizer_config.json');
   const tc = existsSync(cfgPath) ? readJson(cfgPath, files) : {};
+  checkIds(tj, path);
   let tok: Tokenizer;
   try {
     tok = new Tokenizer(tj, tc);
@@ -128,6 +201,7 @@ export function loadTokenizer(
     throw new TokenizerError(`${path}: cannot load (${(e as Error).message})`);
   }
   const vocab = tok.get_vocab(true);
+  checkPostProcessorIds(tj.post_processor, vocab, path);
   let vocabSize = 0;
   for (const id of vocab.values()) vocabSize = Math.max(vocabSize, id + 1);
 
@@ -393,6 +467,11 @@ export function loadTokenizer(
   let templateSource: { file: string; text: string } | undefined;
   if (existsSync(jinjaPath)) templateSource = { file: jinjaPath, text: readFileSync(jinjaPath, 'utf8') };
   else if (typeof tc.chat_template === 'string') templateSource = { file: cfgPath, text: tc.chat_template };
+  else if (tc.chat_template !== undefined && tc.chat_template !== null && !Array.isArray(tc.chat_template))
+    // read as no template, chats were rendered with the stand-in format
+    throw new TokenizerError(
+      `${cfgPath}: "chat_template" is ${JSON.stringify(tc.chat_template)}; a chat template is a string of Jinja (or a list of named ones)`,
+    );
   else if (Array.isArray(tc.chat_template)) {
     const named = (tc.chat_template as Json[]).find((t) => t.name === 'default');
     if (!named || typeof named.template !== 'string')
@@ -473,7 +552,7 @@ export function withEmbeddingRows(
   tokenizerPath: string,
 ): TokenizerHandle {
   const check = (ids: number[]): number[] => {
-    const bad = ids.findIndex((id) => id >= rows);
+    const bad = ids.findIndex((id) => id >= rows || id < 0);
     if (bad >= 0)
       throw new TokenizerError(
         `token ${JSON.stringify(tok.idToToken(ids[bad]))} has id ${ids[bad]}, but the model has ${rows} token embeddings ("vocab_size" in ${configPath}): ${tokenizerPath} is not this model's tokenizer`,
