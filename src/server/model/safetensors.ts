@@ -313,6 +313,22 @@ function encodeTensor(name: string, t: TensorToWrite): Uint8Array {
 
 /** Metadata key holding the sha256 of a file's tensor data, for caches we verify on load. */
 export const DATA_SHA256 = 'data_sha256';
+/**
+ * The sha256 of the tensor table (each tensor's name, dtype, shape and offsets, by name): the data
+ * checksum alone let a header edit through (two tensors' names swapped, a float dtype relabelled
+ * as an integer one) with every byte intact. Written with `data_sha256`; checked where present.
+ */
+export const HEADER_SHA256 = 'header_sha256';
+
+/** HEADER_SHA256 of a tensor table (offsets relative to the data). */
+function tableDigest(
+  table: Iterable<[string, { dtype: string; shape: number[]; begin: number; end: number }]>,
+): string {
+  const rows = [...table]
+    .map(([name, t]) => [name, t.dtype, t.shape, t.begin, t.end] as const)
+    .sort((a, b) => (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : 0));
+  return createHash('sha256').update(JSON.stringify(rows)).digest('hex');
+}
 
 /**
  * Write tensors (in the given key order) and string metadata. Atomic: the file appears
@@ -330,14 +346,18 @@ export function writeSafetensors(
   const parts: Uint8Array[] = [];
   let offset = 0;
   const digest = options.checksum ? createHash('sha256') : null;
+  const table = new Map<string, { dtype: string; shape: number[]; begin: number; end: number }>();
   for (const [name, t] of Object.entries(tensors)) {
     const bytes = encodeTensor(name, t);
     header[name] = { dtype: t.dtype, shape: t.shape, data_offsets: [offset, offset + bytes.byteLength] };
+    table.set(name, { dtype: t.dtype, shape: t.shape, begin: offset, end: offset + bytes.byteLength });
     parts.push(bytes);
     digest?.update(bytes);
     offset += bytes.byteLength;
   }
-  const meta = digest ? { ...metadata, [DATA_SHA256]: digest.digest('hex') } : metadata;
+  const meta = digest
+    ? { ...metadata, [DATA_SHA256]: digest.digest('hex'), [HEADER_SHA256]: tableDigest(table) }
+    : metadata;
   let json = JSON.stringify(Object.keys(meta).length ? { __metadata__: meta, ...header } : header);
   // pad the header with spaces so tensor data starts 8-byte aligned (as the reference writer does)
   json += ' '.repeat((8 - ((8 + Buffer.byteLength(json)) % 8)) % 8);
@@ -400,7 +420,9 @@ export async function writeSafetensorsStreamed(
   fill: (fd: number, offsetOf: (name: string) => number) => Promise<void>,
   options: { checksum?: boolean } = {},
 ): Promise<void> {
-  const placeholder = options.checksum ? { ...metadata, [DATA_SHA256]: '0'.repeat(64) } : metadata;
+  const placeholder = options.checksum
+    ? { ...metadata, [DATA_SHA256]: '0'.repeat(64), [HEADER_SHA256]: '0'.repeat(64) }
+    : metadata;
   const first = headerBytes(layout, placeholder);
   const last = Object.keys(layout).at(-1);
   const end = last === undefined ? first.bytes.byteLength : first.offsets.get(last)! + sizeOf(layout[last]);
@@ -423,7 +445,17 @@ export async function writeSafetensorsStreamed(
           digest.update(buf.subarray(0, n));
           at += n;
         }
-        const final = headerBytes(layout, { ...metadata, [DATA_SHA256]: digest.digest('hex') });
+        const table = new Map(
+          Object.entries(layout).map(([name, t]) => {
+            const begin = first.offsets.get(name)! - first.bytes.byteLength;
+            return [name, { dtype: t.dtype, shape: t.shape, begin, end: begin + sizeOf(t) }] as const;
+          }),
+        );
+        const final = headerBytes(layout, {
+          ...metadata,
+          [DATA_SHA256]: digest.digest('hex'),
+          [HEADER_SHA256]: tableDigest(table),
+        });
         if (final.bytes.byteLength !== first.bytes.byteLength)
           throw new SafetensorsError('the header changed length when its checksum was filled in');
         writeSync(fd, final.bytes, 0, final.bytes.byteLength, 0);
@@ -449,6 +481,23 @@ export function checkDataChecksum(
 ): 'ok' | 'mismatch' | 'absent' {
   const want = h.metadata[DATA_SHA256];
   if (!want) return 'absent';
+  const table = h.metadata[HEADER_SHA256];
+  if (
+    table !== undefined &&
+    table !==
+      tableDigest(
+        [...h.tensors].map(([name, t]) => [
+          name,
+          {
+            dtype: t.dtype,
+            shape: t.shape,
+            begin: t.byteOffset - h.dataStart,
+            end: t.byteOffset - h.dataStart + t.byteLength,
+          },
+        ]),
+      )
+  )
+    return 'mismatch';
   const digest = createHash('sha256');
   const buf = Buffer.allocUnsafe(8 << 20);
   const fd = openSync(h.path, READ_NOWAIT);

@@ -28,6 +28,7 @@ import type { EighDtype } from '../../linalg/eigh';
 import { type Floats, firstNonFinite, inPrecision, type Precision, precisionOf, toF64 } from '../../linalg/matrix';
 import {
   checkDataChecksum,
+  HEADER_SHA256,
   readSafetensorsHeader,
   readTensor,
   readTensorF64,
@@ -349,6 +350,12 @@ export function loadFactors(dir: string, options: LoadOptions = {}): Factors {
       `${dir} holds an unfinished influence-lens fit (${join(dir, 'partials')}); run the same fit again to finish it`,
     );
   const precision = options.precision ?? 'fp64';
+  // our arguments, read first: our files must then carry both checksums (data and tensor table)
+  const ours = readJson(join(dir, OUR_ARGUMENTS_FILE));
+  if (ours && ours.format !== undefined && ours.format !== 1)
+    throw new FactorsError(
+      `${dir}: ${OUR_ARGUMENTS_FILE} says "format": ${JSON.stringify(ours.format)}; this version reads format 1 (written by a later version of influence-lens?): fit the factors again with this version`,
+    );
   const has = (files: string[]) => files.every((f) => existsSync(join(dir, `${f}.safetensors`)));
   const stages = {
     covariance: options.covariances !== false && has(COVARIANCE_FILES),
@@ -370,7 +377,11 @@ export function loadFactors(dir: string, options: LoadOptions = {}): Factors {
   const open = (file: string) => {
     let f = files.get(file);
     if (!f) {
-      f = readAll(join(dir, `${file}.safetensors`), exact.has(file) ? 'fp64' : precision);
+      f = readAll(join(dir, `${file}.safetensors`), exact.has(file) ? 'fp64' : precision, {
+        counts: COUNT_FILES.has(file),
+        // from fit version 2 on, our files carry both checksums (earlier ones are refused by version)
+        strict: ours !== null && storedFitVersion(dir, ours.fitVersion) >= 2,
+      });
       files.set(file, f);
     }
     return f;
@@ -431,7 +442,6 @@ export function loadFactors(dir: string, options: LoadOptions = {}): Factors {
     modules[name] = mf;
   }
 
-  const ours = readJson(join(dir, OUR_ARGUMENTS_FILE));
   const kron = readJson(join(dir, FACTOR_ARGUMENTS_FILE));
   if (kron && kron.strategy !== undefined && kron.strategy !== 'ekfac') {
     throw new FactorsError(`${dir}: factors use kronfluence strategy "${kron.strategy}"; only "ekfac" is supported`);
@@ -472,19 +482,30 @@ export function loadFactors(dir: string, options: LoadOptions = {}): Factors {
             'the folder mixes two fits; fit again into an empty folder',
         );
     }
+    // the modules the arguments name are the files' modules (an edited list was ignored)
+    if (Array.isArray(ours.modules) && (ours.modules as unknown[]).length) {
+      const named = [...(ours.modules as string[])].map(String).sort();
+      const held = [...shapes.keys()].sort();
+      if (named.length !== held.length || named.some((n, i) => n !== held[i]))
+        throw new FactorsError(
+          `${dir}: ${OUR_ARGUMENTS_FILE} names ${named.length} modules but the factor files hold ${held.length}${
+            named.find((n) => !shapes.has(n)) ? ` (e.g. no ${named.find((n) => !shapes.has(n))})` : ''
+          }: the folder mixes two fits or was edited; fit again into an empty folder`,
+        );
+    }
   } else {
-    // no arguments file (removed, or kronfluence's folder with some of our files copied in): our
-    // files still say which fit wrote them, and they must all say the same
+    // no arguments file (removed, or kronfluence's folder with some of our files copied in): files
+    // our fit wrote are not read without it, since which model and data they belong to is in it
+    // (another model's factors with the file deleted were used, with only a vague warning)
     const fits = new Map<string, string>();
     for (const file of files.keys()) {
       const meta = readSafetensorsHeader(join(dir, `${file}.safetensors`)).metadata;
       if (meta.influence_lens_fit !== undefined)
         fits.set(file, `${meta.influence_lens_fit}:${meta.influence_lens_fingerprint ?? ''}`);
     }
-    const ids = new Set(fits.values());
-    if (ids.size > 1 || (ids.size === 1 && fits.size < files.size))
+    if (fits.size)
       throw new FactorsError(
-        `${dir}: the factor files were written by ${ids.size > 1 ? 'different fits' : "different tools (some by this program's fit, some not)"} (${[...fits.keys()].join(', ')} say which fit wrote them, and not all the same) and ${OUR_ARGUMENTS_FILE} is missing: the folder mixes two fits; fit again into an empty folder`,
+        `${dir}: ${[...fits.keys()].join(', ')} ${fits.size === 1 ? 'was' : 'were'} written by influence-lens's fit, but its ${OUR_ARGUMENTS_FILE} is missing, so which model and data ${fits.size === 1 ? 'it belongs' : 'they belong'} to cannot be checked: fit again into an empty folder`,
       );
   }
   return { args, fingerprint, modules };
@@ -662,12 +683,40 @@ function pyStr(v: unknown): string {
  * no longer match the checksum we wrote with it (kronfluence's files carry none) or when it
  * holds NaN or ±Inf.
  */
-function readAll(path: string, precision: Precision): Record<string, Floats & { shape?: number[] }> {
+/** The factor files that hold token counts (integers, or F64 for weighted counts); the rest hold floats. */
+const COUNT_FILES = new Set([
+  NUM_ACTIVATION_COVARIANCE_PROCESSED,
+  NUM_GRADIENT_COVARIANCE_PROCESSED,
+  NUM_LAMBDA_PROCESSED,
+]);
+const FLOAT_DTYPES = new Set(['F16', 'BF16', 'F32', 'F64']);
+
+function readAll(
+  path: string,
+  precision: Precision,
+  kind: { counts: boolean; strict: boolean },
+): Record<string, Floats & { shape?: number[] }> {
   const h = readSafetensorsHeader(path);
-  if (checkDataChecksum(h) === 'mismatch')
+  const check = checkDataChecksum(h);
+  if (check === 'mismatch')
     throw new FactorsError(`${path}: the file does not match its checksum (damaged); refit the factors`);
+  // beside our arguments file, every file is one our fit wrote, with both checksums: one without
+  // them is another tool's copied in, or was altered (its bytes or tensor table would go unchecked)
+  if (kind.strict && h.metadata.influence_lens_fit === undefined)
+    throw new FactorsError(
+      `${path}: not written by influence-lens's fit (it says no fit), though ${OUR_ARGUMENTS_FILE} beside it is: the folder mixes files of two tools; fit again into an empty folder`,
+    );
+  if (kind.strict && (check === 'absent' || !h.metadata[HEADER_SHA256]))
+    throw new FactorsError(
+      `${path}: written by influence-lens's fit but without its ${check === 'absent' ? 'data' : 'tensor table'} checksum, so it was altered since; refit the factors`,
+    );
   const out: Record<string, Floats & { shape?: number[] }> = {};
   for (const [name, info] of h.tensors) {
+    // a float relabelled as an integer type (or the reverse) reads as other numbers
+    if (!kind.counts && !FLOAT_DTYPES.has(info.dtype))
+      throw new FactorsError(
+        `${path}: tensor "${name}" is stored as ${info.dtype}; factors are floats (F32 or F64): the file was altered or is not a factor file`,
+      );
     // checked as stored, then again when narrowed (an F64 value beyond the float32 range)
     const { data } = readTensor(h, name);
     const stored: Floats = data instanceof Float32Array || data instanceof Float64Array ? data : readTensorF64(h, name);

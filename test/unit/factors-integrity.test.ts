@@ -1,0 +1,100 @@
+// A factors folder is read only as the fit wrote it: the tensor table is checksummed with the data
+// (a header edit that swapped two modules' names or relabelled a float as an integer passed the
+// data checksum and changed scores silently), our files are not read without the arguments that
+// say which model and data they belong to, and the arguments' format and module list are checked
+// (found by fuzzing the real CLI).
+import assert from 'node:assert/strict';
+import { cpSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { test } from 'node:test';
+import { loadFactors } from '../../src/server/attribution/ekfac/factors-io';
+import { runFitJob } from '../../src/server/attribution/fit-job';
+import { writeJsonl } from './helpers/corpus';
+import { useTempHome } from './helpers/env';
+
+const home = useTempHome();
+const LLAMA = 'test/fixtures/models/llama';
+
+/** Rewrites a safetensors file's header with `edit` (the data bytes unchanged). */
+// biome-ignore lint/suspicious/noExplicitAny: a parsed header, edited freely
+function editHeader(file: string, edit: (h: Record<string, any>) => void): void {
+  const b = readFileSync(file);
+  const n = Number(b.readBigUInt64LE(0));
+  const h = JSON.parse(b.subarray(8, 8 + n).toString('utf8'));
+  edit(h);
+  const json = Buffer.from(JSON.stringify(h));
+  const len = Buffer.alloc(8);
+  len.writeBigUInt64LE(BigInt(json.length));
+  writeFileSync(file, Buffer.concat([len, json, b.subarray(8 + n)]));
+}
+
+test('factor files: header edits, a missing or edited arguments file and files of another tool are refused', async () => {
+  const data = writeJsonl(join(home, 'd.jsonl'), [
+    { text: 'Paris is the capital of France.' },
+    { text: 'Rome is the capital of Italy.' },
+  ]);
+  const fitted = join(home, 'fitted');
+  await runFitJob({ modelDir: LLAMA, dataPath: data, out: fitted, modules: 'all', labels: 'empirical', seed: 0 });
+  assert.ok(loadFactors(fitted));
+  let n = 0;
+  const copy = () => {
+    const d = join(home, `copy-${n++}`);
+    cpSync(fitted, d, { recursive: true });
+    return d;
+  };
+  const lambda = (d: string) => join(d, 'lambda_matrix.safetensors');
+  const [q, k] = ['model.layers.0.self_attn.q_proj', 'model.layers.0.self_attn.k_proj'];
+
+  // two modules' names swapped: every byte of data intact
+  let d = copy();
+  editHeader(lambda(d), (h) => {
+    [h[q], h[k]] = [h[k], h[q]];
+  });
+  assert.throws(() => loadFactors(d), /lambda_matrix\.safetensors: the file does not match its checksum/);
+  // a float relabelled as an integer, and the table checksum removed with it
+  d = copy();
+  editHeader(lambda(d), (h) => {
+    h[q].dtype = h[q].dtype === 'F64' ? 'I64' : 'I32';
+    delete h.__metadata__.header_sha256;
+  });
+  assert.throws(
+    () => loadFactors(d),
+    /lambda_matrix\.safetensors: written by influence-lens's fit but without its tensor table checksum/,
+  );
+  // the data checksum removed
+  d = copy();
+  editHeader(lambda(d), (h) => {
+    delete h.__metadata__.data_sha256;
+  });
+  assert.throws(() => loadFactors(d), /without its data checksum/);
+
+  // our arguments file deleted: which model the files belong to can no longer be checked
+  d = copy();
+  rmSync(join(d, 'influence_lens_arguments.json'));
+  assert.throws(
+    () => loadFactors(d),
+    /were written by influence-lens's fit, but its influence_lens_arguments\.json is missing/,
+  );
+  // a later format, a module list that is not the files'
+  d = copy();
+  const args = join(d, 'influence_lens_arguments.json');
+  const a = JSON.parse(readFileSync(args, 'utf8'));
+  writeFileSync(args, JSON.stringify({ ...a, format: 2 }));
+  assert.throws(() => loadFactors(d), /says "format": 2; this version reads format 1/);
+  writeFileSync(args, JSON.stringify({ ...a, modules: a.modules.slice(1) }));
+  assert.throws(() => loadFactors(d), /names \d+ modules but the factor files hold \d+/);
+
+  // kronfluence's own files (no checksums): a float relabelled as an integer is refused by its type
+  const kron = join(home, 'kron');
+  cpSync('test/fixtures/kronfluence/llama/factors_ekfac', kron, { recursive: true });
+  assert.ok(loadFactors(kron));
+  editHeader(lambda(kron), (h) => {
+    const name = Object.keys(h).find((x) => x !== '__metadata__')!;
+    h[name].dtype = h[name].dtype === 'F64' ? 'I64' : 'I32';
+  });
+  assert.throws(() => loadFactors(kron), /is stored as I(64|32); factors are floats/);
+  // a kronfluence file copied in beside our arguments file
+  d = copy();
+  cpSync('test/fixtures/kronfluence/llama/factors_ekfac/lambda_matrix.safetensors', lambda(d));
+  assert.throws(() => loadFactors(d), /not written by influence-lens's fit \(it says no fit\)/);
+});
