@@ -85,3 +85,17 @@ test('an epsilon, RoPE base or context length that cannot be is refused when the
     assert.match(r.err, re, key);
   }
 });
+
+test('weights of a layer the config does not have are refused, not left unused', () => {
+  const dir = join(home, 'fewer-layers');
+  cpSync(LLAMA, dir, { recursive: true });
+  const cfg = JSON.parse(readFileSync(join(dir, 'config.json'), 'utf8'));
+  cfg.num_hidden_layers = 1;
+  writeFileSync(join(dir, 'config.json'), JSON.stringify(cfg, null, 2));
+  const r = cli('explain', '--model', dir, '--data', DATA, ...Q, '--method', 'gdp', '--checkpoints', 'off');
+  assert.equal(r.code, 1, r.out);
+  assert.match(
+    r.err,
+    /model\.safetensors holds "model\.layers\.1\.[^"]+", a weight of layer 1, but .*config\.json says the model has 1 layer \(0–0\): the config and the weights disagree/,
+  );
+});

@@ -181,6 +181,25 @@ export interface Batch {
 
 export class EngineError extends Error {}
 
+/**
+ * Weights of a layer the config does not have are refused: with "num_hidden_layers": 1 and two
+ * layers of weights the model ran as one layer, silently (transformers warns of unused weights;
+ * here it is read as the config and the weights disagreeing, which an edited config or another
+ * model's weights beside it are).
+ */
+function checkLayerWeights(ck: Checkpoint): void {
+  const c = ck.config;
+  const layers = [c.num_hidden_layers, c.n_layer].find((v) => typeof v === 'number') as number | undefined;
+  if (layers === undefined) return;
+  for (const [name, ref] of ck.weights) {
+    const m = /(?:^|\.)(?:layers|h)\.(\d+)\./.exec(name);
+    if (m && Number(m[1]) >= layers)
+      throw new EngineError(
+        `${ref.file} holds "${name}", a weight of layer ${m[1]}, but ${ck.configFiles[0]} says the model has ${layers} layer${layers === 1 ? '' : 's'} (0–${layers - 1}): the config and the weights disagree (an edited config, or another model's weights)`,
+      );
+  }
+}
+
 /** Right-pad sequences into a batch; target of position t is token t+1. */
 export function makeBatch(seqs: Sequence[], padId = 0): Batch {
   if (!seqs.length) throw new EngineError('empty batch');
@@ -246,6 +265,7 @@ export class Model {
     readonly options: EngineOptions,
   ) {
     this.arch = architectureFor(checkpoint.config, checkpoint.configFiles[0]);
+    checkLayerWeights(checkpoint);
     // an adapter is checked against the base's layers once, when opened
     if (checkpoint.adapter) this.buildForward(new Graph(), 'inputs');
   }
