@@ -86,3 +86,24 @@ test('factors of an earlier fit version are refused by name, refitted as a cache
   assert.ok(openStage(LLAMA, kron).warnings.length > 0, 'opened, with its warning that it cannot be checked');
   rmSync(kron, { recursive: true });
 });
+
+test('config.json rewritten with the same content (CRLF line endings, another key order, 2.0 for 2) keeps its factors', async () => {
+  const { cpSync: cp } = await import('node:fs');
+  const model = join(home, 'crlf-model');
+  cp(LLAMA, model, { recursive: true });
+  const data = writeJsonl(join(home, 'crlf.jsonl'), [{ text: 'Paris is the capital of France.' }]);
+  const out = join(home, 'crlf-factors');
+  await runFitJob({ modelDir: model, dataPath: data, out, modules: 'mlp', labels: 'empirical', seed: 0 });
+  const file = join(model, 'config.json');
+  const cfg = JSON.parse(readFileSync(file, 'utf8'));
+  const reordered = Object.fromEntries(Object.entries(cfg).reverse());
+  const text = JSON.stringify(reordered, null, 4)
+    .replace(`"num_hidden_layers": ${cfg.num_hidden_layers}`, `"num_hidden_layers": ${cfg.num_hidden_layers}.0`)
+    .replaceAll('\n', '\r\n');
+  assert.match(text, /\.0/);
+  writeFileSync(file, text);
+  assert.ok(openStage(model, out), 'the same model: its factors open');
+  // a change of content is another model
+  writeFileSync(file, JSON.stringify({ ...cfg, rms_norm_eps: (cfg.rms_norm_eps ?? 1e-6) * 2 }));
+  assert.throws(() => openStage(model, out), /were fitted on another model/);
+});

@@ -1,8 +1,8 @@
 // Fingerprints tie factors, caches and results to the exact model and data they came from,
 // so a stale or mismatched factor directory is refused instead of silently misused.
 import { createHash } from 'node:crypto';
-import { readFileSync } from 'node:fs';
 import { basename } from 'node:path';
+import { canonicalJson } from '../../common/ids';
 import type { Checkpoint } from '../model/checkpoint';
 import { pinnedDigest } from '../model/content-digest';
 import { defaultCacheDir } from '../model/engine';
@@ -10,14 +10,16 @@ import { defaultCacheDir } from '../model/engine';
 const hex16 = (h: ReturnType<typeof createHash>) => h.digest('hex').slice(0, 16);
 
 /**
- * The model: config.json and the sha256 of every weight file's bytes (a retrained or edited
- * model differs somewhere, and a sample of its bytes could miss where). Each file is read in
- * full once; its digest is remembered per file identity (see content-digest.ts).
+ * The model: config.json's content and the sha256 of every weight file's bytes (a retrained or
+ * edited model differs somewhere, and a sample of its bytes could miss where). Each file is read in
+ * full once; its digest is remembered per file identity (see content-digest.ts). The config is
+ * hashed as parsed, in canonical form: its bytes changed with line endings (git's autocrlf), key
+ * order or a 2.0 written for 2, and the factors were then refused as another model's.
  */
 export function modelFingerprint(ck: Checkpoint, cacheDir?: string): string {
   cacheDir ??= defaultCacheDir();
   const h = createHash('sha256');
-  h.update(readFileSync(ck.configFiles[0]));
+  h.update(`config:${canonicalJson(ck.config)}\n`);
   // a LoRA adapter: its settings, but not where its base was found (the base's config.json
   // and weights are already hashed by content), so moving the folders keeps the factors
   if (ck.adapter) h.update(JSON.stringify({ ...ck.adapter.config, base_model_name_or_path: null }));
