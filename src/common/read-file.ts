@@ -37,3 +37,15 @@ export function readRegularFile(path: string, refuse: (what: string) => Error): 
     closeSync(fd);
   }
 }
+
+/**
+ * A JSON file's text, refusing a leading byte order mark with a message that says so (JSON.parse
+ * said "Unexpected token"); Python's json, hence transformers, refuses such a file too.
+ */
+export function jsonText(bytes: Buffer, path: string, refuse: (message: string) => Error): string {
+  if (bytes[0] === 0xef && bytes[1] === 0xbb && bytes[2] === 0xbf)
+    throw refuse(
+      `${path} starts with a byte order mark (BOM), which JSON does not have and transformers refuses ("Unexpected UTF-8 BOM"): save it as UTF-8 without one`,
+    );
+  return bytes.toString('utf8');
+}

@@ -99,3 +99,43 @@ test('weights of a layer the config does not have are refused, not left unused',
     /model\.safetensors holds "model\.layers\.1\.[^"]+", a weight of layer 1, but .*config\.json says the model has 1 layer \(0–0\): the config and the weights disagree/,
   );
 });
+
+test('messages that say what is wrong: a weight stored as integers, a damping of text in the factors, a BOM in a JSON file', () => {
+  // a weight relabelled I32 (the same 4 bytes a value)
+  const dir = join(home, 'int-weight');
+  cpSync(LLAMA, dir, { recursive: true });
+  const file = join(dir, 'model.safetensors');
+  const b = readFileSync(file);
+  const n = Number(b.readBigUInt64LE(0));
+  const h = JSON.parse(b.subarray(8, 8 + n).toString('utf8'));
+  h['model.layers.0.mlp.up_proj.weight'].dtype = 'I32';
+  const json = Buffer.from(JSON.stringify(h));
+  const len = Buffer.alloc(8);
+  len.writeBigUInt64LE(BigInt(json.length));
+  writeFileSync(file, Buffer.concat([len, json, b.subarray(8 + n)]));
+  let r = cli('explain', '--model', dir, '--data', DATA, ...Q, '--method', 'gdp', '--checkpoints', 'off');
+  assert.equal(r.code, 1);
+  assert.match(
+    r.err,
+    /tensor "model\.layers\.0\.mlp\.up_proj\.weight" is stored as I32, an integer type; llama needs it as floats/,
+  );
+
+  // a damping written as text in the factors' arguments
+  const factors = join(home, 'damping-factors');
+  assert.equal(cli('fit', '--model', LLAMA, '--data', DATA, '--out', factors, '--modules', 'mlp').code, 0);
+  const args = join(factors, 'influence_lens_arguments.json');
+  writeFileSync(args, readFileSync(args, 'utf8').replace(/"damping": \{[^}]*\}/, '"damping": "0.1"'));
+  r = cli('explain', '--model', LLAMA, '--factors', factors, '--data', DATA, ...Q, '--checkpoints', 'off');
+  assert.equal(r.code, 1);
+  assert.match(r.err, /holds "damping": "0\.1"; it must be \{"relative": x\} or \{"absolute": x\}/);
+
+  // a byte order mark before config.json's or tokenizer.json's JSON
+  for (const name of ['config.json', 'tokenizer.json']) {
+    const m = join(home, `bom-${name}`);
+    cpSync(LLAMA, m, { recursive: true });
+    writeFileSync(join(m, name), Buffer.concat([Buffer.from([0xef, 0xbb, 0xbf]), readFileSync(join(LLAMA, name))]));
+    r = cli('explain', '--model', m, '--data', DATA, ...Q, '--method', 'gdp', '--checkpoints', 'off');
+    assert.equal(r.code, 1, name);
+    assert.match(r.err, new RegExp(`${name.replace('.', '\\.')} starts with a byte order mark \\(BOM\\)`), name);
+  }
+});

@@ -15,7 +15,7 @@ import {
 } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { restoreReplacedDir } from '../../common/atomic-write';
-import { readRegularFile } from '../../common/read-file';
+import { jsonText, readRegularFile } from '../../common/read-file';
 import {
   ADAPTER_CONFIG,
   checkTargets,
@@ -145,7 +145,8 @@ export function readConfig(dir: string): Record<string, unknown> {
     );
   let config: unknown;
   try {
-    config = JSON.parse(readRegularFile(path, (what) => new CheckpointError(`${path} is ${what}`)).toString('utf8'));
+    const bytes = readRegularFile(path, (what) => new CheckpointError(`${path} is ${what}`));
+    config = JSON.parse(jsonText(bytes, path, (m) => new CheckpointError(m)));
   } catch (e) {
     if (e instanceof CheckpointError) throw e;
     throw new CheckpointError(`${path}: not valid JSON (${(e as Error).message})`);

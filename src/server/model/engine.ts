@@ -544,7 +544,16 @@ interface Weights {
 
 function weightRef(ck: Checkpoint, name: string) {
   const ref = ck.weights.get(name);
-  if (!ref) throw new EngineError(`${ck.dir}: the checkpoint has no tensor "${name}", which ${ck.modelType} needs`);
+  if (!ref) {
+    // an integer tensor is set aside when the checkpoint opens (the causal-mask buffers); one the
+    // model needs is a weight stored in the wrong type
+    const stored = ck.ignored?.find((t) => t.name === name);
+    if (stored)
+      throw new EngineError(
+        `${ck.dir}: tensor "${name}" is stored as ${stored.dtype}, an integer type; ${ck.modelType} needs it as floats (F32, F16, BF16 or F64)`,
+      );
+    throw new EngineError(`${ck.dir}: the checkpoint has no tensor "${name}", which ${ck.modelType} needs`);
+  }
   return ref;
 }
 

@@ -11,7 +11,7 @@ import { createHash } from 'node:crypto';
 import { existsSync, readFileSync } from 'node:fs';
 import { basename, join } from 'node:path';
 import { Tokenizer } from '@huggingface/tokenizers';
-import { readRegularFile } from '../../common/read-file';
+import { jsonText, readRegularFile } from '../../common/read-file';
 import { ChatTemplate, ChatTemplateError, hasGenerationBlocks } from '../../common/records/chat-template';
 import { DEFAULT_TRAINING, type TrainingConvention } from '../data/training';
 import { AlignedString, applyNormalizer, applyPreTokenizer, TokenizerError } from './alignment';
@@ -79,7 +79,7 @@ function readJson(path: string, digest?: ReturnType<typeof createHash>): Json {
   try {
     const bytes = readRegularFile(path, (what) => new TokenizerError(`${path} is ${what}`));
     digest?.update(`${basename(path)}:${bytes.length}:`).update(bytes);
-    return JSON.parse(bytes.toString('utf8'));
+    return JSON.parse(jsonText(bytes, path, (m) => new TokenizerError(m)));
   } catch (e) {
     if (e instanceof TokenizerError) throw e;
     throw new TokenizerError(`${path}: not valid JSON (${(e as Error).message})`);

@@ -542,7 +542,7 @@ function oursArguments(dir: string, ours: Record<string, unknown>, modules: stri
   return {
     strategy: 'ekfac',
     labels: ours.labels === 'empirical' ? 'empirical' : 'sampled',
-    damping: (ours.damping as Damping | undefined) ?? DEFAULT_DAMPING,
+    damping: storedDamping(dir, ours.damping),
     modules: Array.isArray(ours.modules) ? (ours.modules as string[]) : modules,
     maxExamples: typeof ours.maxExamples === 'number' ? ours.maxExamples : null,
     seed: typeof ours.seed === 'number' ? ours.seed : null,
@@ -556,6 +556,20 @@ function oursArguments(dir: string, ours: Record<string, unknown>, modules: stri
     ...storedDtype(dir, ours.eigendecompositionDtype, OUR_ARGUMENTS_FILE, 'eigendecompositionDtype'),
     fitVersion: storedFitVersion(dir, ours.fitVersion),
   };
+}
+
+/** A stored damping: absent means the default; anything but {relative} or {absolute} of a number >= 0 is refused. */
+function storedDamping(dir: string, v: unknown): Damping {
+  if (v === undefined || v === null) return DEFAULT_DAMPING;
+  const d = v as Record<string, unknown>;
+  const ok = (x: unknown) => typeof x === 'number' && Number.isFinite(x) && x >= 0;
+  if (typeof v === 'object' && !Array.isArray(v) && Object.keys(d).length === 1) {
+    if ('relative' in d && ok(d.relative)) return { relative: d.relative as number };
+    if ('absolute' in d && ok(d.absolute)) return { absolute: d.absolute as number };
+  }
+  throw new FactorsError(
+    `${dir}: ${OUR_ARGUMENTS_FILE} holds "damping": ${JSON.stringify(v)}; it must be {"relative": x} or {"absolute": x} with a number x >= 0`,
+  );
 }
 
 /** A stored fit version: absent means 1 (every fit before it was stored); anything but a positive integer is refused. */
