@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { cpSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
-import { loadFactors } from '../../src/server/attribution/ekfac/factors-io';
+import { loadFactors, saveFactors } from '../../src/server/attribution/ekfac/factors-io';
 import { runFitJob } from '../../src/server/attribution/fit-job';
 import { writeJsonl } from './helpers/corpus';
 import { useTempHome } from './helpers/env';
@@ -83,6 +83,22 @@ test('factor files: header edits, a missing or edited arguments file and files o
   assert.throws(() => loadFactors(d), /says "format": 2; this version reads format 1/);
   writeFileSync(args, JSON.stringify({ ...a, modules: a.modules.slice(1) }));
   assert.throws(() => loadFactors(d), /names \d+ modules but the factor files hold \d+/);
+
+  // an eigenvector entry of 1e30 written with valid checksums (NaN scores), or a basis scaled by 2
+  for (const [what, edit] of [
+    ['1e30', (q: Float32Array | Float64Array) => (q[5] = 1e30)],
+    ['scaled', (q: Float32Array | Float64Array) => q.forEach((x, i) => (q[i] = 2 * x))],
+  ] as const) {
+    const f = loadFactors(fitted);
+    edit(f.modules[q].eigen!.qS);
+    const bad = join(home, `eigvec-${what}`);
+    saveFactors(bad, f);
+    assert.throws(
+      () => loadFactors(bad),
+      /gradient_eigenvectors\.safetensors: the eigenvectors of module .*q_proj are not orthonormal/,
+      what,
+    );
+  }
 
   // kronfluence's own files (no checksums): a float relabelled as an integer is refused by its type
   const kron = join(home, 'kron');

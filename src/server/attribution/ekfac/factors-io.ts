@@ -430,9 +430,9 @@ export function loadFactors(dir: string, options: LoadOptions = {}): Factors {
     }
     if (stages.eigen) {
       mf.eigen = {
-        qA: get(ACTIVATION_EIGENVECTORS, [dA, dA]),
+        qA: unitRows(get(ACTIVATION_EIGENVECTORS, [dA, dA]), dA, dir, ACTIVATION_EIGENVECTORS, name),
         eigA: exactly(get(ACTIVATION_EIGENVALUES, [dA])),
-        qS: get(GRADIENT_EIGENVECTORS, [dOut, dOut]),
+        qS: unitRows(get(GRADIENT_EIGENVECTORS, [dOut, dOut]), dOut, dir, GRADIENT_EIGENVECTORS, name),
         eigS: exactly(get(GRADIENT_EIGENVALUES, [dOut])),
       };
     }
@@ -556,6 +556,23 @@ function oursArguments(dir: string, ours: Record<string, unknown>, modules: stri
     ...storedDtype(dir, ours.eigendecompositionDtype, OUR_ARGUMENTS_FILE, 'eigendecompositionDtype'),
     fitVersion: storedFitVersion(dir, ours.fitVersion),
   };
+}
+
+/**
+ * Eigenvectors are an orthonormal basis: every row of Q has norm 1 (to float32 rounding). A
+ * damaged or edited file passed every other check while its scores came out NaN or Inf (an
+ * entry of 1e30) or silently scaled; checking the rows' norms costs one pass over Q.
+ */
+function unitRows(q: Floats, n: number, dir: string, file: string, module: string): Floats {
+  for (let i = 0; i < n; i++) {
+    let s = 0;
+    for (let j = i * n; j < (i + 1) * n; j++) s += q[j] * q[j];
+    if (!(Math.abs(Math.sqrt(s) - 1) <= 1e-3))
+      throw new FactorsError(
+        `${join(dir, file)}.safetensors: the eigenvectors of module ${module} are not orthonormal (row ${i} has norm ${Math.sqrt(s).toPrecision(4)}, not 1): the file was damaged or edited; fit the factors again`,
+      );
+  }
+  return q;
 }
 
 /** A stored damping: absent means the default; anything but {relative} or {absolute} of a number >= 0 is refused. */
