@@ -86,8 +86,18 @@ test('factor files: header edits, a missing or edited arguments file and files o
 
   // an eigenvector entry of 1e30 written with valid checksums (NaN scores), or a basis scaled by 2
   for (const [what, edit] of [
-    ['1e30', (q: Float32Array | Float64Array) => (q[5] = 1e30)],
-    ['scaled', (q: Float32Array | Float64Array) => q.forEach((x, i) => (q[i] = 2 * x))],
+    [
+      '1e30',
+      (q: Float32Array | Float64Array) => {
+        q[5] = 1e30;
+      },
+    ],
+    [
+      'scaled',
+      (q: Float32Array | Float64Array) => {
+        for (let i = 0; i < q.length; i++) q[i] *= 2;
+      },
+    ],
   ] as const) {
     const f = loadFactors(fitted);
     edit(f.modules[q].eigen!.qS);
