@@ -107,6 +107,20 @@ test('a Llama-2 text starting with a space is refused under "trl": TRL on transf
     assert.equal(loadTokenizer(dir(f)).transformers5, undefined, f);
 });
 
+test('an eos_token that is not a token of tokenizer.json is refused by a convention that appends it, saying so', () => {
+  const d = join(home, 'eos-not-in-vocab');
+  mkdirSync(d, { recursive: true });
+  copyFileSync(join(dir('llama2'), 'tokenizer.json'), join(d, 'tokenizer.json'));
+  const config = JSON.parse(readFileSync(join(dir('llama2'), 'tokenizer_config.json'), 'utf8'));
+  writeFileSync(join(d, 'tokenizer_config.json'), JSON.stringify({ ...config, eos_token: '<|no-such-eos|>' }));
+  assert.throws(
+    () => withTraining(loadTokenizer(d), TRAINING_PRESETS.trl, 'x'),
+    /its eos_token "<\|no-such-eos\|>" is not a token of tokenizer\.json \(and no eos_token_id is given\)/,
+  );
+  writeFileSync(join(d, 'tokenizer_config.json'), JSON.stringify({ ...config, eos_token: null }));
+  assert.throws(() => withTraining(loadTokenizer(d), TRAINING_PRESETS.trl, 'x'), /tokenizer_config\.json names none/);
+});
+
 test('transformers 5\'s LlamaTokenizer is emulated for "legacy": false too (prepend_scheme "first"), with its ids', () => {
   // ids from transformers 5.25's AutoTokenizer on these files (test/oracle, by hand)
   const d = join(home, 'llama2-not-legacy');

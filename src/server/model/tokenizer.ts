@@ -526,9 +526,13 @@ export function loadTokenizer(
 export function withTraining(tok: TokenizerHandle, training: TrainingConvention, where: string): TokenizerHandle {
   if (training.appendEos) {
     const eos = tok.eosToken;
-    if (eos === undefined || tok.eosTokenId === undefined)
+    if (eos === undefined)
       throw new TokenizerError(
         `${where}: the training convention "${training.name}" appends the tokenizer's eos_token to each record, but tokenizer_config.json names none`,
+      );
+    if (tok.eosTokenId === undefined)
+      throw new TokenizerError(
+        `${where}: the training convention "${training.name}" appends the tokenizer's eos_token to each record, but its eos_token ${JSON.stringify(eos)} is not a token of tokenizer.json (and no eos_token_id is given), so what a trainer appended is unknown`,
       );
     const ids = tok.encode(eos, { addSpecialTokens: false }).ids;
     if (ids.length !== 1 || ids[0] !== tok.eosTokenId)
