@@ -23,7 +23,7 @@ import { describeTraining, sameTraining, type TrainingConvention } from '../data
 import { type EighDtype, eighBackend } from '../linalg/eigh';
 import { nativeLapack } from '../linalg/native';
 import { Model, type ModuleSelection } from '../model/engine';
-import { nonFiniteMessage } from '../model/weight-health';
+import { nonFiniteCause } from '../model/weight-health';
 import { collectGarbage } from '../util/gc';
 import { CovarianceAccumulator } from './ekfac/covariance';
 import type { Eigenbasis } from './ekfac/eigenbasis';
@@ -159,7 +159,7 @@ export async function runFitJob(o: FitJobOptions): Promise<FitJobResult> {
     // a NaN in the fit's sums: name the damaged weight where one is to blame
     if (e instanceof NonFiniteError)
       throw new FitJobError(
-        `${e.message}. ${nonFiniteMessage((o.model ?? Model.open(o.modelDir, { base: o.base })).checkpoint, "The model's forward pass")}`,
+        `${e.message}: ${nonFiniteCause((o.model ?? Model.open(o.modelDir, { base: o.base })).checkpoint)}`,
       );
     throw e;
   } finally {

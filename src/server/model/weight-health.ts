@@ -35,9 +35,13 @@ export function weightTrouble(ck: Checkpoint, limit = 3): string | undefined {
 
 /** The message for a non-finite value met in a forward pass of `ck`: what it was, and the likely cause. */
 export function nonFiniteMessage(ck: Checkpoint, what: string, orElse?: string): string {
-  const weights = weightTrouble(ck);
-  return `${what} is not a finite number: ${
-    weights ??
+  return `${what} is not a finite number: ${nonFiniteCause(ck, orElse)}`;
+}
+
+/** The likely cause of a non-finite value in a forward pass of `ck`, as a clause. */
+export function nonFiniteCause(ck: Checkpoint, orElse?: string): string {
+  return (
+    weightTrouble(ck) ??
     `no weight of ${ck.dir} is NaN, Inf or huge, so a config.json value (an epsilon, rope_theta, a scaling factor) or the input may make the forward pass overflow${orElse ? `, ${orElse}` : ''}`
-  }`;
+  );
 }
