@@ -159,3 +159,17 @@ test("tokenize: a record cut by the training convention's maxLength (shorter tha
   );
   assert.match(cut(1024), /1 record\(s\) longer than the context \(64 tokens\)/);
 });
+
+test('tokenize: a record cut to the context says how many tokens were cut, a lower bound where only a prefix was tokenized', () => {
+  // the fixture's context is 64 tokens: 64 × 64 characters and more are tokenized from a prefix
+  const short = 'word '.repeat(200); // 1,000 characters: tokenized whole, the count exact
+  const long = 'word '.repeat(2_000); // 10,000 characters: a prefix
+  const data = jsonl([{ text: short }, { text: long }]);
+  const [a, b] = tokenizeFile(MODEL, data, undefined, false).lines;
+  const whole = (text: string) => Model.open(MODEL).tokenizer.encode(text, { addSpecialTokens: true }).ids.length;
+  assert.equal(a.truncated, whole(short) - 64);
+  assert.equal(a.truncated_lower_bound, undefined);
+  assert.equal(b.input_ids.length, 64);
+  assert.equal(b.truncated_lower_bound, true);
+  assert.ok(b.truncated! > 0 && b.truncated! < whole(long) - 64, `${b.truncated} is a lower bound`);
+});

@@ -1,6 +1,6 @@
 // influence-lens tokenize --model <dir> [--base <dir>] --data <file.jsonl> [--out <file.jsonl>]: exactly which
 // tokens of each record the loss scores. One JSON object per record:
-//   {"line", "text", "rendering", "input_ids", "target_weights", "offsets"[, "truncated"]}
+//   {"line", "text", "rendering", "input_ids", "target_weights", "offsets"[, "truncated"[, "truncated_lower_bound"]]}
 // `text` is the rendered record (chat template applied), `offsets` are UTF-16 [start, end) per
 // token into `text`, `target_weights[t]` is 1 iff position t's prediction of token t+1 is in the
 // loss (as `gradients` writes it). Same loading, rendering and masking code as `fit` and `explain`.
@@ -24,6 +24,7 @@ export interface TokenizedLine {
   target_weights: number[];
   offsets: Array<[number, number]>;
   truncated?: number;
+  truncated_lower_bound?: true;
 }
 
 /** The records of `data` as the model at `modelDir` is trained and scored on them. */
@@ -79,6 +80,8 @@ export function tokenizeFile(
       offsets: t.offsets,
     };
     if (t.truncated) out.truncated = t.truncated;
+    // a record far longer than the context is tokenized from a prefix: the count cut is a lower bound
+    if (t.truncatedAtLeast) out.truncated_lower_bound = true;
     return out;
   });
   return { lines, warnings };

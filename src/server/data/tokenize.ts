@@ -23,8 +23,10 @@ export interface TokenizedText {
   weights: number[];
   /** character range of each token in `text` (UTF-16 units), as Python `tokenizers` reports it */
   offsets: Array<[number, number]>;
-  /** tokens dropped at the end to fit the context */
+  /** tokens dropped at the end to fit the context (a lower bound when `truncatedAtLeast`) */
   truncated: number;
+  /** the text was far longer than the context and only a prefix was tokenized (`encodeHead`) */
+  truncatedAtLeast?: boolean;
   /** the rendered text the ids encode */
   text: string;
   rendering: Rendering;
@@ -92,6 +94,7 @@ export function tokenizeText(
   scoreTrailing = true,
 ): TokenizedText {
   const enc = encodeHead((t) => tok.encode(t, { addSpecialTokens: rendering !== 'chat_template' }), text, maxLength);
+  const fromPrefix = enc.text.length < text.length;
   let { ids, offsets, sources } = enc;
   let truncated = 0;
   if (ids.length > maxLength) {
@@ -108,7 +111,7 @@ export function tokenizeText(
     if (le > ls && spans.some(([s, e]) => ls < e && le > s))
       for (let p = contentEnd; p < ids.length; p++) weights[p - 1] = 1;
   }
-  return { ids, offsets, weights, truncated, text, rendering };
+  return { ids, offsets, weights, truncated, ...(fromPrefix ? { truncatedAtLeast: true } : {}), text, rendering };
 }
 
 /** One JSONL record (the parsed value), rendered for this model and tokenized as it was trained. */
