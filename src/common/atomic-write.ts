@@ -13,6 +13,7 @@
 // container sharing the folder (a partition of a fit) from being judged by a pid that means
 // nothing here: only this host's temporaries, and those of versions before the tag, are removed. (The write-file-atomic package names its temporaries by a hash, so
 // its leftovers could never be told apart from a user's files; hence this small helper.)
+
 import { createHash } from 'node:crypto';
 import {
   chmodSync,
@@ -33,6 +34,7 @@ import {
 import { hostname } from 'node:os';
 import { basename, dirname, join, resolve } from 'node:path';
 import { threadId } from 'node:worker_threads';
+import { realOrResolved } from './real-path';
 
 let counter = 0;
 
@@ -193,7 +195,9 @@ export function resolveLinks(path: string): string {
       if ((e as NodeJS.ErrnoException).code === 'ENOENT') return p; // a new file
       throw e;
     }
-    p = resolve(dirname(p), target);
+    // a relative target is read from the link's real folder: lexically against a path that runs
+    // through another link, `../` went elsewhere than the system goes
+    p = resolve(realOrResolved(dirname(p)), target);
   }
   throw new Error(`${path}: too many levels of symbolic links`);
 }

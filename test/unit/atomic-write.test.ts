@@ -183,6 +183,24 @@ test('a folder named by a symbolic link is replaced through it, and put back thr
   assert.deepEqual(readdirSync(disk), ['checkpoint']);
 });
 
+test('a linked folder reached through a linked parent, its target relative: replaced where the system resolves it', () => {
+  const d = join(root, 'linked-parent');
+  mkdirSync(join(d, 'disk', 'proj'), { recursive: true });
+  mkdirSync(join(d, 'disk', 'data', 'out'), { recursive: true });
+  writeFileSync(join(d, 'disk', 'data', 'out', 'old.txt'), 'old');
+  symlinkSync(join(d, 'disk', 'proj'), join(d, 'projlink')); // projlink -> disk/proj
+  symlinkSync('../data/out', join(d, 'disk', 'proj', 'out')); // disk/proj/out -> ../data/out
+  const out = join(d, 'projlink', 'out');
+  replaceDirAtomic(out, (tmp) => writeFileSync(join(tmp, 'new.txt'), 'new'));
+  assert.deepEqual(
+    readdirSync(join(d, 'disk', 'data', 'out')),
+    ['new.txt'],
+    'the folder the system resolves is replaced',
+  );
+  assert.equal(existsSync(join(d, 'data')), false, 'nothing written where a textual ../ points');
+  assert.ok(lstatSync(join(d, 'disk', 'proj', 'out')).isSymbolicLink());
+});
+
 test('a folder set aside by a killed writer whose pid this process now has (a restarted container) is put back', {
   skip: processStart(process.pid) === undefined ? 'needs /proc' : false,
 }, () => {
