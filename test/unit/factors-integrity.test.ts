@@ -9,6 +9,7 @@ import { join } from 'node:path';
 import { test } from 'node:test';
 import { loadFactors, saveFactors } from '../../src/server/attribution/ekfac/factors-io';
 import { runFitJob } from '../../src/server/attribution/fit-job';
+import { readSafetensorsHeader, readTensorF64, writeSafetensors } from '../../src/server/model/safetensors';
 import { writeJsonl } from './helpers/corpus';
 import { useTempHome } from './helpers/env';
 
@@ -119,6 +120,18 @@ test('factor files: header edits, a missing or edited arguments file and files o
     h[name].dtype = h[name].dtype === 'F64' ? 'I64' : 'I32';
   });
   assert.throws(() => loadFactors(kron), /is stored as I(64|32); factors are floats/);
+  // kronfluence's low-precision presets store the bases in bf16 (norms off 1 by up to ~2e-3): read
+  const bf16 = join(home, 'kron-bf16');
+  cpSync('test/fixtures/kronfluence/llama/factors_ekfac', bf16, { recursive: true });
+  for (const f of ['activation_eigenvectors', 'gradient_eigenvectors']) {
+    const file = join(bf16, `${f}.safetensors`);
+    const h = readSafetensorsHeader(file);
+    const tensors: Parameters<typeof writeSafetensors>[1] = {};
+    for (const [name, t] of h.tensors) tensors[name] = { dtype: 'BF16', shape: t.shape, data: readTensorF64(h, name) };
+    writeSafetensors(file, tensors, h.metadata);
+  }
+  assert.ok(Object.keys(loadFactors(bf16).modules).length > 0, 'bf16 bases load');
+
   // a kronfluence file copied in beside our arguments file
   d = copy();
   cpSync('test/fixtures/kronfluence/llama/factors_ekfac/lambda_matrix.safetensors', lambda(d));

@@ -263,6 +263,13 @@ test('tokenizer.json ids that are not ids, an unknown model type, post-processor
   tj = base();
   tj.model.vocab[token] = '7';
   assert.throws(load(tj), /the id "7"; ids are integers >= 0/);
+  // no "type" at all (older files): the model is inferred from its fields, as Python's tokenizers does
+  tj = base();
+  delete tj.model.type;
+  assert.deepEqual(
+    load(tj)().encode('hello world', { addSpecialTokens: false }).ids,
+    load(base())().encode('hello world', { addSpecialTokens: false }).ids,
+  );
   tj = base();
   tj.model.type = 'Bogus';
   assert.throws(load(tj), /the tokenizer model type "Bogus" is not one the tokenizers library implements/);

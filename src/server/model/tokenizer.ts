@@ -114,7 +114,8 @@ const isId = (v: unknown): boolean => Number.isInteger(v) && (v as number) >= 0;
 function checkIds(tj: Json, path: string): void {
   const model = tj.model as Json | undefined;
   if (!model || typeof model !== 'object') throw new TokenizerError(`${path}: no "model" section`);
-  if (!TOKENIZER_MODELS.includes(String(model.type)))
+  // no "type" at all: older files, whose model the library infers from its fields, as Python's does
+  if (model.type !== undefined && !TOKENIZER_MODELS.includes(String(model.type)))
     throw new TokenizerError(
       `${path}: the tokenizer model type ${JSON.stringify(model.type)} is not one the tokenizers library implements (${TOKENIZER_MODELS.join(', ')})`,
     );

@@ -373,7 +373,7 @@ export function loadFactors(dir: string, options: LoadOptions = {}): Factors {
     ACTIVATION_EIGENVALUES,
     GRADIENT_EIGENVALUES,
   ]);
-  const files = new Map<string, Record<string, Floats & { shape?: number[] }>>();
+  const files = new Map<string, Record<string, Floats & { shape?: number[]; stored?: string }>>();
   const open = (file: string) => {
     let f = files.get(file);
     if (!f) {
@@ -558,16 +558,22 @@ function oursArguments(dir: string, ours: Record<string, unknown>, modules: stri
   };
 }
 
+/** Machine epsilon of the float types factor files store. */
+const STORED_EPSILON: Record<string, number> = { F64: 2 ** -52, F32: 2 ** -23, F16: 2 ** -10, BF16: 2 ** -7 };
+
 /**
  * Eigenvectors are an orthonormal basis: every row of Q has norm 1 (to float32 rounding). A
  * damaged or edited file passed every other check while its scores came out NaN or Inf (an
  * entry of 1e30) or silently scaled; checking the rows' norms costs one pass over Q.
  */
-function unitRows(q: Floats, n: number, dir: string, file: string, module: string): Floats {
+function unitRows(q: Floats & { stored?: string }, n: number, dir: string, file: string, module: string): Floats {
+  // rounding to the stored type moves a norm by up to about its epsilon (kronfluence's low-precision
+  // presets store bf16 bases: 1.1e-3 to 1.7e-3 off), so the tolerance is 8 of them, 1e-3 at least
+  const tol = Math.max(1e-3, 8 * (STORED_EPSILON[q.stored ?? 'F64'] ?? 2 ** -7));
   for (let i = 0; i < n; i++) {
     let s = 0;
     for (let j = i * n; j < (i + 1) * n; j++) s += q[j] * q[j];
-    if (!(Math.abs(Math.sqrt(s) - 1) <= 1e-3))
+    if (!(Math.abs(Math.sqrt(s) - 1) <= tol))
       throw new FactorsError(
         `${join(dir, file)}.safetensors: the eigenvectors of module ${module} are not orthonormal (row ${i} has norm ${Math.sqrt(s).toPrecision(4)}, not 1): the file was damaged or edited; fit the factors again`,
       );
@@ -726,7 +732,7 @@ function readAll(
   path: string,
   precision: Precision,
   kind: { counts: boolean; strict: boolean },
-): Record<string, Floats & { shape?: number[] }> {
+): Record<string, Floats & { shape?: number[]; stored?: string }> {
   const h = readSafetensorsHeader(path);
   const check = checkDataChecksum(h);
   if (check === 'mismatch')
@@ -741,7 +747,7 @@ function readAll(
     throw new FactorsError(
       `${path}: written by influence-lens's fit but without its ${check === 'absent' ? 'data' : 'tensor table'} checksum, so it was altered since; refit the factors`,
     );
-  const out: Record<string, Floats & { shape?: number[] }> = {};
+  const out: Record<string, Floats & { shape?: number[]; stored?: string }> = {};
   for (const [name, info] of h.tensors) {
     // a float relabelled as an integer type (or the reverse) reads as other numbers
     if (!kind.counts && !FLOAT_DTYPES.has(info.dtype))
@@ -754,7 +760,7 @@ function readAll(
     const bad = firstNonFinite(stored);
     if (bad >= 0)
       throw new FactorsError(`${path}: tensor "${name}" holds ${stored[bad]} at index ${bad}; refit the factors`);
-    const t: Floats & { shape?: number[] } = inPrecision(stored, precision);
+    const t: Floats & { shape?: number[]; stored?: string } = inPrecision(stored, precision);
     const over = t === stored ? -1 : firstNonFinite(t);
     if (over >= 0)
       throw new FactorsError(
@@ -762,6 +768,7 @@ function readAll(
           "open the model with precision 'fp64'",
       );
     t.shape = info.shape;
+    t.stored = info.dtype;
     out[name] = t;
   }
   return out;
