@@ -49,3 +49,14 @@ export function jsonText(bytes: Buffer, path: string, refuse: (message: string) 
     );
   return bytes.toString('utf8');
 }
+
+/**
+ * `readFileSync` for a file the user named, without waiting on a pipe: a path that is not a
+ * regular file throws an Error saying what it is (callers wrap it in their own user error).
+ */
+export function readFileNoWait(path: string): Buffer;
+export function readFileNoWait(path: string, encoding: 'utf8'): string;
+export function readFileNoWait(path: string, encoding?: 'utf8'): Buffer | string {
+  const bytes = readRegularFile(path, (what) => new Error(`${path} is ${what}`));
+  return encoding ? bytes.toString(encoding) : bytes;
+}

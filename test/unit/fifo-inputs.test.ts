@@ -42,6 +42,20 @@ test('a pipe given as data, factor file, config.json or tokenizer.json is refuse
   assert.equal(r.code, 1, r.err);
   assert.match(r.err, /influence_lens_arguments\.json is not a regular file/);
 
+  // files read on other paths: a chat template beside the tokenizer, an adapter's config
+  const jinja = join(home, 'model-jinja');
+  cpSync(LLAMA, jinja, { recursive: true });
+  fifo(join(jinja, 'chat_template.jinja'));
+  r = cli('tokenize', '--model', jinja, '--data', data);
+  assert.equal(r.code, 1, r.err);
+  assert.match(r.err, /chat_template\.jinja is not a regular file/);
+  const adapter = join(home, 'adapter');
+  cpSync('test/fixtures/models/llama_lora', adapter, { recursive: true });
+  fifo(join(adapter, 'adapter_config.json'));
+  r = cli('tokenize', '--model', adapter, '--base', LLAMA, '--data', data);
+  assert.equal(r.code, 1, r.err);
+  assert.match(r.err, /adapter_config\.json.*is not a regular file/);
+
   for (const file of ['config.json', 'tokenizer.json']) {
     const model = join(home, `model-${file}`);
     cpSync(LLAMA, model, { recursive: true });

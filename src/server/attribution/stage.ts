@@ -1,8 +1,10 @@
 // Opening a model together with its EK-FAC factors, and refusing pairs that do not belong
 // together: factors fitted on another model, factors for other modules, broken factors.
-import { existsSync, readFileSync } from 'node:fs';
+
+import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { canonicalJson } from '../../common/ids';
+import { readFileNoWait } from '../../common/read-file';
 import { contextLength, tokenizationKey } from '../data/tokenize';
 import { describeTraining, sameTraining, trainingArgument } from '../data/training';
 import { configDifference } from '../model/checkpoints';
@@ -249,10 +251,10 @@ export function tokenizerDifference(dirA: string, dirB: string): string | undefi
     const path = join(dir, file);
     if (!existsSync(path)) return {};
     try {
-      const v = JSON.parse(readFileSync(path, 'utf8'));
+      const v = JSON.parse(readFileNoWait(path, 'utf8'));
       return typeof v === 'object' && v !== null && !Array.isArray(v) ? v : { '': v };
     } catch {
-      return { '': readFileSync(path, 'utf8') };
+      return { '': readFileNoWait(path, 'utf8') };
     }
   };
   for (const [file, skip] of [

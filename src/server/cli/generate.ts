@@ -3,7 +3,8 @@
 //   generate --model <dir> [--base <dir>] (--prompt P | --prompts <file.jsonl>) [--max-tokens N]
 //     [--temperature T] [--seed N] [--stop S]... [--multiline] [--json]
 // (--base: the base model folder of a LoRA adapter, as for the other commands)
-import { readFileSync } from 'node:fs';
+
+import { readFileNoWait } from '../../common/read-file';
 import { contextLength } from '../data/tokenize';
 import { Model } from '../model/engine';
 import { GenerateError, generate } from '../model/generate';
@@ -68,7 +69,7 @@ export async function runGenerate(argv: string[]): Promise<void> {
 function readPrompts(file: string): string[] {
   let text: string;
   try {
-    text = readFileSync(file, 'utf8');
+    text = readFileNoWait(file, 'utf8');
   } catch (e) {
     throw new CliError(`cannot read --prompts ${file}: ${(e as Error).message}`);
   }

@@ -5,9 +5,11 @@
 //     [--from <dir>] [--queries <file>]
 // A model trained elsewhere has no training_args.json: it is refused with the way to go instead
 // (export the cleaned dataset and train it with your own pipeline).
+
 import { createHash } from 'node:crypto';
 import { existsSync, readFileSync } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
+import { readFileNoWait } from '../../common/read-file';
 import { modelFingerprint } from '../attribution/fingerprint';
 import { loadDataset } from '../data/dataset';
 import { contextLength, tokenizeQuery } from '../data/tokenize';
@@ -54,7 +56,7 @@ export async function runRetrain(argv: string[]): Promise<void> {
   const data = v.data ?? join(dirname(v.exclude), basename(v.exclude).replace(/\.exclude\.jsonl$/i, '.jsonl'));
   if (!v.data && !existsSync(data))
     throw new CliError(`${data} (the data beside ${v.exclude}) does not exist; name the training data with --data`);
-  const sha = createHash('sha256').update(readFileSync(data)).digest('hex');
+  const sha = createHash('sha256').update(readFileNoWait(data)).digest('hex');
   if (sha !== args.data_sha256)
     throw new CliError(
       `${data} is not the data ${v.model} was trained on (sha256 ${sha.slice(0, 12)}…, training_args.json says ` +

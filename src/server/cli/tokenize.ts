@@ -4,9 +4,11 @@
 // `text` is the rendered record (chat template applied), `offsets` are UTF-16 [start, end) per
 // token into `text`, `target_weights[t]` is 1 iff position t's prediction of token t+1 is in the
 // loss (as `gradients` writes it). Same loading, rendering and masking code as `fit` and `explain`.
-import { closeSync, existsSync, openSync, readFileSync, readSync, statSync } from 'node:fs';
+
+import { closeSync, existsSync, openSync, readSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { cleanStaleTempsOf, writeFileAtomic } from '../../common/atomic-write';
+import { readFileNoWait } from '../../common/read-file';
 import { loadDataset } from '../data/dataset';
 import { contextLength, type TokenizedText, tokenizeExamples } from '../data/tokenize';
 import type { TrainingConvention } from '../data/training';
@@ -43,7 +45,7 @@ export function tokenizeFile(
   let config: Record<string, unknown> = ck ? ck.config : {};
   if (!ck && existsSync(cfgPath)) {
     try {
-      config = JSON.parse(readFileSync(cfgPath, 'utf8'));
+      config = JSON.parse(readFileNoWait(cfgPath, 'utf8'));
     } catch (e) {
       throw new CliError(`${cfgPath}: not valid JSON (${(e as Error).message})`);
     }

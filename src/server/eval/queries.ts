@@ -2,8 +2,9 @@
 // answer accuracy (greedy) and, per attribution method, how well the known sources are
 // retrieved (Recall@k, MRR). `data eval --queries` runs it on a user's own corpus; `bench eval`
 // uses the same retrieval loop on the embedded default's queries.
-import { readFileSync } from 'node:fs';
+
 import { basename } from 'node:path';
+import { readFileNoWait } from '../../common/read-file';
 import type { Dataset } from '../data/dataset';
 import type { Model } from '../model/engine';
 import { generate } from '../model/generate';
@@ -34,7 +35,7 @@ export class QueriesError extends Error {}
 export function readEvalQueries(file: string): EvalQuery[] {
   let text: string;
   try {
-    text = readFileSync(file, 'utf8');
+    text = readFileNoWait(file, 'utf8');
   } catch (e) {
     throw new QueriesError(`cannot read queries file ${file}: ${(e as Error).message}`);
   }

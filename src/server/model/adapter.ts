@@ -4,8 +4,10 @@
 //   y = base(x) + scaling · B(A x),  scaling = lora_alpha / r  (rsLoRA: lora_alpha / √r),
 // dropout off (inference). Every adapter_config.json setting that would change this forward
 // and is not implemented here is refused by name, never ignored.
-import { existsSync, readFileSync, statSync } from 'node:fs';
+
+import { existsSync, statSync } from 'node:fs';
 import { isAbsolute, join, resolve } from 'node:path';
+import { readFileNoWait } from '../../common/read-file';
 import { readSafetensorsHeader, type SafetensorsHeader } from './safetensors';
 
 export const ADAPTER_CONFIG = 'adapter_config.json';
@@ -100,7 +102,7 @@ export function readAdapter(dirIn: string): LoraAdapter {
   const configPath = join(dir, ADAPTER_CONFIG);
   let text: string;
   try {
-    text = readFileSync(configPath, 'utf8');
+    text = readFileNoWait(configPath, 'utf8');
   } catch (e) {
     const code = (e as NodeJS.ErrnoException).code;
     throw new AdapterError(

@@ -2,20 +2,10 @@
 // listed in model.safetensors.index.json. Opening one reads only the headers; weight
 // bytes stay on disk (the engine hands them to ONNX Runtime as external data).
 
-import {
-  closeSync,
-  existsSync,
-  lstatSync,
-  openSync,
-  readdirSync,
-  readFileSync,
-  readlinkSync,
-  readSync,
-  statSync,
-} from 'node:fs';
+import { closeSync, existsSync, lstatSync, openSync, readdirSync, readlinkSync, readSync, statSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { restoreReplacedDir } from '../../common/atomic-write';
-import { jsonText, readRegularFile } from '../../common/read-file';
+import { jsonText, readFileNoWait, readRegularFile } from '../../common/read-file';
 import {
   ADAPTER_CONFIG,
   checkTargets,
@@ -159,7 +149,7 @@ export function readConfig(dir: string): Record<string, unknown> {
 /** Whether an index's weight_map points at `file` alone (then it and the single file agree). */
 function indexNamesOnly(index: string, file: string): boolean {
   try {
-    const map = (JSON.parse(readFileSync(index, 'utf8')) as { weight_map?: Record<string, string> }).weight_map;
+    const map = (JSON.parse(readFileNoWait(index, 'utf8')) as { weight_map?: Record<string, string> }).weight_map;
     return !!map && typeof map === 'object' && Object.values(map).every((f) => f === file);
   } catch {
     return false; // an unreadable index beside a single file: refused as two layouts
@@ -189,7 +179,7 @@ function weightFiles(dir: string): { files: string[]; map?: Record<string, strin
   if (existsSync(index)) {
     let parsed: { weight_map?: Record<string, string> };
     try {
-      parsed = JSON.parse(readFileSync(index, 'utf8'));
+      parsed = JSON.parse(readFileNoWait(index, 'utf8'));
     } catch (e) {
       throw new CheckpointError(`${index}: not valid JSON (${(e as Error).message})`);
     }

@@ -15,9 +15,11 @@
 // Each checkpoint must be the same model as the final one (config, parameter names and shapes,
 // tokenizer, adapter or not): a sum over checkpoints of another model means nothing, so any
 // difference is refused in one line naming the folder and what differs.
+
 import { createHash } from 'node:crypto';
-import { existsSync, readdirSync, readFileSync, realpathSync, statSync } from 'node:fs';
+import { existsSync, readdirSync, realpathSync, statSync } from 'node:fs';
 import { basename, dirname, join, resolve } from 'node:path';
+import { readFileNoWait } from '../../common/read-file';
 import { ADAPTER_CONFIG, ADAPTER_WEIGHTS } from './adapter';
 import { type Checkpoint, CheckpointError, openCheckpoint } from './checkpoint';
 
@@ -376,7 +378,7 @@ function modelDifference(a: Checkpoint, b: Checkpoint): string | undefined {
 function readJson(path: string): Record<string, unknown> | undefined {
   if (!existsSync(path)) return undefined;
   try {
-    const v = JSON.parse(readFileSync(path, 'utf8'));
+    const v = JSON.parse(readFileNoWait(path, 'utf8'));
     return v && typeof v === 'object' && !Array.isArray(v) ? v : undefined;
   } catch (e) {
     throw new CheckpointsError(`${path}: not valid JSON (${(e as Error).message})`);
@@ -388,5 +390,5 @@ function num(v: unknown): number | undefined {
 }
 
 function fileHash(path: string): string {
-  return createHash('sha256').update(readFileSync(path)).digest('hex');
+  return createHash('sha256').update(readFileNoWait(path)).digest('hex');
 }

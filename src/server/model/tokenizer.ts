@@ -8,7 +8,7 @@
 // Components whose offsets we do not reproduce are refused at load time.
 
 import { createHash } from 'node:crypto';
-import { existsSync, readFileSync } from 'node:fs';
+import { existsSync } from 'node:fs';
 import { basename, join } from 'node:path';
 import { Tokenizer } from '@huggingface/tokenizers';
 import { jsonText, readRegularFile } from '../../common/read-file';
@@ -466,7 +466,11 @@ export function loadTokenizer(
   // The chat template: transformers reads chat_template.jinja first, then tokenizer_config.json.
   const jinjaPath = join(dir, 'chat_template.jinja');
   let templateSource: { file: string; text: string } | undefined;
-  if (existsSync(jinjaPath)) templateSource = { file: jinjaPath, text: readFileSync(jinjaPath, 'utf8') };
+  if (existsSync(jinjaPath))
+    templateSource = {
+      file: jinjaPath,
+      text: readRegularFile(jinjaPath, (what) => new TokenizerError(`${jinjaPath} is ${what}`)).toString('utf8'),
+    };
   else if (typeof tc.chat_template === 'string') templateSource = { file: cfgPath, text: tc.chat_template };
   else if (tc.chat_template !== undefined && tc.chat_template !== null && !Array.isArray(tc.chat_template))
     // read as no template, chats were rendered with the stand-in format

@@ -12,12 +12,13 @@
 //     "port": 0, "maxConcurrent": 2
 //   }
 
-import { readFileSync, statSync } from 'node:fs';
+import { statSync } from 'node:fs';
 import { basename, dirname, isAbsolute, resolve } from 'node:path';
 import { visit } from 'jsonc-parser';
 import schemaJson from '../../../influence-lens.schema.json' with { type: 'json' };
 import { canonicalJson } from '../../common/ids';
 import { formatIssue, type JsonSchema, validateSchema } from '../../common/json-schema';
+import { readFileNoWait } from '../../common/read-file';
 import { defaultDiscoveryFile } from '../../transport/discovery';
 import { DEFAULT_LIMITS } from '../../transport/server';
 import { parseDamping } from '../attribution/stage';
@@ -219,7 +220,7 @@ export function readConfigFile(file: string): Config {
   const source = basename(abs);
   let text: string;
   try {
-    text = readFileSync(abs, 'utf8');
+    text = readFileNoWait(abs, 'utf8');
   } catch (e) {
     throw new ConfigFileError(
       `cannot read the configuration ${abs}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`,

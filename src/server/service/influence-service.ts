@@ -3,13 +3,15 @@
 // explain / getExample / scanDataset / fit / index / reload / generate. The JSON-RPC layer
 // (src/transport, with the method table in ./handlers) validates frames and calls these methods with a cancellation signal and
 // progress callbacks; the CLI and tests can call them directly.
+
 import { createHash } from 'node:crypto';
-import { readFileSync, statSync } from 'node:fs';
+import { statSync } from 'node:fs';
 import { isAbsolute, join, relative, resolve } from 'node:path';
 import { cleanStaleTemps } from '../../common/atomic-write';
 import { canonicalJson } from '../../common/ids';
 import { own } from '../../common/own';
 import { raceAbort } from '../../common/race-abort';
+import { readFileNoWait } from '../../common/read-file';
 import { LIMITS } from '../../protocol/limits';
 import { methodInfo } from '../../protocol/methods';
 import type {
@@ -206,7 +208,7 @@ export class ConfigFileWatch {
     let now: string | undefined;
     let why = '';
     try {
-      now = canonicalJson(JSON.parse(readFileSync(c.path, 'utf8')));
+      now = canonicalJson(JSON.parse(readFileNoWait(c.path, 'utf8')));
     } catch (e) {
       why = ` (it cannot be read now: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message})`;
     }
@@ -1266,7 +1268,7 @@ function unchanged(d: LoadedDataset, now: FileStamp): boolean {
 }
 
 function fileSha256(path: string): string {
-  return createHash('sha256').update(readFileSync(path)).digest('hex');
+  return createHash('sha256').update(readFileNoWait(path)).digest('hex');
 }
 
 function safe(id: string): string {
