@@ -1,7 +1,7 @@
 // The influence commands as a user runs them: fit → explain (text and --json) → scan, and the
 // one-line errors for the mistakes users make.
 import assert from 'node:assert/strict';
-import { writeFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
 import type { ExplainResult } from '../../src/protocol/types';
@@ -77,6 +77,30 @@ describe('influence-lens fit / explain / scan', () => {
     const many = cli(...args, '--queries', qfile);
     assert.equal(many.code, 0, many.err);
     assert.deepEqual((JSON.parse(many.out.trim()) as ExplainResult).warnings, res.warnings);
+    // lines skipped as malformed are said in the JSON too
+    const messy = join(home, 'messy.jsonl');
+    writeFileSync(messy, `${readFileSync(data, 'utf8').trimEnd()}\n{not json\n`);
+    const skipped = cli(
+      'explain',
+      '--model',
+      MODEL,
+      '--factors',
+      factors,
+      '--data',
+      messy,
+      '--json',
+      '--skip-malformed',
+      '--prompt',
+      'Q: capital of France?\nA:',
+      '--completion',
+      ' Paris',
+    );
+    assert.equal(skipped.code, 0, skipped.err);
+    assert.ok(
+      (JSON.parse(skipped.out) as ExplainResult).warnings?.some((w) =>
+        /skipped 1 malformed line\(s\) of .*messy\.jsonl/.test(w),
+      ),
+    );
     // over the data they were fitted on: no warnings field
     const clean = cli(
       'explain',

@@ -107,3 +107,29 @@ test('config.json rewritten with the same content (CRLF line endings, another ke
   writeFileSync(file, JSON.stringify({ ...cfg, rms_norm_eps: (cfg.rms_norm_eps ?? 1e-6) * 2 }));
   assert.throws(() => openStage(model, out), /were fitted on another model/);
 });
+
+test('an unfinished fit of an earlier version is not offered to be finished: this version cannot', async () => {
+  const { mkdirSync: mk } = await import('node:fs');
+  const data = writeJsonl(join(home, 'unfinished.jsonl'), [{ text: 'Paris is the capital of France.' }]);
+  const out = join(home, 'unfinished');
+  const fit = () => runFitJob({ modelDir: LLAMA, dataPath: data, out, modules: 'mlp', labels: 'empirical', seed: 0 });
+  await fit();
+  // what a fit killed midway by an earlier version left: its job description, without fitVersion
+  const args = JSON.parse(readFileSync(join(out, 'influence_lens_arguments.json'), 'utf8'));
+  rmSync(out, { recursive: true });
+  mk(join(out, 'partials'), { recursive: true });
+  const job = {
+    modelFingerprint: args.modelFingerprint,
+    dataFingerprint: args.dataFingerprint,
+    modules: 'mlp',
+    labels: 'empirical',
+    seed: 0,
+    maxExamples: null,
+    partitions: 1,
+  };
+  writeFileSync(join(out, 'partials', 'job.json'), JSON.stringify(job, null, 2));
+  await assert.rejects(
+    fit(),
+    /holds an unfinished fit of another version of influence-lens \(fit version 1, this version fits 2\), which this version cannot finish: delete .*partials to start over/,
+  );
+});

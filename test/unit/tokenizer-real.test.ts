@@ -187,6 +187,8 @@ test('a text far longer than the context is tokenized from a prefix, with the sa
       assert.deepEqual(t.offsets, whole.offsets.slice(0, maxLength), ctx);
       assert.deepEqual(t.weights.slice(0, maxLength - 1), whole.weights.slice(0, maxLength - 1), ctx);
       assert.ok(t.truncated > 0, ctx);
+      assert.equal(t.truncatedAtLeast, true, `${ctx}: the count cut is said to be a lower bound`);
+      assert.equal(whole.truncatedAtLeast, undefined, ctx);
     }
   }
 });

@@ -313,8 +313,11 @@ async function fitJob(o: FitJobOptions, n: number, i: number): Promise<FitJobRes
         writeFileAtomic(jobFile, `${JSON.stringify(job, null, 2)}\n`);
       } else if (JSON.stringify(prev) !== JSON.stringify(job))
         throw new FitJobError(
-          `${partials} holds an unfinished fit with other settings (${diffKeys(prev, job)}); ` +
-            `finish it with the same options, or delete ${partials} to start over`,
+          prev.fitVersion !== job.fitVersion
+            ? // its stages were computed by another version's fit: this one cannot finish it
+              `${partials} holds an unfinished fit of another version of influence-lens (fit version ${prev.fitVersion ?? 1}, this version fits ${job.fitVersion}), which this version cannot finish: delete ${partials} to start over`
+            : `${partials} holds an unfinished fit with other settings (${diffKeys(prev, job)}); ` +
+                `finish it with the same options, or delete ${partials} to start over`,
         );
     } else if (existsSync(join(o.out, OUR_ARGUMENTS_FILE))) {
       // another partition wrote the factors after this one looked

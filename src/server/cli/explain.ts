@@ -157,7 +157,9 @@ export async function runExplain(argv: string[]): Promise<void> {
     skipMalformed: v['skip-malformed'],
     trainedBy: { tokenizer: dataModel.tokenizer, maxLength: contextLength(dataModel.config) },
   });
-  if (dataset.skipped.length) process.stderr.write(`skipped ${dataset.skipped.length} malformed line(s)\n`);
+  const notes: string[] = [];
+  if (dataset.skipped.length) notes.push(`skipped ${dataset.skipped.length} malformed line(s) of ${v.data}`);
+  for (const n of notes) process.stderr.write(`${n}\n`);
   const corpus = new Corpus(v.data, dataset, dataModel);
   // the factors that meet these candidates: the pre-trained model's under multistage
   const hashes = dataset.examples.map((e) => e.hash);
@@ -170,8 +172,14 @@ export async function runExplain(argv: string[]): Promise<void> {
   if (stale) process.stderr.write(`warning: ${stale}\n`);
   // the same warnings travel with each --json result (ExplainResult.warnings, as the server sends
   // them): a script that reads the JSON alone must see that the factors are of other data
-  const warnings = [...ft.warnings, ...(pt?.warnings ?? []), ...(stale ? [stale] : [])];
-  const withWarnings = <R extends object>(r: R): R => (warnings.length ? { ...r, warnings } : r);
+  const warnings = [...ft.warnings, ...(pt?.warnings ?? []), ...(stale ? [stale] : []), ...notes];
+  const withWarnings = <R extends object>(r: R): R => {
+    // examples cut to the context are known once the corpus is tokenized (by the run)
+    const all = corpus.truncated
+      ? [...warnings, `${corpus.truncated} example(s) were cut to the model's context`]
+      : warnings;
+    return all.length ? { ...r, warnings: all } : r;
+  };
   if (corpus.truncated) process.stderr.write(`${corpus.truncated} example(s) were cut to the model's context\n`);
   const plan = cliPlan(v.model, ft.model, checkpointsSetting(v.checkpoints), [method, ...compare]);
   const checkpoints =
