@@ -120,6 +120,17 @@ test('factor files: header edits, a missing or edited arguments file and files o
     h[name].dtype = h[name].dtype === 'F64' ? 'I64' : 'I32';
   });
   assert.throws(() => loadFactors(kron), /is stored as I(64|32); factors are floats/);
+  // a kronfluence count file relabelled I64 → F64 (its counts read as denormals)
+  const counts = join(home, 'kron-counts');
+  cpSync('test/fixtures/kronfluence/llama/factors_ekfac', counts, { recursive: true });
+  editHeader(join(counts, 'num_lambda_processed.safetensors'), (h) => {
+    for (const k of Object.keys(h)) if (k !== '__metadata__') h[k].dtype = 'F64';
+  });
+  assert.throws(
+    () => loadFactors(counts),
+    /num_lambda_processed\.safetensors: tensor .* is stored as F64; kronfluence's token counts are integers/,
+  );
+
   // kronfluence's low-precision presets store the bases in bf16 (norms off 1 by up to ~2e-3): read
   const bf16 = join(home, 'kron-bf16');
   cpSync('test/fixtures/kronfluence/llama/factors_ekfac', bf16, { recursive: true });

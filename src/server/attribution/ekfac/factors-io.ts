@@ -749,6 +749,13 @@ function readAll(
     );
   const out: Record<string, Floats & { shape?: number[]; stored?: string }> = {};
   for (const [name, info] of h.tensors) {
+    // kronfluence writes its token counts as int64: one of its count files holding floats was
+    // relabelled (an I64 count read as F64 is a denormal near 5e-321); ours may be F64 (weighted
+    // counts) and are covered by their tensor table checksum
+    if (kind.counts && h.metadata.influence_lens_fit === undefined && FLOAT_DTYPES.has(info.dtype))
+      throw new FactorsError(
+        `${path}: tensor "${name}" is stored as ${info.dtype}; kronfluence's token counts are integers (I64): the file was altered or is not a count file`,
+      );
     // a float relabelled as an integer type (or the reverse) reads as other numbers
     if (!kind.counts && !FLOAT_DTYPES.has(info.dtype))
       throw new FactorsError(
