@@ -139,3 +139,24 @@ test('messages that say what is wrong: a weight stored as integers, a damping of
     assert.match(r.err, new RegExp(`${name.replace('.', '\\.')} starts with a byte order mark \\(BOM\\)`), name);
   }
 });
+
+test('inspect lists float tensors the model never reads (what transformers warns of as unused weights)', async () => {
+  const {
+    readSafetensorsHeader: header,
+    readTensorF64,
+    writeSafetensors,
+  } = await import('../../src/server/model/safetensors');
+  const dir = join(home, 'extra-tensor');
+  cpSync(LLAMA, dir, { recursive: true });
+  const file = join(dir, 'model.safetensors');
+  const h = header(file);
+  const tensors: Parameters<typeof writeSafetensors>[1] = {};
+  for (const [name, t] of h.tensors) tensors[name] = { dtype: t.dtype, shape: t.shape, data: readTensorF64(h, name) };
+  tensors['score.weight'] = { dtype: 'F32', shape: [2, 2], data: [1, 2, 3, 4] };
+  writeSafetensors(file, tensors, h.metadata);
+  const r = cli('inspect', dir);
+  assert.equal(r.code, 0, r.err);
+  assert.match(r.out, /unused: +1 float tensor\(s\) the model does not read, e\.g\. score\.weight/);
+  assert.doesNotMatch(cli('inspect', LLAMA).out, /unused:/);
+  assert.deepEqual(JSON.parse(cli('inspect', dir, '--json').out).unreadTensors, ['score.weight']);
+});

@@ -25,9 +25,11 @@ export async function runInspect(argv: string[]): Promise<void> {
   };
   // integer/bool buffers (old causal masks) the model does not read, as transformers ignores them
   const ignored = model.checkpoint.ignored ?? [];
+  // float tensors the forward pass never reads: transformers warns of them as unused weights
+  const unread = model.unreadWeights();
   if (values.json) {
     process.stdout.write(
-      `${JSON.stringify({ dir, modelType: model.checkpoint.modelType, architecture: model.describe(), parameters: count, ...(adapter ? { adapter } : {}), ...(ignored.length ? { ignoredTensors: ignored } : {}), modules }, null, 2)}\n`,
+      `${JSON.stringify({ dir, modelType: model.checkpoint.modelType, architecture: model.describe(), parameters: count, ...(adapter ? { adapter } : {}), ...(ignored.length ? { ignoredTensors: ignored } : {}), ...(unread.length ? { unreadTensors: unread } : {}), modules }, null, 2)}\n`,
     );
     return;
   }
@@ -43,6 +45,11 @@ export async function runInspect(argv: string[]): Promise<void> {
     ...(ignored.length
       ? [
           `not read:     ${ignored.length} integer/bool buffer(s), e.g. ${ignored[0].name} (${ignored[0].dtype}): old causal masks, which transformers ignores too`,
+        ]
+      : []),
+    ...(unread.length
+      ? [
+          `unused:       ${unread.length} float tensor(s) the model does not read, e.g. ${unread[0]}: transformers loads such a checkpoint with an unused-weights warning; another model's weights beside this one's?`,
         ]
       : []),
     `tracked modules (${modules.length}; "mlp" selects ${modules.filter((m) => m.kind === 'mlp').length}):`,

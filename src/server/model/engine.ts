@@ -313,6 +313,15 @@ export class Model {
     return [...this.checkpoint.weights].map(([name, w]) => ({ name, shape: w.shape }));
   }
 
+  /**
+   * Float tensors of the checkpoint the forward pass never reads (a tied head stored twice reads
+   * as one): what transformers warns of as unused weights. `inspect` lists them.
+   */
+  unreadWeights(): string[] {
+    const { weights } = this.buildForward(new Graph(), 'inputs');
+    return [...this.checkpoint.weights.keys()].filter((n) => !weights.tensors.has(n));
+  }
+
   /** Tracked linear modules (built from a throwaway graph, so always in sync with the builders). */
   modules(selection: ModuleSelection = 'all'): ModuleInfo[] {
     const { modules } = this.buildForward(new Graph(), 'inputs');
