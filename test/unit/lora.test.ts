@@ -6,6 +6,7 @@ import { cpSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } f
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { after, test } from 'node:test';
+import { modelFingerprint } from '../../src/server/attribution/fingerprint';
 import { pythonAnchors, readAdapter, targets } from '../../src/server/model/adapter';
 import { Model } from '../../src/server/model/engine';
 import { readSafetensorsHeader, readTensorF32, writeSafetensors } from '../../src/server/model/safetensors';
@@ -161,6 +162,51 @@ test("LoRA: Python's \\A and \\Z anchors in a target_modules regular expression 
   for (const kept of [String.raw`a\\Z`, String.raw`[\Z]`, String.raw`[]\Z]`, String.raw`[^]\A]x`, String.raw`\.q_proj`])
     assert.equal(pythonAnchors(kept), kept);
   assert.equal(pythonAnchors(String.raw`[a]\Z`), '[a]$');
+});
+
+test("LoRA: Python's regex spellings PEFT reads ({,n}, (?P<name>…), (?P=name)) select what PEFT selects", () => {
+  const list = Model.open(variant(() => {})).modules();
+  // {,1} is a quantifier in Python; JavaScript read it as text, and down_proj was not selected
+  const braces = String.raw`.*\.(q|v)_proj|.*dow{,1}n_proj`;
+  assert.deepEqual(Model.open(variant((c) => (c.target_modules = braces))).modules(), list);
+  const named = String.raw`.*\.(?P<p>q|v)_proj|.*\.(?P<d>down)_proj`;
+  assert.deepEqual(Model.open(variant((c) => (c.target_modules = named))).modules(), list);
+  assert.equal(pythonAnchors('(?P<x>a)(?P=x)b{,2}'), String.raw`(?<x>a)\k<x>b{0,2}`);
+  // inside a character class they stay as written
+  assert.equal(pythonAnchors('[{,1}]'), '[{,1}]');
+});
+
+test('LoRA: use_rslora and lora_bias of null read as false, as PEFT reads them', () => {
+  const plain = Model.open(variant(() => {}));
+  const nulls = Model.open(variant((c) => Object.assign(c, { use_rslora: null, lora_bias: null })));
+  assert.deepEqual(nulls.modules(), plain.modules());
+  assert.equal(nulls.checkpoint.adapter!.scaling, plain.checkpoint.adapter!.scaling);
+});
+
+test("LoRA: the adapter's layout, PEFT version and dropout do not change its fingerprint; its rank settings do", () => {
+  const fp = (edit: (c: Record<string, unknown>) => void, reorder = false) => {
+    const dir = variant(edit);
+    if (reorder) {
+      const file = join(dir, 'adapter_config.json');
+      const c = JSON.parse(readFileSync(file, 'utf8'));
+      writeFileSync(file, JSON.stringify(Object.fromEntries(Object.entries(c).reverse()), null, 4));
+    }
+    return modelFingerprint(Model.open(dir).checkpoint, join(tmp, 'fp-cache'));
+  };
+  const base = fp(() => {});
+  assert.equal(
+    fp(() => {}, true),
+    base,
+    'key order and indentation',
+  );
+  assert.equal(
+    fp((c) => Object.assign(c, { peft_version: '9.9.9', lora_dropout: 0.37 })),
+    base,
+  );
+  assert.notEqual(
+    fp((c) => (c.lora_alpha = (c.lora_alpha as number) * 2)),
+    base,
+  );
 });
 
 test('LoRA: target_modules entries that match nothing are fine (PEFT needs one to match); overlapping entries all count', () => {

@@ -3,6 +3,7 @@
 import { createHash } from 'node:crypto';
 import { basename } from 'node:path';
 import { canonicalJson } from '../../common/ids';
+import { RUN_ONLY_ADAPTER_KEYS } from '../model/adapter';
 import type { Checkpoint } from '../model/checkpoint';
 import { pinnedDigest } from '../model/content-digest';
 import { defaultCacheDir } from '../model/engine';
@@ -22,7 +23,12 @@ export function modelFingerprint(ck: Checkpoint, cacheDir?: string): string {
   h.update(`config:${canonicalJson(ck.config)}\n`);
   // a LoRA adapter: its settings, but not where its base was found (the base's config.json
   // and weights are already hashed by content), so moving the folders keeps the factors
-  if (ck.adapter) h.update(JSON.stringify({ ...ck.adapter.config, base_model_name_or_path: null }));
+  // (as parsed and in canonical form, without the keys that only say how it was made: an edit of
+  // its layout, its PEFT version or its dropout made factors "another model's")
+  if (ck.adapter)
+    h.update(
+      `adapter:${canonicalJson(Object.fromEntries(Object.entries(ck.adapter.config).filter(([k]) => !RUN_ONLY_ADAPTER_KEYS.has(k))))}\n`,
+    );
   // the digests pinned on the opened checkpoint: the bytes its graphs' snapshot holds
   for (const f of ck.files) h.update(`${basename(f)}:${pinnedDigest(ck, f, cacheDir)}\n`);
   return hex16(h);

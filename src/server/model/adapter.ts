@@ -56,10 +56,11 @@ const KEYS: Record<string, { accepts: string; ok(v: unknown): boolean }> = {
     accepts: 'a list of module names or a regular expression',
     ok: (v) => typeof v === 'string' || (Array.isArray(v) && v.length > 0 && v.every((x) => typeof x === 'string')),
   },
-  use_rslora: { accepts: 'true or false', ok: (v) => typeof v === 'boolean' },
+  // null: what PEFT reads as false
+  use_rslora: { accepts: 'true, false or null', ok: (v) => typeof v === 'boolean' || v === null },
   fan_in_fan_out: { accepts: 'true or false', ok: (v) => typeof v === 'boolean' },
   bias: { accepts: '"none" (LoRA bias terms are not implemented)', ok: (v) => v === 'none' },
-  lora_bias: { accepts: 'false', ok: (v) => v === false },
+  lora_bias: { accepts: 'false (or null)', ok: (v) => v === false || v === null },
   use_dora: { accepts: 'false (DoRA is not implemented)', ok: (v) => v === false || v === null },
   modules_to_save: { accepts: 'null (fully trained extra modules are not implemented)', ok: isOff },
   rank_pattern: { accepts: '{} (per-module ranks are not implemented)', ok: isOff },
@@ -95,6 +96,24 @@ const KEYS: Record<string, { accepts: string; ok(v: unknown): boolean }> = {
   eva_config: { accepts: 'anything (initialisation only)', ok: () => true },
   corda_config: { accepts: 'anything (initialisation only)', ok: () => true },
 };
+
+/**
+ * adapter_config.json keys that describe how the adapter was made or saved, not what its saved
+ * weights compute: left out of the model fingerprint, so that factors survive a PEFT upgrade or a
+ * changed dropout (fingerprint.ts). Everything else the fingerprint hashes, as parsed.
+ */
+export const RUN_ONLY_ADAPTER_KEYS: ReadonlySet<string> = new Set([
+  'base_model_name_or_path',
+  'lora_dropout',
+  'inference_mode',
+  'revision',
+  'peft_version',
+  'auto_mapping',
+  'init_lora_weights',
+  'eva_config',
+  'corda_config',
+  'task_type',
+]);
 
 /** Reads and checks an adapter folder (the base is resolved separately: see resolveBase). */
 export function readAdapter(dirIn: string): LoraAdapter {
@@ -194,6 +213,27 @@ export function pythonAnchors(pattern: string): string {
       const next = pattern[++i];
       out += !inClass && next === 'A' ? '^' : !inClass && next === 'Z' ? '$' : c + next;
       continue;
+    }
+    if (!inClass) {
+      // Python's named group and back-reference, in JavaScript's spelling
+      if (pattern.startsWith('(?P<', i)) {
+        out += '(?<';
+        i += 3;
+        continue;
+      }
+      const backref = /^\(\?P=(\w+)\)/.exec(pattern.slice(i));
+      if (backref) {
+        out += `\\k<${backref[1]}>`;
+        i += backref[0].length - 1;
+        continue;
+      }
+      // Python's {,n} is {0,n}; JavaScript reads "{,n}" as literal text, so the entry selected less
+      const upTo = /^\{,(\d+)\}/.exec(pattern.slice(i));
+      if (upTo) {
+        out += `{0,${upTo[1]}}`;
+        i += upTo[0].length - 1;
+        continue;
+      }
     }
     if (inClass) {
       if (c === ']') inClass = false;
