@@ -52,6 +52,17 @@ test('one NaN or huge weight: explain and fit name the file and tensor instead o
       assert.match(r.err, new RegExp(`model\\.safetensors: "${tensor.replaceAll('.', '\\.')}" holds ${shown}`));
       assert.doesNotMatch(r.err, /\n\s+at /, 'one line, no stack');
     }
+    const grads = cli(
+      'gradients',
+      '--model',
+      model,
+      '--text',
+      'The capital of France is Paris.',
+      '--out',
+      join(home, `${name}.safetensors`),
+    );
+    assert.equal(grads.code, 1, grads.out);
+    assert.match(grads.err, /the loss of this text \((NaN|Infinity)\) is not a finite number: .*up_proj\.weight/);
     const fit = cli(
       'fit',
       '--model',

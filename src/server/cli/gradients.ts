@@ -2,11 +2,13 @@
 // text or prompt/completion, written as safetensors. Tensor names (documented in README):
 //   <module>.a [T, d_in], <module>.g [T, d_out], token_nll [T], input_ids [T],
 //   target_ids [T], target_weights [T]   (position t predicts token t+1)
+
 import { cleanStaleTempsOf } from '../../common/atomic-write';
 import { renderForModel } from '../data/format';
 import { contextLength, tokenizeTrained } from '../data/tokenize';
 import { Model, makeBatch } from '../model/engine';
 import { readSafetensorsHeader, type TensorToWrite, writeSafetensors } from '../model/safetensors';
+import { nonFiniteMessage } from '../model/weight-health';
 import { Rng } from '../util/random';
 import { checkOutFile } from './out-paths';
 import { CliError, oneOf, parse, seedFlag, trainingFlag } from './util';
@@ -69,6 +71,9 @@ export async function runGradients(argv: string[]): Promise<void> {
   });
   const out = await graph.run(batch, { uniforms: labels === 'sampled' ? new Rng(seed).uniforms(batch.T) : undefined });
 
+  // a NaN loss (a damaged weight of the model or its adapter) would be written out as values
+  const loss = (out.loss.data as Float32Array)[0];
+  if (!Number.isFinite(loss)) throw new CliError(nonFiniteMessage(model.checkpoint, `the loss of this text (${loss})`));
   const T = batch.T;
   const tensors: Record<string, TensorToWrite> = {
     input_ids: { dtype: 'I64', shape: [T], data: batch.inputIds },
