@@ -176,6 +176,25 @@ test("LoRA: Python's regex spellings PEFT reads ({,n}, (?P<name>…), (?P=name))
   assert.equal(pythonAnchors('[{,1}]'), '[{,1}]');
 });
 
+test("LoRA: tensor names that carry the adapter's name (a state_dict saved without save_pretrained) are refused saying so", () => {
+  const dir = variant(() => {});
+  const file = join(dir, 'adapter_model.safetensors');
+  const b = readFileSync(file);
+  const n = Number(b.readBigUInt64LE(0));
+  const h = JSON.parse(b.subarray(8, 8 + n).toString('utf8'));
+  const renamed = Object.fromEntries(
+    Object.entries(h).map(([k, v]) => [k === '__metadata__' ? k : k.replace(/\.weight$/, '.default.weight'), v]),
+  );
+  const json = Buffer.from(JSON.stringify(renamed));
+  const len = Buffer.alloc(8);
+  len.writeBigUInt64LE(BigInt(json.length));
+  writeFileSync(file, Buffer.concat([len, json, b.subarray(8 + n)]));
+  assert.throws(
+    () => Model.open(dir),
+    /carries the adapter's name \("default"\) inside its own, as a model's state_dict does: PEFT's save_pretrained .* drop it/,
+  );
+});
+
 test('LoRA: use_rslora and lora_bias of null read as false, as PEFT reads them', () => {
   const plain = Model.open(variant(() => {}));
   const nulls = Model.open(variant((c) => Object.assign(c, { use_rslora: null, lora_bias: null })));

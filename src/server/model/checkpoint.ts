@@ -316,6 +316,11 @@ function openAdapter(dir: string, baseOption?: string): Checkpoint {
     if (embeddingOrHead) throw new CheckpointError(embeddingOrHead);
     // PEFT's names for LoRA on a linear layer; anything else (modules_to_save copies, DoRA
     // magnitudes, biases) is another kind of adapter
+    const named = /\.lora_[AB]\.([^.]+)\.weight$/.exec(t.name);
+    if (named && t.name.startsWith(PEFT_PREFIX))
+      throw new CheckpointError(
+        `${adapter.weightsPath}: tensor "${t.name}" carries the adapter's name ("${named[1]}") inside its own, as a model's state_dict does: PEFT's save_pretrained (and get_peft_model_state_dict) drop it; save the adapter with save_pretrained`,
+      );
     if (!t.name.startsWith(PEFT_PREFIX) || !/\.lora_[AB]\.weight$/.test(t.name))
       throw new CheckpointError(
         `${adapter.weightsPath}: tensor "${t.name}" is not a LoRA A/B weight of a linear layer (only those are supported; see ${ADAPTER_CONFIG})`,
