@@ -172,6 +172,9 @@ test("LoRA: Python's regex spellings PEFT reads ({,n}, (?P<name>…), (?P=name))
   const named = String.raw`.*\.(?P<p>q|v)_proj|.*\.(?P<d>down)_proj`;
   assert.deepEqual(Model.open(variant((c) => (c.target_modules = named))).modules(), list);
   assert.equal(pythonAnchors('(?P<x>a)(?P=x)b{,2}'), String.raw`(?<x>a)\k<x>b{0,2}`);
+  // a leading (?i): case-insensitive, as Python reads it
+  const caseless = String.raw`(?i).*\.(Q|V)_PROJ|.*\.DOWN_proj`;
+  assert.deepEqual(Model.open(variant((c) => (c.target_modules = caseless))).modules(), list);
   // inside a character class they stay as written
   assert.equal(pythonAnchors('[{,1}]'), '[{,1}]');
 });

@@ -177,7 +177,9 @@ export function readAdapter(dirIn: string): LoraAdapter {
         `${configPath}: "target_modules": "all-linear" was not expanded by PEFT; list the modules`,
       );
     try {
-      targetModules = new RegExp(`^(?:${pythonAnchors(tm)})$`);
+      // Python's leading (?i) (case-insensitive) is JavaScript's flag i
+      const ignoreCase = tm.startsWith('(?i)');
+      targetModules = new RegExp(`^(?:${pythonAnchors(ignoreCase ? tm.slice(4) : tm)})$`, ignoreCase ? 'i' : '');
     } catch (e) {
       throw new AdapterError(
         `${configPath}: "target_modules" is not a regular expression we can read (${(e as Error).message})`,
