@@ -8,6 +8,7 @@ import { cpSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
+import { ChatTemplate } from '../../src/common/records/chat-template';
 import { renderRecord, toField } from '../../src/common/records/render';
 import { recordValue } from '../../src/common/records/shape';
 import { splitSelection } from '../../src/extension/selection';
@@ -189,4 +190,21 @@ test('the editor selection parser renders a chat record exactly as the server do
   assert.equal(f.split.completion, 'Paris<|eot_id|>');
   assert.deepEqual(f.split.messages, messages);
   assert.match(f.split.note ?? '', /explained whole/);
+});
+
+test("a template's range() is bounded: a loop of 1e8 is refused naming it; ranges a template needs, and the text 'range(' in a string, are untouched", () => {
+  const make = (source: string) =>
+    new ChatTemplate({ source, where: 'tokenizer_config.json', tokens: {}, specials: [] });
+  const hi = [{ role: 'user' as const, content: 'hi' }];
+  assert.equal(
+    make(
+      '{% for i in range(3) %}{{ i }}{% endfor %}|{% for i in range(1, 7, 2) %}{{ i }}{% endfor %}|{% for i in range(5, 0, -2) %}{{ i }}{% endfor %}|{{ range(0) | length }}|{{ "range(9)" }}|{% for m in messages %}{% for j in range(messages | length) %}{{ j }}{% endfor %}{% endfor %}',
+    ).render(hi).text,
+    '012|135|531|0|range(9)|0',
+  );
+  // the process ran out of memory after about 40 s
+  assert.throws(
+    () => make('{% for i in range(100000000) %}x{% endfor %}').render(hi),
+    /tokenizer_config\.json: chat_template failed on this record \(range\(100000000\) would make 100000000 items, more than the 1000000 a chat template is allowed\)/,
+  );
 });

@@ -186,6 +186,7 @@ export class ChatTemplate {
     } catch (e) {
       throw new ChatTemplateError(`${options.where}: chat_template does not parse (${(e as Error).message})`);
     }
+    boundRangeCalls((this.template as unknown as { parsed: unknown }).parsed);
     this.specials = [...options.specials].filter((s) => s.length > 0).sort((a, b) => b.length - a.length);
   }
 
@@ -193,6 +194,7 @@ export class ChatTemplate {
     try {
       return this.template.render({
         ...this.options.tokens,
+        [BOUNDED_RANGE]: boundedRange,
         messages: messages.map((m) => (m.name === undefined ? { role: m.role, content: m.content } : { ...m })),
         add_generation_prompt: addGenerationPrompt,
       });
@@ -338,4 +340,41 @@ function place(text: string, content: string, from: number, to: number): Omit<Co
   }
   if (!best && whitespace(content) === '') return { start: from, end: from, contentStart: 0 };
   return best;
+}
+
+/** Items a chat template's range() may make: loops over turns or characters need far fewer. */
+export const MAX_TEMPLATE_RANGE = 1_000_000;
+
+/** The name the template's range() calls are given (boundRangeCalls), bound to `boundedRange`. */
+const BOUNDED_RANGE = '__influence_lens_range';
+
+/**
+ * Points every call of `range(…)` in a parsed template at `boundedRange`: a template that loops
+ * `range(100000000)` ran the process out of memory after 40 s (the template is the model's code,
+ * run on every record). The parsed tree is rewritten, not the text, so no string in the template
+ * changes; the library declares its own `range` before the caller's variables and refuses to
+ * have it redeclared, hence another name.
+ */
+function boundRangeCalls(node: unknown, seen = new Set<unknown>()): void {
+  if (!node || typeof node !== 'object' || seen.has(node)) return;
+  seen.add(node);
+  const n = node as { type?: string; callee?: { type?: string; value?: unknown } };
+  if (n.type === 'CallExpression' && n.callee?.type === 'Identifier' && n.callee.value === 'range')
+    n.callee.value = BOUNDED_RANGE;
+  for (const v of Object.values(node)) boundRangeCalls(v, seen);
+}
+
+/** Jinja's range(start, stop, step), refusing more than MAX_TEMPLATE_RANGE items. */
+function boundedRange(...args: number[]): number[] {
+  const [start, stop, step = 1] = args;
+  const [from, to] = stop === undefined ? [0, start] : [start, stop];
+  if (step === 0) throw new Error('range() step must not be zero');
+  const n = Math.max(0, Math.ceil((to - from) / step));
+  if (!Number.isFinite(n) || n > MAX_TEMPLATE_RANGE)
+    throw new Error(
+      `range(${args.join(', ')}) would make ${n} items, more than the ${MAX_TEMPLATE_RANGE} a chat template is allowed`,
+    );
+  const out: number[] = [];
+  for (let i = 0; i < n; i++) out.push(from + i * step);
+  return out;
 }
