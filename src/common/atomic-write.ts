@@ -13,7 +13,6 @@
 // container sharing the folder (a partition of a fit) from being judged by a pid that means
 // nothing here: only this host's temporaries, and those of versions before the tag, are removed. (The write-file-atomic package names its temporaries by a hash, so
 // its leftovers could never be told apart from a user's files; hence this small helper.)
-
 import { createHash } from 'node:crypto';
 import {
   chmodSync,

@@ -8,7 +8,7 @@ import { closeSync, constants, fstatSync, openSync, readFileSync } from 'node:fs
 export const READ_NOWAIT = constants.O_RDONLY | (constants.O_NONBLOCK ?? 0);
 
 /** What a path that is not a regular file is, in words (for refusals); undefined for a regular file. */
-export function notARegularFile(fd: number): string | undefined {
+function notARegularFile(fd: number): string | undefined {
   const st = fstatSync(fd);
   if (st.isFile()) return undefined;
   return st.isDirectory() ? 'a folder' : 'not a regular file (a pipe, a socket or a device)';

@@ -63,60 +63,36 @@ describe('influence-lens fit / explain / scan', () => {
   });
 
   test('explain --json carries the warnings it prints (factors fitted on other data), for one query and for --queries', () => {
+    const query = { prompt: 'Q: capital of France?\nA:', completion: ' Paris' };
+    const explainJson = (over: string, ...extra: string[]) =>
+      cli('explain', '--model', MODEL, '--factors', factors, '--data', over, '--json', ...extra);
+    const one = (over: string, ...extra: string[]) =>
+      explainJson(over, '--prompt', query.prompt, '--completion', query.completion, ...extra);
     const other = join(home, 'other.jsonl');
     writeFileSync(other, `${JSON.stringify({ prompt: 'Q: capital of Spain?\nA:', completion: ' Madrid' })}\n`);
-    const args = ['explain', '--model', MODEL, '--factors', factors, '--data', other, '--json'];
-    const r = cli(...args, '--prompt', 'Q: capital of France?\nA:', '--completion', ' Paris');
+    const r = one(other);
     assert.equal(r.code, 0, r.err);
     assert.match(r.err, /warning: the EK-FAC factors in .* were fitted on other data than .*other\.jsonl/);
     const res = JSON.parse(r.out) as ExplainResult;
     assert.equal(res.warnings?.length, 1);
     assert.match(res.warnings![0], /fitted on other data than .*other\.jsonl/);
     const qfile = join(home, 'q-warn.jsonl');
-    writeFileSync(qfile, `${JSON.stringify({ prompt: 'Q: capital of France?\nA:', completion: ' Paris' })}\n`);
-    const many = cli(...args, '--queries', qfile);
+    writeFileSync(qfile, `${JSON.stringify(query)}\n`);
+    const many = explainJson(other, '--queries', qfile);
     assert.equal(many.code, 0, many.err);
     assert.deepEqual((JSON.parse(many.out.trim()) as ExplainResult).warnings, res.warnings);
     // lines skipped as malformed are said in the JSON too
     const messy = join(home, 'messy.jsonl');
     writeFileSync(messy, `${readFileSync(data, 'utf8').trimEnd()}\n{not json\n`);
-    const skipped = cli(
-      'explain',
-      '--model',
-      MODEL,
-      '--factors',
-      factors,
-      '--data',
-      messy,
-      '--json',
-      '--skip-malformed',
-      '--prompt',
-      'Q: capital of France?\nA:',
-      '--completion',
-      ' Paris',
-    );
+    const skipped = one(messy, '--skip-malformed');
     assert.equal(skipped.code, 0, skipped.err);
+    const said = (JSON.parse(skipped.out) as ExplainResult).warnings ?? [];
     assert.ok(
-      (JSON.parse(skipped.out) as ExplainResult).warnings?.some((w) =>
-        /skipped 1 malformed line\(s\) of .*messy\.jsonl/.test(w),
-      ),
+      said.some((w) => /skipped 1 malformed line\(s\) of .*messy\.jsonl/.test(w)),
+      said.join('\n'),
     );
     // over the data they were fitted on: no warnings field
-    const clean = cli(
-      'explain',
-      '--model',
-      MODEL,
-      '--factors',
-      factors,
-      '--data',
-      data,
-      '--json',
-      '--prompt',
-      'Q: capital of France?\nA:',
-      '--completion',
-      ' Paris',
-    );
-    assert.equal((JSON.parse(clean.out) as ExplainResult).warnings, undefined);
+    assert.equal((JSON.parse(one(data).out) as ExplainResult).warnings, undefined);
   });
 
   test('explain --queries: one ExplainResult per line, equal to single-query calls; messages queries', () => {

@@ -368,31 +368,20 @@ test("the panel's method switch with no server running shows the kept result and
   const posted: Array<{ type: string; method?: string; message?: string }> = [];
   let calls = 0;
   let infos = 0;
-  const result = {
-    method: 'bm25',
-    query: { prompt: 'Q: capital of Australia?\nA:', completion: ' Sydney' },
-    scored: 1,
-    supporting: [],
-    opposing: [],
-    histogram: { edges: [], counts: [] },
-    modules: [],
-    timings: {},
-  };
+  const base = bm25Services({}, { explain: () => calls++ });
+  const kept = await base.client.explain({});
+  calls = 0;
   const s = {
+    ...base,
+    // a reloaded window: no server yet, and the panel restored its own state with a kept bm25 result
     info: async () => {
       infos++;
       throw new Error('no server');
     },
     lastInfo: () => undefined,
-    client: {
-      explain: async () => {
-        calls++;
-        return result;
-      },
-    },
     panel: {
-      // a reloaded window: the panel restored its own state, with a kept bm25 result
-      mirror: { version: 1, results: { bm25: result }, methods: ['bm25'], flags: {}, dataset: 'finetune' },
+      ...base.panel,
+      mirror: { version: 1, results: { bm25: kept }, methods: ['bm25'], flags: {}, dataset: 'finetune' },
       post: (m: { type: string }) => posted.push(m),
     },
   };

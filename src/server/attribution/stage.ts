@@ -1,6 +1,5 @@
 // Opening a model together with its EK-FAC factors, and refusing pairs that do not belong
 // together: factors fitted on another model, factors for other modules, broken factors.
-
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { canonicalJson } from '../../common/ids';

@@ -157,9 +157,10 @@ export async function runExplain(argv: string[]): Promise<void> {
     skipMalformed: v['skip-malformed'],
     trainedBy: { tokenizer: dataModel.tokenizer, maxLength: contextLength(dataModel.config) },
   });
-  const notes: string[] = [];
-  if (dataset.skipped.length) notes.push(`skipped ${dataset.skipped.length} malformed line(s) of ${v.data}`);
-  for (const n of notes) process.stderr.write(`${n}\n`);
+  const skipped = dataset.skipped.length
+    ? `skipped ${dataset.skipped.length} malformed line(s) of ${v.data}`
+    : undefined;
+  if (skipped) process.stderr.write(`${skipped}\n`);
   const corpus = new Corpus(v.data, dataset, dataModel);
   // the factors that meet these candidates: the pre-trained model's under multistage
   const hashes = dataset.examples.map((e) => e.hash);
@@ -170,17 +171,12 @@ export async function runExplain(argv: string[]): Promise<void> {
         ? otherDataWarning(v.factors, { path: v.data, hashes }, ft.model)
         : undefined;
   if (stale) process.stderr.write(`warning: ${stale}\n`);
-  // the same warnings travel with each --json result (ExplainResult.warnings, as the server sends
+  const cut = corpus.truncated ? `${corpus.truncated} example(s) were cut to the model's context` : undefined;
+  if (cut) process.stderr.write(`${cut}\n`);
+  // the same lines travel with each --json result (ExplainResult.warnings, as the server sends
   // them): a script that reads the JSON alone must see that the factors are of other data
-  const warnings = [...ft.warnings, ...(pt?.warnings ?? []), ...(stale ? [stale] : []), ...notes];
-  const withWarnings = <R extends object>(r: R): R => {
-    // examples cut to the context are known once the corpus is tokenized (by the run)
-    const all = corpus.truncated
-      ? [...warnings, `${corpus.truncated} example(s) were cut to the model's context`]
-      : warnings;
-    return all.length ? { ...r, warnings: all } : r;
-  };
-  if (corpus.truncated) process.stderr.write(`${corpus.truncated} example(s) were cut to the model's context\n`);
+  const warnings = [ft.warnings, pt?.warnings ?? [], [stale, skipped, cut]].flat().filter((w) => w !== undefined);
+  const withWarnings = <R extends object>(r: R): R => (warnings.length ? { ...r, warnings } : r);
   const plan = cliPlan(v.model, ft.model, checkpointsSetting(v.checkpoints), [method, ...compare]);
   const checkpoints =
     plan &&

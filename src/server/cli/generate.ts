@@ -3,7 +3,6 @@
 //   generate --model <dir> [--base <dir>] (--prompt P | --prompts <file.jsonl>) [--max-tokens N]
 //     [--temperature T] [--seed N] [--stop S]... [--multiline] [--json]
 // (--base: the base model folder of a LoRA adapter, as for the other commands)
-
 import { readFileNoWait } from '../../common/read-file';
 import { contextLength } from '../data/tokenize';
 import { Model } from '../model/engine';

@@ -2,7 +2,6 @@
 // text or prompt/completion, written as safetensors. Tensor names (documented in README):
 //   <module>.a [T, d_in], <module>.g [T, d_out], token_nll [T], input_ids [T],
 //   target_ids [T], target_weights [T]   (position t predicts token t+1)
-
 import { cleanStaleTempsOf } from '../../common/atomic-write';
 import { renderForModel } from '../data/format';
 import { contextLength, tokenizeTrained } from '../data/tokenize';

@@ -5,7 +5,6 @@
 //     [--from <dir>] [--queries <file>]
 // A model trained elsewhere has no training_args.json: it is refused with the way to go instead
 // (export the cleaned dataset and train it with your own pipeline).
-
 import { createHash } from 'node:crypto';
 import { existsSync, readFileSync } from 'node:fs';
 import { basename, dirname, join } from 'node:path';

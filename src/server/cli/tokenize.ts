@@ -4,7 +4,6 @@
 // `text` is the rendered record (chat template applied), `offsets` are UTF-16 [start, end) per
 // token into `text`, `target_weights[t]` is 1 iff position t's prediction of token t+1 is in the
 // loss (as `gradients` writes it). Same loading, rendering and masking code as `fit` and `explain`.
-
 import { closeSync, existsSync, openSync, readSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { cleanStaleTempsOf, writeFileAtomic } from '../../common/atomic-write';

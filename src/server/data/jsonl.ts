@@ -1,6 +1,5 @@
 // Reading JSONL training data. We scan the raw bytes for '\n' rather than decoding the whole
 // file into one string: V8 caps strings at ~512 MiB, and byte scanning keeps line numbers exact.
-
 import { createHash } from 'node:crypto';
 import { type ByteLine, byteLines, lineText } from '../../common/byte-lines';
 import { parseJsonLine } from '../../common/json-line';

@@ -353,11 +353,17 @@ function tokenizeQueryAs(
     spans = [[prompt.length, text.length]];
     promptLength = prompt.length;
   }
-  refuseFarTooLong(tok, text, maxLength);
   // the query explains the completion's text: an EOS after it is not part of what was highlighted
   const t = tokenizeText(tok, text, spans, maxLength, rendering, false);
+  // a query far longer than the context is refused from the prefix tokenizeText read (a 10 MB line
+  // tokenized whole took 51 s and 3.2 GB before it was refused): its tokens, less the margin for
+  // the word cut at its end, are a lower bound on the whole text's
   if (t.truncated)
-    throw new QueryError(`prompt + completion is ${t.ids.length + t.truncated} tokens; the model takes ${maxLength}`);
+    throw new QueryError(
+      t.truncatedAtLeast
+        ? `prompt + completion is more than ${t.ids.length + t.truncated - headMargin(maxLength)} tokens (its first ${headOf(text, maxLength)!.length} of ${text.length} characters alone); the model takes ${maxLength}`
+        : `prompt + completion is ${t.ids.length + t.truncated} tokens; the model takes ${maxLength}`,
+    );
   // the text's first token is never predicted (no token before it): when it holds completion
   // characters (an empty prompt and no BOS), part of the completion would go unexplained silently
   const [first] = t.offsets;
@@ -370,7 +376,7 @@ function tokenizeQueryAs(
   return { ...t, promptLength, rendered };
 }
 
-/** Characters of a text tokenized to know its first tokens (or that it cannot fit), per token of the context. */
+/** Characters of a text tokenized to know its first tokens (or that a query cannot fit), per token of the context. */
 const PREFIX_CHARS_PER_TOKEN = 64;
 
 /** Tokens past `maxLength` that a prefix's encoding must reach: its last words may be cut. */
@@ -406,22 +412,6 @@ function encodeHead<E extends { ids: readonly number[]; trailing?: number }>(
     if (e.ids.length - (e.trailing ?? 0) - headMargin(maxLength) > maxLength) return e;
   }
   return encode(text);
-}
-
-/**
- * A query far longer than the context is refused from a prefix: tokenizing a 10 MB line whole
- * took 51 s and 3.2 GB before it was refused. The prefix's tokens, less a margin for the word cut
- * at its end, are a lower bound on the whole text's.
- */
-function refuseFarTooLong(tok: TokenizerHandle, text: string, maxLength: number): void {
-  const cap = maxLength * PREFIX_CHARS_PER_TOKEN;
-  if (text.length <= cap) return;
-  const n = tok.encode(text.slice(0, cap), { addSpecialTokens: false }).ids.length;
-  const margin = headMargin(maxLength);
-  if (n - margin > maxLength)
-    throw new QueryError(
-      `prompt + completion is more than ${n - margin} tokens (its first ${cap} of ${text.length} characters alone); the model takes ${maxLength}`,
-    );
 }
 
 export function tokenizeQuery(

@@ -2,7 +2,6 @@
 // answer accuracy (greedy) and, per attribution method, how well the known sources are
 // retrieved (Recall@k, MRR). `data eval --queries` runs it on a user's own corpus; `bench eval`
 // uses the same retrieval loop on the embedded default's queries.
-
 import { basename } from 'node:path';
 import { readFileNoWait } from '../../common/read-file';
 import type { Dataset } from '../data/dataset';

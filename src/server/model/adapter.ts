@@ -4,7 +4,6 @@
 //   y = base(x) + scaling · B(A x),  scaling = lora_alpha / r  (rsLoRA: lora_alpha / √r),
 // dropout off (inference). Every adapter_config.json setting that would change this forward
 // and is not implemented here is refused by name, never ignored.
-
 import { existsSync, statSync } from 'node:fs';
 import { isAbsolute, join, resolve } from 'node:path';
 import { readFileNoWait } from '../../common/read-file';

@@ -1,7 +1,6 @@
 // A Hugging Face checkpoint directory: config.json plus model.safetensors, or shards
 // listed in model.safetensors.index.json. Opening one reads only the headers; weight
 // bytes stay on disk (the engine hands them to ONNX Runtime as external data).
-
 import { closeSync, existsSync, lstatSync, openSync, readdirSync, readlinkSync, readSync, statSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { restoreReplacedDir } from '../../common/atomic-write';

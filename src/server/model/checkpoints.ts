@@ -15,7 +15,6 @@
 // Each checkpoint must be the same model as the final one (config, parameter names and shapes,
 // tokenizer, adapter or not): a sum over checkpoints of another model means nothing, so any
 // difference is refused in one line naming the folder and what differs.
-
 import { createHash } from 'node:crypto';
 import { existsSync, readdirSync, realpathSync, statSync } from 'node:fs';
 import { basename, dirname, join, resolve } from 'node:path';

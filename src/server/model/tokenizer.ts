@@ -6,7 +6,6 @@
 // pre-tokenizer's character changes (Metaspace ▁, a ByteLevel prefix space), and each token's
 // bytes are walked along the result. Special tokens the post-processor adds (a BOS) get [0, 0].
 // Components whose offsets we do not reproduce are refused at load time.
-
 import { createHash } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { basename, join } from 'node:path';

@@ -3,7 +3,6 @@
 // explain / getExample / scanDataset / fit / index / reload / generate. The JSON-RPC layer
 // (src/transport, with the method table in ./handlers) validates frames and calls these methods with a cancellation signal and
 // progress callbacks; the CLI and tests can call them directly.
-
 import { createHash } from 'node:crypto';
 import { statSync } from 'node:fs';
 import { isAbsolute, join, relative, resolve } from 'node:path';

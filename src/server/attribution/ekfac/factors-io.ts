@@ -17,7 +17,6 @@
 // model that opens it: F32 stays Float32Array for a float32 model, F64 files (all ours before
 // this) are narrowed for it and widened F32 files for an fp64 one. Counts and eigenvalues are
 // always read as fp64.
-
 import { createHash } from 'node:crypto';
 import { copyFileSync, existsSync, mkdirSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
@@ -356,6 +355,8 @@ export function loadFactors(dir: string, options: LoadOptions = {}): Factors {
     throw new FactorsError(
       `${dir}: ${OUR_ARGUMENTS_FILE} says "format": ${JSON.stringify(ours.format)}; this version reads format 1 (written by a later version of influence-lens?): fit the factors again with this version`,
     );
+  // from fit version 2 on, our files carry both checksums (earlier ones are refused by version)
+  const strict = ours !== null && storedFitVersion(dir, ours.fitVersion) >= 2;
   const has = (files: string[]) => files.every((f) => existsSync(join(dir, `${f}.safetensors`)));
   const stages = {
     covariance: options.covariances !== false && has(COVARIANCE_FILES),
@@ -373,18 +374,18 @@ export function loadFactors(dir: string, options: LoadOptions = {}): Factors {
     ACTIVATION_EIGENVALUES,
     GRADIENT_EIGENVALUES,
   ]);
-  const files = new Map<string, Record<string, Floats & { shape?: number[]; stored?: string }>>();
+  // each file read once: its tensors, and its metadata for the identity checks below
+  const files = new Map<string, ReturnType<typeof readAll>>();
   const open = (file: string) => {
     let f = files.get(file);
     if (!f) {
       f = readAll(join(dir, `${file}.safetensors`), exact.has(file) ? 'fp64' : precision, {
         counts: COUNT_FILES.has(file),
-        // from fit version 2 on, our files carry both checksums (earlier ones are refused by version)
-        strict: ours !== null && storedFitVersion(dir, ours.fitVersion) >= 2,
+        strict,
       });
       files.set(file, f);
     }
-    return f;
+    return f.tensors;
   };
   const exactly = (t: Floats) => t as Float64Array; // files in `exact` are read as Float64Array
   // Module names and sizes come from whichever stage is present.
@@ -471,8 +472,7 @@ export function loadFactors(dir: string, options: LoadOptions = {}): Factors {
   const fingerprint = typeof ours?.fingerprint === 'string' ? ours.fingerprint : null;
   if (ours) {
     const fit = fitIdentity(args, fingerprint);
-    for (const file of files.keys()) {
-      const meta = readSafetensorsHeader(join(dir, `${file}.safetensors`)).metadata;
+    for (const [file, { metadata: meta }] of files) {
       const other =
         (meta.influence_lens_fit !== undefined && meta.influence_lens_fit !== fit) ||
         (meta.influence_lens_fingerprint !== undefined && meta.influence_lens_fingerprint !== fingerprint);
@@ -498,8 +498,7 @@ export function loadFactors(dir: string, options: LoadOptions = {}): Factors {
     // our fit wrote are not read without it, since which model and data they belong to is in it
     // (another model's factors with the file deleted were used, with only a vague warning)
     const fits = new Map<string, string>();
-    for (const file of files.keys()) {
-      const meta = readSafetensorsHeader(join(dir, `${file}.safetensors`)).metadata;
+    for (const [file, { metadata: meta }] of files) {
       if (meta.influence_lens_fit !== undefined)
         fits.set(file, `${meta.influence_lens_fit}:${meta.influence_lens_fingerprint ?? ''}`);
     }
@@ -715,11 +714,6 @@ function pyStr(v: unknown): string {
   return typeof v === 'boolean' ? (v ? 'True' : 'False') : String(v);
 }
 
-/**
- * Every tensor of a factor file in `precision` (no copy when stored so), refused when its bytes
- * no longer match the checksum we wrote with it (kronfluence's files carry none) or when it
- * holds NaN or ±Inf.
- */
 /** The factor files that hold token counts (integers, or F64 for weighted counts); the rest hold floats. */
 const COUNT_FILES = new Set([
   NUM_ACTIVATION_COVARIANCE_PROCESSED,
@@ -728,11 +722,20 @@ const COUNT_FILES = new Set([
 ]);
 const FLOAT_DTYPES = new Set(['F16', 'BF16', 'F32', 'F64']);
 
+/**
+ * Every tensor of a factor file in `precision` (no copy when stored so), with the file's metadata,
+ * refused when its bytes or tensor table no longer match the checksums we wrote with it
+ * (kronfluence's files carry none), when its types are not a factor file's, or when it holds NaN
+ * or ±Inf.
+ */
 function readAll(
   path: string,
   precision: Precision,
   kind: { counts: boolean; strict: boolean },
-): Record<string, Floats & { shape?: number[]; stored?: string }> {
+): {
+  tensors: Record<string, Floats & { shape?: number[]; stored?: string }>;
+  metadata: Record<string, string>;
+} {
   const h = readSafetensorsHeader(path);
   const check = checkDataChecksum(h);
   if (check === 'mismatch')
@@ -778,7 +781,7 @@ function readAll(
     t.stored = info.dtype;
     out[name] = t;
   }
-  return out;
+  return { tensors: out, metadata: h.metadata };
 }
 
 function readJson(path: string): Record<string, unknown> | null {
