@@ -110,12 +110,14 @@ def install_float64_patches():
     from transformers.models.llama import modeling_llama as llama
     from transformers.models.mistral import modeling_mistral as mistral
     from transformers.models.qwen2 import modeling_qwen2 as qwen2
+    from transformers.models.qwen3 import modeling_qwen3 as qwen3
 
-    for cls in (llama.LlamaRMSNorm, qwen2.Qwen2RMSNorm, mistral.MistralRMSNorm):
+    for cls in (llama.LlamaRMSNorm, qwen2.Qwen2RMSNorm, qwen3.Qwen3RMSNorm, mistral.MistralRMSNorm):
         cls.forward = _rmsnorm_forward
     for cls in (
         llama.LlamaRotaryEmbedding,
         qwen2.Qwen2RotaryEmbedding,
+        qwen3.Qwen3RotaryEmbedding,
         mistral.MistralRotaryEmbedding,
         neox.GPTNeoXRotaryEmbedding,
     ):

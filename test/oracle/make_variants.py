@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 """Developer-run oracle: config variants of the Llama family that change the forward
-pass (per-layer sliding window, biases, head_dim != hidden/heads, linear RoPE scaling),
+pass (per-layer sliding window, biases, head_dim != hidden/heads, linear RoPE scaling,
+Qwen3's per-head query/key norms),
 as tiny random checkpoints with float64 forward/backward goldens. Reuses the tokenizer,
 batch and golden code of make_fixtures.py, so the files have the same layout.
 
 Never run by CI or by the product. See test/oracle/README.md.
 
 Usage (from the repo root, after make_fixtures.py has made test/fixtures/models/llama):
-    test/oracle/.venv/bin/python test/oracle/make_variants.py
+    test/oracle/.venv/bin/python test/oracle/make_variants.py [NAME ...]   (default: all)
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_fixtures as mf  # noqa: E402
 
-VARIANTS = ["qwen2_swa", "llama_variant"]
-SEEDS = {"qwen2_swa": 2000, "llama_variant": 2001}
+VARIANTS = ["qwen2_swa", "llama_variant", "qwen3"]
+SEEDS = {"qwen2_swa": 2000, "llama_variant": 2001, "qwen3": 2002}
 
 
 def make_config(name, vocab):
-    from transformers import LlamaConfig, Qwen2Config
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
     common = dict(vocab_size=vocab, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     if name == "qwen2_swa":
@@ -53,6 +54,21 @@ def make_config(name, vocab):
             attention_bias=True, mlp_bias=True,
             **common,
         )
+    if name == "qwen3":
+        # Qwen3: RMSNorm of each query and key head before RoPE; here also everything optional
+        # at once: q/k/v/o biases (attention_bias), a head_dim other than hidden/heads, a tied
+        # head (as Qwen3-0.6B) and the window on layer 1 only.
+        cfg = Qwen3Config(
+            hidden_size=mf.HIDDEN, num_hidden_layers=2, num_attention_heads=mf.HEADS,
+            num_key_value_heads=2, head_dim=12, intermediate_size=mf.INTER,
+            max_position_embeddings=mf.MAXPOS, hidden_act="silu", rms_norm_eps=1e-6,
+            initializer_range=0.2, tie_word_embeddings=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+            attention_bias=True, use_sliding_window=True, sliding_window=4, max_window_layers=1,
+            **common,
+        )
+        assert cfg.layer_types == ["full_attention", "sliding_attention"], cfg.layer_types
+        return cfg
     raise ValueError(name)
 
 
@@ -87,7 +103,7 @@ def check_per_layer_window(model_dir):
     ids2[0, 0] = 50
     with torch.no_grad():
         diff = (model(input_ids=ids).logits - model(input_ids=ids2).logits).abs().amax(-1)[0]
-    print(f"[qwen2_swa] per-layer window check: max |dlogits| = {[f'{x:.1e}' for x in diff.tolist()]}")
+    print(f"[{model_dir.name}] per-layer window check: max |dlogits| = {[f'{x:.1e}' for x in diff.tolist()]}")
     assert diff[11] > 0, "layer 0 should attend over the full prefix"
 
 
@@ -98,23 +114,28 @@ def main():
 
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
+    names = sys.argv[1:] or VARIANTS
+    unknown = [n for n in names if n not in VARIANTS]
+    assert not unknown, f"unknown variants {unknown} (known: {VARIANTS})"
     hf_tok = mf.wrap_tokenizer(mf.build_tokenizer())
     vocab = hf_tok.backend_tokenizer.get_vocab_size()
-    for name in VARIANTS:
+    for name in names:
         build(name, vocab, hf_tok)
     tok = Tokenizer.from_file(str(mf.MODELS / "llama" / "tokenizer.json"))
-    for name in VARIANTS:
+    for name in names:
         assert (mf.MODELS / name / "tokenizer.json").read_bytes() == (mf.MODELS / "llama" / "tokenizer.json").read_bytes()
     batch = mf.make_batch(tok)
     mf.install_float64_patches()
-    for name in VARIANTS:
+    for name in names:
         mf.compute_goldens(name, mf.MODELS / name, batch)
         # the engine tests do not read the logits: drop them to keep the fixture small
         path = mf.GOLDEN / f"{name}.safetensors"
         with safe_open(str(path), "pt") as f:
             kept = {k: f.get_tensor(k) for k in f.keys() if k != "logits"}
         save_file(kept, str(path), metadata={"model": name})
-    check_per_layer_window(mf.MODELS / "qwen2_swa")
+    for name in names:
+        if name in ("qwen2_swa", "qwen3"):
+            check_per_layer_window(mf.MODELS / name)
 
 
 if __name__ == "__main__":

@@ -120,12 +120,13 @@ test('gpt_neox: old rotary_pct / rotary_emb_base, and their default of a quarter
     );
 });
 
-test('an absent num_key_value_heads is the config class default (Mistral 8, Qwen2 32), null is num_attention_heads', async () => {
+test('an absent num_key_value_heads is the config class default (Mistral 8, Qwen2 and Qwen3 32), null is num_attention_heads', async () => {
   // the fixtures have 1 and 2 KV heads: without the key, transformers builds 8 and 32 and refuses
   // their weights; the refusal names the default, not num_attention_heads
   for (const [fixture, kv] of [
     ['mistral', 8],
     ['qwen2', 32],
+    ['qwen3', 32],
   ] as const)
     assert.throws(
       () =>
@@ -145,6 +146,40 @@ test('an absent num_key_value_heads is the config class default (Mistral 8, Qwen
       ).modules(),
     /num_key_value_heads null, so num_attention_heads 4/,
   );
+});
+
+test("qwen3: an absent head_dim is Qwen3Config's 128, not hidden_size / num_attention_heads", () => {
+  // the fixture's heads are 12 wide; Qwen3Config builds 128-wide heads without the key
+  assert.throws(
+    () =>
+      Model.open(
+        variant('qwen3', (c) => {
+          delete c.head_dim;
+        }),
+      ).modules(),
+    /head_dim absent, so qwen3's default 128/,
+  );
+});
+
+test('qwen3: every query and key head is normalised: a checkpoint without q_norm is refused naming it', () => {
+  const dir = withTensors('qwen3', (tensors) => {
+    delete tensors['model.layers.1.self_attn.q_norm.weight'];
+  });
+  assert.throws(() => Model.open(dir).modules(), /model\.layers\.1\.self_attn\.q_norm\.weight/);
+});
+
+test('qwen3 without its window matches transformers only where the window changes nothing: layer_types is read', async () => {
+  // the same weights read as all-full attention give other numbers than the golden (window 4 on
+  // layer 1), so a builder ignoring layer_types would fail the golden test instead
+  const model = Model.open(
+    variant('qwen3', (c) => {
+      c.layer_types = ['full_attention', 'full_attention'];
+    }),
+    { threads: 1 },
+  );
+  const gold = loadGolden('qwen3');
+  const out = await (await model.compile({ tokenLoss: true })).run(gold.batch);
+  assert.ok(relErr(out.token_nll.data as Float32Array, gold.get('token_nll')) > 1e-3);
 });
 
 test('llama ignores sliding_window, as transformers LlamaModel does', async () => {
@@ -172,6 +207,9 @@ const REFUSED: Array<[fixture: string, key: string, value: unknown]> = [
   ['gpt2', 'scale_attn_by_inverse_layer_idx', true],
   ['gpt_neox', 'rope_theta', 500],
   ['qwen2', 'use_mrope', true],
+  ['qwen3', 'head_dim', null],
+  ['qwen3', 'mlp_bias', true],
+  ['qwen3', 'rope_parameters', { rope_type: 'yarn', rope_theta: 10000, factor: 4 }],
 ];
 
 test('keys real configs carry whose values change nothing are accepted: Qwen2.5\'s "use_mrope": false, dropout rates', async () => {

@@ -9,7 +9,7 @@ import { useTempHome } from './helpers/env';
 import { loadGolden, relErr } from './helpers/golden';
 
 // qwen2_swa: sliding window on layer 1 only (layer_types); llama_variant: biases, head_dim ≠ hidden/heads, linear RoPE
-const ARCHS = ['gpt2', 'gpt_neox', 'gpt_neox_seq', 'llama', 'qwen2', 'mistral', 'qwen2_swa', 'llama_variant'];
+const ARCHS = ['gpt2', 'gpt_neox', 'gpt_neox_seq', 'llama', 'qwen2', 'mistral', 'qwen2_swa', 'llama_variant', 'qwen3'];
 const FIX = 'test/fixtures';
 const TOL = 1e-4;
 

@@ -4,9 +4,9 @@ import { type Architecture, type Config, ConfigError } from './common';
 import { checkConfigKeys } from './config-keys';
 import { gptNeox } from './gpt-neox';
 import { gpt2 } from './gpt2';
-import { llama, mistral, qwen2 } from './llama';
+import { llama, mistral, qwen2, qwen3 } from './llama';
 
-export const ARCHITECTURES: readonly Architecture[] = [gpt2, gptNeox, llama, mistral, qwen2];
+export const ARCHITECTURES: readonly Architecture[] = [gpt2, gptNeox, llama, mistral, qwen2, qwen3];
 
 export const SUPPORTED_MODEL_TYPES = ARCHITECTURES.flatMap((a) => a.modelTypes);
 

@@ -1,7 +1,10 @@
-// Llama family (Llama, Mistral, Qwen2): RMSNorm, rotary embedding, SwiGLU MLP,
-// grouped-query attention. They differ in which linear layers have biases and in which
-// layers attend through a sliding window; each model_type declares the config keys it
-// honours, decided as transformers 5's LlamaModel / MistralModel / Qwen2Model do.
+// Llama family (Llama, Mistral, Qwen2, Qwen3): RMSNorm, rotary embedding, SwiGLU MLP,
+// grouped-query attention. They differ in which linear layers have biases, in which layers
+// attend through a sliding window and (Qwen3) in an RMSNorm of each query and key head
+// before the rotation; each model_type declares the config keys it honours, decided as
+// transformers 5's LlamaModel / MistralModel / Qwen2Model / Qwen3Model do.
+
+import type { Tensor } from '../onnx/graph';
 import {
   type Architecture,
   activation,
@@ -37,6 +40,10 @@ interface Variant {
   biases(c: Config): { qkv: boolean; o: boolean; mlp: boolean; because: (part: string) => string };
   /** KV heads when config.json has no num_key_value_heads key (null, or Llama: num_attention_heads) */
   kvHeadsWhenAbsent?: number;
+  /** head_dim when config.json has no head_dim key (else hidden_size / num_attention_heads) */
+  headDimWhenAbsent?: number;
+  /** an RMSNorm over head_dim of every query and key head, before RoPE (`self_attn.q_norm` / `k_norm`) */
+  headNorms?: boolean;
 }
 
 /** Keys every Llama-family config may have (LlamaConfig / MistralConfig / Qwen2Config). */
@@ -149,6 +156,32 @@ const QWEN2_KEYS: ConfigKeys = {
   },
 };
 
+/**
+ * Qwen3: Qwen2's layout and sliding-window rules (Qwen3Config.__post_init__ is Qwen2Config's)
+ * with q/k/v/o biases from attention_bias, a head_dim of its own (128 when absent) and an
+ * RMSNorm of each query and key head before RoPE.
+ */
+const qwen3Variant: Variant = {
+  kvHeadsWhenAbsent: 32, // Qwen3Config's default
+  headDimWhenAbsent: 128, // Qwen3Config's default, whatever hidden_size / num_attention_heads is
+  headNorms: true,
+  windows: qwen2Variant.windows,
+  biases: (c) => ({
+    qkv: c.attention_bias === true,
+    o: c.attention_bias === true,
+    mlp: false,
+    because: (part) =>
+      part === 'mlp' ? 'Qwen3 has no MLP biases' : `config.json "attention_bias" is ${c.attention_bias === true}`,
+  }),
+};
+
+const QWEN3_KEYS: ConfigKeys = {
+  ...QWEN2_KEYS,
+  // Qwen3Attention reads config.head_dim as it is: null would fail there
+  head_dim: positiveInt,
+  attention_bias: boolean,
+};
+
 /** sliding_window with transformers' default for an absent key */
 function window(c: Config): number | undefined {
   if (!('sliding_window' in c)) return DEFAULT_WINDOW;
@@ -180,11 +213,15 @@ function llamaFamily(modelType: string, configKeys: ConfigKeys, variant: Variant
       const nHead = num(c, ['num_attention_heads']);
       const nKv = kvHeads(c, variant);
       const nLayer = num(c, ['num_hidden_layers']);
-      const hd = num(c, ['head_dim'], Math.floor(d / nHead));
+      const hd = num(c, ['head_dim'], variant.headDimWhenAbsent ?? Math.floor(d / nHead));
       const inter = num(c, ['intermediate_size']);
       // the output size each weight must have, from the config keys transformers builds it from
       const hdWhy =
-        typeof c.head_dim === 'number' ? `head_dim ${hd}` : `head_dim = hidden_size / num_attention_heads = ${hd}`;
+        typeof c.head_dim === 'number'
+          ? `head_dim ${hd}`
+          : variant.headDimWhenAbsent !== undefined
+            ? `head_dim absent, so ${modelType}'s default ${hd}`
+            : `head_dim = hidden_size / num_attention_heads = ${hd}`;
       const kvWhy =
         typeof c.num_key_value_heads === 'number'
           ? `num_key_value_heads ${nKv}`
@@ -214,13 +251,24 @@ function llamaFamily(modelType: string, configKeys: ConfigKeys, variant: Variant
       };
       const b = variant.biases(c);
       const qkvBias = { expected: b.qkv, because: b.because('qkv') };
+      // Qwen3: RMSNorm over each head's head_dim features ([N, heads·hd] → [N, heads, hd] and back)
+      const headNorm = (t: Tensor, heads: number, name: string) =>
+        variant.headNorms ? g.reshape(rmsNorm(ctx, g.reshape(t, [-1, heads, hd]), name, eps), [-1, heads * hd]) : t;
       const mlpBias = { expected: b.mlp, because: b.because('mlp') };
       let x = embed(ctx, 'model.embed_tokens.weight', { vocab: size.vocab, hidden: size.hidden });
       for (let i = 0; i < nLayer; i++) {
         const p = `model.layers.${i}`;
         const h = rmsNorm(ctx, x, `${p}.input_layernorm`, eps);
-        const q = linear(ctx, `${p}.self_attn.q_proj`, h, 'attention', 'out_in', qkvBias, size.q);
-        const k = linear(ctx, `${p}.self_attn.k_proj`, h, 'attention', 'out_in', qkvBias, size.kv);
+        const q = headNorm(
+          linear(ctx, `${p}.self_attn.q_proj`, h, 'attention', 'out_in', qkvBias, size.q),
+          nHead,
+          `${p}.self_attn.q_norm`,
+        );
+        const k = headNorm(
+          linear(ctx, `${p}.self_attn.k_proj`, h, 'attention', 'out_in', qkvBias, size.kv),
+          nKv,
+          `${p}.self_attn.k_norm`,
+        );
         const v = linear(ctx, `${p}.self_attn.v_proj`, h, 'attention', 'out_in', qkvBias, size.kv);
         const a = attention(ctx, q, k, v, { nHeads: nHead, nKv, headDim: hd, rope, mask: maskFor(windows[i]) });
         const o = linear(
@@ -248,3 +296,4 @@ function llamaFamily(modelType: string, configKeys: ConfigKeys, variant: Variant
 export const llama = llamaFamily('llama', LLAMA_KEYS, llamaVariant);
 export const mistral = llamaFamily('mistral', MISTRAL_KEYS, mistralVariant);
 export const qwen2 = llamaFamily('qwen2', QWEN2_KEYS, qwen2Variant);
+export const qwen3 = llamaFamily('qwen3', QWEN3_KEYS, qwen3Variant);
