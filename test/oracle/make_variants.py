@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Developer-run oracle: config variants of the Llama family that change the forward
 pass (per-layer sliding window, biases, head_dim != hidden/heads, linear RoPE scaling,
-Qwen3's per-head query/key norms),
+Qwen3's per-head query/key norms) and Gemma 3 (text),
 as tiny random checkpoints with float64 forward/backward goldens. Reuses the tokenizer,
 batch and golden code of make_fixtures.py, so the files have the same layout.
 
@@ -21,12 +21,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_fixtures as mf  # noqa: E402
 
-VARIANTS = ["qwen2_swa", "llama_variant", "qwen3"]
-SEEDS = {"qwen2_swa": 2000, "llama_variant": 2001, "qwen3": 2002}
+VARIANTS = ["qwen2_swa", "llama_variant", "qwen3", "gemma3"]
+SEEDS = {"qwen2_swa": 2000, "llama_variant": 2001, "qwen3": 2002, "gemma3": 2003}
 
 
 def make_config(name, vocab):
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+    from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config, Qwen3Config
 
     common = dict(vocab_size=vocab, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     if name == "qwen2_swa":
@@ -69,7 +69,48 @@ def make_config(name, vocab):
         )
         assert cfg.layer_types == ["full_attention", "sliding_attention"], cfg.layer_types
         return cfg
+    if name == "gemma3":
+        # Gemma 3 text (Gemma3ForCausalLM): sliding layers around a full one, each kind with its
+        # own RoPE (linear scaling on the full layer, as Gemma-3-4B), query_pre_attn_scalar other
+        # than head_dim, head_dim other than hidden/heads, q/k/v/o biases, tied head.
+        cfg = Gemma3TextConfig(
+            hidden_size=mf.HIDDEN, num_hidden_layers=3, num_attention_heads=mf.HEADS,
+            num_key_value_heads=2, head_dim=12, intermediate_size=mf.INTER,
+            max_position_embeddings=mf.MAXPOS, hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6,
+            initializer_range=0.2, tie_word_embeddings=True, attention_bias=True, query_pre_attn_scalar=10,
+            sliding_window=4, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 50.0},
+            },
+            **common,
+        )
+        return cfg
     raise ValueError(name)
+
+
+def install_gemma3_float64_patches():
+    """Gemma3RMSNorm and its rotary embedding compute in float32 whatever the input: in float64
+    for the goldens, as make_fixtures.py does for the other families."""
+    from transformers.models.gemma3 import modeling_gemma3 as gemma3
+
+    def norm_forward(self, x):
+        dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        h = x.to(dt)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * (1.0 + self.weight.to(dt))).type_as(x)
+
+    @torch.no_grad()
+    def rotary_forward(self, x, position_ids, layer_type):
+        dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        inv_freq = getattr(self, f"{layer_type}_inv_freq")
+        scaling = getattr(self, f"{layer_type}_attention_scaling")
+        freqs = position_ids[..., None].to(dt) * inv_freq.to(device=x.device, dtype=dt)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * scaling).to(dtype=x.dtype), (emb.sin() * scaling).to(dtype=x.dtype)
+
+    gemma3.Gemma3RMSNorm.forward = norm_forward
+    gemma3.Gemma3RotaryEmbedding.forward = rotary_forward
 
 
 def build(name, vocab, hf_tok):
@@ -126,6 +167,7 @@ def main():
         assert (mf.MODELS / name / "tokenizer.json").read_bytes() == (mf.MODELS / "llama" / "tokenizer.json").read_bytes()
     batch = mf.make_batch(tok)
     mf.install_float64_patches()
+    install_gemma3_float64_patches()
     for name in names:
         mf.compute_goldens(name, mf.MODELS / name, batch)
         # the engine tests do not read the logits: drop them to keep the fixture small
@@ -134,7 +176,7 @@ def main():
             kept = {k: f.get_tensor(k) for k in f.keys() if k != "logits"}
         save_file(kept, str(path), metadata={"model": name})
     for name in names:
-        if name in ("qwen2_swa", "qwen3"):
+        if name in ("qwen2_swa", "qwen3", "gemma3"):
             check_per_layer_window(mf.MODELS / name)
 
 

@@ -182,6 +182,55 @@ test('qwen3 without its window matches transformers only where the window change
   assert.ok(relErr(out.token_nll.data as Float32Array, gold.get('token_nll')) > 1e-3);
 });
 
+test('gemma3_text: the older config layout (rope_theta, rope_local_base_freq, rope_scaling) is read as transformers 5 converts it', async () => {
+  // the fixture: full-attention layers linear ×2 at base 500, sliding layers base 50
+  await assertMatchesGolden(
+    variant('gemma3', (c) => {
+      delete c.rope_parameters;
+      Object.assign(c, {
+        rope_theta: 500,
+        rope_local_base_freq: 50,
+        rope_scaling: { rope_type: 'linear', factor: 2 },
+        _sliding_window_pattern: 6,
+      });
+    }),
+    'gemma3',
+  );
+});
+
+test('gemma3_text: without layer_types the layers follow sliding_window_pattern (default 6), as Gemma3TextConfig builds them', async () => {
+  // pattern 2 gives the fixture's sliding, full, sliding
+  await assertMatchesGolden(
+    variant('gemma3', (c) => {
+      delete c.layer_types;
+      c.sliding_window_pattern = 2;
+    }),
+    'gemma3',
+  );
+  // the default pattern 6 makes all three layers sliding: other numbers than the golden's
+  const model = Model.open(
+    variant('gemma3', (c) => {
+      delete c.layer_types;
+    }),
+    { threads: 1 },
+  );
+  const gold = loadGolden('gemma3');
+  const out = await (await model.compile({ tokenLoss: true })).run(gold.batch);
+  assert.ok(relErr(out.token_nll.data as Float32Array, gold.get('token_nll')) > 1e-3);
+});
+
+test("gemma3_text: an absent head_dim is Gemma3TextConfig's 256", () => {
+  assert.throws(
+    () =>
+      Model.open(
+        variant('gemma3', (c) => {
+          delete c.head_dim;
+        }),
+      ).modules(),
+    /head_dim absent, so gemma3_text's default 256/,
+  );
+});
+
 test('llama ignores sliding_window, as transformers LlamaModel does', async () => {
   await assertMatchesGolden(
     variant('llama', (c) => {
@@ -210,6 +259,12 @@ const REFUSED: Array<[fixture: string, key: string, value: unknown]> = [
   ['qwen3', 'head_dim', null],
   ['qwen3', 'mlp_bias', true],
   ['qwen3', 'rope_parameters', { rope_type: 'yarn', rope_theta: 10000, factor: 4 }],
+  ['gemma3', 'attn_logit_softcapping', 50],
+  ['gemma3', 'final_logit_softcapping', 30],
+  ['gemma3', 'use_bidirectional_attention', true],
+  ['gemma3', 'rope_parameters', { rope_type: 'default', rope_theta: 10000 }],
+  ['gemma3', 'num_key_value_heads', null],
+  ['gemma3', 'hidden_activation', 'silu'],
 ];
 
 test('keys real configs carry whose values change nothing are accepted: Qwen2.5\'s "use_mrope": false, dropout rates', async () => {

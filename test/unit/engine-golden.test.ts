@@ -8,8 +8,20 @@ import { Model } from '../../src/server/model/engine';
 import { useTempHome } from './helpers/env';
 import { loadGolden, relErr } from './helpers/golden';
 
-// qwen2_swa: sliding window on layer 1 only (layer_types); llama_variant: biases, head_dim ≠ hidden/heads, linear RoPE
-const ARCHS = ['gpt2', 'gpt_neox', 'gpt_neox_seq', 'llama', 'qwen2', 'mistral', 'qwen2_swa', 'llama_variant', 'qwen3'];
+// qwen2_swa: sliding window on layer 1 only (layer_types); llama_variant: biases, head_dim ≠ hidden/heads, linear RoPE;
+// qwen3: per-head query/key norms; gemma3: Gemma 3 text (sandwich norms, per-layer-type RoPE)
+const ARCHS = [
+  'gpt2',
+  'gpt_neox',
+  'gpt_neox_seq',
+  'llama',
+  'qwen2',
+  'mistral',
+  'qwen2_swa',
+  'llama_variant',
+  'qwen3',
+  'gemma3',
+];
 const FIX = 'test/fixtures';
 const TOL = 1e-4;
 

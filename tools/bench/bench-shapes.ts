@@ -35,7 +35,15 @@ import { spearman } from '../../src/server/util/stats';
 import { scoringBound } from './gemm-bound';
 import { reportHeader } from './machine';
 
-export const BENCH_SHAPES = ['pythia-70m', 'pythia-160m', 'smollm-135m', 'qwen2.5-0.5b', 'qwen3-0.6b', 'gpt2'] as const;
+export const BENCH_SHAPES = [
+  'pythia-70m',
+  'pythia-160m',
+  'smollm-135m',
+  'qwen2.5-0.5b',
+  'qwen3-0.6b',
+  'gemma-3-270m',
+  'gpt2',
+] as const;
 
 /**
  * Real English text: paragraphs of this project's own documentation, frozen into

@@ -209,11 +209,13 @@ function normShapes(ctx: BuildContext, x: Tensor, prefix: string): void {
       expectShape(ctx, `${prefix}.${part}`, [d], `a norm over ${d} features`);
 }
 
-export function rmsNorm(ctx: BuildContext, x: Tensor, prefix: string, eps: number): Tensor {
+/** x / √(mean(x²) + eps) · weight, or · (offset + weight) (Gemma's norms store weight − 1: offset 1). */
+export function rmsNorm(ctx: BuildContext, x: Tensor, prefix: string, eps: number, offset = 0): Tensor {
   const { g, w } = ctx;
   normShapes(ctx, x, prefix);
   const ms = g.reduceMean(g.mul(x, x), [-1], true);
-  return g.mul(g.div(x, g.sqrt(g.add(ms, g.scalar(eps)))), w.get(`${prefix}.weight`));
+  const weight = w.get(`${prefix}.weight`);
+  return g.mul(g.div(x, g.sqrt(g.add(ms, g.scalar(eps)))), offset ? g.add(weight, g.scalar(offset)) : weight);
 }
 
 export function gelu(g: Graph, x: Tensor, kind: string): Tensor {

@@ -2,11 +2,12 @@
 // blocks in common.ts, declaring the config keys it implements, and listing it here.
 import { type Architecture, type Config, ConfigError } from './common';
 import { checkConfigKeys } from './config-keys';
+import { gemma3 } from './gemma3';
 import { gptNeox } from './gpt-neox';
 import { gpt2 } from './gpt2';
 import { llama, mistral, qwen2, qwen3 } from './llama';
 
-export const ARCHITECTURES: readonly Architecture[] = [gpt2, gptNeox, llama, mistral, qwen2, qwen3];
+export const ARCHITECTURES: readonly Architecture[] = [gpt2, gptNeox, llama, mistral, qwen2, qwen3, gemma3];
 
 export const SUPPORTED_MODEL_TYPES = ARCHITECTURES.flatMap((a) => a.modelTypes);
 
