@@ -192,6 +192,9 @@ test('gemma3_text: the older config layout (rope_theta, rope_local_base_freq, ro
         rope_local_base_freq: 50,
         rope_scaling: { rope_type: 'linear', factor: 2 },
         _sliding_window_pattern: 6,
+        // as google/gemma-3-1b-it's config.json (transformers 4.50) has them
+        cache_implementation: 'hybrid',
+        eos_token_id: [1, 106],
       });
     }),
     'gemma3',

@@ -96,6 +96,8 @@ const HARMLESS_KEYS = [
   'torch_dtype',
   'use_bfloat16',
   'use_cache',
+  // which KV cache generate() builds (Gemma's "hybrid"): not read by a forward pass
+  'cache_implementation',
   'bos_token_id',
   'eos_token_id',
   'pad_token_id',
