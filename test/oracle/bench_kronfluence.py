@@ -72,7 +72,8 @@ ARCH_SUFFIXES = {
                  ["mlp.dense_h_to_4h", "mlp.dense_4h_to_h"]),
     "gpt2": (["attn.c_attn", "attn.c_proj"], ["mlp.c_fc", "mlp.c_proj"]),
 }
-ARCH_OF = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "gpt_neox": "gpt_neox", "gpt2": "gpt2"}
+ARCH_OF = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gemma3_text": "llama",
+           "gpt_neox": "gpt_neox", "gpt2": "gpt2"}
 
 
 # --------------------------------------------------------------------------- #
@@ -221,8 +222,10 @@ def load_model(path, precision, attn):
         # computes rotary in float32 even in a double model), as make_kronfluence.py uses
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from make_fixtures import install_float64_patches
+        from make_variants import install_gemma3_float64_patches
 
         install_float64_patches()
+        install_gemma3_float64_patches()
         model = model.double()
     model.eval()
     for p in model.parameters():
