@@ -8,7 +8,9 @@ import { spawnSync } from 'node:child_process';
 import { cpSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
+import { legacyModelFingerprint, modelFingerprint } from '../../src/server/attribution/fingerprint';
 import { loadDataset } from '../../src/server/data/dataset';
+import { openCheckpoint } from '../../src/server/model/checkpoint';
 import { useTempHome } from './helpers/env';
 
 const home = useTempHome();
@@ -22,6 +24,17 @@ const ok = (r: ReturnType<typeof run>) => {
   return r.stdout;
 };
 const weights = (dir: string) => readFileSync(join(dir, 'model.safetensors'));
+
+test("the embedded fine-tuned model names its starting checkpoint by that checkpoint's fingerprint", () => {
+  // retrain of the shipped model checks assets/default/pretrained against it (it was left at the
+  // older formula's value when the formula changed, and retrain refused the shipped model)
+  const args = JSON.parse(readFileSync('assets/default/finetuned/training_args.json', 'utf8'));
+  const start = openCheckpoint('assets/default/pretrained');
+  assert.equal(args.from.model, 'pretrained');
+  assert.equal(args.from.fingerprint, modelFingerprint(start));
+  // the older formula, pinned to the value the version before it wrote for these weights
+  assert.equal(legacyModelFingerprint(start), '462e711b9b407c94');
+});
 
 test('retrain = train --exclude with the recorded arguments; before/after on the queries', () => {
   const data = join(home, 'qa.jsonl');
@@ -95,6 +108,16 @@ test('retrain = train --exclude with the recorded arguments; before/after on the
   );
   ok(run('retrain', '--model', d('ft'), '--exclude', d('qa.exclude.jsonl'), '--out', d('ftr')));
   assert.ok(weights(d('ftr')).equals(weights(d('ref1'))));
+  // a training_args.json written before the fingerprint hashed config.json's content names the
+  // same starting checkpoint by the older formula: still that checkpoint
+  const argsFile = join(d('ft'), 'training_args.json');
+  const written = readFileSync(argsFile, 'utf8');
+  const legacy = legacyModelFingerprint(openCheckpoint(d('m0')));
+  assert.ok(legacy && legacy !== JSON.parse(written).from.fingerprint);
+  writeFileSync(argsFile, written.replace(JSON.parse(written).from.fingerprint, legacy!));
+  ok(run('retrain', '--model', d('ft'), '--exclude', d('qa.exclude.jsonl'), '--out', d('ftr-legacy')));
+  assert.ok(weights(d('ftr-legacy')).equals(weights(d('ref1'))));
+  writeFileSync(argsFile, written);
   assert.deepEqual(JSON.parse(readFileSync(join(d('ftr'), 'training_args.json'), 'utf8')).excluded_hashes, [
     flagged.hash,
   ]);

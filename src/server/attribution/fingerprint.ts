@@ -3,6 +3,7 @@
 import { createHash } from 'node:crypto';
 import { basename } from 'node:path';
 import { canonicalJson } from '../../common/ids';
+import { readFileNoWait } from '../../common/read-file';
 import { RUN_ONLY_ADAPTER_KEYS } from '../model/adapter';
 import type { Checkpoint } from '../model/checkpoint';
 import { pinnedDigest } from '../model/content-digest';
@@ -18,9 +19,24 @@ const hex16 = (h: ReturnType<typeof createHash>) => h.digest('hex').slice(0, 16)
  * order or a 2.0 written for 2, and the factors were then refused as another model's.
  */
 export function modelFingerprint(ck: Checkpoint, cacheDir?: string): string {
+  return fingerprintOf(ck, `config:${canonicalJson(ck.config)}\n`, cacheDir);
+}
+
+/**
+ * The fingerprint versions up to 2026-12-07 computed (config.json's bytes instead of its content),
+ * for a full model; undefined for an adapter, whose settings were hashed differently too. Only to
+ * recognise a checkpoint that older files name by it (training_args.json's starting weights): the
+ * weights are hashed as they are now, so it can only match the same config file and weights.
+ */
+export function legacyModelFingerprint(ck: Checkpoint, cacheDir?: string): string | undefined {
+  if (ck.adapter) return undefined;
+  return fingerprintOf(ck, readFileNoWait(ck.configFiles[0]), cacheDir);
+}
+
+function fingerprintOf(ck: Checkpoint, config: string | Buffer, cacheDir?: string): string {
   cacheDir ??= defaultCacheDir();
   const h = createHash('sha256');
-  h.update(`config:${canonicalJson(ck.config)}\n`);
+  h.update(config);
   // a LoRA adapter: its settings, but not where its base was found (the base's config.json
   // and weights are already hashed by content), so moving the folders keeps the factors
   // (as parsed and in canonical form, without the keys that only say how it was made: an edit of

@@ -9,7 +9,7 @@ import { createHash } from 'node:crypto';
 import { existsSync, readFileSync } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
 import { readFileNoWait } from '../../common/read-file';
-import { modelFingerprint } from '../attribution/fingerprint';
+import { legacyModelFingerprint, modelFingerprint } from '../attribution/fingerprint';
 import { loadDataset } from '../data/dataset';
 import { contextLength, tokenizeQuery } from '../data/tokenize';
 import { answerQueries, type EvalQuery, readEvalQueries } from '../eval/queries';
@@ -70,8 +70,12 @@ export async function runRetrain(argv: string[]): Promise<void> {
         `${v.model} was fine-tuned from "${args.from.model}", which is not at ${dir}; name that checkpoint with --from <dir>`,
       );
     // the name alone does not say it is the same checkpoint (pre-training run again into that folder)
-    const got = modelFingerprint(openCheckpoint(dir));
-    if (args.from.fingerprint !== undefined && got !== args.from.fingerprint)
+    const start = openCheckpoint(dir);
+    const got = modelFingerprint(start);
+    // written before the fingerprint hashed config.json's content rather than its bytes: the same
+    // checkpoint then matches the older formula
+    const recorded = args.from.fingerprint;
+    if (recorded !== undefined && got !== recorded && legacyModelFingerprint(start) !== recorded)
       throw new CliError(
         `${dir} is not the checkpoint ${v.model} was fine-tuned from: its weights' fingerprint is ${got}, training_args.json records ${args.from.fingerprint} (that folder was written again since?); name the checkpoint it started from with --from <dir>`,
       );
