@@ -225,8 +225,10 @@ export function makeBatch(seqs: Sequence[], padId = 0): Batch {
   return { B, T, inputIds, attentionMask, targetIds, targetWeights, lengths: seqs.map((s) => s.ids.length) };
 }
 
+/** $INFLUENCE_LENS_CACHE, or ~/.cache/influence-lens when it is unset or empty (as every INFLUENCE_LENS_* setting). */
 export function defaultCacheDir(): string {
-  return process.env.INFLUENCE_LENS_CACHE ?? join(homedir(), '.cache', 'influence-lens');
+  const set = process.env.INFLUENCE_LENS_CACHE;
+  return set?.trim() ? set : join(homedir(), '.cache', 'influence-lens');
 }
 
 /**
