@@ -33,7 +33,7 @@ import {
 import { hostname } from 'node:os';
 import { basename, dirname, join, resolve } from 'node:path';
 import { threadId } from 'node:worker_threads';
-import { realOrResolved } from './real-path';
+import { physicalPath, realOrResolved } from './real-path';
 
 let counter = 0;
 
@@ -51,7 +51,7 @@ export function tempPathFor(target: string, kind: 'tmp' | 'old' = 'tmp'): string
   counter++;
   ownStart ??= processStart(process.pid) ?? '';
   // threadId keeps two worker threads of one process apart
-  return `${resolve(target)}.${kind}-${process.pid}-${threadId}x${counter}-${hostTag()}${ownStart ? `-s${ownStart}` : ''}`;
+  return `${physicalPath(target)}.${kind}-${process.pid}-${threadId}x${counter}-${hostTag()}${ownStart ? `-s${ownStart}` : ''}`;
 }
 
 let ownStart: string | undefined;
@@ -137,7 +137,7 @@ export function writeFileAtomic(
  * on any error the temporary is removed and the old file stays.
  */
 export function writeAtomicWith(link: string, write: (tmp: string) => void, options: AtomicWriteOptions = {}): void {
-  const path = options.userFile ? resolveLinks(link) : resolve(link);
+  const path = options.userFile ? resolveLinks(link) : physicalPath(link);
   const tmp = tempPathFor(path);
   try {
     write(tmp);
@@ -150,7 +150,7 @@ export function writeAtomicWith(link: string, write: (tmp: string) => void, opti
 
 /** writeAtomicWith for a writer that awaits (the gradient store writes its rows as they are computed). */
 export async function writeAtomicWithAsync(link: string, write: (tmp: string) => Promise<void>): Promise<void> {
-  const path = resolve(link);
+  const path = physicalPath(link);
   const tmp = tempPathFor(path);
   try {
     await write(tmp);
@@ -184,7 +184,9 @@ export function notWritable(e: unknown, target: string): unknown {
  * linked into a training folder), so the temporary is made beside it.
  */
 export function resolveLinks(path: string): string {
-  let p = resolve(path);
+  // the folders on the way as the system resolves them (`physicalPath`): the checks before a write
+  // read the path through the system, so the write must land where they looked
+  let p = physicalPath(path);
   for (let hops = 0; hops < 40; hops++) {
     let target: string;
     try {
@@ -380,14 +382,13 @@ export function cleanStaleTemps(
 /**
  * Removes the temporaries that killed writers of `path` left (`<name>.tmp-<pid>-…`, and the
  * lock's), beside it and, for a symbolic link, beside the file or folder it points to (where
- * `writeAtomicWith` with `userFile` and the folder writers put them). `fullFormOnly` (default): only
- * this version's temporary names, for a file in a person's folder; a folder we replace whole
- * (an --out) also gets the older names.
+ * `writeAtomicWith` with `userFile` and the folder writers put them). Only this version's full
+ * temporary names: these are a person's folders, where a `corpus.tmp-20240101` is their own copy
+ * (the older `.tmp-<pid>` form matched it, and a pid that no process had was taken for a dead writer).
  */
-export function cleanStaleTempsOf(path: string, options: { fullFormOnly?: boolean } = {}): string[] {
-  const fullFormOnly = options.fullFormOnly ?? true;
-  return [...new Set([resolve(path), resolveLinks(path)])].flatMap((p) =>
-    cleanStaleTemps(dirname(p), 1, `${basename(p)}.`, { fullFormOnly }),
+export function cleanStaleTempsOf(path: string): string[] {
+  return [...new Set([physicalPath(path), resolveLinks(path)])].flatMap((p) =>
+    cleanStaleTemps(dirname(p), 1, `${basename(p)}.`, { fullFormOnly: true }),
   );
 }
 

@@ -3,6 +3,8 @@
 // hung forever before any check could say what it is. Opened non-blocking, it opens at once and
 // fstat says what it is; for a regular file the flag changes nothing.
 import { closeSync, constants, fstatSync, openSync, readFileSync } from 'node:fs';
+import { dirname } from 'node:path';
+import { restoreReplacedDir } from './atomic-write';
 
 /** open(2) flags: read only, never waiting for a pipe's writer (O_NONBLOCK is 0 where it does not exist). */
 export const READ_NOWAIT = constants.O_RDONLY | (constants.O_NONBLOCK ?? 0);
@@ -19,7 +21,15 @@ function notARegularFile(fd: number): string | undefined {
  * `refuse(what it is)`'s error. The caller closes the descriptor.
  */
 export function openRegularFile(path: string, refuse: (what: string) => Error): number {
-  const fd = openSync(path, READ_NOWAIT);
+  let fd: number;
+  try {
+    fd = openSync(path, READ_NOWAIT);
+  } catch (e) {
+    // its folder set aside by a writer killed between its two renames (a corpus rebuilt by `data
+    // build`): put back, as the other readers do (common/atomic-write.ts), then opened
+    if ((e as NodeJS.ErrnoException).code !== 'ENOENT' || !restoreReplacedDir(dirname(path))) throw e;
+    fd = openSync(path, READ_NOWAIT);
+  }
   const what = notARegularFile(fd);
   if (what) {
     closeSync(fd);

@@ -5,6 +5,7 @@ import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
 import {
   chmodSync,
+  closeSync,
   cpSync,
   existsSync,
   lstatSync,
@@ -22,6 +23,7 @@ import { join } from 'node:path';
 import { after, test } from 'node:test';
 import {
   cleanStaleTemps,
+  cleanStaleTempsOf,
   processAlive,
   processStart,
   replaceDirAtomic,
@@ -29,8 +31,11 @@ import {
   tempPathFor,
   writeFileAtomic,
 } from '../../src/common/atomic-write';
+import { openRegularFile } from '../../src/common/read-file';
+import { physicalPath } from '../../src/common/real-path';
 import { loadFactors } from '../../src/server/attribution/ekfac/factors-io';
 import { openCheckpoint } from '../../src/server/model/checkpoint';
+import { loadTokenizer } from '../../src/server/model/tokenizer';
 import { InfluenceService } from '../../src/server/service/influence-service';
 import { useTempHome } from './helpers/env';
 
@@ -199,6 +204,50 @@ test('a linked folder reached through a linked parent, its target relative: repl
   );
   assert.equal(existsSync(join(d, 'data')), false, 'nothing written where a textual ../ points');
   assert.ok(lstatSync(join(d, 'disk', 'proj', 'out')).isSymbolicLink());
+});
+
+test('`..` after a linked folder is read as the system reads it: writes land where the checks looked, never on the textual sibling', () => {
+  // d/par -> d/deep/real; the system reads d/par/../x as d/deep/x, path.resolve as d/x
+  const d = join(root, 'dotdot');
+  mkdirSync(join(d, 'deep', 'real'), { recursive: true });
+  mkdirSync(join(d, 'victim'));
+  writeFileSync(join(d, 'victim', 'thesis.txt'), 'mine');
+  writeFileSync(join(d, 'notes.txt'), 'mine too');
+  symlinkSync(join(d, 'deep', 'real'), join(d, 'par'));
+  assert.equal(physicalPath(`${d}/par/../victim`), join(d, 'deep', 'victim'));
+  assert.equal(physicalPath(`${d}/par/..`), join(d, 'deep'));
+  assert.equal(physicalPath(`${d}/par/./x/`), join(d, 'deep', 'real', 'x'));
+  assert.equal(physicalPath(`${d}/absent/../y`), join(d, 'y'), 'past a missing name the text is kept');
+  // a folder replace and a file write through such a path
+  replaceDirAtomic(`${d}/par/../victim`, (tmp) => writeFileSync(join(tmp, 'tokenizer.json'), '{}'));
+  writeFileAtomic(`${d}/par/../notes.txt`, 'new');
+  assert.deepEqual(readdirSync(join(d, 'victim')), ['thesis.txt']);
+  assert.equal(readFileSync(join(d, 'notes.txt'), 'utf8'), 'mine too');
+  assert.deepEqual(readdirSync(join(d, 'deep', 'victim')), ['tokenizer.json']);
+  assert.equal(readFileSync(join(d, 'deep', 'notes.txt'), 'utf8'), 'new');
+});
+
+test("the leftovers cleaned beside an output are only this version's full temporary names: a user's corpus.tmp-20240101 stays", () => {
+  const d = join(root, 'user-tmp');
+  mkdirSync(join(d, 'corpus.tmp-20240101'), { recursive: true });
+  writeFileSync(join(d, 'corpus.tmp-20240101', 'edited.jsonl'), 'mine');
+  const dead = deadPid();
+  mkdirSync(join(d, `corpus.tmp-${dead}-0x1`));
+  assert.deepEqual(cleanStaleTempsOf(join(d, 'corpus')), [join(d, `corpus.tmp-${dead}-0x1`)]);
+  assert.deepEqual(readdirSync(d), ['corpus.tmp-20240101']);
+});
+
+test('a data file and a tokenizer in a folder a killed replace left set aside are put back by their readers', () => {
+  const d = join(root, 'readers-data');
+  mkdirSync(d);
+  const dead = deadPid();
+  mkdirSync(join(d, `corpus.old-${dead}-0x1`));
+  writeFileSync(join(d, `corpus.old-${dead}-0x1`, 'train.jsonl'), '{"text": "a"}\n');
+  const fd = openRegularFile(join(d, 'corpus', 'train.jsonl'), (what) => new Error(what));
+  closeSync(fd);
+  cpSync('test/fixtures/models/llama', join(d, `tok.old-${dead}-0x2`), { recursive: true });
+  assert.ok(loadTokenizer(join(d, 'tok')));
+  assert.deepEqual(readdirSync(d).sort(), ['corpus', 'tok']);
 });
 
 test('a folder set aside by a killed writer whose pid this process now has (a restarted container) is put back', {

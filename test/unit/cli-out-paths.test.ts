@@ -12,6 +12,7 @@ import {
   mkdirSync,
   readdirSync,
   readFileSync,
+  rmSync,
   symlinkSync,
   writeFileSync,
 } from 'node:fs';
@@ -107,10 +108,16 @@ test('data build / data tokenizer --out: a folder with anything else is refused;
   const build = (seed: string) => cli('data', 'build', '--out', out, '--countries', '12', '--seed', seed);
   // what a build killed earlier left beside it (its staged folder; a process that is gone)
   const gone = spawnSync(process.execPath, ['-e', 'process.stdout.write(String(process.pid))'], { encoding: 'utf8' });
-  const staged = join(home, `corpus.tmp-${gone.stdout}`);
+  const staged = join(home, `corpus.tmp-${gone.stdout}-0x1`);
   mkdirSync(staged);
+  // a copy of the user's named like an older version's temporary (`.tmp-<a number no process has>`)
+  const usersCopy = join(home, 'corpus.tmp-20240101');
+  mkdirSync(usersCopy);
+  writeFileSync(join(usersCopy, 'edited.jsonl'), 'mine');
   assert.equal(build('1').code, 0);
   assert.equal(existsSync(staged), false, 'a killed build leaves nothing behind for long');
+  assert.equal(readFileSync(join(usersCopy, 'edited.jsonl'), 'utf8'), 'mine', "the user's copy stays");
+  rmSync(usersCopy, { recursive: true });
   const first = readFileSync(join(out, 'finetune.jsonl'));
   const again = build('2');
   assert.equal(again.code, 0, again.err);
@@ -197,4 +204,28 @@ test('data build --out a symbolic link to a folder on another disk: the linked f
     join(target, 'finetune.jsonl'),
     now,
   );
+});
+
+test('--out through a linked folder and `..` (par/../x, par a link): judged and written where the system resolves it, never over the textual x', () => {
+  // par -> deep/real: the system reads par/../x as deep/x; path.resolve reads it as x
+  const d = join(home, 'dotdot');
+  mkdirSync(join(d, 'deep', 'real'), { recursive: true });
+  symlinkSync(join(d, 'deep', 'real'), join(d, 'par'));
+  mkdirSync(join(d, 'victim'));
+  writeFileSync(join(d, 'victim', 'thesis.txt'), 'mine');
+  const ds = join(data(), 'd.jsonl');
+  const tok = cli('data', 'tokenizer', '--out', `${d}/par/../victim`, ds);
+  assert.equal(tok.code, 0, tok.err);
+  assert.deepEqual(readdirSync(join(d, 'victim')), ['thesis.txt']);
+  assert.ok(existsSync(join(d, 'deep', 'victim', 'tokenizer.json')));
+  // export: an existing file at the textual path is not the one --out names, and is not replaced
+  writeFileSync(join(d, 'mine.jsonl'), 'my own file\n');
+  const ex = cli('export', '--data', ds, '--out', `${d}/par/../mine.jsonl`);
+  assert.equal(ex.code, 0, ex.err);
+  assert.equal(readFileSync(join(d, 'mine.jsonl'), 'utf8'), 'my own file\n');
+  assert.ok(existsSync(join(d, 'deep', 'mine.jsonl')));
+  // and where the system's reading does hold a file, export refuses without --force
+  const again = cli('export', '--data', ds, '--out', `${d}/par/../mine.jsonl`);
+  assert.equal(again.code, 1);
+  assert.match(again.err, /--force/);
 });

@@ -140,7 +140,7 @@ function writeCorpusFolder<T>(out: string, write: (dir: string) => T): T {
 
 /** What a build of `out` killed earlier left beside it (its staged folder), as train cleans its own. */
 function cleanLeftovers(out: string): void {
-  cleanStaleTempsOf(out, { fullFormOnly: false });
+  cleanStaleTempsOf(out);
 }
 
 /** What `data tokenizer` writes: a word-level tokenizer's files. */

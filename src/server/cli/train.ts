@@ -176,7 +176,7 @@ export async function trainJob(o: TrainJobOptions): Promise<TrainJobResult> {
   const out = resolve(o.out); // no trailing slash: temporaries go beside it, not inside
   checkTrainOut(out, o.model);
   // what a train killed earlier left beside this output (its staging and initial-weights folders)
-  cleanStaleTempsOf(out, { fullFormOnly: false });
+  cleanStaleTempsOf(out);
   // the digest of the very bytes trained on: the file may change while training runs (an edit, a
   // flag applied in the editor), and retrain trusts data_sha256 to say what the model saw
   const ds = loadDataset(o.data, { sha256: true });
