@@ -58,12 +58,12 @@ const COMMANDS: Record<string, { run: (argv: string[]) => Promise<void>; help: s
   explain: {
     run: runExplain,
     help:
-      'explain --model <dir> [--base <dir>] --factors <dir> --data <train.jsonl> (--prompt P --completion C | --queries <file.jsonl>)\n' +
+      'explain --model <dir> [--base <dir>] [--factors <dir>] --data <train.jsonl> (--prompt P --completion C | --queries <file.jsonl>)\n' +
       '    [--top-k K] [--method ekfac|multistage|gdp|cosine|repsim|bm25] [--compare m,m] [--damping X] [--rank R]\n' +
       '    [--modules mlp|all] [--candidates all|retrieved] [--checkpoints auto|off|<dir>,...] [--skip-malformed]\n' +
       '    [--batch-size N] [--training default|trl|trl-assistant|<json>]\n' +
       '    [--pretrained-model <dir> --pretrained-factors <dir> [--pretrained-base <dir>] [--pretrained-training T]] [--json]\n' +
-      '    rank training examples',
+      '    rank training examples (by EK-FAC with --factors, else by the gradient dot product)',
   },
   generate: {
     run: runGenerate,
