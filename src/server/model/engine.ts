@@ -701,6 +701,41 @@ function pruneSnapshots(graphs: string, current: string, mark: string): void {
   }
 }
 
+/**
+ * The rows of `hidden` whose target weight is not 0, with their labels and weights (the first row
+ * goes along once more, weighted 0, so that a batch without any weighted token still runs the head
+ * over one row: no step of it ever sees an empty tensor). The rows' gradient flows back to their
+ * places in `hidden` (Gather's backward scatters it); the other rows get none from the head, as
+ * their weight 0 gave them before.
+ */
+function weightedRows(
+  g: Graph,
+  hidden: Tensor,
+  labels: HeadLabels,
+  wFlat: Tensor,
+): { hidden: Tensor; labels: HeadLabels; weights: Tensor } {
+  const I = DataType.INT64;
+  const { keep, pick, weights } = g.noGrad(() => {
+    const inLoss = g.node('Cast', [wFlat], [{ dtype: DataType.BOOL, shape: wFlat.shape }], { to: DataType.BOOL })[0];
+    const nz = g.node('NonZero', [inLoss], [{ dtype: I, shape: [1, 'M'] }])[0];
+    const rows = g.node('Reshape', [nz, g.ints([-1])], [{ dtype: I, shape: ['M'] }])[0];
+    const keep = g.node('Concat', [rows, g.ints([0])], [{ dtype: I, shape: ['M1'] }], { axis: 0 })[0];
+    const pick = (x: Tensor) => {
+      const flat =
+        x.shape.length === 1 ? x : g.node('Reshape', [x, g.ints([-1])], [{ dtype: x.dtype, shape: ['N'] }])[0];
+      return g.node('Gather', [flat, keep], [{ dtype: x.dtype, shape: ['M1'] }], { axis: 0 })[0];
+    };
+    const w = g.node('Gather', [wFlat, rows], [{ dtype: g.float, shape: ['M'] }], { axis: 0 })[0];
+    const weights = g.node('Concat', [w, g.floats([0], [1])], [{ dtype: g.float, shape: ['M1'] }], { axis: 0 })[0];
+    return { keep, pick, weights };
+  });
+  const kept: HeadLabels =
+    labels.kind === 'data'
+      ? { kind: 'data', targets: g.noGrad(() => pick(labels.targets)) }
+      : { kind: 'sampled', uniforms: g.noGrad(() => pick(labels.uniforms)) };
+  return { hidden: g.gatherRows(hidden, keep), labels: kept, weights };
+}
+
 /** A copy of the weights must hold the bytes their digest (the model's fingerprint) was taken of. */
 function checkCopy(file: string, got: string, want: string): void {
   if (got !== want)
@@ -757,24 +792,34 @@ function buildOutputs(
     req.labels === 'sampled'
       ? { kind: 'sampled', uniforms: g.input('sample_uniform', g.float, ['B', 'T']) }
       : { kind: 'data', targets: g.input('target_ids', DataType.INT64, ['B', 'T']) };
-  const { nll, targets } = crossEntropyHead(g, out.hidden, W, labels, rows, !!(needModuleGrads || req.paramGrads));
-  if (req.labels === 'sampled' && req.sampledIds)
-    emit(
-      g.noGrad(() => g.reshape(targets, btShape, ['B', 'T'])),
-      'sampled_ids',
-    );
-  const weighted = g.mul(nll, wFlat);
-  const total = g.reduceSum(weighted, [0], false);
-
-  if (req.tokenLoss) {
-    emit(
-      g.noGrad(() => g.reshape(nll, btShape, ['B', 'T'])),
-      'token_nll',
-    );
-    emit(
-      g.noGrad(() => g.reduceSum(g.reshape(weighted, btShape, ['B', 'T']), [1], false)),
-      'loss',
-    );
+  const grad = !!(needModuleGrads || req.paramGrads);
+  let total: Tensor;
+  if (!req.tokenLoss && !(req.labels === 'sampled' && req.sampledIds)) {
+    // Unless every token's loss is an output, only the tokens in the loss reach the head: at the
+    // others its loss and gradient are 0 × a pass over the whole vocabulary (a prompt, a chat's
+    // other turns, padding), at a 50k-262k vocabulary much of a sequence's forward and backward.
+    const kept = weightedRows(g, out.hidden, labels, wFlat);
+    const { nll } = crossEntropyHead(g, kept.hidden, W, kept.labels, rows, grad);
+    total = g.reduceSum(g.mul(nll, kept.weights), [0], false);
+  } else {
+    const { nll, targets } = crossEntropyHead(g, out.hidden, W, labels, rows, grad);
+    if (req.labels === 'sampled' && req.sampledIds)
+      emit(
+        g.noGrad(() => g.reshape(targets, btShape, ['B', 'T'])),
+        'sampled_ids',
+      );
+    const weighted = g.mul(nll, wFlat);
+    total = g.reduceSum(weighted, [0], false);
+    if (req.tokenLoss) {
+      emit(
+        g.noGrad(() => g.reshape(nll, btShape, ['B', 'T'])),
+        'token_nll',
+      );
+      emit(
+        g.noGrad(() => g.reduceSum(g.reshape(weighted, btShape, ['B', 'T']), [1], false)),
+        'loss',
+      );
+    }
   }
   const maskF = g.noGrad(() => g.cast(g.reshape(ctx.attentionMask, [-1]), g.float));
   if (req.hidden) {
