@@ -325,6 +325,26 @@ export function restoreReplacedDir(dirIn: string): boolean {
 }
 
 /**
+ * `restoreReplacedDir` for `dir` and the folders above it that are missing, outermost first: a
+ * file read inside a replaced folder (`corpus/tokenizer/tokenizer.json` of a corpus a killed
+ * `data build` set aside) needs the folder put back that was replaced, whichever level that is.
+ * Returns whether it restored one. Cheap when `dir` exists.
+ */
+export function restoreReplacedPath(dir: string): boolean {
+  const missing: string[] = [];
+  for (let p = physicalPath(dir); !existsSync(p); p = dirname(p)) {
+    missing.push(p);
+    if (dirname(p) === p) break;
+  }
+  let restored = false;
+  for (const p of missing.reverse()) {
+    if (restoreReplacedDir(p)) restored = true;
+    else if (!existsSync(p)) break; // nothing set aside here: the levels below cannot exist either
+  }
+  return restored;
+}
+
+/**
  * Removes the temporaries (files or folders) that processes which no longer run left in `root`
  * and its subfolders down to `depth` levels. Only names of our pattern whose pid is not alive are
  * touched; symbolic links are never followed. A folder's previous version set aside by a killed

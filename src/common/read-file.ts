@@ -4,7 +4,7 @@
 // fstat says what it is; for a regular file the flag changes nothing.
 import { closeSync, constants, fstatSync, openSync, readFileSync } from 'node:fs';
 import { dirname } from 'node:path';
-import { restoreReplacedDir } from './atomic-write';
+import { restoreReplacedPath } from './atomic-write';
 
 /** open(2) flags: read only, never waiting for a pipe's writer (O_NONBLOCK is 0 where it does not exist). */
 export const READ_NOWAIT = constants.O_RDONLY | (constants.O_NONBLOCK ?? 0);
@@ -27,7 +27,7 @@ export function openRegularFile(path: string, refuse: (what: string) => Error): 
   } catch (e) {
     // its folder set aside by a writer killed between its two renames (a corpus rebuilt by `data
     // build`): put back, as the other readers do (common/atomic-write.ts), then opened
-    if ((e as NodeJS.ErrnoException).code !== 'ENOENT' || !restoreReplacedDir(dirname(path))) throw e;
+    if ((e as NodeJS.ErrnoException).code !== 'ENOENT' || !restoreReplacedPath(dirname(path))) throw e;
     fd = openSync(path, READ_NOWAIT);
   }
   const what = notARegularFile(fd);

@@ -248,6 +248,11 @@ test('a data file and a tokenizer in a folder a killed replace left set aside ar
   cpSync('test/fixtures/models/llama', join(d, `tok.old-${dead}-0x2`), { recursive: true });
   assert.ok(loadTokenizer(join(d, 'tok')));
   assert.deepEqual(readdirSync(d).sort(), ['corpus', 'tok']);
+  // a tokenizer inside a corpus folder set aside whole: the corpus is put back
+  mkdirSync(join(d, `built.old-${dead}-0x3`));
+  cpSync('test/fixtures/models/llama', join(d, `built.old-${dead}-0x3`, 'tokenizer'), { recursive: true });
+  assert.ok(loadTokenizer(join(d, 'built', 'tokenizer')));
+  assert.deepEqual(readdirSync(d).sort(), ['built', 'corpus', 'tok']);
 });
 
 test('a folder set aside by a killed writer whose pid this process now has (a restarted container) is put back', {

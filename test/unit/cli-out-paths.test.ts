@@ -218,6 +218,18 @@ test('--out through a linked folder and `..` (par/../x, par a link): judged and 
   assert.equal(tok.code, 0, tok.err);
   assert.deepEqual(readdirSync(join(d, 'victim')), ['thesis.txt']);
   assert.ok(existsSync(join(d, 'deep', 'victim', 'tokenizer.json')));
+  // a Hugging Face tokenizer folder where the textual path points is not the folder --out names
+  mkdirSync(join(d, 'tok'));
+  copyFileSync(join(MODEL, 'tokenizer.json'), join(d, 'tok', 'tokenizer.json'));
+  writeFileSync(join(d, 'tok', 'tokenizer.json'), JSON.stringify({ model: { type: 'BPE' } }));
+  const hf = readFileSync(join(d, 'tok', 'tokenizer.json'));
+  assert.equal(cli('data', 'tokenizer', '--out', `${d}/par/../tok`, ds).code, 0);
+  assert.ok(readFileSync(join(d, 'tok', 'tokenizer.json')).equals(hf), 'the textual tok/ is untouched');
+  // and the one it names, once it holds such a tokenizer, is refused as a plain path would be
+  writeFileSync(join(d, 'deep', 'tok', 'tokenizer.json'), JSON.stringify({ model: { type: 'BPE' } }));
+  const refused = cli('data', 'tokenizer', '--out', `${d}/par/../tok`, ds);
+  assert.equal(refused.code, 1);
+  assert.match(refused.err, /holds another kind of tokenizer\.json/);
   // export: an existing file at the textual path is not the one --out names, and is not replaced
   writeFileSync(join(d, 'mine.jsonl'), 'my own file\n');
   const ex = cli('export', '--data', ds, '--out', `${d}/par/../mine.jsonl`);

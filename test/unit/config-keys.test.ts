@@ -47,6 +47,20 @@ test('qwen2: a config without layer_types slides the window from max_window_laye
   );
 });
 
+test('"layer_types": null is worked out from the other keys, as when it is absent (qwen2, qwen3, gemma3_text)', async () => {
+  for (const [fixture, edit] of [
+    ['qwen2_swa', {}],
+    ['qwen3', {}],
+    ['gemma3', { sliding_window_pattern: 2 }],
+  ] as const)
+    await assertMatchesGolden(
+      variant(fixture, (c) => {
+        Object.assign(c, { layer_types: null, ...edit });
+      }),
+      fixture,
+    );
+});
+
 test('qwen2: layer_types decides over max_window_layers, as in transformers 5', async () => {
   await assertMatchesGolden(
     variant('qwen2_swa', (c) => {

@@ -2,6 +2,7 @@
 // progress bar on stderr that stays quiet when stderr is not a terminal.
 import { type ParseArgsConfig, parseArgs } from 'node:util';
 import { closest } from '../../common/json-schema';
+import { physicalPath } from '../../common/real-path';
 import { type Setting, SettingError } from '../attribution/setup';
 import { parseTraining, type TrainingConvention } from '../data/training';
 
@@ -75,7 +76,36 @@ export function parse<T extends NonNullable<ParseArgsConfig['options']>>(
       throw new CliError(`--${t.name} is given twice ("${had}" and "${t.value}"); give it once`);
     first.set(t.name, t.value);
   }
+  // paths with `..` as the system reads them (common/real-path.ts): `join(out, 'tokenizer.json')`
+  // drops `par/..` as text, so a check built that way read another folder than the write replaced
+  const values = parsed.values as Record<string, unknown>;
+  for (const name of Object.keys(values))
+    if (PATH_OPTIONS.has(name) && typeof values[name] === 'string') values[name] = systemPath(values[name] as string);
+  if (positionals) parsed.positionals = parsed.positionals.map(systemPath);
   return parsed;
+}
+
+/** The options that name files or folders (every command's positionals do too). */
+const PATH_OPTIONS = new Set([
+  'model',
+  'base',
+  'data',
+  'out',
+  'factors',
+  'queries',
+  'exclude',
+  'tokenizer',
+  'prompts',
+  'from',
+  'config',
+  'pretrained-model',
+  'pretrained-factors',
+  'pretrained-base',
+]);
+
+/** A path with a `..` component, resolved as the system resolves it; any other path as given. */
+function systemPath(p: string): string {
+  return p.split(/[\\/]/).includes('..') ? physicalPath(p) : p;
 }
 
 export function oneOf<T extends string>(

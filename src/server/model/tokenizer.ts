@@ -10,7 +10,7 @@ import { createHash } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { basename, join } from 'node:path';
 import { Tokenizer } from '@huggingface/tokenizers';
-import { restoreReplacedDir } from '../../common/atomic-write';
+import { restoreReplacedPath } from '../../common/atomic-write';
 import { jsonText, readRegularFile } from '../../common/read-file';
 import { ChatTemplate, ChatTemplateError, hasGenerationBlocks } from '../../common/records/chat-template';
 import { DEFAULT_TRAINING, type TrainingConvention } from '../data/training';
@@ -188,7 +188,7 @@ export function loadTokenizer(
   options: { modelType?: string } = {},
 ): TokenizerHandle {
   const path = join(dir, 'tokenizer.json');
-  restoreReplacedDir(dir); // a tokenizer folder rewritten by a writer killed between its two renames
+  restoreReplacedPath(dir); // a tokenizer folder (or the corpus around it) a writer killed between its two renames set aside
   if (!existsSync(path))
     throw new TokenizerError(
       `${dir}: no tokenizer.json (save the tokenizer with tokenizer.save_pretrained(dir); slow-only tokenizers are not supported)`,

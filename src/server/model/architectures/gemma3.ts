@@ -69,13 +69,14 @@ const GEMMA3_KEYS: ConfigKeys = {
   attention_bias: boolean,
   query_pre_attn_scalar: positiveNumber,
   sliding_window: nullOr(positiveInt),
-  layer_types: {
+  // null: Gemma3TextConfig works them out, as when the key is absent
+  layer_types: nullOr({
     accepts: `a list of num_hidden_layers entries, each ${LAYER_TYPES.map((t) => `"${t}"`).join(' or ')}`,
     ok: (v, c) =>
       Array.isArray(v) &&
       v.length === c.num_hidden_layers &&
       v.every((t) => (LAYER_TYPES as readonly string[]).includes(t as string)),
-  },
+  }),
   // Gemma3TextConfig builds layer_types from sliding_window_pattern when layer_types is absent;
   // the underscored key that hub configs carry is not read for it
   sliding_window_pattern: positiveInt,

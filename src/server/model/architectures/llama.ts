@@ -149,11 +149,12 @@ const QWEN2_KEYS: ConfigKeys = {
   use_sliding_window: boolean,
   sliding_window: nullOr(positiveInt),
   max_window_layers: { accepts: 'a non-negative integer', ok: (v) => Number.isInteger(v) && (v as number) >= 0 },
-  layer_types: {
+  // null: the config class works them out, as when the key is absent
+  layer_types: nullOr({
     accepts: `a list of num_hidden_layers entries, each ${LAYER_TYPES.map((t) => `"${t}"`).join(' or ')}`,
     ok: (v, c) =>
       Array.isArray(v) && v.length === c.num_hidden_layers && v.every((t) => LAYER_TYPES.includes(t as string)),
-  },
+  }),
 };
 
 /**
