@@ -87,9 +87,10 @@ const COMMANDS: Record<string, { run: (argv: string[]) => Promise<void>; help: s
   data: {
     run: runData,
     help:
-      'data build --out <dir> [--seed N] [--countries N]   country-facts corpus: pre-training text, QA fine-tuning\n' +
-      '    set with planted wrong facts and a backdoor, queries with true sources, a word-level tokenizer\n' +
-      '  data tokenizer --out <dir> <file.jsonl>...   a word-level tokenizer.json over JSONL files\n' +
+      'data build --out <dir> [--seed N] [--countries N] [--paraphrases N] [--questions N] [--held-out F] [--context T]\n' +
+      '    [--task default|nonlexical]   country-facts corpus: pre-training text, QA fine-tuning set with planted\n' +
+      '    wrong facts and a backdoor, queries with true sources, a word-level tokenizer\n' +
+      '  data tokenizer --out <dir> [--context T] <file.jsonl>...   a word-level tokenizer.json over JSONL files\n' +
       '  data eval --model <dir> [--base <dir>] --queries <file> [--data <train.jsonl>] [--factors <dir>] [--methods m,m]\n' +
       '    [--top-k K] [--max-tokens N] [--training <convention>] [--skip-malformed] [--threads N] [--json]\n' +
       '    accuracy on {prompt, expected, sources?} questions; per method Recall@k / MRR of the sources\n' +
@@ -154,7 +155,8 @@ async function main(argv: string[]): Promise<number> {
     return 0;
   } catch (e) {
     if (e instanceof HelpRequested) {
-      process.stdout.write(`usage: influence-lens ${c.help}\n\noptions:\n${e.options}\n  -h, --help\n`);
+      const usage = subcommandUsage(c.help, cmd, rest[0]) ?? c.help;
+      process.stdout.write(`usage: influence-lens ${usage}\n\noptions:\n${e.options}\n  -h, --help\n`);
       return 0;
     }
     // user-facing errors (bad input a person can fix) print one clear line; anything else is a
@@ -165,6 +167,21 @@ async function main(argv: string[]): Promise<number> {
     );
     return 1;
   }
+}
+
+/**
+ * For a command with subcommands (`data build | tokenizer | eval`), the part of its usage about the
+ * one asked for (`data tokenizer --help` printed data build's usage first); undefined otherwise.
+ */
+function subcommandUsage(help: string, cmd: string, sub: string | undefined): string | undefined {
+  if (!sub || sub.startsWith('-')) return undefined;
+  const entries: string[][] = [];
+  for (const line of help.split('\n')) {
+    if (line.trimStart().startsWith(`${cmd} `)) entries.push([line.trimStart()]);
+    else entries.at(-1)?.push(line);
+  }
+  const mine = entries.filter((e) => e[0].startsWith(`${cmd} ${sub} `) || e[0] === `${cmd} ${sub}`);
+  return mine.length ? mine.map((e) => e.join('\n')).join('\n  ') : undefined;
 }
 
 // The output cannot be written: a reader that went away (`| head`, `| jq` stopped) ends the

@@ -50,6 +50,19 @@ test("each command's usage line names every option it parses, and a misspelt fla
   assert.match(r.stderr, /unknown option --skip-malformd; did you mean --skip-malformed\?/);
 });
 
+test("a subcommand's --help shows its own usage and names every option it parses (data build, tokenizer, eval)", () => {
+  for (const sub of ['build', 'tokenizer', 'eval']) {
+    const r = cli('data', sub, '--help');
+    assert.equal(r.status, 0, r.stderr);
+    const [usage, options] = r.stdout.split('\n\noptions:');
+    assert.match(usage, new RegExp(`^usage: influence-lens data ${sub} `));
+    for (const other of ['build', 'tokenizer', 'eval'].filter((s) => s !== sub))
+      assert.ok(!usage.includes(`data ${other} `), `data ${sub} --help shows data ${other}:\n${usage}`);
+    const parsed = [...options.matchAll(/--([a-z][a-z0-9-]*)/g)].map((m) => m[1]).filter((o) => o !== 'help');
+    for (const o of parsed) assert.ok(usage.includes(`--${o}`), `data ${sub}'s usage lacks --${o}:\n${usage}`);
+  }
+});
+
 test('user-facing errors are recognised; anything else is a bug (its stack is printed)', () => {
   assert.equal(isUserError(new CliError('--port must be 0..65535')), true);
   assert.equal(isUserError(new ConfigFileError('influence-lens.json: port: must be ≤ 65535')), true);
