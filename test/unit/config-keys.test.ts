@@ -29,11 +29,15 @@ function variant(fixture: string, edit: (c: Record<string, unknown>) => void): s
   return dir;
 }
 
-async function assertMatchesGolden(dir: string, golden: string) {
-  const model = Model.open(dir, { threads: 1 });
+/** The relative error of the model in `dir` against a golden's per-token loss. */
+async function tokenNllError(dir: string, golden: string): Promise<number> {
   const gold = loadGolden(golden);
-  const out = await (await model.compile({ tokenLoss: true })).run(gold.batch);
-  const e = relErr(out.token_nll.data as Float32Array, gold.get('token_nll'));
+  const out = await (await Model.open(dir, { threads: 1 }).compile({ tokenLoss: true })).run(gold.batch);
+  return relErr(out.token_nll.data as Float32Array, gold.get('token_nll'));
+}
+
+async function assertMatchesGolden(dir: string, golden: string) {
+  const e = await tokenNllError(dir, golden);
   assert.ok(e <= 1e-4, `${golden}: token_nll relative error ${e.toExponential(2)}`);
 }
 
@@ -162,17 +166,21 @@ test('an absent num_key_value_heads is the config class default (Mistral 8, Qwen
   );
 });
 
-test("qwen3: an absent head_dim is Qwen3Config's 128, not hidden_size / num_attention_heads", () => {
-  // the fixture's heads are 12 wide; Qwen3Config builds 128-wide heads without the key
-  assert.throws(
-    () =>
-      Model.open(
-        variant('qwen3', (c) => {
-          delete c.head_dim;
-        }),
-      ).modules(),
-    /head_dim absent, so qwen3's default 128/,
-  );
+test("an absent head_dim is the config class's default (Qwen3 128, Gemma 3 256), not hidden_size / num_attention_heads", () => {
+  // the fixtures' heads are 12 wide; without the key transformers builds heads of the default width
+  for (const [fixture, modelType, hd] of [
+    ['qwen3', 'qwen3', 128],
+    ['gemma3', 'gemma3_text', 256],
+  ] as const)
+    assert.throws(
+      () =>
+        Model.open(
+          variant(fixture, (c) => {
+            delete c.head_dim;
+          }),
+        ).modules(),
+      new RegExp(`head_dim absent, so ${modelType}'s default ${hd}`),
+    );
 });
 
 test('qwen3: every query and key head is normalised: a checkpoint without q_norm is refused naming it', () => {
@@ -185,15 +193,10 @@ test('qwen3: every query and key head is normalised: a checkpoint without q_norm
 test('qwen3 without its window matches transformers only where the window changes nothing: layer_types is read', async () => {
   // the same weights read as all-full attention give other numbers than the golden (window 4 on
   // layer 1), so a builder ignoring layer_types would fail the golden test instead
-  const model = Model.open(
-    variant('qwen3', (c) => {
-      c.layer_types = ['full_attention', 'full_attention'];
-    }),
-    { threads: 1 },
-  );
-  const gold = loadGolden('qwen3');
-  const out = await (await model.compile({ tokenLoss: true })).run(gold.batch);
-  assert.ok(relErr(out.token_nll.data as Float32Array, gold.get('token_nll')) > 1e-3);
+  const allFull = variant('qwen3', (c) => {
+    c.layer_types = ['full_attention', 'full_attention'];
+  });
+  assert.ok((await tokenNllError(allFull, 'qwen3')) > 1e-3);
 });
 
 test('gemma3_text: the older config layout (rope_theta, rope_local_base_freq, rope_scaling) is read as transformers 5 converts it', async () => {
@@ -225,27 +228,10 @@ test('gemma3_text: without layer_types the layers follow sliding_window_pattern 
     'gemma3',
   );
   // the default pattern 6 makes all three layers sliding: other numbers than the golden's
-  const model = Model.open(
-    variant('gemma3', (c) => {
-      delete c.layer_types;
-    }),
-    { threads: 1 },
-  );
-  const gold = loadGolden('gemma3');
-  const out = await (await model.compile({ tokenLoss: true })).run(gold.batch);
-  assert.ok(relErr(out.token_nll.data as Float32Array, gold.get('token_nll')) > 1e-3);
-});
-
-test("gemma3_text: an absent head_dim is Gemma3TextConfig's 256", () => {
-  assert.throws(
-    () =>
-      Model.open(
-        variant('gemma3', (c) => {
-          delete c.head_dim;
-        }),
-      ).modules(),
-    /head_dim absent, so gemma3_text's default 256/,
-  );
+  const allSliding = variant('gemma3', (c) => {
+    delete c.layer_types;
+  });
+  assert.ok((await tokenNllError(allSliding, 'gemma3')) > 1e-3);
 });
 
 test('llama ignores sliding_window, as transformers LlamaModel does', async () => {

@@ -613,6 +613,78 @@ export interface ConfigSize {
   because: string;
 }
 
+/** What config.json says a Llama-like decoder's shapes are, with where head_dim and the KV heads came from. */
+export interface DecoderShape {
+  d: number;
+  nHead: number;
+  nKv: number;
+  hd: number;
+  inter: number;
+  /** e.g. "head_dim 128", "head_dim absent, so qwen3's default 128" */
+  hdWhy: string;
+  kvWhy: string;
+}
+
+/** The output sizes config.json gives a Llama-like decoder's weights, each with the keys it comes from. */
+export function decoderSizes(c: Config, s: DecoderShape) {
+  const vocab = num(c, ['vocab_size']);
+  return {
+    q: { size: s.nHead * s.hd, because: `num_attention_heads ${s.nHead} × ${s.hdWhy}` },
+    kv: { size: s.nKv * s.hd, because: `${s.kvWhy} × ${s.hdWhy}` },
+    hidden: { size: s.d, because: `hidden_size ${s.d}` },
+    inter: { size: s.inter, because: `intermediate_size ${s.inter}` },
+    vocab: { size: vocab, because: `vocab_size ${vocab}` },
+  };
+}
+
+type Bias = { expected: boolean; because: string };
+
+/**
+ * One layer's `self_attn.{q,k,v}_proj`; with `headNorm`, every query and key head goes through an
+ * RMSNorm over its head_dim features first (`self_attn.q_norm` / `k_norm`: Qwen3, and Gemma 3
+ * with offset 1), [N, heads·hd] → [N, heads, hd] and back.
+ */
+export function qkvProjections(
+  ctx: BuildContext,
+  prefix: string,
+  h: Tensor,
+  shape: DecoderShape,
+  sizes: ReturnType<typeof decoderSizes>,
+  bias: Bias,
+  headNorm?: { eps: number; offset: number },
+): { q: Tensor; k: Tensor; v: Tensor } {
+  const { g } = ctx;
+  const normed = (t: Tensor, heads: number, name: string) =>
+    headNorm
+      ? g.reshape(
+          rmsNorm(ctx, g.reshape(t, [-1, heads, shape.hd]), `${prefix}.${name}`, headNorm.eps, headNorm.offset),
+          [-1, heads * shape.hd],
+        )
+      : t;
+  const proj = (name: string, size: ConfigSize) =>
+    linear(ctx, `${prefix}.${name}`, h, 'attention', 'out_in', bias, size);
+  return {
+    q: normed(proj('q_proj', sizes.q), shape.nHead, 'q_norm'),
+    k: normed(proj('k_proj', sizes.kv), shape.nKv, 'k_norm'),
+    v: proj('v_proj', sizes.kv),
+  };
+}
+
+/** A gated MLP, `down(act(gate(x)) · up(x))` (`{prefix}.gate_proj`, `up_proj`, `down_proj`). */
+export function gatedMlp(
+  ctx: BuildContext,
+  prefix: string,
+  x: Tensor,
+  act: string,
+  bias: Bias,
+  sizes: ReturnType<typeof decoderSizes>,
+): Tensor {
+  const { g } = ctx;
+  const gate = activation(g, linear(ctx, `${prefix}.gate_proj`, x, 'mlp', 'out_in', bias, sizes.inter), act);
+  const up = linear(ctx, `${prefix}.up_proj`, x, 'mlp', 'out_in', bias, sizes.inter);
+  return linear(ctx, `${prefix}.down_proj`, g.mul(gate, up), 'mlp', 'out_in', bias, sizes.hidden);
+}
+
 /**
  * The weight `name` must have this shape, as transformers builds the module from config.json
  * (it refuses a checkpoint of another shape at load; without this check a wrong bias or norm

@@ -7,16 +7,18 @@
 import type { Tensor } from '../onnx/graph';
 import {
   type Architecture,
-  activation,
   attention,
   attentionMask,
   type BuildContext,
   type Config,
   ConfigError,
+  decoderSizes,
   embed,
+  gatedMlp,
   linear,
   num,
   outputHead,
+  qkvProjections,
   type RopeSpec,
   resolveRope,
   rmsNorm,
@@ -143,13 +145,8 @@ export const gemma3: Architecture = {
       typeof c.num_key_value_heads === 'number'
         ? `num_key_value_heads ${nKv}`
         : `num_key_value_heads absent, so gemma3_text's default ${nKv}`;
-    const size = {
-      q: { size: nHead * hd, because: `num_attention_heads ${nHead} × ${hdWhy}` },
-      kv: { size: nKv * hd, because: `${kvWhy} × ${hdWhy}` },
-      hidden: { size: d, because: `hidden_size ${d}` },
-      inter: { size: inter, because: `intermediate_size ${inter}` },
-      vocab: { size: num(c, ['vocab_size']), because: `vocab_size ${num(c, ['vocab_size'])}` },
-    };
+    const shape = { d, nHead, nKv, hd, inter, hdWhy, kvWhy };
+    const size = decoderSizes(c, shape);
     const bias = {
       expected: c.attention_bias === true,
       because: `config.json "attention_bias" is ${c.attention_bias === true}`,
@@ -172,10 +169,6 @@ export const gemma3: Architecture = {
       full_attention: attentionMask(ctx),
       sliding_attention: attentionMask(ctx, typeof window === 'number' ? window : undefined),
     };
-    // RMSNorm over each head's head_dim features ([N, heads·hd] → [N, heads, hd] and back)
-    const headNorm = (t: Tensor, heads: number, name: string) =>
-      g.reshape(gemmaNorm(ctx, g.reshape(t, [-1, heads, hd]), name, eps), [-1, heads * hd]);
-
     const table = 'model.embed_tokens.weight';
     // Gemma3TextScaledWordEmbedding: √hidden_size as a float32 tensor, cast to the weights' type
     let x = g.mul(embed(ctx, table, { vocab: size.vocab, hidden: size.hidden }), g.scalar(Math.fround(Math.sqrt(d))));
@@ -183,17 +176,7 @@ export const gemma3: Architecture = {
       const p = `model.layers.${i}`;
       const type = types[i];
       const h = gemmaNorm(ctx, x, `${p}.input_layernorm`, eps);
-      const q = headNorm(
-        linear(ctx, `${p}.self_attn.q_proj`, h, 'attention', 'out_in', bias, size.q),
-        nHead,
-        `${p}.self_attn.q_norm`,
-      );
-      const k = headNorm(
-        linear(ctx, `${p}.self_attn.k_proj`, h, 'attention', 'out_in', bias, size.kv),
-        nKv,
-        `${p}.self_attn.k_norm`,
-      );
-      const v = linear(ctx, `${p}.self_attn.v_proj`, h, 'attention', 'out_in', bias, size.kv);
+      const { q, k, v } = qkvProjections(ctx, `${p}.self_attn`, h, shape, size, bias, { eps, offset: 1 });
       const a = attention(ctx, q, k, v, {
         nHeads: nHead,
         nKv,
@@ -205,9 +188,7 @@ export const gemma3: Architecture = {
       const o = linear(ctx, `${p}.self_attn.o_proj`, a, 'attention', 'out_in', bias, size.hidden);
       x = g.add(x, gemmaNorm(ctx, o, `${p}.post_attention_layernorm`, eps));
       const h2 = gemmaNorm(ctx, x, `${p}.pre_feedforward_layernorm`, eps);
-      const gate = activation(g, linear(ctx, `${p}.mlp.gate_proj`, h2, 'mlp', 'out_in', noBias, size.inter), act);
-      const up = linear(ctx, `${p}.mlp.up_proj`, h2, 'mlp', 'out_in', noBias, size.inter);
-      const down = linear(ctx, `${p}.mlp.down_proj`, g.mul(gate, up), 'mlp', 'out_in', noBias, size.hidden);
+      const down = gatedMlp(ctx, `${p}.mlp`, h2, act, noBias, size);
       x = g.add(x, gemmaNorm(ctx, down, `${p}.post_feedforward_layernorm`, eps));
     }
     const hidden = gemmaNorm(ctx, x, 'model.norm', eps);

@@ -1,22 +1,17 @@
-// Llama family (Llama, Mistral, Qwen2, Qwen3): RMSNorm, rotary embedding, SwiGLU MLP,
-// grouped-query attention. They differ in which linear layers have biases, in which layers
-// attend through a sliding window and (Qwen3) in an RMSNorm of each query and key head
-// before the rotation; each model_type declares the config keys it honours, decided as
-// transformers 5's LlamaModel / MistralModel / Qwen2Model / Qwen3Model do.
-
-import type { Tensor } from '../onnx/graph';
 import {
   type Architecture,
-  activation,
   attention,
   attentionMask,
   type BuildContext,
   type Config,
   ConfigError,
+  decoderSizes,
   embed,
+  gatedMlp,
   linear,
   num,
   outputHead,
+  qkvProjections,
   resolveRope,
   rmsNorm,
   ropeTables,
@@ -229,13 +224,8 @@ function llamaFamily(modelType: string, configKeys: ConfigKeys, variant: Variant
           : !('num_key_value_heads' in c) && variant.kvHeadsWhenAbsent !== undefined
             ? `num_key_value_heads absent, so ${modelType}'s default ${nKv}`
             : `num_key_value_heads ${c.num_key_value_heads === null ? 'null' : 'absent'}, so num_attention_heads ${nKv}`;
-      const size = {
-        q: { size: nHead * hd, because: `num_attention_heads ${nHead} × ${hdWhy}` },
-        kv: { size: nKv * hd, because: `${kvWhy} × ${hdWhy}` },
-        hidden: { size: d, because: `hidden_size ${d}` },
-        inter: { size: inter, because: `intermediate_size ${inter}` },
-        vocab: { size: num(c, ['vocab_size']), because: `vocab_size ${num(c, ['vocab_size'])}` },
-      };
+      const shape = { d, nHead, nKv, hd, inter, hdWhy, kvWhy };
+      const size = decoderSizes(c, shape);
       const eps = num(c, ['rms_norm_eps'], 1e-6);
       const act = String(c.hidden_act ?? 'silu');
       const rope = ropeTables(ctx, hd, resolveRope(c));
@@ -252,25 +242,14 @@ function llamaFamily(modelType: string, configKeys: ConfigKeys, variant: Variant
       };
       const b = variant.biases(c);
       const qkvBias = { expected: b.qkv, because: b.because('qkv') };
-      // Qwen3: RMSNorm over each head's head_dim features ([N, heads·hd] → [N, heads, hd] and back)
-      const headNorm = (t: Tensor, heads: number, name: string) =>
-        variant.headNorms ? g.reshape(rmsNorm(ctx, g.reshape(t, [-1, heads, hd]), name, eps), [-1, heads * hd]) : t;
       const mlpBias = { expected: b.mlp, because: b.because('mlp') };
+      // Qwen3: an RMSNorm of each query and key head
+      const headNorm = variant.headNorms ? { eps, offset: 0 } : undefined;
       let x = embed(ctx, 'model.embed_tokens.weight', { vocab: size.vocab, hidden: size.hidden });
       for (let i = 0; i < nLayer; i++) {
         const p = `model.layers.${i}`;
         const h = rmsNorm(ctx, x, `${p}.input_layernorm`, eps);
-        const q = headNorm(
-          linear(ctx, `${p}.self_attn.q_proj`, h, 'attention', 'out_in', qkvBias, size.q),
-          nHead,
-          `${p}.self_attn.q_norm`,
-        );
-        const k = headNorm(
-          linear(ctx, `${p}.self_attn.k_proj`, h, 'attention', 'out_in', qkvBias, size.kv),
-          nKv,
-          `${p}.self_attn.k_norm`,
-        );
-        const v = linear(ctx, `${p}.self_attn.v_proj`, h, 'attention', 'out_in', qkvBias, size.kv);
+        const { q, k, v } = qkvProjections(ctx, `${p}.self_attn`, h, shape, size, qkvBias, headNorm);
         const a = attention(ctx, q, k, v, { nHeads: nHead, nKv, headDim: hd, rope, mask: maskFor(windows[i]) });
         const o = linear(
           ctx,
@@ -283,9 +262,7 @@ function llamaFamily(modelType: string, configKeys: ConfigKeys, variant: Variant
         );
         x = g.add(x, o);
         const h2 = rmsNorm(ctx, x, `${p}.post_attention_layernorm`, eps);
-        const gate = activation(g, linear(ctx, `${p}.mlp.gate_proj`, h2, 'mlp', 'out_in', mlpBias, size.inter), act);
-        const up = linear(ctx, `${p}.mlp.up_proj`, h2, 'mlp', 'out_in', mlpBias, size.inter);
-        x = g.add(x, linear(ctx, `${p}.mlp.down_proj`, g.mul(gate, up), 'mlp', 'out_in', mlpBias, size.hidden));
+        x = g.add(x, gatedMlp(ctx, `${p}.mlp`, h2, act, mlpBias, size));
       }
       const hidden = rmsNorm(ctx, x, 'model.norm', eps);
       const unembedding = outputHead(ctx, c, 'model.embed_tokens.weight', 'lm_head.weight', false);
