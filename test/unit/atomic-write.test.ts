@@ -286,6 +286,11 @@ test('openCheckpoint and loadFactors put back a folder a killed replace left set
   cpSync('test/fixtures/kronfluence/ours-llama-fp32/factors', join(d, `factors.old-${dead}-0x2`), { recursive: true });
   assert.ok(Object.keys(loadFactors(join(d, 'factors')).modules).length > 0);
   assert.deepEqual(readdirSync(d).sort(), ['factors', 'model']);
+  // a model inside a folder set aside whole (a train --out holding its checkpoints)
+  mkdirSync(join(d, `run.old-${dead}-0x3`));
+  cpSync('test/fixtures/models/llama', join(d, `run.old-${dead}-0x3`, 'checkpoint-1'), { recursive: true });
+  assert.equal(openCheckpoint(join(d, 'run', 'checkpoint-1')).modelType, 'llama');
+  assert.deepEqual(readdirSync(d).sort(), ['factors', 'model', 'run']);
 });
 
 test('cleanStaleTemps: only our names, only dead pids, nested folders, never through links', () => {

@@ -3,7 +3,7 @@
 // bytes stay on disk (the engine hands them to ONNX Runtime as external data).
 import { closeSync, existsSync, lstatSync, openSync, readdirSync, readlinkSync, readSync, statSync } from 'node:fs';
 import { join, resolve } from 'node:path';
-import { restoreReplacedDir } from '../../common/atomic-write';
+import { restoreReplacedPath } from '../../common/atomic-write';
 import { jsonText, readFileNoWait, readRegularFile } from '../../common/read-file';
 import {
   ADAPTER_CONFIG,
@@ -212,7 +212,7 @@ export interface OpenOptions {
 
 export function openCheckpoint(dirIn: string, options: OpenOptions = {}): Checkpoint {
   const dir = resolve(dirIn);
-  restoreReplacedDir(dir); // a checkpoint save killed between its two renames (common/atomic-write.ts)
+  restoreReplacedPath(dir); // a checkpoint save (or a save of a folder holding it) killed between its two renames
   if (!existsSync(dir) || !statSync(dir).isDirectory())
     throw new CheckpointError(`${dirIn}: not a directory (expected a Hugging Face model directory)`);
   if (isAdapterDir(dir)) return openAdapter(dir, options.base);

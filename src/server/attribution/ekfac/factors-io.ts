@@ -20,7 +20,7 @@
 import { createHash } from 'node:crypto';
 import { copyFileSync, existsSync, mkdirSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
-import { restoreReplacedDir, writeAtomicWith, writeFileAtomic } from '../../../common/atomic-write';
+import { restoreReplacedPath, writeAtomicWith, writeFileAtomic } from '../../../common/atomic-write';
 import { readRegularFile } from '../../../common/read-file';
 import { readStoredTraining, type TrainingConvention } from '../../data/training';
 import type { EighDtype } from '../../linalg/eigh';
@@ -336,7 +336,7 @@ export function removeFactorFiles(dir: string): void {
 
 /** Reads a factors directory written by us or by kronfluence (any float dtype). */
 export function loadFactors(dir: string, options: LoadOptions = {}): Factors {
-  restoreReplacedDir(dir); // a stage save killed between its two renames (common/atomic-write.ts)
+  restoreReplacedPath(dir); // a stage save (or a save of a folder holding it) killed between its two renames
   if (!existsSync(dir))
     throw new FactorsError(
       `no factors folder at ${dir}: fit them there first (influence-lens fit --out ${dir}), or fix the path`,
