@@ -28,16 +28,24 @@ const TOL = 1e-4;
 useTempHome();
 
 // headRows 3: the LM head and its loss in chunks of 3 tokens (model/head.ts), the last one
-// padded; attentionRows 2: attention's queries in chunks of 2 rows (architectures/common.ts),
+// padded; with headVocab 7 also the vocabulary in blocks of 7 words (the last one shorter: 320 =
+// 45 × 7 + 5), the log-sum-exp and the gradient carried from block to block; attentionRows 2: attention's queries in chunks of 2 rows (architectures/common.ts),
 // forward and backward, the last one padded where T is odd. So each chunked loop is checked
 // against PyTorch, not only against itself.
-const VARIANTS: Array<{ headRows?: number; attentionRows?: number }> = [{}, { headRows: 3 }, { attentionRows: 2 }];
+const VARIANTS: Array<{ headRows?: number; headVocab?: number; attentionRows?: number }> = [
+  {},
+  { headRows: 3 },
+  { headRows: 3, headVocab: 7 },
+  { attentionRows: 2 },
+];
 for (const [arch, v] of ARCHS.flatMap((a) => VARIANTS.map((v) => [a, v] as const))) {
-  const what = v.headRows
-    ? ` (head in chunks of ${v.headRows} tokens)`
-    : v.attentionRows
-      ? ` (attention in chunks of ${v.attentionRows} queries)`
-      : '';
+  const what = v.headVocab
+    ? ` (head in chunks of ${v.headRows} tokens × ${v.headVocab} words)`
+    : v.headRows
+      ? ` (head in chunks of ${v.headRows} tokens)`
+      : v.attentionRows
+        ? ` (attention in chunks of ${v.attentionRows} queries)`
+        : '';
   test(`golden: ${arch} matches PyTorch${what}`, async () => {
     assert.ok(existsSync(`${FIX}/golden/${arch}.safetensors`), 'golden missing: run test/oracle/make_fixtures.py');
     const model = Model.open(`${FIX}/models/${arch}`, {
@@ -47,6 +55,7 @@ for (const [arch, v] of ARCHS.flatMap((a) => VARIANTS.map((v) => [a, v] as const
     });
     const gold = loadGolden(arch);
     if (v.headRows) assert.ok(gold.batch.B * gold.batch.T > 2 * v.headRows, 'the batch spans several chunks');
+    if (v.headVocab) assert.ok(Number(model.config.vocab_size) % v.headVocab !== 0, 'the last block is shorter');
     if (v.attentionRows) assert.ok(gold.batch.T > 2 * v.attentionRows, 'the queries span several chunks');
     const graph = await model.compile({
       tokenLoss: true,

@@ -2,13 +2,16 @@
 // must give what the one-chunk graph gives, in fp64 so that only summation order can differ.
 // 14 tokens in chunks of 3 (five chunks, one row of padding) and of 5 (three, one row), against
 // one chunk of all 14: losses, drawn labels, every module's g_t and every parameter's gradient
-// (the head's weight summed over chunks in the second loop).
+// (the head's weight summed over chunks in the second loop). With the data's labels the vocabulary
+// also goes a block at a time (the log-sum-exp and the gradient carried online): blocks of 7 words
+// (the last of 320 shorter), 64 (five equal ones) and 319 (a last block of one word).
 import assert from 'node:assert/strict';
 import { cpSync, mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { type GraphRequest, Model, makeBatch, type RunResult } from '../../src/server/model/engine';
+import { HEAD_BLOCK_BYTES, HEAD_BLOCK_ROWS, headChunkRows, headPlan } from '../../src/server/model/head';
 import { readSafetensorsHeader, readTensorF64, writeSafetensors } from '../../src/server/model/safetensors';
 import { Rng } from '../../src/server/util/random';
 import { useTempHome } from './helpers/env';
@@ -21,12 +24,13 @@ const TOL = 1e-12;
 for (const arch of ['gpt2', 'llama']) {
   for (const labels of ['data', 'sampled'] as const) {
     test(`head in chunks (${arch}, ${labels} labels): the same losses and gradients as one chunk`, async () => {
-      const open = (headRows: number) =>
+      const open = (headRows: number, headVocab?: number) =>
         Model.open(`test/fixtures/models/${arch}`, {
           threads: 1,
           cacheDir: process.env.INFLUENCE_LENS_CACHE,
           precision: 'fp64',
           headRows,
+          headVocab,
         });
       const rng = new Rng(11);
       const V = Number(open(1).config.vocab_size);
@@ -43,32 +47,64 @@ for (const arch of ['gpt2', 'llama']) {
         paramGrads: true,
         modules: 'all',
       };
-      const run = async (headRows: number): Promise<RunResult> => {
-        const graph = await open(headRows).compile(req);
+      const run = async (headRows: number, headVocab?: number): Promise<RunResult> => {
+        const graph = await open(headRows, headVocab).compile(req);
         return graph.run(batch, labels === 'sampled' ? { uniforms } : {});
       };
       const whole = await run(1000);
       const names = Object.keys(whole).filter((n) => n !== 'sampled_ids');
       assert.ok(names.some((n) => n.startsWith('grad.')) && names.some((n) => n.startsWith('g.')));
-      for (const rows of [3, 5]) {
-        const chunked = await run(rows);
+      const cuts: Array<[number, number | undefined]> = [
+        [3, undefined],
+        [5, undefined],
+        ...(labels === 'data'
+          ? ([
+              [3, 7],
+              [5, 64],
+              [14, 319],
+            ] as Array<[number, number]>)
+          : []),
+      ];
+      for (const [rows, words] of cuts) {
+        const chunked = await run(rows, words);
+        const what = `rows ${rows}${words ? `, ${words} words a block` : ''}`;
         if (labels === 'sampled')
-          assert.deepEqual(chunked.sampled_ids.data, whole.sampled_ids.data, `rows ${rows}: the same labels drawn`);
+          assert.deepEqual(chunked.sampled_ids.data, whole.sampled_ids.data, `${what}: the same labels drawn`);
         for (const n of names) {
           const e = relErr(chunked[n].data as Float64Array, whole[n].data as Float64Array);
-          assert.ok(e <= TOL, `rows ${rows}, ${n}: relative difference ${e.toExponential(2)} > ${TOL}`);
+          assert.ok(e <= TOL, `${what}, ${n}: relative difference ${e.toExponential(2)} > ${TOL}`);
         }
       }
     });
   }
 }
 
-test('head chunk rows must be a positive integer', async () => {
+test('head chunk rows and vocabulary blocks must be positive integers', async () => {
   for (const headRows of [0, 2.5, -1])
     await assert.rejects(
       () => Model.open('test/fixtures/models/gpt2', { headRows }).compile({ tokenLoss: true }),
       /head chunk rows must be a positive integer/,
     );
+  for (const headVocab of [0, 2.5, -1])
+    await assert.rejects(
+      () => Model.open('test/fixtures/models/gpt2', { headVocab }).compile({ tokenLoss: true }),
+      /head vocabulary block must be a positive integer/,
+    );
+});
+
+test('the vocabulary-blocked plan: a block within HEAD_BLOCK_BYTES, rows and blocks overridable', () => {
+  const p = headPlan(262144, 640, 4);
+  assert.equal(p.rows, HEAD_BLOCK_ROWS);
+  assert.ok(p.rows * p.vocabBlock * 4 <= HEAD_BLOCK_BYTES && p.vocabBlock * 640 * 4 <= HEAD_BLOCK_BYTES);
+  assert.ok(p.vocabBlock >= 256, `a block of ${p.vocabBlock} words`);
+  assert.equal(p.logitRows, headChunkRows(262144, 4));
+  // a wide model: the weight's slice bounds the block
+  const wide = headPlan(128256, 4096, 4);
+  assert.ok(wide.vocabBlock * 4096 * 4 <= HEAD_BLOCK_BYTES, `${wide.vocabBlock} words of 4,096`);
+  // a small vocabulary is one block
+  assert.equal(headPlan(320, 64, 8).vocabBlock, 320);
+  assert.deepEqual(headPlan(320, 64, 8, { rows: 3, vocabBlock: 7 }), { rows: 3, vocabBlock: 7, logitRows: 3 });
+  assert.equal(headPlan(320, 64, 8, { vocabBlock: 1000 }).vocabBlock, 320);
 });
 
 test('a memorised token: the float32 gradient matches fp64 (softmax − e_target without p_t − 1 cancelling)', async () => {
@@ -86,7 +122,9 @@ test('a memorised token: the float32 gradient matches fp64 (softmax − e_target
   }
   writeSafetensors(f, tensors, h.metadata);
   const m64 = Model.open(dir, { threads: 1, precision: 'fp64', cacheDir: process.env.INFLUENCE_LENS_CACHE });
-  const m32 = Model.open(dir, { threads: 1, cacheDir: process.env.INFLUENCE_LENS_CACHE });
+  // with the vocabulary in one block, and in blocks of 7 and 64 words (the maximum and the target's
+  // logit found in different blocks, the running sums rescaled as the maximum grows)
+  const blocks = [undefined, 7, 64];
   const V = Number(m64.config.vocab_size);
   const ids = [5];
   const lg = await m64.compile({ labels: 'data', logits: true, modules: 'all' });
@@ -99,17 +137,32 @@ test('a memorised token: the float32 gradient matches fp64 (softmax − e_target
   }
   const req: GraphRequest = { labels: 'data', tokenLoss: true, perToken: true, modules: 'all' };
   const a = await (await m64.compile(req)).run(makeBatch([{ ids }], 0));
-  const b = await (await m32.compile(req)).run(makeBatch([{ ids }], 0));
   const nll = a.token_nll.data as Float64Array;
   assert.ok(
     Array.from(nll).filter((x) => x > 0 && x < 1e-6).length >= 3,
     `memorised tokens: ${Array.from(nll, (x) => x.toExponential(1))}`,
   );
+  for (const headVocab of blocks) {
+    const m32 = Model.open(dir, { threads: 1, cacheDir: process.env.INFLUENCE_LENS_CACHE, headVocab });
+    const b = await (await m32.compile(req)).run(makeBatch([{ ids }], 0));
+    const what = headVocab ? `blocks of ${headVocab} words` : 'one block';
+    const n32 = b.token_nll.data as Float32Array;
+    for (let t = 0; t < ids.length; t++)
+      assert.ok(
+        Math.abs(n32[t] - nll[t]) <= 1e-5 * Math.max(1, nll[t]),
+        `${what}, token ${t}: −log p ${n32[t]} against ${nll[t]}`,
+      );
+    checkGradients(a, b, ids.length, nll, what);
+  }
+});
+
+/** every module's g_t of each token: float32 (`b`) within 1e-3 relative of fp64 (`a`) */
+function checkGradients(a: RunResult, b: RunResult, tokens: number, nll: Float64Array, what: string): void {
   for (const n of Object.keys(a).filter((k) => k.startsWith('g.'))) {
     const x = a[n].data as Float64Array;
     const y = b[n].data as Float32Array;
-    const d = x.length / ids.length;
-    for (let t = 0; t < ids.length; t++) {
+    const d = x.length / tokens;
+    for (let t = 0; t < tokens; t++) {
       let num = 0;
       let den = 0;
       for (let i = t * d; i < (t + 1) * d; i++) {
@@ -117,7 +170,10 @@ test('a memorised token: the float32 gradient matches fp64 (softmax − e_target
         den += x[i] ** 2;
       }
       const e = Math.sqrt(num / Math.max(den, 1e-300));
-      assert.ok(e < 1e-3, `${n}, token ${t} (−log p ${nll[t].toExponential(1)}): float32 off by ${e.toExponential(1)}`);
+      assert.ok(
+        e < 1e-3,
+        `${what}, ${n}, token ${t} (−log p ${nll[t].toExponential(1)}): float32 off by ${e.toExponential(1)}`,
+      );
     }
   }
-});
+}

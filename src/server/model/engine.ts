@@ -42,7 +42,7 @@ import {
   rememberDigest,
   sha256File,
 } from './content-digest';
-import { crossEntropyHead, type HeadLabels, headChunkRows } from './head';
+import { crossEntropyHead, type HeadLabels, headPlan } from './head';
 import { checkRows } from './onnx/chunks';
 import { DataType, Graph, type Tensor } from './onnx/graph';
 import { arenaPolicy, createSession, type Device, floatTensor, ort } from './onnx/session';
@@ -145,8 +145,10 @@ export interface EngineOptions {
   notice?: (line: string) => void;
   /** the base model folder when the model is a LoRA adapter (default: its base_model_name_or_path) */
   base?: string;
-  /** rows of the LM head computed at once (default: head.ts's HEAD_CHUNK_BYTES of logits; tests set it small) */
+  /** rows of the LM head computed at once (default: head.ts's headPlan; tests set it small) */
   headRows?: number;
+  /** words of the vocabulary the LM head takes at once with the data's labels (default: head.ts's headPlan; tests set it small) */
+  headVocab?: number;
   /** query rows of attention computed at once (default: ATTENTION_CHUNK_BYTES of scores; tests set it small) */
   attentionRows?: number;
   /** how the model was trained on its records (data/training.ts; default: the default convention) */
@@ -371,7 +373,10 @@ export class Model {
     const g = new Graph(this.options.precision === 'fp64' ? DataType.DOUBLE : DataType.FLOAT);
     const { ctx, out, weights, modules: all } = this.buildForward(g, mode);
     const modules = select(all, req.modules ?? 'all');
-    const outputs = buildOutputs(g, ctx, out, modules, weights, req, this.options.headRows);
+    const outputs = buildOutputs(g, ctx, out, modules, weights, req, {
+      rows: this.options.headRows,
+      vocabBlock: this.options.headVocab,
+    });
     const bytes = g.encode();
     const arena = arenaFor(req);
     const session = await this.createSessionFor(bytes, arena);
@@ -759,7 +764,7 @@ function buildOutputs(
   modules: TrackedModule[],
   weights: Weights,
   req: GraphRequest,
-  headRows?: number,
+  head: { rows?: number; vocabBlock?: number },
 ): string[] {
   const names: string[] = [];
   // a tensor already emitted under another name becomes an alias of that output, not a copy
@@ -787,7 +792,7 @@ function buildOutputs(
   // The head and its cross-entropy in chunks of tokens (head.ts). Labels: from the data, or
   // drawn from the model's own predictive distribution (uniforms fed from JS).
   const W = out.unembedding;
-  const rows = headChunkRows(W.shape[0] as number, g.float === DataType.DOUBLE ? 8 : 4, headRows);
+  const plan = headPlan(W.shape[0] as number, W.shape[1] as number, g.float === DataType.DOUBLE ? 8 : 4, head);
   const labels: HeadLabels =
     req.labels === 'sampled'
       ? { kind: 'sampled', uniforms: g.input('sample_uniform', g.float, ['B', 'T']) }
@@ -799,10 +804,10 @@ function buildOutputs(
     // others its loss and gradient are 0 × a pass over the whole vocabulary (a prompt, a chat's
     // other turns, padding), at a 50k-262k vocabulary much of a sequence's forward and backward.
     const kept = weightedRows(g, out.hidden, labels, wFlat);
-    const { nll } = crossEntropyHead(g, kept.hidden, W, kept.labels, rows, grad);
+    const { nll } = crossEntropyHead(g, kept.hidden, W, kept.labels, plan, grad);
     total = g.reduceSum(g.mul(nll, kept.weights), [0], false);
   } else {
-    const { nll, targets } = crossEntropyHead(g, out.hidden, W, labels, rows, grad);
+    const { nll, targets } = crossEntropyHead(g, out.hidden, W, labels, plan, grad);
     if (req.labels === 'sampled' && req.sampledIds)
       emit(
         g.noGrad(() => g.reshape(targets, btShape, ['B', 'T'])),
