@@ -71,9 +71,10 @@ ARCH_SUFFIXES = {
     "gpt_neox": (["attention.query_key_value", "attention.dense"],
                  ["mlp.dense_h_to_4h", "mlp.dense_4h_to_h"]),
     "gpt2": (["attn.c_attn", "attn.c_proj"], ["mlp.c_fc", "mlp.c_proj"]),
+    "phi3": (["self_attn.qkv_proj", "self_attn.o_proj"], ["mlp.gate_up_proj", "mlp.down_proj"]),
 }
 ARCH_OF = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gemma3_text": "llama",
-           "gpt_neox": "gpt_neox", "gpt2": "gpt2"}
+           "gpt_neox": "gpt_neox", "gpt2": "gpt2", "phi3": "phi3"}
 
 
 # --------------------------------------------------------------------------- #

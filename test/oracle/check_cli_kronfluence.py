@@ -108,6 +108,8 @@ def main() -> int:
     model_dir = Path(a.model)
     adapter = model_dir if (model_dir / "adapter_config.json").exists() else None
     base_dir = Path(json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]) if adapter else model_dir
+    if adapter and not base_dir.is_absolute():
+        base_dir = adapter / base_dir  # a relative base is read from the adapter's folder, as the CLI reads it
     tok = Tokenizer.from_file(str((model_dir if (model_dir / "tokenizer.json").exists() else base_dir) / "tokenizer.json"))
 
     train_text = [json.loads(line)["text"] for line in Path(a.data).read_text().splitlines() if line.strip()]

@@ -109,10 +109,11 @@ def install_float64_patches():
     from transformers.models.gpt_neox import modeling_gpt_neox as neox
     from transformers.models.llama import modeling_llama as llama
     from transformers.models.mistral import modeling_mistral as mistral
+    from transformers.models.phi3 import modeling_phi3 as phi3
     from transformers.models.qwen2 import modeling_qwen2 as qwen2
     from transformers.models.qwen3 import modeling_qwen3 as qwen3
 
-    for cls in (llama.LlamaRMSNorm, qwen2.Qwen2RMSNorm, qwen3.Qwen3RMSNorm, mistral.MistralRMSNorm):
+    for cls in (llama.LlamaRMSNorm, qwen2.Qwen2RMSNorm, qwen3.Qwen3RMSNorm, mistral.MistralRMSNorm, phi3.Phi3RMSNorm):
         cls.forward = _rmsnorm_forward
     for cls in (
         llama.LlamaRotaryEmbedding,
@@ -120,8 +121,10 @@ def install_float64_patches():
         qwen3.Qwen3RotaryEmbedding,
         mistral.MistralRotaryEmbedding,
         neox.GPTNeoXRotaryEmbedding,
+        phi3.Phi3RotaryEmbedding,
     ):
-        # keep dynamic_rope_update out: all our rope types are static
+        # keep dynamic_rope_update out: all our rope types are static (Phi-3's longrope keeps its
+        # short factors for sequences within the original context, as every golden batch is)
         cls.forward = _rotary_forward
 
 

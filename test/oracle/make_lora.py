@@ -5,8 +5,8 @@ adapted model (per-token loss, and a/g of every LoRA A and B linear layer).
 
 Never run by CI or by the product. See test/oracle/README.md.
 
-Usage (from the repo root, after make_fixtures.py):
-    test/oracle/.venv/bin/python test/oracle/make_lora.py
+Usage (from the repo root, after make_fixtures.py and make_variants.py):
+    test/oracle/.venv/bin/python test/oracle/make_lora.py [NAME ...]   (default: all)
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ ADAPTERS = {
     "llama_lora": ("llama", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])),
     "llama_rslora": ("llama", dict(r=4, lora_alpha=6, target_modules=["o_proj", "up_proj"], use_rslora=True)),
     "gpt2_lora": ("gpt2", dict(r=2, lora_alpha=5, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)),
+    # Phi-3's fused projections, as PEFT adapts them: one LoRA pair for all of q/k/v, one for gate/up
+    "phi3_lora": ("phi3", dict(r=4, lora_alpha=8, target_modules=["qkv_proj", "gate_up_proj", "o_proj"])),
 }
 
 
@@ -126,7 +128,12 @@ def main():
     torch.set_num_threads(1)
     tok = Tokenizer.from_file(str(mf.MODELS / "llama" / "tokenizer.json"))
     batch = mf.make_batch(tok)
+    names = sys.argv[1:] or list(ADAPTERS)
+    unknown = [n for n in names if n not in ADAPTERS]
+    assert not unknown, f"unknown adapters {unknown} (known: {list(ADAPTERS)})"
     for i, (name, (base_name, settings)) in enumerate(ADAPTERS.items()):
+        if name not in names:
+            continue
         out = build_adapter(name, base_name, settings, seed=1400 + i)
         mf.install_float64_patches()
         compute_goldens(name, base_name, out, batch)

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Developer-run oracle: config variants of the Llama family that change the forward
 pass (per-layer sliding window, biases, head_dim != hidden/heads, linear RoPE scaling,
-Qwen3's per-head query/key norms) and Gemma 3 (text),
+Qwen3's per-head query/key norms), Phi-3 (fused projections, partial RoPE, longrope) and
+Gemma 3 (text),
 as tiny random checkpoints with float64 forward/backward goldens. Reuses the tokenizer,
 batch and golden code of make_fixtures.py, so the files have the same layout.
 
@@ -21,12 +22,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_fixtures as mf  # noqa: E402
 
-VARIANTS = ["qwen2_swa", "llama_variant", "qwen3", "gemma3"]
-SEEDS = {"qwen2_swa": 2000, "llama_variant": 2001, "qwen3": 2002, "gemma3": 2003}
+VARIANTS = ["qwen2_swa", "llama_variant", "qwen3", "gemma3", "phi3", "phi3_longrope"]
+SEEDS = {"qwen2_swa": 2000, "llama_variant": 2001, "qwen3": 2002, "gemma3": 2003, "phi3": 2004, "phi3_longrope": 2005}
 
 
 def make_config(name, vocab):
-    from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config, Qwen3Config
+    from transformers import Gemma3TextConfig, LlamaConfig, Phi3Config, Qwen2Config, Qwen3Config
 
     common = dict(vocab_size=vocab, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     if name == "qwen2_swa":
@@ -86,6 +87,33 @@ def make_config(name, vocab):
             **common,
         )
         return cfg
+    if name == "phi3":
+        # Phi-3: q/k/v from one qkv_proj, gate/up from one gate_up_proj, GQA, half of each head
+        # rotated (partial_rotary_factor 0.5, as a top-level key like Phi-4-mini's), a sliding
+        # window on every layer, untied head.
+        return Phi3Config(
+            hidden_size=mf.HIDDEN, num_hidden_layers=2, num_attention_heads=mf.HEADS,
+            num_key_value_heads=2, intermediate_size=mf.INTER, max_position_embeddings=mf.MAXPOS,
+            original_max_position_embeddings=mf.MAXPOS, hidden_act="silu", rms_norm_eps=1e-5,
+            initializer_range=0.2, tie_word_embeddings=False, sliding_window=5,
+            rope_parameters={"rope_type": "default", "rope_theta": 500.0, "partial_rotary_factor": 0.5},
+            **common,
+        )
+    if name == "phi3_longrope":
+        # Phi-3.5 / Phi-4-mini's LongRoPE, short factors (every sequence is within the original
+        # context), max_position_embeddings 4x it so that cos and sin are scaled by
+        # sqrt(1 + ln 4 / ln 64); 6 of each head's 8 features rotated (0.75, as Phi-4-mini), tied head.
+        return Phi3Config(
+            hidden_size=mf.HIDDEN, num_hidden_layers=2, num_attention_heads=mf.HEADS,
+            num_key_value_heads=mf.HEADS, intermediate_size=mf.INTER, max_position_embeddings=4 * mf.MAXPOS,
+            original_max_position_embeddings=mf.MAXPOS, hidden_act="silu", rms_norm_eps=1e-5,
+            initializer_range=0.2, tie_word_embeddings=True,
+            rope_parameters={
+                "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+                "short_factor": [1.0, 1.7, 3.1], "long_factor": [2.0, 5.0, 9.0],
+            },
+            **common,
+        )
     raise ValueError(name)
 
 

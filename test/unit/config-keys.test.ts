@@ -6,6 +6,7 @@ import assert from 'node:assert/strict';
 import { cpSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
+import { contextLength } from '../../src/server/data/tokenize';
 import { Model } from '../../src/server/model/engine';
 import {
   readSafetensorsHeader,
@@ -268,7 +269,84 @@ const REFUSED: Array<[fixture: string, key: string, value: unknown]> = [
   ['gemma3', 'rope_parameters', { rope_type: 'default', rope_theta: 10000 }],
   ['gemma3', 'num_key_value_heads', null],
   ['gemma3', 'hidden_activation', 'silu'],
+  ['phi3', 'head_dim', null],
+  ['phi3', 'rope_parameters', { rope_type: 'yarn', rope_theta: 10000, factor: 4 }],
+  ['phi3', 'rope_parameters', { rope_type: 'longrope', rope_theta: 10000, long_factor: [1, 2] }],
+  ['phi3', 'rope_parameters', { rope_type: 'longrope', rope_theta: 10000, short_factor: [1, 'x'] }],
+  ['phi3', 'attention_bias', true],
+  ['phi3', 'full_attn_mod', 2],
+  ['phi3', 'layer_types', ['full_attention', 'full_attention']],
+  ['llama', 'rope_parameters', { rope_type: 'longrope', rope_theta: 100, short_factor: [1, 1] }],
 ];
+
+test("phi3: configs as the hub writes them (rope keys at the top, auto_map, Phi-4-mini's extra keys) give the golden numbers", async () => {
+  const topLevel = (c: Record<string, unknown>) => {
+    const rope = c.rope_parameters as Record<string, unknown>;
+    delete c.rope_parameters;
+    c.rope_theta = rope.rope_theta;
+    c.partial_rotary_factor = rope.partial_rotary_factor;
+    c.auto_map = { AutoConfig: 'configuration_phi3.Phi3Config', AutoModelForCausalLM: 'modeling_phi3.Phi3ForCausalLM' };
+    c.attention_bias = false;
+    return rope;
+  };
+  // Phi-3-mini-4k-instruct's layout
+  await assertMatchesGolden(
+    variant('phi3', (c) => {
+      topLevel(c);
+      c.rope_scaling = null;
+    }),
+    'phi3',
+  );
+  // Phi-3.5-mini / Phi-4-mini's: rope_scaling with "type" (Phi3Config reads the older "su" as longrope)
+  for (const type of ['longrope', 'su'])
+    await assertMatchesGolden(
+      variant('phi3_longrope', (c) => {
+        const rope = topLevel(c);
+        c.rope_scaling = { type, short_factor: rope.short_factor, long_factor: rope.long_factor };
+        Object.assign(c, { full_attn_mod: 1, interpolate_factor: 1, lm_head_bias: false, mlp_bias: false });
+      }),
+      'phi3_longrope',
+    );
+});
+
+test("phi3: longrope's context is the top-level original_max_position_embeddings, over the rope dict's (transformers' standardize_rope_params)", async () => {
+  // with the dict's 32, factor = 256 / 32 would scale cos and sin by another attention factor
+  await assertMatchesGolden(
+    variant('phi3_longrope', (c) => {
+      (c.rope_parameters as Record<string, unknown>).original_max_position_embeddings = 32;
+    }),
+    'phi3_longrope',
+  );
+  const other = variant('phi3_longrope', (c) => {
+    c.original_max_position_embeddings = 32;
+  });
+  assert.ok((await tokenNllError(other, 'phi3_longrope')) > 1e-3, 'the top-level key is read');
+});
+
+test('longrope models are run within their pre-training context, where transformers keeps the short factors', () => {
+  const config = (dir: string) => JSON.parse(readFileSync(join(dir, 'config.json'), 'utf8'));
+  assert.equal(contextLength(config('test/fixtures/models/phi3_longrope')), 64);
+  assert.equal(contextLength(config('test/fixtures/models/phi3')), 64);
+  // Phi-3.5-mini-instruct's numbers: 131,072 positions, pre-trained at 4,096
+  const phi35 = {
+    max_position_embeddings: 131072,
+    original_max_position_embeddings: 4096,
+    rope_scaling: { type: 'longrope', short_factor: [1], long_factor: [2] },
+  };
+  assert.equal(contextLength(phi35), 4096);
+  assert.equal(contextLength({ ...phi35, rope_scaling: null }), 131072);
+});
+
+test('phi3: a short_factor of the wrong length and a partial_rotary_factor that rotates nothing are refused', () => {
+  const short = variant('phi3_longrope', (c) => {
+    (c.rope_parameters as Record<string, unknown>).short_factor = [1, 2];
+  });
+  assert.throws(() => Model.open(short).modules(), /"short_factor": 3 numbers above 0/);
+  const partial = variant('phi3', (c) => {
+    (c.rope_parameters as Record<string, unknown>).partial_rotary_factor = 0.1;
+  });
+  assert.throws(() => Model.open(partial).modules(), /partial_rotary_factor 0.1 rotates 0 of each head's 8 features/);
+});
 
 test('keys real configs carry whose values change nothing are accepted: Qwen2.5\'s "use_mrope": false, dropout rates', async () => {
   await assertMatchesGolden(

@@ -10,7 +10,7 @@ import { Rng } from '../../src/server/util/random';
 import { useTempHome } from './helpers/env';
 import { loadGolden, relErr } from './helpers/golden';
 
-const ARCHS = ['gpt2', 'gpt_neox', 'gpt_neox_seq', 'llama', 'qwen2', 'mistral', 'qwen3', 'gemma3'];
+const ARCHS = ['gpt2', 'gpt_neox', 'gpt_neox_seq', 'llama', 'qwen2', 'mistral', 'qwen3', 'gemma3', 'phi3'];
 const FIX = 'test/fixtures';
 useTempHome();
 

@@ -9,7 +9,9 @@ import { useTempHome } from './helpers/env';
 import { loadGolden, relErr } from './helpers/golden';
 
 // qwen2_swa: sliding window on layer 1 only (layer_types); llama_variant: biases, head_dim ≠ hidden/heads, linear RoPE;
-// qwen3: per-head query/key norms; gemma3: Gemma 3 text (sandwich norms, per-layer-type RoPE)
+// qwen3: per-head query/key norms; gemma3: Gemma 3 text (sandwich norms, per-layer-type RoPE);
+// phi3: fused qkv_proj / gate_up_proj, partial RoPE, a window on every layer; phi3_longrope: LongRoPE's
+// short factors and attention factor, 6 of 8 features rotated, tied head
 const ARCHS = [
   'gpt2',
   'gpt_neox',
@@ -21,6 +23,8 @@ const ARCHS = [
   'llama_variant',
   'qwen3',
   'gemma3',
+  'phi3',
+  'phi3_longrope',
 ];
 const FIX = 'test/fixtures';
 const TOL = 1e-4;

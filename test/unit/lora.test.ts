@@ -19,7 +19,7 @@ const FIX = 'test/fixtures/models';
 useTempHome();
 
 // float64 graphs and float32 graphs (what users run) against the float64 goldens, both at 1e-5
-for (const [name, precision, TOL] of ['llama_lora', 'llama_rslora', 'gpt2_lora'].flatMap((n) => [
+for (const [name, precision, TOL] of ['llama_lora', 'llama_rslora', 'gpt2_lora', 'phi3_lora'].flatMap((n) => [
   [n, 'fp64', 1e-5] as const,
   [n, 'fp32', 1e-5] as const,
 ])) {

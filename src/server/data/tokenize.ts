@@ -11,7 +11,7 @@
 import { ChatTemplateError } from '../../common/records/chat-template';
 import type { RenderedRecord, Rendering } from '../../common/records/render';
 import { checkUnicode, RecordShapeError } from '../../common/records/shape';
-import { ConfigError } from '../model/architectures/common';
+import { ConfigError, longropeContext } from '../model/architectures/common';
 import type { TokenizerHandle } from '../model/tokenizer';
 import { DataError, QueryError } from './errors';
 import { renderForModel, type Span, targetWeightsFromOffsets } from './format';
@@ -285,8 +285,15 @@ function checkTransformers5(
   );
 }
 
-/** The context length a checkpoint supports (config keys differ by architecture). */
+/**
+ * The context length a checkpoint supports (config keys differ by architecture). A longrope model
+ * (Phi-3.5, Phi-4-mini) gets its pre-training context (original_max_position_embeddings), where
+ * transformers keeps the short RoPE factors: beyond it transformers switches every sequence of a
+ * padded batch to the long ones, so a result would depend on which sequences share a batch.
+ */
 export function contextLength(config: Record<string, unknown>): number {
+  // a longrope model (Phi-3.5, Phi-4-mini) is run only where transformers keeps its short factors
+  const longrope = longropeContext(config);
   for (const k of ['max_position_embeddings', 'n_positions', 'n_ctx', 'seq_length']) {
     const v = config[k];
     if (v === undefined || v === null) continue;
@@ -295,9 +302,9 @@ export function contextLength(config: Record<string, unknown>): number {
       throw new ConfigError(
         `config.json: "${k}" is ${JSON.stringify(v)}; it must be a positive integer (the model's context length)`,
       );
-    return v;
+    return longrope === undefined ? v : Math.min(v, longrope);
   }
-  return 2048;
+  return longrope ?? 2048;
 }
 
 /**

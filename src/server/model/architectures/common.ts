@@ -284,6 +284,8 @@ export interface RopeSpec {
   type: string;
   theta: number;
   params: Config;
+  /** what cos and sin are multiplied by (longrope's attention factor; 1 for the other types) */
+  scaling?: number;
 }
 
 export function resolveRope(config: Config): RopeSpec {
@@ -299,7 +301,46 @@ export function resolveRope(config: Config): RopeSpec {
         'config.json: rope type "llama3" needs "original_max_position_embeddings" in its rope dict, or "max_position_embeddings" (the context the model was pre-trained at)',
       );
   }
-  return { type: String(params.rope_type), theta: Number(params.rope_theta), params };
+  if (params.rope_type === 'su') params.rope_type = 'longrope'; // Phi3Config renames it
+  const spec: RopeSpec = { type: String(params.rope_type), theta: Number(params.rope_theta), params };
+  if (spec.type === 'longrope') spec.scaling = longropeScaling(config, params);
+  return spec;
+}
+
+/**
+ * LongRoPE (Phi-3.5, Phi-4-mini, Phi-3's 128k models), as transformers' _compute_longrope_parameters
+ * and standardize_rope_params: the pre-training context is the top-level
+ * original_max_position_embeddings (Phi-3 keeps it there), else the rope dict's, else
+ * max_position_embeddings; `factor` defaults to max_position_embeddings over it, and cos and sin
+ * are multiplied by `attention_factor`, else √(1 + ln factor / ln context) when factor > 1.
+ * Only the short factors are built: transformers switches to the long ones when a padded batch is
+ * longer than that context, which `contextLength` (data/tokenize.ts) never lets a sequence be.
+ */
+function longropeScaling(config: Config, params: Config): number {
+  const context = config.original_max_position_embeddings ?? params.original_max_position_embeddings;
+  params.original_max_position_embeddings = context ?? config.max_position_embeddings;
+  const original = params.original_max_position_embeddings;
+  if (typeof original !== 'number' || !(original > 1))
+    throw new ConfigError(
+      'config.json: rope type "longrope" needs "original_max_position_embeddings" (the context the model was pre-trained at), above 1',
+    );
+  if (typeof params.attention_factor === 'number') return params.attention_factor;
+  const max = config.max_position_embeddings;
+  const factor = typeof params.factor === 'number' ? params.factor : typeof max === 'number' ? max / original : 1;
+  return factor <= 1 ? 1 : Math.sqrt(1 + Math.log(factor) / Math.log(original));
+}
+
+/**
+ * The longest sequence a longrope model is run on: its pre-training context, where transformers
+ * keeps the short factors (beyond it the long ones, chosen per padded batch); undefined for the
+ * other RoPE types and for models without RoPE.
+ */
+export function longropeContext(config: Config): number | undefined {
+  const d = ropeDict(config);
+  const type = d.rope_type ?? d.type;
+  if (type !== 'longrope' && type !== 'su') return undefined;
+  const context = config.original_max_position_embeddings ?? d.original_max_position_embeddings;
+  return typeof context === 'number' ? context : undefined;
 }
 
 /**
@@ -318,7 +359,11 @@ export const ROPE_TYPE_KEYS: Readonly<Record<string, readonly string[]>> = {
   default: [],
   linear: ['factor'],
   llama3: ['factor', 'low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings'],
+  longrope: ['short_factor', 'long_factor', 'factor', 'attention_factor', 'original_max_position_embeddings'],
 };
+
+/** The RoPE types of the Llama family, GPT-NeoX and Gemma 3 (longrope is Phi-3's, `ropeRule`). */
+export const COMMON_ROPE_TYPES: readonly string[] = ['default', 'linear', 'llama3'];
 
 /** RoPE's inverse frequencies for `rotDim` rotated features, as transformers computes them. */
 export function inverseFrequencies(rotDim: number, rope: RopeSpec): number[] {
@@ -352,6 +397,16 @@ export function inverseFrequencies(rotDim: number, rope: RopeSpec): number[] {
       const s = f32(smooth);
       return f32(f32(f32(f32(1 - s) * llama) / factor) + f32(s * llama));
     });
+  } else if (type === 'longrope') {
+    // transformers: 1 / (short_factor · base^(2i/dim)), in float32
+    const short = scaling.short_factor;
+    if (!Array.isArray(short) || short.length !== half || !short.every((x) => typeof x === 'number' && x > 0))
+      throw new ConfigError(
+        `config.json: rope type "longrope" needs "short_factor": ${half} numbers above 0 (half the ${rotDim} rotated features of a head)`,
+      );
+    invFreq = Array.from({ length: half }, (_, i) =>
+      f32(1 / f32(f32(short[i] as number) * f32(f32(theta) ** f32((2 * i) / rotDim)))),
+    );
   } else if (type !== 'default') {
     throw new ConfigError(`unsupported rope type "${type}" (supported: ${Object.keys(ROPE_TYPE_KEYS).join(', ')})`);
   }
@@ -373,8 +428,12 @@ export function ropeTables(ctx: BuildContext, rotDim: number, rope: RopeSpec): R
     // match PyTorch: fp32 positions × fp32 inverse frequencies.
     const freqs = g.node('Mul', [posF, g.floats(invFreq, [1, half])], [{ dtype: g.float, shape: ['T', half] }])[0];
     const emb = g.node('Concat', [freqs, freqs], [{ dtype: g.float, shape: ['T', rotDim] }], { axis: 1 })[0];
-    const cos = g.node('Cos', [emb], [{ dtype: g.float, shape: ['T', rotDim] }])[0];
-    const sin = g.node('Sin', [emb], [{ dtype: g.float, shape: ['T', rotDim] }])[0];
+    let cos = g.node('Cos', [emb], [{ dtype: g.float, shape: ['T', rotDim] }])[0];
+    let sin = g.node('Sin', [emb], [{ dtype: g.float, shape: ['T', rotDim] }])[0];
+    if (rope.scaling !== undefined && rope.scaling !== 1) {
+      cos = g.mul(cos, g.scalar(rope.scaling));
+      sin = g.mul(sin, g.scalar(rope.scaling));
+    }
     return { cos, sin, rotDim };
   });
 }

@@ -3,7 +3,7 @@
 // or one known not to change the forward pass; anything else is refused, so a model
 // whose maths we do not reproduce (soft-capping, an unknown RoPE type, quantization,
 // ...) is never scored silently wrong.
-import { type Config, ConfigError, ROPE_TYPE_KEYS } from './common';
+import { COMMON_ROPE_TYPES, type Config, ConfigError, ROPE_TYPE_KEYS } from './common';
 
 /** One implemented key: the values the builder reproduces exactly as transformers does. */
 export interface KeyRule {
@@ -48,33 +48,38 @@ export function nullOr(rule: KeyRule): KeyRule {
 }
 
 /**
- * A `rope_parameters` / `rope_scaling` dict of a RoPE type the builder implements, with
+ * A `rope_parameters` / `rope_scaling` dict of a RoPE type the builder implements (`types`), with
  * only the sub-keys that type reads. `partial_rotary_factor` is accepted only where the
- * builder rotates part of each head (GPT-NeoX); Llama-family builders rotate it whole.
+ * builder rotates part of each head (GPT-NeoX, Phi-3); Llama-family builders rotate it whole.
+ * longrope's short_factor and long_factor are lists of numbers above 0.
  */
-export function ropeRule(partialRotary: boolean): KeyRule {
-  const types = Object.keys(ROPE_TYPE_KEYS);
+export function ropeRule(partialRotary: boolean, types: readonly string[] = COMMON_ROPE_TYPES): KeyRule {
+  const lists = new Set(['short_factor', 'long_factor']);
+  const positive = (x: unknown) => typeof x === 'number' && Number.isFinite(x) && x > 0;
   return {
     accepts: `null or a dict with rope_type ${types.join(' / ')} and only the keys that type reads (${types
-      .map((t) => `${t}: ${['rope_theta', ...ROPE_TYPE_KEYS[t]].join(', ')}`)
+      .map((t) => `${t}: ${['rope_theta', ...ROPE_TYPE_KEYS[t === 'su' ? 'longrope' : t]].join(', ')}`)
       .join('; ')})${partialRotary ? ', partial_rotary_factor' : ''}`,
     ok(v) {
       if (v === null) return true;
       if (!v || typeof v !== 'object' || Array.isArray(v)) return false;
       const d = v as Config;
       const type = String(d.rope_type ?? d.type ?? 'default');
-      const reads = ROPE_TYPE_KEYS[type];
+      const reads = types.includes(type) ? ROPE_TYPE_KEYS[type === 'su' ? 'longrope' : type] : undefined;
       if (!reads) return false;
       const allowed = new Set(['rope_type', 'type', 'rope_theta', ...reads]);
       for (const [k, x] of Object.entries(d)) {
         if (k === 'partial_rotary_factor') {
           if (!(partialRotary ? finiteNumber.ok(x, d) : x === 1 || x === null)) return false;
         } else if (!allowed.has(k)) return false;
-        else if (k !== 'rope_type' && k !== 'type' && !(typeof x === 'number' && Number.isFinite(x) && x > 0))
-          return false;
+        else if (lists.has(k)) {
+          if (!(Array.isArray(x) && x.length > 0 && x.every(positive))) return false;
+        } else if (k !== 'rope_type' && k !== 'type' && !positive(x)) return false;
       }
-      // factors the type needs must be present (original_max_position_embeddings has a fallback)
-      return reads.every((k) => k === 'original_max_position_embeddings' || typeof d[k] === 'number');
+      // factors the type needs must be present (original_max_position_embeddings has a fallback;
+      // longrope's factor and attention_factor have defaults, and its long factors are never used)
+      const optional = new Set(['original_max_position_embeddings', 'factor', 'attention_factor', 'long_factor']);
+      return reads.every((k) => optional.has(k) || (lists.has(k) ? Array.isArray(d[k]) : typeof d[k] === 'number'));
     },
   };
 }

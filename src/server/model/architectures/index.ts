@@ -5,9 +5,9 @@ import { checkConfigKeys } from './config-keys';
 import { gemma3 } from './gemma3';
 import { gptNeox } from './gpt-neox';
 import { gpt2 } from './gpt2';
-import { llama, mistral, qwen2, qwen3 } from './llama';
+import { llama, mistral, phi3, qwen2, qwen3 } from './llama';
 
-export const ARCHITECTURES: readonly Architecture[] = [gpt2, gptNeox, llama, mistral, qwen2, qwen3, gemma3];
+export const ARCHITECTURES: readonly Architecture[] = [gpt2, gptNeox, llama, mistral, qwen2, qwen3, phi3, gemma3];
 
 export const SUPPORTED_MODEL_TYPES = ARCHITECTURES.flatMap((a) => a.modelTypes);
 

@@ -1,5 +1,7 @@
+import type { Tensor } from '../onnx/graph';
 import {
   type Architecture,
+  activation,
   attention,
   attentionMask,
   type BuildContext,
@@ -12,6 +14,7 @@ import {
   num,
   outputHead,
   qkvProjections,
+  type RopeSpec,
   resolveRope,
   rmsNorm,
   ropeTables,
@@ -39,6 +42,13 @@ interface Variant {
   headDimWhenAbsent?: number;
   /** an RMSNorm over head_dim of every query and key head, before RoPE (`self_attn.q_norm` / `k_norm`) */
   headNorms?: boolean;
+  /**
+   * Phi-3: q, k and v come from one `self_attn.qkv_proj` and the MLP's gate and up from one
+   * `mlp.gate_up_proj` (each tracked as the one linear layer it is, as kronfluence does), split after
+   */
+  fused?: boolean;
+  /** Phi-3: RoPE rotates the first partial_rotary_factor of each head (the rope dict's, else the top-level key) */
+  partialRotary?: boolean;
 }
 
 /** Keys every Llama-family config may have (LlamaConfig / MistralConfig / Qwen2Config). */
@@ -178,6 +188,43 @@ const QWEN3_KEYS: ConfigKeys = {
   attention_bias: boolean,
 };
 
+/**
+ * Phi-3 (Phi-3-mini/medium, Phi-3.5-mini, Phi-4-mini): the Llama layout with fused projections
+ * (`qkv_proj` = [q; k; v], `gate_up_proj` = [gate; up]), no biases, partial RoPE, longrope
+ * scaling (its short factors: see `contextLength`) and a sliding window on every layer when
+ * sliding_window is set (Phi3Model masks every layer with it).
+ */
+const phi3Variant: Variant = {
+  fused: true,
+  partialRotary: true,
+  windows: (c, n) => Array(n).fill(typeof c.sliding_window === 'number' ? c.sliding_window : undefined),
+  biases: () => ({ qkv: false, o: false, mlp: false, because: () => 'Phi-3 has no biases' }),
+};
+
+const PHI3_ROPE_TYPES = ['default', 'longrope', 'su'];
+
+const PHI3_KEYS: ConfigKeys = {
+  ...COMMON_KEYS,
+  // Phi3Attention reads config.head_dim when the key exists: null would fail there
+  head_dim: positiveInt,
+  rope_scaling: ropeRule(true, PHI3_ROPE_TYPES),
+  rope_parameters: ropeRule(true, PHI3_ROPE_TYPES),
+  partial_rotary_factor: positiveNumber,
+  original_max_position_embeddings: positiveInt,
+  sliding_window: nullOr(positiveInt),
+  // not Phi3Config fields, read by no Phi3 module (which have no biases); accepted only as false
+  attention_bias: oneOf(false),
+  mlp_bias: oneOf(false),
+  lm_head_bias: oneOf(false),
+  // Phi-4-mini's config.json keys for its repository's own code (trust_remote_code), read by
+  // transformers' Phi3 model; accepted at the values that code reads as no change
+  full_attn_mod: oneOf(1),
+  interpolate_factor: oneOf(1),
+  // the hub's Phi-3 configs name their repositories' model code; transformers runs its own Phi3
+  // model unless trust_remote_code is set, and that model is what we reproduce
+  auto_map: anything,
+};
+
 /** sliding_window with transformers' default for an absent key */
 function window(c: Config): number | undefined {
   if (!('sliding_window' in c)) return DEFAULT_WINDOW;
@@ -228,7 +275,8 @@ function llamaFamily(modelType: string, configKeys: ConfigKeys, variant: Variant
       const size = decoderSizes(c, shape);
       const eps = num(c, ['rms_norm_eps'], 1e-6);
       const act = String(c.hidden_act ?? 'silu');
-      const rope = ropeTables(ctx, hd, resolveRope(c));
+      const ropeSpec = resolveRope(c);
+      const rope = ropeTables(ctx, rotaryDims(c, ropeSpec, hd, variant), ropeSpec);
       const windows = variant.windows(c, nLayer);
       // one mask per distinct window, shared by the layers that use it
       const masks = new Map<number | undefined, ReturnType<typeof attentionMask>>();
@@ -249,7 +297,9 @@ function llamaFamily(modelType: string, configKeys: ConfigKeys, variant: Variant
       for (let i = 0; i < nLayer; i++) {
         const p = `model.layers.${i}`;
         const h = rmsNorm(ctx, x, `${p}.input_layernorm`, eps);
-        const { q, k, v } = qkvProjections(ctx, `${p}.self_attn`, h, shape, size, qkvBias, headNorm);
+        const { q, k, v } = variant.fused
+          ? fusedQkv(ctx, `${p}.self_attn.qkv_proj`, h, size, qkvBias)
+          : qkvProjections(ctx, `${p}.self_attn`, h, shape, size, qkvBias, headNorm);
         const a = attention(ctx, q, k, v, { nHeads: nHead, nKv, headDim: hd, rope, mask: maskFor(windows[i]) });
         const o = linear(
           ctx,
@@ -262,7 +312,7 @@ function llamaFamily(modelType: string, configKeys: ConfigKeys, variant: Variant
         );
         x = g.add(x, o);
         const h2 = rmsNorm(ctx, x, `${p}.post_attention_layernorm`, eps);
-        x = g.add(x, gatedMlp(ctx, `${p}.mlp`, h2, act, mlpBias, size));
+        x = g.add(x, (variant.fused ? fusedMlp : gatedMlp)(ctx, `${p}.mlp`, h2, act, mlpBias, size));
       }
       const hidden = rmsNorm(ctx, x, 'model.norm', eps);
       const unembedding = outputHead(ctx, c, 'model.embed_tokens.weight', 'lm_head.weight', false);
@@ -271,7 +321,55 @@ function llamaFamily(modelType: string, configKeys: ConfigKeys, variant: Variant
   };
 }
 
+/** Features of each head RoPE rotates: all of them, or Phi-3's partial_rotary_factor of them (int(), as transformers). */
+function rotaryDims(c: Config, rope: RopeSpec, hd: number, variant: Variant): number {
+  if (!variant.partialRotary) return hd;
+  const factor = Number(rope.params.partial_rotary_factor ?? c.partial_rotary_factor ?? 1);
+  const dims = Math.floor(hd * factor);
+  if (!(dims >= 2 && dims <= hd && dims % 2 === 0))
+    throw new ConfigError(
+      `config.json: partial_rotary_factor ${factor} rotates ${dims} of each head's ${hd} features; an even number from 2 to ${hd} is supported`,
+    );
+  return dims;
+}
+
+type Bias = { expected: boolean; because: string };
+
+/** Phi-3's `qkv_proj`: one linear layer whose outputs are q, then k, then v. */
+function fusedQkv(
+  ctx: BuildContext,
+  name: string,
+  h: Tensor,
+  size: ReturnType<typeof decoderSizes>,
+  bias: Bias,
+): { q: Tensor; k: Tensor; v: Tensor } {
+  const out = {
+    size: size.q.size + 2 * size.kv.size,
+    because: `q: ${size.q.because}, plus k and v: 2 × ${size.kv.because}`,
+  };
+  const qkv = linear(ctx, name, h, 'attention', 'out_in', bias, out);
+  const [q, k, v] = ctx.g.split(qkv, [size.q.size, size.kv.size, size.kv.size], -1);
+  return { q, k, v };
+}
+
+/** Phi-3's MLP: `down(up · act(gate))` with [gate; up] from one `gate_up_proj`. */
+function fusedMlp(
+  ctx: BuildContext,
+  prefix: string,
+  x: Tensor,
+  act: string,
+  bias: Bias,
+  size: ReturnType<typeof decoderSizes>,
+): Tensor {
+  const { g } = ctx;
+  const out = { size: 2 * size.inter.size, because: `2 × ${size.inter.because}` };
+  const gateUp = linear(ctx, `${prefix}.gate_up_proj`, x, 'mlp', 'out_in', bias, out);
+  const [gate, up] = g.split(gateUp, [size.inter.size, size.inter.size], -1);
+  return linear(ctx, `${prefix}.down_proj`, g.mul(up, activation(g, gate, act)), 'mlp', 'out_in', bias, size.hidden);
+}
+
 export const llama = llamaFamily('llama', LLAMA_KEYS, llamaVariant);
 export const mistral = llamaFamily('mistral', MISTRAL_KEYS, mistralVariant);
 export const qwen2 = llamaFamily('qwen2', QWEN2_KEYS, qwen2Variant);
 export const qwen3 = llamaFamily('qwen3', QWEN3_KEYS, qwen3Variant);
+export const phi3 = llamaFamily('phi3', PHI3_KEYS, phi3Variant);
