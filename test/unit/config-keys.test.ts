@@ -6,7 +6,8 @@ import assert from 'node:assert/strict';
 import { cpSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
-import { contextLength } from '../../src/server/data/tokenize';
+import { contextLength, contextName } from '../../src/server/data/tokenize';
+import { resolveRope } from '../../src/server/model/architectures/common';
 import { Model } from '../../src/server/model/engine';
 import {
   readSafetensorsHeader,
@@ -28,6 +29,12 @@ function variant(fixture: string, edit: (c: Record<string, unknown>) => void): s
   edit(c);
   writeFileSync(join(dir, 'config.json'), JSON.stringify(c, null, 2));
   return dir;
+}
+
+/** The model in `dir`'s per-token loss on a golden's batch. */
+async function tokenNll(dir: string, golden: string): Promise<Float32Array> {
+  const out = await (await Model.open(dir, { threads: 1 }).compile({ tokenLoss: true })).run(loadGolden(golden).batch);
+  return out.token_nll.data as Float32Array;
 }
 
 /** The relative error of the model in `dir` against a golden's per-token loss. */
@@ -272,6 +279,7 @@ const REFUSED: Array<[fixture: string, key: string, value: unknown]> = [
   ['phi3', 'head_dim', null],
   ['phi3', 'rope_parameters', { rope_type: 'yarn', rope_theta: 10000, factor: 4 }],
   ['phi3', 'rope_parameters', { rope_type: 'longrope', rope_theta: 10000, long_factor: [1, 2] }],
+  ['phi3', 'rope_parameters', { rope_type: 'longrope', rope_theta: 10000, short_factor: [1, 2] }],
   ['phi3', 'rope_parameters', { rope_type: 'longrope', rope_theta: 10000, short_factor: [1, 'x'] }],
   ['phi3', 'attention_bias', true],
   ['phi3', 'full_attn_mod', 2],
@@ -297,8 +305,8 @@ test("phi3: configs as the hub writes them (rope keys at the top, auto_map, Phi-
     }),
     'phi3',
   );
-  // Phi-3.5-mini / Phi-4-mini's: rope_scaling with "type" (Phi3Config reads the older "su" as longrope)
-  for (const type of ['longrope', 'su'])
+  // Phi-3.5-mini / Phi-4-mini's: rope_scaling with "type" (Phi3Config reads "su" and "yarn" as longrope)
+  for (const type of ['longrope', 'su', 'yarn'])
     await assertMatchesGolden(
       variant('phi3_longrope', (c) => {
         const rope = topLevel(c);
@@ -323,6 +331,31 @@ test("phi3: longrope's context is the top-level original_max_position_embeddings
   assert.ok((await tokenNllError(other, 'phi3_longrope')) > 1e-3, 'the top-level key is read');
 });
 
+test("phi3: absent original_max_position_embeddings, max_position_embeddings and rms_norm_eps are Phi3Config's defaults", async () => {
+  // the attention factor transformers 5.25 computes (_compute_longrope_parameters on Phi3Config):
+  // with the top-level key absent, Phi3Config's 4096 overrides the rope dict's 8192 (factor 32);
+  // with max_position_embeddings absent it is 4096 (factor 2 over an original 2048)
+  const rope = { rope_type: 'longrope', rope_theta: 10000, short_factor: [1], long_factor: [2] };
+  const dictOnly = {
+    max_position_embeddings: 131072,
+    rope_parameters: { ...rope, original_max_position_embeddings: 8192 },
+  };
+  assert.ok(Math.abs(resolveRope(dictOnly).scaling! - 1.1902380714238083) < 1e-12);
+  assert.equal(contextLength(dictOnly), 4096);
+  const noMax = { original_max_position_embeddings: 2048, rope_parameters: rope };
+  assert.ok(Math.abs(resolveRope(noMax).scaling! - 1.044465935734187) < 1e-12);
+  // rms_norm_eps: Phi3Config's 1e-5 (the fixture's value), not the Llama family's 1e-6
+  const withEps = await tokenNll('test/fixtures/models/phi3', 'phi3');
+  const without = await tokenNll(
+    variant('phi3', (c) => {
+      assert.equal(c.rms_norm_eps, 1e-5);
+      delete c.rms_norm_eps;
+    }),
+    'phi3',
+  );
+  assert.deepEqual(without, withEps);
+});
+
 test('longrope models are run within their pre-training context, where transformers keeps the short factors', () => {
   const config = (dir: string) => JSON.parse(readFileSync(join(dir, 'config.json'), 'utf8'));
   assert.equal(contextLength(config('test/fixtures/models/phi3_longrope')), 64);
@@ -334,7 +367,9 @@ test('longrope models are run within their pre-training context, where transform
     rope_scaling: { type: 'longrope', short_factor: [1], long_factor: [2] },
   };
   assert.equal(contextLength(phi35), 4096);
+  assert.match(contextName(phi35), /LongRoPE pre-training context/);
   assert.equal(contextLength({ ...phi35, rope_scaling: null }), 131072);
+  assert.equal(contextName({ ...phi35, rope_scaling: null }), "the model's context");
 });
 
 test('phi3: a short_factor of the wrong length and a partial_rotary_factor that rotates nothing are refused', () => {
@@ -342,6 +377,15 @@ test('phi3: a short_factor of the wrong length and a partial_rotary_factor that 
     (c.rope_parameters as Record<string, unknown>).short_factor = [1, 2];
   });
   assert.throws(() => Model.open(short).modules(), /"short_factor": 3 numbers above 0/);
+  const long = variant('phi3_longrope', (c) => {
+    (c.rope_parameters as Record<string, unknown>).long_factor = [1, 2, 3, 4];
+  });
+  assert.throws(() => Model.open(long).modules(), /"long_factor": 3 numbers above 0/);
+  // Phi3Config sizes the factors by hidden_size / num_attention_heads and refuses another head_dim
+  const headDim = variant('phi3_longrope', (c) => {
+    c.head_dim = 12;
+  });
+  assert.throws(() => Model.open(headDim).modules(), /"head_dim" 12 is not hidden_size \/ num_attention_heads = 8/);
   const partial = variant('phi3', (c) => {
     (c.rope_parameters as Record<string, unknown>).partial_rotary_factor = 0.1;
   });

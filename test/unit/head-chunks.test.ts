@@ -92,6 +92,36 @@ test('head chunk rows and vocabulary blocks must be positive integers', async ()
     );
 });
 
+test('a target outside the vocabulary fails or gives a NaN loss, never a finite wrong one (one block of the vocabulary, and several)', async () => {
+  const V = 320;
+  for (const headVocab of [undefined, 7])
+    for (const grad of [false, true]) {
+      const model = Model.open('test/fixtures/models/llama', {
+        threads: 1,
+        cacheDir: process.env.INFLUENCE_LENS_CACHE,
+        headVocab,
+      });
+      assert.equal(Number(model.config.vocab_size), V);
+      const graph = await model.compile({ labels: 'data', tokenLoss: true, perToken: grad, modules: 'all' });
+      for (const bad of [V, V + 100, -1]) {
+        const batch = makeBatch([{ ids: [5, 6, 7, 8] }], 0);
+        batch.targetIds[1] = BigInt(bad);
+        const what = `target ${bad}, ${headVocab ? `blocks of ${headVocab}` : 'one block'}, ${grad ? 'with' : 'without'} gradients`;
+        let out: RunResult;
+        try {
+          out = await graph.run(batch);
+        } catch (e) {
+          // ONNX Runtime's bounds check (the gradient's Gather of the target's row) refused it
+          assert.match((e as Error).message, /out of data bounds|out of bounds/, what);
+          continue;
+        }
+        const nll = out.token_nll.data as Float32Array;
+        assert.ok(Number.isNaN(nll[1]), `${what}: loss ${nll[1]} at the bad target`);
+        assert.ok(Number.isFinite(nll[0]) && Number.isFinite(nll[2]), `${what}: the other tokens keep their loss`);
+      }
+    }
+});
+
 test('the vocabulary-blocked plan: a block within HEAD_BLOCK_BYTES, rows and blocks overridable', () => {
   const p = headPlan(262144, 640, 4);
   assert.equal(p.rows, HEAD_BLOCK_ROWS);

@@ -18,7 +18,7 @@ import { join } from 'node:path';
 import { cleanStaleTemps, replaceDirAtomic, writeFileAtomic } from '../../common/atomic-write';
 import { describeOwner, removeStaleLocks, tryLock, waitLock } from '../../common/owner-lock';
 import { loadDataset } from '../data/dataset';
-import { contextLength, tokenizationKey, tokenizeExamples } from '../data/tokenize';
+import { contextLength, contextName, tokenizationKey, tokenizeExamples } from '../data/tokenize';
 import { describeTraining, sameTraining, type TrainingConvention } from '../data/training';
 import { type EighDtype, eighBackend } from '../linalg/eigh';
 import { nativeLapack } from '../linalg/native';
@@ -199,7 +199,7 @@ async function fitJob(o: FitJobOptions, n: number, i: number): Promise<FitJobRes
   const limit = Math.min(maxLength, model.tokenizer.training.maxLength ?? maxLength);
   if (truncated)
     log(
-      `${truncated} example(s) longer than ${limit} tokens (${limit < maxLength ? "the training convention's maxLength" : "the model's context"}) were cut at the end`,
+      `${truncated} example(s) longer than ${limit} tokens (${limit < maxLength ? "the training convention's maxLength" : contextName(model.checkpoint.config)}) were cut at the end`,
     );
   // an example cut before any trained token was not trained on (TRL drops such examples): its
   // activations would still enter the covariances and its zero gradient dilute Λ

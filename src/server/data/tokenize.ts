@@ -308,6 +308,16 @@ export function contextLength(config: Record<string, unknown>): number {
 }
 
 /**
+ * What `contextLength`'s number is, for messages: "the model's context", or for a longrope model
+ * its pre-training context and why nothing longer is run.
+ */
+export function contextName(config: Record<string, unknown>): string {
+  return longropeContext(config) === undefined
+    ? "the model's context"
+    : "the model's LongRoPE pre-training context (original_max_position_embeddings; beyond it transformers switches a padded batch to the long RoPE factors, so scores would depend on batching)";
+}
+
+/**
  * A query: the prompt is context, only the completion's tokens are explained. With `messages`
  * (a chat record), the conversation is rendered like training data and its last assistant turn
  * is the completion; `prompt`/`completion` are then ignored.

@@ -231,7 +231,9 @@ function vocabularyBlocks(
     x.node(type, ins, [{ dtype, shape }], attrs)[0];
   const col = op(b, 'Unsqueeze', [t, b.ints([1])], I, ['c', 1]);
   const lowest = F === DataType.DOUBLE ? -Number.MAX_VALUE : -3.4028234663852886e38;
-  const init = [filled(b, col, lowest), filled(b, col, 0), filled(b, col, 0)];
+  // the target's logit starts as NaN: a target in no block (outside [0, V)) gives a NaN loss and
+  // gradient, as an out-of-range index fails the whole-vocabulary path, never a finite wrong one
+  const init = [filled(b, col, lowest), filled(b, col, 0), filled(b, col, Number.NaN)];
   if (grad) init.push(b.zerosLike(h));
   const [m, s, target, sumPW] = b.loop(b.ints([Math.ceil(V / block)]), init, [], (x, j, carried) => {
     const [mPrev, sPrev, targetPrev, sumPrev] = carried;

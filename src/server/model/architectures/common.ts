@@ -301,32 +301,42 @@ export function resolveRope(config: Config): RopeSpec {
         'config.json: rope type "llama3" needs "original_max_position_embeddings" in its rope dict, or "max_position_embeddings" (the context the model was pre-trained at)',
       );
   }
-  if (params.rope_type === 'su') params.rope_type = 'longrope'; // Phi3Config renames it
+  if (LONGROPE_NAMES.includes(String(params.rope_type))) params.rope_type = 'longrope'; // Phi3Config renames them
   const spec: RopeSpec = { type: String(params.rope_type), theta: Number(params.rope_theta), params };
   if (spec.type === 'longrope') spec.scaling = longropeScaling(config, params);
   return spec;
 }
 
+/** Phi3Config's defaults for original_max_position_embeddings and max_position_embeddings. */
+const PHI3_DEFAULT_CONTEXT = 4096;
+
+/** LongRoPE's pre-training context: see `longropeScaling`. */
+function longropeOriginal(config: Config): number {
+  const top = config.original_max_position_embeddings;
+  return typeof top === 'number' ? top : PHI3_DEFAULT_CONTEXT;
+}
+
 /**
- * LongRoPE (Phi-3.5, Phi-4-mini, Phi-3's 128k models), as transformers' _compute_longrope_parameters
- * and standardize_rope_params: the pre-training context is the top-level
- * original_max_position_embeddings (Phi-3 keeps it there), else the rope dict's, else
- * max_position_embeddings; `factor` defaults to max_position_embeddings over it, and cos and sin
- * are multiplied by `attention_factor`, else √(1 + ln factor / ln context) when factor > 1.
- * Only the short factors are built: transformers switches to the long ones when a padded batch is
- * longer than that context, which `contextLength` (data/tokenize.ts) never lets a sequence be.
+ * LongRoPE (Phi-3.5, Phi-4-mini, Phi-3's 128k models; only Phi-3 accepts it), as transformers'
+ * _compute_longrope_parameters and standardize_rope_params: the pre-training context is the
+ * top-level original_max_position_embeddings, whose Phi3Config default (4096) overrides the rope
+ * dict's value even when the key is absent; `factor` defaults to max_position_embeddings (default
+ * 4096) over it, and cos and sin are multiplied by `attention_factor`, else
+ * √(1 + ln factor / ln context) when factor > 1. Only the short factors are built: transformers
+ * switches to the long ones when a padded batch is longer than that context, which `contextLength`
+ * (data/tokenize.ts) never lets a sequence be.
  */
 function longropeScaling(config: Config, params: Config): number {
-  const context = config.original_max_position_embeddings ?? params.original_max_position_embeddings;
-  params.original_max_position_embeddings = context ?? config.max_position_embeddings;
-  const original = params.original_max_position_embeddings;
-  if (typeof original !== 'number' || !(original > 1))
+  const original = longropeOriginal(config);
+  params.original_max_position_embeddings = original;
+  if (!(original > 1))
     throw new ConfigError(
-      'config.json: rope type "longrope" needs "original_max_position_embeddings" (the context the model was pre-trained at), above 1',
+      'config.json: rope type "longrope" needs "original_max_position_embeddings" (the context the model was pre-trained at) above 1',
     );
   if (typeof params.attention_factor === 'number') return params.attention_factor;
-  const max = config.max_position_embeddings;
-  const factor = typeof params.factor === 'number' ? params.factor : typeof max === 'number' ? max / original : 1;
+  const max =
+    typeof config.max_position_embeddings === 'number' ? config.max_position_embeddings : PHI3_DEFAULT_CONTEXT;
+  const factor = typeof params.factor === 'number' ? params.factor : max / original;
   return factor <= 1 ? 1 : Math.sqrt(1 + Math.log(factor) / Math.log(original));
 }
 
@@ -337,11 +347,11 @@ function longropeScaling(config: Config, params: Config): number {
  */
 export function longropeContext(config: Config): number | undefined {
   const d = ropeDict(config);
-  const type = d.rope_type ?? d.type;
-  if (type !== 'longrope' && type !== 'su') return undefined;
-  const context = config.original_max_position_embeddings ?? d.original_max_position_embeddings;
-  return typeof context === 'number' ? context : undefined;
+  return LONGROPE_NAMES.includes(String(d.rope_type ?? d.type)) ? longropeOriginal(config) : undefined;
 }
+
+/** Phi3Config reads "su" and "yarn" as longrope. */
+export const LONGROPE_NAMES: readonly string[] = ['longrope', 'su', 'yarn'];
 
 /**
  * The rope dict transformers reads: `rope_scaling or rope_parameters`, in Python's truthiness, so
@@ -399,13 +409,17 @@ export function inverseFrequencies(rotDim: number, rope: RopeSpec): number[] {
     });
   } else if (type === 'longrope') {
     // transformers: 1 / (short_factor · base^(2i/dim)), in float32
-    const short = scaling.short_factor;
-    if (!Array.isArray(short) || short.length !== half || !short.every((x) => typeof x === 'number' && x > 0))
-      throw new ConfigError(
-        `config.json: rope type "longrope" needs "short_factor": ${half} numbers above 0 (half the ${rotDim} rotated features of a head)`,
-      );
+    const short = scaling.short_factor as number[];
+    for (const key of ['short_factor', 'long_factor']) {
+      const f = scaling[key];
+      // Phi3Config's validation refuses other lengths, for the long factors too
+      if (!Array.isArray(f) || f.length !== half || !f.every((x) => typeof x === 'number' && x > 0))
+        throw new ConfigError(
+          `config.json: rope type "longrope" needs "${key}": ${half} numbers above 0 (half the ${rotDim} rotated features of a head)`,
+        );
+    }
     invFreq = Array.from({ length: half }, (_, i) =>
-      f32(1 / f32(f32(short[i] as number) * f32(f32(theta) ** f32((2 * i) / rotDim)))),
+      f32(1 / f32(f32(short[i]) * f32(f32(theta) ** f32((2 * i) / rotDim)))),
     );
   } else if (type !== 'default') {
     throw new ConfigError(`unsupported rope type "${type}" (supported: ${Object.keys(ROPE_TYPE_KEYS).join(', ')})`);

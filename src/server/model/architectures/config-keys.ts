@@ -3,7 +3,7 @@
 // or one known not to change the forward pass; anything else is refused, so a model
 // whose maths we do not reproduce (soft-capping, an unknown RoPE type, quantization,
 // ...) is never scored silently wrong.
-import { COMMON_ROPE_TYPES, type Config, ConfigError, ROPE_TYPE_KEYS } from './common';
+import { COMMON_ROPE_TYPES, type Config, ConfigError, LONGROPE_NAMES, ROPE_TYPE_KEYS } from './common';
 
 /** One implemented key: the values the builder reproduces exactly as transformers does. */
 export interface KeyRule {
@@ -58,14 +58,16 @@ export function ropeRule(partialRotary: boolean, types: readonly string[] = COMM
   const positive = (x: unknown) => typeof x === 'number' && Number.isFinite(x) && x > 0;
   return {
     accepts: `null or a dict with rope_type ${types.join(' / ')} and only the keys that type reads (${types
-      .map((t) => `${t}: ${['rope_theta', ...ROPE_TYPE_KEYS[t === 'su' ? 'longrope' : t]].join(', ')}`)
+      .map((t) => `${t}: ${['rope_theta', ...ROPE_TYPE_KEYS[LONGROPE_NAMES.includes(t) ? 'longrope' : t]].join(', ')}`)
       .join('; ')})${partialRotary ? ', partial_rotary_factor' : ''}`,
     ok(v) {
       if (v === null) return true;
       if (!v || typeof v !== 'object' || Array.isArray(v)) return false;
       const d = v as Config;
       const type = String(d.rope_type ?? d.type ?? 'default');
-      const reads = types.includes(type) ? ROPE_TYPE_KEYS[type === 'su' ? 'longrope' : type] : undefined;
+      const reads = types.includes(type)
+        ? ROPE_TYPE_KEYS[LONGROPE_NAMES.includes(type) ? 'longrope' : type]
+        : undefined;
       if (!reads) return false;
       const allowed = new Set(['rope_type', 'type', 'rope_theta', ...reads]);
       for (const [k, x] of Object.entries(d)) {
@@ -77,8 +79,8 @@ export function ropeRule(partialRotary: boolean, types: readonly string[] = COMM
         } else if (k !== 'rope_type' && k !== 'type' && !positive(x)) return false;
       }
       // factors the type needs must be present (original_max_position_embeddings has a fallback;
-      // longrope's factor and attention_factor have defaults, and its long factors are never used)
-      const optional = new Set(['original_max_position_embeddings', 'factor', 'attention_factor', 'long_factor']);
+      // longrope's factor and attention_factor have defaults; transformers reads both factor lists)
+      const optional = new Set(['original_max_position_embeddings', 'factor', 'attention_factor']);
       return reads.every((k) => optional.has(k) || (lists.has(k) ? Array.isArray(d[k]) : typeof d[k] === 'number'));
     },
   };

@@ -10,6 +10,7 @@ import {
   decoderSizes,
   embed,
   gatedMlp,
+  LONGROPE_NAMES,
   linear,
   num,
   outputHead,
@@ -49,6 +50,8 @@ interface Variant {
   fused?: boolean;
   /** Phi-3: RoPE rotates the first partial_rotary_factor of each head (the rope dict's, else the top-level key) */
   partialRotary?: boolean;
+  /** rms_norm_eps when config.json has no such key (the config class's default; Llama, Mistral, Qwen: 1e-6) */
+  epsWhenAbsent?: number;
 }
 
 /** Keys every Llama-family config may have (LlamaConfig / MistralConfig / Qwen2Config). */
@@ -197,11 +200,12 @@ const QWEN3_KEYS: ConfigKeys = {
 const phi3Variant: Variant = {
   fused: true,
   partialRotary: true,
+  epsWhenAbsent: 1e-5, // Phi3Config's default
   windows: (c, n) => Array(n).fill(typeof c.sliding_window === 'number' ? c.sliding_window : undefined),
   biases: () => ({ qkv: false, o: false, mlp: false, because: () => 'Phi-3 has no biases' }),
 };
 
-const PHI3_ROPE_TYPES = ['default', 'longrope', 'su'];
+const PHI3_ROPE_TYPES = ['default', ...LONGROPE_NAMES];
 
 const PHI3_KEYS: ConfigKeys = {
   ...COMMON_KEYS,
@@ -273,7 +277,7 @@ function llamaFamily(modelType: string, configKeys: ConfigKeys, variant: Variant
             : `num_key_value_heads ${c.num_key_value_heads === null ? 'null' : 'absent'}, so num_attention_heads ${nKv}`;
       const shape = { d, nHead, nKv, hd, inter, hdWhy, kvWhy };
       const size = decoderSizes(c, shape);
-      const eps = num(c, ['rms_norm_eps'], 1e-6);
+      const eps = num(c, ['rms_norm_eps'], variant.epsWhenAbsent ?? 1e-6);
       const act = String(c.hidden_act ?? 'silu');
       const ropeSpec = resolveRope(c);
       const rope = ropeTables(ctx, rotaryDims(c, ropeSpec, hd, variant), ropeSpec);
@@ -324,6 +328,12 @@ function llamaFamily(modelType: string, configKeys: ConfigKeys, variant: Variant
 /** Features of each head RoPE rotates: all of them, or Phi-3's partial_rotary_factor of them (int(), as transformers). */
 function rotaryDims(c: Config, rope: RopeSpec, hd: number, variant: Variant): number {
   if (!variant.partialRotary) return hd;
+  // Phi3Config checks the LongRoPE factors' length against hidden_size / num_attention_heads
+  const split = Math.floor(num(c, ['hidden_size']) / num(c, ['num_attention_heads']));
+  if (rope.type === 'longrope' && hd !== split)
+    throw new ConfigError(
+      `config.json: "head_dim" ${hd} is not hidden_size / num_attention_heads = ${split}; transformers' Phi3Config refuses LongRoPE factors sized for it`,
+    );
   const factor = Number(rope.params.partial_rotary_factor ?? c.partial_rotary_factor ?? 1);
   const dims = Math.floor(hd * factor);
   if (!(dims >= 2 && dims <= hd && dims % 2 === 0))
