@@ -427,6 +427,19 @@ export function inverseFrequencies(rotDim: number, rope: RopeSpec): number[] {
   return invFreq;
 }
 
+/**
+ * Features of each head RoPE rotates: int(head_dim · partial_rotary_factor), as transformers; rotate_half
+ * splits them in two halves, so an even number from 2 to head_dim (`what` names the config keys).
+ */
+export function rotaryDims(hd: number, factor: number, what = 'partial_rotary_factor'): number {
+  const dims = Math.floor(hd * factor);
+  if (!(dims >= 2 && dims <= hd && dims % 2 === 0))
+    throw new ConfigError(
+      `config.json: ${what} ${factor} rotates ${dims} of each head's ${hd} features; an even number from 2 to ${hd} is supported`,
+    );
+  return dims;
+}
+
 /** Rotary tables for positions 0..T-1 (non-interleaved halves, as in Llama / GPT-NeoX). */
 export function ropeTables(ctx: BuildContext, rotDim: number, rope: RopeSpec): Rope {
   const { g } = ctx;
@@ -710,7 +723,8 @@ export function decoderSizes(c: Config, s: DecoderShape) {
   };
 }
 
-type Bias = { expected: boolean; because: string };
+/** What config.json says about a layer's bias (see `linear`). */
+export type Bias = { expected: boolean; because: string };
 
 /**
  * One layer's `self_attn.{q,k,v}_proj`; with `headNorm`, every query and key head goes through an
@@ -743,7 +757,10 @@ export function qkvProjections(
   };
 }
 
-/** A gated MLP, `down(act(gate(x)) · up(x))` (`{prefix}.gate_proj`, `up_proj`, `down_proj`). */
+/**
+ * A gated MLP, `down(act(gate(x)) · up(x))` (`{prefix}.gate_proj`, `up_proj`, `down_proj`); `fused`:
+ * gate and up are the two halves of one `{prefix}.gate_up_proj` (Phi-3), tracked as that one layer.
+ */
 export function gatedMlp(
   ctx: BuildContext,
   prefix: string,
@@ -751,11 +768,24 @@ export function gatedMlp(
   act: string,
   bias: Bias,
   sizes: ReturnType<typeof decoderSizes>,
+  fused = false,
 ): Tensor {
   const { g } = ctx;
-  const gate = activation(g, linear(ctx, `${prefix}.gate_proj`, x, 'mlp', 'out_in', bias, sizes.inter), act);
-  const up = linear(ctx, `${prefix}.up_proj`, x, 'mlp', 'out_in', bias, sizes.inter);
-  return linear(ctx, `${prefix}.down_proj`, g.mul(gate, up), 'mlp', 'out_in', bias, sizes.hidden);
+  const inter = sizes.inter;
+  const [gate, up] = fused
+    ? g.split(
+        linear(ctx, `${prefix}.gate_up_proj`, x, 'mlp', 'out_in', bias, {
+          size: 2 * inter.size,
+          because: `2 × ${inter.because}`,
+        }),
+        [inter.size, inter.size],
+        -1,
+      )
+    : [
+        linear(ctx, `${prefix}.gate_proj`, x, 'mlp', 'out_in', bias, inter),
+        linear(ctx, `${prefix}.up_proj`, x, 'mlp', 'out_in', bias, inter),
+      ];
+  return linear(ctx, `${prefix}.down_proj`, g.mul(activation(g, gate, act), up), 'mlp', 'out_in', bias, sizes.hidden);
 }
 
 /**

@@ -7,7 +7,6 @@ import {
   attentionMask,
   type BuildContext,
   type Config,
-  ConfigError,
   embed,
   layerNorm,
   linear,
@@ -16,6 +15,7 @@ import {
   resolveRope,
   ropeDict,
   ropeTables,
+  rotaryDims,
 } from './common';
 import {
   boolean,
@@ -84,12 +84,7 @@ export const gptNeox: Architecture = {
         ...ropeDict(c),
       },
     });
-    const rotDim = Math.floor(hd * Number(spec.params.partial_rotary_factor));
-    // rotate_half splits the rotated features in two halves
-    if (rotDim % 2 !== 0 || rotDim <= 0 || rotDim > hd)
-      throw new ConfigError(
-        `config.json: partial_rotary_factor / rotary_pct ${spec.params.partial_rotary_factor} rotates ${rotDim} of each head's ${hd} features; an even number from 2 to ${hd} is supported`,
-      );
+    const rotDim = rotaryDims(hd, Number(spec.params.partial_rotary_factor), 'partial_rotary_factor / rotary_pct');
     const parallel = c.use_parallel_residual !== false;
     const act = String(c.hidden_act ?? 'gelu');
     const rope = ropeTables(ctx, rotDim, spec);

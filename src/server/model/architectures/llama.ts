@@ -1,9 +1,9 @@
 import type { Tensor } from '../onnx/graph';
 import {
   type Architecture,
-  activation,
   attention,
   attentionMask,
+  type Bias,
   type BuildContext,
   type Config,
   ConfigError,
@@ -19,6 +19,7 @@ import {
   resolveRope,
   rmsNorm,
   ropeTables,
+  rotaryDims,
 } from './common';
 import {
   anything,
@@ -280,7 +281,7 @@ function llamaFamily(modelType: string, configKeys: ConfigKeys, variant: Variant
       const eps = num(c, ['rms_norm_eps'], variant.epsWhenAbsent ?? 1e-6);
       const act = String(c.hidden_act ?? 'silu');
       const ropeSpec = resolveRope(c);
-      const rope = ropeTables(ctx, rotaryDims(c, ropeSpec, hd, variant), ropeSpec);
+      const rope = ropeTables(ctx, rotatedFeatures(c, ropeSpec, hd, variant), ropeSpec);
       const windows = variant.windows(c, nLayer);
       // one mask per distinct window, shared by the layers that use it
       const masks = new Map<number | undefined, ReturnType<typeof attentionMask>>();
@@ -316,7 +317,7 @@ function llamaFamily(modelType: string, configKeys: ConfigKeys, variant: Variant
         );
         x = g.add(x, o);
         const h2 = rmsNorm(ctx, x, `${p}.post_attention_layernorm`, eps);
-        x = g.add(x, (variant.fused ? fusedMlp : gatedMlp)(ctx, `${p}.mlp`, h2, act, mlpBias, size));
+        x = g.add(x, gatedMlp(ctx, `${p}.mlp`, h2, act, mlpBias, size, variant.fused));
       }
       const hidden = rmsNorm(ctx, x, 'model.norm', eps);
       const unembedding = outputHead(ctx, c, 'model.embed_tokens.weight', 'lm_head.weight', false);
@@ -325,8 +326,8 @@ function llamaFamily(modelType: string, configKeys: ConfigKeys, variant: Variant
   };
 }
 
-/** Features of each head RoPE rotates: all of them, or Phi-3's partial_rotary_factor of them (int(), as transformers). */
-function rotaryDims(c: Config, rope: RopeSpec, hd: number, variant: Variant): number {
+/** Features of each head RoPE rotates: all of them, or Phi-3's partial_rotary_factor of them. */
+function rotatedFeatures(c: Config, rope: RopeSpec, hd: number, variant: Variant): number {
   if (!variant.partialRotary) return hd;
   // Phi3Config checks the LongRoPE factors' length against hidden_size / num_attention_heads
   const split = Math.floor(num(c, ['hidden_size']) / num(c, ['num_attention_heads']));
@@ -334,16 +335,8 @@ function rotaryDims(c: Config, rope: RopeSpec, hd: number, variant: Variant): nu
     throw new ConfigError(
       `config.json: "head_dim" ${hd} is not hidden_size / num_attention_heads = ${split}; transformers' Phi3Config refuses LongRoPE factors sized for it`,
     );
-  const factor = Number(rope.params.partial_rotary_factor ?? c.partial_rotary_factor ?? 1);
-  const dims = Math.floor(hd * factor);
-  if (!(dims >= 2 && dims <= hd && dims % 2 === 0))
-    throw new ConfigError(
-      `config.json: partial_rotary_factor ${factor} rotates ${dims} of each head's ${hd} features; an even number from 2 to ${hd} is supported`,
-    );
-  return dims;
+  return rotaryDims(hd, Number(rope.params.partial_rotary_factor ?? c.partial_rotary_factor ?? 1));
 }
-
-type Bias = { expected: boolean; because: string };
 
 /** Phi-3's `qkv_proj`: one linear layer whose outputs are q, then k, then v. */
 function fusedQkv(
@@ -360,22 +353,6 @@ function fusedQkv(
   const qkv = linear(ctx, name, h, 'attention', 'out_in', bias, out);
   const [q, k, v] = ctx.g.split(qkv, [size.q.size, size.kv.size, size.kv.size], -1);
   return { q, k, v };
-}
-
-/** Phi-3's MLP: `down(up · act(gate))` with [gate; up] from one `gate_up_proj`. */
-function fusedMlp(
-  ctx: BuildContext,
-  prefix: string,
-  x: Tensor,
-  act: string,
-  bias: Bias,
-  size: ReturnType<typeof decoderSizes>,
-): Tensor {
-  const { g } = ctx;
-  const out = { size: 2 * size.inter.size, because: `2 × ${size.inter.because}` };
-  const gateUp = linear(ctx, `${prefix}.gate_up_proj`, x, 'mlp', 'out_in', bias, out);
-  const [gate, up] = g.split(gateUp, [size.inter.size, size.inter.size], -1);
-  return linear(ctx, `${prefix}.down_proj`, g.mul(up, activation(g, gate, act)), 'mlp', 'out_in', bias, size.hidden);
 }
 
 export const llama = llamaFamily('llama', LLAMA_KEYS, llamaVariant);
