@@ -3,9 +3,13 @@
 // the model's, batching changes nothing, sampling is seeded, and the stop rules hold. The
 // shipped default model answers its planted question with the planted wrong fact.
 import assert from 'node:assert/strict';
+import { cpSync, mkdtempSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { test } from 'node:test';
-import { Model, makeBatch } from '../../src/server/model/engine';
+import { EngineError, Model, makeBatch } from '../../src/server/model/engine';
 import { generate } from '../../src/server/model/generate';
+import { readSafetensorsHeader, readTensorF64, writeSafetensors } from '../../src/server/model/safetensors';
 import { useTempHome } from './helpers/env';
 
 useTempHome();
@@ -94,4 +98,31 @@ test('a stop string ends the generation; the text stops before it, the tokens up
   assert.ok(textOf(g.ids.length).includes(stop));
   assert.ok(!textOf(g.ids.length - 1).includes(stop));
   await assert.rejects(generate(model, [prompt], { stop: [''] }), /stop string is empty/);
+});
+
+test('a checkpoint with a NaN weight is refused by name, greedy or sampled, never "answered"', async () => {
+  // one NaN in an MLP weight made every logit NaN: greedy gave word 0 ("!!!!…"), sampling the
+  // last word, each with exit status 0 (a user audit)
+  const dir = join(mkdtempSync(join(tmpdir(), 'il-nan-generate-')), 'm');
+  cpSync(FIXTURE, dir, { recursive: true });
+  const f = join(dir, 'model.safetensors');
+  const h = readSafetensorsHeader(f);
+  const tensors: Record<string, { dtype: 'F32'; shape: number[]; data: Float32Array }> = {};
+  const damaged = 'model.layers.0.mlp.up_proj.weight';
+  for (const [name, t] of h.tensors) {
+    const x = Float32Array.from(readTensorF64(h, name));
+    if (name === damaged) x[7] = Number.NaN;
+    tensors[name] = { dtype: 'F32', shape: t.shape, data: x };
+  }
+  assert.ok(tensors[damaged], 'the fixture has the tensor this test damages');
+  writeSafetensors(f, tensors, h.metadata);
+  const model = Model.open(dir, { threads: 1 });
+  for (const temperature of [0, 1])
+    await assert.rejects(
+      generate(model, ['Hello world'], { maxNewTokens: 4, temperature }),
+      (e: Error) =>
+        e instanceof EngineError &&
+        /next-token logit of word \d+ after "Hello world" \(NaN\) is not a finite number/.test(e.message) &&
+        e.message.includes(`"${damaged}" holds NaN (first at element 7)`),
+    );
 });

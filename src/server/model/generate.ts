@@ -6,7 +6,8 @@
 import { contextLength } from '../data/tokenize';
 import { DEFAULTS } from '../settings';
 import { Rng } from '../util/random';
-import { type Model, makeBatch } from './engine';
+import { EngineError, type Model, makeBatch } from './engine';
+import { nonFiniteMessage } from './weight-health';
 
 export interface GenerateOptions {
   /** new tokens at most (default 16) */
@@ -95,6 +96,17 @@ export async function generate(model: Model, prompts: string[], opts: GenerateOp
     const V = logits.length / (batch.B * batch.T);
     group.forEach((s, b) => {
       const row = logits.subarray((b * batch.T + seqs[b].ids.length - 1) * V, (b * batch.T + seqs[b].ids.length) * V);
+      // a NaN row's argmax is word 0 and its draw the last word: a text and exit status 0 (an
+      // audit's checkpoint with one NaN weight "answered" "!!!!"), so a damaged model is refused
+      const bad = row.findIndex((v) => v - v !== 0);
+      if (bad >= 0)
+        throw new EngineError(
+          nonFiniteMessage(
+            model.checkpoint,
+            `the model's next-token logit of word ${bad} after ${JSON.stringify(clip(s.prompt))}${s.ids.length ? ` and ${s.ids.length} generated tokens` : ''} (${row[bad]})`,
+            opts.params ? 'or the weights passed to generate hold one' : undefined,
+          ),
+        );
       const logp = logSoftmax(row);
       const id = temperature > 0 ? sample(row, temperature, rng) : argmax(row);
       if (id === eos) s.stop = 'eos';
@@ -141,6 +153,11 @@ function continuation(tok: Model['tokenizer'], promptIds: number[], ids: number[
   const before = tok.decode(promptIds);
   const full = tok.decode([...promptIds, ...ids]);
   return full.startsWith(before) ? full.slice(before.length) : tok.decode(ids);
+}
+
+/** A prompt as an error message quotes it: its first 40 characters. */
+function clip(text: string): string {
+  return text.length > 40 ? `${text.slice(0, 40)}…` : text;
 }
 
 /** Where the earliest stop string starts in `text`, or -1. */
