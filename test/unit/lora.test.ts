@@ -2,7 +2,7 @@
 // PEFT in float64 (goldens from test/oracle/make_lora.py), and every adapter_config.json
 // setting we do not implement refused by name.
 import assert from 'node:assert/strict';
-import { cpSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { cpSync, mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { after, test } from 'node:test';
@@ -316,7 +316,9 @@ test('LoRA: an adapter_model.safetensors that is a directory is refused in one l
 
 test('LoRA: --base overrides base_model_name_or_path; a plain model refuses a base', async () => {
   const dir = variant((c) => (c.base_model_name_or_path = 'meta-llama/Llama-3.2-1B'));
-  const model = Model.open(dir, { base: `${FIX}/llama`, threads: 1 });
+  const notices: string[] = [];
+  const model = Model.open(dir, { base: `${FIX}/llama`, threads: 1, notice: (l) => notices.push(l) });
+  assert.equal(notices.length, 0, 'the adapter names no local folder: nothing replaced');
   assert.equal(model.modules().length, 12);
   assert.equal(model.modules()[0].name, 'base_model.model.model.layers.0.self_attn.q_proj.lora_A');
   assert.deepEqual(
@@ -330,4 +332,51 @@ test('LoRA: --base overrides base_model_name_or_path; a plain model refuses a ba
     ],
   );
   assert.throws(() => Model.open(`${FIX}/llama`, { base: `${FIX}/gpt2` }), /has no adapter_config\.json/);
+  // a --base other than the local folder the adapter names is said, once, naming both
+  const other = join(tmp, 'other-base');
+  cpSync(`${FIX}/llama`, other, { recursive: true });
+  const named = variant(() => {});
+  Model.open(named, { base: other, notice: (l) => notices.push(l) });
+  assert.equal(notices.length, 1);
+  assert.ok(
+    notices[0].startsWith(`the base ${other} (--base, or "base" in influence-lens.json) replaces the one `) &&
+      notices[0].includes(resolve(`${FIX}/llama`)),
+    notices[0],
+  );
+  // the same folder by another path (a symlink) is no replacement
+  const link = join(tmp, 'llama-link');
+  symlinkSync(resolve(`${FIX}/llama`), link);
+  Model.open(named, { base: link, notice: (l) => notices.push(l) });
+  Model.open(named, { base: `${FIX}/llama`, notice: (l) => notices.push(l) });
+  assert.equal(notices.length, 1, notices.join('\n'));
+});
+
+test("LoRA: an adapter folder's own chat template or tokenizer settings without tokenizer.json are refused, not ignored for the base's", async () => {
+  // an audit's adapter held chat_template.jinja and no tokenizer.json: its chats were rendered with
+  // the base's template, without a word
+  const base = resolve(`${FIX}/llama`);
+  const template = variant(() => {});
+  writeFileSync(join(template, 'chat_template.jinja'), "{% for m in messages %}{{ m['content'] }}{% endfor %}");
+  assert.throws(
+    () => Model.open(template),
+    (e: Error) =>
+      isUserError(e) &&
+      e.message.includes(`${template} holds chat_template.jinja of its own (not the base's) but no tokenizer.json`) &&
+      e.message.includes(`ignored for the base's in ${base}`) &&
+      /tokenizer\.save_pretrained/.test(e.message),
+  );
+  // a tokenizer_config.json that differs from the base's (here: another chat template)
+  const config = variant(() => {});
+  const tc = JSON.parse(readFileSync(join(base, 'tokenizer_config.json'), 'utf8'));
+  writeFileSync(join(config, 'tokenizer_config.json'), JSON.stringify({ ...tc, chat_template: '{{ messages }}' }));
+  assert.throws(() => Model.open(config), /holds tokenizer_config\.json of its own \(not the base's\)/);
+  // the base's own files copied beside the adapter change nothing: read from the base
+  const copied = variant(() => {});
+  cpSync(join(base, 'tokenizer_config.json'), join(copied, 'tokenizer_config.json'));
+  assert.equal(Model.open(copied).checkpoint.tokenizerDir, base);
+  // with tokenizer.json the adapter's folder is the tokenizer's (template included)
+  cpSync(join(base, 'tokenizer.json'), join(template, 'tokenizer.json'));
+  cpSync(join(base, 'tokenizer_config.json'), join(template, 'tokenizer_config.json'));
+  const own = Model.open(template);
+  assert.equal(own.checkpoint.tokenizerDir, template);
 });

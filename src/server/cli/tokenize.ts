@@ -57,6 +57,7 @@ export function tokenizeFile(
   const ds = loadDataset(data, { skipMalformed, trainedBy: { tokenizer: tok, maxLength } });
   const { tokens, truncated } = tokenizeExamples(tok, ds.examples, maxLength, data);
   const warnings: string[] = ds.skipped.map((x) => `${data}:${x.line}: ${x.message} (skipped)`);
+  if (ck?.baseNote) warnings.unshift(ck.baseNote);
   const standIn = tokens.filter((t) => t.rendering === 'stand-in').length;
   if (standIn)
     warnings.push(

@@ -4,7 +4,7 @@
 //   y = base(x) + scaling · B(A x),  scaling = lora_alpha / r  (rsLoRA: lora_alpha / √r),
 // dropout off (inference). Every adapter_config.json setting that would change this forward
 // and is not implemented here is refused by name, never ignored.
-import { existsSync, statSync } from 'node:fs';
+import { existsSync, realpathSync, statSync } from 'node:fs';
 import { isAbsolute, join, resolve } from 'node:path';
 import { readFileNoWait } from '../../common/read-file';
 import { readSafetensorsHeader, type SafetensorsHeader } from './safetensors';
@@ -337,16 +337,29 @@ export function embeddingOrHeadTensor(adapter: LoraAdapter, tensor: string): str
 /**
  * The base model folder: `base` when given, else base_model_name_or_path when it is a local
  * folder (a relative path is taken from the adapter folder, then from the working directory).
+ * `note` says when `base` replaces another local folder the adapter names: PEFT lets the caller
+ * choose, but a mistyped --base (the base model for its instruct variant, of the same shapes)
+ * would go unnoticed.
  */
-export function resolveBase(adapter: LoraAdapter, base?: string): string {
-  if (base) return resolve(base);
+export function resolveBase(adapter: LoraAdapter, base?: string): { dir: string; note?: string } {
   const named = adapter.config.base_model_name_or_path;
   const isDir = (p: string) => existsSync(p) && statSync(p).isDirectory();
+  let found: string | undefined;
   if (typeof named === 'string' && named) {
     const candidates = isAbsolute(named) ? [named] : [join(adapter.dir, named), resolve(named)];
-    const found = candidates.find(isDir);
-    if (found) return found;
+    found = candidates.find(isDir);
   }
+  if (base) {
+    const dir = resolve(base);
+    const same = found !== undefined && realpathSync(found) === (isDir(dir) ? realpathSync(dir) : dir);
+    return found === undefined || same
+      ? { dir }
+      : {
+          dir,
+          note: `the base ${dir} (--base, or "base" in influence-lens.json) replaces the one ${adapter.configPath} names, ${JSON.stringify(named)} (${resolve(found)}): scores are for the adapter on ${dir}`,
+        };
+  }
+  if (found) return { dir: found };
   throw new AdapterError(
     `${adapter.configPath}: "base_model_name_or_path" is ${JSON.stringify(named ?? null)}, not a local folder; ` +
       'pass the base model folder with --base <dir> (or "base" in the influence-lens.json model entry)',

@@ -47,6 +47,8 @@ export interface Checkpoint {
   tokenizerDir: string;
   /** a PEFT LoRA adapter over the base checkpoint (its tensors are in `weights` under their own names) */
   adapter?: LoraAdapter;
+  /** for an adapter opened on another base than the local one it names: a line saying so */
+  baseNote?: string;
   modelType: string;
   /** tensor name → where its bytes are, in file order */
   weights: Map<string, WeightRef>;
@@ -292,10 +294,43 @@ function withBasePrefix(weights: Map<string, WeightRef>, modelType: string) {
   for (const [name, ref] of entries) weights.set(a.headNames.includes(name) ? name : a.basePrefix + name, ref);
 }
 
+/** The files besides tokenizer.json that say how text is tokenized or a chat rendered. */
+const TOKENIZER_SIDE_FILES = [
+  'tokenizer_config.json',
+  'chat_template.jinja',
+  'chat_template.json',
+  'special_tokens_map.json',
+  'tokenizer.model',
+];
+
+/**
+ * Where an adapter's tokenizer is read from: its own folder when it holds tokenizer.json, else the
+ * base's. The tokenizer, its special tokens and its chat template are read from one folder, so an
+ * adapter folder with a chat template or tokenizer settings of its own but no tokenizer.json would
+ * have them ignored for the base's (an audit's adapter rendered its chats with the base's
+ * template, without a word): refused unless each such file is byte for byte the base's.
+ */
+function adapterTokenizerDir(dir: string, baseTokenizerDir: string): string {
+  if (existsSync(join(dir, 'tokenizer.json'))) return dir;
+  const bytes = (f: string) => readRegularFile(f, (what) => new CheckpointError(`${f} is ${what}`));
+  const own = TOKENIZER_SIDE_FILES.filter((name) => {
+    const mine = join(dir, name);
+    if (!existsSync(mine)) return false;
+    const theirs = join(baseTokenizerDir, name);
+    return !existsSync(theirs) || !bytes(mine).equals(bytes(theirs));
+  });
+  if (own.length)
+    throw new CheckpointError(
+      `${dir} holds ${own.join(', ')} of its own (not the base's) but no tokenizer.json: the tokenizer, its special tokens and its chat template are read from one folder, so ${own.length > 1 ? 'they' : 'it'} would be ignored for the base's in ${baseTokenizerDir}. ` +
+        `Save the tokenizer the adapter was trained with next to it (tokenizer.save_pretrained("${dir}") writes tokenizer.json too), or move ${own.length > 1 ? 'these files' : 'it'} out of the folder to use the base's`,
+    );
+  return baseTokenizerDir;
+}
+
 /** A LoRA adapter folder: the base checkpoint with the adapter's lora_A / lora_B tensors added. */
 function openAdapter(dir: string, baseOption?: string): Checkpoint {
   const adapter = readAdapter(dir);
-  const baseDir = resolveBase(adapter, baseOption);
+  const { dir: baseDir, note: baseNote } = resolveBase(adapter, baseOption);
   if (isAdapterDir(baseDir))
     throw new CheckpointError(
       `${baseDir}: the base of adapter ${dir} is itself an adapter (stacked adapters are not supported)`,
@@ -335,8 +370,9 @@ function openAdapter(dir: string, baseOption?: string): Checkpoint {
     ...base,
     dir,
     adapter,
+    ...(baseNote ? { baseNote } : {}),
     configFiles: [...base.configFiles, adapter.configPath],
-    tokenizerDir: existsSync(join(dir, 'tokenizer.json')) ? dir : base.tokenizerDir,
+    tokenizerDir: adapterTokenizerDir(dir, base.tokenizerDir),
     weights,
     files: [...base.files, adapter.weightsPath],
     totalBytes: base.totalBytes + adapterBytes,

@@ -272,6 +272,7 @@ export class Model {
     checkLayerWeights(checkpoint);
     // an adapter is checked against the base's layers once, when opened
     if (checkpoint.adapter) this.buildForward(new Graph(), 'inputs');
+    if (checkpoint.baseNote) this.notify(checkpoint.baseNote);
   }
 
   /** The float type of this model's graphs, which EK-FAC factors fitted or opened for it are held in. */
