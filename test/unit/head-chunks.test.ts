@@ -2,9 +2,10 @@
 // must give what the one-chunk graph gives, in fp64 so that only summation order can differ.
 // 14 tokens in chunks of 3 (five chunks, one row of padding) and of 5 (three, one row), against
 // one chunk of all 14: losses, drawn labels, every module's g_t and every parameter's gradient
-// (the head's weight summed over chunks in the second loop). With the data's labels the vocabulary
-// also goes a block at a time (the log-sum-exp and the gradient carried online): blocks of 7 words
-// (the last of 320 shorter), 64 (five equal ones) and 319 (a last block of one word).
+// (the head's weight summed over chunks in the second loop). The vocabulary also goes a block at a
+// time (the log-sum-exp and the gradient carried online; sampled labels drawn from the blocks'
+// shares): blocks of 7 words (the last of 320 shorter), 64 (five equal ones) and 319 (a last block
+// of one word).
 import assert from 'node:assert/strict';
 import { cpSync, mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -57,13 +58,9 @@ for (const arch of ['gpt2', 'llama']) {
       const cuts: Array<[number, number | undefined]> = [
         [3, undefined],
         [5, undefined],
-        ...(labels === 'data'
-          ? ([
-              [3, 7],
-              [5, 64],
-              [14, 319],
-            ] as Array<[number, number]>)
-          : []),
+        [3, 7],
+        [5, 64],
+        [14, 319],
       ];
       for (const [rows, words] of cuts) {
         const chunked = await run(rows, words);
@@ -183,6 +180,23 @@ test('a memorised token: the float32 gradient matches fp64 (softmax − e_target
         `${what}, token ${t}: −log p ${n32[t]} against ${nll[t]}`,
       );
     checkGradients(a, b, ids.length, nll, what);
+  }
+  // sampled labels: a memorised token is drawn as itself, the row's maximum, which the running sums
+  // leave out (sampledVocabularyBlocks); the same uniforms in both precisions
+  const uniforms = Float32Array.from(ids, (_, i) => (i * 0.37 + 0.11) % 1);
+  const sampled: GraphRequest = { ...req, labels: 'sampled', sampledIds: true };
+  const s64 = await (await m64.compile(sampled)).run(makeBatch([{ ids }], 0), { uniforms });
+  const n64 = s64.token_nll.data as Float64Array;
+  assert.ok(
+    Array.from(n64).filter((x) => x > 0 && x < 1e-6).length >= 3,
+    `memorised draws: ${Array.from(n64, (x) => x.toExponential(1))}`,
+  );
+  for (const headVocab of blocks) {
+    const m32 = Model.open(dir, { threads: 1, cacheDir: process.env.INFLUENCE_LENS_CACHE, headVocab });
+    const s32 = await (await m32.compile(sampled)).run(makeBatch([{ ids }], 0), { uniforms });
+    const what = `sampled, ${headVocab ? `blocks of ${headVocab} words` : 'one block'}`;
+    assert.deepEqual(s32.sampled_ids.data, s64.sampled_ids.data, `${what}: the same labels drawn`);
+    checkGradients(s64, s32, ids.length, n64, what);
   }
 });
 

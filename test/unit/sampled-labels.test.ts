@@ -10,11 +10,20 @@ import { useTempHome } from './helpers/env';
 
 useTempHome();
 
-for (const arch of ['gpt2', 'llama']) {
-  test(`sampled labels (${arch}): the inverse-CDF draw of the logits, and the gradient of the data-label loss on them`, async () => {
+// The vocabulary in one block, and in blocks of 7 and 64 words (model/head.ts draws the block from
+// the blocks' shares, then the word inside it; most blocks then hold no row's draw).
+for (const [arch, headVocab] of [
+  ['gpt2', undefined],
+  ['llama', undefined],
+  ['gpt2', 7],
+  ['llama', 64],
+] as const) {
+  const blocks = headVocab ? `, blocks of ${headVocab} words` : '';
+  test(`sampled labels (${arch}${blocks}): the inverse-CDF draw of the logits, and the gradient of the data-label loss on them`, async () => {
     const model = Model.open(`test/fixtures/models/${arch}`, {
       threads: 1,
       cacheDir: process.env.INFLUENCE_LENS_CACHE,
+      headVocab,
     });
     const rng = new Rng(3);
     const V = Number(model.config.vocab_size);

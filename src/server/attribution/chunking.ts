@@ -65,8 +65,8 @@ export function bytesPerSequence(shape: RunShape, T: number): number {
   const matrices = kind === 'transient' ? 3 * largest : kind ? mats + 3 * largest : 0;
   // The head runs a chunk of tokens at a time (model/head.ts): four [c, V] tensors (logits,
   // log-softmax, its exponential, the gradient), c = min(T, the chunk's rows), where a chunk's
-  // logits span the vocabulary (sampled labels). With the data's labels the vocabulary goes in
-  // blocks of HEAD_BLOCK_BYTES, far less: this counts the larger of the two.
+  // logits span the vocabulary (the head weight's own gradient). Every loss and its gradient go
+  // the vocabulary in blocks of HEAD_BLOCK_BYTES, far less: this counts the larger of the two.
   const head = 4 * Math.min(T, headChunkRows(shape.vocab || 1, shape.bytesPerFloat)) * shape.vocab;
   // Attention takes its queries a chunk at a time, forward and backward (architectures/common.ts):
   // scores, probabilities and their two gradients of one chunk, h·c·T each, where the chunk's rows c

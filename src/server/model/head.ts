@@ -1,14 +1,14 @@
 // The language-model head and its cross-entropy, in chunks. The logits are [N, V]: at 2,048
 // tokens of a 50k vocabulary one copy is 412 MB, and the loss and its backward (log-softmax, its
 // exponential, the gradient) held four or five of them at once. So only one chunk's are alive:
-// - with the data's labels (every fit, gradient and score), an ONNX Loop takes a few hundred rows at
-//   a time and, inside it, a second Loop takes the vocabulary a block of words at a time, keeping a
-//   running maximum, sum of exponentials and gradient (the log-sum-exp computed online, as flash
-//   attention does for its softmax). Each block of the head's weight is read once for all the rows
-//   of a chunk: with whole-vocabulary chunks, a 262k vocabulary left room for only 32 rows, and each
-//   chunk read the whole 671 MB weight twice, so the head ran at the memory's speed, not the GEMM's.
-// - with labels drawn from the model (inverse-CDF sampling needs a row's whole distribution) and
-//   for the gradient of the head's own weight, a Loop takes a few rows at a time with their logits
+// - for every loss and its gradient, an ONNX Loop takes a few hundred rows at a time and, inside
+//   it, a second Loop takes the vocabulary a block of words at a time, keeping a running maximum,
+//   sum of exponentials and gradient (the log-sum-exp computed online, as flash attention does for
+//   its softmax). Each block of the head's weight is read once for all the rows of a chunk: with
+//   whole-vocabulary chunks, a 262k vocabulary left room for only 32 rows, and each chunk read the
+//   whole 671 MB weight twice, so the head ran at the memory's speed, not the GEMM's. Labels drawn
+//   from the model are drawn from the blocks too (sampledVocabularyBlocks).
+// - for the gradient of the head's own weight, a Loop takes a few rows at a time with their logits
 //   over the whole vocabulary.
 // Every row's result is the same computation as on the whole matrix up to the order of summation.
 import { checkRows, chunkBounds, chunkPlan } from './onnx/chunks';
@@ -37,11 +37,11 @@ export function headChunkRows(vocab: number, bytesPerFloat: number, override?: n
 
 /** How the head is cut: see the comment at the top of this file. */
 export interface HeadPlan {
-  /** rows of a chunk in the vocabulary-blocked pass (the data's labels) */
+  /** rows of a chunk in the vocabulary-blocked pass (every loss and its gradient) */
   rows: number;
   /** words of one vocabulary block in that pass */
   vocabBlock: number;
-  /** rows of a chunk whose logits span the whole vocabulary (sampled labels, the head weight's gradient) */
+  /** rows of a chunk whose logits span the whole vocabulary (the head weight's gradient) */
   logitRows: number;
 }
 
@@ -151,8 +151,8 @@ export function crossEntropyHead(
       J: grad ? jOf(lay, stacked[1]) : null,
     })));
   } else {
-    // a row's whole distribution at once: the inverse-CDF draw needs it
-    const lay = layout(plan.logitRows);
+    // the same blocks, drawing each row's label as they go (sampledVocabularyBlocks)
+    const lay = layout(plan.rows);
     const uniformsP = g.noGrad(() => lay.pad1(g.reshape(labels.uniforms, [-1])));
     const scans = [
       { dtype: F, shape: ['c'] },
@@ -161,13 +161,8 @@ export function crossEntropyHead(
     ];
     const stacked = g.loop(lay.k, [], scans, (b, i) => {
       const slice = chunkOf(b, i, lay);
-      const logp = logSoftmax(b, slice(lay.hp));
-      const t = sample(b, logp, slice(uniformsP), V);
-      const col = column(b, t);
-      const picked = b.node('GatherElements', [logp, col], [{ dtype: F, shape: ['c', 1] }], { axis: 1 })[0];
-      const out = [b.node('Neg', [b.reshape(picked, [-1])], [{ dtype: F, shape: ['c'] }])[0], t];
-      if (grad) out.push(inputGradient(b, logp, col, t, W));
-      return { carried: [], scans: out };
+      const r = sampledVocabularyBlocks(b, slice(lay.hp), W, slice(uniformsP), plan.vocabBlock, grad);
+      return { carried: [], scans: r.J ? [r.nll, r.targets, r.J] : [r.nll, r.targets] };
     });
     ({ nll, targets, J } = g.noGrad(() => ({
       nll: rowsOf(lay, stacked[0], F),
@@ -226,9 +221,6 @@ function vocabularyBlocks(
   const B = DataType.BOOL;
   const V = W.shape[0] as number;
   const d = W.shape[1] as number;
-  /** one node with one output, in graph `x` */
-  const op = (x: Graph, type: string, ins: Tensor[], dtype: DataType, shape: Dim[], attrs = {}) =>
-    x.node(type, ins, [{ dtype, shape }], attrs)[0];
   const col = op(b, 'Unsqueeze', [t, b.ints([1])], I, ['c', 1]);
   const lowest = F === DataType.DOUBLE ? -Number.MAX_VALUE : -3.4028234663852886e38;
   // the target's logit starts as NaN: a target in no block (outside [0, V)) gives a NaN loss and
@@ -270,6 +262,179 @@ function vocabularyBlocks(
 }
 
 /**
+ * Sampled labels for one chunk of rows (h [c, d], uniforms u [c]), the vocabulary a block of
+ * `block` words at a time: the same draw as inverse-CDF sampling over the whole distribution (the
+ * count of words whose cumulative probability is below u), in two loops over the blocks.
+ *
+ * The first carries, per row, the running maximum m of the logits and the word a where it is, the
+ * sum s of exp(logit − m) over every word but a, and (with `grad`) the same sum of exp(logit − m)·W,
+ * rescaled as m grows; when a block holds a new maximum, the old one's term (exp(m_old − m_new),
+ * and that times its row of W) joins the sums and the new one's stays out. Each block's sum of
+ * exp(logit − m) and the m it was taken at are kept (scans), which gives every block's share of
+ * the probability at the end: the draw's block is the count of blocks whose cumulative share is
+ * below u, and what is left of u·total after the blocks before it is where the draw falls inside.
+ * The second loop recomputes, in each block, the logits of only the rows whose draw fell in it
+ * (a block's GEMM over c/blocks rows on average) and counts the words below that remainder.
+ *
+ * Why the maximum is left out of the sums: a label that was certain (p close to 1) is almost
+ * always drawn as that word, and then ∂nll/∂h = Σ_{j≠t} p_j W_j − (Σ_{j≠t} p_j) W_t is made of the
+ * other probabilities only, exact in float32, as in softmaxWithoutTarget. A label drawn elsewhere
+ * has p_t ≤ 1/2, and Σ_j p_j W_j − W_t loses nothing.
+ */
+function sampledVocabularyBlocks(
+  b: Graph,
+  h: Tensor,
+  W: Tensor,
+  u: Tensor,
+  block: number,
+  grad: boolean,
+): { nll: Tensor; targets: Tensor; J: Tensor | null } {
+  const F = b.float;
+  const I = DataType.INT64;
+  const B = DataType.BOOL;
+  const V = W.shape[0] as number;
+  const d = W.shape[1] as number;
+  const blocks = Math.ceil(V / block);
+  const lowest = F === DataType.DOUBLE ? -Number.MAX_VALUE : -3.4028234663852886e38;
+  const uCol = op(b, 'Unsqueeze', [u, b.ints([1])], F, ['c', 1]);
+  /** this block's slice of W and its first word (`start`, [1]); the last block is shorter */
+  const blockOf = (x: Graph, j: Tensor) => {
+    const start = op(x, 'Mul', [op(x, 'Unsqueeze', [j, x.ints([0])], I, [1]), x.ints([block])], I, [1]);
+    const end = op(x, 'Add', [start, x.ints([block])], I, [1]);
+    const Wb = op(x, 'Slice', [W, start, end, x.ints([0])], F, ['w', d]);
+    return { start, Wb, width: x.shapeOf(Wb, 0, 1) };
+  };
+  /** the rows of W at `ids` ([c, 1] int64), [c, d] */
+  const rowsOfW = (x: Graph, ids: Tensor) =>
+    op(x, 'Gather', [W, op(x, 'Reshape', [ids, x.ints([-1])], I, ['c'])], F, ['c', d], { axis: 0 });
+  /** how many entries of each row of `cum` are below that row's `limit`, at most `last` */
+  const countBelow = (x: Graph, cum: Tensor, limit: Tensor, last: Tensor) => {
+    const below = op(x, 'Cast', [op(x, 'Less', [cum, limit], B, [...cum.shape])], F, [...cum.shape], { to: F });
+    const count = op(x, 'ReduceSum', [below, x.ints([1])], F, [cum.shape[0], 1], { keepdims: 1 });
+    return op(x, 'Min', [op(x, 'Cast', [count], I, [cum.shape[0], 1], { to: I }), last], I, [cum.shape[0], 1]);
+  };
+
+  const init = [
+    filled(b, uCol, lowest),
+    op(b, 'Cast', [filled(b, uCol, 0)], I, ['c', 1], { to: I }),
+    filled(b, uCol, 0),
+  ];
+  if (grad) init.push(b.zerosLike(h));
+  const perBlock = [
+    { dtype: F, shape: ['c'] },
+    { dtype: F, shape: ['c'] },
+  ];
+  const [m, a, s, sumPW, maxAt, sumAt] = (() => {
+    const out = b.loop(b.ints([blocks]), init, perBlock, (x, j, carried) => {
+      const [mPrev, aPrev, sPrev, sumPrev] = carried;
+      const col1 = (type: string, ins: Tensor[], dtype = F) => op(x, type, ins, dtype, ['c', 1]);
+      const block1 = (type: string, ins: Tensor[], attrs = {}) => op(x, type, ins, F, ['c', 'w'], attrs);
+      const { start, Wb } = blockOf(x, j);
+      const logits = block1('Gemm', [h, Wb], { transB: 1 });
+      const at = op(x, 'ArgMax', [logits], I, ['c', 1], { axis: 1, keepdims: 1 });
+      const top = op(x, 'GatherElements', [logits, at], F, ['c', 1], { axis: 1 });
+      // a new maximum only when strictly greater: a tie stays with the earlier word
+      const isNew = col1('Greater', [top, mPrev], B);
+      const mNew = col1('Where', [isNew, top, mPrev]);
+      const rescale = col1('Exp', [col1('Sub', [mPrev, mNew])]);
+      const e = block1('Exp', [block1('Sub', [logits, mNew])]);
+      // every word but the maximum: its entry (exp(0) = 1) set to 0 where it is in this block
+      const zeroHere = col1('Where', [isNew, x.scalar(0), op(x, 'GatherElements', [e, at], F, ['c', 1], { axis: 1 })]);
+      const others = block1('ScatterElements', [e, at, zeroHere], { axis: 1 });
+      const rest = op(x, 'ReduceSum', [others, x.ints([1])], F, ['c', 1], { keepdims: 1 });
+      // the old maximum's term, exp(m_old − m_new), when it is replaced (0 on the first block)
+      const oldTerm = col1('Where', [isNew, rescale, x.scalar(0)]);
+      const next = [
+        mNew,
+        col1('Where', [isNew, col1('Add', [at, start], I), aPrev], I),
+        col1('Add', [col1('Add', [col1('Mul', [sPrev, rescale]), oldTerm]), rest]),
+      ];
+      if (sumPrev) {
+        const carriedIn = op(
+          x,
+          'Add',
+          [op(x, 'Mul', [sumPrev, rescale], F, ['c', d]), op(x, 'Mul', [rowsOfW(x, aPrev), oldTerm], F, ['c', d])],
+          F,
+          ['c', d],
+        );
+        next.push(op(x, 'Gemm', [others, Wb, carriedIn], F, ['c', d]));
+      }
+      // this block's Σ exp(logit − m_new): `rest` plus the new maximum's own 1
+      const blockSum = col1('Add', [rest, op(x, 'Cast', [isNew], F, ['c', 1], { to: F })]);
+      const flat = (t: Tensor) => op(x, 'Reshape', [t, x.ints([-1])], F, ['c']);
+      return { carried: next, scans: [flat(mNew), flat(blockSum)] };
+    });
+    return grad ? out : [out[0], out[1], out[2], null, out[3], out[4]];
+  })();
+  const col1 = (type: string, ins: Tensor[], dtype = F) => op(b, type, ins, dtype, ['c', 1]);
+  const Z = col1('Add', [s, b.scalar(1)]);
+
+  // every block's share of the row's probability (times Z), cumulated: [c, blocks]
+  const byRow = (t: Tensor) => op(b, 'Transpose', [t], F, ['c', blocks], { perm: [1, 0] });
+  const share = op(
+    b,
+    'Mul',
+    [byRow(sumAt!), op(b, 'Exp', [op(b, 'Sub', [byRow(maxAt!), m], F, ['c', blocks])], F, ['c', blocks])],
+    F,
+    ['c', blocks],
+  );
+  const cum = op(b, 'CumSum', [share, b.scalar(1, I)], F, ['c', blocks]);
+  const total = op(b, 'Slice', [cum, b.ints([blocks - 1]), b.ints([blocks]), b.ints([1])], F, ['c', 1]);
+  const limit = col1('Mul', [uCol, total]);
+  const drawnBlock = countBelow(b, cum, limit, b.ints([blocks - 1]));
+  const before = col1('Sub', [
+    op(b, 'GatherElements', [cum, drawnBlock], F, ['c', 1], { axis: 1 }),
+    op(b, 'GatherElements', [share, drawnBlock], F, ['c', 1], { axis: 1 }),
+  ]);
+  const remainder = col1('Sub', [limit, before]);
+
+  // the word inside the drawn block, and its logit: each block computes only its own rows
+  const drawnFlat = op(b, 'Reshape', [drawnBlock, b.ints([-1])], I, ['c']);
+  const flatZeros = op(b, 'Reshape', [filled(b, uCol, 0), b.ints([-1])], F, ['c']);
+  const [targets, targetLogit] = b.loop(
+    b.ints([blocks]),
+    [op(b, 'Cast', [flatZeros], I, ['c'], { to: I }), flatZeros],
+    [],
+    (x, j, [tPrev, lPrev]) => {
+      const mine = op(x, 'Equal', [drawnFlat, j], B, ['c']);
+      const rows = op(x, 'Reshape', [op(x, 'NonZero', [mine], I, [1, 'r']), x.ints([-1])], I, ['r']);
+      const pick = (t: Tensor, dtype: DataType, shape: Dim[]) => op(x, 'Gather', [t, rows], dtype, shape, { axis: 0 });
+      const { start, Wb, width } = blockOf(x, j);
+      const logits = op(x, 'Gemm', [pick(h, F, ['r', d]), Wb], F, ['r', 'w'], { transB: 1 });
+      const e = op(x, 'Exp', [op(x, 'Sub', [logits, pick(m, F, ['r', 1])], F, ['r', 'w'])], F, ['r', 'w']);
+      const within = op(x, 'CumSum', [e, x.scalar(1, I)], F, ['r', 'w']);
+      const k = countBelow(x, within, pick(remainder, F, ['r', 1]), op(x, 'Sub', [width, x.ints([1])], I, [1]));
+      const word = op(x, 'Reshape', [op(x, 'Add', [k, start], I, ['r', 1]), x.ints([-1])], I, ['r']);
+      const logit = op(
+        x,
+        'Reshape',
+        [op(x, 'GatherElements', [logits, k], F, ['r', 1], { axis: 1 }), x.ints([-1])],
+        F,
+        ['r'],
+      );
+      return {
+        carried: [
+          op(x, 'ScatterElements', [tPrev, rows, word], I, ['c'], { axis: 0 }),
+          op(x, 'ScatterElements', [lPrev, rows, logit], F, ['c'], { axis: 0 }),
+        ],
+        scans: [],
+      };
+    },
+  );
+  const tCol = op(b, 'Unsqueeze', [targets, b.ints([1])], I, ['c', 1]);
+  const tLogit = op(b, 'Unsqueeze', [targetLogit, b.ints([1])], F, ['c', 1]);
+  const nll = op(b, 'Reshape', [col1('Add', [col1('Sub', [m, tLogit]), col1('Log', [Z])]), b.ints([-1])], F, ['c']);
+  if (!sumPW) return { nll, targets, J: null };
+  // drawn at the maximum: (Σ_{j≠a} p_j W_j) − (Σ_{j≠a} p_j) W_a; elsewhere: Σ_j p_j W_j − W_t
+  const cd = (type: string, ins: Tensor[]) => op(b, type, ins, F, ['c', d]);
+  const Wa = rowsOfW(b, a!);
+  const atMax = cd('Div', [cd('Sub', [sumPW, cd('Mul', [Wa, s!])]), Z]);
+  const elsewhere = cd('Sub', [cd('Div', [cd('Add', [sumPW, Wa]), Z]), rowsOfW(b, tCol)]);
+  const J = cd('Where', [col1('Equal', [tCol, a!], B), atMax, elsewhere]);
+  return { nll, targets, J };
+}
+
+/**
  * The softmax of one chunk without the target's entry (`others`, [c, V]) and the sum of those
  * probabilities (`rest`, [c, 1]): ∂nll/∂logits = others − rest·e_target, the target's entry taken
  * as −Σ_{j≠t} p_j instead of p_t − 1. For a memorised token p_t rounds to 1 in float32, and p_t − 1
@@ -293,19 +458,9 @@ function softmaxMinusTarget(b: Graph, logp: Tensor, col: Tensor): Tensor {
   return b.node('ScatterElements', [others, col, minusRest], [{ dtype: b.float, shape: logp.shape }], { axis: 1 })[0];
 }
 
-/**
- * J = ∂nll/∂h of one chunk, [c, d] = (others − rest·e_target)ᵀ W = others·W − rest·W[target]:
- * the target's row of W is gathered ([c, d]) instead of writing −rest into a second [c, V] copy
- * (a ScatterElements over the whole chunk). Both terms are of the gradient's own size (others and
- * rest are the small probabilities), so nothing cancels that the [c, V] form kept.
- */
-function inputGradient(b: Graph, logp: Tensor, col: Tensor, target: Tensor, W: Tensor): Tensor {
-  const F = b.float;
-  const d = W.shape[1] as number;
-  const { others, rest } = softmaxWithoutTarget(b, logp, col);
-  const wt = b.node('Gather', [W, target], [{ dtype: F, shape: ['c', d] }], { axis: 0 })[0];
-  const restWt = b.node('Mul', [wt, rest], [{ dtype: F, shape: ['c', d] }])[0];
-  return b.node('Gemm', [others, W, restWt], [{ dtype: F, shape: ['c', d] }], { beta: { float: -1 } })[0];
+/** One node with one output, in graph `x`. */
+function op(x: Graph, type: string, ins: Tensor[], dtype: DataType, shape: Dim[], attrs = {}): Tensor {
+  return x.node(type, ins, [{ dtype, shape }], attrs)[0];
 }
 
 /** [c, 1] of `value` in the graph's float type, shaped like `col`. */
@@ -314,25 +469,4 @@ function filled(b: Graph, col: Tensor, value: number): Tensor {
   return b.node('ConstantOfShape', [b.shapeOf(col)], [{ dtype: b.float, shape: col.shape }], {
     value: { name: 'value', dataType: b.float, dims: [1], raw: new Uint8Array(v.buffer) },
   })[0];
-}
-
-/**
- * Labels drawn from the model's own predictive distribution by inverse-CDF sampling, with
- * uniforms fed from JS (so the seed lives in one place): the count of vocabulary entries whose
- * cumulative probability is below u.
- */
-function sample(b: Graph, logp: Tensor, u: Tensor, V: number): Tensor {
-  const F = b.float;
-  const probs = b.node('Exp', [logp], [{ dtype: F, shape: logp.shape }])[0];
-  const cdf = b.node('CumSum', [probs, b.scalar(1, DataType.INT64)], [{ dtype: F, shape: logp.shape }])[0];
-  const uCol = b.node('Unsqueeze', [u, b.ints([1])], [{ dtype: F, shape: ['c', 1] }])[0];
-  // counted in the graph's float type, not int64: half the bytes of a [c, V] tensor, and
-  // exact (whole numbers below 2^24 are exact in float32; vocabularies are far smaller)
-  const below = b.cast(b.node('Less', [cdf, uCol], [{ dtype: DataType.BOOL, shape: logp.shape }])[0], F);
-  const count = b.node('ReduceSum', [below, b.ints([1])], [{ dtype: F, shape: ['c'] }], { keepdims: 0 })[0];
-  return b.node(
-    'Min',
-    [b.cast(count, DataType.INT64), b.scalar(V - 1, DataType.INT64)],
-    [{ dtype: DataType.INT64, shape: ['c'] }],
-  )[0];
 }
