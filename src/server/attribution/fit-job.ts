@@ -18,7 +18,7 @@ import { join } from 'node:path';
 import { cleanStaleTemps, replaceDirAtomic, writeFileAtomic } from '../../common/atomic-write';
 import { describeOwner, removeStaleLocks, tryLock, waitLock } from '../../common/owner-lock';
 import { loadDataset } from '../data/dataset';
-import { contextLength, contextName, tokenizationKey, tokenizeExamples } from '../data/tokenize';
+import { contextLength, contextName, describeUntrained, tokenizationKey, tokenizeExamples } from '../data/tokenize';
 import { describeTraining, sameTraining, type TrainingConvention } from '../data/training';
 import { type EighDtype, eighBackend } from '../linalg/eigh';
 import { nativeLapack } from '../linalg/native';
@@ -45,7 +45,7 @@ import { NonFiniteError } from './ekfac/gradient';
 import { LambdaAccumulator } from './ekfac/lambda';
 import type { TokenRows } from './ekfac/lambda-rows';
 import { type Damping, DEFAULT_DAMPING } from './ekfac/precondition';
-import { dataFingerprint, modelFingerprint } from './fingerprint';
+import { dataFingerprint, modelChange, modelFingerprint, modelParts } from './fingerprint';
 import { type FitOptions, fitCovariances, fitEigenbases, fitLambdas, moduleShape } from './fit';
 import { SettingError } from './setup';
 
@@ -95,19 +95,6 @@ export interface FitJobResult {
 
 export class FitJobError extends SettingError {
   override name = 'FitJobError';
-}
-
-/** Why examples have no trained token: too short to have a next token, or cut before it. */
-function describeUntrained(tokens: Array<{ ids: number[]; weights: number[] }>, limit: number): string {
-  const untrained = tokens.filter((t) => !t.weights.some((w) => w > 0));
-  const short = untrained.filter((t) => t.ids.length < 2).length;
-  const cut = untrained.length - short;
-  return [
-    short ? `${short} of a single token, with no next token to predict` : '',
-    cut ? `${cut} whose trained part lies past the cut at ${limit} tokens` : '',
-  ]
-    .filter(Boolean)
-    .join('; ');
 }
 
 /** Another live process is fitting the same partition into the same folder: nothing is wrong with the factors. */
@@ -257,7 +244,7 @@ async function fitJob(o: FitJobOptions, n: number, i: number): Promise<FitJobRes
       const release = await shared('replacing stale cached factors');
       try {
         log(
-          `the cached factors in ${o.out} are for ${have ? describeDifference(have, job, model.tokenizer.training) : 'unreadable files'}: fitting them again`,
+          `the cached factors in ${o.out} are for ${have ? describeDifference(have, job, model) : 'unreadable files'}: fitting them again`,
         );
         // A process killed from here on must leave a folder that reads as an unfinished fit, never
         // the old fit's files without the arguments that name them (read as another tool's
@@ -287,7 +274,7 @@ async function fitJob(o: FitJobOptions, n: number, i: number): Promise<FitJobRes
       return result('up-to-date', `${o.out} already holds factors for this model and data`);
     }
     throw new FitJobError(
-      `${o.out} already holds factors fitted on ${describeDifference(have, job, model.tokenizer.training)}; ` +
+      `${o.out} already holds factors fitted on ${describeDifference(have, job, model)}; ` +
         'write them to another directory, or delete that one to refit',
       'out',
     );
@@ -363,6 +350,7 @@ async function fitJob(o: FitJobOptions, n: number, i: number): Promise<FitJobRes
     training: model.tokenizer.training,
     tokenization: tokenizationKey(model.tokenizer),
     ...(job.eigendecompositionDtype ? { eigendecompositionDtype: job.eigendecompositionDtype } : {}),
+    modelParts: modelParts(model.checkpoint, model.options.cacheDir),
     fitVersion: FIT_VERSION,
   });
   const fingerprint = `${job.modelFingerprint}:${job.dataFingerprint}`;
@@ -587,12 +575,17 @@ function sameModules(have: FactorArguments, selection: ModuleSelection, model: M
   return JSON.stringify([...have.modules].sort()) === JSON.stringify(want);
 }
 
-function describeDifference(have: FactorArguments, job: JobDescription, training: TrainingConvention): string {
+function describeDifference(have: FactorArguments, job: JobDescription, model: Model): string {
+  const training = model.tokenizer.training;
   // first: an earlier fit's fingerprints may be of another recipe, which would read as other data
   if (have.fitVersion !== job.fitVersion)
     return `an earlier version of this program's fit (${fitVersionChange(have.fitVersion)})`;
-  if (have.modelFingerprint !== job.modelFingerprint)
-    return `another model (fingerprint ${have.modelFingerprint ?? 'unknown'}, this one is ${job.modelFingerprint})`;
+  if (have.modelFingerprint !== job.modelFingerprint) {
+    const changed = have.modelParts
+      ? modelChange(have.modelParts, modelParts(model.checkpoint, model.options.cacheDir))
+      : '';
+    return `another model (fingerprint ${have.modelFingerprint ?? 'unknown'}, this one is ${job.modelFingerprint}${changed ? `; since then: ${changed}` : ''})`;
+  }
   if (have.training && !sameTraining(have.training, training))
     return `records tokenized under the training convention ${describeTraining(have.training)} (asked: ${describeTraining(training)})`;
   // the example cap changes which examples are read, so the data's fingerprint too: said first

@@ -11,7 +11,7 @@ import { type EngineOptions, Model, type ModuleSelection } from '../model/engine
 import { FIT_VERSION, fitVersionChange, loadFactors, preconditionerFor, readFitSettings } from './ekfac/factors-io';
 import type { Damping, Preconditioner } from './ekfac/precondition';
 import type { Stage } from './explain';
-import { dataFingerprint, modelFingerprint } from './fingerprint';
+import { dataFingerprint, modelChange, modelFingerprint, modelParts } from './fingerprint';
 import { SettingError } from './setup';
 
 export class StageError extends SettingError {
@@ -135,9 +135,13 @@ export function openStage(
   const fp = factors.args.modelFingerprint;
   if (fp) {
     const mine = modelFingerprint(model.checkpoint, model.options.cacheDir);
+    const changed =
+      fp !== mine && factors.args.modelParts
+        ? modelChange(factors.args.modelParts, modelParts(model.checkpoint, model.options.cacheDir))
+        : '';
     if (fp !== mine)
       throw new StageError(
-        `the factors in ${factorsDir} were fitted on another model (fingerprint ${fp}; ${modelDir} is ${mine}); ` +
+        `the factors in ${factorsDir} were fitted on another model (fingerprint ${fp}; ${modelDir} is ${mine}${changed ? `; since the fit: ${changed}` : ''}); ` +
           'fit factors for this model',
         'factors',
       );

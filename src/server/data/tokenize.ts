@@ -447,6 +447,19 @@ export function tokenizeQuery(
   }
 }
 
+/** Why examples have no trained token: too short to have a next token, or cut before it. */
+export function describeUntrained(tokens: Array<{ ids: number[]; weights: number[] }>, limit: number): string {
+  const untrained = tokens.filter((t) => !t.weights.some((w) => w > 0));
+  const short = untrained.filter((t) => t.ids.length < 2).length;
+  const cut = untrained.length - short;
+  return [
+    short ? `${short} of a single token, with no next token to predict` : '',
+    cut ? `${cut} whose trained part lies past the cut at ${limit} tokens` : '',
+  ]
+    .filter(Boolean)
+    .join('; ');
+}
+
 /** Every example of a dataset, tokenized for the model; `truncated` counts examples cut to fit. */
 export function tokenizeExamples(
   tok: TokenizerHandle,

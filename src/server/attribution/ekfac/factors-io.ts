@@ -17,6 +17,7 @@
 // model that opens it: F32 stays Float32Array for a float32 model, F64 files (all ours before
 // this) are narrowed for it and widened F32 files for an fp64 one. Counts and eigenvalues are
 // always read as fp64.
+
 import { createHash } from 'node:crypto';
 import { copyFileSync, existsSync, mkdirSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
@@ -33,6 +34,7 @@ import {
   readTensorF64,
   writeSafetensors,
 } from '../../model/safetensors';
+import { type ModelParts, readModelParts } from '../fingerprint';
 import { CovarianceAccumulator } from './covariance';
 import type { Eigenbasis } from './eigenbasis';
 import type { ModuleShape } from './gradient';
@@ -134,6 +136,12 @@ export interface FactorArguments {
    * the fit's identity: dataFingerprint already covers it.
    */
   tokenization?: Record<string, unknown> | null;
+  /**
+   * what modelFingerprint is made of (fingerprint.ts ModelParts: config.json, the adapter's
+   * settings, each weight file's digest), so that a refusal can say what changed; null or absent
+   * when unknown. Not part of the fit's identity: modelFingerprint already covers it.
+   */
+  modelParts?: ModelParts | null;
   /**
    * which version of this program's fit wrote them (FIT_VERSION; 1 for our factors written before
    * it was stored, null for another tool's, whose fit is its own)
@@ -553,6 +561,7 @@ function oursArguments(dir: string, ours: Record<string, unknown>, modules: stri
         ? (ours.tokenization as Record<string, unknown>)
         : null,
     ...storedDtype(dir, ours.eigendecompositionDtype, OUR_ARGUMENTS_FILE, 'eigendecompositionDtype'),
+    modelParts: readModelParts(ours.modelParts),
     fitVersion: storedFitVersion(dir, ours.fitVersion),
   };
 }
