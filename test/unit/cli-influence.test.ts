@@ -432,3 +432,28 @@ test("a query file's line that is no query names a query's shapes (a text record
       ) && !e.message.includes('{"text": string}'),
   );
 });
+
+test('explain says which examples have no trained token (they score 0 in gradient methods), on stderr and in --json', () => {
+  // a user audit: "6 training examples scored" with 3 of them at 0 and never mentioned
+  const data = join(home, 'untrained.jsonl');
+  writeFileSync(
+    data,
+    [
+      { text: 'The capital of France is Paris.' },
+      { text: 'a' },
+      { prompt: 'Q: capital of Italy?\nA:', completion: ' Rome' },
+    ]
+      .map((r) => JSON.stringify(r))
+      .join('\n'),
+  );
+  const r = cli(
+    ...['explain', '--model', MODEL, '--data', data, '--method', 'gdp'],
+    ...['--prompt', 'Q: capital of France?\nA:', '--completion', ' Paris', '--json'],
+  );
+  assert.equal(r.code, 0, r.err);
+  const note = `1 example(s) have no trained token (1 of a single token, with no next token to predict): their gradient is zero, so gradient methods score them 0, neither supporting nor opposing (line 2 of ${data})`;
+  assert.ok(r.err.includes(note), r.err);
+  const out = JSON.parse(r.out) as ExplainResult & { warnings?: string[] };
+  assert.ok(out.warnings?.includes(note), JSON.stringify(out.warnings));
+  assert.equal(out.scored, 3);
+});

@@ -26,7 +26,14 @@ import type {
 import type { Dataset } from '../data/dataset';
 import { QueryError } from '../data/errors';
 import { renderForModel } from '../data/format';
-import { contextLength, type TokenizedText, tokenizeExamples, tokenizeQuery, tokenizeRecord } from '../data/tokenize';
+import {
+  contextLength,
+  describeUntrained,
+  type TokenizedText,
+  tokenizeExamples,
+  tokenizeQuery,
+  tokenizeRecord,
+} from '../data/tokenize';
 import { Bm25Index } from '../index/bm25';
 import type { GradientStore } from '../index/gradient-store';
 import type { Floats } from '../linalg/matrix';
@@ -90,6 +97,25 @@ export class Corpus {
   get truncated(): number {
     void this.tokens;
     return this.all!.truncated;
+  }
+
+  /**
+   * What a result over this corpus says about its examples (`tokenize`: tokenize the dataset if not yet done): how many were
+   * cut to the model's context, and which have no trained token, whose gradient is zero (an audit
+   * saw "6 training examples scored" where 3 scored 0 and were never mentioned; fit says so).
+   */
+  notes(tokenize = false): string[] {
+    // the server's large datasets go through a gradient store and are not tokenized for a note
+    if (!this.all && !tokenize) return [];
+    const tokens = this.tokens;
+    const out: string[] = [];
+    if (this.truncated) out.push(`${this.truncated} example(s) were cut to the model's context`);
+    const lines = this.dataset.examples.filter((_, i) => !tokens[i].weights.some((w) => w > 0)).map((e) => e.line);
+    if (lines.length)
+      out.push(
+        `${lines.length} example(s) have no trained token (${describeUntrained(tokens, this.maxLength)}): their gradient is zero, so gradient methods score them 0, neither supporting nor opposing (${lines.length > 1 ? 'lines' : 'line'} ${lines.slice(0, 5).join(', ')}${lines.length > 5 ? ', …' : ''} of ${this.dataset.path})`,
+      );
+    return out;
   }
 
   /** Example i tokenized: from the whole dataset's tokens when they exist, else on its own (the same result). */

@@ -171,11 +171,12 @@ export async function runExplain(argv: string[]): Promise<void> {
         ? otherDataWarning(v.factors, { path: v.data, hashes }, ft.model)
         : undefined;
   if (stale) process.stderr.write(`warning: ${stale}\n`);
-  const cut = corpus.truncated ? `${corpus.truncated} example(s) were cut to the model's context` : undefined;
-  if (cut) process.stderr.write(`${cut}\n`);
+  // examples cut to the context, and those with no trained token (which gradient methods score 0)
+  const notes = corpus.notes(true);
+  for (const n of notes) process.stderr.write(`${n}\n`);
   // the same lines travel with each --json result (ExplainResult.warnings, as the server sends
   // them): a script that reads the JSON alone must see that the factors are of other data
-  const warnings = [ft.warnings, pt?.warnings ?? [], [stale, skipped, cut]].flat().filter((w) => w !== undefined);
+  const warnings = [ft.warnings, pt?.warnings ?? [], [stale, skipped], notes].flat().filter((w) => w !== undefined);
   const withWarnings = <R extends object>(r: R): R => (warnings.length ? { ...r, warnings } : r);
   const plan = cliPlan(v.model, ft.model, checkpointsSetting(v.checkpoints), [method, ...compare]);
   const checkpoints =

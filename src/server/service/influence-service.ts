@@ -809,7 +809,7 @@ export class InfluenceService implements ServiceApi {
           `${p.dataset} changed on disk while it was being explained; explain again to use the new file`,
           'data_changed',
         );
-      const warnings = this.resultWarnings(p.method);
+      const warnings = [...this.resultWarnings(p.method), ...d.corpus.notes()];
       return { ...result, revision, ...(warnings.length ? { warnings } : {}) };
     } catch (e) {
       if (work.signal?.aborted) throw new ServiceError('cancelled', 'cancelled');
@@ -863,7 +863,7 @@ export class InfluenceService implements ServiceApi {
           `${p.dataset} changed on disk while it was being explained; explain again to use the new file`,
           'data_changed',
         );
-      const warnings = this.resultWarnings(p.method);
+      const warnings = [...this.resultWarnings(p.method), ...d.corpus.notes()];
       return { results: results.map((r) => ({ ...r, revision, ...(warnings.length ? { warnings } : {}) })) };
     } catch (e) {
       if (work.signal?.aborted) throw new ServiceError('cancelled', 'cancelled');
