@@ -1,7 +1,10 @@
 // One JSONL line as text → its value and content hash, by the rules every reader shares: the
 // server's dataset reader (server/data/jsonl.ts), the cleaned export, and the editor's hovers,
-// flags and Flagged view (extension/flags/hash.ts). A line the server refuses is never hashable
-// in the editor, so nothing can be flagged that export would keep or the server never scored.
+// flags and Flagged view (extension/flags/hash.ts). A line the server cannot read as JSON is never
+// hashable in the editor, so no flag can name a line that is not one value. A value the server
+// refuses as a record (an empty completion, an unknown shape) has a hash all the same: it can be
+// flagged although the server never scored it, and export leaves a flagged one out and keeps an
+// unflagged one byte for byte, as it keeps every line it does not drop.
 //   - blank: only whitespace (String.prototype.trim's);
 //   - otherwise exactly one JSON value, as JSON.parse reads it: no stray BOM, no non-JSON
 //     whitespace around it (a line with a trailing NBSP is malformed, not trimmed);

@@ -1,7 +1,8 @@
 // A training example's content hash, exactly as the server computes it: the same code
 // (`src/common/json-line.ts`: the line read by the server's rules, then sha256 of the record's
 // canonical JSON, keys sorted recursively, no whitespace, first 16 hex digits), so the two can
-// never drift apart, and a line the server refuses has no hash here. Lines move; hashes don't.
+// never drift apart, and a line the server cannot read as JSON has no hash here (one it refuses
+// as a record does: see json-line.ts). Lines move; hashes don't.
 import { canonicalJson, contentHash } from '../../common/ids';
 import { lineHash } from '../../common/json-line';
 
