@@ -232,10 +232,7 @@ function vocabularyBlocks(
     const col1 = (type: string, ins: Tensor[], dtype = F) => op(x, type, ins, dtype, ['c', 1]);
     const block1 = (type: string, ins: Tensor[], attrs = {}) => op(x, type, ins, F, ['c', 'w'], attrs);
     // this block's words [start, start + block); the last block is shorter (Slice stops at V)
-    const start = op(x, 'Mul', [op(x, 'Unsqueeze', [j, x.ints([0])], I, [1]), x.ints([block])], I, [1]);
-    const end = op(x, 'Add', [start, x.ints([block])], I, [1]);
-    const Wb = op(x, 'Slice', [W, start, end, x.ints([0])], F, ['w', d]);
-    const width = x.shapeOf(Wb, 0, 1);
+    const { start, Wb, width } = vocabularyBlock(x, W, j, block);
     const logits = block1('Gemm', [h, Wb], { transB: 1 });
     const mNew = col1('Max', [mPrev, op(x, 'ReduceMax', [logits, x.ints([1])], F, ['c', 1], { keepdims: 1 })]);
     const rescale = col1('Exp', [col1('Sub', [mPrev, mNew])]);
@@ -297,13 +294,6 @@ function sampledVocabularyBlocks(
   const blocks = Math.ceil(V / block);
   const lowest = F === DataType.DOUBLE ? -Number.MAX_VALUE : -3.4028234663852886e38;
   const uCol = op(b, 'Unsqueeze', [u, b.ints([1])], F, ['c', 1]);
-  /** this block's slice of W and its first word (`start`, [1]); the last block is shorter */
-  const blockOf = (x: Graph, j: Tensor) => {
-    const start = op(x, 'Mul', [op(x, 'Unsqueeze', [j, x.ints([0])], I, [1]), x.ints([block])], I, [1]);
-    const end = op(x, 'Add', [start, x.ints([block])], I, [1]);
-    const Wb = op(x, 'Slice', [W, start, end, x.ints([0])], F, ['w', d]);
-    return { start, Wb, width: x.shapeOf(Wb, 0, 1) };
-  };
   /** the rows of W at `ids` ([c, 1] int64), [c, d] */
   const rowsOfW = (x: Graph, ids: Tensor) =>
     op(x, 'Gather', [W, op(x, 'Reshape', [ids, x.ints([-1])], I, ['c'])], F, ['c', d], { axis: 0 });
@@ -329,7 +319,7 @@ function sampledVocabularyBlocks(
       const [mPrev, aPrev, sPrev, sumPrev] = carried;
       const col1 = (type: string, ins: Tensor[], dtype = F) => op(x, type, ins, dtype, ['c', 1]);
       const block1 = (type: string, ins: Tensor[], attrs = {}) => op(x, type, ins, F, ['c', 'w'], attrs);
-      const { start, Wb } = blockOf(x, j);
+      const { start, Wb } = vocabularyBlock(x, W, j, block);
       const logits = block1('Gemm', [h, Wb], { transB: 1 });
       const at = op(x, 'ArgMax', [logits], I, ['c', 1], { axis: 1, keepdims: 1 });
       const top = op(x, 'GatherElements', [logits, at], F, ['c', 1], { axis: 1 });
@@ -399,7 +389,7 @@ function sampledVocabularyBlocks(
       const mine = op(x, 'Equal', [drawnFlat, j], B, ['c']);
       const rows = op(x, 'Reshape', [op(x, 'NonZero', [mine], I, [1, 'r']), x.ints([-1])], I, ['r']);
       const pick = (t: Tensor, dtype: DataType, shape: Dim[]) => op(x, 'Gather', [t, rows], dtype, shape, { axis: 0 });
-      const { start, Wb, width } = blockOf(x, j);
+      const { start, Wb, width } = vocabularyBlock(x, W, j, block);
       const logits = op(x, 'Gemm', [pick(h, F, ['r', d]), Wb], F, ['r', 'w'], { transB: 1 });
       const e = op(x, 'Exp', [op(x, 'Sub', [logits, pick(m, F, ['r', 1])], F, ['r', 'w'])], F, ['r', 'w']);
       const within = op(x, 'CumSum', [e, x.scalar(1, I)], F, ['r', 'w']);
@@ -456,6 +446,15 @@ function softmaxMinusTarget(b: Graph, logp: Tensor, col: Tensor): Tensor {
   const { others, rest } = softmaxWithoutTarget(b, logp, col);
   const minusRest = b.node('Neg', [rest], [{ dtype: b.float, shape: ['c', 1] }])[0];
   return b.node('ScatterElements', [others, col, minusRest], [{ dtype: b.float, shape: logp.shape }], { axis: 1 })[0];
+}
+
+/** Block `j` of the vocabulary: its slice of W ([w, d]), first word (`start`, [1]) and width; the last block is shorter (Slice stops at V). */
+function vocabularyBlock(x: Graph, W: Tensor, j: Tensor, block: number): { start: Tensor; Wb: Tensor; width: Tensor } {
+  const I = DataType.INT64;
+  const start = op(x, 'Mul', [op(x, 'Unsqueeze', [j, x.ints([0])], I, [1]), x.ints([block])], I, [1]);
+  const end = op(x, 'Add', [start, x.ints([block])], I, [1]);
+  const Wb = op(x, 'Slice', [W, start, end, x.ints([0])], x.float, ['w', W.shape[1] as number]);
+  return { start, Wb, width: x.shapeOf(Wb, 0, 1) };
 }
 
 /** One node with one output, in graph `x`. */
