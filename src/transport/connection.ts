@@ -34,6 +34,8 @@ export class ConnectionGoneError extends Error {
 export class ServerConnection {
   readonly rpc: MessageConnection;
   initialized = false;
+  /** an `initialize` whose answer is being prepared: requests sent right behind it wait for it */
+  initializing: Promise<void> | null = null;
   /** ids of requests received and not answered yet */
   readonly inFlight = new Set<number | string>();
   /** abort controllers of running handlers */

@@ -89,6 +89,9 @@ export class Dispatcher {
     cancel: CancellationToken,
   ): Promise<unknown> {
     if (method === Initialize.method) return this.initialize(conn, rawParams);
+    // a request sent right behind "initialize", without waiting for its answer (JSON-RPC lets a
+    // client pipeline): wait for the handshake instead of refusing it as sent before it
+    if (!conn.initialized && conn.initializing) await conn.initializing;
     if (!conn.initialized)
       throw new RpcError(
         RpcErrorCode.ServerNotInitialized,
@@ -199,7 +202,7 @@ export class Dispatcher {
   }
 
   private async initialize(conn: ServerConnection, raw: unknown): Promise<InitializeResult> {
-    if (conn.initialized)
+    if (conn.initialized || conn.initializing)
       throw new RpcError(RpcErrorCode.InvalidRequest, 'initialize was already sent on this connection');
     const p = raw as { protocolVersion?: unknown } | undefined;
     if (typeof p !== 'object' || p === null || Array.isArray(p) || p.protocolVersion === undefined)
@@ -220,8 +223,19 @@ export class Dispatcher {
           `update the ${v < PROTOCOL_VERSION ? 'extension (client)' : 'server'} so both match`,
         { server: PROTOCOL_VERSION, client: v },
       );
-    const info = this.o.info ? await this.o.info() : EMPTY_INFO;
-    conn.initialized = true;
+    const pending = Promise.resolve(this.o.info ? this.o.info() : EMPTY_INFO);
+    conn.initializing = pending.then(
+      () => undefined,
+      () => undefined,
+    );
+    let info: Awaited<typeof pending>;
+    try {
+      info = await pending;
+      conn.initialized = true;
+    } finally {
+      // failed: the client may send "initialize" again
+      conn.initializing = null;
+    }
     const capabilities: Capabilities = {
       methods: [Status.method, ...Object.keys(this.o.methods)],
       workDoneProgress: true,

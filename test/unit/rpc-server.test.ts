@@ -224,6 +224,69 @@ describe('rpc server: handshake', () => {
   });
 });
 
+describe('rpc server: pipelined handshake', () => {
+  test('requests sent right behind initialize, before its answer, wait for it instead of being refused', async () => {
+    // a fault audit: a client that pipelines got ServerNotInitialized for ~30 of 40 such requests,
+    // since the connection was marked initialized only after the service info was ready
+    let release!: () => void;
+    const gate = new Promise<void>((r) => (release = r));
+    const { server } = await start({
+      info: async () => {
+        await gate;
+        return INFO;
+      },
+    });
+    try {
+      const { ws, next, send } = await raw(server);
+      send({ jsonrpc: '2.0', id: 1, method: 'initialize', params: { protocolVersion: PROTOCOL_VERSION } });
+      send({ jsonrpc: '2.0', id: 2, method: 'echo', params: { a: 1 } });
+      send({ jsonrpc: '2.0', id: 3, method: 'initialize', params: { protocolVersion: PROTOCOL_VERSION } });
+      await new Promise((r) => setTimeout(r, 50));
+      release();
+      const got = new Map<unknown, Record<string, unknown>>();
+      for (let i = 0; i < 3; i++) {
+        const m = await next();
+        got.set(m.id, m);
+      }
+      assert.equal((got.get(1)!.result as { protocolVersion: number }).protocolVersion, PROTOCOL_VERSION);
+      assert.deepEqual(got.get(2)!.result, { a: 1 }, JSON.stringify(got.get(2)));
+      // a second initialize while the first is pending is the same mistake as after it
+      assert.match(JSON.stringify(got.get(3)!.error), /initialize was already sent/);
+      ws.close();
+    } finally {
+      await server.close();
+    }
+  });
+
+  test('a handshake whose service info fails leaves the connection uninitialized, and initialize can be sent again', async () => {
+    let fail = true;
+    const { server } = await start({
+      info: async () => {
+        if (fail) throw new Error('service not ready');
+        return INFO;
+      },
+    });
+    try {
+      const { ws, next, send } = await raw(server);
+      send({ jsonrpc: '2.0', id: 1, method: 'initialize', params: { protocolVersion: PROTOCOL_VERSION } });
+      send({ jsonrpc: '2.0', id: 2, method: 'echo', params: { a: 1 } });
+      const got = new Map<unknown, Record<string, unknown>>();
+      for (let i = 0; i < 2; i++) {
+        const m = await next();
+        got.set(m.id, m);
+      }
+      assert.ok(got.get(1)!.error, JSON.stringify(got.get(1)));
+      assert.equal((got.get(2)!.error as { code: number }).code, RpcErrorCode.ServerNotInitialized);
+      fail = false;
+      send({ jsonrpc: '2.0', id: 3, method: 'initialize', params: { protocolVersion: PROTOCOL_VERSION } });
+      assert.ok((await next()).result);
+      ws.close();
+    } finally {
+      await server.close();
+    }
+  });
+});
+
 describe('rpc server: errors keep the server serving', () => {
   test('unknown method, wrong params, failing handlers', async () => {
     const { server } = await start();
