@@ -327,6 +327,8 @@ function typeOf(v: unknown): string {
 }
 
 function show(v: unknown): string {
+  // JSON.parse reads 1e400 as Infinity, which JSON.stringify writes as null
+  if (typeof v === 'number' && !Number.isFinite(v)) return String(v);
   let s: string | undefined;
   try {
     s = JSON.stringify(v);

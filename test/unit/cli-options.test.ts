@@ -362,6 +362,9 @@ describe('numbers the engine would read as other numbers', () => {
     assert.deepEqual(validateSchema({ prompt: 'x', seed: 4294967295 }, schema), []);
     for (const seed of [4294967296, -1])
       assert.ok(validateSchema({ prompt: 'x', seed }, schema).length, `seed ${seed} was accepted`);
+    // 1e400 in a request reads as Infinity: the refusal names it so, not as JSON's null
+    const issues = validateSchema(JSON.parse('{"prompt": "x", "seed": 1e400}'), schema);
+    assert.ok(issues.length && issues.every((i) => /Infinity/.test(JSON.stringify(i))), JSON.stringify(issues));
   });
 });
 
