@@ -684,7 +684,8 @@ export class InfluenceService implements ServiceApi {
     const c = this.config[which];
     const dir = c?.factors;
     const broken = dir && this.brokenFactors.get(dir);
-    if (!broken) return 'no EK-FAC factors for the model yet: run "fit"';
+    // no folder, or one without a single factor file (empty, or a fit just starting to write it)
+    if (!broken || /holds no factors yet/.test(broken)) return 'no EK-FAC factors for the model yet: run "fit"';
     // a fit killed midway: "fit" resumes it in place
     if (/unfinished influence-lens fit/.test(broken)) return `the EK-FAC factors are not finished (${broken})`;
     // our own cache is fitted again by "fit"; a folder the user named is never replaced by it

@@ -372,6 +372,15 @@ export function loadFactors(dir: string, options: LoadOptions = {}): Factors {
     lambda: has(LAMBDA_FILES),
   };
   if (!stages.covariance && !stages.eigen && !stages.lambda) {
+    // not one factor file nor arguments file: an empty folder, or a fit just starting there (it
+    // makes the folder before its partials/job.json), not factors that "cannot be used"
+    const any = [...COVARIANCE_FILES, ...EIGEN_FILES, ...LAMBDA_FILES].some((f) =>
+      existsSync(join(dir, `${f}.safetensors`)),
+    );
+    if (!any && !ours && !existsSync(join(dir, FACTOR_ARGUMENTS_FILE)))
+      throw new FactorsError(
+        `${dir} holds no factors yet (no factor file, no ${OUR_ARGUMENTS_FILE}): fit them there (influence-lens fit --out ${dir}); a fit that is just starting there looks the same for a moment`,
+      );
     throw new FactorsError(`${dir} holds no complete set of factor files (expected e.g. ${LAMBDA_MATRIX}.safetensors)`);
   }
   // counts and eigenvalues are small and read exactly; the d×d tensors in the model's precision
