@@ -3,13 +3,14 @@
 // the model's, batching changes nothing, sampling is seeded, and the stop rules hold. The
 // shipped default model answers its planted question with the planted wrong fact.
 import assert from 'node:assert/strict';
-import { cpSync, mkdtempSync } from 'node:fs';
+import { cpSync, mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { test } from 'node:test';
 import { EngineError, Model, makeBatch } from '../../src/server/model/engine';
 import { generate } from '../../src/server/model/generate';
 import { readSafetensorsHeader, readTensorF64, writeSafetensors } from '../../src/server/model/safetensors';
+import { InfluenceService, ServiceError } from '../../src/server/service/influence-service';
 import { useTempHome } from './helpers/env';
 
 useTempHome();
@@ -125,4 +126,32 @@ test('a checkpoint with a NaN weight is refused by name, greedy or sampled, neve
         /next-token logit of word \d+ after "Hello world" \(NaN\) is not a finite number/.test(e.message) &&
         e.message.includes(`"${damaged}" holds NaN (first at element 7)`),
     );
+});
+
+test("the server's generate on a damaged checkpoint answers a service error naming the weight, not an internal error", async () => {
+  const dir = join(mkdtempSync(join(tmpdir(), 'il-nan-serve-')), 'm');
+  cpSync(FIXTURE, dir, { recursive: true });
+  const f = join(dir, 'model.safetensors');
+  const h = readSafetensorsHeader(f);
+  const tensors: Record<string, { dtype: 'F32'; shape: number[]; data: Float32Array }> = {};
+  for (const [name, t] of h.tensors) {
+    const x = Float32Array.from(readTensorF64(h, name));
+    if (name === 'model.layers.1.mlp.down_proj.weight') x[3] = Number.NaN;
+    tensors[name] = { dtype: 'F32', shape: t.shape, data: x };
+  }
+  writeSafetensors(f, tensors, h.metadata);
+  const data = join(dirname(dir), 'train.jsonl');
+  writeFileSync(data, `${JSON.stringify({ text: 'Paris is the capital of France.' })}\n`);
+  const service = new InfluenceService({
+    finetuned: { model: dir },
+    datasets: { train: data },
+    cacheDir: join(dirname(dir), 'cache'),
+  });
+  service.open();
+  await assert.rejects(
+    service.generate({ prompt: 'Hello world' }),
+    (e: Error) =>
+      e instanceof ServiceError &&
+      e.message.includes('"model.layers.1.mlp.down_proj.weight" holds NaN (first at element 3)'),
+  );
 });

@@ -1180,7 +1180,10 @@ export class InfluenceService implements ServiceApi {
         temperature,
         seed: p.seed ?? LIMITS.generate.seedDefault,
       }).catch((e) => {
-        throw e instanceof GenerateError ? new ServiceError(`prompt: ${e.message}`) : e;
+        if (e instanceof GenerateError) throw new ServiceError(`prompt: ${e.message}`);
+        // a non-finite logit (generate.ts): the model's fault, said as such, not an internal error
+        if (e instanceof EngineError && /is not a finite number/.test(e.message)) throw new ServiceError(e.message);
+        throw e;
       }),
     );
     // as the CLI's note: greedy decoding draws nothing, so every seed gives this completion
