@@ -30,6 +30,7 @@ export async function benchProfile(argv: string[]): Promise<void> {
     repeats: { type: 'string' },
     threads: { type: 'string' },
     'ort-profile': { type: 'string' },
+    labels: { type: 'string' },
   });
   const shape = v.shape ?? 'pythia-70m';
   const phases = v.phase ? v.phase.split(',') : [...PHASES];
@@ -55,7 +56,16 @@ export async function benchProfile(argv: string[]): Promise<void> {
     const q = ids.slice((nTrain + i) * length, (nTrain + i) * length + qLen);
     return { ids: q, weights: q.map((_, t) => (t + 1 >= qLen / 2 && t < q.length - 1 ? 1 : 0)) };
   });
-  const opts = { modules: 'all' as const, labels: 'empirical' as const, seed: 0, batchSize: 8 };
+  // --labels sampled: fit's default labels (drawn from the model), for the covariance pass's head
+  const labels: 'empirical' | 'sampled' =
+    v.labels === undefined || v.labels === 'empirical'
+      ? 'empirical'
+      : v.labels === 'sampled'
+        ? 'sampled'
+        : (() => {
+            throw new CliError('--labels must be empirical or sampled');
+          })();
+  const opts = { modules: 'all' as const, labels, seed: 0, batchSize: 8 };
 
   const times = new Map<string, number>();
   const timed = <T extends object>(proto: T, method: keyof T & string, label: string) => {

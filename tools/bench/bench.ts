@@ -35,7 +35,7 @@ export async function runBench(argv: string[]): Promise<void> {
   if (suite === 'profile') return benchProfile(rest);
   if (suite === 'blas') return benchBlas(rest);
   throw new CliError(
-    `usage: npm run bench -- [--quick] (all suites, one report) | npm run bench -- engine|ekfac|server|eval|store [--quick] | npm run bench -- corpus [--examples N] | npm run bench -- profile [--phase cov,eigen,lambda,lambda-rows,qgrad,score,score-back] [--ort-profile <prefix>] | npm run bench -- blas [--layers N] (unknown suite "${suite}")`,
+    `usage: npm run bench -- [--quick] (all suites, one report) | npm run bench -- engine|ekfac|server|eval|store [--quick] | npm run bench -- corpus [--examples N] | npm run bench -- profile [--labels empirical|sampled] [--phase cov,eigen,lambda,lambda-rows,qgrad,score,score-back] [--ort-profile <prefix>] | npm run bench -- blas [--layers N] (unknown suite "${suite}")`,
   );
 }
 
