@@ -356,7 +356,7 @@ export function cleanStaleTemps(
   root: string,
   depth = 3,
   prefix = '',
-  options: { fullFormOnly?: boolean } = {},
+  options: { fullFormOnly?: boolean; keep?: ReadonlyArray<string> } = {},
 ): string[] {
   const removed: string[] = [];
   const walk = (dir: string, level: number) => {
@@ -379,6 +379,7 @@ export function cleanStaleTemps(
       const t = tempName(name);
       // in a person's folder only our current names: a `notes.tmp-20261205` is theirs
       if (t && options.fullFormOnly && !FULL_TEMP_NAME.test(name)) continue;
+      if (options.keep?.some((k) => realOrResolved(k) === realOrResolved(p))) continue; // a caller still reads from it
       if (t?.gone) {
         // a folder's previous version set aside by a writer killed before it renamed the new one
         // into place: put it back rather than lose the folder
@@ -405,10 +406,11 @@ export function cleanStaleTemps(
  * `writeAtomicWith` with `userFile` and the folder writers put them). Only this version's full
  * temporary names: these are a person's folders, where a `corpus.tmp-20240101` is their own copy
  * (the older `.tmp-<pid>` form matched it, and a pid that no process had was taken for a dead writer).
+ * `keep`: paths of temporaries left in place (a killed train's staging folder a new run resumes from).
  */
-export function cleanStaleTempsOf(path: string): string[] {
+export function cleanStaleTempsOf(path: string, keep: ReadonlyArray<string> = []): string[] {
   return [...new Set([physicalPath(path), resolveLinks(path)])].flatMap((p) =>
-    cleanStaleTemps(dirname(p), 1, `${basename(p)}.`, { fullFormOnly: true }),
+    cleanStaleTemps(dirname(p), 1, `${basename(p)}.`, { fullFormOnly: true, keep }),
   );
 }
 

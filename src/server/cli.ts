@@ -21,7 +21,7 @@ import { HelpRequested, withFlagHint } from './cli/util';
 import { eighParallelCap } from './linalg/eigh';
 import { lapackAllowed } from './linalg/native';
 import { arenaPolicy } from './model/onnx/session';
-import { isUserError } from './user-errors';
+import { diskFull, isUserError } from './user-errors';
 import { mallocMode } from './util/malloc';
 
 const COMMANDS: Record<string, { run: (argv: string[]) => Promise<void>; help: string }> = {
@@ -101,7 +101,7 @@ const COMMANDS: Record<string, { run: (argv: string[]) => Promise<void>; help: s
     help:
       'train --data <train.jsonl> --out <dir> (--init llama --tokenizer <dir> [--d --layers --heads --ffn]\n' +
       '    | --model <dir>) [--epochs --lr --batch-size --seed --warmup --clip --weight-decay --context --threads\n' +
-      '    --exclude <sidecar.jsonl> --save-steps N]   AdamW',
+      '    --exclude <sidecar.jsonl> --save-steps N]   AdamW (β₂ 0.95, warmup then cosine to 0.1 × lr; README: train)',
   },
   retrain: {
     run: runRetrain,
@@ -162,6 +162,11 @@ async function main(argv: string[]): Promise<number> {
     // user-facing errors (bad input a person can fix) print one clear line; anything else is a
     // bug and keeps its stack
     const err = e as Error;
+    const full = diskFull(err, rest);
+    if (full) {
+      process.stderr.write(`influence-lens ${cmd}: ${full}\n`);
+      return 1;
+    }
     process.stderr.write(
       `influence-lens ${cmd}: ${isUserError(err) ? withFlagHint(err) : (err?.stack ?? String(err))}\n`,
     );

@@ -74,3 +74,18 @@ export const INTERNAL_ERRORS: Readonly<Record<string, string>> = {
 export function isUserError(e: unknown): boolean {
   return USER_ERRORS.some((C) => e instanceof C);
 }
+
+/**
+ * A full disk or quota is the machine's state, not a bug: one line saying where (the failing
+ * call's path, else the command's --out), instead of a stack. The writers replace their outputs
+ * whole, so what was there before is still there.
+ */
+export function diskFull(err: Error, argv: string[]): string | undefined {
+  const e = err as NodeJS.ErrnoException;
+  if (e?.code !== 'ENOSPC' && e?.code !== 'EDQUOT') return undefined;
+  const i = argv.findIndex((a) => a === '--out' || a.startsWith('--out='));
+  const out = i < 0 ? undefined : argv[i].startsWith('--out=') ? argv[i].slice(6) : argv[i + 1];
+  const where = e.path ? ` writing ${e.path}` : out ? ` writing --out ${out}` : '';
+  const what = e.code === 'ENOSPC' ? 'no space left on the disk' : 'the disk quota is used up';
+  return `${what}${where} (${e.code}): free some space there or choose another --out, then run it again (nothing there before was replaced)`;
+}

@@ -579,6 +579,13 @@ describe('fit + explain (tiny fp64 Llama)', () => {
       runFitJob({ ...common, out: out2, labels: 'sampled', partition: { index: 1, count: 2 } }),
       /unfinished fit with other settings \(labels/,
     );
+    // other data (or the same data tokenized another way) is named as such, not as a bare fingerprint key
+    const other = join(dir, 'other-data.jsonl');
+    writeFileSync(other, `${readFileSync(data, 'utf8')}{"text": "one more line"}\n`);
+    await assert.rejects(
+      runFitJob({ ...common, out: out2, dataPath: other, partition: { index: 1, count: 2 } }),
+      /unfinished fit with other settings \(the data or how it is tokenized \(--training, the tokenizer\): fingerprint \S+ → \S+\)/,
+    );
   });
 
   test('bad factors are refused with a clear message', async () => {

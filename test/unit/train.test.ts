@@ -154,6 +154,61 @@ describe('train', () => {
     );
   });
 
+  test('--out, what a fault audit found: one writer at a time, never inside a model, checkpoint folders checked, a killed run resumable', async () => {
+    const run = (out: string, extra: Record<string, unknown> = {}) =>
+      trainJob({ ...base, epochs: 1, data: join(data, 'finetune.jsonl'), out, init: TINY, ...extra });
+    // two runs into one folder at once: the second is refused (both used to say 'wrote', one model lost)
+    const both = join(home, 'both');
+    const first = run(both);
+    await assert.rejects(run(both, { seed: 9 }), /another influence-lens run, .*is writing .*both; wait for it/);
+    await first;
+    assert.equal(JSON.parse(readFileSync(join(both, 'training_args.json'), 'utf8')).seed, base.seed);
+    assert.ok(!existsSync(`${both}.lock`), 'the lock goes with the run');
+    // a folder inside a trained model reads as its training checkpoint: refused
+    await assert.rejects(
+      run(join(both, 'checkpoint-5')),
+      /is inside the model folder .*both: a folder there reads as one of that model's training checkpoints/,
+    );
+    assert.ok(!existsSync(join(both, 'checkpoint-5')));
+    // a checkpoint-<step> folder holding anything else than a checkpoint's files is not replaced
+    const ck = join(both, 'checkpoint-7');
+    mkdirSync(ck);
+    writeFileSync(join(ck, 'notes.txt'), 'mine');
+    await assert.rejects(
+      run(both),
+      /its checkpoint-7 is not a checkpoint written by influence-lens train \(it holds notes\.txt\)/,
+    );
+    assert.equal(readFileSync(join(ck, 'notes.txt'), 'utf8'), 'mine');
+    // resuming from a checkpoint a killed run left in its staging folder: that folder is kept
+    const res = join(home, 'res');
+    const stale = join(home, 'res.tmp-999999999-1x1');
+    mkdirSync(stale);
+    await run(join(stale, 'checkpoint-1'));
+    const notes: string[] = [];
+    await run(res, { init: undefined, model: join(stale, 'checkpoint-1'), log: (l: string) => notes.push(l) });
+    assert.ok(existsSync(join(stale, 'checkpoint-1', 'model.safetensors')), 'the checkpoint trained from is kept');
+    assert.ok(existsSync(join(res, 'model.safetensors')));
+    assert.ok(
+      notes.some((l) =>
+        /is inside .*res\.tmp-999999999-1x1, what an interrupted train of .*res left; it is kept/.test(l),
+      ),
+      notes.join('\n'),
+    );
+    // retrain's --out is never replaced, checked under the lock
+    await assert.rejects(run(res, { newOut: true }), /res already holds a model; choose another --out/);
+  });
+
+  test('retrain reads a model a killed train set aside (between its two renames) from where it was put back', async () => {
+    const { readTrainingArgs } = await import('../../src/server/cli/retrain');
+    const m = join(home, 'aside');
+    await trainJob({ ...base, epochs: 1, data: join(data, 'finetune.jsonl'), out: m, init: TINY });
+    const { renameSync } = await import('node:fs');
+    renameSync(m, `${m}.old-999999999-1x1`);
+    assert.equal(readTrainingArgs(m).seed, base.seed);
+    assert.ok(existsSync(join(m, 'model.safetensors')));
+    assert.ok(!existsSync(`${m}.old-999999999-1x1`));
+  });
+
   test('CLI: continue from a checkpoint without the flagged examples', () => {
     const ds = loadDataset(join(data, 'finetune.jsonl'));
     const flagged = ds.examples.slice(0, 3);

@@ -609,7 +609,10 @@ function diffKeys(a: JobDescription, b: JobDescription): string {
     .map((k) =>
       k === 'eigendecompositionDtype'
         ? `--eigendecomposition-dtype ${a[k] ?? 'float64'} → ${b[k] ?? 'float64'}`
-        : `${k}: ${JSON.stringify(a[k])} → ${JSON.stringify(b[k])}`,
+        : k === 'dataFingerprint'
+          ? // the examples' hashes and how they are tokenized (--training, the tokenizer, the context)
+            `the data or how it is tokenized (--training, the tokenizer): fingerprint ${a[k]} → ${b[k]}`
+          : `${k}: ${JSON.stringify(a[k])} → ${JSON.stringify(b[k])}`,
     )
     .join(', ');
 }

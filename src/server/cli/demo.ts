@@ -209,6 +209,8 @@ export async function runDemo(argv: string[]): Promise<void> {
       // these flags themselves, not the sidecar: a demo of another query running beside this one
       // rewrites it, and this model would be trained without that run's flags under this run's key
       excludeHashes: excluded,
+      // a demo of the same query beside this one trains the same model into the same folder
+      waitForOut: true,
       onStep: (s) => {
         bar ??= new Progress('   fine-tuning'.padEnd(34), s.total);
         bar.tick(s.step, `loss ${s.loss.toFixed(3)}`);

@@ -8,6 +8,7 @@
 import { createHash } from 'node:crypto';
 import { existsSync, readFileSync } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
+import { restoreReplacedPath } from '../../common/atomic-write';
 import { readFileNoWait } from '../../common/read-file';
 import { legacyModelFingerprint, modelFingerprint } from '../attribution/fingerprint';
 import { loadDataset } from '../data/dataset';
@@ -110,6 +111,7 @@ export async function runRetrain(argv: string[]): Promise<void> {
   const r = await trainJob({
     data,
     out: v.out,
+    newOut: true,
     ...from,
     ...recordedTraining(args),
     // the hashes themselves, not a temporary sidecar (a retrain killed midway left one in /tmp)
@@ -162,6 +164,9 @@ export function recordedTraining(args: TrainingArgs) {
 }
 
 export function readTrainingArgs(modelDir: string): TrainingArgs {
+  // a train of this folder killed between its two renames set the model aside: put it back, as
+  // every command that opens a model does
+  restoreReplacedPath(modelDir);
   const file = join(modelDir, 'training_args.json');
   if (!existsSync(file))
     throw new CliError(

@@ -5,9 +5,10 @@
 // tokens only, text records on every token, exactly the loss the influence commands use.
 // --exclude drops the examples a flags sidecar (`<dataset>.exclude.jsonl`, one {"hash", ...}
 // per line) names, by content hash: the counterfactual "train again without them".
-import { rmSync } from 'node:fs';
-import { basename, join, resolve } from 'node:path';
-import { cleanStaleTempsOf, commitDir, stageDir, tempPathFor } from '../../common/atomic-write';
+import { existsSync, mkdirSync, readdirSync, rmSync, statSync } from 'node:fs';
+import { basename, dirname, join, resolve } from 'node:path';
+import { cleanStaleTempsOf, commitDir, resolveLinks, stageDir, tempPathFor } from '../../common/atomic-write';
+import { describeOwner, tryLock, waitLock } from '../../common/owner-lock';
 import { realOrResolved } from '../../common/real-path';
 import { modelFingerprint } from '../attribution/fingerprint';
 import { loadDataset } from '../data/dataset';
@@ -25,7 +26,7 @@ import {
   train,
   writeCheckpoint,
 } from '../train/trainer';
-import { checkOutFolder, within } from './out-paths';
+import { checkOutFolder, DESKTOP_FILES, within } from './out-paths';
 import { CliError, int, Progress, parse, seedFlag, threadsFlag } from './util';
 
 export interface TrainJobOptions {
@@ -55,6 +56,10 @@ export interface TrainJobOptions {
   exclude?: string;
   /** the hashes to leave out, given directly (the demo's flags: a sidecar another run may rewrite meanwhile) */
   excludeHashes?: Iterable<string>;
+  /** refuse an --out that already holds a model (retrain: a retrained model is never replaced) */
+  newOut?: boolean;
+  /** wait for another run writing --out instead of refusing (the demo: a run beside it trains the same model) */
+  waitForOut?: boolean;
   /** also write `<out>/checkpoint-<step>` every this many steps (as transformers' Trainer), for influence over training */
   saveSteps?: number;
   threads?: number;
@@ -148,11 +153,16 @@ const TRAINED_FILES = new Set([
   'training_args.json',
   ...CHECKPOINT_TOKENIZER_FILES,
 ]);
+/** Files that make a folder a model checkpoint, beside its config.json. */
+const MODEL_FILES = ['model.safetensors', 'model.safetensors.index.json', 'pytorch_model.bin', 'training_args.json'];
+
 /**
  * `--out` is replaced as a whole folder, so it must be new, empty, or a model an earlier `train`
- * wrote (training_args.json and only a trained model's files and checkpoint-<step> folders):
- * never a folder that holds the user's data, flags or notes, nor the model training starts from
- * (or one inside the other: `--model runs/ft/checkpoint-500 --out runs/ft`).
+ * wrote (training_args.json and only a trained model's files and checkpoint-<step> folders that
+ * hold nothing else): never a folder that holds the user's data, flags or notes, nor the model
+ * training starts from (or one inside the other: `--model runs/ft/checkpoint-500 --out runs/ft`),
+ * nor a folder inside another model (`<model>/checkpoint-5` reads as one of that model's
+ * training checkpoints, and goes when that model is trained again).
  */
 export function checkTrainOut(out: string, from?: string): void {
   if (from) {
@@ -162,21 +172,84 @@ export function checkTrainOut(out: string, from?: string): void {
         `--out ${out} ${o === f ? 'is' : within(f, o) ? 'holds' : 'is inside'} the model training starts from (${from}); choose a folder outside it`,
       );
   }
+  const parent = dirname(realOrResolved(out));
+  if (existsSync(join(parent, 'config.json')) && MODEL_FILES.some((f) => existsSync(join(parent, f))))
+    throw new CliError(
+      `--out ${out} is inside the model folder ${parent}: a folder there reads as one of that model's training checkpoints (checkpoint-<step>) and is lost when that model is trained again; choose a folder outside it`,
+    );
   checkOutFolder(out, {
     owned: TRAINED_FILES,
     ownedPattern: /^checkpoint-\d+$/,
     marker: 'training_args.json',
     what: 'a model written by influence-lens train',
   });
+  // its checkpoint-<step> folders go with it: they must hold a checkpoint's files and nothing else
+  if (!existsSync(out)) return;
+  for (const name of readdirSync(out).filter((n) => /^checkpoint-\d+$/.test(n))) {
+    const dir = join(out, name);
+    const foreign = statSync(dir).isDirectory()
+      ? readdirSync(dir).filter((n) => !TRAINED_FILES.has(n) && !DESKTOP_FILES.has(n))
+      : [name];
+    if (foreign.length)
+      throw new CliError(
+        `--out ${out} exists and its ${name} is not a checkpoint written by influence-lens train (it holds ${foreign.slice(0, 5).join(', ')}${foreign.length > 5 ? ', …' : ''}); the whole folder would be replaced, so choose a new or empty folder`,
+      );
+  }
+}
+
+/**
+ * The staging folder of an earlier, interrupted train of `out` (`<out>.tmp-<pid>-…`, where a
+ * killed run's checkpoints are) that `model` is inside, if any: resuming from one of those
+ * checkpoints must not clean that folder away first.
+ */
+function stagingHolding(out: string, model: string | undefined): string | undefined {
+  if (!model) return undefined;
+  const target = resolveLinks(out);
+  const prefix = `${basename(target)}.tmp-`;
+  for (let p = realOrResolved(model); dirname(p) !== p; p = dirname(p))
+    if (dirname(p) === dirname(target) && basename(p).startsWith(prefix)) return p;
+  return undefined;
 }
 
 export async function trainJob(o: TrainJobOptions): Promise<TrainJobResult> {
   const t0 = Date.now();
   const log = o.log ?? (() => {});
   const out = resolve(o.out); // no trailing slash: temporaries go beside it, not inside
+  // one writer of --out at a time, and its checks made under the lock: two runs into one folder
+  // both said 'wrote' while the second replaced the first's model
+  mkdirSync(dirname(resolveLinks(out)), { recursive: true });
+  const lockPath = `${resolveLinks(out)}.lock`;
+  const lock = o.waitForOut
+    ? await waitLock(lockPath, `training into ${out}`, { log })
+    : tryLock(lockPath, `training into ${out}`);
+  if (typeof lock !== 'function')
+    throw new CliError(
+      `another influence-lens run, ${describeOwner(lock)}, is writing ${o.out}; wait for it to finish or choose another --out (delete ${lockPath} only if no such process runs)`,
+    );
+  try {
+    return await trainLocked(o, out, t0, log);
+  } finally {
+    lock();
+  }
+}
+
+async function trainLocked(
+  o: TrainJobOptions,
+  out: string,
+  t0: number,
+  log: (line: string) => void,
+): Promise<TrainJobResult> {
+  if (o.newOut && existsSync(join(out, 'model.safetensors')))
+    throw new CliError(`${o.out} already holds a model; choose another --out`);
   checkTrainOut(out, o.model);
-  // what a train killed earlier left beside this output (its staging and initial-weights folders)
-  cleanStaleTempsOf(out);
+  // what a train killed earlier left beside this output (its staging and initial-weights folders),
+  // except a staging folder this run starts from (--model <out>.tmp-…/checkpoint-20)
+  const keep = stagingHolding(out, o.model);
+  if (keep)
+    log(
+      `note: --model ${o.model} is inside ${keep}, what an interrupted train of ${o.out} left; it is kept (delete it yourself once this run is done)`,
+    );
+  cleanStaleTempsOf(out, keep ? [keep] : []);
   // the digest of the very bytes trained on: the file may change while training runs (an edit, a
   // flag applied in the editor), and retrain trusts data_sha256 to say what the model saw
   const ds = loadDataset(o.data, { sha256: true });
