@@ -47,6 +47,20 @@ export function lineText(buf: Buffer, l: ByteLine): string | undefined {
   }
 }
 
+// what an editor shows for a line that is not UTF-8: each bad byte sequence as U+FFFD
+const LOSSY_UTF8 = new TextDecoder('utf-8', { ignoreBOM: true });
+
+/**
+ * The first line of `buf` that is not valid UTF-8 and that an editor shows as `shown` (its bad
+ * bytes as U+FFFD): the line an editor's text came from, which the server skips as no text at
+ * all. Undefined when no such line exists (a real U+FFFD in valid UTF-8 is text like any other).
+ */
+export function invalidLineShownAs(buf: Buffer, shown: string): ByteLine | undefined {
+  for (const l of byteLines(buf))
+    if (lineText(buf, l) === undefined && LOSSY_UTF8.decode(buf.subarray(l.start, l.end)) === shown) return l;
+  return undefined;
+}
+
 /** `data` as a Buffer over the same bytes (no copy). */
 export function asBuffer(data: Uint8Array): Buffer {
   return Buffer.isBuffer(data) ? data : Buffer.from(data.buffer, data.byteOffset, data.byteLength);

@@ -162,11 +162,13 @@ export function describeAttribution(a: Attribution): string {
   const pre = a.preranked
     ? `; pre-ranked by ${a.preranked.by === 'gradient-store' ? 'the gradient store' : 'a low-rank query'}, ${a.preranked.exact} rescored exactly (the shown ones among them; other ranks, percentiles and the histogram are estimates)`
     : '';
+  // every line it lists named (up to 5), the first one's reason in full
   const skipped = a.skipped
-    ? `; ${a.skipped.count} malformed line(s) of the dataset not scored (${a.skipped.lines
-        .slice(0, 2)
-        .map((x) => `line ${x.line}: ${x.message}`)
-        .join('; ')}${a.skipped.count > 2 ? '; …' : ''})`
+    ? `; ${a.skipped.count} malformed line(s) of the dataset not scored (line${a.skipped.count > 1 ? 's' : ''} ${a.skipped.lines
+        .map((x) => x.line)
+        .join(', ')}${a.skipped.count > a.skipped.lines.length ? ', …' : ''}${
+        a.skipped.lines[0] ? `; line ${a.skipped.lines[0].line}: ${a.skipped.lines[0].message}` : ''
+      })`
     : '';
   return `${base}${a.note ? `; ${a.note}` : ''}${pre}${skipped}`;
 }

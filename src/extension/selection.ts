@@ -8,6 +8,8 @@
 //    text before it, JSON escapes decoded.
 // 3. Anything else: completion = the selection, prompt = the document text before it (at most
 //    `maxPromptChars`, cut at a line start when one is near), CRLF line breaks read as \n.
+//    Not in a JSONL dataset (`jsonl`): there the text before a selection is other records' JSON,
+//    never a prompt, so a selection that is neither 1 nor 2 is refused, saying why.
 import type { ChatTemplate } from '../common/records/chat-template';
 import { decodedRange, parseJsonWithSource } from './jsonl/json-source';
 import { documentRange, parseRecordLine, type RecordField, type RenderedRecord, renderRecord } from './jsonl/record';
@@ -38,6 +40,8 @@ export interface SplitOptions {
   maxPromptChars?: number;
   /** the model's chat template, so chat records split as the server renders them (else the stand-in) */
   chatTemplate?: ChatTemplate;
+  /** the document is a JSONL dataset: a selection is read by its records only (never as plain text) */
+  jsonl?: boolean;
 }
 
 const NOT_A_RECORD = new Set(['not a JSON object', 'no "text", "prompt" or "messages" field']);
@@ -113,6 +117,8 @@ export function splitSelection(doc: string, start: number, end: number, options:
       }
     }
   }
+
+  if (options.jsonl) return { ok: false, message: notInOneRecord(doc, start, end, lineStart, options.chatTemplate) };
 
   // 3. plain text
   const max = options.maxPromptChars ?? 4000;
@@ -271,6 +277,25 @@ function upToLastReply<M extends { role: string }>(messages: M[]): M[] {
 function describeRecord(r: RenderedRecord, doc: string, at: number): string {
   const what = r.kind === 'messages' ? 'chat record (last assistant turn)' : 'prompt/completion record';
   return `the ${what} on line ${lineNumberAt(doc, at)}`;
+}
+
+const CUSTOM_SPLIT = 'or run "Explain with a custom prompt/completion split…" to give any prompt and completion';
+
+/** Why a selection in a JSONL dataset is neither one whole record nor text inside one of its fields. */
+function notInOneRecord(doc: string, start: number, end: number, lineStart: number, template?: ChatTemplate): string {
+  const first = lineNumberAt(doc, start);
+  // a selection that ends right after a line break ends on the line before it
+  const last = lineNumberAt(doc, doc[end - 1] === '\n' ? end - 1 : end);
+  if (last > first)
+    return `The selection spans lines ${first}–${last} of a JSONL file, which holds one record per line: select one whole record, or text inside one of its fields (${CUSTOM_SPLIT}).`;
+  let lineEnd = doc.indexOf('\n', start);
+  if (lineEnd < 0) lineEnd = doc.length;
+  const line = doc.slice(lineStart, lineEnd).replace(/\r$/, '');
+  if (!line.trim()) return `Line ${first} is empty: select a record or text inside one of its fields.`;
+  const rendered = parseRecordLine(line, lineStart, template);
+  if (typeof rendered === 'string')
+    return `Line ${first} is not a JSONL record (${rendered}): the server skips it when it reads the dataset, and its JSON is no prompt; fix the line, ${CUSTOM_SPLIT}.`;
+  return `Select a whole JSONL record, or text inside one of its fields (prompt, completion, text or a message content) (${CUSTOM_SPLIT}).`;
 }
 
 function lineNumberAt(doc: string, offset: number): number {

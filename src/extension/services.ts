@@ -59,12 +59,21 @@ export async function chooseDataset(s: Services, info: ClientInfo): Promise<stri
 }
 
 /** Shows an error a person can act on; cancellation is silent. */
+const RECONNECT_AND_RETRY = 'Reconnect and retry';
+
 export async function reportError(e: unknown, retry?: () => unknown): Promise<void> {
   if (e instanceof CancelledError) return;
   const message = e instanceof Error ? e.message : String(e);
   const settingsAction = e instanceof SettingsError ? ['Open Settings'] : [];
-  const actions = [...settingsAction, ...(retry ? ['Retry'] : [])];
+  // a server that refuses every request until it restarts (its influence-lens.json changed):
+  // retrying alone gets the same refusal forever, so the button restarts it first
+  const reconnect = /"Influence Lens: Reconnect to the server"/.test(message) ? RECONNECT_AND_RETRY : undefined;
+  const actions = [...settingsAction, ...(reconnect ? [reconnect] : retry ? ['Retry'] : [])];
   const pick = await vscode.window.showErrorMessage(`Influence Lens: ${message}`, ...actions);
+  if (pick === RECONNECT_AND_RETRY) {
+    await vscode.commands.executeCommand('influenceLens.reconnect');
+    retry?.();
+  }
   if (pick === 'Retry') retry?.();
   if (pick === 'Open Settings') void vscode.commands.executeCommand('workbench.action.openSettings', SECTION);
 }

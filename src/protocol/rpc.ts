@@ -27,6 +27,12 @@ export interface StageInfo {
   model: string;
   /** whether EK-FAC factors are loaded for it */
   factors: boolean;
+  /**
+   * Set when its factors folder holds factors that cannot be used and that "fit" does not replace
+   * (another model's or data's, in a folder the person named): why, and what to do. Fitting does
+   * not help then, so the editor says this instead of offering to fit.
+   */
+  factorsUnusable?: string;
 }
 
 /** What the influence service reports about itself (models, data, which methods can run). */

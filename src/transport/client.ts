@@ -88,7 +88,10 @@ export class RpcClient {
       this.closeInfo = { code, reason: reason.toString() };
       const err = new RpcError(
         RpcErrorCode.InternalError,
-        `the connection to the influence server closed (${code}${this.closeInfo.reason ? `: ${this.closeInfo.reason}` : ''})`,
+        // 1006: no close frame, so the server's process stopped (killed, crashed) or the network dropped
+        code === 1006
+          ? 'the connection to the influence server broke off (1006: its process stopped, e.g. killed or out of memory, or the network dropped); the next request starts a local server again or reconnects'
+          : `the connection to the influence server closed (${code}${this.closeInfo.reason ? `: ${this.closeInfo.reason}` : ''})`,
         this.closeInfo,
       );
       for (const reject of this.pending) reject(err);

@@ -101,10 +101,15 @@ function heatText(text: string, segs: Segment[], signed: boolean, label: string)
     }
     const b = signed ? bucketOf(s.value, scale) : 0;
     const t = h('span', { class: `tok ${bucketClass(b)}`, title: tokenTitle(s.text, s.value, signed) });
-    t.append(visible(s.text, true));
+    // a token that ends in line breaks keeps its ⏎ marks and glyph on its own line; the breaks
+    // follow it (inside it, the glyph and shading sat alone on an empty line below)
+    const body = s.text.replace(/\n+$/, '');
+    const breaks = s.text.length - body.length;
+    t.append(visible(body, true));
+    for (let i = 0; i < breaks; i++) t.append(h('span', { class: 'nl', 'aria-hidden': 'true' }, '\u23ce'));
     if (Math.abs(b) >= 4) t.append(h('sup', { class: 'glyph', 'aria-hidden': 'true' }, signGlyph(b)));
     t.style.backgroundColor = bucketBackground(b);
-    el.append(t);
+    el.append(t, '\n'.repeat(breaks));
   }
   return el;
 }

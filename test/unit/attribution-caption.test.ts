@@ -32,3 +32,30 @@ test('equal weights carry the reason; the final model alone is said plainly', ()
   );
   assert.equal(describeAttribution({ method: 'bm25', over: 'final-model' }), 'final model');
 });
+
+test('the malformed lines a result was scored without are each named, the first with its reason', () => {
+  const s = describeAttribution({
+    method: 'bm25',
+    over: 'final-model',
+    skipped: {
+      count: 3,
+      lines: [
+        { line: 7, message: "not valid JSON (Expected ',' or '}' after property value in JSON at position 48)" },
+        { line: 8, message: 'expected a JSON object, got an array' },
+        { line: 14, message: 'invalid UTF-8' },
+      ],
+    },
+  });
+  assert.equal(
+    s,
+    "final model; 3 malformed line(s) of the dataset not scored (lines 7, 8, 14; line 7: not valid JSON (Expected ',' or '}' after property value in JSON at position 48))",
+  );
+  assert.match(
+    describeAttribution({
+      method: 'bm25',
+      over: 'final-model',
+      skipped: { count: 9, lines: [{ line: 2, message: 'x' }] },
+    }),
+    /\(lines 2, …; line 2: x\)$/,
+  );
+});

@@ -457,3 +457,32 @@ test('explain says which examples have no trained token (they score 0 in gradien
   assert.ok(out.warnings?.includes(note), JSON.stringify(out.warnings));
   assert.equal(out.scored, 3);
 });
+
+test('explain warns when the query holds words outside the vocabulary (read as the unknown token), on stderr and in --json', () => {
+  // an editor audit: " Cairo" under the embedded word-level tokenizer was <|unk|>, explained as if it were the word
+  const data = join(home, 'unk.jsonl');
+  writeFileSync(
+    data,
+    [
+      { prompt: 'Q: What is the capital of France?\nA:', completion: ' Paris' },
+      { prompt: 'Q: What is the capital of Italy?\nA:', completion: ' Rome' },
+    ]
+      .map((r) => JSON.stringify(r))
+      .join('\n'),
+  );
+  const run = (prompt: string, completion: string) =>
+    cli(
+      ...['explain', '--model', 'assets/default/finetuned', '--data', data, '--method', 'gdp', '--checkpoints', 'off'],
+      ...['--prompt', prompt, '--completion', completion, '--json'],
+    );
+  let r = run('Q: What is the capital of Egypt?\nA:', ' Cairo');
+  assert.equal(r.code, 0, r.err);
+  const warning = `the completion's "Cairo" and the prompt's "Egypt" are not in the tokenizer's vocabulary: the model reads each as its unknown token <|unk|> (id 2), so the scores explain <|unk|> there, not those words`;
+  assert.ok(r.err.includes(`warning: ${warning}`), r.err);
+  assert.equal((JSON.parse(r.out) as ExplainResult).warnings?.[0], warning);
+  // words the vocabulary has: no such warning
+  r = run('Q: What is the capital of France?\nA:', ' Paris');
+  assert.equal(r.code, 0, r.err);
+  assert.ok(!r.err.includes('vocabulary'), r.err);
+  assert.ok(!(JSON.parse(r.out) as ExplainResult).warnings?.some((w) => w.includes('vocabulary')));
+});

@@ -120,8 +120,29 @@ describe('extension ↔ a local server it starts', () => {
 describe('extension: failures to start or reach a server say what to do', () => {
   test('a missing CLI names the setting to fix', async () => {
     const c = new ServerClient(new LocalServer({ command: join(home, 'no-such-cli') }));
-    await assert.rejects(c.info(), /was not found\. Set influenceLens\.server\.command/);
+    await assert.rejects(
+      c.info(),
+      /the influence-lens CLI .*no-such-cli does not exist: set influenceLens\.server\.command/,
+    );
     c.dispose();
+    // a .js path run with node (MODULE_NOT_FOUND and node's dump before), and a folder (spawn EACCES before)
+    for (const [command, why] of [
+      [join(home, 'gone', 'influence-lens.js'), 'does not exist'],
+      [home, 'is a folder'],
+    ] as const) {
+      const d = new ServerClient(new LocalServer({ command, node: process.execPath }));
+      await assert.rejects(
+        d.info(),
+        (e: Error) =>
+          e.message.includes(`the influence-lens CLI ${command} ${why}: set influenceLens.server.command`) &&
+          !/MODULE_NOT_FOUND|EACCES/.test(e.message),
+      );
+      d.dispose();
+    }
+    // a command on PATH that is not there still says so
+    const p = new ServerClient(new LocalServer({ command: 'no-such-influence-lens-cli' }));
+    await assert.rejects(p.info(), /was not found\. Set influenceLens\.server\.command/);
+    p.dispose();
   });
 
   test('a server that fails at start-up: its own error is in the message', async () => {
@@ -129,8 +150,8 @@ describe('extension: failures to start or reach a server say what to do', () => 
     writeFileSync(bad, '{"models": {}}');
     const c = new ServerClient(new LocalServer({ command: cli, node: process.execPath, config: bad }));
     await assert.rejects(c.info(), (e: Error) => {
-      assert.match(e.message, /stopped before it was ready/);
-      assert.match(e.message, /bad\.json/);
+      // the server's own error first, the long command line after it
+      assert.match(e.message, /^the local server stopped before it was ready: .*bad\.json.* \(exit code 1; /);
       return true;
     });
     c.dispose();

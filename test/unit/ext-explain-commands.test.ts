@@ -6,7 +6,7 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
-import { fake, loadWithVscodeStub, memento, Position, Selection } from './helpers/vscode-stub';
+import { commands, fake, loadWithVscodeStub, memento, Position, Selection } from './helpers/vscode-stub';
 
 const { ExplainController } = await loadWithVscodeStub<typeof import('../../src/extension/commands/explain')>(
   new URL('../../src/extension/commands/explain.ts', import.meta.url),
@@ -391,4 +391,72 @@ test("the panel's method switch with no server running shows the kept result and
   assert.equal(infos, 0);
   assert.deepEqual(posted, [{ type: 'notice', method: 'bm25', message: UNCHECKED_NOTE }]);
   assert.match(UNCHECKED_NOTE, /not checked: no server is running/);
+});
+
+test('in a JSONL dataset a selection that is no record (invalid JSON) or spans records is refused, never explained as text; the custom split still prefills it', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'il-jsonlsel-'));
+  try {
+    fake.reset();
+    const file = join(dir, 'data.jsonl');
+    const good = '{"prompt":"Q: Which continent is Norway?\\nA:","completion":" Europe\\n"}';
+    const broken = '{"prompt":"Q: broken?\\nA:","completion":" oops\\n"';
+    writeFileSync(file, `${good}\n${broken}\n${good}\n`);
+    let explained = 0;
+    const c = new ExplainController({
+      info: async () => {
+        explained++;
+        return { datasets: [], methods: [] };
+      },
+    } as never);
+    await fake.open(file);
+    const editor = fake.activeEditor();
+    editor.selection = new Selection(new Position(1, 0), new Position(1, broken.length));
+    await c.explainSelection();
+    assert.match(fake.messages('warning').join('\n'), /Line 2 is not a JSONL record \(not valid JSON/);
+    editor.selection = new Selection(new Position(0, 30), new Position(2, 10));
+    await c.explainSelection();
+    assert.match(fake.messages('warning').join('\n'), /The selection spans lines 1–3 of a JSONL file/);
+    assert.equal(explained, 0, 'nothing was explained');
+    // the custom split shows what would be sent, in boxes the person edits: prefilled, not refused
+    fake.reset();
+    editor.selection = new Selection(new Position(1, 0), new Position(1, broken.length));
+    fake.answers = [undefined];
+    await c.explainWithSplit();
+    assert.deepEqual(fake.messages('warning'), []);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('an error that only a restarted server fixes (influence-lens.json changed) offers "Reconnect and retry", which reconnects before retrying', async () => {
+  const { reportError } = await loadWithVscodeStub<typeof import('../../src/extension/services')>(
+    new URL('../../src/extension/services.ts', import.meta.url),
+  );
+  fake.reset();
+  let reconnected = 0;
+  let retried = 0;
+  const off = commands.registerCommand('influenceLens.reconnect', () => {
+    reconnected++;
+  });
+  try {
+    fake.answers = ['Reconnect and retry'];
+    await reportError(
+      new Error(
+        'influence-lens.json changed since this server read it: restart `influence-lens serve` to use its settings (a server the editor started restarts with "Influence Lens: Reconnect to the server"); until then every request is refused',
+      ),
+      () => {
+        retried += reconnected;
+      },
+    );
+    assert.equal(reconnected, 1);
+    assert.equal(retried, 1, 'retried after the reconnect');
+    // other errors keep Retry
+    fake.answers = ['Retry'];
+    await reportError(new Error('the connection to the influence server closed'), () => {
+      retried++;
+    });
+    assert.equal(retried, 2);
+  } finally {
+    off.dispose();
+  }
 });

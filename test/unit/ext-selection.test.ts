@@ -235,6 +235,35 @@ test('selection: a text record as a whole, several records, or across fields are
   assert.equal(splitSelection('abc', 1, 1).ok, false);
 });
 
+test('selection in a JSONL dataset: a line that is no record, or a selection across records, is refused, never read as plain text', () => {
+  const rec = '{"prompt":"Q: Which continent is Norway?\\nA:","completion":" Europe\\n"}';
+  const lines = [rec, '{"prompt":"Q: broken?\\nA:","completion":" oops\\n"', '["Q: array?\\nA:"," arr\\n"]', '', rec];
+  const doc = lines.join('\n');
+  const at = (line: number) => lines.slice(0, line - 1).reduce((n, l) => n + l.length + 1, 0);
+  const message = (start: number, end: number, jsonl = true) => {
+    const r = splitSelection(doc, start, end, { jsonl });
+    assert.equal(r.ok, false, JSON.stringify(r));
+    return (r as { message: string }).message;
+  };
+  // invalid JSON (line 2) and an array (line 3), selected whole or in part: the server skips them
+  assert.match(message(at(2), at(2) + lines[1].length), /^Line 2 is not a JSONL record \(not valid JSON/);
+  assert.match(message(at(2) + 30, at(2) + 35), /^Line 2 is not a JSONL record/);
+  assert.match(message(at(3), at(3) + lines[2].length), /^Line 3 is not a JSONL record \(not a JSON object\)/);
+  assert.match(message(at(4), at(4) + 1), /^The selection spans lines 4–5|^Line 4 is empty/);
+  // from inside one record into the next: never a 'completion' of JSON with the file above as prompt
+  assert.match(message(at(1) + 30, at(5) + 20), /^The selection spans lines 1–5 of a JSONL file/);
+  assert.match(message(at(1) + 30, at(5) + 20), /Explain with a custom prompt\/completion split/);
+  // a whole line with its line break is one line
+  assert.equal(ok(splitSelection(doc, at(1), at(2), { jsonl: true })).how, 'record');
+  // text inside a field still works; the same selections in a text file are plain text
+  assert.equal(
+    ok(splitSelection(doc, at(1) + lines[0].indexOf('Europe'), at(1) + lines[0].indexOf('Europe') + 6, { jsonl: true }))
+      .how,
+    'field',
+  );
+  assert.equal(ok(splitSelection(doc, at(2), at(2) + lines[1].length)).how, 'text');
+});
+
 test('selection: plain text → completion is the selection, prompt the text before it', () => {
   const { doc, r } = splitMarked('Q: What is the capital of Australia?\nA:| Sydney|\nmore');
   const s = ok(r);

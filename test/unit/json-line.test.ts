@@ -61,3 +61,20 @@ test('export keeps a stray-BOM line that it never counted, and the editor offers
   assert.equal(r.kept, 0, 'the stray-BOM line is kept as bytes, not counted as a record');
   assert.equal(lineHash(stray), undefined);
 });
+
+test('a line that is not UTF-8 is found from the text an editor shows for it (U+FFFD for its bad bytes); a real U+FFFD is text', async () => {
+  const { invalidLineShownAs } = await import('../../src/common/byte-lines');
+  const good = Buffer.from('{"prompt":"Q: a?\\nA:","completion":" b\\n"}\n', 'utf8');
+  const latin1 = Buffer.concat([
+    Buffer.from('{"prompt":"Q: caf'),
+    Buffer.from([0xe9]),
+    Buffer.from(' latin1?","completion":" x"}'),
+  ]);
+  const realFffd = Buffer.from('{"prompt":"Q: caf\uFFFD latin1?","completion":" x"}\n', 'utf8');
+  const file = Buffer.concat([good, realFffd, latin1, Buffer.from('\n')]);
+  const shown = '{"prompt":"Q: caf\uFFFD latin1?","completion":" x"}';
+  // the valid line with a real U+FFFD reads the same in the editor, but only line 3 is bad on disk
+  assert.equal(invalidLineShownAs(file, shown)?.line, 3);
+  assert.equal(invalidLineShownAs(Buffer.concat([good, realFffd]), shown), undefined);
+  assert.equal(invalidLineShownAs(file, '{"prompt":"other"}'), undefined);
+});

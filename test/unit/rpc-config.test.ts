@@ -259,6 +259,9 @@ describe('config files', () => {
         /datasets\.gone: .*gone\.jsonl does not exist/.test(e.message) &&
         /datasets\.dir: .*models is not a file/.test(e.message),
     );
+    // a fine-tuned model written as models.finetuned with no pre-trained one is named where it is written
+    const h = write('c.json', { models: { finetuned: { model: 'models/none' } }, datasets: { train: 'train.jsonl' } });
+    assert.throws(() => readConfigFile(h), /c\.json: models\.finetuned\.model: .*models\/none does not exist/);
     const g = write('b.json', '{\n  "models": {"model": "m"},\n  "datasets": {"a": "b"},,\n}');
     assert.throws(() => readConfigFile(g), /b\.json: not valid JSON: .* at line 3, column 2[0-9]/);
     assert.throws(

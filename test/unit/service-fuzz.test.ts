@@ -8,6 +8,7 @@ import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
 import { cpSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import { toClientInfo } from '../../src/extension/client/server-client';
 import { readSidecar, sidecarPathFor } from '../../src/extension/flags/sidecar';
 import { RpcErrorCode } from '../../src/protocol/rpc';
 import { METHODS } from '../../src/protocol/types';
@@ -121,6 +122,9 @@ describe('errors a user can act on, over the real server', () => {
 
   test('broken factors: ekfac and scan say why, fit says to delete the folder (BrokenFactors)', async () => {
     assert.match(client.server!.unavailable.ekfac ?? '', /cannot be used \(.*factors-broken/);
+    // fitting does not help (fit refuses that folder): the editor says why instead of offering "Fit factors now"
+    assert.match(client.server!.stages[0].factorsUnusable ?? '', /cannot be used \(.*factors-broken.*at a new folder/);
+    assert.equal(toClientInfo(client.server!).needsFit.ekfac, undefined);
     let e = await errorOf(client.request('explain', { ...q, dataset: 'finetune', method: 'ekfac' }));
     assert.equal(e.code, RpcErrorCode.NotReady);
     assert.match(e.message, /cannot be used/);

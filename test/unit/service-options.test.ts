@@ -112,7 +112,13 @@ test('factors fitted on other data than the fit dataset are named in status once
     damping: { relative: 0.1 },
     cacheDir: join(home, 'cache'),
   });
-  const q = { prompt: 'Q: x?\nA:', completion: ' Paris', method: 'ekfac' as const, topK: 1 };
+  // words of the embedded vocabulary (an unknown one would add a warning of its own)
+  const q = {
+    prompt: 'Q: What is the capital of France?\nA:',
+    completion: ' Paris',
+    method: 'ekfac' as const,
+    topK: 1,
+  };
   const fitted = new InfluenceService(config('a'));
   fitted.open();
   await fitted.fit('finetuned');

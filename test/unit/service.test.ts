@@ -174,5 +174,8 @@ test('a dataset with malformed lines is scored without them, and every result sa
     r.attribution?.skipped?.lines.map((x) => x.line),
     [2, 3],
   );
-  assert.match(describeAttribution(r.attribution!), /2 malformed line\(s\) of the dataset not scored \(line 2: /);
+  assert.match(
+    describeAttribution(r.attribution!),
+    /2 malformed line\(s\) of the dataset not scored \(lines 2, 3; line 2: /,
+  );
 });

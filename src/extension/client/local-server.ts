@@ -3,6 +3,7 @@
 // no discovery file, and `--watch-parent` so it ends with the editor even after a crash. It is
 // started on first use and again after it exits. No `vscode` import (tested with a real server).
 import { type ChildProcess, spawn } from 'node:child_process';
+import { existsSync, statSync } from 'node:fs';
 import { newToken } from '../../transport/discovery';
 import { type Cancellation, CancelledError, ClientError } from './influence-client';
 import type { Connector } from './server-client';
@@ -64,6 +65,18 @@ export class LocalServer implements Connector {
     const log = this.opts.log ?? (() => {});
     const secret = newToken();
     const [exe, ...args] = [...this.argv()];
+    // a CLI path that is not there (or a folder) is the setting's fault: said of the setting, not
+    // as node's MODULE_NOT_FOUND dump or a spawn EACCES
+    const cmd = this.opts.command;
+    if (/[\\/]/.test(cmd)) {
+      const problem = !existsSync(cmd) ? 'does not exist' : statSync(cmd).isDirectory() ? 'is a folder' : undefined;
+      if (problem)
+        return Promise.reject(
+          new ClientError(
+            `the influence-lens CLI ${cmd} ${problem}: set influenceLens.server.command to the CLI (bin/influence-lens.js of the influence-lens package, or node_modules/.bin/influence-lens), or clear it to use the one found automatically`,
+          ),
+        );
+    }
     log(`starting the server: ${this.commandLine}`);
     const child = spawn(exe, args, {
       cwd: this.opts.cwd,
@@ -134,7 +147,8 @@ export class LocalServer implements Connector {
         finish(() =>
           reject(
             new ClientError(
-              `the local server stopped before it was ready (${signal ?? `exit code ${code}`}; ${this.commandLine})${tail(err)}`,
+              // its own error first: the command line after it is long
+              `the local server stopped before it was ready${tail(err)} (${signal ?? `exit code ${code}`}; ${this.commandLine})`,
               true,
             ),
           ),

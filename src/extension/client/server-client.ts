@@ -136,7 +136,9 @@ export class ServerClient implements InfluenceClient {
 
 /** The server's view in the editor's terms: which stages a method still needs fitted. */
 export function toClientInfo(s: ServiceInfo): ClientInfo {
-  const unfitted = s.stages.filter((x) => !x.factors).map((x) => x.name as StageName);
+  // a stage whose factors folder is another model's (or data's) is not offered a fit: "fit" would
+  // refuse to replace that folder, and the method's `unavailable` reason says what to do
+  const unfitted = s.stages.filter((x) => !x.factors && !x.factorsUnusable).map((x) => x.name as StageName);
   const needsFit: Partial<Record<Method, StageName[]>> = {};
   if (!s.methods.includes('ekfac') && unfitted.includes('finetuned')) needsFit.ekfac = ['finetuned'];
   if (!s.methods.includes('multistage') && s.stages.length > 1 && unfitted.length) needsFit.multistage = unfitted;

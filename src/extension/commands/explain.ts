@@ -59,7 +59,9 @@ export class ExplainController {
   async explainWithSplit(): Promise<void> {
     const editor = vscode.window.activeTextEditor;
     const version = editor?.document.version;
-    const split = editor && !editor.selection.isEmpty ? this.splitOf(editor) : undefined;
+    // the boxes show what is sent: a JSONL selection that is no record's field may prefill them
+    // as plain text (the text before it as the prompt), which the person sees and edits
+    const split = editor && !editor.selection.isEmpty ? this.splitOf(editor, { prefill: true }) : undefined;
     // a selection that cannot be explained was refused, saying why: no empty boxes after it
     if (editor && !editor.selection.isEmpty && !split) return;
     // a chat is explained as the model's chat template renders it, not as text the person edits
@@ -90,7 +92,7 @@ export class ExplainController {
     await this.explain(p, c, split && c === split.completion && editor ? { editor, split, version } : {});
   }
 
-  private splitOf(editor: vscode.TextEditor): QuerySplit | undefined {
+  private splitOf(editor: vscode.TextEditor, o: { prefill?: boolean } = {}): QuerySplit | undefined {
     const doc = editor.document;
     const start = doc.offsetAt(editor.selection.start);
     const end = doc.offsetAt(editor.selection.end);
@@ -107,7 +109,11 @@ export class ExplainController {
         promptTruncated: false,
       };
     }
-    const r = splitSelection(doc.getText(), start, end, { maxPromptChars: settings(doc.uri).maxPromptChars });
+    const r = splitSelection(doc.getText(), start, end, {
+      maxPromptChars: settings(doc.uri).maxPromptChars,
+      // in a dataset the text before a selection is other records' JSON, never a prompt
+      jsonl: !o.prefill && (doc.languageId === 'jsonl' || /\.jsonl$/i.test(doc.uri.path)),
+    });
     if (!r.ok) {
       void vscode.window.showWarningMessage(`Influence Lens: ${r.message}`);
       return undefined;

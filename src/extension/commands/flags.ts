@@ -4,6 +4,7 @@
 import { existsSync, readFileSync } from 'node:fs';
 import { basename } from 'node:path';
 import * as vscode from 'vscode';
+import { invalidLineShownAs } from '../../common/byte-lines';
 import { parseJsonLine } from '../../common/json-line';
 import { METHOD_LABELS } from '../../protocol/methods';
 import { offerSave, openDataset, revealExample } from '../datasets';
@@ -66,6 +67,16 @@ async function flagLine(s: Services, on: boolean, uri?: string, line?: number, s
     throw new Error(
       `line ${line + 1} is not a JSON record${why}; the server skips it too, so there is nothing to flag`,
     );
+  }
+  // the editor shows a line that is not UTF-8 with U+FFFD for its bad bytes, and hashes that text;
+  // the server skips the line (no text at all), so such a flag would match nothing on export
+  const text = lineTextAt(doc, line);
+  if (on && text.includes('\uFFFD')) {
+    const bad = invalidLineShownAs(readFileSync(doc.uri.fsPath), text);
+    if (bad)
+      throw new Error(
+        `line ${line + 1} is not valid UTF-8 in the file (line ${bad.line} on disk; the editor shows � for its bad bytes); the server skips it, so there is nothing to flag: fix its encoding (saving the file from this editor writes the � characters in their place)`,
+      );
   }
   if (!on) {
     if (await s.flags.unflag(doc.uri.fsPath, [hash])) {

@@ -33,6 +33,7 @@ import {
   tokenizeExamples,
   tokenizeQuery,
   tokenizeRecord,
+  unknownWordsWarning,
 } from '../data/tokenize';
 import { Bm25Index } from '../index/bm25';
 import type { GradientStore } from '../index/gradient-store';
@@ -525,7 +526,9 @@ async function finish(
     ? Object.fromEntries(modules.map((m) => [m, supportingPos.reduce((s, p) => s + main.perModule!.get(m)![p], 0)]))
     : undefined;
   timings.total_ms = Date.now() - t0;
+  const unknown = unknownWordsWarning(model.tokenizer, q);
   return {
+    ...(unknown ? { warnings: [unknown] } : {}),
     query: {
       ...queryTexts(req, q),
       loss: qg.loss,
@@ -568,12 +571,19 @@ async function finish(
               count: corpus.dataset.skipped.length,
               lines: corpus.dataset.skipped
                 .slice(0, 5)
-                .map((x) => ({ line: x.line, message: x.message.slice(0, 200) })),
+                .map((x) => ({ line: x.line, message: clipWords(x.message, 200) })),
             },
           }
         : {}),
     },
   };
+}
+
+/** `text` cut to about `max` characters at a word boundary, with "…" where it was cut. */
+function clipWords(text: string, max: number): string {
+  if (text.length <= max) return text;
+  const cut = text.lastIndexOf(' ', max);
+  return `${text.slice(0, cut > max / 2 ? cut : max).replace(/[\s,;:]+$/, '')} …`;
 }
 
 /** The training checkpoints `method` sums over in this setup (none: it scores on the final model). */

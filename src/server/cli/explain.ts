@@ -177,7 +177,12 @@ export async function runExplain(argv: string[]): Promise<void> {
   // the same lines travel with each --json result (ExplainResult.warnings, as the server sends
   // them): a script that reads the JSON alone must see that the factors are of other data
   const warnings = [ft.warnings, pt?.warnings ?? [], [stale, skipped], notes].flat().filter((w) => w !== undefined);
-  const withWarnings = <R extends object>(r: R): R => (warnings.length ? { ...r, warnings } : r);
+  // a query's own warnings (words outside the vocabulary) are said on stderr and kept first in --json
+  const withWarnings = <R extends { warnings?: string[] }>(r: R): R => {
+    for (const w of r.warnings ?? []) process.stderr.write(`warning: ${w}\n`);
+    const all = [...(r.warnings ?? []), ...warnings];
+    return all.length ? { ...r, warnings: all } : r;
+  };
   const plan = cliPlan(v.model, ft.model, checkpointsSetting(v.checkpoints), [method, ...compare]);
   const checkpoints =
     plan &&
@@ -234,7 +239,7 @@ export async function runExplain(argv: string[]): Promise<void> {
     process.stdout.write(`${JSON.stringify(withWarnings(result), null, 2)}\n`);
     return;
   }
-  process.stdout.write(formatResult(result, process.stdout.isTTY === true));
+  process.stdout.write(formatResult(withWarnings(result), process.stdout.isTTY === true));
 }
 
 const SIGN_WORDS: Record<string, string> = {

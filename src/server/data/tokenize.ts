@@ -393,6 +393,39 @@ function tokenizeQueryAs(
   return { ...t, promptLength, rendered };
 }
 
+/**
+ * What a query holds that the tokenizer has no token for: each such word becomes the unknown
+ * token (e.g. <unk>), so the model is explained predicting <unk> there, not the word (a
+ * word-level tokenizer read " Cairo" as <unk>, scored like any word). A warning, not a
+ * refusal: the score is still the model's; undefined when there is none (or no unknown token).
+ */
+export function unknownWordsWarning(
+  tok: TokenizerHandle,
+  q: { ids: readonly number[]; offsets: ReadonlyArray<readonly [number, number]>; text: string; promptLength: number },
+): string | undefined {
+  const unk = tok.unkToken;
+  if (!unk) return undefined;
+  const words = { completion: new Set<string>(), prompt: new Set<string>() };
+  for (let i = 0; i < q.ids.length; i++) {
+    if (q.ids[i] !== unk.id) continue;
+    const [s, e] = q.offsets[i];
+    const word = q.text.slice(s, e).trim();
+    if (!word || word === unk.text) continue; // the unknown token written as itself
+    words[e > q.promptLength ? 'completion' : 'prompt'].add(word);
+  }
+  const list = (w: Set<string>) =>
+    [...w]
+      .slice(0, 5)
+      .map((x) => JSON.stringify(x))
+      .join(', ') + (w.size > 5 ? `, … (${w.size} in all)` : '');
+  const parts = [
+    words.completion.size ? `the completion's ${list(words.completion)}` : '',
+    words.prompt.size ? `the prompt's ${list(words.prompt)}` : '',
+  ].filter(Boolean);
+  if (!parts.length) return undefined;
+  return `${parts.join(' and ')} ${words.completion.size + words.prompt.size > 1 ? 'are' : 'is'} not in the tokenizer's vocabulary: the model reads ${words.completion.size + words.prompt.size > 1 ? 'each' : 'it'} as its unknown token ${unk.text} (id ${unk.id}), so the scores explain ${unk.text} there, not ${words.completion.size + words.prompt.size > 1 ? 'those words' : 'that word'}`;
+}
+
 /** Characters of a text tokenized to know its first tokens (or that a query cannot fit), per token of the context. */
 const PREFIX_CHARS_PER_TOKEN = 64;
 

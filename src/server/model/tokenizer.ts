@@ -45,6 +45,8 @@ export interface TokenizerHandle {
   padTokenId?: number;
   idToToken(id: number): string | undefined;
   tokenToId(token: string): number | undefined;
+  /** the model's unknown token (tokenizer.json's model.unk_token), which text outside the vocabulary becomes */
+  unkToken?: { id: number; text: string };
   /** the model's chat template (chat_template.jinja or tokenizer_config.json), compiled on first
    * use; undefined when the tokenizer has none. Throws TokenizerError when it does not parse. */
   chatTemplate(): ChatTemplate | undefined;
@@ -525,6 +527,9 @@ export function loadTokenizer(
     padTokenId,
     idToToken: (id) => tok.id_to_token(id),
     tokenToId: (t) => tok.token_to_id(t),
+    ...(unk !== undefined && tok.token_to_id(unk) !== undefined
+      ? { unkToken: { id: tok.token_to_id(unk)!, text: unk } }
+      : {}),
   };
 }
 

@@ -53,6 +53,8 @@ export interface Config {
   file?: string;
   service: ServiceConfig;
   server: ServerSettings;
+  /** where the fine-tuned model is in the file: "models.finetuned" (a pair, or one stage written so) or "models" */
+  finetunedField?: string;
 }
 
 export function defaultServerSettings(): ServerSettings {
@@ -169,14 +171,14 @@ export function parseConfig(value: unknown, opts: { baseDir: string; source?: st
     maxFrameBytes: raw.maxFrameBytes ?? d.maxFrameBytes,
     discoveryFile: raw.discoveryFile !== undefined ? path(raw.discoveryFile) : d.discoveryFile,
   };
-  return { service, server };
+  return { service, server, finetunedField: pair ? 'models.finetuned' : 'models' };
 }
 
 /** Checks that the models and datasets named in the configuration exist. */
 export function checkConfigFiles(cfg: Config, source = cfg.file ? basename(cfg.file) : CONFIG_FILE_NAME): void {
   const problems: string[] = [];
   const stages: Array<[string, StageConfig | undefined]> = [
-    [cfg.service.pretrained ? 'models.finetuned' : 'models', cfg.service.finetuned],
+    [cfg.finetunedField ?? (cfg.service.pretrained ? 'models.finetuned' : 'models'), cfg.service.finetuned],
     ['models.pretrained', cfg.service.pretrained],
   ];
   for (const [field, s] of stages) {

@@ -545,8 +545,22 @@ export class InfluenceService implements ServiceApi {
     return {
       model: this.config.finetuned.model,
       stages: [
-        { name: 'finetuned', model: this.config.finetuned.model, factors: !!ft.preconditioners },
-        ...(pt ? [{ name: 'pretrained', model: this.config.pretrained!.model, factors: !!pt.preconditioners }] : []),
+        {
+          name: 'finetuned',
+          model: this.config.finetuned.model,
+          factors: !!ft.preconditioners,
+          ...this.factorsUnusable('finetuned', !!ft.preconditioners),
+        },
+        ...(pt
+          ? [
+              {
+                name: 'pretrained',
+                model: this.config.pretrained!.model,
+                factors: !!pt.preconditioners,
+                ...this.factorsUnusable('pretrained', !!pt.preconditioners),
+              },
+            ]
+          : []),
       ],
       datasets: Object.keys(this.config.datasets),
       datasetPaths: { ...this.config.datasets },
@@ -677,6 +691,13 @@ export class InfluenceService implements ServiceApi {
     else if (needs?.needsFactors && this.checkpoints?.unfitted.length)
       return `${m} sums over the fine-tune's ${this.checkpoints.stages.length} training checkpoints; ${this.checkpoints.unfitted.join(', ')} have no EK-FAC factors yet: run "fit"`;
     return null;
+  }
+
+  /** `factorsUnusable` of a stage's info: its factors folder is one that "fit" does not replace. */
+  private factorsUnusable(which: 'finetuned' | 'pretrained', loaded: boolean): { factorsUnusable?: string } {
+    if (loaded) return {};
+    const why = this.noFactors(which);
+    return why.endsWith(FOREIGN_FACTORS_ADVICE(which)) ? { factorsUnusable: why } : {};
   }
 
   /** Why a stage has no factors, and what to do. */
@@ -810,7 +831,7 @@ export class InfluenceService implements ServiceApi {
           `${p.dataset} changed on disk while it was being explained; explain again to use the new file`,
           'data_changed',
         );
-      const warnings = [...this.resultWarnings(p.method), ...d.corpus.notes()];
+      const warnings = [...(result.warnings ?? []), ...this.resultWarnings(p.method), ...d.corpus.notes()];
       return { ...result, revision, ...(warnings.length ? { warnings } : {}) };
     } catch (e) {
       if (work.signal?.aborted) throw new ServiceError('cancelled', 'cancelled');
@@ -865,7 +886,13 @@ export class InfluenceService implements ServiceApi {
           'data_changed',
         );
       const warnings = [...this.resultWarnings(p.method), ...d.corpus.notes()];
-      return { results: results.map((r) => ({ ...r, revision, ...(warnings.length ? { warnings } : {}) })) };
+      return {
+        results: results.map((r) => {
+          // a query's own warnings (words outside the vocabulary) first, then the dataset's
+          const all = [...(r.warnings ?? []), ...warnings];
+          return { ...r, revision, ...(all.length ? { warnings: all } : {}) };
+        }),
+      };
     } catch (e) {
       if (work.signal?.aborted) throw new ServiceError('cancelled', 'cancelled');
       if (e instanceof ExplainError) throw new ServiceError(e.message);

@@ -20,6 +20,10 @@ export class Uri {
     if (!m) throw new Error(`bad uri ${s}`);
     return new Uri(m[1], decodeURIComponent(m[2]));
   }
+  /** VS Code's `path` (the file's path with forward slashes, for a file Uri) */
+  get path(): string {
+    return this.fsPath;
+  }
   toString(): string {
     return `${this.scheme}://${encodeURIComponent(this.fsPath).replace(/%2F/g, '/')}`;
   }

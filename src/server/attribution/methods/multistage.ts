@@ -1,6 +1,9 @@
-// Multi-stage influence (Grosse et al. 2023, §5.3 of "Studying Large Language Model Generalization
-// with Influence Functions"): the fine-tuned model's query gradient, preconditioned by both
-// stages' factors, met by the pre-trained model's candidate gradients.
+// Multi-stage influence ("Multi-Stage Influence Function", Chen et al. 2020; with EK-FAC, "Scalable
+// Multi-Stage Influence Function for Large Language Models via Eigenvalue-Corrected
+// Kronecker-Factored Parameterization", Bao et al. 2025, eq. 12): the fine-tuned model's query
+// gradient, preconditioned by both stages' factors, met by the pre-trained model's candidate
+// gradients. As in that paper, the proximity strength α is the fine-tuned damping and the
+// constant α in front of the score is dropped (README, "The score").
 import { queryMatrices } from '../influence';
 import { checkSameModules } from '../multistage-regime';
 import { ExplainError, need } from '../setup';
