@@ -292,7 +292,8 @@ function notInOneRecord(doc: string, start: number, end: number, lineStart: numb
   if (lineEnd < 0) lineEnd = doc.length;
   const line = doc.slice(lineStart, lineEnd).replace(/\r$/, '');
   if (!line.trim()) return `Line ${first} is empty: select a record or text inside one of its fields.`;
-  const rendered = parseRecordLine(line, lineStart, template);
+  // base 0: a JSON error's offset is then the column in the line, not a position in the document
+  const rendered = parseRecordLine(line, 0, template);
   if (typeof rendered === 'string')
     return `Line ${first} is not a JSONL record (${rendered}): the server skips it when it reads the dataset, and its JSON is no prompt; fix the line, ${CUSTOM_SPLIT}.`;
   return `Select a whole JSONL record, or text inside one of its fields (prompt, completion, text or a message content) (${CUSTOM_SPLIT}).`;

@@ -87,5 +87,5 @@ export function diskFull(err: Error, argv: string[]): string | undefined {
   const out = i < 0 ? undefined : argv[i].startsWith('--out=') ? argv[i].slice(6) : argv[i + 1];
   const where = e.path ? ` writing ${e.path}` : out ? ` writing --out ${out}` : '';
   const what = e.code === 'ENOSPC' ? 'no space left on the disk' : 'the disk quota is used up';
-  return `${what}${where} (${e.code}): free some space there or choose another --out, then run it again (nothing there before was replaced)`;
+  return `${what}${where} (${e.code}): free some space there or write elsewhere (another --out; TMPDIR for temporary files), then run it again (nothing there before was replaced)`;
 }

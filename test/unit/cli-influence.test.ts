@@ -486,3 +486,26 @@ test('explain warns when the query holds words outside the vocabulary (read as t
   assert.ok(!r.err.includes('vocabulary'), r.err);
   assert.ok(!(JSON.parse(r.out) as ExplainResult).warnings?.some((w) => w.includes('vocabulary')));
 });
+
+test("the unknown-word warning names the person's words only: not a chat stand-in's markup, not <unk> written as itself", async () => {
+  const { loadTokenizer } = await import('../../src/server/model/tokenizer');
+  const { tokenizeQuery, unknownWordsWarning } = await import('../../src/server/data/tokenize');
+  const tok = loadTokenizer('assets/default/finetuned');
+  const warn = (prompt: string, completion: string, messages?: unknown) =>
+    unknownWordsWarning(tok, tokenizeQuery(tok, prompt, completion, 128, messages));
+  // the embedded tokenizer has no chat template: the stand-in's "<|user|>" is no word of the person's
+  const chat = [
+    { role: 'user', content: 'What is the capital of France?' },
+    { role: 'assistant', content: ' Paris' },
+  ];
+  assert.equal(warn('', '', chat), undefined);
+  assert.match(
+    warn('', '', [chat[0], { role: 'assistant', content: ' Cairo' }]) ?? '',
+    /^the completion's "Cairo" is not in the tokenizer's vocabulary/,
+  );
+  assert.equal(warn('Q: What is the capital of France?\nA:', ' <|unk|>'), undefined);
+  assert.match(
+    warn('Q: What is Zorblax?\nA:', ' Paris') ?? '',
+    /^the prompt's "Zorblax\?" is not|^the prompt's "Zorblax" is not/,
+  );
+});

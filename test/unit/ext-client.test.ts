@@ -207,3 +207,31 @@ async function waitUntil(f: () => boolean, ms = 10000) {
     await new Promise((r) => setTimeout(r, 50));
   }
 }
+
+test('toClientInfo offers a fit only where fitting helps: not for a stage, or multistage, when a factors folder is unusable', async () => {
+  const { toClientInfo } = await import('../../src/extension/client/server-client');
+  const base = {
+    model: 'ft',
+    datasets: ['d'],
+    datasetPaths: { d: 'd.jsonl' },
+    device: 'cpu',
+    methods: ['gdp', 'bm25'],
+    unavailable: { ekfac: 'x', multistage: 'y' },
+    modules: [],
+    warnings: [],
+    revision: 'r',
+  } as const;
+  const stages = (ft: object, pt: object) => [
+    { name: 'finetuned', model: 'ft', factors: false, ...ft },
+    { name: 'pretrained', model: 'pt', factors: false, ...pt },
+  ];
+  // both merely unfitted: both offered
+  let c = toClientInfo({ ...base, stages: stages({}, {}) } as never);
+  assert.deepEqual(c.needsFit, { ekfac: ['finetuned'], multistage: ['finetuned', 'pretrained'] });
+  // the fine-tuned stage's folder is another model's: nothing offered (fit would refuse it)
+  c = toClientInfo({ ...base, stages: stages({ factorsUnusable: 'another model' }, {}) } as never);
+  assert.deepEqual(c.needsFit, {});
+  // the pre-trained stage's is: ekfac may still be fitted, multistage not
+  c = toClientInfo({ ...base, stages: stages({}, { factorsUnusable: 'another model' }) } as never);
+  assert.deepEqual(c.needsFit, { ekfac: ['finetuned'] });
+});

@@ -167,7 +167,7 @@ describe('train', () => {
     // a folder inside a trained model reads as its training checkpoint: refused
     await assert.rejects(
       run(join(both, 'checkpoint-5')),
-      /is inside the model folder .*both: a folder there reads as one of that model's training checkpoints/,
+      /is a checkpoint-<step> folder inside the model folder .*both: it would read as one of that model's training checkpoints/,
     );
     assert.ok(!existsSync(join(both, 'checkpoint-5')));
     // a checkpoint-<step> folder holding anything else than a checkpoint's files is not replaced
@@ -194,8 +194,20 @@ describe('train', () => {
       ),
       notes.join('\n'),
     );
-    // retrain's --out is never replaced, checked under the lock
+    // retrain's --out is never replaced, checked under the lock, even when a killed train set it aside
     await assert.rejects(run(res, { newOut: true }), /res already holds a model; choose another --out/);
+    const { renameSync, symlinkSync } = await import('node:fs');
+    renameSync(res, `${res}.old-999999999-1x1`);
+    await assert.rejects(run(res, { newOut: true }), /res already holds a model; choose another --out/);
+    assert.ok(existsSync(join(res, 'model.safetensors')), 'put back, not replaced');
+    // another name inside a model folder is fine (retrain --model runs/ft --out runs/ft/retrained)
+    await run(join(res, 'retrained'));
+    assert.ok(existsSync(join(res, 'retrained', 'model.safetensors')));
+    // a checkpoint-<step> link in an --out (dangling here) is not a checkpoint train wrote
+    const linked = join(home, 'linked');
+    await run(linked);
+    symlinkSync(join(home, 'nowhere'), join(linked, 'checkpoint-3'));
+    await assert.rejects(run(linked), /its checkpoint-3 is not a checkpoint written by influence-lens train/);
   });
 
   test('retrain reads a model a killed train set aside (between its two renames) from where it was put back', async () => {

@@ -10,7 +10,7 @@ const errno = (code: string, path?: string) =>
 test("ENOSPC and EDQUOT name the failing path, else the command's --out; other errors are not disk-full", () => {
   assert.equal(
     diskFull(errno('ENOSPC', '/mnt/small/out.tmp-1-1x1/model.safetensors'), ['--out', '/mnt/small/out']),
-    'no space left on the disk writing /mnt/small/out.tmp-1-1x1/model.safetensors (ENOSPC): free some space there or choose another --out, then run it again (nothing there before was replaced)',
+    'no space left on the disk writing /mnt/small/out.tmp-1-1x1/model.safetensors (ENOSPC): free some space there or write elsewhere (another --out; TMPDIR for temporary files), then run it again (nothing there before was replaced)',
   );
   assert.match(
     diskFull(errno('ENOSPC'), ['--data', 'd.jsonl', '--out', '/mnt/small/out'])!,

@@ -141,7 +141,14 @@ export function toClientInfo(s: ServiceInfo): ClientInfo {
   const unfitted = s.stages.filter((x) => !x.factors && !x.factorsUnusable).map((x) => x.name as StageName);
   const needsFit: Partial<Record<Method, StageName[]>> = {};
   if (!s.methods.includes('ekfac') && unfitted.includes('finetuned')) needsFit.ekfac = ['finetuned'];
-  if (!s.methods.includes('multistage') && s.stages.length > 1 && unfitted.length) needsFit.multistage = unfitted;
+  // multistage needs both stages: fitting one cannot help while the other's factors are unusable
+  if (
+    !s.methods.includes('multistage') &&
+    s.stages.length > 1 &&
+    unfitted.length &&
+    !s.stages.some((x) => x.factorsUnusable)
+  )
+    needsFit.multistage = unfitted;
   return {
     model: s.model,
     device: s.device,

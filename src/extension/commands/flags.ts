@@ -1,7 +1,7 @@
 // Flag / unflag (from a hover, the editor or the tree), edit a flag's reason, "Export cleaned
 // dataset" (a filtered copy next to the original) and "Apply removal to file" (an undoable edit
 // of the open document; nothing is saved for the user).
-import { existsSync, readFileSync } from 'node:fs';
+import { existsSync, readFileSync, statSync } from 'node:fs';
 import { basename } from 'node:path';
 import * as vscode from 'vscode';
 import { invalidLineShownAs } from '../../common/byte-lines';
@@ -71,7 +71,8 @@ async function flagLine(s: Services, on: boolean, uri?: string, line?: number, s
   // the editor shows a line that is not UTF-8 with U+FFFD for its bad bytes, and hashes that text;
   // the server skips the line (no text at all), so such a flag would match nothing on export
   const text = lineTextAt(doc, line);
-  if (on && text.includes('\uFFFD')) {
+  // (read whole: up to 1 GiB; a larger dataset's flag is taken as before, unchecked)
+  if (on && text.includes('\uFFFD') && statSync(doc.uri.fsPath).size < 2 ** 30) {
     const bad = invalidLineShownAs(readFileSync(doc.uri.fsPath), text);
     if (bad)
       throw new Error(

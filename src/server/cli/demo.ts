@@ -35,7 +35,7 @@ import { generate } from '../model/generate';
 import { DEFAULTS } from '../settings';
 import { formatResult } from './explain';
 import { readTrainingArgs, recordedTraining } from './retrain';
-import { trainJob } from './train';
+import { trainJob, trainOutLock } from './train';
 import { CliError, int, Progress, parse } from './util';
 
 interface Query {
@@ -197,27 +197,34 @@ export async function runDemo(argv: string[]): Promise<void> {
     .digest('hex')
     .slice(0, 16);
   const cleanDir = join(work, `finetuned-${key}`);
-  if (trainedWithout(cleanDir, excluded)) say(`   retrained model: cached (${shown(cleanDir)})`);
-  else {
-    let bar: Progress | undefined;
-    const r = await trainJob({
-      data: d.finetuneData,
-      out: cleanDir,
-      model: d.pretrained,
-      // as the shipped model was trained (the thread count included: it changes the last bits)
-      ...recordedTraining(args),
-      // these flags themselves, not the sidecar: a demo of another query running beside this one
-      // rewrites it, and this model would be trained without that run's flags under this run's key
-      excludeHashes: excluded,
-      // a demo of the same query beside this one trains the same model into the same folder
-      waitForOut: true,
-      onStep: (s) => {
-        bar ??= new Progress('   fine-tuning'.padEnd(34), s.total);
-        bar.tick(s.step, `loss ${s.loss.toFixed(3)}`);
-      },
-    });
-    bar?.done();
-    say(`   fine-tuned again on ${r.examples} examples (${r.excluded} left out) in ${r.seconds.toFixed(1)} s`);
+  // a demo of the same query beside this one trains the same model into the same folder: the
+  // cache is checked and the model trained under one lock, so the second finds it cached
+  const release = await trainOutLock(cleanDir, (line) => say(`   ${line}`));
+  try {
+    if (trainedWithout(cleanDir, excluded)) say(`   retrained model: cached (${shown(cleanDir)})`);
+    else {
+      let bar: Progress | undefined;
+      const r = await trainJob({
+        data: d.finetuneData,
+        out: cleanDir,
+        model: d.pretrained,
+        // as the shipped model was trained (the thread count included: it changes the last bits)
+        ...recordedTraining(args),
+        // these flags themselves, not the sidecar: a demo of another query running beside this one
+        // rewrites it, and this model would be trained without that run's flags under this run's key
+        excludeHashes: excluded,
+        // under the lock taken above, with the cache checked under it
+        outLocked: true,
+        onStep: (s) => {
+          bar ??= new Progress('   fine-tuning'.padEnd(34), s.total);
+          bar.tick(s.step, `loss ${s.loss.toFixed(3)}`);
+        },
+      });
+      bar?.done();
+      say(`   fine-tuned again on ${r.examples} examples (${r.excluded} left out) in ${r.seconds.toFixed(1)} s`);
+    }
+  } finally {
+    release();
   }
   const clean = Model.open(cleanDir);
   const [after] = await generate(clean, [query.prompt], { maxNewTokens: 8 });

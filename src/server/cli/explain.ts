@@ -178,8 +178,8 @@ export async function runExplain(argv: string[]): Promise<void> {
   // them): a script that reads the JSON alone must see that the factors are of other data
   const warnings = [ft.warnings, pt?.warnings ?? [], [stale, skipped], notes].flat().filter((w) => w !== undefined);
   // a query's own warnings (words outside the vocabulary) are said on stderr and kept first in --json
-  const withWarnings = <R extends { warnings?: string[] }>(r: R): R => {
-    for (const w of r.warnings ?? []) process.stderr.write(`warning: ${w}\n`);
+  const withWarnings = <R extends { warnings?: string[] }>(r: R, where?: string): R => {
+    for (const w of r.warnings ?? []) process.stderr.write(`warning: ${where ? `${where}: ` : ''}${w}\n`);
     const all = [...(r.warnings ?? []), ...warnings];
     return all.length ? { ...r, warnings: all } : r;
   };
@@ -226,7 +226,7 @@ export async function runExplain(argv: string[]): Promise<void> {
         bar = undefined;
         stage = '';
         // which line it answers (blank lines are not queries, so the k-th result need not be line k)
-        const r = withWarnings({ ...res, query: { ...res.query, where: queries[i].where } });
+        const r = withWarnings({ ...res, query: { ...res.query, where: queries[i].where } }, queries[i].where);
         process.stdout.write(v.json ? `${JSON.stringify(r)}\n` : `${formatResult(r, process.stdout.isTTY === true)}\n`);
       },
     );

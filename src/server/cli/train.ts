@@ -5,9 +5,16 @@
 // tokens only, text records on every token, exactly the loss the influence commands use.
 // --exclude drops the examples a flags sidecar (`<dataset>.exclude.jsonl`, one {"hash", ...}
 // per line) names, by content hash: the counterfactual "train again without them".
-import { existsSync, mkdirSync, readdirSync, rmSync, statSync } from 'node:fs';
+import { existsSync, lstatSync, mkdirSync, readdirSync, rmSync } from 'node:fs';
 import { basename, dirname, join, resolve } from 'node:path';
-import { cleanStaleTempsOf, commitDir, resolveLinks, stageDir, tempPathFor } from '../../common/atomic-write';
+import {
+  cleanStaleTempsOf,
+  commitDir,
+  resolveLinks,
+  restoreReplacedPath,
+  stageDir,
+  tempPathFor,
+} from '../../common/atomic-write';
 import { describeOwner, tryLock, waitLock } from '../../common/owner-lock';
 import { realOrResolved } from '../../common/real-path';
 import { modelFingerprint } from '../attribution/fingerprint';
@@ -58,8 +65,8 @@ export interface TrainJobOptions {
   excludeHashes?: Iterable<string>;
   /** refuse an --out that already holds a model (retrain: a retrained model is never replaced) */
   newOut?: boolean;
-  /** wait for another run writing --out instead of refusing (the demo: a run beside it trains the same model) */
-  waitForOut?: boolean;
+  /** the caller holds --out's lock (`trainOutLock`): the demo checks its cache and trains under one lock */
+  outLocked?: boolean;
   /** also write `<out>/checkpoint-<step>` every this many steps (as transformers' Trainer), for influence over training */
   saveSteps?: number;
   threads?: number;
@@ -173,9 +180,13 @@ export function checkTrainOut(out: string, from?: string): void {
       );
   }
   const parent = dirname(realOrResolved(out));
-  if (existsSync(join(parent, 'config.json')) && MODEL_FILES.some((f) => existsSync(join(parent, f))))
+  if (
+    /^checkpoint-\d+$/.test(basename(realOrResolved(out))) &&
+    existsSync(join(parent, 'config.json')) &&
+    MODEL_FILES.some((f) => existsSync(join(parent, f)))
+  )
     throw new CliError(
-      `--out ${out} is inside the model folder ${parent}: a folder there reads as one of that model's training checkpoints (checkpoint-<step>) and is lost when that model is trained again; choose a folder outside it`,
+      `--out ${out} is a checkpoint-<step> folder inside the model folder ${parent}: it would read as one of that model's training checkpoints (--checkpoints auto) and go when that model is trained again; choose another name or a folder outside it`,
     );
   checkOutFolder(out, {
     owned: TRAINED_FILES,
@@ -187,7 +198,8 @@ export function checkTrainOut(out: string, from?: string): void {
   if (!existsSync(out)) return;
   for (const name of readdirSync(out).filter((n) => /^checkpoint-\d+$/.test(n))) {
     const dir = join(out, name);
-    const foreign = statSync(dir).isDirectory()
+    // a link (dangling or not) is not a folder train wrote
+    const foreign = lstatSync(dir).isDirectory()
       ? readdirSync(dir).filter((n) => !TRAINED_FILES.has(n) && !DESKTOP_FILES.has(n))
       : [name];
     if (foreign.length)
@@ -218,10 +230,9 @@ export async function trainJob(o: TrainJobOptions): Promise<TrainJobResult> {
   // one writer of --out at a time, and its checks made under the lock: two runs into one folder
   // both said 'wrote' while the second replaced the first's model
   mkdirSync(dirname(resolveLinks(out)), { recursive: true });
-  const lockPath = `${resolveLinks(out)}.lock`;
-  const lock = o.waitForOut
-    ? await waitLock(lockPath, `training into ${out}`, { log })
-    : tryLock(lockPath, `training into ${out}`);
+  if (o.outLocked) return trainLocked(o, out, t0, log);
+  const lockPath = trainOutLockPath(out);
+  const lock = tryLock(lockPath, `training into ${out}`);
   if (typeof lock !== 'function')
     throw new CliError(
       `another influence-lens run, ${describeOwner(lock)}, is writing ${o.out}; wait for it to finish or choose another --out (delete ${lockPath} only if no such process runs)`,
@@ -233,12 +244,26 @@ export async function trainJob(o: TrainJobOptions): Promise<TrainJobResult> {
   }
 }
 
+/** The lock file a train of `out` holds while it runs (beside the folder a link names). */
+function trainOutLockPath(out: string): string {
+  return `${resolveLinks(resolve(out))}.lock`;
+}
+
+/** Waits for --out's lock (another run training into it), saying whom it waits for; for `outLocked` runs. */
+export function trainOutLock(out: string, log: (line: string) => void): Promise<() => void> {
+  mkdirSync(dirname(resolveLinks(resolve(out))), { recursive: true });
+  return waitLock(trainOutLockPath(out), `training into ${out}`, { log });
+}
+
 async function trainLocked(
   o: TrainJobOptions,
   out: string,
   t0: number,
   log: (line: string) => void,
 ): Promise<TrainJobResult> {
+  // a model a killed train set aside between its two renames is put back before it is judged
+  // (else a retrain's --out would look new and the model be replaced, a user's folder be lost)
+  restoreReplacedPath(out);
   if (o.newOut && existsSync(join(out, 'model.safetensors')))
     throw new CliError(`${o.out} already holds a model; choose another --out`);
   checkTrainOut(out, o.model);

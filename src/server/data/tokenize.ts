@@ -401,14 +401,23 @@ function tokenizeQueryAs(
  */
 export function unknownWordsWarning(
   tok: TokenizerHandle,
-  q: { ids: readonly number[]; offsets: ReadonlyArray<readonly [number, number]>; text: string; promptLength: number },
+  q: {
+    ids: readonly number[];
+    offsets: ReadonlyArray<readonly [number, number]>;
+    text: string;
+    promptLength: number;
+    /** a chat query's rendering: only its messages' text is the person's (not the template's markup) */
+    rendered?: { pieces: ReadonlyArray<{ start: number; end: number }> };
+  },
 ): string | undefined {
   const unk = tok.unkToken;
   if (!unk) return undefined;
+  const written = (s: number, e: number) => !q.rendered || q.rendered.pieces.some((p) => s < p.end && e > p.start);
   const words = { completion: new Set<string>(), prompt: new Set<string>() };
   for (let i = 0; i < q.ids.length; i++) {
     if (q.ids[i] !== unk.id) continue;
     const [s, e] = q.offsets[i];
+    if (!written(s, e)) continue; // a chat template's (or the stand-in's) own markup
     const word = q.text.slice(s, e).trim();
     if (!word || word === unk.text) continue; // the unknown token written as itself
     words[e > q.promptLength ? 'completion' : 'prompt'].add(word);

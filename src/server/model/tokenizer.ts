@@ -527,9 +527,12 @@ export function loadTokenizer(
     padTokenId,
     idToToken: (id) => tok.id_to_token(id),
     tokenToId: (t) => tok.token_to_id(t),
-    ...(unk !== undefined && tok.token_to_id(unk) !== undefined
-      ? { unkToken: { id: tok.token_to_id(unk)!, text: unk } }
-      : {}),
+    ...unknownToken(
+      model,
+      unk,
+      (t) => tok.token_to_id(t),
+      (id) => tok.id_to_token(id),
+    ),
   };
 }
 
@@ -586,6 +589,19 @@ export function withEmbeddingRows(
     },
     encodeIds: (text, addSpecialTokens) => check(tok.encodeIds(text, addSpecialTokens)),
   };
+}
+
+/** The unknown token: BPE / WordPiece / WordLevel name it (`unk_token`), Unigram gives its id (`unk_id`). */
+function unknownToken(
+  model: Json,
+  unk: string | undefined,
+  toId: (t: string) => number | undefined,
+  toToken: (id: number) => string | undefined,
+): { unkToken?: { id: number; text: string } } {
+  if (unk !== undefined && toId(unk) !== undefined) return { unkToken: { id: toId(unk)!, text: unk } };
+  const id = model.unk_id;
+  const text = isId(id) ? toToken(id as number) : undefined;
+  return model.type === 'Unigram' && text !== undefined ? { unkToken: { id: id as number, text } } : {};
 }
 
 /**
