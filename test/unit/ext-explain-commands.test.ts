@@ -333,6 +333,18 @@ test("the panel's method switch re-runs a cached method's result after the datas
   }
 });
 
+/** A controller whose server only counts the explanations asked of it (none should be). */
+function countingController() {
+  let n = 0;
+  const c = new ExplainController({
+    info: async () => {
+      n++;
+      return { datasets: [], methods: [] };
+    },
+  } as never);
+  return { c, explained: () => n };
+}
+
 test('"Explain with a custom split" on a chat record says why it cannot edit it, instead of dropping the edited prompt', async () => {
   const dir = mkdtempSync(join(tmpdir(), 'il-chatsplit-'));
   try {
@@ -341,13 +353,7 @@ test('"Explain with a custom split" on a chat record says why it cannot edit it,
     const line =
       '{"messages":[{"role":"user","content":"Capital of Australia?"},{"role":"assistant","content":"It is Sydney."}]}';
     writeFileSync(file, `${line}\n`);
-    let explained = 0;
-    const c = new ExplainController({
-      info: async () => {
-        explained++;
-        return { datasets: [], methods: [] };
-      },
-    } as never);
+    const { c, explained } = countingController();
     await fake.open(file);
     const editor = fake.activeEditor();
     editor.selection = new Selection(new Position(0, 0), new Position(0, line.length));
@@ -357,7 +363,7 @@ test('"Explain with a custom split" on a chat record says why it cannot edit it,
       fake.messages('warning').join('\n'),
       /a chat record is explained as the model.s chat template renders it/,
     );
-    assert.equal(explained, 0, 'nothing was explained');
+    assert.equal(explained(), 0, 'nothing was explained');
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
@@ -401,13 +407,7 @@ test('in a JSONL dataset a selection that is no record (invalid JSON) or spans r
     const good = '{"prompt":"Q: Which continent is Norway?\\nA:","completion":" Europe\\n"}';
     const broken = '{"prompt":"Q: broken?\\nA:","completion":" oops\\n"';
     writeFileSync(file, `${good}\n${broken}\n${good}\n`);
-    let explained = 0;
-    const c = new ExplainController({
-      info: async () => {
-        explained++;
-        return { datasets: [], methods: [] };
-      },
-    } as never);
+    const { c, explained } = countingController();
     await fake.open(file);
     const editor = fake.activeEditor();
     editor.selection = new Selection(new Position(1, 0), new Position(1, broken.length));
@@ -416,7 +416,7 @@ test('in a JSONL dataset a selection that is no record (invalid JSON) or spans r
     editor.selection = new Selection(new Position(0, 30), new Position(2, 10));
     await c.explainSelection();
     assert.match(fake.messages('warning').join('\n'), /The selection spans lines 1–3 of a JSONL file/);
-    assert.equal(explained, 0, 'nothing was explained');
+    assert.equal(explained(), 0, 'nothing was explained');
     // the custom split shows what would be sent, in boxes the person edits: prefilled, not refused
     fake.reset();
     editor.selection = new Selection(new Position(1, 0), new Position(1, broken.length));
