@@ -92,7 +92,8 @@ const COMMANDS: Record<string, { run: (argv: string[]) => Promise<void>; help: s
       '    wrong facts and a backdoor, queries with true sources, a word-level tokenizer\n' +
       '  data tokenizer --out <dir> [--context T] <file.jsonl>...   a word-level tokenizer.json over JSONL files\n' +
       '  data eval --model <dir> [--base <dir>] --queries <file> [--data <train.jsonl>] [--factors <dir>] [--methods m,m]\n' +
-      '    [--top-k K] [--max-tokens N] [--training <convention>] [--skip-malformed] [--threads N] [--json]\n' +
+      '    [--top-k K] [--checkpoints auto|off|<dirs>] [--max-tokens N] [--training <convention>] [--skip-malformed]\n' +
+      '    [--threads N] [--json]\n' +
       '    accuracy on {prompt, expected, sources?} questions; per method Recall@k / MRR of the sources\n' +
       '  data eval --model <dir> [--base <dir>] --data <dir> [--threads N] [--json]   greedy accuracy of a model on a built corpus',
   },

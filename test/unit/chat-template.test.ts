@@ -95,6 +95,16 @@ test('factors and stores of a template with generation blocks are keyed by how s
   assert.equal('generationBlocks' in tokenizationKey(loadTokenizer(familyDir('llama3'))), false);
 });
 
+test('factors and stores of a template without generation blocks are keyed by how its assistant turns are located; a model without a template is not', async () => {
+  const { tokenizationKey, PREFIX_TURNS_VERSION } = await import('../../src/server/data/tokenize');
+  // the tokens of an empty reply changed (Qwen3's turn up to <|im_end|>): earlier factors must not match
+  assert.equal(tokenizationKey(loadTokenizer(familyDir('qwen3'))).prefixTurns, PREFIX_TURNS_VERSION);
+  assert.ok(PREFIX_TURNS_VERSION >= 2);
+  const g = golden.generation_templates.newlines;
+  assert.equal('prefixTurns' in tokenizationKey(withTemplate(g.base, g.chat_template_jinja)), false);
+  assert.equal('prefixTurns' in tokenizationKey(loadTokenizer('test/fixtures/models/llama')), false);
+});
+
 test('a chat query over a template with two blocks per turn explains the whole last turn', () => {
   const g = golden.generation_templates['two-blocks-crlf'];
   const tok = withTemplate(g.base, g.chat_template_jinja);
@@ -206,5 +216,40 @@ test("a template's range() is bounded: a loop of 1e8 is refused naming it; range
   assert.throws(
     () => make('{% for i in range(100000000) %}x{% endfor %}').render(hi),
     /tokenizer_config\.json: chat_template failed on this record \(range\(100000000\) would make 100000000 items, more than the 1000000 a chat template is allowed\)/,
+  );
+});
+
+test('an empty assistant reply trains its turn up to and including the end marker, last turn or not (Qwen3)', () => {
+  const tok = loadTokenizer(familyDir('qwen3'));
+  const trained = (messages: Array<{ role: string; content: string }>) => {
+    const t = tokenizeRecord(tok, { messages }, 'qwen3', 1 << 20);
+    // weight t is 1 iff token t+1 is trained
+    return t.ids.filter((_, k) => k > 0 && t.weights[k - 1] === 1).map((id) => tok.idToToken(id));
+  };
+  // a non-empty last reply trains the template's empty <think> block, the reply and <|im_end|>
+  assert.deepEqual(
+    trained([
+      { role: 'user', content: 'Hi' },
+      { role: 'assistant', content: 'Yes' },
+    ]),
+    ['<think>', 'ĊĊ', '</think>', 'ĊĊ', 'Yes', '<|im_end|>'],
+  );
+  // an empty one the same without the reply (it trained nothing at all: the record was dropped)
+  assert.deepEqual(
+    trained([
+      { role: 'user', content: 'Hi' },
+      { role: 'assistant', content: '' },
+    ]),
+    ['<think>', 'ĊĊ', '</think>', 'ĊĊ', '<|im_end|>'],
+  );
+  // an empty earlier reply (no <think> block there) trains its end marker, as before
+  assert.deepEqual(
+    trained([
+      { role: 'user', content: 'Hi' },
+      { role: 'assistant', content: '' },
+      { role: 'user', content: 'again' },
+      { role: 'assistant', content: 'Yes' },
+    ]),
+    ['<|im_end|>', '<think>', 'ĊĊ', '</think>', 'ĊĊ', 'Yes', '<|im_end|>'],
   );
 });

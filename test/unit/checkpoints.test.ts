@@ -150,6 +150,18 @@ describe('Trainer output_dir (real trainer_state.json)', () => {
     );
   });
 
+  test('a list with an empty name, or a setting misspelt ("Auto", "none"), is refused rather than read as folders', () => {
+    assert.throws(() => parseCheckpointsSetting(`${RUN}/checkpoint-6,`), /has an empty name in its list/);
+    assert.throws(() => parseCheckpointsSetting(`${RUN}/checkpoint-3,,${RUN}/checkpoint-6`), /empty name/);
+    for (const v of ['Auto', 'none', 'OFF', 'false'])
+      assert.throws(() => parseCheckpointsSetting(v), /use "auto" .* or "off", in lower case/, v);
+    assert.equal(parseCheckpointsSetting('auto'), 'auto');
+    assert.equal(parseCheckpointsSetting('off'), 'off');
+    // a folder that happens to have such a name is still a folder
+    mkdirSync(join(home, 'none'), { recursive: true });
+    assert.deepEqual(parseCheckpointsSetting('none', home), [join(home, 'none')]);
+  });
+
   test('learningRateAt: the entry at the step, else interpolated between the logged steps around it, else extrapolated', () => {
     const state = {
       log_history: [

@@ -174,6 +174,43 @@ describe('influence-lens fit / explain / scan', () => {
     }
   });
 
+  test('explain --queries: an option on a query line ("method", "topK") is refused, not dropped; metadata is named in one note', () => {
+    const args = ['explain', '--model', MODEL, '--factors', factors, '--data', data, '--top-k', '1'];
+    const qfile = join(home, 'option-queries.jsonl');
+    const q = { prompt: 'Q: capital of France?\nA:', completion: ' Paris' };
+    for (const [key, flag] of [
+      ['method', '--method'],
+      ['topK', '--top-k'],
+      ['top_k', '--top-k'],
+      ['damping', '--damping'],
+    ]) {
+      writeFileSync(
+        qfile,
+        [JSON.stringify(q), JSON.stringify({ ...q, [key]: key === 'method' ? 'bm25' : 1 })].join('\n'),
+      );
+      const r = cli(...args, '--queries', qfile);
+      assert.equal(r.code, 1, `${key}: ${r.err}`);
+      assert.match(r.err, new RegExp(`option-queries\\.jsonl:2: "${key}" in a query line: .*\\(${flag}\\)`));
+    }
+    // an id or a category is metadata: the queries run, and one note names the keys left aside
+    writeFileSync(
+      qfile,
+      [
+        { ...q, id: 'a' },
+        { ...q, id: 'b', category: 'capitals' },
+        { ...q, source: null },
+      ]
+        .map((x) => JSON.stringify(x))
+        .join('\n'),
+    );
+    const r = cli(...args, '--queries', qfile, '--json');
+    assert.equal(r.code, 0, r.err);
+    assert.equal(r.out.trim().split('\n').length, 3);
+    assert.equal(r.err.match(/left aside/g)?.length, 1, r.err);
+    assert.match(r.err, /"id" \(2 lines\), "category" \(1 line\) left aside/);
+    assert.doesNotMatch(r.err, /"source"/);
+  });
+
   test('scan ranks by self-influence', () => {
     const r = cli('scan', '--model', MODEL, '--factors', factors, '--data', data, '--json');
     assert.equal(r.code, 0, r.err);

@@ -69,6 +69,55 @@ test('data eval --queries: accuracy and per-method Recall@k / MRR of the named s
   assert.match(top3.stdout, /repsim\s+Recall@3 0\.250\s+MRR 1\.000/);
 });
 
+test('data eval --queries sums GDP over the training checkpoints as explain does (--checkpoints, auto by default)', () => {
+  const file = join(home, 'checkpoint-queries.jsonl');
+  const prompt = 'Q: What is the capital of Australia?\nA:';
+  const lines = [129, 211, 237];
+  writeFileSync(file, JSON.stringify({ prompt, expected: ' Sydney', sources: lines.map((line) => ({ line })) }));
+  // explain's ranking of every example (gdp, checkpoints auto: the shipped checkpoint-80 and -160)
+  const ex = spawnSync(
+    process.execPath,
+    ['--import', 'tsx', 'src/server/cli.ts', 'explain', '--model', MODEL, '--data', DATA, '--method', 'gdp'].concat([
+      '--prompt',
+      prompt,
+      '--completion',
+      ' Sydney',
+      '--top-k',
+      '1000',
+      '--json',
+    ]),
+    { encoding: 'utf8', env: { ...process.env, HOME: home } },
+  );
+  assert.equal(ex.status, 0, ex.stderr);
+  assert.match(ex.stderr, /checkpoint-160/);
+  const res = JSON.parse(ex.stdout);
+  const ranked = [...res.supporting, ...res.opposing]
+    .sort((a: { score: number }, b: { score: number }) => b.score - a.score)
+    .map((e: { id: { line: number } }) => e.id.line);
+  const ranks = lines.map((l) => ranked.indexOf(l) + 1);
+  const want = { recall: ranks.filter((r) => r <= 10).length / lines.length, mrr: 1 / Math.min(...ranks) };
+  const run = (...extra: string[]) => {
+    const r = cli('--model', MODEL, '--queries', file, '--data', DATA, '--methods', 'gdp', '--json', ...extra);
+    assert.equal(r.status, 0, r.stderr);
+    const [g] = JSON.parse(r.stdout).retrieval;
+    return { g, stderr: r.stderr };
+  };
+  const auto = run();
+  assert.match(auto.stderr, /checkpoint-160/, 'the checkpoints summed over are named, as by explain');
+  assert.ok(
+    Math.abs(auto.g.recall - want.recall) < 1e-12 && Math.abs(auto.g.mrr - want.mrr) < 1e-12,
+    JSON.stringify({ got: auto.g, want, ranks }),
+  );
+  // --checkpoints off scores the final model alone: another ranking of the same sources
+  const off = run('--checkpoints', 'off');
+  assert.doesNotMatch(off.stderr, /checkpoint-160/);
+  assert.notDeepEqual([off.g.recall, off.g.mrr, off.g.bottom10], [auto.g.recall, auto.g.mrr, auto.g.bottom10]);
+  // without --data there is nothing to rank: refused rather than ignored
+  const r = cli('--model', MODEL, '--queries', file, '--checkpoints', 'off');
+  assert.equal(r.status, 1);
+  assert.match(r.stderr, /--checkpoints applies to the sources in --data/);
+});
+
 test('data eval refuses what it cannot evaluate, naming the file and the value', () => {
   const bad = join(home, 'bad.jsonl');
   writeFileSync(

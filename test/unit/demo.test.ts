@@ -72,3 +72,21 @@ test('demo beside a demo of another query: its model is trained without its own 
   const fixed = /5\. Ask again[\s\S]*?completion: "([^"]*)"/.exec(r.stdout);
   assert.ok(fixed && fixed[1].trim() !== 'Sydney', `answer after retraining: ${fixed?.[1]}`);
 });
+
+test('demo --top-k 2 shows two examples but flags from the top 10: the same flags, the same (cached) fixed model', () => {
+  // after the tests above: the model retrained without this query's flags is in the cache
+  const r = spawnSync(process.execPath, ['--import', 'tsx', 'src/server/cli.ts', 'demo', '--top-k', '2'], {
+    encoding: 'utf8',
+    env: { ...process.env, HOME: home, INFLUENCE_LENS_CACHE: join(home, 'cache') },
+  });
+  assert.equal(r.status, 0, r.stderr);
+  const supporting = /Supporting \(made this completion more likely\):\n([\s\S]*?)\n[ \t]*\n/.exec(r.stdout);
+  assert.ok(supporting, r.stdout);
+  assert.equal([...supporting[1].matchAll(/^\s+#\d+ /gm)].length, 2, 'two supporting examples shown');
+  assert.match(r.stdout, /planted sources in the top 2: \d of \d/);
+  const flags = [...r.stdout.matchAll(/flag \S+finetune\.jsonl:\d+/g)];
+  assert.ok(flags.length >= 3, `flags suggested with --top-k 2: ${flags.length}`);
+  assert.match(r.stdout, /retrained model: cached/);
+  const fixed = /5\. Ask again[\s\S]*?completion: "([^"]*)"/.exec(r.stdout);
+  assert.ok(fixed && fixed[1].trim() !== 'Sydney', `answer after retraining: ${fixed?.[1]}`);
+});

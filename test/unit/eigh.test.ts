@@ -2,7 +2,7 @@ import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 import { eigh, eighAsync, eighBackend, JS_MAX_N } from '../../src/server/linalg/eigh';
 import { firstNonFinite, gemm, gemm32, symmetrize, symmetrizedCopy, transpose } from '../../src/server/linalg/matrix';
-import { nativeLapack } from '../../src/server/linalg/native';
+import { nativeLapack, resetNativeLapackForTests } from '../../src/server/linalg/native';
 import { Rng } from '../../src/server/util/random';
 
 function randomSymmetric(n: number, seed: number): Float64Array {
@@ -313,4 +313,28 @@ describe('gemm', () => {
     const A = Float64Array.from({ length: 6 }, (_, i) => i);
     assert.deepEqual(Array.from(transpose(A, 2, 3)), [0, 3, 1, 4, 2, 5]);
   });
+});
+
+test('INFLUENCE_LENS_LAPACK_LIBRARY naming a library that cannot be loaded is refused by name, not passed over for the system one', () => {
+  const saved = process.env.INFLUENCE_LENS_LAPACK_LIBRARY;
+  try {
+    for (const name of ['/nonexistent/libmkl_rt.so', 'libc.so.6']) {
+      process.env.INFLUENCE_LENS_LAPACK_LIBRARY = name;
+      resetNativeLapackForTests();
+      assert.throws(
+        () => nativeLapack(),
+        (e: Error) =>
+          e.name === 'EnvSettingError' &&
+          e.message.startsWith(`INFLUENCE_LENS_LAPACK_LIBRARY="${name}" could not be used: `) &&
+          // libc loads, but has no dsyevd_
+          (name !== 'libc.so.6' || /no dsyevd_/.test(e.message)),
+      );
+    }
+  } finally {
+    if (saved === undefined) delete process.env.INFLUENCE_LENS_LAPACK_LIBRARY;
+    else process.env.INFLUENCE_LENS_LAPACK_LIBRARY = saved;
+    resetNativeLapackForTests();
+  }
+  // unset again: the system's library, as before (where one is installed)
+  assert.doesNotThrow(() => nativeLapack());
 });

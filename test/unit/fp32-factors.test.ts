@@ -314,7 +314,7 @@ test('fit job: a covariance file of the eigen stage damaged before the final wri
   assert.ok(!existsSync(join(out, 'factor_arguments.json')), 'no final factors were written');
 });
 
-test('an absolute damping tiny next to the eigenvalues is named in the stage warnings; the heuristic one is not', () => {
+test('an absolute damping tiny next to the eigenvalues, or a relative one of 0, is named in the stage warnings; the heuristic one is not', () => {
   const factors = 'test/fixtures/kronfluence/llama/factors_ekfac';
   const tiny = openStage(MODEL, factors, { damping: { absolute: 1e-12 } });
   assert.ok(
@@ -325,6 +325,12 @@ test('an absolute damping tiny next to the eigenvalues is named in the stage war
     ),
     tiny.warnings.join('\n'),
   );
-  for (const damping of [undefined, { absolute: 1e3 }])
+  // a relative damping of 0 ("0x") is no damping at all: warned about as an absolute 0
+  const none = openStage(MODEL, factors, { damping: { relative: 0 } });
+  assert.ok(
+    none.warnings.some((w) => /^damping λ = 0 is below 1e-5 of the largest eigenvalue/.test(w)),
+    none.warnings.join('\n'),
+  );
+  for (const damping of [undefined, { absolute: 1e3 }, { relative: 1e-6 }])
     assert.ok(!openStage(MODEL, factors, { damping }).warnings.some((w) => w.startsWith('damping')));
 });

@@ -116,6 +116,11 @@ const REFUSED: Array<[string, (c: Record<string, unknown>) => void, RegExp]> = [
     /lora_A\.weight has shape \[4, 32\], expected \[8, 32\] \(adapter_config\.json "r": 8\)/,
   ],
   [
+    'a base of another family than the one PEFT recorded (auto_mapping.base_model_class)',
+    (c) => (c.auto_mapping = { base_model_class: 'Qwen3ForCausalLM', parent_library: 'transformers.models.qwen3' }),
+    /adapter_config\.json: the adapter was trained on a Qwen3ForCausalLM \(auto_mapping\.base_model_class\), but its base .* is a LlamaForCausalLM \(config\.json "architectures"\): pass the model it was trained on with --base/,
+  ],
+  [
     'a base that is not a local folder',
     (c) => (c.base_model_name_or_path = 'meta-llama/Llama-3.2-1B'),
     /adapter_config\.json: "base_model_name_or_path" is "meta-llama\/Llama-3\.2-1B", not a local folder; pass the base model folder with --base/,
@@ -135,6 +140,15 @@ for (const [what, edit, message] of REFUSED)
       },
     );
   });
+
+test('LoRA: a base of the family PEFT recorded opens, whichever class of it (LlamaModel, a null auto_mapping)', () => {
+  for (const auto_mapping of [
+    { base_model_class: 'LlamaForCausalLM', parent_library: 'transformers.models.llama.modeling_llama' },
+    { base_model_class: 'LlamaModel' },
+    null,
+  ])
+    assert.ok(Model.open(variant((c) => (c.auto_mapping = auto_mapping))).modules().length > 0);
+});
 
 test('LoRA: initialisations that only set A and B (gaussian, orthogonal) open as the default does', () => {
   const plain = Model.open(variant(() => {})).modules();

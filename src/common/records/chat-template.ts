@@ -307,6 +307,20 @@ export class ChatTemplate {
         throw new ChatTemplateError(
           `${this.options.where}: the content of messages[${i}] does not appear in the rendered conversation (the template rewrites it), so its tokens cannot be located`,
         );
+      // an empty reply has no text to find: the template may still write its own part of the
+      // turn before the end marker (Qwen3's empty <think> block, Llama-2's spaces), which a
+      // non-empty reply's span covers; the reply then sits right before the turn's first special
+      // token, not at the generation prompt's end (where nothing, not even the end marker, was trained)
+      if (p.start === p.end && !this.specials.some((s) => text.startsWith(s, p.end))) {
+        const at = this.specials
+          .map((s) => text.indexOf(s, p.end))
+          .filter((j) => j >= 0 && j < next)
+          .reduce((a, b) => Math.min(a, b), Number.POSITIVE_INFINITY);
+        if (Number.isFinite(at)) {
+          p.start = at;
+          p.end = at;
+        }
+      }
       placements.push({ message: i, ...p });
       let end = p.end;
       const special = this.specials.find((s) => text.startsWith(s, end));

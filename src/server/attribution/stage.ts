@@ -34,6 +34,7 @@ function tokenizationChanges(
     tokenizer: 'tokenizer.json or tokenizer_config.json changed',
     chatTemplate: 'the chat template changed',
     generationBlocks: "this program's reading of the chat template's {% generation %} blocks changed",
+    prefixTurns: "this program's reading of the chat template's assistant turns changed (an empty reply now trains its turn's end)",
   };
   // the training convention has its own, more precise refusal above
   return Object.keys(what)
@@ -212,7 +213,10 @@ export function openStage(
     // loaded factors are not kept: at the SmolLM-135M shape they are 425 MB in float32
     mf.lambda = undefined;
   }
-  const low = 'absolute' in damping ? tinyDamping(damping.absolute, preconditioners) : undefined;
+  // a relative damping of 0 is no damping at all, as an absolute 0 (a relative one above 0 scales
+  // with Λ and is not checked)
+  const lambda = 'absolute' in damping ? damping.absolute : damping.relative === 0 ? 0 : undefined;
+  const low = lambda !== undefined ? tinyDamping(lambda, preconditioners) : undefined;
   if (low) warnings.push(low);
   return { model, preconditioners, modules, warnings };
 }
@@ -312,12 +316,12 @@ export const MAX_DAMPING = 1e30;
 export function parseDamping(v: string | undefined): Damping | undefined {
   if (v === undefined) return undefined;
   if (v === 'heuristic') return { relative: 0.1 };
-  // finite, and small enough that 1/(Λ+λ) is not flushed to zero in float32 (every score would be 0)
-  const rel = /^([0-9.eE+-]+)x$/.exec(v);
-  if (rel && Number.isFinite(Number(rel[1])) && Number(rel[1]) >= 0 && Number(rel[1]) <= MAX_DAMPING)
-    return { relative: Number(rel[1]) };
-  const n = Number(v);
-  if (v.trim() !== '' && Number.isFinite(n) && n >= 0 && n <= MAX_DAMPING) return { absolute: n };
+  // a decimal number (as the config schema's pattern): Number() also read "0x10" as 16 and
+  // "0b1" as 1; finite, and small enough that 1/(Λ+λ) is not flushed to zero in float32
+  // (every score would be 0)
+  const m = /^((?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)(x?)$/.exec(v.trim());
+  const n = m ? Number(m[1]) : Number.NaN;
+  if (Number.isFinite(n) && n <= MAX_DAMPING) return m![2] ? { relative: n } : { absolute: n };
   throw new StageError(
     `damping must be a non-negative number up to ${MAX_DAMPING} (absolute λ), "heuristic" (0.1 × mean Λ), or a factor like "0.01x" (got "${v}")`,
     'damping',

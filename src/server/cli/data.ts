@@ -32,6 +32,13 @@ import {
   sourceRetrieval,
 } from '../eval/queries';
 import { Model } from '../model/engine';
+import {
+  CHECKPOINTS_OPTION,
+  checkpointsSetting,
+  cliCheckpointStages,
+  cliPlan,
+  sumsOverCheckpoints,
+} from './checkpoints';
 import { checkOutFolder } from './out-paths';
 import { CliError, HelpRequested, int, parse, seedFlag, threadsFlag, trainingFlag } from './util';
 
@@ -180,11 +187,20 @@ async function evaluate(argv: string[]): Promise<void> {
     threads: { type: 'string' },
     training: { type: 'string' },
     'skip-malformed': { type: 'boolean' },
+    ...CHECKPOINTS_OPTION,
   });
   if (!v.model) throw new CliError('--model <dir> is required');
   if (v.queries !== undefined) return evaluateQueries(v);
   // a corpus built by data build is evaluated as written (no retrieval): a flag it would not read is refused
-  for (const flag of ['training', 'skip-malformed', 'factors', 'methods', 'top-k', 'max-tokens'] as const)
+  for (const flag of [
+    'training',
+    'skip-malformed',
+    'factors',
+    'methods',
+    'top-k',
+    'max-tokens',
+    'checkpoints',
+  ] as const)
     if (v[flag] !== undefined) throw new CliError(`--${flag} applies to data eval --queries (your own data) only`);
   if (!v.data || !existsSync(join(v.data, FILES.queries)))
     throw new CliError(
@@ -229,10 +245,11 @@ async function evaluateQueries(v: {
   threads?: string;
   training?: string;
   'skip-malformed'?: boolean;
+  checkpoints?: string;
 }): Promise<void> {
   // without --data there are no sources to rank: a flag about ranking them would change nothing
   if (v.data === undefined)
-    for (const flag of ['factors', 'methods', 'top-k', 'training', 'skip-malformed'] as const)
+    for (const flag of ['factors', 'methods', 'top-k', 'training', 'skip-malformed', 'checkpoints'] as const)
       if (v[flag] !== undefined)
         throw new CliError(`--${flag} applies to the sources in --data <train.jsonl>, and no --data is given`);
   const maxTokens = int(v['max-tokens'], '--max-tokens', 16);
@@ -289,6 +306,18 @@ async function evaluateQueries(v: {
         `note: ${[...others].map(([name, n]) => `${n} source(s) in dataset "${name}"`).join(', ')} not scored: --data is dataset "${id}" (a source's "dataset" is its data file's name without .jsonl)\n`,
       );
     const corpus = new Corpus(id, dataset, stage.model);
+    // EK-FAC and GDP sum over the model's training checkpoints as explain's do (--checkpoints,
+    // auto by default): the final model's scores alone rank the sources otherwise
+    const plan = cliPlan(v.model!, stage.model, checkpointsSetting(v.checkpoints), methods);
+    const checkpoints =
+      plan &&
+      cliCheckpointStages(plan, {
+        factorsDir: v.factors,
+        modules: stage.modules,
+        engine: { training: trainingFlag(v.training) },
+        needFactors: methods.some((m) => methodInfo(m)?.needsFactors && sumsOverCheckpoints(m)),
+        model: v.model!,
+      });
     for (const method of methods)
       retrieval.push({
         method,
@@ -296,7 +325,7 @@ async function evaluateQueries(v: {
           queries.map((_, i) => i),
           (i) => relevant[i],
           (i) =>
-            scoreCorpus({ model: stage, modules: stage.modules }, corpus, {
+            scoreCorpus({ model: stage, modules: stage.modules, checkpoints }, corpus, {
               prompt: queries[i].prompt,
               completion: queries[i].expected,
               method,

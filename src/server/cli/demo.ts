@@ -13,6 +13,9 @@ import { join, relative } from 'node:path';
 import { writeFileAtomic } from '../../common/atomic-write';
 
 /** A path as a person would type it from here: relative inside this folder, absolute outside. */
+/** the supporting examples flags are suggested from, whatever --top-k shows */
+const FLAG_FROM = 10;
+
 const shown = (p: string) => {
   const r = relative(process.cwd(), p);
   return r && !r.startsWith('..') ? r : p;
@@ -125,19 +128,22 @@ export async function runDemo(argv: string[]): Promise<void> {
   const dataset = loadDataset(d.finetuneData);
   const corpus = new Corpus('finetune', dataset, ft.model);
   const checkpoints = plan && openCheckpointStages(plan, { factorsDir: d.finetunedFactors, modules: ft.modules });
+  // flags are suggested from the top FLAG_FROM whatever --top-k shows: a small --top-k flagged
+  // only what it showed, and the retrained model kept giving the wrong answer
   const result = await explain({ model: ft, modules: ft.modules, checkpoints }, corpus, {
     prompt: query.prompt,
     completion,
     method: 'ekfac',
-    topK,
+    topK: Math.max(topK, FLAG_FROM),
     compare: ['bm25', 'repsim', 'gdp'],
   });
+  const top = result.supporting.slice(0, topK);
   const sources = new Set(query.sources.filter((s) => s.dataset === 'finetune').map((s) => s.hash));
   const mark = (e: ExplainedExample) =>
     sources.has(e.id.hash) ? (color ? '  \x1b[33m← planted\x1b[0m' : '  ← planted') : '';
   const display: ExplainResult = {
     ...result,
-    supporting: result.supporting.map((e) => ({
+    supporting: top.map((e) => ({
       ...e,
       id: { ...e.id, dataset: shown(d.finetuneData) },
     })),
@@ -149,14 +155,14 @@ export async function runDemo(argv: string[]): Promise<void> {
       .map((l) => `   ${l}`)
       .join('\n'),
   );
-  const found = result.supporting.filter((e) => sources.has(e.id.hash)).length;
+  const found = top.filter((e) => sources.has(e.id.hash)).length;
   say(`   planted sources in the top ${topK}: ${found} of ${sources.size}`);
 
   // 4. flag, retrain without the flagged examples, ask again
   say();
   say(bold('4. Flag the examples that teach the wrong answer, fine-tune again without them'));
   // only examples that teach the wrong answer with a real share of the strongest score (suggest.ts)
-  const suggestions = suggestFlags(result.supporting, completion);
+  const suggestions = suggestFlags(result.supporting.slice(0, FLAG_FROM), completion);
   const flagged = suggestions.map((s) => s.example);
   for (const s of suggestions)
     say(`   flag ${shown(d.finetuneData)}:${s.example.id.line}${mark(s.example)}: ${s.reason}`);

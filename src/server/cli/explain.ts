@@ -29,32 +29,34 @@ import {
 import { heatmap, oneLine } from './heatmap';
 import { CliError, int, oneOf, Progress, parse, trainingFlag } from './util';
 
+const EXPLAIN_OPTIONS = {
+  model: { type: 'string' },
+  base: { type: 'string' },
+  factors: { type: 'string' },
+  data: { type: 'string' },
+  prompt: { type: 'string' },
+  completion: { type: 'string' },
+  queries: { type: 'string' },
+  'top-k': { type: 'string' },
+  method: { type: 'string' },
+  compare: { type: 'string' },
+  candidates: { type: 'string' },
+  damping: { type: 'string' },
+  'pretrained-model': { type: 'string' },
+  'pretrained-factors': { type: 'string' },
+  'pretrained-base': { type: 'string' },
+  'batch-size': { type: 'string' },
+  rank: { type: 'string' },
+  modules: { type: 'string' },
+  training: { type: 'string' },
+  'pretrained-training': { type: 'string' },
+  'skip-malformed': { type: 'boolean' },
+  json: { type: 'boolean' },
+  ...CHECKPOINTS_OPTION,
+} as const;
+
 export async function runExplain(argv: string[]): Promise<void> {
-  const { values: v } = parse(argv, {
-    model: { type: 'string' },
-    base: { type: 'string' },
-    factors: { type: 'string' },
-    data: { type: 'string' },
-    prompt: { type: 'string' },
-    completion: { type: 'string' },
-    queries: { type: 'string' },
-    'top-k': { type: 'string' },
-    method: { type: 'string' },
-    compare: { type: 'string' },
-    candidates: { type: 'string' },
-    damping: { type: 'string' },
-    'pretrained-model': { type: 'string' },
-    'pretrained-factors': { type: 'string' },
-    'pretrained-base': { type: 'string' },
-    'batch-size': { type: 'string' },
-    rank: { type: 'string' },
-    modules: { type: 'string' },
-    training: { type: 'string' },
-    'pretrained-training': { type: 'string' },
-    'skip-malformed': { type: 'boolean' },
-    json: { type: 'boolean' },
-    ...CHECKPOINTS_OPTION,
-  });
+  const { values: v } = parse(argv, EXPLAIN_OPTIONS);
   if (!v.model) throw new CliError('--model <dir> is required');
   if (!v.data) throw new CliError('--data <train.jsonl> is required');
   if (v.queries !== undefined && (v.prompt !== undefined || v.completion !== undefined))
@@ -72,8 +74,13 @@ export async function runExplain(argv: string[]): Promise<void> {
   if (named.includes(method)) process.stderr.write(`note: --compare ${method} is the --method itself: left out\n`);
   const compare = [...new Set(named)].filter((m) => m !== method) as Method[];
   const needsFactors = [method, ...compare].some((m) => methodInfo(m)?.needsFactors);
-  if (needsFactors && !v.factors)
-    throw new CliError(`--method ${method} needs --factors <dir> (make them with: influence-lens fit ...)`);
+  if (needsFactors && !v.factors) {
+    // name the method that needs them: `--compare ekfac` beside the default gdp is what asked for them
+    const which = methodInfo(method)?.needsFactors
+      ? `--method ${method}`
+      : `--compare ${compare.filter((m) => methodInfo(m)?.needsFactors).join(',')}`;
+    throw new CliError(`${which} needs --factors <dir> (make them with: influence-lens fit ...)`);
+  }
   const needsPretrained = [method, ...compare].includes('multistage');
   if (needsPretrained && !(v['pretrained-model'] && v['pretrained-factors']))
     throw new CliError('multistage needs --pretrained-model <dir> and --pretrained-factors <dir>');
@@ -324,7 +331,8 @@ export function readQueries(
   // every query gets its result, in order: a bad line stops the command (--skip-malformed is for the data)
   const { rows } = readJsonl(path, { skippable: false });
   if (!rows.length) throw new CliError(`${path}: no queries`);
-  return rows.map(({ line, value }) => {
+  const leftAside = new Map<string, number>();
+  const queries = rows.map(({ line, value }) => {
     const where = `${path}:${line}`;
     let r: ReturnType<typeof formatRecord>;
     try {
@@ -346,6 +354,33 @@ export function readQueries(
     // its training records are (the stand-in split above only where the model has none)
     // (a conversational prompt/completion line is one conversation: the completion's messages follow the prompt's)
     const v = parseRecord(value, where);
+    for (const k of queryKeys(value as Record<string, unknown>, where)) leftAside.set(k, (leftAside.get(k) ?? 0) + 1);
     return v.kind === 'messages' ? { ...split, messages: v.messages } : split;
   });
+  if (leftAside.size)
+    process.stderr.write(
+      `note: ${path}: ${[...leftAside].map(([k, n]) => `"${k}" (${n} line${n === 1 ? '' : 's'})`).join(', ')} left aside: a query is read from "prompt"/"completion" or "messages"\n`,
+    );
+  return queries;
+}
+
+/** the keys a query line is made of (the rest, a record's metadata, are left aside) */
+const QUERY_KEYS = new Set(['prompt', 'completion', 'messages']);
+
+/**
+ * A query line that carries one of explain's options ("method", "topK", "top_k", "damping", ...)
+ * is refused: the options apply to every query and come from the command line, and the line's
+ * value was dropped without a word. Returns the other keys (an id, a category: metadata), which
+ * the caller names in one note; a null field counts as absent, as in a dataset record.
+ */
+function queryKeys(value: Record<string, unknown>, where: string): string[] {
+  const spelt = (k: string) => k.toLowerCase().replace(/[-_]/g, '');
+  const options = new Set(Object.keys(EXPLAIN_OPTIONS).map(spelt));
+  const extra = Object.keys(value).filter((k) => !QUERY_KEYS.has(k) && value[k] !== null);
+  const asOption = extra.filter((k) => options.has(spelt(k)));
+  if (asOption.length)
+    throw new CliError(
+      `${where}: ${asOption.map((k) => `"${k}"`).join(', ')} in a query line: explain's options apply to every query of --queries and come from the command line (${asOption.map((k) => `--${Object.keys(EXPLAIN_OPTIONS).find((o) => spelt(o) === spelt(k))}`).join(', ')}); run the queries that need other options in a file of their own`,
+    );
+  return extra;
 }

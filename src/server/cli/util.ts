@@ -122,8 +122,8 @@ export function oneOf<T extends string>(
 
 export function int(value: string | undefined, flag: string, fallback: number): number {
   if (value === undefined) return fallback;
-  // Number("") and Number(" ") are 0: an empty value is not a zero
-  const n = value.trim() ? Number(value) : Number.NaN;
+  // digits only: Number() reads "" as 0, "0x10" as 16, "1e1" as 10 and "1.0" as 1
+  const n = /^[+-]?\d+$/.test(value.trim()) ? Number(value) : Number.NaN;
   if (!Number.isInteger(n)) throw new CliError(`${flag} must be an integer (got "${value}")`);
   return n;
 }

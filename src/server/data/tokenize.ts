@@ -48,6 +48,14 @@ export const TOKENIZATION_VERSION = 4;
  */
 export const GENERATION_BLOCKS_VERSION = 2;
 
+/**
+ * Bumped when the tokens of chat templates without `{% generation %}` blocks change (an assistant
+ * turn located by rendering the conversation before it), keying only those. 2: an empty reply
+ * trains its turn up to its end marker (Qwen3's empty last reply, whose template writes a <think>
+ * block before the marker, trained nothing and was left out of the fit).
+ */
+export const PREFIX_TURNS_VERSION = 2;
+
 /** What, besides the examples, decides their tokens: for cache keys and provenance. */
 export function tokenizationKey(tok: TokenizerHandle): Record<string, unknown> {
   return {
@@ -55,6 +63,9 @@ export function tokenizationKey(tok: TokenizerHandle): Record<string, unknown> {
     tokenizer: tok.sha256,
     chatTemplate: tok.chatTemplateSource?.sha256 ?? null,
     ...(tok.chatTemplateSource?.generationBlocks ? { generationBlocks: GENERATION_BLOCKS_VERSION } : {}),
+    ...(tok.chatTemplateSource && !tok.chatTemplateSource.generationBlocks
+      ? { prefixTurns: PREFIX_TURNS_VERSION }
+      : {}),
     training: trainingKey(tok.training),
   };
 }

@@ -6,7 +6,7 @@
 // Passing those lengths is harmless for libraries that do not expect them.
 import { readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
-import { switchEnv } from '../util/env';
+import { EnvSettingError, switchEnv } from '../util/env';
 
 /** LAPACK's ?syevd_: dsyevd over Float64Array, ssyevd (kronfluence's eigendecomposition_dtype=float32) over Float32Array */
 type SyevdFn<F extends Float64Array | Float32Array> = (
@@ -167,7 +167,10 @@ function load(): NativeLapack | null {
     try {
       lib = koffi.load(name);
     } catch (e) {
-      loadErrors.push(`${name}: ${(e as Error).message.split('\n')[0]}`);
+      const why = (e as Error).message.split('\n')[0];
+      // the library the user named (for MKL's speed, say) is not one to pass over without a word
+      if (name === extra) throw namedLibraryError(extra, why);
+      loadErrors.push(`${name}: ${why}`);
       continue;
     }
     try {
@@ -225,10 +228,18 @@ function load(): NativeLapack | null {
         : undefined;
       return { library: name, core, dsyevd, dsyevdAsync, ssyevd, ssyevdAsync, dgemm, sgemm, threads };
     } catch (e) {
-      loadErrors.push(`${name}: no dsyevd_ (${(e as Error).message.split('\n')[0]})`);
+      const why = `no dsyevd_ (${(e as Error).message.split('\n')[0]})`;
+      if (name === extra) throw namedLibraryError(extra, why);
+      loadErrors.push(`${name}: ${why}`);
     }
   }
   return null;
+}
+
+function namedLibraryError(name: string, why: string): EnvSettingError {
+  return new EnvSettingError(
+    `INFLUENCE_LENS_LAPACK_LIBRARY="${name}" could not be used: ${why}; name a LAPACK library that exports dsyevd_ (a path or a soname the loader finds), or unset it to use the system's`,
+  );
 }
 
 /** Test hook: forget the loaded library so the next call loads again. */

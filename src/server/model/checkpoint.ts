@@ -327,6 +327,28 @@ function adapterTokenizerDir(dir: string, baseTokenizerDir: string): string {
   return baseTokenizerDir;
 }
 
+/** "Qwen3ForCausalLM" → "qwen3", "GPT2LMHeadModel" → "gpt2": the family a transformers class name is of. */
+function classFamily(name: string): string {
+  return name.replace(/(ForCausalLM|ForConditionalGeneration|LMHeadModel|Model)$/, '').toLowerCase();
+}
+
+/**
+ * PEFT records the class of the model an adapter was trained on (auto_mapping.base_model_class,
+ * when it writes one). A base of another family whose modules happen to have the same names and
+ * shapes ran without a word, with scores of a model the adapter never saw; refused. The class
+ * itself may differ within a family (Gemma3ForCausalLM on a Gemma3ForConditionalGeneration).
+ */
+function checkBaseFamily(adapter: LoraAdapter, base: Checkpoint, baseDir: string): void {
+  const mapping = adapter.config.auto_mapping as { base_model_class?: unknown } | null | undefined;
+  const trainedOn = mapping && typeof mapping === 'object' ? mapping.base_model_class : undefined;
+  const archs = base.config.architectures;
+  if (typeof trainedOn !== 'string' || !Array.isArray(archs) || !archs.length) return;
+  if (archs.some((a) => typeof a === 'string' && classFamily(a) === classFamily(trainedOn))) return;
+  throw new CheckpointError(
+    `${adapter.configPath}: the adapter was trained on a ${trainedOn} (auto_mapping.base_model_class), but its base ${baseDir} is a ${archs.join(', ')} (config.json "architectures"): pass the model it was trained on with --base <dir> (or the model entry's "base" in influence-lens.json)`,
+  );
+}
+
 /** A LoRA adapter folder: the base checkpoint with the adapter's lora_A / lora_B tensors added. */
 function openAdapter(dir: string, baseOption?: string): Checkpoint {
   const adapter = readAdapter(dir);
@@ -336,6 +358,7 @@ function openAdapter(dir: string, baseOption?: string): Checkpoint {
       `${baseDir}: the base of adapter ${dir} is itself an adapter (stacked adapters are not supported)`,
     );
   const base = openCheckpoint(baseDir);
+  checkBaseFamily(adapter, base, baseDir);
   checkTargets(
     adapter,
     base.weights.keys(),

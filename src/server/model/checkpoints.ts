@@ -66,8 +66,20 @@ export const CHECKPOINT_DIR = /^checkpoint-(\d+)$/;
 export function parseCheckpointsSetting(v: string | string[] | undefined, baseDir = process.cwd()): CheckpointsSetting {
   if (v === undefined || v === 'auto') return 'auto';
   if (v === 'off') return 'off';
-  const dirs = (Array.isArray(v) ? v : v.split(',')).map((s) => s.trim()).filter(Boolean);
+  const items = (Array.isArray(v) ? v : v.split(',')).map((s) => s.trim());
+  const dirs = items.filter(Boolean);
   if (!dirs.length) throw new CheckpointsError(`checkpoints must be "auto", "off" or checkpoint folders (got "${v}")`);
+  // "a,,b" or "a,": a name left out of the list, not a folder to skip without a word
+  if (dirs.length !== items.length)
+    throw new CheckpointsError(
+      `checkpoints "${items.join(',')}" has an empty name in its list: name each checkpoint folder once`,
+    );
+  // "Auto", "none", "false": a setting misspelt, not a folder (unless one of that name exists)
+  const word = /^(auto|off|none|no|false|true|on|yes)$/i;
+  if (dirs.length === 1 && word.test(dirs[0]) && !existsSync(resolve(baseDir, dirs[0])))
+    throw new CheckpointsError(
+      `checkpoints "${dirs[0]}": use "auto" (the checkpoint-<step> folders in or beside the model) or "off", in lower case, or name checkpoint folders`,
+    );
   return dirs.map((d) => resolve(baseDir, d));
 }
 
