@@ -1,7 +1,7 @@
 // influence-lens tokenize: per record the rendered text, ids, loss weights and offsets, from the
 // same loading/rendering/masking code `fit` and `explain` use (checked against explain's Corpus).
 import assert from 'node:assert/strict';
-import { cpSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { copyFileSync, cpSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
@@ -172,4 +172,28 @@ test('tokenize: a record cut to the context says how many tokens were cut, a low
   assert.equal(b.input_ids.length, 64);
   assert.equal(b.truncated_lower_bound, true);
   assert.ok(b.truncated! > 0 && b.truncated! < whole(long) - 64, `${b.truncated} is a lower bound`);
+});
+
+test('tokenize --model checks the folder as every other command: a missing folder, a hub-cache folder, a bad config.json', () => {
+  const home = mkdtempSync(join(tmpdir(), 'tok-folder-'));
+  const data = jsonl([{ text: 'Paris is the capital of France.' }]);
+  const refused = (dir: string, message: RegExp) => assert.throws(() => tokenizeFile(dir, data), message);
+  refused(join(home, 'no-such-model'), /no-such-model: not a directory \(expected a Hugging Face model directory\)/);
+  // the hub cache's models--org--name folder: named, with the snapshot to pass
+  const hub = join(home, 'hub', 'models--org--tiny');
+  const snap = join(hub, 'snapshots', '0123abcd');
+  mkdirSync(snap, { recursive: true });
+  for (const f of ['config.json', 'tokenizer.json', 'tokenizer_config.json'])
+    copyFileSync(join(MODEL, f), join(snap, f));
+  refused(hub, /a Hugging Face hub-cache folder, not a model folder; pass one of its snapshots \(.*0123abcd\)/);
+  assert.equal(tokenizeFile(snap, data).lines.length, 1);
+  // a config.json that is not JSON, named as the other commands name it
+  const bad = join(home, 'bad-config');
+  mkdirSync(bad);
+  for (const f of ['tokenizer.json', 'tokenizer_config.json']) copyFileSync(join(MODEL, f), join(bad, f));
+  writeFileSync(join(bad, 'config.json'), '{"model_type": ');
+  refused(bad, /bad-config\/config\.json: not valid JSON/);
+  // a tokenizer folder without config.json is still accepted
+  rmSync(join(bad, 'config.json'));
+  assert.equal(tokenizeFile(bad, data).lines.length, 1);
 });

@@ -170,4 +170,18 @@ test('inspect lists float tensors the model never reads (what transformers warns
   assert.match(r.out, /unused: +1 float tensor\(s\) the model does not read, e\.g\. score\.weight/);
   assert.doesNotMatch(cli('inspect', LLAMA).out, /unused:/);
   assert.deepEqual(JSON.parse(cli('inspect', dir, '--json').out).unreadTensors, ['score.weight']);
+  // the commands that compute with the model say so too (they ran without a word)
+  const data = join(home, 'extra-tensor.jsonl');
+  writeFileSync(data, `${JSON.stringify({ prompt: 'Q: capital of France?\nA:', completion: ' Paris' })}\n`);
+  const unused = /warning: .*extra-tensor holds 1 float tensor\(s\) the model does not read \(e\.g\. score\.weight\)/;
+  const fit = cli('fit', '--model', dir, '--data', data, '--out', join(home, 'extra-tensor-factors'));
+  assert.equal(fit.code, 0, fit.err);
+  assert.match(fit.err, unused);
+  const ex = cli('explain', '--model', dir, '--data', data, '--prompt', 'Q: x?\nA:', '--completion', ' Paris');
+  assert.equal(ex.code, 0, ex.err);
+  assert.match(ex.err, unused);
+  assert.doesNotMatch(
+    cli('explain', '--model', LLAMA, '--data', data, '--prompt', 'Q: x?\nA:', '--completion', ' Paris').err,
+    /does not read/,
+  );
 });

@@ -173,6 +173,8 @@ async function fitJob(o: FitJobOptions, n: number, i: number): Promise<FitJobRes
       `modules "${o.modules}" selects none of the ${model.modules('all').length} tracked modules of ${o.modelDir}` +
         `${model.checkpoint.adapter ? ' (its LoRA adapter adapts no MLP layer)' : ''}; use modules "all" (--modules all)`,
     );
+  const unread = model.unreadWeightsWarning();
+  if (unread) log(`warning: ${unread}`);
   const maxLength = contextLength(model.checkpoint.config);
   // what the model's tokenizer and training convention refuse is a bad line here, skippable,
   // as in explain, scan, tokenize and the server

@@ -34,7 +34,8 @@ function tokenizationChanges(
     tokenizer: 'tokenizer.json or tokenizer_config.json changed',
     chatTemplate: 'the chat template changed',
     generationBlocks: "this program's reading of the chat template's {% generation %} blocks changed",
-    prefixTurns: "this program's reading of the chat template's assistant turns changed (an empty reply now trains its turn's end)",
+    prefixTurns:
+      "this program's reading of the chat template's assistant turns changed (an empty reply now trains its turn's end)",
   };
   // the training convention has its own, more precise refusal above
   return Object.keys(what)
@@ -120,10 +121,11 @@ export function openStage(
   } = {},
 ): OpenedStage {
   const model = options.model ?? Model.open(modelDir, options.engine);
-  if (!factorsDir) return { model, modules: options.modules ?? 'all', warnings: [] };
+  const unread = model.unreadWeightsWarning();
+  if (!factorsDir) return { model, modules: options.modules ?? 'all', warnings: unread ? [unread] : [] };
   // in the model's precision (float32 bases and Λ for a float32 model); scoring needs no covariances
   const factors = loadFactors(factorsDir, { precision: model.precision, covariances: false });
-  const warnings: string[] = [];
+  const warnings: string[] = unread ? [unread] : [];
   // before the other checks: an earlier fit's fingerprints may be of another recipe, which would
   // read as another model or other data; null: another tool's factors, whose fit is its own
   const version = factors.args.fitVersion;

@@ -5,14 +5,13 @@
 // token into `text`, `target_weights[t]` is 1 iff position t's prediction of token t+1 is in the
 // loss (as `gradients` writes it). Same loading, rendering and masking code as `fit` and `explain`.
 import { closeSync, existsSync, openSync, readSync, statSync } from 'node:fs';
-import { join } from 'node:path';
-import { cleanStaleTempsOf, writeFileAtomic } from '../../common/atomic-write';
-import { readFileNoWait } from '../../common/read-file';
+import { join, resolve } from 'node:path';
+import { cleanStaleTempsOf, restoreReplacedPath, writeFileAtomic } from '../../common/atomic-write';
 import { loadDataset } from '../data/dataset';
 import { contextLength, type TokenizedText, tokenizeExamples } from '../data/tokenize';
 import type { TrainingConvention } from '../data/training';
 import { isAdapterDir } from '../model/adapter';
-import { openCheckpoint } from '../model/checkpoint';
+import { openCheckpoint, readConfig } from '../model/checkpoint';
 import { loadTokenizer, withTraining } from '../model/tokenizer';
 import { checkOutFile } from './out-paths';
 import { CliError, parse, trainingFlag } from './util';
@@ -38,16 +37,17 @@ export function tokenizeFile(
 ): { lines: TokenizedLine[]; warnings: string[] } {
   // A LoRA adapter folder (or an explicit base) resolves like fit/explain do: config.json from
   // the base model, tokenizer.json from the adapter folder when it has one, else from the base.
+  restoreReplacedPath(resolve(modelDir)); // a save killed between its two renames, as openCheckpoint
   const ck = base || isAdapterDir(modelDir) ? openCheckpoint(modelDir, { base }) : null;
   const tokDir = ck ? ck.tokenizerDir : modelDir;
-  const cfgPath = join(modelDir, 'config.json');
   let config: Record<string, unknown> = ck ? ck.config : {};
-  if (!ck && existsSync(cfgPath)) {
-    try {
-      config = JSON.parse(readFileNoWait(cfgPath, 'utf8'));
-    } catch (e) {
-      throw new CliError(`${cfgPath}: not valid JSON (${(e as Error).message})`);
-    }
+  if (!ck) {
+    // the folder checks every other command makes (a missing folder, a hub-cache folder instead of
+    // its snapshot), where a tokenizer folder without config.json is also accepted here
+    if (!existsSync(modelDir) || !statSync(modelDir).isDirectory())
+      throw new CliError(`${modelDir}: not a directory (expected a Hugging Face model directory)`);
+    if (existsSync(join(modelDir, 'config.json')) || existsSync(join(modelDir, 'snapshots')))
+      config = readConfig(modelDir);
   }
   // transformers 5 picks the tokenizer class by the model type too (tokenizer.ts transformersV5Pipeline)
   const modelType = typeof config.model_type === 'string' ? config.model_type : undefined;

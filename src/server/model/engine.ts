@@ -327,6 +327,17 @@ export class Model {
     return [...this.checkpoint.weights.keys()].filter((n) => !weights.tensors.has(n));
   }
 
+  /**
+   * `unreadWeights` as a warning for the commands that compute with the model (fit, explain, scan,
+   * the server): another model's weights beside this one's ran without a word there, where
+   * transformers warns and only `inspect` said so.
+   */
+  unreadWeightsWarning(): string | undefined {
+    const unread = this.unreadWeights();
+    if (!unread.length) return undefined;
+    return `${this.checkpoint.dir} holds ${unread.length} float tensor(s) the model does not read (e.g. ${unread[0]}), as transformers warns of unused weights: another model's weights beside this one's? (influence-lens inspect lists them)`;
+  }
+
   /** Tracked linear modules (built from a throwaway graph, so always in sync with the builders). */
   modules(selection: ModuleSelection = 'all'): ModuleInfo[] {
     const { modules } = this.buildForward(new Graph(), 'inputs');
