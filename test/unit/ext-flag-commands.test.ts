@@ -2,6 +2,7 @@
 // (helpers/vscode-stub.ts): what they act on is the flags file and the dataset as they are on
 // disk and in the editor, never a stale copy; what they cannot be sure of they refuse.
 import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
 import {
   existsSync,
   lstatSync,
@@ -286,6 +287,33 @@ test('the Flagged examples view redraws when a flagged dataset is saved or chang
   assert.equal(redraws(), 2);
   assert.equal(flagNow(), undefined);
   tree.dispose();
+});
+
+test('the Flagged examples view reads a dataset replaced under the same size and mtime (mv + touch -r, rsync -t) again', async () => {
+  const { tree, view } = await flaggedLine5();
+  assert.equal(view().now?.line, 5);
+  // another version of the file, the flagged line edited to one of the same length, renamed over
+  // it with the old mtime put back, and no watcher event (a file outside the workspace, or a lag)
+  const next = join(dir, 'data.next.jsonl');
+  writeFileSync(next, readFileSync(dataset, 'utf8').replace(rec(5), rec(6)));
+  execFileSync('touch', ['-r', dataset, next]);
+  renameSync(next, dataset);
+  assert.equal(view().now, undefined, 'the flagged example is no longer in the file');
+  assert.match(String(view().flag.label), /no longer in the file/);
+  tree.dispose();
+});
+
+test('flags rewritten in place with the same size and mtime (cp -p, rsync -t) and no watcher event are read again', async () => {
+  const sidecar = sidecarPathFor(dataset);
+  await addFlags(sidecar, [entry(5)]);
+  assert.deepEqual([...store.flagsOf(dataset).keys()], [hashOf(5)]);
+  const ref = `${sidecar}.ref`;
+  execFileSync('cp', ['-p', sidecar, ref]);
+  // the same inode, another flag of the same length, the old mtime put back
+  writeFileSync(sidecar, readFileSync(sidecar, 'utf8').replace(hashOf(5), hashOf(6)));
+  execFileSync('touch', ['-r', ref, sidecar]);
+  rmSync(ref);
+  assert.deepEqual([...store.flagsOf(dataset).keys()], [hashOf(6)]);
 });
 
 test('the Flagged examples view shows the unsaved editor text of a dataset, and the file again once its edits are dropped', async () => {

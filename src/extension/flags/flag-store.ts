@@ -195,7 +195,8 @@ export class FlagStore implements vscode.Disposable {
 function stampOf(path: string): string {
   try {
     const st = statSync(path);
-    return `${st.size}:${st.mtimeMs}:${st.ino}`;
+    // ctime too: a flags file rewritten in place with its size and mtime kept (cp -p, rsync -t)
+    return `${st.size}:${st.mtimeMs}:${st.ctimeMs}:${st.ino}`;
   } catch {
     return '';
   }

@@ -134,7 +134,7 @@ export class FlaggedTree implements vscode.TreeDataProvider<FlagNode> {
 
   /**
    * hash → current line and text of a dataset: the editor's text while it has unsaved edits
-   * (cached by the document's version), else the file's (cached by size and mtime).
+   * (cached by the document's version), else the file's (cached by size, mtime, ctime and inode).
    */
   private index(path: string): Map<string, { line: number; text: string }> | undefined {
     const doc = dirtyDocument(path);
@@ -143,7 +143,9 @@ export class FlaggedTree implements vscode.TreeDataProvider<FlagNode> {
     else
       try {
         const s = statSync(path);
-        stamp = `${s.size}:${s.mtimeMs}`;
+        // ctime and inode too: a file replaced with its size and mtime kept (mv + touch -r,
+        // rsync -t, cp -p) showed its old lines, a flag removed from it as still there
+        stamp = `${s.size}:${s.mtimeMs}:${s.ctimeMs}:${s.ino}`;
       } catch {
         return undefined;
       }

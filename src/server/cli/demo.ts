@@ -29,7 +29,7 @@ import { runFitJob } from '../attribution/fit-job';
 import { openStage } from '../attribution/stage';
 import { MIN_SHARE, suggestFlags } from '../attribution/suggest';
 import { loadDataset } from '../data/dataset';
-import { contextLength, tokenizeQuery } from '../data/tokenize';
+import { contextLength, tokenizationKey, tokenizeQuery } from '../data/tokenize';
 import { embeddedDefault } from '../defaults';
 import { openCheckpoint } from '../model/checkpoint';
 import { planCheckpoints } from '../model/checkpoints';
@@ -196,13 +196,7 @@ export async function runDemo(argv: string[]): Promise<void> {
   );
   const args = readTrainingArgs(d.finetuned);
   const excluded = [...new Set(flagged.map((e) => e.id.hash))].sort();
-  // cached by everything that determines the retrained weights
-  const key = createHash('sha256')
-    .update(JSON.stringify([modelFingerprint(Model.open(d.pretrained).checkpoint), args, excluded]))
-    .update(readFileSync(d.finetuneData))
-    .digest('hex')
-    .slice(0, 16);
-  const cleanDir = join(work, `finetuned-${key}`);
+  const cleanDir = join(work, `finetuned-${retrainedModelKey(d.pretrained, d.finetuneData, args, excluded)}`);
   // a demo of the same query beside this one trains the same model into the same folder: the
   // cache is checked and the model trained under one lock, so the second finds it cached
   const release = await trainOutLock(cleanDir, (line) => say(`   ${line}`));
@@ -248,6 +242,22 @@ export async function runDemo(argv: string[]): Promise<void> {
   say(
     `done in ${((Date.now() - t0) / 1000).toFixed(1)} s. Next: open this folder in VS Code and run "Influence Lens: Explain this completion".`,
   );
+}
+
+/**
+ * The name of the demo's retrained model in the cache: everything that determines its weights and
+ * what it reads its prompts with. The starting model's weights and config (its fingerprint), its
+ * tokenizer and chat template (the trainer tokenizes the data with them and copies them into the
+ * model: a tokenizer.json changed under the same weights trained other weights, and a cached model
+ * kept the old tokenizer), the training arguments, the examples left out and the data's bytes.
+ */
+export function retrainedModelKey(pretrained: string, data: string, args: unknown, excluded: string[]): string {
+  const start = Model.open(pretrained);
+  return createHash('sha256')
+    .update(JSON.stringify([modelFingerprint(start.checkpoint), tokenizationKey(start.tokenizer), args, excluded]))
+    .update(readFileSync(data))
+    .digest('hex')
+    .slice(0, 16);
 }
 
 /**
