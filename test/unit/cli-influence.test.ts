@@ -190,14 +190,18 @@ describe('influence-lens fit / explain / scan', () => {
       );
       const r = cli(...args, '--queries', qfile);
       assert.equal(r.code, 1, `${key}: ${r.err}`);
-      assert.match(r.err, new RegExp(`option-queries\\.jsonl:2: "${key}" in a query line: .*\\(${flag}\\)`));
+      assert.match(
+        r.err,
+        new RegExp(`option-queries\\.jsonl:2: "${key}" in a query line: explain's settings .*\\(${flag}\\)`),
+      );
     }
-    // an id or a category is metadata: the queries run, and one note names the keys left aside
+    // an id, a category, a model name are metadata: the queries run, and one note names the keys left aside
     writeFileSync(
       qfile,
       [
         { ...q, id: 'a' },
-        { ...q, id: 'b', category: 'capitals' },
+        // LMSYS-Chat's "model", OpenAssistant's "rank": metadata, not explain's --model or --rank
+        { ...q, id: 'b', category: 'capitals', model: 'gpt-4', rank: 0 },
         { ...q, source: null },
       ]
         .map((x) => JSON.stringify(x))
@@ -207,7 +211,7 @@ describe('influence-lens fit / explain / scan', () => {
     assert.equal(r.code, 0, r.err);
     assert.equal(r.out.trim().split('\n').length, 3);
     assert.equal(r.err.match(/left aside/g)?.length, 1, r.err);
-    assert.match(r.err, /"id" \(2 lines\), "category" \(1 line\) left aside/);
+    assert.match(r.err, /"id" \(2 lines\), "category" \(1 line\), "model" \(1 line\), "rank" \(1 line\) left aside/);
     assert.doesNotMatch(r.err, /"source"/);
   });
 

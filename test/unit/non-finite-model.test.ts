@@ -151,6 +151,57 @@ test('messages that say what is wrong: a weight stored as integers, a damping of
   }
 });
 
+test('buffers transformers loads without a word (attention masks, rotary inv_freq) and a tied head stored twice are not called unread', async () => {
+  const {
+    readSafetensorsHeader: header,
+    readTensorF64,
+    writeSafetensors,
+  } = await import('../../src/server/model/safetensors');
+  // a copy of `from` with `more(tensors)` added to its model.safetensors
+  const withTensors = (
+    from: string,
+    name: string,
+    more: (t: Record<string, { dtype: string; shape: number[]; data: ArrayLike<number> }>) => void,
+  ) => {
+    const dir = join(home, name);
+    cpSync(from, dir, { recursive: true });
+    const file = join(dir, 'model.safetensors');
+    const h = header(file);
+    const tensors: Parameters<typeof writeSafetensors>[1] = {};
+    for (const [n, t] of h.tensors) tensors[n] = { dtype: t.dtype, shape: t.shape, data: readTensorF64(h, n) };
+    more(tensors as never);
+    writeSafetensors(file, tensors, h.metadata);
+    return dir;
+  };
+  const prefixOf = (tensors: Record<string, unknown>, re: RegExp) =>
+    Object.keys(tensors)
+      .find((n) => re.test(n))!
+      .replace(re, '');
+  // GPT-2 fine-tunes saved by transformers before 4.31: float attn.bias (the causal mask) and attn.masked_bias
+  const gpt2 = withTensors('test/fixtures/models/gpt2', 'gpt2-buffers', (t) => {
+    const p = prefixOf(t, /h\.0\.attn\.c_attn\.weight$/);
+    t[`${p}h.0.attn.bias`] = { dtype: 'F32', shape: [1, 1, 2, 2], data: [1, 0, 1, 1] };
+    t[`${p}h.0.attn.masked_bias`] = { dtype: 'F32', shape: [], data: [-1e4] };
+  });
+  // Pythia's files: attention.masked_bias and rotary_emb.inv_freq
+  const neox = withTensors('test/fixtures/models/gpt_neox', 'neox-buffers', (t) => {
+    const p = prefixOf(t, /layers\.0\.attention\.query_key_value\.weight$/);
+    t[`${p}layers.0.attention.masked_bias`] = { dtype: 'F32', shape: [], data: [-1e9] };
+    t[`${p}layers.0.attention.rotary_emb.inv_freq`] = { dtype: 'F32', shape: [2], data: [1, 0.5] };
+  });
+  // a tied Llama that also stores its head (the same bytes as the embedding)
+  const tied = withTensors(LLAMA, 'llama-tied-head', (t) => {
+    t['lm_head.weight'] = {
+      ...(t['model.embed_tokens.weight'] as { dtype: string; shape: number[]; data: ArrayLike<number> }),
+    };
+  });
+  for (const dir of [gpt2, neox, tied]) {
+    const r = cli('inspect', dir, '--json');
+    assert.equal(r.code, 0, r.err);
+    assert.equal(JSON.parse(r.out).unreadTensors, undefined, `${dir}: ${JSON.parse(r.out).unreadTensors}`);
+  }
+});
+
 test('inspect lists float tensors the model never reads (what transformers warns of as unused weights)', async () => {
   const {
     readSafetensorsHeader: header,

@@ -287,7 +287,40 @@ export class ChatTemplate {
     return { spanMessages, placements };
   }
 
-  private fromPrefixes(messages: readonly ChatMessage[], text: string): RenderedChat {
+  /**
+   * Whether the placement of an empty assistant reply (fromPrefixes' `relocateEmpty`) gives this
+   * template other trained tokens than before it was added: true where the template writes its own
+   * text between the generation prompt and the turn's end marker (Qwen3's empty <think> block).
+   * Caches are keyed by it for such templates only (tokenize.ts PREFIX_TURNS_VERSION); a template
+   * that cannot render the probes counts as changed.
+   */
+  emptyReplyPlacementMatters(): boolean {
+    if (this.hasGenerationBlocks) return false;
+    const probes: ChatMessage[][] = [
+      [
+        { role: 'user', content: 'x' },
+        { role: 'assistant', content: '' },
+      ],
+      [
+        { role: 'user', content: 'x' },
+        { role: 'assistant', content: '' },
+        { role: 'user', content: 'y' },
+        { role: 'assistant', content: 'z' },
+      ],
+    ];
+    try {
+      return probes.some((m) => {
+        const raw = this.renderRaw(m, false);
+        return (
+          JSON.stringify(this.fromPrefixes(m, raw).spans) !== JSON.stringify(this.fromPrefixes(m, raw, false).spans)
+        );
+      });
+    } catch {
+      return true;
+    }
+  }
+
+  private fromPrefixes(messages: readonly ChatMessage[], text: string, relocateEmpty = true): RenderedChat {
     const spans: Span[] = [];
     const spanMessages: number[] = [];
     const placements: ContentPlacement[] = [];
@@ -311,7 +344,7 @@ export class ChatTemplate {
       // turn before the end marker (Qwen3's empty <think> block, Llama-2's spaces), which a
       // non-empty reply's span covers; the reply then sits right before the turn's first special
       // token, not at the generation prompt's end (where nothing, not even the end marker, was trained)
-      if (p.start === p.end && !this.specials.some((s) => text.startsWith(s, p.end))) {
+      if (relocateEmpty && p.start === p.end && !this.specials.some((s) => text.startsWith(s, p.end))) {
         const at = this.specials
           .map((s) => text.indexOf(s, p.end))
           .filter((j) => j >= 0 && j < next)

@@ -281,6 +281,20 @@ async function evaluateQueries(v: {
       training: trainingFlag(v.training),
     },
   });
+  // EK-FAC and GDP sum over the model's training checkpoints as explain's do (--checkpoints,
+  // auto by default): the final model's scores alone rank the sources otherwise. Planned before
+  // the queries are answered (minutes on a real model), so that a bad setting or checkpoints
+  // without factors are refused first
+  const plan = v.data ? cliPlan(v.model!, stage.model, checkpointsSetting(v.checkpoints), methods) : undefined;
+  const checkpoints =
+    plan &&
+    cliCheckpointStages(plan, {
+      factorsDir: v.factors,
+      modules: stage.modules,
+      engine: { training: trainingFlag(v.training) },
+      needFactors: methods.some((m) => methodInfo(m)?.needsFactors && sumsOverCheckpoints(m)),
+      model: v.model!,
+    });
   const accuracy = await answerQueries(stage.model, queries, maxTokens);
   const retrieval: Array<Retrieval & { method: Method }> = [];
   if (v.data) {
@@ -306,18 +320,6 @@ async function evaluateQueries(v: {
         `note: ${[...others].map(([name, n]) => `${n} source(s) in dataset "${name}"`).join(', ')} not scored: --data is dataset "${id}" (a source's "dataset" is its data file's name without .jsonl)\n`,
       );
     const corpus = new Corpus(id, dataset, stage.model);
-    // EK-FAC and GDP sum over the model's training checkpoints as explain's do (--checkpoints,
-    // auto by default): the final model's scores alone rank the sources otherwise
-    const plan = cliPlan(v.model!, stage.model, checkpointsSetting(v.checkpoints), methods);
-    const checkpoints =
-      plan &&
-      cliCheckpointStages(plan, {
-        factorsDir: v.factors,
-        modules: stage.modules,
-        engine: { training: trainingFlag(v.training) },
-        needFactors: methods.some((m) => methodInfo(m)?.needsFactors && sumsOverCheckpoints(m)),
-        model: v.model!,
-      });
     for (const method of methods)
       retrieval.push({
         method,

@@ -368,19 +368,32 @@ export function readQueries(
 const QUERY_KEYS = new Set(['prompt', 'completion', 'messages']);
 
 /**
- * A query line that carries one of explain's options ("method", "topK", "top_k", "damping", ...)
- * is refused: the options apply to every query and come from the command line, and the line's
- * value was dropped without a word. Returns the other keys (an id, a category: metadata), which
+ * explain's per-query settings, as a query line might spell them ("topK", "top_k"), and their
+ * flags. Only these: "model", "rank" or "data" are metadata in real chat exports (LMSYS-Chat's
+ * "model", OpenAssistant's "rank").
+ */
+const QUERY_SETTINGS: Record<string, string> = {
+  method: '--method',
+  topk: '--top-k',
+  damping: '--damping',
+  compare: '--compare',
+  candidates: '--candidates',
+  batchsize: '--batch-size',
+};
+
+/**
+ * A query line that carries one of explain's per-query settings ("method", "topK", "damping", ...)
+ * is refused: the settings apply to every query and come from the command line, and the line's
+ * value was dropped without a word. Returns the other keys (an id, a model name: metadata), which
  * the caller names in one note; a null field counts as absent, as in a dataset record.
  */
 function queryKeys(value: Record<string, unknown>, where: string): string[] {
   const spelt = (k: string) => k.toLowerCase().replace(/[-_]/g, '');
-  const options = new Set(Object.keys(EXPLAIN_OPTIONS).map(spelt));
   const extra = Object.keys(value).filter((k) => !QUERY_KEYS.has(k) && value[k] !== null);
-  const asOption = extra.filter((k) => options.has(spelt(k)));
-  if (asOption.length)
+  const settings = extra.filter((k) => spelt(k) in QUERY_SETTINGS);
+  if (settings.length)
     throw new CliError(
-      `${where}: ${asOption.map((k) => `"${k}"`).join(', ')} in a query line: explain's options apply to every query of --queries and come from the command line (${asOption.map((k) => `--${Object.keys(EXPLAIN_OPTIONS).find((o) => spelt(o) === spelt(k))}`).join(', ')}); run the queries that need other options in a file of their own`,
+      `${where}: ${settings.map((k) => `"${k}"`).join(', ')} in a query line: explain's settings apply to every query of --queries and come from the command line (${settings.map((k) => QUERY_SETTINGS[spelt(k)]).join(', ')}); run the queries that need other settings in a file of their own`,
     );
   return extra;
 }

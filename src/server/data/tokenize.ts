@@ -50,11 +50,26 @@ export const GENERATION_BLOCKS_VERSION = 2;
 
 /**
  * Bumped when the tokens of chat templates without `{% generation %}` blocks change (an assistant
- * turn located by rendering the conversation before it), keying only those. 2: an empty reply
- * trains its turn up to its end marker (Qwen3's empty last reply, whose template writes a <think>
- * block before the marker, trained nothing and was left out of the fit).
+ * turn located by rendering the conversation before it), keying only the templates whose tokens the
+ * change moves (`emptyReplyChanged`). 2: an empty reply trains its turn up to its end marker
+ * (Qwen3's empty last reply, whose template writes a <think> block before the marker, trained
+ * nothing and was left out of the fit).
  */
 export const PREFIX_TURNS_VERSION = 2;
+
+/**
+ * Whether PREFIX_TURNS_VERSION's change gives this tokenizer's chat template other tokens: only
+ * then are its caches keyed by it (Llama 3's, Gemma 3's factors stay valid). A template that does
+ * not compile counts as changed (its records are refused anyway).
+ */
+function emptyReplyChanged(tok: TokenizerHandle): boolean {
+  if (!tok.chatTemplateSource || tok.chatTemplateSource.generationBlocks) return false;
+  try {
+    return tok.chatTemplate()?.emptyReplyPlacementMatters() ?? false;
+  } catch {
+    return true;
+  }
+}
 
 /** What, besides the examples, decides their tokens: for cache keys and provenance. */
 export function tokenizationKey(tok: TokenizerHandle): Record<string, unknown> {
@@ -63,9 +78,7 @@ export function tokenizationKey(tok: TokenizerHandle): Record<string, unknown> {
     tokenizer: tok.sha256,
     chatTemplate: tok.chatTemplateSource?.sha256 ?? null,
     ...(tok.chatTemplateSource?.generationBlocks ? { generationBlocks: GENERATION_BLOCKS_VERSION } : {}),
-    ...(tok.chatTemplateSource && !tok.chatTemplateSource.generationBlocks
-      ? { prefixTurns: PREFIX_TURNS_VERSION }
-      : {}),
+    ...(emptyReplyChanged(tok) ? { prefixTurns: PREFIX_TURNS_VERSION } : {}),
     training: trainingKey(tok.training),
   };
 }

@@ -327,26 +327,25 @@ function adapterTokenizerDir(dir: string, baseTokenizerDir: string): string {
   return baseTokenizerDir;
 }
 
-/** "Qwen3ForCausalLM" → "qwen3", "GPT2LMHeadModel" → "gpt2": the family a transformers class name is of. */
+/** "Qwen3ForCausalLM" → "qwen3", "Gemma3TextModel" → "gemma3": the family a transformers class name is of. */
 function classFamily(name: string): string {
-  return name.replace(/(ForCausalLM|ForConditionalGeneration|LMHeadModel|Model)$/, '').toLowerCase();
+  return name.replace(/(ForCausalLM|ForConditionalGeneration|LMHeadModel|TextModel|Model)$/, '').toLowerCase();
 }
 
 /**
  * PEFT records the class of the model an adapter was trained on (auto_mapping.base_model_class,
  * when it writes one). A base of another family whose modules happen to have the same names and
- * shapes ran without a word, with scores of a model the adapter never saw; refused. The class
- * itself may differ within a family (Gemma3ForCausalLM on a Gemma3ForConditionalGeneration).
+ * shapes ran without a word; PEFT loads it too (a Mistral model saved with a Llama config is one),
+ * so it is said in a notice rather than refused. The class itself may differ within a family
+ * (Gemma3TextModel, Gemma3ForCausalLM, Gemma3ForConditionalGeneration).
  */
-function checkBaseFamily(adapter: LoraAdapter, base: Checkpoint, baseDir: string): void {
+function baseFamilyNote(adapter: LoraAdapter, base: Checkpoint, baseDir: string): string | undefined {
   const mapping = adapter.config.auto_mapping as { base_model_class?: unknown } | null | undefined;
   const trainedOn = mapping && typeof mapping === 'object' ? mapping.base_model_class : undefined;
   const archs = base.config.architectures;
-  if (typeof trainedOn !== 'string' || !Array.isArray(archs) || !archs.length) return;
-  if (archs.some((a) => typeof a === 'string' && classFamily(a) === classFamily(trainedOn))) return;
-  throw new CheckpointError(
-    `${adapter.configPath}: the adapter was trained on a ${trainedOn} (auto_mapping.base_model_class), but its base ${baseDir} is a ${archs.join(', ')} (config.json "architectures"): pass the model it was trained on with --base <dir> (or the model entry's "base" in influence-lens.json)`,
-  );
+  if (typeof trainedOn !== 'string' || !Array.isArray(archs) || !archs.length) return undefined;
+  if (archs.some((a) => typeof a === 'string' && classFamily(a) === classFamily(trainedOn))) return undefined;
+  return `${adapter.configPath} says the adapter was trained on a ${trainedOn} (auto_mapping.base_model_class), but its base ${baseDir} is a ${archs.join(', ')} (config.json "architectures"): the scores are of the adapter on this base; if it is not the model the adapter was trained on, pass that one with --base <dir> (or the model entry's "base" in influence-lens.json)`;
 }
 
 /** A LoRA adapter folder: the base checkpoint with the adapter's lora_A / lora_B tensors added. */
@@ -358,7 +357,7 @@ function openAdapter(dir: string, baseOption?: string): Checkpoint {
       `${baseDir}: the base of adapter ${dir} is itself an adapter (stacked adapters are not supported)`,
     );
   const base = openCheckpoint(baseDir);
-  checkBaseFamily(adapter, base, baseDir);
+  const familyNote = baseFamilyNote(adapter, base, baseDir);
   checkTargets(
     adapter,
     base.weights.keys(),
@@ -393,7 +392,7 @@ function openAdapter(dir: string, baseOption?: string): Checkpoint {
     ...base,
     dir,
     adapter,
-    ...(baseNote ? { baseNote } : {}),
+    ...(baseNote || familyNote ? { baseNote: [baseNote, familyNote].filter(Boolean).join('; ') } : {}),
     configFiles: [...base.configFiles, adapter.configPath],
     tokenizerDir: adapterTokenizerDir(dir, base.tokenizerDir),
     weights,

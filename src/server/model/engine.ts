@@ -31,7 +31,7 @@ import type { TrainingConvention } from '../data/training';
 import { collectWhenPiledUp, noteDroppedSoon } from '../util/gc';
 import { mapLargeBlocks, releaseFreedMemory } from '../util/malloc';
 import { targetEntries } from './adapter';
-import { architectureFor } from './architectures';
+import { ARCHITECTURES, architectureFor } from './architectures';
 import type { Architecture, BuildContext, TrackedModule, WeightSource } from './architectures/common';
 import { type Checkpoint, openCheckpoint, sameWeightBytes } from './checkpoint';
 import {
@@ -184,6 +184,13 @@ export interface Batch {
 export class EngineError extends Error {}
 
 /**
+ * Float buffers older transformers saved with a model and every version loads without a word
+ * (GPT-2's and GPT-NeoX's attention masks `attn.bias` / `masked_bias`, the rotary `inv_freq`):
+ * not another model's weights, so not named as unread (integer ones are set aside on opening).
+ */
+const IGNORED_BUFFER = /(?:^|\.)(?:attn|attention)\.(?:bias|masked_bias)$|(?:^|\.)rotary_emb\.inv_freq$/;
+
+/**
  * Weights of a layer the config does not have are refused: with "num_hidden_layers": 1 and two
  * layers of weights the model ran as one layer, silently (transformers warns of unused weights;
  * here it is read as the config and the weights disagreeing, which an edited config or another
@@ -324,7 +331,12 @@ export class Model {
    */
   unreadWeights(): string[] {
     const { weights } = this.buildForward(new Graph(), 'inputs');
-    return [...this.checkpoint.weights.keys()].filter((n) => !weights.tensors.has(n));
+    // a head stored beside the embedding it is tied to (outputHead reads such a head as tied only
+    // when its bytes are the embedding's, and refuses it otherwise): transformers ties it silently
+    const head = ARCHITECTURES.find((a) => a.modelTypes.includes(this.checkpoint.modelType))?.headNames ?? [];
+    return [...this.checkpoint.weights.keys()].filter(
+      (n) => !weights.tensors.has(n) && !head.includes(n) && !IGNORED_BUFFER.test(n),
+    );
   }
 
   /**
