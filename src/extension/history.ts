@@ -1,7 +1,9 @@
 // Recent explanations, kept compactly in the workspace state, so a training-data hover can say
 // how an example influenced the last queries ("supporting #1 for ' Sydney' (EK-FAC)"). Each entry
 // keeps the server's revision (its model, tokenizer and factor files) when it was computed, so a
-// ranking from before a retrain or refit is shown as such, not as the current model's.
+// ranking from before a retrain or refit is shown as such, not as the current model's; and the
+// dataset file's stamp, so a ranking from before the file changed (other lines around it) is too.
+import { statSync } from 'node:fs';
 import type * as vscode from 'vscode';
 import { realOrResolved } from '../common/real-path';
 import type { ExplainResult, Method, Sign } from '../protocol/types';
@@ -17,8 +19,10 @@ export interface HistoryHit {
   sign: Sign;
   percentile: number;
   at: number;
-  /** computed before the server's files last changed (a retrain, a refit): not the current model's */
+  /** computed before the server's files last changed (a retrain, a refit), or before the dataset's file did */
   stale: boolean;
+  /** why it is stale, in words (STALE_NOTE or DATASET_STALE_NOTE), when it is */
+  staleNote?: string;
 }
 
 interface Entry {
@@ -31,6 +35,8 @@ interface Entry {
   revision?: string;
   /** the dataset's file when it was explained (absent when it was not found, or in earlier entries) */
   path?: string;
+  /** that file's size, mtime, ctime and inode then: ranks and percentiles are of the lines it held */
+  fileStamp?: string;
   examples: Array<[hash: string, line: number, rank: number, score: number, sign: Sign, percentile: number]>;
 }
 
@@ -41,6 +47,18 @@ const MAX = 20;
 
 /** How a hit computed before the server's files changed is labelled (hovers, flag reasons). */
 export const STALE_NOTE = 'before the model, its factors or the settings last changed';
+/** How a hit computed before the dataset's file last changed is labelled: other lines may rank around it now. */
+export const DATASET_STALE_NOTE = 'before the dataset last changed';
+
+/** A file's size, mtime, ctime and inode (ctime: an edit that puts the mtime back still moves it), or undefined. */
+function fileStampOf(path: string): string | undefined {
+  try {
+    const st = statSync(path);
+    return `${st.size}:${st.mtimeMs}:${st.ctimeMs}:${st.ino}`;
+  } catch {
+    return undefined;
+  }
+}
 
 export class History {
   constructor(private readonly memento: vscode.Memento) {}
@@ -55,6 +73,7 @@ export class History {
       at: Date.now(),
       ...(r.revision !== undefined ? { revision: r.revision } : {}),
       ...(path !== undefined ? { path: canonicalPath(path) } : {}),
+      ...(path !== undefined && fileStampOf(path) !== undefined ? { fileStamp: fileStampOf(path) } : {}),
       examples: [...r.supporting, ...r.opposing].map((e) => [
         e.id.hash,
         e.id.line,
@@ -99,8 +118,15 @@ export class History {
   hits(hash: string, path?: string): HistoryHit[] {
     const out: HistoryHit[] = [];
     const file = path === undefined ? undefined : canonicalPath(path);
+    const stamps = new Map<string, string | undefined>();
+    const stampNow = (p: string) => {
+      if (!stamps.has(p)) stamps.set(p, fileStampOf(p));
+      return stamps.get(p);
+    };
     for (const e of this.entries()) {
       if (file !== undefined && e.path !== undefined && e.path !== file) continue;
+      const older = this.isOlder(e.revision);
+      const edited = !older && e.path !== undefined && e.fileStamp !== undefined && stampNow(e.path) !== e.fileStamp;
       for (const [h, line, rank, score, sign, percentile] of e.examples)
         if (h === hash)
           out.push({
@@ -114,7 +140,8 @@ export class History {
             sign,
             percentile,
             at: e.at,
-            stale: this.isOlder(e.revision),
+            stale: older || edited,
+            ...(older ? { staleNote: STALE_NOTE } : edited ? { staleNote: DATASET_STALE_NOTE } : {}),
           });
     }
     return out;

@@ -11,7 +11,9 @@ import {
   readFileSync,
   renameSync,
   rmSync,
+  statSync,
   symlinkSync,
+  utimesSync,
   writeFileSync,
 } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -469,6 +471,41 @@ test('a line the server refuses (a stray BOM from concatenated files) offers no 
     readSidecar(sidecarPathFor(dataset)).entries.map((e) => e.hash),
     [hashOf(1)],
   );
+});
+
+test('a ranking from before the dataset file changed (same size and mtime too) is said to be so in the hover', async () => {
+  const { History, DATASET_STALE_NOTE } = await import('../../src/extension/history');
+  const { JsonlHoverProvider } = await loadWithVscodeStub<typeof import('../../src/extension/hovers/jsonl-hover')>(
+    new URL('../../src/extension/hovers/jsonl-hover.ts', import.meta.url),
+  );
+  const history = new History(memento() as never);
+  const hovers = new JsonlHoverProvider(store, history);
+  const doc = await fake.open(dataset);
+  const text = () =>
+    (hovers.provideHover(doc as never, { line: 2, character: 0 } as never)!.contents as unknown as { value: string })
+      .value;
+  history.add(
+    'data',
+    {
+      query: { prompt: 'Q: x?\nA:', completion: ' Sydney' },
+      method: 'ekfac',
+      supporting: [
+        { id: { dataset: 'data', line: 3, hash: hashOf(3) }, rank: 1, score: 9, sign: 'supporting', percentile: 99 },
+      ],
+      opposing: [],
+      revision: 'rev-a',
+    } as never,
+    dataset,
+  );
+  history.noteRevision('rev-a');
+  assert.match(text(), /supporting\*\* #1 for “Sydney” \(EK-FAC, [^)]*\)\n/);
+  assert.doesNotMatch(text(), /before the/);
+  // another line rewritten at the same length, the mtime put back (touch -r): ranks may have moved
+  const before = statSync(dataset);
+  writeFileSync(dataset, readFileSync(dataset, 'utf8').replace(rec(5), rec(5).replace(/5/g, '6')));
+  utimesSync(dataset, before.atime, before.mtime);
+  assert.equal(statSync(dataset).size, before.size);
+  assert.match(text(), new RegExp(`#1 for “Sydney” \\(EK-FAC, [^)]*\\) · \\*${DATASET_STALE_NOTE}\\*`));
 });
 
 test('a ranking from before a retrain or refit is said to be so, in the hover and in the flag reason', async () => {

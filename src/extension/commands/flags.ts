@@ -95,7 +95,7 @@ async function flagLine(s: Services, on: boolean, uri?: string, line?: number, s
       ? {
           hash,
           line: line + 1,
-          reason: `${hit.sign === 'neutral' ? 'similar' : hit.sign} #${hit.rank} for ${JSON.stringify(hit.completion.trim())} (${METHOD_LABELS[hit.method]}${hit.stale ? `, ${STALE_NOTE}` : ''})`,
+          reason: `${hit.sign === 'neutral' ? 'similar' : hit.sign} #${hit.rank} for ${JSON.stringify(hit.completion.trim())} (${METHOD_LABELS[hit.method]}${hit.stale ? `, ${hit.staleNote ?? STALE_NOTE}` : ''})`,
           score: hit.score,
           query: hit.prompt + hit.completion,
         }

@@ -36,7 +36,7 @@ export class JsonlHoverProvider implements vscode.HoverProvider {
           `- ${h.sign === 'neutral' ? 'similar' : `**${h.sign}**`} #${h.rank} for “${esc(q)}” ` +
             `(${METHOD_LABELS[h.method]}, ${SIGNED_METHODS.includes(h.method) ? formatScore(h.score) : formatValue(h.score)}, ${formatPercentile(h.percentile)})` +
             // a ranking from before a retrain or refit is not the current model's
-            (h.stale ? ` · *${STALE_NOTE}*` : '') +
+            (h.stale ? ` · *${h.staleNote ?? STALE_NOTE}*` : '') +
             '\n',
         );
       }
