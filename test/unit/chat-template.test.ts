@@ -256,3 +256,32 @@ test('an empty assistant reply trains its turn up to and including the end marke
     ['<|im_end|>', '<think>', 'ĊĊ', '</think>', 'ĊĊ', 'Yes', '<|im_end|>'],
   );
 });
+
+test('an assistant reply of whitespace only that the template strips is refused, not located in the next header (Llama 3, Qwen3)', () => {
+  const chat = (content: string, last: boolean) => [
+    { role: 'user', content: 'Hi' },
+    { role: 'assistant', content },
+    ...(last
+      ? []
+      : [
+          { role: 'user', content: 'again' },
+          { role: 'assistant', content: 'Yes' },
+        ]),
+  ];
+  // where the stripped whitespace was "found": Llama 3's next header ends in "\n\n", Qwen3's last turn has "<think>\n\n</think>"
+  for (const [family, content, last] of [
+    ['llama3', '\n', true],
+    ['llama3', '\n\n', false],
+    ['qwen3', '\n', true],
+  ] as const)
+    assert.throws(
+      () => tokenizeRecord(loadTokenizer(familyDir(family)), { messages: chat(content, last) }, family, 1 << 20),
+      /messages\[1\] is whitespace only \(.*\) and the chat template drops it, so its turn cannot be located/,
+      `${family} ${JSON.stringify(content)}`,
+    );
+  // whitespace found nowhere else in its turn is placed as an empty reply: its turn's end marker is trained
+  const tok = loadTokenizer(familyDir('llama3'));
+  const t = tokenizeRecord(tok, { messages: chat(' ', false) }, 'llama3', 1 << 20);
+  const trained = t.ids.filter((_, k) => k > 0 && t.weights[k - 1] === 1).map((id) => tok.idToToken(id));
+  assert.deepEqual(trained, ['<|eot_id|>', 'Yes', '<|eot_id|>']);
+});

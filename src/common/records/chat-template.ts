@@ -340,6 +340,14 @@ export class ChatTemplate {
         throw new ChatTemplateError(
           `${this.options.where}: the content of messages[${i}] does not appear in the rendered conversation (the template rewrites it), so its tokens cannot be located`,
         );
+      // a reply of whitespace only that a template strips ("\n" under Llama 3's or Qwen3's) was
+      // "found" in the next turn's header or a <think> block, and those tokens were trained: only
+      // right after the generation prompt is such a reply where the template put it
+      const content = messages[i].content;
+      if (content !== '' && content.trim() === '' && p.start !== prefix.length)
+        throw new ChatTemplateError(
+          `${this.options.where}: messages[${i}] is whitespace only (${JSON.stringify(content)}) and the chat template drops it, so its turn cannot be located; give the reply its content, or leave the record out`,
+        );
       // an empty reply has no text to find: the template may still write its own part of the
       // turn before the end marker (Qwen3's empty <think> block, Llama-2's spaces), which a
       // non-empty reply's span covers; the reply then sits right before the turn's first special
