@@ -198,6 +198,24 @@ describe('explain summed over training checkpoints (tiny fp64 Llama)', () => {
     for (const e of all(r)) assert.ok(rel(e.score, want.get(e.id.line)!) < 1e-9, `line ${e.id.line}`);
   });
 
+  test('a low-rank query over checkpoints shows the lists of the exact sum: the rescoring is chosen on the sum, not per term', async () => {
+    // a full-rank query bounds every term tightly, so each term alone rescores only its own top and
+    // bottom k: an example in the sum's top k but not in every term's was left out of the lists
+    const lines = (x: ExplainResult) => [x.supporting.map((e) => e.id.line), x.opposing.map((e) => e.id.line)];
+    for (const topK of [1, 2]) {
+      const exact = await explain(setup, corpus, { ...QUERY, method: 'ekfac', topK });
+      for (const rank of [1, 64]) {
+        const r = await explain(setup, corpus, { ...QUERY, method: 'ekfac', topK, rank });
+        assert.deepEqual(lines(r), lines(exact), `top ${topK}, rank ${rank}`);
+        for (const e of all(r)) {
+          const x = all(exact).find((y) => y.id.line === e.id.line)!;
+          assert.ok(rel(e.score, x.score) < 1e-9, `line ${e.id.line}`);
+          assert.equal(e.rank, x.rank, `line ${e.id.line}: rank`);
+        }
+      }
+    }
+  });
+
   test("checkpoints' factors fitted under another training convention are stale (to refit), not used and not fatal", () => {
     const plan = planCheckpoints(dir, final.model.checkpoint, 'auto')!;
     const other = { ...fp64, training: parseTraining({ maxLength: 64 }) };

@@ -197,8 +197,11 @@ function storeOf(req: Pick<ExplainRequest, 'store'>, model: Model): GradientStor
   return refs.find((r) => r.model === model)?.store;
 }
 
-/** What scorePool is asked for internally: a store-scored term of a sum leaves its rerank to the sum. */
-type PoolRequest = ExplainRequest & { deferStoreRerank?: boolean };
+/**
+ * What scorePool is asked for internally: a term of a sum scored approximately (gradient store,
+ * low-rank query) leaves its exact rerank to the sum, which chooses it on the summed estimate.
+ */
+type PoolRequest = ExplainRequest & { deferRerank?: boolean };
 
 /** One method's scores over the pool (indices into the corpus). */
 interface PoolScores {
@@ -209,8 +212,11 @@ interface PoolScores {
   signed: boolean;
   /** when the pool was scored approximately (store, low rank): the positions recomputed exactly, the only ones shown */
   exact?: Set<number>;
-  /** (deferStoreRerank) the store's estimate, not yet reranked, and the exact rescoring of the positions chosen on the sum */
-  pending?: { sd?: Float64Array; rescore: (redo: number[] | undefined) => Promise<PoolScores> };
+  /**
+   * (deferRerank) the estimate, not yet reranked, and the exact rescoring of the positions chosen
+   * on the sum: a store's standard errors, or a low-rank query's bound |exact − estimate| ≤ radius
+   */
+  pending?: { sd?: Float64Array; radius?: Float64Array; rescore: (redo: number[] | undefined) => Promise<PoolScores> };
 }
 
 /** A shown example's heatmaps: both sum to its score. */
@@ -681,7 +687,7 @@ async function scorePool(
     const rescore = (redo: number[] | undefined) =>
       finishGradientPool(method, setup, corpus, pool, query, qg, q, candidateModel, est.res, req, { redo });
     const approx = Float64Array.from(est.res.scores, (r) => r[0]);
-    if (req.deferStoreRerank) return { scores: approx, signed: true, pending: { sd: est.sd, rescore } };
+    if (req.deferRerank) return { scores: approx, signed: true, pending: { sd: est.sd, rescore } };
     if (req.onPartial) partials(method, corpus, pool, { ...req, partialEveryMs: 0 })([...pool.keys()], est.res.scores);
     return rescore(req.rerank === 0 ? undefined : storeRerankSet(approx, est.sd, req));
   }
@@ -721,7 +727,7 @@ function storeRerankSet(approx: Float64Array, sd: Float64Array | undefined, req:
  * method's score with the query gradient, the factors and the candidate gradients all taken at
  * checkpoint c. Every part of a pool's scores is linear in the terms, so each is the weighted sum
  * of the terms' parts: per-module scores, completion-token rows and training-token scores (which
- * therefore still sum to the score). Positions recomputed exactly (low rank) are those exact in every term.
+ * therefore still sum to the score). An approximate pool (stores, low rank) is reranked on the sum.
  */
 async function scoreOverCheckpoints(
   method: Method,
@@ -752,8 +758,8 @@ async function scoreOverCheckpoints(
     terms.push(
       await scorePool(method, sub, corpus, pool, queryText, query, qgc, {
         ...req,
-        // a store-scored term is reranked on the sum, below; a partial of one term is not the sum
-        deferStoreRerank: true,
+        // an approximate term (store, low rank) is reranked on the sum, below; a partial of one term is not the sum
+        deferRerank: true,
         onPartial: undefined,
         onProgress: (s, d, t) => req.onProgress?.(`${s} ${at}`, d, t),
       }),
@@ -761,8 +767,10 @@ async function scoreOverCheckpoints(
   }
   const w = over.stages.map((c) => c.weight);
   if (terms.some((t) => t.pending)) {
-    // every term from its checkpoint's store: the estimates are summed with the checkpoint
-    // weights, the rerank set is chosen on that sum, and each term rescores it exactly
+    // every term estimated (its checkpoint's store, or a low-rank query): the estimates are summed
+    // with the checkpoint weights, the rerank set is chosen on that sum, and each term rescores it
+    // exactly. Chosen per term, an example of the sum's top k outside some term's top k was never
+    // rescored, and so never shown.
     const missing = over.stages.filter((_, c) => !terms[c].pending).map((c) => c.name);
     if (missing.length)
       throw new ExplainError(`the gradient stores cover some checkpoints but not ${missing.join(', ')}`);
@@ -770,6 +778,7 @@ async function scoreOverCheckpoints(
     terms.forEach((t, c) => {
       for (let j = 0; j < approx.length; j++) approx[j] += w[c] * t.scores[j];
     });
+    const radii = terms.map((t) => t.pending!.radius);
     // the sum's error is at most the weighted sum of the terms' (the terms' projections are not independent)
     const sds = terms.map((t) => t.pending!.sd);
     const sd = sds.every((x) => x)
@@ -780,7 +789,16 @@ async function scoreOverCheckpoints(
         [...pool.keys()],
         Array.from(approx, (x) => Float64Array.of(x)),
       );
-    const redo = req.rerank === 0 ? undefined : storeRerankSet(approx, sd, req);
+    // low rank: |Σ_c w_c (exact_c − estimate_c)| ≤ Σ_c |w_c| radius_c
+    const redo = radii.every((x) => x)
+      ? reachable(
+          approx,
+          Float64Array.from(approx, (_, j) => radii.reduce((a, x, c) => a + Math.abs(w[c]) * x![j], 0)),
+          Math.min(req.topK, pool.length),
+        )
+      : req.rerank === 0
+        ? undefined
+        : storeRerankSet(approx, sd, req);
     for (const [c, t] of terms.entries()) {
       const at = `@ ${over.stages[c].name} (${c + 1}/${n})`;
       terms[c] = await t.pending!.rescore(redo);
@@ -896,8 +914,11 @@ async function finishGradientPool(
   q: QueryRows,
   candidateModel: Model,
   res: CandidateScores,
-  req: ExplainRequest,
-  /** when `res` came from a gradient store: the positions to recompute exactly (none: the estimate stays) */
+  req: PoolRequest,
+  /**
+   * the positions to recompute exactly, chosen by the caller (a gradient store's rerank, or a
+   * sum's low-rank rerank); none: the estimate stays
+   */
   fromStore?: { redo?: number[] },
 ): Promise<PoolScores> {
   const candidates = pool.map((i) => corpus.tokens[i]);
@@ -923,6 +944,19 @@ async function finishGradientPool(
       const slack = res.lowRankResidual! + rounding * res.queryNorm!;
       const approx = Float64Array.from(pool, (_, k) => res.scores[k][0] / (qNorm[0] * zNorm[k]));
       const radius = Float64Array.from(pool, (_, k) => (slack * Math.sqrt(res.gradSqNorm![k])) / (qNorm[0] * zNorm[k]));
+      // a term of a sum over checkpoints: the sum chooses what to recompute (scoreOverCheckpoints)
+      if (req.deferRerank)
+        return {
+          scores: approx,
+          signed: true,
+          pending: {
+            radius,
+            rescore: (chosen) =>
+              finishGradientPool(method, setup, corpus, pool, query, qg, q, candidateModel, res, req, {
+                redo: chosen ?? [],
+              }),
+          },
+        };
       redo = reachable(approx, radius, Math.min(req.topK, pool.length));
     }
     exactSet = new Set(redo);
