@@ -159,8 +159,15 @@ export function describeAttribution(a: Attribution): string {
     a.over === 'checkpoints'
       ? `Σ over ${a.checkpoints!.length} training checkpoint(s) (${a.checkpoints!.map((c) => `${c.name} ×${c.weight.toFixed(3)}${c.learningRate !== undefined ? ` (lr ${c.learningRate.toExponential(2)})` : ''}`).join(', ')}; ${a.weighting === 'learning-rate' ? 'learning-rate weights' : 'equal weights'})`
       : 'final model';
+  // a low-rank query bounds its error, so every example that can reach the lists is rescored; the
+  // store's estimate has no such bound, so an example it placed far off can be missing from them
   const pre = a.preranked
-    ? `; pre-ranked by ${a.preranked.by === 'gradient-store' ? 'the gradient store' : 'a low-rank query'}, ${a.preranked.exact} rescored exactly (the shown ones among them; other ranks, percentiles and the histogram are estimates)`
+    ? a.preranked.by === 'low-rank'
+      ? `; pre-ranked by a low-rank query, ${a.preranked.exact} rescored exactly (every example whose error bound reaches the shown lists, so these are the exact lists; other ranks, percentiles and the histogram are estimates)`
+      : `; pre-ranked by the gradient store, ${a.preranked.exact} rescored exactly (the shown ones among them, with exact scores; which examples are shown comes from the store's estimates, which have no error bound, so one it placed far off can be missing: turn "store" off for exact lists; other ranks, percentiles and the histogram are estimates)`
+    : '';
+  const retrieved = a.retrieved
+    ? `; only the ${a.retrieved.scored} of ${a.retrieved.of} examples BM25 and RepSim retrieved were scored (candidates "retrieved": ranks, percentiles and both lists are within them)`
     : '';
   // every line it lists named (up to 5), the first one's reason in full
   const skipped = a.skipped
@@ -170,7 +177,7 @@ export function describeAttribution(a: Attribution): string {
         a.skipped.lines[0] ? `; line ${a.skipped.lines[0].line}: ${a.skipped.lines[0].message}` : ''
       })`
     : '';
-  return `${base}${a.note ? `; ${a.note}` : ''}${pre}${skipped}`;
+  return `${base}${a.note ? `; ${a.note}` : ''}${pre}${retrieved}${skipped}`;
 }
 
 /** A record as written, on one line: prompt + completion, the text, or a chat's turns as "role: content". */

@@ -143,6 +143,11 @@ export interface Attribution {
    * scores; the other examples' ranks, percentiles and the histogram come from the estimates.
    */
   preranked?: { by: 'gradient-store' | 'low-rank'; exact: number };
+  /**
+   * (candidates "retrieved") only the examples BM25 and RepSim retrieved were scored: `scored` of
+   * the dataset's `of`; ranks, percentiles and both lists are within them
+   */
+  retrieved?: { scored: number; of: number };
   /** lines of the dataset that were not scored because they are malformed (bad JSON, an unaccepted
    * record): how many, and the first few with the reason */
   skipped?: { count: number; lines: Array<{ line: number; message: string }> };

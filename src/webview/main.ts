@@ -585,7 +585,13 @@ function histogram(r: ExplainResult): HTMLElement {
   const fig = h(
     'figure',
     { class: 'chart' },
-    h('figcaption', {}, `Scores of all ${r.scored} examples (bar height: log count)`),
+    h(
+      'figcaption',
+      {},
+      r.attribution?.retrieved
+        ? `Scores of the ${r.scored} retrieved examples of ${r.attribution.retrieved.of} (bar height: log count)`
+        : `Scores of all ${r.scored} examples (bar height: log count)`,
+    ),
   );
   const bins = histogramBins(r.histogram);
   if (!bins.length) return fig;

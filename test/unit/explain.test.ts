@@ -5,6 +5,7 @@ import assert from 'node:assert/strict';
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { before, describe, test } from 'node:test';
+import { describeAttribution } from '../../src/common/display';
 import type { ExplainResult } from '../../src/protocol/types';
 import { loadFactors, saveFactors } from '../../src/server/attribution/ekfac/factors-io';
 import {
@@ -402,6 +403,11 @@ describe('fit + explain (tiny fp64 Llama)', () => {
     // and the result says the pool was pre-ranked by the store (the other ranks are estimates)
     assert.equal(r.attribution?.preranked?.by, 'gradient-store');
     assert.ok((r.attribution?.preranked?.exact ?? 0) >= all(r).length);
+    // the store's estimates have no error bound: the line does not claim the lists are exact
+    assert.match(
+      describeAttribution(r.attribution!),
+      /one it placed far off can be missing: turn "store" off for exact lists/,
+    );
     assert.equal(ref.attribution?.preranked, undefined);
   });
 
@@ -535,6 +541,13 @@ describe('fit + explain (tiny fp64 Llama)', () => {
       const f = all(full).find((x) => x.id.line === e.id.line)!;
       assert.ok(rel(e.score, f.score) < 1e-12);
     }
+    // the result says the lists are of the retrieved examples only (ranks within them), not of the dataset
+    assert.deepEqual(r.attribution?.retrieved, { scored: r.scored, of: full.scored });
+    assert.match(
+      describeAttribution(r.attribution!),
+      new RegExp(`only the ${r.scored} of ${full.scored} examples BM25 and RepSim retrieved were scored`),
+    );
+    assert.equal(full.attribution?.retrieved, undefined);
   });
 
   test('fit in 2 partitions (resumable) equals one fit; reruns are no-ops; a foreign --out is refused', async () => {

@@ -570,6 +570,8 @@ async function finish(
       ...(main.exact
         ? { preranked: { by: req.rank !== undefined ? 'low-rank' : 'gradient-store', exact: main.exact.size } }
         : {}),
+      // a retrieval prefilter: the lists and ranks are of the retrieved examples, not of the dataset
+      ...(req.candidates === 'retrieved' ? { retrieved: { scored: n, of: corpus.size } } : {}),
       // a file with malformed lines is scored without them (the server, the CLI's --skip-malformed): say so
       ...(corpus.dataset.skipped.length
         ? {
