@@ -164,7 +164,7 @@ export function describeAttribution(a: Attribution): string {
   const pre = a.preranked
     ? a.preranked.by === 'low-rank'
       ? `; pre-ranked by a low-rank query, ${a.preranked.exact} rescored exactly (every example whose error bound reaches the shown lists, so these are the exact lists; other ranks, percentiles and the histogram are estimates)`
-      : `; pre-ranked by the gradient store, ${a.preranked.exact} rescored exactly (the shown ones among them, with exact scores; which examples are shown comes from the store's estimates, which have no error bound, so one it placed far off can be missing: turn "store" off for exact lists; other ranks, percentiles and the histogram are estimates)`
+      : `; pre-ranked by the gradient store, ${a.preranked.exact} rescored exactly (the shown ones among them, with exact scores; which examples are shown comes from the store's estimates, which have no error bound, so one it placed far off can be missing: turn "store" off for exact lists; ranks and percentiles, the shown ones' too, and the histogram are estimates)`
     : '';
   const retrieved = a.retrieved
     ? `; only the ${a.retrieved.scored} of ${a.retrieved.of} examples BM25 and RepSim retrieved were scored (candidates "retrieved": ranks, percentiles and both lists are within them)`
