@@ -3,8 +3,9 @@
 // keeps the server's revision (its model, tokenizer and factor files) when it was computed, so a
 // ranking from before a retrain or refit is shown as such, not as the current model's; and the
 // dataset file's stamp, so a ranking from before the file changed (other lines around it) is too.
-import { statSync } from 'node:fs';
+
 import type * as vscode from 'vscode';
+import { fileStamp } from '../common/file-stamp';
 import { realOrResolved } from '../common/real-path';
 import type { ExplainResult, Method, Sign } from '../protocol/types';
 
@@ -50,21 +51,12 @@ export const STALE_NOTE = 'before the model, its factors or the settings last ch
 /** How a hit computed before the dataset's file last changed is labelled: other lines may rank around it now. */
 export const DATASET_STALE_NOTE = 'before the dataset last changed';
 
-/** A file's size, mtime, ctime and inode (ctime: an edit that puts the mtime back still moves it), or undefined. */
-function fileStampOf(path: string): string | undefined {
-  try {
-    const st = statSync(path);
-    return `${st.size}:${st.mtimeMs}:${st.ctimeMs}:${st.ino}`;
-  } catch {
-    return undefined;
-  }
-}
-
 export class History {
   constructor(private readonly memento: vscode.Memento) {}
 
   /** `path`: the dataset's file, so that an identical line in another file (a cleaned copy) is not said to rank */
   add(dataset: string, r: ExplainResult, path?: string): void {
+    const stamp = path === undefined ? undefined : fileStamp(path);
     const entry: Entry = {
       prompt: r.query.prompt.slice(-2000),
       completion: r.query.completion.slice(0, 2000),
@@ -73,7 +65,7 @@ export class History {
       at: Date.now(),
       ...(r.revision !== undefined ? { revision: r.revision } : {}),
       ...(path !== undefined ? { path: canonicalPath(path) } : {}),
-      ...(path !== undefined && fileStampOf(path) !== undefined ? { fileStamp: fileStampOf(path) } : {}),
+      ...(stamp !== undefined ? { fileStamp: stamp } : {}),
       examples: [...r.supporting, ...r.opposing].map((e) => [
         e.id.hash,
         e.id.line,
@@ -120,7 +112,7 @@ export class History {
     const file = path === undefined ? undefined : canonicalPath(path);
     const stamps = new Map<string, string | undefined>();
     const stampNow = (p: string) => {
-      if (!stamps.has(p)) stamps.set(p, fileStampOf(p));
+      if (!stamps.has(p)) stamps.set(p, fileStamp(p));
       return stamps.get(p);
     };
     for (const e of this.entries()) {

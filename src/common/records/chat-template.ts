@@ -295,6 +295,14 @@ export class ChatTemplate {
    * that cannot render the probes counts as changed.
    */
   emptyReplyPlacementMatters(): boolean {
+    // asked by every tokenizationKey (fingerprints, stage checks): rendered once per template
+    this.emptyReplyMatters ??= this.probeEmptyReply();
+    return this.emptyReplyMatters;
+  }
+
+  private emptyReplyMatters?: boolean;
+
+  private probeEmptyReply(): boolean {
     if (this.hasGenerationBlocks) return false;
     const probes: ChatMessage[][] = [
       [

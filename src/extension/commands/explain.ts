@@ -1,9 +1,10 @@
 // "Explain this completion" (selection → prompt/completion → results panel + editor heatmap),
 // "Explain with a custom split", "Complete with model", and the panel's requests (open an
 // example, flag it, switch method).
+
 import { createHash } from 'node:crypto';
-import { statSync } from 'node:fs';
 import * as vscode from 'vscode';
+import { fileStamp } from '../../common/file-stamp';
 import { parseJsonLine } from '../../common/json-line';
 import { METHOD_LABELS } from '../../protocol/methods';
 import type { ExampleId, ExplainParams, Method } from '../../protocol/types';
@@ -234,10 +235,9 @@ export class ExplainController {
     try {
       const path = await this.s.datasets.resolve(params.dataset);
       if (path) {
-        const st = statSync(path);
-        // ctime too, as the server's own dataset check: an edit that keeps the size and puts the
-        // mtime back (touch -r) still moves it
-        file = `${path}:${st.size}:${st.mtimeMs}:${st.ctimeMs}:${st.ino}`;
+        // ctime too (fileStamp), as the server's own dataset check: touch -r still moves it
+        const stamp = fileStamp(path);
+        file = stamp === undefined ? null : `${path}:${stamp}`;
       }
     } catch {
       file = null;

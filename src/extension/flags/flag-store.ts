@@ -4,10 +4,12 @@
 // Every change is made on the file under its lock (sidecar.ts), never from this in-memory copy,
 // and the copy is re-read whenever the file's size or time changed (a watcher event can lag), so
 // one window never writes back a stale view over another window's flags.
-import { existsSync, lstatSync, renameSync, rmSync, statSync, symlinkSync } from 'node:fs';
+
+import { existsSync, lstatSync, renameSync, rmSync, symlinkSync } from 'node:fs';
 import { basename } from 'node:path';
 import * as vscode from 'vscode';
 import { resolveLinks } from '../../common/atomic-write';
+import { fileStamp } from '../../common/file-stamp';
 import { dirtyDocument } from '../datasets';
 import {
   addFlags,
@@ -193,11 +195,6 @@ export class FlagStore implements vscode.Disposable {
 }
 
 function stampOf(path: string): string {
-  try {
-    const st = statSync(path);
-    // ctime too: a flags file rewritten in place with its size and mtime kept (cp -p, rsync -t)
-    return `${st.size}:${st.mtimeMs}:${st.ctimeMs}:${st.ino}`;
-  } catch {
-    return '';
-  }
+  // ctime too (fileStamp): a flags file rewritten in place with its size and mtime kept (cp -p, rsync -t)
+  return fileStamp(path) ?? '';
 }

@@ -3,11 +3,13 @@
 // export and apply removal are commands on the nodes (package.json: view/item/context). Where a
 // dataset is open with unsaved edits, lines and texts are the editor's (what the person sees and
 // what Open selects), and the dataset's node says so; otherwise the file's.
-import { existsSync, readFileSync, statSync } from 'node:fs';
+
+import { existsSync, readFileSync } from 'node:fs';
 import { basename } from 'node:path';
 import * as vscode from 'vscode';
 import { byteLines, lineText } from '../../common/byte-lines';
 import { formatScore, recordText } from '../../common/display';
+import { fileStamp } from '../../common/file-stamp';
 import { dirtyDocument } from '../datasets';
 import type { FlagGroup, FlagStore } from '../flags/flag-store';
 import { lineHash } from '../flags/hash';
@@ -140,15 +142,12 @@ export class FlaggedTree implements vscode.TreeDataProvider<FlagNode> {
     const doc = dirtyDocument(path);
     let stamp: string;
     if (doc) stamp = `editor:${doc.version}`;
-    else
-      try {
-        const s = statSync(path);
-        // ctime and inode too: a file replaced with its size and mtime kept (mv + touch -r,
-        // rsync -t, cp -p) showed its old lines, a flag removed from it as still there
-        stamp = `${s.size}:${s.mtimeMs}:${s.ctimeMs}:${s.ino}`;
-      } catch {
-        return undefined;
-      }
+    else {
+      // ctime and inode too (fileStamp): a file replaced with its size and mtime kept showed its old lines
+      const s = fileStamp(path);
+      if (s === undefined) return undefined;
+      stamp = s;
+    }
     const hit = this.lines.get(path);
     if (hit?.stamp === stamp) return hit.byHash;
     const byHash = new Map<string, { line: number; text: string }>();

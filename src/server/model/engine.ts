@@ -330,14 +330,19 @@ export class Model {
    * as one): what transformers warns of as unused weights. `inspect` lists them.
    */
   unreadWeights(): string[] {
+    // a throwaway graph of the whole model: built once (every stage opened, every fit asks)
+    if (this.unread) return this.unread;
     const { weights } = this.buildForward(new Graph(), 'inputs');
     // a head stored beside the embedding it is tied to (outputHead reads such a head as tied only
     // when its bytes are the embedding's, and refuses it otherwise): transformers ties it silently
     const head = ARCHITECTURES.find((a) => a.modelTypes.includes(this.checkpoint.modelType))?.headNames ?? [];
-    return [...this.checkpoint.weights.keys()].filter(
+    this.unread = [...this.checkpoint.weights.keys()].filter(
       (n) => !weights.tensors.has(n) && !head.includes(n) && !IGNORED_BUFFER.test(n),
     );
+    return this.unread;
   }
+
+  private unread?: string[];
 
   /**
    * `unreadWeights` as a warning for the commands that compute with the model (fit, explain, scan,
